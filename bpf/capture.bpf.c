@@ -1,0 +1,448 @@
+// SPDX-License-Identifier: GPL-2.0
+//
+// Lifeboat write capture.
+//
+// block_bio_queue sees every bio once, after partition remapping. For the
+// protected devices it either copies the payload into the ring (data mode),
+// or remembers the extent until block_bio_complete, where it emits an
+// extent-only record (metadata mode) or marks the dirty bitmap (overflow).
+// Extents go to the bitmap only at completion, so that the agent's read-back
+// never reads a block before the write that dirtied it has landed.
+//
+// Ordering contract with the agent (agent/capture/drain.go): once a device's
+// overflow flag is set, no program starts a new ring record for it. The agent
+// waits for the in-flight counter to reach zero, drains the ring, swaps the
+// bitmap out, clears the flag, and reads the swapped blocks back before it
+// applies any ring record that follows.
+
+#include "x86/vmlinux.h"
+#include "bpf/bpf_helpers.h"
+#include "bpf/bpf_core_read.h"
+#include "bpf/bpf_tracing.h"
+#include "capture.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+extern int bpf_iter_num_new(struct bpf_iter_num *it, int start, int end) __ksym;
+extern int *bpf_iter_num_next(struct bpf_iter_num *it) __ksym;
+extern void bpf_iter_num_destroy(struct bpf_iter_num *it) __ksym;
+
+// Tuned by the loader before load.
+const volatile __u64 wake_bytes = 1 << 20; // force a wake-up past this much unread data
+const volatile __u32 agent_tgid = 0;       // calibration runs in the agent only
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 64 << 20); // resized by the loader
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, LB_MAX_DEVICES);
+	__type(key, __u32); // kernel dev_t (major << 20 | minor)
+	__type(value, struct lb_dev);
+} devices SEC(".maps");
+
+// Per-device control words, shared with the agent through mmap.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, LB_MAX_DEVICES);
+	__type(key, __u32);
+	__type(value, struct lb_devstate);
+} devstate SEC(".maps");
+
+// One bit per 4 KiB block; devices own disjoint word ranges.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, 1); // resized by the loader
+	__type(key, __u32);
+	__type(value, __u64);
+} bitmap SEC(".maps");
+
+// Bios whose extent is reported at completion.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, LB_MAX_PENDING);
+	__type(key, __u64);
+	__type(value, struct lb_pending);
+} pending SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct lb_counters);
+} counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct lb_global);
+} global SEC(".maps");
+
+static __always_inline struct lb_counters *ctrs(void)
+{
+	__u32 zero = 0;
+	return bpf_map_lookup_elem(&counters, &zero);
+}
+
+static __always_inline struct lb_global *glob(void)
+{
+	__u32 zero = 0;
+	return bpf_map_lookup_elem(&global, &zero);
+}
+
+// mark_bitmap sets the bits of [sector, sector+len) of device d.
+static __always_inline void mark_bitmap(struct lb_dev *d, __u64 sector, __u32 len, struct lb_counters *c)
+{
+	__u64 first = sector >> (LB_BLOCK_SHIFT - 9);
+	__u64 end = (sector + ((len + 511) >> 9) + (1 << (LB_BLOCK_SHIFT - 9)) - 1) >> (LB_BLOCK_SHIFT - 9);
+	if (len == 0)
+		end = first + 1;
+	if (end > d->blocks)
+		end = d->blocks;
+	if (first >= end)
+		return;
+	__u64 fw = first >> 6, lw = (end - 1) >> 6;
+	int n = lw - fw + 1;
+	int *i;
+	if (n > LB_MAX_MARK_WORDS) {
+		// Cannot happen with the loader's limits; never lose it silently.
+		if (c)
+			c->mark_failures++;
+		return;
+	}
+	bpf_for_each(num, i, 0, n) {
+		__u64 w = fw + *i;
+		__u64 lo = w << 6, hi = lo + 64;
+		__u64 mask = ~0ULL;
+		if (first > lo)
+			mask &= ~0ULL << (first - lo);
+		if (end < hi)
+			mask &= ~0ULL >> (hi - end);
+		__u32 idx = d->bitmap_word + w;
+		__u64 *word = bpf_map_lookup_elem(&bitmap, &idx);
+		if (word)
+			__sync_fetch_and_or(word, mask);
+		else if (c)
+			c->mark_failures++;
+	}
+	if (c)
+		c->bitmap_marks++;
+}
+
+static __always_inline int classify(__u32 opf, __u32 size)
+{
+	switch (opf & 0xff) {
+	case 1: // REQ_OP_WRITE
+		return size ? LB_OP_WRITE : -1; // empty preflush: nothing to replicate
+	case 3: // REQ_OP_DISCARD
+	case 5: // REQ_OP_SECURE_ERASE
+		return LB_OP_DISCARD;
+	case 9: // REQ_OP_WRITE_ZEROES
+		return LB_OP_ZERO;
+	}
+	return -1;
+}
+
+static __always_inline void emit_header(struct lb_record *r, struct lb_dev *d, __u64 sector, __u32 len, int op,
+					__u32 opf, __u32 data_len)
+{
+	struct lb_global *g = glob();
+	r->seq = g ? __sync_fetch_and_add(&g->seq, 1) : 0;
+	r->sector = sector;
+	r->len = len;
+	r->dev = d->id;
+	r->op = op;
+	r->flags = 0;
+	if (opf & (1u << 17))
+		r->flags |= LB_F_FUA;
+	if (opf & (1u << 18))
+		r->flags |= LB_F_PREFLUSH;
+	r->data_len = data_len;
+	r->_pad = 0;
+}
+
+static __always_inline __u64 wake_flag(void)
+{
+	return bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= wake_bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+}
+
+// emit_meta writes an extent-only record; false when the ring is full.
+static __always_inline bool emit_meta(struct lb_dev *d, __u64 sector, __u32 len, int op, __u32 opf,
+				      struct lb_counters *c)
+{
+	struct lb_record *r = bpf_ringbuf_reserve(&events, sizeof(*r), 0);
+	if (!r)
+		return false;
+	emit_header(r, d, sector, len, op, opf, 0);
+	bpf_ringbuf_submit(r, wake_flag());
+	if (c)
+		c->records++;
+	return true;
+}
+
+// Loop-carried state of copy_payload. It lives in map memory rather than in
+// registers so that the verifier sees every iteration as the same state and
+// checks the loop body once instead of once per iteration.
+struct copy_state {
+	__u64 src;   // kernel address of the next byte
+	__u32 off;   // bytes copied
+	__u32 vleft; // bytes left in the current bvec
+	__u32 idx;   // next bvec
+	__u32 skip;  // bytes of the next bvec already consumed (bi_bvec_done)
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct copy_state);
+} copy_scratch SEC(".maps");
+
+// copy_payload copies the bio's data into the dynptr after the header.
+static __always_inline int copy_payload(struct bpf_dynptr *dp, struct bio *bio, __u32 size, __u64 po, __u64 vm)
+{
+	__u32 zero = 0;
+	struct copy_state *s = bpf_map_lookup_elem(&copy_scratch, &zero);
+	if (!s)
+		return -1;
+	struct bio_vec *vecs = BPF_CORE_READ(bio, bi_io_vec);
+	s->idx = BPF_CORE_READ(bio, bi_iter.bi_idx);
+	s->skip = BPF_CORE_READ(bio, bi_iter.bi_bvec_done);
+	s->off = 0;
+	s->vleft = 0;
+	s->src = 0;
+	int *i;
+
+	bpf_for_each(num, i, 0, LB_MAX_STEPS) {
+		if (s->off >= size)
+			break;
+		if (s->vleft == 0) {
+			struct bio_vec v;
+			if (bpf_probe_read_kernel(&v, sizeof(v), &vecs[s->idx & 0xffff]))
+				return -1;
+			s->idx++;
+			if (v.bv_len <= s->skip) {
+				s->skip -= v.bv_len;
+				continue;
+			}
+			__u64 pfn = ((__u64)v.bv_page - vm) / bpf_core_type_size(struct page);
+			s->src = po + (pfn << 12) + v.bv_offset + s->skip;
+			s->vleft = v.bv_len - s->skip;
+			s->skip = 0;
+		}
+		__u32 want = size - s->off;
+		if (want > s->vleft)
+			want = s->vleft;
+		__u32 n;
+		void *dst;
+		// Constant copy sizes keep the verifier happy without masks.
+		if (want >= 4096) {
+			n = 4096;
+			dst = bpf_dynptr_data(dp, sizeof(struct lb_record) + s->off, 4096);
+		} else if (want >= 512) {
+			n = 512;
+			dst = bpf_dynptr_data(dp, sizeof(struct lb_record) + s->off, 512);
+		} else if (want >= 64) {
+			n = 64;
+			dst = bpf_dynptr_data(dp, sizeof(struct lb_record) + s->off, 64);
+		} else if (want >= 8) {
+			n = 8;
+			dst = bpf_dynptr_data(dp, sizeof(struct lb_record) + s->off, 8);
+		} else {
+			return -1; // bvecs are at least 8-byte granular
+		}
+		if (!dst)
+			return -1;
+		if (bpf_probe_read_kernel(dst, n, (void *)s->src))
+			return -1;
+		s->off += n;
+		s->src += n;
+		s->vleft -= n;
+	}
+	return s->off == size ? 0 : -1;
+}
+
+static __always_inline void add_pending(struct bio *bio, struct lb_dev *d, __u64 sector, __u32 len, int op,
+					__u32 opf, __u32 kind, struct lb_counters *c)
+{
+	__u64 key = (__u64)bio;
+	struct lb_pending p = {.dev = d->id, .op = op, .kind = kind, .opf = opf, .sector = sector, .len = len};
+	if (bpf_map_update_elem(&pending, &key, &p, BPF_ANY)) {
+		// Too many bios in flight to track: mark now and make the agent
+		// re-read this extent after its next quiet point.
+		mark_bitmap(d, sector, len, c);
+		if (c)
+			c->pending_full++;
+	}
+}
+
+SEC("tp_btf/block_bio_queue")
+int BPF_PROG(lb_bio_queue, struct bio *bio)
+{
+	struct block_device *bdev = BPF_CORE_READ(bio, bi_bdev);
+	__u32 dev = BPF_CORE_READ(bdev, bd_dev);
+	struct lb_dev *d = bpf_map_lookup_elem(&devices, &dev);
+	if (!d)
+		return 0;
+
+	__u32 opf = BPF_CORE_READ(bio, bi_opf);
+	__u32 size = BPF_CORE_READ(bio, bi_iter.bi_size);
+	int op = classify(opf, size);
+	if (op < 0)
+		return 0;
+	__u64 sector = BPF_CORE_READ(bio, bi_iter.bi_sector);
+	if (BPF_CORE_READ(bio, bi_flags) & (1 << 10 /* BIO_REMAPPED, stable since 5.12 */))
+		sector -= BPF_CORE_READ(bdev, bd_start_sect);
+
+	struct lb_counters *c = ctrs();
+	__u32 id = d->id;
+	struct lb_devstate *st = bpf_map_lookup_elem(&devstate, &id);
+	struct lb_global *g = glob();
+	if (!st || !g || !c)
+		return 0;
+
+	if (d->mode == LB_MODE_METADATA) {
+		add_pending(bio, d, sector, size, op, opf, LB_PEND_META, c);
+		return 0;
+	}
+	if (st->overflow) {
+		add_pending(bio, d, sector, size, op, opf, LB_PEND_OVERFLOW, c);
+		return 0;
+	}
+
+	c->inflight++;
+	__u32 data_len = op == LB_OP_WRITE ? size : 0;
+	if (data_len > LB_MAX_RECORD_DATA || !g->page_offset) {
+		goto overflow_unreserved;
+	}
+	struct bpf_dynptr dp;
+	if (bpf_ringbuf_reserve_dynptr(&events, sizeof(struct lb_record) + data_len, 0, &dp)) {
+		bpf_ringbuf_discard_dynptr(&dp, 0);
+		goto overflow_unreserved;
+	}
+	if (data_len && copy_payload(&dp, bio, data_len, g->page_offset, g->vmemmap) < 0) {
+		bpf_ringbuf_discard_dynptr(&dp, 0);
+		c->copy_failures++;
+		goto overflow_unreserved;
+	}
+	struct lb_record *r = bpf_dynptr_data(&dp, 0, sizeof(struct lb_record));
+	if (!r) {
+		bpf_ringbuf_discard_dynptr(&dp, 0);
+		goto overflow_unreserved;
+	}
+	emit_header(r, d, sector, size, op, opf, data_len);
+	bpf_ringbuf_submit_dynptr(&dp, wake_flag());
+	c->records++;
+	c->bytes += data_len;
+	c->inflight--;
+	return 0;
+
+overflow_unreserved:
+	// The ring is full (or the record cannot be built): this write and
+	// every later one on the device go to the bitmap until the agent
+	// has drained and cleared the flag.
+	if (!st->overflow) {
+		st->overflow = 1;
+		__sync_fetch_and_add(&st->overflow_events, 1);
+	}
+	c->overflow_bios++;
+	add_pending(bio, d, sector, size, op, opf, LB_PEND_OVERFLOW, c);
+	c->inflight--;
+	return 0;
+}
+
+SEC("tp_btf/block_bio_complete")
+int BPF_PROG(lb_bio_complete, struct request_queue *q, struct bio *bio)
+{
+	__u64 key = (__u64)bio;
+	struct lb_pending *p = bpf_map_lookup_elem(&pending, &key);
+	if (!p)
+		return 0;
+	struct lb_pending pc = *p;
+	bpf_map_delete_elem(&pending, &key);
+
+	struct block_device *bdev = BPF_CORE_READ(bio, bi_bdev);
+	__u32 dev = BPF_CORE_READ(bdev, bd_dev);
+	struct lb_dev *d = bpf_map_lookup_elem(&devices, &dev);
+	if (!d || d->id != pc.dev)
+		return 0;
+	struct lb_counters *c = ctrs();
+	if (pc.kind == LB_PEND_META && emit_meta(d, pc.sector, pc.len, pc.op, pc.opf, c))
+		return 0;
+	if (pc.kind == LB_PEND_META) {
+		__u32 id = d->id;
+		struct lb_devstate *st = bpf_map_lookup_elem(&devstate, &id);
+		if (st)
+			__sync_fetch_and_add(&st->overflow_events, 1);
+		if (c)
+			c->overflow_bios++;
+	}
+	mark_bitmap(d, pc.sector, pc.len, c);
+	return 0;
+}
+
+// Calibration: find the direct map (page_offset_base) and the struct page
+// array (vmemmap_base), which memory KASLR randomises and which this
+// kernel does not export. Both are 1 GiB aligned. A struct page of the
+// agent's own vmapped stack gives vmemmap_base (struct pages of the first
+// 64 GiB of RAM fit in the first 1 GiB of vmemmap; bigger machines are
+// tried upwards). The pgd of the agent's mm, whose struct ptdesc points back
+// at the mm, then pins page_offset_base.
+SEC("tp_btf/sys_enter")
+int BPF_PROG(lb_calibrate, struct pt_regs *regs, long id)
+{
+	if ((bpf_get_current_pid_tgid() >> 32) != agent_tgid)
+		return 0;
+	struct lb_global *g = glob();
+	if (!g || g->page_offset)
+		return 0;
+	struct task_struct *t = bpf_get_current_task_btf();
+	struct mm_struct *mm = t->mm;
+	if (!mm)
+		return 0;
+	__u64 pgd = (__u64)BPF_CORE_READ(mm, pgd);
+	struct page *pg = 0;
+	struct vm_struct *area = BPF_CORE_READ(t, stack_vm_area);
+	if (area) {
+		struct page **pages = BPF_CORE_READ(area, pages);
+		bpf_probe_read_kernel(&pg, sizeof(pg), pages);
+	}
+	if (!pg || !pgd) {
+		g->calib_status = 2;
+		return 0;
+	}
+	const __u64 G = 1ULL << 30;
+	__u64 sz = bpf_core_type_size(struct page);
+	int *k, *j;
+	bpf_for_each(num, k, 0, LB_CALIB_MAX_VM) {
+		__u64 vm = ((__u64)pg & ~(G - 1)) - (__u64)(*k) * G;
+		bpf_for_each(num, j, 0, LB_CALIB_MAX_GB) {
+			__u64 phys = (pgd & (G - 1)) + (__u64)(*j) * G;
+			struct ptdesc *pt = (struct ptdesc *)(vm + (phys >> 12) * sz);
+			struct mm_struct *owner = 0;
+			if (bpf_probe_read_kernel(&owner, sizeof(owner), &pt->pt_mm))
+				continue;
+			if (owner == mm) {
+				g->vmemmap = vm;
+				g->page_offset = pgd - phys;
+				g->calib_status = 1;
+				return 0;
+			}
+		}
+	}
+	g->calib_status = 3;
+	return 0;
+}
+
+// Keep the shared types in BTF so bpf2go can generate their Go twins.
+const struct lb_record *unused_record __attribute__((unused));
+const struct lb_dev *unused_dev __attribute__((unused));
+const struct lb_devstate *unused_devstate __attribute__((unused));
+const struct lb_counters *unused_counters __attribute__((unused));
+const struct lb_global *unused_global __attribute__((unused));
+const struct lb_pending *unused_pending __attribute__((unused));
