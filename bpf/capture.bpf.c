@@ -9,11 +9,13 @@
 // Extents go to the bitmap only at completion, so that the agent's read-back
 // never reads a block before the write that dirtied it has landed.
 //
-// Ordering contract with the agent (agent/capture/drain.go): once a device's
+// Ordering contract with the agent (agent/engine.go, drain): once a device's
 // overflow flag is set, no program starts a new ring record for it. The agent
-// waits for the in-flight counter to reach zero, drains the ring, swaps the
-// bitmap out, clears the flag, and reads the swapped blocks back before it
-// applies any ring record that follows.
+// sets the flag, waits for running programs (counters.inflight) and for the
+// ring-captured writes still on their way to the device (ring_inflight),
+// drains the ring, swaps the bitmap out, clears the flag, and reads the
+// swapped blocks back before it applies any ring record that follows. Its
+// read-back is then never older than anything it has already applied.
 
 #include "x86/vmlinux.h"
 #include "bpf/bpf_helpers.h"
@@ -130,6 +132,10 @@ static __always_inline void mark_bitmap(struct lb_dev *d, __u64 sector, __u32 le
 		else if (c)
 			c->mark_failures++;
 	}
+	__u32 id = d->id;
+	struct lb_devstate *st = bpf_map_lookup_elem(&devstate, &id);
+	if (st)
+		__sync_fetch_and_add(&st->marks, 1);
 	if (c)
 		c->bitmap_marks++;
 }
@@ -315,7 +321,7 @@ int BPF_PROG(lb_bio_queue, struct bio *bio)
 		return 0;
 	}
 
-	c->inflight++;
+	__sync_fetch_and_add(&c->inflight, 1);
 	__u32 data_len = op == LB_OP_WRITE ? size : 0;
 	if (data_len > LB_MAX_RECORD_DATA || !g->page_offset) {
 		goto overflow_unreserved;
@@ -336,10 +342,18 @@ int BPF_PROG(lb_bio_queue, struct bio *bio)
 		goto overflow_unreserved;
 	}
 	emit_header(r, d, sector, size, op, opf, data_len);
+	// Count it in flight before it is visible, so the agent never sees the
+	// record applied while the write is unaccounted for.
+	__u64 key = (__u64)bio;
+	struct lb_pending p = {.dev = d->id, .op = op, .kind = LB_PEND_RING, .opf = opf, .sector = sector, .len = size};
+	if (bpf_map_update_elem(&pending, &key, &p, BPF_ANY) == 0)
+		__sync_fetch_and_add(&st->ring_inflight, 1);
+	else
+		c->pending_full++;
 	bpf_ringbuf_submit_dynptr(&dp, wake_flag());
 	c->records++;
 	c->bytes += data_len;
-	c->inflight--;
+	__sync_fetch_and_add(&c->inflight, -1);
 	return 0;
 
 overflow_unreserved:
@@ -352,17 +366,17 @@ overflow_unreserved:
 	}
 	c->overflow_bios++;
 	add_pending(bio, d, sector, size, op, opf, LB_PEND_OVERFLOW, c);
-	c->inflight--;
+	__sync_fetch_and_add(&c->inflight, -1);
 	return 0;
 }
 
-SEC("tp_btf/block_bio_complete")
-int BPF_PROG(lb_bio_complete, struct request_queue *q, struct bio *bio)
+// complete_bio handles the completion of a tracked bio (or bio piece).
+static __always_inline void complete_bio(struct bio *bio)
 {
 	__u64 key = (__u64)bio;
 	struct lb_pending *p = bpf_map_lookup_elem(&pending, &key);
 	if (!p)
-		return 0;
+		return;
 	struct lb_pending pc = *p;
 	bpf_map_delete_elem(&pending, &key);
 
@@ -370,19 +384,104 @@ int BPF_PROG(lb_bio_complete, struct request_queue *q, struct bio *bio)
 	__u32 dev = BPF_CORE_READ(bdev, bd_dev);
 	struct lb_dev *d = bpf_map_lookup_elem(&devices, &dev);
 	if (!d || d->id != pc.dev)
-		return 0;
+		return;
 	struct lb_counters *c = ctrs();
-	if (pc.kind == LB_PEND_META && emit_meta(d, pc.sector, pc.len, pc.op, pc.opf, c))
-		return 0;
-	if (pc.kind == LB_PEND_META) {
-		__u32 id = d->id;
-		struct lb_devstate *st = bpf_map_lookup_elem(&devstate, &id);
-		if (st)
-			__sync_fetch_and_add(&st->overflow_events, 1);
+	__u32 id = d->id;
+	struct lb_devstate *st = bpf_map_lookup_elem(&devstate, &id);
+	if (!st)
+		return;
+	if (pc.kind == LB_PEND_RING) {
+		__sync_fetch_and_add(&st->ring_inflight, -1);
+		return;
+	}
+	// A set flag also parks metadata devices on the bitmap (agent stopped).
+	if (pc.kind == LB_PEND_META && !st->overflow && emit_meta(d, pc.sector, pc.len, pc.op, pc.opf, c))
+		return;
+	if (pc.kind == LB_PEND_META && !st->overflow) {
+		__sync_fetch_and_add(&st->overflow_events, 1);
 		if (c)
 			c->overflow_bios++;
 	}
 	mark_bitmap(d, pc.sector, pc.len, c);
+}
+
+// Bio-based drivers (device mapper, md) report completion per bio.
+SEC("tp_btf/block_bio_complete")
+int BPF_PROG(lb_bio_complete, struct request_queue *q, struct bio *bio)
+{
+	complete_bio(bio);
+	return 0;
+}
+
+struct rq_walk {
+	__u64 bio;
+	__u32 done;
+	__u32 _pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct rq_walk);
+} rq_scratch SEC(".maps");
+
+// blk-mq drivers (loop, nvme, virtio, scsi) trace completion per request
+// and suppress the per-bio event, so walk the request's bios: those fully
+// covered by nr_bytes have landed.
+SEC("tp_btf/block_rq_complete")
+int BPF_PROG(lb_rq_complete, struct request *rq, blk_status_t error, unsigned int nr_bytes)
+{
+	__u32 zero = 0;
+	struct rq_walk *w = bpf_map_lookup_elem(&rq_scratch, &zero);
+	if (!w)
+		return 0;
+	w->bio = (__u64)BPF_CORE_READ(rq, bio);
+	w->done = 0;
+	int *i;
+	bpf_for_each(num, i, 0, 4096) {
+		struct bio *b = (struct bio *)w->bio;
+		if (!b)
+			break;
+		__u32 size = BPF_CORE_READ(b, bi_iter.bi_size);
+		if (w->done + size > nr_bytes)
+			break;
+		w->done += size;
+		w->bio = (__u64)BPF_CORE_READ(b, bi_next);
+		complete_bio(b);
+	}
+	return 0;
+}
+
+// A bio split to fit the device's limits completes piece by piece: the
+// front piece becomes a tracked bio of its own, the parent keeps the rest.
+SEC("tp_btf/block_split")
+int BPF_PROG(lb_split, struct bio *split, unsigned int new_sector)
+{
+	__u64 parent = (__u64)BPF_CORE_READ(split, bi_private);
+	struct lb_pending *p = bpf_map_lookup_elem(&pending, &parent);
+	if (!p)
+		return 0;
+	struct lb_pending front = *p;
+	__u32 flen = BPF_CORE_READ(split, bi_iter.bi_size);
+	front.len = flen;
+	__u64 key = (__u64)split;
+	if (bpf_map_update_elem(&pending, &key, &front, BPF_ANY)) {
+		struct lb_counters *c = ctrs();
+		if (c)
+			c->pending_full++;
+		return 0; // the parent entry still covers everything
+	}
+	if (front.kind == LB_PEND_RING) {
+		__u32 id = front.dev;
+		struct lb_devstate *st = bpf_map_lookup_elem(&devstate, &id);
+		if (st)
+			__sync_fetch_and_add(&st->ring_inflight, 1);
+	}
+	if (p->len > flen) {
+		p->sector += flen >> 9;
+		p->len -= flen;
+	}
 	return 0;
 }
 

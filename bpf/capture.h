@@ -11,7 +11,7 @@
 #define LB_MAX_PENDING 65536
 #define LB_BLOCK_SHIFT 12          /* bitmap granularity: 4 KiB */
 #define LB_MAX_MARK_WORDS (1 << 20) /* one mark covers up to 256 GiB */
-#define LB_MAX_RECORD_DATA (8 << 20) /* larger bios go to the bitmap */
+#define LB_MAX_RECORD_DATA (4 << 20) /* larger bios go to the bitmap */
 #define LB_MAX_STEPS (1 << 18)
 #define LB_CALIB_MAX_VM 16  /* vmemmap candidates: RAM up to 1 TiB */
 #define LB_CALIB_MAX_GB 1024 /* direct map candidates: RAM up to 1 TiB */
@@ -35,6 +35,7 @@ enum lb_mode {
 enum lb_pend_kind {
 	LB_PEND_META = 1,
 	LB_PEND_OVERFLOW = 2,
+	LB_PEND_RING = 3, /* in the ring already: only counted until completion */
 };
 
 /* Ring record header; data mode writes carry data_len payload bytes. */
@@ -61,6 +62,8 @@ struct lb_devstate {
 	__u32 overflow; /* set by BPF when the ring is full, cleared by the agent */
 	__u32 _pad;
 	__u64 overflow_events;
+	__u64 marks;         /* bitmap marks: the agent drains when this moves */
+	__s64 ring_inflight; /* ring-captured writes not yet completed */
 };
 
 struct lb_pending {

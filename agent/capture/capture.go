@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"sync/atomic"
 	"time"
 	"unsafe"
@@ -63,8 +64,19 @@ type Config struct {
 	Devices   []Device
 	RingBytes int    // power of two; default 64 MiB
 	WakeBytes uint64 // unread bytes that force a reader wake-up; default RingBytes/8
-	Logger    *slog.Logger
+	// PinDir (on a bpffs) keeps the capture state across agent restarts:
+	// a clean stop leaves the programs attached and marking the bitmap,
+	// and the next Load picks the maps up again. "" disables pinning.
+	PinDir string
+	Logger *slog.Logger
 }
+
+// Maps pinned across restarts. The ring itself is not: a clean stop
+// drains it, and after an unclean one its contents cannot be trusted.
+var pinnedMaps = []string{"devices", "devstate", "bitmap", "pending", "global", "counters"}
+
+// In attach order (see setup).
+var pinnedLinks = []string{"link_complete", "link_rq_complete", "link_split", "link_queue"}
 
 // Capture is the loaded and attached BPF side.
 type Capture struct {
@@ -76,6 +88,8 @@ type Capture struct {
 	wordBase []uint32 // first bitmap word per device ID
 	bitmap   []byte   // mmap of the bitmap map
 	devstate []byte   // mmap of the devstate map
+	pinDir   string
+	resumed  bool
 }
 
 // Load checks prerequisites, calibrates the direct map, loads the programs
@@ -125,7 +139,21 @@ func Load(cfg Config) (*Capture, error) {
 	if err := spec.Variables["agent_tgid"].Set(uint32(os.Getpid())); err != nil {
 		return nil, err
 	}
-	if err := spec.LoadAndAssign(&c.objs, nil); err != nil {
+	c.pinDir = cfg.PinDir
+	var repl map[string]*ebpf.Map
+	if cfg.PinDir != "" {
+		if err := ensureBPFFS(cfg.PinDir); err != nil {
+			return nil, err
+		}
+		repl = loadPinned(cfg.PinDir, spec)
+		c.resumed = repl != nil
+		defer func() {
+			for _, m := range repl {
+				m.Close()
+			}
+		}()
+	}
+	if err := spec.LoadAndAssign(&c.objs, &ebpf.CollectionOptions{MapReplacements: repl}); err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
 			return nil, fmt.Errorf("load capture programs: %+v", ve)
@@ -150,6 +178,14 @@ func (c *Capture) setup() error {
 	if err := c.calibrate(); err != nil {
 		return err
 	}
+	// Until the agent has drained them, all devices mark the bitmap
+	// (the initial copy reads everything anyway).
+	for i := range c.devices {
+		c.SetOverflow(i, true)
+	}
+	if c.resumed {
+		c.forgetOtherDevices()
+	}
 	for i, d := range c.devices {
 		v := captureLbDev{Id: uint32(d.ID), Mode: uint32(d.Mode), Blocks: d.Blocks(), BitmapWord: c.wordBase[i]}
 		if err := c.objs.Devices.Put(d.KernelDev, v); err != nil {
@@ -159,12 +195,141 @@ func (c *Capture) setup() error {
 	if c.Ring, err = ringbuf.NewReader(c.objs.Events); err != nil {
 		return fmt.Errorf("ring reader: %w", err)
 	}
-	for _, p := range []*ebpf.Program{c.objs.LbBioComplete, c.objs.LbBioQueue} {
+	// Completion and split handlers first: a queued bio must never miss
+	// its completion.
+	for _, p := range []*ebpf.Program{c.objs.LbBioComplete, c.objs.LbRqComplete, c.objs.LbSplit, c.objs.LbBioQueue} {
 		l, err := link.AttachTracing(link.TracingOptions{Program: p})
 		if err != nil {
 			return fmt.Errorf("attach %s: %w", p, err)
 		}
 		c.links = append(c.links, l)
+	}
+	// Only now that the new programs run, retire those of the last run.
+	for _, name := range pinnedLinks {
+		if c.pinDir == "" {
+			break
+		}
+		if l, err := link.LoadPinnedLink(filepath.Join(c.pinDir, name), nil); err == nil {
+			l.Unpin()
+			l.Close()
+		}
+	}
+	return nil
+}
+
+func (c *Capture) forgetOtherDevices() {
+	keep := map[uint32]bool{}
+	for _, d := range c.devices {
+		keep[d.KernelDev] = true
+	}
+	var k uint32
+	var stale []uint32
+	it := c.objs.Devices.Iterate()
+	var v captureLbDev
+	for it.Next(&k, &v) {
+		if !keep[k] {
+			stale = append(stale, k)
+		}
+	}
+	for _, k := range stale {
+		c.objs.Devices.Delete(k)
+	}
+}
+
+// Resumed reports whether Load found the capture state of a previous run
+// pinned, compatible with this configuration: its bitmap holds every
+// write since that run's clean stop.
+func (c *Capture) Resumed() bool { return c.resumed }
+
+// loadPinned returns the pinned maps if all exist and match spec.
+func loadPinned(dir string, spec *ebpf.CollectionSpec) map[string]*ebpf.Map {
+	repl := map[string]*ebpf.Map{}
+	for _, name := range pinnedMaps {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
+		if err != nil {
+			break
+		}
+		ms := spec.Maps[name]
+		if m.Type() != ms.Type || m.KeySize() != ms.KeySize || m.ValueSize() != ms.ValueSize || m.MaxEntries() != ms.MaxEntries {
+			m.Close()
+			break
+		}
+		repl[name] = m
+	}
+	if len(repl) != len(pinnedMaps) {
+		for _, m := range repl {
+			m.Close()
+		}
+		return nil
+	}
+	return repl
+}
+
+// Persist pins the maps and links so capture outlives this process.
+func (c *Capture) Persist() error {
+	if c.pinDir == "" {
+		return nil
+	}
+	maps := map[string]*ebpf.Map{"devices": c.objs.Devices, "devstate": c.objs.Devstate, "bitmap": c.objs.Bitmap,
+		"pending": c.objs.Pending, "global": c.objs.Global, "counters": c.objs.Counters}
+	for _, name := range pinnedMaps {
+		p := filepath.Join(c.pinDir, name)
+		if m := maps[name]; !m.IsPinned() {
+			os.Remove(p)
+			if err := m.Pin(p); err != nil {
+				return fmt.Errorf("pin %s: %w", name, err)
+			}
+		}
+	}
+	for i, l := range c.links {
+		p := filepath.Join(c.pinDir, pinnedLinks[i])
+		os.Remove(p)
+		if err := l.Pin(p); err != nil {
+			return fmt.Errorf("pin %s: %w", pinnedLinks[i], err)
+		}
+	}
+	return nil
+}
+
+// Unpin removes every pin, so that Close detaches capture for good.
+func (c *Capture) Unpin() {
+	if c.pinDir == "" {
+		return
+	}
+	for _, l := range c.links {
+		l.Unpin()
+	}
+	for _, name := range pinnedLinks {
+		if l, err := link.LoadPinnedLink(filepath.Join(c.pinDir, name), nil); err == nil {
+			l.Unpin()
+			l.Close()
+		}
+	}
+	for _, m := range []*ebpf.Map{c.objs.Devices, c.objs.Devstate, c.objs.Bitmap, c.objs.Pending, c.objs.Global, c.objs.Counters} {
+		if m != nil {
+			m.Unpin()
+		}
+	}
+	for _, name := range pinnedMaps {
+		os.Remove(filepath.Join(c.pinDir, name))
+	}
+}
+
+// ensureBPFFS makes sure dir is on a mounted bpffs, mounting
+// /sys/fs/bpf if needed.
+func ensureBPFFS(dir string) error {
+	const bpffsMagic = 0xcafe4a11
+	var st unix.Statfs_t
+	if err := unix.Statfs("/sys/fs/bpf", &st); err != nil || st.Type != bpffsMagic {
+		if err := unix.Mount("bpf", "/sys/fs/bpf", "bpf", 0, "mode=0700"); err != nil {
+			return fmt.Errorf("mount bpffs on /sys/fs/bpf: %w", err)
+		}
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	if err := unix.Statfs(dir, &st); err != nil || st.Type != bpffsMagic {
+		return fmt.Errorf("pin directory %s is not on a bpffs", dir)
 	}
 	return nil
 }
@@ -290,4 +455,23 @@ type Counters struct {
 	PendingFull  uint64 `json:"pending_full"`
 	CopyFailures uint64 `json:"copy_failures"`
 	Inflight     int64  `json:"-"`
+}
+
+// RingInflight is the number of device i's ring-captured writes that have
+// not completed yet.
+func (c *Capture) RingInflight(i int) int64 {
+	return atomic.LoadInt64(&c.state(i).RingInflight)
+}
+
+// Marks counts the bitmap marks of device i; it moves when there is
+// something to read back.
+func (c *Capture) Marks(i int) uint64 {
+	return atomic.LoadUint64(&c.state(i).Marks)
+}
+
+// ProgramsRunning is the number of capture programs running right now on
+// any CPU (they may still reserve ring space).
+func (c *Capture) ProgramsRunning() (int64, error) {
+	s, err := c.Counters()
+	return s.Inflight, err
 }

@@ -48,6 +48,8 @@ type captureLbDevstate struct {
 	Overflow       uint32
 	Pad            uint32
 	OverflowEvents uint64
+	Marks          uint64
+	RingInflight   int64
 }
 
 type captureLbGlobal struct {
@@ -81,6 +83,13 @@ type captureLbRecord struct {
 	Pad     uint32
 }
 
+type captureRqWalk struct {
+	_    structs.HostLayout
+	Bio  uint64
+	Done uint32
+	Pad  uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -93,9 +102,12 @@ const (
 	captureMapEvents         = "events"
 	captureMapGlobal         = "global"
 	captureMapPending        = "pending"
+	captureMapRqScratch      = "rq_scratch"
 	captureProgLbBioComplete = "lb_bio_complete"
 	captureProgLbBioQueue    = "lb_bio_queue"
 	captureProgLbCalibrate   = "lb_calibrate"
+	captureProgLbRqComplete  = "lb_rq_complete"
+	captureProgLbSplit       = "lb_split"
 	captureVarAgentTgid      = "agent_tgid"
 	captureVarUnusedCounters = "unused_counters"
 	captureVarUnusedDev      = "unused_dev"
@@ -151,6 +163,8 @@ type captureProgramSpecs struct {
 	LbBioComplete *ebpf.ProgramSpec `ebpf:"lb_bio_complete"`
 	LbBioQueue    *ebpf.ProgramSpec `ebpf:"lb_bio_queue"`
 	LbCalibrate   *ebpf.ProgramSpec `ebpf:"lb_calibrate"`
+	LbRqComplete  *ebpf.ProgramSpec `ebpf:"lb_rq_complete"`
+	LbSplit       *ebpf.ProgramSpec `ebpf:"lb_split"`
 }
 
 // captureMapSpecs contains maps before they are loaded into the kernel.
@@ -165,6 +179,7 @@ type captureMapSpecs struct {
 	Events      *ebpf.MapSpec `ebpf:"events"`
 	Global      *ebpf.MapSpec `ebpf:"global"`
 	Pending     *ebpf.MapSpec `ebpf:"pending"`
+	RqScratch   *ebpf.MapSpec `ebpf:"rq_scratch"`
 }
 
 // captureVariableSpecs contains global variables before they are loaded into the kernel.
@@ -209,6 +224,7 @@ type captureMaps struct {
 	Events      *ebpf.Map `ebpf:"events"`
 	Global      *ebpf.Map `ebpf:"global"`
 	Pending     *ebpf.Map `ebpf:"pending"`
+	RqScratch   *ebpf.Map `ebpf:"rq_scratch"`
 }
 
 func (m *captureMaps) Close() error {
@@ -221,6 +237,7 @@ func (m *captureMaps) Close() error {
 		m.Events,
 		m.Global,
 		m.Pending,
+		m.RqScratch,
 	)
 }
 
@@ -245,6 +262,8 @@ type capturePrograms struct {
 	LbBioComplete *ebpf.Program `ebpf:"lb_bio_complete"`
 	LbBioQueue    *ebpf.Program `ebpf:"lb_bio_queue"`
 	LbCalibrate   *ebpf.Program `ebpf:"lb_calibrate"`
+	LbRqComplete  *ebpf.Program `ebpf:"lb_rq_complete"`
+	LbSplit       *ebpf.Program `ebpf:"lb_split"`
 }
 
 func (p *capturePrograms) Close() error {
@@ -252,6 +271,8 @@ func (p *capturePrograms) Close() error {
 		p.LbBioComplete,
 		p.LbBioQueue,
 		p.LbCalibrate,
+		p.LbRqComplete,
+		p.LbSplit,
 	)
 }
 

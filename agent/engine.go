@@ -1,0 +1,560 @@
+// Package agent is the protected-server role: it captures every write to
+// the protected block devices with eBPF and keeps a target (a mirror file
+// now, a process server later) equal to them.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/agent/capture"
+	"github.com/lifeboat-dr/lifeboat/internal/bitmap"
+	"github.com/lifeboat-dr/lifeboat/internal/blockdev"
+	"github.com/lifeboat-dr/lifeboat/internal/fsfreeze"
+	"github.com/lifeboat-dr/lifeboat/internal/progress"
+)
+
+// Log keys.
+const (
+	keyDevice = "device"
+	keyBlocks = "blocks"
+	keyKind   = "kind"
+	keySeq    = "seq"
+)
+
+// Target receives the replicated state of the protected devices. Calls
+// come from one goroutine, in stream order: a later call for the same
+// bytes always carries newer data.
+type Target interface {
+	// WriteAt stores p at byte offset off of device dev.
+	WriteAt(dev int, p []byte, off int64) error
+	// Zero makes n bytes at off of device dev read as zeroes.
+	Zero(dev int, off, n int64) error
+	// ReadAt reads the target's copy (used by checksum resync).
+	ReadAt(dev int, p []byte, off int64) (int, error)
+	// Marker records a consistency point: everything before it in the
+	// stream is the state of all devices at one instant.
+	Marker(m Marker) error
+	// Sync makes everything stored so far durable.
+	Sync() error
+}
+
+// MarkerKind tells how consistent a marker's point is.
+type MarkerKind string
+
+const (
+	CrashConsistent MarkerKind = "crash"
+	AppConsistent   MarkerKind = "app"
+)
+
+// Marker is a consistency point in the stream.
+type Marker struct {
+	Kind MarkerKind
+	Seq  uint64 // last capture sequence applied before the marker
+	Time time.Time
+}
+
+// SyncKind is how a device's target is brought up to date at start.
+type SyncKind int
+
+const (
+	// SyncResume trusts the target and the bitmap kept by capture since a
+	// clean stop: only blocks written meanwhile are copied.
+	SyncResume SyncKind = iota
+	// SyncCompare reads device and target and copies blocks that differ
+	// (after an unclean stop).
+	SyncCompare
+	// SyncFull copies the whole device.
+	SyncFull
+)
+
+func (k SyncKind) String() string {
+	return [...]string{"resume", "checksum resync", "full copy"}[k]
+}
+
+// Source is one protected device.
+type Source struct {
+	Name string
+	Path string
+	Mode capture.Mode
+	Sync SyncKind
+}
+
+// Options configures an Engine.
+type Options struct {
+	Sources       []Source
+	RingBytes     int
+	PinDir        string // where capture is pinned across clean restarts; "" = no pinning
+	Target        Target
+	Logger        *slog.Logger
+	Progress      io.Writer // initial sync progress; nil = none
+	CrashInterval time.Duration
+	AppInterval   time.Duration
+	PreScript     string
+	PostScript    string
+	FreezeTimeout time.Duration
+	OnReady       func() // capture attached, before the initial copy
+	OnSynced      func() // initial copy done
+}
+
+// Stats are the agent-side counters.
+type Stats struct {
+	Kernel         capture.Counters `json:"kernel"`
+	Applied        uint64           `json:"records"`
+	AppliedBytes   uint64           `json:"bytes_applied"`
+	OverflowEvents uint64           `json:"overflow_events"`
+	Drains         uint64           `json:"bitmap_drains"`
+	BlocksReread   uint64           `json:"blocks_reread"`
+	BytesReread    uint64           `json:"bytes_reread"`
+	BlocksSkipped  uint64           `json:"blocks_equal_on_resync"`
+	CrashMarkers   uint64           `json:"crash_markers"`
+	AppMarkers     uint64           `json:"app_markers"`
+	LastSeq        uint64           `json:"last_seq"`
+}
+
+type source struct {
+	Source
+	dev       *blockdev.Device
+	size      int64
+	dirty     *bitmap.Bitmap
+	compare   bool // next read-back compares with the target first
+	lastMarks uint64
+}
+
+// Engine runs capture for a set of devices into a Target.
+type Engine struct {
+	opt     Options
+	log     *slog.Logger
+	cap     *capture.Capture
+	rd      *capture.Reader
+	srcs    []*source
+	buf     []byte // read-back buffer, O_DIRECT aligned
+	tbuf    []byte // target buffer for compares
+	stats   Stats
+	appReq  chan chan error
+	persist bool
+}
+
+const readbackChunk = 1 << 20
+
+// New opens the devices and loads capture. Capture is attached (and
+// OnReady called) when New returns; nothing is copied yet.
+func New(opt Options) (*Engine, error) {
+	if opt.Logger == nil {
+		opt.Logger = slog.New(slog.DiscardHandler)
+	}
+	e := &Engine{opt: opt, log: opt.Logger, appReq: make(chan chan error)}
+	var devs []capture.Device
+	for i, s := range opt.Sources {
+		d, err := blockdev.Open(s.Path)
+		if err != nil {
+			e.closeDevs()
+			return nil, err
+		}
+		size, err := d.Size()
+		if err != nil {
+			d.Close()
+			e.closeDevs()
+			return nil, err
+		}
+		e.srcs = append(e.srcs, &source{Source: s, dev: d, size: size, dirty: bitmap.New(uint64((size + capture.BlockSize - 1) / capture.BlockSize))})
+		devs = append(devs, capture.Device{ID: uint16(i), KernelDev: d.KernelDev(), Size: size, Mode: s.Mode})
+	}
+	c, err := capture.Load(capture.Config{Devices: devs, RingBytes: opt.RingBytes, PinDir: opt.PinDir, Logger: opt.Logger})
+	if err != nil {
+		e.closeDevs()
+		return nil, err
+	}
+	e.cap = c
+	if !c.Resumed() {
+		for _, s := range e.srcs {
+			if s.Sync == SyncResume {
+				s.Sync = SyncCompare // the kernel-side bitmap did not survive
+				e.log.Warn("capture state from the last run is gone (reboot or unclean stop): resyncing by checksum", keyDevice, s.Path)
+			}
+		}
+	}
+	e.buf = blockdev.AlignedBuffer(readbackChunk)
+	e.tbuf = make([]byte, readbackChunk)
+	if opt.OnReady != nil {
+		opt.OnReady()
+	}
+	return e, nil
+}
+
+// Sources reports the devices and how each is being synced.
+func (e *Engine) Sources() []Source {
+	var out []Source
+	for _, s := range e.srcs {
+		out = append(out, s.Source)
+	}
+	return out
+}
+
+func (e *Engine) closeDevs() {
+	for _, s := range e.srcs {
+		s.dev.Close()
+	}
+}
+
+// Run copies the devices, then applies captured writes until ctx is done;
+// then it drains everything captured into the target and returns. The
+// capture stays pinned (when PinDir is set) so that writes made while the
+// agent is down are remembered in the bitmap.
+func (e *Engine) Run(ctx context.Context) (err error) {
+	rctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	rdDone := make(chan error, 1)
+	e.rd = capture.NewReader(e.cap)
+	go func() { rdDone <- e.rd.Run(rctx) }()
+	defer func() {
+		e.rd.Stop()
+		if rerr := <-rdDone; rerr != nil && !errors.Is(rerr, context.Canceled) && err == nil {
+			err = rerr
+		}
+	}()
+
+	// Initial sync: every block is dirty.
+	var total int64
+	for _, s := range e.srcs {
+		if s.Sync != SyncResume {
+			s.dirty.SetRange(0, s.dirty.Blocks())
+			s.compare = s.Sync == SyncCompare
+			total += s.size
+		}
+		e.log.Info("protecting", keyDevice, s.Path, "mode", s.Mode.String(), "sync", s.Sync.String(), "bytes", s.size)
+	}
+	var bar *progress.Bar
+	if e.opt.Progress != nil && total > 0 {
+		bar = progress.New(e.opt.Progress, "initial sync", total)
+	}
+	if err := e.drain(ctx, allIdx(len(e.srcs)), false, bar); err != nil {
+		return err
+	}
+	if bar != nil {
+		bar.Done()
+	}
+	if e.opt.OnSynced != nil {
+		e.opt.OnSynced()
+	}
+
+	if err := e.loop(ctx); err != nil {
+		return err
+	}
+	// Clean stop: park every device on the bitmap and drain what remains.
+	if err := e.drain(context.Background(), allIdx(len(e.srcs)), true, nil); err != nil {
+		return err
+	}
+	if err := e.opt.Target.Sync(); err != nil {
+		return fmt.Errorf("sync target: %w", err)
+	}
+	e.persist = true
+	return nil
+}
+
+func allIdx(n int) []int {
+	idx := make([]int, n)
+	for i := range idx {
+		idx[i] = i
+	}
+	return idx
+}
+
+// loop applies ring records and drains bitmaps until ctx is done.
+func (e *Engine) loop(ctx context.Context) error {
+	var crashT, appT <-chan time.Time
+	if e.opt.CrashInterval > 0 {
+		t := time.NewTicker(e.opt.CrashInterval)
+		defer t.Stop()
+		crashT = t.C
+	}
+	if e.opt.AppInterval > 0 {
+		t := time.NewTicker(e.opt.AppInterval)
+		defer t.Stop()
+		appT = t.C
+	}
+	idle := time.NewTicker(5 * time.Millisecond)
+	defer idle.Stop()
+	var need []int
+	for {
+		// Apply whatever is queued, in batches, checking the devices
+		// between batches.
+		for n := 0; n < 1024; n++ {
+			it, ok := e.rd.TryNext()
+			if !ok {
+				break
+			}
+			if err := e.apply(it); err != nil {
+				return err
+			}
+		}
+		need = need[:0]
+		for i, s := range e.srcs {
+			if e.cap.Overflowed(i) || e.cap.Marks(i) != s.lastMarks {
+				need = append(need, i)
+			}
+		}
+		if len(need) > 0 {
+			if err := e.drain(ctx, need, false, nil); err != nil {
+				return err
+			}
+			continue
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-crashT:
+			if err := e.marker(ctx, CrashConsistent); err != nil {
+				return err
+			}
+		case <-appT:
+			if err := e.appConsistent(ctx); err != nil {
+				e.log.Error("app-consistent point failed", "err", err)
+			}
+		case done := <-e.appReq:
+			done <- e.appConsistent(ctx)
+		case <-idle.C:
+		}
+	}
+}
+
+// AppConsistent asks the running engine for an app-consistent marker.
+func (e *Engine) AppConsistent(ctx context.Context) error {
+	done := make(chan error, 1)
+	select {
+	case e.appReq <- done:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	return <-done
+}
+
+func (e *Engine) appConsistent(ctx context.Context) error {
+	var mounts []string
+	for _, s := range e.srcs {
+		m, err := fsfreeze.MountsOf(s.Path)
+		if err != nil {
+			return err
+		}
+		mounts = append(mounts, m...)
+	}
+	return fsfreeze.WithFrozen(ctx, mounts, e.opt.PreScript, e.opt.PostScript, e.opt.FreezeTimeout, func() error {
+		// Frozen filesystems have written everything: once the stream
+		// holds every completed write, the point is app-consistent.
+		if err := e.drain(ctx, allIdx(len(e.srcs)), false, nil); err != nil {
+			return err
+		}
+		return e.emit(AppConsistent)
+	})
+}
+
+// marker emits a crash-consistent marker after every write submitted so
+// far has been applied.
+func (e *Engine) marker(ctx context.Context, kind MarkerKind) error {
+	if err := e.quiesce(ctx); err != nil {
+		return err
+	}
+	return e.emit(kind)
+}
+
+func (e *Engine) emit(kind MarkerKind) error {
+	m := Marker{Kind: kind, Seq: e.stats.LastSeq, Time: time.Now().UTC()}
+	if err := e.opt.Target.Marker(m); err != nil {
+		return err
+	}
+	if kind == AppConsistent {
+		e.stats.AppMarkers++
+	} else {
+		e.stats.CrashMarkers++
+	}
+	e.log.Debug("marker", keyKind, string(kind), keySeq, m.Seq)
+	return nil
+}
+
+// quiesce applies every record committed to the BPF ring so far.
+func (e *Engine) quiesce(ctx context.Context) error {
+	// Programs already running may still reserve ring space.
+	for {
+		n, err := e.cap.ProgramsRunning()
+		if err != nil {
+			return err
+		}
+		if n <= 0 {
+			break
+		}
+		time.Sleep(20 * time.Microsecond)
+	}
+	id := e.rd.RequestBarrier()
+	for {
+		it, err := e.rd.Next(ctx)
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				return errors.New("capture reader stopped")
+			}
+			return err
+		}
+		if it.Barrier != 0 {
+			if it.Barrier >= id {
+				return nil
+			}
+			continue
+		}
+		if err := e.apply(it); err != nil {
+			return err
+		}
+	}
+}
+
+// drain brings the devices idx up to date from their bitmaps, keeping the
+// ordering contract of capture.bpf.c: flag set → ring drained → captured
+// writes completed → bitmap swapped → flag cleared → blocks read back
+// before any later ring record is applied. With park, the flags stay set
+// so that capture keeps marking the bitmap after the agent has gone.
+func (e *Engine) drain(ctx context.Context, idx []int, park bool, bar *progress.Bar) error {
+	for _, i := range idx {
+		e.cap.SetOverflow(i, true)
+	}
+	if err := e.quiesce(ctx); err != nil {
+		return err
+	}
+	for _, i := range idx {
+		for e.cap.RingInflight(i) > 0 {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			time.Sleep(50 * time.Microsecond)
+		}
+	}
+	for _, i := range idx {
+		s := e.srcs[i]
+		s.lastMarks = e.cap.Marks(i)
+		if _, err := s.dirty.Drain(e.cap.BitmapWords(i)); err != nil && !errors.Is(err, bitmap.ErrOutOfRange) {
+			return err
+		}
+		if !park {
+			e.cap.SetOverflow(i, false)
+		}
+	}
+	e.stats.Drains++
+	for _, i := range idx {
+		if err := e.readback(ctx, i, bar); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// readback copies the dirty blocks of device i from the device to the target.
+func (e *Engine) readback(ctx context.Context, i int, bar *progress.Bar) error {
+	s := e.srcs[i]
+	if !s.dirty.Any() {
+		return nil
+	}
+	for ext := range s.dirty.Extents(readbackChunk / capture.BlockSize) {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		off := int64(ext.Start) * capture.BlockSize
+		n := min(int64(ext.Len)*capture.BlockSize, s.size-off)
+		if n <= 0 {
+			continue
+		}
+		if err := e.copyRange(s, i, off, n); err != nil {
+			return err
+		}
+		e.stats.BlocksReread += ext.Len
+		if bar != nil {
+			bar.Add(n)
+		}
+	}
+	s.dirty.Reset()
+	s.compare = false
+	return nil
+}
+
+func (e *Engine) copyRange(s *source, i int, off, n int64) error {
+	p := e.buf[:n]
+	if _, err := s.dev.ReadAtDirect(p, off); err != nil {
+		return fmt.Errorf("read back %s at %d: %w", s.Path, off, err)
+	}
+	if s.compare {
+		t := e.tbuf[:n]
+		if m, err := e.opt.Target.ReadAt(i, t, off); err == nil && m == len(t) && string(t) == string(p) {
+			e.stats.BlocksSkipped += uint64((n + capture.BlockSize - 1) / capture.BlockSize)
+			return nil
+		}
+	}
+	e.stats.BytesReread += uint64(n)
+	return e.opt.Target.WriteAt(i, p, off)
+}
+
+// apply hands one ring record to the target.
+func (e *Engine) apply(it capture.Item) error {
+	if it.Barrier != 0 {
+		return nil
+	}
+	var r capture.Record
+	if err := capture.Decode(it.Raw, &r); err != nil {
+		return err
+	}
+	if int(r.Dev) >= len(e.srcs) {
+		return fmt.Errorf("record %d: unknown device %d", r.Seq, r.Dev)
+	}
+	s := e.srcs[r.Dev]
+	if r.Offset+int64(r.Len) > s.size || r.Offset < 0 {
+		return fmt.Errorf("record %d: extent %d+%d beyond %s (%d bytes)", r.Seq, r.Offset, r.Len, s.Path, s.size)
+	}
+	e.stats.Applied++
+	if r.Seq > e.stats.LastSeq {
+		e.stats.LastSeq = r.Seq
+	}
+	switch {
+	case r.Data != nil:
+		e.stats.AppliedBytes += uint64(len(r.Data))
+		return e.opt.Target.WriteAt(int(r.Dev), r.Data, r.Offset)
+	case s.Mode == capture.ModeMetadata:
+		// Read the extent back; the record was emitted at completion,
+		// so the device holds this write or a newer one.
+		start := r.Offset &^ (capture.BlockSize - 1)
+		end := min((r.Offset+int64(r.Len)+capture.BlockSize-1)&^(capture.BlockSize-1), s.size)
+		for off := start; off < end; off += readbackChunk {
+			if err := e.copyRange(s, int(r.Dev), off, min(readbackChunk, end-off)); err != nil {
+				return err
+			}
+		}
+		e.stats.BlocksReread += uint64((end - start + capture.BlockSize - 1) / capture.BlockSize)
+		return nil
+	default: // data mode write-zeroes / discard
+		return e.opt.Target.Zero(int(r.Dev), r.Offset, int64(r.Len))
+	}
+}
+
+// Stats returns the counters.
+func (e *Engine) Stats() Stats {
+	s := e.stats
+	s.Kernel, _ = e.cap.Counters()
+	var ov uint64
+	for i := range e.srcs {
+		ov += e.cap.OverflowEvents(i)
+	}
+	s.OverflowEvents = ov
+	return s
+}
+
+// Close releases the engine. After a clean Run the capture stays pinned
+// (if PinDir was set); otherwise it is detached.
+func (e *Engine) Close() error {
+	var err error
+	if e.persist && e.opt.PinDir != "" {
+		err = e.cap.Persist()
+	} else if e.opt.PinDir != "" {
+		e.cap.Unpin()
+	}
+	e.cap.Close()
+	e.closeDevs()
+	return err
+}

@@ -1,0 +1,297 @@
+package agent
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/agent/capture"
+	"github.com/lifeboat-dr/lifeboat/internal/blockdev"
+	"github.com/lifeboat-dr/lifeboat/internal/sdnotify"
+	"golang.org/x/sys/unix"
+)
+
+// MirrorConfig configures `lifeboat agent mirror`.
+type MirrorConfig struct {
+	Device        string
+	To            string
+	Mode          capture.Mode
+	RingBytes     int
+	StateDir      string
+	CrashInterval time.Duration
+	AppInterval   time.Duration
+	Logger        *slog.Logger
+	Progress      io.Writer // progress of the initial copy
+	Out           io.Writer // the final counters line
+}
+
+// mirrorState is what the agent remembers in --state-dir between runs.
+// It never outranks the target: every field is checked against the
+// device and the file before it is trusted.
+type mirrorState struct {
+	Version  int    `json:"version"`
+	Device   string `json:"device"`
+	Identity string `json:"device_identity"`
+	Target   string `json:"target"`
+	TargetID string `json:"target_identity"`
+	Clean    bool   `json:"clean"`
+}
+
+const stateVersion = 1
+
+// RunMirror keeps cfg.To equal to cfg.Device until ctx is done.
+func RunMirror(ctx context.Context, cfg MirrorConfig) error {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if os.Geteuid() != 0 {
+		return errors.New("lifeboat agent needs root (it loads eBPF programs and reads block devices)")
+	}
+	dev, err := blockdev.Open(cfg.Device)
+	if err != nil {
+		return err
+	}
+	identity, err := dev.Identity()
+	size, serr := dev.Size()
+	dev.Close()
+	if err != nil {
+		return err
+	}
+	if serr != nil {
+		return serr
+	}
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
+	statePath := filepath.Join(cfg.StateDir, "mirror.json")
+	prev, _ := loadState(statePath)
+
+	f, err := os.OpenFile(cfg.To, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return fmt.Errorf("mirror file: %w", err)
+	}
+	defer f.Close()
+	targetID, err := fileIdentity(f)
+	if err != nil {
+		return err
+	}
+	abs, _ := filepath.Abs(cfg.To)
+
+	sync := SyncFull
+	switch {
+	case prev == nil:
+		log.Info("no previous state: full copy")
+	case prev.Identity != identity:
+		log.Warn("another device is behind this path now: full copy", "was", prev.Identity, "now", identity)
+	case prev.Target != abs || prev.TargetID != targetID:
+		log.Warn("the mirror file is not the one the last run wrote (missing, replaced or moved): full copy")
+	case !prev.Clean:
+		log.Warn("the last run did not stop cleanly: resync by checksum")
+		sync = SyncCompare
+	default:
+		sync = SyncResume
+	}
+	if st, err := f.Stat(); err == nil && st.Size() != size {
+		if err := f.Truncate(size); err != nil {
+			return fmt.Errorf("size mirror file: %w", err)
+		}
+		if sync == SyncResume {
+			sync = SyncFull
+		}
+	}
+	// From here on a crash is an unclean stop.
+	st := mirrorState{Version: stateVersion, Device: cfg.Device, Identity: identity, Target: abs, TargetID: targetID}
+	if err := saveState(statePath, &st); err != nil {
+		return err
+	}
+
+	markers, err := os.OpenFile(filepath.Join(cfg.StateDir, "markers.jsonl"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return err
+	}
+	defer markers.Close()
+	target := &fileTarget{f: f, markers: markers}
+	e, err := New(Options{
+		Sources:       []Source{{Name: filepath.Base(cfg.Device), Path: cfg.Device, Mode: cfg.Mode, Sync: sync}},
+		RingBytes:     cfg.RingBytes,
+		PinDir:        PinDir(cfg.StateDir),
+		Target:        target,
+		Logger:        log,
+		Progress:      cfg.Progress,
+		CrashInterval: cfg.CrashInterval,
+		AppInterval:   cfg.AppInterval,
+		OnReady: func() {
+			log.Info("capture attached", keyDevice, cfg.Device)
+			sdnotify.Notify("READY=1\nSTATUS=initial sync")
+		},
+		OnSynced: func() {
+			log.Info("initial sync done; mirroring", keyDevice, cfg.Device, "to", cfg.To)
+			sdnotify.Notify("X-LIFEBOAT-SYNCED=1\nSTATUS=mirroring")
+		},
+	})
+	if err != nil {
+		return err
+	}
+	runErr := e.Run(ctx)
+	stats := e.Stats()
+	closeErr := e.Close()
+	if runErr != nil {
+		return runErr
+	}
+	if closeErr != nil {
+		return closeErr
+	}
+	st.Clean = true
+	if err := saveState(statePath, &st); err != nil {
+		return err
+	}
+	if cfg.Out != nil {
+		b, _ := json.Marshal(stats)
+		fmt.Fprintf(cfg.Out, "counters: %s\n", b)
+	}
+	return nil
+}
+
+// PinDir is where the capture of stateDir is pinned on the bpffs.
+func PinDir(stateDir string) string {
+	abs, _ := filepath.Abs(stateDir)
+	h := sha256.Sum256([]byte(abs))
+	return filepath.Join("/sys/fs/bpf/lifeboat", hex.EncodeToString(h[:8]))
+}
+
+// Release detaches the capture a clean stop left pinned for stateDir and
+// forgets that the stop was clean (the next run resyncs by checksum).
+func Release(stateDir string) error {
+	dir := PinDir(stateDir)
+	entries, err := os.ReadDir(dir)
+	if err != nil && !os.IsNotExist(err) {
+		return err
+	}
+	for _, e := range entries {
+		if err := os.Remove(filepath.Join(dir, e.Name())); err != nil {
+			return err
+		}
+	}
+	os.Remove(dir)
+	statePath := filepath.Join(stateDir, "mirror.json")
+	if st, err := loadState(statePath); err == nil {
+		st.Clean = false
+		return saveState(statePath, st)
+	}
+	return nil
+}
+
+func loadState(path string) (*mirrorState, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var st mirrorState
+	if err := json.Unmarshal(b, &st); err != nil || st.Version != stateVersion {
+		return nil, fmt.Errorf("state %s unreadable: ignoring it", path)
+	}
+	return &st, nil
+}
+
+// saveState writes atomically: temp file, fsync, rename, fsync dir.
+func saveState(path string, st *mirrorState) error {
+	b, err := json.MarshalIndent(st, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return fmt.Errorf("save state: %w", err)
+	}
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		return fmt.Errorf("save state: %w", err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return fmt.Errorf("save state: %w", err)
+	}
+	f.Close()
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("save state: %w", err)
+	}
+	if d, err := os.Open(filepath.Dir(path)); err == nil {
+		d.Sync()
+		d.Close()
+	}
+	return nil
+}
+
+// fileIdentity names the inode behind f, so a replaced file is noticed.
+func fileIdentity(f *os.File) (string, error) {
+	fi, err := f.Stat()
+	if err != nil {
+		return "", err
+	}
+	s, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return "", errors.New("mirror file: no inode information")
+	}
+	return fmt.Sprintf("%d:%d", s.Dev, s.Ino), nil
+}
+
+// fileTarget keeps a mirror in a regular file (or another block device).
+type fileTarget struct {
+	f       *os.File
+	markers *os.File
+}
+
+func (t *fileTarget) WriteAt(_ int, p []byte, off int64) error {
+	if _, err := t.f.WriteAt(p, off); err != nil {
+		return fmt.Errorf("write mirror: %w", err)
+	}
+	return nil
+}
+
+func (t *fileTarget) Zero(_ int, off, n int64) error {
+	err := unix.Fallocate(int(t.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+	if err == nil {
+		return nil
+	}
+	// No hole punching here: write the zeroes.
+	zero := make([]byte, min(n, 1<<20))
+	for n > 0 {
+		k := min(n, int64(len(zero)))
+		if _, err := t.f.WriteAt(zero[:k], off); err != nil {
+			return fmt.Errorf("zero mirror: %w", err)
+		}
+		off += k
+		n -= k
+	}
+	return nil
+}
+
+func (t *fileTarget) ReadAt(_ int, p []byte, off int64) (int, error) { return t.f.ReadAt(p, off) }
+
+func (t *fileTarget) Marker(m Marker) error {
+	b, _ := json.Marshal(struct {
+		Kind MarkerKind `json:"kind"`
+		Seq  uint64     `json:"seq"`
+		Time time.Time  `json:"time"`
+	}{m.Kind, m.Seq, m.Time})
+	_, err := t.markers.Write(append(b, '\n'))
+	return err
+}
+
+func (t *fileTarget) Sync() error {
+	if err := t.f.Sync(); err != nil {
+		return fmt.Errorf("sync mirror: %w", err)
+	}
+	return t.markers.Sync()
+}

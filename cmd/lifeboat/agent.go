@@ -1,0 +1,70 @@
+package main
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/lifeboat-dr/lifeboat/agent"
+	"github.com/lifeboat-dr/lifeboat/agent/capture"
+	"github.com/spf13/cobra"
+)
+
+func agentCmd(verbose *bool) *cobra.Command {
+	cmd := &cobra.Command{Use: "agent", Short: "Capture agent of a protected server"}
+	var (
+		cfg      agent.MirrorConfig
+		mode     string
+		ringMiB  int
+		stateDir string
+	)
+	mirror := &cobra.Command{
+		Use:   "mirror --device PATH --to FILE",
+		Short: "Keep FILE equal to a block device, byte for byte, until SIGINT/SIGTERM",
+		Long: `Attaches eBPF capture to the device, copies it to FILE (created or
+overwritten), then applies every captured write to FILE until SIGINT or
+SIGTERM; then drains everything captured, prints its counters and exits 0.
+With NOTIFY_SOCKET set it sends READY=1 once capture is attached and
+X-LIFEBOAT-SYNCED=1 once the initial copy is done.
+
+A clean stop leaves capture pinned, marking written blocks, so the next run
+copies only what changed; after an unclean stop the next run compares
+checksums instead of copying everything. "lifeboat agent release" detaches it.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			m, err := capture.ParseMode(mode)
+			if err != nil {
+				return err
+			}
+			if ringMiB < 1 || ringMiB&(ringMiB-1) != 0 {
+				return fmt.Errorf("--ring-mib %d: must be a power of two", ringMiB)
+			}
+			cfg.Mode, cfg.RingBytes, cfg.StateDir = m, ringMiB<<20, stateDir
+			cfg.Logger = logger(*verbose)
+			cfg.Progress = os.Stderr
+			cfg.Out = os.Stdout
+			return agent.RunMirror(cmd.Context(), cfg)
+		},
+	}
+	f := mirror.Flags()
+	f.StringVar(&cfg.Device, "device", "", "block device to protect (whole disk or partition)")
+	f.StringVar(&cfg.To, "to", "", "mirror file (or block device) to keep in sync")
+	f.StringVar(&mode, "mode", "data", "capture mode: data (payload in the ring) or metadata (extents, read back)")
+	f.IntVar(&ringMiB, "ring-mib", 64, "BPF ring buffer size in MiB (power of two)")
+	f.StringVar(&stateDir, "state-dir", "/var/lib/lifeboat", "agent state directory")
+	f.DurationVar(&cfg.CrashInterval, "crash-interval", 0, "crash-consistent marker interval (0: off)")
+	f.DurationVar(&cfg.AppInterval, "app-interval", 0, "app-consistent (fsfreeze) marker interval (0: off)")
+	mirror.MarkFlagRequired("device")
+	mirror.MarkFlagRequired("to")
+
+	release := &cobra.Command{
+		Use:   "release",
+		Short: "Detach the capture that a clean stop left pinned",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return agent.Release(stateDir)
+		},
+	}
+	release.Flags().StringVar(&stateDir, "state-dir", "/var/lib/lifeboat", "agent state directory")
+	cmd.AddCommand(mirror, release)
+	return cmd
+}

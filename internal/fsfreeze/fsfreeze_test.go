@@ -1,0 +1,242 @@
+package fsfreeze
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/lifeboat-dr/lifeboat/internal/loopdev"
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
+)
+
+// How long a write must stay blocked to count as "blocked by the freeze",
+// and how long a write may take once thawed.
+const (
+	blockedFor = 300 * time.Millisecond
+	unblockIn  = 5 * time.Second
+)
+
+func TestParseMountinfo(t *testing.T) {
+	const mountinfo = `22 27 0:21 / /proc rw,relatime - proc proc rw
+27 1 254:0 / / rw,relatime - ext4 /dev/vda rw
+90 27 7:0 / /mnt/with\040space rw - ext4 /dev/loop0 rw
+91 27 7:0 /sub /srv/bind\134x rw - ext4 /dev/loop0 rw
+92 27 7:1 / /mnt/other rw - ext4 /dev/loop1 rw
+`
+	got, err := parseMountinfo(strings.NewReader(mountinfo), "7:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"/mnt/with space", `/srv/bind\x`}
+	if !slices.Equal(got, want) {
+		t.Errorf("parseMountinfo = %q, want %q", got, want)
+	}
+}
+
+// newExt4 mounts a fresh ext4 file system and returns its mount point. The
+// cleanup thaws it first, in case a failing test left it frozen.
+func newExt4(t *testing.T) (dev, dir string) {
+	t.Helper()
+	testenv.RequireTool(t, "mkfs.ext4")
+	d := loopdev.New(t, 32<<20, loopdev.Options{})
+	if err := loopdev.Mkfs(t.Context(), "ext4", d.Path); err != nil {
+		t.Fatal(err)
+	}
+	dir = t.TempDir()
+	if err := loopdev.Mount(d.Path, dir, "ext4", ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := loopdev.Unmount(dir); err != nil {
+			t.Error(err)
+		}
+	})
+	t.Cleanup(func() { Thaw(dir) })
+	return d.Path, dir
+}
+
+// startWrite creates a file in dir from another goroutine and reports the
+// result on the returned channel.
+func startWrite(dir, name string) <-chan error {
+	done := make(chan error, 1)
+	go func() { done <- os.WriteFile(filepath.Join(dir, name), []byte(name), 0o644) }()
+	return done
+}
+
+func assertBlocked(t *testing.T, done <-chan error) {
+	t.Helper()
+	select {
+	case err := <-done:
+		t.Fatalf("write to a frozen file system completed (err=%v)", err)
+	case <-time.After(blockedFor):
+	}
+}
+
+func assertCompletes(t *testing.T, done <-chan error) {
+	t.Helper()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(unblockIn):
+		t.Fatal("write still blocked after thaw")
+	}
+}
+
+func TestMountsOf(t *testing.T) {
+	dev, dir := newExt4(t)
+	got, err := MountsOf(dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(got, []string{dir}) {
+		t.Errorf("MountsOf(%s) = %q, want [%s]", dev, got, dir)
+	}
+	if _, err := MountsOf(dir); err == nil || !strings.Contains(err.Error(), "not a block device") {
+		t.Errorf("MountsOf(directory) error = %v", err)
+	}
+}
+
+func TestFreezeBlocksWritesUntilThaw(t *testing.T) {
+	_, dir := newExt4(t)
+	if err := Freeze(dir); err != nil {
+		t.Fatal(err)
+	}
+	done := startWrite(dir, "during-freeze")
+	assertBlocked(t, done)
+	if err := Freeze(dir); err == nil || !strings.Contains(err.Error(), "already frozen") {
+		t.Errorf("second Freeze error = %v; want already frozen", err)
+	}
+	if err := Thaw(dir); err != nil {
+		t.Fatal(err)
+	}
+	assertCompletes(t, done)
+	if err := Thaw(dir); err == nil || !strings.Contains(err.Error(), "not frozen") {
+		t.Errorf("Thaw of a thawed file system error = %v; want not frozen", err)
+	}
+}
+
+// script writes an executable shell script that appends its name and
+// arguments to log, then exits with code.
+func script(t *testing.T, log, name string, code int) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), name)
+	body := "#!/bin/sh\necho " + name + ` "$@" >>` + log + "\necho " + name + " says hello\nexit " + strconv.Itoa(code) + "\n"
+	if err := os.WriteFile(path, []byte(body), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func readLog(t *testing.T, log string) string {
+	t.Helper()
+	b, err := os.ReadFile(log)
+	if err != nil && !os.IsNotExist(err) {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+func TestWithFrozen(t *testing.T) {
+	_, dir := newExt4(t)
+	log := filepath.Join(t.TempDir(), "log")
+	pre, post := script(t, log, "pre", 0), script(t, log, "post", 0)
+
+	var during <-chan error
+	// The same file system twice (as with a bind mount) is frozen once.
+	err := WithFrozen(t.Context(), []string{dir, dir}, pre, post, 10*time.Second, func() error {
+		if got := readLog(t, log); got != "pre "+dir+" "+dir+"\n" {
+			t.Errorf("log when fn runs = %q; want pre only", got)
+		}
+		during = startWrite(dir, "during")
+		assertBlocked(t, during)
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	assertCompletes(t, during)
+	if got, want := readLog(t, log), "pre "+dir+" "+dir+"\npost "+dir+" "+dir+"\n"; got != want {
+		t.Errorf("log = %q, want %q", got, want)
+	}
+
+	// fn's error is returned, and the thaw and post script still happen.
+	boom := errors.New("boom")
+	err = WithFrozen(t.Context(), []string{dir}, "", post, 0, func() error { return boom })
+	if !errors.Is(err, boom) {
+		t.Errorf("WithFrozen error = %v; want fn's error", err)
+	}
+	assertCompletes(t, startWrite(dir, "after-error"))
+}
+
+func TestWithFrozenWatchdog(t *testing.T) {
+	_, dir := newExt4(t)
+	log := filepath.Join(t.TempDir(), "log")
+	post := script(t, log, "post", 0)
+
+	// fn outlives the timeout; a write started inside it must complete
+	// while fn is still running, because the watchdog thaws.
+	err := WithFrozen(t.Context(), []string{dir}, "", post, 200*time.Millisecond, func() error {
+		assertCompletes(t, startWrite(dir, "unblocked-by-watchdog"))
+		return nil
+	})
+	if !errors.Is(err, ErrTimeout) {
+		t.Errorf("WithFrozen error = %v; want ErrTimeout", err)
+	}
+	if got := readLog(t, log); got != "post "+dir+"\n" {
+		t.Errorf("post script log = %q", got)
+	}
+
+	// Cancelling the context thaws early too.
+	ctx, cancel := context.WithCancel(t.Context())
+	time.AfterFunc(100*time.Millisecond, cancel)
+	err = WithFrozen(ctx, []string{dir}, "", "", time.Minute, func() error {
+		assertCompletes(t, startWrite(dir, "unblocked-by-cancel"))
+		return nil
+	})
+	if !errors.Is(err, context.Canceled) {
+		t.Errorf("WithFrozen error = %v; want context.Canceled", err)
+	}
+}
+
+func TestWithFrozenFailures(t *testing.T) {
+	_, dir := newExt4(t)
+	log := filepath.Join(t.TempDir(), "log")
+	called := false
+	fn := func() error { called = true; return nil }
+
+	// A failing pre script stops everything, and its output is reported.
+	err := WithFrozen(t.Context(), []string{dir}, script(t, log, "pre", 3), script(t, log, "post", 0), 0, fn)
+	if err == nil || !strings.Contains(err.Error(), "pre-freeze script") || !strings.Contains(err.Error(), "pre says hello") {
+		t.Errorf("failing pre script: error = %v", err)
+	}
+	if called || readLog(t, log) != "pre "+dir+"\n" {
+		t.Errorf("after failing pre: fn called=%v, log=%q", called, readLog(t, log))
+	}
+
+	// A file system that cannot be frozen (tmpfs) aborts before fn, after
+	// thawing the ones already frozen; the post script still runs.
+	tmp := t.TempDir()
+	if err := unix.Mount("tmpfs", tmp, "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	defer loopdev.Unmount(tmp)
+	os.Remove(log)
+	err = WithFrozen(t.Context(), []string{dir, tmp}, "", script(t, log, "post", 0), 0, fn)
+	if err == nil || !strings.Contains(err.Error(), "does not support freezing") {
+		t.Errorf("unfreezable mount: error = %v", err)
+	}
+	if called || readLog(t, log) != "post "+dir+" "+tmp+"\n" {
+		t.Errorf("after freeze failure: fn called=%v, log=%q", called, readLog(t, log))
+	}
+	assertCompletes(t, startWrite(dir, "after-rollback"))
+}

@@ -1,0 +1,180 @@
+package seal
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+)
+
+// Recovery keys wrap (encrypt) the per-machine data keys. The wrapped data
+// keys can be stored next to the data (config server, blob metadata); the
+// recovery key is kept offline by the operator and is the only thing needed
+// to decrypt a machine's replica after losing the process server.
+//
+// A wrapped key is
+//
+//	magic "LBWK" | version 1 | nonce (12) | GCM(data key (32) || tag (16))
+//
+// sealed with AES-256-GCM under the recovery key, with magic|version|key id
+// as additional data: a wrapped key moved to another key id fails to unwrap.
+
+const (
+	wrapMagic = "LBWK"
+	wrapHdr   = 4 + 1 + nonceSize
+	// WrappedKeySize is the length of a wrapped data key.
+	WrappedKeySize = wrapHdr + KeySize + tagSize
+
+	recoveryHeader = "lifeboat-recovery-key v1"
+)
+
+// NewRecoveryKey returns a fresh random 32-byte recovery key.
+func NewRecoveryKey() []byte {
+	k := make([]byte, KeySize)
+	rand.Read(k)
+	return k
+}
+
+// Fingerprint returns a short, non-secret name for a recovery key (the
+// first 8 bytes of its SHA-256, hex) so operators can tell keys apart
+// without ever displaying one.
+func Fingerprint(key []byte) string {
+	sum := sha256.Sum256(key)
+	return hex.EncodeToString(sum[:8])
+}
+
+// WrapKey encrypts dataKey under recoveryKey, bound to keyID.
+func WrapKey(recoveryKey, dataKey []byte, keyID KeyID) ([]byte, error) {
+	if len(recoveryKey) != KeySize {
+		return nil, fmt.Errorf("seal: wrap key %s: recovery key has %d bytes, want %d", keyID, len(recoveryKey), KeySize)
+	}
+	if len(dataKey) != KeySize {
+		return nil, fmt.Errorf("seal: wrap key %s: data key has %d bytes, want %d", keyID, len(dataKey), KeySize)
+	}
+	aead, err := newGCM(recoveryKey)
+	if err != nil {
+		return nil, fmt.Errorf("seal: wrap key %s: %w", keyID, err)
+	}
+	out := make([]byte, wrapHdr, WrappedKeySize)
+	copy(out, wrapMagic)
+	out[4] = version
+	rand.Read(out[5:wrapHdr])
+	return aead.Seal(out, out[5:wrapHdr], dataKey, wrapAD(keyID)), nil
+}
+
+// UnwrapKey reverses WrapKey. It returns an error wrapping ErrTampered if
+// wrapped was modified, was wrapped for another key id, or recoveryKey is
+// not the key it was wrapped with.
+func UnwrapKey(recoveryKey, wrapped []byte, keyID KeyID) ([]byte, error) {
+	if len(recoveryKey) != KeySize {
+		return nil, fmt.Errorf("seal: unwrap key %s: recovery key has %d bytes, want %d", keyID, len(recoveryKey), KeySize)
+	}
+	if len(wrapped) != WrappedKeySize || string(wrapped[:4]) != wrapMagic || wrapped[4] != version {
+		return nil, fmt.Errorf("seal: unwrap key %s: malformed wrapped key (%d bytes): %w", keyID, len(wrapped), ErrTampered)
+	}
+	aead, err := newGCM(recoveryKey)
+	if err != nil {
+		return nil, fmt.Errorf("seal: unwrap key %s: %w", keyID, err)
+	}
+	dk, err := aead.Open(nil, wrapped[5:wrapHdr], wrapped[wrapHdr:], wrapAD(keyID))
+	if err != nil {
+		return nil, fmt.Errorf("seal: unwrap key %s with recovery key %s: %w", keyID, Fingerprint(recoveryKey), ErrTampered)
+	}
+	return dk, nil
+}
+
+func wrapAD(id KeyID) []byte {
+	ad := make([]byte, 0, 5+len(id))
+	ad = append(ad, wrapMagic...)
+	ad = append(ad, version)
+	return append(ad, id[:]...)
+}
+
+// WriteRecoveryKey stores key at path as a text file, mode 0600:
+//
+//	lifeboat-recovery-key v1
+//	fingerprint: <16 hex digits>
+//	key: <64 hex digits>
+//
+// The fingerprint catches typing mistakes when the key is restored from
+// paper. An existing file is never overwritten: replacing a recovery key
+// would make every key wrapped with the old one unrecoverable.
+func WriteRecoveryKey(path string, key []byte) (err error) {
+	if len(key) != KeySize {
+		return fmt.Errorf("seal: recovery key has %d bytes, want %d", len(key), KeySize)
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return fmt.Errorf("seal: create recovery key file: %w", err)
+	}
+	defer func() {
+		if cerr := f.Close(); err == nil && cerr != nil {
+			err = fmt.Errorf("seal: write recovery key file %s: %w", path, cerr)
+		}
+		if err != nil {
+			os.Remove(path)
+		}
+	}()
+	text := fmt.Sprintf("%s\nfingerprint: %s\nkey: %s\n", recoveryHeader, Fingerprint(key), hex.EncodeToString(key))
+	if _, err := f.WriteString(text); err != nil {
+		return fmt.Errorf("seal: write recovery key file %s: %w", path, err)
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("seal: sync recovery key file %s: %w", path, err)
+	}
+	return nil
+}
+
+// LoadRecoveryKey reads a file written by WriteRecoveryKey. It refuses a
+// file that group or others can access, and one whose fingerprint does not
+// match its key. Errors never contain key material.
+func LoadRecoveryKey(path string) ([]byte, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return nil, fmt.Errorf("seal: recovery key: %w", err)
+	}
+	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
+		return nil, fmt.Errorf("seal: recovery key file %s has mode %#o, accessible by others; run chmod 600 on it", path, perm)
+	}
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("seal: recovery key: %w", err)
+	}
+	key, err := parseRecoveryKey(raw)
+	if err != nil {
+		return nil, fmt.Errorf("seal: recovery key file %s: %w", path, err)
+	}
+	return key, nil
+}
+
+func parseRecoveryKey(raw []byte) ([]byte, error) {
+	sc := bufio.NewScanner(bytes.NewReader(raw))
+	var lines []string
+	for sc.Scan() {
+		if l := strings.TrimSpace(sc.Text()); l != "" {
+			lines = append(lines, l)
+		}
+	}
+	if len(lines) != 3 || lines[0] != recoveryHeader {
+		return nil, fmt.Errorf("not a %q file", recoveryHeader)
+	}
+	fp, ok1 := strings.CutPrefix(lines[1], "fingerprint:")
+	kh, ok2 := strings.CutPrefix(lines[2], "key:")
+	if !ok1 || !ok2 {
+		return nil, errors.New("want lines \"fingerprint: ...\" and \"key: ...\"")
+	}
+	key, err := hex.DecodeString(strings.TrimSpace(kh))
+	if err != nil || len(key) != KeySize {
+		// Don't echo the line: it may be an almost-correct key.
+		return nil, fmt.Errorf("key line is not %d hex digits", 2*KeySize)
+	}
+	if got, want := Fingerprint(key), strings.TrimSpace(fp); got != want {
+		return nil, fmt.Errorf("key does not match fingerprint %s (typo?)", want)
+	}
+	return key, nil
+}

@@ -1,0 +1,60 @@
+// Package testenv gates tests on the privileges and host facilities they
+// need (root, BTF, external tools).
+//
+// The rule is the same for every check: when the requirement is missing the
+// test is skipped with a message saying why, unless the environment variable
+// CI is "true". In CI a missing requirement is a failure, so that a
+// misconfigured runner cannot silently turn the privileged tests into skips.
+package testenv
+
+import (
+	"fmt"
+	"os"
+	"os/exec"
+	"testing"
+)
+
+// BTFPath is where the kernel exposes its own BTF type information.
+const BTFPath = "/sys/kernel/btf/vmlinux"
+
+// InCI reports whether the tests run in CI (CI=true), where missing
+// requirements fail instead of skip.
+func InCI() bool { return os.Getenv("CI") == "true" }
+
+// RequireRoot skips t (or fails it when InCI) unless the effective uid is 0.
+func RequireRoot(t testing.TB) {
+	t.Helper()
+	if euid := os.Geteuid(); euid != 0 {
+		unmet(t, fmt.Sprintf("test requires root (euid is %d)", euid))
+	}
+}
+
+// RequireBTF skips t (or fails it when InCI) unless the running kernel
+// exposes BTF at BTFPath.
+func RequireBTF(t testing.TB) {
+	t.Helper()
+	if _, err := os.Stat(BTFPath); err != nil {
+		unmet(t, fmt.Sprintf("test requires kernel BTF (%v)", err))
+	}
+}
+
+// RequireTool skips t (or fails it when InCI) unless the executable name is
+// found in $PATH. It returns the tool's full path.
+func RequireTool(t testing.TB, name string) string {
+	t.Helper()
+	path, err := exec.LookPath(name)
+	if err != nil {
+		unmet(t, fmt.Sprintf("test requires the %q tool (%v)", name, err))
+	}
+	return path
+}
+
+// unmet ends the test: Skip normally, Fatal in CI. Both stop the calling
+// test goroutine, so callers need no return after it.
+func unmet(t testing.TB, why string) {
+	t.Helper()
+	if InCI() {
+		t.Fatalf("%s; CI=true so this must run", why)
+	}
+	t.Skipf("%s; skipping (with CI=true this would fail)", why)
+}

@@ -1,0 +1,816 @@
+// Package cache is the process server's durable segment journal: change
+// stream segments are made durable here before the agent is acked, and are
+// read back for compression, encryption and upload.
+//
+// Each segment is erasure coded (Reed-Solomon) into k data and m parity
+// shards, one shard per cache directory, so k+m equals the number of
+// directories and any m directories (cache disks) can be lost or corrupted
+// without losing a segment. Every shard carries CRC32C checksums of its
+// header and data; a shard that fails them is treated as missing, so Get
+// returns the original bytes or an error, never wrong data.
+//
+// On disk, directory i holds shard i of every segment as
+// <dir>/<stream>/<segment as 16 hex digits>.shard, plus a marker file
+// naming the cache and the directory's position, so a reordered or foreign
+// directory is refused and a wiped one is recognised and rebuilt by Scrub.
+//
+// A Cache is safe for concurrent use. Operations on the same segment are
+// serialised; operations on distinct segments run in parallel, and the
+// shards of one segment are written and read in parallel across disks.
+// One process must own a set of directories at a time.
+package cache
+
+import (
+	"cmp"
+	"errors"
+	"fmt"
+	"hash/maphash"
+	"io/fs"
+	"log/slog"
+	"maps"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/klauspost/reedsolomon"
+)
+
+// Log attribute keys.
+const (
+	logDir    = "dir"
+	logStream = "stream"
+	logSeq    = "seq"
+	logShard  = "shard"
+	logErr    = "err"
+)
+
+const (
+	shardExt = ".shard"
+	tmpInfix = ".tmp-"
+
+	// DefaultMaxSegmentSize is Options.MaxSegmentSize when unset.
+	DefaultMaxSegmentSize = 64 << 20
+
+	maxDirs      = 64
+	maxStreamLen = 128
+)
+
+var (
+	// ErrNotFound is returned when no directory holds a shard of the segment.
+	ErrNotFound = errors.New("segment not in cache")
+
+	// ErrUnrecoverable is returned when some shards of the segment exist but
+	// more than m are missing or corrupt, so it cannot be reconstructed.
+	ErrUnrecoverable = errors.New("segment unrecoverable: too many shards missing or corrupt")
+)
+
+// SegmentID names a segment: the stream (one per protected machine) and the
+// segment's sequence number in it.
+type SegmentID struct {
+	Stream string
+	Seq    uint64
+}
+
+func (id SegmentID) String() string { return id.Stream + "/" + strconv.FormatUint(id.Seq, 10) }
+
+// Options tune Open. The zero value is valid.
+type Options struct {
+	// DataShards (k) and ParityShards (m) set the erasure code; k+m must be
+	// the number of directories and m >= 1 when there are two or more.
+	// Both zero picks DefaultGeometry. Segments keep the geometry they were
+	// written with, so changing it affects only new segments.
+	DataShards, ParityShards int
+
+	// WriteQuorum is how many shards Put must make durable before it
+	// returns nil; 0 means all k+m. A lower value (at least k, or k+1 when
+	// m >= 1) keeps the server accepting data with one cache disk failed,
+	// at the price of reduced redundancy until Scrub runs.
+	WriteQuorum int
+
+	// MaxSegmentSize bounds Put and what Get believes from a shard header.
+	// 0 means DefaultMaxSegmentSize.
+	MaxSegmentSize int
+
+	// FS replaces the file system, for fault injection. nil means OSFS.
+	FS FS
+
+	// Logger receives warnings about degraded directories. nil discards.
+	Logger *slog.Logger
+}
+
+// DefaultGeometry returns the erasure code used for n directories when
+// Options leaves it unset: 1 -> 1+0, 2 -> 1+1, 3 -> 2+1, 4 -> 2+2 and
+// n >= 5 -> (n-2)+2. Two parity shards from four disks on tolerate a disk
+// failure during the rebuild of another.
+func DefaultGeometry(n int) (k, m int) {
+	switch {
+	case n <= 1:
+		return 1, 0
+	case n == 2:
+		return 1, 1
+	case n == 3:
+		return 2, 1
+	default:
+		return n - 2, 2
+	}
+}
+
+// Cache is an erasure-coded segment store over several directories.
+type Cache struct {
+	dirs     []string
+	k, m     int
+	quorum   int
+	maxSeg   int
+	fs       FS
+	log      *slog.Logger
+	replaced []string
+
+	enc     reedsolomon.Encoder // for (k, m); nil when m == 0
+	encMu   sync.Mutex
+	encs    map[[2]uint8]reedsolomon.Encoder // other geometries found on disk
+	lastGen atomic.Uint64
+	locks   [64]sync.Mutex
+	seed    maphash.Seed
+	bufs    sync.Pool // *[]byte holding all shards of one Put
+
+	streamMu   sync.Mutex
+	streamDirs map[string]bool // "<slot>/<stream>" known to exist durably
+}
+
+// Open opens (creating if needed) a cache over dirs. Each directory must be
+// on its own disk for the redundancy to mean anything.
+//
+// Directories that belong to the cache carry a marker. Open refuses
+// directories from another cache, or listed in another order or number
+// than when the cache was created. A directory without a marker while
+// others have one was wiped or replaced: Open adopts it, logs a warning and
+// lists it in Replaced; its shards are rebuilt by Scrub, and until then
+// reads reconstruct from the other directories.
+func Open(dirs []string, opts Options) (*Cache, error) {
+	n := len(dirs)
+	if n == 0 || n > maxDirs {
+		return nil, fmt.Errorf("cache: need 1 to %d directories, got %d", maxDirs, n)
+	}
+	k, m := opts.DataShards, opts.ParityShards
+	if k == 0 && m == 0 {
+		k, m = DefaultGeometry(n)
+	}
+	switch {
+	case k < 1 || m < 0 || k+m != n:
+		return nil, fmt.Errorf("cache: %d data + %d parity shards do not match %d directories", k, m, n)
+	case n >= 2 && m < 1:
+		return nil, fmt.Errorf("cache: %d directories need at least 1 parity shard", n)
+	}
+	quorum := opts.WriteQuorum
+	minQuorum := k
+	if m > 0 {
+		minQuorum = k + 1
+	}
+	if quorum == 0 {
+		quorum = n
+	} else if quorum < minQuorum || quorum > n {
+		return nil, fmt.Errorf("cache: write quorum %d outside [%d, %d]", quorum, minQuorum, n)
+	}
+	c := &Cache{
+		k: k, m: m, quorum: quorum,
+		maxSeg:     cmp.Or(opts.MaxSegmentSize, DefaultMaxSegmentSize),
+		fs:         cmp.Or[FS](opts.FS, OSFS{}),
+		log:        opts.Logger,
+		encs:       make(map[[2]uint8]reedsolomon.Encoder),
+		seed:       maphash.MakeSeed(),
+		streamDirs: make(map[string]bool),
+	}
+	if c.log == nil {
+		c.log = slog.New(slog.DiscardHandler)
+	}
+	seen := make(map[string]bool)
+	for _, d := range dirs {
+		abs, err := filepath.Abs(d)
+		if err != nil {
+			return nil, fmt.Errorf("cache: directory %q: %w", d, err)
+		}
+		if seen[abs] {
+			return nil, fmt.Errorf("cache: directory %s listed twice", abs)
+		}
+		seen[abs] = true
+		c.dirs = append(c.dirs, abs)
+	}
+	if m > 0 {
+		enc, err := c.encoder(uint8(k), uint8(m))
+		if err != nil {
+			return nil, err
+		}
+		c.enc = enc
+	}
+	if err := c.checkMarkers(); err != nil {
+		return nil, err
+	}
+	c.removeTemps()
+	return c, nil
+}
+
+// Dirs returns the cache directories, in shard order.
+func (c *Cache) Dirs() []string { return slices.Clone(c.dirs) }
+
+// Geometry returns the erasure code used for new segments.
+func (c *Cache) Geometry() (k, m int) { return c.k, c.m }
+
+// Replaced returns the directories Open found wiped or replaced. Run Scrub
+// to restore their shards.
+func (c *Cache) Replaced() []string { return slices.Clone(c.replaced) }
+
+func (c *Cache) encoder(k, m uint8) (reedsolomon.Encoder, error) {
+	c.encMu.Lock()
+	defer c.encMu.Unlock()
+	key := [2]uint8{k, m}
+	if e, ok := c.encs[key]; ok {
+		return e, nil
+	}
+	e, err := reedsolomon.New(int(k), int(m))
+	if err != nil {
+		return nil, fmt.Errorf("cache: reed-solomon %d+%d: %w", k, m, err)
+	}
+	c.encs[key] = e
+	return e, nil
+}
+
+// lock serialises operations on one segment.
+func (c *Cache) lock(id SegmentID) *sync.Mutex {
+	var h maphash.Hash
+	h.SetSeed(c.seed)
+	h.WriteString(id.Stream)
+	h.WriteByte(0)
+	h.WriteString(strconv.FormatUint(id.Seq, 16))
+	return &c.locks[h.Sum64()%uint64(len(c.locks))]
+}
+
+// nextGen returns a generation larger than any this process handed out,
+// close to wall-clock nanoseconds so that it also grows across restarts.
+func (c *Cache) nextGen() uint64 {
+	for {
+		old := c.lastGen.Load()
+		g := max(old+1, uint64(time.Now().UnixNano()))
+		if c.lastGen.CompareAndSwap(old, g) {
+			return g
+		}
+	}
+}
+
+func validStream(s string) error {
+	if s == "" || len(s) > maxStreamLen || s[0] == '.' {
+		return fmt.Errorf("cache: invalid stream name %q: want 1-%d characters, not starting with '.'", s, maxStreamLen)
+	}
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.') {
+			return fmt.Errorf("cache: invalid stream name %q: only letters, digits, '-', '_' and '.' are allowed", s)
+		}
+	}
+	return nil
+}
+
+func segName(seq uint64) string {
+	return fmt.Sprintf("%016x%s", seq, shardExt)
+}
+
+func (c *Cache) shardPath(slot int, id SegmentID) string {
+	return filepath.Join(c.dirs[slot], id.Stream, segName(id.Seq))
+}
+
+// Put stores data as segment id, replacing any previous content. When Put
+// returns nil, at least WriteQuorum shards (by default all) are written,
+// fsync'd, renamed into place and their directories fsync'd: the segment
+// survives a crash and the loss of any m directories (fewer when the quorum
+// was lower than k+m and a shard failed). On error nothing is promised: the
+// caller must not ack, and a later Get may return either the old or the
+// new content, never a mix.
+//
+// data is not retained.
+func (c *Cache) Put(id SegmentID, data []byte) error {
+	if err := validStream(id.Stream); err != nil {
+		return err
+	}
+	if len(data) == 0 || len(data) > c.maxSeg {
+		return fmt.Errorf("cache: put %s: segment of %d bytes, want 1 to %d", id, len(data), c.maxSeg)
+	}
+	mu := c.lock(id)
+	mu.Lock()
+	defer mu.Unlock()
+
+	n := c.k + c.m
+	shardLen := (len(data) + c.k - 1) / c.k
+	bp := c.getBuf(n * shardLen)
+	defer c.bufs.Put(bp)
+	buf := (*bp)[:n*shardLen]
+	copy(buf, data)
+	clear(buf[len(data) : c.k*shardLen]) // padding of the last data shard
+	shards := make([][]byte, n)
+	for i := range shards {
+		shards[i] = buf[i*shardLen : (i+1)*shardLen : (i+1)*shardLen]
+	}
+	if c.enc != nil {
+		if err := c.enc.Encode(shards); err != nil {
+			return fmt.Errorf("cache: put %s: encode: %w", id, err)
+		}
+	}
+	h := shardHeader{
+		k: uint8(c.k), m: uint8(c.m), seq: id.Seq, gen: c.nextGen(),
+		segLen: uint64(len(data)), shardLen: uint32(shardLen),
+		segCRC: crc(data), stream: id.Stream,
+	}
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() { errs[i] = c.writeShard(i, id, h, shards[i]) })
+	}
+	wg.Wait()
+
+	var failed []error
+	for i, err := range errs {
+		if err != nil {
+			failed = append(failed, fmt.Errorf("shard %d in %s: %w", i, c.dirs[i], err))
+		}
+	}
+	if ok := n - len(failed); ok < c.quorum {
+		return fmt.Errorf("cache: put %s: %d of %d shards durable, need %d: %w", id, ok, n, c.quorum, errors.Join(failed...))
+	}
+	for i, err := range errs {
+		if err != nil {
+			c.log.Warn("cache: shard write failed, segment stored with reduced redundancy",
+				logStream, id.Stream, logSeq, id.Seq, logShard, i, logDir, c.dirs[i], logErr, err)
+		}
+	}
+	return nil
+}
+
+func (c *Cache) getBuf(n int) *[]byte {
+	if p, ok := c.bufs.Get().(*[]byte); ok && cap(*p) >= n {
+		return p
+	}
+	b := make([]byte, n)
+	return &b
+}
+
+// writeShard durably writes one shard file: temp file, write, fsync,
+// rename, fsync of the directory. h.index and h.shardCRC are filled here.
+func (c *Cache) writeShard(slot int, id SegmentID, h shardHeader, data []byte) error {
+	h.index = uint8(slot)
+	h.shardCRC = crc(data)
+	hdr := h.appendTo(make([]byte, 0, h.size()))
+	final := c.shardPath(slot, id)
+	tmp := final + tmpInfix + strconv.FormatUint(h.gen, 16)
+
+	if err := c.ensureStreamDir(slot, id.Stream); err != nil {
+		return err
+	}
+	f, err := c.fs.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o640)
+	if errors.Is(err, fs.ErrNotExist) {
+		// The directory vanished under us (disk wiped or replaced while
+		// running): forget it and recreate once.
+		c.forgetStreamDir(slot, id.Stream)
+		if err = c.ensureStreamDir(slot, id.Stream); err != nil {
+			return err
+		}
+		f, err = c.fs.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o640)
+	}
+	if err != nil {
+		return err
+	}
+	if err = writeAll(f, hdr, data); err != nil {
+		err = fmt.Errorf("write shard: %w", err)
+	} else if err = f.Sync(); err != nil {
+		err = fmt.Errorf("fsync shard: %w", err)
+	}
+	if cerr := f.Close(); err == nil && cerr != nil {
+		err = fmt.Errorf("close shard: %w", cerr)
+	}
+	if err == nil {
+		err = c.fs.Rename(tmp, final)
+	}
+	if err != nil {
+		// After a failed write or fsync the file's content is unknown; it
+		// must never be renamed into place.
+		c.fs.Remove(tmp)
+		return err
+	}
+	return c.syncDir(filepath.Dir(final))
+}
+
+func writeAll(f File, parts ...[]byte) error {
+	for _, p := range parts {
+		n, err := f.Write(p)
+		if err == nil && n != len(p) {
+			err = fmt.Errorf("short write: %d of %d bytes", n, len(p))
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (c *Cache) syncDir(dir string) error {
+	d, err := c.fs.OpenFile(dir, os.O_RDONLY, 0)
+	if err != nil {
+		return err
+	}
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("fsync directory %s: %w", dir, err)
+	}
+	return nil
+}
+
+// ensureStreamDir creates <dir>/<stream> and makes its entry durable.
+func (c *Cache) ensureStreamDir(slot int, stream string) error {
+	key := strconv.Itoa(slot) + "/" + stream
+	c.streamMu.Lock()
+	known := c.streamDirs[key]
+	c.streamMu.Unlock()
+	if known {
+		return nil
+	}
+	if err := c.fs.MkdirAll(filepath.Join(c.dirs[slot], stream), 0o750); err != nil {
+		return err
+	}
+	if err := c.syncDir(c.dirs[slot]); err != nil {
+		return err
+	}
+	c.streamMu.Lock()
+	c.streamDirs[key] = true
+	c.streamMu.Unlock()
+	return nil
+}
+
+func (c *Cache) forgetStreamDir(slot int, stream string) {
+	c.streamMu.Lock()
+	delete(c.streamDirs, strconv.Itoa(slot)+"/"+stream)
+	c.streamMu.Unlock()
+}
+
+// slotRead is what one directory holds for a segment.
+type slotRead struct {
+	hdr  shardHeader
+	data []byte
+	err  error // nil: valid shard; wraps fs.ErrNotExist: missing
+}
+
+func (c *Cache) readShards(id SegmentID) []slotRead {
+	reads := make([]slotRead, len(c.dirs))
+	var wg sync.WaitGroup
+	for i := range c.dirs {
+		wg.Go(func() {
+			r := &reads[i]
+			file, err := c.fs.ReadFile(c.shardPath(i, id))
+			if err != nil {
+				r.err = err
+				return
+			}
+			r.hdr, r.data, r.err = parseShard(file, id.Stream, id.Seq, i, uint64(c.maxSeg))
+		})
+	}
+	wg.Wait()
+	return reads
+}
+
+// version identifies the shards of one Put.
+type version struct {
+	gen, segLen uint64
+	k, m        uint8
+	segCRC      uint32
+}
+
+// decoded is a segment reconstructed from one version's shards.
+type decoded struct {
+	v      version
+	shards [][]byte // all k+m when full reconstruction was asked for
+	have   []bool   // slots that held a valid shard of v
+}
+
+// decode reconstructs the newest version of the segment that has enough
+// valid shards and whose reassembled bytes match the segment checksum.
+// With full set it also rebuilds the parity shards (for Repair).
+func (c *Cache) decode(id SegmentID, reads []slotRead, full bool) (*decoded, []byte, error) {
+	counts := make(map[version]int)
+	present := false
+	for _, r := range reads {
+		if r.err == nil {
+			counts[version{r.hdr.gen, r.hdr.segLen, r.hdr.k, r.hdr.m, r.hdr.segCRC}]++
+		}
+		present = present || !errors.Is(r.err, fs.ErrNotExist)
+	}
+	if !present {
+		return nil, nil, fmt.Errorf("cache: %s: %w", id, ErrNotFound)
+	}
+	versions := slices.SortedFunc(maps.Keys(counts), func(a, b version) int { return cmp.Compare(b.gen, a.gen) })
+
+	var problems []string
+	for _, v := range versions {
+		if counts[v] < int(v.k) {
+			continue
+		}
+		if int(v.k)+int(v.m) != len(reads) {
+			problems = append(problems, fmt.Sprintf("shards written for %d+%d directories", v.k, v.m))
+			continue
+		}
+		d := &decoded{v: v, shards: make([][]byte, len(reads)), have: make([]bool, len(reads))}
+		for i, r := range reads {
+			if r.err == nil && r.hdr.gen == v.gen {
+				d.shards[i], d.have[i] = r.data, true
+			}
+		}
+		if v.m > 0 {
+			enc, err := c.encoder(v.k, v.m)
+			if err != nil {
+				return nil, nil, err
+			}
+			if full {
+				err = enc.Reconstruct(d.shards)
+			} else {
+				err = enc.ReconstructData(d.shards)
+			}
+			if err != nil {
+				problems = append(problems, fmt.Sprintf("reconstruct: %v", err))
+				continue
+			}
+		}
+		seg := make([]byte, 0, v.segLen)
+		for _, s := range d.shards[:v.k] {
+			seg = append(seg, s[:min(len(s), int(v.segLen)-len(seg))]...)
+		}
+		if crc(seg) != v.segCRC {
+			// Every shard passed its own checksum, so this takes two
+			// colliding faults or a bug; refuse rather than guess.
+			problems = append(problems, "reassembled segment fails its checksum")
+			continue
+		}
+		return d, seg, nil
+	}
+	return nil, nil, fmt.Errorf("cache: %s: %w (need %d of %d valid shards): %s",
+		id, ErrUnrecoverable, c.k, len(reads), describe(c.dirs, reads, problems))
+}
+
+// describe explains, per directory, why a segment could not be read.
+func describe(dirs []string, reads []slotRead, problems []string) string {
+	var b strings.Builder
+	for i, r := range reads {
+		if i > 0 {
+			b.WriteString("; ")
+		}
+		switch {
+		case r.err == nil:
+			fmt.Fprintf(&b, "%s: ok (generation %d)", dirs[i], r.hdr.gen)
+		case errors.Is(r.err, fs.ErrNotExist):
+			fmt.Fprintf(&b, "%s: missing", dirs[i])
+		default:
+			fmt.Fprintf(&b, "%s: %v", dirs[i], r.err)
+		}
+	}
+	for _, p := range problems {
+		b.WriteString("; ")
+		b.WriteString(p)
+	}
+	return b.String()
+}
+
+// Get returns the content of segment id. Missing or corrupt shards are
+// treated as erasures and reconstructed from the others; the result is
+// checked against the checksum of the whole segment. It returns an error
+// wrapping ErrNotFound if no directory has the segment, and ErrUnrecoverable
+// if more than m shards are lost. The returned slice is owned by the caller.
+func (c *Cache) Get(id SegmentID) ([]byte, error) {
+	if err := validStream(id.Stream); err != nil {
+		return nil, err
+	}
+	_, seg, err := c.decode(id, c.readShards(id), false)
+	return seg, err
+}
+
+// Repair rewrites the shards of segment id that are missing, corrupt or
+// left over from an older write, and reports how many it rewrote. It fails
+// like Get when the segment cannot be reconstructed.
+func (c *Cache) Repair(id SegmentID) (int, error) {
+	if err := validStream(id.Stream); err != nil {
+		return 0, err
+	}
+	mu := c.lock(id)
+	mu.Lock()
+	defer mu.Unlock()
+
+	reads := c.readShards(id)
+	d, _, err := c.decode(id, reads, true)
+	if err != nil {
+		return 0, err
+	}
+	h := shardHeader{
+		k: d.v.k, m: d.v.m, seq: id.Seq, gen: d.v.gen, segLen: d.v.segLen,
+		shardLen: uint32(len(d.shards[0])), segCRC: d.v.segCRC, stream: id.Stream,
+	}
+	repaired := 0
+	var errs []error
+	for i, ok := range d.have {
+		if ok {
+			continue
+		}
+		if err := c.writeShard(i, id, h, d.shards[i]); err != nil {
+			errs = append(errs, fmt.Errorf("shard %d in %s: %w", i, c.dirs[i], err))
+			continue
+		}
+		repaired++
+		c.log.Info("cache: shard rebuilt", logStream, id.Stream, logSeq, id.Seq, logShard, i, logDir, c.dirs[i])
+	}
+	if len(errs) > 0 {
+		return repaired, fmt.Errorf("cache: repair %s: %w", id, errors.Join(errs...))
+	}
+	return repaired, nil
+}
+
+// Delete removes every shard of segment id. Deleting a segment that is not
+// in the cache is not an error, so a failed Delete can simply be retried.
+func (c *Cache) Delete(id SegmentID) error {
+	if err := validStream(id.Stream); err != nil {
+		return err
+	}
+	mu := c.lock(id)
+	mu.Lock()
+	defer mu.Unlock()
+
+	errs := make([]error, len(c.dirs))
+	var wg sync.WaitGroup
+	for i := range c.dirs {
+		wg.Go(func() {
+			p := c.shardPath(i, id)
+			err := c.fs.Remove(p)
+			if errors.Is(err, fs.ErrNotExist) {
+				return
+			}
+			if err == nil {
+				err = c.syncDir(filepath.Dir(p))
+			}
+			if err != nil {
+				errs[i] = fmt.Errorf("shard %d in %s: %w", i, c.dirs[i], err)
+			}
+		})
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("cache: delete %s: %w", id, err)
+	}
+	return nil
+}
+
+// List returns the segments of stream present in any directory, in
+// ascending order. A segment is listed as long as one shard of it exists,
+// even if it can no longer be read. Directories that cannot be listed are
+// skipped with a warning; List fails only if none can be.
+func (c *Cache) List(stream string) ([]SegmentID, error) {
+	if err := validStream(stream); err != nil {
+		return nil, err
+	}
+	seqs := make(map[uint64]struct{})
+	err := c.eachDir(stream, func(name string, isDir bool) {
+		if isDir {
+			return
+		}
+		hexSeq, ok := strings.CutSuffix(name, shardExt)
+		if !ok || len(hexSeq) != 16 {
+			return
+		}
+		if seq, err := strconv.ParseUint(hexSeq, 16, 64); err == nil {
+			seqs[seq] = struct{}{}
+		}
+	})
+	if err != nil {
+		return nil, fmt.Errorf("cache: list %s: %w", stream, err)
+	}
+	ids := make([]SegmentID, 0, len(seqs))
+	for _, s := range slices.Sorted(maps.Keys(seqs)) {
+		ids = append(ids, SegmentID{Stream: stream, Seq: s})
+	}
+	return ids, nil
+}
+
+// Streams returns the names of the streams present in any directory, sorted.
+func (c *Cache) Streams() ([]string, error) {
+	set := make(map[string]struct{})
+	err := c.eachDir("", func(name string, isDir bool) {
+		if isDir && validStream(name) == nil {
+			set[name] = struct{}{}
+		}
+	})
+	if err != nil {
+		return nil, fmt.Errorf("cache: list streams: %w", err)
+	}
+	return slices.Sorted(maps.Keys(set)), nil
+}
+
+// eachDir calls fn for every entry of sub in every directory. A missing sub
+// directory is empty; other errors skip that directory with a warning, and
+// are returned only if every directory failed.
+func (c *Cache) eachDir(sub string, fn func(name string, isDir bool)) error {
+	var errs []error
+	for _, d := range c.dirs {
+		entries, err := c.fs.ReadDir(filepath.Join(d, sub))
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			c.log.Warn("cache: cannot list directory", logDir, d, logErr, err)
+			errs = append(errs, err)
+			continue
+		}
+		for _, e := range entries {
+			fn(e.Name(), e.IsDir())
+		}
+	}
+	if len(errs) == len(c.dirs) {
+		return errors.Join(errs...)
+	}
+	return nil
+}
+
+// ScrubReport summarises a Scrub.
+type ScrubReport struct {
+	Segments       int         // segments examined
+	RepairedShards int         // shard files rewritten
+	Lost           []SegmentID // segments that could not be reconstructed
+	Failed         []SegmentID // segments whose repair hit I/O errors
+}
+
+// Scrub reads every segment, verifying every shard, and rewrites missing
+// or corrupt shards (after a cache disk was replaced, or bit rot). It
+// continues past bad segments and returns an error when any segment is
+// lost or could not be fully repaired; the report says which.
+func (c *Cache) Scrub() (ScrubReport, error) {
+	var rep ScrubReport
+	streams, err := c.Streams()
+	if err != nil {
+		return rep, err
+	}
+	var errs []error
+	for _, s := range streams {
+		ids, err := c.List(s)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		for _, id := range ids {
+			rep.Segments++
+			n, err := c.Repair(id)
+			rep.RepairedShards += n
+			switch {
+			case errors.Is(err, ErrNotFound):
+				rep.Segments-- // deleted since List
+			case errors.Is(err, ErrUnrecoverable):
+				rep.Lost = append(rep.Lost, id)
+				c.log.Error("cache: segment lost", logStream, id.Stream, logSeq, id.Seq, logErr, err)
+			case err != nil:
+				rep.Failed = append(rep.Failed, id)
+				errs = append(errs, err)
+			}
+		}
+	}
+	if len(rep.Lost) > 0 {
+		errs = append(errs, fmt.Errorf("%w: %d segments, first %s", ErrUnrecoverable, len(rep.Lost), rep.Lost[0]))
+	}
+	if len(errs) > 0 {
+		return rep, fmt.Errorf("cache: scrub: %w", errors.Join(errs...))
+	}
+	return rep, nil
+}
+
+// DirUsage is the space on the file system holding one cache directory.
+// The figures are for the whole file system (statfs): cache disks are
+// expected to be dedicated.
+type DirUsage struct {
+	Dir          string
+	Total        uint64  // bytes
+	Used         uint64  // bytes in use
+	Free         uint64  // bytes available to the cache (excludes root's reserve)
+	FreeFraction float64 // Free / Total, for "cache disk nearly full" alerts
+}
+
+// Usage reports space per directory, in shard order. It fails if any
+// directory cannot be examined: that is itself an alert.
+func (c *Cache) Usage() ([]DirUsage, error) {
+	out := make([]DirUsage, len(c.dirs))
+	for i, d := range c.dirs {
+		st, err := c.fs.Statfs(d)
+		if err != nil {
+			return nil, fmt.Errorf("cache: usage of %s: %w", d, err)
+		}
+		u := DirUsage{Dir: d, Total: st.Total, Used: st.Total - st.Free, Free: st.Avail}
+		if st.Total > 0 {
+			u.FreeFraction = float64(st.Avail) / float64(st.Total)
+		}
+		out[i] = u
+	}
+	return out, nil
+}

@@ -1,0 +1,675 @@
+package cache
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io/fs"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+)
+
+func tempDirs(t testing.TB, n int) []string {
+	t.Helper()
+	root := t.TempDir()
+	dirs := make([]string, n)
+	for i := range dirs {
+		dirs[i] = filepath.Join(root, fmt.Sprintf("disk%d", i))
+	}
+	return dirs
+}
+
+func open(t testing.TB, dirs []string, opts Options) *Cache {
+	t.Helper()
+	c, err := Open(dirs, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func payload(n int, seed uint64) []byte {
+	b := make([]byte, n)
+	r := rand.New(rand.NewPCG(seed, 7))
+	for i := range b {
+		b[i] = byte(r.Uint32())
+	}
+	return b
+}
+
+func mustGet(t *testing.T, c *Cache, id SegmentID, want []byte) {
+	t.Helper()
+	got, err := c.Get(id)
+	if err != nil {
+		t.Fatalf("get %s: %v", id, err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatalf("get %s: %d bytes differ from the %d put", id, len(got), len(want))
+	}
+}
+
+// wipe deletes everything in dir, as when a failed cache disk is replaced
+// by an empty one.
+func wipe(t *testing.T, dir string) {
+	t.Helper()
+	if err := os.RemoveAll(dir); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(dir, 0o750); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestGeometry(t *testing.T) {
+	for n, want := range map[int][2]int{1: {1, 0}, 2: {1, 1}, 3: {2, 1}, 4: {2, 2}, 6: {4, 2}} {
+		c := open(t, tempDirs(t, n), Options{})
+		if k, m := c.Geometry(); k != want[0] || m != want[1] {
+			t.Errorf("%d dirs: %d+%d, want %d+%d", n, k, m, want[0], want[1])
+		}
+	}
+	bad := []struct {
+		n int
+		o Options
+	}{
+		{4, Options{DataShards: 4, ParityShards: 0}}, // no parity with several dirs
+		{4, Options{DataShards: 2, ParityShards: 1}}, // does not add up
+		{4, Options{DataShards: 3, ParityShards: 1, WriteQuorum: 3}},
+		{0, Options{}},
+	}
+	for _, b := range bad {
+		if _, err := Open(tempDirs(t, b.n), b.o); err == nil {
+			t.Errorf("Open(%d dirs, %+v) succeeded", b.n, b.o)
+		}
+	}
+	d := tempDirs(t, 2)
+	if _, err := Open([]string{d[0], d[0]}, Options{}); err == nil {
+		t.Error("Open accepted the same directory twice")
+	}
+	c := open(t, tempDirs(t, 4), Options{DataShards: 3, ParityShards: 1})
+	if k, m := c.Geometry(); k != 3 || m != 1 {
+		t.Errorf("configured 3+1, got %d+%d", k, m)
+	}
+}
+
+func TestRoundTrip(t *testing.T) {
+	sizes := []int{1, 2, 3, 4097, 1 << 20}
+	for n := 1; n <= 5; n++ {
+		t.Run(fmt.Sprintf("%ddirs", n), func(t *testing.T) {
+			c := open(t, tempDirs(t, n), Options{})
+			for i, size := range sizes {
+				id := SegmentID{"machine-a", uint64(i)}
+				data := payload(size, uint64(i))
+				if err := c.Put(id, data); err != nil {
+					t.Fatal(err)
+				}
+				mustGet(t, c, id, data)
+			}
+		})
+	}
+}
+
+func TestPutValidates(t *testing.T) {
+	c := open(t, tempDirs(t, 2), Options{MaxSegmentSize: 1000})
+	for _, s := range []string{"", "..", "../etc", "a/b", ".hidden", strings.Repeat("x", 129), "sp ace"} {
+		if err := c.Put(SegmentID{s, 1}, []byte("x")); err == nil {
+			t.Errorf("stream %q accepted", s)
+		}
+	}
+	if err := c.Put(SegmentID{"m", 1}, nil); err == nil {
+		t.Error("empty segment accepted")
+	}
+	if err := c.Put(SegmentID{"m", 1}, make([]byte, 1001)); err == nil {
+		t.Error("oversized segment accepted")
+	}
+	if _, err := c.Get(SegmentID{"m", 1}); !errors.Is(err, ErrNotFound) {
+		t.Errorf("get of absent segment: %v, want ErrNotFound", err)
+	}
+}
+
+// The real thing: any m of 2+2 directories wiped, reopened, read back
+// byte-equal; Scrub restores full redundancy; m+1 lost gives an error.
+func TestSurvivesWipedDirectories(t *testing.T) {
+	dirs := tempDirs(t, 4)
+	c := open(t, dirs, Options{})
+	segs := map[SegmentID][]byte{}
+	for i := range 6 {
+		id := SegmentID{fmt.Sprintf("machine-%d", i%2), uint64(i)}
+		segs[id] = payload(100_000+i*333, uint64(i))
+		if err := c.Put(id, segs[id]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for a := range 4 {
+		for b := a + 1; b < 4; b++ {
+			wipe(t, dirs[a])
+			wipe(t, dirs[b])
+			c = open(t, dirs, Options{})
+			if got := c.Replaced(); len(got) != 2 || got[0] != dirs[a] || got[1] != dirs[b] {
+				t.Fatalf("Replaced() = %v, want %s and %s", got, dirs[a], dirs[b])
+			}
+			for id, want := range segs {
+				mustGet(t, c, id, want)
+			}
+			for _, s := range []string{"machine-0", "machine-1"} {
+				if ids, err := c.List(s); err != nil || len(ids) != 3 {
+					t.Fatalf("List(%s) = %v, %v; want 3 segments from the surviving dirs", s, ids, err)
+				}
+			}
+			rep, err := c.Scrub()
+			if err != nil || rep.Segments != 6 || rep.RepairedShards != 12 {
+				t.Fatalf("scrub after wiping %d,%d: %+v, %v", a, b, rep, err)
+			}
+			if rep, err := c.Scrub(); err != nil || rep.RepairedShards != 0 {
+				t.Fatalf("second scrub: %+v, %v", rep, err)
+			}
+		}
+	}
+	// Three of four gone: the error says so, no data.
+	for _, d := range dirs[:3] {
+		wipe(t, d)
+	}
+	c = open(t, dirs, Options{})
+	for id := range segs {
+		got, err := c.Get(id)
+		if !errors.Is(err, ErrUnrecoverable) || got != nil {
+			t.Fatalf("get with 3 of 4 dirs wiped: %d bytes, %v; want ErrUnrecoverable", len(got), err)
+		}
+		if !strings.Contains(err.Error(), "missing") {
+			t.Errorf("error does not say what is missing: %v", err)
+		}
+	}
+	rep, err := c.Scrub()
+	if !errors.Is(err, ErrUnrecoverable) || len(rep.Lost) != 6 {
+		t.Fatalf("scrub: %+v, %v; want 6 lost", rep, err)
+	}
+}
+
+// Directory content deleted while the cache is open (disk swapped under a
+// running server): reads reconstruct, writes recreate, Scrub rebuilds.
+func TestWipeWhileOpen(t *testing.T) {
+	dirs := tempDirs(t, 3)
+	c := open(t, dirs, Options{})
+	id := SegmentID{"m", 1}
+	data := payload(50_000, 1)
+	if err := c.Put(id, data); err != nil {
+		t.Fatal(err)
+	}
+	wipe(t, dirs[1])
+	mustGet(t, c, id, data)
+	id2 := SegmentID{"m", 2}
+	if err := c.Put(id2, data[:777]); err != nil {
+		t.Fatalf("put after wipe: %v", err)
+	}
+	if rep, err := c.Scrub(); err != nil || rep.RepairedShards != 1 {
+		t.Fatalf("scrub: %+v, %v", rep, err)
+	}
+	for _, d := range []string{dirs[0], dirs[2]} {
+		wipe(t, d)
+		mustGet(t, c, id, data)
+		mustGet(t, c, id2, data[:777])
+		if _, err := c.Scrub(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// Every byte of one shard file corrupted in turn (header and data): Get
+// still returns the original, and Repair rewrites exactly that shard.
+func TestEveryByteFlipInOneShard(t *testing.T) {
+	dirs := tempDirs(t, 3)
+	c := open(t, dirs, Options{})
+	id := SegmentID{"m", 9}
+	data := payload(300, 9)
+	if err := c.Put(id, data); err != nil {
+		t.Fatal(err)
+	}
+	for slot := range dirs {
+		p := c.shardPath(slot, id)
+		orig, _ := os.ReadFile(p)
+		for i := range orig {
+			bad := bytes.Clone(orig)
+			bad[i] ^= 1 << (i % 8)
+			os.WriteFile(p, bad, 0o640)
+			mustGet(t, c, id, data)
+			if n, err := c.Repair(id); err != nil || n != 1 {
+				t.Fatalf("slot %d byte %d: repair rewrote %d shards, %v; want 1", slot, i, n, err)
+			}
+			if now, _ := os.ReadFile(p); !bytes.Equal(now, orig) {
+				t.Fatalf("slot %d byte %d: repaired shard differs from the original", slot, i)
+			}
+		}
+	}
+}
+
+func TestCorruptBeyondParity(t *testing.T) {
+	dirs := tempDirs(t, 4)
+	c := open(t, dirs, Options{})
+	id := SegmentID{"m", 1}
+	data := payload(10_000, 3)
+	if err := c.Put(id, data); err != nil {
+		t.Fatal(err)
+	}
+	flip := func(slot, off int) {
+		p := c.shardPath(slot, id)
+		b, _ := os.ReadFile(p)
+		b[off] ^= 0x40
+		os.WriteFile(p, b, 0o640)
+	}
+	flip(0, 200) // data
+	flip(3, 10)  // header
+	mustGet(t, c, id, data)
+	flip(1, 4000)
+	got, err := c.Get(id)
+	if !errors.Is(err, ErrUnrecoverable) || got != nil {
+		t.Fatalf("3 of 4 shards corrupt: %d bytes, %v", len(got), err)
+	}
+	t.Logf("get error: %v", err)
+	if !strings.Contains(err.Error(), "checksum") {
+		t.Errorf("error does not name the checksum failure: %v", err)
+	}
+}
+
+// faultFS injects faults into chosen directories.
+type faultFS struct {
+	OSFS
+	mu sync.Mutex
+	// dirs are the cache directories the faults apply to.
+	dirs []string
+	// syncErr fails fsync of files, dirSyncErr of directories.
+	syncErr, dirSyncErr error
+	// writeErr fails writes after writing writeN bytes of each call.
+	writeErr error
+	writeN   int
+	// tear silently persists only the first half of each write.
+	tear bool
+	// shortWrite reports writing half of each buffer, with no error.
+	shortWrite bool
+	stat       *FSStat
+}
+
+func (f *faultFS) hit(name string) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for _, d := range f.dirs {
+		if strings.HasPrefix(name, d+string(filepath.Separator)) {
+			return true
+		}
+	}
+	return false
+}
+
+func (f *faultFS) set(fn func(f *faultFS)) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	fn(f)
+}
+
+func (f *faultFS) OpenFile(name string, flag int, perm fs.FileMode) (File, error) {
+	file, err := os.OpenFile(name, flag, perm)
+	if err != nil {
+		return nil, err
+	}
+	isDir := flag == os.O_RDONLY
+	if !f.hit(name) && !(isDir && f.hit(name+"/")) {
+		return file, nil
+	}
+	return &faultFile{File: file, fs: f, isDir: isDir}, nil
+}
+
+func (f *faultFS) Statfs(path string) (FSStat, error) {
+	f.mu.Lock()
+	st := f.stat
+	f.mu.Unlock()
+	if st != nil && f.hit(path+"/") {
+		return *st, nil
+	}
+	return f.OSFS.Statfs(path)
+}
+
+type faultFile struct {
+	*os.File
+	fs    *faultFS
+	isDir bool
+}
+
+func (f *faultFile) Write(p []byte) (int, error) {
+	f.fs.mu.Lock()
+	defer f.fs.mu.Unlock()
+	switch {
+	case f.fs.writeErr != nil:
+		n, _ := f.File.Write(p[:min(f.fs.writeN, len(p))])
+		return n, f.fs.writeErr
+	case f.fs.tear:
+		f.File.Write(p[:len(p)/2])
+		return len(p), nil
+	case f.fs.shortWrite:
+		return f.File.Write(p[:len(p)/2])
+	}
+	return f.File.Write(p)
+}
+
+func (f *faultFile) Sync() error {
+	f.fs.mu.Lock()
+	defer f.fs.mu.Unlock()
+	if err := f.fs.syncErr; err != nil && !f.isDir {
+		return err
+	}
+	if err := f.fs.dirSyncErr; err != nil && f.isDir {
+		return err
+	}
+	return f.File.Sync()
+}
+
+// noTemps fails if a temporary file was left behind.
+func noTemps(t *testing.T, dirs []string) {
+	t.Helper()
+	for _, d := range dirs {
+		filepath.WalkDir(d, func(p string, e fs.DirEntry, err error) error {
+			if err == nil && strings.Contains(e.Name(), tmpInfix) {
+				t.Errorf("temporary file left: %s", p)
+			}
+			return nil
+		})
+	}
+}
+
+func TestFaults(t *testing.T) {
+	eio := fmt.Errorf("injected: %w", syscall.EIO)
+	cases := []struct {
+		name    string
+		fault   func(f *faultFS)
+		wantErr error  // from Put with quorum = all; nil = Put succeeds
+		inMsg   string // must appear in Put's error
+		repair  int    // shards Scrub must rewrite afterwards
+	}{
+		{"fsync", func(f *faultFS) { f.syncErr = eio }, syscall.EIO, "fsync shard", 1},
+		{"dir-fsync", func(f *faultFS) { f.dirSyncErr = eio }, syscall.EIO, "fsync directory", 0},
+		{"enospc", func(f *faultFS) { f.writeErr = syscall.ENOSPC; f.writeN = 10 }, syscall.ENOSPC, "no space left", 1},
+		{"short-write", func(f *faultFS) { f.shortWrite = true }, nil, "short write", 1},
+		// A torn write that the disk claims succeeded cannot be seen by
+		// Put; the checksums catch it on read.
+		{"torn-write", func(f *faultFS) { f.tear = true }, nil, "", 1},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			dirs := tempDirs(t, 4)
+			ffs := &faultFS{}
+			c := open(t, dirs, Options{FS: ffs})
+			id := SegmentID{"m", 5}
+			old := payload(70_001, 1)
+			if err := c.Put(id, old); err != nil {
+				t.Fatal(err)
+			}
+			ffs.set(func(f *faultFS) { f.dirs = dirs[2:3]; tc.fault(f) })
+			data := payload(70_001, 2)
+			err := c.Put(id, data)
+			switch {
+			case tc.inMsg == "" && err != nil:
+				t.Fatalf("put: %v", err)
+			case tc.inMsg != "" && err == nil:
+				t.Fatal("put succeeded despite the fault")
+			case tc.wantErr != nil && !errors.Is(err, tc.wantErr):
+				t.Fatalf("put: %v, want errors.Is %v", err, tc.wantErr)
+			case tc.inMsg != "" && (!strings.Contains(err.Error(), tc.inMsg) || !strings.Contains(err.Error(), dirs[2])):
+				t.Fatalf("put error %q does not name %q and the directory", err, tc.inMsg)
+			}
+			t.Logf("put error: %v", err)
+			noTemps(t, dirs)
+
+			// Reads return one complete version, never a mix: here the
+			// new one, which has at least 3 of 4 shards.
+			got, err := c.Get(id)
+			if err != nil || !bytes.Equal(got, data) {
+				t.Fatalf("get after fault: err %v, equal to new %v, to old %v", err, bytes.Equal(got, data), bytes.Equal(got, old))
+			}
+			// Once the disk behaves, Scrub restores the shard.
+			ffs.set(func(f *faultFS) { f.dirs = nil })
+			rep, err := c.Scrub()
+			if err != nil || rep.RepairedShards != tc.repair {
+				t.Fatalf("scrub: %+v, %v; want %d shards repaired", rep, err, tc.repair)
+			}
+			wipe(t, dirs[0])
+			wipe(t, dirs[1])
+			mustGet(t, c, id, data)
+		})
+	}
+}
+
+// With a write quorum below k+m, one failing disk does not stop Puts.
+func TestWriteQuorum(t *testing.T) {
+	dirs := tempDirs(t, 4)
+	ffs := &faultFS{}
+	c := open(t, dirs, Options{FS: ffs, WriteQuorum: 3})
+	ffs.set(func(f *faultFS) { f.dirs = dirs[:1]; f.writeErr = syscall.ENOSPC })
+	id := SegmentID{"m", 1}
+	data := payload(5000, 1)
+	if err := c.Put(id, data); err != nil {
+		t.Fatalf("put with quorum 3 and one full disk: %v", err)
+	}
+	ffs.set(func(f *faultFS) { f.dirs = dirs[:2] }) // second disk fails too
+	if err := c.Put(SegmentID{"m", 2}, data); !errors.Is(err, syscall.ENOSPC) || !strings.Contains(err.Error(), "2 of 4 shards durable, need 3") {
+		t.Fatalf("put with two full disks: %v", err)
+	}
+	ffs.set(func(f *faultFS) { f.dirs = nil })
+	wipe(t, dirs[1]) // one more loss is still tolerated thanks to the quorum
+	mustGet(t, c, id, data)
+}
+
+// An overwrite that reached fewer than k directories must not be mixed
+// with the previous version's shards.
+func TestFailedOverwriteReturnsOldVersion(t *testing.T) {
+	dirs := tempDirs(t, 4)
+	c := open(t, dirs, Options{})
+	id := SegmentID{"m", 1}
+	old := payload(9000, 1)
+	if err := c.Put(id, old); err != nil {
+		t.Fatal(err)
+	}
+	// Only shard 0 of the overwrite becomes durable.
+	c2 := open(t, dirs, Options{FS: multiFault{dirs[1:]}})
+	if err := c2.Put(id, payload(9000, 2)); err == nil {
+		t.Fatal("put succeeded with 3 of 4 shards failing")
+	}
+	reads := c.readShards(id)
+	if reads[0].err != nil || reads[1].err != nil || reads[0].hdr.gen <= reads[1].hdr.gen {
+		t.Fatalf("setup: shard 0 should hold a newer version than shard 1: %+v %+v", reads[0].err, reads[1].err)
+	}
+	mustGet(t, c, id, old)
+	if n, err := c.Repair(id); err != nil || n != 1 {
+		t.Fatalf("repair: %d, %v; want the stray new shard replaced", n, err)
+	}
+	wipe(t, dirs[2])
+	wipe(t, dirs[3])
+	mustGet(t, c, id, old)
+}
+
+// multiFault fails every fsync below the given directories.
+type multiFault struct{ dirs []string }
+
+func (m multiFault) OpenFile(name string, flag int, perm fs.FileMode) (File, error) {
+	f, err := os.OpenFile(name, flag, perm)
+	if err != nil {
+		return nil, err
+	}
+	for _, d := range m.dirs {
+		if strings.HasPrefix(name, d+"/") && flag != os.O_RDONLY {
+			return &faultFile{File: f, fs: &faultFS{syncErr: syscall.EIO}}, nil
+		}
+	}
+	return f, nil
+}
+func (multiFault) ReadFile(name string) ([]byte, error)       { return os.ReadFile(name) }
+func (multiFault) ReadDir(name string) ([]fs.DirEntry, error) { return os.ReadDir(name) }
+func (multiFault) Rename(o, n string) error                   { return os.Rename(o, n) }
+func (multiFault) Remove(name string) error                   { return os.Remove(name) }
+func (multiFault) MkdirAll(p string, perm fs.FileMode) error  { return os.MkdirAll(p, perm) }
+func (multiFault) Statfs(p string) (FSStat, error)            { return OSFS{}.Statfs(p) }
+
+func TestListDeleteStreams(t *testing.T) {
+	dirs := tempDirs(t, 3)
+	c := open(t, dirs, Options{})
+	seqs := []uint64{1 << 40, 3, 0, 17, 16}
+	for _, s := range seqs {
+		if err := c.Put(SegmentID{"b", s}, []byte{byte(s)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.Put(SegmentID{"a", 1}, []byte("x"))
+	// A segment whose shard survives in one directory only is still listed.
+	os.Remove(c.shardPath(0, SegmentID{"b", 17}))
+	os.Remove(c.shardPath(1, SegmentID{"b", 17}))
+	ids, err := c.List("b")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []uint64
+	for _, id := range ids {
+		got = append(got, id.Seq)
+	}
+	if fmt.Sprint(got) != fmt.Sprint([]uint64{0, 3, 16, 17, 1 << 40}) {
+		t.Fatalf("List = %v", got)
+	}
+	if s, err := c.Streams(); err != nil || fmt.Sprint(s) != "[a b]" {
+		t.Fatalf("Streams = %v, %v", s, err)
+	}
+	for _, s := range seqs {
+		if err := c.Delete(SegmentID{"b", s}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := c.Delete(SegmentID{"b", 3}); err != nil {
+		t.Fatalf("second delete: %v", err)
+	}
+	if ids, _ := c.List("b"); len(ids) != 0 {
+		t.Fatalf("after delete: %v", ids)
+	}
+	if _, err := c.Get(SegmentID{"b", 3}); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("get after delete: %v", err)
+	}
+	if ids, err := c.List("never"); err != nil || len(ids) != 0 {
+		t.Fatalf("List of unknown stream: %v, %v", ids, err)
+	}
+}
+
+func TestOpenChecksDirectories(t *testing.T) {
+	dirs := tempDirs(t, 3)
+	c := open(t, dirs, Options{})
+	if err := c.Put(SegmentID{"m", 1}, []byte("abc")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open([]string{dirs[1], dirs[0], dirs[2]}, Options{}); err == nil || !strings.Contains(err.Error(), "original order") {
+		t.Errorf("reordered dirs: %v", err)
+	}
+	if _, err := Open(dirs[:2], Options{}); err == nil || !strings.Contains(err.Error(), "number of directories") {
+		t.Errorf("fewer dirs: %v", err)
+	}
+	other := tempDirs(t, 3)
+	open(t, other, Options{})
+	if _, err := Open([]string{dirs[0], dirs[1], other[2]}, Options{}); err == nil || !strings.Contains(err.Error(), "different caches") {
+		t.Errorf("mixed caches: %v", err)
+	}
+	// A stale temporary file from a crash is removed by Open.
+	stale := c.shardPath(1, SegmentID{"m", 2}) + tmpInfix + "123"
+	os.WriteFile(stale, []byte("partial"), 0o640)
+	c = open(t, dirs, Options{})
+	if _, err := os.Stat(stale); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("stale temp file survived Open: %v", err)
+	}
+	if len(c.Replaced()) != 0 {
+		t.Errorf("Replaced = %v on a healthy cache", c.Replaced())
+	}
+}
+
+func TestUsage(t *testing.T) {
+	dirs := tempDirs(t, 2)
+	ffs := &faultFS{}
+	c := open(t, dirs, Options{FS: ffs})
+	ffs.set(func(f *faultFS) { f.dirs = dirs[1:]; f.stat = &FSStat{Total: 1000, Free: 60, Avail: 50} })
+	u, err := c.Usage()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if u[0].Dir != dirs[0] || u[0].Total == 0 || u[0].FreeFraction <= 0 || u[0].FreeFraction > 1 || u[0].Used > u[0].Total {
+		t.Errorf("real dir usage: %+v", u[0])
+	}
+	if u[1] != (DirUsage{Dir: dirs[1], Total: 1000, Used: 940, Free: 50, FreeFraction: 0.05}) {
+		t.Errorf("nearly full dir: %+v", u[1])
+	}
+}
+
+// BenchmarkPutGet: 4 MiB segments over 4 directories (2+2), Put (with all
+// fsyncs) followed by Get. SetBytes counts the segment once.
+func BenchmarkPutGet(b *testing.B) {
+	c := open(b, tempDirs(b, 4), Options{})
+	data := payload(4<<20, 1)
+	b.SetBytes(int64(len(data)))
+	var seq uint64
+	for b.Loop() {
+		id := SegmentID{"bench", seq % 8}
+		seq++
+		if err := c.Put(id, data); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := c.Get(id); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkGetDegraded reads with two of four shards missing, the worst
+// case the cache tolerates.
+func BenchmarkGetDegraded(b *testing.B) {
+	dirs := tempDirs(b, 4)
+	c := open(b, dirs, Options{})
+	data := payload(4<<20, 1)
+	id := SegmentID{"bench", 1}
+	if err := c.Put(id, data); err != nil {
+		b.Fatal(err)
+	}
+	os.Remove(c.shardPath(0, id))
+	os.Remove(c.shardPath(1, id))
+	b.SetBytes(int64(len(data)))
+	for b.Loop() {
+		if _, err := c.Get(id); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func TestConcurrent(t *testing.T) {
+	dirs := tempDirs(t, 4)
+	c := open(t, dirs, Options{})
+	var wg sync.WaitGroup
+	for w := range 4 {
+		wg.Go(func() {
+			stream := fmt.Sprintf("m%d", w%2) // two workers share a stream
+			for i := range 8 {
+				id := SegmentID{stream, uint64(w*100 + i)}
+				data := payload(3000+i, uint64(w*100+i))
+				if err := c.Put(id, data); err != nil {
+					t.Error(err)
+					return
+				}
+				if got, err := c.Get(id); err != nil || !bytes.Equal(got, data) {
+					t.Errorf("get %s: %v", id, err)
+				}
+				if i%2 == 0 {
+					if err := c.Delete(id); err != nil {
+						t.Error(err)
+					}
+				}
+			}
+		})
+	}
+	wg.Wait()
+	for _, s := range []string{"m0", "m1"} {
+		if ids, err := c.List(s); err != nil || len(ids) != 8 {
+			t.Errorf("List(%s) = %d segments, %v; want 8", s, len(ids), err)
+		}
+	}
+}

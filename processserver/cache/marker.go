@@ -1,0 +1,162 @@
+package cache
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+)
+
+// markerName is the file in each cache directory that records which cache
+// it belongs to and its position:
+//
+//	lifeboat-cache v1
+//	cache <32 hex digits>
+//	slot <i> of <n>
+const markerName = "lifeboat-cache"
+
+type marker struct {
+	cache string
+	slot  int
+	n     int
+}
+
+func (m marker) String() string {
+	return fmt.Sprintf("lifeboat-cache v1\ncache %s\nslot %d of %d\n", m.cache, m.slot, m.n)
+}
+
+func parseMarker(b []byte) (marker, error) {
+	var m marker
+	_, err := fmt.Sscanf(string(b), "lifeboat-cache v1\ncache %s\nslot %d of %d\n", &m.cache, &m.slot, &m.n)
+	if err != nil || len(m.cache) != 32 {
+		return m, fmt.Errorf("malformed cache marker %q", strings.TrimSpace(string(b)))
+	}
+	return m, nil
+}
+
+// checkMarkers verifies that the directories form one cache in the
+// configured order, creates the directories and markers of a new cache, and
+// adopts directories that were wiped.
+func (c *Cache) checkMarkers() error {
+	n := len(c.dirs)
+	found := make([]*marker, n)
+	cacheID := ""
+	for i, d := range c.dirs {
+		if err := c.fs.MkdirAll(d, 0o750); err != nil {
+			return fmt.Errorf("cache: create directory %s: %w", d, err)
+		}
+		b, err := c.fs.ReadFile(filepath.Join(d, markerName))
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("cache: read marker of %s: %w", d, err)
+		}
+		m, err := parseMarker(b)
+		if err != nil {
+			return fmt.Errorf("cache: %s: %w", d, err)
+		}
+		switch {
+		case cacheID != "" && m.cache != cacheID:
+			return fmt.Errorf("cache: %s belongs to cache %s but %s to cache %s; directories of different caches cannot be mixed",
+				d, m.cache, c.dirs[firstMarked(found)], cacheID)
+		case m.n != n:
+			return fmt.Errorf("cache: %s was created as one of %d cache directories, now %d are configured; "+
+				"changing the number of directories needs a new cache", d, m.n, n)
+		case m.slot != i:
+			return fmt.Errorf("cache: %s holds shard %d of the cache but is configured at position %d; "+
+				"list the directories in their original order", d, m.slot, i)
+		}
+		cacheID = m.cache
+		found[i] = &m
+	}
+	if cacheID == "" {
+		var id [16]byte
+		rand.Read(id[:])
+		cacheID = hex.EncodeToString(id[:])
+	}
+	fresh := true
+	for _, m := range found {
+		fresh = fresh && m == nil
+	}
+	for i, d := range c.dirs {
+		if found[i] != nil {
+			continue
+		}
+		if !fresh {
+			c.replaced = append(c.replaced, d)
+			c.log.Warn("cache: directory has no cache marker while the others do; "+
+				"treating it as a replaced disk, run Scrub to rebuild its shards", logDir, d)
+		}
+		if err := c.writeMarker(d, marker{cache: cacheID, slot: i, n: n}); err != nil {
+			return fmt.Errorf("cache: write marker in %s: %w", d, err)
+		}
+	}
+	return nil
+}
+
+func firstMarked(found []*marker) int {
+	for i, m := range found {
+		if m != nil {
+			return i
+		}
+	}
+	return 0
+}
+
+func (c *Cache) writeMarker(dir string, m marker) error {
+	final := filepath.Join(dir, markerName)
+	tmp := final + tmpInfix + "marker"
+	f, err := c.fs.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o640)
+	if err != nil {
+		return err
+	}
+	err = writeAll(f, []byte(m.String()))
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = c.fs.Rename(tmp, final)
+	}
+	if err != nil {
+		c.fs.Remove(tmp)
+		return err
+	}
+	return c.syncDir(dir)
+}
+
+// removeTemps deletes temporary files left by writes interrupted by a
+// crash. It runs only in Open, before any write of this process can have a
+// temporary file in flight.
+func (c *Cache) removeTemps() {
+	for _, d := range c.dirs {
+		streams, err := c.fs.ReadDir(d)
+		if err != nil {
+			continue
+		}
+		for _, s := range streams {
+			if !s.IsDir() {
+				continue
+			}
+			sd := filepath.Join(d, s.Name())
+			entries, err := c.fs.ReadDir(sd)
+			if err != nil {
+				continue
+			}
+			for _, e := range entries {
+				if strings.Contains(e.Name(), tmpInfix) {
+					if err := c.fs.Remove(filepath.Join(sd, e.Name())); err != nil {
+						c.log.Warn("cache: cannot remove temporary file", logDir, sd, logErr, err)
+					}
+				}
+			}
+		}
+	}
+}

@@ -1,0 +1,127 @@
+package cache
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+)
+
+// Shard file layout (little endian):
+//
+//	 0  4  magic "LBCS"
+//	 4  1  version (1)
+//	 5  1  shard index (== position of the directory in Open's list)
+//	 6  1  data shards k
+//	 7  1  parity shards m
+//	 8  8  segment number
+//	16  8  generation (unique per Put; tells apart shards of overwrites)
+//	24  8  segment length
+//	32  4  shard data length
+//	36  4  CRC32C of the shard data
+//	40  4  CRC32C of the whole segment (checked after reconstruction)
+//	44  2  stream name length n
+//	46  2  reserved, zero
+//	48  n  stream name
+//	48+n 4 CRC32C of bytes [0, 48+n)
+//	...    shard data
+const (
+	shardMagic   = "LBCS"
+	shardVersion = 1
+	fixedHdrLen  = 48
+)
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+func crc(b []byte) uint32 { return crc32.Checksum(b, castagnoli) }
+
+type shardHeader struct {
+	index, k, m uint8
+	seq         uint64
+	gen         uint64
+	segLen      uint64
+	shardLen    uint32
+	shardCRC    uint32
+	segCRC      uint32
+	stream      string
+}
+
+func (h *shardHeader) size() int { return fixedHdrLen + len(h.stream) + 4 }
+
+// appendTo encodes h after b.
+func (h *shardHeader) appendTo(b []byte) []byte {
+	start := len(b)
+	b = append(b, shardMagic...)
+	b = append(b, shardVersion, h.index, h.k, h.m)
+	b = binary.LittleEndian.AppendUint64(b, h.seq)
+	b = binary.LittleEndian.AppendUint64(b, h.gen)
+	b = binary.LittleEndian.AppendUint64(b, h.segLen)
+	b = binary.LittleEndian.AppendUint32(b, h.shardLen)
+	b = binary.LittleEndian.AppendUint32(b, h.shardCRC)
+	b = binary.LittleEndian.AppendUint32(b, h.segCRC)
+	b = binary.LittleEndian.AppendUint16(b, uint16(len(h.stream)))
+	b = append(b, 0, 0)
+	b = append(b, h.stream...)
+	return binary.LittleEndian.AppendUint32(b, crc(b[start:]))
+}
+
+// errCorruptShard marks a shard file that must be treated as an erasure.
+var errCorruptShard = errors.New("corrupt shard")
+
+// parseShard validates a whole shard file read for (stream, seq) from the
+// directory at slot, and returns its header and data. Every check failure
+// wraps errCorruptShard: the caller treats the shard as missing.
+func parseShard(file []byte, stream string, seq uint64, slot int, maxSeg uint64) (shardHeader, []byte, error) {
+	var h shardHeader
+	if len(file) < fixedHdrLen+4 {
+		return h, nil, fmt.Errorf("%w: file of %d bytes is shorter than a header", errCorruptShard, len(file))
+	}
+	if string(file[:4]) != shardMagic {
+		return h, nil, fmt.Errorf("%w: bad magic %q", errCorruptShard, file[:4])
+	}
+	if file[4] != shardVersion {
+		return h, nil, fmt.Errorf("%w: unsupported version %d", errCorruptShard, file[4])
+	}
+	n := int(binary.LittleEndian.Uint16(file[44:46]))
+	hl := fixedHdrLen + n + 4
+	if len(file) < hl {
+		return h, nil, fmt.Errorf("%w: truncated header", errCorruptShard)
+	}
+	if got, want := crc(file[:hl-4]), binary.LittleEndian.Uint32(file[hl-4:hl]); got != want {
+		return h, nil, fmt.Errorf("%w: header checksum %08x, want %08x", errCorruptShard, got, want)
+	}
+	h = shardHeader{
+		index:    file[5],
+		k:        file[6],
+		m:        file[7],
+		seq:      binary.LittleEndian.Uint64(file[8:16]),
+		gen:      binary.LittleEndian.Uint64(file[16:24]),
+		segLen:   binary.LittleEndian.Uint64(file[24:32]),
+		shardLen: binary.LittleEndian.Uint32(file[32:36]),
+		shardCRC: binary.LittleEndian.Uint32(file[36:40]),
+		segCRC:   binary.LittleEndian.Uint32(file[40:44]),
+		stream:   string(file[fixedHdrLen : fixedHdrLen+n]),
+	}
+	// The header checksum passed, so a mismatch below is a misplaced file
+	// (copied by hand, or a bug), not bit rot. Either way it is not this
+	// segment's shard for this slot.
+	switch {
+	case h.stream != stream || h.seq != seq:
+		return h, nil, fmt.Errorf("%w: holds segment %s/%d", errCorruptShard, h.stream, h.seq)
+	case int(h.index) != slot:
+		return h, nil, fmt.Errorf("%w: holds shard %d, expected %d", errCorruptShard, h.index, slot)
+	case h.k == 0 || int(h.index) >= int(h.k)+int(h.m):
+		return h, nil, fmt.Errorf("%w: invalid geometry %d+%d for shard %d", errCorruptShard, h.k, h.m, h.index)
+	case h.segLen == 0 || h.segLen > maxSeg:
+		return h, nil, fmt.Errorf("%w: segment length %d out of range", errCorruptShard, h.segLen)
+	case uint64(h.shardLen) != (h.segLen+uint64(h.k)-1)/uint64(h.k):
+		return h, nil, fmt.Errorf("%w: shard length %d does not fit segment length %d over %d shards", errCorruptShard, h.shardLen, h.segLen, h.k)
+	case len(file)-hl != int(h.shardLen):
+		return h, nil, fmt.Errorf("%w: %d data bytes, header says %d", errCorruptShard, len(file)-hl, h.shardLen)
+	}
+	data := file[hl:]
+	if got := crc(data); got != h.shardCRC {
+		return h, nil, fmt.Errorf("%w: data checksum %08x, want %08x", errCorruptShard, got, h.shardCRC)
+	}
+	return h, data, nil
+}
