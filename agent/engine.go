@@ -103,17 +103,19 @@ type Options struct {
 
 // Stats are the agent-side counters.
 type Stats struct {
-	Kernel         capture.Counters `json:"kernel"`
-	Applied        uint64           `json:"records"`
-	AppliedBytes   uint64           `json:"bytes_applied"`
-	OverflowEvents uint64           `json:"overflow_events"`
-	Drains         uint64           `json:"bitmap_drains"`
-	BlocksReread   uint64           `json:"blocks_reread"`
-	BytesReread    uint64           `json:"bytes_reread"`
-	BlocksSkipped  uint64           `json:"blocks_equal_on_resync"`
-	CrashMarkers   uint64           `json:"crash_markers"`
-	AppMarkers     uint64           `json:"app_markers"`
-	LastSeq        uint64           `json:"last_seq"`
+	Kernel           capture.Counters `json:"kernel"`
+	Applied          uint64           `json:"records"`
+	AppliedBytes     uint64           `json:"bytes_applied"`
+	OverflowEvents   uint64           `json:"overflow_events"`
+	Drains           uint64           `json:"bitmap_drains"`
+	BlocksReread     uint64           `json:"blocks_reread"`
+	BytesReread      uint64           `json:"bytes_reread"`
+	BlocksSkipped    uint64           `json:"blocks_equal_on_resync"`
+	CrashMarkers     uint64           `json:"crash_markers"`
+	AppMarkers       uint64           `json:"app_markers"`
+	LastSeq          uint64           `json:"last_seq"`
+	InflightTimeouts uint64           `json:"inflight_timeouts"`
+	Sync             []string         `json:"sync"` // how each device was brought up to date at start
 }
 
 type source struct {
@@ -221,6 +223,7 @@ func (e *Engine) Run(ctx context.Context) (err error) {
 	// Initial sync: every block is dirty.
 	var total int64
 	for _, s := range e.srcs {
+		e.stats.Sync = append(e.stats.Sync, s.Sync.String())
 		if s.Sync != SyncResume {
 			s.dirty.SetRange(0, s.dirty.Blocks())
 			s.compare = s.Sync == SyncCompare
@@ -299,7 +302,8 @@ func (e *Engine) loop(ctx context.Context) error {
 			}
 		}
 		if len(need) > 0 {
-			if err := e.drain(ctx, need, false, nil); err != nil {
+			// A stop request does not interrupt a drain half way.
+			if err := e.drain(context.Background(), need, false, nil); err != nil {
 				return err
 			}
 			continue
@@ -422,11 +426,8 @@ func (e *Engine) drain(ctx context.Context, idx []int, park bool, bar *progress.
 		return err
 	}
 	for _, i := range idx {
-		for e.cap.RingInflight(i) > 0 {
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			time.Sleep(50 * time.Microsecond)
+		if err := e.waitLanded(ctx, i); err != nil {
+			return err
 		}
 	}
 	for _, i := range idx {
@@ -444,6 +445,32 @@ func (e *Engine) drain(ctx context.Context, idx []int, park bool, bar *progress.
 		if err := e.readback(ctx, i, bar); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+// inflightTimeout bounds the wait for ring-captured writes to land. A
+// device that holds writes longer is hung; a completion the kernel did not
+// report (a skipped program run) would otherwise stop the agent for good.
+const inflightTimeout = 30 * time.Second
+
+// waitLanded waits until device i's ring-captured writes have completed,
+// so that a read-back cannot be older than a write already applied.
+func (e *Engine) waitLanded(ctx context.Context, i int) error {
+	deadline := time.Now().Add(inflightTimeout)
+	for e.cap.RingInflight(i) > 0 {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if time.Now().After(deadline) {
+			k, _ := e.cap.Counters()
+			e.log.Warn("captured writes still not completed: continuing; run a checksum resync if the device is healthy",
+				keyDevice, e.srcs[i].Path, "in_flight", e.cap.RingInflight(i), "recursion_misses", k.RecursionMisses)
+			e.stats.InflightTimeouts++
+			e.cap.ResetRingInflight(i)
+			return nil
+		}
+		time.Sleep(50 * time.Microsecond)
 	}
 	return nil
 }

@@ -32,6 +32,8 @@ type MirrorConfig struct {
 	Logger        *slog.Logger
 	Progress      io.Writer // progress of the initial copy
 	Out           io.Writer // the final counters line
+	OnSynced      func()    // called once the initial copy is done (tests)
+	Stats         *Stats    // filled in on return (tests, benchmarks)
 }
 
 // mirrorState is what the agent remembers in --state-dir between runs.
@@ -137,6 +139,9 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 		OnSynced: func() {
 			log.Info("initial sync done; mirroring", keyDevice, cfg.Device, "to", cfg.To)
 			sdnotify.Notify("X-LIFEBOAT-SYNCED=1\nSTATUS=mirroring")
+			if cfg.OnSynced != nil {
+				cfg.OnSynced()
+			}
 		},
 	})
 	if err != nil {
@@ -144,6 +149,9 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	}
 	runErr := e.Run(ctx)
 	stats := e.Stats()
+	if cfg.Stats != nil {
+		*cfg.Stats = stats
+	}
 	closeErr := e.Close()
 	if runErr != nil {
 		return runErr

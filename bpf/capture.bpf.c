@@ -370,13 +370,39 @@ overflow_unreserved:
 	return 0;
 }
 
+// complete_untracked marks writes that completed on a protected device
+// without having been seen at submission: they were in flight when capture
+// attached. Their blocks are read back like an overflow.
+static __always_inline void complete_untracked(struct bio *bio)
+{
+	__u32 opf = BPF_CORE_READ(bio, bi_opf);
+	__u32 size = BPF_CORE_READ(bio, bi_iter.bi_size);
+	int op = classify(opf, size);
+	if (op < 0)
+		return;
+	struct block_device *bdev = BPF_CORE_READ(bio, bi_bdev);
+	__u32 dev = BPF_CORE_READ(bdev, bd_dev);
+	struct lb_dev *d = bpf_map_lookup_elem(&devices, &dev);
+	if (!d)
+		return;
+	__u64 sector = BPF_CORE_READ(bio, bi_iter.bi_sector);
+	if (BPF_CORE_READ(bio, bi_flags) & (1 << 10 /* BIO_REMAPPED */))
+		sector -= BPF_CORE_READ(bdev, bd_start_sect);
+	struct lb_counters *c = ctrs();
+	if (c)
+		c->untracked++;
+	mark_bitmap(d, sector, size, c);
+}
+
 // complete_bio handles the completion of a tracked bio (or bio piece).
 static __always_inline void complete_bio(struct bio *bio)
 {
 	__u64 key = (__u64)bio;
 	struct lb_pending *p = bpf_map_lookup_elem(&pending, &key);
-	if (!p)
+	if (!p) {
+		complete_untracked(bio);
 		return;
+	}
 	struct lb_pending pc = *p;
 	bpf_map_delete_elem(&pending, &key);
 

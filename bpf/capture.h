@@ -84,6 +84,7 @@ struct lb_counters {
 	__u64 mark_failures;
 	__u64 pending_full;
 	__u64 copy_failures;
+	__u64 untracked; /* writes that completed without being seen queued */
 	__s64 inflight;
 };
 

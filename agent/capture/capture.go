@@ -432,6 +432,11 @@ func (c *Capture) Counters() (Counters, error) {
 		return Counters{}, err
 	}
 	var s Counters
+	for _, prog := range []*ebpf.Program{c.objs.LbBioQueue, c.objs.LbBioComplete, c.objs.LbRqComplete, c.objs.LbSplit} {
+		if st, err := prog.Stats(); err == nil {
+			s.RecursionMisses += st.RecursionMisses
+		}
+	}
 	for _, p := range per {
 		s.Records += p.Records
 		s.Bytes += p.Bytes
@@ -440,6 +445,7 @@ func (c *Capture) Counters() (Counters, error) {
 		s.MarkFailures += p.MarkFailures
 		s.PendingFull += p.PendingFull
 		s.CopyFailures += p.CopyFailures
+		s.Untracked += p.Untracked
 		s.Inflight += p.Inflight
 	}
 	return s, nil
@@ -454,13 +460,22 @@ type Counters struct {
 	MarkFailures uint64 `json:"mark_failures"`
 	PendingFull  uint64 `json:"pending_full"`
 	CopyFailures uint64 `json:"copy_failures"`
-	Inflight     int64  `json:"-"`
+	Untracked    uint64 `json:"untracked"`
+	// RecursionMisses counts capture program runs the kernel skipped
+	// because another ran on the same CPU (an interrupt nested in one).
+	RecursionMisses uint64 `json:"recursion_misses"`
+	Inflight        int64  `json:"-"`
 }
 
 // RingInflight is the number of device i's ring-captured writes that have
 // not completed yet.
 func (c *Capture) RingInflight(i int) int64 {
 	return atomic.LoadInt64(&c.state(i).RingInflight)
+}
+
+// ResetRingInflight forgets device i's in-flight count (after a timeout).
+func (c *Capture) ResetRingInflight(i int) {
+	atomic.StoreInt64(&c.state(i).RingInflight, 0)
 }
 
 // Marks counts the bitmap marks of device i; it moves when there is

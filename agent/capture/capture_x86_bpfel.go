@@ -31,6 +31,7 @@ type captureLbCounters struct {
 	MarkFailures uint64
 	PendingFull  uint64
 	CopyFailures uint64
+	Untracked    uint64
 	Inflight     int64
 }
 

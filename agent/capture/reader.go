@@ -41,7 +41,7 @@ type Reader struct {
 	free    chan *chunk
 	cur     *chunk // consumer side: chunk of the last released item
 	pos     int
-	fill    *chunk // producer side
+	fill    *chunk        // producer side
 	barrier atomic.Uint64 // highest requested barrier
 	done    uint64        // producer side: highest delivered barrier
 	stopped atomic.Bool

@@ -62,7 +62,7 @@ func Decode(b []byte, r *Record) error {
 	r.Dev = le.Uint16(b[24:])
 	r.Op = Op(b[26])
 	r.Flags = b[27]
-	if sector > 1<<54 {
+	if sector >= 1<<54 { // offset must fit an int64
 		return fmt.Errorf("record %d: sector %d out of range", r.Seq, sector)
 	}
 	r.Offset = int64(sector) << 9

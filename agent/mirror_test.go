@@ -1,0 +1,380 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/agent/capture"
+	"github.com/lifeboat-dr/lifeboat/internal/loopdev"
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
+)
+
+// mirrorRun is an agent mirror running in this process.
+type mirrorRun struct {
+	t      *testing.T
+	cancel context.CancelFunc
+	done   chan error
+	stats  Stats
+	out    bytes.Buffer
+}
+
+type runOpts struct {
+	mode     capture.Mode
+	ringMiB  int
+	stateDir string
+}
+
+// startMirror runs RunMirror until stop and waits for the initial copy.
+func startMirror(t *testing.T, dev, to string, o runOpts) *mirrorRun {
+	t.Helper()
+	if o.ringMiB == 0 {
+		o.ringMiB = 16
+	}
+	if o.stateDir == "" {
+		o.stateDir = filepath.Join(t.TempDir(), "state")
+	}
+	t.Cleanup(func() { Release(o.stateDir) })
+	ctx, cancel := context.WithCancel(context.Background())
+	r := &mirrorRun{t: t, cancel: cancel, done: make(chan error, 1)}
+	synced := make(chan struct{})
+	go func() {
+		r.done <- RunMirror(ctx, MirrorConfig{
+			Device: dev, To: to, Mode: o.mode, RingBytes: o.ringMiB << 20, StateDir: o.stateDir,
+			Out: &r.out, Stats: &r.stats, OnSynced: func() { close(synced) },
+		})
+	}()
+	select {
+	case <-synced:
+	case err := <-r.done:
+		t.Fatalf("agent stopped before the initial copy: %v", err)
+	case <-time.After(2 * time.Minute):
+		t.Fatal("initial copy did not finish in 2 minutes")
+	}
+	return r
+}
+
+// stop ends the run as SIGTERM does and returns its counters.
+func (r *mirrorRun) stop() Stats {
+	r.t.Helper()
+	r.cancel()
+	select {
+	case err := <-r.done:
+		if err != nil {
+			r.t.Fatalf("agent: %v", err)
+		}
+	case <-time.After(2 * time.Minute):
+		r.t.Fatal("agent did not stop within 2 minutes")
+	}
+	if !strings.HasPrefix(r.out.String(), "counters: {") {
+		r.t.Errorf("no counters line, got %q", r.out.String())
+	}
+	r.t.Logf("counters: %+v", r.stats)
+	return r.stats
+}
+
+// assertSameBytes compares a device with its mirror, reporting the first
+// difference.
+func assertSameBytes(t *testing.T, dev, mirror string) {
+	t.Helper()
+	a, err := os.Open(dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	b, err := os.Open(mirror)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	ba, bb := make([]byte, 1<<20), make([]byte, 1<<20)
+	var off int64
+	for {
+		na, ea := io.ReadFull(a, ba)
+		nb, _ := io.ReadFull(b, bb)
+		if na != nb {
+			t.Fatalf("%s and %s differ in size near offset %d (%d vs %d bytes in the last chunk)", dev, mirror, off, na, nb)
+		}
+		if !bytes.Equal(ba[:na], bb[:nb]) {
+			for i := range na {
+				if ba[i] != bb[i] {
+					t.Fatalf("%s and %s differ at byte %d (block %d)", dev, mirror, off+int64(i), (off+int64(i))/4096)
+				}
+			}
+		}
+		off += int64(na)
+		if ea != nil {
+			break
+		}
+	}
+	t.Logf("%s equals %s (%d bytes)", mirror, dev, off)
+}
+
+func run(t *testing.T, name string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+func fio(t *testing.T, dev string, extra ...string) {
+	t.Helper()
+	testenv.RequireTool(t, "fio")
+	args := append([]string{"--name=lb", "--filename=" + dev, "--direct=1", "--ioengine=libaio", "--rw=randwrite",
+		"--bssplit=512/10:4k/40:64k/20:256k/20:1m/10", "--blockalign=512", "--iodepth=16", "--randrepeat=0",
+		"--size=100%", "--io_size=96m", "--output-format=terse"}, extra...)
+	run(t, "fio", args...)
+}
+
+// fileWorkload copies a tree, deletes part of it, writes random files and
+// trims: the way a filesystem user churns a disk.
+func fileWorkload(t *testing.T, mnt string, seed uint64) {
+	t.Helper()
+	src := filepath.Join(runtime.GOROOT(), "src", "net") // ~10 MB of small files, on every machine with Go
+	run(t, "cp", "-r", src, filepath.Join(mnt, "tree"))
+	rng := rand.New(rand.NewPCG(seed, 1))
+	for i := range 8 {
+		b := make([]byte, 1<<20+rng.IntN(3<<20))
+		for j := range b {
+			b[j] = byte(rng.Uint32())
+		}
+		if err := os.WriteFile(filepath.Join(mnt, fmt.Sprintf("rand%d", i)), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	entries, _ := os.ReadDir(filepath.Join(mnt, "tree"))
+	for i, e := range entries {
+		if i%2 == 0 {
+			os.RemoveAll(filepath.Join(mnt, "tree", e.Name()))
+		}
+	}
+	os.Remove(filepath.Join(mnt, "rand3"))
+	run(t, "sync")
+	run(t, "fstrim", mnt)
+}
+
+func fsRoundTrip(t *testing.T, fstype string, size int64) {
+	testenv.RequireRoot(t)
+	testenv.RequireTool(t, "mkfs."+fstype)
+	d := loopdev.New(t, size, loopdev.Options{})
+	if err := loopdev.Mkfs(context.Background(), fstype, d.Path); err != nil {
+		t.Fatal(err)
+	}
+	mirror := filepath.Join(t.TempDir(), "mirror.img")
+	r := startMirror(t, d.Path, mirror, runOpts{})
+	mnt := t.TempDir()
+	if err := loopdev.Mount(d.Path, mnt, fstype, ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { loopdev.Unmount(mnt) })
+	fileWorkload(t, mnt, 1)
+	if err := loopdev.Unmount(mnt); err != nil {
+		t.Fatal(err)
+	}
+	s := r.stop()
+	if s.Applied == 0 {
+		t.Error("no records were applied: capture saw nothing")
+	}
+	assertSameBytes(t, d.Path, mirror)
+}
+
+// 1. O_DIRECT random writes of 512 B to 1 MiB.
+func TestMirrorRandomDirectWrites(t *testing.T) {
+	testenv.RequireRoot(t)
+	d := loopdev.New(t, 128<<20, loopdev.Options{})
+	mirror := filepath.Join(t.TempDir(), "mirror.img")
+	r := startMirror(t, d.Path, mirror, runOpts{})
+	fio(t, d.Path)
+	s := r.stop()
+	if s.AppliedBytes < 96<<20 {
+		t.Errorf("applied %d payload bytes, fio wrote 96 MiB", s.AppliedBytes)
+	}
+	assertSameBytes(t, d.Path, mirror)
+}
+
+// 2. ext4: copy a tree, delete part of it, fstrim, unmount.
+func TestMirrorExt4(t *testing.T) { fsRoundTrip(t, "ext4", 256<<20) }
+
+// 3. The same on xfs (mkfs.xfs wants at least 300 MB).
+func TestMirrorXFS(t *testing.T) { fsRoundTrip(t, "xfs", 512<<20) }
+
+// 4. One partition protected while the other is written too.
+func TestMirrorPartition(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireTool(t, "sfdisk")
+	d := loopdev.New(t, 256<<20, loopdev.Options{PartScan: true})
+	parts, err := loopdev.Partition(context.Background(), d.Path, loopdev.GPT, []loopdev.PartSpec{{Size: 100 << 20}, {}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p1, p2 := parts[0], parts[1]
+	if err := loopdev.Mkfs(context.Background(), "ext4", p1); err != nil {
+		t.Fatal(err)
+	}
+	mirror := filepath.Join(t.TempDir(), "p1.img")
+	r := startMirror(t, p1, mirror, runOpts{})
+	mnt := t.TempDir()
+	if err := loopdev.Mount(p1, mnt, "ext4", ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { loopdev.Unmount(mnt) })
+	// The neighbour partition is written at the same time.
+	run(t, "dd", "if=/dev/urandom", "of="+p2, "bs=1M", "count=60", "oflag=direct", "status=none")
+	fileWorkload(t, mnt, 2)
+	if err := loopdev.Unmount(mnt); err != nil {
+		t.Fatal(err)
+	}
+	r.stop()
+	assertSameBytes(t, p1, mirror)
+}
+
+// 5. Writes running during the initial copy.
+func TestMirrorWritesDuringInitialCopy(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireTool(t, "fio")
+	d := loopdev.New(t, 512<<20, loopdev.Options{})
+	run(t, "dd", "if=/dev/urandom", "of="+d.Path, "bs=1M", "count=64", "oflag=direct", "status=none")
+	// --thread: all of fio is one process, so nothing outlives it.
+	fioCmd := exec.Command("fio", "--name=bg", "--thread", "--filename="+d.Path, "--direct=1", "--ioengine=libaio",
+		"--rw=randwrite", "--bs=64k", "--iodepth=8", "--time_based", "--runtime=4", "--size=100%", "--rate=60m")
+	if err := fioCmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer fioCmd.Process.Kill()
+	time.Sleep(300 * time.Millisecond)
+	mirror := filepath.Join(t.TempDir(), "mirror.img")
+	r := startMirror(t, d.Path, mirror, runOpts{})
+	if fioCmd.ProcessState != nil {
+		t.Fatal("fio ended before the initial copy did: the test proves nothing")
+	}
+	if err := fioCmd.Wait(); err != nil {
+		t.Fatalf("fio: %v", err)
+	}
+	s := r.stop()
+	if s.Applied == 0 && s.BlocksReread <= uint64(512<<20/4096) {
+		t.Error("nothing was captured while fio was writing")
+	}
+	assertSameBytes(t, d.Path, mirror)
+}
+
+// 6. Metadata mode: extents only, blocks read back.
+func TestMirrorMetadataMode(t *testing.T) {
+	testenv.RequireRoot(t)
+	d := loopdev.New(t, 128<<20, loopdev.Options{})
+	mirror := filepath.Join(t.TempDir(), "mirror.img")
+	r := startMirror(t, d.Path, mirror, runOpts{mode: capture.ModeMetadata})
+	fio(t, d.Path)
+	s := r.stop()
+	if s.AppliedBytes != 0 {
+		t.Errorf("metadata mode carried %d payload bytes", s.AppliedBytes)
+	}
+	if s.Applied == 0 || s.BlocksReread <= uint64(128<<20/4096) {
+		t.Errorf("metadata mode read back nothing beyond the initial copy: %+v", s)
+	}
+	assertSameBytes(t, d.Path, mirror)
+}
+
+// 7. A 1 MiB ring under heavy writes overflows into the bitmap; nothing is lost.
+func TestMirrorTinyRingOverflow(t *testing.T) {
+	testenv.RequireRoot(t)
+	d := loopdev.New(t, 128<<20, loopdev.Options{})
+	mirror := filepath.Join(t.TempDir(), "mirror.img")
+	r := startMirror(t, d.Path, mirror, runOpts{ringMiB: 1})
+	fio(t, d.Path, "--iodepth=32", "--io_size=160m")
+	s := r.stop()
+	if s.OverflowEvents == 0 {
+		t.Errorf("a 1 MiB ring did not overflow under fio: %+v", s)
+	}
+	assertSameBytes(t, d.Path, mirror)
+}
+
+// 8. Clean stop and restart between write phases: no full copy, and
+// writes made while the agent was down are not lost.
+func TestMirrorCleanRestart(t *testing.T) {
+	testenv.RequireRoot(t)
+	d := loopdev.New(t, 128<<20, loopdev.Options{})
+	dir := t.TempDir()
+	mirror := filepath.Join(dir, "mirror.img")
+	o := runOpts{stateDir: filepath.Join(dir, "state")}
+
+	r := startMirror(t, d.Path, mirror, o)
+	fio(t, d.Path, "--io_size=32m")
+	if s := r.stop(); s.Sync[0] != SyncFull.String() {
+		t.Fatalf("first run: %s, want a full copy", s.Sync[0])
+	}
+	assertSameBytes(t, d.Path, mirror)
+
+	// While the agent is down.
+	run(t, "dd", "if=/dev/urandom", "of="+d.Path, "bs=64k", "seek=100", "count=16", "oflag=direct", "status=none")
+
+	r = startMirror(t, d.Path, mirror, o)
+	fio(t, d.Path, "--io_size=32m")
+	s := r.stop()
+	if s.Sync[0] != SyncResume.String() {
+		t.Fatalf("restart: %s, want resume from the pinned bitmap", s.Sync[0])
+	}
+	if s.BytesReread >= 64<<20 {
+		t.Errorf("restart re-read %d bytes: that is a full copy", s.BytesReread)
+	}
+	assertSameBytes(t, d.Path, mirror)
+}
+
+// An unclean stop leads to a checksum resync; a replaced mirror to a full copy.
+func TestMirrorUncleanAndReplacedTarget(t *testing.T) {
+	testenv.RequireRoot(t)
+	d := loopdev.New(t, 64<<20, loopdev.Options{})
+	dir := t.TempDir()
+	mirror := filepath.Join(dir, "mirror.img")
+	o := runOpts{stateDir: filepath.Join(dir, "state")}
+	r := startMirror(t, d.Path, mirror, o)
+	fio(t, d.Path, "--io_size=16m")
+	r.stop()
+
+	// Forget the clean stop, as a crash would, and write meanwhile.
+	if err := Release(o.stateDir); err != nil {
+		t.Fatal(err)
+	}
+	run(t, "dd", "if=/dev/urandom", "of="+d.Path, "bs=4k", "seek=1000", "count=10", "oflag=direct", "status=none")
+	r = startMirror(t, d.Path, mirror, o)
+	s := r.stop()
+	if s.Sync[0] != SyncCompare.String() || s.BlocksSkipped == 0 || s.BytesReread > 1<<20 {
+		t.Fatalf("after an unclean stop: %+v, want a checksum resync that copies only the 10 changed blocks", s)
+	}
+	assertSameBytes(t, d.Path, mirror)
+
+	// A new file at the same path is not the mirror the state knows.
+	os.Remove(mirror)
+	os.WriteFile(mirror, []byte("x"), 0o600)
+	r = startMirror(t, d.Path, mirror, o)
+	if s := r.stop(); s.Sync[0] != SyncFull.String() {
+		t.Fatalf("replaced mirror: %s, want a full copy", s.Sync[0])
+	}
+	assertSameBytes(t, d.Path, mirror)
+}
+
+func TestMirrorBadInput(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir := t.TempDir()
+	plain := filepath.Join(dir, "plain")
+	os.WriteFile(plain, []byte("x"), 0o600)
+	err := RunMirror(context.Background(), MirrorConfig{Device: plain, To: filepath.Join(dir, "m"), StateDir: dir})
+	if err == nil || !strings.Contains(err.Error(), "not a block device") {
+		t.Errorf("regular file as device: %v", err)
+	}
+	d := loopdev.New(t, 16<<20, loopdev.Options{})
+	err = RunMirror(context.Background(), MirrorConfig{Device: d.Path, To: dir, StateDir: filepath.Join(dir, "s")})
+	if err == nil || !strings.Contains(err.Error(), "mirror file") {
+		t.Errorf("directory as mirror file: %v", err)
+	}
+}

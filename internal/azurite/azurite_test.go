@@ -1,0 +1,124 @@
+package azurite
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/Azure/azure-sdk-for-go/sdk/storage/azblob"
+)
+
+func TestInstallWithoutNode(t *testing.T) {
+	t.Setenv("PATH", t.TempDir())
+	_, err := Install(context.Background(), t.TempDir())
+	if !errors.Is(err, ErrNoNode) {
+		t.Fatalf("Install without node: err = %v, want ErrNoNode", err)
+	}
+}
+
+func TestDefaultDirHonoursEnv(t *testing.T) {
+	t.Setenv("LIFEBOAT_CACHE", "/x/y")
+	if got := DefaultDir(); got != "/x/y" {
+		t.Fatalf("DefaultDir = %q", got)
+	}
+}
+
+func TestConnectionStringForRealAccount(t *testing.T) {
+	t.Setenv(EnvConnectionString, "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=k;")
+	s := ForTest(t)
+	if s.Emulated() || s.ConnectionString() != "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=k;" {
+		t.Fatalf("ForTest with %s: emulated=%v cs=%q", EnvConnectionString, s.Emulated(), s.ConnectionString())
+	}
+	if err := s.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Restart(context.Background()); err == nil {
+		t.Fatal("Restart of a real account succeeded")
+	}
+}
+
+func TestStartRestartKeepsDataAndPort(t *testing.T) {
+	t.Setenv(EnvConnectionString, "")
+	s := ForTest(t)
+	if !s.Emulated() {
+		t.Skip("real account")
+	}
+	cs := s.ConnectionString()
+	want := "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=" + AccountKey +
+		";BlobEndpoint=http://127.0.0.1:" + strconv.Itoa(s.Port()) + "/devstoreaccount1;"
+	if cs != want {
+		t.Fatalf("ConnectionString = %q, want %q", cs, want)
+	}
+	if strings.Contains(s.String(), AccountKey) {
+		t.Fatal("String() leaks the account key")
+	}
+	ctx := context.Background()
+	c, err := azblob.NewClientFromConnectionString(cs, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.CreateContainer(ctx, "restart", nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.UploadBuffer(ctx, "restart", "b", []byte("survives restart"), nil); err != nil {
+		t.Fatal(err)
+	}
+
+	port := s.Port()
+	if err := s.Down(); err != nil {
+		t.Fatal(err)
+	}
+	if conn, err := net.DialTimeout("tcp", "127.0.0.1:"+strconv.Itoa(port), time.Second); err == nil {
+		conn.Close()
+		t.Fatal("port still accepts connections after Down")
+	}
+	if err := s.Up(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if s.Port() != port {
+		t.Fatalf("port changed across restart: %d -> %d", port, s.Port())
+	}
+	r, err := c.DownloadStream(ctx, "restart", "b", nil)
+	if err != nil {
+		t.Fatalf("download after restart: %v", err)
+	}
+	got, _ := io.ReadAll(r.Body)
+	r.Body.Close()
+	if string(got) != "survives restart" {
+		t.Fatalf("after restart got %q", got)
+	}
+
+	if err := s.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Up(ctx); err == nil {
+		t.Fatal("Up after Stop succeeded")
+	}
+}
+
+func TestInMemory(t *testing.T) {
+	if _, err := Install(context.Background(), ""); errors.Is(err, ErrNoNode) && os.Getenv("CI") != "true" {
+		t.Skip(err)
+	}
+	s, err := Start(context.Background(), Options{InMemory: true, Location: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Stop()
+	if s.Location() != "" {
+		t.Fatalf("in-memory server has workspace %q", s.Location())
+	}
+	c, err := azblob.NewClientFromConnectionString(s.ConnectionString(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.CreateContainer(context.Background(), "mem", nil); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -1,0 +1,222 @@
+// Package blobstore defines Lifeboat's storage sink: one container of blobs
+// holding journal segments (block blobs), replica disks (page blobs) and
+// recovery points (page-blob snapshots).
+//
+// Store is the contract. Implementations: blobstore/azure (Azure Blob
+// Storage and Azurite) and blobstore/mem (in memory, for tests); both pass
+// the single conformance suite in blobstore/blobstoretest. Cross-cutting
+// behaviour (retries, bandwidth limiting, logging) is added by decorators
+// that Stack assembles in one place.
+package blobstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// Page blob geometry imposed by Azure.
+const (
+	// PageSize is the alignment of every page-blob offset and length.
+	PageSize = 512
+	// MaxPageBlobSize is the largest page blob Azure accepts (8 TiB).
+	MaxPageBlobSize = 8 << 40
+	// MaxPutPage is the largest single Put Page request; WritePages splits
+	// larger writes into calls of at most this size.
+	MaxPutPage = 4 << 20
+	// MaxBlockBlobSize bounds PutBlob: a single Put Blob request (5000 MiB).
+	MaxBlockBlobSize = 5000 << 20
+	// MaxMetadataSize is Azure's limit on the total size of a blob's
+	// metadata names and values.
+	MaxMetadataSize = 8 << 10
+)
+
+// Metadata is user-defined name/value metadata of a blob or snapshot.
+// Names are case-insensitive identifiers ([a-z_][a-z0-9_]*, stores return
+// them lower-cased); values are printable ASCII without leading or trailing
+// spaces. Invalid metadata is rejected with ErrInvalid rather than being
+// silently altered by the service.
+type Metadata map[string]string
+
+// Kind is the type of a blob.
+type Kind int
+
+// Blob kinds.
+const (
+	BlockBlob Kind = iota + 1
+	PageBlob
+)
+
+func (k Kind) String() string {
+	switch k {
+	case BlockBlob:
+		return "block"
+	case PageBlob:
+		return "page"
+	}
+	return fmt.Sprintf("Kind(%d)", int(k))
+}
+
+// BlobInfo describes a blob (never a snapshot).
+type BlobInfo struct {
+	Name     string
+	Kind     Kind
+	Size     int64
+	Metadata Metadata
+	Modified time.Time
+}
+
+// SnapshotInfo describes a read-only, point-in-time snapshot of a page blob.
+type SnapshotInfo struct {
+	// ID identifies the snapshot together with the blob name. It is opaque
+	// (Azure uses the creation timestamp with 100 ns precision).
+	ID       string
+	Time     time.Time
+	Metadata Metadata
+}
+
+// PageRange is a byte range [Offset, Offset+Length) of a page blob.
+type PageRange struct {
+	Offset int64
+	Length int64
+}
+
+// End returns the first offset after r.
+func (r PageRange) End() int64 { return r.Offset + r.Length }
+
+// Store is a container of blobs. It is safe for concurrent use.
+//
+// Unless stated otherwise: a missing blob, snapshot or container yields an
+// error for which IsNotFound reports true; invalid arguments (names,
+// misaligned or out-of-range offsets, metadata) yield an error wrapping
+// ErrInvalid, detected before any data is sent when possible; every method
+// honours ctx cancellation. Retrying a failed call is safe for every method
+// except Snapshot (a retry after a lost reply may create a second snapshot).
+type Store interface {
+	// EnsureContainer creates the container if it does not exist. It
+	// succeeds if the container already exists.
+	EnsureContainer(ctx context.Context) error
+
+	// PutBlob atomically creates or replaces the block blob name with data
+	// and metadata md (nil for none). Readers see either the old or the new
+	// blob, never a mix. Data corrupted in transit is detected (content
+	// checksum) and the call fails with the blob unchanged.
+	PutBlob(ctx context.Context, name string, data []byte, md Metadata) error
+
+	// GetBlob returns the whole content of blob name. When the store holds a
+	// checksum of the content (all blobs written by PutBlob), a mismatch is
+	// reported as ErrCorrupt.
+	GetBlob(ctx context.Context, name string) ([]byte, error)
+
+	// GetBlobRange reads len(p) bytes of blob name starting at offset, with
+	// io.ReaderAt semantics: when fewer than len(p) bytes exist it returns
+	// the count read and io.EOF (also for offset >= size).
+	GetBlobRange(ctx context.Context, name string, offset int64, p []byte) (int, error)
+
+	// ListBlobs returns every blob (no snapshots) whose name starts with
+	// prefix, sorted by name, with metadata.
+	ListBlobs(ctx context.Context, prefix string) ([]BlobInfo, error)
+
+	// Stat returns the properties and metadata of blob name.
+	Stat(ctx context.Context, name string) (BlobInfo, error)
+
+	// SetMetadata replaces all metadata of blob name with md. Content and
+	// existing snapshots are not affected.
+	SetMetadata(ctx context.Context, name string, md Metadata) error
+
+	// DeleteBlob deletes blob name together with all of its snapshots.
+	DeleteBlob(ctx context.Context, name string) error
+
+	// CreatePageBlob creates the page blob name with the given size (a
+	// multiple of PageSize, at most MaxPageBlobSize) and metadata. The blob
+	// reads as zeros and has no valid page ranges. An existing blob of that
+	// name is REPLACED (its content is lost; its snapshots are kept).
+	CreatePageBlob(ctx context.Context, name string, size int64, md Metadata) error
+
+	// WritePages writes data at offset into page blob name. offset and
+	// len(data) must be multiples of PageSize and the range must lie within
+	// the blob. Writes larger than MaxPutPage are split into several
+	// requests, so a failed call may have written a prefix of data; writing
+	// the same data again is always safe.
+	WritePages(ctx context.Context, name string, offset int64, data []byte) error
+
+	// ClearPages zeroes [offset, offset+length) of page blob name and
+	// removes it from the valid page ranges (frees the storage). Alignment
+	// rules are those of WritePages.
+	ClearPages(ctx context.Context, name string, offset, length int64) error
+
+	// ReadPages fills p from page blob name at offset. snapshot selects a
+	// snapshot ID from Snapshot/ListSnapshots, or the live blob when empty.
+	// offset and len(p) must be multiples of PageSize and the range must lie
+	// within the blob. Pages never written read as zeros.
+	ReadPages(ctx context.Context, name, snapshot string, offset int64, p []byte) error
+
+	// GetPageRanges returns the valid (written and not cleared) ranges of
+	// page blob name (or of its snapshot) that intersect [offset,
+	// offset+length), clipped to it. Ranges are sorted, non-overlapping and
+	// coalesced (no two are adjacent). length 0 means up to the end of the
+	// blob. Use it to read sparse blobs without transferring zeros.
+	GetPageRanges(ctx context.Context, name, snapshot string, offset, length int64) ([]PageRange, error)
+
+	// ResizePageBlob changes the size of page blob name (alignment and
+	// limit as CreatePageBlob). Growing appends zeros; shrinking discards
+	// the tail. Snapshots are not affected.
+	ResizePageBlob(ctx context.Context, name string, size int64) error
+
+	// Snapshot creates a read-only snapshot of page blob name. The snapshot
+	// carries md, or a copy of the blob's metadata if md is empty. Later
+	// writes to the blob do not change the snapshot.
+	Snapshot(ctx context.Context, name string, md Metadata) (SnapshotInfo, error)
+
+	// ListSnapshots returns the snapshots of blob name, oldest first. It
+	// returns an empty list (no error) if the blob has none.
+	ListSnapshots(ctx context.Context, name string) ([]SnapshotInfo, error)
+
+	// DeleteSnapshot deletes one snapshot of blob name.
+	DeleteSnapshot(ctx context.Context, name, snapshot string) error
+
+	// CopyFromSnapshot creates or replaces page blob dst with the content,
+	// size and valid page ranges of snapshot of page blob src. dst carries
+	// md, or the snapshot's metadata if md is empty. It returns when the
+	// copy is complete.
+	CopyFromSnapshot(ctx context.Context, src, snapshot, dst string, md Metadata) error
+}
+
+// Sentinel errors. Implementations wrap them, so test with errors.Is (or
+// IsNotFound).
+var (
+	// ErrNotFound: the blob, snapshot or container does not exist.
+	ErrNotFound = errors.New("not found")
+	// ErrInvalid: the caller passed an argument the store cannot accept.
+	ErrInvalid = errors.New("invalid argument")
+	// ErrCorrupt: content read back does not match its stored checksum.
+	ErrCorrupt = errors.New("content checksum mismatch")
+)
+
+// IsNotFound reports whether err means that the blob, snapshot or container
+// does not exist.
+func IsNotFound(err error) bool { return errors.Is(err, ErrNotFound) }
+
+// permanentError marks an error that retrying cannot fix.
+type permanentError struct{ err error }
+
+func (e *permanentError) Error() string { return e.err.Error() }
+func (e *permanentError) Unwrap() error { return e.err }
+
+// Permanent marks err as not worth retrying (e.g. an authorization failure).
+// Implementations use it for service errors the retry decorator must not
+// retry; Permanent(nil) is nil.
+func Permanent(err error) error {
+	if err == nil {
+		return nil
+	}
+	return &permanentError{err}
+}
+
+// IsPermanent reports whether retrying the call that returned err is
+// pointless: errors marked with Permanent, ErrNotFound and ErrInvalid.
+func IsPermanent(err error) bool {
+	var p *permanentError
+	return errors.As(err, &p) || errors.Is(err, ErrNotFound) || errors.Is(err, ErrInvalid)
+}

@@ -1,0 +1,612 @@
+// Package blobstoretest holds the conformance suite that every
+// blobstore.Store implementation must pass, and a fault-injecting Store
+// wrapper for testing code that must survive storage failures.
+package blobstoretest
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"slices"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
+)
+
+const ps = blobstore.PageSize
+
+// NewStore returns a Store on a fresh, empty container that does not exist
+// yet (the suite calls EnsureContainer). Clean-up is the factory's job
+// (t.Cleanup).
+type NewStore func(t *testing.T) blobstore.Store
+
+// Options declares known, accepted deviations of a store from the contract.
+// Each one relaxes exactly one assertion; keep them rare and documented.
+type Options struct {
+	// LaxWriteBounds: a WritePages that starts inside the blob but ends
+	// beyond it may succeed. Azurite 3.37.0 only checks the start offset;
+	// Azure rejects such writes (InvalidPageRange).
+	LaxWriteBounds bool
+}
+
+// Run runs the conformance suite against the stores made by newStore.
+func Run(t *testing.T, newStore NewStore, opts Options) {
+	tests := []struct {
+		name string
+		fn   func(*testing.T, blobstore.Store)
+	}{
+		{"Container", testContainer},
+		{"BlockBlob", testBlockBlob},
+		{"GetBlobRange", testGetBlobRange},
+		{"List", testList},
+		{"Metadata", testMetadata},
+		{"PageBlob", func(t *testing.T, s blobstore.Store) { testPageBlob(t, s, opts) }},
+		{"PageBlobLargeWrite", testPageBlobLargeWrite},
+		{"PageRanges", testPageRanges},
+		{"Resize", testResize},
+		{"Snapshots", testSnapshots},
+		{"CopyFromSnapshot", testCopyFromSnapshot},
+		{"ConcurrentWrites", testConcurrentWrites},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			s := newStore(t)
+			if tc.name != "Container" {
+				if err := s.EnsureContainer(context.Background()); err != nil {
+					t.Fatalf("EnsureContainer: %v", err)
+				}
+			}
+			tc.fn(t, s)
+		})
+	}
+}
+
+func ctxT(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func ok(t *testing.T, err error, what string, args ...any) {
+	t.Helper()
+	if err != nil {
+		t.Fatalf("%s: %v", fmt.Sprintf(what, args...), err)
+	}
+}
+
+func wantErr(t *testing.T, err, target error, what string, args ...any) {
+	t.Helper()
+	if !errors.Is(err, target) {
+		t.Fatalf("%s: err = %v, want %v", fmt.Sprintf(what, args...), err, target)
+	}
+}
+
+func wantNotFound(t *testing.T, err error, what string, args ...any) {
+	t.Helper()
+	if !blobstore.IsNotFound(err) {
+		t.Fatalf("%s: err = %v, want not found", fmt.Sprintf(what, args...), err)
+	}
+}
+
+// Random returns n pseudo-random bytes from seed.
+func Random(seed uint64, n int) []byte {
+	r := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
+	b := make([]byte, n)
+	for i := 0; i+8 <= n; i += 8 {
+		v := r.Uint64()
+		for j := range 8 {
+			b[i+j] = byte(v >> (8 * j))
+		}
+	}
+	for i := n &^ 7; i < n; i++ {
+		b[i] = byte(r.Uint32())
+	}
+	return b
+}
+
+func testContainer(t *testing.T, s blobstore.Store) {
+	ctx := ctxT(t)
+	wantNotFound(t, s.PutBlob(ctx, "a", []byte("x"), nil), "PutBlob before EnsureContainer")
+	_, err := s.ListBlobs(ctx, "")
+	wantNotFound(t, err, "ListBlobs before EnsureContainer")
+	ok(t, s.EnsureContainer(ctx), "EnsureContainer")
+	ok(t, s.EnsureContainer(ctx), "EnsureContainer on existing container")
+	ok(t, s.PutBlob(ctx, "a", []byte("x"), nil), "PutBlob")
+}
+
+func testBlockBlob(t *testing.T, s blobstore.Store) {
+	ctx := ctxT(t)
+	_, err := s.GetBlob(ctx, "journal/missing")
+	wantNotFound(t, err, "GetBlob of missing blob")
+	_, err = s.Stat(ctx, "journal/missing")
+	wantNotFound(t, err, "Stat of missing blob")
+	wantNotFound(t, s.DeleteBlob(ctx, "journal/missing"), "DeleteBlob of missing blob")
+
+	data := Random(1, 100_000)
+	ok(t, s.PutBlob(ctx, "journal/0001", data, blobstore.Metadata{"seq": "1"}), "PutBlob")
+	got, err := s.GetBlob(ctx, "journal/0001")
+	ok(t, err, "GetBlob")
+	if !bytes.Equal(got, data) {
+		t.Fatalf("GetBlob returned %d bytes differing from the %d put", len(got), len(data))
+	}
+	info, err := s.Stat(ctx, "journal/0001")
+	ok(t, err, "Stat")
+	if info.Kind != blobstore.BlockBlob || info.Size != int64(len(data)) || info.Metadata["seq"] != "1" || info.Name != "journal/0001" {
+		t.Fatalf("Stat = %+v", info)
+	}
+	if time.Since(info.Modified) > time.Hour || time.Until(info.Modified) > time.Hour {
+		t.Fatalf("Stat.Modified = %v, not close to now", info.Modified)
+	}
+
+	// Overwrite replaces content and metadata.
+	ok(t, s.PutBlob(ctx, "journal/0001", []byte("short"), nil), "PutBlob overwrite")
+	got, err = s.GetBlob(ctx, "journal/0001")
+	ok(t, err, "GetBlob after overwrite")
+	if string(got) != "short" {
+		t.Fatalf("after overwrite got %q", got)
+	}
+	info, err = s.Stat(ctx, "journal/0001")
+	ok(t, err, "Stat after overwrite")
+	if len(info.Metadata) != 0 {
+		t.Fatalf("metadata survived overwrite: %v", info.Metadata)
+	}
+
+	ok(t, s.PutBlob(ctx, "journal/empty", nil, nil), "PutBlob empty")
+	got, err = s.GetBlob(ctx, "journal/empty")
+	ok(t, err, "GetBlob empty")
+	if len(got) != 0 {
+		t.Fatalf("empty blob read back as %d bytes", len(got))
+	}
+
+	ok(t, s.DeleteBlob(ctx, "journal/0001"), "DeleteBlob")
+	_, err = s.GetBlob(ctx, "journal/0001")
+	wantNotFound(t, err, "GetBlob after DeleteBlob")
+
+	wantErr(t, s.PutBlob(ctx, "", []byte("x"), nil), blobstore.ErrInvalid, "PutBlob with empty name")
+}
+
+func testGetBlobRange(t *testing.T, s blobstore.Store) {
+	ctx := ctxT(t)
+	data := Random(2, 10_000)
+	ok(t, s.PutBlob(ctx, "r", data, nil), "PutBlob")
+	p := make([]byte, 1000)
+	n, err := s.GetBlobRange(ctx, "r", 4321, p)
+	if err != nil || n != 1000 || !bytes.Equal(p, data[4321:5321]) {
+		t.Fatalf("GetBlobRange middle: n=%d err=%v equal=%v", n, err, bytes.Equal(p, data[4321:5321]))
+	}
+	n, err = s.GetBlobRange(ctx, "r", 9500, p)
+	if err != io.EOF || n != 500 || !bytes.Equal(p[:n], data[9500:]) {
+		t.Fatalf("GetBlobRange across end: n=%d err=%v, want 500, io.EOF", n, err)
+	}
+	for _, off := range []int64{10_000, 20_000} {
+		n, err = s.GetBlobRange(ctx, "r", off, p)
+		if err != io.EOF || n != 0 {
+			t.Fatalf("GetBlobRange at %d (size 10000): n=%d err=%v, want 0, io.EOF", off, n, err)
+		}
+	}
+	_, err = s.GetBlobRange(ctx, "missing", 0, p)
+	wantNotFound(t, err, "GetBlobRange of missing blob")
+}
+
+func testList(t *testing.T, s blobstore.Store) {
+	ctx := ctxT(t)
+	l, err := s.ListBlobs(ctx, "")
+	ok(t, err, "ListBlobs on empty container")
+	if len(l) != 0 {
+		t.Fatalf("empty container lists %v", l)
+	}
+	names := []string{"seg/b", "seg/a", "seg/c/d", "segment", "disk/0"}
+	for i, n := range names {
+		ok(t, s.PutBlob(ctx, n, make([]byte, i), blobstore.Metadata{"idx": fmt.Sprint(i)}), "PutBlob %s", n)
+	}
+	ok(t, s.CreatePageBlob(ctx, "seg/page", 4096, blobstore.Metadata{"idx": "p"}), "CreatePageBlob")
+	_, err = s.Snapshot(ctx, "seg/page", nil)
+	ok(t, err, "Snapshot")
+
+	l, err = s.ListBlobs(ctx, "seg/")
+	ok(t, err, "ListBlobs")
+	var got []string
+	for _, b := range l {
+		got = append(got, b.Name)
+	}
+	if want := []string{"seg/a", "seg/b", "seg/c/d", "seg/page"}; !slices.Equal(got, want) {
+		t.Fatalf("ListBlobs(seg/) = %v, want %v (sorted, recursive, no snapshots)", got, want)
+	}
+	if l[0].Metadata["idx"] != "1" || l[0].Size != 1 || l[0].Kind != blobstore.BlockBlob {
+		t.Fatalf("ListBlobs entry %+v", l[0])
+	}
+	if p := l[3]; p.Kind != blobstore.PageBlob || p.Size != 4096 || p.Metadata["idx"] != "p" {
+		t.Fatalf("ListBlobs page blob entry %+v", p)
+	}
+	l, err = s.ListBlobs(ctx, "")
+	ok(t, err, "ListBlobs all")
+	if len(l) != 6 {
+		t.Fatalf("ListBlobs(\"\") returned %d blobs, want 6", len(l))
+	}
+}
+
+func testMetadata(t *testing.T, s blobstore.Store) {
+	ctx := ctxT(t)
+	wantNotFound(t, s.SetMetadata(ctx, "missing", blobstore.Metadata{"a": "b"}), "SetMetadata of missing blob")
+	ok(t, s.PutBlob(ctx, "m", []byte("x"), blobstore.Metadata{"Keep": "no", "Disk_ID": "disk-7"}), "PutBlob")
+	info, err := s.Stat(ctx, "m")
+	ok(t, err, "Stat")
+	if info.Metadata["disk_id"] != "disk-7" || info.Metadata["keep"] != "no" || len(info.Metadata) != 2 {
+		t.Fatalf("metadata %v, want lower-cased names", info.Metadata)
+	}
+	ok(t, s.SetMetadata(ctx, "m", blobstore.Metadata{"state": "applied"}), "SetMetadata")
+	info, err = s.Stat(ctx, "m")
+	ok(t, err, "Stat")
+	if len(info.Metadata) != 1 || info.Metadata["state"] != "applied" {
+		t.Fatalf("after SetMetadata: %v, want exactly state=applied", info.Metadata)
+	}
+	got, err := s.GetBlob(ctx, "m")
+	ok(t, err, "GetBlob")
+	if string(got) != "x" {
+		t.Fatalf("SetMetadata changed content to %q", got)
+	}
+	for _, bad := range []blobstore.Metadata{
+		{"1abc": "x"}, {"a-b": "x"}, {"": "x"}, {"a": " lead"}, {"a": "tab\t"}, {"a": "nl\nx"}, {"a": "é"},
+		{"big": string(bytes.Repeat([]byte("x"), blobstore.MaxMetadataSize))},
+	} {
+		wantErr(t, s.SetMetadata(ctx, "m", bad), blobstore.ErrInvalid, "SetMetadata(%q)", bad)
+		wantErr(t, s.PutBlob(ctx, "m2", nil, bad), blobstore.ErrInvalid, "PutBlob with metadata %q", bad)
+	}
+}
+
+func testPageBlob(t *testing.T, s blobstore.Store, opts Options) {
+	ctx := ctxT(t)
+	for _, size := range []int64{1000, -512, blobstore.MaxPageBlobSize + ps} {
+		wantErr(t, s.CreatePageBlob(ctx, "bad", size, nil), blobstore.ErrInvalid, "CreatePageBlob(size %d)", size)
+	}
+	wantNotFound(t, s.WritePages(ctx, "missing", 0, make([]byte, ps)), "WritePages to missing blob")
+	wantNotFound(t, s.ReadPages(ctx, "missing", "", 0, make([]byte, ps)), "ReadPages of missing blob")
+
+	const size = 1 << 20
+	ok(t, s.CreatePageBlob(ctx, "disk", size, blobstore.Metadata{"disk": "0"}), "CreatePageBlob")
+	info, err := s.Stat(ctx, "disk")
+	ok(t, err, "Stat")
+	if info.Kind != blobstore.PageBlob || info.Size != size || info.Metadata["disk"] != "0" {
+		t.Fatalf("Stat = %+v", info)
+	}
+	buf := make([]byte, 8192)
+	ok(t, s.ReadPages(ctx, "disk", "", 0, buf), "ReadPages of fresh blob")
+	if !allZero(buf) {
+		t.Fatal("fresh page blob does not read as zeros")
+	}
+
+	data := Random(3, 8192)
+	ok(t, s.WritePages(ctx, "disk", 4096, data), "WritePages")
+	got := make([]byte, 16384)
+	ok(t, s.ReadPages(ctx, "disk", "", 0, got), "ReadPages")
+	if !allZero(got[:4096]) || !bytes.Equal(got[4096:12288], data) || !allZero(got[12288:]) {
+		t.Fatal("ReadPages does not return written data surrounded by zeros")
+	}
+	// Last page of the blob.
+	ok(t, s.WritePages(ctx, "disk", size-ps, data[:ps]), "WritePages last page")
+	ok(t, s.ReadPages(ctx, "disk", "", size-ps, got[:ps]), "ReadPages last page")
+	if !bytes.Equal(got[:ps], data[:ps]) {
+		t.Fatal("last page mismatch")
+	}
+
+	for _, c := range []struct{ off, n int64 }{{100, ps}, {0, 100}, {-ps, ps}} {
+		wantErr(t, s.WritePages(ctx, "disk", c.off, make([]byte, c.n)), blobstore.ErrInvalid, "WritePages(off %d, len %d)", c.off, c.n)
+		wantErr(t, s.ReadPages(ctx, "disk", "", c.off, make([]byte, c.n)), blobstore.ErrInvalid, "ReadPages(off %d, len %d)", c.off, c.n)
+		wantErr(t, s.ClearPages(ctx, "disk", c.off, c.n), blobstore.ErrInvalid, "ClearPages(off %d, len %d)", c.off, c.n)
+	}
+	if !opts.LaxWriteBounds {
+		wantErr(t, s.WritePages(ctx, "disk", size-ps, make([]byte, 2*ps)), blobstore.ErrInvalid, "WritePages across end")
+	}
+	wantErr(t, s.WritePages(ctx, "disk", size, make([]byte, ps)), blobstore.ErrInvalid, "WritePages at end")
+	wantErr(t, s.ReadPages(ctx, "disk", "", size-ps, make([]byte, 2*ps)), blobstore.ErrInvalid, "ReadPages beyond end")
+	wantErr(t, s.ReadPages(ctx, "disk", "", size, make([]byte, ps)), blobstore.ErrInvalid, "ReadPages at end")
+
+	ok(t, s.ClearPages(ctx, "disk", 4096+ps, 2*ps), "ClearPages")
+	ok(t, s.ReadPages(ctx, "disk", "", 4096, got[:8192]), "ReadPages after clear")
+	if !bytes.Equal(got[:ps], data[:ps]) || !allZero(got[ps:3*ps]) || !bytes.Equal(got[3*ps:8192], data[3*ps:]) {
+		t.Fatal("ClearPages did not zero exactly the cleared range")
+	}
+
+	// A page blob may be created at the 8 TiB limit; it is sparse.
+	ok(t, s.CreatePageBlob(ctx, "huge", blobstore.MaxPageBlobSize, nil), "CreatePageBlob(8 TiB)")
+	ok(t, s.WritePages(ctx, "huge", blobstore.MaxPageBlobSize-4096, data[:4096]), "WritePages at end of 8 TiB blob")
+	ok(t, s.ReadPages(ctx, "huge", "", blobstore.MaxPageBlobSize-8192, got[:8192]), "ReadPages at end of 8 TiB blob")
+	if !allZero(got[:4096]) || !bytes.Equal(got[4096:8192], data[:4096]) {
+		t.Fatal("8 TiB blob: wrong data near the end")
+	}
+
+	// CreatePageBlob replaces an existing blob.
+	ok(t, s.CreatePageBlob(ctx, "disk", size, nil), "CreatePageBlob over existing")
+	ok(t, s.ReadPages(ctx, "disk", "", 4096, got[:8192]), "ReadPages after re-create")
+	if !allZero(got[:8192]) {
+		t.Fatal("re-created page blob kept old data")
+	}
+
+	ok(t, s.DeleteBlob(ctx, "disk"), "DeleteBlob page blob")
+	wantNotFound(t, s.ReadPages(ctx, "disk", "", 0, got[:ps]), "ReadPages after delete")
+}
+
+func testPageBlobLargeWrite(t *testing.T, s blobstore.Store) {
+	ctx := ctxT(t)
+	const size = 16 << 20
+	ok(t, s.CreatePageBlob(ctx, "big", size, nil), "CreatePageBlob")
+	// Crosses two MaxPutPage boundaries and starts unaligned to them.
+	data := Random(4, 2*blobstore.MaxPutPage+3*ps)
+	off := int64(blobstore.MaxPutPage - ps)
+	ok(t, s.WritePages(ctx, "big", off, data), "WritePages %d bytes", len(data))
+	got := make([]byte, len(data))
+	ok(t, s.ReadPages(ctx, "big", "", off, got), "ReadPages")
+	if !bytes.Equal(got, data) {
+		t.Fatal("large write does not read back")
+	}
+	rs, err := s.GetPageRanges(ctx, "big", "", 0, 0)
+	ok(t, err, "GetPageRanges")
+	if want := []blobstore.PageRange{rng(off, int64(len(data)))}; !slices.Equal(rs, want) {
+		t.Fatalf("GetPageRanges after large write = %v, want %v (coalesced)", rs, want)
+	}
+}
+
+func testPageRanges(t *testing.T, s blobstore.Store) {
+	ctx := ctxT(t)
+	_, err := s.GetPageRanges(ctx, "missing", "", 0, 0)
+	wantNotFound(t, err, "GetPageRanges of missing blob")
+	const size = 1 << 30 // sparse: nothing is transferred for unwritten pages
+	ok(t, s.CreatePageBlob(ctx, "sparse", size, nil), "CreatePageBlob")
+	rs, err := s.GetPageRanges(ctx, "sparse", "", 0, 0)
+	ok(t, err, "GetPageRanges empty")
+	if len(rs) != 0 {
+		t.Fatalf("fresh blob has ranges %v", rs)
+	}
+	page := Random(5, 64<<10)
+	// Two adjacent writes (must coalesce), one distant, one zero-filled
+	// (zeros written are still valid pages).
+	ok(t, s.WritePages(ctx, "sparse", 1<<20, page), "WritePages")
+	ok(t, s.WritePages(ctx, "sparse", 1<<20+64<<10, page), "WritePages adjacent")
+	ok(t, s.WritePages(ctx, "sparse", 512<<20, page[:ps]), "WritePages distant")
+	ok(t, s.WritePages(ctx, "sparse", size-ps, make([]byte, ps)), "WritePages zeros")
+	rs, err = s.GetPageRanges(ctx, "sparse", "", 0, 0)
+	ok(t, err, "GetPageRanges")
+	want := []blobstore.PageRange{rng(1<<20, 128<<10), rng(512<<20, ps), rng(size-ps, ps)}
+	if !slices.Equal(rs, want) {
+		t.Fatalf("GetPageRanges = %v, want %v", rs, want)
+	}
+	// Sub-range: clipped at both ends.
+	rs, err = s.GetPageRanges(ctx, "sparse", "", 1<<20+4096, 512<<20)
+	ok(t, err, "GetPageRanges sub-range")
+	want = []blobstore.PageRange{rng(1<<20+4096, 128<<10-4096), rng(512<<20, ps)}
+	if !slices.Equal(rs, want) {
+		t.Fatalf("GetPageRanges(sub-range) = %v, want %v", rs, want)
+	}
+	rs, err = s.GetPageRanges(ctx, "sparse", "", 1<<20+8192, 4096)
+	ok(t, err, "GetPageRanges inside one range")
+	if want := []blobstore.PageRange{rng(1<<20+8192, 4096)}; !slices.Equal(rs, want) {
+		t.Fatalf("GetPageRanges(inside) = %v, want %v", rs, want)
+	}
+	// Clearing the middle splits the range.
+	ok(t, s.ClearPages(ctx, "sparse", 1<<20+32<<10, 64<<10), "ClearPages")
+	rs, err = s.GetPageRanges(ctx, "sparse", "", 0, 2<<20)
+	ok(t, err, "GetPageRanges after clear")
+	want = []blobstore.PageRange{rng(1<<20, 32<<10), rng(1<<20+96<<10, 32<<10)}
+	if !slices.Equal(rs, want) {
+		t.Fatalf("GetPageRanges after ClearPages = %v, want %v", rs, want)
+	}
+	_, err = s.GetPageRanges(ctx, "sparse", "", size-ps, 2*ps)
+	wantErr(t, err, blobstore.ErrInvalid, "GetPageRanges beyond end")
+	_, err = s.GetPageRanges(ctx, "sparse", "", 100, ps)
+	wantErr(t, err, blobstore.ErrInvalid, "GetPageRanges misaligned")
+}
+
+func testResize(t *testing.T, s blobstore.Store) {
+	ctx := ctxT(t)
+	wantNotFound(t, s.ResizePageBlob(ctx, "missing", 4096), "ResizePageBlob of missing blob")
+	ok(t, s.CreatePageBlob(ctx, "d", 8192, nil), "CreatePageBlob")
+	data := Random(6, 8192)
+	ok(t, s.WritePages(ctx, "d", 0, data), "WritePages")
+	wantErr(t, s.ResizePageBlob(ctx, "d", 1000), blobstore.ErrInvalid, "ResizePageBlob unaligned")
+
+	ok(t, s.ResizePageBlob(ctx, "d", 4096), "shrink")
+	wantErr(t, s.ReadPages(ctx, "d", "", 4096, make([]byte, ps)), blobstore.ErrInvalid, "ReadPages beyond shrunk end")
+	ok(t, s.ResizePageBlob(ctx, "d", 16384), "grow")
+	info, err := s.Stat(ctx, "d")
+	ok(t, err, "Stat")
+	if info.Size != 16384 {
+		t.Fatalf("size after resize = %d", info.Size)
+	}
+	got := make([]byte, 16384)
+	ok(t, s.ReadPages(ctx, "d", "", 0, got), "ReadPages after grow")
+	if !bytes.Equal(got[:4096], data[:4096]) || !allZero(got[4096:]) {
+		t.Fatal("shrink+grow must keep the head and zero the discarded tail")
+	}
+	rs, err := s.GetPageRanges(ctx, "d", "", 0, 0)
+	ok(t, err, "GetPageRanges")
+	if want := []blobstore.PageRange{rng(0, 4096)}; !slices.Equal(rs, want) {
+		t.Fatalf("ranges after shrink+grow = %v, want %v", rs, want)
+	}
+}
+
+func testSnapshots(t *testing.T, s blobstore.Store) {
+	ctx := ctxT(t)
+	_, err := s.Snapshot(ctx, "missing", nil)
+	wantNotFound(t, err, "Snapshot of missing blob")
+	l, err := s.ListSnapshots(ctx, "missing")
+	ok(t, err, "ListSnapshots of missing blob")
+	if len(l) != 0 {
+		t.Fatalf("ListSnapshots(missing) = %v", l)
+	}
+
+	const size = 64 << 10
+	ok(t, s.CreatePageBlob(ctx, "vm/disk0", size, blobstore.Metadata{"owner": "vm"}), "CreatePageBlob")
+	// A blob whose name extends ours must not show up in our snapshots.
+	ok(t, s.CreatePageBlob(ctx, "vm/disk01", size, nil), "CreatePageBlob sibling")
+	_, err = s.Snapshot(ctx, "vm/disk01", nil)
+	ok(t, err, "Snapshot sibling")
+
+	v1 := Random(7, 8192)
+	ok(t, s.WritePages(ctx, "vm/disk0", 0, v1), "WritePages v1")
+	rp1, err := s.Snapshot(ctx, "vm/disk0", blobstore.Metadata{"rp": "1", "Consistency": "crash"})
+	ok(t, err, "Snapshot 1")
+	if rp1.ID == "" || rp1.Metadata["rp"] != "1" || rp1.Metadata["consistency"] != "crash" || len(rp1.Metadata) != 2 {
+		t.Fatalf("Snapshot 1 = %+v", rp1)
+	}
+	if d := time.Since(rp1.Time); d > time.Hour || d < -time.Hour {
+		t.Fatalf("snapshot time %v not close to now", rp1.Time)
+	}
+	v2 := Random(8, 4096)
+	ok(t, s.WritePages(ctx, "vm/disk0", 4096, v2), "WritePages v2")
+	ok(t, s.ClearPages(ctx, "vm/disk0", 0, ps), "ClearPages")
+	ok(t, s.WritePages(ctx, "vm/disk0", 32<<10, v2), "WritePages v2 elsewhere")
+	rp2, err := s.Snapshot(ctx, "vm/disk0", nil) // inherits blob metadata
+	ok(t, err, "Snapshot 2")
+	if len(rp2.Metadata) != 1 || rp2.Metadata["owner"] != "vm" {
+		t.Fatalf("Snapshot without metadata carries %v, want the blob's {owner: vm}", rp2.Metadata)
+	}
+	if rp2.ID == rp1.ID || !rp2.Time.After(rp1.Time) {
+		t.Fatalf("snapshot ids/times not increasing: %+v then %+v", rp1, rp2)
+	}
+	// Change the live blob after the last snapshot.
+	ok(t, s.WritePages(ctx, "vm/disk0", 0, make([]byte, 8192)), "WritePages zeros")
+
+	got := make([]byte, 8192)
+	ok(t, s.ReadPages(ctx, "vm/disk0", rp1.ID, 0, got), "ReadPages at rp1")
+	if !bytes.Equal(got, v1) {
+		t.Fatal("snapshot 1 content changed by later writes")
+	}
+	ok(t, s.ReadPages(ctx, "vm/disk0", rp2.ID, 0, got), "ReadPages at rp2")
+	want := slices.Concat(make([]byte, ps), v1[ps:4096], v2)
+	if !bytes.Equal(got, want) {
+		t.Fatal("snapshot 2 content wrong")
+	}
+	rs, err := s.GetPageRanges(ctx, "vm/disk0", rp1.ID, 0, 0)
+	ok(t, err, "GetPageRanges at rp1")
+	if w := []blobstore.PageRange{rng(0, 8192)}; !slices.Equal(rs, w) {
+		t.Fatalf("ranges at rp1 = %v, want %v", rs, w)
+	}
+	rs, err = s.GetPageRanges(ctx, "vm/disk0", rp2.ID, 0, 0)
+	ok(t, err, "GetPageRanges at rp2")
+	if w := []blobstore.PageRange{rng(ps, 8192-ps), rng(32<<10, 4096)}; !slices.Equal(rs, w) {
+		t.Fatalf("ranges at rp2 = %v, want %v", rs, w)
+	}
+
+	l, err = s.ListSnapshots(ctx, "vm/disk0")
+	ok(t, err, "ListSnapshots")
+	if len(l) != 2 || l[0].ID != rp1.ID || l[1].ID != rp2.ID || l[0].Metadata["rp"] != "1" || l[1].Metadata["owner"] != "vm" {
+		t.Fatalf("ListSnapshots = %+v, want [rp1 rp2] with metadata", l)
+	}
+	if !l[0].Time.Equal(rp1.Time) {
+		t.Fatalf("listed time %v != created time %v", l[0].Time, rp1.Time)
+	}
+
+	ok(t, s.DeleteSnapshot(ctx, "vm/disk0", rp1.ID), "DeleteSnapshot")
+	wantNotFound(t, s.DeleteSnapshot(ctx, "vm/disk0", rp1.ID), "DeleteSnapshot twice")
+	wantNotFound(t, s.ReadPages(ctx, "vm/disk0", rp1.ID, 0, got), "ReadPages of deleted snapshot")
+	l, err = s.ListSnapshots(ctx, "vm/disk0")
+	ok(t, err, "ListSnapshots")
+	if len(l) != 1 || l[0].ID != rp2.ID {
+		t.Fatalf("after delete ListSnapshots = %+v", l)
+	}
+	// Snapshot of another blob is not found under this name.
+	sib, err := s.ListSnapshots(ctx, "vm/disk01")
+	ok(t, err, "ListSnapshots sibling")
+	if len(sib) != 1 {
+		t.Fatalf("sibling has %d snapshots", len(sib))
+	}
+
+	ok(t, s.DeleteBlob(ctx, "vm/disk0"), "DeleteBlob with snapshots")
+	l, err = s.ListSnapshots(ctx, "vm/disk0")
+	ok(t, err, "ListSnapshots after DeleteBlob")
+	if len(l) != 0 {
+		t.Fatalf("DeleteBlob left snapshots %v", l)
+	}
+}
+
+func testCopyFromSnapshot(t *testing.T, s blobstore.Store) {
+	ctx := ctxT(t)
+	const size = 4 << 20
+	ok(t, s.CreatePageBlob(ctx, "replica", size, blobstore.Metadata{"disk": "0"}), "CreatePageBlob")
+	a, b := Random(9, 8192), Random(10, 4096)
+	ok(t, s.WritePages(ctx, "replica", 0, a), "WritePages")
+	ok(t, s.WritePages(ctx, "replica", 2<<20, b), "WritePages")
+	rp, err := s.Snapshot(ctx, "replica", blobstore.Metadata{"rp": "7"})
+	ok(t, err, "Snapshot")
+	ok(t, s.WritePages(ctx, "replica", 0, make([]byte, 8192)), "WritePages after snapshot")
+
+	wantNotFound(t, s.CopyFromSnapshot(ctx, "replica", "2001-01-01T00:00:00.0000000Z", "x", nil), "CopyFromSnapshot of missing snapshot")
+
+	ok(t, s.CopyFromSnapshot(ctx, "replica", rp.ID, "failover/disk0", blobstore.Metadata{"test_failover": "1"}), "CopyFromSnapshot")
+	info, err := s.Stat(ctx, "failover/disk0")
+	ok(t, err, "Stat copy")
+	if info.Kind != blobstore.PageBlob || info.Size != size || len(info.Metadata) != 1 || info.Metadata["test_failover"] != "1" {
+		t.Fatalf("copy Stat = %+v", info)
+	}
+	got := make([]byte, 8192)
+	ok(t, s.ReadPages(ctx, "failover/disk0", "", 0, got), "ReadPages copy")
+	if !bytes.Equal(got, a) {
+		t.Fatal("copy does not hold the snapshot's content")
+	}
+	ok(t, s.ReadPages(ctx, "failover/disk0", "", 2<<20, got[:4096]), "ReadPages copy")
+	if !bytes.Equal(got[:4096], b) {
+		t.Fatal("copy does not hold the snapshot's content (second range)")
+	}
+	rs, err := s.GetPageRanges(ctx, "failover/disk0", "", 0, 0)
+	ok(t, err, "GetPageRanges copy")
+	if w := []blobstore.PageRange{rng(0, 8192), rng(2<<20, 4096)}; !slices.Equal(rs, w) {
+		t.Fatalf("copy ranges = %v, want %v (sparse preserved)", rs, w)
+	}
+	// The copy is independent of the source.
+	ok(t, s.WritePages(ctx, "failover/disk0", 0, make([]byte, ps)), "WritePages copy")
+	ok(t, s.ReadPages(ctx, "replica", rp.ID, 0, got), "ReadPages snapshot")
+	if !bytes.Equal(got, a) {
+		t.Fatal("writing the copy changed the snapshot")
+	}
+	// Without metadata the copy carries the snapshot's.
+	ok(t, s.CopyFromSnapshot(ctx, "replica", rp.ID, "failover/disk0", nil), "CopyFromSnapshot over existing")
+	info, err = s.Stat(ctx, "failover/disk0")
+	ok(t, err, "Stat copy")
+	if len(info.Metadata) != 1 || info.Metadata["rp"] != "7" {
+		t.Fatalf("copy without metadata carries %v, want the snapshot's {rp: 7}", info.Metadata)
+	}
+	ok(t, s.ReadPages(ctx, "failover/disk0", "", 0, got), "ReadPages copy")
+	if !bytes.Equal(got, a) {
+		t.Fatal("re-copy did not replace the content")
+	}
+}
+
+func testConcurrentWrites(t *testing.T, s blobstore.Store) {
+	ctx := ctxT(t)
+	const workers, chunk = 4, 64 << 10
+	ok(t, s.CreatePageBlob(ctx, "conc", workers*chunk, nil), "CreatePageBlob")
+	var wg sync.WaitGroup
+	errs := make([]error, workers)
+	for w := range workers {
+		wg.Go(func() {
+			errs[w] = s.WritePages(ctx, "conc", int64(w*chunk), Random(uint64(100+w), chunk))
+		})
+	}
+	wg.Wait()
+	for _, err := range errs {
+		ok(t, err, "concurrent WritePages")
+	}
+	got := make([]byte, workers*chunk)
+	ok(t, s.ReadPages(ctx, "conc", "", 0, got), "ReadPages")
+	for w := range workers {
+		if !bytes.Equal(got[w*chunk:(w+1)*chunk], Random(uint64(100+w), chunk)) {
+			t.Fatalf("worker %d's range is wrong", w)
+		}
+	}
+}
+
+func allZero(b []byte) bool {
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+func rng(off, n int64) blobstore.PageRange { return blobstore.PageRange{Offset: off, Length: n} }

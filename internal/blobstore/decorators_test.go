@@ -1,0 +1,319 @@
+package blobstore_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore/blobstoretest"
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore/mem"
+)
+
+// fast retries for tests.
+var fastRetry = blobstore.RetryConfig{InitialInterval: 5 * time.Millisecond, MaxInterval: 20 * time.Millisecond}
+
+func newFaulty(t *testing.T) (*blobstoretest.Faulty, *mem.Store) {
+	t.Helper()
+	m := mem.New()
+	if err := m.EnsureContainer(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	return blobstoretest.NewFaulty(m), m
+}
+
+func TestRetryRecoversFromFailedCalls(t *testing.T) {
+	f, m := newFaulty(t)
+	s := blobstore.WithRetry(f, fastRetry)
+	f.FailNth(1)
+	f.FailNth(2)
+	ctx := context.Background()
+	if err := s.PutBlob(ctx, "seg", []byte("data"), nil); err != nil {
+		t.Fatalf("PutBlob through 2 failures: %v", err)
+	}
+	if f.Calls() != 3 {
+		t.Fatalf("calls = %d, want 3", f.Calls())
+	}
+	if got, err := m.GetBlob(ctx, "seg"); err != nil || string(got) != "data" {
+		t.Fatalf("stored %q, %v", got, err)
+	}
+}
+
+func TestRetryDoesNotRetryPermanentErrors(t *testing.T) {
+	f, _ := newFaulty(t)
+	s := blobstore.WithRetry(f, fastRetry)
+	ctx := context.Background()
+	if _, err := s.GetBlob(ctx, "missing"); !blobstore.IsNotFound(err) || f.Calls() != 1 {
+		t.Fatalf("GetBlob(missing): err=%v calls=%d, want not found after 1 call", err, f.Calls())
+	}
+	if err := s.WritePages(ctx, "x", 3, make([]byte, 512)); !errors.Is(err, blobstore.ErrInvalid) || f.Calls() != 2 {
+		t.Fatalf("misaligned WritePages: err=%v calls=%d, want ErrInvalid after 1 call", err, f.Calls())
+	}
+	denied := errors.New("403 AuthorizationFailure")
+	f.SetError(blobstore.Permanent(denied))
+	f.FailNth(3)
+	if err := s.PutBlob(ctx, "b", nil, nil); !errors.Is(err, denied) || f.Calls() != 3 {
+		t.Fatalf("permanent failure: err=%v calls=%d, want it returned after 1 call", err, f.Calls())
+	}
+}
+
+func TestRetryRidesOutOutage(t *testing.T) {
+	f, _ := newFaulty(t)
+	s := blobstore.WithRetry(f, fastRetry)
+	f.FailFor(300 * time.Millisecond)
+	start := time.Now()
+	if err := s.PutBlob(context.Background(), "seg", []byte("x"), nil); err != nil {
+		t.Fatalf("PutBlob across a 300 ms outage: %v", err)
+	}
+	if d := time.Since(start); d < 300*time.Millisecond {
+		t.Fatalf("succeeded after %v, during the outage", d)
+	}
+	if f.Failures() < 5 {
+		t.Fatalf("only %d failed attempts in a 300 ms outage with <= 20 ms backoff", f.Failures())
+	}
+}
+
+func TestRetryGivesUpAfterMaxElapsed(t *testing.T) {
+	f, _ := newFaulty(t)
+	cfg := fastRetry
+	cfg.MaxElapsed = 200 * time.Millisecond
+	s := blobstore.WithRetry(f, cfg)
+	f.FailFor(time.Hour)
+	start := time.Now()
+	err := s.PutBlob(context.Background(), "seg", []byte("x"), nil)
+	if !errors.Is(err, blobstoretest.ErrInjected) {
+		t.Fatalf("err = %v, want the last injected error", err)
+	}
+	if d := time.Since(start); d > time.Second || d < 150*time.Millisecond {
+		t.Fatalf("gave up after %v, want ~200 ms", d)
+	}
+}
+
+func TestRetryStopsWhenContextDone(t *testing.T) {
+	f, _ := newFaulty(t)
+	cfg := fastRetry
+	cfg.MaxElapsed = -1 // only ctx bounds it
+	s := blobstore.WithRetry(f, cfg)
+	f.FailFor(time.Hour)
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	err := s.PutBlob(ctx, "seg", []byte("x"), nil)
+	if !errors.Is(err, context.DeadlineExceeded) || !errors.Is(err, blobstoretest.ErrInjected) {
+		t.Fatalf("err = %v, want DeadlineExceeded wrapping the last failure", err)
+	}
+}
+
+func TestRetryDeleteWithLostReply(t *testing.T) {
+	f, m := newFaulty(t)
+	s := blobstore.WithRetry(f, fastRetry)
+	ctx := context.Background()
+	if err := s.PutBlob(ctx, "seg", []byte("x"), nil); err != nil { // call 1
+		t.Fatal(err)
+	}
+	f.LoseReplyNth(2)
+	if err := s.DeleteBlob(ctx, "seg"); err != nil {
+		t.Fatalf("DeleteBlob whose first reply was lost: %v, want success", err)
+	}
+	if _, err := m.Stat(ctx, "seg"); !blobstore.IsNotFound(err) {
+		t.Fatalf("blob still there: %v", err)
+	}
+	// Without an earlier failure, deleting a missing blob is NotFound.
+	if err := s.DeleteBlob(ctx, "seg"); !blobstore.IsNotFound(err) {
+		t.Fatalf("DeleteBlob(missing) = %v, want not found", err)
+	}
+}
+
+func TestRetryPassesEOFThrough(t *testing.T) {
+	f, _ := newFaulty(t)
+	s := blobstore.WithRetry(f, fastRetry)
+	ctx := context.Background()
+	if err := s.PutBlob(ctx, "b", []byte("abc"), nil); err != nil {
+		t.Fatal(err)
+	}
+	p := make([]byte, 10)
+	n, err := s.GetBlobRange(ctx, "b", 1, p)
+	if n != 2 || err != io.EOF || f.Calls() != 2 {
+		t.Fatalf("GetBlobRange at end: n=%d err=%v calls=%d, want 2, io.EOF, no retry", n, err, f.Calls())
+	}
+}
+
+// recorder captures log records.
+type recorder struct {
+	mu      sync.Mutex
+	records []slog.Record
+}
+
+func (r *recorder) Enabled(context.Context, slog.Level) bool { return true }
+func (r *recorder) Handle(_ context.Context, rec slog.Record) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.records = append(r.records, rec.Clone())
+	return nil
+}
+func (r *recorder) WithAttrs([]slog.Attr) slog.Handler { return r }
+func (r *recorder) WithGroup(string) slog.Handler      { return r }
+
+func (r *recorder) attr(msg, key string) []slog.Value {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []slog.Value
+	for _, rec := range r.records {
+		if rec.Message != msg {
+			continue
+		}
+		rec.Attrs(func(a slog.Attr) bool {
+			if a.Key == key {
+				out = append(out, a.Value)
+			}
+			return true
+		})
+	}
+	return out
+}
+
+func TestRetryBackoffSchedule(t *testing.T) {
+	f, _ := newFaulty(t)
+	rec := &recorder{}
+	s := blobstore.WithRetry(f, blobstore.RetryConfig{
+		InitialInterval: 2 * time.Millisecond, MaxInterval: 8 * time.Millisecond, Multiplier: 2,
+		Jitter: -1, Logger: slog.New(rec),
+	})
+	for i := 1; i <= 5; i++ {
+		f.FailNth(i)
+	}
+	if err := s.PutBlob(context.Background(), "b", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	var waits []time.Duration
+	for _, v := range rec.attr("blobstore: retrying", "wait") {
+		waits = append(waits, v.Duration())
+	}
+	want := []time.Duration{2, 4, 8, 8, 8}
+	for i := range want {
+		want[i] *= time.Millisecond
+	}
+	if !slices.Equal(waits, want) {
+		t.Fatalf("waits = %v, want %v (exponential, capped)", waits, want)
+	}
+
+	// With jitter the waits spread around the interval.
+	rec2 := &recorder{}
+	s = blobstore.WithRetry(f, blobstore.RetryConfig{InitialInterval: time.Millisecond, MaxInterval: time.Millisecond,
+		Jitter: 0.5, Logger: slog.New(rec2)})
+	f.FailFor(50 * time.Millisecond)
+	if err := s.PutBlob(context.Background(), "b", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	seen := map[time.Duration]bool{}
+	for _, v := range rec2.attr("blobstore: retrying", "wait") {
+		d := v.Duration()
+		if d < 500*time.Microsecond || d > 1500*time.Microsecond {
+			t.Fatalf("jittered wait %v outside [0.5, 1.5] ms", d)
+		}
+		seen[d] = true
+	}
+	if len(seen) < 3 {
+		t.Fatalf("jitter produced only %d distinct waits", len(seen))
+	}
+}
+
+func TestWriteLimit(t *testing.T) {
+	f, m := newFaulty(t)
+	ctx := context.Background()
+	if err := m.CreatePageBlob(ctx, "d", 4<<20, nil); err != nil {
+		t.Fatal(err)
+	}
+	const burst = 256 << 10
+	s := blobstore.WithWriteLimit(f, 4<<20, burst) // 4 MiB/s
+	data := blobstoretest.Random(1, 1<<20)
+	start := time.Now()
+	if err := s.WritePages(ctx, "d", 0, data); err != nil {
+		t.Fatal(err)
+	}
+	// The first burst is free; the remaining 768 KiB take 187.5 ms.
+	if d := time.Since(start); d < 170*time.Millisecond || d > 2*time.Second {
+		t.Fatalf("1 MiB at 4 MiB/s with 256 KiB burst took %v, want ~190 ms", d)
+	}
+	if f.Calls() != 4 {
+		t.Fatalf("WritePages reached the store in %d calls, want 4 chunks of the burst size", f.Calls())
+	}
+	got := make([]byte, len(data))
+	if err := m.ReadPages(ctx, "d", "", 0, got); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("chunked write does not read back (err %v)", err)
+	}
+	start = time.Now()
+	if err := s.PutBlob(ctx, "b", make([]byte, 512<<10), nil); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d < 100*time.Millisecond {
+		t.Fatalf("512 KiB PutBlob at 4 MiB/s after the bucket emptied took %v, want ~125 ms", d)
+	}
+	// Reads are not limited.
+	start = time.Now()
+	for range 20 {
+		if err := s.ReadPages(ctx, "d", "", 0, got); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if d := time.Since(start); d > 100*time.Millisecond {
+		t.Fatalf("reads were throttled: %v", d)
+	}
+}
+
+func TestLoggingHasNoSecrets(t *testing.T) {
+	var buf bytes.Buffer
+	log := slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	m := mem.New()
+	s := blobstore.WithLogging(m, log)
+	ctx := context.Background()
+	_ = s.EnsureContainer(ctx)
+	if err := s.PutBlob(ctx, "journal/7", []byte("abc"), blobstore.Metadata{"token": "s3cr3t"}); err != nil {
+		t.Fatal(err)
+	}
+	_, _ = s.GetBlob(ctx, "missing")
+	out := buf.String()
+	for _, want := range []string{"op=put-blob", "blob=journal/7", "bytes=3", "op=get-blob", "blob=missing", "err="} {
+		if !strings.Contains(out, want) {
+			t.Fatalf("log lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "s3cr3t") {
+		t.Fatalf("log contains a metadata value:\n%s", out)
+	}
+}
+
+func TestStackRetriesOnlyTheFailedChunk(t *testing.T) {
+	f, m := newFaulty(t)
+	ctx := context.Background()
+	if err := m.CreatePageBlob(ctx, "d", 16<<20, nil); err != nil {
+		t.Fatal(err)
+	}
+	s := blobstore.Stack(f, blobstore.StackConfig{Retry: fastRetry})
+	f.FailNth(2)
+	data := blobstoretest.Random(2, 2*blobstore.MaxPutPage+4096) // 3 chunks
+	if err := s.WritePages(ctx, "d", 0, data); err != nil {
+		t.Fatal(err)
+	}
+	if f.Calls() != 4 {
+		t.Fatalf("store saw %d calls, want 3 chunks + 1 retry of the failed chunk", f.Calls())
+	}
+	got := make([]byte, len(data))
+	if err := m.ReadPages(ctx, "d", "", 0, got); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("data does not read back (err %v)", err)
+	}
+}
+
+// The decorated stack is still a conforming Store.
+func TestStackConformance(t *testing.T) {
+	blobstoretest.Run(t, func(t *testing.T) blobstore.Store {
+		return blobstore.Stack(mem.New(), blobstore.StackConfig{Retry: fastRetry, WriteBytesPerSec: 1 << 30,
+			Logger: slog.New(slog.DiscardHandler)})
+	}, blobstoretest.Options{})
+}

@@ -1,0 +1,72 @@
+package blobstore
+
+import (
+	"context"
+	"fmt"
+
+	"golang.org/x/time/rate"
+)
+
+// WithWriteLimit returns s with the bytes it uploads (PutBlob, WritePages)
+// limited to bytesPerSec on average by a token bucket of burst bytes
+// (default MaxPutPage). bytesPerSec <= 0 means unlimited.
+//
+// WritePages is split into requests of at most min(burst, MaxPutPage)
+// bytes, each admitted by the bucket just before it is sent, so a large
+// write is paced rather than sent in one burst after a long wait, and a
+// decorator below (WithRetry in Stack) retries a failed chunk alone.
+// Reads, metadata operations and server-side copies are not limited.
+func WithWriteLimit(s Store, bytesPerSec float64, burst int) Store {
+	if burst <= 0 {
+		burst = MaxPutPage
+	}
+	burst = max(burst, PageSize)
+	lim := rate.NewLimiter(rate.Inf, burst)
+	if bytesPerSec > 0 {
+		lim = rate.NewLimiter(rate.Limit(bytesPerSec), burst)
+	}
+	chunk := min(burst, MaxPutPage) / PageSize * PageSize
+	return &limitStore{Store: s, lim: lim, chunk: chunk}
+}
+
+type limitStore struct {
+	Store // pass-through for everything but uploads
+	lim   *rate.Limiter
+	chunk int
+}
+
+// wait takes n tokens, in pieces no larger than the burst (WaitN rejects more).
+func (l *limitStore) wait(ctx context.Context, n int) error {
+	for n > 0 {
+		k := min(n, l.lim.Burst())
+		if err := l.lim.WaitN(ctx, k); err != nil {
+			return fmt.Errorf("blobstore: bandwidth limiter: %w", err)
+		}
+		n -= k
+	}
+	return nil
+}
+
+func (l *limitStore) PutBlob(ctx context.Context, name string, data []byte, md Metadata) error {
+	if err := l.wait(ctx, len(data)); err != nil {
+		return err
+	}
+	return l.Store.PutBlob(ctx, name, data, md)
+}
+
+func (l *limitStore) WritePages(ctx context.Context, name string, offset int64, data []byte) error {
+	if err := CheckPageRange(offset, int64(len(data))); err != nil {
+		return err
+	}
+	for len(data) > 0 {
+		n := min(len(data), l.chunk)
+		if err := l.wait(ctx, n); err != nil {
+			return err
+		}
+		if err := l.Store.WritePages(ctx, name, offset, data[:n]); err != nil {
+			return err
+		}
+		data, offset = data[n:], offset+int64(n)
+	}
+	return nil
+}

@@ -1,0 +1,131 @@
+package wire
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+)
+
+const (
+	readBufferSize = 32 << 10
+	// growStep is the first payload buffer size; beyond it the buffer grows
+	// only as payload bytes actually arrive (see readPayload).
+	growStep = 64 << 10
+)
+
+// Reader reads frames from a stream. It reuses one payload buffer, so Next
+// does not allocate once the buffer has grown to the largest frame seen.
+// A Reader is not safe for concurrent use.
+type Reader struct {
+	br  *bufio.Reader
+	max int
+	hdr [HeaderSize]byte
+	buf []byte
+	err error
+}
+
+// NewReader returns a Reader for r that rejects payloads larger than
+// maxPayload bytes; maxPayload <= 0 or > MaxPayload means MaxPayload. The
+// Reader buffers r, so it may read past the last frame it returns.
+func NewReader(r io.Reader, maxPayload int) *Reader {
+	if maxPayload <= 0 || maxPayload > MaxPayload {
+		maxPayload = MaxPayload
+	}
+	return &Reader{br: bufio.NewReaderSize(r, readBufferSize), max: maxPayload}
+}
+
+// Reset discards any state and makes the Reader read from r, keeping its
+// buffers.
+func (r *Reader) Reset(rd io.Reader) {
+	r.br.Reset(rd)
+	r.err = nil
+}
+
+// Next reads and verifies the next frame. The returned Payload aliases the
+// Reader's buffer and is valid only until the next call to Next or Reset;
+// copy whatever must outlive it.
+//
+// Next returns io.EOF, unwrapped, if the stream ends cleanly between frames.
+// Any other error means the stream can no longer be trusted (ErrBadMagic,
+// ErrVersion, ErrChecksum, ErrTooLarge, ErrTruncated, or the underlying
+// reader's error); it is sticky, and every later call returns it again.
+// Unknown frame types are returned, not rejected, so that callers can reply
+// with a protocol error that names them.
+func (r *Reader) Next() (Frame, error) {
+	if r.err != nil {
+		return Frame{}, r.err
+	}
+	f, err := r.next()
+	if err != nil {
+		r.err = err
+	}
+	return f, err
+}
+
+func (r *Reader) next() (Frame, error) {
+	h := r.hdr[:]
+	if _, err := io.ReadFull(r.br, h); err != nil {
+		if err == io.EOF {
+			return Frame{}, io.EOF
+		}
+		return Frame{}, readError("header", err)
+	}
+	if m := le.Uint32(h[0:]); m != Magic {
+		return Frame{}, fmt.Errorf("%w (got %#08x, want %#08x)", ErrBadMagic, m, Magic)
+	}
+	if v := h[4]; v != Version {
+		return Frame{}, fmt.Errorf("%w %d (this build speaks version %d)", ErrVersion, v, Version)
+	}
+	t := Type(h[5])
+	n := le.Uint32(h[8:])
+	// Checked before any allocation: the length is not yet covered by a
+	// verified CRC.
+	if uint64(n) > uint64(r.max) {
+		return Frame{}, fmt.Errorf("%w: %s frame claims %d bytes, limit %d", ErrTooLarge, t, n, r.max)
+	}
+	p, err := r.readPayload(int(n))
+	if err != nil {
+		return Frame{}, readError(t.String()+" payload", err)
+	}
+	crc := crc32.Update(crc32.Update(0, castagnoli, h[:12]), castagnoli, p)
+	if want := le.Uint32(h[12:]); crc != want {
+		return Frame{}, fmt.Errorf("%w (%s frame of %d bytes: header says %#08x, computed %#08x)", ErrChecksum, t, n, want, crc)
+	}
+	return Frame{Type: t, Flags: le.Uint16(h[6:]), Payload: p}, nil
+}
+
+// readPayload reads n bytes into r.buf. When the buffer must grow, it grows
+// step by step as bytes arrive instead of trusting the (not yet verified)
+// length, so a peer that lies about the length makes us hold at most about
+// twice what it actually sent, not MaxPayload.
+func (r *Reader) readPayload(n int) ([]byte, error) {
+	if n <= cap(r.buf) {
+		p := r.buf[:n]
+		_, err := io.ReadFull(r.br, p)
+		return p, err
+	}
+	p := r.buf[:0]
+	for len(p) < n {
+		if len(p) == cap(p) {
+			np := make([]byte, len(p), min(max(2*cap(p), growStep), n))
+			copy(np, p)
+			p = np
+			r.buf = np
+		}
+		m, err := io.ReadFull(r.br, p[len(p):cap(p)])
+		p = p[:len(p)+m]
+		if err != nil {
+			return nil, err
+		}
+	}
+	return p, nil
+}
+
+func readError(what string, err error) error {
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+		return fmt.Errorf("%w: stream ended inside the %s: %w", ErrTruncated, what, io.ErrUnexpectedEOF)
+	}
+	return fmt.Errorf("wire: read frame %s: %w", what, err)
+}

@@ -1,0 +1,124 @@
+// Package wire is the framing of the agent → process server replication
+// stream. A stream is a sequence of frames:
+//
+//	offset size  field
+//	0      4     magic "LBF1" (uint32 0x3146424c)
+//	4      1     frame version (Version)
+//	5      1     type (Type)
+//	6      2     flags (reserved; passed through unchanged)
+//	8      4     payload length in bytes (at most MaxPayload)
+//	12     4     CRC-32C of bytes 0..11 followed by the payload
+//	16     …     payload
+//
+// All integers are little endian. The CRC covers the header too, so a
+// corrupted type or length is caught, not misinterpreted. Payload layouts are
+// documented on each message type.
+//
+// The hot path (Writer.WriteBatch, Reader.Next, DecodeBatch and the batch
+// iterator) does not allocate in steady state, and record data handed to a
+// BatchBuilder is not copied unless it is small (see Writer).
+package wire
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+)
+
+const (
+	// Magic starts every frame; on the wire it reads "LBF1".
+	Magic uint32 = 0x3146424c
+	// Version is the frame format version written and accepted.
+	Version uint8 = 1
+	// HeaderSize is the size of a frame header.
+	HeaderSize = 16
+	// MaxPayload is the largest payload a frame may carry. Readers may be
+	// configured with a lower limit.
+	MaxPayload = 16 << 20
+)
+
+// Type identifies a frame's payload.
+type Type uint8
+
+// Frame types. The values are part of the protocol; never renumber them.
+const (
+	TypeHello        Type = 1 // agent → PS: Hello
+	TypeHelloAck     Type = 2 // PS → agent: HelloAck
+	TypeBatch        Type = 3 // agent → PS: batch of change records
+	TypeMarker       Type = 4 // agent → PS: Marker
+	TypeAck          Type = 5 // PS → agent: Ack
+	TypeBackpressure Type = 6 // PS → agent: Backpressure
+	TypeError        Type = 7 // either direction: Error, then close
+)
+
+func (t Type) String() string {
+	switch t {
+	case TypeHello:
+		return "hello"
+	case TypeHelloAck:
+		return "hello-ack"
+	case TypeBatch:
+		return "batch"
+	case TypeMarker:
+		return "marker"
+	case TypeAck:
+		return "ack"
+	case TypeBackpressure:
+		return "backpressure"
+	case TypeError:
+		return "error"
+	}
+	return fmt.Sprintf("type(%d)", uint8(t))
+}
+
+// Frame is one decoded frame. Payload aliases the Reader's buffer: it is
+// valid only until the next call to Reader.Next or Reader.Reset.
+type Frame struct {
+	Type    Type
+	Flags   uint16
+	Payload []byte
+}
+
+// Errors reported by Reader and the decoders; they are wrapped with detail,
+// so test with errors.Is.
+var (
+	ErrBadMagic  = errors.New("wire: bad magic: not a Lifeboat stream, or frame sync lost")
+	ErrVersion   = errors.New("wire: unsupported frame version")
+	ErrChecksum  = errors.New("wire: corrupt frame: crc mismatch")
+	ErrTooLarge  = errors.New("wire: frame payload too large")
+	ErrTruncated = errors.New("wire: truncated frame")
+	ErrMalformed = errors.New("wire: malformed payload")
+	// ErrBatchFull is returned by BatchBuilder.Add when the record would
+	// push the batch past MaxPayload; write the batch and start a new one.
+	ErrBatchFull = errors.New("wire: batch full")
+)
+
+var (
+	le         = binary.LittleEndian
+	castagnoli = crc32.MakeTable(crc32.Castagnoli)
+)
+
+// putHeader fills h[:HeaderSize] except the CRC and returns the CRC of
+// h[:12], ready to be extended over the payload.
+func putHeader(h []byte, t Type, flags uint16, n int) uint32 {
+	le.PutUint32(h[0:], Magic)
+	h[4] = Version
+	h[5] = byte(t)
+	le.PutUint16(h[6:], flags)
+	le.PutUint32(h[8:], uint32(n))
+	return crc32.Update(0, castagnoli, h[:12])
+}
+
+// AppendFrame appends a complete frame to dst. It copies payload; it is meant
+// for tests, tools and spooling, not for the streaming hot path (use Writer).
+func AppendFrame(dst []byte, t Type, flags uint16, payload []byte) ([]byte, error) {
+	if len(payload) > MaxPayload {
+		return dst, fmt.Errorf("%w: %d bytes, limit %d", ErrTooLarge, len(payload), MaxPayload)
+	}
+	off := len(dst)
+	dst = append(dst, make([]byte, HeaderSize)...)
+	crc := putHeader(dst[off:], t, flags, len(payload))
+	le.PutUint32(dst[off+12:], crc32.Update(crc, castagnoli, payload))
+	return append(dst, payload...), nil
+}

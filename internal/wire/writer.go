@@ -1,0 +1,192 @@
+package wire
+
+import (
+	"fmt"
+	"hash/crc32"
+	"io"
+	"net"
+	"sync"
+)
+
+const (
+	// stageSize is the size of the pooled buffers small pieces are
+	// gathered in.
+	stageSize = 64 << 10
+	// copyBelow: payload pieces shorter than this are copied into the
+	// staging buffer; longer ones are handed to the kernel as they are.
+	// Copying 4 KiB is far cheaper than the syscall (plain TCP) or the
+	// separate TLS record (crypto/tls writes every Write as at least one
+	// record) that sending it on its own would cost.
+	copyBelow = 16 << 10
+)
+
+var stagePool = sync.Pool{New: func() any {
+	b := make([]byte, 0, stageSize)
+	return &b
+}}
+
+// Writer writes frames to a stream. Each Write method hands the complete
+// frame to the underlying writer before returning; there is nothing to
+// flush. A frame's header and small payload pieces are gathered in a pooled
+// buffer and large pieces are passed by reference, all in one
+// net.Buffers.WriteTo, which is a single writev on a *net.TCPConn and a
+// short sequence of Writes on any other writer (such as a *tls.Conn).
+//
+// A Writer is safe for concurrent use; frames are never interleaved. After
+// the underlying writer fails, the stream is broken (a frame may be half
+// written) and every later call returns the same error.
+type Writer struct {
+	mu      sync.Mutex
+	w       io.Writer
+	vec     [][]byte
+	bufs    net.Buffers
+	scratch []byte // encodes control messages
+	err     error
+}
+
+// NewWriter returns a Writer that writes frames to w.
+func NewWriter(w io.Writer) *Writer {
+	return &Writer{w: w}
+}
+
+// WriteFrame writes one frame whose payload is the concatenation of
+// payload. The slices are only read, and not retained after the call.
+func (w *Writer) WriteFrame(t Type, flags uint16, payload ...[]byte) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.writeLocked(t, flags, payload)
+}
+
+// WriteBatch writes b as a Batch frame. b is not modified; call b.Reset
+// before reusing it.
+func (w *Writer) WriteBatch(b *BatchBuilder) error {
+	if b.Count() == 0 {
+		return fmt.Errorf("%w: batch has no records", ErrMalformed)
+	}
+	parts := b.parts()
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.writeLocked(TypeBatch, 0, parts)
+}
+
+// WriteHello writes a Hello frame.
+func (w *Writer) WriteHello(h *Hello) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.writeMessage(TypeHello, h.AppendBinary)
+}
+
+// WriteHelloAck writes a HelloAck frame.
+func (w *Writer) WriteHelloAck(a *HelloAck) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.writeMessage(TypeHelloAck, a.AppendBinary)
+}
+
+// WriteMarker writes a Marker frame.
+func (w *Writer) WriteMarker(m Marker) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.scratch, _ = m.AppendBinary(w.scratch[:0])
+	return w.writeLocked(TypeMarker, 0, [][]byte{w.scratch})
+}
+
+// WriteAck writes an Ack frame saying that every record up to and including
+// seq is durable.
+func (w *Writer) WriteAck(seq uint64) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.scratch, _ = Ack{Seq: seq}.AppendBinary(w.scratch[:0])
+	return w.writeLocked(TypeAck, 0, [][]byte{w.scratch})
+}
+
+// WriteBackpressure writes a Backpressure frame granting window bytes of
+// unacknowledged batch payload (0: stop sending batches).
+func (w *Writer) WriteBackpressure(window uint64) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.scratch, _ = Backpressure{Window: window}.AppendBinary(w.scratch[:0])
+	return w.writeLocked(TypeBackpressure, 0, [][]byte{w.scratch})
+}
+
+// WriteError writes an Error frame. The sender should close the stream
+// afterwards.
+func (w *Writer) WriteError(e Error) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.writeMessage(TypeError, e.AppendBinary)
+}
+
+func (w *Writer) writeMessage(t Type, appendTo func([]byte) ([]byte, error)) error {
+	b, err := appendTo(w.scratch[:0])
+	if err != nil {
+		return fmt.Errorf("wire: encode %s: %w", t, err)
+	}
+	w.scratch = b
+	return w.writeLocked(t, 0, [][]byte{b})
+}
+
+// writeLocked writes one frame. w.mu must be held.
+func (w *Writer) writeLocked(t Type, flags uint16, parts [][]byte) error {
+	if w.err != nil {
+		return w.err
+	}
+	n := 0
+	for _, p := range parts {
+		n += len(p)
+	}
+	if n > MaxPayload {
+		return fmt.Errorf("%w: %s frame of %d bytes, limit %d", ErrTooLarge, t, n, MaxPayload)
+	}
+
+	sp := stagePool.Get().(*[]byte)
+	defer stagePool.Put(sp)
+	st := (*sp)[:HeaderSize]
+	crc := putHeader(st, t, flags, n)
+	for _, p := range parts {
+		crc = crc32.Update(crc, castagnoli, p)
+	}
+	le.PutUint32(st[12:], crc)
+
+	// Gather: runs of small pieces become one slice of st; large pieces go
+	// out by reference. st never reallocates (it is flushed when full), so
+	// the slices of it in vec stay valid.
+	vec := w.vec[:0]
+	mark := 0 // start of the part of st not yet in vec
+	for _, p := range parts {
+		switch {
+		case len(p) == 0:
+		case len(p) < copyBelow:
+			if len(st)+len(p) > cap(st) {
+				vec = append(vec, st[mark:])
+				if err := w.flush(t, vec); err != nil {
+					return err
+				}
+				vec, st, mark = vec[:0], st[:0], 0
+			}
+			st = append(st, p...)
+		default:
+			if len(st) > mark {
+				vec = append(vec, st[mark:])
+				mark = len(st)
+			}
+			vec = append(vec, p)
+		}
+	}
+	if len(st) > mark {
+		vec = append(vec, st[mark:])
+	}
+	return w.flush(t, vec)
+}
+
+func (w *Writer) flush(t Type, vec [][]byte) error {
+	w.bufs = vec
+	_, err := w.bufs.WriteTo(w.w)
+	clear(vec) // drop references to the caller's data
+	w.vec = vec[:0]
+	if err != nil {
+		w.err = fmt.Errorf("wire: write %s frame: %w", t, err)
+		return w.err
+	}
+	return nil
+}
