@@ -53,6 +53,8 @@ build: ## build bin/lifeboat
 test: tools bpffs check-generated vet fmt-check ## everything CI runs: tools, generated-code check, vet, gofmt, all tests (as root)
 	@echo "==> go test ./..."
 	$(GO) test -count=1 -timeout 30m ./...
+	@echo "==> go test -race (lock-free and concurrent packages)"
+	$(GO) test -count=1 -race ./internal/spsc/ ./internal/bitmap/ ./internal/wire/ ./agent/capture/
 
 tools: ## install the missing test tools (fio, xfsprogs, e2fsprogs, fdisk, util-linux, clang, llvm) with apt-get
 	$(call install_missing,$(TEST_TOOLS))

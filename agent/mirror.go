@@ -29,6 +29,8 @@ type MirrorConfig struct {
 	StateDir      string
 	CrashInterval time.Duration
 	AppInterval   time.Duration
+	PreScript     string
+	PostScript    string
 	Logger        *slog.Logger
 	Progress      io.Writer // progress of the initial copy
 	Out           io.Writer // the final counters line
@@ -132,6 +134,8 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 		Progress:      cfg.Progress,
 		CrashInterval: cfg.CrashInterval,
 		AppInterval:   cfg.AppInterval,
+		PreScript:     cfg.PreScript,
+		PostScript:    cfg.PostScript,
 		OnReady: func() {
 			log.Info("capture attached", keyDevice, cfg.Device)
 			sdnotify.Notify("READY=1\nSTATUS=initial sync")
