@@ -50,6 +50,8 @@ const (
 	TypeAck          Type = 5 // PS → agent: Ack
 	TypeBackpressure Type = 6 // PS → agent: Backpressure
 	TypeError        Type = 7 // either direction: Error, then close
+	TypeSums         Type = 8 // agent → PS: Sums (checksum resync)
+	TypeSumsReply    Type = 9 // PS → agent: SumsReply
 )
 
 func (t Type) String() string {
@@ -68,6 +70,10 @@ func (t Type) String() string {
 		return "backpressure"
 	case TypeError:
 		return "error"
+	case TypeSums:
+		return "sums"
+	case TypeSumsReply:
+		return "sums-reply"
 	}
 	return fmt.Sprintf("type(%d)", uint8(t))
 }
