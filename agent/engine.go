@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"sync/atomic"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat/agent/capture"
@@ -41,6 +42,14 @@ type Target interface {
 	Marker(m Marker) error
 	// Sync makes everything stored so far durable.
 	Sync() error
+}
+
+// Resyncer is implemented by targets that can compare a range with their
+// copy more cheaply than by reading it back (a remote replica compares
+// checksums). Resync makes the target's bytes [off, off+len(p)) of device
+// dev equal to p and returns how many bytes it had to store.
+type Resyncer interface {
+	Resync(dev int, p []byte, off int64) (stored int64, err error)
 }
 
 // MarkerKind tells how consistent a marker's point is.
@@ -139,6 +148,7 @@ type Engine struct {
 	stats   Stats
 	appReq  chan chan error
 	persist bool
+	syncReq []atomic.Int32 // per device: SyncKind+1 requested by RequestSync
 }
 
 const readbackChunk = 1 << 20
@@ -149,7 +159,7 @@ func New(opt Options) (*Engine, error) {
 	if opt.Logger == nil {
 		opt.Logger = slog.New(slog.DiscardHandler)
 	}
-	e := &Engine{opt: opt, log: opt.Logger, appReq: make(chan chan error)}
+	e := &Engine{opt: opt, log: opt.Logger, appReq: make(chan chan error), syncReq: make([]atomic.Int32, len(opt.Sources))}
 	var devs []capture.Device
 	for i, s := range opt.Sources {
 		d, err := blockdev.Open(s.Path)
@@ -297,6 +307,13 @@ func (e *Engine) loop(ctx context.Context) error {
 		}
 		need = need[:0]
 		for i, s := range e.srcs {
+			if k := e.syncReq[i].Swap(0); k > 0 {
+				e.log.Warn("target asks for a resync", keyDevice, s.Path, "sync", SyncKind(k-1).String())
+				s.dirty.SetRange(0, s.dirty.Blocks())
+				s.compare = SyncKind(k-1) == SyncCompare
+				need = append(need, i)
+				continue
+			}
 			if e.cap.Overflowed(i) || e.cap.Marks(i) != s.lastMarks {
 				need = append(need, i)
 			}
@@ -324,6 +341,16 @@ func (e *Engine) loop(ctx context.Context) error {
 		case <-idle.C:
 		}
 	}
+}
+
+// RequestSync asks the running engine to bring device dev's target up to
+// date again, by checksum compare or full copy (a target that lost data
+// calls it). Safe from any goroutine.
+func (e *Engine) RequestSync(dev int, kind SyncKind) {
+	if kind == SyncResume || dev < 0 || dev >= len(e.syncReq) {
+		return
+	}
+	e.syncReq[dev].Store(int32(kind) + 1)
 }
 
 // AppConsistent asks the running engine for an app-consistent marker.
@@ -509,6 +536,15 @@ func (e *Engine) copyRange(s *source, i int, off, n int64) error {
 		return fmt.Errorf("read back %s at %d: %w", s.Path, off, err)
 	}
 	if s.compare {
+		if rs, ok := e.opt.Target.(Resyncer); ok {
+			stored, err := rs.Resync(i, p, off)
+			if err != nil {
+				return err
+			}
+			e.stats.BytesReread += uint64(stored)
+			e.stats.BlocksSkipped += uint64((n - stored) / capture.BlockSize)
+			return nil
+		}
 		t := e.tbuf[:n]
 		if m, err := e.opt.Target.ReadAt(i, t, off); err == nil && m == len(t) && string(t) == string(p) {
 			e.stats.BlocksSkipped += uint64((n + capture.BlockSize - 1) / capture.BlockSize)
