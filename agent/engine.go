@@ -31,7 +31,8 @@ const (
 // come from one goroutine, in stream order: a later call for the same
 // bytes always carries newer data.
 type Target interface {
-	// WriteAt stores p at byte offset off of device dev.
+	// WriteAt stores p at byte offset off of device dev. p is valid only
+	// during the call: a target that keeps it must copy it.
 	WriteAt(dev int, p []byte, off int64) error
 	// Zero makes n bytes at off of device dev read as zeroes.
 	Zero(dev int, off, n int64) error
