@@ -1,0 +1,129 @@
+// Package layout names everything Lifeboat keeps in the storage account,
+// so that the process server that writes it and the recovery tools that
+// read it (with nothing but the account and the recovery key) agree.
+//
+//	<machine>/manifest.json                       Manifest (JSON block blob)
+//	<machine>/keys/<key id hex>                   data key wrapped by the recovery key
+//	<machine>/journal/<first seq>-<last seq>      sealed journal segment (block blob)
+//	<machine>/disks/<disk>                        replica page blob; snapshots are recovery points
+package layout
+
+import (
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// DefaultContainer is the container Lifeboat uses unless told otherwise.
+const DefaultContainer = "lifeboat"
+
+// ManifestVersion is the manifest format written and accepted.
+const ManifestVersion = 1
+
+// Metadata keys of journal segments and recovery points.
+const (
+	MetaFirstSeq   = "first_seq"
+	MetaLastSeq    = "last_seq"
+	MetaFirstTime  = "first_time" // unix nanos of the first marker in the segment, 0 if none
+	MetaLastTime   = "last_time"  // unix nanos of the last marker in the segment, 0 if none
+	MetaMarkers    = "markers"    // comma-separated marker kinds present (crash, app)
+	MetaSeq        = "seq"        // recovery point: every record ≤ seq is in the snapshot
+	MetaTime       = "time"       // recovery point time, RFC 3339 nano, UTC
+	MetaKind       = "kind"       // recovery point kind: crash | app
+	MetaPoint      = "point"      // id shared by the snapshots of all disks of one point
+	MetaAppliedSeq = "applied_seq"
+	MetaGeneration = "generation"
+	MetaKeyFP      = "fingerprint" // recovery key fingerprint (seal.Fingerprint) on wrapped keys
+)
+
+// Manifest is the per-machine state in the account.
+type Manifest struct {
+	Version          int       `json:"version"`
+	Machine          string    `json:"machine"`
+	Disks            []Disk    `json:"disks"`
+	KeyID            string    `json:"key_id"`      // hex of the machine's data key id
+	DurableSeq       uint64    `json:"durable_seq"` // every record ≤ this is in the journal (uploaded)
+	AppliedSeq       uint64    `json:"applied_seq"` // every record ≤ this is in the replica page blobs
+	RecoverableUntil time.Time `json:"recoverable_until"`
+	Updated          time.Time `json:"updated"`
+}
+
+// Disk is one protected disk of a machine.
+type Disk struct {
+	Name       string `json:"name"`
+	Size       uint64 `json:"size"`
+	Generation string `json:"generation"` // hex of wire.Generation; a new one means a new replica
+}
+
+// Disk returns the named disk, or nil.
+func (m *Manifest) Disk(name string) *Disk {
+	for i := range m.Disks {
+		if m.Disks[i].Name == name {
+			return &m.Disks[i]
+		}
+	}
+	return nil
+}
+
+// MarshalManifest encodes m.
+func MarshalManifest(m *Manifest) ([]byte, error) { return json.MarshalIndent(m, "", "  ") }
+
+// UnmarshalManifest decodes and checks a manifest.
+func UnmarshalManifest(b []byte) (*Manifest, error) {
+	var m Manifest
+	if err := json.Unmarshal(b, &m); err != nil {
+		return nil, fmt.Errorf("manifest: %w", err)
+	}
+	if m.Version != ManifestVersion {
+		return nil, fmt.Errorf("manifest: version %d, this build reads %d", m.Version, ManifestVersion)
+	}
+	return &m, nil
+}
+
+// ManifestName is the manifest blob of machine.
+func ManifestName(machine string) string { return machine + "/manifest.json" }
+
+// KeyName is the wrapped data key blob of machine.
+func KeyName(machine string, keyID [8]byte) string {
+	return machine + "/keys/" + hex.EncodeToString(keyID[:])
+}
+
+// JournalPrefix lists machine's journal segments.
+func JournalPrefix(machine string) string { return machine + "/journal/" }
+
+// SegmentName names the segment holding records first..last. Zero-padded,
+// so that names sort in sequence order.
+func SegmentName(machine string, first, last uint64) string {
+	return fmt.Sprintf("%s%020d-%020d", JournalPrefix(machine), first, last)
+}
+
+// ParseSegmentName returns the sequence range of a segment blob name.
+func ParseSegmentName(name string) (first, last uint64, err error) {
+	i := strings.LastIndexByte(name, '/')
+	a, b, ok := strings.Cut(name[i+1:], "-")
+	if !ok {
+		return 0, 0, fmt.Errorf("segment name %q: no sequence range", name)
+	}
+	if first, err = strconv.ParseUint(a, 10, 64); err == nil {
+		last, err = strconv.ParseUint(b, 10, 64)
+	}
+	if err != nil || last < first {
+		return 0, 0, fmt.Errorf("segment name %q: bad sequence range", name)
+	}
+	return first, last, nil
+}
+
+// DiskName is the replica page blob of a machine's disk.
+func DiskName(machine, disk string) string { return machine + "/disks/" + disk }
+
+// CheckName rejects machine and disk names that would escape their place
+// in the layout.
+func CheckName(what, s string) error {
+	if s == "" || len(s) > 128 || strings.ContainsAny(s, "/\\") || s == "." || s == ".." {
+		return fmt.Errorf("%s %q: must be 1-128 characters without slashes", what, s)
+	}
+	return nil
+}
