@@ -81,7 +81,8 @@ func parseStatCPUTicks(stat []byte) (uint64, error) {
 	return utime + stime, nil
 }
 
-// procPeakRSS returns process pid's peak resident set size (VmHWM) in bytes.
+// procPeakRSS returns process pid's peak resident set size (VmHWM) in
+// bytes, less its BPF map mappings.
 func procPeakRSS(pid int) (int64, error) {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
@@ -100,9 +101,35 @@ func procPeakRSS(pid int) (int64, error) {
 		if err != nil {
 			return 0, fmt.Errorf("/proc/%d/status: VmHWM: %w", pid, err)
 		}
-		return n << 10, nil
+		return n<<10 - bpfMapRSS(pid), nil
 	}
 	return 0, fmt.Errorf("/proc/%d/status has no VmHWM (kernel thread or zombie?)", pid)
+}
+
+// bpfMapRSS is the resident size of the process's mappings of BPF maps
+// (the ring buffer is mapped twice and fully resident from the start):
+// kernel memory sized by --ring-mib, which the goal "RSS besides the ring"
+// leaves out.
+func bpfMapRSS(pid int) int64 {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", pid))
+	if err != nil {
+		return 0
+	}
+	var total int64
+	inMap := false
+	for line := range strings.SplitSeq(string(data), "\n") {
+		if len(line) > 0 && line[0] >= '0' && line[0] <= 'f' && strings.Contains(line, "-") && !strings.Contains(line, ":  ") {
+			inMap = strings.HasSuffix(line, "anon_inode:bpf-map")
+			continue
+		}
+		if v, ok := strings.CutPrefix(line, "Rss:"); ok && inMap {
+			kb, _ := strings.CutSuffix(strings.TrimSpace(v), " kB")
+			if n, err := strconv.ParseInt(strings.TrimSpace(kb), 10, 64); err == nil {
+				total += n << 10
+			}
+		}
+	}
+	return total
 }
 
 // tailBuffer is an io.Writer that keeps only the last max bytes written, so

@@ -114,8 +114,8 @@ func TestWriteTableAndJSON(t *testing.T) {
 		t.Fatal(err)
 	}
 	lines := strings.Split(strings.TrimRight(tb.String(), "\n"), "\n")
-	if len(lines) != 4 {
-		t.Fatalf("table has %d lines, want header+columns+2 rows:\n%s", len(lines), tb.String())
+	if len(lines) != 5 || !strings.HasPrefix(lines[4], "* ") {
+		t.Fatalf("table has %d lines, want header+columns+2 rows+footnote:\n%s", len(lines), tb.String())
 	}
 	if !strings.Contains(lines[0], "fio-3.33") || !strings.Contains(lines[0], "2048 MiB") {
 		t.Errorf("description line = %q", lines[0])
