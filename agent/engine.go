@@ -135,6 +135,7 @@ type source struct {
 	dirty     *bitmap.Bitmap
 	compare   bool // next read-back compares with the target first
 	lastMarks uint64
+	metaDirty bool // metadata records noted in dirty, not read back yet
 }
 
 // Engine runs capture for a set of devices into a Target.
@@ -306,6 +307,9 @@ func (e *Engine) loop(ctx context.Context) error {
 				return err
 			}
 		}
+		if err := e.readbackMetadata(context.Background()); err != nil {
+			return err
+		}
 		need = need[:0]
 		for i, s := range e.srcs {
 			if k := e.syncReq[i].Swap(0); k > 0 {
@@ -352,6 +356,19 @@ func (e *Engine) RequestSync(dev int, kind SyncKind) {
 		return
 	}
 	e.syncReq[dev].Store(int32(kind) + 1)
+}
+
+// readbackMetadata reads back the extents that metadata records noted.
+func (e *Engine) readbackMetadata(ctx context.Context) error {
+	for i, s := range e.srcs {
+		if s.metaDirty {
+			s.metaDirty = false
+			if err := e.readback(ctx, i, nil); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // AppConsistent asks the running engine for an app-consistent marker.
@@ -431,7 +448,7 @@ func (e *Engine) quiesce(ctx context.Context) error {
 		}
 		if it.Barrier != 0 {
 			if it.Barrier >= id {
-				return nil
+				return e.readbackMetadata(ctx)
 			}
 			continue
 		}
@@ -581,16 +598,14 @@ func (e *Engine) apply(it capture.Item) error {
 		e.stats.AppliedBytes += uint64(len(r.Data))
 		return e.opt.Target.WriteAt(int(r.Dev), r.Data, r.Offset)
 	case s.Mode == capture.ModeMetadata:
-		// Read the extent back; the record was emitted at completion,
-		// so the device holds this write or a newer one.
-		start := r.Offset &^ (capture.BlockSize - 1)
-		end := min((r.Offset+int64(r.Len)+capture.BlockSize-1)&^(capture.BlockSize-1), s.size)
-		for off := start; off < end; off += readbackChunk {
-			if err := e.copyRange(s, int(r.Dev), off, min(readbackChunk, end-off)); err != nil {
-				return err
-			}
+		// The record was emitted at completion, so the device holds this
+		// write or a newer one: note the extent and read the batch's
+		// extents back together (sorted, merged, duplicates once) after
+		// the batch. Metadata mode keeps no order within that window.
+		if err := s.dirty.MarkBytes(r.Offset, int64(r.Len)); err != nil {
+			return err
 		}
-		e.stats.BlocksReread += uint64((end - start + capture.BlockSize - 1) / capture.BlockSize)
+		s.metaDirty = true
 		return nil
 	default: // data mode write-zeroes / discard
 		return e.opt.Target.Zero(int(r.Dev), r.Offset, int64(r.Len))

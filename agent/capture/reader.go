@@ -70,6 +70,7 @@ func (r *Reader) Stop() { r.stopped.Store(true) }
 func (r *Reader) Run(ctx context.Context) error {
 	defer r.q.Close()
 	var rec ringbuf.Record
+	idle := true
 	for {
 		if r.fill == nil || chunkBytes-r.pos < maxRecordBytes {
 			if r.fill != nil {
@@ -82,7 +83,12 @@ func (r *Reader) Run(ctx context.Context) error {
 				return ctx.Err()
 			}
 		}
-		r.ring.SetDeadline(time.Now().Add(pollInterval))
+		if idle {
+			// Only an empty ring needs a fresh deadline: with records
+			// waiting, ReadInto returns them whatever the deadline.
+			r.ring.SetDeadline(time.Now().Add(pollInterval))
+			idle = false
+		}
 		rec.RawSample = r.fill.buf[r.pos:r.pos:chunkBytes]
 		err := r.ring.ReadInto(&rec)
 		switch {
@@ -99,6 +105,7 @@ func (r *Reader) Run(ctx context.Context) error {
 			}
 		case errors.Is(err, os.ErrDeadlineExceeded):
 			// Ring empty (as far as committed records go).
+			idle = true
 			if b := r.barrier.Load(); b > r.done {
 				if err := r.push(ctx, Item{Barrier: b}); err != nil {
 					return err
