@@ -58,15 +58,21 @@ checksums instead of copying everything. "lifeboat agent release" detaches it.`,
 	mirror.MarkFlagRequired("device")
 	mirror.MarkFlagRequired("to")
 
+	var machine string
 	release := &cobra.Command{
 		Use:   "release",
 		Short: "Detach the capture that a clean stop left pinned",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if machine != "" {
+				return agent.ReleaseMachine(stateDir, machine)
+			}
 			return agent.Release(stateDir)
 		},
 	}
 	release.Flags().StringVar(&stateDir, "state-dir", "/var/lib/lifeboat", "agent state directory")
+	release.Flags().StringVar(&machine, "name", "", "machine whose capture (left pinned by lifeboat agent --name) to release; default: agent mirror's")
 	cmd.AddCommand(mirror, release)
+	protectCmd(cmd, verbose)
 	return cmd
 }

@@ -23,6 +23,10 @@ func main() {
 	var verbose bool
 	root.PersistentFlags().BoolVarP(&verbose, "verbose", "v", false, "debug logging")
 	root.AddCommand(agentCmd(&verbose), benchCmd(&verbose))
+	root.AddCommand(processServerCmd(&verbose))
+	root.AddCommand(pkiCmd())
+	root.AddCommand(keysCmd())
+	root.AddCommand(pointsCmd(&verbose), recoverCmd(&verbose))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := root.ExecuteContext(ctx); err != nil {

@@ -1,0 +1,590 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/agent/capture"
+	"github.com/lifeboat-dr/lifeboat/agent/stream"
+	"github.com/lifeboat-dr/lifeboat/internal/blockdev"
+	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/pki"
+	"github.com/lifeboat-dr/lifeboat/internal/sdnotify"
+	"github.com/lifeboat-dr/lifeboat/internal/wire"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// Defaults of `lifeboat agent`.
+const (
+	DefaultCrashInterval = 5 * time.Minute
+	DefaultAppInterval   = time.Hour
+	DefaultStopTimeout   = time.Minute
+)
+
+// ProtectDevice is one device of the machine.
+type ProtectDevice struct {
+	Name string // the disk's name at the process server; "" = base name of Path
+	Path string
+}
+
+// ProtectConfig configures `lifeboat agent`.
+type ProtectConfig struct {
+	ProcessServer string // host:port
+	PKIDir        string // CA and the machine's agent certificate
+	Name          string // machine name = certificate name
+	Devices       []ProtectDevice
+	Mode          capture.Mode
+	RingBytes     int
+	StateDir      string
+	CrashInterval time.Duration // 0: off
+	AppInterval   time.Duration // 0: off
+	PreScript     string
+	PostScript    string
+	Metrics       string        // listen address of the Prometheus endpoint; "" = none
+	StopTimeout   time.Duration // how long a stop waits for the process server (default 1 min)
+	Logger        *slog.Logger
+	Progress      io.Writer     // initial sync progress
+	Out           io.Writer     // the final counters line
+	OnSynced      func()        // initial sync done (tests)
+	Stats         *ProtectStats // filled in on return (tests)
+}
+
+// ProtectStats are the counters printed at exit.
+type ProtectStats struct {
+	Stats
+	Stream stream.Stats `json:"stream"`
+}
+
+// protectState is what the agent remembers per machine between runs, next
+// to the stream's own state (generations, sequence numbers).
+type protectState struct {
+	Version int               `json:"version"`
+	Machine string            `json:"machine"`
+	Devices []protectedDevice `json:"devices"`
+}
+
+type protectedDevice struct {
+	Name     string `json:"name"`
+	Path     string `json:"path"`
+	Identity string `json:"identity"`
+	Size     int64  `json:"size"`
+	// Clean: the last run stopped with every captured write acknowledged
+	// and capture pinned, so only the bitmap's blocks are to be copied.
+	Clean bool `json:"clean"`
+}
+
+const protectStateFile = "protect.json"
+
+// MachineDir is where the agent keeps a machine's state under stateDir.
+func MachineDir(stateDir, machine string) string {
+	return filepath.Join(stateDir, "machines", machine)
+}
+
+// RunProtect streams the machine's devices to a process server until ctx
+// is done: it agrees with the process server on each disk (resume, full
+// copy or checksum resync), attaches capture to all devices at once (one
+// capture, one sequence, so points are consistent across disks), sends
+// READY=1 to NOTIFY_SOCKET once capture is attached, and on stop drains
+// everything captured, waits for its acknowledgement and prints a counters
+// line. A stop that could not get everything acknowledged within
+// StopTimeout is unclean: the next run resyncs by checksum.
+func RunProtect(ctx context.Context, cfg ProtectConfig) error {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if cfg.StopTimeout <= 0 {
+		cfg.StopTimeout = DefaultStopTimeout
+	}
+	if os.Geteuid() != 0 {
+		return errors.New("lifeboat agent needs root (it loads eBPF programs and reads block devices)")
+	}
+	if cfg.ProcessServer == "" {
+		return errors.New("no process server given")
+	}
+	if _, _, err := net.SplitHostPort(cfg.ProcessServer); err != nil {
+		return fmt.Errorf("process server %q: want HOST:PORT: %w", cfg.ProcessServer, err)
+	}
+	if err := layout.CheckName("machine name", cfg.Name); err != nil {
+		return err
+	}
+	if len(cfg.Devices) == 0 {
+		return errors.New("no device to protect")
+	}
+	devs, err := inspectDevices(cfg.Devices)
+	if err != nil {
+		return err
+	}
+	dir := MachineDir(cfg.StateDir, cfg.Name)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
+	statePath := filepath.Join(dir, protectStateFile)
+	prev, err := loadProtectState(statePath)
+	if err != nil {
+		log.Warn("ignoring unreadable state: every disk is resynced", "err", err)
+	}
+
+	id, err := pki.Load(cfg.PKIDir, cfg.Name)
+	if err != nil {
+		return err
+	}
+	if id.Role() != pki.RoleAgent {
+		return fmt.Errorf("certificate %q in %s is for role %s; the agent needs an agent certificate", cfg.Name, cfg.PKIDir, id.Role())
+	}
+	scfg := stream.Config{
+		Addr:        cfg.ProcessServer,
+		TLS:         id.ClientTLS(cfg.ProcessServer, pki.RoleProcessServer),
+		Machine:     cfg.Name,
+		StateDir:    dir,
+		SyncTimeout: cfg.StopTimeout,
+		// Until the initial sync is done the replica is no point in
+		// time: "recoverable until" must not advance.
+		HoldTimeMarkers: true,
+		Logger:          log,
+	}
+	for i, d := range devs {
+		old := prev.device(d.Name)
+		forget := old != nil && old.Identity != d.Identity
+		if forget {
+			log.Warn("another device is behind this disk name now: new replica", keyDevice, d.Path, "disk", d.Name)
+		}
+		scfg.Disks = append(scfg.Disks, stream.Disk{Name: d.Name, Size: uint64(d.Size), Forget: forget})
+		devs[i].Clean = old != nil && !forget && old.Clean
+	}
+	resync := &resyncRequests{pending: make([]SyncKind, len(devs))}
+	scfg.OnResync = resync.request
+
+	log.Info("connecting to the process server", "process_server", cfg.ProcessServer, "machine", cfg.Name)
+	tgt, err := stream.Dial(ctx, scfg)
+	if err != nil {
+		return err
+	}
+	defer tgt.Close()
+	resync.attachTarget(tgt)
+	var srcs []Source
+	for i, a := range tgt.Agreements() {
+		s := Source{Name: devs[i].Name, Path: devs[i].Path, Mode: cfg.Mode}
+		switch {
+		case a.Action == wire.SyncFull:
+			s.Sync = SyncFull
+		case a.Action == wire.SyncChecksum:
+			s.Sync = SyncCompare
+		case devs[i].Clean:
+			s.Sync = SyncResume
+		default:
+			log.Info("the last run did not stop cleanly: resync by checksum", keyDevice, s.Path)
+			s.Sync = SyncCompare
+		}
+		srcs = append(srcs, s)
+	}
+	// From here on a crash is an unclean stop.
+	st := protectState{Version: stateVersion, Machine: cfg.Name}
+	for _, d := range devs {
+		d.Clean = false
+		st.Devices = append(st.Devices, d)
+	}
+	if err := saveJSON(statePath, &st); err != nil {
+		return err
+	}
+
+	// A stop waits for the process server at most StopTimeout, then gives
+	// up on what is not acknowledged (the next run resyncs by checksum).
+	var abortTimer *time.Timer
+	var abortMu sync.Mutex
+	stopWatch := context.AfterFunc(ctx, func() {
+		abortMu.Lock()
+		defer abortMu.Unlock()
+		abortTimer = time.AfterFunc(cfg.StopTimeout, func() {
+			tgt.Abort(fmt.Errorf("stopping: the process server did not take the remaining writes within %v", cfg.StopTimeout))
+		})
+	})
+	defer func() {
+		stopWatch()
+		abortMu.Lock()
+		if abortTimer != nil {
+			abortTimer.Stop()
+		}
+		abortMu.Unlock()
+	}()
+
+	e, err := New(Options{
+		Sources:       srcs,
+		RingBytes:     cfg.RingBytes,
+		PinDir:        PinDir(dir),
+		Target:        streamTarget{tgt, resync},
+		Logger:        log,
+		Progress:      cfg.Progress,
+		CrashInterval: cfg.CrashInterval,
+		AppInterval:   cfg.AppInterval,
+		PreScript:     cfg.PreScript,
+		PostScript:    cfg.PostScript,
+		OnReady: func() {
+			log.Info("capture attached", "devices", len(srcs))
+			sdnotify.Notify("READY=1\nSTATUS=initial sync")
+		},
+		OnSynced: func() {
+			log.Info("initial sync done; streaming", "process_server", cfg.ProcessServer)
+			sdnotify.Notify("X-LIFEBOAT-SYNCED=1\nSTATUS=streaming")
+			resync.synced()
+			if cfg.OnSynced != nil {
+				cfg.OnSynced()
+			}
+		},
+	})
+	if err != nil {
+		return err
+	}
+	resync.attach(e)
+	stopMetrics := func() {}
+	if cfg.Metrics != "" {
+		if stopMetrics, err = serveMetrics(cfg.Metrics, protectMetrics(cfg.Name, tgt, e.overflowEvents), log); err != nil {
+			e.Close()
+			return err
+		}
+	}
+
+	runErr := e.Run(ctx)
+	stopMetrics()
+	stats := ProtectStats{Stats: e.Stats(), Stream: tgt.Stats()}
+	if cfg.Stats != nil {
+		*cfg.Stats = stats
+	}
+	// A resync the process server asked for and the engine did not get to
+	// is owed to the next run.
+	owed := make([]bool, len(devs))
+	for i := range devs {
+		owed[i] = e.syncReq[i].Load() != 0 || resync.unserved(i)
+	}
+	closeErr := e.Close()
+	tgtErr := tgt.Close()
+	switch {
+	case runErr != nil && ctx.Err() != nil && errors.Is(runErr, context.Canceled):
+		log.Warn("stopped before the initial sync finished; the next run resyncs by checksum")
+		return nil
+	case runErr != nil:
+		return runErr
+	case closeErr != nil:
+		return closeErr
+	case tgtErr != nil:
+		return tgtErr
+	}
+	for i := range st.Devices {
+		st.Devices[i].Clean = !owed[i]
+	}
+	if err := saveJSON(statePath, &st); err != nil {
+		return err
+	}
+	if cfg.Out != nil {
+		b, _ := json.Marshal(stats)
+		fmt.Fprintf(cfg.Out, "counters: %s\n", b)
+	}
+	return nil
+}
+
+// streamTarget adapts stream.Target's markers to Target.Marker (package
+// stream cannot import this one).
+type streamTarget struct {
+	*stream.Target
+	resync *resyncRequests
+}
+
+func (t streamTarget) Marker(m Marker) error {
+	kind := wire.MarkerCrashConsistent
+	if m.Kind == AppConsistent {
+		kind = wire.MarkerAppConsistent
+	}
+	if err := t.Mark(kind, m.Time); err != nil {
+		return err
+	}
+	// The engine emits markers only between drains: once the requested
+	// resyncs have been taken, this one follows their end.
+	t.resync.pointReached()
+	return nil
+}
+
+var (
+	_ Target   = streamTarget{}
+	_ Resyncer = streamTarget{}
+)
+
+// resyncRequests forwards the process server's resync requests to the
+// engine, keeping those that arrive before the engine exists, and holds
+// time markers while a resync leaves the replica half-updated.
+type resyncRequests struct {
+	mu       sync.Mutex
+	e        *Engine
+	tgt      *stream.Target
+	pending  []SyncKind // SyncResume = none
+	resyncs  bool       // asked for since the last consistent point
+	syncDone bool       // the initial sync is done
+}
+
+func (r *resyncRequests) request(disk int, a wire.SyncAction) {
+	kind := SyncCompare
+	if a == wire.SyncFull {
+		kind = SyncFull
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.resyncs = true
+	if r.tgt != nil {
+		r.tgt.HoldTimeMarkers(true)
+	}
+	if r.e != nil {
+		r.e.RequestSync(disk, kind)
+		return
+	}
+	r.pending[disk] = max(r.pending[disk], kind)
+}
+
+func (r *resyncRequests) attach(e *Engine) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.e = e
+	for i, k := range r.pending {
+		e.RequestSync(i, k)
+		r.pending[i] = SyncResume
+	}
+}
+
+func (r *resyncRequests) attachTarget(t *stream.Target) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.tgt = t
+}
+
+// synced: the initial sync is done; time markers resume unless a resync
+// was asked for meanwhile.
+func (r *resyncRequests) synced() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.syncDone = true
+	if !r.resyncs {
+		r.tgt.HoldTimeMarkers(false)
+	}
+}
+
+// pointReached: the engine emitted a consistency marker. If every resync
+// asked for had been taken by the engine, they are complete now.
+func (r *resyncRequests) pointReached() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.resyncs || !r.syncDone || r.e == nil {
+		return
+	}
+	for i := range r.pending {
+		if r.pending[i] != SyncResume || r.e.syncReq[i].Load() != 0 {
+			return
+		}
+	}
+	r.resyncs = false
+	r.tgt.HoldTimeMarkers(false)
+}
+
+func (r *resyncRequests) unserved(disk int) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.pending[disk] != SyncResume
+}
+
+// overflowEvents sums the ring overflows of all devices. It reads kernel
+// counters atomically, so it is safe from any goroutine while the engine
+// is open.
+func (e *Engine) overflowEvents() uint64 {
+	var n uint64
+	for i := range e.srcs {
+		n += e.cap.OverflowEvents(i)
+	}
+	return n
+}
+
+func inspectDevices(in []ProtectDevice) ([]protectedDevice, error) {
+	var out []protectedDevice
+	seen := map[string]string{}
+	for _, d := range in {
+		name := d.Name
+		if name == "" {
+			name = filepath.Base(d.Path)
+		}
+		if err := layout.CheckName("disk name", name); err != nil {
+			return nil, err
+		}
+		if p, ok := seen[name]; ok {
+			return nil, fmt.Errorf("%s and %s are both named %q: name them with NAME=PATH", p, d.Path, name)
+		}
+		seen[name] = d.Path
+		bd, err := blockdev.Open(d.Path)
+		if err != nil {
+			return nil, err
+		}
+		identity, err := bd.Identity()
+		size, serr := bd.Size()
+		bd.Close()
+		if err != nil {
+			return nil, err
+		}
+		if serr != nil {
+			return nil, serr
+		}
+		out = append(out, protectedDevice{Name: name, Path: d.Path, Identity: identity, Size: size})
+	}
+	return out, nil
+}
+
+func loadProtectState(path string) (*protectState, error) {
+	b, err := os.ReadFile(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var st protectState
+	if err := json.Unmarshal(b, &st); err != nil || st.Version != stateVersion {
+		return nil, fmt.Errorf("state %s unreadable", path)
+	}
+	return &st, nil
+}
+
+func (st *protectState) device(name string) *protectedDevice {
+	if st == nil {
+		return nil
+	}
+	for i := range st.Devices {
+		if st.Devices[i].Name == name {
+			return &st.Devices[i]
+		}
+	}
+	return nil
+}
+
+// saveJSON writes v atomically and durably.
+func saveJSON(path string, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := path + ".tmp"
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return fmt.Errorf("save state: %w", err)
+	}
+	if _, err := f.Write(b); err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("save state: %w", err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fmt.Errorf("save state: %w", err)
+	}
+	if d, err := os.Open(filepath.Dir(path)); err == nil {
+		d.Sync()
+		d.Close()
+	}
+	return nil
+}
+
+// ReleaseMachine detaches the capture that a clean stop of `lifeboat
+// agent` left pinned for machine and forgets that the stop was clean (the
+// next run resyncs by checksum).
+func ReleaseMachine(stateDir, machine string) error {
+	dir := MachineDir(stateDir, machine)
+	pin := PinDir(dir)
+	entries, err := os.ReadDir(pin)
+	if err != nil && !os.IsNotExist(err) {
+		return err
+	}
+	for _, e := range entries {
+		if err := os.Remove(filepath.Join(pin, e.Name())); err != nil {
+			return err
+		}
+	}
+	os.Remove(pin)
+	path := filepath.Join(dir, protectStateFile)
+	st, err := loadProtectState(path)
+	if err != nil || st == nil {
+		return err
+	}
+	for i := range st.Devices {
+		st.Devices[i].Clean = false
+	}
+	return saveJSON(path, st)
+}
+
+// rpoSource is what the metrics read from the stream.
+type rpoSource interface {
+	Stats() stream.Stats
+	RPO() time.Duration
+}
+
+// protectMetrics is the agent's Prometheus registry. Every value is read
+// at scrape time; nothing is counted on the write path for it.
+func protectMetrics(machine string, s rpoSource, overflow func() uint64) *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	labels := prometheus.Labels{"machine": machine}
+	gauge := func(name, help string, f func() float64) prometheus.Collector {
+		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help, ConstLabels: labels}, f)
+	}
+	counter := func(name, help string, f func() float64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help, ConstLabels: labels}, f)
+	}
+	reg.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		counter("lifeboat_agent_churn_bytes_total", "Bytes of writes handed to the stream (captured, read back or resynced).",
+			func() float64 { return float64(s.Stats().ChurnBytes) }),
+		gauge("lifeboat_agent_pending_bytes", "Batch payload bytes not yet acknowledged by the process server.",
+			func() float64 { return float64(s.Stats().PendingBytes) }),
+		gauge("lifeboat_agent_acked_seq", "Highest sequence number the process server acknowledged.",
+			func() float64 { return float64(s.Stats().AckedSeq) }),
+		counter("lifeboat_agent_overflow_events_total", "BPF ring overflows into the dirty bitmap.",
+			func() float64 { return float64(overflow()) }),
+		gauge("lifeboat_agent_rpo_seconds", "Seconds since the newest time marker the process server acknowledged.",
+			func() float64 { return s.RPO().Seconds() }),
+		counter("lifeboat_agent_reconnects_total", "Reconnections to the process server.",
+			func() float64 { return float64(s.Stats().Reconnects) }),
+		gauge("lifeboat_agent_connected", "1 while connected to the process server.",
+			func() float64 {
+				if s.Stats().Connected {
+					return 1
+				}
+				return 0
+			}),
+	)
+	return reg
+}
+
+// serveMetrics serves reg on addr until the returned stop is called.
+func serveMetrics(addr string, reg *prometheus.Registry, log *slog.Logger) (stop func(), err error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("metrics: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error("metrics endpoint failed", "err", err)
+		}
+	}()
+	log.Info("metrics", "listen", ln.Addr().String())
+	return func() { srv.Close() }, nil
+}

@@ -1,0 +1,212 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/agent/stream"
+	"github.com/lifeboat-dr/lifeboat/agent/stream/streamtest"
+	"github.com/lifeboat-dr/lifeboat/internal/loopdev"
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
+	"github.com/lifeboat-dr/lifeboat/internal/wire"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+type protectRun struct {
+	t       *testing.T
+	cancel  context.CancelFunc
+	done    chan error
+	stopped bool
+	stats   ProtectStats
+	out     bytes.Buffer
+}
+
+func startProtect(t *testing.T, cfg ProtectConfig) *protectRun {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	r := &protectRun{t: t, cancel: cancel, done: make(chan error, 1)}
+	synced := make(chan struct{})
+	cfg.Out, cfg.Stats, cfg.OnSynced = &r.out, &r.stats, func() { close(synced) }
+	go func() { r.done <- RunProtect(ctx, cfg) }()
+	t.Cleanup(func() { // a failed test must not leave the device open
+		if !r.stopped {
+			cancel()
+			select {
+			case <-r.done:
+			case <-time.After(time.Minute):
+			}
+		}
+	})
+	select {
+	case <-synced:
+	case err := <-r.done:
+		t.Fatalf("agent stopped before the initial sync: %v", err)
+	case <-time.After(time.Minute):
+		t.Fatal("initial sync did not finish in a minute")
+	}
+	return r
+}
+
+func (r *protectRun) stop() ProtectStats {
+	r.t.Helper()
+	r.cancel()
+	r.stopped = true
+	select {
+	case err := <-r.done:
+		if err != nil {
+			r.t.Fatalf("agent: %v", err)
+		}
+	case <-time.After(time.Minute):
+		r.t.Fatal("agent did not stop within a minute")
+	}
+	if !strings.HasPrefix(r.out.String(), "counters: {") {
+		r.t.Errorf("no counters line, got %q", r.out.String())
+	}
+	r.t.Log(strings.TrimSpace(r.out.String()))
+	return r.stats
+}
+
+func assertReplica(t *testing.T, srv *streamtest.Server, disk, dev string) {
+	t.Helper()
+	want, err := os.ReadFile(dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := srv.Image(disk)
+	if len(got) != len(want) {
+		t.Fatalf("replica of %s: %d bytes, device %d", disk, len(got), len(want))
+	}
+	if !bytes.Equal(got, want) {
+		for i := range got {
+			if got[i] != want[i] {
+				t.Fatalf("replica of %s differs from %s at byte %d (block %d)", disk, dev, i, i/4096)
+			}
+		}
+	}
+	if v := srv.Violations(); len(v) > 0 {
+		t.Fatalf("protocol violations: %v", v)
+	}
+}
+
+// A loop device streamed to a (fake) process server: full sync, writes,
+// a replica lost at the process server mid-run, a clean restart that only
+// sends what changed, and an unclean one that compares checksums. After
+// each stop the replica equals the device.
+func TestProtectLoopDevice(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireTool(t, "fio")
+	d := loopdev.New(t, 64<<20, loopdev.Options{})
+	run(t, "dd", "if=/dev/urandom", "of="+d.Path, "bs=1M", "count=16", "oflag=direct", "status=none")
+	srv := streamtest.New(t)
+	srv.ClientTLS(t, "m1") // issues the machine's certificate
+	state := filepath.Join(t.TempDir(), "state")
+	t.Cleanup(func() { ReleaseMachine(state, "m1") })
+	disk := filepath.Base(d.Path)
+	cfg := ProtectConfig{
+		ProcessServer: srv.Addr, PKIDir: srv.PKIDir, Name: "m1",
+		Devices:   []ProtectDevice{{Path: d.Path}},
+		RingBytes: 16 << 20, StateDir: state, CrashInterval: 200 * time.Millisecond,
+	}
+
+	r := startProtect(t, cfg)
+	synced := time.Now()
+	for _, m := range srv.Markers() {
+		if m.At.Before(synced.Add(-50 * time.Millisecond)) {
+			t.Fatalf("time marker %+v sent during the initial sync", m.Marker)
+		}
+	}
+	fio(t, d.Path, "--io_size=24m")
+	// The process server loses the replica: the reconnect brings a full copy.
+	lost := time.Now()
+	srv.Forget(disk)
+	srv.Drop()
+	fio(t, d.Path, "--io_size=8m")
+	// Time markers, held during the resync, resume after it (on the next
+	// crash-consistent marker).
+	deadline := time.Now().Add(30 * time.Second)
+	for resumed := false; !resumed; {
+		for _, m := range srv.Markers() {
+			resumed = resumed || (m.Conn > 1 && m.At.After(lost))
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("time markers did not resume after the resync")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	s := r.stop()
+	if s.Sync[0] != SyncFull.String() || s.Stream.Resyncs != 1 || s.Stream.Reconnects != 1 {
+		t.Fatalf("first run: sync %v, %d resyncs, %d reconnects; want a full copy, then one forced by the lost replica", s.Sync, s.Stream.Resyncs, s.Stream.Reconnects)
+	}
+	if s.CrashMarkers == 0 {
+		t.Error("no crash-consistent markers")
+	}
+	if !s.Stream.RecoverableUntil.After(lost) {
+		t.Errorf("recoverable until %v, before the resync", s.Stream.RecoverableUntil)
+	}
+	assertReplica(t, srv, disk, d.Path)
+	markers := 0
+	for _, rec := range srv.Received() {
+		if rec.Op == wire.OpMarker && wire.MarkerKind(rec.Flags) == wire.MarkerCrashConsistent {
+			markers++
+		}
+	}
+	if markers == 0 {
+		t.Error("no crash-consistent marker records reached the process server")
+	}
+
+	// Written while the agent is down; a clean restart resumes.
+	run(t, "dd", "if=/dev/urandom", "of="+d.Path, "bs=64k", "seek=100", "count=16", "oflag=direct", "status=none")
+	r = startProtect(t, cfg)
+	fio(t, d.Path, "--io_size=8m")
+	s = r.stop()
+	if s.Sync[0] != SyncResume.String() || s.BytesReread >= 16<<20 {
+		t.Fatalf("clean restart: %s, %d bytes re-read; want a resume", s.Sync[0], s.BytesReread)
+	}
+	assertReplica(t, srv, disk, d.Path)
+
+	// As after a crash: the next run compares checksums.
+	if err := ReleaseMachine(state, "m1"); err != nil {
+		t.Fatal(err)
+	}
+	run(t, "dd", "if=/dev/urandom", "of="+d.Path, "bs=4k", "seek=1000", "count=10", "oflag=direct", "status=none")
+	r = startProtect(t, cfg)
+	s = r.stop()
+	if s.Sync[0] != SyncCompare.String() || s.BlocksSkipped == 0 || s.Stream.SumDiffers == 0 || s.BytesReread > 1<<20 {
+		t.Fatalf("unclean restart: %+v; want a checksum resync sending only the changed chunks", s)
+	}
+	assertReplica(t, srv, disk, d.Path)
+}
+
+type fakeStreamStats struct{}
+
+func (fakeStreamStats) Stats() stream.Stats {
+	return stream.Stats{ChurnBytes: 12345, PendingBytes: 77, AckedSeq: 42, Reconnects: 3, Connected: true}
+}
+func (fakeStreamStats) RPO() time.Duration { return 1500 * time.Millisecond }
+
+func TestProtectMetrics(t *testing.T) {
+	reg := protectMetrics("m1", fakeStreamStats{}, func() uint64 { return 9 })
+	rec := httptest.NewRecorder()
+	promhttp.HandlerFor(reg, promhttp.HandlerOpts{}).ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	body, _ := io.ReadAll(rec.Body)
+	for _, want := range []string{
+		`lifeboat_agent_churn_bytes_total{machine="m1"} 12345`,
+		`lifeboat_agent_pending_bytes{machine="m1"} 77`,
+		`lifeboat_agent_acked_seq{machine="m1"} 42`,
+		`lifeboat_agent_overflow_events_total{machine="m1"} 9`,
+		`lifeboat_agent_rpo_seconds{machine="m1"} 1.5`,
+		`lifeboat_agent_reconnects_total{machine="m1"} 3`,
+		`lifeboat_agent_connected{machine="m1"} 1`,
+	} {
+		if !strings.Contains(string(body), want+"\n") {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+}

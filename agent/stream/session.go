@@ -1,0 +1,500 @@
+package stream
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/wire"
+)
+
+// permanentError is a connection failure that retrying cannot fix: a
+// refused certificate, a version mismatch, an unknown machine.
+type permanentError struct{ err error }
+
+func (e *permanentError) Error() string { return e.err.Error() }
+func (e *permanentError) Unwrap() error { return e.err }
+
+// session is one connection.
+type session struct {
+	conn   *tls.Conn
+	w      *wire.Writer
+	r      *wire.Reader
+	window uint64 // set by a Backpressure before the HelloAck; 0 = none
+	hasWin bool
+}
+
+func (s *session) close() { s.conn.Close() }
+
+// connect dials, handshakes and exchanges Hello/HelloAck.
+func (t *Target) connect(ctx context.Context) (*session, *wire.HelloAck, error) {
+	dctx, cancel := context.WithTimeout(ctx, dialTimeout)
+	defer cancel()
+	dial := t.cfg.DialContext
+	if dial == nil {
+		d := net.Dialer{KeepAlive: 15 * time.Second}
+		dial = d.DialContext
+	}
+	raw, err := dial(dctx, "tcp", t.cfg.Addr)
+	if err != nil {
+		return nil, nil, fmt.Errorf("connect to process server %s: %w", t.cfg.Addr, err)
+	}
+	conn := tls.Client(raw, t.cfg.TLS)
+	if err := conn.HandshakeContext(dctx); err != nil {
+		conn.Close()
+		err = fmt.Errorf("TLS handshake with process server %s: %w", t.cfg.Addr, err)
+		if !transient(err) {
+			err = &permanentError{err}
+		}
+		return nil, nil, err
+	}
+	s := &session{conn: conn, w: wire.NewWriter(conn), r: wire.NewReader(conn, 0)}
+	ack, err := t.hello(s)
+	if err != nil {
+		conn.Close()
+		var oe *net.OpError
+		if errors.As(err, &oe) && oe.Op == "remote error" {
+			err = fmt.Errorf("process server %s refused this agent's certificate (is it an agent certificate from the process server's CA?): %w", t.cfg.Addr, err)
+		}
+		if !transient(err) {
+			err = &permanentError{err}
+		}
+		return nil, nil, err
+	}
+	return s, ack, nil
+}
+
+// transient tells failures worth retrying (the network, a restarting
+// server) from refusals.
+func transient(err error) bool {
+	var we wire.Error
+	if errors.As(err, &we) {
+		return we.Code == wire.CodeInternal || we.Code == wire.CodeShuttingDown
+	}
+	var oe *net.OpError
+	if errors.As(err, &oe) {
+		// With TLS 1.3 the server checks our certificate after our
+		// handshake has completed; its refusal arrives as an alert on
+		// the first read.
+		return oe.Op != "remote error"
+	}
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, wire.ErrTruncated) ||
+		errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled)
+}
+
+func (t *Target) hello(s *session) (*wire.HelloAck, error) {
+	h := wire.Hello{ProtocolVersion: ProtocolVersion, Machine: t.cfg.Machine}
+	t.mu.Lock()
+	for i, d := range t.cfg.Disks {
+		ds := wire.DiskState{Name: d.Name, Size: d.Size, Generation: t.gens[i]}
+		if !ds.Generation.IsZero() {
+			ds.LastAckedSeq = t.ackedSeq
+		}
+		h.Disks = append(h.Disks, ds)
+	}
+	t.mu.Unlock()
+	s.conn.SetDeadline(time.Now().Add(helloTimeout))
+	defer s.conn.SetDeadline(time.Time{})
+	if err := s.w.WriteHello(&h); err != nil {
+		return nil, fmt.Errorf("send hello to process server %s: %w", t.cfg.Addr, err)
+	}
+	for {
+		f, err := s.r.Next()
+		if err != nil {
+			return nil, fmt.Errorf("process server %s did not answer the hello: %w", t.cfg.Addr, err)
+		}
+		switch f.Type {
+		case wire.TypeHelloAck:
+			var a wire.HelloAck
+			if err := a.UnmarshalBinary(f.Payload); err != nil {
+				return nil, err
+			}
+			if a.ProtocolVersion != ProtocolVersion {
+				return nil, fmt.Errorf("process server %s speaks stream protocol %d, this agent %d", t.cfg.Addr, a.ProtocolVersion, ProtocolVersion)
+			}
+			return &a, nil
+		case wire.TypeBackpressure:
+			var b wire.Backpressure
+			if err := b.UnmarshalBinary(f.Payload); err != nil {
+				return nil, err
+			}
+			s.window, s.hasWin = b.Window, true
+		case wire.TypeError:
+			var e wire.Error
+			if err := e.UnmarshalBinary(f.Payload); err != nil {
+				return nil, err
+			}
+			return nil, fmt.Errorf("process server %s refused the hello: %w", t.cfg.Addr, e)
+		default:
+			return nil, fmt.Errorf("process server %s sent a %s frame before its hello-ack", t.cfg.Addr, f.Type)
+		}
+	}
+}
+
+// agree applies a HelloAck: generations, the resume point, what is still
+// to send. On a reconnect (initial false) it asks for resyncs through
+// OnResync; at Dial the caller gets the agreements instead.
+func (t *Target) agree(s *session, a *wire.HelloAck, initial bool) ([]wire.DiskAgreement, error) {
+	out := make([]wire.DiskAgreement, len(t.cfg.Disks))
+	for i, d := range t.cfg.Disks {
+		found := false
+		for _, da := range a.Disks {
+			if da.Name == d.Name {
+				out[i], found = da, true
+				break
+			}
+		}
+		if !found {
+			return nil, &permanentError{fmt.Errorf("process server %s did not answer for disk %s", t.cfg.Addr, d.Name)}
+		}
+	}
+
+	t.mu.Lock()
+	// Sequences are per machine: every disk's ResumeFrom is the machine's
+	// durable sequence + 1.
+	var resume uint64
+	for _, da := range out {
+		resume = max(resume, da.ResumeFrom)
+	}
+	if resume > 0 {
+		durable := resume - 1
+		if durable < t.ackedSeq {
+			// It lost records it had acknowledged, and we freed them:
+			// only a compare can close the gap.
+			t.log.Warn("process server lost acknowledged records: resyncing by checksum",
+				"acked", t.ackedSeq, "durable", durable)
+			for i := range out {
+				if out[i].Action == wire.SyncResume {
+					out[i].Action = wire.SyncChecksum
+				}
+			}
+		} else {
+			// Records it made durable without our hearing the ack.
+			t.ackLocked(durable)
+		}
+		if resume > t.nextSeq {
+			// It holds numbers we have no record of (state from an older
+			// copy of the state directory): never reuse them.
+			t.log.Warn("process server has sequence numbers beyond ours: skipping ahead", "ours", t.nextSeq, "resume_from", resume)
+			t.nextSeq = resume
+		}
+	}
+	if t.nextSeq > t.lease {
+		t.lease = t.nextSeq + seqLease
+	}
+	for i, da := range out {
+		t.gens[i] = da.Generation
+	}
+	// Everything held goes out again on this connection.
+	for _, seg := range t.segs[:t.sent] {
+		if seg.last >= resume {
+			t.resent.Add(1)
+		}
+	}
+	t.sent, t.inflight = 0, 0
+	t.sentSeq = t.ackedSeq
+	t.window = t.cfg.Window
+	if s.hasWin {
+		t.window = s.window
+	}
+	if t.sums != nil {
+		t.sums.sent = false
+	}
+	t.connected = true
+	snap := t.snapshotLocked()
+	t.mu.Unlock()
+	if err := t.persist(snap); err != nil {
+		return nil, err
+	}
+
+	for i, da := range out {
+		if da.Action == wire.SyncResume {
+			continue
+		}
+		t.log.Warn("process server asks for a resync", keyDisk, t.cfg.Disks[i].Name, "action", da.Action.String(), "generation", da.Generation.String())
+		if !initial {
+			t.resyncs.Add(1)
+			if t.cfg.OnResync != nil {
+				t.cfg.OnResync(i, da.Action)
+			}
+		}
+	}
+	return out, nil
+}
+
+// run owns the connection: it sends, and reconnects when it breaks.
+func (t *Target) run(s *session) {
+	defer t.wg.Done()
+	backoff := minBackoff
+	for {
+		began := time.Now()
+		err := t.serve(s)
+		s.close()
+		t.mu.Lock()
+		t.connected = false
+		t.mu.Unlock()
+		if t.ctx.Err() != nil {
+			return
+		}
+		if time.Since(began) >= stableSession {
+			backoff = minBackoff
+		}
+		t.log.Warn("connection to the process server lost; reconnecting", keyAddr, t.cfg.Addr, keyErr, err)
+		for s = nil; s == nil; {
+			select {
+			case <-t.ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+			backoff = min(2*backoff, maxBackoff)
+			ns, ack, err := t.connect(t.ctx)
+			if err == nil {
+				if _, err = t.agree(ns, ack, false); err != nil {
+					ns.close()
+				} else {
+					s = ns
+				}
+			}
+			if err != nil {
+				if t.ctx.Err() != nil {
+					return
+				}
+				t.log.Warn("reconnect to the process server failed", keyAddr, t.cfg.Addr, keyRetry, backoff, keyErr, err)
+			}
+		}
+		t.reconnects.Add(1)
+		t.log.Info("reconnected to the process server", keyAddr, t.cfg.Addr)
+	}
+}
+
+// serve runs one connection until it fails or the Target closes.
+func (t *Target) serve(s *session) error {
+	rdErr := make(chan error, 1)
+	go func() {
+		err := t.readLoop(s)
+		s.close() // unblocks a sender stuck in a write
+		rdErr <- err
+	}()
+	defer func() {
+		s.close()
+		<-rdErr
+	}()
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	nextMarker := time.Now()
+	for {
+		now := time.Now()
+		if !now.Before(nextMarker) || t.markerDue() {
+			if err := t.sendMarker(s, now); err != nil {
+				return err
+			}
+			nextMarker = now.Add(t.cfg.MarkerInterval)
+		}
+		seg, sums, wait := t.nextWork(now)
+		var err error
+		switch {
+		case seg != nil:
+			n := seg.payload // seg may be recycled once busy is cleared
+			s.conn.SetWriteDeadline(now.Add(writeTimeout))
+			err = s.w.WriteBatch(&seg.bb)
+			t.mu.Lock()
+			t.busy = nil
+			if seg.freed {
+				t.recycleLocked(seg)
+			}
+			t.mu.Unlock()
+			if err == nil {
+				t.sentBytes.Add(uint64(n))
+			}
+		case sums != nil:
+			s.conn.SetWriteDeadline(now.Add(writeTimeout))
+			for _, m := range sums {
+				if err = s.w.WriteSums(m); err != nil {
+					break
+				}
+			}
+		}
+		if err != nil {
+			return err
+		}
+		if seg != nil || sums != nil {
+			continue
+		}
+		timer.Reset(min(wait, time.Until(nextMarker)))
+		select {
+		case <-t.kick:
+		case <-timer.C:
+		case err := <-rdErr:
+			rdErr <- err // for the deferred wait
+			return err
+		case <-t.ctx.Done():
+			return t.ctx.Err()
+		}
+	}
+}
+
+// nextWork picks what to send: the next batch if the window allows, else
+// pending checksum questions once every batch before them is out. wait is
+// how long until a partial batch is due.
+func (t *Target) nextWork(now time.Time) (seg *segment, sums []*wire.Sums, wait time.Duration) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	wait = time.Hour
+	// A partial batch goes out after FlushInterval, but only when it could
+	// be sent at once: while the window is closed it keeps filling.
+	if o := t.open; o != nil && o.bb.Count() > 0 && t.sent == len(t.segs) && t.canSendLocked(o.bb.Len()) {
+		if age := now.Sub(o.t0); age >= t.cfg.FlushInterval {
+			t.sealLocked()
+		} else {
+			wait = t.cfg.FlushInterval - age
+		}
+	}
+	if t.sent < len(t.segs) {
+		s := t.segs[t.sent]
+		if !t.canSendLocked(s.payload) {
+			return nil, nil, wait
+		}
+		t.sent++
+		t.inflight += uint64(s.payload)
+		t.sentSeq = s.last
+		t.busy = s
+		return s, nil, wait
+	}
+	if t.sums != nil && !t.sums.sent && (t.open == nil || t.open.bb.Count() == 0) {
+		t.sums.sent = true
+		return nil, t.sums.msgs, wait
+	}
+	return nil, nil, wait
+}
+
+func (t *Target) canSendLocked(n int) bool {
+	return t.window > 0 && (t.inflight == 0 || t.inflight+uint64(n) <= t.window)
+}
+
+// sendMarker sends a time marker. Its time is now when everything numbered
+// has been sent; otherwise it is when the oldest unsent record was
+// numbered, so that a marker never claims writes it does not cover.
+func (t *Target) sendMarker(s *session, now time.Time) error {
+	t.mu.Lock()
+	if t.holdMarkers {
+		t.mu.Unlock()
+		return nil
+	}
+	at := now
+	switch {
+	case t.sent < len(t.segs):
+		at = t.segs[t.sent].t0
+	case t.open != nil && t.open.bb.Count() > 0:
+		at = t.open.t0
+	}
+	m := wire.Marker{Seq: t.sentSeq, UnixNano: at.UnixNano(), Kind: wire.MarkerTime}
+	if m.Seq <= t.ackedSeq {
+		t.ackedMarker = at
+	} else {
+		t.markers = append(t.markers, sentMarker{seq: m.Seq, at: at})
+	}
+	t.mu.Unlock()
+	s.conn.SetWriteDeadline(now.Add(writeTimeout))
+	return s.w.WriteMarker(m)
+}
+
+// markerDue reports (once) that time markers were just released.
+func (t *Target) markerDue() bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	due := t.markerNow
+	t.markerNow = false
+	return due
+}
+
+// readLoop handles what the process server sends.
+func (t *Target) readLoop(s *session) error {
+	for {
+		f, err := s.r.Next()
+		if err != nil {
+			return fmt.Errorf("read from process server: %w", err)
+		}
+		switch f.Type {
+		case wire.TypeAck:
+			var a wire.Ack
+			if err := a.UnmarshalBinary(f.Payload); err != nil {
+				return err
+			}
+			t.mu.Lock()
+			if a.Seq >= t.nextSeq {
+				t.mu.Unlock()
+				return fmt.Errorf("process server acknowledged sequence %d, but the last one numbered is %d", a.Seq, t.nextSeq-1)
+			}
+			t.ackLocked(a.Seq)
+			t.mu.Unlock()
+		case wire.TypeBackpressure:
+			var b wire.Backpressure
+			if err := b.UnmarshalBinary(f.Payload); err != nil {
+				return err
+			}
+			t.mu.Lock()
+			if b.Window != t.window {
+				t.log.Debug("process server window", "bytes", b.Window)
+			}
+			t.window = b.Window
+			t.mu.Unlock()
+			t.wake()
+		case wire.TypeSumsReply:
+			var r wire.SumsReply
+			if err := r.UnmarshalBinary(f.Payload); err != nil {
+				return err
+			}
+			select {
+			case t.sumsCh <- r:
+			default: // nobody asked this; drop it
+			}
+		case wire.TypeError:
+			var e wire.Error
+			if err := e.UnmarshalBinary(f.Payload); err != nil {
+				return err
+			}
+			return e
+		default:
+			return fmt.Errorf("process server sent an unexpected %s frame", f.Type)
+		}
+	}
+}
+
+// ackLocked frees every record ≤ seq.
+func (t *Target) ackLocked(seq uint64) {
+	if seq <= t.ackedSeq {
+		return
+	}
+	t.ackedSeq = seq
+	for len(t.segs) > 0 && t.segs[0].last <= seq {
+		s := t.segs[0]
+		t.segs[0] = nil
+		t.segs = t.segs[1:]
+		if t.sent > 0 {
+			t.sent--
+			t.inflight -= uint64(s.payload)
+		}
+		t.pending -= uint64(s.payload)
+		if s == t.busy {
+			s.freed = true // the sender recycles it when its write returns
+		} else {
+			t.recycleLocked(s)
+		}
+	}
+	t.sentSeq = max(t.sentSeq, seq)
+	n := 0
+	for _, m := range t.markers {
+		if m.seq <= seq {
+			t.ackedMarker = m.at
+			n++
+		}
+	}
+	t.markers = t.markers[n:]
+	t.cond.Broadcast()
+	t.wake()
+}

@@ -1,0 +1,805 @@
+// Package stream is the agent's network target: it sends the captured
+// writes of one machine's disks to a process server (internal/wire frames
+// over mutual TLS), keeps every record until the process server has
+// acknowledged it, and resends what is unacknowledged after a reconnect.
+//
+// One Target carries all disks of a machine on one connection with one
+// sequence: records of every disk are numbered by a single counter, so a
+// recovery point is consistent across the disks.
+//
+// Memory is bounded (Config.BufferBytes). When the buffer is full — the
+// process server is unreachable, slow, or has closed its window — WriteAt
+// blocks. The engine then stops draining the BPF ring, the ring overflows
+// into the kernel's dirty bitmap, and those blocks are read back later:
+// back-pressure degrades to re-reading, never to loss.
+package stream
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/wire"
+)
+
+// Defaults for Config fields left zero.
+const (
+	DefaultBufferBytes    = 256 << 20
+	DefaultFlushBytes     = 1 << 20
+	DefaultFlushInterval  = 5 * time.Millisecond
+	DefaultMarkerInterval = time.Second
+	DefaultWindow         = 64 << 20
+	DefaultSyncTimeout    = time.Minute
+)
+
+// ChunkSize is the unit of checksum resync: Resync compares 64 KiB chunks.
+const ChunkSize = 64 << 10
+
+// ProtocolVersion is the stream protocol this package speaks.
+const ProtocolVersion = 1
+
+const (
+	minBackoff     = 100 * time.Millisecond
+	maxBackoff     = 5 * time.Second
+	dialTimeout    = 10 * time.Second
+	helloTimeout   = 30 * time.Second
+	writeTimeout   = 30 * time.Second
+	persistEvery   = time.Second
+	stableSession  = 5 * time.Second // a session this long resets the backoff
+	maxZeroRecord  = 1 << 30         // OpZero records are split at 1 GiB (Length is 32 bits)
+	keepFreeChunks = 8
+)
+
+// Log keys.
+const (
+	keyAddr  = "process_server"
+	keyErr   = "err"
+	keyDisk  = "disk"
+	keySeq   = "seq"
+	keyRetry = "retry_in"
+)
+
+// ErrClosed is returned by calls on a closed Target.
+var ErrClosed = errors.New("stream: target closed")
+
+// Disk is one disk of the machine, in the order the engine numbers them.
+type Disk struct {
+	Name string // stable name, unique within the machine (e.g. "sdb")
+	Size uint64 // bytes
+	// Forget drops the generation remembered for the disk: the caller
+	// cannot vouch for its history (another device is behind the name now),
+	// so the process server must start a new replica.
+	Forget bool
+}
+
+// Config configures a Target.
+type Config struct {
+	Addr     string      // process server, host:port
+	TLS      *tls.Config // client config, e.g. pki Identity.ClientTLS(host, pki.RoleProcessServer)
+	Machine  string
+	Disks    []Disk
+	StateDir string // holds StateFile; created if missing
+
+	BufferBytes    int64         // bound on unacknowledged data held (default 256 MiB)
+	FlushBytes     int           // batch size (default 1 MiB)
+	FlushInterval  time.Duration // a partial batch waits at most this long (default 5 ms)
+	MarkerInterval time.Duration // time markers (default 1 s)
+	Window         uint64        // in-flight bytes until the process server says otherwise (default 64 MiB)
+	SyncTimeout    time.Duration // bound of Sync (default 1 min)
+	// HoldTimeMarkers starts the Target with time markers held (see
+	// Target.HoldTimeMarkers), as an agent does until its initial sync
+	// is done.
+	HoldTimeMarkers bool
+
+	Logger *slog.Logger
+
+	// OnResync is called (from the stream's goroutine) when the process
+	// server asks, at a reconnect, for disk i to be synced again: a full
+	// copy (wire.SyncFull) or a checksum compare (wire.SyncChecksum). The
+	// agent wires it to Engine.RequestSync. It must not block.
+	OnResync func(disk int, action wire.SyncAction)
+
+	// DialContext replaces the TCP dialer (tests).
+	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
+}
+
+// Stats are the stream's counters. All are cumulative since Dial except
+// where noted.
+type Stats struct {
+	Connected     bool   `json:"connected"`
+	Reconnects    uint64 `json:"reconnects"`
+	ChurnBytes    uint64 `json:"churn_bytes"`    // write payload handed to the stream
+	SentBytes     uint64 `json:"sent_bytes"`     // batch payload written to the network, resends included
+	ResentBatches uint64 `json:"resent_batches"` // batches sent again after a reconnect
+	PendingBytes  uint64 `json:"pending_bytes"`  // now: batch payload not yet acknowledged
+	BufferedBytes int64  `json:"buffered_bytes"` // now: memory holding it
+	Window        uint64 `json:"window"`         // now: in-flight bytes the process server allows
+	LastSeq       uint64 `json:"last_seq"`       // last sequence number assigned
+	AckedSeq      uint64 `json:"acked_seq"`      // every record ≤ this is durable at the process server
+	Resyncs       uint64 `json:"resyncs"`        // disks the process server asked to sync again after a reconnect
+	SumChunks     uint64 `json:"sum_chunks"`     // chunks compared by checksum resync
+	SumDiffers    uint64 `json:"sum_differs"`    // of which differed and were sent
+	// RecoverableUntil is the time of the newest time marker whose records
+	// are all acknowledged: the process server holds every write made
+	// before it. Zero until the first one.
+	RecoverableUntil time.Time `json:"recoverable_until"`
+}
+
+// segment is one batch: records whose data is copied into arena, which
+// never grows, so the Data slices the BatchBuilder keeps stay valid.
+type segment struct {
+	arena   []byte
+	bb      wire.BatchBuilder
+	first   uint64
+	last    uint64
+	t0      time.Time // when its first record was assigned
+	payload int       // batch payload bytes, set when sealed
+	freed   bool      // acknowledged while the sender was writing it
+}
+
+type sentMarker struct {
+	seq uint64
+	at  time.Time
+}
+
+// sumsReq is a checksum resync question waiting for its answers.
+type sumsReq struct {
+	msgs []*wire.Sums
+	sent bool // on the current connection
+}
+
+// Target streams a machine's disks to a process server. It has the methods
+// of agent.Target and agent.Resyncer, except that markers come through
+// Mark. WriteAt, Zero, Mark, Resync and Sync must be called from one
+// goroutine (the engine's); Stats, RPO and Abort from any.
+type Target struct {
+	cfg        Config
+	log        *slog.Logger
+	statePath  string
+	agreements []wire.DiskAgreement
+	start      time.Time
+
+	ctx    context.Context // cancelled by Close
+	cancel context.CancelFunc
+	kick   chan struct{} // wakes the sender
+	sumsCh chan wire.SumsReply
+	abort  chan struct{} // closed when err is set
+	done   chan struct{} // sender and persister exited
+	wg     sync.WaitGroup
+
+	mu          sync.Mutex
+	cond        sync.Cond // buffer space, acknowledgements, abort
+	segs        []*segment
+	sent        int // segs[:sent] are on the current connection
+	open        *segment
+	free        []*segment
+	busy        *segment // being written by the sender
+	buffered    int64
+	pending     uint64 // payload of segs
+	inflight    uint64
+	window      uint64
+	connected   bool
+	nextSeq     uint64
+	lease       uint64 // persisted: no seq ≥ lease has been used
+	ackedSeq    uint64
+	sentSeq     uint64 // every record ≤ this is on the process server or sent on this connection
+	gens        []wire.Generation
+	sums        *sumsReq
+	markers     []sentMarker // time markers not yet known durable
+	ackedMarker time.Time
+	err         error // set by Abort or Close: every call fails with it
+	stateVer    uint64
+	holdMarkers bool
+	markerNow   bool // released: send a time marker at once
+
+	sumsID uint16 // engine goroutine only
+
+	persistMu  sync.Mutex
+	writtenVer uint64
+
+	churn, sentBytes, resent, reconnects, resyncs, sumChunks, sumDiffers atomic.Uint64
+}
+
+// Dial loads the stream state from cfg.StateDir, connects to the process
+// server and agrees with it on every disk's generation (Hello/HelloAck). It
+// retries unreachable servers with backoff until ctx is done, but returns
+// at once when the server or its certificate is refused, or it refuses
+// ours. On success the Target is streaming: Agreements tells how each disk
+// must be brought up to date.
+func Dial(ctx context.Context, cfg Config) (*Target, error) {
+	t, err := newTarget(cfg)
+	if err != nil {
+		return nil, err
+	}
+	backoff := minBackoff
+	for {
+		s, ack, err := t.connect(ctx)
+		if err == nil {
+			agreements, err := t.agree(s, ack, true)
+			if err != nil {
+				s.close()
+				t.cancel()
+				return nil, err
+			}
+			t.agreements = agreements
+			t.start = time.Now()
+			t.wg.Add(2)
+			go t.run(s)
+			go t.persistLoop()
+			go func() { t.wg.Wait(); close(t.done) }()
+			return t, nil
+		}
+		var pe *permanentError
+		if errors.As(err, &pe) {
+			t.cancel()
+			return nil, pe.err
+		}
+		if ctx.Err() != nil {
+			t.cancel()
+			return nil, fmt.Errorf("connect to process server %s: %w (last error: %v)", cfg.Addr, ctx.Err(), err)
+		}
+		t.log.Warn("process server not reachable; retrying", keyAddr, cfg.Addr, keyRetry, backoff, keyErr, err)
+		select {
+		case <-ctx.Done():
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, maxBackoff)
+	}
+}
+
+func newTarget(cfg Config) (*Target, error) {
+	if cfg.Addr == "" || cfg.TLS == nil {
+		return nil, errors.New("stream: process server address and TLS configuration are required")
+	}
+	if err := layout.CheckName("machine name", cfg.Machine); err != nil {
+		return nil, err
+	}
+	if len(cfg.Disks) == 0 || len(cfg.Disks) > wire.MaxDisks {
+		return nil, fmt.Errorf("stream: %d disks; want 1 to %d", len(cfg.Disks), wire.MaxDisks)
+	}
+	seen := map[string]bool{}
+	for _, d := range cfg.Disks {
+		if err := layout.CheckName("disk name", d.Name); err != nil {
+			return nil, err
+		}
+		if seen[d.Name] {
+			return nil, fmt.Errorf("stream: disk name %q used twice", d.Name)
+		}
+		seen[d.Name] = true
+	}
+	if cfg.StateDir == "" {
+		return nil, errors.New("stream: a state directory is required")
+	}
+	if cfg.BufferBytes <= 0 {
+		cfg.BufferBytes = DefaultBufferBytes
+	}
+	if cfg.FlushBytes <= 0 {
+		cfg.FlushBytes = DefaultFlushBytes
+	}
+	cfg.FlushBytes = min(cfg.FlushBytes, wire.MaxPayload/2)
+	if cfg.FlushInterval <= 0 {
+		cfg.FlushInterval = DefaultFlushInterval
+	}
+	if cfg.MarkerInterval <= 0 {
+		cfg.MarkerInterval = DefaultMarkerInterval
+	}
+	if cfg.Window == 0 {
+		cfg.Window = DefaultWindow
+	}
+	if cfg.SyncTimeout <= 0 {
+		cfg.SyncTimeout = DefaultSyncTimeout
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("stream state directory: %w", err)
+	}
+	t := &Target{
+		cfg:         cfg,
+		log:         cfg.Logger,
+		statePath:   filepath.Join(cfg.StateDir, StateFile),
+		kick:        make(chan struct{}, 1),
+		sumsCh:      make(chan wire.SumsReply, 4),
+		abort:       make(chan struct{}),
+		done:        make(chan struct{}),
+		gens:        make([]wire.Generation, len(cfg.Disks)),
+		nextSeq:     1,
+		window:      cfg.Window,
+		holdMarkers: cfg.HoldTimeMarkers,
+	}
+	t.cond.L = &t.mu
+	t.ctx, t.cancel = context.WithCancel(context.Background())
+	p, err := loadPersisted(t.statePath)
+	if err != nil {
+		return nil, err
+	}
+	if p != nil {
+		t.nextSeq = max(p.NextSeq, 1)
+		if p.Machine == cfg.Machine {
+			t.ackedSeq = p.AckedSeq
+			for i, d := range cfg.Disks {
+				for _, pd := range p.Disks {
+					if pd.Name != d.Name || d.Forget {
+						continue
+					}
+					if t.gens[i], err = parseGeneration(pd.Generation); err != nil {
+						return nil, fmt.Errorf("stream state %s: disk %s: %w", t.statePath, d.Name, err)
+					}
+				}
+			}
+		} else {
+			t.log.Warn("stream state belongs to another machine name: starting a new history", "state_machine", p.Machine, "machine", cfg.Machine)
+		}
+	}
+	t.lease = t.nextSeq
+	return t, nil
+}
+
+// Agreements reports, per disk (in Config.Disks order), what the process
+// server answered at Dial: SyncResume, SyncFull or SyncChecksum. A resume
+// that would leave a gap (the process server lost records it had
+// acknowledged) is reported as SyncChecksum.
+func (t *Target) Agreements() []wire.DiskAgreement {
+	return append([]wire.DiskAgreement(nil), t.agreements...)
+}
+
+// WriteAt queues p for offset off of disk dev. It copies p. It blocks while
+// the buffer is full.
+func (t *Target) WriteAt(dev int, p []byte, off int64) error {
+	if err := t.check(dev, off, int64(len(p))); err != nil {
+		return err
+	}
+	t.churn.Add(uint64(len(p)))
+	for len(p) > 0 {
+		n := min(len(p), t.cfg.FlushBytes)
+		r := wire.Record{Disk: uint16(dev), Op: wire.OpWrite, Offset: uint64(off), Length: uint32(n)}
+		if err := t.add(r, p[:n], false); err != nil {
+			return err
+		}
+		p, off = p[n:], off+int64(n)
+	}
+	return nil
+}
+
+// Zero queues "n bytes at off of disk dev read as zeroes".
+func (t *Target) Zero(dev int, off, n int64) error {
+	if err := t.check(dev, off, n); err != nil {
+		return err
+	}
+	for n > 0 {
+		k := min(n, maxZeroRecord)
+		if err := t.add(wire.Record{Disk: uint16(dev), Op: wire.OpZero, Offset: uint64(off), Length: uint32(k)}, nil, false); err != nil {
+			return err
+		}
+		off, n = off+k, n-k
+	}
+	return nil
+}
+
+// ReadAt fails: the replica lives at the process server. The engine
+// compares through Resync instead.
+func (t *Target) ReadAt(int, []byte, int64) (int, error) {
+	return 0, errors.New("stream: the replica cannot be read back; use Resync")
+}
+
+// Mark queues a consistency point (wire.MarkerCrashConsistent or
+// wire.MarkerAppConsistent) taken at time at, as an OpMarker record with
+// its own sequence number, and sends it without waiting for the batch to
+// fill. (package agent adapts it to agent.Target's Marker: this package
+// cannot import agent, which imports it.)
+func (t *Target) Mark(kind wire.MarkerKind, at time.Time) error {
+	if kind != wire.MarkerCrashConsistent && kind != wire.MarkerAppConsistent {
+		return fmt.Errorf("stream: marker kind %s is not a consistency point", kind)
+	}
+	return t.add(wire.MarkerRecord(wire.Marker{UnixNano: at.UnixNano(), Kind: kind}), nil, true)
+}
+
+func (t *Target) check(dev int, off, n int64) error {
+	if dev < 0 || dev >= len(t.cfg.Disks) {
+		return fmt.Errorf("stream: no disk %d", dev)
+	}
+	if off < 0 || n < 0 || uint64(off)+uint64(n) > t.cfg.Disks[dev].Size {
+		return fmt.Errorf("stream: %d bytes at %d are beyond disk %s (%d bytes)", n, off, t.cfg.Disks[dev].Name, t.cfg.Disks[dev].Size)
+	}
+	return nil
+}
+
+// add assigns r the next sequence number and appends it, with a copy of
+// data, to the open segment.
+func (t *Target) add(r wire.Record, data []byte, seal bool) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.err != nil {
+		return t.err
+	}
+	if s := t.open; s != nil && (len(s.arena)+len(data) > cap(s.arena) || s.bb.Len()+wire.RecordHeaderSize > t.cfg.FlushBytes) {
+		t.sealLocked()
+	}
+	if t.open == nil {
+		// Wait for room; one segment is always allowed so that a
+		// buffer smaller than a segment cannot deadlock.
+		for t.err == nil && t.buffered > 0 && t.buffered+int64(t.cfg.FlushBytes) > t.cfg.BufferBytes {
+			t.cond.Wait()
+		}
+		if t.err != nil {
+			return t.err
+		}
+		t.open = t.newSegmentLocked()
+	}
+	if t.nextSeq >= t.lease {
+		if err := t.extendLeaseLocked(); err != nil {
+			return err
+		}
+	}
+	s := t.open
+	r.Seq = t.nextSeq
+	if len(data) > 0 {
+		start := len(s.arena)
+		s.arena = append(s.arena, data...)
+		r.Data = s.arena[start:len(s.arena):len(s.arena)]
+	}
+	if err := s.bb.Add(r); err != nil {
+		return fmt.Errorf("stream: %w", err) // a bug: records are built here
+	}
+	t.nextSeq++
+	if s.bb.Count() == 1 {
+		s.first, s.t0 = r.Seq, time.Now()
+	}
+	s.last = r.Seq
+	if seal || s.bb.Len() >= t.cfg.FlushBytes {
+		t.sealLocked()
+	}
+	return nil
+}
+
+func (t *Target) newSegmentLocked() *segment {
+	var s *segment
+	if n := len(t.free); n > 0 {
+		s, t.free = t.free[n-1], t.free[:n-1]
+	} else {
+		s = &segment{arena: make([]byte, 0, t.cfg.FlushBytes)}
+	}
+	t.buffered += int64(cap(s.arena))
+	return s
+}
+
+func (t *Target) recycleLocked(s *segment) {
+	t.buffered -= int64(cap(s.arena))
+	if len(t.free) < keepFreeChunks {
+		s.arena = s.arena[:0]
+		s.bb.Reset()
+		s.first, s.last, s.payload, s.freed = 0, 0, 0, false
+		t.free = append(t.free, s)
+	}
+}
+
+// sealLocked closes the open segment: it becomes a batch to send.
+func (t *Target) sealLocked() {
+	s := t.open
+	if s == nil || s.bb.Count() == 0 {
+		return
+	}
+	s.payload = s.bb.Len()
+	t.pending += uint64(s.payload)
+	t.segs = append(t.segs, s)
+	t.open = nil
+	t.wake()
+}
+
+func (t *Target) wake() {
+	select {
+	case t.kick <- struct{}{}:
+	default:
+	}
+}
+
+func (t *Target) extendLeaseLocked() error {
+	t.lease = t.nextSeq + seqLease
+	if err := t.persist(t.snapshotLocked()); err != nil {
+		t.lease = t.nextSeq
+		return fmt.Errorf("stream: reserve sequence numbers: %w", err)
+	}
+	return nil
+}
+
+// Resync makes the process server's bytes [off, off+len(p)) of disk dev
+// equal to p: it sends SHA-256 sums of 64 KiB chunks, waits for the answer
+// and queues only the chunks that differ. It returns the bytes queued.
+func (t *Target) Resync(dev int, p []byte, off int64) (int64, error) {
+	if err := t.check(dev, off, int64(len(p))); err != nil {
+		return 0, err
+	}
+	type chunk struct{ start, end int }
+	var (
+		chunks []chunk
+		msgs   []*wire.Sums
+	)
+	question := func(start, size, n int) {
+		t.sumsID++ // only the engine's goroutine touches it
+		m := &wire.Sums{ID: t.sumsID, Disk: t.cfg.Disks[dev].Name, Offset: uint64(off) + uint64(start), ChunkSize: uint32(size)}
+		for i := range n {
+			c := chunk{start + i*size, start + (i+1)*size}
+			m.Sums = append(m.Sums, sha256.Sum256(p[c.start:c.end]))
+			chunks = append(chunks, c)
+		}
+		msgs = append(msgs, m)
+	}
+	full := len(p) / ChunkSize
+	for i := 0; i < full; i += wire.MaxSums {
+		question(i*ChunkSize, ChunkSize, min(wire.MaxSums, full-i))
+	}
+	// A shorter tail is its own question with its own chunk size, so the
+	// process server compares exactly these bytes.
+	tail := len(p) - full*ChunkSize
+	if tail > 0 && tail%512 == 0 {
+		question(full*ChunkSize, tail, 1)
+		tail = 0
+	}
+	t.mu.Lock()
+	if err := t.err; err != nil {
+		t.mu.Unlock()
+		return 0, err
+	}
+	if len(msgs) > 0 {
+		// Sums follow every record queued so far: the process server
+		// compares with the replica as of those.
+		t.sealLocked()
+		t.sums = &sumsReq{msgs: msgs}
+		t.wake()
+	}
+	t.mu.Unlock()
+
+	differs := make([]bool, 0, len(chunks))
+	for _, m := range msgs {
+		d, err := t.waitSums(m)
+		if err != nil {
+			t.mu.Lock()
+			t.sums = nil
+			t.mu.Unlock()
+			return 0, err
+		}
+		differs = append(differs, d...)
+	}
+	t.mu.Lock()
+	t.sums = nil
+	t.mu.Unlock()
+
+	var stored int64
+	for i, c := range chunks {
+		t.sumChunks.Add(1)
+		if !differs[i] {
+			continue
+		}
+		t.sumDiffers.Add(1)
+		if err := t.WriteAt(dev, p[c.start:c.end], off+int64(c.start)); err != nil {
+			return stored, err
+		}
+		stored += int64(c.end - c.start)
+	}
+	if tail > 0 { // not a multiple of 512: cannot be asked about
+		start := len(p) - tail
+		if err := t.WriteAt(dev, p[start:], off+int64(start)); err != nil {
+			return stored, err
+		}
+		stored += int64(tail)
+	}
+	return stored, nil
+}
+
+func (t *Target) waitSums(m *wire.Sums) ([]bool, error) {
+	for {
+		select {
+		case r := <-t.sumsCh:
+			if r.ID != m.ID {
+				continue // an answer to an abandoned question
+			}
+			if len(r.Differs) != len(m.Sums) {
+				t.log.Warn("process server answered a checksum question with the wrong number of chunks; sending them all",
+					keyDisk, m.Disk, "asked", len(m.Sums), "answered", len(r.Differs))
+				d := make([]bool, len(m.Sums))
+				for i := range d {
+					d[i] = true
+				}
+				return d, nil
+			}
+			return r.Differs, nil
+		case <-t.abort:
+			t.mu.Lock()
+			defer t.mu.Unlock()
+			return nil, t.err
+		}
+	}
+}
+
+// Sync waits until the process server has acknowledged every record queued
+// so far, at most Config.SyncTimeout, and saves the stream state.
+func (t *Target) Sync() error {
+	ctx, cancel := context.WithTimeout(context.Background(), t.cfg.SyncTimeout)
+	defer cancel()
+	return t.SyncContext(ctx)
+}
+
+// SyncContext is Sync bounded by ctx instead of Config.SyncTimeout.
+func (t *Target) SyncContext(ctx context.Context) error {
+	stop := context.AfterFunc(ctx, func() {
+		t.mu.Lock()
+		t.cond.Broadcast()
+		t.mu.Unlock()
+	})
+	defer stop()
+	t.mu.Lock()
+	t.sealLocked()
+	want := t.nextSeq - 1
+	for t.ackedSeq < want && t.err == nil && ctx.Err() == nil {
+		t.cond.Wait()
+	}
+	acked, err := t.ackedSeq, t.err
+	snap := t.snapshotLocked()
+	t.mu.Unlock()
+	if acked < want {
+		if err == nil {
+			err = fmt.Errorf("process server %s acknowledged records up to %d of %d: %w", t.cfg.Addr, acked, want, ctx.Err())
+		}
+		return fmt.Errorf("stream sync: %w", err)
+	}
+	return t.persist(snap)
+}
+
+// HoldTimeMarkers stops (hold) or restarts time markers. The agent holds
+// them while an initial sync or resync is under way: the replica is not a
+// point in time then, and "recoverable until" must not advance.
+func (t *Target) HoldTimeMarkers(hold bool) {
+	t.mu.Lock()
+	t.markerNow = t.holdMarkers && !hold
+	t.holdMarkers = hold
+	t.mu.Unlock()
+	t.wake()
+}
+
+// Abort makes every blocked and later call fail with err (the first one
+// given). The agent uses it to bound how long a stop waits for an
+// unreachable process server.
+func (t *Target) Abort(err error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.abortLocked(err)
+}
+
+func (t *Target) abortLocked(err error) {
+	if t.err != nil {
+		return
+	}
+	t.err = err
+	close(t.abort)
+	t.cond.Broadcast()
+	t.wake()
+}
+
+// Close disconnects and saves the stream state. Records not acknowledged
+// are dropped: after a Close without a successful Sync the caller must
+// treat the stop as unclean (resync by checksum on the next start).
+func (t *Target) Close() error {
+	t.mu.Lock()
+	t.abortLocked(ErrClosed)
+	t.mu.Unlock()
+	t.cancel()
+	<-t.done
+	t.mu.Lock()
+	// Nothing will be numbered any more: the exact next number is a
+	// sufficient bound, and the next run continues without a gap.
+	t.lease = t.nextSeq
+	snap := t.snapshotLocked()
+	t.mu.Unlock()
+	return t.persist(snap)
+}
+
+// Stats returns the counters. Safe from any goroutine.
+func (t *Target) Stats() Stats {
+	t.mu.Lock()
+	s := Stats{
+		Connected:        t.connected,
+		PendingBytes:     t.pending,
+		BufferedBytes:    t.buffered,
+		Window:           t.window,
+		LastSeq:          t.nextSeq - 1,
+		AckedSeq:         t.ackedSeq,
+		RecoverableUntil: t.ackedMarker,
+	}
+	if t.open != nil {
+		s.PendingBytes += uint64(t.open.bb.Len())
+	}
+	t.mu.Unlock()
+	s.Reconnects = t.reconnects.Load()
+	s.ChurnBytes = t.churn.Load()
+	s.SentBytes = t.sentBytes.Load()
+	s.ResentBatches = t.resent.Load()
+	s.Resyncs = t.resyncs.Load()
+	s.SumChunks = t.sumChunks.Load()
+	s.SumDiffers = t.sumDiffers.Load()
+	return s
+}
+
+// RPO is how far back the newest acknowledged time marker is (since Dial
+// when there is none yet).
+func (t *Target) RPO() time.Duration {
+	t.mu.Lock()
+	at := t.ackedMarker
+	t.mu.Unlock()
+	if at.IsZero() {
+		at = t.start
+	}
+	return max(time.Since(at), 0)
+}
+
+// snapshot is the state to persist, numbered so that an older snapshot
+// never overwrites a newer one.
+type snapshot struct {
+	ver uint64
+	p   persisted
+}
+
+func (t *Target) snapshotLocked() snapshot {
+	t.stateVer++
+	p := persisted{Version: stateVersion, Machine: t.cfg.Machine, NextSeq: t.lease, AckedSeq: t.ackedSeq}
+	for i, d := range t.cfg.Disks {
+		p.Disks = append(p.Disks, persistedDisk{Name: d.Name, Generation: formatGeneration(t.gens[i])})
+	}
+	return snapshot{ver: t.stateVer, p: p}
+}
+
+func (t *Target) persist(s snapshot) error {
+	t.persistMu.Lock()
+	defer t.persistMu.Unlock()
+	if s.ver <= t.writtenVer {
+		return nil
+	}
+	b, err := json.MarshalIndent(&s.p, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := writeFileSync(t.statePath, b); err != nil {
+		return fmt.Errorf("save stream state: %w", err)
+	}
+	t.writtenVer = s.ver
+	return nil
+}
+
+// persistLoop saves the acknowledged sequence about once a second: a stale
+// value only makes the process server's loss check less sharp, while
+// sequence numbers are protected by the lease.
+func (t *Target) persistLoop() {
+	defer t.wg.Done()
+	tick := time.NewTicker(persistEvery)
+	defer tick.Stop()
+	var last uint64
+	for {
+		select {
+		case <-t.ctx.Done():
+			return
+		case <-tick.C:
+		}
+		t.mu.Lock()
+		if t.ackedSeq == last {
+			t.mu.Unlock()
+			continue
+		}
+		last = t.ackedSeq
+		snap := t.snapshotLocked()
+		t.mu.Unlock()
+		if err := t.persist(snap); err != nil {
+			t.log.Error("cannot save the stream state", keyErr, err)
+		}
+	}
+}

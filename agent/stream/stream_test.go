@@ -1,0 +1,503 @@
+package stream_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/agent/stream"
+	"github.com/lifeboat-dr/lifeboat/agent/stream/streamtest"
+	"github.com/lifeboat-dr/lifeboat/internal/pki"
+	"github.com/lifeboat-dr/lifeboat/internal/wire"
+)
+
+const machine = "m1"
+
+func config(t *testing.T, srv *streamtest.Server, stateDir string, sizes ...uint64) stream.Config {
+	t.Helper()
+	cfg := stream.Config{Addr: srv.Addr, TLS: srv.ClientTLS(t, machine), Machine: machine, StateDir: stateDir, SyncTimeout: 10 * time.Second}
+	for i, n := range sizes {
+		cfg.Disks = append(cfg.Disks, stream.Disk{Name: "d" + string(rune('0'+i)), Size: n})
+	}
+	return cfg
+}
+
+func dial(t *testing.T, cfg stream.Config) *stream.Target {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	tg, err := stream.Dial(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tg.Close() })
+	return tg
+}
+
+func randBytes(rng *rand.Rand, n int) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte(rng.Uint32())
+	}
+	return b
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// checkStream asserts that the server stored records 1..last (or from..last)
+// exactly once each, in order, with no protocol violation.
+func checkStream(t *testing.T, srv *streamtest.Server, from, last uint64) {
+	t.Helper()
+	if v := srv.Violations(); len(v) > 0 {
+		t.Fatalf("protocol violations: %v", v)
+	}
+	if d := srv.Durable(); d != last {
+		t.Fatalf("server holds records up to %d, want %d", d, last)
+	}
+	// First arrivals of each sequence must be in order, without a gap.
+	seen := map[uint64]bool{}
+	next := from
+	for _, r := range srv.Received() {
+		if seen[r.Seq] {
+			continue
+		}
+		seen[r.Seq] = true
+		if r.Seq != next {
+			t.Fatalf("record %d arrived when %d was due", r.Seq, next)
+		}
+		next++
+	}
+	if next != last+1 {
+		t.Fatalf("records %d..%d arrived, want up to %d", from, next-1, last)
+	}
+}
+
+// Records arrive in order, with no gap, across connections dropped before
+// and after the server stored a batch; only unacknowledged batches are
+// sent again.
+func TestReconnectResendsOnlyUnacknowledged(t *testing.T) {
+	srv := streamtest.New(t)
+	srv.Fault = func(n int, first, last uint64) streamtest.Fault {
+		switch n {
+		case 5:
+			return streamtest.DropBeforeStore
+		case 12:
+			return streamtest.DropAfterStore
+		}
+		return streamtest.Store
+	}
+	const size = 8 << 20
+	cfg := config(t, srv, t.TempDir(), size, size)
+	cfg.FlushBytes = 64 << 10
+	tg := dial(t, cfg)
+	if a := tg.Agreements(); a[0].Action != wire.SyncFull || a[1].Action != wire.SyncFull {
+		t.Fatalf("first contact: %v, want full syncs", a)
+	}
+	rng := rand.New(rand.NewPCG(1, 2))
+	want := [2][]byte{make([]byte, size), make([]byte, size)}
+	const n = 400
+	for i := range n {
+		dev := i % 2
+		off := int64(rng.IntN(size/4096-8)) * 4096
+		if i%37 == 0 {
+			if err := tg.Zero(dev, off, 32<<10); err != nil {
+				t.Fatal(err)
+			}
+			clear(want[dev][off : off+32<<10])
+			continue
+		}
+		p := randBytes(rng, 4096*(1+rng.IntN(8)))
+		if err := tg.WriteAt(dev, p, off); err != nil {
+			t.Fatal(err)
+		}
+		copy(want[dev][off:], p)
+		if i%50 == 0 {
+			time.Sleep(10 * time.Millisecond) // let batches go out between faults
+		}
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	st := tg.Stats()
+	if st.Reconnects != 2 || srv.Conns() != 3 {
+		t.Fatalf("%d reconnects, %d connections; the faults were meant to cause 2", st.Reconnects, srv.Conns())
+	}
+	if st.ResentBatches == 0 {
+		t.Fatal("nothing was resent after a batch was lost")
+	}
+	checkStream(t, srv, 1, n)
+	for dev := range 2 {
+		if !bytes.Equal(srv.Image(cfg.Disks[dev].Name), want[dev]) {
+			t.Fatalf("disk %d: the server's image differs from what was written", dev)
+		}
+	}
+	if st.PendingBytes != 0 || st.AckedSeq != n {
+		t.Fatalf("after Sync: %+v", st)
+	}
+}
+
+// Time markers flow at least every second on an idle stream, carry the
+// last record's sequence, and make the RPO small.
+func TestTimeMarkersOnIdleStream(t *testing.T) {
+	srv := streamtest.New(t)
+	tg := dial(t, config(t, srv, t.TempDir(), 1<<20))
+	if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	time.Sleep(2300 * time.Millisecond)
+	var ms []streamtest.Marker
+	for _, m := range srv.Markers() {
+		if m.At.After(start) {
+			ms = append(ms, m)
+		}
+	}
+	if len(ms) < 2 {
+		t.Fatalf("%d time markers in 2.3 s on an idle stream, want at least 2", len(ms))
+	}
+	prev := start
+	for _, m := range ms {
+		if m.Kind != wire.MarkerTime || m.Seq != 1 {
+			t.Fatalf("marker %+v: want a time marker for seq 1", m.Marker)
+		}
+		if gap := m.At.Sub(prev); gap > 1200*time.Millisecond {
+			t.Fatalf("%v between time markers", gap)
+		}
+		if mt := time.Unix(0, m.UnixNano); mt.Before(prev.Add(-10*time.Millisecond)) || mt.After(m.At) {
+			t.Fatalf("marker time %v is not between %v and its arrival %v", mt, prev, m.At)
+		}
+		prev = m.At
+	}
+	if rpo := tg.RPO(); rpo > 1500*time.Millisecond {
+		t.Fatalf("RPO %v on an idle, fully acknowledged stream", rpo)
+	}
+
+	// Held (during a resync), none flow; released, one goes at once.
+	tg.HoldTimeMarkers(true)
+	n := len(srv.Markers())
+	time.Sleep(1200 * time.Millisecond)
+	if got := len(srv.Markers()); got != n {
+		t.Fatalf("%d time markers sent while held", got-n)
+	}
+	if rpo := tg.RPO(); rpo < time.Second {
+		t.Fatalf("RPO %v while markers are held: it must grow", rpo)
+	}
+	tg.HoldTimeMarkers(false)
+	waitFor(t, "a time marker after the release", func() bool { return len(srv.Markers()) > n })
+	if len(srv.Markers()) > n+1 {
+		t.Fatal("more than one marker right after the release")
+	}
+}
+
+// Checksum resync sends only the chunks that differ, including a tail
+// shorter than a chunk.
+func TestChecksumResyncSendsOnlyDifferences(t *testing.T) {
+	srv := streamtest.New(t)
+	const size = 4 << 20
+	tg := dial(t, config(t, srv, t.TempDir(), size))
+	rng := rand.New(rand.NewPCG(3, 4))
+	local := randBytes(rng, size)
+	for off := 0; off < size; off += 1 << 20 {
+		if err := tg.WriteAt(0, local[off:off+1<<20], int64(off)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	base := len(srv.Received())
+
+	// The device changed under the replica in three chunks...
+	changed := map[int64]bool{}
+	for _, c := range []int64{5, 17, 40} {
+		copy(local[c*stream.ChunkSize+100:], randBytes(rng, 5000))
+		changed[c*stream.ChunkSize] = true
+	}
+	var stored int64
+	for off := 0; off < size; off += 1 << 20 {
+		n, err := tg.Resync(0, local[off:off+1<<20], int64(off))
+		if err != nil {
+			t.Fatal(err)
+		}
+		stored += n
+	}
+	if stored != 3*stream.ChunkSize {
+		t.Fatalf("resync stored %d bytes, want the 3 changed chunks (%d)", stored, 3*stream.ChunkSize)
+	}
+	// ...and in a range whose tail is shorter than a chunk.
+	copy(local[2<<20+64<<10+100:], []byte("changed")) // in the 20 KiB tail of [2 MiB, 2 MiB+84 KiB)
+	n, err := tg.Resync(0, local[2<<20:2<<20+84<<10], 2<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n != 20<<10 {
+		t.Fatalf("tail resync stored %d bytes, want the 20 KiB tail", n)
+	}
+	changed[2<<20+64<<10] = true
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range srv.Received()[base:] {
+		if r.Op != wire.OpWrite || !changed[int64(r.Offset)] {
+			t.Fatalf("resync sent %s of %d bytes at %d, which did not change", r.Op, r.Length, r.Offset)
+		}
+	}
+	if got := len(srv.Received()) - base; got != 4 {
+		t.Fatalf("resync sent %d records, want 4", got)
+	}
+	if !bytes.Equal(srv.Image("d0"), local) {
+		t.Fatal("replica differs from the device after the resync")
+	}
+	if st := tg.Stats(); st.SumDiffers != 4 || st.SumChunks != 4*16+2 {
+		t.Fatalf("sums: %d chunks compared, %d differed", st.SumChunks, st.SumDiffers)
+	}
+}
+
+// With the window closed nothing is sent; once the buffer is full WriteAt
+// blocks, and it resumes when the window opens.
+func TestClosedWindowBlocksWriteAt(t *testing.T) {
+	srv := streamtest.New(t)
+	srv.SetWindow(0)
+	const size = 16 << 20
+	cfg := config(t, srv, t.TempDir(), size)
+	cfg.BufferBytes = 2 << 20
+	cfg.FlushBytes = 256 << 10
+	tg := dial(t, cfg)
+	rng := rand.New(rand.NewPCG(5, 6))
+	data := randBytes(rng, 8<<20)
+	var written atomic.Int64
+	done := make(chan error, 1)
+	go func() {
+		for off := 0; off < len(data); off += 64 << 10 {
+			if err := tg.WriteAt(0, data[off:off+64<<10], int64(off)); err != nil {
+				done <- err
+				return
+			}
+			written.Store(int64(off + 64<<10))
+		}
+		done <- nil
+	}()
+	time.Sleep(300 * time.Millisecond)
+	stalled := written.Load()
+	time.Sleep(200 * time.Millisecond)
+	if w := written.Load(); w != stalled || w >= int64(len(data)) {
+		t.Fatalf("WriteAt did not block with the window closed: %d bytes accepted, then %d", stalled, w)
+	}
+	if stalled > 3<<20 {
+		t.Fatalf("%d bytes accepted with a 2 MiB buffer", stalled)
+	}
+	if r := srv.Received(); len(r) != 0 {
+		t.Fatalf("%d records sent through a closed window", len(r))
+	}
+	srv.SetWindow(1 << 20)
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("WriteAt still blocked after the window opened")
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(srv.Image("d0")[:len(data)], data) {
+		t.Fatal("replica differs")
+	}
+	checkStream(t, srv, 1, uint64(len(data)/(64<<10)))
+}
+
+// Generations and sequence numbers survive restarts; a crash may skip
+// sequence numbers but never reuses one.
+func TestStatePersistsAcrossRestarts(t *testing.T) {
+	srv := streamtest.New(t)
+	state := t.TempDir()
+	cfg := config(t, srv, state, 1<<20)
+	tg := dial(t, cfg)
+	for i := range 10 {
+		if err := tg.WriteAt(0, bytes.Repeat([]byte{byte(i)}, 4096), int64(i)*4096); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	tg.Close()
+	gen := srv.Generation("d0")
+
+	// Clean restart: resume, same generation, numbering continues.
+	tg = dial(t, cfg)
+	if a := tg.Agreements()[0]; a.Action != wire.SyncResume || a.Generation != gen || a.ResumeFrom != 11 {
+		t.Fatalf("after a clean restart: %+v, want resume from 11 with generation %s", a, gen)
+	}
+	h := srv.Hellos()
+	if d := h[len(h)-1].Disks[0]; d.Generation != gen || d.LastAckedSeq != 10 {
+		t.Fatalf("hello after restart: %+v", d)
+	}
+	if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	// A crash: the state file is as it was while running.
+	crashed, err := os.ReadFile(filepath.Join(state, stream.StateFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tg.Close()
+	if err := os.WriteFile(filepath.Join(state, stream.StateFile), crashed, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	tg = dial(t, cfg)
+	if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	r := srv.Received()
+	if last := r[len(r)-1].Seq; last <= 11 {
+		t.Fatalf("after a crash the next record got seq %d: reused", last)
+	}
+	if v := srv.Violations(); len(v) != 1 || !strings.Contains(v[0], "follows 11") {
+		t.Fatalf("violations %v: want exactly the skipped numbers after the crash", v)
+	}
+
+	// Another process server (a new storage account) knows nothing:
+	// full sync with a new generation.
+	srv2 := streamtest.New(t)
+	cfg2 := cfg
+	cfg2.Addr, cfg2.TLS = srv2.Addr, srv2.ClientTLS(t, machine)
+	tg.Close()
+	tg = dial(t, cfg2)
+	if a := tg.Agreements()[0]; a.Action != wire.SyncFull || a.Generation == gen {
+		t.Fatalf("new process server: %+v, want a full sync with a new generation", a)
+	}
+}
+
+// A reconnect that finds the replica gone asks the engine for a full sync.
+func TestReconnectRequestsResync(t *testing.T) {
+	srv := streamtest.New(t)
+	cfg := config(t, srv, t.TempDir(), 1<<20, 1<<20)
+	var mu sync.Mutex
+	var asked []string
+	cfg.OnResync = func(disk int, a wire.SyncAction) {
+		mu.Lock()
+		asked = append(asked, cfg.Disks[disk].Name+":"+a.String())
+		mu.Unlock()
+	}
+	tg := dial(t, cfg)
+	if err := tg.WriteAt(1, make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	srv.Forget("d1")
+	srv.Drop()
+	waitFor(t, "the resync request", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(asked) > 0
+	})
+	mu.Lock()
+	defer mu.Unlock()
+	if len(asked) != 1 || asked[0] != "d1:full-sync" {
+		t.Fatalf("resync requests %v, want d1:full-sync", asked)
+	}
+	if st := tg.Stats(); st.Reconnects != 1 || st.Resyncs != 1 {
+		t.Fatalf("%+v", st)
+	}
+}
+
+// Sync waits for the acknowledgements, within its bound.
+func TestSyncWaitsForAcks(t *testing.T) {
+	srv := streamtest.New(t)
+	cfg := config(t, srv, t.TempDir(), 1<<20)
+	cfg.SyncTimeout = 300 * time.Millisecond
+	tg := dial(t, cfg)
+	srv.HoldAcks(true)
+	if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	err := tg.Sync()
+	if err == nil || !strings.Contains(err.Error(), "acknowledged records up to 0 of 1") {
+		t.Fatalf("Sync with acks withheld: %v", err)
+	}
+	srv.HoldAcks(false)
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if st := tg.Stats(); st.AckedSeq != 1 {
+		t.Fatalf("acked %d", st.AckedSeq)
+	}
+	// Abort ends a blocked Sync at once.
+	srv.HoldAcks(true)
+	tg.WriteAt(0, make([]byte, 4096), 0)
+	go func() {
+		time.Sleep(50 * time.Millisecond)
+		tg.Abort(errors.New("stopping"))
+	}()
+	if err := tg.Sync(); err == nil || !strings.Contains(err.Error(), "stopping") {
+		t.Fatalf("Sync after Abort: %v", err)
+	}
+	if err := tg.WriteAt(0, make([]byte, 4096), 0); err == nil {
+		t.Fatal("WriteAt after Abort succeeded")
+	}
+}
+
+// Certificate problems fail Dial at once instead of retrying forever.
+func TestRefusedCertificatesFailFast(t *testing.T) {
+	srv := streamtest.New(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+
+	// The agent's certificate has the wrong role: the server refuses it.
+	if err := pki.Issue(srv.PKIDir, "rogue", pki.RoleMasterTarget); err != nil {
+		t.Fatal(err)
+	}
+	id, err := pki.Load(srv.PKIDir, "rogue")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := config(t, srv, t.TempDir(), 1<<20)
+	cfg.TLS = id.ClientTLS(srv.Addr, pki.RoleProcessServer)
+	start := time.Now()
+	if _, err := stream.Dial(ctx, cfg); err == nil || !strings.Contains(err.Error(), "certificate") {
+		t.Fatalf("wrong-role agent certificate: %v", err)
+	} else {
+		t.Logf("server refused: %v", err)
+	}
+	// The server's certificate is from another CA: the agent refuses it.
+	other := streamtest.New(t)
+	cfg.TLS = other.ClientTLS(t, machine)
+	if _, err := stream.Dial(ctx, cfg); err == nil {
+		t.Fatal("Dial accepted a server from another CA")
+	} else {
+		t.Logf("agent refused: %v", err)
+	}
+	if time.Since(start) > 5*time.Second {
+		t.Fatalf("refusals took %v: retried instead of failing", time.Since(start))
+	}
+}

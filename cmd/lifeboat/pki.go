@@ -1,0 +1,74 @@
+package main
+
+import (
+	"fmt"
+
+	"github.com/lifeboat-dr/lifeboat/internal/pki"
+	"github.com/spf13/cobra"
+)
+
+func pkiCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "pki",
+		Short: "Certificate authority for mTLS between Lifeboat components",
+	}
+	var dir string
+	initCmd := &cobra.Command{
+		Use:   "init --dir DIR",
+		Short: "Create a new CA (ca.crt, ca.key) in DIR",
+		Long: `Creates the deployment's certificate authority in DIR. Every component
+authenticates with a certificate issued by it; ca.key is needed only to
+issue certificates, so keep it off the machines that merely use them.
+An existing CA is never overwritten.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := pki.Init(dir); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "created CA in %s\n", dir)
+			return nil
+		},
+	}
+	initCmd.Flags().StringVar(&dir, "dir", "", "PKI directory")
+	initCmd.MarkFlagRequired("dir")
+
+	var (
+		name, role string
+		hosts      []string
+	)
+	issue := &cobra.Command{
+		Use:   "issue --dir DIR --name NAME --role agent|process-server",
+		Short: "Issue NAME.crt and NAME.key in DIR, signed by DIR's CA",
+		Long: `Issues a certificate for one component. The role decides who may talk to
+whom: a process server accepts only agent certificates, an agent only
+process-server certificates. An agent's NAME is its machine name.
+Server certificates are valid for NAME, localhost, 127.0.0.1 and ::1;
+add the names agents dial with --host.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			r, err := pki.ParseRole(role)
+			if err != nil {
+				return err
+			}
+			var opts []pki.IssueOption
+			if len(hosts) > 0 {
+				opts = append(opts, pki.WithHosts(hosts...))
+			}
+			if err := pki.Issue(dir, name, r, opts...); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "issued %s/%s.crt and %s.key (role %s)\n", dir, name, name, r)
+			return nil
+		},
+	}
+	f := issue.Flags()
+	f.StringVar(&dir, "dir", "", "PKI directory holding the CA")
+	f.StringVar(&name, "name", "", "component name (an agent's machine name)")
+	f.StringVar(&role, "role", "", "agent or process-server")
+	f.StringSliceVar(&hosts, "host", nil, "extra DNS name or IP address the certificate is valid for (repeatable)")
+	issue.MarkFlagRequired("dir")
+	issue.MarkFlagRequired("name")
+	issue.MarkFlagRequired("role")
+	cmd.AddCommand(initCmd, issue)
+	return cmd
+}

@@ -1,0 +1,79 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore/azure"
+	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/seal"
+	"github.com/lifeboat-dr/lifeboat/processserver"
+	"github.com/spf13/cobra"
+)
+
+// envConnectionString holds the storage account's connection string (it
+// contains the account key, so it is not a flag: flags show up in ps).
+const envConnectionString = "AZURE_STORAGE_CONNECTION_STRING"
+
+func processServerCmd(verbose *bool) *cobra.Command {
+	var (
+		cfg           processserver.Config
+		uploadLimit   float64
+		pointInterval time.Duration
+		retention     time.Duration
+	)
+	cmd := &cobra.Command{
+		Use:   "process-server --listen ADDR --pki DIR --name NAME --cache DIR[,DIR...] --recovery-key FILE",
+		Short: "Receive agents' change streams, cache them and upload them to Azure Blob Storage",
+		Long: `Accepts agents over TLS 1.3 with client certificates (role agent, same CA),
+makes every batch durable in the cache before acknowledging it, then
+compresses, encrypts (a data key per machine, wrapped by the recovery key)
+and uploads it to the storage account as journal segments.
+
+The cache spans the --cache directories, one per disk, Reed-Solomon coded so
+that losing a parity's worth of them loses nothing. The storage account is
+taken from AZURE_STORAGE_CONNECTION_STRING. Outages are retried with backoff
+while the cache absorbs the stream.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cs := os.Getenv(envConnectionString)
+			if cs == "" {
+				return errors.New(envConnectionString + " is not set: export the storage account's connection string (or Azurite's)")
+			}
+			log := logger(*verbose)
+			base, err := azure.New(azure.Config{ConnectionString: cs, Container: cfg.Container})
+			if err != nil {
+				return err
+			}
+			if uploadLimit < 0 {
+				return fmt.Errorf("--upload-limit %v: must not be negative", uploadLimit)
+			}
+			cfg.Store = blobstore.Stack(base, blobstore.StackConfig{WriteBytesPerSec: uploadLimit, Logger: log})
+			cfg.Logger = log
+			rk, err := seal.LoadRecoveryKey(cfg.RecoveryKeyFile)
+			if err != nil {
+				return err
+			}
+			cfg.NewApplier = processserver.StandardApplier(cmd.Context(), cfg, rk, pointInterval, retention, log)
+			return processserver.Run(cmd.Context(), cfg)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&cfg.Listen, "listen", ":7070", "address agents connect to")
+	f.StringVar(&cfg.PKIDir, "pki", "", "PKI directory (ca.crt, NAME.crt, NAME.key)")
+	f.StringVar(&cfg.Name, "name", "", "this server's certificate name (role process-server)")
+	f.StringSliceVar(&cfg.CacheDirs, "cache", nil, "cache directories, one per cache disk (comma-separated or repeated)")
+	f.StringVar(&cfg.RecoveryKeyFile, "recovery-key", "", "recovery key file (lifeboat keys init)")
+	f.StringVar(&cfg.Container, "container", layout.DefaultContainer, "storage account container")
+	f.StringVar(&cfg.MetricsListen, "metrics", "", "serve Prometheus metrics on ADDR/metrics (off when empty)")
+	f.Float64Var(&uploadLimit, "upload-limit", 0, "upload bandwidth limit in bytes/s (0: unlimited)")
+	f.DurationVar(&pointInterval, "point-interval", 5*time.Minute, "crash-consistent recovery point interval (app-consistent points follow the agents' markers)")
+	f.DurationVar(&retention, "retention", 24*time.Hour, "how long recovery points and the journal between them are kept")
+	for _, n := range []string{"pki", "name", "cache", "recovery-key"} {
+		cmd.MarkFlagRequired(n)
+	}
+	return cmd
+}

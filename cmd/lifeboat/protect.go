@@ -1,0 +1,80 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"strings"
+
+	"github.com/lifeboat-dr/lifeboat/agent"
+	"github.com/lifeboat-dr/lifeboat/agent/capture"
+	"github.com/spf13/cobra"
+)
+
+// protectCmd makes `lifeboat agent` itself protect devices (its
+// subcommands mirror and release stay as they are).
+func protectCmd(cmd *cobra.Command, verbose *bool) {
+	var (
+		cfg      agent.ProtectConfig
+		devices  []string
+		mode     string
+		ringMiB  int
+		stateDir string
+	)
+	cmd.Use = "agent --process-server ADDR --pki DIR --name MACHINE --device [NAME=]PATH [--device …]"
+	cmd.Long = `Protects block devices: attaches eBPF capture to all of them at once (one
+sequence across the machine's disks, so every point is consistent across
+them), agrees with the process server on each disk (resume, full copy or
+checksum resync), copies what the process server lacks with progress, then
+streams every captured write until SIGINT or SIGTERM; then it drains what
+was captured, waits for the process server's acknowledgement, prints its
+counters and exits 0. With NOTIFY_SOCKET set it sends READY=1 once capture
+is attached and X-LIFEBOAT-SYNCED=1 once the initial sync is done.
+
+A disk is named NAME at the process server (default: the device's base
+name, e.g. sdb or loop0p1); keep names stable, a new name is a new replica.
+--name is both the machine's name and the name of its agent certificate in
+the --pki directory.`
+	cmd.Args = cobra.NoArgs
+	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		m, err := capture.ParseMode(mode)
+		if err != nil {
+			return err
+		}
+		if ringMiB < 1 || ringMiB&(ringMiB-1) != 0 {
+			return fmt.Errorf("--ring-mib %d: must be a power of two", ringMiB)
+		}
+		cfg.Devices = cfg.Devices[:0]
+		for _, d := range devices {
+			name, path, ok := strings.Cut(d, "=")
+			if !ok {
+				name, path = "", d
+			}
+			if path == "" {
+				return fmt.Errorf("--device %q: want [NAME=]PATH", d)
+			}
+			cfg.Devices = append(cfg.Devices, agent.ProtectDevice{Name: name, Path: path})
+		}
+		cfg.Mode, cfg.RingBytes, cfg.StateDir = m, ringMiB<<20, stateDir
+		cfg.Logger = logger(*verbose)
+		cfg.Progress = os.Stderr
+		cfg.Out = os.Stdout
+		return agent.RunProtect(cmd.Context(), cfg)
+	}
+	f := cmd.Flags()
+	f.StringVar(&cfg.ProcessServer, "process-server", "", "process server address, HOST:PORT")
+	f.StringVar(&cfg.PKIDir, "pki", "", "directory with the CA certificate and this machine's agent certificate")
+	f.StringVar(&cfg.Name, "name", "", "machine name (also the name of its certificate)")
+	f.StringArrayVar(&devices, "device", nil, "device to protect, [NAME=]PATH (repeat for more)")
+	f.StringVar(&mode, "mode", "data", "capture mode: data (payload in the ring) or metadata (extents, read back)")
+	f.IntVar(&ringMiB, "ring-mib", 64, "BPF ring buffer size in MiB (power of two)")
+	f.StringVar(&stateDir, "state-dir", "/var/lib/lifeboat", "agent state directory")
+	f.StringVar(&cfg.Metrics, "metrics", "", "serve Prometheus metrics on ADDR (e.g. :9101)")
+	f.DurationVar(&cfg.CrashInterval, "crash-interval", agent.DefaultCrashInterval, "crash-consistent point interval (0: off)")
+	f.DurationVar(&cfg.AppInterval, "app-interval", agent.DefaultAppInterval, "app-consistent (fsfreeze) point interval (0: off)")
+	f.StringVar(&cfg.PreScript, "pre-script", "", "run before freezing for an app-consistent point (gets the mount points)")
+	f.StringVar(&cfg.PostScript, "post-script", "", "run after thawing (always, once the pre-script succeeded)")
+	f.DurationVar(&cfg.StopTimeout, "stop-timeout", agent.DefaultStopTimeout, "how long a stop waits for the process server to acknowledge the last writes")
+	for _, name := range []string{"process-server", "pki", "name", "device"} {
+		cmd.MarkFlagRequired(name)
+	}
+}

@@ -1,0 +1,170 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore/azure"
+	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/recovery"
+	"github.com/lifeboat-dr/lifeboat/internal/seal"
+)
+
+// recoveryAccountEnv names the storage account the recovery commands read.
+const recoveryAccountEnv = "AZURE_STORAGE_CONNECTION_STRING"
+
+// recoveryStore opens container of the account in recoveryAccountEnv,
+// retrying transient failures for at most two minutes per call.
+func recoveryStore(container string, verbose bool) (blobstore.Store, error) {
+	cs := os.Getenv(recoveryAccountEnv)
+	if cs == "" {
+		return nil, fmt.Errorf("%s is not set: it must hold the connection string of the storage account", recoveryAccountEnv)
+	}
+	base, err := azure.New(azure.Config{ConnectionString: cs, Container: container})
+	if err != nil {
+		return nil, err
+	}
+	log := logger(verbose)
+	return blobstore.Stack(base, blobstore.StackConfig{Logger: log, Retry: blobstore.RetryConfig{MaxElapsed: 2 * time.Minute, Logger: log}}), nil
+}
+
+// pointJSON is one line of `lifeboat points --json`.
+type pointJSON struct {
+	Kind  string   `json:"kind"`
+	Time  string   `json:"time"`
+	Seq   uint64   `json:"seq"`
+	ID    string   `json:"id"`
+	Disks []string `json:"disks"`
+}
+
+func pointsCmd(verbose *bool) *cobra.Command {
+	var machine, container string
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "points --machine MACHINE [--json]",
+		Short: "List the recovery points of a machine and how recent a recovery can be",
+		Long: `Lists the recovery points (kind, time, sequence) kept in the storage account
+for MACHINE, oldest first, then "recoverable until": every write made before
+that time can be recovered (--point latest). Between points any sequence or
+time can be recovered too (lifeboat recover). Reads the account named by
+AZURE_STORAGE_CONNECTION_STRING; needs no key.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			store, err := recoveryStore(container, *verbose)
+			if err != nil {
+				return err
+			}
+			points, until, err := recovery.Points(cmd.Context(), store, machine)
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			if asJSON {
+				doc := struct {
+					Machine          string      `json:"machine"`
+					Points           []pointJSON `json:"points"`
+					RecoverableUntil string      `json:"recoverable_until"`
+				}{Machine: machine, Points: []pointJSON{}, RecoverableUntil: formatTime(until)}
+				for _, p := range points {
+					pj := pointJSON{Kind: p.Kind, Time: formatTime(p.Time), Seq: p.Seq, ID: p.ID}
+					for d := range p.Snapshots {
+						pj.Disks = append(pj.Disks, d)
+					}
+					doc.Points = append(doc.Points, pj)
+				}
+				enc := json.NewEncoder(out)
+				enc.SetIndent("", "  ")
+				return enc.Encode(doc)
+			}
+			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "KIND\tTIME\tSEQ")
+			for _, p := range points {
+				fmt.Fprintf(tw, "%s\t%s\t%d\n", p.Kind, formatTime(p.Time), p.Seq)
+			}
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+			_, err = fmt.Fprintf(out, "recoverable until: %s\n", formatTime(until))
+			return err
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&machine, "machine", "", "protected machine name")
+	f.BoolVar(&asJSON, "json", false, "print JSON instead of a table")
+	f.StringVar(&container, "container", layout.DefaultContainer, "container holding Lifeboat's blobs")
+	cmd.MarkFlagRequired("machine")
+	return cmd
+}
+
+func formatTime(t time.Time) string {
+	if t.IsZero() {
+		return "never"
+	}
+	return t.UTC().Format(time.RFC3339Nano)
+}
+
+func recoverCmd(verbose *bool) *cobra.Command {
+	var machine, disk, point, to, keyFile, container string
+	cmd := &cobra.Command{
+		Use:   "recover --machine MACHINE --disk DISK --point latest|SEQ|TIME --to FILE --recovery-key FILE",
+		Short: "Write a disk as it was at a point in time, from the storage account alone",
+		Long: `Writes disk DISK of MACHINE, as it was at --point, to FILE (created with
+mode 0600 or replaced, sparse): the newest recovery point at or before it,
+then the journal up to it.
+
+--point is "latest" (everything durable in the account), a sequence number,
+or an RFC 3339 time such as 2025-01-02T15:04:05Z (the newest state known to
+precede it; see lifeboat points).
+
+Every journal segment is authenticated before use; a tampered one stops the
+recovery with an error naming it, and FILE is not created. Progress goes to
+stderr. The account is AZURE_STORAGE_CONNECTION_STRING; the recovery key file
+is the one "lifeboat keys init" wrote.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			key, err := seal.LoadRecoveryKey(keyFile)
+			if err != nil {
+				return err
+			}
+			defer clear(key)
+			store, err := recoveryStore(container, *verbose)
+			if err != nil {
+				return err
+			}
+			res, err := recovery.RecoverFile(cmd.Context(), store, recovery.Request{
+				Machine: machine, Disk: disk, Point: point, RecoveryKey: key, Progress: cmd.ErrOrStderr(),
+			}, to)
+			if err != nil {
+				if errors.Is(err, recovery.ErrTampered) {
+					return fmt.Errorf("recovery stopped, %s not written: %w", to, err)
+				}
+				return err
+			}
+			at := ""
+			if !res.Time.IsZero() {
+				at = " (" + formatTime(res.Time) + ")"
+			}
+			_, err = fmt.Fprintf(cmd.OutOrStdout(), "recovered disk %s of machine %s at sequence %d%s into %s: %d bytes, %d journal segments replayed\n",
+				disk, machine, res.Seq, at, to, res.Size, res.Segments)
+			return err
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&machine, "machine", "", "protected machine name")
+	f.StringVar(&disk, "disk", "", "disk name (as listed in the machine's manifest)")
+	f.StringVar(&point, "point", recovery.Latest, `"latest", a sequence number or an RFC 3339 time`)
+	f.StringVar(&to, "to", "", "output file")
+	f.StringVar(&keyFile, "recovery-key", "", "recovery key file")
+	f.StringVar(&container, "container", layout.DefaultContainer, "container holding Lifeboat's blobs")
+	for _, name := range []string{"machine", "disk", "to", "recovery-key"} {
+		cmd.MarkFlagRequired(name)
+	}
+	return cmd
+}

@@ -1,0 +1,177 @@
+package recovery
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
+	"github.com/lifeboat-dr/lifeboat/internal/layout"
+)
+
+// Kinds of recovery points (metadata layout.MetaKind).
+const (
+	KindCrash = "crash" // all disks mutually crash consistent
+	KindApp   = "app"   // applications were quiesced (app-consistent marker)
+)
+
+// Point is a recovery point: a snapshot of every disk of a machine at one
+// sequence number.
+type Point struct {
+	ID   string    // shared by the snapshots of all disks of the point
+	Seq  uint64    // every record ≤ Seq, and none after, is in the snapshots
+	Time time.Time // time of the marker the point was cut at
+	Kind string    // KindCrash or KindApp
+	// Snapshots maps disk name to snapshot ID of layout.DiskName(machine, disk).
+	Snapshots map[string]string
+}
+
+// PointID is the point id of a recovery point at seq: zero padded, so ids
+// sort like sequences.
+func PointID(seq uint64) string { return fmt.Sprintf("%020d", seq) }
+
+// PointMetadata is the snapshot metadata of a recovery point, as the
+// applier writes it and Points reads it.
+func PointMetadata(seq uint64, t time.Time, kind, generation string) blobstore.Metadata {
+	return blobstore.Metadata{
+		layout.MetaSeq:        strconv.FormatUint(seq, 10),
+		layout.MetaTime:       t.UTC().Format(time.RFC3339Nano),
+		layout.MetaKind:       kind,
+		layout.MetaPoint:      PointID(seq),
+		layout.MetaGeneration: generation,
+	}
+}
+
+// ReadManifest returns machine's manifest. A missing one wraps ErrNoMachine.
+func ReadManifest(ctx context.Context, store blobstore.Store, machine string) (*layout.Manifest, error) {
+	b, err := store.GetBlob(ctx, layout.ManifestName(machine))
+	if blobstore.IsNotFound(err) {
+		return nil, fmt.Errorf("%w: no %s (was machine %q ever replicated to this container?)", ErrNoMachine, layout.ManifestName(machine), machine)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read manifest of machine %q: %w", machine, err)
+	}
+	m, err := layout.UnmarshalManifest(b)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", layout.ManifestName(machine), err)
+	}
+	return m, nil
+}
+
+// ListPoints returns the recovery points found on the page blobs of the
+// given disks of machine, sorted by sequence. Snapshots without valid point
+// metadata are ignored; a missing disk blob has no points.
+func ListPoints(ctx context.Context, store blobstore.Store, machine string, disks []string) ([]Point, error) {
+	byID := map[string]*Point{}
+	for _, disk := range disks {
+		snaps, err := store.ListSnapshots(ctx, layout.DiskName(machine, disk))
+		if err != nil && !blobstore.IsNotFound(err) {
+			return nil, fmt.Errorf("list recovery points of disk %q of machine %q: %w", disk, machine, err)
+		}
+		for _, s := range snaps {
+			seq, err := strconv.ParseUint(s.Metadata[layout.MetaSeq], 10, 64)
+			if err != nil {
+				continue
+			}
+			t, err := time.Parse(time.RFC3339Nano, s.Metadata[layout.MetaTime])
+			if err != nil {
+				continue
+			}
+			id := s.Metadata[layout.MetaPoint]
+			if id == "" {
+				id = PointID(seq)
+			}
+			p := byID[id]
+			if p == nil {
+				p = &Point{ID: id, Seq: seq, Time: t.UTC(), Kind: s.Metadata[layout.MetaKind], Snapshots: map[string]string{}}
+				byID[id] = p
+			}
+			// A retried Snapshot call may have left two snapshots of one
+			// point; they are identical, keep the first.
+			if _, dup := p.Snapshots[disk]; !dup {
+				p.Snapshots[disk] = s.ID
+			}
+		}
+	}
+	out := make([]Point, 0, len(byID))
+	for _, p := range byID {
+		out = append(out, *p)
+	}
+	slices.SortFunc(out, func(a, b Point) int { return cmpU64(a.Seq, b.Seq) })
+	return out, nil
+}
+
+func diskNames(m *layout.Manifest) []string {
+	names := make([]string, len(m.Disks))
+	for i, d := range m.Disks {
+		names[i] = d.Name
+	}
+	return names
+}
+
+// Points returns machine's recovery points, oldest first, and the time
+// until which it is recoverable: every write made before that time is in
+// the account (the newest of the manifest's recoverable_until, the last
+// marker of the journal up to the durable sequence, and the newest point).
+func Points(ctx context.Context, store blobstore.Store, machine string) (points []Point, recoverableUntil time.Time, err error) {
+	st, err := loadState(ctx, store, machine)
+	if err != nil {
+		return nil, time.Time{}, err
+	}
+	return st.points, st.until, nil
+}
+
+// state is what recovery needs to know about a machine, from metadata
+// only (no keys needed).
+type state struct {
+	manifest *layout.Manifest
+	points   []Point
+	segments []Segment
+	until    time.Time
+	latest   uint64 // newest recoverable sequence
+	// earliest is the oldest recoverable sequence: 0 while the journal is
+	// complete from its start, else the oldest point (retention deleted
+	// the segments before it).
+	earliest uint64
+}
+
+func loadState(ctx context.Context, store blobstore.Store, machine string) (*state, error) {
+	if err := layout.CheckName("machine", machine); err != nil {
+		return nil, err
+	}
+	m, err := ReadManifest(ctx, store, machine)
+	if err != nil {
+		return nil, err
+	}
+	points, err := ListPoints(ctx, store, machine, diskNames(m))
+	if err != nil {
+		return nil, err
+	}
+	segs, err := ListSegments(ctx, store, machine)
+	if err != nil {
+		return nil, err
+	}
+	st := &state{manifest: m, points: points, until: m.RecoverableUntil.UTC(), latest: m.DurableSeq}
+	// Segments beyond the durable sequence may still have holes before
+	// them (uploads in flight); recovery ignores them.
+	segs = slices.DeleteFunc(segs, func(s Segment) bool { return s.Last > m.DurableSeq })
+	st.segments = segs
+	for _, s := range segs {
+		if s.LastTime.After(st.until) {
+			st.until = s.LastTime
+		}
+	}
+	if n := len(points); n > 0 {
+		newest := points[n-1]
+		st.latest = max(st.latest, newest.Seq)
+		if newest.Time.After(st.until) {
+			st.until = newest.Time
+		}
+		if len(segs) == 0 || segs[0].First > 1 {
+			st.earliest = points[0].Seq
+		}
+	}
+	return st, nil
+}

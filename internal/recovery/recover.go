@@ -1,0 +1,436 @@
+package recovery
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
+	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/progress"
+	"github.com/lifeboat-dr/lifeboat/internal/seal"
+	"github.com/lifeboat-dr/lifeboat/internal/wire"
+)
+
+// Latest selects the newest recoverable sequence (the manifest's
+// durable_seq) as the point to recover.
+const Latest = "latest"
+
+// Request says which disk to recover, and to when.
+type Request struct {
+	Machine string
+	Disk    string
+	// Point is Latest, a sequence number, or an RFC 3339 time, which
+	// selects the last marker at or before that time (the newest state
+	// known to precede it).
+	Point       string
+	RecoveryKey []byte
+	// Progress receives human-readable progress (nil: none).
+	Progress io.Writer
+	// Parallelism bounds concurrent snapshot reads (default 4).
+	Parallelism int
+}
+
+// Result describes a completed recovery.
+type Result struct {
+	Seq      uint64    // every record ≤ Seq, and none after, is in the output
+	Time     time.Time // time of the marker at Seq; zero if Seq was given as a number and is not a point
+	BaseID   string    // recovery point copied before replay; empty: started from zeros
+	BaseSeq  uint64
+	Segments int   // journal segments replayed
+	Size     int64 // disk size in bytes
+}
+
+// Recover writes disk req.Disk of machine req.Machine, as it was at
+// req.Point, to to: it copies the newest recovery point at or before the
+// target (only the valid page ranges of its snapshot), then replays the
+// journal records after that point up to the target.
+//
+// to must read as zeros wherever Recover does not write (a new or
+// truncated file): holes of the snapshot are skipped, not written. If to
+// has a Truncate(int64) method (like *os.File) it is sized to the disk.
+//
+// Every journal segment is authenticated before any of its records is
+// written: a tampered segment stops the recovery with an error wrapping
+// ErrTampered that names the blob, and to then holds a partial result that
+// must not be used. A wrong recovery key fails with ErrWrongRecoveryKey
+// before anything is written; a point outside the retention window with
+// ErrOutOfRange.
+func Recover(ctx context.Context, store blobstore.Store, req Request, to io.WriterAt) (Result, error) {
+	st, err := loadState(ctx, store, req.Machine)
+	if err != nil {
+		return Result{}, err
+	}
+	idx := -1
+	for i, d := range st.manifest.Disks {
+		if d.Name == req.Disk {
+			idx = i
+		}
+	}
+	if idx < 0 {
+		return Result{}, fmt.Errorf("machine %q has no disk %q (disks: %s)", req.Machine, req.Disk, strings.Join(diskNames(st.manifest), ", "))
+	}
+	size := int64(st.manifest.Disks[idx].Size)
+	keys, err := Keyring(ctx, store, req.Machine, req.RecoveryKey)
+	if err != nil {
+		return Result{}, err
+	}
+	res := Result{Size: size}
+	if res.Seq, res.Time, err = st.resolve(ctx, store, keys, req.Point); err != nil {
+		return Result{}, err
+	}
+	var base *Point
+	for i := range st.points {
+		if p := &st.points[i]; p.Seq <= res.Seq && p.Snapshots[req.Disk] != "" {
+			base = p
+		}
+	}
+	if base != nil {
+		res.BaseID, res.BaseSeq = base.ID, base.Seq
+		if base.Seq == res.Seq && res.Time.IsZero() {
+			res.Time = base.Time
+		}
+	}
+	if req.Progress != nil {
+		from := "zeros"
+		if base != nil {
+			from = fmt.Sprintf("%s point at seq %d (%s)", base.Kind, base.Seq, base.Time.Format(time.RFC3339))
+		}
+		fmt.Fprintf(req.Progress, "recovering disk %s of machine %s (%s) to seq %d from %s\n",
+			req.Disk, req.Machine, progress.Bytes(size), res.Seq, from)
+	}
+	if t, ok := to.(interface{ Truncate(int64) error }); ok {
+		if err := t.Truncate(size); err != nil {
+			return Result{}, fmt.Errorf("size output: %w", err)
+		}
+	}
+	if base != nil {
+		if err := copySnapshot(ctx, store, layout.DiskName(req.Machine, req.Disk), base.Snapshots[req.Disk], size, to, req); err != nil {
+			return Result{}, err
+		}
+	}
+	if res.Segments, err = replay(ctx, store, keys, st.segments, uint16(idx), size, res.BaseSeq, res.Seq, to, req.Progress); err != nil {
+		return Result{}, err
+	}
+	return res, nil
+}
+
+// RecoverFile is Recover into a regular file at path, created with mode
+// 0600 or replaced. It writes path+".partial" and renames it into place
+// only once the recovery succeeded and is synced, so path never holds a
+// partial or unverified disk.
+func RecoverFile(ctx context.Context, store blobstore.Store, req Request, path string) (Result, error) {
+	if fi, err := os.Stat(path); err == nil && !fi.Mode().IsRegular() {
+		return Result{}, fmt.Errorf("%s is not a regular file: recovery writes disk images to files", path)
+	}
+	tmp := path + ".partial"
+	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return Result{}, fmt.Errorf("create output: %w", err)
+	}
+	res, err := Recover(ctx, store, req, f)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil && cerr != nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return Result{}, err
+	}
+	return res, nil
+}
+
+// resolve turns a point argument into a target sequence and, when known,
+// the time of that point.
+func (st *state) resolve(ctx context.Context, store blobstore.Store, keys seal.Keyring, point string) (uint64, time.Time, error) {
+	machine := st.manifest.Machine
+	switch {
+	case point == "" || point == Latest:
+		if st.latest == 0 {
+			return 0, time.Time{}, fmt.Errorf("%w: machine %q has nothing durable in the account yet", ErrOutOfRange, machine)
+		}
+		return st.latest, st.timeOf(st.latest), nil
+	case point[0] >= '0' && point[0] <= '9' && !strings.ContainsAny(point, "-:T"):
+		seq, err := strconv.ParseUint(point, 10, 64)
+		if err != nil {
+			return 0, time.Time{}, fmt.Errorf("point %q: not a sequence number: %w", point, err)
+		}
+		if seq > st.latest {
+			return 0, time.Time{}, fmt.Errorf("%w: sequence %d is beyond the newest durable sequence %d of machine %q", ErrOutOfRange, seq, st.latest, machine)
+		}
+		if seq < st.earliest {
+			return 0, time.Time{}, fmt.Errorf("%w: sequence %d is older than the oldest recovery point (sequence %d); retention pruned the journal before it", ErrOutOfRange, seq, st.earliest)
+		}
+		return seq, st.timeOf(seq), nil
+	}
+	t, err := time.Parse(time.RFC3339Nano, point)
+	if err != nil {
+		return 0, time.Time{}, fmt.Errorf("point %q: want %q, a sequence number or an RFC 3339 time (e.g. 2025-01-02T15:04:05Z)", point, Latest)
+	}
+	return st.resolveTime(ctx, store, keys, t)
+}
+
+// timeOf returns the time of the point at seq, if there is one.
+func (st *state) timeOf(seq uint64) time.Time {
+	for _, p := range st.points {
+		if p.Seq == seq {
+			return p.Time
+		}
+	}
+	return time.Time{}
+}
+
+// earliestTime is the oldest time that can be recovered, for messages.
+func (st *state) earliestTime() time.Time {
+	if st.earliest > 0 && len(st.points) > 0 {
+		return st.points[0].Time
+	}
+	var t time.Time
+	for _, s := range st.segments {
+		if !s.FirstTime.IsZero() {
+			t = s.FirstTime
+			break
+		}
+	}
+	if len(st.points) > 0 && (t.IsZero() || st.points[0].Time.Before(t)) {
+		t = st.points[0].Time
+	}
+	return t
+}
+
+// resolveTime finds the last marker (journal marker or recovery point)
+// with a time at or before t.
+func (st *state) resolveTime(ctx context.Context, store blobstore.Store, keys seal.Keyring, t time.Time) (uint64, time.Time, error) {
+	machine := st.manifest.Machine
+	if t.After(st.until) {
+		return 0, time.Time{}, fmt.Errorf("%w: %s is after machine %q's recoverable_until %s: the account holds nothing newer (use %q or an earlier time)",
+			ErrOutOfRange, t.UTC().Format(time.RFC3339Nano), machine, st.until.Format(time.RFC3339Nano), Latest)
+	}
+	var (
+		seq   uint64
+		at    time.Time
+		found bool
+	)
+	for _, p := range st.points {
+		if !p.Time.After(t) {
+			seq, at, found = p.Seq, p.Time, true
+		}
+	}
+	// Marker times increase with sequence, so the newest segment whose
+	// first marker is not after t holds the last marker at or before t.
+	var dec Decoder
+	for i := len(st.segments) - 1; i >= 0; i-- {
+		s := st.segments[i]
+		if s.FirstTime.IsZero() || s.FirstTime.After(t) {
+			continue
+		}
+		if found && s.Last <= seq {
+			break
+		}
+		plain, err := ReadSegment(ctx, store, s.Name, keys, nil)
+		if err != nil {
+			return 0, time.Time{}, err
+		}
+		recs, err := dec.Decode(plain)
+		if err != nil {
+			return 0, time.Time{}, fmt.Errorf("journal segment %s: %w", s.Name, err)
+		}
+		for j := range recs {
+			if r := &recs[j]; r.Op == wire.OpMarker {
+				if m := r.Marker(); m.UnixNano <= t.UnixNano() && (!found || m.Seq >= seq) {
+					seq, at, found = m.Seq, time.Unix(0, m.UnixNano).UTC(), true
+				}
+			}
+		}
+		break
+	}
+	if !found || seq < st.earliest {
+		return 0, time.Time{}, fmt.Errorf("%w: %s is before machine %q's oldest recoverable time %s",
+			ErrOutOfRange, t.UTC().Format(time.RFC3339Nano), machine, st.earliestTime().Format(time.RFC3339Nano))
+	}
+	return seq, at, nil
+}
+
+// copySnapshot copies the valid page ranges of a snapshot to to, at most
+// MaxPutPage bytes per read, req.Parallelism reads at a time.
+func copySnapshot(ctx context.Context, store blobstore.Store, blob, snapshot string, size int64, to io.WriterAt, req Request) error {
+	ranges, err := store.GetPageRanges(ctx, blob, snapshot, 0, 0)
+	if err != nil {
+		return fmt.Errorf("page ranges of %s snapshot %s: %w", blob, snapshot, err)
+	}
+	var chunks []blobstore.PageRange
+	var total int64
+	for _, r := range ranges {
+		for off := r.Offset; off < r.End(); off += blobstore.MaxPutPage {
+			chunks = append(chunks, blobstore.PageRange{Offset: off, Length: min(blobstore.MaxPutPage, r.End()-off)})
+		}
+		total += r.Length
+	}
+	var bar *progress.Bar
+	if req.Progress != nil {
+		bar = progress.New(req.Progress, "copy recovery point", total)
+		defer bar.Done()
+	}
+	bufs := sync.Pool{New: func() any { b := make([]byte, blobstore.MaxPutPage); return &b }}
+	return parallel(ctx, req.Parallelism, len(chunks), func(ctx context.Context, i int) error {
+		c := chunks[i]
+		bp := bufs.Get().(*[]byte)
+		defer bufs.Put(bp)
+		buf := (*bp)[:c.Length]
+		if err := store.ReadPages(ctx, blob, snapshot, c.Offset, buf); err != nil {
+			return fmt.Errorf("read %s snapshot %s at %d: %w", blob, snapshot, c.Offset, err)
+		}
+		// The page blob is rounded up to whole pages; the disk may not be.
+		if end := c.Offset + c.Length; end > size {
+			buf = buf[:max(size-c.Offset, 0)]
+		}
+		if _, err := to.WriteAt(buf, c.Offset); err != nil {
+			return fmt.Errorf("write output at %d: %w", c.Offset, err)
+		}
+		if bar != nil {
+			bar.Add(c.Length)
+		}
+		return nil
+	})
+}
+
+// replay applies the records of disk idx with from < seq ≤ to, verifying
+// each segment before writing any of its records.
+func replay(ctx context.Context, store blobstore.Store, keys seal.Keyring, segs []Segment, idx uint16, size int64,
+	from, target uint64, to io.WriterAt, w io.Writer) (int, error) {
+	if target <= from {
+		return 0, nil
+	}
+	var todo []Segment
+	var total int64
+	for _, s := range segs {
+		if s.Last > from && s.First <= target {
+			todo = append(todo, s)
+			total += s.Size
+		}
+	}
+	if len(todo) == 0 || todo[len(todo)-1].Last < target {
+		end := from
+		if len(todo) > 0 {
+			end = todo[len(todo)-1].Last
+		}
+		return 0, fmt.Errorf("journal is incomplete: it ends at sequence %d, before the target %d", end, target)
+	}
+	var bar *progress.Bar
+	if w != nil {
+		bar = progress.New(w, "replay journal", total)
+		defer bar.Done()
+	}
+	var (
+		dec   Decoder
+		plain []byte
+		done  = from
+	)
+	for _, s := range todo {
+		var err error
+		if plain, err = ReadSegment(ctx, store, s.Name, keys, plain[:0]); err != nil {
+			return 0, err
+		}
+		recs, err := dec.Decode(plain)
+		if err != nil {
+			return 0, fmt.Errorf("journal segment %s: %w", s.Name, err)
+		}
+		for i := range recs {
+			r := &recs[i]
+			if r.Seq <= done || r.Op == wire.OpMarker {
+				continue
+			}
+			if r.Seq > target {
+				break
+			}
+			done = r.Seq
+			if r.Disk != idx {
+				continue
+			}
+			if end := r.Offset + uint64(r.Length); end > uint64(size) {
+				return 0, fmt.Errorf("journal segment %s: record %d: %s of [%d, %d) beyond the disk size %d", s.Name, r.Seq, r.Op, r.Offset, end, size)
+			}
+			if r.Op == wire.OpWrite {
+				_, err = to.WriteAt(r.Data, int64(r.Offset))
+			} else {
+				err = zeroRange(to, int64(r.Offset), int64(r.Length))
+			}
+			if err != nil {
+				return 0, fmt.Errorf("write output at %d: %w", r.Offset, err)
+			}
+		}
+		if bar != nil {
+			bar.Add(s.Size)
+		}
+	}
+	return len(todo), nil
+}
+
+var zeros [64 << 10]byte
+
+// zeroRange makes [off, off+n) of to read as zeros: a punched hole for a
+// file (keeps the output sparse), written zeros otherwise.
+func zeroRange(to io.WriterAt, off, n int64) error {
+	if f, ok := to.(*os.File); ok {
+		err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+		if err == nil {
+			return nil
+		}
+	}
+	for n > 0 {
+		k := min(n, int64(len(zeros)))
+		if _, err := to.WriteAt(zeros[:k], off); err != nil {
+			return err
+		}
+		off, n = off+k, n-k
+	}
+	return nil
+}
+
+// parallel calls fn(ctx, i) for i in [0, n) with at most workers calls at
+// a time (default 4). The first error cancels the rest and is returned.
+func parallel(ctx context.Context, workers, n int, fn func(ctx context.Context, i int) error) error {
+	if workers <= 0 {
+		workers = 4
+	}
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	var (
+		wg   sync.WaitGroup
+		next = make(chan int)
+	)
+	for range min(workers, n) {
+		wg.Go(func() {
+			for i := range next {
+				if err := fn(ctx, i); err != nil {
+					cancel(err)
+				}
+			}
+		})
+	}
+	for i := 0; i < n && ctx.Err() == nil; i++ {
+		select {
+		case next <- i:
+		case <-ctx.Done():
+		}
+	}
+	close(next)
+	wg.Wait()
+	if err := context.Cause(ctx); err != nil && !errors.Is(err, context.Canceled) {
+		return err
+	}
+	return ctx.Err()
+}

@@ -1,0 +1,214 @@
+package recovery_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore/mem"
+	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/recovery"
+	"github.com/lifeboat-dr/lifeboat/internal/recovery/recoverytest"
+	"github.com/lifeboat-dr/lifeboat/internal/seal"
+	"github.com/lifeboat-dr/lifeboat/internal/wire"
+)
+
+func randBytes(rng *rand.Rand, n int) []byte {
+	b := make([]byte, n)
+	for i := range b {
+		b[i] = byte(rng.Uint32())
+	}
+	return b
+}
+
+// journalOnly builds a machine whose journal was never applied (no
+// recovery points): recovery starts from zeros.
+func journalOnly(t *testing.T) (*recoverytest.Machine, time.Time) {
+	rng := rand.New(rand.NewPCG(1, 1))
+	m := recoverytest.New(t, mem.New(), "j", 256<<10+100)
+	t0 := time.Date(2025, 5, 1, 0, 0, 0, 0, time.UTC)
+	for s := range 5 {
+		for i := range 20 {
+			off := uint64(rng.IntN(250 << 10))
+			switch i % 5 {
+			case 3:
+				m.Zero(0, off, uint32(1+rng.IntN(6000)))
+			case 4:
+				m.Discard(0, off&^511, 1024)
+			default:
+				m.Write(0, off, randBytes(rng, 1+rng.IntN(5000)))
+			}
+			if i%7 == 0 {
+				m.InlineMarker(wire.MarkerTime, t0.Add(time.Duration(s*20+i)*time.Second))
+			}
+		}
+		m.Marker(wire.MarkerTime, t0.Add(time.Duration(s*20+19)*time.Second))
+		m.Cut()
+	}
+	return m, t0
+}
+
+func recoverBytes(t *testing.T, m *recoverytest.Machine, point string, key []byte) ([]byte, recovery.Result, error) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "out")
+	res, err := recovery.RecoverFile(context.Background(), m.Store, recovery.Request{Machine: m.Name, Disk: "d0", Point: point, RecoveryKey: key}, path)
+	if err != nil {
+		return nil, res, err
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi, _ := os.Stat(path); fi.Mode().Perm() != 0o600 {
+		t.Fatalf("recovered image has mode %v, want 0600", fi.Mode().Perm())
+	}
+	return b, res, nil
+}
+
+func TestRecoverFromJournal(t *testing.T) {
+	m, t0 := journalOnly(t)
+	size := m.Disks[0].Size
+	for _, tc := range []struct {
+		point string
+		seq   uint64
+	}{
+		{"latest", m.Durable},
+		{"1", 1},
+		{fmt.Sprint(m.Durable / 2), m.Durable / 2},
+	} {
+		got, res, err := recoverBytes(t, m, tc.point, m.RecoveryKey)
+		if err != nil {
+			t.Fatalf("%s: %v", tc.point, err)
+		}
+		if res.Seq != tc.seq || res.BaseID != "" || int64(len(got)) != int64(size) {
+			t.Fatalf("%s: %+v, %d bytes", tc.point, res, len(got))
+		}
+		if !bytes.Equal(got, m.Image(0, tc.seq)[:size]) {
+			t.Fatalf("%s: recovered image differs from the model at seq %d", tc.point, tc.seq)
+		}
+	}
+	// Times resolve to the last marker at or before them, found inside
+	// the segments (inline and frame markers alike).
+	for _, mk := range m.Markers() {
+		at := time.Unix(0, mk.UnixNano).UTC()
+		for _, p := range []time.Time{at, at.Add(999 * time.Millisecond)} {
+			if p.After(t0.Add(99 * time.Second)) {
+				continue // after recoverable_until (tested in TestRecoverErrors)
+			}
+			got, res, err := recoverBytes(t, m, p.Format(time.RFC3339Nano), m.RecoveryKey)
+			if err != nil {
+				t.Fatalf("%s: %v", p, err)
+			}
+			if res.Seq != mk.Seq || !res.Time.Equal(at) {
+				t.Fatalf("time %s: recovered seq %d at %s, want marker seq %d at %s", p, res.Seq, res.Time, mk.Seq, at)
+			}
+			if !bytes.Equal(got, m.Image(0, mk.Seq)[:size]) {
+				t.Fatalf("time %s: image differs from the model at seq %d", p, mk.Seq)
+			}
+		}
+	}
+	_, until, err := recovery.Points(context.Background(), m.Store, m.Name)
+	if err != nil || !until.Equal(t0.Add(99*time.Second)) {
+		t.Fatalf("recoverable until %s, %v; want %s", until, err, t0.Add(99*time.Second))
+	}
+}
+
+func TestRecoverErrors(t *testing.T) {
+	m, t0 := journalOnly(t)
+	ctx := context.Background()
+	req := func(point string) recovery.Request {
+		return recovery.Request{Machine: m.Name, Disk: "d0", Point: point, RecoveryKey: m.RecoveryKey}
+	}
+	for _, tc := range []struct {
+		req  recovery.Request
+		is   error
+		text string
+	}{
+		{req(t0.Add(-time.Second).Format(time.RFC3339)), recovery.ErrOutOfRange, "oldest recoverable time " + t0.Format(time.RFC3339)},
+		{req(t0.Add(100 * time.Second).Format(time.RFC3339)), recovery.ErrOutOfRange, "recoverable_until"},
+		{req(fmt.Sprint(m.Durable + 1)), recovery.ErrOutOfRange, "beyond the newest durable sequence"},
+		{req("yesterday"), nil, "RFC 3339"},
+		{recovery.Request{Machine: m.Name, Disk: "sdz", Point: "latest", RecoveryKey: m.RecoveryKey}, nil, `no disk "sdz" (disks: d0)`},
+		{recovery.Request{Machine: "other", Disk: "d0", Point: "latest", RecoveryKey: m.RecoveryKey}, recovery.ErrNoMachine, "other/manifest.json"},
+		{recovery.Request{Machine: m.Name, Disk: "d0", Point: "latest", RecoveryKey: seal.NewRecoveryKey()}, recovery.ErrWrongRecoveryKey, seal.Fingerprint(m.RecoveryKey)},
+	} {
+		_, err := recovery.Recover(ctx, m.Store, tc.req, &recordingWriter{})
+		if err == nil || (tc.is != nil && !errors.Is(err, tc.is)) || !strings.Contains(err.Error(), tc.text) {
+			t.Errorf("%+v: %v; want %v containing %q", tc.req.Point, err, tc.is, tc.text)
+		}
+	}
+
+	// A tampered key blob whose fingerprint matches is reported as such.
+	keys, err := m.Store.ListBlobs(ctx, m.Name+"/keys/")
+	if err != nil || len(keys) != 1 {
+		t.Fatal(keys, err)
+	}
+	m.Tamper(keys[0].Name)
+	if _, err := recovery.Keyring(ctx, m.Store, m.Name, m.RecoveryKey); !errors.Is(err, recovery.ErrTampered) || !strings.Contains(err.Error(), keys[0].Name) {
+		t.Fatalf("tampered key blob: %v", err)
+	}
+
+	// Recovery writes files only.
+	if _, err := recovery.RecoverFile(ctx, m.Store, req("latest"), "/dev/null"); err == nil || !strings.Contains(err.Error(), "not a regular file") {
+		t.Fatalf("recover to /dev/null: %v", err)
+	}
+}
+
+func TestTamperedSegmentStopsBeforeWriting(t *testing.T) {
+	m, _ := journalOnly(t)
+	bad := m.Segments[2]
+	m.Tamper(bad)
+	out := &recordingWriter{}
+	_, err := recovery.Recover(context.Background(), m.Store, recovery.Request{Machine: m.Name, Disk: "d0", Point: "latest", RecoveryKey: m.RecoveryKey}, out)
+	if !errors.Is(err, recovery.ErrTampered) || !strings.Contains(err.Error(), bad) {
+		t.Fatalf("recover over %s: %v", bad, err)
+	}
+	// Only records of the verified segments before it were written.
+	_, last, _ := layout.ParseSegmentName(m.Segments[1])
+	if want := m.Image(0, last)[:m.Disks[0].Size]; !bytes.Equal(out.buf[:len(want)], want) {
+		t.Fatal("output holds more or less than the verified segments before the tampered one")
+	}
+}
+
+type recordingWriter struct{ buf []byte }
+
+func (w *recordingWriter) WriteAt(p []byte, off int64) (int, error) {
+	if need := int(off) + len(p); need > len(w.buf) {
+		w.buf = append(w.buf, make([]byte, need-len(w.buf))...)
+	}
+	copy(w.buf[off:], p)
+	return len(p), nil
+}
+
+func (w *recordingWriter) Truncate(n int64) error {
+	if int(n) > len(w.buf) {
+		w.buf = append(w.buf, make([]byte, int(n)-len(w.buf))...)
+	}
+	w.buf = w.buf[:n]
+	return nil
+}
+
+func TestDecodeRejectsOutOfOrder(t *testing.T) {
+	var b wire.BatchBuilder
+	if err := b.Add(wire.Record{Seq: 5, Op: wire.OpZero, Offset: 0, Length: 512}); err != nil {
+		t.Fatal(err)
+	}
+	p, _ := b.AppendBinary(nil)
+	plain, _ := wire.AppendFrame(nil, wire.TypeBatch, 0, p)
+	plain, _ = wire.AppendFrame(plain, wire.TypeBatch, 0, p) // seq 5 again
+	var d recovery.Decoder
+	if _, err := d.Decode(plain); !errors.Is(err, recovery.ErrMalformedSegment) {
+		t.Fatalf("duplicate sequence: %v", err)
+	}
+	plain[len(plain)-1] ^= 1 // and a corrupt frame
+	if _, err := d.Decode(plain); !errors.Is(err, recovery.ErrMalformedSegment) || !errors.Is(err, wire.ErrChecksum) {
+		t.Fatalf("corrupt frame: %v", err)
+	}
+}

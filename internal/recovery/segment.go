@@ -1,0 +1,201 @@
+// Package recovery reads what the process server keeps in the storage
+// account — journal segments, wrapped data keys, recovery points — and
+// rebuilds a disk as it was at any sequence number or time inside the
+// retention window, from the account and the recovery key alone.
+//
+// The process server's applier (processserver/applier) writes the replica
+// page blobs and recovery points with the helpers of this package
+// (Decoder, PointMetadata), so that writer and reader cannot disagree.
+package recovery
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
+	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/seal"
+	"github.com/lifeboat-dr/lifeboat/internal/wire"
+)
+
+// Errors callers may test for with errors.Is. They are wrapped with the
+// blob, machine or point concerned.
+var (
+	// ErrTampered: a journal segment or wrapped key failed authentication.
+	// It wraps seal.ErrTampered too. Nothing of that blob was used.
+	ErrTampered = errors.New("failed verification (tampered, truncated or sealed under another name or key)")
+	// ErrWrongRecoveryKey: the recovery key does not unwrap the machine's
+	// data key.
+	ErrWrongRecoveryKey = errors.New("wrong recovery key")
+	// ErrMalformedSegment: an authentic segment does not hold a valid
+	// sequence of frames (a process server bug, not tampering).
+	ErrMalformedSegment = errors.New("malformed journal segment")
+	// ErrOutOfRange: the requested point lies outside what the account
+	// can recover (before the oldest point or after recoverable_until).
+	ErrOutOfRange = errors.New("point not recoverable")
+	// ErrNoMachine: the account holds no manifest for the machine.
+	ErrNoMachine = errors.New("machine not found in the storage account")
+)
+
+// Segment describes one journal segment blob, from its name and metadata
+// (not authenticated: only the content is, when opened).
+type Segment struct {
+	Name        string
+	First, Last uint64    // sequence range, from the blob name
+	FirstTime   time.Time // of the first marker inside; zero if none or unknown
+	LastTime    time.Time // of the last marker inside; zero if none or unknown
+	Size        int64     // sealed size in bytes
+}
+
+// ListSegments returns machine's journal segments sorted by sequence
+// (first, then last). Blobs under the journal prefix whose names are not
+// segment names are ignored.
+func ListSegments(ctx context.Context, store blobstore.Store, machine string) ([]Segment, error) {
+	infos, err := store.ListBlobs(ctx, layout.JournalPrefix(machine))
+	if err != nil {
+		return nil, fmt.Errorf("list journal of machine %q: %w", machine, err)
+	}
+	segs := make([]Segment, 0, len(infos))
+	for _, bi := range infos {
+		first, last, err := layout.ParseSegmentName(bi.Name)
+		if err != nil {
+			continue
+		}
+		segs = append(segs, Segment{
+			Name: bi.Name, First: first, Last: last, Size: bi.Size,
+			FirstTime: metaTime(bi.Metadata[layout.MetaFirstTime]),
+			LastTime:  metaTime(bi.Metadata[layout.MetaLastTime]),
+		})
+	}
+	slices.SortFunc(segs, func(a, b Segment) int {
+		if a.First != b.First {
+			return cmpU64(a.First, b.First)
+		}
+		return cmpU64(a.Last, b.Last)
+	})
+	return segs, nil
+}
+
+func cmpU64(a, b uint64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// metaTime parses unix nanoseconds; "0", empty or garbage is the zero time.
+func metaTime(s string) time.Time {
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || n <= 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, n).UTC()
+}
+
+// ReadSegment downloads segment name, authenticates it with keys (the
+// additional data is the blob name, so a renamed segment fails too) and
+// appends its plaintext to dst. A segment that fails authentication
+// returns an error wrapping ErrTampered and seal.ErrTampered, naming the
+// blob; nothing is appended then.
+func ReadSegment(ctx context.Context, store blobstore.Store, name string, keys seal.Keyring, dst []byte) ([]byte, error) {
+	sealed, err := store.GetBlob(ctx, name)
+	if err != nil {
+		if errors.Is(err, blobstore.ErrCorrupt) {
+			return dst, fmt.Errorf("journal segment %s: %w: %w", name, ErrTampered, err)
+		}
+		return dst, fmt.Errorf("read journal segment %s: %w", name, err)
+	}
+	out, err := seal.Open(dst, sealed, keys, []byte(name))
+	if err != nil {
+		if errors.Is(err, seal.ErrTampered) {
+			return dst, fmt.Errorf("journal segment %s %w; refusing to use it: %w", name, ErrTampered, err)
+		}
+		return dst, fmt.Errorf("journal segment %s: %w", name, err)
+	}
+	return out, nil
+}
+
+// Decoder turns segment plaintexts into records. Reuse one Decoder so that
+// decoding does not allocate in steady state. Not safe for concurrent use.
+type Decoder struct {
+	r     *wire.Reader
+	arena []byte
+	recs  []wire.Record
+}
+
+// Decode parses plain, the plaintext of one segment: a sequence of Batch
+// and Marker frames. It returns every record in order; Marker frames are
+// returned as OpMarker records (see wire.MarkerRecord), so callers see one
+// ordered stream. The whole plaintext is validated before anything is
+// returned, so a caller never acts on part of a bad segment; an error
+// wraps ErrMalformedSegment.
+//
+// The records and their Data are valid until the next call to Decode.
+// Record sequences must strictly increase; a Marker frame carries the
+// sequence of the record it follows, so it may equal the previous one.
+func (d *Decoder) Decode(plain []byte) ([]wire.Record, error) {
+	if d.r == nil {
+		d.r = wire.NewReader(bytes.NewReader(plain), 0)
+	} else {
+		d.r.Reset(bytes.NewReader(plain))
+	}
+	// Record data must outlive the reader's frame buffer: copy payloads
+	// into an arena sized so that it never reallocates (payloads are
+	// smaller than the plaintext holding them).
+	if cap(d.arena) < len(plain) {
+		d.arena = make([]byte, 0, len(plain))
+	}
+	arena := d.arena[:0]
+	recs := d.recs[:0]
+	var prev uint64
+	for i := 0; ; i++ {
+		f, err := d.r.Next()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return nil, fmt.Errorf("%w: frame %d: %w", ErrMalformedSegment, i, err)
+		}
+		switch f.Type {
+		case wire.TypeBatch:
+			start := len(arena)
+			arena = append(arena, f.Payload...)
+			b, err := wire.DecodeBatch(arena[start:])
+			if err != nil {
+				return nil, fmt.Errorf("%w: frame %d: %w", ErrMalformedSegment, i, err)
+			}
+			it := b.Records()
+			for it.Next() {
+				r := *it.Record()
+				if len(recs) > 0 && r.Seq <= prev {
+					return nil, fmt.Errorf("%w: frame %d: record %d after %d; sequences must increase", ErrMalformedSegment, i, r.Seq, prev)
+				}
+				prev = r.Seq
+				recs = append(recs, r)
+			}
+		case wire.TypeMarker:
+			var m wire.Marker
+			if err := m.UnmarshalBinary(f.Payload); err != nil {
+				return nil, fmt.Errorf("%w: frame %d: %w", ErrMalformedSegment, i, err)
+			}
+			if len(recs) > 0 && m.Seq < prev {
+				return nil, fmt.Errorf("%w: frame %d: marker at %d after record %d", ErrMalformedSegment, i, m.Seq, prev)
+			}
+			prev = m.Seq
+			recs = append(recs, wire.MarkerRecord(m))
+		default:
+			return nil, fmt.Errorf("%w: frame %d: unexpected %s frame", ErrMalformedSegment, i, f.Type)
+		}
+	}
+	d.arena, d.recs = arena[:0], recs[:0]
+	return recs, nil
+}

@@ -1,0 +1,540 @@
+// Package applier keeps the replica page blob of every protected disk up
+// to date from the journal segments in the storage account, and cuts and
+// prunes recovery points.
+//
+// For a machine it reads the sealed segments in sequence order (up to the
+// manifest's durable_seq, or further when told so by the ingest side),
+// authenticates each one completely before applying any of it, and writes
+// its records into layout.DiskName page blobs: overlapping records are
+// settled in memory, adjacent ones coalesced, and the resulting Put Page
+// (≤ 4 MiB, 512-byte aligned) and Clear Page calls run Parallelism at a
+// time (see flush.go). After each segment it records the progress in the
+// page blobs' metadata (applied_seq, generation) and in the manifest.
+//
+// Recovery points are snapshots of every disk of the machine taken at a
+// marker, with the metadata of recovery.PointMetadata: at every
+// app-consistent marker, and at the first time or crash-consistent
+// marker PointInterval (by marker time) after the previous point.
+// Retention deletes snapshots older than Retention (never a disk's newest)
+// and the segments no kept point needs.
+//
+// # Crash safety
+//
+// A disk's applied_seq is written only after every record of the segment
+// up to it is in the blob. After a crash the applier resumes from the
+// lowest applied_seq of the machine's disks and skips, per disk, the
+// records at or below that disk's applied_seq. Re-applying records that
+// were already (partly) written is harmless: applying records r_k…r_n in
+// order to any state reached while applying them yields the state after
+// r_n. Points are only cut at markers no disk has gone past, and not
+// again at a sequence that already has a point, so a replay never
+// snapshots a disk holding later writes.
+//
+// # Disk indices
+//
+// A record's Disk is an index into the manifest's Disks. The ingest side
+// must keep that list append-only (never reorder or remove an entry),
+// since old segments keep their indices; the applier refuses to run if it
+// sees a disk change places.
+package applier
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
+	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/recovery"
+	"github.com/lifeboat-dr/lifeboat/internal/seal"
+	"github.com/lifeboat-dr/lifeboat/internal/wire"
+)
+
+// Log attribute keys.
+const (
+	logKeyMachine = "machine"
+	logKeyDisk    = "disk"
+	logKeySegment = "segment"
+	logKeySeq     = "seq"
+	logKeyKind    = "kind"
+	logKeyErr     = "err"
+	logKeyWrites  = "writes"
+	logKeyClears  = "clears"
+	logKeyReads   = "reads"
+	logKeyBytes   = "bytes"
+	logKeyRecords = "records"
+	logKeyWait    = "retry_in"
+	logKeyCount   = "count"
+)
+
+// Defaults of Config.
+const (
+	DefaultPointInterval = 5 * time.Minute
+	DefaultRetention     = 24 * time.Hour
+	DefaultParallelism   = 4
+	DefaultPollInterval  = 30 * time.Second
+)
+
+// Config configures an Applier. Store and Keys are required.
+type Config struct {
+	// Store is the container (wrap it with blobstore.Stack for retries).
+	Store blobstore.Store
+	// Keys returns the keyring that opens machine's segments, e.g.
+	// RecoveryKeys. It is called once per machine, and again when a segment
+	// names a key the keyring lacks (key rotation).
+	Keys func(ctx context.Context, machine string) (seal.Keyring, error)
+	// Logger (nil: discard).
+	Logger *slog.Logger
+	// PointInterval spaces crash-consistent recovery points (default 5 min).
+	PointInterval time.Duration
+	// Retention: snapshots older than this are deleted (default 24 h;
+	// negative: keep everything).
+	Retention time.Duration
+	// Parallelism bounds concurrent page blob calls per disk (default 4).
+	Parallelism int
+	// UpdateManifest, if set, performs the manifest read-modify-write
+	// (update is given the current manifest and changes only applied_seq).
+	// The process server should route the ingest side's manifest writes
+	// and this through one serialised writer per machine: the Store has no
+	// conditional writes, so two independent read-modify-writes can undo
+	// each other's fields. Nil: the applier reads the manifest, sets
+	// applied_seq and writes it back itself, which can briefly roll back a
+	// concurrent writer's fields (they are rewritten at its next step).
+	UpdateManifest func(ctx context.Context, machine string, update func(*layout.Manifest)) error
+	// PollInterval: how often Run looks for new segments without being
+	// notified (default 30 s).
+	PollInterval time.Duration
+	// Now is the clock for retention (default time.Now).
+	Now func() time.Time
+}
+
+// RecoveryKeys returns a Config.Keys that unwraps machines' data keys from
+// the account with the recovery key.
+func RecoveryKeys(store blobstore.Store, recoveryKey []byte) func(context.Context, string) (seal.Keyring, error) {
+	return func(ctx context.Context, machine string) (seal.Keyring, error) {
+		return recovery.Keyring(ctx, store, machine, recoveryKey)
+	}
+}
+
+// Applier applies journal segments to replica page blobs. It is safe for
+// concurrent use; work on one machine is serialised.
+type Applier struct {
+	cfg Config
+	log *slog.Logger
+
+	mu       sync.Mutex
+	machines map[string]*machine
+}
+
+// New returns an Applier for cfg.
+func New(cfg Config) (*Applier, error) {
+	if cfg.Store == nil || cfg.Keys == nil {
+		return nil, errors.New("applier: Store and Keys are required")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.PointInterval <= 0 {
+		cfg.PointInterval = DefaultPointInterval
+	}
+	if cfg.Retention == 0 {
+		cfg.Retention = DefaultRetention
+	}
+	if cfg.Parallelism <= 0 {
+		cfg.Parallelism = DefaultParallelism
+	}
+	if cfg.PollInterval <= 0 {
+		cfg.PollInterval = DefaultPollInterval
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	return &Applier{cfg: cfg, log: cfg.Logger, machines: map[string]*machine{}}, nil
+}
+
+// machine is the applier's state for one machine; mu serialises Apply.
+type machine struct {
+	mu   sync.Mutex
+	name string
+	keys seal.Keyring
+
+	loaded    bool
+	disks     []*disk
+	lastPoint uint64    // seq of the newest point
+	pointTime time.Time // its marker time (or the anchor before the first point)
+	// cursor is the name of the last segment applied in this process, so
+	// that a segment ending exactly at the resume sequence (possible for
+	// marker-only segments) is read once, not on every pass.
+	cursor    string
+	lastPrune time.Time
+
+	dec   recovery.Decoder
+	plain []byte
+	res   resolver
+}
+
+// disk is one replica page blob.
+type disk struct {
+	name    string
+	blob    string
+	gen     string
+	size    uint64 // disk size; the blob is rounded up to whole pages
+	applied uint64
+	ops     []pendingOp // queued records, in sequence order
+}
+
+func (a *Applier) machine(name string) *machine {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	m := a.machines[name]
+	if m == nil {
+		m = &machine{name: name}
+		a.machines[name] = m
+	}
+	return m
+}
+
+// Apply applies every segment of machine up to the manifest's durable_seq
+// and returns the sequence up to which every disk of the machine is now
+// applied. It stops at the first segment it cannot apply — one that fails
+// authentication (the error wraps recovery.ErrTampered and names the blob),
+// is malformed, or a store error — having applied none of that segment's
+// records, and leaves everything before it applied.
+func (a *Applier) Apply(ctx context.Context, machine string) (uint64, error) {
+	return a.apply(ctx, machine, 0)
+}
+
+// apply is Apply, also applying segments up to durable when that is
+// beyond the manifest's durable_seq (the ingest side may notify before it
+// rewrites the manifest).
+func (a *Applier) apply(ctx context.Context, name string, durable uint64) (uint64, error) {
+	if err := layout.CheckName("machine", name); err != nil {
+		return 0, err
+	}
+	m := a.machine(name)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	applied, err := a.applyLocked(ctx, m, durable)
+	if err != nil {
+		// Reload everything from the account next time: a failed call may
+		// have left the in-memory view ahead of or behind the blobs, and
+		// records of the failed segment queued for other disks.
+		m.loaded, m.cursor, m.disks = false, "", nil
+	}
+	return applied, err
+}
+
+func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (uint64, error) {
+	man, err := recovery.ReadManifest(ctx, a.cfg.Store, m.name)
+	if err != nil {
+		return 0, err
+	}
+	limit := max(man.DurableSeq, durable)
+	if m.keys == nil {
+		if m.keys, err = a.cfg.Keys(ctx, m.name); err != nil {
+			return 0, fmt.Errorf("data keys of machine %q: %w", m.name, err)
+		}
+	}
+	if err := a.syncDisks(ctx, m, man); err != nil {
+		return 0, err
+	}
+	if !m.loaded {
+		if err := a.loadPoints(ctx, m); err != nil {
+			return 0, err
+		}
+		m.loaded = true
+	}
+	segs, err := recovery.ListSegments(ctx, a.cfg.Store, m.name)
+	if err != nil {
+		return 0, err
+	}
+	resume := m.applied()
+	for _, s := range segs {
+		if (m.cursor != "" && s.Name <= m.cursor) || s.Last < resume {
+			continue
+		}
+		if s.Last > limit {
+			break
+		}
+		if err := a.applySegment(ctx, m, s); err != nil {
+			return m.applied(), err
+		}
+		m.cursor = s.Name
+	}
+	if err := a.prune(ctx, m); err != nil {
+		// Pruning late is harmless; keep applying.
+		a.log.Warn("retention failed", logKeyMachine, m.name, logKeyErr, err)
+	}
+	return m.applied(), nil
+}
+
+// applied is the sequence every disk of m has applied.
+func (m *machine) applied() uint64 {
+	if len(m.disks) == 0 {
+		return 0
+	}
+	lo := m.disks[0].applied
+	for _, d := range m.disks[1:] {
+		lo = min(lo, d.applied)
+	}
+	return lo
+}
+
+// maxApplied is the highest applied sequence of m's disks.
+func (m *machine) maxApplied() uint64 {
+	var hi uint64
+	for _, d := range m.disks {
+		hi = max(hi, d.applied)
+	}
+	return hi
+}
+
+func roundUp(n uint64) int64 { return int64((n + pageSize - 1) &^ (pageSize - 1)) }
+
+func diskMetadata(d *disk) blobstore.Metadata {
+	return blobstore.Metadata{layout.MetaAppliedSeq: strconv.FormatUint(d.applied, 10), layout.MetaGeneration: d.gen}
+}
+
+// syncDisks makes m.disks match the manifest: it creates the page blob of
+// a new disk, recreates it for a new generation (the agent then sends the
+// whole disk), grows it when the disk grew, and loads applied_seq.
+func (a *Applier) syncDisks(ctx context.Context, m *machine, man *layout.Manifest) error {
+	if len(man.Disks) < len(m.disks) {
+		return fmt.Errorf("manifest of machine %q lists %d disks, %d before: disks must never be removed from it (journal records refer to them by index)",
+			m.name, len(man.Disks), len(m.disks))
+	}
+	for i, md := range man.Disks {
+		var cur *disk
+		if i < len(m.disks) {
+			cur = m.disks[i]
+			if cur.name != md.Name {
+				return fmt.Errorf("manifest of machine %q has disk %q at index %d, where %q was: refusing to apply records to the wrong disk",
+					m.name, md.Name, i, cur.name)
+			}
+			if cur.gen == md.Generation && cur.size == md.Size {
+				continue
+			}
+		}
+		if err := layout.CheckName("disk", md.Name); err != nil {
+			return fmt.Errorf("manifest of machine %q: %w", m.name, err)
+		}
+		d := &disk{name: md.Name, blob: layout.DiskName(m.name, md.Name), gen: md.Generation, size: md.Size}
+		info, err := a.cfg.Store.Stat(ctx, d.blob)
+		switch {
+		case err == nil && info.Kind == blobstore.PageBlob && info.Metadata[layout.MetaGeneration] == md.Generation:
+			d.applied, _ = strconv.ParseUint(info.Metadata[layout.MetaAppliedSeq], 10, 64)
+			if info.Size < roundUp(md.Size) {
+				if err := a.cfg.Store.ResizePageBlob(ctx, d.blob, roundUp(md.Size)); err != nil {
+					return fmt.Errorf("grow replica of disk %q of machine %q: %w", md.Name, m.name, err)
+				}
+			}
+		case err == nil || blobstore.IsNotFound(err):
+			reason := "new disk"
+			if err == nil {
+				// A new generation: the agent resends the whole disk after
+				// this point, so the replica restarts from zeros. Records
+				// after the old blob's applied_seq are still applied.
+				reason = "new generation"
+				d.applied, _ = strconv.ParseUint(info.Metadata[layout.MetaAppliedSeq], 10, 64)
+			} else if man.AppliedSeq > 0 {
+				reason = "replica missing"
+				a.log.Warn("replica page blob missing; rebuilding it from the journal that is left (the agent needs a full sync)",
+					logKeyMachine, m.name, logKeyDisk, md.Name)
+			}
+			if err := a.cfg.Store.CreatePageBlob(ctx, d.blob, roundUp(md.Size), diskMetadata(d)); err != nil {
+				return fmt.Errorf("create replica of disk %q of machine %q: %w", md.Name, m.name, err)
+			}
+			a.log.Info("created replica page blob", logKeyMachine, m.name, logKeyDisk, md.Name, "reason", reason, "size", roundUp(md.Size))
+		default:
+			return fmt.Errorf("replica of disk %q of machine %q: %w", md.Name, m.name, err)
+		}
+		if cur != nil {
+			m.disks[i] = d
+		} else {
+			m.disks = append(m.disks, d)
+		}
+	}
+	return nil
+}
+
+// loadPoints finds the newest recovery point, which decides when the next
+// crash-consistent point is due and which markers already have one.
+func (a *Applier) loadPoints(ctx context.Context, m *machine) error {
+	names := make([]string, len(m.disks))
+	for i, d := range m.disks {
+		names[i] = d.name
+	}
+	points, err := recovery.ListPoints(ctx, a.cfg.Store, m.name, names)
+	if err != nil {
+		return err
+	}
+	// Only a point with a snapshot of every disk counts: if a crash came
+	// between the snapshots of a point, replaying its segment cuts it again
+	// (the disks are still at its marker, and a second snapshot of the
+	// same point is identical to the first).
+	m.lastPoint, m.pointTime = 0, time.Time{}
+	for _, p := range points {
+		if len(p.Snapshots) == len(m.disks) {
+			m.lastPoint, m.pointTime = p.Seq, p.Time
+		}
+	}
+	return nil
+}
+
+// applySegment applies one segment: authenticate and decode all of it,
+// then apply its records, cutting points at markers, then record progress.
+func (a *Applier) applySegment(ctx context.Context, m *machine, s recovery.Segment) error {
+	plain, err := recovery.ReadSegment(ctx, a.cfg.Store, s.Name, m.keys, m.plain[:0])
+	if errors.Is(err, seal.ErrUnknownKey) {
+		// Sealed under a key created after we loaded the keyring.
+		if m.keys, err = a.cfg.Keys(ctx, m.name); err != nil {
+			return fmt.Errorf("data keys of machine %q: %w", m.name, err)
+		}
+		plain, err = recovery.ReadSegment(ctx, a.cfg.Store, s.Name, m.keys, m.plain[:0])
+	}
+	if err != nil {
+		return err
+	}
+	m.plain = plain
+	recs, err := m.dec.Decode(plain)
+	if err != nil {
+		return fmt.Errorf("journal segment %s: %w", s.Name, err)
+	}
+	// Check every record before applying any, so that a bad segment is
+	// not half applied.
+	for i := range recs {
+		r := &recs[i]
+		if r.Op == wire.OpMarker {
+			continue
+		}
+		if int(r.Disk) >= len(m.disks) {
+			return fmt.Errorf("journal segment %s: record %d is for disk index %d, but the manifest lists %d disks", s.Name, r.Seq, r.Disk, len(m.disks))
+		}
+		if d := m.disks[r.Disk]; r.Offset+uint64(r.Length) > d.size {
+			return fmt.Errorf("journal segment %s: record %d: %s of [%d, %d) is beyond the %d bytes of disk %q",
+				s.Name, r.Seq, r.Op, r.Offset, r.Offset+uint64(r.Length), d.size, d.name)
+		}
+	}
+	floor := m.maxApplied()
+	n := 0
+	for i := range recs {
+		r := &recs[i]
+		if r.Op == wire.OpMarker {
+			mk := r.Marker()
+			if kind, due := a.pointDue(m, mk); due && mk.Seq >= floor && mk.Seq > m.lastPoint {
+				if err := a.flush(ctx, m, s.Name); err != nil {
+					return err
+				}
+				if err := a.cutPoint(ctx, m, mk, kind); err != nil {
+					return err
+				}
+			}
+			continue
+		}
+		d := m.disks[r.Disk]
+		if r.Seq <= d.applied {
+			continue
+		}
+		op := pendingOp{off: int64(r.Offset), end: int64(r.Offset) + int64(r.Length)}
+		if r.Op == wire.OpWrite {
+			op.data = r.Data
+		}
+		d.ops = append(d.ops, op)
+		n++
+	}
+	if err := a.flush(ctx, m, s.Name); err != nil {
+		return err
+	}
+	for _, d := range m.disks {
+		d.applied = max(d.applied, s.Last)
+		if err := a.cfg.Store.SetMetadata(ctx, d.blob, diskMetadata(d)); err != nil {
+			return fmt.Errorf("record applied_seq of %s: %w", d.blob, err)
+		}
+	}
+	if err := a.updateManifest(ctx, m.name, m.applied()); err != nil {
+		return err
+	}
+	a.log.Debug("applied segment", logKeyMachine, m.name, logKeySegment, s.Name, logKeyRecords, n)
+	return nil
+}
+
+// pointDue says whether a point should be cut at mk, and of which kind.
+func (a *Applier) pointDue(m *machine, mk wire.Marker) (string, bool) {
+	t := time.Unix(0, mk.UnixNano).UTC()
+	if mk.Kind == wire.MarkerAppConsistent {
+		return recovery.KindApp, true
+	}
+	if m.pointTime.IsZero() {
+		// No point yet: the first crash-consistent point comes one interval
+		// after the first marker, not in the middle of the initial sync.
+		m.pointTime = t
+		return "", false
+	}
+	return recovery.KindCrash, t.Sub(m.pointTime) >= a.cfg.PointInterval
+}
+
+// flush writes the queued records of every disk.
+func (a *Applier) flush(ctx context.Context, m *machine, segment string) error {
+	for _, d := range m.disks {
+		if len(d.ops) == 0 {
+			continue
+		}
+		st, err := m.res.flush(ctx, a.cfg.Store, d.blob, d.ops, a.cfg.Parallelism)
+		clear(d.ops)
+		d.ops = d.ops[:0]
+		if err != nil {
+			return fmt.Errorf("apply journal segment %s to disk %q: %w", segment, d.name, err)
+		}
+		a.log.Debug("flushed", logKeyMachine, m.name, logKeyDisk, d.name,
+			logKeyWrites, st.writes, logKeyClears, st.clears, logKeyReads, st.reads, logKeyBytes, st.bytes)
+	}
+	return nil
+}
+
+// cutPoint snapshots every disk of m; they all hold exactly the records
+// ≤ mk.Seq.
+func (a *Applier) cutPoint(ctx context.Context, m *machine, mk wire.Marker, kind string) error {
+	t := time.Unix(0, mk.UnixNano).UTC()
+	for _, d := range m.disks {
+		if _, err := a.cfg.Store.Snapshot(ctx, d.blob, recovery.PointMetadata(mk.Seq, t, kind, d.gen)); err != nil {
+			return fmt.Errorf("recovery point at seq %d: snapshot %s: %w", mk.Seq, d.blob, err)
+		}
+	}
+	m.lastPoint, m.pointTime = mk.Seq, t
+	m.lastPrune = time.Time{} // a new point may let retention delete more
+	a.log.Info("recovery point", logKeyMachine, m.name, logKeySeq, mk.Seq, logKeyKind, kind, "time", t)
+	return nil
+}
+
+func (a *Applier) updateManifest(ctx context.Context, machine string, applied uint64) error {
+	set := func(man *layout.Manifest) {
+		man.AppliedSeq = max(man.AppliedSeq, applied)
+		man.Updated = a.cfg.Now().UTC()
+	}
+	if a.cfg.UpdateManifest != nil {
+		if err := a.cfg.UpdateManifest(ctx, machine, set); err != nil {
+			return fmt.Errorf("update manifest of machine %q: %w", machine, err)
+		}
+		return nil
+	}
+	man, err := recovery.ReadManifest(ctx, a.cfg.Store, machine)
+	if err != nil {
+		return err
+	}
+	if man.AppliedSeq >= applied {
+		return nil
+	}
+	set(man)
+	b, err := layout.MarshalManifest(man)
+	if err != nil {
+		return err
+	}
+	if err := a.cfg.Store.PutBlob(ctx, layout.ManifestName(machine), b, nil); err != nil {
+		return fmt.Errorf("update manifest of machine %q: %w", machine, err)
+	}
+	return nil
+}

@@ -1,0 +1,103 @@
+package applier
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/recovery"
+)
+
+// pruneEvery bounds how often retention lists snapshots when no new point
+// was cut.
+const pruneEvery = time.Minute
+
+// prune deletes the snapshots of m's disks older than Retention, except
+// each disk's newest, then the journal segments that end at or before the
+// oldest snapshot every disk still has: recovering to any kept point, or
+// to any sequence after the oldest one, never needs them.
+func (a *Applier) prune(ctx context.Context, m *machine) error {
+	if a.cfg.Retention < 0 {
+		return nil
+	}
+	now := a.cfg.Now()
+	if !m.lastPrune.IsZero() && now.Sub(m.lastPrune) < pruneEvery {
+		return nil
+	}
+	cutoff := now.Add(-a.cfg.Retention)
+	var keepFrom uint64 // oldest sequence every disk has a snapshot at or before
+	for i, d := range m.disks {
+		snaps, err := a.cfg.Store.ListSnapshots(ctx, d.blob)
+		if err != nil {
+			return fmt.Errorf("list snapshots of %s: %w", d.blob, err)
+		}
+		type snap struct {
+			id  string
+			seq uint64
+			t   time.Time
+		}
+		var valid []snap
+		newest := -1
+		for _, s := range snaps {
+			seq, err1 := strconv.ParseUint(s.Metadata[layout.MetaSeq], 10, 64)
+			t, err2 := time.Parse(time.RFC3339Nano, s.Metadata[layout.MetaTime])
+			if err1 != nil || err2 != nil {
+				continue // not a recovery point: not ours to delete
+			}
+			valid = append(valid, snap{s.ID, seq, t})
+			if newest < 0 || seq >= valid[newest].seq {
+				newest = len(valid) - 1
+			}
+		}
+		oldestKept := uint64(0)
+		kept := false
+		deleted := 0
+		for j, s := range valid {
+			if j != newest && s.t.Before(cutoff) {
+				if err := a.cfg.Store.DeleteSnapshot(ctx, d.blob, s.id); err != nil {
+					return fmt.Errorf("delete recovery point at seq %d of %s: %w", s.seq, d.blob, err)
+				}
+				deleted++
+				continue
+			}
+			if !kept || s.seq < oldestKept {
+				oldestKept, kept = s.seq, true
+			}
+		}
+		if deleted > 0 {
+			a.log.Info("retention deleted recovery points", logKeyMachine, m.name, logKeyDisk, d.name, logKeyCount, deleted)
+		}
+		if !kept {
+			// A disk without points needs the whole journal.
+			keepFrom = 0
+			break
+		}
+		if i == 0 || oldestKept < keepFrom {
+			keepFrom = oldestKept
+		}
+	}
+	keepFrom = min(keepFrom, m.applied())
+	if keepFrom > 0 {
+		segs, err := recovery.ListSegments(ctx, a.cfg.Store, m.name)
+		if err != nil {
+			return err
+		}
+		deleted := 0
+		for _, s := range segs {
+			if s.Last > keepFrom {
+				continue
+			}
+			if err := a.cfg.Store.DeleteBlob(ctx, s.Name); err != nil {
+				return fmt.Errorf("delete journal segment %s: %w", s.Name, err)
+			}
+			deleted++
+		}
+		if deleted > 0 {
+			a.log.Info("retention deleted journal segments", logKeyMachine, m.name, logKeyCount, deleted, logKeySeq, keepFrom)
+		}
+	}
+	m.lastPrune = now
+	return nil
+}

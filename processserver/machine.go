@@ -1,0 +1,336 @@
+package processserver
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
+	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/seal"
+	"github.com/lifeboat-dr/lifeboat/internal/wire"
+	"github.com/lifeboat-dr/lifeboat/processserver/cache"
+)
+
+// segEntry is a segment in the cache.
+type segEntry struct {
+	id       cache.SegmentID
+	size     int64  // 0 until known (segments found at start are read lazily)
+	last     uint64 // 0 until known
+	uploaded bool
+}
+
+// machine is the state of one protected machine: its manifest, data key,
+// cached segments and the session of its agent.
+type machine struct {
+	name string
+	s    *Server
+	log  *slog.Logger
+	wake chan struct{} // uploader has work (capacity 1)
+
+	takeover sync.Mutex // serialises session replacement
+	sess     *session   // current session; guarded by takeover and mu
+
+	manMu sync.Mutex // serialises loading and manifest writes
+
+	mu       sync.Mutex
+	loaded   bool
+	man      layout.Manifest
+	key      *seal.Key
+	durable  uint64 // every record ≤ durable is in the cache or the account
+	uploaded uint64 // every record ≤ uploaded is in the journal (manifest durable_seq)
+	applied  uint64 // reported by the applier
+	segs     []*segEntry
+	backlog  int64 // bytes cached and not yet uploaded (known sizes)
+	lost     bool  // an acked segment could not be read back: resync at next hello
+	note     wire.Marker
+	hasNote  bool
+	progress chan struct{} // closed and replaced whenever uploaded grows
+}
+
+func newMachine(s *Server, name string) *machine {
+	return &machine{
+		name:     name,
+		s:        s,
+		log:      s.log.With(logMachine, name),
+		wake:     make(chan struct{}, 1),
+		progress: make(chan struct{}),
+	}
+}
+
+func (m *machine) kick() {
+	select {
+	case m.wake <- struct{}{}:
+	default:
+	}
+}
+
+// ensureLoaded reads the manifest and the data key from the store once.
+// A missing manifest is a new machine; a key that does not unwrap with the
+// recovery key is an error (a new key would orphan the existing journal).
+func (m *machine) ensureLoaded(ctx context.Context) error {
+	m.mu.Lock()
+	ok := m.loaded
+	m.mu.Unlock()
+	if ok {
+		return nil
+	}
+	m.manMu.Lock()
+	defer m.manMu.Unlock()
+	m.mu.Lock()
+	ok = m.loaded
+	m.mu.Unlock()
+	if ok {
+		return nil
+	}
+	man := layout.Manifest{Version: layout.ManifestVersion, Machine: m.name}
+	raw, err := m.s.store.GetBlob(ctx, layout.ManifestName(m.name))
+	switch {
+	case blobstore.IsNotFound(err):
+	case err != nil:
+		return fmt.Errorf("read manifest of %s: %w", m.name, err)
+	default:
+		p, err := layout.UnmarshalManifest(raw)
+		if err != nil {
+			return fmt.Errorf("manifest of %s (%s): %w", m.name, layout.ManifestName(m.name), err)
+		}
+		if p.Machine != m.name {
+			return fmt.Errorf("manifest %s names machine %q", layout.ManifestName(m.name), p.Machine)
+		}
+		man = *p
+	}
+	var key *seal.Key
+	if man.KeyID != "" {
+		if key, err = m.loadKey(ctx, man.KeyID); err != nil {
+			return err
+		}
+	}
+	m.mu.Lock()
+	m.man, m.key, m.loaded = man, key, true
+	m.durable = max(m.durable, man.DurableSeq)
+	m.uploaded = max(m.uploaded, man.DurableSeq)
+	m.applied = max(m.applied, man.AppliedSeq)
+	m.mu.Unlock()
+	m.s.metrics.durableSeq.WithLabelValues(m.name).Set(float64(man.DurableSeq))
+	return nil
+}
+
+func (m *machine) loadKey(ctx context.Context, idHex string) (*seal.Key, error) {
+	var id seal.KeyID
+	if b, err := hex.DecodeString(idHex); err != nil || len(b) != len(id) {
+		return nil, fmt.Errorf("manifest of %s: malformed key_id %q", m.name, idHex)
+	} else {
+		copy(id[:], b)
+	}
+	name := layout.KeyName(m.name, id)
+	wrapped, err := m.s.store.GetBlob(ctx, name)
+	if err != nil {
+		return nil, fmt.Errorf("read data key %s of %s: %w", name, m.name, err)
+	}
+	material, err := seal.UnwrapKey(m.s.recoveryKey, wrapped, id)
+	if err != nil {
+		return nil, fmt.Errorf("data key %s of %s does not open with recovery key %s (wrong --recovery-key?): %w",
+			name, m.name, seal.Fingerprint(m.s.recoveryKey), err)
+	}
+	defer clear(material)
+	return seal.NewKey(id, material)
+}
+
+// ensureKey creates the machine's data key on first use: wrapped key blob
+// first, then the manifest naming it, so the manifest never names a
+// missing key.
+func (m *machine) ensureKey(ctx context.Context) (*seal.Key, error) {
+	m.mu.Lock()
+	k := m.key
+	m.mu.Unlock()
+	if k != nil {
+		return k, nil
+	}
+	material, id := seal.NewDataKey()
+	defer clear(material)
+	key, err := seal.NewKey(id, material)
+	if err != nil {
+		return nil, err
+	}
+	wrapped, err := seal.WrapKey(m.s.recoveryKey, material, id)
+	if err != nil {
+		return nil, err
+	}
+	name := layout.KeyName(m.name, id)
+	md := blobstore.Metadata{layout.MetaKeyFP: seal.Fingerprint(m.s.recoveryKey)}
+	if err := m.s.store.PutBlob(ctx, name, wrapped, md); err != nil {
+		return nil, fmt.Errorf("store data key %s: %w", name, err)
+	}
+	m.mu.Lock()
+	m.man.KeyID = id.String()
+	m.mu.Unlock()
+	if err := m.writeManifest(ctx); err != nil {
+		m.mu.Lock()
+		m.man.KeyID = ""
+		m.mu.Unlock()
+		return nil, err
+	}
+	m.mu.Lock()
+	m.key = key
+	m.mu.Unlock()
+	m.log.Info("created data key", logKeyID, id.String(), logBlob, name)
+	return key, nil
+}
+
+// writeManifest stores the current manifest. Writes are serialised and
+// each writes the state current when it starts, so the last write wins
+// with the newest state.
+func (m *machine) writeManifest(ctx context.Context) error {
+	m.manMu.Lock()
+	defer m.manMu.Unlock()
+	m.mu.Lock()
+	man := m.man
+	man.Disks = slices.Clone(man.Disks)
+	m.mu.Unlock()
+	man.Updated = time.Now().UTC()
+	raw, err := layout.MarshalManifest(&man)
+	if err != nil {
+		return err
+	}
+	if err := m.s.store.PutBlob(ctx, layout.ManifestName(m.name), raw, nil); err != nil {
+		return fmt.Errorf("write manifest of %s: %w", m.name, err)
+	}
+	return nil
+}
+
+// agree answers a Hello: per disk, resume, full sync (new generation) or
+// checksum resync, as the contract says. New generations are recorded in
+// the manifest before the answer is sent.
+//
+// It also returns, per Hello disk index, the disk's index in the manifest:
+// records name disks by Hello index, the journal by manifest index (which
+// is append-only, so old segments keep their meaning).
+func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, uint64, []uint16, error) {
+	if err := m.ensureLoaded(ctx); err != nil {
+		return nil, 0, nil, err
+	}
+	missing := m.missingReplicas(ctx, h)
+	m.mu.Lock()
+	durable, lost := m.durable, m.lost
+	m.lost = false
+	ack := &wire.HelloAck{ProtocolVersion: protocolVersion, Disks: make([]wire.DiskAgreement, len(h.Disks))}
+	changed := false
+	for i, d := range h.Disks {
+		a := &ack.Disks[i]
+		a.Name, a.ResumeFrom = d.Name, durable+1
+		md := m.man.Disk(d.Name)
+		switch {
+		case md == nil || d.Generation.IsZero() || md.Generation != d.Generation.String() || md.Size != d.Size || missing[d.Name]:
+			var g wire.Generation
+			rand.Read(g[:])
+			a.Action, a.Generation = wire.SyncFull, g
+			if md == nil {
+				m.man.Disks = append(m.man.Disks, layout.Disk{Name: d.Name})
+				md = &m.man.Disks[len(m.man.Disks)-1]
+			}
+			md.Size, md.Generation = d.Size, g.String()
+			changed = true
+		case d.LastAckedSeq > durable || lost:
+			a.Action, a.Generation = wire.SyncChecksum, d.Generation
+		default:
+			a.Action, a.Generation = wire.SyncResume, d.Generation
+		}
+	}
+	diskMap := make([]uint16, len(h.Disks))
+	for i, d := range h.Disks {
+		for j := range m.man.Disks {
+			if m.man.Disks[j].Name == d.Name {
+				diskMap[i] = uint16(j)
+			}
+		}
+	}
+	m.mu.Unlock()
+	if changed {
+		if err := m.writeManifest(ctx); err != nil {
+			return nil, 0, nil, err
+		}
+	}
+	return ack, durable, diskMap, nil
+}
+
+// missingReplicas reports disks whose replica page blob is gone although
+// the applier has applied everything: someone deleted it. While the
+// applier lags, a missing blob is simply not created yet.
+func (m *machine) missingReplicas(ctx context.Context, h *wire.Hello) map[string]bool {
+	m.mu.Lock()
+	check := m.s.applier != nil && m.man.DurableSeq > 0 && m.man.AppliedSeq >= m.man.DurableSeq
+	m.mu.Unlock()
+	if !check {
+		return nil
+	}
+	out := make(map[string]bool)
+	for _, d := range h.Disks {
+		_, err := m.s.store.Stat(ctx, layout.DiskName(m.name, d.Name))
+		if blobstore.IsNotFound(err) {
+			m.log.Warn("replica page blob missing: full sync", logDisk, d.Name)
+			out[d.Name] = true
+		}
+	}
+	return out
+}
+
+// segmentDurable records a segment that Put made durable.
+func (m *machine) segmentDurable(id cache.SegmentID, size int64, last uint64) {
+	m.mu.Lock()
+	m.segs = append(m.segs, &segEntry{id: id, size: size, last: last})
+	m.durable = max(m.durable, last)
+	m.backlog += size
+	m.mu.Unlock()
+	m.s.cacheBytes.Add(size)
+	m.kick()
+}
+
+// noteMarker records a marker that arrived while every earlier record had
+// been handed to the uploader.
+func (m *machine) noteMarker(mk wire.Marker) {
+	m.mu.Lock()
+	if !m.hasNote || mk.UnixNano > m.note.UnixNano {
+		m.note, m.hasNote = mk, true
+	}
+	m.mu.Unlock()
+	m.kick()
+}
+
+// backlogBytes returns the bytes waiting for upload.
+func (m *machine) backlogBytes() int64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.backlog
+}
+
+// waitUploaded blocks until every record ≤ seq is uploaded.
+func (m *machine) waitUploaded(ctx context.Context, seq uint64) error {
+	for {
+		m.mu.Lock()
+		done, ch := m.uploaded >= seq, m.progress
+		m.mu.Unlock()
+		if done {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// current returns the session currently serving the machine, or nil.
+func (m *machine) current() *session {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.sess
+}
+
+var errReplaced = errors.New("agent reconnected on another connection")

@@ -1,0 +1,463 @@
+package processserver
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
+	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/pki"
+	"github.com/lifeboat-dr/lifeboat/internal/seal"
+	"github.com/lifeboat-dr/lifeboat/processserver/cache"
+)
+
+// Log attribute keys.
+const (
+	logMachine    = "machine"
+	logAgent      = "agent"
+	logRemote     = "remote"
+	logErr        = "err"
+	logBlob       = "blob"
+	logBytes      = "bytes"
+	logSealed     = "sealed_bytes"
+	logDuration   = "duration"
+	logWait       = "retry_in"
+	logDisk       = "disk"
+	logAction     = "action"
+	logGeneration = "generation"
+	logResumeFrom = "resume_from"
+	logVersion    = "version"
+	logKeyID      = "key_id"
+	logSegment    = "segment"
+	logAddr       = "addr"
+	logFree       = "free_ratio"
+	logDir        = "dir"
+	logCount      = "segments"
+)
+
+// Server is a running process server.
+type Server struct {
+	cfg         Config
+	log         *slog.Logger
+	store       blobstore.Store
+	cache       *cache.Cache
+	recoveryKey []byte
+	tlsConf     *tls.Config
+	ln          net.Listener
+	applier     Applier
+	metrics     *metrics
+	httpSrv     *http.Server
+
+	cacheBytes  atomic.Int64 // logical bytes of segments in the cache
+	cachePaused atomic.Bool  // cache nearly full: every agent paused
+
+	mu       sync.Mutex
+	machines map[string]*machine
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	conns  sync.WaitGroup // connection goroutines
+	bg     sync.WaitGroup // accept loop, uploaders, monitor
+
+	closeOnce sync.Once
+	closeErr  error
+
+	bufPool sync.Pool
+}
+
+// Start loads the server's identity and recovery key, opens the cache,
+// resumes uploading what the cache holds (after a crash or restart) and
+// starts accepting agents. It returns once the listener is bound; Addr
+// reports it. Stop the server with Close.
+func Start(ctx context.Context, c Config) (*Server, error) {
+	cfg, err := c.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	id, err := pki.Load(cfg.PKIDir, cfg.Name)
+	if err != nil {
+		return nil, fmt.Errorf("process server identity: %w", err)
+	}
+	if id.Role() != pki.RoleProcessServer {
+		return nil, fmt.Errorf("certificate %s is for role %q; the process server needs one issued with --role %s", id, id.Role(), pki.RoleProcessServer)
+	}
+	rk, err := seal.LoadRecoveryKey(cfg.RecoveryKeyFile)
+	if err != nil {
+		return nil, err
+	}
+	ch, err := cache.Open(cfg.CacheDirs, cfg.CacheOptions)
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{
+		cfg:         cfg,
+		log:         cfg.Logger,
+		store:       cfg.Store,
+		cache:       ch,
+		recoveryKey: rk,
+		tlsConf:     id.ServerTLS(pki.RoleAgent),
+		machines:    make(map[string]*machine),
+	}
+	if cfg.Metrics != nil {
+		s.metrics = newMetrics(cfg.Metrics)
+	} else {
+		s.metrics = newMetrics(nil)
+	}
+	if cfg.NewApplier != nil {
+		if s.applier, err = cfg.NewApplier(s); err != nil {
+			return nil, fmt.Errorf("applier: %w", err)
+		}
+	}
+	ectx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	err = cfg.Store.EnsureContainer(ectx)
+	cancel()
+	if err != nil {
+		// Not fatal: the cache absorbs the stream until the account is back.
+		s.log.Error("cannot reach the storage account; caching until it is back", "container", cfg.Container, logErr, err)
+	}
+	if err := s.scanCache(); err != nil {
+		return nil, err
+	}
+	if rep := ch.Replaced(); len(rep) > 0 {
+		s.log.Warn("cache directories were wiped or replaced; rebuilding their shards", logDir, rep)
+		s.bg.Go(func() {
+			r, err := ch.Scrub()
+			if err != nil {
+				s.log.Error("cache scrub after directory replacement failed", logErr, err, "lost", len(r.Lost))
+				return
+			}
+			s.log.Info("cache scrub done", logCount, r.Segments, "repaired_shards", r.RepairedShards)
+		})
+	}
+
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", cfg.Listen, err)
+	}
+	s.ln = ln
+	if cfg.MetricsListen != "" {
+		if err := s.serveMetrics(); err != nil {
+			ln.Close()
+			return nil, err
+		}
+	}
+	s.ctx, s.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	s.mu.Lock()
+	for _, m := range s.machines {
+		s.bg.Go(func() { m.runUploader(s.ctx) })
+		m.kick()
+	}
+	s.mu.Unlock()
+	s.bg.Go(s.monitor)
+	s.bg.Go(s.acceptLoop)
+	s.log.Info("process server listening", logAddr, ln.Addr().String(), "identity", id,
+		"cache", ch.Dirs(), "container", cfg.Container, "recovery_key", seal.Fingerprint(rk))
+	return s, nil
+}
+
+// Run runs a process server until ctx is done.
+func Run(ctx context.Context, cfg Config) error {
+	s, err := Start(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	<-ctx.Done()
+	return s.Close()
+}
+
+// Addr returns the address agents connect to.
+func (s *Server) Addr() net.Addr { return s.ln.Addr() }
+
+// Close stops accepting, closes every agent connection (unacknowledged
+// data is resent by the agents) and stops the uploaders (cached segments
+// are uploaded after the next start).
+func (s *Server) Close() error {
+	s.closeOnce.Do(func() {
+		s.closeErr = s.ln.Close()
+		if s.httpSrv != nil {
+			s.httpSrv.Close()
+		}
+		s.mu.Lock()
+		for _, m := range s.machines {
+			if st := m.current(); st != nil {
+				st.abort(errors.New("process server shutting down"))
+			}
+		}
+		s.mu.Unlock()
+		s.conns.Wait()
+		s.cancel()
+		s.bg.Wait()
+	})
+	return s.closeErr
+}
+
+// Applied is how the applier reports that every record of machine up to
+// and including seq is in the replica page blobs. Segments covered are
+// then deleted from the cache and the manifest's applied_seq advances.
+// It does not block.
+func (s *Server) Applied(machine string, seq uint64) {
+	s.mu.Lock()
+	m := s.machines[machine]
+	s.mu.Unlock()
+	if m == nil {
+		return
+	}
+	m.mu.Lock()
+	m.applied = max(m.applied, seq)
+	m.mu.Unlock()
+	m.kick()
+}
+
+// UpdateManifest lets the applier record its progress through the
+// server, which owns the manifest: update is applied to a copy of the
+// current manifest and only its applied_seq is kept, so neither side
+// overwrites the other's fields. Covered segments are then dropped from
+// the cache, as with Applied.
+func (s *Server) UpdateManifest(ctx context.Context, machine string, update func(*layout.Manifest)) error {
+	m := s.machine(machine)
+	if err := m.ensureLoaded(ctx); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	man := m.man
+	man.Disks = append([]layout.Disk(nil), man.Disks...)
+	update(&man)
+	if man.AppliedSeq > m.man.AppliedSeq {
+		m.man.AppliedSeq = man.AppliedSeq
+		m.applied = max(m.applied, man.AppliedSeq)
+	}
+	m.mu.Unlock()
+	m.kick()
+	return m.writeManifest(ctx)
+}
+
+// DataKey returns machine's data key, to open its journal segments, once
+// the server has loaded or created it (before its first segment upload).
+func (s *Server) DataKey(machine string) (*seal.Key, bool) {
+	s.mu.Lock()
+	m := s.machines[machine]
+	s.mu.Unlock()
+	if m == nil {
+		return nil, false
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.key, m.key != nil
+}
+
+// Manifest returns a copy of machine's manifest as the server last wrote
+// or loaded it (disks, generations, durable_seq, …).
+func (s *Server) Manifest(machine string) (layout.Manifest, bool) {
+	s.mu.Lock()
+	m := s.machines[machine]
+	s.mu.Unlock()
+	if m == nil {
+		return layout.Manifest{}, false
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	man := m.man
+	man.Disks = append([]layout.Disk(nil), man.Disks...)
+	return man, m.loaded
+}
+
+// machine returns the state of name, creating it (and its uploader).
+func (s *Server) machine(name string) *machine {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m := s.machines[name]
+	if m == nil {
+		m = newMachine(s, name)
+		s.machines[name] = m
+		if s.ctx != nil {
+			s.bg.Go(func() { m.runUploader(s.ctx) })
+		}
+	}
+	return m
+}
+
+// scanCache picks up the segments a previous run left in the cache: they
+// were acknowledged, so they are uploaded (if not yet) and kept until
+// applied. The durable sequence of each machine starts at the last record
+// of its newest cached segment.
+func (s *Server) scanCache() error {
+	streams, err := s.cache.Streams()
+	if err != nil {
+		return fmt.Errorf("scan cache: %w", err)
+	}
+	for _, name := range streams {
+		ids, err := s.cache.List(name)
+		if err != nil {
+			return fmt.Errorf("scan cache: %w", err)
+		}
+		if len(ids) == 0 {
+			continue
+		}
+		m := s.machine(name)
+		for _, id := range ids {
+			m.segs = append(m.segs, &segEntry{id: id})
+		}
+		sort.Slice(m.segs, func(i, j int) bool { return m.segs[i].id.Seq < m.segs[j].id.Seq })
+		// The newest readable segment bounds what was acknowledged.
+		for i := len(m.segs) - 1; i >= 0; i-- {
+			e := m.segs[i]
+			data, err := s.cache.Get(e.id)
+			if err == nil {
+				var meta segMeta
+				if meta, err = scanSegment(data); err == nil {
+					e.size, e.last = int64(len(data)), meta.last
+					m.backlog += e.size
+					s.cacheBytes.Add(e.size)
+					m.durable = meta.last
+					break
+				}
+			}
+			s.log.Error("cached segment unreadable", logSegment, e.id.String(), logErr, err)
+		}
+		s.log.Info("resuming cached segments", logMachine, name, logCount, len(ids), "durable_seq", m.durable)
+	}
+	return nil
+}
+
+func (s *Server) acceptLoop() {
+	for {
+		c, err := s.ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			s.log.Error("accept", logErr, err)
+			select {
+			case <-time.After(100 * time.Millisecond):
+			case <-s.ctx.Done():
+				return
+			}
+			continue
+		}
+		s.conns.Add(1)
+		go s.serveConn(s.ctx, c)
+	}
+}
+
+// monitor watches cache usage: metrics, alerts and backpressure.
+func (s *Server) monitor() {
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	level := slog.LevelInfo
+	for {
+		s.checkCache(&level)
+		s.mu.Lock()
+		ms := make([]*machine, 0, len(s.machines))
+		for _, m := range s.machines {
+			ms = append(ms, m)
+		}
+		s.mu.Unlock()
+		now := time.Now()
+		for _, m := range ms {
+			m.mu.Lock()
+			ru, loaded := m.man.RecoverableUntil, m.loaded
+			m.mu.Unlock()
+			if loaded && !ru.IsZero() {
+				s.metrics.rpo.WithLabelValues(m.name).Set(now.Sub(ru).Seconds())
+			}
+			if st := m.current(); st != nil {
+				st.updateBackpressure()
+			}
+		}
+		select {
+		case <-tick.C:
+		case <-s.ctx.Done():
+			return
+		}
+	}
+}
+
+func (s *Server) checkCache(level *slog.Level) {
+	s.metrics.cacheBytes.Set(float64(s.cacheBytes.Load()))
+	us, err := s.cache.Usage()
+	if err != nil {
+		s.log.Error("cache usage unavailable", logErr, err)
+		return
+	}
+	free := 1.0
+	for _, u := range us {
+		free = min(free, u.FreeFraction)
+	}
+	s.metrics.freeRatio.Set(free)
+	want := slog.LevelInfo
+	switch {
+	case free < freeError:
+		want = slog.LevelError
+	case free < freeWarn:
+		want = slog.LevelWarn
+	}
+	if want != *level {
+		switch want {
+		case slog.LevelError:
+			s.log.Error("cache almost full: uploads are not keeping up (storage account down or too slow?)", logFree, free)
+		case slog.LevelWarn:
+			s.log.Warn("cache filling up", logFree, free)
+		default:
+			s.log.Info("cache usage back to normal", logFree, free)
+		}
+		*level = want
+	}
+	if free < freePause {
+		s.cachePaused.Store(true)
+	} else if free > freeResume {
+		s.cachePaused.Store(false)
+	}
+}
+
+func (s *Server) serveMetrics() error {
+	reg := s.cfg.Metrics
+	if reg == nil {
+		reg = prometheus.NewRegistry()
+		reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		s.metrics.register(reg)
+	}
+	ln, err := net.Listen("tcp", s.cfg.MetricsListen)
+	if err != nil {
+		return fmt.Errorf("metrics: listen on %s: %w", s.cfg.MetricsListen, err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	s.httpSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go s.httpSrv.Serve(ln)
+	s.log.Info("serving metrics", logAddr, ln.Addr().String())
+	return nil
+}
+
+func (s *Server) getBuf() *segBuf {
+	if b, ok := s.bufPool.Get().(*segBuf); ok {
+		b.reset()
+		return b
+	}
+	b := &segBuf{data: make([]byte, 0, s.cfg.SegmentBytes+64<<10)}
+	b.reset()
+	return b
+}
+
+func (s *Server) putBuf(b *segBuf) {
+	if cap(b.data) > 2*s.cfg.SegmentBytes+maxFrame {
+		return // grown by a huge frame: let it go
+	}
+	s.bufPool.Put(b)
+}
+
+func peerIdentity(c *tls.Conn) (string, pki.Role, error) {
+	return pki.PeerIdentity(c.ConnectionState())
+}

@@ -1,0 +1,403 @@
+package processserver
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore/blobstoretest"
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore/mem"
+	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/pki"
+	"github.com/lifeboat-dr/lifeboat/internal/wire"
+)
+
+var disk0 = wire.DiskState{Name: "sda", Size: 1 << 30}
+
+// TestStreamToJournal: acks follow durability, segments are cut on size,
+// age and crash markers, and the journal opens with the recovery key and
+// holds exactly the frames sent; a reconnect resumes without resync and
+// drops resent duplicates.
+func TestStreamToJournal(t *testing.T) {
+	store := azureStore(t)
+	e := newEnv(t, store, 3)
+	e.segBytes = 64 << 10
+	e.segAge = 200 * time.Millisecond
+	s := e.start()
+
+	a := dialAgent(t, e, s, "m1")
+	ack, window := a.hello("m1", disk0)
+	if len(ack.Disks) != 1 || ack.Disks[0].Action != wire.SyncFull || ack.Disks[0].Generation.IsZero() || ack.Disks[0].ResumeFrom != 1 {
+		t.Fatalf("first hello: got %+v, want full sync with a new generation from seq 1", ack.Disks)
+	}
+	if window != DefaultWindow {
+		t.Fatalf("window %d, want %d", window, DefaultWindow)
+	}
+	gen := ack.Disks[0].Generation
+
+	t0 := time.Now().Add(-time.Minute).Truncate(time.Millisecond)
+	last := a.batch(1, 3)
+	a.marker(last, wire.MarkerTime, t0)
+	last = a.batch(4, 20) // 80 KiB: cut on size
+	a.waitAck(last)
+	last = a.batch(24, 2)
+	a.marker(last, wire.MarkerCrashConsistent, t0.Add(time.Second)) // cut on marker
+	a.waitAck(last)
+	last = a.batch(26, 1)
+	a.marker(last, wire.MarkerTime, t0.Add(2*time.Second))
+	a.waitAck(last) // cut on age
+	want := bytes.Clone(a.sent)
+
+	eventually(t, 20*time.Second, "upload of seq 26", func() bool { return durableSeq(t, store, "m1") >= 26 })
+	plain, infos, man := journal(t, store, e.rk, "m1")
+	if !bytes.Equal(plain, want) {
+		t.Fatalf("journal holds %d bytes, want exactly the %d bytes of frames sent", len(plain), len(want))
+	}
+	if len(infos) != 3 {
+		t.Errorf("%d segments, want 3 (size, marker and age cuts)", len(infos))
+	}
+	md := infos[1].Metadata
+	if md[layout.MetaFirstSeq] != "24" || md[layout.MetaLastSeq] != "25" || md[layout.MetaMarkers] != "crash" {
+		t.Errorf("segment %s metadata %v", infos[1].Name, md)
+	}
+	if !man.RecoverableUntil.Equal(t0.Add(2*time.Second)) || man.DurableSeq != 26 || man.Disk("sda").Generation != gen.String() {
+		t.Errorf("manifest %+v", man)
+	}
+
+	// Idle: a time marker alone advances recoverable_until.
+	t1 := t0.Add(10 * time.Second)
+	a.marker(26, wire.MarkerTime, t1)
+	eventually(t, 10*time.Second, "recoverable_until from an idle marker", func() bool {
+		_, _, man := journal(t, store, e.rk, "m1")
+		return man.RecoverableUntil.Equal(t1)
+	})
+
+	// A second connection of the same machine replaces the first; the
+	// agent resumes, resending a little more than was acked.
+	b := dialAgent(t, e, s, "m1")
+	ack, _ = b.hello("m1", wire.DiskState{Name: "sda", Size: disk0.Size, Generation: gen, LastAckedSeq: 25})
+	if d := ack.Disks[0]; d.Action != wire.SyncResume || d.ResumeFrom != 27 || d.Generation != gen {
+		t.Fatalf("reconnect: got %+v, want resume from 27", d)
+	}
+	if f := a.next(5 * time.Second); f.err == nil {
+		for f.err == nil {
+			f = a.next(5 * time.Second)
+		}
+	}
+	b.batch(20, 10) // 20..29: 20..26 are duplicates
+	b.waitAck(29)
+	eventually(t, 20*time.Second, "upload of seq 29", func() bool { return durableSeq(t, store, "m1") >= 29 })
+	_, infos, _ = journal(t, store, e.rk, "m1")
+	if n := infos[len(infos)-1].Name; n != layout.SegmentName("m1", 27, 29) {
+		t.Errorf("last segment %s, want the duplicates dropped (27-29)", n)
+	}
+}
+
+// TestRestartUploadsCachedSegments: with the storage account down, batches
+// are still acked (the cache absorbs them); a process server stopped in
+// that state uploads them after its restart, and the reconnecting agent
+// resumes without any resync.
+func TestRestartUploadsCachedSegments(t *testing.T) {
+	faulty := blobstoretest.NewFaulty(azureStore(t))
+	e := newEnv(t, faulty, 2)
+	e.segAge = 50 * time.Millisecond
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	ack, _ := a.hello("m1", disk0)
+	gen := ack.Disks[0].Generation
+
+	faulty.FailFor(time.Hour)
+	for i := range 5 {
+		last := a.batch(uint64(1+10*i), 10)
+		a.waitAck(last)
+	}
+	a.marker(50, wire.MarkerAppConsistent, time.Now())
+	time.Sleep(100 * time.Millisecond)
+	ids, err := s.cache.List("m1")
+	if err != nil || len(ids) < 5 {
+		t.Fatalf("cache holds %v (%v), want at least 5 segments", ids, err)
+	}
+	s.Close()
+	faulty.FailFor(0)
+
+	s2 := e.start()
+	eventually(t, 20*time.Second, "upload of the cached segments", func() bool { return durableSeq(t, faulty, "m1") >= 50 })
+	plain, _, _ := journal(t, faulty, e.rk, "m1")
+	// The app marker arrived with no record pending: it waits for the next
+	// record at the head of the open segment, so it is not in the journal.
+	want := a.sent[:len(a.sent)-markerFrameSize]
+	if !bytes.Equal(plain, want) {
+		t.Fatalf("journal after restart holds %d bytes, want the %d bytes acked before", len(plain), len(want))
+	}
+	eventually(t, 5*time.Second, "cache emptied", func() bool {
+		ids, _ := s2.cache.List("m1")
+		return len(ids) == 0
+	})
+	b := dialAgent(t, e, s2, "m1")
+	ack, _ = b.hello("m1", wire.DiskState{Name: "sda", Size: disk0.Size, Generation: gen, LastAckedSeq: 50})
+	if d := ack.Disks[0]; d.Action != wire.SyncResume || d.ResumeFrom != 51 {
+		t.Fatalf("after restart: %+v, want resume from 51", d)
+	}
+}
+
+// TestCorruptFrame: a frame with a flipped byte is refused with a clear
+// log line and an Error frame, the connection is closed, and nothing of
+// that frame is cached.
+func TestCorruptFrame(t *testing.T) {
+	store := mem.New()
+	e := newEnv(t, store, 2)
+	e.segAge = 50 * time.Millisecond
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	a.hello("m1", disk0)
+	a.waitAck(a.batch(1, 4))
+
+	var b wire.BatchBuilder
+	b.Add(wire.Record{Seq: 5, Op: wire.OpWrite, Offset: 0, Length: 512, Data: make([]byte, 512)})
+	p, _ := b.AppendBinary(nil)
+	f, _ := wire.AppendFrame(nil, wire.TypeBatch, 0, p)
+	f[wire.HeaderSize+100] ^= 0x10
+	if _, err := a.conn.Write(f); err != nil {
+		t.Fatal(err)
+	}
+	var got frame
+	for got = a.next(10 * time.Second); got.err == nil && got.typ != wire.TypeError; got = a.next(10 * time.Second) {
+	}
+	var we wire.Error
+	if got.err != nil || we.UnmarshalBinary(got.payload) != nil || we.Code != wire.CodeProtocol {
+		t.Fatalf("want a protocol Error frame, got %s %v", got.typ, got.err)
+	}
+	if got = a.next(10 * time.Second); got.err == nil {
+		t.Fatalf("connection still open after the error: %s", got.typ)
+	}
+	if !strings.Contains(e.logs.String(), "corrupt frame from agent m1: wire: corrupt frame: crc mismatch") ||
+		!strings.Contains(e.logs.String(), "dropped, closing connection") {
+		t.Errorf("log lacks the corrupt-frame error:\n%s", e.logs)
+	}
+	eventually(t, 10*time.Second, "upload", func() bool { return durableSeq(t, store, "m1") >= 4 })
+	time.Sleep(200 * time.Millisecond)
+	plain, _, man := journal(t, store, e.rk, "m1")
+	if !bytes.Equal(plain, a.sent) || man.DurableSeq != 4 {
+		t.Fatalf("journal %d bytes durable_seq %d, want only the good batch", len(plain), man.DurableSeq)
+	}
+	if ids, _ := s.cache.List("m1"); len(ids) != 0 {
+		t.Fatalf("cache holds %v", ids)
+	}
+}
+
+// TestRefusesWrongCertificate: certificates of the wrong role or from
+// another CA are refused at the handshake with a clear log line, and an
+// agent cannot speak for another machine.
+func TestRefusesWrongCertificate(t *testing.T) {
+	e := newEnv(t, mem.New(), 1)
+	s := e.start()
+
+	other := filepath.Join(t.TempDir(), "other")
+	if err := pki.Init(other); err != nil {
+		t.Fatal(err)
+	}
+	if err := pki.Issue(other, "m1", pki.RoleAgent); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ dir, name, want string }{
+		{e.pki, "ps2", `presented role \"process-server\"; expected role \"agent\"`},
+	} {
+		c, err := dialAs(t, tc.dir, tc.name, s.Addr())
+		if err == nil {
+			c.SetReadDeadline(time.Now().Add(5 * time.Second))
+			_, err = c.Read(make([]byte, 1))
+			c.Close()
+		}
+		if err == nil {
+			t.Fatalf("%s: connection accepted", tc.name)
+		}
+		eventually(t, 5*time.Second, "refusal logged", func() bool {
+			return strings.Contains(e.logs.String(), "refused connection") && strings.Contains(e.logs.String(), tc.want)
+		})
+	}
+	// Another CA: the client trusts anything; the server must refuse it.
+	c, err := tlsDialForeign(t, other, s.Addr())
+	if err == nil {
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, err = c.Read(make([]byte, 1))
+		c.Close()
+	}
+	if err == nil {
+		t.Fatal("certificate of another CA accepted")
+	}
+	eventually(t, 5*time.Second, "foreign CA refusal logged", func() bool {
+		return strings.Contains(e.logs.String(), "not by this deployment's CA")
+	})
+
+	a := dialAgent(t, e, s, "m2")
+	if err := a.w.WriteHello(&wire.Hello{ProtocolVersion: 1, Machine: "m1", Disks: []wire.DiskState{disk0}}); err != nil {
+		t.Fatal(err)
+	}
+	f := a.next(10 * time.Second)
+	var we wire.Error
+	if f.typ != wire.TypeError || we.UnmarshalBinary(f.payload) != nil || we.Code != wire.CodeUnknownAgent {
+		t.Fatalf("m2 speaking for m1: got %s %v", f.typ, f.err)
+	}
+}
+
+// TestCacheDirWiped: with uploads stalled, one of three cache directories
+// (2 data + 1 parity) is wiped while the server runs; every acked record
+// is still uploaded, and the next start reports and rebuilds the wiped
+// directory.
+func TestCacheDirWiped(t *testing.T) {
+	faulty := blobstoretest.NewFaulty(mem.New())
+	e := newEnv(t, faulty, 3)
+	e.segAge = 50 * time.Millisecond
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	a.hello("m1", disk0)
+	faulty.FailFor(time.Hour)
+	for i := range 4 {
+		a.waitAck(a.batch(uint64(1+8*i), 8))
+	}
+	if err := os.RemoveAll(e.cache[1]); err != nil {
+		t.Fatal(err)
+	}
+	for i := 4; i < 6; i++ {
+		a.waitAck(a.batch(uint64(1+8*i), 8))
+	}
+	faulty.FailFor(0)
+	eventually(t, 20*time.Second, "upload after the wipe", func() bool { return durableSeq(t, faulty, "m1") >= 48 })
+	plain, _, _ := journal(t, faulty, e.rk, "m1")
+	if !bytes.Equal(plain, a.sent) {
+		t.Fatalf("journal holds %d bytes, want %d", len(plain), len(a.sent))
+	}
+	s.Close()
+	e.start()
+	eventually(t, 5*time.Second, "wiped directory reported", func() bool {
+		return strings.Contains(e.logs.String(), "wiped or replaced")
+	})
+}
+
+// TestBackpressure: a machine over its upload backlog bound is paused with
+// Backpressure{0} and resumed with the window once uploads drain; it is
+// acked all along.
+func TestBackpressure(t *testing.T) {
+	faulty := blobstoretest.NewFaulty(mem.New())
+	e := newEnv(t, faulty, 1)
+	e.segAge = 20 * time.Millisecond
+	e.backlog = 100 << 10
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	a.hello("m1", disk0)
+	faulty.FailFor(time.Hour)
+	windows := func(timeout time.Duration, want uint64) {
+		t.Helper()
+		deadline := time.Now().Add(timeout)
+		for {
+			f := a.next(time.Until(deadline))
+			if f.err != nil {
+				t.Fatal(f.err)
+			}
+			var bp wire.Backpressure
+			if f.typ == wire.TypeBackpressure && bp.UnmarshalBinary(f.payload) == nil && bp.Window == want {
+				return
+			}
+		}
+	}
+	a.batch(1, 40) // 160 KiB
+	windows(10*time.Second, 0)
+	faulty.FailFor(0)
+	windows(20*time.Second, DefaultWindow)
+	_ = s
+}
+
+// fakeApplier records notifications.
+type fakeApplier struct {
+	mu   sync.Mutex
+	upTo map[string]uint64
+}
+
+func (f *fakeApplier) Notify(machine string, seq uint64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.upTo[machine] = max(f.upTo[machine], seq)
+}
+
+func (f *fakeApplier) CompareSums(ctx context.Context, machine string, upTo uint64, s *wire.Sums) (wire.SumsReply, error) {
+	return wire.SumsReply{Differs: make([]bool, len(s.Sums))}, nil
+}
+
+// TestApplierHook: segments stay in the cache until the applier reports
+// them applied; applied_seq reaches the manifest.
+func TestApplierHook(t *testing.T) {
+	store := mem.New()
+	e := newEnv(t, store, 1)
+	e.segAge = 20 * time.Millisecond
+	fa := &fakeApplier{upTo: map[string]uint64{}}
+	e.applier = func(*Server) (Applier, error) { return fa, nil }
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	a.hello("m1", disk0)
+	a.waitAck(a.batch(1, 5))
+	a.waitAck(a.batch(6, 5))
+	eventually(t, 10*time.Second, "notify", func() bool {
+		fa.mu.Lock()
+		defer fa.mu.Unlock()
+		return fa.upTo["m1"] == 10
+	})
+	if ids, _ := s.cache.List("m1"); len(ids) != 2 {
+		t.Fatalf("cache holds %v before apply, want 2 segments", ids)
+	}
+	s.Applied("m1", 5)
+	eventually(t, 5*time.Second, "first segment dropped", func() bool {
+		ids, _ := s.cache.List("m1")
+		return len(ids) == 1
+	})
+	s.Applied("m1", 10)
+	eventually(t, 5*time.Second, "applied_seq in the manifest", func() bool {
+		_, _, man := journal(t, store, e.rk, "m1")
+		ids, _ := s.cache.List("m1")
+		return man.AppliedSeq == 10 && len(ids) == 0
+	})
+}
+
+// TestDiskIndicesFollowManifest: records name disks by their index in the
+// Hello; the journal names them by their index in the (append-only)
+// manifest, so an agent listing its disks in another order, or a new disk,
+// does not misdirect records.
+func TestDiskIndicesFollowManifest(t *testing.T) {
+	store := mem.New()
+	e := newEnv(t, store, 1)
+	e.segAge = 20 * time.Millisecond
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	a.hello("m1", wire.DiskState{Name: "sda", Size: 1 << 20})
+	a.waitAck(a.batch(1, 1))
+
+	b := dialAgent(t, e, s, "m1")
+	b.hello("m1", wire.DiskState{Name: "sdb", Size: 1 << 20}, wire.DiskState{Name: "sda", Size: 1 << 20})
+	var bb wire.BatchBuilder
+	bb.Add(wire.Record{Seq: 2, Disk: 0, Op: wire.OpZero, Offset: 0, Length: 512})                           // sdb
+	bb.Add(wire.Record{Seq: 3, Disk: 1, Op: wire.OpWrite, Offset: 0, Length: 512, Data: make([]byte, 512)}) // sda
+	p, _ := bb.AppendBinary(nil)
+	b.sendFrame(wire.TypeBatch, p)
+	b.waitAck(3)
+	eventually(t, 10*time.Second, "upload", func() bool { return durableSeq(t, store, "m1") >= 3 })
+	plain, _, man := journal(t, store, e.rk, "m1")
+	if len(man.Disks) != 2 || man.Disks[0].Name != "sda" || man.Disks[1].Name != "sdb" {
+		t.Fatalf("manifest disks %+v, want sda then sdb", man.Disks)
+	}
+	r := wire.NewReader(bytes.NewReader(plain), 0)
+	var disks []uint16
+	for f, err := r.Next(); err == nil; f, err = r.Next() {
+		bt, _ := wire.DecodeBatch(f.Payload)
+		for it := bt.Records(); it.Next(); {
+			disks = append(disks, it.Record().Disk)
+		}
+	}
+	if fmt.Sprint(disks) != "[0 1 0]" {
+		t.Fatalf("journal disk indices %v, want [0 1 0] (sda, sdb, sda)", disks)
+	}
+}

@@ -1,0 +1,572 @@
+package processserver
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/wire"
+	"github.com/lifeboat-dr/lifeboat/processserver/cache"
+)
+
+const (
+	protocolVersion = 1
+	helloTimeout    = 30 * time.Second // first frame after the handshake
+	helloWork       = time.Minute      // reading the manifest to answer it
+	idleTimeout     = time.Minute      // agents send a time marker every second
+	writeTimeout    = 30 * time.Second
+	flushDepth      = 2 // cut segments queued for Put per session
+)
+
+// flushItem is a cut segment or a marker note, in stream order.
+type flushItem struct {
+	seg  *segBuf
+	note *wire.Marker
+}
+
+// session serves one agent connection.
+type session struct {
+	s     *Server
+	conn  *tls.Conn
+	agent string // certificate name = machine name
+	log   *slog.Logger
+	m     *machine
+	r     *wire.Reader
+	w     *wire.Writer
+	done  chan struct{}
+
+	closeOnce sync.Once
+	errMu     sync.Mutex
+	err       error // why the session ended, if not the agent's doing
+
+	wmu        sync.Mutex // one writer at a time, so the write deadline is ours
+	bpMu       sync.Mutex
+	window     uint64 // last window sent
+	sentWindow bool
+
+	mu       sync.Mutex // guards buf, closed and sends on flushq
+	buf      *segBuf
+	closed   bool
+	flushq   chan flushItem
+	accepted uint64   // highest record seq accepted (read loop only)
+	diskMap  []uint16 // Hello disk index → manifest disk index
+	remap    bool     // diskMap is not the identity
+
+	sumsq chan sumsReq
+}
+
+type sumsReq struct {
+	upTo uint64
+	sums wire.Sums
+}
+
+func (s *Server) serveConn(ctx context.Context, raw net.Conn) {
+	defer s.conns.Done()
+	remote := raw.RemoteAddr().String()
+	conn := tls.Server(raw, s.tlsConf)
+	hctx, cancel := context.WithTimeout(ctx, helloTimeout)
+	err := conn.HandshakeContext(hctx)
+	cancel()
+	if err != nil {
+		s.log.Warn("refused connection: TLS handshake failed (wrong certificate role or CA?)", logRemote, remote, logErr, err)
+		conn.Close()
+		return
+	}
+	st := &session{
+		s:     s,
+		conn:  conn,
+		log:   s.log.With(logRemote, remote),
+		done:  make(chan struct{}),
+		r:     wire.NewReader(conn, 0),
+		w:     wire.NewWriter(conn),
+		sumsq: make(chan sumsReq, 16),
+	}
+	defer close(st.done)
+	defer st.close()
+	name, _, err := peerIdentity(conn)
+	if err != nil {
+		st.log.Warn("refused connection", logErr, err)
+		return
+	}
+	st.agent = name
+	st.log = st.log.With(logAgent, name)
+	st.run(ctx)
+}
+
+// run reads the hello, takes over the machine and streams until the
+// connection ends.
+func (st *session) run(ctx context.Context) {
+	st.conn.SetReadDeadline(time.Now().Add(helloTimeout))
+	f, err := st.r.Next()
+	if err != nil {
+		st.readFailed(err)
+		return
+	}
+	if f.Type != wire.TypeHello {
+		st.protocolError(fmt.Sprintf("expected hello, got %s frame", f.Type))
+		return
+	}
+	var h wire.Hello
+	if err := h.UnmarshalBinary(f.Payload); err != nil {
+		st.protocolError(fmt.Sprintf("bad hello: %v", err))
+		return
+	}
+	if h.ProtocolVersion != protocolVersion {
+		st.sendError(wire.CodeVersion, fmt.Sprintf("protocol version %d not supported; this process server speaks %d", h.ProtocolVersion, protocolVersion))
+		st.log.Warn("refused agent: unsupported protocol version", logVersion, h.ProtocolVersion)
+		return
+	}
+	if err := st.checkHello(&h); err != nil {
+		st.sendError(wire.CodeUnknownAgent, err.Error())
+		st.log.Warn("refused agent", logErr, err)
+		return
+	}
+
+	m := st.s.machine(h.Machine)
+	st.m = m
+	st.log = st.log.With(logMachine, m.name)
+	m.takeover.Lock()
+	if old := m.current(); old != nil {
+		st.log.Info("agent reconnected; closing its previous connection")
+		old.abort(errReplaced)
+		<-old.done
+	}
+	m.mu.Lock()
+	m.sess = st
+	m.mu.Unlock()
+	m.takeover.Unlock()
+	defer func() {
+		m.mu.Lock()
+		if m.sess == st {
+			m.sess = nil
+		}
+		m.mu.Unlock()
+	}()
+
+	actx, cancel := context.WithTimeout(ctx, helloWork)
+	ack, durable, diskMap, err := m.agree(actx, &h)
+	cancel()
+	if err != nil {
+		st.log.Error("cannot answer hello", logErr, err)
+		st.sendError(wire.CodeInternal, "process server cannot read this machine's state from the storage account; retry later")
+		return
+	}
+	st.accepted = durable
+	st.diskMap = diskMap
+	for i, j := range diskMap {
+		if int(j) != i {
+			st.remap = true
+		}
+	}
+	for _, d := range ack.Disks {
+		st.log.Info("agent connected", logDisk, d.Name, logAction, d.Action.String(), logGeneration, d.Generation.String(), logResumeFrom, d.ResumeFrom)
+	}
+	if err := st.send(func(w *wire.Writer) error { return w.WriteHelloAck(ack) }); err != nil {
+		st.log.Warn("send hello-ack", logErr, err)
+		return
+	}
+	st.updateBackpressure()
+
+	st.buf = st.s.getBuf()
+	st.flushq = make(chan flushItem, flushDepth)
+	var wg sync.WaitGroup
+	wg.Go(st.flusher)
+	tctx, stopTimer := context.WithCancel(ctx)
+	wg.Go(func() { st.timer(tctx) })
+	if st.s.applier != nil {
+		wg.Go(func() { st.sumsWorker(tctx) })
+	}
+	clean := st.readLoop()
+
+	st.mu.Lock()
+	if clean && st.buf.hasRecords() {
+		st.cutLocked()
+	}
+	st.closed = true
+	close(st.flushq)
+	st.mu.Unlock()
+	stopTimer()
+	close(st.sumsq)
+	wg.Wait()
+	if st.buf != nil {
+		st.s.putBuf(st.buf)
+		st.buf = nil
+	}
+}
+
+func (st *session) checkHello(h *wire.Hello) error {
+	if h.Machine != st.agent {
+		return fmt.Errorf("certificate %q cannot send data for machine %q: the agent's --name must match its certificate", st.agent, h.Machine)
+	}
+	if err := layout.CheckName("machine name", h.Machine); err != nil {
+		return err
+	}
+	seen := make(map[string]bool, len(h.Disks))
+	for _, d := range h.Disks {
+		if err := layout.CheckName("disk name", d.Name); err != nil {
+			return err
+		}
+		if seen[d.Name] {
+			return fmt.Errorf("disk %q listed twice", d.Name)
+		}
+		seen[d.Name] = true
+	}
+	return nil
+}
+
+// readLoop consumes frames until the connection ends. It reports whether
+// the agent closed it cleanly (between frames).
+func (st *session) readLoop() bool {
+	var filtered []byte
+	for {
+		st.conn.SetReadDeadline(time.Now().Add(idleTimeout))
+		f, err := st.r.Next()
+		if err != nil {
+			if err == io.EOF {
+				st.log.Info("agent disconnected")
+				return true
+			}
+			st.readFailed(err)
+			return false
+		}
+		st.s.metrics.receivedBytes.Add(float64(wire.HeaderSize + len(f.Payload)))
+		switch f.Type {
+		case wire.TypeBatch:
+			b, err := wire.DecodeBatch(f.Payload)
+			if err != nil {
+				st.corrupt(err)
+				return false
+			}
+			first, last, cut := b.FirstSeq, b.FirstSeq, false
+			for it := b.Records(); it.Next(); {
+				r := it.Record()
+				last = r.Seq
+				switch {
+				case r.Op == wire.OpMarker:
+					cut = cut || wire.MarkerKind(r.Flags) != wire.MarkerTime
+				case int(r.Disk) >= len(st.diskMap):
+					st.corrupt(fmt.Errorf("record %d names disk %d, but the hello listed %d disks", r.Seq, r.Disk, len(st.diskMap)))
+					return false
+				}
+			}
+			if last <= st.accepted {
+				continue // a resent duplicate: already durable
+			}
+			payload := f.Payload
+			if first <= st.accepted {
+				if filtered, first, err = filterBatch(filtered[:0], b, st.accepted); err != nil {
+					st.corrupt(err)
+					return false
+				}
+				payload = filtered
+			}
+			if st.remap {
+				remapDisks(payload, st.diskMap)
+			}
+			st.accepted = last
+			st.mu.Lock()
+			st.buf.appendBatch(f.Flags, payload, first, last, time.Now())
+			if cut || len(st.buf.data) >= st.s.cfg.SegmentBytes {
+				st.cutLocked()
+			}
+			st.mu.Unlock()
+		case wire.TypeMarker:
+			var mk wire.Marker
+			if err := mk.UnmarshalBinary(f.Payload); err != nil {
+				st.corrupt(err)
+				return false
+			}
+			if mk.Seq < st.accepted {
+				continue // stale: records after it are already here
+			}
+			st.mu.Lock()
+			st.buf.appendMarker(f.Flags, f.Payload, mk)
+			if st.buf.hasRecords() {
+				if mk.Kind != wire.MarkerTime {
+					st.cutLocked()
+				}
+			} else if st.buf.hasNote {
+				st.buf.hasNote = false
+				st.flushq <- flushItem{note: &mk}
+			}
+			st.mu.Unlock()
+		case wire.TypeSums:
+			var sr sumsReq
+			if err := sr.sums.UnmarshalBinary(f.Payload); err != nil {
+				st.corrupt(err)
+				return false
+			}
+			if !st.handleSums(&sr) {
+				return false
+			}
+		case wire.TypeError:
+			var e wire.Error
+			if err := e.UnmarshalBinary(f.Payload); err != nil {
+				st.log.Warn("agent sent a malformed error frame; closing", logErr, err)
+			} else {
+				st.log.Warn("agent reported an error; closing", logErr, e)
+			}
+			return false
+		default:
+			st.protocolError(fmt.Sprintf("unexpected %s frame from an agent", f.Type))
+			return false
+		}
+	}
+}
+
+// remapDisks rewrites, in place, the disk index of every record of a
+// validated batch payload from Hello order to manifest order.
+func remapDisks(p []byte, diskMap []uint16) {
+	const batchHeader = 12
+	n := int(binary.LittleEndian.Uint32(p[8:]))
+	off := batchHeader
+	for range n {
+		h := p[off : off+wire.RecordHeaderSize]
+		op := wire.Op(h[10])
+		if op != wire.OpMarker {
+			binary.LittleEndian.PutUint16(h[8:], diskMap[binary.LittleEndian.Uint16(h[8:])])
+		}
+		off += wire.RecordHeaderSize
+		if op == wire.OpWrite {
+			off += int(binary.LittleEndian.Uint32(h[20:]))
+		}
+	}
+}
+
+// filterBatch re-encodes the records of b with seq > after.
+func filterBatch(dst []byte, b wire.Batch, after uint64) ([]byte, uint64, error) {
+	var bb wire.BatchBuilder
+	first := uint64(0)
+	for it := b.Records(); it.Next(); {
+		r := it.Record()
+		if r.Seq <= after {
+			continue
+		}
+		if first == 0 {
+			first = r.Seq
+		}
+		if err := bb.Add(*r); err != nil {
+			return dst, 0, err
+		}
+	}
+	out, err := bb.AppendBinary(dst)
+	return out, first, err
+}
+
+// handleSums answers a checksum-resync request. The open segment is cut so
+// that the applier can bring the replica up to everything received.
+func (st *session) handleSums(sr *sumsReq) bool {
+	if st.s.applier == nil {
+		// Without an applier there is no replica to compare with:
+		// "everything differs" makes the agent send every chunk, which
+		// is always correct.
+		reply := wire.SumsReply{ID: sr.sums.ID, Differs: make([]bool, len(sr.sums.Sums))}
+		for i := range reply.Differs {
+			reply.Differs[i] = true
+		}
+		return st.send(func(w *wire.Writer) error { return w.WriteSumsReply(&reply) }) == nil
+	}
+	sr.upTo = st.accepted
+	st.mu.Lock()
+	if st.buf.hasRecords() {
+		st.cutLocked()
+	}
+	st.mu.Unlock()
+	st.sumsq <- *sr
+	return true
+}
+
+func (st *session) sumsWorker(ctx context.Context) {
+	for sr := range st.sumsq {
+		if ctx.Err() != nil {
+			continue
+		}
+		if err := st.m.waitUploaded(ctx, sr.upTo); err != nil {
+			continue
+		}
+		reply, err := st.s.applier.CompareSums(ctx, st.m.name, sr.upTo, &sr.sums)
+		if err != nil {
+			if ctx.Err() == nil {
+				st.log.Error("checksum comparison failed", logDisk, sr.sums.Disk, logErr, err)
+				st.abortWith(wire.CodeInternal, "checksum comparison failed: "+err.Error(), err)
+			}
+			continue
+		}
+		reply.ID = sr.sums.ID
+		if err := st.send(func(w *wire.Writer) error { return w.WriteSumsReply(&reply) }); err != nil {
+			continue
+		}
+	}
+}
+
+// cutLocked hands the open segment to the flusher. st.mu must be held.
+func (st *session) cutLocked() {
+	if st.closed || !st.buf.hasRecords() {
+		return
+	}
+	st.flushq <- flushItem{seg: st.buf}
+	st.buf = st.s.getBuf()
+}
+
+// timer cuts the open segment once its first record is SegmentAge old.
+func (st *session) timer(ctx context.Context) {
+	tick := time.NewTicker(max(st.s.cfg.SegmentAge/4, 5*time.Millisecond))
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-tick.C:
+			st.mu.Lock()
+			if !st.closed && st.buf.hasRecords() && now.Sub(st.buf.started) >= st.s.cfg.SegmentAge {
+				st.cutLocked()
+			}
+			st.mu.Unlock()
+		}
+	}
+}
+
+// flusher makes cut segments durable, in order, and acknowledges them.
+// Nothing is acknowledged before cache.Put returned, and after a failed
+// Put nothing more is, so an ack never covers a gap.
+func (st *session) flusher() {
+	var lastAck uint64
+	failed := false
+	for it := range st.flushq {
+		if it.note != nil {
+			if !failed {
+				st.m.noteMarker(*it.note)
+			}
+			continue
+		}
+		b := it.seg
+		if !failed {
+			id := cache.SegmentID{Stream: st.m.name, Seq: b.meta.first}
+			if err := st.s.cache.Put(id, b.data); err != nil {
+				failed = true
+				st.log.Error("cache write failed; closing the connection, the agent will resend", logSegment, id.String(), logErr, err)
+				st.abortWith(wire.CodeInternal, "process server cache write failed; reconnect and resend", err)
+			} else {
+				st.m.segmentDurable(id, int64(len(b.data)), b.meta.last)
+				if b.meta.last > lastAck {
+					lastAck = b.meta.last
+					if err := st.send(func(w *wire.Writer) error { return w.WriteAck(lastAck) }); err != nil {
+						failed = true
+					}
+				}
+				st.updateBackpressure()
+			}
+		}
+		st.s.putBuf(b)
+	}
+}
+
+// updateBackpressure sends the window the server can take now, if it
+// changed: 0 while the cache is nearly full or the machine's upload
+// backlog is over its bound.
+func (st *session) updateBackpressure() {
+	want := st.s.cfg.Window
+	st.bpMu.Lock()
+	defer st.bpMu.Unlock()
+	paused := st.sentWindow && st.window == 0
+	if st.s.cachePaused.Load() {
+		want = 0
+	} else if lim := st.s.cfg.MaxBacklogBytes; lim > 0 && st.m != nil {
+		b := st.m.backlogBytes()
+		if b > lim || (paused && b > lim*3/4) {
+			want = 0
+		}
+	}
+	if st.sentWindow && want == st.window {
+		return
+	}
+	if err := st.send(func(w *wire.Writer) error { return w.WriteBackpressure(want) }); err != nil {
+		return
+	}
+	if want == 0 {
+		st.log.Warn("pausing agent (backpressure): cache nearly full or upload backlog too large")
+	} else if paused {
+		st.log.Info("resuming agent")
+	}
+	st.window = want
+	st.sentWindow = true
+}
+
+// send writes one frame with a deadline; a failure ends the session.
+func (st *session) send(write func(*wire.Writer) error) error {
+	st.wmu.Lock()
+	defer st.wmu.Unlock()
+	st.conn.SetWriteDeadline(time.Now().Add(writeTimeout))
+	err := write(st.w)
+	if err != nil {
+		st.close()
+	}
+	return err
+}
+
+func (st *session) sendError(code wire.ErrorCode, msg string) {
+	_ = st.send(func(w *wire.Writer) error { return w.WriteError(wire.Error{Code: code, Message: msg}) })
+}
+
+// corrupt handles a frame that failed validation: nothing of it is kept.
+func (st *session) corrupt(err error) {
+	st.log.Error(fmt.Sprintf("corrupt frame from agent %s: %v: dropped, closing connection", st.agent, err))
+	st.sendError(wire.CodeProtocol, "corrupt frame dropped: "+err.Error()+"; reconnect and resend from the last ack")
+}
+
+func (st *session) protocolError(msg string) {
+	st.log.Error("protocol error from agent; closing connection", logErr, msg)
+	st.sendError(wire.CodeProtocol, msg)
+}
+
+// readFailed reports a read error: corrupt stream, or a closed/timed-out
+// connection.
+func (st *session) readFailed(err error) {
+	switch {
+	case errors.Is(err, wire.ErrChecksum), errors.Is(err, wire.ErrBadMagic), errors.Is(err, wire.ErrVersion),
+		errors.Is(err, wire.ErrTooLarge), errors.Is(err, wire.ErrMalformed):
+		st.corrupt(err)
+	case st.cause() != nil:
+		st.log.Info("connection closed", logErr, st.cause())
+	default:
+		st.log.Warn("connection lost", logErr, err)
+	}
+}
+
+func (st *session) cause() error {
+	st.errMu.Lock()
+	defer st.errMu.Unlock()
+	return st.err
+}
+
+// abort ends the session from another goroutine.
+func (st *session) abort(err error) {
+	st.errMu.Lock()
+	if st.err == nil {
+		st.err = err
+	}
+	st.errMu.Unlock()
+	st.close()
+}
+
+func (st *session) abortWith(code wire.ErrorCode, msg string, err error) {
+	st.errMu.Lock()
+	if st.err == nil {
+		st.err = err
+	}
+	st.errMu.Unlock()
+	st.sendError(code, msg)
+	st.close()
+}
+
+func (st *session) close() {
+	st.closeOnce.Do(func() { st.conn.Close() })
+}
