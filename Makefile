@@ -42,7 +42,7 @@ endef
 # test's prerequisites must run in order.
 .NOTPARALLEL:
 
-.PHONY: help build test tools bpffs demo generate check-generated bench fmt fmt-check vet fuzz clean
+.PHONY: help build test tools bpffs demo demo-mirror generate check-generated bench fmt fmt-check vet fuzz clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -65,7 +65,10 @@ bpffs: ## mount the BPF filesystem at /sys/fs/bpf if it is not mounted (root)
 		else echo "bpffs is not mounted at /sys/fs/bpf (mount it as root)" >&2; fi; \
 	fi
 
-demo: ## mirror a loop device with the capture agent under a live ext4 workload and verify the copy (root)
+demo: ## replicate a live ext4 loop device to Azurite through a process server, then recover two points and verify them (root)
+	scripts/demo-replication.sh
+
+demo-mirror: ## mirror a loop device with the capture agent alone under a live ext4 workload and verify the copy (root)
 	scripts/demo.sh
 
 generate: ## regenerate the eBPF objects and Go bindings (installs clang and llvm if missing)

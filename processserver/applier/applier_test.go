@@ -390,26 +390,28 @@ func testRetention(t *testing.T, store blobstore.Store) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(points) != 2 || points[0].Seq != apps[2].Seq || points[1].Seq != apps[3].Seq {
-		t.Fatalf("after retention: points %+v, want the app points at seq %d and %d", points, apps[2].Seq, apps[3].Seq)
+	// -30 h goes; -26 h stays as the base of the window's first hours.
+	if len(points) != 3 || points[0].Seq != apps[1].Seq || points[1].Seq != apps[2].Seq || points[2].Seq != apps[3].Seq {
+		t.Fatalf("after retention: points %+v, want the app points at seq %d, %d and %d", points, apps[1].Seq, apps[2].Seq, apps[3].Seq)
 	}
 	segs, err := recovery.ListSegments(ctx, store, m.Name)
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, s := range segs {
-		if s.Last <= apps[2].Seq {
-			t.Fatalf("segment %s (last %d) kept though the oldest point is at %d", s.Name, s.Last, apps[2].Seq)
+		if s.Last <= apps[1].Seq {
+			t.Fatalf("segment %s (last %d) kept though the oldest point is at %d", s.Name, s.Last, apps[1].Seq)
 		}
 	}
-	if len(segs) != 2 {
-		t.Fatalf("%d segments kept, want 2", len(segs))
+	if len(segs) != 3 {
+		t.Fatalf("%d segments kept, want 3", len(segs))
 	}
-	// Kept points and anything after the oldest still recover; before it not.
+	// Kept points and anything after the oldest still recover (a time
+	// 10 h ago included); before it not.
 	recoverAndCheck(t, m, 1, fmt.Sprint(apps[2].Seq), apps[2].Seq)
-	recoverAndCheck(t, m, 0, fmt.Sprint(apps[2].Seq+3), apps[2].Seq+3)
+	recoverAndCheck(t, m, 0, fmt.Sprint(apps[1].Seq+3), apps[1].Seq+3)
 	recoverAndCheck(t, m, 0, "latest", m.Durable)
-	_, err = recovery.Recover(ctx, store, recovery.Request{Machine: m.Name, Disk: "d0", Point: fmt.Sprint(apps[1].Seq), RecoveryKey: m.RecoveryKey}, discard{})
+	_, err = recovery.Recover(ctx, store, recovery.Request{Machine: m.Name, Disk: "d0", Point: fmt.Sprint(apps[0].Seq), RecoveryKey: m.RecoveryKey}, discard{})
 	if !errors.Is(err, recovery.ErrOutOfRange) {
 		t.Fatalf("recover a pruned point: %v", err)
 	}

@@ -27,7 +27,8 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 		return nil
 	}
 	cutoff := now.Add(-a.cfg.Retention)
-	var keepFrom uint64 // oldest sequence every disk has a snapshot at or before
+	var keepFrom uint64    // oldest sequence every disk has a snapshot at or before
+	var keptTime time.Time // time of that snapshot, the newest of the disks' oldest
 	for i, d := range m.disks {
 		snaps, err := a.cfg.Store.ListSnapshots(ctx, d.blob)
 		if err != nil {
@@ -51,11 +52,20 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 				newest = len(valid) - 1
 			}
 		}
+		// The newest point older than the cutoff stays: it is the base
+		// from which the times just inside the window are recovered.
+		base := -1
+		for j, s := range valid {
+			if s.t.Before(cutoff) && (base < 0 || s.seq > valid[base].seq) {
+				base = j
+			}
+		}
 		oldestKept := uint64(0)
+		var oldestKeptTime time.Time
 		kept := false
 		deleted := 0
 		for j, s := range valid {
-			if j != newest && s.t.Before(cutoff) {
+			if j != newest && j != base && s.t.Before(cutoff) {
 				if err := a.cfg.Store.DeleteSnapshot(ctx, d.blob, s.id); err != nil {
 					return fmt.Errorf("delete recovery point at seq %d of %s: %w", s.seq, d.blob, err)
 				}
@@ -63,7 +73,7 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 				continue
 			}
 			if !kept || s.seq < oldestKept {
-				oldestKept, kept = s.seq, true
+				oldestKept, oldestKeptTime, kept = s.seq, s.t, true
 			}
 		}
 		if deleted > 0 {
@@ -77,8 +87,17 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 		if i == 0 || oldestKept < keepFrom {
 			keepFrom = oldestKept
 		}
+		if oldestKeptTime.After(keptTime) {
+			keptTime = oldestKeptTime
+		}
 	}
 	keepFrom = min(keepFrom, m.applied())
+	// The journal before the oldest point is the only way to recover a
+	// time between the window's start and that point (replayed from an
+	// empty disk): keep it until the point itself has left the window.
+	if !keptTime.Before(cutoff) {
+		keepFrom = 0
+	}
 	if keepFrom > 0 {
 		segs, err := recovery.ListSegments(ctx, a.cfg.Store, m.name)
 		if err != nil {
