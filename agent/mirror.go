@@ -105,13 +105,29 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	default:
 		sync = SyncResume
 	}
-	if st, err := f.Stat(); err == nil && st.Size() != size {
-		if err := f.Truncate(size); err != nil {
-			return fmt.Errorf("size mirror file: %w", err)
+	fi, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("mirror file: %w", err)
+	}
+	switch {
+	case fi.Mode().IsRegular():
+		if fi.Size() != size {
+			if err := f.Truncate(size); err != nil {
+				return fmt.Errorf("size mirror file: %w", err)
+			}
+			if sync == SyncResume {
+				sync = SyncFull
+			}
 		}
-		if sync == SyncResume {
-			sync = SyncFull
+	case fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice != 0:
+		// /dev/null: capture without keeping a copy (benchmarks).
+		sync = SyncFull
+	case fi.Mode()&os.ModeDevice != 0:
+		if tsize, err := f.Seek(0, io.SeekEnd); err != nil || tsize < size {
+			return fmt.Errorf("mirror device %s: %d bytes, smaller than %s (%d bytes)", cfg.To, tsize, cfg.Device, size)
 		}
+	default:
+		return fmt.Errorf("mirror file %s: not a regular file or a device", cfg.To)
 	}
 	// From here on a crash is an unclean stop.
 	st := mirrorState{Version: stateVersion, Device: cfg.Device, Identity: identity, Target: abs, TargetID: targetID}
@@ -124,7 +140,7 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 		return err
 	}
 	defer markers.Close()
-	target := &fileTarget{f: f, markers: markers}
+	target := &fileTarget{f: f, markers: markers, null: fi.Mode()&os.ModeCharDevice != 0}
 	e, err := New(Options{
 		Sources:       []Source{{Name: filepath.Base(cfg.Device), Path: cfg.Device, Mode: cfg.Mode, Sync: sync}},
 		RingBytes:     cfg.RingBytes,
@@ -262,6 +278,7 @@ func fileIdentity(f *os.File) (string, error) {
 type fileTarget struct {
 	f       *os.File
 	markers *os.File
+	null    bool // a character device (/dev/null): nothing to zero or sync
 }
 
 func (t *fileTarget) WriteAt(_ int, p []byte, off int64) error {
@@ -272,6 +289,9 @@ func (t *fileTarget) WriteAt(_ int, p []byte, off int64) error {
 }
 
 func (t *fileTarget) Zero(_ int, off, n int64) error {
+	if t.null {
+		return nil
+	}
 	err := unix.Fallocate(int(t.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
 	if err == nil {
 		return nil
@@ -302,6 +322,9 @@ func (t *fileTarget) Marker(m Marker) error {
 }
 
 func (t *fileTarget) Sync() error {
+	if t.null {
+		return t.markers.Sync()
+	}
 	if err := t.f.Sync(); err != nil {
 		return fmt.Errorf("sync mirror: %w", err)
 	}

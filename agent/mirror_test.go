@@ -423,3 +423,20 @@ func TestMirrorMarkers(t *testing.T) {
 	}
 	assertSameBytes(t, d.Path, mirror)
 }
+
+// /dev/null as the mirror: capture runs (benchmarks measure it alone) and
+// nothing tries to size, punch or fsync the character device.
+func TestMirrorToDevNull(t *testing.T) {
+	testenv.RequireRoot(t)
+	d := loopdev.New(t, 32<<20, loopdev.Options{})
+	r := startMirror(t, d.Path, "/dev/null", runOpts{})
+	run(t, "dd", "if=/dev/urandom", "of="+d.Path, "bs=64k", "count=32", "oflag=direct", "status=none")
+	run(t, "blkdiscard", "-o", "0", "-l", "1048576", d.Path)
+	s := r.stop()
+	if s.AppliedBytes < 2<<20 {
+		t.Fatalf("captured %d payload bytes, dd wrote 2 MiB", s.AppliedBytes)
+	}
+	if fi, err := os.Stat("/dev/null"); err != nil || fi.Mode()&os.ModeCharDevice == 0 {
+		t.Fatalf("/dev/null is no longer a character device: %v %v", fi, err)
+	}
+}

@@ -83,6 +83,9 @@ type CaptureConfig struct {
 	// RingMiB is passed as --ring-mib to the agent; 0 leaves the agent's
 	// default.
 	RingMiB int
+	// NullTarget makes the agent mirror into /dev/null: the cost of
+	// capture alone, without keeping a copy.
+	NullTarget bool
 	// Fio is the fio binary. Default: "fio" from PATH.
 	Fio string
 	// ReadyTimeout bounds the wait for the agent's READY=1. Default: 60 s.
@@ -322,7 +325,7 @@ func runSample(ctx context.Context, cfg CaptureConfig, round int, wl Workload, v
 		agent, err = startAgent(ctx, agentSpec{
 			Exe:          cfg.AgentExe,
 			Device:       dev,
-			MirrorPath:   filepath.Join(dir, "mirror.img"),
+			MirrorPath:   mirrorPath(cfg, dir),
 			Mode:         v,
 			RingMiB:      cfg.RingMiB,
 			StateDir:     stateDir,
@@ -401,4 +404,11 @@ func kernelRelease() string {
 		return ""
 	}
 	return strings.TrimSpace(string(b))
+}
+
+func mirrorPath(cfg CaptureConfig, dir string) string {
+	if cfg.NullTarget {
+		return "/dev/null"
+	}
+	return filepath.Join(dir, "mirror.img")
 }
