@@ -1,6 +1,7 @@
 package main
 
 import (
+	"io"
 	"os"
 	"time"
 
@@ -56,5 +57,97 @@ func benchCmd(verbose *bool) *cobra.Command {
 	f.StringVar(&cfg.Dir, "dir", "/var/tmp", "where the loop device's file and the mirror go")
 	f.StringVar(&jsonOut, "json", "", "also write the report as JSON to this file (- for stdout)")
 	cmd.AddCommand(capture)
+	cmd.AddCommand(pipelineBenchCmd(verbose))
 	return cmd
+}
+
+func pipelineBenchCmd(verbose *bool) *cobra.Command {
+	var (
+		cfg         perf.PipelineConfig
+		rates       []float64
+		search      bool
+		blockSizes  []string
+		deviceMiB   int64
+		ceilingMB   int64
+		jsonOut     string
+		azuriteMem  bool
+		compressPct int
+	)
+	cmd := &cobra.Command{
+		Use:   "pipeline",
+		Short: "Churn through agent → process server → Azurite: RPO, apply lag, CPU/GB, sustained churn vs raw Put Page",
+		Long: `Starts Azurite, measures its ceiling (raw 4 MiB Put Page with 1 and 4
+clients), then protects a loop device (in --dir) with "lifeboat agent"
+streaming to a "lifeboat process-server" (both subprocesses of this binary)
+and runs fio random writes at fixed rates: 20 MB/s (ASR's per-disk limit),
+half the ceiling (or the --rate values), then searches for the highest churn
+the pipeline sustains. Per level it reports RPO and apply lag (from the
+manifest, every 250 ms), process server CPU per GB, the compression ratio and
+throughput as a ratio to the ceiling, next to the goals. Needs root, fio and
+Node.js; takes several minutes with the defaults.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			bs, err := perf.ParseBlockSizes(blockSizes)
+			if err != nil {
+				return err
+			}
+			cfg.BlockSizes = bs
+			cfg.Rates = nil
+			for _, r := range rates {
+				cfg.Rates = append(cfg.Rates, r*1e6)
+			}
+			cfg.SkipSearch = !search
+			cfg.DeviceSize = deviceMiB << 20
+			cfg.CeilingBytes = ceilingMB * 1e6
+			cfg.AzuriteInMemory = azuriteMem
+			cfg.CompressiblePercent = compressPct
+			rep, runErr := perf.RunPipeline(cmd.Context(), cfg, logger(*verbose), os.Stderr)
+			if rep == nil {
+				return runErr
+			}
+			if err := rep.WriteTable(os.Stdout); err != nil {
+				return err
+			}
+			if err := writeReportJSON(jsonOut, rep.WriteJSON); err != nil {
+				return err
+			}
+			return runErr
+		},
+	}
+	f := cmd.Flags()
+	f.DurationVar(&cfg.Runtime, "runtime", 20*time.Second, "fio runtime per level")
+	f.Float64SliceVar(&rates, "rate", nil, "churn levels in MB/s instead of 20 MB/s and half the ceiling (comma-separated or repeated)")
+	f.BoolVar(&search, "search", true, "search for the highest sustained churn after the levels")
+	f.IntVar(&cfg.SearchLevels, "search-levels", 6, "at most this many search levels per block size")
+	f.StringSliceVar(&blockSizes, "bs", []string{"64k"}, "fio block sizes, e.g. 64k,4k (every level runs with each)")
+	f.IntVar(&cfg.IODepth, "iodepth", 8, "fio iodepth")
+	f.IntVar(&compressPct, "compressible", 0, "fio buffer_compress_percentage (0: incompressible)")
+	f.StringVar(&cfg.Dir, "dir", "/dev/shm", "where the loop device's sparse file goes")
+	f.StringVar(&cfg.WorkDir, "work-dir", os.TempDir(), "where PKI, agent state and the process server's cache go")
+	f.Int64Var(&deviceMiB, "device-mib", 1024, "loop device size in MiB")
+	f.Int64Var(&ceilingMB, "ceiling-mb", 0, "MB each ceiling measurement writes (0: 20 MB/s × runtime, at least 64 MiB)")
+	f.BoolVar(&azuriteMem, "azurite-memory", false, "run Azurite in memory instead of on disk")
+	f.IntVar(&cfg.CacheDirs, "cache-dirs", 3, "process server cache directories (Reed-Solomon: 3 → 2 data + 1 parity)")
+	f.StringVar(&jsonOut, "json", "", "also write the report as JSON to this file (- for stdout)")
+	return cmd
+}
+
+// writeReportJSON writes a report with write to path ("-": stdout, "":
+// nowhere).
+func writeReportJSON(path string, write func(io.Writer) error) error {
+	switch path {
+	case "":
+		return nil
+	case "-":
+		return write(os.Stdout)
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if err := write(f); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
