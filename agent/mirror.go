@@ -200,6 +200,20 @@ func PinDir(stateDir string) string {
 // Release detaches the capture a clean stop left pinned for stateDir and
 // forgets that the stop was clean (the next run resyncs by checksum).
 func Release(stateDir string) error {
+	if err := unpin(stateDir); err != nil {
+		return err
+	}
+	statePath := filepath.Join(stateDir, "mirror.json")
+	if st, err := loadState(statePath); err == nil {
+		st.Clean = false
+		return saveState(statePath, st)
+	}
+	return nil
+}
+
+// unpin removes the pins of stateDir's capture: its programs detach once
+// no process holds them.
+func unpin(stateDir string) error {
 	dir := PinDir(stateDir)
 	entries, err := os.ReadDir(dir)
 	if err != nil && !os.IsNotExist(err) {
@@ -211,11 +225,6 @@ func Release(stateDir string) error {
 		}
 	}
 	os.Remove(dir)
-	statePath := filepath.Join(stateDir, "mirror.json")
-	if st, err := loadState(statePath); err == nil {
-		st.Clean = false
-		return saveState(statePath, st)
-	}
 	return nil
 }
 

@@ -506,17 +506,9 @@ func saveJSON(path string, v any) error {
 // next run resyncs by checksum).
 func ReleaseMachine(stateDir, machine string) error {
 	dir := MachineDir(stateDir, machine)
-	pin := PinDir(dir)
-	entries, err := os.ReadDir(pin)
-	if err != nil && !os.IsNotExist(err) {
+	if err := unpin(dir); err != nil {
 		return err
 	}
-	for _, e := range entries {
-		if err := os.Remove(filepath.Join(pin, e.Name())); err != nil {
-			return err
-		}
-	}
-	os.Remove(pin)
 	path := filepath.Join(dir, protectStateFile)
 	st, err := loadProtectState(path)
 	if err != nil || st == nil {
