@@ -335,6 +335,11 @@ func (e *Engine) loop(ctx context.Context) error {
 			return nil
 		case <-crashT:
 			if err := e.marker(ctx, CrashConsistent); err != nil {
+				if ctx.Err() != nil {
+					// A stop interrupted the marker: still a clean
+					// stop (Run drains what remains).
+					return nil
+				}
 				return err
 			}
 		case <-appT:

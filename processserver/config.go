@@ -19,9 +19,9 @@
 // coded) and only then Ack{last seq} to the agent. A segment is named by
 // the sequence range of its records (layout.SegmentName), so a segment
 // always holds at least one record: markers that arrive while no record is
-// pending stay at the head of the open segment (time markers collapsed to
-// the latest) and advance the manifest's recoverable_until directly once
-// every earlier record is uploaded.
+// pending stay at the head of the open segment (a run of time markers
+// collapsed to its first and latest) and advance the manifest's
+// recoverable_until directly once every earlier record is uploaded.
 package processserver
 
 import (

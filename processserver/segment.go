@@ -119,6 +119,7 @@ type segBuf struct {
 
 	// Markers that arrived while no record was pending.
 	lastTimeOff int         // offset of a trailing time Marker frame, -1 if none
+	idleTimes   int         // trailing time Marker frames while no record is pending
 	note        wire.Marker // latest marker not yet reported to the machine
 	hasNote     bool
 }
@@ -128,6 +129,7 @@ func (b *segBuf) reset() {
 	b.meta = segMeta{}
 	b.started = time.Time{}
 	b.lastTimeOff = -1
+	b.idleTimes = 0
 	b.hasNote = false
 }
 
@@ -142,20 +144,30 @@ func (b *segBuf) appendBatch(flags uint16, payload []byte, first, last uint64, n
 	}
 	b.meta.last = last
 	b.lastTimeOff = -1
+	b.idleTimes = 0
 }
 
-// appendMarker appends a Marker frame. A time marker that directly follows
-// another time marker while no record is pending replaces it, so that an
-// idle disk does not grow its next segment by one frame a second.
+// appendMarker appends a Marker frame. While no record is pending, time
+// markers all carry the same sequence, so only the first and the latest
+// of a run are kept: an idle disk does not grow its next segment by one
+// frame a second. The first must stay: it is the earliest time known to
+// hold every record before it, and without it a recovery to a time
+// between the last write and the latest marker would resolve to an older
+// marker and miss the last writes.
 func (b *segBuf) appendMarker(flags uint16, payload []byte, m wire.Marker) {
-	if m.Kind == wire.MarkerTime && !b.hasRecords() && b.lastTimeOff >= 0 {
+	idleTime := m.Kind == wire.MarkerTime && !b.hasRecords()
+	if idleTime && b.idleTimes >= 2 {
 		b.data = b.data[:b.lastTimeOff]
+		b.idleTimes--
 	}
 	off := len(b.data)
 	b.data, _ = wire.AppendFrame(b.data, wire.TypeMarker, flags, payload)
 	b.lastTimeOff = -1
-	if m.Kind == wire.MarkerTime && !b.hasRecords() {
+	if idleTime {
 		b.lastTimeOff = off
+		b.idleTimes++
+	} else {
+		b.idleTimes = 0
 	}
 	b.meta.marker(m.Kind, m.UnixNano)
 	if !b.hasRecords() {

@@ -456,6 +456,11 @@ func (t *Target) add(r wire.Record, data []byte, seal bool) error {
 	t.nextSeq++
 	if s.bb.Count() == 1 {
 		s.first, s.t0 = r.Seq, time.Now()
+		// An idle sender sleeps until its next time marker: wake it so
+		// that the partial batch leaves after FlushInterval, not up to a
+		// marker interval later (late records also hold back the time
+		// markers, which then cannot cover them).
+		t.wake()
 	}
 	s.last = r.Seq
 	if seal || s.bb.Len() >= t.cfg.FlushBytes {
