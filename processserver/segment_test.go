@@ -1,0 +1,64 @@
+package processserver
+
+import (
+	"bytes"
+	"testing"
+
+	"github.com/lifeboat-dr/lifeboat/internal/wire"
+)
+
+// markersIn decodes the Marker frames of a segment buffer.
+func markersIn(t *testing.T, data []byte) []wire.Marker {
+	t.Helper()
+	r := wire.NewReader(bytes.NewReader(data), 0)
+	var out []wire.Marker
+	for {
+		f, err := r.Next()
+		if err != nil {
+			return out
+		}
+		if f.Type == wire.TypeMarker {
+			var m wire.Marker
+			if err := m.UnmarshalBinary(f.Payload); err != nil {
+				t.Fatal(err)
+			}
+			out = append(out, m)
+		}
+	}
+}
+
+// An idle run of time markers keeps its first and latest marker: the first
+// is the earliest time that covers the last writes, and recovery to a time
+// inside the idle run depends on it.
+func TestIdleTimeMarkersKeepFirstAndLatest(t *testing.T) {
+	var b segBuf
+	b.reset()
+	for i := int64(1); i <= 5; i++ {
+		m := wire.Marker{Seq: 42, UnixNano: i * 1e9, Kind: wire.MarkerTime}
+		p, _ := m.AppendBinary(nil)
+		b.appendMarker(0, p, m)
+	}
+	got := markersIn(t, b.data)
+	if len(got) != 2 || got[0].UnixNano != 1e9 || got[1].UnixNano != 5e9 {
+		t.Fatalf("idle markers kept: %+v; want the first (1 s) and the latest (5 s)", got)
+	}
+	// A crash marker ends the run; it and the markers after it stay.
+	c := wire.Marker{Seq: 42, UnixNano: 6e9, Kind: wire.MarkerCrashConsistent}
+	p, _ := c.AppendBinary(nil)
+	b.appendMarker(0, p, c)
+	for i := int64(7); i <= 9; i++ {
+		m := wire.Marker{Seq: 42, UnixNano: i * 1e9, Kind: wire.MarkerTime}
+		p, _ := m.AppendBinary(nil)
+		b.appendMarker(0, p, m)
+	}
+	got = markersIn(t, b.data)
+	want := []int64{1e9, 5e9, 6e9, 7e9, 9e9}
+	if len(got) != len(want) {
+		t.Fatalf("markers %+v, want times %v", got, want)
+	}
+	for i := range want {
+		if got[i].UnixNano != want[i] {
+			t.Fatalf("markers %+v, want times %v", got, want)
+		}
+	}
+}
