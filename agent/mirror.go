@@ -240,35 +240,8 @@ func loadState(path string) (*mirrorState, error) {
 	return &st, nil
 }
 
-// saveState writes atomically: temp file, fsync, rename, fsync dir.
-func saveState(path string, st *mirrorState) error {
-	b, err := json.MarshalIndent(st, "", "  ")
-	if err != nil {
-		return err
-	}
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return fmt.Errorf("save state: %w", err)
-	}
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		return fmt.Errorf("save state: %w", err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return fmt.Errorf("save state: %w", err)
-	}
-	f.Close()
-	if err := os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("save state: %w", err)
-	}
-	if d, err := os.Open(filepath.Dir(path)); err == nil {
-		d.Sync()
-		d.Close()
-	}
-	return nil
-}
+// saveState writes st atomically and durably.
+func saveState(path string, st *mirrorState) error { return saveJSON(path, st) }
 
 // fileIdentity names the inode behind f, so a replaced file is noticed.
 func fileIdentity(f *os.File) (string, error) {
