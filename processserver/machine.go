@@ -51,6 +51,7 @@ type machine struct {
 	lost     bool  // an acked segment could not be read back: resync at next hello
 	note     wire.Marker
 	hasNote  bool
+	idle     wire.Marker   // first marker of the current idle run (same seq)
 	progress chan struct{} // closed and replaced whenever uploaded grows
 }
 
@@ -297,6 +298,9 @@ func (m *machine) noteMarker(mk wire.Marker) {
 	m.mu.Lock()
 	if !m.hasNote || mk.UnixNano > m.note.UnixNano {
 		m.note, m.hasNote = mk, true
+	}
+	if mk.Seq != m.idle.Seq || m.idle.UnixNano == 0 {
+		m.idle = mk
 	}
 	m.mu.Unlock()
 	m.kick()

@@ -77,6 +77,17 @@ func TestStreamToJournal(t *testing.T) {
 		_, _, man := journal(t, store, e.rk, "m1")
 		return man.RecoverableUntil.Equal(t1)
 	})
+	// The idle run's first marker stays in the manifest: recovery to a
+	// time inside the idle period resolves to its sequence.
+	t2 := t1.Add(time.Second)
+	a.marker(26, wire.MarkerTime, t2)
+	eventually(t, 10*time.Second, "recoverable_until from a second idle marker", func() bool {
+		_, _, man := journal(t, store, e.rk, "m1")
+		return man.RecoverableUntil.Equal(t2)
+	})
+	if _, _, man := journal(t, store, e.rk, "m1"); man.IdleSeq != 26 || !man.IdleSince.Equal(t1) {
+		t.Fatalf("idle period: seq %d since %v, want 26 since %v", man.IdleSeq, man.IdleSince, t1)
+	}
 
 	// A second connection of the same machine replaces the first; the
 	// agent resumes, resending a little more than was acked.

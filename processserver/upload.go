@@ -200,6 +200,9 @@ func (m *machine) advanceFromMarker(ctx context.Context) error {
 		m.hasNote = false
 		if t := time.Unix(0, m.note.UnixNano).UTC(); t.After(m.man.RecoverableUntil) && m.note.Seq <= m.uploaded {
 			m.man.RecoverableUntil, changed = t, true
+			if m.idle.Seq == m.note.Seq && m.idle.Seq > 0 {
+				m.man.IdleSeq, m.man.IdleSince = m.idle.Seq, time.Unix(0, m.idle.UnixNano).UTC()
+			}
 		}
 	}
 	m.mu.Unlock()

@@ -48,7 +48,13 @@ type Manifest struct {
 	DurableSeq       uint64    `json:"durable_seq"` // every record ≤ this is in the journal (uploaded)
 	AppliedSeq       uint64    `json:"applied_seq"` // every record ≤ this is in the replica page blobs
 	RecoverableUntil time.Time `json:"recoverable_until"`
-	Updated          time.Time `json:"updated"`
+	// IdleSeq and IdleSince: every record ≤ IdleSeq was written before
+	// IdleSince, the first time marker of an idle period. The journal
+	// only receives that period's markers with the next write, so
+	// recovery to a time inside it resolves through these.
+	IdleSeq   uint64    `json:"idle_seq,omitempty"`
+	IdleSince time.Time `json:"idle_since,omitzero"`
+	Updated   time.Time `json:"updated"`
 }
 
 // Disk is one protected disk of a machine.

@@ -257,6 +257,11 @@ func (st *state) resolveTime(ctx context.Context, store blobstore.Store, keys se
 		}
 		break
 	}
+	// Inside the current idle period the journal has no marker yet; the
+	// manifest knows the seq that the period's first marker covers.
+	if mf := st.manifest; mf.IdleSeq > 0 && mf.IdleSeq <= st.latest && !t.Before(mf.IdleSince) && (!found || mf.IdleSeq > seq) {
+		seq, at, found = mf.IdleSeq, mf.IdleSince, true
+	}
 	if !found || seq < st.earliest {
 		return 0, time.Time{}, fmt.Errorf("%w: %s is before machine %q's oldest recoverable time %s",
 			ErrOutOfRange, t.UTC().Format(time.RFC3339Nano), machine, st.earliestTime().Format(time.RFC3339Nano))

@@ -212,3 +212,48 @@ func TestDecodeRejectsOutOfOrder(t *testing.T) {
 		t.Fatalf("corrupt frame: %v", err)
 	}
 }
+
+// A time inside an idle period resolves through the manifest's idle
+// marker: the journal holds that period's markers only after the next
+// write, but its records are all there.
+func TestRecoverToIdlePeriod(t *testing.T) {
+	m, t0 := journalOnly(t)
+	// Records after the journal's last marker, then an idle period whose
+	// first marker only the process server has seen (manifest fields).
+	m.Write(0, 4096, bytes.Repeat([]byte{0xab}, 8192))
+	m.Cut()
+	lastJournal := m.Markers()[len(m.Markers())-1]
+	idleSince := t0.Add(200 * time.Second)
+	m.Until = idleSince.Add(5 * time.Second)
+	m.WriteManifest()
+	b, err := m.Store.GetBlob(context.Background(), layout.ManifestName(m.Name))
+	if err != nil {
+		t.Fatal(err)
+	}
+	man, err := layout.UnmarshalManifest(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	man.IdleSeq, man.IdleSince = m.Durable, idleSince
+	if b, err = layout.MarshalManifest(man); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Store.PutBlob(context.Background(), layout.ManifestName(m.Name), b, nil); err != nil {
+		t.Fatal(err)
+	}
+	if lastJournal.Seq >= m.Durable {
+		t.Fatalf("setup: the last journal marker (seq %d) already covers seq %d", lastJournal.Seq, m.Durable)
+	}
+	size := m.Disks[0].Size
+	got, res, err := recoverBytes(t, m, idleSince.Add(2*time.Second).Format(time.RFC3339Nano), m.RecoveryKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Seq != m.Durable || !bytes.Equal(got, m.Image(0, m.Durable)[:size]) {
+		t.Fatalf("time in the idle period: recovered seq %d, want %d (every record)", res.Seq, m.Durable)
+	}
+	// Just before the idle period the journal's last marker still rules.
+	if _, res, err := recoverBytes(t, m, idleSince.Add(-time.Second).Format(time.RFC3339Nano), m.RecoveryKey); err != nil || res.Seq != lastJournal.Seq {
+		t.Fatalf("time before the idle period: seq %d, %v; want %d", res.Seq, err, lastJournal.Seq)
+	}
+}
