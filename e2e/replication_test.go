@@ -58,12 +58,29 @@ func TestFileWorkloadRecoverLatest(t *testing.T) {
 
 	r.waitApplied("m1", res.Seq, 2*time.Minute)
 	sameBytes(t, "replica page blob "+layout.DiskName("m1", "d0"), want, r.readReplica("m1", "d0", len(want)))
-	points, _, err := recovery.Points(context.Background(), r.store, "m1")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(points) == 0 {
-		t.Error("no recovery point was cut")
+	// Crash-consistent points are cut at journal markers at least a point
+	// interval apart; markers reach the journal with writes, so keep
+	// writing a little until one is cut.
+	deadline := time.Now().Add(time.Minute)
+	for {
+		points, _, err := recovery.Points(context.Background(), r.store, "m1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(points) > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no recovery point was cut within a minute of writes")
+		}
+		f, err := os.OpenFile(d.Path, os.O_WRONLY, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.WriteAt(bytes.Repeat([]byte{1}, 4096), int64(len(want))-4096)
+		f.Sync()
+		f.Close()
+		time.Sleep(300 * time.Millisecond)
 	}
 
 	s := a.stop()

@@ -3,9 +3,12 @@ package processserver
 import (
 	"context"
 	"log/slog"
+	"strings"
 	"time"
 
+	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/lifeboat-dr/lifeboat/processserver/applier"
+	"github.com/lifeboat-dr/lifeboat/processserver/cache"
 )
 
 // StandardApplier is the NewApplier hook of a production process server:
@@ -23,10 +26,34 @@ func StandardApplier(ctx context.Context, cfg Config, recoveryKey []byte, pointI
 			PointInterval:  pointInterval,
 			Retention:      retention,
 			UpdateManifest: ps.UpdateManifest,
+			Local:          ps.LocalSegment,
 		})
 		if err != nil {
 			return nil, err
 		}
 		return ManagedApplier(ps, a.NewManager(ctx, ps.Applied)), nil
 	}
+}
+
+// LocalSegment returns the plaintext of journal segment name from the
+// cache, which keeps a segment until it is applied. It checks that the
+// cached segment is the one the name says.
+func (s *Server) LocalSegment(name string) ([]byte, bool) {
+	machine, _, ok := strings.Cut(name, "/journal/")
+	if !ok {
+		return nil, false
+	}
+	first, last, err := layout.ParseSegmentName(name)
+	if err != nil {
+		return nil, false
+	}
+	data, err := s.cache.Get(cache.SegmentID{Stream: machine, Seq: first})
+	if err != nil {
+		return nil, false
+	}
+	meta, err := scanSegment(data)
+	if err != nil || meta.first != first || meta.last != last {
+		return nil, false
+	}
+	return data, true
 }

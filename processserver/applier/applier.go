@@ -105,6 +105,12 @@ type Config struct {
 	// applied_seq and writes it back itself, which can briefly roll back a
 	// concurrent writer's fields (they are rewritten at its next step).
 	UpdateManifest func(ctx context.Context, machine string, update func(*layout.Manifest)) error
+	// Local, when set, returns the plaintext of a journal segment from a
+	// local copy (the process server's cache, which uploaded it), so that
+	// applying does not download and decrypt what was just uploaded. It
+	// reports false when it has no copy; the applier then reads the
+	// account.
+	Local func(name string) ([]byte, bool)
 	// PollInterval: how often Run looks for new segments without being
 	// notified (default 30 s).
 	PollInterval time.Duration
@@ -385,10 +391,24 @@ func (a *Applier) loadPoints(ctx context.Context, m *machine) error {
 	return nil
 }
 
+func (a *Applier) local(name string) ([]byte, bool) {
+	if a.cfg.Local == nil {
+		return nil, false
+	}
+	return a.cfg.Local(name)
+}
+
 // applySegment applies one segment: authenticate and decode all of it,
 // then apply its records, cutting points at markers, then record progress.
 func (a *Applier) applySegment(ctx context.Context, m *machine, s recovery.Segment) error {
-	plain, err := recovery.ReadSegment(ctx, a.cfg.Store, s.Name, m.keys, m.plain[:0])
+	var plain []byte
+	var err error
+	if local, ok := a.local(s.Name); ok {
+		plain = local
+	} else {
+		plain, err = recovery.ReadSegment(ctx, a.cfg.Store, s.Name, m.keys, m.plain[:0])
+		m.plain = plain
+	}
 	if errors.Is(err, seal.ErrUnknownKey) {
 		// Sealed under a key created after we loaded the keyring.
 		if m.keys, err = a.cfg.Keys(ctx, m.name); err != nil {
@@ -399,7 +419,6 @@ func (a *Applier) applySegment(ctx context.Context, m *machine, s recovery.Segme
 	if err != nil {
 		return err
 	}
-	m.plain = plain
 	recs, err := m.dec.Decode(plain)
 	if err != nil {
 		return fmt.Errorf("journal segment %s: %w", s.Name, err)
