@@ -42,7 +42,7 @@ endef
 # test's prerequisites must run in order.
 .NOTPARALLEL:
 
-.PHONY: help build test tools bpffs demo demo-mirror generate check-generated bench fmt fmt-check vet fuzz clean
+.PHONY: help build test tools bpffs demo demo-mirror generate check-generated bench bench-pipeline fmt fmt-check vet fuzz clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -81,6 +81,9 @@ check-generated: ## check the committed eBPF objects match bpf/ (reference: clan
 
 bench: build ## run the fio capture benchmark: no capture, metadata mode, data mode (root)
 	$(BIN) bench capture $(BENCH_ARGS)
+
+bench-pipeline: build ## run the replication benchmark: raw Put Page ceiling vs agent → process server → Azurite (root)
+	$(BIN) bench pipeline $(BENCH_ARGS)
 
 fmt: ## gofmt the Go sources in place
 	@gofmt -l -w $$(find . \( -name .git -o -name .cache -o -name node_modules -o -name bin \) -prune -o -name '*.go' -print)
