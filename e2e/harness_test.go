@@ -697,7 +697,7 @@ func fio(t *testing.T, ioSize string, devs ...string) {
 	t.Helper()
 	testenv.RequireTool(t, "fio")
 	args := []string{"--direct=1", "--ioengine=libaio", "--rw=randwrite",
-		"--bssplit=512/10:4k/50:64k/25:256k/15", "--blockalign=512", "--iodepth=8", "--randrepeat=0",
+		"--bssplit=512/10:4k/50:64k/25:256k/15", "--blockalign=512", "--serialize_overlap=1", "--iodepth=8", "--randrepeat=0",
 		"--size=100%", "--io_size=" + ioSize, "--output-format=terse"}
 	for i, d := range devs {
 		args = append(args, fmt.Sprintf("--name=j%d", i), "--filename="+d)
