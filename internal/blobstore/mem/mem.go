@@ -60,6 +60,20 @@ func notFound(what, name string) error {
 }
 
 // lookup returns blob name; callers hold s.mu.
+// create returns the blob named name, creating an empty one if needed;
+// the caller holds s.mu and sets every field it keeps (a create replaces).
+func (s *Store) create(name string) (*blob, error) {
+	if !s.container {
+		return nil, notFound("container of blob", name)
+	}
+	b := s.blobs[name]
+	if b == nil {
+		b = &blob{}
+		s.blobs[name] = b
+	}
+	return b, nil
+}
+
 func (s *Store) lookup(name string) (*blob, error) {
 	if !s.container {
 		return nil, notFound("container of blob", name)
@@ -124,13 +138,9 @@ func (s *Store) PutBlob(ctx context.Context, name string, data []byte, md blobst
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if !s.container {
-		return notFound("container of blob", name)
-	}
-	b := s.blobs[name]
-	if b == nil {
-		b = &blob{}
-		s.blobs[name] = b
+	b, err := s.create(name)
+	if err != nil {
+		return err
 	}
 	b.kind, b.data, b.size, b.pages = blobstore.BlockBlob, bytes.Clone(data), 0, nil
 	if b.data == nil {
@@ -279,13 +289,9 @@ func (s *Store) CreatePageBlob(ctx context.Context, name string, size int64, md 
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if !s.container {
-		return notFound("container of blob", name)
-	}
-	b := s.blobs[name]
-	if b == nil {
-		b = &blob{}
-		s.blobs[name] = b
+	b, err := s.create(name)
+	if err != nil {
+		return err
 	}
 	b.kind, b.data, b.size, b.pages = blobstore.PageBlob, nil, size, make(pages)
 	b.md, b.modified = blobstore.NormalizeMetadata(md), time.Now()
