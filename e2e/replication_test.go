@@ -424,7 +424,15 @@ func wipe(t *testing.T, dir string) {
 		t.Fatal(err)
 	}
 	for _, e := range entries {
-		if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
+		// The process server keeps writing shards while we remove them, so
+		// RemoveAll can meet a file created after it listed the directory.
+		var err error
+		for range 10 {
+			if err = os.RemoveAll(filepath.Join(dir, e.Name())); err == nil {
+				break
+			}
+		}
+		if err != nil {
 			t.Fatal(err)
 		}
 	}
