@@ -482,6 +482,7 @@ func (p *pipeline) start(ctx context.Context) (float64, error) {
 		"--cache", strings.Join(caches, ","),
 		"--recovery-key", keyFile,
 		"--metrics", metricsAddr,
+		"--pprof",
 	}
 	env := append(envWithout(os.Environ(), azurite.EnvConnectionString), azurite.EnvConnectionString+"="+p.azurite.ConnectionString())
 	if p.ps, err = startChild("process server", p.cfg.Exe, psArgs, env, p.log); err != nil {
@@ -671,11 +672,29 @@ func (p *pipeline) runLevel(ctx context.Context, label string, rate float64, bs 
 		return l, err
 	}
 	start := time.Now()
+	type profResult struct {
+		cpu map[string]float64
+		err error
+	}
+	profCh := make(chan profResult, 1)
+	go func() {
+		cpu, err := profileStages(ctx, strings.TrimSuffix(p.metrics, "/metrics"), p.cfg.Runtime)
+		profCh <- profResult{cpu, err}
+	}()
 	res, err := runPipelineFio(ctx, p.cfg, p.dev, bs, rate, p.work)
 	if err != nil {
 		return l, err
 	}
 	end := time.Now()
+	cEnd, err := p.readCounters(ctx)
+	if err != nil {
+		return l, err
+	}
+	prof := <-profCh
+	if prof.err != nil {
+		return l, prof.err
+	}
+	l.setStages(prof.cpu, int64(cEnd.received-c0.received))
 	durableAt, appliedAt, err := p.settle(ctx, end, p.cfg.DrainTimeout)
 	if err != nil {
 		return l, err

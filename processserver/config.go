@@ -101,6 +101,10 @@ type Config struct {
 	// nil) on http://MetricsListen/metrics.
 	Metrics       *prometheus.Registry
 	MetricsListen string
+	// Profiling also serves Go's profiles on http://MetricsListen/debug/pprof/,
+	// CPU samples labelled by pipeline stage (internal/stage). Profiles
+	// hold code locations and sizes, never data, but keep the address local.
+	Profiling bool
 }
 
 func (c *Config) withDefaults() (Config, error) {

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -21,6 +22,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/lifeboat-dr/lifeboat/internal/pki"
 	"github.com/lifeboat-dr/lifeboat/internal/seal"
+	"github.com/lifeboat-dr/lifeboat/internal/stage"
 	"github.com/lifeboat-dr/lifeboat/processserver/cache"
 )
 
@@ -348,7 +350,7 @@ func (s *Server) acceptLoop() {
 			continue
 		}
 		s.conns.Add(1)
-		go s.serveConn(s.ctx, c)
+		go stage.Do(s.ctx, stage.Ingest, func(ctx context.Context) { s.serveConn(ctx, c) })
 	}
 }
 
@@ -435,6 +437,10 @@ func (s *Server) serveMetrics() error {
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	if s.cfg.Profiling {
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	}
 	s.httpSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go s.httpSrv.Serve(ln)
 	s.log.Info("serving metrics", logAddr, ln.Addr().String())

@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/lifeboat-dr/lifeboat/internal/seal"
+	"github.com/lifeboat-dr/lifeboat/internal/stage"
 	"github.com/lifeboat-dr/lifeboat/processserver/cache"
 )
 
@@ -16,16 +18,25 @@ const (
 	uploadRetryMax = 30 * time.Second
 )
 
+// uploadParallel is how many segments of one machine are sealed and
+// uploaded at once. One at a time left the journal waiting on each round
+// trip; durable_seq still advances only over a contiguous prefix.
+const uploadParallel = 4
+
 // runUploader uploads the machine's cached segments in sequence order,
 // forever: a failure (the store decorator already retried) is logged and
 // retried with backoff while the cache keeps absorbing the stream.
 func (m *machine) runUploader(ctx context.Context) {
-	var sealBuf []byte
+	stage.Do(ctx, stage.Upload, m.uploadLoop)
+}
+
+func (m *machine) uploadLoop(ctx context.Context) {
+	sealBufs := make([][]byte, uploadParallel)
 	wait := uploadRetryMin
 	notified := false
 	for {
 		for ctx.Err() == nil {
-			did, err := m.uploadStep(ctx, &sealBuf, &notified)
+			did, err := m.uploadStep(ctx, sealBufs, &notified)
 			if err != nil {
 				if ctx.Err() != nil {
 					return
@@ -52,10 +63,20 @@ func (m *machine) runUploader(ctx context.Context) {
 	}
 }
 
+// upload is one segment of an upload step.
+type upload struct {
+	e       *segEntry
+	meta    segMeta
+	name    string
+	already bool // in the journal already (uploaded before a restart)
+	err     error
+}
+
 // uploadStep does one unit of work: drop applied segments, then upload
-// the oldest segment not yet uploaded, or else advance recoverable_until
-// from a marker. It reports whether it uploaded something.
-func (m *machine) uploadStep(ctx context.Context, sealBuf *[]byte, notified *bool) (bool, error) {
+// the oldest segments not yet uploaded (up to len(sealBufs) in parallel),
+// or else advance recoverable_until from a marker. It reports whether it
+// uploaded something.
+func (m *machine) uploadStep(ctx context.Context, sealBufs [][]byte, notified *bool) (bool, error) {
 	if err := m.ensureLoaded(ctx); err != nil {
 		return false, err
 	}
@@ -74,88 +95,135 @@ func (m *machine) uploadStep(ctx context.Context, sealBuf *[]byte, notified *boo
 	}
 
 	m.mu.Lock()
-	var next *segEntry
+	var batch []*upload
 	for _, e := range m.segs {
-		if !e.uploaded {
-			next = e
+		if len(batch) == len(sealBufs) {
 			break
 		}
+		if !e.uploaded {
+			batch = append(batch, &upload{e: e})
+		}
 	}
 	m.mu.Unlock()
-	if next == nil {
+	if len(batch) == 0 {
 		return false, m.advanceFromMarker(ctx)
 	}
-
-	data, err := m.s.cache.Get(next.id)
+	key, err := m.ensureKey(ctx)
 	if err != nil {
-		if errors.Is(err, cache.ErrUnrecoverable) || errors.Is(err, cache.ErrNotFound) {
-			m.segmentLost(next, err)
-			return true, nil
-		}
-		return false, fmt.Errorf("read cached segment %s: %w", next.id, err)
-	}
-	meta, err := scanSegment(data)
-	if err != nil {
-		m.segmentLost(next, fmt.Errorf("cached segment does not parse: %w", err))
-		return true, nil
-	}
-	size := int64(len(data))
-	m.mu.Lock()
-	if next.size == 0 {
-		next.size = size
-		m.backlog += size
-		m.s.cacheBytes.Add(size)
-	}
-	next.last = meta.last
-	already := meta.last <= m.uploaded
-	m.mu.Unlock()
-
-	name := layout.SegmentName(m.name, meta.first, meta.last)
-	if !already {
-		key, err := m.ensureKey(ctx)
-		if err != nil {
-			return false, err
-		}
-		*sealBuf, err = seal.Seal((*sealBuf)[:0], data, key, []byte(name))
-		if err != nil {
-			return false, fmt.Errorf("seal %s: %w", name, err)
-		}
-		start := time.Now()
-		if err := m.s.store.PutBlob(ctx, name, *sealBuf, meta.metadata()); err != nil {
-			return false, fmt.Errorf("upload %s: %w", name, err)
-		}
-		m.s.metrics.uploadedBytes.Add(float64(len(*sealBuf)))
-		m.log.Debug("segment uploaded", logBlob, name, logBytes, len(data), logSealed, len(*sealBuf), logDuration, time.Since(start))
+		return false, err
 	}
 
-	m.mu.Lock()
-	next.uploaded = true
-	m.backlog -= next.size
-	if !already {
-		m.uploaded = meta.last
-		m.man.DurableSeq = meta.last
-		if meta.lastTime > 0 {
-			if t := time.Unix(0, meta.lastTime).UTC(); t.After(m.man.RecoverableUntil) {
-				m.man.RecoverableUntil = t
+	var wg sync.WaitGroup
+	for i, u := range batch {
+		wg.Go(func() { m.uploadOne(ctx, u, key, &sealBufs[i]) })
+	}
+	wg.Wait()
+
+	// Publish the contiguous prefix that made it; the rest is retried.
+	var last segMeta
+	var lost *upload
+	done := 0
+	for _, u := range batch {
+		if errors.Is(u.err, errSegmentLost) {
+			lost = u
+		}
+		if u.err != nil {
+			break
+		}
+		done++
+		m.mu.Lock()
+		u.e.uploaded = true
+		m.backlog -= u.e.size
+		if !u.already {
+			m.uploaded = u.meta.last
+			m.man.DurableSeq = u.meta.last
+			if u.meta.lastTime > 0 {
+				if t := time.Unix(0, u.meta.lastTime).UTC(); t.After(m.man.RecoverableUntil) {
+					m.man.RecoverableUntil = t
+				}
 			}
+			last = u.meta
 		}
+		m.mu.Unlock()
+	}
+	if last.last > 0 {
+		m.mu.Lock()
 		close(m.progress)
 		m.progress = make(chan struct{})
-	}
-	m.mu.Unlock()
-	if !already {
+		m.mu.Unlock()
 		if err := m.writeManifest(ctx); err != nil {
 			return false, err
 		}
-		m.s.metrics.durableSeq.WithLabelValues(m.name).Set(float64(meta.last))
+		m.s.metrics.durableSeq.WithLabelValues(m.name).Set(float64(last.last))
 		if m.s.applier != nil {
-			m.s.applier.Notify(m.name, meta.last)
+			m.s.applier.Notify(m.name, last.last)
 		}
+	}
+	if lost != nil {
+		m.segmentLost(lost.e, lost.err)
+		return true, nil
 	}
 	if sess := m.current(); sess != nil {
 		sess.updateBackpressure()
 	}
+	if done < len(batch) {
+		return done > 0, batch[done].err
+	}
 	return true, nil
+}
+
+// errSegmentLost marks a cached segment that can no longer be read.
+var errSegmentLost = errors.New("cached segment lost")
+
+// uploadOne reads u's segment from the cache, seals it into *sealBuf and
+// puts it in the journal.
+func (m *machine) uploadOne(ctx context.Context, u *upload, key *seal.Key, sealBuf *[]byte) {
+	var data []byte
+	var err error
+	stage.Do(ctx, stage.Prepare, func(context.Context) { data, err = m.s.cache.Get(u.e.id) })
+	if err != nil {
+		if errors.Is(err, cache.ErrUnrecoverable) || errors.Is(err, cache.ErrNotFound) {
+			u.err = fmt.Errorf("%w: %w", errSegmentLost, err)
+		} else {
+			u.err = fmt.Errorf("read cached segment %s: %w", u.e.id, err)
+		}
+		return
+	}
+	var meta segMeta
+	stage.Do(ctx, stage.Prepare, func(context.Context) { meta, err = scanSegment(data) })
+	if err != nil {
+		u.err = fmt.Errorf("%w: cached segment does not parse: %w", errSegmentLost, err)
+		return
+	}
+	size := int64(len(data))
+	m.mu.Lock()
+	if u.e.size == 0 {
+		u.e.size = size
+		m.backlog += size
+		m.s.cacheBytes.Add(size)
+	}
+	u.e.last = meta.last
+	u.already = meta.last <= m.uploaded
+	m.mu.Unlock()
+	u.meta = meta
+	if u.already {
+		return
+	}
+	u.name = layout.SegmentName(m.name, meta.first, meta.last)
+	stage.Do(ctx, stage.Prepare, func(context.Context) {
+		*sealBuf, err = seal.Seal((*sealBuf)[:0], data, key, []byte(u.name))
+	})
+	if err != nil {
+		u.err = fmt.Errorf("seal %s: %w", u.name, err)
+		return
+	}
+	start := time.Now()
+	if err := m.s.store.PutBlob(ctx, u.name, *sealBuf, meta.metadata()); err != nil {
+		u.err = fmt.Errorf("upload %s: %w", u.name, err)
+		return
+	}
+	m.s.metrics.uploadedBytes.Add(float64(len(*sealBuf)))
+	m.log.Debug("segment uploaded", logBlob, u.name, logBytes, len(data), logSealed, len(*sealBuf), logDuration, time.Since(start))
 }
 
 // dropApplied deletes uploaded segments the applier has applied (all

@@ -69,6 +69,7 @@ while the cache absorbs the stream.`,
 	f.StringVar(&cfg.RecoveryKeyFile, "recovery-key", "", "recovery key file (lifeboat keys init)")
 	f.StringVar(&cfg.Container, "container", layout.DefaultContainer, "storage account container")
 	f.StringVar(&cfg.MetricsListen, "metrics", "", "serve Prometheus metrics on ADDR/metrics (off when empty)")
+	f.BoolVar(&cfg.Profiling, "pprof", false, "also serve Go profiles on the metrics address under /debug/pprof/ (CPU samples labelled by stage)")
 	f.Float64Var(&uploadLimit, "upload-limit", 0, "upload bandwidth limit in bytes/s (0: unlimited)")
 	f.DurationVar(&pointInterval, "point-interval", 5*time.Minute, "crash-consistent recovery point interval (app-consistent points follow the agents' markers)")
 	f.DurationVar(&retention, "retention", 24*time.Hour, "how long recovery points and the journal between them are kept")

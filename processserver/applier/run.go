@@ -4,6 +4,8 @@ import (
 	"context"
 	"sync"
 	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/stage"
 )
 
 // Backoff of Run after a failed pass.
@@ -123,19 +125,23 @@ func (mg *Manager) loop(machine string) *loop {
 		l = &loop{notify: make(chan uint64, 1), changed: make(chan struct{})}
 		mg.loops[machine] = l
 		mg.wg.Go(func() {
-			_ = mg.a.Run(mg.ctx, machine, l.notify, func(seq uint64) {
-				l.mu.Lock()
-				l.applied = seq
-				close(l.changed)
-				l.changed = make(chan struct{})
-				l.mu.Unlock()
-				if mg.onApplied != nil {
-					mg.onApplied(machine, seq)
-				}
-			})
+			stage.Do(mg.ctx, stage.Apply, func(ctx context.Context) { mg.run(ctx, machine, l) })
 		})
 	}
 	return l
+}
+
+func (mg *Manager) run(ctx context.Context, machine string, l *loop) {
+	_ = mg.a.Run(ctx, machine, l.notify, func(seq uint64) {
+		l.mu.Lock()
+		l.applied = seq
+		close(l.changed)
+		l.changed = make(chan struct{})
+		l.mu.Unlock()
+		if mg.onApplied != nil {
+			mg.onApplied(machine, seq)
+		}
+	})
 }
 
 // Durable tells the applier that every record of machine up to seq is in
