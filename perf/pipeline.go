@@ -14,6 +14,7 @@ import (
 	"io"
 	"log/slog"
 	"math"
+	mrand "math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -32,6 +33,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore/azure"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/lifeboat-dr/lifeboat/internal/recovery"
+	"github.com/lifeboat-dr/lifeboat/processserver"
 )
 
 // ASRChurnLimit is Azure Site Recovery's per-disk churn limit (20 MB/s),
@@ -102,6 +104,9 @@ type PipelineConfig struct {
 	// CacheDirs is how many cache directories the process server gets
 	// (cache.DefaultGeometry: 3 → 2 data + 1 parity). Default: 3.
 	CacheDirs int
+	// ProfileDir, if set, keeps each level's process server CPU profile
+	// there (level-N.pprof, for go tool pprof).
+	ProfileDir string
 	// SampleInterval is how often the manifest is read for RPO and apply
 	// lag. Default: 250 ms.
 	SampleInterval time.Duration
@@ -326,6 +331,17 @@ func RunPipeline(ctx context.Context, cfg PipelineConfig, log *slog.Logger, prog
 		rep.Ceiling.Runs = append(rep.Ceiling.Runs, run)
 		rep.Ceiling.MBPerSec = max(rep.Ceiling.MBPerSec, run.MBPerSec)
 	}
+	for _, bs := range cfg.BlockSizes {
+		fmt.Fprintf(progress, "ceiling as stored (journal blob + %s Put Pages of the same bytes), %d MB: ", fmtSize(bs), cfg.CeilingBytes/2e6)
+		run, err := measureStored(ctx, p.azurite.ConnectionString(), bs, cfg.CeilingBytes/2, cfg.DeviceSize)
+		if err != nil {
+			fmt.Fprintln(progress, "failed")
+			return nil, err
+		}
+		run.CeilingRatio = run.MBPerSec / rep.Ceiling.MBPerSec
+		fmt.Fprintf(progress, "%.1f MB/s = %.2f × ceiling\n", run.MBPerSec, run.CeilingRatio)
+		rep.Ceiling.Stored = append(rep.Ceiling.Stored, run)
+	}
 	if err := p.dropCeilingContainer(ctx); err != nil {
 		log.Warn("delete ceiling container", "err", err)
 	}
@@ -410,6 +426,7 @@ type pipeline struct {
 	sampler  *manifestSampler
 	stopSamp context.CancelFunc
 	sampDone chan struct{}
+	levels   int // levels run so far
 }
 
 func (p *pipeline) startAzurite(ctx context.Context) error {
@@ -678,7 +695,11 @@ func (p *pipeline) runLevel(ctx context.Context, label string, rate float64, bs 
 	}
 	profCh := make(chan profResult, 1)
 	go func() {
-		cpu, err := profileStages(ctx, strings.TrimSuffix(p.metrics, "/metrics"), p.cfg.Runtime)
+		keep := ""
+		if p.cfg.ProfileDir != "" {
+			keep = filepath.Join(p.cfg.ProfileDir, fmt.Sprintf("level-%d.pprof", p.levels+1))
+		}
+		cpu, err := profileStages(ctx, strings.TrimSuffix(p.metrics, "/metrics"), p.cfg.Runtime, keep)
 		profCh <- profResult{cpu, err}
 	}()
 	res, err := runPipelineFio(ctx, p.cfg, p.dev, bs, rate, p.work)
@@ -695,6 +716,7 @@ func (p *pipeline) runLevel(ctx context.Context, label string, rate float64, bs 
 		return l, prof.err
 	}
 	l.setStages(prof.cpu, int64(cEnd.received-c0.received))
+	p.levels++
 	durableAt, appliedAt, err := p.settle(ctx, end, p.cfg.DrainTimeout)
 	if err != nil {
 		return l, err
@@ -972,6 +994,64 @@ func measureCeiling(ctx context.Context, connStr string, clients int, total int6
 		return run, fmt.Errorf("ceiling with %d client(s): %w", clients, err)
 	}
 	run.Bytes = n * chunk
+	run.Seconds = secs
+	run.MBPerSec = float64(run.Bytes) / 1e6 / secs
+	return run, nil
+}
+
+// storedClients is measureStored's parallelism: the process server's
+// uploads and applier together keep about this many requests in flight.
+const storedClients = 4
+
+// measureStored writes total bytes as the pipeline stores them: each
+// segment (processserver.DefaultSegmentBytes) once as a journal block blob
+// and once as Put Pages of bs bytes at random offsets of a page blob as
+// big as the device, storedClients segments at a time.
+func measureStored(ctx context.Context, connStr string, bs, total, device int64) (StoredRun, error) {
+	seg := int64(processserver.DefaultSegmentBytes)
+	run := StoredRun{BlockSize: bs, CeilingRun: CeilingRun{Clients: storedClients}}
+	st, err := azure.New(azure.Config{ConnectionString: connStr, Container: ceilingContainer})
+	if err != nil {
+		return run, err
+	}
+	if err := st.EnsureContainer(ctx); err != nil {
+		return run, fmt.Errorf("stored ceiling: %w", err)
+	}
+	replica := fmt.Sprintf("stored-%d", bs)
+	if err := st.CreatePageBlob(ctx, replica, device, nil); err != nil {
+		return run, fmt.Errorf("stored ceiling: %w", err)
+	}
+	data := make([]byte, seg)
+	rand.Read(data)
+	n := (total + seg - 1) / seg
+	slots := device / bs
+	var next atomic.Int64
+	errs := make([]error, storedClients)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for c := range storedClients {
+		wg.Go(func() {
+			rng := mrand.New(mrand.NewPCG(uint64(c), uint64(bs)))
+			for i := next.Add(1); i <= n; i = next.Add(1) {
+				if err := st.PutBlob(ctx, fmt.Sprintf("stored-journal/%d-%d", bs, i), data, nil); err != nil {
+					errs[c] = err
+					return
+				}
+				for off := int64(0); off < seg; off += bs {
+					if err := st.WritePages(ctx, replica, rng.Int64N(slots)*bs, data[off:off+bs]); err != nil {
+						errs[c] = err
+						return
+					}
+				}
+			}
+		})
+	}
+	wg.Wait()
+	secs := time.Since(start).Seconds()
+	if err := errors.Join(errs...); err != nil {
+		return run, fmt.Errorf("stored ceiling (%s): %w", fmtSize(bs), err)
+	}
+	run.Bytes = n * seg
 	run.Seconds = secs
 	run.MBPerSec = float64(run.Bytes) / 1e6 / secs
 	return run, nil

@@ -83,6 +83,20 @@ type PipelineSettings struct {
 type PipelineCeiling struct {
 	MBPerSec float64      `json:"mb_per_sec"`
 	Runs     []CeilingRun `json:"runs"`
+	// Stored is, per block size, the same bytes written the way the
+	// pipeline must store them, straight to the same Azurite: once as
+	// journal blobs and once as Put Pages of that block size at random
+	// offsets of a page blob (the replica). No pipeline that keeps both
+	// sustains more than this with that block size.
+	Stored []StoredRun `json:"stored,omitempty"`
+}
+
+// StoredRun is one measurement of PipelineCeiling.Stored.
+type StoredRun struct {
+	BlockSize int64 `json:"block_size"`
+	CeilingRun
+	// CeilingRatio is MBPerSec ÷ PipelineCeiling.MBPerSec.
+	CeilingRatio float64 `json:"ceiling_ratio"`
 }
 
 // CeilingRun is one ceiling measurement.
@@ -504,6 +518,10 @@ func (r *PipelineReport) WriteTable(w io.Writer) error {
 		fmt.Fprintf(w, "%s %d client(s) %.1f MB/s", sep, c.Clients, c.MBPerSec)
 	}
 	fmt.Fprintf(w, " -> ceiling %.1f MB/s\n", r.Ceiling.MBPerSec)
+	for _, s := range r.Ceiling.Stored {
+		fmt.Fprintf(w, "ceiling as stored (journal blob + %s Put Pages of the same bytes, %d clients): %.1f MB/s = %.2f × ceiling\n",
+			fmtSize(s.BlockSize), s.Clients, s.MBPerSec, s.CeilingRatio)
+	}
 	fmt.Fprintf(w, "initial sync of %d MiB: %.1f s\n", st.DeviceSizeBytes>>20, r.InitialSyncSeconds)
 
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)

@@ -239,7 +239,8 @@ func testReport() *PipelineReport {
 		FioVersion: "fio-3.33", Kernel: "6.18.0", Azurite: "azurite 3.37.0 on 127.0.0.1:1 (disk)",
 		Settings: PipelineSettings{Dir: "/dev/shm", DeviceSizeBytes: 1 << 30, RuntimeSeconds: 20, IOEngine: "io_uring",
 			IODepth: 8, BlockSizes: []int64{64 << 10}, Search: true, SampleIntervalMs: 250},
-		Ceiling: PipelineCeiling{MBPerSec: 60, Runs: []CeilingRun{{Clients: 1, MBPerSec: 50}, {Clients: 4, MBPerSec: 60}}},
+		Ceiling: PipelineCeiling{MBPerSec: 60, Runs: []CeilingRun{{Clients: 1, MBPerSec: 50}, {Clients: 4, MBPerSec: 60}},
+			Stored: []StoredRun{{BlockSize: 64 << 10, CeilingRun: CeilingRun{Clients: 4, MBPerSec: 27}, CeilingRatio: 0.45}}},
 		Levels: []PipelineLevel{
 			lv(LevelASR, 20, 20, true, 1.5),
 			lv(LevelHalfCeiling, 30, 30, true, 2.5),
@@ -295,12 +296,13 @@ func TestPipelineWriteTableAndJSON(t *testing.T) {
 	out := tb.String()
 	t.Logf("\n%s", out)
 	lines := strings.Split(strings.TrimRight(out, "\n"), "\n")
-	// run, ceiling, sync, header, 5 levels, sustained, "goals:", 4 goals, 2 footnotes
-	if len(lines) != 3+1+5+1+1+4+2 {
+	// run, ceiling, stored ceiling, sync, header, 5 levels, sustained, "goals:", 4 goals, 2 footnotes
+	if len(lines) != 4+1+5+1+1+4+2 {
 		t.Fatalf("table has %d lines", len(lines))
 	}
 	for _, want := range []string{
 		"1 client(s) 50.0 MB/s, 4 client(s) 60.0 MB/s -> ceiling 60.0 MB/s",
+		"ceiling as stored (journal blob + 64k Put Pages of the same bytes, 4 clients): 27.0 MB/s = 0.45 × ceiling",
 		"highest sustained churn, 64k: 37.4 MB/s = 0.62 × ceiling\n",
 		"no: RPO grew 3.0 s in 14 s",
 	} {
@@ -309,8 +311,8 @@ func TestPipelineWriteTableAndJSON(t *testing.T) {
 		}
 	}
 	// Columns are aligned: every level row is as wide as the header.
-	header := lines[3]
-	for _, row := range lines[4:9] {
+	header := lines[4]
+	for _, row := range lines[5:10] {
 		if !strings.Contains(row, "asr-20MB/s") && !strings.Contains(row, "half-ceiling") && !strings.Contains(row, "search") {
 			t.Errorf("unexpected row %q", row)
 		}
@@ -318,8 +320,8 @@ func TestPipelineWriteTableAndJSON(t *testing.T) {
 			t.Errorf("row %q not aligned with header %q", row, header)
 		}
 	}
-	goals := strings.Join(lines[11:15], "\n")
-	if strings.Count(goals, "NOT met") != 2 || strings.Count(goals, " met") != 4 || !strings.Contains(lines[12], "2.50 s") {
+	goals := strings.Join(lines[12:16], "\n")
+	if strings.Count(goals, "NOT met") != 2 || strings.Count(goals, " met") != 4 || !strings.Contains(lines[13], "2.50 s") {
 		t.Errorf("goals:\n%s", goals)
 	}
 

@@ -6,6 +6,7 @@ import (
 	"io"
 	"math"
 	"net/http"
+	"os"
 	"strings"
 	"time"
 
@@ -25,8 +26,9 @@ var BeforeUploadStages = []string{stage.Ingest, stage.Prepare}
 
 // profileStages records a CPU profile of the process server for d through
 // its /debug/pprof/profile endpoint (base is the metrics server's URL
-// without path) and returns CPU seconds per stage label.
-func profileStages(ctx context.Context, base string, d time.Duration) (map[string]float64, error) {
+// without path) and returns CPU seconds per stage label. If keep is set,
+// the profile is also written there.
+func profileStages(ctx context.Context, base string, d time.Duration, keep string) (map[string]float64, error) {
 	secs := max(1, int(math.Round(d.Seconds())))
 	ctx, cancel := context.WithTimeout(ctx, d+30*time.Second)
 	defer cancel()
@@ -43,7 +45,16 @@ func profileStages(ctx context.Context, base string, d time.Duration) (map[strin
 		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
 		return nil, fmt.Errorf("process server CPU profile: %s: %s", resp.Status, strings.TrimSpace(string(msg)))
 	}
-	p, err := profile.Parse(resp.Body)
+	raw, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return nil, fmt.Errorf("process server CPU profile: %w", err)
+	}
+	if keep != "" {
+		if err := os.WriteFile(keep, raw, 0o644); err != nil {
+			return nil, err
+		}
+	}
+	p, err := profile.ParseData(raw)
 	if err != nil {
 		return nil, fmt.Errorf("process server CPU profile: %w", err)
 	}

@@ -27,12 +27,48 @@ func StandardApplier(ctx context.Context, cfg Config, recoveryKey []byte, pointI
 			Retention:      retention,
 			UpdateManifest: ps.UpdateManifest,
 			Local:          ps.LocalSegment,
+			Yield:          ps.YieldToUploads,
 		})
 		if err != nil {
 			return nil, err
 		}
 		return ManagedApplier(ps, a.NewManager(ctx, ps.Applied)), nil
 	}
+}
+
+// yieldMax bounds how long YieldToUploads holds an apply pass back, so
+// that the replica still advances under sustained overload.
+const yieldMax = 2 * time.Second
+
+// YieldToUploads blocks while more than one segment of journal uploads is
+// waiting (across machines), for at most yieldMax: the journal sets RPO,
+// the replica only apply lag, and both share the account.
+func (s *Server) YieldToUploads(ctx context.Context) {
+	deadline := time.Now().Add(yieldMax)
+	for time.Now().Before(deadline) && s.uploadBacklog() > int64(s.cfg.SegmentBytes) {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// uploadBacklog is the bytes cached and not yet uploaded, all machines.
+func (s *Server) uploadBacklog() int64 {
+	s.mu.Lock()
+	ms := make([]*machine, 0, len(s.machines))
+	for _, m := range s.machines {
+		ms = append(ms, m)
+	}
+	s.mu.Unlock()
+	var n int64
+	for _, m := range ms {
+		m.mu.Lock()
+		n += m.backlog
+		m.mu.Unlock()
+	}
+	return n
 }
 
 // LocalSegment returns the plaintext of journal segment name from the

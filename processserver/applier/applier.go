@@ -111,6 +111,11 @@ type Config struct {
 	// reports false when it has no copy; the applier then reads the
 	// account.
 	Local func(name string) ([]byte, bool)
+	// Yield, if set, is called before each apply pass. It may block for a
+	// while when the account's bandwidth is better spent elsewhere: the
+	// process server holds passes back while journal uploads are behind,
+	// so that under overload apply lag grows before RPO does.
+	Yield func(ctx context.Context)
 	// PollInterval: how often Run looks for new segments without being
 	// notified (default 30 s).
 	PollInterval time.Duration

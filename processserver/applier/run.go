@@ -62,6 +62,9 @@ func (a *Applier) Run(ctx context.Context, machine string, notify <-chan uint64,
 				break drain
 			}
 		}
+		if a.cfg.Yield != nil {
+			a.cfg.Yield(ctx)
+		}
 		seq, err := a.apply(ctx, machine, durable)
 		if seq > last {
 			last = seq
