@@ -1,9 +1,10 @@
 // Package processserver is the ingest and upload side of the Lifeboat
 // process server: agents stream their change records over TLS 1.3 mTLS,
-// the server makes them durable in the erasure-coded cache
-// (processserver/cache) before acknowledging them, then seals (compresses
-// and encrypts with a per-machine data key) and uploads them to the storage
-// account as journal segments, keeping the machine's manifest current.
+// the server seals them (compresses and encrypts with a per-machine data
+// key), makes them durable in the erasure-coded cache (processserver/cache)
+// before acknowledging them, then uploads them to the storage account as
+// journal segments, keeping the machine's manifest current. The cache
+// holds only sealed data.
 //
 // Applying segments to replica page blobs, recovery points and retention
 // belong to an Applier (see Applier), which this package drives but does
@@ -15,8 +16,8 @@
 // wire.AppendFrame exactly as received) are appended to the session's open
 // segment. The segment is cut when it reaches Config.SegmentBytes, when its
 // first record is Config.SegmentAge old, or right after a crash- or
-// app-consistent marker. Cutting means cache.Put (durable, Reed-Solomon
-// coded) and only then Ack{last seq} to the agent. A segment is named by
+// app-consistent marker. Cutting means sealing, cache.Put (durable,
+// Reed-Solomon coded) and only then Ack{last seq} to the agent. A segment is named by
 // the sequence range of its records (layout.SegmentName), so a segment
 // always holds at least one record: markers that arrive while no record is
 // pending stay at the head of the open segment (a run of time markers

@@ -143,6 +143,20 @@ func (m *machine) loadKey(ctx context.Context, idHex string) (*seal.Key, error) 
 	return seal.NewKey(id, material)
 }
 
+// sealSegment appends the cached form of b (header, then the journal
+// segment compressed and encrypted with the machine's data key, which
+// agree loaded) to dst.
+func (m *machine) sealSegment(dst []byte, b *segBuf) ([]byte, error) {
+	m.mu.Lock()
+	key := m.key
+	m.mu.Unlock()
+	if key == nil {
+		return dst, errors.New("no data key loaded for the machine")
+	}
+	dst = appendCachedHeader(dst, b.meta)
+	return seal.Seal(dst, b.data, key, []byte(layout.SegmentName(m.name, b.meta.first, b.meta.last)))
+}
+
 // ensureKey creates the machine's data key on first use: wrapped key blob
 // first, then the manifest naming it, so the manifest never names a
 // missing key.
@@ -214,6 +228,11 @@ func (m *machine) writeManifest(ctx context.Context) error {
 // is append-only, so old segments keep their meaning).
 func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, uint64, []uint16, error) {
 	if err := m.ensureLoaded(ctx); err != nil {
+		return nil, 0, nil, err
+	}
+	// The cache holds only sealed segments, so the key must be at hand
+	// before the first record is accepted.
+	if _, err := m.ensureKey(ctx); err != nil {
 		return nil, 0, nil, err
 	}
 	missing := m.missingReplicas(ctx, h)

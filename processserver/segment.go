@@ -1,10 +1,9 @@
 package processserver
 
 import (
-	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
-	"io"
 	"strconv"
 	"strings"
 	"time"
@@ -68,47 +67,53 @@ func (m *segMeta) metadata() blobstore.Metadata {
 	return md
 }
 
-// scanSegment verifies a segment's frames and summarises them. It runs
-// once per segment, at upload time, so it may copy.
-func scanSegment(data []byte) (segMeta, error) {
+// A cached segment is the sealed journal segment, exactly the bytes to
+// upload, behind a clear header holding what the uploader needs without
+// the key. The cache thus never holds plaintext, and uploading is a copy.
+// The header is covered by the shards' CRCs; its sequence range is also
+// bound into the sealed blob (the blob name is the AAD), so a header that
+// lies yields a journal segment that recovery refuses.
+const (
+	cachedMagic      = "LBCS"
+	cachedVersion    = 1
+	cachedHeaderSize = 40 // magic, version, flags, 2 pad, first, last, first time, last time
+)
+
+// appendCachedHeader appends m's cached-segment header to dst.
+func appendCachedHeader(dst []byte, m segMeta) []byte {
+	var flags byte
+	if m.crash {
+		flags |= 1
+	}
+	if m.app {
+		flags |= 2
+	}
+	dst = append(dst, cachedMagic...)
+	dst = append(dst, cachedVersion, flags, 0, 0)
+	dst = binary.LittleEndian.AppendUint64(dst, m.first)
+	dst = binary.LittleEndian.AppendUint64(dst, m.last)
+	dst = binary.LittleEndian.AppendUint64(dst, uint64(m.firstTime))
+	return binary.LittleEndian.AppendUint64(dst, uint64(m.lastTime))
+}
+
+// parseCached splits a cached segment into its summary and sealed blob.
+func parseCached(b []byte) (segMeta, []byte, error) {
 	var m segMeta
-	r := wire.NewReader(bytes.NewReader(data), 0)
-	for {
-		f, err := r.Next()
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			return m, err
-		}
-		switch f.Type {
-		case wire.TypeBatch:
-			b, err := wire.DecodeBatch(f.Payload)
-			if err != nil {
-				return m, err
-			}
-			for it := b.Records(); it.Next(); {
-				rec := it.Record()
-				m.record(rec.Seq)
-				if rec.Op == wire.OpMarker {
-					mk := rec.Marker()
-					m.marker(mk.Kind, mk.UnixNano)
-				}
-			}
-		case wire.TypeMarker:
-			var mk wire.Marker
-			if err := mk.UnmarshalBinary(f.Payload); err != nil {
-				return m, err
-			}
-			m.marker(mk.Kind, mk.UnixNano)
-		default:
-			return m, fmt.Errorf("unexpected %s frame in a segment", f.Type)
-		}
+	if len(b) < cachedHeaderSize || string(b[:4]) != cachedMagic {
+		return m, nil, errors.New("not a sealed cached segment (bad magic)")
 	}
-	if m.first == 0 {
-		return m, errors.New("segment holds no record")
+	if b[4] != cachedVersion {
+		return m, nil, fmt.Errorf("cached segment version %d, want %d", b[4], cachedVersion)
 	}
-	return m, nil
+	m.crash, m.app = b[5]&1 != 0, b[5]&2 != 0
+	m.first = binary.LittleEndian.Uint64(b[8:])
+	m.last = binary.LittleEndian.Uint64(b[16:])
+	m.firstTime = int64(binary.LittleEndian.Uint64(b[24:]))
+	m.lastTime = int64(binary.LittleEndian.Uint64(b[32:]))
+	if m.first == 0 || m.last < m.first {
+		return m, nil, fmt.Errorf("cached segment header has sequence range %d..%d", m.first, m.last)
+	}
+	return m, b[cachedHeaderSize:], nil
 }
 
 // segBuf is an open (then cut) segment: frames appended as received.

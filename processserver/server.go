@@ -319,7 +319,7 @@ func (s *Server) scanCache() error {
 			data, err := s.cache.Get(e.id)
 			if err == nil {
 				var meta segMeta
-				if meta, err = scanSegment(data); err == nil {
+				if meta, _, err = parseCached(data); err == nil {
 					e.size, e.last = int64(len(data)), meta.last
 					m.backlog += e.size
 					s.cacheBytes.Add(e.size)

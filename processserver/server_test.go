@@ -298,7 +298,9 @@ func TestBackpressure(t *testing.T) {
 	faulty := blobstoretest.NewFaulty(mem.New())
 	e := newEnv(t, faulty, 1)
 	e.segAge = 20 * time.Millisecond
-	e.backlog = 100 << 10
+	// The backlog counts sealed bytes, and batch's data compresses well
+	// (160 KiB to a few KiB).
+	e.backlog = 256
 	s := e.start()
 	a := dialAgent(t, e, s, "m1")
 	a.hello("m1", disk0)
@@ -411,4 +413,46 @@ func TestDiskIndicesFollowManifest(t *testing.T) {
 	if fmt.Sprint(disks) != "[0 1 0]" {
 		t.Fatalf("journal disk indices %v, want [0 1 0] (sda, sdb, sda)", disks)
 	}
+}
+
+// TestCacheHoldsNoPlaintext: what the cache directories hold of an
+// acknowledged, not yet uploaded segment is sealed, so the disk data
+// never lies in clear on the process server's cache disks.
+func TestCacheHoldsNoPlaintext(t *testing.T) {
+	faulty := blobstoretest.NewFaulty(mem.New())
+	e := newEnv(t, faulty, 3)
+	e.segAge = 20 * time.Millisecond
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	a.hello("m1", disk0)
+	faulty.FailFor(time.Hour) // keep the segment in the cache
+	a.waitAck(a.batch(1, 40))
+
+	// batch's record 1: the 4 bytes {1, 0, 0x5a, 0} repeated.
+	needle := bytes.Repeat([]byte{1, 0, 0x5a, 0}, 16)
+	var files, size int
+	for _, dir := range e.cache {
+		err := filepath.WalkDir(dir, func(path string, d os.DirEntry, err error) error {
+			if err != nil || d.IsDir() {
+				return err
+			}
+			b, err := os.ReadFile(path)
+			if err != nil {
+				return err
+			}
+			files++
+			size += len(b)
+			if bytes.Contains(b, needle) {
+				t.Errorf("%s holds record data in clear", path)
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if files < len(e.cache) {
+		t.Fatalf("%d files in %d cache directories: the segment is not cached", files, len(e.cache))
+	}
+	t.Logf("%d cache files, %d bytes, none with plaintext", files, size)
 }

@@ -226,6 +226,7 @@ func (st *session) checkHello(h *wire.Hello) error {
 // the agent closed it cleanly (between frames).
 func (st *session) readLoop() bool {
 	var filtered []byte
+	var markers []wire.Marker // of the batch at hand, for the segment's summary
 	for {
 		st.conn.SetReadDeadline(time.Now().Add(idleTimeout))
 		f, err := st.r.Next()
@@ -246,12 +247,16 @@ func (st *session) readLoop() bool {
 				return false
 			}
 			first, last, cut := b.FirstSeq, b.FirstSeq, false
+			markers = markers[:0]
 			for it := b.Records(); it.Next(); {
 				r := it.Record()
 				last = r.Seq
 				switch {
 				case r.Op == wire.OpMarker:
 					cut = cut || wire.MarkerKind(r.Flags) != wire.MarkerTime
+					if r.Seq > st.accepted {
+						markers = append(markers, r.Marker())
+					}
 				case int(r.Disk) >= len(st.diskMap):
 					st.corrupt(fmt.Errorf("record %d names disk %d, but the hello listed %d disks", r.Seq, r.Disk, len(st.diskMap)))
 					return false
@@ -274,6 +279,9 @@ func (st *session) readLoop() bool {
 			st.accepted = last
 			st.mu.Lock()
 			st.buf.appendBatch(f.Flags, payload, first, last, time.Now())
+			for _, mk := range markers {
+				st.buf.meta.marker(mk.Kind, mk.UnixNano)
+			}
 			if cut || len(st.buf.data) >= st.s.cfg.SegmentBytes {
 				st.cutLocked()
 			}
@@ -439,6 +447,7 @@ func (st *session) timer(ctx context.Context) {
 // Put nothing more is, so an ack never covers a gap.
 func (st *session) flusher() {
 	var lastAck uint64
+	var sealed []byte
 	failed := false
 	for it := range st.flushq {
 		if it.note != nil {
@@ -450,12 +459,17 @@ func (st *session) flusher() {
 		b := it.seg
 		if !failed {
 			id := cache.SegmentID{Stream: st.m.name, Seq: b.meta.first}
-			if err := st.s.cache.Put(id, b.data); err != nil {
+			var err error
+			if sealed, err = st.m.sealSegment(sealed[:0], b); err != nil {
+				failed = true
+				st.log.Error("cannot seal a segment; closing the connection, the agent will resend", logSegment, id.String(), logErr, err)
+				st.abortWith(wire.CodeInternal, "process server cannot seal the segment; reconnect and resend", err)
+			} else if err := st.s.cache.Put(id, sealed); err != nil {
 				failed = true
 				st.log.Error("cache write failed; closing the connection, the agent will resend", logSegment, id.String(), logErr, err)
 				st.abortWith(wire.CodeInternal, "process server cache write failed; reconnect and resend", err)
 			} else {
-				st.m.segmentDurable(id, int64(len(b.data)), b.meta.last)
+				st.m.segmentDurable(id, int64(len(sealed)), b.meta.last)
 				if b.meta.last > lastAck {
 					lastAck = b.meta.last
 					if err := st.send(func(w *wire.Writer) error { return w.WriteAck(lastAck) }); err != nil {

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/seal"
 	"github.com/lifeboat-dr/lifeboat/processserver/applier"
 	"github.com/lifeboat-dr/lifeboat/processserver/cache"
 )
@@ -72,8 +73,9 @@ func (s *Server) uploadBacklog() int64 {
 }
 
 // LocalSegment returns the plaintext of journal segment name from the
-// cache, which keeps a segment until it is applied. It checks that the
-// cached segment is the one the name says.
+// cache, which keeps a segment until it is applied: opening the sealed
+// copy there is cheaper than downloading it. It checks that the cached
+// segment is the one the name says (the name is the seal's AAD).
 func (s *Server) LocalSegment(name string) ([]byte, bool) {
 	machine, _, ok := strings.Cut(name, "/journal/")
 	if !ok {
@@ -83,13 +85,29 @@ func (s *Server) LocalSegment(name string) ([]byte, bool) {
 	if err != nil {
 		return nil, false
 	}
+	s.mu.Lock()
+	m := s.machines[machine]
+	s.mu.Unlock()
+	if m == nil {
+		return nil, false
+	}
+	m.mu.Lock()
+	key := m.key
+	m.mu.Unlock()
+	if key == nil {
+		return nil, false
+	}
 	data, err := s.cache.Get(cache.SegmentID{Stream: machine, Seq: first})
 	if err != nil {
 		return nil, false
 	}
-	meta, err := scanSegment(data)
+	meta, sealed, err := parseCached(data)
 	if err != nil || meta.first != first || meta.last != last {
 		return nil, false
 	}
-	return data, true
+	plain, err := seal.Open(nil, sealed, key, []byte(name))
+	if err != nil {
+		return nil, false
+	}
+	return plain, true
 }

@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
-	"github.com/lifeboat-dr/lifeboat/internal/seal"
 	"github.com/lifeboat-dr/lifeboat/internal/stage"
 	"github.com/lifeboat-dr/lifeboat/processserver/cache"
 )
@@ -18,8 +17,8 @@ const (
 	uploadRetryMax = 30 * time.Second
 )
 
-// uploadParallel is how many segments of one machine are sealed and
-// uploaded at once. One at a time left the journal waiting on each round
+// uploadParallel is how many segments of one machine are uploaded at
+// once. One at a time left the journal waiting on each round
 // trip; durable_seq still advances only over a contiguous prefix.
 const uploadParallel = 4
 
@@ -31,12 +30,11 @@ func (m *machine) runUploader(ctx context.Context) {
 }
 
 func (m *machine) uploadLoop(ctx context.Context) {
-	sealBufs := make([][]byte, uploadParallel)
 	wait := uploadRetryMin
 	notified := false
 	for {
 		for ctx.Err() == nil {
-			did, err := m.uploadStep(ctx, sealBufs, &notified)
+			did, err := m.uploadStep(ctx, &notified)
 			if err != nil {
 				if ctx.Err() != nil {
 					return
@@ -73,10 +71,10 @@ type upload struct {
 }
 
 // uploadStep does one unit of work: drop applied segments, then upload
-// the oldest segments not yet uploaded (up to len(sealBufs) in parallel),
+// the oldest segments not yet uploaded (up to uploadParallel at once),
 // or else advance recoverable_until from a marker. It reports whether it
 // uploaded something.
-func (m *machine) uploadStep(ctx context.Context, sealBufs [][]byte, notified *bool) (bool, error) {
+func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) {
 	if err := m.ensureLoaded(ctx); err != nil {
 		return false, err
 	}
@@ -97,7 +95,7 @@ func (m *machine) uploadStep(ctx context.Context, sealBufs [][]byte, notified *b
 	m.mu.Lock()
 	var batch []*upload
 	for _, e := range m.segs {
-		if len(batch) == len(sealBufs) {
+		if len(batch) == uploadParallel {
 			break
 		}
 		if !e.uploaded {
@@ -108,14 +106,9 @@ func (m *machine) uploadStep(ctx context.Context, sealBufs [][]byte, notified *b
 	if len(batch) == 0 {
 		return false, m.advanceFromMarker(ctx)
 	}
-	key, err := m.ensureKey(ctx)
-	if err != nil {
-		return false, err
-	}
-
 	var wg sync.WaitGroup
-	for i, u := range batch {
-		wg.Go(func() { m.uploadOne(ctx, u, key, &sealBufs[i]) })
+	for _, u := range batch {
+		wg.Go(func() { m.uploadOne(ctx, u) })
 	}
 	wg.Wait()
 
@@ -175,9 +168,9 @@ func (m *machine) uploadStep(ctx context.Context, sealBufs [][]byte, notified *b
 // errSegmentLost marks a cached segment that can no longer be read.
 var errSegmentLost = errors.New("cached segment lost")
 
-// uploadOne reads u's segment from the cache, seals it into *sealBuf and
-// puts it in the journal.
-func (m *machine) uploadOne(ctx context.Context, u *upload, key *seal.Key, sealBuf *[]byte) {
+// uploadOne reads u's sealed segment from the cache and puts it in the
+// journal.
+func (m *machine) uploadOne(ctx context.Context, u *upload) {
 	var data []byte
 	var err error
 	stage.Do(ctx, stage.Prepare, func(context.Context) { data, err = m.s.cache.Get(u.e.id) })
@@ -189,10 +182,12 @@ func (m *machine) uploadOne(ctx context.Context, u *upload, key *seal.Key, sealB
 		}
 		return
 	}
-	var meta segMeta
-	stage.Do(ctx, stage.Prepare, func(context.Context) { meta, err = scanSegment(data) })
+	meta, sealed, err := parseCached(data)
+	if err == nil && meta.first != u.e.id.Seq {
+		err = fmt.Errorf("header says it starts at %d", meta.first)
+	}
 	if err != nil {
-		u.err = fmt.Errorf("%w: cached segment does not parse: %w", errSegmentLost, err)
+		u.err = fmt.Errorf("%w: cached segment %s: %w", errSegmentLost, u.e.id, err)
 		return
 	}
 	size := int64(len(data))
@@ -210,20 +205,13 @@ func (m *machine) uploadOne(ctx context.Context, u *upload, key *seal.Key, sealB
 		return
 	}
 	u.name = layout.SegmentName(m.name, meta.first, meta.last)
-	stage.Do(ctx, stage.Prepare, func(context.Context) {
-		*sealBuf, err = seal.Seal((*sealBuf)[:0], data, key, []byte(u.name))
-	})
-	if err != nil {
-		u.err = fmt.Errorf("seal %s: %w", u.name, err)
-		return
-	}
 	start := time.Now()
-	if err := m.s.store.PutBlob(ctx, u.name, *sealBuf, meta.metadata()); err != nil {
+	if err := m.s.store.PutBlob(ctx, u.name, sealed, meta.metadata()); err != nil {
 		u.err = fmt.Errorf("upload %s: %w", u.name, err)
 		return
 	}
-	m.s.metrics.uploadedBytes.Add(float64(len(*sealBuf)))
-	m.log.Debug("segment uploaded", logBlob, u.name, logBytes, len(data), logSealed, len(*sealBuf), logDuration, time.Since(start))
+	m.s.metrics.uploadedBytes.Add(float64(len(sealed)))
+	m.log.Debug("segment uploaded", logBlob, u.name, logSealed, len(sealed), logDuration, time.Since(start))
 }
 
 // dropApplied deletes uploaded segments the applier has applied (all

@@ -1,6 +1,7 @@
 // Package cache is the process server's durable segment journal: change
 // stream segments are made durable here before the agent is acked, and are
-// read back for compression, encryption and upload.
+// read back for upload. The process server stores them already compressed
+// and encrypted (processserver/segment.go): the cache never sees plaintext.
 //
 // Each segment is erasure coded (Reed-Solomon) into k data and m parity
 // shards, one shard per cache directory, so k+m equals the number of
