@@ -190,11 +190,14 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	return nil
 }
 
+// PinRoot holds one directory per pinned capture (see PinDir).
+const PinRoot = "/sys/fs/bpf/lifeboat"
+
 // PinDir is where the capture of stateDir is pinned on the bpffs.
 func PinDir(stateDir string) string {
 	abs, _ := filepath.Abs(stateDir)
 	h := sha256.Sum256([]byte(abs))
-	return filepath.Join("/sys/fs/bpf/lifeboat", hex.EncodeToString(h[:8]))
+	return filepath.Join(PinRoot, hex.EncodeToString(h[:8]))
 }
 
 // Release detaches the capture a clean stop left pinned for stateDir and

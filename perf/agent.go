@@ -147,9 +147,20 @@ func (a *agentProc) cpuSeconds() (float64, error) { return procCPUSeconds(a.pid(
 func (a *agentProc) peakRSS() (int64, error) { return procPeakRSS(a.pid()) }
 
 // stop sends SIGTERM, waits up to StopTimeout for the agent to drain and exit
-// (then SIGKILLs it) and returns the counters it printed, if any. An exit
-// status other than 0 is an error.
+// (then SIGKILLs it), releases the capture it left pinned and returns the
+// counters it printed, if any. An exit status other than 0 is an error.
 func (a *agentProc) stop() (map[string]any, error) {
+	counters, err := a.terminate()
+	// A clean stop leaves capture pinned and attached on purpose (writes
+	// made while the agent is down go to the bitmap). Left behind, every
+	// run would add programs that all later runs pay for on every bio.
+	if out, rerr := exec.Command(a.spec.Exe, "agent", "release", "--state-dir", a.spec.StateDir).CombinedOutput(); rerr != nil {
+		err = errors.Join(err, fmt.Errorf("agent release: %w: %s", rerr, strings.TrimSpace(string(out))))
+	}
+	return counters, err
+}
+
+func (a *agentProc) terminate() (map[string]any, error) {
 	defer a.notify.Close()
 	select {
 	case <-a.exited:

@@ -19,6 +19,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/lifeboat-dr/lifeboat/agent"
 )
 
 // Variant is what runs alongside fio in one sample.
@@ -228,9 +230,10 @@ func RunCapture(ctx context.Context, cfg CaptureConfig, log *slog.Logger, progre
 	}
 
 	rep := &CaptureReport{
-		Started:    time.Now().UTC(),
-		Kernel:     kernelRelease(),
-		FioVersion: fioVersion(ctx, cfg.Fio),
+		Started:       time.Now().UTC(),
+		Kernel:        kernelRelease(),
+		FioVersion:    fioVersion(ctx, cfg.Fio),
+		OtherCaptures: otherCaptures(log),
 		Settings: CaptureSettings{
 			RuntimeSeconds:  cfg.Runtime.Seconds(),
 			Rounds:          cfg.Rounds,
@@ -411,4 +414,18 @@ func mirrorPath(cfg CaptureConfig, dir string) string {
 		return "/dev/null"
 	}
 	return filepath.Join(dir, "mirror.img")
+}
+
+// otherCaptures counts the capture instances pinned on bpffs, and warns
+// about them: `lifeboat agent release` detaches one.
+func otherCaptures(log *slog.Logger) int {
+	entries, err := os.ReadDir(agent.PinRoot)
+	if err != nil {
+		return 0
+	}
+	if len(entries) > 0 {
+		log.Warn("other capture instances are attached; their programs run on every bio and skew the results",
+			"count", len(entries), "dir", agent.PinRoot)
+	}
+	return len(entries)
 }

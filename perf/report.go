@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"text/tabwriter"
 	"time"
+
+	"github.com/lifeboat-dr/lifeboat/agent"
 )
 
 // CaptureReport is the outcome of RunCapture. Units: MB and GB are decimal
@@ -18,6 +20,10 @@ type CaptureReport struct {
 	Kernel     string          `json:"kernel"`
 	FioVersion string          `json:"fio_version"`
 	Settings   CaptureSettings `json:"settings"`
+	// OtherCaptures counts capture instances other agents had pinned on
+	// bpffs when the run started: their programs run on every bio too,
+	// so the run's figures include their cost.
+	OtherCaptures int `json:"other_captures"`
 	// Results has one entry per workload × variant, in configuration
 	// order.
 	Results []CaptureResult `json:"results"`
@@ -235,6 +241,9 @@ func (r *CaptureReport) WriteTable(w io.Writer) error {
 	if _, err := fmt.Fprintf(w, "%s, %s, kernel %s, device %d MiB, %d round(s) × %gs; medians over rounds, ×none = median per-round ratio to no capture\n",
 		r.FioVersion, st.IOEngine, r.Kernel, st.DeviceSizeBytes>>20, st.Rounds, st.RuntimeSeconds); err != nil {
 		return err
+	}
+	if r.OtherCaptures > 0 {
+		fmt.Fprintf(w, "WARNING: %d other capture instance(s) were attached (pinned under %s): every variant paid for them\n", r.OtherCaptures, agent.PinRoot)
 	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "workload\tvariant\tIOPS\tMB/s\tp99 µs\tCPU s/GB\tCPU %\tRSS MiB*\tIOPS ×none\tMB/s ×none\tp99 ×none\toverflows\t")
