@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"strings"
@@ -25,6 +26,9 @@ func TestMain(m *testing.M) {
 	os.Exit(m.Run())
 }
 
+// releasedFile is what the fake "agent release" creates in the state dir.
+const releasedFile = "released"
+
 // fakeAgent imitates the agent's process contract:
 //
 //	ok:          READY=1, STATUS, X-LIFEBOAT-SYNCED=1, hold 32 MiB, on
@@ -39,6 +43,14 @@ func fakeAgent(mode string) int {
 			return ""
 		}
 		return args[i+1]
+	}
+	if len(args) == 4 && args[0] == "agent" && args[1] == "release" && flag("--state-dir") != "" {
+		// Leaves a trace for the tests to see that the pin was released.
+		if err := os.WriteFile(filepath.Join(flag("--state-dir"), releasedFile), nil, 0o644); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		return 0
 	}
 	if len(args) < 2 || args[0] != "agent" || args[1] != "mirror" ||
 		flag("--device") == "" || flag("--to") == "" || flag("--state-dir") == "" ||
@@ -117,6 +129,9 @@ func TestAgentLifecycle(t *testing.T) {
 	counters, err := a.stop()
 	if err != nil {
 		t.Fatalf("stop: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(spec.StateDir, releasedFile)); err != nil {
+		t.Errorf("stop did not release the agent's pinned capture: %v", err)
 	}
 	if n, ok := counterInt(counters, counterOverflowEvents); !ok || n != 2 {
 		t.Errorf("overflow_events = %d, %v", n, ok)
