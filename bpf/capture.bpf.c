@@ -2,12 +2,22 @@
 //
 // Lifeboat write capture.
 //
-// block_bio_queue sees every bio once, after partition remapping. For the
-// protected devices it either copies the payload into the ring (data mode),
-// or remembers the extent until block_bio_complete, where it emits an
-// extent-only record (metadata mode) or marks the dirty bitmap (overflow).
-// Extents go to the bitmap only at completion, so that the agent's read-back
-// never reads a block before the write that dirtied it has landed.
+// blk-mq devices (LB_DEV_RQ: loop, nvme, virtio, scsi) are captured when a
+// request completes, before its bios are ended: block_rq_complete walks the
+// request's bios, whose pages and iterators are still intact, and copies
+// each landed write into the ring (data mode), emits its extent (metadata
+// mode) or marks the dirty bitmap (ring full, device parked, write failed).
+// Nothing runs on the submitter's path and nothing is tracked per bio; the
+// ring holds landed writes in completion order, which for writes that did
+// not overlap in flight is the order the device applied them.
+//
+// Bio-based devices (device mapper, md) cannot be read at completion, so
+// block_bio_queue copies the payload into the ring at submission (data
+// mode), or remembers the extent until block_bio_complete, where it emits
+// an extent-only record (metadata mode) or marks the dirty bitmap
+// (overflow). Extents go to the bitmap only at completion, so that the
+// agent's read-back never reads a block before the write that dirtied it
+// has landed.
 //
 // Ordering contract with the agent (agent/engine.go, drain): once a device's
 // overflow flag is set, no program starts a new ring record for it. The agent
@@ -293,7 +303,7 @@ int BPF_PROG(lb_bio_queue, struct bio *bio)
 	struct block_device *bdev = BPF_CORE_READ(bio, bi_bdev);
 	__u32 dev = BPF_CORE_READ(bdev, bd_dev);
 	struct lb_dev *d = bpf_map_lookup_elem(&devices, &dev);
-	if (!d)
+	if (!d || (d->flags & LB_DEV_RQ))
 		return 0;
 
 	__u32 opf = BPF_CORE_READ(bio, bi_opf);
@@ -394,6 +404,23 @@ static __always_inline void complete_untracked(struct bio *bio)
 	mark_bitmap(d, sector, size, c);
 }
 
+// mark_partial marks a partly completed bio of a blk-mq device.
+static __always_inline void mark_partial(struct bio *bio)
+{
+	__u32 dev = BPF_CORE_READ(bio, bi_bdev, bd_dev);
+	struct lb_dev *d = bpf_map_lookup_elem(&devices, &dev);
+	if (!d || !(d->flags & LB_DEV_RQ))
+		return;
+	__u32 opf = BPF_CORE_READ(bio, bi_opf);
+	__u32 size = BPF_CORE_READ(bio, bi_iter.bi_size);
+	if (classify(opf, size) < 0)
+		return;
+	__u64 sector = BPF_CORE_READ(bio, bi_iter.bi_sector);
+	if (BPF_CORE_READ(bio, bi_flags) & (1 << 10 /* BIO_REMAPPED */))
+		sector -= BPF_CORE_READ(bio, bi_bdev, bd_start_sect);
+	mark_bitmap(d, sector, size, ctrs());
+}
+
 // complete_bio handles the completion of a tracked bio (or bio piece).
 static __always_inline void complete_bio(struct bio *bio)
 {
@@ -439,6 +466,92 @@ int BPF_PROG(lb_bio_complete, struct request_queue *q, struct bio *bio)
 	return 0;
 }
 
+// capture_landed captures a landed (or failed) write to the blk-mq device
+// whose kernel dev_t is dev. It is a global function: the verifier checks
+// it once, not once per iteration of the request walk that calls it.
+__noinline int capture_landed(__u64 bio_addr, __u32 dev, int error)
+{
+	struct bio *bio = (struct bio *)bio_addr;
+	struct lb_dev *d = bpf_map_lookup_elem(&devices, &dev);
+	if (!d)
+		return 0;
+	__u32 opf = BPF_CORE_READ(bio, bi_opf);
+	__u32 size = BPF_CORE_READ(bio, bi_iter.bi_size);
+	int op = classify(opf, size);
+	if (op < 0)
+		return 0;
+	__u64 sector = BPF_CORE_READ(bio, bi_iter.bi_sector);
+	if (BPF_CORE_READ(bio, bi_flags) & (1 << 10 /* BIO_REMAPPED */))
+		sector -= BPF_CORE_READ(bio, bi_bdev, bd_start_sect);
+	struct lb_counters *c = ctrs();
+	__u32 id = d->id;
+	struct lb_devstate *st = bpf_map_lookup_elem(&devstate, &id);
+	struct lb_global *g = glob();
+	if (!st || !g || !c)
+		return 0;
+	if (error || st->overflow) {
+		// A failed write left the blocks in an unknown state: read back.
+		mark_bitmap(d, sector, size, c);
+		return 0;
+	}
+
+	__sync_fetch_and_add(&c->inflight, 1);
+	if (d->mode == LB_MODE_METADATA) {
+		if (emit_meta(d, sector, size, op, opf, c))
+			goto out;
+		goto overflow;
+	}
+	__u32 data_len = op == LB_OP_WRITE ? size : 0;
+	if (data_len > LB_MAX_RECORD_DATA || !g->page_offset)
+		goto overflow;
+	struct bpf_dynptr dp;
+	if (bpf_ringbuf_reserve_dynptr(&events, sizeof(struct lb_record) + data_len, 0, &dp)) {
+		bpf_ringbuf_discard_dynptr(&dp, 0);
+		goto overflow;
+	}
+	if (data_len && copy_payload(&dp, bio, data_len, g->page_offset, g->vmemmap) < 0) {
+		bpf_ringbuf_discard_dynptr(&dp, 0);
+		c->copy_failures++;
+		goto overflow;
+	}
+	struct lb_record *r = bpf_dynptr_data(&dp, 0, sizeof(struct lb_record));
+	if (!r) {
+		bpf_ringbuf_discard_dynptr(&dp, 0);
+		goto overflow;
+	}
+	emit_header(r, d, sector, size, op, opf, data_len);
+	bpf_ringbuf_submit_dynptr(&dp, wake_flag());
+	c->records++;
+	c->bytes += data_len;
+	goto out;
+
+overflow:
+	// This write and every later one on the device go to the bitmap until
+	// the agent has drained and cleared the flag.
+	if (!st->overflow) {
+		st->overflow = 1;
+		__sync_fetch_and_add(&st->overflow_events, 1);
+	}
+	c->overflow_bios++;
+	mark_bitmap(d, sector, size, c);
+out:
+	__sync_fetch_and_add(&c->inflight, -1);
+	return 0;
+}
+
+// complete_rq_bio handles one bio of a completing request.
+static __always_inline void complete_rq_bio(struct bio *bio, int error)
+{
+	__u32 dev = BPF_CORE_READ(bio, bi_bdev, bd_dev);
+	struct lb_dev *d = bpf_map_lookup_elem(&devices, &dev);
+	if (!d)
+		return;
+	if (d->flags & LB_DEV_RQ)
+		capture_landed((__u64)bio, dev, error);
+	else
+		complete_bio(bio);
+}
+
 struct rq_walk {
 	__u64 bio;
 	__u32 done;
@@ -470,11 +583,17 @@ int BPF_PROG(lb_rq_complete, struct request *rq, blk_status_t error, unsigned in
 		if (!b)
 			break;
 		__u32 size = BPF_CORE_READ(b, bi_iter.bi_size);
-		if (w->done + size > nr_bytes)
+		if (w->done + size > nr_bytes) {
+			// Partly done: this part is not described by any iterator
+			// once the bio advances. Read the whole bio back; the rest
+			// is captured when it completes.
+			if (nr_bytes > w->done)
+				mark_partial(b);
 			break;
+		}
 		w->done += size;
 		w->bio = (__u64)BPF_CORE_READ(b, bi_next);
-		complete_bio(b);
+		complete_rq_bio(b, error);
 	}
 	return 0;
 }

@@ -32,6 +32,12 @@ enum lb_mode {
 	LB_MODE_METADATA = 1,
 };
 
+enum lb_dev_flags {
+	/* blk-mq device: writes are captured when their request completes,
+	 * nothing is done (or tracked) at submission. */
+	LB_DEV_RQ = 1,
+};
+
 enum lb_pend_kind {
 	LB_PEND_META = 1,
 	LB_PEND_OVERFLOW = 2,
@@ -55,7 +61,7 @@ struct lb_dev {
 	__u32 mode;        /* enum lb_mode */
 	__u64 blocks;      /* device size in bitmap blocks */
 	__u32 bitmap_word; /* first word of this device in the bitmap map */
-	__u32 _pad;
+	__u32 flags;       /* enum lb_dev_flags */
 };
 
 struct lb_devstate {

@@ -56,6 +56,25 @@ type Device struct {
 	Mode      Mode
 }
 
+// flagRequestBased is LB_DEV_RQ: capture at request completion.
+const flagRequestBased = 1
+
+// requestBased reports whether the disk holding kernel device kdev (a disk
+// or a partition) is a blk-mq device, which the BPF side captures when
+// requests complete. Its sysfs directory then has an mq directory.
+// Bio-based devices (device mapper, md) are captured at submission.
+func requestBased(kdev uint32) bool {
+	dir, err := filepath.EvalSymlinks(fmt.Sprintf("/sys/dev/block/%d:%d", kdev>>20, kdev&(1<<20-1)))
+	if err != nil {
+		return false
+	}
+	if _, err := os.Stat(filepath.Join(dir, "partition")); err == nil {
+		dir = filepath.Dir(dir)
+	}
+	_, err = os.Stat(filepath.Join(dir, "mq"))
+	return err == nil
+}
+
 // Blocks is the number of bitmap blocks covering the device.
 func (d Device) Blocks() uint64 { return uint64((d.Size + BlockSize - 1) / BlockSize) }
 
@@ -188,6 +207,9 @@ func (c *Capture) setup() error {
 	}
 	for i, d := range c.devices {
 		v := captureLbDev{Id: uint32(d.ID), Mode: uint32(d.Mode), Blocks: d.Blocks(), BitmapWord: c.wordBase[i]}
+		if requestBased(d.KernelDev) {
+			v.Flags |= flagRequestBased
+		}
 		if err := c.objs.Devices.Put(d.KernelDev, v); err != nil {
 			return fmt.Errorf("register device %d: %w", d.ID, err)
 		}

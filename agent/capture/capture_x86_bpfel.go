@@ -41,7 +41,7 @@ type captureLbDev struct {
 	Mode       uint32
 	Blocks     uint64
 	BitmapWord uint32
-	Pad        uint32
+	Flags      uint32
 }
 
 type captureLbDevstate struct {
