@@ -96,19 +96,21 @@ type Source struct {
 
 // Options configures an Engine.
 type Options struct {
-	Sources       []Source
-	RingBytes     int
-	PinDir        string // where capture is pinned across clean restarts; "" = no pinning
-	Target        Target
-	Logger        *slog.Logger
-	Progress      io.Writer // initial sync progress; nil = none
-	CrashInterval time.Duration
-	AppInterval   time.Duration
-	PreScript     string
-	PostScript    string
-	FreezeTimeout time.Duration
-	OnReady       func() // capture attached, before the initial copy
-	OnSynced      func() // initial copy done
+	Sources   []Source
+	RingBytes int
+	// CaptureAtSubmission: capture.Config.AtSubmission (tests).
+	CaptureAtSubmission bool
+	PinDir              string // where capture is pinned across clean restarts; "" = no pinning
+	Target              Target
+	Logger              *slog.Logger
+	Progress            io.Writer // initial sync progress; nil = none
+	CrashInterval       time.Duration
+	AppInterval         time.Duration
+	PreScript           string
+	PostScript          string
+	FreezeTimeout       time.Duration
+	OnReady             func() // capture attached, before the initial copy
+	OnSynced            func() // initial copy done
 }
 
 // Stats are the agent-side counters.
@@ -178,7 +180,7 @@ func New(opt Options) (*Engine, error) {
 		e.srcs = append(e.srcs, &source{Source: s, dev: d, size: size, dirty: bitmap.New(uint64((size + capture.BlockSize - 1) / capture.BlockSize))})
 		devs = append(devs, capture.Device{ID: uint16(i), KernelDev: d.KernelDev(), Size: size, Mode: s.Mode})
 	}
-	c, err := capture.Load(capture.Config{Devices: devs, RingBytes: opt.RingBytes, PinDir: opt.PinDir, Logger: opt.Logger})
+	c, err := capture.Load(capture.Config{Devices: devs, RingBytes: opt.RingBytes, PinDir: opt.PinDir, AtSubmission: opt.CaptureAtSubmission, Logger: opt.Logger})
 	if err != nil {
 		e.closeDevs()
 		return nil, err

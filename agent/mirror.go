@@ -22,20 +22,22 @@ import (
 
 // MirrorConfig configures `lifeboat agent mirror`.
 type MirrorConfig struct {
-	Device        string
-	To            string
-	Mode          capture.Mode
-	RingBytes     int
-	StateDir      string
-	CrashInterval time.Duration
-	AppInterval   time.Duration
-	PreScript     string
-	PostScript    string
-	Logger        *slog.Logger
-	Progress      io.Writer // progress of the initial copy
-	Out           io.Writer // the final counters line
-	OnSynced      func()    // called once the initial copy is done (tests)
-	Stats         *Stats    // filled in on return (tests, benchmarks)
+	Device    string
+	To        string
+	Mode      capture.Mode
+	RingBytes int
+	// CaptureAtSubmission: capture.Config.AtSubmission (tests).
+	CaptureAtSubmission bool
+	StateDir            string
+	CrashInterval       time.Duration
+	AppInterval         time.Duration
+	PreScript           string
+	PostScript          string
+	Logger              *slog.Logger
+	Progress            io.Writer // progress of the initial copy
+	Out                 io.Writer // the final counters line
+	OnSynced            func()    // called once the initial copy is done (tests)
+	Stats               *Stats    // filled in on return (tests, benchmarks)
 }
 
 // mirrorState is what the agent remembers in --state-dir between runs.
@@ -142,16 +144,17 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	defer markers.Close()
 	target := &fileTarget{f: f, markers: markers, null: fi.Mode()&os.ModeCharDevice != 0}
 	e, err := New(Options{
-		Sources:       []Source{{Name: filepath.Base(cfg.Device), Path: cfg.Device, Mode: cfg.Mode, Sync: sync}},
-		RingBytes:     cfg.RingBytes,
-		PinDir:        PinDir(cfg.StateDir),
-		Target:        target,
-		Logger:        log,
-		Progress:      cfg.Progress,
-		CrashInterval: cfg.CrashInterval,
-		AppInterval:   cfg.AppInterval,
-		PreScript:     cfg.PreScript,
-		PostScript:    cfg.PostScript,
+		Sources:             []Source{{Name: filepath.Base(cfg.Device), Path: cfg.Device, Mode: cfg.Mode, Sync: sync}},
+		RingBytes:           cfg.RingBytes,
+		CaptureAtSubmission: cfg.CaptureAtSubmission,
+		PinDir:              PinDir(cfg.StateDir),
+		Target:              target,
+		Logger:              log,
+		Progress:            cfg.Progress,
+		CrashInterval:       cfg.CrashInterval,
+		AppInterval:         cfg.AppInterval,
+		PreScript:           cfg.PreScript,
+		PostScript:          cfg.PostScript,
 		OnReady: func() {
 			log.Info("capture attached", keyDevice, cfg.Device)
 			sdnotify.Notify("READY=1\nSTATUS=initial sync")

@@ -30,9 +30,10 @@ type mirrorRun struct {
 }
 
 type runOpts struct {
-	mode     capture.Mode
-	ringMiB  int
-	stateDir string
+	mode         capture.Mode
+	ringMiB      int
+	stateDir     string
+	atSubmission bool // the bio-based devices' path, on a loop device
 }
 
 // startMirror runs RunMirror until stop and waits for the initial copy.
@@ -50,7 +51,7 @@ func startMirror(t *testing.T, dev, to string, o runOpts) *mirrorRun {
 	synced := make(chan struct{})
 	go func() {
 		r.done <- RunMirror(ctx, MirrorConfig{
-			Device: dev, To: to, Mode: o.mode, RingBytes: o.ringMiB << 20, StateDir: o.stateDir,
+			Device: dev, To: to, Mode: o.mode, RingBytes: o.ringMiB << 20, StateDir: o.stateDir, CaptureAtSubmission: o.atSubmission,
 			Out: &r.out, Stats: &r.stats, OnSynced: func() { close(synced) },
 		})
 	}()
@@ -198,12 +199,22 @@ func fsRoundTrip(t *testing.T, fstype string, size int64) {
 	assertSameBytes(t, d.Path, mirror)
 }
 
+// capturePaths runs f with capture at request completion (how blk-mq
+// devices such as loop are captured) and at submission (how bio-based
+// devices, device mapper and md, are), both on loop devices.
+func capturePaths(t *testing.T, f func(t *testing.T, o runOpts)) {
+	t.Run("completion", func(t *testing.T) { f(t, runOpts{}) })
+	t.Run("submission", func(t *testing.T) { f(t, runOpts{atSubmission: true}) })
+}
+
 // 1. O_DIRECT random writes of 512 B to 1 MiB.
-func TestMirrorRandomDirectWrites(t *testing.T) {
+func TestMirrorRandomDirectWrites(t *testing.T) { capturePaths(t, mirrorRandomDirectWrites) }
+
+func mirrorRandomDirectWrites(t *testing.T, o runOpts) {
 	testenv.RequireRoot(t)
 	d := loopdev.New(t, 128<<20, loopdev.Options{})
 	mirror := filepath.Join(t.TempDir(), "mirror.img")
-	r := startMirror(t, d.Path, mirror, runOpts{})
+	r := startMirror(t, d.Path, mirror, o)
 	fio(t, d.Path)
 	s := r.stop()
 	if s.AppliedBytes < 96<<20 {
@@ -219,7 +230,9 @@ func TestMirrorExt4(t *testing.T) { fsRoundTrip(t, "ext4", 256<<20) }
 func TestMirrorXFS(t *testing.T) { fsRoundTrip(t, "xfs", 512<<20) }
 
 // 4. One partition protected while the other is written too.
-func TestMirrorPartition(t *testing.T) {
+func TestMirrorPartition(t *testing.T) { capturePaths(t, mirrorPartition) }
+
+func mirrorPartition(t *testing.T, o runOpts) {
 	testenv.RequireRoot(t)
 	testenv.RequireTool(t, "sfdisk")
 	d := loopdev.New(t, 256<<20, loopdev.Options{PartScan: true})
@@ -232,7 +245,7 @@ func TestMirrorPartition(t *testing.T) {
 		t.Fatal(err)
 	}
 	mirror := filepath.Join(t.TempDir(), "p1.img")
-	r := startMirror(t, p1, mirror, runOpts{})
+	r := startMirror(t, p1, mirror, o)
 	mnt := t.TempDir()
 	if err := loopdev.Mount(p1, mnt, "ext4", ""); err != nil {
 		t.Fatal(err)
@@ -278,11 +291,14 @@ func TestMirrorWritesDuringInitialCopy(t *testing.T) {
 }
 
 // 6. Metadata mode: extents only, blocks read back.
-func TestMirrorMetadataMode(t *testing.T) {
+func TestMirrorMetadataMode(t *testing.T) { capturePaths(t, mirrorMetadataMode) }
+
+func mirrorMetadataMode(t *testing.T, o runOpts) {
 	testenv.RequireRoot(t)
 	d := loopdev.New(t, 128<<20, loopdev.Options{})
 	mirror := filepath.Join(t.TempDir(), "mirror.img")
-	r := startMirror(t, d.Path, mirror, runOpts{mode: capture.ModeMetadata})
+	o.mode = capture.ModeMetadata
+	r := startMirror(t, d.Path, mirror, o)
 	fio(t, d.Path)
 	s := r.stop()
 	if s.AppliedBytes != 0 {
@@ -295,11 +311,14 @@ func TestMirrorMetadataMode(t *testing.T) {
 }
 
 // 7. A 1 MiB ring under heavy writes overflows into the bitmap; nothing is lost.
-func TestMirrorTinyRingOverflow(t *testing.T) {
+func TestMirrorTinyRingOverflow(t *testing.T) { capturePaths(t, mirrorTinyRingOverflow) }
+
+func mirrorTinyRingOverflow(t *testing.T, o runOpts) {
 	testenv.RequireRoot(t)
 	d := loopdev.New(t, 128<<20, loopdev.Options{})
 	mirror := filepath.Join(t.TempDir(), "mirror.img")
-	r := startMirror(t, d.Path, mirror, runOpts{ringMiB: 1})
+	o.ringMiB = 1
+	r := startMirror(t, d.Path, mirror, o)
 	fio(t, d.Path, "--iodepth=32", "--io_size=160m")
 	s := r.stop()
 	if s.OverflowEvents == 0 {

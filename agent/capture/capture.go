@@ -87,7 +87,10 @@ type Config struct {
 	// a clean stop leaves the programs attached and marking the bitmap,
 	// and the next Load picks the maps up again. "" disables pinning.
 	PinDir string
-	Logger *slog.Logger
+	// AtSubmission captures every device at submission, the path of
+	// bio-based devices, also blk-mq ones (tests run it on loop devices).
+	AtSubmission bool
+	Logger       *slog.Logger
 }
 
 // Maps pinned across restarts. The ring itself is not: a clean stop
@@ -109,6 +112,8 @@ type Capture struct {
 	devstate []byte   // mmap of the devstate map
 	pinDir   string
 	resumed  bool
+	// atSubmission: Config.AtSubmission.
+	atSubmission bool
 }
 
 // Load checks prerequisites, calibrates the direct map, loads the programs
@@ -141,7 +146,7 @@ func Load(cfg Config) (*Capture, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load capture spec: %w", err)
 	}
-	c := &Capture{log: cfg.Logger, devices: cfg.Devices}
+	c := &Capture{log: cfg.Logger, devices: cfg.Devices, atSubmission: cfg.AtSubmission}
 	var words uint32
 	for _, d := range cfg.Devices {
 		c.wordBase = append(c.wordBase, words)
@@ -207,7 +212,7 @@ func (c *Capture) setup() error {
 	}
 	for i, d := range c.devices {
 		v := captureLbDev{Id: uint32(d.ID), Mode: uint32(d.Mode), Blocks: d.Blocks(), BitmapWord: c.wordBase[i]}
-		if requestBased(d.KernelDev) {
+		if !c.atSubmission && requestBased(d.KernelDev) {
 			v.Flags |= flagRequestBased
 		}
 		if err := c.objs.Devices.Put(d.KernelDev, v); err != nil {
