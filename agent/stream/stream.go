@@ -38,7 +38,7 @@ const (
 	DefaultBufferBytes    = 256 << 20
 	DefaultFlushBytes     = 1 << 20
 	DefaultFlushInterval  = 5 * time.Millisecond
-	DefaultMarkerInterval = time.Second
+	DefaultMarkerInterval = 500 * time.Millisecond // RPO carries up to one interval of sawtooth
 	DefaultWindow         = 64 << 20
 	DefaultSyncTimeout    = time.Minute
 )
@@ -94,7 +94,7 @@ type Config struct {
 	BufferBytes    int64         // bound on unacknowledged data held (default 256 MiB)
 	FlushBytes     int           // batch size (default 1 MiB)
 	FlushInterval  time.Duration // a partial batch waits at most this long (default 5 ms)
-	MarkerInterval time.Duration // time markers (default 1 s)
+	MarkerInterval time.Duration // time markers (default 500 ms)
 	Window         uint64        // in-flight bytes until the process server says otherwise (default 64 MiB)
 	SyncTimeout    time.Duration // bound of Sync (default 1 min)
 	// HoldTimeMarkers starts the Target with time markers held (see
