@@ -182,14 +182,8 @@ static __always_inline void emit_header(struct lb_record *r, struct lb_dev *d, _
 	r->_pad = 0;
 }
 
-// wake_flag decides whether submitting a record of n bytes wakes the reader.
-// Querying the ring reads the reader's consumer position, a cache line the
-// reader writes for every record, so small records query only one time in
-// 16 per CPU; the reader also polls every 2 ms.
-static __always_inline __u64 wake_flag(struct lb_counters *c, __u32 n)
+static __always_inline __u64 wake_flag(void)
 {
-	if (c && n < (64 << 10) && (c->records & 15))
-		return BPF_RB_NO_WAKEUP;
 	return bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= wake_bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
 }
 
@@ -201,7 +195,7 @@ static __always_inline bool emit_meta(struct lb_dev *d, __u64 sector, __u32 len,
 	if (!r)
 		return false;
 	emit_header(r, d, sector, len, op, opf, 0);
-	bpf_ringbuf_submit(r, wake_flag(c, 0));
+	bpf_ringbuf_submit(r, wake_flag());
 	if (c)
 		c->records++;
 	return true;
@@ -366,7 +360,7 @@ int BPF_PROG(lb_bio_queue, struct bio *bio)
 		__sync_fetch_and_add(&st->ring_inflight, 1);
 	else
 		c->pending_full++;
-	bpf_ringbuf_submit_dynptr(&dp, wake_flag(c, data_len));
+	bpf_ringbuf_submit_dynptr(&dp, wake_flag());
 	c->records++;
 	c->bytes += data_len;
 	__sync_fetch_and_add(&c->inflight, -1);
@@ -526,7 +520,7 @@ __noinline int capture_landed(__u64 bio_addr, __u32 dev, int error)
 		goto overflow;
 	}
 	emit_header(r, d, sector, size, op, opf, data_len);
-	bpf_ringbuf_submit_dynptr(&dp, wake_flag(c, data_len));
+	bpf_ringbuf_submit_dynptr(&dp, wake_flag());
 	c->records++;
 	c->bytes += data_len;
 	goto out;
