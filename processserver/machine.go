@@ -51,8 +51,12 @@ type machine struct {
 	lost     bool  // an acked segment could not be read back: resync at next hello
 	note     wire.Marker
 	hasNote  bool
-	idle     wire.Marker   // first marker of the current idle run (same seq)
-	progress chan struct{} // closed and replaced whenever uploaded grows
+	idle     wire.Marker // first marker of the current idle run (same seq)
+
+	// Compression skipping (sealSegment).
+	incompressible int           // segments in a row that did not compress
+	skipCompress   int           // segments still to seal without compressing
+	progress       chan struct{} // closed and replaced whenever uploaded grows
 }
 
 func newMachine(s *Server, name string) *machine {
@@ -149,13 +153,41 @@ func (m *machine) loadKey(ctx context.Context, idHex string) (*seal.Key, error) 
 func (m *machine) sealSegment(dst []byte, b *segBuf) ([]byte, error) {
 	m.mu.Lock()
 	key := m.key
+	alg := seal.DefaultAlg
+	if m.skipCompress > 0 {
+		m.skipCompress--
+		alg = seal.AlgNone
+	}
 	m.mu.Unlock()
 	if key == nil {
 		return dst, errors.New("no data key loaded for the machine")
 	}
 	dst = appendCachedHeader(dst, b.meta)
-	return seal.Seal(dst, b.data, key, []byte(layout.SegmentName(m.name, b.meta.first, b.meta.last)))
+	start := len(dst)
+	dst, err := seal.SealWith(alg, dst, b.data, key, []byte(layout.SegmentName(m.name, b.meta.first, b.meta.last)))
+	if err != nil || alg == seal.AlgNone {
+		return dst, err
+	}
+	// A stream that does not compress (encrypted or compressed files,
+	// media) skips the compressor for a while, then tries again.
+	m.mu.Lock()
+	if len(dst)-start >= len(b.data)*63/64 {
+		if m.incompressible++; m.incompressible >= incompressibleRun {
+			m.incompressible, m.skipCompress = 0, incompressibleSkip
+		}
+	} else {
+		m.incompressible = 0
+	}
+	m.mu.Unlock()
+	return dst, nil
 }
+
+// After incompressibleRun segments in a row that compression did not
+// shrink by 1/64, the next incompressibleSkip segments are not compressed.
+const (
+	incompressibleRun  = 4
+	incompressibleSkip = 32
+)
 
 // ensureKey creates the machine's data key on first use: wrapped key blob
 // first, then the manifest naming it, so the manifest never names a
