@@ -217,8 +217,14 @@ func mirrorRandomDirectWrites(t *testing.T, o runOpts) {
 	r := startMirror(t, d.Path, mirror, o)
 	fio(t, d.Path)
 	s := r.stop()
-	if s.AppliedBytes < 96<<20 {
-		t.Errorf("applied %d payload bytes, fio wrote 96 MiB", s.AppliedBytes)
+	// Every write came through the ring unless the ring overflowed (a busy
+	// machine can stall the reader); then some came through the bitmap's
+	// read-back, and only the byte compare below can tell.
+	if s.OverflowEvents == 0 && s.AppliedBytes < 96<<20 {
+		t.Errorf("applied %d payload bytes without an overflow, fio wrote 96 MiB", s.AppliedBytes)
+	}
+	if s.AppliedBytes == 0 {
+		t.Error("no payload came through the ring")
 	}
 	assertSameBytes(t, d.Path, mirror)
 }
