@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
@@ -47,7 +48,8 @@ type session struct {
 	errMu     sync.Mutex
 	err       error // why the session ended, if not the agent's doing
 
-	wmu        sync.Mutex // one writer at a time, so the write deadline is ours
+	wmu        sync.Mutex  // one writer at a time, so the write deadline is ours
+	ackSent    atomic.Bool // the hello-ack is out: backpressure frames may follow
 	bpMu       sync.Mutex
 	window     uint64 // last window sent
 	sentWindow bool
@@ -173,6 +175,7 @@ func (st *session) run(ctx context.Context) {
 		st.log.Warn("send hello-ack", logErr, err)
 		return
 	}
+	st.ackSent.Store(true)
 	st.updateBackpressure()
 
 	st.buf = st.s.getBuf()
@@ -487,6 +490,9 @@ func (st *session) flusher() {
 // changed: 0 while the cache is nearly full or the machine's upload
 // backlog is over its bound.
 func (st *session) updateBackpressure() {
+	if !st.ackSent.Load() {
+		return // the hello-ack goes first; run sends the window after it
+	}
 	want := st.s.cfg.Window
 	st.bpMu.Lock()
 	defer st.bpMu.Unlock()
