@@ -408,8 +408,9 @@ func (e *Engine) appConsistent(ctx context.Context) error {
 	})
 }
 
-// marker emits a crash-consistent marker after every write submitted so
-// far has been applied.
+// marker emits a crash-consistent marker after every write captured so
+// far has been applied: every write completed so far on blk-mq devices,
+// every write submitted so far on bio-based ones.
 func (e *Engine) marker(ctx context.Context, kind MarkerKind) error {
 	if err := e.quiesce(ctx); err != nil {
 		return err
