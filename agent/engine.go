@@ -98,8 +98,8 @@ type Source struct {
 type Options struct {
 	Sources   []Source
 	RingBytes int
-	// CaptureAtSubmission: capture.Config.AtSubmission (tests).
-	CaptureAtSubmission bool
+	// CaptureAtCompletion: capture.Config.AtCompletion (experimental).
+	CaptureAtCompletion bool
 	PinDir              string // where capture is pinned across clean restarts; "" = no pinning
 	Target              Target
 	Logger              *slog.Logger
@@ -180,7 +180,7 @@ func New(opt Options) (*Engine, error) {
 		e.srcs = append(e.srcs, &source{Source: s, dev: d, size: size, dirty: bitmap.New(uint64((size + capture.BlockSize - 1) / capture.BlockSize))})
 		devs = append(devs, capture.Device{ID: uint16(i), KernelDev: d.KernelDev(), Size: size, Mode: s.Mode})
 	}
-	c, err := capture.Load(capture.Config{Devices: devs, RingBytes: opt.RingBytes, PinDir: opt.PinDir, AtSubmission: opt.CaptureAtSubmission, Logger: opt.Logger})
+	c, err := capture.Load(capture.Config{Devices: devs, RingBytes: opt.RingBytes, PinDir: opt.PinDir, AtCompletion: opt.CaptureAtCompletion, Logger: opt.Logger})
 	if err != nil {
 		e.closeDevs()
 		return nil, err

@@ -26,8 +26,8 @@ type MirrorConfig struct {
 	To        string
 	Mode      capture.Mode
 	RingBytes int
-	// CaptureAtSubmission: capture.Config.AtSubmission (tests).
-	CaptureAtSubmission bool
+	// CaptureAtCompletion: capture.Config.AtCompletion (experimental).
+	CaptureAtCompletion bool
 	StateDir            string
 	CrashInterval       time.Duration
 	AppInterval         time.Duration
@@ -146,7 +146,7 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	e, err := New(Options{
 		Sources:             []Source{{Name: filepath.Base(cfg.Device), Path: cfg.Device, Mode: cfg.Mode, Sync: sync}},
 		RingBytes:           cfg.RingBytes,
-		CaptureAtSubmission: cfg.CaptureAtSubmission,
+		CaptureAtCompletion: cfg.CaptureAtCompletion,
 		PinDir:              PinDir(cfg.StateDir),
 		Target:              target,
 		Logger:              log,

@@ -33,7 +33,7 @@ type runOpts struct {
 	mode         capture.Mode
 	ringMiB      int
 	stateDir     string
-	atSubmission bool // the bio-based devices' path, on a loop device
+	atCompletion bool // capture.Config.AtCompletion
 }
 
 // startMirror runs RunMirror until stop and waits for the initial copy.
@@ -51,7 +51,7 @@ func startMirror(t *testing.T, dev, to string, o runOpts) *mirrorRun {
 	synced := make(chan struct{})
 	go func() {
 		r.done <- RunMirror(ctx, MirrorConfig{
-			Device: dev, To: to, Mode: o.mode, RingBytes: o.ringMiB << 20, StateDir: o.stateDir, CaptureAtSubmission: o.atSubmission,
+			Device: dev, To: to, Mode: o.mode, RingBytes: o.ringMiB << 20, StateDir: o.stateDir, CaptureAtCompletion: o.atCompletion,
 			Out: &r.out, Stats: &r.stats, OnSynced: func() { close(synced) },
 		})
 	}()
@@ -199,12 +199,11 @@ func fsRoundTrip(t *testing.T, fstype string, size int64) {
 	assertSameBytes(t, d.Path, mirror)
 }
 
-// capturePaths runs f with capture at request completion (how blk-mq
-// devices such as loop are captured) and at submission (how bio-based
-// devices, device mapper and md, are), both on loop devices.
+// capturePaths runs f with capture at submission (the default) and at
+// request completion (experimental, capture.Config.AtCompletion).
 func capturePaths(t *testing.T, f func(t *testing.T, o runOpts)) {
-	t.Run("completion", func(t *testing.T) { f(t, runOpts{}) })
-	t.Run("submission", func(t *testing.T) { f(t, runOpts{atSubmission: true}) })
+	t.Run("submission", func(t *testing.T) { f(t, runOpts{}) })
+	t.Run("completion", func(t *testing.T) { f(t, runOpts{atCompletion: true}) })
 }
 
 // 1. O_DIRECT random writes of 512 B to 1 MiB.

@@ -34,6 +34,7 @@ type agentSpec struct {
 	MirrorPath   string
 	Mode         Variant // VariantMetadata or VariantData
 	RingMiB      int     // 0: agent default
+	AtCompletion bool    // --capture-at-completion
 	StateDir     string
 	NotifyDir    string // private directory for the notify socket
 	ReadyTimeout time.Duration
@@ -49,6 +50,9 @@ func (s agentSpec) args() []string {
 	}
 	if s.RingMiB > 0 {
 		a = append(a, "--ring-mib", strconv.Itoa(s.RingMiB))
+	}
+	if s.AtCompletion {
+		a = append(a, "--capture-at-completion")
 	}
 	return append(a, "--state-dir", s.StateDir)
 }

@@ -85,6 +85,9 @@ type CaptureConfig struct {
 	// RingMiB is passed as --ring-mib to the agent; 0 leaves the agent's
 	// default.
 	RingMiB int
+	// AtCompletion passes --capture-at-completion to the agent
+	// (experimental capture path).
+	AtCompletion bool
 	// NullTarget makes the agent mirror into /dev/null: the cost of
 	// capture alone, without keeping a copy.
 	NullTarget bool
@@ -243,6 +246,7 @@ func RunCapture(ctx context.Context, cfg CaptureConfig, log *slog.Logger, progre
 			Workloads:       cfg.Workloads,
 			AgentExe:        cfg.AgentExe,
 			RingMiB:         cfg.RingMiB,
+			AtCompletion:    cfg.AtCompletion,
 		},
 	}
 	total := cfg.Rounds * len(cfg.Workloads) * len(cfg.Variants)
@@ -331,6 +335,7 @@ func runSample(ctx context.Context, cfg CaptureConfig, round int, wl Workload, v
 			MirrorPath:   mirrorPath(cfg, dir),
 			Mode:         v,
 			RingMiB:      cfg.RingMiB,
+			AtCompletion: cfg.AtCompletion,
 			StateDir:     stateDir,
 			NotifyDir:    ndir,
 			ReadyTimeout: cfg.ReadyTimeout,

@@ -41,6 +41,7 @@ type CaptureSettings struct {
 	Workloads       []Workload `json:"workloads"`
 	AgentExe        string     `json:"agent_exe,omitempty"`
 	RingMiB         int        `json:"ring_mib,omitempty"`
+	AtCompletion    bool       `json:"at_completion,omitempty"` // experimental capture path
 }
 
 // CaptureSample is one fio run under one variant. Agent fields are nil for

@@ -53,6 +53,7 @@ func benchCmd(verbose *bool) *cobra.Command {
 	f.IntVar(&cfg.Rounds, "rounds", 3, "rounds (variants alternate within each)")
 	f.StringVar(&variants, "variants", "", "comma-separated subset of none,metadata,data")
 	f.IntVar(&cfg.RingMiB, "ring-mib", 0, "agent ring size (0: agent default)")
+	f.BoolVar(&cfg.AtCompletion, "at-completion", false, "run the agents with the experimental --capture-at-completion")
 	f.BoolVar(&cfg.NullTarget, "null-target", false, "mirror into /dev/null: measure capture alone, without the copy's writes")
 	f.StringVar(&cfg.Dir, "dir", "/var/tmp", "where the loop device's file and the mirror go")
 	f.StringVar(&jsonOut, "json", "", "also write the report as JSON to this file (- for stdout)")
