@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -127,7 +128,10 @@ type Stats struct {
 	AppMarkers       uint64           `json:"app_markers"`
 	LastSeq          uint64           `json:"last_seq"`
 	InflightTimeouts uint64           `json:"inflight_timeouts"`
-	Sync             []string         `json:"sync"` // how each device was brought up to date at start
+	// StaleCompletions counts writes whose completion the kernel never
+	// reported; their blocks were read back (see capture.SweepStale).
+	StaleCompletions uint64   `json:"stale_completions"`
+	Sync             []string `json:"sync"` // how each device was brought up to date at start
 }
 
 type source struct {
@@ -296,6 +300,8 @@ func (e *Engine) loop(ctx context.Context) error {
 	}
 	idle := time.NewTicker(5 * time.Millisecond)
 	defer idle.Stop()
+	sweep := time.NewTicker(sweepInterval)
+	defer sweep.Stop()
 	var need []int
 	for {
 		// Apply whatever is queued, in batches, checking the devices
@@ -350,9 +356,46 @@ func (e *Engine) loop(ctx context.Context) error {
 			}
 		case done := <-e.appReq:
 			done <- e.appConsistent(ctx)
+		case <-sweep.C:
+			if err := e.sweepStale(); err != nil {
+				return err
+			}
 		case <-idle.C:
 		}
 	}
+}
+
+// A pending write older than staleAfter has completed (or its device is
+// hung) without the kernel reporting it; sweepInterval paces the check.
+const (
+	staleAfter    = 10 * time.Second
+	sweepInterval = time.Second
+)
+
+// sweepStale reads back the writes whose completion the kernel never
+// reported: their extents go into the kernel bitmap and the devices are
+// drained, under the usual ordering protocol.
+func (e *Engine) sweepStale() error {
+	stale, err := e.cap.SweepStale(staleAfter)
+	if err != nil || len(stale) == 0 {
+		return err
+	}
+	var idx []int
+	for _, st := range stale {
+		words := e.cap.BitmapWords(st.Dev)
+		first := st.Off / capture.BlockSize
+		end := (st.Off + max(st.Len, 1) + capture.BlockSize - 1) / capture.BlockSize
+		for b := first; b < end && b/64 < int64(len(words)); b++ {
+			atomic.OrUint64(&words[b/64], 1<<(b%64))
+		}
+		if !slices.Contains(idx, st.Dev) {
+			idx = append(idx, st.Dev)
+		}
+	}
+	e.stats.StaleCompletions += uint64(len(stale))
+	e.log.Warn("the kernel did not report the completion of some writes; reading their blocks back",
+		"writes", len(stale))
+	return e.drain(context.Background(), idx, false, nil)
 }
 
 // RequestSync asks the running engine to bring device dev's target up to

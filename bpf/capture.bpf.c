@@ -298,7 +298,8 @@ static __always_inline void add_pending(struct bio *bio, struct lb_dev *d, __u64
 					__u32 opf, __u32 kind, struct lb_counters *c)
 {
 	__u64 key = (__u64)bio;
-	struct lb_pending p = {.dev = d->id, .op = op, .kind = kind, .opf = opf, .sector = sector, .len = len};
+	struct lb_pending p = {.dev = d->id, .op = op, .kind = kind, .opf = opf, .sector = sector, .len = len,
+			       .stamp = bpf_ktime_get_ns() / 1000000000};
 	if (bpf_map_update_elem(&pending, &key, &p, BPF_ANY)) {
 		// Too many bios in flight to track: mark now and make the agent
 		// re-read this extent after its next quiet point.
@@ -366,7 +367,8 @@ int BPF_PROG(lb_bio_queue, struct bio *bio)
 	// Count it in flight before it is visible, so the agent never sees the
 	// record applied while the write is unaccounted for.
 	__u64 key = (__u64)bio;
-	struct lb_pending p = {.dev = d->id, .op = op, .kind = LB_PEND_RING, .opf = opf, .sector = sector, .len = size};
+	struct lb_pending p = {.dev = d->id, .op = op, .kind = LB_PEND_RING, .opf = opf, .sector = sector, .len = size,
+			       .stamp = bpf_ktime_get_ns() / 1000000000};
 	if (bpf_map_update_elem(&pending, &key, &p, BPF_ANY) == 0)
 		__sync_fetch_and_add(&st->ring_inflight, 1);
 	else

@@ -79,7 +79,7 @@ struct lb_pending {
 	__u16 dev;
 	__u8 op;
 	__u8 kind;
-	__u32 _pad;
+	__u32 stamp; /* monotonic seconds at insertion (stale sweep) */
 };
 
 struct lb_counters {

@@ -69,7 +69,7 @@ type captureLbPending struct {
 	Dev    uint16
 	Op     uint8
 	Kind   uint8
-	Pad    uint32
+	Stamp  uint32
 }
 
 type captureLbRecord struct {

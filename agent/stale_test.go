@@ -1,0 +1,103 @@
+package agent
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/agent/capture"
+	"github.com/lifeboat-dr/lifeboat/internal/loopdev"
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
+)
+
+// TestStaleCompletionReadBack: a write whose completion the kernel never
+// reports (seen with loop on 6.18) is read back once its pending entry is
+// stale. The write is made to the loop device's backing file, which
+// capture cannot see, and announced by a stale pending entry, as if the
+// kernel had queued it and then stayed silent. Without the sweep the
+// mirror would miss it.
+func TestStaleCompletionReadBack(t *testing.T) {
+	for _, mode := range []capture.Mode{capture.ModeMetadata, capture.ModeData} {
+		t.Run(mode.String(), func(t *testing.T) { staleCompletionReadBack(t, mode) })
+	}
+}
+
+func staleCompletionReadBack(t *testing.T, mode capture.Mode) {
+	testenv.RequireRoot(t)
+	d := loopdev.New(t, 32<<20, loopdev.Options{})
+	dir := t.TempDir()
+	mirror, err := os.Create(filepath.Join(dir, "mirror.img"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mirror.Close()
+	markers, err := os.Create(filepath.Join(dir, "markers.jsonl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer markers.Close()
+	synced := make(chan struct{})
+	e, err := New(Options{
+		Sources:   []Source{{Name: "d0", Path: d.Path, Mode: mode, Sync: SyncFull}},
+		RingBytes: 4 << 20,
+		Target:    &fileTarget{f: mirror, markers: markers},
+		OnSynced:  func() { close(synced) },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- e.Run(ctx) }()
+	select {
+	case <-synced:
+	case err := <-done:
+		t.Fatalf("engine stopped before the initial copy: %v", err)
+	case <-time.After(time.Minute):
+		t.Fatal("initial copy did not finish")
+	}
+
+	// 64 KiB of 0x5a at 8 MiB, behind capture's back.
+	const off, n = 8 << 20, 64 << 10
+	f, err := os.OpenFile(d.File, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, n)
+	for i := range buf {
+		buf[i] = 0x5a
+	}
+	if _, err := f.WriteAt(buf, off); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if err := e.cap.InjectPending(0, off, n, mode == capture.ModeMetadata, 2*staleAfter); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * sweepInterval)
+	for {
+		got := make([]byte, n)
+		if _, err := mirror.ReadAt(got, off); err == nil && string(got) == string(buf) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the stale write was not read back into the mirror")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if s := e.Stats(); s.StaleCompletions != 1 {
+		t.Errorf("stale completions = %d, want 1", s.StaleCompletions)
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
