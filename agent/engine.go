@@ -376,18 +376,24 @@ const (
 // reported: their extents go into the kernel bitmap and the devices are
 // drained, under the usual ordering protocol.
 func (e *Engine) sweepStale() error {
+	idx, err := e.markStale()
+	if err != nil || len(idx) == 0 {
+		return err
+	}
+	return e.drain(context.Background(), idx, false, nil)
+}
+
+// markStale sweeps the stale pending writes into the kernel bitmap, where
+// the next drain of their devices (returned; the loop also sees their
+// marks move) picks them up.
+func (e *Engine) markStale() ([]int, error) {
 	stale, err := e.cap.SweepStale(staleAfter)
 	if err != nil || len(stale) == 0 {
-		return err
+		return nil, err
 	}
 	var idx []int
 	for _, st := range stale {
-		words := e.cap.BitmapWords(st.Dev)
-		first := st.Off / capture.BlockSize
-		end := (st.Off + max(st.Len, 1) + capture.BlockSize - 1) / capture.BlockSize
-		for b := first; b < end && b/64 < int64(len(words)); b++ {
-			atomic.OrUint64(&words[b/64], 1<<(b%64))
-		}
+		e.cap.MarkBytes(st.Dev, st.Off, st.Len)
 		if !slices.Contains(idx, st.Dev) {
 			idx = append(idx, st.Dev)
 		}
@@ -395,7 +401,7 @@ func (e *Engine) sweepStale() error {
 	e.stats.StaleCompletions += uint64(len(stale))
 	e.log.Warn("the kernel did not report the completion of some writes; reading their blocks back",
 		"writes", len(stale))
-	return e.drain(context.Background(), idx, false, nil)
+	return idx, nil
 }
 
 // RequestSync asks the running engine to bring device dev's target up to
@@ -554,9 +560,19 @@ const inflightTimeout = 30 * time.Second
 // so that a read-back cannot be older than a write already applied.
 func (e *Engine) waitLanded(ctx context.Context, i int) error {
 	deadline := time.Now().Add(inflightTimeout)
+	nextSweep := time.Now().Add(sweepInterval)
 	for e.cap.RingInflight(i) > 0 {
 		if ctx.Err() != nil {
 			return ctx.Err()
+		}
+		if time.Now().After(nextSweep) {
+			// A completion the kernel never reported: its entry goes
+			// stale and releases ring_inflight; the blocks are marked in
+			// the kernel bitmap, which this drain swaps next.
+			if _, err := e.markStale(); err != nil {
+				return err
+			}
+			nextSweep = time.Now().Add(sweepInterval)
 		}
 		if time.Now().After(deadline) {
 			k, _ := e.cap.Counters()

@@ -605,3 +605,16 @@ func (c *Capture) InjectPending(i int, off, n int64, metadata bool, age time.Dur
 	key := uint64(0xdead0000_00000000) | uint64(off)
 	return c.objs.Pending.Put(key, v)
 }
+
+// MarkBytes marks device i's blocks covering [off, off+n) in the kernel
+// bitmap, as a BPF program would, and moves the device's mark count so
+// that the agent's loop drains it.
+func (c *Capture) MarkBytes(i int, off, n int64) {
+	words := c.BitmapWords(i)
+	first := off / BlockSize
+	end := (off + max(n, 1) + BlockSize - 1) / BlockSize
+	for b := first; b < end && b/64 < int64(len(words)); b++ {
+		atomic.OrUint64(&words[b/64], 1<<(b%64))
+	}
+	atomic.AddUint64(&c.state(i).Marks, 1)
+}
