@@ -198,6 +198,28 @@ static __always_inline __u64 meta_wake_flag(struct lb_counters *c)
 	return wake_flag();
 }
 
+// bio_sector is the bio's first sector relative to the protected
+// (partition) device.
+static __always_inline __u64 bio_sector(struct bio *bio)
+{
+	__u64 sector = BPF_CORE_READ(bio, bi_iter.bi_sector);
+	if (BPF_CORE_READ(bio, bi_flags) & (1 << 10 /* BIO_REMAPPED, stable since 5.12 */))
+		sector -= BPF_CORE_READ(bio, bi_bdev, bd_start_sect);
+	return sector;
+}
+
+// enter_overflow puts device st on the bitmap: the ring is full (or a
+// record cannot be built), so this write and every later one go to the
+// bitmap until the agent has drained and cleared the flag.
+static __always_inline void enter_overflow(struct lb_devstate *st, struct lb_counters *c)
+{
+	if (!st->overflow) {
+		st->overflow = 1;
+		__sync_fetch_and_add(&st->overflow_events, 1);
+	}
+	c->overflow_bios++;
+}
+
 // emit_meta writes an extent-only record; false when the ring is full.
 static __always_inline bool emit_meta(struct lb_dev *d, __u64 sector, __u32 len, int op, __u32 opf,
 				      struct lb_counters *c)
@@ -294,6 +316,48 @@ static __always_inline int copy_payload(struct bpf_dynptr *dp, struct bio *bio, 
 	return s->off == size ? 0 : -1;
 }
 
+// emit_data copies a write into a ring record; false when the ring is full
+// or the record cannot be built (the caller takes the bitmap path). With
+// track (submission capture), the bio is counted in ring_inflight before
+// the record is visible, so the agent never applies a record whose write
+// is not accounted for until it lands.
+static __always_inline bool emit_data(struct bio *bio, struct lb_dev *d, struct lb_devstate *st, struct lb_global *g,
+				      struct lb_counters *c, __u64 sector, __u32 size, int op, __u32 opf, bool track)
+{
+	__u32 data_len = op == LB_OP_WRITE ? size : 0;
+	if (data_len > LB_MAX_RECORD_DATA || !g->page_offset)
+		return false;
+	struct bpf_dynptr dp;
+	if (bpf_ringbuf_reserve_dynptr(&events, sizeof(struct lb_record) + data_len, 0, &dp)) {
+		bpf_ringbuf_discard_dynptr(&dp, 0);
+		return false;
+	}
+	if (data_len && copy_payload(&dp, bio, data_len, g->page_offset, g->vmemmap) < 0) {
+		bpf_ringbuf_discard_dynptr(&dp, 0);
+		c->copy_failures++;
+		return false;
+	}
+	struct lb_record *r = bpf_dynptr_data(&dp, 0, sizeof(struct lb_record));
+	if (!r) {
+		bpf_ringbuf_discard_dynptr(&dp, 0);
+		return false;
+	}
+	emit_header(r, d, sector, size, op, opf, data_len);
+	if (track) {
+		__u64 key = (__u64)bio;
+		struct lb_pending p = {.dev = d->id, .op = op, .kind = LB_PEND_RING, .opf = opf, .sector = sector, .len = size,
+				       .stamp = bpf_ktime_get_ns() / 1000000000};
+		if (bpf_map_update_elem(&pending, &key, &p, BPF_ANY) == 0)
+			__sync_fetch_and_add(&st->ring_inflight, 1);
+		else
+			c->pending_full++;
+	}
+	bpf_ringbuf_submit_dynptr(&dp, wake_flag());
+	c->records++;
+	c->bytes += data_len;
+	return true;
+}
+
 static __always_inline void add_pending(struct bio *bio, struct lb_dev *d, __u64 sector, __u32 len, int op,
 					__u32 opf, __u32 kind, struct lb_counters *c)
 {
@@ -312,8 +376,7 @@ static __always_inline void add_pending(struct bio *bio, struct lb_dev *d, __u64
 SEC("tp_btf/block_bio_queue")
 int BPF_PROG(lb_bio_queue, struct bio *bio)
 {
-	struct block_device *bdev = BPF_CORE_READ(bio, bi_bdev);
-	__u32 dev = BPF_CORE_READ(bdev, bd_dev);
+	__u32 dev = BPF_CORE_READ(bio, bi_bdev, bd_dev);
 	struct lb_dev *d = bpf_map_lookup_elem(&devices, &dev);
 	if (!d || (d->flags & LB_DEV_RQ))
 		return 0;
@@ -323,9 +386,7 @@ int BPF_PROG(lb_bio_queue, struct bio *bio)
 	int op = classify(opf, size);
 	if (op < 0)
 		return 0;
-	__u64 sector = BPF_CORE_READ(bio, bi_iter.bi_sector);
-	if (BPF_CORE_READ(bio, bi_flags) & (1 << 10 /* BIO_REMAPPED, stable since 5.12 */))
-		sector -= BPF_CORE_READ(bdev, bd_start_sect);
+	__u64 sector = bio_sector(bio);
 
 	struct lb_counters *c = ctrs();
 	__u32 id = d->id;
@@ -344,94 +405,41 @@ int BPF_PROG(lb_bio_queue, struct bio *bio)
 	}
 
 	__sync_fetch_and_add(&c->inflight, 1);
-	__u32 data_len = op == LB_OP_WRITE ? size : 0;
-	if (data_len > LB_MAX_RECORD_DATA || !g->page_offset) {
-		goto overflow_unreserved;
+	if (!emit_data(bio, d, st, g, c, sector, size, op, opf, true)) {
+		enter_overflow(st, c);
+		add_pending(bio, d, sector, size, op, opf, LB_PEND_OVERFLOW, c);
 	}
-	struct bpf_dynptr dp;
-	if (bpf_ringbuf_reserve_dynptr(&events, sizeof(struct lb_record) + data_len, 0, &dp)) {
-		bpf_ringbuf_discard_dynptr(&dp, 0);
-		goto overflow_unreserved;
-	}
-	if (data_len && copy_payload(&dp, bio, data_len, g->page_offset, g->vmemmap) < 0) {
-		bpf_ringbuf_discard_dynptr(&dp, 0);
-		c->copy_failures++;
-		goto overflow_unreserved;
-	}
-	struct lb_record *r = bpf_dynptr_data(&dp, 0, sizeof(struct lb_record));
-	if (!r) {
-		bpf_ringbuf_discard_dynptr(&dp, 0);
-		goto overflow_unreserved;
-	}
-	emit_header(r, d, sector, size, op, opf, data_len);
-	// Count it in flight before it is visible, so the agent never sees the
-	// record applied while the write is unaccounted for.
-	__u64 key = (__u64)bio;
-	struct lb_pending p = {.dev = d->id, .op = op, .kind = LB_PEND_RING, .opf = opf, .sector = sector, .len = size,
-			       .stamp = bpf_ktime_get_ns() / 1000000000};
-	if (bpf_map_update_elem(&pending, &key, &p, BPF_ANY) == 0)
-		__sync_fetch_and_add(&st->ring_inflight, 1);
-	else
-		c->pending_full++;
-	bpf_ringbuf_submit_dynptr(&dp, wake_flag());
-	c->records++;
-	c->bytes += data_len;
-	__sync_fetch_and_add(&c->inflight, -1);
-	return 0;
-
-overflow_unreserved:
-	// The ring is full (or the record cannot be built): this write and
-	// every later one on the device go to the bitmap until the agent
-	// has drained and cleared the flag.
-	if (!st->overflow) {
-		st->overflow = 1;
-		__sync_fetch_and_add(&st->overflow_events, 1);
-	}
-	c->overflow_bios++;
-	add_pending(bio, d, sector, size, op, opf, LB_PEND_OVERFLOW, c);
 	__sync_fetch_and_add(&c->inflight, -1);
 	return 0;
 }
 
-// complete_untracked marks writes that completed on a protected device
-// without having been seen at submission: they were in flight when capture
-// attached. Their blocks are read back like an overflow.
-static __always_inline void complete_untracked(struct bio *bio)
+// mark_landed marks the blocks of a write that completed on a protected
+// device (a blk-mq one only, with rq_only) without a record to show for
+// it; they are read back like an overflow. It reports whether it marked.
+static __always_inline bool mark_landed(struct bio *bio, bool rq_only)
 {
-	__u32 opf = BPF_CORE_READ(bio, bi_opf);
-	__u32 size = BPF_CORE_READ(bio, bi_iter.bi_size);
-	int op = classify(opf, size);
-	if (op < 0)
-		return;
-	struct block_device *bdev = BPF_CORE_READ(bio, bi_bdev);
-	__u32 dev = BPF_CORE_READ(bdev, bd_dev);
-	struct lb_dev *d = bpf_map_lookup_elem(&devices, &dev);
-	if (!d)
-		return;
-	__u64 sector = BPF_CORE_READ(bio, bi_iter.bi_sector);
-	if (BPF_CORE_READ(bio, bi_flags) & (1 << 10 /* BIO_REMAPPED */))
-		sector -= BPF_CORE_READ(bdev, bd_start_sect);
-	struct lb_counters *c = ctrs();
-	if (c)
-		c->untracked++;
-	mark_bitmap(d, sector, size, c);
-}
-
-// mark_partial marks a partly completed bio of a blk-mq device.
-static __always_inline void mark_partial(struct bio *bio)
-{
-	__u32 dev = BPF_CORE_READ(bio, bi_bdev, bd_dev);
-	struct lb_dev *d = bpf_map_lookup_elem(&devices, &dev);
-	if (!d || !(d->flags & LB_DEV_RQ))
-		return;
 	__u32 opf = BPF_CORE_READ(bio, bi_opf);
 	__u32 size = BPF_CORE_READ(bio, bi_iter.bi_size);
 	if (classify(opf, size) < 0)
-		return;
-	__u64 sector = BPF_CORE_READ(bio, bi_iter.bi_sector);
-	if (BPF_CORE_READ(bio, bi_flags) & (1 << 10 /* BIO_REMAPPED */))
-		sector -= BPF_CORE_READ(bio, bi_bdev, bd_start_sect);
-	mark_bitmap(d, sector, size, ctrs());
+		return false;
+	__u32 dev = BPF_CORE_READ(bio, bi_bdev, bd_dev);
+	struct lb_dev *d = bpf_map_lookup_elem(&devices, &dev);
+	if (!d || (rq_only && !(d->flags & LB_DEV_RQ)))
+		return false;
+	mark_bitmap(d, bio_sector(bio), size, ctrs());
+	return true;
+}
+
+// complete_untracked handles writes that completed on a protected device
+// without having been seen at submission: they were in flight when
+// capture attached.
+static __always_inline void complete_untracked(struct bio *bio)
+{
+	if (mark_landed(bio, false)) {
+		struct lb_counters *c = ctrs();
+		if (c)
+			c->untracked++;
+	}
 }
 
 // complete_bio handles the completion of a tracked bio (or bio piece).
@@ -493,9 +501,7 @@ __noinline int capture_landed(__u64 bio_addr, __u32 dev, int error)
 	int op = classify(opf, size);
 	if (op < 0)
 		return 0;
-	__u64 sector = BPF_CORE_READ(bio, bi_iter.bi_sector);
-	if (BPF_CORE_READ(bio, bi_flags) & (1 << 10 /* BIO_REMAPPED */))
-		sector -= BPF_CORE_READ(bio, bi_bdev, bd_start_sect);
+	__u64 sector = bio_sector(bio);
 	struct lb_counters *c = ctrs();
 	__u32 id = d->id;
 	struct lb_devstate *st = bpf_map_lookup_elem(&devstate, &id);
@@ -509,45 +515,12 @@ __noinline int capture_landed(__u64 bio_addr, __u32 dev, int error)
 	}
 
 	__sync_fetch_and_add(&c->inflight, 1);
-	if (d->mode == LB_MODE_METADATA) {
-		if (emit_meta(d, sector, size, op, opf, c))
-			goto out;
-		goto overflow;
+	bool ok = d->mode == LB_MODE_METADATA ? emit_meta(d, sector, size, op, opf, c)
+					      : emit_data(bio, d, st, g, c, sector, size, op, opf, false);
+	if (!ok) {
+		enter_overflow(st, c);
+		mark_bitmap(d, sector, size, c);
 	}
-	__u32 data_len = op == LB_OP_WRITE ? size : 0;
-	if (data_len > LB_MAX_RECORD_DATA || !g->page_offset)
-		goto overflow;
-	struct bpf_dynptr dp;
-	if (bpf_ringbuf_reserve_dynptr(&events, sizeof(struct lb_record) + data_len, 0, &dp)) {
-		bpf_ringbuf_discard_dynptr(&dp, 0);
-		goto overflow;
-	}
-	if (data_len && copy_payload(&dp, bio, data_len, g->page_offset, g->vmemmap) < 0) {
-		bpf_ringbuf_discard_dynptr(&dp, 0);
-		c->copy_failures++;
-		goto overflow;
-	}
-	struct lb_record *r = bpf_dynptr_data(&dp, 0, sizeof(struct lb_record));
-	if (!r) {
-		bpf_ringbuf_discard_dynptr(&dp, 0);
-		goto overflow;
-	}
-	emit_header(r, d, sector, size, op, opf, data_len);
-	bpf_ringbuf_submit_dynptr(&dp, wake_flag());
-	c->records++;
-	c->bytes += data_len;
-	goto out;
-
-overflow:
-	// This write and every later one on the device go to the bitmap until
-	// the agent has drained and cleared the flag.
-	if (!st->overflow) {
-		st->overflow = 1;
-		__sync_fetch_and_add(&st->overflow_events, 1);
-	}
-	c->overflow_bios++;
-	mark_bitmap(d, sector, size, c);
-out:
 	__sync_fetch_and_add(&c->inflight, -1);
 	return 0;
 }
@@ -601,7 +574,7 @@ int BPF_PROG(lb_rq_complete, struct request *rq, blk_status_t error, unsigned in
 			// once the bio advances. Read the whole bio back; the rest
 			// is captured when it completes.
 			if (nr_bytes > w->done)
-				mark_partial(b);
+				mark_landed(b, true);
 			break;
 		}
 		w->done += size;

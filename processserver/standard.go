@@ -65,9 +65,7 @@ func (s *Server) uploadBacklog() int64 {
 	s.mu.Unlock()
 	var n int64
 	for _, m := range ms {
-		m.mu.Lock()
-		n += m.backlog
-		m.mu.Unlock()
+		n += m.backlogBytes()
 	}
 	return n
 }
@@ -85,16 +83,8 @@ func (s *Server) LocalSegment(name string) ([]byte, bool) {
 	if err != nil {
 		return nil, false
 	}
-	s.mu.Lock()
-	m := s.machines[machine]
-	s.mu.Unlock()
-	if m == nil {
-		return nil, false
-	}
-	m.mu.Lock()
-	key := m.key
-	m.mu.Unlock()
-	if key == nil {
+	key, ok := s.DataKey(machine)
+	if !ok {
 		return nil, false
 	}
 	data, err := s.cache.Get(cache.SegmentID{Stream: machine, Seq: first})

@@ -65,7 +65,6 @@ func (m *machine) uploadLoop(ctx context.Context) {
 type upload struct {
 	e       *segEntry
 	meta    segMeta
-	name    string
 	already bool // in the journal already (uploaded before a restart)
 	err     error
 }
@@ -204,14 +203,14 @@ func (m *machine) uploadOne(ctx context.Context, u *upload) {
 	if u.already {
 		return
 	}
-	u.name = layout.SegmentName(m.name, meta.first, meta.last)
+	name := layout.SegmentName(m.name, meta.first, meta.last)
 	start := time.Now()
-	if err := m.s.store.PutBlob(ctx, u.name, sealed, meta.metadata()); err != nil {
-		u.err = fmt.Errorf("upload %s: %w", u.name, err)
+	if err := m.s.store.PutBlob(ctx, name, sealed, meta.metadata()); err != nil {
+		u.err = fmt.Errorf("upload %s: %w", name, err)
 		return
 	}
 	m.s.metrics.uploadedBytes.Add(float64(len(sealed)))
-	m.log.Debug("segment uploaded", logBlob, u.name, logSealed, len(sealed), logDuration, time.Since(start))
+	m.log.Debug("segment uploaded", logBlob, name, logSealed, len(sealed), logDuration, time.Since(start))
 }
 
 // dropApplied deletes uploaded segments the applier has applied (all
