@@ -2,22 +2,27 @@
 //
 // Lifeboat write capture.
 //
-// blk-mq devices (LB_DEV_RQ: loop, nvme, virtio, scsi) are captured when a
-// request completes, before its bios are ended: block_rq_complete walks the
-// request's bios, whose pages and iterators are still intact, and copies
-// each landed write into the ring (data mode), emits its extent (metadata
-// mode) or marks the dirty bitmap (ring full, device parked, write failed).
-// Nothing runs on the submitter's path and nothing is tracked per bio; the
-// ring holds landed writes in completion order, which for writes that did
-// not overlap in flight is the order the device applied them.
+// By default every protected device is captured at submission:
+// block_bio_queue copies the payload into the ring (data mode), or
+// remembers the extent (pending) until the write completes, where it emits
+// an extent-only record (metadata mode) or marks the dirty bitmap (ring
+// full, device parked). Extents go to the bitmap only at completion, so
+// that the agent's read-back never reads a block before the write that
+// dirtied it has landed. Completion is block_rq_complete for blk-mq
+// devices (it walks the request's bios) and block_bio_complete for
+// bio-based ones (device mapper, md).
 //
-// Bio-based devices (device mapper, md) cannot be read at completion, so
-// block_bio_queue copies the payload into the ring at submission (data
-// mode), or remembers the extent until block_bio_complete, where it emits
-// an extent-only record (metadata mode) or marks the dirty bitmap
-// (overflow). Extents go to the bitmap only at completion, so that the
-// agent's read-back never reads a block before the write that dirtied it
-// has landed.
+// The kernel (seen on 6.18 with loop) now and then ends a write request
+// without block_rq_complete: perf shows its issue and no completion. Its
+// pending entry then outlives the bio; when a new bio reuses the address,
+// track_bio settles the old write (late_completions), and the agent sweeps
+// entries that are never reused (SweepStale).
+//
+// Experimental, off by default (Config.AtCompletion): blk-mq devices
+// (LB_DEV_RQ) captured at block_rq_complete instead, before the request's
+// bios are ended, while their pages and iterators are still intact.
+// Nothing runs on the submitter's path and nothing is tracked per bio, but
+// a write whose completion the kernel does not report is lost to it.
 //
 // Ordering contract with the agent (agent/engine.go, drain): once a device's
 // overflow flag is set, no program starts a new ring record for it. The agent
@@ -54,6 +59,14 @@ struct {
 	__type(key, __u32); // kernel dev_t (major << 20 | minor)
 	__type(value, struct lb_dev);
 } devices SEC(".maps");
+
+// The same devices by agent id, for a pending write whose bio is gone.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, LB_MAX_DEVICES);
+	__type(key, __u32);
+	__type(value, struct lb_dev);
+} devinfo SEC(".maps");
 
 // Per-device control words, shared with the agent through mmap.
 struct {
@@ -316,6 +329,52 @@ static __always_inline int copy_payload(struct bpf_dynptr *dp, struct bio *bio, 
 	return s->off == size ? 0 : -1;
 }
 
+// settle ends the tracking of a write that has left the device: it landed,
+// failed, or (late) ended without capture seeing it end. A ring-captured
+// write is uncounted from ring_inflight, and read back if it failed: the
+// ring holds data the device may not. A metadata-mode write that landed in
+// time gets its extent record; every other write is read back.
+static __always_inline void settle(struct lb_pending *pc, bool failed, bool late, struct lb_counters *c)
+{
+	__u32 id = pc->dev;
+	struct lb_devstate *st = bpf_map_lookup_elem(&devstate, &id);
+	struct lb_dev *d = bpf_map_lookup_elem(&devinfo, &id);
+	if (!st || !d)
+		return;
+	if (pc->kind == LB_PEND_RING) {
+		__sync_fetch_and_add(&st->ring_inflight, -1);
+		if (!failed)
+			return;
+	} else if (pc->kind == LB_PEND_META && !failed && !late && !st->overflow) {
+		// A set flag also parks metadata devices on the bitmap (agent stopped).
+		if (emit_meta(d, pc->sector, pc->len, pc->op, pc->opf, c))
+			return;
+		__sync_fetch_and_add(&st->overflow_events, 1);
+		if (c)
+			c->overflow_bios++;
+	}
+	mark_bitmap(d, pc->sector, pc->len, c);
+}
+
+// track_bio adds bio's pending entry; non-zero when the map is full. An
+// entry already under the bio's address belongs to an earlier bio that has
+// ended (its memory is being reused) without capture seeing it end: that
+// write is settled first, so that it is neither lost nor counted forever.
+static __always_inline long track_bio(__u64 key, struct lb_pending *p, struct lb_counters *c)
+{
+	long err = bpf_map_update_elem(&pending, &key, p, BPF_NOEXIST);
+	if (err != -17 /* EEXIST */)
+		return err;
+	struct lb_pending *old = bpf_map_lookup_elem(&pending, &key);
+	if (old) {
+		struct lb_pending oc = *old;
+		settle(&oc, false, true, c);
+		if (c)
+			c->late_completions++;
+	}
+	return bpf_map_update_elem(&pending, &key, p, BPF_ANY);
+}
+
 // emit_data copies a write into a ring record; false when the ring is full
 // or the record cannot be built (the caller takes the bitmap path). With
 // track (submission capture), the bio is counted in ring_inflight before
@@ -347,7 +406,7 @@ static __always_inline bool emit_data(struct bio *bio, struct lb_dev *d, struct 
 		__u64 key = (__u64)bio;
 		struct lb_pending p = {.dev = d->id, .op = op, .kind = LB_PEND_RING, .opf = opf, .sector = sector, .len = size,
 				       .stamp = bpf_ktime_get_ns() / 1000000000};
-		if (bpf_map_update_elem(&pending, &key, &p, BPF_ANY) == 0)
+		if (track_bio(key, &p, c) == 0)
 			__sync_fetch_and_add(&st->ring_inflight, 1);
 		else
 			c->pending_full++;
@@ -364,7 +423,7 @@ static __always_inline void add_pending(struct bio *bio, struct lb_dev *d, __u64
 	__u64 key = (__u64)bio;
 	struct lb_pending p = {.dev = d->id, .op = op, .kind = kind, .opf = opf, .sector = sector, .len = len,
 			       .stamp = bpf_ktime_get_ns() / 1000000000};
-	if (bpf_map_update_elem(&pending, &key, &p, BPF_ANY)) {
+	if (track_bio(key, &p, c)) {
 		// Too many bios in flight to track: mark now and make the agent
 		// re-read this extent after its next quiet point.
 		mark_bitmap(d, sector, len, c);
@@ -399,14 +458,13 @@ int BPF_PROG(lb_bio_queue, struct bio *bio)
 		add_pending(bio, d, sector, size, op, opf, LB_PEND_META, c);
 		return 0;
 	}
-	if (st->overflow) {
-		add_pending(bio, d, sector, size, op, opf, LB_PEND_OVERFLOW, c);
-		return 0;
-	}
-
+	// Counted running before the flag is read (both full barriers): the
+	// agent, which sets the flag and then waits for running programs,
+	// either sees this run or this run sees the flag.
 	__sync_fetch_and_add(&c->inflight, 1);
-	if (!emit_data(bio, d, st, g, c, sector, size, op, opf, true)) {
-		enter_overflow(st, c);
+	if (st->overflow || !emit_data(bio, d, st, g, c, sector, size, op, opf, true)) {
+		if (!st->overflow)
+			enter_overflow(st, c);
 		add_pending(bio, d, sector, size, op, opf, LB_PEND_OVERFLOW, c);
 	}
 	__sync_fetch_and_add(&c->inflight, -1);
@@ -443,7 +501,7 @@ static __always_inline void complete_untracked(struct bio *bio)
 }
 
 // complete_bio handles the completion of a tracked bio (or bio piece).
-static __always_inline void complete_bio(struct bio *bio)
+static __always_inline void complete_bio(struct bio *bio, int error)
 {
 	__u64 key = (__u64)bio;
 	struct lb_pending *p = bpf_map_lookup_elem(&pending, &key);
@@ -453,37 +511,14 @@ static __always_inline void complete_bio(struct bio *bio)
 	}
 	struct lb_pending pc = *p;
 	bpf_map_delete_elem(&pending, &key);
-
-	struct block_device *bdev = BPF_CORE_READ(bio, bi_bdev);
-	__u32 dev = BPF_CORE_READ(bdev, bd_dev);
-	struct lb_dev *d = bpf_map_lookup_elem(&devices, &dev);
-	if (!d || d->id != pc.dev)
-		return;
-	struct lb_counters *c = ctrs();
-	__u32 id = d->id;
-	struct lb_devstate *st = bpf_map_lookup_elem(&devstate, &id);
-	if (!st)
-		return;
-	if (pc.kind == LB_PEND_RING) {
-		__sync_fetch_and_add(&st->ring_inflight, -1);
-		return;
-	}
-	// A set flag also parks metadata devices on the bitmap (agent stopped).
-	if (pc.kind == LB_PEND_META && !st->overflow && emit_meta(d, pc.sector, pc.len, pc.op, pc.opf, c))
-		return;
-	if (pc.kind == LB_PEND_META && !st->overflow) {
-		__sync_fetch_and_add(&st->overflow_events, 1);
-		if (c)
-			c->overflow_bios++;
-	}
-	mark_bitmap(d, pc.sector, pc.len, c);
+	settle(&pc, error != 0, false, ctrs());
 }
 
 // Bio-based drivers (device mapper, md) report completion per bio.
 SEC("tp_btf/block_bio_complete")
 int BPF_PROG(lb_bio_complete, struct request_queue *q, struct bio *bio)
 {
-	complete_bio(bio);
+	complete_bio(bio, BPF_CORE_READ(bio, bi_status));
 	return 0;
 }
 
@@ -508,18 +543,18 @@ __noinline int capture_landed(__u64 bio_addr, __u32 dev, int error)
 	struct lb_global *g = glob();
 	if (!st || !g || !c)
 		return 0;
+	// Counted running before the flag is read, as in lb_bio_queue.
+	__sync_fetch_and_add(&c->inflight, 1);
 	if (error || st->overflow) {
 		// A failed write left the blocks in an unknown state: read back.
 		mark_bitmap(d, sector, size, c);
-		return 0;
-	}
-
-	__sync_fetch_and_add(&c->inflight, 1);
-	bool ok = d->mode == LB_MODE_METADATA ? emit_meta(d, sector, size, op, opf, c)
-					      : emit_data(bio, d, st, g, c, sector, size, op, opf, false);
-	if (!ok) {
-		enter_overflow(st, c);
-		mark_bitmap(d, sector, size, c);
+	} else {
+		bool ok = d->mode == LB_MODE_METADATA ? emit_meta(d, sector, size, op, opf, c)
+						      : emit_data(bio, d, st, g, c, sector, size, op, opf, false);
+		if (!ok) {
+			enter_overflow(st, c);
+			mark_bitmap(d, sector, size, c);
+		}
 	}
 	__sync_fetch_and_add(&c->inflight, -1);
 	return 0;
@@ -535,7 +570,7 @@ static __always_inline void complete_rq_bio(struct bio *bio, int error)
 	if (d->flags & LB_DEV_RQ)
 		capture_landed((__u64)bio, dev, error);
 	else
-		complete_bio(bio);
+		complete_bio(bio, error);
 }
 
 struct rq_walk {
@@ -597,8 +632,8 @@ int BPF_PROG(lb_split, struct bio *split, unsigned int new_sector)
 	__u32 flen = BPF_CORE_READ(split, bi_iter.bi_size);
 	front.len = flen;
 	__u64 key = (__u64)split;
-	if (bpf_map_update_elem(&pending, &key, &front, BPF_ANY)) {
-		struct lb_counters *c = ctrs();
+	struct lb_counters *c = ctrs();
+	if (track_bio(key, &front, c)) {
 		if (c)
 			c->pending_full++;
 		return 0; // the parent entry still covers everything

@@ -91,6 +91,7 @@ struct lb_counters {
 	__u64 pending_full;
 	__u64 copy_failures;
 	__u64 untracked; /* writes that completed without being seen queued */
+	__u64 late_completions; /* tracked writes whose end the tracepoints missed */
 	__s64 inflight;
 };
 

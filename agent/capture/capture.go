@@ -218,6 +218,9 @@ func (c *Capture) setup() error {
 		if c.atCompletion && requestBased(d.KernelDev) {
 			v.Flags |= flagRequestBased
 		}
+		if err := c.objs.Devinfo.Put(uint32(d.ID), v); err != nil {
+			return fmt.Errorf("register device %d: %w", d.ID, err)
+		}
 		if err := c.objs.Devices.Put(d.KernelDev, v); err != nil {
 			return fmt.Errorf("register device %d: %w", d.ID, err)
 		}
@@ -476,6 +479,7 @@ func (c *Capture) Counters() (Counters, error) {
 		s.PendingFull += p.PendingFull
 		s.CopyFailures += p.CopyFailures
 		s.Untracked += p.Untracked
+		s.LateCompletions += p.LateCompletions
 		s.Inflight += p.Inflight
 	}
 	return s, nil
@@ -491,6 +495,9 @@ type Counters struct {
 	PendingFull  uint64 `json:"pending_full"`
 	CopyFailures uint64 `json:"copy_failures"`
 	Untracked    uint64 `json:"untracked"`
+	// LateCompletions counts tracked writes whose end the block
+	// tracepoints missed, settled when their bio's memory was reused.
+	LateCompletions uint64 `json:"late_completions"`
 	// RecursionMisses counts capture program runs the kernel skipped
 	// because another ran on the same CPU (an interrupt nested in one).
 	RecursionMisses uint64 `json:"recursion_misses"`

@@ -23,16 +23,17 @@ type captureCopyState struct {
 }
 
 type captureLbCounters struct {
-	_            structs.HostLayout
-	Records      uint64
-	Bytes        uint64
-	OverflowBios uint64
-	BitmapMarks  uint64
-	MarkFailures uint64
-	PendingFull  uint64
-	CopyFailures uint64
-	Untracked    uint64
-	Inflight     int64
+	_               structs.HostLayout
+	Records         uint64
+	Bytes           uint64
+	OverflowBios    uint64
+	BitmapMarks     uint64
+	MarkFailures    uint64
+	PendingFull     uint64
+	CopyFailures    uint64
+	Untracked       uint64
+	LateCompletions uint64
+	Inflight        int64
 }
 
 type captureLbDev struct {
@@ -99,6 +100,7 @@ const (
 	captureMapCopyScratch    = "copy_scratch"
 	captureMapCounters       = "counters"
 	captureMapDevices        = "devices"
+	captureMapDevinfo        = "devinfo"
 	captureMapDevstate       = "devstate"
 	captureMapEvents         = "events"
 	captureMapGlobal         = "global"
@@ -176,6 +178,7 @@ type captureMapSpecs struct {
 	CopyScratch *ebpf.MapSpec `ebpf:"copy_scratch"`
 	Counters    *ebpf.MapSpec `ebpf:"counters"`
 	Devices     *ebpf.MapSpec `ebpf:"devices"`
+	Devinfo     *ebpf.MapSpec `ebpf:"devinfo"`
 	Devstate    *ebpf.MapSpec `ebpf:"devstate"`
 	Events      *ebpf.MapSpec `ebpf:"events"`
 	Global      *ebpf.MapSpec `ebpf:"global"`
@@ -221,6 +224,7 @@ type captureMaps struct {
 	CopyScratch *ebpf.Map `ebpf:"copy_scratch"`
 	Counters    *ebpf.Map `ebpf:"counters"`
 	Devices     *ebpf.Map `ebpf:"devices"`
+	Devinfo     *ebpf.Map `ebpf:"devinfo"`
 	Devstate    *ebpf.Map `ebpf:"devstate"`
 	Events      *ebpf.Map `ebpf:"events"`
 	Global      *ebpf.Map `ebpf:"global"`
@@ -234,6 +238,7 @@ func (m *captureMaps) Close() error {
 		m.CopyScratch,
 		m.Counters,
 		m.Devices,
+		m.Devinfo,
 		m.Devstate,
 		m.Events,
 		m.Global,
