@@ -24,6 +24,10 @@ type segEntry struct {
 	size     int64  // 0 until known (segments found at start are read lazily)
 	last     uint64 // 0 until known
 	uploaded bool
+	// hot is the segment as cached, kept in memory until its upload takes
+	// it (nil past Server.reserveHot's bound, or after a restart), so the
+	// upload need not read it back from the cache disks.
+	hot []byte
 }
 
 // machine is the state of one protected machine: its manifest, data key,
@@ -333,9 +337,9 @@ func (m *machine) missingReplicas(ctx context.Context, h *wire.Hello) map[string
 }
 
 // segmentDurable records a segment that Put made durable.
-func (m *machine) segmentDurable(id cache.SegmentID, size int64, last uint64) {
+func (m *machine) segmentDurable(id cache.SegmentID, size int64, last uint64, hot []byte) {
 	m.mu.Lock()
-	m.segs = append(m.segs, &segEntry{id: id, size: size, last: last})
+	m.segs = append(m.segs, &segEntry{id: id, size: size, last: last, hot: hot})
 	m.durable = max(m.durable, last)
 	m.backlog += size
 	m.mu.Unlock()

@@ -140,9 +140,9 @@ func (b *segBuf) reset() {
 
 func (b *segBuf) hasRecords() bool { return b.meta.first != 0 }
 
-// appendBatch appends a validated batch covering first..last.
-func (b *segBuf) appendBatch(flags uint16, payload []byte, first, last uint64, now time.Time) {
-	b.data, _ = wire.AppendFrame(b.data, wire.TypeBatch, flags, payload) // payload ≤ MaxPayload: checked by the reader
+// appendBatch appends a validated batch frame covering first..last.
+func (b *segBuf) appendBatch(f wire.Frame, first, last uint64, now time.Time) {
+	b.data = f.AppendTo(b.data) // payload ≤ MaxPayload: checked by the reader
 	if b.meta.first == 0 {
 		b.meta.first = first
 		b.started = now

@@ -77,7 +77,12 @@ type Server struct {
 	closeOnce sync.Once
 	closeErr  error
 
-	bufPool sync.Pool
+	// freeBufs keeps segment buffers across GC cycles, which empty a
+	// sync.Pool: allocating and zeroing 10 MiB per segment cost more
+	// than appending the data.
+	freeBufs chan *segBuf
+	// Sealed segments kept in memory until applied (reserveHot).
+	hotBytes atomic.Int64
 }
 
 // Start loads the server's identity and recovery key, opens the cache,
@@ -112,6 +117,7 @@ func Start(ctx context.Context, c Config) (*Server, error) {
 		recoveryKey: rk,
 		tlsConf:     id.ServerTLS(pki.RoleAgent),
 		machines:    make(map[string]*machine),
+		freeBufs:    make(chan *segBuf, 8),
 	}
 	if cfg.Metrics != nil {
 		s.metrics = newMetrics(cfg.Metrics)
@@ -448,20 +454,67 @@ func (s *Server) serveMetrics() error {
 }
 
 func (s *Server) getBuf() *segBuf {
-	if b, ok := s.bufPool.Get().(*segBuf); ok {
+	select {
+	case b := <-s.freeBufs:
 		b.reset()
 		return b
+	default:
 	}
-	b := &segBuf{data: make([]byte, 0, s.cfg.SegmentBytes+64<<10)}
+	// A segment is cut after the batch that reaches SegmentBytes; agents
+	// send batches of about 1 MiB, so this rarely grows.
+	b := &segBuf{data: make([]byte, 0, s.cfg.SegmentBytes+2<<20)}
 	b.reset()
 	return b
+}
+
+// hotLimit bounds the sealed segments kept in memory for their upload
+// and apply.
+const hotLimit = 128 << 20
+
+// reserveHot reports whether n more bytes of sealed segments may stay in
+// memory until applied; releaseHot gives them back.
+func (s *Server) reserveHot(n int64) bool {
+	if s.hotBytes.Add(n) > hotLimit {
+		s.hotBytes.Add(-n)
+		return false
+	}
+	return true
+}
+
+// releaseHot gives back a hot segment's bytes (nil is ignored). Hot
+// buffers are never reused: an upload or the applier may still read one.
+func (s *Server) releaseHot(b []byte) {
+	if b != nil {
+		s.hotBytes.Add(-int64(len(b)))
+	}
+}
+
+// hotSegment returns the in-memory copy of a cached segment, if any.
+func (s *Server) hotSegment(machine string, first uint64) []byte {
+	s.mu.Lock()
+	m := s.machines[machine]
+	s.mu.Unlock()
+	if m == nil {
+		return nil
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, e := range m.segs {
+		if e.id.Seq == first {
+			return e.hot
+		}
+	}
+	return nil
 }
 
 func (s *Server) putBuf(b *segBuf) {
 	if cap(b.data) > 2*s.cfg.SegmentBytes+maxFrame {
 		return // grown by a huge frame: let it go
 	}
-	s.bufPool.Put(b)
+	select {
+	case s.freeBufs <- b:
+	default:
+	}
 }
 
 func peerIdentity(c *tls.Conn) (string, pki.Role, error) {

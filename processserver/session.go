@@ -268,20 +268,21 @@ func (st *session) readLoop() bool {
 			if last <= st.accepted {
 				continue // a resent duplicate: already durable
 			}
-			payload := f.Payload
+			frame := f // stored as received, checksum and all, unless changed
 			if first <= st.accepted {
 				if filtered, first, err = filterBatch(filtered[:0], b, st.accepted); err != nil {
 					st.corrupt(err)
 					return false
 				}
-				payload = filtered
+				frame = wire.Frame{Type: wire.TypeBatch, Flags: f.Flags, Payload: filtered}
 			}
 			if st.remap {
-				remapDisks(payload, st.diskMap)
+				remapDisks(frame.Payload, st.diskMap)
+				frame = wire.Frame{Type: wire.TypeBatch, Flags: f.Flags, Payload: frame.Payload}
 			}
 			st.accepted = last
 			st.mu.Lock()
-			st.buf.appendBatch(f.Flags, payload, first, last, time.Now())
+			st.buf.appendBatch(frame, first, last, time.Now())
 			for _, mk := range markers {
 				st.buf.meta.marker(mk.Kind, mk.UnixNano)
 			}
@@ -472,7 +473,12 @@ func (st *session) flusher() {
 				st.log.Error("cache write failed; closing the connection, the agent will resend", logSegment, id.String(), logErr, err)
 				st.abortWith(wire.CodeInternal, "process server cache write failed; reconnect and resend", err)
 			} else {
-				st.m.segmentDurable(id, int64(len(sealed)), b.meta.last)
+				size := int64(len(sealed))
+				var hot []byte
+				if st.s.reserveHot(size) {
+					hot, sealed = sealed, make([]byte, 0, cap(sealed))
+				}
+				st.m.segmentDurable(id, size, b.meta.last, hot)
 				if b.meta.last > lastAck {
 					lastAck = b.meta.last
 					if err := st.send(func(w *wire.Writer) error { return w.WriteAck(lastAck) }); err != nil {

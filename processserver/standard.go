@@ -87,9 +87,11 @@ func (s *Server) LocalSegment(name string) ([]byte, bool) {
 	if !ok {
 		return nil, false
 	}
-	data, err := s.cache.Get(cache.SegmentID{Stream: machine, Seq: first})
-	if err != nil {
-		return nil, false
+	data := s.hotSegment(machine, first)
+	if data == nil {
+		if data, err = s.cache.Get(cache.SegmentID{Stream: machine, Seq: first}); err != nil {
+			return nil, false
+		}
 	}
 	meta, sealed, err := parseCached(data)
 	if err != nil || meta.first != first || meta.last != last {

@@ -167,12 +167,16 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 // errSegmentLost marks a cached segment that can no longer be read.
 var errSegmentLost = errors.New("cached segment lost")
 
-// uploadOne reads u's sealed segment from the cache and puts it in the
-// journal.
+// uploadOne puts u's sealed segment in the journal: from memory while it
+// is still there, else read back from the cache.
 func (m *machine) uploadOne(ctx context.Context, u *upload) {
-	var data []byte
+	m.mu.Lock()
+	data := u.e.hot
+	m.mu.Unlock()
 	var err error
-	stage.Do(ctx, stage.Prepare, func(context.Context) { data, err = m.s.cache.Get(u.e.id) })
+	if data == nil {
+		stage.Do(ctx, stage.Prepare, func(context.Context) { data, err = m.s.cache.Get(u.e.id) })
+	}
 	if err != nil {
 		if errors.Is(err, cache.ErrUnrecoverable) || errors.Is(err, cache.ErrNotFound) {
 			u.err = fmt.Errorf("%w: %w", errSegmentLost, err)
@@ -235,6 +239,8 @@ func (m *machine) dropApplied(ctx context.Context) error {
 		}
 		m.mu.Lock()
 		m.segs = m.segs[1:]
+		m.s.releaseHot(e.hot)
+		e.hot = nil
 		m.mu.Unlock()
 		m.s.cacheBytes.Add(-e.size)
 	}
@@ -285,6 +291,8 @@ func (m *machine) segmentLost(e *segEntry, err error) {
 	if !e.uploaded {
 		m.backlog -= e.size
 	}
+	m.s.releaseHot(e.hot)
+	e.hot = nil
 	m.lost = true
 	sess := m.sess
 	m.mu.Unlock()

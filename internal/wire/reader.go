@@ -93,7 +93,7 @@ func (r *Reader) next() (Frame, error) {
 	if want := le.Uint32(h[12:]); crc != want {
 		return Frame{}, fmt.Errorf("%w (%s frame of %d bytes: header says %#08x, computed %#08x)", ErrChecksum, t, n, want, crc)
 	}
-	return Frame{Type: t, Flags: le.Uint16(h[6:]), Payload: p}, nil
+	return Frame{Type: t, Flags: le.Uint16(h[6:]), Payload: p, crc: crc, verified: true}, nil
 }
 
 // readPayload reads n bytes into r.buf. When the buffer must grow, it grows

@@ -84,6 +84,27 @@ type Frame struct {
 	Type    Type
 	Flags   uint16
 	Payload []byte
+
+	// crc is the checksum the Reader verified (valid when verified), which
+	// AppendTo reuses: a frame stored as received is not checksummed twice.
+	crc      uint32
+	verified bool
+}
+
+// AppendTo appends f as a complete frame to dst. A frame as the Reader
+// returned it keeps its verified checksum; build a new Frame after
+// changing the payload. f.Payload must not exceed MaxPayload.
+func (f Frame) AppendTo(dst []byte) []byte {
+	off := len(dst)
+	dst = append(dst, make([]byte, HeaderSize)...)
+	crc := putHeader(dst[off:], f.Type, f.Flags, len(f.Payload))
+	if f.verified {
+		crc = f.crc
+	} else {
+		crc = crc32.Update(crc, castagnoli, f.Payload)
+	}
+	le.PutUint32(dst[off+12:], crc)
+	return append(dst, f.Payload...)
 }
 
 // Errors reported by Reader and the decoders; they are wrapped with detail,

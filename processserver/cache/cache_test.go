@@ -673,3 +673,46 @@ func TestConcurrent(t *testing.T) {
 		}
 	}
 }
+
+// Shards are written with O_DIRECT where the file system allows it, from
+// aligned regions cut back to size: every header and segment length must
+// come back byte for byte, whether or not the directory took O_DIRECT.
+func TestPutShardSizes(t *testing.T) {
+	dirs := []string{t.TempDir(), t.TempDir(), t.TempDir()}
+	c, err := Open(dirs, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, stream := range []string{"m", "machine-with-a-longer-name"} {
+		for i, size := range []int{1, 511, 4096, 4097, 8100, 1<<20 + 3} {
+			data := make([]byte, size)
+			for j := range data {
+				data[j] = byte(j*7 + i)
+			}
+			id := SegmentID{Stream: stream, Seq: uint64(i + 1)}
+			if err := c.Put(id, data); err != nil {
+				t.Fatal(err)
+			}
+			shardLen := (size + 1) / 2
+			for slot := range dirs {
+				st, err := os.Stat(c.shardPath(slot, id))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if want := int64(fixedHdrLen + len(stream) + 4 + shardLen); st.Size() != want {
+					t.Errorf("%s shard %d: file of %d bytes, want %d", id, slot, st.Size(), want)
+				}
+			}
+			got, err := c.Get(id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, data) {
+				t.Fatalf("%s: Get returned other bytes", id)
+			}
+		}
+	}
+	for slot := range dirs {
+		t.Logf("directory %d: O_DIRECT %v", slot, !c.noDirect[slot].Load())
+	}
+}
