@@ -1,6 +1,7 @@
 package processserver
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"encoding/binary"
@@ -70,10 +71,19 @@ type sumsReq struct {
 	sums wire.Sums
 }
 
+// bufferedConn reads its connection through a buffer: TLS asks for one
+// record (at most 16 KiB) at a time, which made a read syscall per record.
+type bufferedConn struct {
+	net.Conn
+	r *bufio.Reader
+}
+
+func (c bufferedConn) Read(p []byte) (int, error) { return c.r.Read(p) }
+
 func (s *Server) serveConn(ctx context.Context, raw net.Conn) {
 	defer s.conns.Done()
 	remote := raw.RemoteAddr().String()
-	conn := tls.Server(raw, s.tlsConf)
+	conn := tls.Server(bufferedConn{raw, bufio.NewReaderSize(raw, 256<<10)}, s.tlsConf)
 	hctx, cancel := context.WithTimeout(ctx, helloTimeout)
 	err := conn.HandshakeContext(hctx)
 	cancel()

@@ -25,6 +25,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"hash/maphash"
 	"io/fs"
 	"log/slog"
@@ -323,9 +324,18 @@ func (c *Cache) Put(id SegmentID, data []byte) error {
 		regions[i] = buf[i*stride : (i+1)*stride : (i+1)*stride]
 		shards[i] = regions[i][hl : hl+shardLen : hl+shardLen]
 		clear(regions[i][hl+shardLen:])
-		if i < c.k {
-			clear(shards[i][copy(shards[i], data[min(i*shardLen, len(data)):]):]) // padding of the last data shard
-		}
+	}
+	// Data shards are checksummed as they are filled; the segment's
+	// checksum is combined from theirs.
+	crcs := make([]uint32, n)
+	var segCRC uint32
+	for i := range c.k {
+		part := data[min(i*shardLen, len(data)):min((i+1)*shardLen, len(data))]
+		copy(shards[i], part)
+		clear(shards[i][len(part):]) // padding of the last data shard
+		pc := crc(part)
+		segCRC = crcCombine(segCRC, pc, len(part))
+		crcs[i] = crc32.Update(pc, castagnoli, shards[i][len(part):])
 	}
 	if c.enc != nil {
 		if err := c.enc.Encode(shards); err != nil {
@@ -335,12 +345,17 @@ func (c *Cache) Put(id SegmentID, data []byte) error {
 	h := shardHeader{
 		k: uint8(c.k), m: uint8(c.m), seq: id.Seq, gen: c.nextGen(),
 		segLen: uint64(len(data)), shardLen: uint32(shardLen),
-		segCRC: crc(data), stream: id.Stream,
+		segCRC: segCRC, stream: id.Stream,
 	}
 	errs := make([]error, n)
 	var wg sync.WaitGroup
 	for i := range n {
-		wg.Go(func() { errs[i] = c.writeShard(i, id, h, regions[i], shardLen) })
+		wg.Go(func() {
+			if i >= c.k {
+				crcs[i] = crc(shards[i])
+			}
+			errs[i] = c.writeShard(i, id, h, regions[i], shardLen, crcs[i])
+		})
 	}
 	wg.Wait()
 
@@ -372,12 +387,12 @@ func (c *Cache) getBuf(n int) *[]byte {
 
 // writeShard durably writes one shard file: temp file, write, fsync,
 // rename, fsync of the directory. region holds the shard data after room
-// for the header, and zeroes up to its aligned length; h.index and
-// h.shardCRC are filled here.
-func (c *Cache) writeShard(slot int, id SegmentID, h shardHeader, region []byte, shardLen int) error {
+// for the header, and zeroes up to its aligned length; shardCRC is the
+// checksum of the shard data.
+func (c *Cache) writeShard(slot int, id SegmentID, h shardHeader, region []byte, shardLen int, shardCRC uint32) error {
 	h.index = uint8(slot)
 	hl := h.size()
-	h.shardCRC = crc(region[hl : hl+shardLen])
+	h.shardCRC = shardCRC
 	h.appendTo(region[:0])
 	final := c.shardPath(slot, id)
 	tmp := final + tmpInfix + strconv.FormatUint(h.gen, 16)
@@ -701,7 +716,7 @@ func (c *Cache) Repair(id SegmentID) (int, error) {
 			continue
 		}
 		copy(region[hl:], d.shards[i])
-		if err := c.writeShard(i, id, h, region, shardLen); err != nil {
+		if err := c.writeShard(i, id, h, region, shardLen, crc(d.shards[i])); err != nil {
 			errs = append(errs, fmt.Errorf("shard %d in %s: %w", i, c.dirs[i], err))
 			continue
 		}

@@ -716,3 +716,17 @@ func TestPutShardSizes(t *testing.T) {
 		t.Logf("directory %d: O_DIRECT %v", slot, !c.noDirect[slot].Load())
 	}
 }
+
+func TestCRCCombine(t *testing.T) {
+	data := make([]byte, 3<<20+17)
+	for i := range data {
+		data[i] = byte(i*131 + i>>9)
+	}
+	want := crc(data)
+	for _, cut := range []int{0, 1, 511, 4096, 1 << 20, len(data) - 1, len(data)} {
+		a, b := data[:cut], data[cut:]
+		if got := crcCombine(crc(a), crc(b), len(b)); got != want {
+			t.Errorf("cut at %d: combined %#08x, want %#08x", cut, got, want)
+		}
+	}
+}

@@ -35,6 +35,56 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
 func crc(b []byte) uint32 { return crc32.Checksum(b, castagnoli) }
 
+// crcCombine returns the CRC32C of A||B from crc(A), crc(B) and len(B)
+// (zlib's crc32_combine), so that Put derives the segment's checksum from
+// its shards' instead of reading the segment once more.
+func crcCombine(crcA, crcB uint32, lenB int) uint32 {
+	if lenB <= 0 {
+		return crcA
+	}
+	// odd: the operator for one zero bit; squaring doubles the zeros.
+	var even, odd [32]uint32
+	odd[0] = crc32.Castagnoli
+	for n, row := 1, uint32(1); n < 32; n, row = n+1, row<<1 {
+		odd[n] = row
+	}
+	gf2Square(&even, &odd) // 2 zero bits
+	gf2Square(&odd, &even) // 4 zero bits
+	for n := uint64(lenB); ; {
+		gf2Square(&even, &odd) // first pass: one zero byte
+		if n&1 != 0 {
+			crcA = gf2Times(&even, crcA)
+		}
+		if n >>= 1; n == 0 {
+			break
+		}
+		gf2Square(&odd, &even)
+		if n&1 != 0 {
+			crcA = gf2Times(&odd, crcA)
+		}
+		if n >>= 1; n == 0 {
+			break
+		}
+	}
+	return crcA ^ crcB
+}
+
+func gf2Times(mat *[32]uint32, vec uint32) uint32 {
+	var sum uint32
+	for i := 0; vec != 0; i, vec = i+1, vec>>1 {
+		if vec&1 != 0 {
+			sum ^= mat[i]
+		}
+	}
+	return sum
+}
+
+func gf2Square(square, mat *[32]uint32) {
+	for n := range square {
+		square[n] = gf2Times(mat, mat[n])
+	}
+}
+
 type shardHeader struct {
 	index, k, m uint8
 	seq         uint64
