@@ -214,6 +214,14 @@ func (m *machine) uploadOne(ctx context.Context, u *upload) {
 		return
 	}
 	m.s.metrics.uploadedBytes.Add(float64(len(sealed)))
+	if m.s.hotBytes.Load() > hotLimit/2 {
+		// Apply lags: keep the memory for uploads, which bound RPO; the
+		// applier reads this segment back from the cache.
+		m.mu.Lock()
+		m.s.releaseHot(u.e.hot)
+		u.e.hot = nil
+		m.mu.Unlock()
+	}
 	m.log.Debug("segment uploaded", logBlob, name, logSealed, len(sealed), logDuration, time.Since(start))
 }
 
