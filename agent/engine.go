@@ -184,6 +184,10 @@ func New(opt Options) (*Engine, error) {
 		e.srcs = append(e.srcs, &source{Source: s, dev: d, size: size, dirty: bitmap.New(uint64((size + capture.BlockSize - 1) / capture.BlockSize))})
 		devs = append(devs, capture.Device{ID: uint16(i), KernelDev: d.KernelDev(), Size: size, Mode: s.Mode})
 	}
+	if err := checkOverlap(e.srcs); err != nil {
+		e.closeDevs()
+		return nil, err
+	}
 	c, err := capture.Load(capture.Config{Devices: devs, RingBytes: opt.RingBytes, PinDir: opt.PinDir, AtCompletion: opt.CaptureAtCompletion, Logger: opt.Logger})
 	if err != nil {
 		e.closeDevs()
@@ -204,6 +208,40 @@ func New(opt Options) (*Engine, error) {
 		opt.OnReady()
 	}
 	return e, nil
+}
+
+// checkOverlap refuses a whole disk protected together with one of its
+// partitions, or one device twice: capture sends each write to exactly one
+// protected device (a partition's writes go to its protected disk).
+func checkOverlap(srcs []*source) error {
+	seen := map[blockdev.Dev]string{}
+	disks := map[blockdev.Dev]string{}
+	type part struct {
+		path string
+		disk blockdev.Dev
+	}
+	var parts []part
+	for _, s := range srcs {
+		p, err := s.dev.Placement()
+		if err != nil {
+			return err
+		}
+		if prev, ok := seen[s.dev.Dev()]; ok {
+			return fmt.Errorf("%s and %s are the same device: protect it once", prev, s.Path)
+		}
+		seen[s.dev.Dev()] = s.Path
+		if p.Partition == 0 {
+			disks[s.dev.Dev()] = s.Path
+		} else {
+			parts = append(parts, part{s.Path, p.DiskDev})
+		}
+	}
+	for _, p := range parts {
+		if disk, ok := disks[p.disk]; ok {
+			return fmt.Errorf("%s is a partition of %s, which is protected too: protect the disk or its partitions, not both", p.path, disk)
+		}
+	}
+	return nil
 }
 
 // Sources reports the devices and how each is being synced.

@@ -266,6 +266,57 @@ func mirrorPartition(t *testing.T, o runOpts) {
 	assertSameBytes(t, p1, mirror)
 }
 
+// 4b. A protected whole disk whose file system sits on one of its
+// partitions: every write reaches the disk through a partition's device.
+func TestMirrorWholeDiskPartitions(t *testing.T) { capturePaths(t, mirrorWholeDiskPartitions) }
+
+func mirrorWholeDiskPartitions(t *testing.T, o runOpts) {
+	testenv.RequireRoot(t)
+	testenv.RequireTool(t, "sfdisk")
+	d := loopdev.New(t, 256<<20, loopdev.Options{PartScan: true})
+	parts, err := loopdev.Partition(context.Background(), d.Path, loopdev.GPT, []loopdev.PartSpec{{Size: 100 << 20}, {}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p1, p2 := parts[0], parts[1]
+	if err := loopdev.Mkfs(context.Background(), "ext4", p1); err != nil {
+		t.Fatal(err)
+	}
+	mirror := filepath.Join(t.TempDir(), "disk.img")
+	r := startMirror(t, d.Path, mirror, o)
+	mnt := t.TempDir()
+	if err := loopdev.Mount(p1, mnt, "ext4", ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { loopdev.Unmount(mnt) })
+	run(t, "dd", "if=/dev/urandom", "of="+p2, "bs=1M", "count=40", "seek=7", "oflag=direct", "status=none")
+	fileWorkload(t, mnt, 3)
+	if err := loopdev.Unmount(mnt); err != nil {
+		t.Fatal(err)
+	}
+	s := r.stop()
+	if s.Applied == 0 {
+		t.Errorf("no write to the partitions was captured: %+v", s)
+	}
+	assertSameBytes(t, d.Path, mirror)
+}
+
+// A disk and one of its partitions cannot both be protected: each write
+// would belong to two devices.
+func TestMirrorRefusesDiskAndItsPartition(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireTool(t, "sfdisk")
+	d := loopdev.New(t, 64<<20, loopdev.Options{PartScan: true})
+	parts, err := loopdev.Partition(context.Background(), d.Path, loopdev.GPT, []loopdev.PartSpec{{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = New(Options{Sources: []Source{{Path: d.Path}, {Path: parts[0]}}, Target: &fileTarget{}})
+	if err == nil || !strings.Contains(err.Error(), "not both") {
+		t.Fatalf("protecting %s and %s: err = %v, want a refusal", d.Path, parts[0], err)
+	}
+}
+
 // 5. Writes running during the initial copy.
 func TestMirrorWritesDuringInitialCopy(t *testing.T) {
 	testenv.RequireRoot(t)

@@ -211,14 +211,36 @@ static __always_inline __u64 meta_wake_flag(struct lb_counters *c)
 	return wake_flag();
 }
 
-// bio_sector is the bio's first sector relative to the protected
-// (partition) device.
+// bio_sector is the bio's first sector relative to its own block device
+// (a partition's, not its disk's: see dev_of).
 static __always_inline __u64 bio_sector(struct bio *bio)
 {
 	__u64 sector = BPF_CORE_READ(bio, bi_iter.bi_sector);
 	if (BPF_CORE_READ(bio, bi_flags) & (1 << 10 /* BIO_REMAPPED, stable since 5.12 */))
 		sector -= BPF_CORE_READ(bio, bi_bdev, bd_start_sect);
 	return sector;
+}
+
+// dev_of returns the protected device bio writes to, or NULL. *key is its
+// devices key and *start the sectors to add to bio_sector: a write to a
+// partition of a protected whole disk (a file system on sda1 of a
+// protected sda) is a write to the disk at the partition's offset.
+static __always_inline struct lb_dev *dev_of(struct bio *bio, __u32 *key, __u64 *start)
+{
+	struct block_device *bdev = BPF_CORE_READ(bio, bi_bdev);
+	*key = BPF_CORE_READ(bdev, bd_dev);
+	*start = 0;
+	struct lb_dev *d = bpf_map_lookup_elem(&devices, key);
+	if (d)
+		return d;
+	struct block_device *whole = BPF_CORE_READ(bdev, bd_disk, part0);
+	if (!whole || whole == bdev)
+		return NULL;
+	*key = BPF_CORE_READ(whole, bd_dev);
+	d = bpf_map_lookup_elem(&devices, key);
+	if (d)
+		*start = BPF_CORE_READ(bdev, bd_start_sect);
+	return d;
 }
 
 // enter_overflow puts device st on the bitmap: the ring is full (or a
@@ -435,8 +457,9 @@ static __always_inline void add_pending(struct bio *bio, struct lb_dev *d, __u64
 SEC("tp_btf/block_bio_queue")
 int BPF_PROG(lb_bio_queue, struct bio *bio)
 {
-	__u32 dev = BPF_CORE_READ(bio, bi_bdev, bd_dev);
-	struct lb_dev *d = bpf_map_lookup_elem(&devices, &dev);
+	__u32 key;
+	__u64 start;
+	struct lb_dev *d = dev_of(bio, &key, &start);
 	if (!d || (d->flags & LB_DEV_RQ))
 		return 0;
 
@@ -445,7 +468,7 @@ int BPF_PROG(lb_bio_queue, struct bio *bio)
 	int op = classify(opf, size);
 	if (op < 0)
 		return 0;
-	__u64 sector = bio_sector(bio);
+	__u64 sector = bio_sector(bio) + start;
 
 	struct lb_counters *c = ctrs();
 	__u32 id = d->id;
@@ -480,11 +503,12 @@ static __always_inline bool mark_landed(struct bio *bio, bool rq_only)
 	__u32 size = BPF_CORE_READ(bio, bi_iter.bi_size);
 	if (classify(opf, size) < 0)
 		return false;
-	__u32 dev = BPF_CORE_READ(bio, bi_bdev, bd_dev);
-	struct lb_dev *d = bpf_map_lookup_elem(&devices, &dev);
+	__u32 key;
+	__u64 start;
+	struct lb_dev *d = dev_of(bio, &key, &start);
 	if (!d || (rq_only && !(d->flags & LB_DEV_RQ)))
 		return false;
-	mark_bitmap(d, bio_sector(bio), size, ctrs());
+	mark_bitmap(d, bio_sector(bio) + start, size, ctrs());
 	return true;
 }
 
@@ -523,12 +547,13 @@ int BPF_PROG(lb_bio_complete, struct request_queue *q, struct bio *bio)
 }
 
 // capture_landed captures a landed (or failed) write to the blk-mq device
-// whose kernel dev_t is dev. It is a global function: the verifier checks
-// it once, not once per iteration of the request walk that calls it.
-__noinline int capture_landed(__u64 bio_addr, __u32 dev, int error)
+// whose devices key is key, start sectors into it (see dev_of). It is a
+// global function: the verifier checks it once, not once per iteration of
+// the request walk that calls it.
+__noinline int capture_landed(__u64 bio_addr, __u32 key, __u64 start, int error)
 {
 	struct bio *bio = (struct bio *)bio_addr;
-	struct lb_dev *d = bpf_map_lookup_elem(&devices, &dev);
+	struct lb_dev *d = bpf_map_lookup_elem(&devices, &key);
 	if (!d)
 		return 0;
 	__u32 opf = BPF_CORE_READ(bio, bi_opf);
@@ -536,7 +561,7 @@ __noinline int capture_landed(__u64 bio_addr, __u32 dev, int error)
 	int op = classify(opf, size);
 	if (op < 0)
 		return 0;
-	__u64 sector = bio_sector(bio);
+	__u64 sector = bio_sector(bio) + start;
 	struct lb_counters *c = ctrs();
 	__u32 id = d->id;
 	struct lb_devstate *st = bpf_map_lookup_elem(&devstate, &id);
@@ -563,12 +588,13 @@ __noinline int capture_landed(__u64 bio_addr, __u32 dev, int error)
 // complete_rq_bio handles one bio of a completing request.
 static __always_inline void complete_rq_bio(struct bio *bio, int error)
 {
-	__u32 dev = BPF_CORE_READ(bio, bi_bdev, bd_dev);
-	struct lb_dev *d = bpf_map_lookup_elem(&devices, &dev);
+	__u32 key;
+	__u64 start;
+	struct lb_dev *d = dev_of(bio, &key, &start);
 	if (!d)
 		return;
 	if (d->flags & LB_DEV_RQ)
-		capture_landed((__u64)bio, dev, error);
+		capture_landed((__u64)bio, key, start, error);
 	else
 		complete_bio(bio, error);
 }
