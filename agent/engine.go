@@ -182,7 +182,16 @@ func New(opt Options) (*Engine, error) {
 			return nil, err
 		}
 		e.srcs = append(e.srcs, &source{Source: s, dev: d, size: size, dirty: bitmap.New(uint64((size + capture.BlockSize - 1) / capture.BlockSize))})
-		devs = append(devs, capture.Device{ID: uint16(i), KernelDev: d.KernelDev(), Size: size, Mode: s.Mode})
+		cd := capture.Device{ID: uint16(i), KernelDev: d.KernelDev(), Size: size, Mode: s.Mode}
+		p, err := d.Placement()
+		if err != nil {
+			e.closeDevs()
+			return nil, err
+		}
+		if p.Partition != 0 {
+			cd.Disk, cd.Start = p.DiskDev.Kernel(), uint64(p.Start)
+		}
+		devs = append(devs, cd)
 	}
 	if err := checkOverlap(e.srcs); err != nil {
 		e.closeDevs()

@@ -262,6 +262,20 @@ func mirrorPartition(t *testing.T, o runOpts) {
 	if err := loopdev.Unmount(mnt); err != nil {
 		t.Fatal(err)
 	}
+	// Writes to the whole disk land in the partition too: one inside it,
+	// one across its end into the neighbour.
+	pd, err := blockdev.Open(p1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pl, err := pd.Placement()
+	pd.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	startMiB := pl.StartBytes() >> 20
+	run(t, "dd", "if=/dev/urandom", "of="+d.Path, "bs=1M", "count=3", fmt.Sprintf("seek=%d", startMiB+40), "oflag=direct", "status=none")
+	run(t, "dd", "if=/dev/urandom", "of="+d.Path, "bs=1M", "count=4", fmt.Sprintf("seek=%d", startMiB+98), "oflag=direct", "status=none")
 	r.stop()
 	assertSameBytes(t, p1, mirror)
 }

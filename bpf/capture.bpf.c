@@ -68,6 +68,14 @@ struct {
 	__type(value, struct lb_dev);
 } devinfo SEC(".maps");
 
+// Whole disks holding protected partitions, by kernel dev_t.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, LB_MAX_DEVICES);
+	__type(key, __u32);
+	__type(value, struct lb_disk);
+} disks SEC(".maps");
+
 // Per-device control words, shared with the agent through mmap.
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -224,22 +232,26 @@ static __always_inline __u64 bio_sector(struct bio *bio)
 // dev_of returns the protected device bio writes to, or NULL. *key is its
 // devices key and *start the sectors to add to bio_sector: a write to a
 // partition of a protected whole disk (a file system on sda1 of a
-// protected sda) is a write to the disk at the partition's offset.
+// protected sda) is a write to the disk at the partition's offset. When
+// none is, *key is bio's own device.
 static __always_inline struct lb_dev *dev_of(struct bio *bio, __u32 *key, __u64 *start)
 {
 	struct block_device *bdev = BPF_CORE_READ(bio, bi_bdev);
-	*key = BPF_CORE_READ(bdev, bd_dev);
+	__u32 dev = BPF_CORE_READ(bdev, bd_dev);
+	*key = dev;
 	*start = 0;
-	struct lb_dev *d = bpf_map_lookup_elem(&devices, key);
+	struct lb_dev *d = bpf_map_lookup_elem(&devices, &dev);
 	if (d)
 		return d;
 	struct block_device *whole = BPF_CORE_READ(bdev, bd_disk, part0);
 	if (!whole || whole == bdev)
 		return NULL;
-	*key = BPF_CORE_READ(whole, bd_dev);
-	d = bpf_map_lookup_elem(&devices, key);
-	if (d)
+	__u32 wdev = BPF_CORE_READ(whole, bd_dev);
+	d = bpf_map_lookup_elem(&devices, &wdev);
+	if (d) {
+		*key = wdev;
 		*start = BPF_CORE_READ(bdev, bd_start_sect);
+	}
 	return d;
 }
 
@@ -494,6 +506,35 @@ int BPF_PROG(lb_bio_queue, struct bio *bio)
 	return 0;
 }
 
+// mark_disk_write marks a write of size bytes at sector first that landed
+// on whole disk dev over some of its protected partitions (dd to sda
+// across sda1) in their bitmaps: it is read back, in any mode. It reports
+// whether dev holds protected partitions. A global function, verified
+// once rather than inside each caller's loop.
+__noinline int mark_disk_write(__u32 dev, __u64 first, __u32 size)
+{
+	struct lb_disk *k = bpf_map_lookup_elem(&disks, &dev);
+	if (!k)
+		return 0;
+	__u64 end = first + ((size + 511) >> 9);
+	int *i;
+	bpf_for_each(num, i, 0, LB_MAX_PARTS) {
+		__u32 j = *i;
+		if (j >= LB_MAX_PARTS || j >= k->n)
+			break;
+		__u64 ps = k->part[j].start, pe = ps + k->part[j].sectors;
+		if (end <= ps || first >= pe)
+			continue;
+		__u64 a = first > ps ? first : ps;
+		__u64 b = end < pe ? end : pe;
+		__u32 id = k->part[j].id;
+		struct lb_dev *d = bpf_map_lookup_elem(&devinfo, &id);
+		if (d)
+			mark_bitmap(d, a - ps, (b - a) << 9, ctrs());
+	}
+	return 1;
+}
+
 // mark_landed marks the blocks of a write that completed on a protected
 // device (a blk-mq one only, with rq_only) without a record to show for
 // it; they are read back like an overflow. It reports whether it marked.
@@ -506,7 +547,9 @@ static __always_inline bool mark_landed(struct bio *bio, bool rq_only)
 	__u32 key;
 	__u64 start;
 	struct lb_dev *d = dev_of(bio, &key, &start);
-	if (!d || (rq_only && !(d->flags & LB_DEV_RQ)))
+	if (!d)
+		return mark_disk_write(key, BPF_CORE_READ(bio, bi_iter.bi_sector), size);
+	if (rq_only && !(d->flags & LB_DEV_RQ))
 		return false;
 	mark_bitmap(d, bio_sector(bio) + start, size, ctrs());
 	return true;
@@ -591,8 +634,13 @@ static __always_inline void complete_rq_bio(struct bio *bio, int error)
 	__u32 key;
 	__u64 start;
 	struct lb_dev *d = dev_of(bio, &key, &start);
-	if (!d)
+	if (!d) {
+		__u32 opf = BPF_CORE_READ(bio, bi_opf);
+		__u32 size = BPF_CORE_READ(bio, bi_iter.bi_size);
+		if (classify(opf, size) >= 0)
+			mark_disk_write(key, BPF_CORE_READ(bio, bi_iter.bi_sector), size);
 		return;
+	}
 	if (d->flags & LB_DEV_RQ)
 		capture_landed((__u64)bio, key, start, error);
 	else

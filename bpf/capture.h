@@ -64,6 +64,21 @@ struct lb_dev {
 	__u32 flags;       /* enum lb_dev_flags */
 };
 
+#define LB_MAX_PARTS 8
+
+/* The protected partitions of one whole disk (disks map), so that a write
+ * to the disk itself over a partition is read back for that partition. */
+struct lb_disk {
+	__u32 n;
+	__u32 _pad;
+	struct lb_part {
+		__u64 start;   /* first sector on the disk */
+		__u64 sectors; /* length */
+		__u32 id;      /* the partition's device id */
+		__u32 _pad;
+	} part[LB_MAX_PARTS];
+};
+
 struct lb_devstate {
 	__u32 overflow; /* set by BPF when the ring is full, cleared by the agent */
 	__u32 _pad;

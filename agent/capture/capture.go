@@ -54,6 +54,11 @@ type Device struct {
 	KernelDev uint32 // major<<20 | minor, as the kernel's bd_dev
 	Size      int64  // bytes
 	Mode      Mode
+	// A partition's whole disk (its KernelDev; 0 for a whole disk) and
+	// first sector on it: writes to the disk over the partition are
+	// captured too (read back).
+	Disk  uint32
+	Start uint64
 }
 
 // flagRequestBased is LB_DEV_RQ: capture at request completion.
@@ -225,6 +230,9 @@ func (c *Capture) setup() error {
 			return fmt.Errorf("register device %d: %w", d.ID, err)
 		}
 	}
+	if err := c.registerDisks(); err != nil {
+		return err
+	}
 	if c.Ring, err = ringbuf.NewReader(c.objs.Events); err != nil {
 		return fmt.Errorf("ring reader: %w", err)
 	}
@@ -245,6 +253,32 @@ func (c *Capture) setup() error {
 		if l, err := link.LoadPinnedLink(filepath.Join(c.pinDir, name), nil); err == nil {
 			l.Unpin()
 			l.Close()
+		}
+	}
+	return nil
+}
+
+// registerDisks lists, per whole disk, the protected partitions on it.
+func (c *Capture) registerDisks() error {
+	disks := map[uint32]*captureLbDisk{}
+	for _, d := range c.devices {
+		if d.Disk == 0 {
+			continue
+		}
+		k := disks[d.Disk]
+		if k == nil {
+			k = &captureLbDisk{}
+			disks[d.Disk] = k
+		}
+		if int(k.N) == len(k.Part) {
+			return fmt.Errorf("capture: more than %d protected partitions on one disk", len(k.Part))
+		}
+		k.Part[k.N].Start, k.Part[k.N].Sectors, k.Part[k.N].Id = d.Start, uint64(d.Size/512), uint32(d.ID)
+		k.N++
+	}
+	for dev, k := range disks {
+		if err := c.objs.Disks.Put(dev, k); err != nil {
+			return fmt.Errorf("register disk %d:%d: %w", dev>>20, dev&(1<<20-1), err)
 		}
 	}
 	return nil

@@ -54,6 +54,19 @@ type captureLbDevstate struct {
 	RingInflight   int64
 }
 
+type captureLbDisk struct {
+	_    structs.HostLayout
+	N    uint32
+	Pad  uint32
+	Part [8]struct {
+		_       structs.HostLayout
+		Start   uint64
+		Sectors uint64
+		Id      uint32
+		Pad     uint32
+	}
+}
+
 type captureLbGlobal struct {
 	_           structs.HostLayout
 	Seq         uint64
@@ -102,6 +115,7 @@ const (
 	captureMapDevices        = "devices"
 	captureMapDevinfo        = "devinfo"
 	captureMapDevstate       = "devstate"
+	captureMapDisks          = "disks"
 	captureMapEvents         = "events"
 	captureMapGlobal         = "global"
 	captureMapPending        = "pending"
@@ -180,6 +194,7 @@ type captureMapSpecs struct {
 	Devices     *ebpf.MapSpec `ebpf:"devices"`
 	Devinfo     *ebpf.MapSpec `ebpf:"devinfo"`
 	Devstate    *ebpf.MapSpec `ebpf:"devstate"`
+	Disks       *ebpf.MapSpec `ebpf:"disks"`
 	Events      *ebpf.MapSpec `ebpf:"events"`
 	Global      *ebpf.MapSpec `ebpf:"global"`
 	Pending     *ebpf.MapSpec `ebpf:"pending"`
@@ -226,6 +241,7 @@ type captureMaps struct {
 	Devices     *ebpf.Map `ebpf:"devices"`
 	Devinfo     *ebpf.Map `ebpf:"devinfo"`
 	Devstate    *ebpf.Map `ebpf:"devstate"`
+	Disks       *ebpf.Map `ebpf:"disks"`
 	Events      *ebpf.Map `ebpf:"events"`
 	Global      *ebpf.Map `ebpf:"global"`
 	Pending     *ebpf.Map `ebpf:"pending"`
@@ -240,6 +256,7 @@ func (m *captureMaps) Close() error {
 		m.Devices,
 		m.Devinfo,
 		m.Devstate,
+		m.Disks,
 		m.Events,
 		m.Global,
 		m.Pending,
