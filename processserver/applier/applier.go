@@ -75,7 +75,7 @@ const (
 const (
 	DefaultPointInterval = 5 * time.Minute
 	DefaultRetention     = 24 * time.Hour
-	DefaultParallelism   = 8
+	DefaultParallelism   = 4
 	DefaultPollInterval  = 30 * time.Second
 )
 
@@ -94,7 +94,7 @@ type Config struct {
 	// Retention: snapshots older than this are deleted (default 24 h;
 	// negative: keep everything).
 	Retention time.Duration
-	// Parallelism bounds concurrent page blob calls per disk (default 8).
+	// Parallelism bounds concurrent page blob calls per disk (default 4).
 	Parallelism int
 	// UpdateManifest, if set, performs the manifest read-modify-write
 	// (update is given the current manifest and changes only applied_seq).
