@@ -428,9 +428,16 @@ func otherCaptures(log *slog.Logger) int {
 	if err != nil {
 		return 0
 	}
-	if len(entries) > 0 {
-		log.Warn("other capture instances are attached; their programs run on every bio and skew the results",
-			"count", len(entries), "dir", agent.PinRoot)
+	n := 0
+	for _, e := range entries {
+		// A directory without pinned programs is an empty leftover.
+		if links, _ := filepath.Glob(filepath.Join(agent.PinRoot, e.Name(), "link_*")); len(links) > 0 {
+			n++
+		}
 	}
-	return len(entries)
+	if n > 0 {
+		log.Warn("other capture instances are attached; their programs run on every bio and skew the results",
+			"count", n, "dir", agent.PinRoot)
+	}
+	return n
 }

@@ -380,6 +380,7 @@ func (c *Capture) Unpin() {
 	for _, name := range pinnedMaps {
 		os.Remove(filepath.Join(c.pinDir, name))
 	}
+	os.Remove(c.pinDir) // only if empty
 }
 
 // ensureBPFFS makes sure dir is on a mounted bpffs, mounting
