@@ -71,8 +71,8 @@ func (s *Server) uploadBacklog() int64 {
 }
 
 // LocalSegment returns the plaintext of journal segment name from the
-// cache, which keeps a segment until it is applied: opening the sealed
-// copy there is cheaper than downloading it. It checks that the cached
+// sealed copy kept in memory or in the cache, which keep a segment until
+// it is applied: opening it here is cheaper than downloading it. It checks that the cached
 // segment is the one the name says (the name is the seal's AAD).
 func (s *Server) LocalSegment(name string) ([]byte, bool) {
 	machine, _, ok := strings.Cut(name, "/journal/")
