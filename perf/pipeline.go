@@ -951,7 +951,7 @@ func (c *child) stop(timeout time.Duration) error {
 }
 
 // measureCeiling writes total bytes with 4 MiB Put Pages (azure.Store
-// WritePages, Content-MD5 included, no decorators) from clients parallel
+// WritePages, CRC64 checksum included, no decorators) from clients parallel
 // clients, each its own Store and page blob, and returns the throughput.
 func measureCeiling(ctx context.Context, connStr string, clients int, total int64) (CeilingRun, error) {
 	const chunk = blobstore.MaxPutPage
