@@ -386,7 +386,7 @@ func (s *Store) WritePages(ctx context.Context, name string, offset int64, data 
 	for len(data) > 0 {
 		n := min(len(data), blobstore.MaxPutPage)
 		_, err := pb.UploadPages(ctx, body(data[:n]), blob.HTTPRange{Offset: offset, Count: int64(n)},
-			&pageblob.UploadPagesOptions{TransactionalValidation: blob.TransferValidationTypeComputeCRC64()})
+			&pageblob.UploadPagesOptions{TransactionalValidation: blob.TransferValidationTypeCRC64(crc64Of(data[:n]))})
 		if err != nil {
 			return s.wrap(fmt.Sprintf("write pages [%d, %d) of", offset, offset+int64(n)), name, err)
 		}
