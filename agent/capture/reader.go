@@ -19,7 +19,10 @@ const (
 	maxRecordBytes = HeaderSize + 4<<20 // LB_MAX_RECORD_DATA
 	chunkBytes     = 8 << 20
 	arenaChunks    = 4
-	pollInterval   = 2 * time.Millisecond // with BPF_RB_NO_WAKEUP the reader polls
+	// With BPF_RB_NO_WAKEUP the reader polls; a barrier or Stop wakes it
+	// at once (Flush). Each poll is a blocking epoll_wait that holds a Go
+	// P, and the runtime's sysmon churns while one is held.
+	pollInterval = 10 * time.Millisecond
 )
 
 type chunk struct{ buf []byte }
@@ -61,10 +64,17 @@ func NewReader(c *Capture) *Reader {
 
 // RequestBarrier asks the reader to deliver a barrier item once the BPF
 // ring has been read empty after this call. It returns the barrier id.
-func (r *Reader) RequestBarrier() uint64 { return r.barrier.Add(1) }
+func (r *Reader) RequestBarrier() uint64 {
+	id := r.barrier.Add(1)
+	r.ring.Flush() // wake a reader waiting for records
+	return id
+}
 
 // Stop makes Run return after it has read the ring empty once more.
-func (r *Reader) Stop() { r.stopped.Store(true) }
+func (r *Reader) Stop() {
+	r.stopped.Store(true)
+	r.ring.Flush()
+}
 
 // Run reads until Stop (or ctx) and then closes the queue.
 func (r *Reader) Run(ctx context.Context) error {
@@ -103,7 +113,7 @@ func (r *Reader) Run(ctx context.Context) error {
 			if err := r.push(ctx, Item{Raw: rec.RawSample, chunk: r.fill}); err != nil {
 				return err
 			}
-		case errors.Is(err, os.ErrDeadlineExceeded):
+		case errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, ringbuf.ErrFlushed):
 			// Ring empty (as far as committed records go).
 			idle = true
 			if b := r.barrier.Load(); b > r.done {
