@@ -373,8 +373,8 @@ static __always_inline void settle(struct lb_pending *pc, bool failed, bool late
 	__u32 id = pc->dev;
 	struct lb_devstate *st = bpf_map_lookup_elem(&devstate, &id);
 	struct lb_dev *d = bpf_map_lookup_elem(&devinfo, &id);
-	if (!st || !d)
-		return;
+	if (!st || !d || !d->blocks)
+		return; // not a device of this capture (an entry from an earlier run)
 	if (pc->kind == LB_PEND_RING) {
 		__sync_fetch_and_add(&st->ring_inflight, -1);
 		if (!failed)
@@ -402,9 +402,12 @@ static __always_inline long track_bio(__u64 key, struct lb_pending *p, struct lb
 	struct lb_pending *old = bpf_map_lookup_elem(&pending, &key);
 	if (old) {
 		struct lb_pending oc = *old;
-		settle(&oc, false, true, c);
-		if (c)
-			c->late_completions++;
+		// Whoever deletes an entry settles it (the agent's sweep too).
+		if (bpf_map_delete_elem(&pending, &key) == 0) {
+			settle(&oc, false, true, c);
+			if (c)
+				c->late_completions++;
+		}
 	}
 	return bpf_map_update_elem(&pending, &key, p, BPF_ANY);
 }
@@ -509,14 +512,15 @@ int BPF_PROG(lb_bio_queue, struct bio *bio)
 // mark_disk_write marks a write of size bytes at sector first that landed
 // on whole disk dev over some of its protected partitions (dd to sda
 // across sda1) in their bitmaps: it is read back, in any mode. It reports
-// whether dev holds protected partitions. A global function, verified
-// once rather than inside each caller's loop.
+// whether it marked anything. A global function, verified once rather
+// than inside each caller's loop.
 __noinline int mark_disk_write(__u32 dev, __u64 first, __u32 size)
 {
 	struct lb_disk *k = bpf_map_lookup_elem(&disks, &dev);
 	if (!k)
 		return 0;
 	__u64 end = first + ((size + 511) >> 9);
+	int marked = 0;
 	int *i;
 	bpf_for_each(num, i, 0, LB_MAX_PARTS) {
 		__u32 j = *i;
@@ -529,10 +533,12 @@ __noinline int mark_disk_write(__u32 dev, __u64 first, __u32 size)
 		__u64 b = end < pe ? end : pe;
 		__u32 id = k->part[j].id;
 		struct lb_dev *d = bpf_map_lookup_elem(&devinfo, &id);
-		if (d)
+		if (d) {
 			mark_bitmap(d, a - ps, (b - a) << 9, ctrs());
+			marked = 1;
+		}
 	}
-	return 1;
+	return marked;
 }
 
 // mark_landed marks the blocks of a write that completed on a protected
@@ -577,7 +583,8 @@ static __always_inline void complete_bio(struct bio *bio, int error)
 		return;
 	}
 	struct lb_pending pc = *p;
-	bpf_map_delete_elem(&pending, &key);
+	if (bpf_map_delete_elem(&pending, &key))
+		return; // swept by the agent meanwhile: it settled the write
 	settle(&pc, error != 0, false, ctrs());
 }
 
@@ -637,14 +644,20 @@ static __always_inline void complete_rq_bio(struct bio *bio, int error)
 	if (!d) {
 		__u32 opf = BPF_CORE_READ(bio, bi_opf);
 		__u32 size = BPF_CORE_READ(bio, bi_iter.bi_size);
-		if (classify(opf, size) >= 0)
+		if (classify(opf, size) < 0)
+			return;
+		__u64 k = (__u64)bio;
+		if (!bpf_map_lookup_elem(&pending, &k)) {
 			mark_disk_write(key, BPF_CORE_READ(bio, bi_iter.bi_sector), size);
+			return;
+		}
+		// Tracked, but completing on another device: a stacked driver
+		// re-pointed it (an NVMe multipath head to its path). Settle it.
+	} else if (d->flags & LB_DEV_RQ) {
+		capture_landed((__u64)bio, key, start, error);
 		return;
 	}
-	if (d->flags & LB_DEV_RQ)
-		capture_landed((__u64)bio, key, start, error);
-	else
-		complete_bio(bio, error);
+	complete_bio(bio, error);
 }
 
 struct rq_walk {

@@ -2,6 +2,7 @@ package processserver
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/tls"
 	"encoding/binary"
@@ -486,7 +487,9 @@ func (st *session) flusher() {
 				size := int64(len(sealed))
 				var hot []byte
 				if st.s.reserveHot(size) {
-					hot, sealed = sealed, make([]byte, 0, cap(sealed))
+					// An exact-size copy: the accounting is by length, and
+					// sealed (sized for the largest segment) is reused.
+					hot = bytes.Clone(sealed)
 				}
 				st.m.segmentDurable(id, size, b.meta.last, hot)
 				if b.meta.last > lastAck {

@@ -592,23 +592,31 @@ func (c *Capture) SweepStale(maxAge time.Duration) ([]Stale, error) {
 		val   captureLbPending
 		stale []Stale
 		keys  []uint64
-		vals  []captureLbPending
 	)
 	it := c.objs.Pending.Iterate()
 	for it.Next(&key, &val) {
 		if now-val.Stamp > limit && now >= val.Stamp {
 			keys = append(keys, key)
-			vals = append(vals, val)
 		}
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("sweep pending writes: %w", err)
 	}
-	for i, k := range keys {
-		if err := c.objs.Pending.Delete(k); err != nil {
-			continue // completed meanwhile
+	for _, k := range keys {
+		// Whoever deletes an entry settles it: the BPF side does the same
+		// when the write completes or its bio address is reused, and the
+		// entry found now may already be a new bio's.
+		var v captureLbPending
+		if err := c.objs.Pending.LookupAndDelete(k, &v); err != nil {
+			continue // completed or settled meanwhile
 		}
-		v := vals[i]
+		if !(now-v.Stamp > limit && now >= v.Stamp) {
+			// A new bio reused the address: put its entry back. Should it
+			// have completed in between, the entry is settled later like
+			// any other whose completion was missed.
+			c.objs.Pending.Update(k, &v, ebpf.UpdateNoExist)
+			continue
+		}
 		idx := c.index(v.Dev)
 		if idx < 0 {
 			continue
