@@ -363,6 +363,38 @@ static __always_inline int copy_payload(struct bpf_dynptr *dp, struct bio *bio, 
 	return s->off == size ? 0 : -1;
 }
 
+// mark_disk_write marks a write of size bytes at sector first that landed
+// on whole disk dev over some of its protected partitions (dd to sda
+// across sda1) in their bitmaps: it is read back, in any mode. It reports
+// whether it marked anything. A global function, verified once rather
+// than inside each caller's loop.
+__noinline int mark_disk_write(__u32 dev, __u64 first, __u32 size)
+{
+	struct lb_disk *k = bpf_map_lookup_elem(&disks, &dev);
+	if (!k)
+		return 0;
+	__u64 end = first + ((size + 511) >> 9);
+	int marked = 0;
+	int *i;
+	bpf_for_each(num, i, 0, LB_MAX_PARTS) {
+		__u32 j = *i;
+		if (j >= LB_MAX_PARTS || j >= k->n)
+			break;
+		__u64 ps = k->part[j].start, pe = ps + k->part[j].sectors;
+		if (end <= ps || first >= pe)
+			continue;
+		__u64 a = first > ps ? first : ps;
+		__u64 b = end < pe ? end : pe;
+		__u32 id = k->part[j].id;
+		struct lb_dev *d = bpf_map_lookup_elem(&devinfo, &id);
+		if (d) {
+			mark_bitmap(d, a - ps, (b - a) << 9, ctrs());
+			marked = 1;
+		}
+	}
+	return marked;
+}
+
 // settle ends the tracking of a write that has left the device: it landed,
 // failed, or (late) ended without capture seeing it end. A ring-captured
 // write is uncounted from ring_inflight, and read back if it failed: the
@@ -370,6 +402,10 @@ static __always_inline int copy_payload(struct bpf_dynptr *dp, struct bio *bio, 
 // time gets its extent record; every other write is read back.
 static __always_inline void settle(struct lb_pending *pc, bool failed, bool late, struct lb_counters *c)
 {
+	if (pc->kind == LB_PEND_DISK) {
+		mark_disk_write(pc->disk, pc->sector, pc->len);
+		return;
+	}
 	__u32 id = pc->dev;
 	struct lb_devstate *st = bpf_map_lookup_elem(&devstate, &id);
 	struct lb_dev *d = bpf_map_lookup_elem(&devinfo, &id);
@@ -469,13 +505,42 @@ static __always_inline void add_pending(struct bio *bio, struct lb_dev *d, __u64
 	}
 }
 
+// track_disk_write remembers a write to whole disk dev, if it holds
+// protected partitions, until it completes: its overlap with them is then
+// read back (settle). Tracking it from submission, rather than looking at
+// the bio only when it completes, survives drivers that consume the bio's
+// iterator or re-point it to another device on the way.
+static __always_inline void track_disk_write(struct bio *bio, __u32 dev)
+{
+	if (!bpf_map_lookup_elem(&disks, &dev))
+		return;
+	__u32 opf = BPF_CORE_READ(bio, bi_opf);
+	__u32 size = BPF_CORE_READ(bio, bi_iter.bi_size);
+	int op = classify(opf, size);
+	if (op < 0)
+		return;
+	struct lb_counters *c = ctrs();
+	struct lb_pending p = {.op = op, .kind = LB_PEND_DISK, .opf = opf, .len = size, .disk = dev,
+			       .sector = BPF_CORE_READ(bio, bi_iter.bi_sector), .stamp = bpf_ktime_get_ns() / 1000000000};
+	if (track_bio((__u64)bio, &p, c)) {
+		// Too many writes in flight to track: the completion still marks
+		// it if it can see it (complete_rq_bio).
+		if (c)
+			c->pending_full++;
+	}
+}
+
 SEC("tp_btf/block_bio_queue")
 int BPF_PROG(lb_bio_queue, struct bio *bio)
 {
 	__u32 key;
 	__u64 start;
 	struct lb_dev *d = dev_of(bio, &key, &start);
-	if (!d || (d->flags & LB_DEV_RQ))
+	if (!d) {
+		track_disk_write(bio, key);
+		return 0;
+	}
+	if (d->flags & LB_DEV_RQ)
 		return 0;
 
 	__u32 opf = BPF_CORE_READ(bio, bi_opf);
@@ -507,38 +572,6 @@ int BPF_PROG(lb_bio_queue, struct bio *bio)
 	}
 	__sync_fetch_and_add(&c->inflight, -1);
 	return 0;
-}
-
-// mark_disk_write marks a write of size bytes at sector first that landed
-// on whole disk dev over some of its protected partitions (dd to sda
-// across sda1) in their bitmaps: it is read back, in any mode. It reports
-// whether it marked anything. A global function, verified once rather
-// than inside each caller's loop.
-__noinline int mark_disk_write(__u32 dev, __u64 first, __u32 size)
-{
-	struct lb_disk *k = bpf_map_lookup_elem(&disks, &dev);
-	if (!k)
-		return 0;
-	__u64 end = first + ((size + 511) >> 9);
-	int marked = 0;
-	int *i;
-	bpf_for_each(num, i, 0, LB_MAX_PARTS) {
-		__u32 j = *i;
-		if (j >= LB_MAX_PARTS || j >= k->n)
-			break;
-		__u64 ps = k->part[j].start, pe = ps + k->part[j].sectors;
-		if (end <= ps || first >= pe)
-			continue;
-		__u64 a = first > ps ? first : ps;
-		__u64 b = end < pe ? end : pe;
-		__u32 id = k->part[j].id;
-		struct lb_dev *d = bpf_map_lookup_elem(&devinfo, &id);
-		if (d) {
-			mark_bitmap(d, a - ps, (b - a) << 9, ctrs());
-			marked = 1;
-		}
-	}
-	return marked;
 }
 
 // mark_landed marks the blocks of a write that completed on a protected

@@ -42,6 +42,7 @@ enum lb_pend_kind {
 	LB_PEND_META = 1,
 	LB_PEND_OVERFLOW = 2,
 	LB_PEND_RING = 3, /* in the ring already: only counted until completion */
+	LB_PEND_DISK = 4, /* a write to a whole disk over protected partitions */
 };
 
 /* Ring record header; data mode writes carry data_len payload bytes. */
@@ -95,6 +96,7 @@ struct lb_pending {
 	__u8 op;
 	__u8 kind;
 	__u32 stamp; /* monotonic seconds at insertion (stale sweep) */
+	__u32 disk;  /* LB_PEND_DISK: the disk's dev_t; sector is the disk's */
 };
 
 struct lb_counters {

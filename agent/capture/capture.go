@@ -617,6 +617,10 @@ func (c *Capture) SweepStale(maxAge time.Duration) ([]Stale, error) {
 			c.objs.Pending.Update(k, &v, ebpf.UpdateNoExist)
 			continue
 		}
+		if v.Kind == kindDisk {
+			stale = append(stale, c.diskOverlaps(v.Disk, v.Sector, v.Len)...)
+			continue
+		}
 		idx := c.index(v.Dev)
 		if idx < 0 {
 			continue
@@ -629,8 +633,29 @@ func (c *Capture) SweepStale(maxAge time.Duration) ([]Stale, error) {
 	return stale, nil
 }
 
-// kindRing is LB_PEND_RING.
-const kindRing = 3
+// Pending kinds (enum lb_pend_kind).
+const (
+	kindRing = 3
+	kindDisk = 4
+)
+
+// diskOverlaps returns the parts of a write to whole disk disk (len bytes
+// at sector) that fall in protected partitions, as their extents.
+func (c *Capture) diskOverlaps(disk uint32, sector uint64, n uint32) []Stale {
+	var out []Stale
+	first, end := sector, sector+(uint64(n)+511)/512
+	for i, d := range c.devices {
+		if d.Disk != disk {
+			continue
+		}
+		ps, pe := d.Start, d.Start+uint64(d.Size/512)
+		a, b := max(first, ps), min(end, pe)
+		if a < b {
+			out = append(out, Stale{Dev: i, Off: int64(a-ps) * 512, Len: int64(b-a) * 512})
+		}
+	}
+	return out
+}
 
 // index returns the device index of device id, -1 if unknown.
 func (c *Capture) index(id uint16) int {

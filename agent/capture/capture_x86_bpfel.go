@@ -84,6 +84,8 @@ type captureLbPending struct {
 	Op     uint8
 	Kind   uint8
 	Stamp  uint32
+	Disk   uint32
+	_      [4]byte
 }
 
 type captureLbRecord struct {
