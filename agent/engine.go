@@ -313,7 +313,11 @@ func (e *Engine) Run(ctx context.Context) (err error) {
 	if err := e.loop(ctx); err != nil {
 		return err
 	}
-	// Clean stop: park every device on the bitmap and drain what remains.
+	// Clean stop: settle writes that ended unseen on idle devices, park
+	// every device on the bitmap and drain what remains.
+	if err := e.settleIdle(); err != nil {
+		return err
+	}
 	if err := e.drain(context.Background(), allIdx(len(e.srcs)), true, nil); err != nil {
 		return err
 	}
@@ -449,6 +453,25 @@ func (e *Engine) markStale() ([]int, error) {
 	e.log.Warn("the kernel did not report the completion of some writes; reading their blocks back",
 		"writes", len(stale))
 	return idx, nil
+}
+
+// settleIdle marks in the kernel bitmap the pending writes of devices with
+// no write in flight: their completion went unreported, and the stop's
+// drain must not leave them to the 10 s sweep of a later run.
+func (e *Engine) settleIdle() error {
+	stale, err := e.cap.SweepIdle(func(i int) bool {
+		n, err := e.srcs[i].dev.InflightWrites()
+		return err == nil && n == 0
+	})
+	if err != nil || len(stale) == 0 {
+		return err
+	}
+	for _, st := range stale {
+		e.cap.MarkBytes(st.Dev, st.Off, st.Len)
+	}
+	e.stats.StaleCompletions += uint64(len(stale))
+	e.log.Warn("the kernel did not report the completion of some writes; reading their blocks back", "writes", len(stale))
+	return nil
 }
 
 // RequestSync asks the running engine to bring device dev's target up to

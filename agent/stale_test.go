@@ -20,11 +20,20 @@ import (
 // mirror would miss it.
 func TestStaleCompletionReadBack(t *testing.T) {
 	for _, mode := range []capture.Mode{capture.ModeMetadata, capture.ModeData} {
-		t.Run(mode.String(), func(t *testing.T) { staleCompletionReadBack(t, mode) })
+		t.Run(mode.String(), func(t *testing.T) { staleCompletionReadBack(t, mode, false) })
 	}
 }
 
-func staleCompletionReadBack(t *testing.T, mode capture.Mode) {
+// TestUnreportedCompletionSettledAtStop: the same write, its entry fresh,
+// and the agent stopped at once. The device has no write in flight, so
+// the stop settles the entry instead of leaving it to a later run's sweep.
+func TestUnreportedCompletionSettledAtStop(t *testing.T) {
+	for _, mode := range []capture.Mode{capture.ModeMetadata, capture.ModeData} {
+		t.Run(mode.String(), func(t *testing.T) { staleCompletionReadBack(t, mode, true) })
+	}
+}
+
+func staleCompletionReadBack(t *testing.T, mode capture.Mode, atStop bool) {
 	testenv.RequireRoot(t)
 	d := loopdev.New(t, 32<<20, loopdev.Options{})
 	dir := t.TempDir()
@@ -76,11 +85,15 @@ func staleCompletionReadBack(t *testing.T, mode capture.Mode) {
 		t.Fatal(err)
 	}
 	f.Close()
-	if err := e.cap.InjectPending(0, off, n, mode == capture.ModeMetadata, 2*staleAfter); err != nil {
+	age := 2 * staleAfter
+	if atStop {
+		age = 0
+	}
+	if err := e.cap.InjectPending(0, off, n, mode == capture.ModeMetadata, age); err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(5 * sweepInterval)
-	for {
+	for !atStop {
 		got := make([]byte, n)
 		if _, err := mirror.ReadAt(got, off); err == nil && string(got) == string(buf) {
 			break
@@ -93,6 +106,10 @@ func staleCompletionReadBack(t *testing.T, mode capture.Mode) {
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatal(err)
+	}
+	got := make([]byte, n)
+	if _, err := mirror.ReadAt(got, off); err != nil || string(got) != string(buf) {
+		t.Fatalf("after the stop the mirror misses the write whose completion went unreported (err %v)", err)
 	}
 	if s := e.Stats(); s.StaleCompletions != 1 {
 		t.Errorf("stale completions = %d, want 1", s.StaleCompletions)

@@ -585,8 +585,42 @@ func monoSeconds() uint32 {
 // which is released here. An entry whose completion races with the sweep
 // is harmless: the completion finds no entry and marks the bitmap.
 func (c *Capture) SweepStale(maxAge time.Duration) ([]Stale, error) {
+	return c.sweep(maxAge, nil)
+}
+
+// SweepIdle removes every pending entry of the devices idle reports as
+// having no write in flight, whatever its age, except ring-captured ones:
+// such a write has ended unseen. A write that starts meanwhile is only
+// read back early; its completion then marks the bitmap, as for a write
+// in flight when capture attached. A ring-captured write is left to
+// SweepStale: releasing it early could let a read-back run ahead of it.
+func (c *Capture) SweepIdle(idle func(dev int) bool) ([]Stale, error) {
+	return c.sweep(0, func(v *captureLbPending) bool {
+		switch v.Kind {
+		case kindRing:
+			return false
+		case kindDisk:
+			for i, d := range c.devices {
+				if d.Disk == v.Disk && !idle(i) {
+					return false
+				}
+			}
+			return true
+		}
+		i := c.index(v.Dev)
+		return i >= 0 && idle(i)
+	})
+}
+
+func (c *Capture) sweep(maxAge time.Duration, pick func(*captureLbPending) bool) ([]Stale, error) {
 	now := monoSeconds()
 	limit := uint32(maxAge / time.Second)
+	old := func(v *captureLbPending) bool {
+		if pick != nil {
+			return pick(v)
+		}
+		return now-v.Stamp > limit && now >= v.Stamp
+	}
 	var (
 		key   uint64
 		val   captureLbPending
@@ -595,7 +629,7 @@ func (c *Capture) SweepStale(maxAge time.Duration) ([]Stale, error) {
 	)
 	it := c.objs.Pending.Iterate()
 	for it.Next(&key, &val) {
-		if now-val.Stamp > limit && now >= val.Stamp {
+		if old(&val) {
 			keys = append(keys, key)
 		}
 	}
@@ -610,7 +644,7 @@ func (c *Capture) SweepStale(maxAge time.Duration) ([]Stale, error) {
 		if err := c.objs.Pending.LookupAndDelete(k, &v); err != nil {
 			continue // completed or settled meanwhile
 		}
-		if !(now-v.Stamp > limit && now >= v.Stamp) {
+		if !old(&v) {
 			// A new bio reused the address: put its entry back. Should it
 			// have completed in between, the entry is settled later like
 			// any other whose completion was missed.

@@ -212,6 +212,20 @@ func (d *Device) Identity() (string, error) {
 	return b.String(), nil
 }
 
+// InflightWrites returns the number of write requests the kernel counts
+// as in flight on the device (sysfs inflight).
+func (d *Device) InflightWrites() (int, error) {
+	v, err := readSysfs("/sys/dev/block/"+d.dev.String(), "inflight")
+	if err != nil {
+		return 0, err
+	}
+	var r, w int
+	if _, err := fmt.Sscan(v, &r, &w); err != nil {
+		return 0, fmt.Errorf("blockdev: %s inflight %q: %w", d.path, v, err)
+	}
+	return w, nil
+}
+
 func readSysfs(dir, name string) (string, error) {
 	b, err := os.ReadFile(filepath.Join(dir, name))
 	if err != nil {
