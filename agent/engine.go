@@ -416,11 +416,16 @@ func (e *Engine) loop(ctx context.Context) error {
 	}
 }
 
-// A pending write older than staleAfter has completed (or its device is
-// hung) without the kernel reporting it; sweepInterval paces the check.
+// A pending write older than staleAfter (ringStaleAfter if ring-captured)
+// has completed, or its device is hung, without the kernel reporting it;
+// sweepInterval paces the check. Reading a write back too early costs a
+// read; releasing a ring-captured one too early could let a read-back run
+// ahead of it, hence its longer age. The short one bounds how long a
+// metadata-mode write can be missing from consistency points.
 const (
-	staleAfter    = 10 * time.Second
-	sweepInterval = time.Second
+	staleAfter     = 2 * time.Second
+	ringStaleAfter = 10 * time.Second
+	sweepInterval  = time.Second
 )
 
 // sweepStale reads back the writes whose completion the kernel never
@@ -438,7 +443,7 @@ func (e *Engine) sweepStale() error {
 // the next drain of their devices (returned; the loop also sees their
 // marks move) picks them up.
 func (e *Engine) markStale() ([]int, error) {
-	stale, err := e.cap.SweepStale(staleAfter)
+	stale, err := e.cap.SweepStale(staleAfter, ringStaleAfter)
 	if err != nil || len(stale) == 0 {
 		return nil, err
 	}

@@ -576,16 +576,26 @@ func monoSeconds() uint32 {
 	return uint32(ts.Sec)
 }
 
-// SweepStale removes pending entries older than maxAge and returns their
-// extents. The kernel now and then ends a request without firing
-// block_rq_complete (seen with loop on 6.18), and the writes that capture
-// handles at completion (metadata mode, the bitmap path) would then go
-// unrecorded: the caller must read those extents back under the drain
-// protocol. A ring-captured write's entry only kept ring_inflight up,
-// which is released here. An entry whose completion races with the sweep
-// is harmless: the completion finds no entry and marks the bitmap.
-func (c *Capture) SweepStale(maxAge time.Duration) ([]Stale, error) {
-	return c.sweep(maxAge, nil)
+// SweepStale removes pending entries older than maxAge (ringAge for
+// ring-captured writes) and returns their extents. The kernel now and then
+// ends a request without firing block_rq_complete (seen with loop on
+// 6.18), and the writes that capture handles at completion (metadata mode,
+// the bitmap path) would then go unrecorded: the caller must read those
+// extents back under the drain protocol. Sweeping such a write while it is
+// still in flight only reads it back early: its completion finds no entry
+// and marks the bitmap. A ring-captured write's entry only keeps
+// ring_inflight up, released here; it needs the longer age, because
+// releasing it early could let a read-back run ahead of it.
+func (c *Capture) SweepStale(maxAge, ringAge time.Duration) ([]Stale, error) {
+	now := monoSeconds()
+	limit, ringLimit := uint32(maxAge/time.Second), uint32(ringAge/time.Second)
+	return c.sweep(func(v *captureLbPending) bool {
+		l := limit
+		if v.Kind == kindRing {
+			l = ringLimit
+		}
+		return now-v.Stamp > l && now >= v.Stamp
+	})
 }
 
 // SweepIdle removes every pending entry of the devices idle reports as
@@ -595,7 +605,7 @@ func (c *Capture) SweepStale(maxAge time.Duration) ([]Stale, error) {
 // in flight when capture attached. A ring-captured write is left to
 // SweepStale: releasing it early could let a read-back run ahead of it.
 func (c *Capture) SweepIdle(idle func(dev int) bool) ([]Stale, error) {
-	return c.sweep(0, func(v *captureLbPending) bool {
+	return c.sweep(func(v *captureLbPending) bool {
 		switch v.Kind {
 		case kindRing:
 			return false
@@ -612,15 +622,9 @@ func (c *Capture) SweepIdle(idle func(dev int) bool) ([]Stale, error) {
 	})
 }
 
-func (c *Capture) sweep(maxAge time.Duration, pick func(*captureLbPending) bool) ([]Stale, error) {
-	now := monoSeconds()
-	limit := uint32(maxAge / time.Second)
-	old := func(v *captureLbPending) bool {
-		if pick != nil {
-			return pick(v)
-		}
-		return now-v.Stamp > limit && now >= v.Stamp
-	}
+// sweep removes the pending entries old picks, settles them and returns
+// their extents.
+func (c *Capture) sweep(old func(*captureLbPending) bool) ([]Stale, error) {
 	var (
 		key   uint64
 		val   captureLbPending
