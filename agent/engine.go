@@ -462,10 +462,10 @@ func (e *Engine) markStale() ([]int, error) {
 
 // settleIdle marks in the kernel bitmap the pending writes of devices with
 // no write in flight: their completion went unreported, and the stop's
-// drain must not leave them to the 10 s sweep of a later run.
+// drain must not leave them to a later run's sweep.
 func (e *Engine) settleIdle() error {
-	stale, err := e.cap.SweepIdle(func(i int) bool {
-		n, err := e.srcs[i].dev.InflightWrites()
+	stale, err := e.cap.SweepIdle(func(kdev uint32) bool {
+		n, err := blockdev.InflightWrites(blockdev.DevOf(kdev))
 		return err == nil && n == 0
 	})
 	if err != nil || len(stale) == 0 {

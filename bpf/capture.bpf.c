@@ -102,6 +102,17 @@ struct {
 	__type(value, struct lb_pending);
 } pending SEC(".maps");
 
+// Pending writes the agent swept before they completed, by bio address,
+// so that a completion the tracepoints do see but on another device than
+// the bio was queued on (an NVMe multipath head re-points its bios to a
+// path) still reads the write back.
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct lb_pending);
+} swept SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
@@ -211,7 +222,7 @@ static __always_inline __u64 wake_flag(void)
 // meta_wake_flag is wake_flag for extent-only records: querying the ring
 // reads the reader's consumer position, a cache line the reader writes for
 // every record, and a 40-byte record rarely crosses the threshold, so only
-// one record in 16 per CPU queries (the reader also polls every 2 ms).
+// one record in 16 per CPU queries (the reader also polls every 10 ms).
 static __always_inline __u64 meta_wake_flag(struct lb_counters *c)
 {
 	if (c && (c->records & 15))
@@ -426,25 +437,61 @@ static __always_inline void settle(struct lb_pending *pc, bool failed, bool late
 	mark_bitmap(d, pc->sector, pc->len, c);
 }
 
+// settle_taken settles the entry under key, if this call is the one that
+// deletes it: its bio has ended unseen (the address is being reused). A
+// global function, verified once for all its callers; the key comes by
+// reference because a bio address is a pointer, not a scalar argument.
+__noinline int settle_taken(__u64 *keyp)
+{
+	if (!keyp)
+		return 0;
+	__u64 key = *keyp;
+	struct lb_pending *old = bpf_map_lookup_elem(&pending, &key);
+	if (!old)
+		return 0;
+	struct lb_pending oc = *old;
+	// Whoever deletes an entry settles it (the agent's sweep too).
+	if (bpf_map_delete_elem(&pending, &key))
+		return 0;
+	struct lb_counters *c = ctrs();
+	settle(&oc, false, true, c);
+	if (c)
+		c->late_completions++;
+	return 1;
+}
+
+// settle_swept reads back a write the agent swept before it completed
+// (swept map), when its completion shows up where no pending entry is.
+__noinline int settle_swept(__u64 *keyp)
+{
+	if (!keyp)
+		return 0;
+	__u64 key = *keyp;
+	struct lb_pending *t = bpf_map_lookup_elem(&swept, &key);
+	if (!t)
+		return 0;
+	struct lb_pending tc = *t;
+	if (bpf_map_delete_elem(&swept, &key))
+		return 0;
+	settle(&tc, false, true, ctrs());
+	return 1;
+}
+
 // track_bio adds bio's pending entry; non-zero when the map is full. An
 // entry already under the bio's address belongs to an earlier bio that has
 // ended (its memory is being reused) without capture seeing it end: that
 // write is settled first, so that it is neither lost nor counted forever.
+// The agent's sweep may put an entry back meanwhile: one more round.
 static __always_inline long track_bio(__u64 key, struct lb_pending *p, struct lb_counters *c)
 {
 	long err = bpf_map_update_elem(&pending, &key, p, BPF_NOEXIST);
 	if (err != -17 /* EEXIST */)
 		return err;
-	struct lb_pending *old = bpf_map_lookup_elem(&pending, &key);
-	if (old) {
-		struct lb_pending oc = *old;
-		// Whoever deletes an entry settles it (the agent's sweep too).
-		if (bpf_map_delete_elem(&pending, &key) == 0) {
-			settle(&oc, false, true, c);
-			if (c)
-				c->late_completions++;
-		}
-	}
+	settle_taken(&key);
+	err = bpf_map_update_elem(&pending, &key, p, BPF_NOEXIST);
+	if (err != -17)
+		return err;
+	settle_taken(&key);
 	return bpf_map_update_elem(&pending, &key, p, BPF_ANY);
 }
 
@@ -681,7 +728,8 @@ static __always_inline void complete_rq_bio(struct bio *bio, int error)
 			return;
 		__u64 k = (__u64)bio;
 		if (!bpf_map_lookup_elem(&pending, &k)) {
-			mark_disk_write(key, BPF_CORE_READ(bio, bi_iter.bi_sector), size);
+			if (!settle_swept(&k))
+				mark_disk_write(key, BPF_CORE_READ(bio, bi_iter.bi_sector), size);
 			return;
 		}
 		// Tracked, but completing on another device: a stacked driver

@@ -604,21 +604,26 @@ func (c *Capture) SweepStale(maxAge, ringAge time.Duration) ([]Stale, error) {
 // read back early; its completion then marks the bitmap, as for a write
 // in flight when capture attached. A ring-captured write is left to
 // SweepStale: releasing it early could let a read-back run ahead of it.
-func (c *Capture) SweepIdle(idle func(dev int) bool) ([]Stale, error) {
+func (c *Capture) SweepIdle(idle func(kernelDev uint32) bool) ([]Stale, error) {
+	known := map[uint32]bool{} // one look per device and sweep
+	isIdle := func(dev uint32) bool {
+		v, ok := known[dev]
+		if !ok {
+			v = idle(dev)
+			known[dev] = v
+		}
+		return v
+	}
 	return c.sweep(func(v *captureLbPending) bool {
 		switch v.Kind {
 		case kindRing:
 			return false
 		case kindDisk:
-			for i, d := range c.devices {
-				if d.Disk == v.Disk && !idle(i) {
-					return false
-				}
-			}
-			return true
+			// Counted in flight on the whole disk, not its partitions.
+			return isIdle(v.Disk)
 		}
 		i := c.index(v.Dev)
-		return i >= 0 && idle(i)
+		return i >= 0 && isIdle(c.devices[i].KernelDev)
 	})
 }
 
@@ -649,12 +654,16 @@ func (c *Capture) sweep(old func(*captureLbPending) bool) ([]Stale, error) {
 			continue // completed or settled meanwhile
 		}
 		if !old(&v) {
-			// A new bio reused the address: put its entry back. Should it
-			// have completed in between, the entry is settled later like
-			// any other whose completion was missed.
-			c.objs.Pending.Update(k, &v, ebpf.UpdateNoExist)
-			continue
+			// A new bio reused the address: put its entry back. Should the
+			// address be taken again meanwhile, that bio has ended too and
+			// is settled here like a stale one.
+			if err := c.objs.Pending.Update(k, &v, ebpf.UpdateNoExist); err == nil {
+				continue
+			}
 		}
+		// A completion that still shows up, on another device than the
+		// bio was queued on, reads the write back again (swept map).
+		c.objs.Swept.Put(k, &v)
 		if v.Kind == kindDisk {
 			stale = append(stale, c.diskOverlaps(v.Disk, v.Sector, v.Len)...)
 			continue

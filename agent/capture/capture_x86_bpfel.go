@@ -122,6 +122,7 @@ const (
 	captureMapGlobal         = "global"
 	captureMapPending        = "pending"
 	captureMapRqScratch      = "rq_scratch"
+	captureMapSwept          = "swept"
 	captureProgLbBioComplete = "lb_bio_complete"
 	captureProgLbBioQueue    = "lb_bio_queue"
 	captureProgLbCalibrate   = "lb_calibrate"
@@ -201,6 +202,7 @@ type captureMapSpecs struct {
 	Global      *ebpf.MapSpec `ebpf:"global"`
 	Pending     *ebpf.MapSpec `ebpf:"pending"`
 	RqScratch   *ebpf.MapSpec `ebpf:"rq_scratch"`
+	Swept       *ebpf.MapSpec `ebpf:"swept"`
 }
 
 // captureVariableSpecs contains global variables before they are loaded into the kernel.
@@ -248,6 +250,7 @@ type captureMaps struct {
 	Global      *ebpf.Map `ebpf:"global"`
 	Pending     *ebpf.Map `ebpf:"pending"`
 	RqScratch   *ebpf.Map `ebpf:"rq_scratch"`
+	Swept       *ebpf.Map `ebpf:"swept"`
 }
 
 func (m *captureMaps) Close() error {
@@ -263,6 +266,7 @@ func (m *captureMaps) Close() error {
 		m.Global,
 		m.Pending,
 		m.RqScratch,
+		m.Swept,
 	)
 }
 

@@ -99,6 +99,9 @@ func (r *Reader) Run(ctx context.Context) error {
 			r.ring.SetDeadline(time.Now().Add(pollInterval))
 			idle = false
 		}
+		// What was asked before this read: a barrier (or stop) requested
+		// later may have records committed after the ring read empty.
+		barrier, stopped := r.barrier.Load(), r.stopped.Load()
 		rec.RawSample = r.fill.buf[r.pos:r.pos:chunkBytes]
 		err := r.ring.ReadInto(&rec)
 		switch {
@@ -116,17 +119,23 @@ func (r *Reader) Run(ctx context.Context) error {
 		case errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, ringbuf.ErrFlushed):
 			// Ring empty (as far as committed records go).
 			idle = true
-			if b := r.barrier.Load(); b > r.done {
-				if err := r.push(ctx, Item{Barrier: b}); err != nil {
+			if barrier > r.done {
+				if err := r.push(ctx, Item{Barrier: barrier}); err != nil {
 					return err
 				}
-				r.done = b
+				r.done = barrier
 			}
-			if r.stopped.Load() {
+			if stopped {
 				return nil
 			}
 			if ctx.Err() != nil {
 				return ctx.Err()
+			}
+			if r.barrier.Load() > barrier || r.stopped.Load() {
+				// Asked for during that read: read the ring empty once
+				// more right away rather than after the next poll.
+				r.ring.SetDeadline(time.Now())
+				idle = false
 			}
 		default:
 			return fmt.Errorf("read capture ring: %w", err)

@@ -213,18 +213,22 @@ func (d *Device) Identity() (string, error) {
 }
 
 // InflightWrites returns the number of write requests the kernel counts
-// as in flight on the device (sysfs inflight).
-func (d *Device) InflightWrites() (int, error) {
-	v, err := readSysfs("/sys/dev/block/"+d.dev.String(), "inflight")
+// as in flight on device dev (sysfs inflight; for blk-mq, requests the
+// driver has started).
+func InflightWrites(dev Dev) (int, error) {
+	v, err := readSysfs("/sys/dev/block/"+dev.String(), "inflight")
 	if err != nil {
 		return 0, err
 	}
 	var r, w int
 	if _, err := fmt.Sscan(v, &r, &w); err != nil {
-		return 0, fmt.Errorf("blockdev: %s inflight %q: %w", d.path, v, err)
+		return 0, fmt.Errorf("blockdev: %s inflight %q: %w", dev, v, err)
 	}
 	return w, nil
 }
+
+// DevOf is the inverse of Dev.Kernel.
+func DevOf(kernel uint32) Dev { return Dev{Major: kernel >> 20, Minor: kernel & (1<<20 - 1)} }
 
 func readSysfs(dir, name string) (string, error) {
 	b, err := os.ReadFile(filepath.Join(dir, name))
