@@ -332,7 +332,9 @@ func TestMirrorRefusesDiskAndItsPartition(t *testing.T) {
 }
 
 // 5. Writes running during the initial copy.
-func TestMirrorWritesDuringInitialCopy(t *testing.T) {
+func TestMirrorWritesDuringInitialCopy(t *testing.T) { capturePaths(t, mirrorWritesDuringInitialCopy) }
+
+func mirrorWritesDuringInitialCopy(t *testing.T, o runOpts) {
 	testenv.RequireRoot(t)
 	testenv.RequireTool(t, "fio")
 	d := loopdev.New(t, 512<<20, loopdev.Options{})
@@ -346,7 +348,7 @@ func TestMirrorWritesDuringInitialCopy(t *testing.T) {
 	defer fioCmd.Process.Kill()
 	time.Sleep(300 * time.Millisecond)
 	mirror := filepath.Join(t.TempDir(), "mirror.img")
-	r := startMirror(t, d.Path, mirror, runOpts{})
+	r := startMirror(t, d.Path, mirror, o)
 	if fioCmd.ProcessState != nil {
 		t.Fatal("fio ended before the initial copy did: the test proves nothing")
 	}

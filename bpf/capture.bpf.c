@@ -587,8 +587,6 @@ int BPF_PROG(lb_bio_queue, struct bio *bio)
 		track_disk_write(bio, key);
 		return 0;
 	}
-	if (d->flags & LB_DEV_RQ)
-		return 0;
 
 	__u32 opf = BPF_CORE_READ(bio, bi_opf);
 	__u32 size = BPF_CORE_READ(bio, bi_iter.bi_size);
@@ -604,6 +602,13 @@ int BPF_PROG(lb_bio_queue, struct bio *bio)
 	if (!st || !g || !c)
 		return 0;
 
+	if (d->flags & LB_DEV_RQ) {
+		// Captured when its request completes (capture_landed), which
+		// deletes this entry; should the kernel not report that, the
+		// entry is settled like an overflow and the write read back.
+		add_pending(bio, d, sector, size, op, opf, LB_PEND_OVERFLOW, c);
+		return 0;
+	}
 	if (d->mode == LB_MODE_METADATA) {
 		add_pending(bio, d, sector, size, op, opf, LB_PEND_META, c);
 		return 0;
@@ -735,6 +740,8 @@ static __always_inline void complete_rq_bio(struct bio *bio, int error)
 		// Tracked, but completing on another device: a stacked driver
 		// re-pointed it (an NVMe multipath head to its path). Settle it.
 	} else if (d->flags & LB_DEV_RQ) {
+		__u64 k = (__u64)bio;
+		bpf_map_delete_elem(&pending, &k);
 		capture_landed((__u64)bio, key, start, error);
 		return;
 	}
