@@ -89,6 +89,36 @@ func TestFileWorkloadRecoverLatest(t *testing.T) {
 	}
 }
 
+// 1b. The usual VM layout: the protected device is a whole disk with a
+// partition table and the file system sits on a partition, so every write
+// reaches the disk through the partition's device. The recovered disk
+// equals the whole device, partition table included.
+func TestPartitionedDiskRecoverLatest(t *testing.T) {
+	testenv.RequireTool(t, "sfdisk")
+	r := newRig(t, account(t), "m1")
+	ps := r.startPS(psOpts{})
+	d := loopdev.New(t, diskSize, loopdev.Options{PartScan: true})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	parts, err := loopdev.Partition(ctx, d.Path, loopdev.GPT, []loopdev.PartSpec{{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := loopdev.Mkfs(ctx, "ext4", parts[0]); err != nil {
+		t.Fatal(err)
+	}
+	a := r.startAgent(r.agentConfig("m1", ps.addr(), agent.ProtectDevice{Name: "d0", Path: d.Path}))
+
+	mnt := mount(t, parts[0])
+	workload(t, mnt, "p", 3)
+	unmount(t, mnt)
+	done := time.Now()
+
+	r.waitRecoverable("m1", done.Add(settle), 2*time.Minute)
+	r.assertRecovered("m1", "d0", recovery.Latest, readImage(t, d.Path), "after the workload on the partition")
+	a.stop()
+}
+
 // 2. Recovering to a time in the middle of the workload equals the copy of
 // the device the test took at that time; an app-consistent point mounts
 // cleanly and holds a file written before it.
