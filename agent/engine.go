@@ -444,8 +444,17 @@ func (e *Engine) sweepStale() error {
 // marks move) picks them up.
 func (e *Engine) markStale() ([]int, error) {
 	stale, err := e.cap.SweepStale(staleAfter, ringStaleAfter)
-	if err != nil || len(stale) == 0 {
+	if err != nil {
 		return nil, err
+	}
+	return e.markSwept(stale), nil
+}
+
+// markSwept marks swept writes in the kernel bitmap, where the next drain
+// of their devices (returned) reads them back.
+func (e *Engine) markSwept(stale []capture.Stale) []int {
+	if len(stale) == 0 {
+		return nil
 	}
 	var idx []int
 	for _, st := range stale {
@@ -457,7 +466,7 @@ func (e *Engine) markStale() ([]int, error) {
 	e.stats.StaleCompletions += uint64(len(stale))
 	e.log.Warn("the kernel did not report the completion of some writes; reading their blocks back",
 		"writes", len(stale))
-	return idx, nil
+	return idx
 }
 
 // settleIdle marks in the kernel bitmap the pending writes of devices with
@@ -468,14 +477,10 @@ func (e *Engine) settleIdle() error {
 		n, err := blockdev.InflightWrites(blockdev.DevOf(kdev))
 		return err == nil && n == 0
 	})
-	if err != nil || len(stale) == 0 {
+	if err != nil {
 		return err
 	}
-	for _, st := range stale {
-		e.cap.MarkBytes(st.Dev, st.Off, st.Len)
-	}
-	e.stats.StaleCompletions += uint64(len(stale))
-	e.log.Warn("the kernel did not report the completion of some writes; reading their blocks back", "writes", len(stale))
+	e.markSwept(stale)
 	return nil
 }
 

@@ -234,21 +234,28 @@ func TestMirrorExt4(t *testing.T) { fsRoundTrip(t, "ext4", 256<<20) }
 // 3. The same on xfs (mkfs.xfs wants at least 300 MB).
 func TestMirrorXFS(t *testing.T) { fsRoundTrip(t, "xfs", 512<<20) }
 
-// 4. One partition protected while the other is written too.
-func TestMirrorPartition(t *testing.T) { capturePaths(t, mirrorPartition) }
-
-func mirrorPartition(t *testing.T, o runOpts) {
+// partitionedDisk returns a 256 MiB GPT loop disk and its two partitions,
+// ext4 on the first (100 MiB).
+func partitionedDisk(t *testing.T) (d *loopdev.Device, p1, p2 string) {
+	t.Helper()
 	testenv.RequireRoot(t)
 	testenv.RequireTool(t, "sfdisk")
-	d := loopdev.New(t, 256<<20, loopdev.Options{PartScan: true})
+	d = loopdev.New(t, 256<<20, loopdev.Options{PartScan: true})
 	parts, err := loopdev.Partition(context.Background(), d.Path, loopdev.GPT, []loopdev.PartSpec{{Size: 100 << 20}, {}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	p1, p2 := parts[0], parts[1]
-	if err := loopdev.Mkfs(context.Background(), "ext4", p1); err != nil {
+	if err := loopdev.Mkfs(context.Background(), "ext4", parts[0]); err != nil {
 		t.Fatal(err)
 	}
+	return d, parts[0], parts[1]
+}
+
+// 4. One partition protected while the other is written too.
+func TestMirrorPartition(t *testing.T) { capturePaths(t, mirrorPartition) }
+
+func mirrorPartition(t *testing.T, o runOpts) {
+	d, p1, p2 := partitionedDisk(t)
 	mirror := filepath.Join(t.TempDir(), "p1.img")
 	r := startMirror(t, p1, mirror, o)
 	mnt := t.TempDir()
@@ -285,17 +292,7 @@ func mirrorPartition(t *testing.T, o runOpts) {
 func TestMirrorWholeDiskPartitions(t *testing.T) { capturePaths(t, mirrorWholeDiskPartitions) }
 
 func mirrorWholeDiskPartitions(t *testing.T, o runOpts) {
-	testenv.RequireRoot(t)
-	testenv.RequireTool(t, "sfdisk")
-	d := loopdev.New(t, 256<<20, loopdev.Options{PartScan: true})
-	parts, err := loopdev.Partition(context.Background(), d.Path, loopdev.GPT, []loopdev.PartSpec{{Size: 100 << 20}, {}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	p1, p2 := parts[0], parts[1]
-	if err := loopdev.Mkfs(context.Background(), "ext4", p1); err != nil {
-		t.Fatal(err)
-	}
+	d, p1, p2 := partitionedDisk(t)
 	mirror := filepath.Join(t.TempDir(), "disk.img")
 	r := startMirror(t, d.Path, mirror, o)
 	mnt := t.TempDir()

@@ -437,21 +437,27 @@ static __always_inline void settle(struct lb_pending *pc, bool failed, bool late
 	mark_bitmap(d, pc->sector, pc->len, c);
 }
 
-// settle_taken settles the entry under key, if this call is the one that
-// deletes it: its bio has ended unseen (the address is being reused). A
-// global function, verified once for all its callers; the key comes by
+// take removes the entry under key from map (pending or swept) into *out.
+// 1: this call deleted it, so it settles the write (whoever deletes an
+// entry settles it, the agent's sweep too); 0: no entry; -1: someone else
+// deleted it meanwhile.
+static __always_inline int take(void *map, __u64 *key, struct lb_pending *out)
+{
+	struct lb_pending *p = bpf_map_lookup_elem(map, key);
+	if (!p)
+		return 0;
+	*out = *p;
+	return bpf_map_delete_elem(map, key) ? -1 : 1;
+}
+
+// settle_taken settles the entry under *keyp, if this call is the one
+// that deletes it: its bio has ended unseen (the address is being reused).
+// A global function, verified once for all its callers; the key comes by
 // reference because a bio address is a pointer, not a scalar argument.
 __noinline int settle_taken(__u64 *keyp)
 {
-	if (!keyp)
-		return 0;
-	__u64 key = *keyp;
-	struct lb_pending *old = bpf_map_lookup_elem(&pending, &key);
-	if (!old)
-		return 0;
-	struct lb_pending oc = *old;
-	// Whoever deletes an entry settles it (the agent's sweep too).
-	if (bpf_map_delete_elem(&pending, &key))
+	struct lb_pending oc;
+	if (!keyp || take(&pending, keyp, &oc) != 1)
 		return 0;
 	struct lb_counters *c = ctrs();
 	settle(&oc, false, true, c);
@@ -464,14 +470,8 @@ __noinline int settle_taken(__u64 *keyp)
 // (swept map), when its completion shows up where no pending entry is.
 __noinline int settle_swept(__u64 *keyp)
 {
-	if (!keyp)
-		return 0;
-	__u64 key = *keyp;
-	struct lb_pending *t = bpf_map_lookup_elem(&swept, &key);
-	if (!t)
-		return 0;
-	struct lb_pending tc = *t;
-	if (bpf_map_delete_elem(&swept, &key))
+	struct lb_pending tc;
+	if (!keyp || take(&swept, keyp, &tc) != 1)
 		return 0;
 	settle(&tc, false, true, ctrs());
 	return 1;
@@ -662,15 +662,14 @@ static __always_inline void complete_untracked(struct bio *bio)
 static __always_inline void complete_bio(struct bio *bio, int error)
 {
 	__u64 key = (__u64)bio;
-	struct lb_pending *p = bpf_map_lookup_elem(&pending, &key);
-	if (!p) {
+	struct lb_pending pc;
+	switch (take(&pending, &key, &pc)) {
+	case 0:
 		complete_untracked(bio);
 		return;
-	}
-	struct lb_pending pc = *p;
-	if (bpf_map_delete_elem(&pending, &key))
-		return; // swept by the agent meanwhile: it settled the write
-	settle(&pc, error != 0, false, ctrs());
+	case 1:
+		settle(&pc, error != 0, false, ctrs());
+	} // -1: swept by the agent meanwhile, which settled the write
 }
 
 // Bio-based drivers (device mapper, md) report completion per bio.
