@@ -46,6 +46,14 @@ type Target interface {
 	Sync() error
 }
 
+// Coverer is implemented by targets that date time markers (the stream to
+// a process server): Covered(t) says that every write completed before t
+// has been handed to the target, so that a time marker never claims a
+// write still in the ring, the bitmap or waiting to be read back.
+type Coverer interface {
+	Covered(t time.Time)
+}
+
 // Resyncer is implemented by targets that can compare a range with their
 // copy more cheaply than by reading it back (a remote replica compares
 // checksums). Resync makes the target's bytes [off, off+len(p)) of device
@@ -112,6 +120,11 @@ type Options struct {
 	FreezeTimeout       time.Duration
 	OnReady             func() // capture attached, before the initial copy
 	OnSynced            func() // initial copy done
+	// ReadbackDelay (metadata mode) is how long a written extent waits
+	// before it is read back. Rewrites of a block within it are read
+	// once and neighbours with one I/O, which cuts the read-back I/O
+	// under heavy random writes; the target lags by as much.
+	ReadbackDelay time.Duration
 }
 
 // Stats are the agent-side counters.
@@ -141,7 +154,8 @@ type source struct {
 	dirty     *bitmap.Bitmap
 	compare   bool // next read-back compares with the target first
 	lastMarks uint64
-	metaDirty bool // metadata records noted in dirty, not read back yet
+	metaDirty bool      // metadata records noted in dirty, not read back yet
+	metaSince time.Time // when metaDirty was set
 }
 
 // Engine runs capture for a set of devices into a Target.
@@ -157,7 +171,23 @@ type Engine struct {
 	appReq  chan chan error
 	persist bool
 	syncReq []atomic.Int32 // per device: SyncKind+1 requested by RequestSync
+	runs    []bitmap.Extent
+
+	barrierSeen uint64 // highest capture barrier applied
+	cover       struct {
+		id   uint64    // barrier requested for it; 0: none
+		at   time.Time // taken before the barrier was requested
+		last time.Time
+	}
 }
+
+// readbackGap is how many clean blocks a read-back reads through rather
+// than split one I/O in two: a 4 KiB read costs about what 32 KiB do.
+// Only the dirty blocks go to the target.
+const readbackGap = 8
+
+// coverInterval paces the barriers that date time markers (Coverer).
+const coverInterval = 50 * time.Millisecond
 
 const readbackChunk = 1 << 20
 
@@ -357,6 +387,7 @@ func (e *Engine) loop(ctx context.Context) error {
 	for {
 		// Apply whatever is queued, in batches, checking the devices
 		// between batches.
+		e.requestCover()
 		for n := 0; n < 1024; n++ {
 			it, ok := e.rd.TryNext()
 			if !ok {
@@ -366,7 +397,7 @@ func (e *Engine) loop(ctx context.Context) error {
 				return err
 			}
 		}
-		if err := e.readbackMetadata(context.Background()); err != nil {
+		if err := e.readbackMetadata(context.Background(), e.opt.ReadbackDelay); err != nil {
 			return err
 		}
 		need = need[:0]
@@ -378,8 +409,14 @@ func (e *Engine) loop(ctx context.Context) error {
 				need = append(need, i)
 				continue
 			}
-			if e.cap.Overflowed(i) || e.cap.Marks(i) != s.lastMarks {
+			if e.cap.Overflowed(i) {
 				need = append(need, i)
+			} else if e.cap.Marks(i) != s.lastMarks {
+				if s.Mode != capture.ModeMetadata {
+					need = append(need, i)
+				} else if err := e.harvest(i); err != nil {
+					return err
+				}
 			}
 		}
 		if len(need) > 0 {
@@ -389,6 +426,7 @@ func (e *Engine) loop(ctx context.Context) error {
 			}
 			continue
 		}
+		e.reportCover()
 		select {
 		case <-ctx.Done():
 			return nil
@@ -494,10 +532,40 @@ func (e *Engine) RequestSync(dev int, kind SyncKind) {
 	e.syncReq[dev].Store(int32(kind) + 1)
 }
 
-// readbackMetadata reads back the extents that metadata records noted.
-func (e *Engine) readbackMetadata(ctx context.Context) error {
+// requestCover asks capture for a barrier that dates the next Covered
+// call, unless one is on its way. The time is taken first: every write
+// completed before it has its record (or bitmap mark) committed before
+// the barrier is requested.
+func (e *Engine) requestCover() {
+	if _, ok := e.opt.Target.(Coverer); !ok || e.cover.id != 0 || time.Since(e.cover.last) < coverInterval {
+		return
+	}
+	e.cover.at = time.Now()
+	e.cover.last = e.cover.at
+	e.cover.id = e.rd.RequestBarrier()
+}
+
+// reportCover tells the target that everything before the cover time has
+// been handed over, once the barrier has come through and nothing noted
+// before it waits in a bitmap or for a read-back.
+func (e *Engine) reportCover() {
+	if e.cover.id == 0 || e.barrierSeen < e.cover.id {
+		return
+	}
 	for i, s := range e.srcs {
-		if s.metaDirty {
+		if s.metaDirty || e.cap.Overflowed(i) || e.cap.Marks(i) != s.lastMarks {
+			return // the next barrier tries again
+		}
+	}
+	e.cover.id = 0
+	e.opt.Target.(Coverer).Covered(e.cover.at)
+}
+
+// readbackMetadata reads back the extents that metadata records noted at
+// least delay ago.
+func (e *Engine) readbackMetadata(ctx context.Context, delay time.Duration) error {
+	for i, s := range e.srcs {
+		if s.metaDirty && time.Since(s.metaSince) >= delay {
 			s.metaDirty = false
 			if err := e.readback(ctx, i, nil); err != nil {
 				return err
@@ -584,8 +652,9 @@ func (e *Engine) quiesce(ctx context.Context) error {
 			return err
 		}
 		if it.Barrier != 0 {
+			e.barrierSeen = max(e.barrierSeen, it.Barrier)
 			if it.Barrier >= id {
-				return e.readbackMetadata(ctx)
+				return e.readbackMetadata(ctx, 0)
 			}
 			continue
 		}
@@ -631,6 +700,24 @@ func (e *Engine) drain(ctx context.Context, idx []int, park bool, bar *progress.
 	return nil
 }
 
+// harvest moves the marks of metadata device i from the kernel bitmap to
+// its read-back set, without the drain's ordering steps: a metadata device
+// has no ring-captured data that a read-back could overtake, and capture
+// marks a block only once its write has landed. The marks come from
+// completions the kernel reported late or from a full ring.
+func (e *Engine) harvest(i int) error {
+	s := e.srcs[i]
+	s.lastMarks = e.cap.Marks(i)
+	n, err := s.dirty.Drain(e.cap.BitmapWords(i))
+	if err != nil && !errors.Is(err, bitmap.ErrOutOfRange) {
+		return err
+	}
+	if n > 0 {
+		e.noteMeta(s)
+	}
+	return nil
+}
+
 // inflightTimeout bounds the wait for ring-captured writes to land. A
 // device that holds writes longer is hung; a completion the kernel did not
 // report (a skipped program run) would otherwise stop the agent for good.
@@ -667,39 +754,75 @@ func (e *Engine) waitLanded(ctx context.Context, i int) error {
 	return nil
 }
 
-// readback copies the dirty blocks of device i from the device to the target.
+// readback copies the dirty blocks of device i from the device to the
+// target. Dirty runs at most readbackGap blocks apart are read with one
+// I/O (up to readbackChunk); only the runs go to the target.
 func (e *Engine) readback(ctx context.Context, i int, bar *progress.Bar) error {
 	s := e.srcs[i]
 	if !s.dirty.Any() {
 		return nil
 	}
-	for ext := range s.dirty.Extents(readbackChunk / capture.BlockSize) {
+	const maxSpan = readbackChunk / capture.BlockSize
+	runs := e.runs[:0]
+	for ext := range s.dirty.Extents(maxSpan) {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		off := int64(ext.Start) * capture.BlockSize
-		n := min(int64(ext.Len)*capture.BlockSize, s.size-off)
-		if n <= 0 {
-			continue
+		if len(runs) > 0 {
+			last := runs[len(runs)-1]
+			if ext.Start-(last.Start+last.Len) > readbackGap || ext.Start+ext.Len-runs[0].Start > maxSpan {
+				if err := e.readSpan(s, i, runs, bar); err != nil {
+					return err
+				}
+				runs = runs[:0]
+			}
 		}
-		if err := e.copyRange(s, i, off, n); err != nil {
+		runs = append(runs, ext)
+	}
+	if len(runs) > 0 {
+		if err := e.readSpan(s, i, runs, bar); err != nil {
 			return err
 		}
-		e.stats.BlocksReread += ext.Len
-		if bar != nil {
-			bar.Add(n)
-		}
 	}
+	e.runs = runs[:0]
 	s.dirty.Reset()
 	s.compare = false
 	return nil
 }
 
-func (e *Engine) copyRange(s *source, i int, off, n int64) error {
-	p := e.buf[:n]
+// readSpan reads the blocks from runs[0] to the end of the last run with
+// one I/O and hands each run to the target.
+func (e *Engine) readSpan(s *source, i int, runs []bitmap.Extent, bar *progress.Bar) error {
+	off := int64(runs[0].Start) * capture.BlockSize
+	end := min(int64(runs[len(runs)-1].Start+runs[len(runs)-1].Len)*capture.BlockSize, s.size)
+	if end <= off {
+		return nil
+	}
+	p := e.buf[:end-off]
 	if _, err := s.dev.ReadAtDirect(p, off); err != nil {
 		return fmt.Errorf("read back %s at %d: %w", s.Path, off, err)
 	}
+	for _, r := range runs {
+		roff := int64(r.Start) * capture.BlockSize
+		rend := min(roff+int64(r.Len)*capture.BlockSize, end)
+		if rend <= roff {
+			continue
+		}
+		if err := e.deliver(s, i, p[roff-off:rend-off], roff); err != nil {
+			return err
+		}
+		e.stats.BlocksReread += r.Len
+		if bar != nil {
+			bar.Add(rend - roff)
+		}
+	}
+	return nil
+}
+
+// deliver hands p, read back from device i at off, to the target; with
+// compare, only if the target's copy differs.
+func (e *Engine) deliver(s *source, i int, p []byte, off int64) error {
+	n := int64(len(p))
 	if s.compare {
 		if rs, ok := e.opt.Target.(Resyncer); ok {
 			stored, err := rs.Resync(i, p, off)
@@ -723,6 +846,7 @@ func (e *Engine) copyRange(s *source, i int, off, n int64) error {
 // apply hands one ring record to the target.
 func (e *Engine) apply(it capture.Item) error {
 	if it.Barrier != 0 {
+		e.barrierSeen = max(e.barrierSeen, it.Barrier)
 		return nil
 	}
 	var r capture.Record
@@ -752,11 +876,19 @@ func (e *Engine) apply(it capture.Item) error {
 		if err := s.dirty.MarkBytes(r.Offset, int64(r.Len)); err != nil {
 			return err
 		}
-		s.metaDirty = true
+		e.noteMeta(s)
 		return nil
 	default: // data mode write-zeroes / discard
 		return e.opt.Target.Zero(int(r.Dev), r.Offset, int64(r.Len))
 	}
+}
+
+// noteMeta records that s has extents waiting to be read back.
+func (e *Engine) noteMeta(s *source) {
+	if !s.metaDirty {
+		s.metaSince = time.Now()
+	}
+	s.metaDirty = true
 }
 
 // Stats returns the counters.

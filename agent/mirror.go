@@ -26,6 +26,8 @@ type MirrorConfig struct {
 	To        string
 	Mode      capture.Mode
 	RingBytes int
+	// ReadbackDelay: Options.ReadbackDelay (metadata mode).
+	ReadbackDelay time.Duration
 	// CaptureAtCompletion: capture.Config.AtCompletion (experimental).
 	CaptureAtCompletion bool
 	StateDir            string
@@ -153,6 +155,7 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 		Progress:            cfg.Progress,
 		CrashInterval:       cfg.CrashInterval,
 		AppInterval:         cfg.AppInterval,
+		ReadbackDelay:       cfg.ReadbackDelay,
 		PreScript:           cfg.PreScript,
 		PostScript:          cfg.PostScript,
 		OnReady: func() {

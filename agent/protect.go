@@ -47,6 +47,7 @@ type ProtectConfig struct {
 	Devices       []ProtectDevice
 	Mode          capture.Mode
 	RingBytes     int
+	ReadbackDelay time.Duration // Options.ReadbackDelay (metadata mode)
 	StateDir      string
 	CrashInterval time.Duration // 0: off
 	AppInterval   time.Duration // 0: off
@@ -153,7 +154,10 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 		// Until the initial sync is done the replica is no point in
 		// time: "recoverable until" must not advance.
 		HoldTimeMarkers: true,
-		Logger:          log,
+		// The engine dates them (Engine Coverer): a marker never claims
+		// a write still in the ring, a bitmap or a read-back queue.
+		Coverage: true,
+		Logger:   log,
 	}
 	for i, d := range devs {
 		old := prev.device(d.Name)
@@ -229,6 +233,7 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 		Progress:      cfg.Progress,
 		CrashInterval: cfg.CrashInterval,
 		AppInterval:   cfg.AppInterval,
+		ReadbackDelay: cfg.ReadbackDelay,
 		PreScript:     cfg.PreScript,
 		PostScript:    cfg.PostScript,
 		OnReady: func() {

@@ -43,6 +43,13 @@ char LICENSE[] SEC("license") = "GPL";
 extern int bpf_iter_num_new(struct bpf_iter_num *it, int start, int end) __ksym;
 extern int *bpf_iter_num_next(struct bpf_iter_num *it) __ksym;
 extern void bpf_iter_num_destroy(struct bpf_iter_num *it) __ksym;
+extern void *bpf_rdonly_cast(const void *obj__ign, __u32 btf_id__k) __ksym;
+
+// as_bio turns a bio address held as a number (the request walk keeps it
+// in map memory) back into a pointer that programs may read directly.
+// Direct reads of kernel objects are single loads; BPF_CORE_READ would
+// make a bpf_probe_read_kernel call for each field.
+#define as_bio(addr) ((struct bio *)bpf_rdonly_cast((void *)(addr), bpf_core_type_id_kernel(struct bio)))
 
 // Tuned by the loader before load.
 const volatile __u64 wake_bytes = 1 << 20; // force a wake-up past this much unread data
@@ -182,6 +189,15 @@ static __always_inline void mark_bitmap(struct lb_dev *d, __u64 sector, __u32 le
 		c->bitmap_marks++;
 }
 
+// clock_of is the agent's monotonic clock, in seconds, as device id's
+// state last got it: the stamp of pending entries. Reading it costs a load
+// where bpf_ktime_get_ns costs a clock read per write.
+static __always_inline __u32 clock_of(__u32 id)
+{
+	struct lb_devstate *st = bpf_map_lookup_elem(&devstate, &id);
+	return st ? st->clock : 0;
+}
+
 static __always_inline int classify(__u32 opf, __u32 size)
 {
 	switch (opf & 0xff) {
@@ -234,9 +250,9 @@ static __always_inline __u64 meta_wake_flag(struct lb_counters *c)
 // (a partition's, not its disk's: see dev_of).
 static __always_inline __u64 bio_sector(struct bio *bio)
 {
-	__u64 sector = BPF_CORE_READ(bio, bi_iter.bi_sector);
-	if (BPF_CORE_READ(bio, bi_flags) & (1 << 10 /* BIO_REMAPPED, stable since 5.12 */))
-		sector -= BPF_CORE_READ(bio, bi_bdev, bd_start_sect);
+	__u64 sector = bio->bi_iter.bi_sector;
+	if (bio->bi_flags & (1 << 10 /* BIO_REMAPPED, stable since 5.12 */))
+		sector -= bio->bi_bdev->bd_start_sect;
 	return sector;
 }
 
@@ -247,21 +263,21 @@ static __always_inline __u64 bio_sector(struct bio *bio)
 // none is, *key is bio's own device.
 static __always_inline struct lb_dev *dev_of(struct bio *bio, __u32 *key, __u64 *start)
 {
-	struct block_device *bdev = BPF_CORE_READ(bio, bi_bdev);
-	__u32 dev = BPF_CORE_READ(bdev, bd_dev);
+	struct block_device *bdev = bio->bi_bdev;
+	__u32 dev = bdev->bd_dev;
 	*key = dev;
 	*start = 0;
 	struct lb_dev *d = bpf_map_lookup_elem(&devices, &dev);
 	if (d)
 		return d;
-	struct block_device *whole = BPF_CORE_READ(bdev, bd_disk, part0);
+	struct block_device *whole = bdev->bd_disk->part0;
 	if (!whole || whole == bdev)
 		return NULL;
-	__u32 wdev = BPF_CORE_READ(whole, bd_dev);
+	__u32 wdev = whole->bd_dev;
 	d = bpf_map_lookup_elem(&devices, &wdev);
 	if (d) {
 		*key = wdev;
-		*start = BPF_CORE_READ(bdev, bd_start_sect);
+		*start = bdev->bd_start_sect;
 	}
 	return d;
 }
@@ -317,9 +333,9 @@ static __always_inline int copy_payload(struct bpf_dynptr *dp, struct bio *bio, 
 	struct copy_state *s = bpf_map_lookup_elem(&copy_scratch, &zero);
 	if (!s)
 		return -1;
-	struct bio_vec *vecs = BPF_CORE_READ(bio, bi_io_vec);
-	s->idx = BPF_CORE_READ(bio, bi_iter.bi_idx);
-	s->skip = BPF_CORE_READ(bio, bi_iter.bi_bvec_done);
+	__u64 vecs = (__u64)bio->bi_io_vec;
+	s->idx = bio->bi_iter.bi_idx;
+	s->skip = bio->bi_iter.bi_bvec_done;
 	s->off = 0;
 	s->vleft = 0;
 	s->src = 0;
@@ -330,7 +346,7 @@ static __always_inline int copy_payload(struct bpf_dynptr *dp, struct bio *bio, 
 			break;
 		if (s->vleft == 0) {
 			struct bio_vec v;
-			if (bpf_probe_read_kernel(&v, sizeof(v), &vecs[s->idx & 0xffff]))
+			if (bpf_probe_read_kernel(&v, sizeof(v), (void *)(vecs + (s->idx & 0xffff) * sizeof(v))))
 				return -1;
 			s->idx++;
 			if (v.bv_len <= s->skip) {
@@ -525,7 +541,7 @@ static __always_inline bool emit_data(struct bio *bio, struct lb_dev *d, struct 
 	if (track) {
 		__u64 key = (__u64)bio;
 		struct lb_pending p = {.dev = d->id, .op = op, .kind = LB_PEND_RING, .opf = opf, .sector = sector, .len = size,
-				       .stamp = bpf_ktime_get_ns() / 1000000000};
+				       .stamp = clock_of(d->id)};
 		if (track_bio(key, &p, c) == 0)
 			__sync_fetch_and_add(&st->ring_inflight, 1);
 		else
@@ -542,7 +558,7 @@ static __always_inline void add_pending(struct bio *bio, struct lb_dev *d, __u64
 {
 	__u64 key = (__u64)bio;
 	struct lb_pending p = {.dev = d->id, .op = op, .kind = kind, .opf = opf, .sector = sector, .len = len,
-			       .stamp = bpf_ktime_get_ns() / 1000000000};
+			       .stamp = clock_of(d->id)};
 	if (track_bio(key, &p, c)) {
 		// Too many bios in flight to track: mark now and make the agent
 		// re-read this extent after its next quiet point.
@@ -559,16 +575,17 @@ static __always_inline void add_pending(struct bio *bio, struct lb_dev *d, __u64
 // iterator or re-point it to another device on the way.
 static __always_inline void track_disk_write(struct bio *bio, __u32 dev)
 {
-	if (!bpf_map_lookup_elem(&disks, &dev))
+	struct lb_disk *k = bpf_map_lookup_elem(&disks, &dev);
+	if (!k)
 		return;
-	__u32 opf = BPF_CORE_READ(bio, bi_opf);
-	__u32 size = BPF_CORE_READ(bio, bi_iter.bi_size);
+	__u32 opf = bio->bi_opf;
+	__u32 size = bio->bi_iter.bi_size;
 	int op = classify(opf, size);
 	if (op < 0)
 		return;
 	struct lb_counters *c = ctrs();
 	struct lb_pending p = {.op = op, .kind = LB_PEND_DISK, .opf = opf, .len = size, .disk = dev,
-			       .sector = BPF_CORE_READ(bio, bi_iter.bi_sector), .stamp = bpf_ktime_get_ns() / 1000000000};
+			       .sector = bio->bi_iter.bi_sector, .stamp = clock_of(k->part[0].id)};
 	if (track_bio((__u64)bio, &p, c)) {
 		// Too many writes in flight to track: the completion still marks
 		// it if it can see it (complete_rq_bio).
@@ -588,8 +605,8 @@ int BPF_PROG(lb_bio_queue, struct bio *bio)
 		return 0;
 	}
 
-	__u32 opf = BPF_CORE_READ(bio, bi_opf);
-	__u32 size = BPF_CORE_READ(bio, bi_iter.bi_size);
+	__u32 opf = bio->bi_opf;
+	__u32 size = bio->bi_iter.bi_size;
 	int op = classify(opf, size);
 	if (op < 0)
 		return 0;
@@ -631,15 +648,15 @@ int BPF_PROG(lb_bio_queue, struct bio *bio)
 // it; they are read back like an overflow. It reports whether it marked.
 static __always_inline bool mark_landed(struct bio *bio, bool rq_only)
 {
-	__u32 opf = BPF_CORE_READ(bio, bi_opf);
-	__u32 size = BPF_CORE_READ(bio, bi_iter.bi_size);
+	__u32 opf = bio->bi_opf;
+	__u32 size = bio->bi_iter.bi_size;
 	if (classify(opf, size) < 0)
 		return false;
 	__u32 key;
 	__u64 start;
 	struct lb_dev *d = dev_of(bio, &key, &start);
 	if (!d)
-		return mark_disk_write(key, BPF_CORE_READ(bio, bi_iter.bi_sector), size);
+		return mark_disk_write(key, bio->bi_iter.bi_sector, size);
 	if (rq_only && !(d->flags & LB_DEV_RQ))
 		return false;
 	mark_bitmap(d, bio_sector(bio) + start, size, ctrs());
@@ -676,7 +693,7 @@ static __always_inline void complete_bio(struct bio *bio, int error)
 SEC("tp_btf/block_bio_complete")
 int BPF_PROG(lb_bio_complete, struct request_queue *q, struct bio *bio)
 {
-	complete_bio(bio, BPF_CORE_READ(bio, bi_status));
+	complete_bio(bio, bio->bi_status);
 	return 0;
 }
 
@@ -686,12 +703,12 @@ int BPF_PROG(lb_bio_complete, struct request_queue *q, struct bio *bio)
 // the request walk that calls it.
 __noinline int capture_landed(__u64 bio_addr, __u32 key, __u64 start, int error)
 {
-	struct bio *bio = (struct bio *)bio_addr;
+	struct bio *bio = as_bio(bio_addr);
 	struct lb_dev *d = bpf_map_lookup_elem(&devices, &key);
 	if (!d)
 		return 0;
-	__u32 opf = BPF_CORE_READ(bio, bi_opf);
-	__u32 size = BPF_CORE_READ(bio, bi_iter.bi_size);
+	__u32 opf = bio->bi_opf;
+	__u32 size = bio->bi_iter.bi_size;
 	int op = classify(opf, size);
 	if (op < 0)
 		return 0;
@@ -719,21 +736,22 @@ __noinline int capture_landed(__u64 bio_addr, __u32 key, __u64 start, int error)
 	return 0;
 }
 
-// complete_rq_bio handles one bio of a completing request.
-static __always_inline void complete_rq_bio(struct bio *bio, int error)
+// complete_rq_bio handles one bio of a completing request; addr is its
+// address as a number (a pointer cannot be passed to capture_landed).
+static __always_inline void complete_rq_bio(struct bio *bio, __u64 addr, int error)
 {
 	__u32 key;
 	__u64 start;
 	struct lb_dev *d = dev_of(bio, &key, &start);
 	if (!d) {
-		__u32 opf = BPF_CORE_READ(bio, bi_opf);
-		__u32 size = BPF_CORE_READ(bio, bi_iter.bi_size);
+		__u32 opf = bio->bi_opf;
+		__u32 size = bio->bi_iter.bi_size;
 		if (classify(opf, size) < 0)
 			return;
 		__u64 k = (__u64)bio;
 		if (!bpf_map_lookup_elem(&pending, &k)) {
 			if (!settle_swept(&k))
-				mark_disk_write(key, BPF_CORE_READ(bio, bi_iter.bi_sector), size);
+				mark_disk_write(key, bio->bi_iter.bi_sector, size);
 			return;
 		}
 		// Tracked, but completing on another device: a stacked driver
@@ -741,7 +759,7 @@ static __always_inline void complete_rq_bio(struct bio *bio, int error)
 	} else if (d->flags & LB_DEV_RQ) {
 		__u64 k = (__u64)bio;
 		bpf_map_delete_elem(&pending, &k);
-		capture_landed((__u64)bio, key, start, error);
+		capture_landed(addr, key, start, error);
 		return;
 	}
 	complete_bio(bio, error);
@@ -770,14 +788,15 @@ int BPF_PROG(lb_rq_complete, struct request *rq, blk_status_t error, unsigned in
 	struct rq_walk *w = bpf_map_lookup_elem(&rq_scratch, &zero);
 	if (!w)
 		return 0;
-	w->bio = (__u64)BPF_CORE_READ(rq, bio);
+	w->bio = (__u64)rq->bio;
 	w->done = 0;
 	int *i;
 	bpf_for_each(num, i, 0, 4096) {
-		struct bio *b = (struct bio *)w->bio;
-		if (!b)
+		__u64 addr = w->bio;
+		if (!addr)
 			break;
-		__u32 size = BPF_CORE_READ(b, bi_iter.bi_size);
+		struct bio *b = as_bio(addr);
+		__u32 size = b->bi_iter.bi_size;
 		if (w->done + size > nr_bytes) {
 			// Partly done: this part is not described by any iterator
 			// once the bio advances. Read the whole bio back; the rest
@@ -787,8 +806,8 @@ int BPF_PROG(lb_rq_complete, struct request *rq, blk_status_t error, unsigned in
 			break;
 		}
 		w->done += size;
-		w->bio = (__u64)BPF_CORE_READ(b, bi_next);
-		complete_rq_bio(b, error);
+		w->bio = (__u64)b->bi_next;
+		complete_rq_bio(b, addr, error);
 	}
 	return 0;
 }
@@ -798,12 +817,12 @@ int BPF_PROG(lb_rq_complete, struct request *rq, blk_status_t error, unsigned in
 SEC("tp_btf/block_split")
 int BPF_PROG(lb_split, struct bio *split, unsigned int new_sector)
 {
-	__u64 parent = (__u64)BPF_CORE_READ(split, bi_private);
+	__u64 parent = (__u64)split->bi_private;
 	struct lb_pending *p = bpf_map_lookup_elem(&pending, &parent);
 	if (!p)
 		return 0;
 	struct lb_pending front = *p;
-	__u32 flen = BPF_CORE_READ(split, bi_iter.bi_size);
+	__u32 flen = split->bi_iter.bi_size;
 	front.len = flen;
 	__u64 key = (__u64)split;
 	struct lb_counters *c = ctrs();

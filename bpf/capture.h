@@ -82,7 +82,7 @@ struct lb_disk {
 
 struct lb_devstate {
 	__u32 overflow; /* set by BPF when the ring is full, cleared by the agent */
-	__u32 _pad;
+	__u32 clock;    /* the agent's monotonic seconds, for lb_pending.stamp */
 	__u64 overflow_events;
 	__u64 marks;         /* bitmap marks: the agent drains when this moves */
 	__s64 ring_inflight; /* ring-captured writes not yet completed */
@@ -95,7 +95,7 @@ struct lb_pending {
 	__u16 dev;
 	__u8 op;
 	__u8 kind;
-	__u32 stamp; /* monotonic seconds at insertion (stale sweep) */
+	__u32 stamp; /* lb_devstate.clock at insertion (stale sweep) */
 	__u32 disk;  /* LB_PEND_DISK: the disk's dev_t; sector is the disk's */
 };
 

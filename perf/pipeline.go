@@ -276,6 +276,11 @@ func RunPipeline(ctx context.Context, cfg PipelineConfig, log *slog.Logger, prog
 	if _, err := os.Stat(cfg.Exe); err != nil {
 		return nil, fmt.Errorf("lifeboat executable: %w", err)
 	}
+	if cfg.ProfileDir != "" {
+		if err := os.MkdirAll(cfg.ProfileDir, 0o755); err != nil {
+			return nil, fmt.Errorf("profile directory: %w", err)
+		}
+	}
 	for _, d := range []string{cfg.Dir, cfg.WorkDir} {
 		if st, err := os.Stat(d); err != nil {
 			return nil, fmt.Errorf("benchmark directory: %w", err)

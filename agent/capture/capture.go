@@ -118,8 +118,10 @@ type Capture struct {
 	wordBase []uint32 // first bitmap word per device ID
 	bitmap   []byte   // mmap of the bitmap map
 	devstate []byte   // mmap of the devstate map
-	pinDir   string
-	resumed  bool
+
+	stopClock, clockDone chan struct{} // runClock
+	pinDir               string
+	resumed              bool
 	// atCompletion: Config.AtCompletion.
 	atCompletion bool
 }
@@ -210,6 +212,10 @@ func (c *Capture) setup() error {
 	if err := c.calibrate(); err != nil {
 		return err
 	}
+	c.tick()
+	c.stopClock = make(chan struct{})
+	c.clockDone = make(chan struct{})
+	go c.runClock()
 	// Until the agent has drained them, all devices mark the bitmap
 	// (the initial copy reads everything anyway).
 	for i := range c.devices {
@@ -436,6 +442,11 @@ func mmapMap(m *ebpf.Map) ([]byte, error) {
 
 // Close detaches the programs and releases everything.
 func (c *Capture) Close() error {
+	if c.stopClock != nil {
+		close(c.stopClock)
+		<-c.clockDone
+		c.stopClock = nil
+	}
 	for _, l := range c.links {
 		l.Close()
 	}
@@ -563,13 +574,43 @@ func (c *Capture) ProgramsRunning() (int64, error) {
 	return s.Inflight, err
 }
 
+// clockPeriod is how often capture gets the time that stamps pending
+// writes (SweepStale ages are whole seconds).
+const clockPeriod = 250 * time.Millisecond
+
+// runClock keeps capture's clock current until Close. A pinned capture
+// keeps the last time it got while no agent runs: its entries then look
+// older than they are, and a restarted agent may sweep them early, which
+// only reads them back early.
+func (c *Capture) runClock() {
+	defer close(c.clockDone)
+	t := time.NewTicker(clockPeriod)
+	defer t.Stop()
+	for {
+		select {
+		case <-c.stopClock:
+			return
+		case <-t.C:
+			c.tick()
+		}
+	}
+}
+
+// tick gives capture the current time, which stamps pending writes.
+func (c *Capture) tick() {
+	now := monoSeconds()
+	for i := range c.devices {
+		atomic.StoreUint32(&c.state(i).Clock, now)
+	}
+}
+
 // Stale is a pending write whose completion never came (see SweepStale).
 type Stale struct {
 	Dev      int   // device index
 	Off, Len int64 // bytes
 }
 
-// monoSeconds is the clock of lb_pending.stamp (bpf_ktime_get_ns).
+// monoSeconds is the clock of lb_pending.stamp (see Tick).
 func monoSeconds() uint32 {
 	var ts unix.Timespec
 	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)

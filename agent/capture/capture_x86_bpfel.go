@@ -48,7 +48,7 @@ type captureLbDev struct {
 type captureLbDevstate struct {
 	_              structs.HostLayout
 	Overflow       uint32
-	Pad            uint32
+	Clock          uint32
 	OverflowEvents uint64
 	Marks          uint64
 	RingInflight   int64

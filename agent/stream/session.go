@@ -289,7 +289,9 @@ func (t *Target) serve(s *session) error {
 	nextMarker := time.Now()
 	for {
 		now := time.Now()
-		if !now.Before(nextMarker) || t.markerDue() {
+		// markerDue first: it clears the release flag, which a marker
+		// sent on schedule must clear too, or a second follows at once.
+		if due := t.markerDue(); due || !now.Before(nextMarker) {
 			if err := t.sendMarker(s, now); err != nil {
 				return err
 			}
@@ -391,6 +393,15 @@ func (t *Target) sendMarker(s *session, now time.Time) error {
 		at = t.segs[t.sent].t0
 	case t.open != nil && t.open.bb.Count() > 0:
 		at = t.open.t0
+	}
+	if t.cfg.Coverage {
+		if t.covered.IsZero() {
+			t.mu.Unlock()
+			return nil
+		}
+		if t.covered.Before(at) {
+			at = t.covered
+		}
 	}
 	m := wire.Marker{Seq: t.sentSeq, UnixNano: at.UnixNano(), Kind: wire.MarkerTime}
 	if m.Seq <= t.ackedSeq {

@@ -101,6 +101,11 @@ type Config struct {
 	// Target.HoldTimeMarkers), as an agent does until its initial sync
 	// is done.
 	HoldTimeMarkers bool
+	// Coverage dates time markers no later than the last Target.Covered
+	// time, and sends none before the first: the caller (the engine)
+	// reports when every earlier write has been handed over. Without it
+	// a marker covers what was handed over when it is sent.
+	Coverage bool
 
 	Logger *slog.Logger
 
@@ -201,7 +206,8 @@ type Target struct {
 	err         error // set by Abort or Close: every call fails with it
 	stateVer    uint64
 	holdMarkers bool
-	markerNow   bool // released: send a time marker at once
+	markerNow   bool      // released: send a time marker at once
+	covered     time.Time // Covered: every write before it has been handed over
 
 	sumsID uint16 // engine goroutine only
 
@@ -660,6 +666,16 @@ func (t *Target) SyncContext(ctx context.Context) error {
 		return fmt.Errorf("stream sync: %w", err)
 	}
 	return t.persist(snap)
+}
+
+// Covered says that every write completed before at has been handed to
+// the Target (see Config.Coverage). Safe from any goroutine.
+func (t *Target) Covered(at time.Time) {
+	t.mu.Lock()
+	if at.After(t.covered) {
+		t.covered = at
+	}
+	t.mu.Unlock()
 }
 
 // HoldTimeMarkers stops (hold) or restarts time markers. The agent holds

@@ -501,3 +501,36 @@ func TestRefusedCertificatesFailFast(t *testing.T) {
 		t.Fatalf("refusals took %v: retried instead of failing", time.Since(start))
 	}
 }
+
+// With Coverage, time markers wait for the engine's first Covered and
+// never claim a time after the latest one, whatever was handed over.
+func TestCoverageDatesTimeMarkers(t *testing.T) {
+	srv := streamtest.New(t)
+	cfg := config(t, srv, t.TempDir(), 1<<20)
+	cfg.Coverage = true
+	cfg.MarkerInterval = 20 * time.Millisecond
+	tg := dial(t, cfg)
+	if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if ms := srv.Markers(); len(ms) != 0 {
+		t.Fatalf("%d time markers before any Covered: %+v", len(ms), ms[0].Marker)
+	}
+	for _, c := range []time.Time{time.Now().Add(-time.Second), time.Now()} {
+		tg.Covered(c)
+		tg.Covered(c.Add(-time.Hour)) // never moves back
+		waitFor(t, "a time marker dated at the covered time", func() bool {
+			ms := srv.Markers()
+			return len(ms) > 0 && ms[len(ms)-1].UnixNano == c.UnixNano()
+		})
+		for _, m := range srv.Markers() {
+			if mt := time.Unix(0, m.UnixNano); mt.After(c) {
+				t.Fatalf("marker dated %v, after the covered time %v", mt, c)
+			}
+		}
+	}
+}

@@ -1,0 +1,177 @@
+package agent
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/agent/capture"
+	"github.com/lifeboat-dr/lifeboat/internal/blockdev"
+	"github.com/lifeboat-dr/lifeboat/internal/loopdev"
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
+)
+
+// coverTarget is a fileTarget that records, after the initial copy, which
+// extents it was handed and when, and the times the engine said were
+// covered (Coverer).
+type coverTarget struct {
+	*fileTarget
+	mu      sync.Mutex
+	synced  bool
+	writes  []coverWrite
+	covered []coverCall
+}
+
+type coverWrite struct {
+	off, n int64
+	at     time.Time
+}
+
+type coverCall struct{ t, at time.Time }
+
+func (c *coverTarget) WriteAt(dev int, p []byte, off int64) error {
+	c.mu.Lock()
+	if c.synced {
+		c.writes = append(c.writes, coverWrite{off, int64(len(p)), time.Now()})
+	}
+	c.mu.Unlock()
+	return c.fileTarget.WriteAt(dev, p, off)
+}
+
+func (c *coverTarget) Covered(t time.Time) {
+	c.mu.Lock()
+	c.covered = append(c.covered, coverCall{t, time.Now()})
+	c.mu.Unlock()
+}
+
+// delivered is when the block at off was first handed over, or zero.
+func (c *coverTarget) delivered(off int64) time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, w := range c.writes {
+		if off >= w.off && off < w.off+w.n {
+			return w.at
+		}
+	}
+	return time.Time{}
+}
+
+// Metadata mode with a read-back delay: two blocks written one block
+// apart are read back once the delay has passed, with one read through
+// the clean block between them, which the target does not get; and the
+// engine never reports as covered a time after their writes before it has
+// handed them over (time markers would otherwise claim them).
+func TestMetadataReadbackDelayAndCoverage(t *testing.T) {
+	testenv.RequireRoot(t)
+	d := loopdev.New(t, 32<<20, loopdev.Options{})
+	dir := t.TempDir()
+	mirror, err := os.Create(filepath.Join(dir, "mirror.img"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mirror.Close()
+	markers, err := os.Create(filepath.Join(dir, "markers.jsonl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer markers.Close()
+	tgt := &coverTarget{fileTarget: &fileTarget{f: mirror, markers: markers}}
+	synced := make(chan struct{})
+	const delay = time.Second
+	e, err := New(Options{
+		Sources:       []Source{{Name: "d0", Path: d.Path, Mode: capture.ModeMetadata, Sync: SyncFull}},
+		RingBytes:     4 << 20,
+		Target:        tgt,
+		ReadbackDelay: delay,
+		OnSynced: func() {
+			tgt.mu.Lock()
+			tgt.synced = true
+			tgt.mu.Unlock()
+			close(synced)
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- e.Run(ctx) }()
+	select {
+	case <-synced:
+	case err := <-done:
+		t.Fatalf("engine stopped before the initial copy: %v", err)
+	case <-time.After(time.Minute):
+		t.Fatal("initial copy did not finish")
+	}
+
+	dev, err := os.OpenFile(d.Path, os.O_WRONLY|syscall.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	const a, b = 100 * capture.BlockSize, 102 * capture.BlockSize
+	blk := blockdev.AlignedBuffer(capture.BlockSize)
+	start := time.Now()
+	for i, off := range []int64{a, b} {
+		for j := range blk {
+			blk[j] = byte(0x30 + i)
+		}
+		if _, err := dev.WriteAt(blk, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	written := time.Now()
+
+	deadline := time.Now().Add(10 * time.Second)
+	for tgt.delivered(a).IsZero() || tgt.delivered(b).IsZero() {
+		if time.Now().After(deadline) {
+			t.Fatal("the written blocks were not read back")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	for _, off := range []int64{a, b} {
+		if got := tgt.delivered(off).Sub(start); got < delay {
+			t.Errorf("block at %d read back %v after its write, before the %v delay", off, got, delay)
+		}
+	}
+	if at := tgt.delivered(101 * capture.BlockSize); !at.IsZero() {
+		t.Error("the clean block between the two was handed to the target")
+	}
+	// Coverage moves past the writes, and only once they are handed over.
+	last := tgt.delivered(a)
+	if l := tgt.delivered(b); l.After(last) {
+		last = l
+	}
+	for {
+		tgt.mu.Lock()
+		calls := append([]coverCall(nil), tgt.covered...)
+		tgt.mu.Unlock()
+		past := false
+		for _, c := range calls {
+			if c.t.After(written) {
+				past = true
+				if c.at.Before(last) {
+					t.Fatalf("covered %v reported at %v, before the writes were handed over at %v", c.t, c.at, last)
+				}
+			}
+		}
+		if past {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("coverage never passed the writes (%d reports)", len(calls))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	assertSameBytes(t, d.Path, mirror.Name())
+}
