@@ -29,6 +29,10 @@ import (
 // Defaults of `lifeboat agent`.
 const (
 	DefaultCrashInterval = 5 * time.Minute
+	// DefaultReadbackDelay is the metadata-mode read-back delay of the
+	// commands (Options.ReadbackDelay): under heavy random writes it
+	// halves the agent's read-back I/O for a second of lag.
+	DefaultReadbackDelay = time.Second
 	DefaultAppInterval   = time.Hour
 	DefaultStopTimeout   = time.Minute
 )

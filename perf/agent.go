@@ -32,9 +32,10 @@ type agentSpec struct {
 	Exe          string
 	Device       string
 	MirrorPath   string
-	Mode         Variant // VariantMetadata or VariantData
-	RingMiB      int     // 0: agent default
-	AtCompletion bool    // --capture-at-completion
+	Mode         Variant       // VariantMetadata or VariantData
+	RingMiB      int           // 0: agent default
+	AtCompletion bool          // --capture-at-completion
+	Delay        time.Duration // --readback-delay (metadata mode)
 	StateDir     string
 	NotifyDir    string // private directory for the notify socket
 	ReadyTimeout time.Duration
@@ -53,6 +54,9 @@ func (s agentSpec) args() []string {
 	}
 	if s.AtCompletion {
 		a = append(a, "--capture-at-completion")
+	}
+	if s.Mode == VariantMetadata {
+		a = append(a, "--readback-delay", s.Delay.String())
 	}
 	return append(a, "--state-dir", s.StateDir)
 }

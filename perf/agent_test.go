@@ -173,11 +173,17 @@ func TestAgentKilledWhenIgnoringSIGTERM(t *testing.T) {
 }
 
 func TestAgentArgs(t *testing.T) {
-	s := agentSpec{Device: "/dev/loop3", MirrorPath: "/m", Mode: VariantMetadata, StateDir: "/s"}
-	want := "agent mirror --device /dev/loop3 --to /m --mode metadata --state-dir /s"
+	s := agentSpec{Device: "/dev/loop3", MirrorPath: "/m", Mode: VariantMetadata, StateDir: "/s", Delay: time.Second}
+	want := "agent mirror --device /dev/loop3 --to /m --mode metadata --readback-delay 1s --state-dir /s"
 	if got := strings.Join(s.args(), " "); got != want {
 		t.Errorf("args = %q, want %q", got, want)
 	}
+	s.Mode = VariantData // the delay is for metadata mode only
+	want = "agent mirror --device /dev/loop3 --to /m --mode data --state-dir /s"
+	if got := strings.Join(s.args(), " "); got != want {
+		t.Errorf("args = %q, want %q", got, want)
+	}
+	s.Mode = VariantMetadata
 	s.RingMiB = 64
 	if got := strings.Join(s.args(), " "); !strings.Contains(got, "--ring-mib 64") {
 		t.Errorf("args = %q lack --ring-mib", got)

@@ -88,6 +88,8 @@ type CaptureConfig struct {
 	// AtCompletion passes --capture-at-completion to the agent
 	// (experimental capture path).
 	AtCompletion bool
+	// ReadbackDelay is passed as --readback-delay to metadata-mode agents.
+	ReadbackDelay time.Duration
 	// NullTarget makes the agent mirror into /dev/null: the cost of
 	// capture alone, without keeping a copy.
 	NullTarget bool
@@ -237,6 +239,7 @@ func RunCapture(ctx context.Context, cfg CaptureConfig, log *slog.Logger, progre
 		Kernel:        kernelRelease(),
 		FioVersion:    fioVersion(ctx, cfg.Fio),
 		OtherCaptures: otherCaptures(log),
+		BPFStats:      bpfStatsEnabled(),
 		Settings: CaptureSettings{
 			RuntimeSeconds:  cfg.Runtime.Seconds(),
 			Rounds:          cfg.Rounds,
@@ -247,6 +250,7 @@ func RunCapture(ctx context.Context, cfg CaptureConfig, log *slog.Logger, progre
 			AgentExe:        cfg.AgentExe,
 			RingMiB:         cfg.RingMiB,
 			AtCompletion:    cfg.AtCompletion,
+			ReadbackDelay:   cfg.ReadbackDelay.String(),
 		},
 	}
 	total := cfg.Rounds * len(cfg.Workloads) * len(cfg.Variants)
@@ -336,6 +340,7 @@ func runSample(ctx context.Context, cfg CaptureConfig, round int, wl Workload, v
 			Mode:         v,
 			RingMiB:      cfg.RingMiB,
 			AtCompletion: cfg.AtCompletion,
+			Delay:        cfg.ReadbackDelay,
 			StateDir:     stateDir,
 			NotifyDir:    ndir,
 			ReadyTimeout: cfg.ReadyTimeout,
@@ -440,4 +445,10 @@ func otherCaptures(log *slog.Logger) int {
 			"count", n, "dir", agent.PinRoot)
 	}
 	return n
+}
+
+// bpfStatsEnabled reports kernel.bpf_stats_enabled.
+func bpfStatsEnabled() bool {
+	b, err := os.ReadFile("/proc/sys/kernel/bpf_stats_enabled")
+	return err == nil && strings.TrimSpace(string(b)) == "1"
 }

@@ -24,6 +24,9 @@ type CaptureReport struct {
 	// bpffs when the run started: their programs run on every bio too,
 	// so the run's figures include their cost.
 	OtherCaptures int `json:"other_captures"`
+	// BPFStats is kernel.bpf_stats_enabled: when set, the kernel times
+	// every BPF program run, which adds to every captured write.
+	BPFStats bool `json:"bpf_stats_enabled"`
 	// Results has one entry per workload × variant, in configuration
 	// order.
 	Results []CaptureResult `json:"results"`
@@ -41,7 +44,8 @@ type CaptureSettings struct {
 	Workloads       []Workload `json:"workloads"`
 	AgentExe        string     `json:"agent_exe,omitempty"`
 	RingMiB         int        `json:"ring_mib,omitempty"`
-	AtCompletion    bool       `json:"at_completion,omitempty"` // experimental capture path
+	AtCompletion    bool       `json:"at_completion,omitempty"`  // experimental capture path
+	ReadbackDelay   string     `json:"readback_delay,omitempty"` // metadata-mode agents
 }
 
 // CaptureSample is one fio run under one variant. Agent fields are nil for
@@ -242,6 +246,12 @@ func (r *CaptureReport) WriteTable(w io.Writer) error {
 	if _, err := fmt.Fprintf(w, "%s, %s, kernel %s, device %d MiB, %d round(s) × %gs; medians over rounds, ×none = median per-round ratio to no capture\n",
 		r.FioVersion, st.IOEngine, r.Kernel, st.DeviceSizeBytes>>20, st.Rounds, st.RuntimeSeconds); err != nil {
 		return err
+	}
+	if st.ReadbackDelay != "" && st.ReadbackDelay != "0s" {
+		fmt.Fprintf(w, "metadata-mode agents read back after %s (--readback-delay)\n", st.ReadbackDelay)
+	}
+	if r.BPFStats {
+		fmt.Fprintln(w, "WARNING: kernel.bpf_stats_enabled=1: the kernel times every BPF program run, which every captured write pays for (sysctl -w kernel.bpf_stats_enabled=0)")
 	}
 	if r.OtherCaptures > 0 {
 		fmt.Fprintf(w, "WARNING: %d other capture instance(s) were attached (pinned under %s): every variant paid for them\n", r.OtherCaptures, agent.PinRoot)

@@ -49,7 +49,7 @@ checksums instead of copying everything. "lifeboat agent release" detaches it.`,
 	f.StringVar(&cfg.Device, "device", "", "block device to protect (whole disk or partition)")
 	f.StringVar(&cfg.To, "to", "", "mirror file (or block device) to keep in sync")
 	f.StringVar(&mode, "mode", "data", "capture mode: data (payload in the ring) or metadata (extents, read back)")
-	f.DurationVar(&cfg.ReadbackDelay, "readback-delay", 0, "metadata mode: how long written blocks wait before they are read back (rewrites and neighbours then cost one read; the copy lags as much)")
+	f.DurationVar(&cfg.ReadbackDelay, "readback-delay", agent.DefaultReadbackDelay, "metadata mode: how long written blocks wait before they are read back (rewrites and neighbours then cost one read; the copy lags as much)")
 	f.IntVar(&ringMiB, "ring-mib", 64, "BPF ring buffer size in MiB (power of two)")
 	f.BoolVar(&cfg.CaptureAtCompletion, "capture-at-completion", false, "EXPERIMENTAL, can lose writes made during the initial copy: capture blk-mq devices when requests complete")
 	f.StringVar(&stateDir, "state-dir", "/var/lib/lifeboat", "agent state directory")

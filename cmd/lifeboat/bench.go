@@ -5,6 +5,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/lifeboat-dr/lifeboat/agent"
 	"github.com/lifeboat-dr/lifeboat/perf"
 	"github.com/spf13/cobra"
 )
@@ -54,6 +55,7 @@ func benchCmd(verbose *bool) *cobra.Command {
 	f.StringVar(&variants, "variants", "", "comma-separated subset of none,metadata,data")
 	f.IntVar(&cfg.RingMiB, "ring-mib", 0, "agent ring size (0: agent default)")
 	f.BoolVar(&cfg.AtCompletion, "at-completion", false, "run the agents with the experimental --capture-at-completion")
+	f.DurationVar(&cfg.ReadbackDelay, "readback-delay", agent.DefaultReadbackDelay, "run metadata-mode agents with this --readback-delay")
 	f.BoolVar(&cfg.NullTarget, "null-target", false, "mirror into /dev/null: measure capture alone, without the copy's writes")
 	f.StringVar(&cfg.Dir, "dir", "/var/tmp", "where the loop device's file and the mirror go")
 	f.StringVar(&jsonOut, "json", "", "also write the report as JSON to this file (- for stdout)")

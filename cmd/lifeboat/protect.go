@@ -66,7 +66,7 @@ the --pki directory.`
 	f.StringVar(&cfg.Name, "name", "", "machine name (also the name of its certificate)")
 	f.StringArrayVar(&devices, "device", nil, "device to protect, [NAME=]PATH (repeat for more)")
 	f.StringVar(&mode, "mode", "data", "capture mode: data (payload in the ring) or metadata (extents, read back)")
-	f.DurationVar(&cfg.ReadbackDelay, "readback-delay", 0, "metadata mode: how long written blocks wait before they are read back (rewrites and neighbours then cost one read; the copy lags as much)")
+	f.DurationVar(&cfg.ReadbackDelay, "readback-delay", agent.DefaultReadbackDelay, "metadata mode: how long written blocks wait before they are read back (rewrites and neighbours then cost one read; the copy lags as much)")
 	f.IntVar(&ringMiB, "ring-mib", 64, "BPF ring buffer size in MiB (power of two)")
 	f.StringVar(&stateDir, "state-dir", "/var/lib/lifeboat", "agent state directory")
 	f.StringVar(&cfg.Metrics, "metrics", "", "serve Prometheus metrics on ADDR (e.g. :9101)")
