@@ -24,10 +24,10 @@ type segEntry struct {
 	size     int64  // 0 until known (segments found at start are read lazily)
 	last     uint64 // 0 until known
 	uploaded bool
-	// hot is the segment as cached, kept in memory until its upload takes
-	// it (nil past Server.reserveHot's bound, or after a restart), so the
-	// upload need not read it back from the cache disks.
-	hot []byte
+	// hot is the segment as cached, kept in memory until applied (nil
+	// past hotLimit, or after a restart), so that neither its upload nor
+	// the applier need read it back from the cache disks.
+	hot *hotSeg
 }
 
 // machine is the state of one protected machine: its manifest, data key,
@@ -165,6 +165,11 @@ func (m *machine) sealSegment(dst []byte, b *segBuf) ([]byte, error) {
 	m.mu.Unlock()
 	if key == nil {
 		return dst, errors.New("no data key loaded for the machine")
+	}
+	// Room for the largest outcome (stored as is): growing dst inside
+	// the cipher would copy and zero a whole segment again.
+	if need := len(dst) + cachedHeaderSize + seal.Overhead + max(len(b.data), cap(b.data)); cap(dst) < need {
+		dst = append(make([]byte, 0, need), dst...)
 	}
 	dst = appendCachedHeader(dst, b.meta)
 	start := len(dst)
@@ -337,7 +342,7 @@ func (m *machine) missingReplicas(ctx context.Context, h *wire.Hello) map[string
 }
 
 // segmentDurable records a segment that Put made durable.
-func (m *machine) segmentDurable(id cache.SegmentID, size int64, last uint64, hot []byte) {
+func (m *machine) segmentDurable(id cache.SegmentID, size int64, last uint64, hot *hotSeg) {
 	m.mu.Lock()
 	m.segs = append(m.segs, &segEntry{id: id, size: size, last: last, hot: hot})
 	m.durable = max(m.durable, last)

@@ -81,8 +81,10 @@ type Server struct {
 	// sync.Pool: allocating and zeroing 10 MiB per segment cost more
 	// than appending the data.
 	freeBufs chan *segBuf
-	// Sealed segments kept in memory until applied (reserveHot).
-	hotBytes atomic.Int64
+	// Sealed segments kept in memory until applied (newHot), and their
+	// buffers once released, for the next segments to be sealed into.
+	hotBytes   atomic.Int64
+	freeSealed chan []byte
 }
 
 // Start loads the server's identity and recovery key, opens the cache,
@@ -118,6 +120,7 @@ func Start(ctx context.Context, c Config) (*Server, error) {
 		tlsConf:     id.ServerTLS(pki.RoleAgent),
 		machines:    make(map[string]*machine),
 		freeBufs:    make(chan *segBuf, 8),
+		freeSealed:  make(chan []byte, 16),
 	}
 	if cfg.Metrics != nil {
 		s.metrics = newMetrics(cfg.Metrics)
@@ -467,30 +470,9 @@ func (s *Server) getBuf() *segBuf {
 	return b
 }
 
-// hotLimit bounds the sealed segments kept in memory for their upload
-// and apply.
-const hotLimit = 128 << 20
-
-// reserveHot reports whether n more bytes of sealed segments may stay in
-// memory until applied; releaseHot gives them back.
-func (s *Server) reserveHot(n int64) bool {
-	if s.hotBytes.Add(n) > hotLimit {
-		s.hotBytes.Add(-n)
-		return false
-	}
-	return true
-}
-
-// releaseHot gives back a hot segment's bytes (nil is ignored). Hot
-// buffers are never reused: an upload or the applier may still read one.
-func (s *Server) releaseHot(b []byte) {
-	if b != nil {
-		s.hotBytes.Add(-int64(len(b)))
-	}
-}
-
-// hotSegment returns the in-memory copy of a cached segment, if any.
-func (s *Server) hotSegment(machine string, first uint64) []byte {
+// hotSegment returns the in-memory copy of a cached segment, if any,
+// acquired: the caller releases it.
+func (s *Server) hotSegment(machine string, first uint64) *hotSeg {
 	s.mu.Lock()
 	m := s.machines[machine]
 	s.mu.Unlock()
@@ -501,7 +483,7 @@ func (s *Server) hotSegment(machine string, first uint64) []byte {
 	defer m.mu.Unlock()
 	for _, e := range m.segs {
 		if e.id.Seq == first {
-			return e.hot
+			return e.hot.acquire()
 		}
 	}
 	return nil

@@ -2,7 +2,6 @@ package processserver
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/tls"
 	"encoding/binary"
@@ -485,11 +484,10 @@ func (st *session) flusher() {
 				st.abortWith(wire.CodeInternal, "process server cache write failed; reconnect and resend", err)
 			} else {
 				size := int64(len(sealed))
-				var hot []byte
-				if st.s.reserveHot(size) {
-					// An exact-size copy: the accounting is by length, and
-					// sealed (sized for the largest segment) is reused.
-					hot = bytes.Clone(sealed)
+				hot := st.s.newHot(sealed)
+				if hot != nil {
+					// It owns sealed now: seal the next one elsewhere.
+					sealed = st.s.getSealed() // nil: sealSegment allocates
 				}
 				st.m.segmentDurable(id, size, b.meta.last, hot)
 				if b.meta.last > lastAck {

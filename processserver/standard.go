@@ -87,11 +87,12 @@ func (s *Server) LocalSegment(name string) ([]byte, bool) {
 	if !ok {
 		return nil, false
 	}
-	data := s.hotSegment(machine, first)
-	if data == nil {
-		if data, err = s.cache.Get(cache.SegmentID{Stream: machine, Seq: first}); err != nil {
-			return nil, false
-		}
+	var data []byte
+	if h := s.hotSegment(machine, first); h != nil {
+		defer h.release()
+		data = h.b
+	} else if data, err = s.cache.Get(cache.SegmentID{Stream: machine, Seq: first}); err != nil {
+		return nil, false
 	}
 	meta, sealed, err := parseCached(data)
 	if err != nil || meta.first != first || meta.last != last {

@@ -171,10 +171,14 @@ var errSegmentLost = errors.New("cached segment lost")
 // is still there, else read back from the cache.
 func (m *machine) uploadOne(ctx context.Context, u *upload) {
 	m.mu.Lock()
-	data := u.e.hot
+	h := u.e.hot.acquire()
 	m.mu.Unlock()
+	defer h.release()
+	var data []byte
 	var err error
-	if data == nil {
+	if h != nil {
+		data = h.b
+	} else {
 		stage.Do(ctx, stage.Prepare, func(context.Context) { data, err = m.s.cache.Get(u.e.id) })
 	}
 	if err != nil {
@@ -218,7 +222,7 @@ func (m *machine) uploadOne(ctx context.Context, u *upload) {
 		// Apply lags: keep the memory for uploads, which bound RPO; the
 		// applier reads this segment back from the cache.
 		m.mu.Lock()
-		m.s.releaseHot(u.e.hot)
+		m.s.dropHot(u.e.hot)
 		u.e.hot = nil
 		m.mu.Unlock()
 	}
@@ -247,7 +251,7 @@ func (m *machine) dropApplied(ctx context.Context) error {
 		}
 		m.mu.Lock()
 		m.segs = m.segs[1:]
-		m.s.releaseHot(e.hot)
+		m.s.dropHot(e.hot)
 		e.hot = nil
 		m.mu.Unlock()
 		m.s.cacheBytes.Add(-e.size)
@@ -299,7 +303,7 @@ func (m *machine) segmentLost(e *segEntry, err error) {
 	if !e.uploaded {
 		m.backlog -= e.size
 	}
-	m.s.releaseHot(e.hot)
+	m.s.dropHot(e.hot)
 	e.hot = nil
 	m.lost = true
 	sess := m.sess

@@ -325,22 +325,43 @@ func (c *Cache) Put(id SegmentID, data []byte) error {
 		shards[i] = regions[i][hl : hl+shardLen : hl+shardLen]
 		clear(regions[i][hl+shardLen:])
 	}
-	// Data shards are checksummed as they are filled; the segment's
-	// checksum is combined from theirs.
+	// One pass over the segment, a stripe at a time while it is in the
+	// CPU cache: copy the data into its shards, checksum it, compute the
+	// stripe's parity and checksum that. The segment's checksum is
+	// combined from the data shards'; their padding (the last one's, under
+	// k bytes) is checksummed after.
 	crcs := make([]uint32, n)
+	dataLen := make([]int, c.k) // data bytes in each data shard
+	for i := range c.k {
+		dataLen[i] = max(0, min(shardLen, len(data)-i*shardLen))
+		clear(shards[i][dataLen[i]:])
+	}
+	stripe := make([][]byte, n)
+	for o := 0; o < shardLen; o += stripeLen {
+		e := min(o+stripeLen, shardLen)
+		for i := range n {
+			stripe[i] = shards[i][o:e]
+		}
+		for i := range c.k {
+			if de := min(e, dataLen[i]); de > o {
+				part := shards[i][o:de]
+				copy(part, data[i*shardLen+o:])
+				crcs[i] = crc32.Update(crcs[i], castagnoli, part)
+			}
+		}
+		if c.enc != nil {
+			if err := c.enc.Encode(stripe); err != nil {
+				return fmt.Errorf("cache: put %s: encode: %w", id, err)
+			}
+		}
+		for i := c.k; i < n; i++ {
+			crcs[i] = crc32.Update(crcs[i], castagnoli, stripe[i])
+		}
+	}
 	var segCRC uint32
 	for i := range c.k {
-		part := data[min(i*shardLen, len(data)):min((i+1)*shardLen, len(data))]
-		copy(shards[i], part)
-		clear(shards[i][len(part):]) // padding of the last data shard
-		pc := crc(part)
-		segCRC = crcCombine(segCRC, pc, len(part))
-		crcs[i] = crc32.Update(pc, castagnoli, shards[i][len(part):])
-	}
-	if c.enc != nil {
-		if err := c.enc.Encode(shards); err != nil {
-			return fmt.Errorf("cache: put %s: encode: %w", id, err)
-		}
+		segCRC = crcCombine(segCRC, crcs[i], dataLen[i])
+		crcs[i] = crc32.Update(crcs[i], castagnoli, shards[i][dataLen[i]:])
 	}
 	h := shardHeader{
 		k: uint8(c.k), m: uint8(c.m), seq: id.Seq, gen: c.nextGen(),
@@ -350,12 +371,7 @@ func (c *Cache) Put(id SegmentID, data []byte) error {
 	errs := make([]error, n)
 	var wg sync.WaitGroup
 	for i := range n {
-		wg.Go(func() {
-			if i >= c.k {
-				crcs[i] = crc(shards[i])
-			}
-			errs[i] = c.writeShard(i, id, h, regions[i], shardLen, crcs[i])
-		})
+		wg.Go(func() { errs[i] = c.writeShard(i, id, h, regions[i], shardLen, crcs[i]) })
 	}
 	wg.Wait()
 
@@ -376,6 +392,10 @@ func (c *Cache) Put(id SegmentID, data []byte) error {
 	}
 	return nil
 }
+
+// stripeLen is how much of each shard Put handles at a time: a stripe of
+// all shards stays in the CPU cache between its copy, parity and checksums.
+const stripeLen = 64 << 10
 
 func (c *Cache) getBuf(n int) *[]byte {
 	if p, ok := c.bufs.Get().(*[]byte); ok && cap(*p) >= n {

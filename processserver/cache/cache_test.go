@@ -97,7 +97,7 @@ func TestGeometry(t *testing.T) {
 }
 
 func TestRoundTrip(t *testing.T) {
-	sizes := []int{1, 2, 3, 4097, 1 << 20}
+	sizes := []int{1, 2, 3, 4097, 1 << 20, 3*stripeLen + 5, 7*stripeLen - 1}
 	for n := 1; n <= 5; n++ {
 		t.Run(fmt.Sprintf("%ddirs", n), func(t *testing.T) {
 			c := open(t, tempDirs(t, n), Options{})
@@ -139,7 +139,8 @@ func TestSurvivesWipedDirectories(t *testing.T) {
 	segs := map[SegmentID][]byte{}
 	for i := range 6 {
 		id := SegmentID{fmt.Sprintf("machine-%d", i%2), uint64(i)}
-		segs[id] = payload(100_000+i*333, uint64(i))
+		// Several stripes (stripeLen) per shard, the last one short.
+		segs[id] = payload(300_000+i*333, uint64(i))
 		if err := c.Put(id, segs[id]); err != nil {
 			t.Fatal(err)
 		}
