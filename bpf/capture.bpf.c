@@ -27,7 +27,7 @@
 // Ordering contract with the agent (agent/engine.go, drain): once a device's
 // overflow flag is set, no program starts a new ring record for it. The agent
 // sets the flag, waits for running programs (counters.inflight) and for the
-// ring-captured writes still on their way to the device (ring_inflight),
+// ring-captured writes still on their way to the device (ring_flight),
 // drains the ring, swaps the bitmap out, clears the flag, and reads the
 // swapped blocks back before it applies any ring record that follows. Its
 // read-back is then never older than anything it has already applied.
@@ -53,6 +53,7 @@ extern void *bpf_rdonly_cast(const void *obj__ign, __u32 btf_id__k) __ksym;
 
 // Tuned by the loader before load.
 const volatile __u64 wake_bytes = 1 << 20; // force a wake-up past this much unread data
+const volatile __u64 wake_step = 1 << 18;  // bytes a CPU submits between two looks at that
 const volatile __u32 agent_tgid = 0;       // calibration runs in the agent only
 
 struct {
@@ -126,6 +127,25 @@ struct {
 	__type(key, __u32);
 	__type(value, struct lb_counters);
 } counters SEC(".maps");
+
+// Ring-captured writes not yet completed, per device and CPU: a write is
+// counted where it is queued and uncounted where it completes, usually
+// another CPU, and a shared counter would move its cache line between
+// them for every write. The agent adds the CPUs up (with its own
+// adjustments in lb_devstate.ring_inflight).
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, LB_MAX_DEVICES);
+	__type(key, __u32);
+	__type(value, __s64);
+} ring_flight SEC(".maps");
+
+static __always_inline void ring_flight_add(__u32 id, __s64 n)
+{
+	__s64 *v = bpf_map_lookup_elem(&ring_flight, &id);
+	if (v)
+		__sync_fetch_and_add(v, n);
+}
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -230,20 +250,29 @@ static __always_inline void emit_header(struct lb_record *r, struct lb_dev *d, _
 	r->_pad = 0;
 }
 
-static __always_inline __u64 wake_flag(void)
-{
-	return bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= wake_bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
-}
+// Submitted bytes per CPU since its last look at the ring's unread data.
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} wake_acc SEC(".maps");
 
-// meta_wake_flag is wake_flag for extent-only records: querying the ring
-// reads the reader's consumer position, a cache line the reader writes for
-// every record, and a 40-byte record rarely crosses the threshold, so only
-// one record in 16 per CPU queries (the reader also polls every 10 ms).
-static __always_inline __u64 meta_wake_flag(struct lb_counters *c)
+// wake_flag forces a reader wake-up once wake_bytes are unread. Querying
+// the ring reads its consumer position, a cache line the reader writes for
+// every record it takes (on another CPU): each CPU looks only once per
+// wake_step bytes it has submitted (the reader also polls every 10 ms).
+static __always_inline __u64 wake_flag(__u32 bytes)
 {
-	if (c && (c->records & 15))
-		return BPF_RB_NO_WAKEUP;
-	return wake_flag();
+	__u32 zero = 0;
+	__u64 *acc = bpf_map_lookup_elem(&wake_acc, &zero);
+	if (acc) {
+		*acc += bytes;
+		if (*acc < wake_step)
+			return BPF_RB_NO_WAKEUP;
+		*acc = 0;
+	}
+	return bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= wake_bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
 }
 
 // bio_sector is the bio's first sector relative to its own block device
@@ -302,7 +331,7 @@ static __always_inline bool emit_meta(struct lb_dev *d, __u64 sector, __u32 len,
 	if (!r)
 		return false;
 	emit_header(r, d, sector, len, op, opf, 0);
-	bpf_ringbuf_submit(r, meta_wake_flag(c));
+	bpf_ringbuf_submit(r, wake_flag(sizeof(*r)));
 	if (c)
 		c->records++;
 	return true;
@@ -424,7 +453,7 @@ __noinline int mark_disk_write(__u32 dev, __u64 first, __u32 size)
 
 // settle ends the tracking of a write that has left the device: it landed,
 // failed, or (late) ended without capture seeing it end. A ring-captured
-// write is uncounted from ring_inflight, and read back if it failed: the
+// write is uncounted from ring_flight, and read back if it failed: the
 // ring holds data the device may not. A metadata-mode write that landed in
 // time gets its extent record; every other write is read back.
 static __always_inline void settle(struct lb_pending *pc, bool failed, bool late, struct lb_counters *c)
@@ -439,7 +468,7 @@ static __always_inline void settle(struct lb_pending *pc, bool failed, bool late
 	if (!st || !d || !d->blocks)
 		return; // not a device of this capture (an entry from an earlier run)
 	if (pc->kind == LB_PEND_RING) {
-		__sync_fetch_and_add(&st->ring_inflight, -1);
+		ring_flight_add(id, -1);
 		if (!failed)
 			return;
 	} else if (pc->kind == LB_PEND_META && !failed && !late && !st->overflow) {
@@ -513,7 +542,7 @@ static __always_inline long track_bio(__u64 key, struct lb_pending *p, struct lb
 
 // emit_data copies a write into a ring record; false when the ring is full
 // or the record cannot be built (the caller takes the bitmap path). With
-// track (submission capture), the bio is counted in ring_inflight before
+// track (submission capture), the bio is counted in ring_flight before
 // the record is visible, so the agent never applies a record whose write
 // is not accounted for until it lands.
 static __always_inline bool emit_data(struct bio *bio, struct lb_dev *d, struct lb_devstate *st, struct lb_global *g,
@@ -543,11 +572,11 @@ static __always_inline bool emit_data(struct bio *bio, struct lb_dev *d, struct 
 		struct lb_pending p = {.dev = d->id, .op = op, .kind = LB_PEND_RING, .opf = opf, .sector = sector, .len = size,
 				       .stamp = clock_of(d->id)};
 		if (track_bio(key, &p, c) == 0)
-			__sync_fetch_and_add(&st->ring_inflight, 1);
+			ring_flight_add(d->id, 1);
 		else
 			c->pending_full++;
 	}
-	bpf_ringbuf_submit_dynptr(&dp, wake_flag());
+	bpf_ringbuf_submit_dynptr(&dp, wake_flag(sizeof(struct lb_record) + data_len));
 	c->records++;
 	c->bytes += data_len;
 	return true;
@@ -832,10 +861,7 @@ int BPF_PROG(lb_split, struct bio *split, unsigned int new_sector)
 		return 0; // the parent entry still covers everything
 	}
 	if (front.kind == LB_PEND_RING) {
-		__u32 id = front.dev;
-		struct lb_devstate *st = bpf_map_lookup_elem(&devstate, &id);
-		if (st)
-			__sync_fetch_and_add(&st->ring_inflight, 1);
+		ring_flight_add(front.dev, 1);
 	}
 	if (p->len > flen) {
 		p->sector += flen >> 9;

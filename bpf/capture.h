@@ -85,7 +85,7 @@ struct lb_devstate {
 	__u32 clock;    /* the agent's monotonic seconds, for lb_pending.stamp */
 	__u64 overflow_events;
 	__u64 marks;         /* bitmap marks: the agent drains when this moves */
-	__s64 ring_inflight; /* ring-captured writes not yet completed */
+	__s64 ring_inflight; /* the agent's adjustments to ring_flight's sum */
 };
 
 struct lb_pending {

@@ -103,7 +103,7 @@ type Config struct {
 
 // Maps pinned across restarts. The ring itself is not: a clean stop
 // drains it, and after an unclean one its contents cannot be trusted.
-var pinnedMaps = []string{"devices", "devstate", "bitmap", "pending", "global", "counters"}
+var pinnedMaps = []string{"devices", "devstate", "bitmap", "pending", "global", "counters", "ring_flight"}
 
 // In attach order (see setup).
 var pinnedLinks = []string{"link_complete", "link_rq_complete", "link_split", "link_queue"}
@@ -168,6 +168,9 @@ func Load(cfg Config) (*Capture, error) {
 	spec.Maps["events"].MaxEntries = uint32(cfg.RingBytes)
 	spec.Maps["bitmap"].MaxEntries = words
 	if err := spec.Variables["wake_bytes"].Set(cfg.WakeBytes); err != nil {
+		return nil, err
+	}
+	if err := spec.Variables["wake_step"].Set(max(cfg.WakeBytes/4, 1)); err != nil {
 		return nil, err
 	}
 	if err := spec.Variables["agent_tgid"].Set(uint32(os.Getpid())); err != nil {
@@ -344,7 +347,7 @@ func (c *Capture) Persist() error {
 		return nil
 	}
 	maps := map[string]*ebpf.Map{"devices": c.objs.Devices, "devstate": c.objs.Devstate, "bitmap": c.objs.Bitmap,
-		"pending": c.objs.Pending, "global": c.objs.Global, "counters": c.objs.Counters}
+		"pending": c.objs.Pending, "global": c.objs.Global, "counters": c.objs.Counters, "ring_flight": c.objs.RingFlight}
 	for _, name := range pinnedMaps {
 		p := filepath.Join(c.pinDir, name)
 		if m := maps[name]; !m.IsPinned() {
@@ -378,7 +381,7 @@ func (c *Capture) Unpin() {
 			l.Close()
 		}
 	}
-	for _, m := range []*ebpf.Map{c.objs.Devices, c.objs.Devstate, c.objs.Bitmap, c.objs.Pending, c.objs.Global, c.objs.Counters} {
+	for _, m := range []*ebpf.Map{c.objs.Devices, c.objs.Devstate, c.objs.Bitmap, c.objs.Pending, c.objs.Global, c.objs.Counters, c.objs.RingFlight} {
 		if m != nil {
 			m.Unpin()
 		}
@@ -551,14 +554,27 @@ type Counters struct {
 }
 
 // RingInflight is the number of device i's ring-captured writes that have
-// not completed yet.
+// not completed yet: the per-CPU counts capture keeps plus the agent's own
+// adjustments.
 func (c *Capture) RingInflight(i int) int64 {
-	return atomic.LoadInt64(&c.state(i).RingInflight)
+	return c.ringFlight(i) + atomic.LoadInt64(&c.state(i).RingInflight)
+}
+
+func (c *Capture) ringFlight(i int) int64 {
+	var perCPU []int64
+	if err := c.objs.RingFlight.Lookup(uint32(c.devices[i].ID), &perCPU); err != nil {
+		return 0
+	}
+	var n int64
+	for _, v := range perCPU {
+		n += v
+	}
+	return n
 }
 
 // ResetRingInflight forgets device i's in-flight count (after a timeout).
 func (c *Capture) ResetRingInflight(i int) {
-	atomic.StoreInt64(&c.state(i).RingInflight, 0)
+	atomic.StoreInt64(&c.state(i).RingInflight, -c.ringFlight(i))
 }
 
 // Marks counts the bitmap marks of device i; it moves when there is

@@ -121,8 +121,10 @@ const (
 	captureMapEvents         = "events"
 	captureMapGlobal         = "global"
 	captureMapPending        = "pending"
+	captureMapRingFlight     = "ring_flight"
 	captureMapRqScratch      = "rq_scratch"
 	captureMapSwept          = "swept"
+	captureMapWakeAcc        = "wake_acc"
 	captureProgLbBioComplete = "lb_bio_complete"
 	captureProgLbBioQueue    = "lb_bio_queue"
 	captureProgLbCalibrate   = "lb_calibrate"
@@ -136,6 +138,7 @@ const (
 	captureVarUnusedPending  = "unused_pending"
 	captureVarUnusedRecord   = "unused_record"
 	captureVarWakeBytes      = "wake_bytes"
+	captureVarWakeStep       = "wake_step"
 )
 
 // loadCapture returns the embedded CollectionSpec for capture.
@@ -201,8 +204,10 @@ type captureMapSpecs struct {
 	Events      *ebpf.MapSpec `ebpf:"events"`
 	Global      *ebpf.MapSpec `ebpf:"global"`
 	Pending     *ebpf.MapSpec `ebpf:"pending"`
+	RingFlight  *ebpf.MapSpec `ebpf:"ring_flight"`
 	RqScratch   *ebpf.MapSpec `ebpf:"rq_scratch"`
 	Swept       *ebpf.MapSpec `ebpf:"swept"`
+	WakeAcc     *ebpf.MapSpec `ebpf:"wake_acc"`
 }
 
 // captureVariableSpecs contains global variables before they are loaded into the kernel.
@@ -217,6 +222,7 @@ type captureVariableSpecs struct {
 	UnusedPending  *ebpf.VariableSpec `ebpf:"unused_pending"`
 	UnusedRecord   *ebpf.VariableSpec `ebpf:"unused_record"`
 	WakeBytes      *ebpf.VariableSpec `ebpf:"wake_bytes"`
+	WakeStep       *ebpf.VariableSpec `ebpf:"wake_step"`
 }
 
 // captureObjects contains all objects after they have been loaded into the kernel.
@@ -249,8 +255,10 @@ type captureMaps struct {
 	Events      *ebpf.Map `ebpf:"events"`
 	Global      *ebpf.Map `ebpf:"global"`
 	Pending     *ebpf.Map `ebpf:"pending"`
+	RingFlight  *ebpf.Map `ebpf:"ring_flight"`
 	RqScratch   *ebpf.Map `ebpf:"rq_scratch"`
 	Swept       *ebpf.Map `ebpf:"swept"`
+	WakeAcc     *ebpf.Map `ebpf:"wake_acc"`
 }
 
 func (m *captureMaps) Close() error {
@@ -265,8 +273,10 @@ func (m *captureMaps) Close() error {
 		m.Events,
 		m.Global,
 		m.Pending,
+		m.RingFlight,
 		m.RqScratch,
 		m.Swept,
+		m.WakeAcc,
 	)
 }
 
@@ -282,6 +292,7 @@ type captureVariables struct {
 	UnusedPending  *ebpf.Variable `ebpf:"unused_pending"`
 	UnusedRecord   *ebpf.Variable `ebpf:"unused_record"`
 	WakeBytes      *ebpf.Variable `ebpf:"wake_bytes"`
+	WakeStep       *ebpf.Variable `ebpf:"wake_step"`
 }
 
 // capturePrograms contains all programs after they have been loaded into the kernel.
