@@ -446,6 +446,9 @@ func (e *Engine) loop(ctx context.Context) error {
 		case done := <-e.appReq:
 			done <- e.appConsistent(ctx)
 		case <-sweep.C:
+			if err := e.checkSizes(); err != nil {
+				return err
+			}
 			if err := e.sweepStale(); err != nil {
 				return err
 			}
@@ -700,6 +703,34 @@ func (e *Engine) drain(ctx context.Context, idx []int, park bool, bar *progress.
 	return nil
 }
 
+// ResizeError reports a protected device whose size changed: capture
+// (its bitmap, the target's size) covers the size it had at start, so the
+// agent stops rather than miss writes past the old end. A restart protects
+// the new size; it copies the device again.
+type ResizeError struct {
+	Path     string
+	Old, New int64
+}
+
+func (e *ResizeError) Error() string {
+	verb := "grew"
+	if e.New < e.Old {
+		verb = "shrank"
+	}
+	return fmt.Sprintf("%s %s from %d to %d bytes while protected: restart the agent to protect it at its new size (it copies the device again)",
+		e.Path, verb, e.Old, e.New)
+}
+
+// checkSizes returns a *ResizeError if a device's size has changed.
+func (e *Engine) checkSizes() error {
+	for _, s := range e.srcs {
+		if n, err := s.dev.Size(); err == nil && n != s.size {
+			return &ResizeError{Path: s.Path, Old: s.size, New: n}
+		}
+	}
+	return nil
+}
+
 // harvest moves the marks of metadata device i from the kernel bitmap to
 // its read-back set, without the drain's ordering steps: a metadata device
 // has no ring-captured data that a read-back could overtake, and capture
@@ -858,6 +889,9 @@ func (e *Engine) apply(it capture.Item) error {
 	}
 	s := e.srcs[r.Dev]
 	if r.Offset+int64(r.Len) > s.size || r.Offset < 0 {
+		if err := e.checkSizes(); err != nil {
+			return err
+		}
 		return fmt.Errorf("record %d: extent %d+%d beyond %s (%d bytes)", r.Seq, r.Offset, r.Len, s.Path, s.size)
 	}
 	e.stats.Applied++
