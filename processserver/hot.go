@@ -8,14 +8,14 @@ const hotLimit = 128 << 20
 
 // hotSeg is a sealed segment kept in memory until applied, so that its
 // upload and the applier need not read it back from the cache disks. Its
-// buffer is the one the segment was sealed into: no copy is made. Users
-// hold a reference while they read it (acquire under the machine's lock,
-// where the entry is known to hold it); the last release hands the buffer
-// back for the next segment to be sealed into.
+// bytes are where the segment was sealed (no copy is made). Users hold a
+// reference while they read them (acquire under the machine's lock, where
+// the entry is known to hold it); the last release calls free, which hands
+// the buffer back for another segment.
 type hotSeg struct {
 	b    []byte
 	refs atomic.Int32 // the segment entry's own plus its readers'
-	s    *Server
+	free func()       // nil: the GC takes the buffer
 }
 
 // acquire takes a reference for a reader; nil-safe.
@@ -26,28 +26,31 @@ func (h *hotSeg) acquire() *hotSeg {
 	return h
 }
 
-// release drops a reference; the last one recycles the buffer. nil-safe.
+// release drops a reference; the last one frees the buffer. nil-safe.
 func (h *hotSeg) release() {
 	if h == nil {
 		return
 	}
 	if n := h.refs.Add(-1); n == 0 {
-		h.s.putSealed(h.b)
 		h.b = nil
+		if h.free != nil {
+			h.free()
+		}
 	} else if n < 0 {
 		panic("processserver: hot segment released twice")
 	}
 }
 
-// newHot keeps sealed in memory if hotLimit allows, taking ownership of
-// it; nil when it does not (the caller keeps sealed).
-func (s *Server) newHot(sealed []byte) *hotSeg {
-	n := int64(len(sealed))
+// newHot keeps the sealed segment b in memory if hotLimit allows; free
+// (if not nil) runs once nothing reads b any more. nil when over the
+// limit: the caller keeps b.
+func (s *Server) newHot(b []byte, free func()) *hotSeg {
+	n := int64(len(b))
 	if s.hotBytes.Add(n) > hotLimit {
 		s.hotBytes.Add(-n)
 		return nil
 	}
-	h := &hotSeg{b: sealed, s: s}
+	h := &hotSeg{b: b, free: free}
 	h.refs.Store(1)
 	return h
 }
@@ -60,22 +63,4 @@ func (s *Server) dropHot(h *hotSeg) {
 	}
 	s.hotBytes.Add(-int64(len(h.b)))
 	h.release()
-}
-
-// getSealed returns a recycled buffer to seal a segment into (empty, with
-// the capacity of the last one), or nil.
-func (s *Server) getSealed() []byte {
-	select {
-	case b := <-s.freeSealed:
-		return b[:0]
-	default:
-		return nil
-	}
-}
-
-func (s *Server) putSealed(b []byte) {
-	select {
-	case s.freeSealed <- b:
-	default: // enough spare buffers: let the GC have it
-	}
 }

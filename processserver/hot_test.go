@@ -2,11 +2,12 @@ package processserver
 
 import "testing"
 
-// A hot segment's buffer goes back for reuse only when the segment entry
-// and every reader have let go of it; the budget is freed at once.
-func TestHotSegmentRecycledAfterLastReader(t *testing.T) {
-	s := &Server{freeSealed: make(chan []byte, 2)}
-	h := s.newHot(make([]byte, 100, 128))
+// A hot segment's buffer is freed only when the segment entry and every
+// reader have let go of it; the budget is freed at once.
+func TestHotSegmentFreedAfterLastReader(t *testing.T) {
+	s := &Server{}
+	freed := 0
+	h := s.newHot(make([]byte, 100), func() { freed++ })
 	if h == nil {
 		t.Fatal("a 100-byte segment did not fit the hot budget")
 	}
@@ -18,15 +19,14 @@ func TestHotSegmentRecycledAfterLastReader(t *testing.T) {
 	if got := s.hotBytes.Load(); got != 0 {
 		t.Fatalf("hot bytes after drop = %d, want 0", got)
 	}
-	if b := s.getSealed(); b != nil {
-		t.Fatal("buffer recycled while a reader still holds it")
+	if freed != 0 {
+		t.Fatal("buffer freed while a reader still holds it")
 	}
 	r.release()
-	b := s.getSealed()
-	if b == nil || len(b) != 0 || cap(b) != 128 {
-		t.Fatalf("recycled buffer len %d cap %d, want an empty one of cap 128", len(b), cap(b))
+	if freed != 1 {
+		t.Fatalf("buffer freed %d times after the last release, want 1", freed)
 	}
-	if s.newHot(make([]byte, hotLimit+1)) != nil || s.hotBytes.Load() != 0 {
+	if s.newHot(make([]byte, hotLimit+1), nil) != nil || s.hotBytes.Load() != 0 {
 		t.Fatal("a segment over the hot limit was kept")
 	}
 	defer func() {

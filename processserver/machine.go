@@ -155,14 +155,7 @@ func (m *machine) loadKey(ctx context.Context, idHex string) (*seal.Key, error) 
 // segment compressed and encrypted with the machine's data key, which
 // agree loaded) to dst.
 func (m *machine) sealSegment(dst []byte, b *segBuf) ([]byte, error) {
-	m.mu.Lock()
-	key := m.key
-	alg := seal.DefaultAlg
-	if m.skipCompress > 0 {
-		m.skipCompress--
-		alg = seal.AlgNone
-	}
-	m.mu.Unlock()
+	key, alg := m.sealParams()
 	if key == nil {
 		return dst, errors.New("no data key loaded for the machine")
 	}
@@ -174,21 +167,65 @@ func (m *machine) sealSegment(dst []byte, b *segBuf) ([]byte, error) {
 	dst = appendCachedHeader(dst, b.meta)
 	start := len(dst)
 	dst, err := seal.SealWith(alg, dst, b.data, key, []byte(layout.SegmentName(m.name, b.meta.first, b.meta.last)))
-	if err != nil || alg == seal.AlgNone {
+	if err != nil {
 		return dst, err
 	}
-	// A stream that does not compress (encrypted or compressed files,
-	// media) skips the compressor for a while, then tries again.
+	m.noteCompression(alg, len(dst)-start-seal.Overhead, len(b.data))
+	return dst, nil
+}
+
+// sealInPlace seals b's frames where they lie, behind the header room
+// its buffer keeps, and returns the cached segment (header and blob) in
+// b's buffer; b's plaintext is gone. ok is false, with nothing done, when
+// the frames have outgrown the buffer (a huge frame): seal a copy then.
+func (m *machine) sealInPlace(b *segBuf) (cached []byte, ok bool, err error) {
+	if cap(b.buf) < segPrefix+len(b.data)+seal.TagSize || len(b.data) == 0 ||
+		&b.buf[:segPrefix+1][segPrefix] != &b.data[0] {
+		return nil, false, nil
+	}
+	key, alg := m.sealParams()
+	if key == nil {
+		return nil, true, errors.New("no data key loaded for the machine")
+	}
+	plain := len(b.data)
+	appendCachedHeader(b.buf[:0], b.meta)
+	blob, err := seal.SealInPlace(alg, b.buf[cachedHeaderSize:segPrefix+plain], key, []byte(layout.SegmentName(m.name, b.meta.first, b.meta.last)))
+	if err != nil {
+		return nil, true, err
+	}
+	m.noteCompression(alg, len(blob)-seal.Overhead, plain)
+	return b.buf[:cachedHeaderSize+len(blob)], true, nil
+}
+
+// sealParams returns the machine's data key and the compressor for its
+// next segment.
+func (m *machine) sealParams() (*seal.Key, seal.Alg) {
 	m.mu.Lock()
-	if len(dst)-start >= len(b.data)*63/64 {
+	defer m.mu.Unlock()
+	alg := seal.DefaultAlg
+	if m.skipCompress > 0 {
+		m.skipCompress--
+		alg = seal.AlgNone
+	}
+	return m.key, alg
+}
+
+// noteCompression counts segments compression did not shrink by 1/64: a
+// stream that does not compress (encrypted or compressed files, media)
+// skips the compressor for a while, then tries again.
+func (m *machine) noteCompression(alg seal.Alg, body, plain int) {
+	if alg == seal.AlgNone {
+		return
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if body >= plain*63/64 {
 		if m.incompressible++; m.incompressible >= incompressibleRun {
 			m.incompressible, m.skipCompress = 0, incompressibleSkip
 		}
 	} else {
 		m.incompressible = 0
 	}
-	m.mu.Unlock()
-	return dst, nil
 }
 
 // After incompressibleRun segments in a row that compression did not

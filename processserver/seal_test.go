@@ -12,7 +12,14 @@ import (
 // TestSealSegmentSkipsCompression: a run of incompressible segments turns
 // the compressor off for a while, compressible data turns it back on, and
 // every sealed segment opens to its plaintext under its name.
+// Both ways of sealing: into a second buffer (sealSegment) and where the
+// frames lie (sealInPlace).
 func TestSealSegmentSkipsCompression(t *testing.T) {
+	t.Run("copy", func(t *testing.T) { sealSegmentSkipsCompression(t, false) })
+	t.Run("in place", func(t *testing.T) { sealSegmentSkipsCompression(t, true) })
+}
+
+func sealSegmentSkipsCompression(t *testing.T, inPlace bool) {
 	material, id := seal.NewDataKey()
 	key, err := seal.NewKey(id, material)
 	if err != nil {
@@ -33,7 +40,22 @@ func TestSealSegmentSkipsCompression(t *testing.T) {
 		t.Helper()
 		b := &segBuf{data: data, meta: segMeta{first: seq, last: seq}}
 		seq++
-		out, err := m.sealSegment(nil, b)
+		var out []byte
+		var err error
+		if inPlace {
+			b.buf = make([]byte, segPrefix, segPrefix+len(data)+seal.TagSize)
+			b.data = append(b.buf[segPrefix:segPrefix], data...)
+			data = bytes.Clone(data)
+			var ok bool
+			if out, ok, err = m.sealInPlace(b); !ok {
+				t.Fatal("a segment that fits its buffer was not sealed in place")
+			}
+			if err == nil && &out[0] != &b.buf[0] {
+				t.Fatal("sealed elsewhere")
+			}
+		} else {
+			out, err = m.sealSegment(nil, b)
+		}
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -63,5 +85,28 @@ func TestSealSegmentSkipsCompression(t *testing.T) {
 	}
 	if !compressed(zeros) {
 		t.Error("compressor not back after the skipped segments")
+	}
+}
+
+// Frames that outgrew their segment buffer (a huge frame) are not sealed
+// in place: the buffer no longer holds them, or lacks room for the tag.
+func TestSealInPlaceRefusesOutgrownBuffer(t *testing.T) {
+	material, id := seal.NewDataKey()
+	key, err := seal.NewKey(id, material)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := &machine{name: "m1", key: key}
+	b := &segBuf{buf: make([]byte, segPrefix, segPrefix+1000)}
+	b.reset()
+	b.meta = segMeta{first: 1, last: 1}
+	b.data = append(b.data, make([]byte, 2000)...) // reallocated elsewhere
+	if _, ok, err := m.sealInPlace(b); ok || err != nil {
+		t.Fatalf("outgrown buffer: ok %v, err %v; want a refusal", ok, err)
+	}
+	b.reset()
+	b.data = append(b.data, make([]byte, 1000-seal.TagSize+1)...) // fits, but not the tag
+	if _, ok, err := m.sealInPlace(b); ok || err != nil {
+		t.Fatalf("no room for the tag: ok %v, err %v; want a refusal", ok, err)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"github.com/lifeboat-dr/lifeboat/internal/seal"
 	"strconv"
 	"strings"
 	"time"
@@ -116,8 +117,14 @@ func parseCached(b []byte) (segMeta, []byte, error) {
 	return m, b[cachedHeaderSize:], nil
 }
 
+// segPrefix is the room a segment buffer keeps in front of its frames:
+// the cached-segment header and the seal header, so that the segment is
+// sealed where it lies (sealInPlace).
+const segPrefix = cachedHeaderSize + seal.HeaderSize
+
 // segBuf is an open (then cut) segment: frames appended as received.
 type segBuf struct {
+	buf     []byte // backing: segPrefix bytes of room, then data
 	data    []byte
 	meta    segMeta
 	started time.Time // arrival of the first record; zero while none
@@ -130,7 +137,10 @@ type segBuf struct {
 }
 
 func (b *segBuf) reset() {
-	b.data = b.data[:0]
+	if len(b.buf) < segPrefix {
+		b.buf = make([]byte, segPrefix, segPrefix+cap(b.data))
+	}
+	b.data = b.buf[segPrefix:segPrefix]
 	b.meta = segMeta{}
 	b.started = time.Time{}
 	b.lastTimeOff = -1

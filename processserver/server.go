@@ -81,10 +81,8 @@ type Server struct {
 	// sync.Pool: allocating and zeroing 10 MiB per segment cost more
 	// than appending the data.
 	freeBufs chan *segBuf
-	// Sealed segments kept in memory until applied (newHot), and their
-	// buffers once released, for the next segments to be sealed into.
-	hotBytes   atomic.Int64
-	freeSealed chan []byte
+	// Sealed segments kept in memory until applied (newHot).
+	hotBytes atomic.Int64
 }
 
 // Start loads the server's identity and recovery key, opens the cache,
@@ -120,7 +118,6 @@ func Start(ctx context.Context, c Config) (*Server, error) {
 		tlsConf:     id.ServerTLS(pki.RoleAgent),
 		machines:    make(map[string]*machine),
 		freeBufs:    make(chan *segBuf, 8),
-		freeSealed:  make(chan []byte, 16),
 	}
 	if cfg.Metrics != nil {
 		s.metrics = newMetrics(cfg.Metrics)
@@ -465,7 +462,7 @@ func (s *Server) getBuf() *segBuf {
 	}
 	// A segment is cut after the batch that reaches SegmentBytes; agents
 	// send batches of about 1 MiB, so this rarely grows.
-	b := &segBuf{data: make([]byte, 0, s.cfg.SegmentBytes+2<<20)}
+	b := &segBuf{buf: make([]byte, segPrefix, segPrefix+s.cfg.SegmentBytes+2<<20+seal.TagSize)}
 	b.reset()
 	return b
 }

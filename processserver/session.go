@@ -471,25 +471,33 @@ func (st *session) flusher() {
 			continue
 		}
 		b := it.seg
+		kept := false // b's buffer holds a hot segment now
 		if !failed {
 			id := cache.SegmentID{Stream: st.m.name, Seq: b.meta.first}
-			var err error
-			if sealed, err = st.m.sealSegment(sealed[:0], b); err != nil {
+			cached, inPlace, err := st.m.sealInPlace(b)
+			if err == nil && !inPlace {
+				sealed, err = st.m.sealSegment(sealed[:0], b)
+				cached = sealed
+			}
+			if err != nil {
 				failed = true
 				st.log.Error("cannot seal a segment; closing the connection, the agent will resend", logSegment, id.String(), logErr, err)
 				st.abortWith(wire.CodeInternal, "process server cannot seal the segment; reconnect and resend", err)
-			} else if err := st.s.cache.Put(id, sealed); err != nil {
+			} else if err := st.s.cache.Put(id, cached); err != nil {
 				failed = true
 				st.log.Error("cache write failed; closing the connection, the agent will resend", logSegment, id.String(), logErr, err)
 				st.abortWith(wire.CodeInternal, "process server cache write failed; reconnect and resend", err)
 			} else {
-				size := int64(len(sealed))
-				hot := st.s.newHot(sealed)
-				if hot != nil {
-					// It owns sealed now: seal the next one elsewhere.
-					sealed = st.s.getSealed() // nil: sealSegment allocates
+				var hot *hotSeg
+				if inPlace {
+					// The segment stays in b's buffer until applied; the
+					// last reader hands the buffer back.
+					hot = st.s.newHot(cached, func() { st.s.putBuf(b) })
+					kept = hot != nil
+				} else if hot = st.s.newHot(cached, nil); hot != nil {
+					sealed = nil // the hot segment owns it
 				}
-				st.m.segmentDurable(id, size, b.meta.last, hot)
+				st.m.segmentDurable(id, int64(len(cached)), b.meta.last, hot)
 				if b.meta.last > lastAck {
 					lastAck = b.meta.last
 					if err := st.send(func(w *wire.Writer) error { return w.WriteAck(lastAck) }); err != nil {
@@ -499,7 +507,9 @@ func (st *session) flusher() {
 				st.updateBackpressure()
 			}
 		}
-		st.s.putBuf(b)
+		if !kept {
+			st.s.putBuf(b)
+		}
 	}
 }
 

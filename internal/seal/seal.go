@@ -98,6 +98,13 @@ const (
 // Overhead is the number of bytes Seal adds to the compressed payload.
 const Overhead = headerSize + tagSize
 
+// HeaderSize and TagSize are the parts of Overhead before and after the
+// payload (see SealInPlace).
+const (
+	HeaderSize = headerSize
+	TagSize    = tagSize
+)
+
 var (
 	// ErrTampered is returned (wrapped with context) by Open and UnwrapKey
 	// when a blob fails authentication: it was modified or truncated, was
@@ -264,38 +271,87 @@ func SealWith(alg Alg, dst, plain []byte, key *Key, aad []byte) ([]byte, error) 
 		return dst, fmt.Errorf("seal: plaintext of %d bytes exceeds limit of %d", len(plain), MaxPlainSize)
 	}
 
-	var body []byte
-	switch alg {
-	case AlgNone:
-	case AlgS2:
-		p := getScratch(s2.MaxEncodedLen(len(plain)))
-		defer putScratch(p)
-		body = s2.Encode((*p)[:cap(*p)], plain)
-	case AlgZstd:
-		p := getScratch(len(plain) + len(plain)/64 + 1024)
-		defer putScratch(p)
-		body = zstdEnc().EncodeAll(plain, (*p)[:0])
-		*p = body[:0] // keep a grown buffer for the next caller
-	default:
-		return dst, fmt.Errorf("seal: unknown compression %s", alg)
+	body, put, err := compress(alg, plain)
+	if err != nil {
+		return dst, err
 	}
-	if alg == AlgNone || len(body) >= len(plain) {
+	defer put()
+	if body == nil {
 		alg, body = AlgNone, plain
 	}
+	hdr, nonce := newHeader(alg, key, len(plain))
+	dst = append(dst, hdr[:]...)
+	return key.aead.Seal(dst, nonce, body, additionalData(hdr[:], aad)), nil
+}
 
-	var hdr [headerSize]byte
+// SealInPlace is SealWith with the blob built in buf itself, without a
+// second buffer: buf holds HeaderSize bytes of room, then the plaintext,
+// and its capacity leaves TagSize more bytes. It returns the blob, which
+// starts at buf[0]; the plaintext is gone.
+func SealInPlace(alg Alg, buf []byte, key *Key, aad []byte) ([]byte, error) {
+	if key == nil || key.aead == nil {
+		return nil, errors.New("seal: nil key")
+	}
+	if len(buf) < headerSize || cap(buf)-len(buf) < tagSize {
+		return nil, fmt.Errorf("seal: in-place buffer of %d bytes (capacity %d) lacks room for the header or the tag", len(buf), cap(buf))
+	}
+	plain := buf[headerSize:]
+	if len(plain) > MaxPlainSize {
+		return nil, fmt.Errorf("seal: plaintext of %d bytes exceeds limit of %d", len(plain), MaxPlainSize)
+	}
+	body, put, err := compress(alg, plain)
+	if err != nil {
+		return nil, err
+	}
+	defer put()
+	if body == nil {
+		alg, body = AlgNone, plain // encrypted where it lies: dst is plain[:0]
+	}
+	hdr, nonce := newHeader(alg, key, len(plain))
+	copy(buf, hdr[:])
+	out := key.aead.Seal(buf[headerSize:headerSize], nonce, body, additionalData(hdr[:], aad))
+	return buf[:headerSize+len(out)], nil
+}
+
+// compress returns plain compressed with alg in a scratch buffer that put
+// gives back, or a nil body when alg is AlgNone or compression does not
+// shrink plain.
+func compress(alg Alg, plain []byte) (body []byte, put func(), err error) {
+	put = func() {}
+	switch alg {
+	case AlgNone:
+		return nil, put, nil
+	case AlgS2:
+		p := getScratch(s2.MaxEncodedLen(len(plain)))
+		body = s2.Encode((*p)[:cap(*p)], plain)
+		put = func() { putScratch(p) }
+	case AlgZstd:
+		p := getScratch(len(plain) + len(plain)/64 + 1024)
+		body = zstdEnc().EncodeAll(plain, (*p)[:0])
+		*p = body[:0] // keep a grown buffer for the next caller
+		put = func() { putScratch(p) }
+	default:
+		return nil, put, fmt.Errorf("seal: unknown compression %s", alg)
+	}
+	if len(body) >= len(plain) {
+		return nil, put, nil
+	}
+	return body, put, nil
+}
+
+// newHeader returns a blob header for plainLen bytes of plaintext
+// compressed with alg, with a fresh random nonce, and that nonce.
+func newHeader(alg Alg, key *Key, plainLen int) (hdr [headerSize]byte, nonce []byte) {
 	copy(hdr[:], magic)
 	hdr[4] = version
 	hdr[5] = byte(alg)
 	copy(hdr[8:16], key.id[:])
-	nonce := hdr[16 : 16+nonceSize]
+	nonce = hdr[16 : 16+nonceSize]
 	// Random 96-bit nonces: NIST's 2^32-messages-per-key bound is 64 PiB of
 	// 16 MiB segments per machine key, and no nonce state to lose or roll back.
 	rand.Read(nonce)
-	binary.LittleEndian.PutUint64(hdr[28:36], uint64(len(plain)))
-
-	dst = append(dst, hdr[:]...)
-	return key.aead.Seal(dst, nonce, body, additionalData(hdr[:], aad)), nil
+	binary.LittleEndian.PutUint64(hdr[28:36], uint64(plainLen))
+	return hdr, nonce
 }
 
 // additionalData is header||aad. The header has a fixed length, so the
