@@ -128,23 +128,31 @@ struct {
 	__type(value, struct lb_counters);
 } counters SEC(".maps");
 
-// Ring-captured writes not yet completed, per device and CPU: a write is
-// counted where it is queued and uncounted where it completes, usually
-// another CPU, and a shared counter would move its cache line between
-// them for every write. The agent adds the CPUs up (with its own
-// adjustments in lb_devstate.ring_inflight).
+// Ring-captured writes started and finished, per device and CPU: a write
+// is counted where it is queued and where it completes, usually another
+// CPU, and a shared counter would move its cache line between them for
+// every write. Both counts only grow, so the agent, summing finished
+// before started (RingInflight), never reads fewer writes in flight than
+// there were at some instant between its reads.
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, LB_MAX_DEVICES);
 	__type(key, __u32);
-	__type(value, __s64);
+	__type(value, struct lb_flight);
 } ring_flight SEC(".maps");
 
-static __always_inline void ring_flight_add(__u32 id, __s64 n)
+static __always_inline void ring_started(__u32 id)
 {
-	__s64 *v = bpf_map_lookup_elem(&ring_flight, &id);
+	struct lb_flight *v = bpf_map_lookup_elem(&ring_flight, &id);
 	if (v)
-		__sync_fetch_and_add(v, n);
+		__sync_fetch_and_add(&v->started, 1);
+}
+
+static __always_inline void ring_finished(__u32 id)
+{
+	struct lb_flight *v = bpf_map_lookup_elem(&ring_flight, &id);
+	if (v)
+		__sync_fetch_and_add(&v->finished, 1);
 }
 
 struct {
@@ -468,7 +476,7 @@ static __always_inline void settle(struct lb_pending *pc, bool failed, bool late
 	if (!st || !d || !d->blocks)
 		return; // not a device of this capture (an entry from an earlier run)
 	if (pc->kind == LB_PEND_RING) {
-		ring_flight_add(id, -1);
+		ring_finished(id);
 		if (!failed)
 			return;
 	} else if (pc->kind == LB_PEND_META && !failed && !late && !st->overflow) {
@@ -572,7 +580,7 @@ static __always_inline bool emit_data(struct bio *bio, struct lb_dev *d, struct 
 		struct lb_pending p = {.dev = d->id, .op = op, .kind = LB_PEND_RING, .opf = opf, .sector = sector, .len = size,
 				       .stamp = clock_of(d->id)};
 		if (track_bio(key, &p, c) == 0)
-			ring_flight_add(d->id, 1);
+			ring_started(d->id);
 		else
 			c->pending_full++;
 	}
@@ -861,7 +869,7 @@ int BPF_PROG(lb_split, struct bio *split, unsigned int new_sector)
 		return 0; // the parent entry still covers everything
 	}
 	if (front.kind == LB_PEND_RING) {
-		ring_flight_add(front.dev, 1);
+		ring_started(front.dev);
 	}
 	if (p->len > flen) {
 		p->sector += flen >> 9;
@@ -930,3 +938,4 @@ const struct lb_devstate *unused_devstate __attribute__((unused));
 const struct lb_counters *unused_counters __attribute__((unused));
 const struct lb_global *unused_global __attribute__((unused));
 const struct lb_pending *unused_pending __attribute__((unused));
+const struct lb_flight *unused_flight __attribute__((unused));

@@ -88,6 +88,12 @@ struct lb_devstate {
 	__s64 ring_inflight; /* the agent's adjustments to ring_flight's sum */
 };
 
+/* Ring-captured writes of a device, on one CPU (ring_flight map). */
+struct lb_flight {
+	__u64 started;
+	__u64 finished;
+};
+
 struct lb_pending {
 	__u64 sector;
 	__u32 len;

@@ -14,6 +14,7 @@ const hotLimit = 128 << 20
 // the buffer back for another segment.
 type hotSeg struct {
 	b    []byte
+	size int64        // memory held: b's capacity
 	refs atomic.Int32 // the segment entry's own plus its readers'
 	free func()       // nil: the GC takes the buffer
 }
@@ -41,16 +42,16 @@ func (h *hotSeg) release() {
 	}
 }
 
-// newHot keeps the sealed segment b in memory if hotLimit allows; free
-// (if not nil) runs once nothing reads b any more. nil when over the
-// limit: the caller keeps b.
+// newHot keeps the sealed segment b in memory if hotLimit allows, which
+// counts the memory b holds (its capacity); free (if not nil) runs once
+// nothing reads b any more. nil when over the limit: the caller keeps b.
 func (s *Server) newHot(b []byte, free func()) *hotSeg {
-	n := int64(len(b))
+	n := int64(cap(b))
 	if s.hotBytes.Add(n) > hotLimit {
 		s.hotBytes.Add(-n)
 		return nil
 	}
-	h := &hotSeg{b: b, free: free}
+	h := &hotSeg{b: b, size: n, free: free}
 	h.refs.Store(1)
 	return h
 }
@@ -61,6 +62,6 @@ func (s *Server) dropHot(h *hotSeg) {
 	if h == nil {
 		return
 	}
-	s.hotBytes.Add(-int64(len(h.b)))
+	s.hotBytes.Add(-h.size)
 	h.release()
 }

@@ -7,12 +7,12 @@ import "testing"
 func TestHotSegmentFreedAfterLastReader(t *testing.T) {
 	s := &Server{}
 	freed := 0
-	h := s.newHot(make([]byte, 100), func() { freed++ })
+	h := s.newHot(make([]byte, 100, 300), func() { freed++ })
 	if h == nil {
 		t.Fatal("a 100-byte segment did not fit the hot budget")
 	}
-	if got := s.hotBytes.Load(); got != 100 {
-		t.Fatalf("hot bytes = %d, want 100", got)
+	if got := s.hotBytes.Load(); got != 300 {
+		t.Fatalf("hot bytes = %d, want 300: the buffer's capacity is what it holds", got)
 	}
 	r := h.acquire() // an upload reading it
 	s.dropHot(h)     // the entry is dropped meanwhile

@@ -2,6 +2,7 @@ package processserver
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/tls"
 	"encoding/binary"
@@ -488,18 +489,29 @@ func (st *session) flusher() {
 				st.log.Error("cache write failed; closing the connection, the agent will resend", logSegment, id.String(), logErr, err)
 				st.abortWith(wire.CodeInternal, "process server cache write failed; reconnect and resend", err)
 			} else {
+				// Once segmentDurable publishes a hot segment, its last
+				// reader may hand b back for reuse at any time: b is not
+				// touched after it.
+				last := b.meta.last
 				var hot *hotSeg
-				if inPlace {
+				switch {
+				case 2*len(cached) < cap(cached):
+					// A small segment (a trickle, or well compressed)
+					// would pin a whole segment buffer: keep a copy.
+					hot = st.s.newHot(bytes.Clone(cached), nil)
+				case inPlace:
 					// The segment stays in b's buffer until applied; the
 					// last reader hands the buffer back.
 					hot = st.s.newHot(cached, func() { st.s.putBuf(b) })
 					kept = hot != nil
-				} else if hot = st.s.newHot(cached, nil); hot != nil {
-					sealed = nil // the hot segment owns it
+				default:
+					if hot = st.s.newHot(cached, nil); hot != nil {
+						sealed = nil // the hot segment owns it
+					}
 				}
-				st.m.segmentDurable(id, int64(len(cached)), b.meta.last, hot)
-				if b.meta.last > lastAck {
-					lastAck = b.meta.last
+				st.m.segmentDurable(id, int64(len(cached)), last, hot)
+				if last > lastAck {
+					lastAck = last
 					if err := st.send(func(w *wire.Writer) error { return w.WriteAck(lastAck) }); err != nil {
 						failed = true
 					}

@@ -555,26 +555,45 @@ type Counters struct {
 
 // RingInflight is the number of device i's ring-captured writes that have
 // not completed yet: the per-CPU counts capture keeps plus the agent's own
-// adjustments.
+// adjustments. The per-CPU values are read one after the other, so the
+// finished counts are read first: both only grow, and the result is never
+// below the number in flight at the moment the finished counts were read.
+// A failed read counts as one write in flight (waitLanded then times out
+// rather than letting a read-back run ahead).
 func (c *Capture) RingInflight(i int) int64 {
-	return c.ringFlight(i) + atomic.LoadInt64(&c.state(i).RingInflight)
+	adj := atomic.LoadInt64(&c.state(i).RingInflight)
+	n, err := c.ringFlight(i)
+	if err != nil {
+		return max(1, n+adj)
+	}
+	return n + adj
 }
 
-func (c *Capture) ringFlight(i int) int64 {
-	var perCPU []int64
+// ringFlight is device i's started minus finished ring-captured writes.
+func (c *Capture) ringFlight(i int) (int64, error) {
+	var perCPU []captureLbFlight
 	if err := c.objs.RingFlight.Lookup(uint32(c.devices[i].ID), &perCPU); err != nil {
-		return 0
+		return 0, err
 	}
-	var n int64
+	var finished uint64
 	for _, v := range perCPU {
-		n += v
+		finished += v.Finished
 	}
-	return n
+	// A second read for the started counts, after the finished ones.
+	if err := c.objs.RingFlight.Lookup(uint32(c.devices[i].ID), &perCPU); err != nil {
+		return 0, err
+	}
+	var started uint64
+	for _, v := range perCPU {
+		started += v.Started
+	}
+	return int64(started - finished), nil
 }
 
 // ResetRingInflight forgets device i's in-flight count (after a timeout).
 func (c *Capture) ResetRingInflight(i int) {
-	atomic.StoreInt64(&c.state(i).RingInflight, -c.ringFlight(i))
+	n, _ := c.ringFlight(i)
+	atomic.StoreInt64(&c.state(i).RingInflight, -n)
 }
 
 // Marks counts the bitmap marks of device i; it moves when there is

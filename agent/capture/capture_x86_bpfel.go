@@ -67,6 +67,12 @@ type captureLbDisk struct {
 	}
 }
 
+type captureLbFlight struct {
+	_        structs.HostLayout
+	Started  uint64
+	Finished uint64
+}
+
 type captureLbGlobal struct {
 	_           structs.HostLayout
 	Seq         uint64
@@ -134,6 +140,7 @@ const (
 	captureVarUnusedCounters = "unused_counters"
 	captureVarUnusedDev      = "unused_dev"
 	captureVarUnusedDevstate = "unused_devstate"
+	captureVarUnusedFlight   = "unused_flight"
 	captureVarUnusedGlobal   = "unused_global"
 	captureVarUnusedPending  = "unused_pending"
 	captureVarUnusedRecord   = "unused_record"
@@ -218,6 +225,7 @@ type captureVariableSpecs struct {
 	UnusedCounters *ebpf.VariableSpec `ebpf:"unused_counters"`
 	UnusedDev      *ebpf.VariableSpec `ebpf:"unused_dev"`
 	UnusedDevstate *ebpf.VariableSpec `ebpf:"unused_devstate"`
+	UnusedFlight   *ebpf.VariableSpec `ebpf:"unused_flight"`
 	UnusedGlobal   *ebpf.VariableSpec `ebpf:"unused_global"`
 	UnusedPending  *ebpf.VariableSpec `ebpf:"unused_pending"`
 	UnusedRecord   *ebpf.VariableSpec `ebpf:"unused_record"`
@@ -288,6 +296,7 @@ type captureVariables struct {
 	UnusedCounters *ebpf.Variable `ebpf:"unused_counters"`
 	UnusedDev      *ebpf.Variable `ebpf:"unused_dev"`
 	UnusedDevstate *ebpf.Variable `ebpf:"unused_devstate"`
+	UnusedFlight   *ebpf.Variable `ebpf:"unused_flight"`
 	UnusedGlobal   *ebpf.Variable `ebpf:"unused_global"`
 	UnusedPending  *ebpf.Variable `ebpf:"unused_pending"`
 	UnusedRecord   *ebpf.Variable `ebpf:"unused_record"`
