@@ -156,6 +156,7 @@ type source struct {
 	lastMarks uint64
 	metaDirty bool      // metadata records noted in dirty, not read back yet
 	metaSince time.Time // when metaDirty was set
+	readGen   uint64    // read-backs done (coverage waits for one)
 }
 
 // Engine runs capture for a set of devices into a Target.
@@ -175,9 +176,11 @@ type Engine struct {
 
 	barrierSeen uint64 // highest capture barrier applied
 	cover       struct {
-		id   uint64    // barrier requested for it; 0: none
-		at   time.Time // taken before the barrier was requested
-		last time.Time
+		id    uint64    // barrier requested for it; 0: none
+		at    time.Time // taken before the barrier was requested
+		last  time.Time
+		armed bool     // the barrier came through; need is set
+		need  []uint64 // per device: the readGen that covers at
 	}
 }
 
@@ -549,18 +552,31 @@ func (e *Engine) requestCover() {
 }
 
 // reportCover tells the target that everything before the cover time has
-// been handed over, once the barrier has come through and nothing noted
-// before it waits in a bitmap or for a read-back.
+// been handed over: once the barrier has come through, and every device
+// that then had blocks waiting (noted for read-back, marked in a bitmap)
+// has been read back since. New blocks noted meanwhile do not hold it up:
+// they were written after the barrier.
 func (e *Engine) reportCover() {
 	if e.cover.id == 0 || e.barrierSeen < e.cover.id {
 		return
 	}
+	if !e.cover.armed {
+		e.cover.need = e.cover.need[:0]
+		for i, s := range e.srcs {
+			g := s.readGen
+			if s.metaDirty || e.cap.Overflowed(i) || e.cap.Marks(i) != s.lastMarks {
+				g++
+			}
+			e.cover.need = append(e.cover.need, g)
+		}
+		e.cover.armed = true
+	}
 	for i, s := range e.srcs {
-		if s.metaDirty || e.cap.Overflowed(i) || e.cap.Marks(i) != s.lastMarks {
-			return // the next barrier tries again
+		if s.readGen < e.cover.need[i] {
+			return
 		}
 	}
-	e.cover.id = 0
+	e.cover.id, e.cover.armed = 0, false
 	e.opt.Target.(Coverer).Covered(e.cover.at)
 }
 
@@ -791,6 +807,7 @@ func (e *Engine) waitLanded(ctx context.Context, i int) error {
 func (e *Engine) readback(ctx context.Context, i int, bar *progress.Bar) error {
 	s := e.srcs[i]
 	if !s.dirty.Any() {
+		s.readGen++
 		return nil
 	}
 	const maxSpan = readbackChunk / capture.BlockSize
@@ -818,6 +835,7 @@ func (e *Engine) readback(ctx context.Context, i int, bar *progress.Bar) error {
 	e.runs = runs[:0]
 	s.dirty.Reset()
 	s.compare = false
+	s.readGen++
 	return nil
 }
 
