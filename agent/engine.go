@@ -174,8 +174,9 @@ type Engine struct {
 	syncReq []atomic.Int32 // per device: SyncKind+1 requested by RequestSync
 	runs    []bitmap.Extent
 
-	barrierSeen uint64 // highest capture barrier applied
-	cover       struct {
+	barrierSeen  uint64    // highest capture barrier applied
+	lastOverflow time.Time // a device last seen in bitmap mode
+	cover        struct {
 		id    uint64    // barrier requested for it; 0: none
 		at    time.Time // taken before the barrier was requested
 		last  time.Time
@@ -413,6 +414,7 @@ func (e *Engine) loop(ctx context.Context) error {
 				continue
 			}
 			if e.cap.Overflowed(i) {
+				e.lastOverflow = time.Now()
 				need = append(need, i)
 			} else if e.cap.Marks(i) != s.lastMarks {
 				if s.Mode != capture.ModeMetadata {
@@ -546,9 +548,33 @@ func (e *Engine) requestCover() {
 	if _, ok := e.opt.Target.(Coverer); !ok || e.cover.id != 0 || time.Since(e.cover.last) < coverInterval {
 		return
 	}
-	e.cover.at = time.Now()
-	e.cover.last = e.cover.at
+	now := time.Now()
+	e.cover.last = now
+	e.cover.at = now
+	if e.completionTracked(now) {
+		// A write whose completion the kernel never reported is only
+		// found by the sweep, once its pending entry is stale: it may
+		// have completed up to unreportedLag before being marked.
+		e.cover.at = now.Add(-unreportedLag)
+	}
 	e.cover.id = e.rd.RequestBarrier()
+}
+
+// unreportedLag bounds how long a completed write can stay unknown to the
+// agent when the kernel does not report its completion: the sweep's age,
+// its period and the lag of capture's clock.
+const unreportedLag = staleAfter + sweepInterval + capture.ClockLag
+
+// completionTracked reports whether some device's writes are handed over
+// only once their completion is seen (metadata mode, or a data-mode device
+// that overflowed into its bitmap lately), and so may wait for the sweep.
+func (e *Engine) completionTracked(now time.Time) bool {
+	for i, s := range e.srcs {
+		if s.Mode == capture.ModeMetadata || e.cap.Overflowed(i) {
+			return true
+		}
+	}
+	return now.Sub(e.lastOverflow) < unreportedLag+staleAfter
 }
 
 // reportCover tells the target that everything before the cover time has
@@ -749,9 +775,12 @@ func (e *Engine) checkSizes() error {
 
 // harvest moves the marks of metadata device i from the kernel bitmap to
 // its read-back set, without the drain's ordering steps: a metadata device
-// has no ring-captured data that a read-back could overtake, and capture
-// marks a block only once its write has landed. The marks come from
-// completions the kernel reported late or from a full ring.
+// has no ring-captured data that a read-back could overtake. The marks
+// come from completions the kernel reported late or from a full ring, and
+// are made once the write has landed, except when the pending map is full
+// (add_pending marks at submission): that write's completion then finds
+// no entry and marks it again (complete_untracked), so an early read-back
+// is repeated.
 func (e *Engine) harvest(i int) error {
 	s := e.srcs[i]
 	s.lastMarks = e.cap.Marks(i)

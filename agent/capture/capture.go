@@ -613,6 +613,10 @@ func (c *Capture) ProgramsRunning() (int64, error) {
 // writes (SweepStale ages are whole seconds).
 const clockPeriod = 250 * time.Millisecond
 
+// ClockLag bounds how far a pending write's stamp can be behind the time
+// it was queued: the clock's period, and the whole second stamps keep.
+const ClockLag = clockPeriod + time.Second
+
 // runClock keeps capture's clock current until Close. A pinned capture
 // keeps the last time it got while no agent runs: its entries then look
 // older than they are, and a restarted agent may sweep them early, which

@@ -332,8 +332,8 @@ func (c *Cache) Put(id SegmentID, data []byte) error {
 	// One pass over the segment, a stripe at a time while it is in the
 	// CPU cache: copy the data into its shards, checksum it, compute the
 	// stripe's parity and checksum that. The segment's checksum is
-	// combined from the data shards'; their padding (the last one's, under
-	// k bytes) is checksummed after.
+	// combined from the data shards'; their padding (fewer than k bytes in
+	// all, at the end of the last shards) is checksummed after.
 	crcs := make([]uint32, n)
 	dataLen := make([]int, c.k) // data bytes in each data shard
 	for i := range c.k {
