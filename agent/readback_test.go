@@ -1,9 +1,7 @@
 package agent
 
 import (
-	"context"
 	"os"
-	"path/filepath"
 	"sync"
 	"syscall"
 	"testing"
@@ -68,21 +66,9 @@ func (c *coverTarget) delivered(off int64) time.Time {
 func TestMetadataReadbackDelayAndCoverage(t *testing.T) {
 	testenv.RequireRoot(t)
 	d := loopdev.New(t, 32<<20, loopdev.Options{})
-	dir := t.TempDir()
-	mirror, err := os.Create(filepath.Join(dir, "mirror.img"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer mirror.Close()
-	markers, err := os.Create(filepath.Join(dir, "markers.jsonl"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer markers.Close()
-	tgt := &coverTarget{fileTarget: &fileTarget{f: mirror, markers: markers}}
-	synced := make(chan struct{})
+	tgt := &coverTarget{fileTarget: newFileTarget(t)}
 	const delay = time.Second
-	e, err := New(Options{
+	e, cancel, done := startEngine(t, Options{
 		Sources:       []Source{{Name: "d0", Path: d.Path, Mode: capture.ModeMetadata, Sync: SyncFull}},
 		RingBytes:     4 << 20,
 		Target:        tgt,
@@ -91,24 +77,9 @@ func TestMetadataReadbackDelayAndCoverage(t *testing.T) {
 			tgt.mu.Lock()
 			tgt.synced = true
 			tgt.mu.Unlock()
-			close(synced)
 		},
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
 	defer e.Close()
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	done := make(chan error, 1)
-	go func() { done <- e.Run(ctx) }()
-	select {
-	case <-synced:
-	case err := <-done:
-		t.Fatalf("engine stopped before the initial copy: %v", err)
-	case <-time.After(time.Minute):
-		t.Fatal("initial copy did not finish")
-	}
 
 	dev, err := os.OpenFile(d.Path, os.O_WRONLY|syscall.O_DIRECT, 0)
 	if err != nil {
@@ -173,5 +144,5 @@ func TestMetadataReadbackDelayAndCoverage(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
-	assertSameBytes(t, d.Path, mirror.Name())
+	assertSameBytes(t, d.Path, tgt.f.Name())
 }

@@ -36,37 +36,13 @@ func TestUnreportedCompletionSettledAtStop(t *testing.T) {
 func staleCompletionReadBack(t *testing.T, mode capture.Mode, atStop bool) {
 	testenv.RequireRoot(t)
 	d := loopdev.New(t, 32<<20, loopdev.Options{})
-	dir := t.TempDir()
-	mirror, err := os.Create(filepath.Join(dir, "mirror.img"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer mirror.Close()
-	markers, err := os.Create(filepath.Join(dir, "markers.jsonl"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer markers.Close()
-	synced := make(chan struct{})
-	e, err := New(Options{
+	tgt := newFileTarget(t)
+	e, cancel, done := startEngine(t, Options{
 		Sources:   []Source{{Name: "d0", Path: d.Path, Mode: mode, Sync: SyncFull}},
 		RingBytes: 4 << 20,
-		Target:    &fileTarget{f: mirror, markers: markers},
-		OnSynced:  func() { close(synced) },
+		Target:    tgt,
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- e.Run(ctx) }()
-	select {
-	case <-synced:
-	case err := <-done:
-		t.Fatalf("engine stopped before the initial copy: %v", err)
-	case <-time.After(time.Minute):
-		t.Fatal("initial copy did not finish")
-	}
+	mirror := tgt.f
 
 	// 64 KiB of 0x5a at 8 MiB, behind capture's back.
 	const off, n = 8 << 20, 64 << 10
@@ -117,4 +93,51 @@ func staleCompletionReadBack(t *testing.T, mode capture.Mode, atStop bool) {
 	if err := e.Close(); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// newFileTarget is a mirror file target in the test's temporary directory.
+func newFileTarget(t *testing.T) *fileTarget {
+	t.Helper()
+	dir := t.TempDir()
+	mirror, err := os.Create(filepath.Join(dir, "mirror.img"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { mirror.Close() })
+	markers, err := os.Create(filepath.Join(dir, "markers.jsonl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { markers.Close() })
+	return &fileTarget{f: mirror, markers: markers}
+}
+
+// startEngine creates an engine with opt and runs it until cancel; it
+// returns once the initial copy is done. done receives Run's result.
+func startEngine(t *testing.T, opt Options) (e *Engine, cancel context.CancelFunc, done chan error) {
+	t.Helper()
+	synced := make(chan struct{})
+	onSynced := opt.OnSynced
+	opt.OnSynced = func() {
+		if onSynced != nil {
+			onSynced()
+		}
+		close(synced)
+	}
+	e, err := New(opt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	done = make(chan error, 1)
+	go func() { done <- e.Run(ctx) }()
+	select {
+	case <-synced:
+	case err := <-done:
+		t.Fatalf("engine stopped before the initial copy: %v", err)
+	case <-time.After(time.Minute):
+		t.Fatal("initial copy did not finish")
+	}
+	return e, cancel, done
 }

@@ -289,28 +289,13 @@ func SealWith(alg Alg, dst, plain []byte, key *Key, aad []byte) ([]byte, error) 
 // and its capacity leaves TagSize more bytes. It returns the blob, which
 // starts at buf[0]; the plaintext is gone.
 func SealInPlace(alg Alg, buf []byte, key *Key, aad []byte) ([]byte, error) {
-	if key == nil || key.aead == nil {
-		return nil, errors.New("seal: nil key")
-	}
 	if len(buf) < headerSize || cap(buf)-len(buf) < tagSize {
 		return nil, fmt.Errorf("seal: in-place buffer of %d bytes (capacity %d) lacks room for the header or the tag", len(buf), cap(buf))
 	}
-	plain := buf[headerSize:]
-	if len(plain) > MaxPlainSize {
-		return nil, fmt.Errorf("seal: plaintext of %d bytes exceeds limit of %d", len(plain), MaxPlainSize)
-	}
-	body, put, err := compress(alg, plain)
-	if err != nil {
-		return nil, err
-	}
-	defer put()
-	if body == nil {
-		alg, body = AlgNone, plain // encrypted where it lies: dst is plain[:0]
-	}
-	hdr, nonce := newHeader(alg, key, len(plain))
-	copy(buf, hdr[:])
-	out := key.aead.Seal(buf[headerSize:headerSize], nonce, body, additionalData(hdr[:], aad))
-	return buf[:headerSize+len(out)], nil
+	// The header goes in front of the plaintext, and the ciphertext
+	// exactly over it (dst's spare capacity is the plaintext, which the
+	// cipher allows); the capacity check keeps append from moving dst.
+	return SealWith(alg, buf[:0], buf[headerSize:], key, aad)
 }
 
 // compress returns plain compressed with alg in a scratch buffer that put
