@@ -174,9 +174,11 @@ type Engine struct {
 	syncReq []atomic.Int32 // per device: SyncKind+1 requested by RequestSync
 	runs    []bitmap.Extent
 
-	barrierSeen  uint64    // highest capture barrier applied
-	lastOverflow time.Time // a device last seen in bitmap mode
-	cover        struct {
+	barrierSeen   uint64    // highest capture barrier applied
+	lastOverflow  time.Time // a device last seen in bitmap mode
+	diskWrites    uint64    // capture.DiskWrites last seen
+	lastDiskWrite time.Time // when diskWrites last moved
+	cover         struct {
 		id    uint64    // barrier requested for it; 0: none
 		at    time.Time // taken before the barrier was requested
 		last  time.Time
@@ -565,16 +567,22 @@ func (e *Engine) requestCover() {
 // its period and the lag of capture's clock.
 const unreportedLag = staleAfter + sweepInterval + capture.ClockLag
 
-// completionTracked reports whether some device's writes are handed over
-// only once their completion is seen (metadata mode, or a data-mode device
-// that overflowed into its bitmap lately), and so may wait for the sweep.
+// completionTracked reports whether some writes are handed over only once
+// their completion is seen, and so may wait for the sweep: those of
+// metadata-mode devices, of a data-mode device that overflowed into its
+// bitmap lately, and writes to a whole disk over protected partitions
+// made lately (read back from the partitions once they complete).
 func (e *Engine) completionTracked(now time.Time) bool {
 	for i, s := range e.srcs {
 		if s.Mode == capture.ModeMetadata || e.cap.Overflowed(i) {
 			return true
 		}
 	}
-	return now.Sub(e.lastOverflow) < unreportedLag+staleAfter
+	if n, err := e.cap.DiskWrites(); err != nil || n != e.diskWrites {
+		e.diskWrites, e.lastDiskWrite = n, now
+	}
+	recent := unreportedLag + staleAfter
+	return now.Sub(e.lastOverflow) < recent || now.Sub(e.lastDiskWrite) < recent
 }
 
 // reportCover tells the target that everything before the cover time has

@@ -146,3 +146,109 @@ func TestMetadataReadbackDelayAndCoverage(t *testing.T) {
 	}
 	assertSameBytes(t, d.Path, tgt.f.Name())
 }
+
+// A write to the whole disk over a protected partition is read back from
+// the partition once it completes; should the kernel not report its
+// completion, only the sweep finds it, seconds later. The engine then
+// dates coverage back far enough that no time after such a write is
+// reported covered before the write is handed over. The unreported write
+// goes to the loop device's backing file, announced by a pending entry
+// that never completes; a real write to the whole disk beside it is what
+// capture sees.
+func TestCoverageWaitsForUnreportedDiskWrites(t *testing.T) {
+	d, p1, _ := partitionedDisk(t)
+	pd, err := blockdev.Open(p1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pl, err := pd.Placement()
+	pd.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := pl.StartBytes()
+	tgt := &coverTarget{fileTarget: newFileTarget(t)}
+	e, cancel, done := startEngine(t, Options{
+		Sources:   []Source{{Name: "p1", Path: p1, Mode: capture.ModeData, Sync: SyncFull}},
+		RingBytes: 4 << 20,
+		Target:    tgt,
+		OnSynced: func() {
+			tgt.mu.Lock()
+			tgt.synced = true
+			tgt.mu.Unlock()
+		},
+	})
+	defer e.Close()
+
+	const seen, unseen, n = 1 << 20, 8 << 20, 64 << 10 // offsets in p1
+	written := time.Now()
+	f, err := os.OpenFile(d.File, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, n)
+	for i := range buf {
+		buf[i] = 0x5a
+	}
+	if _, err := f.WriteAt(buf, start+unseen); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if err := e.cap.InjectDiskPending(0, start+unseen, n); err != nil {
+		t.Fatal(err)
+	}
+	disk, err := os.OpenFile(d.Path, os.O_WRONLY|syscall.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	blk := blockdev.AlignedBuffer(capture.BlockSize)
+	for i := range blk {
+		blk[i] = 0x11
+	}
+	_, err = disk.WriteAt(blk, start+seen)
+	disk.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	deadline := time.Now().Add(15 * time.Second)
+	for tgt.delivered(unseen).IsZero() {
+		if time.Now().After(deadline) {
+			t.Fatal("the unreported whole-disk write was not read back")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if tgt.delivered(seen).IsZero() {
+		t.Error("the whole-disk write was not read back")
+	}
+	last := tgt.delivered(unseen)
+	for {
+		tgt.mu.Lock()
+		calls := append([]coverCall(nil), tgt.covered...)
+		tgt.mu.Unlock()
+		past := false
+		for _, c := range calls {
+			if c.t.After(written) {
+				past = true
+				if c.at.Before(last) {
+					t.Fatalf("covered %v reported at %v, before the unreported write was handed over at %v", c.t, c.at, last)
+				}
+			}
+		}
+		if past {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("coverage never passed the writes (%d reports)", len(calls))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	assertSameBytes(t, p1, tgt.f.Name())
+}

@@ -623,11 +623,15 @@ static __always_inline void track_disk_write(struct bio *bio, __u32 dev)
 	struct lb_counters *c = ctrs();
 	struct lb_pending p = {.op = op, .kind = LB_PEND_DISK, .opf = opf, .len = size, .disk = dev,
 			       .sector = bio->bi_iter.bi_sector, .stamp = clock_of(k->part[0].id)};
+	if (!c)
+		return;
+	// The agent dates its coverage back while such writes happen: one
+	// whose completion goes unreported waits for the sweep.
+	c->disk_writes++;
 	if (track_bio((__u64)bio, &p, c)) {
 		// Too many writes in flight to track: the completion still marks
 		// it if it can see it (complete_rq_bio).
-		if (c)
-			c->pending_full++;
+		c->pending_full++;
 	}
 }
 

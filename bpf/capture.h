@@ -115,6 +115,7 @@ struct lb_counters {
 	__u64 copy_failures;
 	__u64 untracked; /* writes that completed without being seen queued */
 	__u64 late_completions; /* tracked writes whose end the tracepoints missed */
+	__u64 disk_writes; /* writes to a whole disk over protected partitions, tracked */
 	__s64 inflight;
 };
 

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync/atomic"
 	"time"
 	"unsafe"
@@ -529,9 +530,27 @@ func (c *Capture) Counters() (Counters, error) {
 		s.CopyFailures += p.CopyFailures
 		s.Untracked += p.Untracked
 		s.LateCompletions += p.LateCompletions
+		s.DiskWrites += p.DiskWrites
 		s.Inflight += p.Inflight
 	}
 	return s, nil
+}
+
+// DiskWrites returns Counters().DiskWrites, cheaply: 0 without protected
+// partitions, whose whole disks are the only ones such writes go to.
+func (c *Capture) DiskWrites() (uint64, error) {
+	if !slices.ContainsFunc(c.devices, func(d Device) bool { return d.Disk != 0 }) {
+		return 0, nil
+	}
+	var per []captureLbCounters
+	if err := c.objs.Counters.Lookup(uint32(0), &per); err != nil {
+		return 0, err
+	}
+	var n uint64
+	for _, p := range per {
+		n += p.DiskWrites
+	}
+	return n, nil
 }
 
 // Counters are the kernel-side counts, summed over CPUs.
@@ -547,6 +566,9 @@ type Counters struct {
 	// LateCompletions counts tracked writes whose end the block
 	// tracepoints missed, settled when their bio's memory was reused.
 	LateCompletions uint64 `json:"late_completions"`
+	// DiskWrites counts writes to a whole disk over protected partitions
+	// (not through a partition's device), tracked until they complete.
+	DiskWrites uint64 `json:"disk_writes"`
 	// RecursionMisses counts capture program runs the kernel skipped
 	// because another ran on the same CPU (an interrupt nested in one).
 	RecursionMisses uint64 `json:"recursion_misses"`
@@ -805,6 +827,21 @@ func (c *Capture) InjectPending(i int, off, n int64, metadata bool, age time.Dur
 	v := captureLbPending{Sector: uint64(off / 512), Len: uint32(n), Opf: 1, Dev: c.devices[i].ID, Op: 1, Kind: kind,
 		Stamp: monoSeconds() - uint32(age/time.Second)}
 	key := uint64(0xdead0000_00000000) | uint64(off)
+	return c.objs.Pending.Put(key, v)
+}
+
+// InjectDiskPending inserts a pending entry, stamped now, for a write of
+// n bytes at off on the whole disk that holds device i (a partition), as
+// if the kernel had queued it there and would never report its
+// completion. For tests of coverage.
+func (c *Capture) InjectDiskPending(i int, off, n int64) error {
+	d := c.devices[i]
+	if d.Disk == 0 {
+		return fmt.Errorf("capture: device %d is not a partition", i)
+	}
+	v := captureLbPending{Sector: uint64(off / 512), Len: uint32(n), Opf: 1, Op: 1, Kind: kindDisk, Disk: d.Disk,
+		Stamp: monoSeconds()}
+	key := uint64(0xdeae0000_00000000) | uint64(off)
 	return c.objs.Pending.Put(key, v)
 }
 

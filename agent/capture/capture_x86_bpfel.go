@@ -33,6 +33,7 @@ type captureLbCounters struct {
 	CopyFailures    uint64
 	Untracked       uint64
 	LateCompletions uint64
+	DiskWrites      uint64
 	Inflight        int64
 }
 
