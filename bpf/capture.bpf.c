@@ -102,12 +102,17 @@ struct {
 	__type(value, __u64);
 } bitmap SEC(".maps");
 
-// Bios whose extent is reported at completion.
+// Bios whose extent is reported at completion: an open-addressing table
+// indexed by a hash of the bio's address, whose slots are claimed and
+// released by compare-and-swap on their tag (pend_put, pend_take). A hash
+// map cost a bucket lock and a free-list push or pop per write, about as
+// much as copying a 4 KiB payload. The agent maps the table to sweep it.
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, LB_MAX_PENDING);
-	__type(key, __u64);
-	__type(value, struct lb_pending);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, LB_PEND_SLOTS);
+	__type(key, __u32);
+	__type(value, struct lb_slot);
 } pending SEC(".maps");
 
 // Pending writes the agent swept before they completed, by bio address,
@@ -490,9 +495,9 @@ static __always_inline void settle(struct lb_pending *pc, bool failed, bool late
 	mark_bitmap(d, pc->sector, pc->len, c);
 }
 
-// take removes the entry under key from map (pending or swept) into *out.
-// 1: this call deleted it, so it settles the write (whoever deletes an
-// entry settles it, the agent's sweep too); 0: no entry; -1: someone else
+// take removes the entry under key from the swept map into *out. 1: this
+// call deleted it, so it settles the write (whoever removes an entry
+// settles it, the agent's sweep too); 0: no entry; -1: someone else
 // deleted it meanwhile.
 static __always_inline int take(void *map, __u64 *key, struct lb_pending *out)
 {
@@ -503,6 +508,70 @@ static __always_inline int take(void *map, __u64 *key, struct lb_pending *out)
 	return bpf_map_delete_elem(map, key) ? -1 : 1;
 }
 
+// Scratch words, per CPU and per program (LB_SCRATCH_*), for addr_num. A
+// program does not nest in itself on a CPU (the kernel skips such a run),
+// but another may interrupt it there: each has its own word.
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, LB_SCRATCH_N);
+	__type(key, __u32);
+	__type(value, __u64);
+} addr_scratch SEC(".maps");
+
+// addr_num returns a pointer's address as a number, the key of its pending
+// entry. To the verifier a bio's address is a pointer, on which it allows
+// no arithmetic but offsets (the key is hashed): stored into map memory,
+// it reads back as a number (a privileged loader may do that).
+static __always_inline __u64 addr_num(void *ptr, __u32 who)
+{
+	volatile __u64 *v = bpf_map_lookup_elem(&addr_scratch, &who);
+	if (!v)
+		return 0;
+	*v = (__u64)ptr;
+	return *v;
+}
+
+// pend_hash picks key's first slot (key is a number: addr_num).
+static __always_inline __u32 pend_hash(__u64 key)
+{
+	return (key * 0x9E3779B97F4A7C15ULL) >> (64 - LB_PEND_BITS);
+}
+
+static __always_inline struct lb_slot *pend_slot(__u32 h, __u32 i)
+{
+	__u32 idx = (h + i) & (LB_PEND_SLOTS - 1);
+	return bpf_map_lookup_elem(&pending, &idx);
+}
+
+// pend_find returns the slot holding key's entry, or NULL.
+static __always_inline struct lb_slot *pend_find(__u64 key)
+{
+	__u32 h = pend_hash(key);
+#pragma unroll
+	for (__u32 i = 0; i < LB_PEND_PROBES; i++) {
+		struct lb_slot *s = pend_slot(h, i);
+		if (s && s->tag == key)
+			return s;
+	}
+	return 0;
+}
+
+// pend_take removes key's pending entry into *out, as take does: 1 this
+// call took it, 0 none, -1 someone else (the agent's sweep) took it
+// meanwhile. The entry is copied while the slot is busy, then the slot is
+// freed (xchg: the copy is complete before another writer can claim it).
+static __always_inline int pend_take(__u64 key, struct lb_pending *out)
+{
+	struct lb_slot *s = pend_find(key);
+	if (!s)
+		return 0;
+	if (__sync_val_compare_and_swap(&s->tag, key, LB_TAG_BUSY) != key)
+		return -1;
+	*out = s->p;
+	__sync_lock_test_and_set(&s->tag, LB_TAG_FREE);
+	return 1;
+}
+
 // settle_taken settles the entry under *keyp, if this call is the one
 // that deletes it: its bio has ended unseen (the address is being reused).
 // A global function, verified once for all its callers; the key comes by
@@ -510,7 +579,7 @@ static __always_inline int take(void *map, __u64 *key, struct lb_pending *out)
 __noinline int settle_taken(__u64 *keyp)
 {
 	struct lb_pending oc;
-	if (!keyp || take(&pending, keyp, &oc) != 1)
+	if (!keyp || pend_take(*keyp, &oc) != 1)
 		return 0;
 	struct lb_counters *c = ctrs();
 	settle(&oc, false, true, c);
@@ -530,31 +599,42 @@ __noinline int settle_swept(__u64 *keyp)
 	return 1;
 }
 
-// track_bio adds bio's pending entry; non-zero when the map is full. An
-// entry already under the bio's address belongs to an earlier bio that has
-// ended (its memory is being reused) without capture seeing it end: that
-// write is settled first, so that it is neither lost nor counted forever.
-// The agent's sweep may put an entry back meanwhile: one more round.
+// track_bio adds bio's pending entry in the first free slot from its
+// hash; non-zero when the LB_PEND_PROBES slots there are all taken. An
+// entry already under the bio's address in a slot tried before a free one
+// belongs to an earlier bio that has ended (its memory is being reused)
+// without capture seeing it end: that write is settled first, so that it
+// is neither lost nor counted until the agent's sweep. The entry is
+// written while its slot is busy and published by the xchg of its tag.
 static __always_inline long track_bio(__u64 key, struct lb_pending *p, struct lb_counters *c)
 {
-	long err = bpf_map_update_elem(&pending, &key, p, BPF_NOEXIST);
-	if (err != -17 /* EEXIST */)
-		return err;
-	settle_taken(&key);
-	err = bpf_map_update_elem(&pending, &key, p, BPF_NOEXIST);
-	if (err != -17)
-		return err;
-	settle_taken(&key);
-	return bpf_map_update_elem(&pending, &key, p, BPF_ANY);
+	__u32 h = pend_hash(key);
+#pragma unroll
+	for (__u32 i = 0; i < LB_PEND_PROBES; i++) {
+		struct lb_slot *s = pend_slot(h, i);
+		if (!s)
+			return -1;
+		__u64 tag = s->tag;
+		if (tag == key) {
+			settle_taken(&key);
+			tag = LB_TAG_FREE;
+		}
+		if (tag == LB_TAG_FREE && __sync_val_compare_and_swap(&s->tag, LB_TAG_FREE, LB_TAG_BUSY) == LB_TAG_FREE) {
+			s->p = *p;
+			__sync_lock_test_and_set(&s->tag, key);
+			return 0;
+		}
+	}
+	return -1;
 }
 
 // emit_data copies a write into a ring record; false when the ring is full
 // or the record cannot be built (the caller takes the bitmap path). With
-// track (submission capture), the bio is counted in ring_flight before
-// the record is visible, so the agent never applies a record whose write
-// is not accounted for until it lands.
+// a key (submission capture: the bio's pending key), the bio is counted in
+// ring_flight before the record is visible, so the agent never applies a
+// record whose write is not accounted for until it lands.
 static __always_inline bool emit_data(struct bio *bio, struct lb_dev *d, struct lb_devstate *st, struct lb_global *g,
-				      struct lb_counters *c, __u64 sector, __u32 size, int op, __u32 opf, bool track)
+				      struct lb_counters *c, __u64 sector, __u32 size, int op, __u32 opf, __u64 key)
 {
 	__u32 data_len = op == LB_OP_WRITE ? size : 0;
 	if (data_len > LB_MAX_RECORD_DATA || !g->page_offset)
@@ -575,8 +655,7 @@ static __always_inline bool emit_data(struct bio *bio, struct lb_dev *d, struct 
 		return false;
 	}
 	emit_header(r, d, sector, size, op, opf, data_len);
-	if (track) {
-		__u64 key = (__u64)bio;
+	if (key) {
 		struct lb_pending p = {.dev = d->id, .op = op, .kind = LB_PEND_RING, .opf = opf, .sector = sector, .len = size,
 				       .stamp = clock_of(d->id)};
 		if (track_bio(key, &p, c) == 0)
@@ -590,10 +669,9 @@ static __always_inline bool emit_data(struct bio *bio, struct lb_dev *d, struct 
 	return true;
 }
 
-static __always_inline void add_pending(struct bio *bio, struct lb_dev *d, __u64 sector, __u32 len, int op,
-					__u32 opf, __u32 kind, struct lb_counters *c)
+static __always_inline void add_pending(__u64 key, struct lb_dev *d, __u64 sector, __u32 len, int op, __u32 opf,
+					__u32 kind, struct lb_counters *c)
 {
-	__u64 key = (__u64)bio;
 	struct lb_pending p = {.dev = d->id, .op = op, .kind = kind, .opf = opf, .sector = sector, .len = len,
 			       .stamp = clock_of(d->id)};
 	if (track_bio(key, &p, c)) {
@@ -628,7 +706,7 @@ static __always_inline void track_disk_write(struct bio *bio, __u32 dev)
 	// The agent dates its coverage back while such writes happen: one
 	// whose completion goes unreported waits for the sweep.
 	c->disk_writes++;
-	if (track_bio((__u64)bio, &p, c)) {
+	if (track_bio(addr_num(bio, LB_SCRATCH_QUEUE), &p, c)) {
 		// Too many writes in flight to track: the completion still marks
 		// it if it can see it (complete_rq_bio).
 		c->pending_full++;
@@ -638,11 +716,11 @@ static __always_inline void track_disk_write(struct bio *bio, __u32 dev)
 SEC("tp_btf/block_bio_queue")
 int BPF_PROG(lb_bio_queue, struct bio *bio)
 {
-	__u32 key;
+	__u32 dev;
 	__u64 start;
-	struct lb_dev *d = dev_of(bio, &key, &start);
+	struct lb_dev *d = dev_of(bio, &dev, &start);
 	if (!d) {
-		track_disk_write(bio, key);
+		track_disk_write(bio, dev);
 		return 0;
 	}
 
@@ -659,26 +737,27 @@ int BPF_PROG(lb_bio_queue, struct bio *bio)
 	struct lb_global *g = glob();
 	if (!st || !g || !c)
 		return 0;
+	__u64 key = addr_num(bio, LB_SCRATCH_QUEUE);
 
 	if (d->flags & LB_DEV_RQ) {
 		// Captured when its request completes (capture_landed), which
 		// deletes this entry; should the kernel not report that, the
 		// entry is settled like an overflow and the write read back.
-		add_pending(bio, d, sector, size, op, opf, LB_PEND_OVERFLOW, c);
+		add_pending(key, d, sector, size, op, opf, LB_PEND_OVERFLOW, c);
 		return 0;
 	}
 	if (d->mode == LB_MODE_METADATA) {
-		add_pending(bio, d, sector, size, op, opf, LB_PEND_META, c);
+		add_pending(key, d, sector, size, op, opf, LB_PEND_META, c);
 		return 0;
 	}
 	// Counted running before the flag is read (both full barriers): the
 	// agent, which sets the flag and then waits for running programs,
 	// either sees this run or this run sees the flag.
 	__sync_fetch_and_add(&c->inflight, 1);
-	if (st->overflow || !emit_data(bio, d, st, g, c, sector, size, op, opf, true)) {
+	if (st->overflow || !emit_data(bio, d, st, g, c, sector, size, op, opf, key)) {
 		if (!st->overflow)
 			enter_overflow(st, c);
-		add_pending(bio, d, sector, size, op, opf, LB_PEND_OVERFLOW, c);
+		add_pending(key, d, sector, size, op, opf, LB_PEND_OVERFLOW, c);
 	}
 	__sync_fetch_and_add(&c->inflight, -1);
 	return 0;
@@ -717,11 +796,10 @@ static __always_inline void complete_untracked(struct bio *bio)
 }
 
 // complete_bio handles the completion of a tracked bio (or bio piece).
-static __always_inline void complete_bio(struct bio *bio, int error)
+static __always_inline void complete_bio(struct bio *bio, __u64 key, int error)
 {
-	__u64 key = (__u64)bio;
 	struct lb_pending pc;
-	switch (take(&pending, &key, &pc)) {
+	switch (pend_take(key, &pc)) {
 	case 0:
 		complete_untracked(bio);
 		return;
@@ -734,7 +812,7 @@ static __always_inline void complete_bio(struct bio *bio, int error)
 SEC("tp_btf/block_bio_complete")
 int BPF_PROG(lb_bio_complete, struct request_queue *q, struct bio *bio)
 {
-	complete_bio(bio, bio->bi_status);
+	complete_bio(bio, addr_num(bio, LB_SCRATCH_BIO_COMPLETE), bio->bi_status);
 	return 0;
 }
 
@@ -767,7 +845,7 @@ __noinline int capture_landed(__u64 bio_addr, __u32 key, __u64 start, int error)
 		mark_bitmap(d, sector, size, c);
 	} else {
 		bool ok = d->mode == LB_MODE_METADATA ? emit_meta(d, sector, size, op, opf, c)
-						      : emit_data(bio, d, st, g, c, sector, size, op, opf, false);
+						      : emit_data(bio, d, st, g, c, sector, size, op, opf, 0);
 		if (!ok) {
 			enter_overflow(st, c);
 			mark_bitmap(d, sector, size, c);
@@ -789,8 +867,8 @@ static __always_inline void complete_rq_bio(struct bio *bio, __u64 addr, int err
 		__u32 size = bio->bi_iter.bi_size;
 		if (classify(opf, size) < 0)
 			return;
-		__u64 k = (__u64)bio;
-		if (!bpf_map_lookup_elem(&pending, &k)) {
+		__u64 k = addr;
+		if (!pend_find(k)) {
 			if (!settle_swept(&k))
 				mark_disk_write(key, bio->bi_iter.bi_sector, size);
 			return;
@@ -798,12 +876,12 @@ static __always_inline void complete_rq_bio(struct bio *bio, __u64 addr, int err
 		// Tracked, but completing on another device: a stacked driver
 		// re-pointed it (an NVMe multipath head to its path). Settle it.
 	} else if (d->flags & LB_DEV_RQ) {
-		__u64 k = (__u64)bio;
-		bpf_map_delete_elem(&pending, &k);
+		struct lb_pending pc;
+		pend_take(addr, &pc);
 		capture_landed(addr, key, start, error);
 		return;
 	}
-	complete_bio(bio, error);
+	complete_bio(bio, addr, error);
 }
 
 struct rq_walk {
@@ -858,27 +936,29 @@ int BPF_PROG(lb_rq_complete, struct request *rq, blk_status_t error, unsigned in
 SEC("tp_btf/block_split")
 int BPF_PROG(lb_split, struct bio *split, unsigned int new_sector)
 {
-	__u64 parent = (__u64)split->bi_private;
-	struct lb_pending *p = bpf_map_lookup_elem(&pending, &parent);
-	if (!p)
+	__u64 parent = addr_num(split->bi_private, LB_SCRATCH_SPLIT);
+	struct lb_slot *ps = pend_find(parent);
+	// The parent's slot is held busy while its entry changes.
+	if (!ps || __sync_val_compare_and_swap(&ps->tag, parent, LB_TAG_BUSY) != parent)
 		return 0;
-	struct lb_pending front = *p;
+	struct lb_pending front = ps->p;
 	__u32 flen = split->bi_iter.bi_size;
 	front.len = flen;
-	__u64 key = (__u64)split;
+	__u64 key = addr_num(split, LB_SCRATCH_SPLIT);
 	struct lb_counters *c = ctrs();
 	if (track_bio(key, &front, c)) {
 		if (c)
 			c->pending_full++;
-		return 0; // the parent entry still covers everything
+		// The parent entry still covers everything.
+	} else {
+		if (front.kind == LB_PEND_RING)
+			ring_started(front.dev);
+		if (ps->p.len > flen) {
+			ps->p.sector += flen >> 9;
+			ps->p.len -= flen;
+		}
 	}
-	if (front.kind == LB_PEND_RING) {
-		ring_started(front.dev);
-	}
-	if (p->len > flen) {
-		p->sector += flen >> 9;
-		p->len -= flen;
-	}
+	__sync_lock_test_and_set(&ps->tag, parent);
 	return 0;
 }
 
@@ -942,4 +1022,5 @@ const struct lb_devstate *unused_devstate __attribute__((unused));
 const struct lb_counters *unused_counters __attribute__((unused));
 const struct lb_global *unused_global __attribute__((unused));
 const struct lb_pending *unused_pending __attribute__((unused));
+const struct lb_slot *unused_slot __attribute__((unused));
 const struct lb_flight *unused_flight __attribute__((unused));

@@ -8,7 +8,15 @@
 #define LB_CAPTURE_H
 
 #define LB_MAX_DEVICES 64
-#define LB_MAX_PENDING 65536
+#define LB_PEND_BITS 15 /* pending table: 32768 slots */
+#define LB_PEND_SLOTS (1 << LB_PEND_BITS)
+#define LB_PEND_PROBES 8 /* slots tried from a bio's hash */
+
+/* addr_scratch words: one per program that takes bio addresses. */
+#define LB_SCRATCH_QUEUE 0
+#define LB_SCRATCH_BIO_COMPLETE 1
+#define LB_SCRATCH_SPLIT 2
+#define LB_SCRATCH_N 3
 #define LB_BLOCK_SHIFT 12          /* bitmap granularity: 4 KiB */
 #define LB_MAX_MARK_WORDS (1 << 20) /* one mark covers up to 256 GiB */
 #define LB_MAX_RECORD_DATA (4 << 20) /* larger bios go to the bitmap */
@@ -104,6 +112,16 @@ struct lb_pending {
 	__u32 stamp; /* lb_devstate.clock at insertion (stale sweep) */
 	__u32 disk;  /* LB_PEND_DISK: the disk's dev_t; sector is the disk's */
 };
+
+/* A slot of the pending table. tag: LB_TAG_FREE, LB_TAG_BUSY (being
+ * written or taken), or the address of the bio whose entry p is. */
+struct lb_slot {
+	__u64 tag;
+	struct lb_pending p;
+};
+
+#define LB_TAG_FREE 0
+#define LB_TAG_BUSY 1
 
 struct lb_counters {
 	__u64 records;

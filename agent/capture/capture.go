@@ -119,6 +119,7 @@ type Capture struct {
 	wordBase []uint32 // first bitmap word per device ID
 	bitmap   []byte   // mmap of the bitmap map
 	devstate []byte   // mmap of the devstate map
+	pending  []byte   // mmap of the pending table
 
 	stopClock, clockDone chan struct{} // runClock
 	pinDir               string
@@ -212,6 +213,12 @@ func (c *Capture) setup() error {
 	}
 	if c.devstate, err = mmapMap(c.objs.Devstate); err != nil {
 		return fmt.Errorf("mmap devstate: %w", err)
+	}
+	if n, sz := c.objs.Pending.MaxEntries(), c.objs.Pending.ValueSize(); n != pendSlots || sz != uint32(unsafe.Sizeof(captureLbSlot{})) {
+		return fmt.Errorf("capture: pending table has %d slots of %d bytes, want %d of %d", n, sz, pendSlots, unsafe.Sizeof(captureLbSlot{}))
+	}
+	if c.pending, err = mmapMap(c.objs.Pending); err != nil {
+		return fmt.Errorf("mmap pending: %w", err)
 	}
 	if err := c.calibrate(); err != nil {
 		return err
@@ -465,6 +472,10 @@ func (c *Capture) Close() error {
 	if c.devstate != nil {
 		unix.Munmap(c.devstate)
 		c.devstate = nil
+	}
+	if c.pending != nil {
+		unix.Munmap(c.pending)
+		c.pending = nil
 	}
 	return c.objs.Close()
 }
@@ -730,42 +741,33 @@ func (c *Capture) SweepIdle(idle func(kernelDev uint32) bool) ([]Stale, error) {
 }
 
 // sweep removes the pending entries old picks, settles them and returns
-// their extents.
+// their extents. Whoever frees a slot settles its entry: the BPF side does
+// the same when the write completes or its bio address is reused. A slot
+// is claimed (LB_TAG_BUSY) before its entry is read, and that entry may
+// already be a new bio's under the same address: it is then put back.
 func (c *Capture) sweep(old func(*captureLbPending) bool) ([]Stale, error) {
-	var (
-		key   uint64
-		val   captureLbPending
-		stale []Stale
-		keys  []uint64
-	)
-	it := c.objs.Pending.Iterate()
-	for it.Next(&key, &val) {
-		if old(&val) {
-			keys = append(keys, key)
+	var stale []Stale
+	for i := range pendSlots {
+		s := c.slot(i)
+		tag := atomic.LoadUint64(&s.Tag)
+		if tag == tagFree || tag == tagBusy {
+			continue
 		}
-	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("sweep pending writes: %w", err)
-	}
-	for _, k := range keys {
-		// Whoever deletes an entry settles it: the BPF side does the same
-		// when the write completes or its bio address is reused, and the
-		// entry found now may already be a new bio's.
-		var v captureLbPending
-		if err := c.objs.Pending.LookupAndDelete(k, &v); err != nil {
+		if v := s.P; !old(&v) { // read unclaimed: a hint only
+			continue
+		}
+		if !atomic.CompareAndSwapUint64(&s.Tag, tag, tagBusy) {
 			continue // completed or settled meanwhile
 		}
+		v := s.P
 		if !old(&v) {
-			// A new bio reused the address: put its entry back. Should the
-			// address be taken again meanwhile, that bio has ended too and
-			// is settled here like a stale one.
-			if err := c.objs.Pending.Update(k, &v, ebpf.UpdateNoExist); err == nil {
-				continue
-			}
+			atomic.StoreUint64(&s.Tag, tag)
+			continue
 		}
+		atomic.StoreUint64(&s.Tag, tagFree)
 		// A completion that still shows up, on another device than the
 		// bio was queued on, reads the write back again (swept map).
-		c.objs.Swept.Put(k, &v)
+		c.objs.Swept.Put(tag, &v)
 		if v.Kind == kindDisk {
 			stale = append(stale, c.diskOverlaps(v.Disk, v.Sector, v.Len)...)
 			continue
@@ -780,6 +782,34 @@ func (c *Capture) sweep(old func(*captureLbPending) bool) ([]Stale, error) {
 		stale = append(stale, Stale{Dev: idx, Off: int64(v.Sector) * 512, Len: int64(v.Len)})
 	}
 	return stale, nil
+}
+
+// The pending table (capture.h: LB_PEND_BITS, LB_PEND_PROBES, LB_TAG_*).
+const (
+	pendBits   = 15
+	pendSlots  = 1 << pendBits
+	pendProbes = 8
+	tagFree    = 0
+	tagBusy    = 1
+)
+
+func (c *Capture) slot(i int) *captureLbSlot {
+	return (*captureLbSlot)(unsafe.Pointer(&c.pending[i*int(unsafe.Sizeof(captureLbSlot{}))]))
+}
+
+// putPending adds an entry under key as track_bio does (tests only: it
+// does not settle an entry already there).
+func (c *Capture) putPending(key uint64, v captureLbPending) error {
+	h := int((key * 0x9E3779B97F4A7C15) >> (64 - pendBits))
+	for i := range pendProbes {
+		s := c.slot((h + i) & (pendSlots - 1))
+		if atomic.CompareAndSwapUint64(&s.Tag, tagFree, tagBusy) {
+			s.P = v
+			atomic.StoreUint64(&s.Tag, key)
+			return nil
+		}
+	}
+	return errors.New("capture: no free pending slot")
 }
 
 // Pending kinds (enum lb_pend_kind).
@@ -826,8 +856,7 @@ func (c *Capture) InjectPending(i int, off, n int64, metadata bool, age time.Dur
 	}
 	v := captureLbPending{Sector: uint64(off / 512), Len: uint32(n), Opf: 1, Dev: c.devices[i].ID, Op: 1, Kind: kind,
 		Stamp: monoSeconds() - uint32(age/time.Second)}
-	key := uint64(0xdead0000_00000000) | uint64(off)
-	return c.objs.Pending.Put(key, v)
+	return c.putPending(uint64(0xdead0000_00000000)|uint64(off), v)
 }
 
 // InjectDiskPending inserts a pending entry, stamped now, for a write of
@@ -841,8 +870,7 @@ func (c *Capture) InjectDiskPending(i int, off, n int64) error {
 	}
 	v := captureLbPending{Sector: uint64(off / 512), Len: uint32(n), Opf: 1, Op: 1, Kind: kindDisk, Disk: d.Disk,
 		Stamp: monoSeconds()}
-	key := uint64(0xdeae0000_00000000) | uint64(off)
-	return c.objs.Pending.Put(key, v)
+	return c.putPending(uint64(0xdeae0000_00000000)|uint64(off), v)
 }
 
 // MarkBytes marks device i's blocks covering [off, off+n) in the kernel

@@ -107,6 +107,12 @@ type captureLbRecord struct {
 	Pad     uint32
 }
 
+type captureLbSlot struct {
+	_   structs.HostLayout
+	Tag uint64
+	P   captureLbPending
+}
+
 type captureRqWalk struct {
 	_    structs.HostLayout
 	Bio  uint64
@@ -118,6 +124,7 @@ type captureRqWalk struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	captureMapAddrScratch    = "addr_scratch"
 	captureMapBitmap         = "bitmap"
 	captureMapCopyScratch    = "copy_scratch"
 	captureMapCounters       = "counters"
@@ -145,6 +152,7 @@ const (
 	captureVarUnusedGlobal   = "unused_global"
 	captureVarUnusedPending  = "unused_pending"
 	captureVarUnusedRecord   = "unused_record"
+	captureVarUnusedSlot     = "unused_slot"
 	captureVarWakeBytes      = "wake_bytes"
 	captureVarWakeStep       = "wake_step"
 )
@@ -202,6 +210,7 @@ type captureProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type captureMapSpecs struct {
+	AddrScratch *ebpf.MapSpec `ebpf:"addr_scratch"`
 	Bitmap      *ebpf.MapSpec `ebpf:"bitmap"`
 	CopyScratch *ebpf.MapSpec `ebpf:"copy_scratch"`
 	Counters    *ebpf.MapSpec `ebpf:"counters"`
@@ -230,6 +239,7 @@ type captureVariableSpecs struct {
 	UnusedGlobal   *ebpf.VariableSpec `ebpf:"unused_global"`
 	UnusedPending  *ebpf.VariableSpec `ebpf:"unused_pending"`
 	UnusedRecord   *ebpf.VariableSpec `ebpf:"unused_record"`
+	UnusedSlot     *ebpf.VariableSpec `ebpf:"unused_slot"`
 	WakeBytes      *ebpf.VariableSpec `ebpf:"wake_bytes"`
 	WakeStep       *ebpf.VariableSpec `ebpf:"wake_step"`
 }
@@ -254,6 +264,7 @@ func (o *captureObjects) Close() error {
 //
 // It can be passed to loadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type captureMaps struct {
+	AddrScratch *ebpf.Map `ebpf:"addr_scratch"`
 	Bitmap      *ebpf.Map `ebpf:"bitmap"`
 	CopyScratch *ebpf.Map `ebpf:"copy_scratch"`
 	Counters    *ebpf.Map `ebpf:"counters"`
@@ -272,6 +283,7 @@ type captureMaps struct {
 
 func (m *captureMaps) Close() error {
 	return _CaptureClose(
+		m.AddrScratch,
 		m.Bitmap,
 		m.CopyScratch,
 		m.Counters,
@@ -301,6 +313,7 @@ type captureVariables struct {
 	UnusedGlobal   *ebpf.Variable `ebpf:"unused_global"`
 	UnusedPending  *ebpf.Variable `ebpf:"unused_pending"`
 	UnusedRecord   *ebpf.Variable `ebpf:"unused_record"`
+	UnusedSlot     *ebpf.Variable `ebpf:"unused_slot"`
 	WakeBytes      *ebpf.Variable `ebpf:"wake_bytes"`
 	WakeStep       *ebpf.Variable `ebpf:"wake_step"`
 }
