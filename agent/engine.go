@@ -785,7 +785,7 @@ func (e *Engine) checkSizes() error {
 // its read-back set, without the drain's ordering steps: a metadata device
 // has no ring-captured data that a read-back could overtake. The marks
 // come from completions the kernel reported late or from a full ring, and
-// are made once the write has landed, except when the pending map is full
+// are made once the write has landed, except when its pending slots are full
 // (add_pending marks at submission): that write's completion then finds
 // no entry and marks it again (complete_untracked), so an early read-back
 // is repeated.

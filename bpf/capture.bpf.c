@@ -18,6 +18,11 @@
 // track_bio settles the old write (late_completions), and the agent sweeps
 // entries that are never reused (SweepStale).
 //
+// Pending entries live in an open-addressing table (pending) whose slots
+// are claimed and released by compare-and-swap on their tag; a hash map
+// cost a bucket lock and a free-list push or pop per write, about as much
+// as copying a 4 KiB payload. The agent maps the table to sweep it.
+//
 // Experimental, off by default (Config.AtCompletion): blk-mq devices
 // (LB_DEV_RQ) captured at block_rq_complete instead, before the request's
 // bios are ended, while their pages and iterators are still intact.
@@ -102,11 +107,8 @@ struct {
 	__type(value, __u64);
 } bitmap SEC(".maps");
 
-// Bios whose extent is reported at completion: an open-addressing table
-// indexed by a hash of the bio's address, whose slots are claimed and
-// released by compare-and-swap on their tag (pend_put, pend_take). A hash
-// map cost a bucket lock and a free-list push or pop per write, about as
-// much as copying a 4 KiB payload. The agent maps the table to sweep it.
+// Bios whose extent is reported at completion, in the LB_PEND_PROBES slots
+// from a hash of the bio's address (track_bio, pend_find, pend_take).
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(map_flags, BPF_F_MMAPABLE);
@@ -361,18 +363,21 @@ struct copy_state {
 	__u32 skip;  // bytes of the next bvec already consumed (bi_bvec_done)
 };
 
+// One per CPU and per program (LB_SCRATCH_QUEUE, LB_SCRATCH_RQ_COMPLETE):
+// a completion may interrupt a copy on the same CPU.
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, LB_SCRATCH_N);
 	__type(key, __u32);
 	__type(value, struct copy_state);
 } copy_scratch SEC(".maps");
 
-// copy_payload copies the bio's data into the dynptr after the header.
-static __always_inline int copy_payload(struct bpf_dynptr *dp, struct bio *bio, __u32 size, __u64 po, __u64 vm)
+// copy_payload copies the bio's data into the dynptr after the header,
+// with the scratch state of program who.
+static __always_inline int copy_payload(struct bpf_dynptr *dp, struct bio *bio, __u32 size, __u64 po, __u64 vm,
+					__u32 who)
 {
-	__u32 zero = 0;
-	struct copy_state *s = bpf_map_lookup_elem(&copy_scratch, &zero);
+	struct copy_state *s = bpf_map_lookup_elem(&copy_scratch, &who);
 	if (!s)
 		return -1;
 	__u64 vecs = (__u64)bio->bi_io_vec;
@@ -546,6 +551,8 @@ static __always_inline struct lb_slot *pend_slot(__u32 h, __u32 i)
 // pend_find returns the slot holding key's entry, or NULL.
 static __always_inline struct lb_slot *pend_find(__u64 key)
 {
+	if (key <= LB_TAG_BUSY)
+		return 0;
 	__u32 h = pend_hash(key);
 #pragma unroll
 	for (__u32 i = 0; i < LB_PEND_PROBES; i++) {
@@ -557,8 +564,9 @@ static __always_inline struct lb_slot *pend_find(__u64 key)
 }
 
 // pend_take removes key's pending entry into *out, as take does: 1 this
-// call took it, 0 none, -1 someone else (the agent's sweep) took it
-// meanwhile. The entry is copied while the slot is busy, then the slot is
+// call took it, 0 none, -1 someone else took it meanwhile (the agent's
+// sweep, which settles it or, if it is a new bio's, puts it back; an
+// entry put back is swept once stale). The entry is copied while the slot is busy, then the slot is
 // freed (xchg: the copy is complete before another writer can claim it).
 static __always_inline int pend_take(__u64 key, struct lb_pending *out)
 {
@@ -601,25 +609,42 @@ __noinline int settle_swept(__u64 *keyp)
 
 // track_bio adds bio's pending entry in the first free slot from its
 // hash; non-zero when the LB_PEND_PROBES slots there are all taken. An
-// entry already under the bio's address in a slot tried before a free one
-// belongs to an earlier bio that has ended (its memory is being reused)
-// without capture seeing it end: that write is settled first, so that it
-// is neither lost nor counted until the agent's sweep. The entry is
-// written while its slot is busy and published by the xchg of its tag.
+// entry already under the bio's address in any of them belongs to an
+// earlier bio that has ended (its memory is being reused) without capture
+// seeing it end: that write is settled now rather than at the agent's
+// sweep, seconds later. The entry is written while its slot is busy and
+// published by the xchg of its tag.
 static __always_inline long track_bio(__u64 key, struct lb_pending *p, struct lb_counters *c)
 {
+	if (key <= LB_TAG_BUSY)
+		return -1;
 	__u32 h = pend_hash(key);
+	__u32 first = LB_PEND_PROBES; // the first free slot's probe
 #pragma unroll
 	for (__u32 i = 0; i < LB_PEND_PROBES; i++) {
 		struct lb_slot *s = pend_slot(h, i);
 		if (!s)
-			return -1;
+			continue;
 		__u64 tag = s->tag;
 		if (tag == key) {
 			settle_taken(&key);
-			tag = LB_TAG_FREE;
+			tag = s->tag;
 		}
-		if (tag == LB_TAG_FREE && __sync_val_compare_and_swap(&s->tag, LB_TAG_FREE, LB_TAG_BUSY) == LB_TAG_FREE) {
+		if (tag == LB_TAG_FREE && first == LB_PEND_PROBES)
+			first = i;
+	}
+	struct lb_slot *free = first < LB_PEND_PROBES ? pend_slot(h, first) : 0;
+	if (free && __sync_val_compare_and_swap(&free->tag, LB_TAG_FREE, LB_TAG_BUSY) == LB_TAG_FREE) {
+		free->p = *p;
+		__sync_lock_test_and_set(&free->tag, key);
+		return 0;
+	}
+	// The free slot was taken meanwhile: one more try.
+#pragma unroll
+	for (__u32 i = 0; i < LB_PEND_PROBES; i++) {
+		struct lb_slot *s = pend_slot(h, i);
+		if (s && s->tag == LB_TAG_FREE &&
+		    __sync_val_compare_and_swap(&s->tag, LB_TAG_FREE, LB_TAG_BUSY) == LB_TAG_FREE) {
 			s->p = *p;
 			__sync_lock_test_and_set(&s->tag, key);
 			return 0;
@@ -629,7 +654,8 @@ static __always_inline long track_bio(__u64 key, struct lb_pending *p, struct lb
 }
 
 // emit_data copies a write into a ring record; false when the ring is full
-// or the record cannot be built (the caller takes the bitmap path). With
+// or the record cannot be built or tracked (the caller takes the bitmap
+// path). With
 // a key (submission capture: the bio's pending key), the bio is counted in
 // ring_flight before the record is visible, so the agent never applies a
 // record whose write is not accounted for until it lands.
@@ -644,7 +670,8 @@ static __always_inline bool emit_data(struct bio *bio, struct lb_dev *d, struct 
 		bpf_ringbuf_discard_dynptr(&dp, 0);
 		return false;
 	}
-	if (data_len && copy_payload(&dp, bio, data_len, g->page_offset, g->vmemmap) < 0) {
+	if (data_len && copy_payload(&dp, bio, data_len, g->page_offset, g->vmemmap,
+				     key ? LB_SCRATCH_QUEUE : LB_SCRATCH_RQ_COMPLETE) < 0) {
 		bpf_ringbuf_discard_dynptr(&dp, 0);
 		c->copy_failures++;
 		return false;
@@ -658,10 +685,14 @@ static __always_inline bool emit_data(struct bio *bio, struct lb_dev *d, struct 
 	if (key) {
 		struct lb_pending p = {.dev = d->id, .op = op, .kind = LB_PEND_RING, .opf = opf, .sector = sector, .len = size,
 				       .stamp = clock_of(d->id)};
-		if (track_bio(key, &p, c) == 0)
-			ring_started(d->id);
-		else
+		if (track_bio(key, &p, c)) {
+			// Untracked, the record could be applied after a read-back
+			// of its blocks taken before it landed: bitmap path.
+			bpf_ringbuf_discard_dynptr(&dp, 0);
 			c->pending_full++;
+			return false;
+		}
+		ring_started(d->id);
 	}
 	bpf_ringbuf_submit_dynptr(&dp, wake_flag(sizeof(struct lb_record) + data_len));
 	c->records++;
@@ -938,13 +969,17 @@ int BPF_PROG(lb_split, struct bio *split, unsigned int new_sector)
 {
 	__u64 parent = addr_num(split->bi_private, LB_SCRATCH_SPLIT);
 	struct lb_slot *ps = pend_find(parent);
+	if (!ps)
+		return 0; // no parent (bi_private is not always one), or untracked
+	__u64 key = addr_num(split, LB_SCRATCH_SPLIT);
+	if (pend_find(key))
+		return 0; // already tracked itself (device mapper traces the remainder)
 	// The parent's slot is held busy while its entry changes.
-	if (!ps || __sync_val_compare_and_swap(&ps->tag, parent, LB_TAG_BUSY) != parent)
+	if (__sync_val_compare_and_swap(&ps->tag, parent, LB_TAG_BUSY) != parent)
 		return 0;
 	struct lb_pending front = ps->p;
 	__u32 flen = split->bi_iter.bi_size;
 	front.len = flen;
-	__u64 key = addr_num(split, LB_SCRATCH_SPLIT);
 	struct lb_counters *c = ctrs();
 	if (track_bio(key, &front, c)) {
 		if (c)

@@ -8,15 +8,16 @@
 #define LB_CAPTURE_H
 
 #define LB_MAX_DEVICES 64
-#define LB_PEND_BITS 15 /* pending table: 32768 slots */
+#define LB_PEND_BITS 16 /* pending table: 65536 slots */
 #define LB_PEND_SLOTS (1 << LB_PEND_BITS)
 #define LB_PEND_PROBES 8 /* slots tried from a bio's hash */
 
-/* addr_scratch words: one per program that takes bio addresses. */
+/* Scratch entries (addr_scratch, copy_scratch): one per program. */
 #define LB_SCRATCH_QUEUE 0
 #define LB_SCRATCH_BIO_COMPLETE 1
 #define LB_SCRATCH_SPLIT 2
-#define LB_SCRATCH_N 3
+#define LB_SCRATCH_RQ_COMPLETE 3
+#define LB_SCRATCH_N 4
 #define LB_BLOCK_SHIFT 12          /* bitmap granularity: 4 KiB */
 #define LB_MAX_MARK_WORDS (1 << 20) /* one mark covers up to 256 GiB */
 #define LB_MAX_RECORD_DATA (4 << 20) /* larger bios go to the bitmap */

@@ -234,6 +234,7 @@ func (c *Capture) setup() error {
 	}
 	if c.resumed {
 		c.forgetOtherDevices()
+		c.freeAbandonedSlots()
 	}
 	for i, d := range c.devices {
 		v := captureLbDev{Id: uint32(d.ID), Mode: uint32(d.Mode), Blocks: d.Blocks(), BitmapWord: c.wordBase[i]}
@@ -334,7 +335,8 @@ func loadPinned(dir string, spec *ebpf.CollectionSpec) map[string]*ebpf.Map {
 			break
 		}
 		ms := spec.Maps[name]
-		if m.Type() != ms.Type || m.KeySize() != ms.KeySize || m.ValueSize() != ms.ValueSize || m.MaxEntries() != ms.MaxEntries {
+		if m.Type() != ms.Type || m.KeySize() != ms.KeySize || m.ValueSize() != ms.ValueSize ||
+			m.MaxEntries() != ms.MaxEntries || m.Flags() != ms.Flags {
 			m.Close()
 			break
 		}
@@ -764,10 +766,17 @@ func (c *Capture) sweep(old func(*captureLbPending) bool) ([]Stale, error) {
 			atomic.StoreUint64(&s.Tag, tag)
 			continue
 		}
-		atomic.StoreUint64(&s.Tag, tagFree)
 		// A completion that still shows up, on another device than the
-		// bio was queued on, reads the write back again (swept map).
-		c.objs.Swept.Put(tag, &v)
+		// bio was queued on, reads the write back again (swept map); put
+		// there before the slot is freed, so that a completion finds one
+		// or the other. Only read back: this sweep has already counted a
+		// ring-captured write finished.
+		sv := v
+		if sv.Kind == kindRing {
+			sv.Kind = kindOverflow
+		}
+		c.objs.Swept.Put(tag, &sv)
+		atomic.StoreUint64(&s.Tag, tagFree)
 		if v.Kind == kindDisk {
 			stale = append(stale, c.diskOverlaps(v.Disk, v.Sector, v.Len)...)
 			continue
@@ -786,7 +795,7 @@ func (c *Capture) sweep(old func(*captureLbPending) bool) ([]Stale, error) {
 
 // The pending table (capture.h: LB_PEND_BITS, LB_PEND_PROBES, LB_TAG_*).
 const (
-	pendBits   = 15
+	pendBits   = 16
 	pendSlots  = 1 << pendBits
 	pendProbes = 8
 	tagFree    = 0
@@ -796,6 +805,32 @@ const (
 func (c *Capture) slot(i int) *captureLbSlot {
 	return (*captureLbSlot)(unsafe.Pointer(&c.pending[i*int(unsafe.Sizeof(captureLbSlot{}))]))
 }
+
+// freeAbandonedSlots frees the pending slots left busy by an agent that
+// stopped in the middle of a sweep. A program holds a slot busy for a few
+// instructions only: a slot still busy after abandonedAfter was left.
+// (That agent's unclean stop makes this run resync anyway.)
+func (c *Capture) freeAbandonedSlots() {
+	var busy []int
+	for i := range pendSlots {
+		if atomic.LoadUint64(&c.slot(i).Tag) == tagBusy {
+			busy = append(busy, i)
+		}
+	}
+	if len(busy) == 0 {
+		return
+	}
+	time.Sleep(abandonedAfter)
+	n := 0
+	for _, i := range busy {
+		if atomic.CompareAndSwapUint64(&c.slot(i).Tag, tagBusy, tagFree) {
+			n++
+		}
+	}
+	c.log.Warn("freed pending slots left busy by the previous run", "slots", n)
+}
+
+const abandonedAfter = 100 * time.Millisecond
 
 // putPending adds an entry under key as track_bio does (tests only: it
 // does not settle an entry already there).
@@ -814,8 +849,9 @@ func (c *Capture) putPending(key uint64, v captureLbPending) error {
 
 // Pending kinds (enum lb_pend_kind).
 const (
-	kindRing = 3
-	kindDisk = 4
+	kindOverflow = 2
+	kindRing     = 3
+	kindDisk     = 4
 )
 
 // diskOverlaps returns the parts of a write to whole disk disk (len bytes
@@ -850,7 +886,7 @@ func (c *Capture) index(id uint16) int {
 // age ago, as if the kernel had queued a write and never reported its
 // completion. For tests of SweepStale.
 func (c *Capture) InjectPending(i int, off, n int64, metadata bool, age time.Duration) error {
-	kind := uint8(2) // LB_PEND_OVERFLOW
+	kind := uint8(kindOverflow)
 	if metadata {
 		kind = 1 // LB_PEND_META
 	}
