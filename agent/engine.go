@@ -157,6 +157,7 @@ type source struct {
 	metaDirty bool      // metadata records noted in dirty, not read back yet
 	metaSince time.Time // when metaDirty was set
 	readGen   uint64    // read-backs done (coverage waits for one)
+	lastDrain time.Time
 }
 
 // Engine runs capture for a set of devices into a Target.
@@ -191,6 +192,14 @@ type Engine struct {
 // than split one I/O in two: a 4 KiB read costs about what 32 KiB do.
 // Only the dirty blocks go to the target.
 const readbackGap = 8
+
+// markDrainInterval spaces the drains of a data-mode device for bitmap
+// marks (a write that ended unseen, a failed one): each drain parks the
+// device's new writes on the bitmap for a moment, and under steady writes
+// their marks would call for the next drain at once, a drain storm (4000
+// drains in a 20 s run of 1 MiB writes at 400 MB/s, filling the ring
+// while they read back). A full ring is drained at once.
+const markDrainInterval = 250 * time.Millisecond
 
 // coverInterval paces the barriers that date time markers (Coverer).
 const coverInterval = 50 * time.Millisecond
@@ -419,10 +428,12 @@ func (e *Engine) loop(ctx context.Context) error {
 				e.lastOverflow = time.Now()
 				need = append(need, i)
 			} else if e.cap.Marks(i) != s.lastMarks {
-				if s.Mode != capture.ModeMetadata {
+				if s.Mode == capture.ModeMetadata {
+					if err := e.harvest(i); err != nil {
+						return err
+					}
+				} else if time.Since(s.lastDrain) >= markDrainInterval {
 					need = append(need, i)
-				} else if err := e.harvest(i); err != nil {
-					return err
 				}
 			}
 		}
@@ -746,6 +757,7 @@ func (e *Engine) drain(ctx context.Context, idx []int, park bool, bar *progress.
 	}
 	e.stats.Drains++
 	for _, i := range idx {
+		e.srcs[i].lastDrain = time.Now()
 		if err := e.readback(ctx, i, bar); err != nil {
 			return err
 		}

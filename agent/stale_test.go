@@ -141,3 +141,58 @@ func startEngine(t *testing.T, opt Options) (e *Engine, cancel context.CancelFun
 	}
 	return e, cancel, done
 }
+
+// Bitmap marks on a data-mode device arriving without pause (each drain
+// parks new writes on the bitmap for a moment, so steady writes keep
+// marking) are drained at most every markDrainInterval, not at once each
+// time: no drain storm. Every marked block is still read back.
+func TestMarkDrainsSpaced(t *testing.T) {
+	testenv.RequireRoot(t)
+	d := loopdev.New(t, 32<<20, loopdev.Options{})
+	tgt := newFileTarget(t)
+	e, cancel, done := startEngine(t, Options{
+		Sources:   []Source{{Name: "d0", Path: d.Path, Mode: capture.ModeData, Sync: SyncFull}},
+		RingBytes: 4 << 20,
+		Target:    tgt,
+	})
+	// Blocks changed behind capture's back, then marked one by one.
+	f, err := os.OpenFile(d.File, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 100
+	blk := make([]byte, capture.BlockSize)
+	for i := range blk {
+		blk[i] = 0xc3
+	}
+	for i := range n {
+		if _, err := f.WriteAt(blk, int64(i)*2*capture.BlockSize); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	before := e.Stats().Drains
+	start := time.Now()
+	for i := range n {
+		e.cap.MarkBytes(0, int64(i)*2*capture.BlockSize, capture.BlockSize)
+		time.Sleep(10 * time.Millisecond)
+	}
+	elapsed := time.Since(start)
+	time.Sleep(2 * markDrainInterval)
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	// The clean stop drains once more.
+	drains := e.Stats().Drains - before
+	if max := uint64(elapsed/markDrainInterval) + 3; drains > max {
+		t.Errorf("%d drains for %d marks over %v, want at most %d", drains, n, elapsed.Round(time.Millisecond), max)
+	}
+	if err := e.Close(); err != nil {
+		t.Fatal(err)
+	}
+	assertSameBytes(t, d.Path, tgt.f.Name())
+}

@@ -13,7 +13,6 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
-	"github.com/cilium/ebpf/ringbuf"
 	"github.com/cilium/ebpf/rlimit"
 	"golang.org/x/sys/unix"
 )
@@ -114,7 +113,7 @@ type Capture struct {
 	log      *slog.Logger
 	objs     captureObjects
 	links    []link.Link
-	Ring     *ringbuf.Reader
+	ring     *eventRing
 	devices  []Device
 	wordBase []uint32 // first bitmap word per device ID
 	bitmap   []byte   // mmap of the bitmap map
@@ -251,7 +250,7 @@ func (c *Capture) setup() error {
 	if err := c.registerDisks(); err != nil {
 		return err
 	}
-	if c.Ring, err = ringbuf.NewReader(c.objs.Events); err != nil {
+	if c.ring, err = newEventRing(c.objs.Events); err != nil {
 		return fmt.Errorf("ring reader: %w", err)
 	}
 	// Completion and split handlers first: a queued bio must never miss
@@ -464,8 +463,9 @@ func (c *Capture) Close() error {
 		l.Close()
 	}
 	c.links = nil
-	if c.Ring != nil {
-		c.Ring.Close()
+	if c.ring != nil {
+		c.ring.close()
+		c.ring = nil
 	}
 	if c.bitmap != nil {
 		unix.Munmap(c.bitmap)

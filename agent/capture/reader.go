@@ -3,48 +3,36 @@ package capture
 import (
 	"context"
 	"errors"
-	"fmt"
-	"os"
 	"sync/atomic"
 	"time"
 
-	"github.com/cilium/ebpf/ringbuf"
 	"github.com/lifeboat-dr/lifeboat/internal/spsc"
 )
 
-// Arena sizing: records are copied out of the BPF ring into large chunks
-// and handed to the consumer as descriptors, so the hot path allocates
-// nothing. A chunk is retired once less than a largest record fits.
-const (
-	maxRecordBytes = HeaderSize + 4<<20 // LB_MAX_RECORD_DATA
-	chunkBytes     = 8 << 20
-	arenaChunks    = 4
-	// With BPF_RB_NO_WAKEUP the reader polls; a barrier or Stop wakes it
-	// at once (Flush). Each poll is a blocking epoll_wait that holds a Go
-	// P, and the runtime's sysmon churns while one is held.
-	pollInterval = 10 * time.Millisecond
-)
-
-type chunk struct{ buf []byte }
+// With BPF_RB_NO_WAKEUP the reader polls; a barrier or Stop wakes it at
+// once (flush). Each poll is a blocking epoll_wait that holds a Go P, and
+// the runtime's sysmon churns while one is held.
+const pollInterval = 10 * time.Millisecond
 
 // Item is what the consumer receives: a ring record (Raw), or a barrier
 // that confirms everything committed to the BPF ring before the barrier
 // was requested has been delivered.
 type Item struct {
-	Raw     []byte // valid until the item is released
+	Raw     []byte // in the ring: valid until the next Next or TryNext
 	Barrier uint64 // non-zero: barrier id
-	chunk   *chunk
+	end     uint64 // ring position after Raw (0: a barrier)
+	skip    bool   // a discarded record: only its space is released
 }
 
-// Reader moves records from the BPF ring to a lock-free SPSC queue.
-// One goroutine runs Run; one consumer uses Next/Release/RequestBarrier.
+// Reader moves records from the BPF ring to a lock-free SPSC queue as
+// descriptors: the records stay in the ring, which the consumer releases
+// one by one as it takes the next item, so the hot path copies and
+// allocates nothing. One goroutine runs Run; one consumer uses
+// Next/TryNext; RequestBarrier and Stop may be called from anywhere.
 type Reader struct {
-	ring    *ringbuf.Reader
+	ring    *eventRing
 	q       *spsc.Ring[Item]
-	free    chan *chunk
-	cur     *chunk // consumer side: chunk of the last released item
-	pos     int
-	fill    *chunk        // producer side
+	held    uint64        // consumer side: end of the item returned last
 	barrier atomic.Uint64 // highest requested barrier
 	done    uint64        // producer side: highest delivered barrier
 	stopped atomic.Bool
@@ -55,90 +43,64 @@ type Reader struct {
 
 // NewReader wraps c's ring.
 func NewReader(c *Capture) *Reader {
-	r := &Reader{ring: c.Ring, q: spsc.New[Item](1 << 14), free: make(chan *chunk, arenaChunks)}
-	for i := 0; i < arenaChunks; i++ {
-		r.free <- &chunk{buf: make([]byte, chunkBytes)}
-	}
-	return r
+	return &Reader{ring: c.ring, q: spsc.New[Item](1 << 14)}
 }
 
 // RequestBarrier asks the reader to deliver a barrier item once the BPF
 // ring has been read empty after this call. It returns the barrier id.
 func (r *Reader) RequestBarrier() uint64 {
 	id := r.barrier.Add(1)
-	r.ring.Flush() // wake a reader waiting for records
+	r.ring.flush() // wake a reader waiting for records
 	return id
 }
 
 // Stop makes Run return after it has read the ring empty once more.
 func (r *Reader) Stop() {
 	r.stopped.Store(true)
-	r.ring.Flush()
+	r.ring.flush()
 }
 
 // Run reads until Stop (or ctx) and then closes the queue.
 func (r *Reader) Run(ctx context.Context) error {
 	defer r.q.Close()
-	var rec ringbuf.Record
-	idle := true
 	for {
-		if r.fill == nil || chunkBytes-r.pos < maxRecordBytes {
-			if r.fill != nil {
-				r.fill = nil
-			}
-			select {
-			case c := <-r.free:
-				r.fill, r.pos = c, 0
-			case <-ctx.Done():
-				return ctx.Err()
-			}
-		}
-		if idle {
-			// Only an empty ring needs a fresh deadline: with records
-			// waiting, ReadInto returns them whatever the deadline.
-			r.ring.SetDeadline(time.Now().Add(pollInterval))
-			idle = false
-		}
 		// What was asked before this read: a barrier (or stop) requested
 		// later may have records committed after the ring read empty.
 		barrier, stopped := r.barrier.Load(), r.stopped.Load()
-		rec.RawSample = r.fill.buf[r.pos:r.pos:chunkBytes]
-		err := r.ring.ReadInto(&rec)
-		switch {
-		case err == nil:
-			n := len(rec.RawSample)
-			if n > 0 && &rec.RawSample[0] != &r.fill.buf[r.pos] {
-				return fmt.Errorf("ring record of %d bytes exceeds the arena chunk", n)
+		for {
+			raw, end, ok := r.ring.next()
+			if !ok {
+				break
 			}
-			r.pos = (r.pos + n + 7) &^ 7
-			r.RecordsRead.Add(1)
-			r.BytesRead.Add(uint64(n))
-			if err := r.push(ctx, Item{Raw: rec.RawSample, chunk: r.fill}); err != nil {
+			it := Item{Raw: raw, end: end, skip: raw == nil}
+			if !it.skip {
+				r.RecordsRead.Add(1)
+				r.BytesRead.Add(uint64(len(raw)))
+			}
+			if err := r.push(ctx, it); err != nil {
 				return err
 			}
-		case errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, ringbuf.ErrFlushed):
-			// Ring empty (as far as committed records go).
-			idle = true
-			if barrier > r.done {
-				if err := r.push(ctx, Item{Barrier: barrier}); err != nil {
-					return err
-				}
-				r.done = barrier
+		}
+		// Ring empty (as far as committed records go).
+		if barrier > r.done {
+			if err := r.push(ctx, Item{Barrier: barrier}); err != nil {
+				return err
 			}
-			if stopped {
-				return nil
-			}
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			if r.barrier.Load() > barrier || r.stopped.Load() {
-				// Asked for during that read: read the ring empty once
-				// more right away rather than after the next poll.
-				r.ring.SetDeadline(time.Now())
-				idle = false
-			}
-		default:
-			return fmt.Errorf("read capture ring: %w", err)
+			r.done = barrier
+		}
+		if stopped {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if r.barrier.Load() > barrier || r.stopped.Load() {
+			// Asked for during that read: read the ring empty once more
+			// right away rather than after the next poll.
+			continue
+		}
+		if err := r.ring.wait(pollInterval); err != nil && !errors.Is(err, errRingFlushed) {
+			return err
 		}
 	}
 }
@@ -156,8 +118,7 @@ func (r *Reader) push(ctx context.Context, it Item) error {
 // were consumed.
 func (r *Reader) Next(ctx context.Context) (Item, error) {
 	for {
-		if it, ok := r.q.TryPop(); ok {
-			r.retire(it.chunk)
+		if it, ok := r.TryNext(); ok {
 			return it, nil
 		}
 		if err := r.q.Wait(ctx); err != nil {
@@ -166,24 +127,23 @@ func (r *Reader) Next(ctx context.Context) (Item, error) {
 	}
 }
 
-// TryNext returns the next item without blocking.
+// TryNext returns the next item without blocking. The item returned
+// before is released: its record's ring space goes back to the kernel.
 func (r *Reader) TryNext() (Item, bool) {
-	it, ok := r.q.TryPop()
-	if ok {
-		r.retire(it.chunk)
+	for {
+		it, ok := r.q.TryPop()
+		if !ok {
+			return Item{}, false
+		}
+		if r.held != 0 {
+			r.ring.release(r.held)
+			r.held = 0
+		}
+		if it.end != 0 {
+			r.held = it.end
+		}
+		if !it.skip {
+			return it, true
+		}
 	}
-	return it, ok
-}
-
-// retire returns the consumer's previous chunk to the producer once the
-// consumer has moved on to another one. The item returned last stays valid
-// until the next call to Next, because its chunk is kept.
-func (r *Reader) retire(c *chunk) {
-	if c == nil || c == r.cur {
-		return
-	}
-	if r.cur != nil {
-		r.free <- r.cur
-	}
-	r.cur = c
 }
