@@ -325,6 +325,11 @@ func (e *Engine) Run(ctx context.Context) (err error) {
 	go func() { rdDone <- e.rd.Run(rctx) }()
 	defer func() {
 		e.rd.Stop()
+		if err != nil {
+			// The consumer is gone: a reader blocked on a full queue
+			// would wait for it forever.
+			cancel()
+		}
 		if rerr := <-rdDone; rerr != nil && !errors.Is(rerr, context.Canceled) && err == nil {
 			err = rerr
 		}
@@ -675,6 +680,21 @@ func (e *Engine) appConsistent(ctx context.Context) error {
 func (e *Engine) marker(ctx context.Context, kind MarkerKind) error {
 	if err := e.quiesce(ctx); err != nil {
 		return err
+	}
+	// Marks a data-mode device holds until its next drain (spaced by
+	// markDrainInterval) are writes that may precede records just applied
+	// (a journal block parked during a drain, its commit captured after):
+	// the point must hold them too.
+	var need []int
+	for i, s := range e.srcs {
+		if s.Mode != capture.ModeMetadata && (e.cap.Overflowed(i) || e.cap.Marks(i) != s.lastMarks) {
+			need = append(need, i)
+		}
+	}
+	if len(need) > 0 {
+		if err := e.drain(ctx, need, false, nil); err != nil {
+			return err
+		}
 	}
 	return e.emit(kind)
 }

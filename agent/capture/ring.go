@@ -31,6 +31,13 @@ type eventRing struct {
 	epfd, evfd int
 }
 
+// How long next waits for a record still being written: busySpins
+// yields, then sleeps of busySleep.
+const (
+	busySpins = 100
+	busySleep = 20 * time.Microsecond
+)
+
 // Ring record header bits (BPF_RINGBUF_BUSY_BIT, BPF_RINGBUF_DISCARD_BIT).
 const (
 	ringBusy    = 1 << 31
@@ -84,7 +91,7 @@ func newEventRing(m *ebpf.Map) (*eventRing, error) {
 // is waited for: later records may be committed already, and they cannot
 // be read before it.
 func (r *eventRing) next() (raw []byte, end uint64, ok bool) {
-	for {
+	for spins := 0; ; spins++ {
 		if atomic.LoadUint64(r.prodPos) == r.pos {
 			return nil, 0, false
 		}
@@ -93,7 +100,13 @@ func (r *eventRing) next() (raw []byte, end uint64, ok bool) {
 		// commit: the record's data is visible once the busy bit is off.
 		hdr := atomic.LoadUint32((*uint32)(unsafe.Pointer(&r.data[start])))
 		if hdr&ringBusy != 0 {
-			runtime.Gosched()
+			// A copy of up to 4 MiB takes a while, and its writer may be
+			// preempted on this very CPU: spin a little, then sleep.
+			if spins < busySpins {
+				runtime.Gosched()
+			} else {
+				time.Sleep(busySleep)
+			}
 			continue
 		}
 		n := uint64(hdr &^ (ringBusy | ringDiscard))
