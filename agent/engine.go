@@ -175,6 +175,7 @@ type Engine struct {
 	syncReq []atomic.Int32 // per device: SyncKind+1 requested by RequestSync
 	runs    []bitmap.Extent
 
+	closed        bool
 	barrierSeen   uint64    // highest capture barrier applied
 	lastOverflow  time.Time // a device last seen in bitmap mode
 	diskWrites    uint64    // capture.DiskWrites last seen
@@ -1027,6 +1028,10 @@ func (e *Engine) Stats() Stats {
 // Close releases the engine. After a clean Run the capture stays pinned
 // (if PinDir was set); otherwise it is detached.
 func (e *Engine) Close() error {
+	if e.closed {
+		return nil
+	}
+	e.closed = true
 	var err error
 	if e.persist && e.opt.PinDir != "" {
 		err = e.cap.Persist()

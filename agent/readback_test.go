@@ -68,7 +68,7 @@ func TestMetadataReadbackDelayAndCoverage(t *testing.T) {
 	d := loopdev.New(t, 32<<20, loopdev.Options{})
 	tgt := &coverTarget{fileTarget: newFileTarget(t)}
 	const delay = time.Second
-	e, cancel, done := startEngine(t, Options{
+	_, cancel, done := startEngine(t, Options{
 		Sources:       []Source{{Name: "d0", Path: d.Path, Mode: capture.ModeMetadata, Sync: SyncFull}},
 		RingBytes:     4 << 20,
 		Target:        tgt,
@@ -79,7 +79,6 @@ func TestMetadataReadbackDelayAndCoverage(t *testing.T) {
 			tgt.mu.Unlock()
 		},
 	})
-	defer e.Close()
 
 	dev, err := os.OpenFile(d.Path, os.O_WRONLY|syscall.O_DIRECT, 0)
 	if err != nil {
@@ -178,9 +177,23 @@ func TestCoverageWaitsForUnreportedDiskWrites(t *testing.T) {
 			tgt.mu.Unlock()
 		},
 	})
-	defer e.Close()
 
 	const seen, unseen, n = 1 << 20, 8 << 20, 64 << 10 // offsets in p1
+	// The real write comes first: the unreported one, too, is counted
+	// when it is queued, before it completes.
+	disk, err := os.OpenFile(d.Path, os.O_WRONLY|syscall.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	blk := blockdev.AlignedBuffer(capture.BlockSize)
+	for i := range blk {
+		blk[i] = 0x11
+	}
+	_, err = disk.WriteAt(blk, start+seen)
+	disk.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
 	written := time.Now()
 	f, err := os.OpenFile(d.File, os.O_WRONLY, 0)
 	if err != nil {
@@ -198,19 +211,6 @@ func TestCoverageWaitsForUnreportedDiskWrites(t *testing.T) {
 	}
 	f.Close()
 	if err := e.cap.InjectDiskPending(0, start+unseen, n); err != nil {
-		t.Fatal(err)
-	}
-	disk, err := os.OpenFile(d.Path, os.O_WRONLY|syscall.O_DIRECT, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	blk := blockdev.AlignedBuffer(capture.BlockSize)
-	for i := range blk {
-		blk[i] = 0x11
-	}
-	_, err = disk.WriteAt(blk, start+seen)
-	disk.Close()
-	if err != nil {
 		t.Fatal(err)
 	}
 

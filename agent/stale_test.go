@@ -130,9 +130,19 @@ func startEngine(t *testing.T, opt Options) (e *Engine, cancel context.CancelFun
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(cancel)
 	done = make(chan error, 1)
-	go func() { done <- e.Run(ctx) }()
+	finished := make(chan struct{})
+	go func() {
+		done <- e.Run(ctx)
+		close(finished)
+	}()
+	// Also when the test fails half way: stop the engine before closing it
+	// (capture's mappings go with it) and before the device goes.
+	t.Cleanup(func() {
+		cancel()
+		<-finished
+		e.Close()
+	})
 	select {
 	case <-synced:
 	case err := <-done:
