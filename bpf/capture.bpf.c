@@ -469,13 +469,21 @@ __noinline int mark_disk_write(__u32 dev, __u64 first, __u32 size)
 	return marked;
 }
 
+// BLK_STS_AGAIN: a write ended before it was issued (REQ_NOWAIT), which
+// changed nothing on the device.
+#define LB_STS_AGAIN 12
+
 // settle ends the tracking of a write that has left the device: it landed,
-// failed, or (late) ended without capture seeing it end. A ring-captured
-// write is uncounted from ring_flight, and read back if it failed: the
-// ring holds data the device may not. A metadata-mode write that landed in
-// time gets its extent record; every other write is read back.
-static __always_inline void settle(struct lb_pending *pc, bool failed, bool late, struct lb_counters *c)
+// failed (status), or (late) ended without capture seeing it end. A
+// ring-captured write is uncounted from ring_flight, and read back if it
+// failed: the ring holds data the device may not. A metadata-mode write
+// that landed in time gets its extent record; every other write is read
+// back, but for one that was never issued and is in no record.
+static __always_inline void settle(struct lb_pending *pc, int status, bool late, struct lb_counters *c)
 {
+	bool failed = status != 0;
+	if (status == LB_STS_AGAIN && pc->kind != LB_PEND_RING)
+		return;
 	if (pc->kind == LB_PEND_DISK) {
 		mark_disk_write(pc->disk, pc->sector, pc->len);
 		return;
@@ -590,7 +598,7 @@ __noinline int settle_taken(__u64 *keyp)
 	if (!keyp || pend_take(*keyp, &oc) != 1)
 		return 0;
 	struct lb_counters *c = ctrs();
-	settle(&oc, false, true, c);
+	settle(&oc, 0, true, c);
 	if (c)
 		c->late_completions++;
 	return 1;
@@ -603,7 +611,7 @@ __noinline int settle_swept(__u64 *keyp)
 	struct lb_pending tc;
 	if (!keyp || take(&swept, keyp, &tc) != 1)
 		return 0;
-	settle(&tc, false, true, ctrs());
+	settle(&tc, 0, true, ctrs());
 	return 1;
 }
 
@@ -700,6 +708,18 @@ static __always_inline bool emit_data(struct bio *bio, struct lb_dev *d, struct 
 	return true;
 }
 
+// nowait_split reports whether bio is a REQ_NOWAIT write its queue will
+// have to split: more bvecs than segments allowed (each bvec is at least
+// one segment), or more bytes than a request may carry.
+static __always_inline bool nowait_split(struct bio *bio, __u32 opf, __u32 size)
+{
+	if (!(opf & (1U << bpf_core_enum_value(enum req_flag_bits, __REQ_NOWAIT))))
+		return false;
+	struct request_queue *q = bio->bi_bdev->bd_disk->queue;
+	__u32 segs = q->limits.max_segments, sectors = q->limits.max_sectors;
+	return (segs && bio->bi_vcnt > segs) || (sectors && (size >> 9) > sectors);
+}
+
 static __always_inline void add_pending(__u64 key, struct lb_dev *d, __u64 sector, __u32 len, int op, __u32 opf,
 					__u32 kind, struct lb_counters *c)
 {
@@ -781,6 +801,17 @@ int BPF_PROG(lb_bio_queue, struct bio *bio)
 		add_pending(key, d, sector, size, op, opf, LB_PEND_META, c);
 		return 0;
 	}
+	if (nowait_split(bio, opf, size)) {
+		// io_uring's first try of a write the device must split: the
+		// block layer does not split a REQ_NOWAIT bio but ends it with
+		// BLK_STS_AGAIN, and io_uring submits it again without the flag.
+		// Recorded, it would reach the target without reaching the
+		// device and be read back when it fails. Tracked instead: should
+		// it land after all, it is read back.
+		c->nowait_splits++;
+		add_pending(key, d, sector, size, op, opf, LB_PEND_OVERFLOW, c);
+		return 0;
+	}
 	// Counted running before the flag is read (both full barriers): the
 	// agent, which sets the flag and then waits for running programs,
 	// either sees this run or this run sees the flag.
@@ -835,7 +866,7 @@ static __always_inline void complete_bio(struct bio *bio, __u64 key, int error)
 		complete_untracked(bio);
 		return;
 	case 1:
-		settle(&pc, error != 0, false, ctrs());
+		settle(&pc, error, false, ctrs());
 	} // -1: swept by the agent meanwhile, which settled the write
 }
 

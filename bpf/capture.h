@@ -135,6 +135,7 @@ struct lb_counters {
 	__u64 untracked; /* writes that completed without being seen queued */
 	__u64 late_completions; /* tracked writes whose end the tracepoints missed */
 	__u64 disk_writes; /* writes to a whole disk over protected partitions, tracked */
+	__u64 nowait_splits; /* REQ_NOWAIT writes their queue must split: kept off the ring */
 	__s64 inflight;
 };
 

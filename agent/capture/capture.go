@@ -544,6 +544,7 @@ func (c *Capture) Counters() (Counters, error) {
 		s.Untracked += p.Untracked
 		s.LateCompletions += p.LateCompletions
 		s.DiskWrites += p.DiskWrites
+		s.NowaitSplits += p.NowaitSplits
 		s.Inflight += p.Inflight
 	}
 	return s, nil
@@ -582,6 +583,10 @@ type Counters struct {
 	// DiskWrites counts writes to a whole disk over protected partitions
 	// (not through a partition's device), tracked until they complete.
 	DiskWrites uint64 `json:"disk_writes"`
+	// NowaitSplits counts REQ_NOWAIT writes their queue would have to
+	// split (io_uring's first try): they fail and come again, so they are
+	// tracked, not recorded.
+	NowaitSplits uint64 `json:"nowait_splits"`
 	// RecursionMisses counts capture program runs the kernel skipped
 	// because another ran on the same CPU (an interrupt nested in one).
 	RecursionMisses uint64 `json:"recursion_misses"`

@@ -34,6 +34,7 @@ type captureLbCounters struct {
 	Untracked       uint64
 	LateCompletions uint64
 	DiskWrites      uint64
+	NowaitSplits    uint64
 	Inflight        int64
 }
 
