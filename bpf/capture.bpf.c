@@ -469,8 +469,10 @@ __noinline int mark_disk_write(__u32 dev, __u64 first, __u32 size)
 	return marked;
 }
 
-// BLK_STS_AGAIN: a write ended before it was issued (REQ_NOWAIT), which
-// changed nothing on the device.
+// BLK_STS_AGAIN: how the block layer ends a REQ_NOWAIT bio it will not
+// split, before any of it is issued (blk-mq). Bio-based drivers (device
+// mapper, md) split such bios themselves and may end one with it after a
+// part was written: only LB_PEND_NOWAIT entries trust it.
 #define LB_STS_AGAIN 12
 
 // settle ends the tracking of a write that has left the device: it landed,
@@ -478,11 +480,11 @@ __noinline int mark_disk_write(__u32 dev, __u64 first, __u32 size)
 // ring-captured write is uncounted from ring_flight, and read back if it
 // failed: the ring holds data the device may not. A metadata-mode write
 // that landed in time gets its extent record; every other write is read
-// back, but for one that was never issued and is in no record.
+// back, but for a nowait_split try the block layer refused.
 static __always_inline void settle(struct lb_pending *pc, int status, bool late, struct lb_counters *c)
 {
 	bool failed = status != 0;
-	if (status == LB_STS_AGAIN && pc->kind != LB_PEND_RING)
+	if (status == LB_STS_AGAIN && pc->kind == LB_PEND_NOWAIT)
 		return;
 	if (pc->kind == LB_PEND_DISK) {
 		mark_disk_write(pc->disk, pc->sector, pc->len);
@@ -708,14 +710,17 @@ static __always_inline bool emit_data(struct bio *bio, struct lb_dev *d, struct 
 	return true;
 }
 
-// nowait_split reports whether bio is a REQ_NOWAIT write its queue will
-// have to split: more bvecs than segments allowed (each bvec is at least
-// one segment), or more bytes than a request may carry.
+// nowait_split reports whether bio is a REQ_NOWAIT write its blk-mq queue
+// will have to split: more bvecs than segments allowed (each bvec is at
+// least one segment), or more bytes than a request may carry. Such a bio
+// is ended with BLK_STS_AGAIN before any of it is issued (6.2+).
 static __always_inline bool nowait_split(struct bio *bio, __u32 opf, __u32 size)
 {
 	if (!(opf & (1U << bpf_core_enum_value(enum req_flag_bits, __REQ_NOWAIT))))
 		return false;
 	struct request_queue *q = bio->bi_bdev->bd_disk->queue;
+	if (!q->mq_ops)
+		return false; // bio-based: it splits on its own terms
 	__u32 segs = q->limits.max_segments, sectors = q->limits.max_sectors;
 	return (segs && bio->bi_vcnt > segs) || (sectors && (size >> 9) > sectors);
 }
@@ -809,7 +814,7 @@ int BPF_PROG(lb_bio_queue, struct bio *bio)
 		// device and be read back when it fails. Tracked instead: should
 		// it land after all, it is read back.
 		c->nowait_splits++;
-		add_pending(key, d, sector, size, op, opf, LB_PEND_OVERFLOW, c);
+		add_pending(key, d, sector, size, op, opf, LB_PEND_NOWAIT, c);
 		return 0;
 	}
 	// Counted running before the flag is read (both full barriers): the

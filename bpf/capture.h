@@ -52,6 +52,7 @@ enum lb_pend_kind {
 	LB_PEND_OVERFLOW = 2,
 	LB_PEND_RING = 3, /* in the ring already: only counted until completion */
 	LB_PEND_DISK = 4, /* a write to a whole disk over protected partitions */
+	LB_PEND_NOWAIT = 5, /* a REQ_NOWAIT write its blk-mq queue must split (nowait_split) */
 };
 
 /* Ring record header; data mode writes carry data_len payload bytes. */
