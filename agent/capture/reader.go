@@ -65,9 +65,19 @@ func (r *Reader) Run(ctx context.Context) error {
 	defer r.q.Close()
 	for {
 		// What was asked before this read: a barrier (or stop) requested
-		// later may have records committed after the ring read empty.
+		// later may have records committed after the ring read empty. A
+		// record committed before the barrier was requested lies before
+		// the producer position read after it: the barrier goes out once
+		// the reader is there, even if writes keep the ring busy.
 		barrier, stopped := r.barrier.Load(), r.stopped.Load()
+		upTo := r.ring.produced()
 		for {
+			if barrier > r.done && r.ring.pos >= upTo {
+				if err := r.push(ctx, Item{Barrier: barrier}); err != nil {
+					return err
+				}
+				r.done = barrier
+			}
 			raw, end, ok := r.ring.next()
 			if !ok {
 				break

@@ -119,6 +119,10 @@ func (r *eventRing) next() (raw []byte, end uint64, ok bool) {
 	}
 }
 
+// produced returns the producer position: every record reserved so far
+// lies before it.
+func (r *eventRing) produced() uint64 { return atomic.LoadUint64(r.prodPos) }
+
 // release hands the ring space up to end (a position next returned) back
 // to the kernel; the records before it must not be used any more.
 func (r *eventRing) release(end uint64) { atomic.StoreUint64(r.consPos, end) }
