@@ -251,6 +251,21 @@ func partitionedDisk(t *testing.T) (d *loopdev.Device, p1, p2 string) {
 	return d, parts[0], parts[1]
 }
 
+// partitionStart returns where partition p starts on its disk, in bytes.
+func partitionStart(t *testing.T, p string) int64 {
+	t.Helper()
+	pd, err := blockdev.Open(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pd.Close()
+	pl, err := pd.Placement()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pl.StartBytes()
+}
+
 // 4. One partition protected while the other is written too.
 func TestMirrorPartition(t *testing.T) { capturePaths(t, mirrorPartition) }
 
@@ -271,16 +286,7 @@ func mirrorPartition(t *testing.T, o runOpts) {
 	}
 	// Writes to the whole disk land in the partition too: one inside it,
 	// one across its end into the neighbour.
-	pd, err := blockdev.Open(p1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pl, err := pd.Placement()
-	pd.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	startMiB := pl.StartBytes() >> 20
+	startMiB := partitionStart(t, p1) >> 20
 	run(t, "dd", "if=/dev/urandom", "of="+d.Path, "bs=1M", "count=3", fmt.Sprintf("seek=%d", startMiB+40), "oflag=direct", "status=none")
 	run(t, "dd", "if=/dev/urandom", "of="+d.Path, "bs=1M", "count=4", fmt.Sprintf("seek=%d", startMiB+98), "oflag=direct", "status=none")
 	r.stop()

@@ -58,6 +58,34 @@ func (c *coverTarget) delivered(off int64) time.Time {
 	return time.Time{}
 }
 
+// waitCoveredPast waits until a time after written is reported covered,
+// and fails if one is reported before last, when the writes were handed
+// over (time markers would then claim writes the target lacks).
+func (c *coverTarget) waitCoveredPast(t *testing.T, written, last, deadline time.Time) {
+	t.Helper()
+	for {
+		c.mu.Lock()
+		calls := append([]coverCall(nil), c.covered...)
+		c.mu.Unlock()
+		past := false
+		for _, cc := range calls {
+			if cc.t.After(written) {
+				past = true
+				if cc.at.Before(last) {
+					t.Fatalf("covered %v reported at %v, before the writes were handed over at %v", cc.t, cc.at, last)
+				}
+			}
+		}
+		if past {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("coverage never passed the writes (%d reports)", len(calls))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
 // Metadata mode with a read-back delay: two blocks written one block
 // apart are read back once the delay has passed, with one read through
 // the clean block between them, which the target does not get; and the
@@ -118,27 +146,7 @@ func TestMetadataReadbackDelayAndCoverage(t *testing.T) {
 	if l := tgt.delivered(b); l.After(last) {
 		last = l
 	}
-	for {
-		tgt.mu.Lock()
-		calls := append([]coverCall(nil), tgt.covered...)
-		tgt.mu.Unlock()
-		past := false
-		for _, c := range calls {
-			if c.t.After(written) {
-				past = true
-				if c.at.Before(last) {
-					t.Fatalf("covered %v reported at %v, before the writes were handed over at %v", c.t, c.at, last)
-				}
-			}
-		}
-		if past {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("coverage never passed the writes (%d reports)", len(calls))
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	tgt.waitCoveredPast(t, written, last, deadline)
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatal(err)
@@ -156,16 +164,7 @@ func TestMetadataReadbackDelayAndCoverage(t *testing.T) {
 // capture sees.
 func TestCoverageWaitsForUnreportedDiskWrites(t *testing.T) {
 	d, p1, _ := partitionedDisk(t)
-	pd, err := blockdev.Open(p1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pl, err := pd.Placement()
-	pd.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
-	start := pl.StartBytes()
+	start := partitionStart(t, p1)
 	tgt := &coverTarget{fileTarget: newFileTarget(t)}
 	e, cancel, done := startEngine(t, Options{
 		Sources:   []Source{{Name: "p1", Path: p1, Mode: capture.ModeData, Sync: SyncFull}},
@@ -195,21 +194,7 @@ func TestCoverageWaitsForUnreportedDiskWrites(t *testing.T) {
 		t.Fatal(err)
 	}
 	written := time.Now()
-	f, err := os.OpenFile(d.File, os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	buf := make([]byte, n)
-	for i := range buf {
-		buf[i] = 0x5a
-	}
-	if _, err := f.WriteAt(buf, start+unseen); err != nil {
-		t.Fatal(err)
-	}
-	if err := f.Sync(); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
+	writeBehind(t, d.File, start+unseen, filled(n, 0x5a))
 	if err := e.cap.InjectDiskPending(0, start+unseen, n); err != nil {
 		t.Fatal(err)
 	}
@@ -224,28 +209,7 @@ func TestCoverageWaitsForUnreportedDiskWrites(t *testing.T) {
 	if tgt.delivered(seen).IsZero() {
 		t.Error("the whole-disk write was not read back")
 	}
-	last := tgt.delivered(unseen)
-	for {
-		tgt.mu.Lock()
-		calls := append([]coverCall(nil), tgt.covered...)
-		tgt.mu.Unlock()
-		past := false
-		for _, c := range calls {
-			if c.t.After(written) {
-				past = true
-				if c.at.Before(last) {
-					t.Fatalf("covered %v reported at %v, before the unreported write was handed over at %v", c.t, c.at, last)
-				}
-			}
-		}
-		if past {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("coverage never passed the writes (%d reports)", len(calls))
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	tgt.waitCoveredPast(t, written, tgt.delivered(unseen), deadline)
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatal(err)

@@ -47,21 +47,8 @@ func staleCompletionReadBack(t *testing.T, mode capture.Mode, atStop bool) {
 
 	// 64 KiB of 0x5a at 8 MiB, behind capture's back.
 	const off, n = 8 << 20, 64 << 10
-	f, err := os.OpenFile(d.File, os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	buf := make([]byte, n)
-	for i := range buf {
-		buf[i] = 0x5a
-	}
-	if _, err := f.WriteAt(buf, off); err != nil {
-		t.Fatal(err)
-	}
-	if err := f.Sync(); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
+	buf := filled(n, 0x5a)
+	writeBehind(t, d.File, off, buf)
 	age := 2 * staleAfter
 	if atStop {
 		age = 0
@@ -94,6 +81,32 @@ func staleCompletionReadBack(t *testing.T, mode capture.Mode, atStop bool) {
 	if err := e.Close(); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// writeBehind writes p at off into a loop device's backing file, where
+// capture does not see it, and syncs it.
+func writeBehind(t *testing.T, file string, off int64, p []byte) {
+	t.Helper()
+	f, err := os.OpenFile(file, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.WriteAt(p, off); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// filled returns n bytes of b.
+func filled(n int, b byte) []byte {
+	p := make([]byte, n)
+	for i := range p {
+		p[i] = b
+	}
+	return p
 }
 
 // newFileTarget is a mirror file target in the test's temporary directory.
@@ -167,24 +180,11 @@ func TestMarkDrainsSpaced(t *testing.T) {
 		Target:    tgt,
 	})
 	// Blocks changed behind capture's back, then marked one by one.
-	f, err := os.OpenFile(d.File, os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
 	const n = 100
-	blk := make([]byte, capture.BlockSize)
-	for i := range blk {
-		blk[i] = 0xc3
-	}
+	blk := filled(capture.BlockSize, 0xc3)
 	for i := range n {
-		if _, err := f.WriteAt(blk, int64(i)*2*capture.BlockSize); err != nil {
-			t.Fatal(err)
-		}
+		writeBehind(t, d.File, int64(i)*2*capture.BlockSize, blk)
 	}
-	if err := f.Sync(); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
 	start := time.Now()
 	for i := range n {
 		e.cap.MarkBytes(0, int64(i)*2*capture.BlockSize, capture.BlockSize)
@@ -254,22 +254,7 @@ func TestCrashMarkerHoldsMarks(t *testing.T) {
 			tgt.mu.Unlock()
 		},
 	})
-	f, err := os.OpenFile(d.File, os.O_WRONLY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	blk := make([]byte, capture.BlockSize)
-	for i := range blk {
-		blk[i] = 0x6e
-	}
-	_, err = f.WriteAt(blk, off)
-	if err == nil {
-		err = f.Sync()
-	}
-	f.Close()
-	if err != nil {
-		t.Fatal(err)
-	}
+	writeBehind(t, d.File, off, filled(capture.BlockSize, 0x6e))
 	// A first mark drains at once; the second falls within the interval.
 	e.cap.MarkBytes(0, 8*capture.BlockSize, capture.BlockSize)
 	time.Sleep(50 * time.Millisecond)

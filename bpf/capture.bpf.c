@@ -629,27 +629,12 @@ static __always_inline long track_bio(__u64 key, struct lb_pending *p, struct lb
 	if (key <= LB_TAG_BUSY)
 		return -1;
 	__u32 h = pend_hash(key);
-	__u32 first = LB_PEND_PROBES; // the first free slot's probe
 #pragma unroll
 	for (__u32 i = 0; i < LB_PEND_PROBES; i++) {
 		struct lb_slot *s = pend_slot(h, i);
-		if (!s)
-			continue;
-		__u64 tag = s->tag;
-		if (tag == key) {
+		if (s && s->tag == key)
 			settle_taken(&key);
-			tag = s->tag;
-		}
-		if (tag == LB_TAG_FREE && first == LB_PEND_PROBES)
-			first = i;
 	}
-	struct lb_slot *free = first < LB_PEND_PROBES ? pend_slot(h, first) : 0;
-	if (free && __sync_val_compare_and_swap(&free->tag, LB_TAG_FREE, LB_TAG_BUSY) == LB_TAG_FREE) {
-		free->p = *p;
-		__sync_lock_test_and_set(&free->tag, key);
-		return 0;
-	}
-	// The free slot was taken meanwhile: one more try.
 #pragma unroll
 	for (__u32 i = 0; i < LB_PEND_PROBES; i++) {
 		struct lb_slot *s = pend_slot(h, i);
@@ -665,10 +650,9 @@ static __always_inline long track_bio(__u64 key, struct lb_pending *p, struct lb
 
 // emit_data copies a write into a ring record; false when the ring is full
 // or the record cannot be built or tracked (the caller takes the bitmap
-// path). With
-// a key (submission capture: the bio's pending key), the bio is counted in
-// ring_flight before the record is visible, so the agent never applies a
-// record whose write is not accounted for until it lands.
+// path). With a key (submission capture: the bio's pending key), the bio
+// is counted in ring_flight before the record is visible, so the agent
+// never applies a record whose write is not accounted for until it lands.
 static __always_inline bool emit_data(struct bio *bio, struct lb_dev *d, struct lb_devstate *st, struct lb_global *g,
 				      struct lb_counters *c, __u64 sector, __u32 size, int op, __u32 opf, __u64 key)
 {

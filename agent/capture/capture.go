@@ -523,16 +523,25 @@ func (c *Capture) OverflowEvents(i int) uint64 {
 
 // Counters sums the per-CPU counters.
 func (c *Capture) Counters() (Counters, error) {
-	var per []captureLbCounters
-	if err := c.objs.Counters.Lookup(uint32(0), &per); err != nil {
+	s, err := c.sum()
+	if err != nil {
 		return Counters{}, err
 	}
-	var s Counters
 	for _, prog := range []*ebpf.Program{c.objs.LbBioQueue, c.objs.LbBioComplete, c.objs.LbRqComplete, c.objs.LbSplit} {
 		if st, err := prog.Stats(); err == nil {
 			s.RecursionMisses += st.RecursionMisses
 		}
 	}
+	return s, nil
+}
+
+// sum adds up the per-CPU counters (without the programs' stats).
+func (c *Capture) sum() (Counters, error) {
+	var per []captureLbCounters
+	if err := c.objs.Counters.Lookup(uint32(0), &per); err != nil {
+		return Counters{}, err
+	}
+	var s Counters
 	for _, p := range per {
 		s.Records += p.Records
 		s.Bytes += p.Bytes
@@ -556,15 +565,8 @@ func (c *Capture) DiskWrites() (uint64, error) {
 	if !slices.ContainsFunc(c.devices, func(d Device) bool { return d.Disk != 0 }) {
 		return 0, nil
 	}
-	var per []captureLbCounters
-	if err := c.objs.Counters.Lookup(uint32(0), &per); err != nil {
-		return 0, err
-	}
-	var n uint64
-	for _, p := range per {
-		n += p.DiskWrites
-	}
-	return n, nil
+	s, err := c.sum()
+	return s.DiskWrites, err
 }
 
 // Counters are the kernel-side counts, summed over CPUs.
