@@ -216,3 +216,36 @@ func TestCoverageWaitsForUnreportedDiskWrites(t *testing.T) {
 	}
 	assertSameBytes(t, p1, tgt.f.Name())
 }
+
+// TestReadbackPacing: under churn a metadata-mode pass waits for the
+// delay and for readbackPause times the last pass's duration; markers and
+// stops (unpaced) only for the delay.
+func TestReadbackPacing(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	const delay = time.Second
+	s := &source{metaDirty: true, metaSince: t0, passEnd: t0.Add(500 * time.Millisecond), passTook: 400 * time.Millisecond}
+	pacedFrom := s.passEnd.Add(readbackPause * s.passTook) // 3.7 s
+	for _, c := range []struct {
+		at          time.Duration
+		paced, want bool
+	}{
+		{999 * time.Millisecond, false, false},
+		{time.Second, false, true},
+		{time.Second, true, false},
+		{pacedFrom.Sub(t0) - time.Millisecond, true, false},
+		{pacedFrom.Sub(t0), true, true},
+	} {
+		if got := s.readbackDue(t0.Add(c.at), delay, c.paced); got != c.want {
+			t.Errorf("at %v paced=%v: due %v, want %v", c.at, c.paced, got, c.want)
+		}
+	}
+	// A short pass leaves only the delay.
+	s.passTook = time.Millisecond
+	if !s.readbackDue(t0.Add(delay), delay, true) {
+		t.Error("after a 1 ms pass, the delay alone should apply")
+	}
+	s.metaDirty = false
+	if s.readbackDue(t0.Add(time.Hour), delay, false) {
+		t.Error("nothing noted: no pass due")
+	}
+}
