@@ -19,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
+	"github.com/lifeboat-dr/lifeboat/internal/blockdev"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/lifeboat-dr/lifeboat/internal/pki"
 	"github.com/lifeboat-dr/lifeboat/internal/seal"
@@ -461,8 +462,9 @@ func (s *Server) getBuf() *segBuf {
 	default:
 	}
 	// A segment is cut after the batch that reaches SegmentBytes; agents
-	// send batches of about 1 MiB, so this rarely grows.
-	b := &segBuf{buf: make([]byte, segPrefix, segPrefix+s.cfg.SegmentBytes+2<<20+seal.TagSize)}
+	// send batches of about 1 MiB, so this rarely grows. Aligned: the
+	// cache writes the sealed segment from it with O_DIRECT, uncopied.
+	b := &segBuf{buf: blockdev.AlignedBuffer(segPrefix + s.cfg.SegmentBytes + 2<<20 + seal.TagSize)[:segPrefix]}
 	b.reset()
 	return b
 }

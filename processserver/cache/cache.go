@@ -312,45 +312,88 @@ func (c *Cache) Put(id SegmentID, data []byte) error {
 	mu.Lock()
 	defer mu.Unlock()
 
+	// The data shards are slices of data, written from it as they are:
+	// shardLen is a multiple of directAlign, so that on an aligned data
+	// each starts on a boundary that O_DIRECT takes. Only the last
+	// partial directAlign block of data, and the zeroes past it, go
+	// through a tail buffer; the parity shards are computed into their
+	// own buffers.
+	if uintptr(unsafe.Pointer(unsafe.SliceData(data)))&(directAlign-1) != 0 {
+		bp := c.getBuf(len(data) + directAlign)
+		defer c.putBuf(bp)
+		b := aligned(*bp)[:len(data)]
+		copy(b, data)
+		data = b
+	}
 	n := c.k + c.m
-	shardLen := (len(data) + c.k - 1) / c.k
-	// Each shard file is written from one aligned region: header, data,
-	// then zeroes up to the alignment, which O_DIRECT needs (see
-	// writeShard). The data shards are filled straight from data.
+	shardLen := int(alignedShardLen(uint64(len(data)), uint8(c.k)))
 	hl := fixedHdrLen + len(id.Stream) + 4
-	stride := alignUp(hl + shardLen)
-	bp := c.getBuf(n*stride + directAlign)
+	hdrLen := dataOffset(shardVersion, hl)
+	// body[i]: the aligned part of data shard i taken from data; tail[i]:
+	// the rest of the shard (whole for parity shards).
+	body := make([]int, c.k)
+	tailLen := 0
+	for i := range c.k {
+		body[i] = max(0, min(shardLen, len(data)-i*shardLen)) &^ (directAlign - 1)
+		tailLen += shardLen - body[i]
+	}
+	bp := c.getBuf(n*hdrLen + c.m*shardLen + tailLen + directAlign)
 	defer c.putBuf(bp)
-	buf := aligned(*bp)[:n*stride]
-	regions := make([][]byte, n)
-	shards := make([][]byte, n)
-	for i := range shards {
-		regions[i] = buf[i*stride : (i+1)*stride : (i+1)*stride]
-		shards[i] = regions[i][hl : hl+shardLen : hl+shardLen]
-		clear(regions[i][hl+shardLen:])
+	buf := aligned(*bp)[:n*hdrLen+c.m*shardLen+tailLen]
+	hdrs := make([][]byte, n)
+	tails := make([][]byte, n)
+	for i := range n {
+		hdrs[i], buf = buf[:hdrLen:hdrLen], buf[hdrLen:]
+		clear(hdrs[i])
+		tl := shardLen
+		if i < c.k {
+			tl -= body[i]
+		}
+		tails[i], buf = buf[:tl:tl], buf[tl:]
+		if i < c.k {
+			clear(tails[i])
+			if o := i*shardLen + body[i]; o < len(data) {
+				copy(tails[i], data[o:min(len(data), (i+1)*shardLen)])
+			}
+		}
 	}
 	// One pass over the segment, a stripe at a time while it is in the
-	// CPU cache: copy the data into its shards, checksum it, compute the
-	// stripe's parity and checksum that. The segment's checksum is
-	// combined from the data shards'; their padding (fewer than k bytes in
-	// all, at the end of the last shards) is checksummed after.
+	// CPU cache: checksum the data, compute the stripe's parity and
+	// checksum that. The segment's checksum is combined from the data
+	// shards'; their padding (zeroes at the end of the last shards) is
+	// checksummed after.
 	crcs := make([]uint32, n)
 	dataLen := make([]int, c.k) // data bytes in each data shard
 	for i := range c.k {
 		dataLen[i] = max(0, min(shardLen, len(data)-i*shardLen))
-		clear(shards[i][dataLen[i]:])
 	}
 	stripe := make([][]byte, n)
+	var straddle []byte // a stripe across a shard's body and tail
 	for o := 0; o < shardLen; o += stripeLen {
 		e := min(o+stripeLen, shardLen)
 		for i := range n {
-			stripe[i] = shards[i][o:e]
+			b := 0 // where shard i's tail starts
+			if i < c.k {
+				b = body[i]
+			}
+			switch {
+			case e <= b:
+				stripe[i] = data[i*shardLen+o : i*shardLen+e]
+			case o < b:
+				// At most one shard's body ends inside a stripe.
+				if straddle == nil {
+					straddle = make([]byte, stripeLen)
+				}
+				m := copy(straddle, data[i*shardLen+o:i*shardLen+b])
+				copy(straddle[m:e-o], tails[i])
+				stripe[i] = straddle[:e-o]
+			default:
+				stripe[i] = tails[i][o-b : e-b]
+			}
 		}
 		for i := range c.k {
 			if de := min(e, dataLen[i]); de > o {
-				part := shards[i][o:de]
-				copy(part, data[i*shardLen+o:])
-				crcs[i] = crc32.Update(crcs[i], castagnoli, part)
+				crcs[i] = crc32.Update(crcs[i], castagnoli, stripe[i][:de-o])
 			}
 		}
 		if c.enc != nil {
@@ -365,7 +408,7 @@ func (c *Cache) Put(id SegmentID, data []byte) error {
 	var segCRC uint32
 	for i := range c.k {
 		segCRC = crcCombine(segCRC, crcs[i], dataLen[i])
-		crcs[i] = crc32.Update(crcs[i], castagnoli, shards[i][dataLen[i]:])
+		crcs[i] = crc32.Update(crcs[i], castagnoli, tails[i][dataLen[i]-body[i]:])
 	}
 	h := shardHeader{
 		k: uint8(c.k), m: uint8(c.m), seq: id.Seq, gen: c.nextGen(),
@@ -375,7 +418,11 @@ func (c *Cache) Put(id SegmentID, data []byte) error {
 	errs := make([]error, n)
 	var wg sync.WaitGroup
 	for i := range n {
-		wg.Go(func() { errs[i] = c.writeShard(i, id, h, regions[i], shardLen, crcs[i]) })
+		parts := [][]byte{tails[i]}
+		if i < c.k && body[i] > 0 {
+			parts = [][]byte{data[i*shardLen : i*shardLen+body[i]], tails[i]}
+		}
+		wg.Go(func() { errs[i] = c.writeShard(i, id, h, hdrs[i], parts, crcs[i]) })
 	}
 	wg.Wait()
 
@@ -422,21 +469,21 @@ func (c *Cache) putBuf(p *[]byte) {
 }
 
 // writeShard durably writes one shard file: temp file, write, fsync,
-// rename, fsync of the directory. region holds the shard data after room
-// for the header, and zeroes up to its aligned length; shardCRC is the
-// checksum of the shard data.
-func (c *Cache) writeShard(slot int, id SegmentID, h shardHeader, region []byte, shardLen int, shardCRC uint32) error {
+// rename, fsync of the directory. hdr is the room for the header, up to
+// the data (dataOffset); parts are the shard data, in order; shardCRC is
+// its checksum.
+func (c *Cache) writeShard(slot int, id SegmentID, h shardHeader, hdr []byte, parts [][]byte, shardCRC uint32) error {
 	h.index = uint8(slot)
-	hl := h.size()
 	h.shardCRC = shardCRC
-	h.appendTo(region[:0])
+	h.appendTo(hdr[:0])
 	final := c.shardPath(slot, id)
 	tmp := final + tmpInfix + strconv.FormatUint(h.gen, 16)
+	parts = append([][]byte{hdr}, parts...)
 
 	if err := c.ensureStreamDir(slot, id.Stream); err != nil {
 		return err
 	}
-	err := c.writeFile(slot, tmp, region, hl+shardLen)
+	err := c.writeFile(slot, tmp, parts)
 	if errors.Is(err, fs.ErrNotExist) {
 		// The directory vanished under us (disk wiped or replaced while
 		// running): forget it and recreate once.
@@ -444,7 +491,7 @@ func (c *Cache) writeShard(slot int, id SegmentID, h shardHeader, region []byte,
 		if err = c.ensureStreamDir(slot, id.Stream); err != nil {
 			return err
 		}
-		err = c.writeFile(slot, tmp, region, hl+shardLen)
+		err = c.writeFile(slot, tmp, parts)
 	}
 	if err == nil {
 		err = c.fs.Rename(tmp, final)
@@ -473,13 +520,14 @@ func aligned(b []byte) []byte {
 	return b[directAlign-off:]
 }
 
-// writeFile writes region[:size] to a new file and fsyncs it. Where the
-// file system allows it, the write bypasses the page cache (O_DIRECT):
-// a shard is written once and read back only after a crash, and copying
-// it into the page cache cost the process server more CPU than the rest
-// of storing it. O_DIRECT writes the whole aligned region; the file is
-// then cut to size.
-func (c *Cache) writeFile(slot int, name string, region []byte, size int) error {
+// writeFile writes parts, in order, to a new file and fsyncs it. Where
+// the file system allows it, the write bypasses the page cache
+// (O_DIRECT): a shard is written once and read back only after a crash,
+// and copying it into the page cache cost the process server more CPU
+// than the rest of storing it. Put's parts are aligned and written as
+// they are; others (Repair) go through an aligned copy, written whole
+// and then cut to size.
+func (c *Cache) writeFile(slot int, name string, parts [][]byte) error {
 	const flags = os.O_WRONLY | os.O_CREATE | os.O_TRUNC
 	direct := !c.noDirect[slot].Load()
 	var f File
@@ -497,26 +545,44 @@ func (c *Cache) writeFile(slot int, name string, region []byte, size int) error 
 	if err != nil {
 		return err
 	}
+	size := 0
+	isAligned := true
+	for _, p := range parts {
+		size += len(p)
+		isAligned = isAligned && len(p)%directAlign == 0 &&
+			uintptr(unsafe.Pointer(unsafe.SliceData(p)))%directAlign == 0
+	}
 	t, canTruncate := f.(interface{ Truncate(int64) error })
-	if direct && !canTruncate {
+	if direct && !isAligned && !canTruncate {
 		f.Close()
 		c.noDirect[slot].Store(true)
-		return c.writeFile(slot, name, region, size)
+		return c.writeFile(slot, name, parts)
 	}
-	if direct {
-		err = writeAll(f, region[:alignUp(size)])
+	switch {
+	case direct && isAligned:
+		err = writeAll(f, parts...)
+	case direct:
+		bp := c.getBuf(alignUp(size) + directAlign)
+		b := aligned(*bp)[:alignUp(size)]
+		o := 0
+		for _, p := range parts {
+			o += copy(b[o:], p)
+		}
+		clear(b[o:])
+		err = writeAll(f, b)
+		c.putBuf(bp)
 		if err == nil {
 			err = t.Truncate(int64(size))
 		}
-		if errors.Is(err, unix.EINVAL) {
-			// The file system took the open but not the write: write
-			// through the page cache from now on.
-			f.Close()
-			c.noDirect[slot].Store(true)
-			return c.writeFile(slot, name, region, size)
-		}
-	} else {
-		err = writeAll(f, region[:size])
+	default:
+		err = writeAll(f, parts...)
+	}
+	if direct && errors.Is(err, unix.EINVAL) {
+		// The file system took the open but not the write: write
+		// through the page cache from now on.
+		f.Close()
+		c.noDirect[slot].Store(true)
+		return c.writeFile(slot, name, parts)
 	}
 	if err != nil {
 		err = fmt.Errorf("write shard: %w", err)
@@ -744,15 +810,13 @@ func (c *Cache) Repair(id SegmentID) (int, error) {
 	}
 	repaired := 0
 	var errs []error
-	hl, shardLen := h.size(), len(d.shards[0])
-	region := make([]byte, alignUp(hl+shardLen)+directAlign)
-	region = aligned(region)[:alignUp(hl+shardLen)]
+	hdr := make([]byte, dataOffset(shardVersion, h.size()))
 	for i, ok := range d.have {
 		if ok {
 			continue
 		}
-		copy(region[hl:], d.shards[i])
-		if err := c.writeShard(i, id, h, region, shardLen, crc(d.shards[i])); err != nil {
+		clear(hdr)
+		if err := c.writeShard(i, id, h, hdr, [][]byte{d.shards[i]}, crc(d.shards[i])); err != nil {
 			errs = append(errs, fmt.Errorf("shard %d in %s: %w", i, c.dirs[i], err))
 			continue
 		}

@@ -2,6 +2,7 @@ package cache
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -261,10 +262,10 @@ func TestCorruptBeyondParity(t *testing.T) {
 		b[off] ^= 0x40
 		os.WriteFile(p, b, 0o640)
 	}
-	flip(0, 200) // data
-	flip(3, 10)  // header
+	flip(0, 4096+200) // data
+	flip(3, 10)       // header
 	mustGet(t, c, id, data)
-	flip(1, 4000)
+	flip(1, 4096+2000)
 	got, err := c.Get(id)
 	if !errors.Is(err, ErrUnrecoverable) || got != nil {
 		t.Fatalf("3 of 4 shards corrupt: %d bytes, %v", len(got), err)
@@ -684,38 +685,93 @@ func TestPutShardSizes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	seq := uint64(0)
 	for _, stream := range []string{"m", "machine-with-a-longer-name"} {
-		for i, size := range []int{1, 511, 4096, 4097, 8100, 1<<20 + 3} {
-			data := make([]byte, size)
-			for j := range data {
-				data[j] = byte(j*7 + i)
-			}
-			id := SegmentID{Stream: stream, Seq: uint64(i + 1)}
-			if err := c.Put(id, data); err != nil {
-				t.Fatal(err)
-			}
-			shardLen := (size + 1) / 2
-			for slot := range dirs {
-				st, err := os.Stat(c.shardPath(slot, id))
-				if err != nil {
-					t.Fatal(err)
-				}
-				if want := int64(fixedHdrLen + len(stream) + 4 + shardLen); st.Size() != want {
-					t.Errorf("%s shard %d: file of %d bytes, want %d", id, slot, st.Size(), want)
-				}
-			}
-			got, err := c.Get(id)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if !bytes.Equal(got, data) {
-				t.Fatalf("%s: Get returned other bytes", id)
+		for i, size := range []int{1, 511, 4096, 4097, 8100, 1<<20 + 3, 8<<20 - 5} {
+			// Put writes an aligned segment without copying it, and
+			// copies one that is not.
+			for _, misalign := range []int{0, 1} {
+				data := aligned(make([]byte, size+misalign+directAlign))[misalign : misalign+size]
+				putShardSize(t, c, dirs, SegmentID{Stream: stream, Seq: seq + 1}, data, i)
+				seq++
 			}
 		}
 	}
 	for slot := range dirs {
 		t.Logf("directory %d: O_DIRECT %v", slot, !c.noDirect[slot].Load())
 	}
+}
+
+func putShardSize(t *testing.T, c *Cache, dirs []string, id SegmentID, data []byte, seed int) {
+	t.Helper()
+	for j := range data {
+		data[j] = byte(j*7 + seed)
+	}
+	if err := c.Put(id, data); err != nil {
+		t.Fatal(err)
+	}
+	shardLen := alignUp((len(data) + 1) / 2)
+	for slot := range dirs {
+		st, err := os.Stat(c.shardPath(slot, id))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := int64(alignUp(fixedHdrLen+len(id.Stream)+4) + shardLen); st.Size() != want {
+			t.Errorf("%s shard %d: file of %d bytes, want %d", id, slot, st.Size(), want)
+		}
+	}
+	got, err := c.Get(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, data) {
+		t.Fatalf("%s: Get returned other bytes", id)
+	}
+}
+
+// TestReadsVersion1Shards: shards written before the aligned layout
+// (version 1: data right after the header, shard length ⌈len/k⌉) are
+// still read, and Repair rebuilds a lost one next to them.
+func TestReadsVersion1Shards(t *testing.T) {
+	dirs := tempDirs(t, 3)
+	c := open(t, dirs, Options{})
+	id := SegmentID{"m", 5}
+	data := payload(100_003, 5)
+	shardLen := (len(data) + 1) / 2
+	shards := make([][]byte, 3)
+	for i := range shards {
+		shards[i] = make([]byte, shardLen)
+		if i < 2 {
+			copy(shards[i], data[min(len(data), i*shardLen):])
+		}
+	}
+	enc, err := c.encoder(2, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := enc.Encode(shards); err != nil {
+		t.Fatal(err)
+	}
+	h := shardHeader{k: 2, m: 1, seq: id.Seq, gen: 1, segLen: uint64(len(data)), shardLen: uint32(shardLen), segCRC: crc(data), stream: id.Stream}
+	for i, sh := range shards {
+		h.index, h.shardCRC = uint8(i), crc(sh)
+		file := h.appendTo(nil)
+		file[4] = 1
+		binary.LittleEndian.PutUint32(file[len(file)-4:], crc(file[:len(file)-4]))
+		if err := os.MkdirAll(filepath.Dir(c.shardPath(i, id)), 0o750); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(c.shardPath(i, id), append(file, sh...), 0o640); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mustGet(t, c, id, data)
+	os.Remove(c.shardPath(0, id))
+	if n, err := c.Repair(id); err != nil || n != 1 {
+		t.Fatalf("repair rewrote %d shards, %v; want 1", n, err)
+	}
+	os.Remove(c.shardPath(1, id))
+	mustGet(t, c, id, data)
 }
 
 func TestCRCCombine(t *testing.T) {

@@ -10,7 +10,7 @@ import (
 // Shard file layout (little endian):
 //
 //	 0  4  magic "LBCS"
-//	 4  1  version (1)
+//	 4  1  version (2; 1 is still read)
 //	 5  1  shard index (== position of the directory in Open's list)
 //	 6  1  data shards k
 //	 7  1  parity shards m
@@ -24,12 +24,32 @@ import (
 //	46  2  reserved, zero
 //	48  n  stream name
 //	48+n 4 CRC32C of bytes [0, 48+n)
-//	...    shard data
+//	...    version 2: zeroes up to dataOffset (the next 4 KiB boundary)
+//	       shard data (version 1: right after the header)
+//
+// Version 2 puts the data on a 4 KiB boundary and makes its length a
+// multiple of 4 KiB (alignedShardLen): Put then writes the data shards
+// with O_DIRECT straight from the segment, without copying them.
 const (
 	shardMagic   = "LBCS"
-	shardVersion = 1
+	shardVersion = 2
 	fixedHdrLen  = 48
 )
+
+// dataOffset is where the shard data starts in a file of the version.
+func dataOffset(version byte, hdrLen int) int {
+	if version == 1 {
+		return hdrLen
+	}
+	return alignUp(hdrLen)
+}
+
+// alignedShardLen is the shard length Put uses for a segment of segLen
+// bytes over k data shards: each data shard starts on a directAlign
+// boundary of the segment.
+func alignedShardLen(segLen uint64, k uint8) uint64 {
+	return uint64(alignUp(int((segLen + uint64(k) - 1) / uint64(k))))
+}
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
@@ -129,7 +149,7 @@ func parseShard(file []byte, stream string, seq uint64, slot int, maxSeg uint64)
 	if string(file[:4]) != shardMagic {
 		return h, nil, fmt.Errorf("%w: bad magic %q", errCorruptShard, file[:4])
 	}
-	if file[4] != shardVersion {
+	if file[4] != 1 && file[4] != shardVersion {
 		return h, nil, fmt.Errorf("%w: unsupported version %d", errCorruptShard, file[4])
 	}
 	n := int(binary.LittleEndian.Uint16(file[44:46]))
@@ -164,12 +184,22 @@ func parseShard(file []byte, stream string, seq uint64, slot int, maxSeg uint64)
 		return h, nil, fmt.Errorf("%w: invalid geometry %d+%d for shard %d", errCorruptShard, h.k, h.m, h.index)
 	case h.segLen == 0 || h.segLen > maxSeg:
 		return h, nil, fmt.Errorf("%w: segment length %d out of range", errCorruptShard, h.segLen)
-	case uint64(h.shardLen) != (h.segLen+uint64(h.k)-1)/uint64(h.k):
+	case uint64(h.shardLen) != (h.segLen+uint64(h.k)-1)/uint64(h.k) &&
+		(file[4] == 1 || uint64(h.shardLen) != alignedShardLen(h.segLen, h.k)):
+		// Version 2 takes both: Repair keeps a version 1 segment's length.
 		return h, nil, fmt.Errorf("%w: shard length %d does not fit segment length %d over %d shards", errCorruptShard, h.shardLen, h.segLen, h.k)
-	case len(file)-hl != int(h.shardLen):
-		return h, nil, fmt.Errorf("%w: %d data bytes, header says %d", errCorruptShard, len(file)-hl, h.shardLen)
 	}
-	data := file[hl:]
+	off := dataOffset(file[4], hl)
+	if len(file)-off != int(h.shardLen) {
+		return h, nil, fmt.Errorf("%w: %d data bytes, header says %d", errCorruptShard, len(file)-off, h.shardLen)
+	}
+	// No byte of a shard goes unchecked: the padding must be zero.
+	for _, b := range file[hl:off] {
+		if b != 0 {
+			return h, nil, fmt.Errorf("%w: padding after the header is not zero", errCorruptShard)
+		}
+	}
+	data := file[off:]
 	if got := crc(data); got != h.shardCRC {
 		return h, nil, fmt.Errorf("%w: data checksum %08x, want %08x", errCorruptShard, got, h.shardCRC)
 	}
