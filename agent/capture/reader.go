@@ -10,8 +10,7 @@ import (
 )
 
 // With BPF_RB_NO_WAKEUP the reader polls; a barrier or Stop wakes it at
-// once (flush). Each poll is a blocking epoll_wait that holds a Go P, and
-// the runtime's sysmon churns while one is held.
+// once (flush). Polls park in the runtime's poller (eventRing.wait).
 const pollInterval = 10 * time.Millisecond
 
 // Item is what the consumer receives: a ring record (Raw), or a barrier

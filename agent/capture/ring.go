@@ -6,6 +6,7 @@ import (
 	"os"
 	"runtime"
 	"sync/atomic"
+	"syscall"
 	"time"
 	"unsafe"
 
@@ -29,6 +30,12 @@ type eventRing struct {
 	pos        uint64 // the reader's position, ahead of consPos
 
 	epfd, evfd int
+	// ep is epfd in the Go runtime's poller: wait parks the goroutine
+	// instead of blocking a thread in epoll_wait, which kept the
+	// runtime's sysmon waking every 20 µs (thousands of context switches
+	// a second on the writers' CPUs).
+	ep *os.File
+	rc syscall.RawConn
 }
 
 // How long next waits for a record still being written: busySpins
@@ -65,6 +72,16 @@ func newEventRing(m *ebpf.Map) (*eventRing, error) {
 	r.data = r.prod[page:]
 	r.pos = atomic.LoadUint64(r.consPos)
 	if r.epfd, err = unix.EpollCreate1(unix.EPOLL_CLOEXEC); err != nil {
+		r.close()
+		return nil, fmt.Errorf("epoll: %w", err)
+	}
+	// Non-blocking before NewFile: then the runtime poller takes it.
+	if err := unix.SetNonblock(r.epfd, true); err != nil {
+		r.close()
+		return nil, fmt.Errorf("epoll: %w", err)
+	}
+	r.ep = os.NewFile(uintptr(r.epfd), "capture ring epoll")
+	if r.rc, err = r.ep.SyscallConn(); err != nil {
 		r.close()
 		return nil, fmt.Errorf("epoll: %w", err)
 	}
@@ -137,23 +154,31 @@ var errRingFlushed = errors.New("ring flushed")
 // d passes (nil for the signal and the timeout, errRingFlushed).
 func (r *eventRing) wait(d time.Duration) error {
 	var ev [2]unix.EpollEvent
-	for {
-		n, err := unix.EpollWait(r.epfd, ev[:], int(d/time.Millisecond))
-		if err == unix.EINTR {
-			continue
-		}
-		if err != nil {
-			return fmt.Errorf("wait for the capture ring: %w", err)
-		}
-		for _, e := range ev[:n] {
-			if int(e.Fd) == r.evfd {
-				var b [8]byte
-				unix.Read(r.evfd, b[:])
-				return errRingFlushed
-			}
-		}
-		return nil
+	var n int
+	var werr error
+	if err := r.ep.SetReadDeadline(time.Now().Add(d)); err != nil {
+		return fmt.Errorf("wait for the capture ring: %w", err)
 	}
+	err := r.rc.Read(func(fd uintptr) bool {
+		n, werr = unix.EpollWait(int(fd), ev[:], 0)
+		return n > 0 || (werr != nil && werr != unix.EINTR)
+	})
+	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return nil
+	case err != nil:
+		return fmt.Errorf("wait for the capture ring: %w", err)
+	case werr != nil:
+		return fmt.Errorf("wait for the capture ring: %w", werr)
+	}
+	for _, e := range ev[:n] {
+		if int(e.Fd) == r.evfd {
+			var b [8]byte
+			unix.Read(r.evfd, b[:])
+			return errRingFlushed
+		}
+	}
+	return nil
 }
 
 // flush wakes a wait (safe from any goroutine).
@@ -163,6 +188,10 @@ func (r *eventRing) flush() {
 }
 
 func (r *eventRing) close() {
+	if r.ep != nil {
+		r.ep.Close() // closes epfd
+		r.ep, r.epfd = nil, -1
+	}
 	for _, fd := range []int{r.epfd, r.evfd} {
 		if fd >= 0 {
 			unix.Close(fd)
