@@ -143,8 +143,13 @@ type Stats struct {
 	InflightTimeouts uint64           `json:"inflight_timeouts"`
 	// StaleCompletions counts writes whose completion the kernel never
 	// reported; their blocks were read back (see capture.SweepStale).
-	StaleCompletions uint64   `json:"stale_completions"`
-	Sync             []string `json:"sync"` // how each device was brought up to date at start
+	StaleCompletions uint64 `json:"stale_completions"`
+	// AppliedAhead counts records applied in the middle of a read-back
+	// (applyAhead), and ReadEarly the blocks read back ahead of their
+	// turn because such a record covered them.
+	AppliedAhead uint64   `json:"records_during_readback"`
+	ReadEarly    uint64   `json:"blocks_read_early"`
+	Sync         []string `json:"sync"` // how each device was brought up to date at start
 }
 
 type source struct {
@@ -662,7 +667,7 @@ func (e *Engine) readbackMetadata(ctx context.Context, delay time.Duration, pace
 		}
 		s.metaDirty = false
 		start := time.Now()
-		if err := e.readback(ctx, i, nil); err != nil {
+		if err := e.readback(ctx, i, nil, paced); err != nil {
 			return err
 		}
 		s.passEnd = time.Now()
@@ -806,7 +811,7 @@ func (e *Engine) drain(ctx context.Context, idx []int, park bool, bar *progress.
 	e.stats.Drains++
 	for _, i := range idx {
 		e.srcs[i].lastDrain = time.Now()
-		if err := e.readback(ctx, i, bar); err != nil {
+		if err := e.readback(ctx, i, bar, true); err != nil {
 			return err
 		}
 	}
@@ -900,39 +905,121 @@ func (e *Engine) waitLanded(ctx context.Context, i int) error {
 
 // readback copies the dirty blocks of device i from the device to the
 // target. Dirty runs at most readbackGap blocks apart are read with one
-// I/O (up to readbackChunk); only the runs go to the target.
-func (e *Engine) readback(ctx context.Context, i int, bar *progress.Bar) error {
+// I/O (up to readbackChunk); only the runs go to the target. Each block
+// is marked clean as it is read: blocks marked during the pass, behind
+// it, wait for the next one.
+//
+// With ahead, the ring records that come in meanwhile are applied
+// between reads (applyAhead) rather than left in the ring until the pass
+// ends: a pass over a large bitmap (the initial copy, a drain after an
+// overflow) takes far longer than the ring lasts under heavy writes, and
+// a ring filled during one drain's read-back overflowed into the next.
+func (e *Engine) readback(ctx context.Context, i int, bar *progress.Bar, ahead bool) error {
 	s := e.srcs[i]
-	if !s.dirty.Any() {
-		s.readGen++
-		return nil
-	}
-	const maxSpan = readbackChunk / capture.BlockSize
-	runs := e.runs[:0]
-	for ext := range s.dirty.Extents(maxSpan) {
+	for pos := uint64(0); s.dirty.Any(); {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
+		runs, next := e.takeSpan(s, pos, s.dirty.Blocks())
+		if len(runs) == 0 {
+			break
+		}
+		if err := e.readSpan(s, i, runs, bar); err != nil {
+			return err
+		}
+		pos = next
+		if ahead {
+			if err := e.applyAhead(bar); err != nil {
+				return err
+			}
+		}
+	}
+	s.compare = false
+	s.readGen++
+	return nil
+}
+
+// takeSpan takes from s's dirty set the runs, between blocks pos and end,
+// that one read covers: from the first dirty block, runs at most
+// readbackGap clean blocks apart within readbackChunk. It marks them
+// clean and returns them (in e.runs) and the block after the last.
+func (e *Engine) takeSpan(s *source, pos, end uint64) ([]bitmap.Extent, uint64) {
+	const maxSpan = readbackChunk / capture.BlockSize
+	runs := e.runs[:0]
+	for ext := range s.dirty.ExtentsFrom(pos, maxSpan) {
+		if ext.Start >= end {
+			break
+		}
+		ext.Len = min(ext.Len, end-ext.Start)
 		if len(runs) > 0 {
 			last := runs[len(runs)-1]
 			if ext.Start-(last.Start+last.Len) > readbackGap || ext.Start+ext.Len-runs[0].Start > maxSpan {
-				if err := e.readSpan(s, i, runs, bar); err != nil {
-					return err
-				}
-				runs = runs[:0]
+				break
 			}
 		}
 		runs = append(runs, ext)
 	}
-	if len(runs) > 0 {
-		if err := e.readSpan(s, i, runs, bar); err != nil {
+	for _, r := range runs {
+		s.dirty.ClearRange(r.Start, r.Len)
+	}
+	e.runs = runs
+	if len(runs) == 0 {
+		return nil, end
+	}
+	last := runs[len(runs)-1]
+	return runs, last.Start + last.Len
+}
+
+// applyAheadBatch bounds the records applyAhead applies between two reads.
+const applyAheadBatch = 4096
+
+// applyAhead applies the ring records ready now, in the middle of a
+// read-back. A data-mode record was captured at submission, so its write
+// may not have landed yet: a read-back of its blocks after it is applied
+// could bring back the older data over it. The blocks it covers that are
+// still waiting in a read-back are therefore read first, then the record
+// is applied, which is the order a drain keeps for all of them. Other
+// records (metadata extents, other blocks) do not meet a pending read.
+func (e *Engine) applyAhead(bar *progress.Bar) error {
+	for range applyAheadBatch {
+		it, ok := e.rd.TryNext()
+		if !ok {
+			return nil
+		}
+		if it.Barrier != 0 {
+			e.barrierSeen = max(e.barrierSeen, it.Barrier)
+			continue
+		}
+		var r capture.Record
+		if err := capture.Decode(it.Raw, &r); err != nil {
+			return err
+		}
+		s, err := e.check(&r)
+		if err != nil {
+			return err
+		}
+		if s.Mode != capture.ModeMetadata && s.dirty.Any() {
+			lo := uint64(r.Offset / capture.BlockSize)
+			hi := min(uint64((r.Offset+int64(r.Len)+capture.BlockSize-1)/capture.BlockSize), s.dirty.Blocks())
+			for pos := lo; pos < hi; {
+				runs, next := e.takeSpan(s, pos, hi)
+				if len(runs) == 0 {
+					break
+				}
+				if err := e.readSpan(s, int(r.Dev), runs, bar); err != nil {
+					return err
+				}
+				for _, x := range runs {
+					e.stats.ReadEarly += x.Len
+				}
+				pos = next
+			}
+		}
+		e.stats.AppliedAhead++
+		if err := e.applyRecord(s, &r); err != nil {
 			return err
 		}
 	}
-	e.runs = runs[:0]
-	s.dirty.Reset()
-	s.compare = false
-	s.readGen++
 	return nil
 }
 
@@ -999,16 +1086,30 @@ func (e *Engine) apply(it capture.Item) error {
 	if err := capture.Decode(it.Raw, &r); err != nil {
 		return err
 	}
+	s, err := e.check(&r)
+	if err != nil {
+		return err
+	}
+	return e.applyRecord(s, &r)
+}
+
+// check returns the source of record r, whose extent must lie on it.
+func (e *Engine) check(r *capture.Record) (*source, error) {
 	if int(r.Dev) >= len(e.srcs) {
-		return fmt.Errorf("record %d: unknown device %d", r.Seq, r.Dev)
+		return nil, fmt.Errorf("record %d: unknown device %d", r.Seq, r.Dev)
 	}
 	s := e.srcs[r.Dev]
 	if r.Offset+int64(r.Len) > s.size || r.Offset < 0 {
 		if err := e.checkSizes(); err != nil {
-			return err
+			return nil, err
 		}
-		return fmt.Errorf("record %d: extent %d+%d beyond %s (%d bytes)", r.Seq, r.Offset, r.Len, s.Path, s.size)
+		return nil, fmt.Errorf("record %d: extent %d+%d beyond %s (%d bytes)", r.Seq, r.Offset, r.Len, s.Path, s.size)
 	}
+	return s, nil
+}
+
+// applyRecord hands record r of source s to the target.
+func (e *Engine) applyRecord(s *source, r *capture.Record) error {
 	e.stats.Applied++
 	if r.Seq > e.stats.LastSeq {
 		e.stats.LastSeq = r.Seq

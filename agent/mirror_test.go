@@ -362,6 +362,11 @@ func mirrorWritesDuringInitialCopy(t *testing.T, o runOpts) {
 	if s.Applied == 0 && s.BlocksReread <= uint64(512<<20/4096) {
 		t.Error("nothing was captured while fio was writing")
 	}
+	// Records came in during the copy's read-back and were applied there,
+	// some over blocks the copy had not reached yet, which were read first.
+	if s.AppliedAhead == 0 || s.ReadEarly == 0 {
+		t.Errorf("no record applied during the initial copy (%d), or none ahead of it (%d blocks read early)", s.AppliedAhead, s.ReadEarly)
+	}
 	// The kernel now and then ends a write here without block_rq_complete:
 	// capture settles it when its bio is reused (late_completions) or
 	// sweeps it; a write counted in flight for good stalls the drain.

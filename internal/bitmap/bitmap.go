@@ -126,6 +126,30 @@ func (b *Bitmap) SetRange(start, n uint64) {
 	b.words[last] |= hi
 }
 
+// ClearRange marks blocks [start, start+n) clean. It panics if the range
+// exceeds the bitmap.
+func (b *Bitmap) ClearRange(start, n uint64) {
+	if n == 0 {
+		return
+	}
+	end := start + n
+	if end < start || end > b.blocks {
+		panic(fmt.Sprintf("bitmap: range [%d,+%d) out of range [0,%d)", start, n, b.blocks))
+	}
+	first, last := start/64, (end-1)/64
+	lo := ^uint64(0) << (start % 64)
+	hi := ^uint64(0) >> (63 - (end-1)%64)
+	if first == last {
+		b.words[first] &^= lo & hi
+		return
+	}
+	b.words[first] &^= lo
+	for w := first + 1; w < last; w++ {
+		b.words[w] = 0
+	}
+	b.words[last] &^= hi
+}
+
 // MarkBytes marks dirty every block that the byte range [off, off+length)
 // touches, including partially covered first and last blocks. The range is
 // clipped to the device, so a write reported past the end (e.g. after the
@@ -198,13 +222,17 @@ func (b *Bitmap) Union(other *Bitmap) error {
 // splitting runs longer than maxBlocks so that each fits one read.
 // maxBlocks <= 0 means no limit. The bitmap must not change during
 // iteration.
-func (b *Bitmap) Extents(maxBlocks int) iter.Seq[Extent] {
+func (b *Bitmap) Extents(maxBlocks int) iter.Seq[Extent] { return b.ExtentsFrom(0, maxBlocks) }
+
+// ExtentsFrom is Extents from block start on; a run across start yields
+// its part from start.
+func (b *Bitmap) ExtentsFrom(start uint64, maxBlocks int) iter.Seq[Extent] {
 	limit := uint64(math.MaxUint64)
 	if maxBlocks > 0 {
 		limit = uint64(maxBlocks)
 	}
 	return func(yield func(Extent) bool) {
-		for i := b.nextSet(0); i < b.blocks; {
+		for i := b.nextSet(start); i < b.blocks; {
 			end := b.nextClear(i)
 			for i < end {
 				n := min(end-i, limit)

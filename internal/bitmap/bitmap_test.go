@@ -355,3 +355,53 @@ func TestUnmarshalRejectsCorruption(t *testing.T) {
 		}
 	}
 }
+
+// TestClearRangeAndExtentsFrom against a plain []bool model, at random.
+func TestClearRangeAndExtentsFrom(t *testing.T) {
+	rng := rand.New(rand.NewPCG(7, 11))
+	for round := range 200 {
+		blocks := uint64(1 + rng.IntN(300))
+		b := New(blocks)
+		model := make([]bool, blocks)
+		for range 20 {
+			start := rng.Uint64N(blocks)
+			n := rng.Uint64N(blocks - start + 1)
+			set := rng.IntN(3) > 0
+			if set {
+				b.SetRange(start, n)
+			} else {
+				b.ClearRange(start, n)
+			}
+			for i := start; i < start+n; i++ {
+				model[i] = set
+			}
+		}
+		var want []uint64
+		for i, v := range model {
+			if v {
+				want = append(want, uint64(i))
+			}
+		}
+		if got := setBlocks(b); !slices.Equal(got, want) {
+			t.Fatalf("round %d: dirty %v, want %v", round, got, want)
+		}
+		from := rng.Uint64N(blocks + 1)
+		max := 1 + rng.IntN(70)
+		var got []uint64
+		for e := range b.ExtentsFrom(from, max) {
+			if e.Len == 0 || e.Len > uint64(max) {
+				t.Fatalf("round %d: extent %+v breaks the limit %d", round, e, max)
+			}
+			got = append(got, span(e.Start, e.Len)...)
+		}
+		var wantFrom []uint64
+		for _, i := range want {
+			if i >= from {
+				wantFrom = append(wantFrom, i)
+			}
+		}
+		if !slices.Equal(got, wantFrom) {
+			t.Fatalf("round %d: extents from %d cover %v, want %v", round, from, got, wantFrom)
+		}
+	}
+}
