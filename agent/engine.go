@@ -164,6 +164,10 @@ type source struct {
 	readGen   uint64    // read-backs done (coverage waits for one)
 	passEnd   time.Time // when the last metadata read-back pass ended
 	passTook  time.Duration
+	// draining: the drain under way swapped the kernel bitmap into dirty
+	// after this device's captured writes landed; until its read-back
+	// ends, applyAhead reads a record's blocks still in dirty first.
+	draining  bool
 	lastDrain time.Time
 }
 
@@ -181,6 +185,9 @@ type Engine struct {
 	persist bool
 	syncReq []atomic.Int32 // per device: SyncKind+1 requested by RequestSync
 	runs    []bitmap.Extent
+	// aheadTook is the time applyAhead has taken so far (pacing leaves it
+	// out of read-back passes).
+	aheadTook time.Duration
 
 	closed        bool
 	barrierSeen   uint64    // highest capture barrier applied
@@ -358,7 +365,7 @@ func (e *Engine) Run(ctx context.Context) (err error) {
 	if e.opt.Progress != nil && total > 0 {
 		bar = progress.New(e.opt.Progress, "initial sync", total)
 	}
-	if err := e.drain(ctx, allIdx(len(e.srcs)), false, bar); err != nil {
+	if err := e.drain(ctx, allIdx(len(e.srcs)), false, true, bar); err != nil {
 		return err
 	}
 	if bar != nil {
@@ -376,7 +383,7 @@ func (e *Engine) Run(ctx context.Context) (err error) {
 	if err := e.settleIdle(); err != nil {
 		return err
 	}
-	if err := e.drain(context.Background(), allIdx(len(e.srcs)), true, nil); err != nil {
+	if err := e.drain(context.Background(), allIdx(len(e.srcs)), true, false, nil); err != nil {
 		return err
 	}
 	if err := e.opt.Target.Sync(); err != nil {
@@ -454,7 +461,7 @@ func (e *Engine) loop(ctx context.Context) error {
 		}
 		if len(need) > 0 {
 			// A stop request does not interrupt a drain half way.
-			if err := e.drain(context.Background(), need, false, nil); err != nil {
+			if err := e.drain(context.Background(), need, false, true, nil); err != nil {
 				return err
 			}
 			continue
@@ -530,7 +537,7 @@ func (e *Engine) sweepStale() error {
 	if err != nil || len(idx) == 0 {
 		return err
 	}
-	return e.drain(context.Background(), idx, false, nil)
+	return e.drain(context.Background(), idx, false, true, nil)
 }
 
 // markStale sweeps the stale pending writes into the kernel bitmap, where
@@ -684,16 +691,24 @@ func (s *source) readbackDue(now time.Time, delay time.Duration, paced bool) boo
 // least delay ago; with paced, no sooner than readbackPause allows.
 func (e *Engine) readbackMetadata(ctx context.Context, delay time.Duration, paced bool) error {
 	for i, s := range e.srcs {
+		// Marks in the kernel bitmap join the pass: coverage, armed
+		// while they were there, counts on this pass to read them.
+		if s.Mode == capture.ModeMetadata && e.cap.Marks(i) != s.lastMarks {
+			if err := e.harvest(i); err != nil {
+				return err
+			}
+		}
 		if !s.readbackDue(time.Now(), delay, paced) {
 			continue
 		}
 		s.metaDirty = false
-		start := time.Now()
+		start, ahead := time.Now(), e.aheadTook
 		if err := e.readback(ctx, i, nil, paced); err != nil {
 			return err
 		}
+		// Records applied meanwhile are not the pass's own work.
 		s.passEnd = time.Now()
-		s.passTook = s.passEnd.Sub(start)
+		s.passTook = s.passEnd.Sub(start) - (e.aheadTook - ahead)
 		e.log.Debug("read-back pass", keyDevice, s.Path, "took", s.passTook)
 	}
 	return nil
@@ -722,7 +737,7 @@ func (e *Engine) appConsistent(ctx context.Context) error {
 	return fsfreeze.WithFrozen(ctx, mounts, e.opt.PreScript, e.opt.PostScript, e.opt.FreezeTimeout, func() error {
 		// Frozen filesystems have written everything: once the stream
 		// holds every completed write, the point is app-consistent.
-		if err := e.drain(ctx, allIdx(len(e.srcs)), false, nil); err != nil {
+		if err := e.drain(ctx, allIdx(len(e.srcs)), false, false, nil); err != nil {
 			return err
 		}
 		return e.emit(AppConsistent)
@@ -747,7 +762,7 @@ func (e *Engine) marker(ctx context.Context, kind MarkerKind) error {
 		}
 	}
 	if len(need) > 0 {
-		if err := e.drain(ctx, need, false, nil); err != nil {
+		if err := e.drain(ctx, need, false, false, nil); err != nil {
 			return err
 		}
 	}
@@ -807,8 +822,11 @@ func (e *Engine) quiesce(ctx context.Context) error {
 // ordering contract of capture.bpf.c: flag set → ring drained → captured
 // writes completed → bitmap swapped → flag cleared → blocks read back
 // before any later ring record is applied. With park, the flags stay set
-// so that capture keeps marking the bitmap after the agent has gone.
-func (e *Engine) drain(ctx context.Context, idx []int, park bool, bar *progress.Bar) error {
+// so that capture keeps marking the bitmap after the agent has gone. With
+// ahead, ring records that come in during the read-back are applied
+// meanwhile (applyAhead): not for markers, whose point must stay where
+// quiesce put it.
+func (e *Engine) drain(ctx context.Context, idx []int, park, ahead bool, bar *progress.Bar) error {
 	for _, i := range idx {
 		e.cap.SetOverflow(i, true)
 	}
@@ -829,13 +847,23 @@ func (e *Engine) drain(ctx context.Context, idx []int, park bool, bar *progress.
 		if !park {
 			e.cap.SetOverflow(i, false)
 		}
+		s.draining = true
 	}
+	// Should the read-back stop half way, the blocks left in dirty are
+	// read by the device's next drain, after its writes have landed
+	// again: applyAhead must not read them early before that.
+	defer func() {
+		for _, i := range idx {
+			e.srcs[i].draining = false
+		}
+	}()
 	e.stats.Drains++
 	for _, i := range idx {
 		e.srcs[i].lastDrain = time.Now()
-		if err := e.readback(ctx, i, bar, true); err != nil {
+		if err := e.readback(ctx, i, bar, ahead); err != nil {
 			return err
 		}
+		e.srcs[i].draining = false
 	}
 	return nil
 }
@@ -938,7 +966,7 @@ func (e *Engine) waitLanded(ctx context.Context, i int) error {
 // a ring filled during one drain's read-back overflowed into the next.
 func (e *Engine) readback(ctx context.Context, i int, bar *progress.Bar, ahead bool) error {
 	s := e.srcs[i]
-	for pos := uint64(0); s.dirty.Any(); {
+	for pos := uint64(0); ; {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
@@ -968,11 +996,7 @@ func (e *Engine) readback(ctx context.Context, i int, bar *progress.Bar, ahead b
 func (e *Engine) takeSpan(s *source, pos, end uint64) ([]bitmap.Extent, uint64) {
 	const maxSpan = readbackChunk / capture.BlockSize
 	runs := e.runs[:0]
-	for ext := range s.dirty.ExtentsFrom(pos, maxSpan) {
-		if ext.Start >= end {
-			break
-		}
-		ext.Len = min(ext.Len, end-ext.Start)
+	for ext := range s.dirty.ExtentsIn(pos, end, maxSpan) {
 		if len(runs) > 0 {
 			last := runs[len(runs)-1]
 			if ext.Start-(last.Start+last.Len) > readbackGap || ext.Start+ext.Len-runs[0].Start > maxSpan {
@@ -1000,9 +1024,13 @@ const applyAheadBatch = 4096
 // may not have landed yet: a read-back of its blocks after it is applied
 // could bring back the older data over it. The blocks it covers that are
 // still waiting in a read-back are therefore read first, then the record
-// is applied, which is the order a drain keeps for all of them. Other
-// records (metadata extents, other blocks) do not meet a pending read.
+// is applied, which is the order a drain keeps for all of them. Only
+// devices whose drain is under way have such blocks: their writes landed
+// before the swap. Other records (metadata extents, other blocks, other
+// devices) do not meet a pending read.
 func (e *Engine) applyAhead(bar *progress.Bar) error {
+	start := time.Now()
+	defer func() { e.aheadTook += time.Since(start) }()
 	for range applyAheadBatch {
 		it, ok := e.rd.TryNext()
 		if !ok {
@@ -1020,7 +1048,7 @@ func (e *Engine) applyAhead(bar *progress.Bar) error {
 		if err != nil {
 			return err
 		}
-		if s.Mode != capture.ModeMetadata && s.dirty.Any() {
+		if s.draining && s.Mode != capture.ModeMetadata {
 			lo := uint64(r.Offset / capture.BlockSize)
 			hi := min(uint64((r.Offset+int64(r.Len)+capture.BlockSize-1)/capture.BlockSize), s.dirty.Blocks())
 			for pos := lo; pos < hi; {

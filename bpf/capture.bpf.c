@@ -499,13 +499,21 @@ static __always_inline void settle(struct lb_pending *pc, int status, bool late,
 		ring_finished(id);
 		if (!failed)
 			return;
-	} else if (pc->kind == LB_PEND_META && !failed && !late && !st->overflow) {
-		// A set flag also parks metadata devices on the bitmap (agent stopped).
-		if (emit_meta(d, pc->sector, pc->len, pc->op, pc->opf, c))
+	} else if (pc->kind == LB_PEND_META && !failed && !late && c) {
+		// A set flag also parks metadata devices on the bitmap (agent
+		// stopped). Counted running before the flag is read, as in
+		// lb_bio_queue: a record committed after the agent's last
+		// barrier would be lost with the ring at a stop.
+		__sync_fetch_and_add(&c->inflight, 1);
+		bool parked = st->overflow;
+		bool ok = !parked && emit_meta(d, pc->sector, pc->len, pc->op, pc->opf, c);
+		__sync_fetch_and_add(&c->inflight, -1);
+		if (ok)
 			return;
-		__sync_fetch_and_add(&st->overflow_events, 1);
-		if (c)
+		if (!parked) {
+			__sync_fetch_and_add(&st->overflow_events, 1);
 			c->overflow_bios++;
+		}
 	}
 	mark_bitmap(d, pc->sector, pc->len, c);
 }

@@ -227,59 +227,76 @@ func (b *Bitmap) Extents(maxBlocks int) iter.Seq[Extent] { return b.ExtentsFrom(
 // ExtentsFrom is Extents from block start on; a run across start yields
 // its part from start.
 func (b *Bitmap) ExtentsFrom(start uint64, maxBlocks int) iter.Seq[Extent] {
+	return b.ExtentsIn(start, b.blocks, maxBlocks)
+}
+
+// ExtentsIn is Extents within blocks [start, end): runs across either
+// bound yield their part inside, and the scan stops at end.
+func (b *Bitmap) ExtentsIn(start, end uint64, maxBlocks int) iter.Seq[Extent] {
 	limit := uint64(math.MaxUint64)
 	if maxBlocks > 0 {
 		limit = uint64(maxBlocks)
 	}
+	end = min(end, b.blocks)
 	return func(yield func(Extent) bool) {
-		for i := b.nextSet(start); i < b.blocks; {
-			end := b.nextClear(i)
-			for i < end {
-				n := min(end-i, limit)
+		for i := b.nextSetBefore(start, end); i < end; {
+			// Bounded by limit too: a caller that takes one extent and
+			// starts again from its end scans each word once.
+			stop := b.nextClearBefore(i, min(end, i+min(limit, end-i)))
+			for i < stop {
+				n := min(stop-i, limit)
 				if !yield(Extent{Start: i, Len: n}) {
 					return
 				}
 				i += n
 			}
-			i = b.nextSet(end)
+			i = b.nextSetBefore(stop, end)
 		}
 	}
 }
 
 // nextSet returns the first dirty block >= i, or Blocks() if none.
-func (b *Bitmap) nextSet(i uint64) uint64 {
-	if i >= b.blocks {
-		return b.blocks
+func (b *Bitmap) nextSet(i uint64) uint64 { return b.nextSetBefore(i, b.blocks) }
+
+// nextSetBefore returns the first dirty block in [i, end), or end if none;
+// it reads no word past end's. end must not exceed Blocks().
+func (b *Bitmap) nextSetBefore(i, end uint64) uint64 {
+	if i >= end {
+		return end
 	}
 	wi := i / 64
+	last := (end - 1) / 64
 	w := b.words[wi] & (^uint64(0) << (i % 64))
 	for w == 0 {
 		wi++
-		if wi == uint64(len(b.words)) {
-			return b.blocks
+		if wi > last {
+			return end
 		}
 		w = b.words[wi]
 	}
-	return wi*64 + uint64(bits.TrailingZeros64(w))
+	return min(wi*64+uint64(bits.TrailingZeros64(w)), end)
 }
 
 // nextClear returns the first clean block >= i, or Blocks() if none.
-func (b *Bitmap) nextClear(i uint64) uint64 {
-	if i >= b.blocks {
-		return b.blocks
+func (b *Bitmap) nextClear(i uint64) uint64 { return b.nextClearBefore(i, b.blocks) }
+
+// nextClearBefore returns the first clean block in [i, end), or end if
+// none; it reads no word past end's. end must not exceed Blocks().
+func (b *Bitmap) nextClearBefore(i, end uint64) uint64 {
+	if i >= end {
+		return end
 	}
 	wi := i / 64
+	last := (end - 1) / 64
 	w := ^b.words[wi] & (^uint64(0) << (i % 64))
 	for w == 0 {
 		wi++
-		if wi == uint64(len(b.words)) {
-			return b.blocks
+		if wi > last {
+			return end
 		}
 		w = ^b.words[wi]
 	}
-	// Bits beyond Blocks() are zero, so the result may overshoot only
-	// into them; clamp.
-	return min(wi*64+uint64(bits.TrailingZeros64(w)), b.blocks)
+	return min(wi*64+uint64(bits.TrailingZeros64(w)), end)
 }
 
 // DrainAtomic moves every dirty bit out of words, which other goroutines

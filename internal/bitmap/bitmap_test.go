@@ -356,8 +356,8 @@ func TestUnmarshalRejectsCorruption(t *testing.T) {
 	}
 }
 
-// TestClearRangeAndExtentsFrom against a plain []bool model, at random.
-func TestClearRangeAndExtentsFrom(t *testing.T) {
+// TestClearRangeAndExtentsIn against a plain []bool model, at random.
+func TestClearRangeAndExtentsIn(t *testing.T) {
 	rng := rand.New(rand.NewPCG(7, 11))
 	for round := range 200 {
 		blocks := uint64(1 + rng.IntN(300))
@@ -386,9 +386,13 @@ func TestClearRangeAndExtentsFrom(t *testing.T) {
 			t.Fatalf("round %d: dirty %v, want %v", round, got, want)
 		}
 		from := rng.Uint64N(blocks + 1)
+		to := from + rng.Uint64N(blocks-from+1)
+		if rng.IntN(2) == 0 {
+			to = blocks
+		}
 		max := 1 + rng.IntN(70)
 		var got []uint64
-		for e := range b.ExtentsFrom(from, max) {
+		for e := range b.ExtentsIn(from, to, max) {
 			if e.Len == 0 || e.Len > uint64(max) {
 				t.Fatalf("round %d: extent %+v breaks the limit %d", round, e, max)
 			}
@@ -396,12 +400,12 @@ func TestClearRangeAndExtentsFrom(t *testing.T) {
 		}
 		var wantFrom []uint64
 		for _, i := range want {
-			if i >= from {
+			if i >= from && i < to {
 				wantFrom = append(wantFrom, i)
 			}
 		}
 		if !slices.Equal(got, wantFrom) {
-			t.Fatalf("round %d: extents from %d cover %v, want %v", round, from, got, wantFrom)
+			t.Fatalf("round %d: extents in [%d,%d) cover %v, want %v", round, from, to, got, wantFrom)
 		}
 	}
 }
