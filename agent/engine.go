@@ -704,6 +704,7 @@ func (e *Engine) readbackMetadata(ctx context.Context, delay time.Duration, pace
 		s.metaDirty = false
 		start, ahead := time.Now(), e.aheadTook
 		if err := e.readback(ctx, i, nil, paced); err != nil {
+			e.noteMeta(s) // what is left waits for the next pass
 			return err
 		}
 		// Records applied meanwhile are not the pass's own work.
@@ -838,6 +839,23 @@ func (e *Engine) drain(ctx context.Context, idx []int, park, ahead bool, bar *pr
 			return err
 		}
 	}
+	// Should the read-back stop half way (an app-consistent point's
+	// drain that failed; other failures stop the agent), the blocks left
+	// go back to the kernel bitmap, whose marks call for the device's next
+	// drain: read after its writes have landed again, never early by
+	// applyAhead.
+	defer func() {
+		for _, i := range idx {
+			s := e.srcs[i]
+			if s.draining {
+				s.draining = false
+				for ext := range s.dirty.Extents(0) {
+					e.cap.MarkBytes(i, int64(ext.Start)*capture.BlockSize, int64(ext.Len)*capture.BlockSize)
+				}
+				s.dirty.Reset()
+			}
+		}
+	}()
 	for _, i := range idx {
 		s := e.srcs[i]
 		s.lastMarks = e.cap.Marks(i)
@@ -849,14 +867,6 @@ func (e *Engine) drain(ctx context.Context, idx []int, park, ahead bool, bar *pr
 		}
 		s.draining = true
 	}
-	// Should the read-back stop half way, the blocks left in dirty are
-	// read by the device's next drain, after its writes have landed
-	// again: applyAhead must not read them early before that.
-	defer func() {
-		for _, i := range idx {
-			e.srcs[i].draining = false
-		}
-	}()
 	e.stats.Drains++
 	for _, i := range idx {
 		e.srcs[i].lastDrain = time.Now()
