@@ -147,9 +147,12 @@ type Stats struct {
 	// AppliedAhead counts records applied in the middle of a read-back
 	// (applyAhead), and ReadEarly the blocks read back ahead of their
 	// turn because such a record covered them.
-	AppliedAhead uint64   `json:"records_during_readback"`
-	ReadEarly    uint64   `json:"blocks_read_early"`
-	Sync         []string `json:"sync"` // how each device was brought up to date at start
+	AppliedAhead uint64 `json:"records_during_readback"`
+	ReadEarly    uint64 `json:"blocks_read_early"`
+	// Overwritten counts blocks a read-back had still to read that such
+	// a record covered whole: not read at all (readUnder).
+	Overwritten uint64   `json:"blocks_overwritten_in_readback"`
+	Sync        []string `json:"sync"` // how each device was brought up to date at start
 }
 
 type source struct {
@@ -1034,7 +1037,8 @@ const applyAheadBatch = 4096
 // may not have landed yet: a read-back of its blocks after it is applied
 // could bring back the older data over it. The blocks it covers that are
 // still waiting in a read-back are therefore read first, then the record
-// is applied, which is the order a drain keeps for all of them. Only
+// is applied, which is the order a drain keeps for all of them (blocks it
+// covers whole need no read: readUnder). Only
 // devices whose drain is under way have such blocks: their writes landed
 // before the swap. Other records (metadata extents, other blocks, other
 // devices) do not meet a pending read.
@@ -1059,25 +1063,48 @@ func (e *Engine) applyAhead(bar *progress.Bar) error {
 			return err
 		}
 		if s.draining && s.Mode != capture.ModeMetadata {
-			lo := uint64(r.Offset / capture.BlockSize)
-			hi := min(uint64((r.Offset+int64(r.Len)+capture.BlockSize-1)/capture.BlockSize), s.dirty.Blocks())
-			for pos := lo; pos < hi; {
-				runs, next := e.takeSpan(s, pos, hi)
-				if len(runs) == 0 {
-					break
-				}
-				if err := e.readSpan(s, int(r.Dev), runs, bar); err != nil {
-					return err
-				}
-				for _, x := range runs {
-					e.stats.ReadEarly += x.Len
-				}
-				pos = next
+			if err := e.readUnder(s, int(r.Dev), r.Offset, int64(r.Len), bar); err != nil {
+				return err
 			}
 		}
 		e.stats.AppliedAhead++
 		if err := e.applyRecord(s, &r); err != nil {
 			return err
+		}
+	}
+	return nil
+}
+
+// readUnder settles the blocks of draining device i, still waiting in its
+// read-back, that a record over [off, off+n) is about to be applied to.
+// A block the record covers whole needs no read: the record replaces it
+// on the target, and should its write fail, capture marks the block for
+// the next drain. The blocks it covers in part are read first.
+func (e *Engine) readUnder(s *source, i int, off, n int64, bar *progress.Bar) error {
+	lo := uint64(off / capture.BlockSize)
+	hi := min(uint64((off+n+capture.BlockSize-1)/capture.BlockSize), s.dirty.Blocks())
+	flo := min(uint64((off+capture.BlockSize-1)/capture.BlockSize), hi)
+	fhi := max(min(uint64((off+n)/capture.BlockSize), hi), flo)
+	for ext := range s.dirty.ExtentsIn(flo, fhi, 0) {
+		s.dirty.ClearRange(ext.Start, ext.Len)
+		e.stats.Overwritten += ext.Len
+		if bar != nil {
+			bar.Add(int64(ext.Len) * capture.BlockSize)
+		}
+	}
+	for _, r := range [][2]uint64{{lo, flo}, {fhi, hi}} {
+		for pos := r[0]; pos < r[1]; {
+			runs, next := e.takeSpan(s, pos, r[1])
+			if len(runs) == 0 {
+				break
+			}
+			if err := e.readSpan(s, i, runs, bar); err != nil {
+				return err
+			}
+			for _, x := range runs {
+				e.stats.ReadEarly += x.Len
+			}
+			pos = next
 		}
 	}
 	return nil
