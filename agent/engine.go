@@ -146,7 +146,7 @@ type Stats struct {
 	StaleCompletions uint64 `json:"stale_completions"`
 	// AppliedAhead counts records applied in the middle of a read-back
 	// (applyAhead), and ReadEarly the blocks read back ahead of their
-	// turn because such a record covered them.
+	// turn because such a record covered them in part.
 	AppliedAhead uint64 `json:"records_during_readback"`
 	ReadEarly    uint64 `json:"blocks_read_early"`
 	// Overwritten counts blocks a read-back had still to read that such
@@ -1077,9 +1077,10 @@ func (e *Engine) applyAhead(bar *progress.Bar) error {
 
 // readUnder settles the blocks of draining device i, still waiting in its
 // read-back, that a record over [off, off+n) is about to be applied to.
-// A block the record covers whole needs no read: the record replaces it
-// on the target, and should its write fail, capture marks the block for
-// the next drain. The blocks it covers in part are read first.
+// A block the record covers whole needs no read: read, it would be
+// overwritten on the target by the record right after, which is what a
+// drain did before (a failed write is marked for a later drain, as for
+// any ring-captured write). The blocks it covers in part are read first.
 func (e *Engine) readUnder(s *source, i int, off, n int64, bar *progress.Bar) error {
 	lo := uint64(off / capture.BlockSize)
 	hi := min(uint64((off+n+capture.BlockSize-1)/capture.BlockSize), s.dirty.Blocks())
