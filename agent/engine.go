@@ -681,13 +681,17 @@ func (e *Engine) reportCover() {
 // ReadbackDelay applies. Markers and stops read back at once.
 const readbackPause = 8
 
+// readbackMaxWait caps the wait readbackPause imposes, so that a slow
+// device (long passes) keeps a bounded lag rather than a bounded share.
+const readbackMaxWait = 10 * time.Second
+
 // readbackDue reports whether s's noted extents are due for read-back at
 // now: noted at least delay ago and, with paced, readbackPause allows it.
 func (s *source) readbackDue(now time.Time, delay time.Duration, paced bool) bool {
 	if !s.metaDirty || now.Sub(s.metaSince) < delay {
 		return false
 	}
-	return !paced || now.Sub(s.passEnd) >= readbackPause*s.passTook
+	return !paced || now.Sub(s.passEnd) >= min(readbackPause*s.passTook, readbackMaxWait)
 }
 
 // readbackMetadata reads back the extents that metadata records noted at

@@ -239,6 +239,11 @@ func TestReadbackPacing(t *testing.T) {
 			t.Errorf("at %v paced=%v: due %v, want %v", c.at, c.paced, got, c.want)
 		}
 	}
+	// A slow device's long pass: the wait is capped.
+	s.passTook = 5 * time.Second
+	if s.readbackDue(s.passEnd.Add(readbackMaxWait-time.Millisecond), delay, true) || !s.readbackDue(s.passEnd.Add(readbackMaxWait), delay, true) {
+		t.Errorf("after a 5 s pass, the next should wait %v exactly", readbackMaxWait)
+	}
 	// A short pass leaves only the delay.
 	s.passTook = time.Millisecond
 	if !s.readbackDue(t0.Add(delay), delay, true) {
