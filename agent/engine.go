@@ -991,7 +991,7 @@ func (e *Engine) readback(ctx context.Context, i int, bar *progress.Bar, ahead b
 		if len(runs) == 0 {
 			break
 		}
-		if err := e.readSpan(s, i, runs, bar); err != nil {
+		if err := e.readTaken(s, i, runs, bar); err != nil {
 			return err
 		}
 		pos = next
@@ -1090,20 +1090,13 @@ func (e *Engine) readUnder(s *source, i int, off, n int64, bar *progress.Bar) er
 	hi := min(uint64((off+n+capture.BlockSize-1)/capture.BlockSize), s.dirty.Blocks())
 	flo := min(uint64((off+capture.BlockSize-1)/capture.BlockSize), hi)
 	fhi := max(min(uint64((off+n)/capture.BlockSize), hi), flo)
-	for ext := range s.dirty.ExtentsIn(flo, fhi, 0) {
-		s.dirty.ClearRange(ext.Start, ext.Len)
-		e.stats.Overwritten += ext.Len
-		if bar != nil {
-			bar.Add(int64(ext.Len) * capture.BlockSize)
-		}
-	}
 	for _, r := range [][2]uint64{{lo, flo}, {fhi, hi}} {
 		for pos := r[0]; pos < r[1]; {
 			runs, next := e.takeSpan(s, pos, r[1])
 			if len(runs) == 0 {
 				break
 			}
-			if err := e.readSpan(s, i, runs, bar); err != nil {
+			if err := e.readTaken(s, i, runs, bar); err != nil {
 				return err
 			}
 			for _, x := range runs {
@@ -1111,6 +1104,27 @@ func (e *Engine) readUnder(s *source, i int, off, n int64, bar *progress.Bar) er
 			}
 			pos = next
 		}
+	}
+	// Only now, the reads done: a failed one leaves these blocks too.
+	for ext := range s.dirty.ExtentsIn(flo, fhi, 0) {
+		s.dirty.ClearRange(ext.Start, ext.Len)
+		e.stats.Overwritten += ext.Len
+		if bar != nil {
+			bar.Add(int64(ext.Len) * capture.BlockSize)
+		}
+	}
+	return nil
+}
+
+// readTaken reads runs, which takeSpan took out of s's dirty set; should
+// that fail, they go back into it, so that a drain that stops there
+// leaves them to the next one.
+func (e *Engine) readTaken(s *source, i int, runs []bitmap.Extent, bar *progress.Bar) error {
+	if err := e.readSpan(s, i, runs, bar); err != nil {
+		for _, r := range runs {
+			s.dirty.SetRange(r.Start, r.Len)
+		}
+		return err
 	}
 	return nil
 }
