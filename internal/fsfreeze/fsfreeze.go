@@ -98,7 +98,16 @@ func isOctal(c byte) bool { return c >= '0' && c <= '7' }
 // flushed and new writes block until Thaw. It fails if the file system is
 // already frozen or does not support freezing.
 func Freeze(mountpoint string) error {
-	err := ioctlMount(mountpoint, fiFreeze)
+	fd, err := openMount(mountpoint)
+	if err != nil {
+		return fmt.Errorf("fsfreeze: freeze %s: %w", mountpoint, err)
+	}
+	defer unix.Close(fd)
+	return freezeFD(fd, mountpoint)
+}
+
+func freezeFD(fd int, mountpoint string) error {
+	err := unix.IoctlSetInt(fd, fiFreeze, 0)
 	switch {
 	case err == nil:
 		return nil
@@ -114,7 +123,16 @@ func Freeze(mountpoint string) error {
 // Thaw thaws a file system frozen with Freeze. It fails if the file system
 // is not frozen.
 func Thaw(mountpoint string) error {
-	err := ioctlMount(mountpoint, fiThaw)
+	fd, err := openMount(mountpoint)
+	if err != nil {
+		return fmt.Errorf("fsfreeze: thaw %s: %w", mountpoint, err)
+	}
+	defer unix.Close(fd)
+	return thawFD(fd, mountpoint)
+}
+
+func thawFD(fd int, mountpoint string) error {
+	err := unix.IoctlSetInt(fd, fiThaw, 0)
 	switch {
 	case err == nil:
 		return nil
@@ -125,13 +143,8 @@ func Thaw(mountpoint string) error {
 	}
 }
 
-func ioctlMount(mountpoint string, req uint) error {
-	fd, err := unix.Open(mountpoint, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return err
-	}
-	defer unix.Close(fd)
-	return unix.IoctlSetInt(fd, req, 0)
+func openMount(mountpoint string) (int, error) {
+	return unix.Open(mountpoint, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 }
 
 // WithFrozen runs fn while the file systems at mounts are frozen:
@@ -177,10 +190,19 @@ func WithFrozen(ctx context.Context, mounts []string, pre, post string, timeout 
 	frozen := &frozenSet{}
 	defer func() { err = errors.Join(err, frozen.thaw()) }()
 	for _, m := range targets {
-		if err := Freeze(m); err != nil {
+		// Thawed through the descriptor that froze it: should the file
+		// system be unmounted meanwhile, its mount point is no longer
+		// it, and a thaw by path would leave it frozen, its device held.
+		fd, err := openMount(m)
+		if err != nil {
+			return fmt.Errorf("fsfreeze: freeze %s: %w", m, err)
+		}
+		if err := freezeFD(fd, m); err != nil {
+			unix.Close(fd)
 			return err
 		}
 		frozen.mounts = append(frozen.mounts, m)
+		frozen.fds = append(frozen.fds, fd)
 	}
 
 	stop := make(chan struct{})
@@ -210,14 +232,16 @@ func WithFrozen(ctx context.Context, mounts []string, pre, post string, timeout 
 // and its watchdog gets there first; later callers wait and get the result.
 type frozenSet struct {
 	mounts []string
+	fds    []int // open on each mount's root, from the freeze on
 	once   sync.Once
 	err    error
 }
 
 func (f *frozenSet) thaw() error {
 	f.once.Do(func() {
-		for _, m := range f.mounts {
-			f.err = errors.Join(f.err, Thaw(m))
+		for i, m := range f.mounts {
+			f.err = errors.Join(f.err, thawFD(f.fds[i], m))
+			unix.Close(f.fds[i])
 		}
 	})
 	return f.err

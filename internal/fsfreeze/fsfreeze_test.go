@@ -3,6 +3,7 @@ package fsfreeze
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -239,4 +240,29 @@ func TestWithFrozenFailures(t *testing.T) {
 		t.Errorf("after freeze failure: fn called=%v, log=%q", called, readLog(t, log))
 	}
 	assertCompletes(t, startWrite(dir, "after-rollback"))
+}
+
+// TestWithFrozenUnmountDuringFreeze: an unmount while the file system is
+// frozen (an operator, a test ending) used to succeed, and the thaw by
+// mount point then reached the file system below and left this one
+// frozen for good, its device busy and its next mount blocking every
+// write. The descriptor that froze it holds the mount until the thaw.
+func TestWithFrozenUnmountDuringFreeze(t *testing.T) {
+	dev, dir := newExt4(t)
+	err := WithFrozen(t.Context(), []string{dir}, "", "", 10*time.Second, func() error {
+		if err := unix.Unmount(dir, 0); !errors.Is(err, unix.EBUSY) {
+			return fmt.Errorf("unmount while frozen: %v, want EBUSY", err)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("WithFrozen: %v", err)
+	}
+	if err := loopdev.Unmount(dir); err != nil {
+		t.Fatal(err)
+	}
+	if err := loopdev.Mount(dev, dir, "ext4", ""); err != nil {
+		t.Fatal(err)
+	}
+	assertCompletes(t, startWrite(dir, "after-remount"))
 }
