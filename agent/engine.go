@@ -433,7 +433,7 @@ func (e *Engine) loop(ctx context.Context) error {
 				busy = false
 				break
 			}
-			if err := e.apply(it); err != nil {
+			if err := e.apply(it, nil); err != nil {
 				return err
 			}
 		}
@@ -452,14 +452,11 @@ func (e *Engine) loop(ctx context.Context) error {
 			if e.cap.Overflowed(i) {
 				e.lastOverflow = time.Now()
 				need = append(need, i)
-			} else if e.cap.Marks(i) != s.lastMarks {
-				if s.Mode == capture.ModeMetadata {
-					if err := e.harvest(i); err != nil {
-						return err
-					}
-				} else if time.Since(s.lastDrain) >= markDrainInterval {
-					need = append(need, i)
-				}
+			} else if s.Mode != capture.ModeMetadata && e.cap.Marks(i) != s.lastMarks &&
+				time.Since(s.lastDrain) >= markDrainInterval {
+				// A metadata device's marks are harvested by
+				// readbackMetadata, at the top of every round.
+				need = append(need, i)
 			}
 		}
 		if len(need) > 0 {
@@ -820,7 +817,7 @@ func (e *Engine) quiesce(ctx context.Context) error {
 			}
 			continue
 		}
-		if err := e.apply(it); err != nil {
+		if err := e.apply(it, nil); err != nil {
 			return err
 		}
 	}
@@ -1054,25 +1051,10 @@ func (e *Engine) applyAhead(bar *progress.Bar) error {
 		if !ok {
 			return nil
 		}
-		if it.Barrier != 0 {
-			e.barrierSeen = max(e.barrierSeen, it.Barrier)
-			continue
+		if it.Barrier == 0 {
+			e.stats.AppliedAhead++
 		}
-		var r capture.Record
-		if err := capture.Decode(it.Raw, &r); err != nil {
-			return err
-		}
-		s, err := e.check(&r)
-		if err != nil {
-			return err
-		}
-		if s.draining && s.Mode != capture.ModeMetadata {
-			if err := e.readUnder(s, int(r.Dev), r.Offset, int64(r.Len), bar); err != nil {
-				return err
-			}
-		}
-		e.stats.AppliedAhead++
-		if err := e.applyRecord(s, &r); err != nil {
+		if err := e.apply(it, bar); err != nil {
 			return err
 		}
 	}
@@ -1182,8 +1164,10 @@ func (e *Engine) deliver(s *source, i int, p []byte, off int64) error {
 	return e.opt.Target.WriteAt(i, p, off)
 }
 
-// apply hands one ring record to the target.
-func (e *Engine) apply(it capture.Item) error {
+// apply hands one ring record to the target. During a drain's read-back
+// (applyAhead), a data-mode record first settles the blocks under it that
+// the drain has still to read (readUnder); bar is the drain's.
+func (e *Engine) apply(it capture.Item, bar *progress.Bar) error {
 	if it.Barrier != 0 {
 		e.barrierSeen = max(e.barrierSeen, it.Barrier)
 		return nil
@@ -1195,6 +1179,11 @@ func (e *Engine) apply(it capture.Item) error {
 	s, err := e.check(&r)
 	if err != nil {
 		return err
+	}
+	if s.draining && s.Mode != capture.ModeMetadata {
+		if err := e.readUnder(s, int(r.Dev), r.Offset, int64(r.Len), bar); err != nil {
+			return err
+		}
 	}
 	return e.applyRecord(s, &r)
 }

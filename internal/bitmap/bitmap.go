@@ -108,13 +108,7 @@ func (b *Bitmap) SetRange(start, n uint64) {
 	if n == 0 {
 		return
 	}
-	end := start + n
-	if end < start || end > b.blocks {
-		panic(fmt.Sprintf("bitmap: range [%d,+%d) out of range [0,%d)", start, n, b.blocks))
-	}
-	first, last := start/64, (end-1)/64
-	lo := ^uint64(0) << (start % 64)
-	hi := ^uint64(0) >> (63 - (end-1)%64)
+	first, last, lo, hi := b.masks(start, n)
 	if first == last {
 		b.words[first] |= lo & hi
 		return
@@ -126,27 +120,30 @@ func (b *Bitmap) SetRange(start, n uint64) {
 	b.words[last] |= hi
 }
 
+// masks returns the words holding blocks [start, start+n) (n > 0) and the
+// masks of the blocks in the first and the last of them. It panics if the
+// range exceeds the bitmap.
+func (b *Bitmap) masks(start, n uint64) (first, last, lo, hi uint64) {
+	end := start + n
+	if end < start || end > b.blocks {
+		panic(fmt.Sprintf("bitmap: range [%d,+%d) out of range [0,%d)", start, n, b.blocks))
+	}
+	return start / 64, (end - 1) / 64, ^uint64(0) << (start % 64), ^uint64(0) >> (63 - (end-1)%64)
+}
+
 // ClearRange marks blocks [start, start+n) clean. It panics if the range
 // exceeds the bitmap.
 func (b *Bitmap) ClearRange(start, n uint64) {
 	if n == 0 {
 		return
 	}
-	end := start + n
-	if end < start || end > b.blocks {
-		panic(fmt.Sprintf("bitmap: range [%d,+%d) out of range [0,%d)", start, n, b.blocks))
-	}
-	first, last := start/64, (end-1)/64
-	lo := ^uint64(0) << (start % 64)
-	hi := ^uint64(0) >> (63 - (end-1)%64)
+	first, last, lo, hi := b.masks(start, n)
 	if first == last {
 		b.words[first] &^= lo & hi
 		return
 	}
 	b.words[first] &^= lo
-	for w := first + 1; w < last; w++ {
-		b.words[w] = 0
-	}
+	clear(b.words[first+1 : last])
 	b.words[last] &^= hi
 }
 

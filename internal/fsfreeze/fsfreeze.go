@@ -97,14 +97,7 @@ func isOctal(c byte) bool { return c >= '0' && c <= '7' }
 // Freeze freezes the file system mounted at mountpoint: pending writes are
 // flushed and new writes block until Thaw. It fails if the file system is
 // already frozen or does not support freezing.
-func Freeze(mountpoint string) error {
-	fd, err := openMount(mountpoint)
-	if err != nil {
-		return fmt.Errorf("fsfreeze: freeze %s: %w", mountpoint, err)
-	}
-	defer unix.Close(fd)
-	return freezeFD(fd, mountpoint)
-}
+func Freeze(mountpoint string) error { return onMount(mountpoint, "freeze", freezeFD) }
 
 func freezeFD(fd int, mountpoint string) error {
 	err := unix.IoctlSetInt(fd, fiFreeze, 0)
@@ -122,14 +115,7 @@ func freezeFD(fd int, mountpoint string) error {
 
 // Thaw thaws a file system frozen with Freeze. It fails if the file system
 // is not frozen.
-func Thaw(mountpoint string) error {
-	fd, err := openMount(mountpoint)
-	if err != nil {
-		return fmt.Errorf("fsfreeze: thaw %s: %w", mountpoint, err)
-	}
-	defer unix.Close(fd)
-	return thawFD(fd, mountpoint)
-}
+func Thaw(mountpoint string) error { return onMount(mountpoint, "thaw", thawFD) }
 
 func thawFD(fd int, mountpoint string) error {
 	err := unix.IoctlSetInt(fd, fiThaw, 0)
@@ -145,6 +131,16 @@ func thawFD(fd int, mountpoint string) error {
 
 func openMount(mountpoint string) (int, error) {
 	return unix.Open(mountpoint, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+}
+
+// onMount runs op (freezeFD or thawFD) on a descriptor of mountpoint.
+func onMount(mountpoint, what string, op func(fd int, mountpoint string) error) error {
+	fd, err := openMount(mountpoint)
+	if err != nil {
+		return fmt.Errorf("fsfreeze: %s %s: %w", what, mountpoint, err)
+	}
+	defer unix.Close(fd)
+	return op(fd, mountpoint)
 }
 
 // WithFrozen runs fn while the file systems at mounts are frozen:
