@@ -318,7 +318,7 @@ func (c *Cache) Put(id SegmentID, data []byte) error {
 	// partial directAlign block of data, and the zeroes past it, go
 	// through a tail buffer; the parity shards are computed into their
 	// own buffers.
-	if uintptr(unsafe.Pointer(unsafe.SliceData(data)))&(directAlign-1) != 0 {
+	if !isAligned(data) {
 		bp := c.getBuf(len(data) + directAlign)
 		defer c.putBuf(bp)
 		b := aligned(*bp)[:len(data)]
@@ -511,9 +511,16 @@ const directAlign = 4096
 
 func alignUp(n int) int { return (n + directAlign - 1) &^ (directAlign - 1) }
 
+// isAligned reports whether b starts on a directAlign boundary.
+func isAligned(b []byte) bool { return addrOff(b) == 0 }
+
+func addrOff(b []byte) int {
+	return int(uintptr(unsafe.Pointer(unsafe.SliceData(b))) & (directAlign - 1))
+}
+
 // aligned returns the part of b that starts on a directAlign boundary.
 func aligned(b []byte) []byte {
-	off := int(uintptr(unsafe.Pointer(unsafe.SliceData(b))) & (directAlign - 1))
+	off := addrOff(b)
 	if off == 0 {
 		return b
 	}
@@ -546,20 +553,19 @@ func (c *Cache) writeFile(slot int, name string, parts [][]byte) error {
 		return err
 	}
 	size := 0
-	isAligned := true
+	allAligned := true
 	for _, p := range parts {
 		size += len(p)
-		isAligned = isAligned && len(p)%directAlign == 0 &&
-			uintptr(unsafe.Pointer(unsafe.SliceData(p)))%directAlign == 0
+		allAligned = allAligned && len(p)%directAlign == 0 && isAligned(p)
 	}
 	t, canTruncate := f.(interface{ Truncate(int64) error })
-	if direct && !isAligned && !canTruncate {
+	if direct && !allAligned && !canTruncate {
 		f.Close()
 		c.noDirect[slot].Store(true)
 		return c.writeFile(slot, name, parts)
 	}
 	switch {
-	case direct && isAligned:
+	case direct && allAligned:
 		err = writeAll(f, parts...)
 	case direct:
 		bp := c.getBuf(alignUp(size) + directAlign)
