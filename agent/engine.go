@@ -162,7 +162,7 @@ type source struct {
 	dirty     *bitmap.Bitmap
 	compare   bool // next read-back compares with the target first
 	lastMarks uint64
-	metaDirty bool      // metadata records noted in dirty, not read back yet
+	metaDirty bool      // metadata marks harvested into dirty, not read back yet
 	metaSince time.Time // when metaDirty was set
 	readGen   uint64    // read-backs done (coverage waits for one)
 	passEnd   time.Time // when the last metadata read-back pass ended
@@ -691,7 +691,7 @@ func (s *source) readbackDue(now time.Time, delay time.Duration, paced bool) boo
 	return !paced || now.Sub(s.passEnd) >= min(readbackPause*s.passTook, readbackMaxWait)
 }
 
-// readbackMetadata reads back the extents that metadata records noted at
+// readbackMetadata reads back the blocks metadata devices marked at
 // least delay ago; with paced, no sooner than readbackPause allows.
 func (e *Engine) readbackMetadata(ctx context.Context, delay time.Duration, paced bool) error {
 	for i, s := range e.srcs {
@@ -912,9 +912,10 @@ func (e *Engine) checkSizes() error {
 
 // harvest moves the marks of metadata device i from the kernel bitmap to
 // its read-back set, without the drain's ordering steps: a metadata device
-// has no ring-captured data that a read-back could overtake. The marks
-// come from completions the kernel reported late or from a full ring, and
-// are made once the write has landed, except when its pending slots are full
+// has no ring-captured data that a read-back could overtake. Capture
+// marks every write of a metadata device there once it has landed (a
+// ring record per write cost the kernel about as much and the agent a
+// record to handle, for nothing a read-back needs), except when its pending slots are full
 // (add_pending marks at submission): that write's completion then finds
 // no entry and marks it again (complete_untracked), so an early read-back
 // is repeated.
@@ -1214,10 +1215,9 @@ func (e *Engine) applyRecord(s *source, r *capture.Record) error {
 		e.stats.AppliedBytes += uint64(len(r.Data))
 		return e.opt.Target.WriteAt(int(r.Dev), r.Data, r.Offset)
 	case s.Mode == capture.ModeMetadata:
-		// The record was emitted at completion, so the device holds this
-		// write or a newer one: note the extent and read the batch's
-		// extents back together (sorted, merged, duplicates once) after
-		// the batch. Metadata mode keeps no order within that window.
+		// Capture marks a metadata device's writes in its bitmap, not
+		// in the ring (harvest); should a record come all the same, its
+		// extent is read back like a mark.
 		if err := s.dirty.MarkBytes(r.Offset, int64(r.Len)); err != nil {
 			return err
 		}

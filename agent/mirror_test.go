@@ -378,7 +378,7 @@ func mirrorWritesDuringInitialCopy(t *testing.T, o runOpts) {
 	assertSameBytes(t, d.Path, mirror)
 }
 
-// 6. Metadata mode: extents only, blocks read back.
+// 6. Metadata mode: extents marked, blocks read back.
 func TestMirrorMetadataMode(t *testing.T) { capturePaths(t, mirrorMetadataMode) }
 
 func mirrorMetadataMode(t *testing.T, o runOpts) {
@@ -392,7 +392,11 @@ func mirrorMetadataMode(t *testing.T, o runOpts) {
 	if s.AppliedBytes != 0 {
 		t.Errorf("metadata mode carried %d payload bytes", s.AppliedBytes)
 	}
-	if s.Applied == 0 || s.BlocksReread <= uint64(128<<20/4096) {
+	// Writes are marked in the bitmap at completion, never put in the ring.
+	if s.Kernel.Records != 0 || s.Kernel.BitmapMarks == 0 {
+		t.Errorf("metadata mode: %d ring records, %d bitmap marks (want none, some)", s.Kernel.Records, s.Kernel.BitmapMarks)
+	}
+	if s.BlocksReread <= uint64(128<<20/4096) {
 		t.Errorf("metadata mode read back nothing beyond the initial copy: %+v", s)
 	}
 	assertSameBytes(t, d.Path, mirror)

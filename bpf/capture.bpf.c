@@ -4,9 +4,9 @@
 //
 // By default every protected device is captured at submission:
 // block_bio_queue copies the payload into the ring (data mode), or
-// remembers the extent (pending) until the write completes, where it emits
-// an extent-only record (metadata mode) or marks the dirty bitmap (ring
-// full, device parked). Extents go to the bitmap only at completion, so
+// remembers the extent (pending) until the write completes, where it marks
+// the dirty bitmap (metadata mode, ring full, device parked: the agent
+// reads those blocks back). Extents go to the bitmap only at completion, so
 // that the agent's read-back never reads a block before the write that
 // dirtied it has landed. Completion is block_rq_complete for blk-mq
 // devices (it walks the request's bios) and block_bio_complete for
@@ -338,20 +338,6 @@ static __always_inline void enter_overflow(struct lb_devstate *st, struct lb_cou
 	c->overflow_bios++;
 }
 
-// emit_meta writes an extent-only record; false when the ring is full.
-static __always_inline bool emit_meta(struct lb_dev *d, __u64 sector, __u32 len, int op, __u32 opf,
-				      struct lb_counters *c)
-{
-	struct lb_record *r = bpf_ringbuf_reserve(&events, sizeof(*r), 0);
-	if (!r)
-		return false;
-	emit_header(r, d, sector, len, op, opf, 0);
-	bpf_ringbuf_submit(r, wake_flag(sizeof(*r)));
-	if (c)
-		c->records++;
-	return true;
-}
-
 // Loop-carried state of copy_payload. It lives in map memory rather than in
 // registers so that the verifier sees every iteration as the same state and
 // checks the loop body once instead of once per iteration.
@@ -476,12 +462,11 @@ __noinline int mark_disk_write(__u32 dev, __u64 first, __u32 size)
 #define LB_STS_AGAIN 12
 
 // settle ends the tracking of a write that has left the device: it landed,
-// failed (status), or (late) ended without capture seeing it end. A
+// failed (status), or ended without capture seeing it end. A
 // ring-captured write is uncounted from ring_flight, and read back if it
-// failed: the ring holds data the device may not. A metadata-mode write
-// that landed in time gets its extent record; every other write is read
-// back, but for a nowait_split try the block layer refused.
-static __always_inline void settle(struct lb_pending *pc, int status, bool late, struct lb_counters *c)
+// failed: the ring holds data the device may not. Every other write is
+// read back (marked), but for a nowait_split try the block layer refused.
+static __always_inline void settle(struct lb_pending *pc, int status, struct lb_counters *c)
 {
 	bool failed = status != 0;
 	if (status == LB_STS_AGAIN && pc->kind == LB_PEND_NOWAIT)
@@ -499,23 +484,14 @@ static __always_inline void settle(struct lb_pending *pc, int status, bool late,
 		ring_finished(id);
 		if (!failed)
 			return;
-	} else if (pc->kind == LB_PEND_META && !failed && !late && c) {
-		// A set flag also parks metadata devices on the bitmap (agent
-		// stopped). Counted running before the flag is read, as in
-		// lb_bio_queue: a record committed after the agent's last
-		// barrier would be lost with the ring at a stop.
-		__sync_fetch_and_add(&c->inflight, 1);
-		bool parked = st->overflow;
-		bool ok = !parked && emit_meta(d, pc->sector, pc->len, pc->op, pc->opf, c);
-		__sync_fetch_and_add(&c->inflight, -1);
-		if (ok)
-			return;
-		if (!parked) {
-			__sync_fetch_and_add(&st->overflow_events, 1);
-			c->overflow_bios++;
-		}
 	}
+	// Counted running, as in lb_bio_queue: a quiesce that finds no
+	// program running finds this mark in the bitmap.
+	if (c)
+		__sync_fetch_and_add(&c->inflight, 1);
 	mark_bitmap(d, pc->sector, pc->len, c);
+	if (c)
+		__sync_fetch_and_add(&c->inflight, -1);
 }
 
 // take removes the entry under key from the swept map into *out. 1: this
@@ -608,7 +584,7 @@ __noinline int settle_taken(__u64 *keyp)
 	if (!keyp || pend_take(*keyp, &oc) != 1)
 		return 0;
 	struct lb_counters *c = ctrs();
-	settle(&oc, 0, true, c);
+	settle(&oc, 0, c);
 	if (c)
 		c->late_completions++;
 	return 1;
@@ -621,7 +597,7 @@ __noinline int settle_swept(__u64 *keyp)
 	struct lb_pending tc;
 	if (!keyp || take(&swept, keyp, &tc) != 1)
 		return 0;
-	settle(&tc, 0, true, ctrs());
+	settle(&tc, 0, ctrs());
 	return 1;
 }
 
@@ -863,7 +839,7 @@ static __always_inline void complete_bio(struct bio *bio, __u64 key, int error)
 		complete_untracked(bio);
 		return;
 	case 1:
-		settle(&pc, error, false, ctrs());
+		settle(&pc, error, ctrs());
 	} // -1: swept by the agent meanwhile, which settled the write
 }
 
@@ -899,16 +875,13 @@ __noinline int capture_landed(__u64 bio_addr, __u32 key, __u64 start, int error)
 		return 0;
 	// Counted running before the flag is read, as in lb_bio_queue.
 	__sync_fetch_and_add(&c->inflight, 1);
-	if (error || st->overflow) {
-		// A failed write left the blocks in an unknown state: read back.
+	if (error || st->overflow || d->mode == LB_MODE_METADATA) {
+		// Metadata mode, or a failed write that left the blocks in an
+		// unknown state: read back.
 		mark_bitmap(d, sector, size, c);
-	} else {
-		bool ok = d->mode == LB_MODE_METADATA ? emit_meta(d, sector, size, op, opf, c)
-						      : emit_data(bio, d, st, g, c, sector, size, op, opf, 0);
-		if (!ok) {
-			enter_overflow(st, c);
-			mark_bitmap(d, sector, size, c);
-		}
+	} else if (!emit_data(bio, d, st, g, c, sector, size, op, opf, 0)) {
+		enter_overflow(st, c);
+		mark_bitmap(d, sector, size, c);
 	}
 	__sync_fetch_and_add(&c->inflight, -1);
 	return 0;
