@@ -552,7 +552,8 @@ func (e *Engine) markStale() ([]int, error) {
 }
 
 // markSwept marks swept writes in the kernel bitmap, where the next drain
-// of their devices (returned) reads them back.
+// of their devices (returned; metadata devices' are not: their read-back
+// harvests the marks) reads them back.
 func (e *Engine) markSwept(stale []capture.Stale) []int {
 	if len(stale) == 0 {
 		return nil
@@ -560,7 +561,9 @@ func (e *Engine) markSwept(stale []capture.Stale) []int {
 	var idx []int
 	for _, st := range stale {
 		e.cap.MarkBytes(st.Dev, st.Off, st.Len)
-		if !slices.Contains(idx, st.Dev) {
+		// A metadata device's marks wait for its paced read-back
+		// (harvest): a drain would read its whole dirty set at once.
+		if e.srcs[st.Dev].Mode != capture.ModeMetadata && !slices.Contains(idx, st.Dev) {
 			idx = append(idx, st.Dev)
 		}
 	}
@@ -756,6 +759,11 @@ func (e *Engine) marker(ctx context.Context, kind MarkerKind) error {
 	if err := e.quiesce(ctx); err != nil {
 		return err
 	}
+	// Metadata devices hold their completed writes as marks, read back
+	// now rather than when pacing would.
+	if err := e.readbackMetadata(ctx, 0, false); err != nil {
+		return err
+	}
 	// Marks a data-mode device holds until its next drain (spaced by
 	// markDrainInterval) are writes that may precede records just applied
 	// (a journal block parked during a drain, its commit captured after):
@@ -813,7 +821,7 @@ func (e *Engine) quiesce(ctx context.Context) error {
 		if it.Barrier != 0 {
 			e.barrierSeen = max(e.barrierSeen, it.Barrier)
 			if it.Barrier >= id {
-				return e.readbackMetadata(ctx, 0, false)
+				return nil
 			}
 			continue
 		}
