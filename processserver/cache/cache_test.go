@@ -787,3 +787,54 @@ func TestCRCCombine(t *testing.T) {
 		}
 	}
 }
+
+// PutPrepared calls prepare on every range before it reads it: data whose
+// bytes become final only when prepared (here: XORed) is stored final,
+// whatever the size, alignment and geometry.
+func TestPutPrepared(t *testing.T) {
+	for _, geo := range [][2]int{{2, 1}, {3, 2}, {1, 0}} {
+		var dirs []string
+		for range geo[0] + geo[1] {
+			dirs = append(dirs, t.TempDir())
+		}
+		c, err := Open(dirs, Options{DataShards: geo[0], ParityShards: geo[1]})
+		if err != nil {
+			t.Fatal(err)
+		}
+		seq := uint64(0)
+		for _, size := range []int{1, 4095, 4097, 70_000, 1<<20 + 3, 3<<20 + 4096*5 + 7} {
+			for _, misalign := range []int{0, 1} {
+				seq++
+				data := aligned(make([]byte, size+misalign+directAlign))[misalign : misalign+size]
+				want := make([]byte, size)
+				for j := range data {
+					data[j] = byte(j*13 + size)
+					want[j] = data[j] ^ 0x5a
+				}
+				done := make([]bool, size)
+				prepare := func(off, n int) {
+					if off < 0 || n <= 0 || off+n > size {
+						t.Fatalf("prepare(%d, %d) of %d bytes", off, n, size)
+					}
+					for j := off; j < off+n; j++ {
+						if !done[j] {
+							data[j] ^= 0x5a
+							done[j] = true
+						}
+					}
+				}
+				id := SegmentID{Stream: "m", Seq: seq}
+				if err := c.PutPrepared(id, data, prepare); err != nil {
+					t.Fatal(err)
+				}
+				got, err := c.Get(id)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if !bytes.Equal(got, want) {
+					t.Fatalf("%d+%d, %d bytes, misaligned %d: stored bytes differ from the prepared ones", geo[0], geo[1], size, misalign)
+				}
+			}
+		}
+	}
+}
