@@ -174,33 +174,27 @@ func (m *machine) sealSegment(dst []byte, b *segBuf) ([]byte, error) {
 	return dst, nil
 }
 
-// sealInPlace starts sealing b's frames where they lie, behind the header
-// room that b's buffer keeps (segPrefix), as a chunked blob: cached is the
-// cached form (header, then the blob) and prepare, given offsets into it,
-// encrypts the chunks under a range, for cache.PutPrepared to call just
-// before it checksums them; finish seals what is left and returns cached.
-// ok is false, with nothing done, when b's frames do not lie in its
-// buffer or it lacks room (then sealSegment).
-func (m *machine) sealInPlace(b *segBuf) (cached []byte, prepare func(off, n int), finish func() []byte, ok bool, err error) {
-	plain := len(b.data)
-	if plain == 0 || cap(b.buf) < segPrefix+plain+seal.ChunkedTrailer(plain) ||
+// sealInPlace seals b's frames where they lie, behind the header room
+// its buffer keeps, and returns the cached segment (header and blob) in
+// b's buffer; b's plaintext is gone. ok is false, with nothing done, when
+// the frames have outgrown the buffer (a huge frame): seal a copy then.
+func (m *machine) sealInPlace(b *segBuf) (cached []byte, ok bool, err error) {
+	if cap(b.buf) < segPrefix+len(b.data)+seal.TagSize || len(b.data) == 0 ||
 		&b.buf[:segPrefix+1][segPrefix] != &b.data[0] {
-		return nil, nil, nil, false, nil
+		return nil, false, nil
 	}
 	key, alg := m.sealParams()
 	if key == nil {
-		return nil, nil, nil, true, errors.New("no data key loaded for the machine")
+		return nil, true, errors.New("no data key loaded for the machine")
 	}
+	plain := len(b.data)
 	appendCachedHeader(b.buf[:0], b.meta)
-	c, err := seal.NewChunked(alg, b.buf[cachedHeaderSize:segPrefix+plain], key, []byte(layout.SegmentName(m.name, b.meta.first, b.meta.last)))
+	blob, err := seal.SealInPlace(alg, b.buf[cachedHeaderSize:segPrefix+plain], key, []byte(layout.SegmentName(m.name, b.meta.first, b.meta.last)))
 	if err != nil {
-		return nil, nil, nil, true, err
+		return nil, true, err
 	}
-	m.noteCompression(alg, c.BodyLen(), plain)
-	cached = b.buf[:cachedHeaderSize+c.Len()]
-	prepare = func(off, n int) { c.Seal(off-cachedHeaderSize, n) }
-	finish = func() []byte { c.Finish(); return cached }
-	return cached, prepare, finish, true, nil
+	m.noteCompression(alg, len(blob)-seal.Overhead, plain)
+	return b.buf[:cachedHeaderSize+len(blob)], true, nil
 }
 
 // sealParams returns the machine's data key and the compressor for its

@@ -118,9 +118,9 @@ func parseCached(b []byte) (segMeta, []byte, error) {
 }
 
 // segPrefix is the room a segment buffer keeps in front of its frames:
-// the cached-segment header and the chunked seal header, so that the
-// segment is sealed where it lies (sealInPlace).
-const segPrefix = cachedHeaderSize + seal.ChunkedHeaderSize
+// the cached-segment header and the seal header, so that the segment is
+// sealed where it lies (sealInPlace).
+const segPrefix = cachedHeaderSize + seal.HeaderSize
 
 // segBuf is an open (then cut) segment: frames appended as received.
 type segBuf struct {

@@ -464,8 +464,7 @@ func (s *Server) getBuf() *segBuf {
 	// A segment is cut after the batch that reaches SegmentBytes; agents
 	// send batches of about 1 MiB, so this rarely grows. Aligned: the
 	// cache writes the sealed segment from it with O_DIRECT, uncopied.
-	n := s.cfg.SegmentBytes + 2<<20 // a segment is cut once past SegmentBytes
-	b := &segBuf{buf: blockdev.AlignedBuffer(segPrefix + n + seal.ChunkedTrailer(n))[:segPrefix]}
+	b := &segBuf{buf: blockdev.AlignedBuffer(segPrefix + s.cfg.SegmentBytes + 2<<20 + seal.TagSize)[:segPrefix]}
 	b.reset()
 	return b
 }

@@ -475,7 +475,7 @@ func (st *session) flusher() {
 		kept := false // b's buffer holds a hot segment now
 		if !failed {
 			id := cache.SegmentID{Stream: st.m.name, Seq: b.meta.first}
-			cached, prepare, finish, inPlace, err := st.m.sealInPlace(b)
+			cached, inPlace, err := st.m.sealInPlace(b)
 			if err == nil && !inPlace {
 				sealed, err = st.m.sealSegment(sealed[:0], b)
 				cached = sealed
@@ -484,14 +484,11 @@ func (st *session) flusher() {
 				failed = true
 				st.log.Error("cannot seal a segment; closing the connection, the agent will resend", logSegment, id.String(), logErr, err)
 				st.abortWith(wire.CodeInternal, "process server cannot seal the segment; reconnect and resend", err)
-			} else if err := st.s.cache.PutPrepared(id, cached, prepare); err != nil {
+			} else if err := st.s.cache.Put(id, cached); err != nil {
 				failed = true
 				st.log.Error("cache write failed; closing the connection, the agent will resend", logSegment, id.String(), logErr, err)
 				st.abortWith(wire.CodeInternal, "process server cache write failed; reconnect and resend", err)
 			} else {
-				if finish != nil {
-					cached = finish() // sealed whole by Put; never left half
-				}
 				// Once segmentDurable publishes a hot segment, its last
 				// reader may hand b back for reuse at any time: b is not
 				// touched after it.

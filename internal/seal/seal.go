@@ -2,7 +2,7 @@
 // object storage, and back: compress, then encrypt with AES-256-GCM under a
 // per-machine data key.
 //
-// A sealed blob (Seal) is
+// A sealed blob is
 //
 //	magic "LBSL" | version 1 | alg | 2 reserved zero bytes | key id (8) |
 //	nonce (12) | plain length (uint64 LE) | GCM(ciphertext || 16-byte tag)
@@ -10,9 +10,7 @@
 // The 36-byte header is authenticated (it is GCM additional data) together
 // with caller-supplied additional data, typically the blob name: a blob that
 // is renamed, truncated, swapped for another machine's blob or modified in
-// any single byte fails to open with ErrTampered. Version 2 (NewChunked,
-// chunked.go) is sealed in place a 64 KiB chunk at a time, in any order,
-// with the same guarantees; Open reads both.
+// any single byte fails to open with ErrTampered.
 //
 // Seal, Open and a Key are safe for concurrent use.
 //
@@ -99,6 +97,13 @@ const (
 
 // Overhead is the number of bytes Seal adds to the compressed payload.
 const Overhead = headerSize + tagSize
+
+// HeaderSize and TagSize are the parts of Overhead before and after the
+// payload (see SealInPlace).
+const (
+	HeaderSize = headerSize
+	TagSize    = tagSize
+)
 
 var (
 	// ErrTampered is returned (wrapped with context) by Open and UnwrapKey
@@ -279,6 +284,20 @@ func SealWith(alg Alg, dst, plain []byte, key *Key, aad []byte) ([]byte, error) 
 	return key.aead.Seal(dst, nonce, body, additionalData(hdr[:], aad)), nil
 }
 
+// SealInPlace is SealWith with the blob built in buf itself, without a
+// second buffer: buf holds HeaderSize bytes of room, then the plaintext,
+// and its capacity leaves TagSize more bytes. It returns the blob, which
+// starts at buf[0]; the plaintext is gone.
+func SealInPlace(alg Alg, buf []byte, key *Key, aad []byte) ([]byte, error) {
+	if len(buf) < headerSize || cap(buf)-len(buf) < tagSize {
+		return nil, fmt.Errorf("seal: in-place buffer of %d bytes (capacity %d) lacks room for the header or the tag", len(buf), cap(buf))
+	}
+	// The header goes in front of the plaintext, and the ciphertext
+	// exactly over it (dst's spare capacity is the plaintext, which the
+	// cipher allows); the capacity check keeps append from moving dst.
+	return SealWith(alg, buf[:0], buf[headerSize:], key, aad)
+}
+
 // compress returns plain compressed with alg in a scratch buffer that put
 // gives back, or a nil body when alg is AlgNone or compression does not
 // shrink plain.
@@ -340,12 +359,11 @@ func Open(dst, sealed []byte, keys Keyring, aad []byte) ([]byte, error) {
 	if string(hdr[:4]) != magic {
 		return dst, fmt.Errorf("seal: bad magic %q: %w", hdr[:4], ErrTampered)
 	}
-	chunked := hdr[4] == chunkedVersion
-	if hdr[4] != version && !chunked {
+	if hdr[4] != version {
 		return dst, fmt.Errorf("seal: unsupported version %d: %w", hdr[4], ErrTampered)
 	}
 	alg := Alg(hdr[5])
-	if alg > AlgS2 || (!chunked && (hdr[6] != 0 || hdr[7] != 0)) {
+	if alg > AlgS2 || hdr[6] != 0 || hdr[7] != 0 {
 		return dst, fmt.Errorf("seal: unknown compression %s or flags %#x: %w", alg, hdr[6:8], ErrTampered)
 	}
 	var id KeyID
@@ -360,9 +378,6 @@ func Open(dst, sealed []byte, keys Keyring, aad []byte) ([]byte, error) {
 	key, ok := keys.Lookup(id)
 	if !ok || key == nil {
 		return dst, fmt.Errorf("seal: key %s: %w: %w", id, ErrTampered, ErrUnknownKey)
-	}
-	if chunked {
-		return openChunkedTo(dst, sealed, key, alg, plainLen, aad)
 	}
 	nonce := hdr[16 : 16+nonceSize]
 	ct := sealed[headerSize:]
@@ -385,41 +400,6 @@ func Open(dst, sealed []byte, keys Keyring, aad []byte) ([]byte, error) {
 	if err != nil {
 		return dst, fmt.Errorf("seal: open with key %s: %w", id, ErrTampered)
 	}
-	return decompress(dst, alg, body, plainLen)
-}
-
-// openChunkedTo is Open for a chunked blob.
-func openChunkedTo(dst, sealed []byte, key *Key, alg Alg, plainLen uint64, aad []byte) ([]byte, error) {
-	if len(sealed) < chunkedHeaderSize+tagSize {
-		return dst, fmt.Errorf("seal: chunked blob of %d bytes is shorter than the %d-byte minimum: %w", len(sealed), chunkedHeaderSize+tagSize, ErrTampered)
-	}
-	if alg == AlgNone {
-		if bodyLen := binary.LittleEndian.Uint64(sealed[headerSize:]); bodyLen != plainLen {
-			return dst, fmt.Errorf("seal: stored payload length %d, header says %d: %w", bodyLen, plainLen, ErrTampered)
-		}
-		start := len(dst)
-		var grown []byte
-		_, err := openChunked(sealed, key, aad, func(n int) []byte {
-			grown = grow(dst, n)
-			return grown[start:]
-		})
-		if err != nil {
-			return dst, err
-		}
-		return grown, nil
-	}
-	p := getScratch(len(sealed))
-	defer putScratch(p)
-	body, err := openChunked(sealed, key, aad, func(n int) []byte { return (*p)[:n] })
-	if err != nil {
-		return dst, err
-	}
-	return decompress(dst, alg, body, plainLen)
-}
-
-// decompress appends body, compressed with alg, to dst; it must come to
-// plainLen bytes.
-func decompress(dst []byte, alg Alg, body []byte, plainLen uint64) ([]byte, error) {
 	start := len(dst)
 	switch alg {
 	case AlgS2:

@@ -330,9 +330,6 @@ func FuzzOpen(f *testing.F) {
 		s, _ := SealWith(alg, nil, mixedData(2000, 5), key, aad)
 		f.Add(s)
 	}
-	for _, alg := range []Alg{AlgNone, AlgS2} {
-		f.Add(sealChunked(f, alg, mixedData(70_000, 6), key, aad, 1))
-	}
 	f.Add([]byte(magic))
 	f.Fuzz(func(t *testing.T, sealed []byte) {
 		out, err := Open(nil, sealed, key, aad)
@@ -471,5 +468,42 @@ func TestZstdFrameSizes(t *testing.T) {
 		if got, err := Open(nil, sealed, key, nil); err != nil || !bytes.Equal(got, plain) {
 			t.Fatalf("%d zero bytes: %v", n, err)
 		}
+	}
+}
+
+// SealInPlace builds, in the plaintext's own buffer, a blob Open reads
+// like SealWith's, compressed or not; a buffer without room for the tag
+// is refused.
+func TestSealInPlace(t *testing.T) {
+	key := testKey(t)
+	aad := []byte("m/journal/x")
+	rng := rand.New(rand.NewPCG(1, 2))
+	random := make([]byte, 100_000)
+	for i := range random {
+		random[i] = byte(rng.Uint32())
+	}
+	text := bytes.Repeat([]byte("lifeboat in place "), 5000)
+	for _, plain := range [][]byte{random, text, {}} {
+		for _, alg := range []Alg{AlgNone, AlgS2, AlgZstd} {
+			buf := make([]byte, HeaderSize+len(plain), HeaderSize+len(plain)+TagSize)
+			copy(buf[HeaderSize:], plain)
+			blob, err := SealInPlace(alg, buf, key, aad)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if &blob[0] != &buf[0] {
+				t.Fatalf("%s: blob not built in place", alg)
+			}
+			got, err := Open(nil, blob, key, aad)
+			if err != nil || !bytes.Equal(got, plain) {
+				t.Fatalf("%s, %d bytes: Open = %d bytes, %v", alg, len(plain), len(got), err)
+			}
+			if alg != AlgNone && len(plain) > 0 && bytes.Equal(plain, text) && len(blob) >= len(plain) {
+				t.Errorf("%s: compressible text not compressed (%d bytes sealed)", alg, len(blob))
+			}
+		}
+	}
+	if _, err := SealInPlace(AlgNone, make([]byte, HeaderSize+10), key, aad); err == nil {
+		t.Error("a buffer with no room for the tag was accepted")
 	}
 }

@@ -302,19 +302,6 @@ func (c *Cache) shardPath(slot int, id SegmentID) string {
 //
 // data is not retained.
 func (c *Cache) Put(id SegmentID, data []byte) error {
-	return c.PutPrepared(id, data, nil)
-}
-
-// PutPrepared is Put for data whose bytes become final only when prepare
-// has been called on a range holding them: Put calls it, in its own
-// order, just before it first reads each range, so that work the caller
-// does on the data (encryption, chunk by chunk) is done while the range is
-// in the CPU cache for the checksums and parity that follow. prepare runs
-// on Put's goroutine; nil means data is final.
-func (c *Cache) PutPrepared(id SegmentID, data []byte, prepare func(off, n int)) error {
-	if prepare == nil {
-		prepare = func(int, int) {}
-	}
 	if err := validStream(id.Stream); err != nil {
 		return err
 	}
@@ -332,7 +319,6 @@ func (c *Cache) PutPrepared(id SegmentID, data []byte, prepare func(off, n int))
 	// through a tail buffer; the parity shards are computed into their
 	// own buffers.
 	if !isAligned(data) {
-		prepare(0, len(data))
 		bp := c.getBuf(len(data) + directAlign)
 		defer c.putBuf(bp)
 		b := aligned(*bp)[:len(data)]
@@ -366,6 +352,9 @@ func (c *Cache) PutPrepared(id SegmentID, data []byte, prepare func(off, n int))
 		tails[i], buf = buf[:tl:tl], buf[tl:]
 		if i < c.k {
 			clear(tails[i])
+			if o := i*shardLen + body[i]; o < len(data) {
+				copy(tails[i], data[o:min(len(data), (i+1)*shardLen)])
+			}
 		}
 	}
 	// One pass over the segment, a stripe at a time while it is in the
@@ -386,14 +375,6 @@ func (c *Cache) PutPrepared(id SegmentID, data []byte, prepare func(off, n int))
 			b := 0 // where shard i's tail starts
 			if i < c.k {
 				b = body[i]
-				if de := min(e, dataLen[i]); de > o {
-					prepare(i*shardLen+o, de-o)
-				}
-				// A tail is under 4 KiB and shards and stripes are
-				// 4 KiB multiples: it lies in one stripe, this one.
-				if o <= b && b < e && b < dataLen[i] {
-					copy(tails[i], data[i*shardLen+b:i*shardLen+dataLen[i]])
-				}
 			}
 			switch {
 			case e <= b:
