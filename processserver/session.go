@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/seal"
 	"github.com/lifeboat-dr/lifeboat/internal/wire"
 	"github.com/lifeboat-dr/lifeboat/processserver/cache"
 )
@@ -56,9 +57,10 @@ type session struct {
 	window     uint64 // last window sent
 	sentWindow bool
 
-	mu       sync.Mutex // guards buf, closed and sends on flushq
+	mu       sync.Mutex // guards buf, closed, filling and sends on flushq
 	buf      *segBuf
 	closed   bool
+	filling  bool // a frame is being read into buf's spare capacity (room)
 	flushq   chan flushItem
 	accepted uint64   // highest record seq accepted (read loop only)
 	diskMap  []uint16 // Hello disk index → manifest disk index
@@ -241,9 +243,11 @@ func (st *session) checkHello(h *wire.Hello) error {
 func (st *session) readLoop() bool {
 	var filtered []byte
 	var markers []wire.Marker // of the batch at hand, for the segment's summary
+	defer st.release()
 	for {
+		st.release()
 		st.conn.SetReadDeadline(time.Now().Add(idleTimeout))
-		f, err := st.r.Next()
+		f, err := st.r.NextInto(st.room)
 		if err != nil {
 			if err == io.EOF {
 				st.log.Info("agent disconnected")
@@ -292,12 +296,16 @@ func (st *session) readLoop() bool {
 				frame = wire.Frame{Type: wire.TypeBatch, Flags: f.Flags, Payload: frame.Payload}
 			}
 			st.accepted = last
+			now := time.Now()
 			st.mu.Lock()
-			st.buf.appendBatch(frame, first, last, time.Now())
+			st.buf.appendBatch(frame, first, last, now) // in place if read there
+			st.filling = false
 			for _, mk := range markers {
 				st.buf.meta.marker(mk.Kind, mk.UnixNano)
 			}
-			if cut || len(st.buf.data) >= st.s.cfg.SegmentBytes {
+			// The timer does not cut while a frame is read into the
+			// segment: the age is checked here too.
+			if cut || len(st.buf.data) >= st.s.cfg.SegmentBytes || now.Sub(st.buf.started) >= st.s.cfg.SegmentAge {
 				st.cutLocked()
 			}
 			st.mu.Unlock()
@@ -343,6 +351,34 @@ func (st *session) readLoop() bool {
 			return false
 		}
 	}
+}
+
+// room gives the wire reader the open segment's spare capacity for a
+// batch frame, which is then stored where it was read (appendBatch does
+// not copy it): one copy of every byte less. It keeps room for the seal's
+// tag, so that the segment is still sealed in place. Until release, the
+// timer does not cut the segment the frame is read into.
+func (st *session) room(t wire.Type, n int) []byte {
+	if t != wire.TypeBatch {
+		return nil
+	}
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	d := st.buf.data
+	need := wire.HeaderSize + n
+	if st.closed || cap(d)-len(d) < need+seal.TagSize {
+		return nil
+	}
+	st.filling = true
+	return d[len(d) : len(d)+need]
+}
+
+// release lets the timer cut the open segment again once the frame read
+// into it (room) has been stored or dropped.
+func (st *session) release() {
+	st.mu.Lock()
+	st.filling = false
+	st.mu.Unlock()
 }
 
 // remapDisks rewrites, in place, the disk index of every record of a
@@ -449,7 +485,7 @@ func (st *session) timer(ctx context.Context) {
 			return
 		case now := <-tick.C:
 			st.mu.Lock()
-			if !st.closed && st.buf.hasRecords() && now.Sub(st.buf.started) >= st.s.cfg.SegmentAge {
+			if !st.closed && !st.filling && st.buf.hasRecords() && now.Sub(st.buf.started) >= st.s.cfg.SegmentAge {
 				st.cutLocked()
 			}
 			st.mu.Unlock()

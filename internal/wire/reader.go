@@ -54,17 +54,27 @@ func (r *Reader) Reset(rd io.Reader) {
 // Unknown frame types are returned, not rejected, so that callers can reply
 // with a protocol error that names them.
 func (r *Reader) Next() (Frame, error) {
+	return r.NextInto(nil)
+}
+
+// NextInto is Next, but room, given a frame's type and payload length
+// once its header has been checked, may return a buffer of at least
+// HeaderSize+n bytes: the frame, header then payload, is read into it,
+// and the returned Payload aliases it. A nil room, or a nil buffer from
+// it, reads into the Reader's own buffer. The caller's buffer saves a
+// copy when the frame is to be stored as received (see Frame.AppendTo).
+func (r *Reader) NextInto(room func(t Type, n int) []byte) (Frame, error) {
 	if r.err != nil {
 		return Frame{}, r.err
 	}
-	f, err := r.next()
+	f, err := r.next(room)
 	if err != nil {
 		r.err = err
 	}
 	return f, err
 }
 
-func (r *Reader) next() (Frame, error) {
+func (r *Reader) next(room func(t Type, n int) []byte) (Frame, error) {
 	h := r.hdr[:]
 	if _, err := io.ReadFull(r.br, h); err != nil {
 		if err == io.EOF {
@@ -85,7 +95,15 @@ func (r *Reader) next() (Frame, error) {
 	if uint64(n) > uint64(r.max) {
 		return Frame{}, fmt.Errorf("%w: %s frame claims %d bytes, limit %d", ErrTooLarge, t, n, r.max)
 	}
-	p, err := r.readPayload(int(n))
+	var p []byte
+	var err error
+	if buf := roomFor(room, t, int(n)); buf != nil {
+		copy(buf, h)
+		p = buf[HeaderSize : HeaderSize+int(n)]
+		_, err = io.ReadFull(r.br, p)
+	} else {
+		p, err = r.readPayload(int(n))
+	}
 	if err != nil {
 		return Frame{}, readError(t.String()+" payload", err)
 	}
@@ -94,6 +112,18 @@ func (r *Reader) next() (Frame, error) {
 		return Frame{}, fmt.Errorf("%w (%s frame of %d bytes: header says %#08x, computed %#08x)", ErrChecksum, t, n, want, crc)
 	}
 	return Frame{Type: t, Flags: le.Uint16(h[6:]), Payload: p, crc: crc, verified: true}, nil
+}
+
+// roomFor returns room's buffer for a frame, nil if there is none or it
+// is too short.
+func roomFor(room func(t Type, n int) []byte, t Type, n int) []byte {
+	if room == nil {
+		return nil
+	}
+	if b := room(t, n); len(b) >= HeaderSize+n {
+		return b
+	}
+	return nil
 }
 
 // readPayload reads n bytes into r.buf. When the buffer must grow, it grows

@@ -93,10 +93,19 @@ type Frame struct {
 
 // AppendTo appends f as a complete frame to dst. A frame as the Reader
 // returned it keeps its verified checksum; build a new Frame after
-// changing the payload. f.Payload must not exceed MaxPayload.
+// changing the payload. f.Payload must not exceed MaxPayload. A payload
+// that already lies in dst's spare capacity right after room for the
+// header (read there by Reader.NextInto) is not copied: only the header
+// is written.
 func (f Frame) AppendTo(dst []byte) []byte {
 	off := len(dst)
-	dst = append(dst, make([]byte, HeaderSize)...)
+	n := off + HeaderSize + len(f.Payload)
+	inPlace := len(f.Payload) > 0 && cap(dst) >= n && &dst[:n][off+HeaderSize] == &f.Payload[0]
+	if inPlace {
+		dst = dst[:n]
+	} else {
+		dst = append(dst, make([]byte, HeaderSize)...)
+	}
 	crc := putHeader(dst[off:], f.Type, f.Flags, len(f.Payload))
 	if f.verified {
 		crc = f.crc
@@ -104,6 +113,9 @@ func (f Frame) AppendTo(dst []byte) []byte {
 		crc = crc32.Update(crc, castagnoli, f.Payload)
 	}
 	le.PutUint32(dst[off+12:], crc)
+	if inPlace {
+		return dst
+	}
 	return append(dst, f.Payload...)
 }
 

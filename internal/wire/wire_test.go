@@ -634,3 +634,67 @@ func TestSteadyStateAllocs(t *testing.T) {
 		t.Fatal("no data read")
 	}
 }
+
+// Frames read in place (NextInto) into a buffer's spare capacity and
+// appended there store the stream as received without a copy; a payload
+// changed in place gets its checksum recomputed; frames the room refuses
+// go through the Reader's buffer and are appended by copy.
+func TestNextIntoInPlace(t *testing.T) {
+	var stream []byte
+	var err error
+	sizes := []int{1, 100, 70_000, 5, 300_000}
+	for i, n := range sizes {
+		p := bytes.Repeat([]byte{byte(i + 1)}, n)
+		if stream, err = AppendFrame(stream, TypeBatch, uint16(i), p); err != nil {
+			t.Fatal(err)
+		}
+	}
+	stream, _ = AppendFrame(stream, TypeAck, 0, make([]byte, 8))
+	seg := make([]byte, 0, len(stream)+100)
+	r := NewReader(bytes.NewReader(stream), 0)
+	var given [][]byte
+	room := func(ty Type, n int) []byte {
+		if ty != TypeBatch || n == 5 { // refused: read into the Reader's buffer
+			return nil
+		}
+		b := seg[len(seg) : len(seg)+HeaderSize+n]
+		given = append(given, b)
+		return b
+	}
+	for {
+		f, err := r.NextInto(room)
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		inPlace := len(f.Payload) > 0 && cap(seg)-len(seg) >= HeaderSize+len(f.Payload) &&
+			&seg[:len(seg)+HeaderSize+1][len(seg)+HeaderSize] == &f.Payload[0]
+		if want := f.Type == TypeBatch && len(f.Payload) != 5; inPlace != want {
+			t.Fatalf("%s frame of %d bytes: read in place %v, want %v", f.Type, len(f.Payload), inPlace, want)
+		}
+		seg = f.AppendTo(seg)
+	}
+	if !bytes.Equal(seg, stream) {
+		t.Fatal("frames stored in place differ from the stream as received")
+	}
+	if len(given) != 4 {
+		t.Fatalf("room gave %d buffers, want 4", len(given))
+	}
+
+	// A payload changed where it lies (a disk index remapped): the
+	// header's checksum is recomputed, and the frame reads back.
+	seg = seg[:0]
+	r = NewReader(bytes.NewReader(stream[:HeaderSize+1]), 0)
+	f, err := r.NextInto(func(Type, int) []byte { return seg[:HeaderSize+1] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.Payload[0] = 0xee
+	seg = Frame{Type: f.Type, Flags: f.Flags, Payload: f.Payload}.AppendTo(seg)
+	got, err := NewReader(bytes.NewReader(seg), 0).Next()
+	if err != nil || len(got.Payload) != 1 || got.Payload[0] != 0xee {
+		t.Fatalf("changed frame reads back as %v, %v", got.Payload, err)
+	}
+}
