@@ -698,15 +698,22 @@ func (s *source) readbackDue(now time.Time, delay time.Duration, paced bool) boo
 // least delay ago; with paced, no sooner than readbackPause allows.
 func (e *Engine) readbackMetadata(ctx context.Context, delay time.Duration, paced bool) error {
 	for i, s := range e.srcs {
-		// Marks in the kernel bitmap join the pass: coverage, armed
-		// while they were there, counts on this pass to read them.
-		if s.Mode == capture.ModeMetadata && e.cap.Marks(i) != s.lastMarks {
-			if err := e.harvest(i); err != nil {
-				return err
-			}
+		if s.Mode != capture.ModeMetadata {
+			continue
+		}
+		// New marks in the kernel bitmap call for a pass, which takes
+		// them when it starts: scanning the bitmap reads all of it (32
+		// MiB for 1 TiB), too much for every round of the loop. Every
+		// pass, even one that finds nothing, counts for coverage, which
+		// arms on the marks having moved.
+		if e.cap.Marks(i) != s.lastMarks {
+			e.noteMeta(s)
 		}
 		if !s.readbackDue(time.Now(), delay, paced) {
 			continue
+		}
+		if err := e.harvest(i); err != nil {
+			return err
 		}
 		s.metaDirty = false
 		start, ahead := time.Now(), e.aheadTook
@@ -759,11 +766,6 @@ func (e *Engine) marker(ctx context.Context, kind MarkerKind) error {
 	if err := e.quiesce(ctx); err != nil {
 		return err
 	}
-	// Metadata devices hold their completed writes as marks, read back
-	// now rather than when pacing would.
-	if err := e.readbackMetadata(ctx, 0, false); err != nil {
-		return err
-	}
 	// Marks a data-mode device holds until its next drain (spaced by
 	// markDrainInterval) are writes that may precede records just applied
 	// (a journal block parked during a drain, its commit captured after):
@@ -778,6 +780,12 @@ func (e *Engine) marker(ctx context.Context, kind MarkerKind) error {
 		if err := e.drain(ctx, need, false, false, nil); err != nil {
 			return err
 		}
+	}
+	// Metadata devices hold their completed writes as marks, read back
+	// now rather than when pacing would, after the last quiesce: a write
+	// that completed before a record the point holds is read back too.
+	if err := e.readbackMetadata(ctx, 0, false); err != nil {
+		return err
 	}
 	return e.emit(kind)
 }
@@ -930,12 +938,8 @@ func (e *Engine) checkSizes() error {
 func (e *Engine) harvest(i int) error {
 	s := e.srcs[i]
 	s.lastMarks = e.cap.Marks(i)
-	n, err := s.dirty.Drain(e.cap.BitmapWords(i))
-	if err != nil && !errors.Is(err, bitmap.ErrOutOfRange) {
+	if _, err := s.dirty.Drain(e.cap.BitmapWords(i)); err != nil && !errors.Is(err, bitmap.ErrOutOfRange) {
 		return err
-	}
-	if n > 0 {
-		e.noteMeta(s)
 	}
 	return nil
 }

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"context"
 	"os"
 	"sync"
 	"syscall"
@@ -252,5 +253,38 @@ func TestReadbackPacing(t *testing.T) {
 	s.metaDirty = false
 	if s.readbackDue(t0.Add(time.Hour), delay, false) {
 		t.Error("nothing noted: no pass due")
+	}
+}
+
+// Coverage does not stall when a device's mark count moves with no block
+// left to read: a mark made while a pass was taking the bitmap has its
+// bits taken by that pass, after the pass read the count. Coverage arms
+// on the count having moved (reportCover), so a pass must follow even
+// when it finds nothing; it used to wait, and with it every device's
+// coverage, for the device's next write. A mark past the device's end
+// moves the count without setting a bit, as that race leaves it.
+func TestMovedMarksMakeAPass(t *testing.T) {
+	testenv.RequireRoot(t)
+	d := loopdev.New(t, 16<<20, loopdev.Options{})
+	e, err := New(Options{
+		Sources:   []Source{{Name: "d0", Path: d.Path, Mode: capture.ModeMetadata, Sync: SyncFull}},
+		RingBytes: 4 << 20,
+		Target:    newFileTarget(t),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	s := e.srcs[0]
+	e.cap.MarkBytes(0, 64<<20, 1)
+	gen := s.readGen
+	if err := e.readbackMetadata(context.Background(), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	if s.readGen == gen {
+		t.Fatal("the mark count moved but no read-back pass followed: coverage armed on it would wait for good")
+	}
+	if e.cap.Marks(0) != s.lastMarks {
+		t.Error("the pass did not take the mark count")
 	}
 }
