@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore/azure"
 	"github.com/lifeboat-dr/lifeboat/internal/wire"
+	"github.com/lifeboat-dr/lifeboat/processserver/cache"
 )
 
 const childEnv = "LIFEBOAT_PS_TEST_CHILD"
@@ -168,5 +170,63 @@ func TestSIGKILLRestart(t *testing.T) {
 		if seen[seq] != 1 {
 			t.Fatalf("record %d appears %d times in the journal, want once", seq, seen[seq])
 		}
+	}
+}
+
+// TestRestartDropsRemainsOfAppliedSegment: a crash while a segment that is
+// already in the journal (and applied) is being deleted from the cache
+// leaves some of its shards, too few to read it. The next run must drop
+// them, not take them for acknowledged data lost (which costs the agent a
+// checksum resync).
+func TestRestartDropsRemainsOfAppliedSegment(t *testing.T) {
+	store := azureStore(t)
+	e := newEnv(t, store, 3)
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	ack, _ := a.hello("m1", disk0)
+	gen := ack.Disks[0].Generation
+	last := a.batch(1, 10)
+	a.waitAck(last)
+	eventually(t, 30*time.Second, "upload and deletion from the cache", func() bool {
+		ids, err := s.cache.List("m1")
+		return err == nil && len(ids) == 0 && durableSeq(t, store, "m1") >= last
+	})
+	a.conn.Close()
+	s.Close()
+
+	// What a crash in the middle of Delete leaves: one shard of three.
+	c, err := cache.Open(e.cache, cache.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := cache.SegmentID{Stream: "m1", Seq: 1}
+	if err := c.Put(id, bytes.Repeat([]byte("x"), 100_000)); err != nil {
+		t.Fatal(err)
+	}
+	for _, dir := range e.cache[:2] {
+		names, err := filepath.Glob(filepath.Join(dir, "m1", "*"))
+		if err != nil || len(names) != 1 {
+			t.Fatalf("shards in %s: %v, %v", dir, names, err)
+		}
+		if err := os.Remove(names[0]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := c.Get(id); err == nil {
+		t.Fatal("one shard of three still reads")
+	}
+
+	s = e.start()
+	eventually(t, 30*time.Second, "the remains dropped", func() bool {
+		ids, err := s.cache.List("m1")
+		return err == nil && len(ids) == 0
+	})
+	b := dialAgent(t, e, s, "m1")
+	ack, _ = b.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: gen, LastAckedSeq: last})
+	if d := ack.Disks[0]; d.Action != wire.SyncResume || d.Generation != gen {
+		t.Fatalf("after the restart: %+v, want a resume with the same generation", d)
+	}
+	if strings.Contains(e.logs.String(), "acknowledged segment lost") {
+		t.Fatal("the remains of an applied segment were taken for lost data")
 	}
 }

@@ -357,12 +357,13 @@ func (st *session) readLoop() bool {
 // batch frame, which is then stored where it was read (appendBatch does
 // not copy it): one copy of every byte less. It keeps room for the seal's
 // tag, so that the segment is still sealed in place. Until release, the
-// timer does not cut the segment the frame is read into.
+// timer does not cut the segment the frame is read into. It never waits
+// for the lock (the timer may hold it while the flush queue is full), as
+// the frame's read deadline is running: a busy lock means a copy.
 func (st *session) room(t wire.Type, n int) []byte {
-	if t != wire.TypeBatch {
+	if t != wire.TypeBatch || !st.mu.TryLock() {
 		return nil
 	}
-	st.mu.Lock()
 	defer st.mu.Unlock()
 	d := st.buf.data
 	need := wire.HeaderSize + n

@@ -164,6 +164,15 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 	return true, nil
 }
 
+// finished reports whether the segment starting at seq is in the journal
+// and, with an applier, applied: segments do not overlap, so one that
+// starts at or before durable_seq (applied_seq) ends there too.
+func (m *machine) finished(seq uint64) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return seq <= m.uploaded && (m.s.applier == nil || seq <= m.applied)
+}
+
 // errSegmentLost marks a cached segment that can no longer be read.
 var errSegmentLost = errors.New("cached segment lost")
 
@@ -183,6 +192,14 @@ func (m *machine) uploadOne(ctx context.Context, u *upload) {
 	}
 	if err != nil {
 		if errors.Is(err, cache.ErrUnrecoverable) || errors.Is(err, cache.ErrNotFound) {
+			if m.finished(u.e.id.Seq) {
+				// What a crash left of a segment being deleted once
+				// applied (dropApplied): the journal and the replica
+				// hold it, nothing is lost.
+				m.log.Info("dropping the remains of an applied segment", logSegment, u.e.id.String(), logErr, err)
+				u.already = true
+				return
+			}
 			u.err = fmt.Errorf("%w: %w", errSegmentLost, err)
 		} else {
 			u.err = fmt.Errorf("read cached segment %s: %w", u.e.id, err)
@@ -245,6 +262,14 @@ func (m *machine) dropApplied(ctx context.Context) error {
 		m.man.AppliedSeq = m.applied
 	}
 	m.mu.Unlock()
+	// The manifest first: a crash part way through the deletes then leaves
+	// shards only of segments it counts as applied, which a restart drops
+	// (uploadOne) instead of taking them for acknowledged data lost.
+	if manDirty {
+		if err := m.writeManifest(ctx); err != nil {
+			return err
+		}
+	}
 	for _, e := range drop {
 		if err := m.s.cache.Delete(e.id); err != nil {
 			return fmt.Errorf("delete applied segment %s from the cache: %w", e.id, err)
@@ -255,9 +280,6 @@ func (m *machine) dropApplied(ctx context.Context) error {
 		e.hot = nil
 		m.mu.Unlock()
 		m.s.cacheBytes.Add(-e.size)
-	}
-	if manDirty {
-		return m.writeManifest(ctx)
 	}
 	return nil
 }
