@@ -1,0 +1,137 @@
+package agent
+
+import (
+	"os"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/agent/capture"
+	"github.com/lifeboat-dr/lifeboat/internal/blockdev"
+	"github.com/lifeboat-dr/lifeboat/internal/loopdev"
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
+)
+
+// eventTarget logs which blocks it was handed and the markers, in order,
+// and runs hook once when it is handed a block of device hookDev.
+type eventTarget struct {
+	mu      sync.Mutex
+	events  []targetEvent
+	hookDev int
+	hook    func()
+}
+
+type targetEvent struct {
+	dev    int
+	off    int64
+	marker bool
+}
+
+func (t *eventTarget) WriteAt(dev int, p []byte, off int64) error {
+	t.mu.Lock()
+	t.events = append(t.events, targetEvent{dev: dev, off: off})
+	var h func()
+	if dev == t.hookDev {
+		h, t.hook = t.hook, nil
+	}
+	t.mu.Unlock()
+	if h != nil {
+		h()
+	}
+	return nil
+}
+
+func (t *eventTarget) Zero(dev int, off, n int64) error                 { return t.WriteAt(dev, nil, off) }
+func (t *eventTarget) ReadAt(dev int, p []byte, off int64) (int, error) { return len(p), nil }
+func (t *eventTarget) Sync() error                                      { return nil }
+func (t *eventTarget) Marker(m Marker) error {
+	t.mu.Lock()
+	t.events = append(t.events, targetEvent{marker: true})
+	t.mu.Unlock()
+	return nil
+}
+
+// A crash-consistent marker that holds a data-mode write holds every
+// metadata-mode write completed before it. Here, while the marker reads
+// the metadata device back, write A lands on it, then write B on the
+// data device, whose marks then call for a drain. A marker that read the
+// metadata device back before that drain's quiesce held B without A.
+func TestMarkerHoldsMetadataWritesBeforeItsRecords(t *testing.T) {
+	testenv.RequireRoot(t)
+	x := loopdev.New(t, 16<<20, loopdev.Options{})
+	y := loopdev.New(t, 16<<20, loopdev.Options{})
+	open := func(path string) *os.File {
+		f, err := os.OpenFile(path, os.O_WRONLY|syscall.O_DIRECT, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { f.Close() })
+		return f
+	}
+	fx, fy := open(x.Path), open(y.Path)
+	blk := blockdev.AlignedBuffer(capture.BlockSize)
+	const y0, yA, xB = 3 * capture.BlockSize, 9 * capture.BlockSize, 7 * capture.BlockSize
+	tgt := &eventTarget{hookDev: 1}
+	var e *Engine
+	e, cancel, done := startEngine(t, Options{
+		Sources: []Source{
+			{Name: "x", Path: x.Path, Mode: capture.ModeData, Sync: SyncFull},
+			{Name: "y", Path: y.Path, Mode: capture.ModeMetadata, Sync: SyncFull},
+		},
+		RingBytes:     4 << 20,
+		Target:        tgt,
+		ReadbackDelay: time.Hour, // y is read back by markers only
+		CrashInterval: 300 * time.Millisecond,
+	})
+	hooked := make(chan struct{})
+	tgt.mu.Lock()
+	tgt.hook = func() {
+		defer close(hooked)
+		if _, err := fy.WriteAt(blk, yA); err != nil { // A
+			t.Error(err)
+		}
+		if _, err := fx.WriteAt(blk, xB); err != nil { // B, after A completed
+			t.Error(err)
+		}
+		e.cap.MarkBytes(0, 12*capture.BlockSize, 1) // x must drain for the point
+	}
+	tgt.mu.Unlock()
+	if _, err := fy.WriteAt(blk, y0); err != nil { // for the marker to read back
+		t.Fatal(err)
+	}
+	select {
+	case <-hooked:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no marker read the metadata device back")
+	}
+	time.Sleep(time.Second) // the marker, and the next
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	tgt.mu.Lock()
+	defer tgt.mu.Unlock()
+	// The marker right after B must not come before A.
+	iB, iA, iM := -1, -1, -1
+	for i, ev := range tgt.events {
+		if iB < 0 && !ev.marker && ev.dev == 0 && ev.off == xB {
+			iB = i
+		}
+		if iA < 0 && !ev.marker && ev.dev == 1 && ev.off == yA {
+			iA = i
+		}
+	}
+	if iB < 0 || iA < 0 {
+		t.Fatalf("writes handed over: B at %d, A at %d (want both)", iB, iA)
+	}
+	for i := iB + 1; i < len(tgt.events); i++ {
+		if tgt.events[i].marker {
+			iM = i
+			break
+		}
+	}
+	if iM >= 0 && iA > iM {
+		t.Fatalf("the marker at %d holds B (handed over at %d) but not A (%d), written before B", iM, iB, iA)
+	}
+}
