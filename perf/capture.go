@@ -93,6 +93,12 @@ type CaptureConfig struct {
 	// NullTarget makes the agent mirror into /dev/null: the cost of
 	// capture alone, without keeping a copy.
 	NullTarget bool
+	// AllowOtherCaptures runs the benchmark even when other capture
+	// instances are attached (pinned under PinRoot), whose programs every
+	// variant then pays for; without it the run is refused.
+	AllowOtherCaptures bool
+	// PinRoot is where agents pin their capture. Default: agent.PinRoot.
+	PinRoot string
 	// Fio is the fio binary. Default: "fio" from PATH.
 	Fio string
 	// ReadyTimeout bounds the wait for the agent's READY=1. Default: 60 s.
@@ -109,6 +115,9 @@ type CaptureConfig struct {
 func (cfg CaptureConfig) withDefaults() (CaptureConfig, error) {
 	if cfg.Dir == "" {
 		cfg.Dir = "/var/tmp"
+	}
+	if cfg.PinRoot == "" {
+		cfg.PinRoot = agent.PinRoot
 	}
 	if cfg.DeviceSize == 0 {
 		cfg.DeviceSize = 2 << 30
@@ -234,11 +243,19 @@ func RunCapture(ctx context.Context, cfg CaptureConfig, log *slog.Logger, progre
 		}
 	}
 
+	others := otherCaptures(cfg.PinRoot)
+	if others > 0 && !cfg.AllowOtherCaptures {
+		return nil, fmt.Errorf("%d other capture instance(s) are attached (pinned under %s): their programs run on every write and every variant would pay for them; detach them with `lifeboat agent release --state-dir DIR [--name NAME]` (as the agents that left them ran), or pass --allow-other-captures", others, cfg.PinRoot)
+	}
+	if others > 0 {
+		log.Warn("other capture instances are attached; their programs run on every bio and skew the results",
+			"count", others, "dir", cfg.PinRoot)
+	}
 	rep := &CaptureReport{
 		Started:       time.Now().UTC(),
 		Kernel:        kernelRelease(),
 		FioVersion:    fioVersion(ctx, cfg.Fio),
-		OtherCaptures: otherCaptures(log),
+		OtherCaptures: others,
 		BPFStats:      bpfStatsEnabled(),
 		Settings: CaptureSettings{
 			RuntimeSeconds:  cfg.Runtime.Seconds(),
@@ -426,23 +443,19 @@ func mirrorPath(cfg CaptureConfig, dir string) string {
 	return filepath.Join(dir, "mirror.img")
 }
 
-// otherCaptures counts the capture instances pinned on bpffs, and warns
-// about them: `lifeboat agent release` detaches one.
-func otherCaptures(log *slog.Logger) int {
-	entries, err := os.ReadDir(agent.PinRoot)
+// otherCaptures counts the capture instances pinned under root: `lifeboat
+// agent release` detaches one.
+func otherCaptures(root string) int {
+	entries, err := os.ReadDir(root)
 	if err != nil {
 		return 0
 	}
 	n := 0
 	for _, e := range entries {
 		// A directory without pinned programs is an empty leftover.
-		if links, _ := filepath.Glob(filepath.Join(agent.PinRoot, e.Name(), "link_*")); len(links) > 0 {
+		if links, _ := filepath.Glob(filepath.Join(root, e.Name(), "link_*")); len(links) > 0 {
 			n++
 		}
-	}
-	if n > 0 {
-		log.Warn("other capture instances are attached; their programs run on every bio and skew the results",
-			"count", n, "dir", agent.PinRoot)
 	}
 	return n
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -41,6 +42,9 @@ func TestRunCaptureNoAgent(t *testing.T) {
 		Runtime:    2 * time.Second,
 		Rounds:     1,
 		Variants:   []Variant{VariantNone},
+		// Captures other tests leave pinned meanwhile cost this
+		// run nothing it checks.
+		AllowOtherCaptures: true,
 	}, discardLog(), &progress)
 	assertNoLoopInto(t, dir)
 	if err != nil {
@@ -83,13 +87,14 @@ func TestRunCaptureFakeAgent(t *testing.T) {
 	}
 	dir := t.TempDir()
 	rep, err := RunCapture(context.Background(), CaptureConfig{
-		AgentExe:   exe,
-		Dir:        dir,
-		DeviceSize: 128 << 20,
-		Runtime:    time.Second,
-		Rounds:     2,
-		Variants:   []Variant{VariantNone, VariantData},
-		Workloads:  DefaultWorkloads()[:1],
+		AgentExe:           exe,
+		Dir:                dir,
+		DeviceSize:         128 << 20,
+		Runtime:            time.Second,
+		Rounds:             2,
+		Variants:           []Variant{VariantNone, VariantData},
+		Workloads:          DefaultWorkloads()[:1],
+		AllowOtherCaptures: true,
 	}, discardLog(), nil)
 	assertNoLoopInto(t, dir)
 	if err != nil {
@@ -117,6 +122,35 @@ func TestRunCaptureFakeAgent(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("\n%s", tb.String())
+}
+
+// A run with other captures attached is refused, with how to detach them:
+// every variant, the baseline too, would pay for their programs.
+func TestRunCaptureRefusesOtherCaptures(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireTool(t, "fio")
+	root := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(root, "0123456789abcdef"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(root, "0123456789abcdef", "link_queue"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err := RunCapture(context.Background(), CaptureConfig{Dir: t.TempDir(), PinRoot: root}, discardLog(), nil)
+	if err == nil || !strings.Contains(err.Error(), "lifeboat agent release") || !strings.Contains(err.Error(), "--allow-other-captures") {
+		t.Fatalf("RunCapture with a capture attached = %v, want a refusal naming the way out", err)
+	}
+	// An empty directory is a leftover with nothing attached: no refusal
+	// (the run itself is cut short by its deadline).
+	if err := os.Remove(filepath.Join(root, "0123456789abcdef", "link_queue")); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	_, err = RunCapture(ctx, CaptureConfig{Dir: t.TempDir(), PinRoot: root, Variants: []Variant{VariantNone}}, discardLog(), nil)
+	if err != nil && strings.Contains(err.Error(), "other capture") {
+		t.Fatalf("refused over an empty directory: %v", err)
+	}
 }
 
 func TestRunCaptureConfigErrors(t *testing.T) {
@@ -182,11 +216,12 @@ func TestRunCaptureCanceledCleansUp(t *testing.T) {
 	defer cancel()
 	start := time.Now()
 	_, err = RunCapture(ctx, CaptureConfig{
-		AgentExe:   exe,
-		Dir:        dir,
-		DeviceSize: 128 << 20,
-		Runtime:    20 * time.Second,
-		Variants:   []Variant{VariantData},
+		AgentExe:           exe,
+		Dir:                dir,
+		DeviceSize:         128 << 20,
+		Runtime:            20 * time.Second,
+		Variants:           []Variant{VariantData},
+		AllowOtherCaptures: true,
 	}, discardLog(), nil)
 	if err == nil || !strings.Contains(err.Error(), "deadline exceeded") {
 		t.Errorf("RunCapture after cancel = %v", err)

@@ -57,6 +57,7 @@ func benchCmd(verbose *bool) *cobra.Command {
 	f.BoolVar(&cfg.AtCompletion, "at-completion", false, "run the agents with the experimental --capture-at-completion")
 	f.DurationVar(&cfg.ReadbackDelay, "readback-delay", agent.DefaultReadbackDelay, "run metadata-mode agents with this --readback-delay")
 	f.BoolVar(&cfg.NullTarget, "null-target", false, "mirror into /dev/null: measure capture alone, without the copy's writes")
+	f.BoolVar(&cfg.AllowOtherCaptures, "allow-other-captures", false, "run even when other agents' captures are attached (every variant pays for them)")
 	f.StringVar(&cfg.Dir, "dir", "/var/tmp", "where the loop device's file and the mirror go")
 	f.StringVar(&jsonOut, "json", "", "also write the report as JSON to this file (- for stdout)")
 	cmd.AddCommand(capture)
