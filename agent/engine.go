@@ -162,7 +162,7 @@ type source struct {
 	dirty     *bitmap.Bitmap
 	compare   bool // next read-back compares with the target first
 	lastMarks uint64
-	metaDirty bool      // metadata marks harvested into dirty, not read back yet
+	metaDirty bool      // metadata marks (kernel bitmap or dirty) not read back yet
 	metaSince time.Time // when metaDirty was set
 	readGen   uint64    // read-backs done (coverage waits for one)
 	passEnd   time.Time // when the last metadata read-back pass ended
@@ -931,10 +931,10 @@ func (e *Engine) checkSizes() error {
 // has no ring-captured data that a read-back could overtake. Capture
 // marks every write of a metadata device there once it has landed (a
 // ring record per write cost the kernel about as much and the agent a
-// record to handle, for nothing a read-back needs), except when its pending slots are full
-// (add_pending marks at submission): that write's completion then finds
-// no entry and marks it again (complete_untracked), so an early read-back
-// is repeated.
+// record to handle, for nothing a read-back needs), except when its
+// pending slots are full (add_pending marks at submission): that write's
+// completion then finds no entry and marks it again
+// (complete_untracked), so an early read-back is repeated.
 func (e *Engine) harvest(i int) error {
 	s := e.srcs[i]
 	s.lastMarks = e.cap.Marks(i)
