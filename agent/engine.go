@@ -454,8 +454,8 @@ func (e *Engine) loop(ctx context.Context) error {
 				need = append(need, i)
 			} else if s.Mode != capture.ModeMetadata && e.cap.Marks(i) != s.lastMarks &&
 				time.Since(s.lastDrain) >= markDrainInterval {
-				// A metadata device's marks are harvested by
-				// readbackMetadata, at the top of every round.
+				// A metadata device's marks are taken by its
+				// read-back pass (readbackMetadata).
 				need = append(need, i)
 			}
 		}

@@ -476,9 +476,8 @@ static __always_inline void settle(struct lb_pending *pc, int status, struct lb_
 		return;
 	}
 	__u32 id = pc->dev;
-	struct lb_devstate *st = bpf_map_lookup_elem(&devstate, &id);
 	struct lb_dev *d = bpf_map_lookup_elem(&devinfo, &id);
-	if (!st || !d || !d->blocks)
+	if (!d || !d->blocks)
 		return; // not a device of this capture (an entry from an earlier run)
 	if (pc->kind == LB_PEND_RING) {
 		ring_finished(id);
