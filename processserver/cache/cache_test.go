@@ -787,3 +787,9 @@ func TestCRCCombine(t *testing.T) {
 		}
 	}
 }
+
+func BenchmarkCRCCombine(b *testing.B) {
+	for b.Loop() {
+		crcCombine(0x12345678, 0x9abcdef0, 4<<20+12345)
+	}
+}

@@ -57,52 +57,54 @@ func crc(b []byte) uint32 { return crc32.Checksum(b, castagnoli) }
 
 // crcCombine returns the CRC32C of A||B from crc(A), crc(B) and len(B)
 // (zlib's crc32_combine), so that Put derives the segment's checksum from
-// its shards' instead of reading the segment once more.
+// its shards' instead of reading the segment once more: crc(A) times
+// x^(8·len(B)) modulo the polynomial, plus crc(B).
 func crcCombine(crcA, crcB uint32, lenB int) uint32 {
 	if lenB <= 0 {
 		return crcA
 	}
-	// odd: the operator for one zero bit; squaring doubles the zeros.
-	var even, odd [32]uint32
-	odd[0] = crc32.Castagnoli
-	for n, row := 1, uint32(1); n < 32; n, row = n+1, row<<1 {
-		odd[n] = row
-	}
-	gf2Square(&even, &odd) // 2 zero bits
-	gf2Square(&odd, &even) // 4 zero bits
-	for n := uint64(lenB); ; {
-		gf2Square(&even, &odd) // first pass: one zero byte
-		if n&1 != 0 {
-			crcA = gf2Times(&even, crcA)
-		}
-		if n >>= 1; n == 0 {
-			break
-		}
-		gf2Square(&odd, &even)
-		if n&1 != 0 {
-			crcA = gf2Times(&odd, crcA)
-		}
-		if n >>= 1; n == 0 {
-			break
-		}
-	}
-	return crcA ^ crcB
+	return multModP(x8nModP(uint64(lenB)), crcA) ^ crcB
 }
 
-func gf2Times(mat *[32]uint32, vec uint32) uint32 {
-	var sum uint32
-	for i := 0; vec != 0; i, vec = i+1, vec>>1 {
-		if vec&1 != 0 {
-			sum ^= mat[i]
+// multModP multiplies a and b modulo the Castagnoli polynomial, in the
+// reflected bit order of the CRC (x^0 is the top bit).
+func multModP(a, b uint32) uint32 {
+	var p uint32
+	for m := uint32(1) << 31; m != 0; m >>= 1 {
+		if a&m != 0 {
+			p ^= b
+			if a&(m-1) == 0 {
+				break
+			}
+		}
+		if b&1 != 0 {
+			b = b>>1 ^ crc32.Castagnoli
+		} else {
+			b >>= 1
 		}
 	}
-	return sum
+	return p
 }
 
-func gf2Square(square, mat *[32]uint32) {
-	for n := range square {
-		square[n] = gf2Times(mat, mat[n])
+// x2n[k] is x^(2^k) modulo the polynomial, for every k x8nModP needs.
+var x2n = func() (t [64 + 3]uint32) {
+	p := uint32(1) << 30 // x^1
+	for k := range t {
+		t[k] = p
+		p = multModP(p, p)
 	}
+	return t
+}()
+
+// x8nModP returns x^(8n) modulo the polynomial: n zero bytes' operator.
+func x8nModP(n uint64) uint32 {
+	p := uint32(1) << 31 // x^0
+	for k := 3; n != 0; n, k = n>>1, k+1 {
+		if n&1 != 0 {
+			p = multModP(x2n[k], p)
+		}
+	}
+	return p
 }
 
 type shardHeader struct {
