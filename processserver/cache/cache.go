@@ -242,7 +242,9 @@ func (c *Cache) encoder(k, m uint8) (reedsolomon.Encoder, error) {
 	if e, ok := c.encs[key]; ok {
 		return e, nil
 	}
-	e, err := reedsolomon.New(int(k), int(m))
+	// One goroutine: Put codes a 64 KiB stripe at a time, too little to
+	// split, and segments are coded in parallel already (one per stream).
+	e, err := reedsolomon.New(int(k), int(m), reedsolomon.WithMaxGoroutines(1))
 	if err != nil {
 		return nil, fmt.Errorf("cache: reed-solomon %d+%d: %w", k, m, err)
 	}
