@@ -52,7 +52,12 @@ type machine struct {
 	applied  uint64 // reported by the applier
 	segs     []*segEntry
 	backlog  int64 // bytes cached and not yet uploaded (known sizes)
-	lost     bool  // an acked segment could not be read back: resync at next hello
+	// Gaps (layout.Gap): gapEpoch counts the openings of a gap in this
+	// process, so that only a session answered after the latest one can
+	// mend it; mendAt is where that session's agent finished its resync
+	// (0: not yet), waiting for the journal to reach it.
+	gapEpoch uint64
+	mendAt   uint64
 	note     wire.Marker
 	hasNote  bool
 	idle     wire.Marker // first marker of the current idle run (same seq)
@@ -70,6 +75,7 @@ func newMachine(s *Server, name string) *machine {
 		log:      s.log.With(logMachine, name),
 		wake:     make(chan struct{}, 1),
 		progress: make(chan struct{}),
+		gapEpoch: 1, // a gap loaded open from the manifest has epoch 1
 	}
 }
 
@@ -285,6 +291,7 @@ func (m *machine) writeManifest(ctx context.Context) error {
 	m.mu.Lock()
 	man := m.man
 	man.Disks = slices.Clone(man.Disks)
+	man.Gaps = slices.Clone(man.Gaps)
 	m.mu.Unlock()
 	man.Updated = time.Now().UTC()
 	raw, err := layout.MarshalManifest(&man)
@@ -298,25 +305,46 @@ func (m *machine) writeManifest(ctx context.Context) error {
 }
 
 // agree answers a Hello: per disk, resume, full sync (new generation) or
-// checksum resync, as the contract says. New generations are recorded in
-// the manifest before the answer is sent.
+// checksum resync, as the contract says. New generations and gaps are
+// recorded in the manifest before the answer is sent.
 //
 // It also returns, per Hello disk index, the disk's index in the manifest:
 // records name disks by Hello index, the journal by manifest index (which
-// is append-only, so old segments keep their meaning).
-func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, uint64, []uint16, error) {
+// is append-only, so old segments keep their meaning), and, when the
+// answer asks for a checksum resync because of a gap, the gap's epoch for
+// mended (0 otherwise).
+func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, uint64, []uint16, uint64, error) {
 	if err := m.ensureLoaded(ctx); err != nil {
-		return nil, 0, nil, err
+		return nil, 0, nil, 0, err
 	}
 	// The cache holds only sealed segments, so the key must be at hand
 	// before the first record is accepted.
 	if _, err := m.ensureKey(ctx); err != nil {
-		return nil, 0, nil, err
+		return nil, 0, nil, 0, err
+	}
+	// An agent acknowledged past what this server holds lost the records
+	// in between (a cache lost or restored, another server took them):
+	// recorded before anything after them can be published.
+	m.mu.Lock()
+	durable := m.durable
+	m.mu.Unlock()
+	for _, d := range h.Disks {
+		if d.LastAckedSeq > durable {
+			m.log.Error("the agent had records acknowledged that this process server does not hold; they are missing from the journal until its checksum resync completes",
+				logGapFrom, durable+1, logAgentAcked, d.LastAckedSeq)
+			if err := m.openGap(ctx, durable+1); err != nil {
+				return nil, 0, nil, 0, err
+			}
+			break
+		}
 	}
 	missing := m.missingReplicas(ctx, h)
 	m.mu.Lock()
-	durable, lost := m.durable, m.lost
-	m.lost = false
+	var mendEpoch uint64
+	gap := m.man.OpenGap() >= 0
+	if gap {
+		mendEpoch = m.gapEpoch
+	}
 	ack := &wire.HelloAck{ProtocolVersion: protocolVersion, Disks: make([]wire.DiskAgreement, len(h.Disks))}
 	changed := false
 	for i, d := range h.Disks {
@@ -334,7 +362,7 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, uin
 			}
 			md.Size, md.Generation = d.Size, g.String()
 			changed = true
-		case d.LastAckedSeq > durable || lost:
+		case gap:
 			a.Action, a.Generation = wire.SyncChecksum, d.Generation
 		default:
 			a.Action, a.Generation = wire.SyncResume, d.Generation
@@ -351,10 +379,55 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, uin
 	m.mu.Unlock()
 	if changed {
 		if err := m.writeManifest(ctx); err != nil {
-			return nil, 0, nil, err
+			return nil, 0, nil, 0, err
 		}
 	}
-	return ack, durable, diskMap, nil
+	return ack, durable, diskMap, mendEpoch, nil
+}
+
+// openGap records in the manifest that records from seq from on may be
+// missing from the journal. Until the gap is mended, every hello is
+// answered with a checksum resync; the manifest is written before the
+// caller lets durable_seq pass from.
+func (m *machine) openGap(ctx context.Context, from uint64) error {
+	m.mu.Lock()
+	if i := m.man.OpenGap(); i >= 0 {
+		m.man.Gaps[i].From = min(m.man.Gaps[i].From, from)
+	} else {
+		m.man.Gaps = append(m.man.Gaps, layout.Gap{From: from})
+	}
+	m.gapEpoch++
+	m.mendAt = 0
+	m.mu.Unlock()
+	return m.writeManifest(ctx)
+}
+
+// mended records that the agent of a session answered at gap epoch epoch
+// has completed its checksum resync: it sends no time marker between a
+// resync request and the resync's end (see wire.HelloAck), so its first
+// time marker after the answer, at seq, is where the replicas are whole
+// again. The gap closes once the journal holds every record up to seq.
+func (m *machine) mended(epoch, seq uint64) {
+	m.mu.Lock()
+	if epoch == m.gapEpoch && m.mendAt == 0 && m.man.OpenGap() >= 0 {
+		m.mendAt = seq
+	}
+	m.mu.Unlock()
+	m.kick()
+}
+
+// mendLocked closes the open gap when the journal holds every record up
+// to where the agent's resync completed. It reports whether the manifest
+// changed.
+func (m *machine) mendLocked() bool {
+	i := m.man.OpenGap()
+	if m.mendAt == 0 || m.uploaded < m.mendAt || i < 0 {
+		return false
+	}
+	m.man.Gaps[i].Mended = max(m.mendAt, m.man.Gaps[i].From+1)
+	m.mendAt = 0
+	m.log.Info("journal gap mended: the agent's checksum resync completed", logGapFrom, m.man.Gaps[i].From, logMendedAt, m.man.Gaps[i].Mended)
+	return true
 }
 
 // missingReplicas reports disks whose replica page blob is gone although

@@ -49,6 +49,9 @@ const (
 	logFree       = "free_ratio"
 	logDir        = "dir"
 	logCount      = "segments"
+	logGapFrom    = "gap_from"
+	logMendedAt   = "mended_at"
+	logAgentAcked = "agent_acked"
 )
 
 // Server is a running process server.

@@ -64,7 +64,11 @@ type session struct {
 	flushq   chan flushItem
 	accepted uint64   // highest record seq accepted (read loop only)
 	diskMap  []uint16 // Hello disk index → manifest disk index
-	remap    bool     // diskMap is not the identity
+	// mendEpoch: the hello was answered with a checksum resync for the
+	// machine's open gap at this epoch (0: not); its first time marker
+	// mends the gap (machine.mended).
+	mendEpoch uint64
+	remap     bool // diskMap is not the identity
 
 	sumsq chan sumsReq
 }
@@ -167,7 +171,7 @@ func (st *session) run(ctx context.Context) {
 	}()
 
 	actx, cancel := context.WithTimeout(ctx, helloWork)
-	ack, durable, diskMap, err := m.agree(actx, &h)
+	ack, durable, diskMap, mendEpoch, err := m.agree(actx, &h)
 	cancel()
 	if err != nil {
 		st.log.Error("cannot answer hello", logErr, err)
@@ -176,6 +180,7 @@ func (st *session) run(ctx context.Context) {
 	}
 	st.accepted = durable
 	st.diskMap = diskMap
+	st.mendEpoch = mendEpoch
 	for i, j := range diskMap {
 		if int(j) != i {
 			st.remap = true
@@ -317,6 +322,10 @@ func (st *session) readLoop() bool {
 			}
 			if mk.Seq < st.accepted {
 				continue // stale: records after it are already here
+			}
+			if mk.Kind == wire.MarkerTime && st.mendEpoch != 0 {
+				st.m.mended(st.mendEpoch, mk.Seq)
+				st.mendEpoch = 0
 			}
 			st.mu.Lock()
 			st.buf.appendMarker(f.Flags, f.Payload, mk)

@@ -129,7 +129,10 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 		if !u.already {
 			m.uploaded = u.meta.last
 			m.man.DurableSeq = u.meta.last
-			if u.meta.lastTime > 0 {
+			m.mendLocked()
+			// While a gap is open, writes before the segment's markers
+			// may be missing: recoverable_until stays where it was.
+			if u.meta.lastTime > 0 && m.man.OpenGap() < 0 {
 				if t := time.Unix(0, u.meta.lastTime).UTC(); t.After(m.man.RecoverableUntil) {
 					m.man.RecoverableUntil = t
 				}
@@ -152,7 +155,9 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 		}
 	}
 	if lost != nil {
-		m.segmentLost(lost.e, lost.err)
+		if err := m.segmentLost(ctx, lost.e, lost.err); err != nil {
+			return last.last > 0, err
+		}
 		return true, nil
 	}
 	if sess := m.current(); sess != nil {
@@ -290,10 +295,10 @@ func (m *machine) dropApplied(ctx context.Context) error {
 // journal.
 func (m *machine) advanceFromMarker(ctx context.Context) error {
 	m.mu.Lock()
-	changed := false
+	changed := m.mendLocked()
 	if m.hasNote {
 		m.hasNote = false
-		if t := time.Unix(0, m.note.UnixNano).UTC(); t.After(m.man.RecoverableUntil) && m.note.Seq <= m.uploaded {
+		if t := time.Unix(0, m.note.UnixNano).UTC(); t.After(m.man.RecoverableUntil) && m.note.Seq <= m.uploaded && m.man.OpenGap() < 0 {
 			m.man.RecoverableUntil, changed = t, true
 			if m.idle.Seq == m.note.Seq && m.idle.Seq > 0 {
 				m.man.IdleSeq, m.man.IdleSince = m.idle.Seq, time.Unix(0, m.idle.UnixNano).UTC()
@@ -308,12 +313,18 @@ func (m *machine) advanceFromMarker(ctx context.Context) error {
 }
 
 // segmentLost handles an acknowledged segment that can no longer be read:
-// the data is gone from the server, so the agent must prove the replica
-// with a checksum resync. The session is closed so that its next hello
-// gets SyncChecksum.
-func (m *machine) segmentLost(e *segEntry, err error) {
+// the data is gone from the server, so the agent must prove the replicas
+// with a checksum resync. The gap is recorded in the manifest first, so
+// that neither a restart nor a failed hello forgets it and durable_seq
+// never passes it unrecorded; on error the segment stays, to be found
+// lost again. The session is closed so that its next hello gets
+// SyncChecksum.
+func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error {
 	m.log.Error("acknowledged segment lost from the cache; the agent will be asked for a checksum resync",
 		logSegment, e.id.String(), logErr, err)
+	if err := m.openGap(ctx, e.id.Seq); err != nil {
+		return fmt.Errorf("record the journal gap at %d: %w", e.id.Seq, err)
+	}
 	_ = m.s.cache.Delete(e.id)
 	m.mu.Lock()
 	for i, x := range m.segs {
@@ -327,11 +338,11 @@ func (m *machine) segmentLost(e *segEntry, err error) {
 	}
 	m.s.dropHot(e.hot)
 	e.hot = nil
-	m.lost = true
 	sess := m.sess
 	m.mu.Unlock()
 	m.s.cacheBytes.Add(-e.size)
 	if sess != nil {
 		sess.abort(errors.New("acknowledged data lost from the cache"))
 	}
+	return nil
 }

@@ -65,13 +65,18 @@ AZURE_STORAGE_CONNECTION_STRING; needs no key.`,
 			if err != nil {
 				return err
 			}
+			man, err := recovery.ReadManifest(cmd.Context(), store, machine)
+			if err != nil {
+				return err
+			}
 			out := cmd.OutOrStdout()
 			if asJSON {
 				doc := struct {
-					Machine          string      `json:"machine"`
-					Points           []pointJSON `json:"points"`
-					RecoverableUntil string      `json:"recoverable_until"`
-				}{Machine: machine, Points: []pointJSON{}, RecoverableUntil: formatTime(until)}
+					Machine          string       `json:"machine"`
+					Points           []pointJSON  `json:"points"`
+					RecoverableUntil string       `json:"recoverable_until"`
+					Gaps             []layout.Gap `json:"gaps,omitempty"`
+				}{Machine: machine, Points: []pointJSON{}, RecoverableUntil: formatTime(until), Gaps: man.Gaps}
 				for _, p := range points {
 					pj := pointJSON{Kind: p.Kind, Time: formatTime(p.Time), Seq: p.Seq, ID: p.ID}
 					for d := range p.Snapshots {
@@ -90,6 +95,13 @@ AZURE_STORAGE_CONNECTION_STRING; needs no key.`,
 			}
 			if err := tw.Flush(); err != nil {
 				return err
+			}
+			for _, g := range man.Gaps {
+				if g.Open() {
+					fmt.Fprintf(out, "journal gap from seq %d: acknowledged writes lost before they reached the account; not recoverable until the agent's checksum resync completes\n", g.From)
+				} else {
+					fmt.Fprintf(out, "journal gap: seq %d to %d not recoverable (acknowledged writes lost, repaired by a checksum resync)\n", g.From, g.Mended-1)
+				}
 			}
 			_, err = fmt.Fprintf(out, "recoverable until: %s\n", formatTime(until))
 			return err

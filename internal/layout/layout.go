@@ -54,7 +54,51 @@ type Manifest struct {
 	// recovery to a time inside it resolves through these.
 	IdleSeq   uint64    `json:"idle_seq,omitempty"`
 	IdleSince time.Time `json:"idle_since,omitzero"`
-	Updated   time.Time `json:"updated"`
+	// Gaps are where the journal lacks acknowledged records (see Gap).
+	Gaps    []Gap     `json:"gaps,omitempty"`
+	Updated time.Time `json:"updated"`
+}
+
+// A Gap is a range of sequences at which the journal and the replicas are
+// not the disks: records from From on were acknowledged to the agent but
+// lost before they reached the journal (a cache lost beyond its parity, a
+// process server restored from an old state). The agent's checksum resync
+// repairs the replicas; Mended is the first sequence at which it is known
+// complete (0 while it is not), so that every state at From ≤ seq <
+// Mended, or seq ≥ From while open, is wrong and must not be recovered.
+// The process server records a gap before durable_seq passes From.
+type Gap struct {
+	From   uint64 `json:"from"`
+	Mended uint64 `json:"mended,omitempty"`
+}
+
+// Open reports whether g's resync has not completed yet.
+func (g Gap) Open() bool { return g.Mended == 0 }
+
+// Covers reports whether the state after every record ≤ seq is inside g.
+func (g Gap) Covers(seq uint64) bool { return seq >= g.From && (g.Open() || seq < g.Mended) }
+
+// GapAt returns the gap covering seq, if any.
+func (m *Manifest) GapAt(seq uint64) (Gap, bool) { return GapAt(m.Gaps, seq) }
+
+// GapAt returns the gap of gaps covering seq, if any.
+func GapAt(gaps []Gap, seq uint64) (Gap, bool) {
+	for _, g := range gaps {
+		if g.Covers(seq) {
+			return g, true
+		}
+	}
+	return Gap{}, false
+}
+
+// OpenGap returns the index of the open gap, or -1.
+func (m *Manifest) OpenGap() int {
+	for i, g := range m.Gaps {
+		if g.Open() {
+			return i
+		}
+	}
+	return -1
 }
 
 // Disk is one protected disk of a machine.

@@ -153,13 +153,16 @@ func loadState(ctx context.Context, store blobstore.Store, machine string) (*sta
 	if err != nil {
 		return nil, err
 	}
+	// Points in a gap (layout.Gap) are not the disks: not listed, not
+	// used. Neither are the times of segments ending in one.
+	points = slices.DeleteFunc(points, func(p Point) bool { _, gap := m.GapAt(p.Seq); return gap })
 	st := &state{manifest: m, points: points, until: m.RecoverableUntil.UTC(), latest: m.DurableSeq}
 	// Segments beyond the durable sequence may still have holes before
 	// them (uploads in flight); recovery ignores them.
 	segs = slices.DeleteFunc(segs, func(s Segment) bool { return s.Last > m.DurableSeq })
 	st.segments = segs
 	for _, s := range segs {
-		if s.LastTime.After(st.until) {
+		if _, gap := m.GapAt(s.Last); s.LastTime.After(st.until) && !gap {
 			st.until = s.LastTime
 		}
 	}

@@ -156,6 +156,23 @@ func RecoverFile(ctx context.Context, store blobstore.Store, req Request, path s
 // resolve turns a point argument into a target sequence and, when known,
 // the time of that point.
 func (st *state) resolve(ctx context.Context, store blobstore.Store, keys seal.Keyring, point string) (uint64, time.Time, error) {
+	seq, t, err := st.resolvePoint(ctx, store, keys, point)
+	if err != nil {
+		return 0, time.Time{}, err
+	}
+	if g, ok := st.manifest.GapAt(seq); ok {
+		why := "its checksum resync has not completed yet"
+		if !g.Open() {
+			why = fmt.Sprintf("its checksum resync made the disks whole again at sequence %d", g.Mended)
+		}
+		return 0, time.Time{}, fmt.Errorf("%w: sequence %d of machine %q is in a journal gap: writes from sequence %d on were acknowledged to the agent but lost before they reached the account, and %s; recover to sequence %d or earlier",
+			ErrOutOfRange, seq, st.manifest.Machine, g.From, why, g.From-1)
+	}
+	return seq, t, nil
+}
+
+// resolvePoint is resolve without the gap check.
+func (st *state) resolvePoint(ctx context.Context, store blobstore.Store, keys seal.Keyring, point string) (uint64, time.Time, error) {
 	machine := st.manifest.Machine
 	switch {
 	case point == "" || point == Latest:

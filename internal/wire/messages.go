@@ -79,6 +79,11 @@ type DiskAgreement struct {
 
 // HelloAck answers a Hello, process server → agent.
 //
+// An agent told to resync a disk (full or checksum) sends no time Marker
+// from then until the resync has ended and every disk is whole again: the
+// process server takes its first time marker after such an answer as the
+// end of a journal gap (layout.Gap).
+//
 // Payload: u16 protocol version, u16 disk count, then per disk: string
 // name, u8 action, [16]byte generation, u64 resume-from seq.
 type HelloAck struct {

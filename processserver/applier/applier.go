@@ -175,8 +175,9 @@ type machine struct {
 
 	loaded    bool
 	disks     []*disk
-	lastPoint uint64    // seq of the newest point
-	pointTime time.Time // its marker time (or the anchor before the first point)
+	lastPoint uint64       // seq of the newest point
+	gaps      []layout.Gap // the manifest's, as of the last applyLocked
+	pointTime time.Time    // its marker time (or the anchor before the first point)
 	// cursor is the name of the last segment applied in this process, so
 	// that a segment ending exactly at the resume sequence (possible for
 	// marker-only segments) is read once, not on every pass.
@@ -245,6 +246,7 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 		return 0, err
 	}
 	limit := max(man.DurableSeq, durable)
+	m.gaps = man.Gaps
 	if m.keys == nil {
 		if m.keys, err = a.cfg.Keys(ctx, m.name); err != nil {
 			return 0, fmt.Errorf("data keys of machine %q: %w", m.name, err)
@@ -449,7 +451,10 @@ func (a *Applier) applySegment(ctx context.Context, m *machine, s recovery.Segme
 		r := &recs[i]
 		if r.Op == wire.OpMarker {
 			mk := r.Marker()
-			if kind, due := a.pointDue(m, mk); due && mk.Seq >= floor && mk.Seq > m.lastPoint {
+			// No point where the journal lacks acknowledged records:
+			// the replicas are not the disks there.
+			_, gap := layout.GapAt(m.gaps, mk.Seq)
+			if kind, due := a.pointDue(m, mk); due && !gap && mk.Seq >= floor && mk.Seq > m.lastPoint {
 				if err := a.flush(ctx, m, s.Name); err != nil {
 					return err
 				}

@@ -30,6 +30,7 @@ type Machine struct {
 	Disks       []layout.Disk
 	Durable     uint64
 	Until       time.Time
+	Gaps        []layout.Gap // written into the manifest as they are
 	// Segments are the names of the uploaded segments, in order.
 	Segments []string
 
@@ -104,7 +105,7 @@ func (m *Machine) Markers() []wire.Marker { return m.markers }
 func (m *Machine) WriteManifest() {
 	m.tb.Helper()
 	man := &layout.Manifest{Version: layout.ManifestVersion, Machine: m.Name, Disks: m.Disks,
-		KeyID: hex.EncodeToString(keyID(m.Key)), DurableSeq: m.Durable, RecoverableUntil: m.Until, Updated: time.Now().UTC()}
+		KeyID: hex.EncodeToString(keyID(m.Key)), DurableSeq: m.Durable, RecoverableUntil: m.Until, Gaps: m.Gaps, Updated: time.Now().UTC()}
 	if b, err := m.Store.GetBlob(ctx(), layout.ManifestName(m.Name)); err == nil {
 		if old, err := layout.UnmarshalManifest(b); err == nil {
 			man.AppliedSeq = old.AppliedSeq

@@ -1,0 +1,87 @@
+package recovery_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"math/rand/v2"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore/mem"
+	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/recovery"
+	"github.com/lifeboat-dr/lifeboat/internal/recovery/recoverytest"
+	"github.com/lifeboat-dr/lifeboat/internal/wire"
+)
+
+// A segment lost before it reached the journal leaves a gap the process
+// server records in the manifest. Recovery must refuse every state inside
+// it (the replayed journal lacks acknowledged writes there) and give the
+// disk exactly before it and after the agent's resync mended it.
+func TestRecoverRefusesJournalGap(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 3))
+	const size = 64 << 10
+	m := recoverytest.New(t, mem.New(), "gap", size)
+	t0 := time.Date(2025, 5, 1, 0, 0, 0, 0, time.UTC)
+	var segs []string
+	var ends []uint64
+	for s := range 3 {
+		for range 10 {
+			m.Write(0, uint64(rng.IntN(60<<10)), randBytes(rng, 1+rng.IntN(4000)))
+		}
+		m.Marker(wire.MarkerTime, t0.Add(time.Duration(s)*time.Second))
+		segs = append(segs, m.Cut())
+		ends = append(ends, m.Seq())
+	}
+	// The second segment never reached the account.
+	if err := m.Store.DeleteBlob(context.Background(), segs[1]); err != nil {
+		t.Fatal(err)
+	}
+	// The process server recorded the gap and held recoverable_until.
+	m.Gaps = []layout.Gap{{From: ends[0] + 1}}
+	m.Until = t0
+	m.WriteManifest()
+
+	for _, point := range []string{"latest", strconv.FormatUint(ends[0]+1, 10), strconv.FormatUint(ends[2], 10), t0.Add(2 * time.Second).Format(time.RFC3339Nano)} {
+		if _, _, err := recoverBytes(t, m, point, m.RecoveryKey); !errors.Is(err, recovery.ErrOutOfRange) {
+			t.Errorf("recover %s inside the open gap: err %v, want ErrOutOfRange", point, err)
+		}
+	}
+	got, res, err := recoverBytes(t, m, strconv.FormatUint(ends[0], 10), m.RecoveryKey)
+	if err != nil {
+		t.Fatalf("recover just before the gap: %v", err)
+	}
+	if !bytes.Equal(got, m.Image(0, res.Seq)[:size]) {
+		t.Fatal("the disk just before the gap differs")
+	}
+	points, until, err := recovery.Points(context.Background(), m.Store, m.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !until.Equal(t0) {
+		t.Errorf("recoverable_until %v with the gap open, want %v (the last marker before it)", until, t0)
+	}
+	if len(points) != 0 {
+		t.Errorf("points %v: none was cut", points)
+	}
+
+	// The agent's checksum resync rewrites what differs (here: the whole
+	// disk as it is now), then its first time marker mends the gap.
+	m.Write(0, 0, m.Image(0, m.Seq())[:size])
+	mended := m.Marker(wire.MarkerTime, t0.Add(3*time.Second)).Seq
+	m.Cut()
+	m.Gaps[0].Mended = mended
+	m.WriteManifest()
+	got, res, err = recoverBytes(t, m, "latest", m.RecoveryKey)
+	if err != nil {
+		t.Fatalf("recover latest after the gap was mended: %v", err)
+	}
+	if res.Seq < mended || !bytes.Equal(got, m.Image(0, res.Seq)[:size]) {
+		t.Fatalf("latest (seq %d) after the mended gap differs from the disk", res.Seq)
+	}
+	if _, _, err := recoverBytes(t, m, strconv.FormatUint(ends[2], 10), m.RecoveryKey); !errors.Is(err, recovery.ErrOutOfRange) {
+		t.Errorf("recover inside the mended gap: err %v, want ErrOutOfRange", err)
+	}
+}

@@ -1,0 +1,178 @@
+package processserver
+
+import (
+	"bytes"
+	"context"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore/mem"
+	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/recovery"
+	"github.com/lifeboat-dr/lifeboat/internal/seal"
+	"github.com/lifeboat-dr/lifeboat/internal/wire"
+	"github.com/lifeboat-dr/lifeboat/processserver/cache"
+)
+
+// gapRig is a process server without network: hellos go to agree,
+// segments straight into the cache as a session would store them.
+type gapRig struct {
+	t     *testing.T
+	store blobstore.Store
+	rk    []byte
+	dirs  []string
+	s     *Server
+	m     *machine
+	gen   wire.Generation
+}
+
+func newGapRig(t *testing.T, store blobstore.Store) *gapRig {
+	if err := store.EnsureContainer(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	r := &gapRig{t: t, store: store, rk: seal.NewRecoveryKey(), dirs: []string{t.TempDir(), t.TempDir(), t.TempDir()}}
+	r.restart()
+	ack, _, _, _, err := r.m.agree(context.Background(), r.hello(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.gen = ack.Disks[0].Generation
+	return r
+}
+
+// restart replaces the server by a new one on the same cache and account.
+func (r *gapRig) restart() {
+	c, err := cache.Open(r.dirs, cache.Options{})
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	r.s = &Server{cfg: Config{SegmentBytes: 1 << 20}, log: slog.New(slog.DiscardHandler), store: r.store,
+		cache: c, recoveryKey: r.rk, machines: map[string]*machine{}, freeBufs: make(chan *segBuf, 8),
+		metrics: newMetrics(nil)}
+	if err := r.s.scanCache(); err != nil {
+		r.t.Fatal(err)
+	}
+	r.m = r.s.machine("m1")
+}
+
+func (r *gapRig) hello(acked uint64) *wire.Hello {
+	return &wire.Hello{ProtocolVersion: 1, Machine: "m1",
+		Disks: []wire.DiskState{{Name: "d0", Size: 1 << 20, Generation: r.gen, LastAckedSeq: acked}}}
+}
+
+// put stores and acknowledges a segment of records first..last.
+func (r *gapRig) put(first, last uint64) {
+	b := &segBuf{data: bytes.Repeat([]byte{byte(first)}, 50_000), meta: segMeta{first: first, last: last}}
+	cached, err := r.m.sealSegment(nil, b)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	id := cache.SegmentID{Stream: "m1", Seq: first}
+	if err := r.s.cache.Put(id, cached); err != nil {
+		r.t.Fatal(err)
+	}
+	r.m.segmentDurable(id, int64(len(cached)), last, nil)
+}
+
+func (r *gapRig) upload() {
+	notified := false
+	for range 3 {
+		if _, err := r.m.uploadStep(context.Background(), &notified); err != nil {
+			r.t.Log("upload step:", err)
+		}
+	}
+}
+
+func (r *gapRig) manifest() *layout.Manifest {
+	man, err := recovery.ReadManifest(context.Background(), r.store, "m1")
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	return man
+}
+
+func (r *gapRig) agree(acked uint64) (wire.SyncAction, uint64) {
+	ack, _, _, epoch, err := r.m.agree(context.Background(), r.hello(acked))
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	return ack.Disks[0].Action, epoch
+}
+
+// An acknowledged segment lost from the cache opens a gap in the manifest
+// before durable_seq passes it. Neither a restart nor a hello whose answer
+// never reached the agent forgets it: every hello asks for a checksum
+// resync until the agent's first time marker after one, once the journal
+// holds it, mends the gap.
+func TestLostSegmentGapSurvivesUntilMended(t *testing.T) {
+	r := newGapRig(t, mem.New())
+	r.put(1, 10)
+	r.put(11, 20)
+	// Segment 1 loses two of its three shards (beyond parity).
+	for _, d := range r.dirs[:2] {
+		if err := os.Remove(filepath.Join(d, "m1", "0000000000000001.shard")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r.upload()
+	man := r.manifest()
+	if len(man.Gaps) != 1 || man.Gaps[0] != (layout.Gap{From: 1}) {
+		t.Fatalf("gaps %+v after losing segment 1..10, want one open from 1", man.Gaps)
+	}
+	if man.DurableSeq != 20 {
+		t.Fatalf("durable_seq %d, want 20 (segment 11..20 uploaded past the recorded gap)", man.DurableSeq)
+	}
+
+	r.restart() // before the agent reconnected
+	if a, epoch := r.agree(20); a != wire.SyncChecksum || epoch == 0 {
+		t.Fatalf("after a restart the agent is told %v (mend epoch %d), want a checksum resync", a, epoch)
+	}
+	// That answer was lost (the connection dropped): ask again.
+	a, epoch := r.agree(20)
+	if a != wire.SyncChecksum {
+		t.Fatalf("second hello told %v, want a checksum resync", a)
+	}
+	// The resync's records, then its first time marker at 25: the gap
+	// stays open until the journal holds 25.
+	r.m.mended(epoch, 25)
+	r.upload()
+	if g := r.manifest().Gaps; len(g) != 1 || g[0].Open() == false {
+		t.Fatalf("gaps %+v: mended before the journal held the resync", g)
+	}
+	r.put(21, 25)
+	r.upload()
+	if g := r.manifest().Gaps; len(g) != 1 || g[0] != (layout.Gap{From: 1, Mended: 25}) {
+		t.Fatalf("gaps %+v, want [1, 25) mended", g)
+	}
+	if a, _ := r.agree(25); a != wire.SyncResume {
+		t.Fatalf("after the gap was mended the agent is told %v, want resume", a)
+	}
+}
+
+// An agent acknowledged past what the server holds (a cache restored from
+// an old state, another server) opens a gap at the first record missing.
+func TestAgentAheadOpensGap(t *testing.T) {
+	r := newGapRig(t, mem.New())
+	r.put(1, 10)
+	r.upload()
+	a, epoch := r.agree(30)
+	if a != wire.SyncChecksum || epoch == 0 {
+		t.Fatalf("agent acked 30, server holds 10: told %v (mend epoch %d), want a checksum resync", a, epoch)
+	}
+	if g := r.manifest().Gaps; len(g) != 1 || g[0] != (layout.Gap{From: 11}) {
+		t.Fatalf("gaps %+v, want one open from 11", g)
+	}
+	// A time marker from a session answered before a newer gap opened
+	// does not mend it.
+	if err := r.m.openGap(context.Background(), 5); err != nil {
+		t.Fatal(err)
+	}
+	r.m.mended(epoch, 10)
+	r.upload()
+	if g := r.manifest().Gaps; len(g) != 1 || g[0] != (layout.Gap{From: 5}) {
+		t.Fatalf("gaps %+v, want one open from 5", g)
+	}
+}
