@@ -441,12 +441,14 @@ func (e *Engine) loop(ctx context.Context) error {
 			return err
 		}
 		need = need[:0]
+		resync := false
 		for i, s := range e.srcs {
 			if k := e.syncReq[i].Swap(0); k > 0 {
 				e.log.Warn("target asks for a resync", keyDevice, s.Path, "sync", SyncKind(k-1).String())
 				s.dirty.SetRange(0, s.dirty.Blocks())
 				s.compare = SyncKind(k-1) == SyncCompare
 				need = append(need, i)
+				resync = true
 				continue
 			}
 			if e.cap.Overflowed(i) {
@@ -463,6 +465,14 @@ func (e *Engine) loop(ctx context.Context) error {
 			// A stop request does not interrupt a drain half way.
 			if err := e.drain(context.Background(), need, false, true, nil); err != nil {
 				return err
+			}
+			if resync {
+				// The target is whole again: say so now, not at the
+				// next crash interval (the target holds its time
+				// markers until a consistency point follows a resync).
+				if err := e.marker(ctx, CrashConsistent); err != nil && ctx.Err() == nil {
+					return err
+				}
 			}
 			continue
 		}

@@ -212,3 +212,40 @@ func TestProtectMetrics(t *testing.T) {
 		}
 	}
 }
+
+// With crash-consistent markers off, time markers held by a resync the
+// process server asked for still resume once it ends: the engine marks
+// the end of a resync with a consistency point (the process server takes
+// the first time marker after a resync answer as the replicas whole
+// again, and recoverable_until waits for it).
+func TestTimeMarkersResumeAfterResyncWithoutCrashInterval(t *testing.T) {
+	testenv.RequireRoot(t)
+	d := loopdev.New(t, 16<<20, loopdev.Options{})
+	srv := streamtest.New(t)
+	srv.ClientTLS(t, "m1")
+	state := filepath.Join(t.TempDir(), "state")
+	t.Cleanup(func() { ReleaseMachine(state, "m1") })
+	disk := filepath.Base(d.Path)
+	r := startProtect(t, ProtectConfig{
+		ProcessServer: srv.Addr, PKIDir: srv.PKIDir, Name: "m1",
+		Devices: []ProtectDevice{{Path: d.Path}}, RingBytes: 4 << 20, StateDir: state,
+	})
+	lost := time.Now()
+	srv.Forget(disk)
+	srv.Drop()
+	run(t, "dd", "if=/dev/urandom", "of="+d.Path, "bs=64k", "count=16", "oflag=direct", "status=none")
+	deadline := time.Now().Add(30 * time.Second)
+	for resumed := false; !resumed; {
+		for _, m := range srv.Markers() {
+			resumed = resumed || (m.Conn > 1 && time.Unix(0, m.UnixNano).After(lost))
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("time markers did not resume after the resync")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if s := r.stop(); s.Stream.Resyncs != 1 {
+		t.Fatalf("%d resyncs, want 1 (the lost replica)", s.Stream.Resyncs)
+	}
+	assertReplica(t, srv, disk, d.Path)
+}
