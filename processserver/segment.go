@@ -148,6 +148,12 @@ func (b *segBuf) reset() {
 	b.hasNote = false
 }
 
+// begin starts the segment's frames with its header: prev is the last
+// sequence of the machine's previous segment (wire.SegmentHeader).
+func (b *segBuf) begin(prev uint64) {
+	b.data = wire.AppendSegmentHeader(b.data[:0], wire.SegmentHeader{Prev: prev})
+}
+
 func (b *segBuf) hasRecords() bool { return b.meta.first != 0 }
 
 // appendBatch appends a validated batch frame covering first..last.

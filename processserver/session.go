@@ -197,6 +197,7 @@ func (st *session) run(ctx context.Context) {
 	st.updateBackpressure()
 
 	st.buf = st.s.getBuf()
+	st.buf.begin(durable) // the last segment before this session's ends there
 	st.flushq = make(chan flushItem, flushDepth)
 	var wg sync.WaitGroup
 	wg.Go(st.flusher)
@@ -482,7 +483,9 @@ func (st *session) cutLocked() {
 		return
 	}
 	st.flushq <- flushItem{seg: st.buf}
+	prev := st.buf.meta.last
 	st.buf = st.s.getBuf()
+	st.buf.begin(prev)
 }
 
 // timer cuts the open segment once its first record is SegmentAge old.

@@ -117,7 +117,7 @@ func Recover(ctx context.Context, store blobstore.Store, req Request, to io.Writ
 			return Result{}, err
 		}
 	}
-	if res.Segments, err = replay(ctx, store, keys, st.segments, uint16(idx), size, res.BaseSeq, res.Seq, to, req.Progress); err != nil {
+	if res.Segments, err = replay(ctx, store, keys, st.segments, st.manifest.Gaps, uint16(idx), size, res.BaseSeq, res.Seq, to, req.Progress); err != nil {
 		return Result{}, err
 	}
 	return res, nil
@@ -331,7 +331,7 @@ func copySnapshot(ctx context.Context, store blobstore.Store, blob, snapshot str
 
 // replay applies the records of disk idx with from < seq ≤ to, verifying
 // each segment before writing any of its records.
-func replay(ctx context.Context, store blobstore.Store, keys seal.Keyring, segs []Segment, idx uint16, size int64,
+func replay(ctx context.Context, store blobstore.Store, keys seal.Keyring, segs []Segment, gaps []layout.Gap, idx uint16, size int64,
 	from, target uint64, to io.WriterAt, w io.Writer) (int, error) {
 	if target <= from {
 		return 0, nil
@@ -360,6 +360,9 @@ func replay(ctx context.Context, store blobstore.Store, keys seal.Keyring, segs 
 		dec   Decoder
 		plain []byte
 		done  = from
+		// chain: the journal is known complete up to here; a segment
+		// whose header names a later predecessor follows a missing one.
+		chain = from
 	)
 	for _, s := range todo {
 		var err error
@@ -370,6 +373,11 @@ func replay(ctx context.Context, store blobstore.Store, keys seal.Keyring, segs 
 		if err != nil {
 			return 0, fmt.Errorf("journal segment %s: %w", s.Name, err)
 		}
+		if prev, ok := dec.Prev(); ok && prev > chain && !gapIn(gaps, chain, prev) {
+			return 0, fmt.Errorf("journal segment %s %w: it follows a segment ending at sequence %d, which is missing from the account (the journal holds nothing between %d and %d)",
+				s.Name, ErrTampered, prev, chain, s.First)
+		}
+		chain = max(chain, s.Last)
 		for i := range recs {
 			r := &recs[i]
 			if r.Seq <= done || r.Op == wire.OpMarker {
@@ -399,6 +407,18 @@ func replay(ctx context.Context, store blobstore.Store, keys seal.Keyring, segs 
 		}
 	}
 	return len(todo), nil
+}
+
+// gapIn reports whether a recorded gap starts in (lo, hi]: the segments
+// missing there were lost before they reached the journal, and the target
+// is past the gap (resolve refuses targets inside one).
+func gapIn(gaps []layout.Gap, lo, hi uint64) bool {
+	for _, g := range gaps {
+		if g.From > lo && g.From <= hi {
+			return true
+		}
+	}
+	return false
 }
 
 var zeros [64 << 10]byte

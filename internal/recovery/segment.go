@@ -130,7 +130,15 @@ type Decoder struct {
 	r     *wire.Reader
 	arena []byte
 	recs  []wire.Record
+	// prev, hasPrev: the last decoded segment's header (Prev).
+	prev    uint64
+	hasPrev bool
 }
+
+// Prev returns the Prev of the last decoded segment's header
+// (wire.SegmentHeader), and false if it had none (written before the
+// process server chained segments).
+func (d *Decoder) Prev() (uint64, bool) { return d.prev, d.hasPrev }
 
 // Decode parses plain, the plaintext of one segment: a sequence of Batch
 // and Marker frames. It returns every record in order; Marker frames are
@@ -156,6 +164,7 @@ func (d *Decoder) Decode(plain []byte) ([]wire.Record, error) {
 	}
 	arena := d.arena[:0]
 	recs := d.recs[:0]
+	d.prev, d.hasPrev = 0, false
 	var prev uint64
 	for i := 0; ; i++ {
 		f, err := d.r.Next()
@@ -192,6 +201,15 @@ func (d *Decoder) Decode(plain []byte) ([]wire.Record, error) {
 			}
 			prev = m.Seq
 			recs = append(recs, wire.MarkerRecord(m))
+		case wire.TypeSegment:
+			var h wire.SegmentHeader
+			if i != 0 {
+				return nil, fmt.Errorf("%w: frame %d: segment header not first", ErrMalformedSegment, i)
+			}
+			if err := h.UnmarshalBinary(f.Payload); err != nil {
+				return nil, fmt.Errorf("%w: frame %d: %w", ErrMalformedSegment, i, err)
+			}
+			d.prev, d.hasPrev = h.Prev, true
 		default:
 			return nil, fmt.Errorf("%w: frame %d: unexpected %s frame", ErrMalformedSegment, i, f.Type)
 		}

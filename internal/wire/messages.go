@@ -447,3 +447,31 @@ func (d *decoder) finish(t Type) error {
 	}
 	return nil
 }
+
+// SegmentHeader opens a journal segment. Prev is the last sequence of the
+// machine's previous segment (0 for its first), so that a reader of the
+// journal sees a missing segment instead of replaying across it; being
+// inside the sealed segment, it is authenticated with it.
+//
+// Payload: u64 prev.
+type SegmentHeader struct{ Prev uint64 }
+
+// SegmentHeaderSize is the encoded size of a SegmentHeader frame.
+const SegmentHeaderSize = HeaderSize + 8
+
+// AppendSegmentHeader appends h as a TypeSegment frame to dst.
+func AppendSegmentHeader(dst []byte, h SegmentHeader) []byte {
+	var p [8]byte
+	le.PutUint64(p[:], h.Prev)
+	dst, _ = AppendFrame(dst, TypeSegment, 0, p[:]) // 8 bytes: never too long
+	return dst
+}
+
+// UnmarshalBinary decodes a SegmentHeader payload.
+func (h *SegmentHeader) UnmarshalBinary(p []byte) error {
+	if len(p) != 8 {
+		return fmt.Errorf("segment header: payload of %d bytes, want 8", len(p))
+	}
+	h.Prev = le.Uint64(p)
+	return nil
+}

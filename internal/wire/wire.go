@@ -52,6 +52,9 @@ const (
 	TypeError        Type = 7 // either direction: Error, then close
 	TypeSums         Type = 8 // agent → PS: Sums (checksum resync)
 	TypeSumsReply    Type = 9 // PS → agent: SumsReply
+	// TypeSegment is never sent: the process server starts every journal
+	// segment with one (SegmentHeader), which chains it to the previous.
+	TypeSegment Type = 10
 )
 
 func (t Type) String() string {
@@ -74,6 +77,8 @@ func (t Type) String() string {
 		return "sums"
 	case TypeSumsReply:
 		return "sums-reply"
+	case TypeSegment:
+		return "segment"
 	}
 	return fmt.Sprintf("type(%d)", uint8(t))
 }

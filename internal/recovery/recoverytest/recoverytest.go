@@ -42,6 +42,7 @@ type Machine struct {
 	batch    wire.BatchBuilder
 	segFirst uint64
 	segLast  uint64
+	prevLast uint64 // last sequence of the previous segment
 	segEmpty bool
 	t0, t1   int64
 	kinds    map[string]bool
@@ -250,7 +251,8 @@ func (m *Machine) Cut() string {
 		return ""
 	}
 	name := layout.SegmentName(m.Name, m.segFirst, m.segLast)
-	sealed, err := seal.Seal(nil, m.frames, m.Key, []byte(name))
+	plain := wire.AppendSegmentHeader(nil, wire.SegmentHeader{Prev: m.prevLast})
+	sealed, err := seal.Seal(nil, append(plain, m.frames...), m.Key, []byte(name))
 	if err != nil {
 		m.tb.Fatal(err)
 	}
@@ -273,6 +275,7 @@ func (m *Machine) Cut() string {
 		m.tb.Fatal(err)
 	}
 	m.Segments = append(m.Segments, name)
+	m.prevLast = m.segLast
 	m.Durable = max(m.Durable, m.segLast)
 	if m.t1 != 0 {
 		m.Until = time.Unix(0, m.t1).UTC()
