@@ -363,15 +363,32 @@ func journal(t *testing.T, store blobstore.Store, rk []byte, machine string) ([]
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Each segment starts with a header chaining it to the one before
+	// (listed in name order, which is sequence order here); the frames
+	// after it are returned.
 	var plain []byte
+	var prevLast uint64
 	for _, bi := range infos {
 		sealed, err := store.GetBlob(ctx, bi.Name)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if plain, err = seal.Open(plain, sealed, seal.NewKeyring(key), []byte(bi.Name)); err != nil {
+		seg, err := seal.Open(nil, sealed, seal.NewKeyring(key), []byte(bi.Name))
+		if err != nil {
 			t.Fatalf("open %s: %v", bi.Name, err)
 		}
+		f, err := wire.NewReader(bytes.NewReader(seg), 0).Next()
+		var h wire.SegmentHeader
+		if err != nil || f.Type != wire.TypeSegment || h.UnmarshalBinary(f.Payload) != nil {
+			t.Fatalf("segment %s does not start with a segment header (%v)", bi.Name, err)
+		}
+		if h.Prev != prevLast {
+			t.Fatalf("segment %s names %d as its predecessor's last sequence, want %d", bi.Name, h.Prev, prevLast)
+		}
+		if _, prevLast, err = layout.ParseSegmentName(bi.Name); err != nil {
+			t.Fatal(err)
+		}
+		plain = append(plain, seg[wire.SegmentHeaderSize:]...)
 	}
 	return plain, infos, *man
 }
