@@ -179,16 +179,30 @@ func (t *Target) agree(s *session, a *wire.HelloAck, initial bool) ([]wire.DiskA
 		}
 		if resume > t.nextSeq {
 			// It holds numbers we have no record of (state from an older
-			// copy of the state directory): never reuse them.
+			// copy of the state directory): never reuse them. (Safe to
+			// keep if the save below fails: add extends the lease first.)
 			t.log.Warn("process server has sequence numbers beyond ours: skipping ahead", "ours", t.nextSeq, "resume_from", resume)
 			t.nextSeq = resume
 		}
 	}
+	// The new generations and lease count only once saved: with the new
+	// generations in memory and no resync asked for, the retry's hello
+	// would claim the new replica and get a resume, and the sync the
+	// process server asked for would never be done. The lock is held
+	// across the save (as extendLeaseLocked does) so that no other
+	// snapshot sees the uncommitted state.
+	oldGens, oldLease := append([]wire.Generation(nil), t.gens...), t.lease
 	if t.nextSeq > t.lease {
 		t.lease = t.nextSeq + seqLease
 	}
 	for i, da := range out {
 		t.gens[i] = da.Generation
+	}
+	if err := t.persist(t.snapshotLocked()); err != nil {
+		copy(t.gens, oldGens)
+		t.lease = oldLease
+		t.mu.Unlock()
+		return nil, err
 	}
 	// Everything held goes out again on this connection.
 	for _, seg := range t.segs[:t.sent] {
@@ -206,11 +220,7 @@ func (t *Target) agree(s *session, a *wire.HelloAck, initial bool) ([]wire.DiskA
 		t.sums.sent = false
 	}
 	t.connected = true
-	snap := t.snapshotLocked()
 	t.mu.Unlock()
-	if err := t.persist(snap); err != nil {
-		return nil, err
-	}
 
 	for i, da := range out {
 		if da.Action == wire.SyncResume {

@@ -534,3 +534,48 @@ func TestCoverageDatesTimeMarkers(t *testing.T) {
 		}
 	}
 }
+
+// A reconnect whose new generations cannot be saved must not adopt them:
+// the retry's hello would claim the new replica and get a resume, and the
+// full sync the process server asked for would never be requested.
+func TestAgreePersistFailureKeepsResync(t *testing.T) {
+	srv := streamtest.New(t)
+	state := t.TempDir()
+	cfg := config(t, srv, state, 1<<20, 1<<20)
+	var mu sync.Mutex
+	var asked []string
+	cfg.OnResync = func(disk int, a wire.SyncAction) {
+		mu.Lock()
+		asked = append(asked, cfg.Disks[disk].Name+":"+a.String())
+		mu.Unlock()
+	}
+	tg := dial(t, cfg)
+	if err := tg.WriteAt(1, make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	// The state file cannot be saved for a while: its temporary file's
+	// name is taken by a directory (ENOSPC or EIO do the same).
+	blocker := filepath.Join(state, stream.StateFile+".tmp")
+	if err := os.Mkdir(blocker, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	srv.Forget("d1") // the replica is gone: the next hello gets a full sync
+	srv.Drop()
+	waitFor(t, "a second hello", func() bool { return len(srv.Hellos()) >= 2 })
+	os.Remove(blocker)
+	waitFor(t, "the reconnect", func() bool { st := tg.Stats(); return st.Connected && st.Reconnects >= 1 })
+	mu.Lock()
+	defer mu.Unlock()
+	if len(asked) == 0 || asked[len(asked)-1] != "d1:full-sync" {
+		t.Fatalf("resync requests %v after the process server started a new replica of d1, want d1:full-sync", asked)
+	}
+	// hs[0] is Dial's, hs[1] the failed reconnect's, hs[2] the retry's.
+	hs := srv.Hellos()
+	if len(hs) < 3 || hs[2].Disks[1].Generation != hs[1].Disks[1].Generation {
+		t.Fatalf("the retry after the failed save claims generation %s of d1, not the saved %s",
+			hs[len(hs)-1].Disks[1].Generation, hs[1].Disks[1].Generation)
+	}
+}
