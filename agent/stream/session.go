@@ -388,9 +388,13 @@ func (t *Target) canSendLocked(n int) bool {
 	return t.window > 0 && (t.inflight == 0 || t.inflight+uint64(n) <= t.window)
 }
 
-// sendMarker sends a time marker. Its time is now when everything numbered
-// has been sent; otherwise it is when the oldest unsent record was
-// numbered, so that a marker never claims writes it does not cover.
+// sendMarker sends a time marker for everything sent so far (sentSeq).
+// Without Coverage its time is now when everything numbered has been sent;
+// otherwise it is when the oldest unsent record was numbered. With
+// Coverage it is the newest Covered time whose records have all been
+// sent: a record's hand-over time says nothing of when its write
+// completed (the ring, a bitmap or a read-back delays it), so only the
+// sequence number a Covered call came with ties a time to the stream.
 func (t *Target) sendMarker(s *session, now time.Time) error {
 	t.mu.Lock()
 	if t.holdMarkers {
@@ -398,19 +402,28 @@ func (t *Target) sendMarker(s *session, now time.Time) error {
 		return nil
 	}
 	at := now
-	switch {
-	case t.sent < len(t.segs):
-		at = t.segs[t.sent].t0
-	case t.open != nil && t.open.bb.Count() > 0:
-		at = t.open.t0
-	}
 	if t.cfg.Coverage {
-		if t.covered.IsZero() {
+		k := -1
+		for i, c := range t.covers {
+			if c.seq > t.sentSeq {
+				break
+			}
+			k = i
+		}
+		if k < 0 {
 			t.mu.Unlock()
 			return nil
 		}
-		if t.covered.Before(at) {
-			at = t.covered
+		at = t.covers[k].at
+		// Older points are superseded; this one stays for a later
+		// marker (after a reconnect sentSeq can step back).
+		t.covers = t.covers[k:]
+	} else {
+		switch {
+		case t.sent < len(t.segs):
+			at = t.segs[t.sent].t0
+		case t.open != nil && t.open.bb.Count() > 0:
+			at = t.open.t0
 		}
 	}
 	m := wire.Marker{Seq: t.sentSeq, UnixNano: at.UnixNano(), Kind: wire.MarkerTime}

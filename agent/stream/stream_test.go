@@ -579,3 +579,71 @@ func TestAgreePersistFailureKeepsResync(t *testing.T) {
 			hs[len(hs)-1].Disks[1].Generation, hs[1].Disks[1].Generation)
 	}
 }
+
+// With Coverage, a time marker is dated by the Covered calls whose records
+// it carries, not by when records were handed over: a write that completed
+// before a record was handed over may be handed over after it (the ring, a
+// bitmap drain, a read-back delay), so a marker (Seq S, time T) must not
+// leave out a write completed before T.
+func TestMarkerCoverageFollowsSequence(t *testing.T) {
+	srv := streamtest.New(t)
+	cfg := config(t, srv, t.TempDir(), 1<<20)
+	cfg.Coverage = true
+	cfg.MarkerInterval = 10 * time.Millisecond
+	tg := dial(t, cfg)
+	if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil { // seq 1
+		t.Fatal(err)
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	c1 := time.Now()
+	tg.Covered(c1)
+	waitFor(t, "a time marker dated at the first covered time", func() bool {
+		ms := srv.Markers()
+		return len(ms) > 0 && ms[len(ms)-1].UnixNano == c1.UnixNano()
+	})
+	srv.SetWindow(0) // a slow process server: nothing more is sent
+	time.Sleep(50 * time.Millisecond)
+
+	tA := time.Now() // write A completes on the device
+	time.Sleep(20 * time.Millisecond)
+	// Write X completed after A but is handed over first (seq 2).
+	if err := tg.WriteAt(0, make([]byte, 4096), 8192); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(20 * time.Millisecond)
+	if err := tg.WriteAt(0, make([]byte, 4096), 16384); err != nil { // A: seq 3
+		t.Fatal(err)
+	}
+	c2 := time.Now()
+	tg.Covered(c2) // true: every write completed before c2 is handed over
+
+	check := func() {
+		t.Helper()
+		for _, m := range srv.Markers() {
+			if m.UnixNano > tA.UnixNano() && m.Seq < 3 {
+				t.Fatalf("time marker dated %v, after write A completed at %v, carries seq %d; A is record 3",
+					time.Unix(0, m.UnixNano).Format(time.StampMicro), tA.Format(time.StampMicro), m.Seq)
+			}
+		}
+		if st := tg.Stats(); st.RecoverableUntil.After(tA) && st.AckedSeq < 3 {
+			t.Fatalf("recoverable until %v, after write A completed at %v, while record 3 (A) is not acknowledged (acked %d)",
+				st.RecoverableUntil.Format(time.StampMicro), tA.Format(time.StampMicro), st.AckedSeq)
+		}
+	}
+	time.Sleep(100 * time.Millisecond) // ten marker intervals
+	check()
+
+	// Once A is sent, markers reach the covered time.
+	srv.SetWindow(1 << 20)
+	waitFor(t, "a time marker dated at the second covered time", func() bool {
+		ms := srv.Markers()
+		return len(ms) > 0 && ms[len(ms)-1].UnixNano == c2.UnixNano()
+	})
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	check()
+	waitFor(t, "recoverable until the covered time", func() bool { return tg.Stats().RecoverableUntil.Equal(c2) })
+}
