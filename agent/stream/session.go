@@ -168,6 +168,10 @@ func (t *Target) agree(s *session, a *wire.HelloAck, initial bool) ([]wire.DiskA
 			// only a compare can close the gap.
 			t.log.Warn("process server lost acknowledged records: resyncing by checksum",
 				"acked", t.ackedSeq, "durable", durable)
+			// Time markers sent before cover records it lost: acked
+			// with the records resent, they would date a replica with
+			// a gap.
+			t.markers = t.markers[:0]
 			for i := range out {
 				if out[i].Action == wire.SyncResume {
 					out[i].Action = wire.SyncChecksum

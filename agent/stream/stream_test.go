@@ -647,3 +647,44 @@ func TestMarkerCoverageFollowsSequence(t *testing.T) {
 	check()
 	waitFor(t, "recoverable until the covered time", func() bool { return tg.Stats().RecoverableUntil.Equal(c2) })
 }
+
+// A process server that lost acknowledged records holds a gap until the
+// checksum resync: time markers sent before the loss must not advance
+// "recoverable until" when the records resent after it are acknowledged.
+func TestLossDropsPendingTimeMarkers(t *testing.T) {
+	srv := streamtest.New(t)
+	cfg := config(t, srv, t.TempDir(), 1<<20)
+	cfg.MarkerInterval = 10 * time.Millisecond
+	var tgp atomic.Pointer[stream.Target]
+	var asked atomic.Int32
+	cfg.OnResync = func(int, wire.SyncAction) {
+		asked.Add(1)
+		tgp.Load().HoldTimeMarkers(true) // as the agent does until the resync is done
+	}
+	tg := dial(t, cfg)
+	tgp.Store(tg)
+	if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil { // seq 1
+		t.Fatal(err)
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "a time marker for seq 1 acknowledged", func() bool { return !tg.Stats().RecoverableUntil.IsZero() })
+	srv.HoldAcks(true)
+	if err := tg.WriteAt(0, make([]byte, 4096), 4096); err != nil { // seq 2, stored, not acknowledged
+		t.Fatal(err)
+	}
+	waitFor(t, "time markers for seq 2", func() bool {
+		ms := srv.Markers()
+		return len(ms) > 0 && ms[len(ms)-1].Seq == 2
+	})
+	before := tg.Stats().RecoverableUntil
+	srv.Lose(0) // record 1, acknowledged, is gone
+	srv.HoldAcks(false)
+	waitFor(t, "the resync request", func() bool { return asked.Load() > 0 })
+	waitFor(t, "record 2 acknowledged again", func() bool { return tg.Stats().AckedSeq == 2 })
+	if got := tg.Stats().RecoverableUntil; !got.Equal(before) {
+		t.Fatalf("recoverable until moved from %v to %v across the loss of acknowledged record 1",
+			before.Format(time.StampMicro), got.Format(time.StampMicro))
+	}
+}
