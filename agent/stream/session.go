@@ -433,6 +433,10 @@ func (t *Target) sendMarker(s *session, now time.Time) error {
 	m := wire.Marker{Seq: t.sentSeq, UnixNano: at.UnixNano(), Kind: wire.MarkerTime}
 	if m.Seq <= t.ackedSeq {
 		t.ackedMarker = at
+	} else if n := len(t.markers); n > 0 && t.markers[n-1].seq == m.Seq {
+		// Acknowledged together, only the later one counts: while acks
+		// are withheld the list would grow by one every interval.
+		t.markers[n-1].at = at
 	} else {
 		t.markers = append(t.markers, sentMarker{seq: m.Seq, at: at})
 	}
