@@ -287,13 +287,15 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 		*cfg.Stats = stats
 	}
 	// A resync the process server asked for and the engine did not get to
-	// is owed to the next run.
+	// is owed to the next run. The target is closed first (Run has done
+	// its final Sync): until then a reconnect could still ask for one,
+	// after owed was taken, and the stop would be saved clean.
+	tgtErr := tgt.Close()
 	owed := make([]bool, len(devs))
 	for i := range devs {
 		owed[i] = e.syncReq[i].Load() != 0 || resync.unserved(i)
 	}
 	closeErr := e.Close()
-	tgtErr := tgt.Close()
 	switch {
 	case runErr != nil && ctx.Err() != nil && errors.Is(runErr, context.Canceled):
 		log.Warn("stopped before the initial sync finished; the next run resyncs by checksum")
