@@ -762,10 +762,11 @@ func (e *Engine) appConsistent(ctx context.Context) error {
 	return fsfreeze.WithFrozen(ctx, mounts, e.opt.PreScript, e.opt.PostScript, e.opt.FreezeTimeout, func() error {
 		// Frozen filesystems have written everything: once the stream
 		// holds every completed write, the point is app-consistent.
+		at := e.pointTime()
 		if err := e.drain(ctx, allIdx(len(e.srcs)), false, false, nil); err != nil {
 			return err
 		}
-		return e.emit(AppConsistent)
+		return e.emit(AppConsistent, at)
 	})
 }
 
@@ -773,6 +774,7 @@ func (e *Engine) appConsistent(ctx context.Context) error {
 // far has been applied: every write completed so far on blk-mq devices,
 // every write submitted so far on bio-based ones.
 func (e *Engine) marker(ctx context.Context, kind MarkerKind) error {
+	at := e.pointTime()
 	if err := e.quiesce(ctx); err != nil {
 		return err
 	}
@@ -797,11 +799,26 @@ func (e *Engine) marker(ctx context.Context, kind MarkerKind) error {
 	if err := e.readbackMetadata(ctx, 0, false); err != nil {
 		return err
 	}
-	return e.emit(kind)
+	return e.emit(kind, at)
 }
 
-func (e *Engine) emit(kind MarkerKind) error {
-	m := Marker{Kind: kind, Seq: e.stats.LastSeq, Time: time.Now().UTC()}
+// pointTime dates a consistency point whose quiesce starts now: a write
+// that completes during the quiesce, drain or read-back may be captured
+// after the point, so a later time would claim it. A write whose
+// completion the kernel did not report waits for the sweep, as in
+// requestCover.
+func (e *Engine) pointTime() time.Time {
+	now := time.Now()
+	if e.completionTracked(now) {
+		return now.Add(-unreportedLag)
+	}
+	return now
+}
+
+// emit hands the target a marker dated at (pointTime, taken before the
+// point's quiesce).
+func (e *Engine) emit(kind MarkerKind, at time.Time) error {
+	m := Marker{Kind: kind, Seq: e.stats.LastSeq, Time: at.UTC()}
 	if err := e.opt.Target.Marker(m); err != nil {
 		return err
 	}

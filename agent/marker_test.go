@@ -26,6 +26,7 @@ type targetEvent struct {
 	dev    int
 	off    int64
 	marker bool
+	at     time.Time // the marker's time
 }
 
 func (t *eventTarget) WriteAt(dev int, p []byte, off int64) error {
@@ -47,7 +48,7 @@ func (t *eventTarget) ReadAt(dev int, p []byte, off int64) (int, error) { return
 func (t *eventTarget) Sync() error                                      { return nil }
 func (t *eventTarget) Marker(m Marker) error {
 	t.mu.Lock()
-	t.events = append(t.events, targetEvent{marker: true})
+	t.events = append(t.events, targetEvent{marker: true, at: m.Time})
 	t.mu.Unlock()
 	return nil
 }
@@ -133,5 +134,82 @@ func TestMarkerHoldsMetadataWritesBeforeItsRecords(t *testing.T) {
 	}
 	if iM >= 0 && iA > iM {
 		t.Fatalf("the marker at %d holds B (handed over at %d) but not A (%d), written before B", iM, iB, iA)
+	}
+}
+
+// A crash-consistent marker is dated before its quiesce: a write that
+// completes while the marker drains or reads back is captured after it,
+// so a marker dated when it is emitted would claim a write it does not
+// hold. Here write C, on the data device, completes during the marker's
+// read-back of the metadata device.
+func TestMarkerDatedBeforeItsQuiesce(t *testing.T) {
+	testenv.RequireRoot(t)
+	x := loopdev.New(t, 16<<20, loopdev.Options{})
+	y := loopdev.New(t, 16<<20, loopdev.Options{})
+	open := func(path string) *os.File {
+		f, err := os.OpenFile(path, os.O_WRONLY|syscall.O_DIRECT, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { f.Close() })
+		return f
+	}
+	fx, fy := open(x.Path), open(y.Path)
+	blk := blockdev.AlignedBuffer(capture.BlockSize)
+	const y0, xC = 3 * capture.BlockSize, 5 * capture.BlockSize
+	tgt := &eventTarget{hookDev: 1}
+	_, cancel, done := startEngine(t, Options{
+		Sources: []Source{
+			{Name: "x", Path: x.Path, Mode: capture.ModeData, Sync: SyncFull},
+			{Name: "y", Path: y.Path, Mode: capture.ModeMetadata, Sync: SyncFull},
+		},
+		RingBytes:     4 << 20,
+		Target:        tgt,
+		ReadbackDelay: time.Hour, // y is read back by markers only
+		CrashInterval: 300 * time.Millisecond,
+	})
+	hooked := make(chan struct{})
+	var cDone time.Time // C has completed by then
+	tgt.mu.Lock()
+	tgt.hook = func() {
+		defer close(hooked)
+		if _, err := fx.WriteAt(blk, xC); err != nil { // C
+			t.Error(err)
+		}
+		cDone = time.Now()
+	}
+	tgt.mu.Unlock()
+	if _, err := fy.WriteAt(blk, y0); err != nil { // for the marker to read back
+		t.Fatal(err)
+	}
+	select {
+	case <-hooked:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no marker read the metadata device back")
+	}
+	time.Sleep(time.Second) // the marker, and the next
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	tgt.mu.Lock()
+	defer tgt.mu.Unlock()
+	iY, iC := -1, -1
+	for i, ev := range tgt.events {
+		if iY < 0 && !ev.marker && ev.dev == 1 && ev.off == y0 {
+			iY = i
+		}
+		if iC < 0 && !ev.marker && ev.dev == 0 && ev.off == xC {
+			iC = i
+		}
+	}
+	if iY < 0 || iC < 0 {
+		t.Fatalf("writes handed over: y0 at %d, C at %d (want both)", iY, iC)
+	}
+	for i := iY + 1; i < iC; i++ {
+		if ev := tgt.events[i]; ev.marker && ev.at.After(cDone) {
+			t.Fatalf("the marker at %d is dated %v, after write C completed (by %v), but C comes after it (%d)",
+				i, ev.at.Format(time.StampMicro), cDone.Format(time.StampMicro), iC)
+		}
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -175,6 +176,20 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 	resync := &resyncRequests{pending: make([]SyncKind, len(devs))}
 	scfg.OnResync = resync.request
 
+	// From Dial on a crash is an unclean stop: Dial saves the generations
+	// the process server answers with, and a new one is an empty replica
+	// that a run resuming on the bitmap would never fill. (The previous
+	// identities stay until the agreement: a device forgotten now is
+	// forgotten again.)
+	if prev.anyClean() {
+		unclean := protectState{Version: prev.Version, Machine: prev.Machine, Devices: slices.Clone(prev.Devices)}
+		for i := range unclean.Devices {
+			unclean.Devices[i].Clean = false
+		}
+		if err := saveJSON(statePath, &unclean); err != nil {
+			return err
+		}
+	}
 	log.Info("connecting to the process server", "process_server", cfg.ProcessServer, "machine", cfg.Name)
 	tgt, err := stream.Dial(ctx, scfg)
 	if err != nil {
@@ -198,7 +213,7 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 		}
 		srcs = append(srcs, s)
 	}
-	// From here on a crash is an unclean stop.
+	// The devices as agreed, unclean until a clean stop says otherwise.
 	st := protectState{Version: stateVersion, Machine: cfg.Name}
 	for _, d := range devs {
 		d.Clean = false
@@ -272,13 +287,15 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 		*cfg.Stats = stats
 	}
 	// A resync the process server asked for and the engine did not get to
-	// is owed to the next run.
+	// is owed to the next run. The target is closed first (Run has done
+	// its final Sync): until then a reconnect could still ask for one,
+	// after owed was taken, and the stop would be saved clean.
+	tgtErr := tgt.Close()
 	owed := make([]bool, len(devs))
 	for i := range devs {
 		owed[i] = e.syncReq[i].Load() != 0 || resync.unserved(i)
 	}
 	closeErr := e.Close()
-	tgtErr := tgt.Close()
 	switch {
 	case runErr != nil && ctx.Err() != nil && errors.Is(runErr, context.Canceled):
 		log.Warn("stopped before the initial sync finished; the next run resyncs by checksum")
@@ -466,6 +483,10 @@ func loadProtectState(path string) (*protectState, error) {
 		return nil, fmt.Errorf("state %s unreadable", path)
 	}
 	return &st, nil
+}
+
+func (st *protectState) anyClean() bool {
+	return st != nil && slices.ContainsFunc(st.Devices, func(d protectedDevice) bool { return d.Clean })
 }
 
 func (st *protectState) device(name string) *protectedDevice {

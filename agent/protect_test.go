@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"io"
+	"net"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
@@ -248,4 +249,68 @@ func TestTimeMarkersResumeAfterResyncWithoutCrashInterval(t *testing.T) {
 		t.Fatalf("%d resyncs, want 1 (the lost replica)", s.Stream.Resyncs)
 	}
 	assertReplica(t, srv, disk, d.Path)
+}
+
+// Dial saves the generations the process server answers with, a new
+// replica among them: should the agent crash once it has, the next run
+// must not find the last stop clean and resume onto the empty replica.
+// So protect.json says unclean before Dial starts (here it never gets
+// through: nothing listens).
+func TestProtectUncleanBeforeDial(t *testing.T) {
+	testenv.RequireRoot(t)
+	d := loopdev.New(t, 16<<20, loopdev.Options{})
+	srv := streamtest.New(t)
+	srv.ClientTLS(t, "m1") // issues the machine's certificate
+	state := filepath.Join(t.TempDir(), "state")
+	dir := MachineDir(state, "m1")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	devs, err := inspectDevices([]ProtectDevice{{Path: d.Path}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	devs[0].Clean = true // as a clean stop left it
+	path := filepath.Join(dir, protectStateFile)
+	if err := saveJSON(path, &protectState{Version: stateVersion, Machine: "m1", Devices: devs}); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close() // nothing listens: Dial retries until cancelled
+
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- RunProtect(ctx, ProtectConfig{
+			ProcessServer: addr, PKIDir: srv.PKIDir, Name: "m1",
+			Devices: []ProtectDevice{{Path: d.Path}}, StateDir: state,
+		})
+	}()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		st, err := loadProtectState(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !st.Devices[0].Clean {
+			if st.Devices[0].Identity != devs[0].Identity {
+				t.Errorf("protect.json names identity %q, want %q", st.Devices[0].Identity, devs[0].Identity)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			cancel()
+			<-done
+			t.Fatal("protect.json still says the last stop was clean while the agent dials the process server")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	cancel()
+	if err := <-done; err == nil {
+		t.Fatal("RunProtect returned nil without a process server")
+	}
 }

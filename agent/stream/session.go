@@ -168,6 +168,10 @@ func (t *Target) agree(s *session, a *wire.HelloAck, initial bool) ([]wire.DiskA
 			// only a compare can close the gap.
 			t.log.Warn("process server lost acknowledged records: resyncing by checksum",
 				"acked", t.ackedSeq, "durable", durable)
+			// Time markers sent before cover records it lost: acked
+			// with the records resent, they would date a replica with
+			// a gap.
+			t.markers = t.markers[:0]
 			for i := range out {
 				if out[i].Action == wire.SyncResume {
 					out[i].Action = wire.SyncChecksum
@@ -179,16 +183,30 @@ func (t *Target) agree(s *session, a *wire.HelloAck, initial bool) ([]wire.DiskA
 		}
 		if resume > t.nextSeq {
 			// It holds numbers we have no record of (state from an older
-			// copy of the state directory): never reuse them.
+			// copy of the state directory): never reuse them. (Safe to
+			// keep if the save below fails: add extends the lease first.)
 			t.log.Warn("process server has sequence numbers beyond ours: skipping ahead", "ours", t.nextSeq, "resume_from", resume)
 			t.nextSeq = resume
 		}
 	}
+	// The new generations and lease count only once saved: with the new
+	// generations in memory and no resync asked for, the retry's hello
+	// would claim the new replica and get a resume, and the sync the
+	// process server asked for would never be done. The lock is held
+	// across the save (as extendLeaseLocked does) so that no other
+	// snapshot sees the uncommitted state.
+	oldGens, oldLease := append([]wire.Generation(nil), t.gens...), t.lease
 	if t.nextSeq > t.lease {
 		t.lease = t.nextSeq + seqLease
 	}
 	for i, da := range out {
 		t.gens[i] = da.Generation
+	}
+	if err := t.persist(t.snapshotLocked()); err != nil {
+		copy(t.gens, oldGens)
+		t.lease = oldLease
+		t.mu.Unlock()
+		return nil, err
 	}
 	// Everything held goes out again on this connection.
 	for _, seg := range t.segs[:t.sent] {
@@ -206,11 +224,7 @@ func (t *Target) agree(s *session, a *wire.HelloAck, initial bool) ([]wire.DiskA
 		t.sums.sent = false
 	}
 	t.connected = true
-	snap := t.snapshotLocked()
 	t.mu.Unlock()
-	if err := t.persist(snap); err != nil {
-		return nil, err
-	}
 
 	for i, da := range out {
 		if da.Action == wire.SyncResume {
@@ -378,9 +392,13 @@ func (t *Target) canSendLocked(n int) bool {
 	return t.window > 0 && (t.inflight == 0 || t.inflight+uint64(n) <= t.window)
 }
 
-// sendMarker sends a time marker. Its time is now when everything numbered
-// has been sent; otherwise it is when the oldest unsent record was
-// numbered, so that a marker never claims writes it does not cover.
+// sendMarker sends a time marker for everything sent so far (sentSeq).
+// Without Coverage its time is now when everything numbered has been sent;
+// otherwise it is when the oldest unsent record was numbered. With
+// Coverage it is the newest Covered time whose records have all been
+// sent: a record's hand-over time says nothing of when its write
+// completed (the ring, a bitmap or a read-back delays it), so only the
+// sequence number a Covered call came with ties a time to the stream.
 func (t *Target) sendMarker(s *session, now time.Time) error {
 	t.mu.Lock()
 	if t.holdMarkers {
@@ -388,24 +406,37 @@ func (t *Target) sendMarker(s *session, now time.Time) error {
 		return nil
 	}
 	at := now
-	switch {
-	case t.sent < len(t.segs):
-		at = t.segs[t.sent].t0
-	case t.open != nil && t.open.bb.Count() > 0:
-		at = t.open.t0
-	}
 	if t.cfg.Coverage {
-		if t.covered.IsZero() {
+		k := -1
+		for i, c := range t.covers {
+			if c.seq > t.sentSeq {
+				break
+			}
+			k = i
+		}
+		if k < 0 {
 			t.mu.Unlock()
 			return nil
 		}
-		if t.covered.Before(at) {
-			at = t.covered
+		at = t.covers[k].at
+		// Older points are superseded; this one stays for a later
+		// marker (after a reconnect sentSeq can step back).
+		t.covers = t.covers[k:]
+	} else {
+		switch {
+		case t.sent < len(t.segs):
+			at = t.segs[t.sent].t0
+		case t.open != nil && t.open.bb.Count() > 0:
+			at = t.open.t0
 		}
 	}
 	m := wire.Marker{Seq: t.sentSeq, UnixNano: at.UnixNano(), Kind: wire.MarkerTime}
 	if m.Seq <= t.ackedSeq {
 		t.ackedMarker = at
+	} else if n := len(t.markers); n > 0 && t.markers[n-1].seq == m.Seq {
+		// Acknowledged together, only the later one counts: while acks
+		// are withheld the list would grow by one every interval.
+		t.markers[n-1].at = at
 	} else {
 		t.markers = append(t.markers, sentMarker{seq: m.Seq, at: at})
 	}

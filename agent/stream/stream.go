@@ -101,10 +101,11 @@ type Config struct {
 	// Target.HoldTimeMarkers), as an agent does until its initial sync
 	// is done.
 	HoldTimeMarkers bool
-	// Coverage dates time markers no later than the last Target.Covered
-	// time, and sends none before the first: the caller (the engine)
-	// reports when every earlier write has been handed over. Without it
-	// a marker covers what was handed over when it is sent.
+	// Coverage dates each time marker at the newest Target.Covered time
+	// whose records (those numbered by the Covered call) it carries, and
+	// sends none before that: the caller (the engine) reports when every
+	// earlier write has been handed over. Without it a marker covers what
+	// was handed over when it is sent.
 	Coverage bool
 
 	Logger *slog.Logger
@@ -158,6 +159,18 @@ type sentMarker struct {
 	at  time.Time
 }
 
+// coverPoint is one Covered call: every write completed before at has a
+// sequence number ≤ seq.
+type coverPoint struct {
+	at  time.Time
+	seq uint64
+}
+
+// maxCovers bounds the covered points kept while the sender cannot move
+// (about 50 s of the engine's 50 ms reports); beyond it they are thinned
+// out: a marker dated at an older point is still true, only older.
+const maxCovers = 1024
+
 // sumsReq is a checksum resync question waiting for its answers.
 type sumsReq struct {
 	msgs []*wire.Sums
@@ -206,8 +219,8 @@ type Target struct {
 	err         error // set by Abort or Close: every call fails with it
 	stateVer    uint64
 	holdMarkers bool
-	markerNow   bool      // released: send a time marker at once
-	covered     time.Time // Covered: every write before it has been handed over
+	markerNow   bool         // released: send a time marker at once
+	covers      []coverPoint // Covered points, oldest first; covers[0] may be the one the last marker used
 
 	sumsID uint16 // engine goroutine only
 
@@ -669,13 +682,30 @@ func (t *Target) SyncContext(ctx context.Context) error {
 }
 
 // Covered says that every write completed before at has been handed to
-// the Target (see Config.Coverage). Safe from any goroutine.
+// the Target (see Config.Coverage): its records are numbered at most the
+// last sequence assigned now. Safe from any goroutine, but only the
+// records handed over before the call count.
 func (t *Target) Covered(at time.Time) {
 	t.mu.Lock()
-	if at.After(t.covered) {
-		t.covered = at
+	defer t.mu.Unlock()
+	seq := t.nextSeq - 1
+	n := len(t.covers)
+	switch {
+	case n > 0 && !at.After(t.covers[n-1].at):
+		return // never moves back
+	case n > 0 && t.covers[n-1].seq == seq:
+		t.covers[n-1].at = at // nothing handed over since: a later time, same records
+		return
+	case n >= maxCovers:
+		// Keeps the oldest, the only one a marker may be able to use.
+		k := 0
+		for i := 0; i < n; i += 2 {
+			t.covers[k] = t.covers[i]
+			k++
+		}
+		t.covers = t.covers[:k]
 	}
-	t.mu.Unlock()
+	t.covers = append(t.covers, coverPoint{at: at, seq: seq})
 }
 
 // HoldTimeMarkers stops (hold) or restarts time markers. The agent holds

@@ -534,3 +534,157 @@ func TestCoverageDatesTimeMarkers(t *testing.T) {
 		}
 	}
 }
+
+// A reconnect whose new generations cannot be saved must not adopt them:
+// the retry's hello would claim the new replica and get a resume, and the
+// full sync the process server asked for would never be requested.
+func TestAgreePersistFailureKeepsResync(t *testing.T) {
+	srv := streamtest.New(t)
+	state := t.TempDir()
+	cfg := config(t, srv, state, 1<<20, 1<<20)
+	var mu sync.Mutex
+	var asked []string
+	cfg.OnResync = func(disk int, a wire.SyncAction) {
+		mu.Lock()
+		asked = append(asked, cfg.Disks[disk].Name+":"+a.String())
+		mu.Unlock()
+	}
+	tg := dial(t, cfg)
+	if err := tg.WriteAt(1, make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	// The state file cannot be saved for a while: its temporary file's
+	// name is taken by a directory (ENOSPC or EIO do the same).
+	blocker := filepath.Join(state, stream.StateFile+".tmp")
+	if err := os.Mkdir(blocker, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	srv.Forget("d1") // the replica is gone: the next hello gets a full sync
+	srv.Drop()
+	waitFor(t, "a second hello", func() bool { return len(srv.Hellos()) >= 2 })
+	os.Remove(blocker)
+	waitFor(t, "the reconnect", func() bool { st := tg.Stats(); return st.Connected && st.Reconnects >= 1 })
+	mu.Lock()
+	defer mu.Unlock()
+	if len(asked) == 0 || asked[len(asked)-1] != "d1:full-sync" {
+		t.Fatalf("resync requests %v after the process server started a new replica of d1, want d1:full-sync", asked)
+	}
+	// hs[0] is Dial's, hs[1] the failed reconnect's, hs[2] the retry's.
+	hs := srv.Hellos()
+	if len(hs) < 3 || hs[2].Disks[1].Generation != hs[1].Disks[1].Generation {
+		t.Fatalf("the retry after the failed save claims generation %s of d1, not the saved %s",
+			hs[len(hs)-1].Disks[1].Generation, hs[1].Disks[1].Generation)
+	}
+}
+
+// With Coverage, a time marker is dated by the Covered calls whose records
+// it carries, not by when records were handed over: a write that completed
+// before a record was handed over may be handed over after it (the ring, a
+// bitmap drain, a read-back delay), so a marker (Seq S, time T) must not
+// leave out a write completed before T.
+func TestMarkerCoverageFollowsSequence(t *testing.T) {
+	srv := streamtest.New(t)
+	cfg := config(t, srv, t.TempDir(), 1<<20)
+	cfg.Coverage = true
+	cfg.MarkerInterval = 10 * time.Millisecond
+	tg := dial(t, cfg)
+	if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil { // seq 1
+		t.Fatal(err)
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	c1 := time.Now()
+	tg.Covered(c1)
+	waitFor(t, "a time marker dated at the first covered time", func() bool {
+		ms := srv.Markers()
+		return len(ms) > 0 && ms[len(ms)-1].UnixNano == c1.UnixNano()
+	})
+	srv.SetWindow(0) // a slow process server: nothing more is sent
+	time.Sleep(50 * time.Millisecond)
+
+	tA := time.Now() // write A completes on the device
+	time.Sleep(20 * time.Millisecond)
+	// Write X completed after A but is handed over first (seq 2).
+	if err := tg.WriteAt(0, make([]byte, 4096), 8192); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(20 * time.Millisecond)
+	if err := tg.WriteAt(0, make([]byte, 4096), 16384); err != nil { // A: seq 3
+		t.Fatal(err)
+	}
+	c2 := time.Now()
+	tg.Covered(c2) // true: every write completed before c2 is handed over
+
+	check := func() {
+		t.Helper()
+		for _, m := range srv.Markers() {
+			if m.UnixNano > tA.UnixNano() && m.Seq < 3 {
+				t.Fatalf("time marker dated %v, after write A completed at %v, carries seq %d; A is record 3",
+					time.Unix(0, m.UnixNano).Format(time.StampMicro), tA.Format(time.StampMicro), m.Seq)
+			}
+		}
+		if st := tg.Stats(); st.RecoverableUntil.After(tA) && st.AckedSeq < 3 {
+			t.Fatalf("recoverable until %v, after write A completed at %v, while record 3 (A) is not acknowledged (acked %d)",
+				st.RecoverableUntil.Format(time.StampMicro), tA.Format(time.StampMicro), st.AckedSeq)
+		}
+	}
+	time.Sleep(100 * time.Millisecond) // ten marker intervals
+	check()
+
+	// Once A is sent, markers reach the covered time.
+	srv.SetWindow(1 << 20)
+	waitFor(t, "a time marker dated at the second covered time", func() bool {
+		ms := srv.Markers()
+		return len(ms) > 0 && ms[len(ms)-1].UnixNano == c2.UnixNano()
+	})
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	check()
+	waitFor(t, "recoverable until the covered time", func() bool { return tg.Stats().RecoverableUntil.Equal(c2) })
+}
+
+// A process server that lost acknowledged records holds a gap until the
+// checksum resync: time markers sent before the loss must not advance
+// "recoverable until" when the records resent after it are acknowledged.
+func TestLossDropsPendingTimeMarkers(t *testing.T) {
+	srv := streamtest.New(t)
+	cfg := config(t, srv, t.TempDir(), 1<<20)
+	cfg.MarkerInterval = 10 * time.Millisecond
+	var tgp atomic.Pointer[stream.Target]
+	var asked atomic.Int32
+	cfg.OnResync = func(int, wire.SyncAction) {
+		asked.Add(1)
+		tgp.Load().HoldTimeMarkers(true) // as the agent does until the resync is done
+	}
+	tg := dial(t, cfg)
+	tgp.Store(tg)
+	if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil { // seq 1
+		t.Fatal(err)
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "a time marker for seq 1 acknowledged", func() bool { return !tg.Stats().RecoverableUntil.IsZero() })
+	srv.HoldAcks(true)
+	if err := tg.WriteAt(0, make([]byte, 4096), 4096); err != nil { // seq 2, stored, not acknowledged
+		t.Fatal(err)
+	}
+	waitFor(t, "time markers for seq 2", func() bool {
+		ms := srv.Markers()
+		return len(ms) > 0 && ms[len(ms)-1].Seq == 2
+	})
+	before := tg.Stats().RecoverableUntil
+	srv.Lose(0) // record 1, acknowledged, is gone
+	srv.HoldAcks(false)
+	waitFor(t, "the resync request", func() bool { return asked.Load() > 0 })
+	waitFor(t, "record 2 acknowledged again", func() bool { return tg.Stats().AckedSeq == 2 })
+	if got := tg.Stats().RecoverableUntil; !got.Equal(before) {
+		t.Fatalf("recoverable until moved from %v to %v across the loss of acknowledged record 1",
+			before.Format(time.StampMicro), got.Format(time.StampMicro))
+	}
+}

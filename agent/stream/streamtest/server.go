@@ -145,6 +145,19 @@ func (s *Server) Drop() {
 	}
 }
 
+// Lose forgets every record after seq, acknowledged or not (the images
+// keep their bytes), as a process server whose storage went back in time,
+// and drops the connection.
+func (s *Server) Lose(seq uint64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.durable = min(s.durable, seq)
+	s.acked = min(s.acked, seq)
+	if s.cur != nil {
+		s.cur.Close()
+	}
+}
+
 // Forget deletes a disk's replica: the next hello gets a full sync.
 func (s *Server) Forget(name string) {
 	s.mu.Lock()

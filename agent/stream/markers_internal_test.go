@@ -1,0 +1,73 @@
+package stream
+
+import (
+	"crypto/tls"
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/wire"
+)
+
+// markerSession is a session whose frames go nowhere.
+func markerSession(t *testing.T) *session {
+	c1, c2 := net.Pipe()
+	t.Cleanup(func() { c1.Close(); c2.Close() })
+	return &session{conn: tls.Client(c1, &tls.Config{InsecureSkipVerify: true}), w: wire.NewWriter(io.Discard)}
+}
+
+// Time markers sent while acknowledgements are withheld keep one entry
+// per sequence, the newest: the list must not grow with time.
+func TestPendingTimeMarkersOnePerSeq(t *testing.T) {
+	s := markerSession(t)
+	tg := &Target{nextSeq: 3, sentSeq: 2, ackedSeq: 1}
+	now := time.Now()
+	for i := range 100 {
+		if err := tg.sendMarker(s, now.Add(time.Duration(i)*time.Millisecond)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	last := now.Add(99 * time.Millisecond)
+	if len(tg.markers) != 1 || tg.markers[0].seq != 2 || !tg.markers[0].at.Equal(last) {
+		t.Fatalf("%d pending markers after 100 for seq 2, want one dated %v", len(tg.markers), last)
+	}
+	tg.ackLocked(2)
+	if !tg.ackedMarker.Equal(last) || len(tg.markers) != 0 {
+		t.Fatalf("after the ack: recoverable until %v, %d pending; want %v, none", tg.ackedMarker, len(tg.markers), last)
+	}
+}
+
+// Covered points kept while the sender cannot move are bounded, keep the
+// oldest (the only one a marker may be able to use) and the newest, and
+// stay in order.
+func TestCoveredPointsBounded(t *testing.T) {
+	tg := &Target{nextSeq: 2, sentSeq: 1, ackedSeq: 1}
+	start := time.Now()
+	var at time.Time
+	for i := range 5000 {
+		at = start.Add(time.Duration(i) * time.Millisecond)
+		tg.Covered(at)
+		tg.nextSeq++
+	}
+	c := tg.covers
+	if len(c) > maxCovers {
+		t.Fatalf("%d covered points kept, want at most %d", len(c), maxCovers)
+	}
+	if c[0].seq != 1 || !c[0].at.Equal(start) || !c[len(c)-1].at.Equal(at) || c[len(c)-1].seq != 5000 {
+		t.Fatalf("covered points from %+v to %+v, want the first and the last", c[0], c[len(c)-1])
+	}
+	for i := 1; i < len(c); i++ {
+		if !c[i].at.After(c[i-1].at) || c[i].seq <= c[i-1].seq {
+			t.Fatalf("covered points %d and %d out of order: %+v %+v", i-1, i, c[i-1], c[i])
+		}
+	}
+	// A marker with only the first record sent takes the oldest point.
+	tg.cfg.Coverage = true
+	if err := tg.sendMarker(markerSession(t), time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if !tg.ackedMarker.Equal(start) {
+		t.Fatalf("marker for seq 1 dated %v, want %v", tg.ackedMarker, start)
+	}
+}
