@@ -71,3 +71,25 @@ func TestCoveredPointsBounded(t *testing.T) {
 		t.Fatalf("marker for seq 1 dated %v, want %v", tg.ackedMarker, start)
 	}
 }
+
+// Released after a resync, time markers wait until every record numbered
+// before the release is sent: a marker before the resync's last records
+// would date a replica still half resynced.
+func TestReleasedMarkersWaitForRecordsBeforeRelease(t *testing.T) {
+	s := markerSession(t)
+	tg := &Target{nextSeq: 11, sentSeq: 4, ackedSeq: 1, holdMarkers: true}
+	tg.HoldTimeMarkers(false) // records 5..10 still to send
+	if err := tg.sendMarker(s, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if len(tg.markers) != 0 || !tg.ackedMarker.IsZero() {
+		t.Fatalf("marker sent with seq %d before the records up to %d numbered at the release", tg.sentSeq, tg.releaseSeq)
+	}
+	tg.sentSeq = 10
+	if err := tg.sendMarker(s, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	if len(tg.markers) != 1 || tg.markers[0].seq != 10 {
+		t.Fatalf("pending markers %+v once every record is sent, want one at seq 10", tg.markers)
+	}
+}

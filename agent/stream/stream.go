@@ -220,6 +220,7 @@ type Target struct {
 	stateVer    uint64
 	holdMarkers bool
 	markerNow   bool         // released: send a time marker at once
+	releaseSeq  uint64       // the last sequence numbered when markers were released
 	covers      []coverPoint // Covered points, oldest first; covers[0] may be the one the last marker used
 
 	sumsID uint16 // engine goroutine only
@@ -711,9 +712,17 @@ func (t *Target) Covered(at time.Time) {
 // HoldTimeMarkers stops (hold) or restarts time markers. The agent holds
 // them while an initial sync or resync is under way: the replica is not a
 // point in time then, and "recoverable until" must not advance.
+//
+// Released, the first marker waits until every record numbered so far is
+// sent: the resync's last records may still be queued, and a marker before
+// them would date a replica still half resynced (the process server takes
+// the first time marker after a resync as its end).
 func (t *Target) HoldTimeMarkers(hold bool) {
 	t.mu.Lock()
 	t.markerNow = t.holdMarkers && !hold
+	if t.holdMarkers && !hold {
+		t.releaseSeq = t.nextSeq - 1
+	}
 	t.holdMarkers = hold
 	t.mu.Unlock()
 	t.wake()
