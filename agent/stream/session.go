@@ -163,7 +163,22 @@ func (t *Target) agree(s *session, a *wire.HelloAck, initial bool) ([]wire.DiskA
 	}
 	if resume > 0 {
 		durable := resume - 1
-		if durable < t.ackedSeq {
+		if !initial && durable >= t.nextSeq {
+			// Within one run only this agent numbers the machine's
+			// records: another one streams under the same name (a clone,
+			// a test boot of the replica with its agent on). Its records
+			// hold the numbers of ours not yet sent, which the process
+			// server would drop as duplicates: never take its acks for
+			// ours; renumber and let a compare bring back what differs.
+			t.log.Error("the process server holds sequences this agent never numbered: another agent streams as this machine; resyncing by checksum",
+				"next", t.nextSeq, "durable", durable)
+			t.markers = t.markers[:0]
+			for i := range out {
+				if out[i].Action == wire.SyncResume {
+					out[i].Action = wire.SyncChecksum
+				}
+			}
+		} else if durable < t.ackedSeq {
 			// It lost records it had acknowledged, and we freed them:
 			// only a compare can close the gap.
 			t.log.Warn("process server lost acknowledged records: resyncing by checksum",

@@ -688,3 +688,35 @@ func TestLossDropsPendingTimeMarkers(t *testing.T) {
 			before.Format(time.StampMicro), got.Format(time.StampMicro))
 	}
 }
+
+// A reconnect to a process server holding sequences this run never
+// numbered means another agent streams under the same name: its acks are
+// not taken for ours, and a checksum resync is asked for.
+func TestReconnectToForeignSequencesResyncs(t *testing.T) {
+	srv := streamtest.New(t)
+	cfg := config(t, srv, t.TempDir(), 1<<20)
+	var asked atomic.Int32
+	cfg.OnResync = func(_ int, a wire.SyncAction) {
+		if a == wire.SyncChecksum {
+			asked.Add(1)
+		}
+	}
+	tg := dial(t, cfg)
+	if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	srv.Advance(100)
+	waitFor(t, "a checksum resync", func() bool { return asked.Load() > 0 })
+	if err := tg.WriteAt(0, make([]byte, 4096), 4096); err != nil {
+		t.Fatal(err)
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if s := tg.Stats(); s.LastSeq <= 100 {
+		t.Fatalf("the write after the reconnect got seq %d, a number the other agent used", s.LastSeq)
+	}
+}

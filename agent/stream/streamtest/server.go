@@ -158,6 +158,19 @@ func (s *Server) Lose(seq uint64) {
 	}
 }
 
+// Advance makes the server hold every sequence up to seq, as if another
+// agent streaming under the same name had sent them, and drops the
+// connection.
+func (s *Server) Advance(seq uint64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.durable = max(s.durable, seq)
+	s.acked = max(s.acked, seq)
+	if s.cur != nil {
+		s.cur.Close()
+	}
+}
+
 // Forget deletes a disk's replica: the next hello gets a full sync.
 func (s *Server) Forget(name string) {
 	s.mu.Lock()
