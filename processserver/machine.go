@@ -360,7 +360,9 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, uin
 				m.man.Disks = append(m.man.Disks, layout.Disk{Name: d.Name})
 				md = &m.man.Disks[len(m.man.Disks)-1]
 			}
-			md.Size, md.Generation = d.Size, g.String()
+			// The agent resumes at durable+1: records before it are the
+			// old generation's, which the applier may not have applied yet.
+			md.NewGeneration(g.String(), d.Size, durable+1)
 			changed = true
 		case gap:
 			a.Action, a.Generation = wire.SyncChecksum, d.Generation

@@ -12,6 +12,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -37,16 +38,28 @@ const (
 	MetaAppliedSeq = "applied_seq"
 	MetaGeneration = "generation"
 	MetaKeyFP      = "fingerprint" // recovery key fingerprint (seal.Fingerprint) on wrapped keys
+	// MetaCut: when the applier cut a recovery point, RFC 3339 nano, UTC,
+	// by the applier's clock. Retention ages points by it: MetaTime comes
+	// from the agent's clock, which may be off.
+	MetaCut = "cut"
+	// MetaLost ("true") marks a replica page blob recreated empty after
+	// its blob went missing: it holds no usable state until the disk's
+	// next generation, so no point is cut from it.
+	MetaLost = "replica_lost"
 )
 
 // Manifest is the per-machine state in the account.
 type Manifest struct {
-	Version          int       `json:"version"`
-	Machine          string    `json:"machine"`
-	Disks            []Disk    `json:"disks"`
-	KeyID            string    `json:"key_id"`      // hex of the machine's data key id
-	DurableSeq       uint64    `json:"durable_seq"` // every record ≤ this is in the journal (uploaded)
-	AppliedSeq       uint64    `json:"applied_seq"` // every record ≤ this is in the replica page blobs
+	Version    int    `json:"version"`
+	Machine    string `json:"machine"`
+	Disks      []Disk `json:"disks"`
+	KeyID      string `json:"key_id"`      // hex of the machine's data key id
+	DurableSeq uint64 `json:"durable_seq"` // every record ≤ this is in the journal (uploaded)
+	AppliedSeq uint64 `json:"applied_seq"` // every record ≤ this is in the replica page blobs
+	// JournalFrom: every record ≥ JournalFrom (up to DurableSeq) is in the
+	// journal; retention raises it before deleting segments. 0: the whole
+	// journal is there.
+	JournalFrom      uint64    `json:"journal_from,omitempty"`
 	RecoverableUntil time.Time `json:"recoverable_until"`
 	// IdleSeq and IdleSince: every record ≤ IdleSeq was written before
 	// IdleSince, the first time marker of an idle period. The journal
@@ -106,6 +119,56 @@ type Disk struct {
 	Name       string `json:"name"`
 	Size       uint64 `json:"size"`
 	Generation string `json:"generation"` // hex of wire.Generation; a new one means a new replica
+	// GenerationStart is the first sequence of Generation: the replica
+	// restarts from zeros there (the agent's full sync follows), and the
+	// records before it belong to earlier generations. 0 (manifests
+	// written before this field): unknown.
+	GenerationStart uint64 `json:"generation_start,omitempty"`
+	// Previous lists the disk's earlier generations, oldest first, so that
+	// applying and recovering records from before GenerationStart knows
+	// where each generation began and how big the disk was.
+	Previous []Generation `json:"previous_generations,omitempty"`
+}
+
+// Generation is one generation of a disk's replica: from Start on, the
+// replica is zeros plus the records from Start.
+type Generation struct {
+	Generation string `json:"generation"`
+	Size       uint64 `json:"size"`
+	Start      uint64 `json:"start,omitempty"`
+}
+
+// NewGeneration makes gen, of size bytes and starting at sequence start,
+// the disk's current generation; the current one, if any, joins Previous.
+func (d *Disk) NewGeneration(gen string, size, start uint64) {
+	if d.Generation != "" {
+		// Clipped: the manifest being written may share the old array.
+		d.Previous = append(slices.Clip(d.Previous), d.Current())
+	}
+	d.Generation, d.Size, d.GenerationStart = gen, size, start
+}
+
+// Current returns the disk's current generation.
+func (d *Disk) Current() Generation {
+	return Generation{Generation: d.Generation, Size: d.Size, Start: d.GenerationStart}
+}
+
+// Generations returns every generation of the disk, oldest first.
+func (d *Disk) Generations() []Generation {
+	return append(slices.Clone(d.Previous), d.Current())
+}
+
+// GenerationAt returns the index in Generations of the generation that
+// record seq belongs to: the newest that starts at or before seq, or the
+// oldest when seq precedes them all (the disk read as zeros then).
+func (d *Disk) GenerationAt(seq uint64) int {
+	gens := d.Generations()
+	for i := len(gens) - 1; i > 0; i-- {
+		if gens[i].Start <= seq {
+			return i
+		}
+	}
+	return 0
 }
 
 // Disk returns the named disk, or nil.

@@ -39,3 +39,32 @@ func TestManifestRoundTrip(t *testing.T) {
 		t.Fatal("CheckName")
 	}
 }
+
+func TestDiskGenerations(t *testing.T) {
+	m := &Manifest{Version: ManifestVersion, Machine: "web1", Disks: []Disk{{Name: "sda"}}}
+	d := &m.Disks[0]
+	d.NewGeneration("g1", 100, 1)
+	if len(d.Previous) != 0 {
+		t.Fatalf("first generation left %+v in Previous", d.Previous)
+	}
+	d.NewGeneration("g2", 200, 50)
+	d.NewGeneration("g3", 300, 80)
+	b, err := MarshalManifest(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := UnmarshalManifest(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	gd := got.Disk("sda")
+	want := []Generation{{"g1", 100, 1}, {"g2", 200, 50}, {"g3", 300, 80}}
+	if gens := gd.Generations(); len(gens) != 3 || gens[0] != want[0] || gens[1] != want[1] || gens[2] != want[2] {
+		t.Fatalf("generations after a round trip: %+v, want %+v", gens, want)
+	}
+	for seq, i := range map[uint64]int{0: 0, 1: 0, 49: 0, 50: 1, 79: 1, 80: 2, 1000: 2} {
+		if g := gd.GenerationAt(seq); g != i {
+			t.Fatalf("GenerationAt(%d) = %d, want %d", seq, g, i)
+		}
+	}
+}

@@ -80,7 +80,7 @@ func New(tb testing.TB, store blobstore.Store, name string, sizes ...uint64) *Ma
 		tb.Fatal(err)
 	}
 	for i, s := range sizes {
-		m.Disks = append(m.Disks, layout.Disk{Name: "d" + strconv.Itoa(i), Size: s, Generation: newGeneration()})
+		m.Disks = append(m.Disks, layout.Disk{Name: "d" + strconv.Itoa(i), Size: s, Generation: newGeneration(), GenerationStart: 1})
 	}
 	m.WriteManifest()
 	return m
@@ -102,14 +102,14 @@ func (m *Machine) Seq() uint64 { return m.seq }
 func (m *Machine) Markers() []wire.Marker { return m.markers }
 
 // WriteManifest (re)writes the manifest from the fields of m, keeping
-// applied_seq as the applier last wrote it.
+// applied_seq and journal_from as the applier last wrote them.
 func (m *Machine) WriteManifest() {
 	m.tb.Helper()
 	man := &layout.Manifest{Version: layout.ManifestVersion, Machine: m.Name, Disks: m.Disks,
 		KeyID: hex.EncodeToString(keyID(m.Key)), DurableSeq: m.Durable, RecoverableUntil: m.Until, Gaps: m.Gaps, Updated: time.Now().UTC()}
 	if b, err := m.Store.GetBlob(ctx(), layout.ManifestName(m.Name)); err == nil {
 		if old, err := layout.UnmarshalManifest(b); err == nil {
-			man.AppliedSeq = old.AppliedSeq
+			man.AppliedSeq, man.JournalFrom = old.AppliedSeq, old.JournalFrom
 		}
 	}
 	b, err := layout.MarshalManifest(man)
@@ -123,15 +123,15 @@ func (m *Machine) WriteManifest() {
 
 func keyID(k *seal.Key) []byte { id := k.ID(); return id[:] }
 
-// NewGeneration gives disk a new generation and size (0: keep), as the
-// ingest does before a full sync, and rewrites the manifest. The model of
-// the disk restarts from zeros at the next sequence.
+// NewGeneration gives disk a new generation and size (0: keep), starting
+// at the next sequence, as the ingest does before a full sync, and
+// rewrites the manifest. The model of the disk restarts from zeros there.
 func (m *Machine) NewGeneration(disk int, size uint64) {
-	m.Disks[disk].Generation = newGeneration()
-	if size != 0 {
-		m.Disks[disk].Size = size
+	if size == 0 {
+		size = m.Disks[disk].Size
 	}
-	m.ops = append(m.ops, op{seq: m.seq, disk: disk, kind: 0})
+	m.Disks[disk].NewGeneration(newGeneration(), size, m.seq+1)
+	m.ops = append(m.ops, op{seq: m.seq + 1, disk: disk, kind: 0})
 	m.WriteManifest()
 }
 
