@@ -131,10 +131,9 @@ type state struct {
 	segments []Segment
 	until    time.Time
 	latest   uint64 // newest recoverable sequence
-	// earliest is the oldest recoverable sequence: 0 while the journal is
-	// complete from its start, else the oldest point (retention deleted
-	// the segments before it).
-	earliest uint64
+	// journalFrom: every record from journalFrom to latest is in segments
+	// (retention deleted the ones before it).
+	journalFrom uint64
 }
 
 func loadState(ctx context.Context, store blobstore.Store, machine string) (*state, error) {
@@ -172,9 +171,16 @@ func loadState(ctx context.Context, store blobstore.Store, machine string) (*sta
 		if newest.Time.After(st.until) {
 			st.until = newest.Time
 		}
-		if len(segs) == 0 || segs[0].First > 1 {
-			st.earliest = points[0].Seq
-		}
+	}
+	st.journalFrom = max(m.JournalFrom, 1)
+	switch {
+	case len(segs) == 0:
+		st.journalFrom = max(st.journalFrom, m.DurableSeq+1)
+	case segs[0].First > st.journalFrom:
+		// Pruned by a retention that did not record journal_from. The
+		// first segment may begin with a marker at the last record of
+		// the deleted one: only the records after First are sure.
+		st.journalFrom = segs[0].First + 1
 	}
 	return st, nil
 }

@@ -41,18 +41,22 @@ type Request struct {
 
 // Result describes a completed recovery.
 type Result struct {
-	Seq      uint64    // every record ≤ Seq, and none after, is in the output
-	Time     time.Time // time of the marker at Seq; zero if Seq was given as a number and is not a point
-	BaseID   string    // recovery point copied before replay; empty: started from zeros
+	Seq    uint64    // every record ≤ Seq, and none after, is in the output
+	Time   time.Time // time of the marker at Seq; zero if Seq was given as a number and is not a point
+	BaseID string    // recovery point copied before replay; empty: started from zeros
+	// BaseSeq: the journal was replayed after this sequence (the point's,
+	// or with zeros the last before the disk's generation began).
 	BaseSeq  uint64
 	Segments int   // journal segments replayed
-	Size     int64 // disk size in bytes
+	Size     int64 // disk size in bytes (in the generation of Seq)
 }
 
 // Recover writes disk req.Disk of machine req.Machine, as it was at
 // req.Point, to to: it copies the newest recovery point at or before the
 // target (only the valid page ranges of its snapshot), then replays the
-// journal records after that point up to the target.
+// journal records after that point up to the target. Only points of the
+// disk's generation at the target count: with none, the disk is rebuilt
+// from zeros and the journal from the generation's start.
 //
 // to must read as zeros wherever Recover does not write (a new or
 // truncated file): holes of the snapshot are skipped, not written. If to
@@ -78,23 +82,21 @@ func Recover(ctx context.Context, store blobstore.Store, req Request, to io.Writ
 	if idx < 0 {
 		return Result{}, fmt.Errorf("machine %q has no disk %q (disks: %s)", req.Machine, req.Disk, strings.Join(diskNames(st.manifest), ", "))
 	}
-	size := int64(st.manifest.Disks[idx].Size)
 	keys, err := Keyring(ctx, store, req.Machine, req.RecoveryKey)
 	if err != nil {
 		return Result{}, err
 	}
-	res := Result{Size: size}
+	var res Result
 	if res.Seq, res.Time, err = st.resolve(ctx, store, keys, req.Point); err != nil {
 		return Result{}, err
 	}
-	var base *Point
-	for i := range st.points {
-		if p := &st.points[i]; p.Seq <= res.Seq && p.Snapshots[req.Disk] != "" {
-			base = p
-		}
+	base, from, size, err := st.start(&st.manifest.Disks[idx], res.Seq)
+	if err != nil {
+		return Result{}, err
 	}
+	res.Size, res.BaseSeq = size, from
 	if base != nil {
-		res.BaseID, res.BaseSeq = base.ID, base.Seq
+		res.BaseID = base.ID
 		if base.Seq == res.Seq && res.Time.IsZero() {
 			res.Time = base.Time
 		}
@@ -121,6 +123,42 @@ func Recover(ctx context.Context, store blobstore.Store, req Request, to io.Writ
 		return Result{}, err
 	}
 	return res, nil
+}
+
+// start decides where recovering disk d to seq begins: the newest point
+// of d's generation at seq at or before seq, or else zeros at the start
+// of that generation (the replica restarted from zeros there: a point of
+// an earlier generation is not a base for it). It returns the base (nil:
+// zeros), the sequence the journal is replayed after, and the disk's
+// size in that generation. Zeros need the journal from the generation's
+// start: without it the state is gone, which is ErrOutOfRange.
+func (st *state) start(d *layout.Disk, seq uint64) (*Point, uint64, int64, error) {
+	gens := d.Generations()
+	k := d.GenerationAt(seq)
+	g := gens[k]
+	var lo uint64 // the oldest point of the generation that is a base
+	if k > 0 {
+		lo = g.Start
+	}
+	var base *Point
+	for i := range st.points {
+		if p := &st.points[i]; p.Seq >= lo && p.Seq <= seq && p.Snapshots[d.Name] != "" {
+			base = p
+		}
+	}
+	if base != nil {
+		if base.Seq < seq && base.Seq+1 < st.journalFrom {
+			return nil, 0, 0, fmt.Errorf("%w: disk %q at sequence %d: the newest recovery point before it is at %d, and retention deleted the journal before sequence %d",
+				ErrOutOfRange, d.Name, seq, base.Seq, st.journalFrom)
+		}
+		return base, base.Seq, int64(g.Size), nil
+	}
+	first := max(g.Start, 1) // the first record zeros are replayed from
+	if seq >= first && st.journalFrom > first {
+		return nil, 0, 0, fmt.Errorf("%w: disk %q at sequence %d: no recovery point of its generation (which started at sequence %d) at or before it, and retention deleted the journal before sequence %d, which rebuilding it from zeros needs",
+			ErrOutOfRange, d.Name, seq, first, st.journalFrom)
+	}
+	return nil, first - 1, int64(g.Size), nil
 }
 
 // RecoverFile is Recover into a regular file at path, created with mode
@@ -188,9 +226,6 @@ func (st *state) resolvePoint(ctx context.Context, store blobstore.Store, keys s
 		if seq > st.latest {
 			return 0, time.Time{}, fmt.Errorf("%w: sequence %d is beyond the newest durable sequence %d of machine %q", ErrOutOfRange, seq, st.latest, machine)
 		}
-		if seq < st.earliest {
-			return 0, time.Time{}, fmt.Errorf("%w: sequence %d is older than the oldest recovery point (sequence %d); retention pruned the journal before it", ErrOutOfRange, seq, st.earliest)
-		}
 		return seq, st.timeOf(seq), nil
 	}
 	t, err := time.Parse(time.RFC3339Nano, point)
@@ -212,7 +247,7 @@ func (st *state) timeOf(seq uint64) time.Time {
 
 // earliestTime is the oldest time that can be recovered, for messages.
 func (st *state) earliestTime() time.Time {
-	if st.earliest > 0 && len(st.points) > 0 {
+	if st.journalFrom > 1 && len(st.points) > 0 {
 		return st.points[0].Time
 	}
 	var t time.Time
@@ -279,7 +314,7 @@ func (st *state) resolveTime(ctx context.Context, store blobstore.Store, keys se
 	if mf := st.manifest; mf.IdleSeq > 0 && mf.IdleSeq <= st.latest && !t.Before(mf.IdleSince) && (!found || mf.IdleSeq > seq) {
 		seq, at, found = mf.IdleSeq, mf.IdleSince, true
 	}
-	if !found || seq < st.earliest {
+	if !found {
 		return 0, time.Time{}, fmt.Errorf("%w: %s is before machine %q's oldest recoverable time %s",
 			ErrOutOfRange, t.UTC().Format(time.RFC3339Nano), machine, st.earliestTime().Format(time.RFC3339Nano))
 	}

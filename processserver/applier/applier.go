@@ -43,6 +43,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"strconv"
 	"sync"
 	"time"
@@ -116,6 +117,12 @@ type Config struct {
 	// process server holds passes back while journal uploads are behind,
 	// so that under overload apply lag grows before RPO does.
 	Yield func(ctx context.Context)
+	// ReplicaLost, if set, is told when the replica page blob of the
+	// current generation of a disk has gone missing after records were
+	// applied to it: the process server then ends the agent's session,
+	// and the next hello sees the blob marked layout.MetaLost and asks
+	// for a full sync. It must not block.
+	ReplicaLost func(machine, disk string)
 	// PollInterval: how often Run looks for new segments without being
 	// notified (default 30 s).
 	PollInterval time.Duration
@@ -183,6 +190,9 @@ type machine struct {
 	// marker-only segments) is read once, not on every pass.
 	cursor    string
 	lastPrune time.Time
+	// nextStart is the lowest start of a generation some disk has not
+	// switched to yet (MaxUint64: none).
+	nextStart uint64
 
 	dec   recovery.Decoder
 	plain []byte
@@ -196,7 +206,18 @@ type disk struct {
 	gen     string
 	size    uint64 // disk size; the blob is rounded up to whole pages
 	applied uint64
-	ops     []pendingOp // queued records, in sequence order
+	// floor: the blob restarted from zeros at this sequence, replacing an
+	// earlier generation, so it is not the disk at any sequence before it
+	// (0: it is, a disk reads as zeros before its first generation).
+	floor uint64
+	// lost: the blob went missing and was recreated empty; it is not the
+	// disk at any sequence until the next generation replaces it.
+	lost bool
+	// next are the disk's newer generations in the manifest, oldest first:
+	// the blob is recreated for each when the journal reaches its start,
+	// so that the records before it still go to the old replica.
+	next []layout.Generation
+	ops  []pendingOp // queued records, in sequence order
 }
 
 func (a *Applier) machine(name string) *machine {
@@ -309,69 +330,210 @@ func (m *machine) maxApplied() uint64 {
 func roundUp(n uint64) int64 { return int64((n + pageSize - 1) &^ (pageSize - 1)) }
 
 func diskMetadata(d *disk) blobstore.Metadata {
-	return blobstore.Metadata{layout.MetaAppliedSeq: strconv.FormatUint(d.applied, 10), layout.MetaGeneration: d.gen}
+	md := blobstore.Metadata{layout.MetaAppliedSeq: strconv.FormatUint(d.applied, 10), layout.MetaGeneration: d.gen}
+	if d.lost {
+		md[layout.MetaLost] = "true"
+	}
+	return md
 }
 
 // syncDisks makes m.disks match the manifest: it creates the page blob of
-// a new disk, recreates it for a new generation (the agent then sends the
-// whole disk), grows it when the disk grew, and loads applied_seq.
+// a new disk, grows it when the disk grew, loads applied_seq, and notes
+// the newer generations the journal has yet to reach (applyGenerations
+// recreates the blob for each at its start).
 func (a *Applier) syncDisks(ctx context.Context, m *machine, man *layout.Manifest) error {
 	if len(man.Disks) < len(m.disks) {
 		return fmt.Errorf("manifest of machine %q lists %d disks, %d before: disks must never be removed from it (journal records refer to them by index)",
 			m.name, len(man.Disks), len(m.disks))
 	}
-	for i, md := range man.Disks {
-		var cur *disk
+	for i := range man.Disks {
+		md := &man.Disks[i]
+		gens := md.Generations()
 		if i < len(m.disks) {
-			cur = m.disks[i]
+			cur := m.disks[i]
 			if cur.name != md.Name {
 				return fmt.Errorf("manifest of machine %q has disk %q at index %d, where %q was: refusing to apply records to the wrong disk",
 					m.name, md.Name, i, cur.name)
 			}
-			if cur.gen == md.Generation && cur.size == md.Size {
+			if k := genIndex(gens, cur.gen); k >= 0 && (k < len(gens)-1 || cur.size == md.Size) {
+				cur.next = gens[k+1:]
 				continue
 			}
 		}
 		if err := layout.CheckName("disk", md.Name); err != nil {
 			return fmt.Errorf("manifest of machine %q: %w", m.name, err)
 		}
-		d := &disk{name: md.Name, blob: layout.DiskName(m.name, md.Name), gen: md.Generation, size: md.Size}
-		info, err := a.cfg.Store.Stat(ctx, d.blob)
-		switch {
-		case err == nil && info.Kind == blobstore.PageBlob && info.Metadata[layout.MetaGeneration] == md.Generation:
-			d.applied, _ = strconv.ParseUint(info.Metadata[layout.MetaAppliedSeq], 10, 64)
-			if info.Size < roundUp(md.Size) {
-				if err := a.cfg.Store.ResizePageBlob(ctx, d.blob, roundUp(md.Size)); err != nil {
-					return fmt.Errorf("grow replica of disk %q of machine %q: %w", md.Name, m.name, err)
-				}
-			}
-		case err == nil || blobstore.IsNotFound(err):
-			reason := "new disk"
-			if err == nil {
-				// A new generation: the agent resends the whole disk after
-				// this point, so the replica restarts from zeros. Records
-				// after the old blob's applied_seq are still applied.
-				reason = "new generation"
-				d.applied, _ = strconv.ParseUint(info.Metadata[layout.MetaAppliedSeq], 10, 64)
-			} else if man.AppliedSeq > 0 {
-				reason = "replica missing"
-				a.log.Warn("replica page blob missing; rebuilding it from the journal that is left (the agent needs a full sync)",
-					logKeyMachine, m.name, logKeyDisk, md.Name)
-			}
-			if err := a.cfg.Store.CreatePageBlob(ctx, d.blob, roundUp(md.Size), diskMetadata(d)); err != nil {
-				return fmt.Errorf("create replica of disk %q of machine %q: %w", md.Name, m.name, err)
-			}
-			a.log.Info("created replica page blob", logKeyMachine, m.name, logKeyDisk, md.Name, "reason", reason, "size", roundUp(md.Size))
-		default:
-			return fmt.Errorf("replica of disk %q of machine %q: %w", md.Name, m.name, err)
+		d, err := a.loadDisk(ctx, m, man, md, gens)
+		if err != nil {
+			return err
 		}
-		if cur != nil {
+		if i < len(m.disks) {
 			m.disks[i] = d
 		} else {
 			m.disks = append(m.disks, d)
 		}
 	}
+	m.nextStart = nextStart(m.disks)
 	return nil
+}
+
+// genIndex is the index of generation gen in gens, or -1.
+func genIndex(gens []layout.Generation, gen string) int {
+	for k := len(gens) - 1; k >= 0; k-- {
+		if gens[k].Generation == gen {
+			return k
+		}
+	}
+	return -1
+}
+
+// loadDisk reads the state of md's replica page blob, creating it if
+// missing.
+func (a *Applier) loadDisk(ctx context.Context, m *machine, man *layout.Manifest, md *layout.Disk, gens []layout.Generation) (*disk, error) {
+	d := &disk{name: md.Name, blob: layout.DiskName(m.name, md.Name)}
+	info, err := a.cfg.Store.Stat(ctx, d.blob)
+	switch {
+	case err == nil && info.Kind == blobstore.PageBlob:
+		d.gen, d.lost = info.Metadata[layout.MetaGeneration], info.Metadata[layout.MetaLost] == "true"
+		d.applied, _ = strconv.ParseUint(info.Metadata[layout.MetaAppliedSeq], 10, 64)
+		k := genIndex(gens, d.gen)
+		if k < 0 {
+			// A generation the manifest does not list (one written
+			// before generations were recorded): the blob holds the
+			// records up to applied_seq; the generations starting after
+			// that follow, else the current one replaces it at once.
+			d.size = uint64(info.Size)
+			for k = 0; k < len(gens) && gens[k].Start <= d.applied; k++ {
+			}
+			if k == len(gens) {
+				k = len(gens) - 1
+				d.next = gens[k:]
+				if err := a.switchGeneration(ctx, m, d); err != nil {
+					return nil, err
+				}
+				return d, nil
+			}
+			d.next = gens[k:]
+			return d, nil
+		}
+		g := gens[k]
+		d.size, d.next = g.Size, gens[k+1:]
+		if k > 0 {
+			d.floor = g.Start
+		}
+		if k == len(gens)-1 && info.Size < roundUp(g.Size) {
+			if err := a.cfg.Store.ResizePageBlob(ctx, d.blob, roundUp(g.Size)); err != nil {
+				return nil, fmt.Errorf("grow replica of disk %q of machine %q: %w", md.Name, m.name, err)
+			}
+		}
+		return d, nil
+	case err == nil || blobstore.IsNotFound(err):
+	default:
+		return nil, fmt.Errorf("replica of disk %q of machine %q: %w", md.Name, m.name, err)
+	}
+	// No replica (or not a page blob): the next records to apply are
+	// those after the manifest's applied_seq.
+	applied := man.AppliedSeq
+	k := md.GenerationAt(applied + 1)
+	g := gens[k]
+	d.gen, d.size, d.next, d.applied = g.Generation, g.Size, gens[k+1:], applied
+	if k > 0 {
+		d.floor = g.Start
+	}
+	reason := "new disk"
+	if applied > 0 && applied >= g.Start {
+		// Records of this generation were applied to a blob that is now
+		// gone: what is left of the journal cannot rebuild it.
+		d.lost, reason = true, "replica missing"
+	} else if g.Start > 0 {
+		d.applied = g.Start - 1
+	}
+	if err := a.cfg.Store.CreatePageBlob(ctx, d.blob, roundUp(d.size), diskMetadata(d)); err != nil {
+		return nil, fmt.Errorf("create replica of disk %q of machine %q: %w", md.Name, m.name, err)
+	}
+	a.log.Info("created replica page blob", logKeyMachine, m.name, logKeyDisk, md.Name, "reason", reason, "size", roundUp(d.size))
+	if d.lost {
+		if len(d.next) > 0 {
+			a.log.Warn("replica page blob missing; no recovery points until its next generation starts",
+				logKeyMachine, m.name, logKeyDisk, md.Name, logKeySeq, d.next[0].Start)
+		} else {
+			a.log.Error("replica page blob missing; asking the agent for a full sync",
+				logKeyMachine, m.name, logKeyDisk, md.Name)
+			if a.cfg.ReplicaLost != nil {
+				a.cfg.ReplicaLost(m.name, md.Name)
+			}
+		}
+	}
+	return d, nil
+}
+
+// nextStart is the lowest start of a generation some disk has yet to
+// switch to, or MaxUint64.
+func nextStart(disks []*disk) uint64 {
+	lo := uint64(math.MaxUint64)
+	for _, d := range disks {
+		if len(d.next) > 0 {
+			lo = min(lo, d.next[0].Start)
+		}
+	}
+	return lo
+}
+
+// applyGenerations recreates, from zeros, the replica of every disk whose
+// next generation starts at or before seq, once its queued records (of
+// the old generation) are written.
+func (a *Applier) applyGenerations(ctx context.Context, m *machine, seq uint64, segment string) error {
+	for _, d := range m.disks {
+		for len(d.next) > 0 && d.next[0].Start <= seq {
+			if err := a.flushDisk(ctx, m, d, segment); err != nil {
+				return err
+			}
+			if err := a.switchGeneration(ctx, m, d); err != nil {
+				return err
+			}
+		}
+	}
+	m.nextStart = nextStart(m.disks)
+	return nil
+}
+
+// switchGeneration recreates d's blob, empty, for its next generation,
+// which holds the records from its start.
+func (a *Applier) switchGeneration(ctx context.Context, m *machine, d *disk) error {
+	g := d.next[0]
+	d.gen, d.size, d.lost, d.floor, d.next = g.Generation, g.Size, false, g.Start, d.next[1:]
+	if g.Start > 0 {
+		d.applied = g.Start - 1
+	}
+	if err := a.cfg.Store.CreatePageBlob(ctx, d.blob, roundUp(g.Size), diskMetadata(d)); err != nil {
+		return fmt.Errorf("recreate replica of disk %q of machine %q for its new generation: %w", d.name, m.name, err)
+	}
+	a.log.Info("created replica page blob", logKeyMachine, m.name, logKeyDisk, d.name, "reason", "new generation",
+		logKeySeq, g.Start, "size", roundUp(g.Size))
+	return nil
+}
+
+// sizeAt is the size of d in the generation of record seq.
+func (d *disk) sizeAt(seq uint64) uint64 {
+	size := d.size
+	for _, g := range d.next {
+		if g.Start > seq {
+			break
+		}
+		size = g.Size
+	}
+	return size
+}
+
+// pointable reports whether every disk's blob is the disk at seq, so that
+// a point can be cut there.
+func (m *machine) pointable(seq uint64) bool {
+	for _, d := range m.disks {
+		if d.lost || seq < d.floor {
+			return false
+		}
+	}
+	return true
 }
 
 // loadPoints finds the newest recovery point, which decides when the next
@@ -440,21 +602,26 @@ func (a *Applier) applySegment(ctx context.Context, m *machine, s recovery.Segme
 		if int(r.Disk) >= len(m.disks) {
 			return fmt.Errorf("journal segment %s: record %d is for disk index %d, but the manifest lists %d disks", s.Name, r.Seq, r.Disk, len(m.disks))
 		}
-		if d := m.disks[r.Disk]; r.Offset+uint64(r.Length) > d.size {
+		if d := m.disks[r.Disk]; r.Offset+uint64(r.Length) > d.sizeAt(r.Seq) {
 			return fmt.Errorf("journal segment %s: record %d: %s of [%d, %d) is beyond the %d bytes of disk %q",
-				s.Name, r.Seq, r.Op, r.Offset, r.Offset+uint64(r.Length), d.size, d.name)
+				s.Name, r.Seq, r.Op, r.Offset, r.Offset+uint64(r.Length), d.sizeAt(r.Seq), d.name)
 		}
 	}
 	floor := m.maxApplied()
 	n := 0
 	for i := range recs {
 		r := &recs[i]
+		if r.Seq >= m.nextStart {
+			if err := a.applyGenerations(ctx, m, r.Seq, s.Name); err != nil {
+				return err
+			}
+		}
 		if r.Op == wire.OpMarker {
 			mk := r.Marker()
 			// No point where the journal lacks acknowledged records:
 			// the replicas are not the disks there.
 			_, gap := layout.GapAt(m.gaps, mk.Seq)
-			if kind, due := a.pointDue(m, mk); due && !gap && mk.Seq >= floor && mk.Seq > m.lastPoint {
+			if kind, due := a.pointDue(m, mk); due && !gap && mk.Seq >= floor && mk.Seq > m.lastPoint && m.pointable(mk.Seq) {
 				if err := a.flush(ctx, m, s.Name); err != nil {
 					return err
 				}
@@ -477,6 +644,11 @@ func (a *Applier) applySegment(ctx context.Context, m *machine, s recovery.Segme
 	}
 	if err := a.flush(ctx, m, s.Name); err != nil {
 		return err
+	}
+	if s.Last >= m.nextStart {
+		if err := a.applyGenerations(ctx, m, s.Last, s.Name); err != nil {
+			return err
+		}
 	}
 	for _, d := range m.disks {
 		d.applied = max(d.applied, s.Last)
@@ -509,18 +681,26 @@ func (a *Applier) pointDue(m *machine, mk wire.Marker) (string, bool) {
 // flush writes the queued records of every disk.
 func (a *Applier) flush(ctx context.Context, m *machine, segment string) error {
 	for _, d := range m.disks {
-		if len(d.ops) == 0 {
-			continue
+		if err := a.flushDisk(ctx, m, d, segment); err != nil {
+			return err
 		}
-		st, err := m.res.flush(ctx, a.cfg.Store, d.blob, d.ops, a.cfg.Parallelism)
-		clear(d.ops)
-		d.ops = d.ops[:0]
-		if err != nil {
-			return fmt.Errorf("apply journal segment %s to disk %q: %w", segment, d.name, err)
-		}
-		a.log.Debug("flushed", logKeyMachine, m.name, logKeyDisk, d.name,
-			logKeyWrites, st.writes, logKeyClears, st.clears, logKeyReads, st.reads, logKeyBytes, st.bytes)
 	}
+	return nil
+}
+
+// flushDisk writes the queued records of d.
+func (a *Applier) flushDisk(ctx context.Context, m *machine, d *disk, segment string) error {
+	if len(d.ops) == 0 {
+		return nil
+	}
+	st, err := m.res.flush(ctx, a.cfg.Store, d.blob, d.ops, a.cfg.Parallelism)
+	clear(d.ops)
+	d.ops = d.ops[:0]
+	if err != nil {
+		return fmt.Errorf("apply journal segment %s to disk %q: %w", segment, d.name, err)
+	}
+	a.log.Debug("flushed", logKeyMachine, m.name, logKeyDisk, d.name,
+		logKeyWrites, st.writes, logKeyClears, st.clears, logKeyReads, st.reads, logKeyBytes, st.bytes)
 	return nil
 }
 
