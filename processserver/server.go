@@ -235,7 +235,8 @@ func (s *Server) Applied(machine string, seq uint64) {
 
 // UpdateManifest lets the applier record its progress through the
 // server, which owns the manifest: update is applied to a copy of the
-// current manifest and only its applied_seq is kept, so neither side
+// current manifest and only its applied_seq and journal_from are kept
+// (raised, never lowered), so neither side
 // overwrites the other's fields. Covered segments are then dropped from
 // the cache, as with Applied.
 func (s *Server) UpdateManifest(ctx context.Context, machine string, update func(*layout.Manifest)) error {
@@ -251,6 +252,7 @@ func (s *Server) UpdateManifest(ctx context.Context, machine string, update func
 		m.man.AppliedSeq = man.AppliedSeq
 		m.applied = max(m.applied, man.AppliedSeq)
 	}
+	m.man.JournalFrom = max(m.man.JournalFrom, man.JournalFrom)
 	m.mu.Unlock()
 	m.kick()
 	return m.writeManifest(ctx)

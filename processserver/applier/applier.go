@@ -98,7 +98,8 @@ type Config struct {
 	// Parallelism bounds concurrent page blob calls per disk (default 4).
 	Parallelism int
 	// UpdateManifest, if set, performs the manifest read-modify-write
-	// (update is given the current manifest and changes only applied_seq).
+	// (update is given the current manifest and changes only applied_seq
+	// and journal_from).
 	// The process server should route the ingest side's manifest writes
 	// and this through one serialised writer per machine: the Store has no
 	// conditional writes, so two independent read-modify-writes can undo
@@ -126,7 +127,8 @@ type Config struct {
 	// PollInterval: how often Run looks for new segments without being
 	// notified (default 30 s).
 	PollInterval time.Duration
-	// Now is the clock for retention (default time.Now).
+	// Now is the clock for retention, which ages points by when they were
+	// cut (default time.Now).
 	Now func() time.Time
 }
 
@@ -656,7 +658,8 @@ func (a *Applier) applySegment(ctx context.Context, m *machine, s recovery.Segme
 			return fmt.Errorf("record applied_seq of %s: %w", d.blob, err)
 		}
 	}
-	if err := a.updateManifest(ctx, m.name, m.applied()); err != nil {
+	applied := m.applied()
+	if err := a.updateManifest(ctx, m.name, func(man *layout.Manifest) { man.AppliedSeq = max(man.AppliedSeq, applied) }); err != nil {
 		return err
 	}
 	a.log.Debug("applied segment", logKeyMachine, m.name, logKeySegment, s.Name, logKeyRecords, n)
@@ -708,8 +711,11 @@ func (a *Applier) flushDisk(ctx context.Context, m *machine, d *disk, segment st
 // ≤ mk.Seq.
 func (a *Applier) cutPoint(ctx context.Context, m *machine, mk wire.Marker, kind string) error {
 	t := time.Unix(0, mk.UnixNano).UTC()
+	cut := a.cfg.Now().UTC().Format(time.RFC3339Nano)
 	for _, d := range m.disks {
-		if _, err := a.cfg.Store.Snapshot(ctx, d.blob, recovery.PointMetadata(mk.Seq, t, kind, d.gen)); err != nil {
+		md := recovery.PointMetadata(mk.Seq, t, kind, d.gen)
+		md[layout.MetaCut] = cut
+		if _, err := a.cfg.Store.Snapshot(ctx, d.blob, md); err != nil {
 			return fmt.Errorf("recovery point at seq %d: snapshot %s: %w", mk.Seq, d.blob, err)
 		}
 	}
@@ -719,9 +725,11 @@ func (a *Applier) cutPoint(ctx context.Context, m *machine, mk wire.Marker, kind
 	return nil
 }
 
-func (a *Applier) updateManifest(ctx context.Context, machine string, applied uint64) error {
+// updateManifest applies change (which raises applied_seq or
+// journal_from) to machine's manifest.
+func (a *Applier) updateManifest(ctx context.Context, machine string, change func(*layout.Manifest)) error {
 	set := func(man *layout.Manifest) {
-		man.AppliedSeq = max(man.AppliedSeq, applied)
+		change(man)
 		man.Updated = a.cfg.Now().UTC()
 	}
 	if a.cfg.UpdateManifest != nil {
@@ -734,10 +742,11 @@ func (a *Applier) updateManifest(ctx context.Context, machine string, applied ui
 	if err != nil {
 		return err
 	}
-	if man.AppliedSeq >= applied {
+	before := *man
+	set(man)
+	if man.AppliedSeq == before.AppliedSeq && man.JournalFrom == before.JournalFrom {
 		return nil
 	}
-	set(man)
 	b, err := layout.MarshalManifest(man)
 	if err != nil {
 		return err

@@ -52,6 +52,9 @@ func runScenarios(t *testing.T, newStore func(t *testing.T) blobstore.Store) {
 	t.Run("ApplyPointsRecover", func(t *testing.T) { testApplyPointsRecover(t, newStore(t)) })
 	t.Run("Tampered", func(t *testing.T) { testTampered(t, newStore(t)) })
 	t.Run("Retention", func(t *testing.T) { testRetention(t, newStore(t)) })
+	t.Run("RetentionAgentClock", func(t *testing.T) { testRetentionAgentClock(t, newStore(t)) })
+	t.Run("RetentionDiskWithoutPoints", func(t *testing.T) { testRetentionDiskWithoutPoints(t, newStore(t)) })
+	t.Run("RecoverPrunedJournal", func(t *testing.T) { testRecoverPrunedJournal(t, newStore(t)) })
 	t.Run("NewGeneration", func(t *testing.T) { testNewGeneration(t, newStore(t)) })
 	t.Run("NewGenerationWhileLagging", func(t *testing.T) { testNewGenerationWhileLagging(t, newStore(t)) })
 	t.Run("Manager", func(t *testing.T) { testManager(t, newStore(t)) })
@@ -371,18 +374,24 @@ func testRetention(t *testing.T, store blobstore.Store) {
 	ctx := ctxT(t)
 	rng := rand.New(rand.NewPCG(5, 6))
 	m := recoverytest.New(t, store, "m3", 1<<20, 1<<20)
-	now := time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)
+	start := time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)
+	var now time.Time
 	a := newApplier(t, m, applier.Config{Retention: 24 * time.Hour, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
 	c := &clock{}
-	// App points at -30 h, -26 h, -2 h, -1 h, one segment each.
+	// App points cut at -30 h, -26 h, -2 h, -1 h, one segment each.
 	var apps []wire.Marker
 	for _, age := range []time.Duration{30, 26, 2, 1} {
-		c.t = now.Add(-age * time.Hour)
+		now = start.Add(-age * time.Hour)
+		c.t = now
 		workload(m, rng, c, 25)
 		apps = append(apps, m.Marker(wire.MarkerAppConsistent, c.next()))
 		workload(m, rng, c, 5)
 		m.Cut()
+		if _, err := a.Apply(ctx, m.Name); err != nil {
+			t.Fatal(err)
+		}
 	}
+	now = start
 	if _, err := a.Apply(ctx, m.Name); err != nil {
 		t.Fatal(err)
 	}
@@ -415,6 +424,14 @@ func testRetention(t *testing.T, store blobstore.Store) {
 	_, err = recovery.Recover(ctx, store, recovery.Request{Machine: m.Name, Disk: "d0", Point: fmt.Sprint(apps[0].Seq), RecoveryKey: m.RecoveryKey}, discard{})
 	if !errors.Is(err, recovery.ErrOutOfRange) {
 		t.Fatalf("recover a pruned point: %v", err)
+	}
+
+	man, err := recovery.ReadManifest(ctx, store, m.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if man.JournalFrom != apps[1].Seq+1 {
+		t.Fatalf("journal_from %d after pruning up to the point at %d", man.JournalFrom, apps[1].Seq)
 	}
 
 	// Much later, every point is past retention: the newest stays.

@@ -15,9 +15,15 @@ import (
 const pruneEvery = time.Minute
 
 // prune deletes the snapshots of m's disks older than Retention, except
-// each disk's newest, then the journal segments that end at or before the
-// oldest snapshot every disk still has: recovering to any kept point, or
-// to any sequence after the oldest one, never needs them.
+// each disk's newest and the newest older than Retention (the base of the
+// window), then the journal segments that end at or before the base of
+// every disk: recovering to any kept point, or to any sequence after the
+// oldest one, never needs them. A disk without a base needs the journal
+// that rebuilds it from zeros: then no segment is deleted.
+//
+// Ages are by the applier's clock (layout.MetaCut, or the storage's
+// snapshot time for points cut before it was recorded), never by the
+// agent-dated marker time, which may be off by any amount.
 func (a *Applier) prune(ctx context.Context, m *machine) error {
 	if a.cfg.Retention < 0 {
 		return nil
@@ -27,9 +33,8 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 		return nil
 	}
 	cutoff := now.Add(-a.cfg.Retention)
-	var keepFrom uint64    // oldest sequence every disk has a snapshot at or before
-	var keptTime time.Time // time of that snapshot, the newest of the disks' oldest
-	for i, d := range m.disks {
+	keepFrom := m.applied() // segments ending at or before it may go
+	for _, d := range m.disks {
 		snaps, err := a.cfg.Store.ListSnapshots(ctx, d.blob)
 		if err != nil {
 			return fmt.Errorf("list snapshots of %s: %w", d.blob, err)
@@ -42,10 +47,13 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 		var valid []snap
 		newest := -1
 		for _, s := range snaps {
-			seq, err1 := strconv.ParseUint(s.Metadata[layout.MetaSeq], 10, 64)
-			t, err2 := time.Parse(time.RFC3339Nano, s.Metadata[layout.MetaTime])
-			if err1 != nil || err2 != nil {
+			seq, err := strconv.ParseUint(s.Metadata[layout.MetaSeq], 10, 64)
+			if err != nil {
 				continue // not a recovery point: not ours to delete
+			}
+			t, err := time.Parse(time.RFC3339Nano, s.Metadata[layout.MetaCut])
+			if err != nil {
+				t = s.Time
 			}
 			valid = append(valid, snap{s.ID, seq, t})
 			if newest < 0 || seq >= valid[newest].seq {
@@ -60,9 +68,6 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 				base = j
 			}
 		}
-		oldestKept := uint64(0)
-		var oldestKeptTime time.Time
-		kept := false
 		deleted := 0
 		for j, s := range valid {
 			if j != newest && j != base && s.t.Before(cutoff) {
@@ -70,51 +75,47 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 					return fmt.Errorf("delete recovery point at seq %d of %s: %w", s.seq, d.blob, err)
 				}
 				deleted++
-				continue
-			}
-			if !kept || s.seq < oldestKept {
-				oldestKept, oldestKeptTime, kept = s.seq, s.t, true
 			}
 		}
 		if deleted > 0 {
 			a.log.Info("retention deleted recovery points", logKeyMachine, m.name, logKeyDisk, d.name, logKeyCount, deleted)
 		}
-		if !kept {
-			// A disk without points needs the whole journal.
+		if base < 0 {
+			// The window starts before this disk's oldest point: its
+			// first times are rebuilt from the journal.
 			keepFrom = 0
-			break
+		} else {
+			keepFrom = min(keepFrom, valid[base].seq)
 		}
-		if i == 0 || oldestKept < keepFrom {
-			keepFrom = oldestKept
-		}
-		if oldestKeptTime.After(keptTime) {
-			keptTime = oldestKeptTime
-		}
-	}
-	keepFrom = min(keepFrom, m.applied())
-	// The journal before the oldest point is the only way to recover a
-	// time between the window's start and that point (replayed from an
-	// empty disk): keep it until the point itself has left the window.
-	if !keptTime.Before(cutoff) {
-		keepFrom = 0
 	}
 	if keepFrom > 0 {
 		segs, err := recovery.ListSegments(ctx, a.cfg.Store, m.name)
 		if err != nil {
 			return err
 		}
-		deleted := 0
+		var drop []recovery.Segment
 		for _, s := range segs {
-			if s.Last > keepFrom {
-				continue
+			if s.Last <= keepFrom {
+				drop = append(drop, s)
 			}
+		}
+		if len(drop) > 0 {
+			// Recorded first: recovery must not take a journal with its
+			// start deleted for a complete one (rebuilding a disk from
+			// zeros over it).
+			if err := a.updateManifest(ctx, m.name, func(man *layout.Manifest) {
+				man.JournalFrom = max(man.JournalFrom, keepFrom+1)
+			}); err != nil {
+				return err
+			}
+		}
+		for _, s := range drop {
 			if err := a.cfg.Store.DeleteBlob(ctx, s.Name); err != nil {
 				return fmt.Errorf("delete journal segment %s: %w", s.Name, err)
 			}
-			deleted++
 		}
-		if deleted > 0 {
-			a.log.Info("retention deleted journal segments", logKeyMachine, m.name, logKeyCount, deleted, logKeySeq, keepFrom)
+		if len(drop) > 0 {
+			a.log.Info("retention deleted journal segments", logKeyMachine, m.name, logKeyCount, len(drop), logKeySeq, keepFrom)
 		}
 	}
 	m.lastPrune = now

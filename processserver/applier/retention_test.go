@@ -1,0 +1,171 @@
+package applier_test
+
+import (
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
+	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/recovery"
+	"github.com/lifeboat-dr/lifeboat/internal/recovery/recoverytest"
+	"github.com/lifeboat-dr/lifeboat/internal/wire"
+	"github.com/lifeboat-dr/lifeboat/processserver/applier"
+)
+
+// agedPoints cuts an app point in one segment per age (hours before
+// start, by the applier's clock), the agent's clock skew behind it, and
+// returns the app markers, with now left at start.
+func agedPoints(t *testing.T, m *recoverytest.Machine, a *applier.Applier, now *time.Time, start time.Time, skew time.Duration, ages ...time.Duration) []wire.Marker {
+	t.Helper()
+	rng := rand.New(rand.NewPCG(5, 6))
+	c := &clock{}
+	var apps []wire.Marker
+	for _, age := range ages {
+		*now = start.Add(-age * time.Hour)
+		c.t = now.Add(skew)
+		workload(m, rng, c, 25)
+		apps = append(apps, m.Marker(wire.MarkerAppConsistent, c.next()))
+		workload(m, rng, c, 5)
+		m.Cut()
+		if _, err := a.Apply(ctxT(t), m.Name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	*now = start
+	return apps
+}
+
+func pointSeqs(t *testing.T, m *recoverytest.Machine, disk string) []uint64 {
+	t.Helper()
+	snaps, err := m.Store.ListSnapshots(ctxT(t), layout.DiskName(m.Name, disk))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var seqs []uint64
+	for _, s := range snaps {
+		var seq uint64
+		fmt.Sscan(s.Metadata[layout.MetaSeq], &seq)
+		seqs = append(seqs, seq)
+	}
+	return seqs
+}
+
+func segmentCount(t *testing.T, m *recoverytest.Machine) int {
+	t.Helper()
+	segs, err := recovery.ListSegments(ctxT(t), m.Store, m.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(segs)
+}
+
+// testRetentionAgentClock: the agent's clock is two days behind. Points
+// cut an hour ago are an hour old, whatever their marker time says:
+// retention keeps every one of them and the journal.
+func testRetentionAgentClock(t *testing.T, store blobstore.Store) {
+	m := recoverytest.New(t, store, "skew", 1<<20)
+	start := time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)
+	var now time.Time
+	a := newApplier(t, m, applier.Config{Retention: 24 * time.Hour, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
+	agedPoints(t, m, a, &now, start, -48*time.Hour, 3, 2, 1)
+	if _, err := a.Apply(ctxT(t), m.Name); err != nil {
+		t.Fatal(err)
+	}
+	if seqs := pointSeqs(t, m, "d0"); len(seqs) != 3 {
+		t.Fatalf("points %v left of 3 cut within the last 3 hours (agent clock 48 h behind)", seqs)
+	}
+	if n := segmentCount(t, m); n != 3 {
+		t.Fatalf("%d segments left of 3", n)
+	}
+}
+
+// testRetentionDiskWithoutPoints: disk d0 has no recovery points left (its
+// snapshots were deleted). Retention still prunes the old points of d1,
+// and keeps the whole journal, from which d0 is rebuilt.
+func testRetentionDiskWithoutPoints(t *testing.T, store blobstore.Store) {
+	ctx := ctxT(t)
+	m := recoverytest.New(t, store, "nopts", 1<<20, 1<<20)
+	start := time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)
+	var now time.Time
+	a := newApplier(t, m, applier.Config{Retention: -1, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
+	apps := agedPoints(t, m, a, &now, start, 0, 30, 26, 2, 1)
+	snaps, err := store.ListSnapshots(ctx, layout.DiskName(m.Name, "d0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range snaps {
+		if err := store.DeleteSnapshot(ctx, layout.DiskName(m.Name, "d0"), s.ID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	a = newApplier(t, m, applier.Config{Retention: 24 * time.Hour, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
+	if _, err := a.Apply(ctx, m.Name); err != nil {
+		t.Fatal(err)
+	}
+	if seqs := pointSeqs(t, m, "d1"); len(seqs) != 3 || seqs[0] != apps[1].Seq {
+		t.Fatalf("d1 points %v, want the 30 h old one pruned (%d, %d, %d left)", seqs, apps[1].Seq, apps[2].Seq, apps[3].Seq)
+	}
+	if n := segmentCount(t, m); n != 4 {
+		t.Fatalf("%d segments left of 4: d0 has no point to start from", n)
+	}
+	recoverAndCheck(t, m, 0, "latest", m.Durable)
+	recoverAndCheck(t, m, 0, fmt.Sprint(apps[0].Seq), apps[0].Seq)
+}
+
+// testRecoverPrunedJournal: retention deleted the journal before the
+// window's base point, then d0 lost its points. Rebuilding d0 from zeros
+// over what is left of the journal would be wrong: recovery refuses,
+// whether retention recorded journal_from or not; d1 still recovers.
+func testRecoverPrunedJournal(t *testing.T, store blobstore.Store) {
+	ctx := ctxT(t)
+	m := recoverytest.New(t, store, "pruned", 1<<20, 1<<20)
+	start := time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)
+	var now time.Time
+	a := newApplier(t, m, applier.Config{Retention: 24 * time.Hour, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
+	apps := agedPoints(t, m, a, &now, start, 0, 30, 26, 2, 1)
+	if _, err := a.Apply(ctx, m.Name); err != nil {
+		t.Fatal(err)
+	}
+	if n := segmentCount(t, m); n != 3 {
+		t.Fatalf("%d segments left, want the first pruned", n)
+	}
+	snaps, err := store.ListSnapshots(ctx, layout.DiskName(m.Name, "d0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range snaps {
+		if err := store.DeleteSnapshot(ctx, layout.DiskName(m.Name, "d0"), s.ID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	check := func() {
+		t.Helper()
+		for _, p := range []string{"latest", fmt.Sprint(apps[2].Seq)} {
+			_, err := recovery.Recover(ctx, store, recovery.Request{Machine: m.Name, Disk: "d0", Point: p, RecoveryKey: m.RecoveryKey}, discard{})
+			if !errors.Is(err, recovery.ErrOutOfRange) {
+				t.Fatalf("recover d0 %s from zeros over a pruned journal: %v, want ErrOutOfRange", p, err)
+			}
+			t.Logf("recover d0 %s: %v", p, err)
+		}
+		recoverAndCheck(t, m, 1, "latest", m.Durable)
+		recoverAndCheck(t, m, 1, fmt.Sprint(apps[1].Seq+3), apps[1].Seq+3)
+	}
+	check()
+	// A manifest from before journal_from: the first segment tells.
+	man, err := recovery.ReadManifest(ctx, store, m.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	man.JournalFrom = 0
+	b, err := layout.MarshalManifest(man)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := store.PutBlob(ctx, layout.ManifestName(m.Name), b, nil); err != nil {
+		t.Fatal(err)
+	}
+	check()
+}
