@@ -432,21 +432,32 @@ func (m *machine) mendLocked() bool {
 	return true
 }
 
-// missingReplicas reports disks whose replica page blob is gone although
-// the applier has applied everything: someone deleted it. While the
-// applier lags, a missing blob is simply not created yet.
+// missingReplicas reports disks whose replica must be rebuilt by a full
+// sync: its page blob is gone although the applier has applied
+// everything (someone deleted it; while the applier lags, a missing blob
+// is simply not created yet), or the applier found it gone after writing
+// to it and recreated it empty, marked layout.MetaLost. A lost blob of an
+// older generation is not reported: a newer one already replaces it.
 func (m *machine) missingReplicas(ctx context.Context, h *wire.Hello) map[string]bool {
-	m.mu.Lock()
-	check := m.s.applier != nil && m.man.DurableSeq > 0 && m.man.AppliedSeq >= m.man.DurableSeq
-	m.mu.Unlock()
-	if !check {
+	if m.s.applier == nil {
 		return nil
 	}
+	m.mu.Lock()
+	caughtUp := m.man.DurableSeq > 0 && m.man.AppliedSeq >= m.man.DurableSeq
+	gens := make(map[string]string, len(m.man.Disks))
+	for _, d := range m.man.Disks {
+		gens[d.Name] = d.Generation
+	}
+	m.mu.Unlock()
 	out := make(map[string]bool)
 	for _, d := range h.Disks {
-		_, err := m.s.store.Stat(ctx, layout.DiskName(m.name, d.Name))
-		if blobstore.IsNotFound(err) {
+		info, err := m.s.store.Stat(ctx, layout.DiskName(m.name, d.Name))
+		switch {
+		case blobstore.IsNotFound(err) && caughtUp:
 			m.log.Warn("replica page blob missing: full sync", logDisk, d.Name)
+			out[d.Name] = true
+		case err == nil && info.Metadata[layout.MetaLost] == "true" && info.Metadata[layout.MetaGeneration] == gens[d.Name]:
+			m.log.Warn("replica page blob was lost and recreated empty: full sync", logDisk, d.Name)
 			out[d.Name] = true
 		}
 	}

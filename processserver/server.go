@@ -258,6 +258,23 @@ func (s *Server) UpdateManifest(ctx context.Context, machine string, update func
 	return m.writeManifest(ctx)
 }
 
+// ReplicaLost is how the applier reports that the replica page blob of
+// disk's current generation went missing after records were applied to
+// it; it recreated the blob empty and marked it layout.MetaLost. The
+// agent's session ends, so that its next hello gets a full sync of the
+// disk (missingReplicas). It does not block.
+func (s *Server) ReplicaLost(machine, disk string) {
+	s.mu.Lock()
+	m := s.machines[machine]
+	s.mu.Unlock()
+	if m == nil {
+		return
+	}
+	if st := m.current(); st != nil {
+		st.abort(fmt.Errorf("replica page blob of disk %s lost: the agent reconnects for a full sync", disk))
+	}
+}
+
 // DataKey returns machine's data key, to open its journal segments, once
 // the server has loaded or created it (before its first segment upload).
 func (s *Server) DataKey(machine string) (*seal.Key, bool) {

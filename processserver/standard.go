@@ -27,6 +27,7 @@ func StandardApplier(ctx context.Context, cfg Config, recoveryKey []byte, pointI
 			PointInterval:  pointInterval,
 			Retention:      retention,
 			UpdateManifest: ps.UpdateManifest,
+			ReplicaLost:    ps.ReplicaLost,
 			Local:          ps.LocalSegment,
 			Yield:          ps.YieldToUploads,
 		})

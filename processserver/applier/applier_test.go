@@ -57,6 +57,7 @@ func runScenarios(t *testing.T, newStore func(t *testing.T) blobstore.Store) {
 	t.Run("RecoverPrunedJournal", func(t *testing.T) { testRecoverPrunedJournal(t, newStore(t)) })
 	t.Run("NewGeneration", func(t *testing.T) { testNewGeneration(t, newStore(t)) })
 	t.Run("NewGenerationWhileLagging", func(t *testing.T) { testNewGenerationWhileLagging(t, newStore(t)) })
+	t.Run("ReplicaLost", func(t *testing.T) { testReplicaLost(t, newStore(t)) })
 	t.Run("Manager", func(t *testing.T) { testManager(t, newStore(t)) })
 }
 

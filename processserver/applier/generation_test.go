@@ -129,3 +129,81 @@ func testNewGenerationWhileLagging(t *testing.T, store blobstore.Store) {
 	recoverSized(t, m, 1, fmt.Sprint(mid), mid, 512<<10)
 	recoverSized(t, m, 1, "latest", m.Durable, 512<<10)
 }
+
+// testReplicaLost: the replica page blob of a disk is deleted after the
+// applier wrote to it. The applier recreates it, marked lost, tells the
+// process server (which then asks the agent for a full sync), and cuts no
+// point from it, even after a restart, until the new generation that the
+// full sync brings starts.
+func testReplicaLost(t *testing.T, store blobstore.Store) {
+	ctx := ctxT(t)
+	rng := rand.New(rand.NewPCG(31, 32))
+	m := recoverytest.New(t, store, "lost", 1<<20)
+	c := &clock{t: time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)}
+	var lost []string
+	cfg := applier.Config{PointInterval: 1000 * time.Hour, ReplicaLost: func(machine, disk string) { lost = append(lost, machine+"/"+disk) }}
+	a := newApplier(t, m, cfg)
+	workload(m, rng, c, 20)
+	m.Marker(wire.MarkerAppConsistent, c.next())
+	m.Cut()
+	if _, err := a.Apply(ctx, m.Name); err != nil {
+		t.Fatal(err)
+	}
+	blob := layout.DiskName(m.Name, "d0")
+	snaps, err := store.ListSnapshots(ctx, blob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range snaps {
+		if err := store.DeleteSnapshot(ctx, blob, s.ID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := store.DeleteBlob(ctx, blob); err != nil {
+		t.Fatal(err)
+	}
+	workload(m, rng, c, 10)
+	m.Marker(wire.MarkerAppConsistent, c.next())
+	m.Cut()
+	// A new Applier, as after a restart: it finds the blob gone.
+	a = newApplier(t, m, cfg)
+	if _, err := a.Apply(ctx, m.Name); err != nil {
+		t.Fatal(err)
+	}
+	if len(lost) != 1 || lost[0] != "lost/d0" {
+		t.Fatalf("ReplicaLost calls %v, want one for lost/d0", lost)
+	}
+	info, err := store.Stat(ctx, blob)
+	if err != nil || info.Metadata[layout.MetaLost] != "true" || info.Metadata[layout.MetaGeneration] != m.Disks[0].Generation {
+		t.Fatalf("recreated replica: %+v, %v; want it marked lost, of the current generation", info.Metadata, err)
+	}
+	// Still lost after another restart: no point from an empty replica.
+	workload(m, rng, c, 5)
+	m.Marker(wire.MarkerAppConsistent, c.next())
+	m.Cut()
+	if _, err := newApplier(t, m, cfg).Apply(ctx, m.Name); err != nil {
+		t.Fatal(err)
+	}
+	if points := checkPoints(t, m, func(d int, _ uint64) uint64 { return m.Disks[d].Size }); len(points) != 0 {
+		t.Fatalf("points %+v cut from a lost replica", points)
+	}
+	// The agent's full sync on a new generation.
+	m.NewGeneration(0, 0)
+	m.Write(0, 0, random(rng, 1<<20))
+	fresh := m.Marker(wire.MarkerAppConsistent, c.next())
+	m.Cut()
+	if _, err := newApplier(t, m, cfg).Apply(ctx, m.Name); err != nil {
+		t.Fatal(err)
+	}
+	checkReplica(t, m, m.Durable)
+	points := checkPoints(t, m, func(d int, _ uint64) uint64 { return m.Disks[d].Size })
+	if len(points) != 1 || points[0].Seq != fresh.Seq {
+		t.Fatalf("points %+v, want one at %d", points, fresh.Seq)
+	}
+	if info, err := store.Stat(ctx, blob); err != nil || info.Metadata[layout.MetaLost] != "" {
+		t.Fatalf("replica of the new generation: %+v, %v; want it not marked lost", info.Metadata, err)
+	}
+	if len(lost) != 1 {
+		t.Fatalf("ReplicaLost calls %v, want still one", lost)
+	}
+}
