@@ -62,6 +62,12 @@ type machine struct {
 	hasNote  bool
 	idle     wire.Marker // first marker of the current idle run (same seq)
 
+	// applied_seq and durable_seq of the last manifest written or loaded:
+	// cached segments are deleted only at or below them, for deleted past
+	// what the manifest in the account says, their remains after a crash
+	// would look like acknowledged data lost.
+	savedApplied, savedDurable uint64
+
 	// Compression skipping (sealSegment).
 	incompressible int           // segments in a row that did not compress
 	skipCompress   int           // segments still to seal without compressing
@@ -131,6 +137,7 @@ func (m *machine) ensureLoaded(ctx context.Context) error {
 	m.durable = max(m.durable, man.DurableSeq)
 	m.uploaded = max(m.uploaded, man.DurableSeq)
 	m.applied = max(m.applied, man.AppliedSeq)
+	m.savedApplied, m.savedDurable = max(m.savedApplied, man.AppliedSeq), max(m.savedDurable, man.DurableSeq)
 	m.mu.Unlock()
 	m.s.metrics.durableSeq.WithLabelValues(m.name).Set(float64(man.DurableSeq))
 	return nil
@@ -301,6 +308,9 @@ func (m *machine) writeManifest(ctx context.Context) error {
 	if err := m.s.store.PutBlob(ctx, layout.ManifestName(m.name), raw, nil); err != nil {
 		return fmt.Errorf("write manifest of %s: %w", m.name, err)
 	}
+	m.mu.Lock()
+	m.savedApplied, m.savedDurable = max(m.savedApplied, man.AppliedSeq), max(m.savedDurable, man.DurableSeq)
+	m.mu.Unlock()
 	return nil
 }
 

@@ -255,26 +255,30 @@ func (m *machine) uploadOne(ctx context.Context, u *upload) {
 // uploaded ones when there is no applier) and records applied_seq.
 func (m *machine) dropApplied(ctx context.Context) error {
 	m.mu.Lock()
-	var drop []*segEntry
-	for _, e := range m.segs {
-		if !e.uploaded || (m.s.applier != nil && e.last > m.applied) {
-			break
-		}
-		drop = append(drop, e)
-	}
-	manDirty := m.applied > m.man.AppliedSeq
-	if manDirty {
-		m.man.AppliedSeq = m.applied
-	}
+	// Also rewrite a manifest whose last write failed (UpdateManifest,
+	// an upload step): until it is saved, nothing it covers is deleted.
+	manDirty := m.applied > m.man.AppliedSeq || m.man.AppliedSeq > m.savedApplied || m.man.DurableSeq > m.savedDurable
+	m.man.AppliedSeq = max(m.man.AppliedSeq, m.applied)
 	m.mu.Unlock()
 	// The manifest first: a crash part way through the deletes then leaves
 	// shards only of segments it counts as applied, which a restart drops
-	// (uploadOne) instead of taking them for acknowledged data lost.
+	// (uploadOne) instead of taking them for acknowledged data lost. Hence
+	// only segments the manifest in the account covers (saved*) go, not
+	// those a write still in flight or failed (UpdateManifest) would cover.
 	if manDirty {
 		if err := m.writeManifest(ctx); err != nil {
 			return err
 		}
 	}
+	m.mu.Lock()
+	var drop []*segEntry
+	for _, e := range m.segs {
+		if !e.uploaded || e.last > m.savedDurable || (m.s.applier != nil && e.last > m.savedApplied) {
+			break
+		}
+		drop = append(drop, e)
+	}
+	m.mu.Unlock()
 	for _, e := range drop {
 		if err := m.s.cache.Delete(e.id); err != nil {
 			return fmt.Errorf("delete applied segment %s from the cache: %w", e.id, err)
