@@ -28,7 +28,11 @@
 // order to any state reached while applying them yields the state after
 // r_n. Points are only cut at markers no disk has gone past, and not
 // again at a sequence that already has a point, so a replay never
-// snapshots a disk holding later writes.
+// snapshots a disk holding later writes. A disk's new generation is
+// applied from the manifest's generation_start: records before it go to
+// the old replica, and the blob is recreated empty (applied_seq start-1)
+// when replay reaches the start; a replica that restarted there is never
+// snapshotted for an earlier sequence.
 //
 // # Disk indices
 //
