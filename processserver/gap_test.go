@@ -3,6 +3,7 @@ package processserver
 import (
 	"bytes"
 	"context"
+	"errors"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -174,5 +175,27 @@ func TestAgentAheadOpensGap(t *testing.T) {
 	r.upload()
 	if g := r.manifest().Gaps; len(g) != 1 || g[0] != (layout.Gap{From: 5}) {
 		t.Fatalf("gaps %+v, want one open from 5", g)
+	}
+}
+
+// A process server adopts and seals again the manifest it loads: it must
+// refuse one edited without the data key, or the forgery would pass.
+func TestLoadRefusesTamperedManifest(t *testing.T) {
+	r := newGapRig(t, mem.New())
+	man := r.manifest()
+	if man.Seal == "" {
+		t.Fatal("the process server wrote an unsealed manifest")
+	}
+	man.DurableSeq = 1000
+	b, err := layout.MarshalManifest(man)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.store.PutBlob(context.Background(), layout.ManifestName("m1"), b, nil); err != nil {
+		t.Fatal(err)
+	}
+	r.restart()
+	if _, _, _, _, err := r.m.agree(context.Background(), r.hello(0)); !errors.Is(err, recovery.ErrTampered) {
+		t.Fatalf("hello with a tampered manifest: %v, want ErrTampered", err)
 	}
 }

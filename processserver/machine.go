@@ -13,6 +13,7 @@ import (
 
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/recovery"
 	"github.com/lifeboat-dr/lifeboat/internal/seal"
 	"github.com/lifeboat-dr/lifeboat/internal/wire"
 	"github.com/lifeboat-dr/lifeboat/processserver/cache"
@@ -47,9 +48,10 @@ type machine struct {
 	loaded   bool
 	man      layout.Manifest
 	key      *seal.Key
-	durable  uint64 // every record ≤ durable is in the cache or the account
-	uploaded uint64 // every record ≤ uploaded is in the journal (manifest durable_seq)
-	applied  uint64 // reported by the applier
+	manKey   *seal.Key // seals the manifest: key, or the one ensureKey is storing
+	durable  uint64    // every record ≤ durable is in the cache or the account
+	uploaded uint64    // every record ≤ uploaded is in the journal (manifest durable_seq)
+	applied  uint64    // reported by the applier
 	segs     []*segEntry
 	backlog  int64 // bytes cached and not yet uploaded (known sizes)
 	// Gaps (layout.Gap): gapEpoch counts the openings of a gap in this
@@ -131,9 +133,13 @@ func (m *machine) ensureLoaded(ctx context.Context) error {
 		if key, err = m.loadKey(ctx, man.KeyID); err != nil {
 			return err
 		}
+		// Adopted and sealed again, a forged manifest would pass.
+		if err := recovery.VerifyManifest(&man, key); err != nil {
+			return err
+		}
 	}
 	m.mu.Lock()
-	m.man, m.key, m.loaded = man, key, true
+	m.man, m.key, m.manKey, m.loaded = man, key, key, true
 	m.durable = max(m.durable, man.DurableSeq)
 	m.uploaded = max(m.uploaded, man.DurableSeq)
 	m.applied = max(m.applied, man.AppliedSeq)
@@ -274,11 +280,11 @@ func (m *machine) ensureKey(ctx context.Context) (*seal.Key, error) {
 		return nil, fmt.Errorf("store data key %s: %w", name, err)
 	}
 	m.mu.Lock()
-	m.man.KeyID = id.String()
+	m.man.KeyID, m.manKey = id.String(), key
 	m.mu.Unlock()
 	if err := m.writeManifest(ctx); err != nil {
 		m.mu.Lock()
-		m.man.KeyID = ""
+		m.man.KeyID, m.manKey = "", nil
 		m.mu.Unlock()
 		return nil, err
 	}
@@ -299,8 +305,14 @@ func (m *machine) writeManifest(ctx context.Context) error {
 	man := m.man
 	man.Disks = slices.Clone(man.Disks)
 	man.Gaps = slices.Clone(man.Gaps)
+	key := m.manKey
 	m.mu.Unlock()
 	man.Updated = time.Now().UTC()
+	if key != nil { // none before the first key: nothing to recover yet
+		if err := recovery.SealManifest(&man, key); err != nil {
+			return err
+		}
+	}
 	raw, err := layout.MarshalManifest(&man)
 	if err != nil {
 		return err

@@ -70,6 +70,10 @@ type Manifest struct {
 	// Gaps are where the journal lacks acknowledged records (see Gap).
 	Gaps    []Gap     `json:"gaps,omitempty"`
 	Updated time.Time `json:"updated"`
+	// Seal authenticates the rest under the machine's data key
+	// (recovery.SealManifest): base64 of a sealed blob with no plaintext
+	// whose associated data is the manifest without it.
+	Seal string `json:"seal,omitempty"`
 }
 
 // A Gap is a range of sequences at which the journal and the replicas are

@@ -116,3 +116,41 @@ func TestRecoverDetectsMissingSegment(t *testing.T) {
 		t.Fatalf("recover before the deleted segment: %v (or bytes differ)", err)
 	}
 }
+
+// The manifest steers recovery (which disk is which, gaps, generations):
+// edited by anyone without the data key, it fails verification.
+func TestRecoverRefusesTamperedManifest(t *testing.T) {
+	rng := rand.New(rand.NewPCG(4, 4))
+	m := recoverytest.New(t, mem.New(), "swap", 64<<10, 64<<10)
+	for range 20 {
+		m.Write(rng.IntN(2), uint64(rng.IntN(60<<10)), randBytes(rng, 1+rng.IntN(4000)))
+	}
+	m.Marker(wire.MarkerTime, time.Date(2025, 5, 1, 0, 0, 0, 0, time.UTC))
+	m.Cut()
+	for _, tamper := range []struct {
+		what string
+		edit func(*layout.Manifest)
+	}{
+		{"disks swapped", func(man *layout.Manifest) { man.Disks[0], man.Disks[1] = man.Disks[1], man.Disks[0] }},
+		{"gap removed", func(man *layout.Manifest) { man.Gaps = nil }},
+		{"seal removed", func(man *layout.Manifest) { man.Seal = "" }},
+	} {
+		m.Gaps = []layout.Gap{{From: 3, Mended: 5}}
+		m.WriteManifest()
+		man, err := recovery.ReadManifest(context.Background(), m.Store, m.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tamper.edit(man)
+		b, err := layout.MarshalManifest(man)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := m.Store.PutBlob(context.Background(), layout.ManifestName(m.Name), b, nil); err != nil {
+			t.Fatal(err)
+		}
+		if _, _, err := recoverBytes(t, m, "latest", m.RecoveryKey); !errors.Is(err, recovery.ErrTampered) {
+			t.Errorf("%s: recover err %v, want ErrTampered", tamper.what, err)
+		}
+	}
+}

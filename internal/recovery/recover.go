@@ -86,6 +86,9 @@ func Recover(ctx context.Context, store blobstore.Store, req Request, to io.Writ
 	if err != nil {
 		return Result{}, err
 	}
+	if err := VerifyManifest(st.manifest, keys); err != nil {
+		return Result{}, err
+	}
 	var res Result
 	if res.Seq, res.Time, err = st.resolve(ctx, store, keys, req.Point); err != nil {
 		return Result{}, err

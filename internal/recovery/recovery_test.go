@@ -226,21 +226,7 @@ func TestRecoverToIdlePeriod(t *testing.T) {
 	idleSince := t0.Add(200 * time.Second)
 	m.Until = idleSince.Add(5 * time.Second)
 	m.WriteManifest()
-	b, err := m.Store.GetBlob(context.Background(), layout.ManifestName(m.Name))
-	if err != nil {
-		t.Fatal(err)
-	}
-	man, err := layout.UnmarshalManifest(b)
-	if err != nil {
-		t.Fatal(err)
-	}
-	man.IdleSeq, man.IdleSince = m.Durable, idleSince
-	if b, err = layout.MarshalManifest(man); err != nil {
-		t.Fatal(err)
-	}
-	if err := m.Store.PutBlob(context.Background(), layout.ManifestName(m.Name), b, nil); err != nil {
-		t.Fatal(err)
-	}
+	m.EditManifest(func(man *layout.Manifest) { man.IdleSeq, man.IdleSince = m.Durable, idleSince })
 	if lastJournal.Seq >= m.Durable {
 		t.Fatalf("setup: the last journal marker (seq %d) already covers seq %d", lastJournal.Seq, m.Durable)
 	}

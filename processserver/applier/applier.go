@@ -44,6 +44,7 @@ package applier
 
 import (
 	"context"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -272,13 +273,24 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 	if err != nil {
 		return 0, err
 	}
-	limit := max(man.DurableSeq, durable)
-	m.gaps = man.Gaps
 	if m.keys == nil {
 		if m.keys, err = a.cfg.Keys(ctx, m.name); err != nil {
 			return 0, fmt.Errorf("data keys of machine %q: %w", m.name, err)
 		}
 	}
+	if err := recovery.VerifyManifest(man, m.keys); errors.Is(err, seal.ErrUnknownKey) {
+		// Sealed under a key created after we loaded the keyring.
+		if m.keys, err = a.cfg.Keys(ctx, m.name); err != nil {
+			return 0, fmt.Errorf("data keys of machine %q: %w", m.name, err)
+		}
+		if err := recovery.VerifyManifest(man, m.keys); err != nil {
+			return 0, err
+		}
+	} else if err != nil {
+		return 0, err
+	}
+	limit := max(man.DurableSeq, durable)
+	m.gaps = man.Gaps
 	if err := a.syncDisks(ctx, m, man); err != nil {
 		return 0, err
 	}
@@ -729,6 +741,26 @@ func (a *Applier) cutPoint(ctx context.Context, m *machine, mk wire.Marker, kind
 	return nil
 }
 
+// sealManifest seals man under the data key it names, from the
+// machine's keyring.
+func (a *Applier) sealManifest(ctx context.Context, man *layout.Manifest) error {
+	var id seal.KeyID
+	if b, err := hex.DecodeString(man.KeyID); err != nil || len(b) != len(id) {
+		return fmt.Errorf("manifest of machine %q: malformed key_id %q", man.Machine, man.KeyID)
+	} else {
+		copy(id[:], b)
+	}
+	keys, err := a.cfg.Keys(ctx, man.Machine)
+	if err != nil {
+		return fmt.Errorf("data keys of machine %q: %w", man.Machine, err)
+	}
+	key, ok := keys.Lookup(id)
+	if !ok {
+		return fmt.Errorf("manifest of machine %q names data key %s, which is not in the account", man.Machine, id)
+	}
+	return recovery.SealManifest(man, key)
+}
+
 // updateManifest applies change (which raises applied_seq or
 // journal_from) to machine's manifest.
 func (a *Applier) updateManifest(ctx context.Context, machine string, change func(*layout.Manifest)) error {
@@ -748,6 +780,9 @@ func (a *Applier) updateManifest(ctx context.Context, machine string, change fun
 	}
 	before := *man
 	set(man)
+	if err := a.sealManifest(ctx, man); err != nil {
+		return err
+	}
 	if man.AppliedSeq == before.AppliedSeq && man.JournalFrom == before.JournalFrom {
 		return nil
 	}

@@ -155,17 +155,6 @@ func testRecoverPrunedJournal(t *testing.T, store blobstore.Store) {
 	}
 	check()
 	// A manifest from before journal_from: the first segment tells.
-	man, err := recovery.ReadManifest(ctx, store, m.Name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	man.JournalFrom = 0
-	b, err := layout.MarshalManifest(man)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := store.PutBlob(ctx, layout.ManifestName(m.Name), b, nil); err != nil {
-		t.Fatal(err)
-	}
+	m.EditManifest(func(man *layout.Manifest) { man.JournalFrom = 0 })
 	check()
 }

@@ -16,6 +16,7 @@ import (
 
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/recovery"
 	"github.com/lifeboat-dr/lifeboat/internal/seal"
 	"github.com/lifeboat-dr/lifeboat/internal/wire"
 )
@@ -111,6 +112,30 @@ func (m *Machine) WriteManifest() {
 		if old, err := layout.UnmarshalManifest(b); err == nil {
 			man.AppliedSeq, man.JournalFrom = old.AppliedSeq, old.JournalFrom
 		}
+	}
+	if err := recovery.SealManifest(man, m.Key); err != nil {
+		m.tb.Fatal(err)
+	}
+	b, err := layout.MarshalManifest(man)
+	if err != nil {
+		m.tb.Fatal(err)
+	}
+	if err := m.Store.PutBlob(ctx(), layout.ManifestName(m.Name), b, nil); err != nil {
+		m.tb.Fatal(err)
+	}
+}
+
+// EditManifest rewrites the manifest in the account as edit changes it,
+// sealed again (as a process server would write it).
+func (m *Machine) EditManifest(edit func(*layout.Manifest)) {
+	m.tb.Helper()
+	man, err := recovery.ReadManifest(ctx(), m.Store, m.Name)
+	if err != nil {
+		m.tb.Fatal(err)
+	}
+	edit(man)
+	if err := recovery.SealManifest(man, m.Key); err != nil {
+		m.tb.Fatal(err)
 	}
 	b, err := layout.MarshalManifest(man)
 	if err != nil {
