@@ -105,21 +105,19 @@ type Source struct {
 
 // Options configures an Engine.
 type Options struct {
-	Sources   []Source
-	RingBytes int
-	// CaptureAtCompletion: capture.Config.AtCompletion (experimental).
-	CaptureAtCompletion bool
-	PinDir              string // where capture is pinned across clean restarts; "" = no pinning
-	Target              Target
-	Logger              *slog.Logger
-	Progress            io.Writer // initial sync progress; nil = none
-	CrashInterval       time.Duration
-	AppInterval         time.Duration
-	PreScript           string
-	PostScript          string
-	FreezeTimeout       time.Duration
-	OnReady             func() // capture attached, before the initial copy
-	OnSynced            func() // initial copy done
+	Sources       []Source
+	RingBytes     int
+	PinDir        string // where capture is pinned across clean restarts; "" = no pinning
+	Target        Target
+	Logger        *slog.Logger
+	Progress      io.Writer // initial sync progress; nil = none
+	CrashInterval time.Duration
+	AppInterval   time.Duration
+	PreScript     string
+	PostScript    string
+	FreezeTimeout time.Duration
+	OnReady       func() // capture attached, before the initial copy
+	OnSynced      func() // initial copy done
 	// ReadbackDelay (metadata mode) is how long a written extent waits
 	// before it is read back. Rewrites of a block within it are read
 	// once and neighbours with one I/O, which cuts the read-back I/O
@@ -260,7 +258,7 @@ func New(opt Options) (*Engine, error) {
 		e.closeDevs()
 		return nil, err
 	}
-	c, err := capture.Load(capture.Config{Devices: devs, RingBytes: opt.RingBytes, PinDir: opt.PinDir, AtCompletion: opt.CaptureAtCompletion, Logger: opt.Logger})
+	c, err := capture.Load(capture.Config{Devices: devs, RingBytes: opt.RingBytes, PinDir: opt.PinDir, Logger: opt.Logger})
 	if err != nil {
 		e.closeDevs()
 		return nil, err

@@ -28,18 +28,16 @@ type MirrorConfig struct {
 	RingBytes int
 	// ReadbackDelay: Options.ReadbackDelay (metadata mode).
 	ReadbackDelay time.Duration
-	// CaptureAtCompletion: capture.Config.AtCompletion (experimental).
-	CaptureAtCompletion bool
-	StateDir            string
-	CrashInterval       time.Duration
-	AppInterval         time.Duration
-	PreScript           string
-	PostScript          string
-	Logger              *slog.Logger
-	Progress            io.Writer // progress of the initial copy
-	Out                 io.Writer // the final counters line
-	OnSynced            func()    // called once the initial copy is done (tests)
-	Stats               *Stats    // filled in on return (tests, benchmarks)
+	StateDir      string
+	CrashInterval time.Duration
+	AppInterval   time.Duration
+	PreScript     string
+	PostScript    string
+	Logger        *slog.Logger
+	Progress      io.Writer // progress of the initial copy
+	Out           io.Writer // the final counters line
+	OnSynced      func()    // called once the initial copy is done (tests)
+	Stats         *Stats    // filled in on return (tests, benchmarks)
 }
 
 // mirrorState is what the agent remembers in --state-dir between runs.
@@ -146,18 +144,17 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	defer markers.Close()
 	target := &fileTarget{f: f, markers: markers, null: fi.Mode()&os.ModeCharDevice != 0}
 	e, err := New(Options{
-		Sources:             []Source{{Name: filepath.Base(cfg.Device), Path: cfg.Device, Mode: cfg.Mode, Sync: sync}},
-		RingBytes:           cfg.RingBytes,
-		CaptureAtCompletion: cfg.CaptureAtCompletion,
-		PinDir:              PinDir(cfg.StateDir),
-		Target:              target,
-		Logger:              log,
-		Progress:            cfg.Progress,
-		CrashInterval:       cfg.CrashInterval,
-		AppInterval:         cfg.AppInterval,
-		ReadbackDelay:       cfg.ReadbackDelay,
-		PreScript:           cfg.PreScript,
-		PostScript:          cfg.PostScript,
+		Sources:       []Source{{Name: filepath.Base(cfg.Device), Path: cfg.Device, Mode: cfg.Mode, Sync: sync}},
+		RingBytes:     cfg.RingBytes,
+		PinDir:        PinDir(cfg.StateDir),
+		Target:        target,
+		Logger:        log,
+		Progress:      cfg.Progress,
+		CrashInterval: cfg.CrashInterval,
+		AppInterval:   cfg.AppInterval,
+		ReadbackDelay: cfg.ReadbackDelay,
+		PreScript:     cfg.PreScript,
+		PostScript:    cfg.PostScript,
 		OnReady: func() {
 			log.Info("capture attached", keyDevice, cfg.Device)
 			sdnotify.Notify("READY=1\nSTATUS=initial sync")

@@ -30,10 +30,9 @@ type mirrorRun struct {
 }
 
 type runOpts struct {
-	mode         capture.Mode
-	ringMiB      int
-	stateDir     string
-	atCompletion bool // capture.Config.AtCompletion
+	mode     capture.Mode
+	ringMiB  int
+	stateDir string
 }
 
 // startMirror runs RunMirror until stop and waits for the initial copy.
@@ -51,7 +50,7 @@ func startMirror(t *testing.T, dev, to string, o runOpts) *mirrorRun {
 	synced := make(chan struct{})
 	go func() {
 		r.done <- RunMirror(ctx, MirrorConfig{
-			Device: dev, To: to, Mode: o.mode, RingBytes: o.ringMiB << 20, StateDir: o.stateDir, CaptureAtCompletion: o.atCompletion,
+			Device: dev, To: to, Mode: o.mode, RingBytes: o.ringMiB << 20, StateDir: o.stateDir,
 			Out: &r.out, Stats: &r.stats, OnSynced: func() { close(synced) },
 		})
 	}()
@@ -199,21 +198,12 @@ func fsRoundTrip(t *testing.T, fstype string, size int64) {
 	assertSameBytes(t, d.Path, mirror)
 }
 
-// capturePaths runs f with capture at submission (the default) and at
-// request completion (experimental, capture.Config.AtCompletion).
-func capturePaths(t *testing.T, f func(t *testing.T, o runOpts)) {
-	t.Run("submission", func(t *testing.T) { f(t, runOpts{}) })
-	t.Run("completion", func(t *testing.T) { f(t, runOpts{atCompletion: true}) })
-}
-
 // 1. O_DIRECT random writes of 512 B to 1 MiB.
-func TestMirrorRandomDirectWrites(t *testing.T) { capturePaths(t, mirrorRandomDirectWrites) }
-
-func mirrorRandomDirectWrites(t *testing.T, o runOpts) {
+func TestMirrorRandomDirectWrites(t *testing.T) {
 	testenv.RequireRoot(t)
 	d := loopdev.New(t, 128<<20, loopdev.Options{})
 	mirror := filepath.Join(t.TempDir(), "mirror.img")
-	r := startMirror(t, d.Path, mirror, o)
+	r := startMirror(t, d.Path, mirror, runOpts{})
 	fio(t, d.Path)
 	s := r.stop()
 	// Every write came through the ring unless the ring overflowed (a busy
@@ -267,12 +257,10 @@ func partitionStart(t *testing.T, p string) int64 {
 }
 
 // 4. One partition protected while the other is written too.
-func TestMirrorPartition(t *testing.T) { capturePaths(t, mirrorPartition) }
-
-func mirrorPartition(t *testing.T, o runOpts) {
+func TestMirrorPartition(t *testing.T) {
 	d, p1, p2 := partitionedDisk(t)
 	mirror := filepath.Join(t.TempDir(), "p1.img")
-	r := startMirror(t, p1, mirror, o)
+	r := startMirror(t, p1, mirror, runOpts{})
 	mnt := t.TempDir()
 	if err := loopdev.Mount(p1, mnt, "ext4", ""); err != nil {
 		t.Fatal(err)
@@ -295,12 +283,10 @@ func mirrorPartition(t *testing.T, o runOpts) {
 
 // 4b. A protected whole disk whose file system sits on one of its
 // partitions: every write reaches the disk through a partition's device.
-func TestMirrorWholeDiskPartitions(t *testing.T) { capturePaths(t, mirrorWholeDiskPartitions) }
-
-func mirrorWholeDiskPartitions(t *testing.T, o runOpts) {
+func TestMirrorWholeDiskPartitions(t *testing.T) {
 	d, p1, p2 := partitionedDisk(t)
 	mirror := filepath.Join(t.TempDir(), "disk.img")
-	r := startMirror(t, d.Path, mirror, o)
+	r := startMirror(t, d.Path, mirror, runOpts{})
 	mnt := t.TempDir()
 	if err := loopdev.Mount(p1, mnt, "ext4", ""); err != nil {
 		t.Fatal(err)
@@ -335,9 +321,7 @@ func TestMirrorRefusesDiskAndItsPartition(t *testing.T) {
 }
 
 // 5. Writes running during the initial copy.
-func TestMirrorWritesDuringInitialCopy(t *testing.T) { capturePaths(t, mirrorWritesDuringInitialCopy) }
-
-func mirrorWritesDuringInitialCopy(t *testing.T, o runOpts) {
+func TestMirrorWritesDuringInitialCopy(t *testing.T) {
 	testenv.RequireRoot(t)
 	testenv.RequireTool(t, "fio")
 	d := loopdev.New(t, 512<<20, loopdev.Options{})
@@ -351,7 +335,7 @@ func mirrorWritesDuringInitialCopy(t *testing.T, o runOpts) {
 	defer fioCmd.Process.Kill()
 	time.Sleep(300 * time.Millisecond)
 	mirror := filepath.Join(t.TempDir(), "mirror.img")
-	r := startMirror(t, d.Path, mirror, o)
+	r := startMirror(t, d.Path, mirror, runOpts{})
 	if fioCmd.ProcessState != nil {
 		t.Fatal("fio ended before the initial copy did: the test proves nothing")
 	}
@@ -379,14 +363,11 @@ func mirrorWritesDuringInitialCopy(t *testing.T, o runOpts) {
 }
 
 // 6. Metadata mode: extents marked, blocks read back.
-func TestMirrorMetadataMode(t *testing.T) { capturePaths(t, mirrorMetadataMode) }
-
-func mirrorMetadataMode(t *testing.T, o runOpts) {
+func TestMirrorMetadataMode(t *testing.T) {
 	testenv.RequireRoot(t)
 	d := loopdev.New(t, 128<<20, loopdev.Options{})
 	mirror := filepath.Join(t.TempDir(), "mirror.img")
-	o.mode = capture.ModeMetadata
-	r := startMirror(t, d.Path, mirror, o)
+	r := startMirror(t, d.Path, mirror, runOpts{mode: capture.ModeMetadata})
 	fio(t, d.Path)
 	s := r.stop()
 	if s.AppliedBytes != 0 {
@@ -403,14 +384,11 @@ func mirrorMetadataMode(t *testing.T, o runOpts) {
 }
 
 // 7. A 1 MiB ring under heavy writes overflows into the bitmap; nothing is lost.
-func TestMirrorTinyRingOverflow(t *testing.T) { capturePaths(t, mirrorTinyRingOverflow) }
-
-func mirrorTinyRingOverflow(t *testing.T, o runOpts) {
+func TestMirrorTinyRingOverflow(t *testing.T) {
 	testenv.RequireRoot(t)
 	d := loopdev.New(t, 128<<20, loopdev.Options{})
 	mirror := filepath.Join(t.TempDir(), "mirror.img")
-	o.ringMiB = 1
-	r := startMirror(t, d.Path, mirror, o)
+	r := startMirror(t, d.Path, mirror, runOpts{ringMiB: 1})
 	fio(t, d.Path, "--iodepth=32", "--io_size=160m")
 	s := r.stop()
 	if s.OverflowEvents == 0 {

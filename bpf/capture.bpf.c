@@ -2,8 +2,8 @@
 //
 // Lifeboat write capture.
 //
-// By default every protected device is captured at submission:
-// block_bio_queue copies the payload into the ring (data mode), or
+// Every protected device is captured at submission: block_bio_queue
+// copies the payload into the ring (data mode), or
 // remembers the extent (pending) until the write completes, where it marks
 // the dirty bitmap (metadata mode, ring full, device parked: the agent
 // reads those blocks back). Extents go to the bitmap only at completion, so
@@ -22,12 +22,6 @@
 // are claimed and released by compare-and-swap on their tag; a hash map
 // cost a bucket lock and a free-list push or pop per write, about as much
 // as copying a 4 KiB payload. The agent maps the table to sweep it.
-//
-// Experimental, off by default (Config.AtCompletion): blk-mq devices
-// (LB_DEV_RQ) captured at block_rq_complete instead, before the request's
-// bios are ended, while their pages and iterators are still intact.
-// Nothing runs on the submitter's path and nothing is tracked per bio, but
-// a write whose completion the kernel does not report is lost to it.
 //
 // Ordering contract with the agent (agent/engine.go, drain): once a device's
 // overflow flag is set, no program starts a new ring record for it. The agent
@@ -349,8 +343,8 @@ struct copy_state {
 	__u32 skip;  // bytes of the next bvec already consumed (bi_bvec_done)
 };
 
-// One per CPU and per program (LB_SCRATCH_QUEUE, LB_SCRATCH_RQ_COMPLETE):
-// a completion may interrupt a copy on the same CPU.
+// Per CPU, indexed like addr_scratch (LB_SCRATCH_*): only lb_bio_queue
+// copies (LB_SCRATCH_QUEUE), and a program does not nest in itself on a CPU.
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, LB_SCRATCH_N);
@@ -633,9 +627,9 @@ static __always_inline long track_bio(__u64 key, struct lb_pending *p, struct lb
 
 // emit_data copies a write into a ring record; false when the ring is full
 // or the record cannot be built or tracked (the caller takes the bitmap
-// path). With a key (submission capture: the bio's pending key), the bio
-// is counted in ring_flight before the record is visible, so the agent
-// never applies a record whose write is not accounted for until it lands.
+// path). The bio, under its pending key, is counted in ring_flight before
+// the record is visible, so the agent never applies a record whose write
+// is not accounted for until it lands.
 static __always_inline bool emit_data(struct bio *bio, struct lb_dev *d, struct lb_devstate *st, struct lb_global *g,
 				      struct lb_counters *c, __u64 sector, __u32 size, int op, __u32 opf, __u64 key)
 {
@@ -647,8 +641,7 @@ static __always_inline bool emit_data(struct bio *bio, struct lb_dev *d, struct 
 		bpf_ringbuf_discard_dynptr(&dp, 0);
 		return false;
 	}
-	if (data_len && copy_payload(&dp, bio, data_len, g->page_offset, g->vmemmap,
-				     key ? LB_SCRATCH_QUEUE : LB_SCRATCH_RQ_COMPLETE) < 0) {
+	if (data_len && copy_payload(&dp, bio, data_len, g->page_offset, g->vmemmap, LB_SCRATCH_QUEUE) < 0) {
 		bpf_ringbuf_discard_dynptr(&dp, 0);
 		c->copy_failures++;
 		return false;
@@ -659,18 +652,16 @@ static __always_inline bool emit_data(struct bio *bio, struct lb_dev *d, struct 
 		return false;
 	}
 	emit_header(r, d, sector, size, op, opf, data_len);
-	if (key) {
-		struct lb_pending p = {.dev = d->id, .op = op, .kind = LB_PEND_RING, .opf = opf, .sector = sector, .len = size,
-				       .stamp = clock_of(d->id)};
-		if (track_bio(key, &p, c)) {
-			// Untracked, the record could be applied after a read-back
-			// of its blocks taken before it landed: bitmap path.
-			bpf_ringbuf_discard_dynptr(&dp, 0);
-			c->pending_full++;
-			return false;
-		}
-		ring_started(d->id);
+	struct lb_pending p = {.dev = d->id, .op = op, .kind = LB_PEND_RING, .opf = opf, .sector = sector, .len = size,
+			       .stamp = clock_of(d->id)};
+	if (track_bio(key, &p, c)) {
+		// Untracked, the record could be applied after a read-back of
+		// its blocks taken before it landed: bitmap path.
+		bpf_ringbuf_discard_dynptr(&dp, 0);
+		c->pending_full++;
+		return false;
 	}
+	ring_started(d->id);
 	bpf_ringbuf_submit_dynptr(&dp, wake_flag(sizeof(struct lb_record) + data_len));
 	c->records++;
 	c->bytes += data_len;
@@ -762,13 +753,6 @@ int BPF_PROG(lb_bio_queue, struct bio *bio)
 		return 0;
 	__u64 key = addr_num(bio, LB_SCRATCH_QUEUE);
 
-	if (d->flags & LB_DEV_RQ) {
-		// Captured when its request completes (capture_landed), which
-		// deletes this entry; should the kernel not report that, the
-		// entry is settled like an overflow and the write read back.
-		add_pending(key, d, sector, size, op, opf, LB_PEND_OVERFLOW, c);
-		return 0;
-	}
 	if (d->mode == LB_MODE_METADATA) {
 		add_pending(key, d, sector, size, op, opf, LB_PEND_META, c);
 		return 0;
@@ -798,9 +782,10 @@ int BPF_PROG(lb_bio_queue, struct bio *bio)
 }
 
 // mark_landed marks the blocks of a write that completed on a protected
-// device (a blk-mq one only, with rq_only) without a record to show for
-// it; they are read back like an overflow. It reports whether it marked.
-static __always_inline bool mark_landed(struct bio *bio, bool rq_only)
+// device (or on a whole disk over protected partitions only, with
+// disk_only) without a record to show for it; they are read back like an
+// overflow. It reports whether it marked.
+static __always_inline bool mark_landed(struct bio *bio, bool disk_only)
 {
 	__u32 opf = bio->bi_opf;
 	__u32 size = bio->bi_iter.bi_size;
@@ -811,7 +796,7 @@ static __always_inline bool mark_landed(struct bio *bio, bool rq_only)
 	struct lb_dev *d = dev_of(bio, &key, &start);
 	if (!d)
 		return mark_disk_write(key, bio->bi_iter.bi_sector, size);
-	if (rq_only && !(d->flags & LB_DEV_RQ))
+	if (disk_only)
 		return false;
 	mark_bitmap(d, bio_sector(bio) + start, size, ctrs());
 	return true;
@@ -850,44 +835,8 @@ int BPF_PROG(lb_bio_complete, struct request_queue *q, struct bio *bio)
 	return 0;
 }
 
-// capture_landed captures a landed (or failed) write to the blk-mq device
-// whose devices key is key, start sectors into it (see dev_of). It is a
-// global function: the verifier checks it once, not once per iteration of
-// the request walk that calls it.
-__noinline int capture_landed(__u64 bio_addr, __u32 key, __u64 start, int error)
-{
-	struct bio *bio = as_bio(bio_addr);
-	struct lb_dev *d = bpf_map_lookup_elem(&devices, &key);
-	if (!d)
-		return 0;
-	__u32 opf = bio->bi_opf;
-	__u32 size = bio->bi_iter.bi_size;
-	int op = classify(opf, size);
-	if (op < 0)
-		return 0;
-	__u64 sector = bio_sector(bio) + start;
-	struct lb_counters *c = ctrs();
-	__u32 id = d->id;
-	struct lb_devstate *st = bpf_map_lookup_elem(&devstate, &id);
-	struct lb_global *g = glob();
-	if (!st || !g || !c)
-		return 0;
-	// Counted running before the flag is read, as in lb_bio_queue.
-	__sync_fetch_and_add(&c->inflight, 1);
-	if (error || st->overflow || d->mode == LB_MODE_METADATA) {
-		// Metadata mode, or a failed write that left the blocks in an
-		// unknown state: read back.
-		mark_bitmap(d, sector, size, c);
-	} else if (!emit_data(bio, d, st, g, c, sector, size, op, opf, 0)) {
-		enter_overflow(st, c);
-		mark_bitmap(d, sector, size, c);
-	}
-	__sync_fetch_and_add(&c->inflight, -1);
-	return 0;
-}
-
 // complete_rq_bio handles one bio of a completing request; addr is its
-// address as a number (a pointer cannot be passed to capture_landed).
+// address as a number, its pending key.
 static __always_inline void complete_rq_bio(struct bio *bio, __u64 addr, int error)
 {
 	__u32 key;
@@ -906,11 +855,6 @@ static __always_inline void complete_rq_bio(struct bio *bio, __u64 addr, int err
 		}
 		// Tracked, but completing on another device: a stacked driver
 		// re-pointed it (an NVMe multipath head to its path). Settle it.
-	} else if (d->flags & LB_DEV_RQ) {
-		struct lb_pending pc;
-		pend_take(addr, &pc);
-		capture_landed(addr, key, start, error);
-		return;
 	}
 	complete_bio(bio, addr, error);
 }
@@ -949,8 +893,10 @@ int BPF_PROG(lb_rq_complete, struct request *rq, blk_status_t error, unsigned in
 		__u32 size = b->bi_iter.bi_size;
 		if (w->done + size > nr_bytes) {
 			// Partly done: this part is not described by any iterator
-			// once the bio advances. Read the whole bio back; the rest
-			// is captured when it completes.
+			// once the bio advances. A write to a whole disk over
+			// protected partitions is read back whole now (it may be
+			// untracked); a protected device's write is settled from
+			// its pending entry when it completes.
 			if (nr_bytes > w->done)
 				mark_landed(b, true);
 			break;

@@ -16,8 +16,7 @@
 #define LB_SCRATCH_QUEUE 0
 #define LB_SCRATCH_BIO_COMPLETE 1
 #define LB_SCRATCH_SPLIT 2
-#define LB_SCRATCH_RQ_COMPLETE 3
-#define LB_SCRATCH_N 4
+#define LB_SCRATCH_N 3
 #define LB_BLOCK_SHIFT 12          /* bitmap granularity: 4 KiB */
 #define LB_MAX_MARK_WORDS (1 << 20) /* one mark covers up to 256 GiB */
 #define LB_MAX_RECORD_DATA (4 << 20) /* larger bios go to the bitmap */
@@ -39,12 +38,6 @@ enum lb_flags {
 enum lb_mode {
 	LB_MODE_DATA = 0,
 	LB_MODE_METADATA = 1,
-};
-
-enum lb_dev_flags {
-	/* blk-mq device: writes are captured when their request completes,
-	 * nothing is done (or tracked) at submission. */
-	LB_DEV_RQ = 1,
 };
 
 enum lb_pend_kind {
@@ -72,7 +65,7 @@ struct lb_dev {
 	__u32 mode;        /* enum lb_mode */
 	__u64 blocks;      /* device size in bitmap blocks */
 	__u32 bitmap_word; /* first word of this device in the bitmap map */
-	__u32 flags;       /* enum lb_dev_flags */
+	__u32 _pad;
 };
 
 #define LB_MAX_PARTS 8

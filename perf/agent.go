@@ -34,7 +34,6 @@ type agentSpec struct {
 	MirrorPath   string
 	Mode         Variant       // VariantMetadata or VariantData
 	RingMiB      int           // 0: agent default
-	AtCompletion bool          // --capture-at-completion
 	Delay        time.Duration // --readback-delay (metadata mode)
 	StateDir     string
 	NotifyDir    string // private directory for the notify socket
@@ -51,9 +50,6 @@ func (s agentSpec) args() []string {
 	}
 	if s.RingMiB > 0 {
 		a = append(a, "--ring-mib", strconv.Itoa(s.RingMiB))
-	}
-	if s.AtCompletion {
-		a = append(a, "--capture-at-completion")
 	}
 	if s.Mode == VariantMetadata {
 		a = append(a, "--readback-delay", s.Delay.String())

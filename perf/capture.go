@@ -85,9 +85,6 @@ type CaptureConfig struct {
 	// RingMiB is passed as --ring-mib to the agent; 0 leaves the agent's
 	// default.
 	RingMiB int
-	// AtCompletion passes --capture-at-completion to the agent
-	// (experimental capture path).
-	AtCompletion bool
 	// ReadbackDelay is passed as --readback-delay to metadata-mode agents.
 	ReadbackDelay time.Duration
 	// NullTarget makes the agent mirror into /dev/null: the cost of
@@ -266,7 +263,6 @@ func RunCapture(ctx context.Context, cfg CaptureConfig, log *slog.Logger, progre
 			Workloads:       cfg.Workloads,
 			AgentExe:        cfg.AgentExe,
 			RingMiB:         cfg.RingMiB,
-			AtCompletion:    cfg.AtCompletion,
 			ReadbackDelay:   cfg.ReadbackDelay.String(),
 		},
 	}
@@ -356,7 +352,6 @@ func runSample(ctx context.Context, cfg CaptureConfig, round int, wl Workload, v
 			MirrorPath:   mirrorPath(cfg, dir),
 			Mode:         v,
 			RingMiB:      cfg.RingMiB,
-			AtCompletion: cfg.AtCompletion,
 			Delay:        cfg.ReadbackDelay,
 			StateDir:     stateDir,
 			NotifyDir:    ndir,

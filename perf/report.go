@@ -44,7 +44,6 @@ type CaptureSettings struct {
 	Workloads       []Workload `json:"workloads"`
 	AgentExe        string     `json:"agent_exe,omitempty"`
 	RingMiB         int        `json:"ring_mib,omitempty"`
-	AtCompletion    bool       `json:"at_completion,omitempty"`  // experimental capture path
 	ReadbackDelay   string     `json:"readback_delay,omitempty"` // metadata-mode agents
 }
 

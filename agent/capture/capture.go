@@ -61,25 +61,6 @@ type Device struct {
 	Start uint64
 }
 
-// flagRequestBased is LB_DEV_RQ: capture at request completion.
-const flagRequestBased = 1
-
-// requestBased reports whether the disk holding kernel device kdev (a disk
-// or a partition) is a blk-mq device, which the BPF side captures when
-// requests complete. Its sysfs directory then has an mq directory.
-// Bio-based devices (device mapper, md) are captured at submission.
-func requestBased(kdev uint32) bool {
-	dir, err := filepath.EvalSymlinks(fmt.Sprintf("/sys/dev/block/%d:%d", kdev>>20, kdev&(1<<20-1)))
-	if err != nil {
-		return false
-	}
-	if _, err := os.Stat(filepath.Join(dir, "partition")); err == nil {
-		dir = filepath.Dir(dir)
-	}
-	_, err = os.Stat(filepath.Join(dir, "mq"))
-	return err == nil
-}
-
 // Blocks is the number of bitmap blocks covering the device.
 func (d Device) Blocks() uint64 { return uint64((d.Size + BlockSize - 1) / BlockSize) }
 
@@ -92,13 +73,7 @@ type Config struct {
 	// a clean stop leaves the programs attached and marking the bitmap,
 	// and the next Load picks the maps up again. "" disables pinning.
 	PinDir string
-	// AtCompletion captures blk-mq devices when their requests complete
-	// (off the submitter's path, no per-bio tracking). EXPERIMENTAL and off
-	// by default: writes made during the initial copy can be lost with it
-	// (agent TestMirrorWritesDuringInitialCopy fails about half the time);
-	// see the README. Without it every device is captured at submission.
-	AtCompletion bool
-	Logger       *slog.Logger
+	Logger *slog.Logger
 }
 
 // Maps pinned across restarts. The ring itself is not: a clean stop
@@ -123,8 +98,6 @@ type Capture struct {
 	stopClock, clockDone chan struct{} // runClock
 	pinDir               string
 	resumed              bool
-	// atCompletion: Config.AtCompletion.
-	atCompletion bool
 }
 
 // Load checks prerequisites, calibrates the direct map, loads the programs
@@ -157,7 +130,7 @@ func Load(cfg Config) (*Capture, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load capture spec: %w", err)
 	}
-	c := &Capture{log: cfg.Logger, devices: cfg.Devices, atCompletion: cfg.AtCompletion}
+	c := &Capture{log: cfg.Logger, devices: cfg.Devices}
 	var words uint32
 	for _, d := range cfg.Devices {
 		c.wordBase = append(c.wordBase, words)
@@ -237,9 +210,6 @@ func (c *Capture) setup() error {
 	}
 	for i, d := range c.devices {
 		v := captureLbDev{Id: uint32(d.ID), Mode: uint32(d.Mode), Blocks: d.Blocks(), BitmapWord: c.wordBase[i]}
-		if c.atCompletion && requestBased(d.KernelDev) {
-			v.Flags |= flagRequestBased
-		}
 		if err := c.objs.Devinfo.Put(uint32(d.ID), v); err != nil {
 			return fmt.Errorf("register device %d: %w", d.ID, err)
 		}

@@ -44,7 +44,7 @@ type captureLbDev struct {
 	Mode       uint32
 	Blocks     uint64
 	BitmapWord uint32
-	Flags      uint32
+	Pad        uint32
 }
 
 type captureLbDevstate struct {

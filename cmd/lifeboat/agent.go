@@ -51,7 +51,6 @@ checksums instead of copying everything. "lifeboat agent release" detaches it.`,
 	f.StringVar(&mode, "mode", "data", "capture mode: data (payload in the ring) or metadata (extents, read back)")
 	f.DurationVar(&cfg.ReadbackDelay, "readback-delay", agent.DefaultReadbackDelay, "metadata mode: how long written blocks wait before they are read back (rewrites and neighbours then cost one read; the copy lags as much)")
 	f.IntVar(&ringMiB, "ring-mib", 64, "BPF ring buffer size in MiB (power of two)")
-	f.BoolVar(&cfg.CaptureAtCompletion, "capture-at-completion", false, "EXPERIMENTAL, can lose writes made during the initial copy: capture blk-mq devices when requests complete")
 	f.StringVar(&stateDir, "state-dir", "/var/lib/lifeboat", "agent state directory")
 	f.DurationVar(&cfg.CrashInterval, "crash-interval", 0, "crash-consistent marker interval (0: off)")
 	f.DurationVar(&cfg.AppInterval, "app-interval", 0, "app-consistent (fsfreeze) marker interval (0: off)")

@@ -54,7 +54,6 @@ func benchCmd(verbose *bool) *cobra.Command {
 	f.IntVar(&cfg.Rounds, "rounds", 3, "rounds (variants alternate within each)")
 	f.StringVar(&variants, "variants", "", "comma-separated subset of none,metadata,data")
 	f.IntVar(&cfg.RingMiB, "ring-mib", 0, "agent ring size (0: agent default)")
-	f.BoolVar(&cfg.AtCompletion, "at-completion", false, "run the agents with the experimental --capture-at-completion")
 	f.DurationVar(&cfg.ReadbackDelay, "readback-delay", agent.DefaultReadbackDelay, "run metadata-mode agents with this --readback-delay")
 	f.BoolVar(&cfg.NullTarget, "null-target", false, "mirror into /dev/null: measure capture alone, without the copy's writes")
 	f.BoolVar(&cfg.AllowOtherCaptures, "allow-other-captures", false, "run even when other agents' captures are attached (every variant pays for them)")
