@@ -108,6 +108,18 @@ func GapAt(gaps []Gap, seq uint64) (Gap, bool) {
 	return Gap{}, false
 }
 
+// GapStartsIn reports whether a gap of gaps starts in (lo, hi]: a reader
+// of the journal that has everything up to lo finds the segments up to hi
+// missing because they were lost before they reached it.
+func GapStartsIn(gaps []Gap, lo, hi uint64) bool {
+	for _, g := range gaps {
+		if g.From > lo && g.From <= hi {
+			return true
+		}
+	}
+	return false
+}
+
 // OpenGap returns the index of the open gap, or -1.
 func (m *Manifest) OpenGap() int {
 	for i, g := range m.Gaps {

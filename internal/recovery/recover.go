@@ -411,7 +411,7 @@ func replay(ctx context.Context, store blobstore.Store, keys seal.Keyring, segs 
 		if err != nil {
 			return 0, fmt.Errorf("journal segment %s: %w", s.Name, err)
 		}
-		if prev, ok := dec.Prev(); ok && prev > chain && !gapIn(gaps, chain, prev) {
+		if prev, ok := dec.Prev(); ok && prev > chain && !layout.GapStartsIn(gaps, chain, prev) {
 			return 0, fmt.Errorf("journal segment %s %w: it follows a segment ending at sequence %d, which is missing from the account (the journal holds nothing between %d and %d)",
 				s.Name, ErrTampered, prev, chain, s.First)
 		}
@@ -445,18 +445,6 @@ func replay(ctx context.Context, store blobstore.Store, keys seal.Keyring, segs 
 		}
 	}
 	return len(todo), nil
-}
-
-// gapIn reports whether a recorded gap starts in (lo, hi]: the segments
-// missing there were lost before they reached the journal, and the target
-// is past the gap (resolve refuses targets inside one).
-func gapIn(gaps []layout.Gap, lo, hi uint64) bool {
-	for _, g := range gaps {
-		if g.From > lo && g.From <= hi {
-			return true
-		}
-	}
-	return false
 }
 
 var zeros [64 << 10]byte

@@ -191,6 +191,7 @@ type machine struct {
 	disks     []*disk
 	lastPoint uint64       // seq of the newest point
 	gaps      []layout.Gap // the manifest's, as of the last applyLocked
+	chain     uint64       // the journal is known complete up to here (segment headers)
 	pointTime time.Time    // its marker time (or the anchor before the first point)
 	// cursor is the name of the last segment applied in this process, so
 	// that a segment ending exactly at the resume sequence (possible for
@@ -299,6 +300,7 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 			return 0, err
 		}
 		m.loaded = true
+		m.chain = m.maxApplied()
 	}
 	segs, err := recovery.ListSegments(ctx, a.cfg.Store, m.name)
 	if err != nil {
@@ -316,6 +318,7 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 			return m.applied(), err
 		}
 		m.cursor = s.Name
+		m.chain = max(m.chain, s.Last)
 	}
 	if err := a.prune(ctx, m); err != nil {
 		// Pruning late is harmless; keep applying.
@@ -609,6 +612,12 @@ func (a *Applier) applySegment(ctx context.Context, m *machine, s recovery.Segme
 	recs, err := m.dec.Decode(plain)
 	if err != nil {
 		return fmt.Errorf("journal segment %s: %w", s.Name, err)
+	}
+	// Applying across a missing segment would make a replica, and points,
+	// without its writes: stop and say so (a recorded gap explains one).
+	if prev, ok := m.dec.Prev(); ok && prev > m.chain && !layout.GapStartsIn(m.gaps, m.chain, prev) {
+		return fmt.Errorf("journal segment %s follows a segment ending at sequence %d, which is missing from the account (the journal holds nothing between %d and %d): %w",
+			s.Name, prev, m.chain, s.First, recovery.ErrTampered)
 	}
 	// Check every record before applying any, so that a bad segment is
 	// not half applied.

@@ -51,6 +51,7 @@ func TestAzurite(t *testing.T) {
 func runScenarios(t *testing.T, newStore func(t *testing.T) blobstore.Store) {
 	t.Run("ApplyPointsRecover", func(t *testing.T) { testApplyPointsRecover(t, newStore(t)) })
 	t.Run("Tampered", func(t *testing.T) { testTampered(t, newStore(t)) })
+	t.Run("MissingSegment", func(t *testing.T) { testMissingSegment(t, newStore(t)) })
 	t.Run("Retention", func(t *testing.T) { testRetention(t, newStore(t)) })
 	t.Run("RetentionAgentClock", func(t *testing.T) { testRetentionAgentClock(t, newStore(t)) })
 	t.Run("RetentionDiskWithoutPoints", func(t *testing.T) { testRetentionDiskWithoutPoints(t, newStore(t)) })
@@ -369,6 +370,35 @@ func testTampered(t *testing.T, store blobstore.Store) {
 	}
 	// Everything before the tampered segment still recovers.
 	recoverAndCheck(t, m, 0, fmt.Sprint(goodSeq), goodSeq)
+}
+
+// testMissingSegment: a segment deleted from the account (no gap
+// recorded) stops the applier before the segment after it: the replica
+// and its points never go on without its writes.
+func testMissingSegment(t *testing.T, store blobstore.Store) {
+	ctx := ctxT(t)
+	rng := rand.New(rand.NewPCG(5, 6))
+	m := recoverytest.New(t, store, "m3", 2<<20)
+	c := &clock{t: time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)}
+	a := newApplier(t, m, applier.Config{})
+	workload(m, rng, c, 30)
+	m.Cut()
+	goodSeq := m.Durable
+	workload(m, rng, c, 30)
+	gone := m.Cut()
+	workload(m, rng, c, 30)
+	after := m.Cut()
+	if err := store.DeleteBlob(ctx, gone); err != nil {
+		t.Fatal(err)
+	}
+	got, err := a.Apply(ctx, m.Name)
+	if !errors.Is(err, recovery.ErrTampered) || !strings.Contains(err.Error(), after) {
+		t.Fatalf("Apply over a missing segment: %v; want ErrTampered naming %s", err, after)
+	}
+	if got != goodSeq {
+		t.Fatalf("Apply returned %d, want %d (before the missing segment)", got, goodSeq)
+	}
+	checkReplica(t, m, goodSeq)
 }
 
 func testRetention(t *testing.T, store blobstore.Store) {
