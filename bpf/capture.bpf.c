@@ -894,11 +894,13 @@ int BPF_PROG(lb_rq_complete, struct request *rq, blk_status_t error, unsigned in
 		if (w->done + size > nr_bytes) {
 			// Partly done: this part is not described by any iterator
 			// once the bio advances. A write to a whole disk over
-			// protected partitions is read back whole now (it may be
-			// untracked); a protected device's write is settled from
-			// its pending entry when it completes.
+			// protected partitions, or an untracked one (in flight
+			// when capture attached), is read back whole now: its
+			// completion will only describe the rest. A tracked
+			// write is settled from its pending entry, which holds
+			// all of it, when it completes.
 			if (nr_bytes > w->done)
-				mark_landed(b, true);
+				mark_landed(b, pend_find(addr) != 0);
 			break;
 		}
 		w->done += size;
