@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -197,5 +198,61 @@ func TestLoadRefusesTamperedManifest(t *testing.T) {
 	r.restart()
 	if _, _, _, _, err := r.m.agree(context.Background(), r.hello(0)); !errors.Is(err, recovery.ErrTampered) {
 		t.Fatalf("hello with a tampered manifest: %v, want ErrTampered", err)
+	}
+}
+
+// loseShard removes two of the three shards of the segment starting at
+// seq (beyond the cache's parity).
+func (r *gapRig) loseShards(seq uint64) {
+	for _, d := range r.dirs[:2] {
+		if err := os.Remove(filepath.Join(d, "m1", fmt.Sprintf("%016x.shard", seq))); err != nil {
+			r.t.Fatal(err)
+		}
+	}
+}
+
+// A second segment lost while a gap is open is recorded as that gap: the
+// segment after it, whose header names the lost one, is explained by it
+// (the applier and recovery would otherwise refuse the journal for good).
+func TestSecondLossWhileGapOpen(t *testing.T) {
+	r := newGapRig(t, mem.New())
+	r.put(1, 10)
+	r.put(11, 20)
+	r.loseShards(11)
+	r.upload()
+	r.put(21, 30)
+	r.upload()
+	r.put(31, 40)
+	r.put(41, 50)
+	r.loseShards(31)
+	r.upload()
+	man := r.manifest()
+	if man.DurableSeq != 50 || len(man.Gaps) != 1 || man.Gaps[0] != (layout.Gap{From: 11}) {
+		t.Fatalf("durable %d, gaps %+v; want 50 and one open from 11", man.DurableSeq, man.Gaps)
+	}
+	if !layout.GapExplains(man.Gaps, 40) {
+		t.Fatalf("gaps %+v do not explain segment 31..40 missing", man.Gaps)
+	}
+}
+
+// A mend point belongs to the session that reported it: session A reports
+// its resync complete at 25, then dies before 21..25 are durable; session
+// B, asked for a resync again, must not see the gap closed by its first
+// records past 25 before its own resync ends.
+func TestMendOnlyByLatestResyncSession(t *testing.T) {
+	r := newGapRig(t, mem.New())
+	r.put(1, 10)
+	r.put(11, 20)
+	r.loseShards(1)
+	r.upload()
+	_, epochA := r.agree(20)
+	r.m.mended(epochA, 25)
+	if a, _ := r.agree(20); a != wire.SyncChecksum {
+		t.Fatalf("session B told %v, want a checksum resync", a)
+	}
+	r.put(31, 40)
+	r.upload()
+	if g := r.manifest().Gaps; len(g) != 1 || !g[0].Open() {
+		t.Fatalf("gaps %+v: mended by session A's report once B's first records were in", g)
 	}
 }

@@ -365,6 +365,11 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, uin
 	var mendEpoch uint64
 	gap := m.man.OpenGap() >= 0
 	if gap {
+		// Only this session's agent, resyncing now, may mend the gap: a
+		// mend point an earlier session reported may never have become
+		// durable (its records lost with it), and this resync starts over.
+		m.gapEpoch++
+		m.mendAt = 0
 		mendEpoch = m.gapEpoch
 	}
 	ack := &wire.HelloAck{ProtocolVersion: protocolVersion, Disks: make([]wire.DiskAgreement, len(h.Disks))}
@@ -426,11 +431,12 @@ func (m *machine) openGap(ctx context.Context, from uint64) error {
 	return m.writeManifest(ctx)
 }
 
-// mended records that the agent of a session answered at gap epoch epoch
-// has completed its checksum resync: it sends no time marker between a
-// resync request and the resync's end (see wire.HelloAck), so its first
-// time marker after the answer, at seq, is where the replicas are whole
-// again. The gap closes once the journal holds every record up to seq.
+// mended records that the agent of the session last answered for the
+// gap (at epoch) has completed its checksum resync: it sends no time
+// marker between a resync request and the resync's end (see
+// wire.HelloAck), so its first time marker after the answer, at seq, is
+// where the replicas are whole again. The gap closes once the journal
+// holds every record up to seq.
 func (m *machine) mended(epoch, seq uint64) {
 	m.mu.Lock()
 	if epoch == m.gapEpoch && m.mendAt == 0 && m.man.OpenGap() >= 0 {

@@ -325,7 +325,10 @@ func (st *session) readLoop() bool {
 				continue // stale: records after it are already here
 			}
 			if mk.Kind == wire.MarkerTime && st.mendEpoch != 0 {
-				st.m.mended(st.mendEpoch, mk.Seq)
+				// Records the agent numbered up to mk.Seq that never
+				// reached this server are inside the gap: the resync
+				// is complete at what this session accepted.
+				st.m.mended(st.mendEpoch, min(mk.Seq, st.accepted))
 				st.mendEpoch = 0
 			}
 			st.mu.Lock()

@@ -108,12 +108,13 @@ func GapAt(gaps []Gap, seq uint64) (Gap, bool) {
 	return Gap{}, false
 }
 
-// GapStartsIn reports whether a gap of gaps starts in (lo, hi]: a reader
-// of the journal that has everything up to lo finds the segments up to hi
-// missing because they were lost before they reached it.
-func GapStartsIn(gaps []Gap, lo, hi uint64) bool {
+// GapExplains reports whether a gap of gaps explains segments missing
+// from the journal up to sequence hi: a gap starting at or before hi and
+// not mended by then. Losses while a gap is open are recorded as that gap
+// (from the first), so it may start well before the missing segments.
+func GapExplains(gaps []Gap, hi uint64) bool {
 	for _, g := range gaps {
-		if g.From > lo && g.From <= hi {
+		if g.From <= hi && (g.Open() || hi < g.Mended) {
 			return true
 		}
 	}

@@ -411,7 +411,7 @@ func replay(ctx context.Context, store blobstore.Store, keys seal.Keyring, segs 
 		if err != nil {
 			return 0, fmt.Errorf("journal segment %s: %w", s.Name, err)
 		}
-		if prev, ok := dec.Prev(); ok && prev > chain && !layout.GapStartsIn(gaps, chain, prev) {
+		if prev, ok := dec.Prev(); ok && prev > chain && !layout.GapExplains(gaps, prev) {
 			return 0, fmt.Errorf("journal segment %s %w: it follows a segment ending at sequence %d, which is missing from the account (the journal holds nothing between %d and %d)",
 				s.Name, ErrTampered, prev, chain, s.First)
 		}

@@ -615,7 +615,7 @@ func (a *Applier) applySegment(ctx context.Context, m *machine, s recovery.Segme
 	}
 	// Applying across a missing segment would make a replica, and points,
 	// without its writes: stop and say so (a recorded gap explains one).
-	if prev, ok := m.dec.Prev(); ok && prev > m.chain && !layout.GapStartsIn(m.gaps, m.chain, prev) {
+	if prev, ok := m.dec.Prev(); ok && prev > m.chain && !layout.GapExplains(m.gaps, prev) {
 		return fmt.Errorf("journal segment %s follows a segment ending at sequence %d, which is missing from the account (the journal holds nothing between %d and %d): %w",
 			s.Name, prev, m.chain, s.First, recovery.ErrTampered)
 	}
@@ -629,7 +629,9 @@ func (a *Applier) applySegment(ctx context.Context, m *machine, s recovery.Segme
 		if int(r.Disk) >= len(m.disks) {
 			return fmt.Errorf("journal segment %s: record %d is for disk index %d, but the manifest lists %d disks", s.Name, r.Seq, r.Disk, len(m.disks))
 		}
-		if d := m.disks[r.Disk]; r.Offset+uint64(r.Length) > d.sizeAt(r.Seq) {
+		// Records already applied are skipped below; those of an older,
+		// larger generation may lie beyond the current size.
+		if d := m.disks[r.Disk]; r.Seq > d.applied && r.Offset+uint64(r.Length) > d.sizeAt(r.Seq) {
 			return fmt.Errorf("journal segment %s: record %d: %s of [%d, %d) is beyond the %d bytes of disk %q",
 				s.Name, r.Seq, r.Op, r.Offset, r.Offset+uint64(r.Length), d.sizeAt(r.Seq), d.name)
 		}
