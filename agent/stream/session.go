@@ -157,21 +157,23 @@ func (t *Target) agree(s *session, a *wire.HelloAck, initial bool) ([]wire.DiskA
 	t.mu.Lock()
 	// Sequences are per machine: every disk's ResumeFrom is the machine's
 	// durable sequence + 1.
-	var resume uint64
+	var resume, durable uint64
 	for _, da := range out {
 		resume = max(resume, da.ResumeFrom)
 	}
 	if resume > 0 {
-		durable := resume - 1
-		if !initial && durable >= t.nextSeq {
-			// Within one run only this agent numbers the machine's
-			// records: another one streams under the same name (a clone,
-			// a test boot of the replica with its agent on). Its records
-			// hold the numbers of ours not yet sent, which the process
-			// server would drop as duplicates: never take its acks for
-			// ours; renumber and let a compare bring back what differs.
-			t.log.Error("the process server holds sequences this agent never numbered: another agent streams as this machine; resyncing by checksum",
-				"next", t.nextSeq, "durable", durable)
+		durable = resume - 1
+		// A process server cannot hold a sequence this agent never sent
+		// (on a reconnect), or never numbered (at Dial: nextSeq then is
+		// above every number the state directory handed out). If it does,
+		// another agent streams under the same name (a clone, a test boot
+		// of the replica with its agent on) or the state directory is an
+		// old copy: its records hold numbers of ours, which the process
+		// server would drop as duplicates. Never take its acks for ours;
+		// renumber, and let a compare bring back what differs.
+		if (!initial && durable > t.maxSent) || (initial && durable >= t.nextSeq) {
+			t.log.Error("the process server holds sequences this agent never sent: another agent streams as this machine, or the state directory is an old copy; resyncing by checksum",
+				"sent", t.maxSent, "next", t.nextSeq, "durable", durable)
 			t.markers = t.markers[:0]
 			for i := range out {
 				if out[i].Action == wire.SyncResume {
@@ -223,6 +225,8 @@ func (t *Target) agree(s *session, a *wire.HelloAck, initial bool) ([]wire.DiskA
 		t.mu.Unlock()
 		return nil, err
 	}
+	// Handled (or ours): the next reconnect judges only what comes after.
+	t.maxSent = max(t.maxSent, durable)
 	// Everything held goes out again on this connection.
 	for _, seg := range t.segs[:t.sent] {
 		if seg.last >= resume {
@@ -393,6 +397,7 @@ func (t *Target) nextWork(now time.Time) (seg *segment, sums []*wire.Sums, wait 
 		t.sent++
 		t.inflight += uint64(s.payload)
 		t.sentSeq = s.last
+		t.maxSent = max(t.maxSent, s.last)
 		t.busy = s
 		return s, nil, wait
 	}

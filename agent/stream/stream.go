@@ -221,6 +221,7 @@ type Target struct {
 	holdMarkers bool
 	markerNow   bool         // released: send a time marker at once
 	releaseSeq  uint64       // the last sequence numbered when markers were released
+	maxSent     uint64       // the highest sequence sent this run (or agreed at Dial)
 	covers      []coverPoint // Covered points, oldest first; covers[0] may be the one the last marker used
 
 	sumsID uint16 // engine goroutine only

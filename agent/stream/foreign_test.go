@@ -1,0 +1,107 @@
+package stream_test
+
+import (
+	"os"
+	"path/filepath"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/agent/stream"
+	"github.com/lifeboat-dr/lifeboat/agent/stream/streamtest"
+	"github.com/lifeboat-dr/lifeboat/internal/wire"
+)
+
+// A reconnect to foreign sequences whose state save fails keeps the
+// skipped-ahead nextSeq: the retry must still see them as foreign, not
+// take the other agent's acks for ours.
+func TestForeignDetectionSurvivesFailedSave(t *testing.T) {
+	srv := streamtest.New(t)
+	state := t.TempDir()
+	cfg := config(t, srv, state, 1<<20)
+	var asked atomic.Int32
+	cfg.OnResync = func(_ int, a wire.SyncAction) {
+		if a == wire.SyncChecksum {
+			asked.Add(1)
+		}
+	}
+	tg := dial(t, cfg)
+	if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	blocker := filepath.Join(state, stream.StateFile+".tmp")
+	if err := os.Mkdir(blocker, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	srv.Advance(100)
+	waitFor(t, "a second hello", func() bool { return len(srv.Hellos()) >= 2 })
+	time.Sleep(50 * time.Millisecond)
+	os.Remove(blocker)
+	waitFor(t, "the reconnect", func() bool { st := tg.Stats(); return st.Connected && st.Reconnects >= 1 })
+	time.Sleep(200 * time.Millisecond)
+	if asked.Load() == 0 {
+		t.Fatalf("no checksum resync after reconnecting to a process server holding sequences 2..100 this run never numbered (acked now %d)", tg.Stats().AckedSeq)
+	}
+}
+
+// Another agent under the same name numbers fewer records than this one
+// has queued (window closed): durable < nextSeq, but beyond anything this
+// one sent, so its acks must not free our unsent records.
+func TestForeignBelowNextSeqUnsentRecordsNotAcked(t *testing.T) {
+	srv := streamtest.New(t)
+	cfg := config(t, srv, t.TempDir(), 1<<20)
+	var asked atomic.Int32
+	cfg.OnResync = func(_ int, a wire.SyncAction) { asked.Add(1) }
+	tg := dial(t, cfg)
+	if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil { // seq 1
+		t.Fatal(err)
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	srv.SetWindow(0)
+	time.Sleep(20 * time.Millisecond)
+	for i := range 10 { // seq 2..11, never sent
+		b := make([]byte, 4096)
+		b[0] = 0xAA
+		if err := tg.WriteAt(0, b, int64(4096*(i+1))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	time.Sleep(50 * time.Millisecond)
+	srv.Advance(5) // another agent sent 2..5
+	waitFor(t, "the reconnect", func() bool { st := tg.Stats(); return st.Connected && st.Reconnects >= 1 })
+	time.Sleep(100 * time.Millisecond)
+	st := tg.Stats()
+	if st.AckedSeq >= 5 && asked.Load() == 0 {
+		img := srv.Image("d0")
+		t.Fatalf("records 2..5 of ours were never sent, yet acked (acked %d) with no resync; server image byte at 4096 = %#x (want 0xaa)", st.AckedSeq, img[4096])
+	}
+}
+
+// At Dial, a process server holding sequences beyond every number the
+// state directory handed out (another agent streamed as this machine
+// while this one was stopped) gets a checksum resync, not a resume.
+func TestDialToForeignSequencesResyncs(t *testing.T) {
+	srv := streamtest.New(t)
+	state := t.TempDir()
+	cfg := config(t, srv, state, 1<<20)
+	tg := dial(t, cfg)
+	if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if err := tg.Close(); err != nil {
+		t.Fatal(err)
+	}
+	srv.Advance(1 << 30) // beyond the lease
+	tg = dial(t, config(t, srv, state, 1<<20))
+	if a := tg.Agreements()[0].Action; a != wire.SyncChecksum {
+		t.Fatalf("Dial to a server holding foreign sequences: %v, want a checksum resync", a)
+	}
+}
