@@ -8,7 +8,9 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
+	"time"
 
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore/mem"
@@ -29,6 +31,7 @@ type gapRig struct {
 	s     *Server
 	m     *machine
 	gen   wire.Generation
+	last  uint64 // of the last segment put
 }
 
 func newGapRig(t *testing.T, store blobstore.Store) *gapRig {
@@ -65,9 +68,13 @@ func (r *gapRig) hello(acked uint64) *wire.Hello {
 		Disks: []wire.DiskState{{Name: "d0", Size: 1 << 20, Generation: r.gen, LastAckedSeq: acked}}}
 }
 
-// put stores and acknowledges a segment of records first..last.
+// put stores and acknowledges a segment of records first..last (its
+// frames stand in for records), chained to the one put before.
 func (r *gapRig) put(first, last uint64) {
-	b := &segBuf{data: bytes.Repeat([]byte{byte(first)}, 50_000), meta: segMeta{first: first, last: last}}
+	b := &segBuf{meta: segMeta{first: first, last: last}}
+	b.begin(r.last)
+	b.data = append(b.data, bytes.Repeat([]byte{byte(first)}, 50_000)...)
+	r.last = last
 	cached, err := r.m.sealSegment(nil, b)
 	if err != nil {
 		r.t.Fatal(err)
@@ -121,8 +128,8 @@ func TestLostSegmentGapSurvivesUntilMended(t *testing.T) {
 	}
 	r.upload()
 	man := r.manifest()
-	if len(man.Gaps) != 1 || man.Gaps[0] != (layout.Gap{From: 1}) {
-		t.Fatalf("gaps %+v after losing segment 1..10, want one open from 1", man.Gaps)
+	if len(man.Gaps) != 1 || man.Gaps[0] != (layout.Gap{From: 1, LostTo: 10}) {
+		t.Fatalf("gaps %+v after losing segment 1..10, want one open from 1, lost to 10", man.Gaps)
 	}
 	if man.DurableSeq != 20 {
 		t.Fatalf("durable_seq %d, want 20 (segment 11..20 uploaded past the recorded gap)", man.DurableSeq)
@@ -146,7 +153,7 @@ func TestLostSegmentGapSurvivesUntilMended(t *testing.T) {
 	}
 	r.put(21, 25)
 	r.upload()
-	if g := r.manifest().Gaps; len(g) != 1 || g[0] != (layout.Gap{From: 1, Mended: 25}) {
+	if g := r.manifest().Gaps; len(g) != 1 || g[0] != (layout.Gap{From: 1, LostTo: 10, Mended: 25}) {
 		t.Fatalf("gaps %+v, want [1, 25) mended", g)
 	}
 	if a, _ := r.agree(25); a != wire.SyncResume {
@@ -164,18 +171,18 @@ func TestAgentAheadOpensGap(t *testing.T) {
 	if a != wire.SyncChecksum || epoch == 0 {
 		t.Fatalf("agent acked 30, server holds 10: told %v (mend epoch %d), want a checksum resync", a, epoch)
 	}
-	if g := r.manifest().Gaps; len(g) != 1 || g[0] != (layout.Gap{From: 11}) {
-		t.Fatalf("gaps %+v, want one open from 11", g)
+	if g := r.manifest().Gaps; len(g) != 1 || g[0] != (layout.Gap{From: 11, LostTo: 30}) {
+		t.Fatalf("gaps %+v, want one open from 11, lost to 30", g)
 	}
 	// A time marker from a session answered before a newer gap opened
-	// does not mend it.
-	if err := r.m.openGap(context.Background(), 5); err != nil {
+	// does not mend either.
+	if err := r.m.openGap(context.Background(), 5, 5); err != nil {
 		t.Fatal(err)
 	}
 	r.m.mended(epoch, 10)
 	r.upload()
-	if g := r.manifest().Gaps; len(g) != 1 || g[0] != (layout.Gap{From: 5}) {
-		t.Fatalf("gaps %+v, want one open from 5", g)
+	if g := r.manifest().Gaps; len(g) != 2 || !g[0].Open() || !g[1].Open() {
+		t.Fatalf("gaps %+v, want both open", g)
 	}
 }
 
@@ -227,11 +234,21 @@ func TestSecondLossWhileGapOpen(t *testing.T) {
 	r.loseShards(31)
 	r.upload()
 	man := r.manifest()
-	if man.DurableSeq != 50 || len(man.Gaps) != 1 || man.Gaps[0] != (layout.Gap{From: 11}) {
-		t.Fatalf("durable %d, gaps %+v; want 50 and one open from 11", man.DurableSeq, man.Gaps)
+	want := []layout.Gap{{From: 11, LostTo: 20}, {From: 31, LostTo: 40}}
+	if man.DurableSeq != 50 || !slices.Equal(man.Gaps, want) {
+		t.Fatalf("durable %d, gaps %+v; want 50 and %+v", man.DurableSeq, man.Gaps, want)
 	}
-	if !layout.GapExplains(man.Gaps, 40) {
-		t.Fatalf("gaps %+v do not explain segment 31..40 missing", man.Gaps)
+	// Tombstones keep the chain of segment headers whole (journal checks
+	// it); they hold nothing past their header.
+	_, infos, _ := journal(t, r.store, r.rk, "m1")
+	for _, lost := range []string{layout.SegmentName("m1", 11, 20), layout.SegmentName("m1", 31, 40)} {
+		i := slices.IndexFunc(infos, func(bi blobstore.BlobInfo) bool { return bi.Name == lost })
+		if i < 0 {
+			t.Fatalf("no tombstone %s in the journal", lost)
+		}
+		if infos[i].Size > int64(seal.Overhead+wire.SegmentHeaderSize) {
+			t.Errorf("tombstone %s holds %d bytes", lost, infos[i].Size)
+		}
 	}
 }
 
@@ -254,5 +271,23 @@ func TestMendOnlyByLatestResyncSession(t *testing.T) {
 	r.upload()
 	if g := r.manifest().Gaps; len(g) != 1 || !g[0].Open() {
 		t.Fatalf("gaps %+v: mended by session A's report once B's first records were in", g)
+	}
+}
+
+// The newest segment lost on an idle machine: its tombstone counts as its
+// upload, so a checksum resync waiting for the journal to hold everything
+// the server acknowledged does not wait forever.
+func TestLostNewestSegmentDoesNotBlockResync(t *testing.T) {
+	r := newGapRig(t, mem.New())
+	r.put(1, 10)
+	r.loseShards(1)
+	r.upload()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := r.m.waitUploaded(ctx, 10); err != nil {
+		t.Fatalf("waiting for the journal to reach 10 after its segment was lost: %v", err)
+	}
+	if d := r.manifest().DurableSeq; d != 10 {
+		t.Fatalf("durable_seq %d, want 10 (the tombstone)", d)
 	}
 }

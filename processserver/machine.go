@@ -354,7 +354,7 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, uin
 		if d.LastAckedSeq > durable {
 			m.log.Error("the agent had records acknowledged that this process server does not hold; they are missing from the journal until its checksum resync completes",
 				logGapFrom, durable+1, logAgentAcked, d.LastAckedSeq)
-			if err := m.openGap(ctx, durable+1); err != nil {
+			if err := m.openGap(ctx, durable+1, d.LastAckedSeq); err != nil {
 				return nil, 0, nil, 0, err
 			}
 			break
@@ -363,8 +363,13 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, uin
 	missing := m.missingReplicas(ctx, h)
 	m.mu.Lock()
 	var mendEpoch uint64
-	gap := m.man.OpenGap() >= 0
-	if gap {
+	gap := m.man.HasOpenGap()
+	switch {
+	case gap && m.mendAt != 0 && m.mendAt <= durable:
+		// A resync already ended there and its records are durable:
+		// only their upload is left, which closes the gap.
+		gap = false
+	case gap:
 		// Only this session's agent, resyncing now, may mend the gap: a
 		// mend point an earlier session reported may never have become
 		// durable (its records lost with it), and this resync starts over.
@@ -414,16 +419,23 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, uin
 	return ack, durable, diskMap, mendEpoch, nil
 }
 
-// openGap records in the manifest that records from seq from on may be
-// missing from the journal. Until the gap is mended, every hello is
-// answered with a checksum resync; the manifest is written before the
-// caller lets durable_seq pass from.
-func (m *machine) openGap(ctx context.Context, from uint64) error {
+// openGap records in the manifest that records from seq from on, up to
+// lostTo, may be missing from the journal. Until the gap is mended, every
+// hello is answered with a checksum resync; the manifest is written
+// before the caller lets durable_seq pass from. A loss while a gap is
+// open is a gap of its own (the chain check explains a missing segment
+// only by the loss that took it) that the same resync mends.
+func (m *machine) openGap(ctx context.Context, from, lostTo uint64) error {
 	m.mu.Lock()
-	if i := m.man.OpenGap(); i >= 0 {
-		m.man.Gaps[i].From = min(m.man.Gaps[i].From, from)
-	} else {
-		m.man.Gaps = append(m.man.Gaps, layout.Gap{From: from})
+	merged := false
+	for i, g := range m.man.Gaps {
+		if g.Open() && g.From == from {
+			m.man.Gaps[i].LostTo = max(g.LostTo, lostTo)
+			merged = true
+		}
+	}
+	if !merged {
+		m.man.Gaps = append(m.man.Gaps, layout.Gap{From: from, LostTo: max(from, lostTo)})
 	}
 	m.gapEpoch++
 	m.mendAt = 0
@@ -439,25 +451,30 @@ func (m *machine) openGap(ctx context.Context, from uint64) error {
 // holds every record up to seq.
 func (m *machine) mended(epoch, seq uint64) {
 	m.mu.Lock()
-	if epoch == m.gapEpoch && m.mendAt == 0 && m.man.OpenGap() >= 0 {
+	if epoch == m.gapEpoch && m.mendAt == 0 && m.man.HasOpenGap() {
 		m.mendAt = seq
 	}
 	m.mu.Unlock()
 	m.kick()
 }
 
-// mendLocked closes the open gap when the journal holds every record up
+// mendLocked closes the open gaps when the journal holds every record up
 // to where the agent's resync completed. It reports whether the manifest
 // changed.
 func (m *machine) mendLocked() bool {
-	i := m.man.OpenGap()
-	if m.mendAt == 0 || m.uploaded < m.mendAt || i < 0 {
+	if m.mendAt == 0 || m.uploaded < m.mendAt {
 		return false
 	}
-	m.man.Gaps[i].Mended = max(m.mendAt, m.man.Gaps[i].From+1)
+	changed := false
+	for i, g := range m.man.Gaps {
+		if g.Open() {
+			m.man.Gaps[i].Mended = max(m.mendAt, g.From+1)
+			m.log.Info("journal gap mended: the agent's checksum resync completed", logGapFrom, g.From, logMendedAt, m.man.Gaps[i].Mended)
+			changed = true
+		}
+	}
 	m.mendAt = 0
-	m.log.Info("journal gap mended: the agent's checksum resync completed", logGapFrom, m.man.Gaps[i].From, logMendedAt, m.man.Gaps[i].Mended)
-	return true
+	return changed
 }
 
 // missingReplicas reports disks whose replica must be rebuilt by a full

@@ -8,7 +8,9 @@ import (
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/seal"
 	"github.com/lifeboat-dr/lifeboat/internal/stage"
+	"github.com/lifeboat-dr/lifeboat/internal/wire"
 	"github.com/lifeboat-dr/lifeboat/processserver/cache"
 )
 
@@ -132,7 +134,7 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 			m.mendLocked()
 			// While a gap is open, writes before the segment's markers
 			// may be missing: recoverable_until stays where it was.
-			if u.meta.lastTime > 0 && m.man.OpenGap() < 0 {
+			if u.meta.lastTime > 0 && !m.man.HasOpenGap() {
 				if t := time.Unix(0, u.meta.lastTime).UTC(); t.After(m.man.RecoverableUntil) {
 					m.man.RecoverableUntil = t
 				}
@@ -302,7 +304,7 @@ func (m *machine) advanceFromMarker(ctx context.Context) error {
 	changed := m.mendLocked()
 	if m.hasNote {
 		m.hasNote = false
-		if t := time.Unix(0, m.note.UnixNano).UTC(); t.After(m.man.RecoverableUntil) && m.note.Seq <= m.uploaded && m.man.OpenGap() < 0 {
+		if t := time.Unix(0, m.note.UnixNano).UTC(); t.After(m.man.RecoverableUntil) && m.note.Seq <= m.uploaded && !m.man.HasOpenGap() {
 			m.man.RecoverableUntil, changed = t, true
 			if m.idle.Seq == m.note.Seq && m.idle.Seq > 0 {
 				m.man.IdleSeq, m.man.IdleSince = m.idle.Seq, time.Unix(0, m.idle.UnixNano).UTC()
@@ -320,14 +322,32 @@ func (m *machine) advanceFromMarker(ctx context.Context) error {
 // the data is gone from the server, so the agent must prove the replicas
 // with a checksum resync. The gap is recorded in the manifest first, so
 // that neither a restart nor a failed hello forgets it and durable_seq
-// never passes it unrecorded; on error the segment stays, to be found
-// lost again. The session is closed so that its next hello gets
-// SyncChecksum.
+// never passes it unrecorded; then a tombstone takes the segment's place
+// in the journal. On error the segment stays, to be found lost again.
+// The session is closed so that its next hello gets SyncChecksum.
 func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error {
 	m.log.Error("acknowledged segment lost from the cache; the agent will be asked for a checksum resync",
 		logSegment, e.id.String(), logErr, err)
-	if err := m.openGap(ctx, e.id.Seq); err != nil {
+	// What it held: up to its last record, or (not read since a restart)
+	// up to the next segment. Every segment before it is in the journal
+	// (uploads publish in order), so its predecessor ends at uploaded.
+	m.mu.Lock()
+	lostTo := e.last
+	if lostTo == 0 {
+		lostTo = m.durable
+		for _, x := range m.segs {
+			if x.id.Seq > e.id.Seq {
+				lostTo = min(lostTo, x.id.Seq-1)
+			}
+		}
+	}
+	prev, key := m.uploaded, m.key
+	m.mu.Unlock()
+	if err := m.openGap(ctx, e.id.Seq, lostTo); err != nil {
 		return fmt.Errorf("record the journal gap at %d: %w", e.id.Seq, err)
+	}
+	if err := m.putTombstone(ctx, key, e.id.Seq, lostTo, prev); err != nil {
+		return err
 	}
 	_ = m.s.cache.Delete(e.id)
 	m.mu.Lock()
@@ -337,6 +357,12 @@ func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error
 			break
 		}
 	}
+	// The tombstone is the segment's upload: a checksum resync waiting
+	// for the journal to reach the records it had must not wait forever.
+	m.uploaded = max(m.uploaded, lostTo)
+	m.man.DurableSeq = max(m.man.DurableSeq, lostTo)
+	close(m.progress)
+	m.progress = make(chan struct{})
 	if !e.uploaded {
 		m.backlog -= e.size
 	}
@@ -347,6 +373,26 @@ func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error
 	m.s.cacheBytes.Add(-e.size)
 	if sess != nil {
 		sess.abort(errors.New("acknowledged data lost from the cache"))
+	}
+	return m.writeManifest(ctx)
+}
+
+// putTombstone puts in the journal, where the lost segment first..last
+// would be, a segment holding only its header (wire.SegmentHeader: prev
+// is its predecessor's last sequence). Readers of the journal then find
+// the chain of segments unbroken where a loss is recorded (the manifest's
+// gap refuses the states it left wrong), while a segment missing for any
+// other reason still breaks it. Sealed under the data key, it cannot be
+// forged to hide a deleted segment.
+func (m *machine) putTombstone(ctx context.Context, key *seal.Key, first, last, prev uint64) error {
+	name := layout.SegmentName(m.name, first, last)
+	blob, err := seal.SealWith(seal.AlgNone, nil, wire.AppendSegmentHeader(nil, wire.SegmentHeader{Prev: prev}), key, []byte(name))
+	if err != nil {
+		return err
+	}
+	md := (&segMeta{first: first, last: last}).metadata()
+	if err := m.s.store.PutBlob(ctx, name, blob, md); err != nil {
+		return fmt.Errorf("put the tombstone of lost segment %d..%d: %w", first, last, err)
 	}
 	return nil
 }

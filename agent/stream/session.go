@@ -165,13 +165,14 @@ func (t *Target) agree(s *session, a *wire.HelloAck, initial bool) ([]wire.DiskA
 		durable = resume - 1
 		// A process server cannot hold a sequence this agent never sent
 		// (on a reconnect), or never numbered (at Dial: nextSeq then is
-		// above every number the state directory handed out). If it does,
+		// above every number this machine's state handed out; with no
+		// state, every disk gets a full sync anyway). If it does,
 		// another agent streams under the same name (a clone, a test boot
 		// of the replica with its agent on) or the state directory is an
 		// old copy: its records hold numbers of ours, which the process
 		// server would drop as duplicates. Never take its acks for ours;
 		// renumber, and let a compare bring back what differs.
-		if (!initial && durable > t.maxSent) || (initial && durable >= t.nextSeq) {
+		if (!initial && durable > t.maxSent) || (initial && t.ownState && durable >= t.nextSeq) {
 			t.log.Error("the process server holds sequences this agent never sent: another agent streams as this machine, or the state directory is an old copy; resyncing by checksum",
 				"sent", t.maxSent, "next", t.nextSeq, "durable", durable)
 			t.markers = t.markers[:0]

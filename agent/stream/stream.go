@@ -222,6 +222,7 @@ type Target struct {
 	markerNow   bool         // released: send a time marker at once
 	releaseSeq  uint64       // the last sequence numbered when markers were released
 	maxSent     uint64       // the highest sequence sent this run (or agreed at Dial)
+	ownState    bool         // the state directory held this machine's history
 	covers      []coverPoint // Covered points, oldest first; covers[0] may be the one the last marker used
 
 	sumsID uint16 // engine goroutine only
@@ -349,6 +350,7 @@ func newTarget(cfg Config) (*Target, error) {
 	if p != nil {
 		t.nextSeq = max(p.NextSeq, 1)
 		if p.Machine == cfg.Machine {
+			t.ownState = true
 			t.ackedSeq = p.AckedSeq
 			for i, d := range cfg.Disks {
 				for _, pd := range p.Disks {

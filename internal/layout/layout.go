@@ -84,8 +84,13 @@ type Manifest struct {
 // complete (0 while it is not), so that every state at From ≤ seq <
 // Mended, or seq ≥ From while open, is wrong and must not be recovered.
 // The process server records a gap before durable_seq passes From.
+//
+// LostTo is the last sequence that may have been lost. A journal segment
+// lost is replaced by a tombstone (a segment with only its header), so
+// that the chain of segment headers stays whole.
 type Gap struct {
 	From   uint64 `json:"from"`
+	LostTo uint64 `json:"lost_to"`
 	Mended uint64 `json:"mended,omitempty"`
 }
 
@@ -108,27 +113,14 @@ func GapAt(gaps []Gap, seq uint64) (Gap, bool) {
 	return Gap{}, false
 }
 
-// GapExplains reports whether a gap of gaps explains segments missing
-// from the journal up to sequence hi: a gap starting at or before hi and
-// not mended by then. Losses while a gap is open are recorded as that gap
-// (from the first), so it may start well before the missing segments.
-func GapExplains(gaps []Gap, hi uint64) bool {
-	for _, g := range gaps {
-		if g.From <= hi && (g.Open() || hi < g.Mended) {
+// HasOpenGap reports whether a gap is open (not mended yet).
+func (m *Manifest) HasOpenGap() bool {
+	for _, g := range m.Gaps {
+		if g.Open() {
 			return true
 		}
 	}
 	return false
-}
-
-// OpenGap returns the index of the open gap, or -1.
-func (m *Manifest) OpenGap() int {
-	for i, g := range m.Gaps {
-		if g.Open() {
-			return i
-		}
-	}
-	return -1
 }
 
 // Disk is one protected disk of a machine.

@@ -35,12 +35,10 @@ func TestRecoverRefusesJournalGap(t *testing.T) {
 		segs = append(segs, m.Cut())
 		ends = append(ends, m.Seq())
 	}
-	// The second segment never reached the account.
-	if err := m.Store.DeleteBlob(context.Background(), segs[1]); err != nil {
-		t.Fatal(err)
-	}
+	// The second segment never reached the account: its tombstone did.
+	m.LoseSegment(1)
 	// The process server recorded the gap and held recoverable_until.
-	m.Gaps = []layout.Gap{{From: ends[0] + 1}}
+	m.Gaps = []layout.Gap{{From: ends[0] + 1, LostTo: ends[1]}}
 	m.Until = t0
 	m.WriteManifest()
 
@@ -135,7 +133,7 @@ func TestRecoverRefusesTamperedManifest(t *testing.T) {
 		{"gap removed", func(man *layout.Manifest) { man.Gaps = nil }},
 		{"seal removed", func(man *layout.Manifest) { man.Seal = "" }},
 	} {
-		m.Gaps = []layout.Gap{{From: 3, Mended: 5}}
+		m.Gaps = []layout.Gap{{From: 3, LostTo: 4, Mended: 5}}
 		m.WriteManifest()
 		man, err := recovery.ReadManifest(context.Background(), m.Store, m.Name)
 		if err != nil {
@@ -155,8 +153,8 @@ func TestRecoverRefusesTamperedManifest(t *testing.T) {
 	}
 }
 
-// Two segments lost while one gap was open (recorded as one gap, from the
-// first): recovery past the mend crosses both.
+// Two segments lost while a gap was open (two gaps, two tombstones):
+// recovery past the mend crosses both, but not a segment deleted between.
 func TestRecoverAcrossSecondLossInGap(t *testing.T) {
 	rng := rand.New(rand.NewPCG(9, 9))
 	const size = 64 << 10
@@ -175,18 +173,23 @@ func TestRecoverAcrossSecondLossInGap(t *testing.T) {
 		segs = append(segs, m.Cut())
 		ends = append(ends, m.Seq())
 	}
-	for _, i := range []int{1, 3} {
-		if err := m.Store.DeleteBlob(context.Background(), segs[i]); err != nil {
-			t.Fatal(err)
-		}
-	}
-	m.Gaps = []layout.Gap{{From: ends[0] + 1, Mended: ends[4]}}
+	m.LoseSegment(1)
+	m.LoseSegment(3)
+	m.Gaps = []layout.Gap{{From: ends[0] + 1, LostTo: ends[1], Mended: ends[4]}, {From: ends[2] + 1, LostTo: ends[3], Mended: ends[4]}}
 	m.WriteManifest()
 	got, res, err := recoverBytes(t, m, "latest", m.RecoveryKey)
 	if err != nil {
-		t.Fatalf("recover latest after the mended gap: %v", err)
+		t.Fatalf("recover latest after the mended gaps: %v", err)
 	}
 	if !bytes.Equal(got, m.Image(0, res.Seq)[:size]) {
-		t.Fatal("latest after the mended gap differs from the disk")
+		t.Fatal("latest after the mended gaps differs from the disk")
+	}
+	// A segment missing between the losses (the resync's, say) is not
+	// one of them: refused.
+	if err := m.Store.DeleteBlob(context.Background(), segs[2]); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := recoverBytes(t, m, "latest", m.RecoveryKey); !errors.Is(err, recovery.ErrTampered) {
+		t.Fatalf("recover across a segment deleted between two recorded losses: %v, want ErrTampered", err)
 	}
 }

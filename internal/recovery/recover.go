@@ -122,7 +122,7 @@ func Recover(ctx context.Context, store blobstore.Store, req Request, to io.Writ
 			return Result{}, err
 		}
 	}
-	if res.Segments, err = replay(ctx, store, keys, st.segments, st.manifest.Gaps, uint16(idx), size, res.BaseSeq, res.Seq, to, req.Progress); err != nil {
+	if res.Segments, err = replay(ctx, store, keys, st.segments, uint16(idx), size, res.BaseSeq, res.Seq, to, req.Progress); err != nil {
 		return Result{}, err
 	}
 	return res, nil
@@ -369,7 +369,7 @@ func copySnapshot(ctx context.Context, store blobstore.Store, blob, snapshot str
 
 // replay applies the records of disk idx with from < seq ≤ to, verifying
 // each segment before writing any of its records.
-func replay(ctx context.Context, store blobstore.Store, keys seal.Keyring, segs []Segment, gaps []layout.Gap, idx uint16, size int64,
+func replay(ctx context.Context, store blobstore.Store, keys seal.Keyring, segs []Segment, idx uint16, size int64,
 	from, target uint64, to io.WriterAt, w io.Writer) (int, error) {
 	if target <= from {
 		return 0, nil
@@ -411,7 +411,7 @@ func replay(ctx context.Context, store blobstore.Store, keys seal.Keyring, segs 
 		if err != nil {
 			return 0, fmt.Errorf("journal segment %s: %w", s.Name, err)
 		}
-		if prev, ok := dec.Prev(); ok && prev > chain && !layout.GapExplains(gaps, prev) {
+		if prev, ok := dec.Prev(); ok && prev > chain {
 			return 0, fmt.Errorf("journal segment %s %w: it follows a segment ending at sequence %d, which is missing from the account (the journal holds nothing between %d and %d)",
 				s.Name, ErrTampered, prev, chain, s.First)
 		}

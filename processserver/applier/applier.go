@@ -300,7 +300,7 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 			return 0, err
 		}
 		m.loaded = true
-		m.chain = m.maxApplied()
+		m.chain = m.applied() // where resume starts: each disk's applied ends a segment
 	}
 	segs, err := recovery.ListSegments(ctx, a.cfg.Store, m.name)
 	if err != nil {
@@ -614,8 +614,9 @@ func (a *Applier) applySegment(ctx context.Context, m *machine, s recovery.Segme
 		return fmt.Errorf("journal segment %s: %w", s.Name, err)
 	}
 	// Applying across a missing segment would make a replica, and points,
-	// without its writes: stop and say so (a recorded gap explains one).
-	if prev, ok := m.dec.Prev(); ok && prev > m.chain && !layout.GapExplains(m.gaps, prev) {
+	// without its writes: stop and say so. (A segment lost before the
+	// journal is there as a tombstone, and its gap is recorded.)
+	if prev, ok := m.dec.Prev(); ok && prev > m.chain {
 		return fmt.Errorf("journal segment %s follows a segment ending at sequence %d, which is missing from the account (the journal holds nothing between %d and %d): %w",
 			s.Name, prev, m.chain, s.First, recovery.ErrTampered)
 	}

@@ -351,3 +351,33 @@ func (m *Machine) Tamper(name string) {
 		m.tb.Fatal(err)
 	}
 }
+
+// LoseSegment replaces the i-th segment by a tombstone, as a process
+// server does when a cached segment is lost before its upload: a sealed
+// segment of the same range holding only its header (the records are
+// gone). The caller records the gap in m.Gaps.
+func (m *Machine) LoseSegment(i int) {
+	m.tb.Helper()
+	name := m.Segments[i]
+	first, last, err := layout.ParseSegmentName(name)
+	if err != nil {
+		m.tb.Fatal(err)
+	}
+	var prev uint64
+	if i > 0 {
+		if _, prev, err = layout.ParseSegmentName(m.Segments[i-1]); err != nil {
+			m.tb.Fatal(err)
+		}
+	}
+	sealed, err := seal.Seal(nil, wire.AppendSegmentHeader(nil, wire.SegmentHeader{Prev: prev}), m.Key, []byte(name))
+	if err != nil {
+		m.tb.Fatal(err)
+	}
+	md := blobstore.Metadata{
+		layout.MetaFirstSeq: strconv.FormatUint(first, 10), layout.MetaLastSeq: strconv.FormatUint(last, 10),
+		layout.MetaFirstTime: "0", layout.MetaLastTime: "0",
+	}
+	if err := m.Store.PutBlob(ctx(), name, sealed, md); err != nil {
+		m.tb.Fatal(err)
+	}
+}
