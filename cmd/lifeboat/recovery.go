@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -89,9 +90,21 @@ AZURE_STORAGE_CONNECTION_STRING; needs no key.`,
 				return enc.Encode(doc)
 			}
 			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "KIND\tTIME\tSEQ")
+			fmt.Fprintln(tw, "KIND\tTIME\tSEQ\tDISKS")
 			for _, p := range points {
-				fmt.Fprintf(tw, "%s\t%s\t%d\n", p.Kind, formatTime(p.Time), p.Seq)
+				// A disk without its snapshot at a point recovers from an
+				// earlier one and the journal: still exact, but say so.
+				disks := "all"
+				var missing []string
+				for _, d := range man.Disks {
+					if p.Snapshots[d.Name] == "" {
+						missing = append(missing, d.Name)
+					}
+				}
+				if len(missing) > 0 {
+					disks = "all but " + strings.Join(missing, ",")
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\n", p.Kind, formatTime(p.Time), p.Seq, disks)
 			}
 			if err := tw.Flush(); err != nil {
 				return err
