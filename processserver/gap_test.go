@@ -291,3 +291,24 @@ func TestLostNewestSegmentDoesNotBlockResync(t *testing.T) {
 		t.Fatalf("durable_seq %d, want 10 (the tombstone)", d)
 	}
 }
+
+// A segment the journal holds is never a loss, whatever became of its
+// cached copy: no gap, and above all no tombstone over the journal's copy
+// (uploadOne takes an unreadable copy of such a segment as remains).
+func TestUnreadableCopyOfUploadedSegmentIsNoLoss(t *testing.T) {
+	r := newGapRig(t, mem.New())
+	r.put(1, 10)
+	r.upload()
+	r.restart()
+	if err := r.m.ensureLoaded(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	e := &segEntry{id: cache.SegmentID{Stream: "m1", Seq: 1}, last: 10}
+	if err := r.m.segmentLost(context.Background(), e, errors.New("test")); err == nil {
+		t.Fatal("segmentLost replaced a segment the journal holds")
+	}
+	plain, infos, man := journal(t, r.store, r.rk, "m1")
+	if len(infos) != 1 || len(plain) != 50_000 || len(man.Gaps) != 0 {
+		t.Fatalf("journal of %d segments, %d bytes past the header, gaps %+v: want the real segment 1..10 (50000 bytes) and no gap", len(infos), len(plain), man.Gaps)
+	}
+}

@@ -171,13 +171,14 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 	return true, nil
 }
 
-// finished reports whether the segment starting at seq is in the journal
-// and, with an applier, applied: segments do not overlap, so one that
-// starts at or before durable_seq (applied_seq) ends there too.
-func (m *machine) finished(seq uint64) bool {
+// inJournal reports whether the segment starting at seq is in the
+// journal: segments do not overlap, so one that starts at or before
+// durable_seq ends there too. Its cached copy is then only a convenience
+// (the applier reads the journal when it is gone).
+func (m *machine) inJournal(seq uint64) bool {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return seq <= m.uploaded && (m.s.applier == nil || seq <= m.applied)
+	return seq <= m.uploaded
 }
 
 // errSegmentLost marks a cached segment that can no longer be read.
@@ -199,11 +200,11 @@ func (m *machine) uploadOne(ctx context.Context, u *upload) {
 	}
 	if err != nil {
 		if errors.Is(err, cache.ErrUnrecoverable) || errors.Is(err, cache.ErrNotFound) {
-			if m.finished(u.e.id.Seq) {
+			if m.inJournal(u.e.id.Seq) {
 				// What a crash left of a segment being deleted once
-				// applied (dropApplied): the journal and the replica
-				// hold it, nothing is lost.
-				m.log.Info("dropping the remains of an applied segment", logSegment, u.e.id.String(), logErr, err)
+				// applied (dropApplied), or a copy lost after its
+				// upload: the journal holds it, nothing is lost.
+				m.log.Info("dropping the unreadable cached copy of a segment already in the journal", logSegment, u.e.id.String(), logErr, err)
 				u.already = true
 				return
 			}
@@ -218,6 +219,11 @@ func (m *machine) uploadOne(ctx context.Context, u *upload) {
 		err = fmt.Errorf("header says it starts at %d", meta.first)
 	}
 	if err != nil {
+		if m.inJournal(u.e.id.Seq) {
+			m.log.Info("dropping the unreadable cached copy of a segment already in the journal", logSegment, u.e.id.String(), logErr, err)
+			u.already = true
+			return
+		}
 		u.err = fmt.Errorf("%w: cached segment %s: %w", errSegmentLost, u.e.id, err)
 		return
 	}
@@ -329,10 +335,18 @@ func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error
 	m.log.Error("acknowledged segment lost from the cache; the agent will be asked for a checksum resync",
 		logSegment, e.id.String(), logErr, err)
 	// What it held: up to its last record, or (not read since a restart)
-	// up to the next segment. Every segment before it is in the journal
-	// (uploads publish in order), so its predecessor ends at uploaded.
+	// what the gap recorded before a crash said, else up to the next
+	// segment. Every segment before it is in the journal (uploads publish
+	// in order), so its predecessor ends at uploaded.
 	m.mu.Lock()
 	lostTo := e.last
+	if lostTo == 0 {
+		for _, g := range m.man.Gaps {
+			if g.Open() && g.From == e.id.Seq {
+				lostTo = g.LostTo
+			}
+		}
+	}
 	if lostTo == 0 {
 		lostTo = m.durable
 		for _, x := range m.segs {
@@ -341,13 +355,35 @@ func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error
 			}
 		}
 	}
+	lostTo = max(lostTo, e.id.Seq)
 	prev, key := m.uploaded, m.key
 	m.mu.Unlock()
+	if e.id.Seq <= prev {
+		return fmt.Errorf("segment %s found lost but the journal holds it (durable_seq %d): refusing to replace it by a tombstone", e.id, prev)
+	}
 	if err := m.openGap(ctx, e.id.Seq, lostTo); err != nil {
 		return fmt.Errorf("record the journal gap at %d: %w", e.id.Seq, err)
 	}
 	if err := m.putTombstone(ctx, key, e.id.Seq, lostTo, prev); err != nil {
 		return err
+	}
+	// The tombstone is the segment's upload: a checksum resync waiting
+	// for the journal to reach the records it had must not wait forever.
+	// Saved before the cached copy goes, so that a restart finds the
+	// tombstone in durable_seq rather than the loss again.
+	m.mu.Lock()
+	m.uploaded = max(m.uploaded, lostTo)
+	m.durable = max(m.durable, lostTo)
+	m.man.DurableSeq = max(m.man.DurableSeq, lostTo)
+	close(m.progress)
+	m.progress = make(chan struct{})
+	m.mu.Unlock()
+	if err := m.writeManifest(ctx); err != nil {
+		return err
+	}
+	m.s.metrics.durableSeq.WithLabelValues(m.name).Set(float64(lostTo))
+	if m.s.applier != nil {
+		m.s.applier.Notify(m.name, lostTo)
 	}
 	_ = m.s.cache.Delete(e.id)
 	m.mu.Lock()
@@ -357,12 +393,6 @@ func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error
 			break
 		}
 	}
-	// The tombstone is the segment's upload: a checksum resync waiting
-	// for the journal to reach the records it had must not wait forever.
-	m.uploaded = max(m.uploaded, lostTo)
-	m.man.DurableSeq = max(m.man.DurableSeq, lostTo)
-	close(m.progress)
-	m.progress = make(chan struct{})
 	if !e.uploaded {
 		m.backlog -= e.size
 	}
@@ -374,7 +404,7 @@ func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error
 	if sess != nil {
 		sess.abort(errors.New("acknowledged data lost from the cache"))
 	}
-	return m.writeManifest(ctx)
+	return nil
 }
 
 // putTombstone puts in the journal, where the lost segment first..last
