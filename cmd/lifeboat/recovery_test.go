@@ -14,6 +14,7 @@ import (
 
 	"github.com/lifeboat-dr/lifeboat/internal/azurite"
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore/azure"
+	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/lifeboat-dr/lifeboat/internal/recovery/recoverytest"
 	"github.com/lifeboat-dr/lifeboat/internal/seal"
 	"github.com/lifeboat-dr/lifeboat/internal/wire"
@@ -78,7 +79,8 @@ func TestPointsAndRecoverCommands(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("lifeboat points:\n%s", out)
-	if !strings.Contains(out, "KIND") || !strings.Contains(out, "app") || !strings.Contains(out, "recoverable until: 2025-06-01T08:00:29Z") {
+	if !strings.Contains(out, "KIND") || !strings.Contains(out, "app") || !strings.Contains(out, "recoverable until: 2025-06-01T08:00:29Z") ||
+		!strings.Contains(out, "DISKS") || !strings.Contains(out, " all\n") {
 		t.Fatalf("points output:\n%s", out)
 	}
 	out, _, err = runCmd(t, pointsCmd(new(bool)), "--machine", "web1", "--container", container, "--json")
@@ -94,6 +96,12 @@ func TestPointsAndRecoverCommands(t *testing.T) {
 	}
 	if err := json.Unmarshal([]byte(out), &doc); err != nil || len(doc.Points) < 2 || doc.RecoverableUntil != "2025-06-01T08:00:29Z" {
 		t.Fatalf("points --json: %v\n%s", err, out)
+	}
+	// A recorded gap is shown, and not only in JSON.
+	m.EditManifest(func(man *layout.Manifest) { man.Gaps = []layout.Gap{{From: 1000, LostTo: 1010, Mended: 1020}} })
+	if out, _, err = runCmd(t, pointsCmd(new(bool)), "--machine", "web1", "--container", container); err != nil ||
+		!strings.Contains(out, "journal gap: seq 1000 to 1019 not recoverable") {
+		t.Fatalf("points with a gap: %v\n%s", err, out)
 	}
 
 	dir := t.TempDir()
