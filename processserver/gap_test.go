@@ -312,3 +312,58 @@ func TestUnreadableCopyOfUploadedSegmentIsNoLoss(t *testing.T) {
 		t.Fatalf("journal of %d segments, %d bytes past the header, gaps %+v: want the real segment 1..10 (50000 bytes) and no gap", len(infos), len(plain), man.Gaps)
 	}
 }
+
+// An unreadable segment newer than every readable one after a restart is
+// most likely a store a crash interrupted before its ack: left out, no gap
+// and no tombstone; had the agent heard its ack, its hello says so and the
+// gap is recorded then.
+func TestUnreadableNewestSegmentAtStartIsNoLoss(t *testing.T) {
+	r := newGapRig(t, mem.New())
+	r.put(1, 10)
+	r.put(11, 20)
+	r.loseShards(11) // the crash left one shard of three
+	r.restart()
+	r.upload()
+	man := r.manifest()
+	if len(man.Gaps) != 0 || man.DurableSeq != 10 {
+		t.Fatalf("gaps %+v, durable %d; want none, 10", man.Gaps, man.DurableSeq)
+	}
+	if a, _ := r.agree(10); a != wire.SyncResume {
+		t.Fatalf("agent acked 10: told %v, want resume", a)
+	}
+	if a, _ := r.agree(20); a != wire.SyncChecksum {
+		t.Fatalf("agent acked 20: told %v, want a checksum resync", a)
+	}
+	if g := r.manifest().Gaps; len(g) != 1 || g[0] != (layout.Gap{From: 11, LostTo: 20}) {
+		t.Fatalf("gaps %+v, want one open from 11, lost to 20", g)
+	}
+}
+
+// A crash between a segment's upload and the manifest saying so, then its
+// cached copy unreadable: the journal's copy is adopted, not overwritten
+// by a tombstone, and no gap is recorded.
+func TestLostCopyOfSegmentInAccountIsAdopted(t *testing.T) {
+	r := newGapRig(t, mem.New())
+	r.put(1, 10)
+	r.upload()
+	r.put(11, 20)
+	// Its upload, with the manifest write lost to a crash.
+	e := r.m.segs[len(r.m.segs)-1]
+	data, err := r.s.cache.Get(e.id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	meta, sealed, err := parseCached(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.store.PutBlob(context.Background(), layout.SegmentName("m1", 11, 20), sealed, meta.metadata()); err != nil {
+		t.Fatal(err)
+	}
+	r.loseShards(11)
+	r.upload()
+	plain, infos, man := journal(t, r.store, r.rk, "m1")
+	if len(man.Gaps) != 0 || man.DurableSeq != 20 || len(infos) != 2 || len(plain) != 100_000 {
+		t.Fatalf("gaps %+v, durable %d, %d segments with %d bytes: want no gap, 20, the two real segments", man.Gaps, man.DurableSeq, len(infos), len(plain))
+	}
+}

@@ -226,7 +226,7 @@ func TestRestartDropsRemainsOfAppliedSegment(t *testing.T) {
 	if d := ack.Disks[0]; d.Action != wire.SyncResume || d.Generation != gen {
 		t.Fatalf("after the restart: %+v, want a resume with the same generation", d)
 	}
-	if strings.Contains(e.logs.String(), "acknowledged segment lost") {
+	if strings.Contains(e.logs.String(), "acknowledged segment unreadable") {
 		t.Fatal("the remains of an applied segment were taken for lost data")
 	}
 }

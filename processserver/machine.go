@@ -25,6 +25,9 @@ type segEntry struct {
 	size     int64  // 0 until known (segments found at start are read lazily)
 	last     uint64 // 0 until known
 	uploaded bool
+	// suspect: found at start after the newest readable segment, unread
+	// (see scanCache).
+	suspect bool
 	// hot is the segment as cached, kept in memory until applied (nil
 	// past hotLimit, or after a restart), so that neither its upload nor
 	// the applier need read it back from the cache disks.
@@ -321,6 +324,10 @@ func (m *machine) writeManifest(ctx context.Context) error {
 		return fmt.Errorf("write manifest of %s: %w", m.name, err)
 	}
 	m.mu.Lock()
+	if man.DurableSeq > m.savedDurable {
+		close(m.progress) // waitUploaded
+		m.progress = make(chan struct{})
+	}
 	m.savedApplied, m.savedDurable = max(m.savedApplied, man.AppliedSeq), max(m.savedDurable, man.DurableSeq)
 	m.mu.Unlock()
 	return nil
@@ -468,7 +475,10 @@ func (m *machine) mendLocked() bool {
 	changed := false
 	for i, g := range m.man.Gaps {
 		if g.Open() {
-			m.man.Gaps[i].Mended = max(m.mendAt, g.From+1)
+			// Every state up to LostTo lacks a lost record, even where
+			// the resync found nothing to send (then mendAt may be
+			// below it: what this server accepted).
+			m.man.Gaps[i].Mended = max(m.mendAt, g.LostTo+1, g.From+1)
 			m.log.Info("journal gap mended: the agent's checksum resync completed", logGapFrom, g.From, logMendedAt, m.man.Gaps[i].Mended)
 			changed = true
 		}
@@ -512,6 +522,10 @@ func (m *machine) missingReplicas(ctx context.Context, h *wire.Hello) map[string
 // segmentDurable records a segment that Put made durable.
 func (m *machine) segmentDurable(id cache.SegmentID, size int64, last uint64, hot *hotSeg) {
 	m.mu.Lock()
+	// A suspect entry found at start under the same name was the
+	// leftover this store replaced: one entry per cached segment, or
+	// deleting one would delete the other.
+	m.segs = slices.DeleteFunc(m.segs, func(x *segEntry) bool { return x.id == id && x.suspect })
 	m.segs = append(m.segs, &segEntry{id: id, size: size, last: last, hot: hot})
 	m.durable = max(m.durable, last)
 	m.backlog += size
@@ -541,11 +555,14 @@ func (m *machine) backlogBytes() int64 {
 	return m.backlog
 }
 
-// waitUploaded blocks until every record ≤ seq is uploaded.
+// waitUploaded blocks until every record ≤ seq is uploaded and the
+// manifest saying so saved: what follows (a checksum compare applying the
+// journal up to seq) must not act on a segment a crash could still make
+// the process server take for lost.
 func (m *machine) waitUploaded(ctx context.Context, seq uint64) error {
 	for {
 		m.mu.Lock()
-		done, ch := m.uploaded >= seq, m.progress
+		done, ch := m.savedDurable >= seq, m.progress
 		m.mu.Unlock()
 		if done {
 			return nil

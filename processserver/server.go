@@ -342,14 +342,21 @@ func (s *Server) scanCache() error {
 			m.segs = append(m.segs, &segEntry{id: id})
 		}
 		sort.Slice(m.segs, func(i, j int) bool { return m.segs[i].id.Seq < m.segs[j].id.Seq })
-		// The newest readable segment bounds what was acknowledged.
+		// The newest readable segment bounds what was acknowledged. Those
+		// after it are suspect: a flusher stores segments in order and
+		// stops at the first failure, so they are most likely what a
+		// crash left of a store never acknowledged (uploadOne drops them
+		// if still unreadable; the agent resends those records). Were
+		// they acknowledged, the agent's hello says so (acked past
+		// durable) and the loss is recorded then.
 		for i := len(m.segs) - 1; i >= 0; i-- {
 			e := m.segs[i]
+			e.suspect = true
 			data, err := s.cache.Get(e.id)
 			if err == nil {
 				var meta segMeta
 				if meta, _, err = parseCached(data); err == nil {
-					e.size, e.last = int64(len(data)), meta.last
+					e.size, e.last, e.suspect = int64(len(data)), meta.last, false
 					m.backlog += e.size
 					s.cacheBytes.Add(e.size)
 					m.durable = meta.last

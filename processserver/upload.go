@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/recovery"
 	"github.com/lifeboat-dr/lifeboat/internal/seal"
 	"github.com/lifeboat-dr/lifeboat/internal/stage"
 	"github.com/lifeboat-dr/lifeboat/internal/wire"
@@ -144,10 +146,6 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 		m.mu.Unlock()
 	}
 	if last.last > 0 {
-		m.mu.Lock()
-		close(m.progress)
-		m.progress = make(chan struct{})
-		m.mu.Unlock()
 		if err := m.writeManifest(ctx); err != nil {
 			return false, err
 		}
@@ -181,6 +179,21 @@ func (m *machine) inJournal(seq uint64) bool {
 	return seq <= m.uploaded
 }
 
+// forgetSuspect leaves out an unreadable segment found at start after the
+// newest readable one (scanCache): most likely a store a crash
+// interrupted, never acknowledged. Its files stay (a cache disk that comes
+// back may make it readable; the agent's resend overwrites it), and no
+// gap is recorded here: had it been acknowledged, the agent's next hello
+// reports acks past durable and agree records the loss.
+func (m *machine) forgetSuspect(u *upload, err error) {
+	m.log.Warn("leaving out an unreadable cached segment newer than every readable one (a store a crash interrupted; a loss, if the agent had it acknowledged, is recorded at its hello)",
+		logSegment, u.e.id.String(), logErr, err)
+	m.mu.Lock()
+	m.segs = slices.DeleteFunc(m.segs, func(x *segEntry) bool { return x == u.e })
+	m.mu.Unlock()
+	u.already = true
+}
+
 // errSegmentLost marks a cached segment that can no longer be read.
 var errSegmentLost = errors.New("cached segment lost")
 
@@ -208,6 +221,10 @@ func (m *machine) uploadOne(ctx context.Context, u *upload) {
 				u.already = true
 				return
 			}
+			if u.e.suspect {
+				m.forgetSuspect(u, err)
+				return
+			}
 			u.err = fmt.Errorf("%w: %w", errSegmentLost, err)
 		} else {
 			u.err = fmt.Errorf("read cached segment %s: %w", u.e.id, err)
@@ -222,6 +239,10 @@ func (m *machine) uploadOne(ctx context.Context, u *upload) {
 		if m.inJournal(u.e.id.Seq) {
 			m.log.Info("dropping the unreadable cached copy of a segment already in the journal", logSegment, u.e.id.String(), logErr, err)
 			u.already = true
+			return
+		}
+		if u.e.suspect {
+			m.forgetSuspect(u, err)
 			return
 		}
 		u.err = fmt.Errorf("%w: cached segment %s: %w", errSegmentLost, u.e.id, err)
@@ -332,7 +353,7 @@ func (m *machine) advanceFromMarker(ctx context.Context) error {
 // in the journal. On error the segment stays, to be found lost again.
 // The session is closed so that its next hello gets SyncChecksum.
 func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error {
-	m.log.Error("acknowledged segment lost from the cache; the agent will be asked for a checksum resync",
+	m.log.Error("acknowledged segment unreadable in the cache; unless the journal holds it, the agent will be asked for a checksum resync",
 		logSegment, e.id.String(), logErr, err)
 	// What it held: up to its last record, or (not read since a restart)
 	// what the gap recorded before a crash said, else up to the next
@@ -361,22 +382,31 @@ func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error
 	if e.id.Seq <= prev {
 		return fmt.Errorf("segment %s found lost but the journal holds it (durable_seq %d): refusing to replace it by a tombstone", e.id, prev)
 	}
-	if err := m.openGap(ctx, e.id.Seq, lostTo); err != nil {
-		return fmt.Errorf("record the journal gap at %d: %w", e.id.Seq, err)
-	}
-	if err := m.putTombstone(ctx, key, e.id.Seq, lostTo, prev); err != nil {
+	// A crash between its upload and the manifest saying so leaves the
+	// segment in the account: adopt it rather than write a loss over it.
+	adopted, inJournal, err := m.inAccount(ctx, key, e.id.Seq)
+	switch {
+	case err != nil:
 		return err
+	case inJournal:
+		m.log.Info("the cached copy is unreadable but the journal holds the segment: adopting it", logSegment, e.id.String())
+		lostTo = adopted
+	default:
+		if err := m.openGap(ctx, e.id.Seq, lostTo); err != nil {
+			return fmt.Errorf("record the journal gap at %d: %w", e.id.Seq, err)
+		}
+		if err := m.putTombstone(ctx, key, e.id.Seq, lostTo, prev); err != nil {
+			return err
+		}
 	}
-	// The tombstone is the segment's upload: a checksum resync waiting
-	// for the journal to reach the records it had must not wait forever.
-	// Saved before the cached copy goes, so that a restart finds the
-	// tombstone in durable_seq rather than the loss again.
+	// The tombstone (or the adopted copy) is the segment's upload: a
+	// checksum resync waiting for the journal to reach the records it had
+	// must not wait forever. Saved before the cached copy goes, so that a
+	// restart finds it in durable_seq rather than the loss again.
 	m.mu.Lock()
 	m.uploaded = max(m.uploaded, lostTo)
 	m.durable = max(m.durable, lostTo)
 	m.man.DurableSeq = max(m.man.DurableSeq, lostTo)
-	close(m.progress)
-	m.progress = make(chan struct{})
 	m.mu.Unlock()
 	if err := m.writeManifest(ctx); err != nil {
 		return err
@@ -401,10 +431,32 @@ func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error
 	sess := m.sess
 	m.mu.Unlock()
 	m.s.cacheBytes.Add(-e.size)
-	if sess != nil {
+	if sess != nil && !inJournal {
 		sess.abort(errors.New("acknowledged data lost from the cache"))
 	}
 	return nil
+}
+
+// inAccount reports whether the journal holds an authentic segment (or
+// tombstone) starting at first, and where it ends.
+func (m *machine) inAccount(ctx context.Context, key *seal.Key, first uint64) (uint64, bool, error) {
+	segs, err := recovery.ListSegments(ctx, m.s.store, m.name)
+	if err != nil {
+		return 0, false, err
+	}
+	for _, sg := range segs {
+		if sg.First != first {
+			continue
+		}
+		if _, err := recovery.ReadSegment(ctx, m.s.store, sg.Name, key, nil); err != nil {
+			if errors.Is(err, recovery.ErrTampered) {
+				continue // not an authentic copy: the tombstone replaces it
+			}
+			return 0, false, err
+		}
+		return sg.Last, true, nil
+	}
+	return 0, false, nil
 }
 
 // putTombstone puts in the journal, where the lost segment first..last
