@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"testing"
 	"time"
@@ -128,7 +129,7 @@ func TestLostSegmentGapSurvivesUntilMended(t *testing.T) {
 	}
 	r.upload()
 	man := r.manifest()
-	if len(man.Gaps) != 1 || man.Gaps[0] != (layout.Gap{From: 1, LostTo: 10}) {
+	if len(man.Gaps) != 1 || !reflect.DeepEqual(man.Gaps[0], layout.Gap{From: 1, LostTo: 10}) {
 		t.Fatalf("gaps %+v after losing segment 1..10, want one open from 1, lost to 10", man.Gaps)
 	}
 	if man.DurableSeq != 20 {
@@ -153,7 +154,7 @@ func TestLostSegmentGapSurvivesUntilMended(t *testing.T) {
 	}
 	r.put(21, 25)
 	r.upload()
-	if g := r.manifest().Gaps; len(g) != 1 || g[0] != (layout.Gap{From: 1, LostTo: 10, Mended: 25}) {
+	if g := r.manifest().Gaps; len(g) != 1 || !reflect.DeepEqual(g[0], layout.Gap{From: 1, LostTo: 10, Mended: 25}) {
 		t.Fatalf("gaps %+v, want [1, 25) mended", g)
 	}
 	if a, _ := r.agree(25); a != wire.SyncResume {
@@ -171,7 +172,7 @@ func TestAgentAheadOpensGap(t *testing.T) {
 	if a != wire.SyncChecksum || epoch == 0 {
 		t.Fatalf("agent acked 30, server holds 10: told %v (mend epoch %d), want a checksum resync", a, epoch)
 	}
-	if g := r.manifest().Gaps; len(g) != 1 || g[0] != (layout.Gap{From: 11, LostTo: 30}) {
+	if g := r.manifest().Gaps; len(g) != 1 || !reflect.DeepEqual(g[0], layout.Gap{From: 11, LostTo: 30}) {
 		t.Fatalf("gaps %+v, want one open from 11, lost to 30", g)
 	}
 	// A time marker from a session answered before a newer gap opened
@@ -235,7 +236,7 @@ func TestSecondLossWhileGapOpen(t *testing.T) {
 	r.upload()
 	man := r.manifest()
 	want := []layout.Gap{{From: 11, LostTo: 20}, {From: 31, LostTo: 40}}
-	if man.DurableSeq != 50 || !slices.Equal(man.Gaps, want) {
+	if man.DurableSeq != 50 || !reflect.DeepEqual(man.Gaps, want) {
 		t.Fatalf("durable %d, gaps %+v; want 50 and %+v", man.DurableSeq, man.Gaps, want)
 	}
 	// Tombstones keep the chain of segment headers whole (journal checks
@@ -334,7 +335,7 @@ func TestUnreadableNewestSegmentAtStartIsNoLoss(t *testing.T) {
 	if a, _ := r.agree(20); a != wire.SyncChecksum {
 		t.Fatalf("agent acked 20: told %v, want a checksum resync", a)
 	}
-	if g := r.manifest().Gaps; len(g) != 1 || g[0] != (layout.Gap{From: 11, LostTo: 20}) {
+	if g := r.manifest().Gaps; len(g) != 1 || !reflect.DeepEqual(g[0], layout.Gap{From: 11, LostTo: 20}) {
 		t.Fatalf("gaps %+v, want one open from 11, lost to 20", g)
 	}
 }
@@ -365,5 +366,49 @@ func TestLostCopyOfSegmentInAccountIsAdopted(t *testing.T) {
 	plain, infos, man := journal(t, r.store, r.rk, "m1")
 	if len(man.Gaps) != 0 || man.DurableSeq != 20 || len(infos) != 2 || len(plain) != 100_000 {
 		t.Fatalf("gaps %+v, durable %d, %d segments with %d bytes: want no gap, 20, the two real segments", man.Gaps, man.DurableSeq, len(infos), len(plain))
+	}
+}
+
+// A disk missing from the hello answered for a gap is not resynced: the
+// mend leaves it out (Unmended), and when it comes back it gets a full
+// sync, not a resume onto a replica that lacks the lost records.
+func TestGapMendedWithoutADisk(t *testing.T) {
+	r := newGapRig(t, mem.New())
+	ctx := context.Background()
+	two := &wire.Hello{ProtocolVersion: 1, Machine: "m1", Disks: []wire.DiskState{
+		{Name: "d0", Size: 1 << 20, Generation: r.gen}, {Name: "d1", Size: 1 << 20}}}
+	ack, _, _, _, err := r.m.agree(ctx, two)
+	if err != nil {
+		t.Fatal(err)
+	}
+	two.Disks[1].Generation = ack.Disks[1].Generation
+	r.put(1, 10)
+	r.put(11, 20)
+	r.loseShards(1)
+	r.upload()
+	a, epoch := r.agree(20) // d0 only
+	if a != wire.SyncChecksum {
+		t.Fatalf("told %v, want a checksum resync", a)
+	}
+	r.m.mended(epoch, 20)
+	r.upload()
+	g := r.manifest().Gaps
+	if len(g) != 1 || g[0].Open() || !reflect.DeepEqual(g[0].Unmended, []string{"d1"}) {
+		t.Fatalf("gaps %+v, want one mended without d1", g)
+	}
+	for i := range two.Disks {
+		two.Disks[i].LastAckedSeq = 20
+	}
+	ack, _, _, _, err = r.m.agree(ctx, two)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ack.Disks[0].Action != wire.SyncResume || ack.Disks[1].Action != wire.SyncFull {
+		t.Fatalf("d0 told %v, d1 %v; want resume, full sync", ack.Disks[0].Action, ack.Disks[1].Action)
+	}
+	ack, _, _, _, err = r.m.agree(ctx, &wire.Hello{ProtocolVersion: 1, Machine: "m1", Disks: []wire.DiskState{
+		{Name: "d0", Size: 1 << 20, Generation: r.gen, LastAckedSeq: 20}, {Name: "d1", Size: 1 << 20, Generation: ack.Disks[1].Generation, LastAckedSeq: 20}}})
+	if err != nil || ack.Disks[1].Action != wire.SyncResume {
+		t.Fatalf("after its full sync, d1 told %v (%v), want resume", ack.Disks[1].Action, err)
 	}
 }

@@ -61,11 +61,12 @@ type machine struct {
 	// process, so that only a session answered after the latest one can
 	// mend it; mendAt is where that session's agent finished its resync
 	// (0: not yet), waiting for the journal to reach it.
-	gapEpoch uint64
-	mendAt   uint64
-	note     wire.Marker
-	hasNote  bool
-	idle     wire.Marker // first marker of the current idle run (same seq)
+	gapEpoch  uint64
+	mendAt    uint64
+	mendDisks []string // disks of the hello answered at gapEpoch
+	note      wire.Marker
+	hasNote   bool
+	idle      wire.Marker // first marker of the current idle run (same seq)
 
 	// applied_seq and durable_seq of the last manifest written or loaded:
 	// cached segments are deleted only at or below them, for deleted past
@@ -383,6 +384,10 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, uin
 		m.gapEpoch++
 		m.mendAt = 0
 		mendEpoch = m.gapEpoch
+		m.mendDisks = m.mendDisks[:0]
+		for _, d := range h.Disks {
+			m.mendDisks = append(m.mendDisks, d.Name)
+		}
 	}
 	ack := &wire.HelloAck{ProtocolVersion: protocolVersion, Disks: make([]wire.DiskAgreement, len(h.Disks))}
 	changed := false
@@ -391,7 +396,7 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, uin
 		a.Name, a.ResumeFrom = d.Name, durable+1
 		md := m.man.Disk(d.Name)
 		switch {
-		case md == nil || d.Generation.IsZero() || md.Generation != d.Generation.String() || md.Size != d.Size || missing[d.Name]:
+		case md == nil || d.Generation.IsZero() || md.Generation != d.Generation.String() || md.Size != d.Size || missing[d.Name] || m.leftUnmended(md):
 			var g wire.Generation
 			rand.Read(g[:])
 			a.Action, a.Generation = wire.SyncFull, g
@@ -424,6 +429,18 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, uin
 		}
 	}
 	return ack, durable, diskMap, mendEpoch, nil
+}
+
+// leftUnmended reports whether disk md was left out of a gap's mending
+// (Gap.Unmended) and has had no full sync since: its replica still lacks
+// the lost records, so it needs a new generation. m.mu is held.
+func (m *machine) leftUnmended(md *layout.Disk) bool {
+	for _, g := range m.man.Gaps {
+		if slices.Contains(g.Unmended, md.Name) && md.GenerationStart <= g.From {
+			return true
+		}
+	}
+	return false
 }
 
 // openGap records in the manifest that records from seq from on, up to
@@ -472,6 +489,13 @@ func (m *machine) mendLocked() bool {
 	if m.mendAt == 0 || m.uploaded < m.mendAt {
 		return false
 	}
+	// Disks the resyncing agent did not list were not resynced.
+	var unmended []string
+	for _, d := range m.man.Disks {
+		if !slices.Contains(m.mendDisks, d.Name) {
+			unmended = append(unmended, d.Name)
+		}
+	}
 	changed := false
 	for i, g := range m.man.Gaps {
 		if g.Open() {
@@ -479,6 +503,10 @@ func (m *machine) mendLocked() bool {
 			// the resync found nothing to send (then mendAt may be
 			// below it: what this server accepted).
 			m.man.Gaps[i].Mended = max(m.mendAt, g.LostTo+1, g.From+1)
+			m.man.Gaps[i].Unmended = unmended
+			if len(unmended) > 0 {
+				m.log.Warn("journal gap mended without these disks (not in the agent's hello): they get a full sync when they come back", logGapFrom, g.From, "disks", unmended)
+			}
 			m.log.Info("journal gap mended: the agent's checksum resync completed", logGapFrom, g.From, logMendedAt, m.man.Gaps[i].Mended)
 			changed = true
 		}

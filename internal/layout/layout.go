@@ -88,10 +88,15 @@ type Manifest struct {
 // LostTo is the last sequence that may have been lost. A journal segment
 // lost is replaced by a tombstone (a segment with only its header), so
 // that the chain of segment headers stays whole.
+//
+// Unmended lists the disks the mending resync did not cover (not in the
+// agent's hello then): their states stay inside the gap until a
+// generation of theirs starts after From (a full sync).
 type Gap struct {
-	From   uint64 `json:"from"`
-	LostTo uint64 `json:"lost_to"`
-	Mended uint64 `json:"mended,omitempty"`
+	From     uint64   `json:"from"`
+	LostTo   uint64   `json:"lost_to"`
+	Mended   uint64   `json:"mended,omitempty"`
+	Unmended []string `json:"unmended,omitempty"`
 }
 
 // Open reports whether g's resync has not completed yet.
@@ -107,6 +112,28 @@ func (m *Manifest) GapAt(seq uint64) (Gap, bool) { return GapAt(m.Gaps, seq) }
 func GapAt(gaps []Gap, seq uint64) (Gap, bool) {
 	for _, g := range gaps {
 		if g.Covers(seq) {
+			return g, true
+		}
+	}
+	return Gap{}, false
+}
+
+// DiskGapAt returns the gap covering the state after every record ≤ seq
+// of disk d: a machine-wide one, or one d was left out of when it was
+// mended, until d's next generation starts.
+func (m *Manifest) DiskGapAt(d *Disk, seq uint64) (Gap, bool) {
+	if g, ok := m.GapAt(seq); ok {
+		return g, true
+	}
+	for _, g := range m.Gaps {
+		if seq < g.From || !slices.Contains(g.Unmended, d.Name) {
+			continue
+		}
+		resynced := false
+		for _, gen := range d.Generations() {
+			resynced = resynced || (gen.Start > g.From && gen.Start <= seq)
+		}
+		if !resynced {
 			return g, true
 		}
 	}

@@ -5,6 +5,8 @@ import (
 	"context"
 	"errors"
 	"math/rand/v2"
+	"os"
+	"path/filepath"
 	"strconv"
 	"testing"
 	"time"
@@ -193,3 +195,56 @@ func TestRecoverAcrossSecondLossInGap(t *testing.T) {
 		t.Fatalf("recover across a segment deleted between two recorded losses: %v, want ErrTampered", err)
 	}
 }
+
+// A disk the mending resync did not cover (not in the agent's hello then)
+// stays inside the gap after the mend, until a generation of its own
+// starts after the gap (a full sync); the other disks recover past it.
+func TestRecoverRefusesUnmendedDisk(t *testing.T) {
+	rng := rand.New(rand.NewPCG(7, 7))
+	const size = 64 << 10
+	m := recoverytest.New(t, mem.New(), "unmended", size, size)
+	t0 := time.Date(2025, 5, 1, 0, 0, 0, 0, time.UTC)
+	var ends []uint64
+	for s := range 3 {
+		for range 10 {
+			m.Write(rng.IntN(2), uint64(rng.IntN(60<<10)), randBytes(rng, 1+rng.IntN(4000)))
+		}
+		m.Marker(wire.MarkerTime, t0.Add(time.Duration(s)*time.Second))
+		m.Cut()
+		ends = append(ends, m.Seq())
+	}
+	m.LoseSegment(1)
+	// d0 resynced (the whole disk rewritten), d1 not: left unmended.
+	m.Write(0, 0, m.Image(0, m.Seq())[:size])
+	mended := m.Marker(wire.MarkerTime, t0.Add(3*time.Second)).Seq
+	m.Cut()
+	m.Gaps = []layout.Gap{{From: ends[0] + 1, LostTo: ends[1], Mended: mended, Unmended: []string{"d1"}}}
+	m.WriteManifest()
+	got, res, err := recoverBytes(t, m, "latest", m.RecoveryKey)
+	if err != nil || !bytes.Equal(got, m.Image(0, res.Seq)[:size]) {
+		t.Fatalf("recover d0 latest past the mended gap: %v (or bytes differ)", err)
+	}
+	_, err = recovery.Recover(context.Background(), m.Store, recovery.Request{Machine: m.Name, Disk: "d1", Point: "latest", RecoveryKey: m.RecoveryKey}, discardWriter{})
+	if !errors.Is(err, recovery.ErrOutOfRange) {
+		t.Fatalf("recover d1 latest, left out of the resync: %v, want ErrOutOfRange", err)
+	}
+	// Its full sync (a new generation) makes it recoverable from there.
+	m.NewGeneration(1, 0)
+	m.Write(1, 0, randBytes(rng, size))
+	m.Marker(wire.MarkerTime, t0.Add(4*time.Second))
+	m.Cut()
+	m.Disks[1].GenerationStart = m.Seq() - 1
+	m.WriteManifest()
+	path := filepath.Join(t.TempDir(), "d1.img")
+	res, err = recovery.RecoverFile(context.Background(), m.Store, recovery.Request{Machine: m.Name, Disk: "d1", Point: "latest", RecoveryKey: m.RecoveryKey}, path)
+	if err != nil {
+		t.Fatalf("recover d1 latest after its full sync: %v", err)
+	}
+	if b, err := os.ReadFile(path); err != nil || !bytes.Equal(b, m.Image(1, res.Seq)[:size]) {
+		t.Fatalf("d1 latest after its full sync differs from the disk (%v)", err)
+	}
+}
+
+type discardWriter struct{}
+
+func (discardWriter) WriteAt(p []byte, _ int64) (int, error) { return len(p), nil }

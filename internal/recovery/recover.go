@@ -93,6 +93,10 @@ func Recover(ctx context.Context, store blobstore.Store, req Request, to io.Writ
 	if res.Seq, res.Time, err = st.resolve(ctx, store, keys, req.Point); err != nil {
 		return Result{}, err
 	}
+	if g, ok := st.manifest.DiskGapAt(&st.manifest.Disks[idx], res.Seq); ok {
+		return Result{}, fmt.Errorf("%w: disk %q of machine %q at sequence %d: writes from sequence %d on were lost before they reached the account, and the checksum resync that repaired the other disks did not cover this one (not protected then); it is recoverable again from its next full sync; recover to sequence %d or earlier",
+			ErrOutOfRange, req.Disk, req.Machine, res.Seq, g.From, g.From-1)
+	}
 	base, from, size, err := st.start(&st.manifest.Disks[idx], res.Seq)
 	if err != nil {
 		return Result{}, err
