@@ -84,7 +84,7 @@ func (r *gapRig) put(first, last uint64) {
 	if err := r.s.cache.Put(id, cached); err != nil {
 		r.t.Fatal(err)
 	}
-	r.m.segmentDurable(id, int64(len(cached)), last, nil)
+	r.m.segmentDurable(id, int64(len(cached)), last, nil, wire.RunID{})
 }
 
 func (r *gapRig) upload() {
@@ -410,5 +410,17 @@ func TestGapMendedWithoutADisk(t *testing.T) {
 		{Name: "d0", Size: 1 << 20, Generation: r.gen, LastAckedSeq: 20}, {Name: "d1", Size: 1 << 20, Generation: ack.Disks[1].Generation, LastAckedSeq: 20}}})
 	if err != nil || ack.Disks[1].Action != wire.SyncResume {
 		t.Fatalf("after its full sync, d1 told %v (%v), want resume", ack.Disks[1].Action, err)
+	}
+}
+
+// The hello-ack names the agent run that made the newest records durable,
+// so that an agent can tell another run's records under its name.
+func TestHelloAckNamesLastRun(t *testing.T) {
+	r := newGapRig(t, mem.New())
+	run := wire.RunID{1, 2, 3}
+	r.m.segmentDurable(cache.SegmentID{Stream: "m1", Seq: 1}, 0, 1, nil, run)
+	ack, _, _, _, err := r.m.agree(context.Background(), r.hello(1))
+	if err != nil || ack.LastRun != run {
+		t.Fatalf("hello-ack last run %x (%v), want %x", ack.LastRun, err, run)
 	}
 }

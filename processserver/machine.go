@@ -64,9 +64,11 @@ type machine struct {
 	gapEpoch  uint64
 	mendAt    uint64
 	mendDisks []string // disks of the hello answered at gapEpoch
-	note      wire.Marker
-	hasNote   bool
-	idle      wire.Marker // first marker of the current idle run (same seq)
+
+	lastRun wire.RunID // the agent run that made the newest segment durable (zero: unknown)
+	note    wire.Marker
+	hasNote bool
+	idle    wire.Marker // first marker of the current idle run (same seq)
 
 	// applied_seq and durable_seq of the last manifest written or loaded:
 	// cached segments are deleted only at or below them, for deleted past
@@ -389,7 +391,7 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, uin
 			m.mendDisks = append(m.mendDisks, d.Name)
 		}
 	}
-	ack := &wire.HelloAck{ProtocolVersion: protocolVersion, Disks: make([]wire.DiskAgreement, len(h.Disks))}
+	ack := &wire.HelloAck{ProtocolVersion: protocolVersion, Disks: make([]wire.DiskAgreement, len(h.Disks)), LastRun: m.lastRun}
 	changed := false
 	for i, d := range h.Disks {
 		a := &ack.Disks[i]
@@ -548,8 +550,9 @@ func (m *machine) missingReplicas(ctx context.Context, h *wire.Hello) map[string
 }
 
 // segmentDurable records a segment that Put made durable.
-func (m *machine) segmentDurable(id cache.SegmentID, size int64, last uint64, hot *hotSeg) {
+func (m *machine) segmentDurable(id cache.SegmentID, size int64, last uint64, hot *hotSeg, run wire.RunID) {
 	m.mu.Lock()
+	m.lastRun = run
 	// A suspect entry found at start under the same name was the
 	// leftover this store replaced: one entry per cached segment, or
 	// deleting one would delete the other.

@@ -68,7 +68,8 @@ type session struct {
 	// machine's open gap at this epoch (0: not); its first time marker
 	// mends the gap (machine.mended).
 	mendEpoch uint64
-	remap     bool // diskMap is not the identity
+	agentRun  wire.RunID // Hello.Run
+	remap     bool       // diskMap is not the identity
 
 	sumsq chan sumsReq
 }
@@ -181,6 +182,7 @@ func (st *session) run(ctx context.Context) {
 	st.accepted = durable
 	st.diskMap = diskMap
 	st.mendEpoch = mendEpoch
+	st.agentRun = h.Run
 	for i, j := range diskMap {
 		if int(j) != i {
 			st.remap = true
@@ -561,7 +563,7 @@ func (st *session) flusher() {
 						sealed = nil // the hot segment owns it
 					}
 				}
-				st.m.segmentDurable(id, int64(len(cached)), last, hot)
+				st.m.segmentDurable(id, int64(len(cached)), last, hot, st.agentRun)
 				if last > lastAck {
 					lastAck = last
 					if err := st.send(func(w *wire.Writer) error { return w.WriteAck(lastAck) }); err != nil {

@@ -105,3 +105,36 @@ func TestDialToForeignSequencesResyncs(t *testing.T) {
 		t.Fatalf("Dial to a server holding foreign sequences: %v, want a checksum resync", a)
 	}
 }
+
+// Another agent under the same name makes durable numbers this one has
+// sent but that never became durable as its own (the server lost them):
+// not beyond what this run sent, but the process server says another run
+// made them durable, so their acks are not taken for ours.
+func TestForeignRunWithinSentSequences(t *testing.T) {
+	srv := streamtest.New(t)
+	cfg := config(t, srv, t.TempDir(), 1<<20)
+	var asked atomic.Int32
+	cfg.OnResync = func(_ int, a wire.SyncAction) {
+		if a == wire.SyncChecksum {
+			asked.Add(1)
+		}
+	}
+	tg := dial(t, cfg)
+	if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil { // seq 1
+		t.Fatal(err)
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	srv.HoldAcks(true)
+	for i := range 4 { // seq 2..5, sent, never acknowledged
+		if err := tg.WriteAt(0, make([]byte, 4096), int64(4096*(i+1))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "records 2..5 at the server", func() bool { return srv.Durable() >= 5 })
+	srv.Lose(1)
+	srv.AdvanceAsOther(4) // the other agent's 2..4
+	srv.HoldAcks(false)
+	waitFor(t, "a checksum resync", func() bool { return asked.Load() > 0 })
+}

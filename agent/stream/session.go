@@ -88,7 +88,7 @@ func transient(err error) bool {
 }
 
 func (t *Target) hello(s *session) (*wire.HelloAck, error) {
-	h := wire.Hello{ProtocolVersion: ProtocolVersion, Machine: t.cfg.Machine}
+	h := wire.Hello{ProtocolVersion: ProtocolVersion, Machine: t.cfg.Machine, Run: t.runID}
 	t.mu.Lock()
 	for i, d := range t.cfg.Disks {
 		ds := wire.DiskState{Name: d.Name, Size: d.Size, Generation: t.gens[i]}
@@ -172,7 +172,11 @@ func (t *Target) agree(s *session, a *wire.HelloAck, initial bool) ([]wire.DiskA
 		// old copy: its records hold numbers of ours, which the process
 		// server would drop as duplicates. Never take its acks for ours;
 		// renumber, and let a compare bring back what differs.
-		if (!initial && durable > t.maxSent) || (initial && t.ownState && durable >= t.nextSeq) {
+		// Another run made the newest records durable, beyond what we
+		// heard acknowledged: not ours (ours are acknowledged as made
+		// durable, or resent).
+		foreignRun := !initial && a.LastRun != (wire.RunID{}) && a.LastRun != t.runID && durable > t.ackedSeq
+		if (!initial && durable > t.maxSent) || foreignRun || (initial && t.ownState && durable >= t.nextSeq) {
 			t.log.Error("the process server holds sequences this agent never sent: another agent streams as this machine, or the state directory is an old copy; resyncing by checksum",
 				"sent", t.maxSent, "next", t.nextSeq, "durable", durable)
 			t.markers = t.markers[:0]

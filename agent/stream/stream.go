@@ -16,6 +16,7 @@ package stream
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"crypto/tls"
 	"encoding/json"
@@ -223,6 +224,7 @@ type Target struct {
 	releaseSeq  uint64       // the last sequence numbered when markers were released
 	maxSent     uint64       // the highest sequence sent this run (or agreed at Dial)
 	ownState    bool         // the state directory held this machine's history
+	runID       wire.RunID   // random per Target: Hello.Run
 	covers      []coverPoint // Covered points, oldest first; covers[0] may be the one the last marker used
 
 	sumsID uint16 // engine goroutine only
@@ -342,6 +344,7 @@ func newTarget(cfg Config) (*Target, error) {
 		holdMarkers: cfg.HoldTimeMarkers,
 	}
 	t.cond.L = &t.mu
+	rand.Read(t.runID[:])
 	t.ctx, t.cancel = context.WithCancel(context.Background())
 	p, err := loadPersisted(t.statePath)
 	if err != nil {

@@ -36,13 +36,21 @@ type DiskState struct {
 // Hello opens a session, agent → process server.
 //
 // Payload: u16 protocol version, string machine, u16 disk count, then per
-// disk: string name, u64 size, [16]byte generation, u64 last acked seq.
-// A string is a u16 byte length followed by that many bytes of UTF-8.
+// disk: string name, u64 size, [16]byte generation, u64 last acked seq;
+// then [16]byte run. A string is a u16 byte length followed by that many
+// bytes of UTF-8.
 type Hello struct {
 	ProtocolVersion uint16 // message-level protocol the agent speaks
 	Machine         string
 	Disks           []DiskState
+	// Run is random per agent process: the process server says which run
+	// made its newest records durable (HelloAck.LastRun), so that an agent
+	// sees records of another agent under its name for what they are.
+	Run RunID
 }
+
+// RunID identifies one run of an agent.
+type RunID [16]byte
 
 // SyncAction is the process server's decision for one disk.
 type SyncAction uint8
@@ -85,10 +93,14 @@ type DiskAgreement struct {
 // end of a journal gap (layout.Gap).
 //
 // Payload: u16 protocol version, u16 disk count, then per disk: string
-// name, u8 action, [16]byte generation, u64 resume-from seq.
+// name, u8 action, [16]byte generation, u64 resume-from seq; then [16]byte
+// last run.
 type HelloAck struct {
 	ProtocolVersion uint16 // protocol the session will use
 	Disks           []DiskAgreement
+	// LastRun is the Hello.Run of the session that made the newest
+	// durable records durable; zero when unknown (since a restart).
+	LastRun RunID
 }
 
 // MarkerKind says what a Marker guarantees about the replica at that point.
@@ -191,7 +203,7 @@ func (h *Hello) AppendBinary(b []byte) ([]byte, error) {
 		b = append(b, d.Generation[:]...)
 		b = le.AppendUint64(b, d.LastAckedSeq)
 	}
-	return b, nil
+	return append(b, h.Run[:]...), nil
 }
 
 // UnmarshalBinary decodes a Hello payload. The result does not alias data.
@@ -213,6 +225,7 @@ func (h *Hello) UnmarshalBinary(data []byte) error {
 			ds.LastAckedSeq = d.u64()
 		}
 	}
+	h.Run = RunID(d.generation())
 	return d.finish(TypeHello)
 }
 
@@ -236,7 +249,7 @@ func (a *HelloAck) AppendBinary(b []byte) ([]byte, error) {
 		b = append(b, d.Generation[:]...)
 		b = le.AppendUint64(b, d.ResumeFrom)
 	}
-	return b, nil
+	return append(b, a.LastRun[:]...), nil
 }
 
 // UnmarshalBinary decodes a HelloAck payload. The result does not alias data.
@@ -260,6 +273,7 @@ func (a *HelloAck) UnmarshalBinary(data []byte) error {
 			da.ResumeFrom = d.u64()
 		}
 	}
+	a.LastRun = RunID(d.generation())
 	return d.finish(TypeHelloAck)
 }
 

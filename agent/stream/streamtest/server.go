@@ -66,6 +66,8 @@ type Server struct {
 	mu         sync.Mutex
 	disks      map[string]*disk
 	durable    uint64
+	lastRun    wire.RunID // the run of the connection that made durable durable
+	curRun     wire.RunID
 	acked      uint64 // last Ack sent
 	batches    int
 	conns      int
@@ -166,6 +168,20 @@ func (s *Server) Advance(seq uint64) {
 	defer s.mu.Unlock()
 	s.durable = max(s.durable, seq)
 	s.acked = max(s.acked, seq)
+	if s.cur != nil {
+		s.cur.Close()
+	}
+}
+
+// AdvanceAsOther makes the server hold sequences up to seq made durable
+// by another run of an agent under the same name, and drops the
+// connection.
+func (s *Server) AdvanceAsOther(seq uint64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.durable = max(s.durable, seq)
+	s.acked = max(s.acked, seq)
+	s.lastRun = wire.RunID{0xff}
 	if s.cur != nil {
 		s.cur.Close()
 	}
@@ -324,7 +340,8 @@ func (s *Server) serve(c *tls.Conn) error {
 	conn := s.conns
 	s.cur, s.curW = c, w
 	s.hellos = append(s.hellos, h)
-	ack := wire.HelloAck{ProtocolVersion: 1}
+	s.curRun = h.Run
+	ack := wire.HelloAck{ProtocolVersion: 1, LastRun: s.lastRun}
 	for _, d := range h.Disks {
 		sd := s.disks[d.Name]
 		a := wire.DiskAgreement{Name: d.Name, ResumeFrom: s.durable + 1}
@@ -438,7 +455,7 @@ func (s *Server) batch(c net.Conn, conn int, names []string, b wire.Batch, w *wi
 		if r.Seq != s.durable+1 {
 			s.violations = append(s.violations, fmt.Sprintf("record %d follows %d", r.Seq, s.durable))
 		}
-		s.durable = r.Seq
+		s.durable, s.lastRun = r.Seq, s.curRun
 		if int(r.Disk) >= len(names) || s.disks[names[r.Disk]] == nil {
 			continue
 		}
