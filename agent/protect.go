@@ -193,6 +193,14 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 	log.Info("connecting to the process server", "process_server", cfg.ProcessServer, "machine", cfg.Name)
 	tgt, err := stream.Dial(ctx, scfg)
 	if err != nil {
+		// Dial adopts nothing unless it succeeds: the last stop's
+		// cleanness still holds (a stop during Dial's retries must not
+		// cost the next run a checksum resync).
+		if prev.anyClean() {
+			if serr := saveJSON(statePath, prev); serr != nil {
+				log.Warn("could not restore the state of the last clean stop", "err", serr)
+			}
+		}
 		return err
 	}
 	defer tgt.Close()

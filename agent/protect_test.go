@@ -313,4 +313,8 @@ func TestProtectUncleanBeforeDial(t *testing.T) {
 	if err := <-done; err == nil {
 		t.Fatal("RunProtect returned nil without a process server")
 	}
+	// Dial never got through: nothing changed, the last stop stays clean.
+	if st, err := loadProtectState(path); err != nil || !st.Devices[0].Clean {
+		t.Fatalf("after a stop during Dial: %+v (%v), want the clean state restored", st, err)
+	}
 }
