@@ -540,7 +540,7 @@ func TestSecurity(t *testing.T) {
 		} else {
 			copy(gen[:], b)
 		}
-		if err := w.WriteHello(&wire.Hello{ProtocolVersion: 1, Machine: "m1", Disks: []wire.DiskState{{
+		if err := w.WriteHello(&wire.Hello{ProtocolVersion: 2, Machine: "m1", Disks: []wire.DiskState{{
 			Name: "d0", Size: disk.Size, Generation: gen, LastAckedSeq: man.DurableSeq,
 		}}}); err != nil {
 			t.Fatal(err)
@@ -666,7 +666,7 @@ func tlsRefused(t *testing.T, addr, cert string) error {
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(30 * time.Second))
 	w := wire.NewWriter(c)
-	w.WriteHello(&wire.Hello{ProtocolVersion: 1, Machine: "m1"})
+	w.WriteHello(&wire.Hello{ProtocolVersion: 2, Machine: "m1"})
 	f, err := wire.NewReader(c, 0).Next()
 	if err == nil {
 		t.Fatalf("process server accepted the certificate %s: sent a %s frame", filepath.Base(cert), f.Type)

@@ -65,7 +65,7 @@ func (r *gapRig) restart() {
 }
 
 func (r *gapRig) hello(acked uint64) *wire.Hello {
-	return &wire.Hello{ProtocolVersion: 1, Machine: "m1",
+	return &wire.Hello{ProtocolVersion: 2, Machine: "m1",
 		Disks: []wire.DiskState{{Name: "d0", Size: 1 << 20, Generation: r.gen, LastAckedSeq: acked}}}
 }
 
@@ -375,7 +375,7 @@ func TestLostCopyOfSegmentInAccountIsAdopted(t *testing.T) {
 func TestGapMendedWithoutADisk(t *testing.T) {
 	r := newGapRig(t, mem.New())
 	ctx := context.Background()
-	two := &wire.Hello{ProtocolVersion: 1, Machine: "m1", Disks: []wire.DiskState{
+	two := &wire.Hello{ProtocolVersion: 2, Machine: "m1", Disks: []wire.DiskState{
 		{Name: "d0", Size: 1 << 20, Generation: r.gen}, {Name: "d1", Size: 1 << 20}}}
 	ack, _, _, _, err := r.m.agree(ctx, two)
 	if err != nil {
@@ -393,7 +393,7 @@ func TestGapMendedWithoutADisk(t *testing.T) {
 	r.m.mended(epoch, 20)
 	r.upload()
 	g := r.manifest().Gaps
-	if len(g) != 1 || g[0].Open() || !reflect.DeepEqual(g[0].Unmended, []string{"d1"}) {
+	if len(g) != 1 || g[0].Open() || !reflect.DeepEqual(g[0].Unmended, []layout.UnmendedDisk{{Name: "d1"}}) {
 		t.Fatalf("gaps %+v, want one mended without d1", g)
 	}
 	for i := range two.Disks {
@@ -406,10 +406,13 @@ func TestGapMendedWithoutADisk(t *testing.T) {
 	if ack.Disks[0].Action != wire.SyncResume || ack.Disks[1].Action != wire.SyncFull {
 		t.Fatalf("d0 told %v, d1 %v; want resume, full sync", ack.Disks[0].Action, ack.Disks[1].Action)
 	}
-	ack, _, _, _, err = r.m.agree(ctx, &wire.Hello{ProtocolVersion: 1, Machine: "m1", Disks: []wire.DiskState{
+	ack, _, _, _, err = r.m.agree(ctx, &wire.Hello{ProtocolVersion: 2, Machine: "m1", Disks: []wire.DiskState{
 		{Name: "d0", Size: 1 << 20, Generation: r.gen, LastAckedSeq: 20}, {Name: "d1", Size: 1 << 20, Generation: ack.Disks[1].Generation, LastAckedSeq: 20}}})
 	if err != nil || ack.Disks[1].Action != wire.SyncResume {
 		t.Fatalf("after its full sync, d1 told %v (%v), want resume", ack.Disks[1].Action, err)
+	}
+	if g := r.manifest().Gaps; !reflect.DeepEqual(g[0].Unmended, []layout.UnmendedDisk{{Name: "d1", Until: 21}}) {
+		t.Fatalf("unmended %+v, want d1 until its full sync at 21", g[0].Unmended)
 	}
 }
 
@@ -422,5 +425,72 @@ func TestHelloAckNamesLastRun(t *testing.T) {
 	ack, _, _, _, err := r.m.agree(context.Background(), r.hello(1))
 	if err != nil || ack.LastRun != run {
 		t.Fatalf("hello-ack last run %x (%v), want %x", ack.LastRun, err, run)
+	}
+}
+
+// Two suspects at start, the first unreadable, the second readable: both
+// are left out, or the journal would skip the first's records with no
+// tombstone and no gap (the applier and recovery would stop there).
+func TestSuspectsAfterAnUnreadableOneAreLeftOut(t *testing.T) {
+	r := newGapRig(t, mem.New())
+	r.put(1, 10)
+	r.put(11, 20)
+	r.put(21, 30)
+	// Make 1..10 the newest readable at start: 11 and 21 unreadable then;
+	// 21 comes back (a cache disk remounted) before the uploader runs.
+	r.loseShards(11)
+	dir := t.TempDir()
+	keep := filepath.Join(r.dirs[0], "m1", fmt.Sprintf("%016x.shard", 21))
+	saved := filepath.Join(dir, "s21")
+	if err := os.Rename(keep, saved); err != nil {
+		t.Fatal(err)
+	}
+	keep1 := filepath.Join(r.dirs[1], "m1", fmt.Sprintf("%016x.shard", 21))
+	saved1 := filepath.Join(dir, "s21b")
+	if err := os.Rename(keep1, saved1); err != nil {
+		t.Fatal(err)
+	}
+	r.restart()
+	if err := os.Rename(saved, keep); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(saved1, keep1); err != nil {
+		t.Fatal(err)
+	}
+	r.upload()
+	_, infos, man := journal(t, r.store, r.rk, "m1") // checks the header chain
+	if len(infos) != 1 || man.DurableSeq != 10 || len(man.Gaps) != 0 {
+		t.Fatalf("%d segments, durable %d, gaps %+v; want only 1..10, 10, none", len(infos), man.DurableSeq, man.Gaps)
+	}
+}
+
+// A suspect whose upload reached the account before a crash took the
+// manifest write: adopted, not left out (which would cost the agent a
+// checksum resync over data the journal holds).
+func TestSuspectInAccountIsAdopted(t *testing.T) {
+	r := newGapRig(t, mem.New())
+	r.put(1, 10)
+	r.upload()
+	r.put(11, 20)
+	e := r.m.segs[len(r.m.segs)-1]
+	data, err := r.s.cache.Get(e.id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	meta, sealed, err := parseCached(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.store.PutBlob(context.Background(), layout.SegmentName("m1", 11, 20), sealed, meta.metadata()); err != nil {
+		t.Fatal(err)
+	}
+	r.loseShards(11)
+	r.restart()
+	r.upload()
+	if man := r.manifest(); man.DurableSeq != 20 || len(man.Gaps) != 0 {
+		t.Fatalf("durable %d, gaps %+v; want 20, none", man.DurableSeq, man.Gaps)
+	}
+	if a, _ := r.agree(20); a != wire.SyncResume {
+		t.Fatalf("agent acked 20: told %v, want resume", a)
 	}
 }

@@ -254,7 +254,7 @@ func (a *agent) next(timeout time.Duration) frame {
 // hello sends a Hello and returns the HelloAck and the first Backpressure.
 func (a *agent) hello(machine string, disks ...wire.DiskState) (wire.HelloAck, uint64) {
 	a.t.Helper()
-	if err := a.w.WriteHello(&wire.Hello{ProtocolVersion: 1, Machine: machine, Disks: disks}); err != nil {
+	if err := a.w.WriteHello(&wire.Hello{ProtocolVersion: 2, Machine: machine, Disks: disks}); err != nil {
 		a.t.Fatal(err)
 	}
 	f := a.next(30 * time.Second)

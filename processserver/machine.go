@@ -409,6 +409,7 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, uin
 			// The agent resumes at durable+1: records before it are the
 			// old generation's, which the applier may not have applied yet.
 			md.NewGeneration(g.String(), d.Size, durable+1)
+			m.resyncedUnmended(d.Name, durable+1)
 			changed = true
 		case gap:
 			a.Action, a.Generation = wire.SyncChecksum, d.Generation
@@ -438,11 +439,28 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, uin
 // the lost records, so it needs a new generation. m.mu is held.
 func (m *machine) leftUnmended(md *layout.Disk) bool {
 	for _, g := range m.man.Gaps {
-		if slices.Contains(g.Unmended, md.Name) && md.GenerationStart <= g.From {
-			return true
+		for _, u := range g.Unmended {
+			if u.Name == md.Name && u.Until == 0 {
+				return true
+			}
 		}
 	}
 	return false
+}
+
+// resyncedUnmended records that disk name, left out of gaps' mending, gets
+// its full sync from seq start. m.mu is held.
+func (m *machine) resyncedUnmended(name string, start uint64) {
+	for i := range m.man.Gaps {
+		for j, u := range m.man.Gaps[i].Unmended {
+			if u.Name == name && u.Until == 0 {
+				// Copied: the manifest being written may share the array.
+				un := slices.Clone(m.man.Gaps[i].Unmended)
+				un[j].Until = start
+				m.man.Gaps[i].Unmended = un
+			}
+		}
+	}
 }
 
 // openGap records in the manifest that records from seq from on, up to
@@ -492,10 +510,10 @@ func (m *machine) mendLocked() bool {
 		return false
 	}
 	// Disks the resyncing agent did not list were not resynced.
-	var unmended []string
+	var unmended []layout.UnmendedDisk
 	for _, d := range m.man.Disks {
 		if !slices.Contains(m.mendDisks, d.Name) {
-			unmended = append(unmended, d.Name)
+			unmended = append(unmended, layout.UnmendedDisk{Name: d.Name})
 		}
 	}
 	changed := false

@@ -247,7 +247,7 @@ func TestRefusesWrongCertificate(t *testing.T) {
 	})
 
 	a := dialAgent(t, e, s, "m2")
-	if err := a.w.WriteHello(&wire.Hello{ProtocolVersion: 1, Machine: "m1", Disks: []wire.DiskState{disk0}}); err != nil {
+	if err := a.w.WriteHello(&wire.Hello{ProtocolVersion: 2, Machine: "m1", Disks: []wire.DiskState{disk0}}); err != nil {
 		t.Fatal(err)
 	}
 	f := a.next(10 * time.Second)

@@ -22,7 +22,7 @@ import (
 )
 
 const (
-	protocolVersion = 1
+	protocolVersion = 2
 	helloTimeout    = 30 * time.Second // first frame after the handshake
 	helloWork       = time.Minute      // reading the manifest to answer it
 	idleTimeout     = time.Minute      // agents send a time marker every second
@@ -135,7 +135,12 @@ func (st *session) run(ctx context.Context) {
 		return
 	}
 	var h wire.Hello
-	if err := h.UnmarshalBinary(f.Payload); err != nil {
+	err = h.UnmarshalBinary(f.Payload)
+	if err != nil && len(f.Payload) >= 2 {
+		// Another version's hello may not decode: say why.
+		h.ProtocolVersion = binary.LittleEndian.Uint16(f.Payload)
+	}
+	if err != nil && h.ProtocolVersion == protocolVersion {
 		st.protocolError(fmt.Sprintf("bad hello: %v", err))
 		return
 	}

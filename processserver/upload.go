@@ -1,6 +1,7 @@
 package processserver
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -98,11 +99,14 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 	m.mu.Lock()
 	var batch []*upload
 	for _, e := range m.segs {
-		if len(batch) == uploadParallel {
+		if len(batch) == uploadParallel || (len(batch) > 0 && e.suspect) {
 			break
 		}
 		if !e.uploaded {
 			batch = append(batch, &upload{e: e})
+			if e.suspect {
+				break // alone: if it is left out, so are the suspects after it
+			}
 		}
 	}
 	m.mu.Unlock()
@@ -131,8 +135,9 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 		u.e.uploaded = true
 		m.backlog -= u.e.size
 		if !u.already {
-			m.uploaded = u.meta.last
-			m.man.DurableSeq = u.meta.last
+			m.uploaded = max(m.uploaded, u.meta.last)
+			m.durable = max(m.durable, u.meta.last) // a suspect read after all, or adopted
+			m.man.DurableSeq = max(m.man.DurableSeq, u.meta.last)
 			m.mendLocked()
 			// While a gap is open, writes before the segment's markers
 			// may be missing: recoverable_until stays where it was.
@@ -179,17 +184,33 @@ func (m *machine) inJournal(seq uint64) bool {
 	return seq <= m.uploaded
 }
 
-// forgetSuspect leaves out an unreadable segment found at start after the
+// forgetSuspect handles an unreadable segment found at start after the
 // newest readable one (scanCache): most likely a store a crash
-// interrupted, never acknowledged. Its files stay (a cache disk that comes
-// back may make it readable; the agent's resend overwrites it), and no
-// gap is recorded here: had it been acknowledged, the agent's next hello
-// reports acks past durable and agree records the loss.
-func (m *machine) forgetSuspect(u *upload, err error) {
-	m.log.Warn("leaving out an unreadable cached segment newer than every readable one (a store a crash interrupted; a loss, if the agent had it acknowledged, is recorded at its hello)",
+// interrupted, never acknowledged. If the journal holds it (its upload
+// done, the manifest write lost to the crash), it is adopted. Otherwise
+// it and every suspect after it are left out: their files stay (a cache
+// disk that comes back may make them readable at the next start; the
+// agent's resend overwrites them), and no gap is recorded here, since
+// had they been acknowledged, the agent's next hello reports acks past
+// durable and agree records the loss. Suspects are uploaded one at a
+// time, so none after it is published meanwhile.
+func (m *machine) forgetSuspect(ctx context.Context, u *upload, err error) {
+	m.mu.Lock()
+	key := m.key
+	m.mu.Unlock()
+	if last, ok, aerr := m.inAccount(ctx, key, u.e); aerr != nil {
+		u.err = fmt.Errorf("cached segment %s unreadable; looking for it in the journal: %w", u.e.id, aerr)
+		return
+	} else if ok {
+		m.log.Info("the cached copy is unreadable but the journal holds the segment: adopting it", logSegment, u.e.id.String())
+		u.meta = segMeta{first: u.e.id.Seq, last: last}
+		u.e.suspect = false
+		return
+	}
+	m.log.Warn("leaving out an unreadable cached segment newer than every readable one, and any after it (a store a crash interrupted; a loss, if the agent had it acknowledged, is recorded at its hello)",
 		logSegment, u.e.id.String(), logErr, err)
 	m.mu.Lock()
-	m.segs = slices.DeleteFunc(m.segs, func(x *segEntry) bool { return x == u.e })
+	m.segs = slices.DeleteFunc(m.segs, func(x *segEntry) bool { return x.suspect && x.id.Seq >= u.e.id.Seq })
 	m.mu.Unlock()
 	u.already = true
 }
@@ -222,7 +243,7 @@ func (m *machine) uploadOne(ctx context.Context, u *upload) {
 				return
 			}
 			if u.e.suspect {
-				m.forgetSuspect(u, err)
+				m.forgetSuspect(ctx, u, err)
 				return
 			}
 			u.err = fmt.Errorf("%w: %w", errSegmentLost, err)
@@ -242,7 +263,7 @@ func (m *machine) uploadOne(ctx context.Context, u *upload) {
 			return
 		}
 		if u.e.suspect {
-			m.forgetSuspect(u, err)
+			m.forgetSuspect(ctx, u, err)
 			return
 		}
 		u.err = fmt.Errorf("%w: cached segment %s: %w", errSegmentLost, u.e.id, err)
@@ -257,6 +278,7 @@ func (m *machine) uploadOne(ctx context.Context, u *upload) {
 	}
 	u.e.last = meta.last
 	u.already = meta.last <= m.uploaded
+	u.e.suspect = false // readable after all
 	m.mu.Unlock()
 	u.meta = meta
 	if u.already {
@@ -384,7 +406,7 @@ func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error
 	}
 	// A crash between its upload and the manifest saying so leaves the
 	// segment in the account: adopt it rather than write a loss over it.
-	adopted, inJournal, err := m.inAccount(ctx, key, e.id.Seq)
+	adopted, inJournal, err := m.inAccount(ctx, key, e)
 	switch {
 	case err != nil:
 		return err
@@ -438,21 +460,32 @@ func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error
 }
 
 // inAccount reports whether the journal holds an authentic segment (or
-// tombstone) starting at first, and where it ends.
-func (m *machine) inAccount(ctx context.Context, key *seal.Key, first uint64) (uint64, bool, error) {
+// tombstone) that is e: same first sequence, same last when e's is known,
+// and chained to what is uploaded (its header names uploaded as its
+// predecessor). It returns where that segment ends.
+func (m *machine) inAccount(ctx context.Context, key *seal.Key, e *segEntry) (uint64, bool, error) {
 	segs, err := recovery.ListSegments(ctx, m.s.store, m.name)
 	if err != nil {
 		return 0, false, err
 	}
+	m.mu.Lock()
+	prev := m.uploaded
+	m.mu.Unlock()
 	for _, sg := range segs {
-		if sg.First != first {
+		if sg.First != e.id.Seq || (e.last != 0 && sg.Last != e.last) {
 			continue
 		}
-		if _, err := recovery.ReadSegment(ctx, m.s.store, sg.Name, key, nil); err != nil {
-			if errors.Is(err, recovery.ErrTampered) {
-				continue // not an authentic copy: the tombstone replaces it
-			}
+		plain, err := recovery.ReadSegment(ctx, m.s.store, sg.Name, key, nil)
+		if errors.Is(err, recovery.ErrTampered) {
+			continue // not an authentic copy
+		}
+		if err != nil {
 			return 0, false, err
+		}
+		var h wire.SegmentHeader
+		f, err := wire.NewReader(bytes.NewReader(plain), 0).Next()
+		if err != nil || f.Type != wire.TypeSegment || h.UnmarshalBinary(f.Payload) != nil || h.Prev != prev {
+			continue // from another history of this sequence range
 		}
 		return sg.Last, true, nil
 	}

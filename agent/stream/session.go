@@ -175,7 +175,7 @@ func (t *Target) agree(s *session, a *wire.HelloAck, initial bool) ([]wire.DiskA
 		// Another run made the newest records durable, beyond what we
 		// heard acknowledged: not ours (ours are acknowledged as made
 		// durable, or resent).
-		foreignRun := !initial && a.LastRun != (wire.RunID{}) && a.LastRun != t.runID && durable > t.ackedSeq
+		foreignRun := !initial && a.LastRun != (wire.RunID{}) && a.LastRun != t.runID && durable > max(t.ackedSeq, t.foreignSeen)
 		if (!initial && durable > t.maxSent) || foreignRun || (initial && t.ownState && durable >= t.nextSeq) {
 			t.log.Error("the process server holds sequences this agent never sent: another agent streams as this machine, or the state directory is an old copy; resyncing by checksum",
 				"sent", t.maxSent, "next", t.nextSeq, "durable", durable)
@@ -232,6 +232,7 @@ func (t *Target) agree(s *session, a *wire.HelloAck, initial bool) ([]wire.DiskA
 	}
 	// Handled (or ours): the next reconnect judges only what comes after.
 	t.maxSent = max(t.maxSent, durable)
+	t.foreignSeen = max(t.foreignSeen, durable)
 	// Everything held goes out again on this connection.
 	for _, seg := range t.segs[:t.sent] {
 		if seg.last >= resume {

@@ -48,7 +48,7 @@ const (
 const ChunkSize = 64 << 10
 
 // ProtocolVersion is the stream protocol this package speaks.
-const ProtocolVersion = 1
+const ProtocolVersion = 2 // 2: Hello.Run, HelloAck.LastRun
 
 const (
 	minBackoff     = 100 * time.Millisecond
@@ -225,6 +225,7 @@ type Target struct {
 	maxSent     uint64       // the highest sequence sent this run (or agreed at Dial)
 	ownState    bool         // the state directory held this machine's history
 	runID       wire.RunID   // random per Target: Hello.Run
+	foreignSeen uint64       // durable sequences judged at a reconnect (foreign ones resynced)
 	covers      []coverPoint // Covered points, oldest first; covers[0] may be the one the last marker used
 
 	sumsID uint16 // engine goroutine only

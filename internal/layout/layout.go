@@ -90,13 +90,19 @@ type Manifest struct {
 // that the chain of segment headers stays whole.
 //
 // Unmended lists the disks the mending resync did not cover (not in the
-// agent's hello then): their states stay inside the gap until a
-// generation of theirs starts after From (a full sync).
+// agent's hello then): their states stay inside the gap until the full
+// sync they get when they come back (Until, 0 while not yet).
 type Gap struct {
-	From     uint64   `json:"from"`
-	LostTo   uint64   `json:"lost_to"`
-	Mended   uint64   `json:"mended,omitempty"`
-	Unmended []string `json:"unmended,omitempty"`
+	From     uint64         `json:"from"`
+	LostTo   uint64         `json:"lost_to"`
+	Mended   uint64         `json:"mended,omitempty"`
+	Unmended []UnmendedDisk `json:"unmended,omitempty"`
+}
+
+// UnmendedDisk is a disk a gap's mending left out.
+type UnmendedDisk struct {
+	Name  string `json:"name"`
+	Until uint64 `json:"until,omitempty"` // start of its full sync's generation; 0: none yet
 }
 
 // Open reports whether g's resync has not completed yet.
@@ -120,21 +126,16 @@ func GapAt(gaps []Gap, seq uint64) (Gap, bool) {
 
 // DiskGapAt returns the gap covering the state after every record ≤ seq
 // of disk d: a machine-wide one, or one d was left out of when it was
-// mended, until d's next generation starts.
+// mended, until its full sync's generation starts.
 func (m *Manifest) DiskGapAt(d *Disk, seq uint64) (Gap, bool) {
 	if g, ok := m.GapAt(seq); ok {
 		return g, true
 	}
 	for _, g := range m.Gaps {
-		if seq < g.From || !slices.Contains(g.Unmended, d.Name) {
-			continue
-		}
-		resynced := false
-		for _, gen := range d.Generations() {
-			resynced = resynced || (gen.Start > g.From && gen.Start <= seq)
-		}
-		if !resynced {
-			return g, true
+		for _, u := range g.Unmended {
+			if u.Name == d.Name && seq >= g.From && (u.Until == 0 || seq < u.Until) {
+				return g, true
+			}
 		}
 	}
 	return Gap{}, false

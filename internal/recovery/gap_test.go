@@ -218,7 +218,7 @@ func TestRecoverRefusesUnmendedDisk(t *testing.T) {
 	m.Write(0, 0, m.Image(0, m.Seq())[:size])
 	mended := m.Marker(wire.MarkerTime, t0.Add(3*time.Second)).Seq
 	m.Cut()
-	m.Gaps = []layout.Gap{{From: ends[0] + 1, LostTo: ends[1], Mended: mended, Unmended: []string{"d1"}}}
+	m.Gaps = []layout.Gap{{From: ends[0] + 1, LostTo: ends[1], Mended: mended, Unmended: []layout.UnmendedDisk{{Name: "d1"}}}}
 	m.WriteManifest()
 	got, res, err := recoverBytes(t, m, "latest", m.RecoveryKey)
 	if err != nil || !bytes.Equal(got, m.Image(0, res.Seq)[:size]) {
@@ -234,6 +234,7 @@ func TestRecoverRefusesUnmendedDisk(t *testing.T) {
 	m.Marker(wire.MarkerTime, t0.Add(4*time.Second))
 	m.Cut()
 	m.Disks[1].GenerationStart = m.Seq() - 1
+	m.Gaps[0].Unmended[0].Until = m.Disks[1].GenerationStart
 	m.WriteManifest()
 	path := filepath.Join(t.TempDir(), "d1.img")
 	res, err = recovery.RecoverFile(context.Background(), m.Store, recovery.Request{Machine: m.Name, Disk: "d1", Point: "latest", RecoveryKey: m.RecoveryKey}, path)

@@ -341,7 +341,7 @@ func (s *Server) serve(c *tls.Conn) error {
 	s.cur, s.curW = c, w
 	s.hellos = append(s.hellos, h)
 	s.curRun = h.Run
-	ack := wire.HelloAck{ProtocolVersion: 1, LastRun: s.lastRun}
+	ack := wire.HelloAck{ProtocolVersion: 2, LastRun: s.lastRun}
 	for _, d := range h.Disks {
 		sd := s.disks[d.Name]
 		a := wire.DiskAgreement{Name: d.Name, ResumeFrom: s.durable + 1}
