@@ -494,3 +494,42 @@ func TestSuspectInAccountIsAdopted(t *testing.T) {
 		t.Fatalf("agent acked 20: told %v, want resume", a)
 	}
 }
+
+// The agent's hello may come before the uploader reaches the suspects:
+// they are settled before the answer, so its resend (under the same
+// names) meets none of them, and a readable later suspect cannot be
+// published past the records the resend brings.
+func TestSuspectsSettledBeforeHello(t *testing.T) {
+	r := newGapRig(t, mem.New())
+	r.put(1, 10)
+	r.upload()
+	r.put(11, 20)
+	r.put(21, 30)
+	r.loseShards(11)
+	dir := t.TempDir()
+	var moved [][2]string
+	for i, d := range r.dirs[:2] {
+		from := filepath.Join(d, "m1", fmt.Sprintf("%016x.shard", 21))
+		to := filepath.Join(dir, fmt.Sprint(i))
+		if err := os.Rename(from, to); err != nil {
+			t.Fatal(err)
+		}
+		moved = append(moved, [2]string{to, from})
+	}
+	r.restart()
+	for _, mv := range moved { // back before anything reads it
+		if err := os.Rename(mv[0], mv[1]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if a, _ := r.agree(10); a != wire.SyncResume {
+		t.Fatalf("agent acked 10: told %v, want resume", a)
+	}
+	r.last = 10
+	r.put(11, 25) // the resend, cut differently
+	r.upload()
+	_, infos, man := journal(t, r.store, r.rk, "m1") // checks the header chain
+	if len(infos) != 2 || man.DurableSeq != 25 || len(man.Gaps) != 0 {
+		t.Fatalf("%d segments, durable %d, gaps %+v; want 1..10 and 11..25, 25, none", len(infos), man.DurableSeq, man.Gaps)
+	}
+}

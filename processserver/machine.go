@@ -45,7 +45,8 @@ type machine struct {
 	takeover sync.Mutex // serialises session replacement
 	sess     *session   // current session; guarded by takeover and mu
 
-	manMu sync.Mutex // serialises loading and manifest writes
+	manMu    sync.Mutex // serialises loading and manifest writes
+	settleMu sync.Mutex // serialises settleSuspects
 
 	mu       sync.Mutex
 	loaded   bool
@@ -354,6 +355,10 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, uin
 	if _, err := m.ensureKey(ctx); err != nil {
 		return nil, 0, nil, 0, err
 	}
+	// Settled before the answer: the agent's resend may reuse their names.
+	if err := m.settleSuspects(ctx); err != nil {
+		return nil, 0, nil, 0, err
+	}
 	// An agent acknowledged past what this server holds lost the records
 	// in between (a cache lost or restored, another server took them):
 	// recorded before anything after them can be published.
@@ -571,10 +576,9 @@ func (m *machine) missingReplicas(ctx context.Context, h *wire.Hello) map[string
 func (m *machine) segmentDurable(id cache.SegmentID, size int64, last uint64, hot *hotSeg, run wire.RunID) {
 	m.mu.Lock()
 	m.lastRun = run
-	// A suspect entry found at start under the same name was the
-	// leftover this store replaced: one entry per cached segment, or
-	// deleting one would delete the other.
-	m.segs = slices.DeleteFunc(m.segs, func(x *segEntry) bool { return x.id == id && x.suspect })
+	// One entry per cached segment, or deleting one would delete the
+	// other (suspects under this name are settled before any hello).
+	m.segs = slices.DeleteFunc(m.segs, func(x *segEntry) bool { return x.id == id })
 	m.segs = append(m.segs, &segEntry{id: id, size: size, last: last, hot: hot})
 	m.durable = max(m.durable, last)
 	m.backlog += size

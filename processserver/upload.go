@@ -92,6 +92,9 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 			m.s.applier.Notify(m.name, up)
 		}
 	}
+	if err := m.settleSuspects(ctx); err != nil {
+		return false, err
+	}
 	if err := m.dropApplied(ctx); err != nil {
 		return false, err
 	}
@@ -99,14 +102,11 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 	m.mu.Lock()
 	var batch []*upload
 	for _, e := range m.segs {
-		if len(batch) == uploadParallel || (len(batch) > 0 && e.suspect) {
+		if len(batch) == uploadParallel {
 			break
 		}
 		if !e.uploaded {
 			batch = append(batch, &upload{e: e})
-			if e.suspect {
-				break // alone: if it is left out, so are the suspects after it
-			}
 		}
 	}
 	m.mu.Unlock()
@@ -136,7 +136,6 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 		m.backlog -= u.e.size
 		if !u.already {
 			m.uploaded = max(m.uploaded, u.meta.last)
-			m.durable = max(m.durable, u.meta.last) // a suspect read after all, or adopted
 			m.man.DurableSeq = max(m.man.DurableSeq, u.meta.last)
 			m.mendLocked()
 			// While a gap is open, writes before the segment's markers
@@ -184,35 +183,77 @@ func (m *machine) inJournal(seq uint64) bool {
 	return seq <= m.uploaded
 }
 
-// forgetSuspect handles an unreadable segment found at start after the
-// newest readable one (scanCache): most likely a store a crash
-// interrupted, never acknowledged. If the journal holds it (its upload
-// done, the manifest write lost to the crash), it is adopted. Otherwise
-// it and every suspect after it are left out: their files stay (a cache
-// disk that comes back may make them readable at the next start; the
-// agent's resend overwrites them), and no gap is recorded here, since
-// had they been acknowledged, the agent's next hello reports acks past
-// durable and agree records the loss. Suspects are uploaded one at a
-// time, so none after it is published meanwhile.
-func (m *machine) forgetSuspect(ctx context.Context, u *upload, err error) {
-	m.mu.Lock()
-	key := m.key
-	m.mu.Unlock()
-	if last, ok, aerr := m.inAccount(ctx, key, u.e); aerr != nil {
-		u.err = fmt.Errorf("cached segment %s unreadable; looking for it in the journal: %w", u.e.id, aerr)
-		return
-	} else if ok {
-		m.log.Info("the cached copy is unreadable but the journal holds the segment: adopting it", logSegment, u.e.id.String())
-		u.meta = segMeta{first: u.e.id.Seq, last: last}
-		u.e.suspect = false
-		return
+// settleSuspects settles, in order, the unreadable segments found at start
+// after the newest readable one (scanCache), before the machine's first
+// hello and before any upload: a resend under the same names must not
+// meet them unsettled. A suspect is most likely what a crash left of a
+// store never acknowledged. Readable after all (a cache disk back), it is
+// a segment like any other; in the journal already (its upload done, the
+// manifest write lost to the crash), it is adopted; otherwise it and
+// every suspect after it are left out: their files stay (the agent's
+// resend overwrites them), and no gap is recorded here, since had they
+// been acknowledged, the agent's hello reports acks past durable and
+// agree records the loss.
+func (m *machine) settleSuspects(ctx context.Context) error {
+	m.settleMu.Lock()
+	defer m.settleMu.Unlock()
+	for {
+		m.mu.Lock()
+		var e *segEntry
+		for _, x := range m.segs {
+			if x.suspect {
+				e = x
+				break
+			}
+		}
+		key := m.key
+		m.mu.Unlock()
+		if e == nil {
+			return nil
+		}
+		data, err := m.s.cache.Get(e.id)
+		if err == nil {
+			var meta segMeta
+			if meta, _, err = parseCached(data); err == nil && meta.first == e.id.Seq {
+				m.mu.Lock()
+				e.suspect, e.last = false, meta.last
+				m.durable = max(m.durable, meta.last)
+				m.mu.Unlock()
+				continue
+			}
+		}
+		if m.inJournal(e.id.Seq) {
+			m.mu.Lock()
+			e.suspect = false // uploadOne drops it as remains
+			m.mu.Unlock()
+			continue
+		}
+		if key != nil {
+			last, ok, aerr := m.inAccount(ctx, key, e)
+			if aerr != nil {
+				return fmt.Errorf("cached segment %s unreadable; looking for it in the journal: %w", e.id, aerr)
+			}
+			if ok {
+				m.log.Info("the cached copy is unreadable but the journal holds the segment: adopting it", logSegment, e.id.String())
+				m.mu.Lock()
+				e.suspect, e.last, e.uploaded = false, last, true
+				m.uploaded = max(m.uploaded, last)
+				m.durable = max(m.durable, last)
+				m.man.DurableSeq = max(m.man.DurableSeq, last)
+				m.mu.Unlock()
+				if err := m.writeManifest(ctx); err != nil {
+					return err
+				}
+				continue
+			}
+		}
+		m.log.Warn("leaving out an unreadable cached segment newer than every readable one, and any after it (a store a crash interrupted; a loss, if the agent had it acknowledged, is recorded at its hello)",
+			logSegment, e.id.String(), logErr, err)
+		m.mu.Lock()
+		m.segs = slices.DeleteFunc(m.segs, func(x *segEntry) bool { return x.suspect && x.id.Seq >= e.id.Seq })
+		m.mu.Unlock()
+		return nil
 	}
-	m.log.Warn("leaving out an unreadable cached segment newer than every readable one, and any after it (a store a crash interrupted; a loss, if the agent had it acknowledged, is recorded at its hello)",
-		logSegment, u.e.id.String(), logErr, err)
-	m.mu.Lock()
-	m.segs = slices.DeleteFunc(m.segs, func(x *segEntry) bool { return x.suspect && x.id.Seq >= u.e.id.Seq })
-	m.mu.Unlock()
-	u.already = true
 }
 
 // errSegmentLost marks a cached segment that can no longer be read.
@@ -242,10 +283,6 @@ func (m *machine) uploadOne(ctx context.Context, u *upload) {
 				u.already = true
 				return
 			}
-			if u.e.suspect {
-				m.forgetSuspect(ctx, u, err)
-				return
-			}
 			u.err = fmt.Errorf("%w: %w", errSegmentLost, err)
 		} else {
 			u.err = fmt.Errorf("read cached segment %s: %w", u.e.id, err)
@@ -262,10 +299,6 @@ func (m *machine) uploadOne(ctx context.Context, u *upload) {
 			u.already = true
 			return
 		}
-		if u.e.suspect {
-			m.forgetSuspect(ctx, u, err)
-			return
-		}
 		u.err = fmt.Errorf("%w: cached segment %s: %w", errSegmentLost, u.e.id, err)
 		return
 	}
@@ -278,7 +311,6 @@ func (m *machine) uploadOne(ctx context.Context, u *upload) {
 	}
 	u.e.last = meta.last
 	u.already = meta.last <= m.uploaded
-	u.e.suspect = false // readable after all
 	m.mu.Unlock()
 	u.meta = meta
 	if u.already {
