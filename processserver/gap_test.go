@@ -533,3 +533,32 @@ func TestSuspectsSettledBeforeHello(t *testing.T) {
 		t.Fatalf("%d segments, durable %d, gaps %+v; want 1..10 and 11..25, 25, none", len(infos), man.DurableSeq, man.Gaps)
 	}
 }
+
+// Adoption at start when the segment before the lost copy is cached but
+// not uploaded yet (both uploads done before the crash took the manifest
+// write): the account copy chains to that segment.
+func TestSuspectAdoptedAfterUnuploadedSegment(t *testing.T) {
+	r := newGapRig(t, mem.New())
+	r.put(1, 10)
+	r.put(11, 20)
+	for _, e := range r.m.segs[len(r.m.segs)-1:] {
+		data, err := r.s.cache.Get(e.id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		meta, sealed, err := parseCached(data)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := r.store.PutBlob(context.Background(), layout.SegmentName("m1", meta.first, meta.last), sealed, meta.metadata()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r.loseShards(11)
+	r.restart()
+	r.upload()
+	if man := r.manifest(); man.DurableSeq != 20 || len(man.Gaps) != 0 {
+		t.Fatalf("durable %d, gaps %+v; want 20, none", man.DurableSeq, man.Gaps)
+	}
+	journal(t, r.store, r.rk, "m1") // the chain holds
+}

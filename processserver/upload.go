@@ -189,7 +189,8 @@ func (m *machine) inJournal(seq uint64) bool {
 // meet them unsettled. A suspect is most likely what a crash left of a
 // store never acknowledged. Readable after all (a cache disk back), it is
 // a segment like any other; in the journal already (its upload done, the
-// manifest write lost to the crash), it is adopted; otherwise it and
+// manifest write lost to the crash), it is kept, for the uploader to adopt
+// in its turn; otherwise it and
 // every suspect after it are left out: their files stay (the agent's
 // resend overwrites them), and no gap is recorded here, since had they
 // been acknowledged, the agent's hello reports acks past durable and
@@ -234,16 +235,12 @@ func (m *machine) settleSuspects(ctx context.Context) error {
 				return fmt.Errorf("cached segment %s unreadable; looking for it in the journal: %w", e.id, aerr)
 			}
 			if ok {
-				m.log.Info("the cached copy is unreadable but the journal holds the segment: adopting it", logSegment, e.id.String())
+				// The uploader meets it unreadable in its turn and
+				// adopts it then (segmentLost), in order.
 				m.mu.Lock()
-				e.suspect, e.last, e.uploaded = false, last, true
-				m.uploaded = max(m.uploaded, last)
+				e.suspect = false
 				m.durable = max(m.durable, last)
-				m.man.DurableSeq = max(m.man.DurableSeq, last)
 				m.mu.Unlock()
-				if err := m.writeManifest(ctx); err != nil {
-					return err
-				}
 				continue
 			}
 		}
@@ -493,15 +490,20 @@ func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error
 
 // inAccount reports whether the journal holds an authentic segment (or
 // tombstone) that is e: same first sequence, same last when e's is known,
-// and chained to what is uploaded (its header names uploaded as its
-// predecessor). It returns where that segment ends.
+// and chained to the segment before it. It returns where it ends.
 func (m *machine) inAccount(ctx context.Context, key *seal.Key, e *segEntry) (uint64, bool, error) {
 	segs, err := recovery.ListSegments(ctx, m.s.store, m.name)
 	if err != nil {
 		return 0, false, err
 	}
+	// Its predecessor: the last segment before it, uploaded or not yet.
 	m.mu.Lock()
 	prev := m.uploaded
+	for _, x := range m.segs {
+		if x.id.Seq < e.id.Seq {
+			prev = max(prev, x.last)
+		}
+	}
 	m.mu.Unlock()
 	for _, sg := range segs {
 		if sg.First != e.id.Seq || (e.last != 0 && sg.Last != e.last) {
