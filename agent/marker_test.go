@@ -98,19 +98,7 @@ func TestMarkerHoldsMetadataWritesBeforeItsRecords(t *testing.T) {
 		e.cap.MarkBytes(0, 12*capture.BlockSize, 1) // x must drain for the point
 	}
 	tgt.mu.Unlock()
-	if _, err := fy.WriteAt(blk, y0); err != nil { // for the marker to read back
-		t.Fatal(err)
-	}
-	select {
-	case <-hooked:
-	case <-time.After(10 * time.Second):
-		t.Fatal("no marker read the metadata device back")
-	}
-	time.Sleep(time.Second) // the marker, and the next
-	cancel()
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
+	markerThenStop(t, fy, blk, y0, hooked, cancel, done)
 	tgt.mu.Lock()
 	defer tgt.mu.Unlock()
 	// The marker right after B must not come before A.
@@ -179,19 +167,7 @@ func TestMarkerDatedBeforeItsQuiesce(t *testing.T) {
 		cDone = time.Now()
 	}
 	tgt.mu.Unlock()
-	if _, err := fy.WriteAt(blk, y0); err != nil { // for the marker to read back
-		t.Fatal(err)
-	}
-	select {
-	case <-hooked:
-	case <-time.After(10 * time.Second):
-		t.Fatal("no marker read the metadata device back")
-	}
-	time.Sleep(time.Second) // the marker, and the next
-	cancel()
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
+	markerThenStop(t, fy, blk, y0, hooked, cancel, done)
 	tgt.mu.Lock()
 	defer tgt.mu.Unlock()
 	iY, iC := -1, -1
@@ -211,5 +187,25 @@ func TestMarkerDatedBeforeItsQuiesce(t *testing.T) {
 			t.Fatalf("the marker at %d is dated %v, after write C completed (by %v), but C comes after it (%d)",
 				i, ev.at.Format(time.StampMicro), cDone.Format(time.StampMicro), iC)
 		}
+	}
+}
+
+// markerThenStop writes blk at y0 on the metadata device for a marker to
+// read back, waits until one has (hooked), lets that marker and the next
+// go out, then stops the engine (cancel) and checks its end (done).
+func markerThenStop(t *testing.T, fy *os.File, blk []byte, y0 int64, hooked <-chan struct{}, cancel func(), done <-chan error) {
+	t.Helper()
+	if _, err := fy.WriteAt(blk, y0); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-hooked:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no marker read the metadata device back")
+	}
+	time.Sleep(time.Second)
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
 	}
 }

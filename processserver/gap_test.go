@@ -87,6 +87,23 @@ func (r *gapRig) put(first, last uint64) {
 	r.m.segmentDurable(id, int64(len(cached)), last, nil, wire.RunID{})
 }
 
+// uploadNewest puts the newest cached segment in the journal by hand,
+// as an upload whose manifest write a crash then took.
+func (r *gapRig) uploadNewest() {
+	e := r.m.segs[len(r.m.segs)-1]
+	data, err := r.s.cache.Get(e.id)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	meta, sealed, err := parseCached(data)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	if err := r.store.PutBlob(context.Background(), layout.SegmentName("m1", meta.first, meta.last), sealed, meta.metadata()); err != nil {
+		r.t.Fatal(err)
+	}
+}
+
 func (r *gapRig) upload() {
 	notified := false
 	for range 3 {
@@ -349,18 +366,7 @@ func TestLostCopyOfSegmentInAccountIsAdopted(t *testing.T) {
 	r.upload()
 	r.put(11, 20)
 	// Its upload, with the manifest write lost to a crash.
-	e := r.m.segs[len(r.m.segs)-1]
-	data, err := r.s.cache.Get(e.id)
-	if err != nil {
-		t.Fatal(err)
-	}
-	meta, sealed, err := parseCached(data)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := r.store.PutBlob(context.Background(), layout.SegmentName("m1", 11, 20), sealed, meta.metadata()); err != nil {
-		t.Fatal(err)
-	}
+	r.uploadNewest()
 	r.loseShards(11)
 	r.upload()
 	plain, infos, man := journal(t, r.store, r.rk, "m1")
@@ -472,18 +478,7 @@ func TestSuspectInAccountIsAdopted(t *testing.T) {
 	r.put(1, 10)
 	r.upload()
 	r.put(11, 20)
-	e := r.m.segs[len(r.m.segs)-1]
-	data, err := r.s.cache.Get(e.id)
-	if err != nil {
-		t.Fatal(err)
-	}
-	meta, sealed, err := parseCached(data)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := r.store.PutBlob(context.Background(), layout.SegmentName("m1", 11, 20), sealed, meta.metadata()); err != nil {
-		t.Fatal(err)
-	}
+	r.uploadNewest()
 	r.loseShards(11)
 	r.restart()
 	r.upload()
@@ -541,19 +536,7 @@ func TestSuspectAdoptedAfterUnuploadedSegment(t *testing.T) {
 	r := newGapRig(t, mem.New())
 	r.put(1, 10)
 	r.put(11, 20)
-	for _, e := range r.m.segs[len(r.m.segs)-1:] {
-		data, err := r.s.cache.Get(e.id)
-		if err != nil {
-			t.Fatal(err)
-		}
-		meta, sealed, err := parseCached(data)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := r.store.PutBlob(context.Background(), layout.SegmentName("m1", meta.first, meta.last), sealed, meta.metadata()); err != nil {
-			t.Fatal(err)
-		}
-	}
+	r.uploadNewest()
 	r.loseShards(11)
 	r.restart()
 	r.upload()

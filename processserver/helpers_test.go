@@ -377,10 +377,9 @@ func journal(t *testing.T, store blobstore.Store, rk []byte, machine string) ([]
 		if err != nil {
 			t.Fatalf("open %s: %v", bi.Name, err)
 		}
-		f, err := wire.NewReader(bytes.NewReader(seg), 0).Next()
-		var h wire.SegmentHeader
-		if err != nil || f.Type != wire.TypeSegment || h.UnmarshalBinary(f.Payload) != nil {
-			t.Fatalf("segment %s does not start with a segment header (%v)", bi.Name, err)
+		h, err := wire.ParseSegmentHeader(seg)
+		if err != nil {
+			t.Fatalf("segment %s: %v", bi.Name, err)
 		}
 		if h.Prev != prevLast {
 			t.Fatalf("segment %s names %d as its predecessor's last sequence, want %d", bi.Name, h.Prev, prevLast)

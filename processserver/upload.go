@@ -1,7 +1,6 @@
 package processserver
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -253,6 +252,19 @@ func (m *machine) settleSuspects(ctx context.Context) error {
 	}
 }
 
+// remains reports whether u's unreadable cached copy (err) is of a
+// segment the journal holds: what a crash left of a segment being deleted
+// once applied (dropApplied), or a copy lost after its upload. Nothing is
+// lost then; u is marked as uploaded already.
+func (m *machine) remains(u *upload, err error) bool {
+	if !m.inJournal(u.e.id.Seq) {
+		return false
+	}
+	m.log.Info("dropping the unreadable cached copy of a segment already in the journal", logSegment, u.e.id.String(), logErr, err)
+	u.already = true
+	return true
+}
+
 // errSegmentLost marks a cached segment that can no longer be read.
 var errSegmentLost = errors.New("cached segment lost")
 
@@ -272,15 +284,9 @@ func (m *machine) uploadOne(ctx context.Context, u *upload) {
 	}
 	if err != nil {
 		if errors.Is(err, cache.ErrUnrecoverable) || errors.Is(err, cache.ErrNotFound) {
-			if m.inJournal(u.e.id.Seq) {
-				// What a crash left of a segment being deleted once
-				// applied (dropApplied), or a copy lost after its
-				// upload: the journal holds it, nothing is lost.
-				m.log.Info("dropping the unreadable cached copy of a segment already in the journal", logSegment, u.e.id.String(), logErr, err)
-				u.already = true
-				return
+			if !m.remains(u, err) {
+				u.err = fmt.Errorf("%w: %w", errSegmentLost, err)
 			}
-			u.err = fmt.Errorf("%w: %w", errSegmentLost, err)
 		} else {
 			u.err = fmt.Errorf("read cached segment %s: %w", u.e.id, err)
 		}
@@ -291,12 +297,9 @@ func (m *machine) uploadOne(ctx context.Context, u *upload) {
 		err = fmt.Errorf("header says it starts at %d", meta.first)
 	}
 	if err != nil {
-		if m.inJournal(u.e.id.Seq) {
-			m.log.Info("dropping the unreadable cached copy of a segment already in the journal", logSegment, u.e.id.String(), logErr, err)
-			u.already = true
-			return
+		if !m.remains(u, err) {
+			u.err = fmt.Errorf("%w: cached segment %s: %w", errSegmentLost, u.e.id, err)
 		}
-		u.err = fmt.Errorf("%w: cached segment %s: %w", errSegmentLost, u.e.id, err)
 		return
 	}
 	size := int64(len(data))
@@ -516,9 +519,7 @@ func (m *machine) inAccount(ctx context.Context, key *seal.Key, e *segEntry) (ui
 		if err != nil {
 			return 0, false, err
 		}
-		var h wire.SegmentHeader
-		f, err := wire.NewReader(bytes.NewReader(plain), 0).Next()
-		if err != nil || f.Type != wire.TypeSegment || h.UnmarshalBinary(f.Payload) != nil || h.Prev != prev {
+		if h, err := wire.ParseSegmentHeader(plain); err != nil || h.Prev != prev {
 			continue // from another history of this sequence range
 		}
 		return sg.Last, true, nil

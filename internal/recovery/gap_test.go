@@ -27,16 +27,7 @@ func TestRecoverRefusesJournalGap(t *testing.T) {
 	const size = 64 << 10
 	m := recoverytest.New(t, mem.New(), "gap", size)
 	t0 := time.Date(2025, 5, 1, 0, 0, 0, 0, time.UTC)
-	var segs []string
-	var ends []uint64
-	for s := range 3 {
-		for range 10 {
-			m.Write(0, uint64(rng.IntN(60<<10)), randBytes(rng, 1+rng.IntN(4000)))
-		}
-		m.Marker(wire.MarkerTime, t0.Add(time.Duration(s)*time.Second))
-		segs = append(segs, m.Cut())
-		ends = append(ends, m.Seq())
-	}
+	_, ends := cutSegments(m, rng, t0, 3, 1)
 	// The second segment never reached the account: its tombstone did.
 	m.LoseSegment(1)
 	// The process server recorded the gap and held recoverable_until.
@@ -95,16 +86,7 @@ func TestRecoverDetectsMissingSegment(t *testing.T) {
 	const size = 64 << 10
 	m := recoverytest.New(t, mem.New(), "chain", size)
 	t0 := time.Date(2025, 5, 1, 0, 0, 0, 0, time.UTC)
-	var segs []string
-	var ends []uint64
-	for s := range 3 {
-		for range 10 {
-			m.Write(0, uint64(rng.IntN(60<<10)), randBytes(rng, 1+rng.IntN(4000)))
-		}
-		m.Marker(wire.MarkerTime, t0.Add(time.Duration(s)*time.Second))
-		segs = append(segs, m.Cut())
-		ends = append(ends, m.Seq())
-	}
+	segs, ends := cutSegments(m, rng, t0, 3, 1)
 	if err := m.Store.DeleteBlob(context.Background(), segs[1]); err != nil {
 		t.Fatal(err)
 	}
@@ -162,19 +144,11 @@ func TestRecoverAcrossSecondLossInGap(t *testing.T) {
 	const size = 64 << 10
 	m := recoverytest.New(t, mem.New(), "gap2", size)
 	t0 := time.Date(2025, 5, 1, 0, 0, 0, 0, time.UTC)
-	var segs []string
-	var ends []uint64
-	for s := range 5 {
-		for range 10 {
-			m.Write(0, uint64(rng.IntN(60<<10)), randBytes(rng, 1+rng.IntN(4000)))
-		}
-		if s == 4 {
-			m.Write(0, 0, m.Image(0, m.Seq())[:size]) // the resync
-		}
-		m.Marker(wire.MarkerTime, t0.Add(time.Duration(s)*time.Second))
-		segs = append(segs, m.Cut())
-		ends = append(ends, m.Seq())
-	}
+	segs, ends := cutSegments(m, rng, t0, 4, 1)
+	m.Write(0, 0, m.Image(0, m.Seq())[:size]) // the resync
+	m.Marker(wire.MarkerTime, t0.Add(4*time.Second))
+	segs = append(segs, m.Cut())
+	ends = append(ends, m.Seq())
 	m.LoseSegment(1)
 	m.LoseSegment(3)
 	m.Gaps = []layout.Gap{{From: ends[0] + 1, LostTo: ends[1], Mended: ends[4]}, {From: ends[2] + 1, LostTo: ends[3], Mended: ends[4]}}
@@ -204,15 +178,7 @@ func TestRecoverRefusesUnmendedDisk(t *testing.T) {
 	const size = 64 << 10
 	m := recoverytest.New(t, mem.New(), "unmended", size, size)
 	t0 := time.Date(2025, 5, 1, 0, 0, 0, 0, time.UTC)
-	var ends []uint64
-	for s := range 3 {
-		for range 10 {
-			m.Write(rng.IntN(2), uint64(rng.IntN(60<<10)), randBytes(rng, 1+rng.IntN(4000)))
-		}
-		m.Marker(wire.MarkerTime, t0.Add(time.Duration(s)*time.Second))
-		m.Cut()
-		ends = append(ends, m.Seq())
-	}
+	_, ends := cutSegments(m, rng, t0, 3, 2)
 	m.LoseSegment(1)
 	// d0 resynced (the whole disk rewritten), d1 not: left unmended.
 	m.Write(0, 0, m.Image(0, m.Seq())[:size])
@@ -249,3 +215,18 @@ func TestRecoverRefusesUnmendedDisk(t *testing.T) {
 type discardWriter struct{}
 
 func (discardWriter) WriteAt(p []byte, _ int64) (int, error) { return len(p), nil }
+
+// cutSegments makes n journal segments of ten random writes each over the
+// first disks disks of m, each ending with a time marker a second after
+// the last (from t0); it returns their names and last sequences.
+func cutSegments(m *recoverytest.Machine, rng *rand.Rand, t0 time.Time, n, disks int) (segs []string, ends []uint64) {
+	for s := range n {
+		for range 10 {
+			m.Write(rng.IntN(disks), uint64(rng.IntN(60<<10)), randBytes(rng, 1+rng.IntN(4000)))
+		}
+		m.Marker(wire.MarkerTime, t0.Add(time.Duration(s)*time.Second))
+		segs = append(segs, m.Cut())
+		ends = append(ends, m.Seq())
+	}
+	return segs, ends
+}

@@ -1,6 +1,7 @@
 package wire
 
 import (
+	"bytes"
 	"encoding/hex"
 	"fmt"
 	"strings"
@@ -479,6 +480,20 @@ func AppendSegmentHeader(dst []byte, h SegmentHeader) []byte {
 	le.PutUint64(p[:], h.Prev)
 	dst, _ = AppendFrame(dst, TypeSegment, 0, p[:]) // 8 bytes: never too long
 	return dst
+}
+
+// ParseSegmentHeader returns the header of the segment plaintext plain:
+// its first frame, which must be a TypeSegment one.
+func ParseSegmentHeader(plain []byte) (SegmentHeader, error) {
+	var h SegmentHeader
+	f, err := NewReader(bytes.NewReader(plain), 0).Next()
+	if err != nil {
+		return h, fmt.Errorf("segment header: %w", err)
+	}
+	if f.Type != TypeSegment {
+		return h, fmt.Errorf("segment header: first frame is %s", f.Type)
+	}
+	return h, h.UnmarshalBinary(f.Payload)
 }
 
 // UnmarshalBinary decodes a SegmentHeader payload.

@@ -172,25 +172,7 @@ func firstDiff(a, b []byte) int {
 // the model at seq (cut to the disk size).
 func recoverAndCheck(t *testing.T, m *recoverytest.Machine, disk int, point string, seq uint64) recovery.Result {
 	t.Helper()
-	path := filepath.Join(t.TempDir(), "disk.img")
-	res, err := recovery.RecoverFile(ctxT(t), m.Store, recovery.Request{
-		Machine: m.Name, Disk: m.Disks[disk].Name, Point: point, RecoveryKey: m.RecoveryKey,
-	}, path)
-	if err != nil {
-		t.Fatalf("recover %s: %v", point, err)
-	}
-	if res.Seq != seq {
-		t.Fatalf("recover %s: got seq %d, want %d", point, res.Seq, seq)
-	}
-	got, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	want := m.Image(disk, seq)[:m.Disks[disk].Size]
-	if off := firstDiff(got, want); off >= 0 {
-		t.Fatalf("recover %s (seq %d, base %q): differs from the model at byte %d (len %d, want %d)", point, seq, res.BaseID, off, len(got), len(want))
-	}
-	return res
+	return recoverSized(t, m, disk, point, seq, m.Disks[disk].Size)
 }
 
 func testApplyPointsRecover(t *testing.T, store blobstore.Store) {

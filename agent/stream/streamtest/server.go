@@ -161,22 +161,9 @@ func (s *Server) Lose(seq uint64) {
 }
 
 // Advance makes the server hold every sequence up to seq, as if another
-// agent streaming under the same name had sent them, and drops the
-// connection.
+// agent streaming under the same name (another run) had made them
+// durable, and drops the connection.
 func (s *Server) Advance(seq uint64) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.durable = max(s.durable, seq)
-	s.acked = max(s.acked, seq)
-	if s.cur != nil {
-		s.cur.Close()
-	}
-}
-
-// AdvanceAsOther makes the server hold sequences up to seq made durable
-// by another run of an agent under the same name, and drops the
-// connection.
-func (s *Server) AdvanceAsOther(seq uint64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.durable = max(s.durable, seq)
