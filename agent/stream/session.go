@@ -166,42 +166,38 @@ func (t *Target) agree(s *session, a *wire.HelloAck, initial bool) ([]wire.DiskA
 		// A process server cannot hold a sequence this agent never sent
 		// (on a reconnect), or never numbered (at Dial: nextSeq then is
 		// above every number this machine's state handed out; with no
-		// state, every disk gets a full sync anyway). If it does,
-		// another agent streams under the same name (a clone, a test boot
-		// of the replica with its agent on) or the state directory is an
-		// old copy: its records hold numbers of ours, which the process
-		// server would drop as duplicates. Never take its acks for ours;
-		// renumber, and let a compare bring back what differs.
-		// Another run made the newest records durable, beyond what we
-		// heard acknowledged: not ours (ours are acknowledged as made
-		// durable, or resent).
+		// state, every disk gets a full sync anyway), nor newest records
+		// another run made durable beyond what we heard acknowledged
+		// (ours are acknowledged, or resent). If it does, another agent
+		// streams under the same name (a clone, a test boot of the
+		// replica with its agent on) or the state directory is an old
+		// copy: its records hold numbers of ours, which the process
+		// server would drop as duplicates.
 		foreignRun := !initial && a.LastRun != (wire.RunID{}) && a.LastRun != t.runID && durable > max(t.ackedSeq, t.foreignSeen)
-		if (!initial && durable > t.maxSent) || foreignRun || (initial && t.ownState && durable >= t.nextSeq) {
+		foreign := (!initial && durable > t.maxSent) || foreignRun || (initial && t.ownState && durable >= t.nextSeq)
+		switch {
+		case foreign:
 			t.log.Error("the process server holds sequences this agent never sent: another agent streams as this machine, or the state directory is an old copy; resyncing by checksum",
 				"sent", t.maxSent, "next", t.nextSeq, "durable", durable)
-			t.markers = t.markers[:0]
-			for i := range out {
-				if out[i].Action == wire.SyncResume {
-					out[i].Action = wire.SyncChecksum
-				}
-			}
-		} else if durable < t.ackedSeq {
-			// It lost records it had acknowledged, and we freed them:
-			// only a compare can close the gap.
+		case durable < t.ackedSeq:
+			// It lost records it had acknowledged, and we freed them.
 			t.log.Warn("process server lost acknowledged records: resyncing by checksum",
 				"acked", t.ackedSeq, "durable", durable)
-			// Time markers sent before cover records it lost: acked
-			// with the records resent, they would date a replica with
-			// a gap.
+		default:
+			// Records it made durable without our hearing the ack.
+			t.ackLocked(durable)
+		}
+		if foreign || durable < t.ackedSeq {
+			// Never take the acks for ours; renumber, and let a compare
+			// bring back what differs. Time markers sent before cover
+			// records it lost or never had from us: acked with the
+			// records resent, they would date a replica with a gap.
 			t.markers = t.markers[:0]
 			for i := range out {
 				if out[i].Action == wire.SyncResume {
 					out[i].Action = wire.SyncChecksum
 				}
 			}
-		} else {
-			// Records it made durable without our hearing the ack.
-			t.ackLocked(durable)
 		}
 		if resume > t.nextSeq {
 			// It holds numbers we have no record of (state from an older
