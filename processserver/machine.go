@@ -215,7 +215,7 @@ func (m *machine) sealInPlace(b *segBuf) (cached []byte, ok bool, err error) {
 	}
 	plain := len(b.data)
 	appendCachedHeader(b.buf[:0], b.meta)
-	blob, err := seal.SealInPlace(alg, b.buf[cachedHeaderSize:segPrefix+plain], key, []byte(layout.SegmentName(m.name, b.meta.first, b.meta.last)))
+	blob, err := seal.SealInPlace(alg, b.buf[cachedHeaderSize:segPrefix+plain], key, []byte(layout.SegmentName(m.name, b.meta.first, b.meta.last)), nil)
 	if err != nil {
 		return nil, true, err
 	}

@@ -473,7 +473,8 @@ func TestZstdFrameSizes(t *testing.T) {
 
 // SealInPlace builds, in the plaintext's own buffer, a blob Open reads
 // like SealWith's, compressed or not; a buffer without room for the tag
-// is refused.
+// is refused. Its progress calls grow a prefix of the blob, in order, to
+// the whole blob, whose length the first call already gives.
 func TestSealInPlace(t *testing.T) {
 	key := testKey(t)
 	aad := []byte("m/journal/x")
@@ -487,9 +488,23 @@ func TestSealInPlace(t *testing.T) {
 		for _, alg := range []Alg{AlgNone, AlgS2, AlgZstd} {
 			buf := make([]byte, HeaderSize+len(plain), HeaderSize+len(plain)+TagSize)
 			copy(buf[HeaderSize:], plain)
-			blob, err := SealInPlace(alg, buf, key, aad)
+			var calls, last, first int
+			var seen []byte // the bytes progress reported, as reported
+			blob, err := SealInPlace(alg, buf, key, aad, func(done []byte, total int) {
+				if calls++; calls == 1 {
+					first = total
+				}
+				if len(done) < last || len(done) > total || total != first {
+					t.Fatalf("%s: progress %d of %d after %d of %d", alg, len(done), total, last, first)
+				}
+				seen = append(seen, done[last:]...)
+				last = len(done)
+			})
 			if err != nil {
 				t.Fatal(err)
+			}
+			if !bytes.Equal(seen, blob) || first != len(blob) || calls < 1+len(blob)/(64<<10) {
+				t.Fatalf("%s, %d bytes: progress saw %d bytes in %d calls, blob %d bytes", alg, len(plain), len(seen), calls, len(blob))
 			}
 			if &blob[0] != &buf[0] {
 				t.Fatalf("%s: blob not built in place", alg)
@@ -503,7 +518,7 @@ func TestSealInPlace(t *testing.T) {
 			}
 		}
 	}
-	if _, err := SealInPlace(AlgNone, make([]byte, HeaderSize+10), key, aad); err == nil {
+	if _, err := SealInPlace(AlgNone, make([]byte, HeaderSize+10), key, aad, nil); err == nil {
 		t.Error("a buffer with no room for the tag was accepted")
 	}
 }

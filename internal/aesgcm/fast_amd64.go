@@ -1,0 +1,117 @@
+//go:build !purego
+
+package aesgcm
+
+import (
+	"crypto/cipher"
+	"crypto/subtle"
+	"encoding/binary"
+
+	"golang.org/x/sys/cpu"
+)
+
+var haveVAES = cpu.X86.HasAVX512F && cpu.X86.HasAVX512BW && cpu.X86.HasAVX512VL &&
+	cpu.X86.HasAVX512VAES && cpu.X86.HasAVX512VPCLMULQDQ && cpu.X86.HasAES && cpu.X86.HasPCLMULQDQ
+
+//go:noescape
+func expandKey(key *[32]byte, rk *[240]byte)
+
+//go:noescape
+func initTable(rk *[240]byte, htab *[512]byte)
+
+//go:noescape
+func ghashBlocks(htab *[512]byte, acc *[16]byte, data *byte, n int)
+
+//go:noescape
+func encBulk(rk *[240]byte, htab *[512]byte, dst, src *byte, n int, ctr, acc *[16]byte)
+
+// round is what one turn of encBulk seals: 32 blocks.
+const round = 512
+
+type fastGCM struct {
+	rk    [240]byte    // AES-256 round keys
+	htab  [512]byte    // H^32 … H^1 for GHASH
+	block cipher.Block // crypto/aes, for the few single blocks
+}
+
+func newFast(key []byte, block cipher.Block) *fastGCM {
+	if !haveVAES {
+		return nil
+	}
+	f := &fastGCM{block: block}
+	expandKey((*[32]byte)(key), &f.rk)
+	initTable(&f.rk, &f.htab)
+	return f
+}
+
+// ghash folds data into acc, the last partial block padded with zeros.
+func (f *fastGCM) ghash(acc *[16]byte, data []byte) {
+	if n := len(data) / 16; n > 0 {
+		ghashBlocks(&f.htab, acc, &data[0], n)
+	}
+	if r := len(data) % 16; r > 0 {
+		var last [16]byte
+		copy(last[:], data[len(data)-r:])
+		ghashBlocks(&f.htab, acc, &last[0], 1)
+	}
+}
+
+func (f *fastGCM) seal(dst, nonce, plaintext, aad []byte, chunk int, fn func([]byte)) []byte {
+	ret, out := sliceForAppend(dst, len(plaintext)+Overhead)
+	if inexactOverlap(out, plaintext) {
+		panic("aesgcm: invalid buffer overlap")
+	}
+	var j0, ctr, acc [16]byte
+	copy(j0[:], nonce)
+	j0[15] = 1
+	ctr = j0
+	ctr[15] = 2
+	f.ghash(&acc, aad)
+
+	if fn == nil {
+		chunk = len(plaintext) + round
+	}
+	for done := 0; done < len(plaintext); {
+		n := min(chunk, len(plaintext)-done)
+		bulk := n &^ (round - 1)
+		if bulk > 0 {
+			encBulk(&f.rk, &f.htab, &out[done], &plaintext[done], bulk/round, &ctr, &acc)
+		}
+		if bulk < n {
+			f.tail(out[done+bulk:done+n], plaintext[done+bulk:done+n], &ctr, &acc)
+		}
+		if fn != nil {
+			fn(out[done : done+n])
+		}
+		done += n
+	}
+
+	var lens [16]byte
+	binary.BigEndian.PutUint64(lens[:8], uint64(len(aad))*8)
+	binary.BigEndian.PutUint64(lens[8:], uint64(len(plaintext))*8)
+	ghashBlocks(&f.htab, &acc, &lens[0], 1)
+
+	// acc is byte-reversed; the tag is its reverse XOR AES(K, J0).
+	var ks [16]byte
+	f.block.Encrypt(ks[:], j0[:])
+	tag := out[len(plaintext):]
+	for i := range 16 {
+		tag[i] = acc[15-i] ^ ks[i]
+	}
+	return ret
+}
+
+// tail seals the last bytes of a message, under a round, a block at a time
+// with crypto/aes.
+func (f *fastGCM) tail(out, in []byte, ctr, acc *[16]byte) {
+	var ks [16]byte
+	for i := 0; i < len(in); i += 16 {
+		f.block.Encrypt(ks[:], ctr[:])
+		binary.BigEndian.PutUint32(ctr[12:], binary.BigEndian.Uint32(ctr[12:])+1)
+		e := min(i+16, len(in))
+		subtle.XORBytes(out[i:e], in[i:e], ks[:e-i])
+	}
+	f.ghash(acc, out)
+}
+
+func haveFeatures() bool { return haveVAES }
