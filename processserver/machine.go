@@ -204,23 +204,34 @@ func (m *machine) sealSegment(dst []byte, b *segBuf) ([]byte, error) {
 // its buffer keeps, and returns the cached segment (header and blob) in
 // b's buffer; b's plaintext is gone. ok is false, with nothing done, when
 // the frames have outgrown the buffer (a huge frame): seal a copy then.
-func (m *machine) sealInPlace(b *segBuf) (cached []byte, ok bool, err error) {
+// The cached segment's shard checksums for c are gathered as the cipher
+// writes it (sums), while each piece is in the CPU cache.
+func (m *machine) sealInPlace(b *segBuf, c *cache.Cache) (cached []byte, sums *cache.Sums, ok bool, err error) {
 	if cap(b.buf) < segPrefix+len(b.data)+seal.TagSize || len(b.data) == 0 ||
 		&b.buf[:segPrefix+1][segPrefix] != &b.data[0] {
-		return nil, false, nil
+		return nil, nil, false, nil
 	}
 	key, alg := m.sealParams()
 	if key == nil {
-		return nil, true, errors.New("no data key loaded for the machine")
+		return nil, nil, true, errors.New("no data key loaded for the machine")
 	}
 	plain := len(b.data)
 	appendCachedHeader(b.buf[:0], b.meta)
-	blob, err := seal.SealInPlace(alg, b.buf[cachedHeaderSize:segPrefix+plain], key, []byte(layout.SegmentName(m.name, b.meta.first, b.meta.last)), nil)
+	summed := 0 // blob bytes given to sums
+	progress := func(done []byte, total int) {
+		if sums == nil {
+			sums = c.NewSums(cachedHeaderSize + total)
+			sums.Write(b.buf[:cachedHeaderSize])
+		}
+		sums.Write(done[summed:])
+		summed = len(done)
+	}
+	blob, err := seal.SealInPlace(alg, b.buf[cachedHeaderSize:segPrefix+plain], key, []byte(layout.SegmentName(m.name, b.meta.first, b.meta.last)), progress)
 	if err != nil {
-		return nil, true, err
+		return nil, nil, true, err
 	}
 	m.noteCompression(alg, len(blob)-seal.Overhead, plain)
-	return b.buf[:cachedHeaderSize+len(blob)], true, nil
+	return b.buf[:cachedHeaderSize+len(blob)], sums, true, nil
 }
 
 // sealParams returns the machine's data key and the compressor for its

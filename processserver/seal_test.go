@@ -7,6 +7,7 @@ import (
 
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/lifeboat-dr/lifeboat/internal/seal"
+	"github.com/lifeboat-dr/lifeboat/processserver/cache"
 )
 
 // TestSealSegmentSkipsCompression: a run of incompressible segments turns
@@ -26,6 +27,10 @@ func sealSegmentSkipsCompression(t *testing.T, inPlace bool) {
 		t.Fatal(err)
 	}
 	m := &machine{name: "m1", key: key}
+	c, err := cache.Open([]string{t.TempDir(), t.TempDir(), t.TempDir()}, cache.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
 	rng := rand.New(rand.NewPCG(1, 2))
 	random := func() []byte {
 		b := make([]byte, 256<<10)
@@ -47,11 +52,22 @@ func sealSegmentSkipsCompression(t *testing.T, inPlace bool) {
 			b.data = append(b.buf[segPrefix:segPrefix], data...)
 			data = bytes.Clone(data)
 			var ok bool
-			if out, ok, err = m.sealInPlace(b); !ok {
+			var sums *cache.Sums
+			if out, sums, ok, err = m.sealInPlace(b, c); !ok {
 				t.Fatal("a segment that fits its buffer was not sealed in place")
 			}
 			if err == nil && &out[0] != &b.buf[0] {
 				t.Fatal("sealed elsewhere")
+			}
+			// The checksums gathered while sealing are those of out.
+			id := cache.SegmentID{Stream: "m1", Seq: b.meta.first}
+			if err == nil {
+				if err := c.PutSummed(id, out, sums); err != nil {
+					t.Fatal(err)
+				}
+				if n, err := c.Repair(id); n != 0 || err != nil {
+					t.Fatalf("shards summed while sealing do not verify: %d rebuilt, %v", n, err)
+				}
 			}
 		} else {
 			out, err = m.sealSegment(nil, b)
@@ -101,12 +117,12 @@ func TestSealInPlaceRefusesOutgrownBuffer(t *testing.T) {
 	b.reset()
 	b.meta = segMeta{first: 1, last: 1}
 	b.data = append(b.data, make([]byte, 2000)...) // reallocated elsewhere
-	if _, ok, err := m.sealInPlace(b); ok || err != nil {
+	if _, _, ok, err := m.sealInPlace(b, nil); ok || err != nil {
 		t.Fatalf("outgrown buffer: ok %v, err %v; want a refusal", ok, err)
 	}
 	b.reset()
 	b.data = append(b.data, make([]byte, 1000-seal.TagSize+1)...) // fits, but not the tag
-	if _, ok, err := m.sealInPlace(b); ok || err != nil {
+	if _, _, ok, err := m.sealInPlace(b, nil); ok || err != nil {
 		t.Fatalf("no room for the tag: ok %v, err %v; want a refusal", ok, err)
 	}
 }

@@ -534,7 +534,7 @@ func (st *session) flusher() {
 		kept := false // b's buffer holds a hot segment now
 		if !failed {
 			id := cache.SegmentID{Stream: st.m.name, Seq: b.meta.first}
-			cached, inPlace, err := st.m.sealInPlace(b)
+			cached, sums, inPlace, err := st.m.sealInPlace(b, st.s.cache)
 			if err == nil && !inPlace {
 				sealed, err = st.m.sealSegment(sealed[:0], b)
 				cached = sealed
@@ -543,7 +543,7 @@ func (st *session) flusher() {
 				failed = true
 				st.log.Error("cannot seal a segment; closing the connection, the agent will resend", logSegment, id.String(), logErr, err)
 				st.abortWith(wire.CodeInternal, "process server cannot seal the segment; reconnect and resend", err)
-			} else if err := st.s.cache.Put(id, cached); err != nil {
+			} else if err := st.s.cache.PutSummed(id, cached, sums); err != nil {
 				failed = true
 				st.log.Error("cache write failed; closing the connection, the agent will resend", logSegment, id.String(), logErr, err)
 				st.abortWith(wire.CodeInternal, "process server cache write failed; reconnect and resend", err)

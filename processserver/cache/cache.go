@@ -304,11 +304,22 @@ func (c *Cache) shardPath(slot int, id SegmentID) string {
 //
 // data is not retained.
 func (c *Cache) Put(id SegmentID, data []byte) error {
+	return c.PutSummed(id, data, nil)
+}
+
+// PutSummed is Put with the data shards' checksums gathered by sums (see
+// NewSums) as data was produced, which saves reading data again here.
+// sums must have been given all of data, and nothing else.
+func (c *Cache) PutSummed(id SegmentID, data []byte, sums *Sums) error {
 	if err := validStream(id.Stream); err != nil {
 		return err
 	}
 	if len(data) == 0 || len(data) > c.maxSeg {
 		return fmt.Errorf("cache: put %s: segment of %d bytes, want 1 to %d", id, len(data), c.maxSeg)
+	}
+	if sums != nil && (sums.segLen != len(data) || sums.pos != len(data) || len(sums.crcs) != c.k) {
+		return fmt.Errorf("cache: put %s: checksums of %d of %d bytes over %d shards for a segment of %d bytes over %d",
+			id, sums.pos, sums.segLen, len(sums.crcs), len(data), c.k)
 	}
 	mu := c.lock(id)
 	mu.Lock()
@@ -365,6 +376,9 @@ func (c *Cache) Put(id SegmentID, data []byte) error {
 	// shards'; their padding (zeroes at the end of the last shards) is
 	// checksummed after.
 	crcs := make([]uint32, n)
+	if sums != nil {
+		copy(crcs, sums.crcs)
+	}
 	dataLen := make([]int, c.k) // data bytes in each data shard
 	for i := range c.k {
 		dataLen[i] = max(0, min(shardLen, len(data)-i*shardLen))
@@ -394,7 +408,7 @@ func (c *Cache) Put(id SegmentID, data []byte) error {
 			}
 		}
 		for i := range c.k {
-			if de := min(e, dataLen[i]); de > o {
+			if de := min(e, dataLen[i]); de > o && sums == nil {
 				crcs[i] = crc32.Update(crcs[i], castagnoli, stripe[i][:de-o])
 			}
 		}
@@ -444,6 +458,35 @@ func (c *Cache) Put(id SegmentID, data []byte) error {
 		}
 	}
 	return nil
+}
+
+// Sums gathers the checksums of a segment's data shards while the
+// segment is produced, in order, so that PutSummed need not read it
+// again: a producer that writes each piece to Sums right after making it
+// reads it from the CPU cache, where Put would read it from memory.
+type Sums struct {
+	shardLen, segLen, pos int
+	crcs                  []uint32
+}
+
+// NewSums returns the Sums of a segment of segLen bytes for c.
+func (c *Cache) NewSums(segLen int) *Sums {
+	return &Sums{shardLen: int(alignedShardLen(uint64(segLen), uint8(c.k))), segLen: segLen, crcs: make([]uint32, c.k)}
+}
+
+// Write adds the segment's next bytes. It panics past the segment's
+// length.
+func (s *Sums) Write(p []byte) {
+	if s.pos+len(p) > s.segLen {
+		panic(fmt.Sprintf("cache: %d bytes summed into a segment of %d", s.pos+len(p), s.segLen))
+	}
+	for len(p) > 0 {
+		i := s.pos / s.shardLen
+		n := min(len(p), (i+1)*s.shardLen-s.pos)
+		s.crcs[i] = crc32.Update(s.crcs[i], castagnoli, p[:n])
+		s.pos += n
+		p = p[n:]
+	}
 }
 
 // stripeLen is how much of each shard Put handles at a time: a stripe of
