@@ -46,6 +46,9 @@ func New(key []byte) (*GCM, error) {
 	return &GCM{std: std, fast: newFast(key, block)}, nil
 }
 
+// Format prints no key material, whatever the verb.
+func (g *GCM) Format(f fmt.State, _ rune) { fmt.Fprint(f, "aesgcm.GCM") }
+
 // Accelerated reports whether Seal uses the VAES path.
 func (g *GCM) Accelerated() bool { return g.fast != nil }
 
@@ -69,6 +72,9 @@ func (g *GCM) Seal(dst, nonce, plaintext, aad []byte) []byte {
 func (g *GCM) SealChunks(dst, nonce, plaintext, aad []byte, chunk int, fn func([]byte)) []byte {
 	if len(nonce) != NonceSize {
 		panic("aesgcm: incorrect nonce length")
+	}
+	if uint64(len(plaintext)) > (1<<32-2)*16 {
+		panic("aesgcm: message too large for GCM")
 	}
 	if fn != nil && (chunk <= 0 || chunk%512 != 0) {
 		panic(errors.New("aesgcm: chunk must be a positive multiple of 512"))

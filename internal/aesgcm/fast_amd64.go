@@ -113,5 +113,3 @@ func (f *fastGCM) tail(out, in []byte, ctr, acc *[16]byte) {
 	}
 	f.ghash(acc, out)
 }
-
-func haveFeatures() bool { return haveVAES }

@@ -1,0 +1,5 @@
+//go:build purego
+
+package aesgcm
+
+const purego = true
