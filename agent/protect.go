@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"path/filepath"
 	"slices"
@@ -59,6 +60,7 @@ type ProtectConfig struct {
 	PreScript     string
 	PostScript    string
 	Metrics       string        // listen address of the Prometheus endpoint; "" = none
+	Profiling     bool          // also serve Go's profiles there, under /debug/pprof/
 	StopTimeout   time.Duration // how long a stop waits for the process server (default 1 min)
 	Logger        *slog.Logger
 	Progress      io.Writer     // initial sync progress
@@ -282,7 +284,7 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 	resync.attach(e)
 	stopMetrics := func() {}
 	if cfg.Metrics != "" {
-		if stopMetrics, err = serveMetrics(cfg.Metrics, protectMetrics(cfg.Name, tgt, e.overflowEvents), log); err != nil {
+		if stopMetrics, err = serveMetrics(cfg.Metrics, protectMetrics(cfg.Name, tgt, e.overflowEvents), cfg.Profiling, log); err != nil {
 			e.Close()
 			return err
 		}
@@ -601,14 +603,19 @@ func protectMetrics(machine string, s rpoSource, overflow func() uint64) *promet
 	return reg
 }
 
-// serveMetrics serves reg on addr until the returned stop is called.
-func serveMetrics(addr string, reg *prometheus.Registry, log *slog.Logger) (stop func(), err error) {
+// serveMetrics serves reg on addr, and with profiling Go's profiles, until
+// the returned stop is called.
+func serveMetrics(addr string, reg *prometheus.Registry, profiling bool, log *slog.Logger) (stop func(), err error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("metrics: %w", err)
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	if profiling {
+		mux.HandleFunc("/debug/pprof/", pprof.Index)
+		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	}
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {

@@ -104,8 +104,9 @@ type PipelineConfig struct {
 	// CacheDirs is how many cache directories the process server gets
 	// (cache.DefaultGeometry: 3 → 2 data + 1 parity). Default: 3.
 	CacheDirs int
-	// ProfileDir, if set, keeps each level's process server CPU profile
-	// there (level-N.pprof, for go tool pprof).
+	// ProfileDir, if set, keeps each level's CPU profiles there, for go
+	// tool pprof: the process server's (level-N.pprof) and the agent's
+	// (level-N-agent.pprof).
 	ProfileDir string
 	// SampleInterval is how often the manifest is read for RPO and apply
 	// lag. Default: 250 ms.
@@ -426,6 +427,7 @@ type pipeline struct {
 	psAddr   string
 	metrics  string // process server metrics URL
 	agent    *child
+	agentURL string // agent metrics and profiles, with ProfileDir
 	notify   *notifyListener
 	stateDir string
 	sampler  *manifestSampler
@@ -552,6 +554,14 @@ func (p *pipeline) start(ctx context.Context) (float64, error) {
 		// fsfreeze of a device without a file system is not what is
 		// measured here.
 		"--app-interval", "0",
+	}
+	if p.cfg.ProfileDir != "" {
+		addr, err := freeLocalAddr()
+		if err != nil {
+			return 0, err
+		}
+		p.agentURL = "http://" + addr
+		agentArgs = append(agentArgs, "--metrics", addr, "--pprof")
 	}
 	started := time.Now()
 	env = append(envWithout(os.Environ(), "NOTIFY_SOCKET"), "NOTIFY_SOCKET="+p.notify.path)
@@ -699,6 +709,7 @@ func (p *pipeline) runLevel(ctx context.Context, label string, rate float64, bs 
 		err error
 	}
 	profCh := make(chan profResult, 1)
+	agentProf := make(chan error, 1)
 	go func() {
 		keep := ""
 		if p.cfg.ProfileDir != "" {
@@ -706,6 +717,14 @@ func (p *pipeline) runLevel(ctx context.Context, label string, rate float64, bs 
 		}
 		cpu, err := profileStages(ctx, strings.TrimSuffix(p.metrics, "/metrics"), p.cfg.Runtime, keep)
 		profCh <- profResult{cpu, err}
+	}()
+	go func() {
+		var err error
+		if p.agentURL != "" {
+			keep := filepath.Join(p.cfg.ProfileDir, fmt.Sprintf("level-%d-agent.pprof", p.levels+1))
+			_, err = fetchProfile(ctx, "agent", p.agentURL, p.cfg.Runtime, keep)
+		}
+		agentProf <- err
 	}()
 	res, err := runPipelineFio(ctx, p.cfg, p.dev, bs, rate, p.work)
 	if err != nil {
@@ -719,6 +738,9 @@ func (p *pipeline) runLevel(ctx context.Context, label string, rate float64, bs 
 	prof := <-profCh
 	if prof.err != nil {
 		return l, prof.err
+	}
+	if err := <-agentProf; err != nil {
+		return l, err
 	}
 	l.setStages(prof.cpu, int64(cEnd.received-c0.received))
 	p.levels++

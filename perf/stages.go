@@ -29,6 +29,21 @@ var BeforeUploadStages = []string{stage.Ingest, stage.Prepare}
 // without path) and returns CPU seconds per stage label. If keep is set,
 // the profile is also written there.
 func profileStages(ctx context.Context, base string, d time.Duration, keep string) (map[string]float64, error) {
+	raw, err := fetchProfile(ctx, "process server", base, d, keep)
+	if err != nil {
+		return nil, err
+	}
+	p, err := profile.ParseData(raw)
+	if err != nil {
+		return nil, fmt.Errorf("process server CPU profile: %w", err)
+	}
+	return cpuByStage(p)
+}
+
+// fetchProfile records a CPU profile of role for d through its
+// /debug/pprof/profile endpoint under base, writes it to keep if set, and
+// returns it.
+func fetchProfile(ctx context.Context, role, base string, d time.Duration, keep string) ([]byte, error) {
 	secs := max(1, int(math.Round(d.Seconds())))
 	ctx, cancel := context.WithTimeout(ctx, d+30*time.Second)
 	defer cancel()
@@ -38,27 +53,23 @@ func profileStages(ctx context.Context, base string, d time.Duration, keep strin
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("process server CPU profile: %w", err)
+		return nil, fmt.Errorf("%s CPU profile: %w", role, err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
 		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-		return nil, fmt.Errorf("process server CPU profile: %s: %s", resp.Status, strings.TrimSpace(string(msg)))
+		return nil, fmt.Errorf("%s CPU profile: %s: %s", role, resp.Status, strings.TrimSpace(string(msg)))
 	}
 	raw, err := io.ReadAll(resp.Body)
 	if err != nil {
-		return nil, fmt.Errorf("process server CPU profile: %w", err)
+		return nil, fmt.Errorf("%s CPU profile: %w", role, err)
 	}
 	if keep != "" {
 		if err := os.WriteFile(keep, raw, 0o644); err != nil {
 			return nil, err
 		}
 	}
-	p, err := profile.ParseData(raw)
-	if err != nil {
-		return nil, fmt.Errorf("process server CPU profile: %w", err)
-	}
-	return cpuByStage(p)
+	return raw, nil
 }
 
 // cpuByStage sums a CPU profile's sample time by stage label.

@@ -60,6 +60,9 @@ const (
 	stableSession  = 5 * time.Second // a session this long resets the backoff
 	maxZeroRecord  = 1 << 30         // OpZero records are split at 1 GiB (Length is 32 bits)
 	keepFreeChunks = 8
+	// keepFreeSegments bounds the recycled segment structs (their record
+	// lists): segments flushed on the timer are small and many.
+	keepFreeSegments = 256
 )
 
 // Log keys.
@@ -146,7 +149,8 @@ type Stats struct {
 // segment is one batch: records whose data is copied into arena, which
 // never grows, so the Data slices the BatchBuilder keeps stay valid.
 type segment struct {
-	arena   []byte
+	arena   []byte // the records' data, carved from ch
+	ch      *chunk
 	bb      wire.BatchBuilder
 	first   uint64
 	last    uint64
@@ -154,6 +158,20 @@ type segment struct {
 	payload int       // batch payload bytes, set when sealed
 	freed   bool      // acknowledged while the sender was writing it
 }
+
+// chunk is memory that consecutive segments carve their arenas from. A
+// segment flushed after FlushInterval may hold a few KiB: a whole
+// FlushBytes arena each kept about ten times the data in memory until its
+// acknowledgement, and allocating and zeroing them cost the agent more
+// CPU than copying the data in.
+type chunk struct {
+	buf  []byte // buf[:len] is carved out
+	refs int    // segments carved from it and not recycled
+}
+
+// minArena is the least room a new segment takes in the current chunk;
+// with less left, it starts a new chunk.
+const minArena = 64 << 10
 
 type sentMarker struct {
 	seq uint64
@@ -202,10 +220,12 @@ type Target struct {
 	segs        []*segment
 	sent        int // segs[:sent] are on the current connection
 	open        *segment
-	free        []*segment
-	busy        *segment // being written by the sender
-	buffered    int64
-	pending     uint64 // payload of segs
+	free        []*segment // recycled segments (their chunks released)
+	chunks      []*chunk   // free chunks
+	cur         *chunk     // the chunk new segments are carved from
+	busy        *segment   // being written by the sender
+	buffered    int64      // bytes of chunks in use
+	pending     uint64     // payload of segs
 	inflight    uint64
 	window      uint64
 	connected   bool
@@ -455,15 +475,16 @@ func (t *Target) add(r wire.Record, data []byte, seal bool) error {
 		t.sealLocked()
 	}
 	if t.open == nil {
-		// Wait for room; one segment is always allowed so that a
-		// buffer smaller than a segment cannot deadlock.
-		for t.err == nil && t.buffered > 0 && t.buffered+int64(t.cfg.FlushBytes) > t.cfg.BufferBytes {
+		// Wait for room, unless the current chunk has it; one chunk is
+		// always allowed so that a buffer smaller than a chunk cannot
+		// deadlock.
+		for t.err == nil && !t.fitsLocked(len(data)) && t.buffered > 0 && t.buffered+int64(t.cfg.FlushBytes) > t.cfg.BufferBytes {
 			t.cond.Wait()
 		}
 		if t.err != nil {
 			return t.err
 		}
-		t.open = t.newSegmentLocked()
+		t.open = t.newSegmentLocked(len(data))
 	}
 	if t.nextSeq >= t.lease {
 		if err := t.extendLeaseLocked(); err != nil {
@@ -496,24 +517,74 @@ func (t *Target) add(r wire.Record, data []byte, seal bool) error {
 	return nil
 }
 
-func (t *Target) newSegmentLocked() *segment {
+// fitsLocked reports whether a new segment whose first record holds need
+// bytes of data fits in the current chunk.
+func (t *Target) fitsLocked(need int) bool {
+	return t.cur != nil && cap(t.cur.buf)-len(t.cur.buf) >= max(need, minArena)
+}
+
+// newSegmentLocked opens a segment in the current chunk, or in a new one
+// when the current one lacks room for need bytes (records are at most
+// FlushBytes, a chunk's size).
+func (t *Target) newSegmentLocked(need int) *segment {
+	if !t.fitsLocked(need) {
+		if c := t.cur; c != nil && c.refs == 0 {
+			t.releaseChunkLocked(c)
+		}
+		if n := len(t.chunks); n > 0 {
+			t.cur, t.chunks = t.chunks[n-1], t.chunks[:n-1]
+		} else {
+			t.cur = &chunk{buf: make([]byte, 0, max(t.cfg.FlushBytes, need))}
+		}
+		t.buffered += int64(cap(t.cur.buf))
+	}
 	var s *segment
 	if n := len(t.free); n > 0 {
 		s, t.free = t.free[n-1], t.free[:n-1]
 	} else {
-		s = &segment{arena: make([]byte, 0, t.cfg.FlushBytes)}
+		s = &segment{}
 	}
-	t.buffered += int64(cap(s.arena))
+	c := t.cur
+	c.refs++
+	s.ch, s.arena = c, c.buf[len(c.buf):len(c.buf)]
 	return s
 }
 
+// closeArenaLocked ends s's carving: the chunk's next segment starts
+// after s's data.
+func (t *Target) closeArenaLocked(s *segment) {
+	if c := s.ch; c == t.cur && len(s.arena) > 0 {
+		c.buf = c.buf[:len(c.buf)+len(s.arena)]
+	}
+	s.arena = s.arena[:len(s.arena):len(s.arena)]
+}
+
 func (t *Target) recycleLocked(s *segment) {
-	t.buffered -= int64(cap(s.arena))
-	if len(t.free) < keepFreeChunks {
-		s.arena = s.arena[:0]
+	if c := s.ch; c != nil {
+		if c.refs--; c.refs == 0 {
+			if c == t.cur {
+				c.buf = c.buf[:0] // nothing carved from it is in use
+			} else {
+				t.releaseChunkLocked(c)
+			}
+		}
+	}
+	if len(t.free) < keepFreeSegments {
+		s.arena, s.ch = nil, nil
 		s.bb.Reset()
 		s.first, s.last, s.payload, s.freed = 0, 0, 0, false
 		t.free = append(t.free, s)
+	}
+}
+
+func (t *Target) releaseChunkLocked(c *chunk) {
+	t.buffered -= int64(cap(c.buf))
+	if t.cur == c {
+		t.cur = nil
+	}
+	if len(t.chunks) < keepFreeChunks {
+		c.buf, c.refs = c.buf[:0], 0
+		t.chunks = append(t.chunks, c)
 	}
 }
 
@@ -524,6 +595,7 @@ func (t *Target) sealLocked() {
 		return
 	}
 	s.payload = s.bb.Len()
+	t.closeArenaLocked(s)
 	t.pending += uint64(s.payload)
 	t.segs = append(t.segs, s)
 	t.open = nil

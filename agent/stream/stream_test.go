@@ -327,6 +327,55 @@ func TestClosedWindowBlocksWriteAt(t *testing.T) {
 	checkStream(t, srv, 1, uint64(len(data)/(64<<10)))
 }
 
+// Small batches (each cut short by a marker, as the flush timer does)
+// share memory: unacknowledged, 200 batches of 4 KiB fit in a 2 MiB
+// buffer, which whole 1 MiB arenas per batch would have filled after two.
+// Then everything arrives, in order, and the replica equals the writes.
+func TestSmallBatchesShareMemory(t *testing.T) {
+	srv := streamtest.New(t)
+	srv.HoldAcks(true)
+	const size = 4 << 20
+	cfg := config(t, srv, t.TempDir(), size)
+	cfg.BufferBytes = 2 << 20
+	cfg.FlushBytes = 1 << 20
+	tg := dial(t, cfg)
+	rng := rand.New(rand.NewPCG(7, 8))
+	data := randBytes(rng, 200*4096)
+	done := make(chan error, 1)
+	go func() {
+		for off := 0; off < len(data); off += 4096 {
+			if err := tg.WriteAt(0, data[off:off+4096], int64(off)); err != nil {
+				done <- err
+				return
+			}
+			if err := tg.Mark(wire.MarkerCrashConsistent, time.Now()); err != nil {
+				done <- err
+				return
+			}
+		}
+		done <- nil
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatalf("writes blocked: 200 batches of 4 KiB did not fit a 2 MiB buffer (%d bytes buffered)", tg.Stats().BufferedBytes)
+	}
+	if b := tg.Stats().BufferedBytes; b > 2<<20 {
+		t.Fatalf("%d bytes buffered for 800 KiB of data", b)
+	}
+	srv.HoldAcks(false)
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(srv.Image("d0")[:len(data)], data) {
+		t.Fatal("replica differs")
+	}
+	checkStream(t, srv, 1, 400)
+}
+
 // Generations and sequence numbers survive restarts; a crash may skip
 // sequence numbers but never reuses one.
 func TestStatePersistsAcrossRestarts(t *testing.T) {

@@ -130,7 +130,7 @@ Node.js; takes several minutes with the defaults.`,
 	f.Int64Var(&deviceMiB, "device-mib", 1024, "loop device size in MiB")
 	f.Int64Var(&ceilingMB, "ceiling-mb", 0, "MB each ceiling measurement writes (0: 20 MB/s × runtime, at least 64 MiB)")
 	f.BoolVar(&azuriteMem, "azurite-memory", false, "run Azurite in memory instead of on disk")
-	f.StringVar(&cfg.ProfileDir, "profile-dir", "", "keep each level's process server CPU profile in this directory (level-N.pprof)")
+	f.StringVar(&cfg.ProfileDir, "profile-dir", "", "keep each level's CPU profiles in this directory (level-N.pprof: process server, level-N-agent.pprof: agent)")
 	f.IntVar(&cfg.CacheDirs, "cache-dirs", 3, "process server cache directories (Reed-Solomon: 3 → 2 data + 1 parity)")
 	f.StringVar(&jsonOut, "json", "", "also write the report as JSON to this file (- for stdout)")
 	return cmd

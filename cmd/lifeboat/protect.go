@@ -70,6 +70,7 @@ the --pki directory.`
 	f.IntVar(&ringMiB, "ring-mib", 64, "BPF ring buffer size in MiB (power of two)")
 	f.StringVar(&stateDir, "state-dir", "/var/lib/lifeboat", "agent state directory")
 	f.StringVar(&cfg.Metrics, "metrics", "", "serve Prometheus metrics on ADDR (e.g. :9101)")
+	f.BoolVar(&cfg.Profiling, "pprof", false, "also serve Go profiles on the metrics address under /debug/pprof/")
 	f.DurationVar(&cfg.CrashInterval, "crash-interval", agent.DefaultCrashInterval, "crash-consistent point interval (0: off)")
 	f.DurationVar(&cfg.AppInterval, "app-interval", agent.DefaultAppInterval, "app-consistent (fsfreeze) point interval (0: off)")
 	f.StringVar(&cfg.PreScript, "pre-script", "", "run before freezing for an app-consistent point (gets the mount points)")
