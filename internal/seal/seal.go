@@ -1,6 +1,6 @@
 // Package seal turns a cache segment into the blob that is uploaded to
 // object storage, and back: compress, then encrypt with AES-256-GCM under a
-// per-machine data key.
+// per-machine data key (sealed by internal/aesgcm, opened by crypto/cipher).
 //
 // A sealed blob is
 //

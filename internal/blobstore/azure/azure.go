@@ -207,9 +207,11 @@ func (s *Store) EnsureContainer(ctx context.Context) error {
 	return s.wrap("create container", s.name, err)
 }
 
-// PutBlob implements blobstore.Store. The MD5 is sent as Content-MD5, which
-// the service verifies before committing (Md5Mismatch otherwise), and is
-// stored as the blob's Content-MD5 so GetBlob can verify the download.
+// PutBlob implements blobstore.Store. The content's CRC64 goes with it
+// (x-ms-content-crc64), which the service verifies before committing; the
+// service stores the blob's Content-MD5, computed on its side, which
+// GetBlob verifies the download against. (A client-side MD5 was 18 % of
+// the process server's CPU: crypto/md5 runs at 0.7 GB/s here.)
 func (s *Store) PutBlob(ctx context.Context, name string, data []byte, md blobstore.Metadata) error {
 	if err := checkPut(name, md); err != nil {
 		return err
@@ -217,11 +219,9 @@ func (s *Store) PutBlob(ctx context.Context, name string, data []byte, md blobst
 	if len(data) > blobstore.MaxBlockBlobSize {
 		return fmt.Errorf("azure: put blob %q: %d bytes exceeds the single-request limit: %w", name, len(data), blobstore.ErrInvalid)
 	}
-	sum := md5.Sum(data)
 	_, err := s.c.NewBlockBlobClient(name).Upload(ctx, body(data), &blockblob.UploadOptions{
 		Metadata:                toAzure(md),
-		TransactionalValidation: blob.TransferValidationTypeMD5(sum[:]),
-		HTTPHeaders:             &blob.HTTPHeaders{BlobContentMD5: sum[:]},
+		TransactionalValidation: blob.TransferValidationTypeCRC64(crc64Of(data)),
 	})
 	return s.wrap("put blob", name, err)
 }

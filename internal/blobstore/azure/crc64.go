@@ -24,10 +24,26 @@ var crc64Tables = func() (t [8][256]uint64) {
 	return t
 }()
 
-// crc64Of returns the CRC64 of p as Azure computes it.
+// crc64Of returns the CRC64 of p as Azure computes it. Where the CPU has
+// carry-less multiplication, the bulk of p is folded 64 bytes at a time
+// (about ten times the table's speed) and the table finishes.
 func crc64Of(p []byte) uint64 {
+	if haveCLMUL && len(p) >= foldMin {
+		n := len(p) &^ 63
+		var acc [16]byte
+		fold(&p[0], n, ^uint64(0), &foldConsts, &acc)
+		return ^rawUpdate(rawUpdate(0, acc[:]), p[n:])
+	}
+	return ^rawUpdate(^uint64(0), p)
+}
+
+// foldMin is the length from which folding pays.
+const foldMin = 256
+
+// rawUpdate runs the table over p from state crc, without the
+// inversions the checksum adds at both ends.
+func rawUpdate(crc uint64, p []byte) uint64 {
 	t := &crc64Tables
-	crc := ^uint64(0)
 	for len(p) >= 8 {
 		crc ^= binary.LittleEndian.Uint64(p)
 		crc = t[7][crc&0xff] ^ t[6][crc>>8&0xff] ^ t[5][crc>>16&0xff] ^ t[4][crc>>24&0xff] ^
@@ -37,5 +53,80 @@ func crc64Of(p []byte) uint64 {
 	for _, v := range p {
 		crc = t[0][byte(crc)^v] ^ crc>>8
 	}
-	return ^crc
+	return crc
+}
+
+// foldConsts are, for folding distances of 64 and 16 bytes, the constants
+// k_lo and k_hi such that a 16-byte block (a_lo, a_hi) followed by that
+// many zero bytes has the CRC (from a zero state) of the 16-byte block
+// a_lo·k_lo ⊕ a_hi·k_hi. They are solved for here from the table itself
+// rather than derived by hand: with g(k) the CRC of k followed by 8 zero
+// bytes, a linear map of k, k_lo solves g(k) = CRC(1, 0^8, 0^distance)
+// and k_hi solves g(k) = CRC(0^8, 1, 0^distance). That the solution holds
+// for every a follows from linearity (a shift of a by j bits is a shift
+// of the product by j bits) and is checked by the tests against
+// hash/crc64.
+var foldConsts = func() (k [4]uint64) {
+	g := func(v uint64) uint64 {
+		var b [16]byte
+		binary.LittleEndian.PutUint64(b[:], v)
+		return rawUpdate(0, b[:])
+	}
+	target := func(hi bool, dist int) uint64 {
+		b := make([]byte, 16+dist)
+		if hi {
+			b[8] = 1
+		} else {
+			b[0] = 1
+		}
+		return rawUpdate(0, b)
+	}
+	for i, dist := range []int{64, 16} {
+		k[2*i] = solve(g, target(false, dist))
+		k[2*i+1] = solve(g, target(true, dist))
+	}
+	return k
+}()
+
+// solve returns x with g(x) = y for a linear, invertible g on 64-bit
+// vectors over GF(2), by Gaussian elimination.
+func solve(g func(uint64) uint64, y uint64) uint64 {
+	// Rows of the augmented system: for each output bit r, the input bits
+	// that reach it (a 64-bit mask) and y's bit r.
+	var rows [64]uint64
+	var rhs [64]uint64
+	for c := range 64 {
+		col := g(1 << c)
+		for r := range 64 {
+			rows[r] |= (col >> r & 1) << c
+		}
+	}
+	for r := range 64 {
+		rhs[r] = y >> r & 1
+	}
+	for c := range 64 {
+		p := -1
+		for r := c; r < 64; r++ {
+			if rows[r]>>c&1 == 1 {
+				p = r
+				break
+			}
+		}
+		if p < 0 {
+			panic("azure: CRC64 folding map is singular")
+		}
+		rows[c], rows[p] = rows[p], rows[c]
+		rhs[c], rhs[p] = rhs[p], rhs[c]
+		for r := range 64 {
+			if r != c && rows[r]>>c&1 == 1 {
+				rows[r] ^= rows[c]
+				rhs[r] ^= rhs[c]
+			}
+		}
+	}
+	var x uint64
+	for c := range 64 {
+		x |= rhs[c] << c
+	}
+	return x
 }
