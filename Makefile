@@ -15,7 +15,7 @@ FUZZTIME   ?= 20s
 FUZZ_TARGETS := ./agent/capture:FuzzDecode ./internal/bitmap:FuzzExtents \
                 ./internal/wire:FuzzReader ./internal/seal:FuzzOpen \
                 ./internal/recovery:FuzzDecodeSegment ./internal/aesgcm:FuzzSeal \
-                ./internal/blobstore/azure:FuzzCRC64
+                ./internal/aesgcm:FuzzOpen ./internal/blobstore/azure:FuzzCRC64
 
 # command:Debian-package pairs the tests need (bookworm package names).
 TEST_TOOLS := fio:fio mkfs.xfs:xfsprogs mkfs.ext4:e2fsprogs sfdisk:fdisk losetup:mount \

@@ -2,8 +2,8 @@
 // the CPU has VAES and VPCLMULQDQ on 512-bit registers (x86-64 with
 // AVX-512): 32 blocks per loop round instead of 8 with 128-bit AES-NI.
 // The output is standard GCM, byte for byte what crypto/cipher produces
-// (tests compare them), so anything opens it; Open stays with
-// crypto/cipher. Elsewhere Seal is crypto/cipher's.
+// (tests compare them), so anything opens it; Open is the same loop with
+// GHASH over its input. Elsewhere both are crypto/cipher's.
 //
 // Seal also hands the caller each chunk of ciphertext as soon as it is
 // sealed (SealChunks), while it is still in the CPU cache, for work that
@@ -52,9 +52,29 @@ func (g *GCM) Format(f fmt.State, _ rune) { fmt.Fprint(f, "aesgcm.GCM") }
 // Accelerated reports whether Seal uses the VAES path.
 func (g *GCM) Accelerated() bool { return g.fast != nil }
 
-// Open is crypto/cipher's.
+// errOpen is crypto/cipher's message for a message that fails
+// authentication.
+var errOpen = errors.New("cipher: message authentication failed")
+
+// Open is cipher.AEAD's Open: it authenticates ciphertext (with its tag)
+// and aad and appends the plaintext to dst. To open in place, dst must be
+// ciphertext[:0]. On failure it returns an error and appends nothing (the
+// bytes it had written are cleared).
 func (g *GCM) Open(dst, nonce, ciphertext, aad []byte) ([]byte, error) {
-	return g.std.Open(dst, nonce, ciphertext, aad)
+	if g.fast == nil {
+		return g.std.Open(dst, nonce, ciphertext, aad)
+	}
+	if len(nonce) != NonceSize {
+		panic("aesgcm: incorrect nonce length")
+	}
+	if len(ciphertext) < Overhead || uint64(len(ciphertext)) > (1<<32-2)*16+Overhead {
+		return nil, errOpen
+	}
+	out, ok := g.fast.open(dst, nonce, ciphertext, aad)
+	if !ok {
+		return nil, errOpen
+	}
+	return out, nil
 }
 
 // Seal is cipher.AEAD's Seal: it appends the ciphertext of plaintext and

@@ -188,6 +188,29 @@ func FuzzSeal(f *testing.F) {
 	})
 }
 
+func BenchmarkOpen(b *testing.B) {
+	for _, impl := range []string{"crypto-cipher", "aesgcm"} {
+		b.Run(impl, func(b *testing.B) {
+			g, ref := newPair(b)
+			nonce := make([]byte, NonceSize)
+			sealed := ref.Seal(nil, nonce, make([]byte, 8<<20), nil)
+			out := make([]byte, 0, len(sealed))
+			b.SetBytes(int64(len(sealed) - Overhead))
+			for b.Loop() {
+				var err error
+				if impl == "aesgcm" {
+					_, err = g.Open(out, nonce, sealed, nil)
+				} else {
+					_, err = ref.Open(out, nonce, sealed, nil)
+				}
+				if err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
 func BenchmarkSeal(b *testing.B) {
 	for _, impl := range []string{"crypto-cipher", "aesgcm"} {
 		b.Run(impl, func(b *testing.B) {
@@ -204,4 +227,85 @@ func BenchmarkSeal(b *testing.B) {
 			}
 		})
 	}
+}
+
+// TestOpenMatchesCryptoCipher opens crypto/cipher's output of every length
+// to 2100 bytes and large ones, in a new buffer and in place, and refuses
+// any of them with one bit flipped in the ciphertext, the tag or the aad,
+// appending nothing.
+func TestOpenMatchesCryptoCipher(t *testing.T) {
+	g, ref := newPair(t)
+	nonce := make([]byte, NonceSize)
+	lengths := []int{}
+	for n := 0; n <= 2100; n++ {
+		lengths = append(lengths, n)
+	}
+	lengths = append(lengths, 65536+17, 1<<20, 8<<20+36)
+	r := mrand.New(mrand.NewPCG(3, 4))
+	for _, n := range lengths {
+		plain := make([]byte, n)
+		rand.Read(plain)
+		ad := make([]byte, r.IntN(80))
+		rand.Read(ad)
+		rand.Read(nonce)
+		sealed := ref.Seal(nil, nonce, plain, ad)
+		got, err := g.Open([]byte("prefix"), nonce, sealed, ad)
+		if err != nil || !bytes.Equal(got, append([]byte("prefix"), plain...)) {
+			t.Fatalf("len %d: open = %v (equal %v)", n, err, bytes.Equal(got[min(6, len(got)):], plain))
+		}
+		inPlace := bytes.Clone(sealed)
+		got, err = g.Open(inPlace[:0], nonce, inPlace, ad)
+		if err != nil || !bytes.Equal(got, plain) || &got[:1][0] != &inPlace[0] {
+			t.Fatalf("len %d: open in place = %v", n, err)
+		}
+		// One flipped bit anywhere fails, and appends nothing.
+		bad := bytes.Clone(sealed)
+		bad[r.IntN(len(bad))] ^= 1 << r.IntN(8)
+		if out, err := g.Open(nil, nonce, bad, ad); err == nil || out != nil {
+			t.Fatalf("len %d: tampered ciphertext opened", n)
+		}
+		if len(ad) > 0 {
+			badAD := bytes.Clone(ad)
+			badAD[r.IntN(len(badAD))] ^= 1
+			if _, err := g.Open(nil, nonce, sealed, badAD); err == nil {
+				t.Fatalf("len %d: wrong aad accepted", n)
+			}
+		}
+	}
+	if _, err := g.Open(nil, nonce, make([]byte, Overhead-1), nil); err == nil {
+		t.Fatal("a message shorter than the tag opened")
+	}
+	// A failed open in place clears what it decrypted.
+	plain := bytes.Repeat([]byte("secret!!"), 200)
+	sealed := g.Seal(nil, nonce, plain, nil)
+	sealed[len(sealed)-1] ^= 1
+	if _, err := g.Open(sealed[:0], nonce, sealed, nil); err == nil {
+		t.Fatal("tampered tag accepted")
+	}
+	if bytes.Contains(sealed, []byte("secret!!")) {
+		t.Fatal("a failed open left plaintext in the buffer")
+	}
+}
+
+func FuzzOpen(f *testing.F) {
+	f.Add([]byte("plain"), []byte("ad"), -1)
+	f.Add(bytes.Repeat([]byte{7}, 1500), []byte{}, 700)
+	key := make([]byte, KeySize)
+	g, err := New(key)
+	if err != nil {
+		f.Fatal(err)
+	}
+	ref := reference(f, key)
+	nonce := make([]byte, NonceSize)
+	f.Fuzz(func(t *testing.T, plain, ad []byte, flip int) {
+		sealed := ref.Seal(nil, nonce, plain, ad)
+		if flip >= 0 {
+			sealed[flip%len(sealed)] ^= 0x10
+		}
+		want, werr := ref.Open(nil, nonce, sealed, ad)
+		got, err := g.Open(nil, nonce, sealed, ad)
+		if (err == nil) != (werr == nil) || !bytes.Equal(got, want) {
+			t.Fatalf("%d bytes, flip %d: open = %v, crypto/cipher %v", len(plain), flip, err, werr)
+		}
+	})
 }

@@ -23,6 +23,9 @@ func initTable(rk *[240]byte, htab *[512]byte)
 func ghashBlocks(htab *[512]byte, acc *[16]byte, data *byte, n int)
 
 //go:noescape
+func decBulk(rk *[240]byte, htab *[512]byte, dst, src *byte, n int, ctr, acc *[16]byte)
+
+//go:noescape
 func encBulk(rk *[240]byte, htab *[512]byte, dst, src *byte, n int, ctr, acc *[16]byte)
 
 // round is what one turn of encBulk seals: 32 blocks.
@@ -86,18 +89,7 @@ func (f *fastGCM) seal(dst, nonce, plaintext, aad []byte, chunk int, fn func([]b
 		done += n
 	}
 
-	var lens [16]byte
-	binary.BigEndian.PutUint64(lens[:8], uint64(len(aad))*8)
-	binary.BigEndian.PutUint64(lens[8:], uint64(len(plaintext))*8)
-	ghashBlocks(&f.htab, &acc, &lens[0], 1)
-
-	// acc is byte-reversed; the tag is its reverse XOR AES(K, J0).
-	var ks [16]byte
-	f.block.Encrypt(ks[:], j0[:])
-	tag := out[len(plaintext):]
-	for i := range 16 {
-		tag[i] = acc[15-i] ^ ks[i]
-	}
+	f.tag((*[16]byte)(out[len(plaintext):]), &acc, &j0, len(aad), len(plaintext))
 	return ret
 }
 
@@ -112,4 +104,57 @@ func (f *fastGCM) tail(out, in []byte, ctr, acc *[16]byte) {
 		subtle.XORBytes(out[i:e], in[i:e], ks[:e-i])
 	}
 	f.ghash(acc, out)
+}
+
+// open authenticates and decrypts; on failure dst's new bytes are cleared
+// and ok is false.
+func (f *fastGCM) open(dst, nonce, ciphertext, aad []byte) (out []byte, ok bool) {
+	tag := ciphertext[len(ciphertext)-Overhead:]
+	ct := ciphertext[:len(ciphertext)-Overhead]
+	ret, plain := sliceForAppend(dst, len(ct))
+	if inexactOverlap(plain, ciphertext) {
+		panic("aesgcm: invalid buffer overlap")
+	}
+	var j0, ctr, acc [16]byte
+	copy(j0[:], nonce)
+	j0[15] = 1
+	ctr = j0
+	ctr[15] = 2
+	f.ghash(&acc, aad)
+	bulk := len(ct) &^ (round - 1)
+	if bulk > 0 {
+		decBulk(&f.rk, &f.htab, &plain[0], &ct[0], bulk/round, &ctr, &acc)
+	}
+	if bulk < len(ct) {
+		// Hash the tail before decrypting it: in place, it is overwritten.
+		f.ghash(&acc, ct[bulk:])
+		var ks [16]byte
+		for i := bulk; i < len(ct); i += 16 {
+			f.block.Encrypt(ks[:], ctr[:])
+			binary.BigEndian.PutUint32(ctr[12:], binary.BigEndian.Uint32(ctr[12:])+1)
+			e := min(i+16, len(ct))
+			subtle.XORBytes(plain[i:e], ct[i:e], ks[:e-i])
+		}
+	}
+	var want [16]byte
+	f.tag(&want, &acc, &j0, len(aad), len(ct))
+	if subtle.ConstantTimeCompare(want[:], tag) != 1 {
+		clear(plain)
+		return nil, false
+	}
+	return ret, true
+}
+
+// tag finishes GHASH with the lengths block and writes the tag.
+func (f *fastGCM) tag(dst *[16]byte, acc, j0 *[16]byte, aadLen, textLen int) {
+	var lens [16]byte
+	binary.BigEndian.PutUint64(lens[:8], uint64(aadLen)*8)
+	binary.BigEndian.PutUint64(lens[8:], uint64(textLen)*8)
+	ghashBlocks(&f.htab, acc, &lens[0], 1)
+	// acc is byte-reversed; the tag is its reverse XOR AES(K, J0).
+	var ks [16]byte
+	f.block.Encrypt(ks[:], j0[:])
+	for i := range 16 {
+		dst[i] = acc[15-i] ^ ks[i]
+	}
 }

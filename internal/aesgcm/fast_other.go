@@ -9,3 +9,5 @@ type fastGCM struct{}
 func newFast([]byte, cipher.Block) *fastGCM { return nil }
 
 func (*fastGCM) seal(dst, _, _, _ []byte, _ int, _ func([]byte)) []byte { return dst }
+
+func (*fastGCM) open(dst, _, _, _ []byte) ([]byte, bool) { return dst, false }
