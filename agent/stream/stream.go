@@ -484,12 +484,14 @@ func (t *Target) add(r wire.Record, data []byte, seal bool) error {
 		if t.err != nil {
 			return t.err
 		}
-		t.open = t.newSegmentLocked(len(data))
-	}
-	if t.nextSeq >= t.lease {
-		if err := t.extendLeaseLocked(); err != nil {
+		// The lease first: a segment opened and left empty by a failed
+		// save could lack room for the next add's data.
+		if err := t.leaseLocked(); err != nil {
 			return err
 		}
+		t.open = t.newSegmentLocked(len(data))
+	} else if err := t.leaseLocked(); err != nil {
+		return err
 	}
 	s := t.open
 	r.Seq = t.nextSeq
@@ -520,7 +522,7 @@ func (t *Target) add(r wire.Record, data []byte, seal bool) error {
 // fitsLocked reports whether a new segment whose first record holds need
 // bytes of data fits in the current chunk.
 func (t *Target) fitsLocked(need int) bool {
-	return t.cur != nil && cap(t.cur.buf)-len(t.cur.buf) >= max(need, minArena)
+	return t.cur != nil && cap(t.cur.buf)-len(t.cur.buf) >= max(need, min(minArena, cap(t.cur.buf)))
 }
 
 // newSegmentLocked opens a segment in the current chunk, or in a new one
@@ -575,6 +577,7 @@ func (t *Target) recycleLocked(s *segment) {
 		s.first, s.last, s.payload, s.freed = 0, 0, 0, false
 		t.free = append(t.free, s)
 	}
+	t.cond.Broadcast() // room for a writer waiting in add
 }
 
 func (t *Target) releaseChunkLocked(c *chunk) {
@@ -607,6 +610,14 @@ func (t *Target) wake() {
 	case t.kick <- struct{}{}:
 	default:
 	}
+}
+
+// leaseLocked extends the persisted sequence lease when nextSeq reaches it.
+func (t *Target) leaseLocked() error {
+	if t.nextSeq < t.lease {
+		return nil
+	}
+	return t.extendLeaseLocked()
 }
 
 func (t *Target) extendLeaseLocked() error {

@@ -49,7 +49,7 @@ func New(key []byte) (*GCM, error) {
 // Format prints no key material, whatever the verb.
 func (g *GCM) Format(f fmt.State, _ rune) { fmt.Fprint(f, "aesgcm.GCM") }
 
-// Accelerated reports whether Seal uses the VAES path.
+// Accelerated reports whether Seal and Open use the VAES path.
 func (g *GCM) Accelerated() bool { return g.fast != nil }
 
 // errOpen is crypto/cipher's message for a message that fails
@@ -105,7 +105,7 @@ func (g *GCM) SealChunks(dst, nonce, plaintext, aad []byte, chunk int, fn func([
 			ct := out[len(dst) : len(dst)+len(plaintext)]
 			for len(ct) > 0 {
 				n := min(chunk, len(ct))
-				fn(ct[:n])
+				fn(ct[:n:n])
 				ct = ct[n:]
 			}
 		}

@@ -31,9 +31,12 @@ func encBulk(rk *[240]byte, htab *[512]byte, dst, src *byte, n int, ctr, acc *[1
 // round is what one turn of encBulk seals: 32 blocks.
 const round = 512
 
+// maxCall bounds the bytes one assembly call handles (about 120 µs).
+const maxCall = 1 << 20
+
 type fastGCM struct {
+	htab  [512]byte    // H^32 … H^1 for GHASH (first: 64-byte loads stay in one cache line)
 	rk    [240]byte    // AES-256 round keys
-	htab  [512]byte    // H^32 … H^1 for GHASH
 	block cipher.Block // crypto/aes, for the few single blocks
 }
 
@@ -72,7 +75,7 @@ func (f *fastGCM) seal(dst, nonce, plaintext, aad []byte, chunk int, fn func([]b
 	f.ghash(&acc, aad)
 
 	if fn == nil {
-		chunk = len(plaintext) + round
+		chunk = maxCall // the goroutine cannot be preempted inside encBulk
 	}
 	for done := 0; done < len(plaintext); {
 		n := min(chunk, len(plaintext)-done)
@@ -84,7 +87,7 @@ func (f *fastGCM) seal(dst, nonce, plaintext, aad []byte, chunk int, fn func([]b
 			f.tail(out[done+bulk:done+n], plaintext[done+bulk:done+n], &ctr, &acc)
 		}
 		if fn != nil {
-			fn(out[done : done+n])
+			fn(out[done : done+n : done+n])
 		}
 		done += n
 	}
@@ -122,8 +125,9 @@ func (f *fastGCM) open(dst, nonce, ciphertext, aad []byte) (out []byte, ok bool)
 	ctr[15] = 2
 	f.ghash(&acc, aad)
 	bulk := len(ct) &^ (round - 1)
-	if bulk > 0 {
-		decBulk(&f.rk, &f.htab, &plain[0], &ct[0], bulk/round, &ctr, &acc)
+	for done := 0; done < bulk; done += maxCall {
+		n := min(maxCall, bulk-done)
+		decBulk(&f.rk, &f.htab, &plain[done], &ct[done], n/round, &ctr, &acc)
 	}
 	if bulk < len(ct) {
 		// Hash the tail before decrypting it: in place, it is overwritten.

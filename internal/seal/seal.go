@@ -1,6 +1,6 @@
 // Package seal turns a cache segment into the blob that is uploaded to
 // object storage, and back: compress, then encrypt with AES-256-GCM under a
-// per-machine data key (sealed by internal/aesgcm, opened by crypto/cipher).
+// per-machine data key (internal/aesgcm: VAES where the CPU has it).
 //
 // A sealed blob is
 //
@@ -135,7 +135,7 @@ func (id KeyID) String() string { return hex.EncodeToString(id[:]) }
 // logged or put in an error without leaking.
 type Key struct {
 	id   KeyID
-	aead *aesgcm.GCM // crypto/cipher's GCM, with a faster Seal where the CPU allows
+	aead *aesgcm.GCM // standard GCM, with VAES where the CPU has it
 }
 
 // NewKey builds a Key from 32 bytes of key material. material is not
@@ -311,9 +311,9 @@ func sealWith(alg Alg, dst, plain []byte, key *Key, aad []byte, progress Progres
 	done := headerSize
 	dst = key.aead.SealChunks(dst, nonce, body, additionalData(hdr[:], aad), progressChunk, func(ct []byte) {
 		done += len(ct)
-		progress(blob[:done], total)
+		progress(blob[:done:done], total)
 	})
-	progress(blob, total)
+	progress(blob[:total:total], total)
 	return dst, nil
 }
 

@@ -1,0 +1,99 @@
+package stream
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/wire"
+)
+
+func chunkTarget(t *testing.T, flush, buffer int) *Target {
+	dir := t.TempDir()
+	tg := &Target{cfg: Config{FlushBytes: flush, BufferBytes: int64(buffer), StateDir: dir}, statePath: filepath.Join(dir, StateFile), nextSeq: 1, lease: 1 << 20}
+	tg.cond.L = &tg.mu
+	return tg
+}
+
+func mark(t *testing.T, tg *Target) error {
+	t.Helper()
+	return tg.add(wire.MarkerRecord(wire.Marker{UnixNano: time.Now().UnixNano(), Kind: wire.MarkerCrashConsistent}), nil, true)
+}
+
+// A failed save of the sequence lease leaves no empty segment behind
+// whose arena, the tail of a chunk, is too short for the next record: the
+// record after it lands whole in chunk memory, and sealing it works.
+func TestFailedLeaseSaveLeavesNoShortSegment(t *testing.T) {
+	tg := chunkTarget(t, 1<<20, 64<<20)
+	big := bytes.Repeat([]byte{1}, 900<<10)
+	if err := tg.add(wire.Record{Op: wire.OpWrite, Length: uint32(len(big))}, big, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := mark(t, tg); err != nil { // seals the segment: 124 KiB left in the chunk
+		t.Fatal(err)
+	}
+	tg.lease = tg.nextSeq
+	blocker := filepath.Join(tg.cfg.StateDir, StateFile+".tmp")
+	if err := os.Mkdir(blocker, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := mark(t, tg); err == nil {
+		t.Fatal("the lease was extended with its state file unwritable")
+	}
+	os.Remove(blocker)
+	rec := bytes.Repeat([]byte{2}, 200<<10)
+	if err := tg.add(wire.Record{Op: wire.OpWrite, Length: uint32(len(rec))}, rec, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := mark(t, tg); err != nil {
+		t.Fatal(err)
+	}
+	last := tg.segs[len(tg.segs)-1]
+	if !bytes.Equal(last.arena, rec) {
+		t.Fatal("the record after the failed save is not its segment's data")
+	}
+}
+
+// With batches smaller than minArena and a buffer of one batch, writers
+// keep going as batches are acknowledged (chunks of FlushBytes are never
+// taken for too short).
+func TestSmallFlushBytesDoesNotDeadlock(t *testing.T) {
+	tg := chunkTarget(t, 16<<10, 16<<10)
+	rec := bytes.Repeat([]byte{3}, 4<<10)
+	done := make(chan error, 1)
+	go func() {
+		for range 64 {
+			if err := tg.add(wire.Record{Op: wire.OpWrite, Length: uint32(len(rec))}, rec, false); err != nil {
+				done <- err
+				return
+			}
+			if err := mark(t, tg); err != nil {
+				done <- err
+				return
+			}
+		}
+		done <- nil
+	}()
+	// Acknowledge everything sealed, as the process server would.
+	deadline := time.After(5 * time.Second)
+	for {
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatal(err)
+			}
+			return
+		case <-deadline:
+			t.Fatalf("writer blocked: %d bytes buffered of %d", tg.Stats().BufferedBytes, tg.cfg.BufferBytes)
+		default:
+		}
+		tg.mu.Lock()
+		if n := len(tg.segs); n > 0 {
+			tg.ackLocked(tg.segs[n-1].last)
+		}
+		tg.mu.Unlock()
+		time.Sleep(time.Millisecond)
+	}
+}
