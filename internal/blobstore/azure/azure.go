@@ -207,11 +207,17 @@ func (s *Store) EnsureContainer(ctx context.Context) error {
 	return s.wrap("create container", s.name, err)
 }
 
-// PutBlob implements blobstore.Store. The content's CRC64 goes with it
-// (x-ms-content-crc64), which the service verifies before committing; the
-// service stores the blob's Content-MD5, computed on its side, which
-// GetBlob verifies the download against. (A client-side MD5 was 18 % of
-// the process server's CPU: crypto/md5 runs at 0.7 GB/s here.)
+// PutBlob implements blobstore.Store. The MD5 is sent as Content-MD5, which
+// the service verifies before committing (Md5Mismatch otherwise), and is
+// stored as the blob's Content-MD5 so GetBlob can verify the download.
+//
+// x-ms-content-crc64 would cost this side far less (crypto/md5 runs at
+// 0.8 GB/s, 18 % of the process server's CPU; CRC64 folds at 14 GB/s),
+// but Azurite computes CRC64 in JavaScript a byte at a time, on the one
+// thread that serves every request, and it computes the MD5 of a Put Blob
+// anyway: against Azurite, journal blobs with CRC64 raised RPO p99 at
+// 37 MB/s from 1.30–1.35 s to 1.97–2.52 s. Against Azure, whose checksums
+// cost us nothing, CRC64 would be the better choice.
 func (s *Store) PutBlob(ctx context.Context, name string, data []byte, md blobstore.Metadata) error {
 	if err := checkPut(name, md); err != nil {
 		return err
@@ -219,9 +225,11 @@ func (s *Store) PutBlob(ctx context.Context, name string, data []byte, md blobst
 	if len(data) > blobstore.MaxBlockBlobSize {
 		return fmt.Errorf("azure: put blob %q: %d bytes exceeds the single-request limit: %w", name, len(data), blobstore.ErrInvalid)
 	}
+	sum := md5.Sum(data)
 	_, err := s.c.NewBlockBlobClient(name).Upload(ctx, body(data), &blockblob.UploadOptions{
 		Metadata:                toAzure(md),
-		TransactionalValidation: blob.TransferValidationTypeCRC64(crc64Of(data)),
+		TransactionalValidation: blob.TransferValidationTypeMD5(sum[:]),
+		HTTPHeaders:             &blob.HTTPHeaders{BlobContentMD5: sum[:]},
 	})
 	return s.wrap("put blob", name, err)
 }

@@ -79,8 +79,8 @@ func benchPutPage(b *testing.B, srv *azurite.Server, clients int) {
 	}
 }
 
-// BenchmarkMD5 is the checksum cost of GetBlob (it verifies the blob's
-// stored Content-MD5); BenchmarkCRC64 is Put Blob's and Put Page's.
+// BenchmarkMD5 is the client-side checksum cost of PutBlob (the blob's
+// stored Content-MD5); BenchmarkCRC64 is Put Page's.
 func BenchmarkMD5(b *testing.B) {
 	data := blobstoretest.Random(1, blobstore.MaxPutPage)
 	b.SetBytes(int64(len(data)))
