@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"sync"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat/internal/wire"
@@ -44,7 +45,8 @@ func (t *Target) connect(ctx context.Context) (*session, *wire.HelloAck, error) 
 	if err != nil {
 		return nil, nil, fmt.Errorf("connect to process server %s: %w", t.cfg.Addr, err)
 	}
-	conn := tls.Client(raw, t.cfg.TLS)
+	cork := &corkConn{Conn: raw}
+	conn := tls.Client(cork, t.cfg.TLS)
 	if err := conn.HandshakeContext(dctx); err != nil {
 		conn.Close()
 		err = fmt.Errorf("TLS handshake with process server %s: %w", t.cfg.Addr, err)
@@ -53,7 +55,8 @@ func (t *Target) connect(ctx context.Context) (*session, *wire.HelloAck, error) 
 		}
 		return nil, nil, err
 	}
-	s := &session{conn: conn, w: wire.NewWriter(conn), r: wire.NewReader(conn, 0)}
+	cork.start()
+	s := &session{conn: conn, w: wire.NewBufferedWriter(conn, cork.Flush), r: wire.NewReader(conn, 0)}
 	ack, err := t.hello(s)
 	if err != nil {
 		conn.Close()
@@ -561,4 +564,65 @@ func (t *Target) ackLocked(seq uint64) {
 	t.markers = t.markers[n:]
 	t.cond.Broadcast()
 	t.wake()
+}
+
+// corkConn, once started, holds back what TLS writes until Flush, up to
+// corkSize: a batch of 1 MiB is some 64 TLS records, each of which was a
+// write system call of its own, and over loopback each also ran the
+// receiving side's TCP processing. Close flushes first (the close_notify
+// alert), unless a write is blocked: then closing is what unblocks it.
+type corkConn struct {
+	net.Conn
+	mu  sync.Mutex
+	buf []byte // nil until start
+}
+
+const corkSize = 256 << 10
+
+func (c *corkConn) start() {
+	c.mu.Lock()
+	c.buf = make([]byte, 0, corkSize)
+	c.mu.Unlock()
+}
+
+func (c *corkConn) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.buf == nil {
+		return c.Conn.Write(p)
+	}
+	if len(c.buf)+len(p) > cap(c.buf) {
+		if err := c.flushLocked(); err != nil {
+			return 0, err
+		}
+		if len(p) > cap(c.buf) {
+			return c.Conn.Write(p)
+		}
+	}
+	c.buf = append(c.buf, p...)
+	return len(p), nil
+}
+
+// Flush writes what is held back.
+func (c *corkConn) Flush() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.flushLocked()
+}
+
+func (c *corkConn) flushLocked() error {
+	if len(c.buf) == 0 {
+		return nil
+	}
+	_, err := c.Conn.Write(c.buf)
+	c.buf = c.buf[:0]
+	return err
+}
+
+func (c *corkConn) Close() error {
+	if c.mu.TryLock() {
+		c.flushLocked() // under the write deadline tls.Conn.Close set
+		c.mu.Unlock()
+	}
+	return c.Conn.Close()
 }

@@ -698,3 +698,47 @@ func TestNextIntoInPlace(t *testing.T) {
 		t.Fatalf("changed frame reads back as %v, %v", got.Payload, err)
 	}
 }
+
+// A buffered Writer flushes once per frame, after the whole frame (large
+// pieces passed by reference included) was written; a failed flush is
+// the stream's sticky error.
+func TestBufferedWriterFlushesEachFrame(t *testing.T) {
+	var held, sent bytes.Buffer
+	flushes := 0
+	var fail error
+	w := NewBufferedWriter(&held, func() error {
+		flushes++
+		sent.Write(held.Bytes())
+		held.Reset()
+		return fail
+	})
+	var b BatchBuilder
+	big := bytes.Repeat([]byte{7}, 40<<10) // passed by reference
+	if err := b.Add(Record{Seq: 1, Op: OpWrite, Length: uint32(len(big)), Data: big}); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.WriteBatch(&b); err != nil {
+		t.Fatal(err)
+	}
+	if flushes != 1 || held.Len() != 0 {
+		t.Fatalf("after one frame: %d flushes, %d bytes held back", flushes, held.Len())
+	}
+	if err := w.WriteAck(9); err != nil {
+		t.Fatal(err)
+	}
+	r := NewReader(&sent, 0)
+	f, err := r.Next()
+	if err != nil || f.Type != TypeBatch {
+		t.Fatalf("first frame: %v %v", f.Type, err)
+	}
+	if f, err = r.Next(); err != nil || f.Type != TypeAck {
+		t.Fatalf("second frame: %v %v", f.Type, err)
+	}
+	fail = errors.New("connection reset")
+	if err := w.WriteAck(10); err == nil || !strings.Contains(err.Error(), "connection reset") {
+		t.Fatalf("failed flush: %v", err)
+	}
+	if err := w.WriteAck(11); err == nil {
+		t.Fatal("the stream wrote on after a failed flush")
+	}
+}

@@ -38,6 +38,7 @@ var stagePool = sync.Pool{New: func() any {
 type Writer struct {
 	mu      sync.Mutex
 	w       io.Writer
+	commit  func() error // NewBufferedWriter's flush
 	vec     [][]byte
 	bufs    net.Buffers
 	scratch []byte // encodes control messages
@@ -47,6 +48,14 @@ type Writer struct {
 // NewWriter returns a Writer that writes frames to w.
 func NewWriter(w io.Writer) *Writer {
 	return &Writer{w: w}
+}
+
+// NewBufferedWriter returns a Writer for a w that holds back what it is
+// given until flush is called: each frame is flushed once written whole,
+// so that a frame handed to a *tls.Conn in many records leaves in a few
+// large writes rather than one system call a record.
+func NewBufferedWriter(w io.Writer, flush func() error) *Writer {
+	return &Writer{w: w, commit: flush}
 }
 
 // WriteFrame writes one frame whose payload is the concatenation of
@@ -176,7 +185,16 @@ func (w *Writer) writeLocked(t Type, flags uint16, parts [][]byte) error {
 	if len(st) > mark {
 		vec = append(vec, st[mark:])
 	}
-	return w.flush(t, vec)
+	if err := w.flush(t, vec); err != nil {
+		return err
+	}
+	if w.commit != nil {
+		if err := w.commit(); err != nil {
+			w.err = fmt.Errorf("wire: write %s frame: %w", t, err)
+			return w.err
+		}
+	}
+	return nil
 }
 
 func (w *Writer) flush(t Type, vec [][]byte) error {
