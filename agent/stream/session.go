@@ -24,13 +24,22 @@ func (e *permanentError) Unwrap() error { return e.err }
 // session is one connection.
 type session struct {
 	conn   *tls.Conn
+	cork   *corkConn // under conn
 	w      *wire.Writer
 	r      *wire.Reader
 	window uint64 // set by a Backpressure before the HelloAck; 0 = none
 	hasWin bool
 }
 
-func (s *session) close() { s.conn.Close() }
+// close closes the connection under TLS first: a sender blocked flushing
+// a frame fails at once, and tls.Conn.Close, which would queue its
+// close_notify behind that flush, finds the connection closed.
+func (s *session) close() {
+	if s.cork != nil {
+		s.cork.Close()
+	}
+	s.conn.Close()
+}
 
 // connect dials, handshakes and exchanges Hello/HelloAck.
 func (t *Target) connect(ctx context.Context) (*session, *wire.HelloAck, error) {
@@ -56,7 +65,7 @@ func (t *Target) connect(ctx context.Context) (*session, *wire.HelloAck, error) 
 		return nil, nil, err
 	}
 	cork.start()
-	s := &session{conn: conn, w: wire.NewBufferedWriter(conn, cork.Flush), r: wire.NewReader(conn, 0)}
+	s := &session{conn: conn, cork: cork, w: wire.NewBufferedWriter(conn, cork.Flush), r: wire.NewReader(conn, 0)}
 	ack, err := t.hello(s)
 	if err != nil {
 		conn.Close()
@@ -569,12 +578,16 @@ func (t *Target) ackLocked(seq uint64) {
 // corkConn, once started, holds back what TLS writes until Flush, up to
 // corkSize: a batch of 1 MiB is some 64 TLS records, each of which was a
 // write system call of its own, and over loopback each also ran the
-// receiving side's TCP processing. Close flushes first (the close_notify
-// alert), unless a write is blocked: then closing is what unblocks it.
+// receiving side's TCP processing. Records written outside a frame (a
+// KeyUpdate reply) leave with the next frame. A failed write is sticky.
+// Close closes the connection without flushing: it is what unblocks a
+// flush stuck on a peer that stopped reading (session.close calls it
+// before tls.Conn.Close, whose close_notify is therefore not sent).
 type corkConn struct {
 	net.Conn
 	mu  sync.Mutex
 	buf []byte // nil until start
+	err error
 }
 
 const corkSize = 256 << 10
@@ -588,6 +601,9 @@ func (c *corkConn) start() {
 func (c *corkConn) Write(p []byte) (int, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.err != nil {
+		return 0, c.err
+	}
 	if c.buf == nil {
 		return c.Conn.Write(p)
 	}
@@ -596,7 +612,9 @@ func (c *corkConn) Write(p []byte) (int, error) {
 			return 0, err
 		}
 		if len(p) > cap(c.buf) {
-			return c.Conn.Write(p)
+			n, err := c.Conn.Write(p)
+			c.err = err
+			return n, err
 		}
 	}
 	c.buf = append(c.buf, p...)
@@ -611,18 +629,10 @@ func (c *corkConn) Flush() error {
 }
 
 func (c *corkConn) flushLocked() error {
-	if len(c.buf) == 0 {
-		return nil
+	if c.err != nil || len(c.buf) == 0 {
+		return c.err
 	}
-	_, err := c.Conn.Write(c.buf)
+	_, c.err = c.Conn.Write(c.buf)
 	c.buf = c.buf[:0]
-	return err
-}
-
-func (c *corkConn) Close() error {
-	if c.mu.TryLock() {
-		c.flushLocked() // under the write deadline tls.Conn.Close set
-		c.mu.Unlock()
-	}
-	return c.Conn.Close()
+	return c.err
 }

@@ -742,3 +742,42 @@ func TestBufferedWriterFlushesEachFrame(t *testing.T) {
 		t.Fatal("the stream wrote on after a failed flush")
 	}
 }
+
+// WriteBatch, which passes large record data by reference, writes exactly
+// the frame AppendFrame makes of the same payload, byte for byte.
+func TestWriteBatchEqualsAppendFrame(t *testing.T) {
+	for n := 1; n <= 40; n++ {
+		var b BatchBuilder
+		for i := range n {
+			r := Record{Seq: uint64(100 + i), Disk: uint16(i % 3), Offset: uint64(i) << 12}
+			switch i % 4 {
+			case 0, 1:
+				r.Op, r.Data = OpWrite, bytes.Repeat([]byte{byte(i)}, 1+i*977%(20<<10))
+				r.Length = uint32(len(r.Data))
+			case 2:
+				r.Op, r.Length = OpZero, 4096
+			case 3:
+				r = MarkerRecord(Marker{Seq: r.Seq, UnixNano: int64(i), Kind: MarkerCrashConsistent})
+			}
+			if err := b.Add(r); err != nil {
+				t.Fatal(err)
+			}
+		}
+		var out bytes.Buffer
+		if err := NewWriter(&out).WriteBatch(&b); err != nil {
+			t.Fatal(err)
+		}
+		payload, err := b.AppendBinary(nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, err := AppendFrame(nil, TypeBatch, 0, payload)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(out.Bytes(), want) {
+			t.Fatalf("%d records: WriteBatch's frame differs from AppendFrame's (header %x, want %x)", n, out.Bytes()[:HeaderSize], want[:HeaderSize])
+		}
+		b.Reset()
+	}
+}

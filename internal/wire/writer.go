@@ -26,8 +26,8 @@ var stagePool = sync.Pool{New: func() any {
 }}
 
 // Writer writes frames to a stream. Each Write method hands the complete
-// frame to the underlying writer before returning; there is nothing to
-// flush. A frame's header and small payload pieces are gathered in a pooled
+// frame to the underlying writer before returning (and, for a
+// NewBufferedWriter, flushes it); there is nothing left to flush. A frame's header and small payload pieces are gathered in a pooled
 // buffer and large pieces are passed by reference, all in one
 // net.Buffers.WriteTo, which is a single writev on a *net.TCPConn and a
 // short sequence of Writes on any other writer (such as a *tls.Conn).
