@@ -5,6 +5,7 @@ import (
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/rand"
+	"encoding/hex"
 	mrand "math/rand/v2"
 	"os"
 	"runtime"
@@ -308,4 +309,31 @@ func FuzzOpen(f *testing.F) {
 			t.Fatalf("%d bytes, flip %d: open = %v, crypto/cipher %v", len(plain), flip, err, werr)
 		}
 	})
+}
+
+// TestKnownAnswer is test case 16 of McGrew and Viega's GCM specification
+// (AES-256, 60-byte plaintext, 20-byte aad), independent of crypto/cipher.
+func TestKnownAnswer(t *testing.T) {
+	h := func(s string) []byte {
+		b, err := hex.DecodeString(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	key := h("feffe9928665731c6d6a8f9467308308feffe9928665731c6d6a8f9467308308")
+	plain := h("d9313225f88406e5a55909c5aff5269a86a7a9531534f7da2e4c303d8a318a721c3c0c95956809532fcf0e2449a6b525b16aedf5aa0de657ba637b39")
+	ad := h("feedfacedeadbeeffeedfacedeadbeefabaddad2")
+	nonce := h("cafebabefacedbaddecaf888")
+	want := h("522dc1f099567d07f47f37a32a84427d643a8cdcbfe5c0c97598a2bd2555d1aa8cb08e48590dbb3da7b08b1056828838c5f61e6393ba7a0abcc9f662" + "76fc6ece0f4e1768cddf8853bb2d551b")
+	g, err := New(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := g.Seal(nil, nonce, plain, ad); !bytes.Equal(got, want) {
+		t.Fatalf("sealed %x\nwant   %x", got, want)
+	}
+	if got, err := g.Open(nil, nonce, want, ad); err != nil || !bytes.Equal(got, plain) {
+		t.Fatalf("open: %v", err)
+	}
 }
