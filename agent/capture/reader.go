@@ -136,6 +136,13 @@ func (r *Reader) Next(ctx context.Context) (Item, error) {
 	}
 }
 
+// Ready and Settle let the consumer wait for items in a select (see
+// spsc.Ring.Ready).
+func (r *Reader) Ready() <-chan struct{} { return r.q.Ready() }
+
+// Settle ends a wait begun by Ready.
+func (r *Reader) Settle() { r.q.Settle() }
+
 // TryNext returns the next item without blocking. The item returned
 // before is released: its record's ring space goes back to the kernel.
 func (r *Reader) TryNext() (Item, bool) {

@@ -316,6 +316,26 @@ func (r *Ring[T]) Wait(ctx context.Context) error {
 	}
 }
 
+// Ready is Wait for a consumer that also waits on other events: it
+// returns a channel that is ready once the ring may have become readable
+// (closed at once if it is readable or closed now), to select on. Call
+// Settle after the select, whichever case it took. A spurious wake-up is
+// possible; a missed one is not.
+func (r *Ring[T]) Ready() <-chan struct{} {
+	r.cons.parked.Store(1)
+	if r.readable() || r.closed.Load() {
+		r.cons.parked.Store(0)
+		return readyNow
+	}
+	return r.cons.ch
+}
+
+// Settle ends a wait begun by Ready.
+func (r *Ring[T]) Settle() { r.cons.parked.Store(0) }
+
+// readyNow is always ready.
+var readyNow = func() chan struct{} { c := make(chan struct{}); close(c); return c }()
+
 func (r *Ring[T]) readable() bool {
 	r.tailCache = r.tail.Load()
 	return r.tailCache != r.head.Load()

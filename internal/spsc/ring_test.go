@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"math/rand/v2"
+	"runtime"
 	"testing"
 	"time"
 )
@@ -297,5 +298,44 @@ func waitParked(t *testing.T, p *parker) {
 			t.Fatal("waiter never parked")
 		}
 		time.Sleep(time.Millisecond)
+	}
+}
+
+// A consumer waiting in a select on Ready wakes for every push, however
+// the push and the wait interleave: no wake-up is lost (run with -race).
+func TestReadyNoLostWakeup(t *testing.T) {
+	r := New[int](8)
+	const n = 20000
+	go func() {
+		for i := range n {
+			for !r.TryPush(i) {
+				runtime.Gosched()
+			}
+			if i%64 == 0 {
+				time.Sleep(time.Microsecond)
+			}
+		}
+		r.Close()
+	}()
+	next := 0
+	for next < n {
+		if v, ok := r.TryPop(); ok {
+			if v != next {
+				t.Fatalf("popped %d, want %d", v, next)
+			}
+			next++
+			continue
+		}
+		select {
+		case <-r.Ready():
+		case <-time.After(5 * time.Second):
+			t.Fatalf("lost wake-up: waited 5 s with item %d due", next)
+		}
+		r.Settle()
+	}
+	select {
+	case <-r.Ready(): // closed: ready at once
+	case <-time.After(time.Second):
+		t.Fatal("Ready did not report a closed ring")
 	}
 }
