@@ -214,7 +214,7 @@ const readbackGap = 8
 // device's new writes on the bitmap for a moment, and under steady writes
 // their marks would call for the next drain at once, a drain storm (4000
 // drains in a 20 s run of 1 MiB writes at 400 MB/s, filling the ring
-// while they read back). A full ring is drained at once.
+// while they read back). A full ring is drained at the loop's next tick.
 const markDrainInterval = 250 * time.Millisecond
 
 // coverInterval paces the barriers that date time markers (Coverer).
@@ -346,8 +346,8 @@ func (e *Engine) Run(ctx context.Context) (err error) {
 			// would wait for it forever.
 			cancel()
 		}
-		if rerr := <-rdDone; rerr != nil && !errors.Is(rerr, context.Canceled) && err == nil {
-			err = rerr
+		if rerr := <-rdDone; rerr != nil && !errors.Is(rerr, context.Canceled) && (err == nil || errors.Is(err, errReaderStopped)) {
+			err = rerr // why the reader stopped
 		}
 	}()
 
@@ -484,6 +484,7 @@ func (e *Engine) loop(ctx context.Context) error {
 		}
 		select {
 		case <-ctx.Done():
+			e.rd.Settle()
 			return nil
 		case <-crashT:
 			if err := e.marker(ctx, CrashConsistent); err != nil {
@@ -509,6 +510,11 @@ func (e *Engine) loop(ctx context.Context) error {
 			}
 		case <-idle.C:
 		case <-records:
+			if e.rd.Stopped() {
+				// The reader failed (Run reports why): its closed queue
+				// would keep Ready ready.
+				return errReaderStopped
+			}
 		case <-wake(busy):
 		}
 		if !busy {
@@ -516,6 +522,9 @@ func (e *Engine) loop(ctx context.Context) error {
 		}
 	}
 }
+
+// errReaderStopped: the capture reader ended while the engine ran.
+var errReaderStopped = errors.New("capture reader stopped")
 
 // applyBatch is how many records the loop applies between two looks at
 // the devices, timers and requests.
@@ -526,7 +535,7 @@ var closedChan = func() chan time.Time { c := make(chan time.Time); close(c); re
 
 // wake returns a ready channel when busy (the loop must not block: records
 // are waiting), else nil (a select never picks it). The loop used to wait
-// for the 5 ms idle tick after every batch, which capped it at 1024
+// for its idle tick (5 ms then) after every batch, which capped it at 1024
 // records per tick, about 200 000 a second: under 4 KiB writes at more
 // than that the ring filled and overflowed.
 func wake(busy bool) <-chan time.Time {
@@ -622,7 +631,9 @@ func (e *Engine) RequestSync(dev int, kind SyncKind) {
 // completed before it has its record (or bitmap mark) committed before
 // the barrier is requested.
 func (e *Engine) requestCover() {
-	if _, ok := e.opt.Target.(Coverer); !ok || e.cover.id != 0 || time.Since(e.cover.last) < coverInterval {
+	// A tenth of slack: the loop ticks every half interval, and a tick a
+	// little early would otherwise put the barrier off by half again.
+	if _, ok := e.opt.Target.(Coverer); !ok || e.cover.id != 0 || time.Since(e.cover.last) < coverInterval-coverInterval/10 {
 		return
 	}
 	now := time.Now()
@@ -858,7 +869,7 @@ func (e *Engine) quiesce(ctx context.Context) error {
 		it, err := e.rd.Next(ctx)
 		if err != nil {
 			if errors.Is(err, io.EOF) {
-				return errors.New("capture reader stopped")
+				return errReaderStopped
 			}
 			return err
 		}

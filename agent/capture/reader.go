@@ -143,6 +143,9 @@ func (r *Reader) Ready() <-chan struct{} { return r.q.Ready() }
 // Settle ends a wait begun by Ready.
 func (r *Reader) Settle() { r.q.Settle() }
 
+// Stopped reports whether Run has returned and every item was taken.
+func (r *Reader) Stopped() bool { return r.q.Drained() }
+
 // TryNext returns the next item without blocking. The item returned
 // before is released: its record's ring space goes back to the kernel.
 func (r *Reader) TryNext() (Item, bool) {

@@ -7,7 +7,7 @@
 //
 // Exactly one goroutine may act as the producer (Claim, Publish, TryPush,
 // WaitSpace, Close) and exactly one as the consumer (Peek, Release, TryPop,
-// Wait) at any time. Cap and Len may be called from anywhere.
+// Wait, Ready, Settle, Drained) at any time. Cap and Len may be called from anywhere.
 package spsc
 
 import (
@@ -332,6 +332,10 @@ func (r *Ring[T]) Ready() <-chan struct{} {
 
 // Settle ends a wait begun by Ready.
 func (r *Ring[T]) Settle() { r.cons.parked.Store(0) }
+
+// Drained reports whether the ring is closed and empty: Ready will be
+// ready at once from now on, with nothing to read.
+func (r *Ring[T]) Drained() bool { return r.closed.Load() && !r.readable() }
 
 // readyNow is always ready.
 var readyNow = func() chan struct{} { c := make(chan struct{}); close(c); return c }()

@@ -339,3 +339,52 @@ func TestReadyNoLostWakeup(t *testing.T) {
 		t.Fatal("Ready did not report a closed ring")
 	}
 }
+
+// Ready mixed with Wait and with a select that takes another case (which
+// leaves a stale token behind): items still arrive in order with no lost
+// wake-up, and Drained reports a closed, emptied ring.
+func TestReadyMixedWithWait(t *testing.T) {
+	r := New[int](4)
+	const n = 5000
+	go func() {
+		for i := range n {
+			for !r.TryPush(i) {
+				runtime.Gosched()
+			}
+			if i%16 == 0 {
+				time.Sleep(20 * time.Microsecond)
+			}
+		}
+		r.Close()
+	}()
+	tick := time.NewTicker(10 * time.Microsecond)
+	defer tick.Stop()
+	for next := 0; next < n; {
+		if r.Drained() {
+			t.Fatalf("drained with item %d due", next)
+		}
+		if v, ok := r.TryPop(); ok {
+			if v != next {
+				t.Fatalf("popped %d, want %d", v, next)
+			}
+			next++
+			continue
+		}
+		if next%3 == 0 {
+			if err := r.Wait(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+			continue
+		}
+		select {
+		case <-r.Ready():
+		case <-tick.C: // leaves parked set, maybe a token behind
+		case <-time.After(5 * time.Second):
+			t.Fatalf("lost wake-up with item %d due", next)
+		}
+		r.Settle()
+	}
+	if err := r.Wait(context.Background()); !errors.Is(err, io.EOF) || !r.Drained() {
+		t.Fatalf("after the last item: Wait = %v, Drained = %v", err, r.Drained())
+	}
+}
