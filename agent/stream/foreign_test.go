@@ -19,12 +19,7 @@ func TestForeignDetectionSurvivesFailedSave(t *testing.T) {
 	srv := streamtest.New(t)
 	state := t.TempDir()
 	cfg := config(t, srv, state, 1<<20)
-	var asked atomic.Int32
-	cfg.OnResync = func(_ int, a wire.SyncAction) {
-		if a == wire.SyncChecksum {
-			asked.Add(1)
-		}
-	}
+	asked := countChecksumResyncs(&cfg)
 	tg := dial(t, cfg)
 	if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil {
 		t.Fatal(err)
@@ -113,12 +108,7 @@ func TestDialToForeignSequencesResyncs(t *testing.T) {
 func TestForeignRunWithinSentSequences(t *testing.T) {
 	srv := streamtest.New(t)
 	cfg := config(t, srv, t.TempDir(), 1<<20)
-	var asked atomic.Int32
-	cfg.OnResync = func(_ int, a wire.SyncAction) {
-		if a == wire.SyncChecksum {
-			asked.Add(1)
-		}
-	}
+	asked := countChecksumResyncs(&cfg)
 	tg := dial(t, cfg)
 	if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil { // seq 1
 		t.Fatal(err)

@@ -50,6 +50,18 @@ func randBytes(rng *rand.Rand, n int) []byte {
 	return b
 }
 
+// countChecksumResyncs counts the checksum resyncs cfg's target is asked
+// for.
+func countChecksumResyncs(cfg *stream.Config) *atomic.Int32 {
+	var n atomic.Int32
+	cfg.OnResync = func(_ int, a wire.SyncAction) {
+		if a == wire.SyncChecksum {
+			n.Add(1)
+		}
+	}
+	return &n
+}
+
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
@@ -744,12 +756,7 @@ func TestLossDropsPendingTimeMarkers(t *testing.T) {
 func TestReconnectToForeignSequencesResyncs(t *testing.T) {
 	srv := streamtest.New(t)
 	cfg := config(t, srv, t.TempDir(), 1<<20)
-	var asked atomic.Int32
-	cfg.OnResync = func(_ int, a wire.SyncAction) {
-		if a == wire.SyncChecksum {
-			asked.Add(1)
-		}
-	}
+	asked := countChecksumResyncs(&cfg)
 	tg := dial(t, cfg)
 	if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil {
 		t.Fatal(err)

@@ -52,6 +52,120 @@ GLOBL fourInc<>(SB), RODATA|NOPTR, $16
 	VPXOR      T2, T0, T0; \
 	VPXOR      T1, T0, A
 
+// The two bulk loops, encBulk and decBulk, share their parts:
+//
+//	AX round keys, BX htab, DI dst, SI src, CX rounds, DX ctr, R8 acc;
+//	Z8 counters (little-endian, lane i = ctr+i), Z9 four per lane,
+//	X10 the running hash, X11 gcmPoly, Z16-Z30 round keys, Z31 bswap.
+
+// BULK_START loads the arguments, constants, counters and round keys.
+#define BULK_START \
+	MOVQ rk+0(FP), AX; \
+	MOVQ htab+8(FP), BX; \
+	MOVQ dst+16(FP), DI; \
+	MOVQ src+24(FP), SI; \
+	MOVQ n+32(FP), CX; \
+	MOVQ ctr+40(FP), DX; \
+	MOVQ acc+48(FP), R8; \
+	VBROADCASTI32X4 bswapMask<>(SB), Z31; \
+	VBROADCASTI32X4 fourInc<>(SB), Z9; \
+	VMOVDQU         gcmPoly<>(SB), X11; \
+	VMOVDQU         (R8), X10; \
+	VBROADCASTI32X4 (DX), Z8; \
+	VPSHUFB         Z31, Z8, Z8; \
+	VPADDD          laneInc<>(SB), Z8, Z8; \
+	VBROADCASTI32X4 (AX), Z16; \
+	VBROADCASTI32X4 16(AX), Z17; \
+	VBROADCASTI32X4 32(AX), Z18; \
+	VBROADCASTI32X4 48(AX), Z19; \
+	VBROADCASTI32X4 64(AX), Z20; \
+	VBROADCASTI32X4 80(AX), Z21; \
+	VBROADCASTI32X4 96(AX), Z22; \
+	VBROADCASTI32X4 112(AX), Z23; \
+	VBROADCASTI32X4 128(AX), Z24; \
+	VBROADCASTI32X4 144(AX), Z25; \
+	VBROADCASTI32X4 160(AX), Z26; \
+	VBROADCASTI32X4 176(AX), Z27; \
+	VBROADCASTI32X4 192(AX), Z28; \
+	VBROADCASTI32X4 208(AX), Z29; \
+	VBROADCASTI32X4 224(AX), Z30
+
+// BULK_END stores the next counter and the hash, and clears the round
+// keys: they do not outlive the call in registers Go never uses.
+#define BULK_END \
+	VPSHUFB Z31, Z8, Z8; \
+	VMOVDQU X8, (DX); \
+	VMOVDQU X10, (R8); \
+	VPXORQ Z16, Z16, Z16; \
+	VPXORQ Z17, Z17, Z17; \
+	VPXORQ Z18, Z18, Z18; \
+	VPXORQ Z19, Z19, Z19; \
+	VPXORQ Z20, Z20, Z20; \
+	VPXORQ Z21, Z21, Z21; \
+	VPXORQ Z22, Z22, Z22; \
+	VPXORQ Z23, Z23, Z23; \
+	VPXORQ Z24, Z24, Z24; \
+	VPXORQ Z25, Z25, Z25; \
+	VPXORQ Z26, Z26, Z26; \
+	VPXORQ Z27, Z27, Z27; \
+	VPXORQ Z28, Z28, Z28; \
+	VPXORQ Z29, Z29, Z29; \
+	VPXORQ Z30, Z30, Z30; \
+	VZEROUPPER; \
+	RET
+
+#define CTR(R) VPSHUFB Z31, Z8, R; VPADDD Z9, Z8, Z8; VPXORQ Z16, R, R
+#define ROUND(K) VAESENC K, Z0, Z0; VAESENC K, Z1, Z1; VAESENC K, Z2, Z2; VAESENC K, Z3, Z3; VAESENC K, Z4, Z4; VAESENC K, Z5, Z5; VAESENC K, Z6, Z6; VAESENC K, Z7, Z7
+
+// KEYSTREAM runs AES on the next 32 counter blocks in Z0-Z7, all but the
+// last round (VAESENCLAST Z30).
+#define KEYSTREAM \
+	CTR(Z0); CTR(Z1); CTR(Z2); CTR(Z3); CTR(Z4); CTR(Z5); CTR(Z6); CTR(Z7); \
+	ROUND(Z17); ROUND(Z18); ROUND(Z19); ROUND(Z20); ROUND(Z21); ROUND(Z22); ROUND(Z23); \
+	ROUND(Z24); ROUND(Z25); ROUND(Z26); ROUND(Z27); ROUND(Z28); ROUND(Z29)
+
+#define ACCUM(C, OFF) \
+	VPCLMULQDQ $0x00, OFF(BX), C, Z15; \
+	VPXORQ     Z15, Z12, Z12; \
+	VPCLMULQDQ $0x11, OFF(BX), C, Z15; \
+	VPXORQ     Z15, Z13, Z13; \
+	VPCLMULQDQ $0x01, OFF(BX), C, Z15; \
+	VPCLMULQDQ $0x10, OFF(BX), C, C; \
+	VPTERNLOGQ $0x96, Z15, C, Z14
+
+// GHASH32 folds the 32 byte-reversed blocks in Z0-Z7 into X10: the
+// running hash goes into the first, block i is multiplied by H^(32-i),
+// the middle terms go into the halves, the four lanes are summed and
+// reduced once.
+#define GHASH32 \
+	VPXORQ        Z10, Z0, Z0; \
+	VPCLMULQDQ    $0x00, (BX), Z0, Z12; \
+	VPCLMULQDQ    $0x11, (BX), Z0, Z13; \
+	VPCLMULQDQ    $0x01, (BX), Z0, Z14; \
+	VPCLMULQDQ    $0x10, (BX), Z0, Z15; \
+	VPXORQ        Z15, Z14, Z14; \
+	ACCUM(Z1, 64); ACCUM(Z2, 128); ACCUM(Z3, 192); ACCUM(Z4, 256); \
+	ACCUM(Z5, 320); ACCUM(Z6, 384); ACCUM(Z7, 448); \
+	VPSLLDQ       $8, Z14, Z15; \
+	VPSRLDQ       $8, Z14, Z14; \
+	VPXORQ        Z15, Z12, Z12; \
+	VPXORQ        Z14, Z13, Z13; \
+	VEXTRACTI64X4 $1, Z12, Y15; \
+	VPXORQ        Y15, Y12, Y12; \
+	VEXTRACTI128  $1, Y12, X15; \
+	VPXOR         X15, X12, X12; \
+	VEXTRACTI64X4 $1, Z13, Y15; \
+	VPXORQ        Y15, Y13, Y13; \
+	VEXTRACTI128  $1, Y13, X15; \
+	VPXOR         X15, X13, X13; \
+	VPCLMULQDQ    $0x01, X12, X11, X15; \
+	VPSHUFD       $0x4e, X12, X12; \
+	VPXOR         X15, X12, X12; \
+	VPCLMULQDQ    $0x01, X12, X11, X15; \
+	VPSHUFD       $0x4e, X12, X12; \
+	VPXOR         X15, X12, X12; \
+	VPXOR         X13, X12, X10
+
 // _expand_key_256a/b are Go's (crypto/internal/fips140/aes/aes_amd64.s).
 TEXT expand256a<>(SB), NOSPLIT, $0
 	PSHUFD $0xff, X1, X1
@@ -201,70 +315,12 @@ ghashDone:
 // are updated. Eight registers of four blocks each keep VAESENC's
 // latency covered.
 TEXT ·encBulk(SB), NOSPLIT, $0-56
-	MOVQ rk+0(FP), AX
-	MOVQ htab+8(FP), BX
-	MOVQ dst+16(FP), DI
-	MOVQ src+24(FP), SI
-	MOVQ n+32(FP), CX
-	MOVQ ctr+40(FP), DX
-	MOVQ acc+48(FP), R8
-
-	VBROADCASTI32X4 bswapMask<>(SB), Z31
-	VBROADCASTI32X4 fourInc<>(SB), Z9
-	VMOVDQU         gcmPoly<>(SB), X11
-	VMOVDQU         (R8), X10
-
-	VBROADCASTI32X4 (DX), Z8
-	VPSHUFB         Z31, Z8, Z8
-	VPADDD          laneInc<>(SB), Z8, Z8
-
-	VBROADCASTI32X4 (AX), Z16
-	VBROADCASTI32X4 16(AX), Z17
-	VBROADCASTI32X4 32(AX), Z18
-	VBROADCASTI32X4 48(AX), Z19
-	VBROADCASTI32X4 64(AX), Z20
-	VBROADCASTI32X4 80(AX), Z21
-	VBROADCASTI32X4 96(AX), Z22
-	VBROADCASTI32X4 112(AX), Z23
-	VBROADCASTI32X4 128(AX), Z24
-	VBROADCASTI32X4 144(AX), Z25
-	VBROADCASTI32X4 160(AX), Z26
-	VBROADCASTI32X4 176(AX), Z27
-	VBROADCASTI32X4 192(AX), Z28
-	VBROADCASTI32X4 208(AX), Z29
-	VBROADCASTI32X4 224(AX), Z30
-
+	BULK_START
 	TESTQ CX, CX
-	JE    bulkDone
+	JE    encDone
 
-bulkLoop:
-#define CTR(R) VPSHUFB Z31, Z8, R; VPADDD Z9, Z8, Z8; VPXORQ Z16, R, R
-	CTR(Z0)
-	CTR(Z1)
-	CTR(Z2)
-	CTR(Z3)
-	CTR(Z4)
-	CTR(Z5)
-	CTR(Z6)
-	CTR(Z7)
-#undef CTR
-
-#define ROUND(K) VAESENC K, Z0, Z0; VAESENC K, Z1, Z1; VAESENC K, Z2, Z2; VAESENC K, Z3, Z3; VAESENC K, Z4, Z4; VAESENC K, Z5, Z5; VAESENC K, Z6, Z6; VAESENC K, Z7, Z7
-	ROUND(Z17)
-	ROUND(Z18)
-	ROUND(Z19)
-	ROUND(Z20)
-	ROUND(Z21)
-	ROUND(Z22)
-	ROUND(Z23)
-	ROUND(Z24)
-	ROUND(Z25)
-	ROUND(Z26)
-	ROUND(Z27)
-	ROUND(Z28)
-	ROUND(Z29)
-#undef ROUND
-
+encLoop:
+	KEYSTREAM
 	// Last round, plaintext in, ciphertext out, then byte-reversed for
 	// GHASH.
 #define LAST(R, OFF) VAESENCLAST Z30, R, R; VPXORQ OFF(SI), R, R; VMOVDQU64 R, OFF(DI); VPSHUFB Z31, R, R
@@ -277,82 +333,14 @@ bulkLoop:
 	LAST(Z6, 384)
 	LAST(Z7, 448)
 #undef LAST
-
-	// GHASH of the 32 blocks: the running hash goes into the first;
-	// block i is multiplied by H^(32-i).
-	VPXORQ Z10, Z0, Z0
-	VPCLMULQDQ $0x00, (BX), Z0, Z12
-	VPCLMULQDQ $0x11, (BX), Z0, Z13
-	VPCLMULQDQ $0x01, (BX), Z0, Z14
-	VPCLMULQDQ $0x10, (BX), Z0, Z15
-	VPXORQ     Z15, Z14, Z14
-
-#define ACCUM(C, OFF) \
-	VPCLMULQDQ $0x00, OFF(BX), C, Z15; \
-	VPXORQ     Z15, Z12, Z12; \
-	VPCLMULQDQ $0x11, OFF(BX), C, Z15; \
-	VPXORQ     Z15, Z13, Z13; \
-	VPCLMULQDQ $0x01, OFF(BX), C, Z15; \
-	VPCLMULQDQ $0x10, OFF(BX), C, C; \
-	VPTERNLOGQ $0x96, Z15, C, Z14
-	ACCUM(Z1, 64)
-	ACCUM(Z2, 128)
-	ACCUM(Z3, 192)
-	ACCUM(Z4, 256)
-	ACCUM(Z5, 320)
-	ACCUM(Z6, 384)
-	ACCUM(Z7, 448)
-#undef ACCUM
-
-	// Middle terms into the halves, the four lanes summed, one reduction.
-	VPSLLDQ       $8, Z14, Z15
-	VPSRLDQ       $8, Z14, Z14
-	VPXORQ        Z15, Z12, Z12
-	VPXORQ        Z14, Z13, Z13
-	VEXTRACTI64X4 $1, Z12, Y15
-	VPXORQ        Y15, Y12, Y12
-	VEXTRACTI128  $1, Y12, X15
-	VPXOR         X15, X12, X12
-	VEXTRACTI64X4 $1, Z13, Y15
-	VPXORQ        Y15, Y13, Y13
-	VEXTRACTI128  $1, Y13, X15
-	VPXOR         X15, X13, X13
-
-	VPCLMULQDQ $0x01, X12, X11, X15
-	VPSHUFD    $0x4e, X12, X12
-	VPXOR      X15, X12, X12
-	VPCLMULQDQ $0x01, X12, X11, X15
-	VPSHUFD    $0x4e, X12, X12
-	VPXOR      X15, X12, X12
-	VPXOR      X13, X12, X10
-
+	GHASH32
 	LEAQ 512(SI), SI
 	LEAQ 512(DI), DI
 	DECQ CX
-	JNE  bulkLoop
+	JNE  encLoop
 
-bulkDone:
-	VPSHUFB Z31, Z8, Z8
-	VMOVDQU X8, (DX)
-	VMOVDQU X10, (R8)
-	// The round keys do not outlive the call in registers Go never uses.
-	VPXORQ Z16, Z16, Z16
-	VPXORQ Z17, Z17, Z17
-	VPXORQ Z18, Z18, Z18
-	VPXORQ Z19, Z19, Z19
-	VPXORQ Z20, Z20, Z20
-	VPXORQ Z21, Z21, Z21
-	VPXORQ Z22, Z22, Z22
-	VPXORQ Z23, Z23, Z23
-	VPXORQ Z24, Z24, Z24
-	VPXORQ Z25, Z25, Z25
-	VPXORQ Z26, Z26, Z26
-	VPXORQ Z27, Z27, Z27
-	VPXORQ Z28, Z28, Z28
-	VPXORQ Z29, Z29, Z29
-	VPXORQ Z30, Z30, Z30
-	VZEROUPPER
-	RET
+encDone:
+	BULK_END
 
 // func decBulk(rk *[240]byte, htab *[512]byte, dst, src *byte, n int, ctr, acc *[16]byte)
 // Folds n 512-byte chunks of ciphertext src into acc, then decrypts them
@@ -360,39 +348,7 @@ bulkDone:
 // updated. Each chunk is hashed before it is decrypted, so that in place
 // the hash reads ciphertext.
 TEXT ·decBulk(SB), NOSPLIT, $0-56
-	MOVQ rk+0(FP), AX
-	MOVQ htab+8(FP), BX
-	MOVQ dst+16(FP), DI
-	MOVQ src+24(FP), SI
-	MOVQ n+32(FP), CX
-	MOVQ ctr+40(FP), DX
-	MOVQ acc+48(FP), R8
-
-	VBROADCASTI32X4 bswapMask<>(SB), Z31
-	VBROADCASTI32X4 fourInc<>(SB), Z9
-	VMOVDQU         gcmPoly<>(SB), X11
-	VMOVDQU         (R8), X10
-
-	VBROADCASTI32X4 (DX), Z8
-	VPSHUFB         Z31, Z8, Z8
-	VPADDD          laneInc<>(SB), Z8, Z8
-
-	VBROADCASTI32X4 (AX), Z16
-	VBROADCASTI32X4 16(AX), Z17
-	VBROADCASTI32X4 32(AX), Z18
-	VBROADCASTI32X4 48(AX), Z19
-	VBROADCASTI32X4 64(AX), Z20
-	VBROADCASTI32X4 80(AX), Z21
-	VBROADCASTI32X4 96(AX), Z22
-	VBROADCASTI32X4 112(AX), Z23
-	VBROADCASTI32X4 128(AX), Z24
-	VBROADCASTI32X4 144(AX), Z25
-	VBROADCASTI32X4 160(AX), Z26
-	VBROADCASTI32X4 176(AX), Z27
-	VBROADCASTI32X4 192(AX), Z28
-	VBROADCASTI32X4 208(AX), Z29
-	VBROADCASTI32X4 224(AX), Z30
-
+	BULK_START
 	TESTQ CX, CX
 	JE    decDone
 
@@ -408,83 +364,8 @@ decLoop:
 	LOADC(Z6, 384)
 	LOADC(Z7, 448)
 #undef LOADC
-
-	// GHASH of the 32 blocks: the running hash goes into the first;
-	// block i is multiplied by H^(32-i).
-	VPXORQ Z10, Z0, Z0
-	VPCLMULQDQ $0x00, (BX), Z0, Z12
-	VPCLMULQDQ $0x11, (BX), Z0, Z13
-	VPCLMULQDQ $0x01, (BX), Z0, Z14
-	VPCLMULQDQ $0x10, (BX), Z0, Z15
-	VPXORQ     Z15, Z14, Z14
-
-#define ACCUM(C, OFF) \
-	VPCLMULQDQ $0x00, OFF(BX), C, Z15; \
-	VPXORQ     Z15, Z12, Z12; \
-	VPCLMULQDQ $0x11, OFF(BX), C, Z15; \
-	VPXORQ     Z15, Z13, Z13; \
-	VPCLMULQDQ $0x01, OFF(BX), C, Z15; \
-	VPCLMULQDQ $0x10, OFF(BX), C, C; \
-	VPTERNLOGQ $0x96, Z15, C, Z14
-	ACCUM(Z1, 64)
-	ACCUM(Z2, 128)
-	ACCUM(Z3, 192)
-	ACCUM(Z4, 256)
-	ACCUM(Z5, 320)
-	ACCUM(Z6, 384)
-	ACCUM(Z7, 448)
-#undef ACCUM
-
-	// Middle terms into the halves, the four lanes summed, one reduction.
-	VPSLLDQ       $8, Z14, Z15
-	VPSRLDQ       $8, Z14, Z14
-	VPXORQ        Z15, Z12, Z12
-	VPXORQ        Z14, Z13, Z13
-	VEXTRACTI64X4 $1, Z12, Y15
-	VPXORQ        Y15, Y12, Y12
-	VEXTRACTI128  $1, Y12, X15
-	VPXOR         X15, X12, X12
-	VEXTRACTI64X4 $1, Z13, Y15
-	VPXORQ        Y15, Y13, Y13
-	VEXTRACTI128  $1, Y13, X15
-	VPXOR         X15, X13, X13
-
-	VPCLMULQDQ $0x01, X12, X11, X15
-	VPSHUFD    $0x4e, X12, X12
-	VPXOR      X15, X12, X12
-	VPCLMULQDQ $0x01, X12, X11, X15
-	VPSHUFD    $0x4e, X12, X12
-	VPXOR      X15, X12, X12
-	VPXOR      X13, X12, X10
-
-
-#define CTR(R) VPSHUFB Z31, Z8, R; VPADDD Z9, Z8, Z8; VPXORQ Z16, R, R
-	CTR(Z0)
-	CTR(Z1)
-	CTR(Z2)
-	CTR(Z3)
-	CTR(Z4)
-	CTR(Z5)
-	CTR(Z6)
-	CTR(Z7)
-#undef CTR
-
-#define ROUND(K) VAESENC K, Z0, Z0; VAESENC K, Z1, Z1; VAESENC K, Z2, Z2; VAESENC K, Z3, Z3; VAESENC K, Z4, Z4; VAESENC K, Z5, Z5; VAESENC K, Z6, Z6; VAESENC K, Z7, Z7
-	ROUND(Z17)
-	ROUND(Z18)
-	ROUND(Z19)
-	ROUND(Z20)
-	ROUND(Z21)
-	ROUND(Z22)
-	ROUND(Z23)
-	ROUND(Z24)
-	ROUND(Z25)
-	ROUND(Z26)
-	ROUND(Z27)
-	ROUND(Z28)
-	ROUND(Z29)
-#undef ROUND
-
+	GHASH32
+	KEYSTREAM
 	// Last round, ciphertext in, plaintext out.
 #define LAST(R, OFF) VAESENCLAST Z30, R, R; VPXORQ OFF(SI), R, R; VMOVDQU64 R, OFF(DI)
 	LAST(Z0, 0)
@@ -496,31 +377,10 @@ decLoop:
 	LAST(Z6, 384)
 	LAST(Z7, 448)
 #undef LAST
-
 	LEAQ 512(SI), SI
 	LEAQ 512(DI), DI
 	DECQ CX
 	JNE  decLoop
 
 decDone:
-	VPSHUFB Z31, Z8, Z8
-	VMOVDQU X8, (DX)
-	VMOVDQU X10, (R8)
-	// The round keys do not outlive the call in registers Go never uses.
-	VPXORQ Z16, Z16, Z16
-	VPXORQ Z17, Z17, Z17
-	VPXORQ Z18, Z18, Z18
-	VPXORQ Z19, Z19, Z19
-	VPXORQ Z20, Z20, Z20
-	VPXORQ Z21, Z21, Z21
-	VPXORQ Z22, Z22, Z22
-	VPXORQ Z23, Z23, Z23
-	VPXORQ Z24, Z24, Z24
-	VPXORQ Z25, Z25, Z25
-	VPXORQ Z26, Z26, Z26
-	VPXORQ Z27, Z27, Z27
-	VPXORQ Z28, Z28, Z28
-	VPXORQ Z29, Z29, Z29
-	VPXORQ Z30, Z30, Z30
-	VZEROUPPER
-	RET
+	BULK_END

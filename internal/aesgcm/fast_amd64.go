@@ -67,12 +67,7 @@ func (f *fastGCM) seal(dst, nonce, plaintext, aad []byte, chunk int, fn func([]b
 	if inexactOverlap(out, plaintext) {
 		panic("aesgcm: invalid buffer overlap")
 	}
-	var j0, ctr, acc [16]byte
-	copy(j0[:], nonce)
-	j0[15] = 1
-	ctr = j0
-	ctr[15] = 2
-	f.ghash(&acc, aad)
+	j0, ctr, acc := f.start(nonce, aad)
 
 	if fn == nil {
 		chunk = maxCall // the goroutine cannot be preempted inside encBulk
@@ -96,9 +91,26 @@ func (f *fastGCM) seal(dst, nonce, plaintext, aad []byte, chunk int, fn func([]b
 	return ret
 }
 
-// tail seals the last bytes of a message, under a round, a block at a time
-// with crypto/aes.
+// start returns a message's J0 (its tag's counter block), its first data
+// counter block and GHASH folded over aad.
+func (f *fastGCM) start(nonce, aad []byte) (j0, ctr, acc [16]byte) {
+	copy(j0[:], nonce)
+	j0[15] = 1
+	ctr = j0
+	ctr[15] = 2
+	f.ghash(&acc, aad)
+	return j0, ctr, acc
+}
+
+// tail seals the last bytes of a message, under a round.
 func (f *fastGCM) tail(out, in []byte, ctr, acc *[16]byte) {
+	f.ctrTail(out, in, ctr)
+	f.ghash(acc, out)
+}
+
+// ctrTail XORs in with the key stream from ctr into out, a block at a
+// time with crypto/aes (the last bytes of a message, under a round).
+func (f *fastGCM) ctrTail(out, in []byte, ctr *[16]byte) {
 	var ks [16]byte
 	for i := 0; i < len(in); i += 16 {
 		f.block.Encrypt(ks[:], ctr[:])
@@ -106,7 +118,6 @@ func (f *fastGCM) tail(out, in []byte, ctr, acc *[16]byte) {
 		e := min(i+16, len(in))
 		subtle.XORBytes(out[i:e], in[i:e], ks[:e-i])
 	}
-	f.ghash(acc, out)
 }
 
 // open authenticates and decrypts; on failure dst's new bytes are cleared
@@ -118,12 +129,7 @@ func (f *fastGCM) open(dst, nonce, ciphertext, aad []byte) (out []byte, ok bool)
 	if inexactOverlap(plain, ciphertext) {
 		panic("aesgcm: invalid buffer overlap")
 	}
-	var j0, ctr, acc [16]byte
-	copy(j0[:], nonce)
-	j0[15] = 1
-	ctr = j0
-	ctr[15] = 2
-	f.ghash(&acc, aad)
+	j0, ctr, acc := f.start(nonce, aad)
 	bulk := len(ct) &^ (round - 1)
 	for done := 0; done < bulk; done += maxCall {
 		n := min(maxCall, bulk-done)
@@ -132,13 +138,7 @@ func (f *fastGCM) open(dst, nonce, ciphertext, aad []byte) (out []byte, ok bool)
 	if bulk < len(ct) {
 		// Hash the tail before decrypting it: in place, it is overwritten.
 		f.ghash(&acc, ct[bulk:])
-		var ks [16]byte
-		for i := bulk; i < len(ct); i += 16 {
-			f.block.Encrypt(ks[:], ctr[:])
-			binary.BigEndian.PutUint32(ctr[12:], binary.BigEndian.Uint32(ctr[12:])+1)
-			e := min(i+16, len(ct))
-			subtle.XORBytes(plain[i:e], ct[i:e], ks[:e-i])
-		}
+		f.ctrTail(plain[bulk:], ct[bulk:], &ctr)
 	}
 	var want [16]byte
 	f.tag(&want, &acc, &j0, len(aad), len(ct))
