@@ -4,11 +4,13 @@ import (
 	"bytes"
 	"context"
 	"math"
+	"runtime"
 	"runtime/pprof"
 	"testing"
 	"time"
 
 	"github.com/google/pprof/profile"
+	"golang.org/x/sys/unix"
 
 	"github.com/lifeboat-dr/lifeboat/internal/stage"
 )
@@ -20,9 +22,15 @@ func TestCPUByStage(t *testing.T) {
 	if err := pprof.StartCPUProfile(&buf); err != nil {
 		t.Fatalf("start CPU profile: %v", err)
 	}
+	// spin burns d of its own thread's CPU time, not of wall time: on a
+	// busy machine (CI runs packages in parallel on two cores) a wall-time
+	// spin gets a fraction of it.
 	spin := func(d time.Duration) {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		start := threadCPU(t)
 		x := 1.0
-		for end := time.Now().Add(d); time.Now().Before(end); {
+		for threadCPU(t)-start < d {
 			for range 1000 {
 				x = math.Sqrt(x + 1)
 			}
@@ -63,4 +71,14 @@ func TestCPUByStage(t *testing.T) {
 	if cpu[stage.Prepare] != 0 {
 		t.Errorf("prepare got %.3f s but nothing ran under it", cpu[stage.Prepare])
 	}
+}
+
+// threadCPU is the CPU time the calling OS thread has used.
+func threadCPU(t *testing.T) time.Duration {
+	var ru unix.Rusage
+	if err := unix.Getrusage(unix.RUSAGE_THREAD, &ru); err != nil {
+		t.Errorf("getrusage: %v", err)
+		return time.Hour
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
