@@ -18,6 +18,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -344,6 +345,8 @@ type helperSpec struct {
 	Role  string // "process-server" or "agent"
 	PS    *processServerSpec
 	Agent *agentSpec
+	// Prefix runs the helper under another program, e.g. setpriv.
+	Prefix []string
 }
 
 type processServerSpec struct {
@@ -397,6 +400,10 @@ func runHelper(js string) int {
 		return 0
 	case "agent":
 		c := spec.Agent
+		if err := printCapabilities(); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
 		err := agent.RunProtect(ctx, agent.ProtectConfig{
 			ProcessServer: c.ProcessServer, PKIDir: c.PKI, Name: c.Name, Devices: c.Devices,
 			RingBytes: 16 << 20, StateDir: c.StateDir, CrashInterval: c.CrashInterval, StopTimeout: time.Minute,
@@ -415,6 +422,7 @@ func runHelper(js string) int {
 type helper struct {
 	t    *testing.T
 	what string
+	caps string // what the helper printed after capsPrefix, if it did
 	cmd  *exec.Cmd
 	log  *logBuf
 	done chan struct{}
@@ -428,7 +436,8 @@ func startHelper(t *testing.T, spec helperSpec, ready string, timeout time.Durat
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	argv := append(slices.Clone(spec.Prefix), os.Args[0], "-test.run=^$")
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Env = append(os.Environ(), helperEnv+"="+string(js))
 	h := &helper{t: t, what: spec.Role, cmd: cmd, log: &logBuf{}, done: make(chan struct{})}
 	cmd.Stderr = h.log
@@ -465,6 +474,9 @@ func startHelper(t *testing.T, spec helperSpec, ready string, timeout time.Durat
 		case l, ok := <-lines:
 			if !ok {
 				t.Fatalf("%s helper exited before it was ready:\n%s", spec.Role, h.log.Tail(60))
+			}
+			if rest, ok := strings.CutPrefix(l, capsPrefix); ok {
+				h.caps = rest
 			}
 			if rest, ok := strings.CutPrefix(l, ready); ok {
 				t.Logf("%s helper pid %d ready", spec.Role, cmd.Process.Pid)

@@ -349,16 +349,20 @@ func TestProcessServerSIGKILL(t *testing.T) {
 }
 
 // 6. The agent killed with SIGKILL mid-workload and started again: it
-// resyncs by checksum (not a full copy) and nothing is lost.
+// resyncs by checksum (not a full copy) and nothing is lost. The first
+// agent runs with only the capabilities of the shipped systemd unit.
 func TestAgentSIGKILL(t *testing.T) {
 	r := newRig(t, account(t), "m1")
 	ps := r.startPS(psOpts{})
 	d := newDisk(t, diskSize, true)
 	cfg := r.agentConfig("m1", ps.addr(), agent.ProtectDevice{Name: "d0", Path: d.Path})
-	child, _ := startHelper(t, helperSpec{Role: "agent", Agent: &agentSpec{
+	caps := unitCapabilities(t)
+	prefix, capEff := leastPrivilege(t, caps)
+	child, _ := startHelper(t, helperSpec{Role: "agent", Prefix: prefix, Agent: &agentSpec{
 		ProcessServer: cfg.ProcessServer, PKI: cfg.PKIDir, Name: cfg.Name, StateDir: cfg.StateDir,
 		Devices: cfg.Devices, CrashInterval: cfg.CrashInterval,
 	}}, "SYNCED", 3*time.Minute)
+	assertCapabilities(t, child, capEff, caps)
 
 	mnt := mount(t, d.Path)
 	workload(t, mnt, "a", 1)

@@ -40,6 +40,7 @@ type agentSpec struct {
 	ReadyTimeout time.Duration
 	SyncTimeout  time.Duration
 	StopTimeout  time.Duration
+	Cgroup       *ioCgroup // nil: the harness's own cgroup
 }
 
 func (s agentSpec) args() []string {
@@ -110,6 +111,15 @@ func startAgent(ctx context.Context, spec agentSpec, log *slog.Logger) (*agentPr
 		a.waitErr = cmd.Wait()
 		close(a.exited)
 	}()
+	if spec.Cgroup != nil {
+		// Long before its first read: the agent reads only after READY=1.
+		if err := spec.Cgroup.add(cmd.Process.Pid); err != nil {
+			if _, stopErr := a.stop(); stopErr != nil {
+				log.Warn("stop agent after failed start", "err", stopErr)
+			}
+			return nil, err
+		}
+	}
 
 	if err := a.awaitNotify(ctx, readyMsg, spec.ReadyTimeout); err != nil {
 		return nil, err

@@ -90,6 +90,9 @@ type CaptureConfig struct {
 	// NullTarget makes the agent mirror into /dev/null: the cost of
 	// capture alone, without keeping a copy.
 	NullTarget bool
+	// SharedCgroup runs the agent in the harness's (and fio's) block I/O
+	// cgroup instead of one of its own, as a service has (see ioCgroup).
+	SharedCgroup bool
 	// AllowOtherCaptures runs the benchmark even when other capture
 	// instances are attached (pinned under PinRoot), whose programs every
 	// variant then pays for; without it the run is refused.
@@ -248,6 +251,17 @@ func RunCapture(ctx context.Context, cfg CaptureConfig, log *slog.Logger, progre
 		log.Warn("other capture instances are attached; their programs run on every bio and skew the results",
 			"count", others, "dir", cfg.PinRoot)
 	}
+	var cg *ioCgroup
+	if cfg.needsAgent() && !cfg.SharedCgroup {
+		if cg, err = newIOCgroup(fmt.Sprintf("lifeboat-bench-agent-%d", os.Getpid())); err != nil {
+			return nil, fmt.Errorf("%w (pass --shared-cgroup to run the agent in fio's cgroup)", err)
+		}
+		defer func() {
+			if rmErr := cg.remove(); rmErr != nil {
+				log.Warn("block I/O cgroup left behind", "dir", cg.dir, "err", rmErr)
+			}
+		}()
+	}
 	rep := &CaptureReport{
 		Started:       time.Now().UTC(),
 		Kernel:        kernelRelease(),
@@ -264,6 +278,7 @@ func RunCapture(ctx context.Context, cfg CaptureConfig, log *slog.Logger, progre
 			AgentExe:        cfg.AgentExe,
 			RingMiB:         cfg.RingMiB,
 			ReadbackDelay:   cfg.ReadbackDelay.String(),
+			AgentCgroup:     cg.path(),
 		},
 	}
 	total := cfg.Rounds * len(cfg.Workloads) * len(cfg.Variants)
@@ -275,7 +290,7 @@ func RunCapture(ctx context.Context, cfg CaptureConfig, log *slog.Logger, progre
 			for _, v := range rotate(cfg.Variants, r) {
 				i++
 				fmt.Fprintf(progress, "[%d/%d] round %d/%d %s %s: ", i, total, r+1, cfg.Rounds, wl.Name, v)
-				s, err := runSample(ctx, cfg, r+1, wl, v, log)
+				s, err := runSample(ctx, cfg, cg, r+1, wl, v, log)
 				if err != nil {
 					fmt.Fprintln(progress, "failed")
 					return nil, fmt.Errorf("round %d, %s, %s: %w", r+1, wl.Name, v, err)
@@ -301,7 +316,7 @@ func rotate(vs []Variant, r int) []Variant {
 }
 
 // runSample runs one workload under one variant on a fresh loop device.
-func runSample(ctx context.Context, cfg CaptureConfig, round int, wl Workload, v Variant, log *slog.Logger) (s CaptureSample, err error) {
+func runSample(ctx context.Context, cfg CaptureConfig, cg *ioCgroup, round int, wl Workload, v Variant, log *slog.Logger) (s CaptureSample, err error) {
 	if err := ctx.Err(); err != nil {
 		return s, err
 	}
@@ -353,6 +368,7 @@ func runSample(ctx context.Context, cfg CaptureConfig, round int, wl Workload, v
 			Mode:         v,
 			RingMiB:      cfg.RingMiB,
 			Delay:        cfg.ReadbackDelay,
+			Cgroup:       cg,
 			StateDir:     stateDir,
 			NotifyDir:    ndir,
 			ReadyTimeout: cfg.ReadyTimeout,

@@ -45,6 +45,9 @@ type CaptureSettings struct {
 	AgentExe        string     `json:"agent_exe,omitempty"`
 	RingMiB         int        `json:"ring_mib,omitempty"`
 	ReadbackDelay   string     `json:"readback_delay,omitempty"` // metadata-mode agents
+	// AgentCgroup is the block I/O cgroup the agents ran in, "" when
+	// they shared the harness's (and fio's).
+	AgentCgroup string `json:"agent_cgroup,omitempty"`
 }
 
 // CaptureSample is one fio run under one variant. Agent fields are nil for
@@ -245,6 +248,11 @@ func (r *CaptureReport) WriteTable(w io.Writer) error {
 	if _, err := fmt.Fprintf(w, "%s, %s, kernel %s, device %d MiB, %d round(s) × %gs; medians over rounds, ×none = median per-round ratio to no capture\n",
 		r.FioVersion, st.IOEngine, r.Kernel, st.DeviceSizeBytes>>20, st.Rounds, st.RuntimeSeconds); err != nil {
 		return err
+	}
+	if st.AgentCgroup != "" {
+		fmt.Fprintf(w, "agents ran in their own block I/O cgroup %s, as a service does (--shared-cgroup: in fio's)\n", st.AgentCgroup)
+	} else if slices.ContainsFunc(st.Variants, func(v Variant) bool { return v != VariantNone }) {
+		fmt.Fprintln(w, "agents ran in fio's block I/O cgroup (--shared-cgroup)")
 	}
 	if st.ReadbackDelay != "" && st.ReadbackDelay != "0s" {
 		fmt.Fprintf(w, "metadata-mode agents read back after %s (--readback-delay)\n", st.ReadbackDelay)

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"time"
 	"unsafe"
@@ -104,7 +105,14 @@ type Capture struct {
 // and attaches them. Capture starts before Load returns.
 func Load(cfg Config) (*Capture, error) {
 	if os.Geteuid() != 0 {
-		return nil, errors.New("capture needs root (CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN)")
+		return nil, errors.New("capture needs root (CAP_BPF and CAP_PERFMON)")
+	}
+	if missing, err := missingCapabilities(); err != nil {
+		return nil, err
+	} else if len(missing) > 0 {
+		// Else the first map creation fails with EPERM and a hint about
+		// MEMLOCK that sends the user the wrong way.
+		return nil, fmt.Errorf("capture needs CAP_BPF and CAP_PERFMON; this process lacks %s (a service's CapabilityBoundingSet must list them)", strings.Join(missing, " and "))
 	}
 	if _, err := os.Stat("/sys/kernel/btf/vmlinux"); err != nil {
 		return nil, errors.New("this kernel has no BTF (/sys/kernel/btf/vmlinux): eBPF capture needs CONFIG_DEBUG_INFO_BTF")
@@ -897,4 +905,33 @@ func (c *Capture) MarkBytes(i int, off, n int64) {
 		atomic.OrUint64(&words[b/64], 1<<(b%64))
 	}
 	atomic.AddUint64(&c.state(i).Marks, 1)
+}
+
+// capabilitiesNeeded are the capabilities loading, attaching and reading
+// the tp_btf capture programs need.
+var capabilitiesNeeded = []struct {
+	name string
+	bit  uint
+}{{"CAP_BPF", unix.CAP_BPF}, {"CAP_PERFMON", unix.CAP_PERFMON}}
+
+// missingCapabilities returns the needed capabilities this process does
+// not have in its effective set.
+func missingCapabilities() ([]string, error) {
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		return nil, fmt.Errorf("read this process's capabilities: %w", err)
+	}
+	return lacking(uint64(data[1].Effective)<<32 | uint64(data[0].Effective)), nil
+}
+
+// lacking returns the needed capabilities missing from the effective set eff.
+func lacking(eff uint64) []string {
+	var missing []string
+	for _, c := range capabilitiesNeeded {
+		if eff&(1<<c.bit) == 0 {
+			missing = append(missing, c.name)
+		}
+	}
+	return missing
 }

@@ -55,6 +55,7 @@ func benchCmd(verbose *bool) *cobra.Command {
 	f.StringVar(&variants, "variants", "", "comma-separated subset of none,metadata,data")
 	f.IntVar(&cfg.RingMiB, "ring-mib", 0, "agent ring size (0: agent default)")
 	f.DurationVar(&cfg.ReadbackDelay, "readback-delay", agent.DefaultReadbackDelay, "run metadata-mode agents with this --readback-delay")
+	f.BoolVar(&cfg.SharedCgroup, "shared-cgroup", false, "run the agent in fio's block I/O cgroup instead of one of its own (a service has its own)")
 	f.BoolVar(&cfg.NullTarget, "null-target", false, "mirror into /dev/null: measure capture alone, without the copy's writes")
 	f.BoolVar(&cfg.AllowOtherCaptures, "allow-other-captures", false, "run even when other agents' captures are attached (every variant pays for them)")
 	f.StringVar(&cfg.Dir, "dir", "/var/tmp", "where the loop device's file and the mirror go")

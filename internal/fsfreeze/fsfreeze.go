@@ -108,6 +108,8 @@ func freezeFD(fd int, mountpoint string) error {
 		return fmt.Errorf("fsfreeze: freeze %s: already frozen: %w", mountpoint, err)
 	case errors.Is(err, unix.EOPNOTSUPP):
 		return fmt.Errorf("fsfreeze: freeze %s: file system does not support freezing: %w", mountpoint, err)
+	case errors.Is(err, unix.EPERM):
+		return fmt.Errorf("fsfreeze: freeze %s: needs CAP_SYS_ADMIN (add it to the agent's CapabilityBoundingSet for app-consistent points): %w", mountpoint, err)
 	default:
 		return fmt.Errorf("fsfreeze: freeze %s: %w", mountpoint, err)
 	}
