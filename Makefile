@@ -19,7 +19,7 @@ FUZZ_TARGETS := ./agent/capture:FuzzDecode ./internal/bitmap:FuzzExtents \
 
 # command:Debian-package pairs the tests need (bookworm package names).
 TEST_TOOLS := fio:fio mkfs.xfs:xfsprogs mkfs.ext4:e2fsprogs sfdisk:fdisk losetup:mount \
-              blockdev:util-linux fstrim:util-linux clang:clang llvm-strip:llvm
+              blockdev:util-linux fstrim:util-linux setpriv:util-linux clang:clang llvm-strip:llvm
 
 # install_missing installs the Debian packages of the missing commands among
 # the command:package pairs in $(1). apt-get update runs only when something
