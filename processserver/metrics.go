@@ -8,6 +8,7 @@ type metrics struct {
 	uploadedBytes prometheus.Counter
 	cacheBytes    prometheus.Gauge
 	freeRatio     prometheus.Gauge
+	rebuiltShards prometheus.Counter
 	durableSeq    *prometheus.GaugeVec
 	rpo           *prometheus.GaugeVec
 }
@@ -30,6 +31,10 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "lifeboat_ps_cache_free_ratio",
 			Help: "Free fraction of the fullest cache file system; warnings below 0.30, errors below 0.25, agents paused below 0.10.",
 		}),
+		rebuiltShards: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "lifeboat_ps_cache_rebuilt_shards_total",
+			Help: "Cache shards rebuilt from the other directories after a cache directory was wiped or replaced.",
+		}),
 		durableSeq: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "lifeboat_ps_durable_seq",
 			Help: "Highest sequence number of the machine whose records are all in the storage account's journal.",
@@ -46,5 +51,5 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 }
 
 func (m *metrics) register(reg prometheus.Registerer) {
-	reg.MustRegister(m.receivedBytes, m.uploadedBytes, m.cacheBytes, m.freeRatio, m.durableSeq, m.rpo)
+	reg.MustRegister(m.receivedBytes, m.uploadedBytes, m.cacheBytes, m.freeRatio, m.rebuiltShards, m.durableSeq, m.rpo)
 }

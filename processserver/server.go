@@ -69,6 +69,9 @@ type Server struct {
 
 	cacheBytes  atomic.Int64 // logical bytes of segments in the cache
 	cachePaused atomic.Bool  // cache nearly full: every agent paused
+	// scrubReq asks the scrubber for a scrub of the cache (buffered: a
+	// request while one runs makes it run once more).
+	scrubReq chan struct{}
 
 	mu       sync.Mutex
 	machines map[string]*machine
@@ -122,6 +125,7 @@ func Start(ctx context.Context, c Config) (*Server, error) {
 		tlsConf:     id.ServerTLS(pki.RoleAgent),
 		machines:    make(map[string]*machine),
 		freeBufs:    make(chan *segBuf, 8),
+		scrubReq:    make(chan struct{}, 1),
 	}
 	if cfg.Metrics != nil {
 		s.metrics = newMetrics(cfg.Metrics)
@@ -145,14 +149,7 @@ func Start(ctx context.Context, c Config) (*Server, error) {
 	}
 	if rep := ch.Replaced(); len(rep) > 0 {
 		s.log.Warn("cache directories were wiped or replaced; rebuilding their shards", logDir, rep)
-		s.bg.Go(func() {
-			r, err := ch.Scrub()
-			if err != nil {
-				s.log.Error("cache scrub after directory replacement failed", logErr, err, "lost", len(r.Lost))
-				return
-			}
-			s.log.Info("cache scrub done", logCount, r.Segments, "repaired_shards", r.RepairedShards)
-		})
+		s.scrubReq <- struct{}{}
 	}
 
 	ln, err := net.Listen("tcp", cfg.Listen)
@@ -174,6 +171,7 @@ func Start(ctx context.Context, c Config) (*Server, error) {
 	}
 	s.mu.Unlock()
 	s.bg.Go(s.monitor)
+	s.bg.Go(s.scrubber)
 	s.bg.Go(s.acceptLoop)
 	s.log.Info("process server listening", logAddr, ln.Addr().String(), "identity", id,
 		"cache", ch.Dirs(), "container", cfg.Container, "recovery_key", seal.Fingerprint(rk))
@@ -395,8 +393,10 @@ func (s *Server) monitor() {
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	level := slog.LevelInfo
+	dirErr := ""
 	for {
 		s.checkCache(&level)
+		s.checkCacheDirs(&dirErr)
 		s.mu.Lock()
 		ms := make([]*machine, 0, len(s.machines))
 		for _, m := range s.machines {
@@ -420,6 +420,53 @@ func (s *Server) monitor() {
 		case <-s.ctx.Done():
 			return
 		}
+	}
+}
+
+// scrubber rebuilds the shards of cache directories that were wiped or
+// replaced, one scrub at a time, so that the cache again survives the loss
+// of its parity count of directories: during a long storage account
+// outage it holds every acknowledged write.
+func (s *Server) scrubber() {
+	for {
+		select {
+		case <-s.scrubReq:
+		case <-s.ctx.Done():
+			return
+		}
+		r, err := s.cache.Scrub()
+		s.metrics.rebuiltShards.Add(float64(r.RepairedShards))
+		if err != nil {
+			s.log.Error("cache scrub failed", logErr, err, "lost", len(r.Lost))
+			continue
+		}
+		s.log.Info("cache scrub done", logCount, r.Segments, "repaired_shards", r.RepairedShards)
+	}
+}
+
+// checkCacheDirs asks for a scrub when a cache directory lost its shards
+// while the server runs. dirErr is the last error reported, not repeated
+// every second.
+func (s *Server) checkCacheDirs(dirErr *string) {
+	lost, err := s.cache.CheckDirs()
+	if len(lost) > 0 {
+		s.log.Warn("cache directories lost their shards while in use; rebuilding them", logDir, lost)
+		select {
+		case s.scrubReq <- struct{}{}:
+		default: // one is already queued
+		}
+	}
+	msg := ""
+	if err != nil {
+		msg = err.Error()
+	}
+	if msg != *dirErr {
+		if err != nil {
+			s.log.Error("cache directory check failed", logErr, err)
+		} else {
+			s.log.Info("cache directories healthy again")
+		}
+		*dirErr = msg
 	}
 }
 

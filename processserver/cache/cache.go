@@ -133,6 +133,7 @@ type Cache struct {
 	fs       FS
 	log      *slog.Logger
 	replaced []string
+	id       string // the cache's identity, in every directory's marker
 
 	enc     reedsolomon.Encoder // for (k, m); nil when m == 0
 	encMu   sync.Mutex
@@ -149,6 +150,9 @@ type Cache struct {
 
 	streamMu   sync.Mutex
 	streamDirs map[string]bool // "<slot>/<stream>" known to exist durably
+	// vanished[i]: a write found a stream directory of directory i gone
+	// (see CheckDirs).
+	vanished []atomic.Bool
 }
 
 // Open opens (creating if needed) a cache over dirs. Each directory must be
@@ -190,6 +194,7 @@ func Open(dirs []string, opts Options) (*Cache, error) {
 		maxSeg:     cmp.Or(opts.MaxSegmentSize, DefaultMaxSegmentSize),
 		fs:         cmp.Or[FS](opts.FS, OSFS{}),
 		noDirect:   make([]atomic.Bool, n),
+		vanished:   make([]atomic.Bool, n),
 		log:        opts.Logger,
 		encs:       make(map[[2]uint8]reedsolomon.Encoder),
 		seed:       maphash.MakeSeed(),
@@ -531,7 +536,9 @@ func (c *Cache) writeShard(slot int, id SegmentID, h shardHeader, hdr []byte, pa
 	err := c.writeFile(slot, tmp, parts)
 	if errors.Is(err, fs.ErrNotExist) {
 		// The directory vanished under us (disk wiped or replaced while
-		// running): forget it and recreate once.
+		// running): forget it and recreate once. The shards it held are
+		// gone too: CheckDirs reports it for a Scrub.
+		c.vanished[slot].Store(true)
 		c.forgetStreamDir(slot, id.Stream)
 		if err = c.ensureStreamDir(slot, id.Stream); err != nil {
 			return err
@@ -1032,6 +1039,48 @@ func (c *Cache) Scrub() (ScrubReport, error) {
 		return rep, fmt.Errorf("cache: scrub: %w", errors.Join(errs...))
 	}
 	return rep, nil
+}
+
+// CheckDirs finds the directories that lost shards while the cache was
+// open: wiped or replaced by an empty disk (their marker is gone), or one
+// of their stream directories vanished under a write. It adopts them again
+// as Open does (rewriting the marker) and returns them: the caller then
+// runs Scrub to rebuild their shards, so that the cache again survives the
+// loss of m directories (until then, reads reconstruct from the others).
+// It is cheap (one small read per directory) and meant to run periodically.
+func (c *Cache) CheckDirs() ([]string, error) {
+	var lost []string
+	var errs []error
+	for i, d := range c.dirs {
+		_, err := c.fs.ReadFile(filepath.Join(d, markerName))
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+			if err := c.fs.MkdirAll(d, 0o750); err != nil {
+				errs = append(errs, fmt.Errorf("cache: recreate directory %s: %w", d, err))
+				continue
+			}
+			if err := c.writeMarker(d, marker{cache: c.id, slot: i, n: len(c.dirs)}); err != nil {
+				errs = append(errs, fmt.Errorf("cache: write marker in %s: %w", d, err))
+				continue
+			}
+			c.log.Warn("cache: directory lost its contents while in use; adopted again, its shards need rebuilding", logDir, d)
+		case err != nil:
+			errs = append(errs, fmt.Errorf("cache: check directory %s: %w", d, err))
+			continue
+		case !c.vanished[i].Load():
+			continue
+		}
+		c.vanished[i].Store(false)
+		c.streamMu.Lock()
+		for key := range c.streamDirs {
+			if strings.HasPrefix(key, strconv.Itoa(i)+"/") {
+				delete(c.streamDirs, key)
+			}
+		}
+		c.streamMu.Unlock()
+		lost = append(lost, d)
+	}
+	return lost, errors.Join(errs...)
 }
 
 // DirUsage is the space on the file system holding one cache directory.

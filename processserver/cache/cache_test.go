@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -218,6 +219,55 @@ func TestWipeWhileOpen(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+}
+
+// CheckDirs reports a directory that lost its shards while open, once:
+// wiped whole (marker gone; it is rewritten) or with a stream directory
+// gone under a write.
+func TestCheckDirs(t *testing.T) {
+	dirs := tempDirs(t, 3)
+	c := open(t, dirs, Options{})
+	data := payload(50_000, 1)
+	if err := c.Put(SegmentID{"m", 1}, data); err != nil {
+		t.Fatal(err)
+	}
+	check := func(want ...string) {
+		t.Helper()
+		got, err := c.CheckDirs()
+		if err != nil || !slices.Equal(got, want) {
+			t.Fatalf("CheckDirs() = %v, %v; want %v", got, err, want)
+		}
+	}
+	check()
+	wipe(t, dirs[1])
+	check(dirs[1])
+	check()
+	if rep, err := c.Scrub(); err != nil || rep.RepairedShards != 1 {
+		t.Fatalf("scrub: %+v, %v", rep, err)
+	}
+	// The marker was rewritten: a reopened cache takes the directory as
+	// its own, not as a replaced one.
+	if r := open(t, dirs, Options{}).Replaced(); len(r) != 0 {
+		t.Fatalf("reopened cache: replaced %v", r)
+	}
+
+	// Only the stream directory goes: the next write finds it gone.
+	if err := os.RemoveAll(filepath.Join(dirs[2], "m")); err != nil {
+		t.Fatal(err)
+	}
+	check()
+	if err := c.Put(SegmentID{"m", 2}, data); err != nil {
+		t.Fatal(err)
+	}
+	check(dirs[2])
+	check()
+	if rep, err := c.Scrub(); err != nil || rep.RepairedShards != 1 {
+		t.Fatalf("scrub: %+v, %v", rep, err)
+	}
+	// Both segments now survive the loss of any other directory.
+	wipe(t, dirs[0])
+	mustGet(t, c, SegmentID{"m", 1}, data)
+	mustGet(t, c, SegmentID{"m", 2}, data)
 }
 
 // Every byte of one shard file corrupted in turn (header and data): Get

@@ -79,6 +79,7 @@ func (c *Cache) checkMarkers() error {
 		rand.Read(id[:])
 		cacheID = hex.EncodeToString(id[:])
 	}
+	c.id = cacheID
 	fresh := true
 	for _, m := range found {
 		fresh = fresh && m == nil
