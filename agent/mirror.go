@@ -63,6 +63,9 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	if os.Geteuid() != 0 {
 		return errors.New("lifeboat agent needs root (it loads eBPF programs and reads block devices)")
 	}
+	if err := capture.CheckCapabilities(); err != nil {
+		return err
+	}
 	dev, err := blockdev.Open(cfg.Device)
 	if err != nil {
 		return err

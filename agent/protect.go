@@ -119,6 +119,9 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 	if os.Geteuid() != 0 {
 		return errors.New("lifeboat agent needs root (it loads eBPF programs and reads block devices)")
 	}
+	if err := capture.CheckCapabilities(); err != nil {
+		return err
+	}
 	if cfg.ProcessServer == "" {
 		return errors.New("no process server given")
 	}

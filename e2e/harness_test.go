@@ -488,6 +488,33 @@ func startHelper(t *testing.T, spec helperSpec, ready string, timeout time.Durat
 	}
 }
 
+// stopAgent stops an agent helper as SIGTERM does, waits for its drain
+// and clean exit, and returns the counters it printed.
+func (h *helper) stopAgent() agent.ProtectStats {
+	h.t.Helper()
+	h.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-h.done:
+	case <-time.After(2 * time.Minute):
+		h.t.Fatalf("%s helper did not stop within 2 minutes:\n%s", h.what, h.log.Tail(60))
+	}
+	if st := h.cmd.ProcessState; st == nil || !st.Success() {
+		h.t.Fatalf("%s helper: %v\n%s", h.what, st, h.log.Tail(60))
+	}
+	var s agent.ProtectStats
+	for l := range strings.Lines(h.log.String()) {
+		if js, ok := strings.CutPrefix(l, "[stdout] counters: "); ok {
+			if err := json.Unmarshal([]byte(js), &s); err != nil {
+				h.t.Fatalf("%s helper counters: %v", h.what, err)
+			}
+			h.t.Logf("%s helper stopped: counters: %s", h.what, strings.TrimSpace(js))
+			return s
+		}
+	}
+	h.t.Fatalf("%s helper printed no counters:\n%s", h.what, h.log.Tail(60))
+	return s
+}
+
 // kill SIGKILLs the helper and waits for it to be gone.
 func (h *helper) kill() {
 	select {

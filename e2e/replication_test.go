@@ -349,19 +349,22 @@ func TestProcessServerSIGKILL(t *testing.T) {
 }
 
 // 6. The agent killed with SIGKILL mid-workload and started again: it
-// resyncs by checksum (not a full copy) and nothing is lost. The first
-// agent runs with only the capabilities of the shipped systemd unit.
+// resyncs by checksum (not a full copy) and nothing is lost. Both agents
+// run with only the capabilities of the shipped systemd unit: the first
+// attaches capture, the second resumes the capture the first left pinned.
 func TestAgentSIGKILL(t *testing.T) {
 	r := newRig(t, account(t), "m1")
 	ps := r.startPS(psOpts{})
 	d := newDisk(t, diskSize, true)
 	cfg := r.agentConfig("m1", ps.addr(), agent.ProtectDevice{Name: "d0", Path: d.Path})
+	t.Cleanup(func() { agent.ReleaseMachine(cfg.StateDir, cfg.Name) })
 	caps := unitCapabilities(t)
 	prefix, capEff := leastPrivilege(t, caps)
-	child, _ := startHelper(t, helperSpec{Role: "agent", Prefix: prefix, Agent: &agentSpec{
+	spec := helperSpec{Role: "agent", Prefix: prefix, Agent: &agentSpec{
 		ProcessServer: cfg.ProcessServer, PKI: cfg.PKIDir, Name: cfg.Name, StateDir: cfg.StateDir,
 		Devices: cfg.Devices, CrashInterval: cfg.CrashInterval,
-	}}, "SYNCED", 3*time.Minute)
+	}}
+	child, _ := startHelper(t, spec, "SYNCED", 3*time.Minute)
 	assertCapabilities(t, child, capEff, caps)
 
 	mnt := mount(t, d.Path)
@@ -372,7 +375,8 @@ func TestAgentSIGKILL(t *testing.T) {
 	t.Logf("agent SIGKILLed after %d churn files", c.files.Load())
 	time.Sleep(1500 * time.Millisecond) // not captured by anyone
 
-	a := r.startAgent(cfg)
+	a, _ := startHelper(t, spec, "SYNCED", 3*time.Minute)
+	assertCapabilities(t, a, capEff, caps)
 	time.Sleep(time.Second)
 	c.finish(t)
 	workload(t, mnt, "c", 3)
@@ -381,8 +385,8 @@ func TestAgentSIGKILL(t *testing.T) {
 
 	r.waitRecoverable("m1", done.Add(settle), 2*time.Minute)
 	r.assertRecovered("m1", "d0", recovery.Latest, readImage(t, d.Path), "after the agent's SIGKILL")
-	s := a.stop()
-	if s.Sync[0] != agent.SyncCompare.String() {
+	s := a.stopAgent()
+	if len(s.Sync) == 0 || s.Sync[0] != agent.SyncCompare.String() {
 		t.Errorf("restarted agent brought the disk up to date by %q, want %q", s.Sync[0], agent.SyncCompare.String())
 	}
 	if s.Stream.SumChunks == 0 || s.Stream.SumDiffers == 0 || s.Stream.SumDiffers == s.Stream.SumChunks || s.BlocksSkipped == 0 {

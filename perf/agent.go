@@ -114,6 +114,12 @@ func startAgent(ctx context.Context, spec agentSpec, log *slog.Logger) (*agentPr
 	if spec.Cgroup != nil {
 		// Long before its first read: the agent reads only after READY=1.
 		if err := spec.Cgroup.add(cmd.Process.Pid); err != nil {
+			select {
+			case <-a.exited: // its own error says more
+				a.notify.Close()
+				return nil, fmt.Errorf("agent exited at start (%v): %s", a.waitErr, a.stderrText())
+			default:
+			}
 			if _, stopErr := a.stop(); stopErr != nil {
 				log.Warn("stop agent after failed start", "err", stopErr)
 			}

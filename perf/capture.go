@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -253,7 +254,7 @@ func RunCapture(ctx context.Context, cfg CaptureConfig, log *slog.Logger, progre
 	}
 	var cg *ioCgroup
 	if cfg.needsAgent() && !cfg.SharedCgroup {
-		if cg, err = newIOCgroup(fmt.Sprintf("lifeboat-bench-agent-%d", os.Getpid())); err != nil {
+		if cg, err = newIOCgroup(strconv.Itoa(os.Getpid())); err != nil {
 			return nil, fmt.Errorf("%w (pass --shared-cgroup to run the agent in fio's cgroup)", err)
 		}
 		defer func() {

@@ -16,7 +16,7 @@ import (
 //
 // Installed as a service, the agent has its own cgroup (systemd gives every
 // unit one; on cgroup v1 the blkio one with IOAccounting=yes, as
-// scripts/lifeboat-agent.service sets), while the workload it protects
+// deploy/lifeboat-agent.service sets), while the workload it protects
 // runs in others. The loop driver serves each block cgroup with its own
 // worker thread: an agent sharing fio's cgroup queues its read-back behind
 // fio's writes in one worker, a cost a service on a real disk does not
@@ -25,14 +25,24 @@ type ioCgroup struct {
 	dir string
 }
 
-// newIOCgroup creates an empty cgroup named name at the root of the
-// hierarchy that holds the io (v2) or blkio (v1) controller.
-func newIOCgroup(name string) (*ioCgroup, error) {
+// benchCgroupPrefix starts the names of the cgroups benchmarks make.
+const benchCgroupPrefix = "lifeboat-bench-agent-"
+
+// newIOCgroup creates an empty cgroup named benchCgroupPrefix+suffix at the
+// root of the hierarchy that holds the io (v2) or blkio (v1) controller,
+// after removing the empty ones earlier runs left (killed before their
+// cleanup).
+func newIOCgroup(suffix string) (*ioCgroup, error) {
 	root, err := ioCgroupRoot("/proc/self/mountinfo")
 	if err != nil {
 		return nil, err
 	}
-	dir := filepath.Join(root, name)
+	if stale, _ := filepath.Glob(filepath.Join(root, benchCgroupPrefix+"*")); len(stale) > 0 {
+		for _, d := range stale {
+			os.Remove(d) // fails, as it should, while processes are in it
+		}
+	}
+	dir := filepath.Join(root, benchCgroupPrefix+suffix)
 	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
 		return nil, fmt.Errorf("create block I/O cgroup: %w", err)
 	}

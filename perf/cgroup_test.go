@@ -59,10 +59,17 @@ func TestIOCgroupRoot(t *testing.T) {
 // cgroup goes away after it.
 func TestIOCgroupMovesProcess(t *testing.T) {
 	testenv.RequireRoot(t)
-	cg, err := newIOCgroup(fmt.Sprintf("lifeboat-test-%d", os.Getpid()))
+	if _, err := ioCgroupRoot("/proc/self/mountinfo"); err != nil {
+		if testenv.InCI() {
+			t.Fatalf("CI must run this test: %v", err)
+		}
+		t.Skipf("no block I/O cgroup hierarchy here: %v", err)
+	}
+	cg, err := newIOCgroup(fmt.Sprintf("test-%d", os.Getpid()))
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { cg.remove() })
 	cmd := exec.Command("sleep", "30")
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

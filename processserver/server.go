@@ -393,10 +393,10 @@ func (s *Server) monitor() {
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	level := slog.LevelInfo
-	dirErr := ""
+	dirErr, rescrub := "", time.Time{}
 	for {
 		s.checkCache(&level)
-		s.checkCacheDirs(&dirErr)
+		s.checkCacheDirs(&dirErr, &rescrub)
 		s.mu.Lock()
 		ms := make([]*machine, 0, len(s.machines))
 		for _, m := range s.machines {
@@ -434,8 +434,14 @@ func (s *Server) scrubber() {
 		case <-s.ctx.Done():
 			return
 		}
-		r, err := s.cache.Scrub()
+		if s.ctx.Err() != nil {
+			return // both were ready: stopping wins
+		}
+		r, err := s.cache.Scrub(s.ctx)
 		s.metrics.rebuiltShards.Add(float64(r.RepairedShards))
+		if s.ctx.Err() != nil {
+			return
+		}
 		if err != nil {
 			s.log.Error("cache scrub failed", logErr, err, "lost", len(r.Lost))
 			continue
@@ -444,13 +450,25 @@ func (s *Server) scrubber() {
 	}
 }
 
+// rescrubAfter is when a second scrub follows one for a directory lost
+// while running: a wipe still under way when the first one started may
+// delete what it rebuilt.
+const rescrubAfter = 5 * time.Second
+
 // checkCacheDirs asks for a scrub when a cache directory lost its shards
-// while the server runs. dirErr is the last error reported, not repeated
-// every second.
-func (s *Server) checkCacheDirs(dirErr *string) {
+// while the server runs, and again rescrubAfter later. dirErr is the last
+// error reported, not repeated every second.
+func (s *Server) checkCacheDirs(dirErr *string, rescrub *time.Time) {
 	lost, err := s.cache.CheckDirs()
+	now := time.Now()
 	if len(lost) > 0 {
 		s.log.Warn("cache directories lost their shards while in use; rebuilding them", logDir, lost)
+		*rescrub = now.Add(rescrubAfter)
+	}
+	if len(lost) > 0 || (!rescrub.IsZero() && now.After(*rescrub)) {
+		if len(lost) == 0 {
+			*rescrub = time.Time{}
+		}
 		select {
 		case s.scrubReq <- struct{}{}:
 		default: // one is already queued

@@ -275,9 +275,7 @@ func TestCacheDirWiped(t *testing.T) {
 	for i := range 4 {
 		a.waitAck(a.batch(uint64(1+8*i), 8))
 	}
-	if err := os.RemoveAll(e.cache[1]); err != nil {
-		t.Fatal(err)
-	}
+	wipeDir(t, e.cache[1])
 	for i := 4; i < 6; i++ {
 		a.waitAck(a.batch(uint64(1+8*i), 8))
 	}
@@ -312,9 +310,7 @@ func TestCacheDirRebuiltWhileRunning(t *testing.T) {
 		a.waitAck(a.batch(uint64(1+8*i), 8))
 	}
 	before := shardFiles(t, e.cache[0])
-	if err := os.RemoveAll(e.cache[1]); err != nil {
-		t.Fatal(err)
-	}
+	wipeDir(t, e.cache[1])
 	eventually(t, 20*time.Second, "shards rebuilt in the wiped directory", func() bool {
 		return strings.Contains(e.logs.String(), "cache scrub done") && shardFiles(t, e.cache[1]) >= before
 	})
@@ -330,15 +326,27 @@ func TestCacheDirRebuiltWhileRunning(t *testing.T) {
 	}
 	a.conn.Close()
 	s.Close()
-	if err := os.RemoveAll(e.cache[2]); err != nil {
-		t.Fatal(err)
-	}
+	wipeDir(t, e.cache[2])
 	e.start()
 	faulty.FailFor(0)
 	eventually(t, 20*time.Second, "upload after both wipes", func() bool { return durableSeq(t, faulty, "m1") >= 48 })
 	plain, _, _ := journal(t, faulty, e.rk, "m1")
 	if !bytes.Equal(plain, a.sent) {
 		t.Fatalf("journal holds %d bytes, want %d", len(plain), len(a.sent))
+	}
+}
+
+// wipeDir removes a cache directory as a failed disk loses it. It moves
+// the directory aside first: removing it in place races with the server's
+// check, which may write a new marker into it meanwhile.
+func wipeDir(t *testing.T, dir string) {
+	t.Helper()
+	aside := dir + ".wiped"
+	if err := os.Rename(dir, aside); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(aside); err != nil {
+		t.Fatal(err)
 	}
 }
 

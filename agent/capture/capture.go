@@ -107,12 +107,8 @@ func Load(cfg Config) (*Capture, error) {
 	if os.Geteuid() != 0 {
 		return nil, errors.New("capture needs root (CAP_BPF and CAP_PERFMON)")
 	}
-	if missing, err := missingCapabilities(); err != nil {
+	if err := CheckCapabilities(); err != nil {
 		return nil, err
-	} else if len(missing) > 0 {
-		// Else the first map creation fails with EPERM and a hint about
-		// MEMLOCK that sends the user the wrong way.
-		return nil, fmt.Errorf("capture needs CAP_BPF and CAP_PERFMON; this process lacks %s (a service's CapabilityBoundingSet must list them)", strings.Join(missing, " and "))
 	}
 	if _, err := os.Stat("/sys/kernel/btf/vmlinux"); err != nil {
 		return nil, errors.New("this kernel has no BTF (/sys/kernel/btf/vmlinux): eBPF capture needs CONFIG_DEBUG_INFO_BTF")
@@ -913,6 +909,22 @@ var capabilitiesNeeded = []struct {
 	name string
 	bit  uint
 }{{"CAP_BPF", unix.CAP_BPF}, {"CAP_PERFMON", unix.CAP_PERFMON}}
+
+// CheckCapabilities fails, naming them, when this process lacks
+// capabilities capture needs. Else the first map creation fails with EPERM
+// and a hint about MEMLOCK that sends the user the wrong way. Agents call
+// it before anything else, so that a misconfigured service changes no
+// state.
+func CheckCapabilities() error {
+	missing, err := missingCapabilities()
+	if err != nil {
+		return err
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("capture needs CAP_BPF and CAP_PERFMON; this process lacks %s (a service's CapabilityBoundingSet must list them)", strings.Join(missing, " and "))
+	}
+	return nil
+}
 
 // missingCapabilities returns the needed capabilities this process does
 // not have in its effective set.

@@ -23,6 +23,7 @@ package cache
 
 import (
 	"cmp"
+	"context"
 	"errors"
 	"fmt"
 	"hash/crc32"
@@ -153,6 +154,8 @@ type Cache struct {
 	// vanished[i]: a write found a stream directory of directory i gone
 	// (see CheckDirs).
 	vanished []atomic.Bool
+	// fsIDs[i]: the file system directory i was on at Open (0: unknown).
+	fsIDs []uint64
 }
 
 // Open opens (creating if needed) a cache over dirs. Each directory must be
@@ -227,6 +230,10 @@ func Open(dirs []string, opts Options) (*Cache, error) {
 		return nil, err
 	}
 	c.removeTemps()
+	for _, d := range c.dirs {
+		st, _ := c.fs.Statfs(d)
+		c.fsIDs = append(c.fsIDs, st.ID)
+	}
 	return c, nil
 }
 
@@ -1002,8 +1009,9 @@ type ScrubReport struct {
 // Scrub reads every segment, verifying every shard, and rewrites missing
 // or corrupt shards (after a cache disk was replaced, or bit rot). It
 // continues past bad segments and returns an error when any segment is
-// lost or could not be fully repaired; the report says which.
-func (c *Cache) Scrub() (ScrubReport, error) {
+// lost or could not be fully repaired; the report says which. Cancelling
+// ctx stops it between segments (with ctx's error).
+func (c *Cache) Scrub(ctx context.Context) (ScrubReport, error) {
 	var rep ScrubReport
 	streams, err := c.Streams()
 	if err != nil {
@@ -1017,6 +1025,9 @@ func (c *Cache) Scrub() (ScrubReport, error) {
 			continue
 		}
 		for _, id := range ids {
+			if err := ctx.Err(); err != nil {
+				return rep, fmt.Errorf("cache: scrub: %w", err)
+			}
 			rep.Segments++
 			n, err := c.Repair(id)
 			rep.RepairedShards += n
@@ -1059,18 +1070,24 @@ func (c *Cache) CheckDirs() ([]string, error) {
 				errs = append(errs, fmt.Errorf("cache: recreate directory %s: %w", d, err))
 				continue
 			}
+			if st, err := c.fs.Statfs(d); err == nil && st.ID != 0 && c.fsIDs[i] != 0 && st.ID != c.fsIDs[i] {
+				// Rebuilding there would fill the file system below
+				// the mount point, often the root one.
+				errs = append(errs, fmt.Errorf("cache: %s is on another file system than when the cache opened (its disk unmounted?): not rebuilding its shards there", d))
+				continue
+			}
 			if err := c.writeMarker(d, marker{cache: c.id, slot: i, n: len(c.dirs)}); err != nil {
 				errs = append(errs, fmt.Errorf("cache: write marker in %s: %w", d, err))
 				continue
 			}
 			c.log.Warn("cache: directory lost its contents while in use; adopted again, its shards need rebuilding", logDir, d)
+			c.vanished[i].Store(false)
 		case err != nil:
 			errs = append(errs, fmt.Errorf("cache: check directory %s: %w", d, err))
 			continue
-		case !c.vanished[i].Load():
+		case !c.vanished[i].Swap(false):
 			continue
 		}
-		c.vanished[i].Store(false)
 		c.streamMu.Lock()
 		for key := range c.streamDirs {
 			if strings.HasPrefix(key, strconv.Itoa(i)+"/") {

@@ -2,6 +2,8 @@ package cache
 
 import (
 	"bytes"
+	"cmp"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -163,11 +165,11 @@ func TestSurvivesWipedDirectories(t *testing.T) {
 					t.Fatalf("List(%s) = %v, %v; want 3 segments from the surviving dirs", s, ids, err)
 				}
 			}
-			rep, err := c.Scrub()
+			rep, err := c.Scrub(context.Background())
 			if err != nil || rep.Segments != 6 || rep.RepairedShards != 12 {
 				t.Fatalf("scrub after wiping %d,%d: %+v, %v", a, b, rep, err)
 			}
-			if rep, err := c.Scrub(); err != nil || rep.RepairedShards != 0 {
+			if rep, err := c.Scrub(context.Background()); err != nil || rep.RepairedShards != 0 {
 				t.Fatalf("second scrub: %+v, %v", rep, err)
 			}
 		}
@@ -186,7 +188,7 @@ func TestSurvivesWipedDirectories(t *testing.T) {
 			t.Errorf("error does not say what is missing: %v", err)
 		}
 	}
-	rep, err := c.Scrub()
+	rep, err := c.Scrub(context.Background())
 	if !errors.Is(err, ErrUnrecoverable) || len(rep.Lost) != 6 {
 		t.Fatalf("scrub: %+v, %v; want 6 lost", rep, err)
 	}
@@ -208,14 +210,14 @@ func TestWipeWhileOpen(t *testing.T) {
 	if err := c.Put(id2, data[:777]); err != nil {
 		t.Fatalf("put after wipe: %v", err)
 	}
-	if rep, err := c.Scrub(); err != nil || rep.RepairedShards != 1 {
+	if rep, err := c.Scrub(context.Background()); err != nil || rep.RepairedShards != 1 {
 		t.Fatalf("scrub: %+v, %v", rep, err)
 	}
 	for _, d := range []string{dirs[0], dirs[2]} {
 		wipe(t, d)
 		mustGet(t, c, id, data)
 		mustGet(t, c, id2, data[:777])
-		if _, err := c.Scrub(); err != nil {
+		if _, err := c.Scrub(context.Background()); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -242,7 +244,7 @@ func TestCheckDirs(t *testing.T) {
 	wipe(t, dirs[1])
 	check(dirs[1])
 	check()
-	if rep, err := c.Scrub(); err != nil || rep.RepairedShards != 1 {
+	if rep, err := c.Scrub(context.Background()); err != nil || rep.RepairedShards != 1 {
 		t.Fatalf("scrub: %+v, %v", rep, err)
 	}
 	// The marker was rewritten: a reopened cache takes the directory as
@@ -261,13 +263,57 @@ func TestCheckDirs(t *testing.T) {
 	}
 	check(dirs[2])
 	check()
-	if rep, err := c.Scrub(); err != nil || rep.RepairedShards != 1 {
+	if rep, err := c.Scrub(context.Background()); err != nil || rep.RepairedShards != 1 {
 		t.Fatalf("scrub: %+v, %v", rep, err)
 	}
 	// Both segments now survive the loss of any other directory.
 	wipe(t, dirs[0])
 	mustGet(t, c, SegmentID{"m", 1}, data)
 	mustGet(t, c, SegmentID{"m", 2}, data)
+}
+
+// fsIDFS reports the file system of a directory as ids[dir], else 1.
+type fsIDFS struct {
+	OSFS
+	mu  sync.Mutex
+	ids map[string]uint64
+}
+
+func (f *fsIDFS) Statfs(p string) (FSStat, error) {
+	st, err := f.OSFS.Statfs(p)
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	st.ID = cmp.Or(f.ids[p], 1)
+	return st, err
+}
+
+// A directory found empty on another file system than at Open (a disk
+// unmounted under its mount point) is not adopted: the rebuild would fill
+// the file system below. Remounted, it is.
+func TestCheckDirsRefusesAnotherFileSystem(t *testing.T) {
+	dirs := tempDirs(t, 3)
+	fsys := &fsIDFS{ids: map[string]uint64{}}
+	c := open(t, dirs, Options{FS: fsys})
+	if err := c.Put(SegmentID{"m", 1}, payload(10_000, 1)); err != nil {
+		t.Fatal(err)
+	}
+	wipe(t, dirs[1])
+	fsys.mu.Lock()
+	fsys.ids[dirs[1]] = 2
+	fsys.mu.Unlock()
+	lost, err := c.CheckDirs()
+	if len(lost) != 0 || err == nil || !strings.Contains(err.Error(), "another file system") {
+		t.Fatalf("CheckDirs() = %v, %v; want an error about another file system", lost, err)
+	}
+	if _, err := os.Stat(filepath.Join(dirs[1], markerName)); !os.IsNotExist(err) {
+		t.Fatalf("marker written on the other file system: %v", err)
+	}
+	fsys.mu.Lock()
+	delete(fsys.ids, dirs[1])
+	fsys.mu.Unlock()
+	if lost, err := c.CheckDirs(); err != nil || !slices.Equal(lost, dirs[1:2]) {
+		t.Fatalf("after remount: CheckDirs() = %v, %v", lost, err)
+	}
 }
 
 // Every byte of one shard file corrupted in turn (header and data): Get
@@ -481,7 +527,7 @@ func TestFaults(t *testing.T) {
 			}
 			// Once the disk behaves, Scrub restores the shard.
 			ffs.set(func(f *faultFS) { f.dirs = nil })
-			rep, err := c.Scrub()
+			rep, err := c.Scrub(context.Background())
 			if err != nil || rep.RepairedShards != tc.repair {
 				t.Fatalf("scrub: %+v, %v; want %d shards repaired", rep, err, tc.repair)
 			}
