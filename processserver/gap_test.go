@@ -179,6 +179,47 @@ func TestLostSegmentGapSurvivesUntilMended(t *testing.T) {
 	}
 }
 
+// Once retention has deleted the journal up to a mended gap's end (no
+// state inside it is recoverable any more), the manifest forgets the gap.
+func TestRetentionForgetsMendedGap(t *testing.T) {
+	ctx := context.Background()
+	r := newGapRig(t, mem.New())
+	r.put(1, 10)
+	r.put(11, 20)
+	for _, d := range r.dirs[:2] {
+		if err := os.Remove(filepath.Join(d, "m1", "0000000000000001.shard")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r.upload()
+	_, epoch := r.agree(20)
+	r.m.mended(epoch, 25)
+	r.put(21, 25)
+	r.upload()
+	if g := r.manifest().Gaps; len(g) != 1 || g[0].Mended != 25 {
+		t.Fatalf("gaps %+v, want [1, 25) mended", g)
+	}
+	// Journal kept from 25: the state at 24, inside the gap, is still
+	// recoverable from a point there.
+	if err := r.s.UpdateManifest(ctx, "m1", func(m *layout.Manifest) { m.JournalFrom = 25 }); err != nil {
+		t.Fatal(err)
+	}
+	if g := r.manifest().Gaps; len(g) != 1 {
+		t.Fatalf("gaps %+v with journal_from 25: the state at 24 is inside the gap", g)
+	}
+	if err := r.s.UpdateManifest(ctx, "m1", func(m *layout.Manifest) { m.JournalFrom = 26 }); err != nil {
+		t.Fatal(err)
+	}
+	man := r.manifest()
+	if len(man.Gaps) != 0 || man.JournalFrom != 26 {
+		t.Fatalf("journal_from %d, gaps %+v: want 26 and none", man.JournalFrom, man.Gaps)
+	}
+	r.restart()
+	if a, _ := r.agree(25); a != wire.SyncResume {
+		t.Fatalf("after the gap was forgotten the agent is told %v, want resume", a)
+	}
+}
+
 // An agent acknowledged past what the server holds (a cache restored from
 // an old state, another server) opens a gap at the first record missing.
 func TestAgentAheadOpensGap(t *testing.T) {

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -250,7 +251,17 @@ func (s *Server) UpdateManifest(ctx context.Context, machine string, update func
 		m.man.AppliedSeq = man.AppliedSeq
 		m.applied = max(m.applied, man.AppliedSeq)
 	}
-	m.man.JournalFrom = max(m.man.JournalFrom, man.JournalFrom)
+	if man.JournalFrom > m.man.JournalFrom {
+		m.man.JournalFrom = man.JournalFrom
+		// Retention made every state before JournalFrom-1 unrecoverable:
+		// what only those needed goes. Disks is copied first: a manifest
+		// being written may share its array.
+		m.man.Disks = slices.Clone(m.man.Disks)
+		if gaps, gens := m.man.Forget(m.man.JournalFrom - 1); gaps+gens > 0 {
+			s.log.Info("retention forgot mended gaps and replaced generations", logMachine, machine,
+				"gaps", gaps, "generations", gens, "journal_from", m.man.JournalFrom)
+		}
+	}
 	m.mu.Unlock()
 	m.kick()
 	return m.writeManifest(ctx)

@@ -1,6 +1,7 @@
 package layout
 
 import (
+	"slices"
 	"sort"
 	"testing"
 	"time"
@@ -66,5 +67,51 @@ func TestDiskGenerations(t *testing.T) {
 		if g := gd.GenerationAt(seq); g != i {
 			t.Fatalf("GenerationAt(%d) = %d, want %d", seq, g, i)
 		}
+	}
+}
+
+func TestForget(t *testing.T) {
+	m := Manifest{
+		Gaps: []Gap{
+			{From: 10, LostTo: 12, Mended: 20},                                       // mended before 100: goes
+			{From: 30, LostTo: 31, Mended: 40, Unmended: []UnmendedDisk{{"b", 90}}},  // b synced at 90: goes
+			{From: 50, LostTo: 51, Mended: 60, Unmended: []UnmendedDisk{{"b", 0}}},   // b never synced: stays
+			{From: 70, LostTo: 71, Mended: 120},                                      // ends after 100: stays
+			{From: 80, LostTo: 81},                                                   // open: stays
+			{From: 85, LostTo: 86, Mended: 95, Unmended: []UnmendedDisk{{"a", 150}}}, // a synced after 100: stays
+		},
+		Disks: []Disk{
+			{Name: "a", Generation: "g4", GenerationStart: 200, Previous: []Generation{{"g1", 1, 0}, {"g2", 1, 50}, {"g3", 1, 100}}},
+			{Name: "b", Generation: "h2", GenerationStart: 0, Previous: []Generation{{"h1", 1, 0}}}, // start unknown
+			{Name: "c", Generation: "k1"},
+		},
+	}
+	gaps, gens := m.Forget(100)
+	if gaps != 2 || gens != 2 {
+		t.Fatalf("Forget(100) dropped %d gaps and %d generations, want 2 and 2", gaps, gens)
+	}
+	var from []uint64
+	for _, g := range m.Gaps {
+		from = append(from, g.From)
+	}
+	if !slices.Equal(from, []uint64{50, 70, 80, 85}) {
+		t.Errorf("gaps left start at %v", from)
+	}
+	a := m.Disks[0]
+	if len(a.Previous) != 1 || a.Previous[0].Generation != "g3" {
+		t.Errorf("disk a keeps %+v, want g3 only (g4 starts after 100)", a.Previous)
+	}
+	// Whatever is left answers every state at or after 100 as before.
+	if g, ok := m.GapAt(100); !ok || g.From != 70 {
+		t.Errorf("GapAt(100) = %+v, %v", g, ok)
+	}
+	if k := a.GenerationAt(150); a.Generations()[k].Generation != "g3" {
+		t.Errorf("seq 150 in %s", a.Generations()[k].Generation)
+	}
+	if len(m.Disks[1].Previous) != 1 {
+		t.Errorf("disk b lost a generation whose successor's start is unknown")
+	}
+	if gaps, gens := m.Forget(100); gaps != 0 || gens != 0 {
+		t.Errorf("second Forget(100) dropped %d, %d", gaps, gens)
 	}
 }
