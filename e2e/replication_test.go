@@ -387,7 +387,7 @@ func TestAgentSIGKILL(t *testing.T) {
 	r.assertRecovered("m1", "d0", recovery.Latest, readImage(t, d.Path), "after the agent's SIGKILL")
 	s := a.stopAgent()
 	if len(s.Sync) == 0 || s.Sync[0] != agent.SyncCompare.String() {
-		t.Errorf("restarted agent brought the disk up to date by %q, want %q", s.Sync[0], agent.SyncCompare.String())
+		t.Errorf("restarted agent brought the disk up to date by %q, want %q", s.Sync, agent.SyncCompare.String())
 	}
 	if s.Stream.SumChunks == 0 || s.Stream.SumDiffers == 0 || s.Stream.SumDiffers == s.Stream.SumChunks || s.BlocksSkipped == 0 {
 		t.Errorf("checksum resync compared %d chunks, %d differed, %d blocks equal: want some but not all to differ",

@@ -118,7 +118,7 @@ func startAgent(ctx context.Context, spec agentSpec, log *slog.Logger) (*agentPr
 			case <-a.exited: // its own error says more
 				a.notify.Close()
 				return nil, fmt.Errorf("agent exited at start (%v): %s", a.waitErr, a.stderrText())
-			default:
+			case <-time.After(time.Second): // not yet reaped, or alive
 			}
 			if _, stopErr := a.stop(); stopErr != nil {
 				log.Warn("stop agent after failed start", "err", stopErr)

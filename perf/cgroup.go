@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -37,10 +38,14 @@ func newIOCgroup(suffix string) (*ioCgroup, error) {
 	if err != nil {
 		return nil, err
 	}
-	if stale, _ := filepath.Glob(filepath.Join(root, benchCgroupPrefix+"*")); len(stale) > 0 {
-		for _, d := range stale {
-			os.Remove(d) // fails, as it should, while processes are in it
+	stale, _ := filepath.Glob(filepath.Join(root, benchCgroupPrefix+"*"))
+	for _, d := range stale {
+		// Named by the pid of the run that made it: only a dead run's.
+		pid, err := strconv.Atoi(strings.TrimPrefix(filepath.Base(d), benchCgroupPrefix))
+		if err == nil && syscall.Kill(pid, 0) == nil {
+			continue
 		}
+		os.Remove(d) // fails, as it should, while processes are in it
 	}
 	dir := filepath.Join(root, benchCgroupPrefix+suffix)
 	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, os.ErrExist) {

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -65,7 +66,7 @@ func TestIOCgroupMovesProcess(t *testing.T) {
 		}
 		t.Skipf("no block I/O cgroup hierarchy here: %v", err)
 	}
-	cg, err := newIOCgroup(fmt.Sprintf("test-%d", os.Getpid()))
+	cg, err := newIOCgroup(strconv.Itoa(os.Getpid()))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -18,7 +18,10 @@ func TestServiceUnitCommandLine(t *testing.T) {
 	var exec []string
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), "ExecStart="); ok {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(sc.Text()), "ExecStart="); ok {
+			if strings.HasSuffix(v, "\\") {
+				t.Fatal("ExecStart continues on the next line: keep it on one (this test reads one)")
+			}
 			exec = strings.Fields(v)
 		}
 	}
@@ -32,6 +35,9 @@ func TestServiceUnitCommandLine(t *testing.T) {
 	}
 	if err := cmd.ValidateRequiredFlags(); err != nil {
 		t.Fatalf("ExecStart flags: %v", err)
+	}
+	if err := cmd.ValidateArgs(cmd.Flags().Args()); err != nil {
+		t.Fatalf("ExecStart arguments: %v", err)
 	}
 	if got := cmd.Flags().Lookup("app-interval").Value.String(); got != "0s" {
 		t.Errorf("unit takes app-consistent points every %s, but grants no CAP_SYS_ADMIN for fsfreeze", got)

@@ -154,8 +154,10 @@ type Cache struct {
 	// vanished[i]: a write found a stream directory of directory i gone
 	// (see CheckDirs).
 	vanished []atomic.Bool
-	// fsIDs[i]: the file system directory i was on at Open (0: unknown).
-	fsIDs []uint64
+	// pending[i]: directory i was found wiped or replaced and its shards
+	// are being rebuilt; its marker is written once a Scrub completes, so
+	// that a restart before then finds it unmarked and scrubs again.
+	pending []atomic.Bool
 }
 
 // Open opens (creating if needed) a cache over dirs. Each directory must be
@@ -166,7 +168,8 @@ type Cache struct {
 // than when the cache was created. A directory without a marker while
 // others have one was wiped or replaced: Open adopts it, logs a warning and
 // lists it in Replaced; its shards are rebuilt by Scrub, and until then
-// reads reconstruct from the other directories.
+// reads reconstruct from the other directories. Its marker is written
+// when a Scrub completes: until then every Open finds it replaced.
 func Open(dirs []string, opts Options) (*Cache, error) {
 	n := len(dirs)
 	if n == 0 || n > maxDirs {
@@ -198,6 +201,7 @@ func Open(dirs []string, opts Options) (*Cache, error) {
 		fs:         cmp.Or[FS](opts.FS, OSFS{}),
 		noDirect:   make([]atomic.Bool, n),
 		vanished:   make([]atomic.Bool, n),
+		pending:    make([]atomic.Bool, n),
 		log:        opts.Logger,
 		encs:       make(map[[2]uint8]reedsolomon.Encoder),
 		seed:       maphash.MakeSeed(),
@@ -230,10 +234,6 @@ func Open(dirs []string, opts Options) (*Cache, error) {
 		return nil, err
 	}
 	c.removeTemps()
-	for _, d := range c.dirs {
-		st, _ := c.fs.Statfs(d)
-		c.fsIDs = append(c.fsIDs, st.ID)
-	}
 	return c, nil
 }
 
@@ -1013,6 +1013,14 @@ type ScrubReport struct {
 // ctx stops it between segments (with ctx's error).
 func (c *Cache) Scrub(ctx context.Context) (ScrubReport, error) {
 	var rep ScrubReport
+	// The directories being rebuilt get their marker back only if this
+	// scrub, which started after they were found, completes.
+	var rebuilt []int
+	for i := range c.dirs {
+		if c.pending[i].Load() {
+			rebuilt = append(rebuilt, i)
+		}
+	}
 	streams, err := c.Streams()
 	if err != nil {
 		return rep, err
@@ -1049,43 +1057,47 @@ func (c *Cache) Scrub(ctx context.Context) (ScrubReport, error) {
 	if len(errs) > 0 {
 		return rep, fmt.Errorf("cache: scrub: %w", errors.Join(errs...))
 	}
+	for _, i := range rebuilt {
+		d := c.dirs[i]
+		if err := c.fs.MkdirAll(d, 0o750); err != nil {
+			return rep, fmt.Errorf("cache: scrub: %w", err)
+		}
+		if err := c.writeMarker(d, marker{cache: c.id, slot: i, n: len(c.dirs)}); err != nil {
+			return rep, fmt.Errorf("cache: scrub: write marker in %s: %w", d, err)
+		}
+		c.pending[i].Store(false)
+	}
 	return rep, nil
 }
 
 // CheckDirs finds the directories that lost shards while the cache was
 // open: wiped or replaced by an empty disk (their marker is gone), or one
-// of their stream directories vanished under a write. It adopts them again
-// as Open does (rewriting the marker) and returns them: the caller then
-// runs Scrub to rebuild their shards, so that the cache again survives the
-// loss of m directories (until then, reads reconstruct from the others).
-// It is cheap (one small read per directory) and meant to run periodically.
+// of their stream directories vanished under a write. It returns them,
+// once per loss: the caller then runs Scrub to rebuild their shards, so
+// that the cache again survives the loss of m directories (until then,
+// reads reconstruct from the others). The marker of such a directory is
+// written back only when a Scrub completes. It is cheap (one small read
+// per directory) and meant to run periodically.
 func (c *Cache) CheckDirs() ([]string, error) {
 	var lost []string
 	var errs []error
 	for i, d := range c.dirs {
 		_, err := c.fs.ReadFile(filepath.Join(d, markerName))
+		now := false
 		switch {
 		case errors.Is(err, fs.ErrNotExist):
-			if err := c.fs.MkdirAll(d, 0o750); err != nil {
-				errs = append(errs, fmt.Errorf("cache: recreate directory %s: %w", d, err))
-				continue
+			if !c.pending[i].Swap(true) {
+				c.log.Warn("cache: directory lost its contents while in use; rebuilding its shards", logDir, d)
+				now = true
 			}
-			if st, err := c.fs.Statfs(d); err == nil && st.ID != 0 && c.fsIDs[i] != 0 && st.ID != c.fsIDs[i] {
-				// Rebuilding there would fill the file system below
-				// the mount point, often the root one.
-				errs = append(errs, fmt.Errorf("cache: %s is on another file system than when the cache opened (its disk unmounted?): not rebuilding its shards there", d))
-				continue
-			}
-			if err := c.writeMarker(d, marker{cache: c.id, slot: i, n: len(c.dirs)}); err != nil {
-				errs = append(errs, fmt.Errorf("cache: write marker in %s: %w", d, err))
-				continue
-			}
-			c.log.Warn("cache: directory lost its contents while in use; adopted again, its shards need rebuilding", logDir, d)
-			c.vanished[i].Store(false)
 		case err != nil:
 			errs = append(errs, fmt.Errorf("cache: check directory %s: %w", d, err))
 			continue
-		case !c.vanished[i].Swap(false):
+		}
+		if c.vanished[i].Swap(false) {
+			now = true
+		}
+		if !now {
 			continue
 		}
 		c.streamMu.Lock()

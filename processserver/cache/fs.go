@@ -33,9 +33,6 @@ type FSStat struct {
 	Total uint64 // size of the file system
 	Free  uint64 // free blocks including those reserved for root
 	Avail uint64 // free blocks usable by unprivileged writers
-	// ID identifies the file system (f_fsid); 0 when unknown. A mount
-	// point whose disk went away shows its parent's.
-	ID uint64
 }
 
 // OSFS is the real file system.
@@ -58,6 +55,5 @@ func (OSFS) Statfs(path string) (FSStat, error) {
 		return FSStat{}, &fs.PathError{Op: "statfs", Path: path, Err: err}
 	}
 	bs := uint64(st.Bsize)
-	id := uint64(uint32(st.Fsid.Val[0]))<<32 | uint64(uint32(st.Fsid.Val[1]))
-	return FSStat{Total: st.Blocks * bs, Free: st.Bfree * bs, Avail: st.Bavail * bs, ID: id}, nil
+	return FSStat{Total: st.Blocks * bs, Free: st.Bfree * bs, Avail: st.Bavail * bs}, nil
 }

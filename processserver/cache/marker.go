@@ -89,9 +89,12 @@ func (c *Cache) checkMarkers() error {
 			continue
 		}
 		if !fresh {
+			// Marked when a Scrub has rebuilt it (Scrub).
 			c.replaced = append(c.replaced, d)
+			c.pending[i].Store(true)
 			c.log.Warn("cache: directory has no cache marker while the others do; "+
 				"treating it as a replaced disk, run Scrub to rebuild its shards", logDir, d)
+			continue
 		}
 		if err := c.writeMarker(d, marker{cache: cacheID, slot: i, n: n}); err != nil {
 			return fmt.Errorf("cache: write marker in %s: %w", d, err)
