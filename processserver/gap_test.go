@@ -3,6 +3,7 @@ package processserver
 import (
 	"bytes"
 	"context"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -71,8 +72,11 @@ func (r *gapRig) hello(acked uint64) *wire.Hello {
 
 // put stores and acknowledges a segment of records first..last (its
 // frames stand in for records), chained to the one put before.
-func (r *gapRig) put(first, last uint64) {
-	b := &segBuf{meta: segMeta{first: first, last: last}}
+func (r *gapRig) put(first, last uint64) { r.putFrom(first, last, wire.RunID{}) }
+
+// putFrom is put for a segment that agent run sent.
+func (r *gapRig) putFrom(first, last uint64, run wire.RunID) {
+	b := &segBuf{meta: segMeta{first: first, last: last, run: run}}
 	b.begin(r.last)
 	b.data = append(b.data, bytes.Repeat([]byte{byte(first)}, 50_000)...)
 	r.last = last
@@ -84,7 +88,7 @@ func (r *gapRig) put(first, last uint64) {
 	if err := r.s.cache.Put(id, cached); err != nil {
 		r.t.Fatal(err)
 	}
-	r.m.segmentDurable(id, int64(len(cached)), last, nil, wire.RunID{})
+	r.m.segmentDurable(id, int64(len(cached)), last, nil, run)
 }
 
 // uploadNewest puts the newest cached segment in the journal by hand,
@@ -177,6 +181,41 @@ func TestLostSegmentGapSurvivesUntilMended(t *testing.T) {
 	if a, _ := r.agree(25); a != wire.SyncResume {
 		t.Fatalf("after the gap was mended the agent is told %v, want resume", a)
 	}
+}
+
+// After a restart the process server still names the agent run that made
+// its newest records durable (HelloAck.LastRun: how a clone streaming
+// under the same name is recognised): from its cache, or, once the cache
+// is empty, from the manifest.
+func TestLastRunSurvivesRestart(t *testing.T) {
+	ctx := context.Background()
+	r := newGapRig(t, mem.New())
+	run := wire.RunID{0xc1, 15: 0x0e}
+	r.putFrom(1, 10, wire.RunID{0xaa})
+	r.putFrom(11, 20, run)
+	lastRun := func(what string) {
+		t.Helper()
+		ack, _, _, _, err := r.m.agree(ctx, r.hello(20))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ack.LastRun != run {
+			t.Fatalf("%s: HelloAck.LastRun %x, want %x", what, ack.LastRun, run)
+		}
+	}
+	r.restart()
+	lastRun("restarted with the segments cached")
+	r.upload()
+	if man := r.manifest(); man.DurableSeq != 20 || man.LastRun != hex.EncodeToString(run[:]) {
+		t.Fatalf("manifest durable_seq %d, last_run %q", man.DurableSeq, man.LastRun)
+	}
+	for _, d := range r.dirs {
+		if err := os.RemoveAll(filepath.Join(d, "m1")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r.restart()
+	lastRun("restarted with an empty cache")
 }
 
 // Once retention has deleted the journal up to a mended gap's end (no

@@ -147,6 +147,11 @@ func (m *machine) ensureLoaded(ctx context.Context) error {
 	}
 	m.mu.Lock()
 	m.man, m.key, m.manKey, m.loaded = man, key, key, true
+	if b, err := hex.DecodeString(man.LastRun); err == nil && len(b) == len(m.lastRun) &&
+		man.DurableSeq >= m.durable && m.lastRun == (wire.RunID{}) {
+		// Nothing newer in the cache (scanCache) says who sent it.
+		m.lastRun = wire.RunID(b)
+	}
 	m.durable = max(m.durable, man.DurableSeq)
 	m.uploaded = max(m.uploaded, man.DurableSeq)
 	m.applied = max(m.applied, man.AppliedSeq)

@@ -25,6 +25,11 @@ type segMeta struct {
 	first, last         uint64 // record sequence range; first == 0: no record
 	firstTime, lastTime int64  // unix nanos of the first and last marker, 0 if none
 	crash, app          bool
+	// run is the agent run that sent the segment: after a restart the
+	// newest cached segment tells the agents which run made it durable
+	// (HelloAck.LastRun), which is how a clone learns the records are
+	// not its own. Zero: unknown (a version 1 header).
+	run wire.RunID
 }
 
 func (m *segMeta) record(seq uint64) {
@@ -76,8 +81,10 @@ func (m *segMeta) metadata() blobstore.Metadata {
 // lies yields a journal segment that recovery refuses.
 const (
 	cachedMagic      = "LBCS"
-	cachedVersion    = 1
-	cachedHeaderSize = 40 // magic, version, flags, 2 pad, first, last, first time, last time
+	cachedVersion    = 2
+	cachedHeaderSize = 56 // magic, version, flags, 2 pad, first, last, first time, last time, run
+	// cachedHeaderSizeV1 is the header of version 1, still read: no run.
+	cachedHeaderSizeV1 = 40
 )
 
 // appendCachedHeader appends m's cached-segment header to dst.
@@ -94,17 +101,27 @@ func appendCachedHeader(dst []byte, m segMeta) []byte {
 	dst = binary.LittleEndian.AppendUint64(dst, m.first)
 	dst = binary.LittleEndian.AppendUint64(dst, m.last)
 	dst = binary.LittleEndian.AppendUint64(dst, uint64(m.firstTime))
-	return binary.LittleEndian.AppendUint64(dst, uint64(m.lastTime))
+	dst = binary.LittleEndian.AppendUint64(dst, uint64(m.lastTime))
+	return append(dst, m.run[:]...)
 }
 
 // parseCached splits a cached segment into its summary and sealed blob.
 func parseCached(b []byte) (segMeta, []byte, error) {
 	var m segMeta
-	if len(b) < cachedHeaderSize || string(b[:4]) != cachedMagic {
+	if len(b) < cachedHeaderSizeV1 || string(b[:4]) != cachedMagic {
 		return m, nil, errors.New("not a sealed cached segment (bad magic)")
 	}
-	if b[4] != cachedVersion {
-		return m, nil, fmt.Errorf("cached segment version %d, want %d", b[4], cachedVersion)
+	size := cachedHeaderSize
+	switch b[4] {
+	case 1:
+		size = cachedHeaderSizeV1
+	case cachedVersion:
+		if len(b) < size {
+			return m, nil, errors.New("cached segment shorter than its header")
+		}
+		copy(m.run[:], b[40:56])
+	default:
+		return m, nil, fmt.Errorf("cached segment version %d, want 1 or %d", b[4], cachedVersion)
 	}
 	m.crash, m.app = b[5]&1 != 0, b[5]&2 != 0
 	m.first = binary.LittleEndian.Uint64(b[8:])
@@ -114,7 +131,7 @@ func parseCached(b []byte) (segMeta, []byte, error) {
 	if m.first == 0 || m.last < m.first {
 		return m, nil, fmt.Errorf("cached segment header has sequence range %d..%d", m.first, m.last)
 	}
-	return m, b[cachedHeaderSize:], nil
+	return m, b[size:], nil
 }
 
 // segPrefix is the room a segment buffer keeps in front of its frames:

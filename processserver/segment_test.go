@@ -2,6 +2,7 @@ package processserver
 
 import (
 	"bytes"
+	"slices"
 	"testing"
 
 	"github.com/lifeboat-dr/lifeboat/internal/wire"
@@ -60,5 +61,31 @@ func TestIdleTimeMarkersKeepFirstAndLatest(t *testing.T) {
 		if got[i].UnixNano != want[i] {
 			t.Fatalf("markers %+v, want times %v", got, want)
 		}
+	}
+}
+
+// Cached segment headers carry the agent run (version 2); version 1
+// headers, without it, are still read.
+func TestCachedHeaderVersions(t *testing.T) {
+	m := segMeta{first: 7, last: 9, firstTime: 11, lastTime: 12, crash: true, run: wire.RunID{1, 2, 3, 15: 9}}
+	b := append(appendCachedHeader(nil, m), "blob"...)
+	got, blob, err := parseCached(b)
+	if err != nil || got != m || string(blob) != "blob" {
+		t.Fatalf("version 2: %+v, %q, %v; want %+v", got, blob, err, m)
+	}
+	v1 := slices.Clone(b[:cachedHeaderSizeV1])
+	v1[4] = 1
+	v1 = append(v1, "old blob"...)
+	got, blob, err = parseCached(v1)
+	m.run = wire.RunID{}
+	if err != nil || got != m || string(blob) != "old blob" {
+		t.Fatalf("version 1: %+v, %q, %v; want %+v", got, blob, err, m)
+	}
+	if _, _, err := parseCached(b[:cachedHeaderSize-1]); err == nil {
+		t.Error("truncated version 2 header accepted")
+	}
+	b[4] = 3
+	if _, _, err := parseCached(b); err == nil {
+		t.Error("version 3 accepted")
 	}
 }

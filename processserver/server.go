@@ -368,7 +368,7 @@ func (s *Server) scanCache() error {
 					e.size, e.last, e.suspect = int64(len(data)), meta.last, false
 					m.backlog += e.size
 					s.cacheBytes.Add(e.size)
-					m.durable = meta.last
+					m.durable, m.lastRun = meta.last, meta.run
 					break
 				}
 			}

@@ -534,6 +534,7 @@ func (st *session) flusher() {
 		kept := false // b's buffer holds a hot segment now
 		if !failed {
 			id := cache.SegmentID{Stream: st.m.name, Seq: b.meta.first}
+			b.meta.run = st.agentRun
 			cached, sums, inPlace, err := st.m.sealInPlace(b, st.s.cache)
 			if err == nil && !inPlace {
 				sealed, err = st.m.sealSegment(sealed[:0], b)

@@ -2,6 +2,7 @@ package processserver
 
 import (
 	"context"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"slices"
@@ -136,6 +137,9 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 		if !u.already {
 			m.uploaded = max(m.uploaded, u.meta.last)
 			m.man.DurableSeq = max(m.man.DurableSeq, u.meta.last)
+			if u.meta.last == m.man.DurableSeq && u.meta.run != (wire.RunID{}) {
+				m.man.LastRun = hex.EncodeToString(u.meta.run[:])
+			}
 			m.mendLocked()
 			// While a gap is open, writes before the segment's markers
 			// may be missing: recoverable_until stays where it was.

@@ -68,7 +68,11 @@ type Manifest struct {
 	IdleSeq   uint64    `json:"idle_seq,omitempty"`
 	IdleSince time.Time `json:"idle_since,omitzero"`
 	// Gaps are where the journal lacks acknowledged records (see Gap).
-	Gaps    []Gap     `json:"gaps,omitempty"`
+	Gaps []Gap `json:"gaps,omitempty"`
+	// LastRun is the agent run (hex of wire.RunID) that sent the newest
+	// segment of the journal: after a process server restart with an
+	// empty cache, agents still learn whose records are durable.
+	LastRun string    `json:"last_run,omitempty"`
 	Updated time.Time `json:"updated"`
 	// Seal authenticates the rest under the machine's data key
 	// (recovery.SealManifest): base64 of a sealed blob with no plaintext
