@@ -158,36 +158,6 @@ type Cache struct {
 	// are being rebuilt; its marker is written once a Scrub completes, so
 	// that a restart before then finds it unmarked and scrubs again.
 	pending []atomic.Bool
-	// mount[i]: directory i is a mount point (or must be one: its
-	// siblings are); refused[i]: it is not one now, and nothing is
-	// written there (usable).
-	mount   []bool
-	refused []atomic.Bool
-}
-
-// ErrUnmounted is returned for writes to a cache directory that was a
-// mount point and no longer is: its disk is not mounted, and the shards
-// would fill the file system below.
-var ErrUnmounted = errors.New("cache directory is not a mount point any more (its disk unmounted?)")
-
-// usable fails with ErrUnmounted when directory slot must be a mount
-// point and is not (or does not exist). It is checked before a directory
-// is created in it, which is where writes to a vanished mount would
-// start; the result is kept in refused for the cheap checks elsewhere.
-func (c *Cache) usable(slot int) error {
-	if !c.mount[slot] {
-		return nil
-	}
-	mp, err := c.fs.MountPoint(c.dirs[slot])
-	if err == nil && mp {
-		c.refused[slot].Store(false)
-		return nil
-	}
-	if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("cache: %s: %w", c.dirs[slot], err)
-	}
-	c.refused[slot].Store(true)
-	return fmt.Errorf("cache: %s: %w", c.dirs[slot], ErrUnmounted)
 }
 
 // Open opens (creating if needed) a cache over dirs. Each directory must be
@@ -232,8 +202,6 @@ func Open(dirs []string, opts Options) (*Cache, error) {
 		noDirect:   make([]atomic.Bool, n),
 		vanished:   make([]atomic.Bool, n),
 		pending:    make([]atomic.Bool, n),
-		mount:      make([]bool, n),
-		refused:    make([]atomic.Bool, n),
 		log:        opts.Logger,
 		encs:       make(map[[2]uint8]reedsolomon.Encoder),
 		seed:       maphash.MakeSeed(),
@@ -729,9 +697,6 @@ func (c *Cache) ensureStreamDir(slot int, stream string) error {
 	if known {
 		return nil
 	}
-	if err := c.usable(slot); err != nil {
-		return err
-	}
 	if err := c.fs.MkdirAll(filepath.Join(c.dirs[slot], stream), 0o750); err != nil {
 		return err
 	}
@@ -912,8 +877,8 @@ func (c *Cache) Repair(id SegmentID) (int, error) {
 	var errs []error
 	hdr := make([]byte, dataOffset(shardVersion, h.size()))
 	for i, ok := range d.have {
-		if ok || c.refused[i].Load() {
-			continue // a refused directory is rebuilt once it is back
+		if ok {
+			continue
 		}
 		clear(hdr)
 		if err := c.writeShard(i, id, h, hdr, [][]byte{d.shards[i]}, crc(d.shards[i])); err != nil {
@@ -1094,9 +1059,6 @@ func (c *Cache) Scrub(ctx context.Context) (ScrubReport, error) {
 	}
 	for _, i := range rebuilt {
 		d := c.dirs[i]
-		if c.usable(i) != nil {
-			continue
-		}
 		if err := c.fs.MkdirAll(d, 0o750); err != nil {
 			return rep, fmt.Errorf("cache: scrub: %w", err)
 		}
@@ -1120,14 +1082,6 @@ func (c *Cache) CheckDirs() ([]string, error) {
 	var lost []string
 	var errs []error
 	for i, d := range c.dirs {
-		wasRefused := c.refused[i].Load()
-		if err := c.usable(i); err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		if wasRefused {
-			c.log.Info("cache: directory is a mount point again", logDir, d)
-		}
 		_, err := c.fs.ReadFile(filepath.Join(d, markerName))
 		now := false
 		switch {

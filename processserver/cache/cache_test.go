@@ -6,8 +6,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"github.com/lifeboat-dr/lifeboat/internal/testenv"
-	"golang.org/x/sys/unix"
 	"io/fs"
 	"math/rand/v2"
 	"os"
@@ -574,7 +572,6 @@ func (multiFault) Rename(o, n string) error                   { return os.Rename
 func (multiFault) Remove(name string) error                   { return os.Remove(name) }
 func (multiFault) MkdirAll(p string, perm fs.FileMode) error  { return os.MkdirAll(p, perm) }
 func (multiFault) Statfs(p string) (FSStat, error)            { return OSFS{}.Statfs(p) }
-func (multiFault) MountPoint(d string) (bool, error)          { return OSFS{}.MountPoint(d) }
 
 func TestListDeleteStreams(t *testing.T) {
 	dirs := tempDirs(t, 3)
@@ -918,95 +915,4 @@ func TestPutSummed(t *testing.T) {
 	if err := c.PutSummed(id, data, half); err == nil {
 		t.Fatal("sums of half the segment accepted")
 	}
-}
-
-// mountTmpfs mounts a fresh tmpfs on dir until the test ends.
-func mountTmpfs(t *testing.T, dir string) {
-	t.Helper()
-	if err := os.MkdirAll(dir, 0o750); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=64m"); err != nil {
-		t.Fatalf("mount tmpfs on %s: %v", dir, err)
-	}
-	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
-}
-
-// A cache disk that is not mounted (it failed, or did not mount at boot)
-// leaves an empty directory on the file system below: the cache refuses
-// to write or rebuild there, at Open as while running, instead of filling
-// that file system, and takes the directory back once a disk is mounted.
-func TestUnmountedDirectoryRefused(t *testing.T) {
-	testenv.RequireRoot(t)
-	dirs := tempDirs(t, 3)
-	for _, d := range dirs {
-		mountTmpfs(t, d)
-	}
-	c := open(t, dirs, Options{})
-	data := payload(100_000, 1)
-	if err := c.Put(SegmentID{"m", 1}, data); err != nil {
-		t.Fatal(err)
-	}
-	empty := func(what string) {
-		t.Helper()
-		if es, err := os.ReadDir(dirs[1]); err != nil || len(es) != 0 {
-			t.Fatalf("%s: %d entries written below the unmounted %s (%v)", what, len(es), dirs[1], err)
-		}
-	}
-
-	if err := unix.Unmount(dirs[1], 0); err != nil {
-		t.Fatal(err)
-	}
-	lost, err := c.CheckDirs()
-	if len(lost) != 0 || !errors.Is(err, ErrUnmounted) {
-		t.Fatalf("CheckDirs() = %v, %v; want ErrUnmounted", lost, err)
-	}
-	if err := c.Put(SegmentID{"m", 2}, data); !errors.Is(err, ErrUnmounted) {
-		t.Fatalf("put with a directory unmounted: %v, want ErrUnmounted", err)
-	}
-	if _, err := c.Scrub(context.Background()); err != nil {
-		t.Fatalf("scrub: %v", err)
-	}
-	empty("while running")
-	mustGet(t, c, SegmentID{"m", 1}, data)
-
-	// Restarted so: still refused, and not taken for a replaced disk.
-	c2 := open(t, dirs, Options{})
-	if r := c2.Replaced(); len(r) != 0 {
-		t.Fatalf("unmounted directory taken for a replaced one: %v", r)
-	}
-	if err := c2.Put(SegmentID{"m", 2}, data); !errors.Is(err, ErrUnmounted) {
-		t.Fatalf("put after a restart: %v, want ErrUnmounted", err)
-	}
-	if _, err := c2.Scrub(context.Background()); err != nil {
-		t.Fatalf("scrub: %v", err)
-	}
-	empty("after a restart")
-
-	// A new, empty disk mounted there is adopted and rebuilt.
-	mountTmpfs(t, dirs[1])
-	lost, err = c2.CheckDirs()
-	if err != nil || !slices.Equal(lost, dirs[1:2]) {
-		t.Fatalf("CheckDirs() after the mount = %v, %v", lost, err)
-	}
-	// Segment 2's failed puts left its two other shards: both segments
-	// get their shard there.
-	if rep, err := c2.Scrub(context.Background()); err != nil || rep.RepairedShards != 2 {
-		t.Fatalf("scrub: %+v, %v", rep, err)
-	}
-	if err := c2.Put(SegmentID{"m", 2}, data); err != nil {
-		t.Fatal(err)
-	}
-	// Both survive the loss of another disk's contents.
-	es, err := os.ReadDir(dirs[0])
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, e := range es {
-		if err := os.RemoveAll(filepath.Join(dirs[0], e.Name())); err != nil {
-			t.Fatal(err)
-		}
-	}
-	mustGet(t, c2, SegmentID{"m", 1}, data)
-	mustGet(t, c2, SegmentID{"m", 2}, data)
 }

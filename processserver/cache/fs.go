@@ -3,7 +3,6 @@ package cache
 import (
 	"io/fs"
 	"os"
-	"path/filepath"
 
 	"golang.org/x/sys/unix"
 )
@@ -20,9 +19,6 @@ type FS interface {
 	Remove(name string) error
 	MkdirAll(path string, perm fs.FileMode) error
 	Statfs(path string) (FSStat, error)
-	// MountPoint reports whether dir is a mount point: on another
-	// device than its parent.
-	MountPoint(dir string) (bool, error)
 }
 
 // File is the part of *os.File the cache writes through.
@@ -60,16 +56,4 @@ func (OSFS) Statfs(path string) (FSStat, error) {
 	}
 	bs := uint64(st.Bsize)
 	return FSStat{Total: st.Blocks * bs, Free: st.Bfree * bs, Avail: st.Bavail * bs}, nil
-}
-
-func (OSFS) MountPoint(dir string) (bool, error) {
-	var d, p unix.Stat_t
-	if err := unix.Stat(dir, &d); err != nil {
-		return false, &fs.PathError{Op: "stat", Path: dir, Err: err}
-	}
-	parent := filepath.Join(dir, "..")
-	if err := unix.Stat(parent, &p); err != nil {
-		return false, &fs.PathError{Op: "stat", Path: parent, Err: err}
-	}
-	return d.Dev != p.Dev, nil
 }

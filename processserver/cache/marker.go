@@ -84,28 +84,8 @@ func (c *Cache) checkMarkers() error {
 	for _, m := range found {
 		fresh = fresh && m == nil
 	}
-	// Directories on their own disks are mount points. One without its
-	// marker that is not, while a marked sibling is, is most likely a
-	// disk that did not mount: rebuilding there would fill the file
-	// system below. It is refused until it is mounted (usable).
-	siblingMounted := false
-	for i, d := range c.dirs {
-		mp, err := c.fs.MountPoint(d)
-		if err != nil {
-			return fmt.Errorf("cache: %w", err)
-		}
-		c.mount[i] = mp
-		siblingMounted = siblingMounted || (mp && found[i] != nil)
-	}
 	for i, d := range c.dirs {
 		if found[i] != nil {
-			continue
-		}
-		if siblingMounted && !c.mount[i] {
-			c.mount[i] = true
-			c.refused[i].Store(true)
-			c.log.Error("cache: directory has no cache marker and is not a mount point, while its siblings are: "+
-				"is its disk mounted? Nothing is written there until it is", logDir, d)
 			continue
 		}
 		if !fresh {
