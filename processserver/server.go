@@ -9,7 +9,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
-	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -254,12 +253,9 @@ func (s *Server) UpdateManifest(ctx context.Context, machine string, update func
 	if man.JournalFrom > m.man.JournalFrom {
 		m.man.JournalFrom = man.JournalFrom
 		// Retention made every state before JournalFrom-1 unrecoverable:
-		// what only those needed goes. Disks is copied first: a manifest
-		// being written may share its array.
-		m.man.Disks = slices.Clone(m.man.Disks)
-		if gaps, gens := m.man.Forget(m.man.JournalFrom - 1); gaps+gens > 0 {
-			s.log.Info("retention forgot mended gaps and replaced generations", logMachine, machine,
-				"gaps", gaps, "generations", gens, "journal_from", m.man.JournalFrom)
+		// the gaps only those needed go.
+		if n := m.man.ForgetGaps(m.man.JournalFrom - 1); n > 0 {
+			s.log.Info("retention forgot mended gaps", logMachine, machine, "gaps", n, "journal_from", m.man.JournalFrom)
 		}
 	}
 	m.mu.Unlock()

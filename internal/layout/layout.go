@@ -212,43 +212,30 @@ func (d *Disk) GenerationAt(seq uint64) int {
 	return 0
 }
 
-// Forget drops what only states before sequence oldest needed, once
-// retention has made them unrecoverable (no recovery point and no journal
-// before oldest): mended gaps that end at or before it (with every disk
-// they left out fully synced by then), and each disk's earlier
-// generations that a later one replaced at or before it. Open gaps and
-// generations of unknown start stay. It reports how many of each it
-// dropped. Without it both lists grow for the life of the machine.
-func (m *Manifest) Forget(oldest uint64) (gaps, generations int) {
+// ForgetGaps drops the gaps that only states before sequence oldest
+// needed, once retention has made those unrecoverable (no recovery point
+// and no journal before oldest): mended gaps that end at or before it,
+// with every disk they left out fully synced by then. Open gaps stay; no
+// recovery point is ever cut inside a gap. It returns how many it dropped.
+// Without it the list grows for the life of the machine. (Replaced disk
+// generations are kept: recovery takes the oldest one for the disk's
+// first, and they are rare.)
+func (m *Manifest) ForgetGaps(oldest uint64) int {
 	kept := m.Gaps[:0:0]
 	for _, g := range m.Gaps {
 		done := !g.Open() && g.Mended <= oldest
 		for _, u := range g.Unmended {
 			done = done && u.Until != 0 && u.Until <= oldest
 		}
-		if done {
-			gaps++
-		} else {
+		if !done {
 			kept = append(kept, g)
 		}
 	}
-	if gaps > 0 {
+	n := len(m.Gaps) - len(kept)
+	if n > 0 {
 		m.Gaps = kept
 	}
-	for i := range m.Disks {
-		d := &m.Disks[i]
-		gens := d.Generations()
-		n := 0
-		for n < len(d.Previous) && gens[n+1].Start != 0 && gens[n+1].Start <= oldest {
-			n++
-		}
-		if n > 0 {
-			// A copy: the manifest being written may share the array.
-			d.Previous = slices.Clone(d.Previous[n:])
-			generations += n
-		}
-	}
-	return gaps, generations
+	return n
 }
 
 // Disk returns the named disk, or nil.

@@ -70,7 +70,7 @@ func TestDiskGenerations(t *testing.T) {
 	}
 }
 
-func TestForget(t *testing.T) {
+func TestForgetGaps(t *testing.T) {
 	m := Manifest{
 		Gaps: []Gap{
 			{From: 10, LostTo: 12, Mended: 20},                                       // mended before 100: goes
@@ -80,15 +80,9 @@ func TestForget(t *testing.T) {
 			{From: 80, LostTo: 81},                                                   // open: stays
 			{From: 85, LostTo: 86, Mended: 95, Unmended: []UnmendedDisk{{"a", 150}}}, // a synced after 100: stays
 		},
-		Disks: []Disk{
-			{Name: "a", Generation: "g4", GenerationStart: 200, Previous: []Generation{{"g1", 1, 0}, {"g2", 1, 50}, {"g3", 1, 100}}},
-			{Name: "b", Generation: "h2", GenerationStart: 0, Previous: []Generation{{"h1", 1, 0}}}, // start unknown
-			{Name: "c", Generation: "k1"},
-		},
 	}
-	gaps, gens := m.Forget(100)
-	if gaps != 2 || gens != 2 {
-		t.Fatalf("Forget(100) dropped %d gaps and %d generations, want 2 and 2", gaps, gens)
+	if n := m.ForgetGaps(100); n != 2 {
+		t.Fatalf("ForgetGaps(100) dropped %d gaps, want 2", n)
 	}
 	var from []uint64
 	for _, g := range m.Gaps {
@@ -97,21 +91,11 @@ func TestForget(t *testing.T) {
 	if !slices.Equal(from, []uint64{50, 70, 80, 85}) {
 		t.Errorf("gaps left start at %v", from)
 	}
-	a := m.Disks[0]
-	if len(a.Previous) != 1 || a.Previous[0].Generation != "g3" {
-		t.Errorf("disk a keeps %+v, want g3 only (g4 starts after 100)", a.Previous)
-	}
-	// Whatever is left answers every state at or after 100 as before.
+	// What is left answers every state at or after 100 as before.
 	if g, ok := m.GapAt(100); !ok || g.From != 70 {
 		t.Errorf("GapAt(100) = %+v, %v", g, ok)
 	}
-	if k := a.GenerationAt(150); a.Generations()[k].Generation != "g3" {
-		t.Errorf("seq 150 in %s", a.Generations()[k].Generation)
-	}
-	if len(m.Disks[1].Previous) != 1 {
-		t.Errorf("disk b lost a generation whose successor's start is unknown")
-	}
-	if gaps, gens := m.Forget(100); gaps != 0 || gens != 0 {
-		t.Errorf("second Forget(100) dropped %d, %d", gaps, gens)
+	if n := m.ForgetGaps(100); n != 0 {
+		t.Errorf("second ForgetGaps(100) dropped %d", n)
 	}
 }
