@@ -857,8 +857,14 @@ func (c *Cache) Get(id SegmentID) ([]byte, error) {
 // left over from an older write, and reports how many it rewrote. It fails
 // like Get when the segment cannot be reconstructed.
 func (c *Cache) Repair(id SegmentID) (int, error) {
+	n, _, err := c.repair(id)
+	return n, err
+}
+
+// repair is Repair that also reports the directories it failed to write.
+func (c *Cache) repair(id SegmentID) (int, []int, error) {
 	if err := validStream(id.Stream); err != nil {
-		return 0, err
+		return 0, nil, err
 	}
 	mu := c.lock(id)
 	mu.Lock()
@@ -867,7 +873,7 @@ func (c *Cache) Repair(id SegmentID) (int, error) {
 	reads := c.readShards(id)
 	d, _, err := c.decode(id, reads, true)
 	if err != nil {
-		return 0, err
+		return 0, nil, err
 	}
 	h := shardHeader{
 		k: d.v.k, m: d.v.m, seq: id.Seq, gen: d.v.gen, segLen: d.v.segLen,
@@ -875,6 +881,7 @@ func (c *Cache) Repair(id SegmentID) (int, error) {
 	}
 	repaired := 0
 	var errs []error
+	var failed []int
 	hdr := make([]byte, dataOffset(shardVersion, h.size()))
 	for i, ok := range d.have {
 		if ok {
@@ -883,15 +890,16 @@ func (c *Cache) Repair(id SegmentID) (int, error) {
 		clear(hdr)
 		if err := c.writeShard(i, id, h, hdr, [][]byte{d.shards[i]}, crc(d.shards[i])); err != nil {
 			errs = append(errs, fmt.Errorf("shard %d in %s: %w", i, c.dirs[i], err))
+			failed = append(failed, i)
 			continue
 		}
 		repaired++
 		c.log.Info("cache: shard rebuilt", logStream, id.Stream, logSeq, id.Seq, logShard, i, logDir, c.dirs[i])
 	}
 	if len(errs) > 0 {
-		return repaired, fmt.Errorf("cache: repair %s: %w", id, errors.Join(errs...))
+		return repaired, failed, fmt.Errorf("cache: repair %s: %w", id, errors.Join(errs...))
 	}
-	return repaired, nil
+	return repaired, nil, nil
 }
 
 // Delete removes every shard of segment id. Deleting a segment that is not
@@ -1013,14 +1021,18 @@ type ScrubReport struct {
 // ctx stops it between segments (with ctx's error).
 func (c *Cache) Scrub(ctx context.Context) (ScrubReport, error) {
 	var rep ScrubReport
-	// The directories being rebuilt get their marker back only if this
-	// scrub, which started after they were found, completes.
+	// The directories being rebuilt get their marker back once this
+	// scrub, which started after they were found, has gone through every
+	// segment without failing to write there. (A segment lost beyond
+	// parity has no shard to rebuild anywhere: it does not hold them back.)
 	var rebuilt []int
 	for i := range c.dirs {
 		if c.pending[i].Load() {
 			rebuilt = append(rebuilt, i)
 		}
 	}
+	slotFailed := make([]bool, len(c.dirs))
+	listed := true
 	streams, err := c.Streams()
 	if err != nil {
 		return rep, err
@@ -1030,6 +1042,7 @@ func (c *Cache) Scrub(ctx context.Context) (ScrubReport, error) {
 		ids, err := c.List(s)
 		if err != nil {
 			errs = append(errs, err)
+			listed = false
 			continue
 		}
 		for _, id := range ids {
@@ -1037,8 +1050,11 @@ func (c *Cache) Scrub(ctx context.Context) (ScrubReport, error) {
 				return rep, fmt.Errorf("cache: scrub: %w", err)
 			}
 			rep.Segments++
-			n, err := c.Repair(id)
+			n, failed, err := c.repair(id)
 			rep.RepairedShards += n
+			for _, i := range failed {
+				slotFailed[i] = true
+			}
 			switch {
 			case errors.Is(err, ErrNotFound):
 				rep.Segments-- // deleted since List
@@ -1051,23 +1067,56 @@ func (c *Cache) Scrub(ctx context.Context) (ScrubReport, error) {
 			}
 		}
 	}
+	for _, i := range rebuilt {
+		if !listed || slotFailed[i] {
+			continue
+		}
+		if err := c.markRebuilt(i); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	if len(rep.Lost) > 0 {
 		errs = append(errs, fmt.Errorf("%w: %d segments, first %s", ErrUnrecoverable, len(rep.Lost), rep.Lost[0]))
 	}
 	if len(errs) > 0 {
 		return rep, fmt.Errorf("cache: scrub: %w", errors.Join(errs...))
 	}
-	for _, i := range rebuilt {
-		d := c.dirs[i]
-		if err := c.fs.MkdirAll(d, 0o750); err != nil {
-			return rep, fmt.Errorf("cache: scrub: %w", err)
-		}
-		if err := c.writeMarker(d, marker{cache: c.id, slot: i, n: len(c.dirs)}); err != nil {
-			return rep, fmt.Errorf("cache: scrub: write marker in %s: %w", d, err)
-		}
-		c.pending[i].Store(false)
-	}
 	return rep, nil
+}
+
+// rebuildingName marks a directory whose shards are being rebuilt: it
+// has no marker then, and the sentinel's disappearance tells CheckDirs it
+// was lost again.
+const rebuildingName = markerName + ".rebuilding"
+
+// markRebuilding notes that directory i lost its shards: pending, with a
+// sentinel in it.
+func (c *Cache) markRebuilding(i int) error {
+	c.pending[i].Store(true)
+	d := c.dirs[i]
+	if err := c.fs.MkdirAll(d, 0o750); err != nil {
+		return fmt.Errorf("cache: %w", err)
+	}
+	f, err := c.fs.OpenFile(filepath.Join(d, rebuildingName), os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o640)
+	if err != nil {
+		return fmt.Errorf("cache: %w", err)
+	}
+	return f.Close()
+}
+
+// markRebuilt gives directory i its marker back once its shards are
+// rebuilt.
+func (c *Cache) markRebuilt(i int) error {
+	d := c.dirs[i]
+	if err := c.fs.MkdirAll(d, 0o750); err != nil {
+		return fmt.Errorf("cache: %w", err)
+	}
+	if err := c.writeMarker(d, marker{cache: c.id, slot: i, n: len(c.dirs)}); err != nil {
+		return fmt.Errorf("cache: write marker in %s: %w", d, err)
+	}
+	c.pending[i].Store(false)
+	c.fs.Remove(filepath.Join(d, rebuildingName))
+	return nil
 }
 
 // CheckDirs finds the directories that lost shards while the cache was
@@ -1086,10 +1135,17 @@ func (c *Cache) CheckDirs() ([]string, error) {
 		now := false
 		switch {
 		case errors.Is(err, fs.ErrNotExist):
-			if !c.pending[i].Swap(true) {
-				c.log.Warn("cache: directory lost its contents while in use; rebuilding its shards", logDir, d)
-				now = true
+			if c.pending[i].Load() {
+				// Being rebuilt: lost again if its sentinel is gone.
+				if _, err := c.fs.ReadFile(filepath.Join(d, rebuildingName)); !errors.Is(err, fs.ErrNotExist) {
+					break
+				}
 			}
+			c.log.Warn("cache: directory lost its contents while in use; rebuilding its shards", logDir, d)
+			if err := c.markRebuilding(i); err != nil {
+				errs = append(errs, err)
+			}
+			now = true
 		case err != nil:
 			errs = append(errs, fmt.Errorf("cache: check directory %s: %w", d, err))
 			continue

@@ -243,6 +243,11 @@ func TestCheckDirs(t *testing.T) {
 	wipe(t, dirs[1])
 	check(dirs[1])
 	check()
+	// Lost again while being rebuilt (it has no marker then): reported
+	// again.
+	wipe(t, dirs[1])
+	check(dirs[1])
+	check()
 	// A scrub stopped before it completes (the server closing) leaves the
 	// directory unmarked: the next start finds it replaced and rebuilds.
 	stopped, cancel := context.WithCancel(context.Background())
@@ -253,8 +258,21 @@ func TestCheckDirs(t *testing.T) {
 	if r := open(t, dirs, Options{}).Replaced(); !slices.Equal(r, dirs[1:2]) {
 		t.Fatalf("reopened before the rebuild completed: replaced %v, want %v", r, dirs[1:2])
 	}
-	if rep, err := c.Scrub(context.Background()); err != nil || rep.RepairedShards != 1 {
-		t.Fatalf("scrub: %+v, %v", rep, err)
+	// A segment lost beyond parity elsewhere fails the scrub but does
+	// not keep the rebuilt directory from its marker.
+	if err := c.Put(SegmentID{"n", 1}, data); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range []string{dirs[0], dirs[2]} {
+		if err := os.RemoveAll(filepath.Join(d, "n")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if rep, err := c.Scrub(context.Background()); !errors.Is(err, ErrUnrecoverable) || rep.RepairedShards != 1 || len(rep.Lost) != 1 {
+		t.Fatalf("scrub: %+v, %v; want segment m/1 rebuilt and n/1 lost", rep, err)
+	}
+	if err := c.Delete(SegmentID{"n", 1}); err != nil {
+		t.Fatal(err)
 	}
 	// The marker was rewritten: a reopened cache takes the directory as
 	// its own, not as a replaced one.

@@ -91,7 +91,9 @@ func (c *Cache) checkMarkers() error {
 		if !fresh {
 			// Marked when a Scrub has rebuilt it (Scrub).
 			c.replaced = append(c.replaced, d)
-			c.pending[i].Store(true)
+			if err := c.markRebuilding(i); err != nil {
+				return err
+			}
 			c.log.Warn("cache: directory has no cache marker while the others do; "+
 				"treating it as a replaced disk, run Scrub to rebuild its shards", logDir, d)
 			continue
