@@ -625,7 +625,9 @@ func TestAgreePersistFailureKeepsResync(t *testing.T) {
 	}
 	srv.Forget("d1") // the replica is gone: the next hello gets a full sync
 	srv.Drop()
-	waitFor(t, "a second hello", func() bool { return len(srv.Hellos()) >= 2 })
+	// A third hello shows the second one's save failed (removing the
+	// blocker after the second hello alone raced with that save).
+	waitFor(t, "a retry after the failed save", func() bool { return len(srv.Hellos()) >= 3 })
 	os.Remove(blocker)
 	waitFor(t, "the reconnect", func() bool { st := tg.Stats(); return st.Connected && st.Reconnects >= 1 })
 	mu.Lock()
