@@ -400,10 +400,10 @@ func (s *Server) monitor() {
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	level := slog.LevelInfo
-	dirErr, rescrub := "", time.Time{}
+	watch := cacheWatch{pending: time.Now()} // Start asked for the first scrub
 	for {
 		s.checkCache(&level)
-		s.checkCacheDirs(&dirErr, &rescrub)
+		s.checkCacheDirs(&watch)
 		s.mu.Lock()
 		ms := make([]*machine, 0, len(s.machines))
 		for _, m := range s.machines {
@@ -462,20 +462,35 @@ func (s *Server) scrubber() {
 // delete what it rebuilt.
 const rescrubAfter = 5 * time.Second
 
+// pendingRescrub is how often a scrub runs while a cache directory's
+// rebuild is not complete (a scrub that met a problem leaves it pending).
+const pendingRescrub = 10 * time.Minute
+
+// cacheWatch is the monitor's state for checkCacheDirs.
+type cacheWatch struct {
+	dirErr  string    // the last error reported, not repeated every second
+	rescrub time.Time // the follow-up scrub after a loss
+	pending time.Time // the last scrub asked for while a rebuild is pending
+}
+
 // checkCacheDirs asks for a scrub when a cache directory lost its shards
-// while the server runs, and again rescrubAfter later. dirErr is the last
-// error reported, not repeated every second.
-func (s *Server) checkCacheDirs(dirErr *string, rescrub *time.Time) {
+// while the server runs, again rescrubAfter later, and every
+// pendingRescrub while a rebuild is not complete.
+func (s *Server) checkCacheDirs(w *cacheWatch) {
 	lost, err := s.cache.CheckDirs()
 	now := time.Now()
-	if len(lost) > 0 {
+	scrub := false
+	switch {
+	case len(lost) > 0:
 		s.log.Warn("cache directories lost their shards while in use; rebuilding them", logDir, lost)
-		*rescrub = now.Add(rescrubAfter)
+		w.rescrub, scrub = now.Add(rescrubAfter), true
+	case !w.rescrub.IsZero() && now.After(w.rescrub):
+		w.rescrub, scrub = time.Time{}, true
+	case len(s.cache.Pending()) > 0 && now.Sub(w.pending) > pendingRescrub:
+		scrub = true
 	}
-	if len(lost) > 0 || (!rescrub.IsZero() && now.After(*rescrub)) {
-		if len(lost) == 0 {
-			*rescrub = time.Time{}
-		}
+	if scrub {
+		w.pending = now
 		select {
 		case s.scrubReq <- struct{}{}:
 		default: // one is already queued
@@ -485,13 +500,13 @@ func (s *Server) checkCacheDirs(dirErr *string, rescrub *time.Time) {
 	if err != nil {
 		msg = err.Error()
 	}
-	if msg != *dirErr {
+	if msg != w.dirErr {
 		if err != nil {
 			s.log.Error("cache directory check failed", logErr, err)
 		} else {
 			s.log.Info("cache directories healthy again")
 		}
-		*dirErr = msg
+		w.dirErr = msg
 	}
 }
 

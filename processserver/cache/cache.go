@@ -158,6 +158,12 @@ type Cache struct {
 	// are being rebuilt; its marker is written once a Scrub completes, so
 	// that a restart before then finds it unmarked and scrubs again.
 	pending []atomic.Bool
+	// sentinel[i]: the sentinel of pending directory i was written (its
+	// disappearance is then a second loss); epoch[i] moves whenever
+	// directory i is found lost or a write to it fails, so that a Scrub
+	// marks only a directory nothing happened to while it ran.
+	sentinel []atomic.Bool
+	epoch    []atomic.Uint64
 }
 
 // Open opens (creating if needed) a cache over dirs. Each directory must be
@@ -202,6 +208,8 @@ func Open(dirs []string, opts Options) (*Cache, error) {
 		noDirect:   make([]atomic.Bool, n),
 		vanished:   make([]atomic.Bool, n),
 		pending:    make([]atomic.Bool, n),
+		sentinel:   make([]atomic.Bool, n),
+		epoch:      make([]atomic.Uint64, n),
 		log:        opts.Logger,
 		encs:       make(map[[2]uint8]reedsolomon.Encoder),
 		seed:       maphash.MakeSeed(),
@@ -529,7 +537,12 @@ func (c *Cache) putBuf(p *[]byte) {
 // rename, fsync of the directory. hdr is the room for the header, up to
 // the data (dataOffset); parts are the shard data, in order; shardCRC is
 // its checksum.
-func (c *Cache) writeShard(slot int, id SegmentID, h shardHeader, hdr []byte, parts [][]byte, shardCRC uint32) error {
+func (c *Cache) writeShard(slot int, id SegmentID, h shardHeader, hdr []byte, parts [][]byte, shardCRC uint32) (err error) {
+	defer func() {
+		if err != nil {
+			c.epoch[slot].Add(1) // a directory being rebuilt is not complete
+		}
+	}()
 	h.index = uint8(slot)
 	h.shardCRC = shardCRC
 	h.appendTo(hdr[:0])
@@ -540,7 +553,7 @@ func (c *Cache) writeShard(slot int, id SegmentID, h shardHeader, hdr []byte, pa
 	if err := c.ensureStreamDir(slot, id.Stream); err != nil {
 		return err
 	}
-	err := c.writeFile(slot, tmp, parts)
+	err = c.writeFile(slot, tmp, parts)
 	if errors.Is(err, fs.ErrNotExist) {
 		// The directory vanished under us (disk wiped or replaced while
 		// running): forget it and recreate once. The shards it held are
@@ -857,14 +870,8 @@ func (c *Cache) Get(id SegmentID) ([]byte, error) {
 // left over from an older write, and reports how many it rewrote. It fails
 // like Get when the segment cannot be reconstructed.
 func (c *Cache) Repair(id SegmentID) (int, error) {
-	n, _, err := c.repair(id)
-	return n, err
-}
-
-// repair is Repair that also reports the directories it failed to write.
-func (c *Cache) repair(id SegmentID) (int, []int, error) {
 	if err := validStream(id.Stream); err != nil {
-		return 0, nil, err
+		return 0, err
 	}
 	mu := c.lock(id)
 	mu.Lock()
@@ -873,7 +880,7 @@ func (c *Cache) repair(id SegmentID) (int, []int, error) {
 	reads := c.readShards(id)
 	d, _, err := c.decode(id, reads, true)
 	if err != nil {
-		return 0, nil, err
+		return 0, err
 	}
 	h := shardHeader{
 		k: d.v.k, m: d.v.m, seq: id.Seq, gen: d.v.gen, segLen: d.v.segLen,
@@ -881,7 +888,6 @@ func (c *Cache) repair(id SegmentID) (int, []int, error) {
 	}
 	repaired := 0
 	var errs []error
-	var failed []int
 	hdr := make([]byte, dataOffset(shardVersion, h.size()))
 	for i, ok := range d.have {
 		if ok {
@@ -890,16 +896,15 @@ func (c *Cache) repair(id SegmentID) (int, []int, error) {
 		clear(hdr)
 		if err := c.writeShard(i, id, h, hdr, [][]byte{d.shards[i]}, crc(d.shards[i])); err != nil {
 			errs = append(errs, fmt.Errorf("shard %d in %s: %w", i, c.dirs[i], err))
-			failed = append(failed, i)
 			continue
 		}
 		repaired++
 		c.log.Info("cache: shard rebuilt", logStream, id.Stream, logSeq, id.Seq, logShard, i, logDir, c.dirs[i])
 	}
 	if len(errs) > 0 {
-		return repaired, failed, fmt.Errorf("cache: repair %s: %w", id, errors.Join(errs...))
+		return repaired, fmt.Errorf("cache: repair %s: %w", id, errors.Join(errs...))
 	}
-	return repaired, nil, nil
+	return repaired, nil
 }
 
 // Delete removes every shard of segment id. Deleting a segment that is not
@@ -1023,16 +1028,19 @@ func (c *Cache) Scrub(ctx context.Context) (ScrubReport, error) {
 	var rep ScrubReport
 	// The directories being rebuilt get their marker back once this
 	// scrub, which started after they were found, has gone through every
-	// segment without failing to write there. (A segment lost beyond
-	// parity has no shard to rebuild anywhere: it does not hold them back.)
-	var rebuilt []int
+	// segment without a problem and nothing happened to them meanwhile
+	// (their epoch did not move). Otherwise they stay pending: the next
+	// scrub (the server runs one periodically while any is) tries again.
+	type rebuilding struct {
+		slot  int
+		epoch uint64
+	}
+	var rebuilt []rebuilding
 	for i := range c.dirs {
 		if c.pending[i].Load() {
-			rebuilt = append(rebuilt, i)
+			rebuilt = append(rebuilt, rebuilding{i, c.epoch[i].Load()})
 		}
 	}
-	slotFailed := make([]bool, len(c.dirs))
-	listed := true
 	streams, err := c.Streams()
 	if err != nil {
 		return rep, err
@@ -1042,7 +1050,6 @@ func (c *Cache) Scrub(ctx context.Context) (ScrubReport, error) {
 		ids, err := c.List(s)
 		if err != nil {
 			errs = append(errs, err)
-			listed = false
 			continue
 		}
 		for _, id := range ids {
@@ -1050,11 +1057,8 @@ func (c *Cache) Scrub(ctx context.Context) (ScrubReport, error) {
 				return rep, fmt.Errorf("cache: scrub: %w", err)
 			}
 			rep.Segments++
-			n, failed, err := c.repair(id)
+			n, err := c.Repair(id)
 			rep.RepairedShards += n
-			for _, i := range failed {
-				slotFailed[i] = true
-			}
 			switch {
 			case errors.Is(err, ErrNotFound):
 				rep.Segments-- // deleted since List
@@ -1067,21 +1071,33 @@ func (c *Cache) Scrub(ctx context.Context) (ScrubReport, error) {
 			}
 		}
 	}
-	for _, i := range rebuilt {
-		if !listed || slotFailed[i] {
-			continue
-		}
-		if err := c.markRebuilt(i); err != nil {
-			errs = append(errs, err)
-		}
-	}
 	if len(rep.Lost) > 0 {
 		errs = append(errs, fmt.Errorf("%w: %d segments, first %s", ErrUnrecoverable, len(rep.Lost), rep.Lost[0]))
 	}
 	if len(errs) > 0 {
 		return rep, fmt.Errorf("cache: scrub: %w", errors.Join(errs...))
 	}
+	for _, r := range rebuilt {
+		if c.epoch[r.slot].Load() != r.epoch {
+			continue
+		}
+		if err := c.markRebuilt(r.slot); err != nil {
+			return rep, fmt.Errorf("cache: scrub: %w", err)
+		}
+	}
 	return rep, nil
+}
+
+// Pending returns the directories whose shards are being rebuilt (found
+// wiped or replaced, no complete Scrub since).
+func (c *Cache) Pending() []string {
+	var p []string
+	for i, d := range c.dirs {
+		if c.pending[i].Load() {
+			p = append(p, d)
+		}
+	}
+	return p
 }
 
 // rebuildingName marks a directory whose shards are being rebuilt: it
@@ -1089,10 +1105,17 @@ func (c *Cache) Scrub(ctx context.Context) (ScrubReport, error) {
 // was lost again.
 const rebuildingName = markerName + ".rebuilding"
 
-// markRebuilding notes that directory i lost its shards: pending, with a
-// sentinel in it.
+// markRebuilding notes that directory i lost its shards: pending, a new
+// epoch, and a sentinel in it.
 func (c *Cache) markRebuilding(i int) error {
+	c.epoch[i].Add(1)
+	c.sentinel[i].Store(false)
 	c.pending[i].Store(true)
+	return c.writeSentinel(i)
+}
+
+// writeSentinel writes pending directory i's sentinel.
+func (c *Cache) writeSentinel(i int) error {
 	d := c.dirs[i]
 	if err := c.fs.MkdirAll(d, 0o750); err != nil {
 		return fmt.Errorf("cache: %w", err)
@@ -1101,20 +1124,29 @@ func (c *Cache) markRebuilding(i int) error {
 	if err != nil {
 		return fmt.Errorf("cache: %w", err)
 	}
-	return f.Close()
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("cache: %w", err)
+	}
+	c.sentinel[i].Store(true)
+	return nil
 }
 
 // markRebuilt gives directory i its marker back once its shards are
-// rebuilt.
+// rebuilt, if its sentinel is still there (else it was lost again:
+// CheckDirs reports it).
 func (c *Cache) markRebuilt(i int) error {
 	d := c.dirs[i]
-	if err := c.fs.MkdirAll(d, 0o750); err != nil {
-		return fmt.Errorf("cache: %w", err)
+	if !c.sentinel[i].Load() {
+		return nil
+	}
+	if _, err := c.fs.ReadFile(filepath.Join(d, rebuildingName)); err != nil {
+		return nil
 	}
 	if err := c.writeMarker(d, marker{cache: c.id, slot: i, n: len(c.dirs)}); err != nil {
-		return fmt.Errorf("cache: write marker in %s: %w", d, err)
+		return fmt.Errorf("write marker in %s: %w", d, err)
 	}
 	c.pending[i].Store(false)
+	c.sentinel[i].Store(false)
 	c.fs.Remove(filepath.Join(d, rebuildingName))
 	return nil
 }
@@ -1136,6 +1168,12 @@ func (c *Cache) CheckDirs() ([]string, error) {
 		switch {
 		case errors.Is(err, fs.ErrNotExist):
 			if c.pending[i].Load() {
+				if !c.sentinel[i].Load() {
+					// Its sentinel could not be written (the disk is
+					// failing?): try again, without a new report.
+					c.writeSentinel(i)
+					break
+				}
 				// Being rebuilt: lost again if its sentinel is gone.
 				if _, err := c.fs.ReadFile(filepath.Join(d, rebuildingName)); !errors.Is(err, fs.ErrNotExist) {
 					break

@@ -258,8 +258,8 @@ func TestCheckDirs(t *testing.T) {
 	if r := open(t, dirs, Options{}).Replaced(); !slices.Equal(r, dirs[1:2]) {
 		t.Fatalf("reopened before the rebuild completed: replaced %v, want %v", r, dirs[1:2])
 	}
-	// A segment lost beyond parity elsewhere fails the scrub but does
-	// not keep the rebuilt directory from its marker.
+	// A scrub that meets a problem anywhere (here a segment lost beyond
+	// parity) leaves the directory pending; the next one marks it.
 	if err := c.Put(SegmentID{"n", 1}, data); err != nil {
 		t.Fatal(err)
 	}
@@ -271,8 +271,14 @@ func TestCheckDirs(t *testing.T) {
 	if rep, err := c.Scrub(context.Background()); !errors.Is(err, ErrUnrecoverable) || rep.RepairedShards != 1 || len(rep.Lost) != 1 {
 		t.Fatalf("scrub: %+v, %v; want segment m/1 rebuilt and n/1 lost", rep, err)
 	}
+	if p := c.Pending(); !slices.Equal(p, dirs[1:2]) {
+		t.Fatalf("pending %v after a scrub with a lost segment, want %v", p, dirs[1:2])
+	}
 	if err := c.Delete(SegmentID{"n", 1}); err != nil {
 		t.Fatal(err)
+	}
+	if rep, err := c.Scrub(context.Background()); err != nil || rep.RepairedShards != 0 || len(c.Pending()) != 0 {
+		t.Fatalf("scrub: %+v, %v, pending %v", rep, err, c.Pending())
 	}
 	// The marker was rewritten: a reopened cache takes the directory as
 	// its own, not as a replaced one.
@@ -297,6 +303,105 @@ func TestCheckDirs(t *testing.T) {
 	wipe(t, dirs[0])
 	mustGet(t, c, SegmentID{"m", 1}, data)
 	mustGet(t, c, SegmentID{"m", 2}, data)
+}
+
+// hookFS runs hooks on reads and file opens.
+type hookFS struct {
+	OSFS
+	onRead func(name string)
+	onOpen func(name string) error
+}
+
+func (h *hookFS) ReadFile(name string) ([]byte, error) {
+	if h.onRead != nil {
+		h.onRead(name)
+	}
+	return h.OSFS.ReadFile(name)
+}
+
+func (h *hookFS) OpenFile(name string, flag int, perm fs.FileMode) (File, error) {
+	if h.onOpen != nil {
+		if err := h.onOpen(name); err != nil {
+			return nil, err
+		}
+	}
+	return h.OSFS.OpenFile(name, flag, perm)
+}
+
+// A directory lost again while a scrub rebuilds it is not marked complete
+// by that scrub, and is reported again.
+func TestScrubDoesNotMarkDirectoryLostMeanwhile(t *testing.T) {
+	dirs := tempDirs(t, 3)
+	h := &hookFS{}
+	c := open(t, dirs, Options{FS: h})
+	data := payload(50_000, 1)
+	for i := range 3 {
+		if err := c.Put(SegmentID{"m", uint64(i + 1)}, data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	wipe(t, dirs[1])
+	if lost, err := c.CheckDirs(); err != nil || !slices.Equal(lost, dirs[1:2]) {
+		t.Fatalf("CheckDirs() = %v, %v", lost, err)
+	}
+	var once sync.Once
+	h.onRead = func(name string) {
+		if strings.HasPrefix(name, filepath.Join(dirs[0], "m", "0000000000000003")) {
+			once.Do(func() { wipe(t, dirs[1]) }) // mid-scrub
+		}
+	}
+	if _, err := c.Scrub(context.Background()); err != nil {
+		t.Fatalf("scrub: %v", err)
+	}
+	h.onRead = nil
+	if p := c.Pending(); !slices.Equal(p, dirs[1:2]) {
+		t.Fatalf("pending %v: a directory lost during the scrub was marked complete", p)
+	}
+	if lost, err := c.CheckDirs(); err != nil || !slices.Equal(lost, dirs[1:2]) {
+		t.Fatalf("CheckDirs() after the second loss = %v, %v", lost, err)
+	}
+	// Segments 1 and 2 were rebuilt before the second wipe, 3 after it.
+	if rep, err := c.Scrub(context.Background()); err != nil || rep.RepairedShards != 2 || len(c.Pending()) != 0 {
+		t.Fatalf("scrub: %+v, %v, pending %v", rep, err, c.Pending())
+	}
+}
+
+// A directory whose sentinel cannot be written is reported once, not on
+// every check (each report costs a full scrub).
+func TestSentinelWriteFailureReportedOnce(t *testing.T) {
+	dirs := tempDirs(t, 3)
+	h := &hookFS{}
+	c := open(t, dirs, Options{FS: h})
+	if err := c.Put(SegmentID{"m", 1}, payload(10_000, 1)); err != nil {
+		t.Fatal(err)
+	}
+	h.onOpen = func(name string) error {
+		if filepath.Base(name) == rebuildingName {
+			return syscall.EIO
+		}
+		return nil
+	}
+	wipe(t, dirs[1])
+	lost, err := c.CheckDirs()
+	if !slices.Equal(lost, dirs[1:2]) || !errors.Is(err, syscall.EIO) {
+		t.Fatalf("CheckDirs() = %v, %v; want the directory and the sentinel's error", lost, err)
+	}
+	for range 3 {
+		if lost, _ := c.CheckDirs(); len(lost) != 0 {
+			t.Fatalf("reported again: %v", lost)
+		}
+	}
+	// Without a sentinel the rebuild is not marked complete.
+	if _, err := c.Scrub(context.Background()); err != nil || len(c.Pending()) != 1 {
+		t.Fatalf("scrub: %v, pending %v", err, c.Pending())
+	}
+	h.onOpen = nil
+	if lost, err := c.CheckDirs(); len(lost) != 0 || err != nil {
+		t.Fatalf("CheckDirs() = %v, %v once the sentinel can be written", lost, err)
+	}
+	if _, err := c.Scrub(context.Background()); err != nil || len(c.Pending()) != 0 {
+		t.Fatalf("scrub: %v, pending %v", err, c.Pending())
+	}
 }
 
 // Every byte of one shard file corrupted in turn (header and data): Get

@@ -92,7 +92,8 @@ func (c *Cache) checkMarkers() error {
 			// Marked when a Scrub has rebuilt it (Scrub).
 			c.replaced = append(c.replaced, d)
 			if err := c.markRebuilding(i); err != nil {
-				return err
+				// Pending all the same; CheckDirs tries again.
+				c.log.Warn("cache: cannot note the rebuild in the directory", logDir, d, logErr, err)
 			}
 			c.log.Warn("cache: directory has no cache marker while the others do; "+
 				"treating it as a replaced disk, run Scrub to rebuild its shards", logDir, d)
