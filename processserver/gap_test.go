@@ -209,6 +209,12 @@ func TestLastRunSurvivesRestart(t *testing.T) {
 	if man := r.manifest(); man.DurableSeq != 20 || man.LastRun != hex.EncodeToString(run[:]) {
 		t.Fatalf("manifest durable_seq %d, last_run %q", man.DurableSeq, man.LastRun)
 	}
+	// The cache's newest segment is older than the manifest's durable_seq
+	// and another run's (as when the newest cached ones are unreadable):
+	// the manifest, newer, says who sent 20.
+	r.putFrom(1, 10, wire.RunID{0xaa})
+	r.restart()
+	lastRun("restarted with an older, other run's segment cached")
 	for _, d := range r.dirs {
 		if err := os.RemoveAll(filepath.Join(d, "m1")); err != nil {
 			t.Fatal(err)

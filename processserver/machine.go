@@ -147,10 +147,13 @@ func (m *machine) ensureLoaded(ctx context.Context) error {
 	}
 	m.mu.Lock()
 	m.man, m.key, m.manKey, m.loaded = man, key, key, true
-	if b, err := hex.DecodeString(man.LastRun); err == nil && len(b) == len(m.lastRun) &&
-		man.DurableSeq >= m.durable && m.lastRun == (wire.RunID{}) {
-		// Nothing newer in the cache (scanCache) says who sent it.
-		m.lastRun = wire.RunID(b)
+	// Who sent the newest durable records: the manifest says, unless the
+	// cache (scanCache) holds newer ones, or as new ones that say.
+	if man.DurableSeq > m.durable || (man.DurableSeq == m.durable && m.lastRun == (wire.RunID{})) {
+		m.lastRun = wire.RunID{}
+		if b, err := hex.DecodeString(man.LastRun); err == nil && len(b) == len(m.lastRun) {
+			m.lastRun = wire.RunID(b)
+		}
 	}
 	m.durable = max(m.durable, man.DurableSeq)
 	m.uploaded = max(m.uploaded, man.DurableSeq)

@@ -136,9 +136,8 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 		m.backlog -= u.e.size
 		if !u.already {
 			m.uploaded = max(m.uploaded, u.meta.last)
-			m.man.DurableSeq = max(m.man.DurableSeq, u.meta.last)
-			if u.meta.last == m.man.DurableSeq && u.meta.run != (wire.RunID{}) {
-				m.man.LastRun = hex.EncodeToString(u.meta.run[:])
+			if u.meta.last > m.man.DurableSeq {
+				m.man.DurableSeq, m.man.LastRun = u.meta.last, runHex(u.meta.run)
 			}
 			m.mendLocked()
 			// While a gap is open, writes before the segment's markers
@@ -221,7 +220,9 @@ func (m *machine) settleSuspects(ctx context.Context) error {
 			if meta, _, err = parseCached(data); err == nil && meta.first == e.id.Seq {
 				m.mu.Lock()
 				e.suspect, e.last = false, meta.last
-				m.durable = max(m.durable, meta.last)
+				if meta.last > m.durable {
+					m.durable, m.lastRun = meta.last, meta.run
+				}
 				m.mu.Unlock()
 				continue
 			}
@@ -242,7 +243,9 @@ func (m *machine) settleSuspects(ctx context.Context) error {
 				// adopts it then (segmentLost), in order.
 				m.mu.Lock()
 				e.suspect = false
-				m.durable = max(m.durable, last)
+				if last > m.durable {
+					m.durable, m.lastRun = last, wire.RunID{} // who sent it: unknown
+				}
 				m.mu.Unlock()
 				continue
 			}
@@ -464,7 +467,9 @@ func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error
 	m.mu.Lock()
 	m.uploaded = max(m.uploaded, lostTo)
 	m.durable = max(m.durable, lostTo)
-	m.man.DurableSeq = max(m.man.DurableSeq, lostTo)
+	if lostTo > m.man.DurableSeq {
+		m.man.DurableSeq, m.man.LastRun = lostTo, "" // who sent it: unknown
+	}
 	m.mu.Unlock()
 	if err := m.writeManifest(ctx); err != nil {
 		return err
@@ -549,4 +554,12 @@ func (m *machine) putTombstone(ctx context.Context, key *seal.Key, first, last, 
 		return fmt.Errorf("put the tombstone of lost segment %d..%d: %w", first, last, err)
 	}
 	return nil
+}
+
+// runHex is a run id as the manifest's last_run: "" when unknown.
+func runHex(r wire.RunID) string {
+	if r == (wire.RunID{}) {
+		return ""
+	}
+	return hex.EncodeToString(r[:])
 }
