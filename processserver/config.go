@@ -34,6 +34,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
+	"github.com/lifeboat-dr/lifeboat/internal/seal"
 	"github.com/lifeboat-dr/lifeboat/processserver/cache"
 )
 
@@ -146,8 +147,9 @@ func (c *Config) withDefaults() (Config, error) {
 	}
 	if cfg.CacheOptions.MaxSegmentSize == 0 {
 		// A segment is cut after the frame that reaches SegmentBytes, and
-		// one frame may carry up to wire.MaxPayload.
-		cfg.CacheOptions.MaxSegmentSize = max(cache.DefaultMaxSegmentSize, cfg.SegmentBytes+maxFrame)
+		// one frame may carry up to wire.MaxPayload; cached, it has its
+		// header and the seal's overhead too.
+		cfg.CacheOptions.MaxSegmentSize = max(cache.DefaultMaxSegmentSize, cfg.SegmentBytes+maxFrame+cachedHeaderSize+seal.Overhead)
 	}
 	return cfg, nil
 }
