@@ -70,8 +70,10 @@ type Server struct {
 	cacheBytes  atomic.Int64 // logical bytes of segments in the cache
 	cachePaused atomic.Bool  // cache nearly full: every agent paused
 	// scrubReq asks the scrubber for a scrub of the cache (buffered: a
-	// request while one runs makes it run once more).
+	// request while one runs makes it run once more); scrubEnd is when the
+	// last one ended (unix nanos).
 	scrubReq chan struct{}
+	scrubEnd atomic.Int64
 
 	mu       sync.Mutex
 	machines map[string]*machine
@@ -445,6 +447,7 @@ func (s *Server) scrubber() {
 			return // both were ready: stopping wins
 		}
 		r, err := s.cache.Scrub(s.ctx)
+		s.scrubEnd.Store(time.Now().UnixNano())
 		s.metrics.rebuiltShards.Add(float64(r.RepairedShards))
 		if s.ctx.Err() != nil {
 			return
@@ -486,7 +489,10 @@ func (s *Server) checkCacheDirs(w *cacheWatch) {
 		w.rescrub, scrub = now.Add(rescrubAfter), true
 	case !w.rescrub.IsZero() && now.After(w.rescrub):
 		w.rescrub, scrub = time.Time{}, true
-	case len(s.cache.Pending()) > 0 && now.Sub(w.pending) > pendingRescrub:
+	case len(s.cache.Pending()) > 0 && now.Sub(w.pending) > pendingRescrub &&
+		now.Sub(time.Unix(0, s.scrubEnd.Load())) > pendingRescrub:
+		// Counted from the last scrub's end too: one longer than the
+		// interval is not followed at once by the next.
 		scrub = true
 	}
 	if scrub {

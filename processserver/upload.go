@@ -466,9 +466,15 @@ func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error
 	// restart finds it in durable_seq rather than the loss again.
 	m.mu.Lock()
 	m.uploaded = max(m.uploaded, lostTo)
-	m.durable = max(m.durable, lostTo)
+	if lostTo > m.durable {
+		m.durable, m.lastRun = lostTo, wire.RunID{} // who sent it: unknown
+	}
 	if lostTo > m.man.DurableSeq {
-		m.man.DurableSeq, m.man.LastRun = lostTo, "" // who sent it: unknown
+		// The newest durable records: who sent them, if known.
+		m.man.DurableSeq, m.man.LastRun = lostTo, ""
+		if lostTo == m.durable {
+			m.man.LastRun = runHex(m.lastRun)
+		}
 	}
 	m.mu.Unlock()
 	if err := m.writeManifest(ctx); err != nil {

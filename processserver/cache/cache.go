@@ -164,6 +164,7 @@ type Cache struct {
 	// marks only a directory nothing happened to while it ran.
 	sentinel []atomic.Bool
 	epoch    []atomic.Uint64
+	dirMu    []sync.Mutex // CheckDirs and markRebuilt, per directory
 }
 
 // Open opens (creating if needed) a cache over dirs. Each directory must be
@@ -210,6 +211,7 @@ func Open(dirs []string, opts Options) (*Cache, error) {
 		pending:    make([]atomic.Bool, n),
 		sentinel:   make([]atomic.Bool, n),
 		epoch:      make([]atomic.Uint64, n),
+		dirMu:      make([]sync.Mutex, n),
 		log:        opts.Logger,
 		encs:       make(map[[2]uint8]reedsolomon.Encoder),
 		seed:       maphash.MakeSeed(),
@@ -559,6 +561,7 @@ func (c *Cache) writeShard(slot int, id SegmentID, h shardHeader, hdr []byte, pa
 		// running): forget it and recreate once. The shards it held are
 		// gone too: CheckDirs reports it for a Scrub.
 		c.vanished[slot].Store(true)
+		c.epoch[slot].Add(1)
 		c.forgetStreamDir(slot, id.Stream)
 		if err = c.ensureStreamDir(slot, id.Stream); err != nil {
 			return err
@@ -945,12 +948,15 @@ func (c *Cache) Delete(id SegmentID) error {
 // ascending order. A segment is listed as long as one shard of it exists,
 // even if it can no longer be read. Directories that cannot be listed are
 // skipped with a warning; List fails only if none can be.
-func (c *Cache) List(stream string) ([]SegmentID, error) {
+func (c *Cache) List(stream string) ([]SegmentID, error) { return c.list(stream, false) }
+
+// list is List; strict, it fails when any directory cannot be listed.
+func (c *Cache) list(stream string, strict bool) ([]SegmentID, error) {
 	if err := validStream(stream); err != nil {
 		return nil, err
 	}
 	seqs := make(map[uint64]struct{})
-	err := c.eachDir(stream, func(name string, isDir bool) {
+	err := c.eachDir(stream, strict, func(name string, isDir bool) {
 		if isDir {
 			return
 		}
@@ -973,9 +979,12 @@ func (c *Cache) List(stream string) ([]SegmentID, error) {
 }
 
 // Streams returns the names of the streams present in any directory, sorted.
-func (c *Cache) Streams() ([]string, error) {
+func (c *Cache) Streams() ([]string, error) { return c.streams(false) }
+
+// streams is Streams; strict, it fails when any directory cannot be listed.
+func (c *Cache) streams(strict bool) ([]string, error) {
 	set := make(map[string]struct{})
-	err := c.eachDir("", func(name string, isDir bool) {
+	err := c.eachDir("", strict, func(name string, isDir bool) {
 		if isDir && validStream(name) == nil {
 			set[name] = struct{}{}
 		}
@@ -988,8 +997,8 @@ func (c *Cache) Streams() ([]string, error) {
 
 // eachDir calls fn for every entry of sub in every directory. A missing sub
 // directory is empty; other errors skip that directory with a warning, and
-// are returned only if every directory failed.
-func (c *Cache) eachDir(sub string, fn func(name string, isDir bool)) error {
+// are returned only if every directory failed, or, strict, if any did.
+func (c *Cache) eachDir(sub string, strict bool, fn func(name string, isDir bool)) error {
 	var errs []error
 	for _, d := range c.dirs {
 		entries, err := c.fs.ReadDir(filepath.Join(d, sub))
@@ -1005,7 +1014,7 @@ func (c *Cache) eachDir(sub string, fn func(name string, isDir bool)) error {
 			fn(e.Name(), e.IsDir())
 		}
 	}
-	if len(errs) == len(c.dirs) {
+	if len(errs) == len(c.dirs) || (strict && len(errs) > 0) {
 		return errors.Join(errs...)
 	}
 	return nil
@@ -1041,13 +1050,14 @@ func (c *Cache) Scrub(ctx context.Context) (ScrubReport, error) {
 			rebuilt = append(rebuilt, rebuilding{i, c.epoch[i].Load()})
 		}
 	}
-	streams, err := c.Streams()
+	// Strict: a directory that cannot be listed may hide segments.
+	streams, err := c.streams(true)
 	if err != nil {
 		return rep, err
 	}
 	var errs []error
 	for _, s := range streams {
-		ids, err := c.List(s)
+		ids, err := c.list(s, true)
 		if err != nil {
 			errs = append(errs, err)
 			continue
@@ -1078,10 +1088,7 @@ func (c *Cache) Scrub(ctx context.Context) (ScrubReport, error) {
 		return rep, fmt.Errorf("cache: scrub: %w", errors.Join(errs...))
 	}
 	for _, r := range rebuilt {
-		if c.epoch[r.slot].Load() != r.epoch {
-			continue
-		}
-		if err := c.markRebuilt(r.slot); err != nil {
+		if err := c.markRebuilt(r.slot, r.epoch); err != nil {
 			return rep, fmt.Errorf("cache: scrub: %w", err)
 		}
 	}
@@ -1132,14 +1139,22 @@ func (c *Cache) writeSentinel(i int) error {
 }
 
 // markRebuilt gives directory i its marker back once its shards are
-// rebuilt, if its sentinel is still there (else it was lost again:
-// CheckDirs reports it).
-func (c *Cache) markRebuilt(i int) error {
+// rebuilt by a scrub that started at epoch, if nothing happened to it
+// since (its epoch is the same) and its sentinel is still there (else it
+// was lost again: CheckDirs reports it). It holds the directory's lock,
+// as CheckDirs does: a loss that CheckDirs notes (a new epoch and
+// sentinel) is either seen here or comes after the marker.
+func (c *Cache) markRebuilt(i int, epoch uint64) error {
+	c.dirMu[i].Lock()
+	defer c.dirMu[i].Unlock()
 	d := c.dirs[i]
-	if !c.sentinel[i].Load() {
+	if !c.pending[i].Load() || !c.sentinel[i].Load() {
 		return nil
 	}
 	if _, err := c.fs.ReadFile(filepath.Join(d, rebuildingName)); err != nil {
+		return nil
+	}
+	if c.epoch[i].Load() != epoch {
 		return nil
 	}
 	if err := c.writeMarker(d, marker{cache: c.id, slot: i, n: len(c.dirs)}); err != nil {
@@ -1163,37 +1178,52 @@ func (c *Cache) CheckDirs() ([]string, error) {
 	var lost []string
 	var errs []error
 	for i, d := range c.dirs {
-		_, err := c.fs.ReadFile(filepath.Join(d, markerName))
-		now := false
-		switch {
-		case errors.Is(err, fs.ErrNotExist):
-			if c.pending[i].Load() {
-				if !c.sentinel[i].Load() {
-					// Its sentinel could not be written (the disk is
-					// failing?): try again, without a new report.
-					c.writeSentinel(i)
-					break
+		now, err := c.checkDir(i)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		if now {
+			lost = append(lost, d)
+		}
+	}
+	return lost, errors.Join(errs...)
+}
+
+// checkDir is CheckDirs for directory i: whether it lost its shards now.
+func (c *Cache) checkDir(i int) (bool, error) {
+	c.dirMu[i].Lock()
+	defer c.dirMu[i].Unlock()
+	d := c.dirs[i]
+	var cerr error
+	_, err := c.fs.ReadFile(filepath.Join(d, markerName))
+	now := false
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		if c.pending[i].Load() {
+			if !c.sentinel[i].Load() {
+				// Its sentinel could not be written (the disk is
+				// failing?): try again, without a new report; what
+				// happened meanwhile is unknown, so a new epoch.
+				if cerr = c.writeSentinel(i); cerr == nil {
+					c.epoch[i].Add(1)
 				}
-				// Being rebuilt: lost again if its sentinel is gone.
-				if _, err := c.fs.ReadFile(filepath.Join(d, rebuildingName)); !errors.Is(err, fs.ErrNotExist) {
-					break
-				}
+				break
 			}
-			c.log.Warn("cache: directory lost its contents while in use; rebuilding its shards", logDir, d)
-			if err := c.markRebuilding(i); err != nil {
-				errs = append(errs, err)
+			// Being rebuilt: lost again if its sentinel is gone.
+			if _, err := c.fs.ReadFile(filepath.Join(d, rebuildingName)); !errors.Is(err, fs.ErrNotExist) {
+				break
 			}
-			now = true
-		case err != nil:
-			errs = append(errs, fmt.Errorf("cache: check directory %s: %w", d, err))
-			continue
 		}
-		if c.vanished[i].Swap(false) {
-			now = true
-		}
-		if !now {
-			continue
-		}
+		c.log.Warn("cache: directory lost its contents while in use; rebuilding its shards", logDir, d)
+		cerr = c.markRebuilding(i)
+		now = true
+	case err != nil:
+		return false, fmt.Errorf("cache: check directory %s: %w", d, err)
+	}
+	if c.vanished[i].Swap(false) {
+		now = true
+	}
+	if now {
 		c.streamMu.Lock()
 		for key := range c.streamDirs {
 			if strings.HasPrefix(key, strconv.Itoa(i)+"/") {
@@ -1201,9 +1231,8 @@ func (c *Cache) CheckDirs() ([]string, error) {
 			}
 		}
 		c.streamMu.Unlock()
-		lost = append(lost, d)
 	}
-	return lost, errors.Join(errs...)
+	return now, cerr
 }
 
 // DirUsage is the space on the file system holding one cache directory.

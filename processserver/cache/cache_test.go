@@ -305,11 +305,114 @@ func TestCheckDirs(t *testing.T) {
 	mustGet(t, c, SegmentID{"m", 2}, data)
 }
 
-// hookFS runs hooks on reads and file opens.
+// hookFS runs hooks on reads, file opens and directory listings.
 type hookFS struct {
 	OSFS
-	onRead func(name string)
-	onOpen func(name string) error
+	onRead    func(name string)
+	onOpen    func(name string) error
+	onReadDir func(name string) error
+}
+
+func (h *hookFS) ReadDir(name string) ([]fs.DirEntry, error) {
+	if h.onReadDir != nil {
+		if err := h.onReadDir(name); err != nil {
+			return nil, err
+		}
+	}
+	return h.OSFS.ReadDir(name)
+}
+
+// wipeQuietly is wipe for hooks, which may run on other goroutines.
+func wipeQuietly(t *testing.T, dir string) {
+	if err := os.RemoveAll(dir); err != nil {
+		t.Error(err)
+	}
+	if err := os.Mkdir(dir, 0o750); err != nil {
+		t.Error(err)
+	}
+}
+
+// A scrub does not mark a directory that CheckDirs found lost again, or
+// whose sentinel it could only write, while the scrub ran (the epoch
+// moved), nor one when another directory could not be listed.
+func TestScrubMarksOnlyUntouchedDirectory(t *testing.T) {
+	dirs := tempDirs(t, 3)
+	h := &hookFS{}
+	c := open(t, dirs, Options{FS: h})
+	data := payload(50_000, 1)
+	for i := range 3 {
+		if err := c.Put(SegmentID{"m", uint64(i + 1)}, data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	wipe(t, dirs[1])
+	if lost, err := c.CheckDirs(); err != nil || !slices.Equal(lost, dirs[1:2]) {
+		t.Fatalf("CheckDirs() = %v, %v", lost, err)
+	}
+	midScrub := func(fn func()) {
+		var once sync.Once
+		h.onRead = func(name string) {
+			if strings.HasPrefix(name, filepath.Join(dirs[0], "m", "0000000000000003")) {
+				once.Do(fn)
+			}
+		}
+		if _, err := c.Scrub(context.Background()); err != nil {
+			t.Fatalf("scrub: %v", err)
+		}
+		h.onRead = nil
+	}
+
+	// Lost again and noted by CheckDirs (a new sentinel) during the scrub.
+	midScrub(func() {
+		wipeQuietly(t, dirs[1])
+		if lost, err := c.CheckDirs(); err != nil || !slices.Equal(lost, dirs[1:2]) {
+			t.Errorf("CheckDirs() mid-scrub = %v, %v", lost, err)
+		}
+	})
+	if p := c.Pending(); !slices.Equal(p, dirs[1:2]) {
+		t.Fatalf("pending %v: marked although lost again during the scrub", p)
+	}
+
+	// Its sentinel, unwritable until then, written during the scrub.
+	h.onOpen = func(name string) error {
+		if filepath.Base(name) == rebuildingName {
+			return syscall.EIO
+		}
+		return nil
+	}
+	wipe(t, dirs[1])
+	if _, err := c.CheckDirs(); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("CheckDirs(): %v, want the sentinel's error", err)
+	}
+	midScrub(func() {
+		wipeQuietly(t, dirs[1])
+		h.onOpen = nil
+		if lost, err := c.CheckDirs(); err != nil || len(lost) != 0 {
+			t.Errorf("CheckDirs() mid-scrub = %v, %v: want the sentinel written, no new report", lost, err)
+		}
+	})
+	if p := c.Pending(); !slices.Equal(p, dirs[1:2]) {
+		t.Fatalf("pending %v: marked although its sentinel came during the scrub", p)
+	}
+
+	// Another directory cannot be listed: segments may hide there.
+	h.onReadDir = func(name string) error {
+		if name == dirs[2] {
+			return syscall.EIO
+		}
+		return nil
+	}
+	if _, err := c.Scrub(context.Background()); !errors.Is(err, syscall.EIO) || len(c.Pending()) != 1 {
+		t.Fatalf("scrub with %s unlistable: %v, pending %v", dirs[2], err, c.Pending())
+	}
+	h.onReadDir = nil
+	if rep, err := c.Scrub(context.Background()); err != nil || rep.RepairedShards == 0 || len(c.Pending()) != 0 {
+		t.Fatalf("scrub: %+v, %v, pending %v", rep, err, c.Pending())
+	}
+	wipe(t, dirs[0])
+	for i := range 3 {
+		mustGet(t, c, SegmentID{"m", uint64(i + 1)}, data)
+	}
 }
 
 func (h *hookFS) ReadFile(name string) ([]byte, error) {
