@@ -224,6 +224,35 @@ func TestLastRunSurvivesRestart(t *testing.T) {
 	lastRun("restarted with an empty cache")
 }
 
+// A newest segment lost from the cache becomes a tombstone: who sent its
+// records is still known in memory, so the manifest records it, and a
+// restart names the same run.
+func TestLastRunAfterTombstone(t *testing.T) {
+	ctx := context.Background()
+	r := newGapRig(t, mem.New())
+	run := wire.RunID{0xb0, 15: 0x0b}
+	r.putFrom(1, 10, wire.RunID{0xaa})
+	r.putFrom(11, 20, run)
+	for _, d := range r.dirs[:2] {
+		if err := os.Remove(filepath.Join(d, "m1", "000000000000000b.shard")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r.upload()
+	man := r.manifest()
+	if man.DurableSeq != 20 || len(man.Gaps) != 1 || man.LastRun != hex.EncodeToString(run[:]) {
+		t.Fatalf("after the tombstone: durable_seq %d, gaps %+v, last_run %q", man.DurableSeq, man.Gaps, man.LastRun)
+	}
+	r.restart()
+	ack, _, _, _, err := r.m.agree(ctx, r.hello(20))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ack.LastRun != run {
+		t.Fatalf("after a restart: HelloAck.LastRun %x, want %x", ack.LastRun, run)
+	}
+}
+
 // Once retention has deleted the journal up to a mended gap's end (no
 // state inside it is recoverable any more), the manifest forgets the gap.
 func TestRetentionForgetsMendedGap(t *testing.T) {
