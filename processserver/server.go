@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"net/http/pprof"
@@ -446,6 +447,7 @@ func (s *Server) scrubber() {
 		if s.ctx.Err() != nil {
 			return // both were ready: stopping wins
 		}
+		s.scrubEnd.Store(math.MaxInt64) // running: no rescrub counts from it
 		r, err := s.cache.Scrub(s.ctx)
 		s.scrubEnd.Store(time.Now().UnixNano())
 		s.metrics.rebuiltShards.Add(float64(r.RepairedShards))

@@ -1148,21 +1148,41 @@ func (c *Cache) markRebuilt(i int, epoch uint64) error {
 	c.dirMu[i].Lock()
 	defer c.dirMu[i].Unlock()
 	d := c.dirs[i]
-	if !c.pending[i].Load() || !c.sentinel[i].Load() {
+	if !c.pending[i].Load() || !c.sentinel[i].Load() || c.epoch[i].Load() != epoch {
 		return nil
 	}
-	if _, err := c.fs.ReadFile(filepath.Join(d, rebuildingName)); err != nil {
+	// The sentinel becomes the marker (written in place, then renamed):
+	// wiped at any point, there is no sentinel to write or rename, and the
+	// directory stays pending rather than marked empty.
+	sentinel := filepath.Join(d, rebuildingName)
+	f, err := c.fs.OpenFile(sentinel, os.O_WRONLY|os.O_TRUNC, 0)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil // lost again: CheckDirs reports it
+	}
+	if err != nil {
+		return fmt.Errorf("mark %s rebuilt: %w", d, err)
+	}
+	err = writeAll(f, []byte(marker{cache: c.id, slot: i, n: len(c.dirs)}.String()))
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = c.fs.Rename(sentinel, filepath.Join(d, markerName))
+	}
+	if errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
-	if c.epoch[i].Load() != epoch {
-		return nil
+	if err == nil {
+		err = c.syncDir(d)
 	}
-	if err := c.writeMarker(d, marker{cache: c.id, slot: i, n: len(c.dirs)}); err != nil {
-		return fmt.Errorf("write marker in %s: %w", d, err)
+	if err != nil {
+		return fmt.Errorf("mark %s rebuilt: %w", d, err)
 	}
 	c.pending[i].Store(false)
 	c.sentinel[i].Store(false)
-	c.fs.Remove(filepath.Join(d, rebuildingName))
 	return nil
 }
 
@@ -1191,12 +1211,16 @@ func (c *Cache) CheckDirs() ([]string, error) {
 
 // checkDir is CheckDirs for directory i: whether it lost its shards now.
 func (c *Cache) checkDir(i int) (bool, error) {
-	c.dirMu[i].Lock()
+	if !c.dirMu[i].TryLock() {
+		// A scrub is marking it: the next check sees the outcome (the
+		// monitor does not wait on a slow disk).
+		return false, nil
+	}
 	defer c.dirMu[i].Unlock()
 	d := c.dirs[i]
+	now := c.vanished[i].Swap(false)
 	var cerr error
 	_, err := c.fs.ReadFile(filepath.Join(d, markerName))
-	now := false
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 		if c.pending[i].Load() {
@@ -1210,7 +1234,12 @@ func (c *Cache) checkDir(i int) (bool, error) {
 				break
 			}
 			// Being rebuilt: lost again if its sentinel is gone.
-			if _, err := c.fs.ReadFile(filepath.Join(d, rebuildingName)); !errors.Is(err, fs.ErrNotExist) {
+			_, err := c.fs.ReadFile(filepath.Join(d, rebuildingName))
+			if err == nil {
+				break
+			}
+			if !errors.Is(err, fs.ErrNotExist) {
+				cerr = fmt.Errorf("cache: check directory %s: %w", d, err)
 				break
 			}
 		}
@@ -1218,10 +1247,7 @@ func (c *Cache) checkDir(i int) (bool, error) {
 		cerr = c.markRebuilding(i)
 		now = true
 	case err != nil:
-		return false, fmt.Errorf("cache: check directory %s: %w", d, err)
-	}
-	if c.vanished[i].Swap(false) {
-		now = true
+		cerr = fmt.Errorf("cache: check directory %s: %w", d, err)
 	}
 	if now {
 		c.streamMu.Lock()

@@ -385,7 +385,6 @@ func TestScrubMarksOnlyUntouchedDirectory(t *testing.T) {
 		t.Fatalf("CheckDirs(): %v, want the sentinel's error", err)
 	}
 	midScrub(func() {
-		wipeQuietly(t, dirs[1])
 		h.onOpen = nil
 		if lost, err := c.CheckDirs(); err != nil || len(lost) != 0 {
 			t.Errorf("CheckDirs() mid-scrub = %v, %v: want the sentinel written, no new report", lost, err)
@@ -393,6 +392,48 @@ func TestScrubMarksOnlyUntouchedDirectory(t *testing.T) {
 	})
 	if p := c.Pending(); !slices.Equal(p, dirs[1:2]) {
 		t.Fatalf("pending %v: marked although its sentinel came during the scrub", p)
+	}
+
+	// Only a stream directory goes during the scrub, under a write.
+	midScrub(func() {
+		if err := os.RemoveAll(filepath.Join(dirs[1], "m")); err != nil {
+			t.Error(err)
+		}
+		if err := c.Put(SegmentID{"m", 4}, data); err != nil {
+			t.Error(err)
+		}
+	})
+	if p := c.Pending(); !slices.Equal(p, dirs[1:2]) {
+		t.Fatalf("pending %v: marked although a stream directory vanished during the scrub", p)
+	}
+	if lost, err := c.CheckDirs(); err != nil || !slices.Equal(lost, dirs[1:2]) {
+		t.Fatalf("CheckDirs() = %v, %v: want the vanished stream directory reported", lost, err)
+	}
+
+	// Wiped while the scrub turns its sentinel into the marker.
+	if _, err := c.Scrub(context.Background()); err != nil || len(c.Pending()) != 0 {
+		t.Fatalf("a clean scrub: %v, pending %v", err, c.Pending())
+	}
+	wipe(t, dirs[1])
+	if lost, err := c.CheckDirs(); err != nil || !slices.Equal(lost, dirs[1:2]) {
+		t.Fatalf("CheckDirs() = %v, %v", lost, err)
+	}
+	var once sync.Once
+	h.onOpen = func(name string) error {
+		if name == filepath.Join(dirs[1], rebuildingName) {
+			once.Do(func() { wipeQuietly(t, dirs[1]) })
+		}
+		return nil
+	}
+	if _, err := c.Scrub(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	h.onOpen = nil
+	if p := c.Pending(); !slices.Equal(p, dirs[1:2]) {
+		t.Fatalf("pending %v: marked although wiped while its marker was written", p)
+	}
+	if lost, err := c.CheckDirs(); err != nil || !slices.Equal(lost, dirs[1:2]) {
+		t.Fatalf("CheckDirs() after the wipe = %v, %v", lost, err)
 	}
 
 	// Another directory cannot be listed: segments may hide there.
