@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 )
@@ -505,6 +506,48 @@ func TestScrubDoesNotMarkDirectoryLostMeanwhile(t *testing.T) {
 	}
 	// Segments 1 and 2 were rebuilt before the second wipe, 3 after it.
 	if rep, err := c.Scrub(context.Background()); err != nil || rep.RepairedShards != 2 || len(c.Pending()) != 0 {
+		t.Fatalf("scrub: %+v, %v, pending %v", rep, err, c.Pending())
+	}
+}
+
+// A directory wiped, and checked, while a scrub marks it rebuilt stays
+// pending and is reported: CheckDirs waits its turn (the per-directory
+// lock) instead of noting the loss with a new sentinel that the marking
+// would then take for its own.
+func TestCheckDuringMarking(t *testing.T) {
+	dirs := tempDirs(t, 3)
+	h := &hookFS{}
+	c := open(t, dirs, Options{FS: h})
+	data := payload(50_000, 1)
+	if err := c.Put(SegmentID{"m", 1}, data); err != nil {
+		t.Fatal(err)
+	}
+	wipe(t, dirs[1])
+	if lost, err := c.CheckDirs(); err != nil || !slices.Equal(lost, dirs[1:2]) {
+		t.Fatalf("CheckDirs() = %v, %v", lost, err)
+	}
+	var armed atomic.Bool // not a sync.Once: the hook may run again inside
+	armed.Store(true)
+	h.onOpen = func(name string) error {
+		if name == filepath.Join(dirs[1], rebuildingName) && armed.CompareAndSwap(true, false) {
+			wipeQuietly(t, dirs[1])
+			if lost, err := c.CheckDirs(); len(lost) != 0 || err != nil {
+				t.Errorf("CheckDirs() during the marking = %v, %v: want it skipped", lost, err)
+			}
+		}
+		return nil
+	}
+	if _, err := c.Scrub(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	h.onOpen = nil
+	if p := c.Pending(); !slices.Equal(p, dirs[1:2]) {
+		t.Fatalf("pending %v: marked complete although wiped during the marking", p)
+	}
+	if lost, err := c.CheckDirs(); err != nil || !slices.Equal(lost, dirs[1:2]) {
+		t.Fatalf("CheckDirs() after the marking = %v, %v", lost, err)
+	}
+	if rep, err := c.Scrub(context.Background()); err != nil || rep.RepairedShards != 1 || len(c.Pending()) != 0 {
 		t.Fatalf("scrub: %+v, %v, pending %v", rep, err, c.Pending())
 	}
 }
