@@ -1154,29 +1154,9 @@ func (c *Cache) markRebuilt(i int, epoch uint64) error {
 	// The sentinel becomes the marker (written in place, then renamed):
 	// wiped at any point, there is no sentinel to write or rename, and the
 	// directory stays pending rather than marked empty.
-	sentinel := filepath.Join(d, rebuildingName)
-	f, err := c.fs.OpenFile(sentinel, os.O_WRONLY|os.O_TRUNC, 0)
+	err := c.markFrom(filepath.Join(d, rebuildingName), 0, marker{cache: c.id, slot: i, n: len(c.dirs)})
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil // lost again: CheckDirs reports it
-	}
-	if err != nil {
-		return fmt.Errorf("mark %s rebuilt: %w", d, err)
-	}
-	err = writeAll(f, []byte(marker{cache: c.id, slot: i, n: len(c.dirs)}.String()))
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = c.fs.Rename(sentinel, filepath.Join(d, markerName))
-	}
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil
-	}
-	if err == nil {
-		err = c.syncDir(d)
 	}
 	if err != nil {
 		return fmt.Errorf("mark %s rebuilt: %w", d, err)

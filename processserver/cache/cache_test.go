@@ -233,22 +233,15 @@ func TestCheckDirs(t *testing.T) {
 	if err := c.Put(SegmentID{"m", 1}, data); err != nil {
 		t.Fatal(err)
 	}
-	check := func(want ...string) {
-		t.Helper()
-		got, err := c.CheckDirs()
-		if err != nil || !slices.Equal(got, want) {
-			t.Fatalf("CheckDirs() = %v, %v; want %v", got, err, want)
-		}
-	}
-	check()
+	wantLost(t, c)
 	wipe(t, dirs[1])
-	check(dirs[1])
-	check()
+	wantLost(t, c, dirs[1])
+	wantLost(t, c)
 	// Lost again while being rebuilt (it has no marker then): reported
 	// again.
 	wipe(t, dirs[1])
-	check(dirs[1])
-	check()
+	wantLost(t, c, dirs[1])
+	wantLost(t, c)
 	// A scrub stopped before it completes (the server closing) leaves the
 	// directory unmarked: the next start finds it replaced and rebuilds.
 	stopped, cancel := context.WithCancel(context.Background())
@@ -272,9 +265,7 @@ func TestCheckDirs(t *testing.T) {
 	if rep, err := c.Scrub(context.Background()); !errors.Is(err, ErrUnrecoverable) || rep.RepairedShards != 1 || len(rep.Lost) != 1 {
 		t.Fatalf("scrub: %+v, %v; want segment m/1 rebuilt and n/1 lost", rep, err)
 	}
-	if p := c.Pending(); !slices.Equal(p, dirs[1:2]) {
-		t.Fatalf("pending %v after a scrub with a lost segment, want %v", p, dirs[1:2])
-	}
+	wantPending(t, c, dirs[1])
 	if err := c.Delete(SegmentID{"n", 1}); err != nil {
 		t.Fatal(err)
 	}
@@ -291,12 +282,12 @@ func TestCheckDirs(t *testing.T) {
 	if err := os.RemoveAll(filepath.Join(dirs[2], "m")); err != nil {
 		t.Fatal(err)
 	}
-	check()
+	wantLost(t, c)
 	if err := c.Put(SegmentID{"m", 2}, data); err != nil {
 		t.Fatal(err)
 	}
-	check(dirs[2])
-	check()
+	wantLost(t, c, dirs[2])
+	wantLost(t, c)
 	if rep, err := c.Scrub(context.Background()); err != nil || rep.RepairedShards != 1 {
 		t.Fatalf("scrub: %+v, %v", rep, err)
 	}
@@ -304,6 +295,41 @@ func TestCheckDirs(t *testing.T) {
 	wipe(t, dirs[0])
 	mustGet(t, c, SegmentID{"m", 1}, data)
 	mustGet(t, c, SegmentID{"m", 2}, data)
+}
+
+// wantLost checks that CheckDirs reports exactly want, without an error.
+func wantLost(t *testing.T, c *Cache, want ...string) {
+	t.Helper()
+	if lost, err := c.CheckDirs(); err != nil || !slices.Equal(lost, want) {
+		t.Fatalf("CheckDirs() = %v, %v; want %v", lost, err, want)
+	}
+}
+
+// wantPending checks that exactly want are being rebuilt.
+func wantPending(t *testing.T, c *Cache, want ...string) {
+	t.Helper()
+	if p := c.Pending(); !slices.Equal(p, want) {
+		t.Fatalf("being rebuilt: %v, want %v", p, want)
+	}
+}
+
+// rebuilding opens a cache of three directories through a hookFS, stores
+// segments m/1..m/segments, and wipes the second directory, which
+// CheckDirs then reports: it is being rebuilt.
+func rebuilding(t *testing.T, segments int) (dirs []string, h *hookFS, c *Cache, data []byte) {
+	t.Helper()
+	dirs = tempDirs(t, 3)
+	h = &hookFS{}
+	c = open(t, dirs, Options{FS: h})
+	data = payload(50_000, 1)
+	for i := range segments {
+		if err := c.Put(SegmentID{"m", uint64(i + 1)}, data); err != nil {
+			t.Fatal(err)
+		}
+	}
+	wipe(t, dirs[1])
+	wantLost(t, c, dirs[1])
+	return dirs, h, c, data
 }
 
 // hookFS runs hooks on reads, file opens and directory listings.
@@ -337,19 +363,7 @@ func wipeQuietly(t *testing.T, dir string) {
 // whose sentinel it could only write, while the scrub ran (the epoch
 // moved), nor one when another directory could not be listed.
 func TestScrubMarksOnlyUntouchedDirectory(t *testing.T) {
-	dirs := tempDirs(t, 3)
-	h := &hookFS{}
-	c := open(t, dirs, Options{FS: h})
-	data := payload(50_000, 1)
-	for i := range 3 {
-		if err := c.Put(SegmentID{"m", uint64(i + 1)}, data); err != nil {
-			t.Fatal(err)
-		}
-	}
-	wipe(t, dirs[1])
-	if lost, err := c.CheckDirs(); err != nil || !slices.Equal(lost, dirs[1:2]) {
-		t.Fatalf("CheckDirs() = %v, %v", lost, err)
-	}
+	dirs, h, c, data := rebuilding(t, 3)
 	// midScrub runs fn while the scrub reads segment 2 (of 3).
 	midScrub := func(fn func()) {
 		var once sync.Once
@@ -371,9 +385,7 @@ func TestScrubMarksOnlyUntouchedDirectory(t *testing.T) {
 			t.Errorf("CheckDirs() mid-scrub = %v, %v", lost, err)
 		}
 	})
-	if p := c.Pending(); !slices.Equal(p, dirs[1:2]) {
-		t.Fatalf("pending %v: marked although lost again during the scrub", p)
-	}
+	wantPending(t, c, dirs[1])
 
 	// Its sentinel, unwritable until then, written during the scrub.
 	h.onOpen = func(name string) error {
@@ -392,9 +404,7 @@ func TestScrubMarksOnlyUntouchedDirectory(t *testing.T) {
 			t.Errorf("CheckDirs() mid-scrub = %v, %v: want the sentinel written, no new report", lost, err)
 		}
 	})
-	if p := c.Pending(); !slices.Equal(p, dirs[1:2]) {
-		t.Fatalf("pending %v: marked although its sentinel came during the scrub", p)
-	}
+	wantPending(t, c, dirs[1])
 
 	// Only a stream directory goes during the scrub: the repair of
 	// segment 3 finds it gone.
@@ -403,21 +413,15 @@ func TestScrubMarksOnlyUntouchedDirectory(t *testing.T) {
 			t.Error(err)
 		}
 	})
-	if p := c.Pending(); !slices.Equal(p, dirs[1:2]) {
-		t.Fatalf("pending %v: marked although a stream directory vanished during the scrub", p)
-	}
-	if lost, err := c.CheckDirs(); err != nil || !slices.Equal(lost, dirs[1:2]) {
-		t.Fatalf("CheckDirs() = %v, %v: want the vanished stream directory reported", lost, err)
-	}
+	wantPending(t, c, dirs[1])
+	wantLost(t, c, dirs[1])
 
 	// Wiped while the scrub turns its sentinel into the marker.
 	if _, err := c.Scrub(context.Background()); err != nil || len(c.Pending()) != 0 {
 		t.Fatalf("a clean scrub: %v, pending %v", err, c.Pending())
 	}
 	wipe(t, dirs[1])
-	if lost, err := c.CheckDirs(); err != nil || !slices.Equal(lost, dirs[1:2]) {
-		t.Fatalf("CheckDirs() = %v, %v", lost, err)
-	}
+	wantLost(t, c, dirs[1])
 	var once sync.Once
 	h.onOpen = func(name string) error {
 		if name == filepath.Join(dirs[1], rebuildingName) {
@@ -429,12 +433,8 @@ func TestScrubMarksOnlyUntouchedDirectory(t *testing.T) {
 		t.Fatal(err)
 	}
 	h.onOpen = nil
-	if p := c.Pending(); !slices.Equal(p, dirs[1:2]) {
-		t.Fatalf("pending %v: marked although wiped while its marker was written", p)
-	}
-	if lost, err := c.CheckDirs(); err != nil || !slices.Equal(lost, dirs[1:2]) {
-		t.Fatalf("CheckDirs() after the wipe = %v, %v", lost, err)
-	}
+	wantPending(t, c, dirs[1])
+	wantLost(t, c, dirs[1])
 
 	// Another directory cannot be listed: segments may hide there.
 	h.onReadDir = func(name string) error {
@@ -475,19 +475,7 @@ func (h *hookFS) OpenFile(name string, flag int, perm fs.FileMode) (File, error)
 // A directory lost again while a scrub rebuilds it is not marked complete
 // by that scrub, and is reported again.
 func TestScrubDoesNotMarkDirectoryLostMeanwhile(t *testing.T) {
-	dirs := tempDirs(t, 3)
-	h := &hookFS{}
-	c := open(t, dirs, Options{FS: h})
-	data := payload(50_000, 1)
-	for i := range 3 {
-		if err := c.Put(SegmentID{"m", uint64(i + 1)}, data); err != nil {
-			t.Fatal(err)
-		}
-	}
-	wipe(t, dirs[1])
-	if lost, err := c.CheckDirs(); err != nil || !slices.Equal(lost, dirs[1:2]) {
-		t.Fatalf("CheckDirs() = %v, %v", lost, err)
-	}
+	dirs, h, c, _ := rebuilding(t, 3)
 	var once sync.Once
 	h.onRead = func(name string) {
 		if strings.HasPrefix(name, filepath.Join(dirs[0], "m", "0000000000000003")) {
@@ -498,12 +486,8 @@ func TestScrubDoesNotMarkDirectoryLostMeanwhile(t *testing.T) {
 		t.Fatalf("scrub: %v", err)
 	}
 	h.onRead = nil
-	if p := c.Pending(); !slices.Equal(p, dirs[1:2]) {
-		t.Fatalf("pending %v: a directory lost during the scrub was marked complete", p)
-	}
-	if lost, err := c.CheckDirs(); err != nil || !slices.Equal(lost, dirs[1:2]) {
-		t.Fatalf("CheckDirs() after the second loss = %v, %v", lost, err)
-	}
+	wantPending(t, c, dirs[1])
+	wantLost(t, c, dirs[1])
 	// Segments 1 and 2 were rebuilt before the second wipe, 3 after it.
 	if rep, err := c.Scrub(context.Background()); err != nil || rep.RepairedShards != 2 || len(c.Pending()) != 0 {
 		t.Fatalf("scrub: %+v, %v, pending %v", rep, err, c.Pending())
@@ -515,17 +499,7 @@ func TestScrubDoesNotMarkDirectoryLostMeanwhile(t *testing.T) {
 // lock) instead of noting the loss with a new sentinel that the marking
 // would then take for its own.
 func TestCheckDuringMarking(t *testing.T) {
-	dirs := tempDirs(t, 3)
-	h := &hookFS{}
-	c := open(t, dirs, Options{FS: h})
-	data := payload(50_000, 1)
-	if err := c.Put(SegmentID{"m", 1}, data); err != nil {
-		t.Fatal(err)
-	}
-	wipe(t, dirs[1])
-	if lost, err := c.CheckDirs(); err != nil || !slices.Equal(lost, dirs[1:2]) {
-		t.Fatalf("CheckDirs() = %v, %v", lost, err)
-	}
+	dirs, h, c, _ := rebuilding(t, 1)
 	var armed atomic.Bool // not a sync.Once: the hook may run again inside
 	armed.Store(true)
 	h.onOpen = func(name string) error {
@@ -541,12 +515,8 @@ func TestCheckDuringMarking(t *testing.T) {
 		t.Fatal(err)
 	}
 	h.onOpen = nil
-	if p := c.Pending(); !slices.Equal(p, dirs[1:2]) {
-		t.Fatalf("pending %v: marked complete although wiped during the marking", p)
-	}
-	if lost, err := c.CheckDirs(); err != nil || !slices.Equal(lost, dirs[1:2]) {
-		t.Fatalf("CheckDirs() after the marking = %v, %v", lost, err)
-	}
+	wantPending(t, c, dirs[1])
+	wantLost(t, c, dirs[1])
 	if rep, err := c.Scrub(context.Background()); err != nil || rep.RepairedShards != 1 || len(c.Pending()) != 0 {
 		t.Fatalf("scrub: %+v, %v, pending %v", rep, err, c.Pending())
 	}

@@ -118,7 +118,18 @@ func firstMarked(found []*marker) int {
 func (c *Cache) writeMarker(dir string, m marker) error {
 	final := filepath.Join(dir, markerName)
 	tmp := final + tmpInfix + "marker"
-	f, err := c.fs.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o640)
+	if err := c.markFrom(tmp, os.O_CREATE, m); err != nil {
+		c.fs.Remove(tmp)
+		return err
+	}
+	return nil
+}
+
+// markFrom writes m into the file src (opened with extra flags: O_CREATE,
+// or none for a file that must already be there), syncs it and renames it
+// to dir's marker, then syncs dir.
+func (c *Cache) markFrom(src string, flags int, m marker) error {
+	f, err := c.fs.OpenFile(src, os.O_WRONLY|os.O_TRUNC|flags, 0o640)
 	if err != nil {
 		return err
 	}
@@ -129,11 +140,11 @@ func (c *Cache) writeMarker(dir string, m marker) error {
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
+	dir := filepath.Dir(src)
 	if err == nil {
-		err = c.fs.Rename(tmp, final)
+		err = c.fs.Rename(src, filepath.Join(dir, markerName))
 	}
 	if err != nil {
-		c.fs.Remove(tmp)
 		return err
 	}
 	return c.syncDir(dir)
