@@ -143,11 +143,7 @@ func TestLostSegmentGapSurvivesUntilMended(t *testing.T) {
 	r.put(1, 10)
 	r.put(11, 20)
 	// Segment 1 loses two of its three shards (beyond parity).
-	for _, d := range r.dirs[:2] {
-		if err := os.Remove(filepath.Join(d, "m1", "0000000000000001.shard")); err != nil {
-			t.Fatal(err)
-		}
-	}
+	r.loseShards(1)
 	r.upload()
 	man := r.manifest()
 	if len(man.Gaps) != 1 || !reflect.DeepEqual(man.Gaps[0], layout.Gap{From: 1, LostTo: 10}) {
@@ -233,11 +229,7 @@ func TestLastRunAfterTombstone(t *testing.T) {
 	run := wire.RunID{0xb0, 15: 0x0b}
 	r.putFrom(1, 10, wire.RunID{0xaa})
 	r.putFrom(11, 20, run)
-	for _, d := range r.dirs[:2] {
-		if err := os.Remove(filepath.Join(d, "m1", "000000000000000b.shard")); err != nil {
-			t.Fatal(err)
-		}
-	}
+	r.loseShards(11)
 	r.upload()
 	man := r.manifest()
 	if man.DurableSeq != 20 || len(man.Gaps) != 1 || man.LastRun != hex.EncodeToString(run[:]) {
@@ -260,11 +252,7 @@ func TestRetentionForgetsMendedGap(t *testing.T) {
 	r := newGapRig(t, mem.New())
 	r.put(1, 10)
 	r.put(11, 20)
-	for _, d := range r.dirs[:2] {
-		if err := os.Remove(filepath.Join(d, "m1", "0000000000000001.shard")); err != nil {
-			t.Fatal(err)
-		}
-	}
+	r.loseShards(1)
 	r.upload()
 	_, epoch := r.agree(20)
 	r.m.mended(epoch, 25)
@@ -341,7 +329,7 @@ func TestLoadRefusesTamperedManifest(t *testing.T) {
 	}
 }
 
-// loseShard removes two of the three shards of the segment starting at
+// loseShards removes two of the three shards of the segment starting at
 // seq (beyond the cache's parity).
 func (r *gapRig) loseShards(seq uint64) {
 	for _, d := range r.dirs[:2] {

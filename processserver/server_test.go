@@ -260,11 +260,11 @@ func TestRefusesWrongCertificate(t *testing.T) {
 	}
 }
 
-// TestCacheDirWiped: with uploads stalled, one of three cache directories
-// (2 data + 1 parity) is wiped while the server runs; every acked record
-// is still uploaded, and the next start reports and rebuilds the wiped
-// directory.
-func TestCacheDirWiped(t *testing.T) {
+// stalledUploads starts a server on three cache directories (2 data + 1
+// parity) whose storage account fails, and an agent of m1 whose first 32
+// records (4 batches, 4 segments) are acknowledged: cached, not uploaded.
+func stalledUploads(t *testing.T) (*blobstoretest.Faulty, *env, *Server, *agent) {
+	t.Helper()
 	faulty := blobstoretest.NewFaulty(mem.New())
 	e := newEnv(t, faulty, 3)
 	e.segAge = 50 * time.Millisecond
@@ -275,6 +275,15 @@ func TestCacheDirWiped(t *testing.T) {
 	for i := range 4 {
 		a.waitAck(a.batch(uint64(1+8*i), 8))
 	}
+	return faulty, e, s, a
+}
+
+// TestCacheDirWiped: with uploads stalled, one of three cache directories
+// (2 data + 1 parity) is wiped while the server runs; every acked record
+// is still uploaded, and the next start reports and rebuilds the wiped
+// directory.
+func TestCacheDirWiped(t *testing.T) {
+	faulty, e, s, a := stalledUploads(t)
 	wipeDir(t, e.cache[1])
 	for i := 4; i < 6; i++ {
 		a.waitAck(a.batch(uint64(1+8*i), 8))
@@ -299,16 +308,7 @@ func TestCacheDirWiped(t *testing.T) {
 // uploaded: without the rebuild, the segments cached before the first
 // wipe would have kept one shard of the two they need.
 func TestCacheDirRebuiltWhileRunning(t *testing.T) {
-	faulty := blobstoretest.NewFaulty(mem.New())
-	e := newEnv(t, faulty, 3)
-	e.segAge = 50 * time.Millisecond
-	s := e.start()
-	a := dialAgent(t, e, s, "m1")
-	a.hello("m1", disk0)
-	faulty.FailFor(time.Hour)
-	for i := range 4 {
-		a.waitAck(a.batch(uint64(1+8*i), 8))
-	}
+	faulty, e, s, a := stalledUploads(t)
 	before := shardFiles(t, e.cache[0])
 	wipeDir(t, e.cache[1])
 	eventually(t, 20*time.Second, "shards rebuilt in the wiped directory", func() bool {
