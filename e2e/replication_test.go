@@ -28,6 +28,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat/agent"
 	"github.com/lifeboat-dr/lifeboat/internal/azurite"
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
+	"github.com/lifeboat-dr/lifeboat/internal/channel"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/lifeboat-dr/lifeboat/internal/loopdev"
 	"github.com/lifeboat-dr/lifeboat/internal/pki"
@@ -539,7 +540,7 @@ func TestSecurity(t *testing.T) {
 
 	t.Run("corrupt frame", func(t *testing.T) {
 		mark := r.psLog.Len()
-		c, rd, w := dialAgent(t, r, ps.addr(), "m1")
+		_, rd, w := dialAgent(t, r, ps.addr(), "m1")
 		man := r.manifest("m1")
 		disk := man.Disk("d0")
 		var gen wire.Generation
@@ -576,7 +577,7 @@ func TestSecurity(t *testing.T) {
 			t.Fatal(err)
 		}
 		frame[wire.HeaderSize+1000] ^= 0x10
-		if _, err := c.Write(frame); err != nil {
+		if err := w.WriteRaw(frame); err != nil {
 			t.Fatal(err)
 		}
 		var errFrame *wire.Error
@@ -698,13 +699,19 @@ func runAgentBriefly(t *testing.T, cfg agent.ProtectConfig) error {
 }
 
 // dialAgent opens a valid mTLS connection as machine's agent.
-func dialAgent(t *testing.T, r *rig, addr, machine string) (*tls.Conn, *wire.Reader, *wire.Writer) {
+func dialAgent(t *testing.T, r *rig, addr, machine string) (net.Conn, *wire.Reader, *wire.Writer) {
 	t.Helper()
 	id, err := pki.Load(r.pki, machine)
 	if err != nil {
 		t.Fatal(err)
 	}
-	c, err := tls.DialWithDialer(&net.Dialer{Timeout: 10 * time.Second}, "tcp", addr, id.ClientTLS(addr, pki.RoleProcessServer))
+	raw, err := net.DialTimeout("tcp", addr, 10*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := channel.Client(ctx, raw, channel.Config(id.ClientTLS(addr, pki.RoleProcessServer)))
 	if err != nil {
 		t.Fatal(err)
 	}

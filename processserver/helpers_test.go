@@ -21,6 +21,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat/internal/azurite"
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore/azure"
+	"github.com/lifeboat-dr/lifeboat/internal/channel"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/lifeboat-dr/lifeboat/internal/pki"
 	"github.com/lifeboat-dr/lifeboat/internal/seal"
@@ -181,7 +182,7 @@ func (w testWriter) Write(p []byte) (int, error) {
 // agent is a fake agent speaking the wire protocol.
 type agent struct {
 	t      *testing.T
-	conn   *tls.Conn
+	conn   net.Conn // records (internal/channel), as agents speak
 	w      *wire.Writer
 	frames chan frame
 	sent   []byte // every Batch and Marker frame sent, as AppendFrame
@@ -194,14 +195,20 @@ type frame struct {
 	err     error
 }
 
-func dialAs(t *testing.T, pkiDir, name string, addr net.Addr) (*tls.Conn, error) {
+func dialAs(t *testing.T, pkiDir, name string, addr net.Addr) (net.Conn, error) {
 	id, err := pki.Load(pkiDir, name)
 	if err != nil {
 		t.Fatal(err)
 	}
-	d := &net.Dialer{Timeout: 5 * time.Second}
-	c, err := tls.DialWithDialer(d, "tcp", addr.String(), id.ClientTLS(addr.String(), pki.RoleProcessServer))
+	raw, err := net.DialTimeout("tcp", addr.String(), 5*time.Second)
 	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := channel.Client(ctx, raw, channel.Config(id.ClientTLS(addr.String(), pki.RoleProcessServer)))
+	if err != nil {
+		raw.Close()
 		return nil, err
 	}
 	// TLS 1.3: the server verifies the client certificate after the

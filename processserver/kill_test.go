@@ -129,7 +129,7 @@ func TestSIGKILLRestart(t *testing.T) {
 	// The agent resends what it holds from ResumeFrom on, then goes on.
 	for _, sb := range sent {
 		if sb.last >= d.ResumeFrom {
-			if _, err := b.conn.Write(sb.frame); err != nil {
+			if err := b.w.WriteRaw(sb.frame); err != nil {
 				t.Fatal(err)
 			}
 		}

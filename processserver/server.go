@@ -21,6 +21,7 @@ import (
 
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
 	"github.com/lifeboat-dr/lifeboat/internal/blockdev"
+	"github.com/lifeboat-dr/lifeboat/internal/channel"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/lifeboat-dr/lifeboat/internal/pki"
 	"github.com/lifeboat-dr/lifeboat/internal/seal"
@@ -125,7 +126,7 @@ func Start(ctx context.Context, c Config) (*Server, error) {
 		store:       cfg.Store,
 		cache:       ch,
 		recoveryKey: rk,
-		tlsConf:     id.ServerTLS(pki.RoleAgent),
+		tlsConf:     channel.Config(id.ServerTLS(pki.RoleAgent)),
 		machines:    make(map[string]*machine),
 		freeBufs:    make(chan *segBuf, 8),
 		scrubReq:    make(chan struct{}, 1),
@@ -622,6 +623,6 @@ func (s *Server) putBuf(b *segBuf) {
 	}
 }
 
-func peerIdentity(c *tls.Conn) (string, pki.Role, error) {
+func peerIdentity(c interface{ ConnectionState() tls.ConnectionState }) (string, pki.Role, error) {
 	return pki.PeerIdentity(c.ConnectionState())
 }

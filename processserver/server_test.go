@@ -177,7 +177,7 @@ func TestCorruptFrame(t *testing.T) {
 	p, _ := b.AppendBinary(nil)
 	f, _ := wire.AppendFrame(nil, wire.TypeBatch, 0, p)
 	f[wire.HeaderSize+100] ^= 0x10
-	if _, err := a.conn.Write(f); err != nil {
+	if err := a.w.WriteRaw(f); err != nil {
 		t.Fatal(err)
 	}
 	var got frame

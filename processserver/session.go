@@ -1,7 +1,6 @@
 package processserver
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
@@ -15,6 +14,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/lifeboat-dr/lifeboat/internal/channel"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/lifeboat-dr/lifeboat/internal/seal"
 	"github.com/lifeboat-dr/lifeboat/internal/wire"
@@ -39,8 +39,8 @@ type flushItem struct {
 // session serves one agent connection.
 type session struct {
 	s     *Server
-	conn  *tls.Conn
-	agent string // certificate name = machine name
+	conn  net.Conn // a *channel.Conn, or a *tls.Conn for an agent without records
+	agent string   // certificate name = machine name
 	log   *slog.Logger
 	m     *machine
 	r     *wire.Reader
@@ -79,25 +79,15 @@ type sumsReq struct {
 	sums wire.Sums
 }
 
-// bufferedConn reads its connection through a buffer: TLS asks for one
-// record (at most 16 KiB) at a time, which made a read syscall per record.
-type bufferedConn struct {
-	net.Conn
-	r *bufio.Reader
-}
-
-func (c bufferedConn) Read(p []byte) (int, error) { return c.r.Read(p) }
-
 func (s *Server) serveConn(ctx context.Context, raw net.Conn) {
 	defer s.conns.Done()
 	remote := raw.RemoteAddr().String()
-	conn := tls.Server(bufferedConn{raw, bufio.NewReaderSize(raw, 256<<10)}, s.tlsConf)
 	hctx, cancel := context.WithTimeout(ctx, helloTimeout)
-	err := conn.HandshakeContext(hctx)
+	conn, err := channel.Server(hctx, raw, s.tlsConf)
 	cancel()
 	if err != nil {
 		s.log.Warn("refused connection: TLS handshake failed (wrong certificate role or CA?)", logRemote, remote, logErr, err)
-		conn.Close()
+		raw.Close()
 		return
 	}
 	st := &session{
@@ -111,7 +101,7 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn) {
 	}
 	defer close(st.done)
 	defer st.close()
-	name, _, err := peerIdentity(conn)
+	name, _, err := peerIdentity(conn.(interface{ ConnectionState() tls.ConnectionState }))
 	if err != nil {
 		st.log.Warn("refused connection", logErr, err)
 		return

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/lifeboat-dr/lifeboat/internal/channel"
 	"github.com/lifeboat-dr/lifeboat/internal/wire"
 )
 
@@ -23,7 +24,7 @@ func (e *permanentError) Unwrap() error { return e.err }
 
 // session is one connection.
 type session struct {
-	conn   *tls.Conn
+	conn   net.Conn  // a *channel.Conn, or a *tls.Conn to a process server without records
 	cork   *corkConn // under conn
 	w      *wire.Writer
 	r      *wire.Reader
@@ -55,17 +56,23 @@ func (t *Target) connect(ctx context.Context) (*session, *wire.HelloAck, error) 
 		return nil, nil, fmt.Errorf("connect to process server %s: %w", t.cfg.Addr, err)
 	}
 	cork := &corkConn{Conn: raw}
-	conn := tls.Client(cork, t.cfg.TLS)
-	if err := conn.HandshakeContext(dctx); err != nil {
-		conn.Close()
+	conn, err := channel.Client(dctx, cork, t.cfg.TLS)
+	if err != nil {
+		raw.Close()
 		err = fmt.Errorf("TLS handshake with process server %s: %w", t.cfg.Addr, err)
 		if !transient(err) {
 			err = &permanentError{err}
 		}
 		return nil, nil, err
 	}
-	cork.start()
-	s := &session{conn: conn, cork: cork, w: wire.NewBufferedWriter(conn, cork.Flush), r: wire.NewReader(conn, 0)}
+	s := &session{conn: conn, cork: cork, r: wire.NewReader(conn, 0)}
+	if tc, ok := conn.(*tls.Conn); ok {
+		// Plain TLS: a record per 16 KiB, each its own write unless corked.
+		cork.start()
+		s.w = wire.NewBufferedWriter(tc, cork.Flush)
+	} else {
+		s.w = wire.NewWriter(conn) // a frame's records go out in one write
+	}
 	ack, err := t.hello(s)
 	if err != nil {
 		conn.Close()

@@ -30,6 +30,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/lifeboat-dr/lifeboat/internal/channel"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/lifeboat-dr/lifeboat/internal/wire"
 )
@@ -326,6 +327,7 @@ func newTarget(cfg Config) (*Target, error) {
 	if cfg.StateDir == "" {
 		return nil, errors.New("stream: a state directory is required")
 	}
+	cfg.TLS = channel.Config(cfg.TLS)
 	if cfg.BufferBytes <= 0 {
 		cfg.BufferBytes = DefaultBufferBytes
 	}

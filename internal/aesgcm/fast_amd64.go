@@ -26,6 +26,9 @@ func ghashBlocks(htab *[512]byte, acc *[16]byte, data *byte, n int)
 func decBulk(rk *[240]byte, htab *[512]byte, dst, src *byte, n int, ctr, acc *[16]byte)
 
 //go:noescape
+func encBlock(rk *[240]byte, dst, src *[16]byte)
+
+//go:noescape
 func encBulk(rk *[240]byte, htab *[512]byte, dst, src *byte, n int, ctr, acc *[16]byte)
 
 // round is what one turn of encBulk seals: 32 blocks.
@@ -37,14 +40,13 @@ const maxCall = 1 << 20
 type fastGCM struct {
 	htab  [512]byte    // H^32 … H^1 for GHASH (first: 64-byte loads stay in one cache line)
 	rk    [240]byte    // AES-256 round keys
-	block cipher.Block // crypto/aes, for the few single blocks
 }
 
-func newFast(key []byte, block cipher.Block) *fastGCM {
+func newFast(key []byte, _ cipher.Block) *fastGCM {
 	if !haveVAES {
 		return nil
 	}
-	f := &fastGCM{block: block}
+	f := &fastGCM{}
 	expandKey((*[32]byte)(key), &f.rk)
 	initTable(&f.rk, &f.htab)
 	return f
@@ -109,11 +111,11 @@ func (f *fastGCM) tail(out, in []byte, ctr, acc *[16]byte) {
 }
 
 // ctrTail XORs in with the key stream from ctr into out, a block at a
-// time with crypto/aes (the last bytes of a message, under a round).
+// time (the last bytes of a message, under a round).
 func (f *fastGCM) ctrTail(out, in []byte, ctr *[16]byte) {
 	var ks [16]byte
 	for i := 0; i < len(in); i += 16 {
-		f.block.Encrypt(ks[:], ctr[:])
+		encBlock(&f.rk, &ks, ctr)
 		binary.BigEndian.PutUint32(ctr[12:], binary.BigEndian.Uint32(ctr[12:])+1)
 		e := min(i+16, len(in))
 		subtle.XORBytes(out[i:e], in[i:e], ks[:e-i])
@@ -157,7 +159,7 @@ func (f *fastGCM) tag(dst *[16]byte, acc, j0 *[16]byte, aadLen, textLen int) {
 	ghashBlocks(&f.htab, acc, &lens[0], 1)
 	// acc is byte-reversed; the tag is its reverse XOR AES(K, J0).
 	var ks [16]byte
-	f.block.Encrypt(ks[:], j0[:])
+	encBlock(&f.rk, &ks, j0)
 	for i := range 16 {
 		dst[i] = acc[15-i] ^ ks[i]
 	}

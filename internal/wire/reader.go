@@ -20,26 +20,50 @@ const (
 // A Reader is not safe for concurrent use.
 type Reader struct {
 	br  *bufio.Reader
+	rec RecordReader // instead of br, for a stream of records
 	max int
 	hdr [HeaderSize]byte
-	buf []byte
-	err error
+	// scratch receives a header record: room for its tag.
+	scratch [HeaderSize + 32]byte
+	buf     []byte
+	err     error
+}
+
+// RecordReader is a stream of sealed records (internal/channel's Conn).
+// ReadRecord returns the next record's plaintext, opened in place in buf
+// when buf's capacity allows (buf[:cap(buf)] is scratch), else in a buffer
+// of its own valid until its next call; io.EOF between records.
+//
+// A Reader reads each frame from it as two records, the header and then
+// the payload (if any), as a Writer on a RecordWriter writes them: the
+// header is authenticated before the payload is read, and the payload is
+// opened where the caller wants it stored.
+type RecordReader interface {
+	ReadRecord(buf []byte) ([]byte, error)
 }
 
 // NewReader returns a Reader for r that rejects payloads larger than
 // maxPayload bytes; maxPayload <= 0 or > MaxPayload means MaxPayload. The
-// Reader buffers r, so it may read past the last frame it returns.
+// Reader buffers r, so it may read past the last frame it returns; an r
+// that is a RecordReader is read record by record instead.
 func NewReader(r io.Reader, maxPayload int) *Reader {
 	if maxPayload <= 0 || maxPayload > MaxPayload {
 		maxPayload = MaxPayload
 	}
+	if rr, ok := r.(RecordReader); ok {
+		return &Reader{rec: rr, max: maxPayload}
+	}
 	return &Reader{br: bufio.NewReaderSize(r, readBufferSize), max: maxPayload}
 }
 
-// Reset discards any state and makes the Reader read from r, keeping its
-// buffers.
+// Reset discards any state and makes the Reader read from rd, keeping its
+// buffers. rd is read as a byte stream, never as records.
 func (r *Reader) Reset(rd io.Reader) {
+	if r.br == nil {
+		r.br = bufio.NewReaderSize(rd, readBufferSize)
+	}
 	r.br.Reset(rd)
+	r.rec = nil
 	r.err = nil
 }
 
@@ -75,6 +99,9 @@ func (r *Reader) NextInto(room func(t Type, n int) []byte) (Frame, error) {
 }
 
 func (r *Reader) next(room func(t Type, n int) []byte) (Frame, error) {
+	if r.rec != nil {
+		return r.nextRecords(room)
+	}
 	h := r.hdr[:]
 	if _, err := io.ReadFull(r.br, h); err != nil {
 		if err == io.EOF {
@@ -82,31 +109,86 @@ func (r *Reader) next(room func(t Type, n int) []byte) (Frame, error) {
 		}
 		return Frame{}, readError("header", err)
 	}
+	t, n, err := r.checkHeader(h)
+	if err != nil {
+		return Frame{}, err
+	}
+	var p []byte
+	if buf := roomFor(room, t, n); buf != nil {
+		copy(buf, h)
+		p = buf[HeaderSize : HeaderSize+n]
+		_, err = io.ReadFull(r.br, p)
+	} else {
+		p, err = r.readPayload(n)
+	}
+	if err != nil {
+		return Frame{}, readError(t.String()+" payload", err)
+	}
+	return r.verify(t, n, p)
+}
+
+// nextRecords reads a frame as a header record and a payload record.
+func (r *Reader) nextRecords(room func(t Type, n int) []byte) (Frame, error) {
+	h, err := r.rec.ReadRecord(r.scratch[:0])
+	if err != nil {
+		return Frame{}, err
+	}
+	if len(h) != HeaderSize {
+		return Frame{}, fmt.Errorf("wire: a record of %d bytes where a %d-byte frame header belongs", len(h), HeaderSize)
+	}
+	copy(r.hdr[:], h)
+	t, n, err := r.checkHeader(r.hdr[:])
+	if err != nil {
+		return Frame{}, err
+	}
+	var p []byte
+	if n > 0 {
+		buf := roomFor(room, t, n)
+		if buf != nil {
+			p, err = r.rec.ReadRecord(buf[HeaderSize : HeaderSize+n])
+		} else {
+			p, err = r.rec.ReadRecord(r.buf[:0])
+		}
+		if err == io.EOF {
+			err = fmt.Errorf("%w: stream ended before the %s payload: %w", ErrTruncated, t, io.ErrUnexpectedEOF)
+		}
+		if err != nil {
+			return Frame{}, err
+		}
+		if len(p) != n {
+			return Frame{}, fmt.Errorf("wire: %s frame of %d bytes came in a record of %d", t, n, len(p))
+		}
+		if buf != nil {
+			copy(buf, r.hdr[:])
+			if &p[0] != &buf[HeaderSize] { // did not fit in place
+				p = buf[HeaderSize : HeaderSize+copy(buf[HeaderSize:], p)]
+			}
+		}
+	}
+	return r.verify(t, n, p)
+}
+
+// checkHeader checks a frame header and returns its type and length.
+func (r *Reader) checkHeader(h []byte) (Type, int, error) {
 	if m := le.Uint32(h[0:]); m != Magic {
-		return Frame{}, fmt.Errorf("%w (got %#08x, want %#08x)", ErrBadMagic, m, Magic)
+		return 0, 0, fmt.Errorf("%w (got %#08x, want %#08x)", ErrBadMagic, m, Magic)
 	}
 	if v := h[4]; v != Version {
-		return Frame{}, fmt.Errorf("%w %d (this build speaks version %d)", ErrVersion, v, Version)
+		return 0, 0, fmt.Errorf("%w %d (this build speaks version %d)", ErrVersion, v, Version)
 	}
 	t := Type(h[5])
 	n := le.Uint32(h[8:])
 	// Checked before any allocation: the length is not yet covered by a
 	// verified CRC.
 	if uint64(n) > uint64(r.max) {
-		return Frame{}, fmt.Errorf("%w: %s frame claims %d bytes, limit %d", ErrTooLarge, t, n, r.max)
+		return 0, 0, fmt.Errorf("%w: %s frame claims %d bytes, limit %d", ErrTooLarge, t, n, r.max)
 	}
-	var p []byte
-	var err error
-	if buf := roomFor(room, t, int(n)); buf != nil {
-		copy(buf, h)
-		p = buf[HeaderSize : HeaderSize+int(n)]
-		_, err = io.ReadFull(r.br, p)
-	} else {
-		p, err = r.readPayload(int(n))
-	}
-	if err != nil {
-		return Frame{}, readError(t.String()+" payload", err)
-	}
+	return t, int(n), nil
+}
+
+// verify checks the CRC of the frame whose header is r.hdr.
+func (r *Reader) verify(t Type, n int, p []byte) (Frame, error) {
+	h := r.hdr[:]
 	crc := crc32.Update(crc32.Update(0, castagnoli, h[:12]), castagnoli, p)
 	if want := le.Uint32(h[12:]); crc != want {
 		return Frame{}, fmt.Errorf("%w (%s frame of %d bytes: header says %#08x, computed %#08x)", ErrChecksum, t, n, want, crc)

@@ -38,16 +38,31 @@ var stagePool = sync.Pool{New: func() any {
 type Writer struct {
 	mu      sync.Mutex
 	w       io.Writer
+	rec     RecordWriter // w as a stream of records, or nil
 	commit  func() error // NewBufferedWriter's flush
 	vec     [][]byte
 	bufs    net.Buffers
 	scratch []byte // encodes control messages
+	one     [1][]byte // single
+	head    [1][]byte // writeRecords
 	err     error
 }
 
-// NewWriter returns a Writer that writes frames to w.
+// RecordWriter is a stream of sealed records (internal/channel's Conn):
+// AppendRecord seals the concatenation of parts as one record, which the
+// next Flush writes. A Writer writes each frame as two records, header
+// and payload (none for an empty payload), in one Flush; see
+// RecordReader.
+type RecordWriter interface {
+	AppendRecord(parts ...[]byte) error
+	Flush() error
+}
+
+// NewWriter returns a Writer that writes frames to w, as records if w is
+// a RecordWriter.
 func NewWriter(w io.Writer) *Writer {
-	return &Writer{w: w}
+	rw, _ := w.(RecordWriter)
+	return &Writer{w: w, rec: rw}
 }
 
 // NewBufferedWriter returns a Writer for a w that holds back what it is
@@ -97,7 +112,7 @@ func (w *Writer) WriteMarker(m Marker) error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.scratch, _ = m.AppendBinary(w.scratch[:0])
-	return w.writeLocked(TypeMarker, 0, [][]byte{w.scratch})
+	return w.writeLocked(TypeMarker, 0, w.single(w.scratch))
 }
 
 // WriteAck writes an Ack frame saying that every record up to and including
@@ -106,7 +121,7 @@ func (w *Writer) WriteAck(seq uint64) error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.scratch, _ = Ack{Seq: seq}.AppendBinary(w.scratch[:0])
-	return w.writeLocked(TypeAck, 0, [][]byte{w.scratch})
+	return w.writeLocked(TypeAck, 0, w.single(w.scratch))
 }
 
 // WriteBackpressure writes a Backpressure frame granting window bytes of
@@ -115,7 +130,7 @@ func (w *Writer) WriteBackpressure(window uint64) error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	w.scratch, _ = Backpressure{Window: window}.AppendBinary(w.scratch[:0])
-	return w.writeLocked(TypeBackpressure, 0, [][]byte{w.scratch})
+	return w.writeLocked(TypeBackpressure, 0, w.single(w.scratch))
 }
 
 // WriteError writes an Error frame. The sender should close the stream
@@ -132,7 +147,7 @@ func (w *Writer) writeMessage(t Type, appendTo func([]byte) ([]byte, error)) err
 		return fmt.Errorf("wire: encode %s: %w", t, err)
 	}
 	w.scratch = b
-	return w.writeLocked(t, 0, [][]byte{b})
+	return w.writeLocked(t, 0, w.single(b))
 }
 
 // writeLocked writes one frame. w.mu must be held.
@@ -156,6 +171,9 @@ func (w *Writer) writeLocked(t Type, flags uint16, parts [][]byte) error {
 		crc = crc32.Update(crc, castagnoli, p)
 	}
 	le.PutUint32(st[12:], crc)
+	if w.rec != nil {
+		return w.writeRecords(t, st, parts, n)
+	}
 
 	// Gather: runs of small pieces become one slice of st; large pieces go
 	// out by reference. st never reallocates (it is flushed when full), so
@@ -195,6 +213,43 @@ func (w *Writer) writeLocked(t Type, flags uint16, parts [][]byte) error {
 		}
 	}
 	return nil
+}
+
+// single returns b as the only part of a payload, without allocating:
+// a slice literal would escape through RecordWriter's interface call.
+func (w *Writer) single(b []byte) [][]byte {
+	w.one[0] = b
+	return w.one[:]
+}
+
+// WriteRaw writes frame, an encoded frame (header and payload), as it
+// is, unchecked: for tests that send a damaged frame.
+func (w *Writer) WriteRaw(frame []byte) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.err != nil {
+		return w.err
+	}
+	if w.rec == nil || len(frame) < HeaderSize {
+		_, err := w.w.Write(frame)
+		return err
+	}
+	return w.writeRecords(Type(frame[5]), frame[:HeaderSize], [][]byte{frame[HeaderSize:]}, len(frame)-HeaderSize)
+}
+
+func (w *Writer) writeRecords(t Type, hdr []byte, parts [][]byte, n int) error {
+	w.head[0] = hdr
+	err := w.rec.AppendRecord(w.head[:]...)
+	if err == nil && n > 0 {
+		err = w.rec.AppendRecord(parts...)
+	}
+	if err == nil {
+		err = w.rec.Flush()
+	}
+	if err != nil {
+		w.err = fmt.Errorf("wire: write %s frame: %w", t, err)
+	}
+	return w.err
 }
 
 func (w *Writer) flush(t Type, vec [][]byte) error {

@@ -6,6 +6,7 @@
 package streamtest
 
 import (
+	"context"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/tls"
@@ -18,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lifeboat-dr/lifeboat/internal/channel"
 	"github.com/lifeboat-dr/lifeboat/internal/pki"
 	"github.com/lifeboat-dr/lifeboat/internal/wire"
 )
@@ -58,10 +60,11 @@ type Server struct {
 	// connections). Set it before the agent connects.
 	Fault func(n int, first, last uint64) Fault
 
-	t  testing.TB
-	ln net.Listener
-	id *pki.Identity
-	wg sync.WaitGroup
+	t       testing.TB
+	ln      net.Listener
+	id      *pki.Identity
+	tlsConf *tls.Config
+	wg      sync.WaitGroup
 
 	mu         sync.Mutex
 	disks      map[string]*disk
@@ -82,6 +85,15 @@ type Server struct {
 	violations []string
 	ackedDups  int
 	closed     bool
+	plainTLS   bool
+}
+
+// SetPlainTLS makes the server, from its next connection, speak plain
+// TLS, as a process server that predates internal/channel's records does.
+func (s *Server) SetPlainTLS(plain bool) {
+	s.mu.Lock()
+	s.plainTLS = plain
+	s.mu.Unlock()
 }
 
 // New starts a server on 127.0.0.1 with a fresh PKI in t.TempDir() and
@@ -99,11 +111,12 @@ func New(t testing.TB) *Server {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := tls.Listen("tcp", "127.0.0.1:0", id.ServerTLS(pki.RoleAgent))
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := &Server{Addr: ln.Addr().String(), PKIDir: dir, t: t, ln: ln, id: id, disks: map[string]*disk{}}
+	s := &Server{Addr: ln.Addr().String(), PKIDir: dir, t: t, ln: ln, id: id, disks: map[string]*disk{},
+		tlsConf: channel.Config(id.ServerTLS(pki.RoleAgent))}
 	s.wg.Add(1)
 	go s.accept()
 	t.Cleanup(s.Close)
@@ -290,17 +303,25 @@ func (s *Server) accept() {
 		go func() {
 			defer s.wg.Done()
 			defer c.Close()
-			if err := s.serve(c.(*tls.Conn)); err != nil && !errors.Is(err, io.EOF) {
+			if err := s.serve(c); err != nil && !errors.Is(err, io.EOF) {
 				s.t.Logf("fake process server: %v", err)
 			}
 		}()
 	}
 }
 
-func (s *Server) serve(c *tls.Conn) error {
-	if err := c.Handshake(); err != nil {
+func (s *Server) serve(raw net.Conn) error {
+	s.mu.Lock()
+	cfg := s.tlsConf
+	if s.plainTLS {
+		cfg = s.id.ServerTLS(pki.RoleAgent)
+	}
+	s.mu.Unlock()
+	c, err := channel.Server(context.Background(), raw, cfg)
+	if err != nil {
 		return err
 	}
+	defer c.Close()
 	r := wire.NewReader(c, 0)
 	w := wire.NewWriter(c)
 	f, err := r.Next()

@@ -1,0 +1,355 @@
+package channel_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/channel"
+	"github.com/lifeboat-dr/lifeboat/internal/pki"
+	"github.com/lifeboat-dr/lifeboat/internal/wire"
+)
+
+// ids returns a process server and an agent identity of one CA.
+func ids(t testing.TB) (ps, agent *pki.Identity) {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "pki")
+	if err := pki.Init(dir); err != nil {
+		t.Fatal(err)
+	}
+	for name, role := range map[string]pki.Role{"ps": pki.RoleProcessServer, "m1": pki.RoleAgent} {
+		if err := pki.Issue(dir, name, role); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ps, err := pki.Load(dir, "ps")
+	if err != nil {
+		t.Fatal(err)
+	}
+	agent, err = pki.Load(dir, "m1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ps, agent
+}
+
+type result struct {
+	conn net.Conn
+	err  error
+}
+
+// pair connects a client and a server over loopback TCP, each end
+// running the handshake of channel (or of plain crypto/tls where its
+// config is not channel.Config's). wrap, if set, wraps the client's TCP
+// connection.
+func pair(t testing.TB, serverCfg, clientCfg *tls.Config, wrap func(net.Conn) net.Conn) (client, server net.Conn, serverErr error) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	done := make(chan result, 1)
+	go func() {
+		raw, err := ln.Accept()
+		if err != nil {
+			done <- result{err: err}
+			return
+		}
+		c, err := channel.Server(ctx, raw, serverCfg)
+		if err != nil {
+			raw.Close()
+		}
+		done <- result{c, err}
+	}()
+	raw, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if wrap != nil {
+		raw = wrap(raw)
+	}
+	client, err = channel.Client(ctx, raw, clientCfg)
+	if err != nil {
+		t.Fatalf("client handshake: %v", err)
+	}
+	r := <-done
+	t.Cleanup(func() {
+		client.Close()
+		if r.conn != nil {
+			r.conn.Close()
+		}
+	})
+	return client, r.conn, r.err
+}
+
+func records(t testing.TB) (client, server net.Conn) {
+	t.Helper()
+	ps, agent := ids(t)
+	c, s, err := pair(t, channel.Config(ps.ServerTLS(pki.RoleAgent)), channel.Config(agent.ClientTLS("127.0.0.1", pki.RoleProcessServer)), nil)
+	if err != nil {
+		t.Fatalf("server handshake: %v", err)
+	}
+	return c, s
+}
+
+func payload(n int, seed byte) []byte {
+	p := make([]byte, n)
+	for i := range p {
+		p[i] = seed + byte(i*7+i>>8)
+	}
+	return p
+}
+
+// TestFramesRoundTrip sends frames of many sizes both ways as records;
+// the large ones are opened in place in the buffer the reader's caller
+// gives (as the process server's open segment is).
+func TestFramesRoundTrip(t *testing.T) {
+	c, s := records(t)
+	if _, ok := c.(*channel.Conn); !ok {
+		t.Fatalf("client got %T, want records", c)
+	}
+	if _, ok := s.(*channel.Conn); !ok {
+		t.Fatalf("server got %T, want records", s)
+	}
+	if cs := s.(*channel.Conn).ConnectionState(); len(cs.PeerCertificates) == 0 || cs.PeerCertificates[0].Subject.CommonName != "m1" {
+		t.Fatalf("server sees peer %v, want m1's certificate", cs.PeerCertificates)
+	}
+	sizes := []int{0, 1, 15, 16, 17, 511, 4 << 10, 64<<10 + 3, 1 << 20, wire.MaxPayload}
+	go func() {
+		w := wire.NewWriter(c)
+		for i, n := range sizes {
+			if err := w.WriteFrame(wire.TypeBatch, uint16(i), payload(n, byte(i))); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	}()
+	r := wire.NewReader(s, 0)
+	seg := make([]byte, 0, 40<<20)
+	for i, n := range sizes {
+		var into []byte
+		f, err := r.NextInto(func(_ wire.Type, n int) []byte {
+			if i%2 == 1 { // odd frames: no room offered
+				return nil
+			}
+			into = seg[len(seg) : len(seg)+wire.HeaderSize+n]
+			return into
+		})
+		if err != nil {
+			t.Fatalf("frame %d (%d bytes): %v", i, n, err)
+		}
+		if f.Flags != uint16(i) || !bytes.Equal(f.Payload, payload(n, byte(i))) {
+			t.Fatalf("frame %d: flags %d, %d bytes, want %d bytes as sent", i, f.Flags, len(f.Payload), n)
+		}
+		if into != nil && n > 0 {
+			if &f.Payload[0] != &into[wire.HeaderSize] {
+				t.Fatalf("frame %d was not opened in the caller's buffer", i)
+			}
+			seg = seg[:len(seg)+wire.HeaderSize+n]
+		}
+	}
+	// And back: acks from the server.
+	w := wire.NewWriter(s)
+	for seq := range uint64(3) {
+		if err := w.WriteAck(seq); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cr := wire.NewReader(c, 0)
+	for seq := range uint64(3) {
+		f, err := cr.Next()
+		var a wire.Ack
+		if err != nil || f.Type != wire.TypeAck || a.UnmarshalBinary(f.Payload) != nil || a.Seq != seq {
+			t.Fatalf("ack %d: %v %v %+v", seq, f.Type, err, a)
+		}
+	}
+	// A close between frames reads as the end of the stream.
+	c.Close()
+	if _, err := r.Next(); err != io.EOF {
+		t.Fatalf("after the client closed: %v, want io.EOF", err)
+	}
+}
+
+// TestPlainTLSPeers: an end that does not offer or accept records gets
+// plain TLS, and frames still flow.
+func TestPlainTLSPeers(t *testing.T) {
+	ps, agent := ids(t)
+	withRecords := func(cfg *tls.Config) *tls.Config { return channel.Config(cfg) }
+	plain := func(cfg *tls.Config) *tls.Config { return cfg }
+	for _, tc := range []struct {
+		name           string
+		server, client func(*tls.Config) *tls.Config
+	}{
+		{"old agent", withRecords, plain},
+		{"old process server", plain, withRecords},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, s, err := pair(t, tc.server(ps.ServerTLS(pki.RoleAgent)), tc.client(agent.ClientTLS("127.0.0.1", pki.RoleProcessServer)), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, ok := c.(*tls.Conn); !ok {
+				t.Fatalf("client got %T, want *tls.Conn", c)
+			}
+			if _, ok := s.(*tls.Conn); !ok {
+				t.Fatalf("server got %T, want *tls.Conn", s)
+			}
+			go wire.NewWriter(c).WriteFrame(wire.TypeBatch, 0, payload(100<<10, 3))
+			f, err := wire.NewReader(s, 0).Next()
+			if err != nil || !bytes.Equal(f.Payload, payload(100<<10, 3)) {
+				t.Fatalf("frame over plain TLS: %v", err)
+			}
+		})
+	}
+}
+
+// tamper is the client's TCP connection with a man in the middle: it
+// changes what the client writes once armed.
+type tamper struct {
+	net.Conn
+	mu     sync.Mutex
+	armed  bool
+	change func(w []byte) []byte
+}
+
+func (c *tamper) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	armed, change := c.armed, c.change
+	c.mu.Unlock()
+	if armed {
+		if _, err := c.Conn.Write(change(bytes.Clone(p))); err != nil {
+			return 0, err
+		}
+		return len(p), nil
+	}
+	return c.Conn.Write(p)
+}
+
+func (c *tamper) arm() {
+	c.mu.Lock()
+	c.armed = true
+	c.mu.Unlock()
+}
+
+// TestTamperedRecords: a record changed, replayed or dropped in transit
+// fails authentication; nothing of it reaches the reader.
+func TestTamperedRecords(t *testing.T) {
+	ps, agent := ids(t)
+	var last []byte // the previous write, for a replay
+	for _, tc := range []struct {
+		name   string
+		change func(w []byte) []byte
+	}{
+		{"bit flipped in a payload", func(w []byte) []byte { w[len(w)/2] ^= 0x10; return w }},
+		{"bit flipped in a length", func(w []byte) []byte { w[3] ^= 0x01; return w }},
+		{"bit flipped in a tag", func(w []byte) []byte { w[len(w)-1] ^= 0x80; return w }},
+		{"record replayed", func(w []byte) []byte {
+			if last == nil {
+				last = w
+				return w
+			}
+			return last
+		}},
+		{"frame dropped", func(w []byte) []byte {
+			if last == nil {
+				last = w
+				return nil
+			}
+			return w
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			last = nil
+			tm := &tamper{change: tc.change}
+			c, s, err := pair(t, channel.Config(ps.ServerTLS(pki.RoleAgent)), channel.Config(agent.ClientTLS("127.0.0.1", pki.RoleProcessServer)),
+				func(raw net.Conn) net.Conn { tm.Conn = raw; return tm })
+			if err != nil {
+				t.Fatal(err)
+			}
+			tm.arm()
+			w := wire.NewWriter(c)
+			go func() {
+				w.WriteFrame(wire.TypeBatch, 0, payload(8<<10, 1))
+				w.WriteFrame(wire.TypeBatch, 0, payload(8<<10, 2))
+			}()
+			s.SetReadDeadline(time.Now().Add(10 * time.Second))
+			r := wire.NewReader(s, 0)
+			var err2 error
+			for range 2 {
+				var f wire.Frame
+				if f, err2 = r.Next(); err2 != nil {
+					break
+				}
+				if !bytes.Equal(f.Payload, payload(8<<10, 1)) {
+					t.Fatalf("reader got a frame that was not sent first")
+				}
+			}
+			if !errors.Is(err2, channel.ErrAuth) && !strings.Contains(err2.Error(), "limit") {
+				t.Fatalf("tampered stream: %v, want an authentication failure", err2)
+			}
+			t.Logf("reader: %v", err2)
+		})
+	}
+}
+
+// TestRefusedCertificate: a server that refuses the client's certificate
+// does so after the client's handshake is over; the client's first read
+// says why, as it would over plain TLS.
+func TestRefusedCertificate(t *testing.T) {
+	ps, _ := ids(t)
+	_, other := ids(t) // an agent of another CA
+	cfg := other.ClientTLS("127.0.0.1", pki.RoleProcessServer)
+	cfg.VerifyConnection = nil // trusts any server (InsecureSkipVerify is set)
+	c, _, err := pair(t, channel.Config(ps.ServerTLS(pki.RoleAgent)), channel.Config(cfg), nil)
+	if err == nil {
+		t.Fatal("server accepted an agent of another CA")
+	}
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	_, err = wire.NewReader(c, 0).Next()
+	var oe *net.OpError
+	if !errors.As(err, &oe) || oe.Op != "remote error" || !strings.Contains(err.Error(), "certificate") {
+		t.Fatalf("client read: %v, want the server's TLS alert", err)
+	}
+	t.Logf("client: %v", err)
+}
+
+// TestSteadyStateAllocs: a batch and its ack cost no allocation once the
+// buffers have grown.
+func TestSteadyStateAllocs(t *testing.T) {
+	c, s := records(t)
+	cw, cr := wire.NewWriter(c), wire.NewReader(c, 0)
+	sw, sr := wire.NewWriter(s), wire.NewReader(s, 0)
+	p := payload(256<<10, 9)
+	parts := [][]byte{p} // WriteFrame(…, p) would allocate the slice
+	seg := make([]byte, wire.HeaderSize+len(p)+64)
+	room := func(_ wire.Type, n int) []byte { return seg[:wire.HeaderSize+n] }
+	roundTrip := func() {
+		if err := cw.WriteFrame(wire.TypeBatch, 0, parts...); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := sr.NextInto(room); err != nil {
+			t.Fatal(err)
+		}
+		if err := sw.WriteAck(1); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := cr.Next(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	roundTrip()
+	if n := testing.AllocsPerRun(20, roundTrip); n != 0 {
+		t.Fatalf("%v allocations per round trip, want 0", n)
+	}
+}
