@@ -195,7 +195,17 @@ type frame struct {
 	err     error
 }
 
+// dialOpts changes how a test agent connects.
+type dialOpts struct {
+	plainTLS bool                    // as an agent that predates records does
+	wrap     func(net.Conn) net.Conn // its TCP connection, e.g. to tamper with it
+}
+
 func dialAs(t *testing.T, pkiDir, name string, addr net.Addr) (net.Conn, error) {
+	return dialAsWith(t, pkiDir, name, addr, dialOpts{})
+}
+
+func dialAsWith(t *testing.T, pkiDir, name string, addr net.Addr, o dialOpts) (net.Conn, error) {
 	id, err := pki.Load(pkiDir, name)
 	if err != nil {
 		t.Fatal(err)
@@ -204,9 +214,16 @@ func dialAs(t *testing.T, pkiDir, name string, addr net.Addr) (net.Conn, error) 
 	if err != nil {
 		return nil, err
 	}
+	if o.wrap != nil {
+		raw = o.wrap(raw)
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	c, err := channel.Client(ctx, raw, channel.Config(id.ClientTLS(addr.String(), pki.RoleProcessServer)))
+	cfg := id.ClientTLS(addr.String(), pki.RoleProcessServer)
+	if !o.plainTLS {
+		cfg = channel.Config(cfg)
+	}
+	c, err := channel.Client(ctx, raw, cfg)
 	if err != nil {
 		raw.Close()
 		return nil, err
@@ -223,7 +240,12 @@ func dialAgent(t *testing.T, e *env, s *Server, name string) *agent {
 
 func dialAgentAddr(t *testing.T, e *env, addr net.Addr, name string) *agent {
 	t.Helper()
-	c, err := dialAs(t, e.pki, name, addr)
+	return dialAgentWith(t, e, addr, name, dialOpts{})
+}
+
+func dialAgentWith(t *testing.T, e *env, addr net.Addr, name string, o dialOpts) *agent {
+	t.Helper()
+	c, err := dialAsWith(t, e.pki, name, addr, o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -421,6 +443,25 @@ func durableSeq(t *testing.T, store blobstore.Store, machine string) uint64 {
 		t.Fatal(err)
 	}
 	return man.DurableSeq
+}
+
+// tamperConn changes one byte in the middle of the next write once armed,
+// as a man in the middle would.
+type tamperConn struct {
+	net.Conn
+	armed atomic.Bool
+}
+
+func (c *tamperConn) Write(p []byte) (int, error) {
+	if c.armed.CompareAndSwap(true, false) {
+		q := bytes.Clone(p)
+		q[len(q)/2] ^= 0x10
+		if _, err := c.Conn.Write(q); err != nil {
+			return 0, err
+		}
+		return len(p), nil
+	}
+	return c.Conn.Write(p)
 }
 
 // tlsDialForeign connects with other's m1 certificate, trusting any server.

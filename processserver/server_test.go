@@ -3,8 +3,10 @@ package processserver
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io/fs"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -16,6 +18,7 @@ import (
 
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore/blobstoretest"
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore/mem"
+	"github.com/lifeboat-dr/lifeboat/internal/channel"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/lifeboat-dr/lifeboat/internal/pki"
 	"github.com/lifeboat-dr/lifeboat/internal/wire"
@@ -202,6 +205,66 @@ func TestCorruptFrame(t *testing.T) {
 	}
 	if ids, _ := s.cache.List("m1"); len(ids) != 0 {
 		t.Fatalf("cache holds %v", ids)
+	}
+}
+
+// TestTamperedRecord: a batch changed in transit (one bit of the record
+// carrying it) fails authentication: the process server says so, closes
+// the connection and caches nothing of it.
+func TestTamperedRecord(t *testing.T) {
+	store := mem.New()
+	e := newEnv(t, store, 2)
+	e.segAge = 50 * time.Millisecond
+	s := e.start()
+	tc := &tamperConn{}
+	a := dialAgentWith(t, e, s.Addr(), "m1", dialOpts{wrap: func(c net.Conn) net.Conn { tc.Conn = c; return tc }})
+	if _, ok := a.conn.(*channel.Conn); !ok {
+		t.Fatalf("agent connection is %T, want records", a.conn)
+	}
+	a.hello("m1", disk0)
+	a.waitAck(a.batch(1, 4))
+	good := bytes.Clone(a.sent)
+	tc.armed.Store(true)
+	a.batch(5, 4)
+	var got frame
+	for got = a.next(10 * time.Second); got.err == nil && got.typ != wire.TypeError; got = a.next(10 * time.Second) {
+	}
+	var we wire.Error
+	if got.err != nil || we.UnmarshalBinary(got.payload) != nil || we.Code != wire.CodeProtocol || !strings.Contains(we.Message, "authentication") {
+		t.Fatalf("want a protocol Error frame naming the failed authentication, got %s %v %+v", got.typ, got.err, we)
+	}
+	if got = a.next(10 * time.Second); got.err == nil {
+		t.Fatalf("connection still open after the error: %s", got.typ)
+	}
+	if !strings.Contains(e.logs.String(), "record failed authentication") {
+		t.Errorf("log lacks the authentication failure:\n%s", e.logs)
+	}
+	eventually(t, 10*time.Second, "upload", func() bool { return durableSeq(t, store, "m1") >= 4 })
+	time.Sleep(200 * time.Millisecond)
+	plain, _, man := journal(t, store, e.rk, "m1")
+	if !bytes.Equal(plain, good) || man.DurableSeq != 4 {
+		t.Fatalf("journal %d bytes durable_seq %d, want only the batch before the tampered one", len(plain), man.DurableSeq)
+	}
+}
+
+// TestPlainTLSAgent: an agent that predates records (no ALPN) streams
+// over plain TLS, and its journal is what it sent.
+func TestPlainTLSAgent(t *testing.T) {
+	store := mem.New()
+	e := newEnv(t, store, 2)
+	e.segAge = 50 * time.Millisecond
+	s := e.start()
+	a := dialAgentWith(t, e, s.Addr(), "m1", dialOpts{plainTLS: true})
+	if _, ok := a.conn.(*tls.Conn); !ok {
+		t.Fatalf("agent connection is %T, want plain TLS", a.conn)
+	}
+	a.hello("m1", disk0)
+	a.batch(1, 4)
+	a.waitAck(a.batch(5, 64))
+	eventually(t, 10*time.Second, "upload", func() bool { return durableSeq(t, store, "m1") >= 68 })
+	plain, _, _ := journal(t, store, e.rk, "m1")
+	if !bytes.Equal(plain, a.sent) {
+		t.Fatalf("journal of %d bytes differs from the %d bytes sent", len(plain), len(a.sent))
 	}
 }
 

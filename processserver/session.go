@@ -641,7 +641,7 @@ func (st *session) protocolError(msg string) {
 func (st *session) readFailed(err error) {
 	switch {
 	case errors.Is(err, wire.ErrChecksum), errors.Is(err, wire.ErrBadMagic), errors.Is(err, wire.ErrVersion),
-		errors.Is(err, wire.ErrTooLarge), errors.Is(err, wire.ErrMalformed):
+		errors.Is(err, wire.ErrTooLarge), errors.Is(err, wire.ErrMalformed), errors.Is(err, channel.ErrAuth):
 		st.corrupt(err)
 	case st.cause() != nil:
 		st.log.Info("connection closed", logErr, st.cause())

@@ -103,6 +103,7 @@ func transient(err error) bool {
 		return oe.Op != "remote error"
 	}
 	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, wire.ErrTruncated) ||
+		errors.Is(err, channel.ErrAuth) || // damaged in transit, as a TLS "bad record MAC" was
 		errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled)
 }
 

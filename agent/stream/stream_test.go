@@ -165,6 +165,49 @@ func TestReconnectResendsOnlyUnacknowledged(t *testing.T) {
 	}
 }
 
+// An agent streams to a process server that predates records over plain
+// TLS, and to one that has them in records, across a reconnect from the
+// one to the other: nothing lost, nothing twice.
+func TestPlainTLSThenRecords(t *testing.T) {
+	srv := streamtest.New(t)
+	srv.SetPlainTLS(true)
+	srv.Fault = func(n int, first, last uint64) streamtest.Fault {
+		if n == 6 {
+			srv.SetPlainTLS(false) // the next connection gets records
+			return streamtest.DropBeforeStore
+		}
+		return streamtest.Store
+	}
+	const size = 4 << 20
+	cfg := config(t, srv, t.TempDir(), size)
+	cfg.FlushBytes = 64 << 10
+	tg := dial(t, cfg)
+	rng := rand.New(rand.NewPCG(3, 4))
+	want := make([]byte, size)
+	const n = 200
+	for i := range n {
+		off := int64(rng.IntN(size/4096-16)) * 4096
+		p := randBytes(rng, 4096*(1+rng.IntN(16)))
+		if err := tg.WriteAt(0, p, off); err != nil {
+			t.Fatal(err)
+		}
+		copy(want[off:], p)
+		if i%20 == 0 {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if got := srv.Records(); len(got) != 2 || got[0] || !got[1] {
+		t.Fatalf("connections carried records: %v, want [false true] (plain TLS, then records)", got)
+	}
+	checkStream(t, srv, 1, n)
+	if !bytes.Equal(srv.Image(cfg.Disks[0].Name), want) {
+		t.Fatal("the server's image differs from what was written")
+	}
+}
+
 // Time markers flow at least every second on an idle stream, carry the
 // last record's sequence, and make the RPO small.
 func TestTimeMarkersOnIdleStream(t *testing.T) {

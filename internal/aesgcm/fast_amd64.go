@@ -38,8 +38,8 @@ const round = 512
 const maxCall = 1 << 20
 
 type fastGCM struct {
-	htab  [512]byte    // H^32 … H^1 for GHASH (first: 64-byte loads stay in one cache line)
-	rk    [240]byte    // AES-256 round keys
+	htab [512]byte // H^32 … H^1 for GHASH (first: 64-byte loads stay in one cache line)
+	rk   [240]byte // AES-256 round keys
 }
 
 func newFast(key []byte, _ cipher.Block) *fastGCM {

@@ -59,7 +59,7 @@ const (
 // ErrAuth is returned for a record that fails authentication: it was
 // changed, reordered or replayed in transit, or the peer does not hold
 // the keys.
-var ErrAuth = errors.New("channel: record failed authentication (changed or replayed in transit)")
+var ErrAuth = errors.New("channel: record failed authentication (changed, replayed or cut in transit)")
 
 // Config returns a copy of cfg that offers (client) or accepts (server)
 // the record layer. Session tickets are turned off: a server would send
@@ -87,7 +87,7 @@ func Server(ctx context.Context, raw net.Conn, cfg *tls.Config) (net.Conn, error
 }
 
 func handshake(ctx context.Context, raw net.Conn, cfg *tls.Config, server bool) (net.Conn, error) {
-	hs := &handshakeConn{Conn: raw, br: bufio.NewReaderSize(raw, readBuffer)}
+	hs := &handshakeConn{Conn: raw, br: bufioReader(raw)}
 	var t *tls.Conn
 	if server {
 		t = tls.Server(hs, cfg)
@@ -111,15 +111,25 @@ func handshake(ctx context.Context, raw net.Conn, cfg *tls.Config, server bool) 
 	}
 	defer clear(km)
 	const k, n = aesgcm.KeySize, aesgcm.NonceSize
-	c := &Conn{raw: raw, tls: t, br: hs.br}
-	up, down := &c.in, &c.out // client → server, server → client
-	if !server {
-		up, down = down, up
+	up := keys{km[:k], km[2*k : 2*k+n]}   // client → server
+	down := keys{km[k : 2*k], km[2*k+n:]} // server → client
+	if server {
+		return newConn(raw, t, hs.br, up, down)
 	}
-	if err := up.init(km[:k], km[2*k:2*k+n]); err != nil {
+	return newConn(raw, t, hs.br, down, up)
+}
+
+func bufioReader(raw net.Conn) *bufio.Reader { return bufio.NewReaderSize(raw, readBuffer) }
+
+// keys are one direction's key and IV.
+type keys struct{ key, iv []byte }
+
+func newConn(raw net.Conn, t *tls.Conn, br *bufio.Reader, in, out keys) (*Conn, error) {
+	c := &Conn{raw: raw, tls: t, br: br}
+	if err := c.in.init(in.key, in.iv); err != nil {
 		return nil, err
 	}
-	if err := down.init(km[k:2*k], km[2*k+n:]); err != nil {
+	if err := c.out.init(out.key, out.iv); err != nil {
 		return nil, err
 	}
 	return c, nil
@@ -208,6 +218,9 @@ type Conn struct {
 	werr error
 }
 
+// Format prints no key material, whatever the verb.
+func (c *Conn) Format(f fmt.State, _ rune) { fmt.Fprintf(f, "channel.Conn(%s)", c.raw.RemoteAddr()) }
+
 // ConnectionState is the TLS handshake's.
 func (c *Conn) ConnectionState() tls.ConnectionState { return c.tls.ConnectionState() }
 
@@ -244,7 +257,7 @@ func (c *Conn) readRecord(buf []byte) ([]byte, error) {
 	}
 	n := int(binary.BigEndian.Uint32(h))
 	if n > MaxRecord {
-		return nil, fmt.Errorf("channel: record of %d bytes, limit %d (corrupt stream)", n, MaxRecord)
+		return nil, fmt.Errorf("%w: record %d claims %d bytes, limit %d", ErrAuth, c.in.seq, n, MaxRecord)
 	}
 	copy(c.aad[:], h)
 	c.br.Discard(headerSize)
@@ -279,6 +292,9 @@ func (c *Conn) readRecord(buf []byte) ([]byte, error) {
 // tlsError reads the TLS record at hand through crypto/tls, which says
 // what it was ("remote error: tls: …").
 func (c *Conn) tlsError() error {
+	if c.tls == nil {
+		return fmt.Errorf("%w: a TLS record where a record belongs", ErrAuth)
+	}
 	var one [1]byte
 	if _, err := c.tls.Read(one[:]); err != nil {
 		return err

@@ -134,7 +134,7 @@ func (r *Reader) nextRecords(room func(t Type, n int) []byte) (Frame, error) {
 		return Frame{}, err
 	}
 	if len(h) != HeaderSize {
-		return Frame{}, fmt.Errorf("wire: a record of %d bytes where a %d-byte frame header belongs", len(h), HeaderSize)
+		return Frame{}, fmt.Errorf("%w: a record of %d bytes where a %d-byte frame header belongs", ErrMalformed, len(h), HeaderSize)
 	}
 	copy(r.hdr[:], h)
 	t, n, err := r.checkHeader(r.hdr[:])
@@ -156,7 +156,7 @@ func (r *Reader) nextRecords(room func(t Type, n int) []byte) (Frame, error) {
 			return Frame{}, err
 		}
 		if len(p) != n {
-			return Frame{}, fmt.Errorf("wire: %s frame of %d bytes came in a record of %d", t, n, len(p))
+			return Frame{}, fmt.Errorf("%w: %s frame of %d bytes came in a record of %d", ErrMalformed, t, n, len(p))
 		}
 		if buf != nil {
 			copy(buf, r.hdr[:])

@@ -42,7 +42,7 @@ type Writer struct {
 	commit  func() error // NewBufferedWriter's flush
 	vec     [][]byte
 	bufs    net.Buffers
-	scratch []byte // encodes control messages
+	scratch []byte    // encodes control messages
 	one     [1][]byte // single
 	head    [1][]byte // writeRecords
 	err     error

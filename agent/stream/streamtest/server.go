@@ -16,6 +16,7 @@ import (
 	"net"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -85,16 +86,13 @@ type Server struct {
 	violations []string
 	ackedDups  int
 	closed     bool
-	plainTLS   bool
+	plainTLS   atomic.Bool // may be set from Fault, which runs under mu
+	withRecs   []bool // per connection: it carried records
 }
 
 // SetPlainTLS makes the server, from its next connection, speak plain
 // TLS, as a process server that predates internal/channel's records does.
-func (s *Server) SetPlainTLS(plain bool) {
-	s.mu.Lock()
-	s.plainTLS = plain
-	s.mu.Unlock()
-}
+func (s *Server) SetPlainTLS(plain bool) { s.plainTLS.Store(plain) }
 
 // New starts a server on 127.0.0.1 with a fresh PKI in t.TempDir() and
 // stops it in t.Cleanup.
@@ -273,6 +271,14 @@ func (s *Server) Hellos() []wire.Hello {
 	return append([]wire.Hello(nil), s.hellos...)
 }
 
+// Records tells, for each connection whose handshake succeeded, whether
+// it carried internal/channel's records (else plain TLS).
+func (s *Server) Records() []bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]bool(nil), s.withRecs...)
+}
+
 // Conns is the number of connections accepted.
 func (s *Server) Conns() int {
 	s.mu.Lock()
@@ -311,17 +317,19 @@ func (s *Server) accept() {
 }
 
 func (s *Server) serve(raw net.Conn) error {
-	s.mu.Lock()
 	cfg := s.tlsConf
-	if s.plainTLS {
+	if s.plainTLS.Load() {
 		cfg = s.id.ServerTLS(pki.RoleAgent)
 	}
-	s.mu.Unlock()
 	c, err := channel.Server(context.Background(), raw, cfg)
 	if err != nil {
 		return err
 	}
 	defer c.Close()
+	_, recs := c.(*channel.Conn)
+	s.mu.Lock()
+	s.withRecs = append(s.withRecs, recs)
+	s.mu.Unlock()
 	r := wire.NewReader(c, 0)
 	w := wire.NewWriter(c)
 	f, err := r.Next()
