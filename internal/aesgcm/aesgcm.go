@@ -61,8 +61,26 @@ var errOpen = errors.New("cipher: message authentication failed")
 // ciphertext[:0]. On failure it returns an error and appends nothing (the
 // bytes it had written are cleared).
 func (g *GCM) Open(dst, nonce, ciphertext, aad []byte) ([]byte, error) {
+	return g.OpenChunks(dst, nonce, ciphertext, aad, 0, nil)
+}
+
+// OpenChunks is Open that calls fn with each successive piece of the
+// plaintext, chunk bytes long (a multiple of 512; the last piece may be
+// shorter), in order, as soon as it is decrypted, while it is in the CPU
+// cache: for work that reads every byte anyway (a checksum). fn sees the
+// plaintext before the tag is checked; if Open then fails, whatever fn
+// made of it must be dropped. Without the fast path the message is opened
+// first and then handed out in pieces.
+func (g *GCM) OpenChunks(dst, nonce, ciphertext, aad []byte, chunk int, fn func([]byte)) ([]byte, error) {
+	if fn != nil && (chunk <= 0 || chunk%512 != 0) {
+		panic(errors.New("aesgcm: chunk must be a positive multiple of 512"))
+	}
 	if g.fast == nil {
-		return g.std.Open(dst, nonce, ciphertext, aad)
+		out, err := g.std.Open(dst, nonce, ciphertext, aad)
+		if err == nil && fn != nil {
+			pieces(out[len(dst):], chunk, fn)
+		}
+		return out, err
 	}
 	if len(nonce) != NonceSize {
 		panic("aesgcm: incorrect nonce length")
@@ -70,11 +88,20 @@ func (g *GCM) Open(dst, nonce, ciphertext, aad []byte) ([]byte, error) {
 	if len(ciphertext) < Overhead || uint64(len(ciphertext)) > (1<<32-2)*16+Overhead {
 		return nil, errOpen
 	}
-	out, ok := g.fast.open(dst, nonce, ciphertext, aad)
+	out, ok := g.fast.open(dst, nonce, ciphertext, aad, chunk, fn)
 	if !ok {
 		return nil, errOpen
 	}
 	return out, nil
+}
+
+// pieces calls fn with p, chunk bytes at a time.
+func pieces(p []byte, chunk int, fn func([]byte)) {
+	for len(p) > 0 {
+		n := min(chunk, len(p))
+		fn(p[:n:n])
+		p = p[n:]
+	}
 }
 
 // Seal is cipher.AEAD's Seal: it appends the ciphertext of plaintext and
@@ -102,12 +129,7 @@ func (g *GCM) SealChunks(dst, nonce, plaintext, aad []byte, chunk int, fn func([
 	if g.fast == nil {
 		out := g.std.Seal(dst, nonce, plaintext, aad)
 		if fn != nil {
-			ct := out[len(dst) : len(dst)+len(plaintext)]
-			for len(ct) > 0 {
-				n := min(chunk, len(ct))
-				fn(ct[:n:n])
-				ct = ct[n:]
-			}
+			pieces(out[len(dst):len(dst)+len(plaintext)], chunk, fn)
 		}
 		return out
 	}

@@ -145,6 +145,41 @@ func TestSealChunks(t *testing.T) {
 	}
 }
 
+// TestOpenChunks checks that the pieces handed out are the plaintext, in
+// order, whole, and of the size asked, and that a tampered message still
+// fails.
+func TestOpenChunks(t *testing.T) {
+	g, ref := newPair(t)
+	for _, tc := range []struct{ n, chunk int }{
+		{0, 512}, {100, 512}, {512, 512}, {513, 512}, {1000, 512}, {65536, 4096}, {65536 + 300, 65536}, {8<<20 + 36, 65536}, {5000, 1 << 20}, {3 << 20, 1 << 20},
+	} {
+		plain := make([]byte, tc.n)
+		rand.Read(plain)
+		nonce := make([]byte, NonceSize)
+		rand.Read(nonce)
+		sealed := ref.Seal(nil, nonce, plain, []byte("aad"))
+		var pieces [][]byte
+		out, err := g.OpenChunks(nil, nonce, sealed, []byte("aad"), tc.chunk, func(b []byte) { pieces = append(pieces, bytes.Clone(b)) })
+		if err != nil || !bytes.Equal(out, plain) {
+			t.Fatalf("n %d chunk %d: opened %v, equal %v", tc.n, tc.chunk, err, bytes.Equal(out, plain))
+		}
+		if joined := bytes.Join(pieces, nil); !bytes.Equal(joined, plain) {
+			t.Fatalf("n %d chunk %d: pieces are not the plaintext", tc.n, tc.chunk)
+		}
+		for i, p := range pieces {
+			if i < len(pieces)-1 && len(p) != tc.chunk || len(p) == 0 || len(p) > tc.chunk {
+				t.Fatalf("n %d chunk %d: piece %d of %d bytes", tc.n, tc.chunk, i, len(p))
+			}
+		}
+		if tc.n > 0 {
+			sealed[tc.n/2] ^= 1
+			if _, err := g.OpenChunks(nil, nonce, sealed, []byte("aad"), tc.chunk, func([]byte) {}); err == nil {
+				t.Fatalf("n %d chunk %d: tampered message opened", tc.n, tc.chunk)
+			}
+		}
+	}
+}
+
 // TestRandomLengths compares messages of random lengths under fresh
 // nonces. (With a 12-byte nonce the 32-bit block counter starts at 2 and
 // GCM's length limit keeps it from wrapping.)

@@ -124,7 +124,7 @@ func (f *fastGCM) ctrTail(out, in []byte, ctr *[16]byte) {
 
 // open authenticates and decrypts; on failure dst's new bytes are cleared
 // and ok is false.
-func (f *fastGCM) open(dst, nonce, ciphertext, aad []byte) (out []byte, ok bool) {
+func (f *fastGCM) open(dst, nonce, ciphertext, aad []byte, chunk int, fn func([]byte)) (out []byte, ok bool) {
 	tag := ciphertext[len(ciphertext)-Overhead:]
 	ct := ciphertext[:len(ciphertext)-Overhead]
 	ret, plain := sliceForAppend(dst, len(ct))
@@ -132,15 +132,27 @@ func (f *fastGCM) open(dst, nonce, ciphertext, aad []byte) (out []byte, ok bool)
 		panic("aesgcm: invalid buffer overlap")
 	}
 	j0, ctr, acc := f.start(nonce, aad)
+	if fn == nil {
+		chunk = maxCall // the goroutine cannot be preempted inside decBulk
+	}
 	bulk := len(ct) &^ (round - 1)
-	for done := 0; done < bulk; done += maxCall {
-		n := min(maxCall, bulk-done)
+	given := 0 // plaintext handed to fn
+	for done := 0; done < bulk; {
+		n := min(chunk, bulk-done)
 		decBulk(&f.rk, &f.htab, &plain[done], &ct[done], n/round, &ctr, &acc)
+		done += n
+		if fn != nil && n == chunk {
+			fn(plain[given:done:done])
+			given = done
+		}
 	}
 	if bulk < len(ct) {
 		// Hash the tail before decrypting it: in place, it is overwritten.
 		f.ghash(&acc, ct[bulk:])
 		f.ctrTail(plain[bulk:], ct[bulk:], &ctr)
+	}
+	if fn != nil && given < len(ct) {
+		fn(plain[given:len(ct):len(ct)]) // a short last bulk piece and the tail
 	}
 	var want [16]byte
 	f.tag(&want, &acc, &j0, len(aad), len(ct))

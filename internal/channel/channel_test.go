@@ -353,3 +353,28 @@ func TestSteadyStateAllocs(t *testing.T) {
 		t.Fatalf("%v allocations per round trip, want 0", n)
 	}
 }
+
+// TestCorruptFrameInRecords: a frame damaged before it was sealed (its
+// CRC does not match) is refused by the reader, whether its payload was
+// opened in the caller's buffer or in the Conn's.
+func TestCorruptFrameInRecords(t *testing.T) {
+	for _, room := range []bool{true, false} {
+		c, s := records(t)
+		f, err := wire.AppendFrame(nil, wire.TypeBatch, 0, payload(200<<10, 5))
+		if err != nil {
+			t.Fatal(err)
+		}
+		f[wire.HeaderSize+150<<10] ^= 0x04
+		go wire.NewWriter(c).WriteRaw(f)
+		seg := make([]byte, len(f)+64)
+		_, err = wire.NewReader(s, 0).NextInto(func(_ wire.Type, n int) []byte {
+			if !room {
+				return nil
+			}
+			return seg[:wire.HeaderSize+n]
+		})
+		if !errors.Is(err, wire.ErrChecksum) {
+			t.Fatalf("room %v: %v, want a checksum error", room, err)
+		}
+	}
+}

@@ -59,7 +59,7 @@ func FuzzReadRecord(f *testing.F) {
 		}
 		var got [][]byte
 		for {
-			p, err := c.ReadRecord(make([]byte, 0, 64))
+			p, err := c.ReadRecord(make([]byte, 0, 64), nil)
 			if err != nil {
 				if err != io.EOF && !errors.Is(err, ErrAuth) && !errors.Is(err, io.ErrUnexpectedEOF) {
 					t.Fatalf("error neither EOF, truncation nor authentication: %v", err)

@@ -27,19 +27,24 @@ type Reader struct {
 	scratch [HeaderSize + 32]byte
 	buf     []byte
 	err     error
+	crc     uint32       // of the payload record being read
+	sum     func([]byte) // adds to crc
 }
 
 // RecordReader is a stream of sealed records (internal/channel's Conn).
 // ReadRecord returns the next record's plaintext, opened in place in buf
 // when buf's capacity allows (buf[:cap(buf)] is scratch), else in a buffer
-// of its own valid until its next call; io.EOF between records.
+// of its own valid until its next call; io.EOF between records. each, if
+// not nil, is given the plaintext piece by piece as it is opened (the
+// Reader computes the frame's CRC there, while the piece is in the CPU
+// cache).
 //
 // A Reader reads each frame from it as two records, the header and then
 // the payload (if any), as a Writer on a RecordWriter writes them: the
 // header is authenticated before the payload is read, and the payload is
 // opened where the caller wants it stored.
 type RecordReader interface {
-	ReadRecord(buf []byte) ([]byte, error)
+	ReadRecord(buf []byte, each func([]byte)) ([]byte, error)
 }
 
 // NewReader returns a Reader for r that rejects payloads larger than
@@ -51,7 +56,9 @@ func NewReader(r io.Reader, maxPayload int) *Reader {
 		maxPayload = MaxPayload
 	}
 	if rr, ok := r.(RecordReader); ok {
-		return &Reader{rec: rr, max: maxPayload}
+		rd := &Reader{rec: rr, max: maxPayload}
+		rd.sum = func(p []byte) { rd.crc = crc32.Update(rd.crc, castagnoli, p) }
+		return rd
 	}
 	return &Reader{br: bufio.NewReaderSize(r, readBufferSize), max: maxPayload}
 }
@@ -129,7 +136,7 @@ func (r *Reader) next(room func(t Type, n int) []byte) (Frame, error) {
 
 // nextRecords reads a frame as a header record and a payload record.
 func (r *Reader) nextRecords(room func(t Type, n int) []byte) (Frame, error) {
-	h, err := r.rec.ReadRecord(r.scratch[:0])
+	h, err := r.rec.ReadRecord(r.scratch[:0], nil)
 	if err != nil {
 		return Frame{}, err
 	}
@@ -142,12 +149,13 @@ func (r *Reader) nextRecords(room func(t Type, n int) []byte) (Frame, error) {
 		return Frame{}, err
 	}
 	var p []byte
+	r.crc = crc32.Update(0, castagnoli, r.hdr[:12])
 	if n > 0 {
 		buf := roomFor(room, t, n)
 		if buf != nil {
-			p, err = r.rec.ReadRecord(buf[HeaderSize : HeaderSize+n])
+			p, err = r.rec.ReadRecord(buf[HeaderSize:HeaderSize+n], r.sum)
 		} else {
-			p, err = r.rec.ReadRecord(r.buf[:0])
+			p, err = r.rec.ReadRecord(r.buf[:0], r.sum)
 		}
 		if err == io.EOF {
 			err = fmt.Errorf("%w: stream ended before the %s payload: %w", ErrTruncated, t, io.ErrUnexpectedEOF)
@@ -165,7 +173,7 @@ func (r *Reader) nextRecords(room func(t Type, n int) []byte) (Frame, error) {
 			}
 		}
 	}
-	return r.verify(t, n, p)
+	return r.check(t, n, p, r.crc)
 }
 
 // checkHeader checks a frame header and returns its type and length.
@@ -188,8 +196,13 @@ func (r *Reader) checkHeader(h []byte) (Type, int, error) {
 
 // verify checks the CRC of the frame whose header is r.hdr.
 func (r *Reader) verify(t Type, n int, p []byte) (Frame, error) {
+	return r.check(t, n, p, crc32.Update(crc32.Update(0, castagnoli, r.hdr[:12]), castagnoli, p))
+}
+
+// check compares crc, computed over r.hdr's first 12 bytes and payload p,
+// with the header's.
+func (r *Reader) check(t Type, n int, p []byte, crc uint32) (Frame, error) {
 	h := r.hdr[:]
-	crc := crc32.Update(crc32.Update(0, castagnoli, h[:12]), castagnoli, p)
 	if want := le.Uint32(h[12:]); crc != want {
 		return Frame{}, fmt.Errorf("%w (%s frame of %d bytes: header says %#08x, computed %#08x)", ErrChecksum, t, n, want, crc)
 	}
