@@ -87,7 +87,7 @@ type Server struct {
 	ackedDups  int
 	closed     bool
 	plainTLS   atomic.Bool // may be set from Fault, which runs under mu
-	withRecs   []bool // per connection: it carried records
+	withRecs   []bool      // per connection: it carried records
 }
 
 // SetPlainTLS makes the server, from its next connection, speak plain
