@@ -62,7 +62,7 @@ const (
 // ErrAuth is returned for a record that fails authentication: it was
 // changed, reordered or replayed in transit, or the peer does not hold
 // the keys.
-var ErrAuth = errors.New("channel: record failed authentication (changed, replayed or cut in transit)")
+var ErrAuth = errors.New("channel: record failed authentication (changed, reordered, replayed or forged in transit)")
 
 // Config returns a copy of cfg that offers (client) or accepts (server)
 // the record layer. Session tickets are turned off: a server would send
@@ -108,31 +108,23 @@ func handshake(ctx context.Context, raw net.Conn, cfg *tls.Config, server bool) 
 	if cs.Version != tls.VersionTLS13 {
 		return nil, fmt.Errorf("channel: %s needs TLS 1.3, the handshake gave %s", Protocol, tls.VersionName(cs.Version))
 	}
-	km, err := cs.ExportKeyingMaterial(exporterLabel, nil, 2*(aesgcm.KeySize+aesgcm.NonceSize))
-	if err != nil {
-		return nil, fmt.Errorf("channel: export keys: %w", err)
-	}
-	defer clear(km)
-	const k, n = aesgcm.KeySize, aesgcm.NonceSize
-	up := keys{km[:k], km[2*k : 2*k+n]}   // client → server
-	down := keys{km[k : 2*k], km[2*k+n:]} // server → client
-	if server {
-		return newConn(raw, t, hs.br, up, down)
-	}
-	return newConn(raw, t, hs.br, down, up)
+	hs.closed = true // crypto/tls must never write again: records follow
+	return newConn(raw, t, hs.br, cs.ExportKeyingMaterial, server)
 }
 
 func bufioReader(raw net.Conn) *bufio.Reader { return bufio.NewReaderSize(raw, readBuffer) }
 
-// keys are one direction's key and IV.
-type keys struct{ key, iv []byte }
+// exporter is tls.ConnectionState.ExportKeyingMaterial.
+type exporter func(label string, context []byte, length int) ([]byte, error)
 
-func newConn(raw net.Conn, t *tls.Conn, br *bufio.Reader, in, out keys) (*Conn, error) {
+func newConn(raw net.Conn, t *tls.Conn, br *bufio.Reader, export exporter, server bool) (*Conn, error) {
 	c := &Conn{raw: raw, tls: t, br: br}
-	if err := c.in.init(in.key, in.iv); err != nil {
+	c.in = direction{export: export, up: server}
+	c.out = direction{export: export, up: !server}
+	if err := c.in.rekey(0); err != nil {
 		return nil, err
 	}
-	if err := c.out.init(out.key, out.iv); err != nil {
+	if err := c.out.rekey(0); err != nil {
 		return nil, err
 	}
 	return c, nil
@@ -148,6 +140,18 @@ type handshakeConn struct {
 	br     *bufio.Reader
 	remain int           // bytes left of the TLS record being read
 	plain  *bufio.Reader // set when the stream stays plain TLS
+	closed bool          // set when records take over: no TLS writes
+}
+
+// errTLSClosed refuses what crypto/tls would write once records took
+// over (an alert while tlsError reads the peer's).
+var errTLSClosed = errors.New("channel: TLS record layer closed: the stream carries records")
+
+func (c *handshakeConn) Write(p []byte) (int, error) {
+	if c.closed {
+		return 0, errTLSClosed
+	}
+	return c.Conn.Write(p)
 }
 
 func (c *handshakeConn) Read(p []byte) (int, error) {
@@ -169,29 +173,64 @@ func (c *handshakeConn) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// direction is one way's key and record count.
+// rekeyBytes is how much a key seals (plaintext and tags) before the
+// next record of its direction moves to a fresh one: far inside the
+// 2^38.5 bytes RFC 8446 §5.5 allows AES-GCM, which a busy stream would
+// pass in hours. (crypto/tls never sends a KeyUpdate by itself.) A
+// variable for tests.
+var rekeyBytes uint64 = 16 << 30
+
+// direction is one way's key, IV and record count.
 type direction struct {
-	gcm   *aesgcm.GCM
-	iv    [aesgcm.NonceSize]byte
-	seq   uint64
-	nonce [aesgcm.NonceSize]byte // the last record's (here, not on the stack, which would escape)
+	gcm    *aesgcm.GCM
+	iv     [aesgcm.NonceSize]byte
+	seq    uint64
+	nonce  [aesgcm.NonceSize]byte // the last record's (here, not on the stack, which would escape)
+	export exporter
+	up     bool   // client → server
+	epoch  uint64 // keys in use: exported with this context (0: none)
+	sealed uint64 // bytes under the current key
 }
 
-func (d *direction) init(key, iv []byte) error {
+// rekey exports the keys of epoch e and takes this direction's: the
+// first 2 × 32 bytes are the client's and the server's keys, the next
+// 2 × 12 their IVs.
+func (d *direction) rekey(e uint64) error {
+	var ctx []byte
+	if e > 0 {
+		ctx = binary.BigEndian.AppendUint64(nil, e)
+	}
+	const k, n = aesgcm.KeySize, aesgcm.NonceSize
+	km, err := d.export(exporterLabel, ctx, 2*(k+n))
+	if err != nil {
+		return fmt.Errorf("channel: export keys: %w", err)
+	}
+	defer clear(km)
+	key, iv := km[k:2*k], km[2*k+n:]
+	if d.up {
+		key, iv = km[:k], km[2*k:2*k+n]
+	}
 	g, err := aesgcm.New(key)
 	if err != nil {
 		return err
 	}
-	d.gcm = g
+	d.gcm, d.epoch, d.sealed = g, e, 0
 	copy(d.iv[:], iv)
 	return nil
 }
 
-// next returns the nonce of the next record and counts the record.
-func (d *direction) next() ([]byte, error) {
+// next returns the nonce of the next record, of n plaintext bytes, and
+// counts it, first moving to the next epoch's key if this one is worn.
+func (d *direction) next(n int) ([]byte, error) {
 	if d.seq == ^uint64(0) {
 		return nil, errors.New("channel: record sequence exhausted")
 	}
+	if d.sealed >= rekeyBytes {
+		if err := d.rekey(d.epoch + 1); err != nil {
+			return nil, err
+		}
+	}
+	d.sealed += uint64(n) + aesgcm.Overhead
 	d.nonce = d.iv
 	for i := range 8 {
 		d.nonce[4+i] ^= byte(d.seq >> (56 - 8*i))
@@ -227,7 +266,9 @@ func (c *Conn) Format(f fmt.State, _ rune) { fmt.Fprintf(f, "channel.Conn(%s)", 
 // ConnectionState is the TLS handshake's.
 func (c *Conn) ConnectionState() tls.ConnectionState { return c.tls.ConnectionState() }
 
-// ReadRecord reads the next record and opens it. If buf has the capacity
+// ReadRecord reads the next record and opens it. A record whose length is
+// not want (any up to MaxRecord if want < 0) is refused before its body
+// is read, as it could not be authenticated. If buf has the capacity
 // for the record's ciphertext and tag (Overhead beyond its plaintext),
 // the record is read and opened in place there, buf[:cap(buf)] serving as
 // scratch, and the plaintext returned is buf[:n]; otherwise it is read
@@ -238,34 +279,40 @@ func (c *Conn) ConnectionState() tls.ConnectionState { return c.tls.ConnectionSt
 // decrypted, while it is in the CPU cache, before the record is
 // authenticated (see aesgcm.OpenChunks): for a checksum the caller
 // computes anyway, to be dropped if ReadRecord fails.
-func (c *Conn) ReadRecord(buf []byte, each func([]byte)) ([]byte, error) {
+//
+// Every error is final, a read deadline's included: the stream may have
+// stopped inside a record.
+func (c *Conn) ReadRecord(buf []byte, want int, each func([]byte)) ([]byte, error) {
 	if c.rerr != nil {
 		return nil, c.rerr
 	}
-	p, err := c.readRecord(buf, each)
+	p, err := c.readRecord(buf, want, each)
 	if err != nil {
 		c.rerr = err
 	}
 	return p, err
 }
 
-func (c *Conn) readRecord(buf []byte, each func([]byte)) ([]byte, error) {
+func (c *Conn) readRecord(buf []byte, want int, each func([]byte)) ([]byte, error) {
 	h, err := c.br.Peek(headerSize)
-	if len(h) > 0 && !c.got && h[0] >= 20 && h[0] <= 24 {
-		// A TLS record (a content type where our length's top byte,
-		// at most 1, belongs): a server that refused our certificate
-		// after our side of the handshake ended sends an alert.
-		return nil, c.tlsError()
-	}
 	if err != nil {
 		if err == io.EOF && len(h) == 0 {
 			return nil, io.EOF
 		}
-		return nil, readError("header", err)
+		return nil, readError("header", len(h), err)
+	}
+	if !c.got && (h[0] == recordAlert || h[0] == recordApplicationData) && h[1] == 3 && h[2] == 3 {
+		// A TLS 1.3 record header, where our length's top byte (at
+		// most 1) belongs: a server that refused our certificate after
+		// our side of the handshake ended sends an alert.
+		return nil, c.tlsError()
 	}
 	n := int(binary.BigEndian.Uint32(h))
-	if n > MaxRecord {
-		return nil, fmt.Errorf("%w: record %d claims %d bytes, limit %d", ErrAuth, c.in.seq, n, MaxRecord)
+	if n > MaxRecord || want >= 0 && n != want {
+		if want < 0 {
+			want = MaxRecord
+		}
+		return nil, fmt.Errorf("%w: record %d claims %d bytes, want %d", ErrAuth, c.in.seq, n, want)
 	}
 	copy(c.aad[:], h)
 	c.br.Discard(headerSize)
@@ -282,10 +329,10 @@ func (c *Conn) readRecord(buf []byte, each func([]byte)) ([]byte, error) {
 	// What the header's read brought in is copied; the rest comes
 	// straight from the socket into place.
 	k, _ := c.br.Read(b[:min(need, c.br.Buffered())])
-	if _, err := io.ReadFull(c.raw, b[k:]); err != nil {
-		return nil, readError("body", err)
+	if m, err := io.ReadFull(c.raw, b[k:]); err != nil {
+		return nil, readError("body", headerSize+k+m, err)
 	}
-	nonce, err := c.in.next()
+	nonce, err := c.in.next(n)
 	if err != nil {
 		return nil, err
 	}
@@ -310,18 +357,28 @@ func (c *Conn) tlsError() error {
 	return errors.New("channel: peer sent TLS application data instead of records")
 }
 
-func readError(what string, err error) error {
+// TLS content types (RFC 8446 §5.1).
+const (
+	recordAlert           = 21
+	recordApplicationData = 23
+)
+
+// readError says what reading got bytes of a record into did not finish.
+func readError(what string, got int, err error) error {
 	if errors.Is(err, io.EOF) {
 		err = io.ErrUnexpectedEOF
 	}
-	return fmt.Errorf("channel: stream ended inside a record %s: %w", what, err)
+	if got > 0 {
+		return fmt.Errorf("channel: stream ended inside a record %s (%d bytes in): %w", what, got, err)
+	}
+	return fmt.Errorf("channel: read record %s: %w", what, err)
 }
 
 // Read reads plaintext, record after record. It copies; ReadRecord is for
 // readers that know record boundaries.
 func (c *Conn) Read(p []byte) (int, error) {
 	for len(c.left) == 0 {
-		r, err := c.ReadRecord(nil, nil)
+		r, err := c.ReadRecord(nil, -1, nil)
 		if err != nil {
 			return 0, err
 		}
@@ -345,7 +402,7 @@ func (c *Conn) AppendRecord(parts ...[]byte) error {
 	if n > MaxRecord {
 		return fmt.Errorf("channel: record of %d bytes, limit %d", n, MaxRecord)
 	}
-	nonce, err := c.out.next()
+	nonce, err := c.out.next(n)
 	if err != nil {
 		c.werr = err
 		return err

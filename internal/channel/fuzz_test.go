@@ -2,6 +2,7 @@ package channel
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"errors"
 	"io"
 	"net"
@@ -18,16 +19,17 @@ type streamConn struct {
 func (c *streamConn) Read(p []byte) (int, error)  { return c.r.Read(p) }
 func (c *streamConn) Write(p []byte) (int, error) { return c.w.Write(p) }
 
-var (
-	fuzzKey = keys{bytes.Repeat([]byte{7}, 32), bytes.Repeat([]byte{9}, 12)}
-	noKey   = keys{make([]byte, 32), make([]byte, 12)}
-)
+// testExport stands for a TLS session's exporter: the same keys on both
+// ends, distinct per context (epoch).
+func testExport(label string, context []byte, n int) ([]byte, error) {
+	h := sha256.Sum256(append([]byte(label+"\x00"), context...))
+	return bytes.Repeat(h[:], n/len(h)+1)[:n], nil
+}
 
-// sealed returns the records of plaintexts as a writer with fuzzKey
-// writes them.
+// sealed returns the records of plaintexts as a client writes them.
 func sealed(t testing.TB, plaintexts ...[]byte) []byte {
 	sc := &streamConn{}
-	c, err := newConn(sc, nil, nil, noKey, fuzzKey)
+	c, err := newConn(sc, nil, nil, testExport, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -42,6 +44,45 @@ func sealed(t testing.TB, plaintexts ...[]byte) []byte {
 	return sc.w.Bytes()
 }
 
+// TestRekey: records keep flowing both ways across key epochs, and each
+// epoch's key is another (a record sealed under the previous one fails).
+func TestRekey(t *testing.T) {
+	defer func(b uint64) { rekeyBytes = b }(rekeyBytes)
+	rekeyBytes = 10 << 10
+	var plaintexts [][]byte
+	for i := range 40 {
+		plaintexts = append(plaintexts, bytes.Repeat([]byte{byte(i)}, 1000+i*37))
+	}
+	stream := sealed(t, plaintexts...)
+	sc := &streamConn{r: bytes.NewReader(stream)}
+	c, err := newConn(sc, nil, bufioReader(sc), testExport, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, want := range plaintexts {
+		p, err := c.ReadRecord(nil, -1, nil)
+		if err != nil || !bytes.Equal(p, want) {
+			t.Fatalf("record %d: %v", i, err)
+		}
+	}
+	if c.in.epoch < 3 {
+		t.Fatalf("epoch %d after %d bytes, want at least 3 rekeys", c.in.epoch, len(stream))
+	}
+	// A reader that does not rekey cannot read past the first epoch.
+	rekeyBytes = 1 << 62
+	sc = &streamConn{r: bytes.NewReader(stream)}
+	c, _ = newConn(sc, nil, bufioReader(sc), testExport, true)
+	var err2 error
+	for range plaintexts {
+		if _, err2 = c.ReadRecord(nil, -1, nil); err2 != nil {
+			break
+		}
+	}
+	if !errors.Is(err2, ErrAuth) {
+		t.Fatalf("reader without rekeying: %v, want an authentication failure", err2)
+	}
+}
+
 // FuzzReadRecord: whatever arrives, ReadRecord returns only records that
 // a holder of the key sealed, in their order (resealing what it returned
 // gives back the bytes it consumed), and otherwise a clean error.
@@ -53,13 +94,13 @@ func FuzzReadRecord(f *testing.F) {
 	f.Add([]byte{0xff, 0xff, 0xff, 0xff})
 	f.Fuzz(func(t *testing.T, data []byte) {
 		sc := &streamConn{r: bytes.NewReader(data)}
-		c, err := newConn(sc, nil, bufioReader(sc), fuzzKey, noKey)
+		c, err := newConn(sc, nil, bufioReader(sc), testExport, true)
 		if err != nil {
 			t.Fatal(err)
 		}
 		var got [][]byte
 		for {
-			p, err := c.ReadRecord(make([]byte, 0, 64), nil)
+			p, err := c.ReadRecord(make([]byte, 0, 64), -1, nil)
 			if err != nil {
 				if err != io.EOF && !errors.Is(err, ErrAuth) && !errors.Is(err, io.ErrUnexpectedEOF) {
 					t.Fatalf("error neither EOF, truncation nor authentication: %v", err)

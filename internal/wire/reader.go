@@ -32,7 +32,8 @@ type Reader struct {
 }
 
 // RecordReader is a stream of sealed records (internal/channel's Conn).
-// ReadRecord returns the next record's plaintext, opened in place in buf
+// ReadRecord returns the next record's plaintext, which must be want
+// bytes long, opened in place in buf
 // when buf's capacity allows (buf[:cap(buf)] is scratch), else in a buffer
 // of its own valid until its next call; io.EOF between records. each, if
 // not nil, is given the plaintext piece by piece as it is opened (the
@@ -44,7 +45,7 @@ type Reader struct {
 // header is authenticated before the payload is read, and the payload is
 // opened where the caller wants it stored.
 type RecordReader interface {
-	ReadRecord(buf []byte, each func([]byte)) ([]byte, error)
+	ReadRecord(buf []byte, want int, each func([]byte)) ([]byte, error)
 }
 
 // NewReader returns a Reader for r that rejects payloads larger than
@@ -136,7 +137,7 @@ func (r *Reader) next(room func(t Type, n int) []byte) (Frame, error) {
 
 // nextRecords reads a frame as a header record and a payload record.
 func (r *Reader) nextRecords(room func(t Type, n int) []byte) (Frame, error) {
-	h, err := r.rec.ReadRecord(r.scratch[:0], nil)
+	h, err := r.rec.ReadRecord(r.scratch[:0], HeaderSize, nil)
 	if err != nil {
 		return Frame{}, err
 	}
@@ -153,9 +154,9 @@ func (r *Reader) nextRecords(room func(t Type, n int) []byte) (Frame, error) {
 	if n > 0 {
 		buf := roomFor(room, t, n)
 		if buf != nil {
-			p, err = r.rec.ReadRecord(buf[HeaderSize:HeaderSize+n], r.sum)
+			p, err = r.rec.ReadRecord(buf[HeaderSize:HeaderSize+n], n, r.sum)
 		} else {
-			p, err = r.rec.ReadRecord(r.buf[:0], r.sum)
+			p, err = r.rec.ReadRecord(r.buf[:0], n, r.sum)
 		}
 		if err == io.EOF {
 			err = fmt.Errorf("%w: stream ended before the %s payload: %w", ErrTruncated, t, io.ErrUnexpectedEOF)
