@@ -56,9 +56,10 @@ test: tools bpffs check-generated vet fmt-check ## everything CI runs: tools, ge
 	@echo "==> go test ./..."
 	$(GO) test -count=1 -timeout 30m ./...
 	@echo "==> go test -race (lock-free and concurrent packages)"
-	$(GO) test -count=1 -race ./internal/spsc/ ./internal/bitmap/ ./internal/wire/ ./agent/capture/
+	$(GO) test -count=1 -race ./internal/spsc/ ./internal/bitmap/ ./internal/wire/ ./internal/channel/ ./agent/capture/
 	@echo "==> go test -tags purego (the portable paths beside the assembly)"
 	$(GO) test -count=1 -tags purego -run 'Seal|Open|KnownAnswer|CRC64|Accelerated' ./internal/aesgcm/ ./internal/blobstore/azure/
+	$(GO) test -count=1 -tags purego ./internal/channel/
 
 tools: ## install the missing test tools (fio, xfsprogs, e2fsprogs, fdisk, util-linux, clang, llvm) with apt-get
 	$(call install_missing,$(TEST_TOOLS))
