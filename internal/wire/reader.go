@@ -4,8 +4,9 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
-	"hash/crc32"
 	"io"
+
+	"github.com/lifeboat-dr/lifeboat/internal/crc32c"
 )
 
 const (
@@ -58,7 +59,7 @@ func NewReader(r io.Reader, maxPayload int) *Reader {
 	}
 	if rr, ok := r.(RecordReader); ok {
 		rd := &Reader{rec: rr, max: maxPayload}
-		rd.sum = func(p []byte) { rd.crc = crc32.Update(rd.crc, castagnoli, p) }
+		rd.sum = func(p []byte) { rd.crc = crc32c.Update(rd.crc, p) }
 		return rd
 	}
 	return &Reader{br: bufio.NewReaderSize(r, readBufferSize), max: maxPayload}
@@ -150,7 +151,7 @@ func (r *Reader) nextRecords(room func(t Type, n int) []byte) (Frame, error) {
 		return Frame{}, err
 	}
 	var p []byte
-	r.crc = crc32.Update(0, castagnoli, r.hdr[:12])
+	r.crc = crc32c.Update(0, r.hdr[:12])
 	if n > 0 {
 		buf := roomFor(room, t, n)
 		if buf != nil {
@@ -197,7 +198,7 @@ func (r *Reader) checkHeader(h []byte) (Type, int, error) {
 
 // verify checks the CRC of the frame whose header is r.hdr.
 func (r *Reader) verify(t Type, n int, p []byte) (Frame, error) {
-	return r.check(t, n, p, crc32.Update(crc32.Update(0, castagnoli, r.hdr[:12]), castagnoli, p))
+	return r.check(t, n, p, crc32c.Update(crc32c.Update(0, r.hdr[:12]), p))
 }
 
 // check compares crc, computed over r.hdr's first 12 bytes and payload p,

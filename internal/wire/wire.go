@@ -23,7 +23,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash/crc32"
+
+	"github.com/lifeboat-dr/lifeboat/internal/crc32c"
 )
 
 const (
@@ -115,7 +116,7 @@ func (f Frame) AppendTo(dst []byte) []byte {
 	if f.verified {
 		crc = f.crc
 	} else {
-		crc = crc32.Update(crc, castagnoli, f.Payload)
+		crc = crc32c.Update(crc, f.Payload)
 	}
 	le.PutUint32(dst[off+12:], crc)
 	if inPlace {
@@ -138,10 +139,7 @@ var (
 	ErrBatchFull = errors.New("wire: batch full")
 )
 
-var (
-	le         = binary.LittleEndian
-	castagnoli = crc32.MakeTable(crc32.Castagnoli)
-)
+var le = binary.LittleEndian
 
 // putHeader fills h[:HeaderSize] except the CRC and returns the CRC of
 // h[:12], ready to be extended over the payload.
@@ -151,7 +149,7 @@ func putHeader(h []byte, t Type, flags uint16, n int) uint32 {
 	h[5] = byte(t)
 	le.PutUint16(h[6:], flags)
 	le.PutUint32(h[8:], uint32(n))
-	return crc32.Update(0, castagnoli, h[:12])
+	return crc32c.Update(0, h[:12])
 }
 
 // AppendFrame appends a complete frame to dst. It copies payload; it is meant
@@ -163,6 +161,6 @@ func AppendFrame(dst []byte, t Type, flags uint16, payload []byte) ([]byte, erro
 	off := len(dst)
 	dst = append(dst, make([]byte, HeaderSize)...)
 	crc := putHeader(dst[off:], t, flags, len(payload))
-	le.PutUint32(dst[off+12:], crc32.Update(crc, castagnoli, payload))
+	le.PutUint32(dst[off+12:], crc32c.Update(crc, payload))
 	return append(dst, payload...), nil
 }

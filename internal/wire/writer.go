@@ -2,10 +2,11 @@ package wire
 
 import (
 	"fmt"
-	"hash/crc32"
 	"io"
 	"net"
 	"sync"
+
+	"github.com/lifeboat-dr/lifeboat/internal/crc32c"
 )
 
 const (
@@ -168,7 +169,7 @@ func (w *Writer) writeLocked(t Type, flags uint16, parts [][]byte) error {
 	st := (*sp)[:HeaderSize]
 	crc := putHeader(st, t, flags, n)
 	for _, p := range parts {
-		crc = crc32.Update(crc, castagnoli, p)
+		crc = crc32c.Update(crc, p)
 	}
 	le.PutUint32(st[12:], crc)
 	if w.rec != nil {

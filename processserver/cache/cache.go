@@ -26,7 +26,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"hash/crc32"
 	"hash/maphash"
 	"io/fs"
 	"log/slog"
@@ -43,6 +42,8 @@ import (
 
 	"github.com/klauspost/reedsolomon"
 	"golang.org/x/sys/unix"
+
+	"github.com/lifeboat-dr/lifeboat/internal/crc32c"
 )
 
 // Log attribute keys.
@@ -431,7 +432,7 @@ func (c *Cache) PutSummed(id SegmentID, data []byte, sums *Sums) error {
 		}
 		for i := range c.k {
 			if de := min(e, dataLen[i]); de > o && sums == nil {
-				crcs[i] = crc32.Update(crcs[i], castagnoli, stripe[i][:de-o])
+				crcs[i] = crc32c.Update(crcs[i], stripe[i][:de-o])
 			}
 		}
 		if c.enc != nil {
@@ -440,13 +441,13 @@ func (c *Cache) PutSummed(id SegmentID, data []byte, sums *Sums) error {
 			}
 		}
 		for i := c.k; i < n; i++ {
-			crcs[i] = crc32.Update(crcs[i], castagnoli, stripe[i])
+			crcs[i] = crc32c.Update(crcs[i], stripe[i])
 		}
 	}
 	var segCRC uint32
 	for i := range c.k {
 		segCRC = crcCombine(segCRC, crcs[i], dataLen[i])
-		crcs[i] = crc32.Update(crcs[i], castagnoli, tails[i][dataLen[i]-body[i]:])
+		crcs[i] = crc32c.Update(crcs[i], tails[i][dataLen[i]-body[i]:])
 	}
 	h := shardHeader{
 		k: uint8(c.k), m: uint8(c.m), seq: id.Seq, gen: c.nextGen(),
@@ -505,7 +506,7 @@ func (s *Sums) Write(p []byte) {
 	for len(p) > 0 {
 		i := s.pos / s.shardLen
 		n := min(len(p), (i+1)*s.shardLen-s.pos)
-		s.crcs[i] = crc32.Update(s.crcs[i], castagnoli, p[:n])
+		s.crcs[i] = crc32c.Update(s.crcs[i], p[:n])
 		s.pos += n
 		p = p[n:]
 	}

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
+
+	"github.com/lifeboat-dr/lifeboat/internal/crc32c"
 )
 
 // Shard file layout (little endian):
@@ -51,9 +53,7 @@ func alignedShardLen(segLen uint64, k uint8) uint64 {
 	return uint64(alignUp(int((segLen + uint64(k) - 1) / uint64(k))))
 }
 
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
-
-func crc(b []byte) uint32 { return crc32.Checksum(b, castagnoli) }
+func crc(b []byte) uint32 { return crc32c.Checksum(b) }
 
 // crcCombine returns the CRC32C of A||B from crc(A), crc(B) and len(B)
 // (zlib's crc32_combine), so that Put derives the segment's checksum from
