@@ -97,3 +97,22 @@ func itoa(n int) string {
 	}
 	return "<1KiB"
 }
+
+// TestFoldShort calls fold itself on the short lengths Update leaves to
+// hash/crc32 (one round, no loop; two; three).
+func TestFoldShort(t *testing.T) {
+	if !haveFold {
+		t.Skip("no VPCLMULQDQ on 512-bit registers here")
+	}
+	r := rand.New(rand.NewPCG(5, 6))
+	for _, n := range []int{256, 512, 768, 1792} {
+		p := randBytes(r, n+100)
+		init := r.Uint32()
+		var acc [16]byte
+		fold(&p[0], n, ^init, &foldConsts, &acc)
+		got := ^raw(rawBytes(0, &acc), p[n:])
+		if want := crc32.Update(init, table, p); got != want {
+			t.Fatalf("n %d: %#08x, want %#08x", n, got, want)
+		}
+	}
+}
