@@ -59,7 +59,7 @@ test: tools bpffs check-generated vet fmt-check ## everything CI runs: tools, ge
 	$(GO) test -count=1 -race ./internal/spsc/ ./internal/bitmap/ ./internal/wire/ ./internal/channel/ ./agent/capture/
 	@echo "==> go test -tags purego (the portable paths beside the assembly)"
 	$(GO) test -count=1 -tags purego -run 'Seal|Open|KnownAnswer|CRC64|Accelerated' ./internal/aesgcm/ ./internal/blobstore/azure/
-	$(GO) test -count=1 -tags purego ./internal/channel/ ./internal/crc32c/
+	$(GO) test -count=1 -tags purego ./internal/channel/
 
 tools: ## install the missing test tools (fio, xfsprogs, e2fsprogs, fdisk, util-linux, clang, llvm) with apt-get
 	$(call install_missing,$(TEST_TOOLS))

@@ -623,6 +623,6 @@ func (s *Server) putBuf(b *segBuf) {
 	}
 }
 
-func peerIdentity(c interface{ ConnectionState() tls.ConnectionState }) (string, pki.Role, error) {
+func peerIdentity(c channel.Stream) (string, pki.Role, error) {
 	return pki.PeerIdentity(c.ConnectionState())
 }

@@ -230,13 +230,13 @@ func TestTamperedRecord(t *testing.T) {
 	for got = a.next(10 * time.Second); got.err == nil && got.typ != wire.TypeError; got = a.next(10 * time.Second) {
 	}
 	var we wire.Error
-	if got.err != nil || we.UnmarshalBinary(got.payload) != nil || we.Code != wire.CodeProtocol || !strings.Contains(we.Message, "authentication") {
-		t.Fatalf("want a protocol Error frame naming the failed authentication, got %s %v %+v", got.typ, got.err, we)
+	if got.err != nil || we.UnmarshalBinary(got.payload) != nil || we.Code != wire.CodeInternal || !strings.Contains(we.Message, "authentication") {
+		t.Fatalf("want a retryable Error frame naming the failed authentication, got %s %v %+v", got.typ, got.err, we)
 	}
 	if got = a.next(10 * time.Second); got.err == nil {
 		t.Fatalf("connection still open after the error: %s", got.typ)
 	}
-	if !strings.Contains(e.logs.String(), "record failed authentication") {
+	if !strings.Contains(e.logs.String(), "damaged record from agent m1: channel: record failed authentication") {
 		t.Errorf("log lacks the authentication failure:\n%s", e.logs)
 	}
 	eventually(t, 10*time.Second, "upload", func() bool { return durableSeq(t, store, "m1") >= 4 })

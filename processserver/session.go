@@ -3,7 +3,6 @@ package processserver
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -101,7 +100,7 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn) {
 	}
 	defer close(st.done)
 	defer st.close()
-	name, _, err := peerIdentity(conn.(interface{ ConnectionState() tls.ConnectionState }))
+	name, _, err := peerIdentity(conn)
 	if err != nil {
 		st.log.Warn("refused connection", logErr, err)
 		return
@@ -366,7 +365,9 @@ func (st *session) readLoop() bool {
 // room gives the wire reader the open segment's spare capacity for a
 // batch frame, which is then stored where it was read (appendBatch does
 // not copy it): one copy of every byte less. It keeps room for the seal's
-// tag, so that the segment is still sealed in place. Until release, the
+// tag, so that the segment is still sealed in place; the same 16 bytes
+// take the stream record's tag while the frame is opened there (see
+// wire.Reader.NextInto). Until release, the
 // timer does not cut the segment the frame is read into. It never waits
 // for the lock (the timer may hold it while the flush queue is full), as
 // the frame's read deadline is running: a busy lock means a copy.
@@ -641,8 +642,13 @@ func (st *session) protocolError(msg string) {
 func (st *session) readFailed(err error) {
 	switch {
 	case errors.Is(err, wire.ErrChecksum), errors.Is(err, wire.ErrBadMagic), errors.Is(err, wire.ErrVersion),
-		errors.Is(err, wire.ErrTooLarge), errors.Is(err, wire.ErrMalformed), errors.Is(err, channel.ErrAuth):
+		errors.Is(err, wire.ErrTooLarge), errors.Is(err, wire.ErrMalformed):
 		st.corrupt(err)
+	case errors.Is(err, channel.ErrAuth):
+		// Damaged in transit, not by the agent: CodeInternal, which
+		// agents retry, even when it hits the hello.
+		st.log.Error(fmt.Sprintf("damaged record from agent %s: %v: dropped, closing connection", st.agent, err))
+		st.sendError(wire.CodeInternal, "record damaged in transit, dropped: "+err.Error()+"; reconnect and resend from the last ack")
 	case st.cause() != nil:
 		st.log.Info("connection closed", logErr, st.cause())
 	default:

@@ -43,7 +43,7 @@ func New(key []byte) (*GCM, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &GCM{std: std, fast: newFast(key, block)}, nil
+	return &GCM{std: std, fast: newFast(key)}, nil
 }
 
 // Format prints no key material, whatever the verb.

@@ -424,4 +424,6 @@ TEXT ·encBlock(SB), NOSPLIT, $0-24
 	MOVUPS 224(AX), X1
 	AESENCLAST X1, X0
 	MOVUPS X0, (DI)
+	PXOR   X0, X0 // no key material outlives the call
+	PXOR   X1, X1
 	RET

@@ -3,7 +3,6 @@
 package aesgcm
 
 import (
-	"crypto/cipher"
 	"crypto/subtle"
 	"encoding/binary"
 
@@ -42,7 +41,7 @@ type fastGCM struct {
 	rk   [240]byte // AES-256 round keys
 }
 
-func newFast(key []byte, _ cipher.Block) *fastGCM {
+func newFast(key []byte) *fastGCM {
 	if !haveVAES {
 		return nil
 	}
@@ -139,7 +138,10 @@ func (f *fastGCM) open(dst, nonce, ciphertext, aad []byte, chunk int, fn func([]
 	given := 0 // plaintext handed to fn
 	for done := 0; done < bulk; {
 		n := min(chunk, bulk-done)
-		decBulk(&f.rk, &f.htab, &plain[done], &ct[done], n/round, &ctr, &acc)
+		for o := 0; o < n; o += maxCall {
+			m := min(maxCall, n-o)
+			decBulk(&f.rk, &f.htab, &plain[done+o], &ct[done+o], m/round, &ctr, &acc)
+		}
 		done += n
 		if fn != nil && n == chunk {
 			fn(plain[given:done:done])

@@ -55,6 +55,8 @@ const (
 	// eachChunk is the size of the pieces ReadRecord hands its caller:
 	// well inside the CPU's L2 cache.
 	eachChunk = 64 << 10
+	// growStep is the first size of the Conn's own record buffer.
+	growStep = 64 << 10
 	// plainBuffer reads a plain TLS stream (a peer without records).
 	plainBuffer = 256 << 10
 )
@@ -77,19 +79,26 @@ func Config(cfg *tls.Config) *tls.Config {
 	return c
 }
 
+// Stream is a connection whose handshake is done: a *Conn, or the
+// *tls.Conn of a peer without records.
+type Stream interface {
+	net.Conn
+	ConnectionState() tls.ConnectionState
+}
+
 // Client runs a TLS handshake as a client over raw. It returns a *Conn if
-// the server selected Protocol and the *tls.Conn otherwise; either has
-// ConnectionState. On error the caller closes raw.
-func Client(ctx context.Context, raw net.Conn, cfg *tls.Config) (net.Conn, error) {
+// the server selected Protocol and the *tls.Conn otherwise. On error the
+// caller closes raw.
+func Client(ctx context.Context, raw net.Conn, cfg *tls.Config) (Stream, error) {
 	return handshake(ctx, raw, cfg, false)
 }
 
 // Server runs a TLS handshake as a server over raw, as Client does.
-func Server(ctx context.Context, raw net.Conn, cfg *tls.Config) (net.Conn, error) {
+func Server(ctx context.Context, raw net.Conn, cfg *tls.Config) (Stream, error) {
 	return handshake(ctx, raw, cfg, true)
 }
 
-func handshake(ctx context.Context, raw net.Conn, cfg *tls.Config, server bool) (net.Conn, error) {
+func handshake(ctx context.Context, raw net.Conn, cfg *tls.Config, server bool) (Stream, error) {
 	hs := &handshakeConn{Conn: raw, br: bufioReader(raw)}
 	var t *tls.Conn
 	if server {
@@ -320,17 +329,11 @@ func (c *Conn) readRecord(buf []byte, want int, each func([]byte)) ([]byte, erro
 	var b []byte
 	if cap(buf) >= need {
 		b = buf[:need]
-	} else {
-		if cap(c.rbuf) < need {
-			c.rbuf = make([]byte, need)
+		if m, err := c.body(b); err != nil {
+			return nil, readError("body", headerSize+m, err)
 		}
-		b = c.rbuf[:need]
-	}
-	// What the header's read brought in is copied; the rest comes
-	// straight from the socket into place.
-	k, _ := c.br.Read(b[:min(need, c.br.Buffered())])
-	if m, err := io.ReadFull(c.raw, b[k:]); err != nil {
-		return nil, readError("body", headerSize+k+m, err)
+	} else if b, err = c.bodyGrowing(need); err != nil {
+		return nil, err
 	}
 	nonce, err := c.in.next(n)
 	if err != nil {
@@ -342,6 +345,35 @@ func (c *Conn) readRecord(buf []byte, want int, each func([]byte)) ([]byte, erro
 	}
 	c.got = true
 	return p, nil
+}
+
+// body reads a record's ciphertext and tag into b: what the header's read
+// brought in is copied, the rest comes straight from the socket.
+func (c *Conn) body(b []byte) (int, error) {
+	k, _ := c.br.Read(b[:min(len(b), c.br.Buffered())])
+	m, err := io.ReadFull(c.raw, b[k:])
+	return k + m, err
+}
+
+// bodyGrowing reads a record's ciphertext and tag into c.rbuf, which
+// grows only as bytes arrive (growStep at a time, then doubling): a peer
+// claiming a large record makes it hold about twice what it sent, not
+// the claim.
+func (c *Conn) bodyGrowing(need int) ([]byte, error) {
+	b := c.rbuf[:0]
+	for len(b) < need {
+		if len(b) == cap(b) {
+			nb := make([]byte, len(b), min(max(2*cap(b), growStep), need))
+			copy(nb, b)
+			b, c.rbuf = nb, nb
+		}
+		m, err := c.body(b[len(b):min(cap(b), need)])
+		b = b[:len(b)+m]
+		if err != nil {
+			return nil, readError("body", headerSize+len(b), err)
+		}
+	}
+	return b, nil
 }
 
 // tlsError reads the TLS record at hand through crypto/tls, which says

@@ -471,3 +471,68 @@ func TestRecordsRightBehindFinished(t *testing.T) {
 		}
 	}
 }
+
+// TestRoomWithoutSpare: a caller's buffer without room for the record's
+// tag past the frame still gets the frame, opened elsewhere and copied
+// in, and nothing past the frame is touched.
+func TestRoomWithoutSpare(t *testing.T) {
+	c, s := records(t)
+	p := payload(100<<10, 7)
+	go wire.NewWriter(c).WriteFrame(wire.TypeBatch, 0, p)
+	seg := make([]byte, wire.HeaderSize+len(p)+16)
+	for i := range seg {
+		seg[i] = 0xa5
+	}
+	f, err := wire.NewReader(s, 0).NextInto(func(_ wire.Type, n int) []byte {
+		return seg[: wire.HeaderSize+n : wire.HeaderSize+n]
+	})
+	if err != nil || !bytes.Equal(f.Payload, p) || &f.Payload[0] != &seg[wire.HeaderSize] {
+		t.Fatalf("frame not read into the caller's buffer: %v", err)
+	}
+	if !bytes.Equal(seg[wire.HeaderSize+len(p):], bytes.Repeat([]byte{0xa5}, 16)) {
+		t.Fatal("bytes past the caller's buffer were overwritten")
+	}
+}
+
+// TestCutBetweenRecords: a stream that ends after a frame's header record
+// is a truncated frame, not a clean end.
+func TestCutBetweenRecords(t *testing.T) {
+	c, s := records(t)
+	cc := c.(*channel.Conn)
+	f, err := wire.AppendFrame(nil, wire.TypeBatch, 0, payload(1000, 1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cc.AppendRecord(f[:wire.HeaderSize]); err != nil {
+		t.Fatal(err)
+	}
+	if err := cc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	cc.Close()
+	if _, err := wire.NewReader(s, 0).Next(); !errors.Is(err, wire.ErrTruncated) {
+		t.Fatalf("%v, want a truncated frame", err)
+	}
+}
+
+// TestShrinkingFramesOwnBuffer: frames read into the Conn's own buffer,
+// largest first, so that later ones are read into a buffer larger than
+// they are.
+func TestShrinkingFramesOwnBuffer(t *testing.T) {
+	c, s := records(t)
+	sizes := []int{300 << 10, 70 << 10, 5000, 10, 1}
+	go func() {
+		w := wire.NewWriter(c)
+		for i, n := range sizes {
+			w.WriteFrame(wire.TypeMarker, 0, payload(n, byte(i)))
+		}
+	}()
+	s.SetReadDeadline(time.Now().Add(10 * time.Second))
+	r := wire.NewReader(s, 0)
+	for i, n := range sizes {
+		f, err := r.Next()
+		if err != nil || !bytes.Equal(f.Payload, payload(n, byte(i))) {
+			t.Fatalf("frame %d of %d bytes: %v", i, n, err)
+		}
+	}
+}

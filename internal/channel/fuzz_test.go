@@ -3,6 +3,7 @@ package channel
 import (
 	"bytes"
 	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"io"
 	"net"
@@ -120,4 +121,23 @@ func FuzzReadRecord(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestClaimedLengthNotTrusted: a record that claims MaxRecord bytes but
+// stops after 100 KiB makes the reader hold about twice that, not the
+// claim.
+func TestClaimedLengthNotTrusted(t *testing.T) {
+	stream := binary.BigEndian.AppendUint32(nil, MaxRecord)
+	stream = append(stream, make([]byte, 100<<10)...)
+	sc := &streamConn{r: bytes.NewReader(stream)}
+	c, err := newConn(sc, nil, bufioReader(sc), testExport, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.ReadRecord(nil, -1, nil); !errors.Is(err, io.ErrUnexpectedEOF) {
+		t.Fatalf("%v, want the stream cut inside the record", err)
+	}
+	if cap(c.rbuf) > 2*(100<<10)+growStep {
+		t.Fatalf("reader holds %d bytes for a record cut at 100 KiB", cap(c.rbuf))
+	}
 }

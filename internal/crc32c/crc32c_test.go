@@ -99,7 +99,7 @@ func itoa(n int) string {
 }
 
 // TestFoldShort calls fold itself on the short lengths Update leaves to
-// hash/crc32 (one round, no loop; two; three).
+// hash/crc32: one round (no loop), two, three and seven.
 func TestFoldShort(t *testing.T) {
 	if !haveFold {
 		t.Skip("no VPCLMULQDQ on 512-bit registers here")

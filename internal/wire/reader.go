@@ -96,6 +96,9 @@ func (r *Reader) Next() (Frame, error) {
 // and the returned Payload aliases it. A nil room, or a nil buffer from
 // it, reads into the Reader's own buffer. The caller's buffer saves a
 // copy when the frame is to be stored as received (see Frame.AppendTo).
+// From a RecordReader the payload is opened in place only if the buffer's
+// capacity holds the record's tag (16 bytes) past the frame, which it
+// overwrites; without that room it is opened elsewhere and copied in.
 func (r *Reader) NextInto(room func(t Type, n int) []byte) (Frame, error) {
 	if r.err != nil {
 		return Frame{}, r.err
@@ -157,7 +160,7 @@ func (r *Reader) nextRecords(room func(t Type, n int) []byte) (Frame, error) {
 		if buf != nil {
 			p, err = r.rec.ReadRecord(buf[HeaderSize:HeaderSize+n], n, r.sum)
 		} else {
-			p, err = r.rec.ReadRecord(r.buf[:0], n, r.sum)
+			p, err = r.rec.ReadRecord(nil, n, r.sum)
 		}
 		if err == io.EOF {
 			err = fmt.Errorf("%w: stream ended before the %s payload: %w", ErrTruncated, t, io.ErrUnexpectedEOF)

@@ -28,10 +28,12 @@ var stagePool = sync.Pool{New: func() any {
 
 // Writer writes frames to a stream. Each Write method hands the complete
 // frame to the underlying writer before returning (and, for a
-// NewBufferedWriter, flushes it); there is nothing left to flush. A frame's header and small payload pieces are gathered in a pooled
+// NewBufferedWriter, flushes it); there is nothing left to flush. A
+// frame's header and small payload pieces are gathered in a pooled
 // buffer and large pieces are passed by reference, all in one
 // net.Buffers.WriteTo, which is a single writev on a *net.TCPConn and a
-// short sequence of Writes on any other writer (such as a *tls.Conn).
+// short sequence of Writes on any other writer (such as a *tls.Conn). On
+// a RecordWriter a frame is two records written by one Flush.
 //
 // A Writer is safe for concurrent use; frames are never interleaved. After
 // the underlying writer fails, the stream is broken (a frame may be half
@@ -231,11 +233,17 @@ func (w *Writer) WriteRaw(frame []byte) error {
 	if w.err != nil {
 		return w.err
 	}
-	if w.rec == nil || len(frame) < HeaderSize {
-		_, err := w.w.Write(frame)
-		return err
+	if w.rec != nil && len(frame) >= HeaderSize {
+		return w.writeRecords(Type(frame[5]), frame[:HeaderSize], [][]byte{frame[HeaderSize:]}, len(frame)-HeaderSize)
 	}
-	return w.writeRecords(Type(frame[5]), frame[:HeaderSize], [][]byte{frame[HeaderSize:]}, len(frame)-HeaderSize)
+	_, err := w.w.Write(frame)
+	if err == nil && w.commit != nil {
+		err = w.commit()
+	}
+	if err != nil {
+		w.err = fmt.Errorf("wire: write raw frame: %w", err)
+	}
+	return w.err
 }
 
 func (w *Writer) writeRecords(t Type, hdr []byte, parts [][]byte, n int) error {
@@ -247,6 +255,7 @@ func (w *Writer) writeRecords(t Type, hdr []byte, parts [][]byte, n int) error {
 	if err == nil {
 		err = w.rec.Flush()
 	}
+	w.head[0], w.one[0] = nil, nil // they may point into a pooled buffer
 	if err != nil {
 		w.err = fmt.Errorf("wire: write %s frame: %w", t, err)
 	}
