@@ -494,6 +494,45 @@ func TestScrubDoesNotMarkDirectoryLostMeanwhile(t *testing.T) {
 	}
 }
 
+// A shard write that fails in a directory being rebuilt, while a scrub
+// runs, keeps that scrub from marking the directory complete (the epoch
+// moves on a failed write): what the failure left there is unknown. The
+// Put itself fails, as every shard must be durable.
+func TestFailedWriteDuringScrubKeepsPending(t *testing.T) {
+	dirs, h, c, data := rebuilding(t, 3)
+	var once sync.Once
+	var failing atomic.Bool
+	h.onOpen = func(name string) error {
+		if failing.Load() && strings.HasPrefix(name, filepath.Join(dirs[1], "n")+string(filepath.Separator)) {
+			return syscall.EIO
+		}
+		return nil
+	}
+	h.onRead = func(name string) {
+		if strings.HasPrefix(name, filepath.Join(dirs[0], "m", "0000000000000003")) {
+			once.Do(func() {
+				// Another stream's segment, under its own lock.
+				failing.Store(true)
+				if err := c.Put(SegmentID{"n", 1}, data); err == nil || !strings.Contains(err.Error(), dirs[1]) {
+					t.Errorf("put with a shard failing in %s: %v, want an error naming it", dirs[1], err)
+				}
+				failing.Store(false)
+			})
+		}
+	}
+	if _, err := c.Scrub(context.Background()); err != nil {
+		t.Fatalf("scrub: %v", err)
+	}
+	h.onRead, h.onOpen = nil, nil
+	wantPending(t, c, dirs[1])
+	// The next scrub, undisturbed, marks the directory. (It also
+	// completes the two shards the failed Put left, taking them for a
+	// segment: a known leftover, not asserted here.)
+	if rep, err := c.Scrub(context.Background()); err != nil || len(c.Pending()) != 0 {
+		t.Fatalf("scrub: %+v, %v, pending %v", rep, err, c.Pending())
+	}
+}
+
 // A directory wiped, and checked, while a scrub marks it rebuilt stays
 // pending and is reported: CheckDirs waits its turn (the per-directory
 // lock) instead of noting the loss with a new sentinel that the marking
