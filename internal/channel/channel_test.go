@@ -52,27 +52,10 @@ type result struct {
 // connection.
 func pair(t testing.TB, serverCfg, clientCfg *tls.Config, wrap func(net.Conn) net.Conn) (client, server net.Conn, serverErr error) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	done := make(chan result, 1)
-	go func() {
-		raw, err := ln.Accept()
-		if err != nil {
-			done <- result{err: err}
-			return
-		}
-		c, err := channel.Server(ctx, raw, serverCfg)
-		if err != nil {
-			raw.Close()
-		}
-		done <- result{c, err}
-	}()
-	raw, err := net.Dial("tcp", ln.Addr().String())
+	addr, done := accept(t, ctx, serverCfg)
+	raw, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -91,6 +74,31 @@ func pair(t testing.TB, serverCfg, clientCfg *tls.Config, wrap func(net.Conn) ne
 		}
 	})
 	return client, r.conn, r.err
+}
+
+// accept listens on loopback for one connection and runs the server's
+// handshake on it; the result arrives on the channel.
+func accept(t testing.TB, ctx context.Context, cfg *tls.Config) (string, <-chan result) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan result, 1)
+	go func() {
+		defer ln.Close()
+		raw, err := ln.Accept()
+		if err != nil {
+			done <- result{err: err}
+			return
+		}
+		c, err := channel.Server(ctx, raw, cfg)
+		if err != nil {
+			raw.Close()
+		}
+		done <- result{c, err}
+	}()
+	return ln.Addr().String(), done
 }
 
 func records(t testing.TB) (client, server net.Conn) {
@@ -418,24 +426,10 @@ func (c *holdBack) Write(p []byte) (int, error) {
 // read them.
 func TestRecordsRightBehindFinished(t *testing.T) {
 	ps, agent := ids(t)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	done := make(chan result, 1)
-	go func() {
-		raw, err := ln.Accept()
-		if err != nil {
-			done <- result{err: err}
-			return
-		}
-		c, err := channel.Server(ctx, raw, channel.Config(ps.ServerTLS(pki.RoleAgent)))
-		done <- result{c, err}
-	}()
-	raw, err := net.Dial("tcp", ln.Addr().String())
+	addr, done := accept(t, ctx, channel.Config(ps.ServerTLS(pki.RoleAgent)))
+	raw, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -9,6 +9,8 @@ package crc32c
 import (
 	"encoding/binary"
 	"hash/crc32"
+
+	"github.com/lifeboat-dr/lifeboat/internal/gf2"
 )
 
 var table = crc32.MakeTable(crc32.Castagnoli)
@@ -57,10 +59,10 @@ func rawBytes(s uint32, acc *[16]byte) uint32 {
 // when a moves by j bits (the product shifts by j), so the solution for
 // a = 1 holds for every a; the tests check it against hash/crc32.
 var foldConsts = func() (k [10]uint64) {
-	g := func(v uint32) uint32 {
+	g := func(v uint64) uint64 {
 		var b [16]byte
-		binary.LittleEndian.PutUint32(b[:], v)
-		return raw(0, b[:])
+		binary.LittleEndian.PutUint32(b[:], uint32(v))
+		return uint64(raw(0, b[:]))
 	}
 	target := func(hi bool, dist int) uint32 {
 		b := make([]byte, 16+dist)
@@ -72,49 +74,8 @@ var foldConsts = func() (k [10]uint64) {
 		return raw(0, b)
 	}
 	for i, dist := range []int{256, 64, 48, 32, 16} {
-		k[2*i] = uint64(solve(g, target(false, dist)))
-		k[2*i+1] = uint64(solve(g, target(true, dist)))
+		k[2*i] = gf2.Solve(g, uint64(target(false, dist)), 32)
+		k[2*i+1] = gf2.Solve(g, uint64(target(true, dist)), 32)
 	}
 	return k
 }()
-
-// solve returns x with g(x) = y for a linear, invertible g on 32-bit
-// vectors over GF(2), by Gaussian elimination.
-func solve(g func(uint32) uint32, y uint32) uint32 {
-	var rows [32]uint32 // per output bit: the input bits that reach it
-	var rhs [32]uint32
-	for c := range 32 {
-		col := g(1 << c)
-		for r := range 32 {
-			rows[r] |= (col >> r & 1) << c
-		}
-	}
-	for r := range 32 {
-		rhs[r] = y >> r & 1
-	}
-	for c := range 32 {
-		p := -1
-		for r := c; r < 32; r++ {
-			if rows[r]>>c&1 == 1 {
-				p = r
-				break
-			}
-		}
-		if p < 0 {
-			panic("crc32c: folding map is singular")
-		}
-		rows[c], rows[p] = rows[p], rows[c]
-		rhs[c], rhs[p] = rhs[p], rhs[c]
-		for r := range 32 {
-			if r != c && rows[r]>>c&1 == 1 {
-				rows[r] ^= rows[c]
-				rhs[r] ^= rhs[c]
-			}
-		}
-	}
-	var x uint32
-	for c := range 32 {
-		x |= rhs[c] << c
-	}
-	return x
-}

@@ -472,16 +472,22 @@ func (h *hookFS) OpenFile(name string, flag int, perm fs.FileMode) (File, error)
 	return h.OSFS.OpenFile(name, flag, perm)
 }
 
+// midScrub runs fn once, when a scrub of rebuilding's segments reads the
+// third one (the first two are rebuilt by then).
+func midScrub(h *hookFS, dirs []string, fn func()) {
+	var once sync.Once
+	h.onRead = func(name string) {
+		if strings.HasPrefix(name, filepath.Join(dirs[0], "m", "0000000000000003")) {
+			once.Do(fn)
+		}
+	}
+}
+
 // A directory lost again while a scrub rebuilds it is not marked complete
 // by that scrub, and is reported again.
 func TestScrubDoesNotMarkDirectoryLostMeanwhile(t *testing.T) {
 	dirs, h, c, _ := rebuilding(t, 3)
-	var once sync.Once
-	h.onRead = func(name string) {
-		if strings.HasPrefix(name, filepath.Join(dirs[0], "m", "0000000000000003")) {
-			once.Do(func() { wipe(t, dirs[1]) }) // mid-scrub
-		}
-	}
+	midScrub(h, dirs, func() { wipe(t, dirs[1]) })
 	if _, err := c.Scrub(context.Background()); err != nil {
 		t.Fatalf("scrub: %v", err)
 	}
@@ -500,7 +506,6 @@ func TestScrubDoesNotMarkDirectoryLostMeanwhile(t *testing.T) {
 // Put itself fails, as every shard must be durable.
 func TestFailedWriteDuringScrubKeepsPending(t *testing.T) {
 	dirs, h, c, data := rebuilding(t, 3)
-	var once sync.Once
 	var failing atomic.Bool
 	h.onOpen = func(name string) error {
 		if failing.Load() && strings.HasPrefix(name, filepath.Join(dirs[1], "n")+string(filepath.Separator)) {
@@ -508,18 +513,14 @@ func TestFailedWriteDuringScrubKeepsPending(t *testing.T) {
 		}
 		return nil
 	}
-	h.onRead = func(name string) {
-		if strings.HasPrefix(name, filepath.Join(dirs[0], "m", "0000000000000003")) {
-			once.Do(func() {
-				// Another stream's segment, under its own lock.
-				failing.Store(true)
-				if err := c.Put(SegmentID{"n", 1}, data); err == nil || !strings.Contains(err.Error(), dirs[1]) {
-					t.Errorf("put with a shard failing in %s: %v, want an error naming it", dirs[1], err)
-				}
-				failing.Store(false)
-			})
+	midScrub(h, dirs, func() {
+		// Another stream's segment, under its own lock.
+		failing.Store(true)
+		if err := c.Put(SegmentID{"n", 1}, data); err == nil || !strings.Contains(err.Error(), dirs[1]) {
+			t.Errorf("put with a shard failing in %s: %v, want an error naming it", dirs[1], err)
 		}
-	}
+		failing.Store(false)
+	})
 	if _, err := c.Scrub(context.Background()); err != nil {
 		t.Fatalf("scrub: %v", err)
 	}

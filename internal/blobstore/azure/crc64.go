@@ -3,6 +3,8 @@ package azure
 import (
 	"encoding/binary"
 	"hash/crc64"
+
+	"github.com/lifeboat-dr/lifeboat/internal/gf2"
 )
 
 // Azure's transactional CRC64 (x-ms-content-crc64) uses this polynomial.
@@ -82,51 +84,8 @@ var foldConsts = func() (k [4]uint64) {
 		return rawUpdate(0, b)
 	}
 	for i, dist := range []int{64, 16} {
-		k[2*i] = solve(g, target(false, dist))
-		k[2*i+1] = solve(g, target(true, dist))
+		k[2*i] = gf2.Solve(g, target(false, dist), 64)
+		k[2*i+1] = gf2.Solve(g, target(true, dist), 64)
 	}
 	return k
 }()
-
-// solve returns x with g(x) = y for a linear, invertible g on 64-bit
-// vectors over GF(2), by Gaussian elimination.
-func solve(g func(uint64) uint64, y uint64) uint64 {
-	// Rows of the augmented system: for each output bit r, the input bits
-	// that reach it (a 64-bit mask) and y's bit r.
-	var rows [64]uint64
-	var rhs [64]uint64
-	for c := range 64 {
-		col := g(1 << c)
-		for r := range 64 {
-			rows[r] |= (col >> r & 1) << c
-		}
-	}
-	for r := range 64 {
-		rhs[r] = y >> r & 1
-	}
-	for c := range 64 {
-		p := -1
-		for r := c; r < 64; r++ {
-			if rows[r]>>c&1 == 1 {
-				p = r
-				break
-			}
-		}
-		if p < 0 {
-			panic("azure: CRC64 folding map is singular")
-		}
-		rows[c], rows[p] = rows[p], rows[c]
-		rhs[c], rhs[p] = rhs[p], rhs[c]
-		for r := range 64 {
-			if r != c && rows[r]>>c&1 == 1 {
-				rows[r] ^= rows[c]
-				rhs[r] ^= rhs[c]
-			}
-		}
-	}
-	var x uint64
-	for c := range 64 {
-		x |= rhs[c] << c
-	}
-	return x
-}
