@@ -101,14 +101,14 @@ struct {
 	__type(value, __u64);
 } bitmap SEC(".maps");
 
-// Bios whose extent is reported at completion, in the LB_PEND_PROBES slots
-// from a hash of the bio's address (track_bio, pend_find, pend_take).
+// Bios whose extent is reported at completion, in the bucket a hash of the
+// bio's address picks (track_bio, pend_find, pend_take).
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(map_flags, BPF_F_MMAPABLE);
-	__uint(max_entries, LB_PEND_SLOTS);
+	__uint(max_entries, LB_PEND_BUCKETS);
 	__type(key, __u32);
-	__type(value, struct lb_slot);
+	__type(value, struct lb_bucket);
 } pending SEC(".maps");
 
 // Pending writes the agent swept before they completed, by bio address,
@@ -128,6 +128,18 @@ struct {
 	__type(key, __u32);
 	__type(value, struct lb_counters);
 } counters SEC(".maps");
+
+// Bitmap marks per CPU and device (cpu × LB_MAX_DEVICES + id), which the
+// agent sums through mmap: it takes the bitmap when the sum moves. One
+// count per device moved its cache line between the CPUs writes complete
+// on, for every write in metadata mode.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, LB_MAX_DEVICES); // × possible CPUs, set by the loader
+	__type(key, __u32);
+	__type(value, __u64);
+} marks SEC(".maps");
 
 // Ring-captured writes started and finished, per device and CPU: a write
 // is counted where it is queued and where it completes, usually another
@@ -210,10 +222,18 @@ static __always_inline void mark_bitmap(struct lb_dev *d, __u64 sector, __u32 le
 		else if (c)
 			c->mark_failures++;
 	}
-	__u32 id = d->id;
-	struct lb_devstate *st = bpf_map_lookup_elem(&devstate, &id);
-	if (st)
-		__sync_fetch_and_add(&st->marks, 1);
+	__u32 idx = bpf_get_smp_processor_id() * LB_MAX_DEVICES + d->id;
+	__u64 *m = bpf_map_lookup_elem(&marks, &idx);
+	if (m) {
+		__sync_fetch_and_add(m, 1);
+	} else {
+		// No row for this CPU (cannot happen: the loader sizes the
+		// map for every possible CPU); the sum must move all the same.
+		__u32 id = d->id;
+		struct lb_devstate *st = bpf_map_lookup_elem(&devstate, &id);
+		if (st)
+			__sync_fetch_and_add(&st->marks, 1);
+	}
 	if (c)
 		c->bitmap_marks++;
 }
@@ -523,31 +543,36 @@ static __always_inline __u64 addr_num(void *ptr, __u32 who)
 	return *v;
 }
 
-// pend_hash picks key's first slot (key is a number: addr_num).
-static __always_inline __u32 pend_hash(__u64 key)
+// pend_bucket returns key's bucket (key is a number: addr_num).
+static __always_inline struct lb_bucket *pend_bucket(__u64 key)
 {
-	return (key * 0x9E3779B97F4A7C15ULL) >> (64 - LB_PEND_BITS);
+	__u32 h = (key * 0x9E3779B97F4A7C15ULL) >> (64 - LB_PEND_BITS);
+	return bpf_map_lookup_elem(&pending, &h);
 }
 
-static __always_inline struct lb_slot *pend_slot(__u32 h, __u32 i)
-{
-	__u32 idx = (h + i) & (LB_PEND_SLOTS - 1);
-	return bpf_map_lookup_elem(&pending, &idx);
-}
-
-// pend_find returns the slot holding key's entry, or NULL.
-static __always_inline struct lb_slot *pend_find(__u64 key)
+// pend_find returns the tag of key's entry, and the entry in *p, or NULL.
+static __always_inline __u64 *pend_find(__u64 key, struct lb_pending **p)
 {
 	if (key <= LB_TAG_BUSY)
 		return 0;
-	__u32 h = pend_hash(key);
+	struct lb_bucket *b = pend_bucket(key);
+	if (!b)
+		return 0;
 #pragma unroll
-	for (__u32 i = 0; i < LB_PEND_PROBES; i++) {
-		struct lb_slot *s = pend_slot(h, i);
-		if (s && s->tag == key)
-			return s;
+	for (__u32 i = 0; i < LB_PEND_WAYS; i++) {
+		if (b->tag[i] == key) {
+			*p = &b->p[i];
+			return &b->tag[i];
+		}
 	}
 	return 0;
+}
+
+// pend_known reports whether key has a pending entry.
+static __always_inline bool pend_known(__u64 key)
+{
+	struct lb_pending *p;
+	return pend_find(key, &p) != 0;
 }
 
 // pend_take removes key's pending entry into *out, as take does: 1 this
@@ -557,13 +582,14 @@ static __always_inline struct lb_slot *pend_find(__u64 key)
 // freed (xchg: the copy is complete before another writer can claim it).
 static __always_inline int pend_take(__u64 key, struct lb_pending *out)
 {
-	struct lb_slot *s = pend_find(key);
-	if (!s)
+	struct lb_pending *p;
+	__u64 *tag = pend_find(key, &p);
+	if (!tag)
 		return 0;
-	if (__sync_val_compare_and_swap(&s->tag, key, LB_TAG_BUSY) != key)
+	if (__sync_val_compare_and_swap(tag, key, LB_TAG_BUSY) != key)
 		return -1;
-	*out = s->p;
-	__sync_lock_test_and_set(&s->tag, LB_TAG_FREE);
+	*out = *p;
+	__sync_lock_test_and_set(tag, LB_TAG_FREE);
 	return 1;
 }
 
@@ -594,31 +620,30 @@ __noinline int settle_swept(__u64 *keyp)
 	return 1;
 }
 
-// track_bio adds bio's pending entry in the first free slot from its
-// hash; non-zero when the LB_PEND_PROBES slots there are all taken. An
-// entry already under the bio's address in any of them belongs to an
-// earlier bio that has ended (its memory is being reused) without capture
-// seeing it end: that write is settled now rather than at the agent's
-// sweep, seconds later. The entry is written while its slot is busy and
-// published by the xchg of its tag.
+// track_bio adds bio's pending entry in a free slot of its bucket; non-zero
+// when they are all taken. An entry already under the bio's address there
+// belongs to an earlier bio that has ended (its memory is being reused)
+// without capture seeing it end: that write is settled now rather than at
+// the agent's sweep, seconds later. The entry is written while its slot is
+// busy and published by the xchg of its tag.
 static __always_inline long track_bio(__u64 key, struct lb_pending *p, struct lb_counters *c)
 {
 	if (key <= LB_TAG_BUSY)
 		return -1;
-	__u32 h = pend_hash(key);
+	struct lb_bucket *b = pend_bucket(key);
+	if (!b)
+		return -1;
 #pragma unroll
-	for (__u32 i = 0; i < LB_PEND_PROBES; i++) {
-		struct lb_slot *s = pend_slot(h, i);
-		if (s && s->tag == key)
+	for (__u32 i = 0; i < LB_PEND_WAYS; i++) {
+		if (b->tag[i] == key)
 			settle_taken(&key);
 	}
 #pragma unroll
-	for (__u32 i = 0; i < LB_PEND_PROBES; i++) {
-		struct lb_slot *s = pend_slot(h, i);
-		if (s && s->tag == LB_TAG_FREE &&
-		    __sync_val_compare_and_swap(&s->tag, LB_TAG_FREE, LB_TAG_BUSY) == LB_TAG_FREE) {
-			s->p = *p;
-			__sync_lock_test_and_set(&s->tag, key);
+	for (__u32 i = 0; i < LB_PEND_WAYS; i++) {
+		if (b->tag[i] == LB_TAG_FREE &&
+		    __sync_val_compare_and_swap(&b->tag[i], LB_TAG_FREE, LB_TAG_BUSY) == LB_TAG_FREE) {
+			b->p[i] = *p;
+			__sync_lock_test_and_set(&b->tag[i], key);
 			return 0;
 		}
 	}
@@ -848,7 +873,7 @@ static __always_inline void complete_rq_bio(struct bio *bio, __u64 addr, int err
 		if (classify(opf, size) < 0)
 			return;
 		__u64 k = addr;
-		if (!pend_find(k)) {
+		if (!pend_known(k)) {
 			if (!settle_swept(&k))
 				mark_disk_write(key, bio->bi_iter.bi_sector, size);
 			return;
@@ -900,7 +925,7 @@ int BPF_PROG(lb_rq_complete, struct request *rq, blk_status_t error, unsigned in
 			// write is settled from its pending entry, which holds
 			// all of it, when it completes.
 			if (nr_bytes > w->done)
-				mark_landed(b, pend_find(addr) != 0);
+				mark_landed(b, pend_known(addr));
 			break;
 		}
 		w->done += size;
@@ -916,16 +941,17 @@ SEC("tp_btf/block_split")
 int BPF_PROG(lb_split, struct bio *split, unsigned int new_sector)
 {
 	__u64 parent = addr_num(split->bi_private, LB_SCRATCH_SPLIT);
-	struct lb_slot *ps = pend_find(parent);
-	if (!ps)
+	struct lb_pending *pp;
+	__u64 *ptag = pend_find(parent, &pp);
+	if (!ptag)
 		return 0; // no parent (bi_private is not always one), or untracked
 	__u64 key = addr_num(split, LB_SCRATCH_SPLIT);
-	if (pend_find(key))
+	if (pend_known(key))
 		return 0; // already tracked itself (device mapper traces the remainder)
 	// The parent's slot is held busy while its entry changes.
-	if (__sync_val_compare_and_swap(&ps->tag, parent, LB_TAG_BUSY) != parent)
+	if (__sync_val_compare_and_swap(ptag, parent, LB_TAG_BUSY) != parent)
 		return 0;
-	struct lb_pending front = ps->p;
+	struct lb_pending front = *pp;
 	__u32 flen = split->bi_iter.bi_size;
 	front.len = flen;
 	struct lb_counters *c = ctrs();
@@ -936,12 +962,12 @@ int BPF_PROG(lb_split, struct bio *split, unsigned int new_sector)
 	} else {
 		if (front.kind == LB_PEND_RING)
 			ring_started(front.dev);
-		if (ps->p.len > flen) {
-			ps->p.sector += flen >> 9;
-			ps->p.len -= flen;
+		if (pp->len > flen) {
+			pp->sector += flen >> 9;
+			pp->len -= flen;
 		}
 	}
-	__sync_lock_test_and_set(&ps->tag, parent);
+	__sync_lock_test_and_set(ptag, parent);
 	return 0;
 }
 
@@ -1005,5 +1031,5 @@ const struct lb_devstate *unused_devstate __attribute__((unused));
 const struct lb_counters *unused_counters __attribute__((unused));
 const struct lb_global *unused_global __attribute__((unused));
 const struct lb_pending *unused_pending __attribute__((unused));
-const struct lb_slot *unused_slot __attribute__((unused));
+const struct lb_bucket *unused_bucket __attribute__((unused));
 const struct lb_flight *unused_flight __attribute__((unused));

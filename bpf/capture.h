@@ -8,9 +8,9 @@
 #define LB_CAPTURE_H
 
 #define LB_MAX_DEVICES 64
-#define LB_PEND_BITS 16 /* pending table: 65536 slots */
-#define LB_PEND_SLOTS (1 << LB_PEND_BITS)
-#define LB_PEND_PROBES 8 /* slots tried from a bio's hash */
+#define LB_PEND_BITS 13 /* pending table: 8192 buckets */
+#define LB_PEND_BUCKETS (1 << LB_PEND_BITS)
+#define LB_PEND_WAYS 8 /* entries a bucket holds */
 
 /* Scratch entries (addr_scratch, copy_scratch): one per program. */
 #define LB_SCRATCH_QUEUE 0
@@ -87,7 +87,7 @@ struct lb_devstate {
 	__u32 overflow; /* set by BPF when the ring is full, cleared by the agent */
 	__u32 clock;    /* the agent's monotonic seconds, for lb_pending.stamp */
 	__u64 overflow_events;
-	__u64 marks;         /* bitmap marks: the agent drains when this moves */
+	__u64 marks;         /* the agent's own marks (tests); capture counts in the marks map */
 	__s64 ring_inflight; /* the agent's adjustments to ring_flight's sum */
 };
 
@@ -108,11 +108,15 @@ struct lb_pending {
 	__u32 disk;  /* LB_PEND_DISK: the disk's dev_t; sector is the disk's */
 };
 
-/* A slot of the pending table. tag: LB_TAG_FREE, LB_TAG_BUSY (being
- * written or taken), or the address of the bio whose entry p is. */
-struct lb_slot {
-	__u64 tag;
-	struct lb_pending p;
+/* A bucket of the pending table: a bio's entry can only be in the bucket
+ * its address hashes to. tag[i]: LB_TAG_FREE, LB_TAG_BUSY (being written
+ * or taken), or the address of the bio whose entry p[i] is. The tags fill
+ * one cache line, so that finding or placing an entry reads one line (with
+ * slots probed one after the other, eight probes read five lines, most of
+ * them last written by the CPU a write completed on). */
+struct lb_bucket {
+	__u64 tag[LB_PEND_WAYS];
+	struct lb_pending p[LB_PEND_WAYS];
 };
 
 #define LB_TAG_FREE 0

@@ -79,7 +79,7 @@ type Config struct {
 
 // Maps pinned across restarts. The ring itself is not: a clean stop
 // drains it, and after an unclean one its contents cannot be trusted.
-var pinnedMaps = []string{"devices", "devstate", "bitmap", "pending", "global", "counters", "ring_flight"}
+var pinnedMaps = []string{"devices", "devstate", "bitmap", "pending", "global", "counters", "ring_flight", "marks"}
 
 // In attach order (see setup).
 var pinnedLinks = []string{"link_complete", "link_rq_complete", "link_split", "link_queue"}
@@ -94,6 +94,7 @@ type Capture struct {
 	wordBase []uint32 // first bitmap word per device ID
 	bitmap   []byte   // mmap of the bitmap map
 	devstate []byte   // mmap of the devstate map
+	marks    []byte   // mmap of the marks map (a row of counts per CPU)
 	pending  []byte   // mmap of the pending table
 
 	stopClock, clockDone chan struct{} // runClock
@@ -113,8 +114,8 @@ func Load(cfg Config) (*Capture, error) {
 	if _, err := os.Stat("/sys/kernel/btf/vmlinux"); err != nil {
 		return nil, errors.New("this kernel has no BTF (/sys/kernel/btf/vmlinux): eBPF capture needs CONFIG_DEBUG_INFO_BTF")
 	}
-	if len(cfg.Devices) == 0 || len(cfg.Devices) > 64 {
-		return nil, fmt.Errorf("capture: %d devices (want 1 to 64)", len(cfg.Devices))
+	if len(cfg.Devices) == 0 || len(cfg.Devices) > maxDevices {
+		return nil, fmt.Errorf("capture: %d devices (want 1 to %d)", len(cfg.Devices), maxDevices)
 	}
 	if cfg.RingBytes == 0 {
 		cfg.RingBytes = 64 << 20
@@ -145,6 +146,11 @@ func Load(cfg Config) (*Capture, error) {
 	}
 	spec.Maps["events"].MaxEntries = uint32(cfg.RingBytes)
 	spec.Maps["bitmap"].MaxEntries = words
+	cpus, err := ebpf.PossibleCPU()
+	if err != nil {
+		return nil, fmt.Errorf("capture: count possible CPUs: %w", err)
+	}
+	spec.Maps["marks"].MaxEntries = uint32(cpus * maxDevices)
 	if err := spec.Variables["wake_bytes"].Set(cfg.WakeBytes); err != nil {
 		return nil, err
 	}
@@ -190,8 +196,11 @@ func (c *Capture) setup() error {
 	if c.devstate, err = mmapMap(c.objs.Devstate); err != nil {
 		return fmt.Errorf("mmap devstate: %w", err)
 	}
-	if n, sz := c.objs.Pending.MaxEntries(), c.objs.Pending.ValueSize(); n != pendSlots || sz != uint32(unsafe.Sizeof(captureLbSlot{})) {
-		return fmt.Errorf("capture: pending table has %d slots of %d bytes, want %d of %d", n, sz, pendSlots, unsafe.Sizeof(captureLbSlot{}))
+	if c.marks, err = mmapMap(c.objs.Marks); err != nil {
+		return fmt.Errorf("mmap marks: %w", err)
+	}
+	if n, sz := c.objs.Pending.MaxEntries(), c.objs.Pending.ValueSize(); n != pendBuckets || sz != uint32(unsafe.Sizeof(captureLbBucket{})) {
+		return fmt.Errorf("capture: pending table has %d buckets of %d bytes, want %d of %d", n, sz, pendBuckets, unsafe.Sizeof(captureLbBucket{}))
 	}
 	if c.pending, err = mmapMap(c.objs.Pending); err != nil {
 		return fmt.Errorf("mmap pending: %w", err)
@@ -330,7 +339,8 @@ func (c *Capture) Persist() error {
 		return nil
 	}
 	maps := map[string]*ebpf.Map{"devices": c.objs.Devices, "devstate": c.objs.Devstate, "bitmap": c.objs.Bitmap,
-		"pending": c.objs.Pending, "global": c.objs.Global, "counters": c.objs.Counters, "ring_flight": c.objs.RingFlight}
+		"pending": c.objs.Pending, "global": c.objs.Global, "counters": c.objs.Counters, "ring_flight": c.objs.RingFlight,
+		"marks": c.objs.Marks}
 	for _, name := range pinnedMaps {
 		p := filepath.Join(c.pinDir, name)
 		if m := maps[name]; !m.IsPinned() {
@@ -364,7 +374,7 @@ func (c *Capture) Unpin() {
 			l.Close()
 		}
 	}
-	for _, m := range []*ebpf.Map{c.objs.Devices, c.objs.Devstate, c.objs.Bitmap, c.objs.Pending, c.objs.Global, c.objs.Counters, c.objs.RingFlight} {
+	for _, m := range []*ebpf.Map{c.objs.Devices, c.objs.Devstate, c.objs.Bitmap, c.objs.Pending, c.objs.Global, c.objs.Counters, c.objs.RingFlight, c.objs.Marks} {
 		if m != nil {
 			m.Unpin()
 		}
@@ -448,6 +458,10 @@ func (c *Capture) Close() error {
 	if c.devstate != nil {
 		unix.Munmap(c.devstate)
 		c.devstate = nil
+	}
+	if c.marks != nil {
+		unix.Munmap(c.marks)
+		c.marks = nil
 	}
 	if c.pending != nil {
 		unix.Munmap(c.pending)
@@ -613,9 +627,15 @@ func (c *Capture) ResetRingInflight(i int) {
 }
 
 // Marks counts the bitmap marks of device i; it moves when there is
-// something to read back.
+// something to read back. Every count it sums only grows, so a mark not
+// in one result makes every later one differ from it.
 func (c *Capture) Marks(i int) uint64 {
-	return atomic.LoadUint64(&c.state(i).Marks)
+	n := atomic.LoadUint64(&c.state(i).Marks)
+	rows := unsafe.Slice((*uint64)(unsafe.Pointer(&c.marks[0])), c.objs.Marks.MaxEntries())
+	for r := int(c.devices[i].ID); r < len(rows); r += maxDevices {
+		n += atomic.LoadUint64(&rows[r])
+	}
+	return n
 }
 
 // ProgramsRunning is the number of capture programs running right now on
@@ -731,20 +751,20 @@ func (c *Capture) SweepIdle(idle func(kernelDev uint32) bool) ([]Stale, error) {
 func (c *Capture) sweep(old func(*captureLbPending) bool) ([]Stale, error) {
 	var stale []Stale
 	for i := range pendSlots {
-		s := c.slot(i)
-		tag := atomic.LoadUint64(&s.Tag)
+		t, p := c.slot(i)
+		tag := atomic.LoadUint64(t)
 		if tag == tagFree || tag == tagBusy {
 			continue
 		}
-		if v := s.P; !old(&v) { // read unclaimed: a hint only
+		if v := *p; !old(&v) { // read unclaimed: a hint only
 			continue
 		}
-		if !atomic.CompareAndSwapUint64(&s.Tag, tag, tagBusy) {
+		if !atomic.CompareAndSwapUint64(t, tag, tagBusy) {
 			continue // completed or settled meanwhile
 		}
-		v := s.P
+		v := *p
 		if !old(&v) {
-			atomic.StoreUint64(&s.Tag, tag)
+			atomic.StoreUint64(t, tag)
 			continue
 		}
 		// A completion that still shows up, on another device than the
@@ -757,7 +777,7 @@ func (c *Capture) sweep(old func(*captureLbPending) bool) ([]Stale, error) {
 			sv.Kind = kindOverflow
 		}
 		c.objs.Swept.Put(tag, &sv)
-		atomic.StoreUint64(&s.Tag, tagFree)
+		atomic.StoreUint64(t, tagFree)
 		if v.Kind == kindDisk {
 			stale = append(stale, c.diskOverlaps(v.Disk, v.Sector, v.Len)...)
 			continue
@@ -774,17 +794,25 @@ func (c *Capture) sweep(old func(*captureLbPending) bool) ([]Stale, error) {
 	return stale, nil
 }
 
-// The pending table (capture.h: LB_PEND_BITS, LB_PEND_PROBES, LB_TAG_*).
+// maxDevices is LB_MAX_DEVICES: devices per capture, and a row of the
+// marks map.
+const maxDevices = 64
+
+// The pending table (capture.h: LB_PEND_BITS, LB_PEND_WAYS, LB_TAG_*).
 const (
-	pendBits   = 16
-	pendSlots  = 1 << pendBits
-	pendProbes = 8
-	tagFree    = 0
-	tagBusy    = 1
+	pendBits    = 13
+	pendBuckets = 1 << pendBits
+	pendWays    = len(captureLbBucket{}.Tag)
+	pendSlots   = pendBuckets * pendWays
+	tagFree     = 0
+	tagBusy     = 1
 )
 
-func (c *Capture) slot(i int) *captureLbSlot {
-	return (*captureLbSlot)(unsafe.Pointer(&c.pending[i*int(unsafe.Sizeof(captureLbSlot{}))]))
+// slot returns the tag and entry of slot i of the pending table (way
+// i%pendWays of bucket i/pendWays).
+func (c *Capture) slot(i int) (*uint64, *captureLbPending) {
+	b := (*captureLbBucket)(unsafe.Pointer(&c.pending[i/pendWays*int(unsafe.Sizeof(captureLbBucket{}))]))
+	return &b.Tag[i%pendWays], &b.P[i%pendWays]
 }
 
 // freeAbandonedSlots frees the pending slots left busy by an agent that
@@ -794,7 +822,7 @@ func (c *Capture) slot(i int) *captureLbSlot {
 func (c *Capture) freeAbandonedSlots() {
 	var busy []int
 	for i := range pendSlots {
-		if atomic.LoadUint64(&c.slot(i).Tag) == tagBusy {
+		if t, _ := c.slot(i); atomic.LoadUint64(t) == tagBusy {
 			busy = append(busy, i)
 		}
 	}
@@ -804,7 +832,7 @@ func (c *Capture) freeAbandonedSlots() {
 	time.Sleep(abandonedAfter)
 	n := 0
 	for _, i := range busy {
-		if atomic.CompareAndSwapUint64(&c.slot(i).Tag, tagBusy, tagFree) {
+		if t, _ := c.slot(i); atomic.CompareAndSwapUint64(t, tagBusy, tagFree) {
 			n++
 		}
 	}
@@ -817,11 +845,11 @@ const abandonedAfter = 100 * time.Millisecond
 // does not settle an entry already there).
 func (c *Capture) putPending(key uint64, v captureLbPending) error {
 	h := int((key * 0x9E3779B97F4A7C15) >> (64 - pendBits))
-	for i := range pendProbes {
-		s := c.slot((h + i) & (pendSlots - 1))
-		if atomic.CompareAndSwapUint64(&s.Tag, tagFree, tagBusy) {
-			s.P = v
-			atomic.StoreUint64(&s.Tag, key)
+	for w := range pendWays {
+		t, p := c.slot(h*pendWays + w)
+		if atomic.CompareAndSwapUint64(t, tagFree, tagBusy) {
+			*p = v
+			atomic.StoreUint64(t, key)
 			return nil
 		}
 	}

@@ -22,6 +22,12 @@ type captureCopyState struct {
 	Skip  uint32
 }
 
+type captureLbBucket struct {
+	_   structs.HostLayout
+	Tag [8]uint64
+	P   [8]captureLbPending
+}
+
 type captureLbCounters struct {
 	_               structs.HostLayout
 	Records         uint64
@@ -108,12 +114,6 @@ type captureLbRecord struct {
 	Pad     uint32
 }
 
-type captureLbSlot struct {
-	_   structs.HostLayout
-	Tag uint64
-	P   captureLbPending
-}
-
 type captureRqWalk struct {
 	_    structs.HostLayout
 	Bio  uint64
@@ -135,6 +135,7 @@ const (
 	captureMapDisks          = "disks"
 	captureMapEvents         = "events"
 	captureMapGlobal         = "global"
+	captureMapMarks          = "marks"
 	captureMapPending        = "pending"
 	captureMapRingFlight     = "ring_flight"
 	captureMapRqScratch      = "rq_scratch"
@@ -146,6 +147,7 @@ const (
 	captureProgLbRqComplete  = "lb_rq_complete"
 	captureProgLbSplit       = "lb_split"
 	captureVarAgentTgid      = "agent_tgid"
+	captureVarUnusedBucket   = "unused_bucket"
 	captureVarUnusedCounters = "unused_counters"
 	captureVarUnusedDev      = "unused_dev"
 	captureVarUnusedDevstate = "unused_devstate"
@@ -153,7 +155,6 @@ const (
 	captureVarUnusedGlobal   = "unused_global"
 	captureVarUnusedPending  = "unused_pending"
 	captureVarUnusedRecord   = "unused_record"
-	captureVarUnusedSlot     = "unused_slot"
 	captureVarWakeBytes      = "wake_bytes"
 	captureVarWakeStep       = "wake_step"
 )
@@ -221,6 +222,7 @@ type captureMapSpecs struct {
 	Disks       *ebpf.MapSpec `ebpf:"disks"`
 	Events      *ebpf.MapSpec `ebpf:"events"`
 	Global      *ebpf.MapSpec `ebpf:"global"`
+	Marks       *ebpf.MapSpec `ebpf:"marks"`
 	Pending     *ebpf.MapSpec `ebpf:"pending"`
 	RingFlight  *ebpf.MapSpec `ebpf:"ring_flight"`
 	RqScratch   *ebpf.MapSpec `ebpf:"rq_scratch"`
@@ -233,6 +235,7 @@ type captureMapSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type captureVariableSpecs struct {
 	AgentTgid      *ebpf.VariableSpec `ebpf:"agent_tgid"`
+	UnusedBucket   *ebpf.VariableSpec `ebpf:"unused_bucket"`
 	UnusedCounters *ebpf.VariableSpec `ebpf:"unused_counters"`
 	UnusedDev      *ebpf.VariableSpec `ebpf:"unused_dev"`
 	UnusedDevstate *ebpf.VariableSpec `ebpf:"unused_devstate"`
@@ -240,7 +243,6 @@ type captureVariableSpecs struct {
 	UnusedGlobal   *ebpf.VariableSpec `ebpf:"unused_global"`
 	UnusedPending  *ebpf.VariableSpec `ebpf:"unused_pending"`
 	UnusedRecord   *ebpf.VariableSpec `ebpf:"unused_record"`
-	UnusedSlot     *ebpf.VariableSpec `ebpf:"unused_slot"`
 	WakeBytes      *ebpf.VariableSpec `ebpf:"wake_bytes"`
 	WakeStep       *ebpf.VariableSpec `ebpf:"wake_step"`
 }
@@ -275,6 +277,7 @@ type captureMaps struct {
 	Disks       *ebpf.Map `ebpf:"disks"`
 	Events      *ebpf.Map `ebpf:"events"`
 	Global      *ebpf.Map `ebpf:"global"`
+	Marks       *ebpf.Map `ebpf:"marks"`
 	Pending     *ebpf.Map `ebpf:"pending"`
 	RingFlight  *ebpf.Map `ebpf:"ring_flight"`
 	RqScratch   *ebpf.Map `ebpf:"rq_scratch"`
@@ -294,6 +297,7 @@ func (m *captureMaps) Close() error {
 		m.Disks,
 		m.Events,
 		m.Global,
+		m.Marks,
 		m.Pending,
 		m.RingFlight,
 		m.RqScratch,
@@ -307,6 +311,7 @@ func (m *captureMaps) Close() error {
 // It can be passed to loadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type captureVariables struct {
 	AgentTgid      *ebpf.Variable `ebpf:"agent_tgid"`
+	UnusedBucket   *ebpf.Variable `ebpf:"unused_bucket"`
 	UnusedCounters *ebpf.Variable `ebpf:"unused_counters"`
 	UnusedDev      *ebpf.Variable `ebpf:"unused_dev"`
 	UnusedDevstate *ebpf.Variable `ebpf:"unused_devstate"`
@@ -314,7 +319,6 @@ type captureVariables struct {
 	UnusedGlobal   *ebpf.Variable `ebpf:"unused_global"`
 	UnusedPending  *ebpf.Variable `ebpf:"unused_pending"`
 	UnusedRecord   *ebpf.Variable `ebpf:"unused_record"`
-	UnusedSlot     *ebpf.Variable `ebpf:"unused_slot"`
 	WakeBytes      *ebpf.Variable `ebpf:"wake_bytes"`
 	WakeStep       *ebpf.Variable `ebpf:"wake_step"`
 }
