@@ -11,7 +11,13 @@ import (
 
 // With BPF_RB_NO_WAKEUP the reader polls; a barrier or Stop wakes it at
 // once (flush). Polls park in the runtime's poller (eventRing.wait).
-const pollInterval = 10 * time.Millisecond
+// Without data-mode devices nothing but barriers, which wake the reader,
+// goes through the ring: it then polls at idlePoll (at 10 ms, an agent
+// protecting metadata-mode devices woke 100 times a second for nothing).
+const (
+	pollInterval = 10 * time.Millisecond
+	idlePoll     = time.Second
+)
 
 // Item is what the consumer receives: a ring record (Raw), or a barrier
 // that confirms everything committed to the BPF ring before the barrier
@@ -30,6 +36,7 @@ type Item struct {
 // Next/TryNext; RequestBarrier and Stop may be called from anywhere.
 type Reader struct {
 	ring    *eventRing
+	poll    time.Duration
 	q       *spsc.Ring[Item]
 	held    uint64        // consumer side: end of the item returned last
 	barrier atomic.Uint64 // highest requested barrier
@@ -42,7 +49,13 @@ type Reader struct {
 
 // NewReader wraps c's ring.
 func NewReader(c *Capture) *Reader {
-	return &Reader{ring: c.ring, q: spsc.New[Item](1 << 14)}
+	r := &Reader{ring: c.ring, poll: idlePoll, q: spsc.New[Item](1 << 14)}
+	for _, d := range c.devices {
+		if d.Mode == ModeData {
+			r.poll = pollInterval
+		}
+	}
+	return r
 }
 
 // RequestBarrier asks the reader to deliver a barrier item once the BPF
@@ -108,7 +121,7 @@ func (r *Reader) Run(ctx context.Context) error {
 			// right away rather than after the next poll.
 			continue
 		}
-		if err := r.ring.wait(pollInterval); err != nil && !errors.Is(err, errRingFlushed) {
+		if err := r.ring.wait(r.poll); err != nil && !errors.Is(err, errRingFlushed) {
 			return err
 		}
 	}
