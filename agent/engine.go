@@ -979,7 +979,7 @@ func (e *Engine) checkSizes() error {
 // marks every write of a metadata device there once it has landed (a
 // ring record per write cost the kernel about as much and the agent a
 // record to handle, for nothing a read-back needs), except when its
-// pending slots are full (add_pending marks at submission): that write's
+// pending bucket is full (add_pending marks at submission): that write's
 // completion then finds no entry and marks it again
 // (complete_untracked), so an early read-back is repeated.
 func (e *Engine) harvest(i int) error {

@@ -18,10 +18,11 @@
 // track_bio settles the old write (late_completions), and the agent sweeps
 // entries that are never reused (SweepStale).
 //
-// Pending entries live in an open-addressing table (pending) whose slots
-// are claimed and released by compare-and-swap on their tag; a hash map
-// cost a bucket lock and a free-list push or pop per write, about as much
-// as copying a 4 KiB payload. The agent maps the table to sweep it.
+// Pending entries live in a table (pending) of 8-way buckets, one per hash
+// of the bio's address, whose slots are claimed and released by
+// compare-and-swap on their tag; a hash map cost a bucket lock and a
+// free-list push or pop per write, about as much as copying a 4 KiB
+// payload. The agent maps the table to sweep it.
 //
 // Ordering contract with the agent (agent/engine.go, drain): once a device's
 // overflow flag is set, no program starts a new ring record for it. The agent

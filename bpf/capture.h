@@ -87,7 +87,8 @@ struct lb_devstate {
 	__u32 overflow; /* set by BPF when the ring is full, cleared by the agent */
 	__u32 clock;    /* the agent's monotonic seconds, for lb_pending.stamp */
 	__u64 overflow_events;
-	__u64 marks;         /* the agent's own marks (tests); capture counts in the marks map */
+	__u64 marks;         /* marks the agent makes (MarkBytes) and BPF's when a CPU has no
+				row in the marks map; the agent's Marks() adds the two */
 	__s64 ring_inflight; /* the agent's adjustments to ring_flight's sum */
 };
 

@@ -190,6 +190,9 @@ func Load(cfg Config) (*Capture, error) {
 
 func (c *Capture) setup() error {
 	var err error
+	if n, m := c.objs.Devstate.MaxEntries(), c.objs.Marks.MaxEntries(); n != maxDevices || m%maxDevices != 0 {
+		return fmt.Errorf("capture: %d device states and %d mark counts, want %d and a multiple of it", n, m, maxDevices)
+	}
 	if c.bitmap, err = mmapMap(c.objs.Bitmap); err != nil {
 		return fmt.Errorf("mmap bitmap: %w", err)
 	}

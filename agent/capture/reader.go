@@ -72,7 +72,8 @@ func (r *Reader) Stop() {
 	r.ring.flush()
 }
 
-// Run reads until Stop (or ctx) and then closes the queue.
+// Run reads until Stop (or ctx, seen at the next poll at the latest) and
+// then closes the queue.
 func (r *Reader) Run(ctx context.Context) error {
 	defer r.q.Close()
 	for {

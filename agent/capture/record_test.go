@@ -30,6 +30,24 @@ func TestRecordLayout(t *testing.T) {
 	}
 }
 
+// The agent sweeps the pending table through its mapping, by the C layout
+// of struct lb_bucket: eight tags in one cache line, then the entries.
+func TestBucketLayout(t *testing.T) {
+	var b captureLbBucket
+	if s := unsafe.Sizeof(b); s != 320 || s%64 != 0 {
+		t.Errorf("lb_bucket is %d bytes, want 320 (whole cache lines)", s)
+	}
+	if o := unsafe.Offsetof(b.P); o != 64 {
+		t.Errorf("lb_bucket entries at %d, want 64 (after one line of tags)", o)
+	}
+	if s := unsafe.Sizeof(b.P[0]); s != 32 {
+		t.Errorf("lb_pending is %d bytes, want 32", s)
+	}
+	if pendWays != 8 || pendSlots != pendBuckets*8 {
+		t.Errorf("%d ways, %d slots: out of step with capture.h", pendWays, pendSlots)
+	}
+}
+
 func TestDecodeRoundTrip(t *testing.T) {
 	in := Record{Seq: 42, Offset: 8 << 9, Len: 4096, Dev: 3, Op: OpWrite, Flags: FlagFUA, Data: bytes.Repeat([]byte{7}, 4096)}
 	var out Record
