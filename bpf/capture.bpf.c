@@ -260,6 +260,20 @@ static __always_inline __u32 clock_of(__u32 id)
 	return st ? st->clock : 0;
 }
 
+// write_op reports whether opf is an operation capture follows (classify
+// also weighs its size).
+static __always_inline bool write_op(__u32 opf)
+{
+	switch (opf & 0xff) {
+	case 1: // REQ_OP_WRITE
+	case 3: // REQ_OP_DISCARD
+	case 5: // REQ_OP_SECURE_ERASE
+	case 9: // REQ_OP_WRITE_ZEROES
+		return true;
+	}
+	return false;
+}
+
 static __always_inline int classify(__u32 opf, __u32 size)
 {
 	switch (opf & 0xff) {
@@ -768,6 +782,8 @@ static __always_inline void track_disk_write(struct bio *bio, __u32 dev)
 SEC("tp_btf/block_bio_queue")
 int BPF_PROG(lb_bio_queue, struct bio *bio)
 {
+	if (!write_op(bio->bi_opf))
+		return 0; // reads, flushes: no device lookup
 	__u32 dev;
 	__u64 start;
 	struct lb_dev *d = dev_of(bio, &dev, &start);
@@ -875,27 +891,34 @@ int BPF_PROG(lb_bio_complete, struct request_queue *q, struct bio *bio)
 }
 
 // complete_rq_bio handles one bio of a completing request; addr is its
-// address as a number, its pending key.
+// address as a number, its pending key. A tracked write is settled from
+// its entry, whatever device it completes on (a stacked driver may have
+// re-pointed it: an NVMe multipath head to its path), without looking its
+// device up.
 static __always_inline void complete_rq_bio(struct bio *bio, __u64 addr, int error)
 {
+	if (!write_op(bio->bi_opf))
+		return; // never tracked
+	struct lb_pending pc;
+	switch (pend_take(addr, &pc)) {
+	case 1:
+		settle(&pc, error, ctrs());
+		return;
+	case -1:
+		return; // swept by the agent meanwhile, which settled the write
+	}
 	__u32 key;
 	__u64 start;
-	struct lb_dev *d = dev_of(bio, &key, &start);
-	if (!d) {
-		__u32 opf = bio->bi_opf;
-		__u32 size = bio->bi_iter.bi_size;
-		if (classify(opf, size) < 0)
-			return;
-		__u64 k = addr;
-		if (!pend_known(k)) {
-			if (!settle_swept(&k))
-				mark_disk_write(key, bio->bi_iter.bi_sector, size);
-			return;
-		}
-		// Tracked, but completing on another device: a stacked driver
-		// re-pointed it (an NVMe multipath head to its path). Settle it.
+	if (dev_of(bio, &key, &start)) {
+		complete_untracked(bio);
+		return;
 	}
-	complete_bio(bio, addr, error);
+	__u32 size = bio->bi_iter.bi_size;
+	if (classify(bio->bi_opf, size) < 0)
+		return;
+	__u64 k = addr;
+	if (!settle_swept(&k))
+		mark_disk_write(key, bio->bi_iter.bi_sector, size);
 }
 
 struct rq_walk {
