@@ -166,6 +166,11 @@ type Cache struct {
 	sentinel []atomic.Bool
 	epoch    []atomic.Uint64
 	dirMu    []sync.Mutex // CheckDirs and markRebuilt, per directory
+	// mounts[i]: directory i was a mount point when the cache was set up
+	// (markers), and must be one to take writes; unmounted[i]: it was
+	// found not to be (logged once until it is again).
+	mounts    []bool
+	unmounted []atomic.Bool
 }
 
 // Open opens (creating if needed) a cache over dirs. Each directory must be
@@ -178,6 +183,12 @@ type Cache struct {
 // lists it in Replaced; its shards are rebuilt by Scrub, and until then
 // reads reconstruct from the other directories. Its marker is written
 // when a Scrub completes: until then every Open finds it replaced.
+//
+// The markers record which directories were mount points when the cache
+// was set up. Such a directory that is not one now has its disk
+// unmounted: Open refuses to start, and while the cache is open writes to
+// it fail (Put then fails: nothing is acknowledged) rather than land on
+// the file system below.
 func Open(dirs []string, opts Options) (*Cache, error) {
 	n := len(dirs)
 	if n == 0 || n > maxDirs {
@@ -213,6 +224,7 @@ func Open(dirs []string, opts Options) (*Cache, error) {
 		sentinel:   make([]atomic.Bool, n),
 		epoch:      make([]atomic.Uint64, n),
 		dirMu:      make([]sync.Mutex, n),
+		unmounted:  make([]atomic.Bool, n),
 		log:        opts.Logger,
 		encs:       make(map[[2]uint8]reedsolomon.Encoder),
 		seed:       maphash.MakeSeed(),
@@ -546,6 +558,9 @@ func (c *Cache) writeShard(slot int, id SegmentID, h shardHeader, hdr []byte, pa
 			c.epoch[slot].Add(1) // a directory being rebuilt is not complete
 		}
 	}()
+	if err := c.checkMounted(slot); err != nil {
+		return err
+	}
 	h.index = uint8(slot)
 	h.shardCRC = shardCRC
 	h.appendTo(hdr[:0])
@@ -1155,7 +1170,10 @@ func (c *Cache) markRebuilt(i int, epoch uint64) error {
 	// The sentinel becomes the marker (written in place, then renamed):
 	// wiped at any point, there is no sentinel to write or rename, and the
 	// directory stays pending rather than marked empty.
-	err := c.markFrom(filepath.Join(d, rebuildingName), 0, marker{cache: c.id, slot: i, n: len(c.dirs)})
+	if c.checkMounted(i) != nil {
+		return nil // stays pending
+	}
+	err := c.markFrom(filepath.Join(d, rebuildingName), 0, c.marker(i))
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil // lost again: CheckDirs reports it
 	}
@@ -1190,6 +1208,26 @@ func (c *Cache) CheckDirs() ([]string, error) {
 	return lost, errors.Join(errs...)
 }
 
+// checkMounted fails when directory i should be a mount point and is not:
+// writing there would put shards on the file system below, hidden once
+// the disk is mounted again (and could fill it).
+func (c *Cache) checkMounted(i int) error {
+	if !c.mounts[i] {
+		return nil
+	}
+	d := c.dirs[i]
+	if isMountPoint(d) {
+		if c.unmounted[i].Swap(false) {
+			c.log.Info("cache: directory is a mount point again", logDir, d)
+		}
+		return nil
+	}
+	if !c.unmounted[i].Swap(true) {
+		c.log.Error("cache: directory's disk is not mounted; writes to it fail until it is", logDir, d)
+	}
+	return notMounted(d)
+}
+
 // checkDir is CheckDirs for directory i: whether it lost its shards now.
 func (c *Cache) checkDir(i int) (bool, error) {
 	if !c.dirMu[i].TryLock() {
@@ -1198,6 +1236,10 @@ func (c *Cache) checkDir(i int) (bool, error) {
 		return false, nil
 	}
 	defer c.dirMu[i].Unlock()
+	if err := c.checkMounted(i); err != nil {
+		// Not a loss to rebuild: its shards are on the unmounted disk.
+		return false, err
+	}
 	d := c.dirs[i]
 	now := c.vanished[i].Swap(false)
 	var cerr error

@@ -8,34 +8,93 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // markerName is the file in each cache directory that records which cache
-// it belongs to and its position:
+// it belongs to, its position and which of the cache's directories were
+// mount points when the cache was set up (markers written before that
+// line existed lack it):
 //
 //	lifeboat-cache v1
 //	cache <32 hex digits>
 //	slot <i> of <n>
+//	mount points <slot>,<slot>… | none
 const markerName = "lifeboat-cache"
 
 type marker struct {
-	cache string
-	slot  int
-	n     int
+	cache  string
+	slot   int
+	n      int
+	mounts []bool // nil: not recorded
 }
 
 func (m marker) String() string {
-	return fmt.Sprintf("lifeboat-cache v1\ncache %s\nslot %d of %d\n", m.cache, m.slot, m.n)
+	s := fmt.Sprintf("lifeboat-cache v1\ncache %s\nslot %d of %d\n", m.cache, m.slot, m.n)
+	if m.mounts == nil {
+		return s
+	}
+	var slots []string
+	for i, mp := range m.mounts {
+		if mp {
+			slots = append(slots, strconv.Itoa(i))
+		}
+	}
+	if len(slots) == 0 {
+		slots = []string{"none"}
+	}
+	return s + "mount points " + strings.Join(slots, ",") + "\n"
 }
 
 func parseMarker(b []byte) (marker, error) {
 	var m marker
 	_, err := fmt.Sscanf(string(b), "lifeboat-cache v1\ncache %s\nslot %d of %d\n", &m.cache, &m.slot, &m.n)
-	if err != nil || len(m.cache) != 32 {
+	if err != nil || len(m.cache) != 32 || m.n < 1 || m.n > maxDirs {
 		return m, fmt.Errorf("malformed cache marker %q", strings.TrimSpace(string(b)))
 	}
+	for line := range strings.Lines(string(b)) {
+		list, ok := strings.CutPrefix(strings.TrimSpace(line), "mount points ")
+		if !ok {
+			continue
+		}
+		m.mounts = make([]bool, m.n)
+		if list == "none" {
+			break
+		}
+		for f := range strings.SplitSeq(list, ",") {
+			i, err := strconv.Atoi(f)
+			if err != nil || i < 0 || i >= m.n {
+				return m, fmt.Errorf("malformed cache marker %q", strings.TrimSpace(string(b)))
+			}
+			m.mounts[i] = true
+		}
+	}
 	return m, nil
+}
+
+// isMountPoint reports whether dir is the root of a mounted file system
+// (its device differs from its parent's, or it is /). Bind mounts of the
+// same file system are not told apart.
+func isMountPoint(dir string) bool {
+	var st, parent unix.Stat_t
+	if unix.Stat(dir, &st) != nil {
+		return false
+	}
+	if unix.Stat(filepath.Dir(dir), &parent) != nil {
+		return false
+	}
+	return st.Dev != parent.Dev || st.Ino == parent.Ino
+}
+
+// notMounted is the error for cache directory dir that was a mount point
+// when the cache was set up and is not one now: its disk is not mounted,
+// and anything written there would land on the file system below.
+func notMounted(dir string) error {
+	return fmt.Errorf("cache: %s was a mount point when the cache was set up and is not one now: "+
+		"its disk is not mounted (mount it, or mount an empty disk there to have its shards rebuilt)", dir)
 }
 
 // checkMarkers verifies that the directories form one cache in the
@@ -73,6 +132,21 @@ func (c *Cache) checkMarkers() error {
 		}
 		cacheID = m.cache
 		found[i] = &m
+		if m.mounts != nil && c.mounts == nil {
+			c.mounts = m.mounts
+		}
+	}
+	rewrite := c.mounts == nil // a new cache, or markers from before mount points were recorded
+	if rewrite {
+		c.mounts = make([]bool, n)
+		for i, d := range c.dirs {
+			c.mounts[i] = isMountPoint(d)
+		}
+	}
+	for i, d := range c.dirs {
+		if c.mounts[i] && !isMountPoint(d) {
+			return notMounted(d)
+		}
 	}
 	if cacheID == "" {
 		var id [16]byte
@@ -86,6 +160,13 @@ func (c *Cache) checkMarkers() error {
 	}
 	for i, d := range c.dirs {
 		if found[i] != nil {
+			if rewrite {
+				// Record the mount points in the markers of an older
+				// cache, so that a later Open can tell an unmounted disk.
+				if err := c.writeMarker(d, c.marker(i)); err != nil {
+					c.log.Warn("cache: cannot record mount points in the marker", logDir, d, logErr, err)
+				}
+			}
 			continue
 		}
 		if !fresh {
@@ -99,11 +180,16 @@ func (c *Cache) checkMarkers() error {
 				"treating it as a replaced disk, run Scrub to rebuild its shards", logDir, d)
 			continue
 		}
-		if err := c.writeMarker(d, marker{cache: cacheID, slot: i, n: n}); err != nil {
+		if err := c.writeMarker(d, c.marker(i)); err != nil {
 			return fmt.Errorf("cache: write marker in %s: %w", d, err)
 		}
 	}
 	return nil
+}
+
+// marker is directory i's marker.
+func (c *Cache) marker(i int) marker {
+	return marker{cache: c.id, slot: i, n: len(c.dirs), mounts: c.mounts}
 }
 
 func firstMarked(found []*marker) int {

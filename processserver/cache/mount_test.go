@@ -1,0 +1,131 @@
+package cache
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
+)
+
+func TestMarkerMountPoints(t *testing.T) {
+	for _, m := range []marker{
+		{cache: strings.Repeat("ab", 16), slot: 1, n: 3, mounts: []bool{false, true, true}},
+		{cache: strings.Repeat("cd", 16), slot: 0, n: 2, mounts: []bool{false, false}},
+		{cache: strings.Repeat("ef", 16), slot: 2, n: 3}, // written before mount points were recorded
+	} {
+		got, err := parseMarker([]byte(m.String()))
+		if err != nil {
+			t.Fatalf("%q: %v", m.String(), err)
+		}
+		if got.cache != m.cache || got.slot != m.slot || got.n != m.n || !slices.Equal(got.mounts, m.mounts) ||
+			(got.mounts == nil) != (m.mounts == nil) {
+			t.Errorf("%q parsed as %+v", m.String(), got)
+		}
+	}
+	for _, bad := range []string{"mount points 3", "mount points x", "mount points -1"} {
+		b := "lifeboat-cache v1\ncache " + strings.Repeat("ab", 16) + "\nslot 0 of 3\n" + bad + "\n"
+		if _, err := parseMarker([]byte(b)); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+}
+
+// mountDisk mounts an empty tmpfs, a fresh disk, on dir.
+func mountDisk(t *testing.T, dir string) {
+	t.Helper()
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=64m"); err != nil {
+		t.Fatalf("mount tmpfs on %s: %v", dir, err)
+	}
+	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+}
+
+// A cache disk that is not mounted must not take shards in the directory
+// below its mount point: a Put fails with a clear error (nothing is
+// acknowledged, so nothing is lost), Open refuses to start, and a fresh
+// disk mounted there is rebuilt.
+func TestUnmountedDisk(t *testing.T) {
+	testenv.RequireRoot(t)
+	dirs := tempDirs(t, 3)
+	mountDisk(t, dirs[1])
+	c := open(t, dirs, Options{})
+	a, b := payload(300<<10, 1), payload(200<<10, 2)
+	idA, idB := SegmentID{"m", 1}, SegmentID{"m", 2}
+	if err := c.Put(idA, a); err != nil {
+		t.Fatal(err)
+	}
+	if mk, err := os.ReadFile(filepath.Join(dirs[0], markerName)); err != nil || !strings.Contains(string(mk), "mount points 1\n") {
+		t.Fatalf("marker %q (%v) does not record the mount point", mk, err)
+	}
+
+	if err := unix.Unmount(dirs[1], unix.MNT_DETACH); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Put(idB, b); err == nil || !strings.Contains(err.Error(), "not mounted") {
+		t.Fatalf("put with a disk unmounted: %v", err)
+	}
+	lost, err := c.CheckDirs()
+	if len(lost) != 0 || err == nil || !strings.Contains(err.Error(), "not mounted") {
+		t.Errorf("CheckDirs with a disk unmounted: lost %v, %v", lost, err)
+	}
+	if _, err := c.Scrub(context.Background()); err == nil || !strings.Contains(err.Error(), "not mounted") {
+		t.Errorf("scrub with a disk unmounted: %v", err) // its repairs cannot be written
+	}
+	if ents, err := os.ReadDir(dirs[1]); err != nil || len(ents) != 0 {
+		t.Fatalf("the directory below the mount point holds %v (%v)", ents, err)
+	}
+	mustGet(t, c, idA, a)
+	if _, err := Open(dirs, Options{}); err == nil || !strings.Contains(err.Error(), "not mounted") {
+		t.Fatalf("Open with a disk unmounted: %v", err)
+	}
+
+	// An empty disk mounted in its place is adopted and rebuilt.
+	mountDisk(t, dirs[1])
+	c = open(t, dirs, Options{})
+	if got := c.Replaced(); !slices.Equal(got, dirs[1:2]) {
+		t.Fatalf("Replaced = %v, want %v", got, dirs[1:2])
+	}
+	if _, err := c.Scrub(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Put(idB, b); err != nil {
+		t.Fatal(err)
+	}
+	wipe(t, dirs[0]) // shard 1 now needed to read
+	mustGet(t, c, idA, a)
+	mustGet(t, c, idB, b)
+}
+
+// A cache whose markers predate mount points gets them recorded at Open.
+func TestMountPointsRecordedForOlderCache(t *testing.T) {
+	testenv.RequireRoot(t)
+	dirs := tempDirs(t, 3)
+	mountDisk(t, dirs[2])
+	open(t, dirs, Options{})
+	for i, d := range dirs {
+		old := marker{cache: strings.Repeat("12", 16), slot: i, n: 3}
+		if err := os.WriteFile(filepath.Join(d, markerName), []byte(old.String()), 0o640); err != nil {
+			t.Fatal(err)
+		}
+	}
+	open(t, dirs, Options{})
+	for _, d := range dirs {
+		if mk, err := os.ReadFile(filepath.Join(d, markerName)); err != nil || !strings.Contains(string(mk), "mount points 2\n") {
+			t.Errorf("marker of %s: %q (%v)", d, mk, err)
+		}
+	}
+	if err := unix.Unmount(dirs[2], unix.MNT_DETACH); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(dirs, Options{}); err == nil || !strings.Contains(err.Error(), "not mounted") {
+		t.Fatalf("Open with a disk unmounted: %v", err)
+	}
+}
