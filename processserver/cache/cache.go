@@ -169,8 +169,9 @@ type Cache struct {
 	// mounts[i]: directory i was a mount point when the cache was set up
 	// (markers), and must be one to take writes; unmounted[i]: it was
 	// found not to be (logged once until it is again).
-	mounts    []bool
-	unmounted []atomic.Bool
+	mounts      []bool
+	mountsKnown bool // mounts may be written into markers (checkMarkers)
+	unmounted   []atomic.Bool
 }
 
 // Open opens (creating if needed) a cache over dirs. Each directory must be
@@ -579,6 +580,9 @@ func (c *Cache) writeShard(slot int, id SegmentID, h shardHeader, hdr []byte, pa
 		c.vanished[slot].Store(true)
 		c.epoch[slot].Add(1)
 		c.forgetStreamDir(slot, id.Stream)
+		if err = c.checkMounted(slot); err != nil {
+			return err // unmounted since the check above
+		}
 		if err = c.ensureStreamDir(slot, id.Stream); err != nil {
 			return err
 		}
@@ -728,6 +732,9 @@ func (c *Cache) ensureStreamDir(slot int, stream string) error {
 	c.streamMu.Unlock()
 	if known {
 		return nil
+	}
+	if err := c.checkMounted(slot); err != nil {
+		return err
 	}
 	if err := c.fs.MkdirAll(filepath.Join(c.dirs[slot], stream), 0o750); err != nil {
 		return err
@@ -940,6 +947,10 @@ func (c *Cache) Delete(id SegmentID) error {
 	var wg sync.WaitGroup
 	for i := range c.dirs {
 		wg.Go(func() {
+			if err := c.checkMounted(i); err != nil {
+				errs[i] = err // its shard is on the unmounted disk
+				return
+			}
 			p := c.shardPath(i, id)
 			err := c.fs.Remove(p)
 			if errors.Is(err, fs.ErrNotExist) {
@@ -1218,6 +1229,9 @@ func (c *Cache) checkMounted(i int) error {
 	d := c.dirs[i]
 	if isMountPoint(d) {
 		if c.unmounted[i].Swap(false) {
+			// Writes failed meanwhile (or took a lowered quorum): the
+			// next CheckDirs asks for a scrub.
+			c.vanished[i].Store(true)
 			c.log.Info("cache: directory is a mount point again", logDir, d)
 		}
 		return nil

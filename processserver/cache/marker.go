@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -136,8 +137,16 @@ func (c *Cache) checkMarkers() error {
 			c.mounts = m.mounts
 		}
 	}
-	rewrite := c.mounts == nil // a new cache, or markers from before mount points were recorded
-	if rewrite {
+	allMarked := !slices.Contains(found, nil)
+	fresh := firstMarked(found) < 0
+	// Mount points are measured for a new cache, and for markers from
+	// before they were recorded; they are trusted (and written into
+	// markers) only when every directory has its marker: one without may
+	// be a disk not mounted right now, which would be recorded as no mount
+	// point for good.
+	c.mountsKnown = c.mounts != nil || allMarked || fresh
+	measured := c.mounts == nil
+	if measured {
 		c.mounts = make([]bool, n)
 		for i, d := range c.dirs {
 			c.mounts[i] = isMountPoint(d)
@@ -154,15 +163,12 @@ func (c *Cache) checkMarkers() error {
 		cacheID = hex.EncodeToString(id[:])
 	}
 	c.id = cacheID
-	fresh := true
-	for _, m := range found {
-		fresh = fresh && m == nil
-	}
 	for i, d := range c.dirs {
 		if found[i] != nil {
-			if rewrite {
+			if found[i].mounts == nil && c.mountsKnown {
 				// Record the mount points in the markers of an older
-				// cache, so that a later Open can tell an unmounted disk.
+				// cache (or those an older binary rewrote), so that a
+				// later Open can tell an unmounted disk.
 				if err := c.writeMarker(d, c.marker(i)); err != nil {
 					c.log.Warn("cache: cannot record mount points in the marker", logDir, d, logErr, err)
 				}
@@ -170,6 +176,10 @@ func (c *Cache) checkMarkers() error {
 			continue
 		}
 		if !fresh {
+			if measured && !c.mounts[i] && slices.Contains(c.mounts, true) {
+				c.log.Warn("cache: directory without a marker is not a mount point while other cache directories are; "+
+					"if its disk is not mounted, stop and mount it before its shards are rebuilt here", logDir, d)
+			}
 			// Marked when a Scrub has rebuilt it (Scrub).
 			c.replaced = append(c.replaced, d)
 			if err := c.markRebuilding(i); err != nil {
@@ -189,16 +199,22 @@ func (c *Cache) checkMarkers() error {
 
 // marker is directory i's marker.
 func (c *Cache) marker(i int) marker {
-	return marker{cache: c.id, slot: i, n: len(c.dirs), mounts: c.mounts}
+	m := marker{cache: c.id, slot: i, n: len(c.dirs)}
+	if c.mountsKnown {
+		m.mounts = c.mounts
+	}
+	return m
 }
 
+// firstMarked is the index of the first directory with a marker, -1 if
+// none has one.
 func firstMarked(found []*marker) int {
 	for i, m := range found {
 		if m != nil {
 			return i
 		}
 	}
-	return 0
+	return -1
 }
 
 func (c *Cache) writeMarker(dir string, m marker) error {

@@ -48,18 +48,36 @@ func mountDisk(t *testing.T, dir string) {
 	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
 }
 
+// bindDisk mounts backing (a disk's content) on dir.
+func bindDisk(t *testing.T, backing, dir string) {
+	t.Helper()
+	if err := unix.Mount(backing, dir, "", unix.MS_BIND, ""); err != nil {
+		t.Fatalf("bind %s on %s: %v", backing, dir, err)
+	}
+	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+}
+
 // A cache disk that is not mounted must not take shards in the directory
 // below its mount point: a Put fails with a clear error (nothing is
-// acknowledged, so nothing is lost), Open refuses to start, and a fresh
-// disk mounted there is rebuilt.
+// acknowledged, so nothing is lost) and Open refuses to start. Mounted
+// again, it is scrubbed for what it missed; a fresh disk mounted there
+// instead is rebuilt.
 func TestUnmountedDisk(t *testing.T) {
 	testenv.RequireRoot(t)
 	dirs := tempDirs(t, 3)
-	mountDisk(t, dirs[1])
+	backing := filepath.Join(t.TempDir(), "disk1")
+	mountDisk(t, backing)
+	if err := os.MkdirAll(dirs[1], 0o750); err != nil {
+		t.Fatal(err)
+	}
+	bindDisk(t, backing, dirs[1])
 	c := open(t, dirs, Options{})
 	a, b := payload(300<<10, 1), payload(200<<10, 2)
-	idA, idB := SegmentID{"m", 1}, SegmentID{"m", 2}
+	idA, idB, idC := SegmentID{"m", 1}, SegmentID{"m", 2}, SegmentID{"m", 3}
 	if err := c.Put(idA, a); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Put(idC, b); err != nil {
 		t.Fatal(err)
 	}
 	if mk, err := os.ReadFile(filepath.Join(dirs[0], markerName)); err != nil || !strings.Contains(string(mk), "mount points 1\n") {
@@ -72,6 +90,9 @@ func TestUnmountedDisk(t *testing.T) {
 	if err := c.Put(idB, b); err == nil || !strings.Contains(err.Error(), "not mounted") {
 		t.Fatalf("put with a disk unmounted: %v", err)
 	}
+	if err := c.Delete(idC); err == nil || !strings.Contains(err.Error(), "not mounted") {
+		t.Fatalf("delete with a disk unmounted: %v", err)
+	}
 	lost, err := c.CheckDirs()
 	if len(lost) != 0 || err == nil || !strings.Contains(err.Error(), "not mounted") {
 		t.Errorf("CheckDirs with a disk unmounted: lost %v, %v", lost, err)
@@ -82,12 +103,41 @@ func TestUnmountedDisk(t *testing.T) {
 	if ents, err := os.ReadDir(dirs[1]); err != nil || len(ents) != 0 {
 		t.Fatalf("the directory below the mount point holds %v (%v)", ents, err)
 	}
-	mustGet(t, c, idA, a)
 	if _, err := Open(dirs, Options{}); err == nil || !strings.Contains(err.Error(), "not mounted") {
 		t.Fatalf("Open with a disk unmounted: %v", err)
 	}
 
+	// Mounted again: what it missed is found by the next check's scrub.
+	bindDisk(t, backing, dirs[1])
+	if lost, err := c.CheckDirs(); err != nil || !slices.Equal(lost, dirs[1:2]) {
+		t.Fatalf("CheckDirs after the disk is back: lost %v (want %v), %v", lost, dirs[1:2], err)
+	}
+	if err := c.Delete(idC); err != nil { // the caller's retry
+		t.Fatal(err)
+	}
+	if _, err := c.Scrub(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Put(idB, b); err != nil {
+		t.Fatal(err)
+	}
+	if ids, err := c.List("m"); err != nil || !slices.Equal(ids, []SegmentID{idA, idB}) {
+		t.Fatalf("List = %v (%v), want %v", ids, err, []SegmentID{idA, idB})
+	}
+	wipe(t, dirs[2]) // shard 1 now needed to read
+	if lost, err := c.CheckDirs(); err != nil || !slices.Equal(lost, dirs[2:]) {
+		t.Fatalf("CheckDirs after a wipe: lost %v, %v", lost, err)
+	}
+	if _, err := c.Scrub(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	mustGet(t, c, idA, a)
+	mustGet(t, c, idB, b)
+
 	// An empty disk mounted in its place is adopted and rebuilt.
+	if err := unix.Unmount(dirs[1], unix.MNT_DETACH); err != nil {
+		t.Fatal(err)
+	}
 	mountDisk(t, dirs[1])
 	c = open(t, dirs, Options{})
 	if got := c.Replaced(); !slices.Equal(got, dirs[1:2]) {
@@ -96,10 +146,7 @@ func TestUnmountedDisk(t *testing.T) {
 	if _, err := c.Scrub(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.Put(idB, b); err != nil {
-		t.Fatal(err)
-	}
-	wipe(t, dirs[0]) // shard 1 now needed to read
+	wipe(t, dirs[0])
 	mustGet(t, c, idA, a)
 	mustGet(t, c, idB, b)
 }
@@ -127,5 +174,49 @@ func TestMountPointsRecordedForOlderCache(t *testing.T) {
 	}
 	if _, err := Open(dirs, Options{}); err == nil || !strings.Contains(err.Error(), "not mounted") {
 		t.Fatalf("Open with a disk unmounted: %v", err)
+	}
+}
+
+// Markers that lack the record while another has it (an Open that
+// stopped half way, an older binary's rebuild) get it; markers of an older
+// cache with a directory unmarked (a disk perhaps not mounted) are left
+// as they are, so as not to record it as no mount point for good.
+func TestMountPointsPartialRecord(t *testing.T) {
+	testenv.RequireRoot(t)
+	dirs := tempDirs(t, 3)
+	mountDisk(t, dirs[0])
+	open(t, dirs, Options{})
+	id := strings.Repeat("34", 16)
+	for i, d := range dirs {
+		m := marker{cache: id, slot: i, n: 3}
+		if i == 2 {
+			m.mounts = []bool{true, false, false}
+		}
+		if err := os.WriteFile(filepath.Join(d, markerName), []byte(m.String()), 0o640); err != nil {
+			t.Fatal(err)
+		}
+	}
+	open(t, dirs, Options{})
+	for _, d := range dirs {
+		if mk, err := os.ReadFile(filepath.Join(d, markerName)); err != nil || !strings.Contains(string(mk), "mount points 0\n") {
+			t.Errorf("marker of %s: %q (%v)", d, mk, err)
+		}
+	}
+
+	for i, d := range dirs {
+		old := marker{cache: id, slot: i, n: 3}
+		if err := os.WriteFile(filepath.Join(d, markerName), []byte(old.String()), 0o640); err != nil {
+			t.Fatal(err)
+		}
+	}
+	wipe(t, dirs[1])
+	c := open(t, dirs, Options{})
+	if got := c.Replaced(); !slices.Equal(got, dirs[1:2]) {
+		t.Fatalf("Replaced = %v", got)
+	}
+	for _, d := range []string{dirs[0], dirs[2]} {
+		if mk, err := os.ReadFile(filepath.Join(d, markerName)); err != nil || strings.Contains(string(mk), "mount points") {
+			t.Errorf("marker of %s rewritten with a directory unmarked: %q (%v)", d, mk, err)
+		}
 	}
 }
