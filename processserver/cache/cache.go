@@ -166,10 +166,11 @@ type Cache struct {
 	sentinel []atomic.Bool
 	epoch    []atomic.Uint64
 	dirMu    []sync.Mutex // CheckDirs and markRebuilt, per directory
-	// mounts[i]: directory i was a mount point when the cache was set up
-	// (markers), and must be one to take writes; unmounted[i]: it was
-	// found not to be (logged once until it is again).
-	mounts      []bool
+	// mounts[i]: where directory i's file system was mounted when the
+	// cache was set up (markers; "" the root file system), which it must
+	// still be on to take writes; unmounted[i]: it was found not to be
+	// (logged once until it is again).
+	mounts      []string
 	mountsKnown bool // mounts may be written into markers (checkMarkers)
 	unmounted   []atomic.Bool
 }
@@ -185,8 +186,8 @@ type Cache struct {
 // reads reconstruct from the other directories. Its marker is written
 // when a Scrub completes: until then every Open finds it replaced.
 //
-// The markers record which directories were mount points when the cache
-// was set up. Such a directory that is not one now has its disk
+// The markers record where each directory's file system was mounted when
+// the cache was set up. A directory no longer on that mount has its disk
 // unmounted: Open refuses to start, and while the cache is open writes to
 // it fail (Put then fails: nothing is acknowledged) rather than land on
 // the file system below.
@@ -1223,11 +1224,12 @@ func (c *Cache) CheckDirs() ([]string, error) {
 // writing there would put shards on the file system below, hidden once
 // the disk is mounted again (and could fill it).
 func (c *Cache) checkMounted(i int) error {
-	if !c.mounts[i] {
+	root := c.mounts[i]
+	if root == "" {
 		return nil
 	}
 	d := c.dirs[i]
-	if isMountPoint(d) {
+	if mountRoot(d) == root {
 		if c.unmounted[i].Swap(false) {
 			// Writes failed meanwhile (or took a lowered quorum): the
 			// next CheckDirs asks for a scrub.
@@ -1239,7 +1241,7 @@ func (c *Cache) checkMounted(i int) error {
 	if !c.unmounted[i].Swap(true) {
 		c.log.Error("cache: directory's disk is not mounted; writes to it fail until it is", logDir, d)
 	}
-	return notMounted(d)
+	return notMounted(d, root)
 }
 
 // checkDir is CheckDirs for directory i: whether it lost its shards now.

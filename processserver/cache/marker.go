@@ -16,21 +16,22 @@ import (
 )
 
 // markerName is the file in each cache directory that records which cache
-// it belongs to, its position and which of the cache's directories were
-// mount points when the cache was set up (markers written before that
-// line existed lack it):
+// it belongs to, its position and where the file systems of the cache's
+// directories were mounted when the cache was set up (markers written
+// before that existed lack the last lines):
 //
 //	lifeboat-cache v1
 //	cache <32 hex digits>
 //	slot <i> of <n>
-//	mount points <slot>,<slot>… | none
+//	mounts recorded
+//	mount <slot> "<mount point>"   (for each directory not on the root file system)
 const markerName = "lifeboat-cache"
 
 type marker struct {
 	cache  string
 	slot   int
 	n      int
-	mounts []bool // nil: not recorded
+	mounts []string // per slot, its mountRoot; nil: not recorded
 }
 
 func (m marker) String() string {
@@ -38,64 +39,77 @@ func (m marker) String() string {
 	if m.mounts == nil {
 		return s
 	}
-	var slots []string
-	for i, mp := range m.mounts {
-		if mp {
-			slots = append(slots, strconv.Itoa(i))
+	s += "mounts recorded\n"
+	for i, root := range m.mounts {
+		if root != "" {
+			s += fmt.Sprintf("mount %d %s\n", i, strconv.Quote(root))
 		}
 	}
-	if len(slots) == 0 {
-		slots = []string{"none"}
-	}
-	return s + "mount points " + strings.Join(slots, ",") + "\n"
+	return s
 }
 
 func parseMarker(b []byte) (marker, error) {
 	var m marker
+	bad := fmt.Errorf("malformed cache marker %q", strings.TrimSpace(string(b)))
 	_, err := fmt.Sscanf(string(b), "lifeboat-cache v1\ncache %s\nslot %d of %d\n", &m.cache, &m.slot, &m.n)
 	if err != nil || len(m.cache) != 32 || m.n < 1 || m.n > maxDirs {
-		return m, fmt.Errorf("malformed cache marker %q", strings.TrimSpace(string(b)))
+		return m, bad
 	}
 	for line := range strings.Lines(string(b)) {
-		list, ok := strings.CutPrefix(strings.TrimSpace(line), "mount points ")
+		line = strings.TrimSpace(line)
+		if line == "mounts recorded" {
+			m.mounts = make([]string, m.n)
+			continue
+		}
+		rest, ok := strings.CutPrefix(line, "mount ")
 		if !ok {
 			continue
 		}
-		m.mounts = make([]bool, m.n)
-		if list == "none" {
-			break
+		slot, q, _ := strings.Cut(rest, " ")
+		i, err := strconv.Atoi(slot)
+		root, qerr := strconv.Unquote(q)
+		if m.mounts == nil || err != nil || i < 0 || i >= m.n || qerr != nil || !filepath.IsAbs(root) {
+			return m, bad
 		}
-		for f := range strings.SplitSeq(list, ",") {
-			i, err := strconv.Atoi(f)
-			if err != nil || i < 0 || i >= m.n {
-				return m, fmt.Errorf("malformed cache marker %q", strings.TrimSpace(string(b)))
-			}
-			m.mounts[i] = true
-		}
+		m.mounts[i] = root
 	}
 	return m, nil
 }
 
-// isMountPoint reports whether dir is the root of a mounted file system
-// (its device differs from its parent's, or it is /). Bind mounts of the
-// same file system are not told apart.
-func isMountPoint(dir string) bool {
-	var st, parent unix.Stat_t
-	if unix.Stat(dir, &st) != nil {
-		return false
+// mountRoot returns where the file system holding dir (or, if dir is
+// missing, its nearest existing ancestor) is mounted, "" for the root
+// file system: the nearest ancestor whose device differs from its
+// parent's. Bind mounts of the same file system are not told apart.
+func mountRoot(dir string) string {
+	p := filepath.Clean(dir)
+	var st unix.Stat_t
+	for unix.Stat(p, &st) != nil {
+		if p == "/" {
+			return ""
+		}
+		p = filepath.Dir(p)
 	}
-	if unix.Stat(filepath.Dir(dir), &parent) != nil {
-		return false
+	for p != "/" {
+		var pst unix.Stat_t
+		parent := filepath.Dir(p)
+		if unix.Stat(parent, &pst) != nil {
+			return ""
+		}
+		if pst.Dev != st.Dev {
+			return p
+		}
+		p, st = parent, pst
 	}
-	return st.Dev != parent.Dev || st.Ino == parent.Ino
+	return ""
 }
 
-// notMounted is the error for cache directory dir that was a mount point
-// when the cache was set up and is not one now: its disk is not mounted,
-// and anything written there would land on the file system below.
-func notMounted(dir string) error {
-	return fmt.Errorf("cache: %s was a mount point when the cache was set up and is not one now: "+
-		"its disk is not mounted (mount it, or mount an empty disk there to have its shards rebuilt)", dir)
+// notMounted is the error for cache directory dir whose file system was
+// mounted at root when the cache was set up and is not now: its disk is
+// not mounted, and anything written there would land on the file system
+// below.
+func notMounted(dir, root string) error {
+	return fmt.Errorf("cache: %s was on the disk mounted at %s when the cache was set up; that disk is not mounted now "+
+		"(mount it, or mount an empty disk there to have its shards rebuilt)", dir, root)
 }
 
 // checkMarkers verifies that the directories form one cache in the
@@ -106,9 +120,8 @@ func (c *Cache) checkMarkers() error {
 	found := make([]*marker, n)
 	cacheID := ""
 	for i, d := range c.dirs {
-		if err := c.fs.MkdirAll(d, 0o750); err != nil {
-			return fmt.Errorf("cache: create directory %s: %w", d, err)
-		}
+		// Not created yet: a directory whose disk is not mounted must
+		// not appear on the file system below.
 		b, err := c.fs.ReadFile(filepath.Join(d, markerName))
 		if errors.Is(err, fs.ErrNotExist) {
 			continue
@@ -147,14 +160,17 @@ func (c *Cache) checkMarkers() error {
 	c.mountsKnown = c.mounts != nil || allMarked || fresh
 	measured := c.mounts == nil
 	if measured {
-		c.mounts = make([]bool, n)
+		c.mounts = make([]string, n)
 		for i, d := range c.dirs {
-			c.mounts[i] = isMountPoint(d)
+			c.mounts[i] = mountRoot(d)
 		}
 	}
 	for i, d := range c.dirs {
-		if c.mounts[i] && !isMountPoint(d) {
-			return notMounted(d)
+		if root := c.mounts[i]; root != "" && mountRoot(d) != root {
+			return notMounted(d, root)
+		}
+		if err := c.fs.MkdirAll(d, 0o750); err != nil {
+			return fmt.Errorf("cache: create directory %s: %w", d, err)
 		}
 	}
 	if cacheID == "" {
@@ -166,18 +182,18 @@ func (c *Cache) checkMarkers() error {
 	for i, d := range c.dirs {
 		if found[i] != nil {
 			if found[i].mounts == nil && c.mountsKnown {
-				// Record the mount points in the markers of an older
+				// Record the mounts in the markers of an older
 				// cache (or those an older binary rewrote), so that a
 				// later Open can tell an unmounted disk.
 				if err := c.writeMarker(d, c.marker(i)); err != nil {
-					c.log.Warn("cache: cannot record mount points in the marker", logDir, d, logErr, err)
+					c.log.Warn("cache: cannot record mounts in the marker", logDir, d, logErr, err)
 				}
 			}
 			continue
 		}
 		if !fresh {
-			if measured && !c.mounts[i] && slices.Contains(c.mounts, true) {
-				c.log.Warn("cache: directory without a marker is not a mount point while other cache directories are; "+
+			if measured && c.mounts[i] == "" && slices.ContainsFunc(c.mounts, func(r string) bool { return r != "" }) {
+				c.log.Warn("cache: directory without a marker is on the root file system while other cache directories are not; "+
 					"if its disk is not mounted, stop and mount it before its shards are rebuilt here", logDir, d)
 			}
 			// Marked when a Scrub has rebuilt it (Scrub).

@@ -2,6 +2,7 @@ package cache
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -15,8 +16,8 @@ import (
 
 func TestMarkerMountPoints(t *testing.T) {
 	for _, m := range []marker{
-		{cache: strings.Repeat("ab", 16), slot: 1, n: 3, mounts: []bool{false, true, true}},
-		{cache: strings.Repeat("cd", 16), slot: 0, n: 2, mounts: []bool{false, false}},
+		{cache: strings.Repeat("ab", 16), slot: 1, n: 3, mounts: []string{"", "/mnt/d1", "/mnt/d 2\"x\""}},
+		{cache: strings.Repeat("cd", 16), slot: 0, n: 2, mounts: []string{"", ""}},
 		{cache: strings.Repeat("ef", 16), slot: 2, n: 3}, // written before mount points were recorded
 	} {
 		got, err := parseMarker([]byte(m.String()))
@@ -28,7 +29,8 @@ func TestMarkerMountPoints(t *testing.T) {
 			t.Errorf("%q parsed as %+v", m.String(), got)
 		}
 	}
-	for _, bad := range []string{"mount points 3", "mount points x", "mount points -1"} {
+	for _, bad := range []string{"mounts recorded\nmount 3 \"/x\"", "mounts recorded\nmount x \"/x\"",
+		"mounts recorded\nmount 1 /x", "mounts recorded\nmount 1 \"x\"", "mount 1 \"/x\""} {
 		b := "lifeboat-cache v1\ncache " + strings.Repeat("ab", 16) + "\nslot 0 of 3\n" + bad + "\n"
 		if _, err := parseMarker([]byte(b)); err == nil {
 			t.Errorf("%q accepted", bad)
@@ -80,7 +82,7 @@ func TestUnmountedDisk(t *testing.T) {
 	if err := c.Put(idC, b); err != nil {
 		t.Fatal(err)
 	}
-	if mk, err := os.ReadFile(filepath.Join(dirs[0], markerName)); err != nil || !strings.Contains(string(mk), "mount points 1\n") {
+	if mk, err := os.ReadFile(filepath.Join(dirs[0], markerName)); err != nil || !strings.Contains(string(mk), fmt.Sprintf("mount 1 %q\n", dirs[1])) {
 		t.Fatalf("marker %q (%v) does not record the mount point", mk, err)
 	}
 
@@ -165,7 +167,7 @@ func TestMountPointsRecordedForOlderCache(t *testing.T) {
 	}
 	open(t, dirs, Options{})
 	for _, d := range dirs {
-		if mk, err := os.ReadFile(filepath.Join(d, markerName)); err != nil || !strings.Contains(string(mk), "mount points 2\n") {
+		if mk, err := os.ReadFile(filepath.Join(d, markerName)); err != nil || !strings.Contains(string(mk), fmt.Sprintf("mount 2 %q\n", dirs[2])) {
 			t.Errorf("marker of %s: %q (%v)", d, mk, err)
 		}
 	}
@@ -190,7 +192,7 @@ func TestMountPointsPartialRecord(t *testing.T) {
 	for i, d := range dirs {
 		m := marker{cache: id, slot: i, n: 3}
 		if i == 2 {
-			m.mounts = []bool{true, false, false}
+			m.mounts = []string{dirs[0], "", ""}
 		}
 		if err := os.WriteFile(filepath.Join(d, markerName), []byte(m.String()), 0o640); err != nil {
 			t.Fatal(err)
@@ -198,7 +200,7 @@ func TestMountPointsPartialRecord(t *testing.T) {
 	}
 	open(t, dirs, Options{})
 	for _, d := range dirs {
-		if mk, err := os.ReadFile(filepath.Join(d, markerName)); err != nil || !strings.Contains(string(mk), "mount points 0\n") {
+		if mk, err := os.ReadFile(filepath.Join(d, markerName)); err != nil || !strings.Contains(string(mk), fmt.Sprintf("mount 0 %q\n", dirs[0])) {
 			t.Errorf("marker of %s: %q (%v)", d, mk, err)
 		}
 	}
@@ -215,8 +217,38 @@ func TestMountPointsPartialRecord(t *testing.T) {
 		t.Fatalf("Replaced = %v", got)
 	}
 	for _, d := range []string{dirs[0], dirs[2]} {
-		if mk, err := os.ReadFile(filepath.Join(d, markerName)); err != nil || strings.Contains(string(mk), "mount points") {
+		if mk, err := os.ReadFile(filepath.Join(d, markerName)); err != nil || strings.Contains(string(mk), "mounts recorded") {
 			t.Errorf("marker of %s rewritten with a directory unmarked: %q (%v)", d, mk, err)
 		}
+	}
+}
+
+// A cache directory inside a disk's file system (not its mount point) is
+// refused too when that disk is not mounted, and not re-created below.
+func TestCacheBelowMountPoint(t *testing.T) {
+	testenv.RequireRoot(t)
+	root := t.TempDir()
+	var dirs []string
+	for i := range 3 {
+		disk := filepath.Join(root, fmt.Sprintf("disk%d", i))
+		mountDisk(t, disk)
+		dirs = append(dirs, filepath.Join(disk, "lifeboat", "cache"))
+	}
+	c := open(t, dirs, Options{})
+	if err := c.Put(SegmentID{"m", 1}, payload(10<<10, 3)); err != nil {
+		t.Fatal(err)
+	}
+	disk0 := filepath.Dir(filepath.Dir(dirs[0]))
+	if err := unix.Unmount(disk0, unix.MNT_DETACH); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Put(SegmentID{"m", 2}, payload(10<<10, 4)); err == nil || !strings.Contains(err.Error(), "not mounted") {
+		t.Fatalf("put with a disk unmounted: %v", err)
+	}
+	if _, err := Open(dirs, Options{}); err == nil || !strings.Contains(err.Error(), "not mounted") {
+		t.Fatalf("Open with a disk unmounted: %v", err)
+	}
+	if ents, err := os.ReadDir(disk0); err != nil || len(ents) != 0 {
+		t.Fatalf("below the mount point: %v (%v)", ents, err)
 	}
 }
