@@ -358,6 +358,9 @@ func (c *Cache) PutSummed(id SegmentID, data []byte, sums *Sums) error {
 		return fmt.Errorf("cache: put %s: checksums of %d of %d bytes over %d shards for a segment of %d bytes over %d",
 			id, sums.pos, sums.segLen, len(sums.crcs), len(data), c.k)
 	}
+	if err := c.checkQuorum(); err != nil {
+		return fmt.Errorf("cache: put %s: %w", id, err)
+	}
 	mu := c.lock(id)
 	mu.Lock()
 	defer mu.Unlock()
@@ -1218,6 +1221,22 @@ func (c *Cache) CheckDirs() ([]string, error) {
 		}
 	}
 	return lost, errors.Join(errs...)
+}
+
+// checkQuorum fails when too few directories are on their disks' mounts
+// for a Put to reach its quorum: it then writes nothing, rather than
+// shards that a failed Put leaves behind.
+func (c *Cache) checkQuorum() error {
+	var down []error
+	for i := range c.dirs {
+		if err := c.checkMounted(i); err != nil {
+			down = append(down, err)
+		}
+	}
+	if up := len(c.dirs) - len(down); up < c.quorum {
+		return fmt.Errorf("%d of %d directories can take shards, need %d: %w", up, len(c.dirs), c.quorum, errors.Join(down...))
+	}
+	return nil
 }
 
 // checkMounted fails when directory i should be a mount point and is not:

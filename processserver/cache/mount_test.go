@@ -2,7 +2,9 @@ package cache
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"slices"
@@ -91,6 +93,11 @@ func TestUnmountedDisk(t *testing.T) {
 	}
 	if err := c.Put(idB, b); err == nil || !strings.Contains(err.Error(), "not mounted") {
 		t.Fatalf("put with a disk unmounted: %v", err)
+	}
+	for _, d := range []string{dirs[0], dirs[2]} {
+		if _, err := os.Stat(filepath.Join(d, "m", segName(idB.Seq))); !errors.Is(err, fs.ErrNotExist) {
+			t.Errorf("the failed put left a shard in %s (%v)", d, err)
+		}
 	}
 	if err := c.Delete(idC); err == nil || !strings.Contains(err.Error(), "not mounted") {
 		t.Fatalf("delete with a disk unmounted: %v", err)
