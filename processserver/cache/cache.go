@@ -173,6 +173,7 @@ type Cache struct {
 	mounts      []string
 	mountsKnown bool // mounts may be written into markers (checkMarkers)
 	unmounted   []atomic.Bool
+	mountedTill []atomic.Int64 // unix ns until which a positive check stands (checkMounted)
 }
 
 // Open opens (creating if needed) a cache over dirs. Each directory must be
@@ -218,20 +219,21 @@ func Open(dirs []string, opts Options) (*Cache, error) {
 	}
 	c := &Cache{
 		k: k, m: m, quorum: quorum,
-		maxSeg:     cmp.Or(opts.MaxSegmentSize, DefaultMaxSegmentSize),
-		fs:         cmp.Or[FS](opts.FS, OSFS{}),
-		noDirect:   make([]atomic.Bool, n),
-		vanished:   make([]atomic.Bool, n),
-		pending:    make([]atomic.Bool, n),
-		sentinel:   make([]atomic.Bool, n),
-		epoch:      make([]atomic.Uint64, n),
-		dirMu:      make([]sync.Mutex, n),
-		unmounted:  make([]atomic.Bool, n),
-		log:        opts.Logger,
-		encs:       make(map[[2]uint8]reedsolomon.Encoder),
-		seed:       maphash.MakeSeed(),
-		streamDirs: make(map[string]bool),
-		bufs:       make(chan *[]byte, 4),
+		maxSeg:      cmp.Or(opts.MaxSegmentSize, DefaultMaxSegmentSize),
+		fs:          cmp.Or[FS](opts.FS, OSFS{}),
+		noDirect:    make([]atomic.Bool, n),
+		vanished:    make([]atomic.Bool, n),
+		pending:     make([]atomic.Bool, n),
+		sentinel:    make([]atomic.Bool, n),
+		epoch:       make([]atomic.Uint64, n),
+		dirMu:       make([]sync.Mutex, n),
+		unmounted:   make([]atomic.Bool, n),
+		mountedTill: make([]atomic.Int64, n),
+		log:         opts.Logger,
+		encs:        make(map[[2]uint8]reedsolomon.Encoder),
+		seed:        maphash.MakeSeed(),
+		streamDirs:  make(map[string]bool),
+		bufs:        make(chan *[]byte, 4),
 	}
 	if c.log == nil {
 		c.log = slog.New(slog.DiscardHandler)
@@ -584,7 +586,7 @@ func (c *Cache) writeShard(slot int, id SegmentID, h shardHeader, hdr []byte, pa
 		c.vanished[slot].Store(true)
 		c.epoch[slot].Add(1)
 		c.forgetStreamDir(slot, id.Stream)
-		if err = c.checkMounted(slot); err != nil {
+		if err = c.checkMountedNow(slot); err != nil {
 			return err // unmounted since the check above
 		}
 		if err = c.ensureStreamDir(slot, id.Stream); err != nil {
@@ -737,7 +739,7 @@ func (c *Cache) ensureStreamDir(slot int, stream string) error {
 	if known {
 		return nil
 	}
-	if err := c.checkMounted(slot); err != nil {
+	if err := c.checkMountedNow(slot); err != nil {
 		return err
 	}
 	if err := c.fs.MkdirAll(filepath.Join(c.dirs[slot], stream), 0o750); err != nil {
@@ -1185,7 +1187,7 @@ func (c *Cache) markRebuilt(i int, epoch uint64) error {
 	// The sentinel becomes the marker (written in place, then renamed):
 	// wiped at any point, there is no sentinel to write or rename, and the
 	// directory stays pending rather than marked empty.
-	if c.checkMounted(i) != nil {
+	if c.checkMountedNow(i) != nil {
 		return nil // stays pending
 	}
 	err := c.markFrom(filepath.Join(d, rebuildingName), 0, c.marker(i))
@@ -1239,16 +1241,32 @@ func (c *Cache) checkQuorum() error {
 	return nil
 }
 
-// checkMounted fails when directory i should be a mount point and is not:
-// writing there would put shards on the file system below, hidden once
-// the disk is mounted again (and could fill it).
+// mountCheckFor is how long a directory found on its mount is taken to
+// stay there by checkMounted: a walk up its path costs a few stats, for
+// every shard written. A shard cannot land below an unmounted disk in
+// that time: its stream directory is not there, and the paths that create
+// one check afresh (checkMountedNow).
+const mountCheckFor = 250 * time.Millisecond
+
+// checkMounted fails when directory i should be on its recorded mount and
+// is not (see mountCheckFor): writing there would put shards on the file
+// system below, hidden once the disk is mounted again (and could fill it).
 func (c *Cache) checkMounted(i int) error {
+	if c.mounts[i] == "" || time.Now().UnixNano() < c.mountedTill[i].Load() {
+		return nil
+	}
+	return c.checkMountedNow(i)
+}
+
+// checkMountedNow is checkMounted without the grace of an earlier check.
+func (c *Cache) checkMountedNow(i int) error {
 	root := c.mounts[i]
 	if root == "" {
 		return nil
 	}
 	d := c.dirs[i]
 	if mountRoot(d) == root {
+		c.mountedTill[i].Store(time.Now().Add(mountCheckFor).UnixNano())
 		if c.unmounted[i].Swap(false) {
 			// Writes failed meanwhile (or took a lowered quorum): the
 			// next CheckDirs asks for a scrub.
@@ -1271,7 +1289,7 @@ func (c *Cache) checkDir(i int) (bool, error) {
 		return false, nil
 	}
 	defer c.dirMu[i].Unlock()
-	if err := c.checkMounted(i); err != nil {
+	if err := c.checkMountedNow(i); err != nil {
 		// Not a loss to rebuild: its shards are on the unmounted disk.
 		return false, err
 	}

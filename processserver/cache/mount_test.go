@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -94,8 +95,15 @@ func TestUnmountedDisk(t *testing.T) {
 	if err := c.Put(idB, b); err == nil || !strings.Contains(err.Error(), "not mounted") {
 		t.Fatalf("put with a disk unmounted: %v", err)
 	}
+	// Past the grace of the last check, a Put sees the disk gone before
+	// it writes anything.
+	time.Sleep(mountCheckFor)
+	idD := SegmentID{"m", 4}
+	if err := c.Put(idD, b); err == nil || !strings.Contains(err.Error(), "directories can take shards") {
+		t.Fatalf("put with a disk unmounted: %v", err)
+	}
 	for _, d := range []string{dirs[0], dirs[2]} {
-		if _, err := os.Stat(filepath.Join(d, "m", segName(idB.Seq))); !errors.Is(err, fs.ErrNotExist) {
+		if _, err := os.Stat(filepath.Join(d, "m", segName(idD.Seq))); !errors.Is(err, fs.ErrNotExist) {
 			t.Errorf("the failed put left a shard in %s (%v)", d, err)
 		}
 	}
