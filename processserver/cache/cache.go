@@ -174,6 +174,7 @@ type Cache struct {
 	mountsKnown bool // mounts may be written into markers (checkMarkers)
 	unmounted   []atomic.Bool
 	mountedTill []atomic.Int64 // unix ns until which a positive check stands (checkMounted)
+	mountMu     []sync.Mutex   // checkMountedNow, per directory: a stale walk never wins
 }
 
 // Open opens (creating if needed) a cache over dirs. Each directory must be
@@ -229,6 +230,7 @@ func Open(dirs []string, opts Options) (*Cache, error) {
 		dirMu:       make([]sync.Mutex, n),
 		unmounted:   make([]atomic.Bool, n),
 		mountedTill: make([]atomic.Int64, n),
+		mountMu:     make([]sync.Mutex, n),
 		log:         opts.Logger,
 		encs:        make(map[[2]uint8]reedsolomon.Encoder),
 		seed:        maphash.MakeSeed(),
@@ -1156,6 +1158,9 @@ func (c *Cache) markRebuilding(i int) error {
 
 // writeSentinel writes pending directory i's sentinel.
 func (c *Cache) writeSentinel(i int) error {
+	if err := c.checkMountedNow(i); err != nil {
+		return err
+	}
 	d := c.dirs[i]
 	if err := c.fs.MkdirAll(d, 0o750); err != nil {
 		return fmt.Errorf("cache: %w", err)
@@ -1252,7 +1257,7 @@ const mountCheckFor = 250 * time.Millisecond
 // is not (see mountCheckFor): writing there would put shards on the file
 // system below, hidden once the disk is mounted again (and could fill it).
 func (c *Cache) checkMounted(i int) error {
-	if c.mounts[i] == "" || time.Now().UnixNano() < c.mountedTill[i].Load() {
+	if c.mounts[i] == "" || (!c.unmounted[i].Load() && time.Now().UnixNano() < c.mountedTill[i].Load()) {
 		return nil
 	}
 	return c.checkMountedNow(i)
@@ -1265,6 +1270,8 @@ func (c *Cache) checkMountedNow(i int) error {
 		return nil
 	}
 	d := c.dirs[i]
+	c.mountMu[i].Lock()
+	defer c.mountMu[i].Unlock()
 	if mountRoot(d) == root {
 		c.mountedTill[i].Store(time.Now().Add(mountCheckFor).UnixNano())
 		if c.unmounted[i].Swap(false) {
@@ -1275,6 +1282,7 @@ func (c *Cache) checkMountedNow(i int) error {
 		}
 		return nil
 	}
+	c.mountedTill[i].Store(0)
 	if !c.unmounted[i].Swap(true) {
 		c.log.Error("cache: directory's disk is not mounted; writes to it fail until it is", logDir, d)
 	}
@@ -1299,6 +1307,9 @@ func (c *Cache) checkDir(i int) (bool, error) {
 	_, err := c.fs.ReadFile(filepath.Join(d, markerName))
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
+		if err := c.checkMountedNow(i); err != nil {
+			return false, err // unmounted since the check above: not a loss
+		}
 		if c.pending[i].Load() {
 			if !c.sentinel[i].Load() {
 				// Its sentinel could not be written (the disk is

@@ -62,7 +62,9 @@ func parseMarker(b []byte) (marker, error) {
 			continue
 		}
 		rest, ok := strings.CutPrefix(line, "mount ")
-		if !ok {
+		if !ok || strings.HasPrefix(line, "mount points ") {
+			// "mount points …" was an earlier form of the record (never
+			// released): measured again as for an older cache.
 			continue
 		}
 		slot, q, _ := strings.Cut(rest, " ")

@@ -32,6 +32,10 @@ func TestMarkerMountPoints(t *testing.T) {
 			t.Errorf("%q parsed as %+v", m.String(), got)
 		}
 	}
+	early := "lifeboat-cache v1\ncache " + strings.Repeat("ab", 16) + "\nslot 0 of 3\nmount points 0,2\n"
+	if m, err := parseMarker([]byte(early)); err != nil || m.mounts != nil {
+		t.Errorf("marker with a mount points line: %+v, %v", m, err)
+	}
 	for _, bad := range []string{"mounts recorded\nmount 3 \"/x\"", "mounts recorded\nmount x \"/x\"",
 		"mounts recorded\nmount 1 /x", "mounts recorded\nmount 1 \"x\"", "mount 1 \"/x\""} {
 		b := "lifeboat-cache v1\ncache " + strings.Repeat("ab", 16) + "\nslot 0 of 3\n" + bad + "\n"
