@@ -188,6 +188,24 @@ static __always_inline struct lb_global *glob(void)
 	return bpf_map_lookup_elem(&global, &zero);
 }
 
+// mark_word sets the bits of blocks [first, end) that fall in bitmap word
+// w of device d.
+static __always_inline void mark_word(struct lb_dev *d, __u64 w, __u64 first, __u64 end, struct lb_counters *c)
+{
+	__u64 lo = w << 6, hi = lo + 64;
+	__u64 mask = ~0ULL;
+	if (first > lo)
+		mask &= ~0ULL << (first - lo);
+	if (end < hi)
+		mask &= ~0ULL >> (hi - end);
+	__u32 idx = d->bitmap_word + w;
+	__u64 *word = bpf_map_lookup_elem(&bitmap, &idx);
+	if (word)
+		__sync_fetch_and_or(word, mask);
+	else if (c)
+		c->mark_failures++;
+}
+
 // mark_bitmap sets the bits of [sector, sector+len) of device d.
 static __always_inline void mark_bitmap(struct lb_dev *d, __u64 sector, __u32 len, struct lb_counters *c)
 {
@@ -209,30 +227,10 @@ static __always_inline void mark_bitmap(struct lb_dev *d, __u64 sector, __u32 le
 		return;
 	}
 	if (n == 1) {
-		// Most writes (up to 256 KiB, aligned): no loop.
-		__u64 lo = fw << 6;
-		__u64 mask = (~0ULL << (first - lo)) & (~0ULL >> (lo + 64 - end));
-		__u32 idx = d->bitmap_word + fw;
-		__u64 *word = bpf_map_lookup_elem(&bitmap, &idx);
-		if (word)
-			__sync_fetch_and_or(word, mask);
-		else if (c)
-			c->mark_failures++;
+		mark_word(d, fw, first, end, c); // most writes (up to 256 KiB, aligned): no loop
 	} else {
 		bpf_for_each(num, i, 0, n) {
-			__u64 w = fw + *i;
-			__u64 lo = w << 6, hi = lo + 64;
-			__u64 mask = ~0ULL;
-			if (first > lo)
-				mask &= ~0ULL << (first - lo);
-			if (end < hi)
-				mask &= ~0ULL >> (hi - end);
-			__u32 idx = d->bitmap_word + w;
-			__u64 *word = bpf_map_lookup_elem(&bitmap, &idx);
-			if (word)
-				__sync_fetch_and_or(word, mask);
-			else if (c)
-				c->mark_failures++;
+			mark_word(d, fw + *i, first, end, c);
 		}
 	}
 	__u32 idx = bpf_get_smp_processor_id() * LB_MAX_DEVICES + d->id;

@@ -336,14 +336,19 @@ func loadPinned(dir string, spec *ebpf.CollectionSpec) map[string]*ebpf.Map {
 	return repl
 }
 
+// pinnable returns the maps named in pinnedMaps.
+func (c *Capture) pinnable() map[string]*ebpf.Map {
+	return map[string]*ebpf.Map{"devices": c.objs.Devices, "devstate": c.objs.Devstate, "bitmap": c.objs.Bitmap,
+		"pending": c.objs.Pending, "global": c.objs.Global, "counters": c.objs.Counters, "ring_flight": c.objs.RingFlight,
+		"marks": c.objs.Marks}
+}
+
 // Persist pins the maps and links so capture outlives this process.
 func (c *Capture) Persist() error {
 	if c.pinDir == "" {
 		return nil
 	}
-	maps := map[string]*ebpf.Map{"devices": c.objs.Devices, "devstate": c.objs.Devstate, "bitmap": c.objs.Bitmap,
-		"pending": c.objs.Pending, "global": c.objs.Global, "counters": c.objs.Counters, "ring_flight": c.objs.RingFlight,
-		"marks": c.objs.Marks}
+	maps := c.pinnable()
 	for _, name := range pinnedMaps {
 		p := filepath.Join(c.pinDir, name)
 		if m := maps[name]; !m.IsPinned() {
@@ -377,7 +382,7 @@ func (c *Capture) Unpin() {
 			l.Close()
 		}
 	}
-	for _, m := range []*ebpf.Map{c.objs.Devices, c.objs.Devstate, c.objs.Bitmap, c.objs.Pending, c.objs.Global, c.objs.Counters, c.objs.RingFlight, c.objs.Marks} {
+	for _, m := range c.pinnable() {
 		if m != nil {
 			m.Unpin()
 		}
