@@ -42,6 +42,12 @@ type machine struct {
 	log  *slog.Logger
 	wake chan struct{} // uploader has work (capacity 1)
 
+	// Uploads started and not yet published, owned by the uploader's
+	// goroutine; each reports on upDone (capacity uploadParallel) when
+	// it ends.
+	ups    []*upload
+	upDone chan *upload
+
 	takeover sync.Mutex // serialises session replacement
 	sess     *session   // current session; guarded by takeover and mu
 
@@ -89,6 +95,7 @@ func newMachine(s *Server, name string) *machine {
 		s:        s,
 		log:      s.log.With(logMachine, name),
 		wake:     make(chan struct{}, 1),
+		upDone:   make(chan *upload, uploadParallel),
 		progress: make(chan struct{}),
 		gapEpoch: 1, // a gap loaded open from the manifest has epoch 1
 	}

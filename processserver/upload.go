@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"slices"
-	"sync"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
@@ -23,8 +22,11 @@ const (
 )
 
 // uploadParallel is how many segments of one machine are uploaded at
-// once. One at a time left the journal waiting on each round
-// trip; durable_seq still advances only over a contiguous prefix.
+// once. One at a time left the journal waiting on each round trip;
+// durable_seq still advances only over a contiguous prefix. A segment
+// starts as soon as it is cut and a slot is free, not when the uploads
+// before it have all ended: waiting for the slowest of a batch held the
+// next segment back by up to one upload, which RPO under load paid for.
 const uploadParallel = 4
 
 // runUploader uploads the machine's cached segments in sequence order,
@@ -66,18 +68,64 @@ func (m *machine) uploadLoop(ctx context.Context) {
 	}
 }
 
-// upload is one segment of an upload step.
+// upload is one segment's upload, from its start to its publication.
 type upload struct {
 	e       *segEntry
 	meta    segMeta
 	already bool // in the journal already (uploaded before a restart)
 	err     error
+	done    bool // ended (uploader's goroutine only)
+}
+
+// startUploads starts the oldest segments not uploaded nor being
+// uploaded, while fewer than uploadParallel are under way.
+func (m *machine) startUploads(ctx context.Context) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, e := range m.segs {
+		if len(m.ups) == uploadParallel {
+			return
+		}
+		if e.uploaded || slices.ContainsFunc(m.ups, func(u *upload) bool { return u.e == e }) {
+			continue
+		}
+		u := &upload{e: e}
+		m.ups = append(m.ups, u)
+		go func() {
+			m.uploadOne(ctx, u)
+			m.upDone <- u // never blocks: at most uploadParallel under way
+		}()
+	}
+}
+
+// headUpload returns the first segment not uploaded and its upload, if
+// one is under way or ended; it drops the uploads of segments that are
+// gone from the list (replaced by a resend under the same name).
+func (m *machine) headUpload() (*segEntry, *upload) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.ups = slices.DeleteFunc(m.ups, func(u *upload) bool {
+		return u.done && !slices.Contains(m.segs, u.e)
+	})
+	for _, e := range m.segs {
+		if e.uploaded {
+			continue
+		}
+		for _, u := range m.ups {
+			if u.e == e {
+				return e, u
+			}
+		}
+		return e, nil
+	}
+	return nil, nil
 }
 
 // uploadStep does one unit of work: drop applied segments, then upload
-// the oldest segments not yet uploaded (up to uploadParallel at once),
-// or else advance recoverable_until from a marker. It reports whether it
-// uploaded something.
+// the oldest segments not yet uploaded (up to uploadParallel at once) and
+// publish those that ended, in order, once the oldest has; or else
+// advance recoverable_until from a marker. It reports whether it
+// published something or has uploads under way.
 func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) {
 	if err := m.ensureLoaded(ctx); err != nil {
 		return false, err
@@ -99,39 +147,55 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 		return false, err
 	}
 
-	m.mu.Lock()
-	var batch []*upload
-	for _, e := range m.segs {
-		if len(batch) == uploadParallel {
+	// Wait for the oldest segment's upload to end, starting segments as
+	// they are cut (wake) and collecting the later ones that end first.
+	for {
+		m.startUploads(ctx)
+		head, hu := m.headUpload()
+		if head == nil {
+			return false, m.advanceFromMarker(ctx)
+		}
+		if hu != nil && hu.done {
 			break
 		}
-		if !e.uploaded {
-			batch = append(batch, &upload{e: e})
+		select {
+		case u := <-m.upDone:
+			u.done = true
+		case <-m.wake:
+		case <-ctx.Done():
+			return false, ctx.Err()
 		}
 	}
-	m.mu.Unlock()
-	if len(batch) == 0 {
-		return false, m.advanceFromMarker(ctx)
+	for {
+		select {
+		case u := <-m.upDone:
+			u.done = true
+			continue
+		default:
+		}
+		break
 	}
-	var wg sync.WaitGroup
-	for _, u := range batch {
-		wg.Go(func() { m.uploadOne(ctx, u) })
-	}
-	wg.Wait()
 
 	// Publish the contiguous prefix that made it; the rest is retried.
 	var last segMeta
-	var lost *upload
-	done := 0
-	for _, u := range batch {
-		if errors.Is(u.err, errSegmentLost) {
-			lost = u
+	var failed *upload
+	published := 0
+	m.mu.Lock()
+	for _, e := range m.segs {
+		if e.uploaded {
+			continue
 		}
-		if u.err != nil {
+		i := slices.IndexFunc(m.ups, func(u *upload) bool { return u.e == e })
+		if i < 0 || !m.ups[i].done {
 			break
 		}
-		done++
-		m.mu.Lock()
+		u := m.ups[i]
+		m.ups = slices.Delete(m.ups, i, i+1)
+		if u.err != nil {
+			failed = u
+			break
+		}
+		published++
 		u.e.uploaded = true
 		m.backlog -= u.e.size
 		if !u.already {
@@ -149,8 +213,8 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 			}
 			last = u.meta
 		}
-		m.mu.Unlock()
 	}
+	m.mu.Unlock()
 	if last.last > 0 {
 		if err := m.writeManifest(ctx); err != nil {
 			return false, err
@@ -160,17 +224,18 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 			m.s.applier.Notify(m.name, last.last)
 		}
 	}
-	if lost != nil {
-		if err := m.segmentLost(ctx, lost.e, lost.err); err != nil {
-			return last.last > 0, err
+	if failed != nil && errors.Is(failed.err, errSegmentLost) {
+		// Every segment before it is in the journal: it was the oldest.
+		if err := m.segmentLost(ctx, failed.e, failed.err); err != nil {
+			return published > 0, err
 		}
 		return true, nil
 	}
 	if sess := m.current(); sess != nil {
 		sess.updateBackpressure()
 	}
-	if done < len(batch) {
-		return done > 0, batch[done].err
+	if failed != nil {
+		return published > 0, failed.err
 	}
 	return true, nil
 }

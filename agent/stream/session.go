@@ -341,16 +341,18 @@ func (t *Target) serve(s *session) error {
 	}()
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
-	nextMarker := time.Now()
+	var lastMarker time.Time // the first marker goes at once
 	for {
 		now := time.Now()
+		nextMarker := t.nextMarker(lastMarker)
 		// markerDue first: it clears the release flag, which a marker
 		// sent on schedule must clear too, or a second follows at once.
 		if due := t.markerDue(); due || !now.Before(nextMarker) {
 			if err := t.sendMarker(s, now); err != nil {
 				return err
 			}
-			nextMarker = now.Add(t.cfg.MarkerInterval)
+			lastMarker = now
+			nextMarker = t.nextMarker(lastMarker)
 		}
 		seg, sums, wait := t.nextWork(now)
 		var err error
@@ -473,6 +475,7 @@ func (t *Target) sendMarker(s *session, now time.Time) error {
 		}
 	}
 	m := wire.Marker{Seq: t.sentSeq, UnixNano: at.UnixNano(), Kind: wire.MarkerTime}
+	t.markedSeq = t.sentSeq
 	if m.Seq <= t.ackedSeq {
 		t.ackedMarker = at
 	} else if n := len(t.markers); n > 0 && t.markers[n-1].seq == m.Seq {
@@ -485,6 +488,19 @@ func (t *Target) sendMarker(s *session, now time.Time) error {
 	t.mu.Unlock()
 	s.conn.SetWriteDeadline(now.Add(writeTimeout))
 	return s.w.WriteMarker(m)
+}
+
+// nextMarker returns when the time marker after one sent at last is due:
+// BusyMarkerInterval later if records were sent since, else
+// MarkerInterval later.
+func (t *Target) nextMarker(last time.Time) time.Time {
+	t.mu.Lock()
+	busy := t.sentSeq > t.markedSeq
+	t.mu.Unlock()
+	if busy {
+		return last.Add(t.cfg.BusyMarkerInterval)
+	}
+	return last.Add(t.cfg.MarkerInterval)
 }
 
 // markerDue reports (once) that time markers were just released.

@@ -41,6 +41,7 @@ const (
 	DefaultFlushBytes     = 1 << 20
 	DefaultFlushInterval  = 5 * time.Millisecond
 	DefaultMarkerInterval = 500 * time.Millisecond // RPO carries up to one interval of sawtooth
+	DefaultBusyMarkers    = 100 * time.Millisecond // while records flow (Config.BusyMarkerInterval)
 	DefaultWindow         = 64 << 20
 	DefaultSyncTimeout    = time.Minute
 )
@@ -100,8 +101,15 @@ type Config struct {
 	FlushBytes     int           // batch size (default 1 MiB)
 	FlushInterval  time.Duration // a partial batch waits at most this long (default 5 ms)
 	MarkerInterval time.Duration // time markers (default 500 ms)
-	Window         uint64        // in-flight bytes until the process server says otherwise (default 64 MiB)
-	SyncTimeout    time.Duration // bound of Sync (default 1 min)
+	// BusyMarkerInterval spaces time markers while records flow (default
+	// 100 ms, at most MarkerInterval): they then ride in journal segments
+	// at no cost to the storage account, and recoverable_until, which
+	// moves to the newest marker of each uploaded segment, trails the
+	// stream by less. On an idle stream every marker rewrites the
+	// process server's manifest, so those keep MarkerInterval.
+	BusyMarkerInterval time.Duration
+	Window             uint64        // in-flight bytes until the process server says otherwise (default 64 MiB)
+	SyncTimeout        time.Duration // bound of Sync (default 1 min)
 	// HoldTimeMarkers starts the Target with time markers held (see
 	// Target.HoldTimeMarkers), as an agent does until its initial sync
 	// is done.
@@ -243,6 +251,7 @@ type Target struct {
 	holdMarkers bool
 	markerNow   bool         // released: send a time marker at once
 	releaseSeq  uint64       // the last sequence numbered when markers were released
+	markedSeq   uint64       // sentSeq when the last time marker was sent
 	maxSent     uint64       // the highest sequence sent this run (or agreed at Dial)
 	ownState    bool         // the state directory held this machine's history
 	runID       wire.RunID   // random per Target: Hello.Run
@@ -341,6 +350,10 @@ func newTarget(cfg Config) (*Target, error) {
 	if cfg.MarkerInterval <= 0 {
 		cfg.MarkerInterval = DefaultMarkerInterval
 	}
+	if cfg.BusyMarkerInterval <= 0 {
+		cfg.BusyMarkerInterval = DefaultBusyMarkers
+	}
+	cfg.BusyMarkerInterval = min(cfg.BusyMarkerInterval, cfg.MarkerInterval)
 	if cfg.Window == 0 {
 		cfg.Window = DefaultWindow
 	}

@@ -821,3 +821,37 @@ func TestReconnectToForeignSequencesResyncs(t *testing.T) {
 		t.Fatalf("the write after the reconnect got seq %d, a number the other agent used", s.LastSeq)
 	}
 }
+
+// Time markers follow BusyMarkerInterval while records flow and
+// MarkerInterval while none do: under load they ride in the journal and
+// bound the RPO's sawtooth, idle each one costs a manifest write.
+func TestBusyMarkerInterval(t *testing.T) {
+	srv := streamtest.New(t)
+	cfg := config(t, srv, t.TempDir(), 1<<20)
+	cfg.MarkerInterval = time.Second
+	cfg.BusyMarkerInterval = 40 * time.Millisecond
+	tg := dial(t, cfg)
+	count := func(d time.Duration, write bool) int {
+		n := len(srv.Markers())
+		for end := time.Now().Add(d); time.Now().Before(end); {
+			if write {
+				if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil {
+					t.Fatal(err)
+				}
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		return len(srv.Markers()) - n
+	}
+	count(300*time.Millisecond, false) // past the first marker
+	if n := count(700*time.Millisecond, false); n > 1 {
+		t.Errorf("%d time markers in 700 ms of an idle stream, want at most 1 (MarkerInterval 1 s)", n)
+	}
+	if n := count(800*time.Millisecond, true); n < 6 {
+		t.Errorf("%d time markers in 800 ms of writes, want about 20 (BusyMarkerInterval 40 ms)", n)
+	}
+	count(300*time.Millisecond, false) // the last writes' marker
+	if n := count(700*time.Millisecond, false); n > 1 {
+		t.Errorf("%d time markers in 700 ms once idle again, want at most 1", n)
+	}
+}

@@ -1,0 +1,90 @@
+package processserver
+
+import (
+	"bytes"
+	"context"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
+	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/wire"
+)
+
+// holdFirstSegment holds the upload of the machine's first journal
+// segment until released, and reports each segment upload that ends.
+type holdFirstSegment struct {
+	blobstore.Store
+	release chan struct{}
+	mu      sync.Mutex
+	ended   []string
+}
+
+func (h *holdFirstSegment) PutBlob(ctx context.Context, name string, data []byte, md blobstore.Metadata) error {
+	journal := strings.HasPrefix(name, layout.JournalPrefix("m1"))
+	if first, _, err := layout.ParseSegmentName(name); journal && err == nil && first == 1 {
+		select {
+		case <-h.release:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	err := h.Store.PutBlob(ctx, name, data, md)
+	if err == nil && journal {
+		h.mu.Lock()
+		h.ended = append(h.ended, name)
+		h.mu.Unlock()
+	}
+	return err
+}
+
+func (h *holdFirstSegment) uploaded() []string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return append([]string(nil), h.ended...)
+}
+
+// A segment cut while an earlier one is still being uploaded is uploaded
+// at once, not after it; durable_seq still waits for the earlier one, and
+// the journal ends up holding every frame in order.
+func TestUploadsDoNotWaitForEarlierOnes(t *testing.T) {
+	h := &holdFirstSegment{Store: azureStore(t), release: make(chan struct{})}
+	e := newEnv(t, h, 3)
+	e.segBytes = 64 << 10
+	e.segAge = time.Hour
+	s := e.start()
+
+	a := dialAgent(t, e, s, "m1")
+	a.hello("m1", disk0)
+	t0 := time.Now().Add(-time.Minute).Truncate(time.Millisecond)
+	last := a.batch(1, 20) // 80 KiB: cut on size, its upload held
+	a.marker(last, wire.MarkerTime, t0)
+	a.waitAck(last)
+	time.Sleep(100 * time.Millisecond) // the held upload has started
+	last = a.batch(21, 20)
+	a.waitAck(last)
+	second := layout.SegmentName("m1", 21, 40)
+	eventually(t, 20*time.Second, "upload of the second segment while the first is held", func() bool {
+		return len(h.uploaded()) == 1 && h.uploaded()[0] == second
+	})
+	time.Sleep(200 * time.Millisecond) // room for a manifest write it must not make
+	if d := durableSeq(t, h, "m1"); d != 0 {
+		t.Fatalf("durable_seq %d while the first segment is not in the journal, want 0", d)
+	}
+	last = a.batch(41, 3)
+	a.marker(last, wire.MarkerCrashConsistent, t0.Add(time.Second)) // cut on marker
+	a.waitAck(last)
+	want := bytes.Clone(a.sent)
+	close(h.release)
+
+	eventually(t, 20*time.Second, "upload of seq 43", func() bool { return durableSeq(t, h, "m1") >= 43 })
+	plain, infos, man := journal(t, h, e.rk, "m1")
+	if !bytes.Equal(plain, want) {
+		t.Fatalf("journal holds %d bytes, want exactly the %d bytes of frames sent", len(plain), len(want))
+	}
+	if len(infos) != 3 || man.DurableSeq != 43 {
+		t.Fatalf("%d segments, durable_seq %d: want 3 and 43", len(infos), man.DurableSeq)
+	}
+}
