@@ -47,6 +47,7 @@ type machine struct {
 	// it ends.
 	ups    []*upload
 	upDone chan *upload
+	upWG   sync.WaitGroup // the uploads' goroutines
 
 	takeover sync.Mutex // serialises session replacement
 	sess     *session   // current session; guarded by takeover and mu

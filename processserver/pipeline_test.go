@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore/blobstoretest"
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore/mem"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/lifeboat-dr/lifeboat/internal/wire"
 )
@@ -86,5 +88,33 @@ func TestUploadsDoNotWaitForEarlierOnes(t *testing.T) {
 	}
 	if len(infos) != 3 || man.DurableSeq != 43 {
 		t.Fatalf("%d segments, durable_seq %d: want 3 and 43", len(infos), man.DurableSeq)
+	}
+}
+
+// Segments whose uploads an outage failed together are retried together:
+// once the account is back, no step fails on an error from the outage (in
+// uploadLoop each would cost a backoff, doubled every time).
+func TestUploadsFailedTogetherRetryTogether(t *testing.T) {
+	f := blobstoretest.NewFaulty(mem.New())
+	r := newGapRig(t, f)
+	for i := range uint64(4) {
+		r.put(10*i+1, 10*i+10)
+	}
+	f.FailFor(time.Hour)
+	notified := false
+	ctx := context.Background()
+	for range 3 {
+		if _, err := r.m.uploadStep(ctx, &notified); err == nil {
+			t.Fatal("an upload step succeeded with the account down")
+		}
+	}
+	f.FailFor(0)
+	for i := 0; r.manifest().DurableSeq < 40; i++ {
+		if i == 4 {
+			t.Fatalf("durable_seq %d after 4 steps, want 40", r.manifest().DurableSeq)
+		}
+		if _, err := r.m.uploadStep(ctx, &notified); err != nil {
+			t.Fatalf("step %d with the account back: %v", i+1, err)
+		}
 	}
 }

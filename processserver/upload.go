@@ -37,6 +37,7 @@ func (m *machine) runUploader(ctx context.Context) {
 }
 
 func (m *machine) uploadLoop(ctx context.Context) {
+	defer m.upWG.Wait() // no store call outlives the server
 	wait := uploadRetryMin
 	notified := false
 	for {
@@ -86,15 +87,17 @@ func (m *machine) startUploads(ctx context.Context) {
 		if len(m.ups) == uploadParallel {
 			return
 		}
-		if e.uploaded || slices.ContainsFunc(m.ups, func(u *upload) bool { return u.e == e }) {
+		// By id: a segment resent under the same name waits for the
+		// upload of the copy it replaced, or the two would race.
+		if e.uploaded || slices.ContainsFunc(m.ups, func(u *upload) bool { return u.e.id == e.id }) {
 			continue
 		}
 		u := &upload{e: e}
 		m.ups = append(m.ups, u)
-		go func() {
+		m.upWG.Go(func() {
 			m.uploadOne(ctx, u)
 			m.upDone <- u // never blocks: at most uploadParallel under way
-		}()
+		})
 	}
 }
 
@@ -125,7 +128,7 @@ func (m *machine) headUpload() (*segEntry, *upload) {
 // the oldest segments not yet uploaded (up to uploadParallel at once) and
 // publish those that ended, in order, once the oldest has; or else
 // advance recoverable_until from a marker. It reports whether it
-// published something or has uploads under way.
+// published something (or settled a lost segment).
 func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) {
 	if err := m.ensureLoaded(ctx); err != nil {
 		return false, err
@@ -215,6 +218,18 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 		}
 	}
 	m.mu.Unlock()
+	if failed != nil {
+		// Those that fail with it (an outage) are retried with it, after
+		// one backoff, not one backoff each in turn.
+		for _, u := range m.ups { // the uploader's own: no lock
+			for !u.done {
+				(<-m.upDone).done = true
+			}
+		}
+		m.mu.Lock()
+		m.ups = slices.DeleteFunc(m.ups, func(u *upload) bool { return u.err != nil })
+		m.mu.Unlock()
+	}
 	if last.last > 0 {
 		if err := m.writeManifest(ctx); err != nil {
 			return false, err

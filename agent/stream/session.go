@@ -257,6 +257,7 @@ func (t *Target) agree(s *session, a *wire.HelloAck, initial bool) ([]wire.DiskA
 	}
 	t.sent, t.inflight = 0, 0
 	t.sentSeq = t.ackedSeq
+	t.markedSeq = min(t.markedSeq, t.sentSeq) // the resend is traffic too
 	t.window = t.cfg.Window
 	if s.hasWin {
 		t.window = s.window
