@@ -61,6 +61,42 @@ func ListSegments(ctx context.Context, store blobstore.Store, machine string) ([
 	if err != nil {
 		return nil, fmt.Errorf("list journal of machine %q: %w", machine, err)
 	}
+	return segments(infos), nil
+}
+
+// listBlock is the span of first sequences ListSegmentsFrom lists with one
+// name prefix (the segment name's first 15 of 20 digits), and
+// listBlocksMax how many such listings it makes before one listing of the
+// whole journal is cheaper.
+const (
+	listBlockDigits = 5
+	listBlocksMax   = 16
+)
+
+// ListSegmentsFrom returns, as ListSegments, at least every segment whose
+// first sequence lies in [from, to]: those of the 10⁵-sequence blocks
+// that range touches, listed by name prefix. A journal kept for a day
+// holds hundreds of thousands of segments; the applier, which lists after
+// every upload, needs the few past its cursor.
+func ListSegmentsFrom(ctx context.Context, store blobstore.Store, machine string, from, to uint64) ([]Segment, error) {
+	const block = 100_000 // 10^listBlockDigits
+	if to < from || to/block-from/block >= listBlocksMax {
+		return ListSegments(ctx, store, machine)
+	}
+	var infos []blobstore.BlobInfo
+	for b := from / block; b <= to/block; b++ {
+		prefix := fmt.Sprintf("%s%0*d", layout.JournalPrefix(machine), 20-listBlockDigits, b)
+		l, err := store.ListBlobs(ctx, prefix)
+		if err != nil {
+			return nil, fmt.Errorf("list journal of machine %q from sequence %d: %w", machine, b*block, err)
+		}
+		infos = append(infos, l...)
+	}
+	return segments(infos), nil
+}
+
+// segments parses and sorts journal blob listings.
+func segments(infos []blobstore.BlobInfo) []Segment {
 	segs := make([]Segment, 0, len(infos))
 	for _, bi := range infos {
 		first, last, err := layout.ParseSegmentName(bi.Name)
@@ -79,7 +115,7 @@ func ListSegments(ctx context.Context, store blobstore.Store, machine string) ([
 		}
 		return cmpU64(a.Last, b.Last)
 	})
-	return segs, nil
+	return segs
 }
 
 func cmpU64(a, b uint64) int {

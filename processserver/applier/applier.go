@@ -302,7 +302,14 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 		m.loaded = true
 		m.chain = m.applied() // where resume starts: each disk's applied ends a segment
 	}
-	segs, err := recovery.ListSegments(ctx, a.cfg.Store, m.name)
+	// Past the cursor only: segments sort by name, and names by first
+	// sequence. Listing the whole journal each pass grew with retention.
+	var segs []recovery.Segment
+	if first, _, perr := layout.ParseSegmentName(m.cursor); m.cursor != "" && perr == nil {
+		segs, err = recovery.ListSegmentsFrom(ctx, a.cfg.Store, m.name, first, limit)
+	} else {
+		segs, err = recovery.ListSegments(ctx, a.cfg.Store, m.name)
+	}
 	if err != nil {
 		return 0, err
 	}

@@ -1,0 +1,65 @@
+package applier_test
+
+import (
+	"context"
+	"math/rand/v2"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore/mem"
+	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/recovery/recoverytest"
+	"github.com/lifeboat-dr/lifeboat/processserver/applier"
+)
+
+// listLog records the prefixes of ListBlobs calls.
+type listLog struct {
+	blobstore.Store
+	mu       sync.Mutex
+	prefixes []string
+}
+
+func (l *listLog) ListBlobs(ctx context.Context, prefix string) ([]blobstore.BlobInfo, error) {
+	l.mu.Lock()
+	l.prefixes = append(l.prefixes, prefix)
+	l.mu.Unlock()
+	return l.Store.ListBlobs(ctx, prefix)
+}
+
+func (l *listLog) take() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	p := l.prefixes
+	l.prefixes = nil
+	return p
+}
+
+// After its first pass the applier lists only the journal past its
+// cursor, not the whole journal (a day of it at ASR's rates is some
+// 200 000 segments), and still applies every segment.
+func TestApplyListsPastCursor(t *testing.T) {
+	store := &listLog{Store: mem.New()}
+	rng := rand.New(rand.NewPCG(21, 22))
+	m := recoverytest.New(t, store, "ml", 1<<20)
+	c := &clock{t: time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)}
+	a := newApplier(t, m, applier.Config{})
+	ctx := ctxT(t)
+	for pass := range 4 {
+		for range 3 {
+			workload(m, rng, c, 20)
+			m.Cut()
+		}
+		store.take()
+		if got, err := a.Apply(ctx, m.Name); err != nil || got != m.Durable {
+			t.Fatalf("pass %d: Apply = %d, %v; want %d", pass, got, err, m.Durable)
+		}
+		checkReplica(t, m, m.Durable)
+		for _, p := range store.take() {
+			if pass > 0 && p == layout.JournalPrefix(m.Name) {
+				t.Fatalf("pass %d listed the whole journal (%q)", pass, p)
+			}
+		}
+	}
+}
