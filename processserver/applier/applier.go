@@ -118,7 +118,8 @@ type Config struct {
 	// reports false when it has no copy; the applier then reads the
 	// account.
 	Local func(name string) ([]byte, bool)
-	// Yield, if set, is called before each apply pass. It may block for a
+	// Yield, if set, is called before each apply pass (Run) and before
+	// each segment of a pass after its first. It may block for a
 	// while when the account's bandwidth is better spent elsewhere: the
 	// process server holds passes back while journal uploads are behind,
 	// so that under overload apply lag grows before RPO does.
@@ -314,12 +315,18 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 		return 0, err
 	}
 	resume := m.applied()
+	n := 0
 	for _, s := range segs {
 		if (m.cursor != "" && s.Name <= m.cursor) || s.Last < resume {
 			continue
 		}
 		if s.Last > limit {
 			break
+		}
+		if n++; n > 1 && a.cfg.Yield != nil {
+			// A pass far behind takes a while: journal uploads that
+			// fall behind meanwhile go first here too.
+			a.cfg.Yield(ctx)
 		}
 		if err := a.applySegment(ctx, m, s); err != nil {
 			return m.applied(), err

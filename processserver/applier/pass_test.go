@@ -63,3 +63,24 @@ func TestApplyListsPastCursor(t *testing.T) {
 		}
 	}
 }
+
+// A pass yields (Config.Yield) before each segment after its first, so
+// that journal uploads falling behind during a long pass go first.
+func TestApplyYieldsBetweenSegments(t *testing.T) {
+	rng := rand.New(rand.NewPCG(23, 24))
+	m := recoverytest.New(t, mem.New(), "my", 1<<20)
+	c := &clock{t: time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)}
+	var yields int
+	a := newApplier(t, m, applier.Config{Yield: func(context.Context) { yields++ }})
+	for range 3 {
+		workload(m, rng, c, 20)
+		m.Cut()
+	}
+	if got, err := a.Apply(ctxT(t), m.Name); err != nil || got != m.Durable {
+		t.Fatalf("Apply = %d, %v; want %d", got, err, m.Durable)
+	}
+	checkReplica(t, m, m.Durable)
+	if yields != 2 {
+		t.Fatalf("%d yields in a pass over 3 segments, want 2", yields)
+	}
+}
