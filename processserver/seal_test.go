@@ -93,14 +93,35 @@ func sealSegmentSkipsCompression(t *testing.T, inPlace bool) {
 	if m.skipCompress != incompressibleSkip {
 		t.Fatalf("after %d incompressible segments skip = %d, want %d", incompressibleRun, m.skipCompress, incompressibleSkip)
 	}
+	// Each failed try doubles the skip.
+	for want := 2 * incompressibleSkip; want <= 4*incompressibleSkip; want *= 2 {
+		for range m.skipCompress {
+			if compressed(random()) {
+				t.Fatal("compressed while the compressor should be skipped")
+			}
+		}
+		for range incompressibleRun {
+			compressed(random())
+		}
+		if m.skipCompress != want {
+			t.Fatalf("after a failed try skip = %d, want %d", m.skipCompress, want)
+		}
+	}
 	zeros := make([]byte, 256<<10)
-	for range incompressibleSkip {
+	for range m.skipCompress {
 		if compressed(zeros) {
 			t.Fatal("compressed while the compressor should be skipped")
 		}
 	}
 	if !compressed(zeros) {
 		t.Error("compressor not back after the skipped segments")
+	}
+	// Data that compresses resets the skip to its first length.
+	for range incompressibleRun {
+		compressed(random())
+	}
+	if m.skipCompress != incompressibleSkip {
+		t.Fatalf("after compressible data and %d incompressible segments skip = %d, want %d", incompressibleRun, m.skipCompress, incompressibleSkip)
 	}
 }
 
