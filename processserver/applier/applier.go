@@ -199,6 +199,9 @@ type machine struct {
 	// marker-only segments) is read once, not on every pass.
 	cursor    string
 	lastPrune time.Time
+	// pruneFrom is the first sequence of the oldest segment the last
+	// prune kept (0: unknown), where the next one starts listing.
+	pruneFrom uint64
 	// nextStart is the lowest start of a generation some disk has not
 	// switched to yet (MaxUint64: none).
 	nextStart uint64
@@ -265,7 +268,7 @@ func (a *Applier) apply(ctx context.Context, name string, durable uint64) (uint6
 		// Reload everything from the account next time: a failed call may
 		// have left the in-memory view ahead of or behind the blobs, and
 		// records of the failed segment queued for other disks.
-		m.loaded, m.cursor, m.disks = false, "", nil
+		m.loaded, m.cursor, m.disks, m.pruneFrom = false, "", nil, 0
 	}
 	return applied, err
 }

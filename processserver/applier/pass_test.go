@@ -2,6 +2,7 @@ package applier_test
 
 import (
 	"context"
+	"fmt"
 	"math/rand/v2"
 	"sync"
 	"testing"
@@ -10,7 +11,9 @@ import (
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore/mem"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/recovery"
 	"github.com/lifeboat-dr/lifeboat/internal/recovery/recoverytest"
+	"github.com/lifeboat-dr/lifeboat/internal/wire"
 	"github.com/lifeboat-dr/lifeboat/processserver/applier"
 )
 
@@ -83,4 +86,58 @@ func TestApplyYieldsBetweenSegments(t *testing.T) {
 	if yields != 2 {
 		t.Fatalf("%d yields in a pass over 3 segments, want 2", yields)
 	}
+}
+
+// Retention lists the journal from the oldest segment its last prune
+// kept, not the whole journal, and still deletes every segment the base
+// point makes unnecessary.
+func TestRetentionListsPastLastPrune(t *testing.T) {
+	store := &listLog{Store: mem.New()}
+	rng := rand.New(rand.NewPCG(25, 26))
+	m := recoverytest.New(t, store, "mr", 1<<20)
+	start := time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)
+	var now time.Time
+	a := newApplier(t, m, applier.Config{Retention: 2 * time.Hour, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
+	c := &clock{}
+	ctx := ctxT(t)
+	var apps []wire.Marker
+	for h := range 8 {
+		now = start.Add(time.Duration(h) * time.Hour)
+		c.t = now
+		for range 2 {
+			workload(m, rng, c, 15)
+			m.Cut()
+		}
+		apps = append(apps, m.Marker(wire.MarkerAppConsistent, c.next()))
+		workload(m, rng, c, 5)
+		m.Cut()
+		store.take()
+		if got, err := a.Apply(ctx, m.Name); err != nil || got != m.Durable {
+			t.Fatalf("hour %d: Apply = %d, %v; want %d", h, got, err, m.Durable)
+		}
+		for _, p := range store.take() {
+			if h >= 4 && p == layout.JournalPrefix(m.Name) {
+				t.Fatalf("hour %d: retention listed the whole journal", h)
+			}
+		}
+		if h < 3 {
+			continue
+		}
+		// The base is the newest point older than the cutoff (now - 2 h):
+		// the one cut 3 hours ago.
+		segs, err := recovery.ListSegments(ctx, store, m.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, s := range segs {
+			if s.Last <= apps[h-3].Seq {
+				t.Fatalf("hour %d: segment %s (last %d) kept, the base point is at %d", h, s.Name, s.Last, apps[h-3].Seq)
+			}
+		}
+		if len(segs) < 9 {
+			t.Fatalf("hour %d: %d segments kept, want the 3 hours after the base", h, len(segs))
+		}
+	}
+	checkReplica(t, m, m.Durable)
+	recoverAndCheck(t, m, 0, fmt.Sprint(apps[5].Seq+2), apps[5].Seq+2)
 }

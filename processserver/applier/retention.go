@@ -89,14 +89,25 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 		}
 	}
 	if keepFrom > 0 {
-		segs, err := recovery.ListSegments(ctx, a.cfg.Store, m.name)
+		// From the oldest segment the last prune kept: the journal of a
+		// day is some 200 000 segments, of which a prune drops minutes.
+		var segs []recovery.Segment
+		var err error
+		if m.pruneFrom > 0 {
+			segs, err = recovery.ListSegmentsFrom(ctx, a.cfg.Store, m.name, m.pruneFrom, keepFrom)
+		} else {
+			segs, err = recovery.ListSegments(ctx, a.cfg.Store, m.name)
+		}
 		if err != nil {
 			return err
 		}
 		var drop []recovery.Segment
+		oldestKept := keepFrom + 1 // unless a segment straddles keepFrom
 		for _, s := range segs {
 			if s.Last <= keepFrom {
 				drop = append(drop, s)
+			} else {
+				oldestKept = min(oldestKept, s.First)
 			}
 		}
 		if len(drop) > 0 {
@@ -117,6 +128,7 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 		if len(drop) > 0 {
 			a.log.Info("retention deleted journal segments", logKeyMachine, m.name, logKeyCount, len(drop), logKeySeq, keepFrom)
 		}
+		m.pruneFrom = max(m.pruneFrom, oldestKept)
 	}
 	m.lastPrune = now
 	return nil
