@@ -64,13 +64,15 @@ func ListSegments(ctx context.Context, store blobstore.Store, machine string) ([
 	return segments(infos), nil
 }
 
-// listBlock is the span of first sequences ListSegmentsFrom lists with one
-// name prefix (the segment name's first 15 of 20 digits), and
-// listBlocksMax how many such listings it makes before one listing of the
-// whole journal is cheaper.
+// listBlockDigits sets the span of first sequences ListSegmentsFrom lists
+// with one name prefix (10^5: the segment name's first 15 of 20 digits),
+// and listBlocksMax how many such listings it makes before one listing of
+// the whole journal is likely cheaper: 64 blocks cover five minutes of 4 KiB
+// writes at 37 MB/s (retention's usual step), and the whole journal of a
+// day then takes some 80 list calls.
 const (
 	listBlockDigits = 5
-	listBlocksMax   = 16
+	listBlocksMax   = 64
 )
 
 // ListSegmentsFrom returns, as ListSegments, at least every segment whose

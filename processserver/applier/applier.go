@@ -119,7 +119,8 @@ type Config struct {
 	// account.
 	Local func(name string) ([]byte, bool)
 	// Yield, if set, is called before each apply pass (Run) and before
-	// each segment of a pass after its first. It may block for a
+	// each segment of a pass after its first, until those calls have
+	// taken 2 s in the pass. It may block for a
 	// while when the account's bandwidth is better spent elsewhere: the
 	// process server holds passes back while journal uploads are behind,
 	// so that under overload apply lag grows before RPO does.
@@ -319,6 +320,7 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 	}
 	resume := m.applied()
 	n := 0
+	var yielded time.Duration
 	for _, s := range segs {
 		if (m.cursor != "" && s.Name <= m.cursor) || s.Last < resume {
 			continue
@@ -326,10 +328,13 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 		if s.Last > limit {
 			break
 		}
-		if n++; n > 1 && a.cfg.Yield != nil {
+		if n++; n > 1 && a.cfg.Yield != nil && yielded < passYieldMax {
 			// A pass far behind takes a while: journal uploads that
-			// fall behind meanwhile go first here too.
+			// fall behind meanwhile go first here too, for a bounded
+			// time, so that the replica still advances under overload.
+			t0 := time.Now()
 			a.cfg.Yield(ctx)
+			yielded += time.Since(t0)
 		}
 		if err := a.applySegment(ctx, m, s); err != nil {
 			return m.applied(), err
@@ -343,6 +348,10 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 	}
 	return m.applied(), nil
 }
+
+// passYieldMax bounds the time a pass spends in Config.Yield between its
+// segments.
+const passYieldMax = 2 * time.Second
 
 // applied is the sequence every disk of m has applied.
 func (m *machine) applied() uint64 {

@@ -141,3 +141,24 @@ func TestRetentionListsPastLastPrune(t *testing.T) {
 	checkReplica(t, m, m.Durable)
 	recoverAndCheck(t, m, 0, fmt.Sprint(apps[5].Seq+2), apps[5].Seq+2)
 }
+
+// A pass stops yielding once its yields have taken 2 s: under sustained
+// overload the replica still advances.
+func TestApplyYieldBounded(t *testing.T) {
+	rng := rand.New(rand.NewPCG(27, 28))
+	m := recoverytest.New(t, mem.New(), "mz", 1<<20)
+	c := &clock{t: time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)}
+	var yields int
+	a := newApplier(t, m, applier.Config{Yield: func(context.Context) { yields++; time.Sleep(700 * time.Millisecond) }})
+	for range 6 {
+		workload(m, rng, c, 10)
+		m.Cut()
+	}
+	if got, err := a.Apply(ctxT(t), m.Name); err != nil || got != m.Durable {
+		t.Fatalf("Apply = %d, %v; want %d", got, err, m.Durable)
+	}
+	checkReplica(t, m, m.Durable)
+	if yields < 2 || yields > 3 {
+		t.Fatalf("%d yields of 700 ms in a pass over 6 segments, want 3 (2 s budget)", yields)
+	}
+}
