@@ -588,9 +588,8 @@ func (c *Cache) writeShard(slot int, id SegmentID, h shardHeader, hdr []byte, pa
 		c.vanished[slot].Store(true)
 		c.epoch[slot].Add(1)
 		c.forgetStreamDir(slot, id.Stream)
-		if err = c.checkMountedNow(slot); err != nil {
-			return err // unmounted since the check above
-		}
+		// Forgotten, the stream directory is created only after a fresh
+		// mount check: not below a disk unmounted since the one above.
 		if err = c.ensureStreamDir(slot, id.Stream); err != nil {
 			return err
 		}
