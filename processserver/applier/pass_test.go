@@ -39,6 +39,35 @@ func (l *listLog) take() []string {
 	return p
 }
 
+// cutSegments cuts n segments of records each.
+func cutSegments(m *recoverytest.Machine, rng *rand.Rand, c *clock, n, records int) {
+	for range n {
+		workload(m, rng, c, records)
+		m.Cut()
+	}
+}
+
+// applyAll applies everything m made durable and checks the replica.
+func applyAll(t *testing.T, ctx context.Context, a *applier.Applier, m *recoverytest.Machine, what string) {
+	t.Helper()
+	if got, err := a.Apply(ctx, m.Name); err != nil || got != m.Durable {
+		t.Fatalf("%sApply = %d, %v; want %d", what, got, err, m.Durable)
+	}
+	checkReplica(t, m, m.Durable)
+}
+
+// passYields counts the calls to yield in one pass over segs segments.
+func passYields(t *testing.T, name string, segs int, yield func()) int {
+	rng := rand.New(rand.NewPCG(23, 24))
+	m := recoverytest.New(t, mem.New(), name, 1<<20)
+	c := &clock{t: time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)}
+	n := 0
+	a := newApplier(t, m, applier.Config{Yield: func(context.Context) { n++; yield() }})
+	cutSegments(m, rng, c, segs, 10)
+	applyAll(t, ctxT(t), a, m, "")
+	return n
+}
+
 // After its first pass the applier lists only the journal past its
 // cursor, not the whole journal (a day of it at ASR's rates is some
 // 200 000 segments), and still applies every segment.
@@ -50,15 +79,9 @@ func TestApplyListsPastCursor(t *testing.T) {
 	a := newApplier(t, m, applier.Config{})
 	ctx := ctxT(t)
 	for pass := range 4 {
-		for range 3 {
-			workload(m, rng, c, 20)
-			m.Cut()
-		}
+		cutSegments(m, rng, c, 3, 20)
 		store.take()
-		if got, err := a.Apply(ctx, m.Name); err != nil || got != m.Durable {
-			t.Fatalf("pass %d: Apply = %d, %v; want %d", pass, got, err, m.Durable)
-		}
-		checkReplica(t, m, m.Durable)
+		applyAll(t, ctx, a, m, fmt.Sprintf("pass %d: ", pass))
 		for _, p := range store.take() {
 			if pass > 0 && p == layout.JournalPrefix(m.Name) {
 				t.Fatalf("pass %d listed the whole journal (%q)", pass, p)
@@ -70,21 +93,8 @@ func TestApplyListsPastCursor(t *testing.T) {
 // A pass yields (Config.Yield) before each segment after its first, so
 // that journal uploads falling behind during a long pass go first.
 func TestApplyYieldsBetweenSegments(t *testing.T) {
-	rng := rand.New(rand.NewPCG(23, 24))
-	m := recoverytest.New(t, mem.New(), "my", 1<<20)
-	c := &clock{t: time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)}
-	var yields int
-	a := newApplier(t, m, applier.Config{Yield: func(context.Context) { yields++ }})
-	for range 3 {
-		workload(m, rng, c, 20)
-		m.Cut()
-	}
-	if got, err := a.Apply(ctxT(t), m.Name); err != nil || got != m.Durable {
-		t.Fatalf("Apply = %d, %v; want %d", got, err, m.Durable)
-	}
-	checkReplica(t, m, m.Durable)
-	if yields != 2 {
-		t.Fatalf("%d yields in a pass over 3 segments, want 2", yields)
+	if n := passYields(t, "my", 3, func() {}); n != 2 {
+		t.Fatalf("%d yields in a pass over 3 segments, want 2", n)
 	}
 }
 
@@ -104,17 +114,11 @@ func TestRetentionListsPastLastPrune(t *testing.T) {
 	for h := range 8 {
 		now = start.Add(time.Duration(h) * time.Hour)
 		c.t = now
-		for range 2 {
-			workload(m, rng, c, 15)
-			m.Cut()
-		}
+		cutSegments(m, rng, c, 2, 15)
 		apps = append(apps, m.Marker(wire.MarkerAppConsistent, c.next()))
-		workload(m, rng, c, 5)
-		m.Cut()
+		cutSegments(m, rng, c, 1, 5)
 		store.take()
-		if got, err := a.Apply(ctx, m.Name); err != nil || got != m.Durable {
-			t.Fatalf("hour %d: Apply = %d, %v; want %d", h, got, err, m.Durable)
-		}
+		applyAll(t, ctx, a, m, fmt.Sprintf("hour %d: ", h))
 		for _, p := range store.take() {
 			if h >= 4 && p == layout.JournalPrefix(m.Name) {
 				t.Fatalf("hour %d: retention listed the whole journal", h)
@@ -138,27 +142,14 @@ func TestRetentionListsPastLastPrune(t *testing.T) {
 			t.Fatalf("hour %d: %d segments kept, want the 3 hours after the base", h, len(segs))
 		}
 	}
-	checkReplica(t, m, m.Durable)
 	recoverAndCheck(t, m, 0, fmt.Sprint(apps[5].Seq+2), apps[5].Seq+2)
 }
 
 // A pass stops yielding once its yields have taken 2 s: under sustained
 // overload the replica still advances.
 func TestApplyYieldBounded(t *testing.T) {
-	rng := rand.New(rand.NewPCG(27, 28))
-	m := recoverytest.New(t, mem.New(), "mz", 1<<20)
-	c := &clock{t: time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)}
-	var yields int
-	a := newApplier(t, m, applier.Config{Yield: func(context.Context) { yields++; time.Sleep(700 * time.Millisecond) }})
-	for range 6 {
-		workload(m, rng, c, 10)
-		m.Cut()
-	}
-	if got, err := a.Apply(ctxT(t), m.Name); err != nil || got != m.Durable {
-		t.Fatalf("Apply = %d, %v; want %d", got, err, m.Durable)
-	}
-	checkReplica(t, m, m.Durable)
-	if yields < 2 || yields > 3 {
-		t.Fatalf("%d yields of 700 ms in a pass over 6 segments, want 3 (2 s budget)", yields)
+	n := passYields(t, "mz", 6, func() { time.Sleep(700 * time.Millisecond) })
+	if n < 2 || n > 3 {
+		t.Fatalf("%d yields of 700 ms in a pass over 6 segments, want 3 (2 s budget)", n)
 	}
 }

@@ -178,18 +178,9 @@ func TestMountPointsRecordedForOlderCache(t *testing.T) {
 	dirs := tempDirs(t, 3)
 	mountDisk(t, dirs[2])
 	open(t, dirs, Options{})
-	for i, d := range dirs {
-		old := marker{cache: strings.Repeat("12", 16), slot: i, n: 3}
-		if err := os.WriteFile(filepath.Join(d, markerName), []byte(old.String()), 0o640); err != nil {
-			t.Fatal(err)
-		}
-	}
+	writeMarkers(t, dirs, func(i int) marker { return marker{cache: strings.Repeat("12", 16), slot: i, n: 3} })
 	open(t, dirs, Options{})
-	for _, d := range dirs {
-		if mk, err := os.ReadFile(filepath.Join(d, markerName)); err != nil || !strings.Contains(string(mk), fmt.Sprintf("mount 2 %q\n", dirs[2])) {
-			t.Errorf("marker of %s: %q (%v)", d, mk, err)
-		}
-	}
+	wantMountRecorded(t, dirs, 2)
 	if err := unix.Unmount(dirs[2], unix.MNT_DETACH); err != nil {
 		t.Fatal(err)
 	}
@@ -208,28 +199,17 @@ func TestMountPointsPartialRecord(t *testing.T) {
 	mountDisk(t, dirs[0])
 	open(t, dirs, Options{})
 	id := strings.Repeat("34", 16)
-	for i, d := range dirs {
+	writeMarkers(t, dirs, func(i int) marker {
 		m := marker{cache: id, slot: i, n: 3}
 		if i == 2 {
 			m.mounts = []string{dirs[0], "", ""}
 		}
-		if err := os.WriteFile(filepath.Join(d, markerName), []byte(m.String()), 0o640); err != nil {
-			t.Fatal(err)
-		}
-	}
+		return m
+	})
 	open(t, dirs, Options{})
-	for _, d := range dirs {
-		if mk, err := os.ReadFile(filepath.Join(d, markerName)); err != nil || !strings.Contains(string(mk), fmt.Sprintf("mount 0 %q\n", dirs[0])) {
-			t.Errorf("marker of %s: %q (%v)", d, mk, err)
-		}
-	}
+	wantMountRecorded(t, dirs, 0)
 
-	for i, d := range dirs {
-		old := marker{cache: id, slot: i, n: 3}
-		if err := os.WriteFile(filepath.Join(d, markerName), []byte(old.String()), 0o640); err != nil {
-			t.Fatal(err)
-		}
-	}
+	writeMarkers(t, dirs, func(i int) marker { return marker{cache: id, slot: i, n: 3} })
 	wipe(t, dirs[1])
 	c := open(t, dirs, Options{})
 	if got := c.Replaced(); !slices.Equal(got, dirs[1:2]) {
@@ -269,5 +249,28 @@ func TestCacheBelowMountPoint(t *testing.T) {
 	}
 	if ents, err := os.ReadDir(disk0); err != nil || len(ents) != 0 {
 		t.Fatalf("below the mount point: %v (%v)", ents, err)
+	}
+}
+
+// writeMarkers writes marker(i) as the marker of each dirs[i], as an
+// earlier binary or an interrupted Open left it.
+func writeMarkers(t *testing.T, dirs []string, marker func(i int) marker) {
+	t.Helper()
+	for i, d := range dirs {
+		if err := os.WriteFile(filepath.Join(d, markerName), []byte(marker(i).String()), 0o640); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// wantMountRecorded checks that every marker records directory slot's
+// mount point (the directory itself, a mount point in these tests).
+func wantMountRecorded(t *testing.T, dirs []string, slot int) {
+	t.Helper()
+	want := fmt.Sprintf("mount %d %q\n", slot, dirs[slot])
+	for _, d := range dirs {
+		if mk, err := os.ReadFile(filepath.Join(d, markerName)); err != nil || !strings.Contains(string(mk), want) {
+			t.Errorf("marker of %s: %q (%v), want %q in it", d, mk, err, want)
+		}
 	}
 }
