@@ -71,11 +71,11 @@ func (s *Server) uploadBacklog() int64 {
 	return n
 }
 
-// LocalSegment returns the plaintext of journal segment name from the
+// LocalSegment appends to dst the plaintext of journal segment name from the
 // sealed copy kept in memory or in the cache, which keep a segment until
 // it is applied: opening it here is cheaper than downloading it. It checks that the cached
 // segment is the one the name says (the name is the seal's AAD).
-func (s *Server) LocalSegment(name string) ([]byte, bool) {
+func (s *Server) LocalSegment(name string, dst []byte) ([]byte, bool) {
 	machine, _, ok := strings.Cut(name, "/journal/")
 	if !ok {
 		return nil, false
@@ -99,7 +99,7 @@ func (s *Server) LocalSegment(name string) ([]byte, bool) {
 	if err != nil || meta.first != first || meta.last != last {
 		return nil, false
 	}
-	plain, err := seal.Open(nil, sealed, key, []byte(name))
+	plain, err := seal.Open(dst, sealed, key, []byte(name))
 	if err != nil {
 		return nil, false
 	}
