@@ -328,24 +328,28 @@ func RunPipeline(ctx context.Context, cfg PipelineConfig, log *slog.Logger, prog
 	}
 	for _, clients := range []int{1, 4} {
 		fmt.Fprintf(progress, "ceiling: %d MB with %d client(s): ", cfg.CeilingBytes/1e6, clients)
+		cpu0 := p.azuriteCPU()
 		run, err := measureCeiling(ctx, p.azurite.ConnectionString(), clients, cfg.CeilingBytes)
 		if err != nil {
 			fmt.Fprintln(progress, "failed")
 			return nil, err
 		}
-		fmt.Fprintf(progress, "%.1f MB/s\n", run.MBPerSec)
+		run.AzuriteCPU = cpuShare(cpu0, p.azuriteCPU(), run.Seconds)
+		fmt.Fprintf(progress, "%.1f MB/s%s\n", run.MBPerSec, fmtAzuriteCPU(run.AzuriteCPU))
 		rep.Ceiling.Runs = append(rep.Ceiling.Runs, run)
 		rep.Ceiling.MBPerSec = max(rep.Ceiling.MBPerSec, run.MBPerSec)
 	}
 	for _, bs := range cfg.BlockSizes {
 		fmt.Fprintf(progress, "ceiling as stored (journal blob + %s Put Pages of the same bytes), %d MB: ", fmtSize(bs), cfg.CeilingBytes/2e6)
+		cpu0 := p.azuriteCPU()
 		run, err := measureStored(ctx, p.azurite.ConnectionString(), bs, cfg.CeilingBytes/2, cfg.DeviceSize)
 		if err != nil {
 			fmt.Fprintln(progress, "failed")
 			return nil, err
 		}
+		run.AzuriteCPU = cpuShare(cpu0, p.azuriteCPU(), run.Seconds)
 		run.CeilingRatio = run.MBPerSec / rep.Ceiling.MBPerSec
-		fmt.Fprintf(progress, "%.1f MB/s = %.2f × ceiling\n", run.MBPerSec, run.CeilingRatio)
+		fmt.Fprintf(progress, "%.1f MB/s = %.2f × ceiling%s\n", run.MBPerSec, run.CeilingRatio, fmtAzuriteCPU(run.AzuriteCPU))
 		rep.Ceiling.Stored = append(rep.Ceiling.Stored, run)
 	}
 	if err := p.dropCeilingContainer(ctx); err != nil {
@@ -434,6 +438,30 @@ type pipeline struct {
 	stopSamp context.CancelFunc
 	sampDone chan struct{}
 	levels   int // levels run so far
+}
+
+// azuriteCPU returns the CPU seconds Azurite has used, or a negative
+// number when they cannot be read (a real account has no process here).
+func (p *pipeline) azuriteCPU() float64 {
+	pid := p.azurite.Pid()
+	if pid == 0 {
+		return -1
+	}
+	s, err := procCPUSeconds(pid)
+	if err != nil {
+		return -1
+	}
+	return s
+}
+
+// cpuShare is the cores used between two CPU readings secs apart, or nil
+// when either reading failed.
+func cpuShare(cpu0, cpu1, secs float64) *float64 {
+	if cpu0 < 0 || cpu1 < cpu0 || secs <= 0 {
+		return nil
+	}
+	v := (cpu1 - cpu0) / secs
+	return &v
 }
 
 func (p *pipeline) startAzurite(ctx context.Context) error {
@@ -668,6 +696,7 @@ type counters struct {
 	received   float64
 	psCPU      float64
 	agentCPU   float64
+	azuriteCPU float64 // negative: not available
 	durableSeq uint64
 }
 
@@ -684,6 +713,7 @@ func (p *pipeline) readCounters(ctx context.Context) (counters, error) {
 	if c.agentCPU, err = procCPUSeconds(p.agent.pid()); err != nil {
 		return c, err
 	}
+	c.azuriteCPU = p.azuriteCPU()
 	if s, ok := p.sampler.latest(); ok {
 		c.durableSeq = s.Durable
 	}
@@ -768,6 +798,7 @@ func (p *pipeline) runLevel(ctx context.Context, label string, rate float64, bs 
 	l.Segments = segs
 	l.PSCPUSeconds = c1.psCPU - c0.psCPU
 	l.AgentCPUSeconds = c1.agentCPU - c0.agentCPU
+	l.AzuriteCPU = cpuShare(c0.azuriteCPU, cEnd.azuriteCPU, cEnd.at.Sub(c0.at).Seconds())
 	evaluateLevel(&l, p.sampler.between(start, appliedAt), start, end, durableAt, ceiling)
 	return l, nil
 }

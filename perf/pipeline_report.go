@@ -105,6 +105,9 @@ type CeilingRun struct {
 	Bytes    int64   `json:"bytes"`
 	Seconds  float64 `json:"seconds"`
 	MBPerSec float64 `json:"mb_per_sec"`
+	// AzuriteCPU is the CPU Azurite used over the run, in cores (its
+	// Node.js thread serves every request: near 1 means it was the limit).
+	AzuriteCPU *float64 `json:"azurite_cpu_cores,omitempty"`
 }
 
 // PipelineLevel is one fio run at a fixed churn rate and what the pipeline
@@ -164,6 +167,8 @@ type PipelineLevel struct {
 	BeforeUploadCPUSecondsPerGB *float64           `json:"before_upload_cpu_seconds_per_gb,omitempty"`
 	AgentCPUSeconds             float64            `json:"agent_cpu_seconds"`
 	AgentCPUSecondsPerGB        *float64           `json:"agent_cpu_seconds_per_gb,omitempty"` // per GB written by fio
+	// AzuriteCPU is the CPU Azurite used over the fio window, in cores.
+	AzuriteCPU *float64 `json:"azurite_cpu_cores,omitempty"`
 
 	Sustained bool   `json:"sustained"`
 	Reason    string `json:"reason,omitempty"` // why not sustained
@@ -515,27 +520,27 @@ func (r *PipelineReport) WriteTable(w io.Writer) error {
 		if i == 0 {
 			sep = ""
 		}
-		fmt.Fprintf(w, "%s %d client(s) %.1f MB/s", sep, c.Clients, c.MBPerSec)
+		fmt.Fprintf(w, "%s %d client(s) %.1f MB/s%s", sep, c.Clients, c.MBPerSec, fmtAzuriteCPU(c.AzuriteCPU))
 	}
 	fmt.Fprintf(w, " -> ceiling %.1f MB/s\n", r.Ceiling.MBPerSec)
 	for _, s := range r.Ceiling.Stored {
-		fmt.Fprintf(w, "ceiling as stored (journal blob + %s Put Pages of the same bytes, %d clients): %.1f MB/s = %.2f × ceiling\n",
-			fmtSize(s.BlockSize), s.Clients, s.MBPerSec, s.CeilingRatio)
+		fmt.Fprintf(w, "ceiling as stored (journal blob + %s Put Pages of the same bytes, %d clients): %.1f MB/s = %.2f × ceiling%s\n",
+			fmtSize(s.BlockSize), s.Clients, s.MBPerSec, s.CeilingRatio, fmtAzuriteCPU(s.AzuriteCPU))
 	}
 	fmt.Fprintf(w, "initial sync of %d MiB: %.1f s\n", st.DeviceSizeBytes>>20, r.InitialSyncSeconds)
 
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "level\tbs\trate MB/s\tchurn MB/s\tpipeline MB/s\t×ceiling\tRPO p50\tRPO p99\tapply p50\tapply p99\tcatch-up s\tPS s/GB\tbefore upload\tagent s/GB\tsealed/raw\t  sustained")
+	fmt.Fprintln(tw, "level\tbs\trate MB/s\tchurn MB/s\tpipeline MB/s\t×ceiling\tRPO p50\tRPO p99\tapply p50\tapply p99\tcatch-up s\tPS s/GB\tbefore upload\tagent s/GB\tazurite CPU\tsealed/raw\t  sustained")
 	for _, l := range r.Levels {
 		sus := "yes"
 		if !l.Sustained {
 			sus = "no: " + l.Reason
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%.1f\t%.1f\t%.1f\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.1f/%.1f\t%s\t%s\t%s\t%s\t  %s\n",
+		fmt.Fprintf(tw, "%s\t%s\t%.1f\t%.1f\t%.1f\t%.2f\t%.2f\t%.2f\t%.2f\t%.2f\t%.1f/%.1f\t%s\t%s\t%s\t%s\t%s\t  %s\n",
 			l.Label, fmtSize(l.BlockSize), l.RateMBPerSec, l.ChurnMBPerSec, l.PipelineMBPerSec, l.CeilingRatio,
 			l.RPOP50Seconds, l.RPOP99Seconds, l.ApplyLagP50Seconds, l.ApplyLagP99Seconds,
 			l.JournalCatchUpSeconds, l.ReplicaCatchUpSeconds,
-			fmtFloat(l.PSCPUSecondsPerGB, 2), fmtFloat(l.BeforeUploadCPUSecondsPerGB, 2), fmtFloat(l.AgentCPUSecondsPerGB, 2), fmtFloat(l.CompressionRatio, 3), sus)
+			fmtFloat(l.PSCPUSecondsPerGB, 2), fmtFloat(l.BeforeUploadCPUSecondsPerGB, 2), fmtFloat(l.AgentCPUSecondsPerGB, 2), fmtFloat(l.AzuriteCPU, 2), fmtFloat(l.CompressionRatio, 3), sus)
 	}
 	if err := tw.Flush(); err != nil {
 		return fmt.Errorf("write pipeline report table: %w", err)
@@ -566,9 +571,17 @@ func (r *PipelineReport) WriteTable(w io.Writer) error {
 		return fmt.Errorf("write pipeline report table: %w", err)
 	}
 	_, err := fmt.Fprintf(w, "RPO = manifest read time − recoverable_until (every %d ms, during fio); apply = durable_seq first seen → applied_seq reaching it; catch-up = after fio: journal/replica;\n"+
-		"pipeline MB/s = churn if sustained, else bytes ÷ time until the journal held them; PS s/GB per GB received, includes its applier and uploads; sealed/raw = journal blob bytes ÷ bytes received\n",
+		"pipeline MB/s = churn if sustained, else bytes ÷ time until the journal held them; PS s/GB per GB received, includes its applier and uploads; azurite CPU = cores Azurite used (1 = its one thread saturated); sealed/raw = journal blob bytes ÷ bytes received\n",
 		st.SampleIntervalMs)
 	return err
+}
+
+// fmtAzuriteCPU formats a ceiling run's Azurite CPU for the table.
+func fmtAzuriteCPU(cores *float64) string {
+	if cores == nil {
+		return ""
+	}
+	return fmt.Sprintf(" (azurite %.2f CPU)", *cores)
 }
 
 // fmtSize formats a block size as fio would write it ("64k", "4k", "1m").

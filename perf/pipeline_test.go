@@ -225,7 +225,7 @@ func testReport() *PipelineReport {
 	lv := func(label string, rate, churn float64, sustained bool, p99 float64) PipelineLevel {
 		l := PipelineLevel{Label: label, BlockSize: 64 << 10, RateMBPerSec: rate, ChurnMBPerSec: churn, PipelineMBPerSec: churn,
 			CeilingRatio: churn / 60, RPOP50Seconds: 1, RPOP99Seconds: p99, Sustained: sustained,
-			ReceivedBytes: int64(churn * 20e6), PSCPUSeconds: churn * 20e6 / 1e9 * 0.5}
+			ReceivedBytes: int64(churn * 20e6), PSCPUSeconds: churn * 20e6 / 1e9 * 0.5, AzuriteCPU: ptr(churn / 50)}
 		if !sustained {
 			l.Reason = "RPO grew 3.0 s in 14 s"
 		}
@@ -239,8 +239,8 @@ func testReport() *PipelineReport {
 		FioVersion: "fio-3.33", Kernel: "6.18.0", Azurite: "azurite 3.37.0 on 127.0.0.1:1 (disk)",
 		Settings: PipelineSettings{Dir: "/dev/shm", DeviceSizeBytes: 1 << 30, RuntimeSeconds: 20, IOEngine: "io_uring",
 			IODepth: 8, BlockSizes: []int64{64 << 10}, Search: true, SampleIntervalMs: 250},
-		Ceiling: PipelineCeiling{MBPerSec: 60, Runs: []CeilingRun{{Clients: 1, MBPerSec: 50}, {Clients: 4, MBPerSec: 60}},
-			Stored: []StoredRun{{BlockSize: 64 << 10, CeilingRun: CeilingRun{Clients: 4, MBPerSec: 27}, CeilingRatio: 0.45}}},
+		Ceiling: PipelineCeiling{MBPerSec: 60, Runs: []CeilingRun{{Clients: 1, MBPerSec: 50}, {Clients: 4, MBPerSec: 60, AzuriteCPU: ptr(0.97)}},
+			Stored: []StoredRun{{BlockSize: 64 << 10, CeilingRun: CeilingRun{Clients: 4, MBPerSec: 27, AzuriteCPU: ptr(0.99)}, CeilingRatio: 0.45}}},
 		Levels: []PipelineLevel{
 			lv(LevelASR, 20, 20, true, 1.5),
 			lv(LevelHalfCeiling, 30, 30, true, 2.5),
@@ -301,8 +301,8 @@ func TestPipelineWriteTableAndJSON(t *testing.T) {
 		t.Fatalf("table has %d lines", len(lines))
 	}
 	for _, want := range []string{
-		"1 client(s) 50.0 MB/s, 4 client(s) 60.0 MB/s -> ceiling 60.0 MB/s",
-		"ceiling as stored (journal blob + 64k Put Pages of the same bytes, 4 clients): 27.0 MB/s = 0.45 × ceiling",
+		"1 client(s) 50.0 MB/s, 4 client(s) 60.0 MB/s (azurite 0.97 CPU) -> ceiling 60.0 MB/s",
+		"ceiling as stored (journal blob + 64k Put Pages of the same bytes, 4 clients): 27.0 MB/s = 0.45 × ceiling (azurite 0.99 CPU)",
 		"highest sustained churn, 64k: 37.4 MB/s = 0.62 × ceiling\n",
 		"no: RPO grew 3.0 s in 14 s",
 	} {
@@ -312,6 +312,9 @@ func TestPipelineWriteTableAndJSON(t *testing.T) {
 	}
 	// Columns are aligned: every level row is as wide as the header.
 	header := lines[4]
+	if !strings.Contains(header, "azurite CPU") || !strings.Contains(lines[5], " 0.40 ") {
+		t.Errorf("Azurite's CPU (0.40 cores at 20 MB/s) missing from the table:\n%s\n%s", header, lines[5])
+	}
 	for _, row := range lines[5:10] {
 		if !strings.Contains(row, "asr-20MB/s") && !strings.Contains(row, "half-ceiling") && !strings.Contains(row, "search") {
 			t.Errorf("unexpected row %q", row)
@@ -495,12 +498,21 @@ func TestRunPipelineShort(t *testing.T) {
 	if rep.Ceiling.MBPerSec <= 0 || len(rep.Ceiling.Runs) != 2 || rep.Ceiling.Runs[1].Clients != 4 {
 		t.Errorf("ceiling = %+v", rep.Ceiling)
 	}
+	// Azurite's CPU is read from its process: busy while written to.
+	for _, c := range append(rep.Ceiling.Runs, rep.Ceiling.Stored[0].CeilingRun) {
+		if c.AzuriteCPU == nil || *c.AzuriteCPU <= 0.05 || *c.AzuriteCPU > 2.5 {
+			t.Errorf("ceiling run %+v: Azurite CPU %s cores", c, fmtFloat(c.AzuriteCPU, 2))
+		}
+	}
 	if len(rep.Levels) != 1 {
 		t.Fatalf("levels = %+v, want one", rep.Levels)
 	}
 	l := rep.Levels[0]
 	if l.Label != LevelRate || l.RateMBPerSec != 10 || l.ChurnMBPerSec < 8 || l.ChurnMBPerSec > 11 {
 		t.Errorf("level churn: %+v", l)
+	}
+	if l.AzuriteCPU == nil || *l.AzuriteCPU <= 0 || *l.AzuriteCPU > 2.5 {
+		t.Errorf("level's Azurite CPU = %s cores", fmtFloat(l.AzuriteCPU, 2))
 	}
 	// 3 s at 4 reads/s; the first reads may still show the previous state.
 	if l.RPOSamples < 6 || l.RPOP50Seconds <= 0 || l.RPOP99Seconds < l.RPOP50Seconds || l.RPOP99Seconds > 30 {

@@ -187,6 +187,19 @@ func (s *Server) Emulated() bool { return s.bin != "" }
 // Port returns the TCP port of the blob service (0 for a real account).
 func (s *Server) Port() int { return s.opts.Port }
 
+// Pid returns the process ID of the running Azurite (its Node.js
+// process), or 0 for a real account or a stopped server: benchmarks read
+// its CPU time to show when the emulator, not the code measured, is the
+// bottleneck.
+func (s *Server) Pid() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cmd == nil || s.cmd.Process == nil || !s.running() {
+		return 0
+	}
+	return s.cmd.Process.Pid
+}
+
 // Location returns Azurite's workspace directory.
 func (s *Server) Location() string { return s.opts.Location }
 

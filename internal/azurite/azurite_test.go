@@ -32,7 +32,7 @@ func TestDefaultDirHonoursEnv(t *testing.T) {
 func TestConnectionStringForRealAccount(t *testing.T) {
 	t.Setenv(EnvConnectionString, "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=k;")
 	s := ForTest(t)
-	if s.Emulated() || s.ConnectionString() != "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=k;" {
+	if s.Emulated() || s.Pid() != 0 || s.ConnectionString() != "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=k;" {
 		t.Fatalf("ForTest with %s: emulated=%v cs=%q", EnvConnectionString, s.Emulated(), s.ConnectionString())
 	}
 	if err := s.Stop(); err != nil {
@@ -70,9 +70,18 @@ func TestStartRestartKeepsDataAndPort(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// Pid is Azurite's own (Node.js) process, not a shell around it.
+	pid := s.Pid()
+	if comm, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/comm"); pid == 0 || err != nil || !strings.HasPrefix(string(comm), "node") {
+		t.Fatalf("Pid() = %d, comm %q, %v; want the running node process", pid, comm, err)
+	}
+
 	port := s.Port()
 	if err := s.Down(); err != nil {
 		t.Fatal(err)
+	}
+	if s.Pid() != 0 {
+		t.Fatalf("Pid() = %d after Down, want 0", s.Pid())
 	}
 	if conn, err := net.DialTimeout("tcp", "127.0.0.1:"+strconv.Itoa(port), time.Second); err == nil {
 		conn.Close()
