@@ -84,11 +84,7 @@ type machine struct {
 	// would look like acknowledged data lost.
 	savedApplied, savedDurable uint64
 
-	// Compression skipping (sealSegment).
-	incompressible int           // segments in a row that did not compress
-	skipCompress   int           // segments still to seal without compressing
-	skipRun        int           // the last skip's length (0: none since data compressed)
-	progress       chan struct{} // closed and replaced whenever uploaded grows
+	progress chan struct{} // closed and replaced whenever uploaded grows
 }
 
 func newMachine(s *Server, name string) *machine {
@@ -198,7 +194,7 @@ func (m *machine) loadKey(ctx context.Context, idHex string) (*seal.Key, error) 
 // segment compressed and encrypted with the machine's data key, which
 // agree loaded) to dst.
 func (m *machine) sealSegment(dst []byte, b *segBuf) ([]byte, error) {
-	key, alg := m.sealParams()
+	key, alg := m.sealParams(b.data)
 	if key == nil {
 		return dst, errors.New("no data key loaded for the machine")
 	}
@@ -208,13 +204,7 @@ func (m *machine) sealSegment(dst []byte, b *segBuf) ([]byte, error) {
 		dst = append(make([]byte, 0, need), dst...)
 	}
 	dst = appendCachedHeader(dst, b.meta)
-	start := len(dst)
-	dst, err := seal.SealWith(alg, dst, b.data, key, []byte(layout.SegmentName(m.name, b.meta.first, b.meta.last)))
-	if err != nil {
-		return dst, err
-	}
-	m.noteCompression(alg, len(dst)-start-seal.Overhead, len(b.data))
-	return dst, nil
+	return seal.SealWith(alg, dst, b.data, key, []byte(layout.SegmentName(m.name, b.meta.first, b.meta.last)))
 }
 
 // sealInPlace seals b's frames where they lie, behind the header room
@@ -228,7 +218,7 @@ func (m *machine) sealInPlace(b *segBuf, c *cache.Cache) (cached []byte, sums *c
 		&b.buf[:segPrefix+1][segPrefix] != &b.data[0] {
 		return nil, nil, false, nil
 	}
-	key, alg := m.sealParams()
+	key, alg := m.sealParams(b.data)
 	if key == nil {
 		return nil, nil, true, errors.New("no data key loaded for the machine")
 	}
@@ -247,54 +237,20 @@ func (m *machine) sealInPlace(b *segBuf, c *cache.Cache) (cached []byte, sums *c
 	if err != nil {
 		return nil, nil, true, err
 	}
-	m.noteCompression(alg, len(blob)-seal.Overhead, plain)
 	return b.buf[:cachedHeaderSize+len(blob)], sums, true, nil
 }
 
-// sealParams returns the machine's data key and the compressor for its
-// next segment.
-func (m *machine) sealParams() (*seal.Key, seal.Alg) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
+// sealParams returns the machine's data key and the compressor for a
+// segment holding plain: none when a sample of it does not compress.
+func (m *machine) sealParams(plain []byte) (*seal.Key, seal.Alg) {
 	alg := seal.DefaultAlg
-	if m.skipCompress > 0 {
-		m.skipCompress--
+	if !seal.Compressible(alg, plain) {
 		alg = seal.AlgNone
 	}
-	return m.key, alg
-}
-
-// noteCompression counts segments compression did not shrink by 1/64: a
-// stream that does not compress (encrypted or compressed files, media)
-// skips the compressor for a while, then tries again, skipping twice as
-// long each time the try fails.
-func (m *machine) noteCompression(alg seal.Alg, body, plain int) {
-	if alg == seal.AlgNone {
-		return
-	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if body >= plain*63/64 {
-		if m.incompressible++; m.incompressible >= incompressibleRun {
-			m.skipRun = min(max(2*m.skipRun, incompressibleSkip), incompressibleSkipMax)
-			m.incompressible, m.skipCompress = 0, m.skipRun
-		}
-	} else {
-		m.incompressible, m.skipRun = 0, 0
-	}
+	return m.key, alg
 }
-
-// After incompressibleRun segments in a row that compression did not
-// shrink by 1/64, the next incompressibleSkip segments are not compressed;
-// after each further such run, twice as many, up to incompressibleSkipMax
-// (8 GiB of 8 MiB segments). The tries cost a fixed share of the CPU
-// otherwise: at 4 of every 36 segments, 9 % of the ingest's in a profile
-// of incompressible churn, where S2 copies the segment as literals.
-const (
-	incompressibleRun     = 4
-	incompressibleSkip    = 32
-	incompressibleSkipMax = 1024
-)
 
 // ensureKey creates the machine's data key on first use: wrapped key blob
 // first, then the manifest naming it, so the manifest never names a

@@ -10,17 +10,17 @@ import (
 	"github.com/lifeboat-dr/lifeboat/processserver/cache"
 )
 
-// TestSealSegmentSkipsCompression: a run of incompressible segments turns
-// the compressor off for a while, compressible data turns it back on, and
-// every sealed segment opens to its plaintext under its name.
-// Both ways of sealing: into a second buffer (sealSegment) and where the
-// frames lie (sealInPlace).
-func TestSealSegmentSkipsCompression(t *testing.T) {
-	t.Run("copy", func(t *testing.T) { sealSegmentSkipsCompression(t, false) })
-	t.Run("in place", func(t *testing.T) { sealSegmentSkipsCompression(t, true) })
+// TestSealSegmentCompressesPerSegment: each segment is compressed when a
+// sample of it compresses, from the first compressible segment after any
+// run of incompressible ones, and every sealed segment opens to its
+// plaintext under its name. Both ways of sealing: into a second buffer
+// (sealSegment) and where the frames lie (sealInPlace).
+func TestSealSegmentCompressesPerSegment(t *testing.T) {
+	t.Run("copy", func(t *testing.T) { sealSegmentCompressesPerSegment(t, false) })
+	t.Run("in place", func(t *testing.T) { sealSegmentCompressesPerSegment(t, true) })
 }
 
-func sealSegmentSkipsCompression(t *testing.T, inPlace bool) {
+func sealSegmentCompressesPerSegment(t *testing.T, inPlace bool) {
 	material, id := seal.NewDataKey()
 	key, err := seal.NewKey(id, material)
 	if err != nil {
@@ -33,7 +33,7 @@ func sealSegmentSkipsCompression(t *testing.T, inPlace bool) {
 	}
 	rng := rand.New(rand.NewPCG(1, 2))
 	random := func() []byte {
-		b := make([]byte, 256<<10)
+		b := make([]byte, 1<<20)
 		for i := range b {
 			b[i] = byte(rng.Uint32())
 		}
@@ -85,43 +85,16 @@ func sealSegmentSkipsCompression(t *testing.T, inPlace bool) {
 		}
 		return len(sealed) < len(data)
 	}
-	for range incompressibleRun {
-		if compressed(random()) {
-			t.Fatal("random data compressed")
-		}
-	}
-	if m.skipCompress != incompressibleSkip {
-		t.Fatalf("after %d incompressible segments skip = %d, want %d", incompressibleRun, m.skipCompress, incompressibleSkip)
-	}
-	// Each failed try doubles the skip.
-	for want := 2 * incompressibleSkip; want <= 4*incompressibleSkip; want *= 2 {
-		for range m.skipCompress {
+	zeros := make([]byte, 1<<20)
+	for round := range 3 {
+		for range 40 {
 			if compressed(random()) {
-				t.Fatal("compressed while the compressor should be skipped")
+				t.Fatalf("round %d: random data stored compressed", round)
 			}
 		}
-		for range incompressibleRun {
-			compressed(random())
+		if !compressed(zeros) {
+			t.Fatalf("round %d: compressible segment after 40 incompressible ones stored uncompressed", round)
 		}
-		if m.skipCompress != want {
-			t.Fatalf("after a failed try skip = %d, want %d", m.skipCompress, want)
-		}
-	}
-	zeros := make([]byte, 256<<10)
-	for range m.skipCompress {
-		if compressed(zeros) {
-			t.Fatal("compressed while the compressor should be skipped")
-		}
-	}
-	if !compressed(zeros) {
-		t.Error("compressor not back after the skipped segments")
-	}
-	// Data that compresses resets the skip to its first length.
-	for range incompressibleRun {
-		compressed(random())
-	}
-	if m.skipCompress != incompressibleSkip {
-		t.Fatalf("after compressible data and %d incompressible segments skip = %d, want %d", incompressibleRun, m.skipCompress, incompressibleSkip)
 	}
 }
 

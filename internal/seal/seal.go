@@ -332,6 +332,40 @@ func SealInPlace(alg Alg, buf []byte, key *Key, aad []byte, progress Progress) (
 	return sealWith(alg, buf[:0], buf[headerSize:], key, aad, progress)
 }
 
+// Sampling for Compressible: a few windows spread over the data.
+const (
+	sampleWindows = 4
+	sampleWindow  = 32 << 10
+)
+
+// Compressible estimates, from a sample, whether compressing plain with
+// alg would shrink it by at least 1/64: it compresses sampleWindows
+// windows of sampleWindow bytes spread evenly over plain with S2 (the
+// cheapest estimator; zstd only does better). Data whose sample does not
+// shrink is sealed as AlgNone without compressing all of it, which on
+// incompressible churn (encrypted or compressed files, media) costs S2's
+// slow path for every byte; the decision is made per segment, so a stream
+// that becomes compressible is compressed again from its next segment.
+// Short data is reported compressible: compressing it whole is cheap.
+func Compressible(alg Alg, plain []byte) bool {
+	if alg == AlgNone {
+		return false
+	}
+	if len(plain) <= 2*sampleWindows*sampleWindow {
+		return true
+	}
+	p := getScratch(s2.MaxEncodedLen(sampleWindow))
+	defer putScratch(p)
+	step := (len(plain) - sampleWindow) / (sampleWindows - 1)
+	in, out := 0, 0
+	for i := range sampleWindows {
+		w := plain[i*step : i*step+sampleWindow]
+		in += len(w)
+		out += len(s2.Encode((*p)[:cap(*p)], w))
+	}
+	return out < in*63/64
+}
+
 // compress returns plain compressed with alg in a scratch buffer that put
 // gives back, or a nil body when alg is AlgNone or compression does not
 // shrink plain.

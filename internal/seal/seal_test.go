@@ -124,6 +124,51 @@ func TestCompressionShrinks(t *testing.T) {
 	}
 }
 
+// Compressible judges from a sample, and agrees with what compressing the
+// whole would give where the data is alike throughout.
+func TestCompressible(t *testing.T) {
+	const n = 8 << 20
+	headZeros := randomData(n, 5)
+	clear(headZeros[:n/8]) // the whole shrinks by 1/8: worth it, and the first window sees it
+	for _, c := range []struct {
+		name  string
+		alg   Alg
+		plain []byte
+		want  bool
+	}{
+		{"random", AlgS2, randomData(n, 1), false},
+		{"random zstd", AlgZstd, randomData(n, 1), false},
+		{"zeros", AlgS2, make([]byte, n), true},
+		{"mixed", AlgS2, mixedData(n, 2), true},
+		{"mixed, no compressor", AlgNone, mixedData(n, 2), false},
+		{"random with a run of zeros at its head", AlgS2, headZeros, true},
+		{"short random: compressing it whole is cheap", AlgS2, randomData(64<<10, 3), true},
+	} {
+		if got := Compressible(c.alg, c.plain); got != c.want {
+			t.Errorf("%s: Compressible = %v, want %v", c.name, got, c.want)
+		}
+		if c.alg == AlgNone || len(c.plain) < n {
+			continue
+		}
+		// Where the sample says no, compressing the whole would not have
+		// shrunk it by 1/64 either.
+		whole, put, err := compress(c.alg, c.plain)
+		shrinks := err == nil && whole != nil && len(whole) < len(c.plain)*63/64
+		put()
+		if shrinks != c.want {
+			t.Errorf("%s: the whole shrinks by 1/64: %v, but Compressible = %v", c.name, shrinks, c.want)
+		}
+	}
+}
+
+func BenchmarkCompressible(b *testing.B) {
+	plain := randomData(8<<20, 1)
+	b.SetBytes(int64(len(plain)))
+	for b.Loop() {
+		Compressible(AlgS2, plain)
+	}
+}
+
 func TestNoncesDiffer(t *testing.T) {
 	key := testKey(t)
 	a, _ := Seal(nil, []byte("same"), key, nil)
