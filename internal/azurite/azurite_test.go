@@ -33,7 +33,7 @@ func TestConnectionStringForRealAccount(t *testing.T) {
 	t.Setenv(EnvConnectionString, "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=k;")
 	s := ForTest(t)
 	if s.Emulated() || s.Pid() != 0 || s.ConnectionString() != "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=k;" {
-		t.Fatalf("ForTest with %s: emulated=%v cs=%q", EnvConnectionString, s.Emulated(), s.ConnectionString())
+		t.Fatalf("ForTest with %s: emulated=%v pid=%d cs=%q", EnvConnectionString, s.Emulated(), s.Pid(), s.ConnectionString())
 	}
 	if err := s.Stop(); err != nil {
 		t.Fatal(err)

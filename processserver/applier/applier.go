@@ -116,9 +116,11 @@ type Config struct {
 	// local copy (the process server's cache, which uploaded it), so that
 	// applying does not download and decrypt what was just uploaded. It
 	// reports false when it has no copy; the applier then reads the
-	// account. It appends the plaintext to dst (whose memory the applier
-	// reuses from segment to segment: a fresh 8 MiB buffer per segment
-	// cost more in page faults and zeroing than the decryption).
+	// account. It appends the plaintext to dst and returns it: the applier
+	// reuses that memory from segment to segment (a fresh 8 MiB buffer per
+	// segment cost more in page faults and zeroing than the decryption),
+	// so Local must not keep or share the slice it returns, and may have
+	// written into dst's spare capacity even when it reports false.
 	Local func(name string, dst []byte) ([]byte, bool)
 	// Yield, if set, is called before each apply pass (Run) and before
 	// each segment of a pass after its first, until those calls have
@@ -634,6 +636,7 @@ func (a *Applier) applySegment(ctx context.Context, m *machine, s recovery.Segme
 			return fmt.Errorf("data keys of machine %q: %w", m.name, err)
 		}
 		plain, err = recovery.ReadSegment(ctx, a.cfg.Store, s.Name, m.keys, m.plain[:0])
+		m.plain = plain
 	}
 	if err != nil {
 		return err
