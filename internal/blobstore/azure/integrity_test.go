@@ -3,10 +3,15 @@ package azure_test
 import (
 	"bytes"
 	"context"
+	"crypto/md5"
+	"encoding/base64"
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/crc64"
 	"io"
 	"net/http"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -52,8 +57,19 @@ func (c *corrupter) Do(req *policy.Request) (*http.Response, error) {
 	return resp, err
 }
 
+// Both checksums of PutBlob are verified by the service (Azurite checks
+// them as Azure does); Put Page always sends CRC64.
 func TestCorruptionInTransitIsDetected(t *testing.T) {
 	srv := azurite.ForTest(t)
+	for _, m := range []struct {
+		name string
+		mode azure.ChecksumMode
+	}{{"auto", azure.ChecksumAuto}, {"md5", azure.ChecksumMD5}, {"crc64", azure.ChecksumCRC64}} {
+		t.Run(m.name, func(t *testing.T) { corruptionInTransitIsDetected(t, srv, m.mode) })
+	}
+}
+
+func corruptionInTransitIsDetected(t *testing.T, srv *azurite.Server, mode azure.ChecksumMode) {
 	c := &corrupter{}
 	s, err := azure.New(azure.Config{
 		ConnectionString: srv.ConnectionString(),
@@ -62,6 +78,7 @@ func TestCorruptionInTransitIsDetected(t *testing.T) {
 			Retry:            policy.RetryOptions{MaxRetries: -1},
 			PerRetryPolicies: []policy.Policy{c},
 		}},
+		Checksum: mode,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -106,6 +123,64 @@ func TestCorruptionInTransitIsDetected(t *testing.T) {
 	c.resp.Store(true)
 	if _, err := s.GetBlob(ctx, "seg"); !errors.Is(err, blobstore.ErrCorrupt) || blobstore.IsPermanent(err) {
 		t.Fatalf("GetBlob with response corrupted in transit: err = %v, want retryable ErrCorrupt", err)
+	}
+}
+
+// headerCatcher records the checksum headers of a Put Blob and answers it
+// without sending it anywhere.
+type headerCatcher struct{ md5, crc64 string }
+
+func (h *headerCatcher) Do(raw *http.Request) (*http.Response, error) {
+	// The SDK sets some headers under non-canonical keys.
+	for k, v := range raw.Header {
+		switch strings.ToLower(k) {
+		case "content-md5":
+			h.md5 = v[0]
+		case "x-ms-content-crc64":
+			h.crc64 = v[0]
+		}
+	}
+	return &http.Response{StatusCode: http.StatusCreated, Header: http.Header{}, Body: http.NoBody, Request: raw}, nil
+}
+
+// ChecksumAuto sends CRC64 (cheap here, native in Azure) except to the
+// emulator account, whose CRC64 is slow JavaScript; the headers carry the
+// body's checksum.
+func TestPutBlobChecksumAuto(t *testing.T) {
+	data := blobstoretest.Random(3, 100<<10)
+	md5sum := md5.Sum(data)
+	crc := make([]byte, 8)
+	binary.LittleEndian.PutUint64(crc, crc64.Checksum(data, crc64.MakeTable(0x9A6C9329AC4BC9B5)))
+	for _, c := range []struct {
+		account          string
+		mode             azure.ChecksumMode
+		wantMD5, wantCRC string
+	}{
+		{"lbprod", azure.ChecksumAuto, "", base64.StdEncoding.EncodeToString(crc)},
+		{azure.EmulatorAccount, azure.ChecksumAuto, base64.StdEncoding.EncodeToString(md5sum[:]), ""},
+		{"lbprod", azure.ChecksumMD5, base64.StdEncoding.EncodeToString(md5sum[:]), ""},
+		{azure.EmulatorAccount, azure.ChecksumCRC64, "", base64.StdEncoding.EncodeToString(crc)},
+	} {
+		h := &headerCatcher{}
+		s, err := azure.New(azure.Config{
+			ConnectionString: "DefaultEndpointsProtocol=https;AccountName=" + c.account + ";AccountKey=" + base64.StdEncoding.EncodeToString([]byte("not-a-real-key")) +
+				";BlobEndpoint=https://127.0.0.1:1/" + c.account + ";",
+			Container: "c",
+			ClientOptions: &azblob.ClientOptions{ClientOptions: azcore.ClientOptions{
+				Retry:     policy.RetryOptions{MaxRetries: -1},
+				Transport: h,
+			}},
+			Checksum: c.mode,
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.PutBlob(context.Background(), "b", data, nil); err != nil {
+			t.Fatalf("%s, mode %d: %v", c.account, c.mode, err)
+		}
+		if h.md5 != c.wantMD5 || h.crc64 != c.wantCRC {
+			t.Errorf("%s, mode %d: Content-MD5 %q, x-ms-content-crc64 %q; want %q, %q", c.account, c.mode, h.md5, h.crc64, c.wantMD5, c.wantCRC)
+		}
 	}
 }
 
