@@ -648,3 +648,29 @@ func TestSuspectAdoptedAfterUnuploadedSegment(t *testing.T) {
 	}
 	journal(t, r.store, r.rk, "m1") // the chain holds
 }
+
+// Two suspects in a row whose uploads reached the account before a crash
+// took the manifest write: both adopted. The second one's predecessor is
+// the first one's end, which the start-up check must know once it has
+// found the first in the account (else it leaves the second out, and the
+// agent pays a checksum resync for records the journal holds).
+func TestTwoSuspectsInAccountAreAdopted(t *testing.T) {
+	r := newGapRig(t, mem.New())
+	r.put(1, 10)
+	r.upload()
+	r.put(11, 20)
+	r.uploadNewest()
+	r.put(21, 30)
+	r.uploadNewest()
+	r.loseShards(11)
+	r.loseShards(21)
+	r.restart()
+	if a, _ := r.agree(30); a != wire.SyncResume {
+		t.Fatalf("agent acked 30: told %v, want resume", a)
+	}
+	r.upload()
+	_, infos, man := journal(t, r.store, r.rk, "m1") // checks the header chain
+	if len(infos) != 3 || man.DurableSeq != 30 || len(man.Gaps) != 0 {
+		t.Fatalf("%d segments, durable %d, gaps %+v; want 1..10, 11..20, 21..30, 30, none", len(infos), man.DurableSeq, man.Gaps)
+	}
+}

@@ -320,9 +320,10 @@ func (m *machine) settleSuspects(ctx context.Context) error {
 			}
 			if ok {
 				// The uploader meets it unreadable in its turn and
-				// adopts it then (segmentLost), in order.
+				// adopts it then (segmentLost), in order. Its end is
+				// the predecessor of the next suspect's copy.
 				m.mu.Lock()
-				e.suspect = false
+				e.suspect, e.last = false, last
 				if last > m.durable {
 					m.durable, m.lastRun = last, wire.RunID{} // who sent it: unknown
 				}
