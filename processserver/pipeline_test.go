@@ -118,3 +118,55 @@ func TestUploadsFailedTogetherRetryTogether(t *testing.T) {
 		}
 	}
 }
+
+// stallStore is an account that has gone dark: every call waits until its
+// context ends (as the retry layer would keep retrying for many minutes).
+type stallStore struct {
+	blobstore.Store
+	stalled chan struct{} // closed at the first stalled call
+	once    sync.Once
+}
+
+func (s *stallStore) stall(ctx context.Context) error {
+	s.once.Do(func() { close(s.stalled) })
+	<-ctx.Done()
+	return ctx.Err()
+}
+
+func (s *stallStore) GetBlob(ctx context.Context, name string) ([]byte, error) {
+	return nil, s.stall(ctx)
+}
+
+func (s *stallStore) ListBlobs(ctx context.Context, prefix string) ([]blobstore.BlobInfo, error) {
+	return nil, s.stall(ctx)
+}
+
+func (s *stallStore) PutBlob(ctx context.Context, name string, data []byte, md blobstore.Metadata) error {
+	return s.stall(ctx)
+}
+
+// Close returns promptly while an agent's hello waits on a dead account:
+// the work of sessions and uploaders is cancelled before Close waits for
+// the connections (before, it waited for the hello's own time-out, or for
+// an uploader's retries when the hello waited on the manifest lock).
+func TestCloseDuringOutage(t *testing.T) {
+	st := &stallStore{Store: mem.New(), stalled: make(chan struct{})}
+	e := newEnv(t, st, 3)
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	if err := a.w.WriteHello(&wire.Hello{ProtocolVersion: 2, Machine: "m1", Disks: []wire.DiskState{disk0}}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-st.stalled:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the hello never reached the account")
+	}
+	done := make(chan error, 1)
+	go func() { done <- s.Close() }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close still waiting 10 s after it was called, with a hello stalled on the account")
+	}
+}

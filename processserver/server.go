@@ -197,7 +197,10 @@ func (s *Server) Addr() net.Addr { return s.ln.Addr() }
 
 // Close stops accepting, closes every agent connection (unacknowledged
 // data is resent by the agents) and stops the uploaders (cached segments
-// are uploaded after the next start).
+// are uploaded after the next start). The work of sessions and uploaders
+// is cancelled before Close waits for them: during an outage a hello or
+// an upload may otherwise be retrying the account for minutes (and a
+// hello may wait for an uploader's manifest lock all that time).
 func (s *Server) Close() error {
 	s.closeOnce.Do(func() {
 		s.closeErr = s.ln.Close()
@@ -211,8 +214,8 @@ func (s *Server) Close() error {
 			}
 		}
 		s.mu.Unlock()
-		s.conns.Wait()
 		s.cancel()
+		s.conns.Wait()
 		s.bg.Wait()
 	})
 	return s.closeErr
