@@ -3,6 +3,7 @@ package processserver
 import (
 	"bytes"
 	"context"
+	"errors"
 	"strings"
 	"sync"
 	"testing"
@@ -168,5 +169,36 @@ func TestCloseDuringOutage(t *testing.T) {
 	case <-done:
 	case <-time.After(10 * time.Second):
 		t.Fatal("Close still waiting 10 s after it was called, with a hello stalled on the account")
+	}
+}
+
+// refuseJournal is an account that refuses journal segments for good (a
+// policy or permission problem, not an outage).
+type refuseJournal struct{ blobstore.Store }
+
+func (r refuseJournal) PutBlob(ctx context.Context, name string, data []byte, md blobstore.Metadata) error {
+	if strings.HasPrefix(name, layout.JournalPrefix("m1")) {
+		return blobstore.Permanent(errors.New("AuthorizationPermissionMismatch (HTTP 403)"))
+	}
+	return r.Store.PutBlob(ctx, name, data, md)
+}
+
+// An upload the account refuses for good is still retried (the cache keeps
+// the data), but the log says it needs someone to act, not that it will
+// pass by itself; nothing reaches durable_seq.
+func TestPermanentUploadFailureSaysSo(t *testing.T) {
+	store := refuseJournal{mem.New()}
+	e := newEnv(t, store, 3)
+	e.segBytes = 64 << 10
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	a.hello("m1", disk0)
+	last := a.batch(1, 20)
+	a.waitAck(last)
+	eventually(t, 20*time.Second, "the refusal logged as needing attention", func() bool {
+		return strings.Contains(e.logs.String(), "upload refused by the storage account")
+	})
+	if d := durableSeq(t, store, "m1"); d != 0 {
+		t.Fatalf("durable_seq %d with every journal upload refused, want 0", d)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/lifeboat-dr/lifeboat/internal/recovery"
 	"github.com/lifeboat-dr/lifeboat/internal/seal"
@@ -47,7 +48,14 @@ func (m *machine) uploadLoop(ctx context.Context) {
 				if ctx.Err() != nil {
 					return
 				}
-				m.log.Error("upload failed; will retry, the cache keeps the data", logErr, err, logWait, wait)
+				if blobstore.IsPermanent(err) {
+					// Retrying will not help until someone acts (a key,
+					// a permission, a policy on the account): say so.
+					m.log.Error("upload refused by the storage account; retrying, but it needs attention (permissions, keys, account policy); the cache keeps the data, and RPO grows until it is fixed",
+						logErr, err, logWait, wait)
+				} else {
+					m.log.Error("upload failed; will retry, the cache keeps the data", logErr, err, logWait, wait)
+				}
 				select {
 				case <-time.After(wait):
 				case <-ctx.Done():
