@@ -202,3 +202,61 @@ func TestPermanentUploadFailureSaysSo(t *testing.T) {
 		t.Fatalf("durable_seq %d with every journal upload refused, want 0", d)
 	}
 }
+
+// downAtFirst is an account that does not answer until up is closed.
+type downAtFirst struct {
+	blobstore.Store
+	up chan struct{}
+}
+
+func (d *downAtFirst) check() error {
+	select {
+	case <-d.up:
+		return nil
+	default:
+		return errors.New("dial tcp: connection refused")
+	}
+}
+
+func (d *downAtFirst) EnsureContainer(ctx context.Context) error {
+	if err := d.check(); err != nil {
+		return err
+	}
+	return d.Store.EnsureContainer(ctx)
+}
+
+func (d *downAtFirst) PutBlob(ctx context.Context, name string, data []byte, md blobstore.Metadata) error {
+	if err := d.check(); err != nil {
+		return err
+	}
+	return d.Store.PutBlob(ctx, name, data, md)
+}
+
+func (d *downAtFirst) GetBlob(ctx context.Context, name string) ([]byte, error) {
+	if err := d.check(); err != nil {
+		return nil, err
+	}
+	return d.Store.GetBlob(ctx, name)
+}
+
+// A process server first started while the account is down (its container
+// not created yet) creates the container once the account is back, and
+// the journal then fills: before, every write found ContainerNotFound
+// until a restart.
+func TestContainerCreatedWhenAccountComesBack(t *testing.T) {
+	store := &downAtFirst{Store: mem.New(), up: make(chan struct{})}
+	e := newEnv(t, store, 3)
+	s := e.start()
+	close(store.up)
+	eventually(t, 10*time.Second, "the container created", func() bool {
+		return strings.Contains(e.logs.String(), "container ready")
+	})
+	a := dialAgent(t, e, s, "m1")
+	a.hello("m1", disk0)
+	last := a.batch(1, 20)
+	a.marker(last, wire.MarkerCrashConsistent, time.Now())
+	a.waitAck(last)
+	eventually(t, 30*time.Second, "the journal to hold the records", func() bool {
+		return durableSeq(t, store.Store, "m1") == last
+	})
+}

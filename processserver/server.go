@@ -144,8 +144,10 @@ func Start(ctx context.Context, c Config) (*Server, error) {
 	ectx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	err = cfg.Store.EnsureContainer(ectx)
 	cancel()
+	containerReady := err == nil
 	if err != nil {
-		// Not fatal: the cache absorbs the stream until the account is back.
+		// Not fatal: the cache absorbs the stream until the account is
+		// back, and the container is created then (ensureContainer).
 		s.log.Error("cannot reach the storage account; caching until it is back", "container", cfg.Container, logErr, err)
 	}
 	if err := s.scanCache(); err != nil {
@@ -174,6 +176,9 @@ func Start(ctx context.Context, c Config) (*Server, error) {
 		m.kick()
 	}
 	s.mu.Unlock()
+	if !containerReady {
+		s.bg.Go(s.ensureContainer)
+	}
 	s.bg.Go(s.monitor)
 	s.bg.Go(s.scrubber)
 	s.bg.Go(s.acceptLoop)
@@ -403,6 +408,37 @@ func (s *Server) acceptLoop() {
 }
 
 // monitor watches cache usage: metrics, alerts and backpressure.
+// ensureContainer creates the container once the account answers, when
+// the first try at start failed: a process server first started during an
+// outage would otherwise find every write refused (ContainerNotFound) until
+// restarted.
+func (s *Server) ensureContainer() {
+	wait := uploadRetryMin
+	for {
+		select {
+		case <-time.After(wait):
+		case <-s.ctx.Done():
+			return
+		}
+		ctx, cancel := context.WithTimeout(s.ctx, 30*time.Second)
+		err := s.cfg.Store.EnsureContainer(ctx)
+		cancel()
+		if err == nil {
+			s.log.Info("storage account reachable again; container ready", "container", s.cfg.Container)
+			s.mu.Lock()
+			for _, m := range s.machines {
+				m.kick()
+			}
+			s.mu.Unlock()
+			return
+		}
+		if s.ctx.Err() != nil {
+			return
+		}
+		wait = min(2*wait, uploadRetryMax)
+	}
+}
+
 func (s *Server) monitor() {
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
