@@ -61,6 +61,11 @@ const (
 
 	// DefaultMaxSegmentSize is Options.MaxSegmentSize when unset.
 	DefaultMaxSegmentSize = 64 << 20
+	// maxReadSegment is the least segment length a read believes from a
+	// shard header whose checksum passed (the file's size bounds what is
+	// read): not MaxSegmentSize alone, so that lowering the configured
+	// segment size does not make segments cached before unreadable.
+	maxReadSegment = 1 << 30
 
 	maxDirs      = 64
 	maxStreamLen = 128
@@ -98,8 +103,8 @@ type Options struct {
 	// at the price of reduced redundancy until Scrub runs.
 	WriteQuorum int
 
-	// MaxSegmentSize bounds Put and what Get believes from a shard header.
-	// 0 means DefaultMaxSegmentSize.
+	// MaxSegmentSize bounds Put (and, with a fixed floor of 1 GiB, what
+	// Get believes from a shard header). 0 means DefaultMaxSegmentSize.
 	MaxSegmentSize int
 
 	// FS replaces the file system, for fault injection. nil means OSFS.
@@ -779,7 +784,7 @@ func (c *Cache) readShards(id SegmentID) []slotRead {
 				r.err = err
 				return
 			}
-			r.hdr, r.data, r.err = parseShard(file, id.Stream, id.Seq, i, uint64(c.maxSeg))
+			r.hdr, r.data, r.err = parseShard(file, id.Stream, id.Seq, i, uint64(max(c.maxSeg, maxReadSegment)))
 		})
 	}
 	wg.Wait()
@@ -961,6 +966,12 @@ func (c *Cache) Delete(id SegmentID) error {
 			p := c.shardPath(i, id)
 			err := c.fs.Remove(p)
 			if errors.Is(err, fs.ErrNotExist) {
+				// Gone, or its disk was unmounted since the (cached)
+				// check: a shard left on the disk would come back
+				// when it is mounted again.
+				if err := c.checkMountedNow(i); err != nil {
+					errs[i] = err
+				}
 				return
 			}
 			if err == nil {

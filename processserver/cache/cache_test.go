@@ -1235,3 +1235,21 @@ func TestPutSummed(t *testing.T) {
 		t.Fatal("sums of half the segment accepted")
 	}
 }
+
+// Segments cached under a larger MaxSegmentSize stay readable after a
+// restart with a smaller one (the process server derives it from its
+// segment size, which an operator may lower).
+func TestSmallerMaxSegmentSizeReadsOlderSegments(t *testing.T) {
+	dirs := tempDirs(t, 3)
+	c := open(t, dirs, Options{MaxSegmentSize: 4 << 20})
+	id := SegmentID{"m", 1}
+	data := payload(3<<20, 1)
+	if err := c.Put(id, data); err != nil {
+		t.Fatal(err)
+	}
+	c = open(t, dirs, Options{MaxSegmentSize: 1 << 20})
+	mustGet(t, c, id, data)
+	if n, err := c.Repair(id); n != 0 || err != nil {
+		t.Fatalf("Repair of an intact larger segment: %d rewritten, %v", n, err)
+	}
+}

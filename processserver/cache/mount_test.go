@@ -274,3 +274,36 @@ func wantMountRecorded(t *testing.T, dirs []string, slot int) {
 		}
 	}
 }
+
+// A Delete right after a cache disk is unmounted (within the grace of the
+// last mount check) finds no shard in the directory below the mount point:
+// that is not taken for deleted, or the shard would come back with the
+// disk.
+func TestDeleteJustAfterUnmount(t *testing.T) {
+	testenv.RequireRoot(t)
+	dirs := tempDirs(t, 3)
+	backing := filepath.Join(t.TempDir(), "disk1")
+	mountDisk(t, backing)
+	if err := os.MkdirAll(dirs[1], 0o750); err != nil {
+		t.Fatal(err)
+	}
+	bindDisk(t, backing, dirs[1])
+	c := open(t, dirs, Options{})
+	id := SegmentID{"m", 1}
+	if err := c.Put(id, payload(100<<10, 3)); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Unmount(dirs[1], unix.MNT_DETACH); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Delete(id); err == nil || !strings.Contains(err.Error(), "not mounted") {
+		t.Fatalf("delete just after the disk was unmounted: %v, want a not-mounted error", err)
+	}
+	bindDisk(t, backing, dirs[1])
+	if err := c.Delete(id); err != nil { // the caller's retry
+		t.Fatal(err)
+	}
+	if ents, err := os.ReadDir(filepath.Join(backing, "m")); err != nil || len(ents) != 0 {
+		t.Fatalf("the disk still holds %v (%v) after the retried delete", ents, err)
+	}
+}
