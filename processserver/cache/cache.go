@@ -157,8 +157,8 @@ type Cache struct {
 
 	streamMu   sync.Mutex
 	streamDirs map[string]bool // "<slot>/<stream>" known to exist durably
-	// vanished[i]: a write found a stream directory of directory i gone
-	// (see CheckDirs).
+	// vanished[i]: a write found a stream directory of directory i gone,
+	// or a Put succeeded without its shard there (see CheckDirs).
 	vanished []atomic.Bool
 	// pending[i]: directory i was found wiped or replaced and its shards
 	// are being rebuilt; its marker is written once a Scrub completes, so
@@ -504,6 +504,10 @@ func (c *Cache) PutSummed(id SegmentID, data []byte, sums *Sums) error {
 		if err != nil {
 			c.log.Warn("cache: shard write failed, segment stored with reduced redundancy",
 				logStream, id.Stream, logSeq, id.Seq, logShard, i, logDir, c.dirs[i], logErr, err)
+			// The next CheckDirs reports the directory, and the scrub it
+			// calls for writes the missing shard: redundancy is back
+			// before the segment waits out a long outage on one less disk.
+			c.vanished[i].Store(true)
 		}
 	}
 	return nil

@@ -838,7 +838,16 @@ func TestWriteQuorum(t *testing.T) {
 		t.Fatalf("put with two full disks: %v", err)
 	}
 	ffs.set(func(f *faultFS) { f.dirs = nil })
+	// The directory that missed a shard is reported, and the scrub that
+	// calls for rebuilds the shard: the segment has its full redundancy.
+	if lost, err := c.CheckDirs(); err != nil || !slices.Equal(lost, dirs[:1]) {
+		t.Fatalf("CheckDirs after a put at reduced redundancy: lost %v (want %v), %v", lost, dirs[:1], err)
+	}
+	if _, err := c.Scrub(context.Background()); err != nil {
+		t.Fatal(err)
+	}
 	wipe(t, dirs[1]) // one more loss is still tolerated thanks to the quorum
+	wipe(t, dirs[2]) // and, rebuilt, a second one
 	mustGet(t, c, id, data)
 }
 
