@@ -66,6 +66,10 @@ func (t *Target) connect(ctx context.Context) (*session, *wire.HelloAck, error) 
 		return nil, nil, err
 	}
 	s := &session{conn: conn, cork: cork, r: wire.NewReader(conn, 0)}
+	// Close (ctx) ends a hello stuck on a process server that stopped
+	// answering at once, not after helloTimeout.
+	stop := context.AfterFunc(ctx, s.close)
+	defer stop()
 	if tc, ok := conn.(*tls.Conn); ok {
 		// Plain TLS: a record per 16 KiB, each its own write unless corked.
 		cork.start()
@@ -330,6 +334,10 @@ func (t *Target) run(s *session) {
 
 // serve runs one connection until it fails or the Target closes.
 func (t *Target) serve(s *session) error {
+	// Close ends a write stuck on a process server that stopped reading
+	// at once, not after writeTimeout.
+	stop := context.AfterFunc(t.ctx, s.close)
+	defer stop()
 	rdErr := make(chan error, 1)
 	go func() {
 		err := t.readLoop(s)

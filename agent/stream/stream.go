@@ -65,6 +65,14 @@ const (
 	// keepFreeSegments bounds the recycled segment structs (their record
 	// lists): segments flushed on the timer are small and many.
 	keepFreeSegments = 256
+	// keepSegmentRecords: a segment that held more records is not kept for
+	// reuse (a burst of discards leaves record lists of megabytes).
+	keepSegmentRecords = 1024
+	// recordCost is what a buffered record costs besides its data (its
+	// header in the batch, its entry in the builder, with room to spare):
+	// records without data (discards, write-zeroes, markers) take no chunk
+	// memory, and are counted against BufferBytes by this instead.
+	recordCost = 64
 )
 
 // Log keys.
@@ -234,6 +242,7 @@ type Target struct {
 	cur         *chunk     // the chunk new segments are carved from
 	busy        *segment   // being written by the sender
 	buffered    int64      // bytes of chunks in use
+	recBytes    int64      // recordCost × records in segments not yet recycled
 	pending     uint64     // payload of segs
 	inflight    uint64
 	window      uint64
@@ -493,7 +502,7 @@ func (t *Target) add(r wire.Record, data []byte, seal bool) error {
 		// Wait for room, unless the current chunk has it; one chunk is
 		// always allowed so that a buffer smaller than a chunk cannot
 		// deadlock.
-		for t.err == nil && !t.fitsLocked(len(data)) && t.buffered > 0 && t.buffered+int64(t.cfg.FlushBytes) > t.cfg.BufferBytes {
+		for t.err == nil && t.overLocked(len(data)) {
 			t.cond.Wait()
 		}
 		if t.err != nil {
@@ -518,6 +527,7 @@ func (t *Target) add(r wire.Record, data []byte, seal bool) error {
 	if err := s.bb.Add(r); err != nil {
 		return fmt.Errorf("stream: %w", err) // a bug: records are built here
 	}
+	t.recBytes += recordCost
 	t.nextSeq++
 	if s.bb.Count() == 1 {
 		s.first, s.t0 = r.Seq, time.Now()
@@ -532,6 +542,21 @@ func (t *Target) add(r wire.Record, data []byte, seal bool) error {
 		t.sealLocked()
 	}
 	return nil
+}
+
+// overLocked reports whether a new segment whose first record holds need
+// bytes of data must wait for acknowledgements: it needs a new chunk that
+// BufferBytes has no room for, or the chunks and the records buffered
+// (counted by recordCost) already pass it. Nothing buffered never waits,
+// so that a buffer smaller than a chunk cannot deadlock. (A segment adds
+// at most FlushBytes ÷ RecordHeaderSize records: what BufferBytes may be
+// passed by.)
+func (t *Target) overLocked(need int) bool {
+	if t.buffered == 0 {
+		return false
+	}
+	used := t.buffered + t.recBytes
+	return used > t.cfg.BufferBytes || !t.fitsLocked(need) && used+int64(t.cfg.FlushBytes) > t.cfg.BufferBytes
 }
 
 // fitsLocked reports whether a new segment whose first record holds need
@@ -586,7 +611,8 @@ func (t *Target) recycleLocked(s *segment) {
 			}
 		}
 	}
-	if len(t.free) < keepFreeSegments {
+	t.recBytes -= int64(s.bb.Count()) * recordCost
+	if len(t.free) < keepFreeSegments && s.bb.Count() <= keepSegmentRecords {
 		s.arena, s.ch = nil, nil
 		s.bb.Reset()
 		s.first, s.last, s.payload, s.freed = 0, 0, 0, false
@@ -876,7 +902,7 @@ func (t *Target) Stats() Stats {
 	s := Stats{
 		Connected:        t.connected,
 		PendingBytes:     t.pending,
-		BufferedBytes:    t.buffered,
+		BufferedBytes:    t.buffered + t.recBytes,
 		Window:           t.window,
 		LastSeq:          t.nextSeq - 1,
 		AckedSeq:         t.ackedSeq,

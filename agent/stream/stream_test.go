@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"math/rand/v2"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -431,6 +432,64 @@ func TestSmallBatchesShareMemory(t *testing.T) {
 	checkStream(t, srv, 1, 400)
 }
 
+// Records without data (discards, write-zeroes) count against BufferBytes
+// too: with nothing acknowledged, a discard storm blocks once the buffer
+// is full, as writes do, instead of growing the agent's memory without
+// bound (its records take no chunk memory). Released, it all arrives.
+func TestDiscardsCountAgainstBuffer(t *testing.T) {
+	srv := streamtest.New(t)
+	const size = 4 << 20
+	cfg := config(t, srv, t.TempDir(), size)
+	cfg.BufferBytes = 2 << 20
+	cfg.FlushBytes = 64 << 10
+	tg := dial(t, cfg)
+	rng := rand.New(rand.NewPCG(9, 10))
+	data := randBytes(rng, size)
+	if err := tg.WriteAt(0, data, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	srv.HoldAcks(true)
+	const n = 200_000 // 12.8 MB of records at recordCost: six buffers
+	var done atomic.Int64
+	errc := make(chan error, 1)
+	go func() {
+		for i := range n {
+			off := int64(i%(size/512)) * 512
+			if err := tg.Zero(0, off, 512); err != nil {
+				errc <- err
+				return
+			}
+			done.Add(1)
+		}
+		errc <- nil
+	}()
+	time.Sleep(2 * time.Second)
+	if d := done.Load(); d == n {
+		t.Fatalf("all %d discards buffered with nothing acknowledged and a 2 MiB buffer", n)
+	}
+	if b := tg.Stats().BufferedBytes; b > 4<<20 {
+		t.Fatalf("%d bytes buffered for a 2 MiB buffer", b)
+	}
+	srv.HoldAcks(false)
+	select {
+	case err := <-errc:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatalf("discards still blocked after acknowledgements resumed (%d of %d done)", done.Load(), n)
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(srv.Image("d0"), make([]byte, size)) {
+		t.Fatal("replica is not all zeros after every block was discarded")
+	}
+}
+
 // Generations and sequence numbers survive restarts; a crash may skip
 // sequence numbers but never reuses one.
 func TestStatePersistsAcrossRestarts(t *testing.T) {
@@ -853,5 +912,84 @@ func TestBusyMarkerInterval(t *testing.T) {
 	count(300*time.Millisecond, false) // the last writes' marker
 	if n := count(700*time.Millisecond, false); n > 1 {
 		t.Errorf("%d time markers in 700 ms once idle again, want at most 1", n)
+	}
+}
+
+// freezeConn stops taking writes once frozen (a process server that
+// stopped reading: the socket buffer is full) until it is closed or the
+// write deadline passes, as a real socket would.
+type freezeConn struct {
+	net.Conn
+	frozen   *atomic.Bool
+	closed   chan struct{}
+	once     sync.Once
+	deadline atomic.Int64 // write deadline, UnixNano; 0: none
+}
+
+func (c *freezeConn) Write(p []byte) (int, error) {
+	if c.frozen.Load() {
+		timeout := time.Hour
+		if d := c.deadline.Load(); d != 0 {
+			timeout = time.Until(time.Unix(0, d))
+		}
+		select {
+		case <-c.closed:
+			return 0, net.ErrClosed
+		case <-time.After(timeout):
+			return 0, os.ErrDeadlineExceeded
+		}
+	}
+	return c.Conn.Write(p)
+}
+
+func (c *freezeConn) SetDeadline(t time.Time) error {
+	c.setWrite(t)
+	return c.Conn.SetDeadline(t)
+}
+
+func (c *freezeConn) SetWriteDeadline(t time.Time) error {
+	c.setWrite(t)
+	return c.Conn.SetWriteDeadline(t)
+}
+
+func (c *freezeConn) setWrite(t time.Time) {
+	if t.IsZero() {
+		c.deadline.Store(0)
+	} else {
+		c.deadline.Store(t.UnixNano())
+	}
+}
+
+func (c *freezeConn) Close() error {
+	c.once.Do(func() { close(c.closed) })
+	return c.Conn.Close()
+}
+
+// Close returns at once with the sender stuck writing to a process server
+// that stopped reading, not after the write time-out (30 s).
+func TestCloseWithStalledProcessServer(t *testing.T) {
+	srv := streamtest.New(t)
+	cfg := config(t, srv, t.TempDir(), 1<<20)
+	var frozen atomic.Bool
+	cfg.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		var d net.Dialer
+		c, err := d.DialContext(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		return &freezeConn{Conn: c, frozen: &frozen, closed: make(chan struct{})}, nil
+	}
+	tg := dial(t, cfg)
+	frozen.Store(true)
+	if err := tg.WriteAt(0, make([]byte, 64<<10), 0); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond) // the sender is now blocked in its write
+	done := make(chan error, 1)
+	go func() { done <- tg.Close() }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Close still waiting 5 s after it was called, with the sender stuck on a stalled process server")
 	}
 }
