@@ -535,9 +535,10 @@ func (t *Target) readLoop(s *session) error {
 				return err
 			}
 			t.mu.Lock()
-			if a.Seq >= t.nextSeq {
+			if a.Seq > t.maxSent {
+				// Freeing records it never received would lose them.
 				t.mu.Unlock()
-				return fmt.Errorf("process server acknowledged sequence %d, but the last one numbered is %d", a.Seq, t.nextSeq-1)
+				return fmt.Errorf("process server acknowledged sequence %d, but the last one sent is %d (numbered: %d)", a.Seq, t.maxSent, t.nextSeq-1)
 			}
 			t.ackLocked(a.Seq)
 			t.mu.Unlock()
