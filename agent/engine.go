@@ -838,6 +838,19 @@ func (e *Engine) pointTime() time.Time {
 // emit hands the target a marker dated at (pointTime, taken before the
 // point's quiesce).
 func (e *Engine) emit(kind MarkerKind, at time.Time) error {
+	// A resync asked for while the point was being taken (the loop takes
+	// requests only between its rounds) means the target lacks writes the
+	// point would claim: no point now; the loop's next round resyncs and
+	// marks the target whole again.
+	for i := range e.syncReq {
+		if e.syncReq[i].Load() != 0 {
+			if kind == AppConsistent {
+				return fmt.Errorf("app-consistent point not taken: device %s is to be resynced first", e.srcs[i].Path)
+			}
+			e.log.Debug("marker skipped: a resync is pending", keyDevice, e.srcs[i].Path)
+			return nil
+		}
+	}
 	m := Marker{Kind: kind, Seq: e.stats.LastSeq, Time: at.UTC()}
 	if err := e.opt.Target.Marker(m); err != nil {
 		return err

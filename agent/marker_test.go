@@ -209,3 +209,68 @@ func markerThenStop(t *testing.T, fy *os.File, blk []byte, y0 int64, hooked <-ch
 		t.Fatal(err)
 	}
 }
+
+// syncTarget is an eventTarget that records, with each marker, whether a
+// resync was pending when the marker was handed over.
+type syncTarget struct {
+	eventTarget
+	e       func() *Engine
+	pending []bool
+}
+
+func (t *syncTarget) Marker(m Marker) error {
+	p := false
+	for i := range t.e().syncReq {
+		p = p || t.e().syncReq[i].Load() != 0
+	}
+	t.mu.Lock()
+	t.pending = append(t.pending, p)
+	t.mu.Unlock()
+	return t.eventTarget.Marker(m)
+}
+
+// A resync asked for while a crash-consistent point is being taken (here:
+// while the marker reads the metadata device back) means the target lacks
+// writes the point would claim: no marker is handed over while the resync
+// waits; the next round resyncs and then marks the target whole.
+func TestNoMarkerWhileResyncPending(t *testing.T) {
+	testenv.RequireRoot(t)
+	x := loopdev.New(t, 16<<20, loopdev.Options{})
+	y := loopdev.New(t, 16<<20, loopdev.Options{})
+	fy, err := os.OpenFile(y.Path, os.O_WRONLY|syscall.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fy.Close() })
+	blk := blockdev.AlignedBuffer(capture.BlockSize)
+	var e *Engine
+	tgt := &syncTarget{eventTarget: eventTarget{hookDev: 1}, e: func() *Engine { return e }}
+	e, cancel, done := startEngine(t, Options{
+		Sources: []Source{
+			{Name: "x", Path: x.Path, Mode: capture.ModeData, Sync: SyncFull},
+			{Name: "y", Path: y.Path, Mode: capture.ModeMetadata, Sync: SyncFull},
+		},
+		RingBytes:     4 << 20,
+		Target:        tgt,
+		ReadbackDelay: time.Hour, // y is read back by markers only
+		CrashInterval: 300 * time.Millisecond,
+	})
+	hooked := make(chan struct{})
+	tgt.mu.Lock()
+	tgt.hook = func() {
+		defer close(hooked)
+		e.RequestSync(0, SyncCompare) // inside the marker, after the loop took requests
+	}
+	tgt.mu.Unlock()
+	markerThenStop(t, fy, blk, 3*capture.BlockSize, hooked, cancel, done)
+	tgt.mu.Lock()
+	defer tgt.mu.Unlock()
+	for i, p := range tgt.pending {
+		if p {
+			t.Fatalf("marker %d of %d handed over while a resync was pending", i+1, len(tgt.pending))
+		}
+	}
+	if e.syncReq[0].Load() != 0 {
+		t.Fatal("the resync asked for during the marker was never taken")
+	}
+}
