@@ -223,6 +223,15 @@ func (t *Target) agree(s *session, a *wire.HelloAck, initial bool) ([]wire.DiskA
 				}
 			}
 		}
+		for i := range out {
+			if out[i].Action != wire.SyncResume {
+				// A disk to be copied again: markers sent before do not
+				// date a whole replica (this agent's own recoverable
+				// until and RPO would run ahead while it is copied).
+				t.markers = t.markers[:0]
+				break
+			}
+		}
 		if resume > t.nextSeq {
 			// It holds numbers we have no record of (state from an older
 			// copy of the state directory): never reuse them. (Safe to
