@@ -110,6 +110,12 @@ type Options struct {
 	// FS replaces the file system, for fault injection. nil means OSFS.
 	FS FS
 
+	// Fstab is the file system table consulted before a directory with no
+	// cache marker is set up (new cache or replaced disk): one below a
+	// mount point it lists that is not mounted is refused. "" means
+	// /etc/fstab; a missing table is no table.
+	Fstab string
+
 	// Logger receives warnings about degraded directories. nil discards.
 	Logger *slog.Logger
 }
@@ -139,6 +145,7 @@ type Cache struct {
 	maxSeg   int
 	fs       FS
 	log      *slog.Logger
+	fstab    string
 	replaced []string
 	id       string // the cache's identity, in every directory's marker
 
@@ -237,6 +244,7 @@ func Open(dirs []string, opts Options) (*Cache, error) {
 		mountedTill: make([]atomic.Int64, n),
 		mountMu:     make([]sync.Mutex, n),
 		log:         opts.Logger,
+		fstab:       cmp.Or(opts.Fstab, "/etc/fstab"),
 		encs:        make(map[[2]uint8]reedsolomon.Encoder),
 		seed:        maphash.MakeSeed(),
 		streamDirs:  make(map[string]bool),

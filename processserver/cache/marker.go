@@ -105,6 +105,48 @@ func mountRoot(dir string) string {
 	return ""
 }
 
+// fstabMountPoint returns the deepest mount point other than / that the
+// file system table at path lists and that holds dir, or "" (no table, or
+// none). Swap entries are skipped; octal escapes (\040) are decoded.
+func fstabMountPoint(path, dir string) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return ""
+	}
+	dir = filepath.Clean(dir)
+	best := ""
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 || strings.HasPrefix(f[0], "#") || (len(f) > 2 && f[2] == "swap") {
+			continue
+		}
+		mp := filepath.Clean(unescapeFstab(f[1]))
+		if !filepath.IsAbs(mp) || mp == "/" {
+			continue
+		}
+		if (dir == mp || strings.HasPrefix(dir, mp+"/")) && len(mp) > len(best) {
+			best = mp
+		}
+	}
+	return best
+}
+
+// unescapeFstab decodes fstab's octal escapes (\040 for a space).
+func unescapeFstab(s string) string {
+	var out strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+4 <= len(s) {
+			if v, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				out.WriteByte(byte(v))
+				i += 3
+				continue
+			}
+		}
+		out.WriteByte(s[i])
+	}
+	return out.String()
+}
+
 // notMounted is the error for cache directory dir whose file system was
 // mounted at root when the cache was set up and is not now: its disk is
 // not mounted, and anything written there would land on the file system
@@ -170,6 +212,14 @@ func (c *Cache) checkMarkers() error {
 	for i, d := range c.dirs {
 		if root := c.mounts[i]; root != "" && mountRoot(d) != root {
 			return notMounted(d, root)
+		}
+		if found[i] == nil {
+			// Nothing recorded says where its disk is: the system's
+			// table does, when the disk should be mounted at boot.
+			if mp := fstabMountPoint(c.fstab, d); mp != "" && mountRoot(mp) != mp {
+				return fmt.Errorf("cache: %s is below %s, a mount point listed in %s that is not mounted: "+
+					"mount it (shards written now would land on the file system below, and vanish when it is mounted)", d, mp, c.fstab)
+			}
 		}
 		if err := c.fs.MkdirAll(d, 0o750); err != nil {
 			return fmt.Errorf("cache: create directory %s: %w", d, err)

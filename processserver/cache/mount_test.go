@@ -307,3 +307,63 @@ func TestDeleteJustAfterUnmount(t *testing.T) {
 		t.Fatalf("the disk still holds %v (%v) after the retried delete", ents, err)
 	}
 }
+
+func TestFstabMountPoint(t *testing.T) {
+	tab := filepath.Join(t.TempDir(), "fstab")
+	content := "# comment\n" +
+		"UUID=1 / ext4 defaults 0 1\n" +
+		"UUID=2 /srv/cache ext4 defaults 0 2\n" +
+		"UUID=3 /srv/cache/disk1 xfs defaults,nofail 0 2\n" +
+		"/dev/sdz none swap sw 0 0\n" +
+		"UUID=4 /mnt/with\\040space ext4 defaults 0 2\n" +
+		"garbage\n"
+	if err := os.WriteFile(tab, []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for dir, want := range map[string]string{
+		"/srv/cache/disk1/lb": "/srv/cache/disk1",
+		"/srv/cache/disk2":    "/srv/cache",
+		"/srv/cache":          "/srv/cache",
+		"/srv/cachet":         "",
+		"/var/lib/lifeboat":   "",
+		"/mnt/with space/lb":  "/mnt/with space",
+		"/srv/cache/../other": "",
+	} {
+		if got := fstabMountPoint(tab, dir); got != want {
+			t.Errorf("fstabMountPoint(%q) = %q, want %q", dir, got, want)
+		}
+	}
+	if got := fstabMountPoint(filepath.Join(t.TempDir(), "none"), "/srv/cache/x"); got != "" {
+		t.Errorf("no table: %q", got)
+	}
+}
+
+// A new cache (or a replaced directory) below a mount point listed in
+// fstab that is not mounted is refused: started before its disks were
+// mounted, the process server would otherwise put every shard on the file
+// system below, where they vanish once the disks are mounted.
+func TestNewCacheRefusedBelowUnmountedFstabEntry(t *testing.T) {
+	testenv.RequireRoot(t)
+	root := t.TempDir()
+	mp := filepath.Join(root, "disks")
+	if err := os.MkdirAll(mp, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	tab := filepath.Join(t.TempDir(), "fstab")
+	if err := os.WriteFile(tab, []byte("UUID=5 "+mp+" ext4 defaults 0 2\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	dirs := []string{filepath.Join(mp, "a"), filepath.Join(mp, "b"), filepath.Join(mp, "c")}
+	_, err := Open(dirs, Options{Fstab: tab})
+	if err == nil || !strings.Contains(err.Error(), "not mounted") || !strings.Contains(err.Error(), mp) {
+		t.Fatalf("Open below an unmounted fstab entry: %v", err)
+	}
+	if ents, _ := os.ReadDir(mp); len(ents) != 0 {
+		t.Fatalf("the refused Open created %v below the mount point", ents)
+	}
+	mountDisk(t, mp)
+	c := open(t, dirs, Options{Fstab: tab})
+	if err := c.Put(SegmentID{"m", 1}, payload(1000, 1)); err != nil {
+		t.Fatal(err)
+	}
+}
