@@ -144,9 +144,11 @@ func recoverCmd(verbose *bool) *cobra.Command {
 mode 0600 or replaced, sparse): the newest recovery point at or before it,
 then the journal up to it.
 
---point is "latest" (everything durable in the account), a sequence number,
-or an RFC 3339 time such as 2025-01-02T15:04:05Z (the newest state known to
-precede it; see lifeboat points).
+--point is "latest" (the newest consistent state in the account: its
+recoverable_until, see lifeboat points), a sequence number, or an RFC 3339
+time such as 2025-01-02T15:04:05Z (the newest state known to precede it). A
+sequence number is taken as given: one between the markers of a full sync
+or resync gives the disk half copied; times and "latest" never do.
 
 Every journal segment is authenticated before use; a tampered one stops the
 recovery with an error naming it, and FILE is not created. Progress goes to

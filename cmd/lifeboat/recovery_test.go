@@ -114,7 +114,7 @@ func TestPointsAndRecoverCommands(t *testing.T) {
 	for _, tc := range []struct {
 		point string
 		seq   uint64
-	}{{"latest", m.Durable}, {at, m.Markers()[15].Seq}} {
+	}{{"latest", m.Latest()}, {at, m.Markers()[15].Seq}} {
 		out, errOut, err := runCmd(t, recoverCmd(new(bool)), "--machine", "web1", "--disk", "d0", "--point", tc.point,
 			"--to", img, "--recovery-key", keyFile, "--container", container)
 		if err != nil {

@@ -35,10 +35,14 @@ func TestRecoverRefusesJournalGap(t *testing.T) {
 	m.Until = t0
 	m.WriteManifest()
 
-	for _, point := range []string{"latest", strconv.FormatUint(ends[0]+1, 10), strconv.FormatUint(ends[2], 10), t0.Add(2 * time.Second).Format(time.RFC3339Nano)} {
+	for _, point := range []string{strconv.FormatUint(ends[0]+1, 10), strconv.FormatUint(ends[2], 10), t0.Add(2 * time.Second).Format(time.RFC3339Nano)} {
 		if _, _, err := recoverBytes(t, m, point, m.RecoveryKey); !errors.Is(err, recovery.ErrOutOfRange) {
 			t.Errorf("recover %s inside the open gap: err %v, want ErrOutOfRange", point, err)
 		}
+	}
+	// latest is recoverable_until, held before the gap while it is open.
+	if got, res, err := recoverBytes(t, m, "latest", m.RecoveryKey); err != nil || res.Seq > ends[0] || !bytes.Equal(got, m.Image(0, res.Seq)[:size]) {
+		t.Errorf("recover latest with the gap open: seq %d, %v; want the disk at a point before %d", res.Seq, err, ends[0]+1)
 	}
 	got, res, err := recoverBytes(t, m, strconv.FormatUint(ends[0], 10), m.RecoveryKey)
 	if err != nil {

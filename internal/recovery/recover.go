@@ -161,7 +161,11 @@ func (st *state) start(d *layout.Disk, seq uint64) (*Point, uint64, int64, error
 		return base, base.Seq, int64(g.Size), nil
 	}
 	first := max(g.Start, 1) // the first record zeros are replayed from
-	if seq >= first && st.journalFrom > first {
+	if seq < first {
+		return nil, 0, 0, fmt.Errorf("%w: disk %q was not protected before sequence %d (nothing of it is in the account at %d)",
+			ErrOutOfRange, d.Name, first, seq)
+	}
+	if st.journalFrom > first {
 		return nil, 0, 0, fmt.Errorf("%w: disk %q at sequence %d: no recovery point of its generation (which started at sequence %d) at or before it, and retention deleted the journal before sequence %d, which rebuilding it from zeros needs",
 			ErrOutOfRange, d.Name, seq, first, st.journalFrom)
 	}
@@ -224,7 +228,14 @@ func (st *state) resolvePoint(ctx context.Context, store blobstore.Store, keys s
 		if st.latest == 0 {
 			return 0, time.Time{}, fmt.Errorf("%w: machine %q has nothing durable in the account yet", ErrOutOfRange, machine)
 		}
-		return st.latest, st.timeOf(st.latest), nil
+		// The newest consistent state is the last marker the account
+		// holds (recoverable_until), not durable_seq: the records after
+		// it may be a sync or resync under way, which the agent holds
+		// markers back for (a half-copied disk is no point in time).
+		if st.until.IsZero() {
+			return 0, time.Time{}, fmt.Errorf("%w: machine %q has no consistent point in the account yet (its initial sync has not completed)", ErrOutOfRange, machine)
+		}
+		return st.resolveTime(ctx, store, keys, st.until)
 	case point[0] >= '0' && point[0] <= '9' && !strings.ContainsAny(point, "-:T"):
 		seq, err := strconv.ParseUint(point, 10, 64)
 		if err != nil {

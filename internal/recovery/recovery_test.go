@@ -79,7 +79,7 @@ func TestRecoverFromJournal(t *testing.T) {
 		point string
 		seq   uint64
 	}{
-		{"latest", m.Durable},
+		{"latest", m.Latest()},
 		{"1", 1},
 		{fmt.Sprint(m.Durable / 2), m.Durable / 2},
 	} {
@@ -241,5 +241,33 @@ func TestRecoverToIdlePeriod(t *testing.T) {
 	// Just before the idle period the journal's last marker still rules.
 	if _, res, err := recoverBytes(t, m, idleSince.Add(-time.Second).Format(time.RFC3339Nano), m.RecoveryKey); err != nil || res.Seq != lastJournal.Seq {
 		t.Fatalf("time before the idle period: seq %d, %v; want %d", res.Seq, err, lastJournal.Seq)
+	}
+}
+
+// latest is the newest consistent state, the last marker the account
+// holds: records after it may be a full sync under way (the agent holds
+// its markers back meanwhile), and the disk half copied is no point in
+// time. Before, latest meant durable_seq and gave that half-copied disk.
+func TestLatestIsNotInsideASync(t *testing.T) {
+	m, _ := journalOnly(t)
+	size := m.Disks[0].Size
+	lastMarker := m.Markers()[len(m.Markers())-1].Seq
+	before := m.Image(0, lastMarker)[:size]
+	// The disk is replaced: a new generation, half of its full sync sent.
+	m.NewGeneration(0, 0)
+	half := size / 2 &^ 511
+	m.Write(0, 0, randBytes(rand.New(rand.NewPCG(9, 9)), int(half)))
+	m.Cut()
+	got, res, err := recoverBytes(t, m, "latest", m.RecoveryKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Seq != lastMarker || !bytes.Equal(got[:size], before) {
+		t.Fatalf("latest during a full sync: seq %d (last marker %d, durable %d); the disk at the last marker: %v",
+			res.Seq, lastMarker, m.Durable, bytes.Equal(got[:size], before))
+	}
+	// A sequence before a disk's first generation holds nothing of it.
+	if _, _, err := recoverBytes(t, m, "0", m.RecoveryKey); !errors.Is(err, recovery.ErrOutOfRange) {
+		t.Fatalf("recover to sequence 0: %v, want ErrOutOfRange", err)
 	}
 }

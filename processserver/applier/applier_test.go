@@ -267,8 +267,8 @@ func testApplyPointsRecover(t *testing.T, store blobstore.Store) {
 	}
 	_ = sawCrash // a crash marker is a candidate, not a forced point
 
-	recoverAndCheck(t, m, 0, "latest", m.Durable)
-	recoverAndCheck(t, m, 1, "latest", m.Durable)
+	recoverAndCheck(t, m, 0, "latest", m.Latest())
+	recoverAndCheck(t, m, 1, "latest", m.Latest())
 	recoverAndCheck(t, m, 1, fmt.Sprint(mid), mid)
 	recoverAndCheck(t, m, 0, fmt.Sprint(points[0].Seq-1), points[0].Seq-1) // before any point: from zeros
 	res := recoverAndCheck(t, m, 0, fmt.Sprint(app.Seq), app.Seq)
@@ -433,7 +433,7 @@ func testRetention(t *testing.T, store blobstore.Store) {
 	// 10 h ago included); before it not.
 	recoverAndCheck(t, m, 1, fmt.Sprint(apps[2].Seq), apps[2].Seq)
 	recoverAndCheck(t, m, 0, fmt.Sprint(apps[1].Seq+3), apps[1].Seq+3)
-	recoverAndCheck(t, m, 0, "latest", m.Durable)
+	recoverAndCheck(t, m, 0, "latest", m.Latest())
 	_, err = recovery.Recover(ctx, store, recovery.Request{Machine: m.Name, Disk: "d0", Point: fmt.Sprint(apps[0].Seq), RecoveryKey: m.RecoveryKey}, discard{})
 	if !errors.Is(err, recovery.ErrOutOfRange) {
 		t.Fatalf("recover a pruned point: %v", err)
@@ -460,7 +460,7 @@ func testRetention(t *testing.T, store blobstore.Store) {
 	if len(points) != 1 || points[0].Seq != apps[3].Seq {
 		t.Fatalf("points %+v, want only the newest (seq %d)", points, apps[3].Seq)
 	}
-	recoverAndCheck(t, m, 0, "latest", m.Durable)
+	recoverAndCheck(t, m, 0, "latest", m.Latest())
 	recoverAndCheck(t, m, 1, fmt.Sprint(apps[3].Seq), apps[3].Seq)
 }
 

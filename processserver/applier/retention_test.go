@@ -111,7 +111,7 @@ func testRetentionDiskWithoutPoints(t *testing.T, store blobstore.Store) {
 	if n := segmentCount(t, m); n != 4 {
 		t.Fatalf("%d segments left of 4: d0 has no point to start from", n)
 	}
-	recoverAndCheck(t, m, 0, "latest", m.Durable)
+	recoverAndCheck(t, m, 0, "latest", m.Latest())
 	recoverAndCheck(t, m, 0, fmt.Sprint(apps[0].Seq), apps[0].Seq)
 }
 
@@ -150,7 +150,7 @@ func testRecoverPrunedJournal(t *testing.T, store blobstore.Store) {
 			}
 			t.Logf("recover d0 %s: %v", p, err)
 		}
-		recoverAndCheck(t, m, 1, "latest", m.Durable)
+		recoverAndCheck(t, m, 1, "latest", m.Latest())
 		recoverAndCheck(t, m, 1, fmt.Sprint(apps[1].Seq+3), apps[1].Seq+3)
 	}
 	check()

@@ -102,6 +102,18 @@ func (m *Machine) Seq() uint64 { return m.seq }
 // Markers returns the markers sent so far.
 func (m *Machine) Markers() []wire.Marker { return m.markers }
 
+// Latest returns the sequence "latest" recovers to: the last marker in the
+// account (at recoverable_until), 0 if none.
+func (m *Machine) Latest() uint64 {
+	var seq uint64
+	for _, mk := range m.markers {
+		if mk.Seq <= m.Durable && !m.Until.IsZero() && mk.UnixNano <= m.Until.UnixNano() {
+			seq = mk.Seq
+		}
+	}
+	return seq
+}
+
 // WriteManifest (re)writes the manifest from the fields of m, keeping
 // applied_seq and journal_from as the applier last wrote them.
 func (m *Machine) WriteManifest() {
