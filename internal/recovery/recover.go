@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -173,18 +174,20 @@ func (st *state) start(d *layout.Disk, seq uint64) (*Point, uint64, int64, error
 }
 
 // RecoverFile is Recover into a regular file at path, created with mode
-// 0600 or replaced. It writes path+".partial" and renames it into place
-// only once the recovery succeeded and is synced, so path never holds a
-// partial or unverified disk.
+// 0600 or replaced. It writes a new temporary file beside path (never one
+// that exists: a symlink planted there is not followed) and renames it
+// into place only once the recovery succeeded and is synced, so path
+// never holds a partial or unverified disk.
 func RecoverFile(ctx context.Context, store blobstore.Store, req Request, path string) (Result, error) {
 	if fi, err := os.Stat(path); err == nil && !fi.Mode().IsRegular() {
 		return Result{}, fmt.Errorf("%s is not a regular file: recovery writes disk images to files", path)
 	}
-	tmp := path + ".partial"
-	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, filepath.Base(path)+".partial-*")
 	if err != nil {
 		return Result{}, fmt.Errorf("create output: %w", err)
 	}
+	tmp := f.Name()
 	res, err := Recover(ctx, store, req, f)
 	if err == nil {
 		err = f.Sync()
@@ -198,6 +201,14 @@ func RecoverFile(ctx context.Context, store blobstore.Store, req Request, path s
 	if err != nil {
 		os.Remove(tmp)
 		return Result{}, err
+	}
+	// The rename is durable with its directory.
+	if d, err := os.Open(dir); err == nil {
+		err = d.Sync()
+		d.Close()
+		if err != nil {
+			return Result{}, fmt.Errorf("sync %s: %w", dir, err)
+		}
 	}
 	return res, nil
 }

@@ -271,3 +271,32 @@ func TestLatestIsNotInsideASync(t *testing.T) {
 		t.Fatalf("recover to sequence 0: %v, want ErrOutOfRange", err)
 	}
 }
+
+// The temporary output is a new file: a symlink planted where an older
+// binary wrote its partial file is not followed (recover runs as root).
+func TestRecoverFileIgnoresPlantedPartial(t *testing.T) {
+	m, _ := journalOnly(t)
+	dir := t.TempDir()
+	victim := filepath.Join(dir, "victim")
+	if err := os.WriteFile(victim, []byte("keep me"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, "out")
+	if err := os.Symlink(victim, path+".partial"); err != nil {
+		t.Fatal(err)
+	}
+	res, err := recovery.RecoverFile(context.Background(), m.Store, recovery.Request{Machine: m.Name, Disk: "d0", Point: "latest", RecoveryKey: m.RecoveryKey}, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(victim); string(b) != "keep me" {
+		t.Fatal("recovery wrote through the planted symlink")
+	}
+	got, err := os.ReadFile(path)
+	if err != nil || !bytes.Equal(got, m.Image(0, res.Seq)[:len(got)]) {
+		t.Fatalf("recovered image differs (%v)", err)
+	}
+	if fi, _ := os.Stat(path); fi.Mode().Perm() != 0o600 {
+		t.Fatalf("mode %v, want 0600", fi.Mode().Perm())
+	}
+}
