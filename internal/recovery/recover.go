@@ -413,7 +413,9 @@ func replay(ctx context.Context, store blobstore.Store, keys seal.Keyring, segs 
 		if len(todo) > 0 {
 			end = todo[len(todo)-1].Last
 		}
-		return 0, fmt.Errorf("journal is incomplete: it ends at sequence %d, before the target %d", end, target)
+		// The sealed manifest vouches for the journal up to durable_seq
+		// (targets never pass it): its end missing is a deletion.
+		return 0, fmt.Errorf("journal is incomplete: it ends at sequence %d, before the target %d, which the manifest says the account holds (segments deleted from the account?): %w", end, target, ErrTampered)
 	}
 	var bar *progress.Bar
 	if w != nil {

@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -298,5 +299,20 @@ func TestRecoverFileIgnoresPlantedPartial(t *testing.T) {
 	}
 	if fi, _ := os.Stat(path); fi.Mode().Perm() != 0o600 {
 		t.Fatalf("mode %v, want 0600", fi.Mode().Perm())
+	}
+}
+
+// The journal's last segments deleted from the account (the sealed
+// manifest still vouching for them): recovery to a point in them fails as
+// tampering, not as a plain error.
+func TestRecoverDeletedJournalEnd(t *testing.T) {
+	m, _ := journalOnly(t)
+	last := m.Segments[len(m.Segments)-1]
+	if err := m.Store.DeleteBlob(context.Background(), last); err != nil {
+		t.Fatal(err)
+	}
+	_, _, err := recoverBytes(t, m, strconv.FormatUint(m.Durable, 10), m.RecoveryKey)
+	if !errors.Is(err, recovery.ErrTampered) || !strings.Contains(err.Error(), "journal is incomplete") {
+		t.Fatalf("recover into a deleted journal end: %v, want ErrTampered", err)
 	}
 }
