@@ -80,8 +80,10 @@ AZURE_STORAGE_CONNECTION_STRING; needs no key.`,
 				}{Machine: machine, Points: []pointJSON{}, RecoverableUntil: formatTime(until), Gaps: man.Gaps}
 				for _, p := range points {
 					pj := pointJSON{Kind: p.Kind, Time: formatTime(p.Time), Seq: p.Seq, ID: p.ID}
-					for d := range p.Snapshots {
-						pj.Disks = append(pj.Disks, d)
+					for _, d := range man.Disks { // the manifest's order, not a map's
+						if p.Snapshots[d.Name] != "" {
+							pj.Disks = append(pj.Disks, d.Name)
+						}
 					}
 					doc.Points = append(doc.Points, pj)
 				}

@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -46,7 +47,7 @@ func TestPointsAndRecoverCommands(t *testing.T) {
 	t.Setenv(recoveryAccountEnv, srv.ConnectionString())
 
 	rng := rand.New(rand.NewPCG(1, 2))
-	m := recoverytest.New(t, store, "web1", 1<<20+512)
+	m := recoverytest.New(t, store, "web1", 1<<20+512, 64<<10, 64<<10)
 	t0 := time.Date(2025, 6, 1, 8, 0, 0, 0, time.UTC)
 	data := func(n int) []byte {
 		b := make([]byte, n)
@@ -89,13 +90,19 @@ func TestPointsAndRecoverCommands(t *testing.T) {
 	}
 	var doc struct {
 		Points []struct {
-			Kind string
-			Seq  uint64
+			Kind  string
+			Seq   uint64
+			Disks []string
 		}
 		RecoverableUntil string `json:"recoverable_until"`
 	}
 	if err := json.Unmarshal([]byte(out), &doc); err != nil || len(doc.Points) < 2 || doc.RecoverableUntil != "2025-06-01T08:00:29Z" {
 		t.Fatalf("points --json: %v\n%s", err, out)
+	}
+	for _, p := range doc.Points { // in the manifest's order, every time
+		if !slices.Equal(p.Disks, []string{"d0", "d1", "d2"}) {
+			t.Fatalf("point %d lists disks %v, want d0, d1, d2", p.Seq, p.Disks)
+		}
 	}
 	// A recorded gap is shown, and not only in JSON.
 	m.EditManifest(func(man *layout.Manifest) { man.Gaps = []layout.Gap{{From: 1000, LostTo: 1010, Mended: 1020}} })
