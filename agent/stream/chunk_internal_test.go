@@ -97,3 +97,33 @@ func TestSmallFlushBytesDoesNotDeadlock(t *testing.T) {
 		time.Sleep(time.Millisecond)
 	}
 }
+
+// An answer to the question the engine waits for is not dropped when the
+// queue is full of answers to abandoned questions (after reconnects).
+func TestSumsAnswerNotDroppedBehindStaleOnes(t *testing.T) {
+	tg := chunkTarget(t, 1<<20, 64<<20)
+	tg.sumsCh = make(chan wire.SumsReply, 4)
+	tg.abort = make(chan struct{})
+	for id := range uint16(cap(tg.sumsCh)) {
+		tg.deliverSums(wire.SumsReply{ID: id + 1, Differs: []bool{true}})
+	}
+	q := &wire.Sums{ID: 9, Sums: make([][32]byte, 2)}
+	tg.deliverSums(wire.SumsReply{ID: 9, Differs: []bool{false, true}})
+	done := make(chan []bool, 1)
+	go func() {
+		d, err := tg.waitSums(q)
+		if err != nil {
+			t.Error(err)
+		}
+		done <- d
+	}()
+	select {
+	case d := <-done:
+		if len(d) != 2 || d[0] || !d[1] {
+			t.Fatalf("answer %v, want [false true]", d)
+		}
+	case <-time.After(5 * time.Second):
+		close(tg.abort)
+		t.Fatal("the awaited answer was dropped behind stale ones")
+	}
+}

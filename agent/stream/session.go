@@ -568,10 +568,7 @@ func (t *Target) readLoop(s *session) error {
 			if err := r.UnmarshalBinary(f.Payload); err != nil {
 				return err
 			}
-			select {
-			case t.sumsCh <- r:
-			default: // nobody asked this; drop it
-			}
+			t.deliverSums(r)
 		case wire.TypeError:
 			var e wire.Error
 			if err := e.UnmarshalBinary(f.Payload); err != nil {
@@ -678,4 +675,21 @@ func (c *corkConn) flushLocked() error {
 	_, c.err = c.Conn.Write(c.buf)
 	c.buf = c.buf[:0]
 	return c.err
+}
+
+// deliverSums queues a checksum answer for waitSums. It keeps the newest
+// answers: when the queue is full of answers to abandoned questions, the
+// oldest goes rather than this one, which the engine may be waiting for.
+func (t *Target) deliverSums(r wire.SumsReply) {
+	for {
+		select {
+		case t.sumsCh <- r:
+			return
+		default:
+			select {
+			case <-t.sumsCh:
+			default:
+			}
+		}
+	}
 }

@@ -296,6 +296,9 @@ func (st *state) earliestTime() time.Time {
 // with a time at or before t.
 func (st *state) resolveTime(ctx context.Context, store blobstore.Store, keys seal.Keyring, t time.Time) (uint64, time.Time, error) {
 	machine := st.manifest.Machine
+	if st.until.IsZero() {
+		return 0, time.Time{}, fmt.Errorf("%w: machine %q has no consistent point in the account yet (its initial sync has not completed)", ErrOutOfRange, machine)
+	}
 	if t.After(st.until) {
 		return 0, time.Time{}, fmt.Errorf("%w: %s is after machine %q's recoverable_until %s: the account holds nothing newer (use %q or an earlier time)",
 			ErrOutOfRange, t.UTC().Format(time.RFC3339Nano), machine, st.until.Format(time.RFC3339Nano), Latest)
