@@ -1,8 +1,10 @@
 package agent
 
 import (
+	"context"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -59,32 +61,10 @@ func (t *eventTarget) Marker(m Marker) error {
 // data device, whose marks then call for a drain. A marker that read the
 // metadata device back before that drain's quiesce held B without A.
 func TestMarkerHoldsMetadataWritesBeforeItsRecords(t *testing.T) {
-	testenv.RequireRoot(t)
-	x := loopdev.New(t, 16<<20, loopdev.Options{})
-	y := loopdev.New(t, 16<<20, loopdev.Options{})
-	open := func(path string) *os.File {
-		f, err := os.OpenFile(path, os.O_WRONLY|syscall.O_DIRECT, 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { f.Close() })
-		return f
-	}
-	fx, fy := open(x.Path), open(y.Path)
-	blk := blockdev.AlignedBuffer(capture.BlockSize)
 	const y0, yA, xB = 3 * capture.BlockSize, 9 * capture.BlockSize, 7 * capture.BlockSize
 	tgt := &eventTarget{hookDev: 1}
-	var e *Engine
-	e, cancel, done := startEngine(t, Options{
-		Sources: []Source{
-			{Name: "x", Path: x.Path, Mode: capture.ModeData, Sync: SyncFull},
-			{Name: "y", Path: y.Path, Mode: capture.ModeMetadata, Sync: SyncFull},
-		},
-		RingBytes:     4 << 20,
-		Target:        tgt,
-		ReadbackDelay: time.Hour, // y is read back by markers only
-		CrashInterval: 300 * time.Millisecond,
-	})
+	r := newMarkerRig(t, tgt)
+	fx, fy, blk, e := r.fx, r.fy, r.blk, r.e
 	hooked := make(chan struct{})
 	tgt.mu.Lock()
 	tgt.hook = func() {
@@ -98,7 +78,7 @@ func TestMarkerHoldsMetadataWritesBeforeItsRecords(t *testing.T) {
 		e.cap.MarkBytes(0, 12*capture.BlockSize, 1) // x must drain for the point
 	}
 	tgt.mu.Unlock()
-	markerThenStop(t, fy, blk, y0, hooked, cancel, done)
+	markerThenStop(t, fy, blk, y0, hooked, r.cancel, r.done)
 	tgt.mu.Lock()
 	defer tgt.mu.Unlock()
 	// The marker right after B must not come before A.
@@ -131,31 +111,10 @@ func TestMarkerHoldsMetadataWritesBeforeItsRecords(t *testing.T) {
 // hold. Here write C, on the data device, completes during the marker's
 // read-back of the metadata device.
 func TestMarkerDatedBeforeItsQuiesce(t *testing.T) {
-	testenv.RequireRoot(t)
-	x := loopdev.New(t, 16<<20, loopdev.Options{})
-	y := loopdev.New(t, 16<<20, loopdev.Options{})
-	open := func(path string) *os.File {
-		f, err := os.OpenFile(path, os.O_WRONLY|syscall.O_DIRECT, 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { f.Close() })
-		return f
-	}
-	fx, fy := open(x.Path), open(y.Path)
-	blk := blockdev.AlignedBuffer(capture.BlockSize)
 	const y0, xC = 3 * capture.BlockSize, 5 * capture.BlockSize
 	tgt := &eventTarget{hookDev: 1}
-	_, cancel, done := startEngine(t, Options{
-		Sources: []Source{
-			{Name: "x", Path: x.Path, Mode: capture.ModeData, Sync: SyncFull},
-			{Name: "y", Path: y.Path, Mode: capture.ModeMetadata, Sync: SyncFull},
-		},
-		RingBytes:     4 << 20,
-		Target:        tgt,
-		ReadbackDelay: time.Hour, // y is read back by markers only
-		CrashInterval: 300 * time.Millisecond,
-	})
+	r := newMarkerRig(t, tgt)
+	fx, fy, blk := r.fx, r.fy, r.blk
 	hooked := make(chan struct{})
 	var cDone time.Time // C has completed by then
 	tgt.mu.Lock()
@@ -167,7 +126,7 @@ func TestMarkerDatedBeforeItsQuiesce(t *testing.T) {
 		cDone = time.Now()
 	}
 	tgt.mu.Unlock()
-	markerThenStop(t, fy, blk, y0, hooked, cancel, done)
+	markerThenStop(t, fy, blk, y0, hooked, r.cancel, r.done)
 	tgt.mu.Lock()
 	defer tgt.mu.Unlock()
 	iY, iC := -1, -1
@@ -188,6 +147,44 @@ func TestMarkerDatedBeforeItsQuiesce(t *testing.T) {
 				i, ev.at.Format(time.StampMicro), cDone.Format(time.StampMicro), iC)
 		}
 	}
+}
+
+// markerRig starts an engine on two fresh loop devices, x in data mode and
+// y in metadata mode read back by markers only, with a crash-consistent
+// marker every 300 ms handed to tgt, and opens both for O_DIRECT writes.
+type markerRig struct {
+	fx, fy *os.File
+	blk    []byte
+	e      *Engine
+	cancel context.CancelFunc
+	done   chan error
+}
+
+func newMarkerRig(t *testing.T, tgt Target) *markerRig {
+	t.Helper()
+	testenv.RequireRoot(t)
+	x := loopdev.New(t, 16<<20, loopdev.Options{})
+	y := loopdev.New(t, 16<<20, loopdev.Options{})
+	open := func(path string) *os.File {
+		f, err := os.OpenFile(path, os.O_WRONLY|syscall.O_DIRECT, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { f.Close() })
+		return f
+	}
+	r := &markerRig{fx: open(x.Path), fy: open(y.Path), blk: blockdev.AlignedBuffer(capture.BlockSize)}
+	r.e, r.cancel, r.done = startEngine(t, Options{
+		Sources: []Source{
+			{Name: "x", Path: x.Path, Mode: capture.ModeData, Sync: SyncFull},
+			{Name: "y", Path: y.Path, Mode: capture.ModeMetadata, Sync: SyncFull},
+		},
+		RingBytes:     4 << 20,
+		Target:        tgt,
+		ReadbackDelay: time.Hour, // y is read back by markers only
+		CrashInterval: 300 * time.Millisecond,
+	})
+	return r
 }
 
 // markerThenStop writes blk at y0 on the metadata device for a marker to
@@ -214,14 +211,16 @@ func markerThenStop(t *testing.T, fy *os.File, blk []byte, y0 int64, hooked <-ch
 // resync was pending when the marker was handed over.
 type syncTarget struct {
 	eventTarget
-	e       func() *Engine
+	e       atomic.Pointer[Engine] // set once startEngine returned
 	pending []bool
 }
 
 func (t *syncTarget) Marker(m Marker) error {
 	p := false
-	for i := range t.e().syncReq {
-		p = p || t.e().syncReq[i].Load() != 0
+	if e := t.e.Load(); e != nil { // nil: before startEngine returned, no request yet
+		for i := range e.syncReq {
+			p = p || e.syncReq[i].Load() != 0
+		}
 	}
 	t.mu.Lock()
 	t.pending = append(t.pending, p)
@@ -234,27 +233,10 @@ func (t *syncTarget) Marker(m Marker) error {
 // writes the point would claim: no marker is handed over while the resync
 // waits; the next round resyncs and then marks the target whole.
 func TestNoMarkerWhileResyncPending(t *testing.T) {
-	testenv.RequireRoot(t)
-	x := loopdev.New(t, 16<<20, loopdev.Options{})
-	y := loopdev.New(t, 16<<20, loopdev.Options{})
-	fy, err := os.OpenFile(y.Path, os.O_WRONLY|syscall.O_DIRECT, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { fy.Close() })
-	blk := blockdev.AlignedBuffer(capture.BlockSize)
-	var e *Engine
-	tgt := &syncTarget{eventTarget: eventTarget{hookDev: 1}, e: func() *Engine { return e }}
-	e, cancel, done := startEngine(t, Options{
-		Sources: []Source{
-			{Name: "x", Path: x.Path, Mode: capture.ModeData, Sync: SyncFull},
-			{Name: "y", Path: y.Path, Mode: capture.ModeMetadata, Sync: SyncFull},
-		},
-		RingBytes:     4 << 20,
-		Target:        tgt,
-		ReadbackDelay: time.Hour, // y is read back by markers only
-		CrashInterval: 300 * time.Millisecond,
-	})
+	tgt := &syncTarget{eventTarget: eventTarget{hookDev: 1}}
+	r := newMarkerRig(t, tgt)
+	e := r.e
+	tgt.e.Store(e)
 	hooked := make(chan struct{})
 	tgt.mu.Lock()
 	tgt.hook = func() {
@@ -262,7 +244,7 @@ func TestNoMarkerWhileResyncPending(t *testing.T) {
 		e.RequestSync(0, SyncCompare) // inside the marker, after the loop took requests
 	}
 	tgt.mu.Unlock()
-	markerThenStop(t, fy, blk, 3*capture.BlockSize, hooked, cancel, done)
+	markerThenStop(t, r.fy, r.blk, 3*capture.BlockSize, hooked, r.cancel, r.done)
 	tgt.mu.Lock()
 	defer tgt.mu.Unlock()
 	for i, p := range tgt.pending {

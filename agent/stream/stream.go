@@ -499,9 +499,7 @@ func (t *Target) add(r wire.Record, data []byte, seal bool) error {
 		t.sealLocked()
 	}
 	if t.open == nil {
-		// Wait for room, unless the current chunk has it; one chunk is
-		// always allowed so that a buffer smaller than a chunk cannot
-		// deadlock.
+		// Wait for room (overLocked).
 		for t.err == nil && t.overLocked(len(data)) {
 			t.cond.Wait()
 		}

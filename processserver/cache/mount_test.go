@@ -57,6 +57,22 @@ func mountDisk(t *testing.T, dir string) {
 	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
 }
 
+// threeDirsOneMounted returns three cache directories of which the second
+// is a mount point, and the disk mounted there (its content, to bind again
+// after an unmount).
+func threeDirsOneMounted(t *testing.T) (dirs []string, backing string) {
+	t.Helper()
+	testenv.RequireRoot(t)
+	dirs = tempDirs(t, 3)
+	backing = filepath.Join(t.TempDir(), "disk1")
+	mountDisk(t, backing)
+	if err := os.MkdirAll(dirs[1], 0o750); err != nil {
+		t.Fatal(err)
+	}
+	bindDisk(t, backing, dirs[1])
+	return dirs, backing
+}
+
 // bindDisk mounts backing (a disk's content) on dir.
 func bindDisk(t *testing.T, backing, dir string) {
 	t.Helper()
@@ -72,14 +88,7 @@ func bindDisk(t *testing.T, backing, dir string) {
 // again, it is scrubbed for what it missed; a fresh disk mounted there
 // instead is rebuilt.
 func TestUnmountedDisk(t *testing.T) {
-	testenv.RequireRoot(t)
-	dirs := tempDirs(t, 3)
-	backing := filepath.Join(t.TempDir(), "disk1")
-	mountDisk(t, backing)
-	if err := os.MkdirAll(dirs[1], 0o750); err != nil {
-		t.Fatal(err)
-	}
-	bindDisk(t, backing, dirs[1])
+	dirs, backing := threeDirsOneMounted(t)
 	c := open(t, dirs, Options{})
 	a, b := payload(300<<10, 1), payload(200<<10, 2)
 	idA, idB, idC := SegmentID{"m", 1}, SegmentID{"m", 2}, SegmentID{"m", 3}
@@ -280,14 +289,7 @@ func wantMountRecorded(t *testing.T, dirs []string, slot int) {
 // that is not taken for deleted, or the shard would come back with the
 // disk.
 func TestDeleteJustAfterUnmount(t *testing.T) {
-	testenv.RequireRoot(t)
-	dirs := tempDirs(t, 3)
-	backing := filepath.Join(t.TempDir(), "disk1")
-	mountDisk(t, backing)
-	if err := os.MkdirAll(dirs[1], 0o750); err != nil {
-		t.Fatal(err)
-	}
-	bindDisk(t, backing, dirs[1])
+	dirs, backing := threeDirsOneMounted(t)
 	c := open(t, dirs, Options{})
 	id := SegmentID{"m", 1}
 	if err := c.Put(id, payload(100<<10, 3)); err != nil {
