@@ -2,9 +2,11 @@ package processserver
 
 import (
 	"errors"
+	"fmt"
 	"io/fs"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -13,12 +15,20 @@ import (
 	"github.com/lifeboat-dr/lifeboat/processserver/cache"
 )
 
-// faultFS is the real file system with switchable fsync failures and a
-// settable free fraction.
+// faultFS is the real file system with switchable fsync and remove
+// failures and a settable free fraction.
 type faultFS struct {
 	cache.OSFS
-	failSync atomic.Bool
-	freePct  atomic.Int64 // 0: real statfs
+	failSync   atomic.Bool
+	failRemove atomic.Bool
+	freePct    atomic.Int64 // 0: real statfs
+}
+
+func (f *faultFS) Remove(name string) error {
+	if f.failRemove.Load() {
+		return &fs.PathError{Op: "remove", Path: name, Err: syscall.EIO}
+	}
+	return f.OSFS.Remove(name)
 }
 
 type faultFile struct {
@@ -118,4 +128,37 @@ func TestCacheFullPausesAgents(t *testing.T) {
 	}
 	ffs.freePct.Store(60)
 	wantWindow(DefaultWindow)
+}
+
+// TestUploadsGoOnWhileCacheCannotDelete: a cache disk that fails deletes
+// (failing, or unmounted) must not hold back the uploads of what the
+// cache still holds; the deletes happen once it recovers.
+func TestUploadsGoOnWhileCacheCannotDelete(t *testing.T) {
+	store := mem.New()
+	e := newEnv(t, store, 2)
+	e.segAge = 20 * time.Millisecond
+	ffs := &faultFS{}
+	e.cacheFS = ffs
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	a.hello("m1", disk0)
+	a.waitAck(a.batch(1, 2))
+	eventually(t, 10*time.Second, "first segment uploaded", func() bool { return durableSeq(t, store, "m1") >= 2 })
+	ffs.failRemove.Store(true)
+	// Each batch is a segment of its own (segAge), uploaded after the
+	// step that fails to delete the one before.
+	for first := uint64(3); first < 9; first += 2 {
+		a.waitAck(a.batch(first, 2))
+		eventually(t, 10*time.Second, fmt.Sprintf("segment %d uploaded while deletes fail", first),
+			func() bool { return durableSeq(t, store, "m1") >= first+1 })
+	}
+	if !strings.Contains(e.logs.String(), "cannot delete an applied segment from the cache") {
+		t.Errorf("failed delete not logged")
+	}
+	if n := shardFiles(t, e.cache[0]); n == 0 {
+		t.Fatalf("no shard left in the cache although deletes failed")
+	}
+	ffs.failRemove.Store(false)
+	a.waitAck(a.batch(9, 2)) // wakes the uploader
+	eventually(t, 10*time.Second, "applied segments deleted once the cache can", func() bool { return shardFiles(t, e.cache[0]) <= 1 })
 }

@@ -65,6 +65,9 @@ type machine struct {
 	applied  uint64    // reported by the applier
 	segs     []*segEntry
 	backlog  int64 // bytes cached and not yet uploaded (known sizes)
+	// dropWarned is when dropApplied last warned of a failed delete
+	// (uploader's goroutine only).
+	dropWarned time.Time
 	// Gaps (layout.Gap): gapEpoch counts the openings of a gap in this
 	// process, so that only a session answered after the latest one can
 	// mend it; mendAt is where that session's agent finished its resync

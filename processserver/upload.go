@@ -457,20 +457,37 @@ func (m *machine) dropApplied(ctx context.Context) error {
 		}
 		drop = append(drop, e)
 	}
+	for _, e := range drop {
+		// Uploaded and applied: its memory goes now, even if its shards
+		// cannot (below).
+		m.s.dropHot(e.hot)
+		e.hot = nil
+	}
 	m.mu.Unlock()
 	for _, e := range drop {
 		if err := m.s.cache.Delete(e.id); err != nil {
-			return fmt.Errorf("delete applied segment %s from the cache: %w", e.id, err)
+			// A cache disk that cannot delete (unmounted, failing) must
+			// not hold back the uploads of the acknowledged segments the
+			// cache still holds: this step goes on to them, and the
+			// delete is tried again at the next one.
+			if time.Since(m.dropWarned) >= dropWarnEvery {
+				m.dropWarned = time.Now()
+				m.log.Warn("cannot delete an applied segment from the cache; uploads go on, and the delete is retried (its space is not freed meanwhile)",
+					logSegment, e.id.String(), logErr, err)
+			}
+			return nil
 		}
 		m.mu.Lock()
 		m.segs = m.segs[1:]
-		m.s.dropHot(e.hot)
-		e.hot = nil
 		m.mu.Unlock()
 		m.s.cacheBytes.Add(-e.size)
 	}
 	return nil
 }
+
+// dropWarnEvery spaces the warnings of a cache that keeps failing to
+// delete applied segments (dropApplied is retried at every upload step).
+const dropWarnEvery = time.Minute
 
 // advanceFromMarker moves recoverable_until to the latest marker that
 // arrived after its records were handed over; called when every cached
