@@ -117,6 +117,15 @@ AZURE_STORAGE_CONNECTION_STRING; needs no key.`,
 				} else {
 					fmt.Fprintf(out, "journal gap: seq %d to %d not recoverable (acknowledged writes lost, repaired by a checksum resync)\n", g.From, g.Mended-1)
 				}
+				for _, u := range g.Unmended {
+					// The resync left it out (not protected then): its
+					// own state stays unknown past the gap.
+					if u.Until == 0 {
+						fmt.Fprintf(out, "  disk %s: not recoverable from seq %d until its next full sync\n", u.Name, g.From)
+					} else {
+						fmt.Fprintf(out, "  disk %s: not recoverable from seq %d to %d (until its full sync)\n", u.Name, g.From, u.Until-1)
+					}
+				}
 			}
 			_, err = fmt.Fprintf(out, "recoverable until: %s\n", formatTime(until))
 			return err

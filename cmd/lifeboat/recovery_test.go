@@ -105,9 +105,13 @@ func TestPointsAndRecoverCommands(t *testing.T) {
 		}
 	}
 	// A recorded gap is shown, and not only in JSON.
-	m.EditManifest(func(man *layout.Manifest) { man.Gaps = []layout.Gap{{From: 1000, LostTo: 1010, Mended: 1020}} })
+	m.EditManifest(func(man *layout.Manifest) {
+		man.Gaps = []layout.Gap{{From: 1000, LostTo: 1010, Mended: 1020, Unmended: []layout.UnmendedDisk{{Name: "d2"}, {Name: "d1", Until: 1500}}}}
+	})
 	if out, _, err = runCmd(t, pointsCmd(new(bool)), "--machine", "web1", "--container", container); err != nil ||
-		!strings.Contains(out, "journal gap: seq 1000 to 1019 not recoverable") {
+		!strings.Contains(out, "journal gap: seq 1000 to 1019 not recoverable") ||
+		!strings.Contains(out, "disk d2: not recoverable from seq 1000 until its next full sync") ||
+		!strings.Contains(out, "disk d1: not recoverable from seq 1000 to 1499") {
 		t.Fatalf("points with a gap: %v\n%s", err, out)
 	}
 

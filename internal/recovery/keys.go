@@ -62,7 +62,9 @@ func Keyring(ctx context.Context, store blobstore.Store, machine string, recover
 		keys = append(keys, k)
 	}
 	if len(keys) == 0 {
-		return nil, fmt.Errorf("%w: no data key for machine %q under %s", ErrNoMachine, machine, keysPrefix(machine))
+		// Not ErrNoMachine: callers read the manifest first, and a
+		// machine with a manifest but no key lost its keys.
+		return nil, fmt.Errorf("%w: machine %q has none under %s (deleted?); without it none of its journal or manifest can be read", ErrNoDataKey, machine, keysPrefix(machine))
 	}
 	return seal.NewKeyring(keys...), nil
 }

@@ -152,6 +152,16 @@ func TestRecoverErrors(t *testing.T) {
 		t.Fatal(keys, err)
 	}
 	m.Tamper(keys[0].Name)
+	defer func() {
+		// A machine whose key blobs are gone says so, not that the
+		// machine is unknown.
+		if err := m.Store.DeleteBlob(ctx, keys[0].Name); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := recovery.Recover(ctx, m.Store, req("latest"), &recordingWriter{}); !errors.Is(err, recovery.ErrNoDataKey) || errors.Is(err, recovery.ErrNoMachine) || !strings.Contains(err.Error(), m.Name+"/keys/") {
+			t.Errorf("recover with the data key deleted: %v", err)
+		}
+	}()
 	if _, err := recovery.Keyring(ctx, m.Store, m.Name, m.RecoveryKey); !errors.Is(err, recovery.ErrTampered) || !strings.Contains(err.Error(), keys[0].Name) {
 		t.Fatalf("tampered key blob: %v", err)
 	}

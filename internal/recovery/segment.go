@@ -41,6 +41,9 @@ var (
 	ErrOutOfRange = errors.New("point not recoverable")
 	// ErrNoMachine: the account holds no manifest for the machine.
 	ErrNoMachine = errors.New("machine not found in the storage account")
+	// ErrNoDataKey: the account holds no data key for the machine (its
+	// key blobs were deleted, or never stored): nothing of it can be read.
+	ErrNoDataKey = errors.New("no data key in the storage account")
 )
 
 // Segment describes one journal segment blob, from its name and metadata
