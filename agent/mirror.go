@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -49,7 +50,10 @@ type mirrorState struct {
 	Identity string `json:"device_identity"`
 	Target   string `json:"target"`
 	TargetID string `json:"target_identity"`
-	Clean    bool   `json:"clean"`
+	// TargetStamp is the mirror file's ctime after the clean stop's last
+	// write: anything that writes, truncates or replaces it since moves it.
+	TargetStamp string `json:"target_stamp,omitempty"`
+	Clean       bool   `json:"clean"`
 }
 
 const stateVersion = 1
@@ -82,6 +86,11 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("state directory: %w", err)
 	}
+	lock, err := lockState(cfg.StateDir)
+	if err != nil {
+		return err
+	}
+	defer lock.Close()
 	statePath := filepath.Join(cfg.StateDir, "mirror.json")
 	prev, _ := loadState(statePath)
 
@@ -91,6 +100,10 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	}
 	defer f.Close()
 	targetID, err := fileIdentity(f)
+	if err != nil {
+		return err
+	}
+	stamp, err := fileStamp(f)
 	if err != nil {
 		return err
 	}
@@ -107,8 +120,18 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	case !prev.Clean:
 		log.Warn("the last run did not stop cleanly: resync by checksum")
 		sync = SyncCompare
+	case prev.TargetStamp != stamp:
+		log.Warn("the mirror file changed since the last clean stop (written, truncated or replaced by something else): resync by checksum")
+		sync = SyncCompare
 	default:
 		sync = SyncResume
+	}
+	// From here on a crash is an unclean stop: saved before the target is
+	// touched (resized below), so that a crash then is not taken for a
+	// clean stop with the target as that stop left it.
+	st := mirrorState{Version: stateVersion, Device: cfg.Device, Identity: identity, Target: abs, TargetID: targetID}
+	if err := saveState(statePath, &st); err != nil {
+		return err
 	}
 	fi, err := f.Stat()
 	if err != nil {
@@ -120,9 +143,9 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 			if err := f.Truncate(size); err != nil {
 				return fmt.Errorf("size mirror file: %w", err)
 			}
-			if sync == SyncResume {
-				sync = SyncFull
-			}
+			// Not the file the state knows (a new one may even get the
+			// old inode number): copy it all.
+			sync = SyncFull
 		}
 	case fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice != 0:
 		// /dev/null: capture without keeping a copy (benchmarks).
@@ -134,12 +157,6 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	default:
 		return fmt.Errorf("mirror file %s: not a regular file or a device", cfg.To)
 	}
-	// From here on a crash is an unclean stop.
-	st := mirrorState{Version: stateVersion, Device: cfg.Device, Identity: identity, Target: abs, TargetID: targetID}
-	if err := saveState(statePath, &st); err != nil {
-		return err
-	}
-
 	markers, err := os.OpenFile(filepath.Join(cfg.StateDir, "markers.jsonl"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		return err
@@ -185,6 +202,11 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	if closeErr != nil {
 		return closeErr
 	}
+	// The copy's writes are synced (Close): its ctime now is the one a
+	// file nothing else touched still has at the next start.
+	if st.TargetStamp, err = fileStamp(f); err != nil {
+		return err
+	}
 	st.Clean = true
 	if err := saveState(statePath, &st); err != nil {
 		return err
@@ -209,6 +231,14 @@ func PinDir(stateDir string) string {
 // Release detaches the capture a clean stop left pinned for stateDir and
 // forgets that the stop was clean (the next run resyncs by checksum).
 func Release(stateDir string) error {
+	lock, err := lockState(stateDir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return unpin(stateDir) // no state: nothing else to forget
+	}
+	if err != nil {
+		return err
+	}
+	defer lock.Close()
 	if err := unpin(stateDir); err != nil {
 		return err
 	}
@@ -218,6 +248,25 @@ func Release(stateDir string) error {
 		return saveState(statePath, st)
 	}
 	return nil
+}
+
+// lockState locks state directory dir for as long as the file it returns
+// is open. Two agents sharing one would share its pinned capture, each
+// harvesting (and so stealing) the other's bitmap marks, and a release
+// would detach a running agent's capture.
+func lockState(dir string) (*os.File, error) {
+	f, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("lock state directory: %w", err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("state directory %s is in use by another lifeboat agent: stop it first, or give this one its own --state-dir", dir)
+		}
+		return nil, fmt.Errorf("lock state directory %s: %w", dir, err)
+	}
+	return f, nil
 }
 
 // unpin removes the pins of stateDir's capture: its programs detach once
@@ -262,7 +311,35 @@ func fileIdentity(f *os.File) (string, error) {
 	if !ok {
 		return "", errors.New("mirror file: no inode information")
 	}
+	if fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice == 0 {
+		// A device node keeps its inode whatever disk is behind it
+		// (another image attached to the same loop device).
+		d, err := blockdev.Open(f.Name())
+		if err != nil {
+			return "", fmt.Errorf("mirror device: %w", err)
+		}
+		defer d.Close()
+		id, err := d.Identity()
+		if err != nil {
+			return "", fmt.Errorf("mirror device: %w", err)
+		}
+		return "block " + id, nil
+	}
 	return fmt.Sprintf("%d:%d", s.Dev, s.Ino), nil
+}
+
+// fileStamp returns a regular file's ctime, which moves with every write,
+// truncation or inode change and which no caller can set back; "" for
+// devices (their node's ctime does not follow writes).
+func fileStamp(f *os.File) (string, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return "", fmt.Errorf("mirror file: %w", err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return "", nil
+	}
+	return fmt.Sprintf("%d.%09d", st.Ctim.Sec, st.Ctim.Nsec), nil
 }
 
 // fileTarget keeps a mirror in a regular file (or another block device).

@@ -428,7 +428,8 @@ func TestMirrorCleanRestart(t *testing.T) {
 	assertSameBytes(t, d.Path, mirror)
 }
 
-// An unclean stop leads to a checksum resync; a replaced mirror to a full copy.
+// An unclean stop, or a mirror written by something else since a clean
+// one, leads to a checksum resync; a replaced mirror to a full copy.
 func TestMirrorUncleanAndReplacedTarget(t *testing.T) {
 	testenv.RequireRoot(t)
 	d := loopdev.New(t, 64<<20, loopdev.Options{})
@@ -448,6 +449,15 @@ func TestMirrorUncleanAndReplacedTarget(t *testing.T) {
 	s := r.stop()
 	if s.Sync[0] != SyncCompare.String() || s.BlocksSkipped == 0 || s.BytesReread > 1<<20 {
 		t.Fatalf("after an unclean stop: %+v, want a checksum resync that copies only the 10 changed blocks", s)
+	}
+	assertSameBytes(t, d.Path, mirror)
+
+	// After a clean stop, something else writes into the mirror (same
+	// inode, same size): the state no longer describes it.
+	run(t, "dd", "if=/dev/urandom", "of="+mirror, "bs=4k", "seek=2000", "count=3", "conv=notrunc", "status=none")
+	r = startMirror(t, d.Path, mirror, o)
+	if s := r.stop(); s.Sync[0] != SyncCompare.String() {
+		t.Fatalf("mirror written by something else after a clean stop: %s, want a checksum resync", s.Sync[0])
 	}
 	assertSameBytes(t, d.Path, mirror)
 
@@ -474,6 +484,29 @@ func TestMirrorBadInput(t *testing.T) {
 	err = RunMirror(context.Background(), MirrorConfig{Device: d.Path, To: dir, StateDir: filepath.Join(dir, "s")})
 	if err == nil || !strings.Contains(err.Error(), "mirror file") {
 		t.Errorf("directory as mirror file: %v", err)
+	}
+
+	// A state directory another agent holds is refused, to run and to
+	// release (they would share one pinned capture).
+	busy := filepath.Join(dir, "busy")
+	os.MkdirAll(busy, 0o700)
+	lock, err := lockState(busy)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = RunMirror(context.Background(), MirrorConfig{Device: d.Path, To: filepath.Join(dir, "m2"), StateDir: busy})
+	if err == nil || !strings.Contains(err.Error(), "in use by another lifeboat agent") {
+		t.Errorf("state directory in use: %v", err)
+	}
+	if err := Release(busy); err == nil || !strings.Contains(err.Error(), "in use by another lifeboat agent") {
+		t.Errorf("release of a state directory in use: %v", err)
+	}
+	lock.Close()
+	if err := Release(busy); err != nil {
+		t.Errorf("release once free: %v", err)
+	}
+	if err := Release(filepath.Join(dir, "never")); err != nil {
+		t.Errorf("release of a state directory never used: %v", err)
 	}
 }
 

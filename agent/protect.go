@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
@@ -142,6 +143,11 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("state directory: %w", err)
 	}
+	lock, err := lockState(dir)
+	if err != nil {
+		return err
+	}
+	defer lock.Close()
 	statePath := filepath.Join(dir, protectStateFile)
 	prev, err := loadProtectState(statePath)
 	if err != nil {
@@ -549,6 +555,14 @@ func saveJSON(path string, v any) error {
 // next run resyncs by checksum).
 func ReleaseMachine(stateDir, machine string) error {
 	dir := MachineDir(stateDir, machine)
+	lock, err := lockState(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return unpin(dir) // no state: nothing else to forget
+	}
+	if err != nil {
+		return err
+	}
+	defer lock.Close()
 	if err := unpin(dir); err != nil {
 		return err
 	}

@@ -167,6 +167,18 @@ func Load(cfg Config) (*Capture, error) {
 			return nil, err
 		}
 		repl = loadPinned(cfg.PinDir, spec)
+		if repl != nil {
+			if err := c.samePinnedLayout(repl["devices"]); err != nil {
+				// Its bitmap words and device states belong to other
+				// devices: resuming would read one disk back where
+				// another was written.
+				c.log.Warn("capture state pinned by the last run is for another device layout: not resuming it", "reason", err.Error())
+				for _, m := range repl {
+					m.Close()
+				}
+				repl = nil
+			}
+		}
 		c.resumed = repl != nil
 		defer func() {
 			for _, m := range repl {
@@ -310,6 +322,24 @@ func (c *Capture) forgetOtherDevices() {
 // pinned, compatible with this configuration: its bitmap holds every
 // write since that run's clean stop.
 func (c *Capture) Resumed() bool { return c.resumed }
+
+// samePinnedLayout checks that the pinned devices map (kernel device to
+// its state) gave every configured device the ID, size and bitmap words
+// it has now: devices listed in another order, replaced behind the same
+// path, resized, added or removed all move them.
+func (c *Capture) samePinnedLayout(devices *ebpf.Map) error {
+	for i, d := range c.devices {
+		var v captureLbDev
+		if err := devices.Lookup(d.KernelDev, &v); err != nil {
+			return fmt.Errorf("device %d:%d was not protected by that run", d.KernelDev>>20, d.KernelDev&(1<<20-1))
+		}
+		if v.Id != uint32(d.ID) || v.Blocks != d.Blocks() || v.BitmapWord != c.wordBase[i] {
+			return fmt.Errorf("device %d:%d was device %d of %d blocks at bitmap word %d, now device %d of %d blocks at word %d",
+				d.KernelDev>>20, d.KernelDev&(1<<20-1), v.Id, v.Blocks, v.BitmapWord, d.ID, d.Blocks(), c.wordBase[i])
+		}
+	}
+	return nil
+}
 
 // loadPinned returns the pinned maps if all exist and match spec.
 func loadPinned(dir string, spec *ebpf.CollectionSpec) map[string]*ebpf.Map {
