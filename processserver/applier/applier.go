@@ -227,6 +227,10 @@ type disk struct {
 	// earlier generation, so it is not the disk at any sequence before it
 	// (0: it is, a disk reads as zeros before its first generation).
 	floor uint64
+	// start is the first sequence of the blob's generation (0: unknown):
+	// while applied < start, none of its records is applied, and the blob
+	// is the zeros it was created as.
+	start uint64
 	// lost: the blob went missing and was recreated empty; it is not the
 	// disk at any sequence until the next generation replaces it.
 	lost bool
@@ -369,11 +373,16 @@ func (m *machine) applied() uint64 {
 	return lo
 }
 
-// maxApplied is the highest applied sequence of m's disks.
+// maxApplied is the highest applied sequence of m's disks that applied
+// records of their generation: a disk added while the applier lags starts
+// with applied just below its generation's start, and its zeros are the
+// disk at every earlier marker still to apply, which must get points.
 func (m *machine) maxApplied() uint64 {
 	var hi uint64
 	for _, d := range m.disks {
-		hi = max(hi, d.applied)
+		if d.applied >= d.start {
+			hi = max(hi, d.applied)
+		}
 	}
 	return hi
 }
@@ -468,7 +477,7 @@ func (a *Applier) loadDisk(ctx context.Context, m *machine, man *layout.Manifest
 			return d, nil
 		}
 		g := gens[k]
-		d.size, d.next = g.Size, gens[k+1:]
+		d.size, d.next, d.start = g.Size, gens[k+1:], g.Start
 		if k > 0 {
 			d.floor = g.Start
 		}
@@ -487,7 +496,7 @@ func (a *Applier) loadDisk(ctx context.Context, m *machine, man *layout.Manifest
 	applied := man.AppliedSeq
 	k := md.GenerationAt(applied + 1)
 	g := gens[k]
-	d.gen, d.size, d.next, d.applied = g.Generation, g.Size, gens[k+1:], applied
+	d.gen, d.size, d.next, d.applied, d.start = g.Generation, g.Size, gens[k+1:], applied, g.Start
 	if k > 0 {
 		d.floor = g.Start
 	}
@@ -552,7 +561,7 @@ func (a *Applier) applyGenerations(ctx context.Context, m *machine, seq uint64, 
 // which holds the records from its start.
 func (a *Applier) switchGeneration(ctx context.Context, m *machine, d *disk) error {
 	g := d.next[0]
-	d.gen, d.size, d.lost, d.floor, d.next = g.Generation, g.Size, false, g.Start, d.next[1:]
+	d.gen, d.size, d.lost, d.floor, d.start, d.next = g.Generation, g.Size, false, g.Start, g.Start, d.next[1:]
 	if g.Start > 0 {
 		d.applied = g.Start - 1
 	}

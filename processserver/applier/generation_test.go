@@ -5,10 +5,12 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore/mem"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/lifeboat-dr/lifeboat/internal/recovery"
 	"github.com/lifeboat-dr/lifeboat/internal/recovery/recoverytest"
@@ -208,4 +210,60 @@ func testReplicaLost(t *testing.T, store blobstore.Store) {
 	if len(lost) != 1 {
 		t.Fatalf("ReplicaLost calls %v, want still one", lost)
 	}
+}
+
+// A disk added while the applier lags gets a replica of zeros at its
+// generation start, past the markers still to apply: those markers get
+// their points all the same (the new disk is zeros there), and they
+// recover.
+func TestDiskAddedWhileLagging(t *testing.T) {
+	ctx := ctxT(t)
+	rng := rand.New(rand.NewPCG(31, 32))
+	m := recoverytest.New(t, mem.New(), "added", 1<<20)
+	c := &clock{t: time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)}
+	a := newApplier(t, m, applier.Config{PointInterval: 1000 * time.Hour})
+	workload(m, rng, c, 20)
+	m.Marker(wire.MarkerAppConsistent, c.next())
+	m.Cut()
+	applyAll(t, ctx, a, m, "")
+
+	// Uploaded, not applied yet (an outage of the account, say).
+	workload(m, rng, c, 20)
+	lagged := m.Marker(wire.MarkerAppConsistent, c.next())
+	workload(m, rng, c, 10)
+	m.Cut()
+	// The hello that adds the disk: its generation starts after all that.
+	m.Disks = append(m.Disks, layout.Disk{Name: "d1", Size: 512 << 10, Generation: wire.Generation{1}.String(), GenerationStart: m.Seq() + 1})
+	m.WriteManifest()
+	m.Write(1, 4096, random(rng, 64<<10))
+	fresh := m.Marker(wire.MarkerAppConsistent, c.next())
+	m.Cut()
+	applyAll(t, ctx, a, m, "")
+
+	points, _, err := recovery.Points(ctx, m.Store, m.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, seq := range []uint64{lagged.Seq, fresh.Seq} {
+		i := slices.IndexFunc(points, func(p recovery.Point) bool { return p.Seq == seq })
+		if i < 0 {
+			t.Fatalf("points %+v, want one at seq %d", points, seq)
+		}
+		for d, disk := range m.Disks {
+			want := m.Image(d, seq)[:roundPage(disk.Size)]
+			got := make([]byte, len(want))
+			snap := points[i].Snapshots[disk.Name]
+			if snap == "" {
+				t.Fatalf("point at seq %d has no snapshot of disk %s", seq, disk.Name)
+			}
+			if err := m.Store.ReadPages(ctx, layout.DiskName(m.Name, disk.Name), snap, 0, got); err != nil {
+				t.Fatal(err)
+			}
+			if off := firstDiff(got, want); off >= 0 {
+				t.Fatalf("point at seq %d: disk %s differs from the disk at that seq at byte %d", seq, disk.Name, off)
+			}
+		}
+	}
+	recoverAndCheck(t, m, 0, fmt.Sprint(lagged.Seq), lagged.Seq)
+	recoverAndCheck(t, m, 1, "latest", fresh.Seq)
 }
