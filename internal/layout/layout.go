@@ -131,13 +131,16 @@ func GapAt(gaps []Gap, seq uint64) (Gap, bool) {
 // DiskGapAt returns the gap covering the state after every record ≤ seq
 // of disk d: a machine-wide one, or one d was left out of when it was
 // mended, until its full sync's generation starts.
-func (m *Manifest) DiskGapAt(d *Disk, seq uint64) (Gap, bool) {
-	if g, ok := m.GapAt(seq); ok {
+func (m *Manifest) DiskGapAt(d *Disk, seq uint64) (Gap, bool) { return DiskGapAt(m.Gaps, d.Name, seq) }
+
+// DiskGapAt is Manifest.DiskGapAt over gaps, for the disk named disk.
+func DiskGapAt(gaps []Gap, disk string, seq uint64) (Gap, bool) {
+	if g, ok := GapAt(gaps, seq); ok {
 		return g, true
 	}
-	for _, g := range m.Gaps {
+	for _, g := range gaps {
 		for _, u := range g.Unmended {
-			if u.Name == d.Name && seq >= g.From && (u.Until == 0 || seq < u.Until) {
+			if u.Name == disk && seq >= g.From && (u.Until == 0 || seq < u.Until) {
 				return g, true
 			}
 		}

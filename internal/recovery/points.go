@@ -89,9 +89,14 @@ func ListPoints(ctx context.Context, store blobstore.Store, machine string, disk
 				byID[id] = p
 			}
 			// A retried Snapshot call may have left two snapshots of one
-			// point; they are identical, keep the first.
+			// point; they are identical, keep the first. An app-consistent
+			// marker at a crash point's sequence snapshots it again: the
+			// state is the same, and it is app-consistent.
 			if _, dup := p.Snapshots[disk]; !dup {
 				p.Snapshots[disk] = s.ID
+			}
+			if s.Metadata[layout.MetaKind] == KindApp {
+				p.Kind = KindApp
 			}
 		}
 	}

@@ -196,6 +196,7 @@ type machine struct {
 	loaded    bool
 	disks     []*disk
 	lastPoint uint64       // seq of the newest point
+	lastKind  string       // and its kind
 	gaps      []layout.Gap // the manifest's, as of the last applyLocked
 	chain     uint64       // the journal is known complete up to here (segment headers)
 	pointTime time.Time    // its marker time (or the anchor before the first point)
@@ -586,10 +587,11 @@ func (d *disk) sizeAt(seq uint64) uint64 {
 }
 
 // pointable reports whether every disk's blob is the disk at seq, so that
-// a point can be cut there.
+// a point can be cut there: not inside a gap, nor inside the range a
+// gap's mending left a disk out of (its blob lacks the lost writes).
 func (m *machine) pointable(seq uint64) bool {
 	for _, d := range m.disks {
-		if d.lost || seq < d.floor {
+		if _, gap := layout.DiskGapAt(m.gaps, d.name, seq); d.lost || seq < d.floor || gap {
 			return false
 		}
 	}
@@ -611,10 +613,10 @@ func (a *Applier) loadPoints(ctx context.Context, m *machine) error {
 	// between the snapshots of a point, replaying its segment cuts it again
 	// (the disks are still at its marker, and a second snapshot of the
 	// same point is identical to the first).
-	m.lastPoint, m.pointTime = 0, time.Time{}
+	m.lastPoint, m.pointTime, m.lastKind = 0, time.Time{}, ""
 	for _, p := range points {
 		if len(p.Snapshots) == len(m.disks) {
-			m.lastPoint, m.pointTime = p.Seq, p.Time
+			m.lastPoint, m.pointTime, m.lastKind = p.Seq, p.Time, p.Kind
 		}
 	}
 	return nil
@@ -691,8 +693,11 @@ func (a *Applier) applySegment(ctx context.Context, m *machine, s recovery.Segme
 			mk := r.Marker()
 			// No point where the journal lacks acknowledged records:
 			// the replicas are not the disks there.
-			_, gap := layout.GapAt(m.gaps, mk.Seq)
-			if kind, due := a.pointDue(m, mk); due && !gap && mk.Seq >= floor && mk.Seq > m.lastPoint && m.pointable(mk.Seq) {
+			// An app-consistent marker at the sequence of a crash
+			// point (the freeze wrote nothing) makes it app-consistent.
+			kind, due := a.pointDue(m, mk)
+			later := mk.Seq > m.lastPoint || mk.Seq == m.lastPoint && kind == recovery.KindApp && m.lastKind != recovery.KindApp
+			if due && later && mk.Seq >= floor && m.pointable(mk.Seq) {
 				if err := a.flush(ctx, m, s.Name); err != nil {
 					return err
 				}
@@ -747,7 +752,10 @@ func (a *Applier) pointDue(m *machine, mk wire.Marker) (string, bool) {
 		m.pointTime = t
 		return "", false
 	}
-	return recovery.KindCrash, t.Sub(m.pointTime) >= a.cfg.PointInterval
+	// A marker dated before the last point: the agent's clock stepped
+	// back (a clock set too far ahead, then corrected). Waiting for it to
+	// catch up would cut no point for as long, so the step counts as due.
+	return recovery.KindCrash, t.Before(m.pointTime) || t.Sub(m.pointTime) >= a.cfg.PointInterval
 }
 
 // flush writes the queued records of every disk.
@@ -788,7 +796,7 @@ func (a *Applier) cutPoint(ctx context.Context, m *machine, mk wire.Marker, kind
 			return fmt.Errorf("recovery point at seq %d: snapshot %s: %w", mk.Seq, d.blob, err)
 		}
 	}
-	m.lastPoint, m.pointTime = mk.Seq, t
+	m.lastPoint, m.pointTime, m.lastKind = mk.Seq, t, kind
 	m.lastPrune = time.Time{} // a new point may let retention delete more
 	a.log.Info("recovery point", logKeyMachine, m.name, logKeySeq, mk.Seq, logKeyKind, kind, "time", t)
 	return nil

@@ -605,3 +605,66 @@ func TestCrashAnywhere(t *testing.T) {
 		}
 	}
 }
+
+// Crash-consistent points go on when the agent's clock steps back (set a
+// day ahead, then corrected): the markers after the step are dated before
+// the last point, and waiting for the clock to catch up would cut none.
+func TestPointsAfterClockStepsBack(t *testing.T) {
+	ctx := ctxT(t)
+	rng := rand.New(rand.NewPCG(41, 42))
+	m := recoverytest.New(t, mem.New(), "clock", 1<<20)
+	a := newApplier(t, m, applier.Config{PointInterval: 10 * time.Second})
+	ahead := &clock{t: time.Date(2025, 3, 2, 12, 0, 0, 0, time.UTC)}
+	for range 30 { // a point one interval after the first marker
+		m.Write(0, uint64(rng.IntN(255))*4096, random(rng, 4096))
+		m.Marker(wire.MarkerTime, ahead.next())
+	}
+	m.Cut()
+	applyAll(t, ctx, a, m, "")
+	points, _, err := recovery.Points(ctx, m.Store, m.Name)
+	if err != nil || len(points) == 0 {
+		t.Fatalf("points with the clock ahead: %v, %v", points, err)
+	}
+	before := len(points)
+
+	corrected := &clock{t: ahead.t.Add(-24 * time.Hour)}
+	for range 30 {
+		m.Write(0, uint64(rng.IntN(255))*4096, random(rng, 4096))
+		m.Marker(wire.MarkerTime, corrected.next())
+	}
+	m.Cut()
+	applyAll(t, ctx, a, m, "")
+	points = checkPoints(t, m, func(int, uint64) uint64 { return 1 << 20 })
+	if after := len(points) - before; after < 2 {
+		t.Fatalf("%d crash-consistent points in 30 s of markers after the clock stepped back, want one at the step and one every 10 s", after)
+	}
+}
+
+// An app-consistent marker at the sequence of a crash-consistent point
+// (the freeze wrote nothing: idle or read-only file systems) makes that
+// point app-consistent instead of being dropped.
+func TestAppMarkerOnCrashPoint(t *testing.T) {
+	ctx := ctxT(t)
+	rng := rand.New(rand.NewPCG(61, 62))
+	m := recoverytest.New(t, mem.New(), "appcrash", 1<<20)
+	a := newApplier(t, m, applier.Config{PointInterval: 10 * time.Second})
+	c := &clock{t: time.Date(2025, 3, 2, 12, 0, 0, 0, time.UTC)}
+	for range 11 {
+		m.Write(0, uint64(rng.IntN(255))*4096, random(rng, 4096))
+		m.Marker(wire.MarkerTime, c.next())
+	}
+	app := m.Marker(wire.MarkerAppConsistent, c.next())
+	m.Cut()
+	applyAll(t, ctx, a, m, "")
+	points := checkPoints(t, m, func(int, uint64) uint64 { return 1 << 20 })
+	if len(points) != 1 || points[0].Seq != app.Seq || points[0].Kind != recovery.KindApp {
+		t.Fatalf("points %+v, want one app-consistent point at seq %d", points, app.Seq)
+	}
+	// A restart replaying the segment does not cut it a third time.
+	m.Write(0, 0, random(rng, 4096))
+	m.Cut()
+	applyAll(t, ctx, newApplier(t, m, applier.Config{PointInterval: 10 * time.Second}), m, "after a restart: ")
+	if snaps, err := m.Store.ListSnapshots(ctx, layout.DiskName(m.Name, "d0")); err != nil || len(snaps) != 2 {
+		t.Fatalf("%d snapshots (%v), want the crash and the app one", len(snaps), err)
+	}
+}

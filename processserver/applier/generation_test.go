@@ -267,3 +267,49 @@ func TestDiskAddedWhileLagging(t *testing.T) {
 	recoverAndCheck(t, m, 0, fmt.Sprint(lagged.Seq), lagged.Seq)
 	recoverAndCheck(t, m, 1, "latest", fresh.Seq)
 }
+
+// After a gap whose mending left a disk out (not in the resyncing hello),
+// that disk's replica lacks the lost writes until its full sync's
+// generation starts: no point is cut there, since failing over from it
+// would use that replica; once the new generation starts, points resume.
+func TestNoPointWhileDiskUnmended(t *testing.T) {
+	ctx := ctxT(t)
+	rng := rand.New(rand.NewPCG(51, 52))
+	m := recoverytest.New(t, mem.New(), "unmended", 1<<20, 512<<10)
+	c := &clock{t: time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)}
+	a := newApplier(t, m, applier.Config{PointInterval: 1000 * time.Hour})
+	workload(m, rng, c, 20)
+	m.Marker(wire.MarkerAppConsistent, c.next())
+	m.Cut()
+	applyAll(t, ctx, a, m, "")
+
+	from := m.Seq() + 1
+	m.Write(0, 0, random(rng, 4096))
+	m.Gaps = []layout.Gap{{From: from, LostTo: from, Mended: from + 1, Unmended: []layout.UnmendedDisk{{Name: "d1"}}}}
+	m.WriteManifest()
+	m.Write(0, 8192, random(rng, 4096))
+	left := m.Marker(wire.MarkerAppConsistent, c.next())
+	m.Cut()
+	applyAll(t, ctx, a, m, "")
+
+	m.NewGeneration(1, 0) // d1's full sync
+	m.Gaps[0].Unmended[0].Until = m.Disks[1].GenerationStart
+	m.WriteManifest()
+	m.Write(1, 0, random(rng, 512<<10))
+	back := m.Marker(wire.MarkerAppConsistent, c.next())
+	m.Cut()
+	applyAll(t, ctx, a, m, "")
+
+	points, _, err := recovery.Points(ctx, m.Store, m.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seqs := map[uint64]bool{}
+	for _, p := range points {
+		seqs[p.Seq] = true
+	}
+	if seqs[left.Seq] || !seqs[back.Seq] {
+		t.Fatalf("points %+v: want none at seq %d (d1 unmended) and one at %d (after its full sync)", points, left.Seq, back.Seq)
+	}
+	recoverAndCheck(t, m, 1, "latest", back.Seq)
+}

@@ -40,9 +40,10 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 			return fmt.Errorf("list snapshots of %s: %w", d.blob, err)
 		}
 		type snap struct {
-			id  string
-			seq uint64
-			t   time.Time
+			id     string
+			seq    uint64
+			t      time.Time
+			usable bool
 		}
 		var valid []snap
 		newest := -1
@@ -55,8 +56,11 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 			if err != nil {
 				t = s.Time
 			}
-			valid = append(valid, snap{s.ID, seq, t})
-			if newest < 0 || seq >= valid[newest].seq {
+			// A point a gap recorded later covers is one recovery
+			// refuses: never the newest or the base (it ages out).
+			_, gap := layout.DiskGapAt(m.gaps, d.name, seq)
+			valid = append(valid, snap{s.ID, seq, t, !gap})
+			if !gap && (newest < 0 || seq >= valid[newest].seq) {
 				newest = len(valid) - 1
 			}
 		}
@@ -64,7 +68,7 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 		// from which the times just inside the window are recovered.
 		base := -1
 		for j, s := range valid {
-			if s.t.Before(cutoff) && (base < 0 || s.seq > valid[base].seq) {
+			if s.usable && s.t.Before(cutoff) && (base < 0 || s.seq > valid[base].seq) {
 				base = j
 			}
 		}

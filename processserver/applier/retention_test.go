@@ -4,10 +4,12 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"testing"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore/mem"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/lifeboat-dr/lifeboat/internal/recovery"
 	"github.com/lifeboat-dr/lifeboat/internal/recovery/recoverytest"
@@ -157,4 +159,31 @@ func testRecoverPrunedJournal(t *testing.T, store blobstore.Store) {
 	// A manifest from before journal_from: the first segment tells.
 	m.EditManifest(func(man *layout.Manifest) { man.JournalFrom = 0 })
 	check()
+}
+
+// A point that a gap recorded after it was cut covers is refused by
+// recovery, so retention must not keep it as the window's base (and
+// delete the older base and the journal after it): the base is the
+// newest usable point older than the window, and the gap's point goes.
+func TestRetentionBaseSkipsPointInGap(t *testing.T) {
+	m := recoverytest.New(t, mem.New(), "gapbase", 1<<20)
+	start := time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)
+	var now time.Time
+	a := newApplier(t, m, applier.Config{Retention: -1, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
+	apps := agedPoints(t, m, a, &now, start, 0, 30, 26, 2, 1)
+	m.Gaps = []layout.Gap{{From: apps[1].Seq, LostTo: apps[1].Seq + 1, Mended: apps[1].Seq + 2}}
+	m.WriteManifest()
+	a = newApplier(t, m, applier.Config{Retention: 24 * time.Hour, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
+	if _, err := a.Apply(ctxT(t), m.Name); err != nil {
+		t.Fatal(err)
+	}
+	if seqs := pointSeqs(t, m, "d0"); !slices.Equal(seqs, []uint64{apps[0].Seq, apps[2].Seq, apps[3].Seq}) {
+		t.Fatalf("points %v, want %d (the base), %d and %d: not the one in the gap (%d)", seqs, apps[0].Seq, apps[2].Seq, apps[3].Seq, apps[1].Seq)
+	}
+	if n := segmentCount(t, m); n != 4 {
+		t.Fatalf("%d segments left of 4: the base's journal was pruned", n)
+	}
+	// Just inside the window, past the mended gap.
+	after := apps[1].Seq + 3
+	recoverAndCheck(t, m, 0, fmt.Sprint(after), after)
 }
