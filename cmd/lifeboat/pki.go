@@ -69,6 +69,30 @@ add the names agents dial with --host.`,
 	issue.MarkFlagRequired("dir")
 	issue.MarkFlagRequired("name")
 	issue.MarkFlagRequired("role")
-	cmd.AddCommand(initCmd, issue)
+	var revokeDir, revokeName string
+	revoke := &cobra.Command{
+		Use:   "revoke --dir DIR --name NAME",
+		Short: "Revoke NAME's certificate (a stolen key, a retired machine)",
+		Long: `Adds the serial number of DIR/NAME.crt to DIR/revoked. A component whose
+--pki directory holds that file refuses the certificate from its next
+handshake on, without a restart: copy DIR/revoked into the --pki directory
+of every process server (to refuse a revoked agent) and every agent (to
+refuse a revoked process server). A component cannot start with its own
+certificate revoked. Issue a new certificate under another name, or under
+the same name once the revoked one is no longer needed.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := pki.Revoke(revokeDir, revokeName); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "revoked %s/%s.crt: copy %s/revoked into every component's --pki directory\n", revokeDir, revokeName, revokeDir)
+			return nil
+		},
+	}
+	revoke.Flags().StringVar(&revokeDir, "dir", "", "PKI directory holding the certificate")
+	revoke.Flags().StringVar(&revokeName, "name", "", "name of the certificate to revoke")
+	revoke.MarkFlagRequired("dir")
+	revoke.MarkFlagRequired("name")
+	cmd.AddCommand(initCmd, issue, revoke)
 	return cmd
 }

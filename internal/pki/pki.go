@@ -8,6 +8,7 @@
 //
 //	ca.crt, ca.key          the CA (ca.key is needed only to issue)
 //	<name>.crt, <name>.key  one identity per component
+//	revoked                 serials of revoked certificates (Revoke), if any
 //
 // Keys are written with mode 0600 and are never logged or printed by this
 // package.
@@ -33,6 +34,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -260,12 +262,13 @@ func Issue(dir, name string, role Role, opts ...IssueOption) error {
 // issued by. Its String and LogValue show only the name and role, so it is
 // safe to log.
 type Identity struct {
-	name  string
-	role  Role
-	cert  tls.Certificate // holds the private key; never expose
-	leaf  *x509.Certificate
-	ca    *x509.Certificate
-	roots *x509.CertPool
+	name    string
+	role    Role
+	cert    tls.Certificate // holds the private key; never expose
+	leaf    *x509.Certificate
+	ca      *x509.Certificate
+	roots   *x509.CertPool
+	revoked *revocations
 }
 
 // Load reads name.crt, name.key and ca.crt from dir. ca.key is not needed,
@@ -303,7 +306,100 @@ func Load(dir, name string) (*Identity, error) {
 	if certName != name {
 		return nil, fmt.Errorf("pki: %s was issued to %q, not %q", certPath, certName, name)
 	}
-	return &Identity{name: name, role: role, cert: cert, leaf: leaf, ca: ca, roots: roots}, nil
+	rv := &revocations{path: filepath.Join(dir, revokedFile)}
+	if err := rv.check(leaf); err != nil {
+		return nil, fmt.Errorf("pki: %s: %w", certPath, err)
+	}
+	return &Identity{name: name, role: role, cert: cert, leaf: leaf, ca: ca, roots: roots, revoked: rv}, nil
+}
+
+// revokedFile lists revoked certificates, one "SERIAL NAME" line each
+// (serial in hex; # starts a comment).
+const revokedFile = "revoked"
+
+// revocations is a PKI directory's revoked file, read again whenever it
+// changes, so that a revocation copied there takes effect at the next
+// handshake without a restart.
+type revocations struct {
+	path    string
+	mu      sync.Mutex
+	stamp   string // size and mtime of the file last read ("" none)
+	serials map[string]string
+}
+
+// Revoke adds the certificate of name in dir to dir's revoked file:
+// peers loading a directory with that file refuse it from their next
+// handshake on. The certificate stays on disk so it can be identified.
+func Revoke(dir, name string) error {
+	if err := validateName(name); err != nil {
+		return err
+	}
+	certPath := filepath.Join(dir, name+".crt")
+	pemBytes, err := os.ReadFile(certPath)
+	if err != nil {
+		return fmt.Errorf("pki: revoke %q: %w", name, err)
+	}
+	block, _ := pem.Decode(pemBytes)
+	if block == nil {
+		return fmt.Errorf("pki: revoke %q: %s holds no PEM certificate", name, certPath)
+	}
+	cert, err := x509.ParseCertificate(block.Bytes)
+	if err != nil {
+		return fmt.Errorf("pki: revoke %q: %w", name, err)
+	}
+	f, err := os.OpenFile(filepath.Join(dir, revokedFile), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+	if err != nil {
+		return fmt.Errorf("pki: revoke %q: %w", name, err)
+	}
+	_, err = fmt.Fprintf(f, "%s %s\n", cert.SerialNumber.Text(16), name)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("pki: revoke %q: %w", name, err)
+	}
+	return nil
+}
+
+// check fails if cert is revoked, or if the revoked file exists but
+// cannot be read (a revocation must not be skipped silently).
+func (r *revocations) check(cert *x509.Certificate) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	fi, err := os.Stat(r.path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		r.stamp, r.serials = "", nil
+	case err != nil:
+		return fmt.Errorf("pki: revocation list: %w", err)
+	default:
+		if stamp := fmt.Sprint(fi.Size(), fi.ModTime().UnixNano()); stamp != r.stamp {
+			b, err := os.ReadFile(r.path)
+			if err != nil {
+				return fmt.Errorf("pki: revocation list: %w", err)
+			}
+			serials := map[string]string{}
+			for i, line := range strings.Split(string(b), "\n") {
+				line, _, _ = strings.Cut(line, "#")
+				f := strings.Fields(line)
+				if len(f) == 0 {
+					continue
+				}
+				if _, ok := new(big.Int).SetString(f[0], 16); !ok {
+					return fmt.Errorf("pki: revocation list %s, line %d: %q is not a hex serial number", r.path, i+1, f[0])
+				}
+				serials[strings.ToLower(f[0])] = strings.Join(f[1:], " ")
+			}
+			r.stamp, r.serials = stamp, serials
+		}
+	}
+	if name, ok := r.serials[cert.SerialNumber.Text(16)]; ok {
+		return fmt.Errorf("pki: certificate %q (serial %s) is revoked (%s lists it as %q)", cert.Subject.CommonName, cert.SerialNumber.Text(16), r.path, name)
+	}
+	return nil
 }
 
 // Name returns the identity's name (the certificate's common name).
@@ -423,6 +519,9 @@ func (id *Identity) verifyPeer(cs tls.ConnectionState, host string, usage x509.E
 	}
 	name, role, err := identityOf(leaf)
 	if err != nil {
+		return err
+	}
+	if err := id.revoked.check(leaf); err != nil {
 		return err
 	}
 	if slices.Contains(allowed, role) {

@@ -478,3 +478,45 @@ func copyFile(t *testing.T, from, to string) {
 		t.Fatal(err)
 	}
 }
+
+// A revoked certificate is refused at the next handshake, by the side
+// whose directory lists it, without reloading the identity; its holder
+// cannot load it at all; a corrupt list refuses every peer.
+func TestHandshakeRefusesRevoked(t *testing.T) {
+	dir := newPKI(t, map[string]Role{"web01": RoleAgent, "web02": RoleAgent, "ps1": RoleProcessServer})
+	agent, other, ps := mustLoad(t, dir, "web01"), mustLoad(t, dir, "web02"), mustLoad(t, dir, "ps1")
+	if res := handshake(t, ps.ServerTLS(RoleAgent), agent.ClientTLS("ps1", RoleProcessServer)); res.serverErr != nil || res.clientErr != nil {
+		t.Fatalf("before revocation: %v, %v", res.serverErr, res.clientErr)
+	}
+	if err := Revoke(dir, "web01"); err != nil {
+		t.Fatal(err)
+	}
+	res := handshake(t, ps.ServerTLS(RoleAgent), agent.ClientTLS("ps1", RoleProcessServer))
+	if res.serverErr == nil || !strings.Contains(res.serverErr.Error(), `certificate "web01"`) || !strings.Contains(res.serverErr.Error(), "is revoked") {
+		t.Fatalf("revoked agent: server error %v", res.serverErr)
+	}
+	if res := handshake(t, ps.ServerTLS(RoleAgent), other.ClientTLS("ps1", RoleProcessServer)); res.serverErr != nil || res.clientErr != nil {
+		t.Fatalf("another agent: %v, %v", res.serverErr, res.clientErr)
+	}
+	if _, err := Load(dir, "web01"); err == nil || !strings.Contains(err.Error(), "is revoked") {
+		t.Fatalf("loading a revoked identity: %v", err)
+	}
+	// The agents refuse a revoked process server the same way.
+	if err := Revoke(dir, "ps1"); err != nil {
+		t.Fatal(err)
+	}
+	res = handshake(t, ps.ServerTLS(RoleAgent), other.ClientTLS("ps1", RoleProcessServer))
+	if res.clientErr == nil || !strings.Contains(res.clientErr.Error(), "is revoked") {
+		t.Fatalf("revoked process server: client error %v", res.clientErr)
+	}
+	if err := os.WriteFile(filepath.Join(dir, revokedFile), []byte("not-hex web01\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	res = handshake(t, ps.ServerTLS(RoleAgent), other.ClientTLS("ps1", RoleProcessServer))
+	if res.clientErr == nil || !strings.Contains(res.clientErr.Error(), "not a hex serial") { // the client checks first
+		t.Fatalf("corrupt revocation list: client error %v", res.clientErr)
+	}
+	if err := Revoke(dir, "nobody"); err == nil {
+		t.Fatal("revoked a certificate that does not exist")
+	}
+}
