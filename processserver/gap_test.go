@@ -674,3 +674,38 @@ func TestTwoSuspectsInAccountAreAdopted(t *testing.T) {
 		t.Fatalf("%d segments, durable %d, gaps %+v; want 1..10, 11..20, 21..30, 30, none", len(infos), man.DurableSeq, man.Gaps)
 	}
 }
+
+// A gap whose mending resync covered only some disks: a later hello that
+// adds a disk must not take the gap for mended (the shortcut for a resync
+// whose records are durable), or that disk would resume over its lost
+// writes and be marked unmended until some later full sync.
+func TestMendShortcutOnlyForDisksItCovered(t *testing.T) {
+	r := newGapRig(t, mem.New())
+	ctx := context.Background()
+	two := &wire.Hello{ProtocolVersion: 2, Machine: "m1", Disks: []wire.DiskState{
+		{Name: "d0", Size: 1 << 20, Generation: r.gen}, {Name: "d1", Size: 1 << 20}}}
+	ack, _, _, _, err := r.m.agree(ctx, two)
+	if err != nil {
+		t.Fatal(err)
+	}
+	two.Disks[1].Generation = ack.Disks[1].Generation
+	r.put(1, 10)
+	r.put(11, 20)
+	r.loseShards(1)
+	r.upload()
+	a, epoch := r.agree(20) // d0 only
+	if a != wire.SyncChecksum {
+		t.Fatalf("told %v, want a checksum resync", a)
+	}
+	r.m.mended(epoch, 20) // its resync is durable, not yet uploaded
+	for i := range two.Disks {
+		two.Disks[i].LastAckedSeq = 20
+	}
+	ack, _, _, _, err = r.m.agree(ctx, two)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ack.Disks[1].Action != wire.SyncChecksum {
+		t.Fatalf("d1, left out of the resync, told %v; want a checksum resync", ack.Disks[1].Action)
+	}
+}

@@ -374,9 +374,10 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, uin
 	var mendEpoch uint64
 	gap := m.man.HasOpenGap()
 	switch {
-	case gap && m.mendAt != 0 && m.mendAt <= durable:
-		// A resync already ended there and its records are durable:
-		// only their upload is left, which closes the gap.
+	case gap && m.mendAt != 0 && m.mendAt <= durable && m.mendCovers(h):
+		// A resync of every disk of this hello already ended there and
+		// its records are durable: only their upload is left, which
+		// closes the gap. (A disk that resync left out resyncs now.)
 		gap = false
 	case gap:
 		// Only this session's agent, resyncing now, may mend the gap: a
@@ -534,6 +535,21 @@ func (m *machine) mendLocked() bool {
 	return changed
 }
 
+// mendCovers reports whether the resync that is mending the open gap
+// covered every disk of h. m.mu must be held.
+func (m *machine) mendCovers(h *wire.Hello) bool {
+	for _, d := range h.Disks {
+		if !slices.Contains(m.mendDisks, d.Name) {
+			return false
+		}
+	}
+	return true
+}
+
+// replicaCheckTimeout bounds missingReplicas' storage calls (a variable
+// for the tests).
+var replicaCheckTimeout = 10 * time.Second
+
 // missingReplicas reports disks whose replica must be rebuilt by a full
 // sync: its page blob is gone although the applier has applied
 // everything (someone deleted it; while the applier lags, a missing blob
@@ -551,10 +567,18 @@ func (m *machine) missingReplicas(ctx context.Context, h *wire.Hello) map[string
 		gens[d.Name] = d.Generation
 	}
 	m.mu.Unlock()
+	// Bounded: during an outage the store's retries would hold the
+	// hello past the agent's patience, and every reconnect with it.
+	ctx, cancel := context.WithTimeout(ctx, replicaCheckTimeout)
+	defer cancel()
 	out := make(map[string]bool)
 	for _, d := range h.Disks {
 		info, err := m.s.store.Stat(ctx, layout.DiskName(m.name, d.Name))
 		switch {
+		case err != nil && !blobstore.IsNotFound(err):
+			// Unknown: resume. A replica found lost later ends the
+			// session (Server.ReplicaLost), and the next hello sees it.
+			m.log.Warn("cannot check the replica page blob; resuming, a lost replica is caught once the account answers", logDisk, d.Name, logErr, err)
 		case blobstore.IsNotFound(err) && caughtUp:
 			m.log.Warn("replica page blob missing: full sync", logDisk, d.Name)
 			out[d.Name] = true

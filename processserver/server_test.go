@@ -16,6 +16,7 @@ import (
 
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore/blobstoretest"
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore/mem"
 	"github.com/lifeboat-dr/lifeboat/internal/channel"
@@ -590,4 +591,79 @@ func TestCacheHoldsNoPlaintext(t *testing.T) {
 		t.Fatalf("%d files in %d cache directories: the segment is not cached", files, len(e.cache))
 	}
 	t.Logf("%d cache files, %d bytes, none with plaintext", files, size)
+}
+
+// TestPausedAgentNotTimedOut: an agent paused by backpressure sends
+// nothing (no batch, and it holds its time markers during a sync); the
+// session must wait for it longer than the idle time-out of a streaming
+// one, and resume it once uploads drain.
+func TestPausedAgentNotTimedOut(t *testing.T) {
+	old := idleTimeout
+	idleTimeout = 300 * time.Millisecond
+	t.Cleanup(func() { idleTimeout = old })
+	faulty := blobstoretest.NewFaulty(mem.New())
+	e := newEnv(t, faulty, 1)
+	e.segAge = 20 * time.Millisecond
+	e.backlog = 256
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	a.hello("m1", disk0)
+	faulty.FailFor(time.Hour)
+	window := func(want uint64) {
+		t.Helper()
+		for {
+			f := a.next(20 * time.Second)
+			if f.err != nil {
+				t.Fatalf("waiting for window %d: %v", want, f.err)
+			}
+			var bp wire.Backpressure
+			if f.typ == wire.TypeBackpressure && bp.UnmarshalBinary(f.payload) == nil && bp.Window == want {
+				return
+			}
+		}
+	}
+	last := a.batch(1, 40)
+	window(0)
+	time.Sleep(5 * idleTimeout) // silent, as a paused agent is
+	faulty.FailFor(0)
+	window(DefaultWindow)
+	a.waitAck(a.batch(last+1, 2))
+}
+
+// TestReconnectDuringOutage: an agent that reconnects while the account
+// is down gets its hello answered (the check of its replicas is bounded)
+// instead of waiting out the storage retries, so the cache goes on
+// absorbing its stream.
+func TestReconnectDuringOutage(t *testing.T) {
+	old := replicaCheckTimeout
+	replicaCheckTimeout = 200 * time.Millisecond
+	t.Cleanup(func() { replicaCheckTimeout = old })
+	faulty := blobstoretest.NewFaulty(mem.New())
+	// Retried as in production: a dead account holds each call until
+	// its context ends.
+	e := newEnv(t, blobstore.Stack(faulty, blobstore.StackConfig{}), 1)
+	e.segAge = 20 * time.Millisecond
+	fa := &fakeApplier{upTo: map[string]uint64{}}
+	e.applier = func(*Server) (Applier, error) { return fa, nil }
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	ack, _ := a.hello("m1", disk0)
+	last := a.batch(1, 5)
+	a.waitAck(last)
+	faulty.FailFor(time.Hour)
+	d := disk0
+	d.Generation, d.LastAckedSeq = ack.Disks[0].Generation, last
+	start := time.Now()
+	b := dialAgent(t, e, s, "m1")
+	ack, _ = b.hello("m1", d)
+	if took := time.Since(start); took > 10*time.Second {
+		t.Errorf("hello answered after %s during the outage", took)
+	}
+	if ack.Disks[0].Action != wire.SyncResume {
+		t.Fatalf("reconnect during the outage told %v, want resume", ack.Disks[0].Action)
+	}
+	b.waitAck(b.batch(last+1, 5))
+	if !strings.Contains(e.logs.String(), "cannot check the replica page blob") {
+		t.Errorf("the unchecked replica is not logged")
+	}
 }

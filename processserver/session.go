@@ -24,9 +24,17 @@ const (
 	protocolVersion = 2
 	helloTimeout    = 30 * time.Second // first frame after the handshake
 	helloWork       = time.Minute      // reading the manifest to answer it
-	idleTimeout     = time.Minute      // agents send a time marker every second
 	writeTimeout    = 30 * time.Second
 	flushDepth      = 2 // cut segments queued for Put per session
+)
+
+// Read time-outs of a streaming session (variables for the tests): an
+// agent sends a time marker every 500 ms while it streams, but nothing
+// while it is paused (Backpressure 0) or waits for a sums reply, which may
+// wait out a storage outage; TCP keepalives then tell a dead peer.
+var (
+	idleTimeout  = time.Minute
+	quietTimeout = 30 * time.Minute
 )
 
 // flushItem is a cut segment or a marker note, in stream order.
@@ -71,6 +79,15 @@ type session struct {
 	remap     bool       // diskMap is not the identity
 
 	sumsq chan sumsReq
+	// sumsPending counts sums requests not answered yet; paused is set
+	// while the last window sent is 0: the agent may then be silent.
+	sumsPending atomic.Int32
+	paused      atomic.Bool
+	// cancel ends the session's context: an abort (a newer connection of
+	// the machine, its replica lost) stops the hello's storage calls and
+	// the sums worker instead of leaving the next hello waiting on them.
+	ctx    context.Context
+	cancel context.CancelFunc
 }
 
 type sumsReq struct {
@@ -89,14 +106,17 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn) {
 		raw.Close()
 		return
 	}
+	sctx, scancel := context.WithCancel(ctx)
 	st := &session{
-		s:     s,
-		conn:  conn,
-		log:   s.log.With(logRemote, remote),
-		done:  make(chan struct{}),
-		r:     wire.NewReader(conn, 0),
-		w:     wire.NewWriter(conn),
-		sumsq: make(chan sumsReq, 16),
+		s:      s,
+		conn:   conn,
+		log:    s.log.With(logRemote, remote),
+		done:   make(chan struct{}),
+		r:      wire.NewReader(conn, 0),
+		w:      wire.NewWriter(conn),
+		sumsq:  make(chan sumsReq, 16),
+		ctx:    sctx,
+		cancel: scancel,
 	}
 	defer close(st.done)
 	defer st.close()
@@ -107,7 +127,7 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn) {
 	}
 	st.agent = name
 	st.log = st.log.With(logAgent, name)
-	st.run(ctx)
+	st.run(sctx)
 }
 
 // run reads the hello, takes over the machine and streams until the
@@ -248,7 +268,7 @@ func (st *session) readLoop() bool {
 	defer st.release()
 	for {
 		st.release()
-		st.conn.SetReadDeadline(time.Now().Add(idleTimeout))
+		st.conn.SetReadDeadline(time.Now().Add(st.readTimeout()))
 		f, err := st.r.NextInto(st.room)
 		if err != nil {
 			if err == io.EOF {
@@ -329,15 +349,23 @@ func (st *session) readLoop() bool {
 			}
 			st.mu.Lock()
 			st.buf.appendMarker(f.Flags, f.Payload, mk)
+			full := len(st.buf.data) >= st.s.cfg.SegmentBytes
 			if st.buf.hasRecords() {
-				if mk.Kind != wire.MarkerTime {
+				if mk.Kind != wire.MarkerTime || full {
 					st.cutLocked()
 				}
 			} else if st.buf.hasNote {
 				st.buf.hasNote = false
 				st.flushq <- flushItem{note: &mk}
 			}
+			overflow := !st.buf.hasRecords() && len(st.buf.data) >= st.s.cfg.SegmentBytes
 			st.mu.Unlock()
+			if overflow {
+				// Markers without records fill no segment that an agent
+				// sends: a misbehaving one would grow it without bound.
+				st.protocolError(fmt.Sprintf("%d bytes of markers with no record between them", len(st.buf.data)))
+				return false
+			}
 		case wire.TypeSums:
 			var sr sumsReq
 			if err := sr.sums.UnmarshalBinary(f.Payload); err != nil {
@@ -451,31 +479,52 @@ func (st *session) handleSums(sr *sumsReq) bool {
 		st.cutLocked()
 	}
 	st.mu.Unlock()
-	st.sumsq <- *sr
-	return true
+	st.sumsPending.Add(1)
+	select {
+	case st.sumsq <- *sr:
+		return true
+	case <-st.ctxDone():
+		// More requests than the worker holds, and it is stuck (an
+		// outage): the session is over anyway.
+		st.sumsPending.Add(-1)
+		return false
+	}
+}
+
+// readTimeout is how long the read loop waits for the agent's next frame.
+func (st *session) readTimeout() time.Duration {
+	if st.paused.Load() || st.sumsPending.Load() > 0 {
+		return quietTimeout
+	}
+	return idleTimeout
 }
 
 func (st *session) sumsWorker(ctx context.Context) {
 	for sr := range st.sumsq {
-		if ctx.Err() != nil {
-			continue
-		}
-		if err := st.m.waitUploaded(ctx, sr.upTo); err != nil {
-			continue
-		}
-		reply, err := st.s.applier.CompareSums(ctx, st.m.name, sr.upTo, &sr.sums)
-		if err != nil {
-			if ctx.Err() == nil {
-				st.log.Error("checksum comparison failed", logDisk, sr.sums.Disk, logErr, err)
-				st.abortWith(wire.CodeInternal, "checksum comparison failed: "+err.Error(), err)
-			}
-			continue
-		}
-		reply.ID = sr.sums.ID
-		if err := st.send(func(w *wire.Writer) error { return w.WriteSumsReply(&reply) }); err != nil {
-			continue
-		}
+		st.answerSums(ctx, sr)
+		st.sumsPending.Add(-1)
 	}
+}
+
+// answerSums waits until the journal holds everything before sr, then
+// compares sr's checksums with the replica and sends the answer.
+func (st *session) answerSums(ctx context.Context, sr sumsReq) {
+	if ctx.Err() != nil {
+		return
+	}
+	if err := st.m.waitUploaded(ctx, sr.upTo); err != nil {
+		return
+	}
+	reply, err := st.s.applier.CompareSums(ctx, st.m.name, sr.upTo, &sr.sums)
+	if err != nil {
+		if ctx.Err() == nil {
+			st.log.Error("checksum comparison failed", logDisk, sr.sums.Disk, logErr, err)
+			st.abortWith(wire.CodeInternal, "checksum comparison failed: "+err.Error(), err)
+		}
+		return
+	}
+	reply.ID = sr.sums.ID
+	st.send(func(w *wire.Writer) error { return w.WriteSumsReply(&reply) })
 }
 
 // cutLocked hands the open segment to the flusher. st.mu must be held.
@@ -601,7 +650,10 @@ func (st *session) updateBackpressure() {
 	if err := st.send(func(w *wire.Writer) error { return w.WriteBackpressure(want) }); err != nil {
 		return
 	}
+	st.paused.Store(want == 0)
 	if want == 0 {
+		// The agent goes silent: the read under way must not time out.
+		st.conn.SetReadDeadline(time.Now().Add(quietTimeout))
 		st.log.Warn("pausing agent (backpressure): cache nearly full or upload backlog too large")
 	} else if paused {
 		st.log.Info("resuming agent")
@@ -683,5 +735,11 @@ func (st *session) abortWith(code wire.ErrorCode, msg string, err error) {
 }
 
 func (st *session) close() {
-	st.closeOnce.Do(func() { st.conn.Close() })
+	st.closeOnce.Do(func() {
+		st.cancel()
+		st.conn.Close()
+	})
 }
+
+// ctxDone is closed once the session is closed.
+func (st *session) ctxDone() <-chan struct{} { return st.ctx.Done() }

@@ -487,6 +487,12 @@ func (a *Applier) loadDisk(ctx context.Context, m *machine, man *layout.Manifest
 				return nil, fmt.Errorf("grow replica of disk %q of machine %q: %w", md.Name, m.name, err)
 			}
 		}
+		if d.lost && k == len(gens)-1 && a.cfg.ReplicaLost != nil {
+			// Found lost by an earlier run, and no full sync agreed
+			// since: a session that resumed without seeing it (the
+			// account did not answer its hello's check) must end.
+			a.cfg.ReplicaLost(m.name, md.Name)
+		}
 		return d, nil
 	case err == nil || blobstore.IsNotFound(err):
 	default:

@@ -191,6 +191,11 @@ func testReplicaLost(t *testing.T, store blobstore.Store) {
 	if points := checkPoints(t, m, func(d int, _ uint64) uint64 { return m.Disks[d].Size }); len(points) != 0 {
 		t.Fatalf("points %+v cut from a lost replica", points)
 	}
+	// Reported again by the restarted applier: a session that resumed
+	// without seeing the mark (its hello's check failed) must end.
+	if len(lost) != 2 {
+		t.Fatalf("ReplicaLost calls %v after a restart with the replica still lost, want two", lost)
+	}
 	// The agent's full sync on a new generation.
 	m.NewGeneration(0, 0)
 	m.Write(0, 0, random(rng, 1<<20))
@@ -207,8 +212,8 @@ func testReplicaLost(t *testing.T, store blobstore.Store) {
 	if info, err := store.Stat(ctx, blob); err != nil || info.Metadata[layout.MetaLost] != "" {
 		t.Fatalf("replica of the new generation: %+v, %v; want it not marked lost", info.Metadata, err)
 	}
-	if len(lost) != 1 {
-		t.Fatalf("ReplicaLost calls %v, want still one", lost)
+	if len(lost) != 2 {
+		t.Fatalf("ReplicaLost calls %v, want none once the new generation replaces the lost replica", lost)
 	}
 }
 
