@@ -667,3 +667,27 @@ func TestReconnectDuringOutage(t *testing.T) {
 		t.Errorf("the unchecked replica is not logged")
 	}
 }
+
+// TestMarkersWithoutRecordsBounded: markers that no record follows fill
+// no segment an agent sends; a misbehaving agent sending them without end
+// is refused before the open segment outgrows the segment size.
+func TestMarkersWithoutRecordsBounded(t *testing.T) {
+	e := newEnv(t, mem.New(), 1)
+	e.segBytes = 64 << 10
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	a.hello("m1", disk0)
+	a.waitAck(a.batch(1, 2))
+	at := time.Now()
+	for i := 0; ; i++ {
+		if i > 100_000 {
+			t.Fatal("100 000 markers without a record accepted")
+		}
+		if err := a.w.WriteMarker(wire.Marker{Seq: 2, UnixNano: at.UnixNano(), Kind: wire.MarkerCrashConsistent}); err != nil {
+			break // refused: the connection is closed
+		}
+	}
+	eventually(t, 10*time.Second, "protocol error logged", func() bool {
+		return strings.Contains(e.logs.String(), "bytes of markers with no record between them")
+	})
+}
