@@ -161,6 +161,9 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 	if id.Role() != pki.RoleAgent {
 		return fmt.Errorf("certificate %q in %s is for role %s; the agent needs an agent certificate", cfg.Name, cfg.PKIDir, id.Role())
 	}
+	if id.CAKeyNextTo() {
+		log.Warn("the --pki directory holds ca.key: anyone who can read it on this host can issue certificates; keep ca.key where certificates are issued only", "dir", cfg.PKIDir)
+	}
 	scfg := stream.Config{
 		Addr:        cfg.ProcessServer,
 		TLS:         id.ClientTLS(cfg.ProcessServer, pki.RoleProcessServer),

@@ -112,6 +112,9 @@ func Start(ctx context.Context, c Config) (*Server, error) {
 	if id.Role() != pki.RoleProcessServer {
 		return nil, fmt.Errorf("certificate %s is for role %q; the process server needs one issued with --role %s", id, id.Role(), pki.RoleProcessServer)
 	}
+	if id.CAKeyNextTo() && cfg.Logger != nil {
+		cfg.Logger.Warn("the --pki directory holds ca.key: anyone who can read it on this host can issue certificates; keep ca.key where certificates are issued only", "dir", cfg.PKIDir)
+	}
 	rk, err := seal.LoadRecoveryKey(cfg.RecoveryKeyFile)
 	if err != nil {
 		return nil, err

@@ -269,6 +269,7 @@ type Identity struct {
 	ca      *x509.Certificate
 	roots   *x509.CertPool
 	revoked *revocations
+	caKey   bool // ca.key lies in the directory too
 }
 
 // Load reads name.crt, name.key and ca.crt from dir. ca.key is not needed,
@@ -310,7 +311,8 @@ func Load(dir, name string) (*Identity, error) {
 	if err := rv.check(leaf); err != nil {
 		return nil, fmt.Errorf("pki: %s: %w", certPath, err)
 	}
-	return &Identity{name: name, role: role, cert: cert, leaf: leaf, ca: ca, roots: roots, revoked: rv}, nil
+	_, err = os.Stat(filepath.Join(dir, caKeyFile))
+	return &Identity{name: name, role: role, cert: cert, leaf: leaf, ca: ca, roots: roots, revoked: rv, caKey: err == nil}, nil
 }
 
 // revokedFile lists revoked certificates, one "SERIAL NAME" line each
@@ -407,6 +409,11 @@ func (id *Identity) Name() string { return id.name }
 
 // Role returns the role encoded in the identity's certificate.
 func (id *Identity) Role() Role { return id.role }
+
+// CAKeyNextTo reports whether the directory the identity was loaded from
+// also holds the CA's private key, which a component never needs: whoever
+// reads it there can issue certificates of any role.
+func (id *Identity) CAKeyNextTo() bool { return id.caKey }
 
 // Leaf returns the identity's certificate, e.g. to monitor NotAfter. The
 // caller must not modify it.

@@ -501,6 +501,16 @@ func TestHandshakeRefusesRevoked(t *testing.T) {
 	if _, err := Load(dir, "web01"); err == nil || !strings.Contains(err.Error(), "is revoked") {
 		t.Fatalf("loading a revoked identity: %v", err)
 	}
+	if !other.CAKeyNextTo() {
+		t.Error("loaded from the issuing directory, but CAKeyNextTo is false")
+	}
+	runtime := t.TempDir()
+	for _, f := range []string{"ca.crt", "web02.crt", "web02.key"} {
+		copyFile(t, filepath.Join(dir, f), filepath.Join(runtime, f))
+	}
+	if id := mustLoad(t, runtime, "web02"); id.CAKeyNextTo() {
+		t.Error("a directory without ca.key: CAKeyNextTo is true")
+	}
 	// The agents refuse a revoked process server the same way.
 	if err := Revoke(dir, "ps1"); err != nil {
 		t.Fatal(err)
