@@ -113,12 +113,13 @@ struct {
 } pending SEC(".maps");
 
 // Pending writes the agent swept before they completed, by bio address,
-// so that a completion the tracepoints do see but on another device than
-// the bio was queued on (an NVMe multipath head re-points its bios to a
-// path) still reads the write back.
+// so that their completion reads back the extent they were queued with:
+// by then a bio-based driver may have trimmed the bio to its last piece
+// (device mapper's splits), or re-pointed it to another device (an NVMe
+// multipath head to a path). As many as the pending table holds.
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 4096);
+	__uint(max_entries, LB_PEND_BUCKETS * LB_PEND_WAYS);
 	__type(key, __u64);
 	__type(value, struct lb_pending);
 } swept SEC(".maps");
@@ -418,6 +419,11 @@ static __always_inline int copy_payload(struct bpf_dynptr *dp, struct bio *bio, 
 			break;
 		if (s->vleft == 0) {
 			struct bio_vec v;
+			// A clone sharing a huge bvec array (dm, md) may start past
+			// the mask's reach: copying a wrapped index would read
+			// another part of the buffer; the bitmap takes it instead.
+			if (s->idx > 0xffff)
+				return -1;
 			if (bpf_probe_read_kernel(&v, sizeof(v), (void *)(vecs + (s->idx & 0xffff) * sizeof(v))))
 				return -1;
 			s->idx++;
@@ -873,7 +879,8 @@ static __always_inline void complete_bio(struct bio *bio, __u64 key, int error)
 	struct lb_pending pc;
 	switch (pend_take(key, &pc)) {
 	case 0:
-		complete_untracked(bio);
+		if (!settle_swept(&key))
+			complete_untracked(bio);
 		return;
 	case 1:
 		settle(&pc, error, ctrs());
@@ -905,6 +912,9 @@ static __always_inline void complete_rq_bio(struct bio *bio, __u64 addr, int err
 	case -1:
 		return; // swept by the agent meanwhile, which settled the write
 	}
+	__u64 k = addr;
+	if (settle_swept(&k))
+		return;
 	__u32 key;
 	__u64 start;
 	if (dev_of(bio, &key, &start)) {
@@ -914,9 +924,7 @@ static __always_inline void complete_rq_bio(struct bio *bio, __u64 addr, int err
 	__u32 size = bio->bi_iter.bi_size;
 	if (classify(bio->bi_opf, size) < 0)
 		return;
-	__u64 k = addr;
-	if (!settle_swept(&k))
-		mark_disk_write(key, bio->bi_iter.bi_sector, size);
+	mark_disk_write(key, bio->bi_iter.bi_sector, size);
 }
 
 struct rq_walk {

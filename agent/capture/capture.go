@@ -79,7 +79,7 @@ type Config struct {
 
 // Maps pinned across restarts. The ring itself is not: a clean stop
 // drains it, and after an unclean one its contents cannot be trusted.
-var pinnedMaps = []string{"devices", "devstate", "bitmap", "pending", "global", "counters", "ring_flight", "marks"}
+var pinnedMaps = []string{"devices", "devstate", "bitmap", "pending", "global", "counters", "ring_flight", "marks", "swept"}
 
 // In attach order (see setup).
 var pinnedLinks = []string{"link_complete", "link_rq_complete", "link_split", "link_queue"}
@@ -370,7 +370,7 @@ func loadPinned(dir string, spec *ebpf.CollectionSpec) map[string]*ebpf.Map {
 func (c *Capture) pinnable() map[string]*ebpf.Map {
 	return map[string]*ebpf.Map{"devices": c.objs.Devices, "devstate": c.objs.Devstate, "bitmap": c.objs.Bitmap,
 		"pending": c.objs.Pending, "global": c.objs.Global, "counters": c.objs.Counters, "ring_flight": c.objs.RingFlight,
-		"marks": c.objs.Marks}
+		"marks": c.objs.Marks, "swept": c.objs.Swept}
 }
 
 // Persist pins the maps and links so capture outlives this process.
