@@ -236,6 +236,16 @@ func New(opt Options) (*Engine, error) {
 			e.closeDevs()
 			return nil, err
 		}
+		if z, err := d.Zoned(); err != nil || z != "" {
+			d.Close()
+			e.closeDevs()
+			if err == nil {
+				// Zone appends and resets are not captured: a copy would
+				// silently miss them.
+				err = fmt.Errorf("%s is a zoned device (%s): capture does not follow zone appends and resets, so it cannot be protected", s.Path, z)
+			}
+			return nil, err
+		}
 		size, err := d.Size()
 		if err != nil {
 			d.Close()

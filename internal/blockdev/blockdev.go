@@ -230,6 +230,20 @@ func InflightWrites(dev Dev) (int, error) {
 // DevOf is the inverse of Dev.Kernel.
 func DevOf(kernel uint32) Dev { return Dev{Major: kernel >> 20, Minor: kernel & (1<<20 - 1)} }
 
+// Zoned reports the device's zone model ("host-managed" or "host-aware")
+// and "" for a conventional device (or a kernel that does not say).
+func (d *Device) Zoned() (string, error) {
+	p, err := d.Placement()
+	if err != nil {
+		return "", err
+	}
+	z, err := readSysfs("/sys/block/"+p.Disk+"/queue", "zoned")
+	if errors.Is(err, os.ErrNotExist) || z == "none" {
+		return "", nil
+	}
+	return z, err
+}
+
 func readSysfs(dir, name string) (string, error) {
 	b, err := os.ReadFile(filepath.Join(dir, name))
 	if err != nil {

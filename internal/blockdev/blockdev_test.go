@@ -169,6 +169,10 @@ func TestPartitionPlacementAndIdentity(t *testing.T) {
 	if id2, err := d.Identity(); err != nil || id2 != id1 {
 		t.Errorf("Identity() not stable: %q then %q (%v)", id1, id2, err)
 	}
+	// A partition's zone model is its disk's (a loop device: none).
+	if z, err := d.Zoned(); err != nil || z != "" {
+		t.Errorf("Zoned() = %q, %v; want a conventional device", z, err)
+	}
 }
 
 // Re-attaching the same file yields a new diskseq, so the identity must
