@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"slices"
 	"testing"
 	"time"
@@ -326,6 +327,20 @@ func TestLoadRefusesTamperedManifest(t *testing.T) {
 	r.restart()
 	if _, _, _, _, err := r.m.agree(context.Background(), r.hello(0)); !errors.Is(err, recovery.ErrTampered) {
 		t.Fatalf("hello with a tampered manifest: %v, want ErrTampered", err)
+	}
+
+	// With its seal stripped, it would be taken as a manifest written
+	// before sealing, and sealed again with a new key: authentic.
+	man.KeyID, man.Seal, man.Gaps = "", "", nil
+	if b, err = layout.MarshalManifest(man); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.store.PutBlob(context.Background(), layout.ManifestName("m1"), b, nil); err != nil {
+		t.Fatal(err)
+	}
+	r.restart()
+	if _, _, _, _, err := r.m.agree(context.Background(), r.hello(0)); !errors.Is(err, recovery.ErrTampered) || !strings.Contains(err.Error(), "seal was stripped") {
+		t.Fatalf("hello with a manifest whose seal was stripped: %v, want ErrTampered", err)
 	}
 }
 

@@ -152,6 +152,14 @@ func (m *machine) ensureLoaded(ctx context.Context) error {
 		if err := recovery.VerifyManifest(&man, key); err != nil {
 			return err
 		}
+	} else if raw != nil {
+		// Every manifest this server writes is sealed (the data key
+		// comes first): an unsealed one with state, or next to data
+		// keys, had its seal stripped, and sealing it now would make
+		// whatever it says authentic.
+		if err := m.checkUnsealed(ctx, &man); err != nil {
+			return err
+		}
 	}
 	m.mu.Lock()
 	m.man, m.key, m.manKey, m.loaded = man, key, key, true
@@ -169,6 +177,24 @@ func (m *machine) ensureLoaded(ctx context.Context) error {
 	m.savedApplied, m.savedDurable = max(m.savedApplied, man.AppliedSeq), max(m.savedDurable, man.DurableSeq)
 	m.mu.Unlock()
 	m.s.metrics.durableSeq.WithLabelValues(m.name).Set(float64(man.DurableSeq))
+	return nil
+}
+
+// checkUnsealed accepts an unsealed manifest only if it says nothing and
+// the machine has no data key yet.
+func (m *machine) checkUnsealed(ctx context.Context, man *layout.Manifest) error {
+	if len(man.Disks) > 0 || len(man.Gaps) > 0 || man.DurableSeq != 0 || man.AppliedSeq != 0 || man.JournalFrom != 0 || man.Seal != "" {
+		return fmt.Errorf("manifest %s holds state but no key_id: its seal was stripped (%w); restore it from a trusted copy",
+			layout.ManifestName(m.name), recovery.ErrTampered)
+	}
+	keys, err := m.s.store.ListBlobs(ctx, layout.KeysPrefix(m.name))
+	if err != nil {
+		return fmt.Errorf("list data keys of %s: %w", m.name, err)
+	}
+	if len(keys) > 0 {
+		return fmt.Errorf("manifest %s names no data key although %s holds %d: its seal was stripped (%w)",
+			layout.ManifestName(m.name), layout.KeysPrefix(m.name), len(keys), recovery.ErrTampered)
+	}
 	return nil
 }
 

@@ -271,8 +271,11 @@ func ManifestName(machine string) string { return machine + "/manifest.json" }
 
 // KeyName is the wrapped data key blob of machine.
 func KeyName(machine string, keyID [8]byte) string {
-	return machine + "/keys/" + hex.EncodeToString(keyID[:])
+	return KeysPrefix(machine) + hex.EncodeToString(keyID[:])
 }
+
+// KeysPrefix lists machine's wrapped data keys.
+func KeysPrefix(machine string) string { return machine + "/keys/" }
 
 // JournalPrefix lists machine's journal segments.
 func JournalPrefix(machine string) string { return machine + "/journal/" }

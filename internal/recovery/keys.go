@@ -12,8 +12,6 @@ import (
 	"github.com/lifeboat-dr/lifeboat/internal/seal"
 )
 
-// keysPrefix lists machine's wrapped data keys (see layout.KeyName).
-func keysPrefix(machine string) string { return path.Dir(layout.KeyName(machine, [8]byte{})) + "/" }
 
 // Keyring unwraps every data key of machine stored in the account (see
 // layout.KeyName) with recoveryKey, so that segments sealed before a key
@@ -25,7 +23,7 @@ func Keyring(ctx context.Context, store blobstore.Store, machine string, recover
 	if len(recoveryKey) != seal.KeySize {
 		return nil, fmt.Errorf("recovery key has %d bytes, want %d", len(recoveryKey), seal.KeySize)
 	}
-	infos, err := store.ListBlobs(ctx, keysPrefix(machine))
+	infos, err := store.ListBlobs(ctx, layout.KeysPrefix(machine))
 	if err != nil {
 		return nil, fmt.Errorf("list data keys of machine %q: %w", machine, err)
 	}
@@ -64,7 +62,7 @@ func Keyring(ctx context.Context, store blobstore.Store, machine string, recover
 	if len(keys) == 0 {
 		// Not ErrNoMachine: callers read the manifest first, and a
 		// machine with a manifest but no key lost its keys.
-		return nil, fmt.Errorf("%w: machine %q has none under %s (deleted?); without it none of its journal or manifest can be read", ErrNoDataKey, machine, keysPrefix(machine))
+		return nil, fmt.Errorf("%w: machine %q has none under %s (deleted?); without it none of its journal or manifest can be read", ErrNoDataKey, machine, layout.KeysPrefix(machine))
 	}
 	return seal.NewKeyring(keys...), nil
 }

@@ -57,6 +57,11 @@ func ReadManifest(ctx context.Context, store blobstore.Store, machine string) (*
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", layout.ManifestName(machine), err)
 	}
+	if m.Machine != machine {
+		// Its seal is over the name it holds: another machine's
+		// manifest copied here would verify (they share a recovery key).
+		return nil, fmt.Errorf("%s is the manifest of machine %q (%w)", layout.ManifestName(machine), m.Machine, ErrTampered)
+	}
 	return m, nil
 }
 

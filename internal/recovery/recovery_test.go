@@ -326,3 +326,23 @@ func TestRecoverDeletedJournalEnd(t *testing.T) {
 		t.Fatalf("recover into a deleted journal end: %v, want ErrTampered", err)
 	}
 }
+
+// Another machine's manifest copied under this machine's name verifies
+// (its seal covers the name it holds, and machines share a recovery key):
+// it is refused for naming another machine.
+func TestManifestOfAnotherMachineRefused(t *testing.T) {
+	ctx := context.Background()
+	store := mem.New()
+	recoverytest.New(t, store, "a", 1<<20)
+	recoverytest.New(t, store, "b", 1<<20)
+	raw, err := store.GetBlob(ctx, layout.ManifestName("a"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := store.PutBlob(ctx, layout.ManifestName("b"), raw, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := recovery.ReadManifest(ctx, store, "b"); !errors.Is(err, recovery.ErrTampered) || !strings.Contains(err.Error(), `manifest of machine "a"`) {
+		t.Fatalf("b's manifest replaced by a's: %v", err)
+	}
+}
