@@ -12,7 +12,6 @@ import (
 	"github.com/lifeboat-dr/lifeboat/internal/seal"
 )
 
-
 // Keyring unwraps every data key of machine stored in the account (see
 // layout.KeyName) with recoveryKey, so that segments sealed before a key
 // rotation still open. A recovery key that does not unwrap them yields an
