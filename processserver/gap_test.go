@@ -724,3 +724,29 @@ func TestMendShortcutOnlyForDisksItCovered(t *testing.T) {
 		t.Fatalf("d1, left out of the resync, told %v; want a checksum resync", ack.Disks[1].Action)
 	}
 }
+
+// Journal segments past durable_seq that this server does not hold (an
+// earlier server uploaded them, then its cache was lost): when the agent
+// turns out to be ahead, they are in the gap, and the agent numbers its
+// next records from durable+1. They are deleted, or recovery would replay
+// two histories of the same sequences together.
+func TestForeignSegmentsPastGapDeleted(t *testing.T) {
+	r := newGapRig(t, mem.New())
+	r.put(1, 10)
+	r.upload()
+	ctx := context.Background()
+	orphan := layout.SegmentName("m1", 11, 20)
+	if err := r.store.PutBlob(ctx, orphan, []byte("sealed elsewhere"), nil); err != nil {
+		t.Fatal(err)
+	}
+	kept := layout.SegmentName("m1", 1, 10)
+	if a, _ := r.agree(20); a != wire.SyncChecksum {
+		t.Fatalf("agent ahead told %v, want a checksum resync", a)
+	}
+	if _, err := r.store.GetBlob(ctx, orphan); !blobstore.IsNotFound(err) {
+		t.Fatalf("segment past the gap still there (%v)", err)
+	}
+	if _, err := r.store.GetBlob(ctx, kept); err != nil {
+		t.Fatalf("segment within durable_seq: %v", err)
+	}
+}

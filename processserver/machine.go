@@ -180,6 +180,29 @@ func (m *machine) ensureLoaded(ctx context.Context) error {
 	return nil
 }
 
+// dropForeignSegments deletes the journal segments past durable: uploaded
+// by an earlier process server whose cache was lost, never vouched for by
+// the manifest, their records are inside the gap just opened. The agent
+// numbers its next records from durable+1, and segments of the two
+// histories under overlapping ranges would be replayed together.
+func (m *machine) dropForeignSegments(ctx context.Context, durable uint64) error {
+	segs, err := recovery.ListSegments(ctx, m.s.store, m.name)
+	if err != nil {
+		return err
+	}
+	for _, sg := range segs {
+		if sg.First <= durable {
+			continue
+		}
+		m.log.Warn("deleting a journal segment past what this process server holds (uploaded before its cache was lost): its records are in the gap, and the agent's resync numbers new ones from there",
+			logBlob, sg.Name, logGapFrom, durable+1)
+		if err := m.s.store.DeleteBlob(ctx, sg.Name); err != nil && !blobstore.IsNotFound(err) {
+			return fmt.Errorf("delete journal segment %s past the gap: %w", sg.Name, err)
+		}
+	}
+	return nil
+}
+
 // checkUnsealed accepts an unsealed manifest only if it says nothing and
 // the machine has no data key yet.
 func (m *machine) checkUnsealed(ctx context.Context, man *layout.Manifest) error {
@@ -390,6 +413,9 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, uin
 			m.log.Error("the agent had records acknowledged that this process server does not hold; they are missing from the journal until its checksum resync completes",
 				logGapFrom, durable+1, logAgentAcked, d.LastAckedSeq)
 			if err := m.openGap(ctx, durable+1, d.LastAckedSeq); err != nil {
+				return nil, 0, nil, 0, err
+			}
+			if err := m.dropForeignSegments(ctx, durable); err != nil {
 				return nil, 0, nil, 0, err
 			}
 			break
