@@ -45,7 +45,16 @@ type Config struct {
 	// Checksum selects the transactional checksum of PutBlob (default
 	// ChecksumAuto).
 	Checksum ChecksumMode
+	// MaxGetBlob bounds what GetBlob downloads (default MaxGetBlob): a
+	// blob planted in the account is refused by its size before its
+	// bytes are held in memory, let alone authenticated.
+	MaxGetBlob int64
 }
+
+// MaxGetBlob is the default Config.MaxGetBlob: more than any blob
+// Lifeboat puts (a sealed segment holds at most seal.MaxPlainSize, 1 GiB,
+// plus its headers).
+const MaxGetBlob = 1<<30 + 1<<20
 
 // ChecksumMode selects the checksum PutBlob sends for the service to
 // verify before it commits the blob (it rejects a body damaged in
@@ -94,6 +103,7 @@ type Store struct {
 	name     string
 	copy     CopyMode
 	checksum ChecksumMode // never ChecksumAuto
+	maxGet   int64
 }
 
 var _ blobstore.Store = (*Store)(nil)
@@ -142,7 +152,8 @@ func New(cfg Config) (*Store, error) {
 			sum = ChecksumMD5
 		}
 	}
-	return &Store{c: svc.ServiceClient().NewContainerClient(cfg.Container), account: account, name: cfg.Container, copy: mode, checksum: sum}, nil
+	return &Store{c: svc.ServiceClient().NewContainerClient(cfg.Container), account: account, name: cfg.Container, copy: mode, checksum: sum,
+		maxGet: cmp.Or(cfg.MaxGetBlob, MaxGetBlob)}, nil
 }
 
 // String identifies the store without secrets, for logs.
@@ -279,11 +290,17 @@ func (s *Store) GetBlob(ctx context.Context, name string) ([]byte, error) {
 	defer resp.Body.Close()
 	var buf []byte
 	if resp.ContentLength != nil {
+		if *resp.ContentLength > s.maxGet {
+			return nil, blobstore.Permanent(fmt.Errorf("azure: get blob %q: %d bytes, more than the %d of any blob Lifeboat writes", name, *resp.ContentLength, s.maxGet))
+		}
 		buf = make([]byte, 0, *resp.ContentLength)
 	}
 	b := bytes.NewBuffer(buf)
-	if _, err := b.ReadFrom(resp.Body); err != nil {
+	if _, err := b.ReadFrom(io.LimitReader(resp.Body, s.maxGet+1)); err != nil {
 		return nil, s.wrap("get blob", name, err)
+	}
+	if int64(b.Len()) > s.maxGet {
+		return nil, blobstore.Permanent(fmt.Errorf("azure: get blob %q: more than the %d bytes of any blob Lifeboat writes", name, s.maxGet))
 	}
 	if len(resp.ContentMD5) == md5.Size {
 		if sum := md5.Sum(b.Bytes()); !bytes.Equal(sum[:], resp.ContentMD5) {

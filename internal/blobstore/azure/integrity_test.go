@@ -199,3 +199,32 @@ func TestErrorsDoNotLeakKey(t *testing.T) {
 		t.Fatalf("bad connection string: err = %v (must fail and not echo the key)", err)
 	}
 }
+
+// A blob larger than any Lifeboat writes (one planted in the account) is
+// refused by its size, before it is held in memory, and not retried.
+func TestGetBlobRefusesOversize(t *testing.T) {
+	srv := azurite.ForTest(t)
+	ctx := context.Background()
+	container := fmt.Sprintf("lbtest-big-%d", time.Now().UnixNano()%1e9)
+	open := func(max int64) *azure.Store {
+		s, err := azure.New(azure.Config{ConnectionString: srv.ConnectionString(), Container: container, MaxGetBlob: max})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	s, small := open(0), open(4<<10)
+	t.Cleanup(func() { s.DeleteContainer(context.Background()) })
+	if err := s.EnsureContainer(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.PutBlob(ctx, "big", blobstoretest.Random(4, 8<<10), nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := small.GetBlob(ctx, "big"); err == nil || !strings.Contains(err.Error(), "more than the 4096") || !blobstore.IsPermanent(err) {
+		t.Fatalf("GetBlob of 8 KiB with a 4 KiB bound: %v", err)
+	}
+	if b, err := s.GetBlob(ctx, "big"); err != nil || len(b) != 8<<10 {
+		t.Fatalf("GetBlob within the bound: %d bytes, %v", len(b), err)
+	}
+}
