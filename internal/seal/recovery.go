@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"strings"
 )
@@ -134,14 +135,19 @@ func WriteRecoveryKey(path string, key []byte) (err error) {
 // file that group or others can access, and one whose fingerprint does not
 // match its key. Errors never contain key material.
 func LoadRecoveryKey(path string) ([]byte, error) {
-	fi, err := os.Stat(path)
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("seal: recovery key: %w", err)
+	}
+	defer f.Close()
+	fi, err := f.Stat() // the file read below, not whatever the path names later
 	if err != nil {
 		return nil, fmt.Errorf("seal: recovery key: %w", err)
 	}
 	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
 		return nil, fmt.Errorf("seal: recovery key file %s has mode %#o, accessible by others; run chmod 600 on it", path, perm)
 	}
-	raw, err := os.ReadFile(path)
+	raw, err := io.ReadAll(io.LimitReader(f, 4096))
 	if err != nil {
 		return nil, fmt.Errorf("seal: recovery key: %w", err)
 	}
@@ -175,6 +181,10 @@ func parseRecoveryKey(raw []byte) ([]byte, error) {
 	}
 	if got, want := Fingerprint(key), strings.TrimSpace(fp); got != want {
 		return nil, fmt.Errorf("key does not match fingerprint %s (typo?)", want)
+	}
+	if bytes.Count(key, key[:1]) == len(key) {
+		// A fingerprint anyone can compute proves no randomness.
+		return nil, errors.New("key is one byte repeated, not a generated key: make one with lifeboat keys init")
 	}
 	return key, nil
 }

@@ -354,6 +354,14 @@ func TestRecoveryKeyFile(t *testing.T) {
 	if _, err := LoadRecoveryKey(path); err == nil || !strings.Contains(err.Error(), "chmod 600") {
 		t.Errorf("world-readable key file: err = %v", err)
 	}
+
+	// A hand-made key whose fingerprint matches (anyone can compute one).
+	zero := make([]byte, KeySize)
+	weak := filepath.Join(dir, "weak")
+	os.WriteFile(weak, fmt.Appendf(nil, "lifeboat-recovery-key v1\nfingerprint: %s\nkey: %x\n", Fingerprint(zero), zero), 0o600)
+	if _, err := LoadRecoveryKey(weak); err == nil || !strings.Contains(err.Error(), "one byte repeated") {
+		t.Errorf("all-zero key: err = %v", err)
+	}
 }
 
 // flipHexDigit changes the last hex digit of the key line.
