@@ -800,7 +800,7 @@ func (p *pipeline) runLevel(ctx context.Context, label string, rate float64, bs 
 	l.PSCPUSeconds = c1.psCPU - c0.psCPU
 	l.AgentCPUSeconds = c1.agentCPU - c0.agentCPU
 	l.AzuriteCPU = cpuShare(c0.azuriteCPU, cEnd.azuriteCPU, cEnd.at.Sub(c0.at).Seconds())
-	evaluateLevel(&l, p.sampler.between(start, appliedAt), start, end, durableAt, ceiling)
+	evaluateLevel(&l, p.sampler.between(start, appliedAt), start, end, durableAt, appliedAt, ceiling)
 	return l, nil
 }
 
@@ -1058,17 +1058,19 @@ func measureCeiling(ctx context.Context, connStr string, clients int, total int6
 	return run, nil
 }
 
-// storedClients is measureStored's parallelism: the process server's
-// uploads and applier together keep about this many requests in flight.
+// storedClients is measureStored's parallelism per kind of request, as in
+// the process server: up to 4 journal uploads (uploadParallel) and 4 Put
+// Pages of the applier at once, 8 requests in flight.
 const storedClients = 4
 
 // measureStored writes total bytes as the pipeline stores them: each
 // segment (processserver.DefaultSegmentBytes) once as a journal block blob
 // and once as Put Pages of bs bytes at random offsets of a page blob as
-// big as the device, storedClients segments at a time.
+// big as the device, storedClients journal blobs and storedClients Put
+// Pages at a time, until both are done.
 func measureStored(ctx context.Context, connStr string, bs, total, device int64) (StoredRun, error) {
 	seg := int64(processserver.DefaultSegmentBytes)
-	run := StoredRun{BlockSize: bs, CeilingRun: CeilingRun{Clients: storedClients}}
+	run := StoredRun{BlockSize: bs, CeilingRun: CeilingRun{Clients: 2 * storedClients}}
 	st, err := azure.New(azure.Config{ConnectionString: connStr, Container: ceilingContainer})
 	if err != nil {
 		return run, err
@@ -1084,23 +1086,27 @@ func measureStored(ctx context.Context, connStr string, bs, total, device int64)
 	rand.Read(data)
 	n := (total + seg - 1) / seg
 	slots := device / bs
-	var next atomic.Int64
-	errs := make([]error, storedClients)
+	pages := n * (seg / bs)
+	var nextBlob, nextPage atomic.Int64
+	errs := make([]error, 2*storedClients)
 	var wg sync.WaitGroup
 	start := time.Now()
 	for c := range storedClients {
 		wg.Go(func() {
-			rng := mrand.New(mrand.NewPCG(uint64(c), uint64(bs)))
-			for i := next.Add(1); i <= n; i = next.Add(1) {
+			for i := nextBlob.Add(1); i <= n; i = nextBlob.Add(1) {
 				if err := st.PutBlob(ctx, fmt.Sprintf("stored-journal/%d-%d", bs, i), data, nil); err != nil {
 					errs[c] = err
 					return
 				}
-				for off := int64(0); off < seg; off += bs {
-					if err := st.WritePages(ctx, replica, rng.Int64N(slots)*bs, data[off:off+bs]); err != nil {
-						errs[c] = err
-						return
-					}
+			}
+		})
+		wg.Go(func() {
+			rng := mrand.New(mrand.NewPCG(uint64(c), uint64(bs)))
+			for i := nextPage.Add(1); i <= pages; i = nextPage.Add(1) {
+				off := (i - 1) % (seg / bs) * bs
+				if err := st.WritePages(ctx, replica, rng.Int64N(slots)*bs, data[off:off+bs]); err != nil {
+					errs[storedClients+c] = err
+					return
 				}
 			}
 		})
