@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"slices"
 	"strings"
 	"time"
@@ -190,7 +191,14 @@ func (s *Store) wrap(op, name string, err error) error {
 	var re *azcore.ResponseError
 	if !errors.As(err, &re) {
 		// Transport errors (connection refused, reset, timeout): retryable.
-		return fmt.Errorf("azure: %s %q: %w", op, name, err)
+		// Their text holds the request URL, whose query may be a SAS
+		// token: only what follows it is shown.
+		msg := err.Error()
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			msg = fmt.Sprintf("%s %s: %v", ue.Op, redactURL(ue.URL), ue.Err)
+		}
+		return &opError{msg: fmt.Sprintf("azure: %s %q: %s", op, name, msg), cause: err}
 	}
 	e := &opError{
 		msg:   fmt.Sprintf("azure: %s %q: %s (HTTP %d)", op, name, re.ErrorCode, re.StatusCode),
@@ -211,6 +219,14 @@ func (s *Store) wrap(op, name string, err error) error {
 		return blobstore.Permanent(e)
 	}
 	return e
+}
+
+// redactURL drops a URL's query (a SAS token's signature travels there).
+func redactURL(raw string) string {
+	if i := strings.IndexByte(raw, '?'); i >= 0 {
+		return raw[:i] + "?[redacted]"
+	}
+	return raw
 }
 
 func toAzure(md blobstore.Metadata) map[string]*string {

@@ -198,6 +198,19 @@ func TestErrorsDoNotLeakKey(t *testing.T) {
 		bytes.Contains([]byte(err.Error()), []byte("c2VjcmV0")) {
 		t.Fatalf("bad connection string: err = %v (must fail and not echo the key)", err)
 	}
+	// A SAS token travels in the request URL, which transport errors quote.
+	sas, err := azure.New(azure.Config{
+		ConnectionString: "BlobEndpoint=http://127.0.0.1:1/devstoreaccount1;SharedAccessSignature=sv=2021-08-06&ss=b&srt=sco&sp=rwdlac&se=2099-01-01T00:00:00Z&sig=TOPSECRET%3D",
+		Container:        "c",
+		ClientOptions:    &azblob.ClientOptions{ClientOptions: azcore.ClientOptions{Retry: policy.RetryOptions{MaxRetries: -1}}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = sas.GetBlob(context.Background(), "x")
+	if err == nil || strings.Contains(err.Error(), "TOPSECRET") || !strings.Contains(err.Error(), "127.0.0.1:1") {
+		t.Fatalf("dead endpoint with a SAS token: err = %v (must fail, name the endpoint, and not echo the signature)", err)
+	}
 }
 
 // A blob larger than any Lifeboat writes (one planted in the account) is
