@@ -139,14 +139,22 @@ func Start(ctx context.Context, c Config) (*Server, error) {
 	} else {
 		s.metrics = newMetrics(nil)
 	}
-	if cfg.NewApplier != nil {
-		if s.applier, err = cfg.NewApplier(s); err != nil {
-			return nil, fmt.Errorf("applier: %w", err)
-		}
-	}
 	ectx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	err = cfg.Store.EnsureContainer(ectx)
 	cancel()
+	if err != nil && blobstore.IsPermanent(err) && ctx.Err() == nil {
+		// A wrong key, a SAS without the permissions, a container name the
+		// service refuses: waiting will not fix it, and agents would fill
+		// the cache meanwhile.
+		return nil, fmt.Errorf("the storage account refuses container %q (check the connection string's key or SAS permissions, and the container name): %w", cfg.Container, err)
+	}
+	if cfg.NewApplier != nil {
+		a, aerr := cfg.NewApplier(s)
+		if aerr != nil {
+			return nil, fmt.Errorf("applier: %w", aerr)
+		}
+		s.applier = a
+	}
 	containerReady := err == nil
 	if err != nil {
 		// Not fatal: the cache absorbs the stream until the account is

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"io/fs"
 	"net"
@@ -690,4 +691,29 @@ func TestMarkersWithoutRecordsBounded(t *testing.T) {
 	eventually(t, 10*time.Second, "protocol error logged", func() bool {
 		return strings.Contains(e.logs.String(), "bytes of markers with no record between them")
 	})
+}
+
+// refusingStore is an account that refuses the container for good (a
+// wrong key, a SAS without the permission).
+type refusingStore struct{ blobstore.Store }
+
+func (refusingStore) EnsureContainer(context.Context) error {
+	return blobstore.Permanent(errors.New("AuthorizationFailure (HTTP 403)"))
+}
+
+// TestStartRefusedByAccount: a storage account that refuses the container
+// for good stops the process server at start with a clear error, instead
+// of caching forever what it will never upload.
+func TestStartRefusedByAccount(t *testing.T) {
+	e := newEnv(t, refusingStore{mem.New()}, 1)
+	cfg := Config{Listen: "127.0.0.1:0", PKIDir: e.pki, Name: "ps", CacheDirs: e.cache, RecoveryKeyFile: e.rkFile,
+		Store: e.store, Container: "lifeboat"}
+	s, err := Start(context.Background(), cfg)
+	if err == nil {
+		s.Close()
+		t.Fatal("started against an account that refuses the container")
+	}
+	if !strings.Contains(err.Error(), `refuses container "lifeboat"`) || !strings.Contains(err.Error(), "403") {
+		t.Fatalf("error %q does not say the account refused the container", err)
+	}
 }

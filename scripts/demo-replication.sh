@@ -17,13 +17,14 @@ say() { printf '==> %s\n' "$*"; }
 die() { printf 'demo: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "run as root (it loads eBPF programs and creates loop devices)"
-for t in losetup mkfs.ext4 fstrim cmp npm node; do
+command -v npm >/dev/null && command -v node >/dev/null || die "Node.js and npm are needed (Azurite installs through npm)"
+for t in losetup mkfs.ext4 fstrim cmp python3; do
 	command -v "$t" >/dev/null || missing="${missing:-} $t"
 done
 if [ -n "${missing:-}" ]; then
 	say "installing tools:$missing"
 	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq e2fsprogs util-linux mount diffutils >/dev/null
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq e2fsprogs util-linux mount diffutils python3 >/dev/null
 fi
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 
@@ -40,7 +41,14 @@ W=$(mktemp -d /var/tmp/lifeboat-demo.XXXXXX)
 PIDS=()
 DEV=""
 cleanup() {
+	status=$?
 	set +e
+	if [ "$status" != 0 ]; then
+		# What went wrong is in the logs about to be removed (KEEP=1 keeps $W).
+		for f in "$W"/*.log; do
+			[ -s "$f" ] && { printf -- '--- last lines of %s\n' "$(basename "$f")" >&2; tail -n 15 "$f" >&2; }
+		done
+	fi
 	for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
 	for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null; done
 	mountpoint -q "$W/mnt" && umount "$W/mnt"
