@@ -221,6 +221,12 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 // PinRoot holds one directory per pinned capture (see PinDir).
 const PinRoot = "/sys/fs/bpf/lifeboat"
 
+// Pinned reports whether a capture is pinned for stateDir.
+func Pinned(stateDir string) bool {
+	_, err := os.Stat(PinDir(stateDir))
+	return err == nil
+}
+
 // PinDir is where the capture of stateDir is pinned on the bpffs.
 func PinDir(stateDir string) string {
 	abs, _ := filepath.Abs(stateDir)

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
 
@@ -65,10 +66,26 @@ checksums instead of copying everything. "lifeboat agent release" detaches it.`,
 		Short: "Detach the capture that a clean stop left pinned",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if machine != "" {
-				return agent.ReleaseMachine(stateDir, machine)
+			if os.Geteuid() != 0 {
+				return errors.New("agent release needs root (it removes pins on the BPF file system)")
 			}
-			return agent.Release(stateDir)
+			dir, release := stateDir, func() error { return agent.Release(stateDir) }
+			if machine != "" {
+				dir, release = agent.MachineDir(stateDir, machine), func() error { return agent.ReleaseMachine(stateDir, machine) }
+			}
+			pinned := agent.Pinned(dir)
+			if err := release(); err != nil {
+				return err
+			}
+			switch {
+			case pinned:
+				fmt.Fprintf(cmd.OutOrStdout(), "released the capture pinned for %s; its next run resyncs by checksum\n", dir)
+			case machine == "":
+				fmt.Fprintf(cmd.OutOrStdout(), "nothing was pinned for %s (for a machine protected with lifeboat agent, add --name MACHINE)\n", dir)
+			default:
+				fmt.Fprintf(cmd.OutOrStdout(), "nothing was pinned for machine %s in %s\n", machine, stateDir)
+			}
+			return nil
 		},
 	}
 	release.Flags().StringVar(&stateDir, "state-dir", "/var/lib/lifeboat", "agent state directory")

@@ -29,6 +29,12 @@ func main() {
 	root.AddCommand(pointsCmd(&verbose), recoverCmd(&verbose))
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	go func() {
+		// The first signal asks for a clean stop; a second one is not
+		// caught, and ends the process at once.
+		<-ctx.Done()
+		stop()
+	}()
 	if err := root.ExecuteContext(ctx); err != nil {
 		fmt.Fprintln(os.Stderr, "lifeboat:", err)
 		os.Exit(1)

@@ -39,6 +39,15 @@ taken from AZURE_STORAGE_CONNECTION_STRING. Outages are retried with backoff
 while the cache absorbs the stream.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if uploadLimit < 0 {
+				return fmt.Errorf("--upload-limit %v: must not be negative", uploadLimit)
+			}
+			if pointInterval <= 0 {
+				return fmt.Errorf("--point-interval %v: must be positive", pointInterval)
+			}
+			if retention == 0 {
+				return errors.New("--retention 0: give a duration, or a negative one to keep everything")
+			}
 			cs := os.Getenv(envConnectionString)
 			if cs == "" {
 				return errors.New(envConnectionString + " is not set: export the storage account's connection string (or Azurite's)")
@@ -48,9 +57,7 @@ while the cache absorbs the stream.`,
 			if err != nil {
 				return err
 			}
-			if uploadLimit < 0 {
-				return fmt.Errorf("--upload-limit %v: must not be negative", uploadLimit)
-			}
+
 			cfg.Store = blobstore.Stack(base, blobstore.StackConfig{WriteBytesPerSec: uploadLimit, Logger: log})
 			cfg.Logger = log
 			rk, err := seal.LoadRecoveryKey(cfg.RecoveryKeyFile)
@@ -74,7 +81,7 @@ while the cache absorbs the stream.`,
 	f.BoolVar(&cfg.Profiling, "pprof", false, "also serve Go profiles on the metrics address under /debug/pprof/ (CPU samples labelled by stage)")
 	f.Float64Var(&uploadLimit, "upload-limit", 0, "upload bandwidth limit in bytes/s (0: unlimited)")
 	f.DurationVar(&pointInterval, "point-interval", 5*time.Minute, "crash-consistent recovery point interval (app-consistent points follow the agents' markers)")
-	f.DurationVar(&retention, "retention", 24*time.Hour, "how long recovery points and the journal between them are kept")
+	f.DurationVar(&retention, "retention", 24*time.Hour, "how long recovery points and the journal between them are kept (negative: keep everything)")
 	for _, n := range []string{"pki", "name", "cache", "recovery-key"} {
 		cmd.MarkFlagRequired(n)
 	}

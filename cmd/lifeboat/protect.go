@@ -43,6 +43,9 @@ the --pki directory.`
 		if ringMiB < 1 || ringMiB&(ringMiB-1) != 0 {
 			return fmt.Errorf("--ring-mib %d: must be a power of two", ringMiB)
 		}
+		if cfg.StopTimeout <= 0 {
+			return fmt.Errorf("--stop-timeout %v: must be positive", cfg.StopTimeout)
+		}
 		cfg.Devices = cfg.Devices[:0]
 		for _, d := range devices {
 			name, path, ok := strings.Cut(d, "=")

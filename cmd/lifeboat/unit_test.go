@@ -5,6 +5,8 @@ import (
 	"os"
 	"strings"
 	"testing"
+
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
 )
 
 // The shipped systemd unit's command line is one the agent accepts, with
@@ -41,5 +43,44 @@ func TestServiceUnitCommandLine(t *testing.T) {
 	}
 	if got := cmd.Flags().Lookup("app-interval").Value.String(); got != "0s" {
 		t.Errorf("unit takes app-consistent points every %s, but grants no CAP_SYS_ADMIN for fsfreeze", got)
+	}
+}
+
+// Values the roles would silently replace by their defaults are refused,
+// before anything else is looked at.
+func TestFlagValuesRefused(t *testing.T) {
+	var verbose bool
+	base := []string{"--pki", "p", "--name", "n", "--cache", "c", "--recovery-key", "k"}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{append(base, "--point-interval", "0"), "--point-interval 0s: must be positive"},
+		{append(base, "--point-interval", "-5s"), "--point-interval -5s: must be positive"},
+		{append(base, "--retention", "0"), "--retention 0"},
+		{append(base, "--upload-limit", "-1"), "--upload-limit -1"},
+	} {
+		if _, _, err := runCmd(t, processServerCmd(&verbose), tc.args...); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("process-server %v: %v, want %q", tc.args, err, tc.want)
+		}
+	}
+	agent := agentCmd(&verbose)
+	if _, _, err := runCmd(t, agent, "--process-server", "ps:7070", "--pki", "p", "--name", "n", "--device", "/dev/null", "--stop-timeout", "0"); err == nil || !strings.Contains(err.Error(), "--stop-timeout 0s: must be positive") {
+		t.Errorf("agent --stop-timeout 0: %v", err)
+	}
+}
+
+// agent release says what it released, and what to add when nothing was.
+func TestAgentReleaseSaysWhatItDid(t *testing.T) {
+	testenv.RequireRoot(t)
+	var verbose bool
+	dir := t.TempDir()
+	out, _, err := runCmd(t, agentCmd(&verbose), "release", "--state-dir", dir)
+	if err != nil || !strings.Contains(out, "nothing was pinned") || !strings.Contains(out, "add --name MACHINE") {
+		t.Errorf("release of an unused state directory: %q, %v", out, err)
+	}
+	out, _, err = runCmd(t, agentCmd(&verbose), "release", "--state-dir", dir, "--name", "web1")
+	if err != nil || !strings.Contains(out, "nothing was pinned for machine web1") {
+		t.Errorf("release --name of an unused state directory: %q, %v", out, err)
 	}
 }
