@@ -108,6 +108,22 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 		return err
 	}
 	abs, _ := filepath.Abs(cfg.To)
+	fi, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("mirror file: %w", err)
+	}
+	// The target is checked before anything is saved: a mistyped --to
+	// must not replace the state of the real mirror.
+	switch {
+	case fi.Mode().IsRegular():
+	case fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice != 0:
+	case fi.Mode()&os.ModeDevice != 0:
+		if tsize, err := f.Seek(0, io.SeekEnd); err != nil || tsize < size {
+			return fmt.Errorf("mirror device %s: %d bytes, smaller than %s (%d bytes)", cfg.To, tsize, cfg.Device, size)
+		}
+	default:
+		return fmt.Errorf("mirror file %s: not a regular file or a device", cfg.To)
+	}
 
 	sync := SyncFull
 	switch {
@@ -115,12 +131,15 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 		log.Info("no previous state: full copy")
 	case prev.Identity != identity:
 		log.Warn("another device is behind this path now: full copy", "was", prev.Identity, "now", identity)
-	case prev.Target != abs || prev.TargetID != targetID:
+	case prev.Target != abs || (prev.TargetID != targetID && prev.TargetID != nodeIdentity(fi)):
+		// (A state written before device targets were known by their
+		// disk's identity names the node's.)
 		log.Warn("the mirror file is not the one the last run wrote (missing, replaced or moved): full copy")
 	case !prev.Clean:
 		log.Warn("the last run did not stop cleanly: resync by checksum")
 		sync = SyncCompare
-	case prev.TargetStamp != stamp:
+	case prev.TargetStamp != "" && prev.TargetStamp != stamp:
+		// ("" : a state written before stamps were kept.)
 		log.Warn("the mirror file changed since the last clean stop (written, truncated or replaced by something else): resync by checksum")
 		sync = SyncCompare
 	default:
@@ -133,10 +152,6 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	if err := saveState(statePath, &st); err != nil {
 		return err
 	}
-	fi, err := f.Stat()
-	if err != nil {
-		return fmt.Errorf("mirror file: %w", err)
-	}
 	switch {
 	case fi.Mode().IsRegular():
 		if fi.Size() != size {
@@ -147,15 +162,9 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 			// old inode number): copy it all.
 			sync = SyncFull
 		}
-	case fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice != 0:
+	case fi.Mode()&os.ModeCharDevice != 0:
 		// /dev/null: capture without keeping a copy (benchmarks).
 		sync = SyncFull
-	case fi.Mode()&os.ModeDevice != 0:
-		if tsize, err := f.Seek(0, io.SeekEnd); err != nil || tsize < size {
-			return fmt.Errorf("mirror device %s: %d bytes, smaller than %s (%d bytes)", cfg.To, tsize, cfg.Device, size)
-		}
-	default:
-		return fmt.Errorf("mirror file %s: not a regular file or a device", cfg.To)
 	}
 	markers, err := os.OpenFile(filepath.Join(cfg.StateDir, "markers.jsonl"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
@@ -313,8 +322,7 @@ func fileIdentity(f *os.File) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	s, ok := fi.Sys().(*syscall.Stat_t)
-	if !ok {
+	if _, ok := fi.Sys().(*syscall.Stat_t); !ok {
 		return "", errors.New("mirror file: no inode information")
 	}
 	if fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice == 0 {
@@ -331,7 +339,16 @@ func fileIdentity(f *os.File) (string, error) {
 		}
 		return "block " + id, nil
 	}
-	return fmt.Sprintf("%d:%d", s.Dev, s.Ino), nil
+	return nodeIdentity(fi), nil
+}
+
+// nodeIdentity is the file's device and inode numbers.
+func nodeIdentity(fi os.FileInfo) string {
+	s, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return ""
+	}
+	return fmt.Sprintf("%d:%d", s.Dev, s.Ino)
 }
 
 // fileStamp returns a regular file's ctime, which moves with every write,

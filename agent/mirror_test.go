@@ -416,6 +416,13 @@ func TestMirrorCleanRestart(t *testing.T) {
 	// While the agent is down.
 	run(t, "dd", "if=/dev/urandom", "of="+d.Path, "bs=64k", "seek=100", "count=16", "oflag=direct", "status=none")
 
+	// A mistyped --to (a device too small) is refused, and leaves the
+	// state of the real mirror as the clean stop left it.
+	small := loopdev.New(t, 1<<20, loopdev.Options{})
+	if err := RunMirror(context.Background(), MirrorConfig{Device: d.Path, To: small.Path, StateDir: o.stateDir}); err == nil || !strings.Contains(err.Error(), "smaller than") {
+		t.Fatalf("mirror onto a device too small: %v", err)
+	}
+
 	r = startMirror(t, d.Path, mirror, o)
 	fio(t, d.Path, "--io_size=32m")
 	s := r.stop()

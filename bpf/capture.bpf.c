@@ -879,7 +879,12 @@ static __always_inline void complete_bio(struct bio *bio, __u64 key, int error)
 	struct lb_pending pc;
 	switch (pend_take(key, &pc)) {
 	case 0:
-		if (!settle_swept(&key))
+		// Swept while in flight: the extent it was queued with. Its
+		// range now is marked as well, as the swept entry may be an
+		// earlier bio's at this address, whose completion never came.
+		if (settle_swept(&key))
+			mark_landed(bio, false);
+		else
 			complete_untracked(bio);
 		return;
 	case 1:
@@ -912,13 +917,17 @@ static __always_inline void complete_rq_bio(struct bio *bio, __u64 addr, int err
 	case -1:
 		return; // swept by the agent meanwhile, which settled the write
 	}
+	// As in complete_bio: the swept extent, and the range it completes
+	// with (the swept entry may be an earlier bio's at this address).
 	__u64 k = addr;
-	if (settle_swept(&k))
-		return;
+	int swept = settle_swept(&k);
 	__u32 key;
 	__u64 start;
 	if (dev_of(bio, &key, &start)) {
-		complete_untracked(bio);
+		if (swept)
+			mark_landed(bio, false);
+		else
+			complete_untracked(bio);
 		return;
 	}
 	__u32 size = bio->bi_iter.bi_size;

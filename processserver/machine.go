@@ -185,8 +185,11 @@ func (m *machine) ensureLoaded(ctx context.Context) error {
 // the manifest, their records are inside the gap just opened. The agent
 // numbers its next records from durable+1, and segments of the two
 // histories under overlapping ranges would be replayed together.
-func (m *machine) dropForeignSegments(ctx context.Context, durable uint64) error {
-	segs, err := recovery.ListSegments(ctx, m.s.store, m.name)
+//
+// Those segments start at most at acked, the agent's last acknowledged
+// sequence: an upload holds acknowledged records only.
+func (m *machine) dropForeignSegments(ctx context.Context, durable, acked uint64) error {
+	segs, err := recovery.ListSegmentsFrom(ctx, m.s.store, m.name, durable+1, acked)
 	if err != nil {
 		return err
 	}
@@ -415,7 +418,7 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, uin
 			if err := m.openGap(ctx, durable+1, d.LastAckedSeq); err != nil {
 				return nil, 0, nil, 0, err
 			}
-			if err := m.dropForeignSegments(ctx, durable); err != nil {
+			if err := m.dropForeignSegments(ctx, durable, d.LastAckedSeq); err != nil {
 				return nil, 0, nil, 0, err
 			}
 			break

@@ -39,7 +39,7 @@ func TestReplicaLostFullSync(t *testing.T) {
 	if err := store.CreatePageBlob(t.Context(), layout.DiskName("m1", "sda"), size, md); err != nil {
 		t.Fatal(err)
 	}
-	s.ReplicaLost("m1", "sda")
+	s.ReplicaLost("m1", "sda", g1.String())
 	if f := a.next(10 * time.Second); f.err == nil {
 		t.Fatalf("session still open after the replica was lost: got %s", f.typ)
 	}
@@ -56,6 +56,11 @@ func TestReplicaLostFullSync(t *testing.T) {
 		gd.Previous[0] != (layout.Generation{Generation: g1.String(), Size: size, Start: 1}) {
 		t.Fatalf("manifest disk %+v: want the new generation from 11 after %s from 1", gd, g1)
 	}
+	// Reported lost again (an applier reloading the disk): a session
+	// already on its full sync, or one not protecting it, goes on.
+	s.ReplicaLost("m1", "sda", g1.String())
+	s.ReplicaLost("m1", "sdz", g1.String())
+	b.waitAck(b.batch(11, 2))
 	b.conn.Close()
 
 	c := dialAgent(t, e, s, "m1")

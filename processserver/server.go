@@ -145,8 +145,16 @@ func Start(ctx context.Context, c Config) (*Server, error) {
 	if err != nil && blobstore.IsPermanent(err) && ctx.Err() == nil {
 		// A wrong key, a SAS without the permissions, a container name the
 		// service refuses: waiting will not fix it, and agents would fill
-		// the cache meanwhile.
-		return nil, fmt.Errorf("the storage account refuses container %q (check the connection string's key or SAS permissions, and the container name): %w", cfg.Container, err)
+		// the cache meanwhile. But a token scoped to an existing container
+		// may not create one: it only needs to use it.
+		lctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		_, lerr := cfg.Store.ListBlobs(lctx, layout.ManifestName("probe"))
+		cancel()
+		if lerr != nil {
+			return nil, fmt.Errorf("the storage account refuses container %q (check the connection string's key or SAS permissions, and the container name): %w", cfg.Container, err)
+		}
+		s.log.Info("the container exists, but this connection may not create containers", "container", cfg.Container)
+		err = nil
 	}
 	if cfg.NewApplier != nil {
 		a, aerr := cfg.NewApplier(s)
@@ -287,18 +295,28 @@ func (s *Server) UpdateManifest(ctx context.Context, machine string, update func
 }
 
 // ReplicaLost is how the applier reports that the replica page blob of
-// disk's current generation went missing after records were applied to
-// it; it recreated the blob empty and marked it layout.MetaLost. The
-// agent's session ends, so that its next hello gets a full sync of the
-// disk (missingReplicas). It does not block.
-func (s *Server) ReplicaLost(machine, disk string) {
+// generation of disk went missing after records were applied to it; it
+// recreated the blob empty and marked it layout.MetaLost. The agent's
+// session ends if it streams that generation of the disk, so that its next
+// hello gets a full sync of the disk (missingReplicas); a session already
+// on a newer generation, or not protecting the disk, goes on. The applier
+// reports it again when it reloads the disk, in case a hello could not
+// check the replica then. It does not block.
+func (s *Server) ReplicaLost(machine, disk, generation string) {
 	s.mu.Lock()
 	m := s.machines[machine]
 	s.mu.Unlock()
 	if m == nil {
 		return
 	}
-	if st := m.current(); st != nil {
+	m.mu.Lock()
+	st := m.sess
+	var agreed string
+	if st != nil {
+		agreed = st.synced[disk]
+	}
+	m.mu.Unlock()
+	if agreed != "" && agreed == generation {
 		st.abort(fmt.Errorf("replica page blob of disk %s lost: the agent reconnects for a full sync", disk))
 	}
 }

@@ -693,19 +693,30 @@ func TestMarkersWithoutRecordsBounded(t *testing.T) {
 	})
 }
 
-// refusingStore is an account that refuses the container for good (a
-// wrong key, a SAS without the permission).
-type refusingStore struct{ blobstore.Store }
+// refusingStore is an account that refuses to create the container (a
+// wrong key, or a token scoped to one container), and to list it unless
+// listable (a token that may use the container it is scoped to).
+type refusingStore struct {
+	blobstore.Store
+	listable bool
+}
 
 func (refusingStore) EnsureContainer(context.Context) error {
 	return blobstore.Permanent(errors.New("AuthorizationFailure (HTTP 403)"))
+}
+
+func (r refusingStore) ListBlobs(ctx context.Context, prefix string) ([]blobstore.BlobInfo, error) {
+	if !r.listable {
+		return nil, blobstore.Permanent(errors.New("AuthorizationFailure (HTTP 403)"))
+	}
+	return r.Store.ListBlobs(ctx, prefix)
 }
 
 // TestStartRefusedByAccount: a storage account that refuses the container
 // for good stops the process server at start with a clear error, instead
 // of caching forever what it will never upload.
 func TestStartRefusedByAccount(t *testing.T) {
-	e := newEnv(t, refusingStore{mem.New()}, 1)
+	e := newEnv(t, refusingStore{Store: mem.New()}, 1)
 	cfg := Config{Listen: "127.0.0.1:0", PKIDir: e.pki, Name: "ps", CacheDirs: e.cache, RecoveryKeyFile: e.rkFile,
 		Store: e.store, Container: "lifeboat"}
 	s, err := Start(context.Background(), cfg)
@@ -716,4 +727,15 @@ func TestStartRefusedByAccount(t *testing.T) {
 	if !strings.Contains(err.Error(), `refuses container "lifeboat"`) || !strings.Contains(err.Error(), "403") {
 		t.Fatalf("error %q does not say the account refused the container", err)
 	}
+	// A token scoped to the existing container may not create it, and
+	// needs not.
+	existing := mem.New()
+	if err := existing.EnsureContainer(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	cfg.Store = refusingStore{Store: existing, listable: true}
+	if s, err = Start(context.Background(), cfg); err != nil {
+		t.Fatalf("token scoped to an existing container: %v", err)
+	}
+	s.Close()
 }

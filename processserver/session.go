@@ -88,6 +88,10 @@ type session struct {
 	// the sums worker instead of leaving the next hello waiting on them.
 	ctx    context.Context
 	cancel context.CancelFunc
+	// synced: the generation the hello-ack agreed for each disk (under
+	// m.mu): a replica found lost ends only a session that streams into
+	// that generation.
+	synced map[string]string
 }
 
 type sumsReq struct {
@@ -202,9 +206,14 @@ func (st *session) run(ctx context.Context) {
 			st.remap = true
 		}
 	}
+	synced := make(map[string]string, len(ack.Disks))
 	for _, d := range ack.Disks {
 		st.log.Info("agent connected", logDisk, d.Name, logAction, d.Action.String(), logGeneration, d.Generation.String(), logResumeFrom, d.ResumeFrom)
+		synced[d.Name] = d.Generation.String()
 	}
+	st.m.mu.Lock()
+	st.synced = synced
+	st.m.mu.Unlock()
 	if err := st.send(func(w *wire.Writer) error { return w.WriteHelloAck(ack) }); err != nil {
 		st.log.Warn("send hello-ack", logErr, err)
 		return
@@ -268,7 +277,13 @@ func (st *session) readLoop() bool {
 	defer st.release()
 	for {
 		st.release()
-		st.conn.SetReadDeadline(time.Now().Add(st.readTimeout()))
+		d := st.readTimeout()
+		st.conn.SetReadDeadline(time.Now().Add(d))
+		if d != quietTimeout && st.readTimeout() == quietTimeout {
+			// Paused meanwhile: updateBackpressure's longer deadline
+			// may have come before ours.
+			st.conn.SetReadDeadline(time.Now().Add(quietTimeout))
+		}
 		f, err := st.r.NextInto(st.room)
 		if err != nil {
 			if err == io.EOF {

@@ -390,10 +390,13 @@ func (r *revocations) check(cert *x509.Certificate) error {
 				if len(f) == 0 {
 					continue
 				}
-				if _, ok := new(big.Int).SetString(f[0], 16); !ok {
-					return fmt.Errorf("pki: revocation list %s, line %d: %q is not a hex serial number", r.path, i+1, f[0])
+				n, ok := new(big.Int).SetString(strings.ReplaceAll(f[0], ":", ""), 16)
+				if !ok {
+					return fmt.Errorf("pki: revocation list %s, line %d: %q is not a hex serial number (the list refuses every peer until it is fixed)", r.path, i+1, f[0])
 				}
-				serials[strings.ToLower(f[0])] = strings.Join(f[1:], " ")
+				// Normalised: OpenSSL prints serials with leading zeros
+				// and colons.
+				serials[n.Text(16)] = strings.Join(f[1:], " ")
 			}
 			r.stamp, r.serials = stamp, serials
 		}

@@ -519,6 +519,18 @@ func TestHandshakeRefusesRevoked(t *testing.T) {
 	if res.clientErr == nil || !strings.Contains(res.clientErr.Error(), "is revoked") {
 		t.Fatalf("revoked process server: client error %v", res.clientErr)
 	}
+	// A serial as OpenSSL prints it (padded, with colons) matches too.
+	serial := fmt.Sprintf("%x", other.Leaf().SerialNumber.Bytes())
+	var colons []string
+	for i := 0; i < len(serial); i += 2 {
+		colons = append(colons, serial[i:i+2])
+	}
+	if err := os.WriteFile(filepath.Join(dir, revokedFile), []byte("00:"+strings.Join(colons, ":")+" web02\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Load(dir, "web02"); err == nil || !strings.Contains(err.Error(), "is revoked") {
+		t.Fatalf("serial written as OpenSSL prints it: %v", err)
+	}
 	if err := os.WriteFile(filepath.Join(dir, revokedFile), []byte("not-hex web01\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}

@@ -131,10 +131,11 @@ type Config struct {
 	Yield func(ctx context.Context)
 	// ReplicaLost, if set, is told when the replica page blob of the
 	// current generation of a disk has gone missing after records were
-	// applied to it: the process server then ends the agent's session,
-	// and the next hello sees the blob marked layout.MetaLost and asks
-	// for a full sync. It must not block.
-	ReplicaLost func(machine, disk string)
+	// applied to it (and again at each load of the disk while it stays
+	// so): the process server then ends the agent's session streaming
+	// that generation, and the next hello sees the blob marked
+	// layout.MetaLost and asks for a full sync. It must not block.
+	ReplicaLost func(machine, disk, generation string)
 	// PollInterval: how often Run looks for new segments without being
 	// notified (default 30 s).
 	PollInterval time.Duration
@@ -491,7 +492,7 @@ func (a *Applier) loadDisk(ctx context.Context, m *machine, man *layout.Manifest
 			// Found lost by an earlier run, and no full sync agreed
 			// since: a session that resumed without seeing it (the
 			// account did not answer its hello's check) must end.
-			a.cfg.ReplicaLost(m.name, md.Name)
+			a.cfg.ReplicaLost(m.name, md.Name, d.gen)
 		}
 		return d, nil
 	case err == nil || blobstore.IsNotFound(err):
@@ -527,7 +528,7 @@ func (a *Applier) loadDisk(ctx context.Context, m *machine, man *layout.Manifest
 			a.log.Error("replica page blob missing; asking the agent for a full sync",
 				logKeyMachine, m.name, logKeyDisk, md.Name)
 			if a.cfg.ReplicaLost != nil {
-				a.cfg.ReplicaLost(m.name, md.Name)
+				a.cfg.ReplicaLost(m.name, md.Name, d.gen)
 			}
 		}
 	}

@@ -145,7 +145,7 @@ func testReplicaLost(t *testing.T, store blobstore.Store) {
 	m := recoverytest.New(t, store, "lost", 1<<20)
 	c := &clock{t: time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)}
 	var lost []string
-	cfg := applier.Config{PointInterval: 1000 * time.Hour, ReplicaLost: func(machine, disk string) { lost = append(lost, machine+"/"+disk) }}
+	cfg := applier.Config{PointInterval: 1000 * time.Hour, ReplicaLost: func(machine, disk, _ string) { lost = append(lost, machine+"/"+disk) }}
 	a := newApplier(t, m, cfg)
 	workload(m, rng, c, 20)
 	m.Marker(wire.MarkerAppConsistent, c.next())
