@@ -44,13 +44,14 @@ type fioResult struct {
 	BWBytes   float64 // write bandwidth, bytes/s
 	IOBytes   int64   // bytes written
 	RuntimeMs int64   // fio's own measured write runtime
-	P99Ns     float64 // 99th percentile write completion latency
+	P99Ns     float64 // 99th percentile write latency, submission included (lat_ns; clat_ns without lat_percentiles)
 	MeanNs    float64 // mean write completion latency
 	UsrCPU    float64 // fio's user CPU, % of one core
 	SysCPU    float64 // fio's system CPU, % of one core (includes in-kernel probe cost on the submit path)
 }
 
-// p99Key is how fio names the 99th percentile in clat_ns.percentile.
+// p99Key is how fio names the 99th percentile in lat_ns.percentile and
+// clat_ns.percentile.
 const p99Key = "99.000000"
 
 // parseFio extracts jobs[0]'s write statistics from fio --output-format=json
@@ -76,6 +77,12 @@ func parseFio(data []byte) (fioResult, error) {
 					Mean       float64            `json:"mean"`
 					Percentile map[string]float64 `json:"percentile"`
 				} `json:"clat_ns"`
+				// Total latency: with io_uring, a write issued inline
+				// spends capture's submission-side work before fio
+				// stamps its issue, so clat leaves it out.
+				LatNs struct {
+					Percentile map[string]float64 `json:"percentile"`
+				} `json:"lat_ns"`
 			} `json:"write"`
 		} `json:"jobs"`
 	}
@@ -94,7 +101,10 @@ func parseFio(data []byte) (fioResult, error) {
 	if w.IOBytes == 0 {
 		return fioResult{}, fmt.Errorf("fio job %q wrote nothing", j.JobName)
 	}
-	p99, ok := w.ClatNs.Percentile[p99Key]
+	p99, ok := w.LatNs.Percentile[p99Key]
+	if !ok {
+		p99, ok = w.ClatNs.Percentile[p99Key]
+	}
 	if !ok {
 		return fioResult{}, fmt.Errorf("fio job %q has no write clat_ns percentile %s", j.JobName, p99Key)
 	}
@@ -132,6 +142,7 @@ func fioArgs(wl Workload, device, engine string, runtime time.Duration, out stri
 		// throughput measurement.
 		"--norandommap",
 		"--randrepeat=0",
+		"--lat_percentiles=1",
 		"--output-format=json",
 		"--output=" + out,
 	}

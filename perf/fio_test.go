@@ -62,10 +62,21 @@ func TestFioArgs(t *testing.T) {
 	for _, want := range []string{
 		"--filename=/dev/loop7", "--rw=randwrite", "--bs=4096", "--iodepth=32",
 		"--ioengine=io_uring", "--direct=1", "--time_based", "--runtime=2500ms",
-		"--output-format=json", "--output=/tmp/out.json",
+		"--lat_percentiles=1", "--output-format=json", "--output=/tmp/out.json",
 	} {
 		if !slices.Contains(args, want) {
 			t.Errorf("fio args %q lack %q", args, want)
 		}
+	}
+}
+
+// With lat_percentiles the p99 is of the total latency (submission
+// included), which capture's submission-side work adds to.
+func TestParseFioTotalLatency(t *testing.T) {
+	doc := `{"jobs":[{"jobname":"w","error":0,"write":{"io_bytes":4096,"bw_bytes":4096,"iops":1,"runtime":1000,
+		"clat_ns":{"mean":100,"percentile":{"99.000000":62208}},"lat_ns":{"percentile":{"99.000000":75264}}}}]}`
+	r, err := parseFio([]byte(doc))
+	if err != nil || r.P99Ns != 75264 {
+		t.Fatalf("p99 = %v (%v), want the total latency's 75264", r.P99Ns, err)
 	}
 }

@@ -1146,6 +1146,7 @@ func pipelineFioArgs(cfg PipelineConfig, device string, bs int64, rate float64, 
 		// buffers once, and the journal's compressor finds the repeats
 		// (about 10:1), which no real disk churn offers.
 		"--refill_buffers",
+		"--lat_percentiles=1",
 		"--output-format=json",
 		"--output=" + out,
 	}
