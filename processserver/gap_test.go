@@ -460,6 +460,11 @@ func TestUnreadableNewestSegmentAtStartIsNoLoss(t *testing.T) {
 	r.loseShards(11) // the crash left one shard of three
 	r.restart()
 	r.upload()
+	// Left out of the cache too: kept, it would come back after the next
+	// restart (its disk back) as a segment with a hole before it.
+	if ids, err := r.s.cache.List("m1"); err != nil || slices.ContainsFunc(ids, func(id cache.SegmentID) bool { return id.Seq == 11 }) {
+		t.Fatalf("cache still lists %v (%v) after leaving 11 out", ids, err)
+	}
 	man := r.manifest()
 	if len(man.Gaps) != 0 || man.DurableSeq != 10 {
 		t.Fatalf("gaps %+v, durable %d; want none, 10", man.Gaps, man.DurableSeq)

@@ -342,8 +342,24 @@ func (m *machine) settleSuspects(ctx context.Context) error {
 		m.log.Warn("leaving out an unreadable cached segment newer than every readable one, and any after it (a store a crash interrupted; a loss, if the agent had it acknowledged, is recorded at its hello)",
 			logSegment, e.id.String(), logErr, err)
 		m.mu.Lock()
-		m.segs = slices.DeleteFunc(m.segs, func(x *segEntry) bool { return x.suspect && x.id.Seq >= e.id.Seq })
+		var out []cache.SegmentID
+		m.segs = slices.DeleteFunc(m.segs, func(x *segEntry) bool {
+			if x.suspect && x.id.Seq >= e.id.Seq {
+				out = append(out, x.id)
+				return true
+			}
+			return false
+		})
 		m.mu.Unlock()
+		// Out of the cache too: the agent resends or resyncs what they
+		// held, and one kept would come back at the next restart (its
+		// disk back, its missing shards found) as a segment with a hole
+		// before it.
+		for _, id := range out {
+			if err := m.s.cache.Delete(id); err != nil {
+				m.log.Warn("cannot delete a cached segment left out; the next restart leaves it out again", logSegment, id.String(), logErr, err)
+			}
+		}
 		return nil
 	}
 }
