@@ -128,3 +128,47 @@ func TestForeignRunWithinSentSequences(t *testing.T) {
 	srv.HoldAcks(false)
 	waitFor(t, "a checksum resync", func() bool { return asked.Load() > 0 })
 }
+
+// Records held while the process server was away, which another agent
+// under this name then numbered past: resent, they are dropped there as
+// duplicates and never acknowledged. Held on to, they kept the buffer full
+// for good and the writer blocked, before the resync it was asked for.
+func TestForeignDuplicatesFreed(t *testing.T) {
+	srv := streamtest.New(t)
+	cfg := config(t, srv, t.TempDir(), 1<<20)
+	cfg.BufferBytes = 2 << 20
+	tg := dial(t, cfg)
+	if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	srv.SetWindow(0)
+	time.Sleep(20 * time.Millisecond)
+	blocked := make(chan error, 1)
+	go func() {
+		for i := 1; ; i++ { // until the buffer is full and a write blocks
+			if err := tg.WriteAt(0, make([]byte, 4096), int64(4096*(i%200))); err != nil {
+				blocked <- err
+				return
+			}
+			if i == 5000 {
+				blocked <- nil
+				return
+			}
+		}
+	}()
+	time.Sleep(200 * time.Millisecond)
+	srv.Advance(10_000) // another agent as this machine, far past our numbers
+	waitFor(t, "the reconnect", func() bool { st := tg.Stats(); return st.Connected && st.Reconnects >= 1 })
+	srv.SetWindow(8 << 20)
+	select {
+	case err := <-blocked:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("writer still blocked 10 s after the reconnect: %+v", tg.Stats())
+	}
+}

@@ -203,6 +203,12 @@ func (t *Target) agree(s *session, a *wire.HelloAck, initial bool) ([]wire.DiskA
 		case foreign:
 			t.log.Error("the process server holds sequences this agent never sent: another agent streams as this machine, or the state directory is an old copy; resyncing by checksum",
 				"sent", t.maxSent, "next", t.nextSeq, "durable", durable)
+			// Records of ours up to durable would be dropped there as
+			// duplicates, never acknowledged: held, they would fill the
+			// buffer for good and block the writer before the resync.
+			// The resync brings back what they changed.
+			t.freeThroughLocked(durable)
+			t.cond.Broadcast()
 		case durable < t.ackedSeq:
 			// It lost records it had acknowledged, and we freed them.
 			t.log.Warn("process server lost acknowledged records: resyncing by checksum",
@@ -587,6 +593,23 @@ func (t *Target) ackLocked(seq uint64) {
 		return
 	}
 	t.ackedSeq = seq
+	t.freeThroughLocked(seq)
+	t.sentSeq = max(t.sentSeq, seq)
+	n := 0
+	for _, m := range t.markers {
+		if m.seq <= seq {
+			t.ackedMarker = m.at
+			n++
+		}
+	}
+	t.markers = t.markers[n:]
+	t.cond.Broadcast()
+	t.wake()
+}
+
+// freeThroughLocked frees the buffered segments whose records are all at
+// or below seq.
+func (t *Target) freeThroughLocked(seq uint64) {
 	for len(t.segs) > 0 && t.segs[0].last <= seq {
 		s := t.segs[0]
 		t.segs[0] = nil
@@ -602,17 +625,6 @@ func (t *Target) ackLocked(seq uint64) {
 			t.recycleLocked(s)
 		}
 	}
-	t.sentSeq = max(t.sentSeq, seq)
-	n := 0
-	for _, m := range t.markers {
-		if m.seq <= seq {
-			t.ackedMarker = m.at
-			n++
-		}
-	}
-	t.markers = t.markers[n:]
-	t.cond.Broadcast()
-	t.wake()
 }
 
 // corkConn, once started, holds back what TLS writes until Flush, up to

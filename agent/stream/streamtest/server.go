@@ -457,6 +457,7 @@ func (s *Server) batch(c net.Conn, conn int, names []string, b wire.Batch, w *wi
 		c.Close()
 		return true
 	}
+	stored := false
 	for it := b.Records(); it.Next(); {
 		r := it.Record()
 		rec := *r
@@ -468,6 +469,7 @@ func (s *Server) batch(c net.Conn, conn int, names []string, b wire.Batch, w *wi
 		if r.Seq <= s.durable {
 			continue // a duplicate: already applied
 		}
+		stored = true
 		if r.Seq != s.durable+1 {
 			s.violations = append(s.violations, fmt.Sprintf("record %d follows %d", r.Seq, s.durable))
 		}
@@ -491,7 +493,9 @@ func (s *Server) batch(c net.Conn, conn int, names []string, b wire.Batch, w *wi
 		c.Close()
 		return true
 	}
-	if !s.holdAcks {
+	// As the process server: an ack for records it stored, none for a
+	// batch of duplicates only.
+	if !s.holdAcks && stored {
 		s.acked = s.durable
 		w.WriteAck(s.durable)
 	}
