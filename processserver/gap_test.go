@@ -755,3 +755,37 @@ func TestForeignSegmentsPastGapDeleted(t *testing.T) {
 		t.Fatalf("segment within durable_seq: %v", err)
 	}
 }
+
+// A segment of a resync found lost after a restart (its end unknown) ends
+// where the next cached segment begins, not where the gap the hello opened
+// for the agent's acknowledged records ends: its tombstone covers what it
+// held, and the journal stays contiguous.
+func TestLostSegmentEndsAtNextCached(t *testing.T) {
+	r := newGapRig(t, mem.New())
+	r.put(1, 10)
+	r.upload()
+	if a, _ := r.agree(20); a != wire.SyncChecksum { // the agent had 11..20 acknowledged elsewhere
+		t.Fatalf("agent ahead told %v, want a checksum resync", a)
+	}
+	r.put(11, 25) // the resync's records
+	r.put(26, 30)
+	r.restart()
+	r.loseShards(11)
+	r.upload()
+	r.upload()
+	infos, err := r.store.ListBlobs(context.Background(), layout.JournalPrefix("m1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, bi := range infos {
+		names = append(names, bi.Name)
+	}
+	if !slices.Contains(names, layout.SegmentName("m1", 11, 25)) || slices.Contains(names, layout.SegmentName("m1", 11, 20)) ||
+		!slices.Contains(names, layout.SegmentName("m1", 26, 30)) {
+		t.Fatalf("journal %v: want the tombstone of 11..25 and 26..30", names)
+	}
+	if man := r.manifest(); man.DurableSeq != 30 {
+		t.Fatalf("durable_seq %d, want 30", man.DurableSeq)
+	}
+}

@@ -539,11 +539,21 @@ func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error
 	m.log.Error("acknowledged segment unreadable in the cache; unless the journal holds it, the agent will be asked for a checksum resync",
 		logSegment, e.id.String(), logErr, err)
 	// What it held: up to its last record, or (not read since a restart)
-	// what the gap recorded before a crash said, else up to the next
-	// segment. Every segment before it is in the journal (uploads publish
-	// in order), so its predecessor ends at uploaded.
+	// up to the next cached segment, as segments are contiguous; with none,
+	// what the gap recorded before a crash said, else everything durable.
+	// (A gap that starts there may be a hello's, opened for records the
+	// agent had acknowledged, whose end says nothing of this segment's.)
+	// Every segment before it is in the journal (uploads publish in
+	// order), so its predecessor ends at uploaded.
 	m.mu.Lock()
 	lostTo := e.last
+	if lostTo == 0 {
+		for _, x := range m.segs {
+			if x.id.Seq > e.id.Seq && (lostTo == 0 || x.id.Seq-1 < lostTo) {
+				lostTo = x.id.Seq - 1
+			}
+		}
+	}
 	if lostTo == 0 {
 		for _, g := range m.man.Gaps {
 			if g.Open() && g.From == e.id.Seq {
@@ -553,11 +563,6 @@ func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error
 	}
 	if lostTo == 0 {
 		lostTo = m.durable
-		for _, x := range m.segs {
-			if x.id.Seq > e.id.Seq {
-				lostTo = min(lostTo, x.id.Seq-1)
-			}
-		}
 	}
 	lostTo = max(lostTo, e.id.Seq)
 	prev, key := m.uploaded, m.key
