@@ -175,6 +175,11 @@ func Start(ctx context.Context, c Config) (*Server, error) {
 	if rep := ch.Replaced(); len(rep) > 0 {
 		s.log.Warn("cache directories were wiped or replaced; rebuilding their shards", logDir, rep)
 		s.scrubReq <- struct{}{}
+	} else if short, err := ch.ShortOfShards(); err != nil || short {
+		// Shards missing since before the restart (a lowered quorum, a
+		// disk unmounted, a crash): a second loss would cost segments.
+		s.log.Warn("cached segments are missing shards; rebuilding them", logErr, err)
+		s.scrubReq <- struct{}{}
 	}
 
 	ln, err := net.Listen("tcp", cfg.Listen)

@@ -1077,6 +1077,39 @@ func (c *Cache) eachDir(sub string, strict bool, fn func(name string, isDir bool
 	return nil
 }
 
+// ShortOfShards reports whether some segment lacks a shard file in some
+// directory: what a Put at a lowered write quorum, a directory that was
+// unmounted or wiped while the server ran, or a Put a crash interrupted
+// leaves until a Scrub rebuilds it. That knowledge is not kept across a
+// restart; this finds it again from the directories' listings, without
+// reading a shard.
+func (c *Cache) ShortOfShards() (bool, error) {
+	streams, err := c.streams(true)
+	if err != nil {
+		return false, err
+	}
+	for _, st := range streams {
+		counts := map[string]int{}
+		for _, d := range c.dirs {
+			entries, err := c.fs.ReadDir(filepath.Join(d, st))
+			if err != nil && !errors.Is(err, fs.ErrNotExist) {
+				return false, fmt.Errorf("cache: list %s: %w", filepath.Join(d, st), err)
+			}
+			for _, e := range entries {
+				if !e.IsDir() && strings.HasSuffix(e.Name(), shardExt) {
+					counts[e.Name()]++
+				}
+			}
+		}
+		for _, n := range counts {
+			if n < len(c.dirs) {
+				return true, nil
+			}
+		}
+	}
+	return false, nil
+}
+
 // ScrubReport summarises a Scrub.
 type ScrubReport struct {
 	Segments       int         // segments examined
