@@ -604,8 +604,14 @@ func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error
 		}
 	}
 	m.mu.Unlock()
-	if err := m.writeManifest(ctx); err != nil {
-		return err
+	werr := m.writeManifest(ctx)
+	if sess := m.current(); sess != nil && !inJournal {
+		// The agent must resync, even if the write failed: a retry meets
+		// the tombstone as the segment's upload, and would not end it.
+		sess.abort(errors.New("acknowledged data lost from the cache"))
+	}
+	if werr != nil {
+		return werr
 	}
 	m.s.metrics.durableSeq.WithLabelValues(m.name).Set(float64(lostTo))
 	if m.s.applier != nil {
@@ -624,12 +630,8 @@ func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error
 	}
 	m.s.dropHot(e.hot)
 	e.hot = nil
-	sess := m.sess
 	m.mu.Unlock()
 	m.s.cacheBytes.Add(-e.size)
-	if sess != nil && !inJournal {
-		sess.abort(errors.New("acknowledged data lost from the cache"))
-	}
 	return nil
 }
 
