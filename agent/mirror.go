@@ -246,23 +246,31 @@ func PinDir(stateDir string) string {
 // Release detaches the capture a clean stop left pinned for stateDir and
 // forgets that the stop was clean (the next run resyncs by checksum).
 func Release(stateDir string) error {
-	lock, err := lockState(stateDir)
+	return release(stateDir, func() error {
+		statePath := filepath.Join(stateDir, "mirror.json")
+		if st, err := loadState(statePath); err == nil {
+			st.Clean = false
+			return saveState(statePath, st)
+		}
+		return nil
+	})
+}
+
+// release unpins dir's capture and, with dir locked, forgets its clean
+// stop (forget); a directory never used has only pins to remove.
+func release(dir string, forget func() error) error {
+	lock, err := lockState(dir)
 	if errors.Is(err, fs.ErrNotExist) {
-		return unpin(stateDir) // no state: nothing else to forget
+		return unpin(dir) // no state: nothing else to forget
 	}
 	if err != nil {
 		return err
 	}
 	defer lock.Close()
-	if err := unpin(stateDir); err != nil {
+	if err := unpin(dir); err != nil {
 		return err
 	}
-	statePath := filepath.Join(stateDir, "mirror.json")
-	if st, err := loadState(statePath); err == nil {
-		st.Clean = false
-		return saveState(statePath, st)
-	}
-	return nil
+	return forget()
 }
 
 // lockState locks state directory dir for as long as the file it returns

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
@@ -558,26 +557,17 @@ func saveJSON(path string, v any) error {
 // next run resyncs by checksum).
 func ReleaseMachine(stateDir, machine string) error {
 	dir := MachineDir(stateDir, machine)
-	lock, err := lockState(dir)
-	if errors.Is(err, fs.ErrNotExist) {
-		return unpin(dir) // no state: nothing else to forget
-	}
-	if err != nil {
-		return err
-	}
-	defer lock.Close()
-	if err := unpin(dir); err != nil {
-		return err
-	}
-	path := filepath.Join(dir, protectStateFile)
-	st, err := loadProtectState(path)
-	if err != nil || st == nil {
-		return err
-	}
-	for i := range st.Devices {
-		st.Devices[i].Clean = false
-	}
-	return saveJSON(path, st)
+	return release(dir, func() error {
+		path := filepath.Join(dir, protectStateFile)
+		st, err := loadProtectState(path)
+		if err != nil || st == nil {
+			return err
+		}
+		for i := range st.Devices {
+			st.Devices[i].Clean = false
+		}
+		return saveJSON(path, st)
+	})
 }
 
 // rpoSource is what the metrics read from the stream.

@@ -106,28 +106,15 @@ func TestCacheFullPausesAgents(t *testing.T) {
 	s := e.start()
 	a := dialAgent(t, e, s, "m1")
 	a.hello("m1", disk0)
-	wantWindow := func(want uint64) {
-		t.Helper()
-		for {
-			f := a.next(10 * time.Second)
-			var bp wire.Backpressure
-			if f.err != nil {
-				t.Fatal(f.err)
-			}
-			if f.typ == wire.TypeBackpressure && bp.UnmarshalBinary(f.payload) == nil && bp.Window == want {
-				return
-			}
-		}
-	}
 	ffs.freePct.Store(28)
 	eventually(t, 5*time.Second, "warning", func() bool { return strings.Contains(e.logs.String(), "cache filling up") })
 	ffs.freePct.Store(5)
-	wantWindow(0)
+	a.waitWindow(10*time.Second, 0)
 	if !strings.Contains(e.logs.String(), "level=ERROR msg=\"cache almost full") {
 		t.Errorf("no error log for a full cache")
 	}
 	ffs.freePct.Store(60)
-	wantWindow(DefaultWindow)
+	a.waitWindow(10*time.Second, DefaultWindow)
 }
 
 // TestUploadsGoOnWhileCacheCannotDelete: a cache disk that fails deletes

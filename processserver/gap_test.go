@@ -498,15 +498,15 @@ func TestLostCopyOfSegmentInAccountIsAdopted(t *testing.T) {
 	}
 }
 
-// A disk missing from the hello answered for a gap is not resynced: the
-// mend leaves it out (Unmended), and when it comes back it gets a full
-// sync, not a resume onto a replica that lacks the lost records.
-func TestGapMendedWithoutADisk(t *testing.T) {
+// gapWithoutD1 makes a machine of two disks, d0 and d1, lose a cached
+// segment, and answers a hello of d0 only with a checksum resync for the
+// gap (at the epoch it returns); two is a hello of both disks.
+func gapWithoutD1(t *testing.T) (*gapRig, *wire.Hello, uint64) {
+	t.Helper()
 	r := newGapRig(t, mem.New())
-	ctx := context.Background()
 	two := &wire.Hello{ProtocolVersion: 2, Machine: "m1", Disks: []wire.DiskState{
 		{Name: "d0", Size: 1 << 20, Generation: r.gen}, {Name: "d1", Size: 1 << 20}}}
-	ack, _, _, _, err := r.m.agree(ctx, two)
+	ack, _, _, _, err := r.m.agree(context.Background(), two)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -519,6 +519,15 @@ func TestGapMendedWithoutADisk(t *testing.T) {
 	if a != wire.SyncChecksum {
 		t.Fatalf("told %v, want a checksum resync", a)
 	}
+	return r, two, epoch
+}
+
+// A disk missing from the hello answered for a gap is not resynced: the
+// mend leaves it out (Unmended), and when it comes back it gets a full
+// sync, not a resume onto a replica that lacks the lost records.
+func TestGapMendedWithoutADisk(t *testing.T) {
+	r, two, epoch := gapWithoutD1(t)
+	ctx := context.Background()
 	r.m.mended(epoch, 20)
 	r.upload()
 	g := r.manifest().Gaps
@@ -528,7 +537,7 @@ func TestGapMendedWithoutADisk(t *testing.T) {
 	for i := range two.Disks {
 		two.Disks[i].LastAckedSeq = 20
 	}
-	ack, _, _, _, err = r.m.agree(ctx, two)
+	ack, _, _, _, err := r.m.agree(ctx, two)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -700,28 +709,13 @@ func TestTwoSuspectsInAccountAreAdopted(t *testing.T) {
 // whose records are durable), or that disk would resume over its lost
 // writes and be marked unmended until some later full sync.
 func TestMendShortcutOnlyForDisksItCovered(t *testing.T) {
-	r := newGapRig(t, mem.New())
+	r, two, epoch := gapWithoutD1(t)
 	ctx := context.Background()
-	two := &wire.Hello{ProtocolVersion: 2, Machine: "m1", Disks: []wire.DiskState{
-		{Name: "d0", Size: 1 << 20, Generation: r.gen}, {Name: "d1", Size: 1 << 20}}}
-	ack, _, _, _, err := r.m.agree(ctx, two)
-	if err != nil {
-		t.Fatal(err)
-	}
-	two.Disks[1].Generation = ack.Disks[1].Generation
-	r.put(1, 10)
-	r.put(11, 20)
-	r.loseShards(1)
-	r.upload()
-	a, epoch := r.agree(20) // d0 only
-	if a != wire.SyncChecksum {
-		t.Fatalf("told %v, want a checksum resync", a)
-	}
 	r.m.mended(epoch, 20) // its resync is durable, not yet uploaded
 	for i := range two.Disks {
 		two.Disks[i].LastAckedSeq = 20
 	}
-	ack, _, _, _, err = r.m.agree(ctx, two)
+	ack, _, _, _, err := r.m.agree(ctx, two)
 	if err != nil {
 		t.Fatal(err)
 	}

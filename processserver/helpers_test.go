@@ -280,6 +280,22 @@ func (a *agent) next(timeout time.Duration) frame {
 	return frame{}
 }
 
+// waitWindow waits for a Backpressure frame of window want.
+func (a *agent) waitWindow(timeout time.Duration, want uint64) {
+	a.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		f := a.next(time.Until(deadline))
+		if f.err != nil {
+			a.t.Fatalf("waiting for window %d: %v", want, f.err)
+		}
+		var bp wire.Backpressure
+		if f.typ == wire.TypeBackpressure && bp.UnmarshalBinary(f.payload) == nil && bp.Window == want {
+			return
+		}
+	}
+}
+
 // hello sends a Hello and returns the HelloAck and the first Backpressure.
 func (a *agent) hello(machine string, disks ...wire.DiskState) (wire.HelloAck, uint64) {
 	a.t.Helper()

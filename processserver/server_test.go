@@ -432,35 +432,28 @@ func shardFiles(t *testing.T, dir string) int {
 // Backpressure{0} and resumed with the window once uploads drain; it is
 // acked all along.
 func TestBackpressure(t *testing.T) {
+	faulty, a := pausedAgent(t)
+	faulty.FailFor(0)
+	a.waitWindow(20*time.Second, DefaultWindow)
+}
+
+// pausedAgent starts a process server whose uploads fail and an agent
+// whose 40 records then go over its backlog bound (256 bytes; the backlog
+// counts sealed bytes, and batch's data compresses 160 KiB to a few KiB):
+// it returns once the agent is paused (Backpressure{0}).
+func pausedAgent(t *testing.T) (*blobstoretest.Faulty, *agent) {
+	t.Helper()
 	faulty := blobstoretest.NewFaulty(mem.New())
 	e := newEnv(t, faulty, 1)
 	e.segAge = 20 * time.Millisecond
-	// The backlog counts sealed bytes, and batch's data compresses well
-	// (160 KiB to a few KiB).
 	e.backlog = 256
 	s := e.start()
 	a := dialAgent(t, e, s, "m1")
 	a.hello("m1", disk0)
 	faulty.FailFor(time.Hour)
-	windows := func(timeout time.Duration, want uint64) {
-		t.Helper()
-		deadline := time.Now().Add(timeout)
-		for {
-			f := a.next(time.Until(deadline))
-			if f.err != nil {
-				t.Fatal(f.err)
-			}
-			var bp wire.Backpressure
-			if f.typ == wire.TypeBackpressure && bp.UnmarshalBinary(f.payload) == nil && bp.Window == want {
-				return
-			}
-		}
-	}
-	a.batch(1, 40) // 160 KiB
-	windows(10*time.Second, 0)
-	faulty.FailFor(0)
-	windows(20*time.Second, DefaultWindow)
-	_ = s
+	a.batch(1, 40)
+	a.waitWindow(10*time.Second, 0)
+	return faulty, a
 }
 
 // fakeApplier records notifications.
@@ -602,33 +595,11 @@ func TestPausedAgentNotTimedOut(t *testing.T) {
 	old := idleTimeout
 	idleTimeout = 300 * time.Millisecond
 	t.Cleanup(func() { idleTimeout = old })
-	faulty := blobstoretest.NewFaulty(mem.New())
-	e := newEnv(t, faulty, 1)
-	e.segAge = 20 * time.Millisecond
-	e.backlog = 256
-	s := e.start()
-	a := dialAgent(t, e, s, "m1")
-	a.hello("m1", disk0)
-	faulty.FailFor(time.Hour)
-	window := func(want uint64) {
-		t.Helper()
-		for {
-			f := a.next(20 * time.Second)
-			if f.err != nil {
-				t.Fatalf("waiting for window %d: %v", want, f.err)
-			}
-			var bp wire.Backpressure
-			if f.typ == wire.TypeBackpressure && bp.UnmarshalBinary(f.payload) == nil && bp.Window == want {
-				return
-			}
-		}
-	}
-	last := a.batch(1, 40)
-	window(0)
+	faulty, a := pausedAgent(t)
 	time.Sleep(5 * idleTimeout) // silent, as a paused agent is
 	faulty.FailFor(0)
-	window(DefaultWindow)
-	a.waitAck(a.batch(last+1, 2))
+	a.waitWindow(20*time.Second, DefaultWindow)
+	a.waitAck(a.batch(41, 2))
 }
 
 // TestReconnectDuringOutage: an agent that reconnects while the account
