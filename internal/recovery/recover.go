@@ -144,6 +144,13 @@ func (st *state) start(d *layout.Disk, seq uint64) (*Point, uint64, int64, error
 	gens := d.Generations()
 	k := d.GenerationAt(seq)
 	g := gens[k]
+	first := max(g.Start, 1) // the first record zeros are replayed from
+	if seq < first {
+		// Before its first generation (a disk added later): a point cut
+		// then holds zeros for it, not what it held.
+		return nil, 0, 0, fmt.Errorf("%w: disk %q was not protected before sequence %d (nothing of it is in the account at %d)",
+			ErrOutOfRange, d.Name, first, seq)
+	}
 	var lo uint64 // the oldest point of the generation that is a base
 	if k > 0 {
 		lo = g.Start
@@ -160,11 +167,6 @@ func (st *state) start(d *layout.Disk, seq uint64) (*Point, uint64, int64, error
 				ErrOutOfRange, d.Name, seq, base.Seq, st.journalFrom)
 		}
 		return base, base.Seq, int64(g.Size), nil
-	}
-	first := max(g.Start, 1) // the first record zeros are replayed from
-	if seq < first {
-		return nil, 0, 0, fmt.Errorf("%w: disk %q was not protected before sequence %d (nothing of it is in the account at %d)",
-			ErrOutOfRange, d.Name, first, seq)
 	}
 	if st.journalFrom > first {
 		return nil, 0, 0, fmt.Errorf("%w: disk %q at sequence %d: no recovery point of its generation (which started at sequence %d) at or before it, and retention deleted the journal before sequence %d, which rebuilding it from zeros needs",

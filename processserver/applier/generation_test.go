@@ -1,11 +1,13 @@
 package applier_test
 
 import (
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -271,6 +273,11 @@ func TestDiskAddedWhileLagging(t *testing.T) {
 	}
 	recoverAndCheck(t, m, 0, fmt.Sprint(lagged.Seq), lagged.Seq)
 	recoverAndCheck(t, m, 1, "latest", fresh.Seq)
+	// The point before d1 was protected holds zeros for it, not what it
+	// held: recovering d1 there is refused.
+	if _, err := recovery.Recover(ctx, m.Store, recovery.Request{Machine: m.Name, Disk: "d1", Point: fmt.Sprint(lagged.Seq), RecoveryKey: m.RecoveryKey}, discard{}); !errors.Is(err, recovery.ErrOutOfRange) || !strings.Contains(err.Error(), "not protected before") {
+		t.Fatalf("recover d1 at %d, before it was protected: %v", lagged.Seq, err)
+	}
 }
 
 // After a gap whose mending left a disk out (not in the resyncing hello),
