@@ -113,6 +113,18 @@ func ListPoints(ctx context.Context, store blobstore.Store, machine string, disk
 	return out, nil
 }
 
+// firstStart is where the journal of m begins: the earliest first
+// generation of its disks (1 when unknown).
+func firstStart(m *layout.Manifest) uint64 {
+	lo := uint64(0)
+	for i := range m.Disks {
+		if s := max(m.Disks[i].Generations()[0].Start, 1); lo == 0 || s < lo {
+			lo = s
+		}
+	}
+	return max(lo, 1)
+}
+
 func diskNames(m *layout.Manifest) []string {
 	names := make([]string, len(m.Disks))
 	for i, d := range m.Disks {
@@ -186,10 +198,13 @@ func loadState(ctx context.Context, store blobstore.Store, machine string) (*sta
 	switch {
 	case len(segs) == 0:
 		st.journalFrom = max(st.journalFrom, m.DurableSeq+1)
-	case segs[0].First > st.journalFrom:
+	case m.JournalFrom == 0 && segs[0].First > firstStart(m):
 		// Pruned by a retention that did not record journal_from. The
 		// first segment may begin with a marker at the last record of
-		// the deleted one: only the records after First are sure.
+		// the deleted one: only the records after First are sure. (A
+		// recorded journal_from is sealed and trusted: a first segment
+		// past it is a jump of the sequence, an agent restarting on its
+		// lease, and the replay's chain check finds a missing one.)
 		st.journalFrom = segs[0].First + 1
 	}
 	return st, nil

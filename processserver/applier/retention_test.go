@@ -187,3 +187,44 @@ func TestRetentionBaseSkipsPointInGap(t *testing.T) {
 	after := apps[1].Seq + 3
 	recoverAndCheck(t, m, 0, fmt.Sprint(after), after)
 }
+
+// An agent restarting on its saved lease numbers past its last run: the
+// journal jumps. Retention records journal_from after the base point;
+// when the first segment kept starts past it (the jump), nothing is
+// missing, and the window recovers.
+func TestRetentionAcrossSequenceJump(t *testing.T) {
+	ctx := ctxT(t)
+	m := recoverytest.New(t, mem.New(), "jump", 1<<20)
+	rng := rand.New(rand.NewPCG(71, 72))
+	c := &clock{t: time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)}
+	a := newApplier(t, m, applier.Config{PointInterval: 1000 * time.Hour})
+	workload(m, rng, c, 20)
+	base := m.Marker(wire.MarkerAppConsistent, c.next())
+	m.Cut()
+	applyAll(t, ctx, a, m, "")
+	jumped := m.Seq() + 1000
+	m.SkipTo(jumped) // the agent restarted
+	workload(m, rng, c, 20)
+	m.Marker(wire.MarkerAppConsistent, c.next())
+	workload(m, rng, c, 5)
+	m.Cut()
+	applyAll(t, ctx, a, m, "")
+	// What retention does with base as the window's base: the journal up
+	// to it goes, journal_from records where the kept one starts.
+	segs, err := recovery.ListSegments(ctx, m.Store, m.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range segs {
+		if s.Last <= base.Seq {
+			if err := m.Store.DeleteBlob(ctx, s.Name); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	m.EditManifest(func(man *layout.Manifest) { man.JournalFrom = base.Seq + 1 })
+	// Between the base and the next point: the base plus the journal
+	// from the jump.
+	recoverAndCheck(t, m, 0, fmt.Sprint(jumped+5), jumped+5)
+	recoverAndCheck(t, m, 0, "latest", m.Latest())
+}

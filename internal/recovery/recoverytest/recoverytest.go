@@ -172,6 +172,19 @@ func (m *Machine) NewGeneration(disk int, size uint64) {
 	m.WriteManifest()
 }
 
+// SkipTo makes seq the next record's sequence, as an agent restarting on
+// its saved lease numbers past the records of its last run. Everything
+// sent before is cut into a segment first: a batch holds consecutive
+// records only.
+func (m *Machine) SkipTo(seq uint64) {
+	m.tb.Helper()
+	if seq <= m.seq {
+		m.tb.Fatalf("SkipTo(%d): sequence %d is used already", seq, m.seq)
+	}
+	m.Cut()
+	m.seq = seq - 1
+}
+
 func (m *Machine) add(r wire.Record, disk int) uint64 {
 	m.tb.Helper()
 	m.seq++
