@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -414,13 +415,22 @@ func replay(ctx context.Context, store blobstore.Store, keys seal.Keyring, segs 
 		}
 	}
 	if len(todo) == 0 || todo[len(todo)-1].Last < target {
-		end := from
-		if len(todo) > 0 {
-			end = todo[len(todo)-1].Last
+		// The target may lie in a jump of the sequence (an agent
+		// restarting on its lease): the next segment's authenticated
+		// predecessor then shows nothing is missing before it (checked
+		// below; none of its records is applied).
+		i := slices.IndexFunc(segs, func(s Segment) bool { return s.First > target })
+		if i < 0 {
+			end := from
+			if len(todo) > 0 {
+				end = todo[len(todo)-1].Last
+			}
+			// The sealed manifest vouches for the journal up to
+			// durable_seq (targets never pass it): its end missing is a
+			// deletion.
+			return 0, fmt.Errorf("journal is incomplete: it ends at sequence %d, before the target %d, which the manifest says the account holds (segments deleted from the account?): %w", end, target, ErrTampered)
 		}
-		// The sealed manifest vouches for the journal up to durable_seq
-		// (targets never pass it): its end missing is a deletion.
-		return 0, fmt.Errorf("journal is incomplete: it ends at sequence %d, before the target %d, which the manifest says the account holds (segments deleted from the account?): %w", end, target, ErrTampered)
+		todo = append(todo, segs[i])
 	}
 	var bar *progress.Bar
 	if w != nil {

@@ -224,7 +224,8 @@ func TestRetentionAcrossSequenceJump(t *testing.T) {
 	}
 	m.EditManifest(func(man *layout.Manifest) { man.JournalFrom = base.Seq + 1 })
 	// Between the base and the next point: the base plus the journal
-	// from the jump.
+	// from the jump; and inside the jump, where nothing was written.
 	recoverAndCheck(t, m, 0, fmt.Sprint(jumped+5), jumped+5)
+	recoverAndCheck(t, m, 0, fmt.Sprint(jumped-10), jumped-10)
 	recoverAndCheck(t, m, 0, "latest", m.Latest())
 }
