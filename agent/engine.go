@@ -268,7 +268,11 @@ func New(opt Options) (*Engine, error) {
 		e.closeDevs()
 		return nil, err
 	}
-	c, err := capture.Load(capture.Config{Devices: devs, RingBytes: opt.RingBytes, PinDir: opt.PinDir, Logger: opt.Logger})
+	resyncAll := true // after an unclean stop: no device resumes
+	for _, s := range opt.Sources {
+		resyncAll = resyncAll && s.Sync != SyncResume
+	}
+	c, err := capture.Load(capture.Config{Devices: devs, RingBytes: opt.RingBytes, PinDir: opt.PinDir, FreeAbandoned: resyncAll, Logger: opt.Logger})
 	if err != nil {
 		e.closeDevs()
 		return nil, err

@@ -74,7 +74,13 @@ type Config struct {
 	// a clean stop leaves the programs attached and marking the bitmap,
 	// and the next Load picks the maps up again. "" disables pinning.
 	PinDir string
-	Logger *slog.Logger
+	// FreeAbandoned frees, when a pinned capture is resumed, the pending
+	// slots an agent killed in the middle of a sweep left busy. Only for
+	// a run that resyncs every device: a slot a program of the last run
+	// still holds (preempted long enough) would be freed too, and the
+	// write it tracks then marks nothing, which only a resync repairs.
+	FreeAbandoned bool
+	Logger        *slog.Logger
 }
 
 // Maps pinned across restarts. The ring itself is not: a clean stop
@@ -100,6 +106,7 @@ type Capture struct {
 	stopClock, clockDone chan struct{} // runClock
 	pinDir               string
 	resumed              bool
+	freeAbandoned        bool // Config.FreeAbandoned
 }
 
 // Load checks prerequisites, calibrates the direct map, loads the programs
@@ -135,17 +142,22 @@ func Load(cfg Config) (*Capture, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load capture spec: %w", err)
 	}
-	c := &Capture{log: cfg.Logger, devices: cfg.Devices}
-	var words uint32
+	c := &Capture{log: cfg.Logger, devices: cfg.Devices, freeAbandoned: cfg.FreeAbandoned}
+	var words uint64
 	for _, d := range cfg.Devices {
-		c.wordBase = append(c.wordBase, words)
-		words += uint32((d.Blocks() + 63) / 64)
+		c.wordBase = append(c.wordBase, uint32(words))
+		words += (d.Blocks() + 63) / 64
+	}
+	// The bitmap's words are indexed with 32 bits, and its mapping is
+	// addressed in bytes: 2^28 words (64 TiB of 4 KiB blocks) at most.
+	if words > 1<<28 {
+		return nil, fmt.Errorf("capture: the devices need %d bitmap words, more than the %d supported (64 TiB in all)", words, 1<<28)
 	}
 	if words == 0 {
 		words = 1
 	}
 	spec.Maps["events"].MaxEntries = uint32(cfg.RingBytes)
-	spec.Maps["bitmap"].MaxEntries = words
+	spec.Maps["bitmap"].MaxEntries = uint32(words)
 	cpus, err := ebpf.PossibleCPU()
 	if err != nil {
 		return nil, fmt.Errorf("capture: count possible CPUs: %w", err)
@@ -234,7 +246,9 @@ func (c *Capture) setup() error {
 	}
 	if c.resumed {
 		c.forgetOtherDevices()
-		c.freeAbandonedSlots()
+		if c.freeAbandoned {
+			c.freeAbandonedSlots()
+		}
 	}
 	for i, d := range c.devices {
 		v := captureLbDev{Id: uint32(d.ID), Mode: uint32(d.Mode), Blocks: d.Blocks(), BitmapWord: c.wordBase[i]}
@@ -469,7 +483,7 @@ func (c *Capture) calibrate() error {
 }
 
 func mmapMap(m *ebpf.Map) ([]byte, error) {
-	size := int(m.MaxEntries() * m.ValueSize())
+	size := int(m.MaxEntries()) * int(m.ValueSize())
 	size = (size + os.Getpagesize() - 1) &^ (os.Getpagesize() - 1)
 	return unix.Mmap(m.FD(), 0, size, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 }

@@ -3,6 +3,7 @@ package capture
 import (
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/lifeboat-dr/lifeboat/internal/blockdev"
@@ -72,5 +73,16 @@ func TestPinnedStateResumedOnlyForTheSameLayout(t *testing.T) {
 	}
 	if !run(true, layout(b, other)...) {
 		t.Fatal("last layout kept: not resumed")
+	}
+}
+
+// Devices whose bitmap would not fit its 32-bit word index (and byte-sized
+// mapping) are refused, not wrapped onto each other's words.
+func TestBitmapTooLargeRefused(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireBTF(t)
+	_, err := Load(Config{Devices: []Device{{ID: 0, KernelDev: 7<<20 | 1000, Size: 65 << 40, Mode: ModeMetadata}}})
+	if err == nil || !strings.Contains(err.Error(), "bitmap words") {
+		t.Fatalf("a 65 TiB device: %v, want a refusal", err)
 	}
 }
