@@ -633,5 +633,13 @@ func serveMetrics(addr string, reg *prometheus.Registry, profiling bool, log *sl
 		}
 	}()
 	log.Info("metrics", "listen", ln.Addr().String())
-	return func() { srv.Close() }, nil
+	return func() {
+		// Shutdown waits for scrapes under way: they read the capture's
+		// mapped state, which the caller unmaps next.
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if srv.Shutdown(ctx) != nil {
+			srv.Close()
+		}
+	}, nil
 }
