@@ -1281,7 +1281,7 @@ func (e *Engine) check(r *capture.Record) (*source, error) {
 		return nil, fmt.Errorf("record %d: unknown device %d", r.Seq, r.Dev)
 	}
 	s := e.srcs[r.Dev]
-	if r.Offset+int64(r.Len) > s.size || r.Offset < 0 {
+	if r.Offset < 0 || r.Offset > s.size-int64(r.Len) { // (no overflow near the sector limit)
 		if err := e.checkSizes(); err != nil {
 			return nil, err
 		}
@@ -1300,10 +1300,11 @@ func (e *Engine) applyRecord(s *source, r *capture.Record) error {
 	case r.Data != nil:
 		e.stats.AppliedBytes += uint64(len(r.Data))
 		return e.opt.Target.WriteAt(int(r.Dev), r.Data, r.Offset)
-	case s.Mode == capture.ModeMetadata:
+	case s.Mode == capture.ModeMetadata || r.Op == capture.OpWrite:
 		// Capture marks a metadata device's writes in its bitmap, not
-		// in the ring (harvest); should a record come all the same, its
-		// extent is read back like a mark.
+		// in the ring (harvest); should a record come all the same, or
+		// a write without its payload, its extent is read back like a
+		// mark (a write is never taken for zeros).
 		if err := s.dirty.MarkBytes(r.Offset, int64(r.Len)); err != nil {
 			return err
 		}
