@@ -797,6 +797,9 @@ func (e *Engine) appConsistent(ctx context.Context) error {
 		// Frozen filesystems have written everything: once the stream
 		// holds every completed write, the point is app-consistent.
 		at := e.pointTime()
+		if _, err := e.markStale(); err != nil { // as in marker; the drain below reads them
+			return err
+		}
 		if err := e.drain(ctx, allIdx(len(e.srcs)), false, false, nil); err != nil {
 			return err
 		}
@@ -809,6 +812,13 @@ func (e *Engine) appConsistent(ctx context.Context) error {
 // every write submitted so far on bio-based ones.
 func (e *Engine) marker(ctx context.Context, kind MarkerKind) error {
 	at := e.pointTime()
+	// pointTime counts on a sweep since: a write whose completion went
+	// unreported before at is swept now, whenever the loop last swept
+	// (overflow drains and long read-backs hold its sweeps back).
+	need, err := e.markStale()
+	if err != nil {
+		return err
+	}
 	if err := e.quiesce(ctx); err != nil {
 		return err
 	}
@@ -816,9 +826,8 @@ func (e *Engine) marker(ctx context.Context, kind MarkerKind) error {
 	// markDrainInterval) are writes that may precede records just applied
 	// (a journal block parked during a drain, its commit captured after):
 	// the point must hold them too.
-	var need []int
 	for i, s := range e.srcs {
-		if s.Mode != capture.ModeMetadata && (e.cap.Overflowed(i) || e.cap.Marks(i) != s.lastMarks) {
+		if s.Mode != capture.ModeMetadata && !slices.Contains(need, i) && (e.cap.Overflowed(i) || e.cap.Marks(i) != s.lastMarks) {
 			need = append(need, i)
 		}
 	}
