@@ -131,6 +131,11 @@ func (m *machine) ensureLoaded(ctx context.Context) error {
 	raw, err := m.s.store.GetBlob(ctx, layout.ManifestName(m.name))
 	switch {
 	case blobstore.IsNotFound(err):
+		// A new journal: all of it is kept so far. Recorded (and sealed),
+		// so that recovery never takes a first segment past 1 (an agent
+		// whose numbering continues from its saved lease) for a pruned
+		// journal.
+		man.JournalFrom = 1
 	case err != nil:
 		return fmt.Errorf("read manifest of %s: %w", m.name, err)
 	default:
@@ -209,7 +214,7 @@ func (m *machine) dropForeignSegments(ctx context.Context, durable, acked uint64
 // checkUnsealed accepts an unsealed manifest only if it says nothing and
 // the machine has no data key yet.
 func (m *machine) checkUnsealed(ctx context.Context, man *layout.Manifest) error {
-	if len(man.Disks) > 0 || len(man.Gaps) > 0 || man.DurableSeq != 0 || man.AppliedSeq != 0 || man.JournalFrom != 0 || man.Seal != "" {
+	if len(man.Disks) > 0 || len(man.Gaps) > 0 || man.DurableSeq != 0 || man.AppliedSeq != 0 || man.JournalFrom > 1 || man.Seal != "" {
 		return fmt.Errorf("manifest %s holds state but no key_id: its seal was stripped (%w); restore it from a trusted copy",
 			layout.ManifestName(m.name), recovery.ErrTampered)
 	}

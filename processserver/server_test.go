@@ -23,6 +23,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat/internal/channel"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/lifeboat-dr/lifeboat/internal/pki"
+	"github.com/lifeboat-dr/lifeboat/internal/recovery"
 	"github.com/lifeboat-dr/lifeboat/internal/wire"
 )
 
@@ -740,4 +741,42 @@ func TestRestartRebuildsShortSegments(t *testing.T) {
 	}
 	e.start()
 	eventually(t, 10*time.Second, "the shard rebuilt", func() bool { _, err := os.Stat(shard); return err == nil })
+}
+
+// TestRecoverJournalStartingPastOne: an agent keeps its numbering across
+// a new storage account (its saved lease): the journal starts past 1.
+// Nothing was pruned, and recovery says so from the sealed manifest,
+// instead of refusing every state until a recovery point exists.
+func TestRecoverJournalStartingPastOne(t *testing.T) {
+	store := mem.New()
+	e := newEnv(t, store, 1)
+	e.segAge = 20 * time.Millisecond
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	a.hello("m1", disk0)
+	last := a.batch(1000, 5)
+	a.waitAck(last)
+	at := time.Now().UTC().Truncate(time.Millisecond)
+	a.marker(last, wire.MarkerTime, at)
+	eventually(t, 10*time.Second, "the journal and its marker", func() bool {
+		man, ok := s.Manifest("m1")
+		return ok && man.DurableSeq == last && !man.RecoverableUntil.IsZero()
+	})
+	out := filepath.Join(t.TempDir(), "sda.img")
+	res, err := recovery.RecoverFile(context.Background(), store, recovery.Request{Machine: "m1", Disk: "sda", Point: "latest", RecoveryKey: e.rk}, out)
+	if err != nil || res.Seq != last {
+		t.Fatalf("recover latest: seq %d, %v; want %d", res.Seq, err, last)
+	}
+	f, err := os.Open(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	got := make([]byte, 4096)
+	if _, err := f.ReadAt(got, 1002*4096); err != nil {
+		t.Fatal(err)
+	}
+	if want := bytes.Repeat([]byte{byte(1002 & 0xff), byte(1002 >> 8), 0x5a, 2}, 1024); !bytes.Equal(got, want) {
+		t.Fatalf("record 1002 not in the recovered disk: % x…", got[:8])
+	}
 }
