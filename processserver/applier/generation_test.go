@@ -43,6 +43,15 @@ func checkPoints(t *testing.T, m *recoverytest.Machine, size func(disk int, seq 
 	return points
 }
 
+// pointSeqSet is the set of the points' sequences.
+func pointSeqSet(points []recovery.Point) map[uint64]bool {
+	set := make(map[uint64]bool, len(points))
+	for _, p := range points {
+		set[p.Seq] = true
+	}
+	return set
+}
+
 func roundPage(n uint64) uint64 { return (n + blobstore.PageSize - 1) &^ (blobstore.PageSize - 1) }
 
 // recoverSized is recoverAndCheck for a disk whose size at seq is size.
@@ -113,10 +122,7 @@ func testNewGenerationWhileLagging(t *testing.T, store blobstore.Store) {
 		return m.Disks[disk].Size
 	}
 	points := checkPoints(t, m, size)
-	seen := map[uint64]bool{}
-	for _, p := range points {
-		seen[p.Seq] = true
-	}
+	seen := pointSeqSet(points)
 	if !seen[old.Seq] || !seen[fresh.Seq] {
 		t.Fatalf("points %+v, want ones at seq %d and %d", points, old.Seq, fresh.Seq)
 	}
@@ -316,10 +322,7 @@ func TestNoPointWhileDiskUnmended(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	seqs := map[uint64]bool{}
-	for _, p := range points {
-		seqs[p.Seq] = true
-	}
+	seqs := pointSeqSet(points)
 	if seqs[left.Seq] || !seqs[back.Seq] {
 		t.Fatalf("points %+v: want none at seq %d (d1 unmended) and one at %d (after its full sync)", points, left.Seq, back.Seq)
 	}

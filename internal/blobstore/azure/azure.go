@@ -297,6 +297,11 @@ func checkPut(name string, md blobstore.Metadata) error {
 	return blobstore.CheckMetadata(md)
 }
 
+// tooBig refuses blob name for its size, for good.
+func (s *Store) tooBig(name string) error {
+	return blobstore.Permanent(fmt.Errorf("azure: get blob %q: more than the %d bytes of any blob Lifeboat writes", name, s.maxGet))
+}
+
 // GetBlob implements blobstore.Store.
 func (s *Store) GetBlob(ctx context.Context, name string) ([]byte, error) {
 	resp, err := s.c.NewBlobClient(name).DownloadStream(ctx, nil)
@@ -307,7 +312,7 @@ func (s *Store) GetBlob(ctx context.Context, name string) ([]byte, error) {
 	var buf []byte
 	if resp.ContentLength != nil {
 		if *resp.ContentLength > s.maxGet {
-			return nil, blobstore.Permanent(fmt.Errorf("azure: get blob %q: %d bytes, more than the %d of any blob Lifeboat writes", name, *resp.ContentLength, s.maxGet))
+			return nil, s.tooBig(name)
 		}
 		buf = make([]byte, 0, *resp.ContentLength)
 	}
@@ -316,7 +321,7 @@ func (s *Store) GetBlob(ctx context.Context, name string) ([]byte, error) {
 		return nil, s.wrap("get blob", name, err)
 	}
 	if int64(b.Len()) > s.maxGet {
-		return nil, blobstore.Permanent(fmt.Errorf("azure: get blob %q: more than the %d bytes of any blob Lifeboat writes", name, s.maxGet))
+		return nil, s.tooBig(name)
 	}
 	if len(resp.ContentMD5) == md5.Size {
 		if sum := md5.Sum(b.Bytes()); !bytes.Equal(sum[:], resp.ContentMD5) {
