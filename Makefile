@@ -18,7 +18,7 @@ FUZZ_TARGETS := ./agent/capture:FuzzDecode ./internal/bitmap:FuzzExtents \
                 ./internal/aesgcm:FuzzOpen ./internal/blobstore/azure:FuzzCRC64
 
 # command:Debian-package pairs the tests need (bookworm package names).
-TEST_TOOLS := fio:fio mkfs.xfs:xfsprogs mkfs.ext4:e2fsprogs sfdisk:fdisk losetup:mount \
+TEST_TOOLS := fio:fio mkfs.xfs:xfsprogs mkfs.ext4:e2fsprogs dumpe2fs:e2fsprogs sfdisk:fdisk losetup:mount node:nodejs npm:npm \
               blockdev:util-linux fstrim:util-linux setpriv:util-linux clang:clang llvm-strip:llvm
 
 # install_missing installs the Debian packages of the missing commands among
@@ -57,11 +57,13 @@ test: tools bpffs check-generated vet fmt-check ## everything CI runs: tools, ge
 	$(GO) test -count=1 -timeout 30m ./...
 	@echo "==> go test -race (lock-free and concurrent packages)"
 	$(GO) test -count=1 -race ./internal/spsc/ ./internal/bitmap/ ./internal/wire/ ./internal/channel/ ./agent/capture/
+	@echo "==> go test -race (the capture's ring reader and the agent's loop, under fio)"
+	$(GO) test -count=1 -race -run 'TestMirror(RandomDirectWrites|TinyRingOverflow|WritesDuringInitialCopy)$$' ./agent/
 	@echo "==> go test -tags purego (the portable paths beside the assembly)"
 	$(GO) test -count=1 -tags purego -run 'Seal|Open|KnownAnswer|CRC64|Accelerated' ./internal/aesgcm/ ./internal/blobstore/azure/
 	$(GO) test -count=1 -tags purego ./internal/channel/
 
-tools: ## install the missing test tools (fio, xfsprogs, e2fsprogs, fdisk, util-linux, clang, llvm) with apt-get
+tools: ## install the missing test tools (fio, xfsprogs, e2fsprogs, fdisk, util-linux, Node.js and npm for Azurite, clang, llvm) with apt-get
 	$(call install_missing,$(TEST_TOOLS))
 
 bpffs: ## mount the BPF filesystem at /sys/fs/bpf if it is not mounted (root)

@@ -100,7 +100,10 @@ func TestMarkerHoldsMetadataWritesBeforeItsRecords(t *testing.T) {
 			break
 		}
 	}
-	if iM >= 0 && iA > iM {
+	if iM < 0 {
+		t.Fatalf("no marker was handed over after B (%d): nothing was checked", iB)
+	}
+	if iA > iM {
 		t.Fatalf("the marker at %d holds B (handed over at %d) but not A (%d), written before B", iM, iB, iA)
 	}
 }
@@ -141,11 +144,22 @@ func TestMarkerDatedBeforeItsQuiesce(t *testing.T) {
 	if iY < 0 || iC < 0 {
 		t.Fatalf("writes handed over: y0 at %d, C at %d (want both)", iY, iC)
 	}
+	// The marker that read y0 back comes between y0 and C, C having
+	// completed during its read-back.
+	between := 0
 	for i := iY + 1; i < iC; i++ {
-		if ev := tgt.events[i]; ev.marker && ev.at.After(cDone) {
+		ev := tgt.events[i]
+		if !ev.marker {
+			continue
+		}
+		between++
+		if ev.at.After(cDone) {
 			t.Fatalf("the marker at %d is dated %v, after write C completed (by %v), but C comes after it (%d)",
 				i, ev.at.Format(time.StampMicro), cDone.Format(time.StampMicro), iC)
 		}
+	}
+	if between == 0 {
+		t.Fatalf("no marker between y0 (%d) and C (%d): nothing was checked", iY, iC)
 	}
 }
 

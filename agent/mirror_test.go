@@ -332,15 +332,24 @@ func TestMirrorWritesDuringInitialCopy(t *testing.T) {
 	if err := fioCmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	defer fioCmd.Process.Kill()
+	fioDone := make(chan struct{})
+	var fioErr error
+	go func() { fioErr = fioCmd.Wait(); close(fioDone) }()
+	defer func() {
+		fioCmd.Process.Kill()
+		<-fioDone
+	}()
 	time.Sleep(300 * time.Millisecond)
 	mirror := filepath.Join(t.TempDir(), "mirror.img")
 	r := startMirror(t, d.Path, mirror, runOpts{})
-	if fioCmd.ProcessState != nil {
+	select {
+	case <-fioDone:
 		t.Fatal("fio ended before the initial copy did: the test proves nothing")
+	default:
 	}
-	if err := fioCmd.Wait(); err != nil {
-		t.Fatalf("fio: %v", err)
+	<-fioDone
+	if fioErr != nil {
+		t.Fatalf("fio: %v", fioErr)
 	}
 	s := r.stop()
 	if s.Applied == 0 && s.BlocksReread <= uint64(512<<20/4096) {

@@ -439,6 +439,7 @@ func startHelper(t *testing.T, spec helperSpec, ready string, timeout time.Durat
 	argv := append(slices.Clone(spec.Prefix), os.Args[0], "-test.run=^$")
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Env = append(os.Environ(), helperEnv+"="+string(js))
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL} // no orphan when the test binary dies
 	h := &helper{t: t, what: spec.Role, cmd: cmd, log: &logBuf{}, done: make(chan struct{})}
 	cmd.Stderr = h.log
 	out, err := cmd.StdoutPipe()
@@ -669,10 +670,29 @@ type churn struct {
 	start time.Time
 }
 
-func startChurn(mnt, tag string, seed uint64, pause time.Duration) *churn {
+// startChurn starts a churn on mnt. A test that fails before finish
+// still stops it (the cleanup runs before the unmount registered earlier),
+// so that the unmount does not race its writes.
+func startChurn(t *testing.T, mnt, tag string, seed uint64, pause time.Duration) *churn {
 	c := &churn{stop: make(chan struct{}), done: make(chan error, 1), start: time.Now()}
 	go func() { c.done <- c.run(mnt, tag, seed, pause) }()
+	t.Cleanup(func() {
+		if c.halt() {
+			<-c.done
+		}
+	})
 	return c
+}
+
+// halt stops the churn; false if it was stopped already.
+func (c *churn) halt() bool {
+	select {
+	case <-c.stop:
+		return false
+	default:
+		close(c.stop)
+		return true
+	}
 }
 
 func (c *churn) run(mnt, tag string, seed uint64, pause time.Duration) error {
@@ -719,7 +739,7 @@ func (c *churn) run(mnt, tag string, seed uint64, pause time.Duration) error {
 // finish stops the churn and fails t if it failed.
 func (c *churn) finish(t *testing.T) {
 	t.Helper()
-	close(c.stop)
+	c.halt()
 	select {
 	case err := <-c.done:
 		if err != nil {

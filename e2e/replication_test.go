@@ -61,11 +61,16 @@ func TestFileWorkloadRecoverLatest(t *testing.T) {
 	sameBytes(t, "replica page blob "+layout.DiskName("m1", "d0"), want, r.readReplica("m1", "d0", len(want)))
 	// Crash-consistent points are cut at journal markers at least a point
 	// interval apart; markers reach the journal with writes, so keep
-	// writing a little until one is cut.
+	// writing a little until one is cut. Every write puts the same block
+	// at the same place: the device is want before the first and marked
+	// after it, and a point must hold one of the two.
+	marked := bytes.Clone(want)
+	copy(marked[len(marked)-4096:], bytes.Repeat([]byte{1}, 4096))
 	deadline := time.Now().Add(time.Minute)
+	var points []recovery.Point
 	for {
-		points, _, err := recovery.Points(context.Background(), r.store, "m1")
-		if err != nil {
+		var err error
+		if points, _, err = recovery.Points(context.Background(), r.store, "m1"); err != nil {
 			t.Fatal(err)
 		}
 		if len(points) > 0 {
@@ -74,20 +79,39 @@ func TestFileWorkloadRecoverLatest(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatal("no recovery point was cut within a minute of writes")
 		}
-		f, err := os.OpenFile(d.Path, os.O_WRONLY, 0)
-		if err != nil {
+		if err := writeSync(d.Path, marked[len(marked)-4096:], int64(len(marked))-4096); err != nil {
 			t.Fatal(err)
 		}
-		f.WriteAt(bytes.Repeat([]byte{1}, 4096), int64(len(want))-4096)
-		f.Sync()
-		f.Close()
 		time.Sleep(300 * time.Millisecond)
 	}
+
+	img, _ := r.recover("m1", "d0", fmt.Sprint(points[0].Seq))
+	if got := readImage(t, img); !bytes.Equal(got, want) && !bytes.Equal(got, marked) {
+		sameBytes(t, fmt.Sprintf("crash-consistent point %d (neither before nor after the marking writes)", points[0].Seq), marked, got)
+	}
+	r.waitRecoverable("m1", time.Now().Add(settle), 2*time.Minute)
+	r.assertRecovered("m1", "d0", recovery.Latest, readImage(t, d.Path), "after the marking writes")
 
 	s := a.stop()
 	if s.Sync[0] != agent.SyncFull.String() || s.Stream.Resyncs != 0 || s.Stream.Reconnects != 0 {
 		t.Errorf("agent: sync %v, %d resyncs, %d reconnects; want one full copy and nothing else", s.Sync, s.Stream.Resyncs, s.Stream.Reconnects)
 	}
+}
+
+// writeSync writes b at off of path and syncs it.
+func writeSync(path string, b []byte, off int64) error {
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	_, err = f.WriteAt(b, off)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 // 1b. The usual VM layout: the protected device is a whole disk with a
@@ -130,6 +154,7 @@ func TestPartitionedDiskRecoverLatest(t *testing.T) {
 // would be points), by a clean restart that must resume.
 func TestRecoverToTimeInTheMiddle(t *testing.T) {
 	testenv.RequireTool(t, "e2fsck")
+	testenv.RequireTool(t, "dumpe2fs")
 	r := newRig(t, account(t), "m1")
 	ps := r.startPS(psOpts{PointInterval: time.Hour})
 	d := newDisk(t, diskSize, true)
@@ -138,9 +163,10 @@ func TestRecoverToTimeInTheMiddle(t *testing.T) {
 	a := r.startAgent(cfg)
 
 	// Three rounds of workload, each followed by an idle gap in which the
-	// test copies the device and notes the time T: time markers (every
-	// second) pass the last write of the unmount before T, and pass T
-	// before the next round starts.
+	// test copies the device and notes the time T: the journal covers the
+	// unmount's last write before T is taken, and covers T before the next
+	// round starts, so that a time marker lies between the round's writes
+	// and the next's whatever the agent's lag.
 	type moment struct {
 		at   time.Time
 		copy []byte
@@ -150,10 +176,10 @@ func TestRecoverToTimeInTheMiddle(t *testing.T) {
 		mnt := mount(t, d.Path)
 		workload(t, mnt, fmt.Sprintf("a%d", i), uint64(1+i))
 		unmount(t, mnt)
-		time.Sleep(1500 * time.Millisecond)
+		r.waitRecoverable("m1", time.Now().Add(settle), 2*time.Minute)
 		m := moment{copy: readImage(t, d.Path), at: time.Now().UTC()}
 		moments = append(moments, m)
-		time.Sleep(1500 * time.Millisecond)
+		r.waitRecoverable("m1", m.at.Add(settle), 2*time.Minute)
 	}
 
 	mnt := mount(t, d.Path)
@@ -197,11 +223,22 @@ func TestRecoverToTimeInTheMiddle(t *testing.T) {
 	}
 	img, _ := r.recover("m1", "d0", fmt.Sprint(app.Seq))
 	check := &late
-	ld, err := loopdev.Attach(img, loopdev.Options{})
+	// Read-only, so that neither the mount nor e2fsck can replay the
+	// journal: a point that is not quiesced (needs_recovery set) fails
+	// here instead of being repaired on the way.
+	ld, err := loopdev.Attach(img, loopdev.Options{ReadOnly: true})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ld.Detach()
+	if out, err := exec.Command("dumpe2fs", "-h", ld.Path).CombinedOutput(); err != nil {
+		t.Fatalf("dumpe2fs -h of app-consistent point %d: %v\n%s", app.Seq, err, out)
+	} else if bytes.Contains(out, []byte("needs_recovery")) {
+		t.Fatalf("app-consistent point %d needs journal recovery: the file system was not frozen there", app.Seq)
+	}
+	if out, err := exec.Command("e2fsck", "-fn", ld.Path).CombinedOutput(); err != nil {
+		t.Fatalf("e2fsck -fn of app-consistent point %d: %v\n%s", app.Seq, err, out)
+	}
 	amnt := filepath.Join(t.TempDir(), "app")
 	if err := loopdev.Mount(ld.Path, amnt, "ext4", "ro"); err != nil {
 		t.Fatalf("app-consistent point %d does not mount: %v", app.Seq, err)
@@ -212,9 +249,6 @@ func TestRecoverToTimeInTheMiddle(t *testing.T) {
 		t.Fatalf("app-consistent point %d (%s): %v", app.Seq, app.Time.Format(time.RFC3339Nano), err)
 	}
 	sameBytes(t, fmt.Sprintf("%s in the app-consistent point %d", check.Path, app.Seq), check.Data, got)
-	if out, err := exec.Command("e2fsck", "-fn", ld.Path).CombinedOutput(); err != nil {
-		t.Fatalf("e2fsck -fn of app-consistent point %d: %v\n%s", app.Seq, err, out)
-	}
 	t.Logf("app-consistent point %d (%s) mounts, holds %s and is clean", app.Seq, app.Time.Format("15:04:05.000"), check.Path)
 
 	s := a.stop()
@@ -265,10 +299,7 @@ func TestEightDevicesTwoAgents(t *testing.T) {
 // absorbs the stream, the retries resume, nothing is lost.
 func TestAzuriteOutage(t *testing.T) {
 	testenv.RequireRoot(t)
-	az := azurite.ForTest(t) // its own: the outage must not hit other tests
-	if !az.Emulated() {
-		t.Skip("a real storage account cannot be stopped: the outage needs Azurite")
-	}
+	az := azurite.EmulatorForTest(t) // its own: the outage must not hit other tests
 	r := newRig(t, az.ConnectionString(), "m1")
 	ps := r.startPS(psOpts{})
 	d := newDisk(t, diskSize, true)
@@ -276,7 +307,7 @@ func TestAzuriteOutage(t *testing.T) {
 
 	mnt := mount(t, d.Path)
 	workload(t, mnt, "a", 1)
-	c := startChurn(mnt, "b", 2, 100*time.Millisecond)
+	c := startChurn(t, mnt, "b", 2, 100*time.Millisecond)
 	time.Sleep(time.Second)
 	if err := az.Down(); err != nil {
 		t.Fatal(err)
@@ -321,7 +352,7 @@ func TestProcessServerSIGKILL(t *testing.T) {
 
 	mnt := mount(t, d.Path)
 	workload(t, mnt, "a", 1)
-	c := startChurn(mnt, "b", 2, 20*time.Millisecond)
+	c := startChurn(t, mnt, "b", 2, 20*time.Millisecond)
 	time.Sleep(1500 * time.Millisecond)
 	ps1.kill()
 	t.Logf("process server SIGKILLed after %d churn files", c.files.Load())
@@ -370,7 +401,7 @@ func TestAgentSIGKILL(t *testing.T) {
 
 	mnt := mount(t, d.Path)
 	workload(t, mnt, "a", 1)
-	c := startChurn(mnt, "b", 2, 50*time.Millisecond)
+	c := startChurn(t, mnt, "b", 2, 50*time.Millisecond)
 	time.Sleep(1500 * time.Millisecond)
 	child.kill()
 	t.Logf("agent SIGKILLed after %d churn files", c.files.Load())
@@ -410,7 +441,7 @@ func TestCacheDirectoryWiped(t *testing.T) {
 
 	mnt := mount(t, d.Path)
 	workload(t, mnt, "a", 1)
-	c := startChurn(mnt, "b", 2, 20*time.Millisecond)
+	c := startChurn(t, mnt, "b", 2, 20*time.Millisecond)
 	time.Sleep(1500 * time.Millisecond)
 	durable := r.manifest("m1").DurableSeq
 	shards, pending := cachedShards(t, filepath.Join(dirs[1], "m1"), durable)

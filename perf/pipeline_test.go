@@ -522,14 +522,16 @@ func TestRunPipelineShort(t *testing.T) {
 		t.Fatalf("levels = %+v, want one", rep.Levels)
 	}
 	l := rep.Levels[0]
-	if l.Label != LevelRate || l.RateMBPerSec != 10 || l.ChurnMBPerSec < 8 || l.ChurnMBPerSec > 11 {
+	// fio's rate is a cap: a loaded runner may write less, never more.
+	if l.Label != LevelRate || l.RateMBPerSec != 10 || l.ChurnMBPerSec <= 0 || l.ChurnMBPerSec > 11 {
 		t.Errorf("level churn: %+v", l)
 	}
 	if l.AzuriteCPU == nil || *l.AzuriteCPU <= 0 || *l.AzuriteCPU > 2.5 {
 		t.Errorf("level's Azurite CPU = %s cores", fmtFloat(l.AzuriteCPU, 2))
 	}
-	// 3 s at 4 reads/s; the first reads may still show the previous state.
-	if l.RPOSamples < 6 || l.RPOP50Seconds <= 0 || l.RPOP99Seconds < l.RPOP50Seconds || l.RPOP99Seconds > 30 {
+	// 3 s at 4 reads/s; the first reads may still show the previous state,
+	// and a loaded runner may take fewer.
+	if l.RPOSamples < 2 || l.RPOP50Seconds <= 0 || l.RPOP99Seconds < l.RPOP50Seconds || l.RPOP99Seconds > 30 {
 		t.Errorf("RPO: %d samples, p50 %v, p99 %v", l.RPOSamples, l.RPOP50Seconds, l.RPOP99Seconds)
 	}
 	if l.ReceivedBytes < l.BytesWritten || l.Segments == 0 || l.JournalCatchUpSeconds < 0 || l.ReplicaCatchUpSeconds < l.JournalCatchUpSeconds {

@@ -304,6 +304,9 @@ func (s *Server) start(ctx context.Context) error {
 		w = io.MultiWriter(s.out, s.opts.Output)
 	}
 	cmd.Stdout, cmd.Stderr = w, w
+	// Azurite dies with its parent: a test binary killed by its timeout
+	// runs no cleanup.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		if errors.Is(err, exec.ErrNotFound) {
 			return ErrNoNode
