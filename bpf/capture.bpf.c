@@ -331,13 +331,15 @@ static __always_inline __u64 wake_flag(__u32 bytes)
 }
 
 // bio_sector is the bio's first sector relative to its own block device
-// (a partition's, not its disk's: see dev_of).
+// (a partition's, not its disk's: see dev_of). By block_bio_queue, and so
+// at completion, submit_bio_noacct has remapped every bio of a partition
+// to disk sectors (blk_partition_remap), and a whole disk starts at 0, so
+// the start is taken off unconditionally. (Testing BIO_REMAPPED instead
+// would need its bit, which moves between kernels: 10 on 6.18, 11 or 12
+// on 6.4-6.15, where 10 is another flag.)
 static __always_inline __u64 bio_sector(struct bio *bio)
 {
-	__u64 sector = bio->bi_iter.bi_sector;
-	if (bio->bi_flags & (1 << 10 /* BIO_REMAPPED, stable since 5.12 */))
-		sector -= bio->bi_bdev->bd_start_sect;
-	return sector;
+	return bio->bi_iter.bi_sector - bio->bi_bdev->bd_start_sect;
 }
 
 // dev_of returns the protected device bio writes to, or NULL. *key is its
