@@ -793,18 +793,35 @@ func (e *Engine) appConsistent(ctx context.Context) error {
 		}
 		mounts = append(mounts, m...)
 	}
-	return fsfreeze.WithFrozen(ctx, mounts, e.opt.PreScript, e.opt.PostScript, e.opt.FreezeTimeout, func() error {
+	w := fsfreeze.Window{
+		Mounts: mounts, Pre: e.opt.PreScript, Post: e.opt.PostScript, Timeout: e.opt.FreezeTimeout,
+		Unfreezable: func(m string) {
+			e.log.Warn("file system cannot be frozen: synced instead, its writes during the point are not held back", "mount", m)
+		},
+	}
+	var at time.Time
+	drained := false
+	err := w.Run(ctx, func() error {
 		// Frozen filesystems have written everything: once the stream
 		// holds every completed write, the point is app-consistent.
-		at := e.pointTime()
+		at = e.pointTime()
 		if _, err := e.markStale(); err != nil { // as in marker; the drain below reads them
 			return err
 		}
 		if err := e.drain(ctx, allIdx(len(e.srcs)), false, false, nil); err != nil {
 			return err
 		}
-		return e.emit(AppConsistent, at)
+		drained = true
+		return nil
 	})
+	// The marker goes after the thaw (a target writing it to a frozen
+	// file system would wait for the watchdog), at the place the drain
+	// left: this loop applies nothing in between. Not if the watchdog
+	// thawed first: the drain may then have read writes made after it.
+	if !drained || errors.Is(err, fsfreeze.ErrTimeout) || ctx.Err() != nil {
+		return err
+	}
+	return errors.Join(err, e.emit(AppConsistent, at))
 }
 
 // marker emits a crash-consistent marker after every write captured so

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/lifeboat-dr/lifeboat/agent/capture"
 	"github.com/lifeboat-dr/lifeboat/internal/blockdev"
+	"github.com/lifeboat-dr/lifeboat/internal/fsfreeze"
 	"github.com/lifeboat-dr/lifeboat/internal/loopdev"
 	"github.com/lifeboat-dr/lifeboat/internal/testenv"
 )
@@ -28,6 +30,7 @@ type targetEvent struct {
 	dev    int
 	off    int64
 	marker bool
+	kind   MarkerKind
 	at     time.Time // the marker's time
 }
 
@@ -50,7 +53,7 @@ func (t *eventTarget) ReadAt(dev int, p []byte, off int64) (int, error) { return
 func (t *eventTarget) Sync() error                                      { return nil }
 func (t *eventTarget) Marker(m Marker) error {
 	t.mu.Lock()
-	t.events = append(t.events, targetEvent{marker: true, at: m.Time})
+	t.events = append(t.events, targetEvent{marker: true, kind: m.Kind, at: m.Time})
 	t.mu.Unlock()
 	return nil
 }
@@ -174,7 +177,7 @@ type markerRig struct {
 	done   chan error
 }
 
-func newMarkerRig(t *testing.T, tgt Target) *markerRig {
+func newMarkerRig(t *testing.T, tgt Target, opts ...func(*Options)) *markerRig {
 	t.Helper()
 	testenv.RequireRoot(t)
 	x := loopdev.New(t, 16<<20, loopdev.Options{})
@@ -188,7 +191,7 @@ func newMarkerRig(t *testing.T, tgt Target) *markerRig {
 		return f
 	}
 	r := &markerRig{fx: open(x.Path), fy: open(y.Path), blk: blockdev.AlignedBuffer(capture.BlockSize)}
-	r.e, r.cancel, r.done = startEngine(t, Options{
+	opt := Options{
 		Sources: []Source{
 			{Name: "x", Path: x.Path, Mode: capture.ModeData, Sync: SyncFull},
 			{Name: "y", Path: y.Path, Mode: capture.ModeMetadata, Sync: SyncFull},
@@ -197,7 +200,11 @@ func newMarkerRig(t *testing.T, tgt Target) *markerRig {
 		Target:        tgt,
 		ReadbackDelay: time.Hour, // y is read back by markers only
 		CrashInterval: 300 * time.Millisecond,
-	})
+	}
+	for _, o := range opts {
+		o(&opt)
+	}
+	r.e, r.cancel, r.done = startEngine(t, opt)
 	return r
 }
 
@@ -268,5 +275,44 @@ func TestNoMarkerWhileResyncPending(t *testing.T) {
 	}
 	if e.syncReq[0].Load() != 0 {
 		t.Fatal("the resync asked for during the marker was never taken")
+	}
+}
+
+// An app-consistent point whose drain outlives the freeze window is not
+// one: the watchdog thawed the file systems, and the drain went on reading
+// blocks that writers may have changed since. Its marker used to be handed
+// over all the same.
+func TestAppPointNotEmittedAfterWatchdog(t *testing.T) {
+	const y0 = 3 * capture.BlockSize
+	tgt := &eventTarget{hookDev: 1}
+	r := newMarkerRig(t, tgt, func(o *Options) {
+		o.FreezeTimeout = 200 * time.Millisecond
+		o.CrashInterval = 0 // only the app point reads y back
+	})
+	tgt.mu.Lock()
+	tgt.hook = func() { time.Sleep(time.Second) } // the drain's read-back of y0
+	tgt.mu.Unlock()
+	if _, err := r.fy.WriteAt(r.blk, y0); err != nil {
+		t.Fatal(err)
+	}
+	err := r.e.AppConsistent(t.Context())
+	if !errors.Is(err, fsfreeze.ErrTimeout) {
+		t.Fatalf("AppConsistent = %v, want the watchdog's ErrTimeout", err)
+	}
+	r.cancel()
+	if err := <-r.done; err != nil {
+		t.Fatal(err)
+	}
+	tgt.mu.Lock()
+	defer tgt.mu.Unlock()
+	read := false
+	for _, ev := range tgt.events {
+		read = read || !ev.marker && ev.dev == 1 && ev.off == y0
+		if ev.marker && ev.kind == AppConsistent {
+			t.Fatal("an app-consistent marker was handed over after the watchdog thawed")
+		}
+	}
+	if !read {
+		t.Fatal("y0 was not read back: the drain the test times out never ran")
 	}
 }

@@ -11,8 +11,10 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -30,44 +32,83 @@ const (
 	// DefaultTimeout is the freeze window WithFrozen uses when given a
 	// timeout <= 0. Writers block for the whole window, so keep it short.
 	DefaultTimeout = 10 * time.Second
-	// postScriptTimeout bounds the post script, which runs even after the
-	// caller's context is cancelled (it must undo what pre did).
-	postScriptTimeout = 2 * time.Minute
 )
+
+// scriptTimeout bounds each script: a pre script that hangs would hold
+// the agent's loop. The post script runs even after the caller's context
+// is cancelled (it must undo what pre did). A variable for tests.
+var scriptTimeout = 2 * time.Minute
+
+// freeze is freezeFD; tests make it slow.
+var freeze = freezeFD
 
 // ErrTimeout means the watchdog thawed the file systems before fn
 // returned: whatever fn captured may not be consistent.
 var ErrTimeout = errors.New("freeze window exceeded")
 
-// MountsOf returns the mount points of the file systems that live on the
-// block device devPath, as listed in /proc/self/mountinfo (bind mounts
-// included). File systems spanning several devices (btrfs) report an
-// anonymous device number there and are not found.
+// MountsOf returns the mount points of the file systems whose writes
+// reach the block device devPath, as listed in /proc/self/mountinfo (bind
+// mounts included): those on the device itself, on its partitions (a whole
+// disk protected with its file systems on sda1, sda2), and on the devices
+// built on any of them (device mapper, md: LVM volumes, dm-crypt), as
+// sysfs lists them under holders/. File systems spanning several devices
+// (btrfs) report an anonymous device number there and are not found.
 func MountsOf(devPath string) ([]string, error) {
 	dev, err := blockdev.DevT(devPath)
 	if err != nil {
 		return nil, fmt.Errorf("fsfreeze: %w", err)
 	}
+	devs := map[string]bool{dev.String(): true}
+	stackedOn(filepath.Join(sysBlock, dev.String()), devs)
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
 		return nil, fmt.Errorf("fsfreeze: %w", err)
 	}
 	defer f.Close()
-	mounts, err := parseMountinfo(f, dev.String())
+	mounts, err := parseMountinfo(f, devs)
 	if err != nil {
 		return nil, fmt.Errorf("fsfreeze: read mountinfo: %w", err)
 	}
 	return mounts, nil
 }
 
-// parseMountinfo returns the mount points whose "major:minor" field is dev.
-// Line format (proc(5)): id parent maj:min root mountpoint options ...
-func parseMountinfo(r io.Reader, dev string) ([]string, error) {
+// sysBlock holds a directory per block device, named by its "major:minor".
+const sysBlock = "/sys/dev/block"
+
+// stackedOn adds to devs the "major:minor" of the block device whose sysfs
+// directory is dir, of its partitions, and of every device built on them,
+// recursively. Unreadable entries are skipped: a device gone meanwhile has
+// nothing mounted to freeze.
+func stackedOn(dir string, devs map[string]bool) {
+	b, err := os.ReadFile(filepath.Join(dir, "dev"))
+	if err != nil {
+		return
+	}
+	devs[strings.TrimSpace(string(b))] = true
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		p := filepath.Join(dir, e.Name())
+		if _, err := os.Stat(filepath.Join(p, "partition")); err == nil {
+			stackedOn(p, devs)
+		}
+	}
+	holders, _ := os.ReadDir(filepath.Join(dir, "holders"))
+	for _, h := range holders {
+		p := filepath.Join(dir, "holders", h.Name())
+		if b, err := os.ReadFile(filepath.Join(p, "dev")); err == nil && !devs[strings.TrimSpace(string(b))] {
+			stackedOn(p, devs)
+		}
+	}
+}
+
+// parseMountinfo returns the mount points whose "major:minor" field is in
+// devs. Line format (proc(5)): id parent maj:min root mountpoint options ...
+func parseMountinfo(r io.Reader, devs map[string]bool) ([]string, error) {
 	var mounts []string
 	sc := bufio.NewScanner(r)
 	for sc.Scan() {
 		fields := strings.Fields(sc.Text())
-		if len(fields) >= 5 && fields[2] == dev {
+		if len(fields) >= 5 && devs[fields[2]] {
 			mounts = append(mounts, unescapeOctal(fields[4]))
 		}
 	}
@@ -145,64 +186,74 @@ func onMount(mountpoint, what string, op func(fd int, mountpoint string) error) 
 	return op(fd, mountpoint)
 }
 
-// WithFrozen runs fn while the file systems at mounts are frozen:
+// WithFrozen runs fn while the file systems at mounts are frozen; see
+// Window.Run.
+func WithFrozen(ctx context.Context, mounts []string, pre, post string, timeout time.Duration, fn func() error) error {
+	return Window{Mounts: mounts, Pre: pre, Post: post, Timeout: timeout}.Run(ctx, fn)
+}
+
+// Window is a freeze of file systems around an operation.
+type Window struct {
+	Mounts    []string
+	Pre, Post string // scripts run before the freeze and after the thaw ("": none)
+	// Timeout bounds the freeze (DefaultTimeout if <= 0): writers block
+	// for as long.
+	Timeout time.Duration
+	// Unfreezable, if set, is told of each mount point whose file system
+	// cannot be frozen (vfat, as on an EFI system partition): it is synced
+	// instead, and the others frozen. If nil, such a file system fails
+	// the freeze.
+	Unfreezable func(mount string)
+}
+
+// Run runs fn while the file systems are frozen:
 //
-//  1. the pre script, if pre != "", with the mount points as arguments; if
-//     it fails nothing else runs;
+//  1. the pre script, if any, with the mount points as arguments, bounded
+//     by a timeout (2 min); if it fails nothing else runs;
 //  2. Freeze of each file system (several mount points of one file system
 //     are frozen once); if one fails, fn is skipped;
 //  3. fn;
 //  4. Thaw of everything frozen, always: on return, on panic, and from a
-//     watchdog when timeout (DefaultTimeout if <= 0) expires or ctx is
-//     cancelled while fn still runs. WithFrozen still waits for fn, so fn
-//     must itself be bounded; a watchdog thaw yields ErrTimeout or the
-//     context error;
-//  5. the post script, if post != "" and pre succeeded, whatever happened
-//     in between.
+//     watchdog when the timeout, counted from the first freeze, expires or
+//     ctx is cancelled, even while a later freeze still blocks (it
+//     flushes the file system's dirty pages first, and a hung device
+//     never returns). Run still waits for fn, so fn must itself be
+//     bounded; a watchdog thaw yields ErrTimeout or the context error,
+//     and fn is not run at all if it came before fn would start;
+//  5. the post script, if any and pre succeeded, whatever happened in
+//     between.
 //
 // All errors are returned joined.
-func WithFrozen(ctx context.Context, mounts []string, pre, post string, timeout time.Duration, fn func() error) (err error) {
+func (w Window) Run(ctx context.Context, fn func() error) (err error) {
+	timeout := w.Timeout
 	if timeout <= 0 {
 		timeout = DefaultTimeout
 	}
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("fsfreeze: %w", err)
 	}
-	if pre != "" {
-		if err := runScript(ctx, "pre-freeze", pre, mounts); err != nil {
+	if w.Pre != "" {
+		sctx, cancel := context.WithTimeout(ctx, scriptTimeout)
+		err := runScript(sctx, "pre-freeze", w.Pre, w.Mounts)
+		cancel()
+		if err != nil {
 			return err
 		}
 	}
-	if post != "" {
+	if w.Post != "" {
 		defer func() {
-			sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), postScriptTimeout)
+			sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), scriptTimeout)
 			defer cancel()
-			err = errors.Join(err, runScript(sctx, "post-thaw", post, mounts))
+			err = errors.Join(err, runScript(sctx, "post-thaw", w.Post, w.Mounts))
 		}()
 	}
 
-	targets, err := distinctFileSystems(mounts)
+	targets, err := distinctFileSystems(w.Mounts)
 	if err != nil {
 		return err
 	}
 	frozen := &frozenSet{}
 	defer func() { err = errors.Join(err, frozen.thaw()) }()
-	for _, m := range targets {
-		// Thawed through the descriptor that froze it: should the file
-		// system be unmounted meanwhile, its mount point is no longer
-		// it, and a thaw by path would leave it frozen, its device held.
-		fd, err := openMount(m)
-		if err != nil {
-			return fmt.Errorf("fsfreeze: freeze %s: %w", m, err)
-		}
-		if err := freezeFD(fd, m); err != nil {
-			unix.Close(fd)
-			return err
-		}
-		frozen.mounts = append(frozen.mounts, m)
-		frozen.fds = append(frozen.fds, fd)
-	}
-
 	stop := make(chan struct{})
 	watchdog := make(chan error, 1)
 	go func() {
@@ -223,25 +274,79 @@ func WithFrozen(ctx context.Context, mounts []string, pre, post string, timeout 
 		close(stop)
 		err = errors.Join(err, <-watchdog)
 	}()
+	for _, m := range targets {
+		// Thawed through the descriptor that froze it: should the file
+		// system be unmounted meanwhile, its mount point is no longer
+		// it, and a thaw by path would leave it frozen, its device held.
+		fd, err := openMount(m)
+		if err != nil {
+			return fmt.Errorf("fsfreeze: freeze %s: %w", m, err)
+		}
+		if err := freeze(fd, m); err != nil {
+			if errors.Is(err, unix.EOPNOTSUPP) && w.Unfreezable != nil {
+				serr := unix.Syncfs(fd)
+				unix.Close(fd)
+				if serr != nil {
+					return fmt.Errorf("fsfreeze: sync %s, which cannot be frozen: %w", m, serr)
+				}
+				w.Unfreezable(m)
+				continue
+			}
+			unix.Close(fd)
+			return err
+		}
+		if !frozen.add(m, fd) {
+			return nil // the watchdog's error says why
+		}
+	}
+	if frozen.isThawed() {
+		return nil // the watchdog's error says why
+	}
 	return fn()
 }
 
-// frozenSet thaws its mounts exactly once, from whichever of WithFrozen
-// and its watchdog gets there first; later callers wait and get the result.
+// frozenSet thaws its mounts exactly once, from whichever of Run and its
+// watchdog gets there first; later callers wait and get the result. A
+// freeze that returns after the thaw is undone at once.
 type frozenSet struct {
+	mu     sync.Mutex
 	mounts []string
 	fds    []int // open on each mount's root, from the freeze on
-	once   sync.Once
+	thawed bool
 	err    error
 }
 
+// add records a frozen mount; false if the set was thawed meanwhile, in
+// which case it is thawed now.
+func (f *frozenSet) add(mount string, fd int) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.thawed {
+		f.err = errors.Join(f.err, thawFD(fd, mount))
+		unix.Close(fd)
+		return false
+	}
+	f.mounts = append(f.mounts, mount)
+	f.fds = append(f.fds, fd)
+	return true
+}
+
+func (f *frozenSet) isThawed() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.thawed
+}
+
 func (f *frozenSet) thaw() error {
-	f.once.Do(func() {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if !f.thawed {
+		f.thawed = true
 		for i, m := range f.mounts {
 			f.err = errors.Join(f.err, thawFD(f.fds[i], m))
 			unix.Close(f.fds[i])
 		}
-	})
+	}
 	return f.err
 }
 
@@ -265,6 +370,9 @@ func distinctFileSystems(mounts []string) ([]string, error) {
 
 func runScript(ctx context.Context, what, path string, mounts []string) error {
 	cmd := exec.CommandContext(ctx, path, mounts...)
+	// A script out of time is killed with everything it started.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
 	// Don't hang on a background child that inherited the output pipe.
 	cmd.WaitDelay = time.Second
 	out, err := cmd.CombinedOutput()

@@ -32,7 +32,7 @@ func TestParseMountinfo(t *testing.T) {
 91 27 7:0 /sub /srv/bind\134x rw - ext4 /dev/loop0 rw
 92 27 7:1 / /mnt/other rw - ext4 /dev/loop1 rw
 `
-	got, err := parseMountinfo(strings.NewReader(mountinfo), "7:0")
+	got, err := parseMountinfo(strings.NewReader(mountinfo), map[string]bool{"7:0": true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -265,4 +265,119 @@ func TestWithFrozenUnmountDuringFreeze(t *testing.T) {
 		t.Fatal(err)
 	}
 	assertCompletes(t, startWrite(dir, "after-remount"))
+}
+
+// A whole disk's file systems live on its partitions: mountinfo names the
+// partitions, never the disk, and MountsOf(disk) used to find nothing, so
+// that app-consistent points of a protected disk froze nothing.
+func TestMountsOfWholeDisk(t *testing.T) {
+	testenv.RequireTool(t, "sfdisk")
+	d := loopdev.New(t, 64<<20, loopdev.Options{PartScan: true})
+	parts, err := loopdev.Partition(t.Context(), d.Path, loopdev.GPT, []loopdev.PartSpec{{Size: 16 << 20}, {}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := loopdev.Mkfs(t.Context(), "ext4", parts[1]); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	if err := loopdev.Mount(parts[1], dir, "ext4", ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { loopdev.Unmount(dir) })
+	for _, c := range []struct {
+		dev  string
+		want []string
+	}{{d.Path, []string{dir}}, {parts[1], []string{dir}}, {parts[0], nil}} {
+		got, err := MountsOf(c.dev)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(got, c.want) {
+			t.Errorf("MountsOf(%s) = %q, want %q", c.dev, got, c.want)
+		}
+	}
+}
+
+// The watchdog runs from the first freeze on: a later freeze that blocks
+// (flushing a large dirty cache, a hung device) used to keep the file
+// systems frozen before it frozen for as long, with no timer running.
+func TestWatchdogCoversSlowFreeze(t *testing.T) {
+	_, dir1 := newExt4(t)
+	_, dir2 := newExt4(t)
+	slow := make(chan struct{})
+	freeze = func(fd int, m string) error {
+		if m == dir2 {
+			<-slow
+		}
+		return freezeFD(fd, m)
+	}
+	t.Cleanup(func() { freeze = freezeFD })
+	done := make(chan error, 1)
+	called := false
+	go func() {
+		done <- WithFrozen(t.Context(), []string{dir1, dir2}, "", "", 300*time.Millisecond, func() error {
+			called = true
+			return nil
+		})
+	}()
+	// dir1 is frozen, dir2's freeze hangs: the watchdog must thaw dir1.
+	assertCompletes(t, startWrite(dir1, "while-dir2-freezes"))
+	close(slow)
+	if err := <-done; !errors.Is(err, ErrTimeout) {
+		t.Errorf("WithFrozen = %v, want ErrTimeout", err)
+	}
+	if called {
+		t.Error("fn ran after the watchdog had thawed")
+	}
+	// The freeze that returned late was undone.
+	assertCompletes(t, startWrite(dir2, "after-late-freeze"))
+}
+
+// A file system that cannot be frozen is synced and left out when the
+// caller says so; the others are frozen as usual.
+func TestUnfreezableSynced(t *testing.T) {
+	_, dir := newExt4(t)
+	tmp := t.TempDir()
+	if err := unix.Mount("tmpfs", tmp, "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	defer loopdev.Unmount(tmp)
+	var skipped []string
+	w := Window{Mounts: []string{tmp, dir}, Unfreezable: func(m string) { skipped = append(skipped, m) }}
+	err := w.Run(t.Context(), func() error {
+		assertBlocked(t, startWrite(dir, "frozen"))
+		assertCompletes(t, startWrite(tmp, "not-frozen"))
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(skipped, []string{tmp}) {
+		t.Errorf("unfreezable = %q, want [%s]", skipped, tmp)
+	}
+}
+
+// A pre script that hangs is killed, with what it started, and fails the
+// freeze instead of holding the caller for good.
+func TestPreScriptBounded(t *testing.T) {
+	_, dir := newExt4(t)
+	scriptTimeout = 300 * time.Millisecond
+	t.Cleanup(func() { scriptTimeout = 2 * time.Minute })
+	pre := filepath.Join(t.TempDir(), "pre")
+	if err := os.WriteFile(pre, []byte("#!/bin/sh\nsleep 3600 &\nsleep 3600\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	called := false
+	err := WithFrozen(t.Context(), []string{dir}, pre, "", 0, func() error { called = true; return nil })
+	if err == nil || !strings.Contains(err.Error(), "pre-freeze script") {
+		t.Errorf("WithFrozen = %v, want the pre script's failure", err)
+	}
+	if called {
+		t.Error("fn ran after a failed pre script")
+	}
+	if took := time.Since(start); took > time.Minute {
+		t.Errorf("a hung pre script held WithFrozen for %v", took)
+	}
 }
