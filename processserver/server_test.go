@@ -780,3 +780,71 @@ func TestRecoverJournalStartingPastOne(t *testing.T) {
 		t.Fatalf("record 1002 not in the recovered disk: % x…", got[:8])
 	}
 }
+
+// errorFrame reads frames until an Error arrives and returns it.
+func errorFrame(t *testing.T, a *agent) wire.Error {
+	t.Helper()
+	var got frame
+	for got = a.next(10 * time.Second); got.err == nil && got.typ != wire.TypeError; got = a.next(10 * time.Second) {
+	}
+	var we wire.Error
+	if got.err != nil || we.UnmarshalBinary(got.payload) != nil {
+		t.Fatalf("want an Error frame, got %s %v", got.typ, got.err)
+	}
+	return we
+}
+
+// TestRefusesWhatItCouldNotApply: frames that are well formed and
+// checksummed, from an authenticated agent, but whose records the journal
+// could not hold in order or the replica could not take, are refused
+// before they are acknowledged. Accepted, each stopped the applier on the
+// machine's journal for good (and a record after a marker that covered it
+// made recovery to that marker silently miss it).
+func TestRefusesWhatItCouldNotApply(t *testing.T) {
+	start := func(t *testing.T) (*env, *agent) {
+		store := mem.New()
+		e := newEnv(t, store, 2)
+		e.segAge = 50 * time.Millisecond
+		s := e.start()
+		return e, dialAgent(t, e, s, "m1")
+	}
+	t.Run("record beyond the disk", func(t *testing.T) {
+		e, a := start(t)
+		a.hello("m1", wire.DiskState{Name: "sda", Size: 1 << 20})
+		a.waitAck(a.batch(1, 4))
+		var b wire.BatchBuilder
+		b.Add(wire.Record{Seq: 5, Op: wire.OpWrite, Offset: 1 << 40, Length: 512, Data: make([]byte, 512)})
+		p, _ := b.AppendBinary(nil)
+		a.sendFrame(wire.TypeBatch, p)
+		if we := errorFrame(t, a); we.Code != wire.CodeProtocol || !strings.Contains(we.Message, "beyond the 1048576 bytes") {
+			t.Fatalf("error = %+v, want a protocol error naming the disk size", we)
+		}
+		if d := durableSeq(t, e.store, "m1"); d > 4 {
+			t.Fatalf("durable_seq %d: the record beyond the disk was stored", d)
+		}
+	})
+	t.Run("record after a marker that covered it", func(t *testing.T) {
+		e, a := start(t)
+		a.hello("m1", disk0)
+		a.waitAck(a.batch(1, 4))
+		a.marker(100, wire.MarkerTime, time.Now())
+		a.batch(5, 4)
+		if we := errorFrame(t, a); we.Code != wire.CodeProtocol || !strings.Contains(we.Message, "after a time marker at 100") {
+			t.Fatalf("error = %+v, want a protocol error naming the marker", we)
+		}
+		if d := durableSeq(t, e.store, "m1"); d > 4 {
+			t.Fatalf("durable_seq %d: records covered by an earlier marker were stored after it", d)
+		}
+	})
+	for _, d := range []wire.DiskState{{Name: "big", Size: 9 << 40}, {Name: "data.", Size: 1 << 20}} {
+		t.Run("hello with disk "+d.Name, func(t *testing.T) {
+			_, a := start(t)
+			if err := a.w.WriteHello(&wire.Hello{ProtocolVersion: 2, Machine: "m1", Disks: []wire.DiskState{disk0, d}}); err != nil {
+				t.Fatal(err)
+			}
+			if we := errorFrame(t, a); we.Code != wire.CodeUnknownAgent || !strings.Contains(we.Message, d.Name) {
+				t.Fatalf("error = %+v, want the hello refused naming disk %q", we, d.Name)
+			}
+		})
+	}
+}

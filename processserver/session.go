@@ -71,6 +71,12 @@ type session struct {
 	flushq   chan flushItem
 	accepted uint64   // highest record seq accepted (read loop only)
 	diskMap  []uint16 // Hello disk index → manifest disk index
+	diskSize []uint64 // Hello disk index → size: records must fit
+	// marked is the highest sequence a time marker of this session
+	// covered: the agent has sent every record up to it, so a record
+	// numbered there later is not one (the journal would hold it after
+	// the marker, out of order).
+	marked uint64
 	// mendEpoch: the hello was answered with a checksum resync for the
 	// machine's open gap at this epoch (0: not); its first time marker
 	// mends the gap (machine.mended).
@@ -199,6 +205,9 @@ func (st *session) run(ctx context.Context) {
 	}
 	st.accepted = durable
 	st.diskMap = diskMap
+	for _, d := range h.Disks {
+		st.diskSize = append(st.diskSize, d.Size)
+	}
 	st.mendEpoch = mendEpoch
 	st.agentRun = h.Run
 	for i, j := range diskMap {
@@ -265,6 +274,11 @@ func (st *session) checkHello(h *wire.Hello) error {
 			return fmt.Errorf("disk %q listed twice", d.Name)
 		}
 		seen[d.Name] = true
+		// Accepted, its records could never be applied: the applier
+		// would stop on the machine's journal for good.
+		if err := layout.CheckDiskSize(d.Name, d.Size); err != nil {
+			return err
+		}
 	}
 	return nil
 }
@@ -315,6 +329,13 @@ func (st *session) readLoop() bool {
 				case int(r.Disk) >= len(st.diskMap):
 					st.corrupt(fmt.Errorf("record %d names disk %d, but the hello listed %d disks", r.Seq, r.Disk, len(st.diskMap)))
 					return false
+				case r.Offset > st.diskSize[r.Disk] || uint64(r.Length) > st.diskSize[r.Disk]-r.Offset:
+					st.corrupt(fmt.Errorf("record %d: %s of [%d, %d) is beyond the %d bytes of disk %d", r.Seq, r.Op, r.Offset, r.Offset+uint64(r.Length), st.diskSize[r.Disk], r.Disk))
+					return false
+				}
+				if r.Seq > st.accepted && r.Seq <= st.marked {
+					st.corrupt(fmt.Errorf("record %d comes after a time marker at %d, which covered it", r.Seq, st.marked))
+					return false
 				}
 			}
 			if last <= st.accepted {
@@ -355,6 +376,7 @@ func (st *session) readLoop() bool {
 			if mk.Seq < st.accepted {
 				continue // stale: records after it are already here
 			}
+			st.marked = max(st.marked, mk.Seq)
 			if mk.Kind == wire.MarkerTime && st.mendEpoch != 0 {
 				// Records the agent numbered up to mk.Seq that never
 				// reached this server are inside the gap: the resync
@@ -708,7 +730,11 @@ func (st *session) protocolError(msg string) {
 // connection.
 func (st *session) readFailed(err error) {
 	switch {
-	case errors.Is(err, wire.ErrChecksum), errors.Is(err, wire.ErrBadMagic), errors.Is(err, wire.ErrVersion),
+	case errors.Is(err, wire.ErrVersion):
+		// Frames of another framing version: resending will not help.
+		st.log.Error("agent sends frames of another version; closing connection", logErr, err)
+		st.sendError(wire.CodeVersion, err.Error())
+	case errors.Is(err, wire.ErrChecksum), errors.Is(err, wire.ErrBadMagic),
 		errors.Is(err, wire.ErrTooLarge), errors.Is(err, wire.ErrMalformed):
 		st.corrupt(err)
 	case errors.Is(err, channel.ErrAuth):

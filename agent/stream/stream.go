@@ -341,6 +341,9 @@ func newTarget(cfg Config) (*Target, error) {
 			return nil, fmt.Errorf("stream: disk name %q used twice", d.Name)
 		}
 		seen[d.Name] = true
+		if err := layout.CheckDiskSize(d.Name, d.Size); err != nil {
+			return nil, err // the process server would refuse it
+		}
 	}
 	if cfg.StateDir == "" {
 		return nil, errors.New("stream: a state directory is required")

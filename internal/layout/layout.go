@@ -306,10 +306,22 @@ func ParseSegmentName(name string) (first, last uint64, err error) {
 func DiskName(machine, disk string) string { return machine + "/disks/" + disk }
 
 // CheckName rejects machine and disk names that would escape their place
-// in the layout.
+// in the layout, or end a blob name with a dot (Azure drops it: the
+// replica of disk "data." could not be created).
 func CheckName(what, s string) error {
-	if s == "" || len(s) > 128 || strings.ContainsAny(s, "/\\") || s == "." || s == ".." {
-		return fmt.Errorf("%s %q: must be 1-128 characters without slashes", what, s)
+	if s == "" || len(s) > 128 || strings.ContainsAny(s, "/\\") || strings.HasSuffix(s, ".") {
+		return fmt.Errorf("%s %q: must be 1-128 characters without slashes, not ending with a dot", what, s)
+	}
+	return nil
+}
+
+// MaxDiskSize is the largest disk a replica page blob holds (8 TiB).
+const MaxDiskSize = 8 << 40
+
+// CheckDiskSize rejects a disk too large for its replica page blob.
+func CheckDiskSize(name string, size uint64) error {
+	if size > MaxDiskSize {
+		return fmt.Errorf("disk %q is %d bytes: a replica page blob holds at most 8 TiB", name, size)
 	}
 	return nil
 }
