@@ -70,11 +70,13 @@ func CompareReplica(ctx context.Context, store blobstore.Store, machine string, 
 	}
 	buf := make([]byte, roundPage(uint64(s.ChunkSize)))
 	for i := range s.Sums {
-		off := s.Offset + uint64(i)*uint64(s.ChunkSize)
-		if off >= size {
+		// Beyond the disk, or past 2^64: nothing to compare.
+		rel := uint64(i) * uint64(s.ChunkSize)
+		if s.Offset >= size || rel >= size-s.Offset {
 			reply.Differs[i] = true
 			continue
 		}
+		off := s.Offset + rel
 		n := min(uint64(s.ChunkSize), size-off)
 		rd := roundPage(n)
 		if off+rd > uint64(info.Size) || off%blobstore.PageSize != 0 {

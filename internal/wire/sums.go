@@ -15,6 +15,10 @@ import (
 // MaxSums bounds the chunks of one Sums message.
 const MaxSums = 4096
 
+// MaxChunkSize bounds a Sums chunk: the process server reads one chunk of
+// its replica into memory at a time (agents ask for 64 KiB).
+const MaxChunkSize = 4 << 20
+
 // Sums asks which of Count chunks of ChunkSize bytes, starting at Offset of
 // Disk, differ from the replica. The last chunk may be shorter (end of disk).
 //
@@ -41,8 +45,8 @@ func (s *Sums) AppendBinary(b []byte) ([]byte, error) {
 	if len(s.Sums) > MaxSums {
 		return b, fmt.Errorf("sums: %d chunks, limit %d", len(s.Sums), MaxSums)
 	}
-	if s.ChunkSize == 0 || s.ChunkSize%512 != 0 {
-		return b, fmt.Errorf("sums: chunk size %d is not a positive multiple of 512", s.ChunkSize)
+	if s.ChunkSize == 0 || s.ChunkSize%512 != 0 || s.ChunkSize > MaxChunkSize {
+		return b, fmt.Errorf("sums: chunk size %d is not a positive multiple of 512 up to %d", s.ChunkSize, MaxChunkSize)
 	}
 	b = le.AppendUint16(b, s.ID)
 	b, err := appendName(b, "disk name", s.Disk)
@@ -67,8 +71,8 @@ func (s *Sums) UnmarshalBinary(data []byte) error {
 	cs := d.bytes(4)
 	if cs != nil {
 		s.ChunkSize = le.Uint32(cs)
-		if s.ChunkSize == 0 || s.ChunkSize%512 != 0 {
-			d.fail("chunk size %d is not a positive multiple of 512", s.ChunkSize)
+		if s.ChunkSize == 0 || s.ChunkSize%512 != 0 || s.ChunkSize > MaxChunkSize {
+			d.fail("chunk size %d is not a positive multiple of 512 up to %d", s.ChunkSize, MaxChunkSize)
 		}
 	}
 	n := int(d.u16())

@@ -44,3 +44,23 @@ func TestSumsRoundTrip(t *testing.T) {
 		t.Fatal("truncated sums decoded")
 	}
 }
+
+// A chunk is read into the process server's memory whole: one of 4 GiB,
+// from a buggy agent, would exhaust it. Both ends refuse it.
+func TestSumsChunkSizeBounded(t *testing.T) {
+	in := Sums{ID: 1, Disk: "sda", ChunkSize: 0xFFFFFE00, Sums: [][sha256.Size]byte{{}}}
+	if _, err := in.AppendBinary(nil); err == nil {
+		t.Error("encoded a 4 GiB chunk")
+	}
+	in.ChunkSize = MaxChunkSize
+	p, err := in.AppendBinary(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The same payload with the size patched past the bound.
+	at := bytes.Index(p, le.AppendUint32(nil, MaxChunkSize))
+	le.PutUint32(p[at:], 0xFFFFFE00)
+	if err := (&Sums{}).UnmarshalBinary(p); err == nil {
+		t.Error("decoded a 4 GiB chunk")
+	}
+}
