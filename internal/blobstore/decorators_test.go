@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"slices"
@@ -61,6 +62,19 @@ func TestRetryDoesNotRetryPermanentErrors(t *testing.T) {
 	f.FailNth(3)
 	if err := s.PutBlob(ctx, "b", nil, nil); !errors.Is(err, denied) || f.Calls() != 3 {
 		t.Fatalf("permanent failure: err=%v calls=%d, want it returned after 1 call", err, f.Calls())
+	}
+}
+
+// Data that keeps failing its checksum is damaged at rest, not in
+// transit: it was downloaded again for 15 minutes.
+func TestRetryBoundsCorruptDownloads(t *testing.T) {
+	f, _ := newFaulty(t)
+	s := blobstore.WithRetry(f, fastRetry)
+	f.SetError(fmt.Errorf("md5 of the body: %w", blobstore.ErrCorrupt))
+	f.FailFor(time.Hour)
+	_, err := s.GetBlob(context.Background(), "seg")
+	if !errors.Is(err, blobstore.ErrCorrupt) || f.Calls() != 3 {
+		t.Fatalf("err = %v after %d calls, want ErrCorrupt after 3", err, f.Calls())
 	}
 }
 

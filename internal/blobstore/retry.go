@@ -85,6 +85,10 @@ type retryStore struct {
 	cfg RetryConfig
 }
 
+// maxCorruptAttempts bounds the attempts at a call whose data keeps
+// failing its checksum.
+const maxCorruptAttempts = 3
+
 // retry runs fn until it succeeds or retrying must stop. isDelete enables
 // the NotFound-after-retry rule.
 func (r *retryStore) retry(ctx context.Context, op, name string, isDelete bool, fn func() error) error {
@@ -100,6 +104,11 @@ func (r *retryStore) retry(ctx context.Context, op, name string, isDelete bool, 
 		}
 		if IsPermanent(err) {
 			return err
+		}
+		if errors.Is(err, ErrCorrupt) && attempt >= maxCorruptAttempts {
+			// Damage in transit passes; damage at rest does not, and
+			// each attempt downloads the blob again.
+			return fmt.Errorf("%w (corrupt in %d downloads)", err, attempt)
 		}
 		if ctx.Err() != nil {
 			if errors.Is(err, ctx.Err()) {

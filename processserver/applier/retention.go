@@ -6,6 +6,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/lifeboat-dr/lifeboat/internal/recovery"
 )
@@ -75,7 +76,9 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 		deleted := 0
 		for j, s := range valid {
 			if j != newest && j != base && s.t.Before(cutoff) {
-				if err := a.cfg.Store.DeleteSnapshot(ctx, d.blob, s.id); err != nil {
+				// Gone already: a delete the service did before a lost
+				// reply, retried inside the SDK.
+				if err := a.cfg.Store.DeleteSnapshot(ctx, d.blob, s.id); err != nil && !blobstore.IsNotFound(err) {
 					return fmt.Errorf("delete recovery point at seq %d of %s: %w", s.seq, d.blob, err)
 				}
 				deleted++
@@ -125,7 +128,7 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 			}
 		}
 		for _, s := range drop {
-			if err := a.cfg.Store.DeleteBlob(ctx, s.Name); err != nil {
+			if err := a.cfg.Store.DeleteBlob(ctx, s.Name); err != nil && !blobstore.IsNotFound(err) {
 				return fmt.Errorf("delete journal segment %s: %w", s.Name, err)
 			}
 		}

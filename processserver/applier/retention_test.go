@@ -1,6 +1,7 @@
 package applier_test
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -228,4 +229,43 @@ func TestRetentionAcrossSequenceJump(t *testing.T) {
 	recoverAndCheck(t, m, 0, fmt.Sprint(jumped+5), jumped+5)
 	recoverAndCheck(t, m, 0, fmt.Sprint(jumped-10), jumped-10)
 	recoverAndCheck(t, m, 0, "latest", m.Latest())
+}
+
+// deleteThenNotFound deletes and then answers "not found", as the SDK
+// does when its own retry follows a delete whose reply was lost.
+type deleteThenNotFound struct{ blobstore.Store }
+
+func (s deleteThenNotFound) DeleteSnapshot(ctx context.Context, name, snapshot string) error {
+	if err := s.Store.DeleteSnapshot(ctx, name, snapshot); err != nil {
+		return err
+	}
+	return fmt.Errorf("retried delete of %s: %w", name, blobstore.ErrNotFound)
+}
+
+func (s deleteThenNotFound) DeleteBlob(ctx context.Context, name string) error {
+	if err := s.Store.DeleteBlob(ctx, name); err != nil {
+		return err
+	}
+	return fmt.Errorf("retried delete of %s: %w", name, blobstore.ErrNotFound)
+}
+
+// A point or segment already gone is pruned: retention used to fail the
+// pass on the "not found" of a delete the service had done.
+func TestRetentionDeleteAlreadyDone(t *testing.T) {
+	m := recoverytest.New(t, mem.New(), "gone", 1<<20)
+	start := time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)
+	var now time.Time
+	a := newApplier(t, m, applier.Config{Retention: -1, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
+	agedPoints(t, m, a, &now, start, 0, 30, 26, 2, 1)
+	m.Store = deleteThenNotFound{m.Store}
+	a = newApplier(t, m, applier.Config{Retention: 24 * time.Hour, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
+	if _, err := a.Apply(ctxT(t), m.Name); err != nil {
+		t.Fatal(err)
+	}
+	if seqs := pointSeqs(t, m, "d0"); len(seqs) != 3 {
+		t.Fatalf("points %v, want the 30 h old one pruned", seqs)
+	}
+	if n := segmentCount(t, m); n != 3 {
+		t.Fatalf("%d segments left, want the first pruned", n)
+	}
 }

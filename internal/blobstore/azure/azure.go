@@ -211,9 +211,11 @@ func (s *Store) wrap(op, name string, err error) error {
 		bloberror.HasCode(err, bloberror.InvalidPageRange, bloberror.InvalidRange,
 			bloberror.InvalidBlobType, bloberror.OutOfRangeInput, bloberror.InvalidHeaderValue):
 		e.kind = blobstore.ErrInvalid
-	case bloberror.HasCode(err, bloberror.MD5Mismatch, bloberror.CRC64Mismatch, bloberror.ContainerBeingDeleted),
+	case bloberror.HasCode(err, bloberror.MD5Mismatch, bloberror.CRC64Mismatch, bloberror.ContainerBeingDeleted,
+		bloberror.SnapshotOperationRateExceeded),
 		re.StatusCode == http.StatusRequestTimeout, re.StatusCode == http.StatusTooManyRequests:
-		// Transient: corruption in transit, throttling, container recycling.
+		// Transient: corruption in transit, throttling (a 409 for
+		// snapshots taken too fast), container recycling.
 	case re.StatusCode >= 400 && re.StatusCode < 500:
 		// Authorization, conflicts, bad requests: retrying will not help.
 		return blobstore.Permanent(e)
@@ -352,12 +354,25 @@ func (s *Store) GetBlobRange(ctx context.Context, name string, offset int64, p [
 	defer resp.Body.Close()
 	n, err := io.ReadFull(resp.Body, p)
 	switch {
-	case err == io.ErrUnexpectedEOF || err == io.EOF:
+	case err == nil:
+		return n, nil
+	case shortRange(err, resp.ContentLength, len(p)):
 		return n, io.EOF
-	case err != nil:
-		return n, s.wrap("get blob range", name, err)
+	case err == io.ErrUnexpectedEOF || err == io.EOF:
+		return n, s.wrap("get blob range", name, cutShort(n, len(p)))
 	}
-	return n, nil
+	return n, s.wrap("get blob range", name, err)
+}
+
+// shortRange reports whether a ranged download ended early because the
+// blob does: the service announced fewer bytes than asked for. A body cut
+// short of what it announced is a connection that broke (retryable).
+func shortRange(err error, contentLength *int64, want int) bool {
+	return (err == io.ErrUnexpectedEOF || err == io.EOF) && contentLength != nil && *contentLength < int64(want)
+}
+
+func cutShort(n, want int) error {
+	return fmt.Errorf("response body cut short after %d of %d bytes: %w", n, want, io.ErrUnexpectedEOF)
 }
 
 func kindOf(t *blob.BlobType) blobstore.Kind {
@@ -513,13 +528,17 @@ func (s *Store) ReadPages(ctx context.Context, name, snapshot string, offset int
 		return s.wrap("read pages", name, err)
 	}
 	defer resp.Body.Close()
-	if n, err := io.ReadFull(resp.Body, p); err == io.ErrUnexpectedEOF || err == io.EOF {
+	n, err := io.ReadFull(resp.Body, p)
+	switch {
+	case err == nil:
+		return nil
+	case shortRange(err, resp.ContentLength, len(p)):
 		return fmt.Errorf("azure: read pages %q: range [%d, %d) beyond end of blob (%d bytes): %w",
 			name, offset, offset+int64(len(p)), offset+int64(n), blobstore.ErrInvalid)
-	} else if err != nil {
-		return s.wrap("read pages", name, err)
+	case err == io.ErrUnexpectedEOF || err == io.EOF:
+		err = cutShort(n, len(p))
 	}
-	return nil
+	return s.wrap("read pages", name, err)
 }
 
 // GetPageRanges implements blobstore.Store.

@@ -241,3 +241,82 @@ func TestGetBlobRefusesOversize(t *testing.T) {
 		t.Fatalf("GetBlob within the bound: %d bytes, %v", len(b), err)
 	}
 }
+
+// cutter ends GET response bodies early, as a connection that breaks
+// mid-download does: the body stops short of its Content-Length.
+type cutter struct{ on atomic.Bool }
+
+type cutBody struct {
+	io.ReadCloser
+	left int
+}
+
+func (b *cutBody) Read(p []byte) (int, error) {
+	if b.left <= 0 {
+		return 0, io.ErrUnexpectedEOF
+	}
+	n, err := b.ReadCloser.Read(p[:min(len(p), b.left)])
+	b.left -= n
+	return n, err
+}
+
+func (c *cutter) Do(req *policy.Request) (*http.Response, error) {
+	resp, err := req.Next()
+	if err == nil && c.on.Load() && req.Raw().Method == http.MethodGet && resp.StatusCode/100 == 2 {
+		resp.Body = &cutBody{ReadCloser: resp.Body, left: 1000}
+	}
+	return resp, err
+}
+
+// A download cut short was taken for a range beyond the end of the blob:
+// ReadPages failed for good (ErrInvalid, not retried: a recovery or a
+// checksum resync started over) and GetBlobRange returned a silent short
+// read. It is a transient error now; a range that does pass the end is
+// still told apart by the length the service announced.
+func TestDownloadCutShortIsRetryable(t *testing.T) {
+	srv := azurite.ForTest(t)
+	c := &cutter{}
+	s, err := azure.New(azure.Config{
+		ConnectionString: srv.ConnectionString(),
+		Container:        fmt.Sprintf("lbcut-%d", time.Now().UnixNano()%1e9),
+		ClientOptions: &azblob.ClientOptions{ClientOptions: azcore.ClientOptions{
+			Retry:            policy.RetryOptions{MaxRetries: -1},
+			PerRetryPolicies: []policy.Policy{c},
+		}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	t.Cleanup(func() { _ = s.DeleteContainer(ctx) })
+	if err := s.EnsureContainer(ctx); err != nil {
+		t.Fatal(err)
+	}
+	data := blobstoretest.Random(4, 64<<10)
+	if err := s.CreatePageBlob(ctx, "disk", 1<<20, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.WritePages(ctx, "disk", 0, data); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.PutBlob(ctx, "seg", data, nil); err != nil {
+		t.Fatal(err)
+	}
+
+	c.on.Store(true)
+	err = s.ReadPages(ctx, "disk", "", 0, make([]byte, 4096))
+	if err == nil || errors.Is(err, blobstore.ErrInvalid) || blobstore.IsPermanent(err) {
+		t.Errorf("ReadPages cut short: err = %v, want a retryable error", err)
+	}
+	if _, err := s.GetBlobRange(ctx, "seg", 0, make([]byte, 4096)); err == nil || err == io.EOF || blobstore.IsPermanent(err) {
+		t.Errorf("GetBlobRange cut short: err = %v, want a retryable error", err)
+	}
+	c.on.Store(false)
+
+	if err := s.ReadPages(ctx, "disk", "", 1<<20-512, make([]byte, 1024)); !errors.Is(err, blobstore.ErrInvalid) {
+		t.Errorf("ReadPages past the end: err = %v, want ErrInvalid", err)
+	}
+	if n, err := s.GetBlobRange(ctx, "seg", 64<<10-100, make([]byte, 200)); n != 100 || err != io.EOF {
+		t.Errorf("GetBlobRange past the end: %d, %v; want 100, io.EOF", n, err)
+	}
+}
