@@ -113,6 +113,9 @@ func (r *SumsReply) UnmarshalBinary(data []byte) error {
 	}
 	bits := d.bytes((n + 7) / 8)
 	r.Differs = nil
+	if d.err == nil && n%8 != 0 && bits[n/8]>>(n%8) != 0 {
+		d.fail("bits set past the %d chunks", n) // canonical: one encoding per reply
+	}
 	if d.err == nil {
 		r.Differs = make([]bool, n)
 		for i := range r.Differs {

@@ -64,3 +64,15 @@ func TestSumsChunkSizeBounded(t *testing.T) {
 		t.Error("decoded a 4 GiB chunk")
 	}
 }
+
+// A reply has one encoding: bits past its chunks are refused, not ignored.
+func TestSumsReplyPaddingRefused(t *testing.T) {
+	p, err := (&SumsReply{ID: 1, Differs: []bool{true, false, true}}).AppendBinary(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p[len(p)-1] |= 0x80
+	if err := (&SumsReply{}).UnmarshalBinary(p); err == nil {
+		t.Error("decoded a reply with a bit set past its 3 chunks")
+	}
+}
