@@ -848,3 +848,17 @@ func TestRefusesWhatItCouldNotApply(t *testing.T) {
 		})
 	}
 }
+
+// An agent whose clock runs far ahead dates recoverable_until in the
+// future, where it stays: the process server says so in its log.
+func TestAgentClockAheadWarned(t *testing.T) {
+	e := newEnv(t, mem.New(), 2)
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	a.hello("m1", disk0)
+	a.waitAck(a.batch(1, 4))
+	a.marker(4, wire.MarkerTime, time.Now().Add(time.Hour))
+	eventually(t, 10*time.Second, "warning", func() bool {
+		return strings.Contains(e.logs.String(), "agent's clock runs ahead")
+	})
+}

@@ -26,6 +26,12 @@ const (
 	helloWork       = time.Minute      // reading the manifest to answer it
 	writeTimeout    = 30 * time.Second
 	flushDepth      = 2 // cut segments queued for Put per session
+	// maxClockAhead is how far ahead of this server's clock an agent's
+	// time markers may run before it is warned of: recoverable_until
+	// (dated by the agent) only moves forward, so a clock far ahead hides
+	// a stalled machine's RPO until real time catches up.
+	maxClockAhead = time.Minute
+	logAhead      = "ahead"
 )
 
 // Read time-outs of a streaming session (variables for the tests): an
@@ -83,6 +89,7 @@ type session struct {
 	mendEpoch uint64
 	agentRun  wire.RunID // Hello.Run
 	remap     bool       // diskMap is not the identity
+	skewed    bool       // warned of the agent's clock running ahead
 
 	sumsq chan sumsReq
 	// sumsPending counts sums requests not answered yet; paused is set
@@ -377,6 +384,10 @@ func (st *session) readLoop() bool {
 				continue // stale: records after it are already here
 			}
 			st.marked = max(st.marked, mk.Seq)
+			if ahead := time.Until(time.Unix(0, mk.UnixNano)); ahead > maxClockAhead && !st.skewed {
+				st.skewed = true
+				st.log.Warn("agent's clock runs ahead of the process server's: recoverable_until and RPO follow the agent's clock; fix its time synchronisation", logAhead, ahead.Round(time.Second))
+			}
 			if mk.Kind == wire.MarkerTime && st.mendEpoch != 0 {
 				// Records the agent numbered up to mk.Seq that never
 				// reached this server are inside the gap: the resync
