@@ -78,6 +78,13 @@ var (
 	// ErrUnrecoverable is returned when some shards of the segment exist but
 	// more than m are missing or corrupt, so it cannot be reconstructed.
 	ErrUnrecoverable = errors.New("segment unrecoverable: too many shards missing or corrupt")
+
+	// ErrUnavailable is returned when the segment cannot be reconstructed
+	// from the shards that could be read, but some could not be: a read
+	// failed (EIO, EACCES, EMFILE...) or a directory's disk is not
+	// mounted. The segment may well be intact: retry later, do not take
+	// it for lost.
+	ErrUnavailable = errors.New("segment unavailable: shards cannot be read now")
 )
 
 // SegmentID names a segment: the stream (one per protected machine) and the
@@ -783,6 +790,9 @@ type slotRead struct {
 	hdr  shardHeader
 	data []byte
 	err  error // nil: valid shard; wraps fs.ErrNotExist: missing
+	// unread: the directory could not be read (an I/O error, or its disk
+	// not mounted): says nothing of the shard, unlike a checksum failure.
+	unread bool
 }
 
 func (c *Cache) readShards(id SegmentID) []slotRead {
@@ -793,7 +803,7 @@ func (c *Cache) readShards(id SegmentID) []slotRead {
 			r := &reads[i]
 			file, err := c.fs.ReadFile(c.shardPath(i, id))
 			if err != nil {
-				r.err = err
+				r.err, r.unread = err, !errors.Is(err, fs.ErrNotExist)
 				return
 			}
 			r.hdr, r.data, r.err = parseShard(file, id.Stream, id.Seq, i, uint64(max(c.maxSeg, maxReadSegment)))
@@ -830,6 +840,10 @@ func (c *Cache) decode(id SegmentID, reads []slotRead, full bool) (*decoded, []b
 		present = present || !errors.Is(r.err, fs.ErrNotExist)
 	}
 	if !present {
+		if c.notRead(reads) {
+			return nil, nil, fmt.Errorf("cache: %s: %w (no shard found, and some directories cannot be read): %s",
+				id, ErrUnavailable, describe(c.dirs, reads, nil))
+		}
 		return nil, nil, fmt.Errorf("cache: %s: %w", id, ErrNotFound)
 	}
 	versions := slices.SortedFunc(maps.Keys(counts), func(a, b version) int { return cmp.Compare(b.gen, a.gen) })
@@ -876,8 +890,31 @@ func (c *Cache) decode(id SegmentID, reads []slotRead, full bool) (*decoded, []b
 		}
 		return d, seg, nil
 	}
+	if c.notRead(reads) {
+		return nil, nil, fmt.Errorf("cache: %s: %w (need %d of %d valid shards; those that cannot be read may hold them): %s",
+			id, ErrUnavailable, c.k, len(reads), describe(c.dirs, reads, problems))
+	}
 	return nil, nil, fmt.Errorf("cache: %s: %w (need %d of %d valid shards): %s",
 		id, ErrUnrecoverable, c.k, len(reads), describe(c.dirs, reads, problems))
+}
+
+// notRead reports whether some shard of reads could not be read: a
+// segment is lost only when every directory answered. A shard missing
+// from a directory whose disk is not mounted was looked for on the file
+// system below: it is marked unread too. Checked only once a segment
+// fails to decode, so that healthy reads cost no mount check.
+func (c *Cache) notRead(reads []slotRead) bool {
+	some := false
+	for i := range reads {
+		r := &reads[i]
+		if errors.Is(r.err, fs.ErrNotExist) {
+			if err := c.checkMountedNow(i); err != nil {
+				r.err, r.unread = err, true
+			}
+		}
+		some = some || r.unread
+	}
+	return some
 }
 
 // describe explains, per directory, why a segment could not be read.
@@ -903,11 +940,13 @@ func describe(dirs []string, reads []slotRead, problems []string) string {
 	return b.String()
 }
 
-// Get returns the content of segment id. Missing or corrupt shards are
-// treated as erasures and reconstructed from the others; the result is
-// checked against the checksum of the whole segment. It returns an error
-// wrapping ErrNotFound if no directory has the segment, and ErrUnrecoverable
-// if more than m shards are lost. The returned slice is owned by the caller.
+// Get returns the content of segment id. Missing, corrupt or unreadable
+// shards are treated as erasures and reconstructed from the others; the
+// result is checked against the checksum of the whole segment. It returns
+// an error wrapping ErrNotFound if no directory has the segment,
+// ErrUnrecoverable if more than m shards are lost, and ErrUnavailable
+// when it cannot tell because some directories cannot be read (I/O
+// errors, disks not mounted). The returned slice is owned by the caller.
 func (c *Cache) Get(id SegmentID) ([]byte, error) {
 	if err := validStream(id.Stream); err != nil {
 		return nil, err

@@ -672,6 +672,18 @@ type faultFS struct {
 	// shortWrite reports writing half of each buffer, with no error.
 	shortWrite bool
 	stat       *FSStat
+	// readErr fails reads of whole files (shards, markers).
+	readErr error
+}
+
+func (f *faultFS) ReadFile(name string) ([]byte, error) {
+	f.mu.Lock()
+	err := f.readErr
+	f.mu.Unlock()
+	if err != nil && f.hit(name) {
+		return nil, &fs.PathError{Op: "read", Path: name, Err: err}
+	}
+	return f.OSFS.ReadFile(name)
 }
 
 func (f *faultFS) hit(name string) bool {
@@ -820,6 +832,36 @@ func TestFaults(t *testing.T) {
 			mustGet(t, c, id, data)
 		})
 	}
+}
+
+// Shards that cannot be read (EIO) are not corrupt: with m+1 directories
+// failing reads, a segment is unavailable, not lost (the server would
+// otherwise declare it lost and delete it), and reads back whole once the
+// disks answer again.
+func TestReadErrorsAreNotLoss(t *testing.T) {
+	dirs := tempDirs(t, 4)
+	ffs := &faultFS{}
+	c := open(t, dirs, Options{FS: ffs})
+	id := SegmentID{"m", 1}
+	data := payload(70_001, 1)
+	if err := c.Put(id, data); err != nil {
+		t.Fatal(err)
+	}
+	ffs.set(func(f *faultFS) { f.dirs = dirs[:3]; f.readErr = syscall.EIO })
+	got, err := c.Get(id)
+	if got != nil || !errors.Is(err, ErrUnavailable) || errors.Is(err, ErrUnrecoverable) || errors.Is(err, ErrNotFound) {
+		t.Fatalf("get with 3 of 4 directories failing reads: %d bytes, %v; want ErrUnavailable only", len(got), err)
+	}
+	if !strings.Contains(err.Error(), dirs[2]) || !strings.Contains(err.Error(), "input/output error") {
+		t.Errorf("error does not name the directories and their errors: %v", err)
+	}
+	t.Logf("get error: %v", err)
+	rep, err := c.Scrub(context.Background())
+	if len(rep.Lost) != 0 || len(rep.Failed) != 1 || !errors.Is(err, ErrUnavailable) || errors.Is(err, ErrUnrecoverable) {
+		t.Fatalf("scrub with reads failing: %+v, %v; want the segment failed, not lost", rep, err)
+	}
+	ffs.set(func(f *faultFS) { f.dirs = nil })
+	mustGet(t, c, id, data)
 }
 
 // With a write quorum below k+m, one failing disk does not stop Puts.

@@ -105,6 +105,14 @@ func TestUnmountedDisk(t *testing.T) {
 	if err := unix.Unmount(dirs[1], unix.MNT_DETACH); err != nil {
 		t.Fatal(err)
 	}
+	// Its shard 0 gone too, idA needs shard 1, looked for below the
+	// mount point: it cannot be read now, but is not lost.
+	if err := os.Remove(c.shardPath(0, idA)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Get(idA); !errors.Is(err, ErrUnavailable) || errors.Is(err, ErrUnrecoverable) || !strings.Contains(err.Error(), "not mounted") {
+		t.Fatalf("get needing the unmounted disk: %v, want ErrUnavailable naming it", err)
+	}
 	if err := c.Put(idB, b); err == nil || !strings.Contains(err.Error(), "not mounted") {
 		t.Fatalf("put with a disk unmounted: %v", err)
 	}
