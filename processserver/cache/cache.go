@@ -1046,7 +1046,8 @@ func (c *Cache) Delete(id SegmentID) error {
 // skipped with a warning; List fails only if none can be.
 func (c *Cache) List(stream string) ([]SegmentID, error) { return c.list(stream, false) }
 
-// list is List; strict, it fails when any directory cannot be listed.
+// list is List; strict, it fails when any directory cannot be listed,
+// returning what the others hold all the same.
 func (c *Cache) list(stream string, strict bool) ([]SegmentID, error) {
 	if err := validStream(stream); err != nil {
 		return nil, err
@@ -1064,12 +1065,12 @@ func (c *Cache) list(stream string, strict bool) ([]SegmentID, error) {
 			seqs[seq] = struct{}{}
 		}
 	})
-	if err != nil {
-		return nil, fmt.Errorf("cache: list %s: %w", stream, err)
-	}
 	ids := make([]SegmentID, 0, len(seqs))
 	for _, s := range slices.Sorted(maps.Keys(seqs)) {
 		ids = append(ids, SegmentID{Stream: stream, Seq: s})
+	}
+	if err != nil {
+		return ids, fmt.Errorf("cache: list %s: %w", stream, err)
 	}
 	return ids, nil
 }
@@ -1077,7 +1078,8 @@ func (c *Cache) list(stream string, strict bool) ([]SegmentID, error) {
 // Streams returns the names of the streams present in any directory, sorted.
 func (c *Cache) Streams() ([]string, error) { return c.streams(false) }
 
-// streams is Streams; strict, it fails when any directory cannot be listed.
+// streams is Streams; strict, it fails when any directory cannot be
+// listed, returning what the others hold all the same.
 func (c *Cache) streams(strict bool) ([]string, error) {
 	set := make(map[string]struct{})
 	err := c.eachDir("", strict, func(name string, isDir bool) {
@@ -1085,15 +1087,17 @@ func (c *Cache) streams(strict bool) ([]string, error) {
 			set[name] = struct{}{}
 		}
 	})
+	names := slices.Sorted(maps.Keys(set))
 	if err != nil {
-		return nil, fmt.Errorf("cache: list streams: %w", err)
+		return names, fmt.Errorf("cache: list streams: %w", err)
 	}
-	return slices.Sorted(maps.Keys(set)), nil
+	return names, nil
 }
 
 // eachDir calls fn for every entry of sub in every directory. A missing sub
 // directory is empty; other errors skip that directory with a warning, and
-// are returned only if every directory failed, or, strict, if any did.
+// are returned only if every directory failed, or, strict, if any did (fn
+// has seen the other directories' entries all the same).
 func (c *Cache) eachDir(sub string, strict bool, fn func(name string, isDir bool)) error {
 	var errs []error
 	for _, d := range c.dirs {
@@ -1103,7 +1107,7 @@ func (c *Cache) eachDir(sub string, strict bool, fn func(name string, isDir bool
 		}
 		if err != nil {
 			c.log.Warn("cache: cannot list directory", logDir, d, logErr, err)
-			errs = append(errs, err)
+			errs = append(errs, fmt.Errorf("%s: %w", d, err))
 			continue
 		}
 		for _, e := range entries {
@@ -1179,17 +1183,19 @@ func (c *Cache) Scrub(ctx context.Context) (ScrubReport, error) {
 			rebuilt = append(rebuilt, rebuilding{i, c.epoch[i].Load()})
 		}
 	}
-	// Strict: a directory that cannot be listed may hide segments.
+	// A directory that cannot be listed may hide segments: its error
+	// fails the scrub, which then marks nothing rebuilt. What the other
+	// directories list is repaired all the same: one unlistable disk
+	// must not hold back the rebuild of another.
+	var errs []error
 	streams, err := c.streams(true)
 	if err != nil {
-		return rep, err
+		errs = append(errs, err)
 	}
-	var errs []error
 	for _, s := range streams {
 		ids, err := c.list(s, true)
 		if err != nil {
 			errs = append(errs, err)
-			continue
 		}
 		for _, id := range ids {
 			if err := ctx.Err(); err != nil {

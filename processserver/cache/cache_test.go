@@ -447,7 +447,34 @@ func TestScrubMarksOnlyUntouchedDirectory(t *testing.T) {
 		t.Fatalf("scrub with %s unlistable: %v, pending %v", dirs[2], err, c.Pending())
 	}
 	h.onReadDir = nil
-	if rep, err := c.Scrub(context.Background()); err != nil || rep.RepairedShards == 0 || len(c.Pending()) != 0 {
+	if rep, err := c.Scrub(context.Background()); err != nil || len(c.Pending()) != 0 {
+		t.Fatalf("scrub: %+v, %v, pending %v", rep, err, c.Pending())
+	}
+	wipe(t, dirs[0])
+	for i := range 3 {
+		mustGet(t, c, SegmentID{"m", uint64(i + 1)}, data)
+	}
+}
+
+// A directory that cannot be listed does not hold back the rebuild of
+// another: Scrub repairs what the others list, reports the listing error
+// and leaves the rebuilt directory pending (segments may hide in the
+// unlisted one).
+func TestScrubRepairsPastUnlistableDirectory(t *testing.T) {
+	dirs, h, c, data := rebuilding(t, 3)
+	h.onReadDir = func(name string) error {
+		if strings.HasPrefix(name, dirs[2]) {
+			return syscall.EIO
+		}
+		return nil
+	}
+	rep, err := c.Scrub(context.Background())
+	if !errors.Is(err, syscall.EIO) || !strings.Contains(err.Error(), dirs[2]) || rep.RepairedShards != 3 {
+		t.Fatalf("scrub with %s unlistable: %+v, %v; want 3 shards rebuilt and the listing error", dirs[2], rep, err)
+	}
+	wantPending(t, c, dirs[1])
+	h.onReadDir = nil
+	if rep, err := c.Scrub(context.Background()); err != nil || rep.RepairedShards != 0 || len(c.Pending()) != 0 {
 		t.Fatalf("scrub: %+v, %v, pending %v", rep, err, c.Pending())
 	}
 	wipe(t, dirs[0])
