@@ -25,8 +25,9 @@ type faultFS struct {
 	cache.OSFS
 	failSync   atomic.Bool
 	failRemove atomic.Bool
-	failReads  atomic.Bool  // reads of shard files fail with EIO
-	freePct    atomic.Int64 // 0: real statfs
+	failReads  atomic.Bool            // reads of shard files fail with EIO
+	freePct    atomic.Int64           // 0: real statfs
+	failStatfs atomic.Pointer[string] // statfs of this directory fails with EIO
 }
 
 func (f *faultFS) ReadFile(name string) ([]byte, error) {
@@ -64,6 +65,9 @@ func (f *faultFS) OpenFile(name string, flag int, perm fs.FileMode) (cache.File,
 }
 
 func (f *faultFS) Statfs(path string) (cache.FSStat, error) {
+	if d := f.failStatfs.Load(); d != nil && path == *d {
+		return cache.FSStat{}, &fs.PathError{Op: "statfs", Path: path, Err: syscall.EIO}
+	}
 	if p := f.freePct.Load(); p > 0 {
 		return cache.FSStat{Total: 100 << 30, Free: uint64(p) << 30, Avail: uint64(p) << 30}, nil
 	}
@@ -127,6 +131,25 @@ func TestCacheFullPausesAgents(t *testing.T) {
 	}
 	ffs.freePct.Store(60)
 	a.waitWindow(10*time.Second, DefaultWindow)
+}
+
+// TestCacheFullPausesDespiteUnmeasurableDir: a cache directory whose
+// usage cannot be read (statfs fails) does not turn backpressure off: the
+// others, nearly full, still pause the agents.
+func TestCacheFullPausesDespiteUnmeasurableDir(t *testing.T) {
+	e := newEnv(t, mem.New(), 3)
+	ffs := &faultFS{}
+	ffs.freePct.Store(50)
+	e.cacheFS = ffs
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	a.hello("m1", disk0)
+	ffs.failStatfs.Store(&e.cache[1])
+	ffs.freePct.Store(5)
+	a.waitWindow(10*time.Second, 0)
+	if !strings.Contains(e.logs.String(), "cache usage unavailable") || !strings.Contains(e.logs.String(), e.cache[1]) {
+		t.Errorf("the directory whose usage is unavailable is not logged")
+	}
 }
 
 // TestUploadsGoOnWhileCacheCannotDelete: a cache disk that fails deletes

@@ -476,10 +476,10 @@ func (s *Server) ensureContainer() {
 func (s *Server) monitor() {
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
-	level := slog.LevelInfo
+	usage := usageWatch{level: slog.LevelInfo}
 	watch := cacheWatch{pending: time.Now()} // Start asked for the first scrub
 	for {
-		s.checkCache(&level)
+		s.checkCache(&usage)
 		s.checkCacheDirs(&watch)
 		s.mu.Lock()
 		ms := make([]*machine, 0, len(s.machines))
@@ -592,16 +592,37 @@ func (s *Server) checkCacheDirs(w *cacheWatch) {
 	}
 }
 
-func (s *Server) checkCache(level *slog.Level) {
+// usageWatch is the monitor's state for checkCache.
+type usageWatch struct {
+	level slog.Level
+	err   string // the last usage error reported, not repeated every second
+}
+
+// checkCache sets the free space metric and pauses agents while the cache
+// is nearly full, going by the fullest directory it could measure: one
+// that cannot be measured must not turn backpressure off for the others.
+func (s *Server) checkCache(w *usageWatch) {
 	s.metrics.cacheBytes.Set(float64(s.cacheBytes.Load()))
-	us, err := s.cache.Usage()
-	if err != nil {
-		s.log.Error("cache usage unavailable", logErr, err)
-		return
-	}
-	free := 1.0
-	for _, u := range us {
+	free, measured := 1.0, 0
+	var errs []error
+	for _, u := range s.cache.Usage() {
+		if u.Err != nil {
+			errs = append(errs, u.Err)
+			continue
+		}
 		free = min(free, u.FreeFraction)
+		measured++
+	}
+	msg := ""
+	if len(errs) > 0 {
+		msg = errors.Join(errs...).Error()
+	}
+	if msg != "" && msg != w.err {
+		s.log.Error("cache usage unavailable for some directories; going by the others", logErr, msg)
+	}
+	w.err = msg
+	if measured == 0 {
+		return // nothing to go by: backpressure stays as it was
 	}
 	s.metrics.freeRatio.Set(free)
 	want := slog.LevelInfo
@@ -611,7 +632,7 @@ func (s *Server) checkCache(level *slog.Level) {
 	case free < freeWarn:
 		want = slog.LevelWarn
 	}
-	if want != *level {
+	if want != w.level {
 		switch want {
 		case slog.LevelError:
 			s.log.Error("cache almost full: uploads are not keeping up (storage account down or too slow?)", logFree, free)
@@ -620,7 +641,7 @@ func (s *Server) checkCache(level *slog.Level) {
 		default:
 			s.log.Info("cache usage back to normal", logFree, free)
 		}
-		*level = want
+		w.level = want
 	}
 	if free < freePause {
 		s.cachePaused.Store(true)

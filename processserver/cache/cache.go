@@ -1457,22 +1457,29 @@ type DirUsage struct {
 	Used         uint64  // bytes in use
 	Free         uint64  // bytes available to the cache (excludes root's reserve)
 	FreeFraction float64 // Free / Total, for "cache disk nearly full" alerts
+	// Err: the directory could not be examined (the figures are zero),
+	// itself an alert.
+	Err error
 }
 
-// Usage reports space per directory, in shard order. It fails if any
-// directory cannot be examined: that is itself an alert.
-func (c *Cache) Usage() ([]DirUsage, error) {
+// Usage reports space per directory, in shard order. A directory that
+// cannot be examined has its error in its DirUsage: the others are still
+// measured, so that one failing disk does not hide that the rest are full.
+func (c *Cache) Usage() []DirUsage {
 	out := make([]DirUsage, len(c.dirs))
 	for i, d := range c.dirs {
+		u := DirUsage{Dir: d}
 		st, err := c.fs.Statfs(d)
 		if err != nil {
-			return nil, fmt.Errorf("cache: usage of %s: %w", d, err)
+			u.Err = fmt.Errorf("cache: usage of %s: %w", d, err)
+			out[i] = u
+			continue
 		}
-		u := DirUsage{Dir: d, Total: st.Total, Used: st.Total - st.Free, Free: st.Avail}
+		u.Total, u.Used, u.Free = st.Total, st.Total-st.Free, st.Avail
 		if st.Total > 0 {
 			u.FreeFraction = float64(st.Avail) / float64(st.Total)
 		}
 		out[i] = u
 	}
-	return out, nil
+	return out
 }
