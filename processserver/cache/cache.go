@@ -279,11 +279,40 @@ func Open(dirs []string, opts Options) (*Cache, error) {
 		}
 		c.enc = enc
 	}
+	// Before the markers are read, which would take an existing
+	// directory reached twice for a reordered one.
+	if err := c.checkDistinct(); err != nil {
+		return nil, err
+	}
 	if err := c.checkMarkers(); err != nil {
 		return nil, err
 	}
 	c.removeTemps()
 	return c, nil
+}
+
+// checkDistinct fails when two of the directories that exist are one (a
+// symlink, a bind mount): both slots would write the same files, and a
+// segment would not survive the loss of m disks.
+func (c *Cache) checkDistinct() error {
+	seen := make([]os.FileInfo, len(c.dirs))
+	for i, d := range c.dirs {
+		fi, err := os.Stat(d)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue // not created yet: checked again once it is
+		}
+		if err != nil {
+			return fmt.Errorf("cache: directory %s: %w", d, err)
+		}
+		for j, other := range seen[:i] {
+			if other != nil && os.SameFile(fi, other) {
+				return fmt.Errorf("cache: %s and %s are the same directory (a symlink or bind mount): "+
+					"each cache directory must be on its own disk", c.dirs[j], d)
+			}
+		}
+		seen[i] = fi
+	}
+	return nil
 }
 
 // Dirs returns the cache directories, in shard order.

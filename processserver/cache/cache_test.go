@@ -94,6 +94,29 @@ func TestGeometry(t *testing.T) {
 	if _, err := Open([]string{d[0], d[0]}, Options{}); err == nil {
 		t.Error("Open accepted the same directory twice")
 	}
+	// The same directory under another path: a new cache (created by
+	// Open), and an existing one.
+	d = tempDirs(t, 3)
+	if err := os.Symlink(d[0], d[1]); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(d, Options{}); err == nil || !strings.Contains(err.Error(), "same directory") ||
+		!strings.Contains(err.Error(), d[0]) || !strings.Contains(err.Error(), d[1]) {
+		t.Errorf("Open of a directory and a symlink to it: %v, want an error naming both", err)
+	}
+	if err := os.Remove(d[1]); err != nil {
+		t.Fatal(err)
+	}
+	open(t, d, Options{})
+	if err := os.RemoveAll(d[2]); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(d[1], d[2]); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(d, Options{}); err == nil || !strings.Contains(err.Error(), "same directory") {
+		t.Errorf("Open of an existing cache with a directory replaced by a symlink to another: %v", err)
+	}
 	c := open(t, tempDirs(t, 4), Options{DataShards: 3, ParityShards: 1})
 	if k, m := c.Geometry(); k != 3 || m != 1 {
 		t.Errorf("configured 3+1, got %d+%d", k, m)

@@ -225,6 +225,9 @@ func (c *Cache) checkMarkers() error {
 			return fmt.Errorf("cache: create directory %s: %w", d, err)
 		}
 	}
+	if err := c.checkDistinct(); err != nil {
+		return err
+	}
 	if cacheID == "" {
 		var id [16]byte
 		rand.Read(id[:])
