@@ -123,6 +123,12 @@ func Start(ctx context.Context, c Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
+	started := false
+	defer func() {
+		if !started {
+			ch.Close() // for the next start
+		}
+	}()
 	s := &Server{
 		cfg:         cfg,
 		log:         cfg.Logger,
@@ -208,6 +214,7 @@ func Start(ctx context.Context, c Config) (*Server, error) {
 	s.bg.Go(s.acceptLoop)
 	s.log.Info("process server listening", logAddr, ln.Addr().String(), "identity", id,
 		"cache", ch.Dirs(), "container", cfg.Container, "recovery_key", seal.Fingerprint(rk))
+	started = true
 	return s, nil
 }
 
@@ -225,8 +232,8 @@ func Run(ctx context.Context, cfg Config) error {
 func (s *Server) Addr() net.Addr { return s.ln.Addr() }
 
 // Close stops accepting, closes every agent connection (unacknowledged
-// data is resent by the agents) and stops the uploaders (cached segments
-// are uploaded after the next start). The work of sessions and uploaders
+// data is resent by the agents), stops the uploaders (cached segments
+// are uploaded after the next start) and releases the cache. The work of sessions and uploaders
 // is cancelled before Close waits for them: during an outage a hello or
 // an upload may otherwise be retrying the account for minutes (and a
 // hello may wait for an uploader's manifest lock all that time).
@@ -246,6 +253,10 @@ func (s *Server) Close() error {
 		s.cancel()
 		s.conns.Wait()
 		s.bg.Wait()
+		// Released once nothing uses it: a new server may open it.
+		if err := s.cache.Close(); s.closeErr == nil {
+			s.closeErr = err
+		}
 	})
 	return s.closeErr
 }

@@ -18,7 +18,8 @@
 // A Cache is safe for concurrent use. Operations on the same segment are
 // serialised; operations on distinct segments run in parallel, and the
 // shards of one segment are written and read in parallel across disks.
-// One process must own a set of directories at a time.
+// One process owns a set of directories at a time: Open locks them, until
+// Close.
 package cache
 
 import (
@@ -194,6 +195,9 @@ type Cache struct {
 	unmounted   []atomic.Bool
 	mountedTill []atomic.Int64 // unix ns until which a positive check stands (checkMounted)
 	mountMu     []sync.Mutex   // checkMountedNow, per directory: a stale walk never wins
+
+	heldMu sync.Mutex
+	held   []*os.File // the directories' lock files (lockDirs), until Close
 }
 
 // Open opens (creating if needed) a cache over dirs. Each directory must be
@@ -212,6 +216,9 @@ type Cache struct {
 // unmounted: Open refuses to start, and while the cache is open writes to
 // it fail (Put then fails: nothing is acknowledged) rather than land on
 // the file system below.
+//
+// Open locks the directories (a lock file in each) until Close: a second
+// Open of any of them, by this process or another, fails until then.
 func Open(dirs []string, opts Options) (*Cache, error) {
 	n := len(dirs)
 	if n == 0 || n > maxDirs {
@@ -285,10 +292,53 @@ func Open(dirs []string, opts Options) (*Cache, error) {
 		return nil, err
 	}
 	if err := c.checkMarkers(); err != nil {
+		c.Close()
 		return nil, err
 	}
 	c.removeTemps()
 	return c, nil
+}
+
+// lockName is the file in each cache directory that the process holding
+// the cache open keeps an exclusive lock on (flock: the kernel releases it
+// when the process dies, so a crash leaves nothing to clean up).
+const lockName = markerName + ".lock"
+
+// lockDirs locks every directory for this process, before anything is
+// written: a second process server on the same cache (one started by hand
+// while the service runs) would remove the first's temporary files in
+// flight, and the two would overwrite each other's shards.
+func (c *Cache) lockDirs() error {
+	c.heldMu.Lock()
+	defer c.heldMu.Unlock()
+	for _, d := range c.dirs {
+		f, err := os.OpenFile(filepath.Join(d, lockName), os.O_RDWR|os.O_CREATE, 0o640)
+		if err != nil {
+			return fmt.Errorf("cache: lock directory %s: %w", d, err)
+		}
+		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+			f.Close()
+			if errors.Is(err, unix.EWOULDBLOCK) {
+				return fmt.Errorf("cache: cache directory %s is in use by another process server: stop it first", d)
+			}
+			return fmt.Errorf("cache: lock directory %s: %w", d, err)
+		}
+		c.held = append(c.held, f)
+	}
+	return nil
+}
+
+// Close releases the cache's directories to another process. The cache
+// must not be used after; closing it again does nothing.
+func (c *Cache) Close() error {
+	c.heldMu.Lock()
+	defer c.heldMu.Unlock()
+	var errs []error
+	for _, f := range c.held {
+		errs = append(errs, f.Close()) // which drops the lock
+	}
+	c.held = nil
+	return errors.Join(errs...)
 }
 
 // checkDistinct fails when two of the directories that exist are one (a

@@ -34,7 +34,17 @@ func open(t testing.TB, dirs []string, opts Options) *Cache {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { c.Close() })
 	return c
+}
+
+// reopen closes c and opens its directories again, as a restart does.
+func reopen(t testing.TB, c *Cache, opts Options) *Cache {
+	t.Helper()
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return open(t, c.Dirs(), opts)
 }
 
 func payload(n int, seed uint64) []byte {
@@ -176,7 +186,7 @@ func TestSurvivesWipedDirectories(t *testing.T) {
 		for b := a + 1; b < 4; b++ {
 			wipe(t, dirs[a])
 			wipe(t, dirs[b])
-			c = open(t, dirs, Options{})
+			c = reopen(t, c, Options{})
 			if got := c.Replaced(); len(got) != 2 || got[0] != dirs[a] || got[1] != dirs[b] {
 				t.Fatalf("Replaced() = %v, want %s and %s", got, dirs[a], dirs[b])
 			}
@@ -201,7 +211,7 @@ func TestSurvivesWipedDirectories(t *testing.T) {
 	for _, d := range dirs[:3] {
 		wipe(t, d)
 	}
-	c = open(t, dirs, Options{})
+	c = reopen(t, c, Options{})
 	for id := range segs {
 		got, err := c.Get(id)
 		if !errors.Is(err, ErrUnrecoverable) || got != nil {
@@ -272,7 +282,8 @@ func TestCheckDirs(t *testing.T) {
 	if _, err := c.Scrub(stopped); !errors.Is(err, context.Canceled) {
 		t.Fatalf("cancelled scrub: %v", err)
 	}
-	if r := open(t, dirs, Options{}).Replaced(); !slices.Equal(r, dirs[1:2]) {
+	c = reopen(t, c, Options{})
+	if r := c.Replaced(); !slices.Equal(r, dirs[1:2]) {
 		t.Fatalf("reopened before the rebuild completed: replaced %v, want %v", r, dirs[1:2])
 	}
 	// A scrub that meets a problem anywhere (here a segment lost beyond
@@ -297,11 +308,16 @@ func TestCheckDirs(t *testing.T) {
 	}
 	// The marker was rewritten: a reopened cache takes the directory as
 	// its own, not as a replaced one.
-	if r := open(t, dirs, Options{}).Replaced(); len(r) != 0 {
+	c = reopen(t, c, Options{})
+	if r := c.Replaced(); len(r) != 0 {
 		t.Fatalf("reopened cache: replaced %v", r)
 	}
 
-	// Only the stream directory goes: the next write finds it gone.
+	// Only the stream directory goes once written to (known to exist):
+	// the next write finds it gone.
+	if err := c.Put(SegmentID{"m", 2}, data); err != nil {
+		t.Fatal(err)
+	}
 	if err := os.RemoveAll(filepath.Join(dirs[2], "m")); err != nil {
 		t.Fatal(err)
 	}
@@ -954,10 +970,11 @@ func TestFailedOverwriteReturnsOldVersion(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Only shard 0 of the overwrite becomes durable.
-	c2 := open(t, dirs, Options{FS: multiFault{dirs[1:]}})
+	c2 := reopen(t, c, Options{FS: multiFault{dirs[1:]}})
 	if err := c2.Put(id, payload(9000, 2)); err == nil {
 		t.Fatal("put succeeded with 3 of 4 shards failing")
 	}
+	c = reopen(t, c2, Options{})
 	reads := c.readShards(id)
 	if reads[0].err != nil || reads[1].err != nil || reads[0].hdr.gen <= reads[1].hdr.gen {
 		t.Fatalf("setup: shard 0 should hold a newer version than shard 1: %+v %+v", reads[0].err, reads[1].err)
@@ -1059,13 +1076,54 @@ func TestOpenChecksDirectories(t *testing.T) {
 	// A stale temporary file from a crash is removed by Open.
 	stale := c.shardPath(1, SegmentID{"m", 2}) + tmpInfix + "123"
 	os.WriteFile(stale, []byte("partial"), 0o640)
-	c = open(t, dirs, Options{})
+	c = reopen(t, c, Options{})
 	if _, err := os.Stat(stale); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("stale temp file survived Open: %v", err)
 	}
 	if len(c.Replaced()) != 0 {
 		t.Errorf("Replaced = %v on a healthy cache", c.Replaced())
 	}
+}
+
+// A second Open of a cache's directories while it is open (a process
+// server started by hand while the service runs) fails, naming the
+// directory, and removes none of the first one's temporary files; after
+// Close it succeeds. (A crashed process's lock goes with it: flock.)
+func TestOpenLocksDirectories(t *testing.T) {
+	dirs := tempDirs(t, 3)
+	c := open(t, dirs, Options{})
+	if err := c.Put(SegmentID{"m", 1}, []byte("abc")); err != nil {
+		t.Fatal(err)
+	}
+	inFlight := c.shardPath(1, SegmentID{"m", 2}) + tmpInfix + "123"
+	if err := os.WriteFile(inFlight, []byte("partial"), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Open(dirs, Options{})
+	if err == nil || !strings.Contains(err.Error(), "in use by another process server") || !strings.Contains(err.Error(), dirs[0]) {
+		t.Fatalf("second Open: %v, want the directory in use", err)
+	}
+	if _, err := os.Stat(inFlight); err != nil {
+		t.Fatalf("the refused Open removed a temporary file in flight: %v", err)
+	}
+	// Locked in part (one directory held elsewhere): nothing stays locked.
+	other, err := os.OpenFile(filepath.Join(dirs[2], lockName), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Flock(int(other.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(dirs, Options{}); err == nil || !strings.Contains(err.Error(), dirs[2]) {
+		t.Fatalf("Open with %s locked: %v", dirs[2], err)
+	}
+	other.Close()
+	c = open(t, dirs, Options{})
+	mustGet(t, c, SegmentID{"m", 1}, []byte("abc"))
 }
 
 func TestUsage(t *testing.T) {
@@ -1313,7 +1371,7 @@ func TestPutSummed(t *testing.T) {
 	}
 	// One directory gone: the rest must verify and rebuild it.
 	wipe(t, dirs[0])
-	c = open(t, dirs, Options{})
+	c = reopen(t, c, Options{})
 	mustGet(t, c, SegmentID{Stream: "m", Seq: 6}, payload(8<<20+36+12, 6))
 
 	data := payload(1<<20, 99)
@@ -1345,7 +1403,7 @@ func TestSmallerMaxSegmentSizeReadsOlderSegments(t *testing.T) {
 	if err := c.Put(id, data); err != nil {
 		t.Fatal(err)
 	}
-	c = open(t, dirs, Options{MaxSegmentSize: 1 << 20})
+	c = reopen(t, c, Options{MaxSegmentSize: 1 << 20})
 	mustGet(t, c, id, data)
 	if n, err := c.Repair(id); n != 0 || err != nil {
 		t.Fatalf("Repair of an intact larger segment: %d rewritten, %v", n, err)

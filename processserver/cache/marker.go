@@ -228,6 +228,9 @@ func (c *Cache) checkMarkers() error {
 	if err := c.checkDistinct(); err != nil {
 		return err
 	}
+	if err := c.lockDirs(); err != nil {
+		return err
+	}
 	if cacheID == "" {
 		var id [16]byte
 		rand.Read(id[:])

@@ -177,7 +177,7 @@ func TestUnmountedDisk(t *testing.T) {
 		t.Fatal(err)
 	}
 	mountDisk(t, dirs[1])
-	c = open(t, dirs, Options{})
+	c = reopen(t, c, Options{})
 	if got := c.Replaced(); !slices.Equal(got, dirs[1:2]) {
 		t.Fatalf("Replaced = %v, want %v", got, dirs[1:2])
 	}
@@ -194,9 +194,9 @@ func TestMountPointsRecordedForOlderCache(t *testing.T) {
 	testenv.RequireRoot(t)
 	dirs := tempDirs(t, 3)
 	mountDisk(t, dirs[2])
-	open(t, dirs, Options{})
+	c := open(t, dirs, Options{})
 	writeMarkers(t, dirs, func(i int) marker { return marker{cache: strings.Repeat("12", 16), slot: i, n: 3} })
-	open(t, dirs, Options{})
+	reopen(t, c, Options{})
 	wantMountRecorded(t, dirs, 2)
 	if err := unix.Unmount(dirs[2], unix.MNT_DETACH); err != nil {
 		t.Fatal(err)
@@ -214,7 +214,7 @@ func TestMountPointsPartialRecord(t *testing.T) {
 	testenv.RequireRoot(t)
 	dirs := tempDirs(t, 3)
 	mountDisk(t, dirs[0])
-	open(t, dirs, Options{})
+	c := open(t, dirs, Options{})
 	id := strings.Repeat("34", 16)
 	writeMarkers(t, dirs, func(i int) marker {
 		m := marker{cache: id, slot: i, n: 3}
@@ -223,12 +223,12 @@ func TestMountPointsPartialRecord(t *testing.T) {
 		}
 		return m
 	})
-	open(t, dirs, Options{})
+	c = reopen(t, c, Options{})
 	wantMountRecorded(t, dirs, 0)
 
 	writeMarkers(t, dirs, func(i int) marker { return marker{cache: id, slot: i, n: 3} })
 	wipe(t, dirs[1])
-	c := open(t, dirs, Options{})
+	c = reopen(t, c, Options{})
 	if got := c.Replaced(); !slices.Equal(got, dirs[1:2]) {
 		t.Fatalf("Replaced = %v", got)
 	}
