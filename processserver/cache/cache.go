@@ -846,9 +846,10 @@ func (c *Cache) ensureStreamDir(slot int, stream string) error {
 	if err := c.checkMountedNow(slot); err != nil {
 		return err
 	}
-	if err := c.fs.MkdirAll(filepath.Join(c.dirs[slot], stream), 0o750); err != nil {
+	if err := c.mkdirDurable(filepath.Join(c.dirs[slot], stream)); err != nil {
 		return err
 	}
+	// Also when it was there: a crash may have left its entry unsynced.
 	if err := c.syncDir(c.dirs[slot]); err != nil {
 		return err
 	}
@@ -856,6 +857,35 @@ func (c *Cache) ensureStreamDir(slot int, stream string) error {
 	c.streamDirs[key] = true
 	c.streamMu.Unlock()
 	return nil
+}
+
+// mkdirDurable is MkdirAll made durable: the directories it creates are
+// fsync'd, and so is the parent of the topmost one, which names it. A
+// cache directory recreated after an rm -rf would otherwise lose its entry
+// (and with it the shards fsync'd below) in a crash.
+func (c *Cache) mkdirDurable(path string) error {
+	path = filepath.Clean(path)
+	top := "" // the topmost missing directory (os.Stat: FS has none, see mountRoot)
+	for p := path; p != filepath.Dir(p); p = filepath.Dir(p) {
+		if _, err := os.Stat(p); !errors.Is(err, fs.ErrNotExist) {
+			break
+		}
+		top = p
+	}
+	if err := c.fs.MkdirAll(path, 0o750); err != nil {
+		return err
+	}
+	if top == "" {
+		return nil
+	}
+	for p := path; ; p = filepath.Dir(p) {
+		if err := c.syncDir(p); err != nil {
+			return err
+		}
+		if p == top {
+			return c.syncDir(filepath.Dir(p))
+		}
+	}
 }
 
 func (c *Cache) forgetStreamDir(slot int, stream string) {
@@ -1341,7 +1371,7 @@ func (c *Cache) writeSentinel(i int) error {
 		return err
 	}
 	d := c.dirs[i]
-	if err := c.fs.MkdirAll(d, 0o750); err != nil {
+	if err := c.mkdirDurable(d); err != nil {
 		return fmt.Errorf("cache: %w", err)
 	}
 	f, err := c.fs.OpenFile(filepath.Join(d, rebuildingName), os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o640)

@@ -336,6 +336,39 @@ func TestCheckDirs(t *testing.T) {
 	mustGet(t, c, SegmentID{"m", 2}, data)
 }
 
+// A cache directory recreated by a write after it was removed whole
+// (rm -rf while in use) is fsync'd, and so is its parent, which names it:
+// else a crash could take it away with the shards fsync'd in it.
+func TestRecreatedDirectorySynced(t *testing.T) {
+	dirs := tempDirs(t, 3)
+	h := &hookFS{}
+	c := open(t, dirs, Options{FS: h})
+	data := payload(10_000, 1)
+	if err := c.Put(SegmentID{"m", 1}, data); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(dirs[1]); err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	opened := map[string]bool{} // the cache opens a directory only to fsync it
+	h.onOpen = func(name string) error {
+		mu.Lock()
+		defer mu.Unlock()
+		opened[name] = true
+		return nil
+	}
+	if err := c.Put(SegmentID{"m", 2}, data); err != nil {
+		t.Fatal(err)
+	}
+	h.onOpen = nil
+	for _, d := range []string{filepath.Join(dirs[1], "m"), dirs[1], filepath.Dir(dirs[1])} {
+		if !opened[d] {
+			t.Errorf("%s not fsync'd after %s was recreated", d, dirs[1])
+		}
+	}
+}
+
 // wantLost checks that CheckDirs reports exactly want, without an error.
 func wantLost(t *testing.T, c *Cache, want ...string) {
 	t.Helper()

@@ -221,7 +221,7 @@ func (c *Cache) checkMarkers() error {
 					"mount it (shards written now would land on the file system below, and vanish when it is mounted)", d, mp, c.fstab)
 			}
 		}
-		if err := c.fs.MkdirAll(d, 0o750); err != nil {
+		if err := c.mkdirDurable(d); err != nil {
 			return fmt.Errorf("cache: create directory %s: %w", d, err)
 		}
 	}
