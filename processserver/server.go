@@ -233,10 +233,11 @@ func (s *Server) Addr() net.Addr { return s.ln.Addr() }
 
 // Close stops accepting, closes every agent connection (unacknowledged
 // data is resent by the agents), stops the uploaders (cached segments
-// are uploaded after the next start) and releases the cache. The work of sessions and uploaders
-// is cancelled before Close waits for them: during an outage a hello or
-// an upload may otherwise be retrying the account for minutes (and a
-// hello may wait for an uploader's manifest lock all that time).
+// are uploaded after the next start) and releases the cache. The work of
+// sessions and uploaders is cancelled before Close waits for them: during
+// an outage a hello or an upload may otherwise be retrying the account
+// for minutes (and a hello may wait for an uploader's manifest lock all
+// that time).
 func (s *Server) Close() error {
 	s.closeOnce.Do(func() {
 		s.closeErr = s.ln.Close()

@@ -1577,18 +1577,16 @@ type DirUsage struct {
 func (c *Cache) Usage() []DirUsage {
 	out := make([]DirUsage, len(c.dirs))
 	for i, d := range c.dirs {
-		u := DirUsage{Dir: d}
+		out[i].Dir = d
 		st, err := c.fs.Statfs(d)
 		if err != nil {
-			u.Err = fmt.Errorf("cache: usage of %s: %w", d, err)
-			out[i] = u
+			out[i].Err = fmt.Errorf("cache: usage of %s: %w", d, err)
 			continue
 		}
-		u.Total, u.Used, u.Free = st.Total, st.Total-st.Free, st.Avail
+		out[i].Total, out[i].Used, out[i].Free = st.Total, st.Total-st.Free, st.Avail
 		if st.Total > 0 {
-			u.FreeFraction = float64(st.Avail) / float64(st.Total)
+			out[i].FreeFraction = float64(st.Avail) / float64(st.Total)
 		}
-		out[i] = u
 	}
 	return out
 }
