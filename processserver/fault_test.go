@@ -1,6 +1,8 @@
 package processserver
 
 import (
+	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -10,18 +12,29 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore/mem"
+	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/lifeboat-dr/lifeboat/internal/wire"
 	"github.com/lifeboat-dr/lifeboat/processserver/cache"
 )
 
-// faultFS is the real file system with switchable fsync and remove
-// failures and a settable free fraction.
+// faultFS is the real file system with switchable fsync, remove and
+// shard read failures and a settable free fraction.
 type faultFS struct {
 	cache.OSFS
 	failSync   atomic.Bool
 	failRemove atomic.Bool
-	freePct    atomic.Int64 // 0: real statfs
+	failReads  atomic.Bool            // reads of shard files fail with EIO
+	freePct    atomic.Int64           // 0: real statfs
+	failStatfs atomic.Pointer[string] // statfs of this directory fails with EIO
+}
+
+func (f *faultFS) ReadFile(name string) ([]byte, error) {
+	if f.failReads.Load() && strings.HasSuffix(name, ".shard") {
+		return nil, &fs.PathError{Op: "read", Path: name, Err: syscall.EIO}
+	}
+	return f.OSFS.ReadFile(name)
 }
 
 func (f *faultFS) Remove(name string) error {
@@ -52,6 +65,9 @@ func (f *faultFS) OpenFile(name string, flag int, perm fs.FileMode) (cache.File,
 }
 
 func (f *faultFS) Statfs(path string) (cache.FSStat, error) {
+	if d := f.failStatfs.Load(); d != nil && path == *d {
+		return cache.FSStat{}, &fs.PathError{Op: "statfs", Path: path, Err: syscall.EIO}
+	}
 	if p := f.freePct.Load(); p > 0 {
 		return cache.FSStat{Total: 100 << 30, Free: uint64(p) << 30, Avail: uint64(p) << 30}, nil
 	}
@@ -117,6 +133,25 @@ func TestCacheFullPausesAgents(t *testing.T) {
 	a.waitWindow(10*time.Second, DefaultWindow)
 }
 
+// TestCacheFullPausesDespiteUnmeasurableDir: a cache directory whose
+// usage cannot be read (statfs fails) does not turn backpressure off: the
+// others, nearly full, still pause the agents.
+func TestCacheFullPausesDespiteUnmeasurableDir(t *testing.T) {
+	e := newEnv(t, mem.New(), 3)
+	ffs := &faultFS{}
+	ffs.freePct.Store(50)
+	e.cacheFS = ffs
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	a.hello("m1", disk0)
+	ffs.failStatfs.Store(&e.cache[1])
+	ffs.freePct.Store(5)
+	a.waitWindow(10*time.Second, 0)
+	if !strings.Contains(e.logs.String(), "cache usage unavailable") || !strings.Contains(e.logs.String(), e.cache[1]) {
+		t.Errorf("the directory whose usage is unavailable is not logged")
+	}
+}
+
 // TestUploadsGoOnWhileCacheCannotDelete: a cache disk that fails deletes
 // (failing, or unmounted) must not hold back the uploads of what the
 // cache still holds; the deletes happen once it recovers.
@@ -148,4 +183,101 @@ func TestUploadsGoOnWhileCacheCannotDelete(t *testing.T) {
 	ffs.failRemove.Store(false)
 	a.waitAck(a.batch(9, 2)) // wakes the uploader
 	eventually(t, 10*time.Second, "applied segments deleted once the cache can", func() bool { return shardFiles(t, e.cache[0]) <= 1 })
+}
+
+// gateJournal refuses the journal segments of m1, as an outage would,
+// until opened.
+type gateJournal struct {
+	blobstore.Store
+	open atomic.Bool
+}
+
+func (g *gateJournal) PutBlob(ctx context.Context, name string, data []byte, md blobstore.Metadata) error {
+	if !g.open.Load() && strings.HasPrefix(name, layout.JournalPrefix("m1")) {
+		return errors.New("injected outage")
+	}
+	return g.Store.PutBlob(ctx, name, data, md)
+}
+
+// cachedWhileDown has an agent's batch acknowledged (cached) while the
+// journal refuses it, and stops the server: the next one reads the
+// segment back from the cache to upload it.
+func cachedWhileDown(t *testing.T) (*env, *gateJournal, *faultFS, *agent, uint64) {
+	store := &gateJournal{Store: mem.New()}
+	e := newEnv(t, store, 3)
+	e.segAge = 20 * time.Millisecond
+	ffs := &faultFS{}
+	e.cacheFS = ffs
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	a.hello("m1", disk0)
+	last := a.batch(1, 10)
+	a.waitAck(last)
+	a.conn.Close()
+	s.Close()
+	return e, store, ffs, a, last
+}
+
+// wantUploaded waits for the journal to hold everything a sent.
+func wantUploaded(t *testing.T, e *env, a *agent, last uint64) {
+	t.Helper()
+	eventually(t, 20*time.Second, "the segment uploaded", func() bool { return durableSeq(t, e.store, "m1") >= last })
+	if plain, _, _ := journal(t, e.store, e.rk, "m1"); !bytes.Equal(plain, a.sent) {
+		t.Fatalf("journal holds %d bytes, want the %d acknowledged", len(plain), len(a.sent))
+	}
+}
+
+// TestUnreadableCacheIsNotLost: a cached segment that cannot be read
+// because the cache disks fail reads (EIO) is not declared lost (no gap,
+// no tombstone, no resync, its shards kept) but retried, and uploaded
+// once the reads succeed again.
+func TestUnreadableCacheIsNotLost(t *testing.T) {
+	e, store, ffs, a, last := cachedWhileDown(t)
+	s := e.start()
+	ffs.failReads.Store(true)
+	const kept, lost = "cannot be read now", "acknowledged segment unreadable"
+	eventually(t, 20*time.Second, "the read failure", func() bool {
+		return strings.Contains(e.logs.String(), kept) || strings.Contains(e.logs.String(), lost)
+	})
+	notLost := func() {
+		if strings.Contains(e.logs.String(), lost) {
+			t.Fatal("a segment the cache could not read now was declared lost")
+		}
+	}
+	notLost()
+	store.open.Store(true)
+	n := strings.Count(e.logs.String(), kept)
+	eventually(t, 20*time.Second, "a retry with the journal up", func() bool { return strings.Count(e.logs.String(), kept) > n })
+	notLost()
+	if infos, err := store.ListBlobs(context.Background(), layout.JournalPrefix("m1")); err != nil || len(infos) != 0 {
+		t.Fatalf("journal holds %v (%v) while the segment cannot be read: want nothing, no tombstone", infos, err)
+	}
+	if ids, err := s.cache.List("m1"); err != nil || len(ids) != 1 {
+		t.Fatalf("cache holds %v (%v), want the segment kept", ids, err)
+	}
+	ffs.failReads.Store(false)
+	wantUploaded(t, e, a, last)
+}
+
+// TestUnreadableSuspectIsKept: a segment unreadable at start because the
+// cache disks fail reads is not left out and deleted as what a crash left
+// of an unacknowledged store: it is kept, and uploaded once it can be
+// read.
+func TestUnreadableSuspectIsKept(t *testing.T) {
+	e, store, ffs, a, last := cachedWhileDown(t)
+	ffs.failReads.Store(true)
+	store.open.Store(true)
+	s := e.start()
+	const kept, out = "cannot be read now", "leaving out an unreadable cached segment"
+	eventually(t, 20*time.Second, "the suspect settled or kept", func() bool {
+		return strings.Contains(e.logs.String(), kept) || strings.Contains(e.logs.String(), out)
+	})
+	if strings.Contains(e.logs.String(), out) {
+		t.Fatal("a segment the cache could not read now was left out")
+	}
+	if ids, err := s.cache.List("m1"); err != nil || len(ids) != 1 {
+		t.Fatalf("cache holds %v (%v), want the segment kept", ids, err)
+	}
+	ffs.failReads.Store(false)
+	wantUploaded(t, e, a, last)
 }

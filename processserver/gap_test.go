@@ -43,6 +43,7 @@ func newGapRig(t *testing.T, store blobstore.Store) *gapRig {
 	}
 	r := &gapRig{t: t, store: store, rk: seal.NewRecoveryKey(), dirs: []string{t.TempDir(), t.TempDir(), t.TempDir()}}
 	r.restart()
+	t.Cleanup(func() { r.s.cache.Close() })
 	ack, _, _, _, err := r.m.agree(context.Background(), r.hello(0))
 	if err != nil {
 		t.Fatal(err)
@@ -53,6 +54,9 @@ func newGapRig(t *testing.T, store blobstore.Store) *gapRig {
 
 // restart replaces the server by a new one on the same cache and account.
 func (r *gapRig) restart() {
+	if r.s != nil {
+		r.s.cache.Close()
+	}
 	c, err := cache.Open(r.dirs, cache.Options{})
 	if err != nil {
 		r.t.Fatal(err)

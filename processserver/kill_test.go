@@ -216,6 +216,7 @@ func TestRestartDropsRemainsOfAppliedSegment(t *testing.T) {
 	if _, err := c.Get(id); err == nil {
 		t.Fatal("one shard of three still reads")
 	}
+	c.Close()
 
 	s = e.start()
 	eventually(t, 30*time.Second, "the remains dropped", func() bool {

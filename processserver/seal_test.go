@@ -31,6 +31,7 @@ func sealSegmentCompressesPerSegment(t *testing.T, inPlace bool) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer c.Close()
 	rng := rand.New(rand.NewPCG(1, 2))
 	random := func() []byte {
 		b := make([]byte, 1<<20)

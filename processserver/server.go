@@ -123,6 +123,12 @@ func Start(ctx context.Context, c Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
+	started := false
+	defer func() {
+		if !started {
+			ch.Close() // for the next start
+		}
+	}()
 	s := &Server{
 		cfg:         cfg,
 		log:         cfg.Logger,
@@ -208,6 +214,7 @@ func Start(ctx context.Context, c Config) (*Server, error) {
 	s.bg.Go(s.acceptLoop)
 	s.log.Info("process server listening", logAddr, ln.Addr().String(), "identity", id,
 		"cache", ch.Dirs(), "container", cfg.Container, "recovery_key", seal.Fingerprint(rk))
+	started = true
 	return s, nil
 }
 
@@ -225,11 +232,12 @@ func Run(ctx context.Context, cfg Config) error {
 func (s *Server) Addr() net.Addr { return s.ln.Addr() }
 
 // Close stops accepting, closes every agent connection (unacknowledged
-// data is resent by the agents) and stops the uploaders (cached segments
-// are uploaded after the next start). The work of sessions and uploaders
-// is cancelled before Close waits for them: during an outage a hello or
-// an upload may otherwise be retrying the account for minutes (and a
-// hello may wait for an uploader's manifest lock all that time).
+// data is resent by the agents), stops the uploaders (cached segments
+// are uploaded after the next start) and releases the cache. The work of
+// sessions and uploaders is cancelled before Close waits for them: during
+// an outage a hello or an upload may otherwise be retrying the account
+// for minutes (and a hello may wait for an uploader's manifest lock all
+// that time).
 func (s *Server) Close() error {
 	s.closeOnce.Do(func() {
 		s.closeErr = s.ln.Close()
@@ -246,6 +254,10 @@ func (s *Server) Close() error {
 		s.cancel()
 		s.conns.Wait()
 		s.bg.Wait()
+		// Released once nothing uses it: a new server may open it.
+		if err := s.cache.Close(); s.closeErr == nil {
+			s.closeErr = err
+		}
 	})
 	return s.closeErr
 }
@@ -476,10 +488,10 @@ func (s *Server) ensureContainer() {
 func (s *Server) monitor() {
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
-	level := slog.LevelInfo
+	usage := usageWatch{level: slog.LevelInfo}
 	watch := cacheWatch{pending: time.Now()} // Start asked for the first scrub
 	for {
-		s.checkCache(&level)
+		s.checkCache(&usage)
 		s.checkCacheDirs(&watch)
 		s.mu.Lock()
 		ms := make([]*machine, 0, len(s.machines))
@@ -592,16 +604,37 @@ func (s *Server) checkCacheDirs(w *cacheWatch) {
 	}
 }
 
-func (s *Server) checkCache(level *slog.Level) {
+// usageWatch is the monitor's state for checkCache.
+type usageWatch struct {
+	level slog.Level
+	err   string // the last usage error reported, not repeated every second
+}
+
+// checkCache sets the free space metric and pauses agents while the cache
+// is nearly full, going by the fullest directory it could measure: one
+// that cannot be measured must not turn backpressure off for the others.
+func (s *Server) checkCache(w *usageWatch) {
 	s.metrics.cacheBytes.Set(float64(s.cacheBytes.Load()))
-	us, err := s.cache.Usage()
-	if err != nil {
-		s.log.Error("cache usage unavailable", logErr, err)
-		return
-	}
-	free := 1.0
-	for _, u := range us {
+	free, measured := 1.0, 0
+	var errs []error
+	for _, u := range s.cache.Usage() {
+		if u.Err != nil {
+			errs = append(errs, u.Err)
+			continue
+		}
 		free = min(free, u.FreeFraction)
+		measured++
+	}
+	msg := ""
+	if len(errs) > 0 {
+		msg = errors.Join(errs...).Error()
+	}
+	if msg != "" && msg != w.err {
+		s.log.Error("cache usage unavailable for some directories; going by the others", logErr, msg)
+	}
+	w.err = msg
+	if measured == 0 {
+		return // nothing to go by: backpressure stays as it was
 	}
 	s.metrics.freeRatio.Set(free)
 	want := slog.LevelInfo
@@ -611,7 +644,7 @@ func (s *Server) checkCache(level *slog.Level) {
 	case free < freeWarn:
 		want = slog.LevelWarn
 	}
-	if want != *level {
+	if want != w.level {
 		switch want {
 		case slog.LevelError:
 			s.log.Error("cache almost full: uploads are not keeping up (storage account down or too slow?)", logFree, free)
@@ -620,7 +653,7 @@ func (s *Server) checkCache(level *slog.Level) {
 		default:
 			s.log.Info("cache usage back to normal", logFree, free)
 		}
-		*level = want
+		w.level = want
 	}
 	if free < freePause {
 		s.cachePaused.Store(true)

@@ -712,6 +712,24 @@ func TestStartRefusedByAccount(t *testing.T) {
 	s.Close()
 }
 
+// TestSecondServerOnSameCacheRefused: a process server started by hand
+// while the service runs on the same cache refuses to start (its start-up
+// would remove the running one's temporary files); once the first is
+// closed, it starts.
+func TestSecondServerOnSameCacheRefused(t *testing.T) {
+	e := newEnv(t, mem.New(), 2)
+	s := e.start()
+	cfg := Config{Listen: "127.0.0.1:0", PKIDir: e.pki, Name: "ps", CacheDirs: e.cache, RecoveryKeyFile: e.rkFile, Store: e.store}
+	if s2, err := Start(context.Background(), cfg); err == nil || !strings.Contains(err.Error(), "in use by another process server") {
+		if err == nil {
+			s2.Close()
+		}
+		t.Fatalf("second server on the same cache: %v, want it refused", err)
+	}
+	s.Close()
+	e.start()
+}
+
 // TestRestartRebuildsShortSegments: a segment missing a shard when the
 // server stops (a lowered quorum, a disk away, a crash mid-Put) gets it
 // rebuilt after the restart too, although nothing recorded it: the

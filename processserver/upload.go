@@ -280,7 +280,9 @@ func (m *machine) inJournal(seq uint64) bool {
 // store never acknowledged. Readable after all (a cache disk back), it is
 // a segment like any other; in the journal already (its upload done, the
 // manifest write lost to the crash), it is kept, for the uploader to adopt
-// in its turn; otherwise it and
+// in its turn; unreadable only for now (cache.ErrUnavailable: disks
+// failing reads or not mounted), it is kept and settleSuspects fails, so
+// the hello and the uploads wait and try again; otherwise it and
 // every suspect after it are left out: their files stay (the agent's
 // resend overwrites them), and no gap is recorded here, since had they
 // been acknowledged, the agent's hello reports acks past durable and
@@ -302,7 +304,8 @@ func (m *machine) settleSuspects(ctx context.Context) error {
 		if e == nil {
 			return nil
 		}
-		data, err := m.s.cache.Get(e.id)
+		data, getErr := m.s.cache.Get(e.id)
+		err := getErr
 		if err == nil {
 			var meta segMeta
 			if meta, _, err = parseCached(data); err == nil && meta.first == e.id.Seq {
@@ -338,6 +341,12 @@ func (m *machine) settleSuspects(ctx context.Context) error {
 				m.mu.Unlock()
 				continue
 			}
+		}
+		if getErr != nil && !lostFromCache(getErr) {
+			// Not known to be gone (cache disks failing reads or not
+			// mounted): left out, an acknowledged segment would be
+			// recorded lost at the hello. Settled when it can be read.
+			return fmt.Errorf("cached segment %s cannot be read now (cache disks failing or not mounted); kept, and settled once it can be read: %w", e.id, getErr)
 		}
 		m.log.Warn("leaving out an unreadable cached segment newer than every readable one, and any after it (a store a crash interrupted; a loss, if the agent had it acknowledged, is recorded at its hello)",
 			logSegment, e.id.String(), logErr, err)
@@ -380,6 +389,13 @@ func (m *machine) remains(u *upload, err error) bool {
 // errSegmentLost marks a cached segment that can no longer be read.
 var errSegmentLost = errors.New("cached segment lost")
 
+// lostFromCache reports whether a cache read error says the segment is
+// gone: not found, or too many shards missing or corrupt. Any other error
+// (cache.ErrUnavailable: disks failing reads or not mounted) may pass.
+func lostFromCache(err error) bool {
+	return errors.Is(err, cache.ErrUnrecoverable) || errors.Is(err, cache.ErrNotFound)
+}
+
 // uploadOne puts u's sealed segment in the journal: from memory while it
 // is still there, else read back from the cache.
 func (m *machine) uploadOne(ctx context.Context, u *upload) {
@@ -395,11 +411,16 @@ func (m *machine) uploadOne(ctx context.Context, u *upload) {
 		stage.Do(ctx, stage.Prepare, func(context.Context) { data, err = m.s.cache.Get(u.e.id) })
 	}
 	if err != nil {
-		if errors.Is(err, cache.ErrUnrecoverable) || errors.Is(err, cache.ErrNotFound) {
+		switch {
+		case lostFromCache(err):
 			if !m.remains(u, err) {
 				u.err = fmt.Errorf("%w: %w", errSegmentLost, err)
 			}
-		} else {
+		case errors.Is(err, cache.ErrUnavailable):
+			// A cache disk failing reads or not mounted: the segment may
+			// well be intact. Kept, and read again at the retry.
+			u.err = fmt.Errorf("cached segment %s cannot be read now (cache disks failing or not mounted); kept and retried, not declared lost: %w", u.e.id, err)
+		default:
 			u.err = fmt.Errorf("read cached segment %s: %w", u.e.id, err)
 		}
 		return

@@ -18,7 +18,8 @@
 // A Cache is safe for concurrent use. Operations on the same segment are
 // serialised; operations on distinct segments run in parallel, and the
 // shards of one segment are written and read in parallel across disks.
-// One process must own a set of directories at a time.
+// One process owns a set of directories at a time: Open locks them, until
+// Close.
 package cache
 
 import (
@@ -78,6 +79,13 @@ var (
 	// ErrUnrecoverable is returned when some shards of the segment exist but
 	// more than m are missing or corrupt, so it cannot be reconstructed.
 	ErrUnrecoverable = errors.New("segment unrecoverable: too many shards missing or corrupt")
+
+	// ErrUnavailable is returned when the segment cannot be reconstructed
+	// from the shards that could be read, but some could not be: a read
+	// failed (EIO, EACCES, EMFILE...) or a directory's disk is not
+	// mounted. The segment may well be intact: retry later, do not take
+	// it for lost.
+	ErrUnavailable = errors.New("segment unavailable: shards cannot be read now")
 )
 
 // SegmentID names a segment: the stream (one per protected machine) and the
@@ -187,6 +195,9 @@ type Cache struct {
 	unmounted   []atomic.Bool
 	mountedTill []atomic.Int64 // unix ns until which a positive check stands (checkMounted)
 	mountMu     []sync.Mutex   // checkMountedNow, per directory: a stale walk never wins
+
+	heldMu sync.Mutex
+	held   []*os.File // the directories' lock files (lockDirs), until Close
 }
 
 // Open opens (creating if needed) a cache over dirs. Each directory must be
@@ -205,6 +216,9 @@ type Cache struct {
 // unmounted: Open refuses to start, and while the cache is open writes to
 // it fail (Put then fails: nothing is acknowledged) rather than land on
 // the file system below.
+//
+// Open locks the directories (a lock file in each) until Close: a second
+// Open of any of them, by this process or another, fails until then.
 func Open(dirs []string, opts Options) (*Cache, error) {
 	n := len(dirs)
 	if n == 0 || n > maxDirs {
@@ -272,11 +286,83 @@ func Open(dirs []string, opts Options) (*Cache, error) {
 		}
 		c.enc = enc
 	}
+	// Before the markers are read, which would take an existing
+	// directory reached twice for a reordered one.
+	if err := c.checkDistinct(); err != nil {
+		return nil, err
+	}
 	if err := c.checkMarkers(); err != nil {
+		c.Close()
 		return nil, err
 	}
 	c.removeTemps()
 	return c, nil
+}
+
+// lockName is the file in each cache directory that the process holding
+// the cache open keeps an exclusive lock on (flock: the kernel releases it
+// when the process dies, so a crash leaves nothing to clean up).
+const lockName = markerName + ".lock"
+
+// lockDirs locks every directory for this process, before anything is
+// written: a second process server on the same cache (one started by hand
+// while the service runs) would remove the first's temporary files in
+// flight, and the two would overwrite each other's shards.
+func (c *Cache) lockDirs() error {
+	c.heldMu.Lock()
+	defer c.heldMu.Unlock()
+	for _, d := range c.dirs {
+		f, err := os.OpenFile(filepath.Join(d, lockName), os.O_RDWR|os.O_CREATE, 0o640)
+		if err != nil {
+			return fmt.Errorf("cache: lock directory %s: %w", d, err)
+		}
+		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+			f.Close()
+			if errors.Is(err, unix.EWOULDBLOCK) {
+				return fmt.Errorf("cache: cache directory %s is in use by another process server: stop it first", d)
+			}
+			return fmt.Errorf("cache: lock directory %s: %w", d, err)
+		}
+		c.held = append(c.held, f)
+	}
+	return nil
+}
+
+// Close releases the cache's directories to another process. The cache
+// must not be used after; closing it again does nothing.
+func (c *Cache) Close() error {
+	c.heldMu.Lock()
+	defer c.heldMu.Unlock()
+	var errs []error
+	for _, f := range c.held {
+		errs = append(errs, f.Close()) // which drops the lock
+	}
+	c.held = nil
+	return errors.Join(errs...)
+}
+
+// checkDistinct fails when two of the directories that exist are one (a
+// symlink, a bind mount): both slots would write the same files, and a
+// segment would not survive the loss of m disks.
+func (c *Cache) checkDistinct() error {
+	seen := make([]os.FileInfo, len(c.dirs))
+	for i, d := range c.dirs {
+		fi, err := os.Stat(d)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue // not created yet: checked again once it is
+		}
+		if err != nil {
+			return fmt.Errorf("cache: directory %s: %w", d, err)
+		}
+		for j, other := range seen[:i] {
+			if other != nil && os.SameFile(fi, other) {
+				return fmt.Errorf("cache: %s and %s are the same directory (a symlink or bind mount): "+
+					"each cache directory must be on its own disk", c.dirs[j], d)
+			}
+		}
+		seen[i] = fi
+	}
+	return nil
 }
 
 // Dirs returns the cache directories, in shard order.
@@ -760,9 +846,10 @@ func (c *Cache) ensureStreamDir(slot int, stream string) error {
 	if err := c.checkMountedNow(slot); err != nil {
 		return err
 	}
-	if err := c.fs.MkdirAll(filepath.Join(c.dirs[slot], stream), 0o750); err != nil {
+	if err := c.mkdirDurable(filepath.Join(c.dirs[slot], stream)); err != nil {
 		return err
 	}
+	// Also when it was there: a crash may have left its entry unsynced.
 	if err := c.syncDir(c.dirs[slot]); err != nil {
 		return err
 	}
@@ -770,6 +857,35 @@ func (c *Cache) ensureStreamDir(slot int, stream string) error {
 	c.streamDirs[key] = true
 	c.streamMu.Unlock()
 	return nil
+}
+
+// mkdirDurable is MkdirAll made durable: the directories it creates are
+// fsync'd, and so is the parent of the topmost one, which names it. A
+// cache directory recreated after an rm -rf would otherwise lose its entry
+// (and with it the shards fsync'd below) in a crash.
+func (c *Cache) mkdirDurable(path string) error {
+	path = filepath.Clean(path)
+	top := "" // the topmost missing directory (os.Stat: FS has none, see mountRoot)
+	for p := path; p != filepath.Dir(p); p = filepath.Dir(p) {
+		if _, err := os.Stat(p); !errors.Is(err, fs.ErrNotExist) {
+			break
+		}
+		top = p
+	}
+	if err := c.fs.MkdirAll(path, 0o750); err != nil {
+		return err
+	}
+	if top == "" {
+		return nil
+	}
+	for p := path; ; p = filepath.Dir(p) {
+		if err := c.syncDir(p); err != nil {
+			return err
+		}
+		if p == top {
+			return c.syncDir(filepath.Dir(p))
+		}
+	}
 }
 
 func (c *Cache) forgetStreamDir(slot int, stream string) {
@@ -783,6 +899,9 @@ type slotRead struct {
 	hdr  shardHeader
 	data []byte
 	err  error // nil: valid shard; wraps fs.ErrNotExist: missing
+	// unread: the directory could not be read (an I/O error, or its disk
+	// not mounted): says nothing of the shard, unlike a checksum failure.
+	unread bool
 }
 
 func (c *Cache) readShards(id SegmentID) []slotRead {
@@ -793,7 +912,7 @@ func (c *Cache) readShards(id SegmentID) []slotRead {
 			r := &reads[i]
 			file, err := c.fs.ReadFile(c.shardPath(i, id))
 			if err != nil {
-				r.err = err
+				r.err, r.unread = err, !errors.Is(err, fs.ErrNotExist)
 				return
 			}
 			r.hdr, r.data, r.err = parseShard(file, id.Stream, id.Seq, i, uint64(max(c.maxSeg, maxReadSegment)))
@@ -830,6 +949,10 @@ func (c *Cache) decode(id SegmentID, reads []slotRead, full bool) (*decoded, []b
 		present = present || !errors.Is(r.err, fs.ErrNotExist)
 	}
 	if !present {
+		if c.notRead(reads) {
+			return nil, nil, fmt.Errorf("cache: %s: %w (no shard found, and some directories cannot be read): %s",
+				id, ErrUnavailable, describe(c.dirs, reads, nil))
+		}
 		return nil, nil, fmt.Errorf("cache: %s: %w", id, ErrNotFound)
 	}
 	versions := slices.SortedFunc(maps.Keys(counts), func(a, b version) int { return cmp.Compare(b.gen, a.gen) })
@@ -876,8 +999,31 @@ func (c *Cache) decode(id SegmentID, reads []slotRead, full bool) (*decoded, []b
 		}
 		return d, seg, nil
 	}
+	if c.notRead(reads) {
+		return nil, nil, fmt.Errorf("cache: %s: %w (need %d of %d valid shards; those that cannot be read may hold them): %s",
+			id, ErrUnavailable, c.k, len(reads), describe(c.dirs, reads, problems))
+	}
 	return nil, nil, fmt.Errorf("cache: %s: %w (need %d of %d valid shards): %s",
 		id, ErrUnrecoverable, c.k, len(reads), describe(c.dirs, reads, problems))
+}
+
+// notRead reports whether some shard of reads could not be read: a
+// segment is lost only when every directory answered. A shard missing
+// from a directory whose disk is not mounted was looked for on the file
+// system below: it is marked unread too. Checked only once a segment
+// fails to decode, so that healthy reads cost no mount check.
+func (c *Cache) notRead(reads []slotRead) bool {
+	some := false
+	for i := range reads {
+		r := &reads[i]
+		if errors.Is(r.err, fs.ErrNotExist) {
+			if err := c.checkMountedNow(i); err != nil {
+				r.err, r.unread = err, true
+			}
+		}
+		some = some || r.unread
+	}
+	return some
 }
 
 // describe explains, per directory, why a segment could not be read.
@@ -903,11 +1049,13 @@ func describe(dirs []string, reads []slotRead, problems []string) string {
 	return b.String()
 }
 
-// Get returns the content of segment id. Missing or corrupt shards are
-// treated as erasures and reconstructed from the others; the result is
-// checked against the checksum of the whole segment. It returns an error
-// wrapping ErrNotFound if no directory has the segment, and ErrUnrecoverable
-// if more than m shards are lost. The returned slice is owned by the caller.
+// Get returns the content of segment id. Missing, corrupt or unreadable
+// shards are treated as erasures and reconstructed from the others; the
+// result is checked against the checksum of the whole segment. It returns
+// an error wrapping ErrNotFound if no directory has the segment,
+// ErrUnrecoverable if more than m shards are lost, and ErrUnavailable
+// when it cannot tell because some directories cannot be read (I/O
+// errors, disks not mounted). The returned slice is owned by the caller.
 func (c *Cache) Get(id SegmentID) ([]byte, error) {
 	if err := validStream(id.Stream); err != nil {
 		return nil, err
@@ -1007,7 +1155,8 @@ func (c *Cache) Delete(id SegmentID) error {
 // skipped with a warning; List fails only if none can be.
 func (c *Cache) List(stream string) ([]SegmentID, error) { return c.list(stream, false) }
 
-// list is List; strict, it fails when any directory cannot be listed.
+// list is List; strict, it fails when any directory cannot be listed,
+// returning what the others hold all the same.
 func (c *Cache) list(stream string, strict bool) ([]SegmentID, error) {
 	if err := validStream(stream); err != nil {
 		return nil, err
@@ -1025,12 +1174,12 @@ func (c *Cache) list(stream string, strict bool) ([]SegmentID, error) {
 			seqs[seq] = struct{}{}
 		}
 	})
-	if err != nil {
-		return nil, fmt.Errorf("cache: list %s: %w", stream, err)
-	}
 	ids := make([]SegmentID, 0, len(seqs))
 	for _, s := range slices.Sorted(maps.Keys(seqs)) {
 		ids = append(ids, SegmentID{Stream: stream, Seq: s})
+	}
+	if err != nil {
+		return ids, fmt.Errorf("cache: list %s: %w", stream, err)
 	}
 	return ids, nil
 }
@@ -1038,7 +1187,8 @@ func (c *Cache) list(stream string, strict bool) ([]SegmentID, error) {
 // Streams returns the names of the streams present in any directory, sorted.
 func (c *Cache) Streams() ([]string, error) { return c.streams(false) }
 
-// streams is Streams; strict, it fails when any directory cannot be listed.
+// streams is Streams; strict, it fails when any directory cannot be
+// listed, returning what the others hold all the same.
 func (c *Cache) streams(strict bool) ([]string, error) {
 	set := make(map[string]struct{})
 	err := c.eachDir("", strict, func(name string, isDir bool) {
@@ -1046,15 +1196,17 @@ func (c *Cache) streams(strict bool) ([]string, error) {
 			set[name] = struct{}{}
 		}
 	})
+	names := slices.Sorted(maps.Keys(set))
 	if err != nil {
-		return nil, fmt.Errorf("cache: list streams: %w", err)
+		return names, fmt.Errorf("cache: list streams: %w", err)
 	}
-	return slices.Sorted(maps.Keys(set)), nil
+	return names, nil
 }
 
 // eachDir calls fn for every entry of sub in every directory. A missing sub
 // directory is empty; other errors skip that directory with a warning, and
-// are returned only if every directory failed, or, strict, if any did.
+// are returned only if every directory failed, or, strict, if any did (fn
+// has seen the other directories' entries all the same).
 func (c *Cache) eachDir(sub string, strict bool, fn func(name string, isDir bool)) error {
 	var errs []error
 	for _, d := range c.dirs {
@@ -1064,7 +1216,7 @@ func (c *Cache) eachDir(sub string, strict bool, fn func(name string, isDir bool
 		}
 		if err != nil {
 			c.log.Warn("cache: cannot list directory", logDir, d, logErr, err)
-			errs = append(errs, err)
+			errs = append(errs, fmt.Errorf("%s: %w", d, err))
 			continue
 		}
 		for _, e := range entries {
@@ -1140,17 +1292,19 @@ func (c *Cache) Scrub(ctx context.Context) (ScrubReport, error) {
 			rebuilt = append(rebuilt, rebuilding{i, c.epoch[i].Load()})
 		}
 	}
-	// Strict: a directory that cannot be listed may hide segments.
+	// A directory that cannot be listed may hide segments: its error
+	// fails the scrub, which then marks nothing rebuilt. What the other
+	// directories list is repaired all the same: one unlistable disk
+	// must not hold back the rebuild of another.
+	var errs []error
 	streams, err := c.streams(true)
 	if err != nil {
-		return rep, err
+		errs = append(errs, err)
 	}
-	var errs []error
 	for _, s := range streams {
 		ids, err := c.list(s, true)
 		if err != nil {
 			errs = append(errs, err)
-			continue
 		}
 		for _, id := range ids {
 			if err := ctx.Err(); err != nil {
@@ -1217,7 +1371,7 @@ func (c *Cache) writeSentinel(i int) error {
 		return err
 	}
 	d := c.dirs[i]
-	if err := c.fs.MkdirAll(d, 0o750); err != nil {
+	if err := c.mkdirDurable(d); err != nil {
 		return fmt.Errorf("cache: %w", err)
 	}
 	f, err := c.fs.OpenFile(filepath.Join(d, rebuildingName), os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o640)
@@ -1412,22 +1566,27 @@ type DirUsage struct {
 	Used         uint64  // bytes in use
 	Free         uint64  // bytes available to the cache (excludes root's reserve)
 	FreeFraction float64 // Free / Total, for "cache disk nearly full" alerts
+	// Err: the directory could not be examined (the figures are zero),
+	// itself an alert.
+	Err error
 }
 
-// Usage reports space per directory, in shard order. It fails if any
-// directory cannot be examined: that is itself an alert.
-func (c *Cache) Usage() ([]DirUsage, error) {
+// Usage reports space per directory, in shard order. A directory that
+// cannot be examined has its error in its DirUsage: the others are still
+// measured, so that one failing disk does not hide that the rest are full.
+func (c *Cache) Usage() []DirUsage {
 	out := make([]DirUsage, len(c.dirs))
 	for i, d := range c.dirs {
+		out[i].Dir = d
 		st, err := c.fs.Statfs(d)
 		if err != nil {
-			return nil, fmt.Errorf("cache: usage of %s: %w", d, err)
+			out[i].Err = fmt.Errorf("cache: usage of %s: %w", d, err)
+			continue
 		}
-		u := DirUsage{Dir: d, Total: st.Total, Used: st.Total - st.Free, Free: st.Avail}
+		out[i].Total, out[i].Used, out[i].Free = st.Total, st.Total-st.Free, st.Avail
 		if st.Total > 0 {
-			u.FreeFraction = float64(st.Avail) / float64(st.Total)
+			out[i].FreeFraction = float64(st.Avail) / float64(st.Total)
 		}
-		out[i] = u
 	}
-	return out, nil
+	return out
 }

@@ -34,7 +34,17 @@ func open(t testing.TB, dirs []string, opts Options) *Cache {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { c.Close() })
 	return c
+}
+
+// reopen closes c and opens its directories again, as a restart does.
+func reopen(t testing.TB, c *Cache, opts Options) *Cache {
+	t.Helper()
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return open(t, c.Dirs(), opts)
 }
 
 func payload(n int, seed uint64) []byte {
@@ -93,6 +103,29 @@ func TestGeometry(t *testing.T) {
 	d := tempDirs(t, 2)
 	if _, err := Open([]string{d[0], d[0]}, Options{}); err == nil {
 		t.Error("Open accepted the same directory twice")
+	}
+	// The same directory under another path: a new cache (created by
+	// Open), and an existing one.
+	d = tempDirs(t, 3)
+	if err := os.Symlink(d[0], d[1]); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(d, Options{}); err == nil || !strings.Contains(err.Error(), "same directory") ||
+		!strings.Contains(err.Error(), d[0]) || !strings.Contains(err.Error(), d[1]) {
+		t.Errorf("Open of a directory and a symlink to it: %v, want an error naming both", err)
+	}
+	if err := os.Remove(d[1]); err != nil {
+		t.Fatal(err)
+	}
+	open(t, d, Options{})
+	if err := os.RemoveAll(d[2]); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(d[1], d[2]); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(d, Options{}); err == nil || !strings.Contains(err.Error(), "same directory") {
+		t.Errorf("Open of an existing cache with a directory replaced by a symlink to another: %v", err)
 	}
 	c := open(t, tempDirs(t, 4), Options{DataShards: 3, ParityShards: 1})
 	if k, m := c.Geometry(); k != 3 || m != 1 {
@@ -153,7 +186,7 @@ func TestSurvivesWipedDirectories(t *testing.T) {
 		for b := a + 1; b < 4; b++ {
 			wipe(t, dirs[a])
 			wipe(t, dirs[b])
-			c = open(t, dirs, Options{})
+			c = reopen(t, c, Options{})
 			if got := c.Replaced(); len(got) != 2 || got[0] != dirs[a] || got[1] != dirs[b] {
 				t.Fatalf("Replaced() = %v, want %s and %s", got, dirs[a], dirs[b])
 			}
@@ -178,7 +211,7 @@ func TestSurvivesWipedDirectories(t *testing.T) {
 	for _, d := range dirs[:3] {
 		wipe(t, d)
 	}
-	c = open(t, dirs, Options{})
+	c = reopen(t, c, Options{})
 	for id := range segs {
 		got, err := c.Get(id)
 		if !errors.Is(err, ErrUnrecoverable) || got != nil {
@@ -249,7 +282,8 @@ func TestCheckDirs(t *testing.T) {
 	if _, err := c.Scrub(stopped); !errors.Is(err, context.Canceled) {
 		t.Fatalf("cancelled scrub: %v", err)
 	}
-	if r := open(t, dirs, Options{}).Replaced(); !slices.Equal(r, dirs[1:2]) {
+	c = reopen(t, c, Options{})
+	if r := c.Replaced(); !slices.Equal(r, dirs[1:2]) {
 		t.Fatalf("reopened before the rebuild completed: replaced %v, want %v", r, dirs[1:2])
 	}
 	// A scrub that meets a problem anywhere (here a segment lost beyond
@@ -274,11 +308,16 @@ func TestCheckDirs(t *testing.T) {
 	}
 	// The marker was rewritten: a reopened cache takes the directory as
 	// its own, not as a replaced one.
-	if r := open(t, dirs, Options{}).Replaced(); len(r) != 0 {
+	c = reopen(t, c, Options{})
+	if r := c.Replaced(); len(r) != 0 {
 		t.Fatalf("reopened cache: replaced %v", r)
 	}
 
-	// Only the stream directory goes: the next write finds it gone.
+	// Only the stream directory goes once written to (known to exist):
+	// the next write finds it gone.
+	if err := c.Put(SegmentID{"m", 2}, data); err != nil {
+		t.Fatal(err)
+	}
 	if err := os.RemoveAll(filepath.Join(dirs[2], "m")); err != nil {
 		t.Fatal(err)
 	}
@@ -295,6 +334,39 @@ func TestCheckDirs(t *testing.T) {
 	wipe(t, dirs[0])
 	mustGet(t, c, SegmentID{"m", 1}, data)
 	mustGet(t, c, SegmentID{"m", 2}, data)
+}
+
+// A cache directory recreated by a write after it was removed whole
+// (rm -rf while in use) is fsync'd, and so is its parent, which names it:
+// else a crash could take it away with the shards fsync'd in it.
+func TestRecreatedDirectorySynced(t *testing.T) {
+	dirs := tempDirs(t, 3)
+	h := &hookFS{}
+	c := open(t, dirs, Options{FS: h})
+	data := payload(10_000, 1)
+	if err := c.Put(SegmentID{"m", 1}, data); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(dirs[1]); err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	opened := map[string]bool{} // the cache opens a directory only to fsync it
+	h.onOpen = func(name string) error {
+		mu.Lock()
+		defer mu.Unlock()
+		opened[name] = true
+		return nil
+	}
+	if err := c.Put(SegmentID{"m", 2}, data); err != nil {
+		t.Fatal(err)
+	}
+	h.onOpen = nil
+	for _, d := range []string{filepath.Join(dirs[1], "m"), dirs[1], filepath.Dir(dirs[1])} {
+		if !opened[d] {
+			t.Errorf("%s not fsync'd after %s was recreated", d, dirs[1])
+		}
+	}
 }
 
 // wantLost checks that CheckDirs reports exactly want, without an error.
@@ -447,7 +519,34 @@ func TestScrubMarksOnlyUntouchedDirectory(t *testing.T) {
 		t.Fatalf("scrub with %s unlistable: %v, pending %v", dirs[2], err, c.Pending())
 	}
 	h.onReadDir = nil
-	if rep, err := c.Scrub(context.Background()); err != nil || rep.RepairedShards == 0 || len(c.Pending()) != 0 {
+	if rep, err := c.Scrub(context.Background()); err != nil || len(c.Pending()) != 0 {
+		t.Fatalf("scrub: %+v, %v, pending %v", rep, err, c.Pending())
+	}
+	wipe(t, dirs[0])
+	for i := range 3 {
+		mustGet(t, c, SegmentID{"m", uint64(i + 1)}, data)
+	}
+}
+
+// A directory that cannot be listed does not hold back the rebuild of
+// another: Scrub repairs what the others list, reports the listing error
+// and leaves the rebuilt directory pending (segments may hide in the
+// unlisted one).
+func TestScrubRepairsPastUnlistableDirectory(t *testing.T) {
+	dirs, h, c, data := rebuilding(t, 3)
+	h.onReadDir = func(name string) error {
+		if strings.HasPrefix(name, dirs[2]) {
+			return syscall.EIO
+		}
+		return nil
+	}
+	rep, err := c.Scrub(context.Background())
+	if !errors.Is(err, syscall.EIO) || !strings.Contains(err.Error(), dirs[2]) || rep.RepairedShards != 3 {
+		t.Fatalf("scrub with %s unlistable: %+v, %v; want 3 shards rebuilt and the listing error", dirs[2], rep, err)
+	}
+	wantPending(t, c, dirs[1])
+	h.onReadDir = nil
+	if rep, err := c.Scrub(context.Background()); err != nil || rep.RepairedShards != 0 || len(c.Pending()) != 0 {
 		t.Fatalf("scrub: %+v, %v, pending %v", rep, err, c.Pending())
 	}
 	wipe(t, dirs[0])
@@ -672,6 +771,18 @@ type faultFS struct {
 	// shortWrite reports writing half of each buffer, with no error.
 	shortWrite bool
 	stat       *FSStat
+	// readErr fails reads of whole files (shards, markers).
+	readErr error
+}
+
+func (f *faultFS) ReadFile(name string) ([]byte, error) {
+	f.mu.Lock()
+	err := f.readErr
+	f.mu.Unlock()
+	if err != nil && f.hit(name) {
+		return nil, &fs.PathError{Op: "read", Path: name, Err: err}
+	}
+	return f.OSFS.ReadFile(name)
 }
 
 func (f *faultFS) hit(name string) bool {
@@ -822,6 +933,36 @@ func TestFaults(t *testing.T) {
 	}
 }
 
+// Shards that cannot be read (EIO) are not corrupt: with m+1 directories
+// failing reads, a segment is unavailable, not lost (the server would
+// otherwise declare it lost and delete it), and reads back whole once the
+// disks answer again.
+func TestReadErrorsAreNotLoss(t *testing.T) {
+	dirs := tempDirs(t, 4)
+	ffs := &faultFS{}
+	c := open(t, dirs, Options{FS: ffs})
+	id := SegmentID{"m", 1}
+	data := payload(70_001, 1)
+	if err := c.Put(id, data); err != nil {
+		t.Fatal(err)
+	}
+	ffs.set(func(f *faultFS) { f.dirs = dirs[:3]; f.readErr = syscall.EIO })
+	got, err := c.Get(id)
+	if got != nil || !errors.Is(err, ErrUnavailable) || errors.Is(err, ErrUnrecoverable) || errors.Is(err, ErrNotFound) {
+		t.Fatalf("get with 3 of 4 directories failing reads: %d bytes, %v; want ErrUnavailable only", len(got), err)
+	}
+	if !strings.Contains(err.Error(), dirs[2]) || !strings.Contains(err.Error(), "input/output error") {
+		t.Errorf("error does not name the directories and their errors: %v", err)
+	}
+	t.Logf("get error: %v", err)
+	rep, err := c.Scrub(context.Background())
+	if len(rep.Lost) != 0 || len(rep.Failed) != 1 || !errors.Is(err, ErrUnavailable) || errors.Is(err, ErrUnrecoverable) {
+		t.Fatalf("scrub with reads failing: %+v, %v; want the segment failed, not lost", rep, err)
+	}
+	ffs.set(func(f *faultFS) { f.dirs = nil })
+	mustGet(t, c, id, data)
+}
+
 // With a write quorum below k+m, one failing disk does not stop Puts.
 func TestWriteQuorum(t *testing.T) {
 	dirs := tempDirs(t, 4)
@@ -862,10 +1003,11 @@ func TestFailedOverwriteReturnsOldVersion(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Only shard 0 of the overwrite becomes durable.
-	c2 := open(t, dirs, Options{FS: multiFault{dirs[1:]}})
+	c2 := reopen(t, c, Options{FS: multiFault{dirs[1:]}})
 	if err := c2.Put(id, payload(9000, 2)); err == nil {
 		t.Fatal("put succeeded with 3 of 4 shards failing")
 	}
+	c = reopen(t, c2, Options{})
 	reads := c.readShards(id)
 	if reads[0].err != nil || reads[1].err != nil || reads[0].hdr.gen <= reads[1].hdr.gen {
 		t.Fatalf("setup: shard 0 should hold a newer version than shard 1: %+v %+v", reads[0].err, reads[1].err)
@@ -967,7 +1109,7 @@ func TestOpenChecksDirectories(t *testing.T) {
 	// A stale temporary file from a crash is removed by Open.
 	stale := c.shardPath(1, SegmentID{"m", 2}) + tmpInfix + "123"
 	os.WriteFile(stale, []byte("partial"), 0o640)
-	c = open(t, dirs, Options{})
+	c = reopen(t, c, Options{})
 	if _, err := os.Stat(stale); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("stale temp file survived Open: %v", err)
 	}
@@ -976,15 +1118,53 @@ func TestOpenChecksDirectories(t *testing.T) {
 	}
 }
 
+// A second Open of a cache's directories while it is open (a process
+// server started by hand while the service runs) fails, naming the
+// directory, and removes none of the first one's temporary files; after
+// Close it succeeds. (A crashed process's lock goes with it: flock.)
+func TestOpenLocksDirectories(t *testing.T) {
+	dirs := tempDirs(t, 3)
+	c := open(t, dirs, Options{})
+	if err := c.Put(SegmentID{"m", 1}, []byte("abc")); err != nil {
+		t.Fatal(err)
+	}
+	inFlight := c.shardPath(1, SegmentID{"m", 2}) + tmpInfix + "123"
+	if err := os.WriteFile(inFlight, []byte("partial"), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Open(dirs, Options{})
+	if err == nil || !strings.Contains(err.Error(), "in use by another process server") || !strings.Contains(err.Error(), dirs[0]) {
+		t.Fatalf("second Open: %v, want the directory in use", err)
+	}
+	if _, err := os.Stat(inFlight); err != nil {
+		t.Fatalf("the refused Open removed a temporary file in flight: %v", err)
+	}
+	// Locked in part (one directory held elsewhere): nothing stays locked.
+	other, err := os.OpenFile(filepath.Join(dirs[2], lockName), os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Flock(int(other.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(dirs, Options{}); err == nil || !strings.Contains(err.Error(), dirs[2]) {
+		t.Fatalf("Open with %s locked: %v", dirs[2], err)
+	}
+	other.Close()
+	c = open(t, dirs, Options{})
+	mustGet(t, c, SegmentID{"m", 1}, []byte("abc"))
+}
+
 func TestUsage(t *testing.T) {
 	dirs := tempDirs(t, 2)
 	ffs := &faultFS{}
 	c := open(t, dirs, Options{FS: ffs})
 	ffs.set(func(f *faultFS) { f.dirs = dirs[1:]; f.stat = &FSStat{Total: 1000, Free: 60, Avail: 50} })
-	u, err := c.Usage()
-	if err != nil {
-		t.Fatal(err)
-	}
+	u := c.Usage()
 	if u[0].Dir != dirs[0] || u[0].Total == 0 || u[0].FreeFraction <= 0 || u[0].FreeFraction > 1 || u[0].Used > u[0].Total {
 		t.Errorf("real dir usage: %+v", u[0])
 	}
@@ -1224,7 +1404,7 @@ func TestPutSummed(t *testing.T) {
 	}
 	// One directory gone: the rest must verify and rebuild it.
 	wipe(t, dirs[0])
-	c = open(t, dirs, Options{})
+	c = reopen(t, c, Options{})
 	mustGet(t, c, SegmentID{Stream: "m", Seq: 6}, payload(8<<20+36+12, 6))
 
 	data := payload(1<<20, 99)
@@ -1256,7 +1436,7 @@ func TestSmallerMaxSegmentSizeReadsOlderSegments(t *testing.T) {
 	if err := c.Put(id, data); err != nil {
 		t.Fatal(err)
 	}
-	c = open(t, dirs, Options{MaxSegmentSize: 1 << 20})
+	c = reopen(t, c, Options{MaxSegmentSize: 1 << 20})
 	mustGet(t, c, id, data)
 	if n, err := c.Repair(id); n != 0 || err != nil {
 		t.Fatalf("Repair of an intact larger segment: %d rewritten, %v", n, err)

@@ -221,9 +221,15 @@ func (c *Cache) checkMarkers() error {
 					"mount it (shards written now would land on the file system below, and vanish when it is mounted)", d, mp, c.fstab)
 			}
 		}
-		if err := c.fs.MkdirAll(d, 0o750); err != nil {
+		if err := c.mkdirDurable(d); err != nil {
 			return fmt.Errorf("cache: create directory %s: %w", d, err)
 		}
+	}
+	if err := c.checkDistinct(); err != nil {
+		return err
+	}
+	if err := c.lockDirs(); err != nil {
+		return err
 	}
 	if cacheID == "" {
 		var id [16]byte

@@ -105,6 +105,14 @@ func TestUnmountedDisk(t *testing.T) {
 	if err := unix.Unmount(dirs[1], unix.MNT_DETACH); err != nil {
 		t.Fatal(err)
 	}
+	// Its shard 0 gone too, idA needs shard 1, looked for below the
+	// mount point: it cannot be read now, but is not lost.
+	if err := os.Remove(c.shardPath(0, idA)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Get(idA); !errors.Is(err, ErrUnavailable) || errors.Is(err, ErrUnrecoverable) || !strings.Contains(err.Error(), "not mounted") {
+		t.Fatalf("get needing the unmounted disk: %v, want ErrUnavailable naming it", err)
+	}
 	if err := c.Put(idB, b); err == nil || !strings.Contains(err.Error(), "not mounted") {
 		t.Fatalf("put with a disk unmounted: %v", err)
 	}
@@ -169,7 +177,7 @@ func TestUnmountedDisk(t *testing.T) {
 		t.Fatal(err)
 	}
 	mountDisk(t, dirs[1])
-	c = open(t, dirs, Options{})
+	c = reopen(t, c, Options{})
 	if got := c.Replaced(); !slices.Equal(got, dirs[1:2]) {
 		t.Fatalf("Replaced = %v, want %v", got, dirs[1:2])
 	}
@@ -186,9 +194,9 @@ func TestMountPointsRecordedForOlderCache(t *testing.T) {
 	testenv.RequireRoot(t)
 	dirs := tempDirs(t, 3)
 	mountDisk(t, dirs[2])
-	open(t, dirs, Options{})
+	c := open(t, dirs, Options{})
 	writeMarkers(t, dirs, func(i int) marker { return marker{cache: strings.Repeat("12", 16), slot: i, n: 3} })
-	open(t, dirs, Options{})
+	reopen(t, c, Options{})
 	wantMountRecorded(t, dirs, 2)
 	if err := unix.Unmount(dirs[2], unix.MNT_DETACH); err != nil {
 		t.Fatal(err)
@@ -206,7 +214,7 @@ func TestMountPointsPartialRecord(t *testing.T) {
 	testenv.RequireRoot(t)
 	dirs := tempDirs(t, 3)
 	mountDisk(t, dirs[0])
-	open(t, dirs, Options{})
+	c := open(t, dirs, Options{})
 	id := strings.Repeat("34", 16)
 	writeMarkers(t, dirs, func(i int) marker {
 		m := marker{cache: id, slot: i, n: 3}
@@ -215,12 +223,12 @@ func TestMountPointsPartialRecord(t *testing.T) {
 		}
 		return m
 	})
-	open(t, dirs, Options{})
+	c = reopen(t, c, Options{})
 	wantMountRecorded(t, dirs, 0)
 
 	writeMarkers(t, dirs, func(i int) marker { return marker{cache: id, slot: i, n: 3} })
 	wipe(t, dirs[1])
-	c := open(t, dirs, Options{})
+	c = reopen(t, c, Options{})
 	if got := c.Replaced(); !slices.Equal(got, dirs[1:2]) {
 		t.Fatalf("Replaced = %v", got)
 	}
