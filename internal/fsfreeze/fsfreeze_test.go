@@ -305,9 +305,10 @@ func TestMountsOfWholeDisk(t *testing.T) {
 func TestWatchdogCoversSlowFreeze(t *testing.T) {
 	_, dir1 := newExt4(t)
 	_, dir2 := newExt4(t)
-	slow := make(chan struct{})
+	slow, entered := make(chan struct{}), make(chan struct{})
 	freeze = func(fd int, m string) error {
 		if m == dir2 {
+			close(entered) // dir1 is frozen by now
 			<-slow
 		}
 		return freezeFD(fd, m)
@@ -322,6 +323,7 @@ func TestWatchdogCoversSlowFreeze(t *testing.T) {
 		})
 	}()
 	// dir1 is frozen, dir2's freeze hangs: the watchdog must thaw dir1.
+	<-entered
 	assertCompletes(t, startWrite(dir1, "while-dir2-freezes"))
 	close(slow)
 	if err := <-done; !errors.Is(err, ErrTimeout) {
