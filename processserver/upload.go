@@ -283,8 +283,9 @@ func (m *machine) inJournal(seq uint64) bool {
 // in its turn; unreadable only for now (cache.ErrUnavailable: disks
 // failing reads or not mounted), it is kept and settleSuspects fails, so
 // the hello and the uploads wait and try again; otherwise it and
-// every suspect after it are left out: their files stay (the agent's
-// resend overwrites them), and no gap is recorded here, since had they
+// every suspect after it are left out and deleted from the cache (kept,
+// one would come back at the next restart as a segment after a hole),
+// and no gap is recorded here, since had they
 // been acknowledged, the agent's hello reports acks past durable and
 // agree records the loss.
 func (m *machine) settleSuspects(ctx context.Context) error {
