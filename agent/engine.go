@@ -62,6 +62,14 @@ type Resyncer interface {
 	Resync(dev int, p []byte, off int64) (stored int64, err error)
 }
 
+// Freezer is implemented by targets that write files of their own while
+// they take records (a stream's sequence lease): BeforeFreeze writes what
+// they would need to while the file systems are frozen for an
+// app-consistent point, which may hold their state directory.
+type Freezer interface {
+	BeforeFreeze() error
+}
+
 // MarkerKind tells how consistent a marker's point is.
 type MarkerKind string
 
@@ -793,6 +801,11 @@ func (e *Engine) appConsistent(ctx context.Context) error {
 		}
 		mounts = append(mounts, m...)
 	}
+	if f, ok := e.opt.Target.(Freezer); ok {
+		if err := f.BeforeFreeze(); err != nil {
+			return err
+		}
+	}
 	w := fsfreeze.Window{
 		Mounts: mounts, Pre: e.opt.PreScript, Post: e.opt.PostScript, Timeout: e.opt.FreezeTimeout,
 		Unfreezable: func(m string) {
@@ -819,6 +832,9 @@ func (e *Engine) appConsistent(ctx context.Context) error {
 	// left: this loop applies nothing in between. Not if the watchdog
 	// thawed first: the drain may then have read writes made after it.
 	if !drained || errors.Is(err, fsfreeze.ErrTimeout) || ctx.Err() != nil {
+		if err == nil {
+			err = ctx.Err()
+		}
 		return err
 	}
 	return errors.Join(err, e.emit(AppConsistent, at))

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -280,4 +282,42 @@ func TestUnreadableSuspectIsKept(t *testing.T) {
 	}
 	ffs.failReads.Store(false)
 	wantUploaded(t, e, a, last)
+}
+
+// TestUnreadableRemainsDropped: what a crash left of an applied segment's
+// delete, on a cache disk that now fails reads, is dropped as remains of
+// a segment the journal holds. It used to wait for the disk, holding back
+// every upload of the machine.
+func TestUnreadableRemainsDropped(t *testing.T) {
+	e, store, ffs, _, last := cachedWhileDown(t)
+	store.open.Store(true)
+	s := e.start()
+	eventually(t, 30*time.Second, "upload and deletion from the cache", func() bool {
+		ids, err := s.cache.List("m1")
+		return err == nil && len(ids) == 0 && durableSeq(t, e.store, "m1") >= last
+	})
+	s.Close()
+	c, err := cache.Open(e.cache, cache.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Put(cache.SegmentID{Stream: "m1", Seq: 1}, bytes.Repeat([]byte("x"), 100_000)); err != nil {
+		t.Fatal(err)
+	}
+	for _, dir := range e.cache[:2] {
+		names, err := filepath.Glob(filepath.Join(dir, "m1", "*.shard"))
+		if err != nil || len(names) != 1 {
+			t.Fatalf("shards in %s: %v, %v", dir, names, err)
+		}
+		if err := os.Remove(names[0]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.Close()
+	ffs.failReads.Store(true)
+	s = e.start()
+	eventually(t, 20*time.Second, "the remains dropped", func() bool {
+		ids, err := s.cache.List("m1")
+		return err == nil && len(ids) == 0
+	})
 }

@@ -332,7 +332,7 @@ func (m *machine) settleSuspects(ctx context.Context) error {
 			}
 			if ok {
 				// The uploader meets it unreadable in its turn and
-				// adopts it then (segmentLost), in order. Its end is
+				// adopts it then (adopt, or segmentLost), in order. Its end is
 				// the predecessor of the next suspect's copy.
 				m.mu.Lock()
 				e.suspect, e.last = false, last
@@ -347,7 +347,7 @@ func (m *machine) settleSuspects(ctx context.Context) error {
 			// Not known to be gone (cache disks failing reads or not
 			// mounted): left out, an acknowledged segment would be
 			// recorded lost at the hello. Settled when it can be read.
-			return fmt.Errorf("cached segment %s cannot be read now (cache disks failing or not mounted); kept, and settled once it can be read: %w", e.id, getErr)
+			return fmt.Errorf("cached segment %s %s; kept, and settled once it can be read: %w", e.id, unreadableNow, getErr)
 		}
 		m.log.Warn("leaving out an unreadable cached segment newer than every readable one, and any after it (a store a crash interrupted; a loss, if the agent had it acknowledged, is recorded at its hello)",
 			logSegment, e.id.String(), logErr, err)
@@ -387,6 +387,28 @@ func (m *machine) remains(u *upload, err error) bool {
 	return true
 }
 
+// adopt reports whether the journal holds u's segment, which the cache
+// cannot read now, although the manifest does not say so (a crash between
+// its upload and the manifest write): u then publishes it as uploaded.
+func (m *machine) adopt(ctx context.Context, u *upload) bool {
+	m.mu.Lock()
+	key := m.key
+	m.mu.Unlock()
+	last, ok, err := m.inAccount(ctx, key, u.e)
+	if err != nil || !ok {
+		return false
+	}
+	m.log.Info("the cached copy cannot be read now but the journal holds the segment: adopting it", logSegment, u.e.id.String())
+	m.mu.Lock()
+	u.e.last = last
+	m.mu.Unlock()
+	u.meta = segMeta{first: u.e.id.Seq, last: last}
+	return true
+}
+
+// unreadableNow says why a cached segment waits.
+const unreadableNow = "cannot be read now (cache disks failing reads or not mounted)"
+
 // errSegmentLost marks a cached segment that can no longer be read.
 var errSegmentLost = errors.New("cached segment lost")
 
@@ -419,8 +441,12 @@ func (m *machine) uploadOne(ctx context.Context, u *upload) {
 			}
 		case errors.Is(err, cache.ErrUnavailable):
 			// A cache disk failing reads or not mounted: the segment may
-			// well be intact. Kept, and read again at the retry.
-			u.err = fmt.Errorf("cached segment %s cannot be read now (cache disks failing or not mounted); kept and retried, not declared lost: %w", u.e.id, err)
+			// well be intact. Unless the journal holds it, it is kept and
+			// read again at the retry.
+			if !m.remains(u, err) && !m.adopt(ctx, u) {
+				u.err = fmt.Errorf("cached segment %s %s; kept and retried, not declared lost (a disk that is dead for good: replace it, or take it out of its mount, and the cache rebuilds or the loss is handled): %w",
+					u.e.id, unreadableNow, err)
+			}
 		default:
 			u.err = fmt.Errorf("read cached segment %s: %w", u.e.id, err)
 		}
@@ -661,7 +687,7 @@ func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error
 // tombstone) that is e: same first sequence, same last when e's is known,
 // and chained to the segment before it. It returns where it ends.
 func (m *machine) inAccount(ctx context.Context, key *seal.Key, e *segEntry) (uint64, bool, error) {
-	segs, err := recovery.ListSegments(ctx, m.s.store, m.name)
+	segs, err := recovery.ListSegmentsFrom(ctx, m.s.store, m.name, e.id.Seq, e.id.Seq)
 	if err != nil {
 		return 0, false, err
 	}

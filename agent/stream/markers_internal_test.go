@@ -93,3 +93,21 @@ func TestReleasedMarkersWaitForRecordsBeforeRelease(t *testing.T) {
 		t.Fatalf("pending markers %+v once every record is sent, want one at seq 10", tg.markers)
 	}
 }
+
+// Before a freeze the lease gets room for the point: taken during it, it
+// writes the state file, which may be on a frozen file system, under the
+// stream's lock.
+func TestBeforeFreezeLeavesHalfALease(t *testing.T) {
+	tg := &Target{nextSeq: 100, lease: 100 + seqLease/4, statePath: t.TempDir() + "/stream.json"}
+	if err := tg.BeforeFreeze(); err != nil {
+		t.Fatal(err)
+	}
+	if tg.lease-tg.nextSeq < seqLease/2 {
+		t.Fatalf("lease %d at sequence %d: less than half a lease left", tg.lease, tg.nextSeq)
+	}
+	saved := tg.writtenVer
+	tg.nextSeq += seqLease / 4
+	if err := tg.BeforeFreeze(); err != nil || tg.writtenVer != saved {
+		t.Fatalf("half a lease left: BeforeFreeze wrote the state again (%v)", err)
+	}
+}

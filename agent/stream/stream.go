@@ -671,6 +671,19 @@ func (t *Target) extendLeaseLocked() error {
 	return nil
 }
 
+// BeforeFreeze implements agent.Freezer: a sequence lease taken while the
+// file systems are frozen for an app-consistent point would write the
+// state file, which may live on one of them, under the stream's lock. It
+// makes sure half a lease is left.
+func (t *Target) BeforeFreeze() error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.lease-t.nextSeq >= seqLease/2 {
+		return nil
+	}
+	return t.extendLeaseLocked()
+}
+
 // Resync makes the process server's bytes [off, off+len(p)) of disk dev
 // equal to p: it sends SHA-256 sums of 64 KiB chunks, waits for the answer
 // and queues only the chunks that differ. It returns the bytes queued.

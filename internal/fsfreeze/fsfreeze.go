@@ -199,10 +199,10 @@ type Window struct {
 	// Timeout bounds the freeze (DefaultTimeout if <= 0): writers block
 	// for as long.
 	Timeout time.Duration
-	// Unfreezable, if set, is told of each mount point whose file system
-	// cannot be frozen (vfat, as on an EFI system partition): it is synced
-	// instead, and the others frozen. If nil, such a file system fails
-	// the freeze.
+	// Unfreezable, if set, is told (after the thaw) of each mount point
+	// whose file system cannot be frozen (vfat, as on an EFI system
+	// partition): it is synced instead, and the others frozen. If nil,
+	// such a file system fails the freeze.
 	Unfreezable func(mount string)
 }
 
@@ -211,7 +211,8 @@ type Window struct {
 //  1. the pre script, if any, with the mount points as arguments, bounded
 //     by a timeout (2 min); if it fails nothing else runs;
 //  2. Freeze of each file system (several mount points of one file system
-//     are frozen once); if one fails, fn is skipped;
+//     are frozen once); if one fails, or none could be (all unfreezable),
+//     fn is skipped;
 //  3. fn;
 //  4. Thaw of everything frozen, always: on return, on panic, and from a
 //     watchdog when the timeout, counted from the first freeze, expires or
@@ -252,6 +253,15 @@ func (w Window) Run(ctx context.Context, fn func() error) (err error) {
 	if err != nil {
 		return err
 	}
+	// Told after the thaw: telling may write (a log on a frozen disk).
+	var unfrozen []string
+	if w.Unfreezable != nil {
+		defer func() {
+			for _, m := range unfrozen {
+				w.Unfreezable(m)
+			}
+		}()
+	}
 	frozen := &frozenSet{}
 	defer func() { err = errors.Join(err, frozen.thaw()) }()
 	stop := make(chan struct{})
@@ -264,9 +274,9 @@ func (w Window) Run(ctx context.Context, fn func() error) (err error) {
 			watchdog <- nil
 			return
 		case <-timer.C:
-			watchdog <- fmt.Errorf("fsfreeze: %w: file systems thawed by the watchdog after %v while the frozen operation was still running", ErrTimeout, timeout)
+			watchdog <- fmt.Errorf("fsfreeze: %w: file systems thawed by the watchdog after %v, before the freeze and the frozen operation ended", ErrTimeout, timeout)
 		case <-ctx.Done():
-			watchdog <- fmt.Errorf("fsfreeze: file systems thawed early while the frozen operation was still running: %w", ctx.Err())
+			watchdog <- fmt.Errorf("fsfreeze: file systems thawed early, before the freeze and the frozen operation ended: %w", ctx.Err())
 		}
 		frozen.thaw()
 	}()
@@ -289,7 +299,7 @@ func (w Window) Run(ctx context.Context, fn func() error) (err error) {
 				if serr != nil {
 					return fmt.Errorf("fsfreeze: sync %s, which cannot be frozen: %w", m, serr)
 				}
-				w.Unfreezable(m)
+				unfrozen = append(unfrozen, m)
 				continue
 			}
 			unix.Close(fd)
@@ -301,6 +311,10 @@ func (w Window) Run(ctx context.Context, fn func() error) (err error) {
 	}
 	if frozen.isThawed() {
 		return nil // the watchdog's error says why
+	}
+	if len(targets) > 0 && len(unfrozen) == len(targets) {
+		// Synced, but nothing held back: no consistent point to take.
+		return fmt.Errorf("fsfreeze: none of the file systems can be frozen (%s)", strings.Join(unfrozen, ", "))
 	}
 	return fn()
 }

@@ -358,6 +358,12 @@ func TestUnfreezableSynced(t *testing.T) {
 	if !slices.Equal(skipped, []string{tmp}) {
 		t.Errorf("unfreezable = %q, want [%s]", skipped, tmp)
 	}
+	// Nothing held back at all is no point.
+	w.Mounts = []string{tmp}
+	called := false
+	if err := w.Run(t.Context(), func() error { called = true; return nil }); err == nil || called {
+		t.Errorf("only an unfreezable file system: Run = %v, fn called %v; want a refusal", err, called)
+	}
 }
 
 // A pre script that hangs is killed, with what it started, and fails the
@@ -366,8 +372,9 @@ func TestPreScriptBounded(t *testing.T) {
 	_, dir := newExt4(t)
 	scriptTimeout = 300 * time.Millisecond
 	t.Cleanup(func() { scriptTimeout = 2 * time.Minute })
-	pre := filepath.Join(t.TempDir(), "pre")
-	if err := os.WriteFile(pre, []byte("#!/bin/sh\nsleep 3600 &\nsleep 3600\n"), 0o755); err != nil {
+	dir2 := t.TempDir()
+	pre, bg := filepath.Join(dir2, "pre"), filepath.Join(dir2, "bg.pid")
+	if err := os.WriteFile(pre, []byte("#!/bin/sh\nsleep 3600 &\necho $! >"+bg+"\nsleep 3600\n"), 0o755); err != nil {
 		t.Fatal(err)
 	}
 	start := time.Now()
@@ -382,4 +389,30 @@ func TestPreScriptBounded(t *testing.T) {
 	if took := time.Since(start); took > time.Minute {
 		t.Errorf("a hung pre script held WithFrozen for %v", took)
 	}
+	// What it started in the background went with it.
+	b, err := os.ReadFile(bg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid := strings.TrimSpace(string(b))
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		st, err := os.ReadFile("/proc/" + pid + "/stat")
+		if err != nil || strings.Contains(string(st), ") Z ") {
+			break // gone, or a zombie waiting for init
+		}
+		if time.Now().After(deadline) {
+			unix.Kill(atoi(t, pid), unix.SIGKILL)
+			t.Fatalf("the pre script's background child %s outlived it", pid)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func atoi(t *testing.T, s string) int {
+	n, err := strconv.Atoi(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
 }

@@ -425,9 +425,18 @@ func (s *Server) serve(raw net.Conn) error {
 			rep := wire.SumsReply{ID: q.ID, Differs: make([]bool, len(q.Sums))}
 			d := s.disks[q.Disk]
 			for i, sum := range q.Sums {
-				start := q.Offset + uint64(i)*uint64(q.ChunkSize)
-				end := min(start+uint64(q.ChunkSize), uint64(len(d.image)))
-				rep.Differs[i] = d == nil || start >= end || sha256.Sum256(d.image[start:end]) != sum
+				if d == nil {
+					rep.Differs[i] = true
+					continue
+				}
+				size, rel := uint64(len(d.image)), uint64(i)*uint64(q.ChunkSize)
+				if q.Offset >= size || rel >= size-q.Offset { // beyond the image, or past 2^64
+					rep.Differs[i] = true
+					continue
+				}
+				start := q.Offset + rel
+				end := min(start+uint64(q.ChunkSize), size)
+				rep.Differs[i] = sha256.Sum256(d.image[start:end]) != sum
 			}
 			err := w.WriteSumsReply(&rep)
 			s.mu.Unlock()
