@@ -630,7 +630,11 @@ func (s *Server) checkCache(w *usageWatch) {
 		msg = errors.Join(errs...).Error()
 	}
 	if msg != "" && msg != w.err {
-		s.log.Error("cache usage unavailable for some directories; going by the others", logErr, msg)
+		if measured == 0 {
+			s.log.Error("cache usage unavailable for every directory; backpressure stays as it was", logErr, msg)
+		} else {
+			s.log.Error("cache usage unavailable for some directories; going by the others", logErr, msg)
+		}
 	}
 	w.err = msg
 	if measured == 0 {
