@@ -17,6 +17,7 @@ import (
 
 	"github.com/lifeboat-dr/lifeboat/agent/capture"
 	"github.com/lifeboat-dr/lifeboat/internal/blockdev"
+	"github.com/lifeboat-dr/lifeboat/internal/fsfreeze"
 	"github.com/lifeboat-dr/lifeboat/internal/sdnotify"
 	"golang.org/x/sys/unix"
 )
@@ -70,6 +71,9 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	if err := capture.CheckCapabilities(); err != nil {
 		return err
 	}
+	if err := fsfreeze.CheckScripts(cfg.PreScript, cfg.PostScript); err != nil {
+		return err
+	}
 	dev, err := blockdev.Open(cfg.Device)
 	if err != nil {
 		return err
@@ -99,6 +103,13 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 		return fmt.Errorf("mirror file: %w", err)
 	}
 	defer f.Close()
+	// A copy of the disk is as secret as the disk: an existing file that
+	// others may read (made by truncate or cp) is closed to them.
+	if fi, err := f.Stat(); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o077 != 0 {
+		if err := f.Chmod(fi.Mode().Perm() &^ 0o077); err != nil {
+			return fmt.Errorf("mirror file: %w", err)
+		}
+	}
 	targetID, err := fileIdentity(f)
 	if err != nil {
 		return err

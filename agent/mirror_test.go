@@ -587,3 +587,24 @@ func TestMirrorToDevNull(t *testing.T) {
 		t.Fatalf("/dev/null is no longer a character device: %v %v", fi, err)
 	}
 }
+
+// An existing mirror file others may read (made by truncate or cp under
+// umask 022) is closed to them: it holds a copy of the disk.
+func TestMirrorFileClosedToOthers(t *testing.T) {
+	testenv.RequireRoot(t)
+	d := loopdev.New(t, 16<<20, loopdev.Options{})
+	mirror := filepath.Join(t.TempDir(), "mirror.img")
+	if err := os.WriteFile(mirror, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(mirror, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	r := startMirror(t, d.Path, mirror, runOpts{})
+	run(t, "dd", "if=/dev/urandom", "of="+d.Path, "bs=64k", "count=16", "oflag=direct", "status=none")
+	r.stop()
+	if fi, err := os.Stat(mirror); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("mirror file mode %v (%v), want 0600", fi.Mode().Perm(), err)
+	}
+	assertSameBytes(t, d.Path, mirror)
+}

@@ -19,6 +19,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat/agent/capture"
 	"github.com/lifeboat-dr/lifeboat/agent/stream"
 	"github.com/lifeboat-dr/lifeboat/internal/blockdev"
+	"github.com/lifeboat-dr/lifeboat/internal/fsfreeze"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/lifeboat-dr/lifeboat/internal/pki"
 	"github.com/lifeboat-dr/lifeboat/internal/sdnotify"
@@ -120,6 +121,12 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 		return errors.New("lifeboat agent needs root (it loads eBPF programs and reads block devices)")
 	}
 	if err := capture.CheckCapabilities(); err != nil {
+		return err
+	}
+	if ok, err := capture.CanFreeze(); err == nil && !ok && cfg.AppInterval > 0 {
+		log.Warn("app-consistent points are on but this process lacks CAP_SYS_ADMIN: freezing a file system will fail (add the capability, or --app-interval 0)", "app_interval", cfg.AppInterval)
+	}
+	if err := fsfreeze.CheckScripts(cfg.PreScript, cfg.PostScript); err != nil {
 		return err
 	}
 	if cfg.ProcessServer == "" {

@@ -5,8 +5,8 @@
 # It builds bin/lifeboat, creates a 512 MiB loop device with ext4 on it,
 # starts `lifeboat agent mirror`, writes, overwrites, deletes and trims files
 # while the agent runs, stops the agent and compares device and mirror.
-# Needs root and a kernel with BTF. Everything it creates lives under
-# /var/tmp/lifeboat-demo and is removed on exit, success or not.
+# Needs root and a kernel with BTF. Everything it creates lives in a fresh
+# /var/tmp/lifeboat-demo.XXXXXX and is removed on exit, success or not.
 #
 # Environment: LIFEBOAT_DEMO_MODE=data|metadata (default data).
 set -euo pipefail
@@ -41,8 +41,8 @@ go build -o "$BIN" ./cmd/lifeboat
 
 grep -qs ' /sys/fs/bpf bpf ' /proc/mounts || mount -t bpf bpf /sys/fs/bpf
 
-mkdir -p /var/tmp/lifeboat-demo
-WORK=$(mktemp -d /var/tmp/lifeboat-demo/run.XXXXXX)
+# mktemp: a directory of root's own, not one another user could have made.
+WORK=$(mktemp -d /var/tmp/lifeboat-demo.XXXXXX)
 MNT=$WORK/mnt
 LOG=$WORK/agent.log
 DEV=
@@ -69,7 +69,6 @@ cleanup() {
 	mountpoint -q "$MNT" 2>/dev/null && umount "$MNT"
 	[ -n "$DEV" ] && losetup -d "$DEV"
 	rm -rf "$WORK"
-	rmdir /var/tmp/lifeboat-demo 2>/dev/null
 	exit $rc
 }
 trap cleanup EXIT

@@ -1017,6 +1017,17 @@ func missingCapabilities() ([]string, error) {
 	return lacking(uint64(data[1].Effective)<<32 | uint64(data[0].Effective)), nil
 }
 
+// CanFreeze reports whether this process holds CAP_SYS_ADMIN, which
+// freezing file systems (FIFREEZE) for app-consistent points needs.
+func CanFreeze() (bool, error) {
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		return false, fmt.Errorf("read this process's capabilities: %w", err)
+	}
+	return data[0].Effective&(1<<unix.CAP_SYS_ADMIN) != 0, nil
+}
+
 // lacking returns the needed capabilities missing from the effective set eff.
 func lacking(eff uint64) []string {
 	var missing []string

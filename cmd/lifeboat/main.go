@@ -4,8 +4,10 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"syscall"
@@ -47,4 +49,23 @@ func logger(verbose bool) *slog.Logger {
 		level = slog.LevelDebug
 	}
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+}
+
+// checkPprof refuses --pprof on a metrics address other hosts can reach:
+// the profiles are served without authentication.
+func checkPprof(pprof bool, addr string) error {
+	if !pprof {
+		return nil
+	}
+	if addr == "" {
+		return errors.New("--pprof serves profiles on the --metrics address: give one")
+	}
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("--metrics %q: %w", addr, err)
+	}
+	if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+		return fmt.Errorf("--pprof on --metrics %s: profiles are served without authentication; bind --metrics to 127.0.0.1 or [::1] (and reach it through SSH)", addr)
+	}
+	return nil
 }

@@ -39,6 +39,9 @@ taken from AZURE_STORAGE_CONNECTION_STRING. Outages are retried with backoff
 while the cache absorbs the stream.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := checkPprof(cfg.Profiling, cfg.MetricsListen); err != nil {
+				return err
+			}
 			if uploadLimit < 0 {
 				return fmt.Errorf("--upload-limit %v: must not be negative", uploadLimit)
 			}

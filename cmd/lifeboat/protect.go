@@ -36,6 +36,9 @@ name, e.g. sdb or loop0p1); keep names stable, a new name is a new replica.
 the --pki directory.`
 	cmd.Args = cobra.NoArgs
 	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		if err := checkPprof(cfg.Profiling, cfg.Metrics); err != nil {
+			return err
+		}
 		m, err := capture.ParseMode(mode)
 		if err != nil {
 			return err
@@ -72,7 +75,7 @@ the --pki directory.`
 	f.DurationVar(&cfg.ReadbackDelay, "readback-delay", agent.DefaultReadbackDelay, "metadata mode: how long written blocks wait before they are read back (rewrites and neighbours then cost one read; the copy lags as much)")
 	f.IntVar(&ringMiB, "ring-mib", 64, "BPF ring buffer size in MiB (power of two)")
 	f.StringVar(&stateDir, "state-dir", "/var/lib/lifeboat", "agent state directory")
-	f.StringVar(&cfg.Metrics, "metrics", "", "serve Prometheus metrics on ADDR (e.g. :9101)")
+	f.StringVar(&cfg.Metrics, "metrics", "", "serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9101)")
 	f.BoolVar(&cfg.Profiling, "pprof", false, "also serve Go profiles on the metrics address under /debug/pprof/")
 	f.DurationVar(&cfg.CrashInterval, "crash-interval", agent.DefaultCrashInterval, "crash-consistent point interval (0: off)")
 	f.DurationVar(&cfg.AppInterval, "app-interval", agent.DefaultAppInterval, "app-consistent (fsfreeze) point interval (0: off)")

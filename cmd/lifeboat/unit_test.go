@@ -59,6 +59,9 @@ func TestFlagValuesRefused(t *testing.T) {
 		{append(base, "--point-interval", "-5s"), "--point-interval -5s: must be positive"},
 		{append(base, "--retention", "0"), "--retention 0"},
 		{append(base, "--upload-limit", "-1"), "--upload-limit -1"},
+		{append(base, "--metrics", ":9100", "--pprof"), "served without authentication"},
+		{append(base, "--metrics", "10.0.0.1:9100", "--pprof"), "served without authentication"},
+		{append(base, "--pprof"), "give one"},
 	} {
 		if _, _, err := runCmd(t, processServerCmd(&verbose), tc.args...); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("process-server %v: %v, want %q", tc.args, err, tc.want)
@@ -67,6 +70,9 @@ func TestFlagValuesRefused(t *testing.T) {
 	agent := agentCmd(&verbose)
 	if _, _, err := runCmd(t, agent, "--process-server", "ps:7070", "--pki", "p", "--name", "n", "--device", "/dev/null", "--stop-timeout", "0"); err == nil || !strings.Contains(err.Error(), "--stop-timeout 0s: must be positive") {
 		t.Errorf("agent --stop-timeout 0: %v", err)
+	}
+	if _, _, err := runCmd(t, agentCmd(&verbose), "--process-server", "ps:7070", "--pki", "p", "--name", "n", "--device", "/dev/null", "--metrics", ":9101", "--pprof"); err == nil || !strings.Contains(err.Error(), "served without authentication") {
+		t.Errorf("agent --pprof on all interfaces: %v", err)
 	}
 }
 

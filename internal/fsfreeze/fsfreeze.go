@@ -382,6 +382,35 @@ func distinctFileSystems(mounts []string) ([]string, error) {
 	return out, nil
 }
 
+// CheckScripts refuses pre and post scripts ("" for none) that someone
+// other than root could change, the file or a directory above it: the
+// agent runs them as root.
+func CheckScripts(paths ...string) error {
+	for _, p := range paths {
+		if p == "" {
+			continue
+		}
+		abs, err := filepath.Abs(p)
+		if err != nil {
+			return fmt.Errorf("fsfreeze: script %s: %w", p, err)
+		}
+		for dir := abs; ; dir = filepath.Dir(dir) {
+			var st unix.Stat_t
+			if err := unix.Stat(dir, &st); err != nil {
+				return fmt.Errorf("fsfreeze: script %s: %w", p, &os.PathError{Op: "stat", Path: dir, Err: err})
+			}
+			sticky := st.Mode&unix.S_ISVTX != 0 && dir != abs // /tmp: others cannot replace root's entries
+			if st.Uid != 0 || st.Mode&0o022 != 0 && !sticky {
+				return fmt.Errorf("fsfreeze: script %s: %s is writable by users other than root (owner uid %d, mode %#o); the agent runs the script as root", p, dir, st.Uid, st.Mode&0o7777)
+			}
+			if dir == "/" {
+				break
+			}
+		}
+	}
+	return nil
+}
+
 func runScript(ctx context.Context, what, path string, mounts []string) error {
 	cmd := exec.CommandContext(ctx, path, mounts...)
 	// A script out of time is killed with everything it started.

@@ -416,3 +416,40 @@ func atoi(t *testing.T, s string) int {
 	}
 	return n
 }
+
+// The agent runs the scripts as root: one that another user could change,
+// or swap through a directory they can write, is refused.
+func TestCheckScripts(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir := t.TempDir()
+	good := filepath.Join(dir, "good")
+	if err := os.WriteFile(good, []byte("#!/bin/sh\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := CheckScripts("", good); err != nil {
+		t.Fatalf("a root-owned script in a root-owned directory: %v", err)
+	}
+	owned := filepath.Join(dir, "owned")
+	if err := os.WriteFile(owned, []byte("#!/bin/sh\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(owned, 1000, 1000); err != nil {
+		t.Fatal(err)
+	}
+	open := filepath.Join(dir, "open")
+	if err := os.Mkdir(open, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(open, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	inOpen := filepath.Join(open, "s")
+	if err := os.WriteFile(inOpen, []byte("#!/bin/sh\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{owned, inOpen, filepath.Join(dir, "missing")} {
+		if err := CheckScripts(p); err == nil {
+			t.Errorf("CheckScripts(%s) accepted it", p)
+		}
+	}
+}

@@ -285,6 +285,9 @@ func Load(dir, name string) (*Identity, error) {
 	}
 	certPath := filepath.Join(dir, name+".crt")
 	keyPath := filepath.Join(dir, name+".key")
+	if fi, err := os.Stat(keyPath); err == nil && fi.Mode().Perm()&0o077 != 0 {
+		return nil, fmt.Errorf("pki: %s is readable or writable by others (mode %#o): chmod 600 it", keyPath, fi.Mode().Perm())
+	}
 	cert, err := tls.LoadX509KeyPair(certPath, keyPath)
 	if err != nil {
 		return nil, fmt.Errorf("pki: load identity %q from %s: %w", name, dir, err)

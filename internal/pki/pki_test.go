@@ -266,6 +266,13 @@ func TestLoadRejects(t *testing.T) {
 	if _, err := Load(dir, "web04"); err == nil {
 		t.Error("Load with a mismatched key succeeded")
 	}
+	// A key others may read.
+	if err := os.Chmod(filepath.Join(dir, "web05.key"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Load(dir, "web05"); err == nil || !strings.Contains(err.Error(), "chmod 600") {
+		t.Errorf("Load of a key readable by others: %v", err)
+	}
 }
 
 func TestHandshakeAgentToProcessServer(t *testing.T) {
