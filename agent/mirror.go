@@ -80,12 +80,35 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	}
 	identity, err := dev.Identity()
 	size, serr := dev.Size()
+	place, perr := dev.Placement()
 	dev.Close()
 	if err != nil {
 		return err
 	}
 	if serr != nil {
 		return serr
+	}
+	if perr != nil {
+		return perr
+	}
+	// A block device target is opened exclusively: one mounted or held
+	// (by device mapper, md, another mirror) is refused with EBUSY
+	// instead of being overwritten.
+	openFlags := os.O_RDWR | os.O_CREATE
+	if fi, err := os.Stat(cfg.To); err == nil && fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice == 0 {
+		openFlags = os.O_RDWR | os.O_EXCL
+		td, err := blockdev.Open(cfg.To)
+		if err != nil {
+			return fmt.Errorf("mirror device: %w", err)
+		}
+		tplace, err := td.Placement()
+		td.Close()
+		if err != nil {
+			return fmt.Errorf("mirror device: %w", err)
+		}
+		if tplace.DiskDev == place.DiskDev {
+			return fmt.Errorf("mirror device %s is on the disk of %s (%s): the copy would overwrite what it copies", cfg.To, cfg.Device, place.Disk)
+		}
 	}
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("state directory: %w", err)
@@ -98,7 +121,10 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	statePath := filepath.Join(cfg.StateDir, "mirror.json")
 	prev, _ := loadState(statePath)
 
-	f, err := os.OpenFile(cfg.To, os.O_RDWR|os.O_CREATE, 0o600)
+	f, err := os.OpenFile(cfg.To, openFlags, 0o600)
+	if errors.Is(err, syscall.EBUSY) {
+		return fmt.Errorf("mirror device %s is in use (mounted, or held by another device): %w", cfg.To, err)
+	}
 	if err != nil {
 		return fmt.Errorf("mirror file: %w", err)
 	}

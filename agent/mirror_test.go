@@ -608,3 +608,39 @@ func TestMirrorFileClosedToOthers(t *testing.T) {
 	}
 	assertSameBytes(t, d.Path, mirror)
 }
+
+// A mirror device that holds the source, or that something uses (a
+// mounted file system), is refused before a byte is written: the copy
+// would overwrite what it copies, or a live file system.
+func TestMirrorRefusesItsOwnDiskAndBusyDevices(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireTool(t, "sfdisk")
+	d := loopdev.New(t, 64<<20, loopdev.Options{PartScan: true})
+	parts, err := loopdev.Partition(t.Context(), d.Path, loopdev.GPT, []loopdev.PartSpec{{Size: 16 << 20}, {}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	state := t.TempDir()
+	for _, to := range []string{d.Path, parts[1]} {
+		err := RunMirror(context.Background(), MirrorConfig{Device: parts[0], To: to, StateDir: state})
+		if err == nil || !strings.Contains(err.Error(), "would overwrite what it copies") {
+			t.Errorf("mirror of %s to %s: %v, want a refusal", parts[0], to, err)
+		}
+	}
+	busy := loopdev.New(t, 64<<20, loopdev.Options{})
+	if err := loopdev.Mkfs(t.Context(), "ext4", busy.Path); err != nil {
+		t.Fatal(err)
+	}
+	mnt := t.TempDir()
+	if err := loopdev.Mount(busy.Path, mnt, "ext4", ""); err != nil {
+		t.Fatal(err)
+	}
+	defer loopdev.Unmount(mnt)
+	err = RunMirror(context.Background(), MirrorConfig{Device: parts[0], To: busy.Path, StateDir: state})
+	if err == nil || !strings.Contains(err.Error(), "in use") {
+		t.Errorf("mirror to the mounted %s: %v, want a refusal", busy.Path, err)
+	}
+	if _, err := os.Stat(filepath.Join(mnt, "lost+found")); err != nil {
+		t.Errorf("the mounted file system was touched: %v", err)
+	}
+}

@@ -129,6 +129,22 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 	if err := fsfreeze.CheckScripts(cfg.PreScript, cfg.PostScript); err != nil {
 		return err
 	}
+	// The metrics port is taken first: a mistyped or busy address found
+	// once capture is attached would end the run unclean (a checksum
+	// resync at the next start), and a service restarting would loop.
+	var metricsLn net.Listener
+	if cfg.Metrics != "" {
+		ln, err := net.Listen("tcp", cfg.Metrics)
+		if err != nil {
+			return fmt.Errorf("metrics: %w", err)
+		}
+		metricsLn = ln
+		defer func() {
+			if metricsLn != nil {
+				metricsLn.Close()
+			}
+		}()
+	}
 	if cfg.ProcessServer == "" {
 		return errors.New("no process server given")
 	}
@@ -301,11 +317,9 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 	}
 	resync.attach(e)
 	stopMetrics := func() {}
-	if cfg.Metrics != "" {
-		if stopMetrics, err = serveMetrics(cfg.Metrics, protectMetrics(cfg.Name, tgt, e.overflowEvents), cfg.Profiling, log); err != nil {
-			e.Close()
-			return err
-		}
+	if metricsLn != nil {
+		stopMetrics = serveMetrics(metricsLn, protectMetrics(cfg.Name, tgt, e.overflowEvents), cfg.Profiling, log)
+		metricsLn = nil // the server closes it
 	}
 
 	runErr := e.Run(ctx)
@@ -622,11 +636,7 @@ func protectMetrics(machine string, s rpoSource, overflow func() uint64) *promet
 
 // serveMetrics serves reg on addr, and with profiling Go's profiles, until
 // the returned stop is called.
-func serveMetrics(addr string, reg *prometheus.Registry, profiling bool, log *slog.Logger) (stop func(), err error) {
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("metrics: %w", err)
-	}
+func serveMetrics(ln net.Listener, reg *prometheus.Registry, profiling bool, log *slog.Logger) (stop func()) {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	if profiling {
@@ -648,5 +658,5 @@ func serveMetrics(addr string, reg *prometheus.Registry, profiling bool, log *sl
 		if srv.Shutdown(ctx) != nil {
 			srv.Close()
 		}
-	}, nil
+	}
 }
