@@ -148,11 +148,12 @@ func formatTime(t time.Time) string {
 
 func recoverCmd(verbose *bool) *cobra.Command {
 	var machine, disk, point, to, keyFile, container string
+	var force bool
 	cmd := &cobra.Command{
 		Use:   "recover --machine MACHINE --disk DISK --point latest|SEQ|TIME --to FILE --recovery-key FILE",
 		Short: "Write a disk as it was at a point in time, from the storage account alone",
 		Long: `Writes disk DISK of MACHINE, as it was at --point, to FILE (created with
-mode 0600 or replaced, sparse): the newest recovery point at or before it,
+mode 0600, sparse; an existing FILE is replaced only with --force): the newest recovery point at or before it,
 then the journal up to it.
 
 --point is "latest" (the newest consistent state in the account: its
@@ -167,6 +168,12 @@ stderr. The account is AZURE_STORAGE_CONNECTION_STRING; the recovery key file
 is the one "lifeboat keys init" wrote.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if _, _, err := recovery.ParsePoint(point); err != nil {
+				return err
+			}
+			if _, err := os.Lstat(to); err == nil && !force {
+				return fmt.Errorf("%s exists: give --force to replace it (a machine running from it would lose what it writes there)", to)
+			}
 			key, err := seal.LoadRecoveryKey(keyFile)
 			if err != nil {
 				return err
@@ -198,7 +205,8 @@ is the one "lifeboat keys init" wrote.`,
 	f.StringVar(&machine, "machine", "", "protected machine name")
 	f.StringVar(&disk, "disk", "", "disk name (as listed in the machine's manifest)")
 	f.StringVar(&point, "point", recovery.Latest, `"latest", a sequence number or an RFC 3339 time`)
-	f.StringVar(&to, "to", "", "output file")
+	f.StringVar(&to, "to", "", "output file (new, unless --force)")
+	f.BoolVar(&force, "force", false, "replace --to if it exists")
 	f.StringVar(&keyFile, "recovery-key", "", "recovery key file")
 	f.StringVar(&container, "container", layout.DefaultContainer, "container holding Lifeboat's blobs")
 	for _, name := range []string{"machine", "disk", "to", "recovery-key"} {

@@ -127,7 +127,7 @@ func TestPointsAndRecoverCommands(t *testing.T) {
 		seq   uint64
 	}{{"latest", m.Latest()}, {at, m.Markers()[15].Seq}} {
 		out, errOut, err := runCmd(t, recoverCmd(new(bool)), "--machine", "web1", "--disk", "d0", "--point", tc.point,
-			"--to", img, "--recovery-key", keyFile, "--container", container)
+			"--to", img, "--recovery-key", keyFile, "--container", container, "--force")
 		if err != nil {
 			t.Fatalf("recover %s: %v\n%s", tc.point, err, errOut)
 		}
@@ -143,6 +143,21 @@ func TestPointsAndRecoverCommands(t *testing.T) {
 			t.Fatalf("recover %s: image differs from the disk at seq %d", tc.point, tc.seq)
 		}
 	}
+
+	// An existing file is replaced only with --force; a mistyped point is
+	// refused before the account is read.
+	before, _ := os.ReadFile(img)
+	if _, _, err := runCmd(t, recoverCmd(new(bool)), "--machine", "web1", "--disk", "d0", "--to", img, "--recovery-key", keyFile, "--container", container); err == nil || !strings.Contains(err.Error(), "give --force") {
+		t.Fatalf("recover over an existing file: %v", err)
+	}
+	if after, _ := os.ReadFile(img); !bytes.Equal(before, after) {
+		t.Fatal("the existing file changed")
+	}
+	t.Setenv(recoveryAccountEnv, "") // no account: the point is checked first
+	if _, _, err := runCmd(t, recoverCmd(new(bool)), "--machine", "web1", "--disk", "d0", "--point", "yesterday", "--to", filepath.Join(dir, "y"), "--recovery-key", keyFile); err == nil || !strings.Contains(err.Error(), `point "yesterday"`) {
+		t.Fatalf("recover --point yesterday: %v", err)
+	}
+	t.Setenv(recoveryAccountEnv, srv.ConnectionString())
 
 	// Wrong key and a tampered segment fail with clear errors.
 	other := filepath.Join(dir, "other.key")

@@ -234,10 +234,34 @@ func (st *state) resolve(ctx context.Context, store blobstore.Store, keys seal.K
 	return seq, t, nil
 }
 
+// ParsePoint checks the syntax of a point (Latest, a sequence number or an
+// RFC 3339 time) and returns its sequence number or time, whichever it
+// names (both zero for Latest), without reading the account.
+func ParsePoint(point string) (uint64, time.Time, error) {
+	switch {
+	case point == "" || point == Latest:
+		return 0, time.Time{}, nil
+	case point[0] >= '0' && point[0] <= '9' && !strings.ContainsAny(point, "-:T"):
+		seq, err := strconv.ParseUint(point, 10, 64)
+		if err != nil {
+			return 0, time.Time{}, fmt.Errorf("point %q: not a sequence number: %w", point, err)
+		}
+		return seq, time.Time{}, nil
+	}
+	t, err := time.Parse(time.RFC3339Nano, point)
+	if err != nil {
+		return 0, time.Time{}, fmt.Errorf("point %q: want %q, a sequence number or an RFC 3339 time (e.g. 2025-01-02T15:04:05Z)", point, Latest)
+	}
+	return 0, t, nil
+}
+
 // resolvePoint is resolve without the gap check.
 func (st *state) resolvePoint(ctx context.Context, store blobstore.Store, keys seal.Keyring, point string) (uint64, time.Time, error) {
 	machine := st.manifest.Machine
+	seq, t, err := ParsePoint(point)
 	switch {
+	case err != nil:
+		return 0, time.Time{}, err
 	case point == "" || point == Latest:
 		if st.latest == 0 {
 			return 0, time.Time{}, fmt.Errorf("%w: machine %q has nothing durable in the account yet", ErrOutOfRange, machine)
@@ -250,19 +274,11 @@ func (st *state) resolvePoint(ctx context.Context, store blobstore.Store, keys s
 			return 0, time.Time{}, fmt.Errorf("%w: machine %q has no consistent point in the account yet (its initial sync has not completed)", ErrOutOfRange, machine)
 		}
 		return st.resolveTime(ctx, store, keys, st.until)
-	case point[0] >= '0' && point[0] <= '9' && !strings.ContainsAny(point, "-:T"):
-		seq, err := strconv.ParseUint(point, 10, 64)
-		if err != nil {
-			return 0, time.Time{}, fmt.Errorf("point %q: not a sequence number: %w", point, err)
-		}
+	case t.IsZero():
 		if seq > st.latest {
 			return 0, time.Time{}, fmt.Errorf("%w: sequence %d is beyond the newest durable sequence %d of machine %q", ErrOutOfRange, seq, st.latest, machine)
 		}
 		return seq, st.timeOf(seq), nil
-	}
-	t, err := time.Parse(time.RFC3339Nano, point)
-	if err != nil {
-		return 0, time.Time{}, fmt.Errorf("point %q: want %q, a sequence number or an RFC 3339 time (e.g. 2025-01-02T15:04:05Z)", point, Latest)
 	}
 	return st.resolveTime(ctx, store, keys, t)
 }
