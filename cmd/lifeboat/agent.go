@@ -32,6 +32,9 @@ copies only what changed; after an unclean stop the next run compares
 checksums instead of copying everything. "lifeboat agent release" detaches it.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := checkIntervals(cfg.CrashInterval, cfg.AppInterval); err != nil {
+				return err
+			}
 			m, err := capture.ParseMode(mode)
 			if err != nil {
 				return err

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 )
@@ -66,6 +67,18 @@ func checkPprof(pprof bool, addr string) error {
 	}
 	if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
 		return fmt.Errorf("--pprof on --metrics %s: profiles are served without authentication; bind --metrics to 127.0.0.1 or [::1] (and reach it through SSH)", addr)
+	}
+	return nil
+}
+
+// checkIntervals refuses negative point intervals, which would turn the
+// points off as silently as 0 does on purpose.
+func checkIntervals(crash, app time.Duration) error {
+	if crash < 0 {
+		return fmt.Errorf("--crash-interval %v: must not be negative (0 turns crash-consistent points off)", crash)
+	}
+	if app < 0 {
+		return fmt.Errorf("--app-interval %v: must not be negative (0 turns app-consistent points off)", app)
 	}
 	return nil
 }

@@ -39,6 +39,9 @@ the --pki directory.`
 		if err := checkPprof(cfg.Profiling, cfg.Metrics); err != nil {
 			return err
 		}
+		if err := checkIntervals(cfg.CrashInterval, cfg.AppInterval); err != nil {
+			return err
+		}
 		m, err := capture.ParseMode(mode)
 		if err != nil {
 			return err

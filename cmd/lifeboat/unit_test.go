@@ -74,6 +74,12 @@ func TestFlagValuesRefused(t *testing.T) {
 	if _, _, err := runCmd(t, agentCmd(&verbose), "--process-server", "ps:7070", "--pki", "p", "--name", "n", "--device", "/dev/null", "--metrics", ":9101", "--pprof"); err == nil || !strings.Contains(err.Error(), "served without authentication") {
 		t.Errorf("agent --pprof on all interfaces: %v", err)
 	}
+	if _, _, err := runCmd(t, agentCmd(&verbose), "--process-server", "ps:7070", "--pki", "p", "--name", "n", "--device", "/dev/null", "--crash-interval", "-1s"); err == nil || !strings.Contains(err.Error(), "must not be negative") {
+		t.Errorf("agent --crash-interval -1s: %v", err)
+	}
+	if _, _, err := runCmd(t, agentCmd(&verbose), "mirror", "--device", "/dev/null", "--to", "x", "--app-interval", "-1m"); err == nil || !strings.Contains(err.Error(), "must not be negative") {
+		t.Errorf("agent mirror --app-interval -1m: %v", err)
+	}
 }
 
 // agent release says what it released, and what to add when nothing was.

@@ -382,9 +382,10 @@ func distinctFileSystems(mounts []string) ([]string, error) {
 	return out, nil
 }
 
-// CheckScripts refuses pre and post scripts ("" for none) that someone
-// other than root could change, the file or a directory above it: the
-// agent runs them as root.
+// CheckScripts refuses pre and post scripts ("" for none) that are not
+// executable files, or that someone other than root could change, the
+// file or a directory above it: the agent runs them as root. Found at
+// start, not at the first point an hour later.
 func CheckScripts(paths ...string) error {
 	for _, p := range paths {
 		if p == "" {
@@ -402,6 +403,9 @@ func CheckScripts(paths ...string) error {
 			sticky := st.Mode&unix.S_ISVTX != 0 && dir != abs // /tmp: others cannot replace root's entries
 			if st.Uid != 0 || st.Mode&0o022 != 0 && !sticky {
 				return fmt.Errorf("fsfreeze: script %s: %s is writable by users other than root (owner uid %d, mode %#o); the agent runs the script as root", p, dir, st.Uid, st.Mode&0o7777)
+			}
+			if dir == abs && (st.Mode&unix.S_IFMT != unix.S_IFREG || st.Mode&0o100 == 0) {
+				return fmt.Errorf("fsfreeze: script %s: not an executable file", p)
 			}
 			if dir == "/" {
 				break

@@ -447,7 +447,11 @@ func TestCheckScripts(t *testing.T) {
 	if err := os.WriteFile(inOpen, []byte("#!/bin/sh\n"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	for _, p := range []string{owned, inOpen, filepath.Join(dir, "missing")} {
+	notExec := filepath.Join(dir, "notexec")
+	if err := os.WriteFile(notExec, []byte("#!/bin/sh\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{owned, inOpen, filepath.Join(dir, "missing"), notExec, dir} {
 		if err := CheckScripts(p); err == nil {
 			t.Errorf("CheckScripts(%s) accepted it", p)
 		}
