@@ -119,11 +119,33 @@ func Start(ctx context.Context, c Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
+	// The ports first: a busy or mistyped address is said at once, not
+	// after the cache is set up and the account tried for 30 s. Agents
+	// that connect meanwhile wait in the backlog.
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", cfg.Listen, err)
+	}
+	var metricsLn net.Listener
+	if cfg.MetricsListen != "" {
+		if metricsLn, err = net.Listen("tcp", cfg.MetricsListen); err != nil {
+			ln.Close()
+			return nil, fmt.Errorf("metrics: listen on %s: %w", cfg.MetricsListen, err)
+		}
+	}
+	started := false
+	defer func() {
+		if !started {
+			ln.Close()
+			if metricsLn != nil {
+				metricsLn.Close()
+			}
+		}
+	}()
 	ch, err := cache.Open(cfg.CacheDirs, cfg.CacheOptions)
 	if err != nil {
 		return nil, err
 	}
-	started := false
 	defer func() {
 		if !started {
 			ch.Close() // for the next start
@@ -188,16 +210,9 @@ func Start(ctx context.Context, c Config) (*Server, error) {
 		s.scrubReq <- struct{}{}
 	}
 
-	ln, err := net.Listen("tcp", cfg.Listen)
-	if err != nil {
-		return nil, fmt.Errorf("listen on %s: %w", cfg.Listen, err)
-	}
 	s.ln = ln
-	if cfg.MetricsListen != "" {
-		if err := s.serveMetrics(); err != nil {
-			ln.Close()
-			return nil, err
-		}
+	if metricsLn != nil {
+		s.serveMetrics(metricsLn)
 	}
 	s.ctx, s.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	s.mu.Lock()
@@ -666,16 +681,12 @@ func (s *Server) checkCache(w *usageWatch) {
 	}
 }
 
-func (s *Server) serveMetrics() error {
+func (s *Server) serveMetrics(ln net.Listener) {
 	reg := s.cfg.Metrics
 	if reg == nil {
 		reg = prometheus.NewRegistry()
 		reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 		s.metrics.register(reg)
-	}
-	ln, err := net.Listen("tcp", s.cfg.MetricsListen)
-	if err != nil {
-		return fmt.Errorf("metrics: listen on %s: %w", s.cfg.MetricsListen, err)
 	}
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
@@ -686,7 +697,6 @@ func (s *Server) serveMetrics() error {
 	s.httpSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go s.httpSrv.Serve(ln)
 	s.log.Info("serving metrics", logAddr, ln.Addr().String())
-	return nil
 }
 
 func (s *Server) getBuf() *segBuf {

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -879,4 +880,28 @@ func TestAgentClockAheadWarned(t *testing.T) {
 	eventually(t, 10*time.Second, "warning", func() bool {
 		return strings.Contains(e.logs.String(), "agent's clock runs ahead")
 	})
+}
+
+// A busy --listen or --metrics address is said at once, before the cache
+// is set up (or the account tried): a service restarting on it would
+// otherwise wait 30 s each time and leave cache directories behind.
+func TestBusyPortRefusedFirst(t *testing.T) {
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	e := newEnv(t, mem.New(), 2)
+	for _, c := range []struct{ listen, metrics string }{{busy.Addr().String(), ""}, {"127.0.0.1:0", busy.Addr().String()}} {
+		_, err := Start(context.Background(), Config{
+			Listen: c.listen, MetricsListen: c.metrics, PKIDir: e.pki, Name: "ps", CacheDirs: e.cache,
+			RecoveryKeyFile: e.rkFile, Store: e.store, Logger: slog.New(slog.DiscardHandler),
+		})
+		if err == nil || !strings.Contains(err.Error(), "address already in use") {
+			t.Errorf("listen %q metrics %q: %v, want the busy port named", c.listen, c.metrics, err)
+		}
+		if _, err := os.Stat(e.cache[0]); err == nil {
+			t.Errorf("listen %q metrics %q: the cache was set up before the ports were checked", c.listen, c.metrics)
+		}
+	}
 }
