@@ -40,6 +40,9 @@ func main() {
 	}()
 	if err := root.ExecuteContext(ctx); err != nil {
 		fmt.Fprintln(os.Stderr, "lifeboat:", err)
+		if ctx.Err() != nil {
+			os.Exit(130) // stopped by a signal before it was done, as shells report it
+		}
 		os.Exit(1)
 	}
 }

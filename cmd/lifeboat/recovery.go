@@ -14,6 +14,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore/azure"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/progress"
 	"github.com/lifeboat-dr/lifeboat/internal/recovery"
 	"github.com/lifeboat-dr/lifeboat/internal/seal"
 )
@@ -91,6 +92,12 @@ AZURE_STORAGE_CONNECTION_STRING; needs no key.`,
 				enc.SetIndent("", "  ")
 				return enc.Encode(doc)
 			}
+			// The names lifeboat recover --disk takes.
+			var disks []string
+			for _, d := range man.Disks {
+				disks = append(disks, fmt.Sprintf("%s (%s)", d.Name, progress.Bytes(int64(d.Size))))
+			}
+			fmt.Fprintf(out, "disks: %s\n", strings.Join(disks, ", "))
 			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "KIND\tTIME\tSEQ\tDISKS")
 			for _, p := range points {
@@ -187,7 +194,10 @@ is the one "lifeboat keys init" wrote.`,
 				Machine: machine, Disk: disk, Point: point, RecoveryKey: key, Progress: cmd.ErrOrStderr(),
 			}, to)
 			if err != nil {
-				if errors.Is(err, recovery.ErrTampered) {
+				switch {
+				case cmd.Context().Err() != nil:
+					return fmt.Errorf("interrupted: recovery stopped, %s not written (the partial output was removed)", to)
+				case errors.Is(err, recovery.ErrTampered):
 					return fmt.Errorf("recovery stopped, %s not written: %w", to, err)
 				}
 				return err

@@ -109,6 +109,7 @@ func TestPointsAndRecoverCommands(t *testing.T) {
 		man.Gaps = []layout.Gap{{From: 1000, LostTo: 1010, Mended: 1020, Unmended: []layout.UnmendedDisk{{Name: "d2"}, {Name: "d1", Until: 1500}}}}
 	})
 	if out, _, err = runCmd(t, pointsCmd(new(bool)), "--machine", "web1", "--container", container); err != nil ||
+		!strings.Contains(out, "disks: d0 (1.0 MiB), d1 (") ||
 		!strings.Contains(out, "journal gap: seq 1000 to 1019 not recoverable") ||
 		!strings.Contains(out, "disk d2: not recoverable from seq 1000 until its next full sync") ||
 		!strings.Contains(out, "disk d1: not recoverable from seq 1000 to 1499") {

@@ -352,11 +352,15 @@ func Revoke(dir, name string) error {
 	if err != nil {
 		return fmt.Errorf("pki: revoke %q: %w", name, err)
 	}
+	line := fmt.Sprintf("%s %s\n", cert.SerialNumber.Text(16), name)
+	if old, err := os.ReadFile(filepath.Join(dir, revokedFile)); err == nil && strings.Contains("\n"+string(old), "\n"+line) {
+		return nil // revoked already
+	}
 	f, err := os.OpenFile(filepath.Join(dir, revokedFile), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
 	if err != nil {
 		return fmt.Errorf("pki: revoke %q: %w", name, err)
 	}
-	_, err = fmt.Fprintf(f, "%s %s\n", cert.SerialNumber.Text(16), name)
+	_, err = f.WriteString(line)
 	if err == nil {
 		err = f.Sync()
 	}

@@ -495,8 +495,13 @@ func TestHandshakeRefusesRevoked(t *testing.T) {
 	if res := handshake(t, ps.ServerTLS(RoleAgent), agent.ClientTLS("ps1", RoleProcessServer)); res.serverErr != nil || res.clientErr != nil {
 		t.Fatalf("before revocation: %v, %v", res.serverErr, res.clientErr)
 	}
-	if err := Revoke(dir, "web01"); err != nil {
-		t.Fatal(err)
+	for range 2 { // twice: listed once
+		if err := Revoke(dir, "web01"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if b, err := os.ReadFile(filepath.Join(dir, revokedFile)); err != nil || strings.Count(string(b), " web01\n") != 1 {
+		t.Fatalf("revoked file after revoking web01 twice: %q %v", b, err)
 	}
 	res := handshake(t, ps.ServerTLS(RoleAgent), agent.ClientTLS("ps1", RoleProcessServer))
 	if res.serverErr == nil || !strings.Contains(res.serverErr.Error(), `certificate "web01"`) || !strings.Contains(res.serverErr.Error(), "is revoked") {

@@ -193,6 +193,10 @@ func RecoverFile(ctx context.Context, store blobstore.Store, req Request, path s
 	tmp := f.Name()
 	res, err := Recover(ctx, store, req, f)
 	if err == nil {
+		if req.Progress != nil {
+			// It may take a while, uninterruptible: say what it waits for.
+			fmt.Fprintf(req.Progress, "syncing %s\n", tmp)
+		}
 		err = f.Sync()
 	}
 	if cerr := f.Close(); err == nil && cerr != nil {

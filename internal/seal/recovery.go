@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"strings"
 )
@@ -110,6 +111,9 @@ func WriteRecoveryKey(path string, key []byte) (err error) {
 		return fmt.Errorf("seal: recovery key has %d bytes, want %d", len(key), KeySize)
 	}
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if errors.Is(err, fs.ErrExist) {
+		return fmt.Errorf("seal: %s exists: refusing to overwrite a recovery key (every machine's data keys are wrapped by the one it holds)", path)
+	}
 	if err != nil {
 		return fmt.Errorf("seal: create recovery key file: %w", err)
 	}
