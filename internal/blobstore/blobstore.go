@@ -65,6 +65,10 @@ type BlobInfo struct {
 	Size     int64
 	Metadata Metadata
 	Modified time.Time
+	// ETag identifies the blob's current version: it changes with every
+	// change of content, metadata or size. Opaque; compare for equality
+	// only, and pass it to PutBlobIf.
+	ETag string
 }
 
 // SnapshotInfo describes a read-only, point-in-time snapshot of a page blob.
@@ -92,7 +96,8 @@ func (r PageRange) End() int64 { return r.Offset + r.Length }
 // misaligned or out-of-range offsets, metadata) yield an error wrapping
 // ErrInvalid, detected before any data is sent when possible; every method
 // honours ctx cancellation. Retrying a failed call is safe for every method
-// except Snapshot (a retry after a lost reply may create a second snapshot).
+// except Snapshot (a retry after a lost reply may create a second snapshot)
+// and PutBlobIf (a retry after a lost reply fails with ErrConflict).
 type Store interface {
 	// EnsureContainer creates the container if it does not exist. It
 	// succeeds if the container already exists.
@@ -103,6 +108,17 @@ type Store interface {
 	// blob, never a mix. Data corrupted in transit is detected (content
 	// checksum) and the call fails with the blob unchanged.
 	PutBlob(ctx context.Context, name string, data []byte, md Metadata) error
+
+	// PutBlobIf is PutBlob on a condition, checked atomically with the
+	// write: blob name must exist with ETag match or, when match is "",
+	// must not exist. It returns the ETag of the blob written. A failed
+	// condition (also a blob gone since match was read) fails with an
+	// error wrapping ErrConflict, the blob unchanged; it is permanent:
+	// another writer got there first, and only the caller can decide
+	// what its write means now. A PutBlobIf that fails otherwise may have
+	// happened (lost reply): a retry then meets its own write as a
+	// conflict (WithRetry sorts that case out).
+	PutBlobIf(ctx context.Context, name string, data []byte, md Metadata, match string) (etag string, err error)
 
 	// GetBlob returns the whole content of blob name. When the store holds a
 	// checksum of the content (all blobs written by PutBlob), a mismatch is
@@ -118,7 +134,8 @@ type Store interface {
 	// prefix, sorted by name, with metadata.
 	ListBlobs(ctx context.Context, prefix string) ([]BlobInfo, error)
 
-	// Stat returns the properties and metadata of blob name.
+	// Stat returns the properties, ETag included, and metadata of blob
+	// name. ListBlobs fills ETag too.
 	Stat(ctx context.Context, name string) (BlobInfo, error)
 
 	// SetMetadata replaces all metadata of blob name with md. Content and
@@ -192,6 +209,9 @@ var (
 	ErrInvalid = errors.New("invalid argument")
 	// ErrCorrupt: content read back does not match its stored checksum.
 	ErrCorrupt = errors.New("content checksum mismatch")
+	// ErrConflict: the condition of a PutBlobIf did not hold (the blob
+	// changed, appeared or went since its ETag was read).
+	ErrConflict = errors.New("blob changed by another writer")
 )
 
 // IsNotFound reports whether err means that the blob, snapshot or container
@@ -215,8 +235,9 @@ func Permanent(err error) error {
 }
 
 // IsPermanent reports whether retrying the call that returned err is
-// pointless: errors marked with Permanent, ErrNotFound and ErrInvalid.
+// pointless: errors marked with Permanent, ErrNotFound, ErrInvalid and
+// ErrConflict.
 func IsPermanent(err error) bool {
 	var p *permanentError
-	return errors.As(err, &p) || errors.Is(err, ErrNotFound) || errors.Is(err, ErrInvalid)
+	return errors.As(err, &p) || errors.Is(err, ErrNotFound) || errors.Is(err, ErrInvalid) || errors.Is(err, ErrConflict)
 }

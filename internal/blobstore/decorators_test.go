@@ -144,6 +144,71 @@ func TestRetryDeleteWithLostReply(t *testing.T) {
 	}
 }
 
+// A conditional put whose reply was lost meets its own write as a
+// conflict on the retry: that is success. A real conflict after a lost
+// reply (another writer came in between) stays one, and a conflict is
+// never retried.
+func TestRetryPutBlobIfWithLostReply(t *testing.T) {
+	f, m := newFaulty(t)
+	s := blobstore.WithRetry(f, fastRetry)
+	ctx := context.Background()
+	f.LoseReplyNth(1)
+	e1, err := s.PutBlobIf(ctx, "man", []byte("v1"), nil, "")
+	if err != nil {
+		t.Fatalf("create whose reply was lost: %v, want success", err)
+	}
+	if info, err := m.Stat(ctx, "man"); err != nil || info.ETag != e1 {
+		t.Fatalf("returned ETag %q, blob has %q (%v)", e1, info.ETag, err)
+	}
+	calls := f.Calls()
+	f.LoseReplyNth(calls + 1)
+	e2, err := s.PutBlobIf(ctx, "man", []byte("v2"), nil, e1)
+	if err != nil || e2 == e1 {
+		t.Fatalf("update whose reply was lost: ETag %q, %v; want success with a new ETag", e2, err)
+	}
+	if got, _ := m.GetBlob(ctx, "man"); string(got) != "v2" {
+		t.Fatalf("blob holds %q, want v2", got)
+	}
+
+	// The reply is lost, and another writer overwrites before the retry.
+	other := &overwriteAfter{Store: f, name: "man", data: []byte("other")}
+	s = blobstore.WithRetry(other, fastRetry)
+	f.LoseReplyNth(f.Calls() + 1)
+	if _, err := s.PutBlobIf(ctx, "man", []byte("v3"), nil, e2); !errors.Is(err, blobstore.ErrConflict) {
+		t.Fatalf("PutBlobIf overtaken by another writer after a lost reply: %v, want ErrConflict", err)
+	}
+	if got, _ := m.GetBlob(ctx, "man"); string(got) != "other" {
+		t.Fatalf("blob holds %q, want the other writer's", got)
+	}
+
+	// Without an earlier failure a conflict is returned at once.
+	calls = f.Calls()
+	s = blobstore.WithRetry(f, fastRetry)
+	if _, err := s.PutBlobIf(ctx, "man", []byte("v4"), nil, e2); !errors.Is(err, blobstore.ErrConflict) || f.Calls() != calls+1 {
+		t.Fatalf("stale PutBlobIf: %v after %d calls, want ErrConflict after 1", err, f.Calls()-calls)
+	}
+}
+
+// overwriteAfter puts data into name after the first PutBlobIf that fails
+// (and before its retry), as another writer would.
+type overwriteAfter struct {
+	blobstore.Store
+	name string
+	data []byte
+	done bool
+}
+
+func (o *overwriteAfter) PutBlobIf(ctx context.Context, name string, data []byte, md blobstore.Metadata, match string) (string, error) {
+	etag, err := o.Store.PutBlobIf(ctx, name, data, md, match)
+	if err != nil && !o.done {
+		o.done = true
+		if perr := o.Store.PutBlob(ctx, o.name, o.data, nil); perr != nil {
+			return "", perr
+		}
+	}
+	return etag, err
+}
+
 func TestRetryPassesEOFThrough(t *testing.T) {
 	f, _ := newFaulty(t)
 	s := blobstore.WithRetry(f, fastRetry)

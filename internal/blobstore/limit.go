@@ -7,7 +7,7 @@ import (
 	"golang.org/x/time/rate"
 )
 
-// WithWriteLimit returns s with the bytes it uploads (PutBlob, WritePages)
+// WithWriteLimit returns s with the bytes it uploads (PutBlob, PutBlobIf, WritePages)
 // limited to bytesPerSec on average by a token bucket of burst bytes
 // (default MaxPutPage). bytesPerSec <= 0 means unlimited.
 //
@@ -52,6 +52,13 @@ func (l *limitStore) PutBlob(ctx context.Context, name string, data []byte, md M
 		return err
 	}
 	return l.Store.PutBlob(ctx, name, data, md)
+}
+
+func (l *limitStore) PutBlobIf(ctx context.Context, name string, data []byte, md Metadata, match string) (string, error) {
+	if err := l.wait(ctx, len(data)); err != nil {
+		return "", err
+	}
+	return l.Store.PutBlobIf(ctx, name, data, md, match)
 }
 
 func (l *limitStore) WritePages(ctx context.Context, name string, offset int64, data []byte) error {

@@ -51,6 +51,13 @@ func (l *logStore) PutBlob(ctx context.Context, name string, data []byte, md Met
 	return err
 }
 
+func (l *logStore) PutBlobIf(ctx context.Context, name string, data []byte, md Metadata, match string) (string, error) {
+	t := time.Now()
+	etag, err := l.s.PutBlobIf(ctx, name, data, md, match)
+	l.done(ctx, "put-blob-if", name, t, err, slog.Int(logKeyBytes, len(data)), slog.String(logKeyMatch, match), slog.String(logKeyETag, etag))
+	return etag, err
+}
+
 func (l *logStore) GetBlob(ctx context.Context, name string) ([]byte, error) {
 	t := time.Now()
 	b, err := l.s.GetBlob(ctx, name)

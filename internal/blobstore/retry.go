@@ -1,6 +1,7 @@
 package blobstore
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -21,6 +22,8 @@ const (
 	logKeyErr      = "err"
 	logKeyAttempt  = "attempt"
 	logKeyWait     = "wait"
+	logKeyMatch    = "match"
+	logKeyETag     = "etag"
 )
 
 // RetryConfig tunes WithRetry. Zero fields take the documented defaults.
@@ -76,6 +79,12 @@ func (c RetryConfig) withDefaults() RetryConfig {
 // the blob or snapshot gone on a retry reports success. Snapshot is retried
 // too: a lost reply may leave an extra snapshot, which is preferable to a
 // missing recovery point.
+//
+// A PutBlobIf retried after a failure and then refused with ErrConflict may
+// be meeting its own earlier attempt, whose reply was lost: the blob is
+// read back (Stat, then GetBlob: a version read after its ETag), and if it
+// holds data the call reports success with that ETag. Metadata is not
+// compared.
 func WithRetry(s Store, cfg RetryConfig) Store {
 	return &retryStore{s: s, cfg: cfg.withDefaults()}
 }
@@ -157,6 +166,37 @@ func (r *retryStore) EnsureContainer(ctx context.Context) error {
 
 func (r *retryStore) PutBlob(ctx context.Context, name string, data []byte, md Metadata) error {
 	return r.retry(ctx, "put-blob", name, false, func() error { return r.s.PutBlob(ctx, name, data, md) })
+}
+
+func (r *retryStore) PutBlobIf(ctx context.Context, name string, data []byte, md Metadata, match string) (string, error) {
+	var etag string
+	attempts := 0
+	err := r.retry(ctx, "put-blob-if", name, false, func() error {
+		attempts++
+		var err error
+		etag, err = r.s.PutBlobIf(ctx, name, data, md, match)
+		return err
+	})
+	if attempts == 1 || !errors.Is(err, ErrConflict) {
+		return etag, err
+	}
+	// Stat first: content read after it is of that version or newer, so
+	// data found there was written no earlier than the ETag (ours, as no
+	// one else writes it).
+	info, serr := r.Stat(ctx, name)
+	if serr != nil {
+		return "", fmt.Errorf("%w (cannot tell whether an earlier attempt succeeded: %w)", err, serr)
+	}
+	got, gerr := r.GetBlob(ctx, name)
+	if gerr != nil {
+		return "", fmt.Errorf("%w (cannot tell whether an earlier attempt succeeded: %w)", err, gerr)
+	}
+	if !bytes.Equal(got, data) {
+		return "", err
+	}
+	r.cfg.Logger.LogAttrs(ctx, slog.LevelInfo, "blobstore: conditional put found done by an earlier attempt",
+		slog.String(logKeyOp, "put-blob-if"), slog.String(logKeyBlob, name), slog.Int(logKeyAttempt, attempts))
+	return info.ETag, nil
 }
 
 func (r *retryStore) GetBlob(ctx context.Context, name string) ([]byte, error) {

@@ -172,7 +172,7 @@ func (s *Store) DeleteContainer(ctx context.Context) error {
 // for errors.As.
 type opError struct {
 	msg   string
-	kind  error // blobstore.ErrNotFound, blobstore.ErrInvalid or nil
+	kind  error // blobstore.ErrNotFound, ErrInvalid, ErrConflict or nil
 	cause error
 }
 
@@ -207,6 +207,10 @@ func (s *Store) wrap(op, name string, err error) error {
 	switch {
 	case re.StatusCode == http.StatusNotFound:
 		e.kind = blobstore.ErrNotFound
+	case bloberror.HasCode(err, bloberror.ConditionNotMet, bloberror.BlobAlreadyExists):
+		// A conditional write lost to another writer (412, or 409 for
+		// If-None-Match: *): permanent by its kind.
+		e.kind = blobstore.ErrConflict
 	case re.StatusCode == http.StatusRequestedRangeNotSatisfiable,
 		bloberror.HasCode(err, bloberror.InvalidPageRange, bloberror.InvalidRange,
 			bloberror.InvalidBlobType, bloberror.OutOfRangeInput, bloberror.InvalidHeaderValue):
@@ -274,13 +278,46 @@ func (s *Store) EnsureContainer(ctx context.Context) error {
 // service also stores the MD5 of a blob put in one call as its
 // Content-MD5 (computed when not given), which GetBlob verifies.
 func (s *Store) PutBlob(ctx context.Context, name string, data []byte, md blobstore.Metadata) error {
+	_, err := s.put(ctx, name, data, md, nil)
+	return err
+}
+
+// PutBlobIf implements blobstore.Store: PutBlob with If-Match, or
+// If-None-Match: * when match is "".
+func (s *Store) PutBlobIf(ctx context.Context, name string, data []byte, md blobstore.Metadata, match string) (string, error) {
+	cond := &blob.ModifiedAccessConditions{IfNoneMatch: to(azcore.ETagAny)}
+	if match != "" {
+		cond = &blob.ModifiedAccessConditions{IfMatch: to(azcore.ETag(match))}
+	}
+	etag, err := s.put(ctx, name, data, md, &blob.AccessConditions{ModifiedAccessConditions: cond})
+	if match != "" && blobstore.IsNotFound(err) && !bloberror.HasCode(err, bloberror.ContainerNotFound) {
+		// The blob went since match was read: the condition failed.
+		return "", fmt.Errorf("azure: put blob %q: gone since ETag %s was read: %w", name, match, blobstore.ErrConflict)
+	}
+	return etag, err
+}
+
+func to[T any](v T) *T { return &v }
+
+// etagOf returns e as headers carry it, quoted: listings leave the
+// quotes out, and the same version must compare equal either way.
+func etagOf(e *azcore.ETag) string {
+	v := string(deref(e))
+	if v != "" && !strings.HasPrefix(v, `"`) {
+		v = `"` + v + `"`
+	}
+	return v
+}
+
+// put is PutBlob on conditions cond (nil: none); it returns the new ETag.
+func (s *Store) put(ctx context.Context, name string, data []byte, md blobstore.Metadata, cond *blob.AccessConditions) (string, error) {
 	if err := checkPut(name, md); err != nil {
-		return err
+		return "", err
 	}
 	if len(data) > blobstore.MaxBlockBlobSize {
-		return fmt.Errorf("azure: put blob %q: %d bytes exceeds the single-request limit: %w", name, len(data), blobstore.ErrInvalid)
+		return "", fmt.Errorf("azure: put blob %q: %d bytes exceeds the single-request limit: %w", name, len(data), blobstore.ErrInvalid)
 	}
-	opts := &blockblob.UploadOptions{Metadata: toAzure(md)}
+	opts := &blockblob.UploadOptions{Metadata: toAzure(md), AccessConditions: cond}
 	if s.checksum == ChecksumMD5 {
 		sum := md5.Sum(data)
 		opts.TransactionalValidation = blob.TransferValidationTypeMD5(sum[:])
@@ -288,8 +325,11 @@ func (s *Store) PutBlob(ctx context.Context, name string, data []byte, md blobst
 	} else {
 		opts.TransactionalValidation = blob.TransferValidationTypeCRC64(crc64Of(data))
 	}
-	_, err := s.c.NewBlockBlobClient(name).Upload(ctx, body(data), opts)
-	return s.wrap("put blob", name, err)
+	resp, err := s.c.NewBlockBlobClient(name).Upload(ctx, body(data), opts)
+	if err != nil {
+		return "", s.wrap("put blob", name, err)
+	}
+	return etagOf(resp.ETag), nil
 }
 
 func checkPut(name string, md blobstore.Metadata) error {
@@ -412,6 +452,7 @@ func (s *Store) ListBlobs(ctx context.Context, prefix string) ([]blobstore.BlobI
 				Size:     deref(it.Properties.ContentLength),
 				Metadata: fromAzure(it.Metadata),
 				Modified: deref(it.Properties.LastModified),
+				ETag:     etagOf(it.Properties.ETag),
 			})
 		}
 	}
@@ -433,6 +474,7 @@ func (s *Store) Stat(ctx context.Context, name string) (blobstore.BlobInfo, erro
 		Size:     deref(p.ContentLength),
 		Metadata: fromAzure(p.Metadata),
 		Modified: deref(p.LastModified),
+		ETag:     etagOf(p.ETag),
 	}, nil
 }
 

@@ -129,6 +129,10 @@ func (f *Faulty) PutBlob(ctx context.Context, name string, data []byte, md blobs
 	return f.do(func() error { return f.s.PutBlob(ctx, name, data, md) })
 }
 
+func (f *Faulty) PutBlobIf(ctx context.Context, name string, data []byte, md blobstore.Metadata, match string) (string, error) {
+	return doV(f, func() (string, error) { return f.s.PutBlobIf(ctx, name, data, md, match) })
+}
+
 func (f *Faulty) GetBlob(ctx context.Context, name string) ([]byte, error) {
 	return doV(f, func() ([]byte, error) { return f.s.GetBlob(ctx, name) })
 }

@@ -42,6 +42,7 @@ func Run(t *testing.T, newStore NewStore, opts Options) {
 	}{
 		{"Container", testContainer},
 		{"BlockBlob", testBlockBlob},
+		{"PutBlobIf", testPutBlobIf},
 		{"GetBlobRange", testGetBlobRange},
 		{"List", testList},
 		{"Metadata", testMetadata},
@@ -112,7 +113,9 @@ func Random(seed uint64, n int) []byte {
 func testContainer(t *testing.T, s blobstore.Store) {
 	ctx := ctxT(t)
 	wantNotFound(t, s.PutBlob(ctx, "a", []byte("x"), nil), "PutBlob before EnsureContainer")
-	_, err := s.ListBlobs(ctx, "")
+	_, err := s.PutBlobIf(ctx, "a", []byte("x"), nil, "")
+	wantNotFound(t, err, "PutBlobIf before EnsureContainer")
+	_, err = s.ListBlobs(ctx, "")
 	wantNotFound(t, err, "ListBlobs before EnsureContainer")
 	ok(t, s.EnsureContainer(ctx), "EnsureContainer")
 	ok(t, s.EnsureContainer(ctx), "EnsureContainer on existing container")
@@ -168,6 +171,65 @@ func testBlockBlob(t *testing.T, s blobstore.Store) {
 	wantNotFound(t, err, "GetBlob after DeleteBlob")
 
 	wantErr(t, s.PutBlob(ctx, "", []byte("x"), nil), blobstore.ErrInvalid, "PutBlob with empty name")
+}
+
+func testPutBlobIf(t *testing.T, s blobstore.Store) {
+	ctx := ctxT(t)
+	const name = "m1/manifest.json"
+	e1, err := s.PutBlobIf(ctx, name, []byte("v1"), blobstore.Metadata{"v": "1"}, "")
+	ok(t, err, "PutBlobIf create")
+	if e1 == "" {
+		t.Fatal("PutBlobIf create returned no ETag")
+	}
+	info, err := s.Stat(ctx, name)
+	ok(t, err, "Stat")
+	if info.ETag != e1 || info.Metadata["v"] != "1" {
+		t.Fatalf("Stat after create: ETag %q metadata %v, want ETag %q (the one PutBlobIf returned)", info.ETag, info.Metadata, e1)
+	}
+	_, err = s.PutBlobIf(ctx, name, []byte("again"), nil, "")
+	wantErr(t, err, blobstore.ErrConflict, "PutBlobIf create of an existing blob")
+	if !blobstore.IsPermanent(err) {
+		t.Fatalf("conflict %v is not permanent", err)
+	}
+
+	e2, err := s.PutBlobIf(ctx, name, []byte("v2"), nil, e1)
+	ok(t, err, "PutBlobIf with the current ETag")
+	if e2 == "" || e2 == e1 {
+		t.Fatalf("PutBlobIf update returned ETag %q (was %q), want a new one", e2, e1)
+	}
+	_, err = s.PutBlobIf(ctx, name, []byte("stale"), nil, e1)
+	wantErr(t, err, blobstore.ErrConflict, "PutBlobIf with a stale ETag")
+	got, err := s.GetBlob(ctx, name)
+	ok(t, err, "GetBlob")
+	info, serr := s.Stat(ctx, name)
+	ok(t, serr, "Stat")
+	if string(got) != "v2" || info.ETag != e2 || len(info.Metadata) != 0 {
+		t.Fatalf("after a refused update: content %q ETag %q metadata %v, want v2, %q, none", got, info.ETag, info.Metadata, e2)
+	}
+	l, err := s.ListBlobs(ctx, "m1/")
+	ok(t, err, "ListBlobs")
+	if len(l) != 1 || l[0].ETag != e2 {
+		t.Fatalf("ListBlobs = %+v, want one blob with ETag %q", l, e2)
+	}
+
+	// Any other change is a new version too.
+	ok(t, s.SetMetadata(ctx, name, blobstore.Metadata{"x": "y"}), "SetMetadata")
+	_, err = s.PutBlobIf(ctx, name, []byte("v3"), nil, e2)
+	wantErr(t, err, blobstore.ErrConflict, "PutBlobIf after SetMetadata with the ETag before it")
+	ok(t, s.PutBlob(ctx, name, []byte("v3"), nil), "PutBlob")
+	_, err = s.PutBlobIf(ctx, name, []byte("v4"), nil, e2)
+	wantErr(t, err, blobstore.ErrConflict, "PutBlobIf after PutBlob with the ETag before it")
+
+	// Gone since its ETag was read: the condition fails too.
+	info, err = s.Stat(ctx, name)
+	ok(t, err, "Stat")
+	ok(t, s.DeleteBlob(ctx, name), "DeleteBlob")
+	_, err = s.PutBlobIf(ctx, name, []byte("v5"), nil, info.ETag)
+	wantErr(t, err, blobstore.ErrConflict, "PutBlobIf of a deleted blob")
+	_, err = s.Stat(ctx, name)
+	wantNotFound(t, err, "Stat after a refused PutBlobIf of a deleted blob")
+	_, err = s.PutBlobIf(ctx, name, []byte("v6"), nil, "")
+	ok(t, err, "PutBlobIf create after delete")
 }
 
 func testGetBlobRange(t *testing.T, s blobstore.Store) {

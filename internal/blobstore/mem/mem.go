@@ -26,6 +26,7 @@ type Store struct {
 	container bool
 	blobs     map[string]*blob
 	lastSnap  time.Time
+	version   uint64 // of the last change to any blob: ETags never repeat
 }
 
 var _ blobstore.Store = (*Store)(nil)
@@ -41,6 +42,7 @@ type blob struct {
 	pages    pages  // page blobs
 	md       blobstore.Metadata
 	modified time.Time
+	etag     string
 	snaps    []*snapshot // oldest first
 }
 
@@ -48,6 +50,12 @@ type snapshot struct {
 	info  blobstore.SnapshotInfo
 	size  int64
 	pages pages
+}
+
+// touch records a change of b (content, metadata or size); s.mu is held.
+func (s *Store) touch(b *blob) {
+	s.version++
+	b.modified, b.etag = time.Now(), fmt.Sprintf("\"0x%X\"", s.version)
 }
 
 // New returns an empty store whose container does not exist yet.
@@ -130,24 +138,44 @@ func (s *Store) EnsureContainer(ctx context.Context) error {
 
 // PutBlob implements blobstore.Store.
 func (s *Store) PutBlob(ctx context.Context, name string, data []byte, md blobstore.Metadata) error {
+	_, err := s.put(ctx, name, data, md, nil)
+	return err
+}
+
+// PutBlobIf implements blobstore.Store.
+func (s *Store) PutBlobIf(ctx context.Context, name string, data []byte, md blobstore.Metadata, match string) (string, error) {
+	return s.put(ctx, name, data, md, &match)
+}
+
+// put is PutBlob, on condition match when not nil.
+func (s *Store) put(ctx context.Context, name string, data []byte, md blobstore.Metadata, match *string) (string, error) {
 	if err := checkPut(ctx, name, md); err != nil {
-		return err
+		return "", err
 	}
 	if len(data) > blobstore.MaxBlockBlobSize {
-		return fmt.Errorf("mem: blob %q: %d bytes exceeds PutBlob limit: %w", name, len(data), blobstore.ErrInvalid)
+		return "", fmt.Errorf("mem: blob %q: %d bytes exceeds PutBlob limit: %w", name, len(data), blobstore.ErrInvalid)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if match != nil && s.container {
+		switch b := s.blobs[name]; {
+		case *match == "" && b != nil:
+			return "", fmt.Errorf("mem: blob %q exists: %w", name, blobstore.ErrConflict)
+		case *match != "" && (b == nil || b.etag != *match):
+			return "", fmt.Errorf("mem: blob %q is not at ETag %s: %w", name, *match, blobstore.ErrConflict)
+		}
+	}
 	b, err := s.create(name)
 	if err != nil {
-		return err
+		return "", err
 	}
 	b.kind, b.data, b.size, b.pages = blobstore.BlockBlob, bytes.Clone(data), 0, nil
 	if b.data == nil {
 		b.data = []byte{}
 	}
-	b.md, b.modified = blobstore.NormalizeMetadata(md), time.Now()
-	return nil
+	b.md = blobstore.NormalizeMetadata(md)
+	s.touch(b)
+	return b.etag, nil
 }
 
 func checkPut(ctx context.Context, name string, md blobstore.Metadata) error {
@@ -213,7 +241,7 @@ func (b *blob) info(name string) blobstore.BlobInfo {
 	if b.kind == blobstore.PageBlob {
 		size = b.size
 	}
-	return blobstore.BlobInfo{Name: name, Kind: b.kind, Size: size, Metadata: maps.Clone(b.md), Modified: b.modified}
+	return blobstore.BlobInfo{Name: name, Kind: b.kind, Size: size, Metadata: maps.Clone(b.md), Modified: b.modified, ETag: b.etag}
 }
 
 // ListBlobs implements blobstore.Store.
@@ -261,7 +289,8 @@ func (s *Store) SetMetadata(ctx context.Context, name string, md blobstore.Metad
 	if err != nil {
 		return err
 	}
-	b.md, b.modified = blobstore.NormalizeMetadata(md), time.Now()
+	b.md = blobstore.NormalizeMetadata(md)
+	s.touch(b)
 	return nil
 }
 
@@ -294,7 +323,8 @@ func (s *Store) CreatePageBlob(ctx context.Context, name string, size int64, md 
 		return err
 	}
 	b.kind, b.data, b.size, b.pages = blobstore.PageBlob, nil, size, make(pages)
-	b.md, b.modified = blobstore.NormalizeMetadata(md), time.Now()
+	b.md = blobstore.NormalizeMetadata(md)
+	s.touch(b)
 	return nil
 }
 
@@ -325,7 +355,7 @@ func (s *Store) WritePages(ctx context.Context, name string, offset int64, data 
 	for i := int64(0); i < int64(len(buf)); i += ps {
 		b.pages[(offset+i)/ps] = buf[i : i+ps : i+ps]
 	}
-	b.modified = time.Now()
+	s.touch(b)
 	return nil
 }
 
@@ -340,7 +370,7 @@ func (s *Store) ClearPages(ctx context.Context, name string, offset, length int6
 	for i := offset / ps; i < (offset+length)/ps; i++ {
 		delete(b.pages, i)
 	}
-	b.modified = time.Now()
+	s.touch(b)
 	return nil
 }
 
@@ -439,7 +469,8 @@ func (s *Store) ResizePageBlob(ctx context.Context, name string, size int64) err
 			}
 		}
 	}
-	b.size, b.modified = size, time.Now()
+	b.size = size
+	s.touch(b)
 	return nil
 }
 
@@ -553,6 +584,7 @@ func (s *Store) CopyFromSnapshot(ctx context.Context, src, snap, dst string, md 
 		s.blobs[dst] = d
 	}
 	d.kind, d.data, d.size, d.pages = blobstore.PageBlob, nil, sn.size, maps.Clone(sn.pages)
-	d.md, d.modified = dmd, time.Now()
+	d.md = dmd
+	s.touch(d)
 	return nil
 }
