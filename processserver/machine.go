@@ -1,6 +1,7 @@
 package processserver
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -55,8 +56,15 @@ type machine struct {
 	manMu    sync.Mutex // serialises loading and manifest writes
 	settleMu sync.Mutex // serialises settleSuspects
 
+	// The manifest's version in the account as this server last read or
+	// wrote it ("": none), the condition of its next write; unsure is
+	// the last write if it failed but may have happened. Under manMu.
+	etag   string
+	unsure []byte
+
 	mu       sync.Mutex
 	loaded   bool
+	fenced   bool // another writer changed the manifest: the machine is not served
 	man      layout.Manifest
 	key      *seal.Key
 	manKey   *seal.Key // seals the manifest: key, or the one ensureKey is storing
@@ -128,6 +136,16 @@ func (m *machine) ensureLoaded(ctx context.Context) error {
 		return nil
 	}
 	man := layout.Manifest{Version: layout.ManifestVersion, Machine: m.name}
+	// Its ETag before its content: a write in between makes this
+	// server's first write fail, rather than erase it.
+	etag := ""
+	info, err := m.s.store.Stat(ctx, layout.ManifestName(m.name))
+	switch {
+	case err == nil:
+		etag = info.ETag
+	case !blobstore.IsNotFound(err):
+		return fmt.Errorf("read manifest of %s: %w", m.name, err)
+	}
 	raw, err := m.s.store.GetBlob(ctx, layout.ManifestName(m.name))
 	switch {
 	case blobstore.IsNotFound(err):
@@ -166,6 +184,7 @@ func (m *machine) ensureLoaded(ctx context.Context) error {
 			return err
 		}
 	}
+	m.etag = etag
 	m.mu.Lock()
 	m.man, m.key, m.manKey, m.loaded = man, key, key, true
 	// Who sent the newest durable records: the manifest says, unless the
@@ -355,11 +374,18 @@ func (m *machine) ensureKey(ctx context.Context) (*seal.Key, error) {
 
 // writeManifest stores the current manifest. Writes are serialised and
 // each writes the state current when it starts, so the last write wins
-// with the newest state.
+// with the newest state. Each is conditional on the manifest being as
+// this server last read or wrote it: one changed by another writer (a
+// second process server serving the machine) is not overwritten, and
+// the machine is fenced (see fence).
 func (m *machine) writeManifest(ctx context.Context) error {
 	m.manMu.Lock()
 	defer m.manMu.Unlock()
 	m.mu.Lock()
+	if m.fenced {
+		m.mu.Unlock()
+		return fmt.Errorf("write manifest of %s: %w", m.name, errFenced)
+	}
 	man := m.man
 	man.Disks = slices.Clone(man.Disks)
 	man.Gaps = slices.Clone(man.Gaps)
@@ -375,9 +401,27 @@ func (m *machine) writeManifest(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := m.s.store.PutBlob(ctx, layout.ManifestName(m.name), raw, nil); err != nil {
+	name := layout.ManifestName(m.name)
+	etag, err := m.s.store.PutBlobIf(ctx, name, raw, nil, m.etag)
+	if errors.Is(err, blobstore.ErrConflict) && m.unsure != nil {
+		// Changed by our own last write, if it happened after all.
+		if info, err2 := m.s.store.Stat(ctx, name); err2 == nil {
+			if got, err2 := m.s.store.GetBlob(ctx, name); err2 == nil && bytes.Equal(got, m.unsure) {
+				etag, err = m.s.store.PutBlobIf(ctx, name, raw, nil, info.ETag)
+			}
+		}
+	}
+	switch {
+	case errors.Is(err, blobstore.ErrConflict):
+		m.fence(err)
+		return fmt.Errorf("write manifest of %s: %w", m.name, errFenced)
+	case err != nil:
+		if !blobstore.IsPermanent(err) {
+			m.unsure = raw
+		}
 		return fmt.Errorf("write manifest of %s: %w", m.name, err)
 	}
+	m.etag, m.unsure = etag, nil
 	m.mu.Lock()
 	if man.DurableSeq > m.savedDurable {
 		close(m.progress) // waitUploaded
@@ -386,6 +430,41 @@ func (m *machine) writeManifest(ctx context.Context) error {
 	m.savedApplied, m.savedDurable = max(m.savedApplied, man.AppliedSeq), max(m.savedDurable, man.DurableSeq)
 	m.mu.Unlock()
 	return nil
+}
+
+// errFenced: this process server no longer serves the machine.
+var errFenced = errors.New("another writer changed the manifest: this process server no longer serves the machine")
+
+// fence stops serving the machine after its manifest was changed by
+// another writer: most likely a second process server serving it (its
+// agent re-pointed while this server was cut off from it). Going on, each
+// would erase the other's gaps and generations, and recovery could then
+// return an image without acknowledged writes. The current session ends,
+// later hellos are refused, the uploader stops and the cache is kept:
+// only a restart takes the machine over again. manMu is held.
+func (m *machine) fence(err error) {
+	m.mu.Lock()
+	m.fenced = true
+	sess := m.sess
+	m.mu.Unlock()
+	m.log.Error("another writer changed the manifest of this machine (another process server serving it?): this process server stops serving the machine and keeps its cache; restart it to take the machine over again, only once sure the other no longer serves it",
+		logBlob, layout.ManifestName(m.name), logErr, err)
+	if sess != nil {
+		sess.abort(errFenced)
+	}
+	m.kick() // the uploader stops
+}
+
+// isFenced reports whether fence stopped serving the machine.
+func (m *machine) isFenced() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.fenced
+}
+
+// fencedMessage tells a refused agent why.
+func (m *machine) fencedMessage() string {
+	return fmt.Sprintf("this process server no longer serves machine %s: another writer (another process server?) changed its manifest; it takes the machine over again only when restarted", m.name)
 }
 
 // agree answers a Hello: per disk, resume, full sync (new generation) or

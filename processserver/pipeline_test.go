@@ -146,6 +146,14 @@ func (s *stallStore) PutBlob(ctx context.Context, name string, data []byte, md b
 	return s.stall(ctx)
 }
 
+func (s *stallStore) Stat(ctx context.Context, name string) (blobstore.BlobInfo, error) {
+	return blobstore.BlobInfo{}, s.stall(ctx)
+}
+
+func (s *stallStore) PutBlobIf(ctx context.Context, name string, data []byte, md blobstore.Metadata, match string) (string, error) {
+	return "", s.stall(ctx)
+}
+
 // Close returns promptly while an agent's hello waits on a dead account:
 // the work of sessions and uploaders is cancelled before Close waits for
 // the connections (before, it waited for the hello's own time-out, or for
@@ -230,6 +238,20 @@ func (d *downAtFirst) PutBlob(ctx context.Context, name string, data []byte, md 
 		return err
 	}
 	return d.Store.PutBlob(ctx, name, data, md)
+}
+
+func (d *downAtFirst) PutBlobIf(ctx context.Context, name string, data []byte, md blobstore.Metadata, match string) (string, error) {
+	if err := d.check(); err != nil {
+		return "", err
+	}
+	return d.Store.PutBlobIf(ctx, name, data, md, match)
+}
+
+func (d *downAtFirst) Stat(ctx context.Context, name string) (blobstore.BlobInfo, error) {
+	if err := d.check(); err != nil {
+		return blobstore.BlobInfo{}, err
+	}
+	return d.Store.Stat(ctx, name)
 }
 
 func (d *downAtFirst) GetBlob(ctx context.Context, name string) ([]byte, error) {

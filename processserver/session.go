@@ -190,10 +190,20 @@ func (st *session) run(ctx context.Context) {
 		old.abort(errReplaced)
 		<-old.done
 	}
+	// Checked where fence looks for the session: it either ends this one
+	// or this one sees it.
 	m.mu.Lock()
-	m.sess = st
+	fenced := m.fenced
+	if !fenced {
+		m.sess = st
+	}
 	m.mu.Unlock()
 	m.takeover.Unlock()
+	if fenced {
+		st.log.Warn("refused agent: this process server no longer serves the machine (another writer changed its manifest; see the earlier error)")
+		st.sendError(wire.CodeInternal, m.fencedMessage())
+		return
+	}
 	defer func() {
 		m.mu.Lock()
 		if m.sess == st {
@@ -205,7 +215,11 @@ func (st *session) run(ctx context.Context) {
 	actx, cancel := context.WithTimeout(ctx, helloWork)
 	ack, durable, diskMap, mendEpoch, err := m.agree(actx, &h)
 	cancel()
-	if err != nil {
+	switch {
+	case errors.Is(err, errFenced):
+		st.sendError(wire.CodeInternal, m.fencedMessage())
+		return
+	case err != nil:
 		st.log.Error("cannot answer hello", logErr, err)
 		st.sendError(wire.CodeInternal, "process server cannot read this machine's state from the storage account; retry later")
 		return

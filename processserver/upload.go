@@ -43,10 +43,19 @@ func (m *machine) uploadLoop(ctx context.Context) {
 	notified := false
 	for {
 		for ctx.Err() == nil {
+			if m.isFenced() {
+				// Nothing more of it goes to the account; the cache keeps
+				// it for the next start.
+				m.log.Warn("uploads of the machine stopped: this process server no longer serves it")
+				return
+			}
 			did, err := m.uploadStep(ctx, &notified)
 			if err != nil {
 				if ctx.Err() != nil {
 					return
+				}
+				if errors.Is(err, errFenced) {
+					continue
 				}
 				if blobstore.IsPermanent(err) {
 					// Retrying will not help until someone acts (a key,
