@@ -105,12 +105,11 @@ type Config struct {
 	// UpdateManifest, if set, performs the manifest read-modify-write
 	// (update is given the current manifest and changes only applied_seq
 	// and journal_from).
-	// The process server should route the ingest side's manifest writes
-	// and this through one serialised writer per machine: the Store has no
-	// conditional writes, so two independent read-modify-writes can undo
-	// each other's fields. Nil: the applier reads the manifest, sets
-	// applied_seq and writes it back itself, which can briefly roll back a
-	// concurrent writer's fields (they are rewritten at its next step).
+	// The process server routes the ingest side's manifest writes and
+	// this through one serialised writer per machine. Nil: the applier
+	// reads the manifest, sets applied_seq and writes it back itself, on
+	// the condition that it is still the version read (PutBlobIf), and
+	// starts over on a conflict.
 	UpdateManifest func(ctx context.Context, machine string, update func(*layout.Manifest)) error
 	// Local, when set, returns the plaintext of a journal segment from a
 	// local copy (the process server's cache, which uploaded it), so that
@@ -842,6 +841,21 @@ func (a *Applier) updateManifest(ctx context.Context, machine string, change fun
 		}
 		return nil
 	}
+	// Conditional on the version read: a concurrent writer's fields are
+	// not erased; on a conflict the change is made again on its version.
+	for attempt := 1; ; attempt++ {
+		err := a.updateManifestOnce(ctx, machine, set)
+		if !errors.Is(err, blobstore.ErrConflict) || attempt == 3 {
+			return err
+		}
+	}
+}
+
+func (a *Applier) updateManifestOnce(ctx context.Context, machine string, set func(*layout.Manifest)) error {
+	info, err := a.cfg.Store.Stat(ctx, layout.ManifestName(machine))
+	if err != nil {
+		return fmt.Errorf("update manifest of machine %q: %w", machine, err)
+	}
 	man, err := recovery.ReadManifest(ctx, a.cfg.Store, machine)
 	if err != nil {
 		return err
@@ -858,7 +872,7 @@ func (a *Applier) updateManifest(ctx context.Context, machine string, change fun
 	if err != nil {
 		return err
 	}
-	if err := a.cfg.Store.PutBlob(ctx, layout.ManifestName(machine), b, nil); err != nil {
+	if _, err := a.cfg.Store.PutBlobIf(ctx, layout.ManifestName(machine), b, nil, info.ETag); err != nil {
 		return fmt.Errorf("update manifest of machine %q: %w", machine, err)
 	}
 	return nil
