@@ -220,6 +220,17 @@ func cachedWhileDown(t *testing.T) (*env, *gateJournal, *faultFS, *agent, uint64
 	return e, store, ffs, a, last
 }
 
+// keptThenUploaded checks that the one cached segment is kept while the
+// cache fails reads, and uploaded once it reads again.
+func keptThenUploaded(t *testing.T, s *Server, e *env, ffs *faultFS, a *agent, last uint64) {
+	t.Helper()
+	if ids, err := s.cache.List("m1"); err != nil || len(ids) != 1 {
+		t.Fatalf("cache holds %v (%v), want the segment kept", ids, err)
+	}
+	ffs.failReads.Store(false)
+	wantUploaded(t, e, a, last)
+}
+
 // wantUploaded waits for the journal to hold everything a sent.
 func wantUploaded(t *testing.T, e *env, a *agent, last uint64) {
 	t.Helper()
@@ -254,11 +265,7 @@ func TestUnreadableCacheIsNotLost(t *testing.T) {
 	if infos, err := store.ListBlobs(context.Background(), layout.JournalPrefix("m1")); err != nil || len(infos) != 0 {
 		t.Fatalf("journal holds %v (%v) while the segment cannot be read: want nothing, no tombstone", infos, err)
 	}
-	if ids, err := s.cache.List("m1"); err != nil || len(ids) != 1 {
-		t.Fatalf("cache holds %v (%v), want the segment kept", ids, err)
-	}
-	ffs.failReads.Store(false)
-	wantUploaded(t, e, a, last)
+	keptThenUploaded(t, s, e, ffs, a, last)
 }
 
 // TestUnreadableSuspectIsKept: a segment unreadable at start because the
@@ -277,11 +284,7 @@ func TestUnreadableSuspectIsKept(t *testing.T) {
 	if strings.Contains(e.logs.String(), out) {
 		t.Fatal("a segment the cache could not read now was left out")
 	}
-	if ids, err := s.cache.List("m1"); err != nil || len(ids) != 1 {
-		t.Fatalf("cache holds %v (%v), want the segment kept", ids, err)
-	}
-	ffs.failReads.Store(false)
-	wantUploaded(t, e, a, last)
+	keptThenUploaded(t, s, e, ffs, a, last)
 }
 
 // TestUnreadableRemainsDropped: what a crash left of an applied segment's

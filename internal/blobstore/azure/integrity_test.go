@@ -69,14 +69,16 @@ func TestCorruptionInTransitIsDetected(t *testing.T) {
 	}
 }
 
-func corruptionInTransitIsDetected(t *testing.T, srv *azurite.Server, mode azure.ChecksumMode) {
-	c := &corrupter{}
+// storeThrough returns a store on a fresh container of srv whose requests
+// pass through p, with the SDK's own retries off.
+func storeThrough(t *testing.T, srv *azurite.Server, p policy.Policy, mode azure.ChecksumMode) *azure.Store {
+	t.Helper()
 	s, err := azure.New(azure.Config{
 		ConnectionString: srv.ConnectionString(),
-		Container:        fmt.Sprintf("lbcorrupt-%d", time.Now().UnixNano()%1e9),
+		Container:        fmt.Sprintf("lbfault-%d", time.Now().UnixNano()%1e9),
 		ClientOptions: &azblob.ClientOptions{ClientOptions: azcore.ClientOptions{
 			Retry:            policy.RetryOptions{MaxRetries: -1},
-			PerRetryPolicies: []policy.Policy{c},
+			PerRetryPolicies: []policy.Policy{p},
 		}},
 		Checksum: mode,
 	})
@@ -88,6 +90,14 @@ func corruptionInTransitIsDetected(t *testing.T, srv *azurite.Server, mode azure
 	if err := s.EnsureContainer(ctx); err != nil {
 		t.Fatal(err)
 	}
+	return s
+}
+
+func corruptionInTransitIsDetected(t *testing.T, srv *azurite.Server, mode azure.ChecksumMode) {
+	c := &corrupter{}
+	s := storeThrough(t, srv, c, mode)
+	ctx := context.Background()
+	var err error
 	good := blobstoretest.Random(1, 64<<10)
 	if err := s.PutBlob(ctx, "seg", good, nil); err != nil {
 		t.Fatal(err)
@@ -274,24 +284,10 @@ func (c *cutter) Do(req *policy.Request) (*http.Response, error) {
 // read. It is a transient error now; a range that does pass the end is
 // still told apart by the length the service announced.
 func TestDownloadCutShortIsRetryable(t *testing.T) {
-	srv := azurite.ForTest(t)
 	c := &cutter{}
-	s, err := azure.New(azure.Config{
-		ConnectionString: srv.ConnectionString(),
-		Container:        fmt.Sprintf("lbcut-%d", time.Now().UnixNano()%1e9),
-		ClientOptions: &azblob.ClientOptions{ClientOptions: azcore.ClientOptions{
-			Retry:            policy.RetryOptions{MaxRetries: -1},
-			PerRetryPolicies: []policy.Policy{c},
-		}},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := storeThrough(t, azurite.ForTest(t), c, azure.ChecksumAuto)
 	ctx := context.Background()
-	t.Cleanup(func() { _ = s.DeleteContainer(ctx) })
-	if err := s.EnsureContainer(ctx); err != nil {
-		t.Fatal(err)
-	}
+	var err error
 	data := blobstoretest.Random(4, 64<<10)
 	if err := s.CreatePageBlob(ctx, "disk", 1<<20, nil); err != nil {
 		t.Fatal(err)
