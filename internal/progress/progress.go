@@ -7,8 +7,9 @@
 //	initial sync  37% 1.2 GiB/3.2 GiB 410 MiB/s eta 5s
 //
 // On anything else (a log file, journald, a pipe) it writes a full line
-// each time another 10% completes, and a last one from Done, so logs stay
-// readable.
+// each time another 10% completes, at least once a minute while it moves
+// (10% of a multi-terabyte disk can take half an hour), and a last one
+// from Done, so logs stay readable.
 package progress
 
 import (
@@ -30,6 +31,9 @@ const (
 	// unknownTotalInterval spaces lines when there is no total to take
 	// percentages of and the output is not a terminal.
 	unknownTotalInterval = 10 * time.Second
+	// heartbeatInterval is the longest a non-terminal bar with a total
+	// stays silent while work is done.
+	heartbeatInterval = time.Minute
 )
 
 // Bar reports progress towards a total number of bytes. Add may be called
@@ -41,6 +45,9 @@ type Bar struct {
 	// non-terminal with a known total, the byte count at which Add should
 	// next try to render. It keeps the common Add to two atomic ops.
 	nextRender atomic.Int64
+	// heartbeat: on a non-terminal with a known total, the clock reading
+	// (ns since start) at which Add renders even within a 10% step.
+	heartbeat atomic.Int64
 
 	w     io.Writer
 	label string
@@ -64,6 +71,7 @@ func newBar(w io.Writer, label string, total int64, tty bool, now func() time.Ti
 	b := &Bar{w: w, label: label, total: total, tty: tty, now: now, start: now(), lastPct: -1}
 	if !tty && total > 0 {
 		b.nextRender.Store(b.bytesForStep(1))
+		b.heartbeat.Store(heartbeatInterval.Nanoseconds())
 	}
 	return b
 }
@@ -92,7 +100,7 @@ func (b *Bar) bytesForStep(step int64) int64 {
 func (b *Bar) Add(n int64) {
 	done := b.done.Add(n)
 	if !b.tty && b.total > 0 {
-		if done < b.nextRender.Load() {
+		if done < b.nextRender.Load() && b.now().Sub(b.start).Nanoseconds() < b.heartbeat.Load() {
 			return
 		}
 	} else if b.now().Sub(b.start).Nanoseconds() < b.nextRender.Load() {
@@ -139,11 +147,13 @@ func (b *Bar) render(done int64, final bool) {
 		if b.total > 0 {
 			step := pct / stepPercent
 			b.nextRender.Store(b.bytesForStep(step + 1))
+			beat := elapsed.Nanoseconds() >= b.heartbeat.Load()
 			// 100% is left to Done, whose line adds the elapsed time.
-			if !final && (pct <= b.lastPct || pct >= 100) {
+			if !final && (pct <= b.lastPct && !beat || pct >= 100) {
 				return
 			}
 			b.lastPct = pct
+			b.heartbeat.Store((elapsed + heartbeatInterval).Nanoseconds())
 		} else {
 			b.nextRender.Store((elapsed + unknownTotalInterval).Nanoseconds())
 		}

@@ -60,6 +60,22 @@ func TestNonTerminalPrintsEveryTenPercent(t *testing.T) {
 	}
 }
 
+// A slow job still says it moves, once a minute, between its 10% lines.
+func TestNonTerminalHeartbeat(t *testing.T) {
+	var out strings.Builder
+	clk := newClock()
+	b := newBar(&out, "recover", 1000, false, clk.Now)
+	for range 5 { // 1% every 30 s
+		clk.Advance(30 * time.Second)
+		b.Add(10)
+	}
+	want := "recover   2% 20 B/1000 B 0 B/s eta 49m00s\n" +
+		"recover   4% 40 B/1000 B 0 B/s eta 48m00s\n"
+	if out.String() != want {
+		t.Fatalf("output:\n%s\nwant:\n%s", out.String(), want)
+	}
+}
+
 func TestNonTerminalBigJumpPrintsOnce(t *testing.T) {
 	var out strings.Builder
 	clk := newClock()
