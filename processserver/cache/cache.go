@@ -242,7 +242,7 @@ func Open(dirs []string, opts Options) (*Cache, error) {
 	if quorum == 0 {
 		quorum = n
 	} else if quorum < minQuorum || quorum > n {
-		return nil, fmt.Errorf("cache: write quorum %d outside [%d, %d]", quorum, minQuorum, n)
+		return nil, fmt.Errorf("cache: write quorum %d: with %d directories (%d data + %d parity shards) it must be %d to %d (--cache-write-quorum)", quorum, n, k, m, minQuorum, n)
 	}
 	c := &Cache{
 		k: k, m: m, quorum: quorum,
