@@ -39,6 +39,10 @@ type Request struct {
 	Progress io.Writer
 	// Parallelism bounds concurrent snapshot reads (default 4).
 	Parallelism int
+	// Room, if set, is asked before the recovery point is copied whether
+	// need more bytes fit where the output goes: a recovery that cannot
+	// fit fails at once, not hours later on a full disk.
+	Room func(need int64) error
 }
 
 // Result describes a completed recovery.
@@ -191,6 +195,9 @@ func RecoverFile(ctx context.Context, store blobstore.Store, req Request, path s
 		return Result{}, fmt.Errorf("create output: %w", err)
 	}
 	tmp := f.Name()
+	if req.Room == nil {
+		req.Room = func(need int64) error { return roomIn(dir, need) }
+	}
 	res, err := Recover(ctx, store, req, f)
 	if err == nil {
 		if req.Progress != nil {
@@ -391,6 +398,11 @@ func copySnapshot(ctx context.Context, store blobstore.Store, blob, snapshot str
 		}
 		total += r.Length
 	}
+	if req.Room != nil {
+		if err := req.Room(total); err != nil {
+			return err
+		}
+	}
 	var bar *progress.Bar
 	if req.Progress != nil {
 		bar = progress.New(req.Progress, "copy recovery point", total)
@@ -564,4 +576,17 @@ func parallel(ctx context.Context, workers, n int, fn func(ctx context.Context, 
 		return err
 	}
 	return ctx.Err()
+}
+
+// roomIn fails unless the file system of dir has need bytes free (the
+// output is sparse: need is what the recovery point holds).
+func roomIn(dir string, need int64) error {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		return nil // unknown: the writes will tell
+	}
+	if free := int64(st.Bavail) * int64(st.Bsize); free < need {
+		return fmt.Errorf("%s has %s free; the recovery point alone needs %s: free some space or recover elsewhere", dir, progress.Bytes(free), progress.Bytes(need))
+	}
+	return nil
 }

@@ -269,3 +269,28 @@ func TestRetentionDeleteAlreadyDone(t *testing.T) {
 		t.Fatalf("%d segments left, want the first pruned", n)
 	}
 }
+
+// A recovery whose recovery point does not fit where it goes fails before
+// it writes, not hours later on a full disk.
+func TestRecoverRefusedWithoutRoom(t *testing.T) {
+	m := recoverytest.New(t, mem.New(), "room", 1<<20)
+	start := time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)
+	var now time.Time
+	a := newApplier(t, m, applier.Config{Retention: -1, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
+	agedPoints(t, m, a, &now, start, 0, 1)
+	var asked int64
+	full := errors.New("no room")
+	_, err := recovery.Recover(ctxT(t), m.Store, recovery.Request{Machine: m.Name, Disk: "d0", Point: "latest", RecoveryKey: m.RecoveryKey,
+		Room: func(need int64) error { asked = need; return full }}, failWriter{t})
+	if !errors.Is(err, full) || asked <= 0 {
+		t.Fatalf("recover with no room: %v (asked for %d bytes), want the refusal", err, asked)
+	}
+}
+
+// failWriter fails the test if written to.
+type failWriter struct{ t *testing.T }
+
+func (w failWriter) WriteAt(p []byte, off int64) (int, error) {
+	w.t.Errorf("%d bytes written at %d", len(p), off)
+	return len(p), nil
+}
