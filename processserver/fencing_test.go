@@ -1,10 +1,14 @@
 package processserver
 
 import (
+	"context"
+	"errors"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore/mem"
 	"github.com/lifeboat-dr/lifeboat/internal/wire"
 )
@@ -74,4 +78,57 @@ func TestManifestFencedAgainstAnotherServer(t *testing.T) {
 	// B's session is unaffected and writes on.
 	b1.waitAck(b1.batch(6, 5))
 	eventually(t, 10*time.Second, "B's upload", func() bool { return durableSeq(t, store, "m1") == 10 })
+}
+
+// lostReplies fails the first manifest writes with a transient error:
+// the first one after writing it (its reply lost past every retry), the
+// next ones without (an outage).
+type lostReplies struct {
+	blobstore.Store
+	n    atomic.Int32 // manifest writes so far
+	fail int32
+}
+
+func (s *lostReplies) PutBlobIf(ctx context.Context, name string, data []byte, md blobstore.Metadata, match string) (string, error) {
+	if !strings.HasSuffix(name, "manifest.json") {
+		return s.Store.PutBlobIf(ctx, name, data, md, match)
+	}
+	switch n := s.n.Add(1); {
+	case n == 1:
+		if _, err := s.Store.PutBlobIf(ctx, name, data, md, match); err != nil {
+			return "", err
+		}
+		return "", errors.New("reply lost")
+	case n <= s.fail:
+		return "", errors.New("storage account unreachable")
+	}
+	return s.Store.PutBlobIf(ctx, name, data, md, match)
+}
+
+// TestOwnLostManifestWriteNotFenced: a manifest write that failed but
+// happened, then others that failed for good, make the next one meet a
+// changed manifest; it is this server's own, so the machine goes on
+// being served.
+func TestOwnLostManifestWriteNotFenced(t *testing.T) {
+	store := &lostReplies{Store: mem.New(), fail: 3}
+	e := newEnv(t, store, 1)
+	e.segAge = 20 * time.Millisecond
+	s := e.start()
+	for {
+		a := dialAgent(t, e, s, "m1")
+		if err := a.w.WriteHello(&wire.Hello{ProtocolVersion: 2, Machine: "m1", Disks: []wire.DiskState{disk0}}); err != nil {
+			t.Fatal(err)
+		}
+		if f := a.next(30 * time.Second); f.typ == wire.TypeError {
+			continue // the lost write failed the hello: the agent retries
+		} else if f.err != nil || f.typ != wire.TypeHelloAck {
+			t.Fatalf("hello: %s %v", f.typ, f.err)
+		}
+		a.waitAck(a.batch(1, 5))
+		break
+	}
+	eventually(t, 10*time.Second, "the upload", func() bool { return durableSeq(t, store, "m1") == 5 })
+	if strings.Contains(e.logs.String(), "another writer changed the manifest") {
+		t.Fatal("the server fenced itself over its own write")
+	}
 }

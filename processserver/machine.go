@@ -57,10 +57,10 @@ type machine struct {
 	settleMu sync.Mutex // serialises settleSuspects
 
 	// The manifest's version in the account as this server last read or
-	// wrote it ("": none), the condition of its next write; unsure is
-	// the last write if it failed but may have happened. Under manMu.
+	// wrote it ("": none), the condition of its next write; unsure are
+	// the writes since that failed but may have happened. Under manMu.
 	etag   string
-	unsure []byte
+	unsure [][]byte
 
 	mu       sync.Mutex
 	loaded   bool
@@ -403,21 +403,16 @@ func (m *machine) writeManifest(ctx context.Context) error {
 	}
 	name := layout.ManifestName(m.name)
 	etag, err := m.s.store.PutBlobIf(ctx, name, raw, nil, m.etag)
-	if errors.Is(err, blobstore.ErrConflict) && m.unsure != nil {
-		// Changed by our own last write, if it happened after all.
-		if info, err2 := m.s.store.Stat(ctx, name); err2 == nil {
-			if got, err2 := m.s.store.GetBlob(ctx, name); err2 == nil && bytes.Equal(got, m.unsure) {
-				etag, err = m.s.store.PutBlobIf(ctx, name, raw, nil, info.ETag)
-			}
-		}
+	if errors.Is(err, blobstore.ErrConflict) {
+		etag, err = m.ownConflict(ctx, name, raw, err)
 	}
 	switch {
 	case errors.Is(err, blobstore.ErrConflict):
 		m.fence(err)
 		return fmt.Errorf("write manifest of %s: %w", m.name, errFenced)
 	case err != nil:
-		if !blobstore.IsPermanent(err) {
-			m.unsure = raw
+		if !blobstore.IsPermanent(err) && len(m.unsure) < maxUnsure {
+			m.unsure = append(m.unsure, raw)
 		}
 		return fmt.Errorf("write manifest of %s: %w", m.name, err)
 	}
@@ -430,6 +425,38 @@ func (m *machine) writeManifest(ctx context.Context) error {
 	m.savedApplied, m.savedDurable = max(m.savedApplied, man.AppliedSeq), max(m.savedDurable, man.DurableSeq)
 	m.mu.Unlock()
 	return nil
+}
+
+// maxUnsure bounds the failed manifest writes remembered as possibly
+// done; past it, a conflict they caused fences the machine.
+const maxUnsure = 64
+
+// ownConflict settles a conflicting manifest write (err): the manifest
+// may hold one of this server's own writes that failed but happened (a
+// reply lost past every retry, a deadline). Then raw is written over it.
+// A manifest that cannot be read back now is no proof of another writer:
+// the error returned then does not fence. manMu is held.
+func (m *machine) ownConflict(ctx context.Context, name string, raw []byte, err error) (string, error) {
+	// Its ETag before its content: content read after is of that
+	// version or newer, and so can be matched to it.
+	info, serr := m.s.store.Stat(ctx, name)
+	if serr != nil {
+		return "", fmt.Errorf("manifest changed since this server last wrote it, and reading it back failed: %w", serr)
+	}
+	got, gerr := m.s.store.GetBlob(ctx, name)
+	if gerr != nil {
+		return "", fmt.Errorf("manifest changed since this server last wrote it, and reading it back failed: %w", gerr)
+	}
+	if bytes.Equal(got, raw) {
+		return info.ETag, nil
+	}
+	for _, u := range m.unsure {
+		if bytes.Equal(got, u) {
+			m.etag = info.ETag // ours after all: the next write goes on from it
+			return m.s.store.PutBlobIf(ctx, name, raw, nil, info.ETag)
+		}
+	}
+	return "", err
 }
 
 // errFenced: this process server no longer serves the machine.

@@ -183,13 +183,15 @@ func (r *retryStore) PutBlobIf(ctx context.Context, name string, data []byte, md
 	// Stat first: content read after it is of that version or newer, so
 	// data found there was written no earlier than the ETag (ours, as no
 	// one else writes it).
+	// A read-back that fails proves no conflict: the error says so
+	// without wrapping ErrConflict.
 	info, serr := r.Stat(ctx, name)
 	if serr != nil {
-		return "", fmt.Errorf("%w (cannot tell whether an earlier attempt succeeded: %w)", err, serr)
+		return "", fmt.Errorf("put-blob-if %s: conflict after a failed attempt, which may have succeeded; reading it back failed: %w", name, serr)
 	}
 	got, gerr := r.GetBlob(ctx, name)
 	if gerr != nil {
-		return "", fmt.Errorf("%w (cannot tell whether an earlier attempt succeeded: %w)", err, gerr)
+		return "", fmt.Errorf("put-blob-if %s: conflict after a failed attempt, which may have succeeded; reading it back failed: %w", name, gerr)
 	}
 	if !bytes.Equal(got, data) {
 		return "", err

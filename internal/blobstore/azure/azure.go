@@ -289,6 +289,10 @@ func (s *Store) PutBlobIf(ctx context.Context, name string, data []byte, md blob
 	if match != "" {
 		cond = &blob.ModifiedAccessConditions{IfMatch: to(azcore.ETag(match))}
 	}
+	// No retries inside the SDK: one after a lost reply meets the
+	// condition failed by its own first try and looks like another
+	// writer's. blobstore.WithRetry retries, reading the blob back.
+	ctx = policy.WithRetryOptions(ctx, policy.RetryOptions{MaxRetries: -1})
 	etag, err := s.put(ctx, name, data, md, &blob.AccessConditions{ModifiedAccessConditions: cond})
 	if match != "" && blobstore.IsNotFound(err) && !bloberror.HasCode(err, bloberror.ContainerNotFound) {
 		// The blob went since match was read: the condition failed.
