@@ -102,12 +102,19 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 			return fmt.Errorf("mirror device: %w", err)
 		}
 		tplace, err := td.Placement()
+		tsize, serr := td.Size()
 		td.Close()
 		if err != nil {
 			return fmt.Errorf("mirror device: %w", err)
 		}
-		if tplace.DiskDev == place.DiskDev {
-			return fmt.Errorf("mirror device %s is on the disk of %s (%s): the copy would overwrite what it copies", cfg.To, cfg.Device, place.Disk)
+		if serr != nil {
+			return fmt.Errorf("mirror device: %w", serr)
+		}
+		// Another partition of the same disk is a target; one that
+		// overlaps the source (the disk itself, the same partition) is not.
+		s0, t0 := place.StartBytes(), tplace.StartBytes()
+		if tplace.DiskDev == place.DiskDev && t0 < s0+size && s0 < t0+tsize {
+			return fmt.Errorf("mirror device %s overlaps %s on disk %s: the copy would overwrite what it copies", cfg.To, cfg.Device, place.Disk)
 		}
 	}
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
@@ -129,13 +136,6 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 		return fmt.Errorf("mirror file: %w", err)
 	}
 	defer f.Close()
-	// A copy of the disk is as secret as the disk: an existing file that
-	// others may read (made by truncate or cp) is closed to them.
-	if fi, err := f.Stat(); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o077 != 0 {
-		if err := f.Chmod(fi.Mode().Perm() &^ 0o077); err != nil {
-			return fmt.Errorf("mirror file: %w", err)
-		}
-	}
 	targetID, err := fileIdentity(f)
 	if err != nil {
 		return err
@@ -143,6 +143,15 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	stamp, err := fileStamp(f)
 	if err != nil {
 		return err
+	}
+	// A copy of the disk is as secret as the disk: an existing file that
+	// others may read (made by truncate or cp) is closed to them. After
+	// the stamp: the chmod moves its ctime (and on vfat or exFAT, which
+	// keep no modes, moves it at every start).
+	if fi, err := f.Stat(); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o077 != 0 {
+		if err := f.Chmod(fi.Mode().Perm() &^ 0o077); err != nil {
+			log.Warn("mirror file is readable by others and its mode cannot be changed", "file", cfg.To, "err", err)
+		}
 	}
 	abs, _ := filepath.Abs(cfg.To)
 	fi, err := f.Stat()

@@ -621,10 +621,10 @@ func TestMirrorRefusesItsOwnDiskAndBusyDevices(t *testing.T) {
 		t.Fatal(err)
 	}
 	state := t.TempDir()
-	for _, to := range []string{d.Path, parts[1]} {
-		err := RunMirror(context.Background(), MirrorConfig{Device: parts[0], To: to, StateDir: state})
+	for _, c := range []struct{ dev, to string }{{parts[0], d.Path}, {parts[0], parts[0]}, {d.Path, parts[1]}} {
+		err := RunMirror(context.Background(), MirrorConfig{Device: c.dev, To: c.to, StateDir: state})
 		if err == nil || !strings.Contains(err.Error(), "would overwrite what it copies") {
-			t.Errorf("mirror of %s to %s: %v, want a refusal", parts[0], to, err)
+			t.Errorf("mirror of %s to %s: %v, want a refusal", c.dev, c.to, err)
 		}
 	}
 	busy := loopdev.New(t, 64<<20, loopdev.Options{})

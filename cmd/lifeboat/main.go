@@ -40,12 +40,16 @@ func main() {
 	}()
 	if err := root.ExecuteContext(ctx); err != nil {
 		fmt.Fprintln(os.Stderr, "lifeboat:", err)
-		if ctx.Err() != nil {
+		if errors.Is(err, errInterrupted) {
 			os.Exit(130) // stopped by a signal before it was done, as shells report it
 		}
 		os.Exit(1)
 	}
 }
+
+// errInterrupted marks a command a signal stopped before it was done
+// (exit status 130).
+var errInterrupted = errors.New("interrupted")
 
 func logger(verbose bool) *slog.Logger {
 	level := slog.LevelInfo

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -195,8 +196,8 @@ is the one "lifeboat keys init" wrote.`,
 			}, to)
 			if err != nil {
 				switch {
-				case cmd.Context().Err() != nil:
-					return fmt.Errorf("interrupted: recovery stopped, %s not written (the partial output was removed)", to)
+				case cmd.Context().Err() != nil && errors.Is(err, context.Canceled):
+					return fmt.Errorf("%w: recovery stopped, %s not written (the partial output was removed)", errInterrupted, to)
 				case errors.Is(err, recovery.ErrTampered):
 					return fmt.Errorf("recovery stopped, %s not written: %w", to, err)
 				}

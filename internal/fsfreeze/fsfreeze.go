@@ -383,36 +383,60 @@ func distinctFileSystems(mounts []string) ([]string, error) {
 }
 
 // CheckScripts refuses pre and post scripts ("" for none) that are not
-// executable files, or that someone other than root could change, the
-// file or a directory above it: the agent runs them as root. Found at
-// start, not at the first point an hour later.
+// executable files, or that someone other than root could change: the
+// file, a directory above it, and, for a symbolic link, the same for
+// what it points to. The agent runs them as root. A name without a slash
+// is looked up in PATH, as it will be run. Found at start, not at the
+// first point an hour later.
 func CheckScripts(paths ...string) error {
 	for _, p := range paths {
 		if p == "" {
 			continue
 		}
-		abs, err := filepath.Abs(p)
+		path := p
+		if !strings.Contains(p, "/") {
+			found, err := exec.LookPath(p)
+			if err != nil {
+				return fmt.Errorf("fsfreeze: script %s: %w", p, err)
+			}
+			path = found
+		}
+		abs, err := filepath.Abs(path)
 		if err != nil {
 			return fmt.Errorf("fsfreeze: script %s: %w", p, err)
 		}
-		for dir := abs; ; dir = filepath.Dir(dir) {
-			var st unix.Stat_t
-			if err := unix.Stat(dir, &st); err != nil {
-				return fmt.Errorf("fsfreeze: script %s: %w", p, &os.PathError{Op: "stat", Path: dir, Err: err})
-			}
-			sticky := st.Mode&unix.S_ISVTX != 0 && dir != abs // /tmp: others cannot replace root's entries
-			if st.Uid != 0 || st.Mode&0o022 != 0 && !sticky {
-				return fmt.Errorf("fsfreeze: script %s: %s is writable by users other than root (owner uid %d, mode %#o); the agent runs the script as root", p, dir, st.Uid, st.Mode&0o7777)
-			}
-			if dir == abs && (st.Mode&unix.S_IFMT != unix.S_IFREG || st.Mode&0o100 == 0) {
-				return fmt.Errorf("fsfreeze: script %s: not an executable file", p)
-			}
-			if dir == "/" {
-				break
+		target, err := filepath.EvalSymlinks(abs)
+		if err != nil {
+			return fmt.Errorf("fsfreeze: script %s: %w", p, err)
+		}
+		for _, q := range []string{abs, target} {
+			if err := rootOnly(p, q); err != nil {
+				return err
 			}
 		}
 	}
 	return nil
+}
+
+// rootOnly checks that only root can change file, an executable, or a
+// directory above it (p names the script in errors).
+func rootOnly(p, file string) error {
+	for dir := file; ; dir = filepath.Dir(dir) {
+		var st unix.Stat_t
+		if err := unix.Stat(dir, &st); err != nil {
+			return fmt.Errorf("fsfreeze: script %s: %w", p, &os.PathError{Op: "stat", Path: dir, Err: err})
+		}
+		if dir == file && (st.Mode&unix.S_IFMT != unix.S_IFREG || st.Mode&0o100 == 0) {
+			return fmt.Errorf("fsfreeze: script %s: not an executable file", p)
+		}
+		sticky := st.Mode&unix.S_ISVTX != 0 && dir != file // /tmp: others cannot replace root's entries
+		if st.Uid != 0 || st.Mode&0o022 != 0 && !sticky {
+			return fmt.Errorf("fsfreeze: script %s: %s is writable by users other than root (owner uid %d, mode %#o); the agent runs the script as root", p, dir, st.Uid, st.Mode&0o7777)
+		}
+		if dir == "/" {
+			return nil
+		}
+	}
 }
 
 func runScript(ctx context.Context, what, path string, mounts []string) error {

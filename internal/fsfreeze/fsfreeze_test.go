@@ -451,7 +451,17 @@ func TestCheckScripts(t *testing.T) {
 	if err := os.WriteFile(notExec, []byte("#!/bin/sh\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	for _, p := range []string{owned, inOpen, filepath.Join(dir, "missing"), notExec, dir} {
+	// A link from a root-only place to a script others could change.
+	link := filepath.Join(dir, "link")
+	if err := os.Symlink(inOpen, link); err != nil {
+		t.Fatal(err)
+	}
+	// A name is looked up in PATH, as it is run.
+	t.Setenv("PATH", dir)
+	if err := CheckScripts("good"); err != nil {
+		t.Errorf("a script found in PATH: %v", err)
+	}
+	for _, p := range []string{owned, inOpen, filepath.Join(dir, "missing"), notExec, dir, link, "nowhere"} {
 		if err := CheckScripts(p); err == nil {
 			t.Errorf("CheckScripts(%s) accepted it", p)
 		}

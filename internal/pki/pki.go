@@ -285,8 +285,10 @@ func Load(dir, name string) (*Identity, error) {
 	}
 	certPath := filepath.Join(dir, name+".crt")
 	keyPath := filepath.Join(dir, name+".key")
-	if fi, err := os.Stat(keyPath); err == nil && fi.Mode().Perm()&0o077 != 0 {
-		return nil, fmt.Errorf("pki: %s is readable or writable by others (mode %#o): chmod 600 it", keyPath, fi.Mode().Perm())
+	// Group read is let through (a secret mounted 0640 or 0440 for a
+	// group of its own); anything for others, or group write, is not.
+	if fi, err := os.Stat(keyPath); err == nil && fi.Mode().Perm()&0o027 != 0 {
+		return nil, fmt.Errorf("pki: %s is open to others (mode %#o): chmod 600 it", keyPath, fi.Mode().Perm())
 	}
 	cert, err := tls.LoadX509KeyPair(certPath, keyPath)
 	if err != nil {
