@@ -480,6 +480,10 @@ func (m *machine) fence(err error) {
 		sess.abort(errFenced)
 	}
 	m.kick() // the uploader stops
+	// The replicas and points are the other server's now too.
+	if st, ok := m.s.applier.(interface{ Stop(machine string) }); ok {
+		st.Stop(m.name)
+	}
 }
 
 // isFenced reports whether fence stopped serving the machine.
@@ -789,6 +793,9 @@ func (m *machine) noteMarker(mk wire.Marker) {
 func (m *machine) backlogBytes() int64 {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.fenced {
+		return 0 // never uploaded here: it must not hold other applies back
+	}
 	return m.backlog
 }
 

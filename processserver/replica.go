@@ -39,6 +39,13 @@ type managed struct {
 
 func (a managed) Notify(machine string, seq uint64) { a.mg.Durable(machine, seq) }
 
+// Stop ends machine's applying, if the manager can (applier.Manager).
+func (a managed) Stop(machine string) {
+	if s, ok := a.mg.(interface{ Stop(string) }); ok {
+		s.Stop(machine)
+	}
+}
+
 func (a managed) CompareSums(ctx context.Context, machine string, upTo uint64, s *wire.Sums) (wire.SumsReply, error) {
 	if err := a.mg.WaitApplied(ctx, machine, upTo); err != nil {
 		return wire.SumsReply{}, err

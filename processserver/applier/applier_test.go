@@ -519,6 +519,16 @@ func testManager(t *testing.T, store blobstore.Store) {
 			t.Fatalf("Applied %d, callback %d, want %d", mg.Applied(m.Name), notified.Load(), m.Durable)
 		}
 	}
+	// Stopped (its process server no longer serves the machine), the
+	// machine's loop ends: Wait returns with the Manager's context live.
+	mg.Stop(m.Name)
+	waited := make(chan struct{})
+	go func() { mg.Wait(); close(waited) }()
+	select {
+	case <-waited:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the machine's loop still runs after Stop")
+	}
 }
 
 // TestCrashAnywhere fails one store call of an Apply (before it reaches

@@ -107,6 +107,7 @@ type Manager struct {
 
 type loop struct {
 	notify chan uint64
+	stop   context.CancelFunc
 
 	mu      sync.Mutex
 	applied uint64
@@ -125,13 +126,20 @@ func (mg *Manager) loop(machine string) *loop {
 	defer mg.mu.Unlock()
 	l := mg.loops[machine]
 	if l == nil {
-		l = &loop{notify: make(chan uint64, 1), changed: make(chan struct{})}
+		ctx, stop := context.WithCancel(mg.ctx)
+		l = &loop{notify: make(chan uint64, 1), changed: make(chan struct{}), stop: stop}
 		mg.loops[machine] = l
 		mg.wg.Go(func() {
-			stage.Do(mg.ctx, stage.Apply, func(ctx context.Context) { mg.run(ctx, machine, l) })
+			stage.Do(ctx, stage.Apply, func(ctx context.Context) { mg.run(ctx, machine, l) })
 		})
 	}
 	return l
+}
+
+// Stop ends machine's loop for good (a pass under way is cancelled): the
+// process server no longer serves the machine.
+func (mg *Manager) Stop(machine string) {
+	mg.loop(machine).stop()
 }
 
 func (mg *Manager) run(ctx context.Context, machine string, l *loop) {
