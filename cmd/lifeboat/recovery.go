@@ -77,9 +77,13 @@ AZURE_STORAGE_CONNECTION_STRING; needs no key.`,
 				doc := struct {
 					Machine          string       `json:"machine"`
 					Points           []pointJSON  `json:"points"`
-					RecoverableUntil string       `json:"recoverable_until"`
+					RecoverableUntil *string      `json:"recoverable_until"` // null: nothing recoverable yet
 					Gaps             []layout.Gap `json:"gaps,omitempty"`
-				}{Machine: machine, Points: []pointJSON{}, RecoverableUntil: formatTime(until), Gaps: man.Gaps}
+				}{Machine: machine, Points: []pointJSON{}, Gaps: man.Gaps}
+				if !until.IsZero() {
+					u := formatTime(until)
+					doc.RecoverableUntil = &u
+				}
 				for _, p := range points {
 					pj := pointJSON{Kind: p.Kind, Time: formatTime(p.Time), Seq: p.Seq, ID: p.ID}
 					for _, d := range man.Disks { // the manifest's order, not a map's
