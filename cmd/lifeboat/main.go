@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+
+	"github.com/lifeboat-dr/lifeboat/internal/recovery"
 )
 
 func main() {
@@ -40,16 +42,31 @@ func main() {
 	}()
 	if err := root.ExecuteContext(ctx); err != nil {
 		fmt.Fprintln(os.Stderr, "lifeboat:", err)
-		if errors.Is(err, errInterrupted) {
-			os.Exit(130) // stopped by a signal before it was done, as shells report it
-		}
-		os.Exit(1)
+		os.Exit(exitCode(err))
 	}
 }
 
 // errInterrupted marks a command a signal stopped before it was done
 // (exit status 130).
 var errInterrupted = errors.New("interrupted")
+
+// exitCode tells runbooks apart what they act on differently (README,
+// Replication to Azure): 130 interrupted, 3 the point is not recoverable,
+// 4 the recovery key is not this machine's, 5 the account's data failed
+// verification, 1 anything else.
+func exitCode(err error) int {
+	switch {
+	case errors.Is(err, errInterrupted):
+		return 130 // as shells report a process a signal stopped
+	case errors.Is(err, recovery.ErrWrongRecoveryKey):
+		return 4
+	case errors.Is(err, recovery.ErrTampered):
+		return 5
+	case errors.Is(err, recovery.ErrOutOfRange):
+		return 3
+	}
+	return 1
+}
 
 func logger(verbose bool) *slog.Logger {
 	level := slog.LevelInfo

@@ -2,10 +2,13 @@ package main
 
 import (
 	"bufio"
+	"errors"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
 
+	"github.com/lifeboat-dr/lifeboat/internal/recovery"
 	"github.com/lifeboat-dr/lifeboat/internal/testenv"
 )
 
@@ -94,5 +97,22 @@ func TestAgentReleaseSaysWhatItDid(t *testing.T) {
 	out, _, err = runCmd(t, agentCmd(&verbose), "release", "--state-dir", dir, "--name", "web1")
 	if err != nil || !strings.Contains(out, "nothing was pinned for machine web1") {
 		t.Errorf("release --name of an unused state directory: %q, %v", out, err)
+	}
+}
+
+func TestExitCodes(t *testing.T) {
+	for _, c := range []struct {
+		err  error
+		want int
+	}{
+		{errors.New("x"), 1},
+		{fmt.Errorf("%w: recovery stopped", errInterrupted), 130},
+		{fmt.Errorf("at 7: %w", recovery.ErrOutOfRange), 3},
+		{fmt.Errorf("key: %w (%w)", recovery.ErrWrongRecoveryKey, recovery.ErrTampered), 4},
+		{fmt.Errorf("segment: %w", recovery.ErrTampered), 5},
+	} {
+		if got := exitCode(c.err); got != c.want {
+			t.Errorf("exitCode(%v) = %d, want %d", c.err, got, c.want)
+		}
 	}
 }
