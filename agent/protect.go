@@ -577,6 +577,11 @@ func saveJSON(path string, v any) error {
 // agent` left pinned for machine and forgets that the stop was clean (the
 // next run resyncs by checksum).
 func ReleaseMachine(stateDir, machine string) error {
+	// As the agent checks it: a name with a slash would reach outside the
+	// machines' directory.
+	if err := layout.CheckName("machine name", machine); err != nil {
+		return err
+	}
 	dir := MachineDir(stateDir, machine)
 	return release(dir, func() error {
 		path := filepath.Join(dir, protectStateFile)

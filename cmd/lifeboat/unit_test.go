@@ -85,6 +85,15 @@ func TestFlagValuesRefused(t *testing.T) {
 	}
 }
 
+// agent release refuses a machine name the agent itself would refuse.
+func TestAgentReleaseRefusesBadName(t *testing.T) {
+	testenv.RequireRoot(t)
+	var verbose bool
+	if _, _, err := runCmd(t, agentCmd(&verbose), "release", "--state-dir", t.TempDir(), "--name", "web/01"); err == nil || !strings.Contains(err.Error(), "without slashes") {
+		t.Errorf("release --name web/01: %v", err)
+	}
+}
+
 // agent release says what it released, and what to add when nothing was.
 func TestAgentReleaseSaysWhatItDid(t *testing.T) {
 	testenv.RequireRoot(t)

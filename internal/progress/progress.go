@@ -43,7 +43,8 @@ type Bar struct {
 	done atomic.Int64
 	// nextRender is the clock reading (ns since start) or, on a
 	// non-terminal with a known total, the byte count at which Add should
-	// next try to render. It keeps the common Add to two atomic ops.
+	// next try to render. It keeps the common Add to two atomic ops and,
+	// on a non-terminal with a total, a clock read (the heartbeat).
 	nextRender atomic.Int64
 	// heartbeat: on a non-terminal with a known total, the clock reading
 	// (ns since start) at which Add renders even within a 10% step.
