@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -150,7 +149,10 @@ func fio(t *testing.T, dev string, extra ...string) {
 // trims: the way a filesystem user churns a disk.
 func fileWorkload(t *testing.T, mnt string, seed uint64) {
 	t.Helper()
-	src := filepath.Join(runtime.GOROOT(), "src", "net") // ~10 MB of small files, on every machine with Go
+	src, err := testenv.GoSource("src/net") // ~10 MB of small files, on every machine with Go
+	if err != nil {
+		t.Fatal(err)
+	}
 	run(t, "cp", "-r", src, filepath.Join(mnt, "tree"))
 	rng := rand.New(rand.NewPCG(seed, 1))
 	for i := range 8 {

@@ -554,13 +554,15 @@ func saveJSON(path string, v any) error {
 	if err != nil {
 		return fmt.Errorf("save state: %w", err)
 	}
-	if _, err := f.Write(b); err == nil {
+	_, err = f.Write(b)
+	if err == nil {
 		err = f.Sync()
 	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
 	if err != nil {
+		os.Remove(tmp)
 		return fmt.Errorf("save state: %w", err)
 	}
 	if err := os.Rename(tmp, path); err != nil {

@@ -17,7 +17,6 @@ import (
 	"os/signal"
 	"path/filepath"
 	"regexp"
-	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -597,7 +596,10 @@ type writtenFile struct {
 // keeps the names of several phases apart. It returns the random files
 // that remain.
 func fileWorkload(mnt, tag string, seed uint64, files int) ([]writtenFile, error) {
-	src := filepath.Join(runtime.GOROOT(), "src", "net")
+	src, err := testenv.GoSource("src/net")
+	if err != nil {
+		return nil, err
+	}
 	tree := filepath.Join(mnt, "tree-"+tag)
 	if err := os.CopyFS(tree, os.DirFS(src)); err != nil {
 		return nil, fmt.Errorf("copy %s: %w", src, err)

@@ -186,7 +186,6 @@ type agent struct {
 	w      *wire.Writer
 	frames chan frame
 	sent   []byte // every Batch and Marker frame sent, as AppendFrame
-	seq    uint64
 }
 
 type frame struct {

@@ -32,13 +32,6 @@ type segMeta struct {
 	run wire.RunID
 }
 
-func (m *segMeta) record(seq uint64) {
-	if m.first == 0 {
-		m.first = seq
-	}
-	m.last = seq
-}
-
 func (m *segMeta) marker(k wire.MarkerKind, nanos int64) {
 	if m.firstTime == 0 {
 		m.firstTime = nanos

@@ -8,7 +8,7 @@ import (
 // A swept write to a whole disk is read back where it overlaps the
 // protected partitions, in partition-relative bytes, clipped at their ends.
 func TestDiskOverlaps(t *testing.T) {
-	const disk = 7<<20 | 0
+	const disk = 7 << 20 // minor 0
 	c := &Capture{devices: []Device{
 		{ID: 0, KernelDev: 7<<20 | 1, Disk: disk, Start: 2048, Size: 100 << 20},    // sectors [2048, 206848)
 		{ID: 1, KernelDev: 7<<20 | 2, Disk: disk, Start: 206848, Size: 50 << 20},   // [206848, 309248)

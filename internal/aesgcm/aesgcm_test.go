@@ -72,9 +72,7 @@ func TestSealMatchesCryptoCipher(t *testing.T) {
 	for n := 0; n <= 2100; n++ {
 		lengths = append(lengths, n)
 	}
-	for _, n := range []int{4096, 65536 - 1, 65536, 65536 + 17, 1 << 20, 8<<20 + 36} {
-		lengths = append(lengths, n)
-	}
+	lengths = append(lengths, 4096, 65536-1, 65536, 65536+17, 1<<20, 8<<20+36)
 	for _, n := range lengths {
 		for _, adLen := range []int{0, 13, 16, 36 + 40} {
 			plain := make([]byte, n)

@@ -274,9 +274,6 @@ func (b *Bitmap) nextSetBefore(i, end uint64) uint64 {
 	return min(wi*64+uint64(bits.TrailingZeros64(w)), end)
 }
 
-// nextClear returns the first clean block >= i, or Blocks() if none.
-func (b *Bitmap) nextClear(i uint64) uint64 { return b.nextClearBefore(i, b.blocks) }
-
 // nextClearBefore returns the first clean block in [i, end), or end if
 // none; it reads no word past end's. end must not exceed Blocks().
 func (b *Bitmap) nextClearBefore(i, end uint64) uint64 {

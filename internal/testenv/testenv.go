@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"testing"
 )
 
@@ -57,4 +58,19 @@ func unmet(t testing.TB, why string) {
 		t.Fatalf("%s; CI=true so this must run", why)
 	}
 	t.Skipf("%s; skipping (with CI=true this would fail)", why)
+}
+
+// GoSource returns a directory of the Go source tree (e.g. "src/net"),
+// which every machine that runs the tests has: a tree of small files for
+// file system workloads. It asks `go env GOROOT` (runtime.GOROOT is
+// deprecated) and falls back to GOROOT from the environment.
+func GoSource(rel string) (string, error) {
+	root := os.Getenv("GOROOT")
+	if out, err := exec.Command("go", "env", "GOROOT").Output(); err == nil && len(out) > 1 {
+		root = string(out[:len(out)-1])
+	}
+	if root == "" {
+		return "", fmt.Errorf("testenv: no Go tree found (go env GOROOT failed and GOROOT is unset)")
+	}
+	return filepath.Join(root, rel), nil
 }
