@@ -44,7 +44,7 @@ endef
 # test's prerequisites must run in order.
 .NOTPARALLEL:
 
-.PHONY: help build test tools bpffs demo demo-mirror generate check-generated bench bench-pipeline fmt fmt-check vet fuzz clean
+.PHONY: help build test tools bpffs demo demo-mirror generate check-generated bench bench-pipeline fmt fmt-check vet lint fuzz clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -52,7 +52,7 @@ help: ## list the targets
 build: ## build bin/lifeboat
 	$(GO) build -o $(BIN) ./cmd/lifeboat
 
-test: tools bpffs check-generated vet fmt-check ## everything CI runs: tools, generated-code check, vet, gofmt, all tests (as root)
+test: tools bpffs check-generated vet lint fmt-check ## everything CI runs: tools, generated-code check, vet, staticcheck, gofmt, all tests (as root)
 	@echo "==> go test ./..."
 	$(GO) test -count=1 -timeout 30m ./...
 	@echo "==> go test -race (lock-free and concurrent packages)"
@@ -103,6 +103,10 @@ fmt-check:
 vet: ## go vet ./...
 	@echo "==> go vet ./..."
 	$(GO) vet ./...
+
+lint: ## staticcheck ./... (pinned as a tool in go.mod)
+	@echo "==> staticcheck ./..."
+	$(GO) tool staticcheck ./...
 
 fuzz: ## run each fuzz target for FUZZTIME (default 20s)
 	@set -e; for t in $(FUZZ_TARGETS); do \
