@@ -75,6 +75,10 @@ type Result struct {
 // before anything is written; a point outside the retention window with
 // ErrOutOfRange.
 func Recover(ctx context.Context, store blobstore.Store, req Request, to io.WriterAt) (Result, error) {
+	if req.Progress != nil {
+		// Listing a day's journal takes a while before anything else shows.
+		fmt.Fprintf(req.Progress, "reading the manifest and journal of machine %s\n", req.Machine)
+	}
 	st, err := loadState(ctx, store, req.Machine)
 	if err != nil {
 		return Result{}, err
