@@ -136,17 +136,9 @@ func (m *machine) ensureLoaded(ctx context.Context) error {
 		return nil
 	}
 	man := layout.Manifest{Version: layout.ManifestVersion, Machine: m.name}
-	// Its ETag before its content: a write in between makes this
-	// server's first write fail, rather than erase it.
-	etag := ""
-	info, err := m.s.store.Stat(ctx, layout.ManifestName(m.name))
-	switch {
-	case err == nil:
-		etag = info.ETag
-	case !blobstore.IsNotFound(err):
-		return fmt.Errorf("read manifest of %s: %w", m.name, err)
-	}
-	raw, err := m.s.store.GetBlob(ctx, layout.ManifestName(m.name))
+	// With its ETag no newer than the content: a write in between makes
+	// this server's first write fail, rather than erase it.
+	raw, etag, err := blobstore.ReadBack(ctx, m.s.store, layout.ManifestName(m.name))
 	switch {
 	case blobstore.IsNotFound(err):
 		// A new journal: all of it is kept so far. Recorded (and sealed),
@@ -437,23 +429,17 @@ const maxUnsure = 64
 // A manifest that cannot be read back now is no proof of another writer:
 // the error returned then does not fence. manMu is held.
 func (m *machine) ownConflict(ctx context.Context, name string, raw []byte, err error) (string, error) {
-	// Its ETag before its content: content read after is of that
-	// version or newer, and so can be matched to it.
-	info, serr := m.s.store.Stat(ctx, name)
-	if serr != nil {
-		return "", fmt.Errorf("manifest changed since this server last wrote it, and reading it back failed: %w", serr)
-	}
-	got, gerr := m.s.store.GetBlob(ctx, name)
-	if gerr != nil {
-		return "", fmt.Errorf("manifest changed since this server last wrote it, and reading it back failed: %w", gerr)
+	got, etag, rerr := blobstore.ReadBack(ctx, m.s.store, name)
+	if rerr != nil {
+		return "", fmt.Errorf("manifest changed since this server last wrote it, and reading it back failed: %w", rerr)
 	}
 	if bytes.Equal(got, raw) {
-		return info.ETag, nil
+		return etag, nil
 	}
 	for _, u := range m.unsure {
 		if bytes.Equal(got, u) {
-			m.etag = info.ETag // ours after all: the next write goes on from it
-			return m.s.store.PutBlobIf(ctx, name, raw, nil, info.ETag)
+			m.etag = etag // ours after all: the next write goes on from it
+			return m.s.store.PutBlobIf(ctx, name, raw, nil, etag)
 		}
 	}
 	return "", err

@@ -180,25 +180,34 @@ func (r *retryStore) PutBlobIf(ctx context.Context, name string, data []byte, md
 	if attempts == 1 || !errors.Is(err, ErrConflict) {
 		return etag, err
 	}
-	// Stat first: content read after it is of that version or newer, so
-	// data found there was written no earlier than the ETag (ours, as no
-	// one else writes it).
 	// A read-back that fails proves no conflict: the error says so
 	// without wrapping ErrConflict.
-	info, serr := r.Stat(ctx, name)
-	if serr != nil {
-		return "", fmt.Errorf("put-blob-if %s: conflict after a failed attempt, which may have succeeded; reading it back failed: %w", name, serr)
-	}
-	got, gerr := r.GetBlob(ctx, name)
-	if gerr != nil {
-		return "", fmt.Errorf("put-blob-if %s: conflict after a failed attempt, which may have succeeded; reading it back failed: %w", name, gerr)
+	got, etagNow, rerr := ReadBack(ctx, r, name)
+	if rerr != nil {
+		return "", fmt.Errorf("put-blob-if %s: conflict after a failed attempt, which may have succeeded; reading it back failed: %w", name, rerr)
 	}
 	if !bytes.Equal(got, data) {
 		return "", err
 	}
 	r.cfg.Logger.LogAttrs(ctx, slog.LevelInfo, "blobstore: conditional put found done by an earlier attempt",
 		slog.String(logKeyOp, "put-blob-if"), slog.String(logKeyBlob, name), slog.Int(logKeyAttempt, attempts))
-	return info.ETag, nil
+	return etagNow, nil
+}
+
+// ReadBack returns blob name's content and an ETag no newer than it: the
+// ETag is read first, so content equal to a write of the reader's shows
+// that write landed, at that ETag or before a later one (a conditional
+// write on it then fails safe).
+func ReadBack(ctx context.Context, s Store, name string) (data []byte, etag string, err error) {
+	info, err := s.Stat(ctx, name)
+	if err != nil {
+		return nil, "", err
+	}
+	data, err = s.GetBlob(ctx, name)
+	if err != nil {
+		return nil, "", err
+	}
+	return data, info.ETag, nil
 }
 
 func (r *retryStore) GetBlob(ctx context.Context, name string) ([]byte, error) {

@@ -1242,16 +1242,12 @@ func (c *Cache) ShortOfShards() (bool, error) {
 	}
 	for _, st := range streams {
 		counts := map[string]int{}
-		for _, d := range c.dirs {
-			entries, err := c.fs.ReadDir(filepath.Join(d, st))
-			if err != nil && !errors.Is(err, fs.ErrNotExist) {
-				return false, fmt.Errorf("cache: list %s: %w", filepath.Join(d, st), err)
+		if err := c.eachDir(st, true, func(name string, isDir bool) {
+			if !isDir && strings.HasSuffix(name, shardExt) {
+				counts[name]++
 			}
-			for _, e := range entries {
-				if !e.IsDir() && strings.HasSuffix(e.Name(), shardExt) {
-					counts[e.Name()]++
-				}
-			}
+		}); err != nil {
+			return false, fmt.Errorf("cache: list %s: %w", st, err)
 		}
 		for _, n := range counts {
 			if n < len(c.dirs) {
