@@ -187,14 +187,10 @@ func TestCorruptFrame(t *testing.T) {
 	if err := a.w.WriteRaw(f); err != nil {
 		t.Fatal(err)
 	}
-	var got frame
-	for got = a.next(10 * time.Second); got.err == nil && got.typ != wire.TypeError; got = a.next(10 * time.Second) {
+	if we := errorFrame(t, a); we.Code != wire.CodeProtocol {
+		t.Fatalf("want a protocol Error frame, got %+v", we)
 	}
-	var we wire.Error
-	if got.err != nil || we.UnmarshalBinary(got.payload) != nil || we.Code != wire.CodeProtocol {
-		t.Fatalf("want a protocol Error frame, got %s %v", got.typ, got.err)
-	}
-	if got = a.next(10 * time.Second); got.err == nil {
+	if got := a.next(10 * time.Second); got.err == nil {
 		t.Fatalf("connection still open after the error: %s", got.typ)
 	}
 	if !strings.Contains(e.logs.String(), "corrupt frame from agent m1: wire: corrupt frame: crc mismatch") ||
@@ -230,14 +226,10 @@ func TestTamperedRecord(t *testing.T) {
 	good := bytes.Clone(a.sent)
 	tc.armed.Store(true)
 	a.batch(5, 4)
-	var got frame
-	for got = a.next(10 * time.Second); got.err == nil && got.typ != wire.TypeError; got = a.next(10 * time.Second) {
+	if we := errorFrame(t, a); we.Code != wire.CodeInternal || !strings.Contains(we.Message, "authentication") {
+		t.Fatalf("want a retryable Error frame naming the failed authentication, got %+v", we)
 	}
-	var we wire.Error
-	if got.err != nil || we.UnmarshalBinary(got.payload) != nil || we.Code != wire.CodeInternal || !strings.Contains(we.Message, "authentication") {
-		t.Fatalf("want a retryable Error frame naming the failed authentication, got %s %v %+v", got.typ, got.err, we)
-	}
-	if got = a.next(10 * time.Second); got.err == nil {
+	if got := a.next(10 * time.Second); got.err == nil {
 		t.Fatalf("connection still open after the error: %s", got.typ)
 	}
 	if !strings.Contains(e.logs.String(), "damaged record from agent m1: channel: record failed authentication") {
