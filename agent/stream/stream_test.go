@@ -353,11 +353,23 @@ func TestClosedWindowBlocksWriteAt(t *testing.T) {
 		}
 		done <- nil
 	}()
-	time.Sleep(300 * time.Millisecond)
-	stalled := written.Load()
-	time.Sleep(200 * time.Millisecond)
-	if w := written.Load(); w != stalled || w >= int64(len(data)) {
-		t.Fatalf("WriteAt did not block with the window closed: %d bytes accepted, then %d", stalled, w)
+	// The writer has stalled once the count holds still for half a second
+	// (waited for, not slept on: a loaded CI host may not even have started
+	// it after 300 ms); a writer that never blocks reaches the end instead.
+	stalled, still := int64(-1), 0
+	for deadline := time.Now().Add(10 * time.Second); still < 10; {
+		if time.Now().After(deadline) {
+			t.Fatalf("WriteAt never settled with the window closed: %d bytes accepted so far", written.Load())
+		}
+		time.Sleep(50 * time.Millisecond)
+		if w := written.Load(); w == stalled {
+			still++
+		} else {
+			stalled, still = w, 0
+		}
+	}
+	if stalled >= int64(len(data)) {
+		t.Fatalf("WriteAt did not block with the window closed: all %d bytes accepted", stalled)
 	}
 	if stalled > 3<<20 {
 		t.Fatalf("%d bytes accepted with a 2 MiB buffer", stalled)
