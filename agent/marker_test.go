@@ -81,7 +81,7 @@ func TestMarkerHoldsMetadataWritesBeforeItsRecords(t *testing.T) {
 		e.cap.MarkBytes(0, 12*capture.BlockSize, 1) // x must drain for the point
 	}
 	tgt.mu.Unlock()
-	markerThenStop(t, fy, blk, y0, hooked, r.cancel, r.done)
+	markerThenStop(t, tgt, fy, blk, y0, hooked, r.cancel, r.done)
 	tgt.mu.Lock()
 	defer tgt.mu.Unlock()
 	// The marker right after B must not come before A.
@@ -132,7 +132,7 @@ func TestMarkerDatedBeforeItsQuiesce(t *testing.T) {
 		cDone = time.Now()
 	}
 	tgt.mu.Unlock()
-	markerThenStop(t, fy, blk, y0, hooked, r.cancel, r.done)
+	markerThenStop(t, tgt, fy, blk, y0, hooked, r.cancel, r.done)
 	tgt.mu.Lock()
 	defer tgt.mu.Unlock()
 	iY, iC := -1, -1
@@ -208,10 +208,23 @@ func newMarkerRig(t *testing.T, tgt Target, opts ...func(*Options)) *markerRig {
 	return r
 }
 
+// markerCount is how many markers the target was handed.
+func (t *eventTarget) markerCount() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	n := 0
+	for _, ev := range t.events {
+		if ev.marker {
+			n++
+		}
+	}
+	return n
+}
+
 // markerThenStop writes blk at y0 on the metadata device for a marker to
-// read back, waits until one has (hooked), lets that marker and the next
-// go out, then stops the engine (cancel) and checks its end (done).
-func markerThenStop(t *testing.T, fy *os.File, blk []byte, y0 int64, hooked <-chan struct{}, cancel func(), done <-chan error) {
+// read back, waits until one has (hooked), waits for that marker and the
+// next to go out, then stops the engine (cancel) and checks its end (done).
+func markerThenStop(t *testing.T, tgt interface{ markerCount() int }, fy *os.File, blk []byte, y0 int64, hooked <-chan struct{}, cancel func(), done <-chan error) {
 	t.Helper()
 	if _, err := fy.WriteAt(blk, y0); err != nil {
 		t.Fatal(err)
@@ -221,7 +234,11 @@ func markerThenStop(t *testing.T, fy *os.File, blk []byte, y0 int64, hooked <-ch
 	case <-time.After(10 * time.Second):
 		t.Fatal("no marker read the metadata device back")
 	}
-	time.Sleep(time.Second)
+	for n, deadline := tgt.markerCount(), time.Now().Add(30*time.Second); tgt.markerCount() < n+2; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d markers handed over in 30 s after the hooked read-back, want 2", tgt.markerCount()-n)
+		}
+	}
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatal(err)
@@ -265,7 +282,7 @@ func TestNoMarkerWhileResyncPending(t *testing.T) {
 		e.RequestSync(0, SyncCompare) // inside the marker, after the loop took requests
 	}
 	tgt.mu.Unlock()
-	markerThenStop(t, r.fy, r.blk, 3*capture.BlockSize, hooked, r.cancel, r.done)
+	markerThenStop(t, tgt, r.fy, r.blk, 3*capture.BlockSize, hooked, r.cancel, r.done)
 	tgt.mu.Lock()
 	defer tgt.mu.Unlock()
 	for i, p := range tgt.pending {

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -330,7 +331,7 @@ func TestMirrorWritesDuringInitialCopy(t *testing.T) {
 	run(t, "dd", "if=/dev/urandom", "of="+d.Path, "bs=1M", "count=64", "oflag=direct", "status=none")
 	// --thread: all of fio is one process, so nothing outlives it.
 	fioCmd := exec.Command("fio", "--name=bg", "--thread", "--filename="+d.Path, "--direct=1", "--ioengine=libaio",
-		"--rw=randwrite", "--bsrange=512-64k", "--serialize_overlap=1", "--iodepth=8", "--time_based", "--runtime=4", "--size=100%", "--rate=60m")
+		"--rw=randwrite", "--bsrange=512-64k", "--serialize_overlap=1", "--iodepth=8", "--time_based", "--runtime=600", "--size=100%", "--rate=60m")
 	if err := fioCmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -344,15 +345,15 @@ func TestMirrorWritesDuringInitialCopy(t *testing.T) {
 	time.Sleep(300 * time.Millisecond)
 	mirror := filepath.Join(t.TempDir(), "mirror.img")
 	r := startMirror(t, d.Path, mirror, runOpts{})
+	// fio runs until told to stop (however slow the host makes the
+	// copy), and a while past the copy's end.
 	select {
 	case <-fioDone:
-		t.Fatal("fio ended before the initial copy did: the test proves nothing")
-	default:
+		t.Fatalf("fio ended before the initial copy did (%v): the test proves nothing", fioErr)
+	case <-time.After(500 * time.Millisecond):
 	}
+	fioCmd.Process.Signal(syscall.SIGTERM)
 	<-fioDone
-	if fioErr != nil {
-		t.Fatalf("fio: %v", fioErr)
-	}
 	s := r.stop()
 	if s.Applied == 0 && s.BlocksReread <= uint64(512<<20/4096) {
 		t.Error("nothing was captured while fio was writing")
@@ -548,13 +549,33 @@ func TestMirrorMarkers(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	var stats Stats
+	synced := make(chan struct{})
 	go func() {
 		done <- RunMirror(ctx, MirrorConfig{Device: d.Path, To: mirror, RingBytes: 16 << 20, StateDir: stateDir,
-			CrashInterval: 100 * time.Millisecond, AppInterval: 300 * time.Millisecond, Stats: &stats})
+			CrashInterval: 100 * time.Millisecond, AppInterval: 300 * time.Millisecond, Stats: &stats,
+			OnSynced: func() { close(synced) }})
 	}()
+	select {
+	case <-synced:
+	case err := <-done:
+		t.Fatalf("agent stopped before the initial copy: %v", err)
+	case <-time.After(2 * time.Minute):
+		t.Fatal("initial copy did not finish in 2 minutes")
+	}
 	for i := range 10 {
 		os.WriteFile(filepath.Join(mnt, fmt.Sprintf("f%d", i)), bytes.Repeat([]byte{byte(i)}, 1<<20), 0o644)
 		time.Sleep(100 * time.Millisecond)
+	}
+	// Both kinds of marker, however slow the host (waited for, not timed).
+	markers := filepath.Join(stateDir, "markers.jsonl")
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(50 * time.Millisecond) {
+		b, _ := os.ReadFile(markers)
+		if strings.Contains(string(b), `"kind":"app"`) && strings.Contains(string(b), `"kind":"crash"`) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no app and crash markers in %s after a minute:\n%s", markers, b)
+		}
 	}
 	if err := loopdev.Unmount(mnt); err != nil {
 		t.Fatal(err)

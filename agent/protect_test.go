@@ -25,6 +25,7 @@ type protectRun struct {
 	cancel  context.CancelFunc
 	done    chan error
 	stopped bool
+	synced  time.Time // when the initial sync ended, taken in OnSynced
 	stats   ProtectStats
 	out     bytes.Buffer
 }
@@ -34,7 +35,7 @@ func startProtect(t *testing.T, cfg ProtectConfig) *protectRun {
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &protectRun{t: t, cancel: cancel, done: make(chan error, 1)}
 	synced := make(chan struct{})
-	cfg.Out, cfg.Stats, cfg.OnSynced = &r.out, &r.stats, func() { close(synced) }
+	cfg.Out, cfg.Stats, cfg.OnSynced = &r.out, &r.stats, func() { r.synced = time.Now(); close(synced) }
 	go func() { r.done <- RunProtect(ctx, cfg) }()
 	t.Cleanup(func() { // a failed test must not leave the device open
 		if !r.stopped {
@@ -117,9 +118,8 @@ func TestProtectLoopDevice(t *testing.T) {
 	}
 
 	r := startProtect(t, cfg)
-	synced := time.Now()
 	for _, m := range srv.Markers() {
-		if m.At.Before(synced.Add(-50 * time.Millisecond)) {
+		if m.At.Before(r.synced.Add(-50 * time.Millisecond)) {
 			t.Fatalf("time marker %+v sent during the initial sync", m.Marker)
 		}
 	}

@@ -215,7 +215,7 @@ type markerTarget struct {
 	mu        sync.Mutex
 	synced    bool
 	delivered time.Time
-	markers   []time.Time
+	markers   [][2]time.Time // the marker's own time, when it was handed over
 }
 
 func (m *markerTarget) WriteAt(dev int, p []byte, off int64) error {
@@ -229,7 +229,7 @@ func (m *markerTarget) WriteAt(dev int, p []byte, off int64) error {
 
 func (m *markerTarget) Marker(mk Marker) error {
 	m.mu.Lock()
-	m.markers = append(m.markers, time.Now())
+	m.markers = append(m.markers, [2]time.Time{mk.Time, time.Now()})
 	m.mu.Unlock()
 	return m.fileTarget.Marker(mk)
 }
@@ -260,7 +260,24 @@ func TestCrashMarkerHoldsMarks(t *testing.T) {
 	time.Sleep(50 * time.Millisecond)
 	marked := time.Now()
 	e.cap.MarkBytes(0, off, capture.BlockSize)
-	time.Sleep(markDrainInterval + 100*time.Millisecond)
+	// Markers dated after the mark (their quiesce began after it) must
+	// hold the marked block: wait for one, then for the drain, however
+	// slow the host.
+	after := func() (n int) {
+		tgt.mu.Lock()
+		defer tgt.mu.Unlock()
+		for _, m := range tgt.markers {
+			if m[0].After(marked) {
+				n++
+			}
+		}
+		return n
+	}
+	for deadline := time.Now().Add(30 * time.Second); after() == 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("no crash marker dated after the mark in 30 s")
+		}
+	}
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatal(err)
@@ -270,17 +287,10 @@ func TestCrashMarkerHoldsMarks(t *testing.T) {
 	if tgt.delivered.IsZero() {
 		t.Fatal("the marked block was never read back")
 	}
-	n := 0
-	for _, at := range tgt.markers {
-		if at.After(marked) {
-			n++
-			if at.Before(tgt.delivered) {
-				t.Fatalf("crash marker at %v, before the marked block was read back at %v", at, tgt.delivered)
-			}
+	for _, m := range tgt.markers {
+		if m[0].After(marked) && m[1].Before(tgt.delivered) {
+			t.Fatalf("crash marker dated %v, after the mark, handed over at %v, before the marked block was read back at %v", m[0], m[1], tgt.delivered)
 		}
-	}
-	if n == 0 {
-		t.Fatal("no crash marker after the mark")
 	}
 	if err := e.Close(); err != nil {
 		t.Fatal(err)

@@ -58,7 +58,7 @@ func TestForeignBelowNextSeqUnsentRecordsNotAcked(t *testing.T) {
 		t.Fatal(err)
 	}
 	srv.SetWindow(0)
-	time.Sleep(20 * time.Millisecond)
+	waitFor(t, "the closed window", func() bool { return tg.Stats().Window == 0 })
 	for i := range 10 { // seq 2..11, never sent
 		b := make([]byte, 4096)
 		b[0] = 0xAA
