@@ -19,19 +19,8 @@ import (
 )
 
 func main() {
-	root := &cobra.Command{
-		Use:           "lifeboat",
-		Short:         "Disaster-recovery replication of Linux block devices",
-		SilenceUsage:  true,
-		SilenceErrors: true,
-	}
 	var verbose bool
-	root.PersistentFlags().BoolVarP(&verbose, "verbose", "v", false, "debug logging")
-	root.AddCommand(agentCmd(&verbose), benchCmd(&verbose))
-	root.AddCommand(processServerCmd(&verbose))
-	root.AddCommand(pkiCmd())
-	root.AddCommand(keysCmd())
-	root.AddCommand(pointsCmd(&verbose), recoverCmd(&verbose))
+	root := newRoot(&verbose)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	go func() {
@@ -40,10 +29,54 @@ func main() {
 		<-ctx.Done()
 		stop()
 	}()
-	if err := root.ExecuteContext(ctx); err != nil {
+	if err := execute(ctx, root); err != nil {
 		fmt.Fprintln(os.Stderr, "lifeboat:", err)
 		os.Exit(exitCode(err))
 	}
+}
+
+func newRoot(verbose *bool) *cobra.Command {
+	root := &cobra.Command{
+		Use:           "lifeboat",
+		Short:         "Disaster-recovery replication of Linux block devices",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.PersistentFlags().BoolVarP(verbose, "verbose", "v", false, "debug logging")
+	root.AddCommand(agentCmd(verbose), benchCmd(verbose))
+	root.AddCommand(processServerCmd(verbose))
+	root.AddCommand(pkiCmd())
+	root.AddCommand(keysCmd())
+	root.AddCommand(pointsCmd(verbose), recoverCmd(verbose))
+	return root
+}
+
+// usageError is a command line cobra refused before running anything
+// (an unknown command or flag, a missing required flag, a stray
+// argument): exit status 2, as for other Unix commands.
+type usageError struct{ error }
+
+func (e usageError) Unwrap() error { return e.error }
+
+// execute runs root, telling a refused command line from a failed run.
+func execute(ctx context.Context, root *cobra.Command) error {
+	// Cobra validates flags and arguments before it calls RunE.
+	ran := false
+	var wrap func(*cobra.Command)
+	wrap = func(c *cobra.Command) {
+		if run := c.RunE; run != nil {
+			c.RunE = func(c *cobra.Command, args []string) error { ran = true; return run(c, args) }
+		}
+		for _, sub := range c.Commands() {
+			wrap(sub)
+		}
+	}
+	wrap(root)
+	cmd, err := root.ExecuteContextC(ctx)
+	if err != nil && !ran {
+		return usageError{fmt.Errorf("%w (see %s --help)", err, cmd.CommandPath())}
+	}
+	return err
 }
 
 // errInterrupted marks a command a signal stopped before it was done
@@ -53,9 +86,11 @@ var errInterrupted = errors.New("interrupted")
 // exitCode tells runbooks apart what they act on differently (README,
 // Replication to Azure): 130 interrupted, 3 the point is not recoverable,
 // 4 the recovery key is not this machine's, 5 the account's data failed
-// verification, 1 anything else.
+// verification, 2 a refused command line, 1 anything else.
 func exitCode(err error) int {
 	switch {
+	case errors.As(err, new(usageError)):
+		return 2
 	case errors.Is(err, errInterrupted):
 		return 130 // as shells report a process a signal stopped
 	case errors.Is(err, recovery.ErrWrongRecoveryKey):

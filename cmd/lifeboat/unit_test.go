@@ -2,8 +2,10 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"strings"
 	"testing"
@@ -122,6 +124,33 @@ func TestExitCodes(t *testing.T) {
 	} {
 		if got := exitCode(c.err); got != c.want {
 			t.Errorf("exitCode(%v) = %d, want %d", c.err, got, c.want)
+		}
+	}
+}
+
+// A command line cobra refuses exits 2 and names the help to read; a
+// command that ran and failed exits 1.
+func TestUsageErrorsExit2(t *testing.T) {
+	dir := t.TempDir()
+	for _, c := range []struct {
+		args []string
+		want int
+		help string
+	}{
+		{[]string{"nosuch"}, 2, "lifeboat --help"},
+		{[]string{"recover", "--bogus"}, 2, "lifeboat recover --help"},
+		{[]string{"pki", "issue", "--dir", dir}, 2, "lifeboat pki issue --help"},
+		{[]string{"keys", "init", "--to", dir + "/k", "stray"}, 2, "lifeboat keys init --help"},
+		{[]string{"pki", "issue", "--dir", dir + "/none", "--name", "a", "--role", "agent"}, 1, ""},
+	} {
+		var verbose bool
+		root := newRoot(&verbose)
+		root.SetArgs(c.args)
+		root.SetOut(io.Discard)
+		root.SetErr(io.Discard)
+		err := execute(context.Background(), root)
+		if got := exitCode(err); got != c.want || err == nil || !strings.Contains(err.Error(), c.help) {
+			t.Errorf("lifeboat %v: exit %d (%v), want %d naming %q", c.args, got, err, c.want, c.help)
 		}
 	}
 }
