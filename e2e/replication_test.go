@@ -20,6 +20,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -199,7 +200,22 @@ func TestRecoverToTimeInTheMiddle(t *testing.T) {
 		t.Fatal(err)
 	}
 	late.Closed = time.Now()
-	time.Sleep(4500 * time.Millisecond) // two app-consistent points
+	// Mounted until an app-consistent point after late.Closed is in the
+	// account (checked below).
+	for deadline := time.Now().Add(time.Minute); ; {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		points, _, err := recovery.Points(ctx, r.store, "m1")
+		cancel()
+		if err == nil && slices.ContainsFunc(points, func(p recovery.Point) bool {
+			return p.Kind == recovery.KindApp && p.Time.After(late.Closed)
+		}) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no app-consistent point after %s a minute later (err %v, %d points)", late.Closed.Format("15:04:05.000"), err, len(points))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 	unmount(t, mnt)
 	done := time.Now()
 	r.waitRecoverable("m1", done.Add(settle), 2*time.Minute)

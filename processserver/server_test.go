@@ -38,7 +38,11 @@ func TestStreamToJournal(t *testing.T) {
 	store := azureStore(t)
 	e := newEnv(t, store, 3)
 	e.segBytes = 64 << 10
-	e.segAge = 200 * time.Millisecond
+	// Long enough that no stall of a loaded host between the frames
+	// below cuts a segment on age before the size or marker cut (the
+	// test counts segments); short enough for the age cut of seq 26 to
+	// come well within waitAck's 30 s.
+	e.segAge = 2 * time.Second
 	s := e.start()
 
 	a := dialAgent(t, e, s, "m1")
@@ -198,13 +202,16 @@ func TestCorruptFrame(t *testing.T) {
 		t.Errorf("log lacks the corrupt-frame error:\n%s", e.logs)
 	}
 	eventually(t, 10*time.Second, "upload", func() bool { return durableSeq(t, store, "m1") >= 4 })
-	time.Sleep(200 * time.Millisecond)
+	// The uploader deletes a segment from the cache after its upload:
+	// once the cache is empty, anything cached (the corrupt frame
+	// included, were it accepted) is in the journal.
+	eventually(t, 10*time.Second, "cache emptied", func() bool {
+		ids, _ := s.cache.List("m1")
+		return len(ids) == 0
+	})
 	plain, _, man := journal(t, store, e.rk, "m1")
 	if !bytes.Equal(plain, a.sent) || man.DurableSeq != 4 {
 		t.Fatalf("journal %d bytes durable_seq %d, want only the good batch", len(plain), man.DurableSeq)
-	}
-	if ids, _ := s.cache.List("m1"); len(ids) != 0 {
-		t.Fatalf("cache holds %v", ids)
 	}
 }
 
@@ -587,10 +594,12 @@ func TestCacheHoldsNoPlaintext(t *testing.T) {
 // one, and resume it once uploads drain.
 func TestPausedAgentNotTimedOut(t *testing.T) {
 	old := idleTimeout
-	idleTimeout = 300 * time.Millisecond
+	// Already in force while pausedAgent sets up (hello, then batch):
+	// long enough that a loaded host does not time that out.
+	idleTimeout = 2 * time.Second
 	t.Cleanup(func() { idleTimeout = old })
 	faulty, a := pausedAgent(t)
-	time.Sleep(5 * idleTimeout) // silent, as a paused agent is
+	time.Sleep(3 * idleTimeout) // silent, as a paused agent is
 	faulty.FailFor(0)
 	a.waitWindow(20*time.Second, DefaultWindow)
 	a.waitAck(a.batch(41, 2))

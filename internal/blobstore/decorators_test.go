@@ -89,7 +89,9 @@ func TestRetryRidesOutOutage(t *testing.T) {
 	if d := time.Since(start); d < 300*time.Millisecond {
 		t.Fatalf("succeeded after %v, during the outage", d)
 	}
-	if f.Failures() < 5 {
+	// About 15 with <= 20 ms backoff on an idle host; a loaded one
+	// may delay the waits, but the call must have been retried.
+	if f.Failures() < 2 {
 		t.Fatalf("only %d failed attempts in a 300 ms outage with <= 20 ms backoff", f.Failures())
 	}
 }
@@ -105,7 +107,9 @@ func TestRetryGivesUpAfterMaxElapsed(t *testing.T) {
 	if !errors.Is(err, blobstoretest.ErrInjected) {
 		t.Fatalf("err = %v, want the last injected error", err)
 	}
-	if d := time.Since(start); d > time.Second || d < 150*time.Millisecond {
+	// The outage lasts an hour: giving up within seconds is MaxElapsed
+	// at work (a loaded host may delay the last attempt).
+	if d := time.Since(start); d > 5*time.Second || d < 150*time.Millisecond {
 		t.Fatalf("gave up after %v, want ~200 ms", d)
 	}
 }
@@ -337,14 +341,14 @@ func TestWriteLimit(t *testing.T) {
 	if d := time.Since(start); d < 60*time.Millisecond {
 		t.Fatalf("512 KiB PutBlob at 4 MiB/s with a 256 KiB burst took %v, want at least 62.5 ms", d)
 	}
-	// Reads are not limited.
+	// Reads are not limited: 20 MiB at 4 MiB/s would take about 5 s.
 	start = time.Now()
 	for range 20 {
 		if err := s.ReadPages(ctx, "d", "", 0, got); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if d := time.Since(start); d > 100*time.Millisecond {
+	if d := time.Since(start); d > 2*time.Second {
 		t.Fatalf("reads were throttled: %v", d)
 	}
 }
