@@ -349,6 +349,8 @@ func (st *state) resolveTime(ctx context.Context, store blobstore.Store, keys se
 	}
 	// Marker times increase with sequence, so the newest segment whose
 	// first marker is not after t holds the last marker at or before t.
+	// Segment metadata is not authenticated: it only picks the segment to
+	// open, which must agree with it (checkMarkerTimes).
 	var dec Decoder
 	for i := len(st.segments) - 1; i >= 0; i-- {
 		s := st.segments[i]
@@ -365,6 +367,9 @@ func (st *state) resolveTime(ctx context.Context, store blobstore.Store, keys se
 		recs, err := dec.Decode(plain)
 		if err != nil {
 			return 0, time.Time{}, fmt.Errorf("journal segment %s: %w", s.Name, err)
+		}
+		if err := checkMarkerTimes(s, recs); err != nil {
+			return 0, time.Time{}, err
 		}
 		for j := range recs {
 			if r := &recs[j]; r.Op == wire.OpMarker {
@@ -385,6 +390,43 @@ func (st *state) resolveTime(ctx context.Context, store blobstore.Store, keys se
 			ErrOutOfRange, t.UTC().Format(time.RFC3339Nano), machine, st.earliestTime().Format(time.RFC3339Nano))
 	}
 	return seq, at, nil
+}
+
+// checkMarkerTimes refuses a segment whose metadata first_time and
+// last_time disagree with the markers sealed inside it (see resolveTime).
+// The process server writes first_time as its first marker's time and
+// last_time as the latest of all its markers' (idle markers it dropped
+// from the content included).
+func checkMarkerTimes(s Segment, recs []wire.Record) error {
+	var first, last int64
+	for i := range recs {
+		if recs[i].Op == wire.OpMarker {
+			n := recs[i].Marker().UnixNano
+			if first == 0 {
+				first = n
+			}
+			last = max(last, n)
+		}
+	}
+	if first != nanos(s.FirstTime) || last > nanos(s.LastTime) {
+		return fmt.Errorf("journal segment %s %w: its metadata says its markers run from %s to %s, its sealed content from %s to %s; recover to a sequence number from `lifeboat points` to go without its times",
+			s.Name, ErrTampered, timeString(nanos(s.FirstTime)), timeString(nanos(s.LastTime)), timeString(first), timeString(last))
+	}
+	return nil
+}
+
+func nanos(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return t.UnixNano()
+}
+
+func timeString(n int64) string {
+	if n == 0 {
+		return "none"
+	}
+	return time.Unix(0, n).UTC().Format(time.RFC3339Nano)
 }
 
 // copySnapshot copies the valid page ranges of a snapshot to to, at most

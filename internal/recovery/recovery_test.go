@@ -346,3 +346,31 @@ func TestManifestOfAnotherMachineRefused(t *testing.T) {
 		t.Fatalf("b's manifest replaced by a's: %v", err)
 	}
 }
+
+// Segment metadata only steers a recovery to a time: a first_time moved
+// earlier, which would make recover resolve the time inside that segment,
+// is found out against the markers sealed in it.
+func TestRecoverToTimeRefusesEditedMarkerTimes(t *testing.T) {
+	m, t0 := journalOnly(t)
+	edited := m.Segments[3] // markers from t0+60 s on
+	b, err := m.Store.GetBlob(context.Background(), edited)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := m.Store.Stat(context.Background(), edited)
+	if err != nil {
+		t.Fatal(err)
+	}
+	at := t0.Add(50 * time.Second) // inside segment 2
+	if _, res, err := recoverBytes(t, m, at.Format(time.RFC3339Nano), m.RecoveryKey); err != nil || res.Time.After(at) || res.Time.Before(t0.Add(40*time.Second)) {
+		t.Fatalf("before the edit: %+v, %v", res, err)
+	}
+	info.Metadata[layout.MetaFirstTime] = strconv.FormatInt(t0.Add(45*time.Second).UnixNano(), 10)
+	if err := m.Store.PutBlob(context.Background(), edited, b, info.Metadata); err != nil {
+		t.Fatal(err)
+	}
+	_, res, err := recoverBytes(t, m, at.Format(time.RFC3339Nano), m.RecoveryKey)
+	if !errors.Is(err, recovery.ErrTampered) || !strings.Contains(err.Error(), edited) {
+		t.Fatalf("after moving %s's first_time earlier: %+v, %v; want ErrTampered naming it", edited, res, err)
+	}
+}
