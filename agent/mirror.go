@@ -59,6 +59,31 @@ type mirrorState struct {
 
 const stateVersion = 1
 
+// checkNotOn refuses a mirror target whose writes reach the source device
+// src (named device): the target's device or file system, or anything
+// below it (blockdev.Overlaps). A character device (/dev/null) writes
+// nowhere.
+func checkNotOn(target string, src blockdev.Dev, device string) error {
+	var at blockdev.Dev
+	fi, err := os.Stat(target)
+	switch {
+	case err == nil && fi.Mode()&os.ModeCharDevice != 0:
+		return nil
+	case err == nil && fi.Mode()&os.ModeDevice != 0:
+		if at, err = blockdev.DevT(target); err != nil {
+			return fmt.Errorf("mirror device: %w", err)
+		}
+	default:
+		if at, err = blockdev.FileSystemDev(target); err != nil {
+			return fmt.Errorf("mirror file: %w", err)
+		}
+	}
+	if via, ok := blockdev.Overlaps(at, src); ok {
+		return fmt.Errorf("mirror %s is stored on %s (through %s): the copy would write to what it copies", target, device, blockdev.Name(via))
+	}
+	return nil
+}
+
 // RunMirror keeps cfg.To equal to cfg.Device until ctx is done.
 func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	log := cfg.Logger
@@ -116,6 +141,13 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 		if tplace.DiskDev == place.DiskDev && t0 < s0+size && s0 < t0+tsize {
 			return fmt.Errorf("mirror device %s overlaps %s on disk %s: the copy would overwrite what it copies", cfg.To, cfg.Device, place.Disk)
 		}
+	}
+	// Nor may the mirror's writes reach the source through the layers
+	// below it: a file on a file system of the source, or a loop or
+	// device-mapper device built on it. Each copied write would be
+	// captured and copied again, and the copy would fill the source.
+	if err := checkNotOn(cfg.To, dev.Dev(), cfg.Device); err != nil {
+		return err
 	}
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("state directory: %w", err)

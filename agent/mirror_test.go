@@ -666,4 +666,20 @@ func TestMirrorRefusesItsOwnDiskAndBusyDevices(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(mnt, "lost+found")); err != nil {
 		t.Errorf("the mounted file system was touched: %v", err)
 	}
+	// A mirror whose writes land on the source through a file system or
+	// a loop device built on it: each copied write would be copied again.
+	stacked, err := loopdev.Create(mnt, 8<<20, loopdev.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stacked.Detach()
+	for _, to := range []string{filepath.Join(mnt, "mirror.img"), stacked.Path} {
+		err := RunMirror(context.Background(), MirrorConfig{Device: busy.Path, To: to, StateDir: state})
+		if err == nil || !strings.Contains(err.Error(), "would write to what it copies") {
+			t.Errorf("mirror of %s to %s: %v, want a refusal", busy.Path, to, err)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(mnt, "mirror.img")); err == nil {
+		t.Error("the refused mirror file was created")
+	}
 }

@@ -77,7 +77,7 @@ say "recovery key, CA and certificates"
 "$BIN" pki issue --dir "$W/pki" --name "$MACHINE" --role agent >/dev/null
 
 PSPORT=$(free_port)
-say "starting the process server on 127.0.0.1:$PSPORT (cache over 3 directories, 2 data + 1 parity)"
+say "starting the process server on 127.0.0.1:$PSPORT (cache over 3 directories, 2 data + 1 parity; one disk here, one disk each in real use)"
 "$BIN" process-server --listen "127.0.0.1:$PSPORT" --pki "$W/pki" --name ps1 \
 	--cache "$W/cache1,$W/cache2,$W/cache3" --recovery-key "$W/recovery.key" --point-interval 5s \
 	>"$W/ps.log" 2>&1 &

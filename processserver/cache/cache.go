@@ -44,6 +44,7 @@ import (
 	"github.com/klauspost/reedsolomon"
 	"golang.org/x/sys/unix"
 
+	"github.com/lifeboat-dr/lifeboat/internal/blockdev"
 	"github.com/lifeboat-dr/lifeboat/internal/crc32c"
 )
 
@@ -54,6 +55,8 @@ const (
 	logSeq    = "seq"
 	logShard  = "shard"
 	logErr    = "err"
+	logDisk   = "disk"
+	logDirs   = "dirs"
 )
 
 const (
@@ -296,7 +299,37 @@ func Open(dirs []string, opts Options) (*Cache, error) {
 		return nil, err
 	}
 	c.removeTemps()
+	c.warnSharedDisks()
 	return c, nil
+}
+
+// warnSharedDisks warns when more than m directories lie on one disk
+// (partitions, device mapper and loop devices followed down): the cache
+// survives the loss of m directories, not of a disk that holds more.
+func (c *Cache) warnSharedDisks() {
+	if len(c.dirs) < 2 {
+		return // no redundancy to lose
+	}
+	on := map[blockdev.Dev][]string{}
+	var disks []blockdev.Dev
+	for _, d := range c.dirs {
+		fs, err := blockdev.FileSystemDev(d)
+		if err != nil {
+			continue
+		}
+		for _, disk := range blockdev.Disks(fs) {
+			if on[disk] == nil {
+				disks = append(disks, disk)
+			}
+			on[disk] = append(on[disk], d)
+		}
+	}
+	for _, disk := range disks {
+		if dirs := on[disk]; len(dirs) > c.m {
+			c.log.Warn(fmt.Sprintf("cache directories share one disk: losing it loses %d shards of every segment, more than the %d the cache can rebuild; put each directory on a disk of its own", len(dirs), c.m),
+				logDisk, blockdev.Name(disk), logDirs, strings.Join(dirs, ","))
+		}
+	}
 }
 
 // lockName is the file in each cache directory that the process holding

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
@@ -14,6 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/lifeboat-dr/lifeboat/internal/loopdev"
 	"github.com/lifeboat-dr/lifeboat/internal/testenv"
 )
 
@@ -375,5 +377,55 @@ func TestNewCacheRefusedBelowUnmountedFstabEntry(t *testing.T) {
 	c := open(t, dirs, Options{Fstab: tab})
 	if err := c.Put(SegmentID{"m", 1}, payload(1000, 1)); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// More directories than parity shards on one disk are warned of, the
+// disk found through partitions; tmpfs, which no disk holds, is not.
+func TestSharedDiskWarned(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireTool(t, "sfdisk")
+	disk := loopdev.New(t, 64<<20, loopdev.Options{PartScan: true})
+	parts, err := loopdev.Partition(t.Context(), disk.Path, loopdev.MBR, []loopdev.PartSpec{{Size: 24 << 20}, {Size: 0}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mnts []string
+	for _, p := range parts {
+		if err := loopdev.Mkfs(t.Context(), "ext4", p); err != nil {
+			t.Fatal(err)
+		}
+		mnt := t.TempDir()
+		if err := loopdev.Mount(p, mnt, "ext4", ""); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { loopdev.Unmount(mnt) })
+		mnts = append(mnts, mnt)
+	}
+	shm := func() string {
+		d, err := os.MkdirTemp("/dev/shm", "lifeboat-cache-test-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { os.RemoveAll(d) })
+		return d
+	}
+	for _, c := range []struct {
+		dirs []string
+		warn bool
+	}{
+		{[]string{filepath.Join(mnts[0], "c"), filepath.Join(mnts[1], "c"), shm()}, true}, // 2 > 1 parity on one disk
+		{[]string{filepath.Join(mnts[0], "c2"), shm(), shm()}, false},
+	} {
+		var log strings.Builder
+		cc, err := Open(c.dirs, Options{Logger: slog.New(slog.NewTextHandler(&log, nil))})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cc.Close()
+		warned := strings.Contains(log.String(), "share one disk")
+		if warned != c.warn || warned && !strings.Contains(log.String(), "disk="+filepath.Base(disk.Path)) {
+			t.Errorf("cache over %v: warned %v, want %v:\n%s", c.dirs, warned, c.warn, log.String())
+		}
 	}
 }
