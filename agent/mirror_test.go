@@ -3,6 +3,7 @@ package agent
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -353,7 +354,17 @@ func TestMirrorWritesDuringInitialCopy(t *testing.T) {
 	case <-time.After(500 * time.Millisecond):
 	}
 	fioCmd.Process.Signal(syscall.SIGTERM)
-	<-fioDone
+	select {
+	case <-fioDone:
+	case <-time.After(30 * time.Second):
+		t.Fatal("fio did not stop within 30 s of SIGTERM")
+	}
+	// fio ends with status 128 when stopped by SIGTERM; anything else
+	// is a failure of its own (an I/O error on the device).
+	var ee *exec.ExitError
+	if fioErr != nil && !(errors.As(fioErr, &ee) && ee.ExitCode() == 128) {
+		t.Fatalf("fio: %v", fioErr)
+	}
 	s := r.stop()
 	if s.Applied == 0 && s.BlocksReread <= uint64(512<<20/4096) {
 		t.Error("nothing was captured while fio was writing")

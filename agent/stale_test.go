@@ -258,8 +258,8 @@ func TestCrashMarkerHoldsMarks(t *testing.T) {
 	// A first mark drains at once; the second falls within the interval.
 	e.cap.MarkBytes(0, 8*capture.BlockSize, capture.BlockSize)
 	time.Sleep(50 * time.Millisecond)
-	marked := time.Now()
 	e.cap.MarkBytes(0, off, capture.BlockSize)
+	marked := time.Now() // a marker dated before this may precede the mark
 	// Markers dated after the mark (their quiesce began after it) must
 	// hold the marked block: wait for one, then for the drain, however
 	// slow the host.

@@ -360,11 +360,12 @@ func TestClosedWindowBlocksWriteAt(t *testing.T) {
 		}
 		done <- nil
 	}()
-	// The writer has stalled once the count holds still for half a second
-	// (waited for, not slept on: a loaded CI host may not even have started
-	// it after 300 ms); a writer that never blocks reaches the end instead.
+	// The writer has stalled once it has filled most of the buffer and
+	// the count holds still for half a second (waited for, not slept on:
+	// a loaded CI host may not even have started it after 300 ms); a
+	// writer that never blocks reaches the end instead.
 	stalled, still := int64(-1), 0
-	for deadline := time.Now().Add(10 * time.Second); still < 10; {
+	for deadline := time.Now().Add(10 * time.Second); still < 10 || stalled < 1<<20; {
 		if time.Now().After(deadline) {
 			t.Fatalf("WriteAt never settled with the window closed: %d bytes accepted so far", written.Load())
 		}
@@ -952,7 +953,16 @@ func TestBusyMarkerInterval(t *testing.T) {
 	if g := gaps[len(gaps)/2]; g >= 500*time.Millisecond {
 		t.Errorf("median gap %v between time markers while writing, want about BusyMarkerInterval (40 ms); gaps %v", g, gaps)
 	}
-	idleGap("idle again", time.Now().Add(300*time.Millisecond)) // past the last writes' marker
+	// Idle again once a marker covers the last write.
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	last := tg.Stats().AckedSeq
+	waitFor(t, "a marker covering the last write", func() bool {
+		ms := srv.Markers()
+		return len(ms) > 0 && ms[len(ms)-1].Seq >= last
+	})
+	idleGap("idle again", time.Now())
 }
 
 // freezeConn stops taking writes once frozen (a process server that

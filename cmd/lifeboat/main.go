@@ -62,6 +62,7 @@ func (e usageError) Unwrap() error { return e.error }
 func execute(ctx context.Context, root *cobra.Command) error {
 	// Cobra validates flags and arguments before it calls RunE.
 	ran := false
+	root.InitDefaultCompletionCmd() // cobra adds it at Execute, past the wrapping
 	var wrap func(*cobra.Command)
 	wrap = func(c *cobra.Command) {
 		if run := c.RunE; run != nil {

@@ -1,6 +1,7 @@
 package blockdev
 
 import (
+	"bufio"
 	"errors"
 	"fmt"
 	"os"
@@ -14,7 +15,7 @@ import (
 // FileSystemDev returns the device number of the file system holding path
 // (st_dev), or of its nearest existing ancestor when path does not exist
 // yet. File systems without a block device of their own (tmpfs, overlay,
-// NFS, btrfs) have major number 0: Lower knows nothing below them.
+// NFS, btrfs, ZFS) have major number 0: see Lower.
 func FileSystemDev(path string) (Dev, error) {
 	p := filepath.Clean(path)
 	for {
@@ -30,43 +31,32 @@ func FileSystemDev(path string) (Dev, error) {
 	}
 }
 
-// Lower returns dev and every block device that I/O to dev reaches below
-// it: the members of a device-mapper or md device (sysfs slaves), the
-// device whose file system holds a loop device's backing file, and theirs
-// in turn. A partition's disk is not listed (other partitions of it are
-// other blocks; Overlaps knows the relation). What sysfs cannot tell ends
-// a branch: a backing file on tmpfs, overlay or NFS, a device with no
-// sysfs entry.
+// Lower returns the block devices that I/O to dev reaches: dev itself,
+// then what lies below it, recursively (see below). A partition's disk is
+// not listed: its other partitions are other blocks (Overlaps knows the
+// relation). What sysfs cannot tell ends a branch: a loop device backed on
+// tmpfs, overlay or NFS, a device with no sysfs entry.
 func Lower(dev Dev) []Dev {
 	var out []Dev
-	seen := map[Dev]bool{}
-	var walk func(d Dev)
-	walk = func(d Dev) {
-		if d.Major == 0 || seen[d] {
+	walk(dev, false, func(d Dev, _ []Dev) { out = append(out, d) })
+	return out
+}
+
+// Disks returns the disks that dev lies on, partitions taken as their
+// disk: losing one of them loses dev. Device mapper, md RAID 0 and loop
+// devices are followed down to what they are built on; a redundant md
+// array (RAID 1, 4, 5, 6, 10) is one disk of its own, since losing one of
+// its members loses nothing.
+func Disks(dev Dev) []Dev {
+	var out []Dev
+	walk(dev, true, func(d Dev, under []Dev) {
+		if len(under) > 0 {
 			return
 		}
-		seen[d] = true
-		out = append(out, d)
-		sys, err := filepath.EvalSymlinks("/sys/dev/block/" + d.String())
-		if err != nil {
-			return
+		if disk, _ := diskOf(d); !slices.Contains(out, disk) {
+			out = append(out, disk)
 		}
-		slaves, _ := os.ReadDir(filepath.Join(sys, "slaves"))
-		for _, s := range slaves {
-			if v, err := readSysfs(filepath.Join(sys, "slaves", s.Name()), "dev"); err == nil {
-				if sd, ok := parseDev(v); ok {
-					walk(sd)
-				}
-			}
-		}
-		if backing, err := readSysfs(sys, "loop/backing_file"); err == nil {
-			// A backing file renamed or deleted since is not followed.
-			if fd, err := FileSystemDev(strings.TrimSuffix(backing, " (deleted)")); err == nil {
-				walk(fd)
-			}
-		}
-	}
-	walk(dev)
+	})
 	return out
 }
 
@@ -88,18 +78,6 @@ func Overlaps(a, b Dev) (Dev, bool) {
 	return Dev{}, false
 }
 
-// Disks returns the whole disks dev lies on (Lower, partitions taken as
-// their disk): losing one of them loses dev.
-func Disks(dev Dev) []Dev {
-	var out []Dev
-	for _, x := range Lower(dev) {
-		if d, _ := diskOf(x); !slices.Contains(out, d) {
-			out = append(out, d)
-		}
-	}
-	return out
-}
-
 // Name returns the kernel name of dev ("sda1", "dm-0"), or its numbers
 // when sysfs has no entry for it.
 func Name(dev Dev) string {
@@ -108,6 +86,121 @@ func Name(dev Dev) string {
 		return dev.String()
 	}
 	return filepath.Base(sys)
+}
+
+// walk calls visit for dev and everything below it, depth first, each
+// device once, with the devices directly below it; redundant md arrays
+// are leaves when asked (below). A file system's anonymous device number
+// (major 0) is replaced by the block device it is mounted from, when it
+// has one (btrfs: the device in mountinfo).
+func walk(dev Dev, redundantLeaves bool, visit func(d Dev, under []Dev)) {
+	seen := map[Dev]bool{}
+	var rec func(d Dev)
+	rec = func(d Dev) {
+		if d.Major == 0 {
+			if d = mountSource(d); d.Major == 0 {
+				return
+			}
+		}
+		if seen[d] {
+			return
+		}
+		seen[d] = true
+		under := below(d, redundantLeaves)
+		visit(d, under)
+		for _, u := range under {
+			rec(u)
+		}
+	}
+	rec(dev)
+}
+
+// below returns the devices directly under d: the members of a device
+// mapper or md device (sysfs slaves; none for a redundant md array when
+// redundantLeaves), the file system holding a loop device's backing file.
+// For a partition, those of its disk (a partition of a loop or md device
+// lies on what they do).
+func below(d Dev, redundantLeaves bool) []Dev {
+	sys, err := filepath.EvalSymlinks("/sys/dev/block/" + d.String())
+	if err != nil {
+		return nil
+	}
+	if _, err := os.Stat(filepath.Join(sys, "partition")); err == nil {
+		sys = filepath.Dir(sys)
+	}
+	if level, err := readSysfs(sys, "md/level"); redundantLeaves && err == nil && level != "raid0" && level != "linear" {
+		return nil // a member's loss is not the array's
+	}
+	var out []Dev
+	slaves, _ := os.ReadDir(filepath.Join(sys, "slaves"))
+	for _, s := range slaves {
+		if v, err := readSysfs(filepath.Join(sys, "slaves", s.Name()), "dev"); err == nil {
+			if sd, ok := parseDev(v); ok {
+				out = append(out, sd)
+			}
+		}
+	}
+	if b, ok := loopBacking(sys); ok {
+		if b.Major == 0 {
+			b = mountSource(b) // tmpfs: nothing
+		}
+		if b.Major != 0 {
+			out = append(out, b)
+		}
+	}
+	return out
+}
+
+// loopBacking returns the device of the file system holding the backing
+// file of the loop device at sysfs path sys. The kernel's own answer
+// (LOOP_GET_STATUS64) is taken over the backing file's path, which may
+// name another file by now (renamed, lazily unmounted, another mount
+// namespace); a path that no longer exists is not followed.
+func loopBacking(sys string) (Dev, bool) {
+	backing, err := readSysfs(sys, "loop/backing_file")
+	if err != nil {
+		return Dev{}, false
+	}
+	if f, err := os.Open("/dev/" + filepath.Base(sys)); err == nil {
+		info, err := unix.IoctlLoopGetStatus64(int(f.Fd()))
+		f.Close()
+		if err == nil {
+			return Dev{unix.Major(info.Device), unix.Minor(info.Device)}, true
+		}
+	}
+	var st unix.Stat_t
+	if unix.Stat(strings.TrimSuffix(backing, " (deleted)"), &st) != nil {
+		return Dev{}, false
+	}
+	return Dev{unix.Major(st.Dev), unix.Minor(st.Dev)}, true
+}
+
+// mountSource returns the block device a file system with the anonymous
+// device number dev is mounted from (btrfs), or the zero Dev (tmpfs,
+// overlay, NFS, ZFS: none).
+func mountSource(dev Dev) Dev {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return Dev{}
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		// id parent major:minor root mountpoint options... - fstype source superoptions
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 3 || fields[2] != dev.String() {
+			continue
+		}
+		i := slices.Index(fields, "-")
+		if i < 0 || i+2 >= len(fields) || !strings.HasPrefix(fields[i+2], "/dev/") {
+			return Dev{}
+		}
+		if d, err := DevT(fields[i+2]); err == nil {
+			return d
+		}
+		return Dev{}
+	}
+	return Dev{}
 }
 
 // diskOf returns the whole disk of a partition (and true), or dev itself.

@@ -67,8 +67,34 @@ func TestLowerOverlapsSameDisk(t *testing.T) {
 			t.Errorf("%s: Overlaps(%v, %v) = %v, want %v", c.name, c.a, c.b, got, c.want)
 		}
 	}
-	if d := blockdev.Disks(S); !slices.Contains(d, D) || !slices.Equal(blockdev.Disks(p2), []blockdev.Dev{D}) {
-		t.Errorf("Disks(stacked loop) = %v, Disks(p2) = %v; want both on disk %v", d, blockdev.Disks(p2), D)
+	// All of them lie on the disk holding the loop disk's backing file
+	// (itself, if that is tmpfs).
+	if dd := blockdev.Disks(D); len(dd) != 1 || !slices.Equal(blockdev.Disks(S), dd) || !slices.Equal(blockdev.Disks(p2), dd) {
+		t.Errorf("Disks: loop disk %v, stacked loop %v, p2 %v; want one and the same", dd, blockdev.Disks(S), blockdev.Disks(p2))
+	}
+	// A partition of a stacked device lies on what the device does.
+	if err := loopdev.Mkfs(t.Context(), "ext4", parts[1]); err != nil {
+		t.Fatal(err)
+	}
+	mnt2 := t.TempDir()
+	if err := loopdev.Mount(parts[1], mnt2, "ext4", ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { loopdev.Unmount(mnt2) })
+	img, err := loopdev.Create(mnt2, 8*mib, loopdev.Options{PartScan: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { img.Detach() })
+	imgParts, err := loopdev.Partition(t.Context(), img.Path, loopdev.MBR, []loopdev.PartSpec{{Size: 0}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if via, ok := blockdev.Overlaps(dev(imgParts[0]), p2); !ok || via != p2 {
+		t.Errorf("Overlaps(partition of a loop device backed on p2, p2) = %v, %v; want through p2", via, ok)
+	}
+	if _, ok := blockdev.Overlaps(dev(imgParts[0]), p1); ok {
+		t.Error("a partition of a loop device backed on p2 overlaps p1")
 	}
 	if got := blockdev.Name(p1); got != filepath.Base(parts[0]) {
 		t.Errorf("Name(%v) = %q, want %q", p1, got, filepath.Base(parts[0]))

@@ -278,7 +278,7 @@ func (m *Machine) noteMarker(mk wire.Marker) {
 	if m.t0 == 0 {
 		m.t0 = mk.UnixNano
 	}
-	m.t1 = mk.UnixNano
+	m.t1 = max(m.t1, mk.UnixNano) // as the process server: the latest, not the last
 	if m.kinds == nil {
 		m.kinds = map[string]bool{}
 	}
