@@ -302,6 +302,16 @@ func ParseSegmentName(name string) (first, last uint64, err error) {
 	return first, last, nil
 }
 
+// PointsPrefix lists machine's sealed recovery point records.
+func PointsPrefix(machine string) string { return machine + "/points/" }
+
+// PointRecordName is the sealed record of the recovery point with id
+// point (recovery.PointID) and kind (crash or app: an app-consistent
+// marker at a crash point's sequence snapshots the disks again).
+func PointRecordName(machine, point, kind string) string {
+	return PointsPrefix(machine) + point + "-" + kind
+}
+
 // DiskName is the replica page blob of a machine's disk.
 func DiskName(machine, disk string) string { return machine + "/disks/" + disk }
 

@@ -153,6 +153,8 @@ type state struct {
 	segments []Segment
 	until    time.Time
 	latest   uint64 // newest recoverable sequence
+	// journalUntil is until from the manifest and the journal alone.
+	journalUntil time.Time
 	// journalFrom: every record from journalFrom to latest is in segments
 	// (retention deleted the ones before it).
 	journalFrom uint64
@@ -174,26 +176,17 @@ func loadState(ctx context.Context, store blobstore.Store, machine string) (*sta
 	if err != nil {
 		return nil, err
 	}
-	// Points in a gap (layout.Gap) are not the disks: not listed, not
-	// used. Neither are the times of segments ending in one.
-	points = slices.DeleteFunc(points, func(p Point) bool { _, gap := m.GapAt(p.Seq); return gap })
-	st := &state{manifest: m, points: points, until: m.RecoverableUntil.UTC(), latest: m.DurableSeq}
+	st := &state{manifest: m, journalUntil: m.RecoverableUntil.UTC()}
 	// Segments beyond the durable sequence may still have holes before
 	// them (uploads in flight); recovery ignores them.
 	segs = slices.DeleteFunc(segs, func(s Segment) bool { return s.Last > m.DurableSeq })
 	st.segments = segs
 	for _, s := range segs {
-		if _, gap := m.GapAt(s.Last); s.LastTime.After(st.until) && !gap {
-			st.until = s.LastTime
+		if _, gap := m.GapAt(s.Last); s.LastTime.After(st.journalUntil) && !gap {
+			st.journalUntil = s.LastTime
 		}
 	}
-	if n := len(points); n > 0 {
-		newest := points[n-1]
-		st.latest = max(st.latest, newest.Seq)
-		if newest.Time.After(st.until) {
-			st.until = newest.Time
-		}
-	}
+	st.usePoints(points)
 	st.journalFrom = max(m.JournalFrom, 1)
 	switch {
 	case len(segs) == 0:
@@ -208,4 +201,20 @@ func loadState(ctx context.Context, store blobstore.Store, machine string) (*sta
 		st.journalFrom = segs[0].First + 1
 	}
 	return st, nil
+}
+
+// usePoints makes points the state's, and what they tell of the newest
+// recoverable sequence and time. Points in a gap (layout.Gap) are not the
+// disks: not listed, not used.
+func (st *state) usePoints(points []Point) {
+	m := st.manifest
+	st.points = slices.DeleteFunc(points, func(p Point) bool { _, gap := m.GapAt(p.Seq); return gap })
+	st.until, st.latest = st.journalUntil, m.DurableSeq
+	if n := len(st.points); n > 0 {
+		newest := st.points[n-1]
+		st.latest = max(st.latest, newest.Seq)
+		if newest.Time.After(st.until) {
+			st.until = newest.Time
+		}
+	}
 }

@@ -99,6 +99,11 @@ func Recover(ctx context.Context, store blobstore.Store, req Request, to io.Writ
 	if err := VerifyManifest(st.manifest, keys); err != nil {
 		return Result{}, err
 	}
+	points, err := verifyPoints(ctx, store, keys, req.Machine, st.points, req.Progress)
+	if err != nil {
+		return Result{}, err
+	}
+	st.usePoints(points)
 	var res Result
 	if res.Seq, res.Time, err = st.resolve(ctx, store, keys, req.Point); err != nil {
 		return Result{}, err

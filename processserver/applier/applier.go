@@ -198,6 +198,7 @@ type machine struct {
 	lastPoint uint64       // seq of the newest point
 	lastKind  string       // and its kind
 	gaps      []layout.Gap // the manifest's, as of the last applyLocked
+	keyID     string       // the manifest's data key, which seals point records
 	chain     uint64       // the journal is known complete up to here (segment headers)
 	pointTime time.Time    // its marker time (or the anchor before the first point)
 	// cursor is the name of the last segment applied in this process, so
@@ -305,7 +306,7 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 		return 0, err
 	}
 	limit := max(man.DurableSeq, durable)
-	m.gaps = man.Gaps
+	m.gaps, m.keyID = man.Gaps, man.KeyID
 	if err := a.syncDisks(ctx, m, man); err != nil {
 		return 0, err
 	}
@@ -795,17 +796,47 @@ func (a *Applier) flushDisk(ctx context.Context, m *machine, d *disk, segment st
 func (a *Applier) cutPoint(ctx context.Context, m *machine, mk wire.Marker, kind string) error {
 	t := time.Unix(0, mk.UnixNano).UTC()
 	cut := a.cfg.Now().UTC().Format(time.RFC3339Nano)
+	rec := recovery.PointRecord{Seq: mk.Seq, Time: t, Kind: kind, Snapshots: map[string]recovery.PointSnapshot{}}
 	for _, d := range m.disks {
 		md := recovery.PointMetadata(mk.Seq, t, kind, d.gen)
 		md[layout.MetaCut] = cut
-		if _, err := a.cfg.Store.Snapshot(ctx, d.blob, md); err != nil {
+		snap, err := a.cfg.Store.Snapshot(ctx, d.blob, md)
+		if err != nil {
 			return fmt.Errorf("recovery point at seq %d: snapshot %s: %w", mk.Seq, d.blob, err)
 		}
+		rec.Snapshots[d.name] = recovery.PointSnapshot{ID: snap.ID, Generation: d.gen}
+	}
+	// The sealed record makes the snapshots a point recover trusts.
+	key, err := a.dataKey(m)
+	if err != nil {
+		return fmt.Errorf("recovery point at seq %d: %w", mk.Seq, err)
+	}
+	name, blob, err := recovery.SealPointRecord(m.name, rec, key)
+	if err != nil {
+		return fmt.Errorf("recovery point at seq %d: %w", mk.Seq, err)
+	}
+	if err := a.cfg.Store.PutBlob(ctx, name, blob, nil); err != nil {
+		return fmt.Errorf("recovery point at seq %d: record %s: %w", mk.Seq, name, err)
 	}
 	m.lastPoint, m.pointTime, m.lastKind = mk.Seq, t, kind
 	m.lastPrune = time.Time{} // a new point may let retention delete more
 	a.log.Info("recovery point", logKeyMachine, m.name, logKeySeq, mk.Seq, logKeyKind, kind, "time", t)
 	return nil
+}
+
+// dataKey returns the data key m's manifest names (as of the last pass).
+func (a *Applier) dataKey(m *machine) (*seal.Key, error) {
+	var id seal.KeyID
+	if b, err := hex.DecodeString(m.keyID); err != nil || len(b) != len(id) {
+		return nil, fmt.Errorf("manifest of machine %q: malformed key_id %q", m.name, m.keyID)
+	} else {
+		copy(id[:], b)
+	}
+	key, ok := m.keys.Lookup(id)
+	if !ok {
+		return nil, fmt.Errorf("manifest of machine %q names data key %s, which is not in the account", m.name, id)
+	}
+	return key, nil
 }
 
 // sealManifest seals man under the data key it names, from the

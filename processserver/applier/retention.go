@@ -3,7 +3,9 @@ package applier
 import (
 	"context"
 	"fmt"
+	"math"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
@@ -34,7 +36,8 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 		return nil
 	}
 	cutoff := now.Add(-a.cfg.Retention)
-	keepFrom := m.applied() // segments ending at or before it may go
+	keepFrom := m.applied()              // segments ending at or before it may go
+	oldestKept := uint64(math.MaxUint64) // of the points left on any disk
 	for _, d := range m.disks {
 		snaps, err := a.cfg.Store.ListSnapshots(ctx, d.blob)
 		if err != nil {
@@ -82,6 +85,8 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 					return fmt.Errorf("delete recovery point at seq %d of %s: %w", s.seq, d.blob, err)
 				}
 				deleted++
+			} else {
+				oldestKept = min(oldestKept, s.seq)
 			}
 		}
 		if deleted > 0 {
@@ -137,6 +142,34 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 		}
 		m.pruneFrom = max(m.pruneFrom, oldestKept)
 	}
+	if err := a.pruneRecords(ctx, m, oldestKept); err != nil {
+		return err
+	}
 	m.lastPrune = now
+	return nil
+}
+
+// pruneRecords deletes the sealed records of the points older than every
+// point left (points of a sequence go together: retention keeps each
+// disk's newest and base, and deletes the older ones). None while no
+// point is left: a record is written after its snapshots.
+func (a *Applier) pruneRecords(ctx context.Context, m *machine, oldestKept uint64) error {
+	if oldestKept == math.MaxUint64 {
+		return nil
+	}
+	infos, err := a.cfg.Store.ListBlobs(ctx, layout.PointsPrefix(m.name))
+	if err != nil {
+		return fmt.Errorf("list recovery point records of machine %q: %w", m.name, err)
+	}
+	for _, bi := range infos {
+		id, _, _ := strings.Cut(strings.TrimPrefix(bi.Name, layout.PointsPrefix(m.name)), "-")
+		seq, err := strconv.ParseUint(id, 10, 64)
+		if err != nil || seq >= oldestKept {
+			continue
+		}
+		if err := a.cfg.Store.DeleteBlob(ctx, bi.Name); err != nil && !blobstore.IsNotFound(err) {
+			return fmt.Errorf("delete recovery point record %s: %w", bi.Name, err)
+		}
+	}
 	return nil
 }

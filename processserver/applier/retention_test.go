@@ -135,6 +135,13 @@ func testRecoverPrunedJournal(t *testing.T, store blobstore.Store) {
 	if n := segmentCount(t, m); n != 3 {
 		t.Fatalf("%d segments left, want the first pruned", n)
 	}
+	// The pruned point's sealed record went with it; the others stay.
+	for i, app := range apps {
+		_, err := store.Stat(ctx, layout.PointRecordName(m.Name, recovery.PointID(app.Seq), recovery.KindApp))
+		if gone := blobstore.IsNotFound(err); gone != (i == 0) || err != nil && !gone {
+			t.Fatalf("record of point %d (seq %d) after retention: %v", i, app.Seq, err)
+		}
+	}
 	snaps, err := store.ListSnapshots(ctx, layout.DiskName(m.Name, "d0"))
 	if err != nil {
 		t.Fatal(err)

@@ -1,0 +1,99 @@
+package recovery
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
+	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/seal"
+)
+
+// PointRecord is what the applier seals, under the machine's data key,
+// once the snapshots of a recovery point exist (layout.PointRecordName).
+// The storage service chooses snapshot ids and never changes a snapshot,
+// so a record naming them vouches for what recover copies (as it was when
+// the point was cut) and for the point's sequence, time and kind, which
+// snapshot metadata alone does not: anyone who can write the account can
+// snapshot a page blob with any metadata.
+type PointRecord struct {
+	Seq       uint64                   `json:"seq"`
+	Time      time.Time                `json:"time"`
+	Kind      string                   `json:"kind"`
+	Snapshots map[string]PointSnapshot `json:"snapshots"` // by disk name
+}
+
+// PointSnapshot is one disk's snapshot in a PointRecord.
+type PointSnapshot struct {
+	ID         string `json:"id"`
+	Generation string `json:"generation"`
+}
+
+// SealPointRecord returns the name and sealed content of r's record for
+// machine (the blob name is the associated data: a record copied to
+// another point's or machine's name fails to open).
+func SealPointRecord(machine string, r PointRecord, key *seal.Key) (string, []byte, error) {
+	name := layout.PointRecordName(machine, PointID(r.Seq), r.Kind)
+	plain, err := json.Marshal(r)
+	if err != nil {
+		return "", nil, err
+	}
+	sealed, err := seal.Seal(nil, plain, key, []byte(name))
+	return name, sealed, err
+}
+
+// verifyPoints keeps, of each point, the disks whose snapshot a sealed
+// record of that point names, with the record's time and kind, and drops
+// points with none: they were cut by a process server stopped before it
+// wrote the record (the next point is used), or forged. What it drops is
+// said on warn. A record that fails to open is ErrTampered.
+func verifyPoints(ctx context.Context, store blobstore.Store, keys seal.Keyring, machine string, points []Point, warn io.Writer) ([]Point, error) {
+	out := points[:0:0]
+	for _, p := range points {
+		v := Point{ID: p.ID, Seq: p.Seq, Snapshots: map[string]string{}}
+		app := false // an app-consistent marker was at this sequence
+		for _, kind := range []string{KindCrash, KindApp} {
+			name := layout.PointRecordName(machine, p.ID, kind)
+			sealed, err := store.GetBlob(ctx, name)
+			if blobstore.IsNotFound(err) {
+				continue
+			}
+			if err != nil {
+				return nil, fmt.Errorf("read recovery point record %s: %w", name, err)
+			}
+			plain, err := seal.Open(nil, sealed, keys, []byte(name))
+			if err != nil {
+				if errors.Is(err, seal.ErrTampered) {
+					return nil, fmt.Errorf("recovery point record %s %w; refusing to use it: %w", name, ErrTampered, err)
+				}
+				return nil, fmt.Errorf("recovery point record %s: %w", name, err)
+			}
+			var r PointRecord
+			if err := json.Unmarshal(plain, &r); err != nil || r.Seq != p.Seq || r.Kind != kind {
+				return nil, fmt.Errorf("recovery point record %s %w: it is not the record of a %s point at sequence %d", name, ErrTampered, kind, p.Seq)
+			}
+			app = app || kind == KindApp
+			for disk, id := range p.Snapshots {
+				if s, ok := r.Snapshots[disk]; ok && s.ID == id {
+					v.Snapshots[disk] = id
+					v.Time, v.Kind = r.Time.UTC(), kind
+				}
+			}
+		}
+		if app {
+			v.Kind = KindApp // the state is the same whichever snapshots hold it
+		}
+		if len(v.Snapshots) < len(p.Snapshots) && warn != nil {
+			fmt.Fprintf(warn, "recovery point at seq %d: %d of its %d snapshots not named by a sealed record (cut just before the process server stopped, or not Lifeboat's): not used\n",
+				p.Seq, len(p.Snapshots)-len(v.Snapshots), len(p.Snapshots))
+		}
+		if len(v.Snapshots) > 0 {
+			out = append(out, v)
+		}
+	}
+	return out, nil
+}
