@@ -50,37 +50,49 @@ func SealPointRecord(machine string, r PointRecord, key *seal.Key) (string, []by
 // record of that point names, with the record's time and kind, and drops
 // points with none: they were cut by a process server stopped before it
 // wrote the record (the next point is used), or forged. What it drops is
-// said on warn. A record that fails to open is ErrTampered.
-func verifyPoints(ctx context.Context, store blobstore.Store, keys seal.Keyring, machine string, points []Point, warn io.Writer) ([]Point, error) {
-	out := points[:0:0]
-	for _, p := range points {
-		v := Point{ID: p.ID, Seq: p.Seq, Snapshots: map[string]string{}}
-		app := false // an app-consistent marker was at this sequence
+// said on warn. A record that fails to open is ErrTampered. The records
+// are listed once and read parallelism at a time (a day of points is a
+// few hundred).
+func verifyPoints(ctx context.Context, store blobstore.Store, keys seal.Keyring, machine string, points []Point, parallelism int, warn io.Writer) ([]Point, error) {
+	infos, err := store.ListBlobs(ctx, layout.PointsPrefix(machine))
+	if err != nil {
+		return nil, fmt.Errorf("list recovery point records of machine %q: %w", machine, err)
+	}
+	exists := make(map[string]bool, len(infos))
+	for _, bi := range infos {
+		exists[bi.Name] = true
+	}
+	records := make([][]PointRecord, len(points)) // per point, its records
+	err = parallel(ctx, parallelism, len(points), func(ctx context.Context, i int) error {
 		for _, kind := range []string{KindCrash, KindApp} {
-			name := layout.PointRecordName(machine, p.ID, kind)
-			sealed, err := store.GetBlob(ctx, name)
-			if blobstore.IsNotFound(err) {
+			name := layout.PointRecordName(machine, points[i].ID, kind)
+			if !exists[name] {
 				continue
 			}
+			r, err := readPointRecord(ctx, store, keys, name)
 			if err != nil {
-				return nil, fmt.Errorf("read recovery point record %s: %w", name, err)
+				return err
 			}
-			plain, err := seal.Open(nil, sealed, keys, []byte(name))
-			if err != nil {
-				if errors.Is(err, seal.ErrTampered) {
-					return nil, fmt.Errorf("recovery point record %s %w; refusing to use it: %w", name, ErrTampered, err)
-				}
-				return nil, fmt.Errorf("recovery point record %s: %w", name, err)
+			if r.Seq != points[i].Seq || r.Kind != kind {
+				return fmt.Errorf("recovery point record %s %w: it is not the record of a %s point at sequence %d", name, ErrTampered, kind, points[i].Seq)
 			}
-			var r PointRecord
-			if err := json.Unmarshal(plain, &r); err != nil || r.Seq != p.Seq || r.Kind != kind {
-				return nil, fmt.Errorf("recovery point record %s %w: it is not the record of a %s point at sequence %d", name, ErrTampered, kind, p.Seq)
-			}
-			app = app || kind == KindApp
+			records[i] = append(records[i], r)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	out := points[:0:0]
+	for i, p := range points {
+		v := Point{ID: p.ID, Seq: p.Seq, Snapshots: map[string]string{}}
+		app := false // an app-consistent marker was at this sequence
+		for _, r := range records[i] {
+			app = app || r.Kind == KindApp
 			for disk, id := range p.Snapshots {
 				if s, ok := r.Snapshots[disk]; ok && s.ID == id {
 					v.Snapshots[disk] = id
-					v.Time, v.Kind = r.Time.UTC(), kind
+					v.Time, v.Kind = r.Time.UTC(), r.Kind
 				}
 			}
 		}
@@ -96,4 +108,24 @@ func verifyPoints(ctx context.Context, store blobstore.Store, keys seal.Keyring,
 		}
 	}
 	return out, nil
+}
+
+// readPointRecord reads and opens the point record name.
+func readPointRecord(ctx context.Context, store blobstore.Store, keys seal.Keyring, name string) (PointRecord, error) {
+	var r PointRecord
+	sealed, err := store.GetBlob(ctx, name)
+	if err != nil {
+		return r, fmt.Errorf("read recovery point record %s: %w", name, err)
+	}
+	plain, err := seal.Open(nil, sealed, keys, []byte(name))
+	if err != nil {
+		if errors.Is(err, seal.ErrTampered) {
+			return r, fmt.Errorf("recovery point record %s %w; refusing to use it: %w", name, ErrTampered, err)
+		}
+		return r, fmt.Errorf("recovery point record %s: %w", name, err)
+	}
+	if err := json.Unmarshal(plain, &r); err != nil {
+		return r, fmt.Errorf("recovery point record %s %w: %w", name, ErrTampered, err)
+	}
+	return r, nil
 }

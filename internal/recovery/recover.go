@@ -99,7 +99,7 @@ func Recover(ctx context.Context, store blobstore.Store, req Request, to io.Writ
 	if err := VerifyManifest(st.manifest, keys); err != nil {
 		return Result{}, err
 	}
-	points, err := verifyPoints(ctx, store, keys, req.Machine, st.points, req.Progress)
+	points, err := verifyPoints(ctx, store, keys, req.Machine, st.points, req.Parallelism, req.Progress)
 	if err != nil {
 		return Result{}, err
 	}
