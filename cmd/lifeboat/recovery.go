@@ -57,7 +57,9 @@ func pointsCmd(verbose *bool) *cobra.Command {
 for MACHINE, oldest first, then "recoverable until": every write made before
 that time can be recovered (--point latest). Between points any sequence or
 time can be recovered too (lifeboat recover). Reads the account named by
-AZURE_STORAGE_CONNECTION_STRING; needs no key.`,
+AZURE_STORAGE_CONNECTION_STRING; needs no key, so it lists the snapshots by
+their metadata: recover, which has the key, uses only those a point's sealed
+record names, and says which it skips.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			store, err := recoveryStore(container, *verbose)

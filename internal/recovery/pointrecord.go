@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
@@ -70,6 +71,9 @@ func verifyPoints(ctx context.Context, store blobstore.Store, keys seal.Keyring,
 				continue
 			}
 			r, err := readPointRecord(ctx, store, keys, name)
+			if blobstore.IsNotFound(err) {
+				continue // retention deleted it since the listing
+			}
 			if err != nil {
 				return err
 			}
@@ -89,15 +93,17 @@ func verifyPoints(ctx context.Context, store blobstore.Store, keys seal.Keyring,
 		app := false // an app-consistent marker was at this sequence
 		for _, r := range records[i] {
 			app = app || r.Kind == KindApp
-			for disk, id := range p.Snapshots {
-				if s, ok := r.Snapshots[disk]; ok && s.ID == id {
-					v.Snapshots[disk] = id
+			for disk, ids := range p.all {
+				if s, ok := r.Snapshots[disk]; ok && slices.Contains(ids, s.ID) {
+					v.Snapshots[disk] = s.ID
 					v.Time, v.Kind = r.Time.UTC(), r.Kind
 				}
 			}
 		}
-		if app {
-			v.Kind = KindApp // the state is the same whichever snapshots hold it
+		if app && len(v.Snapshots) > 0 {
+			// The disks were at this sequence when the app-consistent
+			// marker came, whichever record names the snapshots used.
+			v.Kind = KindApp
 		}
 		if len(v.Snapshots) < len(p.Snapshots) && warn != nil {
 			fmt.Fprintf(warn, "recovery point at seq %d: %d of its %d snapshots not named by a sealed record (cut just before the process server stopped, or not Lifeboat's): not used\n",

@@ -26,6 +26,10 @@ type Point struct {
 	Kind string    // KindCrash or KindApp
 	// Snapshots maps disk name to snapshot ID of layout.DiskName(machine, disk).
 	Snapshots map[string]string
+	// all holds, per disk, every snapshot of the point, oldest first (a
+	// retried or repeated cut leaves more than one): Recover takes the
+	// one its sealed record names.
+	all map[string][]string
 }
 
 // PointID is the point id of a recovery point at seq: zero padded, so ids
@@ -90,7 +94,7 @@ func ListPoints(ctx context.Context, store blobstore.Store, machine string, disk
 			}
 			p := byID[id]
 			if p == nil {
-				p = &Point{ID: id, Seq: seq, Time: t.UTC(), Kind: s.Metadata[layout.MetaKind], Snapshots: map[string]string{}}
+				p = &Point{ID: id, Seq: seq, Time: t.UTC(), Kind: s.Metadata[layout.MetaKind], Snapshots: map[string]string{}, all: map[string][]string{}}
 				byID[id] = p
 			}
 			// A retried Snapshot call may have left two snapshots of one
@@ -100,6 +104,7 @@ func ListPoints(ctx context.Context, store blobstore.Store, machine string, disk
 			if _, dup := p.Snapshots[disk]; !dup {
 				p.Snapshots[disk] = s.ID
 			}
+			p.all[disk] = append(p.all[disk], s.ID)
 			if s.Metadata[layout.MetaKind] == KindApp {
 				p.Kind = KindApp
 			}

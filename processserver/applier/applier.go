@@ -616,14 +616,29 @@ func (a *Applier) loadPoints(ctx context.Context, m *machine) error {
 	if err != nil {
 		return err
 	}
-	// Only a point with a snapshot of every disk counts: if a crash came
-	// between the snapshots of a point, replaying its segment cuts it again
-	// (the disks are still at its marker, and a second snapshot of the
-	// same point is identical to the first).
+	infos, err := a.cfg.Store.ListBlobs(ctx, layout.PointsPrefix(m.name))
+	if err != nil {
+		return fmt.Errorf("list recovery point records of machine %q: %w", m.name, err)
+	}
+	recorded := make(map[string]bool, len(infos))
+	for _, bi := range infos {
+		recorded[bi.Name] = true
+	}
+	// Only a point with a snapshot of every disk and its sealed record
+	// counts: if a crash or an error came before the record was written,
+	// replaying its segment cuts it again (the disks are still at its
+	// marker, and a second snapshot of the same point is identical to
+	// the first; recover takes the one the record names).
 	m.lastPoint, m.pointTime, m.lastKind = 0, time.Time{}, ""
 	for _, p := range points {
-		if len(p.Snapshots) == len(m.disks) {
-			m.lastPoint, m.pointTime, m.lastKind = p.Seq, p.Time, p.Kind
+		kind := ""
+		for _, k := range []string{recovery.KindCrash, recovery.KindApp} { // app last: it wins
+			if recorded[layout.PointRecordName(m.name, p.ID, k)] {
+				kind = k
+			}
+		}
+		if len(p.Snapshots) == len(m.disks) && kind != "" {
+			m.lastPoint, m.pointTime, m.lastKind = p.Seq, p.Time, kind
 		}
 	}
 	return nil

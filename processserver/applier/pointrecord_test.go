@@ -2,6 +2,7 @@ package applier_test
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -106,5 +107,86 @@ func TestForgedPointNotUsed(t *testing.T) {
 	}, path)
 	if !errors.Is(err, recovery.ErrTampered) {
 		t.Fatalf("recover with a tampered point record: %v, want ErrTampered", err)
+	}
+}
+
+// dupStore snapshots twice (a retried call whose first reply was lost)
+// and, once, fails the write of a point record (a crash before it).
+type dupStore struct {
+	blobstore.Store
+	failRecord bool
+}
+
+func (s *dupStore) Snapshot(ctx context.Context, name string, md blobstore.Metadata) (blobstore.SnapshotInfo, error) {
+	if _, err := s.Store.Snapshot(ctx, name, md); err != nil {
+		return blobstore.SnapshotInfo{}, err
+	}
+	return s.Store.Snapshot(ctx, name, md)
+}
+
+func (s *dupStore) PutBlob(ctx context.Context, name string, data []byte, md blobstore.Metadata) error {
+	if s.failRecord && strings.Contains(name, "/points/") {
+		s.failRecord = false
+		return errors.New("injected: process server stopped before the record")
+	}
+	return s.Store.PutBlob(ctx, name, data, md)
+}
+
+// A point with two snapshots of a disk is used through the one its record
+// names, and retention keeps both; a point whose record was never written
+// is cut again when its segment is applied again.
+func TestPointRecordRetriedAndDuplicated(t *testing.T) {
+	ctx := ctxT(t)
+	store := &dupStore{Store: mem.New(), failRecord: true}
+	rng := rand.New(rand.NewPCG(5, 6))
+	m := recoverytest.New(t, store, "m1", 1<<20, 1<<20)
+	c := &clock{t: time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)}
+	a := newApplier(t, m, applier.Config{PointInterval: time.Second})
+	workload(m, rng, c, 40)
+	m.Marker(wire.MarkerTime, c.next())
+	app := m.Marker(wire.MarkerAppConsistent, c.next())
+	m.Cut()
+	if _, err := a.Apply(ctx, m.Name); err == nil || !strings.Contains(err.Error(), "injected") {
+		t.Fatalf("first pass: %v, want the injected record failure", err)
+	}
+	a = newApplier(t, m, applier.Config{PointInterval: time.Second}) // restarted
+	if _, err := a.Apply(ctx, m.Name); err != nil {
+		t.Fatal(err)
+	}
+	// Every point has its record, the one whose record failed included.
+	points, _, err := recovery.Points(ctx, store, m.Name)
+	if err != nil || len(points) < 2 {
+		t.Fatalf("points %+v, %v; want at least 2", points, err)
+	}
+	for _, p := range points {
+		_, errC := store.Stat(ctx, layout.PointRecordName(m.Name, p.ID, recovery.KindCrash))
+		_, errA := store.Stat(ctx, layout.PointRecordName(m.Name, p.ID, recovery.KindApp))
+		if errC != nil && errA != nil {
+			t.Fatalf("point at seq %d has no record: it was not cut again after its record failed", p.Seq)
+		}
+	}
+	for d := range m.Disks {
+		res := recoverAndCheck(t, m, d, fmt.Sprint(app.Seq), app.Seq)
+		if res.BaseSeq != app.Seq || res.Segments != 0 {
+			t.Fatalf("disk %d at the app point: base %d, %d segments replayed; want the point itself", d, res.BaseSeq, res.Segments)
+		}
+	}
+}
+
+// Retention keeps both snapshots of a base point cut twice: the older one
+// alone, which no record names, would leave the times just inside the
+// window without a base, their journal already pruned.
+func TestRetentionKeepsRecordedDuplicate(t *testing.T) {
+	m := recoverytest.New(t, &dupStore{Store: mem.New()}, "dup", 1<<20)
+	start := time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)
+	var now time.Time
+	a := newApplier(t, m, applier.Config{Retention: 24 * time.Hour, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
+	apps := agedPoints(t, m, a, &now, start, 0, 30, 26, 2, 1)
+	if _, err := a.Apply(ctxT(t), m.Name); err != nil {
+		t.Fatal(err)
+	}
+	res := recoverAndCheck(t, m, 0, fmt.Sprint(apps[1].Seq+1), apps[1].Seq+1)
+	if res.BaseSeq != apps[1].Seq {
+		t.Fatalf("recover just after the window's base: base %d, want %d", res.BaseSeq, apps[1].Seq)
 	}
 }

@@ -36,8 +36,8 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 		return nil
 	}
 	cutoff := now.Add(-a.cfg.Retention)
-	keepFrom := m.applied()              // segments ending at or before it may go
-	oldestKept := uint64(math.MaxUint64) // of the points left on any disk
+	keepFrom := m.applied()               // segments ending at or before it may go
+	oldestPoint := uint64(math.MaxUint64) // of the points left on any disk
 	for _, d := range m.disks {
 		snaps, err := a.cfg.Store.ListSnapshots(ctx, d.blob)
 		if err != nil {
@@ -70,15 +70,21 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 		}
 		// The newest point older than the cutoff stays: it is the base
 		// from which the times just inside the window are recovered.
+		// Of two snapshots of one point (a retried or repeated cut), the
+		// later is the one its sealed record names; both stay.
 		base := -1
 		for j, s := range valid {
-			if s.usable && s.t.Before(cutoff) && (base < 0 || s.seq > valid[base].seq) {
+			if s.usable && s.t.Before(cutoff) && (base < 0 || s.seq >= valid[base].seq) {
 				base = j
 			}
 		}
+		kept := func(j int) bool {
+			return j == newest || j == base ||
+				newest >= 0 && valid[j].seq == valid[newest].seq || base >= 0 && valid[j].seq == valid[base].seq
+		}
 		deleted := 0
 		for j, s := range valid {
-			if j != newest && j != base && s.t.Before(cutoff) {
+			if !kept(j) && s.t.Before(cutoff) {
 				// Gone already: a delete the service did before a lost
 				// reply, retried inside the SDK.
 				if err := a.cfg.Store.DeleteSnapshot(ctx, d.blob, s.id); err != nil && !blobstore.IsNotFound(err) {
@@ -86,7 +92,7 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 				}
 				deleted++
 			} else {
-				oldestKept = min(oldestKept, s.seq)
+				oldestPoint = min(oldestPoint, s.seq)
 			}
 		}
 		if deleted > 0 {
@@ -142,7 +148,7 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 		}
 		m.pruneFrom = max(m.pruneFrom, oldestKept)
 	}
-	if err := a.pruneRecords(ctx, m, oldestKept); err != nil {
+	if err := a.pruneRecords(ctx, m, oldestPoint); err != nil {
 		return err
 	}
 	m.lastPrune = now
