@@ -48,25 +48,36 @@ type pointJSON struct {
 }
 
 func pointsCmd(verbose *bool) *cobra.Command {
-	var machine, container string
+	var machine, container, keyFile string
 	var asJSON bool
 	cmd := &cobra.Command{
-		Use:   "points --machine MACHINE [--json]",
+		Use:   "points --machine MACHINE [--json] [--recovery-key FILE]",
 		Short: "List the recovery points of a machine and how recent a recovery can be",
 		Long: `Lists the recovery points (kind, time, sequence) kept in the storage account
 for MACHINE, oldest first, then "recoverable until": every write made before
 that time can be recovered (--point latest). Between points any sequence or
 time can be recovered too (lifeboat recover). Reads the account named by
-AZURE_STORAGE_CONNECTION_STRING; needs no key, so it lists the snapshots by
-their metadata: recover, which has the key, uses only those a point's sealed
-record names, and says which it skips.`,
+AZURE_STORAGE_CONNECTION_STRING. Without --recovery-key it lists the
+snapshots by their metadata; with it, only the points recover would start
+from (a sealed record names their snapshots), after checking the manifest,
+and says which it leaves out.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			store, err := recoveryStore(container, *verbose)
 			if err != nil {
 				return err
 			}
-			points, until, err := recovery.Points(cmd.Context(), store, machine)
+			var points []recovery.Point
+			var until time.Time
+			if keyFile == "" {
+				points, until, err = recovery.Points(cmd.Context(), store, machine)
+			} else {
+				var key []byte
+				if key, err = seal.LoadRecoveryKey(keyFile); err != nil {
+					return err
+				}
+				points, until, err = recovery.VerifiedPoints(cmd.Context(), store, machine, key, cmd.ErrOrStderr())
+			}
 			if err != nil {
 				return err
 			}
@@ -148,6 +159,7 @@ record names, and says which it skips.`,
 	f := cmd.Flags()
 	f.StringVar(&machine, "machine", "", "protected machine name")
 	f.BoolVar(&asJSON, "json", false, "print JSON instead of a table")
+	f.StringVar(&keyFile, "recovery-key", "", "recovery key file: list only the points recover would use")
 	f.StringVar(&container, "container", layout.DefaultContainer, "container holding Lifeboat's blobs")
 	cmd.MarkFlagRequired("machine")
 	return cmd

@@ -121,6 +121,26 @@ func TestPointsAndRecoverCommands(t *testing.T) {
 	if err := seal.WriteRecoveryKey(keyFile, m.RecoveryKey); err != nil {
 		t.Fatal(err)
 	}
+	// With the key, the points recover would use: all of them, then one
+	// fewer once the first one's record is gone.
+	verified := func() (int, string) {
+		t.Helper()
+		out, errOut, err := runCmd(t, pointsCmd(new(bool)), "--machine", "web1", "--container", container, "--json", "--recovery-key", keyFile)
+		var v struct{ Points []struct{ Seq uint64 } }
+		if err != nil || json.Unmarshal([]byte(out), &v) != nil {
+			t.Fatalf("points --recovery-key: %v\n%s%s", err, out, errOut)
+		}
+		return len(v.Points), errOut
+	}
+	if n, _ := verified(); n != len(doc.Points) {
+		t.Fatalf("points --recovery-key lists %d points, want all %d", n, len(doc.Points))
+	}
+	for _, kind := range []string{"crash", "app"} {
+		store.DeleteBlob(context.Background(), layout.PointRecordName("web1", fmt.Sprintf("%020d", doc.Points[0].Seq), kind))
+	}
+	if n, errOut := verified(); n != len(doc.Points)-1 || !strings.Contains(errOut, fmt.Sprintf("recovery point at seq %d:", doc.Points[0].Seq)) {
+		t.Fatalf("points --recovery-key without the first point's record: %d points (want %d), said:\n%s", n, len(doc.Points)-1, errOut)
+	}
 	img := filepath.Join(dir, "web1-d0.img")
 	at := t0.Add(15*time.Second + 300*time.Millisecond).Format(time.RFC3339Nano)
 	for _, tc := range []struct {

@@ -135,3 +135,27 @@ func readPointRecord(ctx context.Context, store blobstore.Store, keys seal.Keyri
 	}
 	return r, nil
 }
+
+// VerifiedPoints is Points checked with the recovery key: the manifest
+// must verify, and only the points recover would start from are listed
+// (a sealed record names their snapshots), with their records' times and
+// kinds; what it leaves out is said on warn.
+func VerifiedPoints(ctx context.Context, store blobstore.Store, machine string, recoveryKey []byte, warn io.Writer) ([]Point, time.Time, error) {
+	st, err := loadState(ctx, store, machine)
+	if err != nil {
+		return nil, time.Time{}, err
+	}
+	keys, err := Keyring(ctx, store, machine, recoveryKey)
+	if err != nil {
+		return nil, time.Time{}, err
+	}
+	if err := VerifyManifest(st.manifest, keys); err != nil {
+		return nil, time.Time{}, err
+	}
+	points, err := verifyPoints(ctx, store, keys, machine, st.points, 0, warn)
+	if err != nil {
+		return nil, time.Time{}, err
+	}
+	st.usePoints(points)
+	return st.points, st.until, nil
+}
