@@ -18,7 +18,7 @@ FUZZ_TARGETS := ./agent/capture:FuzzDecode ./internal/bitmap:FuzzExtents \
                 ./internal/aesgcm:FuzzOpen ./internal/blobstore/azure:FuzzCRC64
 
 # command:Debian-package pairs the tests need (bookworm package names).
-TEST_TOOLS := fio:fio mkfs.xfs:xfsprogs mkfs.ext4:e2fsprogs dumpe2fs:e2fsprogs sfdisk:fdisk losetup:mount node:nodejs npm:npm \
+TEST_TOOLS := fio:fio mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs mkfs.ext4:e2fsprogs dumpe2fs:e2fsprogs sfdisk:fdisk losetup:mount node:nodejs npm:npm \
               blockdev:util-linux fstrim:util-linux setpriv:util-linux clang:clang llvm-strip:llvm
 
 # install_missing installs the Debian packages of the missing commands among

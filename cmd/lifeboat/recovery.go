@@ -69,19 +69,18 @@ and says which it leaves out.`,
 			}
 			var points []recovery.Point
 			var until time.Time
+			var man *layout.Manifest
 			if keyFile == "" {
-				points, until, err = recovery.Points(cmd.Context(), store, machine)
+				if points, until, err = recovery.Points(cmd.Context(), store, machine); err == nil {
+					man, err = recovery.ReadManifest(cmd.Context(), store, machine)
+				}
 			} else {
 				var key []byte
 				if key, err = seal.LoadRecoveryKey(keyFile); err != nil {
 					return err
 				}
-				points, until, err = recovery.VerifiedPoints(cmd.Context(), store, machine, key, cmd.ErrOrStderr())
+				points, until, man, err = recovery.VerifiedPoints(cmd.Context(), store, machine, key, cmd.ErrOrStderr())
 			}
-			if err != nil {
-				return err
-			}
-			man, err := recovery.ReadManifest(cmd.Context(), store, machine)
 			if err != nil {
 				return err
 			}

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -14,15 +15,27 @@ import (
 
 // FileSystemDev returns the device number of the file system holding path
 // (st_dev), or of its nearest existing ancestor when path does not exist
-// yet. File systems without a block device of their own (tmpfs, overlay,
-// NFS, btrfs, ZFS) have major number 0: see Lower.
+// yet. A file system that reports an anonymous device number (major 0) is
+// looked up by its mount: btrfs gives each subvolume one of its own, and
+// is mounted from a block device (the one mountinfo names: of a
+// multi-device btrfs, one of them); tmpfs, overlay, NFS and ZFS have none
+// and keep major 0 (Lower knows nothing below them).
 func FileSystemDev(path string) (Dev, error) {
 	p := filepath.Clean(path)
 	for {
 		var st unix.Stat_t
 		err := unix.Stat(p, &st)
 		if err == nil {
-			return Dev{unix.Major(st.Dev), unix.Minor(st.Dev)}, nil
+			d := Dev{unix.Major(st.Dev), unix.Minor(st.Dev)}
+			if d.Major == 0 {
+				var sx unix.Statx_t
+				if unix.Statx(unix.AT_FDCWD, p, 0, unix.STATX_MNT_ID, &sx) == nil && sx.Mask&unix.STATX_MNT_ID != 0 {
+					if src := mountSource(func(f []string) bool { return f[0] == strconv.FormatUint(sx.Mnt_id, 10) }); src.Major != 0 {
+						return src, nil
+					}
+				}
+			}
+			return d, nil
 		}
 		if !errors.Is(err, unix.ENOENT) || p == "/" || p == "." {
 			return Dev{}, fmt.Errorf("blockdev: %w", &os.PathError{Op: "stat", Path: p, Err: err})
@@ -98,7 +111,7 @@ func walk(dev Dev, redundantLeaves bool, visit func(d Dev, under []Dev)) {
 	var rec func(d Dev)
 	rec = func(d Dev) {
 		if d.Major == 0 {
-			if d = mountSource(d); d.Major == 0 {
+			if d = mountSourceOf(d); d.Major == 0 {
 				return
 			}
 		}
@@ -140,13 +153,8 @@ func below(d Dev, redundantLeaves bool) []Dev {
 			}
 		}
 	}
-	if b, ok := loopBacking(sys); ok {
-		if b.Major == 0 {
-			b = mountSource(b) // tmpfs: nothing
-		}
-		if b.Major != 0 {
-			out = append(out, b)
-		}
+	if b, ok := loopBacking(sys); ok && b.Major != 0 {
+		out = append(out, b)
 	}
 	return out
 }
@@ -161,24 +169,43 @@ func loopBacking(sys string) (Dev, bool) {
 	if err != nil {
 		return Dev{}, false
 	}
+	path := strings.TrimSuffix(backing, " (deleted)")
 	if f, err := os.Open("/dev/" + filepath.Base(sys)); err == nil {
 		info, err := unix.IoctlLoopGetStatus64(int(f.Fd()))
 		f.Close()
 		if err == nil {
-			return Dev{unix.Major(info.Device), unix.Minor(info.Device)}, true
+			d := Dev{unix.Major(info.Device), unix.Minor(info.Device)}
+			if d.Major == 0 {
+				// Anonymous (btrfs, tmpfs): by the path's mount, if the
+				// path still names a file of that file system.
+				var st unix.Stat_t
+				if unix.Stat(path, &st) == nil && st.Dev == info.Device {
+					d, _ = FileSystemDev(path)
+				}
+			}
+			return d, true
 		}
 	}
 	var st unix.Stat_t
-	if unix.Stat(strings.TrimSuffix(backing, " (deleted)"), &st) != nil {
+	if unix.Stat(path, &st) != nil {
 		return Dev{}, false
 	}
-	return Dev{unix.Major(st.Dev), unix.Minor(st.Dev)}, true
+	d, err := FileSystemDev(path)
+	return d, err == nil
 }
 
-// mountSource returns the block device a file system with the anonymous
-// device number dev is mounted from (btrfs), or the zero Dev (tmpfs,
-// overlay, NFS, ZFS: none).
-func mountSource(dev Dev) Dev {
+// mountSourceOf returns the block device the file system with the
+// anonymous device number dev is mounted from, when mountinfo shows that
+// number (it does not for btrfs, whose subvolumes have numbers of their
+// own: FileSystemDev goes by the mount instead), or the zero Dev.
+func mountSourceOf(dev Dev) Dev {
+	return mountSource(func(f []string) bool { return f[2] == dev.String() })
+}
+
+// mountSource returns the block device that the first mountinfo entry
+// match accepts is mounted from, or the zero Dev (none, or no block
+// device: tmpfs, overlay, NFS, ZFS).
+func mountSource(match func(fields []string) bool) Dev {
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
 		return Dev{}
@@ -188,7 +215,7 @@ func mountSource(dev Dev) Dev {
 	for sc.Scan() {
 		// id parent major:minor root mountpoint options... - fstype source superoptions
 		fields := strings.Fields(sc.Text())
-		if len(fields) < 3 || fields[2] != dev.String() {
+		if len(fields) < 3 || !match(fields) {
 			continue
 		}
 		i := slices.Index(fields, "-")

@@ -115,3 +115,38 @@ func TestLowerOverlapsSameDisk(t *testing.T) {
 		t.Errorf("loop devices backed on tmpfs lie on disks %v and %v; want only themselves", da, db)
 	}
 }
+
+// btrfs reports an anonymous st_dev per subvolume: the file system's
+// device is found through its mount, and a loop device backed on it lies
+// on that device.
+func TestFileSystemDevBtrfs(t *testing.T) {
+	testenv.RequireTool(t, "mkfs.btrfs")
+	disk := loopdev.New(t, 128*mib, loopdev.Options{})
+	if err := loopdev.Mkfs(t.Context(), "btrfs", disk.Path); err != nil {
+		t.Fatal(err)
+	}
+	mnt := t.TempDir()
+	if err := loopdev.Mount(disk.Path, mnt, "btrfs", ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { loopdev.Unmount(mnt) })
+	want, err := blockdev.DevT(disk.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := blockdev.FileSystemDev(filepath.Join(mnt, "not", "yet")); err != nil || got != want {
+		t.Fatalf("FileSystemDev on btrfs = %v, %v; want %v", got, err, want)
+	}
+	stacked, err := loopdev.Create(mnt, 8*mib, loopdev.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { stacked.Detach() })
+	s, err := blockdev.DevT(stacked.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if via, ok := blockdev.Overlaps(s, want); !ok || via != want {
+		t.Fatalf("Overlaps(loop backed on btrfs, its device) = %v, %v; want through %v", via, ok, want)
+	}
+}

@@ -312,6 +312,19 @@ func PointRecordName(machine, point, kind string) string {
 	return PointsPrefix(machine) + point + "-" + kind
 }
 
+// ParsePointRecordName returns the sequence and kind of a point record
+// name (PointRecordName) under prefix PointsPrefix(machine).
+func ParsePointRecordName(machine, name string) (seq uint64, kind string, err error) {
+	rest, ok := strings.CutPrefix(name, PointsPrefix(machine))
+	id, kind, ok2 := strings.Cut(rest, "-")
+	if ok && ok2 && len(id) == 20 && kind != "" {
+		if seq, err = strconv.ParseUint(id, 10, 64); err == nil {
+			return seq, kind, nil
+		}
+	}
+	return 0, "", fmt.Errorf("point record name %q: want %s<20-digit sequence>-<kind>", name, PointsPrefix(machine))
+}
+
 // DiskName is the replica page blob of a machine's disk.
 func DiskName(machine, disk string) string { return machine + "/disks/" + disk }
 

@@ -99,3 +99,15 @@ func TestForgetGaps(t *testing.T) {
 		t.Errorf("second ForgetGaps(100) dropped %d", n)
 	}
 }
+
+func TestPointRecordName(t *testing.T) {
+	name := PointRecordName("web1", "00000000000000000042", "app")
+	if seq, kind, err := ParsePointRecordName("web1", name); err != nil || seq != 42 || kind != "app" {
+		t.Fatalf("ParsePointRecordName(%q) = %d, %q, %v", name, seq, kind, err)
+	}
+	for _, bad := range []string{"web1/points/42-app", "web2/points/00000000000000000042-app", "web1/points/00000000000000000042", "web1/points/0000000000000000004x-crash", "web1/points/00000000000000000042-"} {
+		if _, _, err := ParsePointRecordName("web1", bad); err == nil {
+			t.Errorf("ParsePointRecordName(%q) accepted", bad)
+		}
+	}
+}

@@ -162,17 +162,18 @@ func addMissingPartitions(ctx context.Context, dev string) error {
 	return nil
 }
 
-// Mkfs creates a file system of type fstype ("ext4" or "xfs") on dev,
-// overwriting whatever is there. extraArgs are passed to mkfs before dev.
+// Mkfs creates a file system of type fstype ("ext4", "xfs" or "btrfs")
+// on dev, overwriting whatever is there. extraArgs are passed to mkfs
+// before dev.
 func Mkfs(ctx context.Context, fstype, dev string, extraArgs ...string) error {
 	var args []string
 	switch fstype {
 	case "ext4":
 		args = []string{"-F", "-q"}
-	case "xfs":
+	case "xfs", "btrfs":
 		args = []string{"-f", "-q"}
 	default:
-		return fmt.Errorf("loopdev: mkfs: unsupported file system type %q (want ext4 or xfs)", fstype)
+		return fmt.Errorf("loopdev: mkfs: unsupported file system type %q (want ext4, xfs or btrfs)", fstype)
 	}
 	args = append(append(args, extraArgs...), dev)
 	out, err := exec.CommandContext(ctx, "mkfs."+fstype, args...).CombinedOutput()

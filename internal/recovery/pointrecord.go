@@ -47,21 +47,44 @@ func SealPointRecord(machine string, r PointRecord, key *seal.Key) (string, []by
 	return name, sealed, err
 }
 
-// verifyPoints keeps, of each point, the disks whose snapshot a sealed
-// record of that point names, with the record's time and kind, and drops
-// points with none: they were cut by a process server stopped before it
-// wrote the record (the next point is used), or forged. What it drops is
-// said on warn. A record that fails to open is ErrTampered. The records
-// are listed once and read parallelism at a time (a day of points is a
-// few hundred).
-func verifyPoints(ctx context.Context, store blobstore.Store, keys seal.Keyring, machine string, points []Point, parallelism int, warn io.Writer) ([]Point, error) {
+// RecordInfo is a point record found in the account (not opened).
+type RecordInfo struct {
+	Name string
+	Seq  uint64
+	Kind string
+}
+
+// ListPointRecords lists machine's point records; other blobs under the
+// prefix are ignored.
+func ListPointRecords(ctx context.Context, store blobstore.Store, machine string) ([]RecordInfo, error) {
 	infos, err := store.ListBlobs(ctx, layout.PointsPrefix(machine))
 	if err != nil {
 		return nil, fmt.Errorf("list recovery point records of machine %q: %w", machine, err)
 	}
-	exists := make(map[string]bool, len(infos))
+	out := make([]RecordInfo, 0, len(infos))
 	for _, bi := range infos {
-		exists[bi.Name] = true
+		if seq, kind, err := layout.ParsePointRecordName(machine, bi.Name); err == nil {
+			out = append(out, RecordInfo{Name: bi.Name, Seq: seq, Kind: kind})
+		}
+	}
+	return out, nil
+}
+
+// verifyPoints keeps, of each point, the disks whose snapshot a sealed
+// record of that point names, with the record's time and kind, and drops
+// points with none: being cut right now, cut by a process server stopped
+// before it wrote the record (it is cut again), or forged. What it drops
+// is said on warn. A record that fails authentication is ErrTampered. The records
+// are listed once and read parallelism at a time (a day of points is a
+// few hundred).
+func verifyPoints(ctx context.Context, store blobstore.Store, keys seal.Keyring, machine string, points []Point, parallelism int, warn io.Writer) ([]Point, error) {
+	recs, err := ListPointRecords(ctx, store, machine)
+	if err != nil {
+		return nil, err
+	}
+	exists := make(map[string]bool, len(recs))
+	for _, r := range recs {
+		exists[r.Name] = true
 	}
 	records := make([][]PointRecord, len(points)) // per point, its records
 	err = parallel(ctx, parallelism, len(points), func(ctx context.Context, i int) error {
@@ -106,7 +129,7 @@ func verifyPoints(ctx context.Context, store blobstore.Store, keys seal.Keyring,
 			v.Kind = KindApp
 		}
 		if len(v.Snapshots) < len(p.Snapshots) && warn != nil {
-			fmt.Fprintf(warn, "recovery point at seq %d: %d of its %d snapshots not named by a sealed record (cut just before the process server stopped, or not Lifeboat's): not used\n",
+			fmt.Fprintf(warn, "recovery point at seq %d: %d of its %d snapshots not named by a sealed record (being cut now, cut before the process server stopped, or not Lifeboat's): not used\n",
 				p.Seq, len(p.Snapshots)-len(v.Snapshots), len(p.Snapshots))
 		}
 		if len(v.Snapshots) > 0 {
@@ -140,22 +163,23 @@ func readPointRecord(ctx context.Context, store blobstore.Store, keys seal.Keyri
 // must verify, and only the points recover would start from are listed
 // (a sealed record names their snapshots), with their records' times and
 // kinds; what it leaves out is said on warn.
-func VerifiedPoints(ctx context.Context, store blobstore.Store, machine string, recoveryKey []byte, warn io.Writer) ([]Point, time.Time, error) {
+// It returns the verified manifest too.
+func VerifiedPoints(ctx context.Context, store blobstore.Store, machine string, recoveryKey []byte, warn io.Writer) ([]Point, time.Time, *layout.Manifest, error) {
 	st, err := loadState(ctx, store, machine)
 	if err != nil {
-		return nil, time.Time{}, err
+		return nil, time.Time{}, nil, err
 	}
 	keys, err := Keyring(ctx, store, machine, recoveryKey)
 	if err != nil {
-		return nil, time.Time{}, err
+		return nil, time.Time{}, nil, err
 	}
 	if err := VerifyManifest(st.manifest, keys); err != nil {
-		return nil, time.Time{}, err
+		return nil, time.Time{}, nil, err
 	}
 	points, err := verifyPoints(ctx, store, keys, machine, st.points, 0, warn)
 	if err != nil {
-		return nil, time.Time{}, err
+		return nil, time.Time{}, nil, err
 	}
 	st.usePoints(points)
-	return st.points, st.until, nil
+	return st.points, st.until, st.manifest, nil
 }

@@ -88,17 +88,17 @@ func ListPoints(ctx context.Context, store blobstore.Store, machine string, disk
 			if err != nil {
 				continue
 			}
-			id := s.Metadata[layout.MetaPoint]
-			if id == "" {
-				id = PointID(seq)
-			}
+			// By sequence, as records are named: the point metadata
+			// is not authenticated either.
+			id := PointID(seq)
 			p := byID[id]
 			if p == nil {
 				p = &Point{ID: id, Seq: seq, Time: t.UTC(), Kind: s.Metadata[layout.MetaKind], Snapshots: map[string]string{}, all: map[string][]string{}}
 				byID[id] = p
 			}
 			// A retried Snapshot call may have left two snapshots of one
-			// point; they are identical, keep the first. An app-consistent
+			// point; they are identical, list the first (recover takes the
+			// one the point's sealed record names, from all). An app-consistent
 			// marker at a crash point's sequence snapshots it again: the
 			// state is the same, and it is app-consistent.
 			if _, dup := p.Snapshots[disk]; !dup {

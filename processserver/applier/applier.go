@@ -616,13 +616,13 @@ func (a *Applier) loadPoints(ctx context.Context, m *machine) error {
 	if err != nil {
 		return err
 	}
-	infos, err := a.cfg.Store.ListBlobs(ctx, layout.PointsPrefix(m.name))
+	recs, err := recovery.ListPointRecords(ctx, a.cfg.Store, m.name)
 	if err != nil {
-		return fmt.Errorf("list recovery point records of machine %q: %w", m.name, err)
+		return err
 	}
-	recorded := make(map[string]bool, len(infos))
-	for _, bi := range infos {
-		recorded[bi.Name] = true
+	recorded := make(map[string]bool, len(recs))
+	for _, r := range recs {
+		recorded[r.Name] = true
 	}
 	// Only a point with a snapshot of every disk and its sealed record
 	// counts: if a crash or an error came before the record was written,
@@ -807,7 +807,8 @@ func (a *Applier) flushDisk(ctx context.Context, m *machine, d *disk, segment st
 }
 
 // cutPoint snapshots every disk of m; they all hold exactly the records
-// ≤ mk.Seq.
+// ≤ mk.Seq. Then it writes the point's sealed record (recovery.PointRecord),
+// without which recover does not use the snapshots.
 func (a *Applier) cutPoint(ctx context.Context, m *machine, mk wire.Marker, kind string) error {
 	t := time.Unix(0, mk.UnixNano).UTC()
 	cut := a.cfg.Now().UTC().Format(time.RFC3339Nano)
@@ -841,37 +842,37 @@ func (a *Applier) cutPoint(ctx context.Context, m *machine, mk wire.Marker, kind
 
 // dataKey returns the data key m's manifest names (as of the last pass).
 func (a *Applier) dataKey(m *machine) (*seal.Key, error) {
-	var id seal.KeyID
-	if b, err := hex.DecodeString(m.keyID); err != nil || len(b) != len(id) {
-		return nil, fmt.Errorf("manifest of machine %q: malformed key_id %q", m.name, m.keyID)
-	} else {
-		copy(id[:], b)
-	}
-	key, ok := m.keys.Lookup(id)
-	if !ok {
-		return nil, fmt.Errorf("manifest of machine %q names data key %s, which is not in the account", m.name, id)
-	}
-	return key, nil
+	return keyByID(m.keys, m.name, m.keyID)
 }
 
 // sealManifest seals man under the data key it names, from the
 // machine's keyring.
 func (a *Applier) sealManifest(ctx context.Context, man *layout.Manifest) error {
-	var id seal.KeyID
-	if b, err := hex.DecodeString(man.KeyID); err != nil || len(b) != len(id) {
-		return fmt.Errorf("manifest of machine %q: malformed key_id %q", man.Machine, man.KeyID)
-	} else {
-		copy(id[:], b)
-	}
 	keys, err := a.cfg.Keys(ctx, man.Machine)
 	if err != nil {
 		return fmt.Errorf("data keys of machine %q: %w", man.Machine, err)
 	}
-	key, ok := keys.Lookup(id)
-	if !ok {
-		return fmt.Errorf("manifest of machine %q names data key %s, which is not in the account", man.Machine, id)
+	key, err := keyByID(keys, man.Machine, man.KeyID)
+	if err != nil {
+		return err
 	}
 	return recovery.SealManifest(man, key)
+}
+
+// keyByID returns the key of keys that machine's manifest names by keyID
+// (hex).
+func keyByID(keys seal.Keyring, machine, keyID string) (*seal.Key, error) {
+	var id seal.KeyID
+	if b, err := hex.DecodeString(keyID); err != nil || len(b) != len(id) {
+		return nil, fmt.Errorf("manifest of machine %q: malformed key_id %q", machine, keyID)
+	} else {
+		copy(id[:], b)
+	}
+	key, ok := keys.Lookup(id)
+	if !ok {
+		return nil, fmt.Errorf("manifest of machine %q names data key %s, which is not in the account", machine, id)
+	}
+	return key, nil
 }
 
 // updateManifest applies change (which raises applied_seq or

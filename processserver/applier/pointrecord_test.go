@@ -190,3 +190,33 @@ func TestRetentionKeepsRecordedDuplicate(t *testing.T) {
 		t.Fatalf("recover just after the window's base: base %d, want %d", res.BaseSeq, apps[1].Seq)
 	}
 }
+
+// Points without a record (cut before records existed, or forged) are
+// not retention's base either: it would prune the journal behind a point
+// recover does not use, leaving the times after it unrecoverable.
+func TestRetentionIgnoresUnrecordedPoints(t *testing.T) {
+	ctx := ctxT(t)
+	m := recoverytest.New(t, mem.New(), "old", 1<<20)
+	start := time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)
+	var now time.Time
+	a := newApplier(t, m, applier.Config{Retention: -1, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
+	apps := agedPoints(t, m, a, &now, start, 0, 30, 26, 2, 1)
+	recs, err := recovery.ListPointRecords(ctx, m.Store, m.Name)
+	if err != nil || len(recs) != len(apps) {
+		t.Fatalf("records %v, %v; want %d", recs, err, len(apps))
+	}
+	for _, r := range recs {
+		if err := m.Store.DeleteBlob(ctx, r.Name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	a = newApplier(t, m, applier.Config{Retention: 24 * time.Hour, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
+	if _, err := a.Apply(ctx, m.Name); err != nil {
+		t.Fatal(err)
+	}
+	if n := segmentCount(t, m); n != len(apps) {
+		t.Fatalf("%d segments left of %d: retention pruned behind a point recover does not use", n, len(apps))
+	}
+	recoverAndCheck(t, m, 0, fmt.Sprint(apps[1].Seq+1), apps[1].Seq+1)
+	recoverAndCheck(t, m, 0, "latest", m.Latest())
+}

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"math"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
@@ -18,11 +17,13 @@ import (
 const pruneEvery = time.Minute
 
 // prune deletes the snapshots of m's disks older than Retention, except
-// each disk's newest and the newest older than Retention (the base of the
-// window), then the journal segments that end at or before the base of
-// every disk: recovering to any kept point, or to any sequence after the
-// oldest one, never needs them. A disk without a base needs the journal
-// that rebuilds it from zeros: then no segment is deleted.
+// those of each disk's newest point and of the newest point older than
+// Retention (the base of the window), then the journal segments that end
+// at or before the base of every disk: recovering to any kept point, or
+// to any sequence after the oldest one, never needs them. A disk without
+// a base needs the journal that rebuilds it from zeros: then no segment
+// is deleted. Only points with a sealed record count as newest or base
+// (recover uses no other); then the records of the points deleted go.
 //
 // Ages are by the applier's clock (layout.MetaCut, or the storage's
 // snapshot time for points cut before it was recorded), never by the
@@ -38,6 +39,14 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 	cutoff := now.Add(-a.cfg.Retention)
 	keepFrom := m.applied()               // segments ending at or before it may go
 	oldestPoint := uint64(math.MaxUint64) // of the points left on any disk
+	recs, err := recovery.ListPointRecords(ctx, a.cfg.Store, m.name)
+	if err != nil {
+		return err
+	}
+	recorded := make(map[uint64]bool, len(recs))
+	for _, r := range recs {
+		recorded[r.Seq] = true
+	}
 	for _, d := range m.disks {
 		snaps, err := a.cfg.Store.ListSnapshots(ctx, d.blob)
 		if err != nil {
@@ -61,10 +70,12 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 				t = s.Time
 			}
 			// A point a gap recorded later covers is one recovery
-			// refuses: never the newest or the base (it ages out).
+			// refuses, as is one without a record: never the newest or
+			// the base (it ages out).
 			_, gap := layout.DiskGapAt(m.gaps, d.name, seq)
-			valid = append(valid, snap{s.ID, seq, t, !gap})
-			if !gap && (newest < 0 || seq >= valid[newest].seq) {
+			usable := !gap && recorded[seq]
+			valid = append(valid, snap{s.ID, seq, t, usable})
+			if usable && (newest < 0 || seq >= valid[newest].seq) {
 				newest = len(valid) - 1
 			}
 		}
@@ -79,8 +90,7 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 			}
 		}
 		kept := func(j int) bool {
-			return j == newest || j == base ||
-				newest >= 0 && valid[j].seq == valid[newest].seq || base >= 0 && valid[j].seq == valid[base].seq
+			return newest >= 0 && valid[j].seq == valid[newest].seq || base >= 0 && valid[j].seq == valid[base].seq
 		}
 		deleted := 0
 		for j, s := range valid {
@@ -148,34 +158,17 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 		}
 		m.pruneFrom = max(m.pruneFrom, oldestKept)
 	}
-	if err := a.pruneRecords(ctx, m, oldestPoint); err != nil {
-		return err
-	}
-	m.lastPrune = now
-	return nil
-}
-
-// pruneRecords deletes the sealed records of the points older than every
-// point left (points of a sequence go together: retention keeps each
-// disk's newest and base, and deletes the older ones). None while no
-// point is left: a record is written after its snapshots.
-func (a *Applier) pruneRecords(ctx context.Context, m *machine, oldestKept uint64) error {
-	if oldestKept == math.MaxUint64 {
-		return nil
-	}
-	infos, err := a.cfg.Store.ListBlobs(ctx, layout.PointsPrefix(m.name))
-	if err != nil {
-		return fmt.Errorf("list recovery point records of machine %q: %w", m.name, err)
-	}
-	for _, bi := range infos {
-		id, _, _ := strings.Cut(strings.TrimPrefix(bi.Name, layout.PointsPrefix(m.name)), "-")
-		seq, err := strconv.ParseUint(id, 10, 64)
-		if err != nil || seq >= oldestKept {
+	// The records of points older than every point left on any disk
+	// (disks' bases differ: a gap, a disk added later): none while no
+	// point is left, as a record is written after its snapshots.
+	for _, r := range recs {
+		if r.Seq >= oldestPoint {
 			continue
 		}
-		if err := a.cfg.Store.DeleteBlob(ctx, bi.Name); err != nil && !blobstore.IsNotFound(err) {
-			return fmt.Errorf("delete recovery point record %s: %w", bi.Name, err)
+		if err := a.cfg.Store.DeleteBlob(ctx, r.Name); err != nil && !blobstore.IsNotFound(err) {
+			return fmt.Errorf("delete recovery point record %s: %w", r.Name, err)
 		}
 	}
+	m.lastPrune = now
 	return nil
 }

@@ -326,8 +326,8 @@ func (c *Cache) warnSharedDisks() {
 	}
 	for _, disk := range disks {
 		if dirs := on[disk]; len(dirs) > c.m {
-			c.log.Warn(fmt.Sprintf("cache directories share one disk: losing it loses %d shards of every segment, more than the %d the cache can rebuild; put each directory on a disk of its own", len(dirs), c.m),
-				logDisk, blockdev.Name(disk), logDirs, strings.Join(dirs, ","))
+			c.log.Warn("cache directories share one disk: losing it loses more shards of every segment than the cache can rebuild; put each directory on a disk of its own",
+				logDisk, blockdev.Name(disk), logDirs, strings.Join(dirs, ","), "shards", len(dirs), "parity", c.m)
 		}
 	}
 }
