@@ -47,27 +47,21 @@ func SealPointRecord(machine string, r PointRecord, key *seal.Key) (string, []by
 	return name, sealed, err
 }
 
-// RecordInfo is a point record found in the account (not opened).
-type RecordInfo struct {
-	Name string
-	Seq  uint64
-	Kind string
-}
-
-// ListPointRecords lists machine's point records; other blobs under the
-// prefix are ignored.
-func ListPointRecords(ctx context.Context, store blobstore.Store, machine string) ([]RecordInfo, error) {
+// ListPointRecords returns the kinds of the point records machine has in
+// the account, by sequence (not opened; other blobs under the prefix are
+// ignored).
+func ListPointRecords(ctx context.Context, store blobstore.Store, machine string) (map[uint64][]string, error) {
 	infos, err := store.ListBlobs(ctx, layout.PointsPrefix(machine))
 	if err != nil {
 		return nil, fmt.Errorf("list recovery point records of machine %q: %w", machine, err)
 	}
-	out := make([]RecordInfo, 0, len(infos))
+	kinds := make(map[uint64][]string, len(infos))
 	for _, bi := range infos {
 		if seq, kind, err := layout.ParsePointRecordName(machine, bi.Name); err == nil {
-			out = append(out, RecordInfo{Name: bi.Name, Seq: seq, Kind: kind})
+			kinds[seq] = append(kinds[seq], kind)
 		}
 	}
-	return out, nil
+	return kinds, nil
 }
 
 // verifyPoints keeps, of each point, the disks whose snapshot a sealed
@@ -78,21 +72,14 @@ func ListPointRecords(ctx context.Context, store blobstore.Store, machine string
 // are listed once and read parallelism at a time (a day of points is a
 // few hundred).
 func verifyPoints(ctx context.Context, store blobstore.Store, keys seal.Keyring, machine string, points []Point, parallelism int, warn io.Writer) ([]Point, error) {
-	recs, err := ListPointRecords(ctx, store, machine)
+	kinds, err := ListPointRecords(ctx, store, machine)
 	if err != nil {
 		return nil, err
 	}
-	exists := make(map[string]bool, len(recs))
-	for _, r := range recs {
-		exists[r.Name] = true
-	}
 	records := make([][]PointRecord, len(points)) // per point, its records
 	err = parallel(ctx, parallelism, len(points), func(ctx context.Context, i int) error {
-		for _, kind := range []string{KindCrash, KindApp} {
+		for _, kind := range kinds[points[i].Seq] {
 			name := layout.PointRecordName(machine, points[i].ID, kind)
-			if !exists[name] {
-				continue
-			}
 			r, err := readPointRecord(ctx, store, keys, name)
 			if blobstore.IsNotFound(err) {
 				continue // retention deleted it since the listing

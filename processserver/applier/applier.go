@@ -49,6 +49,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -616,13 +617,9 @@ func (a *Applier) loadPoints(ctx context.Context, m *machine) error {
 	if err != nil {
 		return err
 	}
-	recs, err := recovery.ListPointRecords(ctx, a.cfg.Store, m.name)
+	recorded, err := recovery.ListPointRecords(ctx, a.cfg.Store, m.name)
 	if err != nil {
 		return err
-	}
-	recorded := make(map[string]bool, len(recs))
-	for _, r := range recs {
-		recorded[r.Name] = true
 	}
 	// Only a point with a snapshot of every disk and its sealed record
 	// counts: if a crash or an error came before the record was written,
@@ -631,13 +628,12 @@ func (a *Applier) loadPoints(ctx context.Context, m *machine) error {
 	// the first; recover takes the one the record names).
 	m.lastPoint, m.pointTime, m.lastKind = 0, time.Time{}, ""
 	for _, p := range points {
-		kind := ""
-		for _, k := range []string{recovery.KindCrash, recovery.KindApp} { // app last: it wins
-			if recorded[layout.PointRecordName(m.name, p.ID, k)] {
-				kind = k
-			}
+		kinds := recorded[p.Seq]
+		kind := recovery.KindCrash
+		if slices.Contains(kinds, recovery.KindApp) {
+			kind = recovery.KindApp // the state is the same: app wins
 		}
-		if len(p.Snapshots) == len(m.disks) && kind != "" {
+		if len(p.Snapshots) == len(m.disks) && len(kinds) > 0 {
 			m.lastPoint, m.pointTime, m.lastKind = p.Seq, p.Time, kind
 		}
 	}

@@ -44,10 +44,7 @@ func TestForgedPointNotUsed(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	points, _, err := recovery.Points(ctx, store, m.Name)
-	if err != nil || len(points) < 2 {
-		t.Fatalf("points %+v, %v; want at least 2", points, err)
-	}
+	points := twoPoints(t, store, m.Name)
 	for _, p := range points {
 		if _, err := store.Stat(ctx, layout.PointRecordName(m.Name, p.ID, p.Kind)); err != nil {
 			t.Fatalf("point at seq %d: no sealed record: %v", p.Seq, err)
@@ -154,11 +151,7 @@ func TestPointRecordRetriedAndDuplicated(t *testing.T) {
 		t.Fatal(err)
 	}
 	// Every point has its record, the one whose record failed included.
-	points, _, err := recovery.Points(ctx, store, m.Name)
-	if err != nil || len(points) < 2 {
-		t.Fatalf("points %+v, %v; want at least 2", points, err)
-	}
-	for _, p := range points {
+	for _, p := range twoPoints(t, store, m.Name) {
 		_, errC := store.Stat(ctx, layout.PointRecordName(m.Name, p.ID, recovery.KindCrash))
 		_, errA := store.Stat(ctx, layout.PointRecordName(m.Name, p.ID, recovery.KindApp))
 		if errC != nil && errA != nil {
@@ -205,9 +198,11 @@ func TestRetentionIgnoresUnrecordedPoints(t *testing.T) {
 	if err != nil || len(recs) != len(apps) {
 		t.Fatalf("records %v, %v; want %d", recs, err, len(apps))
 	}
-	for _, r := range recs {
-		if err := m.Store.DeleteBlob(ctx, r.Name); err != nil {
-			t.Fatal(err)
+	for seq, kinds := range recs {
+		for _, kind := range kinds {
+			if err := m.Store.DeleteBlob(ctx, layout.PointRecordName(m.Name, recovery.PointID(seq), kind)); err != nil {
+				t.Fatal(err)
+			}
 		}
 	}
 	a = newApplier(t, m, applier.Config{Retention: 24 * time.Hour, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
@@ -219,4 +214,15 @@ func TestRetentionIgnoresUnrecordedPoints(t *testing.T) {
 	}
 	recoverAndCheck(t, m, 0, fmt.Sprint(apps[1].Seq+1), apps[1].Seq+1)
 	recoverAndCheck(t, m, 0, "latest", m.Latest())
+}
+
+// twoPoints returns machine's recovery points, failing unless there are at
+// least two.
+func twoPoints(t *testing.T, store blobstore.Store, machine string) []recovery.Point {
+	t.Helper()
+	points, _, err := recovery.Points(ctxT(t), store, machine)
+	if err != nil || len(points) < 2 {
+		t.Fatalf("points %+v, %v; want at least 2", points, err)
+	}
+	return points
 }

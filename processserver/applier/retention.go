@@ -39,13 +39,9 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 	cutoff := now.Add(-a.cfg.Retention)
 	keepFrom := m.applied()               // segments ending at or before it may go
 	oldestPoint := uint64(math.MaxUint64) // of the points left on any disk
-	recs, err := recovery.ListPointRecords(ctx, a.cfg.Store, m.name)
+	recorded, err := recovery.ListPointRecords(ctx, a.cfg.Store, m.name)
 	if err != nil {
 		return err
-	}
-	recorded := make(map[uint64]bool, len(recs))
-	for _, r := range recs {
-		recorded[r.Seq] = true
 	}
 	for _, d := range m.disks {
 		snaps, err := a.cfg.Store.ListSnapshots(ctx, d.blob)
@@ -73,7 +69,7 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 			// refuses, as is one without a record: never the newest or
 			// the base (it ages out).
 			_, gap := layout.DiskGapAt(m.gaps, d.name, seq)
-			usable := !gap && recorded[seq]
+			usable := !gap && len(recorded[seq]) > 0
 			valid = append(valid, snap{s.ID, seq, t, usable})
 			if usable && (newest < 0 || seq >= valid[newest].seq) {
 				newest = len(valid) - 1
@@ -161,12 +157,15 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 	// The records of points older than every point left on any disk
 	// (disks' bases differ: a gap, a disk added later): none while no
 	// point is left, as a record is written after its snapshots.
-	for _, r := range recs {
-		if r.Seq >= oldestPoint {
+	for seq, kinds := range recorded {
+		if seq >= oldestPoint {
 			continue
 		}
-		if err := a.cfg.Store.DeleteBlob(ctx, r.Name); err != nil && !blobstore.IsNotFound(err) {
-			return fmt.Errorf("delete recovery point record %s: %w", r.Name, err)
+		for _, kind := range kinds {
+			name := layout.PointRecordName(m.name, recovery.PointID(seq), kind)
+			if err := a.cfg.Store.DeleteBlob(ctx, name); err != nil && !blobstore.IsNotFound(err) {
+				return fmt.Errorf("delete recovery point record %s: %w", name, err)
+			}
 		}
 	}
 	m.lastPrune = now
