@@ -8,14 +8,16 @@ export PATH := $(PATH):/usr/local/go/bin:/usr/sbin:/sbin
 
 GO      ?= go
 BIN     := bin/lifeboat
-# Extra arguments for `lifeboat bench capture`, e.g. BENCH_ARGS="--runtime 30s --json bench.json".
+# Extra arguments for `lifeboat bench capture` (make bench) or `lifeboat bench
+# pipeline` (make bench-pipeline), e.g. BENCH_ARGS="--runtime 30s --json bench.json".
 BENCH_ARGS ?=
 FUZZTIME   ?= 20s
 # package:FuzzTarget pairs run by `make fuzz`.
 FUZZ_TARGETS := ./agent/capture:FuzzDecode ./internal/bitmap:FuzzExtents \
                 ./internal/wire:FuzzReader ./internal/seal:FuzzOpen \
                 ./internal/recovery:FuzzDecodeSegment ./internal/aesgcm:FuzzSeal \
-                ./internal/aesgcm:FuzzOpen ./internal/blobstore/azure:FuzzCRC64
+                ./internal/aesgcm:FuzzOpen ./internal/blobstore/azure:FuzzCRC64 \
+                ./internal/channel:FuzzReadRecord ./internal/crc32c:FuzzUpdate
 
 # command:Debian-package pairs the tests need (bookworm package names).
 TEST_TOOLS := fio:fio mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs mkfs.ext4:e2fsprogs dumpe2fs:e2fsprogs sfdisk:fdisk losetup:mount node:nodejs npm:npm \
@@ -63,7 +65,7 @@ test: tools bpffs check-generated vet lint fmt-check ## everything CI runs: tool
 	$(GO) test -count=1 -tags purego -run 'Seal|Open|KnownAnswer|CRC64|Accelerated' ./internal/aesgcm/ ./internal/blobstore/azure/
 	$(GO) test -count=1 -tags purego ./internal/channel/
 
-tools: ## install the missing test tools (fio, xfsprogs, e2fsprogs, fdisk, util-linux, Node.js and npm for Azurite, clang, llvm) with apt-get
+tools: ## install the missing test tools (fio, xfsprogs, btrfs-progs, e2fsprogs, fdisk, mount, util-linux, Node.js and npm for Azurite, clang, llvm) with apt-get
 	$(call install_missing,$(TEST_TOOLS))
 
 bpffs: ## mount the BPF filesystem at /sys/fs/bpf if it is not mounted (root)
@@ -109,6 +111,9 @@ lint: ## staticcheck ./... (pinned as a tool in go.mod)
 	$(GO) tool staticcheck ./...
 
 fuzz: ## run each fuzz target for FUZZTIME (default 20s)
+	@for t in $$(grep -rEo --include='*_test.go' '^func Fuzz[A-Za-z0-9_]*' . | sed -E 's|/[^/]*_test\.go:func |:|'); do \
+		case " $(FUZZ_TARGETS) " in *" $$t "*) ;; *) echo "fuzz target $$t is not in FUZZ_TARGETS" >&2; exit 1;; esac; \
+	done
 	@set -e; for t in $(FUZZ_TARGETS); do \
 		echo "==> fuzz $${t#*:} in $${t%%:*}"; \
 		$(GO) test -list="^$${t#*:}\$$" "$${t%%:*}" | grep -qx "$${t#*:}" || \

@@ -91,7 +91,7 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 		log = slog.New(slog.DiscardHandler)
 	}
 	if os.Geteuid() != 0 {
-		return errors.New("lifeboat agent needs root (it loads eBPF programs and reads block devices)")
+		return errors.New("the agent needs root (it loads eBPF programs and reads block devices)")
 	}
 	if err := capture.CheckCapabilities(); err != nil {
 		return err

@@ -118,7 +118,7 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 		cfg.StopTimeout = DefaultStopTimeout
 	}
 	if os.Geteuid() != 0 {
-		return errors.New("lifeboat agent needs root (it loads eBPF programs and reads block devices)")
+		return errors.New("the agent needs root (it loads eBPF programs and reads block devices)")
 	}
 	if err := capture.CheckCapabilities(); err != nil {
 		return err

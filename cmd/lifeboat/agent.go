@@ -31,7 +31,9 @@ A clean stop leaves capture pinned, marking written blocks, so the next run
 copies only what changed; after an unclean stop the next run compares
 checksums instead of copying everything. "lifeboat agent release" detaches it.`,
 		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
+		// Flag values are checked before RunE: a bad one is a refused
+		// command line (exit 2), as an unknown flag is.
+		PreRunE: func(*cobra.Command, []string) error {
 			if err := checkIntervals(cfg.CrashInterval, cfg.AppInterval); err != nil {
 				return err
 			}
@@ -42,7 +44,11 @@ checksums instead of copying everything. "lifeboat agent release" detaches it.`,
 			if ringMiB < 1 || ringMiB&(ringMiB-1) != 0 {
 				return fmt.Errorf("--ring-mib %d: must be a power of two", ringMiB)
 			}
-			cfg.Mode, cfg.RingBytes, cfg.StateDir = m, ringMiB<<20, stateDir
+			cfg.Mode, cfg.RingBytes = m, ringMiB<<20
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg.StateDir = stateDir
 			cfg.Logger = logger(*verbose)
 			cfg.Progress = os.Stderr
 			cfg.Out = os.Stdout

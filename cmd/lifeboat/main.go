@@ -48,6 +48,14 @@ func newRoot(verbose *bool) *cobra.Command {
 	root.AddCommand(pkiCmd())
 	root.AddCommand(keysCmd())
 	root.AddCommand(pointsCmd(verbose), recoverCmd(verbose))
+	for _, c := range root.Commands() {
+		// A group (keys, pki, bench) takes no arguments: cobra would show
+		// its help for a mistyped subcommand and exit 0.
+		if c.HasSubCommands() && c.Run == nil && c.RunE == nil {
+			c.Args = cobra.NoArgs
+			c.RunE = func(c *cobra.Command, _ []string) error { return c.Help() }
+		}
+	}
 	return root
 }
 

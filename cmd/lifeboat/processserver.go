@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
@@ -38,7 +39,7 @@ that losing a parity's worth of them loses nothing. The storage account is
 taken from AZURE_STORAGE_CONNECTION_STRING. Outages are retried with backoff
 while the cache absorbs the stream.`,
 		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
+		PreRunE: func(*cobra.Command, []string) error { // flag values: exit 2, as in agent mirror
 			if err := checkPprof(cfg.Profiling, cfg.MetricsListen); err != nil {
 				return err
 			}
@@ -51,6 +52,15 @@ while the cache absorbs the stream.`,
 			if retention == 0 {
 				return errors.New("--retention 0: give a duration, or a negative one to keep everything")
 			}
+			for _, d := range cfg.CacheDirs {
+				if strings.TrimSpace(d) == "" {
+					// Taken as is, it would be the working directory.
+					return fmt.Errorf("--cache %s: an empty directory name (a stray comma?)", strings.Join(cfg.CacheDirs, ","))
+				}
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, _ []string) error {
 			cs := os.Getenv(envConnectionString)
 			if cs == "" {
 				return errors.New(envConnectionString + " is not set: export the storage account's connection string (or Azurite's)")

@@ -35,7 +35,7 @@ name, e.g. sdb or loop0p1); keep names stable, a new name is a new replica.
 --name is both the machine's name and the name of its agent certificate in
 the --pki directory.`
 	cmd.Args = cobra.NoArgs
-	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+	cmd.PreRunE = func(*cobra.Command, []string) error { // flag values: exit 2, as in agent mirror
 		if err := checkPprof(cfg.Profiling, cfg.Metrics); err != nil {
 			return err
 		}
@@ -63,7 +63,11 @@ the --pki directory.`
 			}
 			cfg.Devices = append(cfg.Devices, agent.ProtectDevice{Name: name, Path: path})
 		}
-		cfg.Mode, cfg.RingBytes, cfg.StateDir = m, ringMiB<<20, stateDir
+		cfg.Mode, cfg.RingBytes = m, ringMiB<<20
+		return nil
+	}
+	cmd.RunE = func(cmd *cobra.Command, _ []string) error {
+		cfg.StateDir = stateDir
 		cfg.Logger = logger(*verbose)
 		cfg.Progress = os.Stderr
 		cfg.Out = os.Stdout

@@ -38,6 +38,12 @@ func recoveryStore(container string, verbose bool) (blobstore.Store, error) {
 	return blobstore.Stack(base, blobstore.StackConfig{Logger: log, Retry: blobstore.RetryConfig{MaxElapsed: 2 * time.Minute, Logger: log}}), nil
 }
 
+// diskJSON is a disk of `lifeboat points --json`: name and size in bytes.
+type diskJSON struct {
+	Name string `json:"name"`
+	Size uint64 `json:"size"`
+}
+
 // pointJSON is one line of `lifeboat points --json`.
 type pointJSON struct {
 	Kind  string   `json:"kind"`
@@ -88,10 +94,14 @@ and says which it leaves out.`,
 			if asJSON {
 				doc := struct {
 					Machine          string       `json:"machine"`
+					Disks            []diskJSON   `json:"disks"` // what recover --disk takes
 					Points           []pointJSON  `json:"points"`
 					RecoverableUntil *string      `json:"recoverable_until"` // null: nothing recoverable yet
 					Gaps             []layout.Gap `json:"gaps,omitempty"`
-				}{Machine: machine, Points: []pointJSON{}, Gaps: man.Gaps}
+				}{Machine: machine, Disks: []diskJSON{}, Points: []pointJSON{}, Gaps: man.Gaps}
+				for _, d := range man.Disks {
+					doc.Disks = append(doc.Disks, diskJSON{Name: d.Name, Size: d.Size})
+				}
 				if !until.IsZero() {
 					u := formatTime(until)
 					doc.RecoverableUntil = &u
@@ -192,10 +202,15 @@ recovery with an error naming it, and FILE is not created. Progress goes to
 stderr. The account is AZURE_STORAGE_CONNECTION_STRING; the recovery key file
 is the one "lifeboat keys init" wrote.`,
 		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			if _, _, err := recovery.ParsePoint(point); err != nil {
-				return err
+		PreRunE: func(*cobra.Command, []string) error { // exit 2, as in agent mirror
+			if point == "" {
+				// --point "$P" with P unset must not recover latest.
+				return errors.New(`--point "": give latest, a sequence number or an RFC 3339 time`)
 			}
+			_, _, err := recovery.ParsePoint(point)
+			return err
+		},
+		RunE: func(cmd *cobra.Command, _ []string) error {
 			if _, err := os.Lstat(to); err == nil && !force {
 				return fmt.Errorf("%s exists: give --force to replace it (a machine running from it would lose what it writes there)", to)
 			}

@@ -89,6 +89,10 @@ func TestPointsAndRecoverCommands(t *testing.T) {
 		t.Fatal(err)
 	}
 	var doc struct {
+		Disks []struct {
+			Name string
+			Size uint64
+		}
 		Points []struct {
 			Kind  string
 			Seq   uint64
@@ -98,6 +102,9 @@ func TestPointsAndRecoverCommands(t *testing.T) {
 	}
 	if err := json.Unmarshal([]byte(out), &doc); err != nil || len(doc.Points) < 2 || doc.RecoverableUntil != "2025-06-01T08:00:29Z" {
 		t.Fatalf("points --json: %v\n%s", err, out)
+	}
+	if len(doc.Disks) != 3 || doc.Disks[0].Name != "d0" || doc.Disks[0].Size != 1<<20+512 || doc.Disks[2].Name != "d2" {
+		t.Fatalf("points --json disks %+v, want d0 (1 MiB + 512 B), d1, d2", doc.Disks)
 	}
 	for _, p := range doc.Points { // in the manifest's order, every time
 		if !slices.Equal(p.Disks, []string{"d0", "d1", "d2"}) {

@@ -142,6 +142,15 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{[]string{"pki", "issue", "--dir", dir}, 2, "lifeboat pki issue --help"},
 		{[]string{"keys", "init", "--to", dir + "/k", "stray"}, 2, "lifeboat keys init --help"},
 		{[]string{"pki", "issue", "--dir", dir + "/none", "--name", "a", "--role", "agent"}, 1, ""},
+		// A mistyped subcommand of a group, and bad flag values.
+		{[]string{"keys", "innit"}, 2, "lifeboat keys --help"},
+		{[]string{"bench", "captur"}, 2, "lifeboat bench --help"},
+		{[]string{"recover", "--machine", "m", "--disk", "d", "--to", dir + "/out", "--recovery-key", dir + "/k", "--point", "2026-11-25"}, 2, "lifeboat recover --help"},
+		{[]string{"recover", "--machine", "m", "--disk", "d", "--to", dir + "/out", "--recovery-key", dir + "/k", "--point", ""}, 2, "lifeboat recover --help"},
+		{[]string{"agent", "mirror", "--device", "/dev/null", "--to", dir + "/m", "--ring-mib", "3"}, 2, "lifeboat agent mirror --help"},
+		{[]string{"agent", "--process-server", "h:1", "--pki", dir, "--name", "m", "--device", "sda="}, 2, "lifeboat agent --help"},
+		{[]string{"process-server", "--pki", dir, "--name", "ps", "--recovery-key", dir + "/k", "--cache", dir + "/c1,"}, 2, "lifeboat process-server --help"},
+		{[]string{"process-server", "--pki", dir, "--name", "ps", "--recovery-key", dir + "/k", "--cache", dir + "/c1", "--retention", "0"}, 2, "lifeboat process-server --help"},
 	} {
 		var verbose bool
 		root := newRoot(&verbose)

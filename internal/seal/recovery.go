@@ -148,6 +148,9 @@ func LoadRecoveryKey(path string) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("seal: recovery key: %w", err)
 	}
+	if !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("seal: recovery key %s is not a regular file", path)
+	}
 	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
 		return nil, fmt.Errorf("seal: recovery key file %s has mode %#o, accessible by others; run chmod 600 on it", path, perm)
 	}

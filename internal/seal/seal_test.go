@@ -355,6 +355,11 @@ func TestRecoveryKeyFile(t *testing.T) {
 		t.Errorf("world-readable key file: err = %v", err)
 	}
 
+	// A directory named by mistake is not "accessible by others".
+	if _, err := LoadRecoveryKey(dir); err == nil || !strings.Contains(err.Error(), "not a regular file") {
+		t.Errorf("directory: err = %v", err)
+	}
+
 	// A hand-made key whose fingerprint matches (anyone can compute one).
 	zero := make([]byte, KeySize)
 	weak := filepath.Join(dir, "weak")
