@@ -202,8 +202,10 @@ func (m *machine) ensureLoaded(ctx context.Context) error {
 // numbers its next records from durable+1, and segments of the two
 // histories under overlapping ranges would be replayed together.
 //
-// Those segments start at most at acked, the agent's last acknowledged
-// sequence: an upload holds acknowledged records only.
+// Those found now start at most at acked, the agent's last acknowledged
+// sequence: an upload holds acknowledged records only. A server that
+// still runs (cut off from the agent, not from the account) may upload
+// more later, past acked too: readers skip them (recovery.Stale).
 func (m *machine) dropForeignSegments(ctx context.Context, durable, acked uint64) error {
 	segs, err := recovery.ListSegmentsFrom(ctx, m.s.store, m.name, durable+1, acked)
 	if err != nil {

@@ -141,6 +141,78 @@ func TestRecoverRefusesTamperedManifest(t *testing.T) {
 	}
 }
 
+// Segments of a history the journal gave up (recovery.Stale) are skipped,
+// but the rule never hides a missing segment: a tombstone deleted from a
+// recorded gap leaves the segment after it chained into the gap, which is
+// skipped, and the next one then follows nothing.
+func TestRecoverSkipsStaleSegmentsOnly(t *testing.T) {
+	rng := rand.New(rand.NewPCG(11, 11))
+	const size = 64 << 10
+	m := recoverytest.New(t, mem.New(), "stale", size)
+	t0 := time.Date(2025, 5, 1, 0, 0, 0, 0, time.UTC)
+	segs, ends := cutSegments(m, rng, t0, 3, 1)
+	m.Write(0, 0, m.Image(0, m.Seq())[:size]) // the resync
+	mended := m.Marker(wire.MarkerTime, t0.Add(3*time.Second)).Seq
+	m.Cut()
+	m.LoseSegment(1)
+	m.Gaps = []layout.Gap{{From: ends[0] + 1, LostTo: ends[1], Mended: mended}}
+	m.WriteManifest()
+	got, res, err := recoverBytes(t, m, "latest", m.RecoveryKey)
+	if err != nil || !bytes.Equal(got, m.Image(0, res.Seq)[:size]) {
+		t.Fatalf("recover latest across the tombstone: %v (or bytes differ)", err)
+	}
+	if err := m.Store.DeleteBlob(context.Background(), segs[1]); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := recoverBytes(t, m, "latest", m.RecoveryKey); !errors.Is(err, recovery.ErrTampered) {
+		t.Fatalf("recover with the gap's tombstone deleted: %v, want ErrTampered", err)
+	}
+
+	// The same with the skipped segment the last one the target needs.
+	m = recoverytest.New(t, mem.New(), "stale2", size)
+	segs, ends = cutSegments(m, rng, t0, 2, 1)
+	m.Write(0, 0, m.Image(0, m.Seq())[:size]) // the resync
+	mended = m.Marker(wire.MarkerTime, t0.Add(3*time.Second)).Seq
+	m.Cut()
+	m.LoseSegment(1)
+	m.Gaps = []layout.Gap{{From: ends[0] + 1, LostTo: ends[1], Mended: mended}}
+	m.WriteManifest()
+	target := strconv.FormatUint(mended, 10)
+	if got, res, err := recoverBytes(t, m, target, m.RecoveryKey); err != nil || !bytes.Equal(got, m.Image(0, res.Seq)[:size]) {
+		t.Fatalf("recover %s after the tombstone: %v (or bytes differ)", target, err)
+	}
+	if err := m.Store.DeleteBlob(context.Background(), segs[1]); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := recoverBytes(t, m, target, m.RecoveryKey); !errors.Is(err, recovery.ErrTampered) {
+		t.Fatalf("recover %s, its last segment chained to a deleted tombstone: %v, want ErrTampered", target, err)
+	}
+}
+
+func TestStale(t *testing.T) {
+	gaps := []layout.Gap{{From: 6, LostTo: 10, Mended: 30}}
+	for _, c := range []struct {
+		name        string
+		first       uint64
+		recs        int
+		prev, chain uint64
+		want        bool
+	}{
+		{"records inside the gap", 6, 3, 5, 5, true},
+		{"straddling the gap's end", 9, 4, 8, 5, true},
+		{"tombstone inside the gap", 6, 0, 5, 5, false},
+		{"old history after the gap", 11, 5, 10, 5, true},
+		{"new owner after the gap", 11, 10, 5, 5, false},
+		{"after the gap's tombstone", 11, 5, 10, 10, false},
+		{"missing segment outside any gap", 31, 5, 25, 20, false},
+		{"before the gap", 1, 5, 0, 0, false},
+	} {
+		if got := recovery.Stale(gaps, c.first, c.recs, c.prev, true, c.chain); got != c.want {
+			t.Errorf("%s: Stale = %v, want %v", c.name, got, c.want)
+		}
+	}
+}
+
 // Two segments lost while a gap was open (two gaps, two tombstones):
 // recovery past the mend crosses both, but not a segment deleted between.
 func TestRecoverAcrossSecondLossInGap(t *testing.T) {

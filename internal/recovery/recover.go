@@ -141,7 +141,7 @@ func Recover(ctx context.Context, store blobstore.Store, req Request, to io.Writ
 			return Result{}, err
 		}
 	}
-	if res.Segments, err = replay(ctx, store, keys, st.segments, uint16(idx), size, res.BaseSeq, res.Seq, to, req.Progress); err != nil {
+	if res.Segments, err = replay(ctx, store, keys, st.segments, st.manifest.Gaps, uint16(idx), size, res.BaseSeq, res.Seq, to, req.Progress); err != nil {
 		return Result{}, err
 	}
 	return res, nil
@@ -484,7 +484,7 @@ func copySnapshot(ctx context.Context, store blobstore.Store, blob, snapshot str
 
 // replay applies the records of disk idx with from < seq ≤ to, verifying
 // each segment before writing any of its records.
-func replay(ctx context.Context, store blobstore.Store, keys seal.Keyring, segs []Segment, idx uint16, size int64,
+func replay(ctx context.Context, store blobstore.Store, keys seal.Keyring, segs []Segment, gaps []layout.Gap, idx uint16, size int64,
 	from, target uint64, to io.WriterAt, w io.Writer) (int, error) {
 	if target <= from {
 		return 0, nil
@@ -537,6 +537,12 @@ func replay(ctx context.Context, store blobstore.Store, keys seal.Keyring, segs 
 		if err != nil {
 			return 0, fmt.Errorf("journal segment %s: %w", s.Name, err)
 		}
+		if prev, ok := dec.Prev(); Stale(gaps, s.First, len(recs), prev, ok, chain) {
+			if w != nil {
+				fmt.Fprintf(w, "skipping journal segment %s: written by a process server that no longer served the machine (its records are in a recorded gap)\n", s.Name)
+			}
+			continue
+		}
 		if prev, ok := dec.Prev(); ok && prev > chain {
 			return 0, fmt.Errorf("journal segment %s %w: it follows a segment ending at sequence %d, which is missing from the account (the journal holds nothing between %d and %d)",
 				s.Name, ErrTampered, prev, chain, s.First)
@@ -569,6 +575,11 @@ func replay(ctx context.Context, store blobstore.Store, keys seal.Keyring, segs 
 		if bar != nil {
 			bar.Add(s.Size)
 		}
+	}
+	if chain < target {
+		// Only a skipped segment reached it: what holds its records is
+		// missing.
+		return 0, fmt.Errorf("journal is incomplete: the segments chained from sequence %d end at %d, before the target %d: %w", from, chain, target, ErrTampered)
 	}
 	return len(todo), nil
 }

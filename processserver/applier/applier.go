@@ -347,7 +347,12 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 			a.cfg.Yield(ctx)
 			yielded += time.Since(t0)
 		}
-		if err := a.applySegment(ctx, m, s); err != nil {
+		err := a.applySegment(ctx, m, s)
+		if errors.Is(err, errStale) {
+			m.cursor = s.Name // the chain stays: the next must follow what came before
+			continue
+		}
+		if err != nil {
 			return m.applied(), err
 		}
 		m.cursor = s.Name
@@ -359,6 +364,10 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 	}
 	return m.applied(), nil
 }
+
+// errStale: applySegment skipped a segment of a history the journal gave
+// up (recovery.Stale).
+var errStale = errors.New("stale journal segment")
 
 // passYieldMax bounds the time a pass spends in Config.Yield between its
 // segments.
@@ -673,6 +682,11 @@ func (a *Applier) applySegment(ctx context.Context, m *machine, s recovery.Segme
 	recs, err := m.dec.Decode(plain)
 	if err != nil {
 		return fmt.Errorf("journal segment %s: %w", s.Name, err)
+	}
+	if prev, ok := m.dec.Prev(); recovery.Stale(m.gaps, s.First, len(recs), prev, ok, m.chain) {
+		a.log.Warn("skipping a journal segment written by a process server that no longer served the machine (its records are in a recorded gap)",
+			logKeyMachine, m.name, logKeySegment, s.Name)
+		return errStale
 	}
 	// Applying across a missing segment would make a replica, and points,
 	// without its writes: stop and say so. (A segment lost before the

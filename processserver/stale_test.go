@@ -1,0 +1,263 @@
+package processserver
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore/mem"
+	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/recovery"
+	"github.com/lifeboat-dr/lifeboat/internal/wire"
+	"github.com/lifeboat-dr/lifeboat/processserver/applier"
+)
+
+// slowLink is PS1's view of the account: once armed, its manifest writes
+// and the upload of the segment starting at holdSeg wait for release
+// (a slow, backlogged link to the account).
+type slowLink struct {
+	blobstore.Store
+	armed   atomic.Bool
+	gates   map[string]chan struct{} // by segment first seq (20 digits)
+	waiting atomic.Int32
+	manGate chan struct{}
+}
+
+func (s *slowLink) PutBlob(ctx context.Context, name string, data []byte, md blobstore.Metadata) error {
+	if s.armed.Load() {
+		for first, g := range s.gates {
+			if strings.Contains(name, "/journal/"+first) {
+				s.waiting.Add(1)
+				<-g
+			}
+		}
+	}
+	return s.Store.PutBlob(ctx, name, data, md)
+}
+
+func (s *slowLink) PutBlobIf(ctx context.Context, name string, data []byte, md blobstore.Metadata, match string) (string, error) {
+	if s.armed.Load() && strings.HasSuffix(name, "manifest.json") {
+		<-s.manGate
+	}
+	return s.Store.PutBlobIf(ctx, name, data, md, match)
+}
+
+// A process server cut off from its agent but not from the account keeps
+// uploading what it cached after the agent moved to another (README,
+// "Journal segment uploads are not fenced"). Readers skip those segments
+// (recovery.Stale) instead of failing on them or replaying them.
+
+// TestStaleServerSegmentBreaksJournal: PS1, backlogged, has uploaded
+// 6..10 (acked) but not yet written the manifest; 11..15 (cached, its ack
+// lost) is still uploading. The agent moves to PS2: gap [6, 10], the
+// orphan 6..10 deleted (dropForeignSegments). PS2 journals 11..20 with
+// prev 5. Then PS1's upload of 11..15 (prev 10) lands; its manifest write
+// fails and it fences itself, too late: recover and a fresh applier meet
+// 11..15 before PS2's 11..20, and stopped at a "missing" segment ending
+// at 10 before they skipped it.
+func TestStaleServerSegmentBreaksJournal(t *testing.T) {
+	mstore := mem.New()
+	gate6, gate11 := make(chan struct{}), make(chan struct{})
+	link := &slowLink{Store: mstore, manGate: make(chan struct{}), gates: map[string]chan struct{}{
+		"00000000000000000006-": gate6, "00000000000000000011-": gate11}}
+	eA := newEnv(t, link, 1)
+	eA.segAge = 20 * time.Millisecond
+	eB := *eA
+	eB.store = mstore
+	eB.cache, eB.logs = []string{t.TempDir()}, &logBuf{}
+	sA := eA.start()
+
+	a1 := dialAgent(t, eA, sA, "m1")
+	ackA, _ := a1.hello("m1", disk0)
+	gen := ackA.Disks[0].Generation
+	a1.waitAck(a1.batch(1, 5))
+	eventually(t, 10*time.Second, "PS1's upload of 1..5", func() bool { return durableSeq(t, mstore, "m1") == 5 })
+
+	link.armed.Store(true)
+	a1.waitAck(a1.batch(6, 5))
+	a1.waitAck(a1.batch(11, 5)) // cached by PS1; pretend this ack never reached the agent
+	ctx := context.Background()
+	eventually(t, 10*time.Second, "PS1 uploading both", func() bool { return link.waiting.Load() == 2 })
+	close(gate6) // 6..10 lands; PS1's manifest write (durable 10) is slow
+	eventually(t, 10*time.Second, "PS1's upload of 6..10", func() bool {
+		_, err := mstore.GetBlob(ctx, layout.SegmentName("m1", 6, 10))
+		return err == nil
+	})
+
+	// The agent moves to PS2, having heard acks up to 10.
+	sB := eB.start()
+	b1 := dialAgent(t, &eB, sB, "m1")
+	ackB, _ := b1.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: gen, LastAckedSeq: 10})
+	if ackB.Disks[0].Action != wire.SyncChecksum {
+		t.Fatalf("PS2 answered %v, want a checksum resync", ackB.Disks[0].Action)
+	}
+	if _, err := mstore.GetBlob(ctx, layout.SegmentName("m1", 6, 10)); !blobstore.IsNotFound(err) {
+		t.Fatalf("6..10 not deleted by the hello: %v", err)
+	}
+	// The agent resends 11..15 (same records) and goes on.
+	b1.waitAck(b1.batch(11, 10))
+	b1.marker(20, wire.MarkerTime, time.Now())
+	b1.waitAck(b1.batch(21, 5))
+	b1.marker(25, wire.MarkerTime, time.Now())
+	eventually(t, 10*time.Second, "PS2's uploads and the mend", func() bool {
+		man, err := recovery.ReadManifest(ctx, mstore, "m1")
+		return err == nil && man.DurableSeq == 25 && len(man.Gaps) == 1 && !man.Gaps[0].Open()
+	})
+
+	// The first 32 blocks: every record of the test writes there.
+	rec := func(point string) ([]byte, error) {
+		out := filepath.Join(t.TempDir(), "out.img")
+		if _, err := recovery.RecoverFile(ctx, mstore, recovery.Request{Machine: "m1", Disk: disk0.Name, Point: point, RecoveryKey: eA.rk}, out); err != nil {
+			return nil, err
+		}
+		f, err := os.Open(out)
+		if err != nil {
+			return nil, err
+		}
+		defer f.Close()
+		b := make([]byte, 32*4096)
+		_, err = io.ReadFull(f, b)
+		return b, err
+	}
+	before, err := rec("25")
+	if err != nil {
+		t.Fatalf("before PS1's late upload: recover 25: %v", err)
+	}
+
+	// PS1's late upload lands; its manifest write then fails: fenced.
+	close(gate11)
+	eventually(t, 10*time.Second, "PS1's upload of 11..15", func() bool {
+		_, err := mstore.GetBlob(ctx, layout.SegmentName("m1", 11, 15))
+		return err == nil
+	})
+	close(link.manGate)
+	eventually(t, 10*time.Second, "PS1 fenced", func() bool {
+		return strings.Contains(eA.logs.String(), "another writer changed the manifest")
+	})
+
+	after, err := rec("25")
+	if err != nil {
+		t.Errorf("recover 25 after a stale server's late upload: %v", err)
+	} else if !bytes.Equal(after, before) {
+		t.Error("recover 25 after a stale server's late upload differs from before it")
+	}
+	// A fresh applier (a replica rebuilt, or PS2's if it had not passed 5).
+	ap, err := applier.New(applier.Config{Store: mstore, Keys: applier.RecoveryKeys(mstore, eA.rk), Retention: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := ap.Apply(ctx, "m1"); err != nil || got != 25 {
+		t.Errorf("fresh applier after a stale server's late upload: applied %d, %v; want 25", got, err)
+	}
+}
+
+// sendRecs sends one batch of records.
+func sendRecs(a *agent, recs ...wire.Record) uint64 {
+	a.t.Helper()
+	var b wire.BatchBuilder
+	for _, r := range recs {
+		if err := b.Add(r); err != nil {
+			a.t.Fatal(err)
+		}
+	}
+	p, err := b.AppendBinary(nil)
+	if err != nil {
+		a.t.Fatal(err)
+	}
+	a.sendFrame(wire.TypeBatch, p)
+	return recs[len(recs)-1].Seq
+}
+
+// TestStaleServerGapSegmentWrongBytes: inside the gap, record 6 wrote
+// block X and record 9 put it back (zeros). PS1 uploaded 9..10 before the
+// hello (deleted by dropForeignSegments) and 6..8 after it. PS2's replica
+// never had 6..10, so the checksum resync finds X equal (zeros on both)
+// and sends nothing for it. recover past the mend replays 6..8 and
+// returns X = 0xAA, without error.
+func TestStaleServerGapSegmentWrongBytes(t *testing.T) {
+	mstore := mem.New()
+	gate6, gate9 := make(chan struct{}), make(chan struct{})
+	link := &slowLink{Store: mstore, manGate: make(chan struct{}), gates: map[string]chan struct{}{
+		"00000000000000000006-": gate6, "00000000000000000009-": gate9}}
+	eA := newEnv(t, link, 1)
+	eA.segAge = 20 * time.Millisecond
+	eB := *eA
+	eB.store = mstore
+	eB.cache, eB.logs = []string{t.TempDir()}, &logBuf{}
+	sA := eA.start()
+	ctx := context.Background()
+
+	a1 := dialAgent(t, eA, sA, "m1")
+	ackA, _ := a1.hello("m1", disk0)
+	gen := ackA.Disks[0].Generation
+	a1.waitAck(a1.batch(1, 5))
+	eventually(t, 10*time.Second, "PS1's upload of 1..5", func() bool { return durableSeq(t, mstore, "m1") == 5 })
+
+	const X = 1000 * 4096
+	v1 := strings.Repeat("\xaa", 4096)
+	link.armed.Store(true)
+	a1.waitAck(sendRecs(a1,
+		wire.Record{Seq: 6, Op: wire.OpWrite, Offset: X, Length: 4096, Data: []byte(v1)},
+		wire.Record{Seq: 7, Op: wire.OpWrite, Offset: 7 * 4096, Length: 4096, Data: []byte(v1)},
+		wire.Record{Seq: 8, Op: wire.OpWrite, Offset: 8 * 4096, Length: 4096, Data: []byte(v1)}))
+	a1.waitAck(sendRecs(a1,
+		wire.Record{Seq: 9, Op: wire.OpZero, Offset: X, Length: 4096},
+		wire.Record{Seq: 10, Op: wire.OpWrite, Offset: 10 * 4096, Length: 4096, Data: []byte(v1)}))
+	eventually(t, 10*time.Second, "PS1 uploading both", func() bool { return link.waiting.Load() == 2 })
+	close(gate9) // lands before the hello; 6..8, the head, is slow
+	eventually(t, 10*time.Second, "PS1's upload of 9..10", func() bool {
+		_, err := mstore.GetBlob(ctx, layout.SegmentName("m1", 9, 10))
+		return err == nil
+	})
+
+	sB := eB.start()
+	b1 := dialAgent(t, &eB, sB, "m1")
+	ackB, _ := b1.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: gen, LastAckedSeq: 10})
+	if ackB.Disks[0].Action != wire.SyncChecksum {
+		t.Fatalf("PS2 answered %v, want a checksum resync", ackB.Disks[0].Action)
+	}
+	// The resync: X reads zeros on the agent and on PS2's replica (which
+	// never had 6..10): nothing is sent for it.
+	b1.waitAck(b1.batch(11, 10))
+	b1.marker(20, wire.MarkerTime, time.Now())
+	b1.waitAck(b1.batch(21, 5))
+	b1.marker(25, wire.MarkerTime, time.Now())
+	eventually(t, 10*time.Second, "PS2's uploads and the mend", func() bool {
+		man, err := recovery.ReadManifest(ctx, mstore, "m1")
+		return err == nil && man.DurableSeq == 25 && len(man.Gaps) == 1 && !man.Gaps[0].Open()
+	})
+
+	close(gate6)
+	eventually(t, 10*time.Second, "PS1's upload of 6..8", func() bool {
+		_, err := mstore.GetBlob(ctx, layout.SegmentName("m1", 6, 8))
+		return err == nil
+	})
+	close(link.manGate)
+	eventually(t, 10*time.Second, "PS1 fenced", func() bool {
+		return strings.Contains(eA.logs.String(), "another writer changed the manifest")
+	})
+	out := filepath.Join(t.TempDir(), "out.img")
+	res, err := recovery.RecoverFile(ctx, mstore, recovery.Request{Machine: "m1", Disk: disk0.Name, Point: "25", RecoveryKey: eA.rk}, out)
+	if err != nil {
+		t.Fatalf("recover 25: %v", err)
+	}
+	f, err := os.Open(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	buf := make([]byte, 4096)
+	if _, err := f.ReadAt(buf, X); err != nil {
+		t.Fatal(err)
+	}
+	if buf[0] != 0 {
+		t.Errorf("recover 25 (seq %d, %d segments, mended gap): block X reads %#x, the disk holds zeros", res.Seq, res.Segments, buf[0])
+	}
+}
