@@ -201,6 +201,13 @@ func (g *gateJournal) PutBlob(ctx context.Context, name string, data []byte, md 
 	return g.Store.PutBlob(ctx, name, data, md)
 }
 
+func (g *gateJournal) PutBlobIf(ctx context.Context, name string, data []byte, md blobstore.Metadata, match string) (string, error) {
+	if !g.open.Load() && strings.HasPrefix(name, layout.JournalPrefix("m1")) {
+		return "", errors.New("injected outage")
+	}
+	return g.Store.PutBlobIf(ctx, name, data, md, match)
+}
+
 // cachedWhileDown has an agent's batch acknowledged (cached) while the
 // journal refuses it, and stops the server: the next one reads the
 // segment back from the cache to upload it.

@@ -26,21 +26,31 @@ type holdFirstSegment struct {
 }
 
 func (h *holdFirstSegment) PutBlob(ctx context.Context, name string, data []byte, md blobstore.Metadata) error {
+	_, err := h.put(ctx, name, func() (string, error) { return "", h.Store.PutBlob(ctx, name, data, md) })
+	return err
+}
+
+// PutBlobIf: segments are uploaded under names no blob holds yet.
+func (h *holdFirstSegment) PutBlobIf(ctx context.Context, name string, data []byte, md blobstore.Metadata, match string) (string, error) {
+	return h.put(ctx, name, func() (string, error) { return h.Store.PutBlobIf(ctx, name, data, md, match) })
+}
+
+func (h *holdFirstSegment) put(ctx context.Context, name string, put func() (string, error)) (string, error) {
 	journal := strings.HasPrefix(name, layout.JournalPrefix("m1"))
 	if first, _, err := layout.ParseSegmentName(name); journal && err == nil && first == 1 {
 		select {
 		case <-h.release:
 		case <-ctx.Done():
-			return ctx.Err()
+			return "", ctx.Err()
 		}
 	}
-	err := h.Store.PutBlob(ctx, name, data, md)
+	etag, err := put()
 	if err == nil && journal {
 		h.mu.Lock()
 		h.ended = append(h.ended, name)
 		h.mu.Unlock()
 	}
-	return err
+	return etag, err
 }
 
 func (h *holdFirstSegment) uploaded() []string {
@@ -189,6 +199,13 @@ func (r refuseJournal) PutBlob(ctx context.Context, name string, data []byte, md
 		return blobstore.Permanent(errors.New("AuthorizationPermissionMismatch (HTTP 403)"))
 	}
 	return r.Store.PutBlob(ctx, name, data, md)
+}
+
+func (r refuseJournal) PutBlobIf(ctx context.Context, name string, data []byte, md blobstore.Metadata, match string) (string, error) {
+	if strings.HasPrefix(name, layout.JournalPrefix("m1")) {
+		return "", blobstore.Permanent(errors.New("AuthorizationPermissionMismatch (HTTP 403)"))
+	}
+	return r.Store.PutBlobIf(ctx, name, data, md, match)
 }
 
 // An upload the account refuses for good is still retried (the cache keeps

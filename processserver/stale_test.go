@@ -3,6 +3,7 @@ package processserver
 import (
 	"bytes"
 	"context"
+	"errors"
 	"io"
 	"os"
 	"path/filepath"
@@ -30,22 +31,28 @@ type slowLink struct {
 	manGate chan struct{}
 }
 
-func (s *slowLink) PutBlob(ctx context.Context, name string, data []byte, md blobstore.Metadata) error {
-	if s.armed.Load() {
-		for first, g := range s.gates {
-			if strings.Contains(name, "/journal/"+first) {
-				s.waiting.Add(1)
-				<-g
-			}
+func (s *slowLink) hold(name string) {
+	if !s.armed.Load() {
+		return
+	}
+	if strings.HasSuffix(name, "manifest.json") {
+		<-s.manGate
+	}
+	for first, g := range s.gates {
+		if strings.Contains(name, "/journal/"+first) {
+			s.waiting.Add(1)
+			<-g
 		}
 	}
+}
+
+func (s *slowLink) PutBlob(ctx context.Context, name string, data []byte, md blobstore.Metadata) error {
+	s.hold(name)
 	return s.Store.PutBlob(ctx, name, data, md)
 }
 
 func (s *slowLink) PutBlobIf(ctx context.Context, name string, data []byte, md blobstore.Metadata, match string) (string, error) {
-	if s.armed.Load() && strings.HasSuffix(name, "manifest.json") {
-		<-s.manGate
-	}
+	s.hold(name)
 	return s.Store.PutBlobIf(ctx, name, data, md, match)
 }
 
@@ -259,5 +266,143 @@ func TestStaleServerGapSegmentWrongBytes(t *testing.T) {
 	}
 	if buf[0] != 0 {
 		t.Errorf("recover 25 (seq %d, %d segments, mended gap): block X reads %#x, the disk holds zeros", res.Seq, res.Segments, buf[0])
+	}
+}
+
+// TestStaleServerSegmentUnderTakenName: PS1's late segment 11..20 has the
+// very name of PS2's (the same first and last sequence). Uploaded blindly
+// it replaced PS2's, and recovery past it stopped at a missing segment;
+// PS1 now finds the name taken by other bytes, checks with a manifest
+// write whether the machine is still its own, and is fenced instead.
+func TestStaleServerSegmentUnderTakenName(t *testing.T) {
+	mstore := mem.New()
+	gate6, gate11 := make(chan struct{}), make(chan struct{})
+	link := &slowLink{Store: mstore, manGate: make(chan struct{}), gates: map[string]chan struct{}{
+		"00000000000000000006-": gate6, "00000000000000000011-": gate11}}
+	eA := newEnv(t, link, 1)
+	eA.segAge = 20 * time.Millisecond
+	eB := *eA
+	eB.store = mstore
+	eB.cache, eB.logs = []string{t.TempDir()}, &logBuf{}
+	sA := eA.start()
+	ctx := context.Background()
+
+	a1 := dialAgent(t, eA, sA, "m1")
+	ackA, _ := a1.hello("m1", disk0)
+	gen := ackA.Disks[0].Generation
+	a1.waitAck(a1.batch(1, 5))
+	eventually(t, 10*time.Second, "PS1's upload of 1..5", func() bool { return durableSeq(t, mstore, "m1") == 5 })
+	link.armed.Store(true)
+	a1.waitAck(a1.batch(6, 5))
+	a1.waitAck(a1.batch(11, 10)) // its ack lost on the way
+	eventually(t, 10*time.Second, "PS1 uploading both", func() bool { return link.waiting.Load() == 2 })
+	close(gate6)
+	name := layout.SegmentName("m1", 11, 20)
+	eventually(t, 10*time.Second, "PS1's upload of 6..10", func() bool {
+		_, err := mstore.GetBlob(ctx, layout.SegmentName("m1", 6, 10))
+		return err == nil
+	})
+
+	sB := eB.start()
+	b1 := dialAgent(t, &eB, sB, "m1")
+	b1.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: gen, LastAckedSeq: 10})
+	b1.waitAck(b1.batch(11, 10))
+	b1.marker(20, wire.MarkerTime, time.Now())
+	b1.waitAck(b1.batch(21, 5))
+	b1.marker(25, wire.MarkerTime, time.Now())
+	eventually(t, 10*time.Second, "PS2's uploads and the mend", func() bool {
+		man, err := recovery.ReadManifest(ctx, mstore, "m1")
+		return err == nil && man.DurableSeq == 25 && len(man.Gaps) == 1 && !man.Gaps[0].Open()
+	})
+	ps2, err := mstore.GetBlob(ctx, name)
+	if err != nil {
+		t.Fatalf("PS2's segment %s: %v", name, err)
+	}
+	out := filepath.Join(t.TempDir(), "before.img")
+	if _, err := recovery.RecoverFile(ctx, mstore, recovery.Request{Machine: "m1", Disk: disk0.Name, Point: "25", RecoveryKey: eA.rk}, out); err != nil {
+		t.Fatalf("recover 25: %v", err)
+	}
+
+	close(gate11)
+	close(link.manGate)
+	eventually(t, 10*time.Second, "PS1 fenced", func() bool {
+		return strings.Contains(eA.logs.String(), "another writer changed the manifest")
+	})
+	if got, err := mstore.GetBlob(ctx, name); err != nil || !bytes.Equal(got, ps2) {
+		t.Fatalf("PS2's segment %s replaced by the server it took the machine from (%v)", name, err)
+	}
+	if _, err := recovery.RecoverFile(ctx, mstore, recovery.Request{Machine: "m1", Disk: disk0.Name, Point: "25", RecoveryKey: eA.rk}, filepath.Join(t.TempDir(), "after.img")); err != nil {
+		t.Fatalf("recover 25 after PS1's late upload: %v", err)
+	}
+}
+
+// takenName puts, before the first journal segment upload, what lies
+// under its name already: other bytes (foreign), or the segment itself,
+// its reply lost (own).
+type takenName struct {
+	blobstore.Store
+	foreign bool
+	done    atomic.Bool
+}
+
+func (s *takenName) PutBlobIf(ctx context.Context, name string, data []byte, md blobstore.Metadata, match string) (string, error) {
+	if !strings.Contains(name, "/journal/") || s.done.Swap(true) {
+		return s.Store.PutBlobIf(ctx, name, data, md, match)
+	}
+	if s.foreign {
+		if err := s.Store.PutBlob(ctx, name, []byte("another server's segment"), md); err != nil {
+			return "", err
+		}
+		return s.Store.PutBlobIf(ctx, name, data, md, match)
+	}
+	if _, err := s.Store.PutBlobIf(ctx, name, data, md, match); err != nil {
+		return "", err
+	}
+	return "", errors.New("reply lost")
+}
+
+// A segment name found taken is this server's own earlier upload (kept)
+// or, while the manifest is still this server's, another's (replaced):
+// either way the journal ends up holding the segment, byte for byte.
+func TestSegmentNameTaken(t *testing.T) {
+	for _, foreign := range []bool{false, true} {
+		t.Run(map[bool]string{false: "own", true: "foreign"}[foreign], func(t *testing.T) {
+			mstore := mem.New()
+			e := newEnv(t, &takenName{Store: mstore, foreign: foreign}, 1)
+			e.segAge = 20 * time.Millisecond
+			s := e.start()
+			a := dialAgent(t, e, s, "m1")
+			a.hello("m1", disk0)
+			a.waitAck(a.batch(1, 5))
+			a.marker(5, wire.MarkerTime, time.Now())
+			eventually(t, 10*time.Second, "the upload of 1..5", func() bool { return durableSeq(t, mstore, "m1") == 5 })
+			if strings.Contains(e.logs.String(), "another writer changed the manifest") {
+				t.Fatal("fenced by its own manifest")
+			}
+			ctx := context.Background()
+			out := filepath.Join(t.TempDir(), "out.img")
+			if _, err := recovery.RecoverFile(ctx, mstore, recovery.Request{Machine: "m1", Disk: disk0.Name, Point: "5", RecoveryKey: e.rk}, out); err != nil {
+				t.Fatalf("recover 5: %v", err)
+			}
+			f, err := os.Open(out)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			got := make([]byte, 6*4096)
+			if _, err := io.ReadFull(f, got); err != nil {
+				t.Fatal(err)
+			}
+			want := make([]byte, 6*4096)
+			for seq := 1; seq <= 5; seq++ { // as agent.batch writes them
+				copy(want[seq*4096:], bytes.Repeat([]byte{byte(seq), 0, 0x5a, byte(seq - 1)}, 1024))
+			}
+			if !bytes.Equal(got, want) {
+				t.Fatal("recovered blocks differ from the records sent")
+			}
+			if foreign != strings.Contains(e.logs.String(), "replacing a journal segment") {
+				t.Errorf("foreign %v: the replacement warning was logged %v", foreign, !foreign)
+			}
+		})
 	}
 }

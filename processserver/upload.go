@@ -1,6 +1,7 @@
 package processserver
 
 import (
+	"bytes"
 	"context"
 	"encoding/hex"
 	"errors"
@@ -487,7 +488,7 @@ func (m *machine) uploadOne(ctx context.Context, u *upload) {
 	}
 	name := layout.SegmentName(m.name, meta.first, meta.last)
 	start := time.Now()
-	if err := m.s.store.PutBlob(ctx, name, sealed, meta.metadata()); err != nil {
+	if err := m.putSegment(ctx, name, sealed, meta.metadata()); err != nil {
 		u.err = fmt.Errorf("upload %s: %w", name, err)
 		return
 	}
@@ -501,6 +502,32 @@ func (m *machine) uploadOne(ctx context.Context, u *upload) {
 		m.mu.Unlock()
 	}
 	m.log.Debug("segment uploaded", logBlob, name, logSealed, len(sealed), logDuration, time.Since(start))
+}
+
+// putSegment uploads a sealed segment under a name no blob holds yet. One
+// there already is this server's own upload (the same bytes: a retry, or
+// an upload before a crash), or another process server's, which served
+// the machine too (its agent re-pointed): then this one replaces it only
+// once a write of the manifest shows the machine is still its own, and a
+// server the other took the machine from is fenced there instead of
+// writing over the other's journal.
+func (m *machine) putSegment(ctx context.Context, name string, sealed []byte, md blobstore.Metadata) error {
+	_, err := m.s.store.PutBlobIf(ctx, name, sealed, md, "")
+	if !errors.Is(err, blobstore.ErrConflict) {
+		return err
+	}
+	got, err := m.s.store.GetBlob(ctx, name)
+	if err == nil && bytes.Equal(got, sealed) {
+		return nil
+	}
+	if err != nil && !blobstore.IsNotFound(err) {
+		return err
+	}
+	if err := m.writeManifest(ctx); err != nil {
+		return err
+	}
+	m.log.Warn("replacing a journal segment another process server uploaded under the same name (it served this machine too)", logBlob, name)
+	return m.s.store.PutBlob(ctx, name, sealed, md)
 }
 
 // dropApplied deletes uploaded segments the applier has applied (all
