@@ -205,7 +205,7 @@ func (m *machine) ensureLoaded(ctx context.Context) error {
 // Those found now start at most at acked, the agent's last acknowledged
 // sequence: an upload holds acknowledged records only. A server that
 // still runs (cut off from the agent, not from the account) may upload
-// more later, past acked too: readers skip them (recovery.Stale).
+// more later, past acked too: readers skip them (recovery.StaleFilter).
 func (m *machine) dropForeignSegments(ctx context.Context, durable, acked uint64) error {
 	segs, err := recovery.ListSegmentsFrom(ctx, m.s.store, m.name, durable+1, acked)
 	if err != nil {
@@ -495,18 +495,18 @@ func (m *machine) fencedMessage() string {
 // is append-only, so old segments keep their meaning), and, when the
 // answer asks for a checksum resync because of a gap, the gap's epoch for
 // mended (0 otherwise).
-func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, uint64, []uint16, uint64, error) {
+func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, agreed, []uint16, uint64, error) {
 	if err := m.ensureLoaded(ctx); err != nil {
-		return nil, 0, nil, 0, err
+		return nil, agreed{}, nil, 0, err
 	}
 	// The cache holds only sealed segments, so the key must be at hand
 	// before the first record is accepted.
 	if _, err := m.ensureKey(ctx); err != nil {
-		return nil, 0, nil, 0, err
+		return nil, agreed{}, nil, 0, err
 	}
 	// Settled before the answer: the agent's resend may reuse their names.
 	if err := m.settleSuspects(ctx); err != nil {
-		return nil, 0, nil, 0, err
+		return nil, agreed{}, nil, 0, err
 	}
 	// An agent acknowledged past what this server holds lost the records
 	// in between (a cache lost or restored, another server took them):
@@ -519,10 +519,10 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, uin
 			m.log.Error("the agent had records acknowledged that this process server does not hold; they are missing from the journal until its checksum resync completes",
 				logGapFrom, durable+1, logAgentAcked, d.LastAckedSeq)
 			if err := m.openGap(ctx, durable+1, d.LastAckedSeq); err != nil {
-				return nil, 0, nil, 0, err
+				return nil, agreed{}, nil, 0, err
 			}
 			if err := m.dropForeignSegments(ctx, durable, d.LastAckedSeq); err != nil {
-				return nil, 0, nil, 0, err
+				return nil, agreed{}, nil, 0, err
 			}
 			break
 		}
@@ -549,11 +549,23 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, uin
 			m.mendDisks = append(m.mendDisks, d.Name)
 		}
 	}
+	// No record at or below an open gap's end is taken, not even one the
+	// agent resends (it never heard the ack of a cached segment lost
+	// there): inside a gap the journal holds tombstones only, which is how
+	// readers tell a stale process server's segments there
+	// (recovery.StaleFilter). The agent takes them as acknowledged, and its
+	// checksum resync brings back what they changed.
+	accepted := durable
+	for _, g := range m.man.Gaps {
+		if g.Open() {
+			accepted = max(accepted, g.LostTo)
+		}
+	}
 	ack := &wire.HelloAck{ProtocolVersion: protocolVersion, Disks: make([]wire.DiskAgreement, len(h.Disks)), LastRun: m.lastRun}
 	changed := false
 	for i, d := range h.Disks {
 		a := &ack.Disks[i]
-		a.Name, a.ResumeFrom = d.Name, durable+1
+		a.Name, a.ResumeFrom = d.Name, accepted+1
 		md := m.man.Disk(d.Name)
 		switch {
 		case md == nil || d.Generation.IsZero() || md.Generation != d.Generation.String() || md.Size != d.Size || missing[d.Name] || m.leftUnmended(md):
@@ -586,11 +598,15 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, uin
 	m.mu.Unlock()
 	if changed {
 		if err := m.writeManifest(ctx); err != nil {
-			return nil, 0, nil, 0, err
+			return nil, agreed{}, nil, 0, err
 		}
 	}
-	return ack, durable, diskMap, mendEpoch, nil
+	return ack, agreed{durable: durable, accepted: accepted}, diskMap, mendEpoch, nil
 }
+
+// agreed is where a session starts: its first segment follows the one
+// ending at durable, and it takes records past accepted.
+type agreed struct{ durable, accepted uint64 }
 
 // leftUnmended reports whether disk md was left out of a gap's mending
 // (Gap.Unmended) and has had no full sync since: its replica still lacks

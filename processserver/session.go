@@ -213,7 +213,7 @@ func (st *session) run(ctx context.Context) {
 	}()
 
 	actx, cancel := context.WithTimeout(ctx, helloWork)
-	ack, durable, diskMap, mendEpoch, err := m.agree(actx, &h)
+	ack, start, diskMap, mendEpoch, err := m.agree(actx, &h)
 	cancel()
 	switch {
 	case errors.Is(err, errFenced):
@@ -224,7 +224,7 @@ func (st *session) run(ctx context.Context) {
 		st.sendError(wire.CodeInternal, "process server cannot read this machine's state from the storage account; retry later")
 		return
 	}
-	st.accepted = durable
+	st.accepted = start.accepted
 	st.diskMap = diskMap
 	for _, d := range h.Disks {
 		st.diskSize = append(st.diskSize, d.Size)
@@ -252,7 +252,7 @@ func (st *session) run(ctx context.Context) {
 	st.updateBackpressure()
 
 	st.buf = st.s.getBuf()
-	st.buf.begin(durable) // the last segment before this session's ends there
+	st.buf.begin(start.durable) // the last segment before this session's ends there
 	st.flushq = make(chan flushItem, flushDepth)
 	var wg sync.WaitGroup
 	wg.Go(st.flusher)

@@ -59,7 +59,7 @@ func (s *slowLink) PutBlobIf(ctx context.Context, name string, data []byte, md b
 // A process server cut off from its agent but not from the account keeps
 // uploading what it cached after the agent moved to another (README,
 // "Journal segment uploads are not fenced"). Readers skip those segments
-// (recovery.Stale) instead of failing on them or replaying them.
+// (recovery.StaleFilter) instead of failing on them or replaying them.
 
 // TestStaleServerSegmentBreaksJournal: PS1, backlogged, has uploaded
 // 6..10 (acked) but not yet written the manifest; 11..15 (cached, its ack
@@ -404,5 +404,141 @@ func TestSegmentNameTaken(t *testing.T) {
 				t.Errorf("foreign %v: the replacement warning was logged %v", foreign, !foreign)
 			}
 		})
+	}
+}
+
+// TestResendInsideOpenGapNotTaken: segmentLost recorded gap [6, 10] for a
+// cached segment whose ack never reached the agent (the server crashed
+// after openGap, before the tombstone / the manifest's durable_seq), and
+// the cache is gone at restart: durable is 5, the agent (acked 5) resends
+// 6..10 legitimately. The new server's segment 6..15 has records inside
+// the gap: recovery.Stale skips it and the journal past 5 is refused.
+func TestResendInsideOpenGapNotTaken(t *testing.T) {
+	mstore := mem.New()
+	eA := newEnv(t, mstore, 1)
+	eA.segAge = 20 * time.Millisecond
+	sA := eA.start()
+	ctx := context.Background()
+	a1 := dialAgent(t, eA, sA, "m1")
+	ackA, _ := a1.hello("m1", disk0)
+	gen := ackA.Disks[0].Generation
+	a1.waitAck(a1.batch(1, 5))
+	eventually(t, 10*time.Second, "upload of 1..5", func() bool { return durableSeq(t, mstore, "m1") == 5 })
+	// segmentLost's first step for a lost cached 6..10; then the crash.
+	if err := sA.machine("m1").openGap(ctx, 6, 10); err != nil {
+		t.Fatal(err)
+	}
+	a1.conn.Close()
+	sA.Close()
+
+	eB := *eA
+	eB.cache = []string{t.TempDir()} // the cache did not survive
+	sB := eB.start()
+	b1 := dialAgent(t, &eB, sB, "m1")
+	ackB, _ := b1.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: gen, LastAckedSeq: 5})
+	if ackB.Disks[0].Action != wire.SyncChecksum {
+		t.Fatalf("answered %v, want a checksum resync", ackB.Disks[0].Action)
+	}
+	if got := ackB.Disks[0].ResumeFrom; got != 11 {
+		t.Fatalf("resume from %d, want 11: past the open gap", got)
+	}
+	b1.batch(6, 10) // the unacknowledged 6..10 resent anyway, and 11..15
+	b1.waitAck(15)
+	b1.marker(15, wire.MarkerTime, time.Now())
+	eventually(t, 10*time.Second, "uploads and the mend", func() bool {
+		man, err := recovery.ReadManifest(ctx, mstore, "m1")
+		return err == nil && man.DurableSeq == 15 && len(man.Gaps) == 1 && !man.Gaps[0].Open()
+	})
+	if _, err := recovery.RecoverFile(ctx, mstore, recovery.Request{Machine: "m1", Disk: disk0.Name, Point: "15", RecoveryKey: eA.rk}, filepath.Join(t.TempDir(), "out.img")); err != nil {
+		t.Errorf("recover 15: %v", err)
+	}
+	ap, err := applier.New(applier.Config{Store: mstore, Keys: applier.RecoveryKeys(mstore, eA.rk), Retention: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := ap.Apply(ctx, "m1"); err != nil || got != 15 {
+		t.Errorf("fresh applier: applied %d, %v; want 15", got, err)
+	}
+}
+
+// TestStaleServerTailOfTwoSegments: PS1 has cached 11..15 and 16..20
+// (acks lost) when the agent, restarted (its held records gone, its lease
+// numbering from 100), goes to PS2: gap [6, 10]. PS1's late uploads
+// 11..15 (prev 10) and 16..20 (prev 15) land. recovery.Stale skips
+// 11..15 (prev in the gap) but not 16..20 (prev 15 is outside the gap):
+// recover and a fresh applier then stop at a "missing" segment.
+func TestStaleServerTailOfTwoSegments(t *testing.T) {
+	mstore := mem.New()
+	gate6, gate11, gate16 := make(chan struct{}), make(chan struct{}), make(chan struct{})
+	link := &slowLink{Store: mstore, manGate: make(chan struct{}), gates: map[string]chan struct{}{
+		"00000000000000000006-": gate6, "00000000000000000011-": gate11, "00000000000000000016-": gate16}}
+	eA := newEnv(t, link, 1)
+	eA.segAge = 20 * time.Millisecond
+	eB := *eA
+	eB.store = mstore
+	eB.cache, eB.logs = []string{t.TempDir()}, &logBuf{}
+	sA := eA.start()
+
+	a1 := dialAgent(t, eA, sA, "m1")
+	ackA, _ := a1.hello("m1", disk0)
+	gen := ackA.Disks[0].Generation
+	a1.waitAck(a1.batch(1, 5))
+	eventually(t, 10*time.Second, "PS1's upload of 1..5", func() bool { return durableSeq(t, mstore, "m1") == 5 })
+
+	link.armed.Store(true)
+	a1.waitAck(a1.batch(6, 5))
+	a1.waitAck(a1.batch(11, 5)) // acks lost on the way to the agent
+	a1.waitAck(a1.batch(16, 5))
+	ctx := context.Background()
+	eventually(t, 10*time.Second, "PS1 uploading all three", func() bool { return link.waiting.Load() == 3 })
+	close(gate6)
+	eventually(t, 10*time.Second, "PS1's upload of 6..10", func() bool {
+		_, err := mstore.GetBlob(ctx, layout.SegmentName("m1", 6, 10))
+		return err == nil
+	})
+
+	// The agent, restarted, goes to PS2: acked 10, numbering from its lease.
+	sB := eB.start()
+	b1 := dialAgent(t, &eB, sB, "m1")
+	ackB, _ := b1.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: gen, LastAckedSeq: 10})
+	if ackB.Disks[0].Action != wire.SyncChecksum {
+		t.Fatalf("PS2 answered %v, want a checksum resync", ackB.Disks[0].Action)
+	}
+	b1.waitAck(b1.batch(100, 10))
+	b1.marker(109, wire.MarkerTime, time.Now())
+	b1.waitAck(b1.batch(110, 5))
+	b1.marker(114, wire.MarkerTime, time.Now())
+	eventually(t, 10*time.Second, "PS2's uploads and the mend", func() bool {
+		man, err := recovery.ReadManifest(ctx, mstore, "m1")
+		return err == nil && man.DurableSeq == 114 && len(man.Gaps) == 1 && !man.Gaps[0].Open()
+	})
+	rec := func() error {
+		_, err := recovery.RecoverFile(ctx, mstore, recovery.Request{Machine: "m1", Disk: disk0.Name, Point: "114", RecoveryKey: eA.rk}, filepath.Join(t.TempDir(), "out.img"))
+		return err
+	}
+	if err := rec(); err != nil {
+		t.Fatalf("before PS1's late uploads: recover 114: %v", err)
+	}
+
+	close(gate11)
+	close(gate16)
+	eventually(t, 10*time.Second, "PS1's uploads of 11..15 and 16..20", func() bool {
+		_, err1 := mstore.GetBlob(ctx, layout.SegmentName("m1", 11, 15))
+		_, err2 := mstore.GetBlob(ctx, layout.SegmentName("m1", 16, 20))
+		return err1 == nil && err2 == nil
+	})
+	close(link.manGate)
+	eventually(t, 10*time.Second, "PS1 fenced", func() bool {
+		return strings.Contains(eA.logs.String(), "another writer changed the manifest")
+	})
+	if err := rec(); err != nil {
+		t.Errorf("recover 114 after PS1's late uploads of two segments: %v", err)
+	}
+	ap, err := applier.New(applier.Config{Store: mstore, Keys: applier.RecoveryKeys(mstore, eA.rk), Retention: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := ap.Apply(ctx, "m1"); err != nil || got != 114 {
+		t.Errorf("fresh applier after PS1's late uploads: applied %d, %v; want 114", got, err)
 	}
 }

@@ -141,7 +141,7 @@ func TestRecoverRefusesTamperedManifest(t *testing.T) {
 	}
 }
 
-// Segments of a history the journal gave up (recovery.Stale) are skipped,
+// Segments of a history the journal gave up (recovery.StaleFilter) are skipped,
 // but the rule never hides a missing segment: a tombstone deleted from a
 // recorded gap leaves the segment after it chained into the gap, which is
 // skipped, and the next one then follows nothing.
@@ -189,7 +189,7 @@ func TestRecoverSkipsStaleSegmentsOnly(t *testing.T) {
 	}
 }
 
-func TestStale(t *testing.T) {
+func TestStaleFilter(t *testing.T) {
 	gaps := []layout.Gap{{From: 6, LostTo: 10, Mended: 30}}
 	for _, c := range []struct {
 		name        string
@@ -207,9 +207,15 @@ func TestStale(t *testing.T) {
 		{"missing segment outside any gap", 31, 5, 25, 20, false},
 		{"before the gap", 1, 5, 0, 0, false},
 	} {
-		if got := recovery.Stale(gaps, c.first, c.recs, c.prev, true, c.chain); got != c.want {
-			t.Errorf("%s: Stale = %v, want %v", c.name, got, c.want)
+		f := recovery.StaleFilter{Gaps: gaps}
+		if got := f.Skip(c.first, c.first+4, c.recs, c.prev, true, c.chain); got != c.want {
+			t.Errorf("%s: Skip = %v, want %v", c.name, got, c.want)
 		}
+	}
+	// The rest of a history skipped: chained to a skipped segment.
+	f := recovery.StaleFilter{Gaps: gaps}
+	if !f.Skip(11, 15, 5, 10, true, 5) || !f.Skip(16, 20, 5, 15, true, 5) || f.Skip(100, 110, 5, 5, true, 5) {
+		t.Error("the second segment of an old history, or the new owner's first, misjudged")
 	}
 }
 

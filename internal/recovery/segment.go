@@ -165,24 +165,47 @@ func ReadSegment(ctx context.Context, store blobstore.Store, name string, keys s
 	return out, nil
 }
 
-// Stale reports whether a segment, authentic and just decoded (recs, and
-// its header's prev if it has one), belongs to a history the journal gave
-// up, when the journal is known complete up to chain. A process server
-// cut off from its agent but not from the account (the agent went to
-// another) may still upload segments after the new owner recorded the gap
-// of what it never received (layout.Gap, From to LostTo). Inside a gap the
-// journal holds tombstones only, so records there are the old history's
-// (applied, they would undo what the mending resync left alone); and a
-// segment chained to a predecessor inside a gap the chain has not entered
-// continues that history, while the new owner's first segment chains to
-// the gap's start. Readers skip such a segment: every segment they accept
-// is still chained to the one before, so a skip never hides a missing one.
-func Stale(gaps []layout.Gap, first uint64, recs int, prev uint64, hasPrev bool, chain uint64) bool {
-	for _, g := range gaps {
+// A StaleFilter tells the segments of a history the journal gave up. A
+// process server cut off from its agent but not from the account (the
+// agent went to another) may still upload segments after the new owner
+// recorded the gap of what it never received (layout.Gap, From to
+// LostTo). Inside a gap the journal holds tombstones only (a process
+// server takes no record at or below an open gap's end), so records there
+// are the old history's: applied, they would undo what the mending resync
+// left alone. A segment chained to a predecessor inside a gap the chain
+// has not entered, or to a segment skipped before, continues that
+// history, while the new owner's first segment chains to the gap's start.
+// Readers skip such segments: every segment they accept is still chained
+// to the one before, so a skip never hides a missing one.
+type StaleFilter struct {
+	Gaps []layout.Gap // the manifest's
+	ends map[uint64]bool
+}
+
+// Skip reports whether a segment, authentic and just decoded (recs, and
+// its header's prev if it has one), is stale, when the journal is known
+// complete up to chain; it remembers the segments it skips.
+func (f *StaleFilter) Skip(first, last uint64, recs int, prev uint64, hasPrev bool, chain uint64) bool {
+	if !f.stale(first, recs, prev, hasPrev, chain) {
+		return false
+	}
+	if f.ends == nil {
+		f.ends = make(map[uint64]bool)
+	}
+	f.ends[last] = true
+	return true
+}
+
+func (f *StaleFilter) stale(first uint64, recs int, prev uint64, hasPrev bool, chain uint64) bool {
+	after := hasPrev && prev > chain // follows what the chain has not reached
+	if after && f.ends[prev] {
+		return true
+	}
+	for _, g := range f.Gaps {
 		if recs > 0 && first >= g.From && first <= g.LostTo {
 			return true
 		}
-		if hasPrev && prev > chain && chain < g.From && prev >= g.From && prev <= g.LostTo {
+		if after && chain < g.From && prev >= g.From && prev <= g.LostTo {
 			return true
 		}
 	}

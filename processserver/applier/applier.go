@@ -201,7 +201,8 @@ type machine struct {
 	gaps      []layout.Gap // the manifest's, as of the last applyLocked
 	keyID     string       // the manifest's data key, which seals point records
 	chain     uint64       // the journal is known complete up to here (segment headers)
-	pointTime time.Time    // its marker time (or the anchor before the first point)
+	stale     recovery.StaleFilter
+	pointTime time.Time // its marker time (or the anchor before the first point)
 	// cursor is the name of the last segment applied in this process, so
 	// that a segment ending exactly at the resume sequence (possible for
 	// marker-only segments) is read once, not on every pass.
@@ -308,6 +309,7 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 	}
 	limit := max(man.DurableSeq, durable)
 	m.gaps, m.keyID = man.Gaps, man.KeyID
+	m.stale.Gaps = man.Gaps
 	if err := a.syncDisks(ctx, m, man); err != nil {
 		return 0, err
 	}
@@ -317,6 +319,7 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 		}
 		m.loaded = true
 		m.chain = m.applied() // where resume starts: each disk's applied ends a segment
+		m.stale = recovery.StaleFilter{Gaps: man.Gaps}
 	}
 	// Past the cursor only: segments sort by name, and names by first
 	// sequence. Listing the whole journal each pass grew with retention.
@@ -366,7 +369,7 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 }
 
 // errStale: applySegment skipped a segment of a history the journal gave
-// up (recovery.Stale).
+// up (recovery.StaleFilter).
 var errStale = errors.New("stale journal segment")
 
 // passYieldMax bounds the time a pass spends in Config.Yield between its
@@ -683,7 +686,7 @@ func (a *Applier) applySegment(ctx context.Context, m *machine, s recovery.Segme
 	if err != nil {
 		return fmt.Errorf("journal segment %s: %w", s.Name, err)
 	}
-	if prev, ok := m.dec.Prev(); recovery.Stale(m.gaps, s.First, len(recs), prev, ok, m.chain) {
+	if prev, ok := m.dec.Prev(); m.stale.Skip(s.First, s.Last, len(recs), prev, ok, m.chain) {
 		a.log.Warn("skipping a journal segment written by a process server that no longer served the machine (its records are in a recorded gap)",
 			logKeyMachine, m.name, logKeySegment, s.Name)
 		return errStale
