@@ -562,6 +562,12 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, agr
 		}
 	}
 	ack := &wire.HelloAck{ProtocolVersion: protocolVersion, Disks: make([]wire.DiskAgreement, len(h.Disks)), LastRun: m.lastRun}
+	if accepted > durable {
+		// Who sent the records up to accepted is not known: with the run
+		// that sent those up to durable, an agent would take records of
+		// its own for another agent's (foreign).
+		ack.LastRun = wire.RunID{}
+	}
 	changed := false
 	for i, d := range h.Disks {
 		a := &ack.Disks[i]

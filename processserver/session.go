@@ -76,6 +76,7 @@ type session struct {
 	filling  bool // a frame is being read into buf's spare capacity (room)
 	flushq   chan flushItem
 	accepted uint64   // highest record seq accepted (read loop only)
+	took     uint64   // durable at the hello, or the last record taken since (read loop only)
 	diskMap  []uint16 // Hello disk index → manifest disk index
 	diskSize []uint64 // Hello disk index → size: records must fit
 	// marked is the highest sequence a time marker of this session
@@ -225,6 +226,7 @@ func (st *session) run(ctx context.Context) {
 		return
 	}
 	st.accepted = start.accepted
+	st.took = start.durable
 	st.diskMap = diskMap
 	for _, d := range h.Disks {
 		st.diskSize = append(st.diskSize, d.Size)
@@ -375,6 +377,7 @@ func (st *session) readLoop() bool {
 				frame = wire.Frame{Type: wire.TypeBatch, Flags: f.Flags, Payload: frame.Payload}
 			}
 			st.accepted = last
+			st.took = last
 			now := time.Now()
 			st.mu.Lock()
 			st.buf.appendBatch(frame, first, last, now) // in place if read there
@@ -405,8 +408,8 @@ func (st *session) readLoop() bool {
 			if mk.Kind == wire.MarkerTime && st.mendEpoch != 0 {
 				// Records the agent numbered up to mk.Seq that never
 				// reached this server are inside the gap: the resync
-				// is complete at what this session accepted.
-				st.m.mended(st.mendEpoch, min(mk.Seq, st.accepted))
+				// is complete at what this session took.
+				st.m.mended(st.mendEpoch, min(mk.Seq, st.took))
 				st.mendEpoch = 0
 			}
 			st.mu.Lock()
@@ -535,7 +538,7 @@ func (st *session) handleSums(sr *sumsReq) bool {
 		}
 		return st.send(func(w *wire.Writer) error { return w.WriteSumsReply(&reply) }) == nil
 	}
-	sr.upTo = st.accepted
+	sr.upTo = st.took
 	st.mu.Lock()
 	if st.buf.hasRecords() {
 		st.cutLocked()

@@ -3,6 +3,7 @@ package processserver
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"errors"
 	"io"
 	"os"
@@ -540,5 +541,95 @@ func TestStaleServerTailOfTwoSegments(t *testing.T) {
 	}
 	if got, err := ap.Apply(ctx, "m1"); err != nil || got != 114 {
 		t.Errorf("fresh applier after PS1's late uploads: applied %d, %v; want 114", got, err)
+	}
+}
+
+// TestIdleResyncPastAgentAheadGap: the agent acked 10, the server
+// holds 5 (cache lost / another server): gap [6, 10], ResumeFrom 11. An
+// idle agent's checksum question is then answered only once the manifest's
+// durable_seq reaches 10 (waitUploaded(st.accepted)), which needs a new
+// write; and its time marker at 10 mends the gap only once uploaded ≥ 10.
+func TestIdleResyncPastAgentAheadGap(t *testing.T) {
+	store := mem.New()
+	e := newEnv(t, store, 1)
+	e.segAge = 20 * time.Millisecond
+	fa := &fakeApplier{upTo: map[string]uint64{}}
+	e.applier = func(*Server) (Applier, error) { return fa, nil }
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	ack, _ := a.hello("m1", disk0)
+	gen := ack.Disks[0].Generation
+	a.waitAck(a.batch(1, 5))
+	eventually(t, 10*time.Second, "upload of 1..5", func() bool { return durableSeq(t, store, "m1") == 5 })
+	a.conn.Close()
+
+	b := dialAgent(t, e, s, "m1")
+	ackB, _ := b.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: gen, LastAckedSeq: 10})
+	if ackB.Disks[0].Action != wire.SyncChecksum {
+		t.Fatalf("answered %v, want checksum resync", ackB.Disks[0].Action)
+	}
+	if ackB.LastRun != (wire.RunID{}) {
+		t.Errorf("last run %x past durable_seq: the agent would take its own records for another's", ackB.LastRun)
+	}
+	q := wire.Sums{ID: 7, Disk: disk0.Name, Offset: 0, ChunkSize: 65536, Sums: [][sha256.Size]byte{{}}}
+	p, err := q.AppendBinary(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.sendFrame(wire.TypeSums, p)
+	got := false
+	deadline := time.Now().Add(5 * time.Second)
+	for !got && time.Now().Before(deadline) {
+		select {
+		case f := <-b.frames:
+			if f.typ == wire.TypeSumsReply {
+				got = true
+			}
+		case <-time.After(time.Until(deadline)):
+		}
+	}
+	if !got {
+		t.Errorf("idle agent's checksum question not answered in 5s (session accepted floor past durable_seq)")
+	}
+	// The resync found nothing to send; its first time marker at 10.
+	b.marker(10, wire.MarkerTime, time.Now())
+	ctx := context.Background()
+	eventually(t, 10*time.Second, "the gap mended by the marker that ended the (empty) resync", func() bool {
+		man, err := recovery.ReadManifest(ctx, store, "m1")
+		return err == nil && len(man.Gaps) == 1 && !man.Gaps[0].Open()
+	})
+	// Writes go on past it; the journal is read across the marker.
+	b.waitAck(b.batch(11, 5))
+	b.marker(15, wire.MarkerTime, time.Now())
+	eventually(t, 10*time.Second, "the upload of 11..15", func() bool { return durableSeq(t, store, "m1") == 15 })
+	out := filepath.Join(t.TempDir(), "out.img")
+	if _, err := recovery.RecoverFile(ctx, store, recovery.Request{Machine: "m1", Disk: disk0.Name, Point: "15", RecoveryKey: e.rk}, out); err != nil {
+		t.Fatalf("recover 15: %v", err)
+	}
+	f, err := os.Open(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	img := make([]byte, 16*4096)
+	if _, err := io.ReadFull(f, img); err != nil {
+		t.Fatal(err)
+	}
+	want := make([]byte, 16*4096) // 6..10 lost: the resync found them unchanged
+	for seq := 1; seq <= 15; seq++ {
+		if seq < 6 || seq > 10 {
+			first := map[bool]int{true: 1, false: 11}[seq < 6]
+			copy(want[seq*4096:], bytes.Repeat([]byte{byte(seq), 0, 0x5a, byte(seq - first)}, 1024))
+		}
+	}
+	if !bytes.Equal(img, want) {
+		t.Fatal("recovered blocks differ from the records the journal holds")
+	}
+	ap, err := applier.New(applier.Config{Store: store, Keys: applier.RecoveryKeys(store, e.rk), Retention: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, err := ap.Apply(ctx, "m1"); err != nil || n != 15 {
+		t.Errorf("fresh applier: applied %d, %v; want 15", n, err)
 	}
 }

@@ -520,8 +520,8 @@ func (m *machine) putSegment(ctx context.Context, name string, sealed []byte, md
 	if err == nil && bytes.Equal(got, sealed) {
 		return nil
 	}
-	if err != nil && !blobstore.IsNotFound(err) {
-		return err
+	if err != nil && !blobstore.IsPermanent(err) && !errors.Is(err, blobstore.ErrCorrupt) {
+		return err // an outage: try again later (a damaged blob is replaced)
 	}
 	if err := m.writeManifest(ctx); err != nil {
 		return err

@@ -191,30 +191,39 @@ func TestRecoverSkipsStaleSegmentsOnly(t *testing.T) {
 
 func TestStaleFilter(t *testing.T) {
 	gaps := []layout.Gap{{From: 6, LostTo: 10, Mended: 30}}
+	writes := func(first, last uint64) []wire.Record {
+		var recs []wire.Record
+		for seq := first; seq <= last; seq++ {
+			recs = append(recs, wire.Record{Seq: seq, Op: wire.OpWrite, Length: 512, Data: make([]byte, 512)})
+		}
+		return recs
+	}
+	marker := []wire.Record{{Seq: 10, Op: wire.OpMarker}}
 	for _, c := range []struct {
 		name        string
-		first       uint64
-		recs        int
+		recs        []wire.Record
 		prev, chain uint64
 		want        bool
 	}{
-		{"records inside the gap", 6, 3, 5, 5, true},
-		{"straddling the gap's end", 9, 4, 8, 5, true},
-		{"tombstone inside the gap", 6, 0, 5, 5, false},
-		{"old history after the gap", 11, 5, 10, 5, true},
-		{"new owner after the gap", 11, 10, 5, 5, false},
-		{"after the gap's tombstone", 11, 5, 10, 10, false},
-		{"missing segment outside any gap", 31, 5, 25, 20, false},
-		{"before the gap", 1, 5, 0, 0, false},
+		{"writes inside the gap", writes(6, 8), 5, 5, true},
+		{"straddling the gap's end", writes(9, 12), 8, 5, true},
+		{"tombstone inside the gap", nil, 5, 5, false},
+		{"time marker inside the gap", marker, 5, 5, false},
+		{"old history after the gap", writes(11, 15), 10, 5, true},
+		{"old history after its marker in the gap", writes(11, 15), 10, 8, true},
+		{"new owner after the gap", writes(11, 20), 5, 5, false},
+		{"after the gap's tombstone", writes(11, 15), 10, 10, false},
+		{"missing segment outside any gap", writes(31, 35), 25, 20, false},
+		{"before the gap", writes(1, 5), 0, 0, false},
 	} {
 		f := recovery.StaleFilter{Gaps: gaps}
-		if got := f.Skip(c.first, c.first+4, c.recs, c.prev, true, c.chain); got != c.want {
+		if got := f.Skip(99, c.recs, c.prev, true, c.chain); got != c.want {
 			t.Errorf("%s: Skip = %v, want %v", c.name, got, c.want)
 		}
 	}
 	// The rest of a history skipped: chained to a skipped segment.
 	f := recovery.StaleFilter{Gaps: gaps}
-	if !f.Skip(11, 15, 5, 10, true, 5) || !f.Skip(16, 20, 5, 15, true, 5) || f.Skip(100, 110, 5, 5, true, 5) {
+	if !f.Skip(15, writes(11, 15), 10, true, 5) || !f.Skip(20, writes(16, 20), 15, true, 5) || f.Skip(110, writes(100, 110), 5, true, 5) {
 		t.Error("the second segment of an old history, or the new owner's first, misjudged")
 	}
 }

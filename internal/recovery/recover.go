@@ -538,7 +538,7 @@ func replay(ctx context.Context, store blobstore.Store, keys seal.Keyring, segs 
 		if err != nil {
 			return 0, fmt.Errorf("journal segment %s: %w", s.Name, err)
 		}
-		if prev, ok := dec.Prev(); stale.Skip(s.First, s.Last, len(recs), prev, ok, chain) {
+		if prev, ok := dec.Prev(); stale.Skip(s.Last, recs, prev, ok, chain) {
 			if w != nil {
 				fmt.Fprintf(w, "skipping journal segment %s: written by a process server that no longer served the machine (its records are in a recorded gap)\n", s.Name)
 			}

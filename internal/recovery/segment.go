@@ -169,14 +169,15 @@ func ReadSegment(ctx context.Context, store blobstore.Store, name string, keys s
 // process server cut off from its agent but not from the account (the
 // agent went to another) may still upload segments after the new owner
 // recorded the gap of what it never received (layout.Gap, From to
-// LostTo). Inside a gap the journal holds tombstones only (a process
-// server takes no record at or below an open gap's end), so records there
-// are the old history's: applied, they would undo what the mending resync
-// left alone. A segment chained to a predecessor inside a gap the chain
-// has not entered, or to a segment skipped before, continues that
-// history, while the new owner's first segment chains to the gap's start.
-// Readers skip such segments: every segment they accept is still chained
-// to the one before, so a skip never hides a missing one.
+// LostTo). No segment of the journal starts with a write inside a gap (a
+// process server takes no record at or below an open gap's end; only
+// tombstones and time markers lie there), so one that does is the old
+// history's: applied, it would undo what the mending resync left alone. A segment
+// chained to a predecessor inside a gap that the chain has not reached,
+// or to a segment skipped before, continues that history, while the new
+// owner's first segment chains to the gap's start. Readers skip such
+// segments: every segment they accept is still chained to the one before,
+// so a skip never hides a missing one (it fails later instead).
 type StaleFilter struct {
 	Gaps []layout.Gap // the manifest's
 	ends map[uint64]bool
@@ -185,8 +186,8 @@ type StaleFilter struct {
 // Skip reports whether a segment, authentic and just decoded (recs, and
 // its header's prev if it has one), is stale, when the journal is known
 // complete up to chain; it remembers the segments it skips.
-func (f *StaleFilter) Skip(first, last uint64, recs int, prev uint64, hasPrev bool, chain uint64) bool {
-	if !f.stale(first, recs, prev, hasPrev, chain) {
+func (f *StaleFilter) Skip(last uint64, recs []wire.Record, prev uint64, hasPrev bool, chain uint64) bool {
+	if !f.stale(recs, prev, hasPrev, chain) {
 		return false
 	}
 	if f.ends == nil {
@@ -196,16 +197,25 @@ func (f *StaleFilter) Skip(first, last uint64, recs int, prev uint64, hasPrev bo
 	return true
 }
 
-func (f *StaleFilter) stale(first uint64, recs int, prev uint64, hasPrev bool, chain uint64) bool {
+func (f *StaleFilter) stale(recs []wire.Record, prev uint64, hasPrev bool, chain uint64) bool {
 	after := hasPrev && prev > chain // follows what the chain has not reached
 	if after && f.ends[prev] {
 		return true
 	}
+	// Its first write: a segment of the journal starts past the one
+	// before, and a gap starts past the journal's end when recorded.
+	first := uint64(0)
+	for i := range recs {
+		if recs[i].Op != wire.OpMarker {
+			first = recs[i].Seq
+			break
+		}
+	}
 	for _, g := range f.Gaps {
-		if recs > 0 && first >= g.From && first <= g.LostTo {
+		if after && prev >= g.From && prev <= g.LostTo {
 			return true
 		}
-		if after && chain < g.From && prev >= g.From && prev <= g.LostTo {
+		if first >= g.From && first <= g.LostTo {
 			return true
 		}
 	}

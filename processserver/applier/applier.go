@@ -686,7 +686,7 @@ func (a *Applier) applySegment(ctx context.Context, m *machine, s recovery.Segme
 	if err != nil {
 		return fmt.Errorf("journal segment %s: %w", s.Name, err)
 	}
-	if prev, ok := m.dec.Prev(); m.stale.Skip(s.First, s.Last, len(recs), prev, ok, m.chain) {
+	if prev, ok := m.dec.Prev(); m.stale.Skip(s.Last, recs, prev, ok, m.chain) {
 		a.log.Warn("skipping a journal segment written by a process server that no longer served the machine (its records are in a recorded gap)",
 			logKeyMachine, m.name, logKeySegment, s.Name)
 		return errStale
