@@ -319,13 +319,17 @@ func (a *agent) hello(machine string, disks ...wire.DiskState) (wire.HelloAck, u
 
 // batch sends records seq..seq+n-1 (writes of 4 KiB with content derived
 // from seq) and returns the last seq.
+// batchData is what batch writes at block seq, the i-th of its batch.
+func batchData(seq uint64, i int) []byte {
+	return bytes.Repeat([]byte{byte(seq), byte(seq >> 8), 0x5a, byte(i)}, 1024)
+}
+
 func (a *agent) batch(first uint64, n int) uint64 {
 	a.t.Helper()
 	var b wire.BatchBuilder
 	for i := range n {
 		seq := first + uint64(i)
-		data := bytes.Repeat([]byte{byte(seq), byte(seq >> 8), 0x5a, byte(i)}, 1024)
-		if err := b.Add(wire.Record{Seq: seq, Disk: 0, Op: wire.OpWrite, Offset: seq * 4096, Length: 4096, Data: data}); err != nil {
+		if err := b.Add(wire.Record{Seq: seq, Disk: 0, Op: wire.OpWrite, Offset: seq * 4096, Length: 4096, Data: batchData(seq, i)}); err != nil {
 			a.t.Fatal(err)
 		}
 	}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -21,9 +22,14 @@ import (
 	"github.com/lifeboat-dr/lifeboat/processserver/applier"
 )
 
+// A process server cut off from its agent but not from the account keeps
+// uploading what it cached after the agent moved to another (README,
+// "Journal segment uploads are not fenced"). Readers skip those segments
+// (recovery.StaleFilter) instead of failing on them or replaying them.
+
 // slowLink is PS1's view of the account: once armed, its manifest writes
-// and the upload of the segment starting at holdSeg wait for release
-// (a slow, backlogged link to the account).
+// and the uploads of the segments starting at the gated sequences wait
+// for release (a slow, backlogged link to the account).
 type slowLink struct {
 	blobstore.Store
 	armed   atomic.Bool
@@ -57,10 +63,122 @@ func (s *slowLink) PutBlobIf(ctx context.Context, name string, data []byte, md b
 	return s.Store.PutBlobIf(ctx, name, data, md, match)
 }
 
-// A process server cut off from its agent but not from the account keeps
-// uploading what it cached after the agent moved to another (README,
-// "Journal segment uploads are not fenced"). Readers skip those segments
-// (recovery.StaleFilter) instead of failing on them or replaying them.
+// handover is the rig of the stale-server tests: PS1 serves m1 through a
+// slowLink (armed once 1..5 is in the journal, its uploads of the
+// segments starting at gated held), and PS2, with a cache of its own and
+// the same account, takes the agent over.
+type handover struct {
+	t     *testing.T
+	ctx   context.Context
+	store *mem.Store
+	link  *slowLink
+	ps1   *env
+	ps2   env
+	a1    *agent // the agent, on PS1
+	gen   wire.Generation
+}
+
+func newHandover(t *testing.T, gated ...uint64) *handover {
+	t.Helper()
+	store := mem.New()
+	link := &slowLink{Store: store, manGate: make(chan struct{}), gates: map[string]chan struct{}{}}
+	for _, first := range gated {
+		link.gates[fmt.Sprintf("%020d-", first)] = make(chan struct{})
+	}
+	h := &handover{t: t, ctx: context.Background(), store: store, link: link, ps1: newEnv(t, link, 1)}
+	h.ps1.segAge = 20 * time.Millisecond
+	h.ps2 = *h.ps1
+	h.ps2.store, h.ps2.cache, h.ps2.logs = store, []string{t.TempDir()}, &logBuf{}
+	h.a1 = dialAgent(t, h.ps1, h.ps1.start(), "m1")
+	ack, _ := h.a1.hello("m1", disk0)
+	h.gen = ack.Disks[0].Generation
+	h.a1.waitAck(h.a1.batch(1, 5))
+	eventually(t, 10*time.Second, "PS1's upload of 1..5", func() bool { return durableSeq(t, store, "m1") == 5 })
+	link.armed.Store(true)
+	return h
+}
+
+// uploading waits until PS1's uploads of every gated segment are held.
+func (h *handover) uploading() {
+	h.t.Helper()
+	eventually(h.t, 10*time.Second, "PS1 uploading the gated segments", func() bool { return int(h.link.waiting.Load()) == len(h.link.gates) })
+}
+
+// land lets PS1's upload of segment first..last go and waits for it.
+func (h *handover) land(first, last uint64) {
+	h.t.Helper()
+	close(h.link.gates[fmt.Sprintf("%020d-", first)])
+	eventually(h.t, 10*time.Second, fmt.Sprintf("PS1's upload of %d..%d", first, last), func() bool {
+		_, err := h.store.GetBlob(h.ctx, layout.SegmentName("m1", first, last))
+		return err == nil
+	})
+}
+
+// moveAgent has the agent, acknowledged up to acked, say hello to PS2,
+// which asks for a checksum resync.
+func (h *handover) moveAgent(acked uint64) *agent {
+	h.t.Helper()
+	b := dialAgent(h.t, &h.ps2, h.ps2.start(), "m1")
+	ack, _ := b.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: h.gen, LastAckedSeq: acked})
+	if ack.Disks[0].Action != wire.SyncChecksum {
+		h.t.Fatalf("PS2 answered %v, want a checksum resync", ack.Disks[0].Action)
+	}
+	return b
+}
+
+// mended waits for the journal to reach durable with its one gap mended.
+func (h *handover) mended(durable uint64) {
+	h.t.Helper()
+	waitMended(h.t, h.store, durable)
+}
+
+// fence lets PS1's manifest writes go: the first fails, and fences it.
+func (h *handover) fence() {
+	h.t.Helper()
+	close(h.link.manGate)
+	eventually(h.t, 10*time.Second, "PS1 fenced", func() bool {
+		return strings.Contains(h.ps1.logs.String(), "another writer changed the manifest")
+	})
+}
+
+func waitMended(t *testing.T, store blobstore.Store, durable uint64) {
+	t.Helper()
+	eventually(t, 10*time.Second, "the journal and the gap's mend", func() bool {
+		man, err := recovery.ReadManifest(context.Background(), store, "m1")
+		return err == nil && man.DurableSeq == durable && len(man.Gaps) == 1 && !man.Gaps[0].Open()
+	})
+}
+
+// recoverBlocks recovers disk0 of m1 at point and returns its first n
+// blocks of 4 KiB (the records of these tests write there).
+func recoverBlocks(t *testing.T, store blobstore.Store, rk []byte, point string, n int) ([]byte, error) {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "out.img")
+	if _, err := recovery.RecoverFile(context.Background(), store, recovery.Request{Machine: "m1", Disk: disk0.Name, Point: point, RecoveryKey: rk}, out); err != nil {
+		return nil, err
+	}
+	f, err := os.Open(out)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	b := make([]byte, n*4096)
+	_, err = io.ReadFull(f, b)
+	return b, err
+}
+
+// applyFresh runs a fresh applier (a replica rebuilt, or one that had not
+// passed the gap) over the journal: it must apply up to want.
+func applyFresh(t *testing.T, store blobstore.Store, rk []byte, want uint64) {
+	t.Helper()
+	ap, err := applier.New(applier.Config{Store: store, Keys: applier.RecoveryKeys(store, rk), Retention: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := ap.Apply(context.Background(), "m1"); err != nil || got != want {
+		t.Errorf("fresh applier: applied %d, %v; want %d", got, err, want)
+	}
+}
 
 // TestStaleServerSegmentBreaksJournal: PS1, backlogged, has uploaded
 // 6..10 (acked) but not yet written the manifest; 11..15 (cached, its ack
@@ -71,99 +189,73 @@ func (s *slowLink) PutBlobIf(ctx context.Context, name string, data []byte, md b
 // 11..15 before PS2's 11..20, and stopped at a "missing" segment ending
 // at 10 before they skipped it.
 func TestStaleServerSegmentBreaksJournal(t *testing.T) {
-	mstore := mem.New()
-	gate6, gate11 := make(chan struct{}), make(chan struct{})
-	link := &slowLink{Store: mstore, manGate: make(chan struct{}), gates: map[string]chan struct{}{
-		"00000000000000000006-": gate6, "00000000000000000011-": gate11}}
-	eA := newEnv(t, link, 1)
-	eA.segAge = 20 * time.Millisecond
-	eB := *eA
-	eB.store = mstore
-	eB.cache, eB.logs = []string{t.TempDir()}, &logBuf{}
-	sA := eA.start()
+	h := newHandover(t, 6, 11)
+	h.a1.waitAck(h.a1.batch(6, 5))
+	h.a1.waitAck(h.a1.batch(11, 5)) // its ack never reaches the agent
+	h.uploading()
+	h.land(6, 10) // PS1's manifest write (durable 10) is slow
 
-	a1 := dialAgent(t, eA, sA, "m1")
-	ackA, _ := a1.hello("m1", disk0)
-	gen := ackA.Disks[0].Generation
-	a1.waitAck(a1.batch(1, 5))
-	eventually(t, 10*time.Second, "PS1's upload of 1..5", func() bool { return durableSeq(t, mstore, "m1") == 5 })
-
-	link.armed.Store(true)
-	a1.waitAck(a1.batch(6, 5))
-	a1.waitAck(a1.batch(11, 5)) // cached by PS1; pretend this ack never reached the agent
-	ctx := context.Background()
-	eventually(t, 10*time.Second, "PS1 uploading both", func() bool { return link.waiting.Load() == 2 })
-	close(gate6) // 6..10 lands; PS1's manifest write (durable 10) is slow
-	eventually(t, 10*time.Second, "PS1's upload of 6..10", func() bool {
-		_, err := mstore.GetBlob(ctx, layout.SegmentName("m1", 6, 10))
-		return err == nil
-	})
-
-	// The agent moves to PS2, having heard acks up to 10.
-	sB := eB.start()
-	b1 := dialAgent(t, &eB, sB, "m1")
-	ackB, _ := b1.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: gen, LastAckedSeq: 10})
-	if ackB.Disks[0].Action != wire.SyncChecksum {
-		t.Fatalf("PS2 answered %v, want a checksum resync", ackB.Disks[0].Action)
-	}
-	if _, err := mstore.GetBlob(ctx, layout.SegmentName("m1", 6, 10)); !blobstore.IsNotFound(err) {
+	b := h.moveAgent(10)
+	if _, err := h.store.GetBlob(h.ctx, layout.SegmentName("m1", 6, 10)); !blobstore.IsNotFound(err) {
 		t.Fatalf("6..10 not deleted by the hello: %v", err)
 	}
-	// The agent resends 11..15 (same records) and goes on.
-	b1.waitAck(b1.batch(11, 10))
-	b1.marker(20, wire.MarkerTime, time.Now())
-	b1.waitAck(b1.batch(21, 5))
-	b1.marker(25, wire.MarkerTime, time.Now())
-	eventually(t, 10*time.Second, "PS2's uploads and the mend", func() bool {
-		man, err := recovery.ReadManifest(ctx, mstore, "m1")
-		return err == nil && man.DurableSeq == 25 && len(man.Gaps) == 1 && !man.Gaps[0].Open()
-	})
-
-	// The first 32 blocks: every record of the test writes there.
-	rec := func(point string) ([]byte, error) {
-		out := filepath.Join(t.TempDir(), "out.img")
-		if _, err := recovery.RecoverFile(ctx, mstore, recovery.Request{Machine: "m1", Disk: disk0.Name, Point: point, RecoveryKey: eA.rk}, out); err != nil {
-			return nil, err
-		}
-		f, err := os.Open(out)
-		if err != nil {
-			return nil, err
-		}
-		defer f.Close()
-		b := make([]byte, 32*4096)
-		_, err = io.ReadFull(f, b)
-		return b, err
-	}
-	before, err := rec("25")
+	b.waitAck(b.batch(11, 10)) // 11..15 resent, the same records
+	b.marker(20, wire.MarkerTime, time.Now())
+	b.waitAck(b.batch(21, 5))
+	b.marker(25, wire.MarkerTime, time.Now())
+	h.mended(25)
+	before, err := recoverBlocks(t, h.store, h.ps1.rk, "25", 32)
 	if err != nil {
 		t.Fatalf("before PS1's late upload: recover 25: %v", err)
 	}
 
-	// PS1's late upload lands; its manifest write then fails: fenced.
-	close(gate11)
-	eventually(t, 10*time.Second, "PS1's upload of 11..15", func() bool {
-		_, err := mstore.GetBlob(ctx, layout.SegmentName("m1", 11, 15))
-		return err == nil
-	})
-	close(link.manGate)
-	eventually(t, 10*time.Second, "PS1 fenced", func() bool {
-		return strings.Contains(eA.logs.String(), "another writer changed the manifest")
-	})
-
-	after, err := rec("25")
+	h.land(11, 15)
+	h.fence()
+	after, err := recoverBlocks(t, h.store, h.ps1.rk, "25", 32)
 	if err != nil {
 		t.Errorf("recover 25 after a stale server's late upload: %v", err)
 	} else if !bytes.Equal(after, before) {
 		t.Error("recover 25 after a stale server's late upload differs from before it")
 	}
-	// A fresh applier (a replica rebuilt, or PS2's if it had not passed 5).
-	ap, err := applier.New(applier.Config{Store: mstore, Keys: applier.RecoveryKeys(mstore, eA.rk), Retention: -1})
+	applyFresh(t, h.store, h.ps1.rk, 25)
+}
+
+// TestStaleServerTailOfTwoSegments: PS1 has cached 11..15 and 16..20
+// (acks lost) when the agent, restarted (its held records gone, its lease
+// numbering from 100), goes to PS2: gap [6, 10]. PS1's late uploads
+// 11..15 (prev 10) and 16..20 (prev 15) land. Readers skipped 11..15
+// (prev in the gap) but not 16..20 (prev 15, outside the gap), and
+// stopped at a "missing" segment: a segment chained to a skipped one is
+// skipped too.
+func TestStaleServerTailOfTwoSegments(t *testing.T) {
+	h := newHandover(t, 6, 11, 16)
+	h.a1.waitAck(h.a1.batch(6, 5))
+	h.a1.waitAck(h.a1.batch(11, 5)) // acks lost on the way to the agent
+	h.a1.waitAck(h.a1.batch(16, 5))
+	h.uploading()
+	h.land(6, 10)
+
+	b := h.moveAgent(10)
+	b.waitAck(b.batch(100, 10))
+	b.marker(109, wire.MarkerTime, time.Now())
+	b.waitAck(b.batch(110, 5))
+	b.marker(114, wire.MarkerTime, time.Now())
+	h.mended(114)
+	before, err := recoverBlocks(t, h.store, h.ps1.rk, "114", 128)
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("before PS1's late uploads: recover 114: %v", err)
 	}
-	if got, err := ap.Apply(ctx, "m1"); err != nil || got != 25 {
-		t.Errorf("fresh applier after a stale server's late upload: applied %d, %v; want 25", got, err)
+
+	h.land(11, 15)
+	h.land(16, 20)
+	h.fence()
+	after, err := recoverBlocks(t, h.store, h.ps1.rk, "114", 128)
+	if err != nil {
+		t.Errorf("recover 114 after PS1's late uploads of two segments: %v", err)
+	} else if !bytes.Equal(after, before) {
+		t.Error("recover 114 after PS1's late uploads differs from before them")
 	}
+	applyFresh(t, h.store, h.ps1.rk, 114)
 }
 
 // sendRecs sends one batch of records.
@@ -187,86 +279,37 @@ func sendRecs(a *agent, recs ...wire.Record) uint64 {
 // block X and record 9 put it back (zeros). PS1 uploaded 9..10 before the
 // hello (deleted by dropForeignSegments) and 6..8 after it. PS2's replica
 // never had 6..10, so the checksum resync finds X equal (zeros on both)
-// and sends nothing for it. recover past the mend replays 6..8 and
-// returns X = 0xAA, without error.
+// and sends nothing for it. recover past the mend replayed 6..8 and
+// returned X = 0xAA, without error, before it skipped them.
 func TestStaleServerGapSegmentWrongBytes(t *testing.T) {
-	mstore := mem.New()
-	gate6, gate9 := make(chan struct{}), make(chan struct{})
-	link := &slowLink{Store: mstore, manGate: make(chan struct{}), gates: map[string]chan struct{}{
-		"00000000000000000006-": gate6, "00000000000000000009-": gate9}}
-	eA := newEnv(t, link, 1)
-	eA.segAge = 20 * time.Millisecond
-	eB := *eA
-	eB.store = mstore
-	eB.cache, eB.logs = []string{t.TempDir()}, &logBuf{}
-	sA := eA.start()
-	ctx := context.Background()
-
-	a1 := dialAgent(t, eA, sA, "m1")
-	ackA, _ := a1.hello("m1", disk0)
-	gen := ackA.Disks[0].Generation
-	a1.waitAck(a1.batch(1, 5))
-	eventually(t, 10*time.Second, "PS1's upload of 1..5", func() bool { return durableSeq(t, mstore, "m1") == 5 })
-
+	h := newHandover(t, 6, 9)
 	const X = 1000 * 4096
-	v1 := strings.Repeat("\xaa", 4096)
-	link.armed.Store(true)
-	a1.waitAck(sendRecs(a1,
-		wire.Record{Seq: 6, Op: wire.OpWrite, Offset: X, Length: 4096, Data: []byte(v1)},
-		wire.Record{Seq: 7, Op: wire.OpWrite, Offset: 7 * 4096, Length: 4096, Data: []byte(v1)},
-		wire.Record{Seq: 8, Op: wire.OpWrite, Offset: 8 * 4096, Length: 4096, Data: []byte(v1)}))
-	a1.waitAck(sendRecs(a1,
+	v1 := bytes.Repeat([]byte{0xaa}, 4096)
+	h.a1.waitAck(sendRecs(h.a1,
+		wire.Record{Seq: 6, Op: wire.OpWrite, Offset: X, Length: 4096, Data: v1},
+		wire.Record{Seq: 7, Op: wire.OpWrite, Offset: 7 * 4096, Length: 4096, Data: v1},
+		wire.Record{Seq: 8, Op: wire.OpWrite, Offset: 8 * 4096, Length: 4096, Data: v1}))
+	h.a1.waitAck(sendRecs(h.a1,
 		wire.Record{Seq: 9, Op: wire.OpZero, Offset: X, Length: 4096},
-		wire.Record{Seq: 10, Op: wire.OpWrite, Offset: 10 * 4096, Length: 4096, Data: []byte(v1)}))
-	eventually(t, 10*time.Second, "PS1 uploading both", func() bool { return link.waiting.Load() == 2 })
-	close(gate9) // lands before the hello; 6..8, the head, is slow
-	eventually(t, 10*time.Second, "PS1's upload of 9..10", func() bool {
-		_, err := mstore.GetBlob(ctx, layout.SegmentName("m1", 9, 10))
-		return err == nil
-	})
+		wire.Record{Seq: 10, Op: wire.OpWrite, Offset: 10 * 4096, Length: 4096, Data: v1}))
+	h.uploading()
+	h.land(9, 10) // before the hello; 6..8, the head, is slow
 
-	sB := eB.start()
-	b1 := dialAgent(t, &eB, sB, "m1")
-	ackB, _ := b1.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: gen, LastAckedSeq: 10})
-	if ackB.Disks[0].Action != wire.SyncChecksum {
-		t.Fatalf("PS2 answered %v, want a checksum resync", ackB.Disks[0].Action)
-	}
-	// The resync: X reads zeros on the agent and on PS2's replica (which
-	// never had 6..10): nothing is sent for it.
-	b1.waitAck(b1.batch(11, 10))
-	b1.marker(20, wire.MarkerTime, time.Now())
-	b1.waitAck(b1.batch(21, 5))
-	b1.marker(25, wire.MarkerTime, time.Now())
-	eventually(t, 10*time.Second, "PS2's uploads and the mend", func() bool {
-		man, err := recovery.ReadManifest(ctx, mstore, "m1")
-		return err == nil && man.DurableSeq == 25 && len(man.Gaps) == 1 && !man.Gaps[0].Open()
-	})
+	b := h.moveAgent(10) // the resync finds X zeros on both sides
+	b.waitAck(b.batch(11, 10))
+	b.marker(20, wire.MarkerTime, time.Now())
+	b.waitAck(b.batch(21, 5))
+	b.marker(25, wire.MarkerTime, time.Now())
+	h.mended(25)
 
-	close(gate6)
-	eventually(t, 10*time.Second, "PS1's upload of 6..8", func() bool {
-		_, err := mstore.GetBlob(ctx, layout.SegmentName("m1", 6, 8))
-		return err == nil
-	})
-	close(link.manGate)
-	eventually(t, 10*time.Second, "PS1 fenced", func() bool {
-		return strings.Contains(eA.logs.String(), "another writer changed the manifest")
-	})
-	out := filepath.Join(t.TempDir(), "out.img")
-	res, err := recovery.RecoverFile(ctx, mstore, recovery.Request{Machine: "m1", Disk: disk0.Name, Point: "25", RecoveryKey: eA.rk}, out)
+	h.land(6, 8)
+	h.fence()
+	img, err := recoverBlocks(t, h.store, h.ps1.rk, "25", 1001)
 	if err != nil {
 		t.Fatalf("recover 25: %v", err)
 	}
-	f, err := os.Open(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	buf := make([]byte, 4096)
-	if _, err := f.ReadAt(buf, X); err != nil {
-		t.Fatal(err)
-	}
-	if buf[0] != 0 {
-		t.Errorf("recover 25 (seq %d, %d segments, mended gap): block X reads %#x, the disk holds zeros", res.Seq, res.Segments, buf[0])
+	if x := img[X : X+4096]; !bytes.Equal(x, make([]byte, 4096)) {
+		t.Errorf("recover 25 past the mended gap: block X reads %#x, the disk holds zeros", x[0])
 	}
 }
 
@@ -276,63 +319,30 @@ func TestStaleServerGapSegmentWrongBytes(t *testing.T) {
 // PS1 now finds the name taken by other bytes, checks with a manifest
 // write whether the machine is still its own, and is fenced instead.
 func TestStaleServerSegmentUnderTakenName(t *testing.T) {
-	mstore := mem.New()
-	gate6, gate11 := make(chan struct{}), make(chan struct{})
-	link := &slowLink{Store: mstore, manGate: make(chan struct{}), gates: map[string]chan struct{}{
-		"00000000000000000006-": gate6, "00000000000000000011-": gate11}}
-	eA := newEnv(t, link, 1)
-	eA.segAge = 20 * time.Millisecond
-	eB := *eA
-	eB.store = mstore
-	eB.cache, eB.logs = []string{t.TempDir()}, &logBuf{}
-	sA := eA.start()
-	ctx := context.Background()
+	h := newHandover(t, 6, 11)
+	h.a1.waitAck(h.a1.batch(6, 5))
+	h.a1.waitAck(h.a1.batch(11, 10)) // its ack lost on the way
+	h.uploading()
+	h.land(6, 10)
 
-	a1 := dialAgent(t, eA, sA, "m1")
-	ackA, _ := a1.hello("m1", disk0)
-	gen := ackA.Disks[0].Generation
-	a1.waitAck(a1.batch(1, 5))
-	eventually(t, 10*time.Second, "PS1's upload of 1..5", func() bool { return durableSeq(t, mstore, "m1") == 5 })
-	link.armed.Store(true)
-	a1.waitAck(a1.batch(6, 5))
-	a1.waitAck(a1.batch(11, 10)) // its ack lost on the way
-	eventually(t, 10*time.Second, "PS1 uploading both", func() bool { return link.waiting.Load() == 2 })
-	close(gate6)
+	b := h.moveAgent(10)
+	b.waitAck(b.batch(11, 10))
+	b.marker(20, wire.MarkerTime, time.Now())
+	b.waitAck(b.batch(21, 5))
+	b.marker(25, wire.MarkerTime, time.Now())
+	h.mended(25)
 	name := layout.SegmentName("m1", 11, 20)
-	eventually(t, 10*time.Second, "PS1's upload of 6..10", func() bool {
-		_, err := mstore.GetBlob(ctx, layout.SegmentName("m1", 6, 10))
-		return err == nil
-	})
-
-	sB := eB.start()
-	b1 := dialAgent(t, &eB, sB, "m1")
-	b1.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: gen, LastAckedSeq: 10})
-	b1.waitAck(b1.batch(11, 10))
-	b1.marker(20, wire.MarkerTime, time.Now())
-	b1.waitAck(b1.batch(21, 5))
-	b1.marker(25, wire.MarkerTime, time.Now())
-	eventually(t, 10*time.Second, "PS2's uploads and the mend", func() bool {
-		man, err := recovery.ReadManifest(ctx, mstore, "m1")
-		return err == nil && man.DurableSeq == 25 && len(man.Gaps) == 1 && !man.Gaps[0].Open()
-	})
-	ps2, err := mstore.GetBlob(ctx, name)
+	ps2, err := h.store.GetBlob(h.ctx, name)
 	if err != nil {
 		t.Fatalf("PS2's segment %s: %v", name, err)
 	}
-	out := filepath.Join(t.TempDir(), "before.img")
-	if _, err := recovery.RecoverFile(ctx, mstore, recovery.Request{Machine: "m1", Disk: disk0.Name, Point: "25", RecoveryKey: eA.rk}, out); err != nil {
-		t.Fatalf("recover 25: %v", err)
-	}
 
-	close(gate11)
-	close(link.manGate)
-	eventually(t, 10*time.Second, "PS1 fenced", func() bool {
-		return strings.Contains(eA.logs.String(), "another writer changed the manifest")
-	})
-	if got, err := mstore.GetBlob(ctx, name); err != nil || !bytes.Equal(got, ps2) {
+	close(h.link.gates[fmt.Sprintf("%020d-", 11)])
+	h.fence()
+	if got, err := h.store.GetBlob(h.ctx, name); err != nil || !bytes.Equal(got, ps2) {
 		t.Fatalf("PS2's segment %s replaced by the server it took the machine from (%v)", name, err)
 	}
-	if _, err := recovery.RecoverFile(ctx, mstore, recovery.Request{Machine: "m1", Disk: disk0.Name, Point: "25", RecoveryKey: eA.rk}, filepath.Join(t.TempDir(), "after.img")); err != nil {
+	if _, err := recoverBlocks(t, h.store, h.ps1.rk, "25", 32); err != nil {
 		t.Fatalf("recover 25 after PS1's late upload: %v", err)
 	}
 }
@@ -362,43 +372,40 @@ func (s *takenName) PutBlobIf(ctx context.Context, name string, data []byte, md 
 	return "", errors.New("reply lost")
 }
 
+// batchBlocks is disk0's first n blocks after records first..last, sent
+// in batches of agent.batch starting at starts.
+func batchBlocks(n int, starts ...[2]uint64) []byte {
+	b := make([]byte, n*4096)
+	for _, s := range starts {
+		for seq := s[0]; seq <= s[1]; seq++ {
+			copy(b[seq*4096:], batchData(seq, int(seq-s[0])))
+		}
+	}
+	return b
+}
+
 // A segment name found taken is this server's own earlier upload (kept)
 // or, while the manifest is still this server's, another's (replaced):
 // either way the journal ends up holding the segment, byte for byte.
 func TestSegmentNameTaken(t *testing.T) {
 	for _, foreign := range []bool{false, true} {
 		t.Run(map[bool]string{false: "own", true: "foreign"}[foreign], func(t *testing.T) {
-			mstore := mem.New()
-			e := newEnv(t, &takenName{Store: mstore, foreign: foreign}, 1)
+			store := mem.New()
+			e := newEnv(t, &takenName{Store: store, foreign: foreign}, 1)
 			e.segAge = 20 * time.Millisecond
-			s := e.start()
-			a := dialAgent(t, e, s, "m1")
+			a := dialAgent(t, e, e.start(), "m1")
 			a.hello("m1", disk0)
 			a.waitAck(a.batch(1, 5))
 			a.marker(5, wire.MarkerTime, time.Now())
-			eventually(t, 10*time.Second, "the upload of 1..5", func() bool { return durableSeq(t, mstore, "m1") == 5 })
+			eventually(t, 10*time.Second, "the upload of 1..5", func() bool { return durableSeq(t, store, "m1") == 5 })
 			if strings.Contains(e.logs.String(), "another writer changed the manifest") {
 				t.Fatal("fenced by its own manifest")
 			}
-			ctx := context.Background()
-			out := filepath.Join(t.TempDir(), "out.img")
-			if _, err := recovery.RecoverFile(ctx, mstore, recovery.Request{Machine: "m1", Disk: disk0.Name, Point: "5", RecoveryKey: e.rk}, out); err != nil {
+			img, err := recoverBlocks(t, store, e.rk, "5", 6)
+			if err != nil {
 				t.Fatalf("recover 5: %v", err)
 			}
-			f, err := os.Open(out)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer f.Close()
-			got := make([]byte, 6*4096)
-			if _, err := io.ReadFull(f, got); err != nil {
-				t.Fatal(err)
-			}
-			want := make([]byte, 6*4096)
-			for seq := 1; seq <= 5; seq++ { // as agent.batch writes them
-				copy(want[seq*4096:], bytes.Repeat([]byte{byte(seq), 0, 0x5a, byte(seq - 1)}, 1024))
-			}
-			if !bytes.Equal(got, want) {
+			if !bytes.Equal(img, batchBlocks(6, [2]uint64{1, 5})) {
 				t.Fatal("recovered blocks differ from the records sent")
 			}
 			if foreign != strings.Contains(e.logs.String(), "replacing a journal segment") {
@@ -410,23 +417,23 @@ func TestSegmentNameTaken(t *testing.T) {
 
 // TestResendInsideOpenGapNotTaken: segmentLost recorded gap [6, 10] for a
 // cached segment whose ack never reached the agent (the server crashed
-// after openGap, before the tombstone / the manifest's durable_seq), and
-// the cache is gone at restart: durable is 5, the agent (acked 5) resends
-// 6..10 legitimately. The new server's segment 6..15 has records inside
-// the gap: recovery.Stale skips it and the journal past 5 is refused.
+// after openGap, before the tombstone and the manifest's durable_seq), and
+// the cache is gone at restart: durable is 5, and the agent (acked 5)
+// resends 6..10. Taken, they made a segment with writes inside the gap,
+// which readers skip as a stale server's (recovery.StaleFilter), and the
+// journal past 5 was refused. The hello now resumes the agent past the
+// gap (its checksum resync brings back what 6..10 changed).
 func TestResendInsideOpenGapNotTaken(t *testing.T) {
-	mstore := mem.New()
-	eA := newEnv(t, mstore, 1)
+	store := mem.New()
+	eA := newEnv(t, store, 1)
 	eA.segAge = 20 * time.Millisecond
 	sA := eA.start()
-	ctx := context.Background()
 	a1 := dialAgent(t, eA, sA, "m1")
 	ackA, _ := a1.hello("m1", disk0)
-	gen := ackA.Disks[0].Generation
 	a1.waitAck(a1.batch(1, 5))
-	eventually(t, 10*time.Second, "upload of 1..5", func() bool { return durableSeq(t, mstore, "m1") == 5 })
+	eventually(t, 10*time.Second, "upload of 1..5", func() bool { return durableSeq(t, store, "m1") == 5 })
 	// segmentLost's first step for a lost cached 6..10; then the crash.
-	if err := sA.machine("m1").openGap(ctx, 6, 10); err != nil {
+	if err := sA.machine("m1").openGap(context.Background(), 6, 10); err != nil {
 		t.Fatal(err)
 	}
 	a1.conn.Close()
@@ -434,121 +441,34 @@ func TestResendInsideOpenGapNotTaken(t *testing.T) {
 
 	eB := *eA
 	eB.cache = []string{t.TempDir()} // the cache did not survive
-	sB := eB.start()
-	b1 := dialAgent(t, &eB, sB, "m1")
-	ackB, _ := b1.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: gen, LastAckedSeq: 5})
-	if ackB.Disks[0].Action != wire.SyncChecksum {
-		t.Fatalf("answered %v, want a checksum resync", ackB.Disks[0].Action)
+	b := dialAgent(t, &eB, eB.start(), "m1")
+	ack, _ := b.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ackA.Disks[0].Generation, LastAckedSeq: 5})
+	if ack.Disks[0].Action != wire.SyncChecksum || ack.Disks[0].ResumeFrom != 11 {
+		t.Fatalf("answered %v from %d, want a checksum resync from 11: past the open gap", ack.Disks[0].Action, ack.Disks[0].ResumeFrom)
 	}
-	if got := ackB.Disks[0].ResumeFrom; got != 11 {
-		t.Fatalf("resume from %d, want 11: past the open gap", got)
-	}
-	b1.batch(6, 10) // the unacknowledged 6..10 resent anyway, and 11..15
-	b1.waitAck(15)
-	b1.marker(15, wire.MarkerTime, time.Now())
-	eventually(t, 10*time.Second, "uploads and the mend", func() bool {
-		man, err := recovery.ReadManifest(ctx, mstore, "m1")
-		return err == nil && man.DurableSeq == 15 && len(man.Gaps) == 1 && !man.Gaps[0].Open()
-	})
-	if _, err := recovery.RecoverFile(ctx, mstore, recovery.Request{Machine: "m1", Disk: disk0.Name, Point: "15", RecoveryKey: eA.rk}, filepath.Join(t.TempDir(), "out.img")); err != nil {
-		t.Errorf("recover 15: %v", err)
-	}
-	ap, err := applier.New(applier.Config{Store: mstore, Keys: applier.RecoveryKeys(mstore, eA.rk), Retention: -1})
+	b.batch(6, 10) // the unacknowledged 6..10 resent anyway, and 11..15
+	b.waitAck(15)
+	b.marker(15, wire.MarkerTime, time.Now())
+	waitMended(t, store, 15)
+	img, err := recoverBlocks(t, store, eA.rk, "15", 16)
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("recover 15: %v", err)
 	}
-	if got, err := ap.Apply(ctx, "m1"); err != nil || got != 15 {
-		t.Errorf("fresh applier: applied %d, %v; want 15", got, err)
+	// 6..10 were not taken: the resync, finding them on the disk and not
+	// on the replica, would send them again.
+	if want := batchBlocks(16, [2]uint64{1, 5}); !bytes.Equal(img[:11*4096], want[:11*4096]) {
+		t.Error("recover 15: blocks 0..10 differ from 1..5 alone")
 	}
+	applyFresh(t, store, eA.rk, 15)
 }
 
-// TestStaleServerTailOfTwoSegments: PS1 has cached 11..15 and 16..20
-// (acks lost) when the agent, restarted (its held records gone, its lease
-// numbering from 100), goes to PS2: gap [6, 10]. PS1's late uploads
-// 11..15 (prev 10) and 16..20 (prev 15) land. recovery.Stale skips
-// 11..15 (prev in the gap) but not 16..20 (prev 15 is outside the gap):
-// recover and a fresh applier then stop at a "missing" segment.
-func TestStaleServerTailOfTwoSegments(t *testing.T) {
-	mstore := mem.New()
-	gate6, gate11, gate16 := make(chan struct{}), make(chan struct{}), make(chan struct{})
-	link := &slowLink{Store: mstore, manGate: make(chan struct{}), gates: map[string]chan struct{}{
-		"00000000000000000006-": gate6, "00000000000000000011-": gate11, "00000000000000000016-": gate16}}
-	eA := newEnv(t, link, 1)
-	eA.segAge = 20 * time.Millisecond
-	eB := *eA
-	eB.store = mstore
-	eB.cache, eB.logs = []string{t.TempDir()}, &logBuf{}
-	sA := eA.start()
-
-	a1 := dialAgent(t, eA, sA, "m1")
-	ackA, _ := a1.hello("m1", disk0)
-	gen := ackA.Disks[0].Generation
-	a1.waitAck(a1.batch(1, 5))
-	eventually(t, 10*time.Second, "PS1's upload of 1..5", func() bool { return durableSeq(t, mstore, "m1") == 5 })
-
-	link.armed.Store(true)
-	a1.waitAck(a1.batch(6, 5))
-	a1.waitAck(a1.batch(11, 5)) // acks lost on the way to the agent
-	a1.waitAck(a1.batch(16, 5))
-	ctx := context.Background()
-	eventually(t, 10*time.Second, "PS1 uploading all three", func() bool { return link.waiting.Load() == 3 })
-	close(gate6)
-	eventually(t, 10*time.Second, "PS1's upload of 6..10", func() bool {
-		_, err := mstore.GetBlob(ctx, layout.SegmentName("m1", 6, 10))
-		return err == nil
-	})
-
-	// The agent, restarted, goes to PS2: acked 10, numbering from its lease.
-	sB := eB.start()
-	b1 := dialAgent(t, &eB, sB, "m1")
-	ackB, _ := b1.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: gen, LastAckedSeq: 10})
-	if ackB.Disks[0].Action != wire.SyncChecksum {
-		t.Fatalf("PS2 answered %v, want a checksum resync", ackB.Disks[0].Action)
-	}
-	b1.waitAck(b1.batch(100, 10))
-	b1.marker(109, wire.MarkerTime, time.Now())
-	b1.waitAck(b1.batch(110, 5))
-	b1.marker(114, wire.MarkerTime, time.Now())
-	eventually(t, 10*time.Second, "PS2's uploads and the mend", func() bool {
-		man, err := recovery.ReadManifest(ctx, mstore, "m1")
-		return err == nil && man.DurableSeq == 114 && len(man.Gaps) == 1 && !man.Gaps[0].Open()
-	})
-	rec := func() error {
-		_, err := recovery.RecoverFile(ctx, mstore, recovery.Request{Machine: "m1", Disk: disk0.Name, Point: "114", RecoveryKey: eA.rk}, filepath.Join(t.TempDir(), "out.img"))
-		return err
-	}
-	if err := rec(); err != nil {
-		t.Fatalf("before PS1's late uploads: recover 114: %v", err)
-	}
-
-	close(gate11)
-	close(gate16)
-	eventually(t, 10*time.Second, "PS1's uploads of 11..15 and 16..20", func() bool {
-		_, err1 := mstore.GetBlob(ctx, layout.SegmentName("m1", 11, 15))
-		_, err2 := mstore.GetBlob(ctx, layout.SegmentName("m1", 16, 20))
-		return err1 == nil && err2 == nil
-	})
-	close(link.manGate)
-	eventually(t, 10*time.Second, "PS1 fenced", func() bool {
-		return strings.Contains(eA.logs.String(), "another writer changed the manifest")
-	})
-	if err := rec(); err != nil {
-		t.Errorf("recover 114 after PS1's late uploads of two segments: %v", err)
-	}
-	ap, err := applier.New(applier.Config{Store: mstore, Keys: applier.RecoveryKeys(mstore, eA.rk), Retention: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got, err := ap.Apply(ctx, "m1"); err != nil || got != 114 {
-		t.Errorf("fresh applier after PS1's late uploads: applied %d, %v; want 114", got, err)
-	}
-}
-
-// TestIdleResyncPastAgentAheadGap: the agent acked 10, the server
-// holds 5 (cache lost / another server): gap [6, 10], ResumeFrom 11. An
-// idle agent's checksum question is then answered only once the manifest's
-// durable_seq reaches 10 (waitUploaded(st.accepted)), which needs a new
-// write; and its time marker at 10 mends the gap only once uploaded ≥ 10.
+// TestIdleResyncPastAgentAheadGap: the agent acked 10, the server holds 5
+// (cache lost, or another server took them): gap [6, 10], resume from 11.
+// The idle agent's checksum questions are answered at once (they waited
+// for durable_seq to reach 10, which only a new write could do), its
+// time marker at 10 mends the gap, and the journal then holds that
+// marker inside the gap, which readers keep (only writes there are a
+// stale server's).
 func TestIdleResyncPastAgentAheadGap(t *testing.T) {
 	store := mem.New()
 	e := newEnv(t, store, 1)
@@ -558,13 +478,12 @@ func TestIdleResyncPastAgentAheadGap(t *testing.T) {
 	s := e.start()
 	a := dialAgent(t, e, s, "m1")
 	ack, _ := a.hello("m1", disk0)
-	gen := ack.Disks[0].Generation
 	a.waitAck(a.batch(1, 5))
 	eventually(t, 10*time.Second, "upload of 1..5", func() bool { return durableSeq(t, store, "m1") == 5 })
 	a.conn.Close()
 
 	b := dialAgent(t, e, s, "m1")
-	ackB, _ := b.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: gen, LastAckedSeq: 10})
+	ackB, _ := b.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ack.Disks[0].Generation, LastAckedSeq: 10})
 	if ackB.Disks[0].Action != wire.SyncChecksum {
 		t.Fatalf("answered %v, want checksum resync", ackB.Disks[0].Action)
 	}
@@ -577,59 +496,33 @@ func TestIdleResyncPastAgentAheadGap(t *testing.T) {
 		t.Fatal(err)
 	}
 	b.sendFrame(wire.TypeSums, p)
-	got := false
-	deadline := time.Now().Add(5 * time.Second)
-	for !got && time.Now().Before(deadline) {
+	answered := false
+	for deadline := time.Now().Add(5 * time.Second); !answered && time.Now().Before(deadline); {
 		select {
 		case f := <-b.frames:
-			if f.typ == wire.TypeSumsReply {
-				got = true
-			}
+			answered = f.typ == wire.TypeSumsReply
 		case <-time.After(time.Until(deadline)):
 		}
 	}
-	if !got {
-		t.Errorf("idle agent's checksum question not answered in 5s (session accepted floor past durable_seq)")
+	if !answered {
+		t.Errorf("idle agent's checksum question not answered in 5s")
 	}
 	// The resync found nothing to send; its first time marker at 10.
 	b.marker(10, wire.MarkerTime, time.Now())
-	ctx := context.Background()
-	eventually(t, 10*time.Second, "the gap mended by the marker that ended the (empty) resync", func() bool {
-		man, err := recovery.ReadManifest(ctx, store, "m1")
+	eventually(t, 10*time.Second, "the gap mended by the marker that ended the resync", func() bool {
+		man, err := recovery.ReadManifest(context.Background(), store, "m1")
 		return err == nil && len(man.Gaps) == 1 && !man.Gaps[0].Open()
 	})
 	// Writes go on past it; the journal is read across the marker.
 	b.waitAck(b.batch(11, 5))
 	b.marker(15, wire.MarkerTime, time.Now())
 	eventually(t, 10*time.Second, "the upload of 11..15", func() bool { return durableSeq(t, store, "m1") == 15 })
-	out := filepath.Join(t.TempDir(), "out.img")
-	if _, err := recovery.RecoverFile(ctx, store, recovery.Request{Machine: "m1", Disk: disk0.Name, Point: "15", RecoveryKey: e.rk}, out); err != nil {
+	img, err := recoverBlocks(t, store, e.rk, "15", 16)
+	if err != nil {
 		t.Fatalf("recover 15: %v", err)
 	}
-	f, err := os.Open(out)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	img := make([]byte, 16*4096)
-	if _, err := io.ReadFull(f, img); err != nil {
-		t.Fatal(err)
-	}
-	want := make([]byte, 16*4096) // 6..10 lost: the resync found them unchanged
-	for seq := 1; seq <= 15; seq++ {
-		if seq < 6 || seq > 10 {
-			first := map[bool]int{true: 1, false: 11}[seq < 6]
-			copy(want[seq*4096:], bytes.Repeat([]byte{byte(seq), 0, 0x5a, byte(seq - first)}, 1024))
-		}
-	}
-	if !bytes.Equal(img, want) {
+	if !bytes.Equal(img, batchBlocks(16, [2]uint64{1, 5}, [2]uint64{11, 15})) { // 6..10 lost: the resync found them unchanged
 		t.Fatal("recovered blocks differ from the records the journal holds")
 	}
-	ap, err := applier.New(applier.Config{Store: store, Keys: applier.RecoveryKeys(store, e.rk), Retention: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if n, err := ap.Apply(ctx, "m1"); err != nil || n != 15 {
-		t.Errorf("fresh applier: applied %d, %v; want 15", n, err)
-	}
+	applyFresh(t, store, e.rk, 15)
 }

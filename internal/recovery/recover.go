@@ -540,7 +540,7 @@ func replay(ctx context.Context, store blobstore.Store, keys seal.Keyring, segs 
 		}
 		if prev, ok := dec.Prev(); stale.Skip(s.Last, recs, prev, ok, chain) {
 			if w != nil {
-				fmt.Fprintf(w, "skipping journal segment %s: written by a process server that no longer served the machine (its records are in a recorded gap)\n", s.Name)
+				fmt.Fprintf(w, "skipping journal segment %s: it continues a history the journal gave up (a process server that no longer served the machine wrote it), or follows a missing segment\n", s.Name)
 			}
 			continue
 		}
@@ -580,7 +580,7 @@ func replay(ctx context.Context, store blobstore.Store, keys seal.Keyring, segs 
 	if chain < target {
 		// Only a skipped segment reached it: what holds its records is
 		// missing.
-		return 0, fmt.Errorf("journal is incomplete: the segments chained from sequence %d end at %d, before the target %d: %w", from, chain, target, ErrTampered)
+		return 0, fmt.Errorf("journal is incomplete: the segments chained from sequence %d end at %d, before the target %d (a deleted segment or tombstone?): %w", from, chain, target, ErrTampered)
 	}
 	return len(todo), nil
 }

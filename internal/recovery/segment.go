@@ -172,12 +172,13 @@ func ReadSegment(ctx context.Context, store blobstore.Store, name string, keys s
 // LostTo). No segment of the journal starts with a write inside a gap (a
 // process server takes no record at or below an open gap's end; only
 // tombstones and time markers lie there), so one that does is the old
-// history's: applied, it would undo what the mending resync left alone. A segment
-// chained to a predecessor inside a gap that the chain has not reached,
-// or to a segment skipped before, continues that history, while the new
-// owner's first segment chains to the gap's start. Readers skip such
-// segments: every segment they accept is still chained to the one before,
-// so a skip never hides a missing one (it fails later instead).
+// history's: applied, it would undo what the mending resync left alone.
+// A segment chained to a predecessor inside a gap that the chain has not
+// reached, or to a segment skipped before, continues that history, while
+// the new owner's first segment chains to the gap's start. Readers skip
+// such segments: every segment they accept is still chained to the one
+// before, and a reader whose chain ends short of the journal's end
+// refuses it, so a skip never hides a missing segment (it fails later).
 type StaleFilter struct {
 	Gaps []layout.Gap // the manifest's
 	ends map[uint64]bool
@@ -196,6 +197,9 @@ func (f *StaleFilter) Skip(last uint64, recs []wire.Record, prev uint64, hasPrev
 	f.ends[last] = true
 	return true
 }
+
+// Skipped reports whether Skip has skipped a segment.
+func (f *StaleFilter) Skipped() bool { return len(f.ends) > 0 }
 
 func (f *StaleFilter) stale(recs []wire.Record, prev uint64, hasPrev bool, chain uint64) bool {
 	after := hasPrev && prev > chain // follows what the chain has not reached

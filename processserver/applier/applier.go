@@ -318,8 +318,8 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 			return 0, err
 		}
 		m.loaded = true
-		m.chain = m.applied() // where resume starts: each disk's applied ends a segment
-		m.stale = recovery.StaleFilter{Gaps: man.Gaps}
+		m.chain = m.applied()                          // where resume starts: each disk's applied ends a segment
+		m.stale = recovery.StaleFilter{Gaps: man.Gaps} // what was skipped is read again
 	}
 	// Past the cursor only: segments sort by name, and names by first
 	// sequence. Listing the whole journal each pass grew with retention.
@@ -335,11 +335,13 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 	resume := m.applied()
 	n := 0
 	var yielded time.Duration
+	whole := true // every listed segment up to limit was read
 	for _, s := range segs {
 		if (m.cursor != "" && s.Name <= m.cursor) || s.Last < resume {
 			continue
 		}
 		if s.Last > limit {
+			whole = false
 			break
 		}
 		if n++; n > 1 && a.cfg.Yield != nil && yielded < passYieldMax {
@@ -360,6 +362,12 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 		}
 		m.cursor = s.Name
 		m.chain = max(m.chain, s.Last)
+	}
+	if whole && m.stale.Skipped() && m.chain < man.DurableSeq {
+		// As recover refuses it: only skipped segments went on from
+		// there, so what holds the journal's next records is missing.
+		return m.applied(), fmt.Errorf("journal of machine %q is incomplete: the segments chained from the replicas end at sequence %d, before durable_seq %d (a deleted segment or tombstone?): %w",
+			m.name, m.chain, man.DurableSeq, recovery.ErrTampered)
 	}
 	if err := a.prune(ctx, m); err != nil {
 		// Pruning late is harmless; keep applying.
@@ -687,7 +695,7 @@ func (a *Applier) applySegment(ctx context.Context, m *machine, s recovery.Segme
 		return fmt.Errorf("journal segment %s: %w", s.Name, err)
 	}
 	if prev, ok := m.dec.Prev(); m.stale.Skip(s.Last, recs, prev, ok, m.chain) {
-		a.log.Warn("skipping a journal segment written by a process server that no longer served the machine (its records are in a recorded gap)",
+		a.log.Warn("skipping a journal segment of a history the journal gave up (a process server that no longer served the machine wrote it), or one that follows a missing segment",
 			logKeyMachine, m.name, logKeySegment, s.Name)
 		return errStale
 	}
