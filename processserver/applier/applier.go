@@ -318,8 +318,9 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 			return 0, err
 		}
 		m.loaded = true
-		m.chain = m.applied()                          // where resume starts: each disk's applied ends a segment
-		m.stale = recovery.StaleFilter{Gaps: man.Gaps} // what was skipped is read again
+		m.chain = m.applied() // where resume starts: each disk's applied ends a segment
+		// What was skipped is read again, and judged again.
+		m.stale = recovery.StaleFilter{Gaps: man.Gaps}
 	}
 	// Past the cursor only: segments sort by name, and names by first
 	// sequence. Listing the whole journal each pass grew with retention.
