@@ -141,6 +141,27 @@ func (h *handover) fence() {
 	})
 }
 
+// unchangedBy checks that PS1's late uploads (late), then its fencing,
+// change neither what recover returns at seq (its first blocks, up to
+// seq's) nor how far a fresh applier gets.
+func (h *handover) unchangedBy(seq uint64, late func()) {
+	h.t.Helper()
+	point, n := fmt.Sprint(seq), int(seq)+1
+	before, err := recoverBlocks(h.t, h.store, h.ps1.rk, point, n)
+	if err != nil {
+		h.t.Fatalf("before PS1's late uploads: recover %s: %v", point, err)
+	}
+	late()
+	h.fence()
+	after, err := recoverBlocks(h.t, h.store, h.ps1.rk, point, n)
+	if err != nil {
+		h.t.Errorf("recover %s after PS1's late uploads: %v", point, err)
+	} else if !bytes.Equal(after, before) {
+		h.t.Errorf("recover %s after PS1's late uploads differs from before them", point)
+	}
+	applyFresh(h.t, h.store, h.ps1.rk, seq)
+}
+
 func waitMended(t *testing.T, store blobstore.Store, durable uint64) {
 	t.Helper()
 	eventually(t, 10*time.Second, "the journal and the gap's mend", func() bool {
@@ -204,20 +225,7 @@ func TestStaleServerSegmentBreaksJournal(t *testing.T) {
 	b.waitAck(b.batch(21, 5))
 	b.marker(25, wire.MarkerTime, time.Now())
 	h.mended(25)
-	before, err := recoverBlocks(t, h.store, h.ps1.rk, "25", 32)
-	if err != nil {
-		t.Fatalf("before PS1's late upload: recover 25: %v", err)
-	}
-
-	h.land(11, 15)
-	h.fence()
-	after, err := recoverBlocks(t, h.store, h.ps1.rk, "25", 32)
-	if err != nil {
-		t.Errorf("recover 25 after a stale server's late upload: %v", err)
-	} else if !bytes.Equal(after, before) {
-		t.Error("recover 25 after a stale server's late upload differs from before it")
-	}
-	applyFresh(t, h.store, h.ps1.rk, 25)
+	h.unchangedBy(25, func() { h.land(11, 15) })
 }
 
 // TestStaleServerTailOfTwoSegments: PS1 has cached 11..15 and 16..20
@@ -241,21 +249,7 @@ func TestStaleServerTailOfTwoSegments(t *testing.T) {
 	b.waitAck(b.batch(110, 5))
 	b.marker(114, wire.MarkerTime, time.Now())
 	h.mended(114)
-	before, err := recoverBlocks(t, h.store, h.ps1.rk, "114", 128)
-	if err != nil {
-		t.Fatalf("before PS1's late uploads: recover 114: %v", err)
-	}
-
-	h.land(11, 15)
-	h.land(16, 20)
-	h.fence()
-	after, err := recoverBlocks(t, h.store, h.ps1.rk, "114", 128)
-	if err != nil {
-		t.Errorf("recover 114 after PS1's late uploads of two segments: %v", err)
-	} else if !bytes.Equal(after, before) {
-		t.Error("recover 114 after PS1's late uploads differs from before them")
-	}
-	applyFresh(t, h.store, h.ps1.rk, 114)
+	h.unchangedBy(114, func() { h.land(11, 15); h.land(16, 20) })
 }
 
 // sendRecs sends one batch of records.
