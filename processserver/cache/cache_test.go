@@ -612,10 +612,16 @@ func TestFailedWriteDuringScrubKeepsPending(t *testing.T) {
 		}
 		return nil
 	}
+	// Another stream's segment, under its own lock: locks are striped by
+	// a seeded hash, and the one the scrub holds (segment 3's, while the
+	// hook runs) would wait for the hook to return.
+	other := SegmentID{"n", 1}
+	for c.lock(other) == c.lock(SegmentID{"m", 3}) {
+		other.Seq++
+	}
 	midScrub(h, dirs, func() {
-		// Another stream's segment, under its own lock.
 		failing.Store(true)
-		if err := c.Put(SegmentID{"n", 1}, data); err == nil || !strings.Contains(err.Error(), dirs[1]) {
+		if err := c.Put(other, data); err == nil || !strings.Contains(err.Error(), dirs[1]) {
 			t.Errorf("put with a shard failing in %s: %v, want an error naming it", dirs[1], err)
 		}
 		failing.Store(false)
