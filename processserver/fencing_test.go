@@ -1,8 +1,10 @@
 package processserver
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -10,6 +12,7 @@ import (
 
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore/mem"
+	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/lifeboat-dr/lifeboat/internal/wire"
 )
 
@@ -130,5 +133,82 @@ func TestOwnLostManifestWriteNotFenced(t *testing.T) {
 	eventually(t, 10*time.Second, "the upload", func() bool { return durableSeq(t, store, "m1") == 5 })
 	if strings.Contains(e.logs.String(), "another writer changed the manifest") {
 		t.Fatal("the server fenced itself over its own write")
+	}
+}
+
+// A fenced process server that restarts while the other still serves the
+// machine (its host rebooted, say) stays out of it: the fence is kept in
+// its cache, and the segments it cached, a history the other superseded,
+// are neither uploaded nor published over the other's manifest; when the
+// agent comes back to it, it drops them and goes on from the other's.
+func TestFencedServerRestartsDormant(t *testing.T) {
+	store := mem.New()
+	link := &slowLink{Store: store, manGate: make(chan struct{}), gates: map[string]chan struct{}{fmt.Sprintf("%020d-", 11): make(chan struct{})}}
+	eA := newEnv(t, link, 1)
+	eA.segAge = 20 * time.Millisecond
+	eB := *eA
+	eB.store, eB.cache, eB.logs = store, []string{t.TempDir()}, &logBuf{}
+	sA := eA.start()
+	a1 := dialAgent(t, eA, sA, "m1")
+	ack, _ := a1.hello("m1", disk0)
+	a1.waitAck(a1.batch(1, 5))
+	eventually(t, 10*time.Second, "A's upload", func() bool { return durableSeq(t, store, "m1") == 5 })
+
+	// The agent moves to B, which takes over with its next write.
+	link.armed.Store(true) // A's manifest writes wait; its upload of 11.. never lands
+	sB := eB.start()
+	b1 := dialAgent(t, &eB, sB, "m1")
+	b1.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ack.Disks[0].Generation, LastAckedSeq: 5})
+	b1.waitAck(b1.batch(6, 5))
+	eventually(t, 10*time.Second, "B's upload", func() bool { return durableSeq(t, store, "m1") == 10 })
+	// A, cut off from the agent, still had 6..12 from it: 6..10 uploads
+	// (the same records as B's), its manifest write fails: fenced.
+	a1.waitAck(a1.batch(6, 5))
+	a1.waitAck(a1.batch(11, 2))
+	close(link.manGate)
+	eventually(t, 10*time.Second, "A fenced", func() bool { return strings.Contains(eA.logs.String(), "another writer changed the manifest") })
+	a1.conn.Close()
+	sA.Close()
+	ctx := context.Background()
+	before, err := store.Stat(ctx, layout.ManifestName("m1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	link.armed.Store(false)
+	eA.logs = &logBuf{}
+	sA2 := eA.start()
+	eventually(t, 10*time.Second, "A to say it waits for a hello", func() bool {
+		return strings.Contains(eA.logs.String(), "nothing of it is uploaded from this cache")
+	})
+	time.Sleep(time.Second) // its uploader would have run by now
+	if after, err := store.Stat(ctx, layout.ManifestName("m1")); err != nil || after.ETag != before.ETag {
+		t.Fatalf("manifest written by the restarted fenced server (%v)", err)
+	}
+	b1.waitAck(b1.batch(11, 1)) // B goes on, unfenced
+	b1.marker(11, wire.MarkerTime, time.Now())
+	eventually(t, 10*time.Second, "B's upload of 11", func() bool { return durableSeq(t, store, "m1") == 11 })
+	if strings.Contains(eB.logs.String(), "another writer changed the manifest") {
+		t.Fatal("B fenced by the restarted server")
+	}
+
+	// The agent comes back to A: A drops its cached 11..12 instead of
+	// publishing them over B's 11, and goes on from B's durable_seq.
+	b1.conn.Close()
+	sB.Close()
+	a2 := dialAgent(t, eA, sA2, "m1")
+	ack2, _ := a2.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ack.Disks[0].Generation, LastAckedSeq: 11})
+	if ack2.Disks[0].Action != wire.SyncResume || ack2.Disks[0].ResumeFrom != 12 {
+		t.Fatalf("A answered %+v, want a resume from 12 (after B's durable_seq)", ack2.Disks[0])
+	}
+	a2.waitAck(a2.batch(12, 4))
+	a2.marker(15, wire.MarkerTime, time.Now())
+	eventually(t, 10*time.Second, "A's upload after the agent came back", func() bool { return durableSeq(t, store, "m1") == 15 })
+	img, err := recoverBlocks(t, store, eA.rk, "15", 16)
+	if err != nil {
+		t.Fatalf("recover 15: %v", err)
+	}
+	if want := batchBlocks(16, [2]uint64{1, 5}, [2]uint64{6, 10}, [2]uint64{11, 11}, [2]uint64{12, 15}); !bytes.Equal(img, want) {
+		t.Fatal("recover 15 differs from the records the agent sent")
 	}
 }

@@ -65,6 +65,7 @@ type machine struct {
 	mu       sync.Mutex
 	loaded   bool
 	fenced   bool // another writer changed the manifest: the machine is not served
+	dormant  bool // fenced before this process started (cache.Fenced): nothing of it moves until a hello here
 	man      layout.Manifest
 	key      *seal.Key
 	manKey   *seal.Key // seals the manifest: key, or the one ensureKey is storing
@@ -99,7 +100,7 @@ type machine struct {
 }
 
 func newMachine(s *Server, name string) *machine {
-	return &machine{
+	m := &machine{
 		name:     name,
 		s:        s,
 		log:      s.log.With(logMachine, name),
@@ -108,6 +109,63 @@ func newMachine(s *Server, name string) *machine {
 		progress: make(chan struct{}),
 		gapEpoch: 1, // a gap loaded open from the manifest has epoch 1
 	}
+	if s.cache != nil && s.cache.Fenced(name) {
+		m.dormant = true
+		m.log.Warn("another process server took this machine over before this one stopped: nothing of it is uploaded from this cache until its agent says hello here")
+	}
+	return m
+}
+
+// isDormant reports whether the machine waits for a hello (dormant).
+func (m *machine) isDormant() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.dormant
+}
+
+// forgetCache drops what the cache holds of a dormant machine, as a hello
+// takes it back: segments of a history the other server superseded (its
+// gap and resync cover the records they held), which uploaded now would
+// be published over, or replace, the other's. From here on this server
+// holds what the manifest says, as a server taking the machine over does.
+func (m *machine) forgetCache() {
+	m.mu.Lock()
+	segs := m.segs
+	m.segs, m.backlog = nil, 0
+	m.durable, m.uploaded = m.man.DurableSeq, m.man.DurableSeq
+	m.lastRun = wire.RunID{}
+	if b, err := hex.DecodeString(m.man.LastRun); err == nil && len(b) == len(m.lastRun) {
+		m.lastRun = wire.RunID(b)
+	}
+	for _, e := range segs {
+		m.s.dropHot(e.hot)
+	}
+	m.mu.Unlock()
+	for _, e := range segs {
+		if err := m.s.cache.Delete(e.id); err != nil {
+			m.log.Warn("cannot delete a cached segment of a superseded history; it is ignored", logSegment, e.id.String(), logErr, err)
+		}
+		m.s.cacheBytes.Add(-e.size)
+	}
+	if len(segs) > 0 {
+		m.log.Warn("dropped the cached segments of this machine: another process server served it since they were cached", logCount, len(segs))
+	}
+}
+
+// wakeUp ends dormant once a hello here was agreed: the agent came back,
+// and with it the machine.
+func (m *machine) wakeUp() {
+	m.mu.Lock()
+	was := m.dormant
+	m.dormant = false
+	m.mu.Unlock()
+	if !was {
+		return
+	}
+	if err := m.s.cache.SetFenced(m.name, false); err != nil {
+		m.log.Warn("cannot clear the record that another process server serves this machine; a restart would wait for a hello again", logErr, err)
+	}
+	m.kick()
 }
 
 func (m *machine) kick() {
@@ -462,6 +520,13 @@ func (m *machine) fence(err error) {
 	m.fenced = true
 	sess := m.sess
 	m.mu.Unlock()
+	// Kept across a restart (dormant): the cache now holds a history the
+	// other server supersedes, which a restarted uploader would publish.
+	if m.s.cache == nil {
+		// (test rigs without a cache)
+	} else if err := m.s.cache.SetFenced(m.name, true); err != nil {
+		m.log.Error("cannot record in the cache that another process server serves this machine: after a restart this one would upload its cached segments again", logErr, err)
+	}
 	m.log.Error("another writer changed the manifest of this machine (another process server serving it?): this process server stops serving the machine and keeps its cache; restart it to take the machine over again, only once sure the other no longer serves it",
 		logBlob, layout.ManifestName(m.name), logErr, err)
 	if sess != nil {
@@ -503,6 +568,9 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, agr
 	// before the first record is accepted.
 	if _, err := m.ensureKey(ctx); err != nil {
 		return nil, agreed{}, nil, 0, err
+	}
+	if m.isDormant() {
+		m.forgetCache()
 	}
 	// Settled before the answer: the agent's resend may reuse their names.
 	if err := m.settleSuspects(ctx); err != nil {
@@ -607,6 +675,7 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, agr
 			return nil, agreed{}, nil, 0, err
 		}
 	}
+	m.wakeUp()
 	return ack, agreed{durable: durable, accepted: accepted}, diskMap, mendEpoch, nil
 }
 

@@ -38,28 +38,42 @@ type slowLink struct {
 	manGate chan struct{}
 }
 
-func (s *slowLink) hold(name string) {
+func (s *slowLink) hold(ctx context.Context, name string) error {
 	if !s.armed.Load() {
-		return
+		return nil
 	}
+	var gate chan struct{}
 	if strings.HasSuffix(name, "manifest.json") {
-		<-s.manGate
+		gate = s.manGate
 	}
 	for first, g := range s.gates {
 		if strings.Contains(name, "/journal/"+first) {
 			s.waiting.Add(1)
-			<-g
+			gate = g
 		}
+	}
+	if gate == nil {
+		return nil
+	}
+	select {
+	case <-gate:
+		return nil
+	case <-ctx.Done(): // the server stops: this upload never lands
+		return ctx.Err()
 	}
 }
 
 func (s *slowLink) PutBlob(ctx context.Context, name string, data []byte, md blobstore.Metadata) error {
-	s.hold(name)
+	if err := s.hold(ctx, name); err != nil {
+		return err
+	}
 	return s.Store.PutBlob(ctx, name, data, md)
 }
 
 func (s *slowLink) PutBlobIf(ctx context.Context, name string, data []byte, md blobstore.Metadata, match string) (string, error) {
-	s.hold(name)
+	if err := s.hold(ctx, name); err != nil {
+		return "", err
+	}
 	return s.Store.PutBlobIf(ctx, name, data, md, match)
 }
 

@@ -44,6 +44,13 @@ func (m *machine) uploadLoop(ctx context.Context) {
 	notified := false
 	for {
 		for ctx.Err() == nil {
+			if m.isDormant() {
+				select { // a hello agreed here kicks
+				case <-m.wake:
+				case <-ctx.Done():
+				}
+				continue
+			}
 			if m.isFenced() {
 				// Nothing more of it goes to the account; the cache keeps
 				// it for the next start.
