@@ -139,8 +139,8 @@ func TestOwnLostManifestWriteNotFenced(t *testing.T) {
 // A fenced process server that restarts while the other still serves the
 // machine (its host rebooted, say) stays out of it: the fence is kept in
 // its cache, and the segments it cached, a history the other superseded,
-// are neither uploaded nor published over the other's manifest; when the
-// agent comes back to it, it drops them and goes on from the other's.
+// are neither uploaded nor published over the other's manifest until the
+// agent comes back to it.
 func TestFencedServerRestartsDormant(t *testing.T) {
 	store := mem.New()
 	link := &slowLink{Store: store, manGate: make(chan struct{}), gates: map[string]chan struct{}{fmt.Sprintf("%020d-", 11): make(chan struct{})}}
@@ -192,23 +192,23 @@ func TestFencedServerRestartsDormant(t *testing.T) {
 		t.Fatal("B fenced by the restarted server")
 	}
 
-	// The agent comes back to A: A drops its cached 11..12 instead of
-	// publishing them over B's 11, and goes on from B's durable_seq.
+	// The agent comes back to A: the machine is A's again, cache and all
+	// (its 11..12 hold the agent's records, the same as B's 11).
 	b1.conn.Close()
 	sB.Close()
 	a2 := dialAgent(t, eA, sA2, "m1")
-	ack2, _ := a2.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ack.Disks[0].Generation, LastAckedSeq: 11})
-	if ack2.Disks[0].Action != wire.SyncResume || ack2.Disks[0].ResumeFrom != 12 {
-		t.Fatalf("A answered %+v, want a resume from 12 (after B's durable_seq)", ack2.Disks[0])
+	ack2, _ := a2.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ack.Disks[0].Generation, LastAckedSeq: 12})
+	if ack2.Disks[0].Action != wire.SyncResume || ack2.Disks[0].ResumeFrom != 13 {
+		t.Fatalf("A answered %+v, want a resume from 13", ack2.Disks[0])
 	}
-	a2.waitAck(a2.batch(12, 4))
+	a2.waitAck(a2.batch(13, 3))
 	a2.marker(15, wire.MarkerTime, time.Now())
-	eventually(t, 10*time.Second, "A's upload after the agent came back", func() bool { return durableSeq(t, store, "m1") == 15 })
+	eventually(t, 10*time.Second, "A's uploads after the agent came back", func() bool { return durableSeq(t, store, "m1") == 15 })
 	img, err := recoverBlocks(t, store, eA.rk, "15", 16)
 	if err != nil {
 		t.Fatalf("recover 15: %v", err)
 	}
-	if want := batchBlocks(16, [2]uint64{1, 5}, [2]uint64{6, 10}, [2]uint64{11, 11}, [2]uint64{12, 15}); !bytes.Equal(img, want) {
+	if want := batchBlocks(16, [2]uint64{1, 5}, [2]uint64{6, 10}, [2]uint64{11, 12}, [2]uint64{13, 15}); !bytes.Equal(img, want) {
 		t.Fatal("recover 15 differs from the records the agent sent")
 	}
 }

@@ -123,35 +123,6 @@ func (m *machine) isDormant() bool {
 	return m.dormant
 }
 
-// forgetCache drops what the cache holds of a dormant machine, as a hello
-// takes it back: segments of a history the other server superseded (its
-// gap and resync cover the records they held), which uploaded now would
-// be published over, or replace, the other's. From here on this server
-// holds what the manifest says, as a server taking the machine over does.
-func (m *machine) forgetCache() {
-	m.mu.Lock()
-	segs := m.segs
-	m.segs, m.backlog = nil, 0
-	m.durable, m.uploaded = m.man.DurableSeq, m.man.DurableSeq
-	m.lastRun = wire.RunID{}
-	if b, err := hex.DecodeString(m.man.LastRun); err == nil && len(b) == len(m.lastRun) {
-		m.lastRun = wire.RunID(b)
-	}
-	for _, e := range segs {
-		m.s.dropHot(e.hot)
-	}
-	m.mu.Unlock()
-	for _, e := range segs {
-		if err := m.s.cache.Delete(e.id); err != nil {
-			m.log.Warn("cannot delete a cached segment of a superseded history; it is ignored", logSegment, e.id.String(), logErr, err)
-		}
-		m.s.cacheBytes.Add(-e.size)
-	}
-	if len(segs) > 0 {
-		m.log.Warn("dropped the cached segments of this machine: another process server served it since they were cached", logCount, len(segs))
-	}
-}
-
 // wakeUp ends dormant once a hello here was agreed: the agent came back,
 // and with it the machine.
 func (m *machine) wakeUp() {
@@ -520,8 +491,9 @@ func (m *machine) fence(err error) {
 	m.fenced = true
 	sess := m.sess
 	m.mu.Unlock()
-	// Kept across a restart (dormant): the cache now holds a history the
-	// other server supersedes, which a restarted uploader would publish.
+	// Kept across a restart (dormant): while the other serves the machine,
+	// a restarted uploader would publish what this cache holds over the
+	// other's journal.
 	if m.s.cache == nil {
 		// (test rigs without a cache)
 	} else if err := m.s.cache.SetFenced(m.name, true); err != nil {
@@ -568,9 +540,6 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, agr
 	// before the first record is accepted.
 	if _, err := m.ensureKey(ctx); err != nil {
 		return nil, agreed{}, nil, 0, err
-	}
-	if m.isDormant() {
-		m.forgetCache()
 	}
 	// Settled before the answer: the agent's resend may reuse their names.
 	if err := m.settleSuspects(ctx); err != nil {

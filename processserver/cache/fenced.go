@@ -10,8 +10,8 @@ import (
 
 // fencedPrefix names the file, in each cache directory, recording that
 // this process server stopped serving a stream's machine because another
-// took it over. It outlives a restart: the segments cached for the
-// machine belong to a history the other server has superseded.
+// took it over. It outlives a restart: while the other serves the
+// machine, what is cached for it here must not be published.
 const fencedPrefix = markerName + ".fenced-"
 
 // SetFenced records (on) or clears that the machine of stream is served
