@@ -588,8 +588,8 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, agr
 	}
 	// No record at or below an open gap's end is taken, not even one the
 	// agent resends (it never heard the ack of a cached segment lost
-	// there): inside a gap the journal holds tombstones only, which is how
-	// readers tell a stale process server's segments there
+	// there): no segment of the journal starts with a write inside a gap,
+	// which is how readers tell a stale process server's segments there
 	// (recovery.StaleFilter). The agent takes them as acknowledged, and its
 	// checksum resync brings back what they changed.
 	accepted := durable
