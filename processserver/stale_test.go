@@ -140,6 +140,18 @@ func (h *handover) moveAgent(acked uint64) *agent {
 	return b
 }
 
+// onPS2 has the agent, acknowledged up to 10 and moved to PS2 (b), send
+// 11..25 there with time markers at 20 and 25, and waits for the journal
+// to hold them with the gap mended.
+func (h *handover) onPS2(b *agent) {
+	h.t.Helper()
+	b.waitAck(b.batch(11, 10))
+	b.marker(20, wire.MarkerTime, time.Now())
+	b.waitAck(b.batch(21, 5))
+	b.marker(25, wire.MarkerTime, time.Now())
+	h.mended(25)
+}
+
 // mended waits for the journal to reach durable with its one gap mended.
 func (h *handover) mended(durable uint64) {
 	h.t.Helper()
@@ -234,11 +246,7 @@ func TestStaleServerSegmentBreaksJournal(t *testing.T) {
 	if _, err := h.store.GetBlob(h.ctx, layout.SegmentName("m1", 6, 10)); !blobstore.IsNotFound(err) {
 		t.Fatalf("6..10 not deleted by the hello: %v", err)
 	}
-	b.waitAck(b.batch(11, 10)) // 11..15 resent, the same records
-	b.marker(20, wire.MarkerTime, time.Now())
-	b.waitAck(b.batch(21, 5))
-	b.marker(25, wire.MarkerTime, time.Now())
-	h.mended(25)
+	h.onPS2(b) // 11..15 resent, the same records
 	h.unchangedBy(25, func() { h.land(11, 15) })
 }
 
@@ -304,11 +312,7 @@ func TestStaleServerGapSegmentWrongBytes(t *testing.T) {
 	h.land(9, 10) // before the hello; 6..8, the head, is slow
 
 	b := h.moveAgent(10) // the resync finds X zeros on both sides
-	b.waitAck(b.batch(11, 10))
-	b.marker(20, wire.MarkerTime, time.Now())
-	b.waitAck(b.batch(21, 5))
-	b.marker(25, wire.MarkerTime, time.Now())
-	h.mended(25)
+	h.onPS2(b)
 
 	h.land(6, 8)
 	h.fence()
@@ -334,11 +338,7 @@ func TestStaleServerSegmentUnderTakenName(t *testing.T) {
 	h.land(6, 10)
 
 	b := h.moveAgent(10)
-	b.waitAck(b.batch(11, 10))
-	b.marker(20, wire.MarkerTime, time.Now())
-	b.waitAck(b.batch(21, 5))
-	b.marker(25, wire.MarkerTime, time.Now())
-	h.mended(25)
+	h.onPS2(b)
 	name := layout.SegmentName("m1", 11, 20)
 	ps2, err := h.store.GetBlob(h.ctx, name)
 	if err != nil {
