@@ -21,7 +21,8 @@ import (
 // but not from the account, still holds a session). B records a new
 // generation; A's next manifest write must not erase it: A finds the
 // manifest changed, stops serving the machine (session aborted, uploads
-// stopped, hellos refused) and says why.
+// stopped) and says why. When the agent comes back to A, its hello takes
+// the machine back from the account's state, and B is fenced in turn.
 func TestManifestFencedAgainstAnotherServer(t *testing.T) {
 	store := mem.New()
 	eA := newEnv(t, store, 1)
@@ -66,21 +67,32 @@ func TestManifestFencedAgainstAnotherServer(t *testing.T) {
 		t.Fatalf("manifest durable_seq %d, want 5 (A's later upload not published)", man.DurableSeq)
 	}
 
-	// A refuses the machine from now on.
+	// The agent comes back to A, with B's generation (B had nothing from
+	// it yet): A serves the machine again, from the manifest B wrote. Its
+	// cached 6..10, records of the generation B's full sync replaced, are
+	// dropped, not published, and their upload (before A was fenced),
+	// which no manifest vouched for, is deleted.
 	a2 := dialAgent(t, eA, sA, "m1")
-	if err := a2.w.WriteHello(&wire.Hello{ProtocolVersion: 2, Machine: "m1", Disks: []wire.DiskState{disk0}}); err != nil {
-		t.Fatal(err)
+	ack2, _ := a2.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ackB.Disks[0].Generation, LastAckedSeq: 5})
+	if d := ack2.Disks[0]; d.Action != wire.SyncResume || d.ResumeFrom != 6 || d.Generation != ackB.Disks[0].Generation {
+		t.Fatalf("A answered %+v, want a resume of B's generation from 6", d)
 	}
-	f := a2.next(10 * time.Second)
-	var we wire.Error
-	if f.typ != wire.TypeError || we.UnmarshalBinary(f.payload) != nil || we.Code != wire.CodeInternal ||
-		!strings.Contains(we.Message, "no longer serves machine") {
-		t.Fatalf("hello to the fenced server: got %s %v %q, want an internal Error saying it no longer serves the machine", f.typ, f.err, we.Message)
+	a2.waitAck(a2.batch(6, 3))
+	eventually(t, 10*time.Second, "A's upload", func() bool { return durableSeq(t, store, "m1") == 8 })
+	if !strings.Contains(eA.logs.String(), "dropped cached segments another process server's journal superseded") {
+		t.Error("A did not say it dropped its superseded cached segments")
+	}
+	if _, err := store.Stat(context.Background(), layout.SegmentName("m1", 6, 10)); err == nil {
+		t.Error("A's 6..10 of the replaced generation is still in the journal")
 	}
 
-	// B's session is unaffected and writes on.
-	b1.waitAck(b1.batch(6, 5))
-	eventually(t, 10*time.Second, "B's upload", func() bool { return durableSeq(t, store, "m1") == 10 })
+	// B, still writing, is the one fenced now.
+	b1.marker(5, wire.MarkerTime, time.Now())
+	eventually(t, 10*time.Second, "B fenced", func() bool { return strings.Contains(eB.logs.String(), "another writer changed the manifest") })
+	_, _, man = journal(t, store, eA.rk, "m1")
+	if d := man.Disk(disk0.Name); d == nil || d.Generation != genB || man.DurableSeq != 8 {
+		t.Fatalf("manifest disk %+v durable_seq %d, want B's generation and A's 8", d, man.DurableSeq)
+	}
 }
 
 // lostReplies fails the first manifest writes with a transient error:
@@ -192,23 +204,155 @@ func TestFencedServerRestartsDormant(t *testing.T) {
 		t.Fatal("B fenced by the restarted server")
 	}
 
-	// The agent comes back to A: the machine is A's again, cache and all
-	// (its 11..12 hold the agent's records, the same as B's 11).
+	// The agent comes back to A: the machine is A's again, from the
+	// journal B wrote. A's cached 6..12 continue the journal A knew (up to
+	// 5), which B's superseded: dropped, not published. The agent had 12
+	// acknowledged, which B's journal lacks: a gap, which its checksum
+	// resync mends.
 	b1.conn.Close()
 	sB.Close()
 	a2 := dialAgent(t, eA, sA2, "m1")
 	ack2, _ := a2.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ack.Disks[0].Generation, LastAckedSeq: 12})
-	if ack2.Disks[0].Action != wire.SyncResume || ack2.Disks[0].ResumeFrom != 13 {
-		t.Fatalf("A answered %+v, want a resume from 13", ack2.Disks[0])
+	if ack2.Disks[0].Action != wire.SyncChecksum || ack2.Disks[0].ResumeFrom != 13 {
+		t.Fatalf("A answered %+v, want a checksum resync from 13", ack2.Disks[0])
 	}
 	a2.waitAck(a2.batch(13, 3))
 	a2.marker(15, wire.MarkerTime, time.Now())
-	eventually(t, 10*time.Second, "A's uploads after the agent came back", func() bool { return durableSeq(t, store, "m1") == 15 })
+	waitMended(t, store, 15)
+	if _, err := store.Stat(ctx, layout.SegmentName("m1", 11, 12)); err == nil {
+		t.Error("A published its cached 11..12, which B's journal superseded")
+	}
 	img, err := recoverBlocks(t, store, eA.rk, "15", 16)
 	if err != nil {
 		t.Fatalf("recover 15: %v", err)
 	}
-	if want := batchBlocks(16, [2]uint64{1, 5}, [2]uint64{6, 10}, [2]uint64{11, 12}, [2]uint64{13, 15}); !bytes.Equal(img, want) {
-		t.Fatal("recover 15 differs from the records the agent sent")
+	// 12 is what the resync brings back (this test's agent sends nothing).
+	if want := batchBlocks(16, [2]uint64{1, 5}, [2]uint64{6, 10}, [2]uint64{11, 11}, [2]uint64{13, 15}); !bytes.Equal(img, want) {
+		t.Fatal("recover 15 differs from the journal's records")
+	}
+}
+
+// conflicting has another writer rewrite the manifest (the same bytes, a
+// new ETag) just before each of the next n conditional manifest writes
+// (n set with arm).
+type conflicting struct {
+	blobstore.Store
+	n atomic.Int32
+}
+
+func (s *conflicting) arm(n int32) { s.n.Store(n) }
+
+func (s *conflicting) PutBlobIf(ctx context.Context, name string, data []byte, md blobstore.Metadata, match string) (string, error) {
+	if strings.HasSuffix(name, "manifest.json") && match != "" && s.n.Add(-1) >= 0 {
+		raw, err := s.Store.GetBlob(ctx, name)
+		if err != nil {
+			return "", err
+		}
+		if err := s.Store.PutBlob(ctx, name, raw, nil); err != nil {
+			return "", err
+		}
+	}
+	return s.Store.PutBlobIf(ctx, name, data, md, match)
+}
+
+// A process server taking a machine over at its agent's hello, while the
+// one it takes it from still writes the manifest (draining its backlog,
+// say), reads the manifest again and claims the machine instead of
+// fencing itself; past maxClaims such writes, the hello fails and the
+// agent's next one succeeds. The other server is fenced at its next
+// write.
+func TestTakeoverMeetsOtherWriter(t *testing.T) {
+	for _, conflicts := range []int32{maxClaims - 1, maxClaims} {
+		t.Run(fmt.Sprint(conflicts), func(t *testing.T) {
+			store := mem.New()
+			e1 := newEnv(t, store, 1)
+			e1.segAge = 20 * time.Millisecond
+			s1 := e1.start()
+			a := dialAgent(t, e1, s1, "m1")
+			ack, _ := a.hello("m1", disk0)
+			a.waitAck(a.batch(1, 5))
+			eventually(t, 10*time.Second, "PS1's upload", func() bool { return durableSeq(t, store, "m1") == 5 })
+
+			cs := &conflicting{Store: store}
+			cs.arm(conflicts)
+			e2 := *e1
+			e2.store, e2.cache, e2.logs = cs, []string{t.TempDir()}, &logBuf{}
+			s2 := e2.start()
+			back := wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ack.Disks[0].Generation, LastAckedSeq: 5}
+			b := dialAgent(t, &e2, s2, "m1")
+			if conflicts == maxClaims {
+				if err := b.w.WriteHello(&wire.Hello{ProtocolVersion: 2, Machine: "m1", Disks: []wire.DiskState{back}}); err != nil {
+					t.Fatal(err)
+				}
+				var we wire.Error
+				if f := b.next(30 * time.Second); f.typ != wire.TypeError || we.UnmarshalBinary(f.payload) != nil || we.Code != wire.CodeInternal {
+					t.Fatalf("hello after %d conflicts: got %s %v, want an internal error", conflicts, f.typ, f.err)
+				}
+				if s2.machine("m1").isFenced() {
+					t.Fatal("PS2 fenced itself by giving up its claim")
+				}
+				b = dialAgent(t, &e2, s2, "m1") // the agent tries again
+			}
+			ackB, _ := b.hello("m1", back)
+			if d := ackB.Disks[0]; d.Action != wire.SyncResume || d.ResumeFrom != 6 {
+				t.Fatalf("PS2 answered %+v, want a resume from 6", d)
+			}
+			b.waitAck(b.batch(6, 5))
+			eventually(t, 10*time.Second, "PS2's upload", func() bool { return durableSeq(t, store, "m1") == 10 })
+			if strings.Contains(e2.logs.String(), "another writer changed the manifest") {
+				t.Fatal("PS2 fenced itself")
+			}
+
+			// PS1, cut off from the agent, still holds its session.
+			a.marker(5, wire.MarkerTime, time.Now())
+			eventually(t, 10*time.Second, "PS1 fenced", func() bool {
+				return strings.Contains(e1.logs.String(), "another writer changed the manifest")
+			})
+			img, err := recoverBlocks(t, store, e1.rk, "10", 11)
+			if err != nil {
+				t.Fatalf("recover 10: %v", err)
+			}
+			if want := batchBlocks(11, [2]uint64{1, 5}, [2]uint64{6, 10}); !bytes.Equal(img, want) {
+				t.Fatal("recover 10 differs from the records the agent sent")
+			}
+		})
+	}
+}
+
+// A server fenced by a write that changed nothing of the journal (another
+// server's late record of its applier's progress, say) keeps its cache:
+// when the agent says hello to it again, its cached segments, which
+// continue the journal, are published, with no gap and no resync.
+func TestFencedServerKeepsCacheThatContinuesJournal(t *testing.T) {
+	cs := &conflicting{Store: mem.New()}
+	e := newEnv(t, cs, 1)
+	e.segAge = 20 * time.Millisecond
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	ack, _ := a.hello("m1", disk0)
+	a.waitAck(a.batch(1, 5))
+	eventually(t, 10*time.Second, "the upload of 1..5", func() bool { return durableSeq(t, cs, "m1") == 5 })
+
+	cs.arm(1)
+	a.waitAck(a.batch(6, 5))
+	eventually(t, 10*time.Second, "fenced", func() bool { return strings.Contains(e.logs.String(), "another writer changed the manifest") })
+	if got := durableSeq(t, cs, "m1"); got != 5 {
+		t.Fatalf("durable_seq %d after the fenced write, want 5", got)
+	}
+
+	a2 := dialAgent(t, e, s, "m1")
+	ack2, _ := a2.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ack.Disks[0].Generation, LastAckedSeq: 10})
+	if d := ack2.Disks[0]; d.Action != wire.SyncResume || d.ResumeFrom != 11 {
+		t.Fatalf("answered %+v, want a resume from 11", d)
+	}
+	eventually(t, 10*time.Second, "the cached 6..10 published", func() bool { return durableSeq(t, cs, "m1") == 10 })
+	a2.waitAck(a2.batch(11, 2))
+	eventually(t, 10*time.Second, "the upload of 11..12", func() bool { return durableSeq(t, cs, "m1") == 12 })
+	img, err := recoverBlocks(t, cs, e.rk, "12", 13)
+	if err != nil {
+		t.Fatalf("recover 12: %v", err)
+	}
+	if want := batchBlocks(13, [2]uint64{1, 5}, [2]uint64{6, 10}, [2]uint64{11, 12}); !bytes.Equal(img, want) {
+		t.Fatal("recover 12 differs from the records the agent sent")
 	}
 }

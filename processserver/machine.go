@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -62,10 +63,12 @@ type machine struct {
 	etag   string
 	unsure [][]byte
 
-	mu       sync.Mutex
-	loaded   bool
-	fenced   bool // another writer changed the manifest: the machine is not served
-	dormant  bool // fenced before this process started (cache.Fenced): nothing of it moves until a hello here
+	mu     sync.Mutex
+	loaded bool
+	// fenced: another writer changed the manifest (or had, before this
+	// process started: cache.Fenced), so the machine is not served here
+	// until its agent's hello here claims it back (claim).
+	fenced   bool
 	man      layout.Manifest
 	key      *seal.Key
 	manKey   *seal.Key // seals the manifest: key, or the one ensureKey is storing
@@ -95,6 +98,10 @@ type machine struct {
 	// what the manifest in the account says, their remains after a crash
 	// would look like acknowledged data lost.
 	savedApplied, savedDurable uint64
+	// ours is the journal (journalOf) of the manifest this server last
+	// wrote or loaded while serving the machine: the history its cached
+	// segments continue.
+	ours string
 
 	progress chan struct{} // closed and replaced whenever uploaded grows
 }
@@ -109,34 +116,13 @@ func newMachine(s *Server, name string) *machine {
 		progress: make(chan struct{}),
 		gapEpoch: 1, // a gap loaded open from the manifest has epoch 1
 	}
-	if s.cache != nil && s.cache.Fenced(name) {
-		m.dormant = true
-		m.log.Warn("another process server took this machine over before this one stopped: nothing of it is uploaded from this cache until its agent says hello here")
+	if s.cache != nil {
+		if note, fenced := s.cache.Fenced(name); fenced {
+			m.fenced, m.ours = true, string(note)
+			m.log.Warn("another process server took this machine over before this one stopped: nothing of it is uploaded from this cache until its agent says hello here")
+		}
 	}
 	return m
-}
-
-// isDormant reports whether the machine waits for a hello (dormant).
-func (m *machine) isDormant() bool {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.dormant
-}
-
-// wakeUp ends dormant once a hello here was agreed: the agent came back,
-// and with it the machine.
-func (m *machine) wakeUp() {
-	m.mu.Lock()
-	was := m.dormant
-	m.dormant = false
-	m.mu.Unlock()
-	if !was {
-		return
-	}
-	if err := m.s.cache.SetFenced(m.name, false); err != nil {
-		m.log.Warn("cannot clear the record that another process server serves this machine; a restart would wait for a hello again", logErr, err)
-	}
-	m.kick()
 }
 
 func (m *machine) kick() {
@@ -164,6 +150,57 @@ func (m *machine) ensureLoaded(ctx context.Context) error {
 	if ok {
 		return nil
 	}
+	man, key, etag, err := m.readManifest(ctx)
+	if err != nil {
+		return err
+	}
+	m.etag = etag
+	m.mu.Lock()
+	m.man, m.key, m.manKey, m.loaded = man, key, key, true
+	if !m.fenced {
+		m.ours = journalOf(&man)
+	}
+	// Who sent the newest durable records: the manifest says, unless the
+	// cache (scanCache) holds newer ones, or as new ones that say.
+	if man.DurableSeq > m.durable || (man.DurableSeq == m.durable && m.lastRun == (wire.RunID{})) {
+		m.lastRun = runOf(man.LastRun)
+	}
+	m.durable = max(m.durable, man.DurableSeq)
+	m.uploaded = max(m.uploaded, man.DurableSeq)
+	m.applied = max(m.applied, man.AppliedSeq)
+	m.savedApplied, m.savedDurable = max(m.savedApplied, man.AppliedSeq), max(m.savedDurable, man.DurableSeq)
+	m.mu.Unlock()
+	m.s.metrics.durableSeq.WithLabelValues(m.name).Set(float64(man.DurableSeq))
+	return nil
+}
+
+// runOf decodes a manifest's last_run (zero: unknown).
+func runOf(h string) wire.RunID {
+	var r wire.RunID
+	if b, err := hex.DecodeString(h); err == nil && len(b) == len(r) {
+		copy(r[:], b)
+	}
+	return r
+}
+
+// journalOf is what of a manifest says which history the journal holds:
+// how far it goes, its gaps and the disks' generations (not the
+// applier's progress nor recoverable_until).
+func journalOf(man *layout.Manifest) string {
+	b, err := json.Marshal(struct {
+		Durable uint64
+		Gaps    []layout.Gap
+		Disks   []layout.Disk
+	}{man.DurableSeq, man.Gaps, man.Disks})
+	if err != nil {
+		return ""
+	}
+	return string(b)
+}
+
+// readManifest reads the manifest and its data key from the account, and
+// checks the manifest's seal. A missing manifest is a new machine.
+func (m *machine) readManifest(ctx context.Context) (layout.Manifest, *seal.Key, string, error) {
 	man := layout.Manifest{Version: layout.ManifestVersion, Machine: m.name}
 	// With its ETag no newer than the content: a write in between makes
 	// this server's first write fail, rather than erase it.
@@ -176,25 +213,25 @@ func (m *machine) ensureLoaded(ctx context.Context) error {
 		// journal.
 		man.JournalFrom = 1
 	case err != nil:
-		return fmt.Errorf("read manifest of %s: %w", m.name, err)
+		return man, nil, "", fmt.Errorf("read manifest of %s: %w", m.name, err)
 	default:
 		p, err := layout.UnmarshalManifest(raw)
 		if err != nil {
-			return fmt.Errorf("manifest of %s (%s): %w", m.name, layout.ManifestName(m.name), err)
+			return man, nil, "", fmt.Errorf("manifest of %s (%s): %w", m.name, layout.ManifestName(m.name), err)
 		}
 		if p.Machine != m.name {
-			return fmt.Errorf("manifest %s names machine %q", layout.ManifestName(m.name), p.Machine)
+			return man, nil, "", fmt.Errorf("manifest %s names machine %q", layout.ManifestName(m.name), p.Machine)
 		}
 		man = *p
 	}
 	var key *seal.Key
 	if man.KeyID != "" {
 		if key, err = m.loadKey(ctx, man.KeyID); err != nil {
-			return err
+			return man, nil, "", err
 		}
 		// Adopted and sealed again, a forged manifest would pass.
 		if err := recovery.VerifyManifest(&man, key); err != nil {
-			return err
+			return man, nil, "", err
 		}
 	} else if raw != nil {
 		// Every manifest this server writes is sealed (the data key
@@ -202,34 +239,19 @@ func (m *machine) ensureLoaded(ctx context.Context) error {
 		// keys, had its seal stripped, and sealing it now would make
 		// whatever it says authentic.
 		if err := m.checkUnsealed(ctx, &man); err != nil {
-			return err
+			return man, nil, "", err
 		}
 	}
-	m.etag = etag
-	m.mu.Lock()
-	m.man, m.key, m.manKey, m.loaded = man, key, key, true
-	// Who sent the newest durable records: the manifest says, unless the
-	// cache (scanCache) holds newer ones, or as new ones that say.
-	if man.DurableSeq > m.durable || (man.DurableSeq == m.durable && m.lastRun == (wire.RunID{})) {
-		m.lastRun = wire.RunID{}
-		if b, err := hex.DecodeString(man.LastRun); err == nil && len(b) == len(m.lastRun) {
-			m.lastRun = wire.RunID(b)
-		}
-	}
-	m.durable = max(m.durable, man.DurableSeq)
-	m.uploaded = max(m.uploaded, man.DurableSeq)
-	m.applied = max(m.applied, man.AppliedSeq)
-	m.savedApplied, m.savedDurable = max(m.savedApplied, man.AppliedSeq), max(m.savedDurable, man.DurableSeq)
-	m.mu.Unlock()
-	m.s.metrics.durableSeq.WithLabelValues(m.name).Set(float64(man.DurableSeq))
-	return nil
+	return man, key, etag, nil
 }
 
-// dropForeignSegments deletes the journal segments past durable: uploaded
-// by an earlier process server whose cache was lost, never vouched for by
-// the manifest, their records are inside the gap just opened. The agent
-// numbers its next records from durable+1, and segments of the two
-// histories under overlapping ranges would be replayed together.
+// dropForeignSegments deletes the journal segments past durable, up to
+// those starting at acked: uploaded by a process server that no longer
+// serves the machine (its cache lost, or the machine claimed from it),
+// never vouched for by the manifest. Their records are inside the gap a
+// hello opens, or the agent sends them again: it numbers its next records
+// from durable+1, and segments of the two histories under overlapping
+// ranges would be replayed together.
 //
 // Those found now start at most at acked, the agent's last acknowledged
 // sequence: an upload holds acknowledged records only. A server that
@@ -244,7 +266,7 @@ func (m *machine) dropForeignSegments(ctx context.Context, durable, acked uint64
 		if sg.First <= durable {
 			continue
 		}
-		m.log.Warn("deleting a journal segment past what this process server holds (uploaded before its cache was lost): its records are in the gap, and the agent's resync numbers new ones from there",
+		m.log.Warn("deleting a journal segment past durable_seq, which no manifest vouched for (a process server that no longer serves the machine uploaded it): the agent sends its records again, or resyncs what they changed",
 			logBlob, sg.Name, logGapFrom, durable+1)
 		if err := m.s.store.DeleteBlob(ctx, sg.Name); err != nil && !blobstore.IsNotFound(err) {
 			return fmt.Errorf("delete journal segment %s past the gap: %w", sg.Name, err)
@@ -379,10 +401,12 @@ func (m *machine) ensureKey(ctx context.Context) (*seal.Key, error) {
 	if err := m.s.store.PutBlob(ctx, name, wrapped, md); err != nil {
 		return nil, fmt.Errorf("store data key %s: %w", name, err)
 	}
+	m.manMu.Lock()
+	defer m.manMu.Unlock()
 	m.mu.Lock()
 	m.man.KeyID, m.manKey = id.String(), key
 	m.mu.Unlock()
-	if err := m.writeManifest(ctx); err != nil {
+	if err := m.writeLocked(ctx); err != nil {
 		m.mu.Lock()
 		m.man.KeyID, m.manKey = "", nil
 		m.mu.Unlock()
@@ -401,14 +425,34 @@ func (m *machine) ensureKey(ctx context.Context) (*seal.Key, error) {
 // this server last read or wrote it: one changed by another writer (a
 // second process server serving the machine) is not overwritten, and
 // the machine is fenced (see fence).
+//
+// A change to m.man and the write that stores it hold manMu throughout
+// (writeLocked): claim replaces m.man with the account's, and must not
+// fall between the two.
 func (m *machine) writeManifest(ctx context.Context) error {
 	m.manMu.Lock()
 	defer m.manMu.Unlock()
-	m.mu.Lock()
-	if m.fenced {
-		m.mu.Unlock()
+	return m.writeLocked(ctx)
+}
+
+// writeLocked is writeManifest with manMu held.
+func (m *machine) writeLocked(ctx context.Context) error {
+	if m.isFenced() {
 		return fmt.Errorf("write manifest of %s: %w", m.name, errFenced)
 	}
+	err := m.putManifest(ctx)
+	if errors.Is(err, blobstore.ErrConflict) {
+		m.fence(err)
+		return fmt.Errorf("write manifest of %s: %w", m.name, errFenced)
+	}
+	return err
+}
+
+// putManifest writes m.man, conditional on m.etag; a conflict with
+// another writer's write is returned (blobstore.ErrConflict), not acted
+// on. manMu is held.
+func (m *machine) putManifest(ctx context.Context) error {
+	m.mu.Lock()
 	man := m.man
 	man.Disks = slices.Clone(man.Disks)
 	man.Gaps = slices.Clone(man.Gaps)
@@ -431,8 +475,7 @@ func (m *machine) writeManifest(ctx context.Context) error {
 	}
 	switch {
 	case errors.Is(err, blobstore.ErrConflict):
-		m.fence(err)
-		return fmt.Errorf("write manifest of %s: %w", m.name, errFenced)
+		return err
 	case err != nil:
 		if !blobstore.IsPermanent(err) && len(m.unsure) < maxUnsure {
 			m.unsure = append(m.unsure, raw)
@@ -441,6 +484,7 @@ func (m *machine) writeManifest(ctx context.Context) error {
 	}
 	m.etag, m.unsure = etag, nil
 	m.mu.Lock()
+	m.ours = journalOf(&man)
 	if man.DurableSeq > m.savedDurable {
 		close(m.progress) // waitUploaded
 		m.progress = make(chan struct{})
@@ -484,22 +528,23 @@ var errFenced = errors.New("another writer changed the manifest: this process se
 // agent re-pointed while this server was cut off from it). Going on, each
 // would erase the other's gaps and generations, and recovery could then
 // return an image without acknowledged writes. The current session ends,
-// later hellos are refused, the uploader stops and the cache is kept:
-// only a restart takes the machine over again. manMu is held.
+// the uploader and the applier stop and the cache is kept, until the
+// agent says hello here again (claim). manMu is held.
 func (m *machine) fence(err error) {
 	m.mu.Lock()
 	m.fenced = true
-	sess := m.sess
+	sess, ours := m.sess, m.ours
 	m.mu.Unlock()
-	// Kept across a restart (dormant): while the other serves the machine,
-	// a restarted uploader would publish what this cache holds over the
-	// other's journal.
+	// Kept across a restart: while the other serves the machine, a
+	// restarted uploader would publish what this cache holds over the
+	// other's journal. With it, what this server knew of the journal,
+	// which tells claim whether the cache still continues it.
 	if m.s.cache == nil {
 		// (test rigs without a cache)
-	} else if err := m.s.cache.SetFenced(m.name, true); err != nil {
+	} else if err := m.s.cache.SetFenced(m.name, true, []byte(ours)); err != nil {
 		m.log.Error("cannot record in the cache that another process server serves this machine: after a restart this one would upload its cached segments again", logErr, err)
 	}
-	m.log.Error("another writer changed the manifest of this machine (another process server serving it?): this process server stops serving the machine and keeps its cache; restart it to take the machine over again, only once sure the other no longer serves it",
+	m.log.Error("another writer changed the manifest of this machine (another process server serving it?): this process server stops serving the machine and keeps its cache, until the agent says hello here again",
 		logBlob, layout.ManifestName(m.name), logErr, err)
 	if sess != nil {
 		sess.abort(errFenced)
@@ -518,9 +563,196 @@ func (m *machine) isFenced() bool {
 	return m.fenced
 }
 
+// maxClaims bounds claim's tries against another writer's writes.
+const maxClaims = 3
+
+// claimScan is how far past durable_seq claim looks for segments the
+// previous writer left: far beyond what an agent sends unacknowledged.
+const claimScan = 200_000
+
+// claim makes this server the machine's writer at its agent's hello, when
+// it may not hold the manifest's latest state: the machine is fenced
+// (another writer changed it), or everything this server cached of it is
+// in the journal (the agent may come from another process server, which
+// wrote since). It reads the manifest the account holds, takes it
+// (takeManifest) and writes it back, conditional on that read: the other
+// server's next write then fails, and fences it. A write of the other's
+// landing in between (it may still be draining its backlog) makes claim
+// read again, up to maxClaims times; then the hello fails, and the agent
+// tries again. A machine with segments of its own still to publish
+// claims nothing: its writes are conditional, and a conflict fences it.
+func (m *machine) claim(ctx context.Context) error {
+	for try := 1; ; try++ {
+		err := m.claimOnce(ctx)
+		if !errors.Is(err, blobstore.ErrConflict) {
+			return err
+		}
+		if try == maxClaims {
+			return fmt.Errorf("the manifest of %s changed %d times while this process server took the machine over (another process server still writing it?): %v; the agent's next hello tries again", m.name, try, err)
+		}
+		m.log.Info("the manifest changed again while this process server took the machine over; reading it again", logErr, err)
+	}
+}
+
+func (m *machine) claimOnce(ctx context.Context) error {
+	m.manMu.Lock()
+	defer m.manMu.Unlock()
+	m.mu.Lock()
+	fenced, busy := m.fenced, len(m.ups) > 0
+	cold := !busy && m.man.DurableSeq <= m.savedDurable && !slices.ContainsFunc(m.segs, func(e *segEntry) bool { return !e.uploaded })
+	hadKey := m.man.KeyID != ""
+	m.mu.Unlock()
+	switch {
+	case fenced && busy:
+		return fmt.Errorf("uploads of %s started before another writer changed its manifest are still ending; the agent's next hello tries again", m.name)
+	case !fenced && !cold:
+		return nil
+	}
+	// Settles nothing when it fails on a machine that was not fenced: it
+	// goes on as it did before claims (its next write settles who writes).
+	soft := func(err error) error {
+		if fenced {
+			return err
+		}
+		m.log.Warn("cannot make sure this process server holds the machine's latest manifest; going on with what it holds", logErr, err)
+		return nil
+	}
+	if !fenced {
+		// Bounded as missingReplicas is: during an outage the store's
+		// retries would hold every reconnect past the agent's patience.
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, replicaCheckTimeout)
+		defer cancel()
+	}
+	man, key, etag, err := m.readManifest(ctx)
+	if err == nil && hadKey && man.KeyID == "" {
+		err = fmt.Errorf("manifest %s is gone from the account or names no data key, although this process server wrote one that did: %w", layout.ManifestName(m.name), recovery.ErrTampered)
+	}
+	if err != nil {
+		return soft(err)
+	}
+	if fenced || etag != m.etag {
+		keep, drop := m.superseded(&man)
+		for _, e := range drop {
+			if err := m.s.cache.Delete(e.id); err != nil {
+				return soft(fmt.Errorf("delete cached segment %s, superseded by another process server's journal: %w", e.id, err))
+			}
+		}
+		m.takeManifest(man, key, etag, keep)
+		if len(drop) > 0 {
+			m.log.Warn("dropped cached segments another process server's journal superseded: any the agent had acknowledged is a gap its checksum resync mends",
+				logCount, len(drop), logGapFrom, man.DurableSeq+1)
+		}
+	}
+	if err := m.putManifest(ctx); err != nil {
+		if errors.Is(err, blobstore.ErrConflict) {
+			return err
+		}
+		return soft(err)
+	}
+	// The machine is this server's now: the other's writes of the
+	// manifest fail. Segments it uploaded past durable_seq were never
+	// published, and the journal goes on from there without them.
+	m.mu.Lock()
+	durable := m.man.DurableSeq
+	m.mu.Unlock()
+	if err := m.dropForeignSegments(ctx, durable, durable+claimScan); err != nil {
+		m.log.Warn("cannot delete the journal segments past durable_seq that another process server left; readers skip them", logErr, err)
+	}
+	if !fenced {
+		return nil
+	}
+	m.mu.Lock()
+	m.fenced = false
+	up := m.uploaded
+	m.mu.Unlock()
+	if m.s.cache != nil {
+		if err := m.s.cache.SetFenced(m.name, false, nil); err != nil {
+			m.log.Warn("cannot clear the record that another process server serves this machine; a restart would wait for a hello again", logErr, err)
+		}
+	}
+	m.log.Warn("the agent said hello here again: this process server serves the machine again, from the manifest the account holds", "durable_seq", up)
+	m.kick()
+	if m.s.applier != nil {
+		m.s.applier.Notify(m.name, up)
+	}
+	return nil
+}
+
+// superseded tells which cached segments claim keeps when it takes man
+// from the account. Those in man's journal stay until applied; those it
+// does not hold yet are kept, to be published, only if the journal is
+// still the one this server knew (ours: another writer changed the
+// applier's fields alone). Otherwise they belong to a history the other
+// writer's journal superseded (a generation or a gap recorded past what
+// this server published, or segments of its own there) and are dropped:
+// any of them the agent had acknowledged lies past durable_seq then, so
+// its hello records a gap, which its checksum resync mends. manMu is
+// held.
+func (m *machine) superseded(man *layout.Manifest) (keep bool, drop []*segEntry) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	keep = journalOf(man) == m.ours
+	for _, e := range m.segs {
+		if !m.kept(e, man, keep) {
+			drop = append(drop, e)
+		}
+	}
+	return keep, drop
+}
+
+func (m *machine) kept(e *segEntry, man *layout.Manifest, keep bool) bool {
+	if e.id.Seq <= man.DurableSeq {
+		return e.uploaded
+	}
+	return keep
+}
+
+// takeManifest takes man, read from the account with etag, as the machine's
+// manifest, with the cached segments superseded says to keep (the others
+// deleted from the cache). manMu is held.
+func (m *machine) takeManifest(man layout.Manifest, key *seal.Key, etag string, keep bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var dropped int64
+	m.segs = slices.DeleteFunc(m.segs, func(e *segEntry) bool {
+		if m.kept(e, &man, keep) {
+			if e.uploaded && e.id.Seq > man.DurableSeq {
+				// Uploaded, but the manifest never said so: again (the
+				// same bytes are found in place).
+				e.uploaded = false
+				m.backlog += e.size
+			}
+			return false
+		}
+		if !e.uploaded {
+			m.backlog -= e.size
+		}
+		m.s.dropHot(e.hot)
+		e.hot = nil
+		dropped += e.size
+		return true
+	})
+	m.s.cacheBytes.Add(-dropped)
+	if !keep || man.DurableSeq >= m.durable {
+		m.durable, m.lastRun = man.DurableSeq, runOf(man.LastRun)
+	}
+	m.man, m.key, m.manKey, m.loaded = man, key, key, true
+	m.etag, m.unsure = etag, nil
+	m.uploaded = man.DurableSeq
+	m.applied = max(m.applied, man.AppliedSeq)
+	m.savedApplied, m.savedDurable = man.AppliedSeq, man.DurableSeq
+	m.ours = journalOf(&man)
+	// A mend under way was another server's, or this one's of another
+	// state: the next hello's resync starts over.
+	m.gapEpoch++
+	m.mendAt = 0
+	m.s.metrics.durableSeq.WithLabelValues(m.name).Set(float64(man.DurableSeq))
+}
+
 // fencedMessage tells a refused agent why.
 func (m *machine) fencedMessage() string {
-	return fmt.Sprintf("this process server no longer serves machine %s: another writer (another process server?) changed its manifest; it takes the machine over again only when restarted", m.name)
+	return fmt.Sprintf("this process server stopped serving machine %s: another writer (another process server?) changed its manifest; the next hello here takes it back", m.name)
 }
 
 // agree answers a Hello: per disk, resume, full sync (new generation) or
@@ -545,6 +777,9 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, agr
 	if err := m.settleSuspects(ctx); err != nil {
 		return nil, agreed{}, nil, 0, err
 	}
+	if err := m.claim(ctx); err != nil {
+		return nil, agreed{}, nil, 0, err
+	}
 	// An agent acknowledged past what this server holds lost the records
 	// in between (a cache lost or restored, another server took them):
 	// recorded before anything after them can be published.
@@ -565,6 +800,8 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, agr
 		}
 	}
 	missing := m.missingReplicas(ctx, h)
+	m.manMu.Lock()
+	defer m.manMu.Unlock()
 	m.mu.Lock()
 	var mendEpoch uint64
 	gap := m.man.HasOpenGap()
@@ -640,11 +877,10 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, agr
 	}
 	m.mu.Unlock()
 	if changed {
-		if err := m.writeManifest(ctx); err != nil {
+		if err := m.writeLocked(ctx); err != nil {
 			return nil, agreed{}, nil, 0, err
 		}
 	}
-	m.wakeUp()
 	return ack, agreed{durable: durable, accepted: accepted}, diskMap, mendEpoch, nil
 }
 
@@ -688,6 +924,8 @@ func (m *machine) resyncedUnmended(name string, start uint64) {
 // open is a gap of its own (the chain check explains a missing segment
 // only by the loss that took it) that the same resync mends.
 func (m *machine) openGap(ctx context.Context, from, lostTo uint64) error {
+	m.manMu.Lock()
+	defer m.manMu.Unlock()
 	m.mu.Lock()
 	merged := false
 	for i, g := range m.man.Gaps {
@@ -702,7 +940,7 @@ func (m *machine) openGap(ctx context.Context, from, lostTo uint64) error {
 	m.gapEpoch++
 	m.mendAt = 0
 	m.mu.Unlock()
-	return m.writeManifest(ctx)
+	return m.writeLocked(ctx)
 }
 
 // mended records that the agent of the session last answered for the
@@ -764,8 +1002,8 @@ func (m *machine) mendCovers(h *wire.Hello) bool {
 	return true
 }
 
-// replicaCheckTimeout bounds missingReplicas' storage calls (a variable
-// for the tests).
+// replicaCheckTimeout bounds missingReplicas' storage calls, and claim's
+// on a machine it need not claim to serve (a variable for the tests).
 var replicaCheckTimeout = 10 * time.Second
 
 // missingReplicas reports disks whose replica must be rebuilt by a full

@@ -305,6 +305,9 @@ func (s *Server) UpdateManifest(ctx context.Context, machine string, update func
 	if err := m.ensureLoaded(ctx); err != nil {
 		return err
 	}
+	// The change and its write hold manMu (see writeManifest).
+	m.manMu.Lock()
+	defer m.manMu.Unlock()
 	m.mu.Lock()
 	man := m.man
 	man.Disks = append([]layout.Disk(nil), man.Disks...)
@@ -323,7 +326,7 @@ func (s *Server) UpdateManifest(ctx context.Context, machine string, update func
 	}
 	m.mu.Unlock()
 	m.kick()
-	return m.writeManifest(ctx)
+	return m.writeLocked(ctx)
 }
 
 // ReplicaLost is how the applier reports that the replica page blob of

@@ -191,20 +191,11 @@ func (st *session) run(ctx context.Context) {
 		old.abort(errReplaced)
 		<-old.done
 	}
-	// Checked where fence looks for the session: it either ends this one
-	// or this one sees it.
+	// A fenced machine too: the hello claims it back (agree).
 	m.mu.Lock()
-	fenced := m.fenced
-	if !fenced {
-		m.sess = st
-	}
+	m.sess = st
 	m.mu.Unlock()
 	m.takeover.Unlock()
-	if fenced {
-		st.log.Warn("refused agent: this process server no longer serves the machine (another writer changed its manifest; see the earlier error)")
-		st.sendError(wire.CodeInternal, m.fencedMessage())
-		return
-	}
 	defer func() {
 		m.mu.Lock()
 		if m.sess == st {

@@ -41,22 +41,25 @@ func (m *machine) runUploader(ctx context.Context) {
 func (m *machine) uploadLoop(ctx context.Context) {
 	defer m.upWG.Wait() // no store call outlives the server
 	wait := uploadRetryMin
-	notified := false
+	notified, parked := false, false
 	for {
 		for ctx.Err() == nil {
-			if m.isDormant() {
-				select { // a hello agreed here kicks
+			if m.isFenced() {
+				// Nothing more of it goes to the account until a hello
+				// here claims the machine back; the cache keeps it. The
+				// uploads under way end first (claim waits for them).
+				m.endUploads()
+				if !parked {
+					parked = true
+					m.log.Warn("uploads of the machine stopped: this process server no longer serves it, until its agent says hello here")
+				}
+				select { // claim kicks
 				case <-m.wake:
 				case <-ctx.Done():
 				}
 				continue
 			}
-			if m.isFenced() {
-				// Nothing more of it goes to the account; the cache keeps
-				// it for the next start.
-				m.log.Warn("uploads of the machine stopped: this process server no longer serves it")
-				return
-			}
+			parked = false
 			did, err := m.uploadStep(ctx, &notified)
 			if err != nil {
 				if ctx.Err() != nil {
@@ -92,6 +95,20 @@ func (m *machine) uploadLoop(ctx context.Context) {
 			return
 		}
 	}
+}
+
+// endUploads waits for the uploads under way and forgets them: the
+// machine is fenced, and what they did is done again, or not, once a
+// claim has settled which cached segments still count.
+func (m *machine) endUploads() {
+	for _, u := range m.ups { // the uploader's own: no lock
+		for !u.done {
+			(<-m.upDone).done = true
+		}
+	}
+	m.mu.Lock()
+	m.ups = nil
+	m.mu.Unlock()
 }
 
 // upload is one segment's upload, from its start to its publication.
@@ -205,9 +222,11 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 	}
 
 	// Publish the contiguous prefix that made it; the rest is retried.
+	// The manifest's change and its write hold manMu (see writeManifest).
 	var last segMeta
 	var failed *upload
 	published := 0
+	m.manMu.Lock()
 	m.mu.Lock()
 	for _, e := range m.segs {
 		if e.uploaded {
@@ -243,6 +262,11 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 		}
 	}
 	m.mu.Unlock()
+	var werr error
+	if last.last > 0 {
+		werr = m.writeLocked(ctx)
+	}
+	m.manMu.Unlock()
 	if failed != nil {
 		// Those that fail with it (an outage) are retried with it, after
 		// one backoff, not one backoff each in turn.
@@ -256,8 +280,8 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 		m.mu.Unlock()
 	}
 	if last.last > 0 {
-		if err := m.writeManifest(ctx); err != nil {
-			return false, err
+		if werr != nil {
+			return false, werr
 		}
 		m.s.metrics.durableSeq.WithLabelValues(m.name).Set(float64(last.last))
 		if m.s.applier != nil {
@@ -540,6 +564,7 @@ func (m *machine) putSegment(ctx context.Context, name string, sealed []byte, md
 // dropApplied deletes uploaded segments the applier has applied (all
 // uploaded ones when there is no applier) and records applied_seq.
 func (m *machine) dropApplied(ctx context.Context) error {
+	m.manMu.Lock()
 	m.mu.Lock()
 	// Also rewrite a manifest whose last write failed (UpdateManifest,
 	// an upload step): until it is saved, nothing it covers is deleted.
@@ -551,10 +576,13 @@ func (m *machine) dropApplied(ctx context.Context) error {
 	// (uploadOne) instead of taking them for acknowledged data lost. Hence
 	// only segments the manifest in the account covers (saved*) go, not
 	// those a write still in flight or failed (UpdateManifest) would cover.
+	var err error
 	if manDirty {
-		if err := m.writeManifest(ctx); err != nil {
-			return err
-		}
+		err = m.writeLocked(ctx)
+	}
+	m.manMu.Unlock()
+	if err != nil {
+		return err
 	}
 	m.mu.Lock()
 	var drop []*segEntry
@@ -601,6 +629,8 @@ const dropWarnEvery = time.Minute
 // segment is uploaded, so every record before that marker is in the
 // journal.
 func (m *machine) advanceFromMarker(ctx context.Context) error {
+	m.manMu.Lock()
+	defer m.manMu.Unlock()
 	m.mu.Lock()
 	changed := m.mendLocked()
 	if m.hasNote {
@@ -614,7 +644,7 @@ func (m *machine) advanceFromMarker(ctx context.Context) error {
 	}
 	m.mu.Unlock()
 	if changed {
-		return m.writeManifest(ctx)
+		return m.writeLocked(ctx)
 	}
 	return nil
 }
@@ -682,6 +712,7 @@ func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error
 	// checksum resync waiting for the journal to reach the records it had
 	// must not wait forever. Saved before the cached copy goes, so that a
 	// restart finds it in durable_seq rather than the loss again.
+	m.manMu.Lock()
 	m.mu.Lock()
 	m.uploaded = max(m.uploaded, lostTo)
 	if lostTo > m.durable {
@@ -695,7 +726,8 @@ func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error
 		}
 	}
 	m.mu.Unlock()
-	werr := m.writeManifest(ctx)
+	werr := m.writeLocked(ctx)
+	m.manMu.Unlock()
 	if sess := m.current(); sess != nil && !inJournal {
 		// The agent must resync, even if the write failed: a retry meets
 		// the tombstone as the segment's upload, and would not end it.

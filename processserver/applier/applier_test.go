@@ -529,6 +529,15 @@ func testManager(t *testing.T, store blobstore.Store) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the machine's loop still runs after Stop")
 	}
+	// Served here again (its agent's hello claimed it back), the machine
+	// gets a new loop, which goes on from the journal.
+	workload(m, rng, c, 20)
+	m.Cut()
+	mg.Durable(m.Name, m.Durable)
+	if err := mg.WaitApplied(ctx, m.Name, m.Durable); err != nil {
+		t.Fatal(err)
+	}
+	checkReplica(t, m, m.Durable)
 }
 
 // TestCrashAnywhere fails one store call of an Apply (before it reaches

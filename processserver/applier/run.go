@@ -100,14 +100,16 @@ type Manager struct {
 	ctx       context.Context
 	onApplied func(machine string, seq uint64)
 
-	mu    sync.Mutex
-	loops map[string]*loop
-	wg    sync.WaitGroup
+	mu     sync.Mutex
+	loops  map[string]*loop
+	ending map[string]chan struct{} // loops stopped, until their goroutine ends
+	wg     sync.WaitGroup
 }
 
 type loop struct {
 	notify chan uint64
 	stop   context.CancelFunc
+	done   chan struct{} // closed when the loop's goroutine ends
 
 	mu      sync.Mutex
 	applied uint64
@@ -118,7 +120,7 @@ type loop struct {
 // onApplied, if not nil, is called (from the machine's loop goroutine)
 // whenever a machine's applied sequence advances, e.g. to export metrics.
 func (a *Applier) NewManager(ctx context.Context, onApplied func(machine string, seq uint64)) *Manager {
-	return &Manager{a: a, ctx: ctx, onApplied: onApplied, loops: map[string]*loop{}}
+	return &Manager{a: a, ctx: ctx, onApplied: onApplied, loops: map[string]*loop{}, ending: map[string]chan struct{}{}}
 }
 
 func (mg *Manager) loop(machine string) *loop {
@@ -127,19 +129,39 @@ func (mg *Manager) loop(machine string) *loop {
 	l := mg.loops[machine]
 	if l == nil {
 		ctx, stop := context.WithCancel(mg.ctx)
-		l = &loop{notify: make(chan uint64, 1), changed: make(chan struct{}), stop: stop}
+		l = &loop{notify: make(chan uint64, 1), changed: make(chan struct{}), stop: stop, done: make(chan struct{})}
 		mg.loops[machine] = l
+		prev := mg.ending[machine] // one loop of a machine at a time
+		delete(mg.ending, machine)
 		mg.wg.Go(func() {
+			defer close(l.done)
+			if prev != nil {
+				select {
+				case <-prev:
+				case <-ctx.Done():
+					return
+				}
+			}
 			stage.Do(ctx, stage.Apply, func(ctx context.Context) { mg.run(ctx, machine, l) })
 		})
 	}
 	return l
 }
 
-// Stop ends machine's loop for good (a pass under way is cancelled): the
-// process server no longer serves the machine.
+// Stop ends machine's loop (a pass under way is cancelled): the process
+// server no longer serves the machine. A later Durable starts a new loop
+// once this one has ended (the machine is served here again).
 func (mg *Manager) Stop(machine string) {
-	mg.loop(machine).stop()
+	mg.mu.Lock()
+	l := mg.loops[machine]
+	if l != nil {
+		delete(mg.loops, machine)
+		mg.ending[machine] = l.done
+	}
+	mg.mu.Unlock()
+	if l != nil {
+		l.stop()
+	}
 }
 
 func (mg *Manager) run(ctx context.Context, machine string, l *loop) {

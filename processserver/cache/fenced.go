@@ -14,10 +14,11 @@ import (
 // machine, what is cached for it here must not be published.
 const fencedPrefix = markerName + ".fenced-"
 
-// SetFenced records (on) or clears that the machine of stream is served
-// by another process server, in every cache directory; it fails only if
-// no directory took the change.
-func (c *Cache) SetFenced(stream string, on bool) error {
+// SetFenced records (on, with note: what the server knew of the journal
+// then) or clears that the machine of stream is served by another
+// process server, in every cache directory; it fails only if no
+// directory took the change.
+func (c *Cache) SetFenced(stream string, on bool, note []byte) error {
 	if err := validStream(stream); err != nil {
 		return err
 	}
@@ -31,6 +32,9 @@ func (c *Cache) SetFenced(stream string, on bool) error {
 			continue
 		}
 		f, err := c.fs.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o640)
+		if err == nil {
+			_, err = f.Write(note)
+		}
 		if err == nil {
 			err = f.Sync()
 			if cerr := f.Close(); err == nil {
@@ -51,15 +55,20 @@ func (c *Cache) SetFenced(stream string, on bool) error {
 }
 
 // Fenced reports whether a cache directory records that the machine of
-// stream is served by another process server (SetFenced).
-func (c *Cache) Fenced(stream string) bool {
+// stream is served by another process server (SetFenced), and the note
+// recorded with it (nil when no directory holds it whole: a crash while
+// writing it).
+func (c *Cache) Fenced(stream string) (note []byte, fenced bool) {
 	if validStream(stream) != nil {
-		return false
+		return nil, false
 	}
 	for _, d := range c.dirs {
-		if _, err := c.fs.ReadFile(filepath.Join(d, fencedPrefix+stream)); err == nil {
-			return true
+		if b, err := c.fs.ReadFile(filepath.Join(d, fencedPrefix+stream)); err == nil {
+			fenced = true
+			if len(b) > len(note) {
+				note = b
+			}
 		}
 	}
-	return false
+	return note, fenced
 }

@@ -11,29 +11,32 @@ import (
 func TestFencedRecord(t *testing.T) {
 	dirs := tempDirs(t, 3)
 	c := open(t, dirs, Options{})
-	if c.Fenced("m1") {
+	if _, f := c.Fenced("m1"); f {
 		t.Fatal("fenced before anything was recorded")
 	}
-	if err := c.SetFenced("m1", true); err != nil {
+	if err := c.SetFenced("m1", true, []byte("journal")); err != nil {
 		t.Fatal(err)
 	}
-	if !c.Fenced("m1") || c.Fenced("m2") {
-		t.Fatal("fenced record not read back for m1 alone")
+	if _, f := c.Fenced("m2"); f {
+		t.Fatal("fenced record read back for m2")
+	}
+	if note, f := c.Fenced("m1"); !f || string(note) != "journal" {
+		t.Fatalf("fenced record of m1 read back as %v %q", f, note)
 	}
 	c = reopen(t, c, Options{})
 	for _, d := range dirs[:2] {
 		os.Remove(d + "/" + fencedPrefix + "m1")
 	}
-	if !c.Fenced("m1") {
+	if note, f := c.Fenced("m1"); !f || string(note) != "journal" {
 		t.Fatal("fenced record lost with two of three directories' copies")
 	}
-	if err := c.SetFenced("m1", false); err != nil {
+	if err := c.SetFenced("m1", false, nil); err != nil {
 		t.Fatal(err)
 	}
-	if c.Fenced("m1") {
+	if _, f := c.Fenced("m1"); f {
 		t.Fatal("fenced record not cleared")
 	}
-	if err := c.SetFenced("../x", true); err == nil {
+	if err := c.SetFenced("../x", true, nil); err == nil {
 		t.Fatal("a stream name with a path in it was taken")
 	}
 }
