@@ -130,6 +130,7 @@ type env struct {
 	backlog  int64
 	applier  func(*Server) (Applier, error)
 	cacheFS  cache.FS
+	name     string // the process server's ("ps" if empty; "ps2" is issued too)
 }
 
 func newEnv(t *testing.T, store blobstore.Store, cacheDirs int) *env {
@@ -156,8 +157,12 @@ func newEnv(t *testing.T, store blobstore.Store, cacheDirs int) *env {
 
 func (e *env) start() *Server {
 	e.t.Helper()
+	name := e.name
+	if name == "" {
+		name = "ps"
+	}
 	cfg := Config{
-		Listen: "127.0.0.1:0", PKIDir: e.pki, Name: "ps", CacheDirs: e.cache,
+		Listen: "127.0.0.1:0", PKIDir: e.pki, Name: name, CacheDirs: e.cache,
 		RecoveryKeyFile: e.rkFile, Store: e.store, SegmentBytes: e.segBytes, SegmentAge: e.segAge,
 		MaxBacklogBytes: e.backlog, NewApplier: e.applier, CacheOptions: cache.Options{FS: e.cacheFS},
 		Logger: slog.New(slog.NewTextHandler(io.MultiWriter(e.logs, testWriter{e.t}), &slog.HandlerOptions{Level: slog.LevelDebug})),

@@ -68,7 +68,11 @@ type machine struct {
 	// fenced: another writer changed the manifest (or had, before this
 	// process started: cache.Fenced), so the machine is not served here
 	// until its agent's hello here claims it back (claim).
-	fenced   bool
+	fenced bool
+	// parked: the uploader, fenced, has ended its uploads and waits
+	// (parkCh is closed then): claim changes the cached segments only so.
+	parked   bool
+	parkCh   chan struct{}
 	man      layout.Manifest
 	key      *seal.Key
 	manKey   *seal.Key // seals the manifest: key, or the one ensureKey is storing
@@ -114,6 +118,7 @@ func newMachine(s *Server, name string) *machine {
 		wake:     make(chan struct{}, 1),
 		upDone:   make(chan *upload, uploadParallel),
 		progress: make(chan struct{}),
+		parkCh:   make(chan struct{}),
 		gapEpoch: 1, // a gap loaded open from the manifest has epoch 1
 	}
 	if s.cache != nil {
@@ -157,6 +162,14 @@ func (m *machine) ensureLoaded(ctx context.Context) error {
 	m.etag = etag
 	m.mu.Lock()
 	m.man, m.key, m.manKey, m.loaded = man, key, key, true
+	if !m.fenced && man.Owner != "" && man.Owner != m.s.cfg.Name {
+		// Another server claimed the machine since this one last served
+		// it (a restart found its cache): its cache may hold a history
+		// the other's superseded, and its uploads and applier would
+		// write over the other's (see claim).
+		m.fenced = true
+		m.log.Warn("the manifest names another process server as serving this machine: nothing of it is uploaded or applied here until its agent says hello here", "owner", man.Owner)
+	}
 	if !m.fenced {
 		m.ours = journalOf(&man)
 	}
@@ -583,6 +596,9 @@ const claimScan = 200_000
 // claims nothing: its writes are conditional, and a conflict fences it.
 func (m *machine) claim(ctx context.Context) error {
 	for try := 1; ; try++ {
+		if err := m.waitParked(ctx); err != nil {
+			return err
+		}
 		err := m.claimOnce(ctx)
 		if !errors.Is(err, blobstore.ErrConflict) {
 			return err
@@ -594,11 +610,46 @@ func (m *machine) claim(ctx context.Context) error {
 	}
 }
 
+// waitParked waits, if the machine is fenced, for its uploader to park:
+// what it does until then (an upload step, a lost segment's tombstone)
+// must not straddle a claim.
+func (m *machine) waitParked(ctx context.Context) error {
+	for {
+		m.mu.Lock()
+		done, ch := !m.fenced || m.parked, m.parkCh
+		m.mu.Unlock()
+		if done {
+			return nil
+		}
+		m.kick()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return fmt.Errorf("wait for the uploads of %s to stop: %w", m.name, ctx.Err())
+		}
+	}
+}
+
+// setParked records whether the uploader is parked (uploader only).
+func (m *machine) setParked(on bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if on == m.parked {
+		return
+	}
+	m.parked = on
+	if on {
+		close(m.parkCh)
+	} else {
+		m.parkCh = make(chan struct{})
+	}
+}
+
 func (m *machine) claimOnce(ctx context.Context) error {
 	m.manMu.Lock()
 	defer m.manMu.Unlock()
 	m.mu.Lock()
-	fenced, busy := m.fenced, len(m.ups) > 0
+	fenced, busy := m.fenced, len(m.ups) > 0 || (m.fenced && !m.parked)
 	cold := !busy && m.man.DurableSeq <= m.savedDurable && !slices.ContainsFunc(m.segs, func(e *segEntry) bool { return !e.uploaded })
 	hadKey := m.man.KeyID != ""
 	m.mu.Unlock()
@@ -644,6 +695,9 @@ func (m *machine) claimOnce(ctx context.Context) error {
 				logCount, len(drop), logGapFrom, man.DurableSeq+1)
 		}
 	}
+	m.mu.Lock()
+	m.man.Owner = m.s.cfg.Name
+	m.mu.Unlock()
 	if err := m.putManifest(ctx); err != nil {
 		if errors.Is(err, blobstore.ErrConflict) {
 			return err
@@ -674,6 +728,9 @@ func (m *machine) claimOnce(ctx context.Context) error {
 	m.log.Warn("the agent said hello here again: this process server serves the machine again, from the manifest the account holds", "durable_seq", up)
 	m.kick()
 	if m.s.applier != nil {
+		if r, ok := m.s.applier.(interface{ Resume(machine string) }); ok {
+			r.Resume(m.name)
+		}
 		m.s.applier.Notify(m.name, up)
 	}
 	return nil
@@ -702,8 +759,11 @@ func (m *machine) superseded(man *layout.Manifest) (keep bool, drop []*segEntry)
 }
 
 func (m *machine) kept(e *segEntry, man *layout.Manifest, keep bool) bool {
+	if e.uploaded && e.last != 0 && e.last <= m.savedDurable {
+		return true // in the journal a manifest of this server's vouched for
+	}
 	if e.id.Seq <= man.DurableSeq {
-		return e.uploaded
+		return false
 	}
 	return keep
 }
@@ -736,6 +796,10 @@ func (m *machine) takeManifest(man layout.Manifest, key *seal.Key, etag string, 
 	m.s.cacheBytes.Add(-dropped)
 	if !keep || man.DurableSeq >= m.durable {
 		m.durable, m.lastRun = man.DurableSeq, runOf(man.LastRun)
+	}
+	if !keep {
+		// Markers of the superseded history say nothing of this one.
+		m.note, m.hasNote, m.idle = wire.Marker{}, false, wire.Marker{}
 	}
 	m.man, m.key, m.manKey, m.loaded = man, key, key, true
 	m.etag, m.unsure = etag, nil

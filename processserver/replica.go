@@ -46,6 +46,13 @@ func (a managed) Stop(machine string) {
 	}
 }
 
+// Resume starts machine's applying again after Stop, if the manager can.
+func (a managed) Resume(machine string) {
+	if s, ok := a.mg.(interface{ Resume(string) }); ok {
+		s.Resume(machine)
+	}
+}
+
 func (a managed) CompareSums(ctx context.Context, machine string, upTo uint64, s *wire.Sums) (wire.SumsReply, error) {
 	if err := a.mg.WaitApplied(ctx, machine, upTo); err != nil {
 		return wire.SumsReply{}, err

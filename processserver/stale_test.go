@@ -87,6 +87,7 @@ type handover struct {
 	store *mem.Store
 	link  *slowLink
 	ps1   *env
+	s1    *Server // PS1
 	ps2   env
 	a1    *agent // the agent, on PS1
 	gen   wire.Generation
@@ -102,8 +103,9 @@ func newHandover(t *testing.T, gated ...uint64) *handover {
 	h := &handover{t: t, ctx: context.Background(), store: store, link: link, ps1: newEnv(t, link, 1)}
 	h.ps1.segAge = 20 * time.Millisecond
 	h.ps2 = *h.ps1
-	h.ps2.store, h.ps2.cache, h.ps2.logs = store, []string{t.TempDir()}, &logBuf{}
-	h.a1 = dialAgent(t, h.ps1, h.ps1.start(), "m1")
+	h.ps2.store, h.ps2.cache, h.ps2.logs, h.ps2.name = store, []string{t.TempDir()}, &logBuf{}, "ps2"
+	h.s1 = h.ps1.start()
+	h.a1 = dialAgent(t, h.ps1, h.s1, "m1")
 	ack, _ := h.a1.hello("m1", disk0)
 	h.gen = ack.Disks[0].Generation
 	h.a1.waitAck(h.a1.batch(1, 5))

@@ -49,6 +49,7 @@ func (m *machine) uploadLoop(ctx context.Context) {
 				// here claims the machine back; the cache keeps it. The
 				// uploads under way end first (claim waits for them).
 				m.endUploads()
+				m.setParked(true)
 				if !parked {
 					parked = true
 					m.log.Warn("uploads of the machine stopped: this process server no longer serves it, until its agent says hello here")
@@ -60,6 +61,7 @@ func (m *machine) uploadLoop(ctx context.Context) {
 				continue
 			}
 			parked = false
+			m.setParked(false)
 			did, err := m.uploadStep(ctx, &notified)
 			if err != nil {
 				if ctx.Err() != nil {
@@ -174,6 +176,9 @@ func (m *machine) headUpload() (*segEntry, *upload) {
 func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) {
 	if err := m.ensureLoaded(ctx); err != nil {
 		return false, err
+	}
+	if m.isFenced() { // by the manifest just loaded (another server's)
+		return false, errFenced
 	}
 	if !*notified {
 		// After a restart the applier may be behind what is uploaded.

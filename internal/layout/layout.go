@@ -72,7 +72,12 @@ type Manifest struct {
 	// LastRun is the agent run (hex of wire.RunID) that sent the newest
 	// segment of the journal: after a process server restart with an
 	// empty cache, agents still learn whose records are durable.
-	LastRun string    `json:"last_run,omitempty"`
+	LastRun string `json:"last_run,omitempty"`
+	// Owner is the process server (its certificate's name) whose agent
+	// hello last claimed the machine: another finding a cache of the
+	// machine at its start uploads nothing of it until a hello claims it
+	// back.
+	Owner   string    `json:"owner,omitempty"`
 	Updated time.Time `json:"updated"`
 	// Seal authenticates the rest under the machine's data key
 	// (recovery.SealManifest): base64 of a sealed blob with no plaintext

@@ -529,10 +529,18 @@ func testManager(t *testing.T, store blobstore.Store) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the machine's loop still runs after Stop")
 	}
-	// Served here again (its agent's hello claimed it back), the machine
-	// gets a new loop, which goes on from the journal.
+	// Stopped, it stays so: no notification brings it back.
 	workload(m, rng, c, 20)
 	m.Cut()
+	mg.Durable(m.Name, m.Durable)
+	short, cancelShort := context.WithTimeout(ctx, 300*time.Millisecond)
+	if err := mg.WaitApplied(short, m.Name, m.Durable); err == nil {
+		t.Fatal("a stopped machine's segments were applied")
+	}
+	cancelShort()
+	// Served here again (its agent's hello claimed it back), the machine
+	// gets a new loop, which goes on from the journal.
+	mg.Resume(m.Name)
 	mg.Durable(m.Name, m.Durable)
 	if err := mg.WaitApplied(ctx, m.Name, m.Durable); err != nil {
 		t.Fatal(err)

@@ -100,16 +100,16 @@ type Manager struct {
 	ctx       context.Context
 	onApplied func(machine string, seq uint64)
 
-	mu     sync.Mutex
-	loops  map[string]*loop
-	ending map[string]chan struct{} // loops stopped, until their goroutine ends
-	wg     sync.WaitGroup
+	mu    sync.Mutex
+	loops map[string]*loop
+	wg    sync.WaitGroup
 }
 
 type loop struct {
-	notify chan uint64
-	stop   context.CancelFunc
-	done   chan struct{} // closed when the loop's goroutine ends
+	notify  chan uint64
+	stop    context.CancelFunc
+	stopped bool          // by Stop, until Resume (under Manager.mu)
+	done    chan struct{} // closed when the loop's goroutine ends
 
 	mu      sync.Mutex
 	applied uint64
@@ -120,47 +120,56 @@ type loop struct {
 // onApplied, if not nil, is called (from the machine's loop goroutine)
 // whenever a machine's applied sequence advances, e.g. to export metrics.
 func (a *Applier) NewManager(ctx context.Context, onApplied func(machine string, seq uint64)) *Manager {
-	return &Manager{a: a, ctx: ctx, onApplied: onApplied, loops: map[string]*loop{}, ending: map[string]chan struct{}{}}
+	return &Manager{a: a, ctx: ctx, onApplied: onApplied, loops: map[string]*loop{}}
 }
 
 func (mg *Manager) loop(machine string) *loop {
 	mg.mu.Lock()
 	defer mg.mu.Unlock()
-	l := mg.loops[machine]
-	if l == nil {
-		ctx, stop := context.WithCancel(mg.ctx)
-		l = &loop{notify: make(chan uint64, 1), changed: make(chan struct{}), stop: stop, done: make(chan struct{})}
-		mg.loops[machine] = l
-		prev := mg.ending[machine] // one loop of a machine at a time
-		delete(mg.ending, machine)
-		mg.wg.Go(func() {
-			defer close(l.done)
-			if prev != nil {
-				select {
-				case <-prev:
-				case <-ctx.Done():
-					return
-				}
-			}
-			stage.Do(ctx, stage.Apply, func(ctx context.Context) { mg.run(ctx, machine, l) })
-		})
+	if l := mg.loops[machine]; l != nil {
+		return l
 	}
+	return mg.startLocked(machine, nil)
+}
+
+// startLocked starts machine's loop once prev, if not nil, has ended (one
+// loop of a machine at a time). mg.mu is held.
+func (mg *Manager) startLocked(machine string, prev chan struct{}) *loop {
+	ctx, stop := context.WithCancel(mg.ctx)
+	l := &loop{notify: make(chan uint64, 1), changed: make(chan struct{}), stop: stop, done: make(chan struct{})}
+	mg.loops[machine] = l
+	mg.wg.Go(func() {
+		defer close(l.done)
+		if prev != nil {
+			select {
+			case <-prev:
+			case <-ctx.Done():
+				return
+			}
+		}
+		stage.Do(ctx, stage.Apply, func(ctx context.Context) { mg.run(ctx, machine, l) })
+	})
 	return l
 }
 
 // Stop ends machine's loop (a pass under way is cancelled): the process
-// server no longer serves the machine. A later Durable starts a new loop
-// once this one has ended (the machine is served here again).
+// server no longer serves the machine. Durable and WaitApplied start
+// nothing for it until Resume.
 func (mg *Manager) Stop(machine string) {
+	l := mg.loop(machine)
 	mg.mu.Lock()
-	l := mg.loops[machine]
-	if l != nil {
-		delete(mg.loops, machine)
-		mg.ending[machine] = l.done
-	}
+	l.stopped = true
 	mg.mu.Unlock()
-	if l != nil {
-		l.stop()
+	l.stop()
+}
+
+// Resume starts machine's loop again after Stop (the process server
+// serves the machine again), once the stopped one has ended.
+func (mg *Manager) Resume(machine string) {
+	mg.mu.Lock()
+	defer mg.mu.Unlock()
+	if l := mg.loops[machine]; l != nil && l.stopped {
+		mg.startLocked(machine, l.done)
 	}
 }
 

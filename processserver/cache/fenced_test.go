@@ -40,3 +40,41 @@ func TestFencedRecord(t *testing.T) {
 		t.Fatal("a stream name with a path in it was taken")
 	}
 }
+
+// A directory that missed the clearing of a record (its disk unmounted
+// then, say) does not bring the record back: the newest one decides. A
+// record from before records were stamped counts as the oldest.
+func TestFencedRecordNewestDecides(t *testing.T) {
+	dirs := tempDirs(t, 3)
+	c := open(t, dirs, Options{})
+	if err := c.SetFenced("m1", true, []byte("old journal")); err != nil {
+		t.Fatal(err)
+	}
+	missed, err := os.ReadFile(dirs[0] + "/" + fencedPrefix + "m1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SetFenced("m1", false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(dirs[0]+"/"+fencedPrefix+"m1", missed, 0o640); err != nil {
+		t.Fatal(err)
+	}
+	if _, f := c.Fenced("m1"); f {
+		t.Fatal("a directory's older record brought the fence back")
+	}
+	if err := os.WriteFile(dirs[1]+"/"+fencedPrefix+"m1", []byte("unstamped"), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	if _, f := c.Fenced("m1"); f {
+		t.Fatal("an unstamped record outranked a stamped one")
+	}
+	for _, d := range dirs {
+		if err := os.WriteFile(d+"/"+fencedPrefix+"m1", []byte("unstamped"), 0o640); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if note, f := c.Fenced("m1"); !f || string(note) != "unstamped" {
+		t.Fatalf("unstamped records alone read as %v %q, want fenced", f, note)
+	}
+}
