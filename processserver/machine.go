@@ -54,7 +54,7 @@ type machine struct {
 	takeover sync.Mutex // serialises session replacement
 	sess     *session   // current session; guarded by takeover and mu
 
-	manMu    sync.Mutex // serialises loading and manifest writes
+	manMu    ctxMutex   // serialises loading and manifest writes
 	settleMu sync.Mutex // serialises settleSuspects
 
 	// The manifest's version in the account as this server last read or
@@ -646,7 +646,20 @@ func (m *machine) setParked(on bool) {
 }
 
 func (m *machine) claimOnce(ctx context.Context) error {
-	m.manMu.Lock()
+	if !m.isFenced() {
+		// Bounded as missingReplicas is: during an outage the store's
+		// retries would hold every reconnect past the agent's patience,
+		// here or behind a manifest write under way.
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, replicaCheckTimeout)
+		defer cancel()
+	}
+	if err := m.manMu.LockCtx(ctx); err != nil {
+		if m.isFenced() {
+			return fmt.Errorf("wait for the manifest of %s: %w", m.name, err)
+		}
+		return nil // a write under way: this server writes, its state is current
+	}
 	defer m.manMu.Unlock()
 	m.mu.Lock()
 	fenced, busy := m.fenced, len(m.ups) > 0 || (m.fenced && !m.parked)
@@ -667,13 +680,6 @@ func (m *machine) claimOnce(ctx context.Context) error {
 		}
 		m.log.Warn("cannot make sure this process server holds the machine's latest manifest; going on with what it holds", logErr, err)
 		return nil
-	}
-	if !fenced {
-		// Bounded as missingReplicas is: during an outage the store's
-		// retries would hold every reconnect past the agent's patience.
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, replicaCheckTimeout)
-		defer cancel()
 	}
 	man, key, etag, err := m.readManifest(ctx)
 	if err == nil && hadKey && man.KeyID == "" {
@@ -703,6 +709,9 @@ func (m *machine) claimOnce(ctx context.Context) error {
 			return err
 		}
 		return soft(err)
+	}
+	if man.Owner != "" && man.Owner != m.s.cfg.Name {
+		m.log.Warn("machine taken over from another process server at its agent's hello", "from", man.Owner)
 	}
 	// The machine is this server's now: the other's writes of the
 	// manifest fail. Segments it uploaded past durable_seq were never
@@ -747,9 +756,15 @@ func (m *machine) claimOnce(ctx context.Context) error {
 // its hello records a gap, which its checksum resync mends. manMu is
 // held.
 func (m *machine) superseded(man *layout.Manifest) (keep bool, drop []*segEntry) {
+	j := journalOf(man)
+	keep = j == m.ours
+	for _, raw := range m.unsure { // a write of this server's that failed, yet landed
+		if u, err := layout.UnmarshalManifest(raw); err == nil && journalOf(u) == j {
+			keep = true
+		}
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	keep = journalOf(man) == m.ours
 	for _, e := range m.segs {
 		if !m.kept(e, man, keep) {
 			drop = append(drop, e)
@@ -832,6 +847,10 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, agr
 	if err := m.ensureLoaded(ctx); err != nil {
 		return nil, agreed{}, nil, 0, err
 	}
+	// First: a fenced machine writes nothing before it is claimed back.
+	if err := m.claim(ctx); err != nil {
+		return nil, agreed{}, nil, 0, err
+	}
 	// The cache holds only sealed segments, so the key must be at hand
 	// before the first record is accepted.
 	if _, err := m.ensureKey(ctx); err != nil {
@@ -839,9 +858,6 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, agr
 	}
 	// Settled before the answer: the agent's resend may reuse their names.
 	if err := m.settleSuspects(ctx); err != nil {
-		return nil, agreed{}, nil, 0, err
-	}
-	if err := m.claim(ctx); err != nil {
 		return nil, agreed{}, nil, 0, err
 	}
 	// An agent acknowledged past what this server holds lost the records
@@ -864,8 +880,10 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, agr
 		}
 	}
 	missing := m.missingReplicas(ctx, h)
-	m.manMu.Lock()
-	defer m.manMu.Unlock()
+	// Edited without manMu, unlike the uploader's and the applier's
+	// changes: claim, which replaces m.man, runs only in agree, and agree
+	// in one session at a time; and a hello must not wait for a manifest
+	// write under way (one retrying through an outage).
 	m.mu.Lock()
 	var mendEpoch uint64
 	gap := m.man.HasOpenGap()
@@ -941,7 +959,7 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, agr
 	}
 	m.mu.Unlock()
 	if changed {
-		if err := m.writeLocked(ctx); err != nil {
+		if err := m.writeManifest(ctx); err != nil {
 			return nil, agreed{}, nil, 0, err
 		}
 	}
@@ -1177,3 +1195,29 @@ func (m *machine) current() *session {
 }
 
 var errReplaced = errors.New("agent reconnected on another connection")
+
+// ctxMutex is a mutex that a waiter may give up on when its context
+// ends: a hello must not wait out a manifest write that retries through
+// an outage. The zero value is unlocked.
+type ctxMutex struct {
+	once sync.Once
+	ch   chan struct{}
+}
+
+func (l *ctxMutex) c() chan struct{} {
+	l.once.Do(func() { l.ch = make(chan struct{}, 1) })
+	return l.ch
+}
+
+func (l *ctxMutex) Lock()   { l.c() <- struct{}{} }
+func (l *ctxMutex) Unlock() { <-l.c() }
+
+// LockCtx locks, or returns ctx's error once ctx ends first.
+func (l *ctxMutex) LockCtx(ctx context.Context) error {
+	select {
+	case l.c() <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
