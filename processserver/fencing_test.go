@@ -23,10 +23,21 @@ import (
 // manifest changed, stops serving the machine (session aborted, uploads
 // stopped) and says why. When the agent comes back to A, its hello takes
 // the machine back from the account's state, and B is fenced in turn.
+//
+// With a cache disk that cannot delete (down), A serves the machine all
+// the same, and keeps the fence record: a restart drops what is left.
 func TestManifestFencedAgainstAnotherServer(t *testing.T) {
+	for _, undeletable := range []bool{false, true} {
+		t.Run(fmt.Sprint("undeletable=", undeletable), func(t *testing.T) { fencedAgainstAnother(t, undeletable) })
+	}
+}
+
+func fencedAgainstAnother(t *testing.T, undeletable bool) {
 	store := mem.New()
 	eA := newEnv(t, store, 1)
 	eA.segAge = 20 * time.Millisecond
+	ffs := &faultFS{}
+	eA.cacheFS = ffs
 	eB := *eA // same PKI, recovery key and account; its own cache and logs
 	eB.cache, eB.logs, eB.name = []string{t.TempDir()}, &logBuf{}, "ps2"
 	sA := eA.start()
@@ -77,6 +88,7 @@ func TestManifestFencedAgainstAnotherServer(t *testing.T) {
 	if _, err := store.Stat(context.Background(), seg); err != nil {
 		t.Fatalf("A's upload of 6..10 before it was fenced: %v", err)
 	}
+	ffs.failRemove.Store(undeletable)
 	a2 := dialAgent(t, eA, sA, "m1")
 	ack2, _ := a2.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ackB.Disks[0].Generation, LastAckedSeq: 10})
 	if d := ack2.Disks[0]; d.Action != wire.SyncChecksum || d.ResumeFrom != 11 || d.Generation != ackB.Disks[0].Generation {
@@ -90,6 +102,12 @@ func TestManifestFencedAgainstAnotherServer(t *testing.T) {
 	}
 	if _, err := store.Stat(context.Background(), seg); err == nil {
 		t.Error("A's 6..10 of the replaced generation is still in the journal")
+	}
+	if _, f := sA.cache.Fenced("m1"); f != undeletable {
+		t.Errorf("A's fence record kept %v, want %v", f, undeletable)
+	}
+	if logged := strings.Contains(eA.logs.String(), "cannot delete cached segments"); logged != undeletable {
+		t.Errorf("the undeletable segments logged %v, want %v", logged, undeletable)
 	}
 
 	// B, still writing, is the one fenced now.

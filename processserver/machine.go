@@ -688,12 +688,26 @@ func (m *machine) claimOnce(ctx context.Context) error {
 	if err != nil {
 		return soft(err)
 	}
+	undeleted := 0
 	if fenced || etag != m.etag {
 		keep, drop := m.superseded(&man)
+		var derr error
 		for _, e := range drop {
 			if err := m.s.cache.Delete(e.id); err != nil {
-				return soft(fmt.Errorf("delete cached segment %s, superseded by another process server's journal: %w", e.id, err))
+				undeleted, derr = undeleted+1, err
 			}
+		}
+		if undeleted > 0 {
+			// A cache disk down: served anyway (the cache goes on without
+			// it), but a restart must not take what is left of them for
+			// current segments. The fence record says so: a restart waits
+			// for a hello, whose claim drops every cached segment the
+			// journal does not hold.
+			if err := m.s.cache.SetFenced(m.name, true, nil); err != nil {
+				return soft(fmt.Errorf("delete cached segments superseded by another process server's journal (%v), nor record that they are: %w", derr, err))
+			}
+			m.log.Error("cannot delete cached segments another process server's journal superseded; serving the machine anyway, but until a later claim deletes them a restart waits for the agent's hello and drops every cached segment not in the journal",
+				logCount, undeleted, logErr, derr)
 		}
 		m.takeManifest(man, key, etag, keep)
 		if len(drop) > 0 {
@@ -729,7 +743,7 @@ func (m *machine) claimOnce(ctx context.Context) error {
 	m.fenced = false
 	up := m.uploaded
 	m.mu.Unlock()
-	if m.s.cache != nil {
+	if m.s.cache != nil && undeleted == 0 {
 		if err := m.s.cache.SetFenced(m.name, false, nil); err != nil {
 			m.log.Warn("cannot clear the record that another process server serves this machine; a restart would wait for a hello again", logErr, err)
 		}
