@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -24,8 +25,10 @@ import (
 // stopped) and says why. When the agent comes back to A, its hello takes
 // the machine back from the account's state, and B is fenced in turn.
 //
-// With a cache disk that cannot delete (down), A serves the machine all
-// the same, and keeps the fence record: a restart drops what is left.
+// With a cache disk that cannot delete (down), A does not take the
+// machine back while its superseded segments cannot go (a restart would
+// take them for current ones): the hello fails, and the next one after
+// the disk is back succeeds.
 func TestManifestFencedAgainstAnotherServer(t *testing.T) {
 	for _, undeletable := range []bool{false, true} {
 		t.Run(fmt.Sprint("undeletable=", undeletable), func(t *testing.T) { fencedAgainstAnother(t, undeletable) })
@@ -88,9 +91,23 @@ func fencedAgainstAnother(t *testing.T, undeletable bool) {
 	if _, err := store.Stat(context.Background(), seg); err != nil {
 		t.Fatalf("A's upload of 6..10 before it was fenced: %v", err)
 	}
-	ffs.failRemove.Store(undeletable)
+	back := wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ackB.Disks[0].Generation, LastAckedSeq: 10}
+	if undeletable {
+		ffs.failRemove.Store(true)
+		a := dialAgent(t, eA, sA, "m1")
+		if err := a.w.WriteHello(&wire.Hello{ProtocolVersion: 2, Machine: "m1", Disks: []wire.DiskState{back}}); err != nil {
+			t.Fatal(err)
+		}
+		if f := a.next(30 * time.Second); f.typ != wire.TypeError {
+			t.Fatalf("hello while the superseded segments cannot be deleted: got %s %v, want an error", f.typ, f.err)
+		}
+		if !sA.machine("m1").isFenced() || !strings.Contains(eA.logs.String(), "cannot delete cached segment") {
+			t.Fatal("A took the machine back with its superseded segments still cached, or did not say why not")
+		}
+		ffs.failRemove.Store(false)
+	}
 	a2 := dialAgent(t, eA, sA, "m1")
-	ack2, _ := a2.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ackB.Disks[0].Generation, LastAckedSeq: 10})
+	ack2, _ := a2.hello("m1", back)
 	if d := ack2.Disks[0]; d.Action != wire.SyncChecksum || d.ResumeFrom != 11 || d.Generation != ackB.Disks[0].Generation {
 		t.Fatalf("A answered %+v, want a checksum resync of B's generation from 11", d)
 	}
@@ -103,11 +120,8 @@ func fencedAgainstAnother(t *testing.T, undeletable bool) {
 	if _, err := store.Stat(context.Background(), seg); err == nil {
 		t.Error("A's 6..10 of the replaced generation is still in the journal")
 	}
-	if _, f := sA.cache.Fenced("m1"); f != undeletable {
-		t.Errorf("A's fence record kept %v, want %v", f, undeletable)
-	}
-	if logged := strings.Contains(eA.logs.String(), "cannot delete cached segments"); logged != undeletable {
-		t.Errorf("the undeletable segments logged %v, want %v", logged, undeletable)
+	if _, f := sA.cache.Fenced("m1"); f {
+		t.Error("A's fence record kept after it took the machine back")
 	}
 
 	// B, still writing, is the one fenced now.
@@ -422,5 +436,43 @@ func TestRestartedServerLeavesClaimedMachine(t *testing.T) {
 	eventually(t, 10*time.Second, "PS2's upload of 11", func() bool { return durableSeq(t, h.store, "m1") == 11 })
 	if strings.Contains(h.ps2.logs.String(), "another writer changed the manifest") {
 		t.Fatal("PS2 fenced by the restarted server")
+	}
+}
+
+// manifestWrites records every manifest written.
+type manifestWrites struct {
+	blobstore.Store
+	mu     sync.Mutex
+	writes [][]byte
+}
+
+func (s *manifestWrites) PutBlobIf(ctx context.Context, name string, data []byte, md blobstore.Metadata, match string) (string, error) {
+	if strings.HasSuffix(name, "manifest.json") {
+		s.mu.Lock()
+		s.writes = append(s.writes, bytes.Clone(data))
+		s.mu.Unlock()
+	}
+	return s.Store.PutBlobIf(ctx, name, data, md, match)
+}
+
+// A new machine's first manifest is sealed and names its owner: an
+// unsealed one, next to a data key stored before a crash, would look
+// stripped of its seal and stop the machine for good.
+func TestNewMachineFirstManifestSealed(t *testing.T) {
+	store := &manifestWrites{Store: mem.New()}
+	e := newEnv(t, store, 1)
+	a := dialAgent(t, e, e.start(), "m1")
+	a.hello("m1", disk0)
+	store.mu.Lock()
+	defer store.mu.Unlock()
+	if len(store.writes) == 0 {
+		t.Fatal("no manifest written at the first hello")
+	}
+	man, err := layout.UnmarshalManifest(store.writes[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if man.Seal == "" || man.KeyID == "" || man.Owner != "ps" {
+		t.Fatalf("first manifest written: key %q, owner %q, sealed %v; want sealed, with its key and owner ps", man.KeyID, man.Owner, man.Seal != "")
 	}
 }

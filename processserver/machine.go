@@ -688,26 +688,20 @@ func (m *machine) claimOnce(ctx context.Context) error {
 	if err != nil {
 		return soft(err)
 	}
-	undeleted := 0
 	if fenced || etag != m.etag {
 		keep, drop := m.superseded(&man)
-		var derr error
 		for _, e := range drop {
+			// Left in the cache, a restart would take it for a current
+			// segment: until it can go (a cache disk down), the machine
+			// is not served here, and the agent keeps what it has not
+			// had acknowledged.
 			if err := m.s.cache.Delete(e.id); err != nil {
-				undeleted, derr = undeleted+1, err
+				err = fmt.Errorf("cannot delete cached segment %s, which another process server's journal superseded (a cache disk down?): this process server takes the machine back once it can; restore the disk, or restart without it: %w", e.id, err)
+				if fenced {
+					m.log.Error("claim refused", logErr, err)
+				}
+				return soft(err)
 			}
-		}
-		if undeleted > 0 {
-			// A cache disk down: served anyway (the cache goes on without
-			// it), but a restart must not take what is left of them for
-			// current segments. The fence record says so: a restart waits
-			// for a hello, whose claim drops every cached segment the
-			// journal does not hold.
-			if err := m.s.cache.SetFenced(m.name, true, nil); err != nil {
-				return soft(fmt.Errorf("delete cached segments superseded by another process server's journal (%v), nor record that they are: %w", derr, err))
-			}
-			m.log.Error("cannot delete cached segments another process server's journal superseded; serving the machine anyway, but until a later claim deletes them a restart waits for the agent's hello and drops every cached segment not in the journal",
-				logCount, undeleted, logErr, derr)
 		}
 		m.takeManifest(man, key, etag, keep)
 		if len(drop) > 0 {
@@ -717,7 +711,15 @@ func (m *machine) claimOnce(ctx context.Context) error {
 	}
 	m.mu.Lock()
 	m.man.Owner = m.s.cfg.Name
+	newMachine := m.man.KeyID == ""
 	m.mu.Unlock()
+	if newMachine && !fenced {
+		// ensureKey writes the first manifest, sealed, on the condition
+		// that there is none yet, owner and all: one written unsealed here
+		// would, next to a key stored before a crash, look stripped of
+		// its seal.
+		return nil
+	}
 	if err := m.putManifest(ctx); err != nil {
 		if errors.Is(err, blobstore.ErrConflict) {
 			return err
@@ -743,7 +745,7 @@ func (m *machine) claimOnce(ctx context.Context) error {
 	m.fenced = false
 	up := m.uploaded
 	m.mu.Unlock()
-	if m.s.cache != nil && undeleted == 0 {
+	if m.s.cache != nil {
 		if err := m.s.cache.SetFenced(m.name, false, nil); err != nil {
 			m.log.Warn("cannot clear the record that another process server serves this machine; a restart would wait for a hello again", logErr, err)
 		}
