@@ -127,6 +127,9 @@ type upload struct {
 func (m *machine) startUploads(ctx context.Context) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.fenced {
+		return // nothing more goes to the account from here
+	}
 	for _, e := range m.segs {
 		if len(m.ups) == uploadParallel {
 			return
@@ -200,6 +203,9 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 	// Wait for the oldest segment's upload to end, starting segments as
 	// they are cut (wake) and collecting the later ones that end first.
 	for {
+		if m.isFenced() {
+			return false, errFenced // the loop parks (uploads under way end first)
+		}
 		m.startUploads(ctx)
 		head, hu := m.headUpload()
 		if head == nil {
@@ -617,10 +623,16 @@ func (m *machine) dropApplied(ctx context.Context) error {
 			}
 			return nil
 		}
+		// By identity: a claim may have dropped entries meanwhile.
 		m.mu.Lock()
-		m.segs = m.segs[1:]
+		i := slices.Index(m.segs, e)
+		if i >= 0 {
+			m.segs = slices.Delete(m.segs, i, i+1)
+		}
 		m.mu.Unlock()
-		m.s.cacheBytes.Add(-e.size)
+		if i >= 0 {
+			m.s.cacheBytes.Add(-e.size)
+		}
 	}
 	return nil
 }

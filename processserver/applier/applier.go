@@ -281,9 +281,24 @@ func (a *Applier) apply(ctx context.Context, name string, durable uint64) (uint6
 		// Reload everything from the account next time: a failed call may
 		// have left the in-memory view ahead of or behind the blobs, and
 		// records of the failed segment queued for other disks.
-		m.loaded, m.cursor, m.disks, m.pruneFrom = false, "", nil, 0
+		m.forget()
 	}
 	return applied, err
+}
+
+// Forget drops what the Applier knows of machine: the next pass reads it
+// all from the account again. For a machine another process server has
+// applied meanwhile (served here again after a fence), the replicas and
+// points have moved past this view.
+func (a *Applier) Forget(name string) {
+	m := a.machine(name)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.forget()
+}
+
+func (m *machine) forget() {
+	m.loaded, m.cursor, m.disks, m.pruneFrom = false, "", nil, 0
 }
 
 func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (uint64, error) {

@@ -531,6 +531,8 @@ func testManager(t *testing.T, store blobstore.Store) {
 	}
 	// Stopped, it stays so: no notification brings it back.
 	workload(m, rng, c, 20)
+	m.Marker(wire.MarkerAppConsistent, c.next())
+	workload(m, rng, c, 5)
 	m.Cut()
 	mg.Durable(m.Name, m.Durable)
 	short, cancelShort := context.WithTimeout(ctx, 300*time.Millisecond)
@@ -538,14 +540,31 @@ func testManager(t *testing.T, store blobstore.Store) {
 		t.Fatal("a stopped machine's segments were applied")
 	}
 	cancelShort()
+	// Meanwhile another process server applies the machine, and cuts the
+	// app-consistent point.
+	if _, err := newApplier(t, m, applier.Config{}).Apply(ctx, m.Name); err != nil {
+		t.Fatal(err)
+	}
+	snaps := func() int {
+		l, err := m.Store.ListSnapshots(ctx, layout.DiskName(m.Name, m.Disks[0].Name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(l)
+	}
+	before := snaps()
 	// Served here again (its agent's hello claimed it back), the machine
-	// gets a new loop, which goes on from the journal.
+	// gets a new loop, which goes on from the account's state: nothing
+	// applied again over the newer replica, no point cut again.
 	mg.Resume(m.Name)
 	mg.Durable(m.Name, m.Durable)
 	if err := mg.WaitApplied(ctx, m.Name, m.Durable); err != nil {
 		t.Fatal(err)
 	}
 	checkReplica(t, m, m.Durable)
+	if after := snaps(); after != before {
+		t.Fatalf("%d snapshots after the machine's loop resumed, %d before: it cut points the other server had cut", after, before)
+	}
 }
 
 // TestCrashAnywhere fails one store call of an Apply (before it reaches

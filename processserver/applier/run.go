@@ -146,6 +146,7 @@ func (mg *Manager) startLocked(machine string, prev chan struct{}) *loop {
 			case <-ctx.Done():
 				return
 			}
+			mg.a.Forget(machine)
 		}
 		stage.Do(ctx, stage.Apply, func(ctx context.Context) { mg.run(ctx, machine, l) })
 	})
@@ -164,7 +165,9 @@ func (mg *Manager) Stop(machine string) {
 }
 
 // Resume starts machine's loop again after Stop (the process server
-// serves the machine again), once the stopped one has ended.
+// serves the machine again), once the stopped one has ended, from the
+// account's state (Applier.Forget): another server may have applied the
+// machine meanwhile.
 func (mg *Manager) Resume(machine string) {
 	mg.mu.Lock()
 	defer mg.mu.Unlock()
