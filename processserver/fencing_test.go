@@ -476,3 +476,67 @@ func TestNewMachineFirstManifestSealed(t *testing.T) {
 		t.Fatalf("first manifest written: key %q, owner %q, sealed %v; want sealed, with its key and owner ps", man.KeyID, man.Owner, man.Seal != "")
 	}
 }
+
+// restartingApplier records the Stop and Resume of its machines' loops.
+type restartingApplier struct {
+	fakeApplier
+	restarts atomic.Int32 // Resume after Stop
+	stopped  atomic.Bool
+}
+
+func (r *restartingApplier) Stop(string) { r.stopped.Store(true) }
+func (r *restartingApplier) Resume(string) {
+	if r.stopped.Swap(false) {
+		r.restarts.Add(1)
+	}
+}
+
+// A server that was not fenced, holding nothing outside the journal, finds
+// at a hello that another writer changed the manifest since its last
+// write (the agent served elsewhere meanwhile): its applier starts over
+// from the account's state, which the other's applier may have moved.
+func TestColdClaimRestartsApplier(t *testing.T) {
+	store := mem.New()
+	e := newEnv(t, store, 1)
+	e.segAge = 20 * time.Millisecond
+	ra := &restartingApplier{fakeApplier: fakeApplier{upTo: map[string]uint64{}}}
+	e.applier = func(*Server) (Applier, error) { return ra, nil }
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	ack, _ := a.hello("m1", disk0)
+	a.waitAck(a.batch(1, 5))
+	eventually(t, 10*time.Second, "the upload of 1..5", func() bool { return durableSeq(t, store, "m1") == 5 })
+	s.Applied("m1", 5)
+	eventually(t, 10*time.Second, "nothing outside the journal", func() bool {
+		m := s.machine("m1")
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		return len(m.segs) == 0 && m.savedApplied == 5
+	})
+	back := wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ack.Disks[0].Generation, LastAckedSeq: 5}
+	a.conn.Close()
+
+	// A reconnect with the manifest as this server wrote it: no restart.
+	b := dialAgent(t, e, s, "m1")
+	b.hello("m1", back)
+	b.conn.Close()
+	if n := ra.restarts.Load(); n != 0 {
+		t.Fatalf("applier restarted %d times with the manifest unchanged", n)
+	}
+	// Another writer (same bytes, a new version), then a reconnect.
+	ctx := context.Background()
+	raw, err := store.GetBlob(ctx, layout.ManifestName("m1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := store.PutBlob(ctx, layout.ManifestName("m1"), raw, nil); err != nil {
+		t.Fatal(err)
+	}
+	c := dialAgent(t, e, s, "m1")
+	c.hello("m1", back)
+	if n := ra.restarts.Load(); n != 1 {
+		t.Fatalf("applier restarted %d times after another writer changed the manifest, want 1", n)
+	}
+	c.waitAck(c.batch(6, 2))
+	eventually(t, 10*time.Second, "the upload of 6..7", func() bool { return durableSeq(t, store, "m1") == 7 })
+}

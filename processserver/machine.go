@@ -688,7 +688,8 @@ func (m *machine) claimOnce(ctx context.Context) error {
 	if err != nil {
 		return soft(err)
 	}
-	if fenced || etag != m.etag {
+	taken := fenced || etag != m.etag
+	if taken {
 		keep, drop := m.superseded(&man)
 		for _, e := range drop {
 			// Left in the cache, a restart would take it for a current
@@ -739,6 +740,18 @@ func (m *machine) claimOnce(ctx context.Context) error {
 		m.log.Warn("cannot delete the journal segments past durable_seq that another process server left; readers skip them", logErr, err)
 	}
 	if !fenced {
+		if taken && m.s.applier != nil {
+			// Another writer since this server last wrote: its applier
+			// may have moved the replicas and points past this one's view.
+			if r, ok := m.s.applier.(interface {
+				Stop(string)
+				Resume(string)
+			}); ok {
+				r.Stop(m.name)
+				r.Resume(m.name)
+			}
+			m.s.applier.Notify(m.name, durable)
+		}
 		return nil
 	}
 	m.mu.Lock()
