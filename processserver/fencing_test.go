@@ -133,17 +133,18 @@ func fencedAgainstAnother(t *testing.T, undeletable bool) {
 	}
 }
 
-// lostReplies fails the first manifest writes with a transient error:
-// the first one after writing it (its reply lost past every retry), the
-// next ones without (an outage).
+// lostReplies, once armed, fails the next manifest writes with a
+// transient error: the first one after writing it (its reply lost past
+// every retry), the next ones without (an outage).
 type lostReplies struct {
 	blobstore.Store
-	n    atomic.Int32 // manifest writes so far
-	fail int32
+	armed atomic.Bool
+	n     atomic.Int32 // manifest writes since armed
+	fail  int32
 }
 
 func (s *lostReplies) PutBlobIf(ctx context.Context, name string, data []byte, md blobstore.Metadata, match string) (string, error) {
-	if !strings.HasSuffix(name, "manifest.json") {
+	if !strings.HasSuffix(name, "manifest.json") || !s.armed.Load() {
 		return s.Store.PutBlobIf(ctx, name, data, md, match)
 	}
 	switch n := s.n.Add(1); {
@@ -158,31 +159,42 @@ func (s *lostReplies) PutBlobIf(ctx context.Context, name string, data []byte, m
 	return s.Store.PutBlobIf(ctx, name, data, md, match)
 }
 
-// TestOwnLostManifestWriteNotFenced: a manifest write that failed but
-// happened, then others that failed for good, make the next one meet a
-// changed manifest; it is this server's own, so the machine goes on
-// being served.
+// TestOwnLostManifestWriteNotFenced: an upload's manifest write that
+// failed but happened, then others that failed for good, make the next
+// one meet a changed manifest; it is this server's own, so the machine
+// goes on being served.
 func TestOwnLostManifestWriteNotFenced(t *testing.T) {
 	store := &lostReplies{Store: mem.New(), fail: 3}
 	e := newEnv(t, store, 1)
 	e.segAge = 20 * time.Millisecond
 	s := e.start()
-	for {
-		a := dialAgent(t, e, s, "m1")
-		if err := a.w.WriteHello(&wire.Hello{ProtocolVersion: 2, Machine: "m1", Disks: []wire.DiskState{disk0}}); err != nil {
-			t.Fatal(err)
-		}
-		if f := a.next(30 * time.Second); f.typ == wire.TypeError {
-			continue // the lost write failed the hello: the agent retries
-		} else if f.err != nil || f.typ != wire.TypeHelloAck {
-			t.Fatalf("hello: %s %v", f.typ, f.err)
-		}
-		a.waitAck(a.batch(1, 5))
-		break
-	}
-	eventually(t, 10*time.Second, "the upload", func() bool { return durableSeq(t, store, "m1") == 5 })
-	if strings.Contains(e.logs.String(), "another writer changed the manifest") {
+	a := dialAgent(t, e, s, "m1")
+	a.hello("m1", disk0)
+	store.armed.Store(true)
+	a.waitAck(a.batch(1, 5))
+	// The lost write landed; the server retries until a write of its
+	// own meets it.
+	eventually(t, 30*time.Second, "the retries past the outage", func() bool {
+		m := s.machine("m1")
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		return store.n.Load() > store.fail && m.savedDurable == 5
+	})
+	if strings.Contains(e.logs.String(), "another writer changed the manifest") || s.machine("m1").isFenced() {
 		t.Fatal("the server fenced itself over its own write")
+	}
+	a.waitAck(a.batch(6, 2))
+	eventually(t, 10*time.Second, "the next upload", func() bool { return durableSeq(t, store, "m1") == 7 })
+}
+
+// An empty list and none, as a manifest read back has it, are the same
+// journal: a claim must not take the one for a change of the other.
+func TestJournalOfEmptyLists(t *testing.T) {
+	if journalOf(&layout.Manifest{DurableSeq: 5, Gaps: []layout.Gap{}, Disks: []layout.Disk{}}) != journalOf(&layout.Manifest{DurableSeq: 5}) {
+		t.Fatal("empty gaps or disks differ from none")
+	}
+	if journalOf(&layout.Manifest{DurableSeq: 5}) == journalOf(&layout.Manifest{DurableSeq: 6}) {
+		t.Fatal("durable_seq not in the journal")
 	}
 }
 
@@ -357,8 +369,16 @@ func TestTakeoverMeetsOtherWriter(t *testing.T) {
 // A server fenced by a write that changed nothing of the journal (another
 // server's late record of its applier's progress, say) keeps its cache:
 // when the agent says hello to it again, its cached segments, which
-// continue the journal, are published, with no gap and no resync.
+// continue the journal, are published, with no gap and no resync. So too
+// after a restart in between: the fence record says what journal the
+// cache continues.
 func TestFencedServerKeepsCacheThatContinuesJournal(t *testing.T) {
+	for _, restart := range []bool{false, true} {
+		t.Run(fmt.Sprint("restart=", restart), func(t *testing.T) { keepsCache(t, restart) })
+	}
+}
+
+func keepsCache(t *testing.T, restart bool) {
 	cs := &conflicting{Store: mem.New()}
 	e := newEnv(t, cs, 1)
 	e.segAge = 20 * time.Millisecond
@@ -373,6 +393,14 @@ func TestFencedServerKeepsCacheThatContinuesJournal(t *testing.T) {
 	eventually(t, 10*time.Second, "fenced", func() bool { return strings.Contains(e.logs.String(), "another writer changed the manifest") })
 	if got := durableSeq(t, cs, "m1"); got != 5 {
 		t.Fatalf("durable_seq %d after the fenced write, want 5", got)
+	}
+	if restart {
+		a.conn.Close()
+		s.Close()
+		s = e.start()
+		if !s.machine("m1").isFenced() {
+			t.Fatal("restarted unfenced")
+		}
 	}
 
 	a2 := dialAgent(t, e, s, "m1")

@@ -200,10 +200,11 @@ func runOf(h string) wire.RunID {
 // how far it goes, its gaps and the disks' generations (not the
 // applier's progress nor recoverable_until).
 func journalOf(man *layout.Manifest) string {
+	// omitempty: an empty list and none (as read back) are the same.
 	b, err := json.Marshal(struct {
 		Durable uint64
-		Gaps    []layout.Gap
-		Disks   []layout.Disk
+		Gaps    []layout.Gap  `json:",omitempty"`
+		Disks   []layout.Disk `json:",omitempty"`
 	}{man.DurableSeq, man.Gaps, man.Disks})
 	if err != nil {
 		return ""
@@ -688,8 +689,7 @@ func (m *machine) claimOnce(ctx context.Context) error {
 	if err != nil {
 		return soft(err)
 	}
-	taken := fenced || etag != m.etag
-	if taken {
+	if fenced || etag != m.etag {
 		keep, drop := m.superseded(&man)
 		for _, e := range drop {
 			// Left in the cache, a restart would take it for a current
@@ -708,6 +708,21 @@ func (m *machine) claimOnce(ctx context.Context) error {
 		if len(drop) > 0 {
 			m.log.Warn("dropped cached segments another process server's journal superseded: any the agent had acknowledged is a gap its checksum resync mends",
 				logCount, len(drop), logGapFrom, man.DurableSeq+1)
+		}
+		if !fenced && m.s.applier != nil {
+			// Another writer since this server last wrote: its applier
+			// may have moved the replicas and points past this one's
+			// view. (A fenced machine's applier is stopped; it resumes
+			// below.) Whether or not the write below succeeds: the next
+			// claim finds the manifest as taken here.
+			if r, ok := m.s.applier.(interface {
+				Stop(string)
+				Resume(string)
+			}); ok {
+				r.Stop(m.name)
+				r.Resume(m.name)
+			}
+			m.s.applier.Notify(m.name, man.DurableSeq)
 		}
 	}
 	m.mu.Lock()
@@ -740,18 +755,6 @@ func (m *machine) claimOnce(ctx context.Context) error {
 		m.log.Warn("cannot delete the journal segments past durable_seq that another process server left; readers skip them", logErr, err)
 	}
 	if !fenced {
-		if taken && m.s.applier != nil {
-			// Another writer since this server last wrote: its applier
-			// may have moved the replicas and points past this one's view.
-			if r, ok := m.s.applier.(interface {
-				Stop(string)
-				Resume(string)
-			}); ok {
-				r.Stop(m.name)
-				r.Resume(m.name)
-			}
-			m.s.applier.Notify(m.name, durable)
-		}
 		return nil
 	}
 	m.mu.Lock()
