@@ -568,3 +568,60 @@ func TestColdClaimRestartsApplier(t *testing.T) {
 	c.waitAck(c.batch(6, 2))
 	eventually(t, 10*time.Second, "the upload of 6..7", func() bool { return durableSeq(t, store, "m1") == 7 })
 }
+
+// failingUploads fails the uploads of journal segments while armed.
+type failingUploads struct {
+	blobstore.Store
+	armed atomic.Bool
+}
+
+func (s *failingUploads) PutBlobIf(ctx context.Context, name string, data []byte, md blobstore.Metadata, match string) (string, error) {
+	if s.armed.Load() && strings.Contains(name, "/journal/") {
+		return "", errors.New("storage account unreachable")
+	}
+	return s.Store.PutBlobIf(ctx, name, data, md, match)
+}
+
+// An uploader waiting out its backoff after a failed upload parks as
+// soon as the machine is fenced: the hello that claims the machine back
+// waits for it, and must not wait out the backoff.
+func TestFencedUploaderLeavesBackoff(t *testing.T) {
+	old := uploadRetryMin
+	uploadRetryMin = time.Hour
+	t.Cleanup(func() { uploadRetryMin = old }) // after the server's Close
+	mstore := mem.New()
+	store := &failingUploads{Store: mstore}
+	e := newEnv(t, store, 1)
+	e.segAge = 20 * time.Millisecond
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	ack, _ := a.hello("m1", disk0)
+	a.waitAck(a.batch(1, 5))
+	eventually(t, 10*time.Second, "the upload of 1..5", func() bool { return durableSeq(t, store, "m1") == 5 })
+
+	store.armed.Store(true)
+	a.waitAck(a.batch(6, 5))
+	eventually(t, 10*time.Second, "the failed upload", func() bool { return strings.Contains(e.logs.String(), "upload failed; will retry") })
+	// Another writer, then this server's applier records its progress:
+	// fenced, while the uploader waits an hour.
+	ctx := context.Background()
+	raw, err := mstore.GetBlob(ctx, layout.ManifestName("m1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := mstore.PutBlob(ctx, layout.ManifestName("m1"), raw, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.UpdateManifest(ctx, "m1", func(man *layout.Manifest) { man.AppliedSeq = 5 }); err == nil || !s.machine("m1").isFenced() {
+		t.Fatalf("UpdateManifest over another writer's manifest: %v, fenced %v", err, s.machine("m1").isFenced())
+	}
+	store.armed.Store(false)
+	a.conn.Close()
+
+	b := dialAgent(t, e, s, "m1")
+	ackB, _ := b.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ack.Disks[0].Generation, LastAckedSeq: 10})
+	if d := ackB.Disks[0]; d.Action != wire.SyncResume || d.ResumeFrom != 11 {
+		t.Fatalf("answered %+v, want a resume from 11 (the cache continues the journal)", d)
+	}
+	eventually(t, 10*time.Second, "the cached 6..10 published", func() bool { return durableSeq(t, store, "m1") == 10 })
+}

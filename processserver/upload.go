@@ -18,7 +18,8 @@ import (
 	"github.com/lifeboat-dr/lifeboat/processserver/cache"
 )
 
-const (
+// Backoff of the uploader after a failed step (variables for the tests).
+var (
 	uploadRetryMin = 500 * time.Millisecond
 	uploadRetryMax = 30 * time.Second
 )
@@ -78,9 +79,7 @@ func (m *machine) uploadLoop(ctx context.Context) {
 				} else {
 					m.log.Error("upload failed; will retry, the cache keeps the data", logErr, err, logWait, wait)
 				}
-				select {
-				case <-time.After(wait):
-				case <-ctx.Done():
+				if !m.backoff(ctx, wait) {
 					return
 				}
 				wait = min(2*wait, uploadRetryMax)
@@ -95,6 +94,26 @@ func (m *machine) uploadLoop(ctx context.Context) {
 		case <-m.wake:
 		case <-ctx.Done():
 			return
+		}
+	}
+}
+
+// backoff waits d after a failed step, or less once the machine is fenced
+// (a claim waits for the uploader to park). It reports false once ctx is
+// done. A kick taken meanwhile is not lost: the next step sees its work.
+func (m *machine) backoff(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+			return true
+		case <-m.wake:
+			if m.isFenced() {
+				return true
+			}
+		case <-ctx.Done():
+			return false
 		}
 	}
 }
