@@ -43,12 +43,7 @@ func fencedAgainstAnother(t *testing.T, undeletable bool) {
 	eA.cacheFS = ffs
 	eB := *eA // same PKI, recovery key and account; its own cache and logs
 	eB.cache, eB.logs, eB.name = []string{t.TempDir()}, &logBuf{}, "ps2"
-	sA := eA.start()
-
-	a1 := dialAgent(t, eA, sA, "m1")
-	ackA, _ := a1.hello("m1", disk0)
-	a1.waitAck(a1.batch(1, 5))
-	eventually(t, 10*time.Second, "A's upload", func() bool { return durableSeq(t, store, "m1") == 5 })
+	sA, a1, ackA := eA.serveFirst()
 
 	// B: the agent comes back without its generation (say it was
 	// reinstalled): a full sync, recorded in the manifest.
@@ -210,11 +205,7 @@ func TestFencedServerRestartsDormant(t *testing.T) {
 	eA.segAge = 20 * time.Millisecond
 	eB := *eA
 	eB.store, eB.cache, eB.logs, eB.name = store, []string{t.TempDir()}, &logBuf{}, "ps2"
-	sA := eA.start()
-	a1 := dialAgent(t, eA, sA, "m1")
-	ack, _ := a1.hello("m1", disk0)
-	a1.waitAck(a1.batch(1, 5))
-	eventually(t, 10*time.Second, "A's upload", func() bool { return durableSeq(t, store, "m1") == 5 })
+	sA, a1, ack := eA.serveFirst()
 
 	// The agent moves to B, which takes over with its next write.
 	link.armed.Store(true) // A's manifest writes wait; its upload of 11.. never lands
@@ -317,11 +308,7 @@ func TestTakeoverMeetsOtherWriter(t *testing.T) {
 			store := mem.New()
 			e1 := newEnv(t, store, 1)
 			e1.segAge = 20 * time.Millisecond
-			s1 := e1.start()
-			a := dialAgent(t, e1, s1, "m1")
-			ack, _ := a.hello("m1", disk0)
-			a.waitAck(a.batch(1, 5))
-			eventually(t, 10*time.Second, "PS1's upload", func() bool { return durableSeq(t, store, "m1") == 5 })
+			_, a, ack := e1.serveFirst()
 
 			cs := &conflicting{Store: store}
 			cs.arm(conflicts)
@@ -382,11 +369,7 @@ func keepsCache(t *testing.T, restart bool) {
 	cs := &conflicting{Store: mem.New()}
 	e := newEnv(t, cs, 1)
 	e.segAge = 20 * time.Millisecond
-	s := e.start()
-	a := dialAgent(t, e, s, "m1")
-	ack, _ := a.hello("m1", disk0)
-	a.waitAck(a.batch(1, 5))
-	eventually(t, 10*time.Second, "the upload of 1..5", func() bool { return durableSeq(t, cs, "m1") == 5 })
+	s, a, ack := e.serveFirst()
 
 	cs.arm(1)
 	a.waitAck(a.batch(6, 5))
@@ -529,11 +512,7 @@ func TestColdClaimRestartsApplier(t *testing.T) {
 	e.segAge = 20 * time.Millisecond
 	ra := &restartingApplier{fakeApplier: fakeApplier{upTo: map[string]uint64{}}}
 	e.applier = func(*Server) (Applier, error) { return ra, nil }
-	s := e.start()
-	a := dialAgent(t, e, s, "m1")
-	ack, _ := a.hello("m1", disk0)
-	a.waitAck(a.batch(1, 5))
-	eventually(t, 10*time.Second, "the upload of 1..5", func() bool { return durableSeq(t, store, "m1") == 5 })
+	s, a, ack := e.serveFirst()
 	s.Applied("m1", 5)
 	eventually(t, 10*time.Second, "nothing outside the journal", func() bool {
 		m := s.machine("m1")
@@ -593,11 +572,7 @@ func TestFencedUploaderLeavesBackoff(t *testing.T) {
 	store := &failingUploads{Store: mstore}
 	e := newEnv(t, store, 1)
 	e.segAge = 20 * time.Millisecond
-	s := e.start()
-	a := dialAgent(t, e, s, "m1")
-	ack, _ := a.hello("m1", disk0)
-	a.waitAck(a.batch(1, 5))
-	eventually(t, 10*time.Second, "the upload of 1..5", func() bool { return durableSeq(t, store, "m1") == 5 })
+	s, a, ack := e.serveFirst()
 
 	store.armed.Store(true)
 	a.waitAck(a.batch(6, 5))

@@ -175,6 +175,18 @@ func (e *env) start() *Server {
 	return s
 }
 
+// serveFirst starts e's process server, has an agent of m1 send it
+// records 1..5 and waits for the journal to hold them.
+func (e *env) serveFirst() (*Server, *agent, wire.HelloAck) {
+	e.t.Helper()
+	s := e.start()
+	a := dialAgent(e.t, e, s, "m1")
+	ack, _ := a.hello("m1", disk0)
+	a.waitAck(a.batch(1, 5))
+	eventually(e.t, 10*time.Second, "the upload of 1..5", func() bool { return durableSeq(e.t, e.store, "m1") == 5 })
+	return s, a, ack
+}
+
 type testWriter struct{ t *testing.T }
 
 func (w testWriter) Write(p []byte) (int, error) {

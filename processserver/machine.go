@@ -565,9 +565,17 @@ func (m *machine) fence(err error) {
 	}
 	m.kick() // the uploader stops
 	// The replicas and points are the other server's now too.
-	if st, ok := m.s.applier.(interface{ Stop(machine string) }); ok {
-		st.Stop(m.name)
+	if l, ok := m.s.applier.(applierLoops); ok {
+		l.Stop(m.name)
 	}
+}
+
+// applierLoops is an Applier whose applying of a machine can stop (the
+// machine fenced) and resume from the account's state (claimed back):
+// ManagedApplier's.
+type applierLoops interface {
+	Stop(machine string)
+	Resume(machine string)
 }
 
 // isFenced reports whether fence stopped serving the machine.
@@ -715,12 +723,9 @@ func (m *machine) claimOnce(ctx context.Context) error {
 			// view. (A fenced machine's applier is stopped; it resumes
 			// below.) Whether or not the write below succeeds: the next
 			// claim finds the manifest as taken here.
-			if r, ok := m.s.applier.(interface {
-				Stop(string)
-				Resume(string)
-			}); ok {
-				r.Stop(m.name)
-				r.Resume(m.name)
+			if l, ok := m.s.applier.(applierLoops); ok {
+				l.Stop(m.name)
+				l.Resume(m.name)
 			}
 			m.s.applier.Notify(m.name, man.DurableSeq)
 		}
@@ -769,8 +774,8 @@ func (m *machine) claimOnce(ctx context.Context) error {
 	m.log.Warn("the agent said hello here again: this process server serves the machine again, from the manifest the account holds", "durable_seq", up)
 	m.kick()
 	if m.s.applier != nil {
-		if r, ok := m.s.applier.(interface{ Resume(machine string) }); ok {
-			r.Resume(m.name)
+		if l, ok := m.s.applier.(applierLoops); ok {
+			l.Resume(m.name)
 		}
 		m.s.applier.Notify(m.name, up)
 	}

@@ -104,12 +104,9 @@ func newHandover(t *testing.T, gated ...uint64) *handover {
 	h.ps1.segAge = 20 * time.Millisecond
 	h.ps2 = *h.ps1
 	h.ps2.store, h.ps2.cache, h.ps2.logs, h.ps2.name = store, []string{t.TempDir()}, &logBuf{}, "ps2"
-	h.s1 = h.ps1.start()
-	h.a1 = dialAgent(t, h.ps1, h.s1, "m1")
-	ack, _ := h.a1.hello("m1", disk0)
+	var ack wire.HelloAck
+	h.s1, h.a1, ack = h.ps1.serveFirst()
 	h.gen = ack.Disks[0].Generation
-	h.a1.waitAck(h.a1.batch(1, 5))
-	eventually(t, 10*time.Second, "PS1's upload of 1..5", func() bool { return durableSeq(t, store, "m1") == 5 })
 	link.armed.Store(true)
 	return h
 }
@@ -437,11 +434,7 @@ func TestResendInsideOpenGapNotTaken(t *testing.T) {
 	store := mem.New()
 	eA := newEnv(t, store, 1)
 	eA.segAge = 20 * time.Millisecond
-	sA := eA.start()
-	a1 := dialAgent(t, eA, sA, "m1")
-	ackA, _ := a1.hello("m1", disk0)
-	a1.waitAck(a1.batch(1, 5))
-	eventually(t, 10*time.Second, "upload of 1..5", func() bool { return durableSeq(t, store, "m1") == 5 })
+	sA, a1, ackA := eA.serveFirst()
 	// segmentLost's first step for a lost cached 6..10; then the crash.
 	if err := sA.machine("m1").openGap(context.Background(), 6, 10); err != nil {
 		t.Fatal(err)
@@ -485,11 +478,7 @@ func TestIdleResyncPastAgentAheadGap(t *testing.T) {
 	e.segAge = 20 * time.Millisecond
 	fa := &fakeApplier{upTo: map[string]uint64{}}
 	e.applier = func(*Server) (Applier, error) { return fa, nil }
-	s := e.start()
-	a := dialAgent(t, e, s, "m1")
-	ack, _ := a.hello("m1", disk0)
-	a.waitAck(a.batch(1, 5))
-	eventually(t, 10*time.Second, "upload of 1..5", func() bool { return durableSeq(t, store, "m1") == 5 })
+	s, a, ack := e.serveFirst()
 	a.conn.Close()
 
 	b := dialAgent(t, e, s, "m1")

@@ -122,14 +122,20 @@ func (m *machine) backoff(ctx context.Context, d time.Duration) bool {
 // machine is fenced, and what they did is done again, or not, once a
 // claim has settled which cached segments still count.
 func (m *machine) endUploads() {
+	m.awaitUploads()
+	m.mu.Lock()
+	m.ups = nil
+	m.mu.Unlock()
+}
+
+// awaitUploads waits until every upload under way has ended (uploader
+// only).
+func (m *machine) awaitUploads() {
 	for _, u := range m.ups { // the uploader's own: no lock
 		for !u.done {
 			(<-m.upDone).done = true
 		}
 	}
-	m.mu.Lock()
-	m.ups = nil
-	m.mu.Unlock()
 }
 
 // upload is one segment's upload, from its start to its publication.
@@ -300,11 +306,7 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 	if failed != nil {
 		// Those that fail with it (an outage) are retried with it, after
 		// one backoff, not one backoff each in turn.
-		for _, u := range m.ups { // the uploader's own: no lock
-			for !u.done {
-				(<-m.upDone).done = true
-			}
-		}
+		m.awaitUploads()
 		m.mu.Lock()
 		m.ups = slices.DeleteFunc(m.ups, func(u *upload) bool { return u.err != nil })
 		m.mu.Unlock()
