@@ -600,3 +600,58 @@ func TestFencedUploaderLeavesBackoff(t *testing.T) {
 	}
 	eventually(t, 10*time.Second, "the cached 6..10 published", func() bool { return durableSeq(t, store, "m1") == 10 })
 }
+
+// vanishingRival creates the manifest just before this server's first,
+// create-only, write of it (another server got there first), once.
+type vanishingRival struct {
+	manifestWrites
+	done atomic.Bool
+}
+
+func (s *vanishingRival) PutBlobIf(ctx context.Context, name string, data []byte, md blobstore.Metadata, match string) (string, error) {
+	if strings.HasSuffix(name, "manifest.json") && match == "" && !s.done.Swap(true) {
+		rival := layout.Manifest{Version: layout.ManifestVersion, Machine: "m1", JournalFrom: 1, Owner: "ps2"}
+		raw, err := layout.MarshalManifest(&rival)
+		if err != nil {
+			return "", err
+		}
+		if err := s.Store.PutBlob(ctx, name, raw, nil); err != nil {
+			return "", err
+		}
+	}
+	return s.manifestWrites.PutBlobIf(ctx, name, data, md, match)
+}
+
+// A server fenced before it had a data key, whose rival's manifest is
+// gone by the agent's next hello, takes the machine back without writing
+// an unsealed manifest: next to the key it stored before it was fenced,
+// one would look stripped of its seal, and a crash before the sealed
+// write would stop the machine for good.
+func TestFencedNewMachineClaimWritesSealed(t *testing.T) {
+	store := &vanishingRival{manifestWrites: manifestWrites{Store: mem.New()}}
+	e := newEnv(t, store, 1)
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	if err := a.w.WriteHello(&wire.Hello{ProtocolVersion: 2, Machine: "m1", Disks: []wire.DiskState{disk0}}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "the fence", func() bool { return strings.Contains(e.logs.String(), "another writer changed the manifest") })
+	if err := store.Store.DeleteBlob(e.ctx, layout.ManifestName("m1")); err != nil {
+		t.Fatal(err)
+	}
+	b := dialAgent(t, e, s, "m1")
+	b.hello("m1", disk0)
+	b.waitAck(b.batch(1, 5))
+	eventually(t, 10*time.Second, "the upload of 1..5", func() bool { return durableSeq(t, e.store, "m1") == 5 })
+	store.mu.Lock()
+	defer store.mu.Unlock()
+	for i, raw := range store.writes {
+		man, err := layout.UnmarshalManifest(raw)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if man.Seal == "" || man.KeyID == "" {
+			t.Errorf("manifest write %d of %d unsealed (key %q, owner %q)", i+1, len(store.writes), man.KeyID, man.Owner)
+		}
+	}
+}

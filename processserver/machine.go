@@ -734,33 +734,37 @@ func (m *machine) claimOnce(ctx context.Context) error {
 	m.man.Owner = m.s.cfg.Name
 	newMachine := m.man.KeyID == ""
 	m.mu.Unlock()
-	if newMachine && !fenced {
+	if newMachine {
 		// ensureKey writes the first manifest, sealed, on the condition
-		// that there is none yet, owner and all: one written unsealed here
-		// would, next to a key stored before a crash, look stripped of
-		// its seal.
-		return nil
-	}
-	if err := m.putManifest(ctx); err != nil {
-		if errors.Is(err, blobstore.ErrConflict) {
-			return err
+		// that there is none yet (or the keyless one read here), owner and
+		// all: one written unsealed here would, next to a key stored before
+		// a crash, look stripped of its seal. No journal can exist without
+		// a sealed manifest naming its key.
+		if !fenced {
+			return nil
 		}
-		return soft(err)
-	}
-	if man.Owner != "" && man.Owner != m.s.cfg.Name {
-		m.log.Warn("machine taken over from another process server at its agent's hello", "from", man.Owner)
-	}
-	// The machine is this server's now: the other's writes of the
-	// manifest fail. Segments it uploaded past durable_seq were never
-	// published, and the journal goes on from there without them.
-	m.mu.Lock()
-	durable := m.man.DurableSeq
-	m.mu.Unlock()
-	if err := m.dropForeignSegments(ctx, durable, durable+claimScan); err != nil {
-		m.log.Warn("cannot delete the journal segments past durable_seq that another process server left; readers skip them", logErr, err)
-	}
-	if !fenced {
-		return nil
+	} else {
+		if err := m.putManifest(ctx); err != nil {
+			if errors.Is(err, blobstore.ErrConflict) {
+				return err
+			}
+			return soft(err)
+		}
+		if man.Owner != "" && man.Owner != m.s.cfg.Name {
+			m.log.Warn("machine taken over from another process server at its agent's hello", "from", man.Owner)
+		}
+		// The machine is this server's now: the other's writes of the
+		// manifest fail. Segments it uploaded past durable_seq were never
+		// published, and the journal goes on from there without them.
+		m.mu.Lock()
+		durable := m.man.DurableSeq
+		m.mu.Unlock()
+		if err := m.dropForeignSegments(ctx, durable, durable+claimScan); err != nil {
+			m.log.Warn("cannot delete the journal segments past durable_seq that another process server left; readers skip them", logErr, err)
+		}
+		if !fenced {
+			return nil
+		}
 	}
 	m.mu.Lock()
 	m.fenced = false
