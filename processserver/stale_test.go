@@ -379,6 +379,75 @@ func (s *takenName) PutBlobIf(ctx context.Context, name string, data []byte, md 
 	return "", errors.New("reply lost")
 }
 
+// takenAgain: a segment name found taken by another server's upload,
+// and, just as this server replaces it, the machine is taken over: the
+// new owner writes the manifest and uploads its own segment there.
+type takenAgain struct {
+	blobstore.Store
+	step  atomic.Int32
+	their []byte // the new owner's segment
+}
+
+func (s *takenAgain) PutBlobIf(ctx context.Context, name string, data []byte, md blobstore.Metadata, match string) (string, error) {
+	if err := s.before(ctx, name, md); err != nil {
+		return "", err
+	}
+	return s.Store.PutBlobIf(ctx, name, data, md, match)
+}
+
+func (s *takenAgain) PutBlob(ctx context.Context, name string, data []byte, md blobstore.Metadata) error {
+	if err := s.before(ctx, name, md); err != nil {
+		return err
+	}
+	return s.Store.PutBlob(ctx, name, data, md)
+}
+
+// before plays the other servers before this one's upload of name.
+func (s *takenAgain) before(ctx context.Context, name string, md blobstore.Metadata) error {
+	if !strings.Contains(name, "/journal/") {
+		return nil
+	}
+	switch s.step.Add(1) {
+	case 1:
+		return s.Store.PutBlob(ctx, name, []byte("another server's segment"), md)
+	case 2:
+		man, err := s.Store.GetBlob(ctx, layout.ManifestName("m1"))
+		if err != nil {
+			return err
+		}
+		if err := s.Store.PutBlob(ctx, layout.ManifestName("m1"), man, nil); err != nil {
+			return err
+		}
+		return s.Store.PutBlob(ctx, name, s.their, md)
+	}
+	return nil
+}
+
+// A segment replaced only while the blob is as found: the new owner's
+// upload, landed between this server's manifest write and its
+// replacement, stays, and this server is fenced at its next manifest
+// write.
+func TestSegmentReplacedOnlyAsFound(t *testing.T) {
+	store := &takenAgain{Store: mem.New(), their: []byte("the new owner's segment")}
+	e := newEnv(t, store, 1)
+	e.segAge = 20 * time.Millisecond
+	a := dialAgent(t, e, e.start(), "m1")
+	a.hello("m1", disk0)
+	a.waitAck(a.batch(1, 5))
+	eventually(t, 20*time.Second, "the fence", func() bool { return strings.Contains(e.logs.String(), "another writer changed the manifest") })
+	infos, err := store.ListBlobs(e.ctx, layout.JournalPrefix("m1"))
+	if err != nil || len(infos) != 1 {
+		t.Fatalf("journal: %v, %v; want the one segment", infos, err)
+	}
+	got, err := store.GetBlob(e.ctx, infos[0].Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, store.their) {
+		t.Fatalf("the new owner's segment %s was overwritten", infos[0].Name)
+	}
+}
+
 // batchBlocks is disk0's first n blocks after records first..last, sent
 // in batches of agent.batch starting at starts.
 func batchBlocks(n int, starts ...[2]uint64) []byte {

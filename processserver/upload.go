@@ -573,24 +573,38 @@ func (m *machine) uploadOne(ctx context.Context, u *upload) {
 // the machine too (its agent re-pointed): then this one replaces it only
 // once a write of the manifest shows the machine is still its own, and a
 // server the other took the machine from is fenced there instead of
-// writing over the other's journal.
+// writing over the other's journal. The replacement is conditional on
+// the blob found: one uploaded since (by a server that took the machine
+// meanwhile) is not overwritten.
 func (m *machine) putSegment(ctx context.Context, name string, sealed []byte, md blobstore.Metadata) error {
 	_, err := m.s.store.PutBlobIf(ctx, name, sealed, md, "")
 	if !errors.Is(err, blobstore.ErrConflict) {
 		return err
 	}
-	got, err := m.s.store.GetBlob(ctx, name)
+	got, etag, err := blobstore.ReadBack(ctx, m.s.store, name)
 	if err == nil && bytes.Equal(got, sealed) {
 		return nil
 	}
 	if err != nil && !blobstore.IsPermanent(err) && !errors.Is(err, blobstore.ErrCorrupt) {
 		return err // an outage: try again later (a damaged blob is replaced)
 	}
+	if etag == "" {
+		// Unreadable: damaged, or gone since. Its ETag, read alone, is
+		// still no newer than whatever made it so.
+		info, err := m.s.store.Stat(ctx, name)
+		if err != nil {
+			return fmt.Errorf("journal segment %s found taken, then unreadable: %w", name, err)
+		}
+		etag = info.ETag
+	}
 	if err := m.writeManifest(ctx); err != nil {
 		return err
 	}
 	m.log.Warn("replacing a journal segment another process server uploaded under the same name (it served this machine too)", logBlob, name)
-	return m.s.store.PutBlob(ctx, name, sealed, md)
+	if _, err := m.s.store.PutBlobIf(ctx, name, sealed, md, etag); err != nil {
+		return fmt.Errorf("replace journal segment %s: %w", name, err)
+	}
+	return nil
 }
 
 // dropApplied deletes uploaded segments the applier has applied (all
