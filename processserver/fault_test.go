@@ -30,6 +30,7 @@ type faultFS struct {
 	failReads  atomic.Bool            // reads of shard files fail with EIO
 	freePct    atomic.Int64           // 0: real statfs
 	failStatfs atomic.Pointer[string] // statfs of this directory fails with EIO
+	failFence  atomic.Bool            // fence records cannot be written
 }
 
 func (f *faultFS) ReadFile(name string) ([]byte, error) {
@@ -59,6 +60,9 @@ func (f faultFile) Sync() error {
 }
 
 func (f *faultFS) OpenFile(name string, flag int, perm fs.FileMode) (cache.File, error) {
+	if f.failFence.Load() && strings.Contains(filepath.Base(name), ".fenced-") {
+		return nil, &fs.PathError{Op: "open", Path: name, Err: syscall.EIO}
+	}
 	file, err := f.OSFS.OpenFile(name, flag, perm)
 	if err != nil {
 		return nil, err

@@ -655,3 +655,61 @@ func TestFencedNewMachineClaimWritesSealed(t *testing.T) {
 		}
 	}
 }
+
+// A claim whose fence record cannot be cleared fails, and the agent keeps
+// what it has not had acknowledged: served with the record left "on", a
+// restart took what the server acknowledged since for a superseded
+// history and dropped it (a gap, and a resync).
+func TestClaimClearsFenceRecord(t *testing.T) {
+	up := &failingUploads{Store: mem.New()}
+	cs := &conflicting{Store: up}
+	e := newEnv(t, cs, 1)
+	e.segAge = 20 * time.Millisecond
+	ffs := &faultFS{}
+	e.cacheFS = ffs
+	s, a, ack := e.serveFirst()
+	cs.arm(1)
+	a.waitAck(a.batch(6, 5))
+	eventually(t, 10*time.Second, "fenced", func() bool { return strings.Contains(e.logs.String(), "another writer changed the manifest") })
+
+	back := func(acked uint64) wire.DiskState {
+		return wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ack.Disks[0].Generation, LastAckedSeq: acked}
+	}
+	ffs.failFence.Store(true)
+	a2 := dialAgent(t, e, s, "m1")
+	if err := a2.w.WriteHello(&wire.Hello{ProtocolVersion: 2, Machine: "m1", Disks: []wire.DiskState{back(10)}}); err != nil {
+		t.Fatal(err)
+	}
+	if f := a2.next(30 * time.Second); f.typ != wire.TypeError {
+		t.Fatalf("hello while the fence record cannot be cleared: got %s %v, want an error", f.typ, f.err)
+	}
+	if !s.machine("m1").isFenced() {
+		t.Fatal("served with the fence record left on")
+	}
+	ffs.failFence.Store(false)
+
+	a3 := dialAgent(t, e, s, "m1")
+	if ack3, _ := a3.hello("m1", back(10)); ack3.Disks[0].Action != wire.SyncResume || ack3.Disks[0].ResumeFrom != 11 {
+		t.Fatalf("answered %+v, want a resume from 11", ack3.Disks[0])
+	}
+	eventually(t, 10*time.Second, "the cached 6..10 published", func() bool { return durableSeq(t, cs, "m1") == 10 })
+	up.armed.Store(true) // 11..15 stay in the cache only
+	a3.waitAck(a3.batch(11, 5))
+	a3.conn.Close()
+	s.Close()
+	up.armed.Store(false)
+	s = e.start()
+
+	a4 := dialAgent(t, e, s, "m1")
+	if ack4, _ := a4.hello("m1", back(15)); ack4.Disks[0].Action != wire.SyncResume || ack4.Disks[0].ResumeFrom != 16 {
+		t.Fatalf("after a restart, answered %+v, want a resume from 16 (the acknowledged 11..15 kept)", ack4.Disks[0])
+	}
+	eventually(t, 10*time.Second, "the cached 11..15 published", func() bool { return durableSeq(t, cs, "m1") == 15 })
+	img, err := recoverBlocks(t, cs, e.rk, "15", 16)
+	if err != nil {
+		t.Fatalf("recover 15: %v", err)
+	}
+	if want := batchBlocks(16, [2]uint64{1, 5}, [2]uint64{6, 10}, [2]uint64{11, 15}); !bytes.Equal(img, want) {
+		t.Fatal("recover 15 differs from the records the agent sent")
+	}
+}

@@ -766,15 +766,20 @@ func (m *machine) claimOnce(ctx context.Context) error {
 			return nil
 		}
 	}
+	if m.s.cache != nil {
+		// Left "on", the record would have a restart take what this
+		// server acknowledges from now on for a superseded history, and
+		// drop it: until it clears, the machine is not served here.
+		if err := m.s.cache.SetFenced(m.name, false, nil); err != nil {
+			err = fmt.Errorf("cannot clear the record, in the cache, that another process server serves %s (the cache disks failing?): this process server takes the machine back once it can: %w", m.name, err)
+			m.log.Error("claim refused", logErr, err)
+			return err
+		}
+	}
 	m.mu.Lock()
 	m.fenced = false
 	up := m.uploaded
 	m.mu.Unlock()
-	if m.s.cache != nil {
-		if err := m.s.cache.SetFenced(m.name, false, nil); err != nil {
-			m.log.Warn("cannot clear the record that another process server serves this machine; a restart would wait for a hello again", logErr, err)
-		}
-	}
 	m.log.Warn("the agent said hello here again: this process server serves the machine again, from the manifest the account holds", "durable_seq", up)
 	m.kick()
 	if m.s.applier != nil {
