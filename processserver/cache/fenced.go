@@ -31,7 +31,14 @@ func (c *Cache) SetFenced(stream string, on bool, note []byte) error {
 	}
 	rec := append(fmt.Appendf(nil, "%s %s %d\n", fenceMagic, state, time.Now().UnixNano()), note...)
 	var errs []error
-	for _, d := range c.dirs {
+	for i, d := range c.dirs {
+		if err := c.checkMountedNow(i); err != nil {
+			// Below the mount point, the record would be hidden once the
+			// disk is back, and an older one there would decide. (Checked
+			// without checkMounted's grace: records are few.)
+			errs = append(errs, err)
+			continue
+		}
 		name := filepath.Join(d, fencedPrefix+stream)
 		f, err := c.fs.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o640)
 		if err == nil {

@@ -437,3 +437,27 @@ func TestSharedDiskWarned(t *testing.T) {
 		}
 	}
 }
+
+// A fence record is not written below an unmounted disk's mount point:
+// hidden once the disk is back, it would leave the older record on the
+// disk to decide.
+func TestFenceRecordNotBelowUnmountedDisk(t *testing.T) {
+	dirs, backing := threeDirsOneMounted(t)
+	c := open(t, dirs, Options{})
+	if err := c.SetFenced("m", true, []byte("j1")); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Unmount(dirs[1], unix.MNT_DETACH); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SetFenced("m", false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if ents, err := os.ReadDir(dirs[1]); err != nil || len(ents) != 0 {
+		t.Fatalf("the directory below the mount point holds %v (%v)", ents, err)
+	}
+	bindDisk(t, backing, dirs[1])
+	if _, on := c.Fenced("m"); on {
+		t.Fatal("fenced again once the disk is back")
+	}
+}
