@@ -678,13 +678,19 @@ const unreportedLag = staleAfter + sweepInterval + capture.ClockLag
 // completionTracked reports whether some writes are handed over only once
 // their completion is seen, and so may wait for the sweep: those of
 // metadata-mode devices, of a data-mode device that overflowed into its
-// bitmap lately, and writes to a whole disk over protected partitions
-// made lately (read back from the partitions once they complete).
+// bitmap lately, writes to a whole disk over protected partitions made
+// lately (read back from the partitions once they complete), and any such
+// write still tracked (one queued while a drain parked its device).
 func (e *Engine) completionTracked(now time.Time) bool {
 	for i, s := range e.srcs {
 		if s.Mode == capture.ModeMetadata || e.cap.Overflowed(i) {
 			return true
 		}
+	}
+	if e.cap.CompletionPending() {
+		// Its entry outlives its unreported completion by at most the
+		// sweep's age and period: dating back by unreportedLag suffices.
+		return true
 	}
 	if n, err := e.cap.DiskWrites(); err != nil || n != e.diskWrites {
 		e.diskWrites, e.lastDiskWrite = n, now

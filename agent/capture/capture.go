@@ -867,6 +867,21 @@ func (c *Capture) slot(i int) (*uint64, *captureLbPending) {
 	return &b.Tag[i%pendWays], &b.P[i%pendWays]
 }
 
+// CompletionPending reports whether the pending table holds a write that
+// is handed over only once its completion is seen (read back then): any
+// tracked write but a ring-captured one. One whose completion the kernel
+// does not report stays there until SweepStale finds it. The entries are
+// read unclaimed: a hint, as in sweep.
+func (c *Capture) CompletionPending() bool {
+	for i := range pendSlots {
+		t, p := c.slot(i)
+		if tag := atomic.LoadUint64(t); tag != tagFree && tag != tagBusy && p.Kind != kindRing {
+			return true
+		}
+	}
+	return false
+}
+
 // freeAbandonedSlots frees the pending slots left busy by an agent that
 // stopped in the middle of a sweep. A program holds a slot busy for a few
 // instructions only: a slot still busy after abandonedAfter was left.
