@@ -231,8 +231,10 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 	if err != nil {
 		// Dial adopts nothing unless it succeeds: the last stop's
 		// cleanness still holds (a stop during Dial's retries must not
-		// cost the next run a checksum resync).
-		if prev.anyClean() {
+		// cost the next run a checksum resync), unless it saved new
+		// generations it could not see through (their replicas would be
+		// taken for synced).
+		if prev.anyClean() && !errors.Is(err, stream.ErrStateUnsettled) {
 			if serr := saveJSON(statePath, prev); serr != nil {
 				log.Warn("could not restore the state of the last clean stop", "err", serr)
 			}

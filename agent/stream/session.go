@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
@@ -260,9 +261,14 @@ func (t *Target) agree(s *session, a *wire.HelloAck, initial bool) ([]wire.DiskA
 		t.gens[i] = da.Generation
 	}
 	if err := t.persist(t.snapshotLocked()); err != nil {
+		changed := !slices.Equal(oldGens, t.gens)
 		copy(t.gens, oldGens)
 		t.lease = oldLease
 		t.mu.Unlock()
+		if changed && errors.Is(err, errNotDurable) {
+			// The file holds the new generations all the same.
+			err = fmt.Errorf("%w: %w", ErrStateUnsettled, err)
+		}
 		return nil, err
 	}
 	// Handled (or ours): the next reconnect judges only what comes after.

@@ -76,8 +76,23 @@ func formatGeneration(g wire.Generation) string {
 	return g.String()
 }
 
+// errNotDurable wraps a writeFileSync failure past its rename: the new
+// content is in place, but a crash may bring the old one back.
+var errNotDurable = errors.New("replaced, but its directory could not be synced")
+
+// syncDir fsyncs directory dir (a variable for tests).
+var syncDir = func(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
 // writeFileSync replaces path atomically and durably: temp file, fsync,
-// rename, fsync of the directory.
+// rename, fsync of the directory. A failure of the last step is
+// errNotDurable.
 func writeFileSync(path string, b []byte) error {
 	tmp := path + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
@@ -98,10 +113,8 @@ func writeFileSync(path string, b []byte) error {
 	if err := os.Rename(tmp, path); err != nil {
 		return err
 	}
-	d, err := os.Open(filepath.Dir(path))
-	if err != nil {
-		return err
+	if err := syncDir(filepath.Dir(path)); err != nil {
+		return fmt.Errorf("%s %w: %w", path, errNotDurable, err)
 	}
-	defer d.Close()
-	return d.Sync()
+	return nil
 }

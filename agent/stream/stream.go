@@ -87,6 +87,12 @@ const (
 // ErrClosed is returned by calls on a closed Target.
 var ErrClosed = errors.New("stream: target closed")
 
+// ErrStateUnsettled: Dial failed after saving generations the process
+// server had just started (replicas it asked to sync), which a crash may
+// or may not undo. The saved state no longer matches the last clean
+// stop's: what the agent took for clean must be compared again.
+var ErrStateUnsettled = errors.New("stream: the saved replica generations changed without their sync")
+
 // Disk is one disk of the machine, in the order the engine numbers them.
 type Disk struct {
 	Name string // stable name, unique within the machine (e.g. "sdb")

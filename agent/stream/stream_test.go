@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -1041,5 +1042,29 @@ func TestCloseWithStalledProcessServer(t *testing.T) {
 	case <-done:
 	case <-time.After(5 * time.Second):
 		t.Fatal("Close still waiting 5 s after it was called, with the sender stuck on a stalled process server")
+	}
+}
+
+// A Dial whose save of the generations the process server just started
+// (a replica it lost, to be synced in full) fails past the rename, so
+// that the file may hold them, says so: the last stop's cleanness must
+// not be taken for the new replica's. A save that changed no generation
+// fails plainly.
+func TestDialUnsettledSave(t *testing.T) {
+	srv := streamtest.New(t)
+	cfg := config(t, srv, t.TempDir(), 1<<20)
+	tg := dial(t, cfg)
+	if err := tg.Close(); err != nil {
+		t.Fatal(err)
+	}
+	defer stream.SetSyncDir(func(string) error { return syscall.EIO })()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := stream.Dial(ctx, cfg); err == nil || errors.Is(err, stream.ErrStateUnsettled) {
+		t.Fatalf("Dial with the same generations and a failing directory sync: %v, want a plain error", err)
+	}
+	srv.Forget("d0")
+	if _, err := stream.Dial(ctx, cfg); !errors.Is(err, stream.ErrStateUnsettled) {
+		t.Fatalf("Dial saving a new generation with a failing directory sync: %v, want ErrStateUnsettled", err)
 	}
 }
