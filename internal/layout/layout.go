@@ -36,6 +36,10 @@ const (
 	MetaKind       = "kind"       // recovery point kind: crash | app
 	MetaPoint      = "point"      // id shared by the snapshots of all disks of one point
 	MetaAppliedSeq = "applied_seq"
+	// MetaPointAnchor: on a replica page blob, unix nanos of the marker
+	// the applier times the next crash-consistent point from while the
+	// machine has no recorded point (0: none yet), as of applied_seq.
+	MetaPointAnchor = "point_anchor"
 	MetaGeneration = "generation"
 	MetaKeyFP      = "fingerprint" // recovery key fingerprint (seal.Fingerprint) on wrapped keys
 	// MetaCut: when the applier cut a recovery point, RFC 3339 nano, UTC,

@@ -243,6 +243,9 @@ type disk struct {
 	// so that the records before it still go to the old replica.
 	next []layout.Generation
 	ops  []pendingOp // queued records, in sequence order
+	// anchor: the machine's pointTime as of applied, from the blob's
+	// metadata (unix nanos; 0 none), for loadPoints.
+	anchor int64
 }
 
 func (a *Applier) machine(name string) *machine {
@@ -428,8 +431,11 @@ func (m *machine) maxApplied() uint64 {
 
 func roundUp(n uint64) int64 { return int64((n + pageSize - 1) &^ (pageSize - 1)) }
 
-func diskMetadata(d *disk) blobstore.Metadata {
+func diskMetadata(d *disk, anchor time.Time) blobstore.Metadata {
 	md := blobstore.Metadata{layout.MetaAppliedSeq: strconv.FormatUint(d.applied, 10), layout.MetaGeneration: d.gen}
+	if !anchor.IsZero() {
+		md[layout.MetaPointAnchor] = strconv.FormatInt(anchor.UnixNano(), 10)
+	}
 	if d.lost {
 		md[layout.MetaLost] = "true"
 	}
@@ -495,6 +501,7 @@ func (a *Applier) loadDisk(ctx context.Context, m *machine, man *layout.Manifest
 	case err == nil && info.Kind == blobstore.PageBlob:
 		d.gen, d.lost = info.Metadata[layout.MetaGeneration], info.Metadata[layout.MetaLost] == "true"
 		d.applied, _ = strconv.ParseUint(info.Metadata[layout.MetaAppliedSeq], 10, 64)
+		d.anchor, _ = strconv.ParseInt(info.Metadata[layout.MetaPointAnchor], 10, 64)
 		k := genIndex(gens, d.gen)
 		if k < 0 {
 			// A generation the manifest does not list (one written
@@ -553,7 +560,7 @@ func (a *Applier) loadDisk(ctx context.Context, m *machine, man *layout.Manifest
 	} else if g.Start > 0 {
 		d.applied = g.Start - 1
 	}
-	if err := a.cfg.Store.CreatePageBlob(ctx, d.blob, roundUp(d.size), diskMetadata(d)); err != nil {
+	if err := a.cfg.Store.CreatePageBlob(ctx, d.blob, roundUp(d.size), diskMetadata(d, m.pointTime)); err != nil {
 		return nil, fmt.Errorf("create replica of disk %q of machine %q: %w", md.Name, m.name, err)
 	}
 	a.log.Info("created replica page blob", logKeyMachine, m.name, logKeyDisk, md.Name, "reason", reason, "size", roundUp(d.size))
@@ -610,7 +617,7 @@ func (a *Applier) switchGeneration(ctx context.Context, m *machine, d *disk) err
 	if g.Start > 0 {
 		d.applied = g.Start - 1
 	}
-	if err := a.cfg.Store.CreatePageBlob(ctx, d.blob, roundUp(g.Size), diskMetadata(d)); err != nil {
+	if err := a.cfg.Store.CreatePageBlob(ctx, d.blob, roundUp(g.Size), diskMetadata(d, m.pointTime)); err != nil {
 		return fmt.Errorf("recreate replica of disk %q of machine %q for its new generation: %w", d.name, m.name, err)
 	}
 	a.log.Info("created replica page blob", logKeyMachine, m.name, logKeyDisk, d.name, "reason", "new generation",
@@ -671,6 +678,21 @@ func (a *Applier) loadPoints(ctx context.Context, m *machine) error {
 		}
 		if len(p.Snapshots) == len(m.disks) && len(kinds) > 0 {
 			m.lastPoint, m.pointTime, m.lastKind = p.Seq, p.Time, kind
+		}
+	}
+	if m.pointTime.IsZero() {
+		// No recorded point: the anchor the last pass timed points from,
+		// as of where this one resumes. A segment applied again must get
+		// the points it got then, no other: a pass that failed after its
+		// last flush left the blobs past the segment's markers, and a point
+		// cut at one of them now would hold later writes. (Taken afresh
+		// from the first marker, a later anchor made a marker dated back
+		// by a clock step due only the second time.)
+		floor := m.maxApplied()
+		for _, d := range m.disks {
+			if d.applied == floor && d.anchor != 0 {
+				m.pointTime = time.Unix(0, d.anchor).UTC()
+			}
 		}
 	}
 	return nil
@@ -787,7 +809,7 @@ func (a *Applier) applySegment(ctx context.Context, m *machine, s recovery.Segme
 	}
 	for _, d := range m.disks {
 		d.applied = max(d.applied, s.Last)
-		if err := a.cfg.Store.SetMetadata(ctx, d.blob, diskMetadata(d)); err != nil {
+		if err := a.cfg.Store.SetMetadata(ctx, d.blob, diskMetadata(d, m.pointTime)); err != nil {
 			return fmt.Errorf("record applied_seq of %s: %w", d.blob, err)
 		}
 	}

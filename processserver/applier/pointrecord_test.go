@@ -226,3 +226,65 @@ func twoPoints(t *testing.T, store blobstore.Store, machine string) []recovery.P
 	}
 	return points
 }
+
+// failMetadata fails the next SetMetadata once armed: the end of a
+// segment's apply, after its last flush.
+type failMetadata struct {
+	blobstore.Store
+	armed bool
+}
+
+func (s *failMetadata) SetMetadata(ctx context.Context, name string, md blobstore.Metadata) error {
+	if s.armed {
+		s.armed = false
+		return errors.New("injected: SetMetadata failed")
+	}
+	return s.Store.SetMetadata(ctx, name, md)
+}
+
+// A segment applied again after a pass that failed once its last flush
+// was done gets the points it got then, no other: the blob holds the
+// segment's later writes, so a point cut at one of its markers would hold
+// them. Here the machine has no point yet, and the agent's clock steps
+// back inside the segment: timed from a fresh anchor, that marker was due
+// the second time only.
+func TestReappliedSegmentCutsNoNewPoint(t *testing.T) {
+	ctx := ctxT(t)
+	store := &failMetadata{Store: mem.New()}
+	m := recoverytest.New(t, store, "step", 1<<20)
+	t0 := time.Date(2025, 3, 1, 10, 0, 0, 0, time.UTC)
+	cfg := applier.Config{PointInterval: 5 * time.Minute}
+	a := newApplier(t, m, cfg)
+	m.Write(0, 0, bytes.Repeat([]byte{1}, 4096))
+	m.Marker(wire.MarkerTime, t0)
+	m.Cut()
+	m.Write(0, 4096, bytes.Repeat([]byte{2}, 4096))
+	m.Cut()
+	for range 2 {
+		if _, err := a.Apply(ctx, m.Name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m.Write(0, 0, bytes.Repeat([]byte{3}, 4096))
+	m.Marker(wire.MarkerTime, t0.Add(4*time.Minute))
+	back := m.Marker(wire.MarkerTime, t0.Add(3*time.Minute+30*time.Second))
+	m.Write(0, 8192, bytes.Repeat([]byte{4}, 4096)) // past back: not in a point there
+	m.Cut()
+	store.armed = true
+	if _, err := a.Apply(ctx, m.Name); err == nil {
+		t.Fatal("apply with a failing SetMetadata succeeded")
+	}
+	if _, err := newApplier(t, m, cfg).Apply(ctx, m.Name); err != nil {
+		t.Fatal(err)
+	}
+	points, _, err := recovery.Points(ctx, store, m.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range points {
+		if p.Seq == back.Seq {
+			t.Errorf("a point was cut at seq %d on the second pass only", p.Seq)
+		}
+	}
+	recoverAndCheck(t, m, 0, fmt.Sprint(back.Seq), back.Seq)
+}
