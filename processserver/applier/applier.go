@@ -637,16 +637,33 @@ func (d *disk) sizeAt(seq uint64) uint64 {
 	return size
 }
 
-// pointable reports whether every disk's blob is the disk at seq, so that
-// a point can be cut there: not inside a gap, nor inside the range a
-// gap's mending left a disk out of (its blob lacks the lost writes).
+// pointable reports whether a point can be cut at seq: not inside a gap,
+// every disk's blob the disk there, but for the disks a gap's mending
+// left out (their blobs lack the lost writes; the point leaves them out,
+// see leftOut), and at least one disk in it.
 func (m *machine) pointable(seq uint64) bool {
+	if _, gap := layout.GapAt(m.gaps, seq); gap {
+		return false
+	}
+	in := 0
 	for _, d := range m.disks {
-		if _, gap := layout.DiskGapAt(m.gaps, d.name, seq); d.lost || seq < d.floor || gap {
+		if d.lost || seq < d.floor {
 			return false
 		}
+		if !m.leftOut(d, seq) {
+			in++
+		}
 	}
-	return true
+	return in > 0
+}
+
+// leftOut reports whether a point at seq leaves d out: a gap's mending
+// left it out (not protected at the time, say) and its full sync has not
+// come yet. Such a disk may never come back: waiting for it would cut no
+// point of the others, and retention could prune nothing.
+func (m *machine) leftOut(d *disk, seq uint64) bool {
+	_, gap := layout.DiskGapAt(m.gaps, d.name, seq)
+	return gap
 }
 
 // loadPoints finds the newest recovery point, which decides when the next
@@ -664,11 +681,12 @@ func (a *Applier) loadPoints(ctx context.Context, m *machine) error {
 	if err != nil {
 		return err
 	}
-	// Only a point with a snapshot of every disk and its sealed record
-	// counts: if a crash or an error came before the record was written,
-	// replaying its segment cuts it again (the disks are still at its
-	// marker, and a second snapshot of the same point is identical to
-	// the first; recover takes the one the record names).
+	// Only a point with a snapshot of every disk it does not leave out
+	// and its sealed record counts: if a crash or an error came before
+	// the record was written, replaying its segment cuts it again (the
+	// disks are still at its marker, and a second snapshot of the same
+	// point is identical to the first; recover takes the one the record
+	// names).
 	m.lastPoint, m.pointTime, m.lastKind = 0, time.Time{}, ""
 	for _, p := range points {
 		kinds := recorded[p.Seq]
@@ -676,7 +694,13 @@ func (a *Applier) loadPoints(ctx context.Context, m *machine) error {
 		if slices.Contains(kinds, recovery.KindApp) {
 			kind = recovery.KindApp // the state is the same: app wins
 		}
-		if len(p.Snapshots) == len(m.disks) && len(kinds) > 0 {
+		whole := true
+		for _, d := range m.disks {
+			if p.Snapshots[d.name] == "" && !m.leftOut(d, p.Seq) {
+				whole = false
+			}
+		}
+		if whole && len(kinds) > 0 {
 			m.lastPoint, m.pointTime, m.lastKind = p.Seq, p.Time, kind
 		}
 	}
@@ -873,6 +897,9 @@ func (a *Applier) cutPoint(ctx context.Context, m *machine, mk wire.Marker, kind
 	cut := a.cfg.Now().UTC().Format(time.RFC3339Nano)
 	rec := recovery.PointRecord{Seq: mk.Seq, Time: t, Kind: kind, Snapshots: map[string]recovery.PointSnapshot{}}
 	for _, d := range m.disks {
+		if m.leftOut(d, mk.Seq) {
+			continue
+		}
 		md := recovery.PointMetadata(mk.Seq, t, kind, d.gen)
 		md[layout.MetaCut] = cut
 		snap, err := a.cfg.Store.Snapshot(ctx, d.blob, md)

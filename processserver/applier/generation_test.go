@@ -288,9 +288,10 @@ func TestDiskAddedWhileLagging(t *testing.T) {
 
 // After a gap whose mending left a disk out (not in the resyncing hello),
 // that disk's replica lacks the lost writes until its full sync's
-// generation starts: no point is cut there, since failing over from it
-// would use that replica; once the new generation starts, points resume.
-func TestNoPointWhileDiskUnmended(t *testing.T) {
+// generation starts: points cut there leave it out (failing over from it
+// would use that replica), and hold the other disks; once the new
+// generation starts, points hold it again.
+func TestPointLeavesUnmendedDiskOut(t *testing.T) {
 	ctx := ctxT(t)
 	rng := rand.New(rand.NewPCG(51, 52))
 	m := recoverytest.New(t, mem.New(), "unmended", 1<<20, 512<<10)
@@ -325,9 +326,21 @@ func TestNoPointWhileDiskUnmended(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	seqs := pointSeqSet(points)
-	if seqs[left.Seq] || !seqs[back.Seq] {
-		t.Fatalf("points %+v: want none at seq %d (d1 unmended) and one at %d (after its full sync)", points, left.Seq, back.Seq)
+	byseq := map[uint64]recovery.Point{}
+	for _, p := range points {
+		byseq[p.Seq] = p
+	}
+	if p, ok := byseq[left.Seq]; !ok || p.Snapshots["d0"] == "" || p.Snapshots["d1"] != "" {
+		t.Fatalf("points %+v: want one at seq %d holding d0 alone (d1 unmended)", points, left.Seq)
+	}
+	if p, ok := byseq[back.Seq]; !ok || p.Snapshots["d0"] == "" || p.Snapshots["d1"] == "" {
+		t.Fatalf("points %+v: want one at seq %d holding both disks (after d1's full sync)", points, back.Seq)
+	}
+	if res := recoverAndCheck(t, m, 0, fmt.Sprint(left.Seq), left.Seq); res.BaseID != byseq[left.Seq].ID {
+		t.Errorf("recover d0 at %d started from %q, not the point there", left.Seq, res.BaseID)
+	}
+	if _, err := recovery.Recover(ctx, m.Store, recovery.Request{Machine: m.Name, Disk: "d1", Point: fmt.Sprint(left.Seq), RecoveryKey: m.RecoveryKey}, discard{}); err == nil {
+		t.Fatalf("recover d1 at %d, which its mending left out, succeeded", left.Seq)
 	}
 	recoverAndCheck(t, m, 1, "latest", back.Seq)
 }

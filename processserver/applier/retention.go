@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"math"
+	"slices"
 	"strconv"
 	"time"
 
@@ -43,7 +44,8 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 	if err != nil {
 		return err
 	}
-	for _, d := range m.disks {
+	bases := make([]int64, len(m.disks)) // per disk, its base's seq; -1 none
+	for i, d := range m.disks {
 		snaps, err := a.cfg.Store.ListSnapshots(ctx, d.blob)
 		if err != nil {
 			return fmt.Errorf("list snapshots of %s: %w", d.blob, err)
@@ -104,12 +106,24 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 		if deleted > 0 {
 			a.log.Info("retention deleted recovery points", logKeyMachine, m.name, logKeyDisk, d.name, logKeyCount, deleted)
 		}
-		if base < 0 {
+		bases[i] = -1
+		if base >= 0 {
+			bases[i] = int64(valid[base].seq)
+		}
+	}
+	windowFrom := slices.Max(bases) // the window's times are past it
+	for i, d := range m.disks {
+		switch {
+		case windowFrom >= 0 && leftOutSince(m.gaps, d.name, uint64(windowFrom)):
+			// Not recoverable anywhere in the window (its blob lacks
+			// writes a gap lost, and its full sync has not come): its
+			// old base would pin the journal for good.
+		case bases[i] < 0:
 			// The window starts before this disk's oldest point: its
 			// first times are rebuilt from the journal.
 			keepFrom = 0
-		} else {
-			keepFrom = min(keepFrom, valid[base].seq)
+		default:
+			keepFrom = min(keepFrom, uint64(bases[i]))
 		}
 	}
 	if keepFrom > 0 {
@@ -170,4 +184,18 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 	}
 	m.lastPrune = now
 	return nil
+}
+
+// leftOutSince reports whether a gap's mending left disk out from seq or
+// before, with no full sync of it since: it is the disk at no sequence
+// from seq on.
+func leftOutSince(gaps []layout.Gap, disk string, seq uint64) bool {
+	for _, g := range gaps {
+		for _, u := range g.Unmended {
+			if u.Name == disk && u.Until == 0 && g.From <= seq {
+				return true
+			}
+		}
+	}
+	return false
 }

@@ -301,3 +301,56 @@ func (w failWriter) WriteAt(p []byte, off int64) (int, error) {
 	w.t.Errorf("%d bytes written at %d", len(p), off)
 	return len(p), nil
 }
+
+// A disk a gap's mending left out and never synced again (no longer
+// protected) holds nothing recoverable in the window once the window
+// starts past the gap: its points before the gap must not pin the
+// journal, nor stop the other disks' points.
+func TestRetentionReleasesLeftOutDisk(t *testing.T) {
+	ctx := ctxT(t)
+	rng := rand.New(rand.NewPCG(61, 62))
+	m := recoverytest.New(t, mem.New(), "leftout", 1<<20, 512<<10)
+	start := time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)
+	now := start.Add(-48 * time.Hour)
+	a := newApplier(t, m, applier.Config{Retention: 24 * time.Hour, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
+	c := &clock{t: now}
+	point := func(at time.Time) wire.Marker {
+		now, c.t = at, at
+		m.Write(0, uint64(rng.IntN(200))*4096, random(rng, 4096))
+		mk := m.Marker(wire.MarkerAppConsistent, c.next())
+		m.Cut()
+		if _, err := a.Apply(ctx, m.Name); err != nil {
+			t.Fatal(err)
+		}
+		return mk
+	}
+	m.Write(1, 0, random(rng, 64<<10))
+	first := point(start.Add(-48 * time.Hour))
+
+	// d1 leaves protection; a gap, mended without it.
+	now = start.Add(-40 * time.Hour)
+	from := m.Seq() + 1
+	m.Write(0, 0, random(rng, 4096))
+	m.Cut()
+	m.LoseSegment(len(m.Segments) - 1)
+	m.Gaps = []layout.Gap{{From: from, LostTo: from, Mended: from + 1, Unmended: []layout.UnmendedDisk{{Name: "d1"}}}}
+	m.WriteManifest()
+	m.Write(0, 0, m.Image(0, from)[:4096])
+	point(start.Add(-40 * time.Hour))
+	base := point(start.Add(-30 * time.Hour))
+	inside := point(start.Add(-2 * time.Hour))
+	point(start)
+
+	if seqs := pointSeqs(t, m, "d0"); !slices.Contains(seqs, inside.Seq) {
+		t.Fatalf("d0 points %v: none at %d, cut while d1 was left out", seqs, inside.Seq)
+	}
+	segs, err := recovery.ListSegments(ctx, m.Store, m.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(segs) == 0 || segs[0].First <= base.Seq {
+		t.Fatalf("journal from segment %+v: the segments before the window's base at %d (d1's last point is at %d) were kept", segs[0], base.Seq, first.Seq)
+	}
+	recoverAndCheck(t, m, 0, fmt.Sprint(inside.Seq), inside.Seq)
+	recoverAndCheck(t, m, 0, "latest", m.Latest())
+}
