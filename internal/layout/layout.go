@@ -40,8 +40,8 @@ const (
 	// the applier times the next crash-consistent point from while the
 	// machine has no recorded point (0: none yet), as of applied_seq.
 	MetaPointAnchor = "point_anchor"
-	MetaGeneration = "generation"
-	MetaKeyFP      = "fingerprint" // recovery key fingerprint (seal.Fingerprint) on wrapped keys
+	MetaGeneration  = "generation"
+	MetaKeyFP       = "fingerprint" // recovery key fingerprint (seal.Fingerprint) on wrapped keys
 	// MetaCut: when the applier cut a recovery point, RFC 3339 nano, UTC,
 	// by the applier's clock. Retention ages points by it: MetaTime comes
 	// from the agent's clock, which may be off.
