@@ -129,16 +129,21 @@ and says which it leaves out.`,
 			fmt.Fprintln(tw, "KIND\tTIME\tSEQ\tDISKS")
 			for _, p := range points {
 				// A disk without its snapshot at a point recovers from an
-				// earlier one and the journal: still exact, but say so.
+				// earlier one and the journal: still exact, but say so;
+				// one a gap's mending left out does not recover there.
 				disks := "all"
 				var missing []string
-				for _, d := range man.Disks {
-					if p.Snapshots[d.Name] == "" {
+				for i := range man.Disks {
+					d := &man.Disks[i]
+					switch _, gap := man.DiskGapAt(d, p.Seq); {
+					case gap:
+						missing = append(missing, d.Name+" (left out of a gap's resync: not recoverable here)")
+					case p.Snapshots[d.Name] == "":
 						missing = append(missing, d.Name)
 					}
 				}
 				if len(missing) > 0 {
-					disks = "all but " + strings.Join(missing, ",")
+					disks = "all but " + strings.Join(missing, ", ")
 				}
 				fmt.Fprintf(tw, "%s\t%s\t%d\t%s\n", p.Kind, formatTime(p.Time), p.Seq, disks)
 			}

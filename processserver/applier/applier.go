@@ -302,6 +302,7 @@ func (a *Applier) Forget(name string) {
 
 func (m *machine) forget() {
 	m.loaded, m.cursor, m.disks, m.pruneFrom = false, "", nil, 0
+	m.pointTime = time.Time{} // not to be stamped on a blob recreated before loadPoints
 }
 
 func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (uint64, error) {
@@ -647,12 +648,13 @@ func (m *machine) pointable(seq uint64) bool {
 	}
 	in := 0
 	for _, d := range m.disks {
+		if m.leftOut(d, seq) {
+			continue // whatever its blob holds (recreated empty, say)
+		}
 		if d.lost || seq < d.floor {
 			return false
 		}
-		if !m.leftOut(d, seq) {
-			in++
-		}
+		in++
 	}
 	return in > 0
 }
@@ -714,7 +716,7 @@ func (a *Applier) loadPoints(ctx context.Context, m *machine) error {
 		// by a clock step due only the second time.)
 		floor := m.maxApplied()
 		for _, d := range m.disks {
-			if d.applied == floor && d.anchor != 0 {
+			if d.applied == floor && d.applied >= d.start && !d.lost && d.anchor != 0 {
 				m.pointTime = time.Unix(0, d.anchor).UTC()
 			}
 		}

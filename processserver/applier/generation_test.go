@@ -344,3 +344,42 @@ func TestPointLeavesUnmendedDiskOut(t *testing.T) {
 	}
 	recoverAndCheck(t, m, 1, "latest", back.Seq)
 }
+
+// A disk left out of a gap's mending whose replica then goes missing
+// (deleted, as a disk no longer protected may be) stops no point of the
+// other disks either.
+func TestLostLeftOutDiskStopsNoPoint(t *testing.T) {
+	ctx := ctxT(t)
+	rng := rand.New(rand.NewPCG(53, 54))
+	m := recoverytest.New(t, mem.New(), "lostleft", 1<<20, 512<<10)
+	c := &clock{t: time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)}
+	cfg := applier.Config{PointInterval: 1000 * time.Hour}
+	workload(m, rng, c, 20)
+	m.Marker(wire.MarkerAppConsistent, c.next())
+	m.Cut()
+	applyAll(t, ctx, newApplier(t, m, cfg), m, "")
+
+	from := m.Seq() + 1
+	m.Write(0, 0, random(rng, 4096))
+	m.Cut()
+	m.LoseSegment(len(m.Segments) - 1)
+	m.Gaps = []layout.Gap{{From: from, LostTo: from, Mended: from + 1, Unmended: []layout.UnmendedDisk{{Name: "d1"}}}}
+	m.WriteManifest()
+	m.Write(0, 0, m.Image(0, from)[:4096])
+	left := m.Marker(wire.MarkerAppConsistent, c.next())
+	m.Cut()
+	if err := m.Store.DeleteBlob(ctx, layout.DiskName(m.Name, "d1")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := newApplier(t, m, cfg).Apply(ctx, m.Name); err != nil {
+		t.Fatal(err)
+	}
+	points, _, err := recovery.Points(ctx, m.Store, m.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !pointSeqSet(points)[left.Seq] {
+		t.Fatalf("points %+v: none at %d (d1 left out, its replica gone)", points, left.Seq)
+	}
+	recoverAndCheck(t, m, 0, fmt.Sprint(left.Seq), left.Seq)
+}

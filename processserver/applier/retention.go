@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"math"
-	"slices"
 	"strconv"
 	"time"
 
@@ -44,20 +43,24 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 	if err != nil {
 		return err
 	}
-	bases := make([]int64, len(m.disks)) // per disk, its base's seq; -1 none
+	type snap struct {
+		id     string
+		seq    uint64
+		t      time.Time
+		usable bool
+	}
+	type diskPoints struct {
+		valid        []snap
+		newest, base int // indexes in valid; -1 none
+	}
+	all := make([]diskPoints, len(m.disks))
+	windowFrom := int64(-1) // the newest base of any disk: the window's times are past it
 	for i, d := range m.disks {
 		snaps, err := a.cfg.Store.ListSnapshots(ctx, d.blob)
 		if err != nil {
 			return fmt.Errorf("list snapshots of %s: %w", d.blob, err)
 		}
-		type snap struct {
-			id     string
-			seq    uint64
-			t      time.Time
-			usable bool
-		}
-		var valid []snap
-		newest := -1
+		dp := diskPoints{newest: -1, base: -1}
 		for _, s := range snaps {
 			seq, err := strconv.ParseUint(s.Metadata[layout.MetaSeq], 10, 64)
 			if err != nil {
@@ -72,26 +75,45 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 			// the base (it ages out).
 			_, gap := layout.DiskGapAt(m.gaps, d.name, seq)
 			usable := !gap && len(recorded[seq]) > 0
-			valid = append(valid, snap{s.ID, seq, t, usable})
-			if usable && (newest < 0 || seq >= valid[newest].seq) {
-				newest = len(valid) - 1
+			dp.valid = append(dp.valid, snap{s.ID, seq, t, usable})
+			if usable && (dp.newest < 0 || seq >= dp.valid[dp.newest].seq) {
+				dp.newest = len(dp.valid) - 1
 			}
 		}
 		// The newest point older than the cutoff stays: it is the base
 		// from which the times just inside the window are recovered.
 		// Of two snapshots of one point (a retried or repeated cut), the
 		// later is the one its sealed record names; both stay.
-		base := -1
-		for j, s := range valid {
-			if s.usable && s.t.Before(cutoff) && (base < 0 || s.seq >= valid[base].seq) {
-				base = j
+		for j, s := range dp.valid {
+			if s.usable && s.t.Before(cutoff) && (dp.base < 0 || s.seq >= dp.valid[dp.base].seq) {
+				dp.base = j
 			}
 		}
+		if dp.base >= 0 {
+			windowFrom = max(windowFrom, int64(dp.valid[dp.base].seq))
+		}
+		all[i] = dp
+	}
+	for i, d := range m.disks {
+		dp := &all[i]
+		// A disk a gap's mending left out by the window's start is the
+		// disk nowhere in the window until its full sync's generation
+		// (if it came back): a base from before that would pin the
+		// journal for nothing, and, while it does not come back, so
+		// would its points.
+		until, left := leftOutAt(m.gaps, d.name, windowFrom)
+		released := left && until == 0
+		if left && dp.base >= 0 && dp.valid[dp.base].seq < until {
+			dp.base = -1
+		}
 		kept := func(j int) bool {
-			return newest >= 0 && valid[j].seq == valid[newest].seq || base >= 0 && valid[j].seq == valid[base].seq
+			if released {
+				return false
+			}
+			return dp.newest >= 0 && dp.valid[j].seq == dp.valid[dp.newest].seq || dp.base >= 0 && dp.valid[j].seq == dp.valid[dp.base].seq
 		}
 		deleted := 0
-		for j, s := range valid {
+		for j, s := range dp.valid {
 			if !kept(j) && s.t.Before(cutoff) {
 				// Gone already: a delete the service did before a lost
 				// reply, retried inside the SDK.
@@ -106,24 +128,17 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 		if deleted > 0 {
 			a.log.Info("retention deleted recovery points", logKeyMachine, m.name, logKeyDisk, d.name, logKeyCount, deleted)
 		}
-		bases[i] = -1
-		if base >= 0 {
-			bases[i] = int64(valid[base].seq)
-		}
-	}
-	windowFrom := slices.Max(bases) // the window's times are past it
-	for i, d := range m.disks {
 		switch {
-		case windowFrom >= 0 && leftOutSince(m.gaps, d.name, uint64(windowFrom)):
-			// Not recoverable anywhere in the window (its blob lacks
-			// writes a gap lost, and its full sync has not come): its
-			// old base would pin the journal for good.
-		case bases[i] < 0:
+		case released:
+		case left && dp.base < 0:
+			// Rebuilt from zeros at its full sync's start.
+			keepFrom = min(keepFrom, until-1)
+		case dp.base < 0:
 			// The window starts before this disk's oldest point: its
 			// first times are rebuilt from the journal.
 			keepFrom = 0
 		default:
-			keepFrom = min(keepFrom, uint64(bases[i]))
+			keepFrom = min(keepFrom, dp.valid[dp.base].seq)
 		}
 	}
 	if keepFrom > 0 {
@@ -186,16 +201,25 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 	return nil
 }
 
-// leftOutSince reports whether a gap's mending left disk out from seq or
-// before, with no full sync of it since: it is the disk at no sequence
-// from seq on.
-func leftOutSince(gaps []layout.Gap, disk string, seq uint64) bool {
+// leftOutAt reports whether the newest gap of gaps from seq or before
+// (seq ≥ 0) left disk out of its mending, and until where: the start of
+// its full sync's generation, 0 if it has not come back. Such a disk is
+// the disk at no sequence from there until then, so its states before
+// the gap are of no use from seq on.
+func leftOutAt(gaps []layout.Gap, disk string, seq int64) (until uint64, left bool) {
+	if seq < 0 {
+		return 0, false
+	}
+	var from uint64
 	for _, g := range gaps {
+		if g.From > uint64(seq) || (left && g.From < from) {
+			continue
+		}
 		for _, u := range g.Unmended {
-			if u.Name == disk && u.Until == 0 && g.From <= seq {
-				return true
+			if u.Name == disk {
+				from, until, left = g.From, u.Until, true
 			}
 		}
 	}
-	return false
+	return until, left
 }

@@ -302,11 +302,18 @@ func (w failWriter) WriteAt(p []byte, off int64) (int, error) {
 	return len(p), nil
 }
 
-// A disk a gap's mending left out and never synced again (no longer
-// protected) holds nothing recoverable in the window once the window
-// starts past the gap: its points before the gap must not pin the
-// journal, nor stop the other disks' points.
+// A disk a gap's mending left out holds nothing recoverable in the window
+// from the gap until its full sync (if it comes back: no longer
+// protected, it never does) once the window starts past the gap: its
+// points before the gap must not pin the journal nor keep the other
+// disks' point records, and it must not stop the other disks' points.
 func TestRetentionReleasesLeftOutDisk(t *testing.T) {
+	for _, back := range []bool{false, true} {
+		t.Run(fmt.Sprint("back=", back), func(t *testing.T) { releasesLeftOutDisk(t, back) })
+	}
+}
+
+func releasesLeftOutDisk(t *testing.T, back bool) {
 	ctx := ctxT(t)
 	rng := rand.New(rand.NewPCG(61, 62))
 	m := recoverytest.New(t, mem.New(), "leftout", 1<<20, 512<<10)
@@ -338,6 +345,15 @@ func TestRetentionReleasesLeftOutDisk(t *testing.T) {
 	m.Write(0, 0, m.Image(0, from)[:4096])
 	point(start.Add(-40 * time.Hour))
 	base := point(start.Add(-30 * time.Hour))
+	if back {
+		// Its full sync, inside the window.
+		now = start.Add(-20 * time.Hour)
+		m.NewGeneration(1, 0)
+		m.Gaps[0].Unmended[0].Until = m.Disks[1].GenerationStart
+		m.WriteManifest()
+		m.Write(1, 0, random(rng, 512<<10))
+		point(now)
+	}
 	inside := point(start.Add(-2 * time.Hour))
 	point(start)
 
@@ -349,8 +365,30 @@ func TestRetentionReleasesLeftOutDisk(t *testing.T) {
 		t.Fatal(err)
 	}
 	if len(segs) == 0 || segs[0].First <= base.Seq {
-		t.Fatalf("journal from segment %+v: the segments before the window's base at %d (d1's last point is at %d) were kept", segs[0], base.Seq, first.Seq)
+		t.Fatalf("journal from segment %+v: the segments before the window's base at %d (d1's last point before its gap is at %d) were kept", segs[0], base.Seq, first.Seq)
+	}
+	recorded, err := recovery.ListPointRecords(ctx, m.Store, m.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for seq := range recorded {
+		if seq < base.Seq {
+			t.Errorf("the record of the point at %d, before the window's base at %d, was kept", seq, base.Seq)
+		}
 	}
 	recoverAndCheck(t, m, 0, fmt.Sprint(inside.Seq), inside.Seq)
 	recoverAndCheck(t, m, 0, "latest", m.Latest())
+	if back {
+		recoverAndCheck(t, m, 1, "latest", m.Latest())
+	}
+}
+
+// A machine whose manifest lists no disk yet (a hello that failed after
+// the data key was stored) is applied, and pruned, without a fault.
+func TestRetentionMachineWithoutDisks(t *testing.T) {
+	m := recoverytest.New(t, mem.New(), "nodisks")
+	a := newApplier(t, m, applier.Config{Retention: 24 * time.Hour})
+	if _, err := a.Apply(ctxT(t), m.Name); err != nil {
+		t.Fatal(err)
+	}
 }
