@@ -660,14 +660,25 @@ func (e *Engine) requestCover() {
 	}
 	now := time.Now()
 	e.cover.last = now
-	e.cover.at = now
-	if e.completionTracked(now) {
-		// A write whose completion the kernel never reported is only
-		// found by the sweep, once its pending entry is stale: it may
-		// have completed up to unreportedLag before being marked.
-		e.cover.at = now.Add(-unreportedLag)
-	}
+	e.cover.at = e.datedBack(now)
 	e.cover.id = e.rd.RequestBarrier()
+}
+
+// datedBack returns now, or earlier when a write completed before now may
+// not be handed over yet for want of its completion (completionTracked):
+// then by unreportedLag, since a write whose completion the kernel never
+// reported is only found by the sweep, once its pending entry is stale;
+// or, for a write still tracked, to when it was queued (one queued while a
+// drain parked its data-mode device, which every drain does): it cannot
+// have completed before.
+func (e *Engine) datedBack(now time.Time) time.Time {
+	if e.completionTracked(now) {
+		return now.Add(-unreportedLag)
+	}
+	if since, ok := e.cap.CompletionPendingSince(); ok && since.Before(now) {
+		return since
+	}
+	return now
 }
 
 // unreportedLag bounds how long a completed write can stay unknown to the
@@ -678,19 +689,13 @@ const unreportedLag = staleAfter + sweepInterval + capture.ClockLag
 // completionTracked reports whether some writes are handed over only once
 // their completion is seen, and so may wait for the sweep: those of
 // metadata-mode devices, of a data-mode device that overflowed into its
-// bitmap lately, writes to a whole disk over protected partitions made
-// lately (read back from the partitions once they complete), and any such
-// write still tracked (one queued while a drain parked its device).
+// bitmap lately, and writes to a whole disk over protected partitions
+// made lately (read back from the partitions once they complete).
 func (e *Engine) completionTracked(now time.Time) bool {
 	for i, s := range e.srcs {
 		if s.Mode == capture.ModeMetadata || e.cap.Overflowed(i) {
 			return true
 		}
-	}
-	if e.cap.CompletionPending() {
-		// Its entry outlives its unreported completion by at most the
-		// sweep's age and period: dating back by unreportedLag suffices.
-		return true
 	}
 	if n, err := e.cap.DiskWrites(); err != nil || n != e.diskWrites {
 		e.diskWrites, e.lastDiskWrite = n, now
@@ -890,11 +895,7 @@ func (e *Engine) marker(ctx context.Context, kind MarkerKind) error {
 // completion the kernel did not report waits for the sweep, as in
 // requestCover.
 func (e *Engine) pointTime() time.Time {
-	now := time.Now()
-	if e.completionTracked(now) {
-		return now.Add(-unreportedLag)
-	}
-	return now
+	return e.datedBack(time.Now())
 }
 
 // emit hands the target a marker dated at (pointTime, taken before the

@@ -309,7 +309,9 @@ func TestCoverageWaitsForParkedUnreportedWrite(t *testing.T) {
 	const off, n = 8 << 20, 64 << 10
 	written := time.Now()
 	writeBehind(t, d.File, off, filled(n, 0x5a))
-	if err := e.cap.InjectPending(0, off, n, false, 0); err != nil {
+	// Stamped a second back: queued before written, whatever second
+	// boundary falls in between.
+	if err := e.cap.InjectPending(0, off, n, false, time.Second); err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(15 * time.Second)

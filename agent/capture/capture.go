@@ -867,19 +867,34 @@ func (c *Capture) slot(i int) (*uint64, *captureLbPending) {
 	return &b.Tag[i%pendWays], &b.P[i%pendWays]
 }
 
-// CompletionPending reports whether the pending table holds a write that
-// is handed over only once its completion is seen (read back then): any
-// tracked write but a ring-captured one. One whose completion the kernel
-// does not report stays there until SweepStale finds it. The entries are
+// CompletionPendingSince reports whether the pending table holds a write
+// that is handed over only once its completion is seen (read back then):
+// any tracked write but a ring-captured one; and a time at or before which
+// the oldest of them was queued. One whose completion the kernel does not
+// report stays there until SweepStale finds it. Stamps are whole seconds
+// of the monotonic clock, never ahead of the queueing. The entries are
 // read unclaimed: a hint, as in sweep.
-func (c *Capture) CompletionPending() bool {
+func (c *Capture) CompletionPendingSince() (time.Time, bool) {
+	var oldest uint32
+	found := false
 	for i := range pendSlots {
 		t, p := c.slot(i)
 		if tag := atomic.LoadUint64(t); tag != tagFree && tag != tagBusy && p.Kind != kindRing {
-			return true
+			if st := p.Stamp; !found || st < oldest {
+				oldest, found = st, true
+			}
 		}
 	}
-	return false
+	if !found {
+		return time.Time{}, false
+	}
+	var ts unix.Timespec
+	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+	now := time.Now()
+	if age := time.Duration(ts.Nano()) - time.Duration(oldest)*time.Second; age > 0 {
+		return now.Add(-age), true
+	}
+	return now, true
 }
 
 // freeAbandonedSlots frees the pending slots left busy by an agent that
