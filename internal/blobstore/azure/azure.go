@@ -105,6 +105,7 @@ type Store struct {
 	copy     CopyMode
 	checksum ChecksumMode // never ChecksumAuto
 	maxGet   int64
+	retry    policy.RetryOptions // the pipeline's, for calls that override them
 }
 
 var _ blobstore.Store = (*Store)(nil)
@@ -154,7 +155,7 @@ func New(cfg Config) (*Store, error) {
 		}
 	}
 	return &Store{c: svc.ServiceClient().NewContainerClient(cfg.Container), account: account, name: cfg.Container, copy: mode, checksum: sum,
-		maxGet: cmp.Or(cfg.MaxGetBlob, MaxGetBlob)}, nil
+		maxGet: cmp.Or(cfg.MaxGetBlob, MaxGetBlob), retry: opts.Retry}, nil
 }
 
 // String identifies the store without secrets, for logs.
@@ -292,7 +293,12 @@ func (s *Store) PutBlobIf(ctx context.Context, name string, data []byte, md blob
 	// No retries inside the SDK: one after a lost reply meets the
 	// condition failed by its own first try and looks like another
 	// writer's. blobstore.WithRetry retries, reading the blob back.
-	ctx = policy.WithRetryOptions(ctx, policy.RetryOptions{MaxRetries: -1})
+	// The rest of the options stay: an override replaces them all, and
+	// without TryTimeout a reply that never comes would hold the call
+	// (and the manifest's lock) until TCP gives up.
+	ro := s.retry
+	ro.MaxRetries = -1
+	ctx = policy.WithRetryOptions(ctx, ro)
 	etag, err := s.put(ctx, name, data, md, &blob.AccessConditions{ModifiedAccessConditions: cond})
 	if match != "" && blobstore.IsNotFound(err) && !bloberror.HasCode(err, bloberror.ContainerNotFound) {
 		// The blob went since match was read: the condition failed.

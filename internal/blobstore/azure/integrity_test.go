@@ -316,3 +316,48 @@ func TestDownloadCutShortIsRetryable(t *testing.T) {
 		t.Errorf("GetBlobRange past the end: %d, %v; want 100, io.EOF", n, err)
 	}
 }
+
+// silentPuts holds every PUT until its context ends: a service that took
+// the request and never answers.
+type silentPuts struct{}
+
+func (silentPuts) Do(req *policy.Request) (*http.Response, error) {
+	if req.Raw().Method == http.MethodPut && strings.Contains(req.Raw().URL.Path, "/manifest") {
+		<-req.Raw().Context().Done()
+		return nil, req.Raw().Context().Err()
+	}
+	return req.Next()
+}
+
+// A conditional put that gets no reply ends with the per-try timeout, as
+// every other call does: it turns SDK retries off for itself, and must not
+// turn the timeout off with them (it held the process server's manifest
+// lock for as long as TCP took to give up).
+func TestPutBlobIfKeepsTryTimeout(t *testing.T) {
+	srv := azurite.ForTest(t)
+	s, err := azure.New(azure.Config{
+		ConnectionString: srv.ConnectionString(),
+		Container:        fmt.Sprintf("lbtry-%d", time.Now().UnixNano()%1e9),
+		ClientOptions: &azblob.ClientOptions{ClientOptions: azcore.ClientOptions{
+			Retry:            policy.RetryOptions{MaxRetries: -1, TryTimeout: 300 * time.Millisecond},
+			PerRetryPolicies: []policy.Policy{silentPuts{}},
+		}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	t.Cleanup(func() { _ = s.DeleteContainer(context.Background()) })
+	if err := s.EnsureContainer(ctx); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	_, err = s.PutBlobIf(ctx, "m/manifest.json", []byte("{}"), nil, "")
+	if took := time.Since(start); err == nil || took > 10*time.Second || ctx.Err() != nil {
+		t.Fatalf("PutBlobIf with no reply: %v after %v, want a failure after the 300 ms try timeout", err, took)
+	}
+	if errors.Is(err, blobstore.ErrConflict) || blobstore.IsPermanent(err) {
+		t.Fatalf("PutBlobIf with no reply: %v, want a retryable error", err)
+	}
+}
