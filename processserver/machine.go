@@ -2,6 +2,7 @@ package processserver
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -911,9 +912,19 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, agr
 	// recorded before anything after them can be published.
 	m.mu.Lock()
 	durable := m.durable
+	// Records a mended gap covers are settled too: lost, and what they
+	// changed brought back by its resync (one that found nothing to send
+	// leaves durable below what the agent had acknowledged, until its
+	// next record).
+	settled := durable
+	for _, g := range slices.SortedFunc(slices.Values(m.man.Gaps), func(a, b layout.Gap) int { return cmp.Compare(a.From, b.From) }) {
+		if !g.Open() && g.From <= settled+1 {
+			settled = max(settled, g.LostTo)
+		}
+	}
 	m.mu.Unlock()
 	for _, d := range h.Disks {
-		if d.LastAckedSeq > durable {
+		if d.LastAckedSeq > settled {
 			m.log.Error("the agent had records acknowledged that this process server does not hold; they are missing from the journal until its checksum resync completes",
 				logGapFrom, durable+1, logAgentAcked, d.LastAckedSeq)
 			if err := m.openGap(ctx, durable+1, d.LastAckedSeq); err != nil {
@@ -957,7 +968,7 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, agr
 	// which is how readers tell a stale process server's segments there
 	// (recovery.StaleFilter). The agent takes them as acknowledged, and its
 	// checksum resync brings back what they changed.
-	accepted := durable
+	accepted := settled
 	for _, g := range m.man.Gaps {
 		if g.Open() {
 			accepted = max(accepted, g.LostTo)
