@@ -97,7 +97,7 @@ bench-pipeline: build ## run the replication benchmark: raw Put Page ceiling vs 
 fmt: ## gofmt the Go sources in place
 	@gofmt -l -w $$(find . \( -name .git -o -name .cache -o -name node_modules -o -name bin \) -prune -o -name '*.go' -print)
 
-fmt-check:
+fmt-check: ## fail if a Go source is not gofmt-ed
 	@echo "==> gofmt check"
 	@files=$$(gofmt -l $$(find . \( -name .git -o -name .cache -o -name node_modules -o -name bin \) -prune -o -name '*.go' -print)); \
 	if [ -n "$$files" ]; then echo "gofmt needed (run make fmt) on:" >&2; sed 's/^/  /' <<<"$$files" >&2; exit 1; fi

@@ -88,6 +88,9 @@ and says which it leaves out.`,
 				points, until, man, err = recovery.VerifiedPoints(cmd.Context(), store, machine, key, cmd.ErrOrStderr())
 			}
 			if err != nil {
+				if cmd.Context().Err() != nil && errors.Is(err, context.Canceled) {
+					return fmt.Errorf("%w: %v", errInterrupted, err)
+				}
 				return err
 			}
 			out := cmd.OutOrStdout()
@@ -208,6 +211,13 @@ stderr. The account is AZURE_STORAGE_CONNECTION_STRING; the recovery key file
 is the one "lifeboat keys init" wrote.`,
 		Args: cobra.NoArgs,
 		PreRunE: func(*cobra.Command, []string) error { // exit 2, as in agent mirror
+			for _, f := range []struct{ name, v string }{{"machine", machine}, {"disk", disk}, {"to", to}} {
+				if f.v == "" {
+					// --to "$F" with F unset: found only at the end, after
+					// the whole disk was downloaded.
+					return fmt.Errorf("--%s is empty", f.name)
+				}
+			}
 			if point == "" {
 				// --point "$P" with P unset must not recover latest.
 				return errors.New(`--point "": give latest, a sequence number or an RFC 3339 time`)
@@ -216,8 +226,13 @@ is the one "lifeboat keys init" wrote.`,
 			return err
 		},
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if _, err := os.Lstat(to); err == nil && !force {
-				return fmt.Errorf("%s exists: give --force to replace it (a machine running from it would lose what it writes there)", to)
+			if _, err := os.Lstat(to); err == nil {
+				if fi, err := os.Stat(to); err == nil && !fi.Mode().IsRegular() {
+					return fmt.Errorf("%s is not a regular file: recovery writes disk images to files (write the image to a file, then copy it to a device)", to)
+				}
+				if !force {
+					return fmt.Errorf("%s exists: give --force to replace it (a machine running from it would lose what it writes there)", to)
+				}
 			}
 			key, err := seal.LoadRecoveryKey(keyFile)
 			if err != nil {

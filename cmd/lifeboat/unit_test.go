@@ -85,6 +85,24 @@ func TestFlagValuesRefused(t *testing.T) {
 	if _, _, err := runCmd(t, agentCmd(&verbose), "mirror", "--device", "/dev/null", "--to", "x", "--app-interval", "-1m"); err == nil || !strings.Contains(err.Error(), "must not be negative") {
 		t.Errorf("agent mirror --app-interval -1m: %v", err)
 	}
+	// recover: an empty value (an unset shell variable) is refused before
+	// anything is read; a target that is no file is named as such, not
+	// sent to --force.
+	rec := []string{"--machine", "m", "--disk", "d", "--point", "latest", "--recovery-key", "k"}
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{append([]string{"--to", ""}, rec...), "--to is empty"},
+		{[]string{"--machine", "", "--disk", "d", "--point", "latest", "--recovery-key", "k", "--to", "x"}, "--machine is empty"},
+		{[]string{"--machine", "m", "--disk", "", "--point", "latest", "--recovery-key", "k", "--to", "x"}, "--disk is empty"},
+		{append([]string{"--to", "/dev/null"}, rec...), "not a regular file"},
+		{append([]string{"--to", t.TempDir()}, rec...), "not a regular file"},
+	} {
+		if _, _, err := runCmd(t, recoverCmd(&verbose), tc.args...); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("recover %v: %v, want %q", tc.args, err, tc.want)
+		}
+	}
 }
 
 // agent release refuses a machine name the agent itself would refuse.

@@ -112,6 +112,9 @@ func WriteRecoveryKey(path string, key []byte) (err error) {
 	}
 	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
 	if errors.Is(err, fs.ErrExist) {
+		if fi, serr := os.Stat(path); serr == nil && fi.IsDir() {
+			return fmt.Errorf("seal: %s is a directory: give the path of the recovery key file to create", path)
+		}
 		return fmt.Errorf("seal: %s exists: refusing to overwrite a recovery key (every machine's data keys are wrapped by the one it holds)", path)
 	}
 	if err != nil {
