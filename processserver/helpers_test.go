@@ -128,6 +128,7 @@ type env struct {
 	segBytes int
 	segAge   time.Duration
 	backlog  int64
+	window   uint64 // the Backpressure window (DefaultWindow if 0)
 	applier  func(*Server) (Applier, error)
 	cacheFS  cache.FS
 	name     string // the process server's ("ps" if empty; "ps2" is issued too)
@@ -164,7 +165,7 @@ func (e *env) start() *Server {
 	cfg := Config{
 		Listen: "127.0.0.1:0", PKIDir: e.pki, Name: name, CacheDirs: e.cache,
 		RecoveryKeyFile: e.rkFile, Store: e.store, SegmentBytes: e.segBytes, SegmentAge: e.segAge,
-		MaxBacklogBytes: e.backlog, NewApplier: e.applier, CacheOptions: cache.Options{FS: e.cacheFS},
+		MaxBacklogBytes: e.backlog, Window: e.window, NewApplier: e.applier, CacheOptions: cache.Options{FS: e.cacheFS},
 		Logger: slog.New(slog.NewTextHandler(io.MultiWriter(e.logs, testWriter{e.t}), &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}
 	s, err := Start(e.ctx, cfg)

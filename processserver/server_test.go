@@ -457,6 +457,37 @@ func pausedAgent(t *testing.T) (*blobstoretest.Faulty, *agent) {
 	return faulty, a
 }
 
+// An agent that goes on sending after it was paused, past what it may
+// have had in flight then (the window, or one batch), is refused: it
+// would fill the cache every machine shares.
+func TestPausedAgentMustStop(t *testing.T) {
+	faulty := blobstoretest.NewFaulty(mem.New())
+	e := newEnv(t, faulty, 1)
+	e.segAge = 20 * time.Millisecond
+	e.backlog = 256
+	e.window = 64 << 10
+	a := dialAgent(t, e, e.start(), "m1")
+	a.hello("m1", disk0)
+	faulty.FailFor(time.Hour)
+	a.batch(1, 40)
+	a.waitWindow(10*time.Second, 0)
+	// In flight when the pause came: a window's worth, or one batch.
+	a.waitAck(a.batch(41, 20)) // 80 KiB, alone
+	a.batch(61, 10)
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		f := a.next(time.Until(deadline))
+		if f.err != nil {
+			t.Fatalf("no error frame after the paused agent went on sending: %v", f.err)
+		}
+		if f.typ == wire.TypeError {
+			if !strings.Contains(string(f.payload), "after it was paused") {
+				t.Fatalf("error frame %q, want the backpressure refusal", f.payload)
+			}
+			return
+		}
+	}
+}
+
 // fakeApplier records notifications.
 type fakeApplier struct {
 	mu   sync.Mutex

@@ -97,6 +97,11 @@ type session struct {
 	// while the last window sent is 0: the agent may then be silent.
 	sumsPending atomic.Int32
 	paused      atomic.Bool
+	// pausedBytes and pausedMax: the batch bytes read since the window
+	// went to 0, and the largest batch among them (read loop only; reset
+	// when the pause is sent). An agent keeps at most the window in flight,
+	// or one batch when nothing is: past that it ignores backpressure.
+	pausedBytes, pausedMax atomic.Uint64
 	// cancel ends the session's context: an abort (a newer connection of
 	// the machine, its replica lost) stops the hello's storage calls and
 	// the sums worker instead of leaving the next hello waiting on them.
@@ -324,6 +329,16 @@ func (st *session) readLoop() bool {
 		st.s.metrics.receivedBytes.Add(float64(wire.HeaderSize + len(f.Payload)))
 		switch f.Type {
 		case wire.TypeBatch:
+			if st.paused.Load() {
+				n := uint64(len(f.Payload))
+				total, largest := st.pausedBytes.Add(n), max(st.pausedMax.Load(), n)
+				st.pausedMax.Store(largest)
+				if total > max(st.s.cfg.Window, largest) {
+					// It would fill the cache every machine shares.
+					st.protocolError(fmt.Sprintf("the agent sent %d bytes of batches after it was paused (backpressure), more than it may have had in flight (%d): refused", total, max(st.s.cfg.Window, largest)))
+					return false
+				}
+			}
 			b, err := wire.DecodeBatch(f.Payload)
 			if err != nil {
 				st.corrupt(err)
@@ -705,6 +720,10 @@ func (st *session) updateBackpressure() {
 	}
 	if err := st.send(func(w *wire.Writer) error { return w.WriteBackpressure(want) }); err != nil {
 		return
+	}
+	if want == 0 && !paused {
+		st.pausedBytes.Store(0)
+		st.pausedMax.Store(0)
 	}
 	st.paused.Store(want == 0)
 	if want == 0 {
