@@ -874,13 +874,15 @@ func TestRefusesWhatItCouldNotApply(t *testing.T) {
 			t.Fatalf("durable_seq %d: the record beyond the disk was stored", d)
 		}
 	})
-	t.Run("record after a marker that covered it", func(t *testing.T) {
+	t.Run("marker past the records received", func(t *testing.T) {
+		// Taken, it dated recoverable_until past records the journal
+		// lacked, and the records it covered came after it.
 		e, a := start(t)
 		a.hello("m1", disk0)
 		a.waitAck(a.batch(1, 4))
 		a.marker(100, wire.MarkerTime, time.Now())
 		a.batch(5, 4)
-		if we := errorFrame(t, a); we.Code != wire.CodeProtocol || !strings.Contains(we.Message, "after a time marker at 100") {
+		if we := errorFrame(t, a); we.Code != wire.CodeProtocol || !strings.Contains(we.Message, "time marker at sequence 100, past the last record received (4)") {
 			t.Fatalf("error = %+v, want a protocol error naming the marker", we)
 		}
 		if d := durableSeq(t, e.store, "m1"); d > 4 {

@@ -79,11 +79,6 @@ type session struct {
 	took     uint64   // durable at the hello, or the last record taken since (read loop only)
 	diskMap  []uint16 // Hello disk index → manifest disk index
 	diskSize []uint64 // Hello disk index → size: records must fit
-	// marked is the highest sequence a time marker of this session
-	// covered: the agent has sent every record up to it, so a record
-	// numbered there later is not one (the journal would hold it after
-	// the marker, out of order).
-	marked uint64
 	// mendEpoch: the hello was answered with a checksum resync for the
 	// machine's open gap at this epoch (0: not); its first time marker
 	// mends the gap (machine.mended).
@@ -362,10 +357,6 @@ func (st *session) readLoop() bool {
 					st.corrupt(fmt.Errorf("record %d: %s of [%d, %d) is beyond the %d bytes of disk %d", r.Seq, r.Op, r.Offset, r.Offset+uint64(r.Length), st.diskSize[r.Disk], r.Disk))
 					return false
 				}
-				if r.Seq > st.accepted && r.Seq <= st.marked {
-					st.corrupt(fmt.Errorf("record %d comes after a time marker at %d, which covered it", r.Seq, st.marked))
-					return false
-				}
 			}
 			if last <= st.accepted {
 				continue // a resent duplicate: already durable
@@ -406,7 +397,13 @@ func (st *session) readLoop() bool {
 			if mk.Seq < st.accepted {
 				continue // stale: records after it are already here
 			}
-			st.marked = max(st.marked, mk.Seq)
+			if mk.Seq > st.accepted {
+				// An agent marks what it has sent: one that claims more
+				// would date recoverable_until past records the journal
+				// lacks.
+				st.protocolError(fmt.Sprintf("time marker at sequence %d, past the last record received (%d)", mk.Seq, st.accepted))
+				return false
+			}
 			if ahead := time.Until(time.Unix(0, mk.UnixNano)); ahead > maxClockAhead && !st.skewed {
 				st.skewed = true
 				st.log.Warn("agent's clock runs ahead of the process server's: recoverable_until and RPO follow the agent's clock; fix its time synchronisation", logAhead, ahead.Round(time.Second))
