@@ -672,13 +672,22 @@ func (e *Engine) requestCover() {
 // drain parked its data-mode device, which every drain does): it cannot
 // have completed before.
 func (e *Engine) datedBack(now time.Time) time.Time {
+	// Entries the sweep is overdue for (a long drain held the loop, or a
+	// capture pinned while no agent ran kept those of writes made then)
+	// go to the bitmap first, where a cover waits for their read-back:
+	// dated back to them, a marker would claim a time long before writes
+	// its sequence holds.
+	if _, err := e.markStale(); err != nil {
+		e.log.Warn("cannot sweep the pending writes", "err", err)
+	}
+	at := now
 	if e.completionTracked(now) {
-		return now.Add(-unreportedLag)
+		at = now.Add(-unreportedLag)
 	}
-	if since, ok := e.cap.CompletionPendingSince(); ok && since.Before(now) {
-		return since
+	if since, ok := e.cap.CompletionPendingSince(); ok && since.Before(at) {
+		at = since
 	}
-	return now
+	return at
 }
 
 // unreportedLag bounds how long a completed write can stay unknown to the

@@ -330,3 +330,53 @@ func TestCoverageWaitsForParkedUnreportedWrite(t *testing.T) {
 	}
 	assertSameBytes(t, d.Path, tgt.f.Name())
 }
+
+// A pending entry from long before (a capture pinned while no agent ran
+// keeps those of writes made then, whose completion went unreported) is
+// swept before a cover is dated by it: dated an hour back, the first
+// marker after a restart would have claimed a time long before the
+// writes its sequence holds.
+func TestCoverNotDatedBackByStaleEntry(t *testing.T) {
+	testenv.RequireRoot(t)
+	d := loopdev.New(t, 32<<20, loopdev.Options{})
+	tgt := &coverTarget{fileTarget: newFileTarget(t)}
+	const off, n = 8 << 20, 64 << 10
+	var e *Engine
+	var injected time.Time
+	_, cancel, done := startEngineWith(t, Options{
+		Sources:   []Source{{Name: "d0", Path: d.Path, Mode: capture.ModeData, Sync: SyncFull}},
+		RingBytes: 4 << 20,
+		Target:    tgt,
+		OnSynced: func() {
+			// In the engine's goroutine, before its loop's first cover.
+			writeBehind(t, d.File, off, filled(n, 0x5a))
+			if err := e.cap.InjectPending(0, off, n, false, time.Hour); err != nil {
+				t.Error(err)
+			}
+			tgt.mu.Lock()
+			tgt.synced = true
+			injected = time.Now()
+			tgt.mu.Unlock()
+		},
+	}, func(made *Engine) { e = made })
+	deadline := time.Now().Add(15 * time.Second)
+	for tgt.delivered(off).IsZero() {
+		if time.Now().After(deadline) {
+			t.Fatal("the stale write was not read back")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	tgt.waitCoveredPast(t, injected, tgt.delivered(off), deadline)
+	tgt.mu.Lock()
+	for _, c := range tgt.covered {
+		if c.at.After(injected) && c.t.Before(injected.Add(-2*unreportedLag)) {
+			t.Errorf("covered %v reported at %v: dated back by a stale entry", c.t, c.at)
+		}
+	}
+	tgt.mu.Unlock()
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	assertSameBytes(t, d.Path, tgt.f.Name())
+}

@@ -130,6 +130,13 @@ func newFileTarget(t *testing.T) *fileTarget {
 // returns once the initial copy is done. done receives Run's result.
 func startEngine(t *testing.T, opt Options) (e *Engine, cancel context.CancelFunc, done chan error) {
 	t.Helper()
+	return startEngineWith(t, opt, nil)
+}
+
+// startEngineWith is startEngine, with made called on the engine before it
+// runs (for options that need the engine, such as an OnSynced using it).
+func startEngineWith(t *testing.T, opt Options, made func(*Engine)) (e *Engine, cancel context.CancelFunc, done chan error) {
+	t.Helper()
 	synced := make(chan struct{})
 	onSynced := opt.OnSynced
 	opt.OnSynced = func() {
@@ -141,6 +148,9 @@ func startEngine(t *testing.T, opt Options) (e *Engine, cancel context.CancelFun
 	e, err := New(opt)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if made != nil {
+		made(e)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done = make(chan error, 1)

@@ -97,6 +97,9 @@ type session struct {
 	// when the pause is sent). An agent keeps at most the window in flight,
 	// or one batch when nothing is: past that it ignores backpressure.
 	pausedBytes, pausedMax atomic.Uint64
+	// pausedAtConnect: the first window sent was 0. The agent resends up
+	// to its own default window at a connect before it hears this one.
+	pausedAtConnect atomic.Bool
 	// cancel ends the session's context: an abort (a newer connection of
 	// the machine, its replica lost) stops the hello's storage calls and
 	// the sums worker instead of leaving the next hello waiting on them.
@@ -328,9 +331,13 @@ func (st *session) readLoop() bool {
 				n := uint64(len(f.Payload))
 				total, largest := st.pausedBytes.Add(n), max(st.pausedMax.Load(), n)
 				st.pausedMax.Store(largest)
-				if total > max(st.s.cfg.Window, largest) {
+				bound := max(st.s.cfg.Window, largest)
+				if st.pausedAtConnect.Load() {
+					bound = max(bound, DefaultWindow)
+				}
+				if total > bound {
 					// It would fill the cache every machine shares.
-					st.protocolError(fmt.Sprintf("the agent sent %d bytes of batches after it was paused (backpressure), more than it may have had in flight (%d): refused", total, max(st.s.cfg.Window, largest)))
+					st.protocolError(fmt.Sprintf("the agent sent %d bytes of batches after it was paused (backpressure), more than it may have had in flight (%d): refused", total, bound))
 					return false
 				}
 			}
@@ -715,14 +722,18 @@ func (st *session) updateBackpressure() {
 	if st.sentWindow && want == st.window {
 		return
 	}
-	if err := st.send(func(w *wire.Writer) error { return w.WriteBackpressure(want) }); err != nil {
-		return
-	}
+	// Before the frame: a batch the agent sends once it has the new
+	// window must not be counted against the pause it ended, and all it
+	// sent before it heard of a pause is counted against that pause.
 	if want == 0 && !paused {
 		st.pausedBytes.Store(0)
 		st.pausedMax.Store(0)
 	}
+	st.pausedAtConnect.Store(want == 0 && (!st.sentWindow || st.pausedAtConnect.Load()))
 	st.paused.Store(want == 0)
+	if err := st.send(func(w *wire.Writer) error { return w.WriteBackpressure(want) }); err != nil {
+		return
+	}
 	if want == 0 {
 		// The agent goes silent: the read under way must not time out.
 		st.conn.SetReadDeadline(time.Now().Add(quietTimeout))

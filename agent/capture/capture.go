@@ -888,9 +888,9 @@ func (c *Capture) CompletionPendingSince() (time.Time, bool) {
 	if !found {
 		return time.Time{}, false
 	}
+	now := time.Now() // first: the age below is then never short
 	var ts unix.Timespec
 	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
-	now := time.Now()
 	if age := time.Duration(ts.Nano()) - time.Duration(oldest)*time.Second; age > 0 {
 		return now.Add(-age), true
 	}
