@@ -64,6 +64,7 @@ type Server struct {
 	cache       *cache.Cache
 	recoveryKey []byte
 	tlsConf     *tls.Config
+	id          *pki.Identity
 	ln          net.Listener
 	applier     Applier
 	metrics     *metrics
@@ -158,6 +159,7 @@ func Start(ctx context.Context, c Config) (*Server, error) {
 		cache:       ch,
 		recoveryKey: rk,
 		tlsConf:     channel.Config(id.ServerTLS(pki.RoleAgent)),
+		id:          id,
 		machines:    make(map[string]*machine),
 		freeBufs:    make(chan *segBuf, 8),
 		scrubReq:    make(chan struct{}, 1),

@@ -939,3 +939,23 @@ func TestBusyPortRefusedFirst(t *testing.T) {
 		}
 	}
 }
+
+// Revoking an agent's certificate ends its session too, not only its next
+// handshakes: a stolen key's stream must not go on while the real agent
+// is down.
+func TestRevokedAgentSessionEnds(t *testing.T) {
+	old := revocationCheckEvery
+	revocationCheckEvery = 50 * time.Millisecond
+	t.Cleanup(func() { revocationCheckEvery = old })
+	e := newEnv(t, mem.New(), 1)
+	a := dialAgent(t, e, e.start(), "m1")
+	a.hello("m1", disk0)
+	a.waitAck(a.batch(1, 5))
+	if err := pki.Revoke(e.pki, "m1"); err != nil {
+		t.Fatal(err)
+	}
+	we := errorFrame(t, a)
+	if we.Code != wire.CodeUnknownAgent || !strings.Contains(we.Message, "revoked") {
+		t.Fatalf("error = %+v, want the revocation", we)
+	}
+}

@@ -617,6 +617,8 @@ func (st *session) cutLocked() {
 func (st *session) timer(ctx context.Context) {
 	tick := time.NewTicker(max(st.s.cfg.SegmentAge/4, 5*time.Millisecond))
 	defer tick.Stop()
+	revoked := time.NewTicker(revocationCheckEvery)
+	defer revoked.Stop()
 	for {
 		select {
 		case <-ctx.Done():
@@ -627,8 +629,37 @@ func (st *session) timer(ctx context.Context) {
 				st.cutLocked()
 			}
 			st.mu.Unlock()
+		case <-revoked.C:
+			// A revocation ends the sessions of the certificate too,
+			// not only its next handshakes: a stolen key's stream must
+			// not go on while the real agent is down.
+			if err := st.checkRevoked(); err != nil {
+				st.log.Error("agent certificate revoked; closing its connection", logErr, err)
+				st.abortWith(wire.CodeUnknownAgent, err.Error(), err)
+				return
+			}
 		}
 	}
+}
+
+// revocationCheckEvery is how often a session checks its agent's
+// certificate against the revoked list (read again only if it changed).
+var revocationCheckEvery = 10 * time.Second
+
+// checkRevoked fails if the agent's certificate is revoked now.
+func (st *session) checkRevoked() error {
+	if st.s.id == nil {
+		return nil
+	}
+	c, ok := st.conn.(channel.Stream)
+	if !ok {
+		return nil
+	}
+	cs := c.ConnectionState()
+	if len(cs.PeerCertificates) == 0 {
+		return nil
+	}
+	return st.s.id.CheckRevoked(cs.PeerCertificates[0])
 }
 
 // flusher makes cut segments durable, in order, and acknowledges them.

@@ -416,6 +416,11 @@ func (r *revocations) check(cert *x509.Certificate) error {
 	return nil
 }
 
+// CheckRevoked fails if the identity's PKI directory lists cert as revoked
+// (the list read again if it changed): for peers whose connection outlives
+// the handshake that checked them.
+func (id *Identity) CheckRevoked(cert *x509.Certificate) error { return id.revoked.check(cert) }
+
 // Name returns the identity's name (the certificate's common name).
 func (id *Identity) Name() string { return id.name }
 
