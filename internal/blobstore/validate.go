@@ -48,6 +48,12 @@ func CheckMetadata(md Metadata) error {
 		if !validMetadataName(k) {
 			return fmt.Errorf("metadata name %q: must match [a-z_][a-z0-9_]* (case-insensitive): %w", k, ErrInvalid)
 		}
+		if l := strings.ToLower(k); l != k {
+			if _, dup := md[l]; dup {
+				// Stored lower-cased, one would silently replace the other.
+				return fmt.Errorf("metadata names %q and %q differ only in case: %w", k, l, ErrInvalid)
+			}
+		}
 		if v != strings.TrimSpace(v) {
 			return fmt.Errorf("metadata %q: value has leading or trailing spaces: %w", k, ErrInvalid)
 		}
