@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -283,6 +284,13 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 		*cfg.Stats = stats
 	}
 	closeErr := e.Close()
+	if runErr != nil && ctx.Err() != nil && errors.Is(runErr, context.Canceled) {
+		// Stopped before the initial copy (or a resume's first drain)
+		// was done: saved unclean, the next run compares by checksum.
+		log.Warn("stopped before the initial copy finished; the next run resyncs by checksum", keyDevice, cfg.Device)
+		printCounters(cfg.Out, stats)
+		return nil
+	}
 	if runErr != nil {
 		return runErr
 	}
@@ -298,11 +306,16 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	if err := saveState(statePath, &st); err != nil {
 		return err
 	}
-	if cfg.Out != nil {
-		b, _ := json.Marshal(stats)
-		fmt.Fprintf(cfg.Out, "counters: %s\n", b)
-	}
+	printCounters(cfg.Out, stats)
 	return nil
+}
+
+// printCounters writes the counters line a stop ends with.
+func printCounters(out io.Writer, stats Stats) {
+	if out != nil {
+		b, _ := json.Marshal(stats)
+		fmt.Fprintf(out, "counters: %s\n", b)
+	}
 }
 
 // PinRoot holds one directory per pinned capture (see PinDir).
@@ -445,10 +458,50 @@ func fileStamp(f *os.File) (string, error) {
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
 		return "", fmt.Errorf("mirror file: %w", err)
 	}
-	if st.Mode&unix.S_IFMT != unix.S_IFREG {
-		return "", nil
+	switch st.Mode & unix.S_IFMT {
+	case unix.S_IFREG:
+		return fmt.Sprintf("%d.%09d", st.Ctim.Sec, st.Ctim.Nsec), nil
+	case unix.S_IFBLK:
+		return blockStamp(unix.Major(st.Rdev), unix.Minor(st.Rdev)), nil
 	}
-	return fmt.Sprintf("%d.%09d", st.Ctim.Sec, st.Ctim.Nsec), nil
+	return "", nil
+}
+
+// blockStamp is what the kernel counted written and discarded on block
+// device major:minor, and on its disk if it is a partition (a write to
+// the disk may land in it): a mirror device written by anything else
+// between two runs (mounted, fsck-ed, dd) moves it. A reboot resets the
+// counters, but removes the pinned capture too (the next run compares).
+// "" when the counters cannot be read.
+func blockStamp(major, minor uint32) string {
+	dir := fmt.Sprintf("/sys/dev/block/%d:%d", major, minor)
+	counts := func(dir string) string {
+		b, err := os.ReadFile(filepath.Join(dir, "stat"))
+		if err != nil {
+			return ""
+		}
+		f := strings.Fields(string(b))
+		if len(f) < 7 {
+			return ""
+		}
+		c := "w" + f[6] // sectors written
+		if len(f) >= 14 {
+			c += "d" + f[13] // sectors discarded
+		}
+		return c
+	}
+	stamp := counts(dir)
+	if stamp == "" {
+		return ""
+	}
+	if _, err := os.Stat(filepath.Join(dir, "partition")); err == nil {
+		disk := counts(filepath.Join(dir, ".."))
+		if disk == "" {
+			return ""
+		}
+		stamp += "/" + disk
+	}
+	return "blk:" + stamp
 }
 
 // fileTarget keeps a mirror in a regular file (or another block device).

@@ -694,3 +694,52 @@ func TestMirrorRefusesItsOwnDiskAndBusyDevices(t *testing.T) {
 		t.Error("the refused mirror file was created")
 	}
 }
+
+// A mirror device written by something else between two runs (mounted,
+// fsck-ed, dd) is compared again, not resumed: the state does not
+// describe it any more. Untouched, it is resumed.
+func TestMirrorDeviceWrittenBetweenRuns(t *testing.T) {
+	testenv.RequireRoot(t)
+	d := loopdev.New(t, 64<<20, loopdev.Options{})
+	m := loopdev.New(t, 64<<20, loopdev.Options{})
+	o := runOpts{stateDir: filepath.Join(t.TempDir(), "state")}
+	r := startMirror(t, d.Path, m.Path, o)
+	fio(t, d.Path, "--io_size=8m")
+	r.stop()
+	assertSameBytes(t, d.Path, m.Path)
+
+	r = startMirror(t, d.Path, m.Path, o)
+	if s := r.stop(); s.Sync[0] != SyncResume.String() {
+		t.Fatalf("untouched mirror device: %s, want a resume", s.Sync[0])
+	}
+	run(t, "dd", "if=/dev/urandom", "of="+m.Path, "bs=4k", "seek=100", "count=4", "oflag=direct", "status=none")
+	r = startMirror(t, d.Path, m.Path, o)
+	if s := r.stop(); s.Sync[0] != SyncCompare.String() {
+		t.Fatalf("mirror device written by something else after a clean stop: %s, want a checksum resync", s.Sync[0])
+	}
+	assertSameBytes(t, d.Path, m.Path)
+}
+
+// A stop before the initial copy is done exits as any stop does: counters
+// printed, no error (saved unclean, the next run compares).
+func TestMirrorStoppedDuringInitialCopy(t *testing.T) {
+	testenv.RequireRoot(t)
+	d := loopdev.New(t, 64<<20, loopdev.Options{})
+	to := filepath.Join(t.TempDir(), "mirror.img")
+	state := filepath.Join(t.TempDir(), "state")
+	t.Cleanup(func() { Release(state) })
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	var out bytes.Buffer
+	if err := RunMirror(ctx, MirrorConfig{Device: d.Path, To: to, RingBytes: 16 << 20, StateDir: state, Out: &out}); err != nil {
+		t.Fatalf("stopped during the initial copy: %v, want a clean exit", err)
+	}
+	if !strings.HasPrefix(out.String(), "counters: {") {
+		t.Fatalf("no counters line, got %q", out.String())
+	}
+	r := startMirror(t, d.Path, to, runOpts{stateDir: state})
+	if s := r.stop(); s.Sync[0] == SyncResume.String() {
+		t.Fatalf("after a stop during the initial copy: %s, want a copy or a compare", s.Sync[0])
+	}
+	assertSameBytes(t, d.Path, to)
+}
