@@ -787,3 +787,36 @@ func TestLostSegmentEndsAtNextCached(t *testing.T) {
 		t.Fatalf("durable_seq %d, want 30", man.DurableSeq)
 	}
 }
+
+// A gap whose resync found nothing to send is mended at lost_to + 1, and
+// the resync's first marker sits at lost_to, inside it: recoverable_until
+// and idle_seq must not move to it (recover --point latest would then name
+// a state inside the gap, and be refused, until the next write).
+func TestMarkerInsideMendedGapNotRecoverable(t *testing.T) {
+	r := newGapRig(t, mem.New())
+	r.put(1, 10)
+	r.upload()
+	t0 := time.Now()
+	r.m.noteMarker(wire.Marker{Seq: 10, UnixNano: t0.UnixNano(), Kind: wire.MarkerTime})
+	r.upload()
+	r.put(11, 20)
+	r.loseShards(11)
+	r.upload() // gap [11, 20], its tombstone
+	if _, ep := r.agree(20); ep == 0 {
+		t.Fatal("no resync asked for the gap")
+	} else {
+		r.m.mended(ep, 20) // nothing resent: its first marker at 20
+	}
+	r.m.noteMarker(wire.Marker{Seq: 20, UnixNano: t0.Add(time.Second).UnixNano(), Kind: wire.MarkerTime})
+	r.upload()
+	man := r.manifest()
+	if len(man.Gaps) != 1 || man.Gaps[0].Open() {
+		t.Fatalf("gaps %+v, want the one mended", man.Gaps)
+	}
+	if _, in := man.GapAt(man.IdleSeq); in && man.IdleSeq != 0 {
+		t.Errorf("idle_seq %d inside the gap %+v", man.IdleSeq, man.Gaps[0])
+	}
+	if man.RecoverableUntil.After(t0) {
+		t.Errorf("recoverable_until %v moved to a marker inside the gap %+v", man.RecoverableUntil, man.Gaps[0])
+	}
+}

@@ -687,7 +687,10 @@ func (m *machine) advanceFromMarker(ctx context.Context) error {
 	changed := m.mendLocked()
 	if m.hasNote {
 		m.hasNote = false
-		if t := time.Unix(0, m.note.UnixNano).UTC(); t.After(m.man.RecoverableUntil) && m.note.Seq <= m.uploaded && !m.man.HasOpenGap() {
+		// Nor one a gap covers (mended with nothing to send, its marker
+		// sits at lost_to): recover would refuse the state it names.
+		_, inGap := m.man.GapAt(m.note.Seq)
+		if t := time.Unix(0, m.note.UnixNano).UTC(); t.After(m.man.RecoverableUntil) && m.note.Seq <= m.uploaded && !m.man.HasOpenGap() && !inGap {
 			m.man.RecoverableUntil, changed = t, true
 			if m.idle.Seq == m.note.Seq && m.idle.Seq > 0 {
 				m.man.IdleSeq, m.man.IdleSince = m.idle.Seq, time.Unix(0, m.idle.UnixNano).UTC()
