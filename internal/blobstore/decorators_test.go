@@ -403,3 +403,28 @@ func TestStackConformance(t *testing.T) {
 			Logger: slog.New(slog.DiscardHandler)})
 	}, blobstoretest.Options{})
 }
+
+// A small upload (a manifest) is not queued behind the segments being
+// drained at the limit, but is charged: the next large write waits for it.
+func TestWriteLimitSmallWritesNotQueued(t *testing.T) {
+	_, m := newFaulty(t)
+	s := blobstore.WithWriteLimit(m, 256<<10, 0) // 256 KiB/s, 4 MiB burst
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	if err := s.PutBlob(ctx, "first", make([]byte, 4<<20), nil); err != nil {
+		t.Fatal(err) // the burst: at once
+	}
+	for i := range 4 { // 32 MiB queued: about 128 s
+		go s.PutBlob(ctx, fmt.Sprint("seg", i), make([]byte, 8<<20), nil)
+	}
+	time.Sleep(50 * time.Millisecond)
+	wctx, wcancel := context.WithTimeout(ctx, 60*time.Second)
+	defer wcancel()
+	start := time.Now()
+	if _, err := s.PutBlobIf(wctx, "m/manifest.json", make([]byte, 4<<10), nil, ""); err != nil {
+		t.Fatalf("manifest write behind queued segments: %v", err)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Fatalf("manifest write took %v behind queued segments", d)
+	}
+}

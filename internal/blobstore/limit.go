@@ -3,6 +3,7 @@ package blobstore
 import (
 	"context"
 	"fmt"
+	"time"
 
 	"golang.org/x/time/rate"
 )
@@ -35,8 +36,19 @@ type limitStore struct {
 	chunk int
 }
 
+// smallWrite: uploads up to this size (manifests, point records, data
+// keys) are sent at once and charged to the bucket all the same (the
+// writes after them wait for it). Queued behind the segments being
+// drained, a manifest write would hold recoverable_until back for as long,
+// and fail a hello whose deadline the queue outlasts.
+const smallWrite = 64 << 10
+
 // wait takes n tokens, in pieces no larger than the burst (WaitN rejects more).
 func (l *limitStore) wait(ctx context.Context, n int) error {
+	if n <= smallWrite {
+		l.lim.ReserveN(time.Now(), n)
+		return nil
+	}
 	for n > 0 {
 		k := min(n, l.lim.Burst())
 		if err := l.lim.WaitN(ctx, k); err != nil {
