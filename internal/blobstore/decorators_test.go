@@ -428,3 +428,22 @@ func TestWriteLimitSmallWritesNotQueued(t *testing.T) {
 		t.Fatalf("manifest write took %v behind queued segments", d)
 	}
 }
+
+// Small page writes, the bulk of a replica's traffic, stay limited.
+func TestWriteLimitSmallPagesLimited(t *testing.T) {
+	_, m := newFaulty(t)
+	ctx := context.Background()
+	if err := m.CreatePageBlob(ctx, "d", 4<<20, nil); err != nil {
+		t.Fatal(err)
+	}
+	s := blobstore.WithWriteLimit(m, 1<<20, 64<<10) // 1 MiB/s, 64 KiB burst
+	start := time.Now()
+	for i := range 8 { // 512 KiB in 64 KiB pages: about 0.44 s past the burst
+		if err := s.WritePages(ctx, "d", int64(i)<<16, make([]byte, 64<<10)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if d := time.Since(start); d < 400*time.Millisecond {
+		t.Fatalf("512 KiB of 64 KiB pages at 1 MiB/s took %v, want at least 0.4 s", d)
+	}
+}

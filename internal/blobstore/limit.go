@@ -43,12 +43,19 @@ type limitStore struct {
 // and fail a hello whose deadline the queue outlasts.
 const smallWrite = 64 << 10
 
-// wait takes n tokens, in pieces no larger than the burst (WaitN rejects more).
-func (l *limitStore) wait(ctx context.Context, n int) error {
+// waitBlob is wait for a blob upload: a small one goes at once, charged.
+// (Not for Put Page: the applier writes many small pages, which are the
+// bulk of a replica's traffic.)
+func (l *limitStore) waitBlob(ctx context.Context, n int) error {
 	if n <= smallWrite {
 		l.lim.ReserveN(time.Now(), n)
 		return nil
 	}
+	return l.wait(ctx, n)
+}
+
+// wait takes n tokens, in pieces no larger than the burst (WaitN rejects more).
+func (l *limitStore) wait(ctx context.Context, n int) error {
 	for n > 0 {
 		k := min(n, l.lim.Burst())
 		if err := l.lim.WaitN(ctx, k); err != nil {
@@ -60,14 +67,14 @@ func (l *limitStore) wait(ctx context.Context, n int) error {
 }
 
 func (l *limitStore) PutBlob(ctx context.Context, name string, data []byte, md Metadata) error {
-	if err := l.wait(ctx, len(data)); err != nil {
+	if err := l.waitBlob(ctx, len(data)); err != nil {
 		return err
 	}
 	return l.Store.PutBlob(ctx, name, data, md)
 }
 
 func (l *limitStore) PutBlobIf(ctx context.Context, name string, data []byte, md Metadata, match string) (string, error) {
-	if err := l.wait(ctx, len(data)); err != nil {
+	if err := l.waitBlob(ctx, len(data)); err != nil {
 		return "", err
 	}
 	return l.Store.PutBlobIf(ctx, name, data, md, match)

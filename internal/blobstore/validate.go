@@ -44,16 +44,16 @@ func CheckPageRange(offset, length int64) error {
 // CheckMetadata validates md against the rules documented on Metadata.
 func CheckMetadata(md Metadata) error {
 	total := 0
+	lower := make(map[string]string, len(md))
 	for k, v := range md {
 		if !validMetadataName(k) {
 			return fmt.Errorf("metadata name %q: must match [a-z_][a-z0-9_]* (case-insensitive): %w", k, ErrInvalid)
 		}
-		if l := strings.ToLower(k); l != k {
-			if _, dup := md[l]; dup {
-				// Stored lower-cased, one would silently replace the other.
-				return fmt.Errorf("metadata names %q and %q differ only in case: %w", k, l, ErrInvalid)
-			}
+		if other, dup := lower[strings.ToLower(k)]; dup {
+			// Stored lower-cased, one would silently replace the other.
+			return fmt.Errorf("metadata names %q and %q differ only in case: %w", other, k, ErrInvalid)
 		}
+		lower[strings.ToLower(k)] = k
 		if v != strings.TrimSpace(v) {
 			return fmt.Errorf("metadata %q: value has leading or trailing spaces: %w", k, ErrInvalid)
 		}

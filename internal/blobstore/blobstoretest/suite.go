@@ -313,7 +313,7 @@ func testMetadata(t *testing.T, s blobstore.Store) {
 		t.Fatalf("SetMetadata changed content to %q", got)
 	}
 	for _, bad := range []blobstore.Metadata{
-		{"1abc": "x"}, {"a-b": "x"}, {"": "x"}, {"a": " lead"}, {"a": "tab\t"}, {"a": "nl\nx"}, {"a": "é"}, {"a": "1", "A": "2"},
+		{"1abc": "x"}, {"a-b": "x"}, {"": "x"}, {"a": " lead"}, {"a": "tab\t"}, {"a": "nl\nx"}, {"a": "é"}, {"a": "1", "A": "2"}, {"Ab": "1", "aB": "2"},
 		{"big": string(bytes.Repeat([]byte("x"), blobstore.MaxMetadataSize))},
 	} {
 		wantErr(t, s.SetMetadata(ctx, "m", bad), blobstore.ErrInvalid, "SetMetadata(%q)", bad)
