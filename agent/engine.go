@@ -677,14 +677,18 @@ func (e *Engine) datedBack(now time.Time) time.Time {
 	// go to the bitmap first, where a cover waits for their read-back:
 	// dated back to them, a marker would claim a time long before writes
 	// its sequence holds.
-	if _, err := e.markStale(); err != nil {
-		e.log.Warn("cannot sweep the pending writes", "err", err)
+	since, ok := e.cap.CompletionPendingSince()
+	if ok && now.Sub(since) > staleAfter+capture.ClockLag {
+		if _, err := e.markStale(); err != nil {
+			e.log.Warn("cannot sweep the pending writes", "err", err)
+		}
+		since, ok = e.cap.CompletionPendingSince()
 	}
 	at := now
 	if e.completionTracked(now) {
 		at = now.Add(-unreportedLag)
 	}
-	if since, ok := e.cap.CompletionPendingSince(); ok && since.Before(at) {
+	if ok && since.Before(at) {
 		at = since
 	}
 	return at

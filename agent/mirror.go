@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -468,40 +469,66 @@ func fileStamp(f *os.File) (string, error) {
 }
 
 // blockStamp is what the kernel counted written and discarded on block
-// device major:minor, and on its disk if it is a partition (a write to
-// the disk may land in it): a mirror device written by anything else
-// between two runs (mounted, fsck-ed, dd) moves it. A reboot resets the
-// counters, but removes the pinned capture too (the next run compares).
-// "" when the counters cannot be read.
+// device major:minor and, for a partition, written to its disk directly
+// (a write to the whole disk may land in it; the disk's counters also
+// count its partitions' I/O, which is taken out: the source may be
+// another partition of the disk): a mirror device written by anything
+// else between two runs (mounted, fsck-ed, dd) moves it. A reboot resets
+// the counters, but removes the pinned capture too (the next run
+// compares). "" when the counters cannot be read.
 func blockStamp(major, minor uint32) string {
-	dir := fmt.Sprintf("/sys/dev/block/%d:%d", major, minor)
-	counts := func(dir string) string {
+	dir, err := filepath.EvalSymlinks(fmt.Sprintf("/sys/dev/block/%d:%d", major, minor))
+	if err != nil {
+		return ""
+	}
+	// counts returns sectors written and discarded (stat fields 7, 14).
+	counts := func(dir string) (w, d uint64, ok bool) {
 		b, err := os.ReadFile(filepath.Join(dir, "stat"))
 		if err != nil {
-			return ""
+			return 0, 0, false
 		}
 		f := strings.Fields(string(b))
 		if len(f) < 7 {
-			return ""
+			return 0, 0, false
 		}
-		c := "w" + f[6] // sectors written
+		w, err = strconv.ParseUint(f[6], 10, 64)
+		if err != nil {
+			return 0, 0, false
+		}
 		if len(f) >= 14 {
-			c += "d" + f[13] // sectors discarded
+			d, _ = strconv.ParseUint(f[13], 10, 64)
 		}
-		return c
+		return w, d, true
 	}
-	stamp := counts(dir)
-	if stamp == "" {
+	w, d, ok := counts(dir)
+	if !ok {
 		return ""
 	}
-	if _, err := os.Stat(filepath.Join(dir, "partition")); err == nil {
-		disk := counts(filepath.Join(dir, ".."))
-		if disk == "" {
+	stamp := fmt.Sprintf("blk:w%dd%d", w, d)
+	if _, err := os.Stat(filepath.Join(dir, "partition")); err != nil {
+		return stamp
+	}
+	disk := filepath.Dir(dir)
+	dw, dd, ok := counts(disk)
+	if !ok {
+		return ""
+	}
+	parts, err := os.ReadDir(disk)
+	if err != nil {
+		return ""
+	}
+	for _, p := range parts {
+		pd := filepath.Join(disk, p.Name())
+		if _, err := os.Stat(filepath.Join(pd, "partition")); err != nil {
+			continue
+		}
+		pw, pdd, ok := counts(pd)
+		if !ok {
 			return ""
 		}
-		stamp += "/" + disk
+		dw, dd = dw-min(dw, pw), dd-min(dd, pdd)
 	}
-	return "blk:" + stamp
+	return stamp + fmt.Sprintf("/w%dd%d", dw, dd)
 }
 
 // fileTarget keeps a mirror in a regular file (or another block device).

@@ -743,3 +743,30 @@ func TestMirrorStoppedDuringInitialCopy(t *testing.T) {
 	}
 	assertSameBytes(t, d.Path, to)
 }
+
+// A mirror partition of the source's own disk: the source written while
+// no agent runs still resumes (the disk's counters count its partitions'
+// writes, which are taken out), and the mirror written through the whole
+// disk is compared again.
+func TestMirrorPartitionWrittenBetweenRuns(t *testing.T) {
+	d, p1, p2 := partitionedDisk(t)
+	o := runOpts{stateDir: filepath.Join(t.TempDir(), "state")}
+	r := startMirror(t, p1, p2, o)
+	r.stop()
+	assertSameBytes(t, p1, p2)
+
+	run(t, "dd", "if=/dev/urandom", "of="+p1, "bs=4k", "seek=1000", "count=4", "oflag=direct", "status=none")
+	r = startMirror(t, p1, p2, o)
+	if s := r.stop(); s.Sync[0] != SyncResume.String() {
+		t.Fatalf("source written while no agent ran, mirror untouched: %s, want a resume", s.Sync[0])
+	}
+	assertSameBytes(t, p1, p2)
+
+	seek := partitionStart(t, p2)/4096 + 100
+	run(t, "dd", "if=/dev/urandom", "of="+d.Path, "bs=4k", fmt.Sprintf("seek=%d", seek), "count=4", "oflag=direct", "status=none")
+	r = startMirror(t, p1, p2, o)
+	if s := r.stop(); s.Sync[0] != SyncCompare.String() {
+		t.Fatalf("mirror partition written through its disk: %s, want a checksum resync", s.Sync[0])
+	}
+	assertSameBytes(t, p1, p2)
+}

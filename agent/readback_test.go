@@ -333,7 +333,7 @@ func TestCoverageWaitsForParkedUnreportedWrite(t *testing.T) {
 
 // A pending entry from long before (a capture pinned while no agent ran
 // keeps those of writes made then, whose completion went unreported) is
-// swept before a cover is dated by it: dated an hour back, the first
+// swept before a cover is dated by it: dated that far back, the first
 // marker after a restart would have claimed a time long before the
 // writes its sequence holds.
 func TestCoverNotDatedBackByStaleEntry(t *testing.T) {
@@ -350,7 +350,9 @@ func TestCoverNotDatedBackByStaleEntry(t *testing.T) {
 		OnSynced: func() {
 			// In the engine's goroutine, before its loop's first cover.
 			writeBehind(t, d.File, off, filled(n, 0x5a))
-			if err := e.cap.InjectPending(0, off, n, false, time.Hour); err != nil {
+			// A minute old (stamps are seconds since boot: an hour would
+			// wrap on a machine up for less).
+			if err := e.cap.InjectPending(0, off, n, false, time.Minute); err != nil {
 				t.Error(err)
 			}
 			tgt.mu.Lock()

@@ -959,3 +959,22 @@ func TestRevokedAgentSessionEnds(t *testing.T) {
 		t.Fatalf("error = %+v, want the revocation", we)
 	}
 }
+
+// A revocation list that cannot be read refuses new connections but does
+// not end live sessions as if their certificates were revoked.
+func TestBrokenRevocationListKeepsSessions(t *testing.T) {
+	old := revocationCheckEvery
+	revocationCheckEvery = 20 * time.Millisecond
+	t.Cleanup(func() { revocationCheckEvery = old })
+	e := newEnv(t, mem.New(), 1)
+	a := dialAgent(t, e, e.start(), "m1")
+	a.hello("m1", disk0)
+	if err := os.WriteFile(filepath.Join(e.pki, "revoked"), []byte("not-hex m9\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond)
+	a.waitAck(a.batch(1, 5))
+	eventually(t, 10*time.Second, "the list error said", func() bool {
+		return strings.Contains(e.logs.String(), "cannot check the agent's certificate against the revocation list")
+	})
+}

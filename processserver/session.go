@@ -15,6 +15,7 @@ import (
 
 	"github.com/lifeboat-dr/lifeboat/internal/channel"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/pki"
 	"github.com/lifeboat-dr/lifeboat/internal/seal"
 	"github.com/lifeboat-dr/lifeboat/internal/wire"
 	"github.com/lifeboat-dr/lifeboat/processserver/cache"
@@ -619,6 +620,7 @@ func (st *session) timer(ctx context.Context) {
 	defer tick.Stop()
 	revoked := time.NewTicker(revocationCheckEvery)
 	defer revoked.Stop()
+	listWarned := false
 	for {
 		select {
 		case <-ctx.Done():
@@ -633,10 +635,16 @@ func (st *session) timer(ctx context.Context) {
 			// A revocation ends the sessions of the certificate too,
 			// not only its next handshakes: a stolen key's stream must
 			// not go on while the real agent is down.
-			if err := st.checkRevoked(); err != nil {
+			switch err := st.checkRevoked(); {
+			case errors.Is(err, pki.ErrRevoked):
 				st.log.Error("agent certificate revoked; closing its connection", logErr, err)
 				st.abortWith(wire.CodeUnknownAgent, err.Error(), err)
 				return
+			case err != nil && !listWarned:
+				// The next handshakes are refused until it is fixed; the
+				// live sessions go on.
+				listWarned = true
+				st.log.Error("cannot check the agent's certificate against the revocation list; fix the list (new connections are refused meanwhile)", logErr, err)
 			}
 		}
 	}

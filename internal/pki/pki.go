@@ -411,10 +411,14 @@ func (r *revocations) check(cert *x509.Certificate) error {
 		}
 	}
 	if name, ok := r.serials[cert.SerialNumber.Text(16)]; ok {
-		return fmt.Errorf("pki: certificate %q (serial %s) is revoked (%s lists it as %q)", cert.Subject.CommonName, cert.SerialNumber.Text(16), r.path, name)
+		return fmt.Errorf("pki: certificate %q (serial %s) %w (%s lists it as %q)", cert.Subject.CommonName, cert.SerialNumber.Text(16), ErrRevoked, r.path, name)
 	}
 	return nil
 }
+
+// ErrRevoked: the certificate is listed in the revoked file (other
+// errors of a revocation check: the list could not be read).
+var ErrRevoked = errors.New("is revoked")
 
 // CheckRevoked fails if the identity's PKI directory lists cert as revoked
 // (the list read again if it changed): for peers whose connection outlives
