@@ -54,7 +54,9 @@ type mirrorState struct {
 	Target   string `json:"target"`
 	TargetID string `json:"target_identity"`
 	// TargetStamp is the mirror file's ctime after the clean stop's last
-	// write: anything that writes, truncates or replaces it since moves it.
+	// write (for a device, its kernel write counters, blockStamp; "blk:?"
+	// when they could not be read): anything that writes, truncates or
+	// replaces it since moves it.
 	TargetStamp string `json:"target_stamp,omitempty"`
 	Clean       bool   `json:"clean"`
 }
@@ -303,6 +305,11 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	if st.TargetStamp, err = fileStamp(f); err != nil {
 		return err
 	}
+	if st.TargetStamp == "" && fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice == 0 {
+		// Counters unreadable now: the next start compares ("" is a
+		// state from before stamps, trusted).
+		st.TargetStamp = "blk:?"
+	}
 	st.Clean = true
 	if err := saveState(statePath, &st); err != nil {
 		return err
@@ -509,26 +516,38 @@ func blockStamp(major, minor uint32) string {
 		return stamp
 	}
 	disk := filepath.Dir(dir)
-	dw, dd, ok := counts(disk)
-	if !ok {
-		return ""
-	}
 	parts, err := os.ReadDir(disk)
 	if err != nil {
 		return ""
 	}
-	for _, p := range parts {
-		pd := filepath.Join(disk, p.Name())
-		if _, err := os.Stat(filepath.Join(pd, "partition")); err != nil {
-			continue
-		}
-		pw, pdd, ok := counts(pd)
+	// The disk's counters read again after its partitions' must not have
+	// moved (a partition written in between would hide a direct write).
+	for range 10 {
+		dw, dd, ok := counts(disk)
 		if !ok {
 			return ""
 		}
-		dw, dd = dw-min(dw, pw), dd-min(dd, pdd)
+		var pw, pd uint64
+		for _, p := range parts {
+			sub := filepath.Join(disk, p.Name())
+			if _, err := os.Stat(filepath.Join(sub, "partition")); err != nil {
+				continue
+			}
+			w, d, ok := counts(sub)
+			if !ok {
+				return ""
+			}
+			pw, pd = pw+w, pd+d
+		}
+		if w, d, ok := counts(disk); !ok || w != dw || d != dd {
+			continue
+		}
+		if pw > dw || pd > dd {
+			return ""
+		}
+		return stamp + fmt.Sprintf("/w%dd%d", dw-pw, dd-pd)
 	}
-	return stamp + fmt.Sprintf("/w%dd%d", dw, dd)
+	return ""
 }
 
 // fileTarget keeps a mirror in a regular file (or another block device).

@@ -404,8 +404,9 @@ func TestStackConformance(t *testing.T) {
 	}, blobstoretest.Options{})
 }
 
-// A small upload (a manifest) is not queued behind the segments being
+// A control upload (a manifest) is not queued behind the segments being
 // drained at the limit, but is charged: the next large write waits for it.
+// Other small uploads (small segments) stay limited.
 func TestWriteLimitSmallWritesNotQueued(t *testing.T) {
 	_, m := newFaulty(t)
 	s := blobstore.WithWriteLimit(m, 256<<10, 0) // 256 KiB/s, 4 MiB burst
@@ -421,11 +422,16 @@ func TestWriteLimitSmallWritesNotQueued(t *testing.T) {
 	wctx, wcancel := context.WithTimeout(ctx, 60*time.Second)
 	defer wcancel()
 	start := time.Now()
-	if _, err := s.PutBlobIf(wctx, "m/manifest.json", make([]byte, 4<<10), nil, ""); err != nil {
+	if _, err := s.PutBlobIf(blobstore.Unmetered(wctx), "m/manifest.json", make([]byte, 4<<10), nil, ""); err != nil {
 		t.Fatalf("manifest write behind queued segments: %v", err)
 	}
 	if d := time.Since(start); d > time.Second {
 		t.Fatalf("manifest write took %v behind queued segments", d)
+	}
+	sctx, scancel := context.WithTimeout(ctx, 2*time.Second)
+	defer scancel()
+	if err := s.PutBlob(sctx, "m/journal/small", make([]byte, 4<<10), nil); err == nil {
+		t.Fatal("a small segment went past the queued ones")
 	}
 }
 

@@ -36,20 +36,27 @@ type limitStore struct {
 	chunk int
 }
 
-// smallWrite: uploads up to this size (manifests, point records, data
-// keys) are sent at once and charged to the bucket all the same (the
-// writes after them wait for it). Queued behind the segments being
-// drained, a manifest write would hold recoverable_until back for as long,
-// and fail a hello whose deadline the queue outlasts.
-const smallWrite = 64 << 10
+// Unmetered marks ctx's uploads as control writes (manifests, point
+// records, data keys: small and few): a write limit sends them at once
+// and charges them to its bucket all the same (the writes after them wait
+// for it). Queued behind the segments being drained, a manifest write
+// would hold recoverable_until back for as long, and fail a hello whose
+// deadline the queue outlasts.
+func Unmetered(ctx context.Context) context.Context {
+	return context.WithValue(ctx, unmeteredKey{}, true)
+}
 
-// waitBlob is wait for a blob upload: a small one goes at once, charged.
-// (Not for Put Page: the applier writes many small pages, which are the
-// bulk of a replica's traffic.)
+type unmeteredKey struct{}
+
+// waitBlob is wait for a blob upload of n bytes, at once for an
+// Unmetered one. (Not for Put Page: the applier's many small pages are
+// the bulk of a replica's traffic.)
 func (l *limitStore) waitBlob(ctx context.Context, n int) error {
-	if n <= smallWrite {
-		l.lim.ReserveN(time.Now(), n)
-		return nil
+	if ctx.Value(unmeteredKey{}) != nil {
+		if r := l.lim.ReserveN(time.Now(), n); r.OK() {
+			return nil
+		}
+		// More than the burst: paced as any write.
 	}
 	return l.wait(ctx, n)
 }

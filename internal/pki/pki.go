@@ -15,6 +15,7 @@
 package pki
 
 import (
+	"cmp"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -332,6 +333,7 @@ type revocations struct {
 	mu      sync.Mutex
 	stamp   string // size and mtime of the file last read ("" none)
 	serials map[string]string
+	bad     error // a line of it that is no serial: every peer is refused
 }
 
 // Revoke adds the certificate of name in dir to dir's revoked file:
@@ -383,7 +385,7 @@ func (r *revocations) check(cert *x509.Certificate) error {
 	fi, err := os.Stat(r.path)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
-		r.stamp, r.serials = "", nil
+		r.stamp, r.serials, r.bad = "", nil, nil
 	case err != nil:
 		return fmt.Errorf("pki: revocation list: %w", err)
 	default:
@@ -393,6 +395,7 @@ func (r *revocations) check(cert *x509.Certificate) error {
 				return fmt.Errorf("pki: revocation list: %w", err)
 			}
 			serials := map[string]string{}
+			var bad error
 			for i, line := range strings.Split(string(b), "\n") {
 				line, _, _ = strings.Cut(line, "#")
 				f := strings.Fields(line)
@@ -401,19 +404,22 @@ func (r *revocations) check(cert *x509.Certificate) error {
 				}
 				n, ok := new(big.Int).SetString(strings.ReplaceAll(f[0], ":", ""), 16)
 				if !ok {
-					return fmt.Errorf("pki: revocation list %s, line %d: %q is not a hex serial number (the list refuses every peer until it is fixed)", r.path, i+1, f[0])
+					// The other lines still count: a certificate they
+					// list is revoked all the same.
+					bad = cmp.Or(bad, fmt.Errorf("pki: revocation list %s, line %d: %q is not a hex serial number (the list refuses every peer until it is fixed)", r.path, i+1, f[0]))
+					continue
 				}
 				// Normalised: OpenSSL prints serials with leading zeros
 				// and colons.
 				serials[n.Text(16)] = strings.Join(f[1:], " ")
 			}
-			r.stamp, r.serials = stamp, serials
+			r.stamp, r.serials, r.bad = stamp, serials, bad
 		}
 	}
 	if name, ok := r.serials[cert.SerialNumber.Text(16)]; ok {
 		return fmt.Errorf("pki: certificate %q (serial %s) %w (%s lists it as %q)", cert.Subject.CommonName, cert.SerialNumber.Text(16), ErrRevoked, r.path, name)
 	}
-	return nil
+	return r.bad
 }
 
 // ErrRevoked: the certificate is listed in the revoked file (other

@@ -554,3 +554,26 @@ func TestHandshakeRefusesRevoked(t *testing.T) {
 		t.Fatal("revoked a certificate that does not exist")
 	}
 }
+
+// A revocation list with a line that is no serial refuses every peer, but
+// a certificate its other lines list is reported revoked all the same
+// (ErrRevoked: a live session of it ends, where a list error does not).
+func TestRevocationListWithBadLine(t *testing.T) {
+	dir := newPKI(t, map[string]Role{"web01": RoleAgent, "web02": RoleAgent, "ps1": RoleProcessServer})
+	revokedID, other, ps := mustLoad(t, dir, "web01"), mustLoad(t, dir, "web02"), mustLoad(t, dir, "ps1")
+	if err := Revoke(dir, "web01"); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(filepath.Join(dir, revokedFile), os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteString("0xZZ web09\n")
+	f.Close()
+	if err := ps.CheckRevoked(revokedID.Leaf()); !errors.Is(err, ErrRevoked) {
+		t.Fatalf("revoked certificate with a bad line in the list: %v, want ErrRevoked", err)
+	}
+	if err := ps.CheckRevoked(other.Leaf()); err == nil || errors.Is(err, ErrRevoked) || !strings.Contains(err.Error(), "not a hex serial") {
+		t.Fatalf("another certificate with a bad line in the list: %v, want the list's error", err)
+	}
+}

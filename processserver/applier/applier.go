@@ -919,7 +919,7 @@ func (a *Applier) cutPoint(ctx context.Context, m *machine, mk wire.Marker, kind
 	if err != nil {
 		return fmt.Errorf("recovery point at seq %d: %w", mk.Seq, err)
 	}
-	if err := a.cfg.Store.PutBlob(ctx, name, blob, nil); err != nil {
+	if err := a.cfg.Store.PutBlob(blobstore.Unmetered(ctx), name, blob, nil); err != nil {
 		return fmt.Errorf("recovery point at seq %d: record %s: %w", mk.Seq, name, err)
 	}
 	m.lastPoint, m.pointTime, m.lastKind = mk.Seq, t, kind
@@ -1007,7 +1007,7 @@ func (a *Applier) updateManifestOnce(ctx context.Context, machine string, set fu
 	if err != nil {
 		return err
 	}
-	if _, err := a.cfg.Store.PutBlobIf(ctx, layout.ManifestName(machine), b, nil, info.ETag); err != nil {
+	if _, err := a.cfg.Store.PutBlobIf(blobstore.Unmetered(ctx), layout.ManifestName(machine), b, nil, info.ETag); err != nil {
 		return fmt.Errorf("update manifest of machine %q: %w", machine, err)
 	}
 	return nil
