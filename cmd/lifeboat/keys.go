@@ -21,7 +21,8 @@ data key with it and stores the result in the storage account, so that
 recovery needs only the account and this file. Keep a copy off-site:
 without it the replicated data cannot be decrypted. An existing file is
 never overwritten.`,
-		Args: cobra.NoArgs,
+		Args:    cobra.NoArgs,
+		PreRunE: func(*cobra.Command, []string) error { return nonEmpty("to", to) },
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			k := seal.NewRecoveryKey()
 			defer clear(k)

@@ -20,7 +20,8 @@ func pkiCmd() *cobra.Command {
 authenticates with a certificate issued by it; ca.key is needed only to
 issue certificates, so keep it off the machines that merely use them.
 An existing CA is never overwritten.`,
-		Args: cobra.NoArgs,
+		Args:    cobra.NoArgs,
+		PreRunE: func(*cobra.Command, []string) error { return nonEmpty("dir", dir) },
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := pki.Init(dir); err != nil {
 				return err
@@ -45,6 +46,16 @@ process-server certificates. An agent's NAME is its machine name.
 Server certificates are valid for NAME, localhost, 127.0.0.1 and ::1;
 add the names agents dial with --host.`,
 		Args: cobra.NoArgs,
+		PreRunE: func(*cobra.Command, []string) error { // exit 2
+			if err := nonEmpty("dir", dir); err != nil {
+				return err
+			}
+			if err := nonEmpty("name", name); err != nil {
+				return err
+			}
+			_, err := pki.ParseRole(role)
+			return err
+		},
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			r, err := pki.ParseRole(role)
 			if err != nil {
@@ -95,4 +106,13 @@ the same name once the revoked one is no longer needed.`,
 	revoke.MarkFlagRequired("name")
 	cmd.AddCommand(initCmd, issue, revoke)
 	return cmd
+}
+
+// nonEmpty refuses an empty flag value (--dir "$D" with D unset), which
+// would otherwise reach the file system as "".
+func nonEmpty(flag, v string) error {
+	if v == "" {
+		return fmt.Errorf("--%s is empty", flag)
+	}
+	return nil
 }

@@ -211,11 +211,11 @@ stderr. The account is AZURE_STORAGE_CONNECTION_STRING; the recovery key file
 is the one "lifeboat keys init" wrote.`,
 		Args: cobra.NoArgs,
 		PreRunE: func(*cobra.Command, []string) error { // exit 2, as in agent mirror
+			// --to "$F" with F unset: found only at the end, after the
+			// whole disk was downloaded.
 			for _, f := range []struct{ name, v string }{{"machine", machine}, {"disk", disk}, {"to", to}} {
-				if f.v == "" {
-					// --to "$F" with F unset: found only at the end, after
-					// the whole disk was downloaded.
-					return fmt.Errorf("--%s is empty", f.name)
+				if err := nonEmpty(f.name, f.v); err != nil {
+					return err
 				}
 			}
 			if point == "" {

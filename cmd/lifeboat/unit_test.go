@@ -169,6 +169,13 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{[]string{"agent", "--process-server", "h:1", "--pki", dir, "--name", "m", "--device", "sda="}, 2, "lifeboat agent --help"},
 		{[]string{"process-server", "--pki", dir, "--name", "ps", "--recovery-key", dir + "/k", "--cache", dir + "/c1,"}, 2, "lifeboat process-server --help"},
 		{[]string{"process-server", "--pki", dir, "--name", "ps", "--recovery-key", dir + "/k", "--cache", dir + "/c1", "--retention", "0"}, 2, "lifeboat process-server --help"},
+		// Empty values (an unset shell variable) and an unknown role.
+		{[]string{"pki", "init", "--dir", ""}, 2, "lifeboat pki init --help"},
+		{[]string{"pki", "issue", "--dir", dir, "--name", "", "--role", "agent"}, 2, "lifeboat pki issue --help"},
+		{[]string{"pki", "issue", "--dir", dir, "--name", "a", "--role", "bogus"}, 2, "lifeboat pki issue --help"},
+		{[]string{"keys", "init", "--to", ""}, 2, "lifeboat keys init --help"},
+		{[]string{"agent", "mirror", "--device", "", "--to", dir + "/m"}, 2, "lifeboat agent mirror --help"},
+		{[]string{"recover", "--machine", "m", "--disk", "d", "--to", "", "--recovery-key", dir + "/k", "--point", "latest"}, 2, "lifeboat recover --help"},
 	} {
 		var verbose bool
 		root := newRoot(&verbose)
