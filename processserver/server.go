@@ -172,7 +172,10 @@ func Start(ctx context.Context, c Config) (*Server, error) {
 	ectx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	err = cfg.Store.EnsureContainer(ectx)
 	cancel()
-	if err != nil && blobstore.IsPermanent(err) && ctx.Err() == nil {
+	// A host name that does not resolve may be a resolver not up yet at
+	// boot: cached until it is, as for an outage (below), not refused.
+	var dnsErr *net.DNSError
+	if err != nil && blobstore.IsPermanent(err) && ctx.Err() == nil && !errors.As(err, &dnsErr) {
 		// A wrong key, a SAS without the permissions, a container name the
 		// service refuses: waiting will not fix it, and agents would fill
 		// the cache meanwhile. But a token scoped to an existing container

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"slices"
@@ -199,7 +200,15 @@ func (s *Store) wrap(op, name string, err error) error {
 		if errors.As(err, &ue) {
 			msg = fmt.Sprintf("%s %s: %v", ue.Op, redactURL(ue.URL), ue.Err)
 		}
-		return &opError{msg: fmt.Sprintf("azure: %s %q: %s", op, name, msg), cause: err}
+		e := &opError{msg: fmt.Sprintf("azure: %s %q: %s", op, name, msg), cause: err}
+		if de := (*net.DNSError)(nil); errors.As(err, &de) && de.IsNotFound {
+			// The name does not exist (a mistyped AccountName or
+			// endpoint): retried, a recovery would wait minutes to say so.
+			// (Callers that must go on, the uploaders, retry all the same.)
+			e.msg += " (the storage account's host name does not resolve: check AccountName or BlobEndpoint in the connection string)"
+			return blobstore.Permanent(e)
+		}
+		return e
 	}
 	e := &opError{
 		msg:   fmt.Sprintf("azure: %s %q: %s (HTTP %d)", op, name, re.ErrorCode, re.StatusCode),

@@ -10,7 +10,9 @@ import (
 	"fmt"
 	"hash/crc64"
 	"io"
+	"net"
 	"net/http"
+	"net/url"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -359,5 +361,36 @@ func TestPutBlobIfKeepsTryTimeout(t *testing.T) {
 	}
 	if errors.Is(err, blobstore.ErrConflict) || blobstore.IsPermanent(err) {
 		t.Fatalf("PutBlobIf with no reply: %v, want a retryable error", err)
+	}
+}
+
+// noSuchHost fails every request as a resolver does for a name that does
+// not exist.
+type noSuchHost struct{}
+
+func (noSuchHost) Do(req *policy.Request) (*http.Response, error) {
+	return nil, &url.Error{Op: "Get", URL: req.Raw().URL.String(), Err: &net.OpError{Op: "dial", Net: "tcp",
+		Err: &net.DNSError{Err: "no such host", Name: req.Raw().URL.Host, IsNotFound: true}}}
+}
+
+// A storage account host name that does not resolve (a mistyped account)
+// is a permanent error that says so: retried as an outage, a recovery
+// waited minutes before failing.
+func TestUnresolvableAccountPermanent(t *testing.T) {
+	srv := azurite.ForTest(t)
+	s, err := azure.New(azure.Config{
+		ConnectionString: srv.ConnectionString(),
+		Container:        "lbdns",
+		ClientOptions: &azblob.ClientOptions{ClientOptions: azcore.ClientOptions{
+			Retry:            policy.RetryOptions{MaxRetries: -1},
+			PerRetryPolicies: []policy.Policy{noSuchHost{}},
+		}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = s.Stat(context.Background(), "m/manifest.json")
+	if !blobstore.IsPermanent(err) || !strings.Contains(err.Error(), "does not resolve") {
+		t.Fatalf("stat through an unresolvable host: %v, want a permanent error naming the host name", err)
 	}
 }
