@@ -308,6 +308,7 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	if st.TargetStamp == "" && fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice == 0 {
 		// Counters unreadable now: the next start compares ("" is a
 		// state from before stamps, trusted).
+		log.Warn("cannot read the mirror device's write counters; the next start resyncs by checksum", "to", cfg.To)
 		st.TargetStamp = "blk:?"
 	}
 	st.Clean = true
@@ -522,7 +523,10 @@ func blockStamp(major, minor uint32) string {
 	}
 	// The disk's counters read again after its partitions' must not have
 	// moved (a partition written in between would hide a direct write).
-	for range 10 {
+	for try := range 50 {
+		if try > 0 {
+			time.Sleep(10 * time.Millisecond) // a sibling partition busy
+		}
 		dw, dd, ok := counts(disk)
 		if !ok {
 			return ""

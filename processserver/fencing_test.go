@@ -133,9 +133,10 @@ func fencedAgainstAnother(t *testing.T, undeletable bool) {
 // every retry), the next ones without (an outage).
 type lostReplies struct {
 	blobstore.Store
-	armed atomic.Bool
-	n     atomic.Int32 // manifest writes since armed
-	fail  int32
+	armed     atomic.Bool
+	n         atomic.Int32 // manifest writes since armed
+	fail      int32
+	permanent bool // the lost reply's retry ends with a permanent error
 }
 
 func (s *lostReplies) PutBlobIf(ctx context.Context, name string, data []byte, md blobstore.Metadata, match string) (string, error) {
@@ -146,6 +147,10 @@ func (s *lostReplies) PutBlobIf(ctx context.Context, name string, data []byte, m
 	case n == 1:
 		if _, err := s.Store.PutBlobIf(ctx, name, data, md, match); err != nil {
 			return "", err
+		}
+		if s.permanent {
+			// Its retry then met a resolver that denies the host.
+			return "", blobstore.Permanent(errors.New("reply lost, then the host did not resolve"))
 		}
 		return "", errors.New("reply lost")
 	case n <= s.fail:
@@ -159,7 +164,13 @@ func (s *lostReplies) PutBlobIf(ctx context.Context, name string, data []byte, m
 // one meet a changed manifest; it is this server's own, so the machine
 // goes on being served.
 func TestOwnLostManifestWriteNotFenced(t *testing.T) {
-	store := &lostReplies{Store: mem.New(), fail: 3}
+	for _, permanent := range []bool{false, true} {
+		t.Run(fmt.Sprint("permanent=", permanent), func(t *testing.T) { ownLostManifestWrite(t, permanent) })
+	}
+}
+
+func ownLostManifestWrite(t *testing.T, permanent bool) {
+	store := &lostReplies{Store: mem.New(), fail: 3, permanent: permanent}
 	e := newEnv(t, store, 1)
 	e.segAge = 20 * time.Millisecond
 	s := e.start()

@@ -492,7 +492,10 @@ func (m *machine) putManifest(ctx context.Context) error {
 	case errors.Is(err, blobstore.ErrConflict):
 		return err
 	case err != nil:
-		if !blobstore.IsPermanent(err) && len(m.unsure) < maxUnsure {
+		// Remembered whatever the error: a permanent one on a retried
+		// call says nothing of the attempts before it, which may have
+		// landed (and one that did not land never matches).
+		if len(m.unsure) < maxUnsure {
 			m.unsure = append(m.unsure, raw)
 		}
 		return fmt.Errorf("write manifest of %s: %w", m.name, err)

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net"
 	"slices"
 	"time"
 
@@ -71,7 +72,11 @@ func (m *machine) uploadLoop(ctx context.Context) {
 				if errors.Is(err, errFenced) {
 					continue
 				}
-				if blobstore.IsPermanent(err) {
+				var dnsErr *net.DNSError
+				if errors.As(err, &dnsErr) {
+					m.log.Error("upload failed: the storage account's host name does not resolve (a resolver not up yet, or a mistyped account); retrying, the cache keeps the data",
+						logErr, err, logWait, wait)
+				} else if blobstore.IsPermanent(err) {
 					// Retrying will not help until someone acts (a key,
 					// a permission, a policy on the account): say so.
 					m.log.Error("upload refused by the storage account; retrying, but it needs attention (permissions, keys, account policy); the cache keeps the data, and RPO grows until it is fixed",
@@ -585,8 +590,8 @@ func (m *machine) putSegment(ctx context.Context, name string, sealed []byte, md
 	if err == nil && bytes.Equal(got, sealed) {
 		return nil
 	}
-	if err != nil && !blobstore.IsPermanent(err) && !errors.Is(err, blobstore.ErrCorrupt) {
-		return err // an outage: try again later (a damaged blob is replaced)
+	if err != nil && !blobstore.IsNotFound(err) && !errors.Is(err, blobstore.ErrCorrupt) {
+		return err // an outage, or refused: try again later (a damaged or vanished blob is replaced)
 	}
 	if etag == "" {
 		// Unreadable: damaged, or gone since. Its ETag, read alone, is

@@ -92,6 +92,12 @@ refuse a revoked process server). A component cannot start with its own
 certificate revoked. Issue a new certificate under another name, or under
 the same name once the revoked one is no longer needed.`,
 		Args: cobra.NoArgs,
+		PreRunE: func(*cobra.Command, []string) error {
+			if err := nonEmpty("dir", revokeDir); err != nil {
+				return err
+			}
+			return nonEmpty("name", revokeName)
+		},
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := pki.Revoke(revokeDir, revokeName); err != nil {
 				return err

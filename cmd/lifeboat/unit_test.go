@@ -174,6 +174,7 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{[]string{"pki", "issue", "--dir", dir, "--name", "", "--role", "agent"}, 2, "lifeboat pki issue --help"},
 		{[]string{"pki", "issue", "--dir", dir, "--name", "a", "--role", "bogus"}, 2, "lifeboat pki issue --help"},
 		{[]string{"keys", "init", "--to", ""}, 2, "lifeboat keys init --help"},
+		{[]string{"pki", "revoke", "--dir", "", "--name", "a"}, 2, "lifeboat pki revoke --help"},
 		{[]string{"agent", "mirror", "--device", "", "--to", dir + "/m"}, 2, "lifeboat agent mirror --help"},
 		{[]string{"recover", "--machine", "m", "--disk", "d", "--to", "", "--recovery-key", dir + "/k", "--point", "latest"}, 2, "lifeboat recover --help"},
 	} {

@@ -357,8 +357,14 @@ func Revoke(dir, name string) error {
 		return fmt.Errorf("pki: revoke %q: %w", name, err)
 	}
 	line := fmt.Sprintf("%s %s\n", cert.SerialNumber.Text(16), name)
-	if old, err := os.ReadFile(filepath.Join(dir, revokedFile)); err == nil && strings.Contains("\n"+string(old), "\n"+line) {
+	old, err := os.ReadFile(filepath.Join(dir, revokedFile))
+	if err == nil && strings.Contains("\n"+string(old), "\n"+line) {
 		return nil // revoked already
+	}
+	if len(old) > 0 && old[len(old)-1] != '\n' {
+		// A last line edited by hand without its newline would swallow
+		// this one.
+		line = "\n" + line
 	}
 	f, err := os.OpenFile(filepath.Join(dir, revokedFile), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
 	if err != nil {

@@ -577,3 +577,19 @@ func TestRevocationListWithBadLine(t *testing.T) {
 		t.Fatalf("another certificate with a bad line in the list: %v, want the list's error", err)
 	}
 }
+
+// A revocation appended to a list whose last line, edited by hand, lacks
+// its newline is a line of its own, not swallowed by that one.
+func TestRevokeAfterLineWithoutNewline(t *testing.T) {
+	dir := newPKI(t, map[string]Role{"web01": RoleAgent, "ps1": RoleProcessServer})
+	web01, ps := mustLoad(t, dir, "web01"), mustLoad(t, dir, "ps1")
+	if err := os.WriteFile(filepath.Join(dir, revokedFile), []byte("1a alice"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := Revoke(dir, "web01"); err != nil {
+		t.Fatal(err)
+	}
+	if err := ps.CheckRevoked(web01.Leaf()); !errors.Is(err, ErrRevoked) {
+		t.Fatalf("web01 after its revocation: %v, want ErrRevoked", err)
+	}
+}
