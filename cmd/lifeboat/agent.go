@@ -40,6 +40,9 @@ checksums instead of copying everything. "lifeboat agent release" detaches it.`,
 			if err := nonEmpty("to", cfg.To); err != nil {
 				return err
 			}
+			if err := nonEmpty("state-dir", stateDir); err != nil {
+				return err
+			}
 			if err := checkIntervals(cfg.CrashInterval, cfg.AppInterval); err != nil {
 				return err
 			}

@@ -175,6 +175,10 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{[]string{"pki", "issue", "--dir", dir, "--name", "a", "--role", "bogus"}, 2, "lifeboat pki issue --help"},
 		{[]string{"keys", "init", "--to", ""}, 2, "lifeboat keys init --help"},
 		{[]string{"pki", "revoke", "--dir", "", "--name", "a"}, 2, "lifeboat pki revoke --help"},
+		{[]string{"process-server", "--pki", dir, "--name", "", "--recovery-key", dir + "/k", "--cache", dir + "/c1"}, 2, "lifeboat process-server --help"},
+		{[]string{"agent", "--process-server", "h:1", "--pki", "", "--name", "m", "--device", "/dev/null"}, 2, "lifeboat agent --help"},
+		{[]string{"agent", "--process-server", "h:1", "--pki", dir, "--name", "m", "--device", "/dev/null", "--state-dir", ""}, 2, "lifeboat agent --help"},
+		{[]string{"agent", "mirror", "--device", "/dev/null", "--to", dir + "/m", "--state-dir", ""}, 2, "lifeboat agent mirror --help"},
 		{[]string{"agent", "mirror", "--device", "", "--to", dir + "/m"}, 2, "lifeboat agent mirror --help"},
 		{[]string{"recover", "--machine", "m", "--disk", "d", "--to", "", "--recovery-key", dir + "/k", "--point", "latest"}, 2, "lifeboat recover --help"},
 	} {
