@@ -59,6 +59,20 @@ func (c *coverTarget) delivered(off int64) time.Time {
 	return time.Time{}
 }
 
+// waitDelivered waits until the blocks at offs have been handed over, and
+// fails (naming what) past deadline.
+func (c *coverTarget) waitDelivered(t *testing.T, deadline time.Time, what string, offs ...int64) {
+	t.Helper()
+	for _, off := range offs {
+		for c.delivered(off).IsZero() {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s not read back", what)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+}
+
 // waitCoveredPast waits until a time after written is reported covered,
 // and fails if one is reported before last, when the writes were handed
 // over (time markers would then claim writes the target lacks).
@@ -128,12 +142,7 @@ func TestMetadataReadbackDelayAndCoverage(t *testing.T) {
 	written := time.Now()
 
 	deadline := time.Now().Add(10 * time.Second)
-	for tgt.delivered(a).IsZero() || tgt.delivered(b).IsZero() {
-		if time.Now().After(deadline) {
-			t.Fatal("the written blocks were not read back")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	tgt.waitDelivered(t, deadline, "the written blocks were", a, b)
 	for _, off := range []int64{a, b} {
 		if got := tgt.delivered(off).Sub(start); got < delay {
 			t.Errorf("block at %d read back %v after its write, before the %v delay", off, got, delay)
@@ -201,12 +210,7 @@ func TestCoverageWaitsForUnreportedDiskWrites(t *testing.T) {
 	}
 
 	deadline := time.Now().Add(15 * time.Second)
-	for tgt.delivered(unseen).IsZero() {
-		if time.Now().After(deadline) {
-			t.Fatal("the unreported whole-disk write was not read back")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	tgt.waitDelivered(t, deadline, "the unreported whole-disk write was", unseen)
 	if tgt.delivered(seen).IsZero() {
 		t.Error("the whole-disk write was not read back")
 	}
@@ -317,12 +321,7 @@ func TestCoverageWaitsForParkedUnreportedWrite(t *testing.T) {
 	}
 	written := time.Now()
 	deadline := time.Now().Add(15 * time.Second)
-	for tgt.delivered(off).IsZero() {
-		if time.Now().After(deadline) {
-			t.Fatal("the unreported write was not read back")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	tgt.waitDelivered(t, deadline, "the unreported write was", off)
 	tgt.waitCoveredPast(t, written, tgt.delivered(off), deadline)
 	cancel()
 	if err := <-done; err != nil {
@@ -362,12 +361,7 @@ func TestCoverNotDatedBackByStaleEntry(t *testing.T) {
 		},
 	}, func(made *Engine) { e = made })
 	deadline := time.Now().Add(15 * time.Second)
-	for tgt.delivered(off).IsZero() {
-		if time.Now().After(deadline) {
-			t.Fatal("the stale write was not read back")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	tgt.waitDelivered(t, deadline, "the stale write was", off)
 	tgt.waitCoveredPast(t, injected, tgt.delivered(off), deadline)
 	tgt.mu.Lock()
 	for _, c := range tgt.covered {

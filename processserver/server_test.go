@@ -940,13 +940,19 @@ func TestBusyPortRefusedFirst(t *testing.T) {
 	}
 }
 
+// checkRevocationsEvery has sessions check their agent's certificate every
+// d for the rest of the test.
+func checkRevocationsEvery(t *testing.T, d time.Duration) {
+	old := revocationCheckEvery
+	revocationCheckEvery = d
+	t.Cleanup(func() { revocationCheckEvery = old }) // after the server's Close
+}
+
 // Revoking an agent's certificate ends its session too, not only its next
 // handshakes: a stolen key's stream must not go on while the real agent
 // is down.
 func TestRevokedAgentSessionEnds(t *testing.T) {
-	old := revocationCheckEvery
-	revocationCheckEvery = 50 * time.Millisecond
-	t.Cleanup(func() { revocationCheckEvery = old })
+	checkRevocationsEvery(t, 50*time.Millisecond)
 	e := newEnv(t, mem.New(), 1)
 	a := dialAgent(t, e, e.start(), "m1")
 	a.hello("m1", disk0)
@@ -963,9 +969,7 @@ func TestRevokedAgentSessionEnds(t *testing.T) {
 // A revocation list that cannot be read refuses new connections but does
 // not end live sessions as if their certificates were revoked.
 func TestBrokenRevocationListKeepsSessions(t *testing.T) {
-	old := revocationCheckEvery
-	revocationCheckEvery = 20 * time.Millisecond
-	t.Cleanup(func() { revocationCheckEvery = old })
+	checkRevocationsEvery(t, 20*time.Millisecond)
 	e := newEnv(t, mem.New(), 1)
 	a := dialAgent(t, e, e.start(), "m1")
 	a.hello("m1", disk0)

@@ -34,13 +34,7 @@ checksums instead of copying everything. "lifeboat agent release" detaches it.`,
 		// Flag values are checked before RunE: a bad one is a refused
 		// command line (exit 2), as an unknown flag is.
 		PreRunE: func(*cobra.Command, []string) error {
-			if err := nonEmpty("device", cfg.Device); err != nil {
-				return err
-			}
-			if err := nonEmpty("to", cfg.To); err != nil {
-				return err
-			}
-			if err := nonEmpty("state-dir", stateDir); err != nil {
+			if err := nonEmpty("device", cfg.Device, "to", cfg.To, "state-dir", stateDir); err != nil {
 				return err
 			}
 			if err := checkIntervals(cfg.CrashInterval, cfg.AppInterval); err != nil {

@@ -47,10 +47,7 @@ Server certificates are valid for NAME, localhost, 127.0.0.1 and ::1;
 add the names agents dial with --host.`,
 		Args: cobra.NoArgs,
 		PreRunE: func(*cobra.Command, []string) error { // exit 2
-			if err := nonEmpty("dir", dir); err != nil {
-				return err
-			}
-			if err := nonEmpty("name", name); err != nil {
+			if err := nonEmpty("dir", dir, "name", name); err != nil {
 				return err
 			}
 			_, err := pki.ParseRole(role)
@@ -93,10 +90,7 @@ certificate revoked. Issue a new certificate under another name, or under
 the same name once the revoked one is no longer needed.`,
 		Args: cobra.NoArgs,
 		PreRunE: func(*cobra.Command, []string) error {
-			if err := nonEmpty("dir", revokeDir); err != nil {
-				return err
-			}
-			return nonEmpty("name", revokeName)
+			return nonEmpty("dir", revokeDir, "name", revokeName)
 		},
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := pki.Revoke(revokeDir, revokeName); err != nil {
@@ -115,10 +109,13 @@ the same name once the revoked one is no longer needed.`,
 }
 
 // nonEmpty refuses an empty flag value (--dir "$D" with D unset), which
-// would otherwise reach the file system as "".
-func nonEmpty(flag, v string) error {
-	if v == "" {
-		return fmt.Errorf("--%s is empty", flag)
+// would otherwise reach the file system as "". Its arguments are pairs of
+// flag name and value.
+func nonEmpty(flagValues ...string) error {
+	for i := 0; i+1 < len(flagValues); i += 2 {
+		if flagValues[i+1] == "" {
+			return fmt.Errorf("--%s is empty", flagValues[i])
+		}
 	}
 	return nil
 }

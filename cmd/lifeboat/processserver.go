@@ -40,10 +40,8 @@ taken from AZURE_STORAGE_CONNECTION_STRING. Outages are retried with backoff
 while the cache absorbs the stream.`,
 		Args: cobra.NoArgs,
 		PreRunE: func(*cobra.Command, []string) error { // flag values: exit 2, as in agent mirror
-			for _, f := range []struct{ name, v string }{{"pki", cfg.PKIDir}, {"name", cfg.Name}, {"recovery-key", cfg.RecoveryKeyFile}} {
-				if err := nonEmpty(f.name, f.v); err != nil {
-					return err
-				}
+			if err := nonEmpty("pki", cfg.PKIDir, "name", cfg.Name, "recovery-key", cfg.RecoveryKeyFile); err != nil {
+				return err
 			}
 			if err := checkPprof(cfg.Profiling, cfg.MetricsListen); err != nil {
 				return err

@@ -36,10 +36,8 @@ name, e.g. sdb or loop0p1); keep names stable, a new name is a new replica.
 the --pki directory.`
 	cmd.Args = cobra.NoArgs
 	cmd.PreRunE = func(*cobra.Command, []string) error { // flag values: exit 2, as in agent mirror
-		for _, f := range []struct{ name, v string }{{"process-server", cfg.ProcessServer}, {"pki", cfg.PKIDir}, {"name", cfg.Name}, {"state-dir", stateDir}} {
-			if err := nonEmpty(f.name, f.v); err != nil {
-				return err
-			}
+		if err := nonEmpty("process-server", cfg.ProcessServer, "pki", cfg.PKIDir, "name", cfg.Name, "state-dir", stateDir); err != nil {
+			return err
 		}
 		if err := checkPprof(cfg.Profiling, cfg.Metrics); err != nil {
 			return err

@@ -213,10 +213,8 @@ is the one "lifeboat keys init" wrote.`,
 		PreRunE: func(*cobra.Command, []string) error { // exit 2, as in agent mirror
 			// --to "$F" with F unset: found only at the end, after the
 			// whole disk was downloaded.
-			for _, f := range []struct{ name, v string }{{"machine", machine}, {"disk", disk}, {"to", to}} {
-				if err := nonEmpty(f.name, f.v); err != nil {
-					return err
-				}
+			if err := nonEmpty("machine", machine, "disk", disk, "to", to); err != nil {
+				return err
 			}
 			if point == "" {
 				// --point "$P" with P unset must not recover latest.

@@ -302,13 +302,7 @@ func TestPointLeavesUnmendedDiskOut(t *testing.T) {
 	m.Cut()
 	applyAll(t, ctx, a, m, "")
 
-	from := m.Seq() + 1
-	m.Write(0, 0, random(rng, 4096))
-	m.Cut()
-	m.LoseSegment(len(m.Segments) - 1) // the journal holds its tombstone
-	m.Gaps = []layout.Gap{{From: from, LostTo: from, Mended: from + 1, Unmended: []layout.UnmendedDisk{{Name: "d1"}}}}
-	m.WriteManifest()
-	m.Write(0, 0, m.Image(0, from)[:4096]) // d0's resync sends the lost block
+	leaveOut(m, rng, "d1")
 	m.Write(0, 8192, random(rng, 4096))
 	left := m.Marker(wire.MarkerAppConsistent, c.next())
 	m.Cut()
@@ -359,13 +353,7 @@ func TestLostLeftOutDiskStopsNoPoint(t *testing.T) {
 	m.Cut()
 	applyAll(t, ctx, newApplier(t, m, cfg), m, "")
 
-	from := m.Seq() + 1
-	m.Write(0, 0, random(rng, 4096))
-	m.Cut()
-	m.LoseSegment(len(m.Segments) - 1)
-	m.Gaps = []layout.Gap{{From: from, LostTo: from, Mended: from + 1, Unmended: []layout.UnmendedDisk{{Name: "d1"}}}}
-	m.WriteManifest()
-	m.Write(0, 0, m.Image(0, from)[:4096])
+	leaveOut(m, rng, "d1")
 	left := m.Marker(wire.MarkerAppConsistent, c.next())
 	m.Cut()
 	if err := m.Store.DeleteBlob(ctx, layout.DiskName(m.Name, "d1")); err != nil {
@@ -382,4 +370,17 @@ func TestLostLeftOutDiskStopsNoPoint(t *testing.T) {
 		t.Fatalf("points %+v: none at %d (d1 left out, its replica gone)", points, left.Seq)
 	}
 	recoverAndCheck(t, m, 0, fmt.Sprint(left.Seq), left.Seq)
+}
+
+// leaveOut has the next segment (a write to disk 0) lost, and its gap
+// mended by a resync that left disk out (not in the agent's hello): the
+// resync sends disk 0's lost block back.
+func leaveOut(m *recoverytest.Machine, rng *rand.Rand, disk string) {
+	from := m.Seq() + 1
+	m.Write(0, 0, random(rng, 4096))
+	m.Cut()
+	m.LoseSegment(len(m.Segments) - 1) // the journal holds its tombstone
+	m.Gaps = []layout.Gap{{From: from, LostTo: from, Mended: from + 1, Unmended: []layout.UnmendedDisk{{Name: disk}}}}
+	m.WriteManifest()
+	m.Write(0, 0, m.Image(0, from)[:4096])
 }

@@ -336,13 +336,7 @@ func releasesLeftOutDisk(t *testing.T, back bool) {
 
 	// d1 leaves protection; a gap, mended without it.
 	now = start.Add(-40 * time.Hour)
-	from := m.Seq() + 1
-	m.Write(0, 0, random(rng, 4096))
-	m.Cut()
-	m.LoseSegment(len(m.Segments) - 1)
-	m.Gaps = []layout.Gap{{From: from, LostTo: from, Mended: from + 1, Unmended: []layout.UnmendedDisk{{Name: "d1"}}}}
-	m.WriteManifest()
-	m.Write(0, 0, m.Image(0, from)[:4096])
+	leaveOut(m, rng, "d1")
 	point(start.Add(-40 * time.Hour))
 	base := point(start.Add(-30 * time.Hour))
 	if back {
