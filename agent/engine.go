@@ -123,6 +123,7 @@ type Options struct {
 	AppInterval   time.Duration
 	PreScript     string
 	PostScript    string
+	ScriptLog     string // where the scripts' output goes ("": discarded); see fsfreeze.Window
 	FreezeTimeout time.Duration
 	OnReady       func() // capture attached, before the initial copy
 	OnSynced      func() // initial copy done
@@ -192,8 +193,11 @@ type Engine struct {
 	stats   Stats
 	appReq  chan chan error
 	persist bool
-	syncReq []atomic.Int32 // per device: SyncKind+1 requested by RequestSync
-	runs    []bitmap.Extent
+	// nothingWarned: the interval's app-consistent points found nothing
+	// to quiesce, and said so (once).
+	nothingWarned bool
+	syncReq       []atomic.Int32 // per device: SyncKind+1 requested by RequestSync
+	runs          []bitmap.Extent
 	// aheadTook is the time applyAhead has taken so far (pacing leaves it
 	// out of read-back passes).
 	aheadTook time.Duration
@@ -518,7 +522,12 @@ func (e *Engine) loop(ctx context.Context) error {
 				return err
 			}
 		case <-appT:
-			if err := e.appConsistent(ctx); err != nil {
+			if err := e.appConsistent(ctx); errors.Is(err, errNothingToFreeze) {
+				if !e.nothingWarned {
+					e.nothingWarned = true
+					e.log.Warn("no app-consistent points: "+err.Error(), "app_interval", e.opt.AppInterval)
+				}
+			} else if err != nil {
 				e.log.Error("app-consistent point failed", "err", err)
 			}
 		case done := <-e.appReq:
@@ -816,6 +825,11 @@ func (e *Engine) AppConsistent(ctx context.Context) error {
 	return <-done
 }
 
+// errNothingToFreeze: no file system is mounted from the protected
+// devices and no pre script quiesces anything, so an app-consistent point
+// would claim what a crash-consistent one says.
+var errNothingToFreeze = errors.New("no file system is mounted from the protected devices (none recognised: a btrfs is not) and no pre script is set: nothing to quiesce; crash-consistent points cover the devices")
+
 func (e *Engine) appConsistent(ctx context.Context) error {
 	var mounts []string
 	for _, s := range e.srcs {
@@ -825,13 +839,16 @@ func (e *Engine) appConsistent(ctx context.Context) error {
 		}
 		mounts = append(mounts, m...)
 	}
+	if len(mounts) == 0 && e.opt.PreScript == "" {
+		return errNothingToFreeze
+	}
 	if f, ok := e.opt.Target.(Freezer); ok {
 		if err := f.BeforeFreeze(); err != nil {
 			return err
 		}
 	}
 	w := fsfreeze.Window{
-		Mounts: mounts, Pre: e.opt.PreScript, Post: e.opt.PostScript, Timeout: e.opt.FreezeTimeout,
+		Mounts: mounts, Pre: e.opt.PreScript, Post: e.opt.PostScript, Timeout: e.opt.FreezeTimeout, ScriptLog: e.opt.ScriptLog,
 		Unfreezable: func(m string) {
 			e.log.Warn("file system cannot be frozen: synced instead, its writes during the point are not held back", "mount", m)
 		},
@@ -854,14 +871,22 @@ func (e *Engine) appConsistent(ctx context.Context) error {
 	// The marker goes after the thaw (a target writing it to a frozen
 	// file system would wait for the watchdog), at the place the drain
 	// left: this loop applies nothing in between. Not if the watchdog
-	// thawed first: the drain may then have read writes made after it.
-	if !drained || errors.Is(err, fsfreeze.ErrTimeout) || ctx.Err() != nil {
+	// thawed first, nor if someone else did (a file system found not
+	// frozen at the thaw): the drain may then have read writes made
+	// after the point.
+	if !drained || errors.Is(err, fsfreeze.ErrTimeout) || errors.Is(err, fsfreeze.ErrThaw) || ctx.Err() != nil {
 		if err == nil {
 			err = ctx.Err()
 		}
 		return err
 	}
-	return errors.Join(err, e.emit(AppConsistent, at))
+	if merr := e.emit(AppConsistent, at); merr != nil {
+		return errors.Join(err, merr)
+	}
+	if err != nil { // the post script: the point stands
+		return fmt.Errorf("app-consistent point taken, but: %w", err)
+	}
+	return nil
 }
 
 // marker emits a crash-consistent marker after every write captured so

@@ -1,9 +1,11 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -304,7 +306,8 @@ func TestAppPointNotEmittedAfterWatchdog(t *testing.T) {
 	tgt := &eventTarget{hookDev: 1}
 	r := newMarkerRig(t, tgt, func(o *Options) {
 		o.FreezeTimeout = 200 * time.Millisecond
-		o.CrashInterval = 0 // only the app point reads y back
+		o.CrashInterval = 0  // only the app point reads y back
+		o.PreScript = "true" // nothing is mounted: the point quiesces through it
 	})
 	tgt.mu.Lock()
 	tgt.hook = func() { time.Sleep(time.Second) } // the drain's read-back of y0
@@ -331,5 +334,78 @@ func TestAppPointNotEmittedAfterWatchdog(t *testing.T) {
 	}
 	if !read {
 		t.Fatal("y0 was not read back: the drain the test times out never ran")
+	}
+}
+
+// With no file system mounted from the protected devices and no pre
+// script, an app-consistent point would quiesce nothing: it is refused,
+// and no marker claims it.
+func TestAppPointNothingToFreeze(t *testing.T) {
+	tgt := &eventTarget{hookDev: -1}
+	r := newMarkerRig(t, tgt, func(o *Options) { o.CrashInterval = 0 })
+	if err := r.e.AppConsistent(t.Context()); !errors.Is(err, errNothingToFreeze) {
+		t.Fatalf("AppConsistent = %v, want errNothingToFreeze", err)
+	}
+	r.cancel()
+	if err := <-r.done; err != nil {
+		t.Fatal(err)
+	}
+	if n := tgt.markerCount(); n != 0 {
+		t.Fatalf("%d markers handed over, want none", n)
+	}
+}
+
+// A file system thawed by someone else during the point (an operator's
+// fsfreeze -u while the drain ran) makes no app-consistent marker: writes
+// went on while the drain read the device.
+func TestAppPointThawedByOthers(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireTool(t, "mkfs.ext4")
+	d := loopdev.New(t, 64<<20, loopdev.Options{})
+	if err := loopdev.Mkfs(t.Context(), "ext4", d.Path); err != nil {
+		t.Fatal(err)
+	}
+	mnt := t.TempDir()
+	if err := loopdev.Mount(d.Path, mnt, "ext4", ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { loopdev.Unmount(mnt) })
+	thawed := make(chan error, 1)
+	tgt := &eventTarget{hookDev: 0}
+	e, cancel, done := startEngine(t, Options{
+		Sources:       []Source{{Name: "d", Path: d.Path, Mode: capture.ModeMetadata, Sync: SyncResume}},
+		RingBytes:     4 << 20,
+		Target:        tgt,
+		ReadbackDelay: time.Hour, // read back by the point only
+		CrashInterval: 0,
+	})
+	if err := os.WriteFile(filepath.Join(mnt, "f"), bytes.Repeat([]byte{7}, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	tgt.mu.Lock()
+	tgt.hook = func() { thawed <- fsfreeze.Thaw(mnt) } // at the point's first read-back
+	tgt.mu.Unlock()
+	err := e.AppConsistent(t.Context())
+	select {
+	case terr := <-thawed:
+		if terr != nil {
+			t.Fatalf("thawing from the drain: %v", terr)
+		}
+	default:
+		t.Fatal("the point read nothing back: the thaw the test makes never happened")
+	}
+	if !errors.Is(err, fsfreeze.ErrThaw) {
+		t.Fatalf("AppConsistent = %v, want ErrThaw", err)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	tgt.mu.Lock()
+	defer tgt.mu.Unlock()
+	for _, ev := range tgt.events {
+		if ev.marker && ev.kind == AppConsistent {
+			t.Fatal("an app-consistent marker was handed over after someone else thawed")
+		}
 	}
 }

@@ -266,6 +266,7 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 		ReadbackDelay: cfg.ReadbackDelay,
 		PreScript:     cfg.PreScript,
 		PostScript:    cfg.PostScript,
+		ScriptLog:     filepath.Join(cfg.StateDir, ScriptLogFile),
 		OnReady: func() {
 			log.Info("capture attached", keyDevice, cfg.Device)
 			sdnotify.Notify("READY=1\nSTATUS=initial sync")

@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat/agent/capture"
@@ -95,6 +96,10 @@ type protectedDevice struct {
 }
 
 const protectStateFile = "protect.json"
+
+// ScriptLogFile, in the state directory, holds the output of the last
+// app-consistent point's pre and post scripts.
+const ScriptLogFile = "scripts.log"
 
 // MachineDir is where the agent keeps a machine's state under stateDir.
 func MachineDir(stateDir, machine string) string {
@@ -226,6 +231,16 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 			return err
 		}
 	}
+	// Metrics are served from here on: while the process server cannot
+	// be reached, they say so (connected 0) and the RPO grows from the
+	// last run's recoverable_until.
+	live := &liveSource{savedRU: stream.SavedRecoverableUntil(dir, cfg.Name), started: time.Now()}
+	stopMetrics := func() {}
+	if metricsLn != nil {
+		stopMetrics = sync.OnceFunc(serveMetrics(metricsLn, protectMetrics(cfg.Name, live, live.overflowEvents), cfg.Profiling, log))
+		metricsLn = nil // the server closes it
+		defer stopMetrics()
+	}
 	log.Info("connecting to the process server", "process_server", cfg.ProcessServer, "machine", cfg.Name)
 	tgt, err := stream.Dial(ctx, scfg)
 	if err != nil {
@@ -242,6 +257,7 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 		return err
 	}
 	defer tgt.Close()
+	live.tgt.Store(tgt)
 	resync.attachTarget(tgt)
 	var srcs []Source
 	for i, a := range tgt.Agreements() {
@@ -301,6 +317,7 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 		ReadbackDelay: cfg.ReadbackDelay,
 		PreScript:     cfg.PreScript,
 		PostScript:    cfg.PostScript,
+		ScriptLog:     filepath.Join(dir, ScriptLogFile),
 		OnReady: func() {
 			log.Info("capture attached", "devices", len(srcs))
 			sdnotify.Notify("READY=1\nSTATUS=initial sync")
@@ -318,11 +335,7 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 		return err
 	}
 	resync.attach(e)
-	stopMetrics := func() {}
-	if metricsLn != nil {
-		stopMetrics = serveMetrics(metricsLn, protectMetrics(cfg.Name, tgt, e.overflowEvents), cfg.Profiling, log)
-		metricsLn = nil // the server closes it
-	}
+	live.overflow.Store(e)
 
 	runErr := e.Run(ctx)
 	stopMetrics()
@@ -606,6 +619,41 @@ type rpoSource interface {
 	RPO() time.Duration
 }
 
+// liveSource is what the metrics read, from before the stream and the
+// capture exist: until Dial returns, nothing is connected and the RPO
+// counts from the last run's recoverable_until (or from the start).
+type liveSource struct {
+	tgt      atomic.Pointer[stream.Target]
+	overflow atomic.Pointer[Engine]
+	savedRU  time.Time
+	started  time.Time
+}
+
+func (l *liveSource) Stats() stream.Stats {
+	if t := l.tgt.Load(); t != nil {
+		return t.Stats()
+	}
+	return stream.Stats{}
+}
+
+func (l *liveSource) RPO() time.Duration {
+	if t := l.tgt.Load(); t != nil {
+		return t.RPO()
+	}
+	at := l.savedRU
+	if at.IsZero() {
+		at = l.started
+	}
+	return max(time.Since(at), 0)
+}
+
+func (l *liveSource) overflowEvents() uint64 {
+	if e := l.overflow.Load(); e != nil {
+		return e.overflowEvents()
+	}
+	return 0
+}
+
 // protectMetrics is the agent's Prometheus registry. Every value is read
 // at scrape time; nothing is counted on the write path for it.
 func protectMetrics(machine string, s rpoSource, overflow func() uint64) *prometheus.Registry {
@@ -628,7 +676,7 @@ func protectMetrics(machine string, s rpoSource, overflow func() uint64) *promet
 			func() float64 { return float64(s.Stats().AckedSeq) }),
 		counter("lifeboat_agent_overflow_events_total", "BPF ring overflows into the dirty bitmap.",
 			func() float64 { return float64(overflow()) }),
-		gauge("lifeboat_agent_rpo_seconds", "Seconds since the newest time marker the process server acknowledged.",
+		gauge("lifeboat_agent_rpo_seconds", "Seconds since recoverable_until, as the process server last said (every write before it is in the storage account); before it says, since the last run's value, or since the start.",
 			func() float64 { return s.RPO().Seconds() }),
 		counter("lifeboat_agent_reconnects_total", "Reconnections to the process server.",
 			func() float64 { return float64(s.Stats().Reconnects) }),

@@ -3,11 +3,14 @@ package agent
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -275,21 +278,47 @@ func TestProtectUncleanBeforeDial(t *testing.T) {
 	if err := saveJSON(path, &protectState{Version: stateVersion, Machine: "m1", Devices: devs}); err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
+	// The last run heard recoverable_until an hour ago.
+	lastRU := time.Now().Add(-time.Hour).UTC()
+	streamState := fmt.Sprintf(`{"version":1,"machine":"m1","next_seq":10,"acked_seq":9,"disks":[],"recoverable_until":%q}`, lastRU.Format(time.RFC3339Nano))
+	if err := os.WriteFile(filepath.Join(dir, stream.StateFile), []byte(streamState), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	addr := ln.Addr().String()
-	ln.Close() // nothing listens: Dial retries until cancelled
+	free := func() string {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		return ln.Addr().String()
+	}
+	addr := free() // nothing listens: Dial retries until cancelled
+	metrics := free()
 
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
 		done <- RunProtect(ctx, ProtectConfig{
 			ProcessServer: addr, PKIDir: srv.PKIDir, Name: "m1",
-			Devices: []ProtectDevice{{Path: d.Path}}, StateDir: state,
+			Devices: []ProtectDevice{{Path: d.Path}}, StateDir: state, Metrics: metrics,
 		})
 	}()
+	// While the process server cannot be reached, the metrics say so, and
+	// the RPO counts from the last run's recoverable_until.
+	var body string
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		body = scrape(t, "http://"+metrics+"/metrics")
+		if body != "" || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if !strings.Contains(body, `lifeboat_agent_connected{machine="m1"} 0`) {
+		t.Errorf("metrics while the process server is away lack connected 0:\n%s", body)
+	}
+	if rpo := metricValue(t, body, `lifeboat_agent_rpo_seconds{machine="m1"}`); rpo < 3600 {
+		t.Errorf("RPO %v s while the process server is away, want at least an hour (the last run's recoverable_until)", rpo)
+	}
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		st, err := loadProtectState(path)
@@ -317,4 +346,36 @@ func TestProtectUncleanBeforeDial(t *testing.T) {
 	if st, err := loadProtectState(path); err != nil || !st.Devices[0].Clean {
 		t.Fatalf("after a stop during Dial: %+v (%v), want the clean state restored", st, err)
 	}
+}
+
+// scrape returns the body of a GET of url, "" if it fails.
+func scrape(t *testing.T, url string) string {
+	t.Helper()
+	c := http.Client{Timeout: 2 * time.Second}
+	resp, err := c.Get(url)
+	if err != nil {
+		return ""
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		return ""
+	}
+	return string(b)
+}
+
+// metricValue returns the value of the sample named series in an
+// exposition body (-1 if absent).
+func metricValue(t *testing.T, body, series string) float64 {
+	t.Helper()
+	for _, line := range strings.Split(body, "\n") {
+		if v, ok := strings.CutPrefix(line, series+" "); ok {
+			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+			if err != nil {
+				t.Fatalf("%s: %v", line, err)
+			}
+			return f
+		}
+	}
+	return -1
 }

@@ -90,7 +90,7 @@ func fencedAgainstAnother(t *testing.T, undeletable bool) {
 	if undeletable {
 		ffs.failRemove.Store(true)
 		a := dialAgent(t, eA, sA, "m1")
-		if err := a.w.WriteHello(&wire.Hello{ProtocolVersion: 2, Machine: "m1", Disks: []wire.DiskState{back}}); err != nil {
+		if err := a.w.WriteHello(&wire.Hello{ProtocolVersion: protocolVersion, Machine: "m1", Disks: []wire.DiskState{back}}); err != nil {
 			t.Fatal(err)
 		}
 		if f := a.next(30 * time.Second); f.typ != wire.TypeError {
@@ -329,7 +329,7 @@ func TestTakeoverMeetsOtherWriter(t *testing.T) {
 			back := wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ack.Disks[0].Generation, LastAckedSeq: 5}
 			b := dialAgent(t, &e2, s2, "m1")
 			if conflicts == maxClaims {
-				if err := b.w.WriteHello(&wire.Hello{ProtocolVersion: 2, Machine: "m1", Disks: []wire.DiskState{back}}); err != nil {
+				if err := b.w.WriteHello(&wire.Hello{ProtocolVersion: protocolVersion, Machine: "m1", Disks: []wire.DiskState{back}}); err != nil {
 					t.Fatal(err)
 				}
 				var we wire.Error
@@ -643,7 +643,7 @@ func TestFencedNewMachineClaimWritesSealed(t *testing.T) {
 	e := newEnv(t, store, 1)
 	s := e.start()
 	a := dialAgent(t, e, s, "m1")
-	if err := a.w.WriteHello(&wire.Hello{ProtocolVersion: 2, Machine: "m1", Disks: []wire.DiskState{disk0}}); err != nil {
+	if err := a.w.WriteHello(&wire.Hello{ProtocolVersion: protocolVersion, Machine: "m1", Disks: []wire.DiskState{disk0}}); err != nil {
 		t.Fatal(err)
 	}
 	eventually(t, 10*time.Second, "the fence", func() bool { return strings.Contains(e.logs.String(), "another writer changed the manifest") })
@@ -688,7 +688,7 @@ func TestClaimClearsFenceRecord(t *testing.T) {
 	}
 	ffs.failFence.Store(true)
 	a2 := dialAgent(t, e, s, "m1")
-	if err := a2.w.WriteHello(&wire.Hello{ProtocolVersion: 2, Machine: "m1", Disks: []wire.DiskState{back(10)}}); err != nil {
+	if err := a2.w.WriteHello(&wire.Hello{ProtocolVersion: protocolVersion, Machine: "m1", Disks: []wire.DiskState{back(10)}}); err != nil {
 		t.Fatal(err)
 	}
 	if f := a2.next(30 * time.Second); f.typ != wire.TypeError {

@@ -62,8 +62,8 @@ func (r *gapRig) restart() {
 		r.t.Fatal(err)
 	}
 	r.s = &Server{cfg: Config{SegmentBytes: 1 << 20}, log: slog.New(slog.DiscardHandler), store: r.store,
-		cache: c, recoveryKey: r.rk, machines: map[string]*machine{}, freeBufs: make(chan *segBuf, 8),
-		metrics: newMetrics(nil)}
+		cache: c, recoveryKey: r.rk, machines: map[string]*machine{}, freeBufs: make(chan *segBuf, 8)}
+	r.s.metrics = newMetrics(r.s, nil)
 	if err := r.s.scanCache(); err != nil {
 		r.t.Fatal(err)
 	}
@@ -71,7 +71,7 @@ func (r *gapRig) restart() {
 }
 
 func (r *gapRig) hello(acked uint64) *wire.Hello {
-	return &wire.Hello{ProtocolVersion: 2, Machine: "m1",
+	return &wire.Hello{ProtocolVersion: protocolVersion, Machine: "m1",
 		Disks: []wire.DiskState{{Name: "d0", Size: 1 << 20, Generation: r.gen, LastAckedSeq: acked}}}
 }
 
@@ -508,7 +508,7 @@ func TestLostCopyOfSegmentInAccountIsAdopted(t *testing.T) {
 func gapWithoutD1(t *testing.T) (*gapRig, *wire.Hello, uint64) {
 	t.Helper()
 	r := newGapRig(t, mem.New())
-	two := &wire.Hello{ProtocolVersion: 2, Machine: "m1", Disks: []wire.DiskState{
+	two := &wire.Hello{ProtocolVersion: protocolVersion, Machine: "m1", Disks: []wire.DiskState{
 		{Name: "d0", Size: 1 << 20, Generation: r.gen}, {Name: "d1", Size: 1 << 20}}}
 	ack, _, _, _, err := r.m.agree(context.Background(), two)
 	if err != nil {
@@ -548,7 +548,7 @@ func TestGapMendedWithoutADisk(t *testing.T) {
 	if ack.Disks[0].Action != wire.SyncResume || ack.Disks[1].Action != wire.SyncFull {
 		t.Fatalf("d0 told %v, d1 %v; want resume, full sync", ack.Disks[0].Action, ack.Disks[1].Action)
 	}
-	ack, _, _, _, err = r.m.agree(ctx, &wire.Hello{ProtocolVersion: 2, Machine: "m1", Disks: []wire.DiskState{
+	ack, _, _, _, err = r.m.agree(ctx, &wire.Hello{ProtocolVersion: protocolVersion, Machine: "m1", Disks: []wire.DiskState{
 		{Name: "d0", Size: 1 << 20, Generation: r.gen, LastAckedSeq: 20}, {Name: "d1", Size: 1 << 20, Generation: ack.Disks[1].Generation, LastAckedSeq: 20}}})
 	if err != nil || ack.Disks[1].Action != wire.SyncResume {
 		t.Fatalf("after its full sync, d1 told %v (%v), want resume", ack.Disks[1].Action, err)

@@ -93,6 +93,14 @@ type machine struct {
 	mendAt    uint64
 	mendDisks []string // disks of the hello answered at gapEpoch
 
+	// accountRU is the recoverable_until of the manifest in the account
+	// as last read or written (not m.man's, which runs ahead of a write
+	// that may fail); hintRU the one the cache kept from before a restart
+	// (cache.Recoverable), reported until the manifest is read; hintSaved
+	// and hintAt what the cache was last given, and when (saveHint).
+	accountRU, hintRU, hintSaved time.Time
+	hintAt                       time.Time
+
 	lastRun wire.RunID // the agent run that made the newest segment durable (zero: unknown)
 	note    wire.Marker
 	hasNote bool
@@ -127,8 +135,56 @@ func newMachine(s *Server, name string) *machine {
 			m.fenced, m.ours = true, string(note)
 			m.log.Warn("another process server took this machine over before this one stopped: nothing of it is uploaded from this cache until its agent says hello here")
 		}
+		m.hintRU = s.cache.Recoverable(name)
+		m.hintSaved = m.hintRU
 	}
 	return m
+}
+
+// machineReport is what the metrics say of a machine.
+type machineReport struct {
+	until   time.Time // recoverable_until (zero: none known)
+	loaded  bool      // the manifest was read: durable is the account's
+	durable uint64
+}
+
+// report returns what the metrics say of the machine; false for one
+// another process server serves.
+func (m *machine) report() (machineReport, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.fenced {
+		return machineReport{}, false
+	}
+	if !m.loaded {
+		return machineReport{until: m.hintRU}, true
+	}
+	return machineReport{until: m.accountRU, loaded: true, durable: m.savedDurable}, true
+}
+
+// hintEvery spaces the cache's records of recoverable_until: a restart
+// reports an RPO at most this much too high until the manifest is read.
+const hintEvery = 10 * time.Second
+
+// saveHint gives the cache the machine's recoverable_until, when it
+// moved and hintEvery has passed (the monitor's tick).
+func (m *machine) saveHint() {
+	if m.s.cache == nil {
+		return
+	}
+	m.mu.Lock()
+	ru := m.accountRU
+	due := m.loaded && !m.fenced && ru.After(m.hintSaved) && time.Since(m.hintAt) >= hintEvery
+	if due {
+		m.hintSaved, m.hintAt = ru, time.Now()
+	}
+	m.mu.Unlock()
+	if !due {
+		return
+	}
+	if err := m.s.cache.SetRecoverable(m.name, ru); err != nil {
+		m.log.Debug("cannot keep recoverable_until in the cache (reported after a restart)", logErr, err)
+	}
 }
 
 func (m *machine) kick() {
@@ -163,6 +219,7 @@ func (m *machine) ensureLoaded(ctx context.Context) error {
 	m.etag = etag
 	m.mu.Lock()
 	m.man, m.key, m.manKey, m.loaded = man, key, key, true
+	m.accountRU = man.RecoverableUntil
 	if !m.fenced && man.Owner != "" && man.Owner != m.s.cfg.Name {
 		// Another server claimed the machine since this one last served
 		// it (a restart found its cache): its cache may hold a history
@@ -184,7 +241,6 @@ func (m *machine) ensureLoaded(ctx context.Context) error {
 	m.applied = max(m.applied, man.AppliedSeq)
 	m.savedApplied, m.savedDurable = max(m.savedApplied, man.AppliedSeq), max(m.savedDurable, man.DurableSeq)
 	m.mu.Unlock()
-	m.s.metrics.durableSeq.WithLabelValues(m.name).Set(float64(man.DurableSeq))
 	return nil
 }
 
@@ -508,6 +564,7 @@ func (m *machine) putManifest(ctx context.Context) error {
 		m.progress = make(chan struct{})
 	}
 	m.savedApplied, m.savedDurable = max(m.savedApplied, man.AppliedSeq), max(m.savedDurable, man.DurableSeq)
+	m.accountRU = man.RecoverableUntil
 	m.mu.Unlock()
 	return nil
 }
@@ -871,12 +928,12 @@ func (m *machine) takeManifest(man layout.Manifest, key *seal.Key, etag string, 
 	m.uploaded = man.DurableSeq
 	m.applied = max(m.applied, man.AppliedSeq)
 	m.savedApplied, m.savedDurable = man.AppliedSeq, man.DurableSeq
+	m.accountRU = man.RecoverableUntil
 	m.ours = journalOf(&man)
 	// A mend under way was another server's, or this one's of another
 	// state: the next hello's resync starts over.
 	m.gapEpoch++
 	m.mendAt = 0
-	m.s.metrics.durableSeq.WithLabelValues(m.name).Set(float64(man.DurableSeq))
 }
 
 // fencedMessage tells a refused agent why.

@@ -1,6 +1,10 @@
 package processserver
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
 
 // metrics are the process server's Prometheus metrics.
 type metrics struct {
@@ -9,12 +13,12 @@ type metrics struct {
 	cacheBytes    prometheus.Gauge
 	freeRatio     prometheus.Gauge
 	rebuiltShards prometheus.Counter
-	durableSeq    *prometheus.GaugeVec
-	rpo           *prometheus.GaugeVec
+	machines      machineCollector
 }
 
-func newMetrics(reg prometheus.Registerer) *metrics {
+func newMetrics(s *Server, reg prometheus.Registerer) *metrics {
 	m := &metrics{
+		machines: machineCollector{s},
 		receivedBytes: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "lifeboat_ps_received_bytes_total",
 			Help: "Bytes of batch, marker and control frames received from agents.",
@@ -35,14 +39,6 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Name: "lifeboat_ps_cache_rebuilt_shards_total",
 			Help: "Cache shards rebuilt from the other directories after a cache directory was wiped or replaced.",
 		}),
-		durableSeq: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "lifeboat_ps_durable_seq",
-			Help: "Highest sequence number of the machine whose records are all in the storage account's journal.",
-		}, []string{"machine"}),
-		rpo: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "lifeboat_rpo_seconds",
-			Help: "Now minus recoverable_until: how much recent history a disaster would lose.",
-		}, []string{"machine"}),
 	}
 	if reg != nil {
 		m.register(reg)
@@ -51,5 +47,49 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 }
 
 func (m *metrics) register(reg prometheus.Registerer) {
-	reg.MustRegister(m.receivedBytes, m.uploadedBytes, m.cacheBytes, m.freeRatio, m.rebuiltShards, m.durableSeq, m.rpo)
+	reg.MustRegister(m.receivedBytes, m.uploadedBytes, m.cacheBytes, m.freeRatio, m.rebuiltShards, m.machines)
+}
+
+// The per-machine metrics, computed at scrape time from what the server
+// knows of each machine's manifest in the account: RPO keeps growing
+// while nothing reaches the account, whatever else is stuck.
+var (
+	rpoDesc = prometheus.NewDesc("lifeboat_rpo_seconds",
+		"Now minus recoverable_until (the time before which every write of the machine is in the storage account): how much recent history a disaster would lose. Absent until the machine first has one.",
+		[]string{"machine"}, nil)
+	recoverableDesc = prometheus.NewDesc("lifeboat_ps_recoverable",
+		"1 once the machine has a recoverable_until (a state the account can recover), 0 before: its first sync, or its manifest not read yet and no earlier value known.",
+		[]string{"machine"}, nil)
+	durableSeqDesc = prometheus.NewDesc("lifeboat_ps_durable_seq",
+		"Highest sequence number of the machine whose records are all in the storage account's journal, as its manifest there says.",
+		[]string{"machine"}, nil)
+)
+
+// machineCollector reports every machine this server serves; one another
+// process server took over (fenced) is not reported.
+type machineCollector struct{ s *Server }
+
+func (c machineCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- rpoDesc
+	ch <- recoverableDesc
+	ch <- durableSeqDesc
+}
+
+func (c machineCollector) Collect(ch chan<- prometheus.Metric) {
+	now := time.Now()
+	for _, m := range c.s.machineList() {
+		r, ok := m.report()
+		if !ok {
+			continue
+		}
+		recoverable := 0.0
+		if !r.until.IsZero() {
+			recoverable = 1
+			ch <- prometheus.MustNewConstMetric(rpoDesc, prometheus.GaugeValue, max(now.Sub(r.until).Seconds(), 0), m.name)
+		}
+		ch <- prometheus.MustNewConstMetric(recoverableDesc, prometheus.GaugeValue, recoverable, m.name)
+		if r.loaded {
+			ch <- prometheus.MustNewConstMetric(durableSeqDesc, prometheus.GaugeValue, float64(r.durable), m.name)
+		}
+	}
 }

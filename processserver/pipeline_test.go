@@ -173,7 +173,7 @@ func TestCloseDuringOutage(t *testing.T) {
 	e := newEnv(t, st, 3)
 	s := e.start()
 	a := dialAgent(t, e, s, "m1")
-	if err := a.w.WriteHello(&wire.Hello{ProtocolVersion: 2, Machine: "m1", Disks: []wire.DiskState{disk0}}); err != nil {
+	if err := a.w.WriteHello(&wire.Hello{ProtocolVersion: protocolVersion, Machine: "m1", Disks: []wire.DiskState{disk0}}); err != nil {
 		t.Fatal(err)
 	}
 	select {

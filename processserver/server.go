@@ -165,9 +165,9 @@ func Start(ctx context.Context, c Config) (*Server, error) {
 		scrubReq:    make(chan struct{}, 1),
 	}
 	if cfg.Metrics != nil {
-		s.metrics = newMetrics(cfg.Metrics)
+		s.metrics = newMetrics(s, cfg.Metrics)
 	} else {
-		s.metrics = newMetrics(nil)
+		s.metrics = newMetrics(s, nil)
 	}
 	ectx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	err = cfg.Store.EnsureContainer(ectx)
@@ -392,6 +392,17 @@ func (s *Server) Manifest(machine string) (layout.Manifest, bool) {
 }
 
 // machine returns the state of name, creating it (and its uploader).
+// machineList returns the machines the server knows.
+func (s *Server) machineList() []*machine {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ms := make([]*machine, 0, len(s.machines))
+	for _, m := range s.machines {
+		ms = append(ms, m)
+	}
+	return ms
+}
+
 func (s *Server) machine(name string) *machine {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -420,10 +431,13 @@ func (s *Server) scanCache() error {
 		if err != nil {
 			return fmt.Errorf("scan cache: %w", err)
 		}
+		m := s.machine(name)
 		if len(ids) == 0 {
+			// Served before, everything published: known all the same,
+			// so that its RPO is reported (and grows if its agent
+			// never comes back).
 			continue
 		}
-		m := s.machine(name)
 		for _, id := range ids {
 			m.segs = append(m.segs, &segEntry{id: id})
 		}
@@ -516,22 +530,11 @@ func (s *Server) monitor() {
 	for {
 		s.checkCache(&usage)
 		s.checkCacheDirs(&watch)
-		s.mu.Lock()
-		ms := make([]*machine, 0, len(s.machines))
-		for _, m := range s.machines {
-			ms = append(ms, m)
-		}
-		s.mu.Unlock()
-		now := time.Now()
-		for _, m := range ms {
-			m.mu.Lock()
-			ru, loaded := m.man.RecoverableUntil, m.loaded
-			m.mu.Unlock()
-			if loaded && !ru.IsZero() {
-				s.metrics.rpo.WithLabelValues(m.name).Set(now.Sub(ru).Seconds())
-			}
+		for _, m := range s.machineList() {
+			m.saveHint()
 			if st := m.current(); st != nil {
 				st.updateBackpressure()
+				st.updateRecoverable()
 			}
 		}
 		select {

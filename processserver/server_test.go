@@ -316,7 +316,7 @@ func TestRefusesWrongCertificate(t *testing.T) {
 	})
 
 	a := dialAgent(t, e, s, "m2")
-	if err := a.w.WriteHello(&wire.Hello{ProtocolVersion: 2, Machine: "m1", Disks: []wire.DiskState{disk0}}); err != nil {
+	if err := a.w.WriteHello(&wire.Hello{ProtocolVersion: protocolVersion, Machine: "m1", Disks: []wire.DiskState{disk0}}); err != nil {
 		t.Fatal(err)
 	}
 	f := a.next(10 * time.Second)
@@ -892,7 +892,7 @@ func TestRefusesWhatItCouldNotApply(t *testing.T) {
 	for _, d := range []wire.DiskState{{Name: "big", Size: 9 << 40}, {Name: "data.", Size: 1 << 20}} {
 		t.Run("hello with disk "+d.Name, func(t *testing.T) {
 			_, a := start(t)
-			if err := a.w.WriteHello(&wire.Hello{ProtocolVersion: 2, Machine: "m1", Disks: []wire.DiskState{disk0, d}}); err != nil {
+			if err := a.w.WriteHello(&wire.Hello{ProtocolVersion: protocolVersion, Machine: "m1", Disks: []wire.DiskState{disk0, d}}); err != nil {
 				t.Fatal(err)
 			}
 			if we := errorFrame(t, a); we.Code != wire.CodeUnknownAgent || !strings.Contains(we.Message, d.Name) {

@@ -22,7 +22,7 @@ import (
 )
 
 const (
-	protocolVersion = 2
+	protocolVersion = 3                // 3: Recoverable
 	helloTimeout    = 30 * time.Second // first frame after the handshake
 	helloWork       = time.Minute      // reading the manifest to answer it
 	writeTimeout    = 30 * time.Second
@@ -70,6 +70,11 @@ type session struct {
 	bpMu       sync.Mutex
 	window     uint64 // last window sent
 	sentWindow bool
+	// ruSent is the recoverable_until last sent (Recoverable), ruSet
+	// whether one was; under ruMu.
+	ruMu   sync.Mutex
+	ruSent time.Time
+	ruSet  bool
 
 	mu       sync.Mutex // guards buf, closed, filling and sends on flushq
 	buf      *segBuf
@@ -247,6 +252,7 @@ func (st *session) run(ctx context.Context) {
 	}
 	st.ackSent.Store(true)
 	st.updateBackpressure()
+	st.updateRecoverable()
 
 	st.buf = st.s.getBuf()
 	st.buf.begin(start.durable) // the last segment before this session's ends there
@@ -742,6 +748,32 @@ func (st *session) flusher() {
 // updateBackpressure sends the window the server can take now, if it
 // changed: 0 while the cache is nearly full or the machine's upload
 // backlog is over its bound.
+// updateRecoverable sends the agent the machine's recoverable_until, if
+// it changed since last sent (after the hello-ack, then from the
+// monitor's tick): the agent reports its RPO from it.
+func (st *session) updateRecoverable() {
+	if !st.ackSent.Load() {
+		return
+	}
+	r, ok := st.m.report()
+	if !ok {
+		return
+	}
+	st.ruMu.Lock()
+	defer st.ruMu.Unlock()
+	if st.ruSet && r.until.Equal(st.ruSent) {
+		return
+	}
+	var ns int64
+	if !r.until.IsZero() {
+		ns = r.until.UnixNano()
+	}
+	if err := st.send(func(w *wire.Writer) error { return w.WriteRecoverable(wire.Recoverable{UnixNano: ns}) }); err != nil {
+		return
+	}
+	st.ruSent, st.ruSet = r.until, true
+}
+
 func (st *session) updateBackpressure() {
 	if !st.ackSent.Load() {
 		return // the hello-ack goes first; run sends the window after it

@@ -320,7 +320,6 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 		if werr != nil {
 			return false, werr
 		}
-		m.s.metrics.durableSeq.WithLabelValues(m.name).Set(float64(last.last))
 		if m.s.applier != nil {
 			m.s.applier.Notify(m.name, last.last)
 		}
@@ -796,7 +795,6 @@ func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error
 	if werr != nil {
 		return werr
 	}
-	m.s.metrics.durableSeq.WithLabelValues(m.name).Set(float64(lostTo))
 	if m.s.applier != nil {
 		m.s.applier.Notify(m.name, lostTo)
 	}

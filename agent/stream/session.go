@@ -563,6 +563,17 @@ func (t *Target) readLoop(s *session) error {
 			}
 			t.ackLocked(a.Seq)
 			t.mu.Unlock()
+		case wire.TypeRecoverable:
+			var r wire.Recoverable
+			if err := r.UnmarshalBinary(f.Payload); err != nil {
+				return err
+			}
+			t.mu.Lock()
+			t.recoverable, t.ruHeard = time.Time{}, true
+			if r.UnixNano > 0 {
+				t.recoverable = time.Unix(0, r.UnixNano).UTC()
+			}
+			t.mu.Unlock()
 		case wire.TypeBackpressure:
 			var b wire.Backpressure
 			if err := b.UnmarshalBinary(f.Payload); err != nil {

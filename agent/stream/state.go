@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/lifeboat-dr/lifeboat/internal/wire"
 )
@@ -31,11 +32,25 @@ type persisted struct {
 	NextSeq  uint64          `json:"next_seq"`
 	AckedSeq uint64          `json:"acked_seq"` // every record ≤ this was acknowledged
 	Disks    []persistedDisk `json:"disks"`
+	// RecoverableUntil is the process server's last word on it: the
+	// next run reports its RPO from it until the process server answers.
+	RecoverableUntil time.Time `json:"recoverable_until,omitzero"`
 }
 
 type persistedDisk struct {
 	Name       string `json:"name"`
 	Generation string `json:"generation"` // hex; "" = none
+}
+
+// SavedRecoverableUntil returns the recoverable_until the state in dir
+// keeps for machine (zero if none): what an agent reports its RPO from
+// before it reaches the process server.
+func SavedRecoverableUntil(dir, machine string) time.Time {
+	p, err := loadPersisted(filepath.Join(dir, StateFile))
+	if err != nil || p == nil || p.Machine != machine {
+		return time.Time{}
+	}
+	return p.RecoverableUntil
 }
 
 func loadPersisted(path string) (*persisted, error) {

@@ -50,7 +50,7 @@ const (
 const ChunkSize = 64 << 10
 
 // ProtocolVersion is the stream protocol this package speaks.
-const ProtocolVersion = 2 // 2: Hello.Run, HelloAck.LastRun
+const ProtocolVersion = 3 // 2: Hello.Run, HelloAck.LastRun; 3: Recoverable
 
 const (
 	minBackoff     = 100 * time.Millisecond
@@ -163,9 +163,13 @@ type Stats struct {
 	Resyncs       uint64 `json:"resyncs"`        // disks the process server asked to sync again after a reconnect
 	SumChunks     uint64 `json:"sum_chunks"`     // chunks compared by checksum resync
 	SumDiffers    uint64 `json:"sum_differs"`    // of which differed and were sent
-	// RecoverableUntil is the time of the newest time marker whose records
-	// are all acknowledged: the process server holds every write made
-	// before it. Zero until the first one.
+	// AckedUntil is the time of the newest time marker whose records
+	// are all acknowledged: the process server's cache holds every write
+	// made before it. Zero until the first one.
+	AckedUntil time.Time `json:"acked_until"`
+	// RecoverableUntil is the time before which every write is in the
+	// storage account, as the process server last said (Recoverable);
+	// zero until it has said, or while nothing is recoverable.
 	RecoverableUntil time.Time `json:"recoverable_until"`
 }
 
@@ -261,6 +265,13 @@ type Target struct {
 	sums        *sumsReq
 	markers     []sentMarker // time markers not yet known durable
 	ackedMarker time.Time
+	// recoverable is the process server's recoverable_until (ruHeard:
+	// it said, this run); savedRU the last one persisted (by this run or
+	// the last), savedRUAt when this run saved it.
+	recoverable time.Time
+	ruHeard     bool
+	savedRU     time.Time
+	savedRUAt   time.Time
 	err         error // set by Abort or Close: every call fails with it
 	stateVer    uint64
 	holdMarkers bool
@@ -409,6 +420,7 @@ func newTarget(cfg Config) (*Target, error) {
 		if p.Machine == cfg.Machine {
 			t.ownState = true
 			t.ackedSeq = p.AckedSeq
+			t.savedRU = p.RecoverableUntil
 			for i, d := range cfg.Disks {
 				for _, pd := range p.Disks {
 					if pd.Name != d.Name || d.Forget {
@@ -926,7 +938,8 @@ func (t *Target) Stats() Stats {
 		Window:           t.window,
 		LastSeq:          t.nextSeq - 1,
 		AckedSeq:         t.ackedSeq,
-		RecoverableUntil: t.ackedMarker,
+		AckedUntil:       t.ackedMarker,
+		RecoverableUntil: t.recoverable,
 	}
 	if t.open != nil {
 		s.PendingBytes += uint64(t.open.bb.Len())
@@ -942,11 +955,16 @@ func (t *Target) Stats() Stats {
 	return s
 }
 
-// RPO is how far back the newest acknowledged time marker is (since Dial
-// when there is none yet).
+// RPO is how far back recoverable_until is: the time before which every
+// write is in the storage account, as the process server last said.
+// Until it has said this run, the last run's word counts; while nothing
+// is recoverable (a first sync), the time since Dial.
 func (t *Target) RPO() time.Duration {
 	t.mu.Lock()
-	at := t.ackedMarker
+	at := t.recoverable
+	if !t.ruHeard {
+		at = t.savedRU
+	}
 	t.mu.Unlock()
 	if at.IsZero() {
 		at = t.start
@@ -963,7 +981,11 @@ type snapshot struct {
 
 func (t *Target) snapshotLocked() snapshot {
 	t.stateVer++
-	p := persisted{Version: stateVersion, Machine: t.cfg.Machine, NextSeq: t.lease, AckedSeq: t.ackedSeq}
+	p := persisted{Version: stateVersion, Machine: t.cfg.Machine, NextSeq: t.lease, AckedSeq: t.ackedSeq, RecoverableUntil: t.savedRU}
+	if t.ruHeard {
+		p.RecoverableUntil = t.recoverable
+		t.savedRU, t.savedRUAt = t.recoverable, time.Now()
+	}
 	for i, d := range t.cfg.Disks {
 		p.Disks = append(p.Disks, persistedDisk{Name: d.Name, Generation: formatGeneration(t.gens[i])})
 	}
@@ -987,6 +1009,11 @@ func (t *Target) persist(s snapshot) error {
 	return nil
 }
 
+// persistRUEvery spaces saves of recoverable_until alone: a next run
+// started while the process server is away reports an RPO at most this
+// much too high.
+const persistRUEvery = 10 * time.Second
+
 // persistLoop saves the acknowledged sequence about once a second: a stale
 // value only makes the process server's loss check less sharp, while
 // sequence numbers are protected by the lease.
@@ -1002,7 +1029,9 @@ func (t *Target) persistLoop() {
 		case <-tick.C:
 		}
 		t.mu.Lock()
-		if t.ackedSeq == last {
+		// recoverable_until moves on an idle stream too: saved less often.
+		ruDue := t.ruHeard && !t.recoverable.Equal(t.savedRU) && time.Since(t.savedRUAt) >= persistRUEvery
+		if t.ackedSeq == last && !ruDue {
 			t.mu.Unlock()
 			continue
 		}

@@ -211,6 +211,55 @@ func TestPlainTLSThenRecords(t *testing.T) {
 	}
 }
 
+// The RPO is the process server's recoverable_until (every write before
+// it in the storage account), not the acknowledgements (its cache): while
+// its uploads fail it grows, acknowledged or not. A next run reports it
+// from the state the last one saved until the process server says.
+func TestRPOFollowsRecoverable(t *testing.T) {
+	srv := streamtest.New(t)
+	dir := t.TempDir()
+	tg := dial(t, config(t, srv, dir, 1<<20))
+	if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "recoverable_until from the process server", func() bool { return !tg.Stats().RecoverableUntil.IsZero() })
+	waitFor(t, "an RPO under 1.5 s", func() bool { return tg.RPO() < 1500*time.Millisecond })
+
+	srv.HoldRecoverable(true) // the account is down; the cache acknowledges
+	held := tg.Stats()
+	time.Sleep(2500 * time.Millisecond)
+	if err := tg.WriteAt(0, make([]byte, 4096), 4096); err != nil {
+		t.Fatal(err)
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	st := tg.Stats()
+	if !st.AckedUntil.After(held.RecoverableUntil) || st.AckedSeq != 2 {
+		t.Fatalf("acknowledgements stopped too: acked until %v, seq %d", st.AckedUntil, st.AckedSeq)
+	}
+	if rpo := tg.RPO(); rpo < 2*time.Second {
+		t.Fatalf("RPO %v while nothing reached the account for 2.5 s", rpo)
+	}
+	if err := tg.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	saved := stream.SavedRecoverableUntil(dir, machine)
+	if saved.IsZero() || saved.After(held.RecoverableUntil) {
+		t.Fatalf("saved recoverable_until %v, want the last one heard, at most %v", saved, held.RecoverableUntil)
+	}
+	tg = dial(t, config(t, srv, dir, 1<<20))
+	if rpo := tg.RPO(); rpo < 2*time.Second {
+		t.Fatalf("RPO %v at the next run's start, before the process server said: want the saved one's", rpo)
+	}
+	srv.HoldRecoverable(false)
+	waitFor(t, "an RPO under 1.5 s once uploads resume", func() bool { return tg.RPO() < 1500*time.Millisecond })
+}
+
 // Time markers flow at least every second on an idle stream, carry the
 // last record's sequence, and make the RPO small.
 func TestTimeMarkersOnIdleStream(t *testing.T) {
@@ -816,9 +865,9 @@ func TestMarkerCoverageFollowsSequence(t *testing.T) {
 					time.Unix(0, m.UnixNano).Format(time.StampMicro), tA.Format(time.StampMicro), m.Seq)
 			}
 		}
-		if st := tg.Stats(); st.RecoverableUntil.After(tA) && st.AckedSeq < 3 {
+		if st := tg.Stats(); st.AckedUntil.After(tA) && st.AckedSeq < 3 {
 			t.Fatalf("recoverable until %v, after write A completed at %v, while record 3 (A) is not acknowledged (acked %d)",
-				st.RecoverableUntil.Format(time.StampMicro), tA.Format(time.StampMicro), st.AckedSeq)
+				st.AckedUntil.Format(time.StampMicro), tA.Format(time.StampMicro), st.AckedSeq)
 		}
 	}
 	time.Sleep(100 * time.Millisecond) // ten marker intervals
@@ -834,7 +883,7 @@ func TestMarkerCoverageFollowsSequence(t *testing.T) {
 		t.Fatal(err)
 	}
 	check()
-	waitFor(t, "recoverable until the covered time", func() bool { return tg.Stats().RecoverableUntil.Equal(c2) })
+	waitFor(t, "recoverable until the covered time", func() bool { return tg.Stats().AckedUntil.Equal(c2) })
 }
 
 // A process server that lost acknowledged records holds a gap until the
@@ -858,7 +907,7 @@ func TestLossDropsPendingTimeMarkers(t *testing.T) {
 	if err := tg.Sync(); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "a time marker for seq 1 acknowledged", func() bool { return !tg.Stats().RecoverableUntil.IsZero() })
+	waitFor(t, "a time marker for seq 1 acknowledged", func() bool { return !tg.Stats().AckedUntil.IsZero() })
 	srv.HoldAcks(true)
 	if err := tg.WriteAt(0, make([]byte, 4096), 4096); err != nil { // seq 2, stored, not acknowledged
 		t.Fatal(err)
@@ -867,12 +916,12 @@ func TestLossDropsPendingTimeMarkers(t *testing.T) {
 		ms := srv.Markers()
 		return len(ms) > 0 && ms[len(ms)-1].Seq == 2
 	})
-	before := tg.Stats().RecoverableUntil
+	before := tg.Stats().AckedUntil
 	srv.Lose(0) // record 1, acknowledged, is gone
 	srv.HoldAcks(false)
 	waitFor(t, "the resync request", func() bool { return asked.Load() > 0 })
 	waitFor(t, "record 2 acknowledged again", func() bool { return tg.Stats().AckedSeq == 2 })
-	if got := tg.Stats().RecoverableUntil; !got.Equal(before) {
+	if got := tg.Stats().AckedUntil; !got.Equal(before) {
 		t.Fatalf("recoverable until moved from %v to %v across the loss of acknowledged record 1",
 			before.Format(time.StampMicro), got.Format(time.StampMicro))
 	}

@@ -68,7 +68,7 @@ checksums instead of copying everything. "lifeboat agent release" detaches it.`,
 	f.DurationVar(&cfg.CrashInterval, "crash-interval", 0, "crash-consistent marker interval (0: off)")
 	f.DurationVar(&cfg.AppInterval, "app-interval", 0, "app-consistent (fsfreeze) marker interval (0: off)")
 	f.StringVar(&cfg.PreScript, "pre-script", "", "run before freezing for an app-consistent marker (gets the mount points)")
-	f.StringVar(&cfg.PostScript, "post-script", "", "run after thawing (always, once the pre-script succeeded)")
+	f.StringVar(&cfg.PostScript, "post-script", "", "run after thawing (always, even after a failed pre-script, which it may have to undo)")
 	mirror.MarkFlagRequired("device")
 	mirror.MarkFlagRequired("to")
 

@@ -15,19 +15,28 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/lifeboat-dr/lifeboat/internal/fsfreeze"
 	"github.com/lifeboat-dr/lifeboat/internal/recovery"
 )
 
 func main() {
 	var verbose bool
 	root := newRoot(&verbose)
+	// Registered first, so that it sees the first signal too.
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	go func() {
-		// The first signal asks for a clean stop; a second one is not
-		// caught, and ends the process at once.
-		<-ctx.Done()
-		stop()
+		// The first signal asks for a clean stop; a second one ends the
+		// process at once, by that signal, but not before the file
+		// systems an app-consistent point froze are thawed: nobody
+		// would thaw them after.
+		<-sigs
+		sig := <-sigs
+		fsfreeze.ThawAll(fsfreeze.DefaultTimeout)
+		signal.Reset()
+		syscall.Kill(os.Getpid(), sig.(syscall.Signal))
 	}()
 	if err := execute(ctx, root); err != nil {
 		fmt.Fprintln(os.Stderr, "lifeboat:", err)

@@ -90,7 +90,7 @@ the --pki directory.`
 	f.DurationVar(&cfg.CrashInterval, "crash-interval", agent.DefaultCrashInterval, "crash-consistent point interval (0: off)")
 	f.DurationVar(&cfg.AppInterval, "app-interval", agent.DefaultAppInterval, "app-consistent (fsfreeze) point interval (0: off)")
 	f.StringVar(&cfg.PreScript, "pre-script", "", "run before freezing for an app-consistent point (gets the mount points)")
-	f.StringVar(&cfg.PostScript, "post-script", "", "run after thawing (always, once the pre-script succeeded)")
+	f.StringVar(&cfg.PostScript, "post-script", "", "run after thawing (always, even after a failed pre-script, which it may have to undo)")
 	f.DurationVar(&cfg.StopTimeout, "stop-timeout", agent.DefaultStopTimeout, "how long a stop waits for the process server to acknowledge the last writes")
 	for _, name := range []string{"process-server", "pki", "name", "device"} {
 		cmd.MarkFlagRequired(name)

@@ -52,7 +52,7 @@ func TestAccelerated(t *testing.T) {
 		}
 	}
 	want := runtime.GOARCH == "amd64" && !purego
-	for _, f := range []string{"aes", "pclmulqdq", "avx512f", "avx512bw", "avx512vl", "vaes", "vpclmulqdq"} {
+	for _, f := range []string{"aes", "pclmulqdq", "avx2", "avx512f", "avx512bw", "avx512vl", "vaes", "vpclmulqdq"} {
 		want = want && slices.Contains(flags, f)
 	}
 	g, _ := newPair(t)

@@ -3,8 +3,37 @@ package crc32c
 import (
 	"hash/crc32"
 	"math/rand/v2"
+	"os"
+	"runtime"
+	"slices"
+	"strings"
 	"testing"
 )
+
+// TestAccelerated checks, against the CPU flags Linux lists, that the
+// folding path is on wherever the CPU has what it needs, so that the
+// comparisons with hash/crc32 below test it, and off elsewhere.
+func TestAccelerated(t *testing.T) {
+	info, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		t.Skipf("no /proc/cpuinfo to check against: %v", err)
+	}
+	var flags []string
+	for line := range strings.Lines(string(info)) {
+		if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "flags" {
+			flags = strings.Fields(v)
+			break
+		}
+	}
+	want := runtime.GOARCH == "amd64"
+	for _, f := range []string{"pclmulqdq", "avx512f", "avx512vl", "vpclmulqdq"} {
+		want = want && slices.Contains(flags, f)
+	}
+	t.Logf("folding: %v", haveFold)
+	if haveFold != want {
+		t.Fatalf("folding %v, want %v from the CPU flags %v", haveFold, want, flags)
+	}
+}
 
 func randBytes(r *rand.Rand, n int) []byte {
 	b := make([]byte, n)

@@ -46,6 +46,11 @@ var freeze = freezeFD
 // returned: whatever fn captured may not be consistent.
 var ErrTimeout = errors.New("freeze window exceeded")
 
+// ErrThaw means a file system did not thaw as frozen: most likely
+// someone else thawed it during the window (EINVAL, "not frozen"), so
+// writes may have gone on while the operation ran.
+var ErrThaw = errors.New("thaw failed")
+
 // MountsOf returns the mount points of the file systems whose writes
 // reach the block device devPath, as listed in /proc/self/mountinfo (bind
 // mounts included): those on the device itself, on its partitions (a whole
@@ -106,6 +111,7 @@ func stackedOn(dir string, devs map[string]bool) {
 func parseMountinfo(r io.Reader, devs map[string]bool) ([]string, error) {
 	var mounts []string
 	sc := bufio.NewScanner(r)
+	sc.Buffer(nil, 1<<20) // overlay mounts' option lists can be long
 	for sc.Scan() {
 		fields := strings.Fields(sc.Text())
 		if len(fields) >= 5 && devs[fields[2]] {
@@ -166,9 +172,9 @@ func thawFD(fd int, mountpoint string) error {
 	case err == nil:
 		return nil
 	case errors.Is(err, unix.EINVAL):
-		return fmt.Errorf("fsfreeze: thaw %s: not frozen (thawed by someone else?): %w", mountpoint, err)
+		return fmt.Errorf("fsfreeze: %w: %s: not frozen (thawed by someone else?): %w", ErrThaw, mountpoint, err)
 	default:
-		return fmt.Errorf("fsfreeze: thaw %s: %w", mountpoint, err)
+		return fmt.Errorf("fsfreeze: %w: %s: %w", ErrThaw, mountpoint, err)
 	}
 }
 
@@ -199,6 +205,11 @@ type Window struct {
 	// Timeout bounds the freeze (DefaultTimeout if <= 0): writers block
 	// for as long.
 	Timeout time.Duration
+	// ScriptLog, if set, is the file the scripts' output goes to (mode
+	// 0600, replaced at each run): not into errors, which are logged, as
+	// a script may print what it should not (set -x and a password).
+	// Without it the output is discarded.
+	ScriptLog string
 	// Unfreezable, if set, is told (after the thaw) of each mount point
 	// whose file system cannot be frozen (vfat, as on an EFI system
 	// partition): it is synced instead, and the others frozen. If nil,
@@ -209,7 +220,8 @@ type Window struct {
 // Run runs fn while the file systems are frozen:
 //
 //  1. the pre script, if any, with the mount points as arguments, bounded
-//     by a timeout (2 min); if it fails nothing else runs;
+//     by a timeout (2 min); if it fails, nothing but the post script
+//     runs (it may have to undo what the pre script did in part);
 //  2. Freeze of each file system (several mount points of one file system
 //     are frozen once); if one fails, or none could be (all unfreezable),
 //     fn is skipped;
@@ -221,8 +233,7 @@ type Window struct {
 //     never returns). Run still waits for fn, so fn must itself be
 //     bounded; a watchdog thaw yields ErrTimeout or the context error,
 //     and fn is not run at all if it came before fn would start;
-//  5. the post script, if any and pre succeeded, whatever happened in
-//     between.
+//  5. the post script, if any, whatever happened before.
 //
 // All errors are returned joined.
 func (w Window) Run(ctx context.Context, fn func() error) (err error) {
@@ -233,20 +244,26 @@ func (w Window) Run(ctx context.Context, fn func() error) (err error) {
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("fsfreeze: %w", err)
 	}
-	if w.Pre != "" {
-		sctx, cancel := context.WithTimeout(ctx, scriptTimeout)
-		err := runScript(sctx, "pre-freeze", w.Pre, w.Mounts)
-		cancel()
-		if err != nil {
-			return err
+	if w.ScriptLog != "" && (w.Pre != "" || w.Post != "") {
+		// This window's output only.
+		if err := os.WriteFile(w.ScriptLog, nil, 0o600); err != nil {
+			return fmt.Errorf("fsfreeze: scripts' output file: %w", err)
 		}
 	}
 	if w.Post != "" {
 		defer func() {
 			sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), scriptTimeout)
 			defer cancel()
-			err = errors.Join(err, runScript(sctx, "post-thaw", w.Post, w.Mounts))
+			err = errors.Join(err, w.runScript(sctx, "post-thaw", w.Post))
 		}()
+	}
+	if w.Pre != "" {
+		sctx, cancel := context.WithTimeout(ctx, scriptTimeout)
+		err := w.runScript(sctx, "pre-freeze", w.Pre)
+		cancel()
+		if err != nil {
+			return err
+		}
 	}
 
 	targets, err := distinctFileSystems(w.Mounts)
@@ -262,8 +279,8 @@ func (w Window) Run(ctx context.Context, fn func() error) (err error) {
 			}
 		}()
 	}
-	frozen := &frozenSet{}
-	defer func() { err = errors.Join(err, frozen.thaw()) }()
+	frozen := openSet()
+	defer func() { err = errors.Join(err, frozen.thaw()); closeSet(frozen) }()
 	stop := make(chan struct{})
 	watchdog := make(chan error, 1)
 	go func() {
@@ -292,7 +309,9 @@ func (w Window) Run(ctx context.Context, fn func() error) (err error) {
 		if err != nil {
 			return fmt.Errorf("fsfreeze: freeze %s: %w", m, err)
 		}
+		frozen.freezing.Lock() // until add has it (or it failed)
 		if err := freeze(fd, m); err != nil {
+			frozen.freezing.Unlock()
 			if errors.Is(err, unix.EOPNOTSUPP) && w.Unfreezable != nil {
 				serr := unix.Syncfs(fd)
 				unix.Close(fd)
@@ -305,8 +324,10 @@ func (w Window) Run(ctx context.Context, fn func() error) (err error) {
 			unix.Close(fd)
 			return err
 		}
-		if !frozen.add(m, fd) {
-			return nil // the watchdog's error says why
+		added := frozen.add(m, fd)
+		frozen.freezing.Unlock()
+		if !added {
+			return nil // the watchdog's (or ThawAll's) error says why
 		}
 	}
 	if frozen.isThawed() {
@@ -319,15 +340,70 @@ func (w Window) Run(ctx context.Context, fn func() error) (err error) {
 	return fn()
 }
 
-// frozenSet thaws its mounts exactly once, from whichever of Run and its
-// watchdog gets there first; later callers wait and get the result. A
-// freeze that returns after the thaw is undone at once.
+// frozenSet thaws its mounts exactly once, from whichever of Run, its
+// watchdog and ThawAll gets there first; later callers wait and get the
+// result. A freeze that returns after the thaw is undone at once.
 type frozenSet struct {
 	mu     sync.Mutex
 	mounts []string
 	fds    []int // open on each mount's root, from the freeze on
 	thawed bool
 	err    error
+	// freezing is held by a freeze under way until add has it: one
+	// cannot be interrupted (it flushes the file system first), and
+	// ThawAll waits for it.
+	freezing sync.Mutex
+}
+
+// open lists the frozenSets of the Windows running, for ThawAll.
+var open = struct {
+	sync.Mutex
+	sets map[*frozenSet]struct{}
+}{sets: make(map[*frozenSet]struct{})}
+
+func openSet() *frozenSet {
+	f := &frozenSet{}
+	open.Lock()
+	open.sets[f] = struct{}{}
+	open.Unlock()
+	return f
+}
+
+func closeSet(f *frozenSet) {
+	open.Lock()
+	delete(open.sets, f)
+	open.Unlock()
+}
+
+// ThawAll thaws every file system a running Window froze, and waits up
+// to timeout for freezes under way to return (and be undone): for a
+// process about to die (a second signal), which must not leave a file
+// system frozen with nobody to thaw it. The Windows fail with ErrThaw.
+func ThawAll(timeout time.Duration) {
+	open.Lock()
+	sets := make([]*frozenSet, 0, len(open.sets))
+	for f := range open.sets {
+		sets = append(sets, f)
+	}
+	open.Unlock()
+	done := make(chan struct{})
+	go func() {
+		for _, f := range sets {
+			f.mu.Lock()
+			if !f.thawed {
+				f.err = errors.Join(f.err, fmt.Errorf("fsfreeze: %w: thawed early, the process stopping", ErrThaw))
+			}
+			f.mu.Unlock()
+			f.thaw()
+			f.freezing.Lock() // a freeze under way: add undoes it
+			f.freezing.Unlock()
+		}
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(timeout):
+	}
 }
 
 // add records a frozen mount; false if the set was thawed meanwhile, in
@@ -439,20 +515,35 @@ func rootOnly(p, file string) error {
 	}
 }
 
-func runScript(ctx context.Context, what, path string, mounts []string) error {
-	cmd := exec.CommandContext(ctx, path, mounts...)
+// runScript runs a script with the mount points as arguments, its output
+// to w.ScriptLog.
+func (w Window) runScript(ctx context.Context, what, path string) error {
+	cmd := exec.CommandContext(ctx, path, w.Mounts...)
 	// A script out of time is killed with everything it started.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
-	// Don't hang on a background child that inherited the output pipe.
-	cmd.WaitDelay = time.Second
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		msg := strings.TrimSpace(string(out))
-		if len(msg) > 2000 {
-			msg = msg[:2000] + "..."
+	// Not the agent's NOTIFY_SOCKET: a script is not the service.
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "NOTIFY_SOCKET=") {
+			cmd.Env = append(cmd.Env, kv)
 		}
-		return fmt.Errorf("fsfreeze: %s script %s: %w: %s", what, path, err, msg)
+	}
+	where := ""
+	if w.ScriptLog != "" {
+		f, err := os.OpenFile(w.ScriptLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+		if err != nil {
+			return fmt.Errorf("fsfreeze: %s script %s: output file: %w", what, path, err)
+		}
+		defer f.Close()
+		fmt.Fprintf(f, "%s %s %s\n", time.Now().UTC().Format(time.RFC3339), what, path)
+		// A file, not a pipe: a background child the script leaves
+		// running (a lock holder) does not hold the script's end open.
+		cmd.Stdout, cmd.Stderr = f, f
+		where = " (its output: " + w.ScriptLog + ")"
+	}
+	err := cmd.Run()
+	if err != nil {
+		return fmt.Errorf("fsfreeze: %s script %s: %w%s", what, path, err, where)
 	}
 	return nil
 }

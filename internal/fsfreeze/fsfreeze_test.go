@@ -215,14 +215,25 @@ func TestWithFrozenFailures(t *testing.T) {
 	called := false
 	fn := func() error { called = true; return nil }
 
-	// A failing pre script stops everything, and its output is reported.
-	err := WithFrozen(t.Context(), []string{dir}, script(t, log, "pre", 3), script(t, log, "post", 0), 0, fn)
-	if err == nil || !strings.Contains(err.Error(), "pre-freeze script") || !strings.Contains(err.Error(), "pre says hello") {
-		t.Errorf("failing pre script: error = %v", err)
+	// A failing pre script stops everything but the post script (which
+	// may have to undo what it did); its output goes to the scripts' log,
+	// not into the error, which the agent logs.
+	out := filepath.Join(t.TempDir(), "scripts.log")
+	w := Window{Mounts: []string{dir}, Pre: script(t, log, "pre", 3), Post: script(t, log, "post", 0), ScriptLog: out}
+	err := w.Run(t.Context(), fn)
+	if err == nil || !strings.Contains(err.Error(), "pre-freeze script") || !strings.Contains(err.Error(), out) || strings.Contains(err.Error(), "says hello") {
+		t.Errorf("failing pre script: error = %v, want it naming %s, without the output", err, out)
 	}
-	if called || readLog(t, log) != "pre "+dir+"\n" {
+	if called || readLog(t, log) != "pre "+dir+"\npost "+dir+"\n" {
 		t.Errorf("after failing pre: fn called=%v, log=%q", called, readLog(t, log))
 	}
+	if got := readLog(t, out); !strings.Contains(got, "pre says hello") || !strings.Contains(got, "post says hello") {
+		t.Errorf("scripts' log = %q, want both scripts' output", got)
+	}
+	if fi, err := os.Stat(out); err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("scripts' log mode %v (%v), want 0600", fi.Mode(), err)
+	}
+	os.Remove(log)
 
 	// A file system that cannot be frozen (tmpfs) aborts before fn, after
 	// thawing the ones already frozen; the post script still runs.
@@ -366,6 +377,49 @@ func TestUnfreezableSynced(t *testing.T) {
 	}
 }
 
+// A pre script that leaves a child running in the background (a lock
+// holder, as for FLUSH TABLES WITH READ LOCK) and exits 0 succeeds: its
+// output goes to a file, which the child holding it open does not hold
+// up. The scripts do not get the agent's NOTIFY_SOCKET.
+func TestPreScriptBackgroundChild(t *testing.T) {
+	_, dir := newExt4(t)
+	t.Setenv("NOTIFY_SOCKET", "@lifeboat-test")
+	tmp := t.TempDir()
+	pre, bg, env := filepath.Join(tmp, "pre"), filepath.Join(tmp, "bg.pid"), filepath.Join(tmp, "env")
+	if err := os.WriteFile(pre, []byte("#!/bin/sh\nenv >"+env+"\nsleep 30 &\necho $! >"+bg+"\necho locked\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if b, err := os.ReadFile(bg); err == nil {
+			unix.Kill(atoi(t, strings.TrimSpace(string(b))), unix.SIGKILL)
+		}
+	})
+	called := false
+	start := time.Now()
+	err := Window{Mounts: []string{dir}, Pre: pre, ScriptLog: filepath.Join(tmp, "scripts.log")}.Run(t.Context(), func() error { called = true; return nil })
+	if err != nil || !called {
+		t.Fatalf("Run = %v, fn called %v; want the point taken", err, called)
+	}
+	if took := time.Since(start); took > 10*time.Second {
+		t.Errorf("Run waited %v for the background child", took)
+	}
+	if strings.Contains(readLog(t, env), "NOTIFY_SOCKET") {
+		t.Error("the pre script got NOTIFY_SOCKET")
+	}
+}
+
+// A file system thawed by someone else during the window (an operator's
+// fsfreeze -u) fails the window with ErrThaw: writes went on meanwhile,
+// so no app-consistent point may be claimed.
+func TestThawedByOthers(t *testing.T) {
+	_, dir := newExt4(t)
+	err := Window{Mounts: []string{dir}}.Run(t.Context(), func() error { return Thaw(dir) })
+	if !errors.Is(err, ErrThaw) {
+		t.Fatalf("Run = %v, want ErrThaw", err)
+	}
+	assertCompletes(t, startWrite(dir, "after"))
+}
+
 // A pre script that hangs is killed, with what it started, and fails the
 // freeze instead of holding the caller for good.
 func TestPreScriptBounded(t *testing.T) {
@@ -466,4 +520,30 @@ func TestCheckScripts(t *testing.T) {
 			t.Errorf("CheckScripts(%s) accepted it", p)
 		}
 	}
+}
+
+// ThawAll, for a process about to die of a second signal, thaws what a
+// running Window froze, even while its operation still runs; the Window
+// then fails with ErrThaw, claiming no consistent point.
+func TestThawAll(t *testing.T) {
+	_, dir := newExt4(t)
+	inside, release := make(chan struct{}), make(chan struct{})
+	result := make(chan error, 1)
+	go func() {
+		result <- Window{Mounts: []string{dir}, Timeout: time.Minute}.Run(t.Context(), func() error {
+			close(inside)
+			<-release
+			return nil
+		})
+	}()
+	<-inside
+	during := startWrite(dir, "during")
+	assertBlocked(t, during)
+	ThawAll(10 * time.Second)
+	assertCompletes(t, during)
+	close(release)
+	if err := <-result; !errors.Is(err, ErrThaw) {
+		t.Fatalf("Run after ThawAll = %v, want ErrThaw", err)
+	}
+	ThawAll(time.Second) // nothing open: returns at once
 }

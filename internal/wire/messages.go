@@ -137,6 +137,28 @@ type Marker struct {
 	Kind     MarkerKind
 }
 
+// Recoverable tells the agent the machine's recoverable_until: the time
+// before which every write is in the storage account (its manifest
+// there says so), from which the agent reports its RPO. The process
+// server sends it after its HelloAck and whenever it moves. Payload: i64
+// unix nanoseconds (0: nothing recoverable yet).
+type Recoverable struct{ UnixNano int64 }
+
+// AppendBinary appends r's payload encoding to b.
+func (r Recoverable) AppendBinary(b []byte) ([]byte, error) {
+	return le.AppendUint64(b, uint64(r.UnixNano)), nil
+}
+
+// UnmarshalBinary decodes a Recoverable payload.
+func (r *Recoverable) UnmarshalBinary(data []byte) error {
+	d := decoder{b: data}
+	r.UnixNano = int64(d.u64())
+	if d.err == nil && r.UnixNano < 0 {
+		d.fail("negative time %d", r.UnixNano)
+	}
+	return d.finish(TypeRecoverable)
+}
+
 // Ack tells the agent that every record with a sequence up to and including
 // Seq is durable at the process server. Payload: u64 seq.
 type Ack struct{ Seq uint64 }

@@ -56,6 +56,8 @@ const (
 	// TypeSegment is never sent: the process server starts every journal
 	// segment with one (SegmentHeader), which chains it to the previous.
 	TypeSegment Type = 10
+	// TypeRecoverable: PS → agent: Recoverable (protocol 3).
+	TypeRecoverable Type = 11
 )
 
 func (t Type) String() string {
@@ -80,6 +82,8 @@ func (t Type) String() string {
 		return "sums-reply"
 	case TypeSegment:
 		return "segment"
+	case TypeRecoverable:
+		return "recoverable"
 	}
 	return fmt.Sprintf("type(%d)", uint8(t))
 }

@@ -82,6 +82,7 @@ func writeAll(t testing.TB, w *Writer) {
 	check(w.WriteBatch(testBatch(t, testRecords())))
 	check(w.WriteMarker(Marker{Seq: 200, UnixNano: -5, Kind: MarkerAppConsistent}))
 	check(w.WriteAck(200))
+	check(w.WriteRecoverable(Recoverable{UnixNano: 1_700_000_000_123_456_789}))
 	check(w.WriteBackpressure(0))
 	check(w.WriteError(Error{Code: CodeVersion, Message: "no common protocol version: agent speaks 1..1, server 2..3"}))
 }
@@ -146,6 +147,10 @@ func readAll(t testing.TB, r *Reader) {
 	var a Ack
 	if err := a.UnmarshalBinary(next(TypeAck)); err != nil || a.Seq != 200 {
 		t.Errorf("ack: %+v %v", a, err)
+	}
+	var rc Recoverable
+	if err := rc.UnmarshalBinary(next(TypeRecoverable)); err != nil || rc.UnixNano != 1_700_000_000_123_456_789 {
+		t.Errorf("recoverable: %+v %v", rc, err)
 	}
 	bp := Backpressure{Window: 1}
 	if err := bp.UnmarshalBinary(next(TypeBackpressure)); err != nil || bp.Window != 0 {
@@ -303,8 +308,8 @@ func TestEverySingleByteCorruptionDetected(t *testing.T) {
 		frames = append(frames, stream[off:off+n])
 		off += n
 	}
-	if len(frames) != 7 {
-		t.Fatalf("split into %d frames, want 7", len(frames))
+	if len(frames) != 8 {
+		t.Fatalf("split into %d frames, want 8", len(frames))
 	}
 	for _, frame := range frames {
 		typ := Type(frame[5])
@@ -554,6 +559,7 @@ func TestMessageDecodeRejects(t *testing.T) {
 		{"marker kind", &Marker{}, make([]byte, 17), "unknown marker kind 0"},
 		{"ack short", &Ack{}, make([]byte, 7), "truncated"},
 		{"backpressure long", &Backpressure{}, make([]byte, 9), "trailing"},
+		{"recoverable negative", &Recoverable{}, bytes.Repeat([]byte{0xff}, 8), "negative time"},
 		{"error utf8", &Error{}, []byte{1, 0, 1, 0, 0xff}, "not valid UTF-8"},
 		{"error long", &Error{}, []byte{1, 0, 0xff, 0xff}, "limit 4096"},
 	}

@@ -127,6 +127,14 @@ func (w *Writer) WriteAck(seq uint64) error {
 	return w.writeLocked(TypeAck, 0, w.single(w.scratch))
 }
 
+// WriteRecoverable writes a Recoverable frame.
+func (w *Writer) WriteRecoverable(r Recoverable) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.scratch, _ = r.AppendBinary(w.scratch[:0])
+	return w.writeLocked(TypeRecoverable, 0, w.single(w.scratch))
+}
+
 // WriteBackpressure writes a Backpressure frame granting window bytes of
 // unacknowledged batch payload (0: stop sending batches).
 func (w *Writer) WriteBackpressure(window uint64) error {

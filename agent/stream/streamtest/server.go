@@ -67,27 +67,31 @@ type Server struct {
 	tlsConf *tls.Config
 	wg      sync.WaitGroup
 
-	mu         sync.Mutex
-	disks      map[string]*disk
-	durable    uint64
-	lastRun    wire.RunID // the run of the connection that made durable durable
-	curRun     wire.RunID
-	acked      uint64 // last Ack sent
-	batches    int
-	conns      int
-	cur        net.Conn
-	curW       *wire.Writer
-	window     *uint64
-	holdAcks   bool
-	received   []Received
-	markers    []Marker
-	sums       []wire.Sums
-	hellos     []wire.Hello
-	violations []string
-	ackedDups  int
-	closed     bool
-	plainTLS   atomic.Bool // may be set from Fault, which runs under mu
-	withRecs   []bool      // per connection: it carried records
+	mu      sync.Mutex
+	disks   map[string]*disk
+	durable uint64
+	lastRun wire.RunID // the run of the connection that made durable durable
+	curRun  wire.RunID
+	acked   uint64 // last Ack sent
+	// recoverable is the last Recoverable sent (unix nanoseconds);
+	// holdRU withholds them (HoldRecoverable).
+	recoverable int64
+	holdRU      bool
+	batches     int
+	conns       int
+	cur         net.Conn
+	curW        *wire.Writer
+	window      *uint64
+	holdAcks    bool
+	received    []Received
+	markers     []Marker
+	sums        []wire.Sums
+	hellos      []wire.Hello
+	violations  []string
+	ackedDups   int
+	closed      bool
+	plainTLS    atomic.Bool // may be set from Fault, which runs under mu
+	withRecs    []bool      // per connection: it carried records
 }
 
 // SetPlainTLS makes the server, from its next connection, speak plain
@@ -213,6 +217,14 @@ func (s *Server) HoldAcks(on bool) {
 		s.acked = s.durable
 		s.curW.WriteAck(s.durable)
 	}
+}
+
+// HoldRecoverable withholds Recoverable frames while on, as a process
+// server whose uploads fail does (acknowledgements go on).
+func (s *Server) HoldRecoverable(on bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.holdRU = on
 }
 
 // Image returns a copy of a disk's replica, nil if unknown.
@@ -357,7 +369,7 @@ func (s *Server) serve(raw net.Conn) error {
 	s.cur, s.curW = c, w
 	s.hellos = append(s.hellos, h)
 	s.curRun = h.Run
-	ack := wire.HelloAck{ProtocolVersion: 2, LastRun: s.lastRun}
+	ack := wire.HelloAck{ProtocolVersion: 3, LastRun: s.lastRun}
 	for _, d := range h.Disks {
 		sd := s.disks[d.Name]
 		a := wire.DiskAgreement{Name: d.Name, ResumeFrom: s.durable + 1}
@@ -414,6 +426,12 @@ func (s *Server) serve(raw net.Conn) error {
 			}
 			s.mu.Lock()
 			s.markers = append(s.markers, Marker{Marker: m, At: time.Now(), Conn: conn})
+			// As if uploads were instant: a marker whose records are
+			// durable is in the account at once.
+			if m.Seq <= s.durable && !s.holdAcks && !s.holdRU && m.UnixNano > s.recoverable {
+				s.recoverable = m.UnixNano
+				w.WriteRecoverable(wire.Recoverable{UnixNano: m.UnixNano})
+			}
 			s.mu.Unlock()
 		case wire.TypeSums:
 			var q wire.Sums

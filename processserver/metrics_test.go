@@ -1,0 +1,133 @@
+package processserver
+
+import (
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore/blobstoretest"
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore/mem"
+	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/wire"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// gauge returns the value of a per-machine metric gathered from reg.
+func gauge(t *testing.T, reg *prometheus.Registry, name, machine string) (float64, bool) {
+	t.Helper()
+	fams, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range fams {
+		if f.GetName() != name {
+			continue
+		}
+		for _, m := range f.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "machine" && l.GetValue() == machine {
+					return m.GetGauge().GetValue(), true
+				}
+			}
+		}
+	}
+	return 0, false
+}
+
+// A machine whose cache is empty (everything published) is still reported
+// after a restart, and its RPO grows while its agent stays away: that is
+// the disaster the metric is for. A restart while the account is down
+// reports the recoverable_until the cache kept, and the account's once
+// it answers.
+func TestRPOReportedAfterRestart(t *testing.T) {
+	faulty := blobstoretest.NewFaulty(mem.New())
+	e := newEnv(t, faulty, 2)
+	e.segAge = 20 * time.Millisecond
+	e.reg = prometheus.NewRegistry()
+	s := e.start()
+	if _, ok := gauge(t, e.reg, "lifeboat_rpo_seconds", "m1"); ok {
+		t.Fatal("RPO reported for a machine never seen")
+	}
+	a := dialAgent(t, e, s, "m1")
+	a.hello("m1", disk0)
+	if v, ok := gauge(t, e.reg, "lifeboat_ps_recoverable", "m1"); !ok || v != 0 {
+		t.Fatalf("recoverable before any marker: %v %v, want 0", v, ok)
+	}
+	if _, ok := gauge(t, e.reg, "lifeboat_rpo_seconds", "m1"); ok {
+		t.Fatal("RPO reported before anything was recoverable")
+	}
+	eventually(t, 5*time.Second, "the agent told nothing is recoverable", func() bool { return a.rus.Load() > 0 })
+	if a.ru.Load() != 0 {
+		t.Fatalf("agent told recoverable_until %d before any marker", a.ru.Load())
+	}
+	a.waitAck(a.batch(1, 5))
+	at := time.Now().Add(-time.Minute).Truncate(time.Millisecond)
+	a.marker(5, wire.MarkerTime, at)
+	eventually(t, 10*time.Second, "recoverable_until in the account", func() bool {
+		_, _, man := journal(t, faulty, e.rk, "m1")
+		return man.RecoverableUntil.Equal(at)
+	})
+	eventually(t, 10*time.Second, "the cache emptied and the hint kept", func() bool {
+		ids, _ := s.cache.List("m1")
+		return len(ids) == 0 && s.cache.Recoverable("m1").Equal(at)
+	})
+	if v, ok := gauge(t, e.reg, "lifeboat_rpo_seconds", "m1"); !ok || v < time.Since(at).Seconds()-1 {
+		t.Fatalf("RPO %v (%v), want about %v", v, ok, time.Since(at))
+	}
+	eventually(t, 5*time.Second, "the agent told recoverable_until", func() bool { return a.ru.Load() == at.UnixNano() })
+	if v, ok := gauge(t, e.reg, "lifeboat_ps_durable_seq", "m1"); !ok || v != 5 {
+		t.Fatalf("durable_seq %v (%v), want 5", v, ok)
+	}
+	a.conn.Close()
+	s.Close()
+
+	faulty.FailFor(time.Hour) // the account is down at the restart
+	e.reg = prometheus.NewRegistry()
+	e.start()
+	time.Sleep(1500 * time.Millisecond)
+	v, ok := gauge(t, e.reg, "lifeboat_rpo_seconds", "m1")
+	if !ok || v < time.Since(at).Seconds()-1 {
+		t.Fatalf("RPO after a restart with the account down: %v (%v), want at least %v", v, ok, time.Since(at))
+	}
+	if _, ok := gauge(t, e.reg, "lifeboat_ps_durable_seq", "m1"); ok {
+		t.Error("durable_seq reported before the manifest was read")
+	}
+	faulty.FailFor(0)
+	eventually(t, 30*time.Second, "the manifest read", func() bool {
+		_, ok := gauge(t, e.reg, "lifeboat_ps_durable_seq", "m1")
+		return ok
+	})
+	v2, ok := gauge(t, e.reg, "lifeboat_rpo_seconds", "m1")
+	if !ok || v2 <= v || v2 < time.Since(at).Seconds()-1 {
+		t.Fatalf("RPO once the account answered: %v (%v), want it growing from %v", v2, ok, v)
+	}
+}
+
+// A machine another process server took over is not reported here: its
+// RPO would grow for ever on the server that no longer serves it.
+func TestFencedMachineNotReported(t *testing.T) {
+	e := newEnv(t, mem.New(), 1)
+	e.segAge = 20 * time.Millisecond
+	e.reg = prometheus.NewRegistry()
+	s, a, _ := e.serveFirst()
+	a.marker(5, wire.MarkerTime, time.Now())
+	eventually(t, 10*time.Second, "the RPO reported", func() bool {
+		_, ok := gauge(t, e.reg, "lifeboat_rpo_seconds", "m1")
+		return ok
+	})
+	// Another server writes the manifest: the next write here fences.
+	m := s.machine("m1")
+	raw, err := layout.MarshalManifest(&layout.Manifest{Machine: "m1", Owner: "ps2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.store.PutBlob(t.Context(), layout.ManifestName("m1"), raw, nil); err != nil {
+		t.Fatal(err)
+	}
+	a.waitAck(a.batch(6, 2))
+	eventually(t, 10*time.Second, "fenced", m.isFenced)
+	for _, name := range []string{"lifeboat_rpo_seconds", "lifeboat_ps_recoverable", "lifeboat_ps_durable_seq"} {
+		if _, ok := gauge(t, e.reg, name, "m1"); ok {
+			t.Errorf("%s still reported for the fenced machine", name)
+		}
+	}
+}
