@@ -89,4 +89,5 @@ func TestInterruptedDrainRemarks(t *testing.T) {
 			t.Errorf("region at %d not in the target after the next drain (err %v)", off, err)
 		}
 	}
+	assertSameBytes(t, d.Path, tgt.f.Name())
 }

@@ -23,11 +23,12 @@ import (
 
 // mirrorRun is an agent mirror running in this process.
 type mirrorRun struct {
-	t      *testing.T
-	cancel context.CancelFunc
-	done   chan error
-	stats  Stats
-	out    bytes.Buffer
+	t       *testing.T
+	cancel  context.CancelFunc
+	done    chan error
+	stats   Stats
+	out     bytes.Buffer
+	stopped bool
 }
 
 type runOpts struct {
@@ -55,6 +56,16 @@ func startMirror(t *testing.T, dev, to string, o runOpts) *mirrorRun {
 			Out: &r.out, Stats: &r.stats, OnSynced: func() { close(synced) },
 		})
 	}()
+	t.Cleanup(func() { // before Release: a failed test must not leave the run going
+		if !r.stopped {
+			cancel()
+			select {
+			case <-r.done:
+			case <-time.After(2 * time.Minute):
+				t.Error("agent did not stop within 2 minutes of the test's end")
+			}
+		}
+	})
 	select {
 	case <-synced:
 	case err := <-r.done:
@@ -69,6 +80,7 @@ func startMirror(t *testing.T, dev, to string, o runOpts) *mirrorRun {
 func (r *mirrorRun) stop() Stats {
 	r.t.Helper()
 	r.cancel()
+	r.stopped = true
 	select {
 	case err := <-r.done:
 		if err != nil {

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"crypto/x509"
 	"context"
 	"encoding/json"
 	"errors"
@@ -204,6 +205,14 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 		// a write still in the ring, a bitmap or a read-back queue.
 		Coverage: true,
 		Logger:   log,
+		// A process server whose certificate is revoked during a session
+		// is dropped within peerCheckEvery, not at the next reconnect.
+		CheckPeer: func(c *x509.Certificate) error {
+			if err := id.CheckRevoked(c); errors.Is(err, pki.ErrRevoked) {
+				return err
+			}
+			return nil // a list that cannot be read refuses new handshakes, ends no session
+		},
 	}
 	for i, d := range devs {
 		old := prev.device(d.Name)

@@ -17,6 +17,7 @@ import (
 
 	"github.com/lifeboat-dr/lifeboat/agent/stream"
 	"github.com/lifeboat-dr/lifeboat/agent/stream/streamtest"
+	"github.com/lifeboat-dr/lifeboat/internal/blockdev"
 	"github.com/lifeboat-dr/lifeboat/internal/loopdev"
 	"github.com/lifeboat-dr/lifeboat/internal/testenv"
 	"github.com/lifeboat-dr/lifeboat/internal/wire"
@@ -80,7 +81,7 @@ func (r *protectRun) stop() ProtectStats {
 
 func assertReplica(t *testing.T, srv *streamtest.Server, disk, dev string) {
 	t.Helper()
-	want, err := os.ReadFile(dev)
+	want, err := readDirect(dev) // not the page cache: a reused loop number may serve stale pages
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -378,4 +379,28 @@ func metricValue(t *testing.T, body, series string) float64 {
 		}
 	}
 	return -1
+}
+
+// readDirect reads a whole block device with O_DIRECT.
+func readDirect(dev string) ([]byte, error) {
+	d, err := blockdev.Open(dev)
+	if err != nil {
+		return nil, err
+	}
+	defer d.Close()
+	size, err := d.Size()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]byte, 0, size)
+	buf := blockdev.AlignedBuffer(1 << 20)
+	for off := int64(0); off < size; {
+		n := min(int64(len(buf)), size-off)
+		if _, err := d.ReadAtDirect(buf[:n], off); err != nil {
+			return nil, fmt.Errorf("read %s at %d: %w", dev, off, err)
+		}
+		out = append(out, buf[:n]...)
+		off += n
+	}
+	return out, nil
 }

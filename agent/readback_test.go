@@ -348,7 +348,9 @@ func TestCoverNotDatedBackByStaleEntry(t *testing.T) {
 		Target:    tgt,
 		OnSynced: func() {
 			// In the engine's goroutine, before its loop's first cover.
-			writeBehind(t, d.File, off, filled(n, 0x5a))
+			if err := writeBehindErr(d.File, off, filled(n, 0x5a)); err != nil {
+				t.Error(err)
+			}
 			// A minute old (stamps are seconds since boot: an hour would
 			// wrap on a machine up for less).
 			if err := e.cap.InjectPending(0, off, n, false, time.Minute); err != nil {

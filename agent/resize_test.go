@@ -30,6 +30,7 @@ func TestMirrorDeviceGrows(t *testing.T) {
 	run(t, "dd", "if=/dev/urandom", "of="+d.Path, "bs=1M", "count=4", "seek=40", "oflag=direct", "status=none")
 	select {
 	case err := <-r.done:
+		r.stopped = true
 		var re *ResizeError
 		if !errors.As(err, &re) || re.Old != oldSize || re.New != newSize {
 			t.Fatalf("agent stopped with %v, want a ResizeError from %d to %d bytes", err, oldSize, newSize)

@@ -81,23 +81,30 @@ func staleCompletionReadBack(t *testing.T, mode capture.Mode, atStop bool) {
 	if err := e.Close(); err != nil {
 		t.Fatal(err)
 	}
+	assertSameBytes(t, d.Path, mirror.Name())
 }
 
 // writeBehind writes p at off into a loop device's backing file, where
 // capture does not see it, and syncs it.
 func writeBehind(t *testing.T, file string, off int64, p []byte) {
 	t.Helper()
+	if err := writeBehindErr(file, off, p); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// writeBehindErr is writeBehind for a goroutine other than the test's
+// (t.Fatal must not be called there).
+func writeBehindErr(file string, off int64, p []byte) error {
 	f, err := os.OpenFile(file, os.O_WRONLY, 0)
 	if err != nil {
-		t.Fatal(err)
+		return err
 	}
 	defer f.Close()
 	if _, err := f.WriteAt(p, off); err != nil {
-		t.Fatal(err)
+		return err
 	}
-	if err := f.Sync(); err != nil {
-		t.Fatal(err)
-	}
+	return f.Sync()
 }
 
 // filled returns n bytes of b.

@@ -27,14 +27,20 @@ func newTestListener(t *testing.T) *notifyListener {
 // send delivers one datagram the way sd_notify does.
 func send(t *testing.T, path, msg string) {
 	t.Helper()
+	if err := sendErr(path, msg); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// sendErr is send for a goroutine other than the test's.
+func sendErr(path, msg string) error {
 	c, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: path, Net: "unixgram"})
 	if err != nil {
-		t.Fatal(err)
+		return err
 	}
 	defer c.Close()
-	if _, err := c.Write([]byte(msg)); err != nil {
-		t.Fatal(err)
-	}
+	_, err = c.Write([]byte(msg))
+	return err
 }
 
 func TestNotifyWaitReadyThenSynced(t *testing.T) {
@@ -51,10 +57,16 @@ func TestNotifyWaitReadyThenSynced(t *testing.T) {
 	if err := n.wait(ctx, syncedMsg, 100*time.Millisecond, never); err == nil || !strings.Contains(err.Error(), "within") {
 		t.Fatalf("wait SYNCED before it was sent = %v, want timeout", err)
 	}
+	sent := make(chan error, 1)
 	go func() {
 		time.Sleep(20 * time.Millisecond)
-		send(t, n.path, "STATUS=copying 100%\nX-LIFEBOAT-SYNCED=1\n")
+		sent <- sendErr(n.path, "STATUS=copying 100%\nX-LIFEBOAT-SYNCED=1\n")
 	}()
+	t.Cleanup(func() {
+		if err := <-sent; err != nil {
+			t.Error(err)
+		}
+	})
 	if err := n.wait(ctx, syncedMsg, 5*time.Second, never); err != nil {
 		t.Fatalf("wait SYNCED: %v", err)
 	}

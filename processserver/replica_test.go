@@ -40,6 +40,9 @@ func TestCompareReplicaChunksBeyondTheDisk(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		if len(reply.Differs) != len(s.Sums) {
+			t.Fatalf("sums at %d: %d answers for %d chunks", s.Offset, len(reply.Differs), len(s.Sums))
+		}
 		for i, d := range reply.Differs {
 			if want := s.Offset != 0; d != want {
 				t.Errorf("chunk %d of the sums at %d: differs = %v, want %v", i, s.Offset, d, want)

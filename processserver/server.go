@@ -84,6 +84,7 @@ type Server struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	conns  sync.WaitGroup // connection goroutines
+	shakes handshakes     // TLS handshakes in flight
 	bg     sync.WaitGroup // accept loop, uploaders, monitor
 
 	closeOnce sync.Once
@@ -485,8 +486,14 @@ func (s *Server) acceptLoop() {
 			}
 			continue
 		}
+		release, ok := s.shakes.admit(c.RemoteAddr())
+		if !ok {
+			s.shakes.warn(s.log, "refused connection: too many TLS handshakes in flight (from this address, or in all)", logRemote, c.RemoteAddr().String())
+			c.Close()
+			continue
+		}
 		s.conns.Add(1)
-		go stage.Do(s.ctx, stage.Ingest, func(ctx context.Context) { s.serveConn(ctx, c) })
+		go stage.Do(s.ctx, stage.Ingest, func(ctx context.Context) { s.serveConn(ctx, c, release) })
 	}
 }
 

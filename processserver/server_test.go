@@ -982,3 +982,56 @@ func TestBrokenRevocationListKeepsSessions(t *testing.T) {
 		return strings.Contains(e.logs.String(), "cannot check the agent's certificate against the revocation list")
 	})
 }
+
+// Connections that open and stall before their TLS handshake (no
+// certificate needed for that) hold a slot each for handshakeTimeout at
+// most, and past maxHandshakesIP from one address the next is closed at
+// once: an agent gets through once they are gone, and the refusals are
+// not logged one by one.
+func TestStalledHandshakesBounded(t *testing.T) {
+	oldT, oldIP := handshakeTimeout, maxHandshakesIP
+	handshakeTimeout, maxHandshakesIP = 500*time.Millisecond, 4
+	t.Cleanup(func() { handshakeTimeout, maxHandshakesIP = oldT, oldIP })
+	e := newEnv(t, mem.New(), 1)
+	s := e.start()
+	var stalled []net.Conn
+	for range maxHandshakesIP {
+		c, err := net.Dial("tcp", s.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		stalled = append(stalled, c)
+	}
+	eventually(t, 5*time.Second, "the stalled connections admitted", func() bool {
+		s.shakes.mu.Lock()
+		defer s.shakes.mu.Unlock()
+		return s.shakes.total == maxHandshakesIP
+	})
+	for range 30 {
+		c, err := net.Dial("tcp", s.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		start := time.Now()
+		_, err = c.Read(make([]byte, 1))
+		c.Close()
+		if err == nil || time.Since(start) > 2*time.Second {
+			t.Fatalf("a connection past the limit was served (%v after %v)", err, time.Since(start))
+		}
+	}
+	if n := strings.Count(e.logs.String(), "too many TLS handshakes"); n > warnBurst {
+		t.Errorf("%d refusals logged for 30, want at most %d", n, warnBurst)
+	}
+	// The stalled ones are dropped after the handshake timeout.
+	for _, c := range stalled {
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := c.Read(make([]byte, 1)); err == nil {
+			t.Fatal("a stalled connection got data")
+		}
+	}
+	a := dialAgent(t, e, s, "m1")
+	a.hello("m1", disk0)
+	a.waitAck(a.batch(1, 1))
+}

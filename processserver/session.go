@@ -122,14 +122,16 @@ type sumsReq struct {
 	sums wire.Sums
 }
 
-func (s *Server) serveConn(ctx context.Context, raw net.Conn) {
+// serveConn serves one connection; release frees its handshake slot.
+func (s *Server) serveConn(ctx context.Context, raw net.Conn, release func()) {
 	defer s.conns.Done()
 	remote := raw.RemoteAddr().String()
-	hctx, cancel := context.WithTimeout(ctx, helloTimeout)
+	hctx, cancel := context.WithTimeout(ctx, handshakeTimeout)
 	conn, err := channel.Server(hctx, raw, s.tlsConf)
 	cancel()
+	release()
 	if err != nil {
-		s.log.Warn("refused connection: TLS handshake failed (wrong certificate role or CA?)", logRemote, remote, logErr, err)
+		s.shakes.warn(s.log, "refused connection: TLS handshake failed (wrong certificate role or CA?)", logRemote, remote, logErr, err)
 		raw.Close()
 		return
 	}

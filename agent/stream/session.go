@@ -365,6 +365,9 @@ func (t *Target) serve(s *session) error {
 		s.close() // unblocks a sender stuck in a write
 		rdErr <- err
 	}()
+	if stopCheck := t.checkPeer(s); stopCheck != nil {
+		defer stopCheck()
+	}
 	defer func() {
 		s.close()
 		<-rdErr
@@ -721,4 +724,36 @@ func (t *Target) deliverSums(r wire.SumsReply) {
 			}
 		}
 	}
+}
+
+// checkPeer asks Config.CheckPeer about the session's process server
+// every peerCheckEvery, and closes the session when it fails. It returns
+// the function that stops it (nil if there is nothing to check).
+func (t *Target) checkPeer(s *session) (stop func()) {
+	cs, ok := s.conn.(interface{ ConnectionState() tls.ConnectionState })
+	if t.cfg.CheckPeer == nil || !ok {
+		return nil
+	}
+	peers := cs.ConnectionState().PeerCertificates
+	if len(peers) == 0 {
+		return nil
+	}
+	done := make(chan struct{})
+	go func() {
+		tick := time.NewTicker(peerCheckEvery)
+		defer tick.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-tick.C:
+			}
+			if err := t.cfg.CheckPeer(peers[0]); err != nil {
+				t.log.Error("dropping the connection: the process server's certificate is no longer trusted", keyAddr, t.cfg.Addr, keyErr, err)
+				s.close()
+				return
+			}
+		}
+	}()
+	return func() { close(done) }
 }

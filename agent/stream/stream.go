@@ -15,6 +15,7 @@
 package stream
 
 import (
+	"crypto/x509"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -145,7 +146,16 @@ type Config struct {
 
 	// DialContext replaces the TCP dialer (tests).
 	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
+
+	// CheckPeer, if set, is asked every peerCheckEvery during a session
+	// whether the process server's certificate is still to be trusted
+	// (e.g. not revoked meanwhile: the handshake checked it once); an
+	// error ends the session, and the next handshake decides.
+	CheckPeer func(*x509.Certificate) error
 }
+
+// peerCheckEvery spaces Config.CheckPeer's checks.
+var peerCheckEvery = 10 * time.Second
 
 // Stats are the stream's counters. All are cumulative since Dial except
 // where noted.

@@ -3,6 +3,7 @@ package stream_test
 import (
 	"bytes"
 	"context"
+	"crypto/x509"
 	"errors"
 	"math/rand/v2"
 	"net"
@@ -1115,5 +1116,39 @@ func TestDialUnsettledSave(t *testing.T) {
 	srv.Forget("d0")
 	if _, err := stream.Dial(ctx, cfg); !errors.Is(err, stream.ErrStateUnsettled) {
 		t.Fatalf("Dial saving a new generation with a failing directory sync: %v, want ErrStateUnsettled", err)
+	}
+}
+
+// A process server whose certificate is revoked during a session is
+// dropped within the check interval, and not reconnected to: nothing more
+// streams to it.
+func TestRevokedProcessServerDropped(t *testing.T) {
+	defer stream.SetPeerCheckEvery(50 * time.Millisecond)()
+	srv := streamtest.New(t)
+	cfg := config(t, srv, t.TempDir(), 1<<20)
+	id, err := pki.Load(srv.PKIDir, machine)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.CheckPeer = func(c *x509.Certificate) error {
+		if err := id.CheckRevoked(c); errors.Is(err, pki.ErrRevoked) {
+			return err
+		}
+		return nil
+	}
+	tg := dial(t, cfg)
+	if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if err := pki.Revoke(srv.PKIDir, "ps"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the session with the revoked process server ended", func() bool { return !tg.Stats().Connected })
+	time.Sleep(time.Second) // reconnects are tried meanwhile, and refused
+	if st := tg.Stats(); st.Connected || st.Reconnects != 0 {
+		t.Fatalf("connected %v, %d reconnects to a revoked process server", st.Connected, st.Reconnects)
 	}
 }

@@ -63,6 +63,9 @@ type Device struct {
 	Index int    // N in /dev/loopN
 
 	ownsFile bool // Create made File, so Detach removes it
+	// ino and dev identify File: the index may be another's once detached
+	// (tests run in parallel), and Bound must not take that for this one.
+	ino, dev uint64
 }
 
 // Attach binds backingFile to a free loop device. The caller must call
@@ -82,6 +85,10 @@ func Attach(backingFile string, opts Options) (*Device, error) {
 	// The kernel takes its own reference on the file; ours only needs to
 	// live until LOOP_CONFIGURE returns.
 	defer backing.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(int(backing.Fd()), &st); err != nil {
+		return nil, fmt.Errorf("loopdev: stat backing file: %w", err)
+	}
 
 	ctl, err := os.OpenFile(controlPath, os.O_RDWR|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -110,7 +117,7 @@ func Attach(backingFile string, opts Options) (*Device, error) {
 		path := "/dev/loop" + strconv.Itoa(idx)
 		err = configure(path, &cfg)
 		if err == nil {
-			return &Device{Path: path, File: backingFile, Index: idx}, nil
+			return &Device{Path: path, File: backingFile, Index: idx, ino: st.Ino, dev: st.Dev}, nil
 		}
 		// EBUSY: another process bound this index between GET_FREE and
 		// CONFIGURE. Ask for a new free index.
@@ -234,11 +241,17 @@ func clrFD(path string) error {
 	return unix.IoctlSetInt(int(f.Fd()), unix.LOOP_CLR_FD, 0)
 }
 
-// Bound reports whether the device currently has a backing file, according
-// to sysfs (the loop/ directory exists only while bound).
+// Bound reports whether the device is still bound to its backing file:
+// once detached, its index may be bound to another file (another test's),
+// which is not this device.
 func (d *Device) Bound() bool {
-	_, err := os.Stat(filepath.Join("/sys/block", filepath.Base(d.Path), "loop"))
-	return err == nil
+	f, err := os.OpenFile(d.Path, os.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	info, err := unix.IoctlLoopGetStatus64(int(f.Fd()))
+	return err == nil && info.Inode == d.ino && info.Device == d.dev
 }
 
 // PartitionPath returns the node of partition n (1-based) of device path,

@@ -127,10 +127,14 @@ func TestDetachFreesDevice(t *testing.T) {
 	}
 	f, err := os.Open(d.Path)
 	if err == nil {
-		// An unbound loop device answers LOOP_GET_STATUS64 with ENXIO.
-		_, err = unix.IoctlLoopGetStatus64(int(f.Fd()))
+		// An unbound loop device answers LOOP_GET_STATUS64 with ENXIO;
+		// another test running meanwhile may have bound the index to a
+		// file of its own.
+		info, err := unix.IoctlLoopGetStatus64(int(f.Fd()))
 		f.Close()
-		if err != unix.ENXIO {
+		if err == nil && strings.TrimRight(string(info.File_name[:]), "\x00") == filepath.Base(d.File) {
+			t.Fatal("LOOP_GET_STATUS64 after detach still names the backing file")
+		} else if err != nil && err != unix.ENXIO {
 			t.Fatalf("LOOP_GET_STATUS64 after detach: %v; want ENXIO", err)
 		}
 	}

@@ -41,15 +41,15 @@ func TestRecoverRefusesJournalGap(t *testing.T) {
 		}
 	}
 	// latest is recoverable_until, held before the gap while it is open.
-	if got, res, err := recoverBytes(t, m, "latest", m.RecoveryKey); err != nil || res.Seq > ends[0] || !bytes.Equal(got, m.Image(0, res.Seq)[:size]) {
-		t.Errorf("recover latest with the gap open: seq %d, %v; want the disk at a point before %d", res.Seq, err, ends[0]+1)
+	if got, res, err := recoverBytes(t, m, "latest", m.RecoveryKey); err != nil || res.Seq != ends[0] || !bytes.Equal(got, m.Image(0, ends[0])[:size]) {
+		t.Errorf("recover latest with the gap open: seq %d, %v; want the disk at %d, the last marker before the gap", res.Seq, err, ends[0])
 	}
 	got, res, err := recoverBytes(t, m, strconv.FormatUint(ends[0], 10), m.RecoveryKey)
 	if err != nil {
 		t.Fatalf("recover just before the gap: %v", err)
 	}
-	if !bytes.Equal(got, m.Image(0, res.Seq)[:size]) {
-		t.Fatal("the disk just before the gap differs")
+	if res.Seq != ends[0] || !bytes.Equal(got, m.Image(0, ends[0])[:size]) {
+		t.Fatalf("the disk just before the gap (seq %d, want %d) differs", res.Seq, ends[0])
 	}
 	points, until, err := recovery.Points(context.Background(), m.Store, m.Name)
 	if err != nil {
@@ -73,7 +73,7 @@ func TestRecoverRefusesJournalGap(t *testing.T) {
 	if err != nil {
 		t.Fatalf("recover latest after the gap was mended: %v", err)
 	}
-	if res.Seq < mended || !bytes.Equal(got, m.Image(0, res.Seq)[:size]) {
+	if res.Seq != mended || !bytes.Equal(got, m.Image(0, mended)[:size]) {
 		t.Fatalf("latest (seq %d) after the mended gap differs from the disk", res.Seq)
 	}
 	if _, _, err := recoverBytes(t, m, strconv.FormatUint(ends[2], 10), m.RecoveryKey); !errors.Is(err, recovery.ErrOutOfRange) {
@@ -98,8 +98,8 @@ func TestRecoverDetectsMissingSegment(t *testing.T) {
 		t.Fatalf("recover across a deleted segment: err %v, want ErrTampered", err)
 	}
 	got, res, err := recoverBytes(t, m, strconv.FormatUint(ends[0], 10), m.RecoveryKey)
-	if err != nil || !bytes.Equal(got, m.Image(0, res.Seq)[:size]) {
-		t.Fatalf("recover before the deleted segment: %v (or bytes differ)", err)
+	if err != nil || res.Seq != ends[0] || !bytes.Equal(got, m.Image(0, ends[0])[:size]) {
+		t.Fatalf("recover before the deleted segment: seq %d, %v (or bytes differ)", res.Seq, err)
 	}
 }
 
@@ -158,8 +158,8 @@ func TestRecoverSkipsStaleSegmentsOnly(t *testing.T) {
 	m.Gaps = []layout.Gap{{From: ends[0] + 1, LostTo: ends[1], Mended: mended}}
 	m.WriteManifest()
 	got, res, err := recoverBytes(t, m, "latest", m.RecoveryKey)
-	if err != nil || !bytes.Equal(got, m.Image(0, res.Seq)[:size]) {
-		t.Fatalf("recover latest across the tombstone: %v (or bytes differ)", err)
+	if err != nil || res.Seq != mended || !bytes.Equal(got, m.Image(0, mended)[:size]) {
+		t.Fatalf("recover latest across the tombstone: seq %d, %v (or bytes differ)", res.Seq, err)
 	}
 	if err := m.Store.DeleteBlob(context.Background(), segs[1]); err != nil {
 		t.Fatal(err)
@@ -178,8 +178,8 @@ func TestRecoverSkipsStaleSegmentsOnly(t *testing.T) {
 	m.Gaps = []layout.Gap{{From: ends[0] + 1, LostTo: ends[1], Mended: mended}}
 	m.WriteManifest()
 	target := strconv.FormatUint(mended, 10)
-	if got, res, err := recoverBytes(t, m, target, m.RecoveryKey); err != nil || !bytes.Equal(got, m.Image(0, res.Seq)[:size]) {
-		t.Fatalf("recover %s after the tombstone: %v (or bytes differ)", target, err)
+	if got, res, err := recoverBytes(t, m, target, m.RecoveryKey); err != nil || res.Seq != mended || !bytes.Equal(got, m.Image(0, mended)[:size]) {
+		t.Fatalf("recover %s after the tombstone: seq %d, %v (or bytes differ)", target, res.Seq, err)
 	}
 	if err := m.Store.DeleteBlob(context.Background(), segs[1]); err != nil {
 		t.Fatal(err)
@@ -248,8 +248,8 @@ func TestRecoverAcrossSecondLossInGap(t *testing.T) {
 	if err != nil {
 		t.Fatalf("recover latest after the mended gaps: %v", err)
 	}
-	if !bytes.Equal(got, m.Image(0, res.Seq)[:size]) {
-		t.Fatal("latest after the mended gaps differs from the disk")
+	if res.Seq != m.Latest() || !bytes.Equal(got, m.Image(0, res.Seq)[:size]) {
+		t.Fatalf("latest after the mended gaps (seq %d, want %d) differs from the disk", res.Seq, m.Latest())
 	}
 	// A segment missing between the losses (the resync's, say) is not
 	// one of them: refused.
@@ -278,8 +278,8 @@ func TestRecoverRefusesUnmendedDisk(t *testing.T) {
 	m.Gaps = []layout.Gap{{From: ends[0] + 1, LostTo: ends[1], Mended: mended, Unmended: []layout.UnmendedDisk{{Name: "d1"}}}}
 	m.WriteManifest()
 	got, res, err := recoverBytes(t, m, "latest", m.RecoveryKey)
-	if err != nil || !bytes.Equal(got, m.Image(0, res.Seq)[:size]) {
-		t.Fatalf("recover d0 latest past the mended gap: %v (or bytes differ)", err)
+	if err != nil || res.Seq != mended || !bytes.Equal(got, m.Image(0, mended)[:size]) {
+		t.Fatalf("recover d0 latest past the mended gap: seq %d, %v (or bytes differ)", res.Seq, err)
 	}
 	_, err = recovery.Recover(context.Background(), m.Store, recovery.Request{Machine: m.Name, Disk: "d1", Point: "latest", RecoveryKey: m.RecoveryKey}, discardWriter{})
 	if !errors.Is(err, recovery.ErrOutOfRange) {
@@ -298,7 +298,7 @@ func TestRecoverRefusesUnmendedDisk(t *testing.T) {
 	if err != nil {
 		t.Fatalf("recover d1 latest after its full sync: %v", err)
 	}
-	if b, err := os.ReadFile(path); err != nil || !bytes.Equal(b, m.Image(1, res.Seq)[:size]) {
+	if b, err := os.ReadFile(path); err != nil || res.Seq != m.Latest() || !bytes.Equal(b, m.Image(1, res.Seq)[:size]) {
 		t.Fatalf("d1 latest after its full sync differs from the disk (%v)", err)
 	}
 }

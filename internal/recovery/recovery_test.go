@@ -304,8 +304,8 @@ func TestRecoverFileIgnoresPlantedPartial(t *testing.T) {
 		t.Fatal("recovery wrote through the planted symlink")
 	}
 	got, err := os.ReadFile(path)
-	if err != nil || !bytes.Equal(got, m.Image(0, res.Seq)[:len(got)]) {
-		t.Fatalf("recovered image differs (%v)", err)
+	if err != nil || res.Seq != m.Latest() || !bytes.Equal(got, m.Image(0, m.Latest())[:m.Disks[0].Size]) {
+		t.Fatalf("recovered image (seq %d, want %d) differs (%v)", res.Seq, m.Latest(), err)
 	}
 	if fi, _ := os.Stat(path); fi.Mode().Perm() != 0o600 {
 		t.Fatalf("mode %v, want 0600", fi.Mode().Perm())
