@@ -1,8 +1,8 @@
 package agent
 
 import (
-	"crypto/x509"
 	"context"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"

@@ -15,11 +15,11 @@
 package stream
 
 import (
-	"crypto/x509"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
