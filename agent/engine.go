@@ -10,6 +10,7 @@ import (
 	"io"
 	"log/slog"
 	"slices"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -196,6 +197,16 @@ type Engine struct {
 	// nothingWarned: the interval's app-consistent points found nothing
 	// to quiesce, and said so (once).
 	nothingWarned bool
+	// An app-consistent point under way (appBusy, loop only): its
+	// scripts' goroutine (appWG) asks the loop to freeze (appFreeze) and
+	// says when it is over (appEnd); appWaiters are told how it ended.
+	// quit is closed when the loop ends.
+	appBusy    bool
+	appWaiters []chan error
+	appFreeze  chan appFreezeReq
+	appEnd     chan error
+	appWG      sync.WaitGroup
+	quit       chan struct{}
 	syncReq       []atomic.Int32 // per device: SyncKind+1 requested by RequestSync
 	runs          []bitmap.Extent
 	// aheadTook is the time applyAhead has taken so far (pacing leaves it
@@ -240,7 +251,8 @@ func New(opt Options) (*Engine, error) {
 	if opt.Logger == nil {
 		opt.Logger = slog.New(slog.DiscardHandler)
 	}
-	e := &Engine{opt: opt, log: opt.Logger, appReq: make(chan chan error), syncReq: make([]atomic.Int32, len(opt.Sources))}
+	e := &Engine{opt: opt, log: opt.Logger, appReq: make(chan chan error), syncReq: make([]atomic.Int32, len(opt.Sources)),
+		appFreeze: make(chan appFreezeReq), appEnd: make(chan error, 1), quit: make(chan struct{})}
 	var devs []capture.Device
 	for i, s := range opt.Sources {
 		d, err := blockdev.Open(s.Path)
@@ -402,6 +414,11 @@ func (e *Engine) Run(ctx context.Context) (err error) {
 		e.opt.OnSynced()
 	}
 
+	// When Run returns, a point's scripts stop waiting for the loop
+	// (quit), and its post script runs to its end first: it may have to
+	// undo what its pre script did.
+	defer e.appWG.Wait()
+	defer close(e.quit)
 	if err := e.loop(ctx); err != nil {
 		return err
 	}
@@ -522,16 +539,14 @@ func (e *Engine) loop(ctx context.Context) error {
 				return err
 			}
 		case <-appT:
-			if err := e.appConsistent(ctx); errors.Is(err, errNothingToFreeze) {
-				if !e.nothingWarned {
-					e.nothingWarned = true
-					e.log.Warn("no app-consistent points: "+err.Error(), "app_interval", e.opt.AppInterval)
-				}
-			} else if err != nil {
-				e.log.Error("app-consistent point failed", "err", err)
-			}
+			e.startApp(ctx, nil)
 		case done := <-e.appReq:
-			done <- e.appConsistent(ctx)
+			e.startApp(ctx, done)
+		case req := <-e.appFreeze:
+			req.reply <- e.appFrozen(ctx, req.w)
+		case err := <-e.appEnd:
+			e.appBusy = false
+			e.endApp(err)
 		case <-sweep.C:
 			if err := e.checkSizes(); err != nil {
 				return err
@@ -814,48 +829,144 @@ func (e *Engine) readbackMetadata(ctx context.Context, delay time.Duration, pace
 	return nil
 }
 
-// AppConsistent asks the running engine for an app-consistent marker.
+// AppConsistent asks the running engine for an app-consistent marker,
+// and waits for the point, its scripts included.
 func (e *Engine) AppConsistent(ctx context.Context) error {
 	done := make(chan error, 1)
 	select {
 	case e.appReq <- done:
+	case <-e.quit:
+		return errEngineStopped
 	case <-ctx.Done():
 		return ctx.Err()
 	}
-	return <-done
+	select {
+	case err := <-done:
+		return err
+	case <-e.quit:
+		select {
+		case err := <-done: // delivered as the loop ended
+			return err
+		default:
+			return errEngineStopped
+		}
+	}
 }
+
+var errEngineStopped = errors.New("the engine stopped before the point was taken")
 
 // errNothingToFreeze: no file system is mounted from the protected
 // devices and no pre script quiesces anything, so an app-consistent point
 // would claim what a crash-consistent one says.
 var errNothingToFreeze = errors.New("no file system is mounted from the protected devices (none recognised: a btrfs is not) and no pre script is set: nothing to quiesce; crash-consistent points cover the devices")
 
-func (e *Engine) appConsistent(ctx context.Context) error {
+// appFreezeReq asks the loop to freeze, drain and mark (appFrozen), once
+// a point's pre script has run.
+type appFreezeReq struct {
+	w     fsfreeze.Window
+	reply chan error
+}
+
+// startApp starts an app-consistent point (from the loop), unless one is
+// under way: done, if not nil, is told how it ended. Its scripts run on a
+// goroutine of their own: a pre script may take minutes (a database
+// flushing its tables), and records must go on being applied meanwhile,
+// or the ring overflows into a bitmap that the freeze would then have to
+// read back. The loop itself freezes, drains and marks (appFreezeReq).
+func (e *Engine) startApp(ctx context.Context, done chan error) {
+	if done != nil {
+		e.appWaiters = append(e.appWaiters, done)
+	}
+	if e.appBusy {
+		return
+	}
+	w, err := e.appWindow()
+	if err != nil {
+		e.endApp(err)
+		return
+	}
+	e.appBusy = true
+	e.appWG.Add(1)
+	go func() {
+		defer e.appWG.Done()
+		err := w.RunPre(ctx)
+		taken := false
+		if err == nil {
+			reply := make(chan error, 1)
+			select {
+			case e.appFreeze <- appFreezeReq{w: w, reply: reply}:
+				err = <-reply // the loop answers in the same step
+				taken = err == nil
+			case <-e.quit:
+				err = errEngineStopped
+			}
+		}
+		if perr := w.RunPost(ctx); perr != nil {
+			if taken {
+				err = fmt.Errorf("app-consistent point taken, but: %w", perr)
+			} else {
+				err = errors.Join(err, perr)
+			}
+		}
+		e.appEnd <- err // one point at a time: never full
+	}()
+}
+
+// endApp reports how a point ended: to those who asked for it, or, a
+// point of the interval, to the log.
+func (e *Engine) endApp(err error) {
+	if len(e.appWaiters) > 0 {
+		for _, w := range e.appWaiters {
+			w <- err
+		}
+		e.appWaiters = nil
+		return
+	}
+	switch {
+	case errors.Is(err, errNothingToFreeze):
+		if !e.nothingWarned {
+			e.nothingWarned = true
+			e.log.Warn("no app-consistent points: "+err.Error(), "app_interval", e.opt.AppInterval)
+		}
+	case err != nil:
+		e.log.Error("app-consistent point failed", "err", err)
+	}
+}
+
+// appWindow is the freeze window of an app-consistent point: the file
+// systems mounted from the devices, and the scripts.
+func (e *Engine) appWindow() (fsfreeze.Window, error) {
 	var mounts []string
 	for _, s := range e.srcs {
 		m, err := fsfreeze.MountsOf(s.Path)
 		if err != nil {
-			return err
+			return fsfreeze.Window{}, err
 		}
 		mounts = append(mounts, m...)
 	}
 	if len(mounts) == 0 && e.opt.PreScript == "" {
-		return errNothingToFreeze
+		return fsfreeze.Window{}, errNothingToFreeze
 	}
+	return fsfreeze.Window{
+		Mounts: mounts, Pre: e.opt.PreScript, Post: e.opt.PostScript, Timeout: e.opt.FreezeTimeout, ScriptLog: e.opt.ScriptLog,
+		Unfreezable: func(m string) {
+			e.log.Warn("file system cannot be frozen: synced instead, its writes during the point are not held back", "mount", m)
+		},
+	}, nil
+}
+
+// appFrozen freezes w's file systems, drains every device and, once they
+// are thawed, emits the app-consistent marker (on the loop, between the
+// point's scripts). nil means the marker was emitted.
+func (e *Engine) appFrozen(ctx context.Context, w fsfreeze.Window) error {
 	if f, ok := e.opt.Target.(Freezer); ok {
 		if err := f.BeforeFreeze(); err != nil {
 			return err
 		}
 	}
-	w := fsfreeze.Window{
-		Mounts: mounts, Pre: e.opt.PreScript, Post: e.opt.PostScript, Timeout: e.opt.FreezeTimeout, ScriptLog: e.opt.ScriptLog,
-		Unfreezable: func(m string) {
-			e.log.Warn("file system cannot be frozen: synced instead, its writes during the point are not held back", "mount", m)
-		},
-	}
 	var at time.Time
 	drained := false
-	err := w.Run(ctx, func() error {
+	err := w.Frozen(ctx, func() error {
 		// Frozen filesystems have written everything: once the stream
 		// holds every completed write, the point is app-consistent.
 		at = e.pointTime()
@@ -874,19 +985,13 @@ func (e *Engine) appConsistent(ctx context.Context) error {
 	// thawed first, nor if someone else did (a file system found not
 	// frozen at the thaw): the drain may then have read writes made
 	// after the point.
-	if !drained || errors.Is(err, fsfreeze.ErrTimeout) || errors.Is(err, fsfreeze.ErrThaw) || ctx.Err() != nil {
+	if err != nil || !drained || ctx.Err() != nil {
 		if err == nil {
 			err = ctx.Err()
 		}
 		return err
 	}
-	if merr := e.emit(AppConsistent, at); merr != nil {
-		return errors.Join(err, merr)
-	}
-	if err != nil { // the post script: the point stands
-		return fmt.Errorf("app-consistent point taken, but: %w", err)
-	}
-	return nil
+	return e.emit(AppConsistent, at)
 }
 
 // marker emits a crash-consistent marker after every write captured so

@@ -409,3 +409,108 @@ func TestAppPointThawedByOthers(t *testing.T) {
 		}
 	}
 }
+
+// A pre script may take long (a database flushing its tables): records
+// go on being applied while it runs, or the ring would overflow into a
+// bitmap that the freeze must then read back within its window. Here the
+// pre script waits for the test to see a write made meanwhile applied.
+func TestRecordsAppliedDuringPreScript(t *testing.T) {
+	dir := t.TempDir()
+	seen, pre := filepath.Join(dir, "seen"), filepath.Join(dir, "pre")
+	// Waits up to 20 s for the test's go-ahead.
+	body := "#!/bin/sh\nfor i in $(seq 400); do [ -e " + seen + " ] && exit 0; sleep 0.05; done\nexit 1\n"
+	if err := os.WriteFile(pre, []byte(body), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	tgt := &eventTarget{hookDev: -1}
+	r := newMarkerRig(t, tgt, func(o *Options) {
+		o.CrashInterval = 0
+		o.PreScript = pre
+	})
+	point := make(chan error, 1)
+	go func() { point <- r.e.AppConsistent(t.Context()) }()
+	const x0 = 5 * capture.BlockSize
+	time.Sleep(200 * time.Millisecond) // the pre script is running
+	if _, err := r.fx.WriteAt(r.blk, x0); err != nil {
+		t.Fatal(err)
+	}
+	applied := func() bool {
+		tgt.mu.Lock()
+		defer tgt.mu.Unlock()
+		for _, ev := range tgt.events {
+			if !ev.marker && ev.dev == 0 && ev.off == x0 {
+				return true
+			}
+		}
+		return false
+	}
+	for deadline := time.Now().Add(10 * time.Second); !applied(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			os.WriteFile(seen, nil, 0o644)
+			<-point
+			t.Fatal("a write made while the pre script ran was not applied before it ended")
+		}
+	}
+	if err := os.WriteFile(seen, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-point; err != nil {
+		t.Fatalf("AppConsistent: %v", err)
+	}
+	r.cancel()
+	if err := <-r.done; err != nil {
+		t.Fatal(err)
+	}
+	tgt.mu.Lock()
+	defer tgt.mu.Unlock()
+	if n := len(tgt.events); n == 0 || !tgt.events[n-1].marker || tgt.events[n-1].kind != AppConsistent {
+		t.Fatalf("the point's marker is not the last event: %+v", tgt.events[max(0, n-3):])
+	}
+}
+
+// A stop while a point's pre script runs ends the script, takes no
+// point, still runs the post script (it may have to undo what the pre
+// script began), and is a clean stop.
+func TestStopDuringPreScript(t *testing.T) {
+	dir := t.TempDir()
+	started, ran := filepath.Join(dir, "started"), filepath.Join(dir, "post-ran")
+	pre, post := filepath.Join(dir, "pre"), filepath.Join(dir, "post")
+	if err := os.WriteFile(pre, []byte("#!/bin/sh\ntouch "+started+"\nsleep 60\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(post, []byte("#!/bin/sh\ntouch "+ran+"\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	tgt := &eventTarget{hookDev: -1}
+	r := newMarkerRig(t, tgt, func(o *Options) {
+		o.CrashInterval = 0
+		o.PreScript, o.PostScript = pre, post
+	})
+	point := make(chan error, 1)
+	go func() { point <- r.e.AppConsistent(context.Background()) }()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if _, err := os.Stat(started); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the pre script did not start")
+		}
+	}
+	start := time.Now()
+	r.cancel()
+	if err := <-r.done; err != nil {
+		t.Fatalf("stop during the pre script: %v", err)
+	}
+	if took := time.Since(start); took > 30*time.Second {
+		t.Errorf("the stop waited %v for the pre script", took)
+	}
+	if err := <-point; err == nil {
+		t.Error("the point interrupted by the stop succeeded")
+	}
+	if _, err := os.Stat(ran); err != nil {
+		t.Errorf("the post script did not run: %v", err)
+	}
+	if n := tgt.markerCount(); n != 0 {
+		t.Errorf("%d markers handed over", n)
+	}
+}

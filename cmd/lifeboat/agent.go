@@ -37,7 +37,7 @@ checksums instead of copying everything. "lifeboat agent release" detaches it.`,
 			if err := nonEmpty("device", cfg.Device, "to", cfg.To, "state-dir", stateDir); err != nil {
 				return err
 			}
-			if err := checkIntervals(cfg.CrashInterval, cfg.AppInterval); err != nil {
+			if err := checkIntervals(cfg.CrashInterval, cfg.AppInterval, cfg.ReadbackDelay); err != nil {
 				return err
 			}
 			m, err := capture.ParseMode(mode)

@@ -21,12 +21,12 @@ func benchCmd(verbose *bool) *cobra.Command {
 		Use:   "capture",
 		Short: "fio on a loop device with no capture, metadata mode and data mode, side by side",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
+		PreRunE: func(*cobra.Command, []string) error { // exit 2, as in agent mirror
 			v, err := perf.ParseVariants(variants)
-			if err != nil {
-				return err
-			}
 			cfg.Variants = v
+			return err
+		},
+		RunE: func(cmd *cobra.Command, _ []string) error {
 			rep, err := perf.RunCapture(cmd.Context(), cfg, logger(*verbose), os.Stderr)
 			if err != nil {
 				return err
@@ -90,12 +90,12 @@ manifest, every 250 ms), process server CPU per GB, the compression ratio and
 throughput as a ratio to the ceiling, next to the goals. Needs root, fio and
 Node.js; takes several minutes with the defaults.`,
 		Args: cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
+		PreRunE: func(*cobra.Command, []string) error { // exit 2, as in agent mirror
 			bs, err := perf.ParseBlockSizes(blockSizes)
-			if err != nil {
-				return err
-			}
 			cfg.BlockSizes = bs
+			return err
+		},
+		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg.Rates = nil
 			for _, r := range rates {
 				cfg.Rates = append(cfg.Rates, r*1e6)

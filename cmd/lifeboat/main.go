@@ -150,7 +150,10 @@ func checkPprof(pprof bool, addr string) error {
 
 // checkIntervals refuses negative point intervals, which would turn the
 // points off as silently as 0 does on purpose.
-func checkIntervals(crash, app time.Duration) error {
+func checkIntervals(crash, app, readback time.Duration) error {
+	if readback < 0 {
+		return fmt.Errorf("--readback-delay %v: must not be negative", readback)
+	}
 	if crash < 0 {
 		return fmt.Errorf("--crash-interval %v: must not be negative (0 turns crash-consistent points off)", crash)
 	}

@@ -40,7 +40,7 @@ taken from AZURE_STORAGE_CONNECTION_STRING. Outages are retried with backoff
 while the cache absorbs the stream.`,
 		Args: cobra.NoArgs,
 		PreRunE: func(*cobra.Command, []string) error { // flag values: exit 2, as in agent mirror
-			if err := nonEmpty("pki", cfg.PKIDir, "name", cfg.Name, "recovery-key", cfg.RecoveryKeyFile); err != nil {
+			if err := nonEmpty("listen", cfg.Listen, "pki", cfg.PKIDir, "name", cfg.Name, "recovery-key", cfg.RecoveryKeyFile); err != nil {
 				return err
 			}
 			if err := checkPprof(cfg.Profiling, cfg.MetricsListen); err != nil {

@@ -2,11 +2,13 @@ package main
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"strings"
 
 	"github.com/lifeboat-dr/lifeboat/agent"
 	"github.com/lifeboat-dr/lifeboat/agent/capture"
+	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/spf13/cobra"
 )
 
@@ -39,10 +41,16 @@ the --pki directory.`
 		if err := nonEmpty("process-server", cfg.ProcessServer, "pki", cfg.PKIDir, "name", cfg.Name, "state-dir", stateDir); err != nil {
 			return err
 		}
+		if _, _, err := net.SplitHostPort(cfg.ProcessServer); err != nil {
+			return fmt.Errorf("--process-server %q: want HOST:PORT: %w", cfg.ProcessServer, err)
+		}
+		if err := layout.CheckName("--name", cfg.Name); err != nil {
+			return err
+		}
 		if err := checkPprof(cfg.Profiling, cfg.Metrics); err != nil {
 			return err
 		}
-		if err := checkIntervals(cfg.CrashInterval, cfg.AppInterval); err != nil {
+		if err := checkIntervals(cfg.CrashInterval, cfg.AppInterval, cfg.ReadbackDelay); err != nil {
 			return err
 		}
 		m, err := capture.ParseMode(mode)

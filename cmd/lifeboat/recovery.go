@@ -68,6 +68,15 @@ snapshots by their metadata; with it, only the points recover would start
 from (a sealed record names their snapshots), after checking the manifest,
 and says which it leaves out.`,
 		Args: cobra.NoArgs,
+		PreRunE: func(c *cobra.Command, _ []string) error { // exit 2, as in agent mirror
+			if err := nonEmpty("machine", machine, "container", container); err != nil {
+				return err
+			}
+			if c.Flags().Changed("recovery-key") && keyFile == "" {
+				return errors.New(`--recovery-key "": give the recovery key file, or leave the flag out`)
+			}
+			return nil
+		},
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			store, err := recoveryStore(container, *verbose)
 			if err != nil {
@@ -213,7 +222,7 @@ is the one "lifeboat keys init" wrote.`,
 		PreRunE: func(*cobra.Command, []string) error { // exit 2, as in agent mirror
 			// --to "$F" with F unset: found only at the end, after the
 			// whole disk was downloaded.
-			if err := nonEmpty("machine", machine, "disk", disk, "to", to); err != nil {
+			if err := nonEmpty("machine", machine, "disk", disk, "to", to, "recovery-key", keyFile, "container", container); err != nil {
 				return err
 			}
 			if point == "" {

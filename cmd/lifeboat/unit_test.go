@@ -181,6 +181,17 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{[]string{"agent", "mirror", "--device", "/dev/null", "--to", dir + "/m", "--state-dir", ""}, 2, "lifeboat agent mirror --help"},
 		{[]string{"agent", "mirror", "--device", "", "--to", dir + "/m"}, 2, "lifeboat agent mirror --help"},
 		{[]string{"recover", "--machine", "m", "--disk", "d", "--to", "", "--recovery-key", dir + "/k", "--point", "latest"}, 2, "lifeboat recover --help"},
+		{[]string{"recover", "--machine", "m", "--disk", "d", "--to", dir + "/out", "--recovery-key", ""}, 2, "lifeboat recover --help"},
+		{[]string{"recover", "--machine", "m", "--disk", "d", "--to", dir + "/out", "--recovery-key", dir + "/k", "--container", ""}, 2, "lifeboat recover --help"},
+		{[]string{"points", "--machine", ""}, 2, "lifeboat points --help"},
+		{[]string{"points", "--machine", "m", "--recovery-key", ""}, 2, "lifeboat points --help"},
+		{[]string{"process-server", "--listen", "", "--pki", dir, "--name", "ps", "--recovery-key", dir + "/k", "--cache", dir + "/c1"}, 2, "lifeboat process-server --help"},
+		{[]string{"agent", "--process-server", "h", "--pki", dir, "--name", "m", "--device", "/dev/null"}, 2, "lifeboat agent --help"},
+		{[]string{"agent", "--process-server", "h:1", "--pki", dir, "--name", "a/b", "--device", "/dev/null"}, 2, "lifeboat agent --help"},
+		{[]string{"agent", "--process-server", "h:1", "--pki", dir, "--name", "m", "--device", "/dev/null", "--readback-delay", "-1s"}, 2, "lifeboat agent --help"},
+		{[]string{"agent", "mirror", "--device", "/dev/null", "--to", dir + "/m", "--readback-delay", "-1s"}, 2, "lifeboat agent mirror --help"},
+		{[]string{"bench", "capture", "--variants", "bogus"}, 2, "lifeboat bench capture --help"},
+		{[]string{"bench", "pipeline", "--bs", "bogus"}, 2, "lifeboat bench pipeline --help"},
 	} {
 		var verbose bool
 		root := newRoot(&verbose)

@@ -237,6 +237,49 @@ type Window struct {
 //
 // All errors are returned joined.
 func (w Window) Run(ctx context.Context, fn func() error) (err error) {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("fsfreeze: %w", err)
+	}
+	defer func() { err = errors.Join(err, w.RunPost(ctx)) }()
+	if err := w.RunPre(ctx); err != nil {
+		return err
+	}
+	return w.Frozen(ctx, fn)
+}
+
+// RunPre runs the pre script, if any (Run's step 1), starting the
+// scripts' log afresh. A caller running the steps itself (so as not to
+// wait for a script where it has other work) must run RunPost once RunPre
+// has started, whatever RunPre and Frozen returned.
+func (w Window) RunPre(ctx context.Context) error {
+	if w.ScriptLog != "" && (w.Pre != "" || w.Post != "") {
+		// This window's output only.
+		if err := os.WriteFile(w.ScriptLog, nil, 0o600); err != nil {
+			return fmt.Errorf("fsfreeze: scripts' output file: %w", err)
+		}
+	}
+	if w.Pre == "" {
+		return nil
+	}
+	sctx, cancel := context.WithTimeout(ctx, scriptTimeout)
+	defer cancel()
+	return w.runScript(sctx, "pre-freeze", w.Pre)
+}
+
+// RunPost runs the post script, if any (Run's step 5), even once ctx is
+// done: it may have to undo what the pre script did.
+func (w Window) RunPost(ctx context.Context) error {
+	if w.Post == "" {
+		return nil
+	}
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), scriptTimeout)
+	defer cancel()
+	return w.runScript(sctx, "post-thaw", w.Post)
+}
+
+// Frozen runs fn with the file systems frozen: Run's steps 2 to 4,
+// without the scripts.
+func (w Window) Frozen(ctx context.Context, fn func() error) (err error) {
 	timeout := w.Timeout
 	if timeout <= 0 {
 		timeout = DefaultTimeout
@@ -244,28 +287,6 @@ func (w Window) Run(ctx context.Context, fn func() error) (err error) {
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("fsfreeze: %w", err)
 	}
-	if w.ScriptLog != "" && (w.Pre != "" || w.Post != "") {
-		// This window's output only.
-		if err := os.WriteFile(w.ScriptLog, nil, 0o600); err != nil {
-			return fmt.Errorf("fsfreeze: scripts' output file: %w", err)
-		}
-	}
-	if w.Post != "" {
-		defer func() {
-			sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), scriptTimeout)
-			defer cancel()
-			err = errors.Join(err, w.runScript(sctx, "post-thaw", w.Post))
-		}()
-	}
-	if w.Pre != "" {
-		sctx, cancel := context.WithTimeout(ctx, scriptTimeout)
-		err := w.runScript(sctx, "pre-freeze", w.Pre)
-		cancel()
-		if err != nil {
-			return err
-		}
-	}
-
 	targets, err := distinctFileSystems(w.Mounts)
 	if err != nil {
 		return err
