@@ -207,8 +207,8 @@ type Engine struct {
 	appEnd     chan error
 	appWG      sync.WaitGroup
 	quit       chan struct{}
-	syncReq       []atomic.Int32 // per device: SyncKind+1 requested by RequestSync
-	runs          []bitmap.Extent
+	syncReq    []atomic.Int32 // per device: SyncKind+1 requested by RequestSync
+	runs       []bitmap.Extent
 	// aheadTook is the time applyAhead has taken so far (pacing leaves it
 	// out of read-back passes).
 	aheadTook time.Duration
