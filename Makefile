@@ -21,7 +21,8 @@ FUZZ_TARGETS := ./agent/capture:FuzzDecode ./internal/bitmap:FuzzExtents \
 
 # command:Debian-package pairs the tests need (bookworm package names).
 TEST_TOOLS := fio:fio mkfs.xfs:xfsprogs mkfs.btrfs:btrfs-progs mkfs.ext4:e2fsprogs dumpe2fs:e2fsprogs sfdisk:fdisk losetup:mount node:nodejs npm:npm \
-              blockdev:util-linux fstrim:util-linux setpriv:util-linux clang:clang llvm-strip:llvm
+              blockdev:util-linux fstrim:util-linux setpriv:util-linux clang:clang llvm-strip:llvm \
+              gcc:gcc
 
 # install_missing installs the Debian packages of the missing commands among
 # the command:package pairs in $(1). apt-get update runs only when something
@@ -56,16 +57,17 @@ build: ## build bin/lifeboat
 
 test: tools bpffs check-generated vet lint fmt-check ## everything CI runs: tools, generated-code check, vet, staticcheck, gofmt, all tests (as root)
 	@echo "==> go test ./..."
-	$(GO) test -count=1 -timeout 30m ./...
-	@echo "==> go test -race (lock-free and concurrent packages)"
-	$(GO) test -count=1 -race ./internal/spsc/ ./internal/bitmap/ ./internal/wire/ ./internal/channel/ ./agent/capture/
+	$(GO) test -count=1 -timeout 15m ./...
+	@echo "==> go test -race (lock-free and concurrent packages; the process server's sessions, uploads and cache; the agent's stream)"
+	$(GO) test -count=1 -race ./internal/spsc/ ./internal/bitmap/ ./internal/wire/ ./internal/channel/ ./agent/capture/ \
+		./agent/stream/ ./processserver/ ./processserver/cache/
 	@echo "==> go test -race (the capture's ring reader and the agent's loop, under fio)"
 	$(GO) test -count=1 -race -run 'TestMirror(RandomDirectWrites|TinyRingOverflow|WritesDuringInitialCopy)$$' ./agent/
 	@echo "==> go test -tags purego (the portable paths beside the assembly)"
-	$(GO) test -count=1 -tags purego -run 'Seal|Open|KnownAnswer|CRC64|Accelerated' ./internal/aesgcm/ ./internal/blobstore/azure/
-	$(GO) test -count=1 -tags purego ./internal/channel/
+	$(GO) test -count=1 -tags purego -run 'Seal|Open|KnownAnswer|CRC64|Accelerated|RandomLengths' ./internal/aesgcm/ ./internal/blobstore/azure/
+	$(GO) test -count=1 -tags purego ./internal/channel/ ./internal/crc32c/ ./internal/wire/
 
-tools: ## install the missing test tools (fio, xfsprogs, btrfs-progs, e2fsprogs, fdisk, mount, util-linux, Node.js and npm for Azurite, clang, llvm) with apt-get
+tools: ## install the missing test tools (fio, xfsprogs, btrfs-progs, e2fsprogs, fdisk, mount, util-linux, Node.js and npm for Azurite, clang, llvm, gcc for -race) with apt-get
 	$(call install_missing,$(TEST_TOOLS))
 
 bpffs: ## mount the BPF filesystem at /sys/fs/bpf if it is not mounted (root)

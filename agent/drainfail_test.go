@@ -3,10 +3,14 @@ package agent
 import (
 	"context"
 	"errors"
+	"os"
 	"sync/atomic"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/lifeboat-dr/lifeboat/agent/capture"
+	"github.com/lifeboat-dr/lifeboat/internal/blockdev"
 	"github.com/lifeboat-dr/lifeboat/internal/loopdev"
 	"github.com/lifeboat-dr/lifeboat/internal/testenv"
 )
@@ -90,4 +94,127 @@ func TestInterruptedDrainRemarks(t *testing.T) {
 		}
 	}
 	assertSameBytes(t, d.Path, tgt.f.Name())
+}
+
+// TestFailedRecordWriteRemarked: a record the target fails to write is
+// taken from the ring all the same; its extent goes to the kernel bitmap,
+// so that the next drain reads it back. An app-consistent point whose
+// drain failed so lets the engine go on: the write must not be lost.
+func TestFailedRecordWriteRemarked(t *testing.T) {
+	testenv.RequireRoot(t)
+	d := loopdev.New(t, 32<<20, loopdev.Options{})
+	tgt := &failAtTarget{fileTarget: newFileTarget(t)}
+	tgt.failAt.Store(-1)
+	e, err := New(Options{
+		Sources:   []Source{{Name: "d0", Path: d.Path, Mode: capture.ModeData, Sync: SyncFull}},
+		RingBytes: 4 << 20,
+		Target:    tgt,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	e.rd = capture.NewReader(e.cap)
+	rdDone := make(chan error, 1)
+	go func() { rdDone <- e.rd.Run(ctx) }()
+	defer func() { e.rd.Stop(); <-rdDone }()
+	e.srcs[0].dirty.SetRange(0, e.srcs[0].dirty.Blocks())
+	if err := e.drain(ctx, []int{0}, false, true, nil); err != nil {
+		t.Fatal(err)
+	}
+
+	// A write through the device: a data-mode record in the ring, whose
+	// application the target refuses.
+	const x, n = 12 << 20, 64 << 10
+	f, err := os.OpenFile(d.Path, os.O_WRONLY|syscall.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := blockdev.AlignedBuffer(n)
+	copy(buf, filled(n, 0x33))
+	tgt.failAt.Store(x)
+	if _, err := f.WriteAt(buf, x); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if err := e.drain(ctx, []int{0}, false, false, nil); !errors.Is(err, errInjected) {
+		t.Fatalf("drain: %v, want the injected failure", err)
+	}
+	words := e.cap.BitmapWords(0)
+	for blk := int64(x / capture.BlockSize); blk < (x+n)/capture.BlockSize; blk++ {
+		if atomic.LoadUint64(&words[blk/64])&(1<<(blk%64)) == 0 {
+			t.Fatalf("block %d, whose record the target refused, is not marked in the kernel bitmap", blk)
+		}
+	}
+	if err := e.drain(ctx, []int{0}, false, true, nil); err != nil {
+		t.Fatal(err)
+	}
+	assertSameBytes(t, d.Path, tgt.f.Name())
+}
+
+// slowTarget is a fileTarget that takes its time over every write, as a
+// process server holding its agent back does.
+type slowTarget struct {
+	*fileTarget
+	delay time.Duration
+}
+
+func (t *slowTarget) WriteAt(dev int, p []byte, off int64) error {
+	time.Sleep(t.delay)
+	return t.fileTarget.WriteAt(dev, p, off)
+}
+
+// TestStopUnderOverload: writes outrunning the target overflow the ring
+// again during each drain; the loop still sees a stop (and its timers)
+// between drains, instead of draining until the churn falls.
+func TestStopUnderOverload(t *testing.T) {
+	testenv.RequireRoot(t)
+	d := loopdev.New(t, 16<<20, loopdev.Options{})
+	tgt := &slowTarget{fileTarget: newFileTarget(t), delay: time.Millisecond}
+	_, cancel, done := startEngine(t, Options{
+		Sources:   []Source{{Name: "d0", Path: d.Path, Mode: capture.ModeData, Sync: SyncFull}},
+		RingBytes: 64 << 10,
+		Target:    tgt,
+	})
+	f, err := os.OpenFile(d.Path, os.O_WRONLY|syscall.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	stop := make(chan struct{})
+	writer := make(chan error, 1)
+	go func() {
+		buf := blockdev.AlignedBuffer(64 << 10)
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				writer <- nil
+				return
+			default:
+			}
+			copy(buf, filled(len(buf), byte(i)))
+			if _, err := f.WriteAt(buf, int64(i%256)*int64(len(buf))); err != nil {
+				writer <- err
+				return
+			}
+		}
+	}()
+	time.Sleep(time.Second)
+	cancel()
+	select {
+	case err := <-done:
+		close(stop)
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second): // it stops within about a second
+		close(stop)
+		<-done
+		t.Fatal("the engine did not stop within 10 s while writes went on")
+	}
+	if err := <-writer; err != nil {
+		t.Fatal(err)
+	}
 }

@@ -207,8 +207,12 @@ type Engine struct {
 	appEnd     chan error
 	appWG      sync.WaitGroup
 	quit       chan struct{}
-	syncReq    []atomic.Int32 // per device: SyncKind+1 requested by RequestSync
-	runs       []bitmap.Extent
+	final      Stats // Stats at Close
+	// beforeMarkerDrain, if set (tests), runs in a crash-consistent
+	// marker once it has chosen the devices to drain.
+	beforeMarkerDrain func()
+	syncReq           []atomic.Int32 // per device: SyncKind+1 requested by RequestSync
+	runs              []bitmap.Extent
 	// aheadTook is the time applyAhead has taken so far (pacing leaves it
 	// out of read-back passes).
 	aheadTook time.Duration
@@ -514,13 +518,18 @@ func (e *Engine) loop(ctx context.Context) error {
 				// The target is whole again: say so now, not at the
 				// next crash interval (the target holds its time
 				// markers until a consistency point follows a resync).
-				if err := e.marker(ctx, CrashConsistent); err != nil && ctx.Err() == nil {
+				if err := e.marker(ctx, CrashConsistent); err != nil && !errors.Is(err, context.Canceled) {
 					return err
 				}
 			}
-			continue
+			// Not straight back to the devices: under overload a device
+			// overflows again during each drain, and a stop, markers
+			// and sweeps would wait for the churn to fall. The select
+			// below takes them, or goes on at once.
+			busy = true
+		} else {
+			e.reportCover()
 		}
-		e.reportCover()
 		var records <-chan struct{}
 		if !busy {
 			records = e.rd.Ready()
@@ -531,9 +540,11 @@ func (e *Engine) loop(ctx context.Context) error {
 			return nil
 		case <-crashT:
 			if err := e.marker(ctx, CrashConsistent); err != nil {
-				if ctx.Err() != nil {
+				if errors.Is(err, context.Canceled) {
 					// A stop interrupted the marker: still a clean
-					// stop (Run drains what remains).
+					// stop (Run drains what remains). Not a target
+					// that failed meanwhile: its extent waits in a
+					// bitmap (applyRecord), and the stop is unclean.
 					return nil
 				}
 				return err
@@ -970,6 +981,12 @@ func (e *Engine) appFrozen(ctx context.Context, w fsfreeze.Window) error {
 		// Frozen filesystems have written everything: once the stream
 		// holds every completed write, the point is app-consistent.
 		at = e.pointTime()
+		// A write whose completion the kernel did not report is not yet
+		// stale (staleAfter) but done: the frozen devices have nothing
+		// in flight, so their pending entries are settled now.
+		if err := e.settleIdle(); err != nil {
+			return err
+		}
 		if _, err := e.markStale(); err != nil { // as in marker; the drain below reads them
 			return err
 		}
@@ -1006,22 +1023,26 @@ func (e *Engine) marker(ctx context.Context, kind MarkerKind) error {
 	if err != nil {
 		return err
 	}
-	if err := e.quiesce(ctx); err != nil {
-		return err
-	}
 	// Marks a data-mode device holds until its next drain (spaced by
-	// markDrainInterval) are writes that may precede records just applied
-	// (a journal block parked during a drain, its commit captured after):
-	// the point must hold them too.
+	// markDrainInterval) are writes that may precede records the point
+	// holds (a journal block parked during a drain, its commit captured
+	// after): every data-mode device is drained, not only those found
+	// marked, since a mark may come between such a look and the drain's
+	// quiesce, whose records the point then holds without it.
 	for i, s := range e.srcs {
-		if s.Mode != capture.ModeMetadata && !slices.Contains(need, i) && (e.cap.Overflowed(i) || e.cap.Marks(i) != s.lastMarks) {
+		if s.Mode != capture.ModeMetadata && !slices.Contains(need, i) {
 			need = append(need, i)
 		}
+	}
+	if e.beforeMarkerDrain != nil {
+		e.beforeMarkerDrain()
 	}
 	if len(need) > 0 {
 		if err := e.drain(ctx, need, false, false, nil); err != nil {
 			return err
 		}
+	} else if err := e.quiesce(ctx); err != nil {
+		return err
 	}
 	// Metadata devices hold their completed writes as marks, read back
 	// now rather than when pacing would, after the last quiesce: a write
@@ -1484,14 +1505,10 @@ func (e *Engine) check(r *capture.Record) (*source, error) {
 
 // applyRecord hands record r of source s to the target.
 func (e *Engine) applyRecord(s *source, r *capture.Record) error {
-	e.stats.Applied++
-	if r.Seq > e.stats.LastSeq {
-		e.stats.LastSeq = r.Seq
-	}
+	var err error
 	switch {
 	case r.Data != nil:
-		e.stats.AppliedBytes += uint64(len(r.Data))
-		return e.opt.Target.WriteAt(int(r.Dev), r.Data, r.Offset)
+		err = e.opt.Target.WriteAt(int(r.Dev), r.Data, r.Offset)
 	case s.Mode == capture.ModeMetadata || r.Op == capture.OpWrite:
 		// Capture marks a metadata device's writes in its bitmap, not
 		// in the ring (harvest); should a record come all the same, or
@@ -1501,10 +1518,21 @@ func (e *Engine) applyRecord(s *source, r *capture.Record) error {
 			return err
 		}
 		e.noteMeta(s)
-		return nil
 	default: // data mode write-zeroes / discard
-		return e.opt.Target.Zero(int(r.Dev), r.Offset, int64(r.Len))
+		err = e.opt.Target.Zero(int(r.Dev), r.Offset, int64(r.Len))
 	}
+	if err != nil {
+		// The record is taken from the ring either way: its extent goes
+		// to the kernel bitmap, whose drain reads it back (after the
+		// write landed), so that a caller going on after the error (an
+		// app point that failed) loses nothing.
+		e.cap.MarkBytes(int(r.Dev), r.Offset, int64(r.Len))
+		return err
+	}
+	e.stats.Applied++
+	e.stats.LastSeq = max(e.stats.LastSeq, r.Seq)
+	e.stats.AppliedBytes += uint64(len(r.Data))
+	return nil
 }
 
 // noteMeta records that s has extents waiting to be read back.
@@ -1517,6 +1545,9 @@ func (e *Engine) noteMeta(s *source) {
 
 // Stats returns the counters.
 func (e *Engine) Stats() Stats {
+	if e.closed {
+		return e.final
+	}
 	s := e.stats
 	s.Kernel, _ = e.cap.Counters()
 	var ov uint64
@@ -1533,6 +1564,7 @@ func (e *Engine) Close() error {
 	if e.closed {
 		return nil
 	}
+	e.final = e.Stats() // the capture's counters go with it
 	e.closed = true
 	var err error
 	if e.persist && e.opt.PinDir != "" {

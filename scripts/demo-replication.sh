@@ -17,24 +17,30 @@ say() { printf '==> %s\n' "$*"; }
 die() { printf 'demo: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "run as root (it loads eBPF programs and creates loop devices)"
-command -v npm >/dev/null && command -v node >/dev/null || die "Node.js and npm are needed (Azurite installs through npm)"
-for t in losetup mkfs.ext4 fstrim cmp python3; do
-	command -v "$t" >/dev/null || missing="${missing:-} $t"
+pkgs=""
+for tp in losetup:mount mkfs.ext4:e2fsprogs fstrim:util-linux cmp:diffutils python3:python3 node:nodejs npm:npm flock:util-linux; do
+	command -v "${tp%%:*}" >/dev/null || pkgs="$pkgs ${tp#*:}"
 done
-if [ -n "${missing:-}" ]; then
-	say "installing tools:$missing"
+if [ -n "$pkgs" ]; then
+	say "installing:$pkgs"
 	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq e2fsprogs util-linux mount diffutils python3 >/dev/null
+	# shellcheck disable=SC2086
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $pkgs >/dev/null
 fi
 mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 
 say "go build -o bin/lifeboat ./cmd/lifeboat"
 go build -o "$BIN" ./cmd/lifeboat
 
-if [ ! -x "$CACHE/node_modules/.bin/azurite-blob" ]; then
+mkdir -p "$CACHE"
+installed() { [ -x "$CACHE/node_modules/.bin/azurite-blob" ] && grep -q "\"version\": \"$AZURITE_VERSION\"" "$CACHE/node_modules/azurite/package.json" 2>/dev/null; }
+if ! installed; then
 	say "npm install azurite@$AZURITE_VERSION (once, into $CACHE)"
-	mkdir -p "$CACHE"
-	npm install --silent --no-audit --no-fund --prefix "$CACHE" "azurite@$AZURITE_VERSION" >/dev/null
+	# Two demos at once take turns.
+	(
+		flock 9
+		installed || npm install --no-audit --no-fund --loglevel=error --prefix "$CACHE" "azurite@$AZURITE_VERSION" >/dev/null
+	) 9>"$CACHE/.install.lock"
 fi
 
 W=$(mktemp -d /var/tmp/lifeboat-demo.XXXXXX)
@@ -49,8 +55,11 @@ cleanup() {
 			[ -s "$f" ] && { printf -- '--- last lines of %s\n' "$(basename "$f")" >&2; tail -n 15 "$f" >&2; }
 		done
 	fi
-	for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
-	for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null; done
+	# The agent first (its drain needs the process server), Azurite last.
+	for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+		kill -TERM "${PIDS[i]}" 2>/dev/null
+		wait "${PIDS[i]}" 2>/dev/null
+	done
 	mountpoint -q "$W/mnt" && umount "$W/mnt"
 	"$BIN" agent release --state-dir "$W/agent" --name "$MACHINE" >/dev/null 2>&1
 	[ -n "$DEV" ] && losetup -d "$DEV"
@@ -59,7 +68,15 @@ cleanup() {
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; die "nothing listens on port $1"; }
+# wait_port PORT PID: a first start of Node on a loaded machine is slow.
+wait_port() {
+	for _ in $(seq 600); do
+		(exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+		kill -0 "$2" 2>/dev/null || die "the process meant to listen on port $1 exited"
+		sleep 0.1
+	done
+	die "nothing listens on port $1 after 60 s"
+}
 
 APORT=$(free_port)
 say "starting Azurite on 127.0.0.1:$APORT"
@@ -67,7 +84,7 @@ mkdir -p "$W/azurite"
 "$CACHE/node_modules/.bin/azurite-blob" --blobHost 127.0.0.1 --blobPort "$APORT" --location "$W/azurite" \
 	--skipApiVersionCheck --silent --disableTelemetry >"$W/azurite.log" 2>&1 &
 PIDS+=($!)
-wait_port "$APORT"
+wait_port "$APORT" "$!"
 export AZURE_STORAGE_CONNECTION_STRING="DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;BlobEndpoint=http://127.0.0.1:$APORT/devstoreaccount1;"
 
 say "recovery key, CA and certificates"
@@ -82,7 +99,7 @@ say "starting the process server on 127.0.0.1:$PSPORT (cache over 3 directories,
 	--cache "$W/cache1,$W/cache2,$W/cache3" --recovery-key "$W/recovery.key" --point-interval 5s \
 	>"$W/ps.log" 2>&1 &
 PIDS+=($!)
-wait_port "$PSPORT"
+wait_port "$PSPORT" "$!"
 
 say "creating a 256 MiB loop device with ext4"
 truncate -s 256M "$W/disk.img"
@@ -109,6 +126,7 @@ wait_recoverable() {
 		python3 -c "import sys; sys.exit(0 if float('$(until_epoch)') >= $1 else 1)" && return 0
 		sleep 0.2
 	done
+	"$BIN" points --machine "$MACHINE" >&2 || true # says why, if it fails
 	die "the storage account did not catch up with $(date -u -d "@${1%.*}" +%T) in 2 minutes"
 }
 RPOS=()

@@ -10,6 +10,7 @@ package azurite
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -39,7 +40,7 @@ const (
 const EnvConnectionString = "AZURE_STORAGE_CONNECTION_STRING"
 
 // ErrNoNode is returned by Install and Start when node or npm is not in PATH.
-var ErrNoNode = errors.New("azurite: node/npm not found in PATH (install Node.js >= 18)")
+var ErrNoNode = errors.New("azurite: node/npm not found in PATH (install Node.js 20 or later, and npm)")
 
 const binName = "azurite-blob"
 
@@ -55,16 +56,31 @@ func DefaultDir() string {
 	return filepath.Join(os.TempDir(), "lifeboat-azurite")
 }
 
+// installed reports whether dir holds the pinned Version of Azurite (an
+// older one, left by a build before Version moved, is installed over).
+func installed(dir, bin string) bool {
+	if _, err := os.Stat(bin); err != nil {
+		return false
+	}
+	b, err := os.ReadFile(filepath.Join(dir, "node_modules", "azurite", "package.json"))
+	if err != nil {
+		return false
+	}
+	var pkg struct{ Version string }
+	return json.Unmarshal(b, &pkg) == nil && pkg.Version == Version
+}
+
 // Install makes sure the pinned Azurite is installed under dir (DefaultDir
 // when empty) and returns the path of the azurite-blob executable. It runs
-// npm only when the executable is missing; concurrent callers (parallel test
-// binaries) are serialised by a lock file in dir.
+// npm only when the executable is missing or of another version;
+// concurrent callers (parallel test binaries) are serialised by a lock
+// file in dir.
 func Install(ctx context.Context, dir string) (binPath string, err error) {
 	if dir == "" {
 		dir = DefaultDir()
 	}
 	bin := filepath.Join(dir, "node_modules", ".bin", binName)
-	if _, err := os.Stat(bin); err == nil {
+	if installed(dir, bin) {
 		return bin, nil
 	}
 	if _, err := exec.LookPath("node"); err != nil {
@@ -87,7 +103,7 @@ func Install(ctx context.Context, dir string) (binPath string, err error) {
 	}
 	defer syscall.Flock(int(lock.Fd()), syscall.LOCK_UN)
 	// Another process may have finished the install while we waited.
-	if _, err := os.Stat(bin); err == nil {
+	if installed(dir, bin) {
 		return bin, nil
 	}
 	cmd := exec.CommandContext(ctx, npm, "install", "--no-audit", "--no-fund",

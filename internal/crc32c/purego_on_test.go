@@ -1,0 +1,5 @@
+//go:build purego
+
+package crc32c
+
+const purego = true
