@@ -416,7 +416,9 @@ func ThawAll(timeout time.Duration) {
 			}
 			f.mu.Unlock()
 			f.thaw()
-			f.freezing.Lock() // a freeze under way: add undoes it
+			// Waits for a freeze under way: add undoes it.
+			f.freezing.Lock()
+			//lint:ignore SA2001 the wait is the point
 			f.freezing.Unlock()
 		}
 		close(done)
