@@ -59,7 +59,7 @@ test: tools bpffs check-generated vet lint fmt-check ## everything CI runs: tool
 	@echo "==> go test ./..."
 	$(GO) test -count=1 -timeout 15m ./...
 	@echo "==> go test -race (lock-free and concurrent packages; the process server's sessions, uploads and cache; the agent's stream)"
-	$(GO) test -count=1 -race ./internal/spsc/ ./internal/bitmap/ ./internal/wire/ ./internal/channel/ ./agent/capture/ \
+	$(GO) test -count=1 -timeout 30m -race ./internal/spsc/ ./internal/bitmap/ ./internal/wire/ ./internal/channel/ ./agent/capture/ \
 		./agent/stream/ ./processserver/ ./processserver/cache/
 	@echo "==> go test -race (the capture's ring reader and the agent's loop, under fio)"
 	$(GO) test -count=1 -race -run 'TestMirror(RandomDirectWrites|TinyRingOverflow|WritesDuringInitialCopy)$$' ./agent/

@@ -198,16 +198,19 @@ type Engine struct {
 	// to quiesce, and said so (once).
 	nothingWarned bool
 	// An app-consistent point under way (appBusy, loop only): its
-	// scripts' goroutine (appWG) asks the loop to freeze (appFreeze) and
-	// says when it is over (appEnd); appWaiters are told how it ended.
-	// quit is closed when the loop ends.
-	appBusy    bool
-	appWaiters []chan error
-	appFreeze  chan appFreezeReq
-	appEnd     chan error
-	appWG      sync.WaitGroup
-	quit       chan struct{}
-	final      Stats // Stats at Close
+	// scripts' goroutine (appWG, under appCtx) asks the loop to freeze
+	// (appFreeze) and says when it is over (appEnd); appWaiters are told
+	// how it ended, appNext (asking once it had frozen: appFroze) get a
+	// point of their own after it. quit is closed when the loop ends.
+	appBusy, appFroze   bool
+	appWaiters, appNext []chan error
+	appFreeze           chan appFreezeReq
+	appEnd              chan error
+	appWG               sync.WaitGroup
+	appCtx              context.Context
+	quit                chan struct{}
+	quitOnce            sync.Once
+	final               Stats // Stats at Close
 	// beforeMarkerDrain, if set (tests), runs in a crash-consistent
 	// marker once it has chosen the devices to drain.
 	beforeMarkerDrain func()
@@ -392,6 +395,7 @@ func (e *Engine) Run(ctx context.Context) (err error) {
 			err = rerr // why the reader stopped
 		}
 	}()
+	defer e.endApps()
 
 	// Initial sync: every block is dirty.
 	var total int64
@@ -418,12 +422,15 @@ func (e *Engine) Run(ctx context.Context) (err error) {
 		e.opt.OnSynced()
 	}
 
-	// When Run returns, a point's scripts stop waiting for the loop
-	// (quit), and its post script runs to its end first: it may have to
-	// undo what its pre script did.
-	defer e.appWG.Wait()
-	defer close(e.quit)
-	if err := e.loop(ctx); err != nil {
+	actx, acancel := context.WithCancel(ctx)
+	e.appCtx = actx
+	err = e.loop(ctx)
+	// A point under way stops waiting for the loop, and its pre script
+	// is ended (its post script runs: it may have to undo what the pre
+	// script began); Run returns once it has (endApps).
+	acancel()
+	e.endLoop()
+	if err != nil {
 		return err
 	}
 	// Clean stop: settle writes that ended unseen on idle devices, park
@@ -518,7 +525,7 @@ func (e *Engine) loop(ctx context.Context) error {
 				// The target is whole again: say so now, not at the
 				// next crash interval (the target holds its time
 				// markers until a consistency point follows a resync).
-				if err := e.marker(ctx, CrashConsistent); err != nil && !errors.Is(err, context.Canceled) {
+				if err := e.marker(ctx, CrashConsistent); err != nil && !stopped(err) {
 					return err
 				}
 			}
@@ -540,7 +547,7 @@ func (e *Engine) loop(ctx context.Context) error {
 			return nil
 		case <-crashT:
 			if err := e.marker(ctx, CrashConsistent); err != nil {
-				if errors.Is(err, context.Canceled) {
+				if stopped(err) {
 					// A stop interrupted the marker: still a clean
 					// stop (Run drains what remains). Not a target
 					// that failed meanwhile: its extent waits in a
@@ -550,9 +557,9 @@ func (e *Engine) loop(ctx context.Context) error {
 				return err
 			}
 		case <-appT:
-			e.startApp(ctx, nil)
+			e.startApp(nil)
 		case done := <-e.appReq:
-			e.startApp(ctx, done)
+			e.startApp(done)
 		case req := <-e.appFreeze:
 			req.reply <- e.appFrozen(ctx, req.w)
 		case err := <-e.appEnd:
@@ -578,6 +585,11 @@ func (e *Engine) loop(ctx context.Context) error {
 			e.rd.Settle()
 		}
 	}
+}
+
+// stopped tells an error of Run's context (a stop) from a failure.
+func stopped(err error) bool {
+	return errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
 }
 
 // errReaderStopped: the capture reader ended while the engine ran.
@@ -851,17 +863,7 @@ func (e *Engine) AppConsistent(ctx context.Context) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
-	select {
-	case err := <-done:
-		return err
-	case <-e.quit:
-		select {
-		case err := <-done: // delivered as the loop ended
-			return err
-		default:
-			return errEngineStopped
-		}
-	}
+	return <-done // endApps answers every waiter left
 }
 
 var errEngineStopped = errors.New("the engine stopped before the point was taken")
@@ -884,33 +886,49 @@ type appFreezeReq struct {
 // flushing its tables), and records must go on being applied meanwhile,
 // or the ring overflows into a bitmap that the freeze would then have to
 // read back. The loop itself freezes, drains and marks (appFreezeReq).
-func (e *Engine) startApp(ctx context.Context, done chan error) {
+func (e *Engine) startApp(done chan error) {
+	if e.appBusy {
+		if done != nil {
+			if e.appFroze {
+				// Its writes may postdate the point under way.
+				e.appNext = append(e.appNext, done)
+			} else {
+				e.appWaiters = append(e.appWaiters, done)
+			}
+		}
+		return
+	}
 	if done != nil {
 		e.appWaiters = append(e.appWaiters, done)
-	}
-	if e.appBusy {
-		return
 	}
 	w, err := e.appWindow()
 	if err != nil {
 		e.endApp(err)
 		return
 	}
-	e.appBusy = true
+	e.appBusy, e.appFroze = true, false
+	ctx := e.appCtx
 	e.appWG.Add(1)
 	go func() {
 		defer e.appWG.Done()
 		err := w.RunPre(ctx)
 		taken := false
 		if err == nil {
+			// The application is quiesced from here: the loop (between
+			// its rounds, a long resync drain perhaps) is waited for a
+			// bounded time only.
 			reply := make(chan error, 1)
+			wait := time.NewTimer(appFreezeWait)
 			select {
 			case e.appFreeze <- appFreezeReq{w: w, reply: reply}:
 				err = <-reply // the loop answers in the same step
 				taken = err == nil
+			case <-wait.C:
+				err = fmt.Errorf("app-consistent point not taken: the agent was busy (a resync?) for %v after the pre script", appFreezeWait)
 			case <-e.quit:
 				err = errEngineStopped
 			}
+			wait.Stop()
 		}
 		if perr := w.RunPost(ctx); perr != nil {
 			if taken {
@@ -926,6 +944,14 @@ func (e *Engine) startApp(ctx context.Context, done chan error) {
 // endApp reports how a point ended: to those who asked for it, or, a
 // point of the interval, to the log.
 func (e *Engine) endApp(err error) {
+	defer func() {
+		// Those who asked once the last point had frozen get their own.
+		if next := e.appNext; len(next) > 0 && !e.appBusy && e.appCtx != nil && e.appCtx.Err() == nil {
+			e.appNext = nil
+			e.appWaiters = append(e.appWaiters, next[1:]...)
+			e.startApp(next[0])
+		}
+	}()
 	if len(e.appWaiters) > 0 {
 		for _, w := range e.appWaiters {
 			w <- err
@@ -942,6 +968,30 @@ func (e *Engine) endApp(err error) {
 	case err != nil:
 		e.log.Error("app-consistent point failed", "err", err)
 	}
+}
+
+// appFreezeWait bounds how long a point whose pre script has run waits
+// for the loop to freeze: the application stays quiesced meanwhile.
+const appFreezeWait = 30 * time.Second
+
+// endLoop tells a point under way that the loop is gone (quit).
+func (e *Engine) endLoop() { e.quitOnce.Do(func() { close(e.quit) }) }
+
+// endApps, as Run returns: the loop is gone; a point under way runs its
+// post script to its end, and everyone who asked for a point is answered.
+func (e *Engine) endApps() {
+	e.endLoop()
+	e.appWG.Wait()
+	select {
+	case err := <-e.appEnd:
+		e.appBusy = false
+		e.endApp(err)
+	default:
+	}
+	for _, w := range append(e.appWaiters, e.appNext...) {
+		w <- errEngineStopped
+	}
+	e.appWaiters, e.appNext = nil, nil
 }
 
 // appWindow is the freeze window of an app-consistent point: the file
@@ -970,6 +1020,7 @@ func (e *Engine) appWindow() (fsfreeze.Window, error) {
 // are thawed, emits the app-consistent marker (on the loop, between the
 // point's scripts). nil means the marker was emitted.
 func (e *Engine) appFrozen(ctx context.Context, w fsfreeze.Window) error {
+	e.appFroze = true
 	if f, ok := e.opt.Target.(Freezer); ok {
 		if err := f.BeforeFreeze(); err != nil {
 			return err

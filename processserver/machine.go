@@ -174,7 +174,9 @@ func (m *machine) saveHint() {
 	}
 	m.mu.Lock()
 	ru := m.accountRU
-	due := m.loaded && !m.fenced && ru.After(m.hintSaved) && time.Since(m.hintAt) >= hintEvery
+	// Any change, back included (another server's manifest taken, an
+	// account replaced): a restart must not report an RPO too small.
+	due := m.loaded && !m.fenced && !ru.Equal(m.hintSaved) && time.Since(m.hintAt) >= hintEvery
 	if due {
 		m.hintSaved, m.hintAt = ru, time.Now()
 	}

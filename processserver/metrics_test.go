@@ -1,6 +1,7 @@
 package processserver
 
 import (
+	"strings"
 	"testing"
 	"time"
 
@@ -129,5 +130,41 @@ func TestFencedMachineNotReported(t *testing.T) {
 		if _, ok := gauge(t, e.reg, name, "m1"); ok {
 			t.Errorf("%s still reported for the fenced machine", name)
 		}
+	}
+}
+
+// An agent of protocol 2 (process servers upgraded first) is served in
+// its own protocol, without Recoverable frames; one of an unknown
+// protocol is refused, saying which the server speaks.
+func TestOlderProtocolServed(t *testing.T) {
+	e := newEnv(t, mem.New(), 1)
+	e.segAge = 20 * time.Millisecond
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	if err := a.w.WriteHello(&wire.Hello{ProtocolVersion: 2, Machine: "m1", Disks: []wire.DiskState{disk0}}); err != nil {
+		t.Fatal(err)
+	}
+	f := a.next(10 * time.Second)
+	var ack wire.HelloAck
+	if f.typ != wire.TypeHelloAck || ack.UnmarshalBinary(f.payload) != nil || ack.ProtocolVersion != 2 {
+		t.Fatalf("protocol 2 hello answered with %s %v (version %d)", f.typ, f.err, ack.ProtocolVersion)
+	}
+	a.waitAck(a.batch(1, 5))
+	a.marker(5, wire.MarkerTime, time.Now())
+	eventually(t, 10*time.Second, "the marker in the account", func() bool {
+		_, _, man := journal(t, e.store, e.rk, "m1")
+		return !man.RecoverableUntil.IsZero()
+	})
+	time.Sleep(1500 * time.Millisecond) // the monitor's tick
+	if n := a.rus.Load(); n != 0 {
+		t.Fatalf("%d Recoverable frames sent to a protocol 2 agent", n)
+	}
+
+	b := dialAgent(t, e, s, "m2")
+	if err := b.w.WriteHello(&wire.Hello{ProtocolVersion: protocolVersion + 1, Machine: "m2"}); err != nil {
+		t.Fatal(err)
+	}
+	if we := errorFrame(t, b); we.Code != wire.CodeVersion || !strings.Contains(we.Message, "speaks 2 to 3") {
+		t.Fatalf("unknown protocol answered with %+v", we)
 	}
 }

@@ -23,6 +23,7 @@ import (
 
 const (
 	protocolVersion = 3                // 3: Recoverable
+	oldestProtocol  = 2                // agents of protocol 2 are served, without Recoverable
 	helloTimeout    = 30 * time.Second // first frame after the handshake
 	helloWork       = time.Minute      // reading the manifest to answer it
 	writeTimeout    = 30 * time.Second
@@ -55,11 +56,14 @@ type session struct {
 	s     *Server
 	conn  net.Conn // a *channel.Conn, or a *tls.Conn for an agent without records
 	agent string   // certificate name = machine name
-	log   *slog.Logger
-	m     *machine
-	r     *wire.Reader
-	w     *wire.Writer
-	done  chan struct{}
+	// version is the protocol the agent's hello asked for (oldestProtocol
+	// to protocolVersion), set before the hello-ack.
+	version uint16
+	log     *slog.Logger
+	m       *machine
+	r       *wire.Reader
+	w       *wire.Writer
+	done    chan struct{}
 
 	closeOnce sync.Once
 	errMu     sync.Mutex
@@ -178,15 +182,19 @@ func (st *session) run(ctx context.Context) {
 		// Another version's hello may not decode: say why.
 		h.ProtocolVersion = binary.LittleEndian.Uint16(f.Payload)
 	}
-	if err != nil && h.ProtocolVersion == protocolVersion {
+	known := h.ProtocolVersion >= oldestProtocol && h.ProtocolVersion <= protocolVersion
+	if err != nil && known {
 		st.protocolError(fmt.Sprintf("bad hello: %v", err))
 		return
 	}
-	if h.ProtocolVersion != protocolVersion {
-		st.sendError(wire.CodeVersion, fmt.Sprintf("protocol version %d not supported; this process server speaks %d", h.ProtocolVersion, protocolVersion))
+	if !known {
+		st.sendError(wire.CodeVersion, fmt.Sprintf("protocol version %d not supported; this process server speaks %d to %d", h.ProtocolVersion, oldestProtocol, protocolVersion))
 		st.log.Warn("refused agent: unsupported protocol version", logVersion, h.ProtocolVersion)
 		return
 	}
+	// An agent of an older protocol (process servers upgraded first) is
+	// answered in its own.
+	st.version = h.ProtocolVersion
 	if err := st.checkHello(&h); err != nil {
 		st.sendError(wire.CodeUnknownAgent, err.Error())
 		st.log.Warn("refused agent", logErr, err)
@@ -248,6 +256,7 @@ func (st *session) run(ctx context.Context) {
 	st.m.mu.Lock()
 	st.synced = synced
 	st.m.mu.Unlock()
+	ack.ProtocolVersion = st.version
 	if err := st.send(func(w *wire.Writer) error { return w.WriteHelloAck(ack) }); err != nil {
 		st.log.Warn("send hello-ack", logErr, err)
 		return
@@ -754,15 +763,17 @@ func (st *session) flusher() {
 // it changed since last sent (after the hello-ack, then from the
 // monitor's tick): the agent reports its RPO from it.
 func (st *session) updateRecoverable() {
-	if !st.ackSent.Load() {
+	if !st.ackSent.Load() || st.version < 3 {
 		return
 	}
+	// Read under ruMu: the hello and the monitor may both be here, and
+	// an older value must not be sent after a newer one.
+	st.ruMu.Lock()
+	defer st.ruMu.Unlock()
 	r, ok := st.m.report()
 	if !ok {
 		return
 	}
-	st.ruMu.Lock()
-	defer st.ruMu.Unlock()
 	if st.ruSet && r.until.Equal(st.ruSent) {
 		return
 	}

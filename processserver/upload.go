@@ -73,7 +73,12 @@ func (m *machine) uploadLoop(ctx context.Context) {
 					continue
 				}
 				var dnsErr *net.DNSError
-				if errors.As(err, &dnsErr) {
+				if m.nothingToUpload() {
+					// Nothing of it to upload (a machine known from its
+					// stream directory): every one of them logging each
+					// retry of an outage would drown the log.
+					m.log.Debug("reading the manifest failed; will retry", logErr, err, logWait, wait)
+				} else if errors.As(err, &dnsErr) {
 					m.log.Error("upload failed: the storage account's host name does not resolve (a resolver not up yet, or a mistyped account); retrying, the cache keeps the data",
 						logErr, err, logWait, wait)
 				} else if blobstore.IsPermanent(err) {
@@ -106,6 +111,15 @@ func (m *machine) uploadLoop(ctx context.Context) {
 // backoff waits d after a failed step, or less once the machine is fenced
 // (a claim waits for the uploader to park). It reports false once ctx is
 // done. A kick taken meanwhile is not lost: the next step sees its work.
+// nothingToUpload reports whether the machine has nothing cached to upload and no
+// agent connected.
+func (m *machine) nothingToUpload() bool {
+	m.mu.Lock()
+	n := len(m.segs)
+	m.mu.Unlock()
+	return n == 0 && m.current() == nil
+}
+
 func (m *machine) backoff(ctx context.Context, d time.Duration) bool {
 	t := time.NewTimer(d)
 	defer t.Stop()

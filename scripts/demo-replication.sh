@@ -55,9 +55,12 @@ cleanup() {
 			[ -s "$f" ] && { printf -- '--- last lines of %s\n' "$(basename "$f")" >&2; tail -n 15 "$f" >&2; }
 		done
 	fi
-	# The agent first (its drain needs the process server), Azurite last.
+	# The agent first (its drain needs the process server), Azurite last;
+	# each gets 90 s (the agent's stop timeout is 1 min), then SIGKILL.
 	for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
 		kill -TERM "${PIDS[i]}" 2>/dev/null
+		for _ in $(seq 900); do kill -0 "${PIDS[i]}" 2>/dev/null || break; sleep 0.1; done
+		kill -KILL "${PIDS[i]}" 2>/dev/null
 		wait "${PIDS[i]}" 2>/dev/null
 	done
 	mountpoint -q "$W/mnt" && umount "$W/mnt"

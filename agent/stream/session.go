@@ -139,9 +139,14 @@ func (t *Target) hello(s *session) (*wire.HelloAck, error) {
 			if err := a.UnmarshalBinary(f.Payload); err != nil {
 				return nil, err
 			}
-			if a.ProtocolVersion != ProtocolVersion {
+			if a.ProtocolVersion != ProtocolVersion && a.ProtocolVersion != 2 {
 				return nil, fmt.Errorf("process server %s speaks stream protocol %d, this agent %d", t.cfg.Addr, a.ProtocolVersion, ProtocolVersion)
 			}
+			// A process server of protocol 2 sends no Recoverable: the
+			// RPO then counts from the acknowledged markers, as before.
+			t.mu.Lock()
+			t.legacyRPO = a.ProtocolVersion < 3
+			t.mu.Unlock()
 			return &a, nil
 		case wire.TypeBackpressure:
 			var b wire.Backpressure
@@ -575,6 +580,12 @@ func (t *Target) readLoop(s *session) error {
 			t.recoverable, t.ruHeard = time.Time{}, true
 			if r.UnixNano > 0 {
 				t.recoverable = time.Unix(0, r.UnixNano).UTC()
+				t.unrecSince = time.Time{}
+			} else if t.unrecSince.IsZero() {
+				t.unrecSince = t.start
+				if t.unrecSince.IsZero() { // the hello of Dial itself
+					t.unrecSince = time.Now()
+				}
 			}
 			t.mu.Unlock()
 		case wire.TypeBackpressure:

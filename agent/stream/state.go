@@ -35,6 +35,9 @@ type persisted struct {
 	// RecoverableUntil is the process server's last word on it: the
 	// next run reports its RPO from it until the process server answers.
 	RecoverableUntil time.Time `json:"recoverable_until,omitzero"`
+	// UnrecoverableSince: since then the process server has said that
+	// nothing is recoverable (a first sync under way).
+	UnrecoverableSince time.Time `json:"unrecoverable_since,omitzero"`
 }
 
 type persistedDisk struct {
@@ -42,13 +45,17 @@ type persistedDisk struct {
 	Generation string `json:"generation"` // hex; "" = none
 }
 
-// SavedRecoverableUntil returns the recoverable_until the state in dir
-// keeps for machine (zero if none): what an agent reports its RPO from
-// before it reaches the process server.
+// SavedRecoverableUntil returns the time the state in dir has machine's
+// RPO count from (zero if none): the last recoverable_until heard, or,
+// while nothing was recoverable, since when. An agent reports its RPO
+// from it before it reaches the process server.
 func SavedRecoverableUntil(dir, machine string) time.Time {
 	p, err := loadPersisted(filepath.Join(dir, StateFile))
 	if err != nil || p == nil || p.Machine != machine {
 		return time.Time{}
+	}
+	if p.RecoverableUntil.IsZero() {
+		return p.UnrecoverableSince
 	}
 	return p.RecoverableUntil
 }

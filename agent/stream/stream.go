@@ -280,6 +280,11 @@ type Target struct {
 	// the last), savedRUAt when this run saved it.
 	recoverable time.Time
 	ruHeard     bool
+	legacyRPO   bool // the process server speaks protocol 2 (no Recoverable)
+	// unrecSince is since when the process server has said that nothing
+	// is recoverable (a first sync; persisted, so that a restart does not
+	// make the RPO look small).
+	unrecSince  time.Time
 	savedRU     time.Time
 	savedRUAt   time.Time
 	err         error // set by Abort or Close: every call fails with it
@@ -431,6 +436,7 @@ func newTarget(cfg Config) (*Target, error) {
 			t.ownState = true
 			t.ackedSeq = p.AckedSeq
 			t.savedRU = p.RecoverableUntil
+			t.unrecSince = p.UnrecoverableSince
 			for i, d := range cfg.Disks {
 				for _, pd := range p.Disks {
 					if pd.Name != d.Name || d.Forget {
@@ -968,12 +974,19 @@ func (t *Target) Stats() Stats {
 // RPO is how far back recoverable_until is: the time before which every
 // write is in the storage account, as the process server last said.
 // Until it has said this run, the last run's word counts; while nothing
-// is recoverable (a first sync), the time since Dial.
+// is recoverable (a first sync), the time since it first said so (since
+// Dial, if nobody ever said anything).
 func (t *Target) RPO() time.Duration {
 	t.mu.Lock()
 	at := t.recoverable
-	if !t.ruHeard {
+	switch {
+	case t.legacyRPO:
+		at = t.ackedMarker
+	case !t.ruHeard:
 		at = t.savedRU
+	}
+	if at.IsZero() { // nothing recoverable, as heard this run or the last
+		at = t.unrecSince
 	}
 	t.mu.Unlock()
 	if at.IsZero() {
@@ -991,7 +1004,7 @@ type snapshot struct {
 
 func (t *Target) snapshotLocked() snapshot {
 	t.stateVer++
-	p := persisted{Version: stateVersion, Machine: t.cfg.Machine, NextSeq: t.lease, AckedSeq: t.ackedSeq, RecoverableUntil: t.savedRU}
+	p := persisted{Version: stateVersion, Machine: t.cfg.Machine, NextSeq: t.lease, AckedSeq: t.ackedSeq, RecoverableUntil: t.savedRU, UnrecoverableSince: t.unrecSince}
 	if t.ruHeard {
 		p.RecoverableUntil = t.recoverable
 		t.savedRU, t.savedRUAt = t.recoverable, time.Now()

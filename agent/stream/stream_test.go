@@ -1152,3 +1152,45 @@ func TestRevokedProcessServerDropped(t *testing.T) {
 		t.Fatalf("connected %v, %d reconnects to a revoked process server", st.Connected, st.Reconnects)
 	}
 }
+
+// A process server of protocol 2 sends no recoverable_until: the RPO then
+// counts from the acknowledged time markers, as it did.
+func TestRPOWithProtocol2Server(t *testing.T) {
+	srv := streamtest.New(t)
+	srv.SpeakProtocol2()
+	tg := dial(t, config(t, srv, t.TempDir(), 1<<20))
+	if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Second)
+	waitFor(t, "an RPO under 1.5 s from acknowledged markers", func() bool { return tg.RPO() < 1500*time.Millisecond })
+	if st := tg.Stats(); !st.RecoverableUntil.IsZero() {
+		t.Fatalf("recoverable_until %v from a protocol 2 server", st.RecoverableUntil)
+	}
+}
+
+// While the process server says that nothing is recoverable yet (a first
+// sync), the RPO counts from when it first said so, across a restart of
+// the agent: not from each run's start.
+func TestRPOWhileNothingRecoverable(t *testing.T) {
+	srv := streamtest.New(t)
+	dir := t.TempDir()
+	cfg := config(t, srv, dir, 1<<20)
+	cfg.HoldTimeMarkers = true // a first sync: no marker, nothing recoverable
+	tg := dial(t, cfg)
+	waitFor(t, "the process server's word", func() bool { return tg.Stats().Connected })
+	time.Sleep(1500 * time.Millisecond)
+	if rpo := tg.RPO(); rpo < time.Second {
+		t.Fatalf("RPO %v with nothing recoverable for 1.5 s", rpo)
+	}
+	if err := tg.Close(); err != nil {
+		t.Fatal(err)
+	}
+	tg = dial(t, cfg)
+	if rpo := tg.RPO(); rpo < 1500*time.Millisecond {
+		t.Fatalf("RPO %v after a restart, nothing recoverable since more than 1.5 s", rpo)
+	}
+}

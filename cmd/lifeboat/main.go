@@ -37,6 +37,9 @@ func main() {
 		fsfreeze.ThawAll(fsfreeze.DefaultTimeout)
 		signal.Reset()
 		syscall.Kill(os.Getpid(), sig.(syscall.Signal))
+		// Still here: the signal was ignored when the process started
+		// (started with & from a script). It ends the process all the same.
+		os.Exit(128 + int(sig.(syscall.Signal)))
 	}()
 	if err := execute(ctx, root); err != nil {
 		fmt.Fprintln(os.Stderr, "lifeboat:", err)

@@ -253,7 +253,9 @@ func (w Window) Run(ctx context.Context, fn func() error) (err error) {
 // has started, whatever RunPre and Frozen returned.
 func (w Window) RunPre(ctx context.Context) error {
 	if w.ScriptLog != "" && (w.Pre != "" || w.Post != "") {
-		// This window's output only.
+		// This window's output only, in a file of mode 0600 whatever an
+		// older one's was.
+		os.Remove(w.ScriptLog)
 		if err := os.WriteFile(w.ScriptLog, nil, 0o600); err != nil {
 			return fmt.Errorf("fsfreeze: scripts' output file: %w", err)
 		}
@@ -331,6 +333,11 @@ func (w Window) Frozen(ctx context.Context, fn func() error) (err error) {
 			return fmt.Errorf("fsfreeze: freeze %s: %w", m, err)
 		}
 		frozen.freezing.Lock() // until add has it (or it failed)
+		if frozen.isThawed() { // ThawAll (the process stopping) or the watchdog
+			frozen.freezing.Unlock()
+			unix.Close(fd)
+			return nil // their error says why
+		}
 		if err := freeze(fd, m); err != nil {
 			frozen.freezing.Unlock()
 			if errors.Is(err, unix.EOPNOTSUPP) && w.Unfreezable != nil {
@@ -376,15 +383,20 @@ type frozenSet struct {
 	freezing sync.Mutex
 }
 
-// open lists the frozenSets of the Windows running, for ThawAll.
+// open lists the frozenSets of the Windows running, for ThawAll;
+// stopping, set by ThawAll, makes later ones thawed from the start.
 var open = struct {
 	sync.Mutex
-	sets map[*frozenSet]struct{}
+	sets     map[*frozenSet]struct{}
+	stopping bool
 }{sets: make(map[*frozenSet]struct{})}
 
 func openSet() *frozenSet {
 	f := &frozenSet{}
 	open.Lock()
+	if open.stopping {
+		f.thawed, f.err = true, fmt.Errorf("fsfreeze: %w: the process is stopping", ErrThaw)
+	}
 	open.sets[f] = struct{}{}
 	open.Unlock()
 	return f
@@ -399,9 +411,11 @@ func closeSet(f *frozenSet) {
 // ThawAll thaws every file system a running Window froze, and waits up
 // to timeout for freezes under way to return (and be undone): for a
 // process about to die (a second signal), which must not leave a file
-// system frozen with nobody to thaw it. The Windows fail with ErrThaw.
+// system frozen with nobody to thaw it. The Windows fail with ErrThaw,
+// and so does every Window after it: the process is stopping.
 func ThawAll(timeout time.Duration) {
 	open.Lock()
+	open.stopping = true
 	sets := make([]*frozenSet, 0, len(open.sets))
 	for f := range open.sets {
 		sets = append(sets, f)
@@ -409,6 +423,8 @@ func ThawAll(timeout time.Duration) {
 	open.Unlock()
 	done := make(chan struct{})
 	go func() {
+		// Every set thawed first, then the freezes under way waited for:
+		// one that hangs holds up no other set's thaw.
 		for _, f := range sets {
 			f.mu.Lock()
 			if !f.thawed {
@@ -416,7 +432,9 @@ func ThawAll(timeout time.Duration) {
 			}
 			f.mu.Unlock()
 			f.thaw()
-			// Waits for a freeze under way: add undoes it.
+		}
+		for _, f := range sets {
+			// A freeze under way: add undoes it.
 			f.freezing.Lock()
 			//lint:ignore SA2001 the wait is the point
 			f.freezing.Unlock()

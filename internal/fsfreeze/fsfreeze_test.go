@@ -527,6 +527,11 @@ func TestCheckScripts(t *testing.T) {
 // then fails with ErrThaw, claiming no consistent point.
 func TestThawAll(t *testing.T) {
 	_, dir := newExt4(t)
+	t.Cleanup(func() { // the process is not stopping: later tests freeze again
+		open.Lock()
+		open.stopping = false
+		open.Unlock()
+	})
 	inside, release := make(chan struct{}), make(chan struct{})
 	result := make(chan error, 1)
 	go func() {
@@ -546,4 +551,12 @@ func TestThawAll(t *testing.T) {
 		t.Fatalf("Run after ThawAll = %v, want ErrThaw", err)
 	}
 	ThawAll(time.Second) // nothing open: returns at once
+	// The process is stopping: a Window started now freezes nothing.
+	err := Window{Mounts: []string{dir}}.Run(t.Context(), func() error {
+		assertCompletes(t, startWrite(dir, "after-thawall"))
+		return nil
+	})
+	if !errors.Is(err, ErrThaw) {
+		t.Fatalf("Run after ThawAll = %v, want ErrThaw", err)
+	}
 }

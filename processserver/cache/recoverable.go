@@ -16,6 +16,9 @@ import (
 // before the account answers (it may be down: then RPO is what matters).
 const recoverablePrefix = markerName + ".recoverable-"
 
+// recoverableTmpPrefix names a hint being written.
+const recoverableTmpPrefix = markerName + ".recoverable.tmp-"
+
 // SetRecoverable records t as the stream's recoverable_until in every
 // cache directory mounted where it belongs. It is a hint for reporting,
 // never a basis for recovery: written whole (a rename) but not synced.
@@ -24,7 +27,11 @@ func (c *Cache) SetRecoverable(stream string, t time.Time) error {
 	if err := validStream(stream); err != nil {
 		return err
 	}
-	rec := []byte(strconv.FormatInt(t.UnixNano(), 10) + "\n")
+	ns := int64(0) // nothing recoverable
+	if !t.IsZero() {
+		ns = t.UnixNano()
+	}
+	rec := []byte(strconv.FormatInt(ns, 10) + "\n")
 	var errs []error
 	for i, d := range c.dirs {
 		if err := c.checkMountedNow(i); err != nil {
@@ -32,7 +39,9 @@ func (c *Cache) SetRecoverable(stream string, t time.Time) error {
 			continue
 		}
 		name := filepath.Join(d, recoverablePrefix+stream)
-		tmp := name + ".tmp"
+		// Not a name another stream's hint could have ("a.tmp" is a
+		// stream name): a prefix of its own.
+		tmp := filepath.Join(d, recoverableTmpPrefix+stream)
 		f, err := c.fs.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o640)
 		if err == nil {
 			_, err = f.Write(rec)
@@ -55,7 +64,8 @@ func (c *Cache) SetRecoverable(stream string, t time.Time) error {
 }
 
 // Recoverable returns the latest recoverable_until any cache directory
-// holds for stream (SetRecoverable), or the zero time.
+// holds for stream (SetRecoverable), or the zero time (none, or nothing
+// recoverable).
 func (c *Cache) Recoverable(stream string) time.Time {
 	var latest time.Time
 	if validStream(stream) != nil {

@@ -77,6 +77,7 @@ type Server struct {
 	// holdRU withholds them (HoldRecoverable).
 	recoverable int64
 	holdRU      bool
+	v2          bool // speak protocol 2 (SpeakProtocol2)
 	batches     int
 	conns       int
 	cur         net.Conn
@@ -217,6 +218,14 @@ func (s *Server) HoldAcks(on bool) {
 		s.acked = s.durable
 		s.curW.WriteAck(s.durable)
 	}
+}
+
+// SpeakProtocol2 makes the server answer hellos in protocol 2, as a
+// process server that predates Recoverable frames does.
+func (s *Server) SpeakProtocol2() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.v2 = true
 }
 
 // HoldRecoverable withholds Recoverable frames while on, as a process
@@ -369,7 +378,11 @@ func (s *Server) serve(raw net.Conn) error {
 	s.cur, s.curW = c, w
 	s.hellos = append(s.hellos, h)
 	s.curRun = h.Run
-	ack := wire.HelloAck{ProtocolVersion: 3, LastRun: s.lastRun}
+	version := uint16(3)
+	if s.v2 {
+		version = 2
+	}
+	ack := wire.HelloAck{ProtocolVersion: version, LastRun: s.lastRun}
 	for _, d := range h.Disks {
 		sd := s.disks[d.Name]
 		a := wire.DiskAgreement{Name: d.Name, ResumeFrom: s.durable + 1}
@@ -396,6 +409,10 @@ func (s *Server) serve(raw net.Conn) error {
 		w.WriteBackpressure(*s.window)
 	}
 	err = w.WriteHelloAck(&ack)
+	if err == nil && !s.v2 && !s.holdRU {
+		// As a process server does: what the account holds so far.
+		err = w.WriteRecoverable(wire.Recoverable{UnixNano: s.recoverable})
+	}
 	s.mu.Unlock()
 	if err != nil {
 		return err
@@ -428,7 +445,7 @@ func (s *Server) serve(raw net.Conn) error {
 			s.markers = append(s.markers, Marker{Marker: m, At: time.Now(), Conn: conn})
 			// As if uploads were instant: a marker whose records are
 			// durable is in the account at once.
-			if m.Seq <= s.durable && !s.holdAcks && !s.holdRU && m.UnixNano > s.recoverable {
+			if m.Seq <= s.durable && !s.holdAcks && !s.holdRU && !s.v2 && m.UnixNano > s.recoverable {
 				s.recoverable = m.UnixNano
 				w.WriteRecoverable(wire.Recoverable{UnixNano: m.UnixNano})
 			}
