@@ -31,12 +31,11 @@ func (t *failAtTarget) WriteAt(dev int, p []byte, off int64) error {
 	return t.fileTarget.WriteAt(dev, p, off)
 }
 
-// TestInterruptedDrainRemarks: a drain whose read-back stops half way
-// (the engine survives this for an app-consistent point) puts the blocks
-// it did not read back into the kernel bitmap, where the device's next
-// drain takes them with the whole protocol; none stay behind in the
-// agent's set, where a record applied meanwhile could be read over early.
-func TestInterruptedDrainRemarks(t *testing.T) {
+// drainRig is an engine over a 32 MiB data-mode loop device whose
+// target fails where told (failAt), with its capture reader running but
+// no loop: the test drives the drains.
+func drainRig(t *testing.T) (*loopdev.Device, *failAtTarget, *Engine, context.Context) {
+	t.Helper()
 	testenv.RequireRoot(t)
 	d := loopdev.New(t, 32<<20, loopdev.Options{})
 	tgt := &failAtTarget{fileTarget: newFileTarget(t)}
@@ -49,13 +48,22 @@ func TestInterruptedDrainRemarks(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer e.Close()
+	t.Cleanup(func() { e.Close() })
 	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
 	e.rd = capture.NewReader(e.cap)
 	rdDone := make(chan error, 1)
 	go func() { rdDone <- e.rd.Run(ctx) }()
-	defer func() { e.rd.Stop(); <-rdDone }()
+	t.Cleanup(func() { cancel(); e.rd.Stop(); <-rdDone }) // before Close
+	return d, tgt, e, ctx
+}
+
+// TestInterruptedDrainRemarks: a drain whose read-back stops half way
+// (the engine survives this for an app-consistent point) puts the blocks
+// it did not read back into the kernel bitmap, where the device's next
+// drain takes them with the whole protocol; none stay behind in the
+// agent's set, where a record applied meanwhile could be read over early.
+func TestInterruptedDrainRemarks(t *testing.T) {
+	d, tgt, e, ctx := drainRig(t)
 	s := e.srcs[0]
 	// The initial copy, as Run starts it.
 	s.dirty.SetRange(0, s.dirty.Blocks())
@@ -101,25 +109,7 @@ func TestInterruptedDrainRemarks(t *testing.T) {
 // so that the next drain reads it back. An app-consistent point whose
 // drain failed so lets the engine go on: the write must not be lost.
 func TestFailedRecordWriteRemarked(t *testing.T) {
-	testenv.RequireRoot(t)
-	d := loopdev.New(t, 32<<20, loopdev.Options{})
-	tgt := &failAtTarget{fileTarget: newFileTarget(t)}
-	tgt.failAt.Store(-1)
-	e, err := New(Options{
-		Sources:   []Source{{Name: "d0", Path: d.Path, Mode: capture.ModeData, Sync: SyncFull}},
-		RingBytes: 4 << 20,
-		Target:    tgt,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer e.Close()
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	e.rd = capture.NewReader(e.cap)
-	rdDone := make(chan error, 1)
-	go func() { rdDone <- e.rd.Run(ctx) }()
-	defer func() { e.rd.Stop(); <-rdDone }()
+	d, tgt, e, ctx := drainRig(t)
 	e.srcs[0].dirty.SetRange(0, e.srcs[0].dirty.Blocks())
 	if err := e.drain(ctx, []int{0}, false, true, nil); err != nil {
 		t.Fatal(err)

@@ -210,6 +210,15 @@ func newMarkerRig(t *testing.T, tgt Target, opts ...func(*Options)) *markerRig {
 	return r
 }
 
+// stop stops the rig's engine, which must end cleanly.
+func (r *markerRig) stop(t *testing.T) {
+	t.Helper()
+	r.cancel()
+	if err := <-r.done; err != nil {
+		t.Fatal(err)
+	}
+}
+
 // markerCount is how many markers the target was handed.
 func (t *eventTarget) markerCount() int {
 	t.mu.Lock()
@@ -319,10 +328,7 @@ func TestAppPointNotEmittedAfterWatchdog(t *testing.T) {
 	if !errors.Is(err, fsfreeze.ErrTimeout) {
 		t.Fatalf("AppConsistent = %v, want the watchdog's ErrTimeout", err)
 	}
-	r.cancel()
-	if err := <-r.done; err != nil {
-		t.Fatal(err)
-	}
+	r.stop(t)
 	tgt.mu.Lock()
 	defer tgt.mu.Unlock()
 	read := false
@@ -346,10 +352,7 @@ func TestAppPointNothingToFreeze(t *testing.T) {
 	if err := r.e.AppConsistent(t.Context()); !errors.Is(err, errNothingToFreeze) {
 		t.Fatalf("AppConsistent = %v, want errNothingToFreeze", err)
 	}
-	r.cancel()
-	if err := <-r.done; err != nil {
-		t.Fatal(err)
-	}
+	r.stop(t)
 	if n := tgt.markerCount(); n != 0 {
 		t.Fatalf("%d markers handed over, want none", n)
 	}
@@ -457,10 +460,7 @@ func TestRecordsAppliedDuringPreScript(t *testing.T) {
 	if err := <-point; err != nil {
 		t.Fatalf("AppConsistent: %v", err)
 	}
-	r.cancel()
-	if err := <-r.done; err != nil {
-		t.Fatal(err)
-	}
+	r.stop(t)
 	tgt.mu.Lock()
 	defer tgt.mu.Unlock()
 	if n := len(tgt.events); n == 0 || !tgt.events[n-1].marker || tgt.events[n-1].kind != AppConsistent {

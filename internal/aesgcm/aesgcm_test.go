@@ -7,11 +7,11 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	mrand "math/rand/v2"
-	"os"
 	"runtime"
 	"slices"
-	"strings"
 	"testing"
+
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
 )
 
 func reference(t testing.TB, key []byte) cipher.AEAD {
@@ -40,16 +40,9 @@ func newPair(t testing.TB) (*GCM, cipher.AEAD) {
 // fast path is on wherever the CPU has what it needs (so that the
 // comparisons below test it) and off elsewhere.
 func TestAccelerated(t *testing.T) {
-	info, err := os.ReadFile("/proc/cpuinfo")
+	flags, err := testenv.CPUFlags()
 	if err != nil {
-		t.Skipf("no /proc/cpuinfo to check against: %v", err)
-	}
-	var flags []string
-	for line := range strings.Lines(string(info)) {
-		if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "flags" {
-			flags = strings.Fields(v)
-			break
-		}
+		t.Skipf("no CPU flags to check against: %v", err)
 	}
 	want := runtime.GOARCH == "amd64" && !purego
 	for _, f := range []string{"aes", "pclmulqdq", "avx2", "avx512f", "avx512bw", "avx512vl", "vaes", "vpclmulqdq"} {

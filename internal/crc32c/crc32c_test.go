@@ -3,27 +3,20 @@ package crc32c
 import (
 	"hash/crc32"
 	"math/rand/v2"
-	"os"
 	"runtime"
 	"slices"
-	"strings"
 	"testing"
+
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
 )
 
 // TestAccelerated checks, against the CPU flags Linux lists, that the
 // folding path is on wherever the CPU has what it needs, so that the
 // comparisons with hash/crc32 below test it, and off elsewhere.
 func TestAccelerated(t *testing.T) {
-	info, err := os.ReadFile("/proc/cpuinfo")
+	flags, err := testenv.CPUFlags()
 	if err != nil {
-		t.Skipf("no /proc/cpuinfo to check against: %v", err)
-	}
-	var flags []string
-	for line := range strings.Lines(string(info)) {
-		if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "flags" {
-			flags = strings.Fields(v)
-			break
-		}
+		t.Skipf("no CPU flags to check against: %v", err)
 	}
 	want := runtime.GOARCH == "amd64" && !purego
 	for _, f := range []string{"pclmulqdq", "avx512f", "avx512vl", "vpclmulqdq"} {

@@ -8,10 +8,12 @@
 package testenv
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -73,4 +75,19 @@ func GoSource(rel string) (string, error) {
 		return "", fmt.Errorf("testenv: no Go tree found (go env GOROOT failed and GOROOT is unset)")
 	}
 	return filepath.Join(root, rel), nil
+}
+
+// CPUFlags returns the CPU flags Linux lists in /proc/cpuinfo (of its
+// first processor): what tests of a fast path check it against.
+func CPUFlags() ([]string, error) {
+	info, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return nil, err
+	}
+	for line := range strings.Lines(string(info)) {
+		if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "flags" {
+			return strings.Fields(v), nil
+		}
+	}
+	return nil, errors.New("no flags line in /proc/cpuinfo")
 }
