@@ -1006,8 +1006,10 @@ func (c *Capture) InjectDiskPending(i int, off, n int64) error {
 func (c *Capture) MarkBytes(i int, off, n int64) {
 	words := c.BitmapWords(i)
 	first := off / BlockSize
-	end := (off + max(n, 1) + BlockSize - 1) / BlockSize
-	for b := first; b < end && b/64 < int64(len(words)); b++ {
+	// Not past the device's last block: the drain takes a bit there for
+	// a layout that does not match (bitmap.ErrOutOfRange).
+	end := min((off+max(n, 1)+BlockSize-1)/BlockSize, int64(c.devices[i].Blocks()))
+	for b := first; b < end; b++ {
 		atomic.OrUint64(&words[b/64], 1<<(b%64))
 	}
 	atomic.AddUint64(&c.state(i).Marks, 1)
