@@ -12,6 +12,7 @@ import (
 	"io/fs"
 	"os"
 	"strings"
+	"syscall"
 )
 
 // Recovery keys wrap (encrypt) the per-machine data keys. The wrapped data
@@ -139,8 +140,9 @@ func WriteRecoveryKey(path string, key []byte) (err error) {
 }
 
 // LoadRecoveryKey reads a file written by WriteRecoveryKey. It refuses a
-// file that group or others can access, and one whose fingerprint does not
-// match its key. Errors never contain key material.
+// file that group or others can access or that another user owns, and one
+// whose fingerprint does not match its key. Errors never contain key
+// material.
 func LoadRecoveryKey(path string) ([]byte, error) {
 	f, err := os.Open(path)
 	if err != nil {
@@ -156,6 +158,12 @@ func LoadRecoveryKey(path string) ([]byte, error) {
 	}
 	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
 		return nil, fmt.Errorf("seal: recovery key file %s has mode %#o, accessible by others; run chmod 600 on it", path, perm)
+	}
+	// Owned by someone else, it may be another's key put in its place
+	// (by one who can write its directory): new data keys would be
+	// wrapped under it.
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok && st.Uid != 0 && int(st.Uid) != os.Geteuid() {
+		return nil, fmt.Errorf("seal: recovery key file %s is owned by uid %d, not by this user (%d) or root; chown it", path, st.Uid, os.Geteuid())
 	}
 	raw, err := io.ReadAll(io.LimitReader(f, 4096))
 	if err != nil {

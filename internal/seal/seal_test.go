@@ -355,6 +355,17 @@ func TestRecoveryKeyFile(t *testing.T) {
 		t.Errorf("world-readable key file: err = %v", err)
 	}
 
+	// Another user's file in its place (as root: chown to nobody).
+	if os.Geteuid() == 0 {
+		os.Chmod(path, 0o600)
+		if err := os.Chown(path, 65534, 65534); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := LoadRecoveryKey(path); err == nil || !strings.Contains(err.Error(), "owned by uid 65534") {
+			t.Errorf("key file of another user: err = %v", err)
+		}
+	}
+
 	// A directory named by mistake is not "accessible by others".
 	if _, err := LoadRecoveryKey(dir); err == nil || !strings.Contains(err.Error(), "not a regular file") {
 		t.Errorf("directory: err = %v", err)
