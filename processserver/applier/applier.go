@@ -995,6 +995,16 @@ func (a *Applier) updateManifestOnce(ctx context.Context, machine string, set fu
 	if err != nil {
 		return err
 	}
+	// Sealed again below: what it says must be authentic first, or a
+	// manifest changed in the account (its gaps gone) would be vouched
+	// for by this seal.
+	keys, err := a.cfg.Keys(ctx, machine)
+	if err != nil {
+		return fmt.Errorf("data keys of machine %q: %w", machine, err)
+	}
+	if err := recovery.VerifyManifest(man, keys); err != nil {
+		return fmt.Errorf("update manifest of machine %q: %w", machine, err)
+	}
 	before := *man
 	set(man)
 	if err := a.sealManifest(ctx, man); err != nil {

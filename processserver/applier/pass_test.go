@@ -2,6 +2,8 @@ package applier_test
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"sync"
@@ -189,5 +191,43 @@ func TestLocalSegmentsReuseOneBuffer(t *testing.T) {
 	applyAll(t, ctx, a, m, "")
 	if calls != 4 || reused != 3 {
 		t.Fatalf("Local called %d times, %d of them with the buffer the call before returned; want 4 and 3", calls, reused)
+	}
+}
+
+// The applier's own manifest update (no process server to do it) seals
+// the manifest again: one changed in the account since is refused, not
+// vouched for by a fresh seal.
+func TestUpdateRefusesTamperedManifest(t *testing.T) {
+	ctx := ctxT(t)
+	rng := rand.New(rand.NewPCG(71, 72))
+	m := recoverytest.New(t, mem.New(), "tampered", 1<<20)
+	c := &clock{t: time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)}
+	a := newApplier(t, m, applier.Config{})
+	cutSegments(m, rng, c, 2, 10)
+	name := layout.ManifestName(m.Name)
+	raw, err := m.Store.GetBlob(ctx, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var doc map[string]any
+	if err := json.Unmarshal(raw, &doc); err != nil {
+		t.Fatal(err)
+	}
+	doc["journal_from"] = 2 // as if the journal's start had been pruned
+	if raw, err = json.Marshal(doc); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Store.PutBlob(ctx, name, raw, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Apply(ctx, m.Name); !errors.Is(err, recovery.ErrTampered) {
+		t.Fatalf("Apply over a tampered manifest: %v, want ErrTampered", err)
+	}
+	man, err := recovery.ReadManifest(ctx, m.Store, m.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := recovery.VerifyManifest(man, m.Keyring()); !errors.Is(err, recovery.ErrTampered) {
+		t.Fatalf("the tampered manifest verifies after the applier's update: %v", err)
 	}
 }
