@@ -423,6 +423,7 @@ func (e *Engine) Run(ctx context.Context) (err error) {
 	}
 
 	actx, acancel := context.WithCancel(ctx)
+	defer acancel() // a panic too: endApps starts no point after the loop
 	e.appCtx = actx
 	err = e.loop(ctx)
 	// A point under way stops waiting for the loop, and its pre script
@@ -525,7 +526,7 @@ func (e *Engine) loop(ctx context.Context) error {
 				// The target is whole again: say so now, not at the
 				// next crash interval (the target holds its time
 				// markers until a consistency point follows a resync).
-				if err := e.marker(ctx, CrashConsistent); err != nil && !stopped(err) {
+				if err := e.marker(ctx, CrashConsistent); err != nil && !(ctx.Err() != nil && stopped(err)) {
 					return err
 				}
 			}
@@ -547,7 +548,7 @@ func (e *Engine) loop(ctx context.Context) error {
 			return nil
 		case <-crashT:
 			if err := e.marker(ctx, CrashConsistent); err != nil {
-				if stopped(err) {
+				if ctx.Err() != nil && stopped(err) {
 					// A stop interrupted the marker: still a clean
 					// stop (Run drains what remains). Not a target
 					// that failed meanwhile: its extent waits in a
@@ -863,7 +864,12 @@ func (e *Engine) AppConsistent(ctx context.Context) error {
 	case <-ctx.Done():
 		return ctx.Err()
 	}
-	return <-done // endApps answers every waiter left
+	select {
+	case err := <-done: // endApps answers every waiter left
+		return err
+	case <-ctx.Done():
+		return ctx.Err() // done is buffered: its answer goes nowhere
+	}
 }
 
 var errEngineStopped = errors.New("the engine stopped before the point was taken")
@@ -960,6 +966,8 @@ func (e *Engine) endApp(err error) {
 		return
 	}
 	switch {
+	case errors.Is(err, errEngineStopped):
+		// A stop ended it: nothing to report.
 	case errors.Is(err, errNothingToFreeze):
 		if !e.nothingWarned {
 			e.nothingWarned = true

@@ -149,7 +149,8 @@ type machineReport struct {
 }
 
 // report returns what the metrics say of the machine; false for one
-// another process server serves.
+// another process server serves, and for one whose state is not known
+// (its manifest not read yet, and no hint from before a restart).
 func (m *machine) report() (machineReport, bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -157,7 +158,9 @@ func (m *machine) report() (machineReport, bool) {
 		return machineReport{}, false
 	}
 	if !m.loaded {
-		return machineReport{until: m.hintRU}, true
+		// Known from before a restart, or not at all: not "nothing
+		// recoverable", which the agent would take it for.
+		return machineReport{until: m.hintRU}, !m.hintRU.IsZero()
 	}
 	return machineReport{until: m.accountRU, loaded: true, durable: m.savedDurable}, true
 }

@@ -73,7 +73,7 @@ func (m *machine) uploadLoop(ctx context.Context) {
 					continue
 				}
 				var dnsErr *net.DNSError
-				if m.nothingToUpload() {
+				if m.nothingToUpload() && !blobstore.IsPermanent(err) && !errors.Is(err, recovery.ErrTampered) {
 					// Nothing of it to upload (a machine known from its
 					// stream directory): every one of them logging each
 					// retry of an outage would drown the log.
@@ -111,15 +111,6 @@ func (m *machine) uploadLoop(ctx context.Context) {
 // backoff waits d after a failed step, or less once the machine is fenced
 // (a claim waits for the uploader to park). It reports false once ctx is
 // done. A kick taken meanwhile is not lost: the next step sees its work.
-// nothingToUpload reports whether the machine has nothing cached to upload and no
-// agent connected.
-func (m *machine) nothingToUpload() bool {
-	m.mu.Lock()
-	n := len(m.segs)
-	m.mu.Unlock()
-	return n == 0 && m.current() == nil
-}
-
 func (m *machine) backoff(ctx context.Context, d time.Duration) bool {
 	t := time.NewTimer(d)
 	defer t.Stop()
@@ -135,6 +126,15 @@ func (m *machine) backoff(ctx context.Context, d time.Duration) bool {
 			return false
 		}
 	}
+}
+
+// nothingToUpload reports whether the machine has nothing cached to upload and no
+// agent connected.
+func (m *machine) nothingToUpload() bool {
+	m.mu.Lock()
+	n := len(m.segs)
+	m.mu.Unlock()
+	return n == 0 && m.current() == nil
 }
 
 // endUploads waits for the uploads under way and forgets them: the

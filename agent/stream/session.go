@@ -43,8 +43,22 @@ func (s *session) close() {
 	s.conn.Close()
 }
 
-// connect dials, handshakes and exchanges Hello/HelloAck.
+// connect dials, handshakes and exchanges Hello/HelloAck. A process
+// server of protocol 2 refuses a protocol 3 hello: the agent then says
+// hello again in protocol 2 (agents upgraded before their process
+// servers), and counts its RPO from acknowledged markers.
 func (t *Target) connect(ctx context.Context) (*session, *wire.HelloAck, error) {
+	s, ack, err := t.connectOnce(ctx)
+	var we wire.Error
+	if err != nil && errors.As(err, &we) && we.Code == wire.CodeVersion && t.helloVersion.Load() != 2 {
+		t.log.Warn("the process server speaks an older stream protocol: saying hello in protocol 2 (no recoverable_until from it: the RPO counts from acknowledged markers)", keyAddr, t.cfg.Addr)
+		t.helloVersion.Store(2)
+		s, ack, err = t.connectOnce(ctx)
+	}
+	return s, ack, err
+}
+
+func (t *Target) connectOnce(ctx context.Context) (*session, *wire.HelloAck, error) {
 	dctx, cancel := context.WithTimeout(ctx, dialTimeout)
 	defer cancel()
 	dial := t.cfg.DialContext
@@ -113,7 +127,11 @@ func transient(err error) bool {
 }
 
 func (t *Target) hello(s *session) (*wire.HelloAck, error) {
-	h := wire.Hello{ProtocolVersion: ProtocolVersion, Machine: t.cfg.Machine, Run: t.runID}
+	version := uint16(t.helloVersion.Load())
+	if version == 0 {
+		version = ProtocolVersion
+	}
+	h := wire.Hello{ProtocolVersion: version, Machine: t.cfg.Machine, Run: t.runID}
 	t.mu.Lock()
 	for i, d := range t.cfg.Disks {
 		ds := wire.DiskState{Name: d.Name, Size: d.Size, Generation: t.gens[i]}
@@ -139,8 +157,8 @@ func (t *Target) hello(s *session) (*wire.HelloAck, error) {
 			if err := a.UnmarshalBinary(f.Payload); err != nil {
 				return nil, err
 			}
-			if a.ProtocolVersion != ProtocolVersion && a.ProtocolVersion != 2 {
-				return nil, fmt.Errorf("process server %s speaks stream protocol %d, this agent %d", t.cfg.Addr, a.ProtocolVersion, ProtocolVersion)
+			if a.ProtocolVersion != version {
+				return nil, fmt.Errorf("process server %s answered a protocol %d hello in protocol %d", t.cfg.Addr, version, a.ProtocolVersion)
 			}
 			// A process server of protocol 2 sends no Recoverable: the
 			// RPO then counts from the acknowledged markers, as before.

@@ -281,6 +281,9 @@ type Target struct {
 	recoverable time.Time
 	ruHeard     bool
 	legacyRPO   bool // the process server speaks protocol 2 (no Recoverable)
+	// helloVersion is the protocol hellos are said in (0: ProtocolVersion;
+	// 2 once a process server refused 3).
+	helloVersion atomic.Uint32
 	// unrecSince is since when the process server has said that nothing
 	// is recoverable (a first sync; persisted, so that a restart does not
 	// make the RPO look small).

@@ -256,9 +256,11 @@ func (w Window) RunPre(ctx context.Context) error {
 		// This window's output only, in a file of mode 0600 whatever an
 		// older one's was.
 		os.Remove(w.ScriptLog)
-		if err := os.WriteFile(w.ScriptLog, nil, 0o600); err != nil {
+		f, err := os.OpenFile(w.ScriptLog, os.O_WRONLY|os.O_CREATE|os.O_EXCL|syscall.O_NOFOLLOW, 0o600)
+		if err != nil {
 			return fmt.Errorf("fsfreeze: scripts' output file: %w", err)
 		}
+		f.Close()
 	}
 	if w.Pre == "" {
 		return nil
@@ -571,7 +573,7 @@ func (w Window) runScript(ctx context.Context, what, path string) error {
 	}
 	where := ""
 	if w.ScriptLog != "" {
-		f, err := os.OpenFile(w.ScriptLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+		f, err := os.OpenFile(w.ScriptLog, os.O_WRONLY|os.O_CREATE|os.O_APPEND|syscall.O_NOFOLLOW, 0o600)
 		if err != nil {
 			return fmt.Errorf("fsfreeze: %s script %s: output file: %w", what, path, err)
 		}

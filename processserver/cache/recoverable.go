@@ -31,7 +31,9 @@ func (c *Cache) SetRecoverable(stream string, t time.Time) error {
 	if !t.IsZero() {
 		ns = t.UnixNano()
 	}
-	rec := []byte(strconv.FormatInt(ns, 10) + "\n")
+	// Stamped with the time of writing: the newest write decides
+	// (Recoverable), not the latest time, which may have moved back.
+	rec := []byte(strconv.FormatInt(ns, 10) + " " + strconv.FormatInt(time.Now().UnixNano(), 10) + "\n")
 	var errs []error
 	for i, d := range c.dirs {
 		if err := c.checkMountedNow(i); err != nil {
@@ -63,26 +65,34 @@ func (c *Cache) SetRecoverable(stream string, t time.Time) error {
 	return nil
 }
 
-// Recoverable returns the latest recoverable_until any cache directory
-// holds for stream (SetRecoverable), or the zero time (none, or nothing
-// recoverable).
+// Recoverable returns the recoverable_until of the newest record any
+// cache directory holds for stream (SetRecoverable): a directory that
+// missed a later write (its disk unmounted then) does not decide. The
+// zero time: none, or nothing recoverable.
 func (c *Cache) Recoverable(stream string) time.Time {
-	var latest time.Time
+	var until time.Time
 	if validStream(stream) != nil {
-		return latest
+		return until
 	}
+	newest := int64(-1)
 	for _, d := range c.dirs {
 		b, err := c.fs.ReadFile(filepath.Join(d, recoverablePrefix+stream))
 		if err != nil {
 			continue
 		}
-		ns, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
-		if err != nil || ns <= 0 {
+		f := strings.Fields(string(b))
+		if len(f) != 2 {
+			continue // torn
+		}
+		ns, err1 := strconv.ParseInt(f[0], 10, 64)
+		stamp, err2 := strconv.ParseInt(f[1], 10, 64)
+		if err1 != nil || err2 != nil || stamp <= newest {
 			continue
 		}
-		if t := time.Unix(0, ns).UTC(); t.After(latest) {
-			latest = t
+		newest, until = stamp, time.Time{}
+		if ns > 0 {
+			until = time.Unix(0, ns).UTC()
 		}
 	}
-	return latest
+	return until
 }

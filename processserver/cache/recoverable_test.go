@@ -1,6 +1,7 @@
 package cache
 
 import (
+	"fmt"
 	"os"
 	"testing"
 	"time"
@@ -28,7 +29,7 @@ func TestRecoverableHint(t *testing.T) {
 	if got := c.Recoverable("m1"); !got.Equal(at) {
 		t.Fatalf("hint read back as %v, want %v", got, at)
 	}
-	if err := os.WriteFile(dirs[0]+"/"+recoverablePrefix+"m1", []byte("17"), 0o640); err != nil {
+	if err := os.WriteFile(dirs[0]+"/"+recoverablePrefix+"m1", []byte("17 5"), 0o640); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.WriteFile(dirs[1]+"/"+recoverablePrefix+"m1", []byte("not a time"), 0o640); err != nil {
@@ -36,6 +37,19 @@ func TestRecoverableHint(t *testing.T) {
 	}
 	if got := c.Recoverable("m1"); !got.Equal(at) {
 		t.Fatalf("an older or torn copy decided: %v, want %v", got, at)
+	}
+	// Moved back (another server's manifest taken): the newest write
+	// decides, also over a directory that missed it with a later time.
+	back := at.Add(-time.Hour)
+	if err := c.SetRecoverable("m1", back); err != nil {
+		t.Fatal(err)
+	}
+	missed := fmt.Sprintf("%d %d", at.Add(time.Hour).UnixNano(), 6)
+	if err := os.WriteFile(dirs[1]+"/"+recoverablePrefix+"m1", []byte(missed), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	if got := c.Recoverable("m1"); !got.Equal(back) {
+		t.Fatalf("after moving back: %v, want %v", got, back)
 	}
 	if streams, err := c.Streams(); err != nil || len(streams) != 0 {
 		t.Fatalf("hint files listed as streams: %v %v", streams, err)

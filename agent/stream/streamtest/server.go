@@ -383,6 +383,12 @@ func (s *Server) serve(raw net.Conn) error {
 		version = 2
 	}
 	ack := wire.HelloAck{ProtocolVersion: version, LastRun: s.lastRun}
+	if h.ProtocolVersion != version {
+		// As a process server of protocol 2 does: exactly its own.
+		w.WriteError(wire.Error{Code: wire.CodeVersion, Message: fmt.Sprintf("protocol version %d not supported; this process server speaks %d", h.ProtocolVersion, version)})
+		s.mu.Unlock()
+		return nil
+	}
 	for _, d := range h.Disks {
 		sd := s.disks[d.Name]
 		a := wire.DiskAgreement{Name: d.Name, ResumeFrom: s.durable + 1}
