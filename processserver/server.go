@@ -392,7 +392,6 @@ func (s *Server) Manifest(machine string) (layout.Manifest, bool) {
 	return man, m.loaded
 }
 
-// machine returns the state of name, creating it (and its uploader).
 // machineList returns the machines the server knows.
 func (s *Server) machineList() []*machine {
 	s.mu.Lock()
@@ -404,6 +403,7 @@ func (s *Server) machineList() []*machine {
 	return ms
 }
 
+// machine returns the state of name, creating it (and its uploader).
 func (s *Server) machine(name string) *machine {
 	s.mu.Lock()
 	defer s.mu.Unlock()

@@ -756,9 +756,6 @@ func (st *session) flusher() {
 	}
 }
 
-// updateBackpressure sends the window the server can take now, if it
-// changed: 0 while the cache is nearly full or the machine's upload
-// backlog is over its bound.
 // updateRecoverable sends the agent the machine's recoverable_until, if
 // it changed since last sent (after the hello-ack, then from the
 // monitor's tick): the agent reports its RPO from it.
@@ -787,6 +784,9 @@ func (st *session) updateRecoverable() {
 	st.ruSent, st.ruSet = r.until, true
 }
 
+// updateBackpressure sends the window the server can take now, if it
+// changed: 0 while the cache is nearly full or the machine's upload
+// backlog is over its bound.
 func (st *session) updateBackpressure() {
 	if !st.ackSent.Load() {
 		return // the hello-ack goes first; run sends the window after it
