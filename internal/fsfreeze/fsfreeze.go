@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -108,17 +109,38 @@ func stackedOn(dir string, devs map[string]bool) {
 
 // parseMountinfo returns the mount points whose "major:minor" field is in
 // devs. Line format (proc(5)): id parent maj:min root mountpoint options ...
+// One that a later mount covers (mounted again at the same point: a
+// service's ProtectHome=tmpfs) is an error: freezing through the path
+// would freeze the file system on top.
 func parseMountinfo(r io.Reader, devs map[string]bool) ([]string, error) {
 	var mounts []string
+	covered := map[string]bool{} // ours, until a later mount takes the point
 	sc := bufio.NewScanner(r)
 	sc.Buffer(nil, 1<<20) // overlay mounts' option lists can be long
 	for sc.Scan() {
 		fields := strings.Fields(sc.Text())
-		if len(fields) >= 5 && devs[fields[2]] {
-			mounts = append(mounts, unescapeOctal(fields[4]))
+		if len(fields) < 5 {
+			continue
+		}
+		point := unescapeOctal(fields[4])
+		if devs[fields[2]] {
+			if !slices.Contains(mounts, point) {
+				mounts = append(mounts, point)
+			}
+			covered[point] = false
+		} else if _, ours := covered[point]; ours {
+			covered[point] = true
 		}
 	}
-	return mounts, sc.Err()
+	if err := sc.Err(); err != nil {
+		return nil, err
+	}
+	for _, m := range mounts {
+		if covered[m] {
+			return nil, fmt.Errorf("%s, where a protected device is mounted, is covered by another mount: its file system cannot be frozen through it", m)
+		}
+	}
+	return mounts, nil
 }
 
 // unescapeOctal undoes the kernel's \ooo escaping of space, tab, newline

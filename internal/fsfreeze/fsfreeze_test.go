@@ -107,6 +107,20 @@ func TestMountsOf(t *testing.T) {
 	}
 }
 
+// A mount point of the device covered by another mount (a service's
+// ProtectHome=tmpfs) is refused: a freeze through the path would freeze
+// the file system on top, and the point would claim the one below.
+func TestMountsOfCovered(t *testing.T) {
+	dev, dir := newExt4(t)
+	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { loopdev.Unmount(dir) })
+	if got, err := MountsOf(dev); err == nil || !strings.Contains(err.Error(), "covered by another mount") {
+		t.Fatalf("MountsOf with its mount point covered = %q, %v; want an error", got, err)
+	}
+}
+
 func TestFreezeBlocksWritesUntilThaw(t *testing.T) {
 	_, dir := newExt4(t)
 	if err := Freeze(dir); err != nil {
