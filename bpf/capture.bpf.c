@@ -748,8 +748,13 @@ static __always_inline void add_pending(__u64 key, struct lb_dev *d, __u64 secto
 			       .stamp = clock_of(d->id)};
 	if (track_bio(key, &p, c)) {
 		// Too many bios in flight to track: mark now and make the agent
-		// re-read this extent after its next quiet point.
+		// re-read this extent after its next quiet point. The read may
+		// come before the write lands: the entry also goes where swept
+		// writes wait, so that its completion marks the extent it was
+		// queued with again (by then a bio-based driver may have trimmed
+		// the bio to its last piece, device mapper's splits).
 		mark_bitmap(d, sector, len, c);
+		bpf_map_update_elem(&swept, &key, &p, BPF_ANY);
 		if (c)
 			c->pending_full++;
 	}
