@@ -149,8 +149,7 @@ type machineReport struct {
 }
 
 // report returns what the metrics say of the machine; false for one
-// another process server serves, and for one whose state is not known
-// (its manifest not read yet, and no hint from before a restart).
+// another process server serves.
 func (m *machine) report() (machineReport, bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -158,9 +157,7 @@ func (m *machine) report() (machineReport, bool) {
 		return machineReport{}, false
 	}
 	if !m.loaded {
-		// Known from before a restart, or not at all: not "nothing
-		// recoverable", which the agent would take it for.
-		return machineReport{until: m.hintRU}, !m.hintRU.IsZero()
+		return machineReport{until: m.hintRU}, true
 	}
 	return machineReport{until: m.accountRU, loaded: true, durable: m.savedDurable}, true
 }

@@ -768,8 +768,8 @@ func (st *session) updateRecoverable() {
 	st.ruMu.Lock()
 	defer st.ruMu.Unlock()
 	r, ok := st.m.report()
-	if !ok {
-		return
+	if !ok || !r.loaded && r.until.IsZero() {
+		return // unknown (manifest not read yet) is not "nothing recoverable"
 	}
 	if st.ruSet && r.until.Equal(st.ruSent) {
 		return
