@@ -57,6 +57,18 @@ func drainRig(t *testing.T) (*loopdev.Device, *failAtTarget, *Engine, context.Co
 	return d, tgt, e, ctx
 }
 
+// assertKernelMarked fails unless every block of device 0's
+// [off, off+n) is marked in its kernel bitmap (what: why it must be).
+func assertKernelMarked(t *testing.T, e *Engine, off, n int64, what string) {
+	t.Helper()
+	words := e.cap.BitmapWords(0)
+	for blk := off / capture.BlockSize; blk < (off+n)/capture.BlockSize; blk++ {
+		if atomic.LoadUint64(&words[blk/64])&(1<<(blk%64)) == 0 {
+			t.Fatalf("block %d, %s, is not marked in the kernel bitmap", blk, what)
+		}
+	}
+}
+
 // TestInterruptedDrainRemarks: a drain whose read-back stops half way
 // (the engine survives this for an app-consistent point) puts the blocks
 // it did not read back into the kernel bitmap, where the device's next
@@ -85,12 +97,7 @@ func TestInterruptedDrainRemarks(t *testing.T) {
 	if s.draining || s.dirty.Any() {
 		t.Fatalf("after the failed drain: draining %v, %d blocks left in the agent's set", s.draining, s.dirty.Count())
 	}
-	words := e.cap.BitmapWords(0)
-	for blk := int64(b / capture.BlockSize); blk < (b+n)/capture.BlockSize; blk++ {
-		if atomic.LoadUint64(&words[blk/64])&(1<<(blk%64)) == 0 {
-			t.Fatalf("block %d, not read back, is not marked in the kernel bitmap", blk)
-		}
-	}
+	assertKernelMarked(t, e, b, n, "not read back")
 	// The next drain reads it.
 	if err := e.drain(ctx, []int{0}, false, true, nil); err != nil {
 		t.Fatal(err)
@@ -132,12 +139,7 @@ func TestFailedRecordWriteRemarked(t *testing.T) {
 	if err := e.drain(ctx, []int{0}, false, false, nil); !errors.Is(err, errInjected) {
 		t.Fatalf("drain: %v, want the injected failure", err)
 	}
-	words := e.cap.BitmapWords(0)
-	for blk := int64(x / capture.BlockSize); blk < (x+n)/capture.BlockSize; blk++ {
-		if atomic.LoadUint64(&words[blk/64])&(1<<(blk%64)) == 0 {
-			t.Fatalf("block %d, whose record the target refused, is not marked in the kernel bitmap", blk)
-		}
-	}
+	assertKernelMarked(t, e, x, n, "whose record the target refused")
 	if err := e.drain(ctx, []int{0}, false, true, nil); err != nil {
 		t.Fatal(err)
 	}

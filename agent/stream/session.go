@@ -160,11 +160,6 @@ func (t *Target) hello(s *session) (*wire.HelloAck, error) {
 			if a.ProtocolVersion != version {
 				return nil, fmt.Errorf("process server %s answered a protocol %d hello in protocol %d", t.cfg.Addr, version, a.ProtocolVersion)
 			}
-			// A process server of protocol 2 sends no Recoverable: the
-			// RPO then counts from the acknowledged markers, as before.
-			t.mu.Lock()
-			t.legacyRPO = a.ProtocolVersion < 3
-			t.mu.Unlock()
 			return &a, nil
 		case wire.TypeBackpressure:
 			var b wire.Backpressure

@@ -280,9 +280,10 @@ type Target struct {
 	// the last), savedRUAt when this run saved it.
 	recoverable time.Time
 	ruHeard     bool
-	legacyRPO   bool // the process server speaks protocol 2 (no Recoverable)
 	// helloVersion is the protocol hellos are said in (0: ProtocolVersion;
-	// 2 once a process server refused 3).
+	// 2 once a process server refused 3, and so the protocol spoken). A
+	// process server of protocol 2 sends no Recoverable: the RPO then
+	// counts from the acknowledged markers, as before.
 	helloVersion atomic.Uint32
 	// unrecSince is since when the process server has said that nothing
 	// is recoverable (a first sync; persisted, so that a restart does not
@@ -983,7 +984,7 @@ func (t *Target) RPO() time.Duration {
 	t.mu.Lock()
 	at := t.recoverable
 	switch {
-	case t.legacyRPO:
+	case t.helloVersion.Load() == 2:
 		at = t.ackedMarker
 	case !t.ruHeard:
 		at = t.savedRU

@@ -30,15 +30,7 @@ func (c *Cache) SetFenced(stream string, on bool, note []byte) error {
 		state = "on"
 	}
 	rec := append(fmt.Appendf(nil, "%s %s %d\n", fenceMagic, state, time.Now().UnixNano()), note...)
-	var errs []error
-	for i, d := range c.dirs {
-		if err := c.checkMountedNow(i); err != nil {
-			// Below the mount point, the record would be hidden once the
-			// disk is back, and an older one there would decide. (Checked
-			// without checkMounted's grace: records are few.)
-			errs = append(errs, err)
-			continue
-		}
+	err := c.everyDir(func(d string) error {
 		name := filepath.Join(d, fencedPrefix+stream)
 		f, err := c.fs.OpenFile(name, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o640)
 		if err == nil {
@@ -53,12 +45,10 @@ func (c *Cache) SetFenced(stream string, on bool, note []byte) error {
 		if err == nil {
 			err = c.syncDir(d)
 		}
-		if err != nil {
-			errs = append(errs, err)
-		}
-	}
-	if len(errs) == len(c.dirs) {
-		return fmt.Errorf("cache: record whether %s is served elsewhere: %w", stream, errors.Join(errs...))
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("cache: record whether %s is served elsewhere: %w", stream, err)
 	}
 	return nil
 }
@@ -74,26 +64,71 @@ func (c *Cache) Fenced(stream string) (note []byte, fenced bool) {
 	if validStream(stream) != nil {
 		return nil, false
 	}
-	newest := int64(-1)
+	b, ok := c.newestRecord(fencedPrefix+stream, fenceStamp)
+	if !ok {
+		return nil, false
+	}
+	if head, tail, ok := bytes.Cut(b, []byte("\n")); ok && bytes.HasPrefix(head, []byte(fenceMagic+" ")) {
+		if !bytes.HasPrefix(head, []byte(fenceMagic+" on ")) {
+			return nil, false
+		}
+		return tail, true
+	}
+	return b, true // unstamped: "on"
+}
+
+// fenceStamp returns when a fence record was written: 0 for one written
+// before records were stamped, false for a torn one.
+func fenceStamp(b []byte) (int64, bool) {
+	head, _, ok := bytes.Cut(b, []byte("\n"))
+	if !ok || !bytes.HasPrefix(head, []byte(fenceMagic+" ")) {
+		return 0, true
+	}
+	var state string
+	var stamp int64
+	if _, err := fmt.Sscanf(string(head), fenceMagic+" %s %d", &state, &stamp); err != nil {
+		return 0, false // another directory's copy decides
+	}
+	return stamp, true
+}
+
+// everyDir runs write for every cache directory mounted where it belongs,
+// for a small record each must hold; it fails only if none took it. Below
+// an unmounted disk's mount point the record would be hidden once the
+// disk is back, and an older one there would decide. (Checked without
+// checkMounted's grace: records are few.)
+func (c *Cache) everyDir(write func(dir string) error) error {
+	var errs []error
+	for i, d := range c.dirs {
+		err := c.checkMountedNow(i)
+		if err == nil {
+			err = write(d)
+		}
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) == len(c.dirs) {
+		return errors.Join(errs...)
+	}
+	return nil
+}
+
+// newestRecord returns the record under name, among the cache
+// directories' copies, that stamp says was written last (SetFenced and
+// SetRecoverable stamp theirs): a directory that missed a later write does
+// not decide. Copies stamp refuses (torn) are skipped; false: none.
+func (c *Cache) newestRecord(name string, stamp func([]byte) (int64, bool)) ([]byte, bool) {
+	var newest []byte
+	best := int64(-1)
 	for _, d := range c.dirs {
-		b, err := c.fs.ReadFile(filepath.Join(d, fencedPrefix+stream))
+		b, err := c.fs.ReadFile(filepath.Join(d, name))
 		if err != nil {
 			continue
 		}
-		on, stamp, rest := true, int64(0), b
-		if head, tail, ok := bytes.Cut(b, []byte("\n")); ok && bytes.HasPrefix(head, []byte(fenceMagic+" ")) {
-			var state string
-			if _, err := fmt.Sscanf(string(head), fenceMagic+" %s %d", &state, &stamp); err != nil {
-				continue // torn: another directory's copy decides
-			}
-			on, rest = state == "on", tail
-		}
-		if stamp > newest {
-			newest, fenced, note = stamp, on, rest
+		if t, ok := stamp(b); ok && t > best {
+			best, newest = t, b
 		}
 	}
-	if !fenced {
-		note = nil
-	}
-	return note, fenced
+	return newest, newest != nil
 }

@@ -1,7 +1,6 @@
 package cache
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -34,12 +33,7 @@ func (c *Cache) SetRecoverable(stream string, t time.Time) error {
 	// Stamped with the time of writing: the newest write decides
 	// (Recoverable), not the latest time, which may have moved back.
 	rec := []byte(strconv.FormatInt(ns, 10) + " " + strconv.FormatInt(time.Now().UnixNano(), 10) + "\n")
-	var errs []error
-	for i, d := range c.dirs {
-		if err := c.checkMountedNow(i); err != nil {
-			errs = append(errs, err)
-			continue
-		}
+	err := c.everyDir(func(d string) error {
 		name := filepath.Join(d, recoverablePrefix+stream)
 		// Not a name another stream's hint could have ("a.tmp" is a
 		// stream name): a prefix of its own.
@@ -56,11 +50,11 @@ func (c *Cache) SetRecoverable(stream string, t time.Time) error {
 		}
 		if err != nil {
 			c.fs.Remove(tmp)
-			errs = append(errs, err)
 		}
-	}
-	if len(errs) == len(c.dirs) {
-		return fmt.Errorf("cache: record recoverable_until of %s: %w", stream, errors.Join(errs...))
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("cache: record recoverable_until of %s: %w", stream, err)
 	}
 	return nil
 }
@@ -74,25 +68,26 @@ func (c *Cache) Recoverable(stream string) time.Time {
 	if validStream(stream) != nil {
 		return until
 	}
-	newest := int64(-1)
-	for _, d := range c.dirs {
-		b, err := c.fs.ReadFile(filepath.Join(d, recoverablePrefix+stream))
-		if err != nil {
-			continue
-		}
-		f := strings.Fields(string(b))
-		if len(f) != 2 {
-			continue // torn
-		}
-		ns, err1 := strconv.ParseInt(f[0], 10, 64)
-		stamp, err2 := strconv.ParseInt(f[1], 10, 64)
-		if err1 != nil || err2 != nil || stamp <= newest {
-			continue
-		}
-		newest, until = stamp, time.Time{}
-		if ns > 0 {
-			until = time.Unix(0, ns).UTC()
-		}
+	b, ok := c.newestRecord(recoverablePrefix+stream, recoverableStamp)
+	if !ok {
+		return until
+	}
+	f := strings.Fields(string(b))
+	if ns, _ := strconv.ParseInt(f[0], 10, 64); ns > 0 {
+		until = time.Unix(0, ns).UTC()
 	}
 	return until
+}
+
+// recoverableStamp returns when a hint was written; false for a torn one.
+func recoverableStamp(b []byte) (int64, bool) {
+	f := strings.Fields(string(b))
+	if len(f) != 2 {
+		return 0, false
+	}
+	if _, err := strconv.ParseInt(f[0], 10, 64); err != nil {
+		return 0, false
+	}
+	stamp, err := strconv.ParseInt(f[1], 10, 64)
+	return stamp, err == nil
 }
