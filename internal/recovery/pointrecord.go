@@ -160,12 +160,13 @@ func VerifiedPoints(ctx context.Context, store blobstore.Store, machine string, 
 	if err != nil {
 		return nil, time.Time{}, nil, err
 	}
+	keys.Warn(warn)
 	if err := VerifyManifest(st.manifest, keys); err != nil {
-		return nil, time.Time{}, nil, err
+		return nil, time.Time{}, nil, keys.Explain(err)
 	}
 	points, err := verifyPoints(ctx, store, keys, machine, st.points, 0, warn)
 	if err != nil {
-		return nil, time.Time{}, nil, err
+		return nil, time.Time{}, nil, keys.Explain(err)
 	}
 	st.usePoints(points)
 	return st.points, st.until, st.manifest, nil

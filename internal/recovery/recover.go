@@ -96,6 +96,12 @@ func Recover(ctx context.Context, store blobstore.Store, req Request, to io.Writ
 	if err != nil {
 		return Result{}, err
 	}
+	keys.Warn(req.Progress)
+	res, err := st.recoverDisk(ctx, store, keys, idx, req, to)
+	return res, keys.Explain(err)
+}
+
+func (st *state) recoverDisk(ctx context.Context, store blobstore.Store, keys Keys, idx int, req Request, to io.WriterAt) (Result, error) {
 	if err := VerifyManifest(st.manifest, keys); err != nil {
 		return Result{}, err
 	}

@@ -374,3 +374,53 @@ func TestRecoverToTimeRefusesEditedMarkerTimes(t *testing.T) {
 		t.Fatalf("after moving %s's first_time earlier: %+v, %v; want ErrTampered naming it", edited, res, err)
 	}
 }
+
+// A key blob that does not unwrap (junk, or altered) is skipped with a
+// warning: what is sealed under the other keys still recovers, and what
+// needed it says why it does not open.
+func TestKeyBlobSkipped(t *testing.T) {
+	m, _ := journalOnly(t)
+	ctx := context.Background()
+	junk := layout.KeyName(m.Name, [8]byte{1, 2, 3, 4, 5, 6, 7, 8})
+	if err := m.Store.PutBlob(ctx, junk, []byte("not a wrapped key"), nil); err != nil {
+		t.Fatal(err)
+	}
+	var warn strings.Builder
+	path := filepath.Join(t.TempDir(), "out")
+	req := recovery.Request{Machine: m.Name, Disk: "d0", Point: "latest", RecoveryKey: m.RecoveryKey, Progress: &warn}
+	res, err := recovery.RecoverFile(ctx, m.Store, req, path)
+	if err != nil {
+		t.Fatalf("recover beside a junk key blob: %v", err)
+	}
+	got, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Seq != m.Latest() || !bytes.Equal(got, m.Image(0, m.Latest())[:m.Disks[0].Size]) {
+		t.Fatalf("recovered seq %d (want %d), or the image differs from the model", res.Seq, m.Latest())
+	}
+	if !strings.Contains(warn.String(), "skipped a data key") || !strings.Contains(warn.String(), junk) {
+		t.Fatalf("no warning naming %s:\n%s", junk, warn.String())
+	}
+	warn.Reset()
+	if _, _, _, err := recovery.VerifiedPoints(ctx, m.Store, m.Name, m.RecoveryKey, &warn); err != nil || !strings.Contains(warn.String(), junk) {
+		t.Fatalf("points beside a junk key blob: %v\n%s", err, warn.String())
+	}
+
+	// The machine's own key altered, another good one present: the
+	// manifest sealed under it does not open, and the error says why.
+	material, id := seal.NewDataKey()
+	wrapped, err := seal.WrapKey(m.RecoveryKey, material, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Store.PutBlob(ctx, layout.KeyName(m.Name, id), wrapped, nil); err != nil {
+		t.Fatal(err)
+	}
+	own := layout.KeyName(m.Name, m.Key.ID())
+	m.Tamper(own)
+	_, err = recovery.RecoverFile(ctx, m.Store, req, path)
+	if !errors.Is(err, seal.ErrUnknownKey) || !errors.Is(err, recovery.ErrTampered) || !strings.Contains(err.Error(), own) {
+		t.Fatalf("recover with its key blob altered: %v", err)
+	}
+}

@@ -152,6 +152,22 @@ func RecoveryKeys(store blobstore.Store, recoveryKey []byte) func(context.Contex
 	}
 }
 
+// loadKeys (re)reads m's keyring. Key blobs it had to skip are logged:
+// what is sealed under them will not open.
+func (a *Applier) loadKeys(ctx context.Context, m *machine) error {
+	keys, err := a.cfg.Keys(ctx, m.name)
+	if err != nil {
+		return fmt.Errorf("data keys of machine %q: %w", m.name, err)
+	}
+	if k, ok := keys.(recovery.Keys); ok {
+		for _, err := range k.Skipped {
+			a.log.Warn("skipped a data key that does not unwrap", logKeyMachine, m.name, logKeyErr, err)
+		}
+	}
+	m.keys = keys
+	return nil
+}
+
 // Applier applies journal segments to replica page blobs. It is safe for
 // concurrent use; work on one machine is serialised.
 type Applier struct {
@@ -311,14 +327,14 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 		return 0, err
 	}
 	if m.keys == nil {
-		if m.keys, err = a.cfg.Keys(ctx, m.name); err != nil {
-			return 0, fmt.Errorf("data keys of machine %q: %w", m.name, err)
+		if err := a.loadKeys(ctx, m); err != nil {
+			return 0, err
 		}
 	}
 	if err := recovery.VerifyManifest(man, m.keys); errors.Is(err, seal.ErrUnknownKey) {
 		// Sealed under a key created after we loaded the keyring.
-		if m.keys, err = a.cfg.Keys(ctx, m.name); err != nil {
-			return 0, fmt.Errorf("data keys of machine %q: %w", m.name, err)
+		if err := a.loadKeys(ctx, m); err != nil {
+			return 0, err
 		}
 		if err := recovery.VerifyManifest(man, m.keys); err != nil {
 			return 0, err
@@ -745,8 +761,8 @@ func (a *Applier) applySegment(ctx context.Context, m *machine, s recovery.Segme
 	}
 	if errors.Is(err, seal.ErrUnknownKey) {
 		// Sealed under a key created after we loaded the keyring.
-		if m.keys, err = a.cfg.Keys(ctx, m.name); err != nil {
-			return fmt.Errorf("data keys of machine %q: %w", m.name, err)
+		if err := a.loadKeys(ctx, m); err != nil {
+			return err
 		}
 		plain, err = recovery.ReadSegment(ctx, a.cfg.Store, s.Name, m.keys, m.plain[:0])
 		m.plain = plain

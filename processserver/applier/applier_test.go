@@ -52,6 +52,7 @@ func runScenarios(t *testing.T, newStore func(t *testing.T) blobstore.Store) {
 	t.Run("ApplyPointsRecover", func(t *testing.T) { testApplyPointsRecover(t, newStore(t)) })
 	t.Run("Tampered", func(t *testing.T) { testTampered(t, newStore(t)) })
 	t.Run("MissingSegment", func(t *testing.T) { testMissingSegment(t, newStore(t)) })
+	t.Run("JunkKeyBlob", func(t *testing.T) { testJunkKeyBlob(t, newStore(t)) })
 	t.Run("Retention", func(t *testing.T) { testRetention(t, newStore(t)) })
 	t.Run("RetentionAgentClock", func(t *testing.T) { testRetentionAgentClock(t, newStore(t)) })
 	t.Run("RetentionDiskWithoutPoints", func(t *testing.T) { testRetentionDiskWithoutPoints(t, newStore(t)) })
@@ -352,6 +353,25 @@ func testTampered(t *testing.T, store blobstore.Store) {
 	}
 	// Everything before the tampered segment still recovers.
 	recoverAndCheck(t, m, 0, fmt.Sprint(goodSeq), goodSeq)
+}
+
+// testJunkKeyBlob: a key blob that does not unwrap, beside the machine's
+// own, does not stop the applier.
+func testJunkKeyBlob(t *testing.T, store blobstore.Store) {
+	ctx := ctxT(t)
+	rng := rand.New(rand.NewPCG(5, 6))
+	m := recoverytest.New(t, store, "m4", 2<<20)
+	c := &clock{t: time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)}
+	if err := store.PutBlob(ctx, layout.KeyName(m.Name, [8]byte{9, 9, 9, 9, 9, 9, 9, 9}), []byte("junk"), nil); err != nil {
+		t.Fatal(err)
+	}
+	a := newApplier(t, m, applier.Config{})
+	workload(m, rng, c, 40)
+	m.Cut()
+	if got, err := a.Apply(ctx, m.Name); err != nil || got != m.Durable {
+		t.Fatalf("Apply beside a junk key blob: %d, %v; want %d", got, err, m.Durable)
+	}
+	checkReplica(t, m, m.Durable)
 }
 
 // testMissingSegment: a segment deleted from the account (no gap
