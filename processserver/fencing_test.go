@@ -724,3 +724,44 @@ func TestClaimClearsFenceRecord(t *testing.T) {
 		t.Fatal("recover 15 differs from the records the agent sent")
 	}
 }
+
+// TestDeletedManifestRestored: a manifest (and data key) deleted from the
+// account by someone else is written again from what the server holds,
+// not retried against forever: the machine stays recoverable, and its
+// journal opens with the key put back.
+func TestDeletedManifestRestored(t *testing.T) {
+	for _, withKey := range []bool{false, true} {
+		t.Run(fmt.Sprint("key=", withKey), func(t *testing.T) {
+			store := mem.New()
+			e := newEnv(t, store, 1)
+			e.segAge = 20 * time.Millisecond
+			s, a, _ := e.serveFirst()
+			ctx := context.Background()
+			_, _, man := journal(t, store, e.rk, "m1")
+			del := []string{layout.ManifestName("m1")}
+			if withKey {
+				del = append(del, layout.KeysPrefix("m1")+man.KeyID)
+			}
+			for _, name := range del {
+				if err := store.DeleteBlob(ctx, name); err != nil {
+					t.Fatal(err)
+				}
+			}
+			a.waitAck(a.batch(6, 5))
+			eventually(t, 10*time.Second, "the manifest written again with 6..10", func() bool {
+				_, err := store.Stat(ctx, layout.ManifestName("m1"))
+				return err == nil && durableSeq(t, store, "m1") == 10
+			})
+			if s.machine("m1").isFenced() {
+				t.Fatal("the server fenced itself over a deleted manifest")
+			}
+			if !strings.Contains(e.logs.String(), "deleted from the account by someone else") {
+				t.Fatalf("nothing logged of the deletion:\n%s", e.logs.String())
+			}
+			plain, _, got := journal(t, store, e.rk, "m1")
+			if got.KeyID != man.KeyID || !bytes.Equal(plain, a.sent) {
+				t.Fatalf("manifest key %s (want %s); journal equals what the agent sent: %v", got.KeyID, man.KeyID, bytes.Equal(plain, a.sent))
+			}
+		})
+	}
+}

@@ -77,6 +77,10 @@ type machine struct {
 	man      layout.Manifest
 	key      *seal.Key
 	manKey   *seal.Key // seals the manifest: key, or the one ensureKey is storing
+	// wrapped holds the data keys as stored under keys/ (wrapped by the
+	// recovery key, so not secret), by key id: put back with a manifest
+	// someone deleted (restoreManifest).
+	wrapped map[string][]byte
 	durable  uint64    // every record ≤ durable is in the cache or the account
 	uploaded uint64    // every record ≤ uploaded is in the journal (manifest durable_seq)
 	applied  uint64    // reported by the applier
@@ -384,7 +388,17 @@ func (m *machine) loadKey(ctx context.Context, idHex string) (*seal.Key, error) 
 			name, m.name, seal.Fingerprint(m.s.recoveryKey), err)
 	}
 	defer clear(material)
+	m.keepWrapped(id, wrapped)
 	return seal.NewKey(id, material)
+}
+
+func (m *machine) keepWrapped(id seal.KeyID, wrapped []byte) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.wrapped == nil {
+		m.wrapped = map[string][]byte{}
+	}
+	m.wrapped[id.String()] = wrapped
 }
 
 // sealSegment appends the cached form of b (header, then the journal
@@ -474,6 +488,7 @@ func (m *machine) ensureKey(ctx context.Context) (*seal.Key, error) {
 	if err := m.s.store.PutBlob(blobstore.Unmetered(ctx), name, wrapped, md); err != nil {
 		return nil, fmt.Errorf("store data key %s: %w", name, err)
 	}
+	m.keepWrapped(id, wrapped)
 	m.manMu.Lock()
 	defer m.manMu.Unlock()
 	m.mu.Lock()
@@ -582,6 +597,9 @@ const maxUnsure = 64
 // the error returned then does not fence. manMu is held.
 func (m *machine) ownConflict(ctx context.Context, name string, raw []byte, err error) (string, error) {
 	got, etag, rerr := blobstore.ReadBack(ctx, m.s.store, name)
+	if blobstore.IsNotFound(rerr) {
+		return m.restoreManifest(ctx, name, raw)
+	}
 	if rerr != nil {
 		return "", fmt.Errorf("manifest changed since this server last wrote it, and reading it back failed: %w", rerr)
 	}
@@ -595,6 +613,36 @@ func (m *machine) ownConflict(ctx context.Context, name string, raw []byte, err 
 		}
 	}
 	return "", err
+}
+
+// restoreManifest writes raw where the machine's manifest was deleted by
+// someone else (no process server deletes one): this server holds the
+// machine's latest state, and without a manifest nothing of the machine
+// can be recovered. The data key blob raw names goes back too if it went
+// with it. Created only where none is, so a manifest written meanwhile
+// by another server still fences this one. manMu is held.
+func (m *machine) restoreManifest(ctx context.Context, name string, raw []byte) (string, error) {
+	m.log.Error("the manifest of this machine was deleted from the account by someone else: writing it again from what this process server holds",
+		logBlob, name)
+	man, err := layout.UnmarshalManifest(raw)
+	if err != nil {
+		return "", err
+	}
+	m.mu.Lock()
+	wrapped := m.wrapped[man.KeyID]
+	m.mu.Unlock()
+	if wrapped != nil {
+		kname := layout.KeysPrefix(m.name) + man.KeyID
+		md := blobstore.Metadata{layout.MetaKeyFP: seal.Fingerprint(m.s.recoveryKey)}
+		_, err := m.s.store.PutBlobIf(blobstore.Unmetered(ctx), kname, wrapped, md, "")
+		switch {
+		case err == nil:
+			m.log.Error("the data key of this machine was deleted from the account too: stored it again", logBlob, kname)
+		case !errors.Is(err, blobstore.ErrConflict): // a conflict: it is there
+			return "", fmt.Errorf("store data key %s again: %w", kname, err)
+		}
+	}
+	return m.s.store.PutBlobIf(blobstore.Unmetered(ctx), name, raw, nil, "")
 }
 
 // errFenced: this process server no longer serves the machine.
