@@ -72,18 +72,18 @@ type machine struct {
 	fenced bool
 	// parked: the uploader, fenced, has ended its uploads and waits
 	// (parkCh is closed then): claim changes the cached segments only so.
-	parked   bool
-	parkCh   chan struct{}
-	man      layout.Manifest
-	key      *seal.Key
-	manKey   *seal.Key // seals the manifest: key, or the one ensureKey is storing
+	parked bool
+	parkCh chan struct{}
+	man    layout.Manifest
+	key    *seal.Key
+	manKey *seal.Key // seals the manifest: key, or the one ensureKey is storing
 	// wrapped holds the data keys as stored under keys/ (wrapped by the
 	// recovery key, so not secret), by key id: put back with a manifest
 	// someone deleted (restoreManifest).
-	wrapped map[string][]byte
-	durable  uint64    // every record ≤ durable is in the cache or the account
-	uploaded uint64    // every record ≤ uploaded is in the journal (manifest durable_seq)
-	applied  uint64    // reported by the applier
+	wrapped  map[string][]byte
+	durable  uint64 // every record ≤ durable is in the cache or the account
+	uploaded uint64 // every record ≤ uploaded is in the journal (manifest durable_seq)
+	applied  uint64 // reported by the applier
 	segs     []*segEntry
 	backlog  int64 // bytes cached and not yet uploaded (known sizes)
 	// dropWarned is when dropApplied last warned of a failed delete
