@@ -1,6 +1,8 @@
 package processserver
 
 import (
+	"context"
+	"net"
 	"strings"
 	"testing"
 	"time"
@@ -167,4 +169,35 @@ func TestOlderProtocolServed(t *testing.T) {
 	if we := errorFrame(t, b); we.Code != wire.CodeVersion || !strings.Contains(we.Message, "speaks 2 to 3") {
 		t.Fatalf("unknown protocol answered with %+v", we)
 	}
+}
+
+// TestStuckAgentDoesNotStallOthers: the monitor sends every session its
+// window and recoverable_until; one whose agent stopped reading (its
+// socket full) must not hold back the others' updates for the write
+// timeout.
+func TestStuckAgentDoesNotStallOthers(t *testing.T) {
+	e := newEnv(t, mem.New(), 1)
+	e.segAge = 20 * time.Millisecond
+	s := e.start()
+
+	// m2's session writes into a pipe nobody reads: each send blocks.
+	stuck, peer := net.Pipe()
+	t.Cleanup(func() { stuck.Close(); peer.Close() })
+	m2 := s.machine("m2")
+	ctx, cancel := context.WithCancel(context.Background())
+	st := &session{s: s, conn: stuck, w: wire.NewWriter(stuck), m: m2, version: protocolVersion,
+		log: s.log, done: make(chan struct{}), updates: make(chan struct{}, 1), ctx: ctx, cancel: cancel}
+	go func() { <-ctx.Done(); close(st.done) }()
+	st.ackSent.Store(true)
+	m2.mu.Lock()
+	m2.sess = st
+	m2.mu.Unlock()
+	time.Sleep(1500 * time.Millisecond) // the monitor meets it
+
+	a := dialAgent(t, e, s, "m1")
+	a.hello("m1", disk0)
+	a.waitAck(a.batch(1, 5))
+	at := time.Now().Add(-time.Minute).Truncate(time.Millisecond)
+	a.marker(5, wire.MarkerTime, at)
+	eventually(t, 10*time.Second, "m1's agent told its recoverable_until", func() bool { return a.ru.Load() == at.UnixNano() })
 }

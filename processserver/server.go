@@ -540,8 +540,7 @@ func (s *Server) monitor() {
 		for _, m := range s.machineList() {
 			m.saveHint()
 			if st := m.current(); st != nil {
-				st.updateBackpressure()
-				st.updateRecoverable()
+				st.poke()
 			}
 		}
 		select {

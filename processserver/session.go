@@ -79,6 +79,10 @@ type session struct {
 	ruMu   sync.Mutex
 	ruSent time.Time
 	ruSet  bool
+	// updates asks the session's timer to send the window and
+	// recoverable_until if they changed (poke): the monitor serves every
+	// session, and must not wait on one whose agent does not read.
+	updates chan struct{}
 
 	mu       sync.Mutex // guards buf, closed, filling and sends on flushq
 	buf      *segBuf
@@ -141,15 +145,16 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn, release func()) {
 	}
 	sctx, scancel := context.WithCancel(ctx)
 	st := &session{
-		s:      s,
-		conn:   conn,
-		log:    s.log.With(logRemote, remote),
-		done:   make(chan struct{}),
-		r:      wire.NewReader(conn, 0),
-		w:      wire.NewWriter(conn),
-		sumsq:  make(chan sumsReq, 16),
-		ctx:    sctx,
-		cancel: scancel,
+		s:       s,
+		conn:    conn,
+		log:     s.log.With(logRemote, remote),
+		done:    make(chan struct{}),
+		r:       wire.NewReader(conn, 0),
+		w:       wire.NewWriter(conn),
+		sumsq:   make(chan sumsReq, 16),
+		updates: make(chan struct{}, 1),
+		ctx:     sctx,
+		cancel:  scancel,
 	}
 	defer close(st.done)
 	defer st.close()
@@ -648,6 +653,9 @@ func (st *session) timer(ctx context.Context) {
 				st.cutLocked()
 			}
 			st.mu.Unlock()
+		case <-st.updates:
+			st.updateBackpressure()
+			st.updateRecoverable()
 		case <-revoked.C:
 			// A revocation ends the sessions of the certificate too,
 			// not only its next handshakes: a stolen key's stream must
@@ -753,6 +761,15 @@ func (st *session) flusher() {
 		if !kept {
 			st.s.putBuf(b)
 		}
+	}
+}
+
+// poke has the session send what changed of its window and
+// recoverable_until, without waiting for its socket.
+func (st *session) poke() {
+	select {
+	case st.updates <- struct{}{}:
+	default: // one is pending already
 	}
 }
 

@@ -346,7 +346,7 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 		return true, nil
 	}
 	if sess := m.current(); sess != nil {
-		sess.updateBackpressure()
+		sess.poke() // not waiting for the agent's socket
 	}
 	if failed != nil {
 		return published > 0, failed.err
