@@ -324,6 +324,19 @@ func TestRefusesWrongCertificate(t *testing.T) {
 	if f.typ != wire.TypeError || we.UnmarshalBinary(f.payload) != nil || we.Code != wire.CodeUnknownAgent {
 		t.Fatalf("m2 speaking for m1: got %s %v", f.typ, f.err)
 	}
+
+	// A machine named like the cache's own files (its lock, say) could
+	// never have a segment cached: refused at its hello.
+	if err := pki.Issue(e.pki, "lifeboat-cache.lock", pki.RoleAgent); err != nil {
+		t.Fatal(err)
+	}
+	a = dialAgent(t, e, s, "lifeboat-cache.lock")
+	if err := a.w.WriteHello(&wire.Hello{ProtocolVersion: protocolVersion, Machine: "lifeboat-cache.lock", Disks: []wire.DiskState{disk0}}); err != nil {
+		t.Fatal(err)
+	}
+	if we := errorFrame(t, a); we.Code != wire.CodeUnknownAgent || !strings.Contains(we.Message, "the cache's own") {
+		t.Fatalf("machine lifeboat-cache.lock: %+v", we)
+	}
 }
 
 // stalledUploads starts a server on three cache directories (2 data + 1

@@ -305,6 +305,9 @@ func (st *session) checkHello(h *wire.Hello) error {
 	if err := layout.CheckName("machine name", h.Machine); err != nil {
 		return err
 	}
+	if err := cache.CheckStream(h.Machine); err != nil {
+		return fmt.Errorf("machine name: %w", err)
+	}
 	seen := make(map[string]bool, len(h.Disks))
 	for _, d := range h.Disks {
 		if err := layout.CheckName("disk name", d.Name); err != nil {

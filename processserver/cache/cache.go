@@ -238,9 +238,13 @@ func Open(dirs []string, opts Options) (*Cache, error) {
 		return nil, fmt.Errorf("cache: %d directories need at least 1 parity shard", n)
 	}
 	quorum := opts.WriteQuorum
+	// Past k+1 (an acked segment survives a directory's loss), more than
+	// m: an overwrite (a stream's state records) that reached only a
+	// quorum must leave fewer than k shards of the old version, or a
+	// loss of the new one's shards would read the old one back as valid.
 	minQuorum := k
 	if m > 0 {
-		minQuorum = k + 1
+		minQuorum = max(k+1, m+1)
 	}
 	if quorum == 0 {
 		quorum = n
@@ -447,9 +451,17 @@ func (c *Cache) nextGen() uint64 {
 	}
 }
 
+// CheckStream says why s cannot name a stream (a machine), if it cannot.
+func CheckStream(s string) error { return validStream(s) }
+
 func validStream(s string) error {
 	if s == "" || len(s) > maxStreamLen || s[0] == '.' {
 		return fmt.Errorf("cache: invalid stream name %q: want 1-%d characters, not starting with '.'", s, maxStreamLen)
+	}
+	if strings.HasPrefix(s, markerName) {
+		// The cache's own files (marker, lock, sentinel, records) are
+		// named so, beside the stream directories.
+		return fmt.Errorf("cache: invalid stream name %q: names starting with %q are the cache's own", s, markerName)
 	}
 	for _, r := range s {
 		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.') {

@@ -93,6 +93,9 @@ func TestGeometry(t *testing.T) {
 		{4, Options{DataShards: 4, ParityShards: 0}}, // no parity with several dirs
 		{4, Options{DataShards: 2, ParityShards: 1}}, // does not add up
 		{4, Options{DataShards: 3, ParityShards: 1, WriteQuorum: 3}},
+		// An overwrite on 2 of 3 would leave the old version whole in
+		// the third directory.
+		{3, Options{DataShards: 1, ParityShards: 2, WriteQuorum: 2}},
 		{0, Options{}},
 	}
 	for _, b := range bad {
@@ -152,7 +155,7 @@ func TestRoundTrip(t *testing.T) {
 
 func TestPutValidates(t *testing.T) {
 	c := open(t, tempDirs(t, 2), Options{MaxSegmentSize: 1000})
-	for _, s := range []string{"", "..", "../etc", "a/b", ".hidden", strings.Repeat("x", 129), "sp ace"} {
+	for _, s := range []string{"", "..", "../etc", "a/b", ".hidden", strings.Repeat("x", 129), "sp ace", "lifeboat-cache.lock", "lifeboat-cache.fenced-m"} {
 		if err := c.Put(SegmentID{s, 1}, []byte("x")); err == nil {
 			t.Errorf("stream %q accepted", s)
 		}
