@@ -399,9 +399,12 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 		m.cursor = s.Name
 		m.chain = max(m.chain, s.Last)
 	}
-	if whole && m.stale.Skipped() && m.chain < man.DurableSeq {
-		// As recover refuses it: only skipped segments went on from
-		// there, so what holds the journal's next records is missing.
+	if whole && m.chain < man.DurableSeq {
+		// As recover refuses it: durable_seq only ever ends an uploaded
+		// segment or tombstone, so the chain stopping short of it (no
+		// segment past it, or only skipped ones) means what holds the
+		// journal's next records is missing. Waiting would hang every
+		// checksum resync on the replica.
 		return m.applied(), fmt.Errorf("journal of machine %q is incomplete: the segments chained from the replicas end at sequence %d, before durable_seq %d (a deleted segment or tombstone?): %w",
 			m.name, m.chain, man.DurableSeq, recovery.ErrTampered)
 	}

@@ -3,6 +3,7 @@ package applier_test
 import (
 	"errors"
 	"math/rand/v2"
+	"strings"
 	"testing"
 	"time"
 
@@ -43,5 +44,26 @@ func TestDeletedTombstoneStopsApplier(t *testing.T) {
 		if got, err := a.Apply(ctx, m.Name); !errors.Is(err, recovery.ErrTampered) {
 			t.Fatalf("Apply with the gap's tombstone deleted = %d, %v; want ErrTampered", got, err)
 		}
+	}
+}
+
+// TestDeletedLastSegmentStopsApplier: the journal's newest segment
+// deleted, the applier says so rather than wait forever for it.
+func TestDeletedLastSegmentStopsApplier(t *testing.T) {
+	ctx := ctxT(t)
+	rng := rand.New(rand.NewPCG(9, 10))
+	m := recoverytest.New(t, mem.New(), "last", 1<<20)
+	c := &clock{t: time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)}
+	workload(m, rng, c, 10)
+	m.Cut()
+	workload(m, rng, c, 10)
+	last := m.Cut()
+	m.WriteManifest()
+	if err := m.Store.DeleteBlob(ctx, last); err != nil {
+		t.Fatal(err)
+	}
+	a := newApplier(t, m, applier.Config{})
+	if got, err := a.Apply(ctx, m.Name); !errors.Is(err, recovery.ErrTampered) || !strings.Contains(err.Error(), "incomplete") {
+		t.Fatalf("Apply with the newest segment deleted = %d, %v; want ErrTampered", got, err)
 	}
 }
