@@ -62,26 +62,41 @@ func (a managed) CompareSums(ctx context.Context, machine string, upTo uint64, s
 	if d == nil {
 		return wire.SumsReply{}, fmt.Errorf("disk %q is not in the manifest of %s", s.Disk, machine)
 	}
-	return CompareReplica(ctx, a.ps.store, machine, d.Size, s)
+	if d.GenerationStart > upTo {
+		// No record of the disk's current generation is applied yet:
+		// the replica holds the one before, and the first record of
+		// this one recreates it empty. A chunk skipped as the same
+		// would be zeros then.
+		return allDiffer(s), nil
+	}
+	return CompareReplica(ctx, a.ps.store, machine, d.Size, d.Generation, s)
+}
+
+func allDiffer(s *wire.Sums) wire.SumsReply {
+	reply := wire.SumsReply{ID: s.ID, Differs: make([]bool, len(s.Sums))}
+	for i := range reply.Differs {
+		reply.Differs[i] = true
+	}
+	return reply
 }
 
 // CompareReplica compares the chunk checksums of s with the replica page
-// blob of s.Disk (whose disk is size bytes long; the last chunk ends
-// there). A chunk is reported as differing if it lies beyond the blob or
-// the blob is missing.
-func CompareReplica(ctx context.Context, store blobstore.Store, machine string, size uint64, s *wire.Sums) (wire.SumsReply, error) {
-	reply := wire.SumsReply{ID: s.ID, Differs: make([]bool, len(s.Sums))}
+// blob of s.Disk (whose disk, of generation gen, is size bytes long; the
+// last chunk ends there). A chunk is reported as differing if it lies
+// beyond the blob, or the blob is missing or of another generation.
+func CompareReplica(ctx context.Context, store blobstore.Store, machine string, size uint64, gen string, s *wire.Sums) (wire.SumsReply, error) {
 	name := layout.DiskName(machine, s.Disk)
 	info, err := store.Stat(ctx, name)
 	if blobstore.IsNotFound(err) {
-		for i := range reply.Differs {
-			reply.Differs[i] = true
-		}
-		return reply, nil
+		return allDiffer(s), nil
 	}
 	if err != nil {
-		return reply, err
+		return wire.SumsReply{ID: s.ID, Differs: make([]bool, len(s.Sums))}, err
 	}
+	if g := info.Metadata[layout.MetaGeneration]; g != gen {
+		return allDiffer(s), nil
+	}
+	reply := wire.SumsReply{ID: s.ID, Differs: make([]bool, len(s.Sums))}
 	buf := make([]byte, roundPage(uint64(s.ChunkSize)))
 	for i := range s.Sums {
 		// Beyond the disk, or past 2^64: nothing to compare.

@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"log/slog"
 	"math"
 	"testing"
+	"time"
 
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore/mem"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
@@ -36,7 +38,7 @@ func TestCompareReplicaChunksBeyondTheDisk(t *testing.T) {
 		{Disk: "sda", Offset: math.MaxUint64 - 511, ChunkSize: 512, Sums: [][sha256.Size]byte{sum, sum}}, // the second wraps to 0
 		{Disk: "sda", Offset: size, ChunkSize: 512, Sums: [][sha256.Size]byte{sum}},                      // just past the end
 	} {
-		reply, err := CompareReplica(ctx, store, "m1", size, &s)
+		reply, err := CompareReplica(ctx, store, "m1", size, "", &s)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -48,5 +50,65 @@ func TestCompareReplicaChunksBeyondTheDisk(t *testing.T) {
 				t.Errorf("chunk %d of the sums at %d: differs = %v, want %v", i, s.Offset, d, want)
 			}
 		}
+	}
+}
+
+// TestCompareBeforeGenerationSwitch: a checksum resync asked before any
+// record of a disk's new generation is applied is answered against a
+// replica that still holds the generation before, which the first
+// record of the new one recreates empty: every chunk must differ, or the
+// agent skips chunks that end as zeros.
+func TestCompareBeforeGenerationSwitch(t *testing.T) {
+	store := mem.New()
+	e := newEnv(t, store, 1)
+	e.segAge = 20 * time.Millisecond
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	e.applier = StandardApplier(ctx, Config{Store: store}, e.rk, time.Hour, -1, slog.New(slog.DiscardHandler))
+	s, a, _ := e.serveFirst() // records 1..5 at 4 KiB × seq, generation G1
+	a.conn.Close()
+
+	// The agent forgets its generation (a new full sync, G2 from 6 on)
+	// and stops before sending anything of it.
+	b := dialAgent(t, e, s, "m1")
+	ackB, _ := b.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, LastAckedSeq: 5})
+	if ackB.Disks[0].Action != wire.SyncFull {
+		t.Fatalf("hello without a generation answered %v, want a full sync", ackB.Disks[0].Action)
+	}
+	b.conn.Close()
+
+	// Back with G2, unclean: it compares the device with the replica.
+	c := dialAgent(t, e, s, "m1")
+	ackC, _ := c.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ackB.Disks[0].Generation, LastAckedSeq: 5})
+	if ackC.Disks[0].Action != wire.SyncResume {
+		t.Fatalf("hello with the new generation answered %v, want a resume", ackC.Disks[0].Action)
+	}
+	// The device holds what G1's replica does.
+	chunk := make([]byte, 64<<10)
+	for seq := uint64(1); seq <= 5; seq++ {
+		copy(chunk[seq*4096:], batchData(seq, int(seq-1)))
+	}
+	q := wire.Sums{ID: 9, Disk: disk0.Name, Offset: 0, ChunkSize: uint32(len(chunk)), Sums: [][sha256.Size]byte{sha256.Sum256(chunk)}}
+	p, err := q.AppendBinary(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.sendFrame(wire.TypeSums, p)
+	for {
+		f := c.next(10 * time.Second)
+		if f.err != nil {
+			t.Fatal(f.err)
+		}
+		if f.typ != wire.TypeSumsReply {
+			continue
+		}
+		var r wire.SumsReply
+		if err := r.UnmarshalBinary(f.payload); err != nil {
+			t.Fatal(err)
+		}
+		if len(r.Differs) != 1 || !r.Differs[0] {
+			t.Fatalf("chunk 0 compared with the previous generation's replica: differs %v, want true", r.Differs)
+		}
+		return
 	}
 }
