@@ -693,7 +693,14 @@ func (e *Engine) RequestSync(dev int, kind SyncKind) {
 	if kind == SyncResume || dev < 0 || dev >= len(e.syncReq) {
 		return
 	}
-	e.syncReq[dev].Store(int32(kind) + 1)
+	// The stronger of two pending requests stands: a compare asked after
+	// a full copy must not replace it before the loop takes it.
+	for {
+		old := e.syncReq[dev].Load()
+		if old >= int32(kind)+1 || e.syncReq[dev].CompareAndSwap(old, int32(kind)+1) {
+			return
+		}
+	}
 }
 
 // requestCover asks capture for a barrier that dates the next Covered
