@@ -92,7 +92,10 @@ type Server struct {
 
 	// freeBufs keeps segment buffers across GC cycles, which empty a
 	// sync.Pool: allocating and zeroing 10 MiB per segment cost more
-	// than appending the data.
+	// than appending the data. Room for as many as hot segments hold,
+	// which the applier releases in bursts: one dropped is one
+	// allocated, zeroed and faulted in again (page faults are dear on
+	// a paravirtualised host).
 	freeBufs chan *segBuf
 	// Sealed segments kept in memory until applied (newHot).
 	hotBytes atomic.Int64
@@ -162,7 +165,7 @@ func Start(ctx context.Context, c Config) (*Server, error) {
 		tlsConf:     channel.Config(id.ServerTLS(pki.RoleAgent)),
 		id:          id,
 		machines:    make(map[string]*machine),
-		freeBufs:    make(chan *segBuf, 8),
+		freeBufs:    make(chan *segBuf, hotLimit/max(cfg.SegmentBytes, 1<<20)+8),
 		scrubReq:    make(chan struct{}, 1),
 	}
 	if cfg.Metrics != nil {

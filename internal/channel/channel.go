@@ -32,7 +32,10 @@ import (
 	"io"
 	"net"
 	"slices"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/lifeboat-dr/lifeboat/internal/aesgcm"
 )
@@ -59,6 +62,12 @@ const (
 	growStep = 64 << 10
 	// plainBuffer reads a plain TLS stream (a peer without records).
 	plainBuffer = 256 << 10
+	// A record body longer than lowatMin is read with the socket's
+	// SO_RCVLOWAT at what is left of it (at most lowatMax): the reader
+	// wakes once for it, not at every segment that arrives. Wake-ups,
+	// not bytes, were most of the receive cost on a paravirtualised host.
+	lowatMin = 32 << 10
+	lowatMax = 4 << 20
 )
 
 // ErrAuth is returned for a record that fails authentication: it was
@@ -127,7 +136,16 @@ func bufioReader(raw net.Conn) *bufio.Reader { return bufio.NewReaderSize(raw, r
 type exporter func(label string, context []byte, length int) ([]byte, error)
 
 func newConn(raw net.Conn, t *tls.Conn, br *bufio.Reader, export exporter, server bool) (*Conn, error) {
-	c := &Conn{raw: raw, tls: t, br: br}
+	c := &Conn{raw: raw, tls: t, br: br, lowat: 1}
+	if sc, ok := raw.(syscall.Conn); ok {
+		if rc, err := sc.SyscallConn(); err == nil {
+			c.rc = rc
+			// Made once: a closure per call would allocate.
+			c.lowatFn = func(fd uintptr) {
+				c.lowatErr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_RCVLOWAT, c.lowatSet)
+			}
+		}
+	}
 	c.in = direction{export: export, up: server}
 	c.out = direction{export: export, up: !server}
 	if err := c.in.rekey(0); err != nil {
@@ -254,10 +272,16 @@ func (d *direction) next(n int) ([]byte, error) {
 // use. Errors are sticky: after one, the stream is broken that way.
 type Conn struct {
 	raw net.Conn
-	tls *tls.Conn // read only for the alert of a server that refused us
-	br  *bufio.Reader
-	in  direction
-	out direction
+	rc  syscall.RawConn // raw's socket, for SO_RCVLOWAT (nil: not a socket)
+	// lowat is the socket's SO_RCVLOWAT as last set (1: the default);
+	// lowatFn sets it to lowatSet, with lowatErr the outcome.
+	lowat, lowatSet int
+	lowatFn         func(fd uintptr)
+	lowatErr        error
+	tls             *tls.Conn // read only for the alert of a server that refused us
+	br              *bufio.Reader
+	in              direction
+	out             direction
 
 	aad  [headerSize]byte
 	rbuf []byte // records that do not fit the caller's buffer
@@ -351,8 +375,47 @@ func (c *Conn) readRecord(buf []byte, want int, each func([]byte)) ([]byte, erro
 // brought in is copied, the rest comes straight from the socket.
 func (c *Conn) body(b []byte) (int, error) {
 	k, _ := c.br.Read(b[:min(len(b), c.br.Buffered())])
-	m, err := io.ReadFull(c.raw, b[k:])
+	m, err := c.readFull(b[k:])
 	return k + m, err
+}
+
+// readFull is io.ReadFull from the socket, which wakes the reader only
+// once what is left of p has arrived (SO_RCVLOWAT) when p is large. The
+// mark never exceeds what the record still owes, so the sender, which
+// wrote the whole record, always meets it; it is back at 1 (any byte)
+// before anything else is read.
+func (c *Conn) readFull(p []byte) (int, error) {
+	if c.rc == nil || len(p) < lowatMin {
+		return io.ReadFull(c.raw, p)
+	}
+	defer c.setLowat(1)
+	n := 0
+	for n < len(p) {
+		if left := len(p) - n; left >= lowatMin {
+			c.setLowat(min(left, lowatMax))
+		} else {
+			c.setLowat(1)
+		}
+		m, err := c.raw.Read(p[n:])
+		n += m
+		if err != nil {
+			return n, err
+		}
+	}
+	return n, nil
+}
+
+// setLowat sets the socket's SO_RCVLOWAT to v if it is not already. A
+// failure leaves the mark where it was: reads still work, they only
+// wake sooner.
+func (c *Conn) setLowat(v int) {
+	if c.lowat == v {
+		return
+	}
+	c.lowatSet = v
+	if err := c.rc.Control(c.lowatFn); err == nil && c.lowatErr == nil {
+		c.lowat = v
+	}
 }
 
 // bodyGrowing reads a record's ciphertext and tag into c.rbuf, which

@@ -530,3 +530,58 @@ func TestShrinkingFramesOwnBuffer(t *testing.T) {
 		}
 	}
 }
+
+// trickle writes in small pieces with pauses, as a slow link delivers.
+type trickle struct{ net.Conn }
+
+func (c trickle) Write(p []byte) (int, error) {
+	n := 0
+	for n < len(p) {
+		m, err := c.Conn.Write(p[n:min(len(p), n+16<<10)])
+		n += m
+		if err != nil {
+			return n, err
+		}
+		time.Sleep(200 * time.Microsecond)
+	}
+	return n, nil
+}
+
+// TestRecordsTrickleIn: large records read with the socket's low-water
+// mark raised arrive whole however their bytes trickle in, and a small
+// record right after one (then nothing) is not held back by the mark.
+func TestRecordsTrickleIn(t *testing.T) {
+	ps, agent := ids(t)
+	c, s, err := pair(t, channel.Config(ps.ServerTLS(pki.RoleAgent)), channel.Config(agent.ClientTLS("127.0.0.1", pki.RoleProcessServer)),
+		func(c net.Conn) net.Conn { return trickle{c} })
+	if err != nil {
+		t.Fatal(err)
+	}
+	sizes := []int{300 << 10, 7, 40 << 10, 1, 2 << 20, 33 << 10, 3}
+	// Each frame is sent once the reader waits for it: a mark left above
+	// what comes would hold it forever.
+	waiting := make(chan struct{})
+	go func() {
+		w := wire.NewWriter(c)
+		for i, n := range sizes {
+			<-waiting
+			time.Sleep(20 * time.Millisecond)
+			if err := w.WriteFrame(wire.TypeBatch, uint16(i), payload(n, byte(i))); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	}()
+	r := wire.NewReader(s, 0)
+	for i, n := range sizes {
+		s.SetReadDeadline(time.Now().Add(5 * time.Second))
+		waiting <- struct{}{}
+		f, err := r.Next()
+		if err != nil {
+			t.Fatalf("frame %d (%d bytes): %v", i, n, err)
+		}
+		if f.Flags != uint16(i) || !bytes.Equal(f.Payload, payload(n, byte(i))) {
+			t.Fatalf("frame %d: %d bytes, want %d as sent", i, len(f.Payload), n)
+		}
+	}
+}
