@@ -1176,6 +1176,12 @@ func (c *Cache) Delete(id SegmentID) error {
 				// when it is mounted again.
 				if err := c.checkMountedNow(i); err != nil {
 					errs[i] = err
+					return
+				}
+				// Gone maybe by a Delete whose directory fsync failed:
+				// durable only once one succeeds.
+				if err := c.syncDir(filepath.Dir(p)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+					errs[i] = fmt.Errorf("shard %d in %s: %w", i, c.dirs[i], err)
 				}
 				return
 			}
@@ -1362,6 +1368,17 @@ func (c *Cache) Scrub(ctx context.Context) (ScrubReport, error) {
 				c.log.Error("cache: segment lost", logStream, id.Stream, logSeq, id.Seq, logErr, err)
 			case err != nil:
 				rep.Failed = append(rep.Failed, id)
+				errs = append(errs, err)
+			}
+		}
+		// A shard whose directory fsync failed after its rename is
+		// in place and valid, so Repair leaves it: its entry is made
+		// durable here.
+		for i := range c.dirs {
+			if c.checkMounted(i) != nil {
+				continue
+			}
+			if err := c.syncDir(filepath.Join(c.dirs[i], s)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 				errs = append(errs, err)
 			}
 		}

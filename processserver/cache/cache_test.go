@@ -782,6 +782,8 @@ type faultFS struct {
 	stat       *FSStat
 	// readErr fails reads of whole files (shards, markers).
 	readErr error
+	// dirSyncs counts the directory fsyncs that succeeded.
+	dirSyncs int
 }
 
 func (f *faultFS) ReadFile(name string) ([]byte, error) {
@@ -864,7 +866,37 @@ func (f *faultFile) Sync() error {
 	if err := f.fs.dirSyncErr; err != nil && f.isDir {
 		return err
 	}
+	if f.isDir {
+		f.fs.dirSyncs++
+	}
 	return f.File.Sync()
+}
+
+// A Delete whose removal landed but whose directory fsync failed is
+// retried with the shard already gone: the retry must still make the
+// removal durable, or a power loss brings the shard back.
+func TestDeleteRetrySyncsDirectory(t *testing.T) {
+	dirs := tempDirs(t, 3)
+	ffs := &faultFS{dirs: dirs[:1]}
+	c := open(t, dirs, Options{FS: ffs})
+	id := SegmentID{"m", 1}
+	if err := c.Put(id, payload(10_000, 3)); err != nil {
+		t.Fatal(err)
+	}
+	ffs.set(func(f *faultFS) { f.dirSyncErr = syscall.EIO })
+	if err := c.Delete(id); err == nil {
+		t.Fatal("Delete with a failing directory fsync succeeded")
+	}
+	var before int
+	ffs.set(func(f *faultFS) { f.dirSyncErr = nil; before = f.dirSyncs })
+	if err := c.Delete(id); err != nil {
+		t.Fatal(err)
+	}
+	ffs.mu.Lock()
+	defer ffs.mu.Unlock()
+	if ffs.dirSyncs == before {
+		t.Fatal("the retried Delete did not fsync the directory its shard was removed from")
+	}
 }
 
 // noTemps fails if a temporary file was left behind.
@@ -1449,5 +1481,34 @@ func TestSmallerMaxSegmentSizeReadsOlderSegments(t *testing.T) {
 	mustGet(t, c, id, data)
 	if n, err := c.Repair(id); n != 0 || err != nil {
 		t.Fatalf("Repair of an intact larger segment: %d rewritten, %v", n, err)
+	}
+}
+
+// A shard renamed into place whose directory fsync failed (the Put went
+// on under a lowered quorum) is valid, so Repair leaves it: the scrub
+// must still make its entry durable.
+func TestScrubSyncsStreamDirectories(t *testing.T) {
+	dirs := tempDirs(t, 4)
+	ffs := &faultFS{dirs: dirs[:1]}
+	c := open(t, dirs, Options{FS: ffs, WriteQuorum: 3})
+	if err := c.Put(SegmentID{"m", 1}, payload(10_000, 4)); err != nil {
+		t.Fatal(err)
+	}
+	ffs.set(func(f *faultFS) { f.dirSyncErr = syscall.EIO })
+	if err := c.Put(SegmentID{"m", 2}, payload(10_000, 5)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(c.shardPath(0, SegmentID{"m", 2})); err != nil {
+		t.Fatalf("the shard whose directory fsync failed is not in place: %v", err)
+	}
+	var before int
+	ffs.set(func(f *faultFS) { f.dirSyncErr = nil; before = f.dirSyncs })
+	if _, err := c.Scrub(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	ffs.mu.Lock()
+	defer ffs.mu.Unlock()
+	if ffs.dirSyncs == before {
+		t.Fatal("the scrub did not fsync the stream directory whose fsync had failed")
 	}
 }
