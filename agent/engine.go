@@ -69,6 +69,9 @@ type Resyncer interface {
 // app-consistent point, which may hold their state directory.
 type Freezer interface {
 	BeforeFreeze() error
+	// AfterThaw follows a BeforeFreeze that succeeded, once the file
+	// systems are thawed (or were never frozen).
+	AfterThaw()
 }
 
 // MarkerKind tells how consistent a marker's point is.
@@ -1036,7 +1039,8 @@ func (e *Engine) appWindow() (fsfreeze.Window, error) {
 // point's scripts). nil means the marker was emitted.
 func (e *Engine) appFrozen(ctx context.Context, w fsfreeze.Window) error {
 	e.appFroze = true
-	if f, ok := e.opt.Target.(Freezer); ok {
+	f, _ := e.opt.Target.(Freezer)
+	if f != nil {
 		if err := f.BeforeFreeze(); err != nil {
 			return err
 		}
@@ -1062,6 +1066,9 @@ func (e *Engine) appFrozen(ctx context.Context, w fsfreeze.Window) error {
 		drained = true
 		return nil
 	})
+	if f != nil {
+		f.AfterThaw() // Frozen returns thawed, whatever happened
+	}
 	// The marker goes after the thaw (a target writing it to a frozen
 	// file system would wait for the watchdog), at the place the drain
 	// left: this loop applies nothing in between. Not if the watchdog

@@ -1,6 +1,7 @@
 package stream
 
 import (
+	"context"
 	"crypto/tls"
 	"io"
 	"net"
@@ -109,5 +110,39 @@ func TestBeforeFreezeLeavesHalfALease(t *testing.T) {
 	tg.nextSeq += seqLease / 4
 	if err := tg.BeforeFreeze(); err != nil || tg.writtenVer != saved {
 		t.Fatalf("half a lease left: BeforeFreeze wrote the state again (%v)", err)
+	}
+}
+
+// A reconnect's save waits for the thaw without holding the stream's
+// lock: the engine's drain inside the freeze needs that lock, and the
+// save may be to a frozen file system.
+func TestSaveWaitsForThaw(t *testing.T) {
+	tg := &Target{ctx: context.Background(), nextSeq: 100, lease: 100 + seqLease, statePath: t.TempDir() + "/stream.json"}
+	if err := tg.BeforeFreeze(); err != nil {
+		t.Fatal(err)
+	}
+	got := make(chan error, 1)
+	go func() {
+		err := tg.lockThawed()
+		if err == nil {
+			tg.mu.Unlock()
+		}
+		got <- err
+	}()
+	select {
+	case <-got:
+		t.Fatal("a save went ahead while the file systems were frozen")
+	case <-time.After(100 * time.Millisecond):
+	}
+	tg.mu.Lock() // what the drain does meanwhile
+	tg.mu.Unlock()
+	tg.AfterThaw()
+	select {
+	case err := <-got:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the save did not go on after the thaw")
 	}
 }

@@ -197,7 +197,11 @@ func (t *Target) agree(s *session, a *wire.HelloAck, initial bool) ([]wire.DiskA
 		}
 	}
 
-	t.mu.Lock()
+	// What is agreed is saved under mu below: not while an app point
+	// holds the file systems frozen.
+	if err := t.lockThawed(); err != nil {
+		return nil, err
+	}
 	// Sequences are per machine: every disk's ResumeFrom is the machine's
 	// durable sequence + 1.
 	var resume, durable uint64

@@ -305,6 +305,13 @@ type Target struct {
 
 	sumsID uint16 // engine goroutine only
 
+	// thawed is closed when the app-consistent point that froze the file
+	// systems (BeforeFreeze) thaws them (AfterThaw); nil when none is
+	// frozen. Under mu. Saves wait for it: the state file may live on a
+	// frozen file system, and a save under mu would hold the engine's
+	// drain inside the freeze until the watchdog thaws.
+	thawed chan struct{}
+
 	persistMu  sync.Mutex
 	writtenVer uint64
 
@@ -716,10 +723,44 @@ func (t *Target) extendLeaseLocked() error {
 func (t *Target) BeforeFreeze() error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	if t.lease-t.nextSeq >= seqLease/2 {
-		return nil
+	if t.lease-t.nextSeq < seqLease/2 {
+		if err := t.extendLeaseLocked(); err != nil {
+			return err
+		}
 	}
-	return t.extendLeaseLocked()
+	if t.thawed == nil {
+		t.thawed = make(chan struct{})
+	}
+	return nil
+}
+
+// AfterThaw implements agent.Freezer: the file systems BeforeFreeze was
+// called for are thawed, and saves held back meanwhile go on.
+func (t *Target) AfterThaw() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.thawed != nil {
+		close(t.thawed)
+		t.thawed = nil
+	}
+}
+
+// lockThawed takes mu once no app-consistent point holds the file
+// systems frozen (see thawed).
+func (t *Target) lockThawed() error {
+	for {
+		t.mu.Lock()
+		ch := t.thawed
+		if ch == nil {
+			return nil
+		}
+		t.mu.Unlock()
+		select {
+		case <-ch:
+		case <-t.ctx.Done():
+			return t.ctx.Err()
+		}
+	}
 }
 
 // Resync makes the process server's bytes [off, off+len(p)) of disk dev
@@ -1058,7 +1099,7 @@ func (t *Target) persistLoop() {
 		t.mu.Lock()
 		// recoverable_until moves on an idle stream too: saved less often.
 		ruDue := t.ruHeard && !t.recoverable.Equal(t.savedRU) && time.Since(t.savedRUAt) >= persistRUEvery
-		if t.ackedSeq == last && !ruDue {
+		if t.ackedSeq == last && !ruDue || t.thawed != nil { // frozen: the next tick saves
 			t.mu.Unlock()
 			continue
 		}
