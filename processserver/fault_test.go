@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore/blobstoretest"
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore/mem"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/lifeboat-dr/lifeboat/internal/wire"
@@ -31,6 +32,7 @@ type faultFS struct {
 	freePct    atomic.Int64           // 0: real statfs
 	failStatfs atomic.Pointer[string] // statfs of this directory fails with EIO
 	failFence  atomic.Bool            // fence records cannot be written
+	readOnly   atomic.Pointer[string] // files cannot be created under this directory (EROFS)
 }
 
 func (f *faultFS) ReadFile(name string) ([]byte, error) {
@@ -62,6 +64,9 @@ func (f faultFile) Sync() error {
 func (f *faultFS) OpenFile(name string, flag int, perm fs.FileMode) (cache.File, error) {
 	if f.failFence.Load() && strings.Contains(filepath.Base(name), ".fenced-") {
 		return nil, &fs.PathError{Op: "open", Path: name, Err: syscall.EIO}
+	}
+	if d := f.readOnly.Load(); d != nil && flag&os.O_CREATE != 0 && strings.HasPrefix(name, *d+string(filepath.Separator)) {
+		return nil, &fs.PathError{Op: "open", Path: name, Err: syscall.EROFS}
 	}
 	file, err := f.OSFS.OpenFile(name, flag, perm)
 	if err != nil {
@@ -334,4 +339,30 @@ func TestUnreadableRemainsDropped(t *testing.T) {
 		ids, err := s.cache.List("m1")
 		return err == nil && len(ids) == 0
 	})
+}
+
+// TestFailingCacheDiskScrubbedOnce: a cache directory that fails every
+// write (read-only) while a lowered quorum acknowledges without it is
+// found losing shards at every Put; the server must not scrub (read every
+// cached segment from the other disks) back to back every second.
+func TestFailingCacheDiskScrubbedOnce(t *testing.T) {
+	e := newEnv(t, blobstoretest.NewFaulty(mem.New()), 4)
+	e.segAge = 20 * time.Millisecond
+	e.quorum = 3
+	ffs := &faultFS{}
+	e.cacheFS = ffs
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	a.hello("m1", disk0)
+	a.waitAck(a.batch(1, 5))
+	ro := e.cache[3]
+	ffs.readOnly.Store(&ro)
+	seq := uint64(6)
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); seq += 5 {
+		a.waitAck(a.batch(seq, 5))
+		time.Sleep(50 * time.Millisecond)
+	}
+	if n := strings.Count(e.logs.String(), "cache scrub"); n == 0 || n > 2 {
+		t.Fatalf("%d scrubs while a cache disk failed writes for 5 s, want 1 (or 2, the follow-up)", n)
+	}
 }

@@ -132,6 +132,7 @@ type env struct {
 	window   uint64 // the Backpressure window (DefaultWindow if 0)
 	applier  func(*Server) (Applier, error)
 	cacheFS  cache.FS
+	quorum   int                  // the cache's write quorum (0: every directory)
 	name     string               // the process server's ("ps" if empty; "ps2" is issued too)
 	reg      *prometheus.Registry // registers the server's metrics (nil: none)
 }
@@ -167,7 +168,7 @@ func (e *env) start() *Server {
 	cfg := Config{
 		Listen: "127.0.0.1:0", PKIDir: e.pki, Name: name, CacheDirs: e.cache,
 		RecoveryKeyFile: e.rkFile, Store: e.store, SegmentBytes: e.segBytes, SegmentAge: e.segAge,
-		MaxBacklogBytes: e.backlog, Window: e.window, NewApplier: e.applier, CacheOptions: cache.Options{FS: e.cacheFS},
+		MaxBacklogBytes: e.backlog, Window: e.window, NewApplier: e.applier, CacheOptions: cache.Options{FS: e.cacheFS, WriteQuorum: e.quorum},
 		Metrics: e.reg,
 		Logger:  slog.New(slog.NewTextHandler(io.MultiWriter(e.logs, testWriter{e.t}), &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}

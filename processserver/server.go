@@ -588,6 +588,10 @@ func (s *Server) scrubber() {
 // delete what it rebuilt.
 const rescrubAfter = 5 * time.Second
 
+// lostRescrub spaces the scrubs for directories found losing shards
+// again right after one.
+const lostRescrub = time.Minute
+
 // pendingRescrub is how often a scrub runs while a cache directory's
 // rebuild is not complete (a scrub that met a problem leaves it pending).
 const pendingRescrub = 10 * time.Minute
@@ -597,6 +601,8 @@ type cacheWatch struct {
 	dirErr  string    // the last error reported, not repeated every second
 	rescrub time.Time // the follow-up scrub after a loss
 	pending time.Time // the last scrub asked for while a rebuild is pending
+	// lostWarned is when losses were last logged.
+	lostWarned time.Time
 }
 
 // checkCacheDirs asks for a scrub when a cache directory lost its shards
@@ -606,8 +612,22 @@ func (s *Server) checkCacheDirs(w *cacheWatch) {
 	lost, err := s.cache.CheckDirs()
 	now := time.Now()
 	scrub := false
+	end := s.scrubEnd.Load()
 	switch {
+	case len(lost) > 0 && end != math.MaxInt64 && now.Sub(time.Unix(0, end)) < lostRescrub:
+		// Lost again right after a scrub: a directory that keeps failing
+		// writes (read-only, say) while a lowered quorum acks without
+		// it. Back-to-back scrubs would read every cached segment from
+		// the healthy disks each second: one follows within lostRescrub.
+		if at := time.Unix(0, end).Add(lostRescrub); w.rescrub.IsZero() || w.rescrub.After(at) {
+			w.rescrub = at
+		}
+		if now.Sub(w.lostWarned) >= lostRescrub {
+			w.lostWarned = now
+			s.log.Warn("cache directories keep losing shards (a disk failing writes?); the next rebuild follows shortly", logDir, lost)
+		}
 	case len(lost) > 0:
+		w.lostWarned = now
 		s.log.Warn("cache directories lost their shards while in use; rebuilding them", logDir, lost)
 		w.rescrub, scrub = now.Add(rescrubAfter), true
 	case !w.rescrub.IsZero() && now.After(w.rescrub):
