@@ -78,6 +78,38 @@ func TestRetryBoundsCorruptDownloads(t *testing.T) {
 	}
 }
 
+// scripted fails GetBlob with errs in turn, then serves it.
+type scripted struct {
+	blobstore.Store
+	errs  []error
+	calls int
+}
+
+func (s *scripted) GetBlob(ctx context.Context, name string) ([]byte, error) {
+	s.calls++
+	if len(s.errs) > 0 {
+		err := s.errs[0]
+		s.errs = s.errs[1:]
+		return nil, err
+	}
+	return s.Store.GetBlob(ctx, name)
+}
+
+// Only corrupt downloads count toward the bound: after an outage's
+// failed attempts, one download damaged in transit is retried.
+func TestRetryCountsOnlyCorruptDownloads(t *testing.T) {
+	_, m := newFaulty(t)
+	if err := m.PutBlob(context.Background(), "seg", []byte("data"), nil); err != nil {
+		t.Fatal(err)
+	}
+	corrupt := fmt.Errorf("md5 of the body: %w", blobstore.ErrCorrupt)
+	st := &scripted{Store: m, errs: []error{blobstoretest.ErrInjected, blobstoretest.ErrInjected, corrupt, blobstoretest.ErrInjected, corrupt}}
+	got, err := blobstore.WithRetry(st, fastRetry).GetBlob(context.Background(), "seg")
+	if err != nil || string(got) != "data" || st.calls != 6 {
+		t.Fatalf("GetBlob = %q, %v after %d calls; want the data on the 6th", got, err, st.calls)
+	}
+}
+
 func TestRetryRidesOutOutage(t *testing.T) {
 	f, _ := newFaulty(t)
 	s := blobstore.WithRetry(f, fastRetry)

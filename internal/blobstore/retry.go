@@ -103,6 +103,7 @@ const maxCorruptAttempts = 3
 func (r *retryStore) retry(ctx context.Context, op, name string, isDelete bool, fn func() error) error {
 	start := time.Now()
 	interval := r.cfg.InitialInterval
+	corrupt := 0
 	for attempt := 1; ; attempt++ {
 		err := fn()
 		if err == nil {
@@ -114,10 +115,14 @@ func (r *retryStore) retry(ctx context.Context, op, name string, isDelete bool, 
 		if IsPermanent(err) {
 			return err
 		}
-		if errors.Is(err, ErrCorrupt) && attempt >= maxCorruptAttempts {
+		if errors.Is(err, ErrCorrupt) {
 			// Damage in transit passes; damage at rest does not, and
-			// each attempt downloads the blob again.
-			return fmt.Errorf("%w (corrupt in %d downloads)", err, attempt)
+			// each attempt downloads the blob again. Only corrupt
+			// downloads count: after an outage's failed attempts, one
+			// damaged in transit must not pass for damage at rest.
+			if corrupt++; corrupt >= maxCorruptAttempts {
+				return fmt.Errorf("%w (corrupt in %d downloads)", err, corrupt)
+			}
 		}
 		if ctx.Err() != nil {
 			if errors.Is(err, ctx.Err()) {
