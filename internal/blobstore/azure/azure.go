@@ -288,7 +288,7 @@ func (s *Store) EnsureContainer(ctx context.Context) error {
 // service also stores the MD5 of a blob put in one call as its
 // Content-MD5 (computed when not given), which GetBlob verifies.
 func (s *Store) PutBlob(ctx context.Context, name string, data []byte, md blobstore.Metadata) error {
-	_, err := s.put(ctx, name, data, md, nil)
+	_, err := s.put(ctx, s.retry, name, data, md, nil)
 	return err
 }
 
@@ -307,8 +307,7 @@ func (s *Store) PutBlobIf(ctx context.Context, name string, data []byte, md blob
 	// (and the manifest's lock) until TCP gives up.
 	ro := s.retry
 	ro.MaxRetries = -1
-	ctx = policy.WithRetryOptions(ctx, ro)
-	etag, err := s.put(ctx, name, data, md, &blob.AccessConditions{ModifiedAccessConditions: cond})
+	etag, err := s.put(ctx, ro, name, data, md, &blob.AccessConditions{ModifiedAccessConditions: cond})
 	if match != "" && blobstore.IsNotFound(err) && !bloberror.HasCode(err, bloberror.ContainerNotFound) {
 		// The blob went since match was read: the condition failed.
 		return "", fmt.Errorf("azure: put blob %q: gone since ETag %s was read: %w", name, match, blobstore.ErrConflict)
@@ -328,11 +327,22 @@ func etagOf(e *azcore.ETag) string {
 	return v
 }
 
-// put is PutBlob on conditions cond (nil: none); it returns the new ETag.
-func (s *Store) put(ctx context.Context, name string, data []byte, md blobstore.Metadata, cond *blob.AccessConditions) (string, error) {
+// minUploadRate is the slowest upload a try of PutBlob is given time
+// for: a segment's try timed out at the pipeline's TryTimeout (sized for
+// a 4 MiB Put Page) restarts from its first byte, and on a crowded link
+// none would ever finish.
+const minUploadRate = 64 << 10 // bytes per second
+
+// put is PutBlob on conditions cond (nil: none) with retry options ro,
+// whose TryTimeout grows with data; it returns the new ETag.
+func (s *Store) put(ctx context.Context, ro policy.RetryOptions, name string, data []byte, md blobstore.Metadata, cond *blob.AccessConditions) (string, error) {
 	if err := checkPut(name, md); err != nil {
 		return "", err
 	}
+	if need := time.Duration(len(data)) * time.Second / minUploadRate; ro.TryTimeout > 0 && need > ro.TryTimeout {
+		ro.TryTimeout = need
+	}
+	ctx = policy.WithRetryOptions(ctx, ro)
 	if len(data) > blobstore.MaxBlockBlobSize {
 		return "", fmt.Errorf("azure: put blob %q: %d bytes exceeds the single-request limit: %w", name, len(data), blobstore.ErrInvalid)
 	}

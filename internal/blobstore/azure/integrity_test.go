@@ -394,3 +394,55 @@ func TestUnresolvableAccountPermanent(t *testing.T) {
 		t.Fatalf("stat through an unresolvable host: %v, want a permanent error naming the host name", err)
 	}
 }
+
+// slowBody sends request bodies at about rate bytes a second.
+type slowBody struct{ rate int }
+
+func (p slowBody) Do(req *policy.Request) (*http.Response, error) {
+	if b := req.Raw().Body; b != nil && req.Raw().ContentLength > 0 {
+		req.Raw().Body = &throttled{ReadCloser: b, rate: p.rate}
+	}
+	return req.Next()
+}
+
+type throttled struct {
+	io.ReadCloser
+	rate int
+}
+
+func (r *throttled) Read(p []byte) (int, error) {
+	p = p[:min(len(p), r.rate/20)]
+	time.Sleep(50 * time.Millisecond)
+	return r.ReadCloser.Read(p)
+}
+
+// A PutBlob on a slow link gets time for its size: each try cut at a
+// TryTimeout sized for a Put Page restarts from the first byte, and a
+// segment would never get through.
+func TestSlowPutBlobNotCutShort(t *testing.T) {
+	srv := azurite.ForTest(t)
+	s, err := azure.New(azure.Config{
+		ConnectionString: srv.ConnectionString(),
+		Container:        fmt.Sprintf("lbslow-%d", time.Now().UnixNano()%1e9),
+		ClientOptions: &azblob.ClientOptions{ClientOptions: azcore.ClientOptions{
+			Retry:            policy.RetryOptions{MaxRetries: -1, TryTimeout: time.Second},
+			PerRetryPolicies: []policy.Policy{slowBody{rate: 512 << 10}},
+		}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	t.Cleanup(func() { _ = s.DeleteContainer(ctx) })
+	if err := s.EnsureContainer(ctx); err != nil {
+		t.Fatal(err)
+	}
+	data := blobstoretest.Random(3, 1<<20) // about 2 s at 512 KiB/s
+	if err := s.PutBlob(ctx, "seg", data, nil); err != nil {
+		t.Fatalf("PutBlob of 1 MiB at 512 KiB/s with a 1 s try timeout: %v", err)
+	}
+	got, err := s.GetBlob(ctx, "seg")
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read back: %v (equal %v)", err, bytes.Equal(got, data))
+	}
+}
