@@ -134,7 +134,10 @@ func TestSaveWaitsForThaw(t *testing.T) {
 		t.Fatal("a save went ahead while the file systems were frozen")
 	case <-time.After(100 * time.Millisecond):
 	}
-	tg.mu.Lock() // what the drain does meanwhile
+	// What the drain does meanwhile: the lock is free.
+	if !tg.mu.TryLock() {
+		t.Fatal("the stream's lock is held while a save waits for the thaw")
+	}
 	tg.mu.Unlock()
 	tg.AfterThaw()
 	select {
