@@ -1044,6 +1044,9 @@ func (e *Engine) appFrozen(ctx context.Context, w fsfreeze.Window) error {
 		if err := f.BeforeFreeze(); err != nil {
 			return err
 		}
+		// As soon as they are: a drain the watchdog outlasted may wait
+		// for acks that only the target's next save lets in.
+		w.OnThaw = f.AfterThaw
 	}
 	var at time.Time
 	drained := false
@@ -1067,7 +1070,7 @@ func (e *Engine) appFrozen(ctx context.Context, w fsfreeze.Window) error {
 		return nil
 	})
 	if f != nil {
-		f.AfterThaw() // Frozen returns thawed, whatever happened
+		f.AfterThaw() // also when Frozen returned before freezing
 	}
 	// The marker goes after the thaw (a target writing it to a frozen
 	// file system would wait for the watchdog), at the place the drain

@@ -721,6 +721,17 @@ func (t *Target) extendLeaseLocked() error {
 // state file, which may live on one of them, under the stream's lock. It
 // makes sure half a lease is left.
 func (t *Target) BeforeFreeze() error {
+	if err := t.holdSaves(); err != nil {
+		return err
+	}
+	// A save that began before (persistLoop's) ends before the freeze.
+	t.persistMu.Lock()
+	defer t.persistMu.Unlock()
+	return nil
+}
+
+// holdSaves leaves half a lease and holds saves back until AfterThaw.
+func (t *Target) holdSaves() error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.lease-t.nextSeq < seqLease/2 {
@@ -735,7 +746,8 @@ func (t *Target) BeforeFreeze() error {
 }
 
 // AfterThaw implements agent.Freezer: the file systems BeforeFreeze was
-// called for are thawed, and saves held back meanwhile go on.
+// called for are thawed, and saves held back meanwhile go on. It may be
+// called more than once, and from another goroutine (the watchdog's).
 func (t *Target) AfterThaw() {
 	t.mu.Lock()
 	defer t.mu.Unlock()

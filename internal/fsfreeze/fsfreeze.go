@@ -237,6 +237,11 @@ type Window struct {
 	// partition): it is synced instead, and the others frozen. If nil,
 	// such a file system fails the freeze.
 	Unfreezable func(mount string)
+	// OnThaw, if set, is called once the file systems are thawed, by
+	// whoever thaws them first (the end of fn, the watchdog, ThawAll),
+	// at the latest before Frozen returns, as long as Frozen got to
+	// freezing; it must not block.
+	OnThaw func()
 }
 
 // Run runs fn while the file systems are frozen:
@@ -327,6 +332,7 @@ func (w Window) Frozen(ctx context.Context, fn func() error) (err error) {
 		}()
 	}
 	frozen := openSet()
+	frozen.onThaw = w.OnThaw
 	defer func() { err = errors.Join(err, frozen.thaw()); closeSet(frozen) }()
 	stop := make(chan struct{})
 	watchdog := make(chan error, 1)
@@ -405,6 +411,9 @@ type frozenSet struct {
 	// cannot be interrupted (it flushes the file system first), and
 	// ThawAll waits for it.
 	freezing sync.Mutex
+	// onThaw is Window.OnThaw, run once by the first thaw.
+	onThaw   func()
+	thawOnce sync.Once
 }
 
 // open lists the frozenSets of the Windows running, for ThawAll;
@@ -494,7 +503,6 @@ func (f *frozenSet) isThawed() bool {
 
 func (f *frozenSet) thaw() error {
 	f.mu.Lock()
-	defer f.mu.Unlock()
 	if !f.thawed {
 		f.thawed = true
 		for i, m := range f.mounts {
@@ -502,7 +510,12 @@ func (f *frozenSet) thaw() error {
 			unix.Close(f.fds[i])
 		}
 	}
-	return f.err
+	err := f.err
+	f.mu.Unlock()
+	if f.onThaw != nil {
+		f.thawOnce.Do(f.onThaw)
+	}
+	return err
 }
 
 // distinctFileSystems drops mount points whose file system (st_dev) was

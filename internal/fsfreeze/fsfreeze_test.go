@@ -574,3 +574,32 @@ func TestThawAll(t *testing.T) {
 		t.Fatalf("Run after ThawAll = %v, want ErrThaw", err)
 	}
 }
+
+// OnThaw runs when the file systems are thawed, also by the watchdog
+// while fn still runs: fn may be waiting for what only the thaw lets
+// happen (an agent's drain for acks behind a state save).
+func TestOnThawFromWatchdog(t *testing.T) {
+	_, dir := newExt4(t)
+	thawed := make(chan struct{})
+	calls := 0
+	w := Window{Mounts: []string{dir}, Timeout: 200 * time.Millisecond, OnThaw: func() { calls++; close(thawed) }}
+	err := w.Frozen(t.Context(), func() error {
+		select {
+		case <-thawed:
+			return nil
+		case <-time.After(10 * time.Second):
+			return errors.New("OnThaw not called while fn ran past the watchdog")
+		}
+	})
+	if !errors.Is(err, ErrTimeout) {
+		t.Fatalf("Frozen = %v, want ErrTimeout from the watchdog", err)
+	}
+	if calls != 1 {
+		t.Fatalf("OnThaw called %d times, want once", calls)
+	}
+	// And at the end of fn, when no watchdog fired.
+	n := 0
+	if err := (Window{Mounts: []string{dir}, OnThaw: func() { n++ }}).Frozen(t.Context(), func() error { return nil }); err != nil || n != 1 {
+		t.Fatalf("Frozen = %v, OnThaw called %d times; want nil, once", err, n)
+	}
+}
