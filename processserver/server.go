@@ -74,9 +74,11 @@ type Server struct {
 	cachePaused atomic.Bool  // cache nearly full: every agent paused
 	// scrubReq asks the scrubber for a scrub of the cache (buffered: a
 	// request while one runs makes it run once more); scrubEnd is when the
-	// last one ended (unix nanos).
+	// last one ended (unix nanos; MaxInt64 while one runs).
 	scrubReq chan struct{}
 	scrubEnd atomic.Int64
+	// scrubStart is when the last scrub started (0: none yet).
+	scrubStart atomic.Int64
 
 	mu       sync.Mutex
 	machines map[string]*machine
@@ -568,6 +570,7 @@ func (s *Server) scrubber() {
 		if s.ctx.Err() != nil {
 			return // both were ready: stopping wins
 		}
+		s.scrubStart.Store(time.Now().UnixNano())
 		s.scrubEnd.Store(math.MaxInt64) // running: no rescrub counts from it
 		r, err := s.cache.Scrub(s.ctx)
 		s.scrubEnd.Store(time.Now().UnixNano())
@@ -612,14 +615,15 @@ func (s *Server) checkCacheDirs(w *cacheWatch) {
 	lost, err := s.cache.CheckDirs()
 	now := time.Now()
 	scrub := false
-	end := s.scrubEnd.Load()
+	start := s.scrubStart.Load()
 	switch {
-	case len(lost) > 0 && end != math.MaxInt64 && now.Sub(time.Unix(0, end)) < lostRescrub:
-		// Lost again right after a scrub: a directory that keeps failing
-		// writes (read-only, say) while a lowered quorum acks without
-		// it. Back-to-back scrubs would read every cached segment from
-		// the healthy disks each second: one follows within lostRescrub.
-		if at := time.Unix(0, end).Add(lostRescrub); w.rescrub.IsZero() || w.rescrub.After(at) {
+	case len(lost) > 0 && start != 0 && now.Sub(time.Unix(0, start)) < lostRescrub:
+		// Lost again soon after a scrub started (while it runs, or right
+		// after): a directory that keeps failing writes (read-only,
+		// say) while a lowered quorum acks without it. Back-to-back
+		// scrubs would read every cached segment from the healthy disks
+		// over and over: the next starts lostRescrub after the last.
+		if at := time.Unix(0, start).Add(lostRescrub); w.rescrub.IsZero() || w.rescrub.After(at) {
 			w.rescrub = at
 		}
 		if now.Sub(w.lostWarned) >= lostRescrub {
