@@ -765,3 +765,29 @@ func TestDeletedManifestRestored(t *testing.T) {
 		})
 	}
 }
+
+// A manifest deleted with its journal (the machine's blobs removed) is
+// not written back: it would name segments nobody can read.
+func TestDeletedManifestAndJournalNotRestored(t *testing.T) {
+	store := mem.New()
+	e := newEnv(t, store, 1)
+	e.segAge = 20 * time.Millisecond
+	_, a, _ := e.serveFirst()
+	ctx := context.Background()
+	infos, err := store.ListBlobs(ctx, "m1/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, bi := range infos {
+		if err := store.DeleteBlob(ctx, bi.Name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	a.waitAck(a.batch(6, 5))
+	eventually(t, 10*time.Second, "the refusal logged", func() bool {
+		return strings.Contains(e.logs.String(), "not writing it back")
+	})
+	if _, err := store.Stat(ctx, layout.ManifestName("m1")); !blobstore.IsNotFound(err) {
+		t.Fatalf("manifest written back without its journal: %v", err)
+	}
+}

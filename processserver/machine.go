@@ -622,12 +622,27 @@ func (m *machine) ownConflict(ctx context.Context, name string, raw []byte, err 
 // with it. Created only where none is, so a manifest written meanwhile
 // by another server still fences this one. manMu is held.
 func (m *machine) restoreManifest(ctx context.Context, name string, raw []byte) (string, error) {
-	m.log.Error("the manifest of this machine was deleted from the account by someone else: writing it again from what this process server holds",
-		logBlob, name)
 	man, err := layout.UnmarshalManifest(raw)
 	if err != nil {
 		return "", err
 	}
+	m.mu.Lock()
+	d := m.savedDurable // what the deleted manifest vouched for
+	m.mu.Unlock()
+	if d > 0 {
+		// Its journal gone too (the machine's blobs removed, the
+		// container replaced), a manifest put back would name segments
+		// nobody can read. A segment holds fewer than 10⁵ records.
+		segs, err := recovery.ListSegmentsFrom(ctx, m.s.store, m.name, d-min(d-1, 100_000), d)
+		if err != nil {
+			return "", err
+		}
+		if !slices.ContainsFunc(segs, func(s recovery.Segment) bool { return s.Last == d }) {
+			return "", fmt.Errorf("the manifest of %s was deleted from the account, and so was the journal segment ending at sequence %d it named (the machine's blobs removed, or the container replaced?): not writing it back", m.name, d)
+		}
+	}
+	m.log.Error("the manifest of this machine was deleted from the account by someone else: writing it again from what this process server holds",
+		logBlob, name)
 	m.mu.Lock()
 	wrapped := m.wrapped[man.KeyID]
 	m.mu.Unlock()
