@@ -63,6 +63,13 @@ type mirrorState struct {
 
 const stateVersion = 1
 
+// isDevNull reports whether fi is the null device (1:3), whatever its
+// name.
+func isDevNull(fi os.FileInfo) bool {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	return ok && fi.Mode()&os.ModeCharDevice != 0 && unix.Major(st.Rdev) == 1 && unix.Minor(st.Rdev) == 3
+}
+
 // checkNotOn refuses a mirror target whose writes reach the source device
 // src (named device): the target's device or file system, or anything
 // below it (blockdev.Overlaps). A character device (/dev/null) writes
@@ -198,7 +205,11 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	// must not replace the state of the real mirror.
 	switch {
 	case fi.Mode().IsRegular():
-	case fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice != 0:
+	case fi.Mode()&os.ModeCharDevice != 0 && isDevNull(fi):
+	case fi.Mode()&os.ModeCharDevice != 0:
+		// Only /dev/null keeps no copy on purpose: another character
+		// device (/dev/nvme1 for /dev/nvme1n1) would swallow it silently.
+		return fmt.Errorf("mirror file %s: a character device; the mirror goes to a file, a block device or /dev/null", cfg.To)
 	case fi.Mode()&os.ModeDevice != 0:
 		if tsize, err := f.Seek(0, io.SeekEnd); err != nil || tsize < size {
 			return fmt.Errorf("mirror device %s: %d bytes, smaller than %s (%d bytes)", cfg.To, tsize, cfg.Device, size)

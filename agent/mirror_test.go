@@ -527,6 +527,19 @@ func TestMirrorBadInput(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "mirror file") {
 		t.Errorf("directory as mirror file: %v", err)
 	}
+	// A character device other than /dev/null (a mistyped NVMe name)
+	// would swallow the copy: refused. /dev/full fails writes anyway;
+	// /dev/zero takes them silently.
+	for _, cdev := range []string{"/dev/zero", "/dev/full"} {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second) // accepted, it would mirror on
+		state := filepath.Join(dir, "s"+filepath.Base(cdev))
+		err = RunMirror(ctx, MirrorConfig{Device: d.Path, To: cdev, StateDir: state})
+		cancel()
+		Release(state)
+		if err == nil || !strings.Contains(err.Error(), "character device") {
+			t.Errorf("%s as mirror file: %v", cdev, err)
+		}
+	}
 
 	// A state directory another agent holds is refused, to run and to
 	// release (they would share one pinned capture).
