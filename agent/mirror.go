@@ -520,6 +520,15 @@ func blockStamp(major, minor uint32) string {
 		}
 		return w, d, true
 	}
+	// Counters only vouch for a device whose queue counts its I/O
+	// (queue/iostats, off by tuning on some NVMe hosts).
+	queue := filepath.Join(dir, "queue")
+	if _, err := os.Stat(filepath.Join(dir, "partition")); err == nil {
+		queue = filepath.Join(filepath.Dir(dir), "queue")
+	}
+	if b, err := os.ReadFile(filepath.Join(queue, "iostats")); err != nil || strings.TrimSpace(string(b)) != "1" {
+		return ""
+	}
 	w, d, ok := counts(dir)
 	if !ok {
 		return ""
