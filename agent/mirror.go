@@ -205,6 +205,12 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	// must not replace the state of the real mirror.
 	switch {
 	case fi.Mode().IsRegular():
+		// Written through a loop device too (left mounted to look at
+		// the copy, or the source's own backing file), the file would
+		// take writes the state never hears of.
+		if loops := blockdev.LoopsBackedBy(fi); len(loops) > 0 {
+			return fmt.Errorf("mirror file %s backs loop device %s: detach it first (losetup -d)", cfg.To, strings.Join(loops, ", "))
+		}
 	case fi.Mode()&os.ModeCharDevice != 0 && isDevNull(fi):
 	case fi.Mode()&os.ModeCharDevice != 0:
 		// Only /dev/null keeps no copy on purpose: another character

@@ -527,6 +527,24 @@ func TestMirrorBadInput(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "mirror file") {
 		t.Errorf("directory as mirror file: %v", err)
 	}
+	// A mirror file a loop device reads and writes too (attached to
+	// look at the copy, or the source's own backing file).
+	lf := filepath.Join(dir, "looped.img")
+	if err := os.WriteFile(lf, make([]byte, 16<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ld, err := loopdev.Attach(lf, loopdev.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lctx, lcancel := context.WithTimeout(context.Background(), 10*time.Second) // accepted, it would mirror on
+	err = RunMirror(lctx, MirrorConfig{Device: d.Path, To: lf, StateDir: filepath.Join(dir, "sl")})
+	lcancel()
+	Release(filepath.Join(dir, "sl"))
+	ld.Detach()
+	if err == nil || !strings.Contains(err.Error(), "backs loop device "+ld.Path) {
+		t.Errorf("mirror file backing a loop device: %v", err)
+	}
 	// A character device other than /dev/null (a mistyped NVMe name)
 	// would swallow the copy: refused. /dev/full fails writes anyway;
 	// /dev/zero takes them silently.

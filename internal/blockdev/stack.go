@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -253,4 +254,31 @@ func parseDev(s string) (Dev, bool) {
 	var d Dev
 	_, err := fmt.Sscanf(s, "%d:%d", &d.Major, &d.Minor)
 	return d, err == nil
+}
+
+// LoopsBackedBy returns the loop devices ("/dev/loop3") whose backing
+// file is the file fi describes, by the kernel's own answer (device and
+// inode), whatever path they were attached by.
+func LoopsBackedBy(fi os.FileInfo) []string {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return nil
+	}
+	loops, _ := filepath.Glob("/sys/block/loop*")
+	var out []string
+	for _, sys := range loops {
+		if _, err := os.Stat(filepath.Join(sys, "loop", "backing_file")); err != nil {
+			continue // not attached
+		}
+		f, err := os.Open("/dev/" + filepath.Base(sys))
+		if err != nil {
+			continue
+		}
+		info, err := unix.IoctlLoopGetStatus64(int(f.Fd()))
+		f.Close()
+		if err == nil && info.Device == st.Dev && info.Inode == st.Ino {
+			out = append(out, "/dev/"+filepath.Base(sys))
+		}
+	}
+	return out
 }
