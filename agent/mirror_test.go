@@ -545,6 +545,16 @@ func TestMirrorBadInput(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "backs loop device "+ld.Path) {
 		t.Errorf("mirror file backing a loop device: %v", err)
 	}
+	// Attached read-only (losetup -r, to look at the copy), it writes
+	// nothing: accepted.
+	ro, err := loopdev.Attach(lf, loopdev.Options{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if loops := blockdev.LoopsBackedBy(mustStat(t, lf)); len(loops) != 0 {
+		t.Errorf("read-only loop device %s counted as writing to its backing file: %v", ro.Path, loops)
+	}
+	ro.Detach()
 	// A character device other than /dev/null (a mistyped NVMe name)
 	// would swallow the copy: refused. /dev/full fails writes anyway;
 	// /dev/zero takes them silently.
@@ -838,4 +848,13 @@ func TestMirrorDeviceWithoutIOStats(t *testing.T) {
 		t.Fatalf("mirror device without I/O accounting resumed after a clean stop: its counters vouch for nothing")
 	}
 	assertSameBytes(t, d.Path, m.Path)
+}
+
+func mustStat(t *testing.T, path string) os.FileInfo {
+	t.Helper()
+	fi, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fi
 }

@@ -790,4 +790,13 @@ func TestDeletedManifestAndJournalNotRestored(t *testing.T) {
 	if _, err := store.Stat(ctx, layout.ManifestName("m1")); !blobstore.IsNotFound(err) {
 		t.Fatalf("manifest written back without its journal: %v", err)
 	}
+	// A replica left (retention may have pruned an idle machine's
+	// journal up to durable_seq): written back.
+	if err := store.CreatePageBlob(ctx, layout.DiskName("m1", disk0.Name), 1<<20, nil); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 60*time.Second, "the manifest written back beside the replica", func() bool {
+		_, err := store.Stat(ctx, layout.ManifestName("m1"))
+		return err == nil
+	})
 }

@@ -626,20 +626,10 @@ func (m *machine) restoreManifest(ctx context.Context, name string, raw []byte) 
 	if err != nil {
 		return "", err
 	}
-	m.mu.Lock()
-	d := m.savedDurable // what the deleted manifest vouched for
-	m.mu.Unlock()
-	if d > 0 {
-		// Its journal gone too (the machine's blobs removed, the
-		// container replaced), a manifest put back would name segments
-		// nobody can read. A segment holds fewer than 10⁵ records.
-		segs, err := recovery.ListSegmentsFrom(ctx, m.s.store, m.name, d-min(d-1, 100_000), d)
-		if err != nil {
-			return "", err
-		}
-		if !slices.ContainsFunc(segs, func(s recovery.Segment) bool { return s.Last == d }) {
-			return "", fmt.Errorf("the manifest of %s was deleted from the account, and so was the journal segment ending at sequence %d it named (the machine's blobs removed, or the container replaced?): not writing it back", m.name, d)
-		}
+	if gone, err := m.blobsGone(ctx, man); err != nil {
+		return "", err
+	} else if gone {
+		return "", fmt.Errorf("the manifest of %s was deleted from the account, and so were its replicas and journal (the machine's blobs removed, or the container replaced?): not writing it back", m.name)
 	}
 	m.log.Error("the manifest of this machine was deleted from the account by someone else: writing it again from what this process server holds",
 		logBlob, name)
@@ -658,6 +648,34 @@ func (m *machine) restoreManifest(ctx context.Context, name string, raw []byte) 
 		}
 	}
 	return m.s.store.PutBlobIf(blobstore.Unmetered(ctx), name, raw, nil, "")
+}
+
+// blobsGone reports whether nothing the deleted manifest vouched for is
+// left either: no replica page blob of its disks and no journal segment
+// up to its durable_seq. (Retention may have pruned the journal of an
+// idle machine up to durable_seq; its replicas stay.)
+func (m *machine) blobsGone(ctx context.Context, man *layout.Manifest) (bool, error) {
+	m.mu.Lock()
+	vouched := m.savedDurable
+	m.mu.Unlock()
+	if vouched == 0 {
+		return false, nil // nothing was: nothing to lose
+	}
+	for _, d := range man.Disks {
+		_, err := m.s.store.Stat(ctx, layout.DiskName(m.name, d.Name))
+		if err == nil {
+			return false, nil
+		}
+		if !blobstore.IsNotFound(err) {
+			return false, err
+		}
+	}
+	// No replica yet (none applied): the journal is short.
+	segs, err := recovery.ListSegments(ctx, m.s.store, m.name)
+	if err != nil {
+		return false, err
+	}
+	return !slices.ContainsFunc(segs, func(s recovery.Segment) bool { return s.First <= vouched }), nil
 }
 
 // errFenced: this process server no longer serves the machine.

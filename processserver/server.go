@@ -615,15 +615,21 @@ func (s *Server) checkCacheDirs(w *cacheWatch) {
 	lost, err := s.cache.CheckDirs()
 	now := time.Now()
 	scrub := false
-	start := s.scrubStart.Load()
+	start, end := s.scrubStart.Load(), s.scrubEnd.Load()
+	recent := func(ns int64) bool { return ns != 0 && ns != math.MaxInt64 && now.Sub(time.Unix(0, ns)) < lostRescrub }
 	switch {
-	case len(lost) > 0 && start != 0 && now.Sub(time.Unix(0, start)) < lostRescrub:
-		// Lost again soon after a scrub started (while it runs, or right
-		// after): a directory that keeps failing writes (read-only,
-		// say) while a lowered quorum acks without it. Back-to-back
-		// scrubs would read every cached segment from the healthy disks
-		// over and over: the next starts lostRescrub after the last.
-		if at := time.Unix(0, start).Add(lostRescrub); w.rescrub.IsZero() || w.rescrub.After(at) {
+	case len(lost) > 0 && (end == math.MaxInt64 || recent(start) || recent(end)):
+		// Lost while a scrub runs or within lostRescrub of one: a
+		// directory that keeps failing writes (read-only, say) while a
+		// lowered quorum acks without it. Back-to-back scrubs would read
+		// every cached segment from the healthy disks over and over:
+		// the next follows lostRescrub after the last one's start and
+		// end, or, once the losses stop, at the rescrub time.
+		at := now.Add(rescrubAfter)
+		if end != math.MaxInt64 {
+			at = time.Unix(0, max(start, end)).Add(lostRescrub)
+		}
+		if w.rescrub.IsZero() || w.rescrub.After(at) {
 			w.rescrub = at
 		}
 		if now.Sub(w.lostWarned) >= lostRescrub {

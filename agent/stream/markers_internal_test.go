@@ -149,3 +149,29 @@ func TestSaveWaitsForThaw(t *testing.T) {
 		t.Fatal("the save did not go on after the thaw")
 	}
 }
+
+// A once-a-second save under way when a freeze begins ends before it:
+// written after, it would hold the save lock until the thaw.
+func TestBeforeFreezeWaitsForSaveUnderWay(t *testing.T) {
+	tg := &Target{ctx: context.Background(), nextSeq: 100, lease: 100 + seqLease, statePath: t.TempDir() + "/stream.json", saving: 1}
+	tg.cond.L = &tg.mu
+	done := make(chan error, 1)
+	go func() { done <- tg.BeforeFreeze() }()
+	select {
+	case err := <-done:
+		t.Fatalf("BeforeFreeze returned (%v) with a save under way", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	tg.mu.Lock()
+	tg.saving--
+	tg.cond.Broadcast()
+	tg.mu.Unlock()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("BeforeFreeze still waiting after the save ended")
+	}
+}

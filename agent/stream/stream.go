@@ -311,6 +311,7 @@ type Target struct {
 	// frozen file system, and a save under mu would hold the engine's
 	// drain inside the freeze until the watchdog thaws.
 	thawed chan struct{}
+	saving int // persistLoop's saves under way; under mu
 
 	persistMu  sync.Mutex
 	writtenVer uint64
@@ -721,17 +722,6 @@ func (t *Target) extendLeaseLocked() error {
 // state file, which may live on one of them, under the stream's lock. It
 // makes sure half a lease is left.
 func (t *Target) BeforeFreeze() error {
-	if err := t.holdSaves(); err != nil {
-		return err
-	}
-	// A save that began before (persistLoop's) ends before the freeze.
-	t.persistMu.Lock()
-	defer t.persistMu.Unlock()
-	return nil
-}
-
-// holdSaves leaves half a lease and holds saves back until AfterThaw.
-func (t *Target) holdSaves() error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.lease-t.nextSeq < seqLease/2 {
@@ -741,6 +731,10 @@ func (t *Target) holdSaves() error {
 	}
 	if t.thawed == nil {
 		t.thawed = make(chan struct{})
+	}
+	// A save that began before (persistLoop's) ends before the freeze.
+	for t.saving > 0 {
+		t.cond.Wait()
 	}
 	return nil
 }
@@ -1117,8 +1111,14 @@ func (t *Target) persistLoop() {
 		}
 		last = t.ackedSeq
 		snap := t.snapshotLocked()
+		t.saving++
 		t.mu.Unlock()
-		if err := t.persist(snap); err != nil {
+		err := t.persist(snap)
+		t.mu.Lock()
+		t.saving--
+		t.cond.Broadcast() // BeforeFreeze
+		t.mu.Unlock()
+		if err != nil {
 			t.log.Error("cannot save the stream state", keyErr, err)
 		}
 	}

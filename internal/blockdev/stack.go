@@ -256,8 +256,8 @@ func parseDev(s string) (Dev, bool) {
 	return d, err == nil
 }
 
-// LoopsBackedBy returns the loop devices ("/dev/loop3") whose backing
-// file is the file fi describes, by the kernel's own answer (device and
+// LoopsBackedBy returns the loop devices ("/dev/loop3") that can write
+// to the file fi describes (their backing file, not read-only), by the kernel's own answer (device and
 // inode), whatever path they were attached by.
 func LoopsBackedBy(fi os.FileInfo) []string {
 	st, ok := fi.Sys().(*syscall.Stat_t)
@@ -276,7 +276,9 @@ func LoopsBackedBy(fi os.FileInfo) []string {
 		}
 		info, err := unix.IoctlLoopGetStatus64(int(f.Fd()))
 		f.Close()
-		if err == nil && info.Device == st.Dev && info.Inode == st.Ino {
+		// Read-only attachments (losetup -r, to look at a copy) write
+		// nothing.
+		if err == nil && info.Device == st.Dev && info.Inode == st.Ino && info.Flags&unix.LO_FLAGS_READ_ONLY == 0 {
 			out = append(out, "/dev/"+filepath.Base(sys))
 		}
 	}

@@ -331,8 +331,7 @@ func (w Window) Frozen(ctx context.Context, fn func() error) (err error) {
 			}
 		}()
 	}
-	frozen := openSet()
-	frozen.onThaw = w.OnThaw
+	frozen := openSet(w.OnThaw)
 	defer func() { err = errors.Join(err, frozen.thaw()); closeSet(frozen) }()
 	stop := make(chan struct{})
 	watchdog := make(chan error, 1)
@@ -424,8 +423,8 @@ var open = struct {
 	stopping bool
 }{sets: make(map[*frozenSet]struct{})}
 
-func openSet() *frozenSet {
-	f := &frozenSet{}
+func openSet(onThaw func()) *frozenSet {
+	f := &frozenSet{onThaw: onThaw}
 	open.Lock()
 	if open.stopping {
 		f.thawed, f.err = true, fmt.Errorf("fsfreeze: %w: the process is stopping", ErrThaw)
@@ -464,7 +463,12 @@ func ThawAll(timeout time.Duration) {
 				f.err = errors.Join(f.err, fmt.Errorf("fsfreeze: %w: thawed early, the process stopping", ErrThaw))
 			}
 			f.mu.Unlock()
-			f.thaw()
+			f.thawOnly()
+		}
+		// Told once all are thawed: a callback that waits holds up no
+		// thaw.
+		for _, f := range sets {
+			f.tellThawed()
 		}
 		for _, f := range sets {
 			// A freeze under way: add undoes it.
@@ -502,7 +506,15 @@ func (f *frozenSet) isThawed() bool {
 }
 
 func (f *frozenSet) thaw() error {
+	err := f.thawOnly()
+	f.tellThawed()
+	return err
+}
+
+// thawOnly thaws the set without telling OnThaw.
+func (f *frozenSet) thawOnly() error {
 	f.mu.Lock()
+	defer f.mu.Unlock()
 	if !f.thawed {
 		f.thawed = true
 		for i, m := range f.mounts {
@@ -510,12 +522,14 @@ func (f *frozenSet) thaw() error {
 			unix.Close(f.fds[i])
 		}
 	}
-	err := f.err
-	f.mu.Unlock()
+	return f.err
+}
+
+// tellThawed tells OnThaw, once.
+func (f *frozenSet) tellThawed() {
 	if f.onThaw != nil {
 		f.thawOnce.Do(f.onThaw)
 	}
-	return err
 }
 
 // distinctFileSystems drops mount points whose file system (st_dev) was
