@@ -75,11 +75,17 @@ func TestCorruptionInTransitIsDetected(t *testing.T) {
 // pass through p, with the SDK's own retries off.
 func storeThrough(t *testing.T, srv *azurite.Server, p policy.Policy, mode azure.ChecksumMode) *azure.Store {
 	t.Helper()
+	return storeThroughWith(t, srv, p, mode, policy.RetryOptions{MaxRetries: -1})
+}
+
+// storeThroughWith is storeThrough with the SDK's retry options ro.
+func storeThroughWith(t *testing.T, srv *azurite.Server, p policy.Policy, mode azure.ChecksumMode, ro policy.RetryOptions) *azure.Store {
+	t.Helper()
 	s, err := azure.New(azure.Config{
 		ConnectionString: srv.ConnectionString(),
 		Container:        fmt.Sprintf("lbfault-%d", time.Now().UnixNano()%1e9),
 		ClientOptions: &azblob.ClientOptions{ClientOptions: azcore.ClientOptions{
-			Retry:            policy.RetryOptions{MaxRetries: -1},
+			Retry:            ro,
 			PerRetryPolicies: []policy.Policy{p},
 		}},
 		Checksum: mode,
@@ -421,22 +427,8 @@ func (r *throttled) Read(p []byte) (int, error) {
 // segment would never get through.
 func TestSlowPutBlobNotCutShort(t *testing.T) {
 	srv := azurite.ForTest(t)
-	s, err := azure.New(azure.Config{
-		ConnectionString: srv.ConnectionString(),
-		Container:        fmt.Sprintf("lbslow-%d", time.Now().UnixNano()%1e9),
-		ClientOptions: &azblob.ClientOptions{ClientOptions: azcore.ClientOptions{
-			Retry:            policy.RetryOptions{MaxRetries: -1, TryTimeout: time.Second},
-			PerRetryPolicies: []policy.Policy{slowBody{rate: 512 << 10}},
-		}},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := storeThroughWith(t, srv, slowBody{rate: 512 << 10}, azure.ChecksumAuto, policy.RetryOptions{MaxRetries: -1, TryTimeout: time.Second})
 	ctx := context.Background()
-	t.Cleanup(func() { _ = s.DeleteContainer(ctx) })
-	if err := s.EnsureContainer(ctx); err != nil {
-		t.Fatal(err)
-	}
 	data := blobstoretest.Random(3, 1<<20) // about 2 s at 512 KiB/s
 	if err := s.PutBlob(ctx, "seg", data, nil); err != nil {
 		t.Fatalf("PutBlob of 1 MiB at 512 KiB/s with a 1 s try timeout: %v", err)
