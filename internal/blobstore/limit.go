@@ -48,6 +48,21 @@ func Unmetered(ctx context.Context) context.Context {
 
 type unmeteredKey struct{}
 
+// resendKey holds, in the context of an upload a write limit admitted,
+// how to charge a resend of n of its bytes (chargeResend).
+type resendKey struct{}
+
+// chargeResend takes n more bytes from the write limit that admitted the
+// upload ctx belongs to, if any: a retry below it sends the bytes again,
+// and on a link that failed mid-body (a timeout, a checksum mismatch, a
+// lost reply) they did flow the first time.
+func chargeResend(ctx context.Context, n int) error {
+	if f, ok := ctx.Value(resendKey{}).(func(int) error); ok {
+		return f(n)
+	}
+	return nil
+}
+
 // waitBlob is wait for a blob upload of n bytes, at once for an
 // Unmetered one. (Not for Put Page: the applier's many small pages are
 // the bulk of a replica's traffic.)
@@ -77,26 +92,33 @@ func (l *limitStore) PutBlob(ctx context.Context, name string, data []byte, md M
 	if err := l.waitBlob(ctx, len(data)); err != nil {
 		return err
 	}
-	return l.Store.PutBlob(ctx, name, data, md)
+	return l.Store.PutBlob(l.resends(ctx, l.waitBlob), name, data, md)
 }
 
 func (l *limitStore) PutBlobIf(ctx context.Context, name string, data []byte, md Metadata, match string) (string, error) {
 	if err := l.waitBlob(ctx, len(data)); err != nil {
 		return "", err
 	}
-	return l.Store.PutBlobIf(ctx, name, data, md, match)
+	return l.Store.PutBlobIf(l.resends(ctx, l.waitBlob), name, data, md, match)
+}
+
+// resends returns ctx telling the decorators below how to charge a
+// resend (chargeResend): as wait does.
+func (l *limitStore) resends(ctx context.Context, wait func(context.Context, int) error) context.Context {
+	return context.WithValue(ctx, resendKey{}, func(n int) error { return wait(ctx, n) })
 }
 
 func (l *limitStore) WritePages(ctx context.Context, name string, offset int64, data []byte) error {
 	if err := CheckPageRange(offset, int64(len(data))); err != nil {
 		return err
 	}
+	rctx := l.resends(ctx, l.wait)
 	for len(data) > 0 {
 		n := min(len(data), l.chunk)
 		if err := l.wait(ctx, n); err != nil {
 			return err
 		}
-		if err := l.Store.WritePages(ctx, name, offset, data[:n]); err != nil {
+		if err := l.Store.WritePages(rctx, name, offset, data[:n]); err != nil {
 			return err
 		}
 		data, offset = data[n:], offset+int64(n)

@@ -169,19 +169,34 @@ func (r *retryStore) EnsureContainer(ctx context.Context) error {
 	return r.retry(ctx, "ensure-container", "", false, func() error { return r.s.EnsureContainer(ctx) })
 }
 
+// resent charges a write limit above for each attempt after the first of
+// an upload of n bytes (chargeResend), then runs fn.
+func resent(ctx context.Context, n int, fn func() error) func() error {
+	first := true
+	return func() error {
+		if !first {
+			if err := chargeResend(ctx, n); err != nil {
+				return err
+			}
+		}
+		first = false
+		return fn()
+	}
+}
+
 func (r *retryStore) PutBlob(ctx context.Context, name string, data []byte, md Metadata) error {
-	return r.retry(ctx, "put-blob", name, false, func() error { return r.s.PutBlob(ctx, name, data, md) })
+	return r.retry(ctx, "put-blob", name, false, resent(ctx, len(data), func() error { return r.s.PutBlob(ctx, name, data, md) }))
 }
 
 func (r *retryStore) PutBlobIf(ctx context.Context, name string, data []byte, md Metadata, match string) (string, error) {
 	var etag string
 	attempts := 0
-	err := r.retry(ctx, "put-blob-if", name, false, func() error {
+	err := r.retry(ctx, "put-blob-if", name, false, resent(ctx, len(data), func() error {
 		attempts++
 		var err error
 		etag, err = r.s.PutBlobIf(ctx, name, data, md, match)
 		return err
-	})
+	}))
 	if attempts == 1 || !errors.Is(err, ErrConflict) {
 		return etag, err
 	}
@@ -257,7 +272,7 @@ func (r *retryStore) CreatePageBlob(ctx context.Context, name string, size int64
 }
 
 func (r *retryStore) WritePages(ctx context.Context, name string, offset int64, data []byte) error {
-	return r.retry(ctx, "write-pages", name, false, func() error { return r.s.WritePages(ctx, name, offset, data) })
+	return r.retry(ctx, "write-pages", name, false, resent(ctx, len(data), func() error { return r.s.WritePages(ctx, name, offset, data) }))
 }
 
 func (r *retryStore) ClearPages(ctx context.Context, name string, offset, length int64) error {

@@ -20,9 +20,10 @@ type StackConfig struct {
 //
 // The limiter is outermost so it splits WritePages into MaxPutPage chunks
 // and paces them; retry sits below it so that a failed chunk is retried on
-// its own rather than re-sending the whole write (resent bytes are not
-// charged again: during an outage nothing flows anyway). Logging is
-// innermost so every attempt, including failed ones, is recorded.
+// its own rather than re-sending the whole write (and charges the limit
+// again for each resend: bytes of a try that failed mid-body did flow).
+// Logging is innermost so every attempt, including failed ones, is
+// recorded.
 func Stack(base Store, cfg StackConfig) Store {
 	if cfg.Retry.Logger == nil {
 		cfg.Retry.Logger = cfg.Logger
