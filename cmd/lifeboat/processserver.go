@@ -90,7 +90,7 @@ while the cache absorbs the stream.`,
 	f.StringVar(&cfg.Name, "name", "", "this server's certificate name (role process-server)")
 	f.StringSliceVar(&cfg.CacheDirs, "cache", nil, "cache directories, one per cache disk (comma-separated or repeated)")
 	f.IntVar(&cfg.CacheOptions.WriteQuorum, "cache-write-quorum", 0,
-		"shards a cache write makes durable before the agent is acked (0: one per cache directory); lower, at least data shards + 1, keeps agents streaming with a cache disk down, at reduced redundancy until its rebuild")
+		"shards a cache write makes durable before the agent is acked (0: one per cache directory); lower, more than the data and more than the parity shards, keeps agents streaming with a cache disk down, at reduced redundancy until its rebuild")
 	f.StringVar(&cfg.RecoveryKeyFile, "recovery-key", "", "recovery key file (lifeboat keys init)")
 	f.StringVar(&cfg.Container, "container", layout.DefaultContainer, "storage account container")
 	f.StringVar(&cfg.MetricsListen, "metrics", "", "serve Prometheus metrics on ADDR/metrics (off when empty)")

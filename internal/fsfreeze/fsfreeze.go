@@ -240,7 +240,8 @@ type Window struct {
 	// OnThaw, if set, is called once the file systems are thawed, by
 	// whoever thaws them first (the end of fn, the watchdog, ThawAll),
 	// at the latest before Frozen returns, as long as Frozen got to
-	// freezing; it must not block.
+	// freezing. It must not wait for long: the thaws of ThawAll's other
+	// Windows do not wait for it, but Frozen's return does.
 	OnThaw func()
 }
 
