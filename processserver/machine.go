@@ -392,6 +392,12 @@ func (m *machine) loadKey(ctx context.Context, idHex string) (*seal.Key, error) 
 	return seal.NewKey(id, material)
 }
 
+// keyMeta is a wrapped data key blob's metadata: the recovery key's
+// fingerprint, which recovery names when given another key.
+func (m *machine) keyMeta() blobstore.Metadata {
+	return blobstore.Metadata{layout.MetaKeyFP: seal.Fingerprint(m.s.recoveryKey)}
+}
+
 func (m *machine) keepWrapped(id seal.KeyID, wrapped []byte) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -484,8 +490,7 @@ func (m *machine) ensureKey(ctx context.Context) (*seal.Key, error) {
 		return nil, err
 	}
 	name := layout.KeyName(m.name, id)
-	md := blobstore.Metadata{layout.MetaKeyFP: seal.Fingerprint(m.s.recoveryKey)}
-	if err := m.s.store.PutBlob(blobstore.Unmetered(ctx), name, wrapped, md); err != nil {
+	if err := m.s.store.PutBlob(blobstore.Unmetered(ctx), name, wrapped, m.keyMeta()); err != nil {
 		return nil, fmt.Errorf("store data key %s: %w", name, err)
 	}
 	m.keepWrapped(id, wrapped)
@@ -638,8 +643,7 @@ func (m *machine) restoreManifest(ctx context.Context, name string, raw []byte) 
 	m.mu.Unlock()
 	if wrapped != nil {
 		kname := layout.KeysPrefix(m.name) + man.KeyID
-		md := blobstore.Metadata{layout.MetaKeyFP: seal.Fingerprint(m.s.recoveryKey)}
-		_, err := m.s.store.PutBlobIf(blobstore.Unmetered(ctx), kname, wrapped, md, "")
+		_, err := m.s.store.PutBlobIf(blobstore.Unmetered(ctx), kname, wrapped, m.keyMeta(), "")
 		switch {
 		case err == nil:
 			m.log.Error("the data key of this machine was deleted from the account too: stored it again", logBlob, kname)

@@ -87,16 +87,13 @@ func allDiffer(s *wire.Sums) wire.SumsReply {
 func CompareReplica(ctx context.Context, store blobstore.Store, machine string, size uint64, gen string, s *wire.Sums) (wire.SumsReply, error) {
 	name := layout.DiskName(machine, s.Disk)
 	info, err := store.Stat(ctx, name)
-	if blobstore.IsNotFound(err) {
-		return allDiffer(s), nil
-	}
-	if err != nil {
-		return wire.SumsReply{ID: s.ID, Differs: make([]bool, len(s.Sums))}, err
-	}
-	if g := info.Metadata[layout.MetaGeneration]; g != gen {
+	if blobstore.IsNotFound(err) || err == nil && info.Metadata[layout.MetaGeneration] != gen {
 		return allDiffer(s), nil
 	}
 	reply := wire.SumsReply{ID: s.ID, Differs: make([]bool, len(s.Sums))}
+	if err != nil {
+		return reply, err
+	}
 	buf := make([]byte, roundPage(uint64(s.ChunkSize)))
 	for i := range s.Sums {
 		// Beyond the disk, or past 2^64: nothing to compare.

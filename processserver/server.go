@@ -643,7 +643,7 @@ func (s *Server) checkCacheDirs(w *cacheWatch) {
 	case !w.rescrub.IsZero() && now.After(w.rescrub):
 		w.rescrub, scrub = time.Time{}, true
 	case len(s.cache.Pending()) > 0 && now.Sub(w.pending) > pendingRescrub &&
-		now.Sub(time.Unix(0, s.scrubEnd.Load())) > pendingRescrub:
+		now.Sub(time.Unix(0, end)) > pendingRescrub:
 		// Counted from the last scrub's end too: one longer than the
 		// interval is not followed at once by the next.
 		scrub = true

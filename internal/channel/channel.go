@@ -379,11 +379,12 @@ func (c *Conn) body(b []byte) (int, error) {
 	return k + m, err
 }
 
-// readFull is io.ReadFull from the socket, which wakes the reader only
-// once what is left of p has arrived (SO_RCVLOWAT) when p is large. The
-// mark never exceeds what the record still owes, so the sender, which
-// wrote the whole record, always meets it; it is back at 1 (any byte)
-// before anything else is read.
+// readFull is io.ReadFull from the socket, which, once a read came back
+// short of a large p, wakes the reader only when what is left of it has
+// arrived (SO_RCVLOWAT): a body already there costs no system call more.
+// The mark never exceeds what the record still owes, so the sender,
+// which wrote the whole record, always meets it; it is back at 1 (any
+// byte) before anything else is read.
 func (c *Conn) readFull(p []byte) (int, error) {
 	if c.rc == nil || len(p) < lowatMin {
 		return io.ReadFull(c.raw, p)
@@ -391,7 +392,7 @@ func (c *Conn) readFull(p []byte) (int, error) {
 	defer c.setLowat(1)
 	n := 0
 	for n < len(p) {
-		if left := len(p) - n; left >= lowatMin {
+		if left := len(p) - n; n > 0 && left >= lowatMin {
 			c.setLowat(min(left, lowatMax))
 		} else {
 			c.setLowat(1)

@@ -452,9 +452,7 @@ func (c *Cache) nextGen() uint64 {
 }
 
 // CheckStream says why s cannot name a stream (a machine), if it cannot.
-func CheckStream(s string) error { return validStream(s) }
-
-func validStream(s string) error {
+func CheckStream(s string) error {
 	if s == "" || len(s) > maxStreamLen || s[0] == '.' {
 		return fmt.Errorf("cache: invalid stream name %q: want 1-%d characters, not starting with '.'", s, maxStreamLen)
 	}
@@ -496,7 +494,7 @@ func (c *Cache) Put(id SegmentID, data []byte) error {
 // NewSums) as data was produced, which saves reading data again here.
 // sums must have been given all of data, and nothing else.
 func (c *Cache) PutSummed(id SegmentID, data []byte, sums *Sums) error {
-	if err := validStream(id.Stream); err != nil {
+	if err := CheckStream(id.Stream); err != nil {
 		return err
 	}
 	if len(data) == 0 || len(data) > c.maxSeg {
@@ -1102,7 +1100,7 @@ func describe(dirs []string, reads []slotRead, problems []string) string {
 // when it cannot tell because some directories cannot be read (I/O
 // errors, disks not mounted). The returned slice is owned by the caller.
 func (c *Cache) Get(id SegmentID) ([]byte, error) {
-	if err := validStream(id.Stream); err != nil {
+	if err := CheckStream(id.Stream); err != nil {
 		return nil, err
 	}
 	_, seg, err := c.decode(id, c.readShards(id), false)
@@ -1113,7 +1111,7 @@ func (c *Cache) Get(id SegmentID) ([]byte, error) {
 // left over from an older write, and reports how many it rewrote. It fails
 // like Get when the segment cannot be reconstructed.
 func (c *Cache) Repair(id SegmentID) (int, error) {
-	if err := validStream(id.Stream); err != nil {
+	if err := CheckStream(id.Stream); err != nil {
 		return 0, err
 	}
 	mu := c.lock(id)
@@ -1153,7 +1151,7 @@ func (c *Cache) Repair(id SegmentID) (int, error) {
 // Delete removes every shard of segment id. Deleting a segment that is not
 // in the cache is not an error, so a failed Delete can simply be retried.
 func (c *Cache) Delete(id SegmentID) error {
-	if err := validStream(id.Stream); err != nil {
+	if err := CheckStream(id.Stream); err != nil {
 		return err
 	}
 	mu := c.lock(id)
@@ -1209,7 +1207,7 @@ func (c *Cache) List(stream string) ([]SegmentID, error) { return c.list(stream,
 // list is List; strict, it fails when any directory cannot be listed,
 // returning what the others hold all the same.
 func (c *Cache) list(stream string, strict bool) ([]SegmentID, error) {
-	if err := validStream(stream); err != nil {
+	if err := CheckStream(stream); err != nil {
 		return nil, err
 	}
 	seqs := make(map[uint64]struct{})
@@ -1243,7 +1241,7 @@ func (c *Cache) Streams() ([]string, error) { return c.streams(false) }
 func (c *Cache) streams(strict bool) ([]string, error) {
 	set := make(map[string]struct{})
 	err := c.eachDir("", strict, func(name string, isDir bool) {
-		if isDir && validStream(name) == nil {
+		if isDir && CheckStream(name) == nil {
 			set[name] = struct{}{}
 		}
 	})

@@ -22,7 +22,7 @@ const fencedPrefix = markerName + ".fenced-"
 // newest found decides (Fenced), so a directory that missed a change (a
 // disk unmounted meanwhile) does not bring an older record back.
 func (c *Cache) SetFenced(stream string, on bool, note []byte) error {
-	if err := validStream(stream); err != nil {
+	if err := CheckStream(stream); err != nil {
 		return err
 	}
 	state := "off"
@@ -61,7 +61,7 @@ const fenceMagic = "lifeboat-fence"
 // that the machine of stream is served by another process server
 // (SetFenced), and the note recorded with it.
 func (c *Cache) Fenced(stream string) (note []byte, fenced bool) {
-	if validStream(stream) != nil {
+	if CheckStream(stream) != nil {
 		return nil, false
 	}
 	b, ok := c.newestRecord(fencedPrefix+stream, fenceStamp)

@@ -23,7 +23,7 @@ const recoverableTmpPrefix = markerName + ".recoverable.tmp-"
 // never a basis for recovery: written whole (a rename) but not synced.
 // It fails only if no directory took it.
 func (c *Cache) SetRecoverable(stream string, t time.Time) error {
-	if err := validStream(stream); err != nil {
+	if err := CheckStream(stream); err != nil {
 		return err
 	}
 	ns := int64(0) // nothing recoverable
@@ -65,7 +65,7 @@ func (c *Cache) SetRecoverable(stream string, t time.Time) error {
 // zero time: none, or nothing recoverable.
 func (c *Cache) Recoverable(stream string) time.Time {
 	var until time.Time
-	if validStream(stream) != nil {
+	if CheckStream(stream) != nil {
 		return until
 	}
 	b, ok := c.newestRecord(recoverablePrefix+stream, recoverableStamp)
