@@ -91,6 +91,19 @@ func (r PageRange) End() int64 { return r.Offset + r.Length }
 
 // Store is a container of blobs. It is safe for concurrent use.
 //
+// Fences keep an older writer of a page blob from landing writes after a
+// newer one's. A blob's fence is a number (Azure's blob sequence number; 0
+// for a blob created without one), raised by ClaimPageBlob. A write made
+// with a context from WithFence(ctx, n) (CreatePageBlob, WritePages,
+// ClearPages, ResizePageBlob, SetMetadata and Snapshot) happens only
+// while the blob's fence is n, checked atomically with the write;
+// CreatePageBlob also where there is no blob yet, and gives the blob it
+// creates fence n. Otherwise it fails with an error wrapping ErrFenced and
+// changes nothing. Writers that claim a blob with increasing numbers thus
+// exclude each other: once the newer has claimed it, none of the older's
+// writes lands. CopyFromSnapshot ignores fences. Without WithFence,
+// writes are not checked.
+//
 // Unless stated otherwise: a missing blob, snapshot or container yields an
 // error for which IsNotFound reports true; invalid arguments (names,
 // misaligned or out-of-range offsets, metadata) yield an error wrapping
@@ -193,6 +206,12 @@ type Store interface {
 	// DeleteSnapshot deletes one snapshot of blob name.
 	DeleteSnapshot(ctx context.Context, name, snapshot string) error
 
+	// ClaimPageBlob raises the fence of page blob name to n if it is
+	// lower (n ≥ 0). It fails with ErrFenced, changing nothing, when the
+	// fence is already higher: a newer writer claimed the blob. Claiming
+	// again with the same n is harmless.
+	ClaimPageBlob(ctx context.Context, name string, n int64) error
+
 	// CopyFromSnapshot creates or replaces page blob dst with the content,
 	// size and valid page ranges of snapshot of page blob src. dst carries
 	// md, or the snapshot's metadata if md is empty. It returns when the
@@ -212,7 +231,37 @@ var (
 	// ErrConflict: the condition of a PutBlobIf did not hold (the blob
 	// changed, appeared or went since its ETag was read).
 	ErrConflict = errors.New("blob changed by another writer")
+	// ErrFenced: a write under WithFence found the page blob's fence
+	// moved, or ClaimPageBlob found it higher: a newer writer claimed
+	// the blob.
+	ErrFenced = errors.New("page blob claimed by a newer writer")
 )
+
+type fenceKey struct{}
+
+// WithFence returns ctx carrying fence n: page-blob writes made with it
+// happen only while the blob's fence is n (see Store). The decorators
+// pass it through untouched.
+func WithFence(ctx context.Context, n int64) context.Context {
+	return context.WithValue(ctx, fenceKey{}, n)
+}
+
+// WithoutFence returns ctx without the fence it may carry.
+func WithoutFence(ctx context.Context) context.Context {
+	return context.WithValue(ctx, fenceKey{}, nil)
+}
+
+// FenceOf returns the fence ctx carries, if any (for implementations).
+func FenceOf(ctx context.Context) (n int64, ok bool) {
+	n, ok = ctx.Value(fenceKey{}).(int64)
+	return n, ok
+}
+
+// Fenced returns the error of a write under fence n that found the fence
+// of blob name at got (for implementations).
+func Fenced(store, op, name string, n, got int64) error {
+	return fmt.Errorf("%s: %s %q: its fence is %d, this writer's %d: %w", store, op, name, got, n, ErrFenced)
+}
 
 // IsNotFound reports whether err means that the blob, snapshot or container
 // does not exist.
@@ -235,9 +284,10 @@ func Permanent(err error) error {
 }
 
 // IsPermanent reports whether retrying the call that returned err is
-// pointless: errors marked with Permanent, ErrNotFound, ErrInvalid and
-// ErrConflict.
+// pointless: errors marked with Permanent, ErrNotFound, ErrInvalid,
+// ErrConflict and ErrFenced.
 func IsPermanent(err error) bool {
 	var p *permanentError
-	return errors.As(err, &p) || errors.Is(err, ErrNotFound) || errors.Is(err, ErrInvalid) || errors.Is(err, ErrConflict)
+	return errors.As(err, &p) || errors.Is(err, ErrNotFound) || errors.Is(err, ErrInvalid) ||
+		errors.Is(err, ErrConflict) || errors.Is(err, ErrFenced)
 }

@@ -170,3 +170,10 @@ func (l *logStore) CopyFromSnapshot(ctx context.Context, src, snapshot, dst stri
 	l.done(ctx, "copy-from-snapshot", dst, t, err, slog.String("src", src), slog.String(logKeySnapshot, snapshot))
 	return err
 }
+
+func (l *logStore) ClaimPageBlob(ctx context.Context, name string, n int64) error {
+	t := time.Now()
+	err := l.s.ClaimPageBlob(ctx, name, n)
+	l.done(ctx, "claim-page-blob", name, t, err, slog.Int64("fence", n))
+	return err
+}

@@ -308,3 +308,7 @@ func (r *retryStore) DeleteSnapshot(ctx context.Context, name, snapshot string) 
 func (r *retryStore) CopyFromSnapshot(ctx context.Context, src, snapshot, dst string, md Metadata) error {
 	return r.retry(ctx, "copy-from-snapshot", dst, false, func() error { return r.s.CopyFromSnapshot(ctx, src, snapshot, dst, md) })
 }
+
+func (r *retryStore) ClaimPageBlob(ctx context.Context, name string, n int64) error {
+	return r.retry(ctx, "claim-page-blob", name, false, func() error { return r.s.ClaimPageBlob(ctx, name, n) })
+}

@@ -217,6 +217,10 @@ func (s *Store) wrap(op, name string, err error) error {
 	switch {
 	case re.StatusCode == http.StatusNotFound:
 		e.kind = blobstore.ErrNotFound
+	case bloberror.HasCode(err, bloberror.SequenceNumberConditionNotMet):
+		// A write under a fence (WithFence) that a newer writer moved.
+		e.msg += ": a newer writer claimed the blob"
+		e.kind = blobstore.ErrFenced
 	case bloberror.HasCode(err, bloberror.ConditionNotMet, bloberror.BlobAlreadyExists):
 		// A conditional write lost to another writer (412, or 409 for
 		// If-None-Match: *): permanent by its kind.
@@ -512,8 +516,10 @@ func (s *Store) SetMetadata(ctx context.Context, name string, md blobstore.Metad
 	if err := checkPut(name, md); err != nil {
 		return err
 	}
-	_, err := s.c.NewBlobClient(name).SetMetadata(ctx, toAzure(md), nil)
-	return s.wrap("set metadata", name, err)
+	return s.underFence(ctx, "set metadata", name, false, func(cond *blob.AccessConditions) error {
+		_, err := s.c.NewBlobClient(name).SetMetadata(ctx, toAzure(md), &blob.SetMetadataOptions{AccessConditions: cond})
+		return err
+	})
 }
 
 // DeleteBlob implements blobstore.Store.
@@ -531,8 +537,16 @@ func (s *Store) CreatePageBlob(ctx context.Context, name string, size int64, md 
 	if err := blobstore.CheckPageBlobSize(size); err != nil {
 		return err
 	}
-	_, err := s.c.NewPageBlobClient(name).Create(ctx, size, &pageblob.CreateOptions{Metadata: toAzure(md)})
-	return s.wrap("create page blob", name, err)
+	n, fenced := blobstore.FenceOf(ctx)
+	create := func(cond *blob.AccessConditions) error {
+		opts := &pageblob.CreateOptions{Metadata: toAzure(md), AccessConditions: cond}
+		if fenced {
+			opts.SequenceNumber = &n
+		}
+		_, err := s.c.NewPageBlobClient(name).Create(ctx, size, opts)
+		return err
+	}
+	return s.underFence(ctx, "create page blob", name, true, create)
 }
 
 // WritePages implements blobstore.Store. Each Put Page carries its own
@@ -544,10 +558,12 @@ func (s *Store) WritePages(ctx context.Context, name string, offset int64, data 
 		return err
 	}
 	pb := s.c.NewPageBlobClient(name)
+	cond := seqCondition(ctx)
 	for len(data) > 0 {
 		n := min(len(data), blobstore.MaxPutPage)
 		_, err := pb.UploadPages(ctx, body(data[:n]), blob.HTTPRange{Offset: offset, Count: int64(n)},
-			&pageblob.UploadPagesOptions{TransactionalValidation: blob.TransferValidationTypeCRC64(crc64Of(data[:n]))})
+			&pageblob.UploadPagesOptions{TransactionalValidation: blob.TransferValidationTypeCRC64(crc64Of(data[:n])),
+				SequenceNumberAccessConditions: cond})
 		if err != nil {
 			return s.wrap(fmt.Sprintf("write pages [%d, %d) of", offset, offset+int64(n)), name, err)
 		}
@@ -564,8 +580,70 @@ func (s *Store) ClearPages(ctx context.Context, name string, offset, length int6
 	if length == 0 {
 		return nil // Count 0 would mean "to the end of the blob" to the SDK.
 	}
-	_, err := s.c.NewPageBlobClient(name).ClearPages(ctx, blob.HTTPRange{Offset: offset, Count: length}, nil)
+	_, err := s.c.NewPageBlobClient(name).ClearPages(ctx, blob.HTTPRange{Offset: offset, Count: length},
+		&pageblob.ClearPagesOptions{SequenceNumberAccessConditions: seqCondition(ctx)})
 	return s.wrap("clear pages", name, err)
+}
+
+// seqCondition is the condition of a Put or Clear Page under ctx's fence
+// (nil: none).
+func seqCondition(ctx context.Context) *pageblob.SequenceNumberAccessConditions {
+	if n, ok := blobstore.FenceOf(ctx); ok {
+		return &pageblob.SequenceNumberAccessConditions{IfSequenceNumberEqualTo: &n}
+	}
+	return nil
+}
+
+// fenceTries bounds underFence's reads of a blob whose ETag moves under
+// it while its fence stays (writes of the same writer's in flight).
+const fenceTries = 4
+
+// underFence runs do, which writes blob name, under ctx's fence if it
+// carries one. The service has no sequence-number condition for these
+// writes: the blob's properties are read, its fence checked, and do's
+// write made conditional on the ETag read (any write, a claim included,
+// changes it), or, for a create, on there being no blob.
+func (s *Store) underFence(ctx context.Context, op, name string, create bool, do func(*blob.AccessConditions) error) error {
+	n, ok := blobstore.FenceOf(ctx)
+	if !ok {
+		return s.wrap(op, name, do(nil))
+	}
+	for try := 1; ; try++ {
+		var cond *blob.ModifiedAccessConditions
+		p, err := s.c.NewBlobClient(name).GetProperties(ctx, nil)
+		switch {
+		case err == nil:
+			if got := deref(p.BlobSequenceNumber); got != n {
+				return blobstore.Fenced("azure", op, name, n, got)
+			}
+			cond = &blob.ModifiedAccessConditions{IfMatch: p.ETag}
+		case create && bloberror.HasCode(err, bloberror.BlobNotFound):
+			cond = &blob.ModifiedAccessConditions{IfNoneMatch: to(azcore.ETagAny)}
+		default:
+			return s.wrap(op, name, err)
+		}
+		err = do(&blob.AccessConditions{ModifiedAccessConditions: cond})
+		if err == nil || try == fenceTries || !bloberror.HasCode(err, bloberror.ConditionNotMet, bloberror.BlobAlreadyExists) {
+			return s.wrap(op, name, err)
+		}
+	}
+}
+
+// ClaimPageBlob implements blobstore.Store: Set Blob Properties with
+// x-ms-sequence-number-action: max.
+func (s *Store) ClaimPageBlob(ctx context.Context, name string, n int64) error {
+	if n < 0 {
+		return fmt.Errorf("azure: claim page blob %q: fence %d: %w", name, n, blobstore.ErrInvalid)
+	}
+	resp, err := s.c.NewPageBlobClient(name).UpdateSequenceNumber(ctx, &pageblob.UpdateSequenceNumberOptions{
+		ActionType: to(pageblob.SequenceNumberActionTypeMax), SequenceNumber: &n})
+	if err != nil {
+		return s.wrap("claim page blob", name, err)
+	}
+	if got := deref(resp.BlobSequenceNumber); got > n {
+		return blobstore.Fenced("azure", "claim page blob", name, n, got)
+	}
+	return nil
 }
 
 func (s *Store) pageClient(name, snapshot string) (*pageblob.Client, error) {
@@ -678,8 +756,10 @@ func (s *Store) ResizePageBlob(ctx context.Context, name string, size int64) err
 	if err := blobstore.CheckPageBlobSize(size); err != nil {
 		return err
 	}
-	_, err := s.c.NewPageBlobClient(name).Resize(ctx, size, nil)
-	return s.wrap("resize page blob", name, err)
+	return s.underFence(ctx, "resize page blob", name, false, func(cond *blob.AccessConditions) error {
+		_, err := s.c.NewPageBlobClient(name).Resize(ctx, size, &pageblob.ResizeOptions{AccessConditions: cond})
+		return err
+	})
 }
 
 func parseSnapshotTime(id string) time.Time {
@@ -693,9 +773,13 @@ func (s *Store) Snapshot(ctx context.Context, name string, md blobstore.Metadata
 		return blobstore.SnapshotInfo{}, err
 	}
 	pb := s.c.NewPageBlobClient(name)
-	resp, err := pb.CreateSnapshot(ctx, &blob.CreateSnapshotOptions{Metadata: toAzure(md)})
+	var resp blob.CreateSnapshotResponse
+	err := s.underFence(ctx, "snapshot", name, false, func(cond *blob.AccessConditions) (err error) {
+		resp, err = pb.CreateSnapshot(ctx, &blob.CreateSnapshotOptions{Metadata: toAzure(md), AccessConditions: cond})
+		return err
+	})
 	if err != nil {
-		return blobstore.SnapshotInfo{}, s.wrap("snapshot", name, err)
+		return blobstore.SnapshotInfo{}, err
 	}
 	if resp.Snapshot == nil {
 		return blobstore.SnapshotInfo{}, fmt.Errorf("azure: snapshot %q: service returned no snapshot id", name)
@@ -772,7 +856,7 @@ func (s *Store) CopyFromSnapshot(ctx context.Context, src, snapshot, dst string,
 		return err
 	}
 	if s.copy == CopyClient {
-		return s.copyClientSide(ctx, sc, src, snapshot, dst, md)
+		return s.copyClientSide(blobstore.WithoutFence(ctx), sc, src, snapshot, dst, md)
 	}
 	return s.copyServerSide(ctx, sc, src, snapshot, dst, md)
 }

@@ -196,3 +196,7 @@ func (f *Faulty) DeleteSnapshot(ctx context.Context, name, snapshot string) erro
 func (f *Faulty) CopyFromSnapshot(ctx context.Context, src, snapshot, dst string, md blobstore.Metadata) error {
 	return f.do(func() error { return f.s.CopyFromSnapshot(ctx, src, snapshot, dst, md) })
 }
+
+func (f *Faulty) ClaimPageBlob(ctx context.Context, name string, n int64) error {
+	return f.do(func() error { return f.s.ClaimPageBlob(ctx, name, n) })
+}

@@ -53,6 +53,7 @@ func Run(t *testing.T, newStore NewStore, opts Options) {
 		{"Snapshots", testSnapshots},
 		{"CopyFromSnapshot", testCopyFromSnapshot},
 		{"ConcurrentWrites", testConcurrentWrites},
+		{"Fences", testFences},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -672,3 +673,72 @@ func allZero(b []byte) bool {
 }
 
 func rng(off, n int64) blobstore.PageRange { return blobstore.PageRange{Offset: off, Length: n} }
+
+// testFences: writes under an older fence fail, change nothing, and none
+// lands once a newer writer has claimed the blob.
+func testFences(t *testing.T, s blobstore.Store) {
+	ctx := ctxT(t)
+	const name = "fenced"
+	old, cur := blobstore.WithFence(ctx, 5), blobstore.WithFence(ctx, 6)
+	wantNotFound(t, s.ClaimPageBlob(ctx, name, 5), "claim a missing blob")
+	ok(t, s.CreatePageBlob(old, name, 4*ps, blobstore.Metadata{"v": "old"}), "create under fence 5")
+	a, b := Random(1, 2*ps), Random(2, 2*ps)
+	ok(t, s.WritePages(old, name, 0, a), "write under the blob's own fence")
+	ok(t, s.ClaimPageBlob(ctx, name, 5), "claim again with the same fence")
+	wantErr(t, s.WritePages(cur, name, 0, b), blobstore.ErrFenced, "write under a fence not claimed yet")
+
+	ok(t, s.ClaimPageBlob(ctx, name, 6), "claim with a newer fence")
+	// (A refused claim may still change the ETag: Azure's max action
+	// succeeds, leaving the number.)
+	wantErr(t, s.ClaimPageBlob(ctx, name, 5), blobstore.ErrFenced, "claim with an older fence")
+	info, err := s.Stat(ctx, name)
+	ok(t, err, "stat")
+	wantErr(t, s.WritePages(old, name, 0, b), blobstore.ErrFenced, "write pages under the old fence")
+	wantErr(t, s.ClearPages(old, name, 0, ps), blobstore.ErrFenced, "clear pages under the old fence")
+	wantErr(t, s.ResizePageBlob(old, name, 8*ps), blobstore.ErrFenced, "resize under the old fence")
+	wantErr(t, s.SetMetadata(old, name, blobstore.Metadata{"v": "older"}), blobstore.ErrFenced, "set metadata under the old fence")
+	_, err = s.Snapshot(old, name, nil)
+	wantErr(t, err, blobstore.ErrFenced, "snapshot under the old fence")
+	wantErr(t, s.CreatePageBlob(old, name, 4*ps, nil), blobstore.ErrFenced, "create over the blob under the old fence")
+	after, err := s.Stat(ctx, name)
+	ok(t, err, "stat")
+	if after.ETag != info.ETag || after.Size != 4*ps || after.Metadata["v"] != "old" {
+		t.Fatalf("writes under the old fence changed the blob: %+v, was %+v", after, info)
+	}
+	snaps, err := s.ListSnapshots(ctx, name)
+	ok(t, err, "list snapshots")
+	if len(snaps) != 0 {
+		t.Fatalf("a snapshot under the old fence was taken: %v", snaps)
+	}
+	got := make([]byte, 2*ps)
+	ok(t, s.ReadPages(ctx, name, "", 0, got), "read")
+	if !bytes.Equal(got, a) {
+		t.Fatal("pages written under the old fence after the claim")
+	}
+
+	// The newer writer goes on; unfenced writes are not checked.
+	ok(t, s.WritePages(cur, name, 0, b), "write under the new fence")
+	ok(t, s.ClearPages(cur, name, ps, ps), "clear under the new fence")
+	ok(t, s.ResizePageBlob(cur, name, 8*ps), "resize under the new fence")
+	ok(t, s.SetMetadata(cur, name, blobstore.Metadata{"v": "new"}), "set metadata under the new fence")
+	sn, err := s.Snapshot(cur, name, nil)
+	ok(t, err, "snapshot under the new fence")
+	if sn.Metadata["v"] != "new" {
+		t.Fatalf("snapshot metadata %v", sn.Metadata)
+	}
+	ok(t, s.WritePages(ctx, name, 2*ps, a[:ps]), "write without a fence")
+	ok(t, s.ReadPages(ctx, name, sn.ID, 0, got), "read the snapshot")
+	if want := append(b[:ps:ps], make([]byte, ps)...); !bytes.Equal(got, want) {
+		t.Fatal("the snapshot does not hold the new writer's pages")
+	}
+
+	// A create under a fence sets it; one where no blob is needs none.
+	ok(t, s.CreatePageBlob(cur, name, 2*ps, nil), "create over the blob under its fence")
+	wantErr(t, s.WritePages(old, name, 0, a), blobstore.ErrFenced, "write under the old fence after the create")
+	ok(t, s.WritePages(cur, name, 0, b), "write under the fence the create set")
+	ok(t, s.CreatePageBlob(blobstore.WithFence(ctx, 3), "other", 2*ps, nil), "create a new blob under any fence")
+	wantErr(t, s.WritePages(cur, "other", 0, a), blobstore.ErrFenced, "write under another fence than the create's")
+	ok(t, s.CreatePageBlob(ctx, "other", 2*ps, nil), "unfenced create")
+	ok(t, s.WritePages(blobstore.WithFence(ctx, 0), "other", 0, a), "write under fence 0 of a blob created unfenced")
+	wantErr(t, s.ClaimPageBlob(ctx, name, -1), blobstore.ErrInvalid, "claim with a negative fence")
+}

@@ -43,6 +43,7 @@ type blob struct {
 	md       blobstore.Metadata
 	modified time.Time
 	etag     string
+	fence    int64       // page blobs (see blobstore.Store)
 	snaps    []*snapshot // oldest first
 }
 
@@ -56,6 +57,16 @@ type snapshot struct {
 func (s *Store) touch(b *blob) {
 	s.version++
 	b.modified, b.etag = time.Now(), fmt.Sprintf("\"0x%X\"", s.version)
+}
+
+// checkFence fails a write to b (nil: none yet) under a fence other than
+// b's; s.mu is held.
+func checkFence(ctx context.Context, op, name string, b *blob) error {
+	n, ok := blobstore.FenceOf(ctx)
+	if !ok || b == nil || b.fence == n {
+		return nil
+	}
+	return blobstore.Fenced("mem", op, name, n, b.fence)
 }
 
 // New returns an empty store whose container does not exist yet.
@@ -169,7 +180,7 @@ func (s *Store) put(ctx context.Context, name string, data []byte, md blobstore.
 	if err != nil {
 		return "", err
 	}
-	b.kind, b.data, b.size, b.pages = blobstore.BlockBlob, bytes.Clone(data), 0, nil
+	b.kind, b.data, b.size, b.pages, b.fence = blobstore.BlockBlob, bytes.Clone(data), 0, nil, 0
 	if b.data == nil {
 		b.data = []byte{}
 	}
@@ -289,6 +300,9 @@ func (s *Store) SetMetadata(ctx context.Context, name string, md blobstore.Metad
 	if err != nil {
 		return err
 	}
+	if err := checkFence(ctx, "set metadata", name, b); err != nil {
+		return err
+	}
 	b.md = blobstore.NormalizeMetadata(md)
 	s.touch(b)
 	return nil
@@ -318,17 +332,23 @@ func (s *Store) CreatePageBlob(ctx context.Context, name string, size int64, md 
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.container {
+		if err := checkFence(ctx, "create page blob", name, s.blobs[name]); err != nil {
+			return err
+		}
+	}
 	b, err := s.create(name)
 	if err != nil {
 		return err
 	}
 	b.kind, b.data, b.size, b.pages = blobstore.PageBlob, nil, size, make(pages)
+	b.fence, _ = blobstore.FenceOf(ctx)
 	b.md = blobstore.NormalizeMetadata(md)
 	s.touch(b)
 	return nil
 }
 
-func (s *Store) writable(ctx context.Context, name string, offset, length int64) (*blob, error) {
+func (s *Store) writable(ctx context.Context, op, name string, offset, length int64) (*blob, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
@@ -339,14 +359,17 @@ func (s *Store) writable(ctx context.Context, name string, offset, length int64)
 	if err != nil {
 		return nil, err
 	}
-	return b, checkWithin(offset, length, b.size)
+	if err := checkWithin(offset, length, b.size); err != nil {
+		return nil, err
+	}
+	return b, checkFence(ctx, op, name, b)
 }
 
 // WritePages implements blobstore.Store.
 func (s *Store) WritePages(ctx context.Context, name string, offset int64, data []byte) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	b, err := s.writable(ctx, name, offset, int64(len(data)))
+	b, err := s.writable(ctx, "write pages", name, offset, int64(len(data)))
 	if err != nil {
 		return err
 	}
@@ -363,7 +386,7 @@ func (s *Store) WritePages(ctx context.Context, name string, offset int64, data 
 func (s *Store) ClearPages(ctx context.Context, name string, offset, length int64) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	b, err := s.writable(ctx, name, offset, length)
+	b, err := s.writable(ctx, "clear pages", name, offset, length)
 	if err != nil {
 		return err
 	}
@@ -462,6 +485,9 @@ func (s *Store) ResizePageBlob(ctx context.Context, name string, size int64) err
 	if err != nil {
 		return err
 	}
+	if err := checkFence(ctx, "resize page blob", name, b); err != nil {
+		return err
+	}
 	if size < b.size {
 		for i := range b.pages {
 			if i >= size/ps {
@@ -486,6 +512,9 @@ func (s *Store) Snapshot(ctx context.Context, name string, md blobstore.Metadata
 	defer s.mu.Unlock()
 	b, err := s.lookupPage(name)
 	if err != nil {
+		return blobstore.SnapshotInfo{}, err
+	}
+	if err := checkFence(ctx, "snapshot", name, b); err != nil {
 		return blobstore.SnapshotInfo{}, err
 	}
 	// Azure snapshot IDs are timestamps with 100 ns resolution; keep them
@@ -583,8 +612,32 @@ func (s *Store) CopyFromSnapshot(ctx context.Context, src, snap, dst string, md 
 		d = &blob{}
 		s.blobs[dst] = d
 	}
-	d.kind, d.data, d.size, d.pages = blobstore.PageBlob, nil, sn.size, maps.Clone(sn.pages)
+	d.kind, d.data, d.size, d.pages, d.fence = blobstore.PageBlob, nil, sn.size, maps.Clone(sn.pages), 0
 	d.md = dmd
 	s.touch(d)
+	return nil
+}
+
+// ClaimPageBlob implements blobstore.Store.
+func (s *Store) ClaimPageBlob(ctx context.Context, name string, n int64) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if n < 0 {
+		return fmt.Errorf("mem: claim page blob %q: fence %d: %w", name, n, blobstore.ErrInvalid)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	b, err := s.lookupPage(name)
+	if err != nil {
+		return err
+	}
+	switch {
+	case b.fence > n:
+		return blobstore.Fenced("mem", "claim page blob", name, n, b.fence)
+	case b.fence < n:
+		b.fence = n
+		s.touch(b)
+	}
 	return nil
 }
