@@ -75,7 +75,12 @@ type machine struct {
 	parked bool
 	parkCh chan struct{}
 	man    layout.Manifest
-	key    *seal.Key
+	// claimed is the claim (layout.Manifest.Claim) of the manifest this
+	// server last wrote, or loaded as its own: the fence its applier
+	// writes the replicas under (Server.Fence). m.man's runs ahead of it
+	// while a claim's write is under way.
+	claimed int64
+	key     *seal.Key
 	manKey *seal.Key // seals the manifest: key, or the one ensureKey is storing
 	// wrapped holds the data keys as stored under keys/ (wrapped by the
 	// recovery key, so not secret), by key id: put back with a manifest
@@ -236,6 +241,7 @@ func (m *machine) ensureLoaded(ctx context.Context) error {
 	}
 	if !m.fenced {
 		m.ours = journalOf(&man)
+		m.claimed = man.Claim
 	}
 	// Who sent the newest durable records: the manifest says, unless the
 	// cache (scanCache) holds newer ones, or as new ones that say.
@@ -587,6 +593,7 @@ func (m *machine) putManifest(ctx context.Context) error {
 	}
 	m.savedApplied, m.savedDurable = max(m.savedApplied, man.AppliedSeq), max(m.savedDurable, man.DurableSeq)
 	m.accountRU = man.RecoverableUntil
+	m.claimed = man.Claim
 	m.mu.Unlock()
 	return nil
 }
@@ -879,7 +886,9 @@ func (m *machine) claimOnce(ctx context.Context) error {
 		}
 	}
 	m.mu.Lock()
-	m.man.Owner = m.s.cfg.Name
+	// A claim of its own fences the replicas against the previous
+	// writer's applier, once written (Server.Fence).
+	m.man.Owner, m.man.Claim = m.s.cfg.Name, layout.NextClaim(m.man.Claim)
 	newMachine := m.man.KeyID == ""
 	m.mu.Unlock()
 	if newMachine {

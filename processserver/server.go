@@ -340,6 +340,45 @@ func (s *Server) UpdateManifest(ctx context.Context, machine string, update func
 	return m.writeLocked(ctx)
 }
 
+// Fence returns the fence the applier writes machine's replicas under:
+// the claim of the manifest this server last wrote or loaded as its own
+// (layout.Manifest.Claim). A machine this server does not serve now
+// (fenced) has none: the error wraps blobstore.ErrFenced.
+func (s *Server) Fence(ctx context.Context, machine string) (int64, error) {
+	m := s.machine(machine)
+	if err := m.ensureLoaded(ctx); err != nil {
+		return 0, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.fenced {
+		return 0, fmt.Errorf("%s: %w", m.fencedMessage(), blobstore.ErrFenced)
+	}
+	return m.claimed, nil
+}
+
+// ReplicaFenced is how the applier reports that a replica page blob of
+// machine was claimed by a newer writer than fence n (another process
+// server's applier): unless this server has claimed the machine again
+// since, it stops serving it, as when another writer changes the
+// manifest (fence).
+func (s *Server) ReplicaFenced(machine string, n int64, err error) {
+	s.mu.Lock()
+	m := s.machines[machine]
+	s.mu.Unlock()
+	if m == nil {
+		return
+	}
+	m.manMu.Lock()
+	defer m.manMu.Unlock()
+	m.mu.Lock()
+	stale := m.fenced || m.claimed != n
+	m.mu.Unlock()
+	if !stale {
+		m.fence(fmt.Errorf("a replica page blob: %w", err))
+	}
+}
+
 // ReplicaLost is how the applier reports that the replica page blob of
 // generation of disk went missing after records were applied to it; it
 // recreated the blob empty and marked it layout.MetaLost. The agent's

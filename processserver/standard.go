@@ -28,6 +28,8 @@ func StandardApplier(ctx context.Context, cfg Config, recoveryKey []byte, pointI
 			Retention:      retention,
 			UpdateManifest: ps.UpdateManifest,
 			ReplicaLost:    ps.ReplicaLost,
+			Fence:          ps.Fence,
+			Fenced:         ps.ReplicaFenced,
 			Local:          ps.LocalSegment,
 			Yield:          ps.YieldToUploads,
 		})

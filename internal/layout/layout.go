@@ -81,13 +81,25 @@ type Manifest struct {
 	// hello last claimed the machine: another finding a cache of the
 	// machine at its start uploads nothing of it until a hello claims it
 	// back.
-	Owner   string    `json:"owner,omitempty"`
+	Owner string `json:"owner,omitempty"`
+	// Claim fences the replicas: each claim of the machine by a process
+	// server raises it (NextClaim), and that server's applier claims the
+	// replica page blobs with it before writing them
+	// (blobstore.ClaimPageBlob), so that the writes of a server that
+	// lost the machine no longer land. 0: none yet.
+	Claim   int64     `json:"claim,omitempty"`
 	Updated time.Time `json:"updated"`
 	// Seal authenticates the rest under the machine's data key
 	// (recovery.SealManifest): base64 of a sealed blob with no plaintext
 	// whose associated data is the manifest without it.
 	Seal string `json:"seal,omitempty"`
 }
+
+// NextClaim returns the claim after prev: the time in nanoseconds, or one
+// more than prev when the clock is behind it. A manifest written anew
+// (its machine's blobs left behind) thus still claims above the fences
+// of the replicas it finds.
+func NextClaim(prev int64) int64 { return max(prev+1, time.Now().UnixNano()) }
 
 // A Gap is a range of sequences at which the journal and the replicas are
 // not the disks: records from From on were acknowledged to the agent but

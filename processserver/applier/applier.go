@@ -136,6 +136,18 @@ type Config struct {
 	// that generation, and the next hello sees the blob marked
 	// layout.MetaLost and asks for a full sync. It must not block.
 	ReplicaLost func(machine, disk, generation string)
+	// Fence, if set, returns the fence machine's replicas are claimed and
+	// written under (blobstore.WithFence): the process server's claim of
+	// the machine (layout.Manifest.Claim of its last write). An error,
+	// wrapping blobstore.ErrFenced when the machine is not served there,
+	// fails the pass. Nil: the manifest's claim (a lone applier).
+	Fence func(ctx context.Context, machine string) (int64, error)
+	// Fenced, if set, is told when a pass under fence n met a newer
+	// writer (blobstore.ErrFenced): a replica or the manifest claimed
+	// above n, by another process server's claim of the machine. It is
+	// called from the pass, which holds the machine: it must not wait
+	// for the applier.
+	Fenced func(machine string, n int64, err error)
 	// PollInterval: how often Run looks for new segments without being
 	// notified (default 30 s).
 	PollInterval time.Duration
@@ -209,6 +221,8 @@ type machine struct {
 	mu   sync.Mutex
 	name string
 	keys seal.Keyring
+	// fence: the replicas are claimed under it (while loaded).
+	fence int64
 
 	loaded    bool
 	disks     []*disk
@@ -301,6 +315,9 @@ func (a *Applier) apply(ctx context.Context, name string, durable uint64) (uint6
 		// have left the in-memory view ahead of or behind the blobs, and
 		// records of the failed segment queued for other disks.
 		m.forget()
+		if errors.Is(err, blobstore.ErrFenced) && a.cfg.Fenced != nil && ctx.Err() == nil {
+			a.cfg.Fenced(name, m.fence, err)
+		}
 	}
 	return applied, err
 }
@@ -342,6 +359,15 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 	} else if err != nil {
 		return 0, err
 	}
+	fence, err := a.fenceOf(ctx, m.name, man)
+	if fence != m.fence {
+		m.forget() // loadDisk claims every replica again
+		m.fence = fence
+	}
+	if err != nil {
+		return 0, err
+	}
+	ctx = blobstore.WithFence(ctx, fence)
 	limit := max(man.DurableSeq, durable)
 	m.gaps, m.keyID = man.Gaps, man.KeyID
 	m.stale.Gaps = man.Gaps
@@ -413,6 +439,23 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 		a.log.Warn("retention failed", logKeyMachine, m.name, logKeyErr, err)
 	}
 	return m.applied(), nil
+}
+
+// fenceOf returns the fence to write machine's replicas under (see
+// Config.Fence), refusing one below the manifest's claim: another writer
+// claimed the machine since.
+func (a *Applier) fenceOf(ctx context.Context, machine string, man *layout.Manifest) (int64, error) {
+	if a.cfg.Fence == nil {
+		return man.Claim, nil
+	}
+	n, err := a.cfg.Fence(ctx, machine)
+	if err != nil {
+		return 0, fmt.Errorf("fence of machine %q: %w", machine, err)
+	}
+	if man.Claim > n {
+		return n, fmt.Errorf("manifest of machine %q claimed by another writer (claim %d, this one's %d): %w", machine, man.Claim, n, blobstore.ErrFenced)
+	}
+	return n, nil
 }
 
 // errStale: applySegment skipped a segment of a history the journal gave
@@ -516,7 +559,7 @@ func genIndex(gens []layout.Generation, gen string) int {
 // missing.
 func (a *Applier) loadDisk(ctx context.Context, m *machine, man *layout.Manifest, md *layout.Disk, gens []layout.Generation) (*disk, error) {
 	d := &disk{name: md.Name, blob: layout.DiskName(m.name, md.Name)}
-	info, err := a.cfg.Store.Stat(ctx, d.blob)
+	info, err := a.claimStat(ctx, d.blob)
 	switch {
 	case err == nil && info.Kind == blobstore.PageBlob:
 		d.gen, d.lost = info.Metadata[layout.MetaGeneration], info.Metadata[layout.MetaLost] == "true"
@@ -597,6 +640,20 @@ func (a *Applier) loadDisk(ctx context.Context, m *machine, man *layout.Manifest
 		}
 	}
 	return d, nil
+}
+
+// claimStat claims page blob name under ctx's fence, then reads its
+// properties: whatever an earlier writer did lands before the claim and
+// shows, and nothing of its lands after. A missing blob, or one not a
+// page blob, is for the caller to (re)create under the fence.
+func (a *Applier) claimStat(ctx context.Context, name string) (blobstore.BlobInfo, error) {
+	if n, ok := blobstore.FenceOf(ctx); ok {
+		err := a.cfg.Store.ClaimPageBlob(ctx, name, n)
+		if err != nil && !blobstore.IsNotFound(err) && !errors.Is(err, blobstore.ErrInvalid) {
+			return blobstore.BlobInfo{}, fmt.Errorf("claim replica %s: %w", name, err)
+		}
+	}
+	return a.cfg.Store.Stat(ctx, name)
 }
 
 // nextStart is the lowest start of a generation some disk has yet to
