@@ -61,6 +61,7 @@ func runScenarios(t *testing.T, newStore func(t *testing.T) blobstore.Store) {
 	t.Run("NewGenerationWhileLagging", func(t *testing.T) { testNewGenerationWhileLagging(t, newStore(t)) })
 	t.Run("ReplicaLost", func(t *testing.T) { testReplicaLost(t, newStore(t)) })
 	t.Run("Manager", func(t *testing.T) { testManager(t, newStore(t)) })
+	t.Run("Fence", func(t *testing.T) { testFence(t, newStore(t)) })
 }
 
 func ctxT(t *testing.T) context.Context {
@@ -732,5 +733,93 @@ func TestAppMarkerOnCrashPoint(t *testing.T) {
 	applyAll(t, ctx, newApplier(t, m, applier.Config{PointInterval: 10 * time.Second}), m, "after a restart: ")
 	if snaps, err := m.Store.ListSnapshots(ctx, layout.DiskName(m.Name, "d0")); err != nil || len(snaps) != 2 {
 		t.Fatalf("%d snapshots (%v), want the crash and the app one", len(snaps), err)
+	}
+}
+
+// testFence: two appliers of one machine under different fences (a
+// process server that lost the machine, and the one that claimed it).
+// Once the newer has claimed the replicas, the older writes nothing,
+// not even a point, and is told why; the newer's replicas stay right.
+func testFence(t *testing.T, store blobstore.Store) {
+	ctx := ctxT(t)
+	rng := rand.New(rand.NewPCG(11, 12))
+	m := recoverytest.New(t, store, "m9", 1<<20)
+	c := &clock{t: time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)}
+	type report struct {
+		n   int64
+		err error
+	}
+	var fenceA atomic.Int64
+	fenceA.Store(5)
+	reports := make(chan report, 4)
+	a := newApplier(t, m, applier.Config{
+		Fence:  func(context.Context, string) (int64, error) { return fenceA.Load(), nil },
+		Fenced: func(_ string, n int64, err error) { reports <- report{n, err} },
+	})
+	b := newApplier(t, m, applier.Config{Fence: func(context.Context, string) (int64, error) { return 6, nil }})
+	apply := func(ap *applier.Applier) error {
+		_, err := ap.Apply(ctx, m.Name)
+		return err
+	}
+	points := func() int {
+		snaps, err := store.ListSnapshots(ctx, layout.DiskName(m.Name, "d0"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(snaps)
+	}
+
+	workload(m, rng, c, 30)
+	m.Cut()
+	if err := apply(a); err != nil {
+		t.Fatal(err)
+	}
+	workload(m, rng, c, 30)
+	m.Cut()
+	if err := apply(b); err != nil {
+		t.Fatal(err)
+	}
+	checkReplica(t, m, m.Durable)
+	at, npoints := m.Durable, points()
+
+	workload(m, rng, c, 30)
+	m.Marker(wire.MarkerAppConsistent, c.next())
+	m.Cut()
+	if err := apply(a); !errors.Is(err, blobstore.ErrFenced) {
+		t.Fatalf("apply under the older fence: %v, want it fenced", err)
+	}
+	select {
+	case r := <-reports:
+		if r.n != 5 || !errors.Is(r.err, blobstore.ErrFenced) {
+			t.Fatalf("Fenced told fence %d, %v; want 5 and ErrFenced", r.n, r.err)
+		}
+	default:
+		t.Fatal("Fenced not told")
+	}
+	checkReplica(t, m, at)
+	if n := points(); n != npoints {
+		t.Fatalf("%d points after the fenced pass, %d before", n, npoints)
+	}
+	if err := apply(b); err != nil {
+		t.Fatal(err)
+	}
+	checkReplica(t, m, m.Durable)
+
+	// Claimed back (a newer fence still), the first goes on; a manifest
+	// claimed above its fence stops it before it writes.
+	fenceA.Store(7)
+	m.NewGeneration(0, 0)
+	workload(m, rng, c, 20)
+	m.Cut()
+	if err := apply(a); err != nil {
+		t.Fatal(err)
+	}
+	checkReplica(t, m, m.Durable)
+	m.EditManifest(func(man *layout.Manifest) { man.Claim = 9 })
+	if err := apply(a); !errors.Is(err, blobstore.ErrFenced) {
+		t.Fatalf("apply under a fence below the manifest's claim: %v, want it fenced", err)
+	}
+	if r := <-reports; r.n != 7 {
+		t.Fatalf("Fenced told fence %d, want 7", r.n)
 	}
 }

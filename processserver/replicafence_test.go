@@ -1,0 +1,131 @@
+package processserver
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"log/slog"
+	"strconv"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore/mem"
+	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/wire"
+)
+
+// heldWrite, once armed, holds the next Put Page to blob until released,
+// then sends it whatever became of its caller meanwhile: a request
+// already on its way to the service lands even if its caller gives up.
+type heldWrite struct {
+	blobstore.Store
+	blob    string
+	armed   atomic.Bool
+	held    chan struct{} // closed when the write is held
+	release chan struct{}
+	done    chan error // the held write's result
+}
+
+func (h *heldWrite) WritePages(ctx context.Context, name string, offset int64, data []byte) error {
+	if name != h.blob || !h.armed.CompareAndSwap(true, false) {
+		return h.Store.WritePages(ctx, name, offset, data)
+	}
+	close(h.held)
+	<-h.release
+	err := h.Store.WritePages(context.WithoutCancel(ctx), name, offset, data)
+	h.done <- err
+	return err
+}
+
+// TestReplicaFencedAgainstFormerServer: the applier of a process server
+// that lost its machine to another (the agent re-pointed) may be in the
+// middle of a Put Page when the other claims the machine. That write
+// must not land over the other's later ones: the claim raised the
+// replica's fence, and the former server's write fails on it.
+func TestReplicaFencedAgainstFormerServer(t *testing.T) {
+	store := mem.New()
+	replica := layout.DiskName("m1", disk0.Name)
+	held := &heldWrite{Store: store, blob: replica, held: make(chan struct{}), release: make(chan struct{}), done: make(chan error, 1)}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	discard := slog.New(slog.DiscardHandler)
+
+	eA := newEnv(t, held, 1)
+	eA.segAge = 20 * time.Millisecond
+	eA.applier = StandardApplier(ctx, Config{Store: held}, eA.rk, time.Hour, -1, discard)
+	eB := *eA
+	eB.store, eB.cache, eB.logs, eB.name = store, []string{t.TempDir()}, &logBuf{}, "ps2"
+	eB.applier = StandardApplier(ctx, Config{Store: store}, eB.rk, time.Hour, -1, discard)
+
+	sA, a1, ackA := eA.serveFirst() // 1..5
+	eventually(t, 10*time.Second, "A's applier at 5", func() bool { return appliedOf(t, store, replica) >= 5 })
+
+	// A's applier is held in its Put Page of 6..8.
+	held.armed.Store(true)
+	a1.waitAck(a1.batch(6, 3))
+	select {
+	case <-held.held:
+	case <-time.After(10 * time.Second):
+		t.Fatal("A's applier did not write 6..8")
+	}
+	a1.conn.Close()
+
+	// The agent goes on with B, overwriting what 6..8 wrote.
+	b1 := dialAgent(t, &eB, eB.start(), "m1")
+	ack, _ := b1.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ackA.Disks[0].Generation, LastAckedSeq: 8})
+	if ack.Disks[0].Action != wire.SyncResume {
+		t.Fatalf("B answered %v, want a resume", ack.Disks[0].Action)
+	}
+	var bb wire.BatchBuilder
+	want := make([]byte, 3*4096)
+	for i := range 3 {
+		seq := uint64(9 + i)
+		data := batchData(seq, i)
+		copy(want[i*4096:], data)
+		if err := bb.Add(wire.Record{Seq: seq, Op: wire.OpWrite, Offset: uint64(6+i) * 4096, Length: 4096, Data: data}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p, err := bb.AppendBinary(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b1.sendFrame(wire.TypeBatch, p)
+	b1.waitAck(11)
+	eventually(t, 20*time.Second, "B's applier at 11", func() bool { return appliedOf(t, store, replica) >= 11 })
+
+	// A's write reaches the service now.
+	close(held.release)
+	select {
+	case err := <-held.done:
+		if !errors.Is(err, blobstore.ErrFenced) {
+			t.Errorf("A's held write after B's claim: %v, want it fenced", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("A's held write did not end")
+	}
+	got := make([]byte, len(want))
+	if err := store.ReadPages(context.Background(), replica, "", 6*4096, got); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("the replica holds A's 6..8 over B's 9..11")
+	}
+	eventually(t, 10*time.Second, "A fenced", func() bool { return sA.machine("m1").isFenced() })
+}
+
+// appliedOf reads the applied_seq of replica blob (0 before it exists).
+func appliedOf(t *testing.T, store blobstore.Store, blob string) uint64 {
+	t.Helper()
+	info, err := store.Stat(context.Background(), blob)
+	if blobstore.IsNotFound(err) {
+		return 0
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, _ := strconv.ParseUint(info.Metadata[layout.MetaAppliedSeq], 10, 64)
+	return n
+}
