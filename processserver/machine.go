@@ -81,7 +81,7 @@ type machine struct {
 	// while a claim's write is under way.
 	claimed int64
 	key     *seal.Key
-	manKey *seal.Key // seals the manifest: key, or the one ensureKey is storing
+	manKey  *seal.Key // seals the manifest: key, or the one ensureKey is storing
 	// wrapped holds the data keys as stored under keys/ (wrapped by the
 	// recovery key, so not secret), by key id: put back with a manifest
 	// someone deleted (restoreManifest).
