@@ -613,7 +613,8 @@ func (s *Store) underFence(ctx context.Context, op, name string, create bool, do
 		p, err := s.c.NewBlobClient(name).GetProperties(ctx, nil)
 		switch {
 		case err == nil:
-			if got := deref(p.BlobSequenceNumber); got != n {
+			// A create replaces a blob of another kind, which has no fence.
+			if got := deref(p.BlobSequenceNumber); got != n && (!create || kindOf(p.BlobType) == blobstore.PageBlob) {
 				return blobstore.Fenced("azure", op, name, n, got)
 			}
 			cond = &blob.ModifiedAccessConditions{IfMatch: p.ETag}
@@ -637,6 +638,10 @@ func (s *Store) ClaimPageBlob(ctx context.Context, name string, n int64) error {
 	}
 	resp, err := s.c.NewPageBlobClient(name).UpdateSequenceNumber(ctx, &pageblob.UpdateSequenceNumberOptions{
 		ActionType: to(pageblob.SequenceNumberActionTypeMax), SequenceNumber: &n})
+	if bloberror.HasCode(err, bloberror.InvalidBlobType, bloberror.InvalidOperation) {
+		// Azurite says InvalidOperation of a block blob.
+		return fmt.Errorf("azure: claim page blob %q: not a page blob: %w", name, blobstore.ErrInvalid)
+	}
 	if err != nil {
 		return s.wrap("claim page blob", name, err)
 	}

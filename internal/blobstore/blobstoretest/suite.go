@@ -741,4 +741,10 @@ func testFences(t *testing.T, s blobstore.Store) {
 	ok(t, s.CreatePageBlob(ctx, "other", 2*ps, nil), "unfenced create")
 	ok(t, s.WritePages(blobstore.WithFence(ctx, 0), "other", 0, a), "write under fence 0 of a blob created unfenced")
 	wantErr(t, s.ClaimPageBlob(ctx, name, -1), blobstore.ErrInvalid, "claim with a negative fence")
+
+	// A block blob has no fence to claim; a fenced create replaces it.
+	ok(t, s.PutBlob(ctx, "block", []byte("x"), nil), "put a block blob")
+	wantErr(t, s.ClaimPageBlob(ctx, "block", 6), blobstore.ErrInvalid, "claim a block blob")
+	ok(t, s.CreatePageBlob(cur, "block", 2*ps, nil), "create a page blob under a fence over a block blob")
+	ok(t, s.WritePages(cur, "block", 0, a), "write under the fence the create set")
 }

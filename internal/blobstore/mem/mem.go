@@ -332,8 +332,9 @@ func (s *Store) CreatePageBlob(ctx context.Context, name string, size int64, md 
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.container {
-		if err := checkFence(ctx, "create page blob", name, s.blobs[name]); err != nil {
+	// A create replaces a blob of another kind, which has no fence.
+	if b := s.blobs[name]; s.container && b != nil && b.kind == blobstore.PageBlob {
+		if err := checkFence(ctx, "create page blob", name, b); err != nil {
 			return err
 		}
 	}
