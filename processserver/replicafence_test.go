@@ -129,3 +129,35 @@ func appliedOf(t *testing.T, store blobstore.Store, blob string) uint64 {
 	n, _ := strconv.ParseUint(info.Metadata[layout.MetaAppliedSeq], 10, 64)
 	return n
 }
+
+// TestReplicaFencedWhileClaimUnsure: a replica found claimed above the
+// server's fence fences the server, but not while a claim of its own is
+// unsure (its write failed, maybe after it landed: the applier, still
+// under the fence before, may meet the replicas claimed by no other), nor
+// for a fence it has left since.
+func TestReplicaFencedWhileClaimUnsure(t *testing.T) {
+	e := newEnv(t, mem.New(), 1)
+	e.segAge = 20 * time.Millisecond
+	s, _, _ := e.serveFirst()
+	m := s.machine("m1")
+	m.mu.Lock()
+	n := m.claimed
+	m.man.Claim = layout.NextClaim(n) // written, reply lost
+	m.mu.Unlock()
+	err := blobstore.Fenced("test", "write pages", "m1/disks/sda", n, n+1)
+	s.ReplicaFenced("m1", n, err)
+	if m.isFenced() {
+		t.Fatal("fenced while its own claim is unsure")
+	}
+	m.mu.Lock()
+	m.man.Claim = n // the write settled: it had not landed
+	m.mu.Unlock()
+	s.ReplicaFenced("m1", n-1, err)
+	if m.isFenced() {
+		t.Fatal("fenced for a fence it has left")
+	}
+	s.ReplicaFenced("m1", n, err)
+	if !m.isFenced() {
+		t.Fatal("not fenced by a replica claimed above its fence")
+	}
+}

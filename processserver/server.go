@@ -359,9 +359,11 @@ func (s *Server) Fence(ctx context.Context, machine string) (int64, error) {
 
 // ReplicaFenced is how the applier reports that a replica page blob of
 // machine was claimed by a newer writer than fence n (another process
-// server's applier): unless this server has claimed the machine again
-// since, it stops serving it, as when another writer changes the
-// manifest (fence).
+// server's applier): this server stops serving the machine, as when
+// another writer changes the manifest (fence). Not when n is not its
+// fence now (it claimed the machine again since), nor while a claim of
+// its own is unsure (its write failed, maybe after it landed): its next
+// manifest write settles who serves the machine.
 func (s *Server) ReplicaFenced(machine string, n int64, err error) {
 	s.mu.Lock()
 	m := s.machines[machine]
@@ -372,7 +374,7 @@ func (s *Server) ReplicaFenced(machine string, n int64, err error) {
 	m.manMu.Lock()
 	defer m.manMu.Unlock()
 	m.mu.Lock()
-	stale := m.fenced || m.claimed != n
+	stale := m.fenced || m.claimed != n || m.man.Claim != n
 	m.mu.Unlock()
 	if !stale {
 		m.fence(fmt.Errorf("a replica page blob: %w", err))

@@ -97,9 +97,10 @@ func (r PageRange) End() int64 { return r.Offset + r.Length }
 // with a context from WithFence(ctx, n) (CreatePageBlob, WritePages,
 // ClearPages, ResizePageBlob, SetMetadata and Snapshot) happens only
 // while the blob's fence is n, checked atomically with the write;
-// CreatePageBlob also where there is no blob yet, and gives the blob it
-// creates fence n. Otherwise it fails with an error wrapping ErrFenced and
-// changes nothing. Writers that claim a blob with increasing numbers thus
+// CreatePageBlob also where there is no page blob yet or its fence is
+// below n (a newer writer replaces an older one's blob), and gives the
+// blob it creates fence n. Otherwise it fails with an error wrapping
+// ErrFenced and changes nothing. Fences are at most MaxFence. Writers that claim a blob with increasing numbers thus
 // exclude each other: once the newer has claimed it, none of the older's
 // writes lands. CopyFromSnapshot ignores fences. Without WithFence,
 // writes are not checked.
@@ -207,9 +208,9 @@ type Store interface {
 	DeleteSnapshot(ctx context.Context, name, snapshot string) error
 
 	// ClaimPageBlob raises the fence of page blob name to n if it is
-	// lower (n ≥ 0). It fails with ErrFenced, changing nothing, when the
-	// fence is already higher: a newer writer claimed the blob. Claiming
-	// again with the same n is harmless.
+	// lower (0 ≤ n ≤ MaxFence). It fails with ErrFenced, changing
+	// nothing, when the fence is already higher: a newer writer claimed
+	// the blob. Claiming again with the same n is harmless.
 	ClaimPageBlob(ctx context.Context, name string, n int64) error
 
 	// CopyFromSnapshot creates or replaces page blob dst with the content,
@@ -234,8 +235,20 @@ var (
 	// ErrFenced: a write under WithFence found the page blob's fence
 	// moved, or ClaimPageBlob found it higher: a newer writer claimed
 	// the blob.
-	ErrFenced = errors.New("page blob claimed by a newer writer")
+	ErrFenced = errors.New("page blob fenced")
 )
+
+// MaxFence is the highest fence: Azurite keeps a blob's sequence number
+// as a JavaScript number, exact up to 2^53.
+const MaxFence = 1<<53 - 1
+
+// CheckFence checks a fence to be set on a blob (for implementations).
+func CheckFence(name string, n int64) error {
+	if n < 0 || n > MaxFence {
+		return fmt.Errorf("page blob %q: fence %d outside [0, %d]: %w", name, n, int64(MaxFence), ErrInvalid)
+	}
+	return nil
+}
 
 type fenceKey struct{}
 
@@ -260,7 +273,11 @@ func FenceOf(ctx context.Context) (n int64, ok bool) {
 // Fenced returns the error of a write under fence n that found the fence
 // of blob name at got (for implementations).
 func Fenced(store, op, name string, n, got int64) error {
-	return fmt.Errorf("%s: %s %q: its fence is %d, this writer's %d: %w", store, op, name, got, n, ErrFenced)
+	why := "claimed by a newer writer"
+	if got < n {
+		why = "not claimed by this writer"
+	}
+	return fmt.Errorf("%s: %s %q: %s (its fence %d, this writer's %d): %w", store, op, name, why, got, n, ErrFenced)
 }
 
 // IsNotFound reports whether err means that the blob, snapshot or container

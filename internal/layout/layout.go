@@ -95,11 +95,12 @@ type Manifest struct {
 	Seal string `json:"seal,omitempty"`
 }
 
-// NextClaim returns the claim after prev: the time in nanoseconds, or one
-// more than prev when the clock is behind it. A manifest written anew
+// NextClaim returns the claim after prev: the time in microseconds, or
+// one more than prev when the clock is behind it. A manifest written anew
 // (its machine's blobs left behind) thus still claims above the fences
-// of the replicas it finds.
-func NextClaim(prev int64) int64 { return max(prev+1, time.Now().UnixNano()) }
+// of the replicas it finds. (Microseconds stay below
+// blobstore.MaxFence, which Azurite keeps exactly, until the year 2255.)
+func NextClaim(prev int64) int64 { return max(prev+1, time.Now().UnixMicro()) }
 
 // A Gap is a range of sequences at which the journal and the replicas are
 // not the disks: records from From on were acknowledged to the agent but

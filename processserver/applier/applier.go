@@ -442,8 +442,9 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 }
 
 // fenceOf returns the fence to write machine's replicas under (see
-// Config.Fence), refusing one below the manifest's claim: another writer
-// claimed the machine since.
+// Config.Fence). A manifest claimed above it proves nothing by itself (a
+// claim of the server's own whose write failed may have landed): the
+// replicas' fences decide.
 func (a *Applier) fenceOf(ctx context.Context, machine string, man *layout.Manifest) (int64, error) {
 	if a.cfg.Fence == nil {
 		return man.Claim, nil
@@ -451,9 +452,6 @@ func (a *Applier) fenceOf(ctx context.Context, machine string, man *layout.Manif
 	n, err := a.cfg.Fence(ctx, machine)
 	if err != nil {
 		return 0, fmt.Errorf("fence of machine %q: %w", machine, err)
-	}
-	if man.Claim > n {
-		return n, fmt.Errorf("manifest of machine %q claimed by another writer (claim %d, this one's %d): %w", machine, man.Claim, n, blobstore.ErrFenced)
 	}
 	return n, nil
 }

@@ -538,6 +538,11 @@ func (s *Store) CreatePageBlob(ctx context.Context, name string, size int64, md 
 		return err
 	}
 	n, fenced := blobstore.FenceOf(ctx)
+	if fenced {
+		if err := blobstore.CheckFence(name, n); err != nil {
+			return fmt.Errorf("azure: create %w", err)
+		}
+	}
 	create := func(cond *blob.AccessConditions) error {
 		opts := &pageblob.CreateOptions{Metadata: toAzure(md), AccessConditions: cond}
 		if fenced {
@@ -613,8 +618,13 @@ func (s *Store) underFence(ctx context.Context, op, name string, create bool, do
 		p, err := s.c.NewBlobClient(name).GetProperties(ctx, nil)
 		switch {
 		case err == nil:
-			// A create replaces a blob of another kind, which has no fence.
-			if got := deref(p.BlobSequenceNumber); got != n && (!create || kindOf(p.BlobType) == blobstore.PageBlob) {
+			// A create replaces a blob of another kind, which has no
+			// fence, and an older writer's.
+			got := deref(p.BlobSequenceNumber)
+			if create && (got < n || kindOf(p.BlobType) != blobstore.PageBlob) {
+				got = n
+			}
+			if got != n {
 				return blobstore.Fenced("azure", op, name, n, got)
 			}
 			cond = &blob.ModifiedAccessConditions{IfMatch: p.ETag}
@@ -624,8 +634,11 @@ func (s *Store) underFence(ctx context.Context, op, name string, create bool, do
 			return s.wrap(op, name, err)
 		}
 		err = do(&blob.AccessConditions{ModifiedAccessConditions: cond})
-		if err == nil || try == fenceTries || !bloberror.HasCode(err, bloberror.ConditionNotMet, bloberror.BlobAlreadyExists) {
+		if err == nil || !bloberror.HasCode(err, bloberror.ConditionNotMet, bloberror.BlobAlreadyExists) {
 			return s.wrap(op, name, err)
+		}
+		if try == fenceTries {
+			return fmt.Errorf("azure: %s %q under fence %d: the blob changed under each of %d tries: %w", op, name, n, try, blobstore.ErrConflict)
 		}
 	}
 }
@@ -633,8 +646,8 @@ func (s *Store) underFence(ctx context.Context, op, name string, create bool, do
 // ClaimPageBlob implements blobstore.Store: Set Blob Properties with
 // x-ms-sequence-number-action: max.
 func (s *Store) ClaimPageBlob(ctx context.Context, name string, n int64) error {
-	if n < 0 {
-		return fmt.Errorf("azure: claim page blob %q: fence %d: %w", name, n, blobstore.ErrInvalid)
+	if err := blobstore.CheckFence(name, n); err != nil {
+		return fmt.Errorf("azure: claim %w", err)
 	}
 	resp, err := s.c.NewPageBlobClient(name).UpdateSequenceNumber(ctx, &pageblob.UpdateSequenceNumberOptions{
 		ActionType: to(pageblob.SequenceNumberActionTypeMax), SequenceNumber: &n})

@@ -747,4 +747,19 @@ func testFences(t *testing.T, s blobstore.Store) {
 	wantErr(t, s.ClaimPageBlob(ctx, "block", 6), blobstore.ErrInvalid, "claim a block blob")
 	ok(t, s.CreatePageBlob(cur, "block", 2*ps, nil), "create a page blob under a fence over a block blob")
 	ok(t, s.WritePages(cur, "block", 0, a), "write under the fence the create set")
+
+	// A newer writer's create replaces an older one's blob (made where
+	// none was, say, after the newer's claim found nothing).
+	ok(t, s.CreatePageBlob(blobstore.WithFence(ctx, 7), "block", 2*ps, nil), "create under a newer fence")
+	wantErr(t, s.WritePages(cur, "block", 0, a), blobstore.ErrFenced, "write under the replaced blob's fence")
+
+	// Fences up to MaxFence are kept exactly (Azurite keeps doubles).
+	const top = blobstore.MaxFence
+	ok(t, s.CreatePageBlob(blobstore.WithFence(ctx, top-2), "big", 2*ps, nil), "create under fence MaxFence-2")
+	ok(t, s.ClaimPageBlob(ctx, "big", top-1), "claim with fence MaxFence-1")
+	wantErr(t, s.WritePages(blobstore.WithFence(ctx, top-2), "big", 0, a), blobstore.ErrFenced, "write under fence MaxFence-2")
+	ok(t, s.SetMetadata(blobstore.WithFence(ctx, top-1), "big", blobstore.Metadata{"v": "top"}), "set metadata under fence MaxFence-1")
+	ok(t, s.ClaimPageBlob(ctx, "big", top), "claim with MaxFence")
+	wantErr(t, s.ClaimPageBlob(ctx, "big", top+1), blobstore.ErrInvalid, "claim beyond MaxFence")
+	wantErr(t, s.CreatePageBlob(blobstore.WithFence(ctx, top+1), "big", 2*ps, nil), blobstore.ErrInvalid, "create beyond MaxFence")
 }

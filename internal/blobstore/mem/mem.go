@@ -332,10 +332,14 @@ func (s *Store) CreatePageBlob(ctx context.Context, name string, size int64, md 
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	// A create replaces a blob of another kind, which has no fence.
-	if b := s.blobs[name]; s.container && b != nil && b.kind == blobstore.PageBlob {
-		if err := checkFence(ctx, "create page blob", name, b); err != nil {
+	// A create replaces a blob of another kind, which has no fence, and
+	// an older writer's.
+	if n, ok := blobstore.FenceOf(ctx); ok {
+		if err := blobstore.CheckFence(name, n); err != nil {
 			return err
+		}
+		if b := s.blobs[name]; s.container && b != nil && b.kind == blobstore.PageBlob && b.fence > n {
+			return blobstore.Fenced("mem", "create page blob", name, n, b.fence)
 		}
 	}
 	b, err := s.create(name)
@@ -624,8 +628,8 @@ func (s *Store) ClaimPageBlob(ctx context.Context, name string, n int64) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	if n < 0 {
-		return fmt.Errorf("mem: claim page blob %q: fence %d: %w", name, n, blobstore.ErrInvalid)
+	if err := blobstore.CheckFence(name, n); err != nil {
+		return fmt.Errorf("mem: claim %w", err)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
