@@ -713,7 +713,7 @@ func (m *machine) fence(err error) {
 	} else if err := m.s.cache.SetFenced(m.name, true, []byte(ours)); err != nil {
 		m.log.Error("cannot record in the cache that another process server serves this machine: after a restart this one would upload its cached segments again", logErr, err)
 	}
-	m.log.Error("another writer took this machine over (another process server serving it changed its manifest or claimed its replicas?): this process server stops serving the machine and keeps its cache, until the agent says hello here again",
+	m.log.Error("another writer changed the manifest of this machine, or claimed its replicas (another process server serving it?): this process server stops serving the machine and keeps its cache, until the agent says hello here again",
 		logBlob, layout.ManifestName(m.name), logErr, err)
 	if sess != nil {
 		sess.abort(errFenced)
@@ -881,11 +881,16 @@ func (m *machine) claimOnce(ctx context.Context) error {
 			// here): under this claim if it landed, else under the
 			// server's last, which meets the replicas' fence if the
 			// other's applier has claimed them.
-			if l, ok := m.s.applier.(applierLoops); ok {
+			l, ok := m.s.applier.(applierLoops)
+			if ok {
 				l.Stop(m.name)
-				defer l.Resume(m.name)
 			}
-			defer m.s.applier.Notify(m.name, man.DurableSeq)
+			defer func() {
+				if ok {
+					l.Resume(m.name)
+				}
+				m.s.applier.Notify(m.name, man.DurableSeq)
+			}()
 		}
 	}
 	m.mu.Lock()

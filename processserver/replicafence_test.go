@@ -149,9 +149,22 @@ func TestReplicaFencedWhileClaimUnsure(t *testing.T) {
 	if m.isFenced() {
 		t.Fatal("fenced while its own claim is unsure")
 	}
+	// The applier's pass, having read the manifest: a claim above the
+	// server's in its own name is its own; in another's, the other's.
+	ctx := context.Background()
+	if got, err := s.Fence(ctx, "m1", &layout.Manifest{Claim: n + 1, Owner: "ps"}); err != nil || got != n {
+		t.Fatalf("fence with its own unsure claim in the manifest: %d, %v; want %d", got, err, n)
+	}
+	if _, err := s.Fence(ctx, "m1", &layout.Manifest{Claim: n + 1, Owner: "ps2"}); !blobstore.NewerFence(err) {
+		t.Fatalf("fence with another server's claim in the manifest: %v, want a newer writer's fence", err)
+	}
 	m.mu.Lock()
 	m.man.Claim = n // the write settled: it had not landed
 	m.mu.Unlock()
+	s.ReplicaFenced("m1", n, blobstore.Fenced("test", "write pages", "m1/disks/sda", n, n-1))
+	if m.isFenced() {
+		t.Fatal("fenced by a replica it has not claimed yet")
+	}
 	s.ReplicaFenced("m1", n-1, err)
 	if m.isFenced() {
 		t.Fatal("fenced for a fence it has left")

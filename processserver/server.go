@@ -343,8 +343,11 @@ func (s *Server) UpdateManifest(ctx context.Context, machine string, update func
 // Fence returns the fence the applier writes machine's replicas under:
 // the claim of the manifest this server last wrote or loaded as its own
 // (layout.Manifest.Claim). A machine this server does not serve now
-// (fenced) has none: the error wraps blobstore.ErrFenced.
-func (s *Server) Fence(ctx context.Context, machine string) (int64, error) {
+// (fenced) has none: the error wraps blobstore.ErrFenced. Nor has one
+// whose manifest, as the applier read it (man), holds another server's
+// claim since: a blobstore.FenceError then. (A claim above this
+// server's in its own name is its own, whose write failed but landed.)
+func (s *Server) Fence(ctx context.Context, machine string, man *layout.Manifest) (int64, error) {
 	m := s.machine(machine)
 	if err := m.ensureLoaded(ctx); err != nil {
 		return 0, err
@@ -353,6 +356,10 @@ func (s *Server) Fence(ctx context.Context, machine string) (int64, error) {
 	defer m.mu.Unlock()
 	if m.fenced {
 		return 0, fmt.Errorf("%s: %w", m.fencedMessage(), blobstore.ErrFenced)
+	}
+	if man != nil && man.Claim > m.claimed && man.Owner != s.cfg.Name {
+		return m.claimed, fmt.Errorf("%s claimed the machine: %w", man.Owner,
+			blobstore.Fenced("manifest", "claim", layout.ManifestName(machine), m.claimed, man.Claim))
 	}
 	return m.claimed, nil
 }
@@ -374,7 +381,7 @@ func (s *Server) ReplicaFenced(machine string, n int64, err error) {
 	m.manMu.Lock()
 	defer m.manMu.Unlock()
 	m.mu.Lock()
-	stale := m.fenced || m.claimed != n || m.man.Claim != n
+	stale := m.fenced || m.claimed != n || m.man.Claim != n || !blobstore.NewerFence(err)
 	m.mu.Unlock()
 	if !stale {
 		m.fence(fmt.Errorf("a replica page blob: %w", err))

@@ -270,14 +270,37 @@ func FenceOf(ctx context.Context) (n int64, ok bool) {
 	return n, ok
 }
 
-// Fenced returns the error of a write under fence n that found the fence
-// of blob name at got (for implementations).
-func Fenced(store, op, name string, n, got int64) error {
-	why := "claimed by a newer writer"
-	if got < n {
-		why = "not claimed by this writer"
+// FenceError is the error of a write under fence N, or of a claim with N,
+// that found the blob's fence at Got (-1: unknown). It wraps ErrFenced.
+type FenceError struct {
+	Store, Op, Name string
+	N, Got          int64
+}
+
+func (e *FenceError) Error() string {
+	switch {
+	case e.Got < 0:
+		return fmt.Sprintf("%s: %s %q: the blob's fence is not this writer's %d", e.Store, e.Op, e.Name, e.N)
+	case e.Got < e.N:
+		return fmt.Sprintf("%s: %s %q: not claimed by this writer (its fence %d, this writer's %d)", e.Store, e.Op, e.Name, e.Got, e.N)
 	}
-	return fmt.Errorf("%s: %s %q: %s (its fence %d, this writer's %d): %w", store, op, name, why, got, n, ErrFenced)
+	return fmt.Sprintf("%s: %s %q: claimed by a newer writer (its fence %d, this writer's %d)", e.Store, e.Op, e.Name, e.Got, e.N)
+}
+
+func (e *FenceError) Unwrap() error { return ErrFenced }
+
+// Fenced returns the error of a write under fence n that found the fence
+// of blob name at got (-1: unknown), for implementations.
+func Fenced(store, op, name string, n, got int64) error {
+	return &FenceError{Store: store, Op: op, Name: name, N: n, Got: got}
+}
+
+// NewerFence reports whether err says a newer writer claimed a blob: its
+// fence is above the writer's. (Below it, the writer has only not
+// claimed the blob yet.)
+func NewerFence(err error) bool {
+	var fe *FenceError
+	return errors.As(err, &fe) && fe.Got > fe.N
 }
 
 // IsNotFound reports whether err means that the blob, snapshot or container

@@ -138,15 +138,17 @@ type Config struct {
 	ReplicaLost func(machine, disk, generation string)
 	// Fence, if set, returns the fence machine's replicas are claimed and
 	// written under (blobstore.WithFence): the process server's claim of
-	// the machine (layout.Manifest.Claim of its last write). An error,
-	// wrapping blobstore.ErrFenced when the machine is not served there,
-	// fails the pass. Nil: the manifest's claim (a lone applier).
-	Fence func(ctx context.Context, machine string) (int64, error)
+	// the machine (layout.Manifest.Claim of its last write). It is given
+	// the manifest the pass read, which may show another server's
+	// claim. An error (one that blobstore.NewerFence reports when
+	// another server claimed the machine) fails the pass. Nil: the
+	// manifest's claim (a lone applier).
+	Fence func(ctx context.Context, machine string, man *layout.Manifest) (int64, error)
 	// Fenced, if set, is told when a pass under fence n met a newer
-	// writer (blobstore.ErrFenced): a replica or the manifest claimed
-	// above n, by another process server's claim of the machine. It is
-	// called from the pass, which holds the machine: it must not wait
-	// for the applier.
+	// writer (blobstore.NewerFence): a replica claimed above n, by
+	// another process server's claim of the machine. It is called from
+	// the pass, which holds the machine: it must not wait for the
+	// applier.
 	Fenced func(machine string, n int64, err error)
 	// PollInterval: how often Run looks for new segments without being
 	// notified (default 30 s).
@@ -315,7 +317,7 @@ func (a *Applier) apply(ctx context.Context, name string, durable uint64) (uint6
 		// have left the in-memory view ahead of or behind the blobs, and
 		// records of the failed segment queued for other disks.
 		m.forget()
-		if errors.Is(err, blobstore.ErrFenced) && a.cfg.Fenced != nil && ctx.Err() == nil {
+		if blobstore.NewerFence(err) && a.cfg.Fenced != nil && ctx.Err() == nil {
 			a.cfg.Fenced(name, m.fence, err)
 		}
 	}
@@ -442,16 +444,14 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 }
 
 // fenceOf returns the fence to write machine's replicas under (see
-// Config.Fence). A manifest claimed above it proves nothing by itself (a
-// claim of the server's own whose write failed may have landed): the
-// replicas' fences decide.
+// Config.Fence).
 func (a *Applier) fenceOf(ctx context.Context, machine string, man *layout.Manifest) (int64, error) {
 	if a.cfg.Fence == nil {
 		return man.Claim, nil
 	}
-	n, err := a.cfg.Fence(ctx, machine)
+	n, err := a.cfg.Fence(ctx, machine, man)
 	if err != nil {
-		return 0, fmt.Errorf("fence of machine %q: %w", machine, err)
+		return n, fmt.Errorf("fence of machine %q: %w", machine, err)
 	}
 	return n, nil
 }
@@ -645,13 +645,23 @@ func (a *Applier) loadDisk(ctx context.Context, m *machine, man *layout.Manifest
 // shows, and nothing of its lands after. A missing blob, or one not a
 // page blob, is for the caller to (re)create under the fence.
 func (a *Applier) claimStat(ctx context.Context, name string) (blobstore.BlobInfo, error) {
-	if n, ok := blobstore.FenceOf(ctx); ok {
-		err := a.cfg.Store.ClaimPageBlob(ctx, name, n)
-		if err != nil && !blobstore.IsNotFound(err) && !errors.Is(err, blobstore.ErrInvalid) {
-			return blobstore.BlobInfo{}, fmt.Errorf("claim replica %s: %w", name, err)
+	n, fenced := blobstore.FenceOf(ctx)
+	for try := 0; ; try++ {
+		var claimed bool
+		if fenced {
+			err := a.cfg.Store.ClaimPageBlob(ctx, name, n)
+			if err != nil && !blobstore.IsNotFound(err) && !errors.Is(err, blobstore.ErrInvalid) {
+				return blobstore.BlobInfo{}, fmt.Errorf("claim replica %s: %w", name, err)
+			}
+			claimed = err == nil
 		}
+		info, err := a.cfg.Store.Stat(ctx, name)
+		if !fenced || claimed || err != nil || info.Kind != blobstore.PageBlob || try == 2 {
+			return info, err
+		}
+		// Created since the claim found none (by an older writer, say):
+		// claimed now, or found claimed by a newer one.
 	}
-	return a.cfg.Store.Stat(ctx, name)
 }
 
 // nextStart is the lowest start of a generation some disk has yet to

@@ -754,10 +754,10 @@ func testFence(t *testing.T, store blobstore.Store) {
 	fenceA.Store(base + 5)
 	reports := make(chan report, 4)
 	a := newApplier(t, m, applier.Config{
-		Fence:  func(context.Context, string) (int64, error) { return fenceA.Load(), nil },
+		Fence:  func(context.Context, string, *layout.Manifest) (int64, error) { return fenceA.Load(), nil },
 		Fenced: func(_ string, n int64, err error) { reports <- report{n, err} },
 	})
-	b := newApplier(t, m, applier.Config{Fence: func(context.Context, string) (int64, error) { return base + 6, nil }})
+	b := newApplier(t, m, applier.Config{Fence: func(context.Context, string, *layout.Manifest) (int64, error) { return base + 6, nil }})
 	apply := func(ap *applier.Applier) error {
 		_, err := ap.Apply(ctx, m.Name)
 		return err

@@ -218,8 +218,9 @@ func (s *Store) wrap(op, name string, err error) error {
 	case re.StatusCode == http.StatusNotFound:
 		e.kind = blobstore.ErrNotFound
 	case bloberror.HasCode(err, bloberror.SequenceNumberConditionNotMet):
-		// A write under a fence (WithFence) that a newer writer moved.
-		e.msg += ": a newer writer claimed the blob"
+		// A write under a fence (WithFence) that is not the blob's
+		// (fenceFailed says whose).
+		e.msg += ": the blob's fence is not this writer's"
 		e.kind = blobstore.ErrFenced
 	case bloberror.HasCode(err, bloberror.ConditionNotMet, bloberror.BlobAlreadyExists):
 		// A conditional write lost to another writer (412, or 409 for
@@ -570,7 +571,7 @@ func (s *Store) WritePages(ctx context.Context, name string, offset int64, data 
 			&pageblob.UploadPagesOptions{TransactionalValidation: blob.TransferValidationTypeCRC64(crc64Of(data[:n])),
 				SequenceNumberAccessConditions: cond})
 		if err != nil {
-			return s.wrap(fmt.Sprintf("write pages [%d, %d) of", offset, offset+int64(n)), name, err)
+			return s.fenceFailed(ctx, "write pages", name, s.wrap(fmt.Sprintf("write pages [%d, %d) of", offset, offset+int64(n)), name, err))
 		}
 		data, offset = data[n:], offset+int64(n)
 	}
@@ -587,7 +588,23 @@ func (s *Store) ClearPages(ctx context.Context, name string, offset, length int6
 	}
 	_, err := s.c.NewPageBlobClient(name).ClearPages(ctx, blob.HTTPRange{Offset: offset, Count: length},
 		&pageblob.ClearPagesOptions{SequenceNumberAccessConditions: seqCondition(ctx)})
-	return s.wrap("clear pages", name, err)
+	return s.fenceFailed(ctx, "clear pages", name, s.wrap("clear pages", name, err))
+}
+
+// fenceFailed returns err, or, for a Put or Clear Page that failed on its
+// fence, a blobstore.FenceError naming the blob's fence (read now): the
+// service's answer does not, and a fence below the writer's (not claimed
+// yet) means another thing than one above it (a newer writer's).
+func (s *Store) fenceFailed(ctx context.Context, op, name string, err error) error {
+	n, ok := blobstore.FenceOf(ctx)
+	if !ok || !errors.Is(err, blobstore.ErrFenced) {
+		return err
+	}
+	got := int64(-1)
+	if p, perr := s.c.NewBlobClient(name).GetProperties(ctx, nil); perr == nil {
+		got = deref(p.BlobSequenceNumber)
+	}
+	return blobstore.Fenced("azure", op, name, n, got)
 }
 
 // seqCondition is the condition of a Put or Clear Page under ctx's fence

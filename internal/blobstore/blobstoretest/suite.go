@@ -685,7 +685,11 @@ func testFences(t *testing.T, s blobstore.Store) {
 	a, b := Random(1, 2*ps), Random(2, 2*ps)
 	ok(t, s.WritePages(old, name, 0, a), "write under the blob's own fence")
 	ok(t, s.ClaimPageBlob(ctx, name, 5), "claim again with the same fence")
-	wantErr(t, s.WritePages(cur, name, 0, b), blobstore.ErrFenced, "write under a fence not claimed yet")
+	err := s.WritePages(cur, name, 0, b)
+	wantErr(t, err, blobstore.ErrFenced, "write under a fence not claimed yet")
+	if blobstore.NewerFence(err) {
+		t.Fatalf("write under a fence not claimed yet said a newer writer claimed the blob: %v", err)
+	}
 
 	ok(t, s.ClaimPageBlob(ctx, name, 6), "claim with a newer fence")
 	// (A refused claim may still change the ETag: Azure's max action
@@ -693,8 +697,14 @@ func testFences(t *testing.T, s blobstore.Store) {
 	wantErr(t, s.ClaimPageBlob(ctx, name, 5), blobstore.ErrFenced, "claim with an older fence")
 	info, err := s.Stat(ctx, name)
 	ok(t, err, "stat")
-	wantErr(t, s.WritePages(old, name, 0, b), blobstore.ErrFenced, "write pages under the old fence")
-	wantErr(t, s.ClearPages(old, name, 0, ps), blobstore.ErrFenced, "clear pages under the old fence")
+	err = s.WritePages(old, name, 0, b)
+	var fe *blobstore.FenceError
+	if !errors.As(err, &fe) || fe.N != 5 || fe.Got != 6 || !blobstore.NewerFence(err) {
+		t.Fatalf("write pages under the old fence: %v, want a FenceError of fence 5 against 6", err)
+	}
+	if err := s.ClearPages(old, name, 0, ps); !blobstore.NewerFence(err) {
+		t.Fatalf("clear pages under the old fence: %v, want a newer writer's fence", err)
+	}
 	wantErr(t, s.ResizePageBlob(old, name, 8*ps), blobstore.ErrFenced, "resize under the old fence")
 	wantErr(t, s.SetMetadata(old, name, blobstore.Metadata{"v": "older"}), blobstore.ErrFenced, "set metadata under the old fence")
 	_, err = s.Snapshot(old, name, nil)
