@@ -24,7 +24,8 @@ type ApplyManager interface {
 // comparing with the replica page blob in ps's store:
 //
 //	cfg.NewApplier = func(ps *processserver.Server) (processserver.Applier, error) {
-//		a, err := applier.New(applier.Config{Store: store, UpdateManifest: ps.UpdateManifest, …})
+//		a, err := applier.New(applier.Config{Store: store, UpdateManifest: ps.UpdateManifest,
+//			Fence: ps.Fence, Fenced: ps.ReplicaFenced, …})
 //		if err != nil {
 //			return nil, err
 //		}
