@@ -79,6 +79,18 @@ func TestRecoverRefusesJournalGap(t *testing.T) {
 	if _, _, err := recoverBytes(t, m, strconv.FormatUint(ends[2], 10), m.RecoveryKey); !errors.Is(err, recovery.ErrOutOfRange) {
 		t.Errorf("recover inside the mended gap: err %v, want ErrOutOfRange", err)
 	}
+	// A time between the last marker before the gap and the first one
+	// after it: the lost segment's marker (t0+1s) said where the disk
+	// was then, and the one before it does not.
+	if _, _, err := recoverBytes(t, m, t0.Add(1500*time.Millisecond).Format(time.RFC3339Nano), m.RecoveryKey); !errors.Is(err, recovery.ErrOutOfRange) {
+		t.Errorf("recover to a time the gap lost: err %v, want ErrOutOfRange", err)
+	}
+	if got, res, err := recoverBytes(t, m, t0.Format(time.RFC3339Nano), m.RecoveryKey); err != nil || res.Seq != ends[0] || !bytes.Equal(got, m.Image(0, ends[0])[:size]) {
+		t.Errorf("recover to the marker before the gap: seq %d, %v; want the disk at %d", res.Seq, err, ends[0])
+	}
+	if _, res, err := recoverBytes(t, m, t0.Add(3*time.Second).Format(time.RFC3339Nano), m.RecoveryKey); err != nil || res.Seq != mended {
+		t.Errorf("recover to the mending marker's time: seq %d, %v; want %d", res.Seq, err, mended)
+	}
 }
 
 // A journal segment missing with no gap recorded (deleted from the

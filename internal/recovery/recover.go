@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -362,7 +363,10 @@ func (st *state) resolveTime(ctx context.Context, store blobstore.Store, keys se
 	// first marker is not after t holds the last marker at or before t.
 	// Segment metadata is not authenticated: it only picks the segment to
 	// open, which must agree with it (checkMarkerTimes).
-	var dec Decoder
+	var (
+		dec   Decoder
+		after = uint64(math.MaxUint64) // the first marker the scanned segment holds past seq
+	)
 	for i := len(st.segments) - 1; i >= 0; i-- {
 		s := st.segments[i]
 		if s.FirstTime.IsZero() || s.FirstTime.After(t) {
@@ -389,6 +393,11 @@ func (st *state) resolveTime(ctx context.Context, store blobstore.Store, keys se
 				}
 			}
 		}
+		for j := range recs {
+			if r := &recs[j]; r.Op == wire.OpMarker && r.Seq > seq {
+				after = min(after, r.Seq)
+			}
+		}
 		break
 	}
 	// Inside the current idle period the journal has no marker yet; the
@@ -400,7 +409,39 @@ func (st *state) resolveTime(ctx context.Context, store blobstore.Store, keys se
 		return 0, time.Time{}, fmt.Errorf("%w: %s is before machine %q's oldest recoverable time %s",
 			ErrOutOfRange, t.UTC().Format(time.RFC3339Nano), machine, st.earliestTime().Format(time.RFC3339Nano))
 	}
+	if t.After(at) {
+		// A gap starting after the marker found, before any later marker
+		// the account knows, may have lost markers at or before t: the
+		// disk at t may hold writes the journal lost.
+		for _, g := range st.manifest.Gaps {
+			if g.From > seq && !st.markerBetween(seq, g.From, after) {
+				return 0, time.Time{}, fmt.Errorf("%w: %s falls where machine %q's journal has a gap: writes from sequence %d on were acknowledged to the agent but lost before they reached the account, with whatever markers they held, so the disk at that time is not known; recover to %s (sequence %d) or earlier, or to a time after the gap",
+					ErrOutOfRange, t.UTC().Format(time.RFC3339Nano), machine, g.From, at.Format(time.RFC3339Nano), seq)
+			}
+		}
+	}
 	return seq, at, nil
+}
+
+// markerBetween reports whether the account knows a marker with a
+// sequence in (lo, hi): a point, one of a segment wholly inside (its
+// metadata says it holds a marker), or after, the first the segment
+// holding lo has past it.
+func (st *state) markerBetween(lo, hi, after uint64) bool {
+	if after > lo && after < hi {
+		return true
+	}
+	for _, p := range st.points {
+		if p.Seq > lo && p.Seq < hi {
+			return true
+		}
+	}
+	for _, s := range st.segments {
+		if s.First > lo && s.Last < hi && !s.FirstTime.IsZero() {
+			return true
+		}
+	}
+	return false
 }
 
 // checkMarkerTimes refuses a segment whose metadata first_time and
