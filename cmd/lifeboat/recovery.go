@@ -251,7 +251,8 @@ is the one "lifeboat keys init" wrote.`,
 				return err
 			}
 			res, err := recovery.RecoverFile(cmd.Context(), store, recovery.Request{
-				Machine: machine, Disk: disk, Point: point, RecoveryKey: key, Progress: cmd.ErrOrStderr(),
+				NoReplace: !force,
+				Machine:   machine, Disk: disk, Point: point, RecoveryKey: key, Progress: cmd.ErrOrStderr(),
 			}, to)
 			if err != nil {
 				switch {

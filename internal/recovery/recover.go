@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"math"
 	"os"
 	"path/filepath"
@@ -44,6 +45,10 @@ type Request struct {
 	// need more bytes fit where the output goes: a recovery that cannot
 	// fit fails at once, not hours later on a full disk.
 	Room func(need int64) error
+	// NoReplace has RecoverFile leave a file that appeared at its path
+	// meanwhile alone: it fails then, keeping the recovered image in its
+	// temporary file, and says where.
+	NoReplace bool
 }
 
 // Result describes a completed recovery.
@@ -225,7 +230,11 @@ func RecoverFile(ctx context.Context, store blobstore.Store, req Request, path s
 	if cerr := f.Close(); err == nil && cerr != nil {
 		err = cerr
 	}
-	if err == nil {
+	if err == nil && req.NoReplace {
+		if err = renameNoReplace(tmp, path); errors.Is(err, fs.ErrExist) {
+			return Result{}, fmt.Errorf("%s appeared while the disk was recovered, and is left as it is: the recovered disk is in %s", path, tmp)
+		}
+	} else if err == nil {
 		err = os.Rename(tmp, path)
 	}
 	if err != nil {
@@ -237,7 +246,7 @@ func RecoverFile(ctx context.Context, store blobstore.Store, req Request, path s
 		err = d.Sync()
 		d.Close()
 		if err != nil {
-			return Result{}, fmt.Errorf("sync %s: %w", dir, err)
+			return Result{}, fmt.Errorf("sync %s: %w (the recovered disk is at %s, but a crash now could undo its rename)", dir, err, path)
 		}
 	}
 	return res, nil
@@ -686,6 +695,22 @@ func parallel(ctx context.Context, workers, n int, fn func(ctx context.Context, 
 		return err
 	}
 	return ctx.Err()
+}
+
+// renameNoReplace renames from to to unless to exists (fs.ErrExist
+// then): atomically where the file system can, else by a hard link.
+func renameNoReplace(from, to string) error {
+	err := unix.Renameat2(unix.AT_FDCWD, from, unix.AT_FDCWD, to, unix.RENAME_NOREPLACE)
+	if !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOSYS) {
+		if err != nil {
+			return &os.LinkError{Op: "rename", Old: from, New: to, Err: err}
+		}
+		return nil
+	}
+	if err := os.Link(from, to); err != nil {
+		return err
+	}
+	return os.Remove(from)
 }
 
 // roomIn fails unless the file system of dir has need bytes free (the

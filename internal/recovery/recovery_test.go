@@ -424,3 +424,46 @@ func TestKeyBlobSkipped(t *testing.T) {
 		t.Fatalf("recover with its key blob altered: %v", err)
 	}
 }
+
+// TestRecoverFileNoReplace: a file that appears at the output path while
+// the disk is recovered (a second recovery, someone's copy) is left as it
+// is with NoReplace (recover without --force), and the recovered image
+// kept beside it; without, replaced.
+func TestRecoverFileNoReplace(t *testing.T) {
+	m, _ := journalOnly(t)
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "out")
+	appear := writerFunc(func(p []byte) (int, error) {
+		if bytes.HasPrefix(p, []byte("syncing")) { // the last step before the rename
+			return len(p), os.WriteFile(path, []byte("someone's"), 0o600)
+		}
+		return len(p), nil
+	})
+	req := recovery.Request{Machine: m.Name, Disk: "d0", Point: "latest", RecoveryKey: m.RecoveryKey, Progress: appear, NoReplace: true}
+	_, err := recovery.RecoverFile(ctx, m.Store, req, path)
+	if err == nil || !strings.Contains(err.Error(), "appeared") {
+		t.Fatalf("recover onto a file that appeared meanwhile: %v", err)
+	}
+	if b, err := os.ReadFile(path); err != nil || string(b) != "someone's" {
+		t.Fatalf("the file that appeared: %q, %v", b, err)
+	}
+	want := m.Image(0, m.Latest())[:m.Disks[0].Size]
+	kept, _ := filepath.Glob(path + ".partial-*")
+	if len(kept) != 1 {
+		t.Fatalf("recovered image kept as %v, want one file", kept)
+	}
+	if b, err := os.ReadFile(kept[0]); err != nil || !bytes.Equal(b, want) {
+		t.Fatalf("the kept image differs from the disk (%v)", err)
+	}
+	req.NoReplace = false
+	if _, err := recovery.RecoverFile(ctx, m.Store, req, path); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := os.ReadFile(path); err != nil || !bytes.Equal(b, want) {
+		t.Fatalf("replaced: the image differs from the disk (%v)", err)
+	}
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
