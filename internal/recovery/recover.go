@@ -104,7 +104,7 @@ func Recover(ctx context.Context, store blobstore.Store, req Request, to io.Writ
 	}
 	keys.Warn(req.Progress)
 	res, err := st.recoverDisk(ctx, store, keys, idx, req, to)
-	return res, keys.Explain(err)
+	return res, keys.Explain(st.pruned(ctx, store, err))
 }
 
 func (st *state) recoverDisk(ctx context.Context, store blobstore.Store, keys Keys, idx int, req Request, to io.WriterAt) (Result, error) {
@@ -157,6 +157,21 @@ func (st *state) recoverDisk(ctx context.Context, store blobstore.Store, keys Ke
 		return Result{}, err
 	}
 	return res, nil
+}
+
+// pruned explains err, a snapshot or segment gone while a recovery read
+// it, when retention moved the machine's window on since the recovery
+// started (a long copy of an old point): ErrOutOfRange then.
+func (st *state) pruned(ctx context.Context, store blobstore.Store, err error) error {
+	if !blobstore.IsNotFound(err) {
+		return err
+	}
+	man, merr := ReadManifest(ctx, store, st.manifest.Machine)
+	if merr != nil || man.JournalFrom <= st.manifest.JournalFrom {
+		return err
+	}
+	return fmt.Errorf("%w: retention moved machine %q's window on while this recovery read it (the journal now starts at sequence %d): recover a newer point: %v",
+		ErrOutOfRange, st.manifest.Machine, man.JournalFrom, err)
 }
 
 // start decides where recovering disk d to seq begins: the newest point

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore/mem"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/lifeboat-dr/lifeboat/internal/recovery"
@@ -467,3 +468,35 @@ func TestRecoverFileNoReplace(t *testing.T) {
 type writerFunc func([]byte) (int, error)
 
 func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
+
+// pruning deletes the first journal segment a recovery downloads, and
+// raises journal_from, as retention would while a long recovery reads.
+type pruning struct {
+	blobstore.Store
+	m    *recoverytest.Machine
+	done bool
+}
+
+func (p *pruning) GetBlob(ctx context.Context, name string) ([]byte, error) {
+	if strings.Contains(name, "/journal/") && !p.done {
+		p.done = true
+		if err := p.Store.DeleteBlob(ctx, name); err != nil {
+			return nil, err
+		}
+		p.m.EditManifest(func(man *layout.Manifest) { man.JournalFrom = p.m.Latest() })
+	}
+	return p.Store.GetBlob(ctx, name)
+}
+
+// TestRecoverPrunedMeanwhile: retention deleting what a recovery reads
+// (an old point's copy takes hours) is said as such: out of range, choose
+// a newer point; not a bare "not found".
+func TestRecoverPrunedMeanwhile(t *testing.T) {
+	m, _ := journalOnly(t)
+	store := &pruning{Store: m.Store, m: m}
+	req := recovery.Request{Machine: m.Name, Disk: "d0", Point: "latest", RecoveryKey: m.RecoveryKey}
+	_, err := recovery.RecoverFile(context.Background(), store, req, filepath.Join(t.TempDir(), "out"))
+	if !errors.Is(err, recovery.ErrOutOfRange) || !strings.Contains(err.Error(), "retention moved") {
+		t.Fatalf("recover while retention pruned what it read: %v, want ErrOutOfRange saying why", err)
+	}
+}
