@@ -12,6 +12,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/lifeboat-dr/lifeboat/internal/seal"
+	"github.com/lifeboat-dr/lifeboat/internal/wire"
 )
 
 // PointRecord is what the applier seals, under the machine's data key,
@@ -169,5 +170,50 @@ func VerifiedPoints(ctx context.Context, store blobstore.Store, machine string, 
 		return nil, time.Time{}, nil, keys.Explain(err)
 	}
 	st.usePoints(points)
-	return st.points, st.until, st.manifest, nil
+	until, err := st.verifiedUntil(ctx, store, keys)
+	if err != nil {
+		return nil, time.Time{}, nil, keys.Explain(err)
+	}
+	return st.points, until, st.manifest, nil
+}
+
+// verifiedUntil is st.until from authenticated data only: the sealed
+// manifest's recoverable_until, the newest verified point, and the
+// markers sealed in the newest journal segment, when segment metadata
+// (not authenticated) says the journal goes further. A last_time set to
+// a later time in the account then does not hide how far behind the
+// journal is. (Idle markers the process server left out of a segment are
+// not counted: it may show a little less than the account holds.)
+func (st *state) verifiedUntil(ctx context.Context, store blobstore.Store, keys seal.Keyring) (time.Time, error) {
+	until := st.manifest.RecoverableUntil.UTC()
+	if n := len(st.points); n > 0 && st.points[n-1].Time.After(until) {
+		until = st.points[n-1].Time
+	}
+	if !st.until.After(until) {
+		return st.until, nil
+	}
+	for i := len(st.segments) - 1; i >= 0; i-- {
+		s := st.segments[i]
+		if _, gap := st.manifest.GapAt(s.Last); gap || s.FirstTime.IsZero() {
+			continue
+		}
+		plain, err := ReadSegment(ctx, store, s.Name, keys, nil)
+		if err != nil {
+			return time.Time{}, err
+		}
+		var dec Decoder
+		recs, err := dec.Decode(plain)
+		if err != nil {
+			return time.Time{}, fmt.Errorf("journal segment %s: %w", s.Name, err)
+		}
+		for j := range recs {
+			if r := &recs[j]; r.Op == wire.OpMarker {
+				if t := time.Unix(0, r.Marker().UnixNano).UTC(); t.After(until) {
+					until = t
+				}
+			}
+		}
+		break
+	}
+	return until, nil
 }

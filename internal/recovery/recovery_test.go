@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -498,5 +499,35 @@ func TestRecoverPrunedMeanwhile(t *testing.T) {
 	_, err := recovery.RecoverFile(context.Background(), store, req, filepath.Join(t.TempDir(), "out"))
 	if !errors.Is(err, recovery.ErrOutOfRange) || !strings.Contains(err.Error(), "retention moved") {
 		t.Fatalf("recover while retention pruned what it read: %v, want ErrOutOfRange saying why", err)
+	}
+}
+
+// TestVerifiedUntilIgnoresSegmentMetadata: a segment's last_time is not
+// authenticated; set later in the account, it must not move the
+// recoverable_until that points --recovery-key reports (it would hide how
+// far behind the journal is).
+func TestVerifiedUntilIgnoresSegmentMetadata(t *testing.T) {
+	m, t0 := journalOnly(t)
+	ctx := context.Background()
+	last := t0.Add(99 * time.Second) // journalOnly's last marker
+	segs, err := recovery.ListSegments(ctx, m.Store, m.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	newest := segs[len(segs)-1].Name
+	info, err := m.Store.Stat(ctx, newest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info.Metadata[layout.MetaLastTime] = strconv.FormatInt(time.Date(2099, 1, 1, 0, 0, 0, 0, time.UTC).UnixNano(), 10)
+	if err := m.Store.SetMetadata(ctx, newest, info.Metadata); err != nil {
+		t.Fatal(err)
+	}
+	_, until, _, err := recovery.VerifiedPoints(ctx, m.Store, m.Name, m.RecoveryKey, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !until.Equal(last) {
+		t.Fatalf("verified recoverable_until %v with a segment's last_time set to 2099, want %v (its last sealed marker)", until, last)
 	}
 }
