@@ -293,9 +293,7 @@ func (s *Server) Close() error {
 // then deleted from the cache and the manifest's applied_seq advances.
 // It does not block.
 func (s *Server) Applied(machine string, seq uint64) {
-	s.mu.Lock()
-	m := s.machines[machine]
-	s.mu.Unlock()
+	m := s.known(machine)
 	if m == nil {
 		return
 	}
@@ -372,9 +370,7 @@ func (s *Server) Fence(ctx context.Context, machine string, man *layout.Manifest
 // its own is unsure (its write failed, maybe after it landed): its next
 // manifest write settles who serves the machine.
 func (s *Server) ReplicaFenced(machine string, n int64, err error) {
-	s.mu.Lock()
-	m := s.machines[machine]
-	s.mu.Unlock()
+	m := s.known(machine)
 	if m == nil {
 		return
 	}
@@ -397,9 +393,7 @@ func (s *Server) ReplicaFenced(machine string, n int64, err error) {
 // reports it again when it reloads the disk, in case a hello could not
 // check the replica then. It does not block.
 func (s *Server) ReplicaLost(machine, disk, generation string) {
-	s.mu.Lock()
-	m := s.machines[machine]
-	s.mu.Unlock()
+	m := s.known(machine)
 	if m == nil {
 		return
 	}
@@ -418,9 +412,7 @@ func (s *Server) ReplicaLost(machine, disk, generation string) {
 // DataKey returns machine's data key, to open its journal segments, once
 // the server has loaded or created it (before its first segment upload).
 func (s *Server) DataKey(machine string) (*seal.Key, bool) {
-	s.mu.Lock()
-	m := s.machines[machine]
-	s.mu.Unlock()
+	m := s.known(machine)
 	if m == nil {
 		return nil, false
 	}
@@ -432,9 +424,7 @@ func (s *Server) DataKey(machine string) (*seal.Key, bool) {
 // Manifest returns a copy of machine's manifest as the server last wrote
 // or loaded it (disks, generations, durable_seq, …).
 func (s *Server) Manifest(machine string) (layout.Manifest, bool) {
-	s.mu.Lock()
-	m := s.machines[machine]
-	s.mu.Unlock()
+	m := s.known(machine)
 	if m == nil {
 		return layout.Manifest{}, false
 	}
@@ -457,6 +447,13 @@ func (s *Server) machineList() []*machine {
 }
 
 // machine returns the state of name, creating it (and its uploader).
+// known returns machine's state, or nil if this server has none.
+func (s *Server) known(machine string) *machine {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.machines[machine]
+}
+
 func (s *Server) machine(name string) *machine {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -815,9 +812,7 @@ func (s *Server) getBuf() *segBuf {
 // hotSegment returns the in-memory copy of a cached segment, if any,
 // acquired: the caller releases it.
 func (s *Server) hotSegment(machine string, first uint64) *hotSeg {
-	s.mu.Lock()
-	m := s.machines[machine]
-	s.mu.Unlock()
+	m := s.known(machine)
 	if m == nil {
 		return nil
 	}
