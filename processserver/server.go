@@ -446,7 +446,6 @@ func (s *Server) machineList() []*machine {
 	return ms
 }
 
-// machine returns the state of name, creating it (and its uploader).
 // known returns machine's state, or nil if this server has none.
 func (s *Server) known(machine string) *machine {
 	s.mu.Lock()
@@ -454,6 +453,7 @@ func (s *Server) known(machine string) *machine {
 	return s.machines[machine]
 }
 
+// machine returns the state of name, creating it (and its uploader).
 func (s *Server) machine(name string) *machine {
 	s.mu.Lock()
 	defer s.mu.Unlock()
