@@ -827,4 +827,35 @@ func testFence(t *testing.T, store blobstore.Store) {
 	if len(reports) != 0 {
 		t.Fatal("Fenced told of a pass that was not fenced")
 	}
+
+	// A former server whose pass writes nothing (nothing new to apply)
+	// still prunes: not the new owner's points. Its clock far ahead,
+	// every point but the newest and the base is past its retention.
+	now := time.Now()
+	c2 := newApplier(t, m, applier.Config{
+		Fence:     func(context.Context, string, *layout.Manifest) (int64, error) { return base + 10, nil },
+		Retention: time.Hour,
+		Now:       func() time.Time { return now },
+	})
+	workload(m, rng, c, 10)
+	m.Marker(wire.MarkerAppConsistent, c.next())
+	m.Cut()
+	if err := apply(c2); err != nil { // nothing old enough to prune yet
+		t.Fatal(err)
+	}
+	b2 := newApplier(t, m, applier.Config{Fence: func(context.Context, string, *layout.Manifest) (int64, error) { return base + 11, nil }})
+	if err := apply(b2); err != nil { // claims the replicas
+		t.Fatal(err)
+	}
+	before := points()
+	if before < 3 {
+		t.Fatalf("%d points: too few for retention to delete one", before)
+	}
+	now = now.Add(48 * time.Hour)
+	if err := apply(c2); err != nil { // its prune fails, logged
+		t.Fatal(err)
+	}
+	if n := points(); n != before {
+		t.Fatalf("a former server's retention deleted %d of the new owner's %d points", before-n, before)
+	}
 }

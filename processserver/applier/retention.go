@@ -115,6 +115,14 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 		deleted := 0
 		for j, s := range dp.valid {
 			if !kept(j) && s.t.Before(cutoff) {
+				if n, ok := blobstore.FenceOf(ctx); ok && deleted == 0 {
+					// Deletes are not fenced: a server that lost the
+					// machine, its view of the points behind the new
+					// one's, stops here.
+					if err := a.cfg.Store.ClaimPageBlob(ctx, d.blob, n); err != nil {
+						return fmt.Errorf("claim %s before deleting its old points: %w", d.blob, err)
+					}
+				}
 				// Gone already: a delete the service did before a lost
 				// reply, retried inside the SDK.
 				if err := a.cfg.Store.DeleteSnapshot(ctx, d.blob, s.id); err != nil && !blobstore.IsNotFound(err) {
