@@ -192,6 +192,9 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 	if id.CAKeyNextTo() {
 		log.Warn("the --pki directory holds ca.key: anyone who can read it on this host can issue certificates; keep ca.key where certificates are issued only", "dir", cfg.PKIDir)
 	}
+	if w := pki.Expiring("the agent's certificate "+cfg.Name+" (or its CA)", id.NotAfter(), time.Now()); w != "" {
+		log.Warn(w)
+	}
 	scfg := stream.Config{
 		Addr:        cfg.ProcessServer,
 		TLS:         id.ClientTLS(cfg.ProcessServer, pki.RoleProcessServer),
@@ -246,7 +249,7 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 	live := &liveSource{savedRU: stream.SavedRecoverableUntil(dir, cfg.Name), started: time.Now()}
 	stopMetrics := func() {}
 	if metricsLn != nil {
-		stopMetrics = sync.OnceFunc(serveMetrics(metricsLn, protectMetrics(cfg.Name, live, live.overflowEvents), cfg.Profiling, log))
+		stopMetrics = sync.OnceFunc(serveMetrics(metricsLn, protectMetrics(cfg.Name, live, live.overflowEvents, id.NotAfter()), cfg.Profiling, log))
 		metricsLn = nil // the server closes it
 		defer stopMetrics()
 	}
@@ -665,7 +668,7 @@ func (l *liveSource) overflowEvents() uint64 {
 
 // protectMetrics is the agent's Prometheus registry. Every value is read
 // at scrape time; nothing is counted on the write path for it.
-func protectMetrics(machine string, s rpoSource, overflow func() uint64) *prometheus.Registry {
+func protectMetrics(machine string, s rpoSource, overflow func() uint64, certEnd time.Time) *prometheus.Registry {
 	reg := prometheus.NewRegistry()
 	labels := prometheus.Labels{"machine": machine}
 	gauge := func(name, help string, f func() float64) prometheus.Collector {
@@ -689,6 +692,7 @@ func protectMetrics(machine string, s rpoSource, overflow func() uint64) *promet
 			func() float64 { return s.RPO().Seconds() }),
 		counter("lifeboat_agent_reconnects_total", "Reconnections to the process server.",
 			func() float64 { return float64(s.Stats().Reconnects) }),
+		gauge(pki.ExpiryMetric, pki.ExpiryMetricHelp, func() float64 { return float64(certEnd.Unix()) }),
 		gauge("lifeboat_agent_connected", "1 while connected to the process server.",
 			func() float64 {
 				if s.Stats().Connected {

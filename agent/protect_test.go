@@ -199,7 +199,7 @@ func (fakeStreamStats) Stats() stream.Stats {
 func (fakeStreamStats) RPO() time.Duration { return 1500 * time.Millisecond }
 
 func TestProtectMetrics(t *testing.T) {
-	reg := protectMetrics("m1", fakeStreamStats{}, func() uint64 { return 9 })
+	reg := protectMetrics("m1", fakeStreamStats{}, func() uint64 { return 9 }, time.Unix(1_900_000_000, 0))
 	rec := httptest.NewRecorder()
 	promhttp.HandlerFor(reg, promhttp.HandlerOpts{}).ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
 	body, _ := io.ReadAll(rec.Body)
@@ -211,6 +211,7 @@ func TestProtectMetrics(t *testing.T) {
 		`lifeboat_agent_rpo_seconds{machine="m1"} 1.5`,
 		`lifeboat_agent_reconnects_total{machine="m1"} 3`,
 		`lifeboat_agent_connected{machine="m1"} 1`,
+		`lifeboat_certificate_expiry_timestamp_seconds{machine="m1"} 1.9e+09`,
 	} {
 		if !strings.Contains(string(body), want+"\n") {
 			t.Errorf("metrics lack %q", want)

@@ -4,6 +4,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/lifeboat-dr/lifeboat/internal/pki"
 )
 
 // metrics are the process server's Prometheus metrics.
@@ -13,6 +15,7 @@ type metrics struct {
 	cacheBytes    prometheus.Gauge
 	freeRatio     prometheus.Gauge
 	rebuiltShards prometheus.Counter
+	certExpiry    prometheus.Collector
 	machines      machineCollector
 }
 
@@ -39,6 +42,15 @@ func newMetrics(s *Server, reg prometheus.Registerer) *metrics {
 			Name: "lifeboat_ps_cache_rebuilt_shards_total",
 			Help: "Cache shards rebuilt from the other directories after a cache directory was wiped or replaced.",
 		}),
+		certExpiry: prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: pki.ExpiryMetric,
+			Help: pki.ExpiryMetricHelp,
+		}, func() float64 {
+			if s.id == nil {
+				return 0
+			}
+			return float64(s.id.NotAfter().Unix())
+		}),
 	}
 	if reg != nil {
 		m.register(reg)
@@ -47,7 +59,7 @@ func newMetrics(s *Server, reg prometheus.Registerer) *metrics {
 }
 
 func (m *metrics) register(reg prometheus.Registerer) {
-	reg.MustRegister(m.receivedBytes, m.uploadedBytes, m.cacheBytes, m.freeRatio, m.rebuiltShards, m.machines)
+	reg.MustRegister(m.receivedBytes, m.uploadedBytes, m.cacheBytes, m.freeRatio, m.rebuiltShards, m.certExpiry, m.machines)
 }
 
 // The per-machine metrics, computed at scrape time from what the server

@@ -3,6 +3,8 @@ package processserver
 import (
 	"context"
 	"net"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -10,6 +12,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore/blobstoretest"
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore/mem"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/pki"
 	"github.com/lifeboat-dr/lifeboat/internal/wire"
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -200,4 +203,49 @@ func TestStuckAgentDoesNotStallOthers(t *testing.T) {
 	at := time.Now().Add(-time.Minute).Truncate(time.Millisecond)
 	a.marker(5, wire.MarkerTime, at)
 	eventually(t, 10*time.Second, "m1's agent told its recoverable_until", func() bool { return a.ru.Load() == at.UnixNano() })
+}
+
+// TestCertificateExpiry: the server exports when its certificate stops
+// being accepted, and warns, at an agent's hello, of an agent certificate
+// about to end (past it the agent cannot connect, and its RPO grows).
+func TestCertificateExpiry(t *testing.T) {
+	e := newEnv(t, mem.New(), 1)
+	e.reg = prometheus.NewRegistry()
+	for _, f := range []string{"m2.crt", "m2.key"} {
+		if err := os.Remove(filepath.Join(e.pki, f)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := pki.Issue(e.pki, "m2", pki.RoleAgent, pki.WithValidity(10*24*time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	s := e.start()
+	id, err := pki.Load(e.pki, "ps")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fams, err := e.reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got float64
+	for _, f := range fams {
+		if f.GetName() == pki.ExpiryMetric {
+			got = f.GetMetric()[0].GetGauge().GetValue()
+		}
+	}
+	if want := float64(id.NotAfter().Unix()); got != want {
+		t.Fatalf("%s = %v, want %v", pki.ExpiryMetric, got, want)
+	}
+	a := dialAgent(t, e, s, "m1")
+	a.hello("m1", disk0)
+	if strings.Contains(e.logs.String(), "certificate expires") {
+		t.Fatal("warned of an agent certificate valid for two years")
+	}
+	b := dialAgent(t, e, s, "m2")
+	b.hello("m2", disk0)
+	eventually(t, 5*time.Second, "a warning of m2's certificate", func() bool {
+		l := e.logs.String()
+		return strings.Contains(l, "the agent's certificate expires on") && strings.Contains(l, "machine=m2")
+	})
 }

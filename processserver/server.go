@@ -122,6 +122,9 @@ func Start(ctx context.Context, c Config) (*Server, error) {
 	if id.CAKeyNextTo() && cfg.Logger != nil {
 		cfg.Logger.Warn("the --pki directory holds ca.key: anyone who can read it on this host can issue certificates; keep ca.key where certificates are issued only", "dir", cfg.PKIDir)
 	}
+	if w := pki.Expiring("the process server's certificate "+cfg.Name+" (or its CA)", id.NotAfter(), time.Now()); w != "" && cfg.Logger != nil {
+		cfg.Logger.Warn(w)
+	}
 	rk, err := seal.LoadRecoveryKey(cfg.RecoveryKeyFile)
 	if err != nil {
 		return nil, err

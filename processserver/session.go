@@ -253,6 +253,7 @@ func (st *session) run(ctx context.Context) {
 			st.remap = true
 		}
 	}
+	st.warnExpiring()
 	synced := make(map[string]string, len(ack.Disks))
 	for _, d := range ack.Disks {
 		st.log.Info("agent connected", logDisk, d.Name, logAction, d.Action.String(), logGeneration, d.Generation.String(), logResumeFrom, d.ResumeFrom)
@@ -696,6 +697,21 @@ func (st *session) checkRevoked() error {
 		return nil
 	}
 	return st.s.id.CheckRevoked(cs.PeerCertificates[0])
+}
+
+// warnExpiring warns, at the agent's hello, when its certificate ends
+// soon: past its end, the agent cannot connect, and the machine's RPO
+// grows until someone notices.
+func (st *session) warnExpiring() {
+	c, ok := st.conn.(channel.Stream)
+	if !ok {
+		return
+	}
+	if cs := c.ConnectionState(); len(cs.PeerCertificates) > 0 {
+		if w := pki.Expiring("the agent's certificate", cs.PeerCertificates[0].NotAfter, time.Now()); w != "" {
+			st.log.Warn(w)
+		}
+	}
 }
 
 // flusher makes cut segments durable, in order, and acknowledges them.

@@ -769,3 +769,37 @@ func roleList(rs []Role) string {
 	}
 	return "one of " + strings.Join(q, ", ")
 }
+
+// ExpiryMetric is the gauge the process server and the agent export with
+// their identity's NotAfter, and ExpiryMetricHelp its help.
+const (
+	ExpiryMetric     = "lifeboat_certificate_expiry_timestamp_seconds"
+	ExpiryMetricHelp = "When this component's certificate (or its CA's, if that ends first) stops being accepted, in Unix seconds: past it, replication stops. Alert well before."
+)
+
+// ExpiryWarning is how long before a certificate's end Expiring warns.
+const ExpiryWarning = 30 * 24 * time.Hour
+
+// NotAfter returns when the identity stops being accepted: the end of its
+// certificate or of its CA's, whichever comes first.
+func (id *Identity) NotAfter() time.Time {
+	t := id.leaf.NotAfter
+	if id.ca != nil && id.ca.NotAfter.Before(t) {
+		t = id.ca.NotAfter
+	}
+	return t
+}
+
+// Expiring returns a warning when a certificate (what names it) ending
+// at notAfter ends within ExpiryWarning of now, or has ended; "" otherwise.
+// Past its end, TLS refuses it, and replication stops.
+func Expiring(what string, notAfter, now time.Time) string {
+	left := notAfter.Sub(now)
+	switch {
+	case left <= 0:
+		return fmt.Sprintf("%s expired on %s: issue a new one (lifeboat pki issue) and restart with it", what, notAfter.UTC().Format(time.RFC3339))
+	case left < ExpiryWarning:
+		return fmt.Sprintf("%s expires on %s, in %d days: issue a new one (lifeboat pki issue) and restart with it before then, or replication stops", what, notAfter.UTC().Format(time.RFC3339), int(left.Hours()/24))
+	}
+	return ""
+}

@@ -593,3 +593,34 @@ func TestRevokeAfterLineWithoutNewline(t *testing.T) {
 		t.Fatalf("web01 after its revocation: %v, want ErrRevoked", err)
 	}
 }
+
+func TestExpiring(t *testing.T) {
+	now := time.Date(2026, 11, 27, 0, 0, 0, 0, time.UTC)
+	for _, c := range []struct {
+		left time.Duration
+		want string
+	}{
+		{-time.Hour, "expired on 2026-11-26T23:00:00Z"},
+		{10 * 24 * time.Hour, "expires on 2026-12-07T00:00:00Z, in 10 days"},
+		{ExpiryWarning + time.Hour, ""},
+	} {
+		got := Expiring("the agent's certificate", now.Add(c.left), now)
+		if c.want == "" && got != "" || !strings.Contains(got, c.want) {
+			t.Errorf("%v left: %q, want %q", c.left, got, c.want)
+		}
+	}
+	dir := t.TempDir()
+	if err := Init(dir); err != nil {
+		t.Fatal(err)
+	}
+	if err := Issue(dir, "a", RoleAgent, WithValidity(24*time.Hour)); err != nil {
+		t.Fatal(err)
+	}
+	id, err := Load(dir, "a")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !id.NotAfter().Equal(id.Leaf().NotAfter) || time.Until(id.NotAfter()) > 24*time.Hour {
+		t.Fatalf("NotAfter %v, certificate's %v", id.NotAfter(), id.Leaf().NotAfter)
+	}
+}
