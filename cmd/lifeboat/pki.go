@@ -50,7 +50,13 @@ add the names agents dial with --host.`,
 			if err := nonEmpty("dir", dir, "name", name); err != nil {
 				return err
 			}
-			_, err := pki.ParseRole(role)
+			if err := pki.CheckName(name); err != nil {
+				return err
+			}
+			r, err := pki.ParseRole(role)
+			if err == nil && r != pki.RoleAgent && r != pki.RoleProcessServer {
+				err = fmt.Errorf("--role %s: that component is not built yet; issue agent or process-server certificates", r)
+			}
 			return err
 		},
 		RunE: func(cmd *cobra.Command, _ []string) error {

@@ -27,7 +27,7 @@ func processServerCmd(verbose *bool) *cobra.Command {
 		retention     time.Duration
 	)
 	cmd := &cobra.Command{
-		Use:   "process-server --listen ADDR --pki DIR --name NAME --cache DIR[,DIR...] --recovery-key FILE",
+		Use:   "process-server [--listen ADDR] --pki DIR --name NAME --cache DIR[,DIR...] --recovery-key FILE",
 		Short: "Receive agents' change streams, cache them and upload them to Azure Blob Storage",
 		Long: `Accepts agents over TLS 1.3 with client certificates (role agent, same CA),
 makes every batch durable in the cache before acknowledging it, then
@@ -54,6 +54,9 @@ while the cache absorbs the stream.`,
 			}
 			if retention == 0 {
 				return errors.New("--retention 0: give a duration, or a negative one to keep everything")
+			}
+			if len(cfg.CacheDirs) == 0 {
+				return errors.New(`--cache "": give the cache directories, one per cache disk`)
 			}
 			for _, d := range cfg.CacheDirs {
 				if strings.TrimSpace(d) == "" {
@@ -95,7 +98,7 @@ while the cache absorbs the stream.`,
 	f.StringVar(&cfg.Container, "container", layout.DefaultContainer, "storage account container")
 	f.StringVar(&cfg.MetricsListen, "metrics", "", "serve Prometheus metrics on ADDR/metrics (off when empty)")
 	f.BoolVar(&cfg.Profiling, "pprof", false, "also serve Go profiles on the metrics address under /debug/pprof/ (CPU samples labelled by stage)")
-	f.Float64Var(&uploadLimit, "upload-limit", 0, "upload bandwidth limit in bytes/s (0: unlimited)")
+	f.Float64Var(&uploadLimit, "upload-limit", 0, "upload bandwidth limit in bytes per second, e.g. 20e6 (0: unlimited)")
 	f.DurationVar(&pointInterval, "point-interval", 5*time.Minute, "crash-consistent recovery point interval (app-consistent points follow the agents' markers)")
 	f.DurationVar(&retention, "retention", 24*time.Hour, "how long recovery points and the journal between them are kept (negative: keep everything)")
 	for _, n := range []string{"pki", "name", "cache", "recovery-key"} {

@@ -202,7 +202,7 @@ func recoverCmd(verbose *bool) *cobra.Command {
 	var machine, disk, point, to, keyFile, container string
 	var force bool
 	cmd := &cobra.Command{
-		Use:   "recover --machine MACHINE --disk DISK --point latest|SEQ|TIME --to FILE --recovery-key FILE",
+		Use:   "recover --machine MACHINE --disk DISK [--point latest|SEQ|TIME] --to FILE --recovery-key FILE",
 		Short: "Write a disk as it was at a point in time, from the storage account alone",
 		Long: `Writes disk DISK of MACHINE, as it was at --point, to FILE (created with
 mode 0600, sparse; an existing FILE is replaced only with --force): the newest recovery point at or before it,

@@ -67,6 +67,7 @@ func TestFlagValuesRefused(t *testing.T) {
 		{append(base, "--metrics", ":9100", "--pprof"), "served without authentication"},
 		{append(base, "--metrics", "10.0.0.1:9100", "--pprof"), "served without authentication"},
 		{append(base, "--pprof"), "give one"},
+		{[]string{"--pki", "p", "--name", "n", "--cache=", "--recovery-key", "k"}, `--cache ""`},
 	} {
 		if _, _, err := runCmd(t, processServerCmd(&verbose), tc.args...); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("process-server %v: %v, want %q", tc.args, err, tc.want)
@@ -84,6 +85,18 @@ func TestFlagValuesRefused(t *testing.T) {
 	}
 	if _, _, err := runCmd(t, agentCmd(&verbose), "mirror", "--device", "/dev/null", "--to", "x", "--app-interval", "-1m"); err == nil || !strings.Contains(err.Error(), "must not be negative") {
 		t.Errorf("agent mirror --app-interval -1m: %v", err)
+	}
+	// pki issue: a name or role it cannot issue is a flag value (exit 2).
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"issue", "--dir", "p", "--name", "../x", "--role", "agent"}, "invalid name"},
+		{[]string{"issue", "--dir", "p", "--name", "x", "--role", "config-server"}, "not built yet"},
+	} {
+		if _, _, err := runCmd(t, pkiCmd(), tc.args...); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("pki %v: %v, want %q", tc.args, err, tc.want)
+		}
 	}
 	// recover: an empty value (an unset shell variable) is refused before
 	// anything is read; a target that is no file is named as such, not

@@ -729,6 +729,10 @@ func randomSerial() (*big.Int, error) {
 
 // validateName accepts names that are safe both as file names and as DNS
 // names: dot-separated labels of letters, digits and '-', at most 63 bytes.
+// CheckName reports whether name can name an identity (its files in the
+// PKI directory, its certificate's common name).
+func CheckName(name string) error { return validateName(name) }
+
 func validateName(name string) error {
 	if name == "ca" {
 		return errors.New(`pki: the name "ca" is reserved for the CA`)
