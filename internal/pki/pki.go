@@ -727,12 +727,12 @@ func randomSerial() (*big.Int, error) {
 	return s.Add(s, big.NewInt(1)), nil // serials must be positive
 }
 
-// validateName accepts names that are safe both as file names and as DNS
-// names: dot-separated labels of letters, digits and '-', at most 63 bytes.
 // CheckName reports whether name can name an identity (its files in the
 // PKI directory, its certificate's common name).
 func CheckName(name string) error { return validateName(name) }
 
+// validateName accepts names that are safe both as file names and as DNS
+// names: dot-separated labels of letters, digits and '-', at most 63 bytes.
 func validateName(name string) error {
 	if name == "ca" {
 		return errors.New(`pki: the name "ca" is reserved for the CA`)
@@ -803,7 +803,11 @@ func Expiring(what string, notAfter, now time.Time) string {
 	case left <= 0:
 		return fmt.Sprintf("%s expired on %s: issue a new one (lifeboat pki issue) and restart with it", what, notAfter.UTC().Format(time.RFC3339))
 	case left < ExpiryWarning:
-		return fmt.Sprintf("%s expires on %s, in %d days: issue a new one (lifeboat pki issue) and restart with it before then, or replication stops", what, notAfter.UTC().Format(time.RFC3339), int(left.Hours()/24))
+		in := "less than a day"
+		if days := int(left.Hours() / 24); days > 0 {
+			in = fmt.Sprintf("%d days", days)
+		}
+		return fmt.Sprintf("%s expires on %s, in %s: issue a new one (lifeboat pki issue) and restart with it before then, or replication stops", what, notAfter.UTC().Format(time.RFC3339), in)
 	}
 	return ""
 }

@@ -333,3 +333,51 @@ func cutSegments(m *recoverytest.Machine, rng *rand.Rand, t0 time.Time, n, disks
 	}
 	return segs, ends
 }
+
+// A time the account shows came before a gap's lost records is not
+// refused: an idle marker at the same sequence later than it (the disk
+// unchanged until then), or, while the gap is open, recoverable_until
+// (held at a marker before the gap) at or after it.
+func TestRecoverTimeProvenBeforeGap(t *testing.T) {
+	rng := rand.New(rand.NewPCG(13, 13))
+	const size = 64 << 10
+	t0 := time.Date(2025, 5, 1, 0, 0, 0, 0, time.UTC)
+	check := func(m *recoverytest.Machine, point string, want uint64) {
+		t.Helper()
+		got, res, err := recoverBytes(t, m, point, m.RecoveryKey)
+		if err != nil || res.Seq != want || !bytes.Equal(got, m.Image(0, want)[:size]) {
+			t.Fatalf("recover %s: seq %d, %v; want the disk at %d", point, res.Seq, err, want)
+		}
+	}
+
+	// Idle: markers at t0 and t0+10s at one sequence; the next segment lost.
+	m := recoverytest.New(t, mem.New(), "idle", size)
+	for range 10 {
+		m.Write(0, uint64(rng.IntN(60<<10)), randBytes(rng, 1+rng.IntN(4000)))
+	}
+	e0 := m.Marker(wire.MarkerTime, t0).Seq
+	m.Marker(wire.MarkerTime, t0.Add(10*time.Second))
+	m.Cut()
+	_, ends := cutSegments(m, rng, t0.Add(20*time.Second), 1, 1)
+	m.LoseSegment(1)
+	m.Write(0, 0, m.Image(0, m.Seq())[:size]) // the resync
+	mended := m.Marker(wire.MarkerTime, t0.Add(40*time.Second)).Seq
+	m.Cut()
+	m.Gaps = []layout.Gap{{From: e0 + 1, LostTo: ends[0], Mended: mended}}
+	m.Until = t0.Add(40 * time.Second)
+	m.WriteManifest()
+	check(m, t0.Add(5*time.Second).Format(time.RFC3339Nano), e0)
+	if _, _, err := recoverBytes(t, m, t0.Add(15*time.Second).Format(time.RFC3339Nano), m.RecoveryKey); !errors.Is(err, recovery.ErrOutOfRange) {
+		t.Errorf("recover to a time after the idle marker, before the gap's end: %v, want ErrOutOfRange", err)
+	}
+
+	// Open gap after an idle period the manifest records.
+	m = recoverytest.New(t, mem.New(), "open", size)
+	_, ends = cutSegments(m, rng, t0, 2, 1)
+	m.LoseSegment(1)
+	m.Gaps = []layout.Gap{{From: ends[0] + 1, LostTo: ends[1]}}
+	m.Until = t0.Add(time.Hour)
+	m.WriteManifest()
+	m.EditManifest(func(man *layout.Manifest) { man.IdleSeq, man.IdleSince = ends[0], t0.Add(time.Second) })
+	check(m, "latest", ends[0])
+}

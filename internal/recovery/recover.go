@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
-	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -104,7 +103,7 @@ func Recover(ctx context.Context, store blobstore.Store, req Request, to io.Writ
 	}
 	keys.Warn(req.Progress)
 	res, err := st.recoverDisk(ctx, store, keys, idx, req, to)
-	return res, keys.Explain(st.pruned(ctx, store, err))
+	return res, keys.Explain(err)
 }
 
 func (st *state) recoverDisk(ctx context.Context, store blobstore.Store, keys Keys, idx int, req Request, to io.WriterAt) (Result, error) {
@@ -150,24 +149,26 @@ func (st *state) recoverDisk(ctx context.Context, store blobstore.Store, keys Ke
 	}
 	if base != nil {
 		if err := copySnapshot(ctx, store, layout.DiskName(req.Machine, req.Disk), base.Snapshots[req.Disk], size, to, req); err != nil {
-			return Result{}, err
+			return Result{}, st.pruned(ctx, store, err, res.BaseSeq)
 		}
 	}
 	if res.Segments, err = replay(ctx, store, keys, st.segments, st.manifest.Gaps, uint16(idx), size, res.BaseSeq, res.Seq, to, req.Progress); err != nil {
-		return Result{}, err
+		return Result{}, st.pruned(ctx, store, err, res.BaseSeq)
 	}
 	return res, nil
 }
 
-// pruned explains err, a snapshot or segment gone while a recovery read
-// it, when retention moved the machine's window on since the recovery
-// started (a long copy of an old point): ErrOutOfRange then.
-func (st *state) pruned(ctx context.Context, store blobstore.Store, err error) error {
+// pruned explains err, a snapshot or segment gone while a recovery
+// replaying the journal after sequence from read it, when retention moved
+// the machine's window past from since the recovery started (a long copy
+// of an old point): ErrOutOfRange then. Anything else gone stays as it
+// is said.
+func (st *state) pruned(ctx context.Context, store blobstore.Store, err error, from uint64) error {
 	if !blobstore.IsNotFound(err) {
 		return err
 	}
 	man, merr := ReadManifest(ctx, store, st.manifest.Machine)
-	if merr != nil || man.JournalFrom <= st.manifest.JournalFrom {
+	if merr != nil || man.JournalFrom <= st.manifest.JournalFrom || man.JournalFrom <= from+1 {
 		return err
 	}
 	return fmt.Errorf("%w: retention moved machine %q's window on while this recovery read it (the journal now starts at sequence %d): recover a newer point: %v",
@@ -246,8 +247,11 @@ func RecoverFile(ctx context.Context, store blobstore.Store, req Request, path s
 		err = cerr
 	}
 	if err == nil && req.NoReplace {
+		// Whatever stops it, the recovered disk is complete: kept.
 		if err = renameNoReplace(tmp, path); errors.Is(err, fs.ErrExist) {
 			return Result{}, fmt.Errorf("%s appeared while the disk was recovered, and is left as it is: the recovered disk is in %s", path, tmp)
+		} else if err != nil {
+			return Result{}, fmt.Errorf("%w: the recovered disk is in %s", err, tmp)
 		}
 	} else if err == nil {
 		err = os.Rename(tmp, path)
@@ -389,7 +393,7 @@ func (st *state) resolveTime(ctx context.Context, store blobstore.Store, keys se
 	// open, which must agree with it (checkMarkerTimes).
 	var (
 		dec   Decoder
-		after = uint64(math.MaxUint64) // the first marker the scanned segment holds past seq
+		later []uint64 // sequences of the scanned segment's markers after t
 	)
 	for i := len(st.segments) - 1; i >= 0; i-- {
 		s := st.segments[i]
@@ -418,8 +422,8 @@ func (st *state) resolveTime(ctx context.Context, store blobstore.Store, keys se
 			}
 		}
 		for j := range recs {
-			if r := &recs[j]; r.Op == wire.OpMarker && r.Seq > seq {
-				after = min(after, r.Seq)
+			if r := &recs[j]; r.Op == wire.OpMarker && r.Marker().UnixNano > t.UnixNano() {
+				later = append(later, r.Seq)
 			}
 		}
 		break
@@ -438,7 +442,7 @@ func (st *state) resolveTime(ctx context.Context, store blobstore.Store, keys se
 		// the account knows, may have lost markers at or before t: the
 		// disk at t may hold writes the journal lost.
 		for _, g := range st.manifest.Gaps {
-			if g.From > seq && !st.markerBetween(seq, g.From, after) {
+			if g.From > seq && !st.before(g, seq, t, later) {
 				return 0, time.Time{}, fmt.Errorf("%w: %s falls where machine %q's journal has a gap: writes from sequence %d on were acknowledged to the agent but lost before they reached the account, with whatever markers they held, so the disk at that time is not known; recover to %s (sequence %d) or earlier, or to a time after the gap",
 					ErrOutOfRange, t.UTC().Format(time.RFC3339Nano), machine, g.From, at.Format(time.RFC3339Nano), seq)
 			}
@@ -447,21 +451,29 @@ func (st *state) resolveTime(ctx context.Context, store blobstore.Store, keys se
 	return seq, at, nil
 }
 
-// markerBetween reports whether the account knows a marker with a
-// sequence in (lo, hi): a point, one of a segment wholly inside (its
-// metadata says it holds a marker), or after, the first the segment
-// holding lo has past it.
-func (st *state) markerBetween(lo, hi, after uint64) bool {
-	if after > lo && after < hi {
+// before reports whether the account shows that time t, resolved to the
+// marker at seq, came before gap g's lost records: a marker known before
+// the gap (g.From) is at or after t (a point; one of the scanned
+// segment's, later, the same seq after an idle time included; one of a
+// segment wholly between seq and the gap, whose metadata says it holds
+// one), or the gap is open and t is not after recoverable_until, which
+// stays, while it is, at a marker before the gap.
+func (st *state) before(g layout.Gap, seq uint64, t time.Time, later []uint64) bool {
+	if g.Open() && !t.After(st.manifest.RecoverableUntil) {
 		return true
 	}
+	for _, s := range later {
+		if s < g.From {
+			return true
+		}
+	}
 	for _, p := range st.points {
-		if p.Seq > lo && p.Seq < hi {
+		if p.Seq < g.From && !p.Time.Before(t) {
 			return true
 		}
 	}
 	for _, s := range st.segments {
-		if s.First > lo && s.Last < hi && !s.FirstTime.IsZero() {
+		if s.First > seq && s.Last < g.From && !s.FirstTime.IsZero() {
 			return true
 		}
 	}
@@ -716,7 +728,9 @@ func parallel(ctx context.Context, workers, n int, fn func(ctx context.Context, 
 // then): atomically where the file system can, else by a hard link.
 func renameNoReplace(from, to string) error {
 	err := unix.Renameat2(unix.AT_FDCWD, from, unix.AT_FDCWD, to, unix.RENAME_NOREPLACE)
-	if !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOSYS) {
+	// Not supported here (a network or FUSE file system, a seccomp
+	// profile that predates the call): a hard link.
+	if !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOSYS) && !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.EPERM) {
 		if err != nil {
 			return &os.LinkError{Op: "rename", Old: from, New: to, Err: err}
 		}
@@ -725,7 +739,8 @@ func renameNoReplace(from, to string) error {
 	if err := os.Link(from, to); err != nil {
 		return err
 	}
-	return os.Remove(from)
+	os.Remove(from) // in place already: a leftover name at worst
+	return nil
 }
 
 // roomIn fails unless the file system of dir has need bytes free (the

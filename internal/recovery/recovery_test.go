@@ -470,21 +470,27 @@ type writerFunc func([]byte) (int, error)
 
 func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
 
-// pruning deletes the first journal segment a recovery downloads, and
-// raises journal_from, as retention would while a long recovery reads.
+// pruning deletes the first journal segment a recovery's replay
+// downloads (its second download: the first finds the latest marker),
+// and raises journal_from unless byHand, as retention would while a long
+// recovery reads.
 type pruning struct {
 	blobstore.Store
-	m    *recoverytest.Machine
-	done bool
+	m      *recoverytest.Machine
+	byHand bool
+	n      int
 }
 
 func (p *pruning) GetBlob(ctx context.Context, name string) ([]byte, error) {
-	if strings.Contains(name, "/journal/") && !p.done {
-		p.done = true
-		if err := p.Store.DeleteBlob(ctx, name); err != nil {
-			return nil, err
+	if strings.Contains(name, "/journal/") {
+		if p.n++; p.n == 2 {
+			if err := p.Store.DeleteBlob(ctx, name); err != nil {
+				return nil, err
+			}
+			if !p.byHand {
+				p.m.EditManifest(func(man *layout.Manifest) { man.JournalFrom = p.m.Latest() })
+			}
 		}
-		p.m.EditManifest(func(man *layout.Manifest) { man.JournalFrom = p.m.Latest() })
 	}
 	return p.Store.GetBlob(ctx, name)
 }
@@ -499,6 +505,13 @@ func TestRecoverPrunedMeanwhile(t *testing.T) {
 	_, err := recovery.RecoverFile(context.Background(), store, req, filepath.Join(t.TempDir(), "out"))
 	if !errors.Is(err, recovery.ErrOutOfRange) || !strings.Contains(err.Error(), "retention moved") {
 		t.Fatalf("recover while retention pruned what it read: %v, want ErrOutOfRange saying why", err)
+	}
+	// A segment deleted by hand, the window where it was: not retention.
+	m2, _ := journalOnly(t)
+	req.RecoveryKey = m2.RecoveryKey
+	_, err = recovery.RecoverFile(context.Background(), &pruning{Store: m2.Store, m: m2, byHand: true}, req, filepath.Join(t.TempDir(), "out"))
+	if !blobstore.IsNotFound(err) || errors.Is(err, recovery.ErrOutOfRange) {
+		t.Fatalf("recover with a segment deleted by hand: %v, want it said as not found", err)
 	}
 }
 
