@@ -55,6 +55,7 @@ func runScenarios(t *testing.T, newStore func(t *testing.T) blobstore.Store) {
 	t.Run("JunkKeyBlob", func(t *testing.T) { testJunkKeyBlob(t, newStore(t)) })
 	t.Run("Retention", func(t *testing.T) { testRetention(t, newStore(t)) })
 	t.Run("RetentionAgentClock", func(t *testing.T) { testRetentionAgentClock(t, newStore(t)) })
+	t.Run("RetentionClockAhead", func(t *testing.T) { testRetentionClockAhead(t, newStore(t)) })
 	t.Run("RetentionDiskWithoutPoints", func(t *testing.T) { testRetentionDiskWithoutPoints(t, newStore(t)) })
 	t.Run("RecoverPrunedJournal", func(t *testing.T) { testRecoverPrunedJournal(t, newStore(t)) })
 	t.Run("NewGeneration", func(t *testing.T) { testNewGeneration(t, newStore(t)) })

@@ -12,6 +12,12 @@ import (
 	"github.com/lifeboat-dr/lifeboat/internal/recovery"
 )
 
+// clockLead is how far past the storage service's time of the newest
+// point retention's clock may run: further, it is taken for a clock
+// stepped ahead. (A machine whose points stopped, its agent away, keeps
+// its older points longer meanwhile.)
+const clockLead = time.Hour
+
 // pruneEvery bounds how often retention lists snapshots when no new point
 // was cut.
 const pruneEvery = time.Minute
@@ -36,7 +42,6 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 	if !m.lastPrune.IsZero() && now.Sub(m.lastPrune) < pruneEvery {
 		return nil
 	}
-	cutoff := now.Add(-a.cfg.Retention)
 	keepFrom := m.applied()               // segments ending at or before it may go
 	oldestPoint := uint64(math.MaxUint64) // of the points left on any disk
 	recorded, err := recovery.ListPointRecords(ctx, a.cfg.Store, m.name)
@@ -55,11 +60,30 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 	}
 	all := make([]diskPoints, len(m.disks))
 	windowFrom := int64(-1) // the newest base of any disk: the window's times are past it
+	listed := make([][]blobstore.SnapshotInfo, len(m.disks))
+	var service time.Time // the newest snapshot's time, by the storage service's clock
 	for i, d := range m.disks {
 		snaps, err := a.cfg.Store.ListSnapshots(ctx, d.blob)
 		if err != nil {
 			return fmt.Errorf("list snapshots of %s: %w", d.blob, err)
 		}
+		listed[i] = snaps
+		for _, s := range snaps {
+			if s.Time.After(service) {
+				service = s.Time
+			}
+		}
+	}
+	aged := now
+	if !service.IsZero() && now.After(service.Add(clockLead)) {
+		// This server's clock far ahead of the service's (or no point
+		// cut for a while): aged by it, every point would look old.
+		// The service's time of the newest point bounds the ages.
+		aged = service.Add(clockLead)
+	}
+	cutoff := aged.Add(-a.cfg.Retention)
+	for i, d := range m.disks {
+		snaps := listed[i]
 		dp := diskPoints{newest: -1, base: -1}
 		for _, s := range snaps {
 			seq, err := strconv.ParseUint(s.Metadata[layout.MetaSeq], 10, 64)

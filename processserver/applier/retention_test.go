@@ -85,6 +85,25 @@ func testRetentionAgentClock(t *testing.T, store blobstore.Store) {
 	}
 }
 
+// testRetentionClockAhead: the process server's clock steps a year
+// ahead of the storage service's. Aged by it, every point but the newest
+// and the base would go; the service's time of the newest point bounds
+// the ages, and the points of the last hours stay.
+func testRetentionClockAhead(t *testing.T, store blobstore.Store) {
+	m := recoverytest.New(t, store, "ahead", 1<<20)
+	var now time.Time
+	a := newApplier(t, m, applier.Config{Retention: 24 * time.Hour, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
+	agedPoints(t, m, a, &now, time.Now(), 0, 0, 0, 0) // points now, by both clocks
+	before := pointSeqs(t, m, "d0")
+	now = time.Now().Add(365 * 24 * time.Hour)
+	if _, err := a.Apply(ctxT(t), m.Name); err != nil {
+		t.Fatal(err)
+	}
+	if seqs := pointSeqs(t, m, "d0"); len(before) < 3 || len(seqs) != len(before) {
+		t.Fatalf("points %v left of %v cut just now (the applier's clock a year ahead)", seqs, before)
+	}
+}
+
 // testRetentionDiskWithoutPoints: disk d0 has no recovery points left (its
 // snapshots were deleted). Retention still prunes the old points of d1,
 // and keeps the whole journal, from which d0 is rebuilt.
