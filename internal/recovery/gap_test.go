@@ -381,3 +381,35 @@ func TestRecoverTimeProvenBeforeGap(t *testing.T) {
 	m.EditManifest(func(man *layout.Manifest) { man.IdleSeq, man.IdleSince = ends[0], t0.Add(time.Second) })
 	check(m, "latest", ends[0])
 }
+
+// An agent's clock that stepped back: a marker before the one a time
+// resolves to, later than the time, proves nothing of the gap after it.
+func TestRecoverTimeAfterClockStepBackBeforeGap(t *testing.T) {
+	rng := rand.New(rand.NewPCG(17, 17))
+	const size = 64 << 10
+	t0 := time.Date(2025, 5, 1, 0, 0, 0, 0, time.UTC)
+	m := recoverytest.New(t, mem.New(), "stepback", size)
+	write := func() {
+		for range 5 {
+			m.Write(0, uint64(rng.IntN(60<<10)), randBytes(rng, 1+rng.IntN(4000)))
+		}
+	}
+	write()
+	m.Marker(wire.MarkerTime, t0.Add(10*time.Second))
+	write()
+	m.Marker(wire.MarkerTime, t0.Add(100*time.Second))
+	write()
+	e := m.Marker(wire.MarkerTime, t0.Add(50*time.Second)).Seq // the clock stepped back
+	m.Cut()
+	_, ends := cutSegments(m, rng, t0.Add(55*time.Second), 1, 1)
+	m.LoseSegment(1)
+	m.Write(0, 0, m.Image(0, m.Seq())[:size]) // the resync
+	mended := m.Marker(wire.MarkerTime, t0.Add(200*time.Second)).Seq
+	m.Cut()
+	m.Gaps = []layout.Gap{{From: e + 1, LostTo: ends[0], Mended: mended}}
+	m.Until = t0.Add(200 * time.Second)
+	m.WriteManifest()
+	if _, res, err := recoverBytes(t, m, t0.Add(60*time.Second).Format(time.RFC3339Nano), m.RecoveryKey); !errors.Is(err, recovery.ErrOutOfRange) {
+		t.Fatalf("recover to a time the gap's lost marker (t0+55s) covers: seq %d, %v; want ErrOutOfRange", res.Seq, err)
+	}
+}

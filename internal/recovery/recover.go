@@ -405,7 +405,7 @@ func (st *state) resolveTime(ctx context.Context, store blobstore.Store, keys se
 		}
 		plain, err := ReadSegment(ctx, store, s.Name, keys, nil)
 		if err != nil {
-			return 0, time.Time{}, err
+			return 0, time.Time{}, st.pruned(ctx, store, err, s.First-1)
 		}
 		recs, err := dec.Decode(plain)
 		if err != nil {
@@ -452,23 +452,25 @@ func (st *state) resolveTime(ctx context.Context, store blobstore.Store, keys se
 }
 
 // before reports whether the account shows that time t, resolved to the
-// marker at seq, came before gap g's lost records: a marker known before
-// the gap (g.From) is at or after t (a point; one of the scanned
-// segment's, later, the same seq after an idle time included; one of a
-// segment wholly between seq and the gap, whose metadata says it holds
-// one), or the gap is open and t is not after recoverable_until, which
-// stays, while it is, at a marker before the gap.
+// marker at seq, came before gap g's lost records: a marker from seq on
+// and before the gap (g.From) is at or after t (a point; one of the
+// scanned segment's, later, the same seq after an idle time included;
+// one of a segment wholly between seq and the gap, whose metadata says
+// it holds one), or the gap is open and its machine was idle at seq up
+// to recoverable_until, which stays, while the gap is, at or after t.
+// (A marker before seq proves nothing: an agent's clock may step back.)
 func (st *state) before(g layout.Gap, seq uint64, t time.Time, later []uint64) bool {
-	if g.Open() && !t.After(st.manifest.RecoverableUntil) {
+	mf := st.manifest
+	if g.Open() && mf.IdleSeq >= seq && mf.IdleSeq < g.From && !t.After(mf.RecoverableUntil) {
 		return true
 	}
 	for _, s := range later {
-		if s < g.From {
+		if s >= seq && s < g.From {
 			return true
 		}
 	}
 	for _, p := range st.points {
-		if p.Seq < g.From && !p.Time.Before(t) {
+		if p.Seq >= seq && p.Seq < g.From && !p.Time.Before(t) {
 			return true
 		}
 	}

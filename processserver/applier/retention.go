@@ -39,7 +39,7 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 		return nil
 	}
 	now := a.cfg.Now()
-	if !m.lastPrune.IsZero() && now.Sub(m.lastPrune) < pruneEvery {
+	if !m.lastPrune.IsZero() && now.Sub(m.lastPrune) < pruneEvery && !now.Before(m.lastPrune) {
 		return nil
 	}
 	keepFrom := m.applied()               // segments ending at or before it may go
@@ -93,6 +93,9 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 			t, err := time.Parse(time.RFC3339Nano, s.Metadata[layout.MetaCut])
 			if err != nil {
 				t = s.Time
+			}
+			if lead := s.Time.Add(clockLead); !s.Time.IsZero() && t.After(lead) {
+				t = lead // cut while this server's clock ran ahead
 			}
 			// A point a gap recorded later covers is one recovery
 			// refuses, as is one without a record: never the newest or
