@@ -852,6 +852,9 @@ func (m *machine) claimOnce(ctx context.Context) error {
 	if err != nil {
 		return soft(err)
 	}
+	// Another writer since this server's last write, or the agent
+	// coming from another server: a takeover.
+	takeover := fenced || etag != m.etag || man.Owner != m.s.cfg.Name
 	if fenced || etag != m.etag {
 		keep, drop := m.superseded(&man)
 		for _, e := range drop {
@@ -895,8 +898,13 @@ func (m *machine) claimOnce(ctx context.Context) error {
 	}
 	m.mu.Lock()
 	// A claim of its own fences the replicas against the previous
-	// writer's applier, once written (Server.Fence).
-	m.man.Owner, m.man.Claim = m.s.cfg.Name, layout.NextClaim(m.man.Claim)
+	// writer's applier, once written (Server.Fence). Not raised when no
+	// other writer was (the agent back after a blip): its applier would
+	// claim and reload every replica for nothing.
+	if takeover {
+		m.man.Claim = layout.NextClaim(m.man.Claim)
+	}
+	m.man.Owner = m.s.cfg.Name
 	newMachine := m.man.KeyID == ""
 	m.mu.Unlock()
 	if newMachine {

@@ -174,3 +174,38 @@ func TestReplicaFencedWhileClaimUnsure(t *testing.T) {
 		t.Fatal("not fenced by a replica claimed above its fence")
 	}
 }
+
+// TestReconnectKeepsClaim: the agent back at the server that serves its
+// machine (a blip) claims nothing new: the applier would claim and reload
+// every replica for nothing. Another server's takeover raises the claim.
+func TestReconnectKeepsClaim(t *testing.T) {
+	store := mem.New()
+	e := newEnv(t, store, 1)
+	e.segAge = 20 * time.Millisecond
+	s, a, ack := e.serveFirst()
+	claim := func() int64 {
+		t.Helper()
+		_, _, man := journal(t, store, e.rk, "m1")
+		return man.Claim
+	}
+	c1 := claim()
+	if c1 == 0 {
+		t.Fatal("the first claim of the machine set no claim")
+	}
+	a.conn.Close()
+	back := wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ack.Disks[0].Generation, LastAckedSeq: 5}
+	b := dialAgent(t, e, s, "m1")
+	b.hello("m1", back)
+	b.waitAck(b.batch(6, 2))
+	eventually(t, 10*time.Second, "the upload of 6..7", func() bool { return durableSeq(t, store, "m1") == 7 })
+	if c := claim(); c != c1 {
+		t.Fatalf("claim %d after the agent came back, was %d", c, c1)
+	}
+	b.conn.Close()
+	e2 := *e
+	e2.cache, e2.logs, e2.name = []string{t.TempDir()}, &logBuf{}, "ps2"
+	back.LastAckedSeq = 7
+	c := dialAgent(t, &e2, e2.start(), "m1")
+	c.hello("m1", back)
+	eventually(t, 10*time.Second, "the takeover's claim", func() bool { return claim() > c1 })
+}
