@@ -84,8 +84,8 @@ type Manifest struct {
 	Owner string `json:"owner,omitempty"`
 	// Claim fences the replicas: each claim that takes the machine over
 	// (a hello from an agent another process server served, or back
-	// after a fence) raises it (NextClaim), and that server's applier claims the
-	// replica page blobs with it before writing them
+	// after a fence) raises it (NextClaim), and that server's applier
+	// claims the replica page blobs with it before writing them
 	// (blobstore.ClaimPageBlob), so that the writes of a server that
 	// lost the machine no longer land. 0: none yet.
 	Claim   int64     `json:"claim,omitempty"`
