@@ -358,14 +358,7 @@ func TestRecoverTimeProvenBeforeGap(t *testing.T) {
 	e0 := m.Marker(wire.MarkerTime, t0).Seq
 	m.Marker(wire.MarkerTime, t0.Add(10*time.Second))
 	m.Cut()
-	_, ends := cutSegments(m, rng, t0.Add(20*time.Second), 1, 1)
-	m.LoseSegment(1)
-	m.Write(0, 0, m.Image(0, m.Seq())[:size]) // the resync
-	mended := m.Marker(wire.MarkerTime, t0.Add(40*time.Second)).Seq
-	m.Cut()
-	m.Gaps = []layout.Gap{{From: e0 + 1, LostTo: ends[0], Mended: mended}}
-	m.Until = t0.Add(40 * time.Second)
-	m.WriteManifest()
+	loseAndMend(m, rng, size, e0, t0.Add(20*time.Second), t0.Add(40*time.Second))
 	check(m, t0.Add(5*time.Second).Format(time.RFC3339Nano), e0)
 	if _, _, err := recoverBytes(t, m, t0.Add(15*time.Second).Format(time.RFC3339Nano), m.RecoveryKey); !errors.Is(err, recovery.ErrOutOfRange) {
 		t.Errorf("recover to a time after the idle marker, before the gap's end: %v, want ErrOutOfRange", err)
@@ -373,7 +366,7 @@ func TestRecoverTimeProvenBeforeGap(t *testing.T) {
 
 	// Open gap after an idle period the manifest records.
 	m = recoverytest.New(t, mem.New(), "open", size)
-	_, ends = cutSegments(m, rng, t0, 2, 1)
+	_, ends := cutSegments(m, rng, t0, 2, 1)
 	m.LoseSegment(1)
 	m.Gaps = []layout.Gap{{From: ends[0] + 1, LostTo: ends[1]}}
 	m.Until = t0.Add(time.Hour)
@@ -401,15 +394,22 @@ func TestRecoverTimeAfterClockStepBackBeforeGap(t *testing.T) {
 	write()
 	e := m.Marker(wire.MarkerTime, t0.Add(50*time.Second)).Seq // the clock stepped back
 	m.Cut()
-	_, ends := cutSegments(m, rng, t0.Add(55*time.Second), 1, 1)
-	m.LoseSegment(1)
-	m.Write(0, 0, m.Image(0, m.Seq())[:size]) // the resync
-	mended := m.Marker(wire.MarkerTime, t0.Add(200*time.Second)).Seq
-	m.Cut()
-	m.Gaps = []layout.Gap{{From: e + 1, LostTo: ends[0], Mended: mended}}
-	m.Until = t0.Add(200 * time.Second)
-	m.WriteManifest()
+	loseAndMend(m, rng, size, e, t0.Add(55*time.Second), t0.Add(200*time.Second))
 	if _, res, err := recoverBytes(t, m, t0.Add(60*time.Second).Format(time.RFC3339Nano), m.RecoveryKey); !errors.Is(err, recovery.ErrOutOfRange) {
 		t.Fatalf("recover to a time the gap's lost marker (t0+55s) covers: seq %d, %v; want ErrOutOfRange", res.Seq, err)
 	}
+}
+
+// loseAndMend cuts a segment after last (its marker at lost), loses it,
+// and mends the gap with a resync whose marker is at mend: segment 1 of m
+// is lost, recorded as a gap from last+1, mended.
+func loseAndMend(m *recoverytest.Machine, rng *rand.Rand, size int, last uint64, lost, mend time.Time) {
+	_, ends := cutSegments(m, rng, lost, 1, 1)
+	m.LoseSegment(1)
+	m.Write(0, 0, m.Image(0, m.Seq())[:size]) // the resync
+	mended := m.Marker(wire.MarkerTime, mend).Seq
+	m.Cut()
+	m.Gaps = []layout.Gap{{From: last + 1, LostTo: ends[0], Mended: mended}}
+	m.Until = mend
+	m.WriteManifest()
 }
