@@ -100,7 +100,8 @@ func (r PageRange) End() int64 { return r.Offset + r.Length }
 // CreatePageBlob also where there is no page blob yet or its fence is
 // below n (a newer writer replaces an older one's blob), and gives the
 // blob it creates fence n. Otherwise it fails with an error wrapping
-// ErrFenced and changes nothing. Fences are at most MaxFence. Writers that claim a blob with increasing numbers thus
+// ErrFenced (a FenceError) and changes nothing. Fences are at most
+// MaxFence. Writers that claim a blob with increasing numbers thus
 // exclude each other: once the newer has claimed it, none of the older's
 // writes lands. CopyFromSnapshot ignores fences. Without WithFence,
 // writes are not checked.
