@@ -219,6 +219,9 @@ func TestCertificateExpiry(t *testing.T) {
 	if err := pki.Issue(e.pki, "m2", pki.RoleAgent, pki.WithValidity(10*24*time.Hour)); err != nil {
 		t.Fatal(err)
 	}
+	// Restored after the server closed (cleanups run last first).
+	t.Cleanup(func(d time.Duration) func() { return func() { expiryEvery = d } }(expiryEvery))
+	expiryEvery = 100 * time.Millisecond // and again while connected
 	s := e.start()
 	id, err := pki.Load(e.pki, "ps")
 	if err != nil {
@@ -244,8 +247,12 @@ func TestCertificateExpiry(t *testing.T) {
 	}
 	b := dialAgent(t, e, s, "m2")
 	b.hello("m2", disk0)
-	eventually(t, 5*time.Second, "a warning of m2's certificate", func() bool {
-		l := e.logs.String()
-		return strings.Contains(l, "the agent's certificate expires on") && strings.Contains(l, "machine=m2")
+	eventually(t, 5*time.Second, "warnings of m2's certificate at its hello and while it stays", func() bool {
+		return strings.Count(e.logs.String(), "the agent's certificate expires on") >= 3
 	})
+	for _, l := range strings.Split(e.logs.String(), "\n") {
+		if strings.Contains(l, "the agent's certificate") && !strings.HasSuffix(l, "machine=m2") {
+			t.Fatalf("warned of another certificate than m2's: %s", l)
+		}
+	}
 }

@@ -582,14 +582,38 @@ func (s *Server) ensureContainer() {
 	}
 }
 
+// expiryEvery spaces the warnings of certificates about to end: a
+// server runs for months, and an agent says hello only when it connects.
+var expiryEvery = 24 * time.Hour
+
+// warnExpiring warns of this server's certificate, and those of the
+// agents connected, if they end soon (pki.Expiring).
+func (s *Server) warnExpiring() {
+	if s.id != nil {
+		if w := pki.Expiring("the process server's certificate "+s.cfg.Name+" (or its CA)", s.id.NotAfter(), time.Now()); w != "" {
+			s.log.Warn(w)
+		}
+	}
+	for _, m := range s.machineList() {
+		if st := m.current(); st != nil {
+			st.warnExpiring()
+		}
+	}
+}
+
 func (s *Server) monitor() {
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	usage := usageWatch{level: slog.LevelInfo}
 	watch := cacheWatch{pending: time.Now()} // Start asked for the first scrub
+	expiry := time.Now()                      // Start and each hello warned
 	for {
 		s.checkCache(&usage)
 		s.checkCacheDirs(&watch)
+		if time.Since(expiry) >= expiryEvery {
+			expiry = time.Now()
+			s.warnExpiring()
+		}
 		for _, m := range s.machineList() {
 			m.saveHint()
 			if st := m.current(); st != nil {
