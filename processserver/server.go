@@ -606,7 +606,7 @@ func (s *Server) monitor() {
 	defer tick.Stop()
 	usage := usageWatch{level: slog.LevelInfo}
 	watch := cacheWatch{pending: time.Now()} // Start asked for the first scrub
-	expiry := time.Now()                      // Start and each hello warned
+	expiry := time.Now()                     // Start and each hello warned
 	for {
 		s.checkCache(&usage)
 		s.checkCacheDirs(&watch)
