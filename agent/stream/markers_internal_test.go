@@ -140,14 +140,7 @@ func TestSaveWaitsForThaw(t *testing.T) {
 	}
 	tg.mu.Unlock()
 	tg.AfterThaw()
-	select {
-	case err := <-got:
-		if err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("the save did not go on after the thaw")
-	}
+	awaitNil(t, got, "the save did not go on after the thaw")
 }
 
 // A once-a-second save under way when a freeze begins ends before it:
@@ -166,12 +159,18 @@ func TestBeforeFreezeWaitsForSaveUnderWay(t *testing.T) {
 	tg.saving--
 	tg.cond.Broadcast()
 	tg.mu.Unlock()
+	awaitNil(t, done, "BeforeFreeze still waiting after the save ended")
+}
+
+// awaitNil fails t unless ch delivers nil within 5 s (stuck: says so).
+func awaitNil(t *testing.T, ch <-chan error, stuck string) {
+	t.Helper()
 	select {
-	case err := <-done:
+	case err := <-ch:
 		if err != nil {
 			t.Fatal(err)
 		}
 	case <-time.After(5 * time.Second):
-		t.Fatal("BeforeFreeze still waiting after the save ended")
+		t.Fatal(stuck)
 	}
 }
