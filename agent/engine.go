@@ -1279,10 +1279,15 @@ func (e *ResizeError) Error() string {
 		e.Path, verb, e.Old, e.New)
 }
 
-// checkSizes returns a *ResizeError if a device's size has changed.
+// checkSizes returns a *ResizeError if a device's size has changed, and
+// an error if its media is gone (a loop device detached, nbd disconnected).
 func (e *Engine) checkSizes() error {
 	for _, s := range e.srcs {
-		if n, err := s.dev.Size(); err == nil && n != s.size {
+		n, err := s.dev.Size()
+		if errors.Is(err, blockdev.ErrNoMedia) {
+			return fmt.Errorf("%s vanished while protected: %w", s.Path, err)
+		}
+		if err == nil && n != s.size {
 			return &ResizeError{Path: s.Path, Old: s.size, New: n}
 		}
 	}

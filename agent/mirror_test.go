@@ -591,6 +591,25 @@ func TestMirrorBadInput(t *testing.T) {
 	if err := Release(filepath.Join(dir, "never")); err != nil {
 		t.Errorf("release of a state directory never used: %v", err)
 	}
+
+	// A mirror device that is not there (not yet, or mistyped): no file
+	// is made in its place on devtmpfs. /dev/shm is a file system of its
+	// own, where a mirror file is fine.
+	missing := "/dev/lifeboat-test-missing"
+	mctx, mcancel := context.WithTimeout(context.Background(), 10*time.Second) // accepted, it would mirror on
+	err = RunMirror(mctx, MirrorConfig{Device: d.Path, To: missing, StateDir: filepath.Join(dir, "sm")})
+	mcancel()
+	Release(filepath.Join(dir, "sm"))
+	if _, serr := os.Stat(missing); serr == nil {
+		os.Remove(missing)
+		t.Errorf("%s made", missing)
+	}
+	if err == nil || !strings.Contains(err.Error(), "does not exist") {
+		t.Errorf("missing mirror device: %v", err)
+	}
+	if blockdev.OnDevtmpfs("/dev/shm") || !blockdev.OnDevtmpfs("/dev") {
+		t.Errorf("OnDevtmpfs: /dev/shm %v, /dev %v", blockdev.OnDevtmpfs("/dev/shm"), blockdev.OnDevtmpfs("/dev"))
+	}
 }
 
 // Markers: crash-consistent on a timer, app-consistent with the
@@ -857,4 +876,31 @@ func mustStat(t *testing.T, path string) os.FileInfo {
 		t.Fatal(err)
 	}
 	return fi
+}
+
+// A device node with no disk behind it (a loop device not attached, a
+// disconnected nbd device) reports 0 bytes: refused before the mirror
+// file or the state is touched, not mirrored as an empty disk over the
+// copy.
+func TestMirrorRefusesDeviceWithoutMedia(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir := t.TempDir()
+	to := filepath.Join(dir, "m.img")
+	old := make([]byte, 1<<20)
+	for i := range old {
+		old[i] = byte(i * 7)
+	}
+	if err := os.WriteFile(to, old, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second) // accepted, it would mirror on
+	defer cancel()
+	err := RunMirror(ctx, MirrorConfig{Device: loopdev.Unbound(t), To: to, StateDir: filepath.Join(dir, "s")})
+	Release(filepath.Join(dir, "s"))
+	if err == nil || !strings.Contains(err.Error(), "no media") {
+		t.Errorf("device without media: %v", err)
+	}
+	if got, _ := os.ReadFile(to); !bytes.Equal(got, old) {
+		t.Errorf("the mirror file changed (%d bytes now)", len(got))
+	}
 }

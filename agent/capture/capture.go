@@ -68,7 +68,7 @@ func (d Device) Blocks() uint64 { return uint64((d.Size + BlockSize - 1) / Block
 // Config describes what to load.
 type Config struct {
 	Devices   []Device
-	RingBytes int    // power of two; default 64 MiB
+	RingBytes int    // power of two, at most MaxRingBytes; default 64 MiB
 	WakeBytes uint64 // unread bytes that force a reader wake-up; default RingBytes/8
 	// PinDir (on a bpffs) keeps the capture state across agent restarts:
 	// a clean stop leaves the programs attached and marking the bitmap,
@@ -109,6 +109,10 @@ type Capture struct {
 	freeAbandoned        bool // Config.FreeAbandoned
 }
 
+// MaxRingBytes is the largest ring: the kernel takes up to 2 GiB, but
+// the ring is mapped twice into the agent and is always resident.
+const MaxRingBytes = 1 << 30
+
 // Load checks prerequisites, calibrates the direct map, loads the programs
 // and attaches them. Capture starts before Load returns.
 func Load(cfg Config) (*Capture, error) {
@@ -127,8 +131,8 @@ func Load(cfg Config) (*Capture, error) {
 	if cfg.RingBytes == 0 {
 		cfg.RingBytes = 64 << 20
 	}
-	if cfg.RingBytes < 1<<16 || cfg.RingBytes&(cfg.RingBytes-1) != 0 {
-		return nil, fmt.Errorf("ring size %d: must be a power of two of at least 64 KiB", cfg.RingBytes)
+	if cfg.RingBytes < 1<<16 || cfg.RingBytes > MaxRingBytes || cfg.RingBytes&(cfg.RingBytes-1) != 0 {
+		return nil, fmt.Errorf("ring size %d: must be a power of two from 64 KiB to 1 GiB", cfg.RingBytes)
 	}
 	if cfg.WakeBytes == 0 {
 		cfg.WakeBytes = uint64(cfg.RingBytes / 8)

@@ -44,8 +44,8 @@ checksums instead of copying everything. "lifeboat agent release" detaches it.`,
 			if err != nil {
 				return err
 			}
-			if ringMiB < 1 || ringMiB&(ringMiB-1) != 0 {
-				return fmt.Errorf("--ring-mib %d: must be a power of two", ringMiB)
+			if err := checkRingMiB(ringMiB); err != nil {
+				return err
 			}
 			cfg.Mode, cfg.RingBytes = m, ringMiB<<20
 			return nil
@@ -63,7 +63,7 @@ checksums instead of copying everything. "lifeboat agent release" detaches it.`,
 	f.StringVar(&cfg.To, "to", "", "mirror file (or block device) to keep in sync")
 	f.StringVar(&mode, "mode", "data", "capture mode: data (payload in the ring) or metadata (extents, read back)")
 	f.DurationVar(&cfg.ReadbackDelay, "readback-delay", agent.DefaultReadbackDelay, "metadata mode: how long written blocks wait before they are read back (rewrites and neighbours then cost one read; the copy lags as much)")
-	f.IntVar(&ringMiB, "ring-mib", 64, "BPF ring buffer size in MiB (power of two)")
+	f.IntVar(&ringMiB, "ring-mib", 64, "BPF ring buffer size in MiB (power of two, at most 1024)")
 	f.StringVar(&stateDir, "state-dir", "/var/lib/lifeboat", "agent state directory")
 	f.DurationVar(&cfg.CrashInterval, "crash-interval", 0, "crash-consistent marker interval (0: off)")
 	f.DurationVar(&cfg.AppInterval, "app-interval", 0, "app-consistent (fsfreeze) marker interval (0: off)")

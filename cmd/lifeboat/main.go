@@ -15,6 +15,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/lifeboat-dr/lifeboat/agent/capture"
 	"github.com/lifeboat-dr/lifeboat/internal/fsfreeze"
 	"github.com/lifeboat-dr/lifeboat/internal/recovery"
 )
@@ -147,6 +148,14 @@ func checkPprof(pprof bool, addr string) error {
 	}
 	if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
 		return fmt.Errorf("--pprof on --metrics %s: profiles are served without authentication; bind --metrics to 127.0.0.1 or [::1] (and reach it through SSH)", addr)
+	}
+	return nil
+}
+
+// checkRingMiB checks --ring-mib before anything is touched.
+func checkRingMiB(n int) error {
+	if n < 1 || n > capture.MaxRingBytes>>20 || n&(n-1) != 0 {
+		return fmt.Errorf("--ring-mib %d: must be a power of two from 1 to %d", n, capture.MaxRingBytes>>20)
 	}
 	return nil
 }

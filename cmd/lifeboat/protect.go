@@ -57,8 +57,8 @@ the --pki directory.`
 		if err != nil {
 			return err
 		}
-		if ringMiB < 1 || ringMiB&(ringMiB-1) != 0 {
-			return fmt.Errorf("--ring-mib %d: must be a power of two", ringMiB)
+		if err := checkRingMiB(ringMiB); err != nil {
+			return err
 		}
 		if cfg.StopTimeout <= 0 {
 			return fmt.Errorf("--stop-timeout %v: must be positive", cfg.StopTimeout)
@@ -91,7 +91,7 @@ the --pki directory.`
 	f.StringArrayVar(&devices, "device", nil, "device to protect, [NAME=]PATH (repeat for more)")
 	f.StringVar(&mode, "mode", "data", "capture mode: data (payload in the ring) or metadata (extents, read back)")
 	f.DurationVar(&cfg.ReadbackDelay, "readback-delay", agent.DefaultReadbackDelay, "metadata mode: how long written blocks wait before they are read back (rewrites and neighbours then cost one read; the copy lags as much)")
-	f.IntVar(&ringMiB, "ring-mib", 64, "BPF ring buffer size in MiB (power of two)")
+	f.IntVar(&ringMiB, "ring-mib", 64, "BPF ring buffer size in MiB (power of two, at most 1024)")
 	f.StringVar(&stateDir, "state-dir", "/var/lib/lifeboat", "agent state directory")
 	f.StringVar(&cfg.Metrics, "metrics", "", "serve Prometheus metrics on ADDR (e.g. 127.0.0.1:9101)")
 	f.BoolVar(&cfg.Profiling, "pprof", false, "also serve Go profiles on the metrics address under /debug/pprof/")

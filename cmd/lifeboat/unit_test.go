@@ -179,6 +179,8 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{[]string{"recover", "--machine", "m", "--disk", "d", "--to", dir + "/out", "--recovery-key", dir + "/k", "--point", "2026-11-25"}, 2, "lifeboat recover --help"},
 		{[]string{"recover", "--machine", "m", "--disk", "d", "--to", dir + "/out", "--recovery-key", dir + "/k", "--point", ""}, 2, "lifeboat recover --help"},
 		{[]string{"agent", "mirror", "--device", "/dev/null", "--to", dir + "/m", "--ring-mib", "3"}, 2, "lifeboat agent mirror --help"},
+		{[]string{"agent", "mirror", "--device", "/dev/null", "--to", dir + "/m", "--ring-mib", "4096"}, 2, "lifeboat agent mirror --help"},
+		{[]string{"agent", "--process-server", "h:1", "--pki", dir, "--name", "m", "--device", "/dev/null", "--ring-mib", "4096"}, 2, "lifeboat agent --help"},
 		{[]string{"agent", "--process-server", "h:1", "--pki", dir, "--name", "m", "--device", "sda="}, 2, "lifeboat agent --help"},
 		{[]string{"process-server", "--pki", dir, "--name", "ps", "--recovery-key", dir + "/k", "--cache", dir + "/c1,"}, 2, "lifeboat process-server --help"},
 		{[]string{"process-server", "--pki", dir, "--name", "ps", "--recovery-key", dir + "/k", "--cache", dir + "/c1", "--retention", "0"}, 2, "lifeboat process-server --help"},

@@ -95,8 +95,17 @@ func (d *Device) Size() (int64, error) {
 	if errno != 0 {
 		return 0, fmt.Errorf("blockdev: BLKGETSIZE64 %s: %w", d.path, errno)
 	}
+	if size == 0 {
+		return 0, fmt.Errorf("blockdev: %s: %w", d.path, ErrNoMedia)
+	}
 	return int64(size), nil
 }
+
+// ErrNoMedia is Size's error for a device node with no disk behind it: a
+// loop device not attached (or detached), a disconnected nbd device, an
+// empty drive. Taken for a disk of 0 bytes, it would make a mirror or a
+// replica of 0 bytes.
+var ErrNoMedia = errors.New("no media (0 bytes: a loop device not attached, a disconnected nbd device or an empty drive)")
 
 // ReadAtDirect reads len(p) bytes at off, bypassing the page cache, with
 // io.ReaderAt semantics (io.EOF at the end of the device). off and len(p)

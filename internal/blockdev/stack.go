@@ -231,6 +231,31 @@ func mountSource(match func(fields []string) bool) Dev {
 	return Dev{}
 }
 
+// OnDevtmpfs reports whether dir is on devtmpfs (/dev, but not a tmpfs
+// mounted below it such as /dev/shm): a file made there lives in memory
+// and takes the name of a device node not created yet.
+func OnDevtmpfs(dir string) bool {
+	var st unix.Stat_t
+	if err := unix.Stat(dir, &st); err != nil {
+		return false
+	}
+	dev := Dev{unix.Major(st.Dev), unix.Minor(st.Dev)}.String()
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		i := slices.Index(fields, "-")
+		if len(fields) > 2 && fields[2] == dev && i > 0 && i+1 < len(fields) {
+			return fields[i+1] == "devtmpfs"
+		}
+	}
+	return false
+}
+
 // diskOf returns the whole disk of a partition (and true), or dev itself.
 func diskOf(dev Dev) (Dev, bool) {
 	sys, err := filepath.EvalSymlinks("/sys/dev/block/" + dev.String())

@@ -288,3 +288,43 @@ func trimOutput(b []byte) string {
 	}
 	return s
 }
+
+// Unbound makes a loop device node with nothing attached (as a detached
+// device, or one a boot has not set up yet, is), at an index far above
+// those Attach is handed, and removes it when t ends. Its size is 0.
+func Unbound(t testing.TB) string {
+	t.Helper()
+	testenv.RequireRoot(t)
+	ctl, err := os.OpenFile(controlPath, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatalf("loopdev: %v", err)
+	}
+	defer ctl.Close()
+	for idx := 4000 + os.Getpid()%1000; idx < 6000; idx++ {
+		_, _, errno := unix.Syscall(unix.SYS_IOCTL, ctl.Fd(), unix.LOOP_CTL_ADD, uintptr(idx))
+		if errno == unix.EEXIST {
+			continue
+		}
+		if errno != 0 {
+			t.Fatalf("loopdev: LOOP_CTL_ADD %d: %v", idx, errno)
+		}
+		t.Cleanup(func() {
+			c, err := os.OpenFile(controlPath, os.O_RDWR, 0)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			defer c.Close()
+			if _, _, errno := unix.Syscall(unix.SYS_IOCTL, c.Fd(), unix.LOOP_CTL_REMOVE, uintptr(idx)); errno != 0 {
+				t.Errorf("loopdev: LOOP_CTL_REMOVE %d: %v", idx, errno)
+			}
+		})
+		path := "/dev/loop" + strconv.Itoa(idx)
+		if err := waitFor(path, settleTimeout); err != nil {
+			t.Fatalf("loopdev: %v", err)
+		}
+		return path
+	}
+	t.Fatal("loopdev: no free loop index from 4000 to 6000")
+	return ""
+}
