@@ -63,6 +63,20 @@ type Resyncer interface {
 	Resync(dev int, p []byte, off int64) (stored int64, err error)
 }
 
+// ResyncAsker is implemented by targets that ask for resyncs themselves
+// (the stream, at a reconnect): from the request until the engine has
+// taken it, their Marker fails with ErrResyncPending. The engine reads
+// ResyncEpoch before it takes the requests (RequestSync) and passes it to
+// ResyncsTaken once it has.
+type ResyncAsker interface {
+	ResyncEpoch() uint64
+	ResyncsTaken(epoch uint64)
+}
+
+// ErrResyncPending is a target's Marker error while a resync it asked
+// for is not taken yet: the point would date a copy about to be redone.
+var ErrResyncPending = errors.New("a resync the target asked for is pending")
+
 // Freezer is implemented by targets that write files of their own while
 // they take records (a stream's sequence lease): BeforeFreeze writes what
 // they would need to while the file systems are frozen for an
@@ -501,6 +515,11 @@ func (e *Engine) loop(ctx context.Context) error {
 		}
 		need = need[:0]
 		resync := false
+		asker, asks := e.opt.Target.(ResyncAsker)
+		var epoch uint64
+		if asks {
+			epoch = asker.ResyncEpoch()
+		}
 		for i, s := range e.srcs {
 			if k := e.syncReq[i].Swap(0); k > 0 {
 				e.log.Warn("target asks for a resync", keyDevice, s.Path, "sync", SyncKind(k-1).String())
@@ -519,6 +538,9 @@ func (e *Engine) loop(ctx context.Context) error {
 				// read-back pass (readbackMetadata).
 				need = append(need, i)
 			}
+		}
+		if resync && asks {
+			asker.ResyncsTaken(epoch)
 		}
 		if len(need) > 0 {
 			// A stop request does not interrupt a drain half way.
@@ -1156,7 +1178,15 @@ func (e *Engine) emit(kind MarkerKind, at time.Time) error {
 	}
 	m := Marker{Kind: kind, Seq: e.stats.LastSeq, Time: at.UTC()}
 	if err := e.opt.Target.Marker(m); err != nil {
-		return err
+		if !errors.Is(err, ErrResyncPending) {
+			return err
+		}
+		// Asked for by the target since the check above.
+		if kind == AppConsistent {
+			return fmt.Errorf("app-consistent point not taken: %w", err)
+		}
+		e.log.Debug("marker skipped: a resync is pending")
+		return nil
 	}
 	if kind == AppConsistent {
 		e.stats.AppMarkers++

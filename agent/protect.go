@@ -402,6 +402,9 @@ func (t streamTarget) Marker(m Marker) error {
 		kind = wire.MarkerAppConsistent
 	}
 	if err := t.Mark(kind, m.Time); err != nil {
+		if errors.Is(err, stream.ErrResyncPending) {
+			return fmt.Errorf("%w: %w", ErrResyncPending, err)
+		}
 		return err
 	}
 	// The engine emits markers only between drains: once the requested
@@ -411,8 +414,9 @@ func (t streamTarget) Marker(m Marker) error {
 }
 
 var (
-	_ Target   = streamTarget{}
-	_ Resyncer = streamTarget{}
+	_ Target      = streamTarget{}
+	_ Resyncer    = streamTarget{}
+	_ ResyncAsker = streamTarget{}
 )
 
 // resyncRequests forwards the process server's resync requests to the

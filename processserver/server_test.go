@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -1047,4 +1048,40 @@ func TestStalledHandshakesBounded(t *testing.T) {
 	a := dialAgent(t, e, s, "m1")
 	a.hello("m1", disk0)
 	a.waitAck(a.batch(1, 1))
+}
+
+// A consistency marker the agent withdrew (numbered before a resync it
+// learned of at a reconnect) is stored with its sequence but dates
+// nothing: recoverable_until stays at the time marker's, and no segment
+// is labelled a point by it.
+func TestWithdrawnMarkerDatesNothing(t *testing.T) {
+	e := newEnv(t, mem.New(), 3)
+	e.segAge = 500 * time.Millisecond
+	_, a, _ := e.serveFirst()
+	t0 := time.Now().Add(-time.Minute).Truncate(time.Millisecond)
+	var b wire.BatchBuilder
+	if err := b.Add(wire.MarkerRecord(wire.Marker{Seq: 6, UnixNano: t0.Add(30 * time.Second).UnixNano(), Kind: wire.MarkerWithdrawn})); err != nil {
+		t.Fatal(err)
+	}
+	p, err := b.AppendBinary(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.sendFrame(wire.TypeBatch, p)
+	last := a.batch(7, 20)
+	a.marker(last, wire.MarkerTime, t0)
+	a.waitAck(last)
+	eventually(t, 20*time.Second, "the upload of 6..26", func() bool { return durableSeq(t, e.store, "m1") >= last })
+	plain, infos, man := journal(t, e.store, e.rk, "m1")
+	if !bytes.Equal(plain, a.sent) {
+		t.Errorf("journal holds %d bytes, want the %d bytes of frames sent", len(plain), len(a.sent))
+	}
+	for _, in := range infos {
+		if md := in.Metadata; md[layout.MetaMarkers] != "" || md[layout.MetaLastTime] == strconv.FormatInt(t0.Add(30*time.Second).UnixNano(), 10) {
+			t.Errorf("segment %s metadata %v: dated by the withdrawn marker", in.Name, md)
+		}
+	}
+	if man.RecoverableUntil.After(t0) {
+		t.Errorf("recoverable_until %s, past the last time marker's %s", man.RecoverableUntil, t0)
+	}
 }

@@ -22,7 +22,7 @@ import (
 )
 
 const (
-	protocolVersion = 3                // 3: Recoverable
+	protocolVersion = 4                // 3: Recoverable; 4: MarkerWithdrawn records
 	oldestProtocol  = 2                // agents of protocol 2 are served, without Recoverable
 	helloTimeout    = 30 * time.Second // first frame after the handshake
 	helloWork       = time.Minute      // reading the manifest to answer it
@@ -380,6 +380,9 @@ func (st *session) readLoop() bool {
 				last = r.Seq
 				switch {
 				case r.Op == wire.OpMarker:
+					if !r.Dates() {
+						break // withdrawn by the agent: no point, no time
+					}
 					cut = cut || wire.MarkerKind(r.Flags) != wire.MarkerTime
 					if r.Seq > st.accepted {
 						markers = append(markers, r.Marker())

@@ -44,18 +44,30 @@ func (s *session) close() {
 }
 
 // connect dials, handshakes and exchanges Hello/HelloAck. A process
-// server of protocol 2 refuses a protocol 3 hello: the agent then says
-// hello again in protocol 2 (agents upgraded before their process
-// servers), and counts its RPO from acknowledged markers.
+// server of an older protocol refuses the hello: the agent then says
+// hello again in the protocol before (agents upgraded before their
+// process servers), down to protocol 2. In protocol 3 the consistency
+// points taken before a resync it asks for are not withdrawn; in
+// protocol 2 the RPO counts from acknowledged markers.
 func (t *Target) connect(ctx context.Context) (*session, *wire.HelloAck, error) {
-	s, ack, err := t.connectOnce(ctx)
-	var we wire.Error
-	if err != nil && errors.As(err, &we) && we.Code == wire.CodeVersion && t.helloVersion.Load() != 2 {
-		t.log.Warn("the process server speaks an older stream protocol: saying hello in protocol 2 (no recoverable_until from it: the RPO counts from acknowledged markers)", keyAddr, t.cfg.Addr)
-		t.helloVersion.Store(2)
-		s, ack, err = t.connectOnce(ctx)
+	for {
+		s, ack, err := t.connectOnce(ctx)
+		var we wire.Error
+		v := t.version()
+		if err == nil || !errors.As(err, &we) || we.Code != wire.CodeVersion || v <= 2 {
+			return s, ack, err
+		}
+		t.log.Warn("the process server speaks an older stream protocol: saying hello in the one before", keyAddr, t.cfg.Addr, "protocol", v-1)
+		t.helloVersion.Store(uint32(v - 1))
 	}
-	return s, ack, err
+}
+
+// version returns the protocol hellos are said in.
+func (t *Target) version() uint16 {
+	if v := t.helloVersion.Load(); v != 0 {
+		return uint16(v)
+	}
+	return ProtocolVersion
 }
 
 func (t *Target) connectOnce(ctx context.Context) (*session, *wire.HelloAck, error) {
@@ -127,10 +139,7 @@ func transient(err error) bool {
 }
 
 func (t *Target) hello(s *session) (*wire.HelloAck, error) {
-	version := uint16(t.helloVersion.Load())
-	if version == 0 {
-		version = ProtocolVersion
-	}
+	version := t.version()
 	h := wire.Hello{ProtocolVersion: version, Machine: t.cfg.Machine, Run: t.runID}
 	t.mu.Lock()
 	for i, d := range t.cfg.Disks {
@@ -293,6 +302,29 @@ func (t *Target) agree(s *session, a *wire.HelloAck, initial bool) ([]wire.DiskA
 		}
 		return nil, err
 	}
+	// A disk to be copied again: the consistency markers numbered before
+	// and not durable yet would date it half rebuilt, as points (cut on
+	// every disk's replica) and as times (recoverable_until): withdrawn
+	// in the batches resent (protocol 4); and none is taken until the
+	// engine has the resync (ResyncsTaken).
+	var epoch uint64
+	if !initial && slices.ContainsFunc(out, func(da wire.DiskAgreement) bool { return da.Action != wire.SyncResume }) {
+		t.resyncAsked++
+		epoch = t.resyncAsked
+		t.pointsHeld = t.cfg.OnResync != nil // (else nobody takes it)
+		n := 0
+		if a.ProtocolVersion >= 4 {
+			for _, seg := range t.segs {
+				n += seg.bb.WithdrawMarkers(resume)
+			}
+			if t.open != nil {
+				n += t.open.bb.WithdrawMarkers(resume)
+			}
+		}
+		if n > 0 {
+			t.log.Warn("withdrew consistency points taken before the process server asked for a resync: they would date a replica being copied again", keyCount, n)
+		}
+	}
 	// Handled (or ours): the next reconnect judges only what comes after.
 	t.maxSent = max(t.maxSent, durable)
 	t.foreignSeen = max(t.foreignSeen, durable)
@@ -326,6 +358,11 @@ func (t *Target) agree(s *session, a *wire.HelloAck, initial bool) ([]wire.DiskA
 				t.cfg.OnResync(i, da.Action)
 			}
 		}
+	}
+	if epoch != 0 {
+		t.mu.Lock()
+		t.resyncDelivered = max(t.resyncDelivered, epoch)
+		t.mu.Unlock()
 	}
 	return out, nil
 }

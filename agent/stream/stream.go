@@ -51,7 +51,7 @@ const (
 const ChunkSize = 64 << 10
 
 // ProtocolVersion is the stream protocol this package speaks.
-const ProtocolVersion = 3 // 2: Hello.Run, HelloAck.LastRun; 3: Recoverable
+const ProtocolVersion = 4 // 2: Hello.Run, HelloAck.LastRun; 3: Recoverable; 4: MarkerWithdrawn records
 
 const (
 	minBackoff     = 100 * time.Millisecond
@@ -83,10 +83,16 @@ const (
 	keyDisk  = "disk"
 	keySeq   = "seq"
 	keyRetry = "retry_in"
+	keyCount = "count"
 )
 
 // ErrClosed is returned by calls on a closed Target.
 var ErrClosed = errors.New("stream: target closed")
+
+// ErrResyncPending is Mark's answer while the process server has asked
+// for a resync the engine has not taken yet (ResyncsTaken): a consistency
+// point then would date a replica about to be copied again.
+var ErrResyncPending = errors.New("stream: a resync the process server asked for is pending")
 
 // ErrStateUnsettled: Dial failed after saving generations the process
 // server had just started (replicas it asked to sync), which a crash may
@@ -281,9 +287,10 @@ type Target struct {
 	recoverable time.Time
 	ruHeard     bool
 	// helloVersion is the protocol hellos are said in (0: ProtocolVersion;
-	// 2 once a process server refused 3, and so the protocol spoken). A
-	// process server of protocol 2 sends no Recoverable: the RPO then
-	// counts from the acknowledged markers, as before.
+	// one less each time a process server refused one, and so the
+	// protocol spoken). A process server of protocol 2 sends no
+	// Recoverable: the RPO then counts from the acknowledged markers, as
+	// before; one of protocol 3 takes no withdrawn markers.
 	helloVersion atomic.Uint32
 	// unrecSince is since when the process server has said that nothing
 	// is recoverable (a first sync; persisted, so that a restart does not
@@ -302,6 +309,12 @@ type Target struct {
 	runID       wire.RunID   // random per Target: Hello.Run
 	foreignSeen uint64       // durable sequences judged at a reconnect (foreign ones resynced)
 	covers      []coverPoint // Covered points, oldest first; covers[0] may be the one the last marker used
+	// pointsHeld: a reconnect agreed a resync (resyncAsked counts them)
+	// that the engine has not taken yet; resyncDelivered is the count
+	// whose requests OnResync has handed on.
+	pointsHeld      bool
+	resyncAsked     uint64
+	resyncDelivered uint64
 
 	sumsID uint16 // engine goroutine only
 
@@ -518,12 +531,33 @@ func (t *Target) ReadAt(int, []byte, int64) (int, error) {
 // wire.MarkerAppConsistent) taken at time at, as an OpMarker record with
 // its own sequence number, and sends it without waiting for the batch to
 // fill. (package agent adapts it to agent.Target's Marker: this package
-// cannot import agent, which imports it.)
+// cannot import agent, which imports it.) It fails with ErrResyncPending
+// while a resync agreed at a reconnect is not taken yet (ResyncsTaken).
 func (t *Target) Mark(kind wire.MarkerKind, at time.Time) error {
 	if kind != wire.MarkerCrashConsistent && kind != wire.MarkerAppConsistent {
 		return fmt.Errorf("stream: marker kind %s is not a consistency point", kind)
 	}
 	return t.add(wire.MarkerRecord(wire.Marker{UnixNano: at.UnixNano(), Kind: kind}), nil, true)
+}
+
+// ResyncEpoch returns how many resync agreements have had their requests
+// handed on through OnResync. The engine reads it before it takes the
+// requests, and passes it to ResyncsTaken once it has.
+func (t *Target) ResyncEpoch() uint64 {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.resyncDelivered
+}
+
+// ResyncsTaken says that the engine has taken every resync request of the
+// agreements up to epoch: its next consistency point follows their end,
+// so Mark takes points again, unless a later agreement asked for more.
+func (t *Target) ResyncsTaken(epoch uint64) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.resyncAsked == epoch {
+		t.pointsHeld = false
+	}
 }
 
 func (t *Target) check(dev int, off, n int64) error {
@@ -544,6 +578,9 @@ func (t *Target) add(r wire.Record, data []byte, seal bool) error {
 	if t.err != nil {
 		return t.err
 	}
+	if r.Op == wire.OpMarker && t.pointsHeld {
+		return ErrResyncPending
+	}
 	if s := t.open; s != nil && (len(s.arena)+len(data) > cap(s.arena) || s.bb.Len()+wire.RecordHeaderSize > t.cfg.FlushBytes) {
 		t.sealLocked()
 	}
@@ -563,6 +600,9 @@ func (t *Target) add(r wire.Record, data []byte, seal bool) error {
 		t.open = t.newSegmentLocked(len(data))
 	} else if err := t.leaseLocked(); err != nil {
 		return err
+	}
+	if r.Op == wire.OpMarker && t.pointsHeld { // agreed while it waited
+		return ErrResyncPending // (an open segment left empty is as after a failed save)
 	}
 	s := t.open
 	r.Seq = t.nextSeq

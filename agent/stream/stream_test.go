@@ -1194,3 +1194,59 @@ func TestRPOWhileNothingRecoverable(t *testing.T) {
 		t.Fatalf("RPO %v after a restart, nothing recoverable since more than 1.5 s", rpo)
 	}
 }
+
+// A consistency point numbered before a reconnect that agrees a full
+// sync dates a replica being rebuilt: resent, it is withdrawn (no point,
+// no time at the process server), and Mark takes none until the engine
+// has taken the resync.
+func TestResyncWithdrawsEarlierPoints(t *testing.T) {
+	srv := streamtest.New(t)
+	var drop atomic.Bool
+	srv.Fault = func(int, uint64, uint64) streamtest.Fault {
+		if drop.Swap(false) {
+			return streamtest.DropBeforeStore
+		}
+		return streamtest.Store
+	}
+	cfg := config(t, srv, t.TempDir(), 1<<20)
+	var asked atomic.Int32
+	cfg.OnResync = func(int, wire.SyncAction) { asked.Add(1) }
+	tg := dial(t, cfg)
+	if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	srv.Forget("d0") // the replica lost: the next hello gets a full sync
+	drop.Store(true) // the point's batch dies with the connection
+	if err := tg.Mark(wire.MarkerCrashConsistent, time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the resync request", func() bool { return asked.Load() > 0 })
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	var withdrawn int
+	for _, r := range srv.Received() {
+		if r.Op != wire.OpMarker {
+			continue
+		}
+		switch k := wire.MarkerKind(r.Flags); {
+		case r.Conn >= 2 && k != wire.MarkerWithdrawn:
+			t.Errorf("point %d resent on connection %d as %s, into the new generation", r.Seq, r.Conn, k)
+		case r.Conn >= 2:
+			withdrawn++
+		}
+	}
+	if withdrawn != 1 {
+		t.Errorf("%d withdrawn points resent, want 1", withdrawn)
+	}
+	if err := tg.Mark(wire.MarkerCrashConsistent, time.Now()); !errors.Is(err, stream.ErrResyncPending) {
+		t.Errorf("point with the resync not taken: %v", err)
+	}
+	tg.ResyncsTaken(tg.ResyncEpoch())
+	if err := tg.Mark(wire.MarkerCrashConsistent, time.Now()); err != nil {
+		t.Errorf("point after the resync was taken: %v", err)
+	}
+}

@@ -12,7 +12,6 @@ import (
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/lifeboat-dr/lifeboat/internal/seal"
-	"github.com/lifeboat-dr/lifeboat/internal/wire"
 )
 
 // PointRecord is what the applier seals, under the machine's data key,
@@ -207,7 +206,7 @@ func (st *state) verifiedUntil(ctx context.Context, store blobstore.Store, keys 
 			return time.Time{}, fmt.Errorf("journal segment %s: %w", s.Name, err)
 		}
 		for j := range recs {
-			if r := &recs[j]; r.Op == wire.OpMarker {
+			if r := &recs[j]; r.Dates() {
 				if t := time.Unix(0, r.Marker().UnixNano).UTC(); t.After(until) {
 					until = t
 				}

@@ -415,14 +415,14 @@ func (st *state) resolveTime(ctx context.Context, store blobstore.Store, keys se
 			return 0, time.Time{}, err
 		}
 		for j := range recs {
-			if r := &recs[j]; r.Op == wire.OpMarker {
+			if r := &recs[j]; r.Dates() {
 				if m := r.Marker(); m.UnixNano <= t.UnixNano() && (!found || m.Seq >= seq) {
 					seq, at, found = m.Seq, time.Unix(0, m.UnixNano).UTC(), true
 				}
 			}
 		}
 		for j := range recs {
-			if r := &recs[j]; r.Op == wire.OpMarker && r.Marker().UnixNano > t.UnixNano() {
+			if r := &recs[j]; r.Dates() && r.Marker().UnixNano > t.UnixNano() {
 				later = append(later, r.Seq)
 			}
 		}
@@ -490,7 +490,7 @@ func (st *state) before(g layout.Gap, seq uint64, t time.Time, later []uint64) b
 func checkMarkerTimes(s Segment, recs []wire.Record) error {
 	var first, last int64
 	for i := range recs {
-		if recs[i].Op == wire.OpMarker {
+		if recs[i].Dates() {
 			n := recs[i].Marker().UnixNano
 			if first == 0 {
 				first = n

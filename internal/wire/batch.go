@@ -67,6 +67,12 @@ func (r *Record) Marker() Marker {
 	return Marker{Seq: r.Seq, UnixNano: int64(r.Offset), Kind: MarkerKind(r.Flags)}
 }
 
+// Dates reports whether r is a marker that dates the stream (a time, a
+// crash- or app-consistent point): a marker the agent withdrew does not.
+func (r *Record) Dates() bool {
+	return r.Op == OpMarker && MarkerKind(r.Flags) != MarkerWithdrawn
+}
+
 // check enforces the per-record rules shared by BatchBuilder.Add and
 // DecodeBatch.
 func (r *Record) check() error {
@@ -85,7 +91,7 @@ func (r *Record) check() error {
 		if r.Length != 0 || len(r.Data) != 0 {
 			return errors.New("marker with a length or data")
 		}
-		if !MarkerKind(r.Flags).valid() {
+		if k := MarkerKind(r.Flags); !k.valid() && k != MarkerWithdrawn {
 			return fmt.Errorf("unknown marker kind %d", r.Flags)
 		}
 	default:
@@ -180,6 +186,22 @@ func appendRecordHeader(b []byte, r *Record) []byte {
 	b = append(b, byte(r.Op), r.Flags)
 	b = le.AppendUint64(b, r.Offset)
 	return le.AppendUint32(b, r.Length)
+}
+
+// WithdrawMarkers turns every crash- or app-consistent marker record with
+// a sequence from from on into MarkerWithdrawn, in place, and returns how
+// many it changed. (A batch is encoded from b's headers when written.)
+func (b *BatchBuilder) WithdrawMarkers(from uint64) int {
+	n := 0
+	for _, r := range b.recs {
+		h := b.hdr[r.hdrEnd-RecordHeaderSize : r.hdrEnd]
+		k := MarkerKind(h[11])
+		if Op(h[10]) == OpMarker && (k == MarkerCrashConsistent || k == MarkerAppConsistent) && le.Uint64(h) >= from {
+			h[11] = byte(MarkerWithdrawn)
+			n++
+		}
+	}
+	return n
 }
 
 // parts returns the payload as slices in order: runs of headers from b.hdr

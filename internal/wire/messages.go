@@ -111,6 +111,13 @@ const (
 	MarkerTime            MarkerKind = 1 // a point in time, for recovery-point reporting
 	MarkerCrashConsistent MarkerKind = 2 // all disks are mutually crash consistent here
 	MarkerAppConsistent   MarkerKind = 3 // applications were quiesced (e.g. fsfreeze)
+	// MarkerWithdrawn is a consistency marker record the agent took back
+	// before it was acknowledged: numbered before the agent learned that
+	// a disk is to be copied again (a full sync or a checksum resync
+	// agreed at a reconnect), it would date a replica being rebuilt. It
+	// keeps its sequence number and dates nothing: no point, no time.
+	// Records only (protocol 4), never a Marker message.
+	MarkerWithdrawn MarkerKind = 4
 )
 
 func (k MarkerKind) valid() bool { return k >= MarkerTime && k <= MarkerAppConsistent }
@@ -123,6 +130,8 @@ func (k MarkerKind) String() string {
 		return "crash-consistent"
 	case MarkerAppConsistent:
 		return "app-consistent"
+	case MarkerWithdrawn:
+		return "withdrawn"
 	}
 	return fmt.Sprintf("marker-kind(%d)", uint8(k))
 }

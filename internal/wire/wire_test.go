@@ -8,6 +8,7 @@ import (
 	"math"
 	"net"
 	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -557,6 +558,7 @@ func TestMessageDecodeRejects(t *testing.T) {
 		{"hello bad utf8", &Hello{}, []byte{1, 0, 1, 0, 0xff, 0, 0}, "not valid UTF-8"},
 		{"hello-ack action", &HelloAck{}, append([]byte{1, 0, 1, 0, 1, 0, 'a', 9}, make([]byte, 24)...), "invalid sync action 9"},
 		{"marker kind", &Marker{}, make([]byte, 17), "unknown marker kind 0"},
+		{"marker withdrawn", &Marker{}, append(make([]byte, 16), byte(MarkerWithdrawn)), "unknown marker kind 4"},
 		{"ack short", &Ack{}, make([]byte, 7), "truncated"},
 		{"backpressure long", &Backpressure{}, make([]byte, 9), "trailing"},
 		{"recoverable negative", &Recoverable{}, bytes.Repeat([]byte{0xff}, 8), "negative time"},
@@ -785,5 +787,48 @@ func TestWriteBatchEqualsAppendFrame(t *testing.T) {
 			t.Fatalf("%d records: WriteBatch's frame differs from AppendFrame's (header %x, want %x)", n, out.Bytes()[:HeaderSize], want[:HeaderSize])
 		}
 		b.Reset()
+	}
+}
+
+// A withdrawn marker keeps its sequence and its place in the batch; only
+// consistency markers from the sequence given on are withdrawn, and the
+// batch written afterwards carries the change.
+func TestWithdrawMarkers(t *testing.T) {
+	b := testBatch(t, []Record{
+		{Seq: 1, Op: OpWrite, Length: 1, Data: []byte{7}},
+		MarkerRecord(Marker{Seq: 2, UnixNano: 20, Kind: MarkerCrashConsistent}),
+		MarkerRecord(Marker{Seq: 3, UnixNano: 30, Kind: MarkerTime}),
+		MarkerRecord(Marker{Seq: 4, UnixNano: 40, Kind: MarkerAppConsistent}),
+		{Seq: 5, Op: OpZero, Length: 512},
+		MarkerRecord(Marker{Seq: 6, UnixNano: 60, Kind: MarkerCrashConsistent}),
+	})
+	if n := b.WithdrawMarkers(3); n != 2 {
+		t.Fatalf("withdrew %d markers, want 2 (seq 4 and 6)", n)
+	}
+	p, err := b.AppendBinary(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := DecodeBatch(p)
+	if err != nil {
+		t.Fatalf("a batch with withdrawn markers: %v", err)
+	}
+	want := map[uint64]MarkerKind{2: MarkerCrashConsistent, 3: MarkerTime, 4: MarkerWithdrawn, 6: MarkerWithdrawn}
+	var seqs []uint64
+	for it := d.Records(); it.Next(); {
+		r := it.Record()
+		seqs = append(seqs, r.Seq)
+		if r.Op != OpMarker {
+			continue
+		}
+		if k := r.Marker().Kind; k != want[r.Seq] {
+			t.Errorf("marker %d: kind %s, want %s", r.Seq, k, want[r.Seq])
+		}
+		if r.Dates() != (want[r.Seq] != MarkerWithdrawn) {
+			t.Errorf("marker %d (%s): Dates %v", r.Seq, r.Marker().Kind, r.Dates())
+		}
+	}
+	if !slices.Equal(seqs, []uint64{1, 2, 3, 4, 5, 6}) {
+		t.Errorf("records %v, want 1 to 6", seqs)
 	}
 }

@@ -881,6 +881,9 @@ func (a *Applier) applySegment(ctx context.Context, m *machine, s recovery.Segme
 			}
 		}
 		if r.Op == wire.OpMarker {
+			if !r.Dates() {
+				continue // withdrawn by the agent: no point
+			}
 			mk := r.Marker()
 			// No point where the journal lacks acknowledged records:
 			// the replicas are not the disks there.

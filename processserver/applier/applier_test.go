@@ -63,6 +63,45 @@ func runScenarios(t *testing.T, newStore func(t *testing.T) blobstore.Store) {
 	t.Run("ReplicaLost", func(t *testing.T) { testReplicaLost(t, newStore(t)) })
 	t.Run("Manager", func(t *testing.T) { testManager(t, newStore(t)) })
 	t.Run("Fence", func(t *testing.T) { testFence(t, newStore(t)) })
+	t.Run("WithdrawnMarker", func(t *testing.T) { testWithdrawnMarker(t, newStore(t)) })
+}
+
+// testWithdrawnMarker: a consistency point the agent withdrew (numbered
+// before a resync it learned of) is no point, and no time a recovery by
+// time resolves to: the time before it goes to the marker before it.
+func testWithdrawnMarker(t *testing.T, store blobstore.Store) {
+	ctx := ctxT(t)
+	rng := rand.New(rand.NewPCG(31, 32))
+	m := recoverytest.New(t, store, "m1", 1<<20)
+	t0 := time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)
+	a := newApplier(t, m, applier.Config{PointInterval: time.Second})
+	m.Write(0, 0, random(rng, 64<<10))
+	before := m.InlineMarker(wire.MarkerCrashConsistent, t0.Add(time.Second))
+	m.Write(0, 4096, random(rng, 8192))
+	withdrawn := m.InlineMarker(wire.MarkerWithdrawn, t0.Add(10*time.Second))
+	m.Write(0, 8192, random(rng, 8192))
+	m.Marker(wire.MarkerTime, t0.Add(20*time.Second))
+	m.Cut()
+	if _, err := a.Apply(ctx, m.Name); err != nil {
+		t.Fatal(err)
+	}
+	checkReplica(t, m, m.Durable)
+	points, until, err := recovery.Points(ctx, store, m.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !until.Equal(t0.Add(20 * time.Second)) {
+		t.Errorf("recoverable until %s, want the time marker's", until)
+	}
+	for _, p := range points {
+		if p.Seq == withdrawn.Seq {
+			t.Errorf("a %s point cut at the withdrawn marker (seq %d)", p.Kind, p.Seq)
+		}
+	}
+	if len(points) == 0 {
+		t.Error("no point cut")
+	}
+	recoverAndCheck(t, m, 0, t0.Add(15*time.Second).Format(time.RFC3339Nano), before.Seq)
 }
 
 func ctxT(t *testing.T) context.Context {

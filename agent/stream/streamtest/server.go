@@ -378,7 +378,7 @@ func (s *Server) serve(raw net.Conn) error {
 	s.cur, s.curW = c, w
 	s.hellos = append(s.hellos, h)
 	s.curRun = h.Run
-	version := uint16(3)
+	version := uint16(4)
 	if s.v2 {
 		version = 2
 	}

@@ -274,6 +274,9 @@ func (m *Machine) InlineMarker(kind wire.MarkerKind, t time.Time) wire.Marker {
 }
 
 func (m *Machine) noteMarker(mk wire.Marker) {
+	if mk.Kind == wire.MarkerWithdrawn {
+		return // dates nothing, as at the process server
+	}
 	m.markers = append(m.markers, mk)
 	if m.t0 == 0 {
 		m.t0 = mk.UnixNano
