@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -29,6 +30,7 @@ type faultFS struct {
 	failSync   atomic.Bool
 	failRemove atomic.Bool
 	failReads  atomic.Bool            // reads of shard files fail with EIO
+	failUnder  atomic.Pointer[string] // reads of shard files under this directory fail with EIO
 	freePct    atomic.Int64           // 0: real statfs
 	failStatfs atomic.Pointer[string] // statfs of this directory fails with EIO
 	failFence  atomic.Bool            // fence records cannot be written
@@ -37,6 +39,9 @@ type faultFS struct {
 
 func (f *faultFS) ReadFile(name string) ([]byte, error) {
 	if f.failReads.Load() && strings.HasSuffix(name, ".shard") {
+		return nil, &fs.PathError{Op: "read", Path: name, Err: syscall.EIO}
+	}
+	if d := f.failUnder.Load(); d != nil && strings.HasSuffix(name, ".shard") && strings.HasPrefix(name, *d+string(filepath.Separator)) {
 		return nil, &fs.PathError{Op: "read", Path: name, Err: syscall.EIO}
 	}
 	return f.OSFS.ReadFile(name)
@@ -301,6 +306,35 @@ func TestUnreadableSuspectIsKept(t *testing.T) {
 		t.Fatal("a segment the cache could not read now was left out")
 	}
 	keptThenUploaded(t, s, e, ffs, a, last)
+}
+
+// TestSuspectDoesNotHoldBackOlderSegments: a suspect at start (what a
+// crash left of a store) that cannot be read now, with one cache disk
+// failing reads (within what the cache tolerates), waits to be settled;
+// the older segments, readable from the other disks, are uploaded
+// meanwhile. They used to wait for the disk too, and the machine's RPO
+// with them.
+func TestSuspectDoesNotHoldBackOlderSegments(t *testing.T) {
+	e, store, ffs, a, last := cachedWhileDown(t)
+	c, err := cache.Open(e.cache, cache.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Put(cache.SegmentID{Stream: "m1", Seq: last + 1}, bytes.Repeat([]byte("x"), 100_000)); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	// The crash came before its second shard was written.
+	if err := os.Remove(filepath.Join(e.cache[1], "m1", fmt.Sprintf("%016x.shard", last+1))); err != nil {
+		t.Fatal(err)
+	}
+	ffs.failUnder.Store(&e.cache[2])
+	store.open.Store(true)
+	s := e.start()
+	wantUploaded(t, e, a, last)
+	if ids, err := s.cache.List("m1"); err != nil || !slices.Contains(ids, cache.SegmentID{Stream: "m1", Seq: last + 1}) {
+		t.Errorf("cache holds %v (%v): the suspect was not kept", ids, err)
+	}
 }
 
 // TestUnreadableRemainsDropped: what a crash left of an applied segment's

@@ -178,6 +178,9 @@ func (m *machine) startUploads(ctx context.Context) {
 		if len(m.ups) == uploadParallel {
 			return
 		}
+		if e.suspect {
+			return // unsettled: it and those after it wait (settleSuspects)
+		}
 		// By id: a segment resent under the same name waits for the
 		// upload of the copy it replaced, or the two would race.
 		if e.uploaded || slices.ContainsFunc(m.ups, func(u *upload) bool { return u.e.id == e.id }) {
@@ -204,6 +207,9 @@ func (m *machine) headUpload() (*segEntry, *upload) {
 	for _, e := range m.segs {
 		if e.uploaded {
 			continue
+		}
+		if e.suspect {
+			return nil, nil // unsettled (settleSuspects)
 		}
 		for _, u := range m.ups {
 			if u.e == e {
@@ -237,8 +243,11 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 			m.s.applier.Notify(m.name, up)
 		}
 	}
-	if err := m.settleSuspects(ctx); err != nil {
-		return false, err
+	// A suspect that cannot be read now (a cache disk failing reads) is
+	// settled later; the segments before it go up meanwhile.
+	settleErr := m.settleSuspects(ctx)
+	if settleErr != nil && !errors.Is(settleErr, cache.ErrUnavailable) {
+		return false, settleErr
 	}
 	if err := m.dropApplied(ctx); err != nil {
 		return false, err
@@ -252,6 +261,9 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 		}
 		m.startUploads(ctx)
 		head, hu := m.headUpload()
+		if head == nil && settleErr != nil {
+			return false, settleErr
+		}
 		if head == nil {
 			return false, m.advanceFromMarker(ctx)
 		}
