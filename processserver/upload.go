@@ -824,7 +824,13 @@ func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error
 	if m.s.applier != nil {
 		m.s.applier.Notify(m.name, lostTo)
 	}
-	_ = m.s.cache.Delete(e.id)
+	if err := m.s.cache.Delete(e.id); err != nil {
+		// Recorded lost all the same; what is left of it comes back at a
+		// restart as remains of a segment the journal holds, and is
+		// dropped then.
+		m.log.Warn("cannot delete a lost segment's remains from the cache; a scrub reports them until a restart drops them",
+			logSegment, e.id.String(), logErr, err)
+	}
 	m.mu.Lock()
 	for i, x := range m.segs {
 		if x == e {
