@@ -5,6 +5,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -169,7 +170,7 @@ func TestOlderProtocolServed(t *testing.T) {
 	if err := b.w.WriteHello(&wire.Hello{ProtocolVersion: protocolVersion + 1, Machine: "m2"}); err != nil {
 		t.Fatal(err)
 	}
-	if we := errorFrame(t, b); we.Code != wire.CodeVersion || !strings.Contains(we.Message, "speaks 2 to 3") {
+	if we := errorFrame(t, b); we.Code != wire.CodeVersion || !strings.Contains(we.Message, "speaks 2 to "+strconv.Itoa(protocolVersion)) {
 		t.Fatalf("unknown protocol answered with %+v", we)
 	}
 }

@@ -503,6 +503,7 @@ func (s *Server) scanCache() error {
 		// if still unreadable; the agent resends those records). Were
 		// they acknowledged, the agent's hello says so (acked past
 		// durable) and the loss is recorded then.
+		newest := -1
 		for i := len(m.segs) - 1; i >= 0; i-- {
 			e := m.segs[i]
 			e.suspect = true
@@ -514,10 +515,20 @@ func (s *Server) scanCache() error {
 					m.backlog += e.size
 					s.cacheBytes.Add(e.size)
 					m.durable, m.lastRun = meta.last, meta.run
+					newest = i
 					break
 				}
 			}
 			s.log.Error("cached segment unreadable", logSegment, e.id.String(), logErr, err)
+		}
+		// The older ones are read when uploaded; the backlog and the
+		// cache's size count them from their shards' headers now.
+		for _, e := range m.segs[:max(newest, 0)] {
+			if n, err := s.cache.Size(e.id); err == nil {
+				e.size = n
+				m.backlog += n
+				s.cacheBytes.Add(n)
+			}
 		}
 		s.log.Info("resuming cached segments", logMachine, name, logCount, len(ids), "durable_seq", m.durable)
 	}

@@ -149,10 +149,15 @@ func TestRestartUploadsCachedSegments(t *testing.T) {
 	if err != nil || len(ids) < 5 {
 		t.Fatalf("cache holds %v (%v), want at least 5 segments", ids, err)
 	}
+	cached := s.cacheBytes.Load()
 	s.Close()
-	faulty.FailFor(0)
-
+	// Restarted with the account still down: the cache's size counts
+	// every segment, not only those read so far.
 	s2 := e.start()
+	if got := s2.cacheBytes.Load(); got != cached {
+		t.Errorf("cache bytes after the restart %d, want the %d cached before", got, cached)
+	}
+	faulty.FailFor(0)
 	eventually(t, 20*time.Second, "upload of the cached segments", func() bool { return durableSeq(t, faulty, "m1") >= 50 })
 	plain, _, _ := journal(t, faulty, e.rk, "m1")
 	// The app marker arrived with no record pending: it waits for the next

@@ -28,6 +28,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/maphash"
+	"io"
 	"io/fs"
 	"log/slog"
 	"maps"
@@ -1105,6 +1106,61 @@ func (c *Cache) Get(id SegmentID) ([]byte, error) {
 	}
 	_, seg, err := c.decode(id, c.readShards(id), false)
 	return seg, err
+}
+
+// Size returns the length of segment id as its shards' headers give it,
+// reading only the headers: that of the newest store any directory holds
+// (one a crash tore may not decode, and Get then returns an older one).
+// It is for accounting, where reading whole segments would cost a restart
+// the cache's size in reads; it fails like Get when no header is found.
+func (c *Cache) Size(id SegmentID) (int64, error) {
+	if err := CheckStream(id.Stream); err != nil {
+		return 0, err
+	}
+	var best shardHeader
+	found, notFound := false, true
+	var errs []error
+	for i := range c.dirs {
+		h, err := c.readHeader(i, id)
+		if err != nil {
+			notFound = notFound && errors.Is(err, fs.ErrNotExist)
+			errs = append(errs, err)
+			continue
+		}
+		if !found || h.gen > best.gen {
+			best, found = h, true
+		}
+	}
+	switch {
+	case found:
+		return int64(best.segLen), nil
+	case notFound:
+		return 0, fmt.Errorf("cache: size of %s: %w", id, ErrNotFound)
+	}
+	return 0, fmt.Errorf("cache: size of %s: %w", id, errors.Join(errs...))
+}
+
+// readHeader reads and checks the header of segment id's shard at slot.
+func (c *Cache) readHeader(slot int, id SegmentID) (shardHeader, error) {
+	path := c.shardPath(slot, id)
+	f, err := c.fs.OpenFile(path, os.O_RDONLY, 0)
+	if err != nil {
+		return shardHeader{}, err
+	}
+	defer f.Close()
+	var b []byte
+	if r, ok := f.(io.ReaderAt); ok {
+		b = make([]byte, fixedHdrLen+maxStreamLen+4)
+		n, err := r.ReadAt(b, 0)
+		if err != nil && !errors.Is(err, io.EOF) {
+			return shardHeader{}, err
+		}
+		b = b[:n]
+	} else if b, err = c.fs.ReadFile(path); err != nil { // (a wrapped File)
+		return shardHeader{}, err
+	}
+	h, _, err := parseHeader(b, id.Stream, id.Seq, slot, uint64(max(c.maxSeg, maxReadSegment)))
+	return h, err
 }
 
 // Repair rewrites the shards of segment id that are missing, corrupt or

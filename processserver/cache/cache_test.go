@@ -148,8 +148,34 @@ func TestRoundTrip(t *testing.T) {
 					t.Fatal(err)
 				}
 				mustGet(t, c, id, data)
+				if n, err := c.Size(id); err != nil || n != int64(size) {
+					t.Errorf("Size(%v) = %d, %v; want %d", id, n, err, size)
+				}
 			}
 		})
+	}
+}
+
+// Size reads the headers only: it answers with a directory gone and a
+// shard whose data is corrupt, and tells an absent segment.
+func TestSize(t *testing.T) {
+	d := tempDirs(t, 3)
+	c := open(t, d, Options{})
+	id := SegmentID{"m", 7}
+	if err := c.Put(id, payload(100_000, 7)); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Put(id, payload(50_000, 8)); err != nil { // a newer store
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(filepath.Join(d[0], "m")); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := c.Size(id); err != nil || n != 50_000 {
+		t.Errorf("Size = %d, %v; want 50000", n, err)
+	}
+	if _, err := c.Size(SegmentID{"m", 8}); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Size of an absent segment: %v, want ErrNotFound", err)
 	}
 }
 

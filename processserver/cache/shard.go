@@ -144,23 +144,47 @@ var errCorruptShard = errors.New("corrupt shard")
 // directory at slot, and returns its header and data. Every check failure
 // wraps errCorruptShard: the caller treats the shard as missing.
 func parseShard(file []byte, stream string, seq uint64, slot int, maxSeg uint64) (shardHeader, []byte, error) {
+	h, hl, err := parseHeader(file, stream, seq, slot, maxSeg)
+	if err != nil {
+		return h, nil, err
+	}
+	off := dataOffset(file[4], hl)
+	if len(file)-off != int(h.shardLen) {
+		return h, nil, fmt.Errorf("%w: %d data bytes, header says %d", errCorruptShard, len(file)-off, h.shardLen)
+	}
+	// No byte of a shard goes unchecked: the padding must be zero.
+	for _, b := range file[hl:off] {
+		if b != 0 {
+			return h, nil, fmt.Errorf("%w: padding after the header is not zero", errCorruptShard)
+		}
+	}
+	data := file[off:]
+	if got := crc(data); got != h.shardCRC {
+		return h, nil, fmt.Errorf("%w: data checksum %08x, want %08x", errCorruptShard, got, h.shardCRC)
+	}
+	return h, data, nil
+}
+
+// parseHeader validates the header at the start of a shard file (all of
+// it, or only its first bytes) and returns it and its length.
+func parseHeader(file []byte, stream string, seq uint64, slot int, maxSeg uint64) (shardHeader, int, error) {
 	var h shardHeader
 	if len(file) < fixedHdrLen+4 {
-		return h, nil, fmt.Errorf("%w: file of %d bytes is shorter than a header", errCorruptShard, len(file))
+		return h, 0, fmt.Errorf("%w: file of %d bytes is shorter than a header", errCorruptShard, len(file))
 	}
 	if string(file[:4]) != shardMagic {
-		return h, nil, fmt.Errorf("%w: bad magic %q", errCorruptShard, file[:4])
+		return h, 0, fmt.Errorf("%w: bad magic %q", errCorruptShard, file[:4])
 	}
 	if file[4] != 1 && file[4] != shardVersion {
-		return h, nil, fmt.Errorf("%w: unsupported version %d", errCorruptShard, file[4])
+		return h, 0, fmt.Errorf("%w: unsupported version %d", errCorruptShard, file[4])
 	}
 	n := int(binary.LittleEndian.Uint16(file[44:46]))
 	hl := fixedHdrLen + n + 4
 	if len(file) < hl {
-		return h, nil, fmt.Errorf("%w: truncated header", errCorruptShard)
+		return h, 0, fmt.Errorf("%w: truncated header", errCorruptShard)
 	}
 	if got, want := crc(file[:hl-4]), binary.LittleEndian.Uint32(file[hl-4:hl]); got != want {
-		return h, nil, fmt.Errorf("%w: header checksum %08x, want %08x", errCorruptShard, got, want)
+		return h, 0, fmt.Errorf("%w: header checksum %08x, want %08x", errCorruptShard, got, want)
 	}
 	h = shardHeader{
 		index:    file[5],
@@ -179,31 +203,17 @@ func parseShard(file []byte, stream string, seq uint64, slot int, maxSeg uint64)
 	// segment's shard for this slot.
 	switch {
 	case h.stream != stream || h.seq != seq:
-		return h, nil, fmt.Errorf("%w: holds segment %s/%d", errCorruptShard, h.stream, h.seq)
+		return h, 0, fmt.Errorf("%w: holds segment %s/%d", errCorruptShard, h.stream, h.seq)
 	case int(h.index) != slot:
-		return h, nil, fmt.Errorf("%w: holds shard %d, expected %d", errCorruptShard, h.index, slot)
+		return h, 0, fmt.Errorf("%w: holds shard %d, expected %d", errCorruptShard, h.index, slot)
 	case h.k == 0 || int(h.index) >= int(h.k)+int(h.m):
-		return h, nil, fmt.Errorf("%w: invalid geometry %d+%d for shard %d", errCorruptShard, h.k, h.m, h.index)
+		return h, 0, fmt.Errorf("%w: invalid geometry %d+%d for shard %d", errCorruptShard, h.k, h.m, h.index)
 	case h.segLen == 0 || h.segLen > maxSeg:
-		return h, nil, fmt.Errorf("%w: segment length %d out of range", errCorruptShard, h.segLen)
+		return h, 0, fmt.Errorf("%w: segment length %d out of range", errCorruptShard, h.segLen)
 	case uint64(h.shardLen) != (h.segLen+uint64(h.k)-1)/uint64(h.k) &&
 		(file[4] == 1 || uint64(h.shardLen) != alignedShardLen(h.segLen, h.k)):
 		// Version 2 takes both: Repair keeps a version 1 segment's length.
-		return h, nil, fmt.Errorf("%w: shard length %d does not fit segment length %d over %d shards", errCorruptShard, h.shardLen, h.segLen, h.k)
+		return h, 0, fmt.Errorf("%w: shard length %d does not fit segment length %d over %d shards", errCorruptShard, h.shardLen, h.segLen, h.k)
 	}
-	off := dataOffset(file[4], hl)
-	if len(file)-off != int(h.shardLen) {
-		return h, nil, fmt.Errorf("%w: %d data bytes, header says %d", errCorruptShard, len(file)-off, h.shardLen)
-	}
-	// No byte of a shard goes unchecked: the padding must be zero.
-	for _, b := range file[hl:off] {
-		if b != 0 {
-			return h, nil, fmt.Errorf("%w: padding after the header is not zero", errCorruptShard)
-		}
-	}
-	data := file[off:]
-	if got := crc(data); got != h.shardCRC {
-		return h, nil, fmt.Errorf("%w: data checksum %08x, want %08x", errCorruptShard, got, h.shardCRC)
-	}
-	return h, data, nil
+	return h, hl, nil
 }
