@@ -132,9 +132,14 @@ func New(cfg Config) (*Store, error) {
 	// that we do not either: it holds the account key.
 	account := "unknown-account"
 	for _, kv := range strings.Split(cfg.ConnectionString, ";") {
-		if k, v, ok := strings.Cut(kv, "="); ok && strings.EqualFold(k, "AccountName") {
+		if k, v, ok := strings.Cut(kv, "="); ok && strings.EqualFold(strings.TrimSpace(k), "AccountName") {
 			account = v
 		}
+	}
+	if account != "unknown-account" && !validAccountName(account) {
+		// Fields run together (a newline or a comma for the ';'): the
+		// value goes on to the key.
+		account = "unreadable-account-name"
 	}
 	svc, err := azblob.NewClientFromConnectionString(cfg.ConnectionString, opts)
 	if err != nil {
@@ -971,4 +976,18 @@ func (s *Store) copyClientSide(ctx context.Context, sc *pageblob.Client, src, sn
 		}
 	}
 	return nil
+}
+
+// validAccountName reports whether name can be a storage account's name
+// (3 to 24 lower-case letters and digits), so that an error may quote it.
+func validAccountName(name string) bool {
+	if len(name) < 3 || len(name) > 24 {
+		return false
+	}
+	for _, r := range name {
+		if !(r >= 'a' && r <= 'z' || r >= '0' && r <= '9') {
+			return false
+		}
+	}
+	return true
 }

@@ -216,6 +216,13 @@ func TestErrorsDoNotLeakKey(t *testing.T) {
 		bytes.Contains([]byte(err.Error()), []byte("c2VjcmV0")) {
 		t.Fatalf("bad connection string: err = %v (must fail and not echo the key)", err)
 	}
+	// Fields run together: the account name's value goes on to the key.
+	for _, sep := range []string{"\n", " ", ","} {
+		if _, err := azure.New(azure.Config{ConnectionString: "AccountName=acct" + sep + "AccountKey=c2VjcmV0", Container: "c"}); err == nil ||
+			strings.Contains(err.Error(), "c2VjcmV0") {
+			t.Errorf("connection string with %q between its fields: err = %v (must fail and not echo the key)", sep, err)
+		}
+	}
 	// A SAS token travels in the request URL, which transport errors quote.
 	sas, err := azure.New(azure.Config{
 		ConnectionString: "BlobEndpoint=http://127.0.0.1:1/devstoreaccount1;SharedAccessSignature=sv=2021-08-06&ss=b&srt=sco&sp=rwdlac&se=2099-01-01T00:00:00Z&sig=TOPSECRET%3D",
