@@ -164,6 +164,9 @@ func VerifiedPoints(ctx context.Context, store blobstore.Store, machine string, 
 	if err := VerifyManifest(st.manifest, keys); err != nil {
 		return nil, time.Time{}, nil, keys.Explain(err)
 	}
+	if err := st.checkEnd(); err != nil {
+		return nil, time.Time{}, nil, err
+	}
 	points, err := verifyPoints(ctx, store, keys, machine, st.points, 0, warn)
 	if err != nil {
 		return nil, time.Time{}, nil, keys.Explain(err)

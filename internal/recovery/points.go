@@ -208,6 +208,27 @@ func loadState(ctx context.Context, store blobstore.Store, machine string) (*sta
 	return st, nil
 }
 
+// checkEnd fails with ErrTampered when the journal ends before durable_seq:
+// durable_seq only ever ends an uploaded segment or tombstone, so the
+// segments after the last one listed were deleted. Without the check the
+// newest state, and any time after the last marker left, would resolve
+// to that marker: an older state, silently.
+func (st *state) checkEnd() error {
+	m := st.manifest
+	if m.DurableSeq == 0 || m.DurableSeq < max(m.JournalFrom, 1) || m.JournalFrom == 0 && len(st.segments) == 0 {
+		return nil // nothing durable, or every segment pruned by retention
+	}
+	var end uint64
+	if n := len(st.segments); n > 0 {
+		end = st.segments[n-1].Last
+	}
+	if end >= m.DurableSeq {
+		return nil
+	}
+	return fmt.Errorf("%w: machine %q's journal ends at sequence %d, before its durable_seq %d: the segments holding the newest records were deleted from the account (a sequence up to %d can still be recovered)",
+		ErrTampered, m.Machine, end, m.DurableSeq, end)
+}
+
 // usePoints makes points the state's, and what they tell of the newest
 // recoverable sequence and time. Points in a gap (layout.Gap) are not the
 // disks: not listed, not used.

@@ -318,6 +318,9 @@ func (st *state) resolvePoint(ctx context.Context, store blobstore.Store, keys s
 	case err != nil:
 		return 0, time.Time{}, err
 	case point == "" || point == Latest:
+		if err := st.checkEnd(); err != nil {
+			return 0, time.Time{}, err
+		}
 		if st.latest == 0 {
 			return 0, time.Time{}, fmt.Errorf("%w: machine %q has nothing durable in the account yet", ErrOutOfRange, machine)
 		}
@@ -334,6 +337,9 @@ func (st *state) resolvePoint(ctx context.Context, store blobstore.Store, keys s
 			return 0, time.Time{}, fmt.Errorf("%w: sequence %d is beyond the newest durable sequence %d of machine %q", ErrOutOfRange, seq, st.latest, machine)
 		}
 		return seq, st.timeOf(seq), nil
+	}
+	if err := st.checkEnd(); err != nil {
+		return 0, time.Time{}, err
 	}
 	return st.resolveTime(ctx, store, keys, t)
 }

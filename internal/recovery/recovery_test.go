@@ -327,6 +327,16 @@ func TestRecoverDeletedJournalEnd(t *testing.T) {
 	if !errors.Is(err, recovery.ErrTampered) || !strings.Contains(err.Error(), "journal is incomplete") {
 		t.Fatalf("recover into a deleted journal end: %v, want ErrTampered", err)
 	}
+	// The newest state and a time after the last marker left would
+	// resolve to that marker: an older state, silently.
+	for _, point := range []string{"latest", m.Until.Format(time.RFC3339Nano)} {
+		if _, res, err := recoverBytes(t, m, point, m.RecoveryKey); !errors.Is(err, recovery.ErrTampered) {
+			t.Errorf("recover %s with the journal's end deleted: seq %d, %v; want ErrTampered", point, res.Seq, err)
+		}
+	}
+	if _, _, _, err := recovery.VerifiedPoints(context.Background(), m.Store, m.Name, m.RecoveryKey, io.Discard); !errors.Is(err, recovery.ErrTampered) {
+		t.Errorf("points --recovery-key with the journal's end deleted: %v, want ErrTampered", err)
+	}
 }
 
 // Another machine's manifest copied under this machine's name verifies
