@@ -126,6 +126,12 @@ func verifyPoints(ctx context.Context, store blobstore.Store, keys seal.Keyring,
 	return out, nil
 }
 
+// ReadPointRecord reads and opens the point record name with keys: a
+// record that fails to open is ErrTampered.
+func ReadPointRecord(ctx context.Context, store blobstore.Store, keys seal.Keyring, name string) (PointRecord, error) {
+	return readPointRecord(ctx, store, keys, name)
+}
+
 // readPointRecord reads and opens the point record name.
 func readPointRecord(ctx context.Context, store blobstore.Store, keys seal.Keyring, name string) (PointRecord, error) {
 	var r PointRecord

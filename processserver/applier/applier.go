@@ -240,6 +240,9 @@ type machine struct {
 	// marker-only segments) is read once, not on every pass.
 	cursor    string
 	lastPrune time.Time
+	// records are the point records retention has opened, by name: the
+	// snapshots they name are the points it may keep as newest or base.
+	records map[string]recovery.PointRecord
 	// pruneFrom is the first sequence of the oldest segment the last
 	// prune kept (0: unknown), where the next one starts listing.
 	pruneFrom uint64

@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -213,6 +214,35 @@ func TestRetentionIgnoresUnrecordedPoints(t *testing.T) {
 		t.Fatalf("%d segments left of %d: retention pruned behind a point recover does not use", n, len(apps))
 	}
 	recoverAndCheck(t, m, 0, fmt.Sprint(apps[1].Seq+1), apps[1].Seq+1)
+	recoverAndCheck(t, m, 0, "latest", m.Latest())
+}
+
+// A snapshot anyone with write access to the account makes, with the
+// metadata of an old point at the sequence of a real one, names no sealed
+// record's snapshot: retention does not take it for the window's base
+// (it would delete the journal and the real base, and seal journal_from
+// past them: recovery inside the window refused as pruned).
+func TestRetentionIgnoresForgedSnapshots(t *testing.T) {
+	ctx := ctxT(t)
+	m := recoverytest.New(t, mem.New(), "forged", 1<<20)
+	start := time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)
+	var now time.Time
+	a := newApplier(t, m, applier.Config{Retention: -1, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
+	apps := agedPoints(t, m, a, &now, start, 0, 30, 26, 2, 1)
+	if _, err := m.Store.Snapshot(ctx, layout.DiskName(m.Name, "d0"), blobstore.Metadata{
+		layout.MetaSeq: fmt.Sprint(apps[3].Seq),
+		layout.MetaCut: start.Add(-48 * time.Hour).Format(time.RFC3339Nano),
+	}); err != nil {
+		t.Fatal(err)
+	}
+	a = newApplier(t, m, applier.Config{Retention: 24 * time.Hour, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
+	if _, err := a.Apply(ctx, m.Name); err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Contains(pointSeqs(t, m, "d0"), apps[1].Seq) {
+		t.Errorf("points %v: the window's base (seq %d) deleted", pointSeqs(t, m, "d0"), apps[1].Seq)
+	}
+	recoverAndCheck(t, m, 0, fmt.Sprint(apps[1].Seq+3), apps[1].Seq+3)
 	recoverAndCheck(t, m, 0, "latest", m.Latest())
 }
 

@@ -48,6 +48,10 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 	if err != nil {
 		return err
 	}
+	named, err := a.namedSnapshots(ctx, m, recorded)
+	if err != nil {
+		return err
+	}
 	type snap struct {
 		id     string
 		seq    uint64
@@ -98,10 +102,11 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 				t = lead // cut while this server's clock ran ahead
 			}
 			// A point a gap recorded later covers is one recovery
-			// refuses, as is one without a record: never the newest or
-			// the base (it ages out).
+			// refuses, as is one no sealed record names (a snapshot
+			// anyone with write access could make, with any metadata):
+			// never the newest or the base (it ages out).
 			_, gap := layout.DiskGapAt(m.gaps, d.name, seq)
-			usable := !gap && len(recorded[seq]) > 0
+			usable := !gap && named[seq][d.name][s.ID]
 			dp.valid = append(dp.valid, snap{s.ID, seq, t, usable})
 			if usable && (dp.newest < 0 || seq >= dp.valid[dp.newest].seq) {
 				dp.newest = len(dp.valid) - 1
@@ -234,6 +239,45 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 	}
 	m.lastPrune = now
 	return nil
+}
+
+// namedSnapshots opens the point records listed (those not opened before)
+// and returns the snapshot ids they name, by sequence and disk. A record
+// that fails to open stops retention: it keeps everything meanwhile.
+func (a *Applier) namedSnapshots(ctx context.Context, m *machine, recorded map[uint64][]string) (map[uint64]map[string]map[string]bool, error) {
+	seen := make(map[string]recovery.PointRecord, len(m.records))
+	named := map[uint64]map[string]map[string]bool{}
+	for seq, kinds := range recorded {
+		for _, kind := range kinds {
+			name := layout.PointRecordName(m.name, recovery.PointID(seq), kind)
+			r, ok := m.records[name]
+			if !ok {
+				var err error
+				r, err = recovery.ReadPointRecord(ctx, a.cfg.Store, m.keys, name)
+				if blobstore.IsNotFound(err) {
+					continue // deleted since the listing
+				}
+				if err != nil {
+					return nil, err
+				}
+				if r.Seq != seq || r.Kind != kind {
+					return nil, fmt.Errorf("recovery point record %s %w: it is not the record of a %s point at sequence %d", name, recovery.ErrTampered, kind, seq)
+				}
+			}
+			seen[name] = r
+			for disk, s := range r.Snapshots {
+				if named[seq] == nil {
+					named[seq] = map[string]map[string]bool{}
+				}
+				if named[seq][disk] == nil {
+					named[seq][disk] = map[string]bool{}
+				}
+				named[seq][disk][s.ID] = true
+			}
+		}
+	}
+	m.records = seen // (a record rewritten by a repeated cut is read at the next start)
+	return named, nil
 }
 
 // leftOutAt reports whether the newest gap of gaps from seq or before
