@@ -281,6 +281,9 @@ type disk struct {
 	// anchor: the machine's pointTime as of applied, from the blob's
 	// metadata (unix nanos; 0 none), for loadPoints.
 	anchor int64
+	// born is the start of the disk's first generation (0: unknown): a
+	// point before it has no snapshot of the disk, which was not there.
+	born uint64
 }
 
 func (a *Applier) machine(name string) *machine {
@@ -536,6 +539,7 @@ func (a *Applier) syncDisks(ctx context.Context, m *machine, man *layout.Manifes
 		if err != nil {
 			return err
 		}
+		d.born = gens[0].Start
 		if i < len(m.disks) {
 			m.disks[i] = d
 		} else {
@@ -771,7 +775,7 @@ func (a *Applier) loadPoints(ctx context.Context, m *machine) error {
 		return err
 	}
 	// Only a point with a snapshot of every disk it does not leave out
-	// and its sealed record counts: if a crash or an error came before
+	// (nor precedes) and its sealed record counts: if a crash or an error came before
 	// the record was written, replaying its segment cuts it again (the
 	// disks are still at its marker, and a second snapshot of the same
 	// point is identical to the first; recover takes the one the record
@@ -785,7 +789,7 @@ func (a *Applier) loadPoints(ctx context.Context, m *machine) error {
 		}
 		whole := true
 		for _, d := range m.disks {
-			if p.Snapshots[d.name] == "" && !m.leftOut(d, p.Seq) {
+			if p.Snapshots[d.name] == "" && !m.leftOut(d, p.Seq) && p.Seq >= d.born {
 				whole = false
 			}
 		}
@@ -1009,7 +1013,28 @@ func (a *Applier) cutPoint(ctx context.Context, m *machine, mk wire.Marker, kind
 	if err != nil {
 		return fmt.Errorf("recovery point at seq %d: %w", mk.Seq, err)
 	}
-	if err := a.cfg.Store.PutBlob(blobstore.Unmetered(ctx), name, blob, nil); err != nil {
+	// Never over a record there already: it was written once every
+	// snapshot of its cut existed, at the marker. A segment applied again
+	// after a pass that failed past its last flush (the replicas holding
+	// later writes) may cut the point again when the disks changed since
+	// (a disk added has no snapshot in it): those snapshots go.
+	_, err = a.cfg.Store.PutBlobIf(blobstore.Unmetered(ctx), name, blob, nil, "")
+	if errors.Is(err, blobstore.ErrConflict) {
+		// Ours, if a retry met the write its lost reply was for.
+		old, rerr := recovery.ReadPointRecord(ctx, a.cfg.Store, m.keys, name)
+		if rerr != nil {
+			return fmt.Errorf("recovery point at seq %d: record %s there already: %w", mk.Seq, name, rerr)
+		}
+		for disk, ps := range rec.Snapshots {
+			if old.Snapshots[disk].ID == ps.ID {
+				continue
+			}
+			a.log.Info("recovery point recorded already: its record stands, the snapshot just taken goes", logKeyMachine, m.name, logKeyDisk, disk, logKeySeq, mk.Seq, logKeyKind, kind)
+			if err := a.cfg.Store.DeleteSnapshot(ctx, layout.DiskName(m.name, disk), ps.ID); err != nil && !blobstore.IsNotFound(err) {
+				a.log.Warn("cannot delete a snapshot taken again for a recorded point; retention deletes it in time", logKeyMachine, m.name, logKeyDisk, disk, logKeySeq, mk.Seq, logKeyErr, err)
+			}
+		}
+	} else if err != nil {
 		return fmt.Errorf("recovery point at seq %d: record %s: %w", mk.Seq, name, err)
 	}
 	m.lastPoint, m.pointTime, m.lastKind = mk.Seq, t, kind

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -122,12 +123,12 @@ func (s *dupStore) Snapshot(ctx context.Context, name string, md blobstore.Metad
 	return s.Store.Snapshot(ctx, name, md)
 }
 
-func (s *dupStore) PutBlob(ctx context.Context, name string, data []byte, md blobstore.Metadata) error {
+func (s *dupStore) PutBlobIf(ctx context.Context, name string, data []byte, md blobstore.Metadata, match string) (string, error) {
 	if s.failRecord && strings.Contains(name, "/points/") {
 		s.failRecord = false
-		return errors.New("injected: process server stopped before the record")
+		return "", errors.New("injected: process server stopped before the record")
 	}
-	return s.Store.PutBlob(ctx, name, data, md)
+	return s.Store.PutBlobIf(ctx, name, data, md, match)
 }
 
 // A point with two snapshots of a disk is used through the one its record
@@ -317,4 +318,75 @@ func TestReappliedSegmentCutsNoNewPoint(t *testing.T) {
 		}
 	}
 	recoverAndCheck(t, m, 0, fmt.Sprint(back.Seq), back.Seq)
+}
+
+// A pass that fails after its last flush leaves the replicas past the
+// point it cut; a disk added before the segment is applied again has no
+// snapshot in that point. The point must stand as recorded: not cut
+// again from replicas holding later writes, with its record replaced to
+// name those snapshots.
+func TestPointNotRecutAfterDiskAdded(t *testing.T) {
+	ctx := ctxT(t)
+	rng := rand.New(rand.NewPCG(5, 6))
+	st := &failMetadata{Store: mem.New()}
+	m := recoverytest.New(t, st, "recut", 1<<20)
+	c := &clock{t: time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)}
+	a := newApplier(t, m, applier.Config{PointInterval: 1000 * time.Hour})
+	m.Write(0, 0, random(rng, 8192))
+	m.Marker(wire.MarkerTime, c.next())
+	m.Cut()
+	applyAll(t, ctx, a, m, "")
+	m.Write(0, 0, random(rng, 4096))
+	mk := m.Marker(wire.MarkerAppConsistent, c.next())
+	m.Write(0, 4096, random(rng, 4096)) // after the point, where it wrote nothing
+	m.Marker(wire.MarkerTime, c.next())
+	m.Cut()
+	st.armed = true
+	if _, err := a.Apply(ctx, m.Name); err == nil {
+		t.Fatal("the pass did not fail")
+	}
+	recoverAndCheck(t, m, 0, strconv.FormatUint(mk.Seq, 10), mk.Seq)
+	m.Disks = append(m.Disks, layout.Disk{Name: "d1", Size: 1 << 20, Generation: "00112233445566778899aabbccddeeff", GenerationStart: m.Seq() + 1})
+	m.WriteManifest()
+	if _, err := newApplier(t, m, applier.Config{PointInterval: 1000 * time.Hour}).Apply(ctx, m.Name); err != nil {
+		t.Fatal(err)
+	}
+	recoverAndCheck(t, m, 0, strconv.FormatUint(mk.Seq, 10), mk.Seq)
+	if seqs := pointSeqs(t, m, "d0"); len(seqs) != 1 {
+		t.Errorf("d0's snapshots at %v, want the point's one", seqs)
+	}
+}
+
+// lostReplyStore writes point records and answers as a retry after a
+// lost reply does: the record is there, ErrConflict.
+type lostReplyStore struct{ blobstore.Store }
+
+func (s lostReplyStore) PutBlobIf(ctx context.Context, name string, data []byte, md blobstore.Metadata, match string) (string, error) {
+	etag, err := s.Store.PutBlobIf(ctx, name, data, md, match)
+	if err == nil && strings.Contains(name, "/points/") {
+		return "", fmt.Errorf("injected retry: %w", blobstore.ErrConflict)
+	}
+	return etag, err
+}
+
+// A point record whose write landed but whose reply was lost is the
+// cut's own: its snapshots stay, and the point recovers.
+func TestPointRecordLostReply(t *testing.T) {
+	ctx := ctxT(t)
+	rng := rand.New(rand.NewPCG(7, 8))
+	m := recoverytest.New(t, lostReplyStore{mem.New()}, "lost", 1<<20)
+	c := &clock{t: time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)}
+	a := newApplier(t, m, applier.Config{PointInterval: 1000 * time.Hour})
+	m.Write(0, 0, random(rng, 8192))
+	app := m.Marker(wire.MarkerAppConsistent, c.next())
+	m.Write(0, 0, random(rng, 8192))
+	m.Marker(wire.MarkerTime, c.next())
+	m.Cut()
+	if _, err := a.Apply(ctx, m.Name); err != nil {
+		t.Fatal(err)
+	}
+	res := recoverAndCheck(t, m, 0, strconv.FormatUint(app.Seq, 10), app.Seq)
+	if res.BaseSeq != app.Seq {
+		t.Errorf("recovered from base %d, want the point's snapshot at %d", res.BaseSeq, app.Seq)
+	}
 }
