@@ -495,9 +495,38 @@ func fileStamp(f *os.File) (string, error) {
 	case unix.S_IFREG:
 		return fmt.Sprintf("%d.%09d", st.Ctim.Sec, st.Ctim.Nsec), nil
 	case unix.S_IFBLK:
-		return blockStamp(unix.Major(st.Rdev), unix.Minor(st.Rdev)), nil
+		return withBacking(blockStamp(unix.Major(st.Rdev), unix.Minor(st.Rdev)), unix.Major(st.Rdev), unix.Minor(st.Rdev)), nil
 	}
 	return "", nil
+}
+
+// withBacking adds to the stamp of a loop device (or of a partition of
+// one) its backing file's ctime: that file written directly, or through
+// another loop device (mount -o loop), leaves the device's counters
+// still. "" when the file cannot be examined.
+func withBacking(stamp string, major, minor uint32) string {
+	if stamp == "" {
+		return ""
+	}
+	dir, err := filepath.EvalSymlinks(fmt.Sprintf("/sys/dev/block/%d:%d", major, minor))
+	if err != nil {
+		return ""
+	}
+	if _, err := os.Stat(filepath.Join(dir, "partition")); err == nil {
+		dir = filepath.Dir(dir)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, "loop", "backing_file"))
+	if errors.Is(err, fs.ErrNotExist) {
+		return stamp // not a loop device
+	}
+	if err != nil {
+		return ""
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(strings.TrimSuffix(string(b), "\n"), &st); err != nil {
+		return ""
+	}
+	return stamp + fmt.Sprintf("|f%d.%09d", st.Ctim.Sec, st.Ctim.Nsec)
 }
 
 // blockStamp is what the kernel counted written and discarded on block

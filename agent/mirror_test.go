@@ -790,6 +790,13 @@ func TestMirrorDeviceWrittenBetweenRuns(t *testing.T) {
 		t.Fatalf("mirror device written by something else after a clean stop: %s, want a checksum resync", s.Sync[0])
 	}
 	assertSameBytes(t, d.Path, m.Path)
+	// Its backing file written directly: the device counts nothing.
+	run(t, "dd", "if=/dev/urandom", "of="+m.File, "bs=4k", "seek=200", "count=4", "conv=notrunc", "status=none")
+	r = startMirror(t, d.Path, m.Path, o)
+	if s := r.stop(); s.Sync[0] != SyncCompare.String() {
+		t.Fatalf("mirror device's backing file written after a clean stop: %s, want a checksum resync", s.Sync[0])
+	}
+	assertSameBytes(t, d.Path, m.Path)
 }
 
 // A stop before the initial copy is done exits as any stop does: counters
