@@ -80,7 +80,10 @@ func Keyring(ctx context.Context, store blobstore.Store, machine string, recover
 			case want != "" && want != fp:
 				err = fmt.Errorf("%w: machine %q's data key %s is wrapped with recovery key %s, but the key given is %s",
 					ErrWrongRecoveryKey, machine, id, want, fp)
-			default:
+			case want == fp:
+				err = fmt.Errorf("data key %s %w: it does not unwrap with recovery key %s, the key it says it is wrapped with: %w",
+					bi.Name, ErrTampered, fp, err)
+			default: // a key blob without its fingerprint
 				err = fmt.Errorf("data key %s does not unwrap with recovery key %s (%w, or the key blob was %w): %w",
 					bi.Name, fp, ErrWrongRecoveryKey, ErrTampered, err)
 			}
