@@ -216,6 +216,14 @@ func TestErrorsDoNotLeakKey(t *testing.T) {
 		bytes.Contains([]byte(err.Error()), []byte("c2VjcmV0")) {
 		t.Fatalf("bad connection string: err = %v (must fail and not echo the key)", err)
 	}
+	// A blob endpoint without its scheme or host: refused at once, not
+	// retried as an outage for ever.
+	for _, ep := range []string{"foo.blob.core.windows.net", "ftp://foo.blob.core.windows.net"} {
+		if _, err := azure.New(azure.Config{ConnectionString: "BlobEndpoint=" + ep + ";SharedAccessSignature=sig=TOPSECRET", Container: "c"}); !errors.Is(err, blobstore.ErrInvalid) ||
+			strings.Contains(err.Error(), "TOPSECRET") {
+			t.Errorf("blob endpoint %q: err = %v, want ErrInvalid without the signature", ep, err)
+		}
+	}
 	// Fields run together: the account name's value goes on to the key.
 	for _, sep := range []string{"\n", " ", ","} {
 		if _, err := azure.New(azure.Config{ConnectionString: "AccountName=acct" + sep + "AccountKey=c2VjcmV0", Container: "c"}); err == nil ||
