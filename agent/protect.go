@@ -266,6 +266,12 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 				log.Warn("could not restore the state of the last clean stop", "err", serr)
 			}
 		}
+		if ctx.Err() != nil && errors.Is(err, context.Canceled) && !errors.Is(err, stream.ErrStateUnsettled) {
+			// A stop asked for (systemctl stop, a reboot) while the
+			// process server is away: a stop like any other.
+			log.Warn("stopped before the process server answered; nothing was sent", "process_server", cfg.ProcessServer, "err", err)
+			return nil
+		}
 		return err
 	}
 	defer tgt.Close()
