@@ -157,7 +157,7 @@ func LoadRecoveryKey(path string) ([]byte, error) {
 		return nil, fmt.Errorf("seal: recovery key %s is not a regular file", path)
 	}
 	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
-		return nil, fmt.Errorf("seal: recovery key file %s has mode %#o, accessible by others; run chmod 600 on it", path, perm)
+		return nil, fmt.Errorf("seal: recovery key file %s has mode %#o, open to its group or others; run chmod 600 on it", path, perm)
 	}
 	// Owned by someone else, it may be another's key put in its place
 	// (by one who can write its directory): new data keys would be
