@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"strings"
 	"time"
@@ -18,6 +19,9 @@ import (
 // envConnectionString holds the storage account's connection string (it
 // contains the account key, so it is not a flag: flags show up in ps).
 const envConnectionString = "AZURE_STORAGE_CONNECTION_STRING"
+
+// minUploadLimit is the lowest --upload-limit taken (bytes per second).
+const minUploadLimit = 100e3
 
 func processServerCmd(verbose *bool) *cobra.Command {
 	var (
@@ -46,14 +50,21 @@ while the cache absorbs the stream.`,
 			if err := checkPprof(cfg.Profiling, cfg.MetricsListen); err != nil {
 				return err
 			}
-			if uploadLimit < 0 {
-				return fmt.Errorf("--upload-limit %v: must not be negative", uploadLimit)
+			if uploadLimit < 0 || math.IsNaN(uploadLimit) || math.IsInf(uploadLimit, 0) {
+				return fmt.Errorf("--upload-limit %v: give bytes per second, e.g. 20e6 (0: unlimited)", uploadLimit)
 			}
-			if pointInterval <= 0 {
-				return fmt.Errorf("--point-interval %v: must be positive", pointInterval)
+			if uploadLimit > 0 && uploadLimit < minUploadLimit {
+				// 20 for 20 MB/s would take days per segment.
+				return fmt.Errorf("--upload-limit %v: that is bytes per second, below the %v the stream needs to move at all (20 MB/s is 20e6)", uploadLimit, minUploadLimit)
+			}
+			if pointInterval < time.Second {
+				return fmt.Errorf("--point-interval %v: must be at least 1s", pointInterval)
 			}
 			if retention == 0 {
 				return errors.New("--retention 0: give a duration, or a negative one to keep everything")
+			}
+			if retention > 0 && retention < pointInterval {
+				return fmt.Errorf("--retention %v is shorter than --point-interval %v: it would keep one recovery point at a time", retention, pointInterval)
 			}
 			if len(cfg.CacheDirs) == 0 {
 				return errors.New(`--cache "": give the cache directories, one per cache disk`)

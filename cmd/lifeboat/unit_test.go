@@ -60,8 +60,8 @@ func TestFlagValuesRefused(t *testing.T) {
 		args []string
 		want string
 	}{
-		{append(base, "--point-interval", "0"), "--point-interval 0s: must be positive"},
-		{append(base, "--point-interval", "-5s"), "--point-interval -5s: must be positive"},
+		{append(base, "--point-interval", "0"), "--point-interval 0s: must be at least 1s"},
+		{append(base, "--point-interval", "-5s"), "--point-interval -5s: must be at least 1s"},
 		{append(base, "--retention", "0"), "--retention 0"},
 		{append(base, "--upload-limit", "-1"), "--upload-limit -1"},
 		{append(base, "--metrics", ":9100", "--pprof"), "served without authentication"},
@@ -184,6 +184,10 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{[]string{"agent", "--process-server", "h:1", "--pki", dir, "--name", "m", "--device", "sda="}, 2, "lifeboat agent --help"},
 		{[]string{"process-server", "--pki", dir, "--name", "ps", "--recovery-key", dir + "/k", "--cache", dir + "/c1,"}, 2, "lifeboat process-server --help"},
 		{[]string{"process-server", "--pki", dir, "--name", "ps", "--recovery-key", dir + "/k", "--cache", dir + "/c1", "--retention", "0"}, 2, "lifeboat process-server --help"},
+		{[]string{"process-server", "--pki", dir, "--name", "ps", "--recovery-key", dir + "/k", "--cache", dir + "/c1", "--upload-limit", "20"}, 2, "lifeboat process-server --help"},
+		{[]string{"process-server", "--pki", dir, "--name", "ps", "--recovery-key", dir + "/k", "--cache", dir + "/c1", "--upload-limit", "NaN"}, 2, "lifeboat process-server --help"},
+		{[]string{"process-server", "--pki", dir, "--name", "ps", "--recovery-key", dir + "/k", "--cache", dir + "/c1", "--retention", "1m"}, 2, "lifeboat process-server --help"},
+		{[]string{"process-server", "--pki", dir, "--name", "ps", "--recovery-key", dir + "/k", "--cache", dir + "/c1", "--point-interval", "1ns"}, 2, "lifeboat process-server --help"},
 		// Empty values (an unset shell variable) and an unknown role.
 		{[]string{"pki", "init", "--dir", ""}, 2, "lifeboat pki init --help"},
 		{[]string{"pki", "issue", "--dir", dir, "--name", "", "--role", "agent"}, 2, "lifeboat pki issue --help"},
