@@ -72,6 +72,11 @@ the --pki directory.`
 			if path == "" {
 				return fmt.Errorf("--device %q: want [NAME=]PATH", d)
 			}
+			if ok {
+				if err := layout.CheckName("--device name", name); err != nil {
+					return err
+				}
+			}
 			cfg.Devices = append(cfg.Devices, agent.ProtectDevice{Name: name, Path: path})
 		}
 		cfg.Mode, cfg.RingBytes = m, ringMiB<<20

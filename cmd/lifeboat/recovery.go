@@ -72,6 +72,9 @@ and says which it leaves out.`,
 			if err := nonEmpty("machine", machine, "container", container); err != nil {
 				return err
 			}
+			if err := layout.CheckName("--machine", machine); err != nil {
+				return err
+			}
 			if c.Flags().Changed("recovery-key") && keyFile == "" {
 				return errors.New(`--recovery-key "": give the recovery key file, or leave the flag out`)
 			}
@@ -223,6 +226,12 @@ is the one "lifeboat keys init" wrote.`,
 			// --to "$F" with F unset: found only at the end, after the
 			// whole disk was downloaded.
 			if err := nonEmpty("machine", machine, "disk", disk, "to", to, "recovery-key", keyFile, "container", container); err != nil {
+				return err
+			}
+			if err := layout.CheckName("--machine", machine); err != nil {
+				return err
+			}
+			if err := layout.CheckName("--disk", disk); err != nil {
 				return err
 			}
 			if point == "" {
