@@ -500,10 +500,11 @@ func fileStamp(f *os.File) (string, error) {
 	return "", nil
 }
 
-// withBacking adds to the stamp of a loop device (or of a partition of
-// one) its backing file's ctime: that file written directly, or through
-// another loop device (mount -o loop), leaves the device's counters
-// still. "" when the file cannot be examined.
+// withBacking adds to the stamp of a loop device its backing file's
+// ctime: that file written directly, or through another loop device
+// (mount -o loop), leaves the device's counters still. "" when the file
+// cannot be examined. (Not for a partition of one: the file changes with
+// every partition's writes, the source's too when it is a sibling.)
 func withBacking(stamp string, major, minor uint32) string {
 	if stamp == "" {
 		return ""
@@ -513,7 +514,7 @@ func withBacking(stamp string, major, minor uint32) string {
 		return ""
 	}
 	if _, err := os.Stat(filepath.Join(dir, "partition")); err == nil {
-		dir = filepath.Dir(dir)
+		return stamp
 	}
 	b, err := os.ReadFile(filepath.Join(dir, "loop", "backing_file"))
 	if errors.Is(err, fs.ErrNotExist) {

@@ -24,7 +24,10 @@ const markerFrameSize = wire.HeaderSize + 17
 type segMeta struct {
 	first, last         uint64 // record sequence range; first == 0: no record
 	firstTime, lastTime int64  // unix nanos of the first and last marker, 0 if none
-	crash, app          bool
+	// markSeq is the sequence of the marker dated lastTime (0: unknown, a
+	// segment cached by a version before it was kept).
+	markSeq    uint64
+	crash, app bool
 	// run is the agent run that sent the segment: after a restart the
 	// newest cached segment tells the agents which run made it durable
 	// (HelloAck.LastRun), which is how a clone learns the records are
@@ -32,11 +35,13 @@ type segMeta struct {
 	run wire.RunID
 }
 
-func (m *segMeta) marker(k wire.MarkerKind, nanos int64) {
+func (m *segMeta) marker(k wire.MarkerKind, nanos int64, seq uint64) {
 	if m.firstTime == 0 {
 		m.firstTime = nanos
 	}
-	m.lastTime = max(m.lastTime, nanos)
+	if nanos >= m.lastTime {
+		m.lastTime, m.markSeq = nanos, seq
+	}
 	switch k {
 	case wire.MarkerCrashConsistent:
 		m.crash = true
@@ -74,10 +79,12 @@ func (m *segMeta) metadata() blobstore.Metadata {
 // lies yields a journal segment that recovery refuses.
 const (
 	cachedMagic      = "LBCS"
-	cachedVersion    = 2
-	cachedHeaderSize = 56 // magic, version, flags, 2 pad, first, last, first time, last time, run
-	// cachedHeaderSizeV1 is the header of version 1, still read: no run.
+	cachedVersion    = 3
+	cachedHeaderSize = 64 // magic, version, flags, 2 pad, first, last, first time, last time, run, mark seq
+	// cachedHeaderSizeV1 and V2 are the headers of versions 1 (no run)
+	// and 2 (no mark seq), still read.
 	cachedHeaderSizeV1 = 40
+	cachedHeaderSizeV2 = 56
 )
 
 // appendCachedHeader appends m's cached-segment header to dst.
@@ -95,7 +102,8 @@ func appendCachedHeader(dst []byte, m segMeta) []byte {
 	dst = binary.LittleEndian.AppendUint64(dst, m.last)
 	dst = binary.LittleEndian.AppendUint64(dst, uint64(m.firstTime))
 	dst = binary.LittleEndian.AppendUint64(dst, uint64(m.lastTime))
-	return append(dst, m.run[:]...)
+	dst = append(dst, m.run[:]...)
+	return binary.LittleEndian.AppendUint64(dst, m.markSeq)
 }
 
 // parseCached splits a cached segment into its summary and sealed blob.
@@ -108,13 +116,19 @@ func parseCached(b []byte) (segMeta, []byte, error) {
 	switch b[4] {
 	case 1:
 		size = cachedHeaderSizeV1
-	case cachedVersion:
+	case 2, cachedVersion:
+		if b[4] == 2 {
+			size = cachedHeaderSizeV2
+		}
 		if len(b) < size {
 			return m, nil, errors.New("cached segment shorter than its header")
 		}
 		copy(m.run[:], b[40:56])
+		if b[4] == cachedVersion {
+			m.markSeq = binary.LittleEndian.Uint64(b[56:])
+		}
 	default:
-		return m, nil, fmt.Errorf("cached segment version %d, want 1 or %d", b[4], cachedVersion)
+		return m, nil, fmt.Errorf("cached segment version %d, want 1 to %d", b[4], cachedVersion)
 	}
 	m.crash, m.app = b[5]&1 != 0, b[5]&2 != 0
 	m.first = binary.LittleEndian.Uint64(b[8:])
@@ -200,7 +214,7 @@ func (b *segBuf) appendMarker(flags uint16, payload []byte, m wire.Marker) {
 	} else {
 		b.idleTimes = 0
 	}
-	b.meta.marker(m.Kind, m.UnixNano)
+	b.meta.marker(m.Kind, m.UnixNano, m.Seq)
 	if !b.hasRecords() {
 		b.note, b.hasNote = m, true
 	}

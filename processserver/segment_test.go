@@ -64,13 +64,22 @@ func TestIdleTimeMarkersKeepFirstAndLatest(t *testing.T) {
 	}
 }
 
-// Cached segment headers carry the agent run (version 2); version 1
-// headers, without it, are still read.
+// Cached segment headers carry the agent run (version 2) and the
+// sequence of the marker that dates the segment (version 3); version 1
+// and 2 headers, without them, are still read.
 func TestCachedHeaderVersions(t *testing.T) {
-	m := segMeta{first: 7, last: 9, firstTime: 11, lastTime: 12, crash: true, run: wire.RunID{1, 2, 3, 15: 9}}
+	m := segMeta{first: 7, last: 9, firstTime: 11, lastTime: 12, markSeq: 8, crash: true, run: wire.RunID{1, 2, 3, 15: 9}}
 	b := append(appendCachedHeader(nil, m), "blob"...)
 	got, blob, err := parseCached(b)
 	if err != nil || got != m || string(blob) != "blob" {
+		t.Fatalf("version 3: %+v, %q, %v; want %+v", got, blob, err, m)
+	}
+	v2 := slices.Clone(b[:cachedHeaderSizeV2])
+	v2[4] = 2
+	v2 = append(v2, "older blob"...)
+	got, blob, err = parseCached(v2)
+	m.markSeq = 0
+	if err != nil || got != m || string(blob) != "older blob" {
 		t.Fatalf("version 2: %+v, %q, %v; want %+v", got, blob, err, m)
 	}
 	v1 := slices.Clone(b[:cachedHeaderSizeV1])
@@ -82,10 +91,10 @@ func TestCachedHeaderVersions(t *testing.T) {
 		t.Fatalf("version 1: %+v, %q, %v; want %+v", got, blob, err, m)
 	}
 	if _, _, err := parseCached(b[:cachedHeaderSize-1]); err == nil {
-		t.Error("truncated version 2 header accepted")
+		t.Error("truncated version 3 header accepted")
 	}
-	b[4] = 3
+	b[4] = 4
 	if _, _, err := parseCached(b); err == nil {
-		t.Error("version 3 accepted")
+		t.Error("version 4 accepted")
 	}
 }

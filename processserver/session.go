@@ -417,7 +417,7 @@ func (st *session) readLoop() bool {
 			st.buf.appendBatch(frame, first, last, now) // in place if read there
 			st.filling = false
 			for _, mk := range markers {
-				st.buf.meta.marker(mk.Kind, mk.UnixNano)
+				st.buf.meta.marker(mk.Kind, mk.UnixNano, mk.Seq)
 			}
 			// The timer does not cut while a frame is read into the
 			// segment: the age is checked here too.

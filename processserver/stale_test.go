@@ -605,3 +605,36 @@ func TestIdleResyncPastAgentAheadGap(t *testing.T) {
 	}
 	applyFresh(t, store, e.rk, 15)
 }
+
+// The time marker that ended a resync which found nothing to send sits
+// inside the gap it mends: recoverable_until must not move to it, neither
+// from the marker alone nor when the next writes join it in a segment
+// (recover latest would resolve into the gap, and be refused).
+func TestMarkerInMendedGapDatesNoSegment(t *testing.T) {
+	store := mem.New()
+	e := newEnv(t, store, 1)
+	e.segAge = 20 * time.Millisecond
+	fa := &fakeApplier{upTo: map[string]uint64{}}
+	e.applier = func(*Server) (Applier, error) { return fa, nil }
+	s, a, ack := e.serveFirst()
+	a.conn.Close()
+	b := dialAgent(t, e, s, "m1")
+	if ackB, _ := b.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ack.Disks[0].Generation, LastAckedSeq: 10}); ackB.Disks[0].Action != wire.SyncChecksum {
+		t.Fatalf("answered %v, want checksum resync", ackB.Disks[0].Action)
+	}
+	inGap := time.Now()
+	b.marker(10, wire.MarkerTime, inGap)
+	eventually(t, 10*time.Second, "the gap mended by the marker that ended the resync", func() bool {
+		man, err := recovery.ReadManifest(context.Background(), store, "m1")
+		return err == nil && len(man.Gaps) == 1 && !man.Gaps[0].Open()
+	})
+	b.waitAck(b.batch(11, 5))
+	eventually(t, 10*time.Second, "the upload of 11..15", func() bool { return durableSeq(t, store, "m1") == 15 })
+	man, err := recovery.ReadManifest(context.Background(), store, "m1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !man.RecoverableUntil.Before(inGap) {
+		t.Errorf("recoverable_until %v moved to the marker inside the mended gap %+v (at %v)", man.RecoverableUntil, man.Gaps[0], inGap)
+	}
+}

@@ -319,8 +319,10 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 			}
 			m.mendLocked()
 			// While a gap is open, writes before the segment's markers
-			// may be missing: recoverable_until stays where it was.
-			if u.meta.lastTime > 0 && !m.man.HasOpenGap() {
+			// may be missing: recoverable_until stays where it was; so it
+			// does for a marker inside a mended gap (its records were
+			// lost).
+			if u.meta.lastTime > 0 && !m.man.HasOpenGap() && !m.markInGapLocked(u.meta) {
 				if t := time.Unix(0, u.meta.lastTime).UTC(); t.After(m.man.RecoverableUntil) {
 					m.man.RecoverableUntil = t
 				}
@@ -364,6 +366,18 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 		return published > 0, failed.err
 	}
 	return true, nil
+}
+
+// markInGapLocked reports whether the marker that dates segment meta is
+// in a gap of the manifest. For a segment cached without its marker's
+// sequence, the record before its first stands for it.
+func (m *machine) markInGapLocked(meta segMeta) bool {
+	seq := meta.markSeq
+	if seq == 0 {
+		seq = meta.first - 1
+	}
+	_, gap := m.man.GapAt(seq)
+	return gap
 }
 
 // inJournal reports whether the segment starting at seq is in the
