@@ -820,3 +820,33 @@ func TestMarkerInsideMendedGapNotRecoverable(t *testing.T) {
 		t.Errorf("recoverable_until %v moved to a marker inside the gap %+v", man.RecoverableUntil, man.Gaps[0])
 	}
 }
+
+// A manifest deleted from the account while the server was down, with
+// segments still cached: the server, which has no data key of the machine
+// in hand then, does not write it back unsealed with the state it holds
+// (read back, it would be refused as one whose seal was stripped).
+func TestDeletedManifestNotWrittenUnsealed(t *testing.T) {
+	r := newGapRig(t, mem.New())
+	r.put(1, 10)
+	r.upload()
+	r.put(11, 20)
+	if err := r.store.DeleteBlob(context.Background(), layout.ManifestName("m1")); err != nil {
+		t.Fatal(err)
+	}
+	r.restart()
+	r.upload()
+	raw, err := r.store.GetBlob(context.Background(), layout.ManifestName("m1"))
+	if blobstore.IsNotFound(err) {
+		return
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	man, err := layout.UnmarshalManifest(raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if man.Seal == "" && (man.DurableSeq > 0 || len(man.Disks) > 0) {
+		t.Fatalf("manifest written back unsealed with state: durable_seq %d, disks %v", man.DurableSeq, man.Disks)
+	}
+}

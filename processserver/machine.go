@@ -562,6 +562,10 @@ func (m *machine) putManifest(ctx context.Context) error {
 		if err := recovery.SealManifest(&man, key); err != nil {
 			return err
 		}
+	} else if man.DurableSeq > 0 || len(man.Disks) > 0 {
+		// Read back, it would be refused as a manifest whose seal was
+		// stripped: the state is not written unsealed.
+		return fmt.Errorf("write manifest of %s: it holds state (durable_seq %d, %d disks) but no data key of this server's seals it (the manifest deleted from the account while it was down?): not written unsealed", m.name, man.DurableSeq, len(man.Disks))
 	}
 	raw, err := layout.MarshalManifest(&man)
 	if err != nil {
