@@ -53,11 +53,15 @@ add the names agents dial with --host.`,
 			if err := pki.CheckName(name); err != nil {
 				return err
 			}
-			r, err := pki.ParseRole(role)
-			if err == nil && r != pki.RoleAgent && r != pki.RoleProcessServer {
-				err = fmt.Errorf("--role %s: that component is not built yet; issue agent or process-server certificates", r)
+			// Roles of components not built yet are refused; so the list
+			// shows only those issued.
+			if r := pki.Role(role); r != pki.RoleAgent && r != pki.RoleProcessServer {
+				if r.Valid() {
+					return fmt.Errorf("--role %s: that component is not built yet; issue agent or process-server certificates", r)
+				}
+				return fmt.Errorf("--role %q: want agent or process-server", role)
 			}
-			return err
+			return nil
 		},
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			r, err := pki.ParseRole(role)
