@@ -149,12 +149,10 @@ func New(cfg Config) (*Store, error) {
 	// A BlobEndpoint without its scheme fails every request as a transport
 	// error, which is retried: a process server would cache for ever.
 	if u, err := url.Parse(svc.URL()); err != nil || u.Host == "" || u.Scheme != "https" && u.Scheme != "http" {
-		shown := svc.URL()
+		shown := "unparsable"
 		if err == nil {
 			u.RawQuery, u.User = "", nil // a SAS token
 			shown = u.String()
-		} else {
-			shown = "unparsable"
 		}
 		return nil, fmt.Errorf("azure: the connection string's blob endpoint %q has no http(s) scheme or no host (BlobEndpoint=https://<account>.blob.core.windows.net): %w",
 			shown, blobstore.ErrInvalid)
