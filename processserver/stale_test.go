@@ -541,20 +541,26 @@ func TestResendInsideOpenGapNotTaken(t *testing.T) {
 // time marker at 10 mends the gap, and the journal then holds that
 // marker inside the gap, which readers keep (only writes there are a
 // stale server's).
-func TestIdleResyncPastAgentAheadGap(t *testing.T) {
-	store := mem.New()
-	e := newEnv(t, store, 1)
+// agentAhead serves m1's records 1..5, then has a second agent connection
+// say hello with 10 acknowledged: a gap 6..10 and a checksum resync.
+func agentAhead(t *testing.T) (store *mem.Store, e *env, s *Server, b *agent, ack, ackB wire.HelloAck) {
+	store = mem.New()
+	e = newEnv(t, store, 1)
 	e.segAge = 20 * time.Millisecond
 	fa := &fakeApplier{upTo: map[string]uint64{}}
 	e.applier = func(*Server) (Applier, error) { return fa, nil }
 	s, a, ack := e.serveFirst()
 	a.conn.Close()
-
-	b := dialAgent(t, e, s, "m1")
-	ackB, _ := b.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ack.Disks[0].Generation, LastAckedSeq: 10})
+	b = dialAgent(t, e, s, "m1")
+	ackB, _ = b.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ack.Disks[0].Generation, LastAckedSeq: 10})
 	if ackB.Disks[0].Action != wire.SyncChecksum {
 		t.Fatalf("answered %v, want checksum resync", ackB.Disks[0].Action)
 	}
+	return store, e, s, b, ack, ackB
+}
+
+func TestIdleResyncPastAgentAheadGap(t *testing.T) {
+	store, e, s, b, ack, ackB := agentAhead(t)
 	if ackB.LastRun != (wire.RunID{}) {
 		t.Errorf("last run %x past durable_seq: the agent would take its own records for another's", ackB.LastRun)
 	}
@@ -611,17 +617,7 @@ func TestIdleResyncPastAgentAheadGap(t *testing.T) {
 // from the marker alone nor when the next writes join it in a segment
 // (recover latest would resolve into the gap, and be refused).
 func TestMarkerInMendedGapDatesNoSegment(t *testing.T) {
-	store := mem.New()
-	e := newEnv(t, store, 1)
-	e.segAge = 20 * time.Millisecond
-	fa := &fakeApplier{upTo: map[string]uint64{}}
-	e.applier = func(*Server) (Applier, error) { return fa, nil }
-	s, a, ack := e.serveFirst()
-	a.conn.Close()
-	b := dialAgent(t, e, s, "m1")
-	if ackB, _ := b.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ack.Disks[0].Generation, LastAckedSeq: 10}); ackB.Disks[0].Action != wire.SyncChecksum {
-		t.Fatalf("answered %v, want checksum resync", ackB.Disks[0].Action)
-	}
+	store, _, _, b, _, _ := agentAhead(t)
 	inGap := time.Now()
 	b.marker(10, wire.MarkerTime, inGap)
 	eventually(t, 10*time.Second, "the gap mended by the marker that ended the resync", func() bool {
