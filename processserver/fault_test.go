@@ -19,6 +19,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore/blobstoretest"
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore/mem"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/recovery"
 	"github.com/lifeboat-dr/lifeboat/internal/wire"
 	"github.com/lifeboat-dr/lifeboat/processserver/cache"
 )
@@ -398,5 +399,42 @@ func TestFailingCacheDiskScrubbedOnce(t *testing.T) {
 	}
 	if n := strings.Count(e.logs.String(), "cache scrub"); n == 0 || n > 2 {
 		t.Fatalf("%d scrubs while a cache disk failed writes for 5 s, want 1 (or 2, the follow-up)", n)
+	}
+}
+
+// A cached segment whose every shard vanished while the server was down
+// (one cache directory, a file deleted) is not published over: the
+// segment after it names where it ended, so the hole is recorded as a
+// loss (a gap and a tombstone), the agent's hello gets a checksum resync,
+// and recoverable_until does not pass it.
+func TestVanishedCachedSegmentIsALoss(t *testing.T) {
+	store := &gateJournal{Store: mem.New()}
+	store.open.Store(true)
+	e := newEnv(t, store, 1)
+	e.segAge = 20 * time.Millisecond
+	s, a, ack := e.serveFirst() // 1..5 in the journal
+	store.open.Store(false)
+	a.waitAck(a.batch(6, 5))
+	a.waitAck(a.batch(11, 5))
+	a.marker(15, wire.MarkerTime, time.Now())
+	a.waitAck(a.batch(16, 1))
+	a.conn.Close()
+	s.Close()
+	if err := os.Remove(filepath.Join(e.cache[0], "m1", fmt.Sprintf("%016x.shard", 6))); err != nil {
+		t.Fatal(err)
+	}
+	store.open.Store(true)
+	s = e.start()
+	eventually(t, 20*time.Second, "the cached segments uploaded", func() bool { return durableSeq(t, store, "m1") >= 16 })
+	man, err := recovery.ReadManifest(context.Background(), store, "m1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, gap := man.GapAt(6); !gap {
+		t.Errorf("gaps %+v: the vanished segment 6..10 is not recorded lost", man.Gaps)
+	}
+	b := dialAgent(t, e, s, "m1")
+	if ackB, _ := b.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ack.Disks[0].Generation, LastAckedSeq: 16}); ackB.Disks[0].Action != wire.SyncChecksum {
+		t.Errorf("hello after the loss answered %v, want a checksum resync", ackB.Disks[0].Action)
 	}
 }

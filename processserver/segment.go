@@ -26,7 +26,10 @@ type segMeta struct {
 	firstTime, lastTime int64  // unix nanos of the first and last marker, 0 if none
 	// markSeq is the sequence of the marker dated lastTime (0: unknown, a
 	// segment cached by a version before it was kept).
-	markSeq    uint64
+	markSeq uint64
+	// prev is where the journal segment before it ends (its chain link;
+	// 0: unknown, a version 1 or 2 header).
+	prev       uint64
 	crash, app bool
 	// run is the agent run that sent the segment: after a restart the
 	// newest cached segment tells the agents which run made it durable
@@ -80,7 +83,7 @@ func (m *segMeta) metadata() blobstore.Metadata {
 const (
 	cachedMagic      = "LBCS"
 	cachedVersion    = 3
-	cachedHeaderSize = 64 // magic, version, flags, 2 pad, first, last, first time, last time, run, mark seq
+	cachedHeaderSize = 72 // magic, version, flags, 2 pad, first, last, first time, last time, run, mark seq, prev
 	// cachedHeaderSizeV1 and V2 are the headers of versions 1 (no run)
 	// and 2 (no mark seq), still read.
 	cachedHeaderSizeV1 = 40
@@ -103,7 +106,8 @@ func appendCachedHeader(dst []byte, m segMeta) []byte {
 	dst = binary.LittleEndian.AppendUint64(dst, uint64(m.firstTime))
 	dst = binary.LittleEndian.AppendUint64(dst, uint64(m.lastTime))
 	dst = append(dst, m.run[:]...)
-	return binary.LittleEndian.AppendUint64(dst, m.markSeq)
+	dst = binary.LittleEndian.AppendUint64(dst, m.markSeq)
+	return binary.LittleEndian.AppendUint64(dst, m.prev)
 }
 
 // parseCached splits a cached segment into its summary and sealed blob.
@@ -126,6 +130,7 @@ func parseCached(b []byte) (segMeta, []byte, error) {
 		copy(m.run[:], b[40:56])
 		if b[4] == cachedVersion {
 			m.markSeq = binary.LittleEndian.Uint64(b[56:])
+			m.prev = binary.LittleEndian.Uint64(b[64:])
 		}
 	default:
 		return m, nil, fmt.Errorf("cached segment version %d, want 1 to %d", b[4], cachedVersion)
@@ -176,6 +181,7 @@ func (b *segBuf) reset() {
 // sequence of the machine's previous segment (wire.SegmentHeader).
 func (b *segBuf) begin(prev uint64) {
 	b.data = wire.AppendSegmentHeader(b.data[:0], wire.SegmentHeader{Prev: prev})
+	b.meta.prev = prev
 }
 
 func (b *segBuf) hasRecords() bool { return b.meta.first != 0 }

@@ -68,7 +68,7 @@ func TestIdleTimeMarkersKeepFirstAndLatest(t *testing.T) {
 // sequence of the marker that dates the segment (version 3); version 1
 // and 2 headers, without them, are still read.
 func TestCachedHeaderVersions(t *testing.T) {
-	m := segMeta{first: 7, last: 9, firstTime: 11, lastTime: 12, markSeq: 8, crash: true, run: wire.RunID{1, 2, 3, 15: 9}}
+	m := segMeta{first: 7, last: 9, firstTime: 11, lastTime: 12, markSeq: 8, prev: 6, crash: true, run: wire.RunID{1, 2, 3, 15: 9}}
 	b := append(appendCachedHeader(nil, m), "blob"...)
 	got, blob, err := parseCached(b)
 	if err != nil || got != m || string(blob) != "blob" {
@@ -78,7 +78,7 @@ func TestCachedHeaderVersions(t *testing.T) {
 	v2[4] = 2
 	v2 = append(v2, "older blob"...)
 	got, blob, err = parseCached(v2)
-	m.markSeq = 0
+	m.markSeq, m.prev = 0, 0
 	if err != nil || got != m || string(blob) != "older blob" {
 		t.Fatalf("version 2: %+v, %q, %v; want %+v", got, blob, err, m)
 	}

@@ -287,6 +287,9 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 		}
 		break
 	}
+	if done, err := m.checkChain(ctx); err != nil || done {
+		return done, err
+	}
 
 	// Publish the contiguous prefix that made it; the rest is retried.
 	// The manifest's change and its write hold manMu (see writeManifest).
@@ -366,6 +369,30 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 		return published > 0, failed.err
 	}
 	return true, nil
+}
+
+// checkChain checks that the oldest segment to publish follows the
+// journal's end: its header says where the segment before it ended. A
+// segment between them that is in neither the cache nor the manifest
+// (every shard of it gone while the server was down) is a loss, recorded
+// as a segment found lost is (segmentLost: adopted if the journal holds
+// it, else a gap and a tombstone, and the agent resyncs). It reports
+// whether it settled one.
+func (m *machine) checkChain(ctx context.Context) (bool, error) {
+	_, head := m.headUpload()
+	if head == nil || !head.done || head.err != nil || head.already {
+		return false, nil
+	}
+	m.mu.Lock()
+	up := m.uploaded
+	_, gap := m.man.GapAt(up + 1) // (a hello's: the agent had them acknowledged)
+	m.mu.Unlock()
+	if head.meta.prev <= up || gap {
+		return false, nil
+	}
+	missing := &segEntry{id: cache.SegmentID{Stream: m.name, Seq: up + 1}, last: head.meta.prev}
+	err := m.segmentLost(ctx, missing, fmt.Errorf("segment %s follows one ending at %d, but the journal ends at %d and the cache holds nothing between", head.e.id, head.meta.prev, up))
+	return err == nil, err
 }
 
 // markInGapLocked reports whether the marker that dates segment meta is
@@ -838,7 +865,7 @@ func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error
 	if m.s.applier != nil {
 		m.s.applier.Notify(m.name, lostTo)
 	}
-	if err := m.s.cache.Delete(e.id); err != nil {
+	if err := m.s.cache.Delete(e.id); err != nil && !errors.Is(err, cache.ErrNotFound) {
 		// Recorded lost all the same; what is left of it comes back at a
 		// restart as remains of a segment the journal holds, and is
 		// dropped then.
