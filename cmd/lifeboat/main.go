@@ -136,6 +136,11 @@ func logger(verbose bool) *slog.Logger {
 // checkPprof refuses --pprof on a metrics address other hosts can reach:
 // the profiles are served without authentication.
 func checkPprof(pprof bool, addr string) error {
+	if addr != "" {
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			return fmt.Errorf("--metrics %q: want HOST:PORT: %w", addr, err)
+		}
+	}
 	if !pprof {
 		return nil
 	}

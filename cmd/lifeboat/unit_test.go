@@ -184,6 +184,8 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{[]string{"agent", "--process-server", "h:1", "--pki", dir, "--name", "m", "--device", "sda="}, 2, "lifeboat agent --help"},
 		{[]string{"agent", "--process-server", "h:1", "--pki", dir, "--name", "m", "--device", "a/b=/dev/null"}, 2, "lifeboat agent --help"},
 		{[]string{"points", "--machine", "a/b"}, 2, "lifeboat points --help"},
+		{[]string{"agent", "--process-server", "h:1", "--pki", dir, "--name", "m", "--device", "/dev/null", "--metrics", "bogus"}, 2, "lifeboat agent --help"},
+		{[]string{"process-server", "--pki", dir, "--name", "ps", "--recovery-key", dir + "/k", "--cache", dir + "/c1", "--cache-write-quorum", "-1"}, 2, "lifeboat process-server --help"},
 		{[]string{"recover", "--machine", "m", "--disk", "a/b", "--to", dir + "/out", "--recovery-key", dir + "/k"}, 2, "lifeboat recover --help"},
 		{[]string{"process-server", "--pki", dir, "--name", "ps", "--recovery-key", dir + "/k", "--cache", dir + "/c1,"}, 2, "lifeboat process-server --help"},
 		{[]string{"process-server", "--pki", dir, "--name", "ps", "--recovery-key", dir + "/k", "--cache", dir + "/c1", "--retention", "0"}, 2, "lifeboat process-server --help"},
