@@ -232,6 +232,7 @@ type Engine struct {
 	// marker once it has chosen the devices to drain.
 	beforeMarkerDrain func()
 	syncReq           []atomic.Int32 // per device: SyncKind+1 requested by RequestSync
+	resyncsTaken      uint64         // the ResyncAsker epoch last passed to ResyncsTaken
 	runs              []bitmap.Extent
 	// aheadTook is the time applyAhead has taken so far (pacing leaves it
 	// out of read-back passes).
@@ -539,8 +540,11 @@ func (e *Engine) loop(ctx context.Context) error {
 				need = append(need, i)
 			}
 		}
-		if resync && asks {
+		if asks && epoch > e.resyncsTaken {
+			// Every request handed on up to epoch was in syncReq before
+			// this pass took them (or an earlier one did).
 			asker.ResyncsTaken(epoch)
+			e.resyncsTaken = epoch
 		}
 		if len(need) > 0 {
 			// A stop request does not interrupt a drain half way.

@@ -360,8 +360,8 @@ func (t *Target) agree(s *session, a *wire.HelloAck, initial bool) ([]wire.DiskA
 		}
 	}
 	if epoch != 0 {
-		t.mu.Lock()
-		t.resyncDelivered = max(t.resyncDelivered, epoch)
+		t.mu.Lock() // (epochs only grow: agreements run one at a time, under mu)
+		t.resyncDelivered.Store(max(t.resyncDelivered.Load(), epoch))
 		t.mu.Unlock()
 	}
 	return out, nil

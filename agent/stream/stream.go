@@ -314,7 +314,7 @@ type Target struct {
 	// whose requests OnResync has handed on.
 	pointsHeld      bool
 	resyncAsked     uint64
-	resyncDelivered uint64
+	resyncDelivered atomic.Uint64 // (read by the engine at every pass)
 
 	sumsID uint16 // engine goroutine only
 
@@ -543,11 +543,7 @@ func (t *Target) Mark(kind wire.MarkerKind, at time.Time) error {
 // ResyncEpoch returns how many resync agreements have had their requests
 // handed on through OnResync. The engine reads it before it takes the
 // requests, and passes it to ResyncsTaken once it has.
-func (t *Target) ResyncEpoch() uint64 {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return t.resyncDelivered
-}
+func (t *Target) ResyncEpoch() uint64 { return t.resyncDelivered.Load() }
 
 // ResyncsTaken says that the engine has taken every resync request of the
 // agreements up to epoch: its next consistency point follows their end,

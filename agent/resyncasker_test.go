@@ -1,0 +1,58 @@
+package agent
+
+import (
+	"context"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/agent/capture"
+	"github.com/lifeboat-dr/lifeboat/internal/loopdev"
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
+)
+
+// askerTarget is a file target that asks for resyncs as the stream does:
+// its epoch moves when a request has been handed on.
+type askerTarget struct {
+	*fileTarget
+	epoch atomic.Uint64
+	taken atomic.Uint64
+}
+
+func (t *askerTarget) ResyncEpoch() uint64       { return t.epoch.Load() }
+func (t *askerTarget) ResyncsTaken(epoch uint64) { t.taken.Store(epoch) }
+
+// A request the engine took in a pass that read the epoch before the
+// target moved it (the target hands the request on, then counts it) is
+// still said taken at a later pass: else the target would hold every
+// consistency point, and the time markers behind them, for good.
+func TestResyncsTakenAfterEpochMoves(t *testing.T) {
+	testenv.RequireRoot(t)
+	d := loopdev.New(t, 16<<20, loopdev.Options{})
+	tgt := &askerTarget{fileTarget: newFileTarget(t)}
+	e, err := New(Options{
+		Sources:   []Source{{Name: "d0", Path: d.Path, Mode: capture.ModeData, Sync: SyncFull}},
+		RingBytes: 4 << 20,
+		Target:    tgt,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- e.Run(ctx) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	}()
+	tgt.epoch.Store(1) // its request already taken, by a pass that read 0
+	for deadline := time.Now().Add(10 * time.Second); tgt.taken.Load() != 1; {
+		if time.Now().After(deadline) {
+			t.Fatal("the engine never said the resyncs of epoch 1 taken")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
