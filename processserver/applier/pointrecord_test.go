@@ -189,13 +189,19 @@ func TestRetentionKeepsRecordedDuplicate(t *testing.T) {
 // Points without a record (cut before records existed, or forged) are
 // not retention's base either: it would prune the journal behind a point
 // recover does not use, leaving the times after it unrecoverable.
+// fourAgedPoints cuts app points 30, 26, 2 and 1 hours before a start,
+// with retention off; now is left at the start.
+func fourAgedPoints(t *testing.T, name string, now *time.Time) (*recoverytest.Machine, time.Time, []wire.Marker) {
+	m := recoverytest.New(t, mem.New(), name, 1<<20)
+	start := time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)
+	a := newApplier(t, m, applier.Config{Retention: -1, PointInterval: 1000 * time.Hour, Now: func() time.Time { return *now }})
+	return m, start, agedPoints(t, m, a, now, start, 0, 30, 26, 2, 1)
+}
+
 func TestRetentionIgnoresUnrecordedPoints(t *testing.T) {
 	ctx := ctxT(t)
-	m := recoverytest.New(t, mem.New(), "old", 1<<20)
-	start := time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)
 	var now time.Time
-	a := newApplier(t, m, applier.Config{Retention: -1, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
-	apps := agedPoints(t, m, a, &now, start, 0, 30, 26, 2, 1)
+	m, _, apps := fourAgedPoints(t, "old", &now)
 	recs, err := recovery.ListPointRecords(ctx, m.Store, m.Name)
 	if err != nil || len(recs) != len(apps) {
 		t.Fatalf("records %v, %v; want %d", recs, err, len(apps))
@@ -207,7 +213,7 @@ func TestRetentionIgnoresUnrecordedPoints(t *testing.T) {
 			}
 		}
 	}
-	a = newApplier(t, m, applier.Config{Retention: 24 * time.Hour, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
+	a := newApplier(t, m, applier.Config{Retention: 24 * time.Hour, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
 	if _, err := a.Apply(ctx, m.Name); err != nil {
 		t.Fatal(err)
 	}
@@ -225,18 +231,15 @@ func TestRetentionIgnoresUnrecordedPoints(t *testing.T) {
 // past them: recovery inside the window refused as pruned).
 func TestRetentionIgnoresForgedSnapshots(t *testing.T) {
 	ctx := ctxT(t)
-	m := recoverytest.New(t, mem.New(), "forged", 1<<20)
-	start := time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)
 	var now time.Time
-	a := newApplier(t, m, applier.Config{Retention: -1, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
-	apps := agedPoints(t, m, a, &now, start, 0, 30, 26, 2, 1)
+	m, start, apps := fourAgedPoints(t, "forged", &now)
 	if _, err := m.Store.Snapshot(ctx, layout.DiskName(m.Name, "d0"), blobstore.Metadata{
 		layout.MetaSeq: fmt.Sprint(apps[3].Seq),
 		layout.MetaCut: start.Add(-48 * time.Hour).Format(time.RFC3339Nano),
 	}); err != nil {
 		t.Fatal(err)
 	}
-	a = newApplier(t, m, applier.Config{Retention: 24 * time.Hour, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
+	a := newApplier(t, m, applier.Config{Retention: 24 * time.Hour, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
 	if _, err := a.Apply(ctx, m.Name); err != nil {
 		t.Fatal(err)
 	}
