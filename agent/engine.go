@@ -233,6 +233,7 @@ type Engine struct {
 	beforeMarkerDrain func()
 	syncReq           []atomic.Int32 // per device: SyncKind+1 requested by RequestSync
 	resyncsTaken      uint64         // the ResyncAsker epoch last passed to ResyncsTaken
+	pointOwed         bool           // a point the target refused as ErrResyncPending
 	runs              []bitmap.Extent
 	// aheadTook is the time applyAhead has taken so far (pacing leaves it
 	// out of read-back passes).
@@ -545,6 +546,12 @@ func (e *Engine) loop(ctx context.Context) error {
 			// this pass took them (or an earlier one did).
 			asker.ResyncsTaken(epoch)
 			e.resyncsTaken = epoch
+			if e.pointOwed && !resync {
+				// The point after a resync an earlier pass took.
+				if err := e.marker(ctx, CrashConsistent); err != nil && !(ctx.Err() != nil && stopped(err)) {
+					return err
+				}
+			}
 		}
 		if len(need) > 0 {
 			// A stop request does not interrupt a drain half way.
@@ -1185,13 +1192,18 @@ func (e *Engine) emit(kind MarkerKind, at time.Time) error {
 		if !errors.Is(err, ErrResyncPending) {
 			return err
 		}
-		// Asked for by the target since the check above.
+		// Asked for by the target since the check above, or taken by a
+		// pass that read its epoch before it moved: owed once the target
+		// has it taken (the point that follows a resync releases the
+		// target's time markers).
+		e.pointOwed = true
 		if kind == AppConsistent {
 			return fmt.Errorf("app-consistent point not taken: %w", err)
 		}
 		e.log.Debug("marker skipped: a resync is pending")
 		return nil
 	}
+	e.pointOwed = false
 	if kind == AppConsistent {
 		e.stats.AppMarkers++
 	} else {

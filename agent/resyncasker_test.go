@@ -15,8 +15,20 @@ import (
 // its epoch moves when a request has been handed on.
 type askerTarget struct {
 	*fileTarget
-	epoch atomic.Uint64
-	taken atomic.Uint64
+	epoch   atomic.Uint64
+	taken   atomic.Uint64
+	held    atomic.Bool  // Marker refuses, as the stream's while a resync is not taken
+	refused atomic.Int32 // markers refused
+	marked  atomic.Int32 // markers taken
+}
+
+func (t *askerTarget) Marker(m Marker) error {
+	if t.held.Load() {
+		t.refused.Add(1)
+		return ErrResyncPending
+	}
+	t.marked.Add(1)
+	return t.fileTarget.Marker(m)
 }
 
 func (t *askerTarget) ResyncEpoch() uint64       { return t.epoch.Load() }
@@ -52,6 +64,54 @@ func TestResyncsTakenAfterEpochMoves(t *testing.T) {
 	for deadline := time.Now().Add(10 * time.Second); tgt.taken.Load() != 1; {
 		if time.Now().After(deadline) {
 			t.Fatal("the engine never said the resyncs of epoch 1 taken")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// The point after a resync that the target refused (its epoch had not
+// moved yet when the pass that took the request read it) is made once
+// the target has the resync taken: with no crash interval, nothing else
+// would release the target's time markers.
+func TestPointAfterResyncOwedUntilTaken(t *testing.T) {
+	testenv.RequireRoot(t)
+	d := loopdev.New(t, 16<<20, loopdev.Options{})
+	tgt := &askerTarget{fileTarget: newFileTarget(t)}
+	synced := make(chan struct{})
+	e, err := New(Options{
+		Sources:   []Source{{Name: "d0", Path: d.Path, Mode: capture.ModeData, Sync: SyncFull}},
+		RingBytes: 4 << 20,
+		Target:    tgt,
+		OnSynced:  func() { close(synced) },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- e.Run(ctx) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	}()
+	<-synced
+	tgt.held.Store(true)
+	e.RequestSync(0, SyncCompare)
+	for deadline := time.Now().Add(10 * time.Second); tgt.refused.Load() == 0; {
+		if time.Now().After(deadline) {
+			t.Fatal("no point attempted after the resync")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	before := tgt.marked.Load()
+	tgt.held.Store(false)
+	tgt.epoch.Store(1) // the request handed on: taken already
+	for deadline := time.Now().Add(10 * time.Second); tgt.marked.Load() == before; {
+		if time.Now().After(deadline) {
+			t.Fatal("the point the target refused after the resync was never made")
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
