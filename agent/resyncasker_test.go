@@ -38,28 +38,37 @@ func (t *askerTarget) ResyncsTaken(epoch uint64) { t.taken.Store(epoch) }
 // target moved it (the target hands the request on, then counts it) is
 // still said taken at a later pass: else the target would hold every
 // consistency point, and the time markers behind them, for good.
-func TestResyncsTakenAfterEpochMoves(t *testing.T) {
+// runAsker runs an engine over a 16 MiB data-mode loop device into tgt
+// until the test ends; the channel closes once the initial copy is done.
+func runAsker(t *testing.T, tgt *askerTarget) (*Engine, <-chan struct{}) {
 	testenv.RequireRoot(t)
 	d := loopdev.New(t, 16<<20, loopdev.Options{})
-	tgt := &askerTarget{fileTarget: newFileTarget(t)}
+	synced := make(chan struct{})
 	e, err := New(Options{
 		Sources:   []Source{{Name: "d0", Path: d.Path, Mode: capture.ModeData, Sync: SyncFull}},
 		RingBytes: 4 << 20,
 		Target:    tgt,
+		OnSynced:  func() { close(synced) },
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer e.Close()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- e.Run(ctx) }()
-	defer func() {
+	t.Cleanup(func() {
 		cancel()
 		if err := <-done; err != nil {
 			t.Error(err)
 		}
-	}()
+		e.Close()
+	})
+	return e, synced
+}
+
+func TestResyncsTakenAfterEpochMoves(t *testing.T) {
+	tgt := &askerTarget{fileTarget: newFileTarget(t)}
+	runAsker(t, tgt)
 	tgt.epoch.Store(1) // its request already taken, by a pass that read 0
 	for deadline := time.Now().Add(10 * time.Second); tgt.taken.Load() != 1; {
 		if time.Now().After(deadline) {
@@ -74,29 +83,8 @@ func TestResyncsTakenAfterEpochMoves(t *testing.T) {
 // the target has the resync taken: with no crash interval, nothing else
 // would release the target's time markers.
 func TestPointAfterResyncOwedUntilTaken(t *testing.T) {
-	testenv.RequireRoot(t)
-	d := loopdev.New(t, 16<<20, loopdev.Options{})
 	tgt := &askerTarget{fileTarget: newFileTarget(t)}
-	synced := make(chan struct{})
-	e, err := New(Options{
-		Sources:   []Source{{Name: "d0", Path: d.Path, Mode: capture.ModeData, Sync: SyncFull}},
-		RingBytes: 4 << 20,
-		Target:    tgt,
-		OnSynced:  func() { close(synced) },
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer e.Close()
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- e.Run(ctx) }()
-	defer func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Error(err)
-		}
-	}()
+	e, synced := runAsker(t, tgt)
 	<-synced
 	tgt.held.Store(true)
 	e.RequestSync(0, SyncCompare)
