@@ -117,23 +117,23 @@ func parseCached(b []byte) (segMeta, []byte, error) {
 		return m, nil, errors.New("not a sealed cached segment (bad magic)")
 	}
 	size := cachedHeaderSize
-	switch b[4] {
-	case 1:
+	switch v := b[4]; {
+	case v == 1:
 		size = cachedHeaderSizeV1
-	case 2, cachedVersion:
-		if b[4] == 2 {
-			size = cachedHeaderSizeV2
-		}
-		if len(b) < size {
-			return m, nil, errors.New("cached segment shorter than its header")
-		}
+	case v == 2:
+		size = cachedHeaderSizeV2
+	case v != cachedVersion:
+		return m, nil, fmt.Errorf("cached segment version %d, want 1 to %d", v, cachedVersion)
+	}
+	if len(b) < size {
+		return m, nil, errors.New("cached segment shorter than its header")
+	}
+	if b[4] >= 2 {
 		copy(m.run[:], b[40:56])
-		if b[4] == cachedVersion {
-			m.markSeq = binary.LittleEndian.Uint64(b[56:])
-			m.prev = binary.LittleEndian.Uint64(b[64:])
-		}
-	default:
-		return m, nil, fmt.Errorf("cached segment version %d, want 1 to %d", b[4], cachedVersion)
+	}
+	if b[4] >= 3 {
+		m.markSeq = binary.LittleEndian.Uint64(b[56:])
+		m.prev = binary.LittleEndian.Uint64(b[64:])
 	}
 	m.crash, m.app = b[5]&1 != 0, b[5]&2 != 0
 	m.first = binary.LittleEndian.Uint64(b[8:])

@@ -79,16 +79,12 @@ func verifyPoints(ctx context.Context, store blobstore.Store, keys seal.Keyring,
 	records := make([][]PointRecord, len(points)) // per point, its records
 	err = parallel(ctx, parallelism, len(points), func(ctx context.Context, i int) error {
 		for _, kind := range kinds[points[i].Seq] {
-			name := layout.PointRecordName(machine, points[i].ID, kind)
-			r, err := readPointRecord(ctx, store, keys, name)
+			r, err := ReadPointRecord(ctx, store, keys, machine, points[i].Seq, kind)
 			if blobstore.IsNotFound(err) {
 				continue // retention deleted it since the listing
 			}
 			if err != nil {
 				return err
-			}
-			if r.Seq != points[i].Seq || r.Kind != kind {
-				return fmt.Errorf("recovery point record %s %w: it is not the record of a %s point at sequence %d", name, ErrTampered, kind, points[i].Seq)
 			}
 			records[i] = append(records[i], r)
 		}
@@ -126,15 +122,12 @@ func verifyPoints(ctx context.Context, store blobstore.Store, keys seal.Keyring,
 	return out, nil
 }
 
-// ReadPointRecord reads and opens the point record name with keys: a
-// record that fails to open is ErrTampered.
-func ReadPointRecord(ctx context.Context, store blobstore.Store, keys seal.Keyring, name string) (PointRecord, error) {
-	return readPointRecord(ctx, store, keys, name)
-}
-
-// readPointRecord reads and opens the point record name.
-func readPointRecord(ctx context.Context, store blobstore.Store, keys seal.Keyring, name string) (PointRecord, error) {
+// ReadPointRecord reads and opens with keys the record of machine's kind
+// point at seq: one that fails to open, or that is another point's, is
+// ErrTampered.
+func ReadPointRecord(ctx context.Context, store blobstore.Store, keys seal.Keyring, machine string, seq uint64, kind string) (PointRecord, error) {
 	var r PointRecord
+	name := layout.PointRecordName(machine, PointID(seq), kind)
 	sealed, err := store.GetBlob(ctx, name)
 	if err != nil {
 		return r, fmt.Errorf("read recovery point record %s: %w", name, err)
@@ -148,6 +141,9 @@ func readPointRecord(ctx context.Context, store blobstore.Store, keys seal.Keyri
 	}
 	if err := json.Unmarshal(plain, &r); err != nil {
 		return r, fmt.Errorf("recovery point record %s %w: %w", name, ErrTampered, err)
+	}
+	if r.Seq != seq || r.Kind != kind {
+		return r, fmt.Errorf("recovery point record %s %w: it is not the record of a %s point at sequence %d", name, ErrTampered, kind, seq)
 	}
 	return r, nil
 }

@@ -1021,7 +1021,7 @@ func (a *Applier) cutPoint(ctx context.Context, m *machine, mk wire.Marker, kind
 	_, err = a.cfg.Store.PutBlobIf(blobstore.Unmetered(ctx), name, blob, nil, "")
 	if errors.Is(err, blobstore.ErrConflict) {
 		// Ours, if a retry met the write its lost reply was for.
-		old, rerr := recovery.ReadPointRecord(ctx, a.cfg.Store, m.keys, name)
+		old, rerr := recovery.ReadPointRecord(ctx, a.cfg.Store, m.keys, m.name, mk.Seq, kind)
 		if rerr != nil {
 			return fmt.Errorf("recovery point at seq %d: record %s there already: %w", mk.Seq, name, rerr)
 		}

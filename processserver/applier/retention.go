@@ -106,7 +106,7 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 			// anyone with write access could make, with any metadata):
 			// never the newest or the base (it ages out).
 			_, gap := layout.DiskGapAt(m.gaps, d.name, seq)
-			usable := !gap && named[seq][d.name][s.ID]
+			usable := !gap && named[namedSnapshot{seq, d.name, s.ID}]
 			dp.valid = append(dp.valid, snap{s.ID, seq, t, usable})
 			if usable && (dp.newest < 0 || seq >= dp.valid[dp.newest].seq) {
 				dp.newest = len(dp.valid) - 1
@@ -241,38 +241,35 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 	return nil
 }
 
+// namedSnapshot is a snapshot a sealed point record names.
+type namedSnapshot struct {
+	seq      uint64
+	disk, id string
+}
+
 // namedSnapshots opens the point records listed (those not opened before)
-// and returns the snapshot ids they name, by sequence and disk. A record
-// that fails to open stops retention: it keeps everything meanwhile.
-func (a *Applier) namedSnapshots(ctx context.Context, m *machine, recorded map[uint64][]string) (map[uint64]map[string]map[string]bool, error) {
+// and returns the snapshots they name. A record that fails to open stops
+// retention: it keeps everything meanwhile.
+func (a *Applier) namedSnapshots(ctx context.Context, m *machine, recorded map[uint64][]string) (map[namedSnapshot]bool, error) {
 	seen := make(map[string]recovery.PointRecord, len(m.records))
-	named := map[uint64]map[string]map[string]bool{}
+	named := map[namedSnapshot]bool{}
 	for seq, kinds := range recorded {
 		for _, kind := range kinds {
 			name := layout.PointRecordName(m.name, recovery.PointID(seq), kind)
 			r, ok := m.records[name]
 			if !ok {
 				var err error
-				r, err = recovery.ReadPointRecord(ctx, a.cfg.Store, m.keys, name)
+				r, err = recovery.ReadPointRecord(ctx, a.cfg.Store, m.keys, m.name, seq, kind)
 				if blobstore.IsNotFound(err) {
 					continue // deleted since the listing
 				}
 				if err != nil {
 					return nil, err
 				}
-				if r.Seq != seq || r.Kind != kind {
-					return nil, fmt.Errorf("recovery point record %s %w: it is not the record of a %s point at sequence %d", name, recovery.ErrTampered, kind, seq)
-				}
 			}
 			seen[name] = r
 			for disk, s := range r.Snapshots {
-				if named[seq] == nil {
-					named[seq] = map[string]map[string]bool{}
-				}
-				if named[seq][disk] == nil {
-					named[seq][disk] = map[string]bool{}
-				}
-				named[seq][disk][s.ID] = true
+				named[namedSnapshot{seq, disk, s.ID}] = true
 			}
 		}
 	}
