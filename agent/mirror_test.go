@@ -551,6 +551,7 @@ func TestMirrorBadInput(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { ro.Detach() })
 	if loops := blockdev.LoopsBackedBy(mustStat(t, lf)); len(loops) != 0 {
 		t.Errorf("read-only loop device %s counted as writing to its backing file: %v", ro.Path, loops)
 	}

@@ -477,6 +477,35 @@ func journal(t *testing.T, store blobstore.Store, rk []byte, machine string) ([]
 	return plain, infos, *man
 }
 
+// journalRecords decodes the records of the batch frames in plain (as
+// journal returns it), in order.
+func journalRecords(t *testing.T, plain []byte) []wire.Record {
+	t.Helper()
+	var recs []wire.Record
+	r := wire.NewReader(bytes.NewReader(plain), 0)
+	for {
+		f, err := r.Next()
+		if err == io.EOF {
+			return recs
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if f.Type != wire.TypeBatch {
+			continue
+		}
+		bt, err := wire.DecodeBatch(f.Payload)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for it := bt.Records(); it.Next(); {
+			rec := it.Record()
+			rec.Data = bytes.Clone(rec.Data)
+			recs = append(recs, *rec)
+		}
+	}
+}
+
 // eventually polls cond until it holds or the deadline passes.
 func eventually(t *testing.T, d time.Duration, what string, cond func() bool) {
 	t.Helper()

@@ -6,7 +6,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -143,28 +142,10 @@ func TestSIGKILLRestart(t *testing.T) {
 
 	plain, _, _ := journal(t, store, e.rk, "m1")
 	seen := map[uint64]int{}
-	r := wire.NewReader(bytes.NewReader(plain), 0)
-	for {
-		f, err := r.Next()
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		if f.Type != wire.TypeBatch {
-			continue
-		}
-		bt, err := wire.DecodeBatch(f.Payload)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for it := bt.Records(); it.Next(); {
-			rec := it.Record()
-			seen[rec.Seq]++
-			if rec.Data[0] != byte(rec.Seq) || rec.Offset != rec.Seq*4096 {
-				t.Fatalf("record %d has wrong content", rec.Seq)
-			}
+	for _, rec := range journalRecords(t, plain) {
+		seen[rec.Seq]++
+		if rec.Offset != rec.Seq*4096 || !bytes.Equal(rec.Data, batchData(rec.Seq, int((rec.Seq-1)%per))) {
+			t.Fatalf("record %d has wrong offset or content", rec.Seq)
 		}
 	}
 	for seq := uint64(1); seq <= batches*per; seq++ {

@@ -119,9 +119,23 @@ func TestStreamToJournal(t *testing.T) {
 	b.batch(20, 10) // 20..29: 20..26 are duplicates
 	b.waitAck(29)
 	eventually(t, 20*time.Second, "upload of seq 29", func() bool { return durableSeq(t, store, "m1") >= 29 })
-	_, infos, _ = journal(t, store, e.rk, "m1")
+	plain, infos, _ = journal(t, store, e.rk, "m1")
 	if n := infos[len(infos)-1].Name; n != layout.SegmentName("m1", 27, 29) {
 		t.Errorf("last segment %s, want the duplicates dropped (27-29)", n)
+	}
+	recs := journalRecords(t, plain)
+	for i, rec := range recs {
+		if rec.Seq != uint64(i+1) {
+			t.Fatalf("journal record %d has sequence %d: want 1..29, each once", i, rec.Seq)
+		}
+	}
+	if len(recs) != 29 {
+		t.Fatalf("journal holds %d records, want 29", len(recs))
+	}
+	for _, rec := range recs[26:] {
+		if !bytes.Equal(rec.Data, batchData(rec.Seq, int(rec.Seq-20))) {
+			t.Fatalf("resent record %d does not hold what the agent sent", rec.Seq)
+		}
 	}
 }
 
@@ -583,13 +597,9 @@ func TestDiskIndicesFollowManifest(t *testing.T) {
 	if len(man.Disks) != 2 || man.Disks[0].Name != "sda" || man.Disks[1].Name != "sdb" {
 		t.Fatalf("manifest disks %+v, want sda then sdb", man.Disks)
 	}
-	r := wire.NewReader(bytes.NewReader(plain), 0)
 	var disks []uint16
-	for f, err := r.Next(); err == nil; f, err = r.Next() {
-		bt, _ := wire.DecodeBatch(f.Payload)
-		for it := bt.Records(); it.Next(); {
-			disks = append(disks, it.Record().Disk)
-		}
+	for _, rec := range journalRecords(t, plain) {
+		disks = append(disks, rec.Disk)
 	}
 	if fmt.Sprint(disks) != "[0 1 0]" {
 		t.Fatalf("journal disk indices %v, want [0 1 0] (sda, sdb, sda)", disks)
@@ -806,11 +816,19 @@ func TestRestartRebuildsShortSegments(t *testing.T) {
 		}
 		return nil
 	})
+	want, err := os.ReadFile(shard)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := os.Remove(shard); err != nil {
 		t.Fatal(err)
 	}
 	e.start()
 	eventually(t, 10*time.Second, "the shard rebuilt", func() bool { _, err := os.Stat(shard); return err == nil })
+	// A shard is written whole under a temporary name, then renamed.
+	if got, err := os.ReadFile(shard); err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("rebuilt shard: %d bytes (%v), want the %d bytes it held", len(got), err, len(want))
+	}
 }
 
 // TestRecoverJournalStartingPastOne: an agent keeps its numbering across

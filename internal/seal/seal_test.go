@@ -13,6 +13,8 @@ import (
 	"testing"
 
 	"github.com/klauspost/compress/s2"
+
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
 )
 
 // testKeyMaterial is fixed so the committed fuzz corpus stays openable.
@@ -356,7 +358,8 @@ func TestRecoveryKeyFile(t *testing.T) {
 	}
 
 	// Another user's file in its place (as root: chown to nobody).
-	if os.Geteuid() == 0 {
+	t.Run("another user's file", func(t *testing.T) {
+		testenv.RequireRoot(t)
 		os.Chmod(path, 0o600)
 		if err := os.Chown(path, 65534, 65534); err != nil {
 			t.Fatal(err)
@@ -364,7 +367,7 @@ func TestRecoveryKeyFile(t *testing.T) {
 		if _, err := LoadRecoveryKey(path); err == nil || !strings.Contains(err.Error(), "owned by uid 65534") {
 			t.Errorf("key file of another user: err = %v", err)
 		}
-	}
+	})
 
 	// A directory named by mistake is not "accessible by others".
 	if _, err := LoadRecoveryKey(dir); err == nil || !strings.Contains(err.Error(), "not a regular file") {

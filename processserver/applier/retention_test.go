@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"slices"
 	"testing"
@@ -400,8 +401,24 @@ func releasesLeftOutDisk(t *testing.T, back bool) {
 // the data key was stored) is applied, and pruned, without a fault.
 func TestRetentionMachineWithoutDisks(t *testing.T) {
 	m := recoverytest.New(t, mem.New(), "nodisks")
+	before, err := recovery.ReadManifest(ctxT(t), m.Store, m.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
 	a := newApplier(t, m, applier.Config{Retention: 24 * time.Hour})
 	if _, err := a.Apply(ctxT(t), m.Name); err != nil {
 		t.Fatal(err)
+	}
+	// Nothing to prune: the sealed manifest still opens with the data key
+	// and claims nothing new.
+	if _, until, _, err := recovery.VerifiedPoints(ctxT(t), m.Store, m.Name, m.RecoveryKey, io.Discard); err != nil || !until.Equal(before.RecoverableUntil) {
+		t.Fatalf("after apply: recoverable until %v (%v), want %v", until, err, before.RecoverableUntil)
+	}
+	after, err := recovery.ReadManifest(ctxT(t), m.Store, m.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after.JournalFrom != before.JournalFrom || after.DurableSeq != before.DurableSeq {
+		t.Fatalf("manifest went from journal_from %d durable %d to %d %d", before.JournalFrom, before.DurableSeq, after.JournalFrom, after.DurableSeq)
 	}
 }

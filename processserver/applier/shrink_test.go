@@ -54,4 +54,8 @@ func TestShrinkReapply(t *testing.T) {
 	if _, err := newApplier(t, m, applier.Config{PointInterval: 1000 * time.Hour}).Apply(ctx, m.Name); err != nil {
 		t.Fatalf("re-apply after restart: %v", err)
 	}
+	checkReplica(t, m, m.Durable)
+	for i := range m.Disks {
+		recoverAndCheck(t, m, i, "latest", m.Latest())
+	}
 }

@@ -350,13 +350,17 @@ func (m *Machine) Image(disk int, seq uint64) []byte {
 		if o.disk != disk {
 			continue
 		}
-		switch o.kind {
-		case 0: // new generation: the replica restarts from zeros
+		// Only an older generation, cleared by a later kind 0, can
+		// reach beyond the disk's current size.
+		end := min(o.off+uint64(o.n), uint64(len(img)))
+		switch {
+		case o.kind == 0: // new generation: the replica restarts from zeros
 			clear(img)
-		case wire.OpWrite:
-			copy(img[o.off:], o.data)
+		case o.off >= end:
+		case o.kind == wire.OpWrite:
+			copy(img[o.off:end], o.data)
 		default:
-			clear(img[o.off : o.off+uint64(o.n)])
+			clear(img[o.off:end])
 		}
 	}
 	return img
