@@ -215,18 +215,25 @@ func loadState(ctx context.Context, store blobstore.Store, machine string) (*sta
 // to that marker: an older state, silently.
 func (st *state) checkEnd() error {
 	m := st.manifest
-	if m.DurableSeq == 0 || m.DurableSeq < max(m.JournalFrom, 1) || m.JournalFrom == 0 && len(st.segments) == 0 {
+	if m.DurableSeq == 0 || m.DurableSeq < max(m.JournalFrom, 1) {
 		return nil // nothing durable, or every segment pruned by retention
 	}
-	var end uint64
-	if n := len(st.segments); n > 0 {
-		end = st.segments[n-1].Last
+	n := len(st.segments)
+	if n == 0 {
+		// A retention that did not record journal_from deleted every
+		// segment only behind the newest point; today's raises
+		// journal_from first.
+		if p := len(st.points); m.JournalFrom == 0 && p > 0 && st.points[p-1].Seq >= m.DurableSeq {
+			return nil
+		}
+		return fmt.Errorf("%w: machine %q's journal holds no segment, but its durable_seq is %d: the segments were deleted from the account",
+			ErrTampered, m.Machine, m.DurableSeq)
 	}
-	if end >= m.DurableSeq {
-		return nil
+	if end := st.segments[n-1].Last; end < m.DurableSeq {
+		return fmt.Errorf("%w: machine %q's journal ends at sequence %d, before its durable_seq %d: the segments holding the newest records were deleted from the account (a sequence up to %d can still be recovered)",
+			ErrTampered, m.Machine, end, m.DurableSeq, end)
 	}
-	return fmt.Errorf("%w: machine %q's journal ends at sequence %d, before its durable_seq %d: the segments holding the newest records were deleted from the account (a sequence up to %d can still be recovered)",
-		ErrTampered, m.Machine, end, m.DurableSeq, end)
+	return nil
 }
 
 // usePoints makes points the state's, and what they tell of the newest

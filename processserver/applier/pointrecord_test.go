@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -392,4 +393,49 @@ func TestPointRecordLostReply(t *testing.T) {
 	if res.BaseSeq != app.Seq {
 		t.Errorf("recovered from base %d, want the point's snapshot at %d", res.BaseSeq, app.Seq)
 	}
+}
+
+// Every journal segment deleted from the account of a machine that
+// retention never pruned (journal_from 0): the newest state, and a time
+// after the last point, would resolve to that point, an older state,
+// silently. The sealed durable_seq past it shows the deletion.
+func TestRecoverWholeJournalDeleted(t *testing.T) {
+	ctx := ctxT(t)
+	rng := rand.New(rand.NewPCG(9, 10))
+	m := recoverytest.New(t, mem.New(), "gone", 1<<20)
+	c := &clock{t: time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)}
+	a := newApplier(t, m, applier.Config{PointInterval: 1000 * time.Hour})
+	m.Write(0, 0, random(rng, 8192))
+	app := m.Marker(wire.MarkerAppConsistent, c.next())
+	m.Cut()
+	m.Write(0, 4096, random(rng, 8192))
+	m.Marker(wire.MarkerTime, c.next())
+	m.Cut()
+	if _, err := a.Apply(ctx, m.Name); err != nil {
+		t.Fatal(err)
+	}
+	recoverAndCheck(t, m, 0, "latest", m.Latest())
+	if m.Latest() <= app.Seq {
+		t.Fatalf("latest %d is not past the point at %d", m.Latest(), app.Seq)
+	}
+	segs, err := m.Store.ListBlobs(ctx, layout.JournalPrefix(m.Name))
+	if err != nil || len(segs) == 0 {
+		t.Fatalf("journal: %d blobs, %v", len(segs), err)
+	}
+	for _, b := range segs {
+		if err := m.Store.DeleteBlob(ctx, b.Name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, point := range []string{"latest", m.Until.Format(time.RFC3339Nano)} {
+		res, err := recovery.RecoverFile(ctx, m.Store, recovery.Request{Machine: m.Name, Disk: m.Disks[0].Name, Point: point, RecoveryKey: m.RecoveryKey}, filepath.Join(t.TempDir(), "disk.img"))
+		if !errors.Is(err, recovery.ErrTampered) {
+			t.Errorf("recover %s with the whole journal deleted: seq %d, %v; want ErrTampered", point, res.Seq, err)
+		}
+	}
+	if _, _, _, err := recovery.VerifiedPoints(ctx, m.Store, m.Name, m.RecoveryKey, io.Discard); !errors.Is(err, recovery.ErrTampered) {
+		t.Errorf("points --recovery-key with the whole journal deleted: %v, want ErrTampered", err)
+	}
+	// The point itself is still whole: recovered from its snapshot.
+	recoverAndCheck(t, m, 0, strconv.FormatUint(app.Seq, 10), app.Seq)
 }
