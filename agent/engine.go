@@ -1132,26 +1132,30 @@ func (e *Engine) marker(ctx context.Context, kind MarkerKind) error {
 	if err != nil {
 		return err
 	}
-	// Marks a data-mode device holds until its next drain (spaced by
-	// markDrainInterval) are writes that may precede records the point
-	// holds (a journal block parked during a drain, its commit captured
-	// after): every data-mode device is drained, not only those found
-	// marked, since a mark may come between such a look and the drain's
-	// quiesce, whose records the point then holds without it.
-	for i, s := range e.srcs {
-		if s.Mode != capture.ModeMetadata && !slices.Contains(need, i) {
-			need = append(need, i)
-		}
-	}
 	if e.beforeMarkerDrain != nil {
 		e.beforeMarkerDrain()
+	}
+	if err := e.quiesce(ctx); err != nil {
+		return err
+	}
+	// Marks a data-mode device took since its last drain (spaced by
+	// markDrainInterval) are writes that may precede records the point
+	// now holds (a journal block parked during a drain, its commit
+	// captured after): such devices are drained. They are looked for
+	// after the quiesce, which every mark of a write submitted before its
+	// barrier precedes. A device without is not drained: a drain parks
+	// it, and the writes parked meanwhile are read back after it is
+	// unparked, maybe in a state newer than records the point lacks
+	// (TestMarkerParksNoWrite).
+	for i, s := range e.srcs {
+		if s.Mode != capture.ModeMetadata && e.cap.Marks(i) != s.lastMarks && !slices.Contains(need, i) {
+			need = append(need, i)
+		}
 	}
 	if len(need) > 0 {
 		if err := e.drain(ctx, need, false, false, nil); err != nil {
 			return err
 		}
-	} else if err := e.quiesce(ctx); err != nil {
-		return err
 	}
 	// Metadata devices hold their completed writes as marks, read back
 	// now rather than when pacing would, after the last quiesce: a write

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"maps"
 	"os"
 	"path/filepath"
 	"sync"
@@ -515,10 +516,10 @@ func TestStopDuringPreScript(t *testing.T) {
 	}
 }
 
-// A crash-consistent marker drains every data-mode device, not only those
-// it found marked: a mark that comes after such a look but before the
-// drain's quiesce (whose records the point holds) would be left out.
-// Here it comes just after the marker has chosen what to drain.
+// A crash-consistent marker drains every data-mode device marked before
+// its quiesce (whose records the point holds), including one marked after
+// the marker looked at what the sweep of stale writes calls for. Here the
+// mark comes just before the quiesce.
 func TestMarkerDrainsEveryDataDevice(t *testing.T) {
 	testenv.RequireRoot(t)
 	x := loopdev.New(t, 16<<20, loopdev.Options{})
@@ -574,4 +575,115 @@ func TestMarkerDrainsEveryDataDevice(t *testing.T) {
 		}
 	}
 	t.Fatal("y's marked block was never read back")
+}
+
+// blockTarget keeps the latest bytes written at each (device, offset),
+// the state each marker was handed over in, and runs a hook, once, when
+// an armed (device, offset) is written.
+type blockTarget struct {
+	mu     sync.Mutex
+	blocks map[[2]int64][]byte
+	points []map[[2]int64][]byte
+	hooks  map[[2]int64]func()
+}
+
+func (t *blockTarget) WriteAt(dev int, p []byte, off int64) error {
+	k := [2]int64{int64(dev), off}
+	t.mu.Lock()
+	t.blocks[k] = bytes.Clone(p)
+	h := t.hooks[k]
+	delete(t.hooks, k)
+	t.mu.Unlock()
+	if h != nil {
+		h()
+	}
+	return nil
+}
+
+func (t *blockTarget) Zero(dev int, off, n int64) error { return t.WriteAt(dev, make([]byte, n), off) }
+func (t *blockTarget) ReadAt(dev int, p []byte, off int64) (int, error) {
+	clear(p)
+	return len(p), nil
+}
+func (t *blockTarget) Sync() error { return nil }
+func (t *blockTarget) Marker(m Marker) error {
+	t.mu.Lock()
+	t.points = append(t.points, maps.Clone(t.blocks))
+	t.mu.Unlock()
+	return nil
+}
+
+func (t *blockTarget) arm(dev int, off int64, h func()) {
+	t.mu.Lock()
+	t.hooks[[2]int64{int64(dev), off}] = h
+	t.mu.Unlock()
+}
+
+// A crash-consistent marker on a data-mode device that took no mark
+// parks none of its writes: a write parked by the marker's drain was read
+// back after the device was unparked, in a state newer than the point.
+// Here, while the marker applies Q, the application writes P1 and P2;
+// while P1 is read back, it writes C, then P2 again. A point holding the
+// second P2 without C is a state the disk was never in.
+func TestMarkerParksNoWrite(t *testing.T) {
+	testenv.RequireRoot(t)
+	y := loopdev.New(t, 16<<20, loopdev.Options{})
+	f, err := os.OpenFile(y.Path, os.O_WRONLY|syscall.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	const q, p1, p2, c = 1 << 20, 4 << 20, 8 << 20, 12 << 20
+	write := func(off int64, b byte) {
+		blk := blockdev.AlignedBuffer(capture.BlockSize)
+		copy(blk, filled(capture.BlockSize, b))
+		if _, err := f.WriteAt(blk, off); err != nil {
+			t.Error(err)
+		}
+	}
+	tgt := &blockTarget{blocks: map[[2]int64][]byte{}, hooks: map[[2]int64]func(){}}
+	var once sync.Once
+	hooked := make(chan struct{})
+	_, cancel, done := startEngineWith(t, Options{
+		Sources:       []Source{{Name: "y", Path: y.Path, Mode: capture.ModeData, Sync: SyncFull}},
+		RingBytes:     4 << 20,
+		Target:        tgt,
+		CrashInterval: 300 * time.Millisecond,
+	}, func(e *Engine) {
+		e.beforeMarkerDrain = func() {
+			once.Do(func() {
+				tgt.arm(0, q, func() {
+					tgt.arm(0, p1, func() {
+						write(c, 0xc1)
+						write(p2, 0xb2)
+						close(hooked)
+					})
+					write(p1, 0xa1)
+					write(p2, 0xa2)
+				})
+				write(q, 0x51)
+			})
+		}
+	})
+	select {
+	case <-hooked:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the writes of the hooks were not made")
+	}
+	time.Sleep(time.Second) // more markers
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	tgt.mu.Lock()
+	defer tgt.mu.Unlock()
+	second, wantC := filled(capture.BlockSize, 0xb2), filled(capture.BlockSize, 0xc1)
+	for i, pt := range tgt.points {
+		if bytes.Equal(pt[[2]int64{0, p2}], second) && !bytes.Equal(pt[[2]int64{0, c}], wantC) {
+			t.Fatalf("point %d holds the second write of P2 but not C, written before it", i)
+		}
+	}
+	if got := tgt.blocks[[2]int64{0, p2}]; !bytes.Equal(got, second) || !bytes.Equal(tgt.blocks[[2]int64{0, c}], wantC) {
+		t.Fatal("the copy lacks the last writes of P2 and C")
+	}
 }
