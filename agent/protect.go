@@ -275,6 +275,19 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 		return err
 	}
 	defer tgt.Close()
+	// Dial's retries have no end: a device resized, or another disk
+	// attached behind its path, while the process server was away is not
+	// the one whose state was agreed on (resuming would leave the old
+	// disk's blocks in the replica). The next start protects it anew.
+	now, err := inspectDevices(cfg.Devices)
+	if err != nil {
+		return err
+	}
+	for i, d := range now {
+		if d.Identity != devs[i].Identity {
+			return fmt.Errorf("%s changed while the agent waited for the process server (another disk behind the path, or resized): start the agent again to protect it as it is now", d.Path)
+		}
+	}
 	live.tgt.Store(tgt)
 	resync.attachTarget(tgt)
 	var srcs []Source

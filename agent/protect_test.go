@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -404,4 +405,97 @@ func readDirect(dev string) ([]byte, error) {
 		off += n
 	}
 	return out, nil
+}
+
+// gate forwards connections to addr once opened; until then it accepts
+// and closes them, as a process server that is away.
+type gate struct {
+	ln      net.Listener
+	opened  atomic.Bool
+	refused atomic.Int64
+}
+
+func newGate(t *testing.T, addr string) *gate {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := &gate{ln: ln}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			if !g.opened.Load() {
+				g.refused.Add(1)
+				c.Close()
+				continue
+			}
+			go func() {
+				defer c.Close()
+				up, err := net.Dial("tcp", addr)
+				if err != nil {
+					return
+				}
+				defer up.Close()
+				go io.Copy(up, c)
+				io.Copy(c, up)
+			}()
+		}
+	}()
+	return g
+}
+
+// A device resized while the agent waits for the process server, after
+// a clean stop, is not the one whose state the agent would resume from:
+// refused once the process server answers, and the next start copies it
+// anew.
+func TestProtectDeviceChangedDuringDial(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireTool(t, "losetup")
+	d := loopdev.New(t, 16<<20, loopdev.Options{})
+	srv := streamtest.New(t)
+	srv.ClientTLS(t, "m1") // issues the machine's certificate
+	state := filepath.Join(t.TempDir(), "state")
+	t.Cleanup(func() { ReleaseMachine(state, "m1") })
+	cfg := ProtectConfig{
+		ProcessServer: srv.Addr, PKIDir: srv.PKIDir, Name: "m1",
+		Devices: []ProtectDevice{{Path: d.Path}}, StateDir: state,
+	}
+	startProtect(t, cfg).stop()
+
+	g := newGate(t, srv.Addr)
+	away := cfg
+	away.ProcessServer = g.ln.Addr().String()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- RunProtect(ctx, away) }()
+	for deadline := time.Now().Add(30 * time.Second); g.refused.Load() == 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the agent did not try the process server")
+		}
+	}
+	if err := os.Truncate(d.File, 24<<20); err != nil {
+		t.Fatal(err)
+	}
+	run(t, "losetup", "-c", d.Path)
+	run(t, "dd", "if=/dev/urandom", "of="+d.Path, "bs=1M", "count=24", "oflag=direct", "status=none")
+	g.opened.Store(true)
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "changed while the agent waited") {
+			t.Fatalf("agent with its device resized during Dial: %v, want it refused", err)
+		}
+	case <-time.After(2 * time.Minute):
+		t.Fatal("the agent did not stop once the process server answered")
+	}
+	s := startProtect(t, cfg).stop()
+	if s.Sync[0] != SyncFull.String() {
+		t.Errorf("next start: %s sync, want full", s.Sync[0])
+	}
+	assertReplica(t, srv, filepath.Base(d.Path), d.Path)
 }
