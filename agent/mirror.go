@@ -175,7 +175,10 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	}
 	defer lock.Close()
 	statePath := filepath.Join(cfg.StateDir, "mirror.json")
-	prev, _ := loadState(statePath)
+	prev, err := loadState(statePath)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		log.Warn("ignoring unreadable state: full copy", "err", err)
+	}
 
 	f, err := os.OpenFile(cfg.To, openFlags, 0o600)
 	if errors.Is(err, syscall.EBUSY) {
@@ -223,7 +226,11 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 		// device (/dev/nvme1 for /dev/nvme1n1) would swallow it silently.
 		return fmt.Errorf("mirror file %s: a character device; the mirror goes to a file, a block device or /dev/null", cfg.To)
 	case fi.Mode()&os.ModeDevice != 0:
-		if tsize, err := f.Seek(0, io.SeekEnd); err != nil || tsize < size {
+		tsize, err := f.Seek(0, io.SeekEnd)
+		if err != nil {
+			return fmt.Errorf("mirror device %s: size: %w", cfg.To, err)
+		}
+		if tsize < size {
 			return fmt.Errorf("mirror device %s: %d bytes, smaller than %s (%d bytes)", cfg.To, tsize, cfg.Device, size)
 		}
 	default:
@@ -440,7 +447,7 @@ func loadState(path string) (*mirrorState, error) {
 	}
 	var st mirrorState
 	if err := json.Unmarshal(b, &st); err != nil || st.Version != stateVersion {
-		return nil, fmt.Errorf("state %s unreadable: ignoring it", path)
+		return nil, fmt.Errorf("state %s: unreadable, or of another version", path)
 	}
 	return &st, nil
 }

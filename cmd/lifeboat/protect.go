@@ -1,9 +1,11 @@
 package main
 
 import (
+	"cmp"
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"strings"
 
 	"github.com/lifeboat-dr/lifeboat/agent"
@@ -64,6 +66,7 @@ the --pki directory.`
 			return fmt.Errorf("--stop-timeout %v: must be positive", cfg.StopTimeout)
 		}
 		cfg.Devices = cfg.Devices[:0]
+		named := map[string]string{}
 		for _, d := range devices {
 			name, path, ok := strings.Cut(d, "=")
 			if !ok {
@@ -77,6 +80,11 @@ the --pki directory.`
 					return err
 				}
 			}
+			disk := cmp.Or(name, filepath.Base(path))
+			if other, dup := named[disk]; dup {
+				return fmt.Errorf("--device %s and %s are both named %q: name them with NAME=PATH", other, path, disk)
+			}
+			named[disk] = path
 			cfg.Devices = append(cfg.Devices, agent.ProtectDevice{Name: name, Path: path})
 		}
 		cfg.Mode, cfg.RingBytes = m, ringMiB<<20

@@ -183,6 +183,8 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{[]string{"agent", "--process-server", "h:1", "--pki", dir, "--name", "m", "--device", "/dev/null", "--ring-mib", "4096"}, 2, "lifeboat agent --help"},
 		{[]string{"agent", "--process-server", "h:1", "--pki", dir, "--name", "m", "--device", "sda="}, 2, "lifeboat agent --help"},
 		{[]string{"agent", "--process-server", "h:1", "--pki", dir, "--name", "m", "--device", "a/b=/dev/null"}, 2, "lifeboat agent --help"},
+		{[]string{"agent", "--process-server", "h:1", "--pki", dir, "--name", "m", "--device", "a=/dev/null", "--device", "a=/dev/zero"}, 2, "lifeboat agent --help"},
+		{[]string{"agent", "--process-server", "h:1", "--pki", dir, "--name", "m", "--device", "/dev/null", "--device", "/tmp/null"}, 2, "lifeboat agent --help"},
 		{[]string{"points", "--machine", "a/b"}, 2, "lifeboat points --help"},
 		{[]string{"agent", "--process-server", "h:1", "--pki", dir, "--name", "m", "--device", "/dev/null", "--metrics", "bogus"}, 2, "lifeboat agent --help"},
 		{[]string{"process-server", "--pki", dir, "--name", "ps", "--recovery-key", dir + "/k", "--cache", dir + "/c1", "--cache-write-quorum", "-1"}, 2, "lifeboat process-server --help"},

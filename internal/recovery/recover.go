@@ -23,8 +23,9 @@ import (
 	"github.com/lifeboat-dr/lifeboat/internal/wire"
 )
 
-// Latest selects the newest recoverable sequence (the manifest's
-// durable_seq) as the point to recover.
+// Latest selects the newest recoverable state: the sequence of the last
+// marker at or before recoverable_until (every record the journal holds
+// up to that time).
 const Latest = "latest"
 
 // Request says which disk to recover, and to when.
