@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -51,8 +52,13 @@ type mirrorState struct {
 	Version  int    `json:"version"`
 	Device   string `json:"device"`
 	Identity string `json:"device_identity"`
-	Target   string `json:"target"`
-	TargetID string `json:"target_identity"`
+	// Stable and TargetStable are blockdev's StableID of the device and
+	// of a mirror device: the disk as a reboot or a re-attach leaves it
+	// ("" if it has none).
+	Stable       string `json:"device_stable_id,omitempty"`
+	Target       string `json:"target"`
+	TargetID     string `json:"target_identity"`
+	TargetStable string `json:"target_stable_id,omitempty"`
 	// TargetStamp is the mirror file's ctime after the clean stop's last
 	// write (for a device, its kernel write counters, blockStamp; "blk:?"
 	// when they could not be read): anything that writes, truncates or
@@ -115,17 +121,12 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 		return err
 	}
 	identity, err := dev.Identity()
+	stable, terr := dev.StableID()
 	size, serr := dev.Size()
 	place, perr := dev.Placement()
 	dev.Close()
-	if err != nil {
+	if err = cmp.Or(err, terr, serr, perr); err != nil {
 		return err
-	}
-	if serr != nil {
-		return serr
-	}
-	if perr != nil {
-		return perr
 	}
 	// A block device target is opened exclusively: one mounted or held
 	// (by device mapper, md, another mirror) is refused with EBUSY
@@ -188,7 +189,7 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 		return fmt.Errorf("mirror file: %w", err)
 	}
 	defer f.Close()
-	targetID, err := fileIdentity(f)
+	targetID, targetStable, err := fileIdentity(f)
 	if err != nil {
 		return err
 	}
@@ -238,15 +239,23 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	}
 
 	sync := SyncFull
+	// (A state written before device targets were known by their disk's
+	// identity names the node's.)
+	targetMoved := prev != nil && (prev.Target != abs || (prev.TargetID != targetID && prev.TargetID != nodeIdentity(fi)))
+	// A disk back under a new device number or diskseq (a reboot, a
+	// re-attach) is compared, not copied anew.
+	sourceBack := prev != nil && prev.Identity != identity && prev.Stable != "" && prev.Stable == stable
+	targetBack := targetMoved && prev.Target == abs && prev.TargetStable != "" && prev.TargetStable == targetStable
 	switch {
 	case prev == nil:
 		log.Info("no previous state: full copy")
-	case prev.Identity != identity:
+	case prev.Identity != identity && !sourceBack:
 		log.Warn("another device is behind this path now: full copy", "was", prev.Identity, "now", identity)
-	case prev.Target != abs || (prev.TargetID != targetID && prev.TargetID != nodeIdentity(fi)):
-		// (A state written before device targets were known by their
-		// disk's identity names the node's.)
+	case targetMoved && !targetBack:
 		log.Warn("the mirror file is not the one the last run wrote (missing, replaced or moved): full copy")
+	case sourceBack || targetBack:
+		log.Warn("the device or the mirror device is back under a new device number or sequence (a reboot, a re-attach): resync by checksum")
+		sync = SyncCompare
 	case !prev.Clean:
 		log.Warn("the last run did not stop cleanly: resync by checksum")
 		sync = SyncCompare
@@ -260,7 +269,7 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	// From here on a crash is an unclean stop: saved before the target is
 	// touched (resized below), so that a crash then is not taken for a
 	// clean stop with the target as that stop left it.
-	st := mirrorState{Version: stateVersion, Device: cfg.Device, Identity: identity, Target: abs, TargetID: targetID}
+	st := mirrorState{Version: stateVersion, Device: cfg.Device, Identity: identity, Stable: stable, Target: abs, TargetID: targetID, TargetStable: targetStable}
 	if err := saveState(statePath, &st); err != nil {
 		return err
 	}
@@ -455,30 +464,35 @@ func loadState(path string) (*mirrorState, error) {
 // saveState writes st atomically and durably.
 func saveState(path string, st *mirrorState) error { return saveJSON(path, st) }
 
-// fileIdentity names the inode behind f, so a replaced file is noticed.
-func fileIdentity(f *os.File) (string, error) {
+// fileIdentity names the inode behind f, so a replaced file is noticed,
+// and for a block device its StableID as well.
+func fileIdentity(f *os.File) (id, stable string, err error) {
 	fi, err := f.Stat()
 	if err != nil {
-		return "", err
+		return "", "", err
 	}
 	if _, ok := fi.Sys().(*syscall.Stat_t); !ok {
-		return "", errors.New("mirror file: no inode information")
+		return "", "", errors.New("mirror file: no inode information")
 	}
 	if fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice == 0 {
 		// A device node keeps its inode whatever disk is behind it
 		// (another image attached to the same loop device).
 		d, err := blockdev.Open(f.Name())
 		if err != nil {
-			return "", fmt.Errorf("mirror device: %w", err)
+			return "", "", fmt.Errorf("mirror device: %w", err)
 		}
 		defer d.Close()
 		id, err := d.Identity()
 		if err != nil {
-			return "", fmt.Errorf("mirror device: %w", err)
+			return "", "", fmt.Errorf("mirror device: %w", err)
 		}
-		return "block " + id, nil
+		stable, err := d.StableID()
+		if err != nil {
+			return "", "", fmt.Errorf("mirror device: %w", err)
+		}
+		return "block " + id, stable, nil
 	}
-	return nodeIdentity(fi), nil
+	return nodeIdentity(fi), "", nil
 }
 
 // nodeIdentity is the file's device and inode numbers.

@@ -912,3 +912,66 @@ func TestMirrorRefusesDeviceWithoutMedia(t *testing.T) {
 		t.Errorf("the mirror file changed (%d bytes now)", len(got))
 	}
 }
+
+// A device detached and its image attached again (as after a reboot: a
+// new diskseq, maybe another loop number) is the same disk: compared with
+// the mirror, not copied anew, whatever was written to it meanwhile.
+// Another image behind the device is copied anew.
+func TestMirrorSourceReattached(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir := t.TempDir()
+	img := filepath.Join(dir, "src.img")
+	if err := os.WriteFile(img, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(img, 64<<20); err != nil {
+		t.Fatal(err)
+	}
+	attach := func(file string) *loopdev.Device {
+		d, err := loopdev.Attach(file, loopdev.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { d.Detach() })
+		return d
+	}
+	mirror := filepath.Join(dir, "mirror.img")
+	o := runOpts{stateDir: filepath.Join(dir, "state")}
+	d := attach(img)
+	r := startMirror(t, d.Path, mirror, o)
+	fio(t, d.Path, "--io_size=16m")
+	if s := r.stop(); s.Sync[0] != SyncFull.String() {
+		t.Fatalf("first run: %s, want a full copy", s.Sync[0])
+	}
+	assertSameBytes(t, d.Path, mirror)
+
+	// The reboot: the pinned capture is gone, the device detached; the
+	// image is written meanwhile, then attached again.
+	if err := Release(o.stateDir); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	run(t, "dd", "if=/dev/urandom", "of="+img, "bs=4k", "seek=1000", "count=10", "conv=notrunc", "status=none")
+	d = attach(img)
+	r = startMirror(t, d.Path, mirror, o)
+	s := r.stop()
+	if s.Sync[0] != SyncCompare.String() || s.BlocksSkipped == 0 {
+		t.Fatalf("image attached again: %s sync, %d blocks skipped; want a checksum resync", s.Sync[0], s.BlocksSkipped)
+	}
+	assertSameBytes(t, d.Path, mirror)
+
+	// Another image of the same size behind a device: a full copy.
+	other := filepath.Join(dir, "other.img")
+	run(t, "cp", img, other)
+	if err := d.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	d = attach(other)
+	r = startMirror(t, d.Path, mirror, o)
+	if s := r.stop(); s.Sync[0] != SyncFull.String() {
+		t.Fatalf("another image: %s, want a full copy", s.Sync[0])
+	}
+	assertSameBytes(t, d.Path, mirror)
+}

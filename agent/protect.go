@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"crypto/x509"
 	"encoding/json"
@@ -90,7 +91,10 @@ type protectedDevice struct {
 	Name     string `json:"name"`
 	Path     string `json:"path"`
 	Identity string `json:"identity"`
-	Size     int64  `json:"size"`
+	// Stable is blockdev's StableID: the disk as a reboot or a re-attach
+	// leaves it ("" if it has none).
+	Stable string `json:"stable_id,omitempty"`
+	Size   int64  `json:"size"`
 	// Clean: the last run stopped with every captured write acknowledged
 	// and capture pinned, so only the bitmap's blocks are to be copied.
 	Clean bool `json:"clean"`
@@ -219,12 +223,19 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 	}
 	for i, d := range devs {
 		old := prev.device(d.Name)
-		forget := old != nil && old.Identity != d.Identity
-		if forget {
+		changed := old != nil && old.Identity != d.Identity
+		// Back after a reboot or a re-attach (a new device number or
+		// diskseq): compared with its replica, not copied anew.
+		back := changed && old.Stable != "" && old.Stable == d.Stable
+		forget := changed && !back
+		switch {
+		case forget:
 			log.Warn("another device is behind this disk name now: new replica", keyDevice, d.Path, "disk", d.Name)
+		case back:
+			log.Warn("the disk is back under a new device number or sequence (a reboot, a re-attach): resync by checksum", keyDevice, d.Path, "disk", d.Name)
 		}
 		scfg.Disks = append(scfg.Disks, stream.Disk{Name: d.Name, Size: uint64(d.Size), Forget: forget})
-		devs[i].Clean = old != nil && !forget && old.Clean
+		devs[i].Clean = old != nil && !changed && old.Clean
 	}
 	resync := &resyncRequests{pending: make([]SyncKind, len(devs))}
 	scfg.OnResync = resync.request
@@ -549,15 +560,13 @@ func inspectDevices(in []ProtectDevice) ([]protectedDevice, error) {
 			return nil, err
 		}
 		identity, err := bd.Identity()
+		stable, terr := bd.StableID()
 		size, serr := bd.Size()
 		bd.Close()
-		if err != nil {
+		if err = cmp.Or(err, terr, serr); err != nil {
 			return nil, err
 		}
-		if serr != nil {
-			return nil, serr
-		}
-		out = append(out, protectedDevice{Name: name, Path: d.Path, Identity: identity, Size: size})
+		out = append(out, protectedDevice{Name: name, Path: d.Path, Identity: identity, Stable: stable, Size: size})
 	}
 	return out, nil
 }

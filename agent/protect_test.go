@@ -499,3 +499,57 @@ func TestProtectDeviceChangedDuringDial(t *testing.T) {
 	}
 	assertReplica(t, srv, filepath.Base(d.Path), d.Path)
 }
+
+// A disk back after a reboot (the pinned capture gone, its loop image
+// attached again: a new diskseq) is compared with its replica, in the
+// same generation, not sent whole to a new one.
+func TestProtectDiskBackAfterReboot(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir := t.TempDir()
+	img := filepath.Join(dir, "disk.img")
+	if err := os.WriteFile(img, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(img, 32<<20); err != nil {
+		t.Fatal(err)
+	}
+	attach := func() *loopdev.Device {
+		d, err := loopdev.Attach(img, loopdev.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { d.Detach() })
+		return d
+	}
+	srv := streamtest.New(t)
+	srv.ClientTLS(t, "m1") // issues the machine's certificate
+	state := filepath.Join(dir, "state")
+	t.Cleanup(func() { ReleaseMachine(state, "m1") })
+	d := attach()
+	cfg := ProtectConfig{
+		ProcessServer: srv.Addr, PKIDir: srv.PKIDir, Name: "m1",
+		Devices: []ProtectDevice{{Name: "disk", Path: d.Path}}, StateDir: state,
+	}
+	run(t, "dd", "if=/dev/urandom", "of="+d.Path, "bs=1M", "count=8", "oflag=direct", "status=none")
+	if s := startProtect(t, cfg).stop(); s.Sync[0] != SyncFull.String() {
+		t.Fatalf("first run: %s, want a full copy", s.Sync[0])
+	}
+	gen := srv.Generation("disk")
+	if err := ReleaseMachine(state, "m1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	run(t, "dd", "if=/dev/urandom", "of="+img, "bs=4k", "seek=3000", "count=5", "conv=notrunc", "status=none")
+	d = attach()
+	cfg.Devices = []ProtectDevice{{Name: "disk", Path: d.Path}}
+	s := startProtect(t, cfg).stop()
+	if s.Sync[0] != SyncCompare.String() || s.BlocksSkipped == 0 || s.BytesReread > 1<<20 {
+		t.Fatalf("disk back after a reboot: %s sync, %d blocks equal, %d bytes re-read; want a checksum resync that sends the 5 changed blocks", s.Sync[0], s.BlocksSkipped, s.BytesReread)
+	}
+	if srv.Generation("disk") != gen {
+		t.Error("the disk back after a reboot got a new replica generation")
+	}
+	assertReplica(t, srv, "disk", d.Path)
+}

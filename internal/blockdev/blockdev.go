@@ -221,6 +221,52 @@ func (d *Device) Identity() (string, error) {
 	return b.String(), nil
 }
 
+// StableID names the disk behind the node by what survives a reboot or a
+// re-attach, which both change Identity (its device number and diskseq
+// may change): the disk's WWID or serial number, or a loop device's
+// backing file (path and inode), with the partition, its start and the
+// size. It is "" when the disk has none of them. Equal stable IDs say the
+// same disk is likely back, not that its blocks are unchanged: callers
+// compare the blocks rather than trust a bitmap.
+func (d *Device) StableID() (string, error) {
+	size, err := d.Size()
+	if err != nil {
+		return "", err
+	}
+	p, err := d.Placement()
+	if err != nil {
+		return "", err
+	}
+	disk := "/sys/block/" + p.Disk
+	var id string
+	for _, name := range []string{"wwid", "device/wwid", "serial", "device/serial"} {
+		v, err := readSysfs(disk, name)
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			return "", err
+		}
+		if v != "" {
+			id = name + "=" + strconv.Quote(v)
+			break
+		}
+	}
+	if backing, err := readSysfs(disk, "loop/backing_file"); err == nil {
+		var st unix.Stat_t
+		if err := unix.Stat(backing, &st); err != nil {
+			return "", nil // the backing file is gone or renamed: nothing stable
+		}
+		id = fmt.Sprintf("loop=%q ino=%d:%d", backing, st.Dev, st.Ino)
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return "", err
+	}
+	if id == "" {
+		return "", nil
+	}
+	if p.Partition != 0 {
+		id += fmt.Sprintf(" part=%d start=%d", p.Partition, p.Start)
+	}
+	return fmt.Sprintf("%s size=%d", id, size), nil
+}
+
 // InflightWrites returns the number of write requests the kernel counts
 // as in flight on device dev (sysfs inflight; for blk-mq, requests the
 // driver has started).

@@ -176,13 +176,15 @@ func TestPartitionPlacementAndIdentity(t *testing.T) {
 }
 
 // Re-attaching the same file yields a new diskseq, so the identity must
-// change even if the device number, size and backing file are equal.
+// change even if the device number, size and backing file are equal; the
+// stable ID stays, and another file of the same size has another.
 func TestIdentityChangesOnReattach(t *testing.T) {
 	testenv.RequireRoot(t)
 	file := filepath.Join(t.TempDir(), "disk.img")
 	if err := os.WriteFile(file, make([]byte, 4*mib), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	var stable []string
 	identity := func() (id, diskseq string) {
 		ld, err := loopdev.Attach(file, loopdev.Options{})
 		if err != nil {
@@ -202,6 +204,11 @@ func TestIdentityChangesOnReattach(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		st, err := d.StableID()
+		if err != nil {
+			t.Fatal(err)
+		}
+		stable = append(stable, st)
 		for _, f := range strings.Fields(id) {
 			if strings.HasPrefix(f, "diskseq=") {
 				diskseq = f
@@ -213,5 +220,13 @@ func TestIdentityChangesOnReattach(t *testing.T) {
 	id2, seq2 := identity()
 	if seq1 == "" || seq1 == seq2 || id1 == id2 {
 		t.Errorf("identity did not change across detach/attach:\n%s\n%s", id1, id2)
+	}
+	file = filepath.Join(t.TempDir(), "other.img")
+	if err := os.WriteFile(file, make([]byte, 4*mib), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	identity()
+	if stable[0] == "" || stable[0] != stable[1] || stable[2] == stable[0] {
+		t.Errorf("stable IDs: %q, %q across detach/attach, %q for another file: want the first two equal, the third not", stable[0], stable[1], stable[2])
 	}
 }
