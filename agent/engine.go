@@ -302,6 +302,14 @@ func New(opt Options) (*Engine, error) {
 			e.closeDevs()
 			return nil, err
 		}
+		if s.Mode == capture.ModeData {
+			// The payload capture copies would be plaintext where the
+			// disk holds ciphertext: read back instead.
+			if crypt, err := d.InlineEncryption(); err != nil || crypt {
+				e.log.Warn("the disk encrypts inline: metadata mode (its writes are read back)", keyDevice, s.Path, "err", err)
+				s.Mode = capture.ModeMetadata
+			}
+		}
 		e.srcs = append(e.srcs, &source{Source: s, dev: d, size: size, dirty: bitmap.New(uint64((size + capture.BlockSize - 1) / capture.BlockSize))})
 		cd := capture.Device{ID: uint16(i), KernelDev: d.KernelDev(), Size: size, Mode: s.Mode}
 		p, err := d.Placement()

@@ -299,6 +299,22 @@ func (d *Device) Zoned() (string, error) {
 	return z, err
 }
 
+// InlineEncryption reports whether the device's disk encrypts in hardware
+// (queue/crypto: UFS and eMMC controllers, used by fscrypt's inlinecrypt).
+// Its writes then carry plaintext in memory and land as ciphertext, which
+// only a read from the device returns.
+func (d *Device) InlineEncryption() (bool, error) {
+	p, err := d.Placement()
+	if err != nil {
+		return false, err
+	}
+	_, err = os.Stat("/sys/block/" + p.Disk + "/queue/crypto")
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	return err == nil, err
+}
+
 func readSysfs(dir, name string) (string, error) {
 	b, err := os.ReadFile(filepath.Join(dir, name))
 	if err != nil {

@@ -76,6 +76,11 @@ func TestWholeDisk(t *testing.T) {
 	}
 	defer d.Close()
 
+	// A loop device has no inline encryption (queue/crypto); a disk with
+	// it is captured in metadata mode (agent Engine).
+	if crypt, err := d.InlineEncryption(); err != nil || crypt {
+		t.Errorf("InlineEncryption() = %v, %v on a loop device; want false", crypt, err)
+	}
 	if size, err := d.Size(); err != nil || size != 8*mib {
 		t.Errorf("Size() = %d, %v; want %d", size, err, 8*mib)
 	}
