@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"strconv"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -212,4 +213,35 @@ func TestStopUnderOverload(t *testing.T) {
 	if err := <-writer; err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestOverflowBiosCounted: every write bio that takes the bitmap path is
+// counted (overflow_bios), not only the one that filled the ring: each
+// bio is either a ring record or one of those.
+func TestOverflowBiosCounted(t *testing.T) {
+	testenv.RequireRoot(t)
+	d := loopdev.New(t, 16<<20, loopdev.Options{})
+	tgt := &slowTarget{fileTarget: newFileTarget(t), delay: 2 * time.Millisecond}
+	e, cancel, done := startEngine(t, Options{
+		Sources:   []Source{{Name: "d0", Path: d.Path, Mode: capture.ModeData, Sync: SyncFull}},
+		RingBytes: 64 << 10,
+		Target:    tgt,
+	})
+	before := e.Stats().Kernel
+	const writes = 1000
+	run(t, "dd", "if=/dev/urandom", "of="+d.Path, "bs=4k", "count="+strconv.Itoa(writes), "oflag=direct", "status=none")
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	k := e.Stats().Kernel
+	records, overflowed := k.Records-before.Records, k.OverflowBios-before.OverflowBios
+	t.Logf("%d writes: %d records, %d overflow bios, %d overflow events", writes, records, overflowed, e.Stats().OverflowEvents)
+	if records == writes {
+		t.Fatal("every write was recorded: the ring did not overflow, the test did not exercise the path")
+	}
+	if records+overflowed < writes {
+		t.Errorf("%d writes, %d records and %d bios counted on the bitmap path: some went uncounted", writes, records, overflowed)
+	}
+	assertSameBytes(t, d.Path, tgt.f.Name())
 }

@@ -371,13 +371,12 @@ static __always_inline struct lb_dev *dev_of(struct bio *bio, __u32 *key, __u64 
 // enter_overflow puts device st on the bitmap: the ring is full (or a
 // record cannot be built), so this write and every later one go to the
 // bitmap until the agent has drained and cleared the flag.
-static __always_inline void enter_overflow(struct lb_devstate *st, struct lb_counters *c)
+static __always_inline void enter_overflow(struct lb_devstate *st)
 {
 	if (!st->overflow) {
 		st->overflow = 1;
 		__sync_fetch_and_add(&st->overflow_events, 1);
 	}
-	c->overflow_bios++;
 }
 
 // Loop-carried state of copy_payload. It lives in map memory rather than in
@@ -839,8 +838,11 @@ int BPF_PROG(lb_bio_queue, struct bio *bio)
 	// either sees this run or this run sees the flag.
 	__sync_fetch_and_add(&c->inflight, 1);
 	if (st->overflow || !emit_data(bio, d, st, g, c, sector, size, op, opf, key)) {
+		// Every bio that takes the bitmap path, the one that filled the
+		// ring and those while the device overflows or a drain parks it.
 		if (!st->overflow)
-			enter_overflow(st, c);
+			enter_overflow(st);
+		c->overflow_bios++;
 		add_pending(key, d, sector, size, op, opf, LB_PEND_OVERFLOW, c);
 	}
 	__sync_fetch_and_add(&c->inflight, -1);

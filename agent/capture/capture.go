@@ -615,8 +615,11 @@ func (c *Capture) DiskWrites() (uint64, error) {
 
 // Counters are the kernel-side counts, summed over CPUs.
 type Counters struct {
-	Records      uint64 `json:"records"`
-	Bytes        uint64 `json:"bytes"`
+	Records uint64 `json:"records"`
+	Bytes   uint64 `json:"bytes"`
+	// OverflowBios counts the write bios that took the bitmap path: the
+	// one that found the ring full, and every one while the device
+	// overflowed or a drain parked it.
 	OverflowBios uint64 `json:"overflow_bios"`
 	BitmapMarks  uint64 `json:"bitmap_marks"`
 	MarkFailures uint64 `json:"mark_failures"`
