@@ -8,8 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/local/go/bin:/usr/sbin:/sbin"
 
-AZURITE_VERSION=3.37.0 # keep in step with internal/azurite.Version
-CACHE=${LIFEBOAT_CACHE:-$HOME/.cache/lifeboat/azurite}
+# The version and the cache the tests use (internal/azurite).
+AZURITE_VERSION=$(sed -n 's/^const Version = "\(.*\)"$/\1/p' internal/azurite/azurite.go)
+CACHE=${LIFEBOAT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lifeboat/azurite}
 BIN=$PWD/bin/lifeboat
 MACHINE=demo-vm
 
@@ -17,6 +18,8 @@ say() { printf '==> %s\n' "$*"; }
 die() { printf 'demo: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "run as root (it loads eBPF programs and creates loop devices)"
+[ -e /sys/kernel/btf/vmlinux ] || die "this kernel exposes no BTF (/sys/kernel/btf/vmlinux): capture needs it"
+[ -n "$AZURITE_VERSION" ] || die "no Azurite version in internal/azurite/azurite.go"
 pkgs=""
 for tp in losetup:mount mkfs.ext4:e2fsprogs fstrim:util-linux cmp:diffutils python3:python3 node:nodejs npm:npm flock:util-linux; do
 	command -v "${tp%%:*}" >/dev/null || pkgs="$pkgs ${tp#*:}"
@@ -27,7 +30,7 @@ if [ -n "$pkgs" ]; then
 	# shellcheck disable=SC2086
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $pkgs >/dev/null
 fi
-mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
+grep -qs ' /sys/fs/bpf bpf ' /proc/mounts || mount -t bpf bpf /sys/fs/bpf
 
 say "go build -o bin/lifeboat ./cmd/lifeboat"
 go build -o "$BIN" ./cmd/lifeboat
@@ -49,6 +52,11 @@ DEV=""
 cleanup() {
 	status=$?
 	set +e
+	# A second Ctrl-C must not cut the clean-up short (the children run in
+	# sessions of their own: the terminal's signals reach this script only,
+	# and the agent stops before the process server, the server before
+	# Azurite).
+	trap '' INT TERM
 	if [ "$status" != 0 ]; then
 		# What went wrong is in the logs about to be removed (KEEP=1 keeps $W).
 		for f in "$W"/*.log; do
@@ -64,7 +72,10 @@ cleanup() {
 		wait "${PIDS[i]}" 2>/dev/null
 	done
 	mountpoint -q "$W/mnt" && umount "$W/mnt"
-	"$BIN" agent release --state-dir "$W/agent" --name "$MACHINE" >/dev/null 2>&1
+	if ! "$BIN" agent release --state-dir "$W/agent" --name "$MACHINE" >/dev/null 2>&1 && [ -d "$W/agent" ]; then
+		printf 'demo: the capture may still be attached: run %s agent release --state-dir %s --name %s\n' "$BIN" "$W/agent" "$MACHINE" >&2
+		KEEP=1
+	fi
 	[ -n "$DEV" ] && losetup -d "$DEV"
 	[ -n "${KEEP:-}" ] || rm -rf "$W"
 }
@@ -84,7 +95,7 @@ wait_port() {
 APORT=$(free_port)
 say "starting Azurite on 127.0.0.1:$APORT"
 mkdir -p "$W/azurite"
-"$CACHE/node_modules/.bin/azurite-blob" --blobHost 127.0.0.1 --blobPort "$APORT" --location "$W/azurite" \
+setsid "$CACHE/node_modules/.bin/azurite-blob" --blobHost 127.0.0.1 --blobPort "$APORT" --location "$W/azurite" \
 	--skipApiVersionCheck --silent --disableTelemetry >"$W/azurite.log" 2>&1 &
 PIDS+=($!)
 wait_port "$APORT" "$!"
@@ -98,7 +109,7 @@ say "recovery key, CA and certificates"
 
 PSPORT=$(free_port)
 say "starting the process server on 127.0.0.1:$PSPORT (cache over 3 directories, 2 data + 1 parity; one disk here, one disk each in real use)"
-"$BIN" process-server --listen "127.0.0.1:$PSPORT" --pki "$W/pki" --name ps1 \
+setsid "$BIN" process-server --listen "127.0.0.1:$PSPORT" --pki "$W/pki" --name ps1 \
 	--cache "$W/cache1,$W/cache2,$W/cache3" --recovery-key "$W/recovery.key" --point-interval 5s \
 	>"$W/ps.log" 2>&1 &
 PIDS+=($!)
@@ -111,7 +122,7 @@ mkfs.ext4 -q -F "$DEV"
 mkdir -p "$W/mnt"
 
 say "starting the agent: lifeboat agent --device disk0=$DEV"
-"$BIN" agent --process-server "127.0.0.1:$PSPORT" --pki "$W/pki" --name "$MACHINE" --device "disk0=$DEV" \
+setsid "$BIN" agent --process-server "127.0.0.1:$PSPORT" --pki "$W/pki" --name "$MACHINE" --device "disk0=$DEV" \
 	--state-dir "$W/agent" --crash-interval 2s >"$W/agent.log" 2>&1 &
 AGENT=$!
 PIDS+=("$AGENT")

@@ -15,10 +15,12 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -341,9 +343,10 @@ func (s *Server) start(ctx context.Context) error {
 	defer cancel()
 	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(s.opts.Port))
 	for {
-		c, err := net.DialTimeout("tcp", addr, time.Second)
-		if err == nil {
-			c.Close()
+		// Azurite's own answer, not any listener's: the port was free
+		// when chosen, not necessarily when Azurite came to bind it (it
+		// then exits, and its output says so).
+		if isAzurite(ctx, addr) {
 			return nil
 		}
 		select {
@@ -356,6 +359,22 @@ func (s *Server) start(ctx context.Context) error {
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
+}
+
+// isAzurite reports whether an Azurite blob service answers on addr.
+func isAzurite(ctx context.Context, addr string) bool {
+	ctx, cancel := context.WithTimeout(ctx, time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+"/", nil)
+	if err != nil {
+		return false
+	}
+	resp, err := http.DefaultTransport.RoundTrip(req)
+	if err != nil {
+		return false
+	}
+	resp.Body.Close()
+	return strings.HasPrefix(resp.Header.Get("Server"), "Azurite-Blob")
 }
 
 func (s *Server) stopProcess() error {

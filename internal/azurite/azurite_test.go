@@ -5,6 +5,8 @@ import (
 	"errors"
 	"io"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"strconv"
 	"strings"
@@ -129,5 +131,24 @@ func TestInMemory(t *testing.T) {
 	}
 	if _, err := c.CreateContainer(context.Background(), "mem", nil); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A port taken by another server between its choice and Azurite's bind is
+// not taken for Azurite's: Start fails with Azurite's own complaint.
+func TestStartOnTakenPort(t *testing.T) {
+	if _, err := Install(context.Background(), ""); errors.Is(err, ErrNoNode) && os.Getenv("CI") != "true" {
+		t.Skip(err)
+	}
+	other := httptest.NewServer(http.NotFoundHandler())
+	defer other.Close()
+	port := other.Listener.Addr().(*net.TCPAddr).Port
+	s, err := Start(context.Background(), Options{InMemory: true, Port: port})
+	if err == nil {
+		s.Stop()
+		t.Fatalf("Start on port %d, held by another server: no error", port)
+	}
+	if !strings.Contains(err.Error(), "exited during start-up") {
+		t.Fatalf("Start on a taken port: %v, want Azurite's exit reported", err)
 	}
 }
