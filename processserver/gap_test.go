@@ -850,3 +850,21 @@ func TestDeletedManifestNotWrittenUnsealed(t *testing.T) {
 		t.Fatalf("manifest written back unsealed with state: durable_seq %d, disks %v", man.DurableSeq, man.Disks)
 	}
 }
+
+// A marker noted once the uploader has found nothing left to upload, but
+// for records it has not uploaded (their segment made durable meanwhile),
+// is kept until they are: recoverable_until then moves to it, not only to
+// their segment's older time, even if the agent sends no marker after it.
+func TestMarkerKeptUntilItsRecordsUploaded(t *testing.T) {
+	r := newGapRig(t, mem.New())
+	r.put(1, 10)
+	r.upload()
+	t0 := time.Now().UTC().Truncate(time.Millisecond)
+	r.m.noteMarker(wire.Marker{Seq: 20, UnixNano: t0.UnixNano(), Kind: wire.MarkerTime})
+	r.upload() // nothing to upload: 11..20 are not durable yet
+	r.put(11, 20)
+	r.upload()
+	if man := r.manifest(); man.DurableSeq != 20 || !man.RecoverableUntil.Equal(t0) {
+		t.Fatalf("durable_seq %d, recoverable_until %v; want 20 and the marker's %v", man.DurableSeq, man.RecoverableUntil, t0)
+	}
+}

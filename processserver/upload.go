@@ -756,12 +756,15 @@ func (m *machine) advanceFromMarker(ctx context.Context) error {
 	defer m.manMu.Unlock()
 	m.mu.Lock()
 	changed := m.mendLocked()
-	if m.hasNote {
+	// A marker whose records are not all uploaded yet waits for them: it
+	// came after this pass found nothing left to upload, its segment made
+	// durable meanwhile, and it may be the agent's last for a while.
+	if m.hasNote && m.note.Seq <= m.uploaded {
 		m.hasNote = false
 		// Nor one a gap covers (mended with nothing to send, its marker
 		// sits at lost_to): recover would refuse the state it names.
 		_, inGap := m.man.GapAt(m.note.Seq)
-		if t := time.Unix(0, m.note.UnixNano).UTC(); t.After(m.man.RecoverableUntil) && m.note.Seq <= m.uploaded && !m.man.HasOpenGap() && !inGap {
+		if t := time.Unix(0, m.note.UnixNano).UTC(); t.After(m.man.RecoverableUntil) && !m.man.HasOpenGap() && !inGap {
 			m.man.RecoverableUntil, changed = t, true
 			if m.idle.Seq == m.note.Seq && m.idle.Seq > 0 {
 				m.man.IdleSeq, m.man.IdleSince = m.idle.Seq, time.Unix(0, m.idle.UnixNano).UTC()
