@@ -619,15 +619,19 @@ func (c *Cache) PutSummed(id SegmentID, data []byte, sums *Sums) error {
 		segCRC: segCRC, stream: id.Stream,
 	}
 	errs := make([]error, n)
+	ended := make([]atomic.Bool, n)
 	var wg sync.WaitGroup
 	for i := range n {
 		parts := [][]byte{tails[i]}
 		if i < c.k && body[i] > 0 {
 			parts = [][]byte{data[i*shardLen : i*shardLen+body[i]], tails[i]}
 		}
-		wg.Go(func() { errs[i] = c.writeShard(i, id, h, hdrs[i], parts, crcs[i]) })
+		wg.Go(func() {
+			errs[i] = c.writeShard(i, id, h, hdrs[i], parts, crcs[i])
+			ended[i].Store(true)
+		})
 	}
-	wg.Wait()
+	c.waitShards(&wg, id, ended)
 
 	var failed []error
 	for i, err := range errs {
@@ -649,6 +653,36 @@ func (c *Cache) PutSummed(id SegmentID, data []byte, sums *Sums) error {
 		}
 	}
 	return nil
+}
+
+// slowShardWrite is how long a segment's shard writes run before the
+// directories still writing are reported: a disk that hangs rather than
+// fails (a multipath device queueing without a path, a stalled iSCSI
+// target) holds the segment, and with it the acks, without an error.
+var slowShardWrite = 10 * time.Second
+
+// waitShards waits for a put's shard writes, reporting once those still
+// running after slowShardWrite. (The put cannot end before they do: they
+// read the caller's buffers.)
+func (c *Cache) waitShards(wg *sync.WaitGroup, id SegmentID, ended []atomic.Bool) {
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return
+	case <-time.After(slowShardWrite):
+	}
+	var slow []string
+	for i := range ended {
+		if !ended[i].Load() {
+			slow = append(slow, c.dirs[i])
+		}
+	}
+	start := time.Now().Add(-slowShardWrite)
+	c.log.Error("cache: shard writes hang; the segment and the acks of its stream wait for them (a disk that neither answers nor fails)",
+		logStream, id.Stream, logSeq, id.Seq, logDir, strings.Join(slow, ","), "waited", slowShardWrite)
+	<-done
+	c.log.Warn("cache: hung shard writes ended", logStream, id.Stream, logSeq, id.Seq, "after", time.Since(start).Round(time.Millisecond))
 }
 
 // Sums gathers the checksums of a segment's data shards while the

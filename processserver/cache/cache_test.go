@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -16,6 +17,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"testing"
+	"time"
 )
 
 func tempDirs(t testing.TB, n int) []string {
@@ -1537,4 +1539,64 @@ func TestScrubSyncsStreamDirectories(t *testing.T) {
 	if ffs.dirSyncs == before {
 		t.Fatal("the scrub did not fsync the stream directory whose fsync had failed")
 	}
+}
+
+// lockedBuffer is a bytes.Buffer safe for a logger's goroutines.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// A directory whose writes hang (neither done nor failed) holds the put,
+// which cannot end while a write reads its buffers; it is reported, by
+// directory, rather than waited for in silence.
+func TestHungShardWriteReported(t *testing.T) {
+	defer func(d time.Duration) { slowShardWrite = d }(slowShardWrite)
+	slowShardWrite = 50 * time.Millisecond
+	dirs := tempDirs(t, 3)
+	release := make(chan struct{})
+	var hang atomic.Bool
+	h := &hookFS{onOpen: func(name string) error {
+		if hang.Load() && strings.HasPrefix(name, dirs[2]+"/") && strings.Contains(name, ".tmp-") {
+			<-release
+		}
+		return nil
+	}}
+	var logs lockedBuffer
+	c := open(t, dirs, Options{FS: h, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	data := payload(100_000, 1)
+	id := SegmentID{Stream: "m1", Seq: 1}
+	hang.Store(true)
+	done := make(chan error, 1)
+	go func() { done <- c.Put(id, data) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(logs.String(), "shard writes hang") {
+		if time.Now().After(deadline) {
+			close(release)
+			t.Fatalf("no report of the hung directory; logs:\n%s", logs.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	for line := range strings.Lines(logs.String()) {
+		if strings.Contains(line, "shard writes hang") && !strings.Contains(line, " dir="+dirs[2]+" ") {
+			t.Errorf("report names other directories than %s:\n%s", dirs[2], line)
+		}
+	}
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	mustGet(t, c, id, data)
 }
