@@ -36,13 +36,21 @@ say "go build -o bin/lifeboat ./cmd/lifeboat"
 go build -o "$BIN" ./cmd/lifeboat
 
 mkdir -p "$CACHE"
-installed() { [ -x "$CACHE/node_modules/.bin/azurite-blob" ] && grep -q "\"version\": \"$AZURITE_VERSION\"" "$CACHE/node_modules/azurite/package.json" 2>/dev/null; }
+# Azurite and every package it depends on, as internal/azurite/npm pins
+# them (the tests install from the same files).
+installed() {
+	[ -x "$CACHE/node_modules/.bin/azurite-blob" ] && cmp -s internal/azurite/npm/package-lock.json "$CACHE/package-lock.json" &&
+		grep -q "\"version\": \"$AZURITE_VERSION\"" "$CACHE/node_modules/azurite/package.json" 2>/dev/null
+}
 if ! installed; then
-	say "npm install azurite@$AZURITE_VERSION (once, into $CACHE)"
-	# Two demos at once take turns.
+	say "npm ci: azurite@$AZURITE_VERSION and its locked dependencies (once, into $CACHE)"
+	# Two demos (or a demo and the tests) at once take turns.
 	(
 		flock 9
-		installed || npm install --no-audit --no-fund --loglevel=error --prefix "$CACHE" "azurite@$AZURITE_VERSION" >/dev/null
+		installed || {
+			cp internal/azurite/npm/package.json internal/azurite/npm/package-lock.json "$CACHE"/
+			npm ci --no-audit --no-fund --loglevel=error --prefix "$CACHE" >/dev/null
+		}
 	) 9>"$CACHE/.install.lock"
 fi
 

@@ -10,6 +10,7 @@ package azurite
 import (
 	"bytes"
 	"context"
+	"embed"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -46,8 +47,18 @@ var ErrNoNode = errors.New("azurite: node/npm not found in PATH (install Node.js
 
 const binName = "azurite-blob"
 
+// npmProject pins Azurite and, through its lock file, every package it
+// depends on: npm ci installs exactly those. (make demo installs from the
+// same files.)
+//
+//go:embed npm/package.json npm/package-lock.json
+var npmProject embed.FS
+
 // DefaultDir is where Install puts Azurite when given an empty dir:
-// $LIFEBOAT_CACHE if set, else ~/.cache/lifeboat/azurite.
+// $LIFEBOAT_CACHE if set, else $XDG_CACHE_HOME/lifeboat/azurite (by
+// default ~/.cache/lifeboat/azurite), else /var/cache/lifeboat/azurite
+// (never a fixed name under /tmp, where another user could plant the
+// code that root then runs).
 func DefaultDir() string {
 	if d := os.Getenv("LIFEBOAT_CACHE"); d != "" {
 		return d
@@ -55,11 +66,12 @@ func DefaultDir() string {
 	if d, err := os.UserCacheDir(); err == nil {
 		return filepath.Join(d, "lifeboat", "azurite")
 	}
-	return filepath.Join(os.TempDir(), "lifeboat-azurite")
+	return "/var/cache/lifeboat/azurite"
 }
 
-// installed reports whether dir holds the pinned Version of Azurite (an
-// older one, left by a build before Version moved, is installed over).
+// installed reports whether dir holds the pinned Version of Azurite,
+// installed from this package's lock file (anything else, such as an
+// older version left by a build before Version moved, is installed over).
 func installed(dir, bin string) bool {
 	if _, err := os.Stat(bin); err != nil {
 		return false
@@ -69,7 +81,12 @@ func installed(dir, bin string) bool {
 		return false
 	}
 	var pkg struct{ Version string }
-	return json.Unmarshal(b, &pkg) == nil && pkg.Version == Version
+	if json.Unmarshal(b, &pkg) != nil || pkg.Version != Version {
+		return false
+	}
+	have, err := os.ReadFile(filepath.Join(dir, "package-lock.json"))
+	want, _ := npmProject.ReadFile("npm/package-lock.json")
+	return err == nil && bytes.Equal(have, want)
 }
 
 // Install makes sure the pinned Azurite is installed under dir (DefaultDir
@@ -108,14 +125,22 @@ func Install(ctx context.Context, dir string) (binPath string, err error) {
 	if installed(dir, bin) {
 		return bin, nil
 	}
-	cmd := exec.CommandContext(ctx, npm, "install", "--no-audit", "--no-fund",
-		"--prefix", dir, "azurite@"+Version)
+	for _, name := range []string{"package.json", "package-lock.json"} {
+		b, err := npmProject.ReadFile("npm/" + name)
+		if err != nil {
+			return "", err
+		}
+		if err := os.WriteFile(filepath.Join(dir, name), b, 0o644); err != nil {
+			return "", fmt.Errorf("azurite: %w", err)
+		}
+	}
+	cmd := exec.CommandContext(ctx, npm, "ci", "--no-audit", "--no-fund", "--prefix", dir)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
-		return "", fmt.Errorf("azurite: npm install azurite@%s into %s: %w\n%s", Version, dir, err, tail(out, 4096))
+		return "", fmt.Errorf("azurite: npm ci of azurite@%s and its locked dependencies into %s: %w\n%s", Version, dir, err, tail(out, 4096))
 	}
 	if _, err := os.Stat(bin); err != nil {
-		return "", fmt.Errorf("azurite: npm install succeeded but %s is missing: %w", bin, err)
+		return "", fmt.Errorf("azurite: npm ci succeeded but %s is missing: %w", bin, err)
 	}
 	return bin, nil
 }

@@ -2,6 +2,7 @@ package azurite
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"io"
 	"net"
@@ -28,6 +29,48 @@ func TestDefaultDirHonoursEnv(t *testing.T) {
 	t.Setenv("LIFEBOAT_CACHE", "/x/y")
 	if got := DefaultDir(); got != "/x/y" {
 		t.Fatalf("DefaultDir = %q", got)
+	}
+}
+
+// Without LIFEBOAT_CACHE, HOME or XDG_CACHE_HOME, Azurite does not go to
+// a fixed name under /tmp.
+func TestDefaultDirWithoutHome(t *testing.T) {
+	t.Setenv("LIFEBOAT_CACHE", "")
+	t.Setenv("XDG_CACHE_HOME", "")
+	t.Setenv("HOME", "")
+	if got := DefaultDir(); strings.HasPrefix(got, os.TempDir()) {
+		t.Fatalf("DefaultDir = %q, under %s", got, os.TempDir())
+	}
+}
+
+// The npm project Install runs npm ci on pins Version, and its lock file
+// pins Azurite's dependencies (each with its integrity hash).
+func TestNPMProjectPinsVersion(t *testing.T) {
+	b, err := npmProject.ReadFile("npm/package.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pkg struct{ Dependencies map[string]string }
+	if err := json.Unmarshal(b, &pkg); err != nil || pkg.Dependencies["azurite"] != Version {
+		t.Fatalf("npm/package.json depends on azurite %q (%v), want %s", pkg.Dependencies["azurite"], err, Version)
+	}
+	b, err = npmProject.ReadFile("npm/package-lock.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lock struct {
+		Packages map[string]struct{ Version, Integrity string }
+	}
+	if err := json.Unmarshal(b, &lock); err != nil {
+		t.Fatal(err)
+	}
+	if got := lock.Packages["node_modules/azurite"].Version; got != Version {
+		t.Fatalf("package-lock.json locks azurite %q, want %s", got, Version)
+	}
+	for name, p := range lock.Packages {
+		if name != "" && (p.Version == "" || p.Integrity == "") {
+			t.Errorf("package-lock.json: %s has no version or integrity", name)
+		}
 	}
 }
 
