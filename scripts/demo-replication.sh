@@ -65,7 +65,7 @@ cleanup() {
 	# and the agent stops before the process server, the server before
 	# Azurite).
 	trap '' INT TERM
-	if [ "$status" != 0 ]; then
+	if [ "$status" != 0 ] && [ "$status" != 130 ]; then
 		# What went wrong is in the logs about to be removed (KEEP=1 keeps $W).
 		for f in "$W"/*.log; do
 			[ -s "$f" ] && { printf -- '--- last lines of %s\n' "$(basename "$f")" >&2; tail -n 15 "$f" >&2; }
@@ -88,6 +88,9 @@ cleanup() {
 	[ -n "${KEEP:-}" ] || rm -rf "$W"
 }
 trap cleanup EXIT
+# A Ctrl-C ends the demo even when it lands while a lifeboat command that
+# handles SIGINT runs in the foreground (bash would go on after it).
+trap 'exit 130' INT TERM
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 # wait_port PORT PID: a first start of Node on a loaded machine is slow.
