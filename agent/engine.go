@@ -228,9 +228,11 @@ type Engine struct {
 	quit                chan struct{}
 	quitOnce            sync.Once
 	final               Stats // Stats at Close
-	// beforeMarkerDrain, if set (tests), runs in a crash-consistent
-	// marker once it has chosen the devices to drain.
+	// beforeMarkerDrain and afterMarkerLook, if set (tests), run in a
+	// crash-consistent marker before its quiesce, and once it has found
+	// marks and chosen the devices to drain.
 	beforeMarkerDrain func()
+	afterMarkerLook   func()
 	syncReq           []atomic.Int32 // per device: SyncKind+1 requested by RequestSync
 	resyncsTaken      uint64         // the ResyncAsker epoch last passed to ResyncsTaken
 	pointOwed         bool           // a point the target refused as ErrResyncPending
@@ -1149,18 +1151,29 @@ func (e *Engine) marker(ctx context.Context, kind MarkerKind) error {
 	// Marks a data-mode device took since its last drain (spaced by
 	// markDrainInterval) are writes that may precede records the point
 	// now holds (a journal block parked during a drain, its commit
-	// captured after): such devices are drained. They are looked for
-	// after the quiesce, which every mark of a write submitted before its
-	// barrier precedes. A device without is not drained: a drain parks
-	// it, and the writes parked meanwhile are read back after it is
-	// unparked, maybe in a state newer than records the point lacks
-	// (TestMarkerParksNoWrite).
+	// captured after). They are looked for after the quiesce: a write
+	// completed before a record it applied was marked before that
+	// record was submitted. With none anywhere, the point is exact as it
+	// stands, and nothing is drained: a drain parks its devices, and the
+	// writes parked meanwhile are read back after they are unparked,
+	// maybe newer than records the point lacks (TestMarkerParksNoWrite).
+	// With some, every data-mode device is drained: the drain quiesces
+	// again, and a mark another device takes before its records are
+	// applied then would be left out (TestMarkerDrainsDevicesMarkedLate).
 	for i, s := range e.srcs {
 		if s.Mode != capture.ModeMetadata && e.cap.Marks(i) != s.lastMarks && !slices.Contains(need, i) {
 			need = append(need, i)
 		}
 	}
 	if len(need) > 0 {
+		for i, s := range e.srcs {
+			if s.Mode != capture.ModeMetadata && !slices.Contains(need, i) {
+				need = append(need, i)
+			}
+		}
+		if e.afterMarkerLook != nil {
+			e.afterMarkerLook()
+		}
 		if err := e.drain(ctx, need, false, false, nil); err != nil {
 			return err
 		}

@@ -240,11 +240,9 @@ func (d *Device) StableID() (string, error) {
 	disk := "/sys/block/" + p.Disk
 	var id string
 	for _, name := range []string{"wwid", "device/wwid", "serial", "device/serial"} {
-		v, err := readSysfs(disk, name)
-		if err != nil && !errors.Is(err, os.ErrNotExist) {
-			return "", err
-		}
-		if v != "" {
+		// An attribute that cannot be read is no ID: a SCSI disk without
+		// VPD page 0x83 (a USB stick) fails device/wwid with ENXIO.
+		if v, err := readSysfs(disk, name); err == nil && v != "" {
 			id = name + "=" + strconv.Quote(v)
 			break
 		}
