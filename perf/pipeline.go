@@ -256,6 +256,11 @@ func ParseBlockSizes(ss []string) ([]int64, error) {
 // report (nil if the ceiling was not measured) holds what was measured
 // before it.
 func RunPipeline(ctx context.Context, cfg PipelineConfig, log *slog.Logger, progress io.Writer) (rep *PipelineReport, err error) {
+	defer func() {
+		if err != nil && rep != nil {
+			rep.Error = err.Error() // a partial report says so
+		}
+	}()
 	cfg, err = cfg.withDefaults()
 	if err != nil {
 		return nil, fmt.Errorf("pipeline benchmark: %w", err)
@@ -736,8 +741,9 @@ func (p *pipeline) runLevel(ctx context.Context, label string, rate float64, bs 
 	}
 	start := time.Now()
 	type profResult struct {
-		cpu map[string]float64
-		err error
+		cpu  map[string]float64
+		recv int64 // bytes received over the profile's window
+		err  error
 	}
 	profCh := make(chan profResult, 1)
 	agentProf := make(chan error, 1)
@@ -746,8 +752,20 @@ func (p *pipeline) runLevel(ctx context.Context, label string, rate float64, bs 
 		if p.cfg.ProfileDir != "" {
 			keep = filepath.Join(p.cfg.ProfileDir, fmt.Sprintf("level-%d.pprof", p.levels+1))
 		}
+		// The bytes are counted around the profile, not around fio: the
+		// profile lasts whole seconds, fio its runtime plus its start.
+		r0, err := p.readCounters(ctx)
+		if err != nil {
+			profCh <- profResult{err: err}
+			return
+		}
 		cpu, err := profileStages(ctx, strings.TrimSuffix(p.metrics, "/metrics"), p.cfg.Runtime, keep)
-		profCh <- profResult{cpu, err}
+		if err != nil {
+			profCh <- profResult{err: err}
+			return
+		}
+		r1, err := p.readCounters(ctx)
+		profCh <- profResult{cpu, int64(r1.received - r0.received), err}
 	}()
 	go func() {
 		var err error
@@ -773,7 +791,7 @@ func (p *pipeline) runLevel(ctx context.Context, label string, rate float64, bs 
 	if err := <-agentProf; err != nil {
 		return l, err
 	}
-	l.setStages(prof.cpu, int64(cEnd.received-c0.received))
+	l.setStages(prof.cpu, prof.recv)
 	p.levels++
 	durableAt, appliedAt, err := p.settle(ctx, end, p.cfg.DrainTimeout)
 	if err != nil {

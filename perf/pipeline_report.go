@@ -43,6 +43,9 @@ const (
 // PipelineReport is the outcome of RunPipeline. Units: MB and GB are
 // decimal (1e6, 1e9 bytes); times are seconds.
 type PipelineReport struct {
+	// Error is why the run stopped before its end: the figures are
+	// partial and no goal is judged.
+	Error      string           `json:"error,omitempty"`
 	Started    time.Time        `json:"started"`
 	Kernel     string           `json:"kernel"`
 	FioVersion string           `json:"fio_version"`
@@ -478,18 +481,22 @@ func (r *PipelineReport) finish() {
 		wrecv += l.WindowReceivedBytes
 	}
 	r.BeforeUploadCPUSecondsPerGB, r.BeforeUploadProratedCPUSecondsPerGB = nil, nil
-	if wrecv > 0 {
+	// Not measured (no labelled sample: a profile that failed or came
+	// back empty) is not 0 s/GB.
+	if wrecv > 0 && labelled > 0 {
 		v := before / (float64(wrecv) / 1e9)
-		r.BeforeUploadCPUSecondsPerGB = &v
-		if labelled > 0 {
-			p := (before + other*before/labelled) / (float64(wrecv) / 1e9)
-			r.BeforeUploadProratedCPUSecondsPerGB = &p
-		}
+		p := (before + other*before/labelled) / (float64(wrecv) / 1e9)
+		r.BeforeUploadCPUSecondsPerGB, r.BeforeUploadProratedCPUSecondsPerGB = &v, &p
 	}
 
+	// A level without RPO samples, or whose fio fell short of the rate,
+	// measured no RPO at that churn.
 	rpoAt := func(label string) *float64 {
 		for _, l := range r.Levels {
 			if l.Label == label && len(r.Settings.BlockSizes) > 0 && l.BlockSize == r.Settings.BlockSizes[0] {
+				if l.RPOSamples == 0 || l.ChurnMBPerSec < minChurnRatio*l.RateMBPerSec {
+					return nil
+				}
 				v := l.RPOP99Seconds
 				return &v
 			}
@@ -508,7 +515,9 @@ func (r *PipelineReport) finish() {
 		ratio = &r.Sustained[0].CeilingRatio
 	}
 	var ratioMet *bool
-	if ratio != nil {
+	// A lower bound below the goal (the highest rate tried was
+	// sustained) says nothing either way.
+	if ratio != nil && (*ratio >= GoalSustainedRatio || !r.Sustained[0].LowerBound) {
 		ok := *ratio >= GoalSustainedRatio
 		ratioMet = &ok
 	}
@@ -546,6 +555,9 @@ func (r *PipelineReport) WriteJSON(w io.Writer) error {
 // were not measured.
 func (r *PipelineReport) WriteTable(w io.Writer) error {
 	st := r.Settings
+	if r.Error != "" {
+		fmt.Fprintf(w, "INCOMPLETE, the run failed (%s): the figures below are partial, no goal is judged\n", r.Error)
+	}
 	fmt.Fprintf(w, "%s, %s, kernel %s, %d MiB loop device in %s, %gs per level, iodepth %d, %d%% compressible; %s\n",
 		r.FioVersion, st.IOEngine, r.Kernel, st.DeviceSizeBytes>>20, st.Dir, st.RuntimeSeconds, st.IODepth, st.CompressiblePercent, r.Azurite)
 	fmt.Fprint(w, "ceiling (raw 4 MiB Put Page):")

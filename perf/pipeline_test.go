@@ -233,7 +233,7 @@ func TestNextSearchRate(t *testing.T) {
 func testReport() *PipelineReport {
 	lv := func(label string, rate, churn float64, sustained bool, p99 float64) PipelineLevel {
 		l := PipelineLevel{Label: label, BlockSize: 64 << 10, RateMBPerSec: rate, ChurnMBPerSec: churn, PipelineMBPerSec: churn,
-			CeilingRatio: churn / 60, RPOP50Seconds: 1, RPOP99Seconds: p99, Sustained: sustained,
+			CeilingRatio: churn / 60, RPOP50Seconds: 1, RPOP99Seconds: p99, RPOSamples: 56, Sustained: sustained,
 			ReceivedBytes: int64(churn * 20e6), PSCPUSeconds: churn * 20e6 / 1e9 * 0.5, AzuriteCPU: ptr(churn / 50)}
 		if !sustained {
 			l.Reason = "RPO grew 3.0 s in 14 s"
@@ -289,8 +289,21 @@ func TestPipelineFinishGoals(t *testing.T) {
 		}
 	}
 
+	// Not measured is not met: a level without RPO samples, or whose fio
+	// fell short of the rate; a profile without labelled samples.
+	short := testReport()
+	short.Levels[0].RPOSamples = 0
+	short.Levels[1].ChurnMBPerSec = 20 // of 30
+	for i := range short.Levels {
+		short.Levels[i].setStages(map[string]float64{StageOther: 1}, 1e9)
+	}
+	short.finish()
+	if short.Goals[0].Met != nil || short.Goals[1].Met != nil || short.Goals[3].Value != nil || short.Goals[3].Met != nil {
+		t.Errorf("goals with nothing measured: %s %v, %s %v, %s %v", short.Goals[0].Goal, short.Goals[0].Met, short.Goals[1].Goal, short.Goals[1].Met, short.Goals[3].Goal, short.Goals[3].Value)
+	}
+
 	// Explicit rates: the RPO goals are not measured; a sustained top
-	// rate is only a lower bound.
+	// rate is only a lower bound, which below the goal says nothing.
 	r.Levels = []PipelineLevel{{Label: LevelRate, BlockSize: 64 << 10, RateMBPerSec: 10, ChurnMBPerSec: 10, Sustained: true}}
 	r.finish()
 	if r.Goals[0].Value != nil || r.Goals[0].Met != nil || r.Goals[1].Met != nil || r.PSCPUSecondsPerGB != nil {
@@ -298,6 +311,9 @@ func TestPipelineFinishGoals(t *testing.T) {
 	}
 	if !r.Sustained[0].LowerBound {
 		t.Error("sustained top rate not marked as a lower bound")
+	}
+	if r.Goals[2].Met != nil {
+		t.Errorf("a lower bound of %v × ceiling judged against the goal: met %v", *r.Goals[2].Value, *r.Goals[2].Met)
 	}
 }
 
