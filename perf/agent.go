@@ -1,6 +1,7 @@
 package perf
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -164,7 +165,13 @@ func (a *agentProc) pid() int { return a.cmd.Process.Pid }
 func (a *agentProc) cpuSeconds() (float64, error) { return procCPUSeconds(a.pid()) }
 
 // peakRSS returns the agent's VmHWM in bytes.
-func (a *agentProc) peakRSS() (int64, error) { return procPeakRSS(a.pid()) }
+func (a *agentProc) peakRSS() (int64, error) {
+	ring := int64(cmp.Or(a.spec.RingMiB, defaultRingMiB)) << 20
+	return procPeakRSS(a.pid(), ring)
+}
+
+// defaultRingMiB is the agent's --ring-mib default.
+const defaultRingMiB = 64
 
 // stop sends SIGTERM, waits up to StopTimeout for the agent to drain and exit
 // (then SIGKILLs it), releases the capture it left pinned and returns the

@@ -173,7 +173,7 @@ func (cfg CaptureConfig) withDefaults() (CaptureConfig, error) {
 	}
 	names := map[string]bool{}
 	for _, w := range cfg.Workloads {
-		if w.Name == "" || w.RW == "" || w.BlockSize <= 0 || w.IODepth <= 0 {
+		if w.Name == "" || w.RW == "" || w.BlockSize <= 0 || w.IODepth <= 0 || w.Rate < 0 {
 			return cfg, fmt.Errorf("incomplete workload %+v", w)
 		}
 		if names[w.Name] {
@@ -282,13 +282,23 @@ func RunCapture(ctx context.Context, cfg CaptureConfig, log *slog.Logger, progre
 			AgentCgroup:     cg.path(),
 		},
 	}
-	total := cfg.Rounds * len(cfg.Workloads) * len(cfg.Variants)
+	total := 0
+	for _, wl := range cfg.Workloads {
+		for _, v := range cfg.Variants {
+			if wl.runs(v) {
+				total += cfg.Rounds
+			}
+		}
+	}
 	log.Info("capture benchmark start", "samples", total, "runtime", cfg.Runtime,
 		"engine", cfg.IOEngine, "fio", rep.FioVersion, "dir", cfg.Dir)
 	i := 0
 	for r := range cfg.Rounds {
 		for _, wl := range cfg.Workloads {
 			for _, v := range rotate(cfg.Variants, r) {
+				if !wl.runs(v) {
+					continue
+				}
 				i++
 				fmt.Fprintf(progress, "[%d/%d] round %d/%d %s %s: ", i, total, r+1, cfg.Rounds, wl.Name, v)
 				s, err := runSample(ctx, cfg, cg, r+1, wl, v, log)
@@ -302,6 +312,7 @@ func RunCapture(ctx context.Context, cfg CaptureConfig, log *slog.Logger, progre
 		}
 	}
 	rep.Results = summarize(cfg.Workloads, cfg.Variants, rep.Samples)
+	rep.Goals = captureGoals(cfg.Workloads, rep.Results)
 	return rep, nil
 }
 

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -25,16 +26,30 @@ type Workload struct {
 	BlockSize int64 `json:"block_size"`
 	// IODepth is fio's iodepth= value.
 	IODepth int `json:"iodepth"`
+	// Rate caps the churn (fio's rate=, bytes/s); 0: as fast as it goes.
+	Rate int64 `json:"rate_bytes_per_sec,omitempty"`
+	// Variants limits the workload to these variants; nil: every one.
+	Variants []Variant `json:"variants,omitempty"`
 }
+
+// runs reports whether the workload runs under variant v.
+func (wl Workload) runs(v Variant) bool { return wl.Variants == nil || slices.Contains(wl.Variants, v) }
+
+// OverflowRate is the churn below which data mode must not overflow.
+const OverflowRate = 400e6
 
 // DefaultWorkloads returns the standard capture workloads: 4 KiB random
 // writes at queue depth 32 (IOPS-bound, stresses per-request capture cost)
 // and 1 MiB sequential writes at queue depth 4 (bandwidth-bound, stresses
-// data copying).
+// data copying), each as fast as it goes with every variant, then capped
+// at OverflowRate in data mode alone (the no-overflow goal).
 func DefaultWorkloads() []Workload {
+	data := []Variant{VariantData}
 	return []Workload{
 		{Name: "randwrite-4k", RW: "randwrite", BlockSize: 4 << 10, IODepth: 32},
 		{Name: "seqwrite-1m", RW: "write", BlockSize: 1 << 20, IODepth: 4},
+		{Name: "randwrite-4k-400MBps", RW: "randwrite", BlockSize: 4 << 10, IODepth: 32, Rate: OverflowRate, Variants: data},
+		{Name: "seqwrite-1m-400MBps", RW: "write", BlockSize: 1 << 20, IODepth: 4, Rate: OverflowRate, Variants: data},
 	}
 }
 
@@ -123,7 +138,7 @@ func parseFio(data []byte) (fioResult, error) {
 // fioArgs builds the fio command line for one workload run. The JSON goes to
 // a file rather than stdout so fio's own warnings cannot corrupt it.
 func fioArgs(wl Workload, device, engine string, runtime time.Duration, out string) []string {
-	return []string{
+	args := []string{
 		"--name=" + wl.Name,
 		"--filename=" + device,
 		"--rw=" + wl.RW,
@@ -146,6 +161,10 @@ func fioArgs(wl Workload, device, engine string, runtime time.Duration, out stri
 		"--output-format=json",
 		"--output=" + out,
 	}
+	if wl.Rate > 0 {
+		args = append(args, "--rate="+strconv.FormatInt(wl.Rate, 10))
+	}
+	return args
 }
 
 // runFio runs one workload and parses its result. tmpDir receives the JSON

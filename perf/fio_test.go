@@ -68,6 +68,13 @@ func TestFioArgs(t *testing.T) {
 			t.Errorf("fio args %q lack %q", args, want)
 		}
 	}
+	if slices.ContainsFunc(args, func(a string) bool { return strings.HasPrefix(a, "--rate") }) {
+		t.Errorf("fio args %q cap an uncapped workload", args)
+	}
+	capped := DefaultWorkloads()[3]
+	if args := fioArgs(capped, "/dev/loop7", "io_uring", time.Second, "/tmp/o.json"); !slices.Contains(args, "--rate=400000000") {
+		t.Errorf("fio args %q of %s lack its rate", args, capped.Name)
+	}
 }
 
 // With lat_percentiles the p99 is of the total latency (submission

@@ -205,8 +205,10 @@ func (cfg PipelineConfig) withDefaults() (PipelineConfig, error) {
 	}
 	seen := map[int64]bool{}
 	for _, bs := range cfg.BlockSizes {
-		if bs < 512 || bs%512 != 0 || bs > 16<<20 {
-			return cfg, fmt.Errorf("block size %d must be a multiple of 512 between 512 and 16 MiB", bs)
+		// Not past a segment: the as-stored ceiling writes a segment's
+		// bytes as Put Pages of bs.
+		if bs < 512 || bs%512 != 0 || bs > processserver.DefaultSegmentBytes {
+			return cfg, fmt.Errorf("block size %d must be a multiple of 512 between 512 and %d MiB (a journal segment)", bs, processserver.DefaultSegmentBytes>>20)
 		}
 		if seen[bs] {
 			return cfg, fmt.Errorf("block size %d listed twice", bs)

@@ -200,11 +200,35 @@ type SustainedChurn struct {
 
 // PipelineGoal is one goal and the run's value for it; Value and Met are
 // nil when the run did not measure it (e.g. explicit rates).
-type PipelineGoal struct {
+type PipelineGoal = Goal
+
+// Goal is one of a benchmark's goals as this run judged it: Value and Met
+// are nil when the run did not measure it.
+type Goal struct {
 	Goal  string   `json:"goal"`
 	Value *float64 `json:"value,omitempty"`
 	Unit  string   `json:"unit"`
 	Met   *bool    `json:"met,omitempty"`
+}
+
+// writeGoals writes goals under a "goals:" line, one per line, aligned.
+func writeGoals(w io.Writer, goals []Goal) error {
+	fmt.Fprintln(w, "goals:")
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	for _, g := range goals {
+		val, met := "-", "not measured"
+		if g.Value != nil {
+			val = strconv.FormatFloat(*g.Value, 'f', 2, 64) + " " + g.Unit
+		}
+		if g.Met != nil {
+			met = "met"
+			if !*g.Met {
+				met = "NOT met"
+			}
+		}
+		fmt.Fprintf(tw, "  %s\t%s\t%s\n", g.Goal, val, met)
+	}
+	return tw.Flush()
 }
 
 // timed is a value observed at a time.
@@ -598,22 +622,7 @@ func (r *PipelineReport) WriteTable(w io.Writer) error {
 		}
 		fmt.Fprintf(w, "highest sustained churn, %s: %.1f MB/s = %.2f × ceiling%s\n", fmtSize(s.BlockSize), s.MBPerSec, s.CeilingRatio, bound)
 	}
-	fmt.Fprintln(w, "goals:")
-	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	for _, g := range r.Goals {
-		val, met := "-", "not measured"
-		if g.Value != nil {
-			val = strconv.FormatFloat(*g.Value, 'f', 2, 64) + " " + g.Unit
-		}
-		if g.Met != nil {
-			met = "met"
-			if !*g.Met {
-				met = "NOT met"
-			}
-		}
-		fmt.Fprintf(tw, "  %s\t%s\t%s\n", g.Goal, val, met)
-	}
-	if err := tw.Flush(); err != nil {
+	if err := writeGoals(w, r.Goals); err != nil {
 		return fmt.Errorf("write pipeline report table: %w", err)
 	}
 	if r.BeforeUploadProratedCPUSecondsPerGB != nil {

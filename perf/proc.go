@@ -82,8 +82,8 @@ func parseStatCPUTicks(stat []byte) (uint64, error) {
 }
 
 // procPeakRSS returns process pid's peak resident set size (VmHWM) in
-// bytes, less its BPF map mappings.
-func procPeakRSS(pid int) (int64, error) {
+// bytes, less the mapping of a BPF ring buffer of ringBytes (0: none).
+func procPeakRSS(pid int, ringBytes int64) (int64, error) {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return 0, fmt.Errorf("read process peak RSS: %w", err)
@@ -101,28 +101,43 @@ func procPeakRSS(pid int) (int64, error) {
 		if err != nil {
 			return 0, fmt.Errorf("/proc/%d/status: VmHWM: %w", pid, err)
 		}
-		return n<<10 - bpfMapRSS(pid), nil
+		return n<<10 - bpfRingRSS(pid, ringBytes), nil
 	}
 	return 0, fmt.Errorf("/proc/%d/status has no VmHWM (kernel thread or zombie?)", pid)
 }
 
-// bpfMapRSS is the resident size of the process's mappings of BPF maps
-// (the ring buffer is mapped twice and fully resident from the start):
-// kernel memory sized by --ring-mib, which the goal "RSS besides the ring"
-// leaves out.
-func bpfMapRSS(pid int) int64 {
+// bpfRingRSS is the resident size of the process's mapping of a BPF ring
+// buffer of ringBytes: its data area, mapped twice after a page, is
+// resident from the start, kernel memory sized by --ring-mib, which the
+// goal "RSS besides the ring" leaves out. The other BPF maps the agent
+// maps (its bitmaps, the pending table) count.
+func bpfRingRSS(pid int, ringBytes int64) int64 {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps", pid))
 	if err != nil {
 		return 0
 	}
+	return ringRSS(data, ringBytes)
+}
+
+// ringRSS is bpfRingRSS over the text of an smaps file.
+func ringRSS(data []byte, ringBytes int64) int64 {
+	if ringBytes <= 0 {
+		return 0
+	}
 	var total int64
-	inMap := false
+	inRing := false
 	for line := range strings.SplitSeq(string(data), "\n") {
 		if len(line) > 0 && line[0] >= '0' && line[0] <= 'f' && strings.Contains(line, "-") && !strings.Contains(line, ":  ") {
-			inMap = strings.HasSuffix(line, "anon_inode:bpf-map")
+			inRing = false
+			if strings.HasSuffix(line, "anon_inode:bpf-map") {
+				lo, hi, _ := strings.Cut(strings.Fields(line)[0], "-")
+				a, err1 := strconv.ParseUint(lo, 16, 64)
+				b, err2 := strconv.ParseUint(hi, 16, 64)
+				inRing = err1 == nil && err2 == nil && int64(b-a) >= 2*ringBytes
+			}
 			continue
 		}
-		if v, ok := strings.CutPrefix(line, "Rss:"); ok && inMap {
+		if v, ok := strings.CutPrefix(line, "Rss:"); ok && inRing {
 			kb, _ := strings.CutSuffix(strings.TrimSpace(v), " kB")
 			if n, err := strconv.ParseInt(strings.TrimSpace(kb), 10, 64); err == nil {
 				total += n << 10

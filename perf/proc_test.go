@@ -71,7 +71,7 @@ func TestProcSelf(t *testing.T) {
 	for i := range hold {
 		hold[i] = 1
 	}
-	rss, err := procPeakRSS(pid)
+	rss, err := procPeakRSS(pid, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -95,5 +95,29 @@ func TestTailBuffer(t *testing.T) {
 	b.Write([]byte(strings.Repeat("x", 20) + "12345678"))
 	if got := b.String(); got != "...12345678" {
 		t.Errorf("got %q", got)
+	}
+}
+
+// Only the ring's mapping (a page, then its data area twice) is left out
+// of the agent's RSS; its bitmaps and other maps count.
+func TestRingRSS(t *testing.T) {
+	smaps := `7f0000000000-7f0008001000 r--s 00000000 00:0f 1234                       anon_inode:bpf-map
+Size:             131076 kB
+Rss:              131076 kB
+7f0008001000-7f0008002000 rw-s 00000000 00:0f 1234                       anon_inode:bpf-map
+Size:                  4 kB
+Rss:                   4 kB
+7f0009000000-7f0009010000 rw-s 00000000 00:0f 1240                       anon_inode:bpf-map
+Size:                 64 kB
+Rss:                  64 kB
+55d0c0000000-55d0c0400000 r-xp 00000000 fd:01 99                         /usr/bin/lifeboat
+Size:               4096 kB
+Rss:                2048 kB
+`
+	if got := ringRSS([]byte(smaps), 64<<20); got != 131076<<10 {
+		t.Errorf("ring RSS = %d, want the 2 × 64 MiB + page mapping only (%d)", got, 131076<<10)
+	}
+	if got := ringRSS([]byte(smaps), 0); got != 0 {
+		t.Errorf("no ring: %d", got)
 	}
 }

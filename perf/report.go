@@ -32,6 +32,85 @@ type CaptureReport struct {
 	Results []CaptureResult `json:"results"`
 	// Samples has every individual run in execution order.
 	Samples []CaptureSample `json:"samples"`
+	// Goals are the capture goals as this run judged them.
+	Goals []Goal `json:"goals"`
+}
+
+// The capture goals.
+const (
+	GoalMetadataIOPSRatio = 0.95 // metadata mode ÷ no capture, IOPS
+	GoalDataIOPSRatio     = 0.85 // data mode ÷ no capture, IOPS
+	GoalAgentRSSMiB       = 64   // agent peak RSS besides the ring
+)
+
+// captureGoals judges the goals on results: the IOPS ratios on the
+// workloads run as fast as they go, no overflow in data mode on those
+// capped at OverflowRate or below (not measured when fio fell short of
+// 90 % of the cap without overflowing), and the agent's peak RSS.
+func captureGoals(workloads []Workload, results []CaptureResult) []Goal {
+	find := func(wl string, v Variant) *CaptureResult {
+		for i := range results {
+			if results[i].Workload == wl && results[i].Variant == v {
+				return &results[i]
+			}
+		}
+		return nil
+	}
+	judge := func(v *float64, ok func(float64) bool) *bool {
+		if v == nil {
+			return nil
+		}
+		b := ok(*v)
+		return &b
+	}
+	var goals []Goal
+	for _, wl := range workloads {
+		if wl.Rate != 0 {
+			continue
+		}
+		for _, g := range []struct {
+			v    Variant
+			goal float64
+		}{{VariantMetadata, GoalMetadataIOPSRatio}, {VariantData, GoalDataIOPSRatio}} {
+			var ratio *float64
+			if r := find(wl.Name, g.v); r != nil {
+				ratio = r.IOPSRatio
+			}
+			goals = append(goals, Goal{
+				Goal:  fmt.Sprintf("%s mode ≥ %.0f%% of no-capture IOPS, %s", g.v, 100*g.goal, wl.Name),
+				Value: ratio, Unit: "× none",
+				Met: judge(ratio, func(x float64) bool { return x >= g.goal }),
+			})
+		}
+	}
+	for _, wl := range workloads {
+		if wl.Rate == 0 || wl.Rate > OverflowRate {
+			continue
+		}
+		g := Goal{Goal: fmt.Sprintf("no overflow in data mode at %.0f MB/s, %s", float64(wl.Rate)/1e6, wl.Name), Unit: "overflows"}
+		if r := find(wl.Name, VariantData); r != nil && r.OverflowEvents != nil {
+			n := float64(*r.OverflowEvents)
+			g.Value = &n
+			switch {
+			case n > 0:
+				g.Met = new(bool)
+			case r.MBPerSec >= 0.9*float64(wl.Rate)/1e6:
+				ok := true
+				g.Met = &ok
+			}
+		}
+		goals = append(goals, g)
+	}
+	var rss *int64
+	for _, r := range results {
+		rss = maxPtr(rss, r.AgentPeakRSSBytes)
+	}
+	g := Goal{Goal: fmt.Sprintf("agent RSS besides the ring < %d MiB", GoalAgentRSSMiB), Unit: "MiB"}
+	if rss != nil {
+		mib := float64(*rss) / (1 << 20)
+		g.Value, g.Met = &mib, judge(&mib, func(x float64) bool { return x < GoalAgentRSSMiB })
+	}
+	return append(goals, g)
 }
 
 // CaptureSettings records the effective configuration of a run.
@@ -275,8 +354,10 @@ func (r *CaptureReport) WriteTable(w io.Writer) error {
 	if err := tw.Flush(); err != nil {
 		return fmt.Errorf("write capture report table: %w", err)
 	}
-	_, err := fmt.Fprintln(w, "* agent peak RSS less its BPF map mappings (the ring is mapped twice and always resident)")
-	return err
+	if _, err := fmt.Fprintln(w, "* agent peak RSS less its ring buffer's mapping (mapped twice and always resident); its other BPF maps count"); err != nil {
+		return err
+	}
+	return writeGoals(w, r.Goals)
 }
 
 func fmtFloat(p *float64, prec int) string {

@@ -114,8 +114,8 @@ func TestWriteTableAndJSON(t *testing.T) {
 		t.Fatal(err)
 	}
 	lines := strings.Split(strings.TrimRight(tb.String(), "\n"), "\n")
-	if len(lines) != 5 || !strings.HasPrefix(lines[4], "* ") {
-		t.Fatalf("table has %d lines, want header+columns+2 rows+footnote:\n%s", len(lines), tb.String())
+	if len(lines) != 6 || !strings.HasPrefix(lines[4], "* ") || lines[5] != "goals:" {
+		t.Fatalf("table has %d lines, want header+columns+2 rows+footnote+goals:\n%s", len(lines), tb.String())
 	}
 	if !strings.Contains(lines[0], "fio-3.33") || !strings.Contains(lines[0], "2048 MiB") {
 		t.Errorf("description line = %q", lines[0])
@@ -149,5 +149,54 @@ func TestWriteTableAndJSON(t *testing.T) {
 	}
 	if strings.Contains(jb.String(), `"agent_cpu_percent": null`) {
 		t.Errorf("absent agent values should be omitted, not null")
+	}
+}
+
+// The goals are judged on the run's own results: IOPS ratios on the
+// workloads run as fast as they go, overflows on the capped ones (not
+// measured when fio fell short of the cap without overflowing), the
+// largest agent RSS.
+func TestCaptureGoals(t *testing.T) {
+	f := func(v float64) *float64 { return &v }
+	n := func(v int64) *int64 { return &v }
+	wls := DefaultWorkloads()
+	results := []CaptureResult{
+		{Workload: "randwrite-4k", Variant: VariantMetadata, IOPSRatio: f(0.96), AgentPeakRSSBytes: n(20 << 20)},
+		{Workload: "randwrite-4k", Variant: VariantData, IOPSRatio: f(0.80), AgentPeakRSSBytes: n(30 << 20)},
+		{Workload: "seqwrite-1m", Variant: VariantMetadata, IOPSRatio: f(1.0)},
+		{Workload: "randwrite-4k-400MBps", Variant: VariantData, MBPerSec: 398, OverflowEvents: n(0)},
+		{Workload: "seqwrite-1m-400MBps", Variant: VariantData, MBPerSec: 300, OverflowEvents: n(0)},
+	}
+	goals := captureGoals(wls, results)
+	type want struct {
+		goal string
+		val  *float64
+		met  *bool
+	}
+	yes, no := true, false
+	wants := []want{
+		{"metadata mode ≥ 95% of no-capture IOPS, randwrite-4k", f(0.96), &yes},
+		{"data mode ≥ 85% of no-capture IOPS, randwrite-4k", f(0.80), &no},
+		{"metadata mode ≥ 95% of no-capture IOPS, seqwrite-1m", f(1.0), &yes},
+		{"data mode ≥ 85% of no-capture IOPS, seqwrite-1m", nil, nil},
+		{"no overflow in data mode at 400 MB/s, randwrite-4k-400MBps", f(0), &yes},
+		{"no overflow in data mode at 400 MB/s, seqwrite-1m-400MBps", f(0), nil}, // 300 of 400 MB/s
+		{"agent RSS besides the ring < 64 MiB", f(30), &yes},
+	}
+	if len(goals) != len(wants) {
+		t.Fatalf("goals = %+v", goals)
+	}
+	eq := func(a, b *float64) bool { return a == nil && b == nil || a != nil && b != nil && *a == *b }
+	eqb := func(a, b *bool) bool { return a == nil && b == nil || a != nil && b != nil && *a == *b }
+	for i, w := range wants {
+		g := goals[i]
+		if g.Goal != w.goal || !eq(g.Value, w.val) || !eqb(g.Met, w.met) {
+			t.Errorf("goal %d = %q %v met %v, want %q %v met %v", i, g.Goal, g.Value, g.Met, w.goal, w.val, w.met)
+		}
+	}
+	// An overflow fails the goal whatever rate fio reached.
+	results[4].OverflowEvents = n(2)
+	if g := captureGoals(wls, results)[5]; g.Met == nil || *g.Met {
+		t.Errorf("overflows at the capped rate: %+v", g)
 	}
 }
