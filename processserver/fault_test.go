@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -14,6 +15,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore/blobstoretest"
@@ -82,7 +86,7 @@ func (f *faultFS) OpenFile(name string, flag int, perm fs.FileMode) (cache.File,
 }
 
 func (f *faultFS) Statfs(path string) (cache.FSStat, error) {
-	if d := f.failStatfs.Load(); d != nil && path == *d {
+	if d := f.failStatfs.Load(); d != nil && (path == *d || *d == "*") {
 		return cache.FSStat{}, &fs.PathError{Op: "statfs", Path: path, Err: syscall.EIO}
 	}
 	if p := f.freePct.Load(); p > 0 {
@@ -167,6 +171,28 @@ func TestCacheFullPausesDespiteUnmeasurableDir(t *testing.T) {
 	if !strings.Contains(e.logs.String(), "cache usage unavailable") || !strings.Contains(e.logs.String(), e.cache[1]) {
 		t.Errorf("the directory whose usage is unavailable is not logged")
 	}
+}
+
+// TestFreeRatioUnknownWhenNoDirMeasurable: with no cache directory's
+// usage readable, the free-space gauge says unknown (NaN) instead of
+// keeping the last healthy value for dashboards and alerts.
+func TestFreeRatioUnknownWhenNoDirMeasurable(t *testing.T) {
+	e := newEnv(t, mem.New(), 3)
+	ffs := &faultFS{}
+	ffs.freePct.Store(50)
+	e.cacheFS = ffs
+	s := e.start()
+	gauge := func(g prometheus.Gauge) float64 {
+		var m dto.Metric
+		if err := g.Write(&m); err != nil {
+			t.Fatal(err)
+		}
+		return m.GetGauge().GetValue()
+	}
+	eventually(t, 10*time.Second, "free ratio 0.5", func() bool { return gauge(s.metrics.freeRatio) == 0.5 })
+	all := "*"
+	ffs.failStatfs.Store(&all)
+	eventually(t, 10*time.Second, "free ratio unknown", func() bool { return math.IsNaN(gauge(s.metrics.freeRatio)) })
 }
 
 // TestUploadsGoOnWhileCacheCannotDelete: a cache disk that fails deletes

@@ -786,7 +786,10 @@ func (s *Server) checkCache(w *usageWatch) {
 	}
 	w.err = msg
 	if measured == 0 {
-		return // nothing to go by: backpressure stays as it was
+		// Nothing to go by: backpressure stays as it was, and the gauge
+		// says unknown rather than keep the last healthy value.
+		s.metrics.freeRatio.Set(math.NaN())
+		return
 	}
 	s.metrics.freeRatio.Set(free)
 	want := slog.LevelInfo
