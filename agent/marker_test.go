@@ -619,6 +619,39 @@ func (t *blockTarget) arm(dev int, off int64, h func()) {
 	t.mu.Unlock()
 }
 
+// directWriter returns a function writing one block of p at off of path
+// with O_DIRECT (so that it has landed when it returns).
+func directWriter(t *testing.T, path string) func(off int64, p []byte) {
+	f, err := os.OpenFile(path, os.O_WRONLY|syscall.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return func(off int64, p []byte) {
+		blk := blockdev.AlignedBuffer(capture.BlockSize)
+		copy(blk, p)
+		if _, err := f.WriteAt(blk, off); err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+// runUntilHooked runs the engine until hooked is closed, lets it take a
+// few more markers and stops it cleanly.
+func runUntilHooked(t *testing.T, hooked chan struct{}, what string, cancel context.CancelFunc, done chan error) {
+	t.Helper()
+	select {
+	case <-hooked:
+	case <-time.After(20 * time.Second):
+		t.Fatal(what)
+	}
+	time.Sleep(time.Second) // more markers
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
 // A crash-consistent marker on a data-mode device that took no mark
 // parks none of its writes: a write parked by the marker's drain was read
 // back after the device was unparked, in a state newer than the point.
@@ -628,19 +661,9 @@ func (t *blockTarget) arm(dev int, off int64, h func()) {
 func TestMarkerParksNoWrite(t *testing.T) {
 	testenv.RequireRoot(t)
 	y := loopdev.New(t, 16<<20, loopdev.Options{})
-	f, err := os.OpenFile(y.Path, os.O_WRONLY|syscall.O_DIRECT, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close() })
 	const q, p1, p2, c = 1 << 20, 4 << 20, 8 << 20, 12 << 20
-	write := func(off int64, b byte) {
-		blk := blockdev.AlignedBuffer(capture.BlockSize)
-		copy(blk, filled(capture.BlockSize, b))
-		if _, err := f.WriteAt(blk, off); err != nil {
-			t.Error(err)
-		}
-	}
+	wy := directWriter(t, y.Path)
+	write := func(off int64, b byte) { wy(off, filled(capture.BlockSize, b)) }
 	tgt := &blockTarget{blocks: map[[2]int64][]byte{}, hooks: map[[2]int64]func(){}}
 	var once sync.Once
 	hooked := make(chan struct{})
@@ -665,16 +688,7 @@ func TestMarkerParksNoWrite(t *testing.T) {
 			})
 		}
 	})
-	select {
-	case <-hooked:
-	case <-time.After(20 * time.Second):
-		t.Fatal("the writes of the hooks were not made")
-	}
-	time.Sleep(time.Second) // more markers
-	cancel()
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
+	runUntilHooked(t, hooked, "the writes of the hooks were not made", cancel, done)
 	tgt.mu.Lock()
 	defer tgt.mu.Unlock()
 	second, wantC := filled(capture.BlockSize, 0xb2), filled(capture.BlockSize, 0xc1)
@@ -698,20 +712,9 @@ func TestMarkerDrainsDevicesMarkedLate(t *testing.T) {
 	testenv.RequireRoot(t)
 	x := loopdev.New(t, 16<<20, loopdev.Options{})
 	y := loopdev.New(t, 16<<20, loopdev.Options{})
-	fx, err := os.OpenFile(x.Path, os.O_WRONLY|syscall.O_DIRECT, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { fx.Close() })
 	const w, r = 1 << 20, 5 << 20
 	wData, rData := filled(capture.BlockSize, 0x77), filled(capture.BlockSize, 0x52)
-	write := func(off int64, p []byte) {
-		blk := blockdev.AlignedBuffer(capture.BlockSize)
-		copy(blk, p)
-		if _, err := fx.WriteAt(blk, off); err != nil {
-			t.Error(err)
-		}
-	}
+	write := directWriter(t, x.Path)
 	tgt := &blockTarget{blocks: map[[2]int64][]byte{}, hooks: map[[2]int64]func(){}}
 	var before, after sync.Once
 	hooked := make(chan struct{})
@@ -737,16 +740,7 @@ func TestMarkerDrainsDevicesMarkedLate(t *testing.T) {
 			})
 		}
 	})
-	select {
-	case <-hooked:
-	case <-time.After(20 * time.Second):
-		t.Fatal("no crash-consistent marker found the marks")
-	}
-	time.Sleep(time.Second) // more markers
-	cancel()
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
+	runUntilHooked(t, hooked, "no crash-consistent marker found the marks", cancel, done)
 	tgt.mu.Lock()
 	defer tgt.mu.Unlock()
 	held := 0

@@ -920,21 +920,8 @@ func TestMirrorRefusesDeviceWithoutMedia(t *testing.T) {
 func TestMirrorSourceReattached(t *testing.T) {
 	testenv.RequireRoot(t)
 	dir := t.TempDir()
-	img := filepath.Join(dir, "src.img")
-	if err := os.WriteFile(img, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(img, 64<<20); err != nil {
-		t.Fatal(err)
-	}
-	attach := func(file string) *loopdev.Device {
-		d, err := loopdev.Attach(file, loopdev.Options{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { d.Detach() })
-		return d
-	}
+	img := sparseImage(t, filepath.Join(dir, "src.img"), 64<<20)
+	attach := func(file string) *loopdev.Device { return attachImage(t, file) }
 	mirror := filepath.Join(dir, "mirror.img")
 	o := runOpts{stateDir: filepath.Join(dir, "state")}
 	d := attach(img)
@@ -974,4 +961,29 @@ func TestMirrorSourceReattached(t *testing.T) {
 		t.Fatalf("another image: %s, want a full copy", s.Sync[0])
 	}
 	assertSameBytes(t, d.Path, mirror)
+}
+
+// sparseImage creates a sparse file of size bytes at path, for a loop
+// device the test attaches and detaches itself (attachImage).
+func sparseImage(t *testing.T, path string, size int64) string {
+	t.Helper()
+	if err := os.WriteFile(path, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(path, size); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// attachImage attaches file to a loop device, detached at the test's end
+// unless the test detached it before.
+func attachImage(t *testing.T, file string) *loopdev.Device {
+	t.Helper()
+	d, err := loopdev.Attach(file, loopdev.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { d.Detach() })
+	return d
 }

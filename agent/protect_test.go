@@ -506,21 +506,8 @@ func TestProtectDeviceChangedDuringDial(t *testing.T) {
 func TestProtectDiskBackAfterReboot(t *testing.T) {
 	testenv.RequireRoot(t)
 	dir := t.TempDir()
-	img := filepath.Join(dir, "disk.img")
-	if err := os.WriteFile(img, nil, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Truncate(img, 32<<20); err != nil {
-		t.Fatal(err)
-	}
-	attach := func() *loopdev.Device {
-		d, err := loopdev.Attach(img, loopdev.Options{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { d.Detach() })
-		return d
-	}
+	img := sparseImage(t, filepath.Join(dir, "disk.img"), 32<<20)
+	attach := func() *loopdev.Device { return attachImage(t, img) }
 	srv := streamtest.New(t)
 	srv.ClientTLS(t, "m1") // issues the machine's certificate
 	state := filepath.Join(dir, "state")

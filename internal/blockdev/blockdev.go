@@ -194,11 +194,7 @@ func (d *Device) Placement() (Placement, error) {
 // media change or loop re-attach) and, for loop devices, the backing file.
 // Compare identities; do not parse them.
 func (d *Device) Identity() (string, error) {
-	size, err := d.Size()
-	if err != nil {
-		return "", err
-	}
-	p, err := d.Placement()
+	size, p, err := d.sizeAndPlacement()
 	if err != nil {
 		return "", err
 	}
@@ -221,6 +217,15 @@ func (d *Device) Identity() (string, error) {
 	return b.String(), nil
 }
 
+func (d *Device) sizeAndPlacement() (int64, Placement, error) {
+	size, err := d.Size()
+	if err != nil {
+		return 0, Placement{}, err
+	}
+	p, err := d.Placement()
+	return size, p, err
+}
+
 // StableID names the disk behind the node by what survives a reboot or a
 // re-attach, which both change Identity (its device number and diskseq
 // may change): the disk's WWID or serial number, or a loop device's
@@ -229,11 +234,7 @@ func (d *Device) Identity() (string, error) {
 // same disk is likely back, not that its blocks are unchanged: callers
 // compare the blocks rather than trust a bitmap.
 func (d *Device) StableID() (string, error) {
-	size, err := d.Size()
-	if err != nil {
-		return "", err
-	}
-	p, err := d.Placement()
+	size, p, err := d.sizeAndPlacement()
 	if err != nil {
 		return "", err
 	}
