@@ -756,3 +756,78 @@ func TestMarkerDrainsDevicesMarkedLate(t *testing.T) {
 		t.Fatal("no point holds R: the test did not exercise the marker")
 	}
 }
+
+// A drain takes the marks of the writes it parked that land just after
+// it unparks its devices (here one written behind capture's back and
+// marked, as a parked write's completion does): left for later, they
+// would make every later crash-consistent marker drain again, parking
+// more writes, while writes go on. After the drain, markers find nothing
+// to drain.
+func TestDrainHarvestsParkedWrites(t *testing.T) {
+	testenv.RequireRoot(t)
+	x := loopdev.New(t, 16<<20, loopdev.Options{})
+	const b = 3 << 20
+	blk := filled(capture.BlockSize, 0x3c)
+	tgt := &blockTarget{blocks: map[[2]int64][]byte{}, hooks: map[[2]int64]func(){}}
+	var before, after sync.Once
+	var armed atomic.Bool
+	var hookDrains uint64
+	hooked := make(chan struct{})
+	var eng *Engine
+	_, cancel, done := startEngineWith(t, Options{
+		Sources:       []Source{{Name: "x", Path: x.Path, Mode: capture.ModeData, Sync: SyncFull}},
+		RingBytes:     4 << 20,
+		Target:        tgt,
+		CrashInterval: 300 * time.Millisecond,
+	}, func(e *Engine) {
+		eng = e
+		e.beforeMarkerDrain = func() {
+			before.Do(func() {
+				e.cap.MarkBytes(0, 6*capture.BlockSize, capture.BlockSize)
+				armed.Store(true) // the marker's drain, not the initial copy's
+			})
+		}
+		e.afterUnpark = func() {
+			if !armed.Load() {
+				return
+			}
+			after.Do(func() {
+				if err := writeBehindErr(x.File, b, blk); err != nil {
+					t.Error(err)
+				}
+				e.cap.MarkBytes(0, b, capture.BlockSize)
+				hookDrains = e.stats.Drains // this drain counts itself next
+				close(hooked)
+			})
+		}
+	})
+	select {
+	case <-hooked:
+	case <-time.After(20 * time.Second):
+		t.Fatal("no drain after a marker found the marks")
+	}
+	var drains uint64
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		tgt.mu.Lock()
+		got := bytes.Equal(tgt.blocks[[2]int64{0, b}], blk)
+		tgt.mu.Unlock()
+		if got {
+			drains = eng.Stats().Drains
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the block marked after the unpark was never read back")
+		}
+	}
+	if drains != hookDrains+1 {
+		t.Errorf("the block marked after the unpark was read back by drain %d, not by the drain that unparked (%d)", drains, hookDrains+1)
+	}
+	time.Sleep(1500 * time.Millisecond) // several markers
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if n := eng.Stats().Drains; n != drains && n != drains+1 { // +1: the final drain at the stop
+		t.Errorf("%d drains after the one that unparked (%d then %d): its late marks were left for later ones", n-drains, drains, n)
+	}
+}
