@@ -233,7 +233,6 @@ type Engine struct {
 	// marks and chosen the devices to drain.
 	beforeMarkerDrain func()
 	afterMarkerLook   func()
-	afterUnpark       func()         // (tests) in a drain, once its devices are unparked
 	syncReq           []atomic.Int32 // per device: SyncKind+1 requested by RequestSync
 	resyncsTaken      uint64         // the ResyncAsker epoch last passed to ResyncsTaken
 	pointOwed         bool           // a point the target refused as ErrResyncPending
@@ -1322,14 +1321,6 @@ func (e *Engine) drain(ctx context.Context, idx []int, park, ahead bool, bar *pr
 		}
 		s.draining = true
 	}
-	if !park {
-		if e.afterUnpark != nil {
-			e.afterUnpark()
-		}
-		if err := e.harvestParked(idx); err != nil {
-			return err
-		}
-	}
 	e.stats.Drains++
 	for _, i := range idx {
 		e.srcs[i].lastDrain = time.Now()
@@ -1337,45 +1328,6 @@ func (e *Engine) drain(ctx context.Context, idx []int, park, ahead bool, bar *pr
 			return err
 		}
 		e.srcs[i].draining = false
-	}
-	return nil
-}
-
-// parkedQuiet and parkedWait bound harvestParked's wait: marks are taken
-// once none came for parkedQuiet, or after parkedWait.
-const (
-	parkedQuiet = time.Millisecond
-	parkedWait  = 20 * time.Millisecond
-)
-
-// harvestParked takes into a drain the marks of the writes it parked that
-// were still in flight at its swap: each marks the bitmap as it lands,
-// soon after. Left there, they would make the next crash-consistent
-// marker drain again, parking more writes, whose read-back after the
-// unpark may be newer than the point, and so on while writes go on (How
-// capture works). A write slower than parkedWait is read back by the next
-// drain. A mark taken now of a write that has not landed (the bitmap
-// path's submission-time marks) is marked again at its completion.
-func (e *Engine) harvestParked(idx []int) error {
-	marks := func() (n uint64) {
-		for _, i := range idx {
-			n += e.cap.Marks(i)
-		}
-		return n
-	}
-	last, quiet, deadline := marks(), time.Now(), time.Now().Add(parkedWait)
-	for time.Since(quiet) < parkedQuiet && time.Now().Before(deadline) {
-		time.Sleep(100 * time.Microsecond)
-		if n := marks(); n != last {
-			last, quiet = n, time.Now()
-		}
-	}
-	for _, i := range idx {
-		s := e.srcs[i]
-		s.lastMarks = e.cap.Marks(i)
-		if _, err := s.dirty.Drain(e.cap.BitmapWords(i)); err != nil && !errors.Is(err, bitmap.ErrOutOfRange) {
-			return err
-		}
 	}
 	return nil
 }
