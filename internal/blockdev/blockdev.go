@@ -229,7 +229,7 @@ func (d *Device) sizeAndPlacement() (int64, Placement, error) {
 // StableID names the disk behind the node by what survives a reboot or a
 // re-attach, which both change Identity (its device number and diskseq
 // may change): the disk's WWID or serial number, or a loop device's
-// backing file (path and inode), with the partition, its start and the
+// backing file (path and inode number), with the partition, its start and the
 // size. It is "" when the disk has none of them. Equal stable IDs say the
 // same disk is likely back, not that its blocks are unchanged: callers
 // compare the blocks rather than trust a bitmap.
@@ -253,7 +253,9 @@ func (d *Device) StableID() (string, error) {
 		if err := unix.Stat(backing, &st); err != nil {
 			return "", nil // the backing file is gone or renamed: nothing stable
 		}
-		id = fmt.Sprintf("loop=%q ino=%d:%d", backing, st.Dev, st.Ino)
+		// Not its file system's device number, which a reboot may change
+		// (btrfs's are allocated at mount).
+		id = fmt.Sprintf("loop=%q ino=%d", backing, st.Ino)
 	} else if !errors.Is(err, os.ErrNotExist) {
 		return "", err
 	}
