@@ -307,8 +307,12 @@ func New(opt Options) (*Engine, error) {
 		if s.Mode == capture.ModeData {
 			// The payload capture copies would be plaintext where the
 			// disk holds ciphertext: read back instead.
-			if crypt, err := d.InlineEncryption(); err != nil || crypt {
-				e.log.Warn("the disk encrypts inline: metadata mode (its writes are read back)", keyDevice, s.Path, "err", err)
+			switch crypt, err := d.InlineEncryption(); {
+			case err != nil:
+				e.log.Warn("cannot tell whether the disk encrypts inline: metadata mode (its writes are read back)", keyDevice, s.Path, "err", err)
+				s.Mode = capture.ModeMetadata
+			case crypt:
+				e.log.Warn("the disk encrypts inline: metadata mode (its writes are read back)", keyDevice, s.Path)
 				s.Mode = capture.ModeMetadata
 			}
 		}
