@@ -31,6 +31,8 @@ if [ -n "$pkgs" ]; then
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $pkgs >/dev/null
 fi
 grep -qs ' /sys/fs/bpf bpf ' /proc/mounts || mount -t bpf bpf /sys/fs/bpf
+# As internal/azurite.MinNode.
+[ "$(node -p 'process.versions.node.split(".")[0]')" -ge 20 ] || die "Azurite needs Node.js 20 or later (found $(node --version))"
 
 say "go build -o bin/lifeboat ./cmd/lifeboat"
 go build -o "$BIN" ./cmd/lifeboat

@@ -42,8 +42,14 @@ const (
 // storage account instead of Azurite.
 const EnvConnectionString = "AZURE_STORAGE_CONNECTION_STRING"
 
-// ErrNoNode is returned by Install and Start when node or npm is not in PATH.
-var ErrNoNode = errors.New("azurite: node/npm not found in PATH (install Node.js 20 or later, and npm)")
+// ErrNoNode is returned by Install and Start when node or npm is not in
+// PATH, or node is older than MinNode.
+var ErrNoNode = errors.New("azurite: needs Node.js 20 or later and npm in PATH")
+
+// MinNode is the oldest Node.js major version the pinned Azurite is run
+// with here (its package declares 22, and runs on 20: the tests and the
+// demo run it so).
+const MinNode = 20
 
 const binName = "azurite-blob"
 
@@ -102,8 +108,14 @@ func Install(ctx context.Context, dir string) (binPath string, err error) {
 	if installed(dir, bin) {
 		return bin, nil
 	}
-	if _, err := exec.LookPath("node"); err != nil {
+	node, err := exec.LookPath("node")
+	if err != nil {
 		return "", ErrNoNode
+	}
+	if v, err := exec.CommandContext(ctx, node, "--version").Output(); err != nil {
+		return "", fmt.Errorf("%w: %s --version: %v", ErrNoNode, node, err)
+	} else if major := nodeMajor(string(v)); major < MinNode {
+		return "", fmt.Errorf("%w: found Node.js %s", ErrNoNode, strings.TrimSpace(string(v)))
 	}
 	npm, err := exec.LookPath("npm")
 	if err != nil {
@@ -143,6 +155,14 @@ func Install(ctx context.Context, dir string) (binPath string, err error) {
 		return "", fmt.Errorf("azurite: npm ci succeeded but %s is missing: %w", bin, err)
 	}
 	return bin, nil
+}
+
+// nodeMajor is the major version in node --version's "v20.20.2"; 0 if
+// there is none.
+func nodeMajor(v string) int {
+	v, _, _ = strings.Cut(strings.TrimPrefix(strings.TrimSpace(v), "v"), ".")
+	n, _ := strconv.Atoi(v)
+	return n
 }
 
 // Options configure Start. The zero value is usable.

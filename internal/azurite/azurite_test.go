@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -22,6 +23,27 @@ func TestInstallWithoutNode(t *testing.T) {
 	_, err := Install(context.Background(), t.TempDir())
 	if !errors.Is(err, ErrNoNode) {
 		t.Fatalf("Install without node: err = %v, want ErrNoNode", err)
+	}
+}
+
+// A Node.js older than MinNode is refused with the version found, as a
+// missing one is (tests skip outside CI, fail in it).
+func TestInstallWithOldNode(t *testing.T) {
+	bin := t.TempDir()
+	for name, script := range map[string]string{"node": "#!/bin/sh\necho v18.19.0\n", "npm": "#!/bin/sh\nexit 1\n"} {
+		if err := os.WriteFile(filepath.Join(bin, name), []byte(script), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Setenv("PATH", bin)
+	_, err := Install(context.Background(), t.TempDir())
+	if !errors.Is(err, ErrNoNode) || !strings.Contains(err.Error(), "v18.19.0") {
+		t.Fatalf("Install with Node.js 18: err = %v, want ErrNoNode naming the version", err)
+	}
+	for v, want := range map[string]int{"v20.20.2\n": 20, "v22.1.0": 22, "": 0, "bogus": 0} {
+		if got := nodeMajor(v); got != want {
+			t.Errorf("nodeMajor(%q) = %d, want %d", v, got, want)
+		}
 	}
 }
 
