@@ -51,6 +51,7 @@ AGENT=
 cleanup() {
 	local rc=$?
 	set +e
+	trap '' INT TERM # a second Ctrl-C must not cut the clean-up short
 	if [ -n "$AGENT" ] && kill -0 "$AGENT" 2>/dev/null; then
 		kill -TERM "$AGENT" 2>/dev/null
 		for _ in $(seq 50); do kill -0 "$AGENT" 2>/dev/null || break; sleep 0.2; done
