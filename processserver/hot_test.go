@@ -1,6 +1,11 @@
 package processserver
 
-import "testing"
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+)
 
 // A hot segment's buffer is freed only when the segment entry and every
 // reader have let go of it; the budget is freed at once.
@@ -35,4 +40,36 @@ func TestHotSegmentFreedAfterLastReader(t *testing.T) {
 		}
 	}()
 	r.release()
+}
+
+// Uploads that read their segment back from the cache are bounded across
+// machines: past the bound one waits for a slot (or its context).
+func TestColdReadsBounded(t *testing.T) {
+	s := &Server{coldReads: make(chan struct{}, 2)}
+	r1, err := s.acquireCold(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	r2, err := s.acquireCold(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if _, err := s.acquireCold(ctx); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("a third read past a bound of 2: %v, want it to wait until its context ends", err)
+	}
+	r1()
+	r3, err := s.acquireCold(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	r2()
+	r3()
+	if n := len(s.coldReads); n != 0 {
+		t.Fatalf("%d slots held after every release", n)
+	}
+	if maxColdReads*DefaultSegmentBytes > hotLimit {
+		t.Errorf("cold reads may hold %d bytes, more than the hot segments' %d", maxColdReads*DefaultSegmentBytes, hotLimit)
+	}
 }

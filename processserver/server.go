@@ -101,6 +101,29 @@ type Server struct {
 	freeBufs chan *segBuf
 	// Sealed segments kept in memory until applied (newHot).
 	hotBytes atomic.Int64
+	// coldReads bounds the uploads that read their segment back from the
+	// cache at once, across machines (nil: no bound): each holds it whole
+	// while it waits for the upload limit or Azure's retries, and after a
+	// restart or a long outage every machine has four under way.
+	coldReads chan struct{}
+}
+
+// maxColdReads is coldReads' bound: with 8 MiB segments, as much memory as
+// the hot segments (hotLimit).
+const maxColdReads = hotLimit / DefaultSegmentBytes
+
+// acquireCold takes one of the coldReads slots, waiting for one while
+// ctx allows; release gives it back.
+func (s *Server) acquireCold(ctx context.Context) (release func(), err error) {
+	if s.coldReads == nil {
+		return func() {}, nil
+	}
+	select {
+	case s.coldReads <- struct{}{}:
+		return func() { <-s.coldReads }, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 }
 
 // Start loads the server's identity and recovery key, opens the cache,
@@ -172,6 +195,7 @@ func Start(ctx context.Context, c Config) (*Server, error) {
 		machines:    make(map[string]*machine),
 		freeBufs:    make(chan *segBuf, hotLimit/max(cfg.SegmentBytes, 1<<20)+8),
 		scrubReq:    make(chan struct{}, 1),
+		coldReads:   make(chan struct{}, maxColdReads),
 	}
 	if cfg.Metrics != nil {
 		s.metrics = newMetrics(s, cfg.Metrics)

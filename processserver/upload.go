@@ -575,6 +575,12 @@ func (m *machine) uploadOne(ctx context.Context, u *upload) {
 	if h != nil {
 		data = h.b
 	} else {
+		release, werr := m.s.acquireCold(ctx)
+		if werr != nil {
+			u.err = werr
+			return
+		}
+		defer release() // data is read until the upload ends
 		stage.Do(ctx, stage.Prepare, func(context.Context) { data, err = m.s.cache.Get(u.e.id) })
 	}
 	if err != nil {
