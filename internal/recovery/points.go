@@ -163,6 +163,9 @@ type state struct {
 	// journalFrom: every record from journalFrom to latest is in segments
 	// (retention deleted the ones before it).
 	journalFrom uint64
+	// startDeleted: the journal's start is gone, and not by a retention
+	// (which deletes only what a point kept as a base covers).
+	startDeleted bool
 }
 
 func loadState(ctx context.Context, store blobstore.Store, machine string) (*state, error) {
@@ -204,6 +207,10 @@ func loadState(ctx context.Context, store blobstore.Store, machine string) (*sta
 		// past it is a jump of the sequence, an agent restarting on its
 		// lease, and the replay's chain check finds a missing one.)
 		st.journalFrom = segs[0].First + 1
+		// Such a retention deleted only segments its base point covers,
+		// and kept the one after it: without a point there, the segments
+		// were deleted by someone else.
+		st.startDeleted = !slices.ContainsFunc(st.points, func(p Point) bool { return p.Seq+1 >= segs[0].First })
 	}
 	return st, nil
 }

@@ -204,16 +204,22 @@ func (st *state) start(d *layout.Disk, seq uint64) (*Point, uint64, int64, error
 			base = p
 		}
 	}
+	// Deleted by someone else than retention, the journal's start is
+	// tampering, not a window that moved on.
+	gone, why := ErrOutOfRange, fmt.Sprintf("retention deleted the journal before sequence %d", st.journalFrom)
+	if st.startDeleted {
+		gone, why = ErrTampered, fmt.Sprintf("the journal before sequence %d was deleted from the account, not by retention (no recovery point covers what it held)", st.journalFrom)
+	}
 	if base != nil {
 		if base.Seq < seq && base.Seq+1 < st.journalFrom {
-			return nil, 0, 0, fmt.Errorf("%w: disk %q at sequence %d: the newest recovery point before it is at %d, and retention deleted the journal before sequence %d",
-				ErrOutOfRange, d.Name, seq, base.Seq, st.journalFrom)
+			return nil, 0, 0, fmt.Errorf("%w: disk %q at sequence %d: the newest recovery point before it is at %d, and %s",
+				gone, d.Name, seq, base.Seq, why)
 		}
 		return base, base.Seq, int64(g.Size), nil
 	}
 	if st.journalFrom > first {
-		return nil, 0, 0, fmt.Errorf("%w: disk %q at sequence %d: no recovery point of its generation (which started at sequence %d) at or before it, and retention deleted the journal before sequence %d, which rebuilding it from zeros needs",
-			ErrOutOfRange, d.Name, seq, first, st.journalFrom)
+		return nil, 0, 0, fmt.Errorf("%w: disk %q at sequence %d: no recovery point of its generation (which started at sequence %d) at or before it, and %s, which rebuilding it from zeros needs",
+			gone, d.Name, seq, first, why)
 	}
 	return nil, first - 1, int64(g.Size), nil
 }

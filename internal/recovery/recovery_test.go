@@ -339,6 +339,21 @@ func TestRecoverDeletedJournalEnd(t *testing.T) {
 	}
 }
 
+// The first journal segments deleted from the account of a machine that
+// retention never pruned (journal_from 0, no recovery point covering
+// them): tampering, not a retention window, which deletes only what a
+// point covers.
+func TestRecoverDeletedJournalStart(t *testing.T) {
+	m, _ := journalOnly(t)
+	if err := m.Store.DeleteBlob(context.Background(), m.Segments[0]); err != nil {
+		t.Fatal(err)
+	}
+	_, res, err := recoverBytes(t, m, "latest", m.RecoveryKey)
+	if !errors.Is(err, recovery.ErrTampered) || !strings.Contains(err.Error(), "not by retention") {
+		t.Fatalf("recover with the journal's start deleted: seq %d, %v; want ErrTampered", res.Seq, err)
+	}
+}
+
 // Another machine's manifest copied under this machine's name verifies
 // (its seal covers the name it holds, and machines share a recovery key):
 // it is refused for naming another machine.
