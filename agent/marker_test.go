@@ -529,15 +529,7 @@ func TestMarkerDrainsEveryDataDevice(t *testing.T) {
 	tgt := &eventTarget{hookDev: -1}
 	var once sync.Once
 	hooked := make(chan struct{})
-	_, cancel, done := startEngineWith(t, Options{
-		Sources: []Source{
-			{Name: "x", Path: x.Path, Mode: capture.ModeData, Sync: SyncFull},
-			{Name: "y", Path: y.Path, Mode: capture.ModeData, Sync: SyncFull},
-		},
-		RingBytes:     4 << 20,
-		Target:        tgt,
-		CrashInterval: 300 * time.Millisecond,
-	}, func(e *Engine) {
+	_, cancel, done := startEngineWith(t, dataPair(x, y, tgt), func(e *Engine) {
 		e.beforeMarkerDrain = func() {
 			once.Do(func() {
 				// Changed behind capture's back and marked, as an
@@ -718,15 +710,7 @@ func TestMarkerDrainsDevicesMarkedLate(t *testing.T) {
 	tgt := &blockTarget{blocks: map[[2]int64][]byte{}, hooks: map[[2]int64]func(){}}
 	var before, after sync.Once
 	hooked := make(chan struct{})
-	_, cancel, done := startEngineWith(t, Options{
-		Sources: []Source{
-			{Name: "x", Path: x.Path, Mode: capture.ModeData, Sync: SyncFull},
-			{Name: "y", Path: y.Path, Mode: capture.ModeData, Sync: SyncFull},
-		},
-		RingBytes:     4 << 20,
-		Target:        tgt,
-		CrashInterval: 300 * time.Millisecond,
-	}, func(e *Engine) {
+	_, cancel, done := startEngineWith(t, dataPair(x, y, tgt), func(e *Engine) {
 		e.beforeMarkerDrain = func() {
 			before.Do(func() { e.cap.MarkBytes(1, 6*capture.BlockSize, capture.BlockSize) })
 		}
@@ -754,5 +738,19 @@ func TestMarkerDrainsDevicesMarkedLate(t *testing.T) {
 	}
 	if held == 0 {
 		t.Fatal("no point holds R: the test did not exercise the marker")
+	}
+}
+
+// dataPair is the options of an engine copying x and y, both in data
+// mode, to tgt, with a crash-consistent marker every 300 ms.
+func dataPair(x, y *loopdev.Device, tgt Target) Options {
+	return Options{
+		Sources: []Source{
+			{Name: "x", Path: x.Path, Mode: capture.ModeData, Sync: SyncFull},
+			{Name: "y", Path: y.Path, Mode: capture.ModeData, Sync: SyncFull},
+		},
+		RingBytes:     4 << 20,
+		Target:        tgt,
+		CrashInterval: 300 * time.Millisecond,
 	}
 }
