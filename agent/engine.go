@@ -5,6 +5,7 @@ package agent
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -176,8 +177,11 @@ type Stats struct {
 	ReadEarly    uint64 `json:"blocks_read_early"`
 	// Overwritten counts blocks a read-back had still to read that such
 	// a record covered whole: not read at all (readUnder).
-	Overwritten uint64   `json:"blocks_overwritten_in_readback"`
-	Sync        []string `json:"sync"` // how each device was brought up to date at start
+	Overwritten uint64 `json:"blocks_overwritten_in_readback"`
+	// Held counts ring records a drain held back until its read-back
+	// (captured after it began, their writes maybe not landed).
+	Held uint64   `json:"records_held_by_drains"`
+	Sync []string `json:"sync"` // how each device was brought up to date at start
 }
 
 type source struct {
@@ -197,6 +201,11 @@ type source struct {
 	// ends, applyAhead reads a record's blocks still in dirty first.
 	draining  bool
 	lastDrain time.Time
+	// hold: the drain under way bumped this device's epoch to parity
+	// holdEpoch; its quiesce holds back the records captured since
+	// (Engine.held).
+	hold      bool
+	holdEpoch uint32
 }
 
 // Engine runs capture for a set of devices into a Target.
@@ -233,13 +242,22 @@ type Engine struct {
 	// marks and chosen the devices to drain.
 	beforeMarkerDrain func()
 	afterMarkerLook   func()
-	syncReq           []atomic.Int32 // per device: SyncKind+1 requested by RequestSync
-	resyncsTaken      uint64         // the ResyncAsker epoch last passed to ResyncsTaken
-	pointOwed         bool           // a point the target refused as ErrResyncPending
-	runs              []bitmap.Extent
+	afterEpochBump    func() // (tests) in a drain, once the epochs are bumped
+
+	syncReq      []atomic.Int32 // per device: SyncKind+1 requested by RequestSync
+	resyncsTaken uint64         // the ResyncAsker epoch last passed to ResyncsTaken
+	pointOwed    bool           // a point the target refused as ErrResyncPending
+	runs         []bitmap.Extent
 	// aheadTook is the time applyAhead has taken so far (pacing leaves it
 	// out of read-back passes).
 	aheadTook time.Duration
+
+	// held: ring records a drain's quiesce held back (captured in their
+	// device's new epoch, their writes maybe not landed), in ring order,
+	// each after its length (4 bytes): applied before anything later from
+	// the ring (applyHeld).
+	held    []byte
+	holding bool
 
 	closed        bool
 	barrierSeen   uint64    // highest capture barrier applied
@@ -261,11 +279,12 @@ type Engine struct {
 const readbackGap = 8
 
 // markDrainInterval spaces the drains of a data-mode device for bitmap
-// marks (a write that ended unseen, a failed one): each drain parks the
-// device's new writes on the bitmap for a moment, and under steady writes
-// their marks would call for the next drain at once, a drain storm (4000
-// drains in a 20 s run of 1 MiB writes at 400 MB/s, filling the ring
-// while they read back). A full ring is drained at the loop's next tick.
+// marks (a write that ended unseen, a failed one, one that overflowed):
+// when drains parked the device's new writes on the bitmap, under steady
+// writes their marks called for the next drain at once, a drain storm
+// (4000 drains in a 20 s run of 1 MiB writes at 400 MB/s, filling the
+// ring while they read back); marks that keep coming (a device failing
+// writes) would still. A full ring is drained at the loop's next tick.
 const markDrainInterval = 250 * time.Millisecond
 
 // coverInterval paces the barriers that date time markers (Coverer).
@@ -515,6 +534,9 @@ func (e *Engine) loop(ctx context.Context) error {
 		// Apply whatever is queued, in batches, checking the devices
 		// between batches.
 		e.requestCover()
+		if err := e.applyHeld(nil); err != nil {
+			return err
+		}
 		busy := true // records may be left: do not wait for the idle tick
 		for range applyBatch {
 			it, ok := e.rd.TryNext()
@@ -773,9 +795,9 @@ func (e *Engine) requestCover() {
 // not be handed over yet for want of its completion (completionTracked):
 // then by unreportedLag, since a write whose completion the kernel never
 // reported is only found by the sweep, once its pending entry is stale;
-// or, for a write still tracked, to when it was queued (one queued while a
-// drain parked its data-mode device, which every drain does): it cannot
-// have completed before.
+// or, for a write still tracked, to when it was queued (one queued while
+// its data-mode device overflowed, or the agent's stop parked it): it
+// cannot have completed before.
 func (e *Engine) datedBack(now time.Time) time.Time {
 	// Entries the sweep is overdue for (a long drain held the loop, or a
 	// capture pinned while no agent ran kept those of writes made then)
@@ -1154,13 +1176,13 @@ func (e *Engine) marker(ctx context.Context, kind MarkerKind) error {
 	}
 	// Marks a data-mode device took since its last drain (spaced by
 	// markDrainInterval) are writes that may precede records the point
-	// now holds (a journal block parked during a drain, its commit
-	// captured after). They are looked for after the quiesce: a write
-	// completed before a record it applied was marked before that
-	// record was submitted. With none anywhere, the point is exact as it
-	// stands, and nothing is drained: a drain parks its devices, and the
-	// writes parked meanwhile are read back after they are unparked,
-	// maybe newer than records the point lacks (TestMarkerParksNoWrite).
+	// now holds (a journal block that overflowed, its commit captured
+	// after). They are looked for after the quiesce: a write completed
+	// before a record it applied was marked before that record was
+	// submitted. With none anywhere, the point is exact as it stands, and
+	// nothing is drained: a drain reads blocks back while they are being
+	// written, maybe in a state newer than records the point lacks
+	// (TestMarkerParksNoWrite).
 	// With some, every data-mode device is drained: the drain quiesces
 	// again, and a mark another device takes before its records are
 	// applied then would be left out (TestMarkerDrainsDevicesMarkedLate).
@@ -1242,8 +1264,14 @@ func (e *Engine) emit(kind MarkerKind, at time.Time) error {
 	return nil
 }
 
-// quiesce applies every record committed to the BPF ring so far.
+// quiesce applies every record committed to the BPF ring so far, but for
+// those a drain holds back (hold).
 func (e *Engine) quiesce(ctx context.Context) error {
+	if !e.holding {
+		if err := e.applyHeld(nil); err != nil {
+			return err
+		}
+	}
 	// Programs already running may still reserve ring space.
 	for {
 		n, err := e.cap.ProgramsRunning()
@@ -1271,6 +1299,9 @@ func (e *Engine) quiesce(ctx context.Context) error {
 			}
 			continue
 		}
+		if e.holding && e.hold(it) {
+			continue
+		}
 		if err := e.apply(it, nil); err != nil {
 			return err
 		}
@@ -1278,60 +1309,161 @@ func (e *Engine) quiesce(ctx context.Context) error {
 }
 
 // drain brings the devices idx up to date from their bitmaps, keeping the
-// ordering contract of capture.bpf.c: flag set → ring drained → captured
-// writes completed → bitmap swapped → flag cleared → blocks read back
-// before any later ring record is applied. With park, the flags stay set
-// so that capture keeps marking the bitmap after the agent has gone. With
-// ahead, ring records that come in during the read-back are applied
-// meanwhile (applyAhead): not for markers, whose point must stay where
-// quiesce put it.
+// ordering contract of capture.bpf.c: bitmap swapped → epoch bumped →
+// ring drained, the records of the new epoch held back → writes captured
+// in the old one landed → blocks read back before any record held back or
+// later is applied. Every mark taken is then older than every record
+// applied after the read-back, and every record applied before it has
+// landed. The devices' writes go on into the ring meanwhile: a drain that
+// parked them on the bitmap left the marks of those still in flight at
+// its swap to the next one, so that under steady writes every drain
+// called for another, and a marker never found a device without marks
+// again (TestDrainLeavesNoMarks). With park, the devices are parked
+// (overflow flag set → ring drained → captured writes landed → bitmap
+// swapped) and stay so: capture keeps marking the bitmap after the agent
+// has gone. With ahead, ring records that come in during the read-back are
+// applied meanwhile (applyAhead), the held ones first: not for markers,
+// whose point must stay where quiesce put it (held records wait for the
+// next time the engine reads the ring).
 func (e *Engine) drain(ctx context.Context, idx []int, park, ahead bool, bar *progress.Bar) error {
-	for _, i := range idx {
-		e.cap.SetOverflow(i, true)
-	}
-	if err := e.quiesce(ctx); err != nil {
+	if err := e.applyHeld(nil); err != nil {
 		return err
 	}
-	for _, i := range idx {
-		if err := e.waitLanded(ctx, i); err != nil {
-			return err
-		}
-	}
-	// Should the read-back stop half way (an app-consistent point's
-	// drain that failed; other failures stop the agent), the blocks left
-	// go back to the kernel bitmap, whose marks call for the device's next
-	// drain: read after its writes have landed again, never early by
-	// applyAhead.
+	// Should the drain stop half way (an app-consistent point's drain
+	// that failed; other failures stop the agent), the blocks it took and
+	// has not read go back to the kernel bitmap, whose marks call for the
+	// device's next drain: read after its writes have landed again, never
+	// early by applyAhead.
+	var taken []int
 	defer func() {
-		for _, i := range idx {
+		for _, i := range taken {
 			s := e.srcs[i]
-			if s.draining {
-				s.draining = false
-				for ext := range s.dirty.Extents(0) {
-					e.cap.MarkBytes(i, int64(ext.Start)*capture.BlockSize, int64(ext.Len)*capture.BlockSize)
-				}
-				s.dirty.Reset()
+			s.draining = false
+			for ext := range s.dirty.Extents(0) {
+				e.cap.MarkBytes(i, int64(ext.Start)*capture.BlockSize, int64(ext.Len)*capture.BlockSize)
 			}
+			s.dirty.Reset()
 		}
 	}()
-	for _, i := range idx {
-		s := e.srcs[i]
-		s.lastMarks = e.cap.Marks(i)
-		if _, err := s.dirty.Drain(e.cap.BitmapWords(i)); err != nil && !errors.Is(err, bitmap.ErrOutOfRange) {
+	swap := func() error {
+		for _, i := range idx {
+			s := e.srcs[i]
+			s.lastMarks = e.cap.Marks(i)
+			taken = append(taken, i)
+			if _, err := s.dirty.Drain(e.cap.BitmapWords(i)); err != nil && !errors.Is(err, bitmap.ErrOutOfRange) {
+				return err
+			}
+			if !park {
+				// Set by capture when the ring filled (its writes since
+				// are in the bitmap just taken, or will be in the next),
+				// or by the stop of the run that left capture pinned.
+				e.cap.SetOverflow(i, false)
+			}
+		}
+		return nil
+	}
+	if park {
+		for _, i := range idx {
+			e.cap.SetOverflow(i, true)
+		}
+		if err := e.quiesce(ctx); err != nil {
 			return err
 		}
-		if !park {
-			e.cap.SetOverflow(i, false)
+		for _, i := range idx {
+			for p := range uint32(2) {
+				if err := e.waitLanded(ctx, i, p); err != nil {
+					return err
+				}
+			}
 		}
-		s.draining = true
+		if err := swap(); err != nil {
+			return err
+		}
+	} else {
+		if err := swap(); err != nil {
+			return err
+		}
+		for _, i := range idx {
+			s := e.srcs[i]
+			s.holdEpoch = e.cap.BumpEpoch(i) ^ 1
+			s.hold = true
+		}
+		if e.afterEpochBump != nil {
+			e.afterEpochBump()
+		}
+		e.holding = true
+		err := e.quiesce(ctx)
+		e.holding = false
+		for _, i := range idx {
+			e.srcs[i].hold = false
+		}
+		if err != nil {
+			return err
+		}
+		for _, i := range idx {
+			if err := e.waitLanded(ctx, i, e.srcs[i].holdEpoch^1); err != nil {
+				return err
+			}
+		}
+	}
+	for _, i := range idx {
+		e.srcs[i].draining = true
 	}
 	e.stats.Drains++
-	for _, i := range idx {
+	if ahead {
+		// As records that come in during the read-back are
+		// (applyAhead): the blocks they do not cover whole are read
+		// first.
+		if err := e.applyHeld(bar); err != nil {
+			return err
+		}
+	}
+	for n, i := range idx {
 		e.srcs[i].lastDrain = time.Now()
 		if err := e.readback(ctx, i, bar, ahead); err != nil {
 			return err
 		}
 		e.srcs[i].draining = false
+		taken = idx[n+1:]
+	}
+	return nil
+}
+
+// hold keeps ring record it back, if its device's drain holds the epoch
+// it was captured in (drain); it reports whether it did. A record that
+// does not decode is not held: apply reports it.
+func (e *Engine) hold(it capture.Item) bool {
+	var r capture.Record
+	if it.Barrier != 0 || capture.Decode(it.Raw, &r) != nil || int(r.Dev) >= len(e.srcs) {
+		return false
+	}
+	if s := e.srcs[r.Dev]; !s.hold || r.Epoch() != s.holdEpoch {
+		return false
+	}
+	e.held = binary.LittleEndian.AppendUint32(e.held, uint32(len(it.Raw)))
+	e.held = append(e.held, it.Raw...)
+	e.stats.Held++
+	return true
+}
+
+// maxHeldKeep bounds the buffer of held records kept for the next drain.
+const maxHeldKeep = 4 << 20
+
+// applyHeld applies the records a drain held back, in ring order; bar is
+// the drain's, when its read-back is under way.
+func (e *Engine) applyHeld(bar *progress.Bar) error {
+	for len(e.held) > 0 {
+		n := binary.LittleEndian.Uint32(e.held)
+		raw := e.held[4 : 4+n]
+		e.held = e.held[4+n:]
+		if err := e.apply(capture.Item{Raw: raw}, bar); err != nil {
+			return err
+		}
+	}
+	if cap(e.held) > maxHeldKeep {
+		e.held = nil
+	} else {
+		e.held = e.held[:0:cap(e.held)]
 	}
 	return nil
 }
@@ -1392,12 +1524,13 @@ func (e *Engine) harvest(i int) error {
 // report (a skipped program run) would otherwise stop the agent for good.
 const inflightTimeout = 30 * time.Second
 
-// waitLanded waits until device i's ring-captured writes have completed,
-// so that a read-back cannot be older than a write already applied.
-func (e *Engine) waitLanded(ctx context.Context, i int) error {
+// waitLanded waits until device i's writes captured in the ring under
+// epoch parity p have completed, so that a read-back cannot be older
+// than a write already applied.
+func (e *Engine) waitLanded(ctx context.Context, i int, p uint32) error {
 	deadline := time.Now().Add(inflightTimeout)
 	nextSweep := time.Now().Add(sweepInterval)
-	for e.cap.RingInflight(i) > 0 {
+	for e.cap.RingInflight(i, p) > 0 {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
@@ -1413,9 +1546,9 @@ func (e *Engine) waitLanded(ctx context.Context, i int) error {
 		if time.Now().After(deadline) {
 			k, _ := e.cap.Counters()
 			e.log.Warn("captured writes still not completed: continuing; run a checksum resync if the device is healthy",
-				keyDevice, e.srcs[i].Path, "in_flight", e.cap.RingInflight(i), "recursion_misses", k.RecursionMisses)
+				keyDevice, e.srcs[i].Path, "in_flight", e.cap.RingInflight(i, p), "recursion_misses", k.RecursionMisses)
 			e.stats.InflightTimeouts++
-			e.cap.ResetRingInflight(i)
+			e.cap.ResetRingInflight(i, p)
 			return nil
 		}
 		time.Sleep(50 * time.Microsecond)

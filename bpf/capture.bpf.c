@@ -24,13 +24,18 @@
 // free-list push or pop per write, about as much as copying a 4 KiB
 // payload. The agent maps the table to sweep it.
 //
-// Ordering contract with the agent (agent/engine.go, drain): once a device's
-// overflow flag is set, no program starts a new ring record for it. The agent
-// sets the flag, waits for running programs (counters.inflight) and for the
-// ring-captured writes still on their way to the device (ring_flight),
-// drains the ring, swaps the bitmap out, clears the flag, and reads the
-// swapped blocks back before it applies any ring record that follows. Its
-// read-back is then never older than anything it has already applied.
+// Ordering contract with the agent (agent/engine.go, drain): a drain bumps
+// the device's epoch and waits for running programs (counters.inflight):
+// every ring record made after that carries the new parity (LB_F_EPOCH).
+// It drains the ring, holding back the records of the new parity, waits
+// for the writes counted under the old one to land (ring_flight), swaps
+// the bitmap out and reads the swapped blocks back before it applies any
+// record it held back or that follows. Its read-back is then never older
+// than anything it has already applied, and the device's writes went on
+// into the ring all along: a drain leaves no mark behind for the next one.
+// Once the overflow flag is set (the ring was full, or the agent parks the
+// device as it stops), no program starts a new ring record for it; the
+// agent clears it after the swap.
 
 #include "x86/vmlinux.h"
 #include "bpf/bpf_helpers.h"
@@ -156,18 +161,18 @@ struct {
 	__type(value, struct lb_flight);
 } ring_flight SEC(".maps");
 
-static __always_inline void ring_started(__u32 id)
+static __always_inline void ring_started(__u32 id, __u8 epoch)
 {
 	struct lb_flight *v = bpf_map_lookup_elem(&ring_flight, &id);
 	if (v)
-		__sync_fetch_and_add(&v->started, 1);
+		__sync_fetch_and_add(&v->started[epoch & 1], 1);
 }
 
-static __always_inline void ring_finished(__u32 id)
+static __always_inline void ring_finished(__u32 id, __u8 epoch)
 {
 	struct lb_flight *v = bpf_map_lookup_elem(&ring_flight, &id);
 	if (v)
-		__sync_fetch_and_add(&v->finished, 1);
+		__sync_fetch_and_add(&v->finished[epoch & 1], 1);
 }
 
 struct {
@@ -526,7 +531,7 @@ static __always_inline void settle(struct lb_pending *pc, int status, struct lb_
 	if (!d || !d->blocks)
 		return; // not a device of this capture (an entry from an earlier run)
 	if (pc->kind == LB_PEND_RING) {
-		ring_finished(id);
+		ring_finished(id, pc->epoch);
 		if (!failed)
 			return;
 	}
@@ -686,10 +691,14 @@ static __always_inline long track_bio(__u64 key, struct lb_pending *p, struct lb
 // or the record cannot be built or tracked (the caller takes the bitmap
 // path). The bio, under its pending key, is counted in ring_flight before
 // the record is visible, so the agent never applies a record whose write
-// is not accounted for until it lands.
+// is not accounted for until it lands. Record and count carry the parity
+// of the device's epoch, read after the caller counted itself running:
+// an agent that bumps the epoch and then finds no program running knows
+// every write counted under the old parity, and which records they are.
 static __always_inline bool emit_data(struct bio *bio, struct lb_dev *d, struct lb_devstate *st, struct lb_global *g,
 				      struct lb_counters *c, __u64 sector, __u32 size, int op, __u32 opf, __u64 key)
 {
+	__u8 epoch = *(volatile __u32 *)&st->epoch & 1;
 	__u32 data_len = op == LB_OP_WRITE ? size : 0;
 	if (data_len > LB_MAX_RECORD_DATA || !g->page_offset)
 		return false;
@@ -709,8 +718,10 @@ static __always_inline bool emit_data(struct bio *bio, struct lb_dev *d, struct 
 		return false;
 	}
 	emit_header(r, d, sector, size, op, opf, data_len);
+	if (epoch)
+		r->flags |= LB_F_EPOCH;
 	struct lb_pending p = {.dev = d->id, .op = op, .kind = LB_PEND_RING, .opf = opf, .sector = sector, .len = size,
-			       .stamp = clock_of(d->id)};
+			       .stamp = clock_of(d->id), .epoch = epoch};
 	if (track_bio(key, &p, c)) {
 		// Untracked, the record could be applied after a read-back of
 		// its blocks taken before it landed: bitmap path.
@@ -718,7 +729,7 @@ static __always_inline bool emit_data(struct bio *bio, struct lb_dev *d, struct 
 		c->pending_full++;
 		return false;
 	}
-	ring_started(d->id);
+	ring_started(d->id, epoch);
 	bpf_ringbuf_submit_dynptr(&dp, wake_flag(sizeof(struct lb_record) + data_len));
 	c->records++;
 	c->bytes += data_len;
@@ -1024,7 +1035,7 @@ int BPF_PROG(lb_split, struct bio *split, unsigned int new_sector)
 		// The parent entry still covers everything.
 	} else {
 		if (front.kind == LB_PEND_RING)
-			ring_started(front.dev);
+			ring_started(front.dev, front.epoch);
 		if (pp->len > flen) {
 			pp->sector += flen >> 9;
 			pp->len -= flen;

@@ -33,6 +33,7 @@ enum lb_op {
 enum lb_flags {
 	LB_F_FUA = 1,
 	LB_F_PREFLUSH = 2,
+	LB_F_EPOCH = 4, /* captured while the device's drain epoch was odd */
 };
 
 enum lb_mode {
@@ -89,13 +90,16 @@ struct lb_devstate {
 	__u64 overflow_events;
 	__u64 marks;         /* marks the agent makes (MarkBytes) and BPF's when a CPU has no
 				row in the marks map; the agent's Marks() adds the two */
-	__s64 ring_inflight; /* the agent's adjustments to ring_flight's sum */
+	__s64 ring_inflight[2]; /* the agent's adjustments to ring_flight's sums, by epoch parity */
+	__u32 epoch;            /* bumped by the agent at each drain: a ring write counts under its parity */
+	__u32 _pad;
 };
 
-/* Ring-captured writes of a device, on one CPU (ring_flight map). */
+/* Ring-captured writes of a device, on one CPU (ring_flight map), by the
+ * parity of the device's epoch when they were captured. */
 struct lb_flight {
-	__u64 started;
-	__u64 finished;
+	__u64 started[2];
+	__u64 finished[2];
 };
 
 struct lb_pending {
@@ -107,6 +111,8 @@ struct lb_pending {
 	__u8 kind;
 	__u32 stamp; /* lb_devstate.clock at insertion (stale sweep) */
 	__u32 disk;  /* LB_PEND_DISK: the disk's dev_t; sector is the disk's */
+	__u8 epoch;  /* LB_PEND_RING: the epoch parity it is counted under in ring_flight */
+	__u8 _pad[3];
 };
 
 /* A bucket of the pending table: a bio's entry can only be in the bucket

@@ -642,31 +642,34 @@ type Counters struct {
 	Inflight        int64  `json:"-"`
 }
 
-// RingInflight is the number of device i's ring-captured writes that have
-// not completed yet: the per-CPU counts capture keeps plus the agent's own
-// adjustments. The per-CPU values are read one after the other, so the
-// finished counts are read first: both only grow, and the result is never
-// below the number in flight at the moment the finished counts were read.
-// A failed read counts as one write in flight (waitLanded then times out
-// rather than letting a read-back run ahead).
-func (c *Capture) RingInflight(i int) int64 {
-	adj := atomic.LoadInt64(&c.state(i).RingInflight)
-	n, err := c.ringFlight(i)
+// RingInflight is the number of device i's ring-captured writes, captured
+// under epoch parity p (Epoch), that have not completed yet: the per-CPU
+// counts capture keeps plus the agent's own adjustments. The per-CPU
+// values are read one after the other, so the finished counts are read
+// first: both only grow, and the result is never below the number in
+// flight at the moment the finished counts were read. A failed read
+// counts as one write in flight (waitLanded then times out rather than
+// letting a read-back run ahead).
+func (c *Capture) RingInflight(i int, p uint32) int64 {
+	p &= 1
+	adj := atomic.LoadInt64(&c.state(i).RingInflight[p])
+	n, err := c.ringFlight(i, p)
 	if err != nil {
 		return max(1, n+adj)
 	}
 	return n + adj
 }
 
-// ringFlight is device i's started minus finished ring-captured writes.
-func (c *Capture) ringFlight(i int) (int64, error) {
+// ringFlight is device i's started minus finished ring-captured writes
+// of epoch parity p.
+func (c *Capture) ringFlight(i int, p uint32) (int64, error) {
 	var perCPU []captureLbFlight
 	if err := c.objs.RingFlight.Lookup(uint32(c.devices[i].ID), &perCPU); err != nil {
 		return 0, err
 	}
 	var finished uint64
 	for _, v := range perCPU {
-		finished += v.Finished
+		finished += v.Finished[p]
 	}
 	// A second read for the started counts, after the finished ones.
 	if err := c.objs.RingFlight.Lookup(uint32(c.devices[i].ID), &perCPU); err != nil {
@@ -674,15 +677,33 @@ func (c *Capture) ringFlight(i int) (int64, error) {
 	}
 	var started uint64
 	for _, v := range perCPU {
-		started += v.Started
+		started += v.Started[p]
 	}
 	return int64(started - finished), nil
 }
 
-// ResetRingInflight forgets device i's in-flight count (after a timeout).
-func (c *Capture) ResetRingInflight(i int) {
-	n, _ := c.ringFlight(i)
-	atomic.StoreInt64(&c.state(i).RingInflight, -n)
+// ResetRingInflight forgets device i's in-flight count of epoch parity p
+// (after a timeout).
+func (c *Capture) ResetRingInflight(i int, p uint32) {
+	p &= 1
+	n, _ := c.ringFlight(i, p)
+	atomic.StoreInt64(&c.state(i).RingInflight[p], -n)
+}
+
+// Epoch is device i's drain epoch: ring records and their writes' flight
+// counts carry its parity (Record.Epoch, RingInflight).
+func (c *Capture) Epoch(i int) uint32 {
+	return atomic.LoadUint32(&c.state(i).Epoch)
+}
+
+// BumpEpoch moves device i to its next epoch and returns the old one's
+// parity. Programs that start after it capture under the new parity; one
+// already running may still use the old one (ProgramsRunning tells when
+// none is left). The add is a full barrier, as the program's count of
+// itself running is: either the agent sees a program running or the
+// program sees the new epoch.
+func (c *Capture) BumpEpoch(i int) uint32 {
+	return (atomic.AddUint32(&c.state(i).Epoch, 1) - 1) & 1
 }
 
 // Marks counts the bitmap marks of device i; it moves when there is
@@ -846,7 +867,7 @@ func (c *Capture) sweep(old func(*captureLbPending) bool) ([]Stale, error) {
 			continue
 		}
 		if v.Kind == kindRing {
-			atomic.AddInt64(&c.state(idx).RingInflight, -1)
+			atomic.AddInt64(&c.state(idx).RingInflight[v.Epoch&1], -1)
 		}
 		stale = append(stale, Stale{Dev: idx, Off: int64(v.Sector) * 512, Len: int64(v.Len)})
 	}

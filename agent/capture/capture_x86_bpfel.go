@@ -59,7 +59,9 @@ type captureLbDevstate struct {
 	Clock          uint32
 	OverflowEvents uint64
 	Marks          uint64
-	RingInflight   int64
+	RingInflight   [2]int64
+	Epoch          uint32
+	Pad            uint32
 }
 
 type captureLbDisk struct {
@@ -77,8 +79,8 @@ type captureLbDisk struct {
 
 type captureLbFlight struct {
 	_        structs.HostLayout
-	Started  uint64
-	Finished uint64
+	Started  [2]uint64
+	Finished [2]uint64
 }
 
 type captureLbGlobal struct {
@@ -99,7 +101,8 @@ type captureLbPending struct {
 	Kind   uint8
 	Stamp  uint32
 	Disk   uint32
-	_      [4]byte
+	Epoch  uint8
+	Pad    [3]uint8
 }
 
 type captureLbRecord struct {

@@ -31,6 +31,7 @@ func (o Op) String() string {
 const (
 	FlagFUA      = 1
 	FlagPreflush = 2
+	FlagEpoch    = 4 // captured while the device's epoch was odd
 )
 
 // HeaderSize is sizeof(struct lb_record).
@@ -47,6 +48,10 @@ type Record struct {
 	Flags  uint8
 	Data   []byte
 }
+
+// Epoch is the parity of the device's epoch the record was captured in
+// (Capture.BumpEpoch).
+func (r *Record) Epoch() uint32 { return uint32(r.Flags&FlagEpoch) >> 2 }
 
 // Decode parses a ring record without allocating. It rejects records whose
 // lengths disagree, so a corrupt record can never be applied at a wrong size.

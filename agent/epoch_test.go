@@ -1,0 +1,153 @@
+package agent
+
+import (
+	"bytes"
+	"os/exec"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/agent/capture"
+	"github.com/lifeboat-dr/lifeboat/internal/loopdev"
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
+)
+
+// A drain leaves no mark behind under steady writes. A drain that parked
+// its data-mode device on the bitmap left the marks of the writes still
+// in flight at its swap to the next drain, which parked again: one mark
+// (here, a block the agent marks) kept the device draining every
+// markDrainInterval and every crash-consistent marker reading back live
+// blocks, for as long as the writes went on. Since a drain bumps the
+// device's epoch instead, the writes go on into the ring, held back until
+// the read-back, and the next markers find no mark.
+func TestDrainLeavesNoMarks(t *testing.T) {
+	testenv.RequireRoot(t)
+	const size = 32 << 20
+	d := loopdev.New(t, size, loopdev.Options{})
+	tgt := newFileTarget(t)
+	e, cancel, done := startEngine(t, Options{
+		Sources:       []Source{{Name: "d0", Path: d.Path, Mode: capture.ModeData, Sync: SyncFull}},
+		RingBytes:     64 << 20,
+		Target:        tgt,
+		CrashInterval: 200 * time.Millisecond,
+	})
+
+	// fio at QD16, so that writes are in flight whenever a drain swaps
+	// the bitmap; at a rate the agent keeps up with on a loaded host (the
+	// ring must not fill: that marks the bitmap too).
+	testenv.RequireTool(t, "fio")
+	fioCmd := exec.Command("fio", "--name=steady", "--thread", "--filename="+d.Path, "--direct=1", "--ioengine=libaio",
+		"--rw=randwrite", "--bs=4k", "--serialize_overlap=1", "--iodepth=16", "--time_based", "--runtime=600", "--rate=20m")
+	if err := fioCmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	fioDone := make(chan struct{})
+	var fioErr error
+	go func() { fioErr = fioCmd.Wait(); close(fioDone) }()
+	stopFio := func() {
+		fioCmd.Process.Kill()
+		<-fioDone // its writes in flight are waited for at its exit
+	}
+	defer stopFio()
+	time.Sleep(300 * time.Millisecond)
+	e.cap.MarkBytes(0, 5*capture.BlockSize, capture.BlockSize)
+	// The loop drains for the mark within markDrainInterval (and a marker
+	// within CrashInterval).
+	time.Sleep(2 * markDrainInterval)
+	k0, err := e.cap.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m0 := e.cap.Marks(0)
+	time.Sleep(6 * markDrainInterval)
+	k1, err := e.cap.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	m1 := e.cap.Marks(0)
+	select {
+	case <-fioDone:
+		t.Fatalf("fio stopped early: %v", fioErr)
+	default:
+	}
+	stopFio()
+	if k1.Records == k0.Records {
+		t.Fatal("no write was captured while the marks were watched")
+	}
+	if m1 != m0 || k1.OverflowBios != k0.OverflowBios {
+		t.Errorf("under steady writes the device took %d marks (%d writes on the bitmap path) in %v after its drain: drains leave marks for the next one",
+			m1-m0, k1.OverflowBios-k0.OverflowBios, 6*markDrainInterval)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	s := e.Stats()
+	if s.Drains < 2 || s.CrashMarkers == 0 {
+		t.Fatalf("drains %d, crash markers %d: the mark was not drained under writes", s.Drains, s.CrashMarkers)
+	}
+	if s.OverflowEvents != 0 {
+		t.Fatalf("the ring filled %d times: this host did not keep up with 20 MB/s, the test proves nothing", s.OverflowEvents)
+	}
+	if k := s.Kernel; k.OverflowBios != 0 {
+		t.Errorf("%d writes took the bitmap path though the ring never filled: a drain parked them", k.OverflowBios)
+	}
+	assertSameBytes(t, d.Path, tgt.f.Name())
+}
+
+// A drain takes the bitmap before it bumps the epochs: every mark it
+// takes is then older than the records it holds back. Here, once a drain
+// has bumped the epoch, R is written to X (a ring record of the new
+// epoch, held back) and then W over it on the bitmap path (the device
+// overflowing meanwhile). Had the drain taken W's mark, it would read X
+// back (W) and then apply R, older, over it for good.
+func TestDrainHeldRecordNotOverMark(t *testing.T) {
+	testenv.RequireRoot(t)
+	d := loopdev.New(t, 16<<20, loopdev.Options{})
+	const x = 3 << 20
+	write := directWriter(t, d.Path)
+	rData, wData := filled(capture.BlockSize, 0x52), filled(capture.BlockSize, 0x57)
+	tgt := newFileTarget(t)
+	var once sync.Once
+	hooked := make(chan struct{})
+	e, cancel, done := startEngineWith(t, Options{
+		Sources:   []Source{{Name: "d0", Path: d.Path, Mode: capture.ModeData, Sync: SyncFull}},
+		RingBytes: 4 << 20,
+		Target:    tgt,
+	}, func(e *Engine) {
+		e.afterEpochBump = func() {
+			if e.stats.Drains == 0 {
+				return // the initial copy
+			}
+			once.Do(func() {
+				write(x, rData)
+				e.cap.SetOverflow(0, true)
+				write(x, wData)
+				e.cap.SetOverflow(0, false)
+				close(hooked)
+			})
+		}
+	})
+	e.cap.MarkBytes(0, 5*capture.BlockSize, capture.BlockSize) // calls for a drain
+	select {
+	case <-hooked:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no drain ran")
+	}
+	time.Sleep(4 * markDrainInterval) // the drain for W's mark
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if s := e.Stats(); s.Held == 0 {
+		t.Fatal("the drain held no record back: R was not captured in the new epoch")
+	}
+	got := make([]byte, capture.BlockSize)
+	if _, err := tgt.f.ReadAt(got, x); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, wData) {
+		t.Fatalf("the copy holds %#x at X, want W's %#x: the held record R was applied over W's read-back", got[0], wData[0])
+	}
+	assertSameBytes(t, d.Path, tgt.f.Name())
+}
