@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math/bits"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -201,11 +202,16 @@ type source struct {
 	// ends, applyAhead reads a record's blocks still in dirty first.
 	draining  bool
 	lastDrain time.Time
-	// hold: the drain under way bumped this device's epoch to parity
-	// holdEpoch; its quiesce holds back the records captured since
-	// (Engine.held).
+	// hold: the drain under way bumped this device's epoch to holdEpoch;
+	// its quiesce holds back the records captured since (Engine.held).
 	hold      bool
 	holdEpoch uint32
+	// late: the runs the last drain's second swap took (all of them with
+	// lateAll), which a record of lateEpoch may be older than: the blocks
+	// such a record covers there are marked again (remarkLate).
+	late      []bitmap.Extent
+	lateAll   bool
+	lateEpoch uint32
 }
 
 // Engine runs capture for a set of devices into a Target.
@@ -242,7 +248,7 @@ type Engine struct {
 	// marks and chosen the devices to drain.
 	beforeMarkerDrain func()
 	afterMarkerLook   func()
-	afterEpochBump    func() // (tests) in a drain, once the epochs are bumped
+	drainHook         func(stage string) // (tests) in a drain: "swapped", "bumped"
 
 	syncReq      []atomic.Int32 // per device: SyncKind+1 requested by RequestSync
 	resyncsTaken uint64         // the ResyncAsker epoch last passed to ResyncsTaken
@@ -1311,20 +1317,24 @@ func (e *Engine) quiesce(ctx context.Context) error {
 // drain brings the devices idx up to date from their bitmaps, keeping the
 // ordering contract of capture.bpf.c: bitmap swapped → epoch bumped →
 // ring drained, the records of the new epoch held back → writes captured
-// in the old one landed → blocks read back before any record held back or
-// later is applied. Every mark taken is then older than every record
-// applied after the read-back, and every record applied before it has
-// landed. The devices' writes go on into the ring meanwhile: a drain that
-// parked them on the bitmap left the marks of those still in flight at
-// its swap to the next one, so that under steady writes every drain
-// called for another, and a marker never found a device without marks
-// again (TestDrainLeavesNoMarks). With park, the devices are parked
-// (overflow flag set → ring drained → captured writes landed → bitmap
-// swapped) and stay so: capture keeps marking the bitmap after the agent
-// has gone. With ahead, ring records that come in during the read-back are
-// applied meanwhile (applyAhead), the held ones first: not for markers,
-// whose point must stay where quiesce put it (held records wait for the
-// next time the engine reads the ring).
+// in the old epoch landed → bitmap swapped again → blocks read back before
+// any record held back or later is applied. Every record applied before
+// the read-back has landed; the marks of the first swap are older than
+// every record of the new epoch, and those of the second, which may not be
+// (a write that completed between the swaps), are read again by the next
+// drain wherever such a record meets them (remarkLate). The second swap
+// takes the writes completed before the records the quiesce applied,
+// which a marker's point must hold. The devices' writes go on into the
+// ring meanwhile: a drain that parked them on the bitmap left the marks
+// of those still in flight at its swap to the next one, so that under
+// steady writes every drain called for another, and a marker never found
+// a device without marks again (TestDrainLeavesNoMarks). With park, the
+// devices are parked (overflow flag set → ring drained → captured writes
+// landed → bitmap swapped) and stay so: capture keeps marking the bitmap
+// after the agent has gone. With ahead, ring records that come in during
+// the read-back are applied meanwhile (applyAhead), the held ones first:
+// not for markers, whose point must stay where quiesce put it (held
+// records wait for the next time the engine reads the ring).
 func (e *Engine) drain(ctx context.Context, idx []int, park, ahead bool, bar *progress.Bar) error {
 	if err := e.applyHeld(nil); err != nil {
 		return err
@@ -1345,20 +1355,19 @@ func (e *Engine) drain(ctx context.Context, idx []int, park, ahead bool, bar *pr
 			s.dirty.Reset()
 		}
 	}()
-	swap := func() error {
-		for _, i := range idx {
-			s := e.srcs[i]
-			s.lastMarks = e.cap.Marks(i)
+	hook := func(stage string) {
+		if e.drainHook != nil {
+			e.drainHook(stage)
+		}
+	}
+	swap := func(i int) error {
+		s := e.srcs[i]
+		if !slices.Contains(taken, i) {
 			taken = append(taken, i)
-			if _, err := s.dirty.Drain(e.cap.BitmapWords(i)); err != nil && !errors.Is(err, bitmap.ErrOutOfRange) {
-				return err
-			}
-			if !park {
-				// Set by capture when the ring filled (its writes since
-				// are in the bitmap just taken, or will be in the next),
-				// or by the stop of the run that left capture pinned.
-				e.cap.SetOverflow(i, false)
-			}
+		}
+		s.lastMarks = e.cap.Marks(i)
+		if _, err := s.dirty.Drain(e.cap.BitmapWords(i)); err != nil && !errors.Is(err, bitmap.ErrOutOfRange) {
+			return err
 		}
 		return nil
 	}
@@ -1376,21 +1385,30 @@ func (e *Engine) drain(ctx context.Context, idx []int, park, ahead bool, bar *pr
 				}
 			}
 		}
-		if err := swap(); err != nil {
-			return err
+		for _, i := range idx {
+			if err := swap(i); err != nil {
+				return err
+			}
 		}
 	} else {
-		if err := swap(); err != nil {
-			return err
-		}
 		for _, i := range idx {
+			if err := swap(i); err != nil {
+				return err
+			}
+		}
+		hook("swapped")
+		for _, i := range idx {
+			// The parity the epoch moves to counts no write still in
+			// flight but one an earlier drain, stopped half way, did not
+			// wait for: that one first.
+			if err := e.waitLanded(ctx, i, (e.cap.Epoch(i)+1)&1); err != nil {
+				return err
+			}
 			s := e.srcs[i]
-			s.holdEpoch = e.cap.BumpEpoch(i) ^ 1
+			s.holdEpoch = e.cap.BumpEpoch(i)
 			s.hold = true
 		}
-		if e.afterEpochBump != nil {
-			e.afterEpochBump()
-		}
+		hook("bumped")
 		e.holding = true
 		err := e.quiesce(ctx)
 		e.holding = false
@@ -1401,9 +1419,18 @@ func (e *Engine) drain(ctx context.Context, idx []int, park, ahead bool, bar *pr
 			return err
 		}
 		for _, i := range idx {
-			if err := e.waitLanded(ctx, i, e.srcs[i].holdEpoch^1); err != nil {
+			if err := e.waitLanded(ctx, i, (e.srcs[i].holdEpoch-1)&1); err != nil {
 				return err
 			}
+		}
+		for _, i := range idx {
+			if err := e.takeLate(i); err != nil {
+				return err
+			}
+			// Set by capture when the ring filled (its writes are in
+			// the bitmaps taken, or will be in the next), or by the stop
+			// of the run that left capture pinned.
+			e.cap.SetOverflow(i, false)
 		}
 	}
 	for _, i := range idx {
@@ -1429,6 +1456,78 @@ func (e *Engine) drain(ctx context.Context, idx []int, park, ahead bool, bar *pr
 	return nil
 }
 
+// maxLate bounds the runs a drain's second swap remembers (late); past
+// it, every record of the new epoch is marked again.
+const maxLate = 4096
+
+// takeLate is a drain's second swap of device i: the kernel bitmap goes
+// into the read-back set, and its runs into s.late for the records of the
+// drain's epoch (remarkLate).
+func (e *Engine) takeLate(i int) error {
+	s := e.srcs[i]
+	s.late, s.lateAll, s.lateEpoch = s.late[:0], false, s.holdEpoch
+	s.lastMarks = e.cap.Marks(i)
+	words := e.cap.BitmapWords(i)
+	blocks := s.dirty.Blocks()
+	for w := range words {
+		if atomic.LoadUint64(&words[w]) == 0 {
+			continue
+		}
+		v := atomic.SwapUint64(&words[w], 0)
+		for v != 0 {
+			b := bits.TrailingZeros64(v)
+			n := bits.TrailingZeros64(^(v >> b)) // < 64 - b + 1
+			if b+n >= 64 {
+				v = 0
+			} else {
+				v &^= (uint64(1)<<n - 1) << b
+			}
+			start := uint64(w)*64 + uint64(b)
+			end := min(start+uint64(n), blocks)
+			if start >= end {
+				continue
+			}
+			s.dirty.SetRange(start, end-start)
+			if k := len(s.late); k > 0 && s.late[k-1].Start+s.late[k-1].Len == start {
+				s.late[k-1].Len += end - start
+			} else if k < maxLate {
+				s.late = append(s.late, bitmap.Extent{Start: start, Len: end - start})
+			} else {
+				s.lateAll = true
+			}
+		}
+	}
+	return nil
+}
+
+// remarkLate marks again, for the next drain, the blocks of record r that
+// the last drain's second swap took, if r is of that drain's epoch: r may
+// be older than the write that marked them, and applied after their
+// read-back it would stand in the copy over that newer write.
+func (e *Engine) remarkLate(s *source, r *capture.Record) {
+	if (len(s.late) == 0 && !s.lateAll) || r.Epoch != s.lateEpoch || r.Len == 0 {
+		return
+	}
+	if s.lateAll {
+		e.cap.MarkBytes(int(r.Dev), r.Offset, int64(r.Len))
+		return
+	}
+	lo := uint64(r.Offset / capture.BlockSize)
+	hi := uint64((r.Offset + int64(r.Len) + capture.BlockSize - 1) / capture.BlockSize)
+	k, _ := slices.BinarySearchFunc(s.late, lo, func(x bitmap.Extent, b uint64) int {
+		if x.Start+x.Len <= b {
+			return -1
+		}
+		return 1
+	})
+	for ; k < len(s.late) && s.late[k].Start < hi; k++ {
+		a, b := max(s.late[k].Start, lo), min(s.late[k].Start+s.late[k].Len, hi)
+		if a < b {
+			e.cap.MarkBytes(int(r.Dev), int64(a)*capture.BlockSize, int64(b-a)*capture.BlockSize)
+		}
+	}
+}
+
 // hold keeps ring record it back, if its device's drain holds the epoch
 // it was captured in (drain); it reports whether it did. A record that
 // does not decode is not held: apply reports it.
@@ -1437,7 +1536,7 @@ func (e *Engine) hold(it capture.Item) bool {
 	if it.Barrier != 0 || capture.Decode(it.Raw, &r) != nil || int(r.Dev) >= len(e.srcs) {
 		return false
 	}
-	if s := e.srcs[r.Dev]; !s.hold || r.Epoch() != s.holdEpoch {
+	if s := e.srcs[r.Dev]; !s.hold || r.Epoch != s.holdEpoch {
 		return false
 	}
 	e.held = binary.LittleEndian.AppendUint32(e.held, uint32(len(it.Raw)))
@@ -1452,18 +1551,19 @@ const maxHeldKeep = 4 << 20
 // applyHeld applies the records a drain held back, in ring order; bar is
 // the drain's, when its read-back is under way.
 func (e *Engine) applyHeld(bar *progress.Bar) error {
-	for len(e.held) > 0 {
-		n := binary.LittleEndian.Uint32(e.held)
-		raw := e.held[4 : 4+n]
-		e.held = e.held[4+n:]
+	for pos := 0; pos < len(e.held); {
+		n := int(binary.LittleEndian.Uint32(e.held[pos:]))
+		raw := e.held[pos+4 : pos+4+n]
+		pos += 4 + n
 		if err := e.apply(capture.Item{Raw: raw}, bar); err != nil {
+			e.held = append(e.held[:0], e.held[pos:]...)
 			return err
 		}
 	}
 	if cap(e.held) > maxHeldKeep {
 		e.held = nil
 	} else {
-		e.held = e.held[:0:cap(e.held)]
+		e.held = e.held[:0]
 	}
 	return nil
 }
@@ -1537,7 +1637,8 @@ func (e *Engine) waitLanded(ctx context.Context, i int, p uint32) error {
 		if time.Now().After(nextSweep) {
 			// A completion the kernel never reported: its entry goes
 			// stale and releases ring_inflight; the blocks are marked in
-			// the kernel bitmap, which this drain swaps next.
+			// the kernel bitmap, which this drain swaps next (or, before
+			// a bump, its second swap does).
 			if _, err := e.markStale(); err != nil {
 				return err
 			}
@@ -1774,7 +1875,11 @@ func (e *Engine) apply(it capture.Item, bar *progress.Bar) error {
 			return err
 		}
 	}
-	return e.applyRecord(s, &r)
+	if err := e.applyRecord(s, &r); err != nil {
+		return err
+	}
+	e.remarkLate(s, &r)
+	return nil
 }
 
 // check returns the source of record r, whose extent must lie on it.

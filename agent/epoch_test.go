@@ -95,12 +95,13 @@ func TestDrainLeavesNoMarks(t *testing.T) {
 	assertSameBytes(t, d.Path, tgt.f.Name())
 }
 
-// A drain takes the bitmap before it bumps the epochs: every mark it
-// takes is then older than the records it holds back. Here, once a drain
-// has bumped the epoch, R is written to X (a ring record of the new
-// epoch, held back) and then W over it on the bitmap path (the device
-// overflowing meanwhile). Had the drain taken W's mark, it would read X
-// back (W) and then apply R, older, over it for good.
+// A drain takes the bitmap before it bumps the epochs: the marks it takes
+// then are older than the records it holds back. Here, once a drain has
+// bumped the epoch, R is written to X (a ring record of the new epoch,
+// held back) and then W over it on the bitmap path (the device
+// overflowing meanwhile). The drain's second swap takes W's mark: it
+// reads X back (W), then applies R, older, over it, and marks X again
+// for the next drain. Without, the copy would keep R for good.
 func TestDrainHeldRecordNotOverMark(t *testing.T) {
 	testenv.RequireRoot(t)
 	d := loopdev.New(t, 16<<20, loopdev.Options{})
@@ -115,8 +116,8 @@ func TestDrainHeldRecordNotOverMark(t *testing.T) {
 		RingBytes: 4 << 20,
 		Target:    tgt,
 	}, func(e *Engine) {
-		e.afterEpochBump = func() {
-			if e.stats.Drains == 0 {
+		e.drainHook = func(stage string) {
+			if stage != "bumped" || e.stats.Drains == 0 {
 				return // the initial copy
 			}
 			once.Do(func() {
@@ -150,4 +151,62 @@ func TestDrainHeldRecordNotOverMark(t *testing.T) {
 		t.Fatalf("the copy holds %#x at X, want W's %#x: the held record R was applied over W's read-back", got[0], wData[0])
 	}
 	assertSameBytes(t, d.Path, tgt.f.Name())
+}
+
+// A crash-consistent point that holds a record holds the writes completed
+// before it. Here, in a marker's drain, once the bitmap has been taken, W
+// is written on the bitmap path (the device overflowing) and then R, its
+// dependent, as a ring record of the old epoch, which the drain's quiesce
+// applies: the drain swaps the bitmap again after that quiesce, so that
+// the point holding R holds W.
+func TestMarkerHoldsWritesMarkedDuringItsDrain(t *testing.T) {
+	testenv.RequireRoot(t)
+	d := loopdev.New(t, 16<<20, loopdev.Options{})
+	const w, r = 1 << 20, 5 << 20
+	wData, rData := filled(capture.BlockSize, 0x77), filled(capture.BlockSize, 0x52)
+	write := directWriter(t, d.Path)
+	tgt := &blockTarget{blocks: map[[2]int64][]byte{}, hooks: map[[2]int64]func(){}}
+	var marked, once sync.Once
+	var inMarker bool
+	hooked := make(chan struct{})
+	_, cancel, done := startEngineWith(t, Options{
+		Sources:       []Source{{Name: "d0", Path: d.Path, Mode: capture.ModeData, Sync: SyncFull}},
+		RingBytes:     4 << 20,
+		Target:        tgt,
+		CrashInterval: 300 * time.Millisecond,
+	}, func(e *Engine) {
+		e.beforeMarkerDrain = func() {
+			marked.Do(func() {
+				e.cap.MarkBytes(0, 6*capture.BlockSize, capture.BlockSize)
+				inMarker = true
+			})
+		}
+		e.drainHook = func(stage string) {
+			if stage != "swapped" || !inMarker {
+				return
+			}
+			once.Do(func() {
+				e.cap.SetOverflow(0, true)
+				write(w, wData)
+				e.cap.SetOverflow(0, false)
+				write(r, rData)
+				close(hooked)
+			})
+		}
+	})
+	runUntilHooked(t, hooked, "no crash-consistent marker drained", cancel, done)
+	tgt.mu.Lock()
+	defer tgt.mu.Unlock()
+	held := 0
+	for i, pt := range tgt.points {
+		if bytes.Equal(pt[[2]int64{0, r}], rData) {
+			held++
+			if !bytes.Equal(pt[[2]int64{0, w}], wData) {
+				t.Fatalf("point %d holds R but not W, written before it", i)
+			}
+		}
+	}
+	if held == 0 {
+		t.Fatal("no point holds R: the test did not exercise the marker")
+	}
 }

@@ -24,18 +24,23 @@
 // free-list push or pop per write, about as much as copying a 4 KiB
 // payload. The agent maps the table to sweep it.
 //
-// Ordering contract with the agent (agent/engine.go, drain): a drain bumps
-// the device's epoch and waits for running programs (counters.inflight):
-// every ring record made after that carries the new parity (LB_F_EPOCH).
-// It drains the ring, holding back the records of the new parity, waits
-// for the writes counted under the old one to land (ring_flight), swaps
-// the bitmap out and reads the swapped blocks back before it applies any
-// record it held back or that follows. Its read-back is then never older
-// than anything it has already applied, and the device's writes went on
-// into the ring all along: a drain leaves no mark behind for the next one.
-// Once the overflow flag is set (the ring was full, or the agent parks the
-// device as it stops), no program starts a new ring record for it; the
-// agent clears it after the swap.
+// Ordering contract with the agent (agent/engine.go, drain): a drain swaps
+// the bitmap out, then bumps the device's epoch (once the writes of the
+// parity it moves to have landed) and waits for running programs
+// (counters.inflight): every ring record made after that carries the new
+// epoch, and its write is counted under the new parity (ring_flight). It
+// drains the ring, holding back the records of the new epoch, waits for
+// the writes of the old parity to land, swaps the bitmap out again (the
+// marks of writes that completed before the records it applied), clears
+// the overflow flag, and reads the swapped blocks back before it applies
+// any record it held back or that follows. Its read-back is then never
+// older than anything it has already applied, and the device's writes go
+// on into the ring all along: a drain leaves no mark behind for the next
+// one. A record of the new epoch that meets a block of the second swap
+// may be older than the write that marked it: its blocks are marked again
+// for the next drain. Once the overflow flag is set (the ring was full, or
+// the agent parks the device as it stops), no program starts a new ring
+// record for it.
 
 #include "x86/vmlinux.h"
 #include "bpf/bpf_helpers.h"
@@ -307,7 +312,7 @@ static __always_inline void emit_header(struct lb_record *r, struct lb_dev *d, _
 	if (opf & (1u << 18))
 		r->flags |= LB_F_PREFLUSH;
 	r->data_len = data_len;
-	r->_pad = 0;
+	r->epoch = 0;
 }
 
 // Submitted bytes per CPU since its last look at the ring's unread data.
@@ -691,14 +696,15 @@ static __always_inline long track_bio(__u64 key, struct lb_pending *p, struct lb
 // or the record cannot be built or tracked (the caller takes the bitmap
 // path). The bio, under its pending key, is counted in ring_flight before
 // the record is visible, so the agent never applies a record whose write
-// is not accounted for until it lands. Record and count carry the parity
-// of the device's epoch, read after the caller counted itself running:
+// is not accounted for until it lands. The record carries the device's
+// epoch and the count its parity, read after the caller counted itself
+// running:
 // an agent that bumps the epoch and then finds no program running knows
 // every write counted under the old parity, and which records they are.
 static __always_inline bool emit_data(struct bio *bio, struct lb_dev *d, struct lb_devstate *st, struct lb_global *g,
 				      struct lb_counters *c, __u64 sector, __u32 size, int op, __u32 opf, __u64 key)
 {
-	__u8 epoch = *(volatile __u32 *)&st->epoch & 1;
+	__u32 epoch = *(volatile __u32 *)&st->epoch;
 	__u32 data_len = op == LB_OP_WRITE ? size : 0;
 	if (data_len > LB_MAX_RECORD_DATA || !g->page_offset)
 		return false;
@@ -718,10 +724,9 @@ static __always_inline bool emit_data(struct bio *bio, struct lb_dev *d, struct 
 		return false;
 	}
 	emit_header(r, d, sector, size, op, opf, data_len);
-	if (epoch)
-		r->flags |= LB_F_EPOCH;
+	r->epoch = epoch;
 	struct lb_pending p = {.dev = d->id, .op = op, .kind = LB_PEND_RING, .opf = opf, .sector = sector, .len = size,
-			       .stamp = clock_of(d->id), .epoch = epoch};
+			       .stamp = clock_of(d->id), .epoch = epoch & 1};
 	if (track_bio(key, &p, c)) {
 		// Untracked, the record could be applied after a read-back of
 		// its blocks taken before it landed: bitmap path.

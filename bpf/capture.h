@@ -33,7 +33,6 @@ enum lb_op {
 enum lb_flags {
 	LB_F_FUA = 1,
 	LB_F_PREFLUSH = 2,
-	LB_F_EPOCH = 4, /* captured while the device's drain epoch was odd */
 };
 
 enum lb_mode {
@@ -58,7 +57,7 @@ struct lb_record {
 	__u16 dev;      /* device id assigned by the agent */
 	__u8 op;        /* enum lb_op */
 	__u8 flags;     /* enum lb_flags */
-	__u32 _pad;
+	__u32 epoch;    /* the device's drain epoch when it was captured (lb_devstate.epoch) */
 };
 
 struct lb_dev {

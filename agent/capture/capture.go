@@ -690,20 +690,19 @@ func (c *Capture) ResetRingInflight(i int, p uint32) {
 	atomic.StoreInt64(&c.state(i).RingInflight[p], -n)
 }
 
-// Epoch is device i's drain epoch: ring records and their writes' flight
-// counts carry its parity (Record.Epoch, RingInflight).
+// Epoch is device i's drain epoch: ring records carry it (Record.Epoch),
+// their writes' flight counts its parity (RingInflight).
 func (c *Capture) Epoch(i int) uint32 {
 	return atomic.LoadUint32(&c.state(i).Epoch)
 }
 
-// BumpEpoch moves device i to its next epoch and returns the old one's
-// parity. Programs that start after it capture under the new parity; one
-// already running may still use the old one (ProgramsRunning tells when
-// none is left). The add is a full barrier, as the program's count of
-// itself running is: either the agent sees a program running or the
-// program sees the new epoch.
+// BumpEpoch moves device i to its next epoch and returns it. Programs
+// that start after it capture in the new epoch; one already running may
+// still use the old one (ProgramsRunning tells when none is left). The add
+// is a full barrier, as the program's count of itself running is: either
+// the agent sees a program running or the program sees the new epoch.
 func (c *Capture) BumpEpoch(i int) uint32 {
-	return (atomic.AddUint32(&c.state(i).Epoch, 1) - 1) & 1
+	return atomic.AddUint32(&c.state(i).Epoch, 1)
 }
 
 // Marks counts the bitmap marks of device i; it moves when there is

@@ -114,7 +114,7 @@ type captureLbRecord struct {
 	Dev     uint16
 	Op      uint8
 	Flags   uint8
-	Pad     uint32
+	Epoch   uint32
 }
 
 type captureRqWalk struct {

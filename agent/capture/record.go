@@ -31,7 +31,6 @@ func (o Op) String() string {
 const (
 	FlagFUA      = 1
 	FlagPreflush = 2
-	FlagEpoch    = 4 // captured while the device's epoch was odd
 )
 
 // HeaderSize is sizeof(struct lb_record).
@@ -46,12 +45,9 @@ type Record struct {
 	Dev    uint16
 	Op     Op
 	Flags  uint8
+	Epoch  uint32 // the device's epoch at capture (Capture.BumpEpoch)
 	Data   []byte
 }
-
-// Epoch is the parity of the device's epoch the record was captured in
-// (Capture.BumpEpoch).
-func (r *Record) Epoch() uint32 { return uint32(r.Flags&FlagEpoch) >> 2 }
 
 // Decode parses a ring record without allocating. It rejects records whose
 // lengths disagree, so a corrupt record can never be applied at a wrong size.
@@ -67,6 +63,7 @@ func Decode(b []byte, r *Record) error {
 	r.Dev = le.Uint16(b[24:])
 	r.Op = Op(b[26])
 	r.Flags = b[27]
+	r.Epoch = le.Uint32(b[28:])
 	if sector >= 1<<54 { // offset must fit an int64
 		return fmt.Errorf("record %d: sector %d out of range", r.Seq, sector)
 	}
@@ -100,6 +97,7 @@ func Encode(dst []byte, r *Record) []byte {
 	le.PutUint16(h[24:], r.Dev)
 	h[26] = byte(r.Op)
 	h[27] = r.Flags
+	le.PutUint32(h[28:], r.Epoch)
 	dst = append(dst, h[:]...)
 	return append(dst, r.Data...)
 }

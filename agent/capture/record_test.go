@@ -22,6 +22,7 @@ func TestRecordLayout(t *testing.T) {
 		{"dev", unsafe.Offsetof(r.Dev), 24},
 		{"op", unsafe.Offsetof(r.Op), 26},
 		{"flags", unsafe.Offsetof(r.Flags), 27},
+		{"epoch", unsafe.Offsetof(r.Epoch), 28},
 	}
 	for _, c := range checks {
 		if c.got != c.want {
@@ -49,13 +50,13 @@ func TestBucketLayout(t *testing.T) {
 }
 
 func TestDecodeRoundTrip(t *testing.T) {
-	in := Record{Seq: 42, Offset: 8 << 9, Len: 4096, Dev: 3, Op: OpWrite, Flags: FlagFUA, Data: bytes.Repeat([]byte{7}, 4096)}
+	in := Record{Seq: 42, Offset: 8 << 9, Len: 4096, Dev: 3, Op: OpWrite, Flags: FlagFUA, Epoch: 9, Data: bytes.Repeat([]byte{7}, 4096)}
 	var out Record
 	if err := Decode(Encode(nil, &in), &out); err != nil {
 		t.Fatal(err)
 	}
 	if out.Seq != in.Seq || out.Offset != in.Offset || out.Len != in.Len || out.Dev != in.Dev || out.Op != in.Op ||
-		out.Flags != in.Flags || !bytes.Equal(out.Data, in.Data) {
+		out.Flags != in.Flags || out.Epoch != in.Epoch || !bytes.Equal(out.Data, in.Data) {
 		t.Fatalf("got %+v, want %+v", out, in)
 	}
 	ext := Record{Seq: 1, Offset: 1 << 20, Len: 1 << 20, Op: OpDiscard}
