@@ -181,8 +181,10 @@ type Stats struct {
 	Overwritten uint64 `json:"blocks_overwritten_in_readback"`
 	// Held counts ring records a drain held back until its read-back
 	// (captured after it began, their writes maybe not landed).
-	Held uint64   `json:"records_held_by_drains"`
-	Sync []string `json:"sync"` // how each device was brought up to date at start
+	Held uint64 `json:"records_held_by_drains"`
+	// HeldOut counts those past maxHeld, read back instead.
+	HeldOut uint64   `json:"records_read_back_for_want_of_room"`
+	Sync    []string `json:"sync"` // how each device was brought up to date at start
 }
 
 type source struct {
@@ -202,16 +204,15 @@ type source struct {
 	// ends, applyAhead reads a record's blocks still in dirty first.
 	draining  bool
 	lastDrain time.Time
-	// hold: the drain under way bumped this device's epoch to holdEpoch;
-	// its quiesce holds back the records captured since (Engine.held).
-	hold      bool
-	holdEpoch uint32
+	// hold: the drain under way holds back this device's records of the
+	// epoch it moved to (Engine.holdEpoch, Engine.held).
+	hold bool
 	// late: the runs the last drain's second swap took (all of them with
-	// lateAll), which a record of lateEpoch may be older than: the blocks
-	// such a record covers there are marked again (remarkLate).
-	late      []bitmap.Extent
-	lateAll   bool
-	lateEpoch uint32
+	// lateAll), which a record of that drain's epoch committed before the
+	// swap may be older than: the blocks such a record covers there are
+	// marked again (remarkLate).
+	late    []bitmap.Extent
+	lateAll bool
 }
 
 // Engine runs capture for a set of devices into a Target.
@@ -264,6 +265,16 @@ type Engine struct {
 	// the ring (applyHeld).
 	held    []byte
 	holding bool
+	// holdEpoch is the epoch the drain under way moved to; heldOut the
+	// extents of records it did not keep past maxHeld (marked for the
+	// next drain once it has swapped the bitmap twice).
+	holdEpoch uint32
+	heldOut   []heldExtent
+	// late (per source) applies to records of lateEpoch until the barrier
+	// lateUntil comes through: it follows every record committed before
+	// the second swap.
+	lateEpoch uint32
+	lateUntil uint64
 
 	closed        bool
 	barrierSeen   uint64    // highest capture barrier applied
@@ -1278,16 +1289,8 @@ func (e *Engine) quiesce(ctx context.Context) error {
 			return err
 		}
 	}
-	// Programs already running may still reserve ring space.
-	for {
-		n, err := e.cap.ProgramsRunning()
-		if err != nil {
-			return err
-		}
-		if n <= 0 {
-			break
-		}
-		time.Sleep(20 * time.Microsecond)
+	if err := e.programsDone(); err != nil {
+		return err
 	}
 	id := e.rd.RequestBarrier()
 	for {
@@ -1314,11 +1317,27 @@ func (e *Engine) quiesce(ctx context.Context) error {
 	}
 }
 
+// programsDone waits until no capture program runs: those running may
+// still reserve ring space (or have read the epoch before a bump).
+func (e *Engine) programsDone() error {
+	for {
+		n, err := e.cap.ProgramsRunning()
+		if err != nil {
+			return err
+		}
+		if n <= 0 {
+			return nil
+		}
+		time.Sleep(20 * time.Microsecond)
+	}
+}
+
 // drain brings the devices idx up to date from their bitmaps, keeping the
-// ordering contract of capture.bpf.c: bitmap swapped → epoch bumped →
-// ring drained, the records of the new epoch held back → writes captured
-// in the old epoch landed → bitmap swapped again → blocks read back before
-// any record held back or later is applied. Every record applied before
+// ordering contract of capture.bpf.c: bitmap swapped → drain epoch
+// bumped (one for all devices) → ring drained, the records of the new
+// epoch held back → writes captured in the old epoch landed → bitmap
+// swapped again → blocks read back before any record held back or later
+// is applied. Every record applied before
 // the read-back has landed; the marks of the first swap are older than
 // every record of the new epoch, and those of the second, which may not be
 // (a write that completed between the swaps), are read again by the next
@@ -1346,6 +1365,17 @@ func (e *Engine) drain(ctx context.Context, idx []int, park, ahead bool, bar *pr
 	// early by applyAhead.
 	var taken []int
 	defer func() {
+		e.holding = false
+		for _, s := range e.srcs {
+			s.hold = false
+		}
+		// Records not held for want of room: read back by the next
+		// drain, after their epoch's writes have landed (marked only
+		// now, past the second swap, which would read them too early).
+		for _, x := range e.heldOut {
+			e.cap.MarkBytes(x.dev, x.off, x.n)
+		}
+		e.heldOut = e.heldOut[:0]
 		for _, i := range taken {
 			s := e.srcs[i]
 			s.draining = false
@@ -1390,48 +1420,8 @@ func (e *Engine) drain(ctx context.Context, idx []int, park, ahead bool, bar *pr
 				return err
 			}
 		}
-	} else {
-		for _, i := range idx {
-			if err := swap(i); err != nil {
-				return err
-			}
-		}
-		hook("swapped")
-		for _, i := range idx {
-			// The parity the epoch moves to counts no write still in
-			// flight but one an earlier drain, stopped half way, did not
-			// wait for: that one first.
-			if err := e.waitLanded(ctx, i, (e.cap.Epoch(i)+1)&1); err != nil {
-				return err
-			}
-			s := e.srcs[i]
-			s.holdEpoch = e.cap.BumpEpoch(i)
-			s.hold = true
-		}
-		hook("bumped")
-		e.holding = true
-		err := e.quiesce(ctx)
-		e.holding = false
-		for _, i := range idx {
-			e.srcs[i].hold = false
-		}
-		if err != nil {
-			return err
-		}
-		for _, i := range idx {
-			if err := e.waitLanded(ctx, i, (e.srcs[i].holdEpoch-1)&1); err != nil {
-				return err
-			}
-		}
-		for _, i := range idx {
-			if err := e.takeLate(i); err != nil {
-				return err
-			}
-			// Set by capture when the ring filled (its writes are in
-			// the bitmaps taken, or will be in the next), or by the stop
-			// of the run that left capture pinned.
-			e.cap.SetOverflow(i, false)
-		}
+	} else if err := e.swapHolding(ctx, idx, swap, hook); err != nil {
+		return err
 	}
 	for _, i := range idx {
 		e.srcs[i].draining = true
@@ -1456,6 +1446,71 @@ func (e *Engine) drain(ctx context.Context, idx []int, park, ahead bool, bar *pr
 	return nil
 }
 
+// swapHolding is the part of a drain that does not park its devices idx
+// (see drain): swap, bump the epoch, quiesce holding the new epoch's
+// records back, wait for the old epoch's writes, swap again.
+func (e *Engine) swapHolding(ctx context.Context, idx []int, swap func(int) error, hook func(string)) error {
+	for _, i := range idx {
+		if err := swap(i); err != nil {
+			return err
+		}
+	}
+	hook("swapped")
+	// The parity the epoch moves to counts no write still in flight but
+	// one an earlier drain, stopped half way, did not wait for: that one
+	// first, on every device (all move to the new epoch at once).
+	next := (e.cap.Epoch() + 1) & 1
+	for i := range e.srcs {
+		if err := e.waitLanded(ctx, i, next); err != nil {
+			return err
+		}
+	}
+	// One word for every device: a record of one device held back, and a
+	// dependent write on another applied, would make a point that holds
+	// the second without the first.
+	e.holdEpoch = e.cap.BumpEpoch()
+	for _, i := range idx {
+		e.srcs[i].hold = true
+	}
+	hook("bumped")
+	e.holding = true
+	err := e.quiesce(ctx)
+	e.holding = false
+	for _, i := range idx {
+		e.srcs[i].hold = false
+	}
+	if err != nil {
+		return err
+	}
+	for _, i := range idx {
+		if err := e.waitLanded(ctx, i, (e.holdEpoch-1)&1); err != nil {
+			return err
+		}
+	}
+	late := false
+	for _, s := range e.srcs {
+		s.late, s.lateAll = s.late[:0], false
+	}
+	for _, i := range idx {
+		e.takeLate(i)
+		late = late || len(e.srcs[i].late) > 0 || e.srcs[i].lateAll
+		// Set by capture when the ring filled (its writes are in the
+		// bitmaps taken, or will be in the next), or by the stop of the
+		// run that left capture pinned.
+		e.cap.SetOverflow(i, false)
+	}
+	e.lateEpoch, e.lateUntil = e.holdEpoch, 0
+	if late {
+		// Records committed after the second swap are newer than its
+		// marks: they need no second read.
+		if err := e.programsDone(); err != nil {
+			return err
+		}
+		e.lateUntil = e.rd.RequestBarrier()
+	}
+	return nil
+}
+
 // maxLate bounds the runs a drain's second swap remembers (late); past
 // it, every record of the new epoch is marked again.
 const maxLate = 4096
@@ -1463,9 +1518,8 @@ const maxLate = 4096
 // takeLate is a drain's second swap of device i: the kernel bitmap goes
 // into the read-back set, and its runs into s.late for the records of the
 // drain's epoch (remarkLate).
-func (e *Engine) takeLate(i int) error {
+func (e *Engine) takeLate(i int) {
 	s := e.srcs[i]
-	s.late, s.lateAll, s.lateEpoch = s.late[:0], false, s.holdEpoch
 	s.lastMarks = e.cap.Marks(i)
 	words := e.cap.BitmapWords(i)
 	blocks := s.dirty.Blocks()
@@ -1497,7 +1551,6 @@ func (e *Engine) takeLate(i int) error {
 			}
 		}
 	}
-	return nil
 }
 
 // remarkLate marks again, for the next drain, the blocks of record r that
@@ -1505,7 +1558,7 @@ func (e *Engine) takeLate(i int) error {
 // be older than the write that marked them, and applied after their
 // read-back it would stand in the copy over that newer write.
 func (e *Engine) remarkLate(s *source, r *capture.Record) {
-	if (len(s.late) == 0 && !s.lateAll) || r.Epoch != s.lateEpoch || r.Len == 0 {
+	if (len(s.late) == 0 && !s.lateAll) || r.Epoch != e.lateEpoch || e.barrierSeen >= e.lateUntil || r.Len == 0 {
 		return
 	}
 	if s.lateAll {
@@ -1536,8 +1589,13 @@ func (e *Engine) hold(it capture.Item) bool {
 	if it.Barrier != 0 || capture.Decode(it.Raw, &r) != nil || int(r.Dev) >= len(e.srcs) {
 		return false
 	}
-	if s := e.srcs[r.Dev]; !s.hold || r.Epoch != s.holdEpoch {
+	if s := e.srcs[r.Dev]; !s.hold || r.Epoch != e.holdEpoch {
 		return false
+	}
+	if len(e.held)+len(it.Raw) > maxHeld {
+		e.heldOut = append(e.heldOut, heldExtent{dev: int(r.Dev), off: r.Offset, n: int64(r.Len)})
+		e.stats.HeldOut++
+		return true
 	}
 	e.held = binary.LittleEndian.AppendUint32(e.held, uint32(len(it.Raw)))
 	e.held = append(e.held, it.Raw...)
@@ -1545,8 +1603,19 @@ func (e *Engine) hold(it capture.Item) bool {
 	return true
 }
 
-// maxHeldKeep bounds the buffer of held records kept for the next drain.
-const maxHeldKeep = 4 << 20
+// maxHeld bounds the records a drain holds back (their copies); past it,
+// their extents are read back by the next drain instead. maxHeldKeep
+// bounds the buffer kept for the next drain.
+const (
+	maxHeld     = 16 << 20
+	maxHeldKeep = 4 << 20
+)
+
+// heldExtent is a record a drain did not keep (maxHeld).
+type heldExtent struct {
+	dev    int
+	off, n int64
+}
 
 // applyHeld applies the records a drain held back, in ring order; bar is
 // the drain's, when its read-back is under way.

@@ -25,22 +25,22 @@
 // payload. The agent maps the table to sweep it.
 //
 // Ordering contract with the agent (agent/engine.go, drain): a drain swaps
-// the bitmap out, then bumps the device's epoch (once the writes of the
-// parity it moves to have landed) and waits for running programs
-// (counters.inflight): every ring record made after that carries the new
-// epoch, and its write is counted under the new parity (ring_flight). It
-// drains the ring, holding back the records of the new epoch, waits for
-// the writes of the old parity to land, swaps the bitmap out again (the
-// marks of writes that completed before the records it applied), clears
-// the overflow flag, and reads the swapped blocks back before it applies
-// any record it held back or that follows. Its read-back is then never
-// older than anything it has already applied, and the device's writes go
-// on into the ring all along: a drain leaves no mark behind for the next
-// one. A record of the new epoch that meets a block of the second swap
-// may be older than the write that marked it: its blocks are marked again
-// for the next drain. Once the overflow flag is set (the ring was full, or
-// the agent parks the device as it stops), no program starts a new ring
-// record for it.
+// the bitmap out, then bumps the drain epoch (lb_global.epoch, one word for
+// every device, once the writes of the parity it moves to have landed) and
+// waits for running programs (counters.inflight): every ring record made
+// after that carries the new epoch, and its write is counted under the new
+// parity (ring_flight). It drains the ring, holding back the records of
+// the new epoch, waits for the writes of the old parity to land, swaps the
+// bitmap out again (the marks of writes that completed before the records
+// it applied), clears the overflow flag, and reads the swapped blocks back
+// before it applies any record it held back or that follows. Its read-back
+// is then never older than anything it has already applied, and the
+// devices' writes go on into the ring all along: a drain leaves no mark
+// behind for the next one. A record of the new epoch committed before the
+// second swap that meets one of its blocks may be older than the write
+// that marked it: those blocks are marked again for the next drain. Once
+// the overflow flag is set (the ring was full, or the agent parks the
+// device as it stops), no program starts a new ring record for it.
 
 #include "x86/vmlinux.h"
 #include "bpf/bpf_helpers.h"
@@ -180,8 +180,10 @@ static __always_inline void ring_finished(__u32 id, __u8 epoch)
 		__sync_fetch_and_add(&v->finished[epoch & 1], 1);
 }
 
+// Shared with the agent through mmap (epoch).
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct lb_global);
@@ -696,7 +698,7 @@ static __always_inline long track_bio(__u64 key, struct lb_pending *p, struct lb
 // or the record cannot be built or tracked (the caller takes the bitmap
 // path). The bio, under its pending key, is counted in ring_flight before
 // the record is visible, so the agent never applies a record whose write
-// is not accounted for until it lands. The record carries the device's
+// is not accounted for until it lands. The record carries the drain
 // epoch and the count its parity, read after the caller counted itself
 // running:
 // an agent that bumps the epoch and then finds no program running knows
@@ -704,7 +706,7 @@ static __always_inline long track_bio(__u64 key, struct lb_pending *p, struct lb
 static __always_inline bool emit_data(struct bio *bio, struct lb_dev *d, struct lb_devstate *st, struct lb_global *g,
 				      struct lb_counters *c, __u64 sector, __u32 size, int op, __u32 opf, __u64 key)
 {
-	__u32 epoch = *(volatile __u32 *)&st->epoch;
+	__u32 epoch = *(volatile __u32 *)&g->epoch;
 	__u32 data_len = op == LB_OP_WRITE ? size : 0;
 	if (data_len > LB_MAX_RECORD_DATA || !g->page_offset)
 		return false;

@@ -57,7 +57,7 @@ struct lb_record {
 	__u16 dev;      /* device id assigned by the agent */
 	__u8 op;        /* enum lb_op */
 	__u8 flags;     /* enum lb_flags */
-	__u32 epoch;    /* the device's drain epoch when it was captured (lb_devstate.epoch) */
+	__u32 epoch;    /* the drain epoch when it was captured (lb_global.epoch) */
 };
 
 struct lb_dev {
@@ -90,8 +90,6 @@ struct lb_devstate {
 	__u64 marks;         /* marks the agent makes (MarkBytes) and BPF's when a CPU has no
 				row in the marks map; the agent's Marks() adds the two */
 	__s64 ring_inflight[2]; /* the agent's adjustments to ring_flight's sums, by epoch parity */
-	__u32 epoch;            /* bumped by the agent at each drain: a ring write counts under its parity */
-	__u32 _pad;
 };
 
 /* Ring-captured writes of a device, on one CPU (ring_flight map), by the
@@ -148,6 +146,8 @@ struct lb_global {
 	__u64 page_offset;
 	__u64 vmemmap;
 	__u64 calib_status; /* 1 ok, 2 no stack pages, 3 not found */
+	__u32 epoch;        /* bumped by the agent at each drain: records carry it, ring_flight counts its parity */
+	__u32 _pad;
 };
 
 /* Open-coded numeric iterator (libbpf's bpf_for_each, kernel 6.4+). */

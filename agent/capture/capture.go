@@ -102,6 +102,7 @@ type Capture struct {
 	devstate []byte   // mmap of the devstate map
 	marks    []byte   // mmap of the marks map (a row of counts per CPU)
 	pending  []byte   // mmap of the pending table
+	global   []byte   // mmap of the global map (epoch)
 
 	stopClock, clockDone chan struct{} // runClock
 	pinDir               string
@@ -235,6 +236,9 @@ func (c *Capture) setup() error {
 	}
 	if c.pending, err = mmapMap(c.objs.Pending); err != nil {
 		return fmt.Errorf("mmap pending: %w", err)
+	}
+	if c.global, err = mmapMap(c.objs.Global); err != nil {
+		return fmt.Errorf("mmap global: %w", err)
 	}
 	if err := c.calibrate(); err != nil {
 		return err
@@ -523,6 +527,10 @@ func (c *Capture) Close() error {
 		unix.Munmap(c.pending)
 		c.pending = nil
 	}
+	if c.global != nil {
+		unix.Munmap(c.global)
+		c.global = nil
+	}
 	return c.objs.Close()
 }
 
@@ -690,19 +698,24 @@ func (c *Capture) ResetRingInflight(i int, p uint32) {
 	atomic.StoreInt64(&c.state(i).RingInflight[p], -n)
 }
 
-// Epoch is device i's drain epoch: ring records carry it (Record.Epoch),
-// their writes' flight counts its parity (RingInflight).
-func (c *Capture) Epoch(i int) uint32 {
-	return atomic.LoadUint32(&c.state(i).Epoch)
+// Epoch is the drain epoch: ring records carry it (Record.Epoch), their
+// writes' flight counts its parity (RingInflight).
+func (c *Capture) Epoch() uint32 {
+	return atomic.LoadUint32(&c.glob().Epoch)
 }
 
-// BumpEpoch moves device i to its next epoch and returns it. Programs
-// that start after it capture in the new epoch; one already running may
-// still use the old one (ProgramsRunning tells when none is left). The add
-// is a full barrier, as the program's count of itself running is: either
-// the agent sees a program running or the program sees the new epoch.
-func (c *Capture) BumpEpoch(i int) uint32 {
-	return atomic.AddUint32(&c.state(i).Epoch, 1)
+// BumpEpoch moves every device to the next drain epoch at once and
+// returns it. Programs that start after it capture in the new epoch; one
+// already running may still use the old one (ProgramsRunning tells when
+// none is left). The add is a full barrier, as the program's count of
+// itself running is: either the agent sees a program running or the
+// program sees the new epoch.
+func (c *Capture) BumpEpoch() uint32 {
+	return atomic.AddUint32(&c.glob().Epoch, 1)
+}
+
+func (c *Capture) glob() *captureLbGlobal {
+	return (*captureLbGlobal)(unsafe.Pointer(&c.global[0]))
 }
 
 // Marks counts the bitmap marks of device i; it moves when there is

@@ -60,8 +60,6 @@ type captureLbDevstate struct {
 	OverflowEvents uint64
 	Marks          uint64
 	RingInflight   [2]int64
-	Epoch          uint32
-	Pad            uint32
 }
 
 type captureLbDisk struct {
@@ -89,6 +87,8 @@ type captureLbGlobal struct {
 	PageOffset  uint64
 	Vmemmap     uint64
 	CalibStatus uint64
+	Epoch       uint32
+	Pad         uint32
 }
 
 type captureLbPending struct {
