@@ -204,9 +204,6 @@ type source struct {
 	// ends, applyAhead reads a record's blocks still in dirty first.
 	draining  bool
 	lastDrain time.Time
-	// hold: the drain under way holds back this device's records of the
-	// epoch it moved to (Engine.holdEpoch, Engine.held).
-	hold bool
 	// late: the runs the last drain's second swap took (all of them with
 	// lateAll), which a record of that drain's epoch committed before the
 	// swap may be older than: the blocks such a record covers there are
@@ -382,7 +379,7 @@ func New(opt Options) (*Engine, error) {
 		for _, s := range e.srcs {
 			if s.Sync == SyncResume {
 				s.Sync = SyncCompare // the kernel-side bitmap did not survive
-				e.log.Warn("capture state from the last run is gone (reboot or unclean stop): resyncing by checksum", keyDevice, s.Path)
+				e.log.Warn("capture state from the last run is gone (reboot, unclean stop or upgrade): resyncing by checksum", keyDevice, s.Path)
 			}
 		}
 	}
@@ -1366,9 +1363,6 @@ func (e *Engine) drain(ctx context.Context, idx []int, park, ahead bool, bar *pr
 	var taken []int
 	defer func() {
 		e.holding = false
-		for _, s := range e.srcs {
-			s.hold = false
-		}
 		// Records not held for want of room: read back by the next
 		// drain, after their epoch's writes have landed (marked only
 		// now, past the second swap, which would read them too early).
@@ -1450,35 +1444,32 @@ func (e *Engine) drain(ctx context.Context, idx []int, park, ahead bool, bar *pr
 // (see drain): swap, bump the epoch, quiesce holding the new epoch's
 // records back, wait for the old epoch's writes, swap again.
 func (e *Engine) swapHolding(ctx context.Context, idx []int, swap func(int) error, hook func(string)) error {
-	for _, i := range idx {
-		if err := swap(i); err != nil {
-			return err
-		}
-	}
-	hook("swapped")
 	// The parity the epoch moves to counts no write still in flight but
 	// one an earlier drain, stopped half way, did not wait for: that one
-	// first, on every device (all move to the new epoch at once).
+	// first, on every device (all move to the new epoch at once). Before
+	// the swap: what completes meanwhile is taken by it, not by the
+	// second one, whose marks call for a second read (remarkLate).
 	next := (e.cap.Epoch() + 1) & 1
 	for i := range e.srcs {
 		if err := e.waitLanded(ctx, i, next); err != nil {
 			return err
 		}
 	}
-	// One word for every device: a record of one device held back, and a
-	// dependent write on another applied, would make a point that holds
-	// the second without the first.
-	e.holdEpoch = e.cap.BumpEpoch()
 	for _, i := range idx {
-		e.srcs[i].hold = true
+		if err := swap(i); err != nil {
+			return err
+		}
 	}
+	hook("swapped")
+	// One word for every device, and the records of every device held
+	// back, not only of those drained: a record held back on one device
+	// and a dependent write on another applied would make a point, or a
+	// stream, that holds the second without the first.
+	e.holdEpoch = e.cap.BumpEpoch()
 	hook("bumped")
 	e.holding = true
 	err := e.quiesce(ctx)
 	e.holding = false
-	for _, i := range idx {
-		e.srcs[i].hold = false
-	}
 	if err != nil {
 		return err
 	}
@@ -1581,15 +1572,12 @@ func (e *Engine) remarkLate(s *source, r *capture.Record) {
 	}
 }
 
-// hold keeps ring record it back, if its device's drain holds the epoch
-// it was captured in (drain); it reports whether it did. A record that
-// does not decode is not held: apply reports it.
+// hold keeps ring record it back, if it was captured in the epoch the
+// drain under way moved to (swapHolding); it reports whether it did. A
+// record that does not decode is not held: apply reports it.
 func (e *Engine) hold(it capture.Item) bool {
 	var r capture.Record
-	if it.Barrier != 0 || capture.Decode(it.Raw, &r) != nil || int(r.Dev) >= len(e.srcs) {
-		return false
-	}
-	if s := e.srcs[r.Dev]; !s.hold || r.Epoch != e.holdEpoch {
+	if it.Barrier != 0 || capture.Decode(it.Raw, &r) != nil || int(r.Dev) >= len(e.srcs) || r.Epoch != e.holdEpoch {
 		return false
 	}
 	if len(e.held)+len(it.Raw) > maxHeld {

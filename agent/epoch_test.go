@@ -215,53 +215,58 @@ func TestMarkerHoldsWritesMarkedDuringItsDrain(t *testing.T) {
 	}
 }
 
-// One drain epoch for every device: after the bump, J on x and then C on
-// y, its dependent, are both records of the new epoch, held back by a
-// marker's drain; with an epoch per device bumped one after the other, C
-// could be applied into the point without J.
-func TestMarkerHoldsBackEveryDevice(t *testing.T) {
+// A drain holds back the new epoch's records of every device, not only
+// of those it drains: here the loop drains x alone (a mark on x), and
+// after the bump J is written on x, then C, its dependent, on y. Were
+// only x's records held, C would reach the target before J, and a stream
+// (a time marker sent then, a crash) would hold C without J.
+func TestDrainHoldsBackEveryDevice(t *testing.T) {
 	testenv.RequireRoot(t)
 	x := loopdev.New(t, 16<<20, loopdev.Options{})
 	y := loopdev.New(t, 16<<20, loopdev.Options{})
 	const j, c = 1 << 20, 5 << 20
-	jData, cData := filled(capture.BlockSize, 0x4a), filled(capture.BlockSize, 0x43)
 	wx, wy := directWriter(t, x.Path), directWriter(t, y.Path)
-	tgt := &blockTarget{blocks: map[[2]int64][]byte{}, hooks: map[[2]int64]func(){}}
-	var marked, once sync.Once
-	var inMarker bool
+	tgt := &eventTarget{hookDev: -1}
+	opt := dataPair(x, y, nil)
+	opt.Target, opt.CrashInterval = tgt, 0
+	var once sync.Once
 	hooked := make(chan struct{})
-	e, cancel, done := startEngineWith(t, dataPair(x, y, tgt), func(e *Engine) {
-		e.beforeMarkerDrain = func() {
-			marked.Do(func() {
-				e.cap.MarkBytes(1, 6*capture.BlockSize, capture.BlockSize)
-				inMarker = true
-			})
-		}
+	from := 0 // the target's events before the hook: the copy's
+	e, cancel, done := startEngineWith(t, opt, func(e *Engine) {
 		e.drainHook = func(stage string) {
-			if stage != "bumped" || !inMarker {
-				return
+			if stage != "bumped" || e.stats.Drains == 0 {
+				return // the initial copy
 			}
 			once.Do(func() {
-				wx(j, jData)
-				wy(c, cData)
+				tgt.mu.Lock()
+				from = len(tgt.events)
+				tgt.mu.Unlock()
+				wx(j, filled(capture.BlockSize, 0x4a))
+				wy(c, filled(capture.BlockSize, 0x43))
 				close(hooked)
 			})
 		}
 	})
-	runUntilHooked(t, hooked, "no crash-consistent marker drained", cancel, done)
+	e.cap.MarkBytes(0, 6*capture.BlockSize, capture.BlockSize) // a drain of x alone
+	runUntilHooked(t, hooked, "no drain ran", cancel, done)
 	tgt.mu.Lock()
 	defer tgt.mu.Unlock()
-	held := 0
-	for i, pt := range tgt.points {
-		if bytes.Equal(pt[[2]int64{1, c}], cData) {
-			held++
-			if !bytes.Equal(pt[[2]int64{0, j}], jData) {
-				t.Fatalf("point %d holds C but not J, written before it", i)
-			}
+	jAt, cAt := -1, -1
+	for k, ev := range tgt.events {
+		switch {
+		case k < from:
+		case ev.marker:
+		case ev.dev == 0 && ev.off == j && jAt < 0:
+			jAt = k
+		case ev.dev == 1 && ev.off == c && cAt < 0:
+			cAt = k
 		}
 	}
-	if held == 0 {
-		t.Fatal("no point holds C")
+	if jAt < 0 || cAt < 0 {
+		t.Fatalf("J at event %d, C at %d: not both reached the target", jAt, cAt)
+	}
+	if cAt < jAt {
+		t.Fatalf("C reached the target (event %d) before J (event %d), written before it", cAt, jAt)
 	}
 	if s := e.Stats(); s.Held < 2 {
 		t.Fatalf("%d records held back, want J and C", s.Held)

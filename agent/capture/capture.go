@@ -183,7 +183,11 @@ func Load(cfg Config) (*Capture, error) {
 		if err := ensureBPFFS(cfg.PinDir); err != nil {
 			return nil, err
 		}
-		repl = loadPinned(cfg.PinDir, spec)
+		var other string
+		repl, other = loadPinned(cfg.PinDir, spec)
+		if other != "" {
+			c.log.Warn("capture state pinned by the last run has another layout (lifeboat was upgraded): not resuming it", "map", other)
+		}
 		if repl != nil {
 			if err := c.samePinnedLayout(repl["devices"]); err != nil {
 				// Its bitmap words and device states belong to other
@@ -363,9 +367,11 @@ func (c *Capture) samePinnedLayout(devices *ebpf.Map) error {
 	return nil
 }
 
-// loadPinned returns the pinned maps if all exist and match spec.
-func loadPinned(dir string, spec *ebpf.CollectionSpec) map[string]*ebpf.Map {
+// loadPinned returns the pinned maps if all exist and match spec; else
+// nil, and the name of a pinned map whose layout differs, if one does.
+func loadPinned(dir string, spec *ebpf.CollectionSpec) (map[string]*ebpf.Map, string) {
 	repl := map[string]*ebpf.Map{}
+	other := ""
 	for _, name := range pinnedMaps {
 		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
 		if err != nil {
@@ -375,6 +381,7 @@ func loadPinned(dir string, spec *ebpf.CollectionSpec) map[string]*ebpf.Map {
 		if m.Type() != ms.Type || m.KeySize() != ms.KeySize || m.ValueSize() != ms.ValueSize ||
 			m.MaxEntries() != ms.MaxEntries || m.Flags() != ms.Flags {
 			m.Close()
+			other = name
 			break
 		}
 		repl[name] = m
@@ -383,9 +390,9 @@ func loadPinned(dir string, spec *ebpf.CollectionSpec) map[string]*ebpf.Map {
 		for _, m := range repl {
 			m.Close()
 		}
-		return nil
+		return nil, other
 	}
-	return repl
+	return repl, ""
 }
 
 // pinnable returns the maps named in pinnedMaps.

@@ -91,6 +91,17 @@ func (r *Reader) Run(ctx context.Context) error {
 				}
 				r.done = barrier
 			}
+			if barrier <= r.done {
+				// One asked for during this read goes out at the
+				// producer position read now, not once the ring reads
+				// empty: under steady writes that may be a whole
+				// backlog later, and a drain holds back every record
+				// of its epoch until its barrier (and a marker waits).
+				if b := r.barrier.Load(); b > barrier {
+					barrier, upTo = b, r.ring.produced()
+					continue
+				}
+			}
 			raw, end, ok := r.ring.next()
 			if !ok {
 				break
