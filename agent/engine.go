@@ -1611,11 +1611,14 @@ func (e *Engine) applyHeld(bar *progress.Bar) error {
 	for pos := 0; pos < len(e.held); {
 		n := int(binary.LittleEndian.Uint32(e.held[pos:]))
 		raw := e.held[pos+4 : pos+4+n]
-		pos += 4 + n
 		if err := e.apply(capture.Item{Raw: raw}, bar); err != nil {
+			// Kept, the failed one too (applying it again writes the
+			// same bytes): a caller going on after the error (an app
+			// point that failed) loses none of them.
 			e.held = append(e.held[:0], e.held[pos:]...)
 			return err
 		}
+		pos += 4 + n
 	}
 	if cap(e.held) > maxHeldKeep {
 		e.held = nil
