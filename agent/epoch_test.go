@@ -190,29 +190,13 @@ func TestMarkerHoldsWritesMarkedDuringItsDrain(t *testing.T) {
 				return
 			}
 			once.Do(func() {
-				e.cap.SetOverflow(0, true)
-				write(w, wData)
-				e.cap.SetOverflow(0, false)
-				write(r, rData)
+				bitmapThenRing(e, write, w, wData, r, rData)
 				close(hooked)
 			})
 		}
 	})
 	runUntilHooked(t, hooked, "no crash-consistent marker drained", cancel, done)
-	tgt.mu.Lock()
-	defer tgt.mu.Unlock()
-	held := 0
-	for i, pt := range tgt.points {
-		if bytes.Equal(pt[[2]int64{0, r}], rData) {
-			held++
-			if !bytes.Equal(pt[[2]int64{0, w}], wData) {
-				t.Fatalf("point %d holds R but not W, written before it", i)
-			}
-		}
-	}
-	if held == 0 {
-		t.Fatal("no point holds R: the test did not exercise the marker")
-	}
+	pointsHoldBefore(t, tgt, [2]int64{0, r}, rData, [2]int64{0, w}, wData)
 }
 
 // A drain holds back the new epoch's records of every device, not only

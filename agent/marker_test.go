@@ -716,22 +716,35 @@ func TestMarkerDrainsDevicesMarkedLate(t *testing.T) {
 		}
 		e.afterMarkerLook = func() {
 			after.Do(func() {
-				e.cap.SetOverflow(0, true)
-				write(w, wData)
-				e.cap.SetOverflow(0, false)
-				write(r, rData)
+				bitmapThenRing(e, write, w, wData, r, rData)
 				close(hooked)
 			})
 		}
 	})
 	runUntilHooked(t, hooked, "no crash-consistent marker found the marks", cancel, done)
+	pointsHoldBefore(t, tgt, [2]int64{0, r}, rData, [2]int64{0, w}, wData)
+}
+
+// bitmapThenRing writes W at w on device 0 on the bitmap path (the device
+// overflowing) and then R at r, its dependent, as a ring record.
+func bitmapThenRing(e *Engine, write func(int64, []byte), w int64, wData []byte, r int64, rData []byte) {
+	e.cap.SetOverflow(0, true)
+	write(w, wData)
+	e.cap.SetOverflow(0, false)
+	write(r, rData)
+}
+
+// pointsHoldBefore fails t if a point holds R (rData at device and offset
+// r) without W, written before it, or if no point holds R.
+func pointsHoldBefore(t *testing.T, tgt *blockTarget, r [2]int64, rData []byte, w [2]int64, wData []byte) {
+	t.Helper()
 	tgt.mu.Lock()
 	defer tgt.mu.Unlock()
 	held := 0
 	for i, pt := range tgt.points {
-		if bytes.Equal(pt[[2]int64{0, r}], rData) {
+		if bytes.Equal(pt[r], rData) {
 			held++
-			if !bytes.Equal(pt[[2]int64{0, w}], wData) {
+			if !bytes.Equal(pt[w], wData) {
 				t.Fatalf("point %d holds R but not W, written before it", i)
 			}
 		}
