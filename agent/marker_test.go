@@ -734,8 +734,9 @@ func bitmapThenRing(e *Engine, write func(int64, []byte), w int64, wData []byte,
 	write(r, rData)
 }
 
-// pointsHoldBefore fails t if a point holds R (rData at device and offset
-// r) without W, written before it, or if no point holds R.
+// pointsHoldBefore fails t if a point holds rData at r (device and
+// offset) without wData at w, written before it, or if no point holds
+// rData at r.
 func pointsHoldBefore(t *testing.T, tgt *blockTarget, r [2]int64, rData []byte, w [2]int64, wData []byte) {
 	t.Helper()
 	tgt.mu.Lock()
@@ -745,12 +746,12 @@ func pointsHoldBefore(t *testing.T, tgt *blockTarget, r [2]int64, rData []byte, 
 		if bytes.Equal(pt[r], rData) {
 			held++
 			if !bytes.Equal(pt[w], wData) {
-				t.Fatalf("point %d holds R but not W, written before it", i)
+				t.Fatalf("point %d holds the write at %v but not the one at %v, written before it", i, r, w)
 			}
 		}
 	}
 	if held == 0 {
-		t.Fatal("no point holds R: the test did not exercise the marker")
+		t.Fatalf("no point holds the write at %v: the test did not exercise the marker", r)
 	}
 }
 

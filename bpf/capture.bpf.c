@@ -29,16 +29,17 @@
 // every device, once the writes of the parity it moves to have landed) and
 // waits for running programs (counters.inflight): every ring record made
 // after that carries the new epoch, and its write is counted under the new
-// parity (ring_flight). It drains the ring, holding back the records of
-// the new epoch, waits for the writes of the old parity to land, swaps the
-// bitmap out again (the marks of writes that completed before the records
-// it applied), clears the overflow flag, and reads the swapped blocks back
-// before it applies any record it held back or that follows. Its read-back
-// is then never older than anything it has already applied, and the
-// devices' writes go on into the ring all along: a drain leaves no mark
-// behind for the next one. A record of the new epoch committed before the
-// second swap that meets one of its blocks may be older than the write
-// that marked it: those blocks are marked again for the next drain. Once
+// parity (ring_flight). It swaps the bitmap out again (the marks of writes
+// that completed before the records of the old epoch), drains the ring,
+// holding back the records of the new epoch, waits for the writes of the
+// old parity to land, clears the overflow flag, and reads the swapped
+// blocks back before it applies any record it held back or that follows.
+// Its read-back is then never older than anything it has already applied,
+// and the devices' writes go on into the ring all along: a drain leaves
+// no mark behind for the next one. A record of the new epoch committed
+// before the second swap that meets one of its blocks may be older than
+// the write that marked it: those blocks are marked again for the next
+// drain. Once
 // the overflow flag is set (the ring was full, or the agent parks the
 // device as it stops), no program starts a new ring record for it.
 

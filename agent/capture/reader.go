@@ -58,8 +58,9 @@ func NewReader(c *Capture) *Reader {
 	return r
 }
 
-// RequestBarrier asks the reader to deliver a barrier item once the BPF
-// ring has been read empty after this call. It returns the barrier id.
+// RequestBarrier asks the reader to deliver a barrier item after every
+// record committed to the BPF ring before this call. It returns the
+// barrier id.
 func (r *Reader) RequestBarrier() uint64 {
 	id := r.barrier.Add(1)
 	r.ring.flush() // wake a reader waiting for records

@@ -80,7 +80,7 @@ func TestBarrierDuringBacklog(t *testing.T) {
 	if _, ok := r.TryNext(); !ok { // room for one: the reader goes on, and takes the barrier in
 		t.Fatal("no record queued")
 	}
-	time.Sleep(100 * time.Millisecond)
+	time.Sleep(300 * time.Millisecond)
 	write(3000, int64(backlog))
 
 	records := 1
