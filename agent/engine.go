@@ -276,9 +276,11 @@ type Engine struct {
 	// lateTaken: the last drain's second swap took marks, which may be
 	// of writes that depend on records it held back (no marker then);
 	// heldFull: it held back all it may, and keeps no more records.
-	lateTaken bool
-	heldFull  bool
-	forceLate bool // applyHeld: the record may predate the late marks
+	lateTaken      bool
+	heldBeforeLate bool // a record of the new epoch committed before lateUntil was held back (or left out)
+	heldFull       bool
+	markerRetries  int  // crash markers skipped in a row (marker)
+	forceLate      bool // applyHeld: the record may predate the late marks
 
 	closed        bool
 	barrierSeen   uint64    // highest capture barrier applied
@@ -630,6 +632,14 @@ func (e *Engine) loop(ctx context.Context) error {
 			busy = true
 		} else {
 			e.reportCover()
+		}
+		if e.markerRetries > 0 && e.markerRetries <= maxMarkerRetries {
+			if err := e.marker(ctx, CrashConsistent); err != nil && !(ctx.Err() != nil && stopped(err)) {
+				return err
+			}
+			if e.markerRetries > maxMarkerRetries {
+				e.markerRetries = 0 // the next interval's
+			}
 		}
 		var records <-chan struct{}
 		if !busy {
@@ -1224,12 +1234,14 @@ func (e *Engine) marker(ctx context.Context, kind MarkerKind) error {
 		if err := e.drain(ctx, need, false, false, nil); err != nil {
 			return err
 		}
-		if e.lateTaken {
+		if e.lateTaken && e.heldBeforeLate {
 			// Its second swap took writes that completed in the
-			// moment after the bump: one may depend on a record the
-			// drain held back (TestMarkerNotTakenOverHeldRecord). The
-			// next interval's marker tries again.
+			// moment after the bump, and it held back records made
+			// then: one of those writes may depend on one of them
+			// (TestMarkerNotTakenOverHeldRecord). The loop tries
+			// again at once, a few times, then at the next interval.
 			e.stats.MarkersSkipped++
+			e.markerRetries++
 			e.log.Debug("marker skipped: writes completed as its drain began may follow records it held back")
 			return nil
 		}
@@ -1240,8 +1252,13 @@ func (e *Engine) marker(ctx context.Context, kind MarkerKind) error {
 	if err := e.readbackMetadata(ctx, 0, false); err != nil {
 		return err
 	}
+	e.markerRetries = 0
 	return e.emit(kind, at)
 }
+
+// maxMarkerRetries bounds the crash markers taken again at once after one
+// was skipped (marker).
+const maxMarkerRetries = 3
 
 // pointTime dates a consistency point whose quiesce starts now: a write
 // that completes during the quiesce, drain or read-back may be captured
@@ -1504,8 +1521,13 @@ func (e *Engine) swapHolding(ctx context.Context, idx []int, swap func(int) erro
 		e.takeLate(i)
 		e.lateTaken = e.lateTaken || len(e.srcs[i].late) > 0 || e.srcs[i].lateAll
 	}
-	e.lateEpoch, e.lateUntil = e.holdEpoch, 0
+	e.lateEpoch, e.lateUntil, e.heldBeforeLate = e.holdEpoch, 0, false
 	if e.lateTaken {
+		// A program that started during the swap may reserve a record
+		// of a write older than a mark it took.
+		if err := e.programsDone(); err != nil {
+			return err
+		}
 		e.lateUntil = e.rd.RequestBarrier()
 	}
 	e.holding = true
@@ -1603,6 +1625,9 @@ func (e *Engine) hold(it capture.Item) bool {
 	var r capture.Record
 	if it.Barrier != 0 || capture.Decode(it.Raw, &r) != nil || int(r.Dev) >= len(e.srcs) || r.Epoch != e.holdEpoch {
 		return false
+	}
+	if e.lateTaken && e.barrierSeen < e.lateUntil {
+		e.heldBeforeLate = true
 	}
 	if e.heldFull || len(e.held)+len(it.Raw) > maxHeld {
 		// None kept after the first left out: a record kept and

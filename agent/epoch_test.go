@@ -40,7 +40,8 @@ func TestDrainLeavesNoMarks(t *testing.T) {
 	// ring must not fill: that marks the bitmap too).
 	testenv.RequireTool(t, "fio")
 	fioCmd := exec.Command("fio", "--name=steady", "--thread", "--filename="+d.Path, "--direct=1", "--ioengine=libaio",
-		"--rw=randwrite", "--bs=4k", "--serialize_overlap=1", "--iodepth=16", "--time_based", "--runtime=600", "--rate=20m")
+		"--rw=randwrite", "--bs=4k", "--serialize_overlap=1", "--iodepth=16", "--time_based", "--runtime=600", "--rate=20m",
+		"--offset=1m", "--size=31m") // not over the block marked below
 	if err := fioCmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -178,7 +179,7 @@ func TestMarkerHoldsWritesMarkedDuringItsDrain(t *testing.T) {
 	var marked, once sync.Once
 	var inMarker bool
 	hooked := make(chan struct{})
-	_, cancel, done := startEngineWith(t, Options{
+	e, cancel, done := startEngineWith(t, Options{
 		Sources:       []Source{{Name: "d0", Path: d.Path, Mode: capture.ModeData, Sync: SyncFull}},
 		RingBytes:     4 << 20,
 		Target:        tgt,
@@ -202,6 +203,9 @@ func TestMarkerHoldsWritesMarkedDuringItsDrain(t *testing.T) {
 	})
 	runUntilHooked(t, hooked, "no crash-consistent marker drained", cancel, done)
 	pointsHoldBefore(t, tgt, [2]int64{0, r}, rData, [2]int64{0, w}, wData)
+	if s := e.Stats(); s.MarkersSkipped != 0 {
+		t.Fatalf("%d markers skipped: the drained point was not the one checked", s.MarkersSkipped)
+	}
 }
 
 // A drain holds back the new epoch's records of every device, not only
@@ -299,6 +303,11 @@ func TestDrainHoldsBoundedRecords(t *testing.T) {
 						}
 					}
 				}
+				// Small enough to fit where the last big one did not:
+				// left out all the same.
+				if _, err := f.WriteAt(buf[:capture.BlockSize], 60<<20); err != nil {
+					t.Error(err)
+				}
 				close(hooked)
 			})
 		}
@@ -322,8 +331,10 @@ func TestDrainHoldsBoundedRecords(t *testing.T) {
 		t.Fatal(err)
 	}
 	s := e.Stats()
-	if s.Held == 0 || s.HeldOut == 0 {
-		t.Fatalf("held %d, read back for want of room %d: want both", s.Held, s.HeldOut)
+	big := 2 * (maxHeld * 3 / 2) >> 20
+	fit := maxHeld / (1<<20 + capture.HeaderSize + 4)
+	if s.Held != uint64(fit) || s.HeldOut != uint64(big-fit+1) {
+		t.Fatalf("held %d, read back for want of room %d: want the first %d, then none of the %d others", s.Held, s.HeldOut, fit, big-fit+1)
 	}
 	assertSameBytes(t, d.Path, tgt.f.Name())
 }

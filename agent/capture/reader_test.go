@@ -80,7 +80,14 @@ func TestBarrierDuringBacklog(t *testing.T) {
 	if _, ok := r.TryNext(); !ok { // room for one: the reader goes on, and takes the barrier in
 		t.Fatal("no record queued")
 	}
-	time.Sleep(300 * time.Millisecond)
+	// Two records read past the full queue: the second after the reader
+	// looked for barriers again, once the one it waited to queue went in.
+	for r.RecordsRead.Load() < uint64(queued)+2 {
+		if time.Now().After(deadline) {
+			t.Fatal("the reader did not go on")
+		}
+		time.Sleep(time.Millisecond)
+	}
 	write(3000, int64(backlog))
 
 	records := 1
