@@ -167,13 +167,29 @@ func TestDrainHeldRecordNotOverMark(t *testing.T) {
 // before it. Here, in a marker's drain, once the bitmap has been taken, W
 // is written on the bitmap path (the device overflowing) and then R, its
 // dependent, as a ring record of the old epoch, which the drain's quiesce
-// applies: the drain swaps the bitmap again after that quiesce, so that
-// the point holding R holds W.
+// applies: the drain swaps the bitmap again once it has bumped the epoch
+// (after every record of the old epoch was made), so that the point
+// holding R holds W.
 func TestMarkerHoldsWritesMarkedDuringItsDrain(t *testing.T) {
-	testenv.RequireRoot(t)
-	d := loopdev.New(t, 16<<20, loopdev.Options{})
 	const w, r = 1 << 20, 5 << 20
 	wData, rData := filled(capture.BlockSize, 0x77), filled(capture.BlockSize, 0x52)
+	e, tgt := inMarkerDrain(t, "swapped", func(e *Engine, write func(int64, []byte)) {
+		bitmapThenRing(e, write, w, wData, r, rData)
+	})
+	pointsHoldBefore(t, tgt, [2]int64{0, r}, rData, [2]int64{0, w}, wData)
+	if s := e.Stats(); s.MarkersSkipped != 0 {
+		t.Fatalf("%d markers skipped: the drained point was not the one checked", s.MarkersSkipped)
+	}
+}
+
+// inMarkerDrain runs an engine on a 16 MiB data-mode device whose first
+// crash-consistent marker finds a mark and drains; act writes to the
+// device at stage of that drain (see Engine.drainHook). It returns once
+// the engine has stopped, a few markers later.
+func inMarkerDrain(t *testing.T, stage string, act func(e *Engine, write func(int64, []byte))) (*Engine, *blockTarget) {
+	t.Helper()
+	testenv.RequireRoot(t)
+	d := loopdev.New(t, 16<<20, loopdev.Options{})
 	write := directWriter(t, d.Path)
 	tgt := &blockTarget{blocks: map[[2]int64][]byte{}, hooks: map[[2]int64]func(){}}
 	var marked, once sync.Once
@@ -191,21 +207,18 @@ func TestMarkerHoldsWritesMarkedDuringItsDrain(t *testing.T) {
 				inMarker = true
 			})
 		}
-		e.drainHook = func(stage string) {
-			if stage != "swapped" || !inMarker {
+		e.drainHook = func(s string) {
+			if s != stage || !inMarker {
 				return
 			}
 			once.Do(func() {
-				bitmapThenRing(e, write, w, wData, r, rData)
+				act(e, write)
 				close(hooked)
 			})
 		}
 	})
 	runUntilHooked(t, hooked, "no crash-consistent marker drained", cancel, done)
-	pointsHoldBefore(t, tgt, [2]int64{0, r}, rData, [2]int64{0, w}, wData)
-	if s := e.Stats(); s.MarkersSkipped != 0 {
-		t.Fatalf("%d markers skipped: the drained point was not the one checked", s.MarkersSkipped)
-	}
+	return e, tgt
 }
 
 // A drain holds back the new epoch's records of every device, not only
@@ -345,41 +358,14 @@ func TestDrainHoldsBoundedRecords(t *testing.T) {
 // back into the point, W would be in it without H; that marker is not
 // taken.
 func TestMarkerNotTakenOverHeldRecord(t *testing.T) {
-	testenv.RequireRoot(t)
-	d := loopdev.New(t, 16<<20, loopdev.Options{})
 	const h, w = 1 << 20, 5 << 20
 	hData, wData := filled(capture.BlockSize, 0x48), filled(capture.BlockSize, 0x57)
-	write := directWriter(t, d.Path)
-	tgt := &blockTarget{blocks: map[[2]int64][]byte{}, hooks: map[[2]int64]func(){}}
-	var marked, once sync.Once
-	var inMarker bool
-	hooked := make(chan struct{})
-	e, cancel, done := startEngineWith(t, Options{
-		Sources:       []Source{{Name: "d0", Path: d.Path, Mode: capture.ModeData, Sync: SyncFull}},
-		RingBytes:     4 << 20,
-		Target:        tgt,
-		CrashInterval: 300 * time.Millisecond,
-	}, func(e *Engine) {
-		e.beforeMarkerDrain = func() {
-			marked.Do(func() {
-				e.cap.MarkBytes(0, 6*capture.BlockSize, capture.BlockSize)
-				inMarker = true
-			})
-		}
-		e.drainHook = func(stage string) {
-			if stage != "bumped" || !inMarker {
-				return
-			}
-			once.Do(func() {
-				write(h, hData)
-				e.cap.SetOverflow(0, true)
-				write(w, wData)
-				e.cap.SetOverflow(0, false)
-				close(hooked)
-			})
-		}
+	e, tgt := inMarkerDrain(t, "bumped", func(e *Engine, write func(int64, []byte)) {
+		write(h, hData)
+		e.cap.SetOverflow(0, true)
+		write(w, wData)
+		e.cap.SetOverflow(0, false)
 	})
-	runUntilHooked(t, hooked, "no crash-consistent marker drained", cancel, done)
 	pointsHoldBefore(t, tgt, [2]int64{0, w}, wData, [2]int64{0, h}, hData)
 	if s := e.Stats(); s.MarkersSkipped == 0 {
 		t.Fatal("no marker skipped")
