@@ -281,6 +281,9 @@ type Engine struct {
 	heldFull       bool
 	markerRetries  int  // crash markers skipped in a row (marker)
 	forceLate      bool // applyHeld: the record may predate the late marks
+	// markerNoRetry (tests): a marker that drained is emitted as it
+	// stands, not taken once more (marker).
+	markerNoRetry bool
 
 	closed        bool
 	barrierSeen   uint64    // highest capture barrier applied
@@ -1191,69 +1194,80 @@ func (e *Engine) appFrozen(ctx context.Context, w fsfreeze.Window) error {
 // far has been applied: every write completed so far on blk-mq devices,
 // every write submitted so far on bio-based ones.
 func (e *Engine) marker(ctx context.Context, kind MarkerKind) error {
-	at := e.pointTime()
-	// pointTime counts on a sweep since: a write whose completion went
-	// unreported before at is swept now, whenever the loop last swept
-	// (overflow drains and long read-backs hold its sweeps back).
-	need, err := e.markStale()
-	if err != nil {
-		return err
-	}
-	if e.beforeMarkerDrain != nil {
-		e.beforeMarkerDrain()
-	}
-	if err := e.quiesce(ctx); err != nil {
-		return err
-	}
-	// Marks a data-mode device took since its last drain (spaced by
-	// markDrainInterval) are writes that may precede records the point
-	// now holds (a journal block that overflowed, its commit captured
-	// after). They are looked for after the quiesce: a write completed
-	// before a record it applied was marked before that record was
-	// submitted. With none anywhere, the point is exact as it stands, and
-	// nothing is drained: a drain reads blocks back while they are being
-	// written, maybe in a state newer than records the point lacks
-	// (TestMarkerParksNoWrite).
-	// With some, every data-mode device is drained: the drain quiesces
-	// again, and a mark another device takes before its records are
-	// applied then would be left out (TestMarkerDrainsDevicesMarkedLate).
-	for i, s := range e.srcs {
-		if s.Mode != capture.ModeMetadata && e.cap.Marks(i) != s.lastMarks && !slices.Contains(need, i) {
-			need = append(need, i)
+	for attempt := 0; ; attempt++ {
+		at := e.pointTime()
+		// pointTime counts on a sweep since: a write whose completion went
+		// unreported before at is swept now, whenever the loop last swept
+		// (overflow drains and long read-backs hold its sweeps back).
+		need, err := e.markStale()
+		if err != nil {
+			return err
 		}
-	}
-	if len(need) > 0 {
+		if e.beforeMarkerDrain != nil {
+			e.beforeMarkerDrain()
+		}
+		if err := e.quiesce(ctx); err != nil {
+			return err
+		}
+		// Marks a data-mode device took since its last drain (spaced by
+		// markDrainInterval) are writes that may precede records the point
+		// now holds (a journal block that overflowed, its commit captured
+		// after). They are looked for after the quiesce: a write completed
+		// before a record it applied was marked before that record was
+		// submitted. With none anywhere, the point is exact as it stands, and
+		// nothing is drained: a drain reads blocks back while they are being
+		// written, maybe in a state newer than records the point lacks
+		// (TestMarkerParksNoWrite).
+		// With some, every data-mode device is drained: the drain quiesces
+		// again, and a mark another device takes before its records are
+		// applied then would be left out (TestMarkerDrainsDevicesMarkedLate).
 		for i, s := range e.srcs {
-			if s.Mode != capture.ModeMetadata && !slices.Contains(need, i) {
+			if s.Mode != capture.ModeMetadata && e.cap.Marks(i) != s.lastMarks && !slices.Contains(need, i) {
 				need = append(need, i)
 			}
 		}
-		if e.afterMarkerLook != nil {
-			e.afterMarkerLook()
+		if len(need) > 0 {
+			for i, s := range e.srcs {
+				if s.Mode != capture.ModeMetadata && !slices.Contains(need, i) {
+					need = append(need, i)
+				}
+			}
+			if e.afterMarkerLook != nil {
+				e.afterMarkerLook()
+			}
+			if err := e.drain(ctx, need, false, false, nil); err != nil {
+				return err
+			}
+			if e.lateTaken && e.heldBeforeLate {
+				// Its second swap took writes that completed in the
+				// moment after the bump, and it held back records made
+				// then: one of those writes may depend on one of them
+				// (TestMarkerNotTakenOverHeldRecord). The loop tries
+				// again at once, a few times, then at the next interval.
+				e.stats.MarkersSkipped++
+				e.markerRetries++
+				e.log.Debug("marker skipped: writes completed as its drain began may follow records it held back")
+				return nil
+			}
+			if attempt == 0 && !e.markerNoRetry {
+				// The drain read blocks back while they were being
+				// written: one may be newer than records the point lacks
+				// (those it held back). Once more: the next quiesce
+				// applies them, and with no new mark the point holds
+				// every record of what it read, and is exact
+				// (TestMarkerExactAfterDrain).
+				continue
+			}
 		}
-		if err := e.drain(ctx, need, false, false, nil); err != nil {
+		// Metadata devices hold their completed writes as marks, read back
+		// now rather than when pacing would, after the last quiesce: a write
+		// that completed before a record the point holds is read back too.
+		if err := e.readbackMetadata(ctx, 0, false); err != nil {
 			return err
 		}
-		if e.lateTaken && e.heldBeforeLate {
-			// Its second swap took writes that completed in the
-			// moment after the bump, and it held back records made
-			// then: one of those writes may depend on one of them
-			// (TestMarkerNotTakenOverHeldRecord). The loop tries
-			// again at once, a few times, then at the next interval.
-			e.stats.MarkersSkipped++
-			e.markerRetries++
-			e.log.Debug("marker skipped: writes completed as its drain began may follow records it held back")
-			return nil
-		}
+		e.markerRetries = 0
+		return e.emit(kind, at)
 	}
-	// Metadata devices hold their completed writes as marks, read back
-	// now rather than when pacing would, after the last quiesce: a write
-	// that completed before a record the point holds is read back too.
-	if err := e.readbackMetadata(ctx, 0, false); err != nil {
-		return err
-	}
-	e.markerRetries = 0
-	return e.emit(kind, at)
 }
 
 // maxMarkerRetries bounds the crash markers taken again at once after one

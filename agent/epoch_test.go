@@ -173,7 +173,7 @@ func TestDrainHeldRecordNotOverMark(t *testing.T) {
 func TestMarkerHoldsWritesMarkedDuringItsDrain(t *testing.T) {
 	const w, r = 1 << 20, 5 << 20
 	wData, rData := filled(capture.BlockSize, 0x77), filled(capture.BlockSize, 0x52)
-	e, tgt := inMarkerDrain(t, "swapped", func(e *Engine, write func(int64, []byte)) {
+	e, tgt := inMarkerDrain(t, "swapped", false, func(e *Engine, write func(int64, []byte)) {
 		bitmapThenRing(e, write, w, wData, r, rData)
 	})
 	pointsHoldBefore(t, tgt, [2]int64{0, r}, rData, [2]int64{0, w}, wData)
@@ -183,10 +183,11 @@ func TestMarkerHoldsWritesMarkedDuringItsDrain(t *testing.T) {
 }
 
 // inMarkerDrain runs an engine on a 16 MiB data-mode device whose first
-// crash-consistent marker finds a mark and drains; act writes to the
-// device at stage of that drain (see Engine.drainHook). It returns once
+// crash-consistent marker finds a mark (block 6) and drains; act writes to
+// the device at stage of that drain (see Engine.drainHook). With retry,
+// a marker that drained is taken once more (marker). It returns once
 // the engine has stopped, a few markers later.
-func inMarkerDrain(t *testing.T, stage string, act func(e *Engine, write func(int64, []byte))) (*Engine, *blockTarget) {
+func inMarkerDrain(t *testing.T, stage string, retry bool, act func(e *Engine, write func(int64, []byte))) (*Engine, *blockTarget) {
 	t.Helper()
 	testenv.RequireRoot(t)
 	d := loopdev.New(t, 16<<20, loopdev.Options{})
@@ -201,6 +202,7 @@ func inMarkerDrain(t *testing.T, stage string, act func(e *Engine, write func(in
 		Target:        tgt,
 		CrashInterval: 300 * time.Millisecond,
 	}, func(e *Engine) {
+		e.markerNoRetry = !retry // without, the drained point is the one looked at
 		e.beforeMarkerDrain = func() {
 			marked.Do(func() {
 				e.cap.MarkBytes(0, 6*capture.BlockSize, capture.BlockSize)
@@ -360,7 +362,7 @@ func TestDrainHoldsBoundedRecords(t *testing.T) {
 func TestMarkerNotTakenOverHeldRecord(t *testing.T) {
 	const h, w = 1 << 20, 5 << 20
 	hData, wData := filled(capture.BlockSize, 0x48), filled(capture.BlockSize, 0x57)
-	e, tgt := inMarkerDrain(t, "bumped", func(e *Engine, write func(int64, []byte)) {
+	e, tgt := inMarkerDrain(t, "bumped", false, func(e *Engine, write func(int64, []byte)) {
 		write(h, hData)
 		e.cap.SetOverflow(0, true)
 		write(w, wData)
@@ -384,5 +386,24 @@ func waitMirrorAt(t *testing.T, mirror *os.File, off int64, want []byte, what st
 			t.Fatal(what)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// A marker that had to drain is taken once more: its drain read blocks
+// back while they were being written, maybe newer than records it held
+// back. Here, once the drain bumped the epoch, E is written, then L over
+// the marked block, which the drain reads back (L): the point emitted
+// after the drain would hold L without E. Taken again, the marker applies
+// the held records first, finds no mark, and its point holds both.
+func TestMarkerExactAfterDrain(t *testing.T) {
+	const eOff, lOff = 1 << 20, 6 * capture.BlockSize
+	eData, lData := filled(capture.BlockSize, 0x45), filled(capture.BlockSize, 0x4c)
+	e, tgt := inMarkerDrain(t, "bumped", true, func(e *Engine, write func(int64, []byte)) {
+		write(eOff, eData)
+		write(lOff, lData)
+	})
+	pointsHoldBefore(t, tgt, [2]int64{0, lOff}, lData, [2]int64{0, eOff}, eData)
+	if s := e.Stats(); s.Held < 2 {
+		t.Fatalf("%d records held back: the test did not exercise the drain", s.Held)
 	}
 }

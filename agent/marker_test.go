@@ -207,7 +207,9 @@ func newMarkerRig(t *testing.T, tgt Target, opts ...func(*Options)) *markerRig {
 	for _, o := range opts {
 		o(&opt)
 	}
-	r.e, r.cancel, r.done = startEngine(t, opt)
+	// Markers that drain are emitted as they stand: what these tests
+	// look at.
+	r.e, r.cancel, r.done = startEngineWith(t, opt, func(e *Engine) { e.markerNoRetry = true })
 	return r
 }
 
@@ -530,6 +532,7 @@ func TestMarkerDrainsEveryDataDevice(t *testing.T) {
 	var once sync.Once
 	hooked := make(chan struct{})
 	_, cancel, done := startEngineWith(t, dataPair(x, y, tgt), func(e *Engine) {
+		e.markerNoRetry = true
 		e.beforeMarkerDrain = func() {
 			once.Do(func() {
 				// Changed behind capture's back and marked, as an
@@ -665,6 +668,7 @@ func TestMarkerParksNoWrite(t *testing.T) {
 		Target:        tgt,
 		CrashInterval: 300 * time.Millisecond,
 	}, func(e *Engine) {
+		e.markerNoRetry = true
 		e.beforeMarkerDrain = func() {
 			once.Do(func() {
 				tgt.arm(0, q, func() {
@@ -711,6 +715,7 @@ func TestMarkerDrainsDevicesMarkedLate(t *testing.T) {
 	var before, after sync.Once
 	hooked := make(chan struct{})
 	_, cancel, done := startEngineWith(t, dataPair(x, y, tgt), func(e *Engine) {
+		e.markerNoRetry = true
 		e.beforeMarkerDrain = func() {
 			before.Do(func() { e.cap.MarkBytes(1, 6*capture.BlockSize, capture.BlockSize) })
 		}
