@@ -640,9 +640,9 @@ func (e *Engine) loop(ctx context.Context) error {
 			if err := e.marker(ctx, CrashConsistent); err != nil && !(ctx.Err() != nil && stopped(err)) {
 				return err
 			}
-			if e.markerRetries > maxMarkerRetries {
-				e.markerRetries = 0 // the next interval's
-			}
+		}
+		if e.markerRetries > maxMarkerRetries {
+			e.markerRetries = 0 // the next interval's marker starts again
 		}
 		var records <-chan struct{}
 		if !busy {
