@@ -268,10 +268,9 @@ type Engine struct {
 	// next drain once it has swapped the bitmap twice).
 	holdEpoch uint32
 	heldOut   []heldExtent
-	// late (per source) applies to records of lateEpoch until the barrier
-	// lateUntil comes through: it follows every record committed before
-	// the second swap.
-	lateEpoch uint32
+	// late (per source) applies to records of holdEpoch until the
+	// barrier lateUntil comes through: it follows every record committed
+	// before the second swap.
 	lateUntil uint64
 	// lateTaken: the last drain's second swap took marks, which may be
 	// of writes that depend on records it held back (no marker then);
@@ -1427,11 +1426,6 @@ func (e *Engine) drain(ctx context.Context, idx []int, park, ahead bool, bar *pr
 			s.dirty.Reset()
 		}
 	}()
-	hook := func(stage string) {
-		if e.drainHook != nil {
-			e.drainHook(stage)
-		}
-	}
 	swap := func(i int) error {
 		s := e.srcs[i]
 		if !slices.Contains(taken, i) {
@@ -1462,7 +1456,7 @@ func (e *Engine) drain(ctx context.Context, idx []int, park, ahead bool, bar *pr
 				return err
 			}
 		}
-	} else if err := e.swapHolding(ctx, idx, swap, hook); err != nil {
+	} else if err := e.swapHolding(ctx, idx, swap); err != nil {
 		return err
 	}
 	for _, i := range idx {
@@ -1491,7 +1485,7 @@ func (e *Engine) drain(ctx context.Context, idx []int, park, ahead bool, bar *pr
 // swapHolding is the part of a drain that does not park its devices idx
 // (see drain): swap, bump the epoch, swap again, quiesce holding the new
 // epoch's records back, wait for the old epoch's writes.
-func (e *Engine) swapHolding(ctx context.Context, idx []int, swap func(int) error, hook func(string)) error {
+func (e *Engine) swapHolding(ctx context.Context, idx []int, swap func(int) error) error {
 	// The parity the epoch moves to counts no write still in flight but
 	// one an earlier drain, stopped half way, did not wait for: that one
 	// first, on every device (all move to the new epoch at once). Before
@@ -1508,13 +1502,13 @@ func (e *Engine) swapHolding(ctx context.Context, idx []int, swap func(int) erro
 			return err
 		}
 	}
-	hook("swapped")
+	e.atDrainStage("swapped")
 	// One word for every device, and the records of every device held
 	// back, not only of those drained: a record held back on one device
 	// and a dependent write on another applied would make a point, or a
 	// stream, that holds the second without the first.
 	e.holdEpoch = e.cap.BumpEpoch()
-	hook("bumped")
+	e.atDrainStage("bumped")
 	// The second swap, once no program that read the old epoch runs:
 	// the writes completed before a record of the old epoch are all in
 	// one swap or the other (a marker's point must hold them). Right
@@ -1535,7 +1529,7 @@ func (e *Engine) swapHolding(ctx context.Context, idx []int, swap func(int) erro
 		e.takeLate(i)
 		e.lateTaken = e.lateTaken || len(e.srcs[i].late) > 0 || e.srcs[i].lateAll
 	}
-	e.lateEpoch, e.lateUntil, e.heldBeforeLate = e.holdEpoch, 0, false
+	e.lateUntil, e.heldBeforeLate = 0, false
 	if e.lateTaken {
 		// A program that started during the swap may reserve a record
 		// of a write older than a mark it took.
@@ -1560,6 +1554,13 @@ func (e *Engine) swapHolding(ctx context.Context, idx []int, swap func(int) erro
 		e.cap.SetOverflow(i, false)
 	}
 	return nil
+}
+
+// atDrainStage runs the tests' drain hook, if set.
+func (e *Engine) atDrainStage(stage string) {
+	if e.drainHook != nil {
+		e.drainHook(stage)
+	}
 }
 
 // maxLate bounds the runs a drain's second swap remembers (late); past
@@ -1609,7 +1610,7 @@ func (e *Engine) takeLate(i int) {
 // be older than the write that marked them, and applied after their
 // read-back it would stand in the copy over that newer write.
 func (e *Engine) remarkLate(s *source, r *capture.Record) {
-	if (len(s.late) == 0 && !s.lateAll) || r.Epoch != e.lateEpoch || (e.barrierSeen >= e.lateUntil && !e.forceLate) || r.Len == 0 {
+	if (len(s.late) == 0 && !s.lateAll) || r.Epoch != e.holdEpoch || (e.barrierSeen >= e.lateUntil && !e.forceLate) || r.Len == 0 {
 		return
 	}
 	if s.lateAll {

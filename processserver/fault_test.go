@@ -136,11 +136,7 @@ func TestNoAckWithoutDurableCache(t *testing.T) {
 // TestCacheFullPausesAgents: cache usage drives alerts and, above 90%,
 // pauses agents until it drains.
 func TestCacheFullPausesAgents(t *testing.T) {
-	e := newEnv(t, mem.New(), 1)
-	ffs := &faultFS{}
-	ffs.freePct.Store(50)
-	e.cacheFS = ffs
-	s := e.start()
+	e, ffs, s := startHalfFull(t, 1)
 	a := dialAgent(t, e, s, "m1")
 	a.hello("m1", disk0)
 	ffs.freePct.Store(28)
@@ -158,11 +154,7 @@ func TestCacheFullPausesAgents(t *testing.T) {
 // usage cannot be read (statfs fails) does not turn backpressure off: the
 // others, nearly full, still pause the agents.
 func TestCacheFullPausesDespiteUnmeasurableDir(t *testing.T) {
-	e := newEnv(t, mem.New(), 3)
-	ffs := &faultFS{}
-	ffs.freePct.Store(50)
-	e.cacheFS = ffs
-	s := e.start()
+	e, ffs, s := startHalfFull(t, 3)
 	a := dialAgent(t, e, s, "m1")
 	a.hello("m1", disk0)
 	ffs.failStatfs.Store(&e.cache[1])
@@ -177,11 +169,7 @@ func TestCacheFullPausesDespiteUnmeasurableDir(t *testing.T) {
 // usage readable, the free-space gauge says unknown (NaN) instead of
 // keeping the last healthy value for dashboards and alerts.
 func TestFreeRatioUnknownWhenNoDirMeasurable(t *testing.T) {
-	e := newEnv(t, mem.New(), 3)
-	ffs := &faultFS{}
-	ffs.freePct.Store(50)
-	e.cacheFS = ffs
-	s := e.start()
+	_, ffs, s := startHalfFull(t, 3)
 	gauge := func(g prometheus.Gauge) float64 {
 		var m dto.Metric
 		if err := g.Write(&m); err != nil {
@@ -463,4 +451,15 @@ func TestVanishedCachedSegmentIsALoss(t *testing.T) {
 	if ackB, _ := b.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ack.Disks[0].Generation, LastAckedSeq: 16}); ackB.Disks[0].Action != wire.SyncChecksum {
 		t.Errorf("hello after the loss answered %v, want a checksum resync", ackB.Disks[0].Action)
 	}
+}
+
+// startHalfFull starts a process server on dirs cache directories of an
+// in-memory store, whose file system (ffs) reports them half full.
+func startHalfFull(t *testing.T, dirs int) (*env, *faultFS, *Server) {
+	t.Helper()
+	e := newEnv(t, mem.New(), dirs)
+	ffs := &faultFS{}
+	ffs.freePct.Store(50)
+	e.cacheFS = ffs
+	return e, ffs, e.start()
 }

@@ -25,6 +25,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/lifeboat-dr/lifeboat/internal/pki"
 	"github.com/lifeboat-dr/lifeboat/internal/seal"
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
 	"github.com/lifeboat-dr/lifeboat/internal/wire"
 	"github.com/lifeboat-dr/lifeboat/processserver/cache"
 	"github.com/prometheus/client_golang/prometheus"
@@ -99,22 +100,7 @@ func azureStoreNamed(t *testing.T) (blobstore.Store, string, string) {
 }
 
 // logBuf collects log output for assertions.
-type logBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *logBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *logBuf) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
+type logBuf = testenv.LogBuffer
 
 // env is a PKI, recovery key and cache directories for one test.
 type env struct {

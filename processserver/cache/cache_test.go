@@ -18,6 +18,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
 )
 
 func tempDirs(t testing.TB, n int) []string {
@@ -1541,24 +1543,6 @@ func TestScrubSyncsStreamDirectories(t *testing.T) {
 	}
 }
 
-// lockedBuffer is a bytes.Buffer safe for a logger's goroutines.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // A directory whose writes hang (neither done nor failed) holds the put,
 // which cannot end while a write reads its buffers; it is reported, by
 // directory, rather than waited for in silence.
@@ -1574,7 +1558,7 @@ func TestHungShardWriteReported(t *testing.T) {
 		}
 		return nil
 	}}
-	var logs lockedBuffer
+	var logs testenv.LogBuffer
 	c := open(t, dirs, Options{FS: h, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
 	data := payload(100_000, 1)
 	id := SegmentID{Stream: "m1", Seq: 1}
