@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -40,9 +41,40 @@ type faultFS struct {
 	failStatfs atomic.Pointer[string] // statfs of this directory fails with EIO
 	failFence  atomic.Bool            // fence records cannot be written
 	readOnly   atomic.Pointer[string] // files cannot be created under this directory (EROFS)
+	hung       atomic.Pointer[hang]   // opens and reads under a directory block
+}
+
+// hang blocks file operations under dir until released: a disk that
+// neither answers nor fails.
+type hang struct {
+	dir     string
+	release chan struct{}
+}
+
+// hangUnder makes operations under dir block, until the function it
+// returns is called (by the test's cleanup at the latest).
+func (f *faultFS) hangUnder(t *testing.T, dir string) (release func()) {
+	h := &hang{dir: dir + string(filepath.Separator), release: make(chan struct{})}
+	f.hung.Store(h)
+	var once sync.Once
+	release = func() {
+		once.Do(func() {
+			f.hung.Store(nil)
+			close(h.release)
+		})
+	}
+	t.Cleanup(release)
+	return release
+}
+
+func (f *faultFS) block(name string) {
+	if h := f.hung.Load(); h != nil && strings.HasPrefix(name, h.dir) {
+		<-h.release
+	}
 }
 
 func (f *faultFS) ReadFile(name string) ([]byte, error) {
+	f.block(name)
 	if f.failReads.Load() && strings.HasSuffix(name, ".shard") {
 		return nil, &fs.PathError{Op: "read", Path: name, Err: syscall.EIO}
 	}
@@ -72,6 +104,7 @@ func (f faultFile) Sync() error {
 }
 
 func (f *faultFS) OpenFile(name string, flag int, perm fs.FileMode) (cache.File, error) {
+	f.block(name)
 	if f.failFence.Load() && strings.Contains(filepath.Base(name), ".fenced-") {
 		return nil, &fs.PathError{Op: "open", Path: name, Err: syscall.EIO}
 	}
@@ -414,6 +447,43 @@ func TestFailingCacheDiskScrubbedOnce(t *testing.T) {
 	if n := strings.Count(e.logs.String(), "cache scrub"); n == 0 || n > 2 {
 		t.Fatalf("%d scrubs while a cache disk failed writes for 5 s, want 1 (or 2, the follow-up)", n)
 	}
+}
+
+// A cache disk that hangs (its writes neither end nor fail) does not hold
+// the acks: where the write quorum allows, the agent's batches are
+// acknowledged without it once the first put gave up on it, the journal
+// receives them whole, and once the disk answers it is scrubbed for the
+// shards it missed.
+func TestHungCacheDiskDoesNotHoldAcks(t *testing.T) {
+	e := newEnv(t, mem.New(), 4)
+	e.segAge = 20 * time.Millisecond
+	e.quorum = 3
+	e.hangAfter = 200 * time.Millisecond
+	ffs := &faultFS{}
+	e.cacheFS = ffs
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	a.hello("m1", disk0)
+	a.waitAck(a.batch(1, 5))
+	release := ffs.hangUnder(t, e.cache[3])
+	seq := uint64(6)
+	for range 10 {
+		a.waitAck(a.batch(seq, 5))
+		seq += 5
+	}
+	wantUploaded(t, e, a, seq-1)
+	if !strings.Contains(e.logs.String(), "cache: directory does not answer") {
+		t.Error("the hung cache disk was not reported")
+	}
+	release()
+	eventually(t, 20*time.Second, "the scrub once the disk answers", func() bool {
+		l := e.logs.String()
+		return strings.Contains(l, "directory answers again") && strings.Contains(l[strings.Index(l, "directory answers again"):], "cache scrub")
+	})
+	if strings.Contains(e.logs.String(), "cache write failed") {
+		t.Error("a put failed although the quorum was reached without the hung disk")
+	}
+	s.Close()
 }
 
 // A cached segment whose every shard vanished while the server was down

@@ -104,23 +104,24 @@ type logBuf = testenv.LogBuffer
 
 // env is a PKI, recovery key and cache directories for one test.
 type env struct {
-	t        *testing.T
-	pki      string
-	rkFile   string
-	rk       []byte
-	cache    []string
-	store    blobstore.Store
-	logs     *logBuf
-	ctx      context.Context
-	segBytes int
-	segAge   time.Duration
-	backlog  int64
-	window   uint64 // the Backpressure window (DefaultWindow if 0)
-	applier  func(*Server) (Applier, error)
-	cacheFS  cache.FS
-	quorum   int                  // the cache's write quorum (0: every directory)
-	name     string               // the process server's ("ps" if empty; "ps2" is issued too)
-	reg      *prometheus.Registry // registers the server's metrics (nil: none)
+	t         *testing.T
+	pki       string
+	rkFile    string
+	rk        []byte
+	cache     []string
+	store     blobstore.Store
+	logs      *logBuf
+	ctx       context.Context
+	segBytes  int
+	segAge    time.Duration
+	backlog   int64
+	window    uint64 // the Backpressure window (DefaultWindow if 0)
+	applier   func(*Server) (Applier, error)
+	cacheFS   cache.FS
+	quorum    int                  // the cache's write quorum (0: every directory)
+	hangAfter time.Duration        // cache.Options.HangAfter
+	name      string               // the process server's ("ps" if empty; "ps2" is issued too)
+	reg       *prometheus.Registry // registers the server's metrics (nil: none)
 }
 
 func newEnv(t *testing.T, store blobstore.Store, cacheDirs int) *env {
@@ -154,7 +155,7 @@ func (e *env) start() *Server {
 	cfg := Config{
 		Listen: "127.0.0.1:0", PKIDir: e.pki, Name: name, CacheDirs: e.cache,
 		RecoveryKeyFile: e.rkFile, Store: e.store, SegmentBytes: e.segBytes, SegmentAge: e.segAge,
-		MaxBacklogBytes: e.backlog, Window: e.window, NewApplier: e.applier, CacheOptions: cache.Options{FS: e.cacheFS, WriteQuorum: e.quorum},
+		MaxBacklogBytes: e.backlog, Window: e.window, NewApplier: e.applier, CacheOptions: cache.Options{FS: e.cacheFS, WriteQuorum: e.quorum, HangAfter: e.hangAfter},
 		Metrics: e.reg,
 		Logger:  slog.New(slog.NewTextHandler(io.MultiWriter(e.logs, testWriter{e.t}), &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}

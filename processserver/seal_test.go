@@ -63,7 +63,7 @@ func sealSegmentCompressesPerSegment(t *testing.T, inPlace bool) {
 			// The checksums gathered while sealing are those of out.
 			id := cache.SegmentID{Stream: "m1", Seq: b.meta.first}
 			if err == nil {
-				if err := c.PutSummed(id, out, sums); err != nil {
+				if _, err := c.PutSummed(id, out, sums); err != nil {
 					t.Fatal(err)
 				}
 				if n, err := c.Repair(id); n != 0 || err != nil {

@@ -745,11 +745,17 @@ func (st *session) flusher() {
 				failed = true
 				st.log.Error("cannot seal a segment; closing the connection, the agent will resend", logSegment, id.String(), logErr, err)
 				st.abortWith(wire.CodeInternal, "process server cannot seal the segment; reconnect and resend", err)
-			} else if err := st.s.cache.PutSummed(id, cached, sums); err != nil {
+			} else if held, err := st.s.cache.PutSummed(id, cached, sums); err != nil {
+				if held {
+					st.keepHeld(inPlace, &kept, &sealed)
+				}
 				failed = true
 				st.log.Error("cache write failed; closing the connection, the agent will resend", logSegment, id.String(), logErr, err)
 				st.abortWith(wire.CodeInternal, "process server cache write failed; reconnect and resend", err)
 			} else {
+				if held {
+					st.keepHeld(inPlace, &kept, &sealed)
+				}
 				// Once segmentDurable publishes a hot segment, its last
 				// reader may hand b back for reuse at any time: b is not
 				// touched after it.
@@ -760,6 +766,8 @@ func (st *session) flusher() {
 					// A small segment (a trickle, or well compressed)
 					// would pin a whole segment buffer: keep a copy.
 					hot = st.s.newHot(bytes.Clone(cached), nil)
+				case inPlace && held:
+					hot = st.s.newHot(cached, nil)
 				case inPlace:
 					// The segment stays in b's buffer until applied; the
 					// last reader hands the buffer back.
@@ -783,6 +791,18 @@ func (st *session) flusher() {
 		if !kept {
 			st.s.putBuf(b)
 		}
+	}
+}
+
+// keepHeld keeps a segment's buffer from reuse after a cache put that a
+// hung cache disk still reads (cache.PutSummed's held): b's (sealed in
+// place) or the flusher's sealing buffer. The garbage collector frees it
+// once that write returns.
+func (st *session) keepHeld(inPlace bool, kept *bool, sealed *[]byte) {
+	if inPlace {
+		*kept = true
+	} else {
+		*sealed = nil
 	}
 }
 

@@ -115,6 +115,11 @@ type Options struct {
 	// at the price of reduced redundancy until Scrub runs.
 	WriteQuorum int
 
+	// HangAfter is how long an operation on one directory may run before
+	// the directory is taken for hung and left behind (see ErrHung). 0
+	// means DefaultHangAfter.
+	HangAfter time.Duration
+
 	// MaxSegmentSize bounds Put (and, with a fixed floor of 1 GiB, what
 	// Get believes from a shard header). 0 means DefaultMaxSegmentSize.
 	MaxSegmentSize int
@@ -151,15 +156,17 @@ func DefaultGeometry(n int) (k, m int) {
 
 // Cache is an erasure-coded segment store over several directories.
 type Cache struct {
-	dirs     []string
-	k, m     int
-	quorum   int
-	maxSeg   int
-	fs       FS
-	log      *slog.Logger
-	fstab    string
-	replaced []string
-	id       string // the cache's identity, in every directory's marker
+	dirs   []string
+	k, m   int
+	quorum int
+	maxSeg int
+	fs     FS
+	// hangAfter: see Options.HangAfter.
+	hangAfter time.Duration
+	log       *slog.Logger
+	fstab     string
+	replaced  []string
+	id        string // the cache's identity, in every directory's marker
 
 	enc     reedsolomon.Encoder // for (k, m); nil when m == 0
 	encMu   sync.Mutex
@@ -199,6 +206,11 @@ type Cache struct {
 	unmounted   []atomic.Bool
 	mountedTill []atomic.Int64 // unix ns until which a positive check stands (checkMounted)
 	mountMu     []sync.Mutex   // checkMountedNow, per directory: a stale walk never wins
+
+	// hung[i]: operations on directory i abandoned and still running
+	// (see Options.HangAfter), since hungSince[i] (unix ns).
+	hung      []atomic.Int32
+	hungSince []atomic.Int64
 
 	heldMu sync.Mutex
 	held   []*os.File // the directories' lock files (lockDirs), until Close
@@ -255,6 +267,7 @@ func Open(dirs []string, opts Options) (*Cache, error) {
 	c := &Cache{
 		k: k, m: m, quorum: quorum,
 		maxSeg:      cmp.Or(opts.MaxSegmentSize, DefaultMaxSegmentSize),
+		hangAfter:   cmp.Or(opts.HangAfter, DefaultHangAfter),
 		fs:          cmp.Or[FS](opts.FS, OSFS{}),
 		noDirect:    make([]atomic.Bool, n),
 		vanished:    make([]atomic.Bool, n),
@@ -265,6 +278,8 @@ func Open(dirs []string, opts Options) (*Cache, error) {
 		unmounted:   make([]atomic.Bool, n),
 		mountedTill: make([]atomic.Int64, n),
 		mountMu:     make([]sync.Mutex, n),
+		hung:        make([]atomic.Int32, n),
+		hungSince:   make([]atomic.Int64, n),
 		log:         opts.Logger,
 		fstab:       cmp.Or(opts.Fstab, "/etc/fstab"),
 		encs:        make(map[[2]uint8]reedsolomon.Encoder),
@@ -486,27 +501,36 @@ func (c *Cache) shardPath(slot int, id SegmentID) string {
 // caller must not ack, and a later Get may return either the old or the
 // new content, never a mix.
 //
-// data is not retained.
+// A directory that hangs (see Options.HangAfter) is left behind: its shard counts
+// as failed, and Put returns without waiting for it.
+//
+// Put is PutSummed for a caller that does not reuse data.
 func (c *Cache) Put(id SegmentID, data []byte) error {
-	return c.PutSummed(id, data, nil)
+	_, err := c.PutSummed(id, data, nil)
+	return err
 }
 
 // PutSummed is Put with the data shards' checksums gathered by sums (see
 // NewSums) as data was produced, which saves reading data again here.
 // sums must have been given all of data, and nothing else.
-func (c *Cache) PutSummed(id SegmentID, data []byte, sums *Sums) error {
+//
+// data is not retained, unless held: a shard write to a directory that
+// hangs may still read it, and will whenever the disk answers, so the
+// caller must not write to data again (its memory is left to the garbage
+// collector). The shard that write makes is never renamed into place.
+func (c *Cache) PutSummed(id SegmentID, data []byte, sums *Sums) (held bool, err error) {
 	if err := CheckStream(id.Stream); err != nil {
-		return err
+		return false, err
 	}
 	if len(data) == 0 || len(data) > c.maxSeg {
-		return fmt.Errorf("cache: put %s: segment of %d bytes, want 1 to %d", id, len(data), c.maxSeg)
+		return false, fmt.Errorf("cache: put %s: segment of %d bytes, want 1 to %d", id, len(data), c.maxSeg)
 	}
 	if sums != nil && (sums.segLen != len(data) || sums.pos != len(data) || len(sums.crcs) != c.k) {
-		return fmt.Errorf("cache: put %s: checksums of %d of %d bytes over %d shards for a segment of %d bytes over %d",
+		return false, fmt.Errorf("cache: put %s: checksums of %d of %d bytes over %d shards for a segment of %d bytes over %d",
 			id, sums.pos, sums.segLen, len(sums.crcs), len(data), c.k)
 	}
 	if err := c.checkQuorum(); err != nil {
-		return fmt.Errorf("cache: put %s: %w", id, err)
+		return false, fmt.Errorf("cache: put %s: %w", id, err)
 	}
 	mu := c.lock(id)
 	mu.Lock()
@@ -518,12 +542,19 @@ func (c *Cache) PutSummed(id SegmentID, data []byte, sums *Sums) error {
 	// partial directAlign block of data, and the zeroes past it, go
 	// through a tail buffer; the parity shards are computed into their
 	// own buffers.
+	// writesHeld: a hung shard write still reads the buffers below.
+	writesHeld := false
+	copied := false // data is a copy of the caller's
 	if !isAligned(data) {
 		bp := c.getBuf(len(data) + directAlign)
-		defer c.putBuf(bp)
+		defer func() {
+			if !writesHeld {
+				c.putBuf(bp)
+			}
+		}()
 		b := aligned(*bp)[:len(data)]
 		copy(b, data)
-		data = b
+		data, copied = b, true
 	}
 	n := c.k + c.m
 	shardLen := int(alignedShardLen(uint64(len(data)), uint8(c.k)))
@@ -538,7 +569,11 @@ func (c *Cache) PutSummed(id SegmentID, data []byte, sums *Sums) error {
 		tailLen += shardLen - body[i]
 	}
 	bp := c.getBuf(n*hdrLen + c.m*shardLen + tailLen + directAlign)
-	defer c.putBuf(bp)
+	defer func() {
+		if !writesHeld {
+			c.putBuf(bp)
+		}
+	}()
 	buf := aligned(*bp)[:n*hdrLen+c.m*shardLen+tailLen]
 	hdrs := make([][]byte, n)
 	tails := make([][]byte, n)
@@ -601,7 +636,7 @@ func (c *Cache) PutSummed(id SegmentID, data []byte, sums *Sums) error {
 		}
 		if c.enc != nil {
 			if err := c.enc.Encode(stripe); err != nil {
-				return fmt.Errorf("cache: put %s: encode: %w", id, err)
+				return false, fmt.Errorf("cache: put %s: encode: %w", id, err)
 			}
 		}
 		for i := c.k; i < n; i++ {
@@ -618,20 +653,15 @@ func (c *Cache) PutSummed(id SegmentID, data []byte, sums *Sums) error {
 		segLen: uint64(len(data)), shardLen: uint32(shardLen),
 		segCRC: segCRC, stream: id.Stream,
 	}
-	errs := make([]error, n)
-	ended := make([]atomic.Bool, n)
-	var wg sync.WaitGroup
-	for i := range n {
+	var errs []error
+	errs, writesHeld = c.onDirs(nil, func(i int, o *dirOp) error {
 		parts := [][]byte{tails[i]}
 		if i < c.k && body[i] > 0 {
 			parts = [][]byte{data[i*shardLen : i*shardLen+body[i]], tails[i]}
 		}
-		wg.Go(func() {
-			errs[i] = c.writeShard(i, id, h, hdrs[i], parts, crcs[i])
-			ended[i].Store(true)
-		})
-	}
-	c.waitShards(&wg, id, ended)
+		return c.writeShard(i, o, id, h, hdrs[i], parts, crcs[i])
+	})
+	held = writesHeld && !copied
 
 	var failed []error
 	for i, err := range errs {
@@ -640,49 +670,21 @@ func (c *Cache) PutSummed(id SegmentID, data []byte, sums *Sums) error {
 		}
 	}
 	if ok := n - len(failed); ok < c.quorum {
-		return fmt.Errorf("cache: put %s: %d of %d shards durable, need %d: %w", id, ok, n, c.quorum, errors.Join(failed...))
+		return held, fmt.Errorf("cache: put %s: %d of %d shards durable, need %d: %w", id, ok, n, c.quorum, errors.Join(failed...))
 	}
 	for i, err := range errs {
 		if err != nil {
-			c.log.Warn("cache: shard write failed, segment stored with reduced redundancy",
-				logStream, id.Stream, logSeq, id.Seq, logShard, i, logDir, c.dirs[i], logErr, err)
+			if !errors.Is(err, ErrHung) { // (logged once, while it lasts)
+				c.log.Warn("cache: shard write failed, segment stored with reduced redundancy",
+					logStream, id.Stream, logSeq, id.Seq, logShard, i, logDir, c.dirs[i], logErr, err)
+			}
 			// The next CheckDirs reports the directory, and the scrub it
 			// calls for writes the missing shard: redundancy is back
 			// before the segment waits out a long outage on one less disk.
 			c.vanished[i].Store(true)
 		}
 	}
-	return nil
-}
-
-// slowShardWrite is how long a segment's shard writes run before the
-// directories still writing are reported: a disk that hangs rather than
-// fails (a multipath device queueing without a path, a stalled iSCSI
-// target) holds the segment, and with it the acks, without an error.
-var slowShardWrite = 10 * time.Second
-
-// waitShards waits for a put's shard writes, reporting once those still
-// running after slowShardWrite. (The put cannot end before they do: they
-// read the caller's buffers.)
-func (c *Cache) waitShards(wg *sync.WaitGroup, id SegmentID, ended []atomic.Bool) {
-	done := make(chan struct{})
-	go func() { wg.Wait(); close(done) }()
-	select {
-	case <-done:
-		return
-	case <-time.After(slowShardWrite):
-	}
-	var slow []string
-	for i := range ended {
-		if !ended[i].Load() {
-			slow = append(slow, c.dirs[i])
-		}
-	}
-	start := time.Now().Add(-slowShardWrite)
-	c.log.Error("cache: shard writes hang; the segment and the acks of its stream wait for them (a disk that neither answers nor fails)",
-		logStream, id.Stream, logSeq, id.Seq, logDir, strings.Join(slow, ","), "waited", slowShardWrite)
-	<-done
-	c.log.Warn("cache: hung shard writes ended", logStream, id.Stream, logSeq, id.Seq, "after", time.Since(start).Round(time.Millisecond))
+	return held, nil
 }
 
 // Sums gathers the checksums of a segment's data shards while the
@@ -742,7 +744,7 @@ func (c *Cache) putBuf(p *[]byte) {
 // rename, fsync of the directory. hdr is the room for the header, up to
 // the data (dataOffset); parts are the shard data, in order; shardCRC is
 // its checksum.
-func (c *Cache) writeShard(slot int, id SegmentID, h shardHeader, hdr []byte, parts [][]byte, shardCRC uint32) (err error) {
+func (c *Cache) writeShard(slot int, o *dirOp, id SegmentID, h shardHeader, hdr []byte, parts [][]byte, shardCRC uint32) (err error) {
 	defer func() {
 		if err != nil {
 			c.epoch[slot].Add(1) // a directory being rebuilt is not complete
@@ -775,6 +777,11 @@ func (c *Cache) writeShard(slot int, id SegmentID, h shardHeader, hdr []byte, pa
 			return err
 		}
 		err = c.writeFile(slot, tmp, parts)
+	}
+	if err == nil && o.abandoned() {
+		// The put counted this shard as failed and went on; the caller
+		// may have written to its buffers since.
+		err = ErrHung
 	}
 	if err == nil {
 		err = c.fs.Rename(tmp, final)
@@ -983,20 +990,25 @@ type slotRead struct {
 }
 
 func (c *Cache) readShards(id SegmentID) []slotRead {
+	got := make([]slotRead, len(c.dirs)) // an abandoned read's is not looked at
+	errs, _ := c.onDirs(nil, func(i int, _ *dirOp) error {
+		r := &got[i]
+		file, err := c.fs.ReadFile(c.shardPath(i, id))
+		if err != nil {
+			r.err, r.unread = err, !errors.Is(err, fs.ErrNotExist)
+			return nil
+		}
+		r.hdr, r.data, r.err = parseShard(file, id.Stream, id.Seq, i, uint64(max(c.maxSeg, maxReadSegment)))
+		return nil
+	})
 	reads := make([]slotRead, len(c.dirs))
-	var wg sync.WaitGroup
-	for i := range c.dirs {
-		wg.Go(func() {
-			r := &reads[i]
-			file, err := c.fs.ReadFile(c.shardPath(i, id))
-			if err != nil {
-				r.err, r.unread = err, !errors.Is(err, fs.ErrNotExist)
-				return
-			}
-			r.hdr, r.data, r.err = parseShard(file, id.Stream, id.Seq, i, uint64(max(c.maxSeg, maxReadSegment)))
-		})
+	for i, err := range errs {
+		if err != nil { // hung: says nothing of the shard
+			reads[i] = slotRead{err: err, unread: true}
+		} else {
+			reads[i] = got[i]
+		}
 	}
-	wg.Wait()
 	return reads
 }
 
@@ -1154,14 +1166,18 @@ func (c *Cache) Size(id SegmentID) (int64, error) {
 	var best shardHeader
 	found, notFound := false, true
 	var errs []error
-	for i := range c.dirs {
-		h, err := c.readHeader(i, id)
+	hdrs := make([]shardHeader, len(c.dirs)) // an abandoned read's is not looked at
+	rerrs, _ := c.onDirs(nil, func(i int, _ *dirOp) (err error) {
+		hdrs[i], err = c.readHeader(i, id)
+		return err
+	})
+	for i, err := range rerrs {
 		if err != nil {
 			notFound = notFound && errors.Is(err, fs.ErrNotExist)
 			errs = append(errs, err)
 			continue
 		}
-		if !found || h.gen > best.gen {
+		if h := hdrs[i]; !found || h.gen > best.gen {
 			best, found = h, true
 		}
 	}
@@ -1217,25 +1233,26 @@ func (c *Cache) Repair(id SegmentID) (int, error) {
 		k: d.v.k, m: d.v.m, seq: id.Seq, gen: d.v.gen, segLen: d.v.segLen,
 		shardLen: uint32(len(d.shards[0])), segCRC: d.v.segCRC, stream: id.Stream,
 	}
-	repaired := 0
-	var errs []error
-	hdr := make([]byte, dataOffset(shardVersion, h.size()))
-	for i, ok := range d.have {
-		if ok {
-			continue
+	var repaired atomic.Int32
+	werrs, _ := c.onDirs(func(i int) bool { return !d.have[i] }, func(i int, o *dirOp) error {
+		hdr := make([]byte, dataOffset(shardVersion, h.size()))
+		if err := c.writeShard(i, o, id, h, hdr, [][]byte{d.shards[i]}, crc(d.shards[i])); err != nil {
+			return err
 		}
-		clear(hdr)
-		if err := c.writeShard(i, id, h, hdr, [][]byte{d.shards[i]}, crc(d.shards[i])); err != nil {
-			errs = append(errs, fmt.Errorf("shard %d in %s: %w", i, c.dirs[i], err))
-			continue
-		}
-		repaired++
+		repaired.Add(1)
 		c.log.Info("cache: shard rebuilt", logStream, id.Stream, logSeq, id.Seq, logShard, i, logDir, c.dirs[i])
+		return nil
+	})
+	var errs []error
+	for i, err := range werrs {
+		if err != nil {
+			errs = append(errs, fmt.Errorf("shard %d in %s: %w", i, c.dirs[i], err))
+		}
 	}
 	if len(errs) > 0 {
-		return repaired, fmt.Errorf("cache: repair %s: %w", id, errors.Join(errs...))
+		return int(repaired.Load()), fmt.Errorf("cache: repair %s: %w", id, errors.Join(errs...))
 	}
-	return repaired, nil
+	return int(repaired.Load()), nil
 }
 
 // Delete removes every shard of segment id. Deleting a segment that is not
@@ -1248,40 +1265,34 @@ func (c *Cache) Delete(id SegmentID) error {
 	mu.Lock()
 	defer mu.Unlock()
 
-	errs := make([]error, len(c.dirs))
-	var wg sync.WaitGroup
-	for i := range c.dirs {
-		wg.Go(func() {
-			if err := c.checkMounted(i); err != nil {
-				errs[i] = err // its shard is on the unmounted disk
-				return
+	errs, _ := c.onDirs(nil, func(i int, _ *dirOp) error {
+		if err := c.checkMounted(i); err != nil {
+			return err // its shard is on the unmounted disk
+		}
+		p := c.shardPath(i, id)
+		err := c.fs.Remove(p)
+		if errors.Is(err, fs.ErrNotExist) {
+			// Gone, or its disk was unmounted since the (cached)
+			// check: a shard left on the disk would come back
+			// when it is mounted again.
+			if err := c.checkMountedNow(i); err != nil {
+				return err
 			}
-			p := c.shardPath(i, id)
-			err := c.fs.Remove(p)
-			if errors.Is(err, fs.ErrNotExist) {
-				// Gone, or its disk was unmounted since the (cached)
-				// check: a shard left on the disk would come back
-				// when it is mounted again.
-				if err := c.checkMountedNow(i); err != nil {
-					errs[i] = err
-					return
-				}
-				// Gone maybe by a Delete whose directory fsync failed:
-				// durable only once one succeeds.
-				if err := c.syncDir(filepath.Dir(p)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-					errs[i] = fmt.Errorf("shard %d in %s: %w", i, c.dirs[i], err)
-				}
-				return
+			// Gone maybe by a Delete whose directory fsync failed:
+			// durable only once one succeeds.
+			if err := c.syncDir(filepath.Dir(p)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				return fmt.Errorf("shard %d in %s: %w", i, c.dirs[i], err)
 			}
-			if err == nil {
-				err = c.syncDir(filepath.Dir(p))
-			}
-			if err != nil {
-				errs[i] = fmt.Errorf("shard %d in %s: %w", i, c.dirs[i], err)
-			}
-		})
-	}
-	wg.Wait()
+			return nil
+		}
+		if err == nil {
+			err = c.syncDir(filepath.Dir(p))
+		}
+		if err != nil {
+			return fmt.Errorf("shard %d in %s: %w", i, c.dirs[i], err)
+		}
+		return nil
+	})
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("cache: delete %s: %w", id, err)
 	}
@@ -1348,8 +1359,13 @@ func (c *Cache) streams(strict bool) ([]string, error) {
 // has seen the other directories' entries all the same).
 func (c *Cache) eachDir(sub string, strict bool, fn func(name string, isDir bool)) error {
 	var errs []error
-	for _, d := range c.dirs {
-		entries, err := c.fs.ReadDir(filepath.Join(d, sub))
+	listed := make([][]fs.DirEntry, len(c.dirs)) // an abandoned listing's is not looked at
+	lerrs, _ := c.onDirs(nil, func(i int, _ *dirOp) (err error) {
+		listed[i], err = c.fs.ReadDir(filepath.Join(c.dirs[i], sub))
+		return err
+	})
+	for i, d := range c.dirs {
+		err := lerrs[i]
 		if errors.Is(err, fs.ErrNotExist) {
 			continue
 		}
@@ -1358,7 +1374,7 @@ func (c *Cache) eachDir(sub string, strict bool, fn func(name string, isDir bool
 			errs = append(errs, fmt.Errorf("%s: %w", d, err))
 			continue
 		}
-		for _, e := range entries {
+		for _, e := range listed[i] {
 			fn(e.Name(), e.IsDir())
 		}
 	}
@@ -1590,8 +1606,9 @@ func (c *Cache) CheckDirs() ([]string, error) {
 // shards that a failed Put leaves behind.
 func (c *Cache) checkQuorum() error {
 	var down []error
-	for i := range c.dirs {
-		if err := c.checkMounted(i); err != nil {
+	errs, _ := c.onDirs(nil, func(i int, _ *dirOp) error { return c.checkMounted(i) })
+	for _, err := range errs {
+		if err != nil {
 			down = append(down, err)
 		}
 	}
@@ -1646,12 +1663,29 @@ func (c *Cache) checkMountedNow(i int) error {
 
 // checkDir is CheckDirs for directory i: whether it lost its shards now.
 func (c *Cache) checkDir(i int) (bool, error) {
-	if !c.dirMu[i].TryLock() {
-		// A scrub is marking it: the next check sees the outcome (the
-		// monitor does not wait on a slow disk).
+	var lost bool // set by the check, unless it was abandoned
+	errBusy := errors.New("busy")
+	err := c.onDir(i, func(*dirOp) (err error) {
+		if !c.dirMu[i].TryLock() {
+			// A scrub is marking it: the next check sees the outcome
+			// (the monitor does not wait on a slow disk).
+			return errBusy
+		}
+		defer c.dirMu[i].Unlock()
+		lost, err = c.checkDirLocked(i)
+		return err
+	})
+	switch {
+	case err == errBusy:
 		return false, nil
+	case errors.Is(err, ErrHung):
+		return false, err
 	}
-	defer c.dirMu[i].Unlock()
+	return lost, err
+}
+
+// checkDirLocked is checkDir under the directory's lock.
+func (c *Cache) checkDirLocked(i int) (bool, error) {
 	if err := c.checkMountedNow(i); err != nil {
 		// Not a loss to rebuild: its shards are on the unmounted disk.
 		return false, err
@@ -1722,13 +1756,18 @@ type DirUsage struct {
 // measured, so that one failing disk does not hide that the rest are full.
 func (c *Cache) Usage() []DirUsage {
 	out := make([]DirUsage, len(c.dirs))
+	stats := make([]FSStat, len(c.dirs)) // an abandoned statfs's is not looked at
+	errs, _ := c.onDirs(nil, func(i int, _ *dirOp) (err error) {
+		stats[i], err = c.fs.Statfs(c.dirs[i])
+		return err
+	})
 	for i, d := range c.dirs {
 		out[i].Dir = d
-		st, err := c.fs.Statfs(d)
-		if err != nil {
+		if err := errs[i]; err != nil {
 			out[i].Err = fmt.Errorf("cache: usage of %s: %w", d, err)
 			continue
 		}
+		st := stats[i]
 		out[i].Total, out[i].Used, out[i].Free = st.Total, st.Total-st.Free, st.Avail
 		if st.Total > 0 {
 			out[i].FreeFraction = float64(st.Avail) / float64(st.Total)

@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/lifeboat-dr/lifeboat/internal/blockdev"
 	"github.com/lifeboat-dr/lifeboat/internal/testenv"
 )
 
@@ -1465,7 +1466,7 @@ func TestPutSummed(t *testing.T) {
 			rest = rest[len(p):]
 		}
 		id := SegmentID{Stream: "m", Seq: uint64(i)}
-		if err := c.PutSummed(id, data, sums); err != nil {
+		if _, err := c.PutSummed(id, data, sums); err != nil {
 			t.Fatal(err)
 		}
 		if r, err := c.Repair(id); err != nil || r != 0 {
@@ -1483,7 +1484,7 @@ func TestPutSummed(t *testing.T) {
 	sums := c.NewSums(len(data))
 	sums.Write(other)
 	id := SegmentID{Stream: "m", Seq: 99}
-	if err := c.PutSummed(id, data, sums); err != nil {
+	if _, err := c.PutSummed(id, data, sums); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := c.Get(id); err == nil {
@@ -1491,7 +1492,7 @@ func TestPutSummed(t *testing.T) {
 	}
 	half := c.NewSums(len(data))
 	half.Write(data[:len(data)/2])
-	if err := c.PutSummed(id, data, half); err == nil {
+	if _, err := c.PutSummed(id, data, half); err == nil {
 		t.Fatal("sums of half the segment accepted")
 	}
 }
@@ -1543,44 +1544,149 @@ func TestScrubSyncsStreamDirectories(t *testing.T) {
 	}
 }
 
-// A directory whose writes hang (neither done nor failed) holds the put,
-// which cannot end while a write reads its buffers; it is reported, by
-// directory, rather than waited for in silence.
-func TestHungShardWriteReported(t *testing.T) {
-	defer func(d time.Duration) { slowShardWrite = d }(slowShardWrite)
-	slowShardWrite = 50 * time.Millisecond
-	dirs := tempDirs(t, 3)
-	release := make(chan struct{})
-	var hang atomic.Bool
-	h := &hookFS{onOpen: func(name string) error {
-		if hang.Load() && strings.HasPrefix(name, dirs[2]+"/") && strings.Contains(name, ".tmp-") {
-			<-release
+// hangingDir is a hookFS on which every file operation under dir blocks
+// while hang is set, until release: a disk that neither answers nor fails.
+type hangingDir struct {
+	*hookFS
+	hang    atomic.Bool
+	tries   atomic.Int32 // operations that blocked
+	release func()       // ends the hang (once; also at cleanup)
+}
+
+func newHangingDir(t *testing.T, dir string) *hangingDir {
+	h := &hangingDir{hookFS: &hookFS{}}
+	ch := make(chan struct{})
+	var once sync.Once
+	h.release = func() { once.Do(func() { h.hang.Store(false); close(ch) }) }
+	t.Cleanup(h.release)
+	block := func(name string) {
+		if h.hang.Load() && strings.HasPrefix(name, dir+"/") {
+			h.tries.Add(1)
+			<-ch
 		}
-		return nil
-	}}
-	var logs testenv.LogBuffer
-	c := open(t, dirs, Options{FS: h, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
-	data := payload(100_000, 1)
-	id := SegmentID{Stream: "m1", Seq: 1}
-	hang.Store(true)
-	done := make(chan error, 1)
-	go func() { done <- c.Put(id, data) }()
-	deadline := time.Now().Add(10 * time.Second)
-	for !strings.Contains(logs.String(), "shard writes hang") {
+	}
+	h.onOpen = func(name string) error { block(name); return nil }
+	h.onRead = block
+	return h
+}
+
+// wantLogged waits for a log line holding all of parts.
+func wantLogged(t *testing.T, logs *testenv.LogBuffer, parts ...string) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		for line := range strings.Lines(logs.String()) {
+			if !slices.ContainsFunc(parts, func(p string) bool { return !strings.Contains(line, p) }) {
+				return
+			}
+		}
 		if time.Now().After(deadline) {
-			close(release)
-			t.Fatalf("no report of the hung directory; logs:\n%s", logs.String())
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	for line := range strings.Lines(logs.String()) {
-		if strings.Contains(line, "shard writes hang") && !strings.Contains(line, " dir="+dirs[2]+" ") {
-			t.Errorf("report names other directories than %s:\n%s", dirs[2], line)
+			t.Fatalf("no log line with %q; logs:\n%s", parts, logs.String())
 		}
 	}
-	close(release)
-	if err := <-done; err != nil {
+}
+
+// A directory that hangs (operations that neither end nor fail) is left
+// behind after HangAfter: the put that met it is acknowledged without its
+// shard where the quorum allows, and says that its buffer is still read;
+// later puts, reads and deletes do not wait for it; the abandoned shard
+// never lands; and once the disk answers, a scrub writes what it missed.
+func TestHungDirectoryLeftBehind(t *testing.T) {
+	dirs := tempDirs(t, 4)
+	h := newHangingDir(t, dirs[3])
+	var logs testenv.LogBuffer
+	c := open(t, dirs, Options{FS: h, WriteQuorum: 3, HangAfter: 50 * time.Millisecond,
+		Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	id1, id2 := SegmentID{Stream: "m1", Seq: 1}, SegmentID{Stream: "m1", Seq: 2}
+	d1 := blockdev.AlignedBuffer(100_000) // written from as it is
+	copy(d1, payload(len(d1), 1))
+	d2 := payload(70_000, 2)
+
+	h.hang.Store(true)
+	held, err := c.PutSummed(id1, d1, nil)
+	if err != nil {
+		t.Fatalf("put with one directory hung and a quorum of 3 of 4: %v", err)
+	}
+	if !held {
+		t.Error("the put left a write reading its buffer behind, and did not say so")
+	}
+	wantLogged(t, &logs, "directory does not answer", "dir="+dirs[3]+" ")
+	tries := h.tries.Load()
+	if err := c.Put(id2, d2); err != nil {
+		t.Fatalf("second put: %v", err)
+	}
+	mustGet(t, c, id1, d1)
+	mustGet(t, c, id2, d2)
+	if _, err := c.Size(id2); err != nil {
 		t.Fatal(err)
+	}
+	if err := c.Delete(id2); !errors.Is(err, ErrHung) {
+		t.Errorf("delete with a hung directory: %v, want ErrHung", err)
+	}
+	if _, err := c.CheckDirs(); !errors.Is(err, ErrHung) {
+		t.Errorf("CheckDirs: %v, want ErrHung", err)
+	}
+	if n := h.tries.Load(); n != tries {
+		t.Errorf("%d more operations waited on the hung directory after it was found hung", n-tries)
+	}
+
+	h.release()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		lost, err := c.CheckDirs()
+		if err == nil && slices.Contains(lost, dirs[3]) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the directory that answers again is not reported for a scrub: %v, %v", lost, err)
+		}
+	}
+	if _, err := os.Stat(c.shardPath(3, id1)); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("the abandoned shard write landed (%v): its buffer may have been reused", err)
+	}
+	if err := c.Delete(id2); err != nil {
+		t.Fatalf("delete retried once the directory answers: %v", err)
+	}
+	rep, err := c.Scrub(context.Background())
+	if err != nil || rep.RepairedShards != 1 {
+		t.Fatalf("scrub: %+v, %v; want the one shard missed rebuilt", rep, err)
+	}
+	if n, err := c.Repair(id1); n != 0 || err != nil {
+		t.Fatalf("after the scrub, Repair rewrote %d shards (%v)", n, err)
+	}
+	mustGet(t, c, id1, d1)
+}
+
+// With the default quorum (every shard), a hung directory fails puts
+// instead of holding them: the first after HangAfter, the next at once,
+// until it answers again.
+func TestHungDirectoryFailsFullQuorum(t *testing.T) {
+	dirs := tempDirs(t, 3)
+	h := newHangingDir(t, dirs[1])
+	c := open(t, dirs, Options{FS: h, HangAfter: 50 * time.Millisecond})
+	id := SegmentID{Stream: "m1", Seq: 1}
+	data := payload(100_000, 1)
+	h.hang.Store(true)
+	if err := c.Put(id, data); !errors.Is(err, ErrHung) {
+		t.Fatalf("put with a directory hung: %v, want ErrHung", err)
+	}
+	tries := h.tries.Load()
+	if err := c.Put(id, data); !errors.Is(err, ErrHung) {
+		t.Fatalf("second put: %v, want ErrHung", err)
+	}
+	if n := h.tries.Load(); n != tries {
+		t.Errorf("the second put waited on the hung directory")
+	}
+	h.release()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		err := c.Put(id, data)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, ErrHung) || time.Now().After(deadline) {
+			t.Fatalf("put once the directory answers: %v", err)
+		}
+	}
+	if n, err := c.Repair(id); n != 0 || err != nil {
+		t.Fatalf("Repair rewrote %d shards (%v): the put was not whole", n, err)
 	}
 	mustGet(t, c, id, data)
 }
