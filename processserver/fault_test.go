@@ -478,11 +478,23 @@ func TestHungCacheDiskDoesNotHoldAcks(t *testing.T) {
 	release()
 	eventually(t, 20*time.Second, "the scrub once the disk answers", func() bool {
 		l := e.logs.String()
-		return strings.Contains(l, "directory answers again") && strings.Contains(l[strings.Index(l, "directory answers again"):], "cache scrub")
+		i := strings.Index(l, "directory answers again")
+		return i >= 0 && strings.Contains(l[i:], "cache scrub done")
 	})
 	if strings.Contains(e.logs.String(), "cache write failed") {
 		t.Error("a put failed although the quorum was reached without the hung disk")
 	}
+	// What the cache still holds has its shard on the disk that hung.
+	ids, err := s.cache.List("m1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range ids {
+		if n, err := s.cache.Repair(id); n != 0 || err != nil {
+			t.Errorf("segment %s: %d shards missing after the scrub (%v)", id, n, err)
+		}
+	}
+	t.Logf("%d cached segments checked", len(ids))
 	s.Close()
 }
 

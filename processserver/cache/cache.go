@@ -211,6 +211,7 @@ type Cache struct {
 	// (see Options.HangAfter), since hungSince[i] (unix ns).
 	hung      []atomic.Int32
 	hungSince []atomic.Int64
+	hungMu    []sync.Mutex // abandon and unhang
 
 	heldMu sync.Mutex
 	held   []*os.File // the directories' lock files (lockDirs), until Close
@@ -280,6 +281,7 @@ func Open(dirs []string, opts Options) (*Cache, error) {
 		mountMu:     make([]sync.Mutex, n),
 		hung:        make([]atomic.Int32, n),
 		hungSince:   make([]atomic.Int64, n),
+		hungMu:      make([]sync.Mutex, n),
 		log:         opts.Logger,
 		fstab:       cmp.Or(opts.Fstab, "/etc/fstab"),
 		encs:        make(map[[2]uint8]reedsolomon.Encoder),
@@ -1478,11 +1480,17 @@ func (c *Cache) Scrub(ctx context.Context) (ScrubReport, error) {
 		// A shard whose directory fsync failed after its rename is
 		// in place and valid, so Repair leaves it: its entry is made
 		// durable here.
-		for i := range c.dirs {
+		serrs, _ := c.onDirs(nil, func(i int, _ *dirOp) error {
 			if c.checkMounted(i) != nil {
-				continue
+				return nil
 			}
 			if err := c.syncDir(filepath.Join(c.dirs[i], s)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+				return err
+			}
+			return nil
+		})
+		for _, err := range serrs {
+			if err != nil {
 				errs = append(errs, err)
 			}
 		}
@@ -1494,7 +1502,8 @@ func (c *Cache) Scrub(ctx context.Context) (ScrubReport, error) {
 		return rep, fmt.Errorf("cache: scrub: %w", errors.Join(errs...))
 	}
 	for _, r := range rebuilt {
-		if err := c.markRebuilt(r.slot, r.epoch); err != nil {
+		err := c.onDir(r.slot, func(*dirOp) error { return c.markRebuilt(r.slot, r.epoch) })
+		if err != nil {
 			return rep, fmt.Errorf("cache: scrub: %w", err)
 		}
 	}

@@ -1655,6 +1655,49 @@ func TestHungDirectoryLeftBehind(t *testing.T) {
 	mustGet(t, c, id1, d1)
 }
 
+// An abandoned write that returns right after it was abandoned (a slow
+// disk rather than a dead one) still counts as failed: its shard was not
+// renamed into place, so the put must not count it towards its quorum,
+// whatever the hung count says by the time the put looks.
+func TestAbandonedWriteEndingAtOnceFailsPut(t *testing.T) {
+	dirs := tempDirs(t, 3)
+	h := newHangingDir(t, dirs[2])
+	answered := make(chan struct{})
+	var once sync.Once
+	logs := &hookHandler{fn: func(r slog.Record) {
+		switch {
+		case strings.Contains(r.Message, "does not answer"):
+			// Let the write end before the put goes on, and wait for
+			// its end to be counted.
+			h.release()
+			select {
+			case <-answered:
+			case <-time.After(10 * time.Second):
+				t.Error("the abandoned write's end was not logged")
+			}
+		case strings.Contains(r.Message, "answers again"):
+			once.Do(func() { close(answered) })
+		}
+	}}
+	c := open(t, dirs, Options{FS: h, HangAfter: 50 * time.Millisecond, Logger: slog.New(logs)})
+	id := SegmentID{Stream: "m1", Seq: 1}
+	h.hang.Store(true)
+	if err := c.Put(id, payload(100_000, 1)); !errors.Is(err, ErrHung) {
+		t.Fatalf("put whose shard write was abandoned: %v, want ErrHung (the shard is not in place)", err)
+	}
+	if _, err := os.Stat(c.shardPath(2, id)); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("the abandoned shard landed: %v", err)
+	}
+}
+
+// hookHandler is a slog.Handler calling fn for every record.
+type hookHandler struct{ fn func(slog.Record) }
+
+func (h *hookHandler) Enabled(context.Context, slog.Level) bool      { return true }
+func (h *hookHandler) Handle(_ context.Context, r slog.Record) error { h.fn(r); return nil }
+func (h *hookHandler) WithAttrs([]slog.Attr) slog.Handler            { return h }
+func (h *hookHandler) WithGroup(string) slog.Handler                 { return h }
+
 // With the default quorum (every shard), a hung directory fails puts
 // instead of holding them: the first after HangAfter, the next at once,
 // until it answers again.

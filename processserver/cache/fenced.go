@@ -99,11 +99,13 @@ func fenceStamp(b []byte) (int64, bool) {
 // checkMounted's grace: records are few.)
 func (c *Cache) everyDir(write func(dir string) error) error {
 	var errs []error
-	for i, d := range c.dirs {
-		err := c.checkMountedNow(i)
-		if err == nil {
-			err = write(d)
+	werrs, _ := c.onDirs(nil, func(i int, _ *dirOp) error {
+		if err := c.checkMountedNow(i); err != nil {
+			return err
 		}
+		return write(c.dirs[i])
+	})
+	for _, err := range werrs {
 		if err != nil {
 			errs = append(errs, err)
 		}
@@ -121,13 +123,17 @@ func (c *Cache) everyDir(write func(dir string) error) error {
 func (c *Cache) newestRecord(name string, stamp func([]byte) (int64, bool)) ([]byte, bool) {
 	var newest []byte
 	best := int64(-1)
-	for _, d := range c.dirs {
-		b, err := c.fs.ReadFile(filepath.Join(d, name))
+	copies := make([][]byte, len(c.dirs)) // an abandoned read's is not looked at
+	errs, _ := c.onDirs(nil, func(i int, _ *dirOp) (err error) {
+		copies[i], err = c.fs.ReadFile(filepath.Join(c.dirs[i], name))
+		return err
+	})
+	for i, err := range errs {
 		if err != nil {
 			continue
 		}
-		if t, ok := stamp(b); ok && t > best {
-			best, newest = t, b
+		if t, ok := stamp(copies[i]); ok && t > best {
+			best, newest = t, copies[i]
 		}
 	}
 	return newest, newest != nil

@@ -48,6 +48,11 @@ func (c *Cache) hungErr(i int) error {
 	if c.hung[i].Load() == 0 {
 		return nil
 	}
+	return c.hungErrFor(i)
+}
+
+// hungErrFor is ErrHung for directory i, whatever its count says now.
+func (c *Cache) hungErrFor(i int) error {
 	// A fixed text while it lasts: the monitor logs a changed error.
 	since := time.Unix(0, c.hungSince[i].Load()).UTC().Format(time.RFC3339)
 	return fmt.Errorf("%s: %w (an operation on it has not returned since %s)", c.dirs[i], ErrHung, since)
@@ -104,23 +109,11 @@ func (c *Cache) onDirs(want func(i int) bool, op func(i int, o *dirOp) error) (e
 		// Abandon what still runs. An op that ended meanwhile has
 		// signalled, or is about to: it is waited for.
 		for i := range n {
-			if !pending[i] {
-				continue
+			if pending[i] && c.abandon(i, &ops[i]) {
+				errs[i], pending[i] = c.hungErrFor(i), false
+				held = true
+				running--
 			}
-			// Counted before the op can see itself abandoned, so that
-			// its unhang, however soon, finds the count.
-			first := c.hung[i].Add(1) == 1
-			if first {
-				c.hungSince[i].Store(time.Now().Add(-c.hangAfter).UnixNano())
-			}
-			if !ops[i].state.CompareAndSwap(opRunning, opAbandoned) {
-				c.hung[i].Add(-1) // it ended: its signal is on its way
-				continue
-			}
-			c.hang(i, first)
-			errs[i], pending[i] = c.hungErr(i), false
-			held = true
-			running--
 		}
 	}
 	return errs, held
@@ -133,26 +126,45 @@ func (c *Cache) onDir(i int, op func(o *dirOp) error) error {
 	return errs[i]
 }
 
-// hang takes directory i for hung: an operation on it was abandoned (and
-// counted in hung; first: the only one).
-func (c *Cache) hang(i int, first bool) {
+// abandon marks o, an operation on directory i, abandoned unless it ended,
+// and then takes the directory for hung until o returns (unhang).
+func (c *Cache) abandon(i int, o *dirOp) bool {
+	c.hungMu[i].Lock()
+	// Under the lock with the count: o's unhang, however soon, comes
+	// after it, and other callers never see a count that is undone.
+	if !o.state.CompareAndSwap(opRunning, opAbandoned) {
+		c.hungMu[i].Unlock()
+		return false // it ended: its signal is on its way
+	}
+	first := c.hung[i].Load() == 0
+	if first {
+		c.hungSince[i].Store(time.Now().Add(-c.hangAfter).UnixNano())
+	}
+	c.hung[i].Add(1)
 	// What it was doing is unknown: a scrub running now must not mark it
 	// rebuilt, and once it answers it is scrubbed for what it missed.
 	c.epoch[i].Add(1)
 	c.vanished[i].Store(true)
+	c.hungMu[i].Unlock()
 	if first {
 		c.log.Error("cache: directory does not answer: an operation on it has run for longer than the limit; operations on it fail at once until it returns (puts go on without it if their quorum allows, reads rebuild from the other directories)",
 			logDir, c.dirs[i], "limit", c.hangAfter)
 	}
+	return true
 }
 
-// unhang ends one abandoned operation on directory i.
+// unhang ends an abandoned operation on directory i.
 func (c *Cache) unhang(i int) {
-	if c.hung[i].Add(-1) > 0 {
-		return
+	c.hungMu[i].Lock()
+	last := c.hung[i].Add(-1) == 0
+	if last {
+		c.epoch[i].Add(1)
+		c.vanished[i].Store(true) // the next CheckDirs asks for a scrub
 	}
-	c.epoch[i].Add(1)
-	c.vanished[i].Store(true) // the next CheckDirs asks for a scrub
-	c.log.Warn("cache: directory answers again; it is scrubbed for the shards it missed",
-		logDir, c.dirs[i], "after", time.Since(time.Unix(0, c.hungSince[i].Load())).Round(time.Millisecond))
+	since := c.hungSince[i].Load()
+	c.hungMu[i].Unlock()
+	if last {
+		c.log.Warn("cache: directory answers again; it is scrubbed for the shards it missed",
+			logDir, c.dirs[i], "after", time.Since(time.Unix(0, since)).Round(time.Millisecond))
+	}
 }
