@@ -2,10 +2,12 @@ package stream
 
 import (
 	"bytes"
+	"errors"
 	"os"
 	"path/filepath"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/lifeboat-dr/lifeboat/internal/wire"
 )
@@ -126,4 +128,59 @@ func TestSumsAnswerNotDroppedBehindStaleOnes(t *testing.T) {
 		close(tg.abort)
 		t.Fatal("the awaited answer was dropped behind stale ones")
 	}
+}
+
+// A consistency marker that waited for room while a reconnect agreed a
+// resync (ErrResyncPending) leaves no empty segment open whose arena, the
+// tail of a chunk, is too short for the next record: that record lands in
+// chunk memory, and sealing it works (it used to panic).
+func TestResyncPendingMarkerLeavesNoShortSegment(t *testing.T) {
+	tg := chunkTarget(t, 1<<20, 2<<20+100)
+	a := bytes.Repeat([]byte{1}, 1<<20-100) // fills a chunk
+	if err := tg.add(wire.Record{Op: wire.OpWrite, Length: uint32(len(a))}, a, true); err != nil {
+		t.Fatal(err)
+	}
+	b := bytes.Repeat([]byte{2}, 900<<10) // 124 KiB left in the next
+	if err := tg.add(wire.Record{Op: wire.OpWrite, Length: uint32(len(b))}, b, true); err != nil {
+		t.Fatal(err)
+	}
+	tg.mu.Lock()
+	full := tg.overLocked(0)
+	tg.mu.Unlock()
+	if !full {
+		t.Fatal("the buffer is not full: the marker would not wait")
+	}
+	done := make(chan error, 1)
+	go func() { done <- mark(t, tg) }()
+	time.Sleep(50 * time.Millisecond)
+	// The reconnect's agreement: a resync is owed, the first batch acked.
+	tg.mu.Lock()
+	tg.pointsHeld = true
+	tg.ackLocked(tg.segs[0].last)
+	tg.mu.Unlock()
+	if err := <-done; !errors.Is(err, ErrResyncPending) {
+		t.Fatalf("marker: %v, want ErrResyncPending", err)
+	}
+	tg.mu.Lock()
+	tg.pointsHeld = false
+	tg.mu.Unlock()
+	rec := bytes.Repeat([]byte{3}, 200<<10)
+	if err := tg.add(wire.Record{Op: wire.OpWrite, Length: uint32(len(rec))}, rec, false); err != nil {
+		t.Fatal(err)
+	}
+	tg.mu.Lock()
+	defer tg.mu.Unlock()
+	s := tg.open
+	if s == nil || s.ch == nil || !inChunk(s.ch, s.arena) {
+		t.Fatal("the record's data is not in chunk memory")
+	}
+	tg.sealLocked()
+}
+
+// inChunk reports whether b's memory lies in chunk c's.
+func inChunk(c *chunk, b []byte) bool {
+	full := c.buf[:cap(c.buf)]
+	lo := uintptr(unsafe.Pointer(unsafe.SliceData(full)))
+	p := uintptr(unsafe.Pointer(unsafe.SliceData(b)))
+	return p >= lo && p+uintptr(cap(b)) <= lo+uintptr(len(full))
 }

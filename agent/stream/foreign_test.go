@@ -169,3 +169,34 @@ func TestForeignDuplicatesFreed(t *testing.T) {
 		t.Fatalf("writer still blocked 10 s after the reconnect: %+v", tg.Stats())
 	}
 }
+
+// After a reconnect that found another agent's sequences (and skipped
+// ahead past them), Sync does not wait for acks of numbers this run let
+// go: a stop there used to wait out its timeout and fail.
+func TestSyncAfterForeignSequences(t *testing.T) {
+	srv := streamtest.New(t)
+	cfg := config(t, srv, t.TempDir(), 1<<20)
+	// Shorter than it takes the server's next acknowledgement of
+	// anything to come (about 5 s in streamtest).
+	cfg.SyncTimeout = 2 * time.Second
+	asked := countChecksumResyncs(&cfg)
+	tg := dial(t, cfg)
+	if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	srv.Advance(100) // another agent as this machine: 2..100
+	waitFor(t, "the reconnect", func() bool { st := tg.Stats(); return st.Connected && st.Reconnects >= 1 })
+	waitFor(t, "the checksum resync", func() bool { return asked.Load() > 0 })
+	if err := tg.Sync(); err != nil {
+		t.Fatalf("Sync with nothing of ours unacknowledged: %v", err)
+	}
+	if err := tg.WriteAt(0, make([]byte, 4096), 4096); err != nil {
+		t.Fatal(err)
+	}
+	if err := tg.Sync(); err != nil {
+		t.Fatalf("Sync of a record written after: %v", err)
+	}
+}

@@ -578,7 +578,14 @@ func (t *Target) add(r wire.Record, data []byte, seal bool) error {
 		return ErrResyncPending
 	}
 	if s := t.open; s != nil && (len(s.arena)+len(data) > cap(s.arena) || s.bb.Len()+wire.RecordHeaderSize > t.cfg.FlushBytes) {
-		t.sealLocked()
+		if s.bb.Count() == 0 {
+			// Empty, its arena too short (sealing would keep it open,
+			// and the data would land outside chunk memory): let it go.
+			t.open = nil
+			t.recycleLocked(s)
+		} else {
+			t.sealLocked()
+		}
 	}
 	if t.open == nil {
 		// Wait for room (overLocked).
@@ -588,17 +595,17 @@ func (t *Target) add(r wire.Record, data []byte, seal bool) error {
 		if t.err != nil {
 			return t.err
 		}
-		// The lease first: a segment opened and left empty by a failed
-		// save could lack room for the next add's data.
+		// Before a segment is opened: one left empty could lack room
+		// for the next add's data.
+		if r.Op == wire.OpMarker && t.pointsHeld { // agreed while it waited
+			return ErrResyncPending
+		}
 		if err := t.leaseLocked(); err != nil {
 			return err
 		}
 		t.open = t.newSegmentLocked(len(data))
 	} else if err := t.leaseLocked(); err != nil {
 		return err
-	}
-	if r.Op == wire.OpMarker && t.pointsHeld { // agreed while it waited
-		return ErrResyncPending // (an open segment left empty is as after a failed save)
 	}
 	s := t.open
 	r.Seq = t.nextSeq
@@ -933,10 +940,13 @@ func (t *Target) SyncContext(ctx context.Context) error {
 	t.mu.Lock()
 	t.sealLocked()
 	want := t.nextSeq - 1
-	for t.ackedSeq < want && t.err == nil && ctx.Err() == nil {
+	// Up to foreignSeen, what is not acknowledged was let go at a
+	// reconnect that found another agent's sequences there (and a
+	// resync owed): no ack will come for those numbers.
+	for max(t.ackedSeq, t.foreignSeen) < want && t.err == nil && ctx.Err() == nil {
 		t.cond.Wait()
 	}
-	acked, err := t.ackedSeq, t.err
+	acked, err := max(t.ackedSeq, t.foreignSeen), t.err
 	snap := t.snapshotLocked()
 	t.mu.Unlock()
 	if acked < want {
