@@ -519,7 +519,9 @@ func (c *Cache) Put(id SegmentID, data []byte) error {
 // data is not retained, unless held: a shard write to a directory that
 // hangs may still read it, and will whenever the disk answers, so the
 // caller must not write to data again (its memory is left to the garbage
-// collector). The shard that write makes is never renamed into place.
+// collector). The shard that write makes is not renamed into place once
+// it is abandoned (one abandoned while it renames lands whole: its bytes
+// were written before).
 func (c *Cache) PutSummed(id SegmentID, data []byte, sums *Sums) (held bool, err error) {
 	if err := CheckStream(id.Stream); err != nil {
 		return false, err
