@@ -993,9 +993,9 @@ type slotRead struct {
 	unread bool
 }
 
-func (c *Cache) readShards(id SegmentID) []slotRead {
+func (c *Cache) readShards(id SegmentID, want func(i int) bool) []slotRead {
 	got := make([]slotRead, len(c.dirs)) // an abandoned read's is not looked at
-	errs, _ := c.onDirs(nil, func(i int, _ *dirOp) error {
+	errs, _ := c.onDirs(want, func(i int, _ *dirOp) error {
 		r := &got[i]
 		file, err := c.fs.ReadFile(c.shardPath(i, id))
 		if err != nil {
@@ -1007,9 +1007,11 @@ func (c *Cache) readShards(id SegmentID) []slotRead {
 	})
 	reads := make([]slotRead, len(c.dirs))
 	for i, err := range errs {
-		if err != nil { // hung: says nothing of the shard
+		switch {
+		case want != nil && !want(i):
+		case err != nil: // hung: says nothing of the shard
 			reads[i] = slotRead{err: err, unread: true}
-		} else {
+		default:
 			reads[i] = got[i]
 		}
 	}
@@ -1154,8 +1156,44 @@ func (c *Cache) Get(id SegmentID) ([]byte, error) {
 	if err := CheckStream(id.Stream); err != nil {
 		return nil, err
 	}
-	_, seg, err := c.decode(id, c.readShards(id), false)
+	// The data shards alone make the segment when they are all valid
+	// and of one store: the parity shards are read only when one is not.
+	// (An acknowledged store reached more than m directories, so it has a
+	// data shard: data shards all of an older one are of a store that
+	// failed, which Put allows Get to return.)
+	isData := func(i int) bool { return i < c.k }
+	reads := c.readShards(id, isData)
+	if seg, ok := c.fromData(reads[:c.k]); ok {
+		return seg, nil
+	}
+	if c.m > 0 {
+		more := c.readShards(id, func(i int) bool { return !isData(i) })
+		copy(reads[c.k:], more[c.k:])
+	}
+	_, seg, err := c.decode(id, reads, false)
 	return seg, err
+}
+
+// fromData assembles a segment from reads of its k data shards, in slot
+// order, if they are all valid, of one store of the cache's geometry, and
+// their bytes match the segment's checksum.
+func (c *Cache) fromData(reads []slotRead) ([]byte, bool) {
+	h0 := reads[0].hdr
+	for _, r := range reads {
+		h := r.hdr
+		if r.err != nil || h.gen != h0.gen || h.segLen != h0.segLen || h.segCRC != h0.segCRC ||
+			int(h.k) != len(reads) || int(h.k)+int(h.m) != len(c.dirs) {
+			return nil, false
+		}
+	}
+	seg := make([]byte, 0, h0.segLen)
+	for _, r := range reads {
+		seg = append(seg, r.data[:min(len(r.data), int(h0.segLen)-len(seg))]...)
+	}
+	if uint64(len(seg)) != h0.segLen || crc(seg) != h0.segCRC {
+		return nil, false
+	}
+	return seg, true
 }
 
 // Size returns the length of segment id as its shards' headers give it,
@@ -1228,7 +1266,7 @@ func (c *Cache) Repair(id SegmentID) (int, error) {
 	mu.Lock()
 	defer mu.Unlock()
 
-	reads := c.readShards(id)
+	reads := c.readShards(id, nil)
 	d, _, err := c.decode(id, reads, true)
 	if err != nil {
 		return 0, err

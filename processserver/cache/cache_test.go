@@ -1080,7 +1080,7 @@ func TestFailedOverwriteReturnsOldVersion(t *testing.T) {
 		t.Fatal("put succeeded with 3 of 4 shards failing")
 	}
 	c = reopen(t, c2, Options{})
-	reads := c.readShards(id)
+	reads := c.readShards(id, nil)
 	if reads[0].err != nil || reads[1].err != nil || reads[0].hdr.gen <= reads[1].hdr.gen {
 		t.Fatalf("setup: shard 0 should hold a newer version than shard 1: %+v %+v", reads[0].err, reads[1].err)
 	}
@@ -1541,6 +1541,59 @@ func TestScrubSyncsStreamDirectories(t *testing.T) {
 	defer ffs.mu.Unlock()
 	if ffs.dirSyncs == before {
 		t.Fatal("the scrub did not fsync the stream directory whose fsync had failed")
+	}
+}
+
+// Get reads the data shards alone when they are valid, and the parity
+// shards only when one is not (missing, corrupt, or of another store).
+func TestGetReadsParityOnlyWhenNeeded(t *testing.T) {
+	dirs := tempDirs(t, 4)
+	var parityReads atomic.Int32
+	h := &hookFS{onRead: func(name string) {
+		if strings.HasSuffix(name, shardExt) && (strings.HasPrefix(name, dirs[2]+"/") || strings.HasPrefix(name, dirs[3]+"/")) {
+			parityReads.Add(1)
+		}
+	}}
+	c := open(t, dirs, Options{FS: h})
+	id := SegmentID{Stream: "m1", Seq: 1}
+	data := payload(300_001, 1)
+	if err := c.Put(id, data); err != nil {
+		t.Fatal(err)
+	}
+	mustGet(t, c, id, data)
+	if n := parityReads.Load(); n != 0 {
+		t.Errorf("%d parity shards read with both data shards valid", n)
+	}
+	// A data shard of an older store: the newer one is rebuilt.
+	if err := c.Put(id, payload(300_001, 2)); err != nil {
+		t.Fatal(err)
+	}
+	old, err := os.ReadFile(c.shardPath(1, id))
+	if err != nil {
+		t.Fatal(err)
+	}
+	data = payload(300_001, 3)
+	if err := c.Put(id, data); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(c.shardPath(1, id), old, 0o640); err != nil {
+		t.Fatal(err)
+	}
+	mustGet(t, c, id, data)
+	if parityReads.Load() == 0 {
+		t.Error("the parity shards were not read with a data shard of an older store")
+	}
+	// A corrupt data shard.
+	parityReads.Store(0)
+	if err := os.WriteFile(c.shardPath(0, id), []byte("garbage"), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(c.shardPath(1, id)); err != nil {
+		t.Fatal(err)
+	}
+	mustGet(t, c, id, data)
+	if parityReads.Load() != 2 {
+		t.Errorf("%d parity shards read with both data shards bad, want 2", parityReads.Load())
 	}
 }
 
