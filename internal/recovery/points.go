@@ -184,6 +184,14 @@ func loadState(ctx context.Context, store blobstore.Store, machine string) (*sta
 	if err != nil {
 		return nil, err
 	}
+	// Retention raises journal_from before it deletes: one that deleted
+	// segments before the listing above shows in the manifest now. Its
+	// start counts (only to refuse more), or the listing's first segment
+	// would follow a "missing" one, taken for tampering.
+	var raised uint64
+	if now, err := ReadManifest(ctx, store, machine); err == nil && now.JournalFrom > m.JournalFrom {
+		raised = now.JournalFrom
+	}
 	st := &state{manifest: m, journalUntil: m.RecoverableUntil.UTC()}
 	// Segments beyond the durable sequence may still have holes before
 	// them (uploads in flight); recovery ignores them.
@@ -195,7 +203,7 @@ func loadState(ctx context.Context, store blobstore.Store, machine string) (*sta
 		}
 	}
 	st.usePoints(points)
-	st.journalFrom = max(m.JournalFrom, 1)
+	st.journalFrom = max(m.JournalFrom, raised, 1)
 	switch {
 	case len(segs) == 0:
 		st.journalFrom = max(st.journalFrom, m.DurableSeq+1)

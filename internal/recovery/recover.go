@@ -104,8 +104,25 @@ func Recover(ctx context.Context, store blobstore.Store, req Request, to io.Writ
 	}
 	keys.Warn(req.Progress)
 	res, err := st.recoverDisk(ctx, store, keys, idx, req, to)
+	if t, ok := to.(interface{ Truncate(int64) error }); ok && errors.Is(err, errBaseGone) {
+		// Retention deleted the point while it was copied, and kept the
+		// journal (another disk had no older point): planned again, once,
+		// from what the account holds now, into an emptied output.
+		if req.Progress != nil {
+			fmt.Fprintf(req.Progress, "the recovery point was deleted while it was copied (retention): starting again from the account as it is now\n")
+		}
+		if err = t.Truncate(0); err == nil {
+			if st, err = loadState(ctx, store, req.Machine); err == nil {
+				res, err = st.recoverDisk(ctx, store, keys, idx, req, to)
+			}
+		}
+	}
 	return res, keys.Explain(err)
 }
+
+// errBaseGone: the snapshot of the point a recovery started from was
+// deleted while it was copied.
+var errBaseGone = errors.New("the recovery point was deleted while it was copied")
 
 func (st *state) recoverDisk(ctx context.Context, store blobstore.Store, keys Keys, idx int, req Request, to io.WriterAt) (Result, error) {
 	if err := VerifyManifest(st.manifest, keys); err != nil {
@@ -150,7 +167,10 @@ func (st *state) recoverDisk(ctx context.Context, store blobstore.Store, keys Ke
 	}
 	if base != nil {
 		if err := copySnapshot(ctx, store, layout.DiskName(req.Machine, req.Disk), base.Snapshots[req.Disk], size, to, req); err != nil {
-			return Result{}, st.pruned(ctx, store, err, res.BaseSeq)
+			if err = st.pruned(ctx, store, err, res.BaseSeq); blobstore.IsNotFound(err) {
+				err = fmt.Errorf("%w: %w", errBaseGone, err)
+			}
+			return Result{}, err
 		}
 	}
 	if res.Segments, err = replay(ctx, store, keys, st.segments, st.manifest.Gaps, uint16(idx), size, res.BaseSeq, res.Seq, to, req.Progress); err != nil {

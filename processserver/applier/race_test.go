@@ -1,0 +1,145 @@
+package applier_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"testing"
+	"time"
+
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
+	"github.com/lifeboat-dr/lifeboat/internal/blobstore/mem"
+	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/recovery"
+	"github.com/lifeboat-dr/lifeboat/internal/recovery/recoverytest"
+	"github.com/lifeboat-dr/lifeboat/internal/wire"
+	"github.com/lifeboat-dr/lifeboat/processserver/applier"
+)
+
+// Recoveries racing retention: the store runs a retention pass (once)
+// when a recovery first lists snapshots or reads page ranges.
+
+type onceStore struct {
+	blobstore.Store
+	onList, onRanges func()
+}
+
+func (s *onceStore) ListSnapshots(ctx context.Context, name string) ([]blobstore.SnapshotInfo, error) {
+	if f := s.onList; f != nil {
+		s.onList = nil
+		f()
+	}
+	return s.Store.ListSnapshots(ctx, name)
+}
+
+func (s *onceStore) GetPageRanges(ctx context.Context, name, snap string, off, n int64) ([]blobstore.PageRange, error) {
+	if f := s.onRanges; f != nil {
+		s.onRanges = nil
+		f()
+	}
+	return s.Store.GetPageRanges(ctx, name, snap, off, n)
+}
+
+// image is an io.WriterAt with Truncate, in memory.
+type image struct{ b []byte }
+
+func (w *image) WriteAt(p []byte, off int64) (int, error) {
+	if need := int(off) + len(p); need > len(w.b) {
+		w.b = append(w.b, make([]byte, need-len(w.b))...)
+	}
+	copy(w.b[off:], p)
+	return len(p), nil
+}
+
+func (w *image) Truncate(n int64) error {
+	if int(n) <= len(w.b) {
+		w.b = w.b[:n]
+	} else {
+		w.b = append(w.b, make([]byte, int(n)-len(w.b))...)
+	}
+	return nil
+}
+
+// retained is a machine with 20 cut segments, applied with 100 s of
+// retention on a clock of 5 s per segment; retain moves that clock a
+// minute on and applies again (a retention pass that prunes).
+func retained(t *testing.T, name string, addDisk bool) (m *recoverytest.Machine, retain func()) {
+	ctx := context.Background()
+	rng := rand.New(rand.NewPCG(7, 7))
+	m = recoverytest.New(t, mem.New(), name, 1<<20)
+	m.EditManifest(func(man *layout.Manifest) { man.JournalFrom = 1 })
+	now := time.Now()
+	c := &clock{t: time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)}
+	a := newApplier(t, m, applier.Config{PointInterval: 3 * time.Second, Retention: 100 * time.Second, Now: func() time.Time { return now }})
+	for i := range 20 {
+		if addDisk && i == 15 {
+			// A disk with no point older than the cutoff: retention keeps
+			// the whole journal, and deletes the old points all the same.
+			m.Disks = append(m.Disks, layout.Disk{Name: "d1", Size: 1 << 20, Generation: "00112233445566778899aabbccddeeff", GenerationStart: m.Seq() + 1})
+			m.WriteManifest()
+		}
+		workload(m, rng, c, 10)
+		m.Marker(wire.MarkerTime, c.next())
+		m.Cut()
+		now = now.Add(5 * time.Second)
+		if _, err := a.Apply(ctx, m.Name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return m, func() {
+		now = now.Add(time.Minute)
+		if _, err := a.Apply(ctx, m.Name); err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+// A recovery that read the manifest before a retention pass and listed
+// the journal after it is refused as out of the window (exit 3), not as
+// tampered (exit 5): the listing's first segment follows one retention
+// deleted, which the manifest's journal_from, read again, says.
+func TestRecoverRacingRetentionIsOutOfRange(t *testing.T) {
+	m, retain := retained(t, "rr", false)
+	target := m.Markers()[10].Seq
+	s := &onceStore{Store: m.Store, onList: retain}
+	before, err := recovery.ReadManifest(context.Background(), m.Store, m.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = recovery.Recover(context.Background(), s, recovery.Request{Machine: m.Name, Disk: "d0", Point: fmt.Sprint(target), RecoveryKey: m.RecoveryKey}, &image{})
+	after, _ := recovery.ReadManifest(context.Background(), m.Store, m.Name)
+	if after.JournalFrom <= max(before.JournalFrom, target+1) {
+		t.Fatalf("retention did not prune past the target (journal_from %d, then %d; target %d)", before.JournalFrom, after.JournalFrom, target)
+	}
+	if !errors.Is(err, recovery.ErrOutOfRange) || errors.Is(err, recovery.ErrTampered) {
+		t.Fatalf("recover of sequence %d while retention pruned it: %v; want ErrOutOfRange, not ErrTampered", target, err)
+	}
+}
+
+// A recovery whose base point retention deleted while it was copied, the
+// journal kept (another disk had no older point), starts again from the
+// account as it is and recovers the right bytes.
+func TestRecoverRestartsWhenItsPointIsDeleted(t *testing.T) {
+	m, retain := retained(t, "rs", true)
+	target := m.Markers()[3].Seq + 1
+	var deleted bool
+	s := &onceStore{Store: m.Store, onRanges: func() {
+		points, _ := recovery.ListPoints(context.Background(), m.Store, m.Name, []string{"d0", "d1"})
+		retain()
+		after, _ := recovery.ListPoints(context.Background(), m.Store, m.Name, []string{"d0", "d1"})
+		deleted = len(after) < len(points)
+	}}
+	out := &image{}
+	res, err := recovery.Recover(context.Background(), s, recovery.Request{Machine: m.Name, Disk: "d0", Point: fmt.Sprint(target), RecoveryKey: m.RecoveryKey}, out)
+	if !deleted {
+		t.Fatal("retention deleted no point during the recovery")
+	}
+	if err != nil {
+		t.Fatalf("recover of sequence %d while retention deleted its point: %v", target, err)
+	}
+	if want := m.Image(0, target)[:m.Disks[0].Size]; res.Seq != target || !bytes.Equal(out.b, want) {
+		t.Fatalf("recovered sequence %d (%d bytes), want %d: bytes differ from the disk then", res.Seq, len(out.b), target)
+	}
+}
