@@ -124,7 +124,7 @@ and says which it leaves out.`,
 				for _, p := range points {
 					pj := pointJSON{Kind: p.Kind, Time: formatTime(p.Time), Seq: p.Seq, ID: p.ID}
 					for _, d := range man.Disks { // the manifest's order, not a map's
-						if p.Snapshots[d.Name] != "" {
+						if p.Snapshots[d.Name] != "" && protectedAt(&d, p.Seq) {
 							pj.Disks = append(pj.Disks, d.Name)
 						}
 					}
@@ -145,12 +145,15 @@ and says which it leaves out.`,
 			for _, p := range points {
 				// A disk without its snapshot at a point recovers from an
 				// earlier one and the journal: still exact, but say so;
-				// one a gap's mending left out does not recover there.
+				// one a gap's mending left out, or added after the point,
+				// does not recover there.
 				disks := "all"
 				var missing []string
 				for i := range man.Disks {
 					d := &man.Disks[i]
 					switch _, gap := man.DiskGapAt(d, p.Seq); {
+					case !protectedAt(d, p.Seq):
+						missing = append(missing, d.Name+" (not protected yet)")
 					case gap:
 						missing = append(missing, d.Name+" (left out of a gap's resync: not recoverable here)")
 					case p.Snapshots[d.Name] == "":
@@ -293,4 +296,11 @@ is the one "lifeboat keys init" wrote.`,
 		cmd.MarkFlagRequired(name)
 	}
 	return cmd
+}
+
+// protectedAt reports whether disk d was protected at sequence seq: from
+// its first generation's start, recover --disk takes seq (a point cut
+// before a disk was added holds zeros for it, not what it held).
+func protectedAt(d *layout.Disk, seq uint64) bool {
+	return seq >= max(d.Generations()[0].Start, 1)
 }

@@ -123,6 +123,22 @@ func TestPointsAndRecoverCommands(t *testing.T) {
 		t.Fatalf("points with a gap: %v\n%s", err, out)
 	}
 
+	// A disk added after a point is not listed at it: recover refuses it
+	// there.
+	second, was := doc.Points[1].Seq, m.Disks[2].GenerationStart
+	m.EditManifest(func(man *layout.Manifest) { man.Disks[2].GenerationStart = second })
+	if out, _, err = runCmd(t, pointsCmd(new(bool)), "--machine", "web1", "--container", container, "--json"); err != nil || json.Unmarshal([]byte(out), &doc) != nil {
+		t.Fatalf("points --json: %v\n%s", err, out)
+	}
+	if !slices.Equal(doc.Points[0].Disks, []string{"d0", "d1"}) || !slices.Equal(doc.Points[1].Disks, []string{"d0", "d1", "d2"}) {
+		t.Fatalf("points --json with d2 protected from seq %d: %+v", second, doc.Points)
+	}
+	if out, _, err = runCmd(t, pointsCmd(new(bool)), "--machine", "web1", "--container", container); err != nil ||
+		strings.Count(out, "all but d2 (not protected yet)") != 1 {
+		t.Fatalf("points with d2 protected from seq %d: %v\n%s", second, err, out)
+	}
+	m.EditManifest(func(man *layout.Manifest) { man.Disks[2].GenerationStart = was })
+
 	dir := t.TempDir()
 	keyFile := filepath.Join(dir, "recovery.key")
 	if err := seal.WriteRecoveryKey(keyFile, m.RecoveryKey); err != nil {
