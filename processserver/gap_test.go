@@ -12,6 +12,7 @@ import (
 	"reflect"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -867,4 +868,118 @@ func TestMarkerKeptUntilItsRecordsUploaded(t *testing.T) {
 	if man := r.manifest(); man.DurableSeq != 20 || !man.RecoverableUntil.Equal(t0) {
 		t.Fatalf("durable_seq %d, recoverable_until %v; want 20 and the marker's %v", man.DurableSeq, man.RecoverableUntil, t0)
 	}
+}
+
+// putSlow delays the journal upload of the segment whose name ends in slow
+// (so that later uploads end first).
+type putSlow struct {
+	blobstore.Store
+	slow atomic.Pointer[string]
+}
+
+func (s *putSlow) PutBlobIf(ctx context.Context, name string, data []byte, md blobstore.Metadata, match string) (string, error) {
+	if p := s.slow.Load(); p != nil && strings.HasSuffix(name, *p) {
+		time.Sleep(300 * time.Millisecond)
+	}
+	return s.Store.PutBlobIf(ctx, name, data, md, match)
+}
+
+// vanish removes every shard of the cached segment starting at seq, as a
+// crash or a wipe of every cache disk would, between restarts.
+func (r *gapRig) vanish(seq uint64) {
+	r.restart()
+	for _, d := range r.dirs {
+		if err := os.Remove(filepath.Join(d, "m1", fmt.Sprintf("%016x.shard", seq))); err != nil {
+			r.t.Fatal(err)
+		}
+	}
+	r.restart()
+}
+
+// wantChainWhole checks that every sequence up to durable_seq is in a
+// journal segment or tombstone, and that those lost (lost: sequence
+// ranges, first and last) are in gaps.
+func (r *gapRig) wantChainWhole(lost ...[2]uint64) {
+	r.t.Helper()
+	man := r.manifest()
+	segs, err := recovery.ListSegments(context.Background(), r.store, "m1")
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	next := uint64(1)
+	for _, s := range segs {
+		if s.First != next {
+			r.t.Fatalf("journal holds nothing from %d to %d (segments %+v; durable_seq %d, gaps %+v)", next, s.First-1, segs, man.DurableSeq, man.Gaps)
+		}
+		next = s.Last + 1
+	}
+	if next <= man.DurableSeq {
+		r.t.Fatalf("journal ends at %d, before durable_seq %d", next-1, man.DurableSeq)
+	}
+	for _, l := range lost {
+		for seq := l[0]; seq <= l[1]; seq++ {
+			if _, gap := man.GapAt(seq); !gap {
+				r.t.Fatalf("lost sequence %d is in no gap (gaps %+v)", seq, man.Gaps)
+			}
+		}
+	}
+}
+
+// A cached segment that vanished (every shard gone while the server was
+// down) between two others is not published over when the one after it is
+// uploaded before the one before it ends: its loss is recorded (a gap, a
+// tombstone) and the agent resyncs.
+func TestVanishedSegmentNotPublishedOver(t *testing.T) {
+	st := &putSlow{Store: mem.New()}
+	r := newGapRig(t, st)
+	r.put(1, 5)
+	r.upload()
+	r.put(6, 10)
+	r.put(11, 15)
+	r.put(16, 20)
+	r.vanish(11)
+	slow := layout.SegmentName("m1", 6, 10)
+	st.slow.Store(&slow)
+	r.upload()
+	r.upload()
+	if man := r.manifest(); man.DurableSeq != 20 {
+		t.Fatalf("durable_seq %d, want 20", man.DurableSeq)
+	}
+	r.wantChainWhole([2]uint64{11, 15})
+	if a, _ := r.agree(20); a != wire.SyncChecksum {
+		t.Fatalf("hello after the loss answered %v, want a checksum resync", a)
+	}
+}
+
+// A segment that vanishes while a gap is open is a loss of its own: the
+// open gap does not explain it.
+func TestVanishedWhileGapOpenIsItsOwnGap(t *testing.T) {
+	r := newGapRig(t, mem.New())
+	r.put(1, 10)
+	r.put(11, 20)
+	r.loseShards(1)
+	r.upload()
+	r.put(21, 30)
+	r.put(31, 40)
+	r.vanish(21)
+	r.upload()
+	r.upload()
+	r.wantChainWhole([2]uint64{1, 10}, [2]uint64{21, 30})
+}
+
+// A segment that vanished before one found lost is in the gap too: the
+// lost one's tombstone does not chain over it.
+func TestVanishedBeforeLostSegment(t *testing.T) {
+	r := newGapRig(t, mem.New())
+	r.put(1, 5)
+	r.upload()
+	r.put(6, 10)
+	r.put(11, 15)
+	r.put(16, 20)
+	r.restart()
+	r.loseShards(11)
+	r.vanish(6)
+	r.upload()
+	r.upload()
+	r.wantChainWhole([2]uint64{6, 15})
 }

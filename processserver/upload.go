@@ -307,6 +307,12 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 			break
 		}
 		u := m.ups[i]
+		if u.err == nil && !u.already && m.holeLocked(u.meta.prev) {
+			// A segment before it is gone (every shard of it lost while
+			// the server was down): not published over; the next step's
+			// checkChain records the loss first.
+			break
+		}
 		m.ups = slices.Delete(m.ups, i, i+1)
 		if u.err != nil {
 			failed = u
@@ -380,19 +386,36 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 // whether it settled one.
 func (m *machine) checkChain(ctx context.Context) (bool, error) {
 	_, head := m.headUpload()
-	if head == nil || !head.done || head.err != nil || head.already {
+	if head == nil || !head.done || head.already || head.err != nil && !errors.Is(head.err, errSegmentLost) {
 		return false, nil
+	}
+	prev := head.meta.prev
+	if head.err != nil {
+		// Lost itself, and unread: segments are contiguous (a jump of
+		// the sequence makes this a loss wider than it was, and the
+		// agent resyncs for it anyway).
+		prev = head.e.id.Seq - 1
 	}
 	m.mu.Lock()
 	up := m.uploaded
-	_, gap := m.man.GapAt(up + 1) // (a hello's: the agent had them acknowledged)
+	hole := m.holeLocked(prev)
 	m.mu.Unlock()
-	if head.meta.prev <= up || gap {
+	if !hole {
 		return false, nil
 	}
-	missing := &segEntry{id: cache.SegmentID{Stream: m.name, Seq: up + 1}, last: head.meta.prev}
-	err := m.segmentLost(ctx, missing, fmt.Errorf("segment %s follows one ending at %d, but the journal ends at %d and the cache holds nothing between", head.e.id, head.meta.prev, up))
+	missing := &segEntry{id: cache.SegmentID{Stream: m.name, Seq: up + 1}, last: prev}
+	err := m.segmentLost(ctx, missing, fmt.Errorf("segment %s follows one ending at %d, but the journal ends at %d and the cache holds nothing between", head.e.id, prev, up))
 	return err == nil, err
+}
+
+// holeLocked reports whether a segment whose predecessor ended at prev
+// would leave records after the journal's end that no gap of the manifest
+// says were lost: one whose range holds them all (a hello's, the agent
+// had them acknowledged). Any open gap is not enough: a loss while one is
+// open is a gap of its own. m.mu is held.
+func (m *machine) holeLocked(prev uint64) bool {
+	up := m.uploaded
+	return prev > up && !slices.ContainsFunc(m.man.Gaps, func(g layout.Gap) bool { return g.From <= up+1 && g.LostTo >= prev })
 }
 
 // markInGapLocked reports whether the marker that dates segment meta is
