@@ -12,6 +12,7 @@ import (
 	"reflect"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -870,18 +871,38 @@ func TestMarkerKeptUntilItsRecordsUploaded(t *testing.T) {
 	}
 }
 
-// putSlow delays the journal upload of the segment whose name ends in slow
-// (so that later uploads end first).
-type putSlow struct {
+// putAfter holds the journal upload of the segment named hold until the
+// upload of the one named after has ended (so that a later upload ends
+// first), and fails the first tombstone put of a name ending in fail.
+type putAfter struct {
 	blobstore.Store
-	slow atomic.Pointer[string]
+	hold, after string
+	ended       chan struct{}
+	once        sync.Once
+	fail        atomic.Pointer[string]
 }
 
-func (s *putSlow) PutBlobIf(ctx context.Context, name string, data []byte, md blobstore.Metadata, match string) (string, error) {
-	if p := s.slow.Load(); p != nil && strings.HasSuffix(name, *p) {
-		time.Sleep(300 * time.Millisecond)
+func (s *putAfter) PutBlobIf(ctx context.Context, name string, data []byte, md blobstore.Metadata, match string) (string, error) {
+	if s.hold != "" && name == s.hold {
+		select {
+		case <-s.ended:
+		case <-time.After(10 * time.Second):
+			return "", errors.New("test: the later upload did not end")
+		}
 	}
-	return s.Store.PutBlobIf(ctx, name, data, md, match)
+	etag, err := s.Store.PutBlobIf(ctx, name, data, md, match)
+	if s.after != "" && name == s.after {
+		s.once.Do(func() { close(s.ended) })
+	}
+	return etag, err
+}
+
+func (s *putAfter) PutBlob(ctx context.Context, name string, data []byte, md blobstore.Metadata) error {
+	if p := s.fail.Load(); p != nil && strings.HasSuffix(name, *p) {
+		s.fail.Store(nil)
+		return errors.New("test: injected outage")
+	}
+	return s.Store.PutBlob(ctx, name, data, md)
 }
 
 // vanish removes every shard of the cached segment starting at seq, as a
@@ -930,7 +951,7 @@ func (r *gapRig) wantChainWhole(lost ...[2]uint64) {
 // uploaded before the one before it ends: its loss is recorded (a gap, a
 // tombstone) and the agent resyncs.
 func TestVanishedSegmentNotPublishedOver(t *testing.T) {
-	st := &putSlow{Store: mem.New()}
+	st := &putAfter{Store: mem.New(), ended: make(chan struct{})}
 	r := newGapRig(t, st)
 	r.put(1, 5)
 	r.upload()
@@ -938,8 +959,7 @@ func TestVanishedSegmentNotPublishedOver(t *testing.T) {
 	r.put(11, 15)
 	r.put(16, 20)
 	r.vanish(11)
-	slow := layout.SegmentName("m1", 6, 10)
-	st.slow.Store(&slow)
+	st.hold, st.after = layout.SegmentName("m1", 6, 10), layout.SegmentName("m1", 16, 20)
 	r.upload()
 	r.upload()
 	if man := r.manifest(); man.DurableSeq != 20 {
@@ -982,4 +1002,54 @@ func TestVanishedBeforeLostSegment(t *testing.T) {
 	r.upload()
 	r.upload()
 	r.wantChainWhole([2]uint64{6, 15})
+}
+
+// The tombstone of a vanished segment that fails to be written (an
+// outage after its gap was recorded) is written at the next step: the
+// gap holding the range does not let the segment after it be published
+// over a hole in the journal.
+func TestVanishedSegmentTombstoneRetried(t *testing.T) {
+	st := &putAfter{Store: mem.New()}
+	r := newGapRig(t, st)
+	r.put(1, 5)
+	r.upload()
+	r.put(6, 10)
+	r.put(11, 15)
+	r.vanish(6)
+	name := layout.SegmentName("m1", 6, 10)
+	st.fail.Store(&name)
+	r.upload()
+	r.upload()
+	if st.fail.Load() != nil {
+		t.Fatal("the tombstone was never written")
+	}
+	r.wantChainWhole([2]uint64{6, 10})
+}
+
+// A segment sent after the agent restarted on its lease (its first
+// sequence far past the journal's end, its header chained to it), in the
+// journal but not the manifest (a crash), whose cached copy is then
+// unreadable, is adopted: nothing was lost, no gap, no tombstone over it.
+func TestSegmentAfterJumpAdopted(t *testing.T) {
+	for _, newest := range []bool{true, false} {
+		r := newGapRig(t, mem.New())
+		r.put(1, 10)
+		r.upload()
+		r.put(1000, 1010)
+		r.uploadNewest()
+		if !newest {
+			r.put(1011, 1020)
+		}
+		r.restart()
+		r.loseShards(1000)
+		r.upload()
+		r.upload()
+		if man := r.manifest(); len(man.Gaps) != 0 || man.DurableSeq < 1010 {
+			t.Fatalf("newest %v: durable %d, gaps %+v; want the segment adopted, no gap", newest, man.DurableSeq, man.Gaps)
+		}
+		plain, _, _ := journal(t, r.store, r.rk, "m1")
+		if want := 50_000 * (3 - map[bool]int{true: 1, false: 0}[newest]); len(plain) != want {
+			t.Fatalf("newest %v: journal holds %d bytes, want %d (a tombstone over the adopted segment?)", newest, len(plain), want)
+		}
+	}
 }

@@ -307,7 +307,7 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 			break
 		}
 		u := m.ups[i]
-		if u.err == nil && !u.already && m.holeLocked(u.meta.prev) {
+		if u.err == nil && !u.already && u.meta.prev > m.uploaded {
 			// A segment before it is gone (every shard of it lost while
 			// the server was down): not published over; the next step's
 			// checkChain records the loss first.
@@ -386,36 +386,21 @@ func (m *machine) uploadStep(ctx context.Context, notified *bool) (bool, error) 
 // whether it settled one.
 func (m *machine) checkChain(ctx context.Context) (bool, error) {
 	_, head := m.headUpload()
-	if head == nil || !head.done || head.already || head.err != nil && !errors.Is(head.err, errSegmentLost) {
+	if head == nil || !head.done || head.err != nil || head.already {
 		return false, nil
-	}
-	prev := head.meta.prev
-	if head.err != nil {
-		// Lost itself, and unread: segments are contiguous (a jump of
-		// the sequence makes this a loss wider than it was, and the
-		// agent resyncs for it anyway).
-		prev = head.e.id.Seq - 1
 	}
 	m.mu.Lock()
 	up := m.uploaded
-	hole := m.holeLocked(prev)
 	m.mu.Unlock()
-	if !hole {
+	if head.meta.prev <= up {
 		return false, nil
 	}
-	missing := &segEntry{id: cache.SegmentID{Stream: m.name, Seq: up + 1}, last: prev}
-	err := m.segmentLost(ctx, missing, fmt.Errorf("segment %s follows one ending at %d, but the journal ends at %d and the cache holds nothing between", head.e.id, prev, up))
+	// Even where a gap holds the range: its tombstone may not have been
+	// written (recorded again, the gap is merged and a tombstone there
+	// adopted).
+	missing := &segEntry{id: cache.SegmentID{Stream: m.name, Seq: up + 1}, last: head.meta.prev}
+	err := m.segmentLost(ctx, missing, fmt.Errorf("segment %s follows one ending at %d, but the journal ends at %d and the cache holds nothing between", head.e.id, head.meta.prev, up))
 	return err == nil, err
-}
-
-// holeLocked reports whether a segment whose predecessor ended at prev
-// would leave records after the journal's end that no gap of the manifest
-// says were lost: one whose range holds them all (a hello's, the agent
-// had them acknowledged). Any open gap is not enough: a loss while one is
-// open is a gap of its own. m.mu is held.
-func (m *machine) holeLocked(prev uint64) bool {
-	up := m.uploaded
-	return prev > up && !slices.ContainsFunc(m.man.Gaps, func(g layout.Gap) bool { return g.From <= up+1 && g.LostTo >= prev })
 }
 
 // markInGapLocked reports whether the marker that dates segment meta is
@@ -859,10 +844,14 @@ func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error
 		m.log.Info("the cached copy is unreadable but the journal holds the segment: adopting it", logSegment, e.id.String())
 		lostTo = adopted
 	default:
-		if err := m.openGap(ctx, e.id.Seq, lostTo); err != nil {
-			return fmt.Errorf("record the journal gap at %d: %w", e.id.Seq, err)
+		// The journal ends at prev: a segment between (gone with all its
+		// shards while the server was down, or a jump of the sequence,
+		// which holds nothing) is lost with it, not chained over.
+		from := prev + 1
+		if err := m.openGap(ctx, from, lostTo); err != nil {
+			return fmt.Errorf("record the journal gap at %d: %w", from, err)
 		}
-		if err := m.putTombstone(ctx, key, e.id.Seq, lostTo, prev); err != nil {
+		if err := m.putTombstone(ctx, key, from, lostTo, prev); err != nil {
 			return err
 		}
 	}
