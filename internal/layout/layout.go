@@ -40,8 +40,12 @@ const (
 	// the applier times the next crash-consistent point from while the
 	// machine has no recorded point (0: none yet), as of applied_seq.
 	MetaPointAnchor = "point_anchor"
-	MetaGeneration  = "generation"
-	MetaKeyFP       = "fingerprint" // recovery key fingerprint (seal.Fingerprint) on wrapped keys
+	// MetaWritingTo: on a replica page blob, the highest sequence whose
+	// records a flush began to write (absent: applied_seq): past
+	// applied_seq, the pages may hold records up to it.
+	MetaWritingTo  = "writing_to"
+	MetaGeneration = "generation"
+	MetaKeyFP      = "fingerprint" // recovery key fingerprint (seal.Fingerprint) on wrapped keys
 	// MetaCut: when the applier cut a recovery point, RFC 3339 nano, UTC,
 	// by the applier's clock. Retention ages points by it: MetaTime comes
 	// from the agent's clock, which may be off.

@@ -281,6 +281,10 @@ type disk struct {
 	// anchor: the machine's pointTime as of applied, from the blob's
 	// metadata (unix nanos; 0 none), for loadPoints.
 	anchor int64
+	// writingTo: a flush began to write records up to it (metadata
+	// writing_to, set before the flush): past applied, the pages may hold
+	// records up to it, so no point below it may be cut from them.
+	writingTo uint64
 	// born is the start of the disk's first generation (0: unknown): a
 	// point before it has no snapshot of the disk, which was not there.
 	born uint64
@@ -496,10 +500,25 @@ func (m *machine) maxApplied() uint64 {
 	return hi
 }
 
+// maxWritten is maxApplied counting what flushes began to write: the
+// pages of a replica may hold records up to it.
+func (m *machine) maxWritten() uint64 {
+	hi := m.maxApplied()
+	for _, d := range m.disks {
+		if d.writingTo >= d.start {
+			hi = max(hi, d.writingTo)
+		}
+	}
+	return hi
+}
+
 func roundUp(n uint64) int64 { return int64((n + pageSize - 1) &^ (pageSize - 1)) }
 
 func diskMetadata(d *disk, anchor time.Time) blobstore.Metadata {
 	md := blobstore.Metadata{layout.MetaAppliedSeq: strconv.FormatUint(d.applied, 10), layout.MetaGeneration: d.gen}
+	if d.writingTo > d.applied {
+		md[layout.MetaWritingTo] = strconv.FormatUint(d.writingTo, 10)
+	}
 	if !anchor.IsZero() {
 		md[layout.MetaPointAnchor] = strconv.FormatInt(anchor.UnixNano(), 10)
 	}
@@ -570,6 +589,7 @@ func (a *Applier) loadDisk(ctx context.Context, m *machine, man *layout.Manifest
 		d.gen, d.lost = info.Metadata[layout.MetaGeneration], info.Metadata[layout.MetaLost] == "true"
 		d.applied, _ = strconv.ParseUint(info.Metadata[layout.MetaAppliedSeq], 10, 64)
 		d.anchor, _ = strconv.ParseInt(info.Metadata[layout.MetaPointAnchor], 10, 64)
+		d.writingTo, _ = strconv.ParseUint(info.Metadata[layout.MetaWritingTo], 10, 64)
 		k := genIndex(gens, d.gen)
 		if k < 0 {
 			// A generation the manifest does not list (one written
@@ -689,7 +709,7 @@ func nextStart(disks []*disk) uint64 {
 func (a *Applier) applyGenerations(ctx context.Context, m *machine, seq uint64, segment string) error {
 	for _, d := range m.disks {
 		for len(d.next) > 0 && d.next[0].Start <= seq {
-			if err := a.flushDisk(ctx, m, d, segment); err != nil {
+			if err := a.flushDisk(ctx, m, d, segment, seq); err != nil {
 				return err
 			}
 			if err := a.switchGeneration(ctx, m, d); err != nil {
@@ -706,6 +726,7 @@ func (a *Applier) applyGenerations(ctx context.Context, m *machine, seq uint64, 
 func (a *Applier) switchGeneration(ctx context.Context, m *machine, d *disk) error {
 	g := d.next[0]
 	d.gen, d.size, d.lost, d.floor, d.start, d.next = g.Generation, g.Size, false, g.Start, g.Start, d.next[1:]
+	d.writingTo = 0 // a new blob
 	if g.Start > 0 {
 		d.applied = g.Start - 1
 	}
@@ -878,7 +899,11 @@ func (a *Applier) applySegment(ctx context.Context, m *machine, s recovery.Segme
 				s.Name, r.Seq, r.Op, r.Offset, r.Offset+uint64(r.Length), d.sizeAt(r.Seq), d.name)
 		}
 	}
-	floor := m.maxApplied()
+	// No point below what the replicas may hold already: a pass that
+	// failed past a flush (a crash, a stop, a fence) left their pages
+	// ahead of applied_seq, and this one may find other markers due (a
+	// changed --point-interval, another process server's).
+	floor := m.maxWritten()
 	n := 0
 	for i := range recs {
 		r := &recs[i]
@@ -899,7 +924,7 @@ func (a *Applier) applySegment(ctx context.Context, m *machine, s recovery.Segme
 			kind, due := a.pointDue(m, mk)
 			later := mk.Seq > m.lastPoint || mk.Seq == m.lastPoint && kind == recovery.KindApp && m.lastKind != recovery.KindApp
 			if due && later && mk.Seq >= floor && m.pointable(mk.Seq) {
-				if err := a.flush(ctx, m, s.Name); err != nil {
+				if err := a.flush(ctx, m, s.Name, mk.Seq); err != nil {
 					return err
 				}
 				if err := a.cutPoint(ctx, m, mk, kind); err != nil {
@@ -919,7 +944,7 @@ func (a *Applier) applySegment(ctx context.Context, m *machine, s recovery.Segme
 		d.ops = append(d.ops, op)
 		n++
 	}
-	if err := a.flush(ctx, m, s.Name); err != nil {
+	if err := a.flush(ctx, m, s.Name, s.Last); err != nil {
 		return err
 	}
 	if s.Last >= m.nextStart {
@@ -931,6 +956,10 @@ func (a *Applier) applySegment(ctx context.Context, m *machine, s recovery.Segme
 		d.applied = max(d.applied, s.Last)
 		if err := a.cfg.Store.SetMetadata(ctx, d.blob, diskMetadata(d, m.pointTime)); err != nil {
 			return fmt.Errorf("record applied_seq of %s: %w", d.blob, err)
+		}
+		d.anchor = 0 // as written
+		if !m.pointTime.IsZero() {
+			d.anchor = m.pointTime.UnixNano()
 		}
 	}
 	applied := m.applied()
@@ -959,20 +988,32 @@ func (a *Applier) pointDue(m *machine, mk wire.Marker) (string, bool) {
 	return recovery.KindCrash, t.Before(m.pointTime) || t.Sub(m.pointTime) >= a.cfg.PointInterval
 }
 
-// flush writes the queued records of every disk.
-func (a *Applier) flush(ctx context.Context, m *machine, segment string) error {
+// flush writes the queued records of every disk, all at or before
+// sequence upTo.
+func (a *Applier) flush(ctx context.Context, m *machine, segment string, upTo uint64) error {
 	for _, d := range m.disks {
-		if err := a.flushDisk(ctx, m, d, segment); err != nil {
+		if err := a.flushDisk(ctx, m, d, segment, upTo); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// flushDisk writes the queued records of d.
-func (a *Applier) flushDisk(ctx context.Context, m *machine, d *disk, segment string) error {
+// flushDisk writes the queued records of d, all at or before sequence
+// upTo, once d's metadata says that its pages may hold records up to it.
+func (a *Applier) flushDisk(ctx context.Context, m *machine, d *disk, segment string, upTo uint64) error {
 	if len(d.ops) == 0 {
 		return nil
+	}
+	if upTo > max(d.writingTo, d.applied) {
+		d.writingTo = upTo
+		var anchor time.Time // as of applied: unchanged
+		if d.anchor != 0 {
+			anchor = time.Unix(0, d.anchor)
+		}
+		if err := a.cfg.Store.SetMetadata(ctx, d.blob, diskMetadata(d, anchor)); err != nil {
+			return fmt.Errorf("record writing_to of %s: %w", d.blob, err)
+		}
 	}
 	st, err := m.res.flush(ctx, a.cfg.Store, d.blob, d.ops, a.cfg.Parallelism)
 	clear(d.ops)

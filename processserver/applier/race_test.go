@@ -143,3 +143,61 @@ func TestRecoverRestartsWhenItsPointIsDeleted(t *testing.T) {
 		t.Fatalf("recovered sequence %d (%d bytes), want %d: bytes differ from the disk then", res.Seq, len(out.b), target)
 	}
 }
+
+// failApplied fails the recording of applied_seq at sequence seq (a pass
+// that dies past its last flush: a crash, a stop, an outage, a fence).
+type failApplied struct {
+	blobstore.Store
+	seq string
+}
+
+func (s *failApplied) SetMetadata(ctx context.Context, name string, md blobstore.Metadata) error {
+	if s.seq != "" && md[layout.MetaAppliedSeq] == s.seq {
+		return errors.New("test: injected failure")
+	}
+	return s.Store.SetMetadata(ctx, name, md)
+}
+
+// A pass that failed past its flush left the replica's pages ahead of its
+// applied_seq; the next one, with a shorter point interval, finds due a
+// marker the first did not, inside what the pages already hold: it must
+// not cut a point there (its snapshot would hold the writes after it).
+func TestNoPointBelowWhatAFailedPassWrote(t *testing.T) {
+	for _, interval := range []time.Duration{5 * time.Minute, time.Minute} {
+		ctx := ctxT(t)
+		store := mem.New()
+		fs := &failApplied{Store: store}
+		m := recoverytest.New(t, store, "m1", 1<<20)
+		t0 := time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)
+		m.Write(0, 0, make([]byte, 4096))
+		m.Marker(wire.MarkerTime, t0) // the first: times the points
+		m.Cut()
+		cfg := applier.Config{Store: fs, Keys: applier.RecoveryKeys(store, m.RecoveryKey), PointInterval: 5 * time.Minute, Retention: -1}
+		a1, err := applier.New(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := a1.Apply(ctx, m.Name); err != nil {
+			t.Fatal(err)
+		}
+		m.Write(0, 0, bytes.Repeat([]byte{0xAA}, 8192))
+		mk := m.InlineMarker(wire.MarkerCrashConsistent, t0.Add(2*time.Minute)) // not due at 5 min
+		m.Write(0, 65536, bytes.Repeat([]byte{0xBB}, 8192))
+		m.Cut()
+		fs.seq = fmt.Sprint(m.Seq())
+		if _, err := a1.Apply(ctx, m.Name); err == nil {
+			t.Fatal("the pass did not fail")
+		}
+		fs.seq = ""
+		cfg.PointInterval = interval
+		a2, err := applier.New(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := a2.Apply(ctx, m.Name); err != nil {
+			t.Fatal(err)
+		}
+		res := recoverAndCheck(t, m, 0, fmt.Sprint(mk.Seq), mk.Seq)
+		t.Logf("interval %v: recovered seq %d from base %d", interval, mk.Seq, res.BaseSeq)
+	}
+}
