@@ -929,7 +929,7 @@ func (r *gapRig) wantChainWhole(lost ...[2]uint64) {
 	}
 	next := uint64(1)
 	for _, s := range segs {
-		if s.First != next {
+		if s.First != next { // (overlapping segments fail here too)
 			r.t.Fatalf("journal holds nothing from %d to %d (segments %+v; durable_seq %d, gaps %+v)", next, s.First-1, segs, man.DurableSeq, man.Gaps)
 		}
 		next = s.Last + 1
@@ -1052,4 +1052,54 @@ func TestSegmentAfterJumpAdopted(t *testing.T) {
 			t.Fatalf("newest %v: journal holds %d bytes, want %d (a tombstone over the adopted segment?)", newest, len(plain), want)
 		}
 	}
+}
+
+// Segments the journal holds past the manifest's end (uploaded, the
+// manifest write lost to a crash) whose cached copies then vanished are
+// adopted, following their headers' chain from the journal's end, before
+// a segment found lost after them: only what the chain does not reach is
+// a gap, and no tombstone is written beside (or over) them.
+func TestVanishedSegmentsInJournalAdopted(t *testing.T) {
+	for _, headInJournal := range []bool{false, true} {
+		r := newGapRig(t, mem.New())
+		r.put(1, 5)
+		r.upload()
+		r.put(6, 10)
+		r.uploadNewest()
+		r.put(11, 15)
+		if headInJournal {
+			r.uploadNewest()
+		}
+		r.put(16, 20)
+		r.restart()
+		r.loseShards(11)
+		r.vanish(6)
+		r.upload()
+		r.upload()
+		man := r.manifest()
+		switch {
+		case headInJournal && len(man.Gaps) != 0:
+			t.Fatalf("11..15 in the journal: gaps %+v, want none", man.Gaps)
+		case !headInJournal && !reflect.DeepEqual(man.Gaps, []layout.Gap{{From: 11, LostTo: 15}}):
+			t.Fatalf("11..15 lost: gaps %+v, want only 11..15 (6..10 is in the journal)", man.Gaps)
+		}
+		r.wantChainWhole()
+	}
+	// Two in a row.
+	r := newGapRig(t, mem.New())
+	r.put(1, 5)
+	r.upload()
+	r.put(6, 10)
+	r.uploadNewest()
+	r.put(11, 15)
+	r.uploadNewest()
+	r.put(16, 20)
+	r.vanish(6)
+	r.vanish(11)
+	r.upload()
+	r.upload()
+	if man := r.manifest(); len(man.Gaps) != 0 || man.DurableSeq != 20 {
+		t.Fatalf("two vanished segments in the journal: durable %d, gaps %+v; want 20, none", man.DurableSeq, man.Gaps)
+	}
+	r.wantChainWhole()
 }

@@ -834,24 +834,29 @@ func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error
 	if e.id.Seq <= prev {
 		return fmt.Errorf("segment %s found lost but the journal holds it (durable_seq %d): refusing to replace it by a tombstone", e.id, prev)
 	}
-	// A crash between its upload and the manifest saying so leaves the
-	// segment in the account: adopt it rather than write a loss over it.
-	adopted, inJournal, err := m.inAccount(ctx, key, e)
-	switch {
-	case err != nil:
+	// A crash between uploads and the manifest saying so leaves segments
+	// in the account past its end (this one, those before it that
+	// vanished from the cache): adopted rather than written over. What
+	// the chain from the journal's end does not reach is lost (a segment
+	// gone with all its shards while the server was down, or a jump of
+	// the sequence, which holds nothing), from there: not chained over.
+	chained, err := m.journalChain(ctx, key, prev, lostTo)
+	if err != nil {
 		return err
-	case inJournal:
+	}
+	inJournal := chained >= lostTo
+	if inJournal {
 		m.log.Info("the cached copy is unreadable but the journal holds the segment: adopting it", logSegment, e.id.String())
-		lostTo = adopted
-	default:
-		// The journal ends at prev: a segment between (gone with all its
-		// shards while the server was down, or a jump of the sequence,
-		// which holds nothing) is lost with it, not chained over.
-		from := prev + 1
+		lostTo = chained
+	} else {
+		if chained > prev {
+			m.log.Info("the journal holds segments past the manifest's end: adopting them", "from", prev+1, "to", chained)
+		}
+		from := chained + 1
 		if err := m.openGap(ctx, from, lostTo); err != nil {
 			return fmt.Errorf("record the journal gap at %d: %w", from, err)
 		}
-		if err := m.putTombstone(ctx, key, from, lostTo, prev); err != nil {
+		if err := m.putTombstone(ctx, key, from, lostTo, chained); err != nil {
 			return err
 		}
 	}
@@ -913,6 +918,36 @@ func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error
 // inAccount reports whether the journal holds an authentic segment (or
 // tombstone) that is e: same first sequence, same last when e's is known,
 // and chained to the segment before it. It returns where it ends.
+// journalChain follows the journal's segments on from sequence end (the
+// journal's end as the manifest has it), each one whose header says it
+// follows the one before, among those starting up to to, and returns where
+// that chain ends: end when no segment follows it.
+func (m *machine) journalChain(ctx context.Context, key *seal.Key, end, to uint64) (uint64, error) {
+	if to <= end {
+		return end, nil
+	}
+	segs, err := recovery.ListSegmentsFrom(ctx, m.s.store, m.name, end+1, to)
+	if err != nil {
+		return 0, err
+	}
+	for _, sg := range segs { // by first sequence
+		if sg.First <= end || sg.First > to {
+			continue
+		}
+		plain, err := recovery.ReadSegment(ctx, m.s.store, sg.Name, key, nil)
+		if errors.Is(err, recovery.ErrTampered) {
+			continue // not an authentic copy
+		}
+		if err != nil {
+			return 0, err
+		}
+		if h, err := wire.ParseSegmentHeader(plain); err == nil && h.Prev == end {
+			end = sg.Last
+		}
+	}
+	return end, nil
+}
+
 func (m *machine) inAccount(ctx context.Context, key *seal.Key, e *segEntry) (uint64, bool, error) {
 	segs, err := recovery.ListSegmentsFrom(ctx, m.s.store, m.name, e.id.Seq, e.id.Seq)
 	if err != nil {
