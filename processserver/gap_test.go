@@ -1103,3 +1103,95 @@ func TestVanishedSegmentsInJournalAdopted(t *testing.T) {
 	}
 	r.wantChainWhole()
 }
+
+// realSeg seals a segment of real write records first..last chained to
+// prev (tag fills their data); cached: stored in the cache and
+// acknowledged; journal: uploaded (its manifest write lost).
+func (r *gapRig) realSeg(first, last, prev uint64, tag byte, cached, journal bool) {
+	var bb wire.BatchBuilder
+	for s := first; s <= last; s++ {
+		if err := bb.Add(wire.Record{Seq: s, Op: wire.OpWrite, Offset: (s % 200) * 4096, Length: 4096, Data: bytes.Repeat([]byte{tag}, 4096)}); err != nil {
+			r.t.Fatal(err)
+		}
+	}
+	p, err := bb.AppendBinary(nil)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	b := &segBuf{meta: segMeta{first: first, last: last}}
+	b.begin(prev)
+	b.data, _ = wire.AppendFrame(b.data, wire.TypeBatch, 0, p)
+	cached2, err := r.m.sealSegment(nil, b)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	if journal {
+		meta, sealed, err := parseCached(cached2)
+		if err != nil {
+			r.t.Fatal(err)
+		}
+		if err := r.store.PutBlob(context.Background(), layout.SegmentName("m1", first, last), sealed, meta.metadata()); err != nil {
+			r.t.Fatal(err)
+		}
+	}
+	if cached {
+		id := cache.SegmentID{Stream: "m1", Seq: first}
+		if err := r.s.cache.Put(id, cached2); err != nil {
+			r.t.Fatal(err)
+		}
+		r.m.segmentDurable(id, int64(len(cached2)), last, nil, wire.RunID{})
+	}
+}
+
+// A stale process server's segment that landed inside the gap a hello
+// opened (chained to the journal's end, as this server's first is) is not
+// adopted when this server's next segment is found lost: its loss is
+// recorded from the journal's end, and once mended the journal applies
+// and recovers to its end.
+func TestStaleSegmentInHelloGapNotAdopted(t *testing.T) {
+	for _, last := range []uint64{10, 40} { // the stale one: within the gap, or past it
+		r := newGapRig(t, mem.New())
+		r.realSeg(1, 5, 0, 1, true, false)
+		r.upload()
+		if a, _ := r.agree(10); a != wire.SyncChecksum {
+			t.Fatalf("hello with 6..10 acknowledged elsewhere: %v", a)
+		}
+		r.realSeg(6, last, 5, 0xee, false, true) // the other server's late upload
+		r.realSeg(11, 20, 5, 2, true, false)
+		r.realSeg(21, 30, 20, 3, true, false)
+		r.loseShards(11)
+		r.upload()
+		r.upload()
+		man := r.manifest()
+		if _, gap := man.GapAt(11); !gap || man.DurableSeq != 30 {
+			t.Fatalf("stale 6..%d: durable %d, gaps %+v; want 30 and 11..20 in a gap", last, man.DurableSeq, man.Gaps)
+		}
+		_, epoch := r.agree(30)
+		r.m.mended(epoch, 45)
+		r.realSeg(41, 45, 30, 4, true, false)
+		r.upload()
+		applyFresh(t, r.store, r.rk, 45)
+		if _, err := recovery.RecoverFile(context.Background(), r.store, recovery.Request{Machine: "m1", Disk: "d0", Point: "45", RecoveryKey: r.rk}, filepath.Join(t.TempDir(), "d0.img")); err != nil {
+			t.Fatalf("stale 6..%d: recover 45: %v", last, err)
+		}
+	}
+}
+
+// A segment in the journal (its manifest write lost) whose cached copy is
+// found lost, its end unknown (the next cached segment starts far on, the
+// agent having restarted on its lease), is adopted whole: no gap.
+func TestLostBeforeJumpAdopted(t *testing.T) {
+	r := newGapRig(t, mem.New())
+	r.realSeg(1, 10, 0, 1, true, false)
+	r.upload()
+	r.realSeg(11, 20, 10, 2, true, true)
+	r.realSeg(100000000, 100000010, 20, 3, true, false)
+	r.restart()
+	r.loseShards(11)
+	r.upload()
+	r.upload()
+	if man := r.manifest(); len(man.Gaps) != 0 || man.DurableSeq != 100000010 {
+		t.Fatalf("durable %d, gaps %+v; want 100000010, none", man.DurableSeq, man.Gaps)
+	}
+	applyFresh(t, r.store, r.rk, 100000010)
+}

@@ -840,11 +840,13 @@ func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error
 	// the chain from the journal's end does not reach is lost (a segment
 	// gone with all its shards while the server was down, or a jump of
 	// the sequence, which holds nothing), from there: not chained over.
-	chained, err := m.journalChain(ctx, key, prev, lostTo)
+	chained, holdsE, err := m.journalChain(ctx, key, prev, lostTo, e)
 	if err != nil {
 		return err
 	}
-	inJournal := chained >= lostTo
+	// Holding e's start, the chain holds e whole (its end unknown, lostTo
+	// was a guess).
+	inJournal := chained >= lostTo || holdsE && e.last == 0
 	if inJournal {
 		m.log.Info("the cached copy is unreadable but the journal holds the segment: adopting it", logSegment, e.id.String())
 		lostTo = chained
@@ -915,39 +917,66 @@ func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error
 	return nil
 }
 
+// journalChain follows this history's segments in the journal on from
+// sequence end (the journal's end as the manifest has it): the one whose
+// header says it follows the chain's end, starting right after it or at
+// e's first sequence (e: the segment found lost, which may follow a jump of
+// the sequence), ending by to, and not stale (a segment of another
+// history, which readers skip: recovery.StaleFilter). It returns where
+// that chain ends (end when nothing follows it), and whether it holds e.
+// A segment it misses (one after a jump, before e) is taken for lost:
+// only a resync too many.
+func (m *machine) journalChain(ctx context.Context, key *seal.Key, end, to uint64, e *segEntry) (uint64, bool, error) {
+	m.mu.Lock()
+	stale := recovery.StaleFilter{Gaps: slices.Clone(m.man.Gaps)}
+	m.mu.Unlock()
+	var dec recovery.Decoder
+	holdsE := false
+	for end < to {
+		next := end
+		for _, first := range []uint64{end + 1, e.id.Seq} {
+			if first <= end || first > to || next > end {
+				continue
+			}
+			segs, err := recovery.ListSegmentsFrom(ctx, m.s.store, m.name, first, first)
+			if err != nil {
+				return 0, false, err
+			}
+			for _, sg := range segs {
+				if sg.First != first || sg.Last > to || next > end {
+					continue
+				}
+				plain, err := recovery.ReadSegment(ctx, m.s.store, sg.Name, key, nil)
+				if errors.Is(err, recovery.ErrTampered) {
+					continue // not an authentic copy
+				}
+				if err != nil {
+					return 0, false, err
+				}
+				h, err := wire.ParseSegmentHeader(plain)
+				if err != nil {
+					continue
+				}
+				// Its records for the stale check (by its header alone if
+				// they do not decode: readers refuse it then anyway).
+				recs, _ := dec.Decode(plain)
+				if h.Prev == end && !stale.Skip(sg.Last, recs, h.Prev, true, end) {
+					next = sg.Last
+					holdsE = holdsE || first == e.id.Seq
+				}
+			}
+		}
+		if next == end {
+			break
+		}
+		end = next
+	}
+	return end, holdsE, nil
+}
+
 // inAccount reports whether the journal holds an authentic segment (or
 // tombstone) that is e: same first sequence, same last when e's is known,
 // and chained to the segment before it. It returns where it ends.
-// journalChain follows the journal's segments on from sequence end (the
-// journal's end as the manifest has it), each one whose header says it
-// follows the one before, among those starting up to to, and returns where
-// that chain ends: end when no segment follows it.
-func (m *machine) journalChain(ctx context.Context, key *seal.Key, end, to uint64) (uint64, error) {
-	if to <= end {
-		return end, nil
-	}
-	segs, err := recovery.ListSegmentsFrom(ctx, m.s.store, m.name, end+1, to)
-	if err != nil {
-		return 0, err
-	}
-	for _, sg := range segs { // by first sequence
-		if sg.First <= end || sg.First > to {
-			continue
-		}
-		plain, err := recovery.ReadSegment(ctx, m.s.store, sg.Name, key, nil)
-		if errors.Is(err, recovery.ErrTampered) {
-			continue // not an authentic copy
-		}
-		if err != nil {
-			return 0, err
-		}
-		if h, err := wire.ParseSegmentHeader(plain); err == nil && h.Prev == end {
-			end = sg.Last
-		}
-	}
-	return end, nil
-}
-
 func (m *machine) inAccount(ctx context.Context, key *seal.Key, e *segEntry) (uint64, bool, error) {
 	segs, err := recovery.ListSegmentsFrom(ctx, m.s.store, m.name, e.id.Seq, e.id.Seq)
 	if err != nil {
