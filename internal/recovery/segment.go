@@ -16,6 +16,7 @@ import (
 	"io"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
@@ -54,6 +55,9 @@ type Segment struct {
 	FirstTime   time.Time // of the first marker inside; zero if none or unknown
 	LastTime    time.Time // of the last marker inside; zero if none or unknown
 	Size        int64     // sealed size in bytes
+	// App: its metadata says it holds an app-consistent marker (not
+	// authenticated: a hint).
+	App bool
 }
 
 // ListSegments returns machine's journal segments sorted by sequence
@@ -112,6 +116,7 @@ func segments(infos []blobstore.BlobInfo) []Segment {
 			Name: bi.Name, First: first, Last: last, Size: bi.Size,
 			FirstTime: metaTime(bi.Metadata[layout.MetaFirstTime]),
 			LastTime:  metaTime(bi.Metadata[layout.MetaLastTime]),
+			App:       slices.Contains(strings.Split(bi.Metadata[layout.MetaMarkers], ","), "app"),
 		})
 	}
 	slices.SortFunc(segs, func(a, b Segment) int {

@@ -281,10 +281,12 @@ type disk struct {
 	// anchor: the machine's pointTime as of applied, from the blob's
 	// metadata (unix nanos; 0 none), for loadPoints.
 	anchor int64
-	// writingTo: a flush began to write records up to it (metadata
-	// writing_to, set before the flush): past applied, the pages may hold
-	// records up to it, so no point below it may be cut from them.
-	writingTo uint64
+	// writingTo: a flush may write records up to it (metadata writing_to,
+	// recorded before the flush: with the applied_seq of the segment
+	// before, or on its own); written is the value loaded with the blob:
+	// past applied, its pages may hold records up to it, so no point below
+	// it may be cut from them.
+	writingTo, written uint64
 	// born is the start of the disk's first generation (0: unknown): a
 	// point before it has no snapshot of the disk, which was not there.
 	born uint64
@@ -410,13 +412,22 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 	n := 0
 	var yielded time.Duration
 	whole := true // every listed segment up to limit was read
-	for _, s := range segs {
+	for i, s := range segs {
 		if (m.cursor != "" && s.Name <= m.cursor) || s.Last < resume {
 			continue
 		}
 		if s.Last > limit {
 			whole = false
 			break
+		}
+		// The last sequence of the segment after it, for its writing_to
+		// to be recorded with this one's applied_seq: then a failure
+		// before the next is flushed keeps the points in it from being
+		// cut (they come with the next marker due, but for app-consistent
+		// ones: recorded at the next's flush then).
+		var next uint64
+		if i+1 < len(segs) && segs[i+1].Last <= limit && !segs[i+1].App {
+			next = segs[i+1].Last
 		}
 		if n++; n > 1 && a.cfg.Yield != nil && yielded < passYieldMax {
 			// A pass far behind takes a while: journal uploads that
@@ -426,7 +437,7 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 			a.cfg.Yield(ctx)
 			yielded += time.Since(t0)
 		}
-		err := a.applySegment(ctx, m, s)
+		err := a.applySegment(ctx, m, s, next)
 		if errors.Is(err, errStale) {
 			m.cursor = s.Name // the chain stays: the next must follow what came before
 			continue
@@ -500,13 +511,14 @@ func (m *machine) maxApplied() uint64 {
 	return hi
 }
 
-// maxWritten is maxApplied counting what flushes began to write: the
-// pages of a replica may hold records up to it.
+// maxWritten is maxApplied counting what flushes of an earlier pass may
+// have written (as loaded): the pages of a replica may hold records up to
+// it.
 func (m *machine) maxWritten() uint64 {
 	hi := m.maxApplied()
 	for _, d := range m.disks {
-		if d.writingTo >= d.start {
-			hi = max(hi, d.writingTo)
+		if d.written >= d.start {
+			hi = max(hi, d.written)
 		}
 	}
 	return hi
@@ -589,7 +601,8 @@ func (a *Applier) loadDisk(ctx context.Context, m *machine, man *layout.Manifest
 		d.gen, d.lost = info.Metadata[layout.MetaGeneration], info.Metadata[layout.MetaLost] == "true"
 		d.applied, _ = strconv.ParseUint(info.Metadata[layout.MetaAppliedSeq], 10, 64)
 		d.anchor, _ = strconv.ParseInt(info.Metadata[layout.MetaPointAnchor], 10, 64)
-		d.writingTo, _ = strconv.ParseUint(info.Metadata[layout.MetaWritingTo], 10, 64)
+		d.written, _ = strconv.ParseUint(info.Metadata[layout.MetaWritingTo], 10, 64)
+		d.writingTo = d.written
 		k := genIndex(gens, d.gen)
 		if k < 0 {
 			// A generation the manifest does not list (one written
@@ -726,7 +739,7 @@ func (a *Applier) applyGenerations(ctx context.Context, m *machine, seq uint64, 
 func (a *Applier) switchGeneration(ctx context.Context, m *machine, d *disk) error {
 	g := d.next[0]
 	d.gen, d.size, d.lost, d.floor, d.start, d.next = g.Generation, g.Size, false, g.Start, g.Start, d.next[1:]
-	d.writingTo = 0 // a new blob
+	d.writingTo, d.written = 0, 0 // a new blob
 	if g.Start > 0 {
 		d.applied = g.Start - 1
 	}
@@ -845,7 +858,7 @@ func (a *Applier) local(name string, dst []byte) ([]byte, bool) {
 
 // applySegment applies one segment: authenticate and decode all of it,
 // then apply its records, cutting points at markers, then record progress.
-func (a *Applier) applySegment(ctx context.Context, m *machine, s recovery.Segment) error {
+func (a *Applier) applySegment(ctx context.Context, m *machine, s recovery.Segment, next uint64) error {
 	var plain []byte
 	var err error
 	if local, ok := a.local(s.Name, m.plain[:0]); ok {
@@ -954,6 +967,9 @@ func (a *Applier) applySegment(ctx context.Context, m *machine, s recovery.Segme
 	}
 	for _, d := range m.disks {
 		d.applied = max(d.applied, s.Last)
+		// The next segment's flushes, recorded with this one's end: one
+		// metadata write a segment, not two.
+		d.writingTo = max(d.writingTo, next)
 		if err := a.cfg.Store.SetMetadata(ctx, d.blob, diskMetadata(d, m.pointTime)); err != nil {
 			return fmt.Errorf("record applied_seq of %s: %w", d.blob, err)
 		}

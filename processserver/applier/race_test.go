@@ -144,60 +144,124 @@ func TestRecoverRestartsWhenItsPointIsDeleted(t *testing.T) {
 	}
 }
 
-// failApplied fails the recording of applied_seq at sequence seq (a pass
-// that dies past its last flush: a crash, a stop, an outage, a fence).
-type failApplied struct {
+// failMeta fails the SetMetadata calls fail picks while on (a pass that
+// dies there: a crash, a stop, an outage, a fence), and counts them all.
+type failMeta struct {
 	blobstore.Store
-	seq string
+	on   bool
+	fail func(blobstore.Metadata) bool
+	sets int
 }
 
-func (s *failApplied) SetMetadata(ctx context.Context, name string, md blobstore.Metadata) error {
-	if s.seq != "" && md[layout.MetaAppliedSeq] == s.seq {
+func (s *failMeta) SetMetadata(ctx context.Context, name string, md blobstore.Metadata) error {
+	s.sets++
+	if s.on && s.fail(md) {
 		return errors.New("test: injected failure")
 	}
 	return s.Store.SetMetadata(ctx, name, md)
 }
 
-// A pass that failed past its flush left the replica's pages ahead of its
+// failedPassThenShorter applies a first segment, then a second holding a
+// write to disk, a crash marker not due at 5 min and a later write, in a
+// pass that fails where fail says; then a pass with a 1 min interval, for
+// which that marker is due. No point at it may hold the later write.
+func failedPassThenShorter(t *testing.T, disks int, disk int, fail func(m *recoverytest.Machine) func(blobstore.Metadata) bool) {
+	t.Helper()
+	ctx := ctxT(t)
+	store := mem.New()
+	fs := &failMeta{Store: store}
+	sizes := make([]uint64, disks)
+	for i := range sizes {
+		sizes[i] = 1 << 20
+	}
+	m := recoverytest.New(t, store, "m1", sizes...)
+	t0 := time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)
+	for i := range disks {
+		m.Write(i, 0, make([]byte, 4096))
+	}
+	m.Marker(wire.MarkerTime, t0) // the first: times the points
+	m.Cut()
+	cfg := applier.Config{Store: fs, Keys: applier.RecoveryKeys(store, m.RecoveryKey), PointInterval: 5 * time.Minute, Retention: -1}
+	a1, err := applier.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a1.Apply(ctx, m.Name); err != nil {
+		t.Fatal(err)
+	}
+	m.Write(disk, 0, bytes.Repeat([]byte{0xAA}, 8192))
+	mk := m.InlineMarker(wire.MarkerCrashConsistent, t0.Add(2*time.Minute))
+	m.Write(disk, 65536, bytes.Repeat([]byte{0xBB}, 8192))
+	m.Cut()
+	fs.fail, fs.on = fail(m), true
+	if _, err := a1.Apply(ctx, m.Name); err == nil {
+		t.Fatal("the pass did not fail")
+	}
+	fs.on = false
+	cfg.PointInterval = time.Minute
+	a2, err := applier.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a2.Apply(ctx, m.Name); err != nil {
+		t.Fatal(err)
+	}
+	recoverAndCheck(t, m, disk, fmt.Sprint(mk.Seq), mk.Seq)
+	// A clean pass leaves no writing_to behind.
+	for _, d := range m.Disks {
+		info, err := store.Stat(ctx, layout.DiskName(m.Name, d.Name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if w, ok := info.Metadata[layout.MetaWritingTo]; ok {
+			t.Errorf("disk %s: writing_to %s left after a clean pass", d.Name, w)
+		}
+	}
+}
+
+// A pass that failed past its flush left a replica's pages ahead of its
 // applied_seq; the next one, with a shorter point interval, finds due a
 // marker the first did not, inside what the pages already hold: it must
-// not cut a point there (its snapshot would hold the writes after it).
+// not cut a point there (its snapshot would hold the writes after it):
+// failing when applied_seq is recorded, when writing_to is (before the
+// pages: a mark recorded after them would fail there too), and with two
+// disks, the second written.
 func TestNoPointBelowWhatAFailedPassWrote(t *testing.T) {
-	for _, interval := range []time.Duration{5 * time.Minute, time.Minute} {
-		ctx := ctxT(t)
-		store := mem.New()
-		fs := &failApplied{Store: store}
-		m := recoverytest.New(t, store, "m1", 1<<20)
-		t0 := time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)
-		m.Write(0, 0, make([]byte, 4096))
-		m.Marker(wire.MarkerTime, t0) // the first: times the points
+	atApplied := func(m *recoverytest.Machine) func(blobstore.Metadata) bool {
+		seq := fmt.Sprint(m.Seq())
+		return func(md blobstore.Metadata) bool { return md[layout.MetaAppliedSeq] == seq }
+	}
+	atWritingTo := func(*recoverytest.Machine) func(blobstore.Metadata) bool {
+		return func(md blobstore.Metadata) bool { _, ok := md[layout.MetaWritingTo]; return ok }
+	}
+	t.Run("applied", func(t *testing.T) { failedPassThenShorter(t, 1, 0, atApplied) })
+	t.Run("writing_to", func(t *testing.T) { failedPassThenShorter(t, 1, 0, atWritingTo) })
+	t.Run("second disk", func(t *testing.T) { failedPassThenShorter(t, 2, 1, atApplied) })
+}
+
+// Recording writing_to costs no metadata write a segment beyond the one of
+// its applied_seq, but for the first segment of a pass.
+func TestWritingToRidesOnAppliedSeq(t *testing.T) {
+	ctx := ctxT(t)
+	store := mem.New()
+	fs := &failMeta{Store: store}
+	m := recoverytest.New(t, store, "m1", 1<<20, 1<<20)
+	t0 := time.Date(2025, 3, 1, 12, 0, 0, 0, time.UTC)
+	const n = 20
+	for i := range n {
+		m.Write(0, uint64(i)*4096, bytes.Repeat([]byte{byte(i)}, 4096))
+		m.Write(1, uint64(i)*4096, bytes.Repeat([]byte{byte(i)}, 4096))
+		m.Marker(wire.MarkerTime, t0.Add(time.Duration(i)*time.Second))
 		m.Cut()
-		cfg := applier.Config{Store: fs, Keys: applier.RecoveryKeys(store, m.RecoveryKey), PointInterval: 5 * time.Minute, Retention: -1}
-		a1, err := applier.New(cfg)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := a1.Apply(ctx, m.Name); err != nil {
-			t.Fatal(err)
-		}
-		m.Write(0, 0, bytes.Repeat([]byte{0xAA}, 8192))
-		mk := m.InlineMarker(wire.MarkerCrashConsistent, t0.Add(2*time.Minute)) // not due at 5 min
-		m.Write(0, 65536, bytes.Repeat([]byte{0xBB}, 8192))
-		m.Cut()
-		fs.seq = fmt.Sprint(m.Seq())
-		if _, err := a1.Apply(ctx, m.Name); err == nil {
-			t.Fatal("the pass did not fail")
-		}
-		fs.seq = ""
-		cfg.PointInterval = interval
-		a2, err := applier.New(cfg)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := a2.Apply(ctx, m.Name); err != nil {
-			t.Fatal(err)
-		}
-		res := recoverAndCheck(t, m, 0, fmt.Sprint(mk.Seq), mk.Seq)
-		t.Logf("interval %v: recovered seq %d from base %d", interval, mk.Seq, res.BaseSeq)
+	}
+	a, err := applier.New(applier.Config{Store: fs, Keys: applier.RecoveryKeys(store, m.RecoveryKey), PointInterval: 5 * time.Minute, Retention: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Apply(ctx, m.Name); err != nil {
+		t.Fatal(err)
+	}
+	if want := 2*n + 2; fs.sets != want {
+		t.Errorf("%d metadata writes for %d segments on 2 disks, want %d", fs.sets, n, want)
 	}
 }
