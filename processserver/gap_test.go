@@ -1195,3 +1195,22 @@ func TestLostBeforeJumpAdopted(t *testing.T) {
 	}
 	applyFresh(t, r.store, r.rk, 100000010)
 }
+
+// A segment after a jump of the sequence (the agent restarted on its
+// lease), in the journal but not the manifest (a crash), whose cached copy
+// then vanished, is adopted when the next one is uploaded: no gap, no
+// tombstone beside it.
+func TestVanishedAfterJumpAdopted(t *testing.T) {
+	r := newGapRig(t, mem.New())
+	r.realSeg(1, 10, 0, 1, true, false)
+	r.upload()
+	r.realSeg(1000, 1010, 10, 2, true, true)
+	r.realSeg(1011, 1020, 1010, 3, true, false)
+	r.vanish(1000)
+	r.upload()
+	r.upload()
+	if man := r.manifest(); len(man.Gaps) != 0 || man.DurableSeq != 1020 {
+		t.Fatalf("durable %d, gaps %+v; want 1020, none", man.DurableSeq, man.Gaps)
+	}
+	applyFresh(t, r.store, r.rk, 1020)
+}

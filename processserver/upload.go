@@ -918,58 +918,50 @@ func (m *machine) segmentLost(ctx context.Context, e *segEntry, err error) error
 }
 
 // journalChain follows this history's segments in the journal on from
-// sequence end (the journal's end as the manifest has it): the one whose
-// header says it follows the chain's end, starting right after it or at
-// e's first sequence (e: the segment found lost, which may follow a jump of
-// the sequence), ending by to, and not stale (a segment of another
-// history, which readers skip: recovery.StaleFilter). It returns where
-// that chain ends (end when nothing follows it), and whether it holds e.
-// A segment it misses (one after a jump, before e) is taken for lost:
-// only a resync too many.
+// sequence end (the journal's end as the manifest has it): at each link,
+// the first (by first sequence) starting past the chain's end and ending
+// by to whose header says it follows the chain's end, and that is not
+// stale (a segment of another history, which readers skip:
+// recovery.StaleFilter). A link may follow a jump of the sequence (an
+// agent restarted on its lease). It returns where that chain ends (end
+// when nothing follows it), and whether it holds e, the segment found
+// lost.
 func (m *machine) journalChain(ctx context.Context, key *seal.Key, end, to uint64, e *segEntry) (uint64, bool, error) {
+	if to <= end {
+		return end, false, nil
+	}
+	segs, err := recovery.ListSegmentsFrom(ctx, m.s.store, m.name, end+1, to)
+	if err != nil {
+		return 0, false, err
+	}
 	m.mu.Lock()
 	stale := recovery.StaleFilter{Gaps: slices.Clone(m.man.Gaps)}
 	m.mu.Unlock()
 	var dec recovery.Decoder
 	holdsE := false
-	for end < to {
-		next := end
-		for _, first := range []uint64{end + 1, e.id.Seq} {
-			if first <= end || first > to || next > end {
-				continue
-			}
-			segs, err := recovery.ListSegmentsFrom(ctx, m.s.store, m.name, first, first)
-			if err != nil {
-				return 0, false, err
-			}
-			for _, sg := range segs {
-				if sg.First != first || sg.Last > to || next > end {
-					continue
-				}
-				plain, err := recovery.ReadSegment(ctx, m.s.store, sg.Name, key, nil)
-				if errors.Is(err, recovery.ErrTampered) {
-					continue // not an authentic copy
-				}
-				if err != nil {
-					return 0, false, err
-				}
-				h, err := wire.ParseSegmentHeader(plain)
-				if err != nil {
-					continue
-				}
-				// Its records for the stale check (by its header alone if
-				// they do not decode: readers refuse it then anyway).
-				recs, _ := dec.Decode(plain)
-				if h.Prev == end && !stale.Skip(sg.Last, recs, h.Prev, true, end) {
-					next = sg.Last
-					holdsE = holdsE || first == e.id.Seq
-				}
-			}
+	for _, sg := range segs { // by first sequence
+		if sg.First <= end || sg.Last > to {
+			continue
 		}
-		if next == end {
-			break
+		plain, err := recovery.ReadSegment(ctx, m.s.store, sg.Name, key, nil)
+		if errors.Is(err, recovery.ErrTampered) {
+			continue // not an authentic copy
 		}
-		end = next
+		if err != nil {
+			return 0, false, err
+		}
+		h, err := wire.ParseSegmentHeader(plain)
+		if err != nil || h.Prev != end {
+			continue
+		}
+		// Its records for the stale check (by its header alone if they
+		// do not decode: readers refuse it then anyway).
+		recs, _ := dec.Decode(plain)
+		if stale.Skip(sg.Last, recs, h.Prev, true, end) {
+			continue
+		}
+		end = sg.Last
+		holdsE = holdsE || sg.First == e.id.Seq
 	}
 	return end, holdsE, nil
 }
