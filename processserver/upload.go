@@ -943,15 +943,11 @@ func (m *machine) journalChain(ctx context.Context, key *seal.Key, end, to uint6
 		if sg.First <= end || sg.Last > to {
 			continue
 		}
-		plain, err := recovery.ReadSegment(ctx, m.s.store, sg.Name, key, nil)
-		if errors.Is(err, recovery.ErrTampered) {
-			continue // not an authentic copy
-		}
+		plain, h, ok, err := m.readChained(ctx, key, sg.Name)
 		if err != nil {
 			return 0, false, err
 		}
-		h, err := wire.ParseSegmentHeader(plain)
-		if err != nil || h.Prev != end {
+		if !ok || h.Prev != end {
 			continue
 		}
 		// Its records for the stale check (by its header alone if they
@@ -964,6 +960,20 @@ func (m *machine) journalChain(ctx context.Context, key *seal.Key, end, to uint6
 		holdsE = holdsE || sg.First == e.id.Seq
 	}
 	return end, holdsE, nil
+}
+
+// readChained reads journal segment name and its header; false for a
+// copy that is not authentic or has no header.
+func (m *machine) readChained(ctx context.Context, key *seal.Key, name string) ([]byte, wire.SegmentHeader, bool, error) {
+	plain, err := recovery.ReadSegment(ctx, m.s.store, name, key, nil)
+	if errors.Is(err, recovery.ErrTampered) {
+		return nil, wire.SegmentHeader{}, false, nil
+	}
+	if err != nil {
+		return nil, wire.SegmentHeader{}, false, err
+	}
+	h, err := wire.ParseSegmentHeader(plain)
+	return plain, h, err == nil, nil
 }
 
 // inAccount reports whether the journal holds an authentic segment (or
@@ -987,14 +997,11 @@ func (m *machine) inAccount(ctx context.Context, key *seal.Key, e *segEntry) (ui
 		if sg.First != e.id.Seq || (e.last != 0 && sg.Last != e.last) {
 			continue
 		}
-		plain, err := recovery.ReadSegment(ctx, m.s.store, sg.Name, key, nil)
-		if errors.Is(err, recovery.ErrTampered) {
-			continue // not an authentic copy
-		}
+		_, h, ok, err := m.readChained(ctx, key, sg.Name)
 		if err != nil {
 			return 0, false, err
 		}
-		if h, err := wire.ParseSegmentHeader(plain); err != nil || h.Prev != prev {
+		if !ok || h.Prev != prev {
 			continue // from another history of this sequence range
 		}
 		return sg.Last, true, nil

@@ -142,7 +142,7 @@ func TestRecoverErrors(t *testing.T) {
 		{recovery.Request{Machine: "other", Disk: "d0", Point: "latest", RecoveryKey: m.RecoveryKey}, recovery.ErrNoMachine, "other/manifest.json"},
 		{recovery.Request{Machine: m.Name, Disk: "d0", Point: "latest", RecoveryKey: seal.NewRecoveryKey()}, recovery.ErrWrongRecoveryKey, seal.Fingerprint(m.RecoveryKey)},
 	} {
-		_, err := recovery.Recover(ctx, m.Store, tc.req, &recordingWriter{})
+		_, err := recovery.Recover(ctx, m.Store, tc.req, &recoverytest.Output{})
 		if err == nil || (tc.is != nil && !errors.Is(err, tc.is)) || !strings.Contains(err.Error(), tc.text) {
 			t.Errorf("%+v: %v; want %v containing %q", tc.req.Point, err, tc.is, tc.text)
 		}
@@ -160,7 +160,7 @@ func TestRecoverErrors(t *testing.T) {
 		if err := m.Store.DeleteBlob(ctx, keys[0].Name); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := recovery.Recover(ctx, m.Store, req("latest"), &recordingWriter{}); !errors.Is(err, recovery.ErrNoDataKey) || errors.Is(err, recovery.ErrNoMachine) || !strings.Contains(err.Error(), m.Name+"/keys/") {
+		if _, err := recovery.Recover(ctx, m.Store, req("latest"), &recoverytest.Output{}); !errors.Is(err, recovery.ErrNoDataKey) || errors.Is(err, recovery.ErrNoMachine) || !strings.Contains(err.Error(), m.Name+"/keys/") {
 			t.Errorf("recover with the data key deleted: %v", err)
 		}
 	}()
@@ -178,34 +178,16 @@ func TestTamperedSegmentStopsBeforeWriting(t *testing.T) {
 	m, _ := journalOnly(t)
 	bad := m.Segments[2]
 	m.Tamper(bad)
-	out := &recordingWriter{}
+	out := &recoverytest.Output{}
 	_, err := recovery.Recover(context.Background(), m.Store, recovery.Request{Machine: m.Name, Disk: "d0", Point: "latest", RecoveryKey: m.RecoveryKey}, out)
 	if !errors.Is(err, recovery.ErrTampered) || !strings.Contains(err.Error(), bad) {
 		t.Fatalf("recover over %s: %v", bad, err)
 	}
 	// Only records of the verified segments before it were written.
 	_, last, _ := layout.ParseSegmentName(m.Segments[1])
-	if want := m.Image(0, last)[:m.Disks[0].Size]; !bytes.Equal(out.buf[:len(want)], want) {
+	if want := m.Image(0, last)[:m.Disks[0].Size]; !bytes.Equal(out.B[:len(want)], want) {
 		t.Fatal("output holds more or less than the verified segments before the tampered one")
 	}
-}
-
-type recordingWriter struct{ buf []byte }
-
-func (w *recordingWriter) WriteAt(p []byte, off int64) (int, error) {
-	if need := int(off) + len(p); need > len(w.buf) {
-		w.buf = append(w.buf, make([]byte, need-len(w.buf))...)
-	}
-	copy(w.buf[off:], p)
-	return len(p), nil
-}
-
-func (w *recordingWriter) Truncate(n int64) error {
-	if int(n) > len(w.buf) {
-		w.buf = append(w.buf, make([]byte, int(n)-len(w.buf))...)
-	}
-	w.buf = w.buf[:n]
-	return nil
 }
 
 func TestDecodeRejectsOutOfOrder(t *testing.T) {

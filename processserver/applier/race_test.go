@@ -42,26 +42,6 @@ func (s *onceStore) GetPageRanges(ctx context.Context, name, snap string, off, n
 	return s.Store.GetPageRanges(ctx, name, snap, off, n)
 }
 
-// image is an io.WriterAt with Truncate, in memory.
-type image struct{ b []byte }
-
-func (w *image) WriteAt(p []byte, off int64) (int, error) {
-	if need := int(off) + len(p); need > len(w.b) {
-		w.b = append(w.b, make([]byte, need-len(w.b))...)
-	}
-	copy(w.b[off:], p)
-	return len(p), nil
-}
-
-func (w *image) Truncate(n int64) error {
-	if int(n) <= len(w.b) {
-		w.b = w.b[:n]
-	} else {
-		w.b = append(w.b, make([]byte, int(n)-len(w.b))...)
-	}
-	return nil
-}
-
 // retained is a machine with 20 cut segments, applied with 100 s of
 // retention on a clock of 5 s per segment; retain moves that clock a
 // minute on and applies again (a retention pass that prunes).
@@ -108,7 +88,7 @@ func TestRecoverRacingRetentionIsOutOfRange(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = recovery.Recover(context.Background(), s, recovery.Request{Machine: m.Name, Disk: "d0", Point: fmt.Sprint(target), RecoveryKey: m.RecoveryKey}, &image{})
+	_, err = recovery.Recover(context.Background(), s, recovery.Request{Machine: m.Name, Disk: "d0", Point: fmt.Sprint(target), RecoveryKey: m.RecoveryKey}, &recoverytest.Output{})
 	after, _ := recovery.ReadManifest(context.Background(), m.Store, m.Name)
 	if after.JournalFrom <= max(before.JournalFrom, target+1) {
 		t.Fatalf("retention did not prune past the target (journal_from %d, then %d; target %d)", before.JournalFrom, after.JournalFrom, target)
@@ -131,7 +111,7 @@ func TestRecoverRestartsWhenItsPointIsDeleted(t *testing.T) {
 		after, _ := recovery.ListPoints(context.Background(), m.Store, m.Name, []string{"d0", "d1"})
 		deleted = len(after) < len(points)
 	}}
-	out := &image{}
+	out := &recoverytest.Output{}
 	res, err := recovery.Recover(context.Background(), s, recovery.Request{Machine: m.Name, Disk: "d0", Point: fmt.Sprint(target), RecoveryKey: m.RecoveryKey}, out)
 	if !deleted {
 		t.Fatal("retention deleted no point during the recovery")
@@ -139,8 +119,8 @@ func TestRecoverRestartsWhenItsPointIsDeleted(t *testing.T) {
 	if err != nil {
 		t.Fatalf("recover of sequence %d while retention deleted its point: %v", target, err)
 	}
-	if want := m.Image(0, target)[:m.Disks[0].Size]; res.Seq != target || !bytes.Equal(out.b, want) {
-		t.Fatalf("recovered sequence %d (%d bytes), want %d: bytes differ from the disk then", res.Seq, len(out.b), target)
+	if want := m.Image(0, target)[:m.Disks[0].Size]; res.Seq != target || !bytes.Equal(out.B, want) {
+		t.Fatalf("recovered sequence %d (%d bytes), want %d: bytes differ from the disk then", res.Seq, len(out.B), target)
 	}
 }
 

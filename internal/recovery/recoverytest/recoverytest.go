@@ -413,3 +413,25 @@ func (m *Machine) LoseSegment(i int) {
 		m.tb.Fatal(err)
 	}
 }
+
+// Output is a disk image in memory that Recover can write (an io.WriterAt
+// with Truncate).
+type Output struct{ B []byte }
+
+// WriteAt writes p at off, growing the image as needed.
+func (w *Output) WriteAt(p []byte, off int64) (int, error) {
+	if need := int(off) + len(p); need > len(w.B) {
+		w.B = append(w.B, make([]byte, need-len(w.B))...)
+	}
+	copy(w.B[off:], p)
+	return len(p), nil
+}
+
+// Truncate sizes the image to n bytes.
+func (w *Output) Truncate(n int64) error {
+	if int(n) > len(w.B) {
+		w.B = append(w.B, make([]byte, int(n)-len(w.B))...)
+	}
+	w.B = w.B[:n]
+	return nil
+}
