@@ -129,6 +129,9 @@ type Source struct {
 	Path string
 	Mode capture.Mode
 	Sync SyncKind
+	// Size, if not 0, is the size the target was told: New refuses a
+	// device of another size (resized since).
+	Size int64
 }
 
 // Options configures an Engine.
@@ -343,6 +346,9 @@ func New(opt Options) (*Engine, error) {
 			return nil, err
 		}
 		size, err := d.Size()
+		if err == nil && s.Size != 0 && size != s.Size {
+			err = fmt.Errorf("%s is %d bytes, not the %d its replica was agreed on (resized meanwhile): start the agent again to protect it as it is now", s.Path, size, s.Size)
+		}
 		if err != nil {
 			d.Close()
 			e.closeDevs()

@@ -336,6 +336,23 @@ func TestMirrorRefusesDiskAndItsPartition(t *testing.T) {
 	}
 }
 
+// A device whose size is not the one its replica was agreed on (resized
+// between the agreement and the engine's start) is refused, not
+// protected under the other size.
+func TestEngineRefusesResizedSource(t *testing.T) {
+	testenv.RequireRoot(t)
+	d := loopdev.New(t, 16<<20, loopdev.Options{})
+	_, err := New(Options{Sources: []Source{{Path: d.Path, Size: 32 << 20}}, Target: &fileTarget{}})
+	if err == nil || !strings.Contains(err.Error(), "resized") {
+		t.Fatalf("a 16 MiB device agreed on as 32 MiB: err = %v, want a refusal", err)
+	}
+	e, err := New(Options{Sources: []Source{{Path: d.Path, Size: 16 << 20}}, Target: &fileTarget{}})
+	if err != nil {
+		t.Fatalf("the size agreed on: %v", err)
+	}
+	e.Close()
+}
+
 // 5. Writes running during the initial copy.
 func TestMirrorWritesDuringInitialCopy(t *testing.T) {
 	testenv.RequireRoot(t)

@@ -303,7 +303,7 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 	resync.attachTarget(tgt)
 	var srcs []Source
 	for i, a := range tgt.Agreements() {
-		s := Source{Name: devs[i].Name, Path: devs[i].Path, Mode: cfg.Mode}
+		s := Source{Name: devs[i].Name, Path: devs[i].Path, Mode: cfg.Mode, Size: devs[i].Size}
 		switch {
 		case a.Action == wire.SyncFull:
 			s.Sync = SyncFull
