@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -458,7 +459,12 @@ func (s *Server) Manifest(machine string) (layout.Manifest, bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	man := m.man
-	man.Disks = append([]layout.Disk(nil), man.Disks...)
+	// The slices the machine changes in place (openGap, mendLocked).
+	man.Disks = slices.Clone(man.Disks)
+	man.Gaps = slices.Clone(man.Gaps)
+	for i := range man.Gaps {
+		man.Gaps[i].Unmended = slices.Clone(man.Gaps[i].Unmended)
+	}
 	return man, m.loaded
 }
 
