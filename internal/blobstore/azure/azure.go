@@ -667,7 +667,10 @@ func (s *Store) underFence(ctx context.Context, op, name string, create bool, do
 			return s.wrap(op, name, err)
 		}
 		err = do(&blob.AccessConditions{ModifiedAccessConditions: cond})
-		if err == nil || !bloberror.HasCode(err, bloberror.ConditionNotMet, bloberror.BlobAlreadyExists) {
+		// A create whose blob went after it was read (If-Match on a
+		// blob gone: not found) looks again, as after a changed ETag.
+		gone := create && cond.IfMatch != nil && bloberror.HasCode(err, bloberror.BlobNotFound)
+		if err == nil || !gone && !bloberror.HasCode(err, bloberror.ConditionNotMet, bloberror.BlobAlreadyExists) {
 			return s.wrap(op, name, err)
 		}
 		if try == fenceTries {
@@ -825,8 +828,15 @@ func (s *Store) Snapshot(ctx context.Context, name string, md blobstore.Metadata
 	}
 	pb := s.c.NewPageBlobClient(name)
 	var resp blob.CreateSnapshotResponse
+	// No retries inside the SDK: a snapshot leaves the blob's ETag as it
+	// was, so one after a lost reply would meet its condition and take a
+	// second snapshot. blobstore.WithRetry retries (a lost reply's
+	// snapshot is then the only extra one, as the contract says).
+	ro := s.retry
+	ro.MaxRetries = -1
+	sctx := policy.WithRetryOptions(ctx, ro)
 	err := s.underFence(ctx, "snapshot", name, false, func(cond *blob.AccessConditions) (err error) {
-		resp, err = pb.CreateSnapshot(ctx, &blob.CreateSnapshotOptions{Metadata: toAzure(md), AccessConditions: cond})
+		resp, err = pb.CreateSnapshot(sctx, &blob.CreateSnapshotOptions{Metadata: toAzure(md), AccessConditions: cond})
 		return err
 	})
 	if err != nil {

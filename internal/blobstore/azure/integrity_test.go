@@ -453,3 +453,50 @@ func TestSlowPutBlobNotCutShort(t *testing.T) {
 		t.Fatalf("read back: %v (equal %v)", err, bytes.Equal(got, data))
 	}
 }
+
+// loseSnapshotReply lets the first Create Snapshot reach the service and
+// then loses its reply, as a network cut would.
+type loseSnapshotReply struct{ lost atomic.Bool }
+
+func (l *loseSnapshotReply) Do(req *policy.Request) (*http.Response, error) {
+	resp, err := req.Next()
+	if err == nil && req.Raw().URL.Query().Get("comp") == "snapshot" && !l.lost.Swap(true) {
+		resp.Body.Close()
+		return nil, errors.New("test: reply lost")
+	}
+	return resp, err
+}
+
+// A snapshot whose reply is lost is not taken again by the SDK's own
+// retries (a snapshot leaves the blob's ETag as it was, so a retry meets
+// its condition): one snapshot, and the error for blobstore.WithRetry.
+func TestSnapshotLostReplyNotRetriedInside(t *testing.T) {
+	srv := azurite.ForTest(t)
+	lose := &loseSnapshotReply{}
+	s, err := azure.New(azure.Config{ConnectionString: srv.ConnectionString(), Container: fmt.Sprintf("lbsnap-%d", time.Now().UnixNano()%1e9),
+		ClientOptions: &azblob.ClientOptions{ClientOptions: azcore.ClientOptions{
+			Retry:            policy.RetryOptions{MaxRetries: 2, RetryDelay: 10 * time.Millisecond, TryTimeout: time.Minute},
+			PerRetryPolicies: []policy.Policy{lose},
+		}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	t.Cleanup(func() { _ = s.DeleteContainer(ctx) })
+	if err := s.EnsureContainer(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.CreatePageBlob(ctx, "d", 1<<20, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Snapshot(ctx, "d", blobstore.Metadata{"seq": "1"}); err == nil {
+		t.Error("a snapshot whose reply was lost reported success (retried inside the SDK?)")
+	}
+	snaps, err := s.ListSnapshots(ctx, "d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(snaps) != 1 {
+		t.Fatalf("%d snapshots after one lost reply, want 1", len(snaps))
+	}
+}
