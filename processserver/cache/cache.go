@@ -994,25 +994,19 @@ type slotRead struct {
 }
 
 func (c *Cache) readShards(id SegmentID, want func(i int) bool) []slotRead {
-	got := make([]slotRead, len(c.dirs)) // an abandoned read's is not looked at
-	errs, _ := c.onDirs(want, func(i int, _ *dirOp) error {
-		r := &got[i]
+	reads, errs := dirValues(c, want, func(i int) (slotRead, error) {
+		var r slotRead
 		file, err := c.fs.ReadFile(c.shardPath(i, id))
 		if err != nil {
 			r.err, r.unread = err, !errors.Is(err, fs.ErrNotExist)
-			return nil
+			return r, nil
 		}
 		r.hdr, r.data, r.err = parseShard(file, id.Stream, id.Seq, i, uint64(max(c.maxSeg, maxReadSegment)))
-		return nil
+		return r, nil
 	})
-	reads := make([]slotRead, len(c.dirs))
 	for i, err := range errs {
-		switch {
-		case want != nil && !want(i):
-		case err != nil: // hung: says nothing of the shard
+		if err != nil { // hung: says nothing of the shard
 			reads[i] = slotRead{err: err, unread: true}
-		default:
-			reads[i] = got[i]
 		}
 	}
 	return reads
@@ -1208,11 +1202,7 @@ func (c *Cache) Size(id SegmentID) (int64, error) {
 	var best shardHeader
 	found, notFound := false, true
 	var errs []error
-	hdrs := make([]shardHeader, len(c.dirs)) // an abandoned read's is not looked at
-	rerrs, _ := c.onDirs(nil, func(i int, _ *dirOp) (err error) {
-		hdrs[i], err = c.readHeader(i, id)
-		return err
-	})
+	hdrs, rerrs := dirValues(c, nil, func(i int) (shardHeader, error) { return c.readHeader(i, id) })
 	for i, err := range rerrs {
 		if err != nil {
 			notFound = notFound && errors.Is(err, fs.ErrNotExist)
@@ -1401,11 +1391,7 @@ func (c *Cache) streams(strict bool) ([]string, error) {
 // has seen the other directories' entries all the same).
 func (c *Cache) eachDir(sub string, strict bool, fn func(name string, isDir bool)) error {
 	var errs []error
-	listed := make([][]fs.DirEntry, len(c.dirs)) // an abandoned listing's is not looked at
-	lerrs, _ := c.onDirs(nil, func(i int, _ *dirOp) (err error) {
-		listed[i], err = c.fs.ReadDir(filepath.Join(c.dirs[i], sub))
-		return err
-	})
+	listed, lerrs := dirValues(c, nil, func(i int) ([]fs.DirEntry, error) { return c.fs.ReadDir(filepath.Join(c.dirs[i], sub)) })
 	for i, d := range c.dirs {
 		err := lerrs[i]
 		if errors.Is(err, fs.ErrNotExist) {
@@ -1805,11 +1791,7 @@ type DirUsage struct {
 // measured, so that one failing disk does not hide that the rest are full.
 func (c *Cache) Usage() []DirUsage {
 	out := make([]DirUsage, len(c.dirs))
-	stats := make([]FSStat, len(c.dirs)) // an abandoned statfs's is not looked at
-	errs, _ := c.onDirs(nil, func(i int, _ *dirOp) (err error) {
-		stats[i], err = c.fs.Statfs(c.dirs[i])
-		return err
-	})
+	stats, errs := dirValues(c, nil, func(i int) (FSStat, error) { return c.fs.Statfs(c.dirs[i]) })
 	for i, d := range c.dirs {
 		out[i].Dir = d
 		if err := errs[i]; err != nil {

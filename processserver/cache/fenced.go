@@ -123,11 +123,7 @@ func (c *Cache) everyDir(write func(dir string) error) error {
 func (c *Cache) newestRecord(name string, stamp func([]byte) (int64, bool)) ([]byte, bool) {
 	var newest []byte
 	best := int64(-1)
-	copies := make([][]byte, len(c.dirs)) // an abandoned read's is not looked at
-	errs, _ := c.onDirs(nil, func(i int, _ *dirOp) (err error) {
-		copies[i], err = c.fs.ReadFile(filepath.Join(c.dirs[i], name))
-		return err
-	})
+	copies, errs := dirValues(c, nil, func(i int) ([]byte, error) { return c.fs.ReadFile(filepath.Join(c.dirs[i], name)) })
 	for i, err := range errs {
 		if err != nil {
 			continue

@@ -119,6 +119,25 @@ func (c *Cache) onDirs(want func(i int) bool, op func(i int, o *dirOp) error) (e
 	return errs, held
 }
 
+// dirValues is onDirs for an op that returns a value (and reads nothing
+// the caller would reuse): the value of each directory whose op returned
+// without error, the zero value for the others (an abandoned op's, which
+// it may still write, is never looked at).
+func dirValues[T any](c *Cache, want func(i int) bool, op func(i int) (T, error)) ([]T, []error) {
+	got := make([]T, len(c.dirs))
+	errs, _ := c.onDirs(want, func(i int, _ *dirOp) (err error) {
+		got[i], err = op(i)
+		return err
+	})
+	vals := make([]T, len(c.dirs))
+	for i, err := range errs {
+		if err == nil {
+			vals[i] = got[i]
+		}
+	}
+	return vals, errs
+}
+
 // onDir is onDirs for directory i alone, for an op that reads nothing
 // the caller would reuse.
 func (c *Cache) onDir(i int, op func(o *dirOp) error) error {
