@@ -734,6 +734,11 @@ func (st *session) flusher() {
 		b := it.seg
 		kept := false // b's buffer holds a hot segment now
 		if !failed {
+			// held: a shard write to a hung cache disk still reads the
+			// sealed segment, and may whenever the disk answers: its
+			// buffer (b's, sealed in place, or the sealing buffer) is
+			// left to the garbage collector, never reused.
+			held := false
 			id := cache.SegmentID{Stream: st.m.name, Seq: b.meta.first}
 			b.meta.run = st.agentRun
 			cached, sums, inPlace, err := st.m.sealInPlace(b, st.s.cache)
@@ -745,17 +750,11 @@ func (st *session) flusher() {
 				failed = true
 				st.log.Error("cannot seal a segment; closing the connection, the agent will resend", logSegment, id.String(), logErr, err)
 				st.abortWith(wire.CodeInternal, "process server cannot seal the segment; reconnect and resend", err)
-			} else if held, err := st.s.cache.PutSummed(id, cached, sums); err != nil {
-				if held {
-					st.keepHeld(inPlace, &kept, &sealed)
-				}
+			} else if held, err = st.s.cache.PutSummed(id, cached, sums); err != nil {
 				failed = true
 				st.log.Error("cache write failed; closing the connection, the agent will resend", logSegment, id.String(), logErr, err)
 				st.abortWith(wire.CodeInternal, "process server cache write failed; reconnect and resend", err)
 			} else {
-				if held {
-					st.keepHeld(inPlace, &kept, &sealed)
-				}
 				// Once segmentDurable publishes a hot segment, its last
 				// reader may hand b back for reuse at any time: b is not
 				// touched after it.
@@ -787,22 +786,16 @@ func (st *session) flusher() {
 				}
 				st.updateBackpressure()
 			}
+			switch {
+			case held && inPlace:
+				kept = true
+			case held:
+				sealed = nil
+			}
 		}
 		if !kept {
 			st.s.putBuf(b)
 		}
-	}
-}
-
-// keepHeld keeps a segment's buffer from reuse after a cache put that a
-// hung cache disk still reads (cache.PutSummed's held): b's (sealed in
-// place) or the flusher's sealing buffer. The garbage collector frees it
-// once that write returns.
-func (st *session) keepHeld(inPlace bool, kept *bool, sealed *[]byte) {
-	if inPlace {
-		*kept = true
-	} else {
-		*sealed = nil
 	}
 }
 
