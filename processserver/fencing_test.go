@@ -766,6 +766,52 @@ func TestDeletedManifestRestored(t *testing.T) {
 	}
 }
 
+// TestKeyBlobRestored: the wrapped data key blob, written once and never
+// again (the first blob an age-based lifecycle rule deletes), deleted or
+// replaced by something the recovery key does not open while the server
+// runs, is written back: losing the server then still leaves the
+// machine recoverable.
+func TestKeyBlobRestored(t *testing.T) {
+	defer func(d time.Duration) { keyCheckEvery = d }(keyCheckEvery)
+	keyCheckEvery = 0
+	for _, how := range []string{"deleted", "replaced"} {
+		t.Run(how, func(t *testing.T) {
+			store := mem.New()
+			e := newEnv(t, store, 1)
+			e.segAge = 20 * time.Millisecond
+			s, a, _ := e.serveFirst()
+			ctx := context.Background()
+			_, _, man := journal(t, store, e.rk, "m1")
+			kname := layout.KeysPrefix("m1") + man.KeyID
+			want, err := store.GetBlob(ctx, kname)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if how == "deleted" {
+				err = store.DeleteBlob(ctx, kname)
+			} else {
+				err = store.PutBlob(ctx, kname, bytes.Repeat([]byte{7}, len(want)), nil)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			a.waitAck(a.batch(6, 5))
+			eventually(t, 10*time.Second, "the data key blob written back", func() bool {
+				got, err := store.GetBlob(ctx, kname)
+				return err == nil && bytes.Equal(got, want) && durableSeq(t, store, "m1") == 10
+			})
+			if !strings.Contains(e.logs.String(), "data key") {
+				t.Fatalf("nothing logged of the key blob:\n%s", e.logs.String())
+			}
+			s.Close()
+			plain, _, got := journal(t, store, e.rk, "m1")
+			if got.KeyID != man.KeyID || !bytes.Equal(plain, a.sent) {
+				t.Fatalf("manifest key %s (want %s); journal equals what the agent sent: %v", got.KeyID, man.KeyID, bytes.Equal(plain, a.sent))
+			}
+		})
+	}
+}
+
 // A manifest deleted with its journal (the machine's blobs removed) is
 // not written back: it would name segments nobody can read.
 func TestDeletedManifestAndJournalNotRestored(t *testing.T) {

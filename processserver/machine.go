@@ -63,6 +63,9 @@ type machine struct {
 	// the writes since that failed but may have happened. Under manMu.
 	etag   string
 	unsure [][]byte
+	// keyChecked is when the data key blob was last found in the
+	// account (checkKeyBlob). Under manMu.
+	keyChecked time.Time
 
 	mu     sync.Mutex
 	loaded bool
@@ -544,6 +547,9 @@ func (m *machine) writeLocked(ctx context.Context) error {
 		m.fence(err)
 		return fmt.Errorf("write manifest of %s: %w", m.name, errFenced)
 	}
+	if err == nil {
+		m.checkKeyBlob(ctx)
+	}
 	return err
 }
 
@@ -649,20 +655,92 @@ func (m *machine) restoreManifest(ctx context.Context, name string, raw []byte) 
 	}
 	m.log.Error("the manifest of this machine was deleted from the account by someone else: writing it again from what this process server holds",
 		logBlob, name)
-	m.mu.Lock()
-	wrapped := m.wrapped[man.KeyID]
-	m.mu.Unlock()
-	if wrapped != nil {
-		kname := layout.KeysPrefix(m.name) + man.KeyID
-		_, err := m.s.store.PutBlobIf(blobstore.Unmetered(ctx), kname, wrapped, m.keyMeta(), "")
-		switch {
-		case err == nil:
-			m.log.Error("the data key of this machine was deleted from the account too: stored it again", logBlob, kname)
-		case !errors.Is(err, blobstore.ErrConflict): // a conflict: it is there
-			return "", fmt.Errorf("store data key %s again: %w", kname, err)
-		}
+	if err := m.restoreKeyBlob(ctx, man.KeyID, ""); err != nil {
+		return "", err
 	}
 	return m.s.store.PutBlobIf(blobstore.Unmetered(ctx), name, raw, nil, "")
+}
+
+// keyCheckEvery is how often a running server makes sure the data key
+// blob its manifest names is still in the account (checkKeyBlob).
+var keyCheckEvery = 10 * time.Minute
+
+// checkKeyBlob makes sure the wrapped data key the manifest names is in
+// the account as this server stored or loaded it. It is written once and
+// never again, so it is the first blob an age-based lifecycle rule
+// deletes; without it nothing of the machine can be recovered, and a
+// server that keeps sealing under the key holds its only wrapped copy.
+// Deleted, or replaced by something the recovery key does not open, it
+// is written back. Errors are logged: the next check tries again. manMu
+// is held.
+func (m *machine) checkKeyBlob(ctx context.Context) {
+	m.mu.Lock()
+	id := m.man.KeyID
+	m.mu.Unlock()
+	if id == "" || time.Since(m.keyChecked) < keyCheckEvery {
+		return
+	}
+	kname := layout.KeysPrefix(m.name) + id
+	got, etag, err := blobstore.ReadBack(ctx, m.s.store, kname)
+	switch {
+	case blobstore.IsNotFound(err):
+		err = m.restoreKeyBlob(ctx, id, "")
+	case err != nil:
+	default:
+		err = m.checkWrapped(ctx, id, kname, got, etag)
+	}
+	if err != nil {
+		m.log.Warn("could not check the data key blob of this machine in the account", logBlob, kname, logErr, err)
+		return
+	}
+	m.keyChecked = time.Now()
+}
+
+// checkWrapped writes back the wrapped key id when got, the blob kname
+// holds (at etag), is not it and does not open with the recovery key.
+func (m *machine) checkWrapped(ctx context.Context, id, kname string, got []byte, etag string) error {
+	m.mu.Lock()
+	wrapped := m.wrapped[id]
+	m.mu.Unlock()
+	if wrapped == nil || bytes.Equal(got, wrapped) {
+		return nil
+	}
+	var kid seal.KeyID
+	if b, err := hex.DecodeString(id); err == nil && len(b) == len(kid) {
+		copy(kid[:], b)
+		if material, err := seal.UnwrapKey(m.s.recoveryKey, got, kid); err == nil {
+			clear(material) // wrapped again by someone holding the recovery key
+			return nil
+		}
+	}
+	m.log.Error("the data key blob of this machine was replaced by something the recovery key does not open: writing it back",
+		logBlob, kname)
+	return m.restoreKeyBlob(ctx, id, etag)
+}
+
+// restoreKeyBlob writes the wrapped data key id back under keys/ where
+// it is not (etag "") or where it is as etag (replaced by someone else).
+// A conflict means it is there again: nothing to do.
+func (m *machine) restoreKeyBlob(ctx context.Context, id, etag string) error {
+	m.mu.Lock()
+	wrapped := m.wrapped[id]
+	m.mu.Unlock()
+	if wrapped == nil {
+		return nil
+	}
+	kname := layout.KeysPrefix(m.name) + id
+	_, err := m.s.store.PutBlobIf(blobstore.Unmetered(ctx), kname, wrapped, m.keyMeta(), etag)
+	switch {
+	case err == nil:
+		if etag == "" {
+			m.log.Error("the data key of this machine was deleted from the account: stored it again", logBlob, kname)
+		}
+		return nil
+	case errors.Is(err, blobstore.ErrConflict):
+		return nil
+	default:
+		return fmt.Errorf("store data key %s again: %w", kname, err)
+	}
 }
 
 // blobsGone reports whether nothing the deleted manifest vouched for is
