@@ -218,7 +218,9 @@ func (m *machine) ensureLoaded(ctx context.Context) error {
 	if ok {
 		return nil
 	}
-	m.manMu.Lock()
+	if err := m.lockManifest(ctx); err != nil {
+		return err
+	}
 	defer m.manMu.Unlock()
 	m.mu.Lock()
 	ok = m.loaded
@@ -503,7 +505,9 @@ func (m *machine) ensureKey(ctx context.Context) (*seal.Key, error) {
 		return nil, fmt.Errorf("store data key %s: %w", name, err)
 	}
 	m.keepWrapped(id, wrapped)
-	m.manMu.Lock()
+	if err := m.lockManifest(ctx); err != nil {
+		return nil, err
+	}
 	defer m.manMu.Unlock()
 	m.mu.Lock()
 	m.man.KeyID, m.manKey = id.String(), key
@@ -521,6 +525,16 @@ func (m *machine) ensureKey(ctx context.Context) (*seal.Key, error) {
 	return key, nil
 }
 
+// lockManifest takes manMu, giving up when ctx ends: a hello or a
+// session's work must not wait out a manifest write retrying through an
+// outage (up to the retry layer's bound, minutes).
+func (m *machine) lockManifest(ctx context.Context) error {
+	if err := m.manMu.LockCtx(ctx); err != nil {
+		return fmt.Errorf("waiting for the manifest of %s (a write retrying through an outage?): %w", m.name, err)
+	}
+	return nil
+}
+
 // writeManifest stores the current manifest. Writes are serialised and
 // each writes the state current when it starts, so the last write wins
 // with the newest state. Each is conditional on the manifest being as
@@ -532,7 +546,9 @@ func (m *machine) ensureKey(ctx context.Context) (*seal.Key, error) {
 // (writeLocked): claim replaces m.man with the account's, and must not
 // fall between the two.
 func (m *machine) writeManifest(ctx context.Context) error {
-	m.manMu.Lock()
+	if err := m.lockManifest(ctx); err != nil {
+		return err
+	}
 	defer m.manMu.Unlock()
 	return m.writeLocked(ctx)
 }
@@ -1317,7 +1333,9 @@ func (m *machine) resyncedUnmended(name string, start uint64) {
 // open is a gap of its own (the chain check explains a missing segment
 // only by the loss that took it) that the same resync mends.
 func (m *machine) openGap(ctx context.Context, from, lostTo uint64) error {
-	m.manMu.Lock()
+	if err := m.lockManifest(ctx); err != nil {
+		return err
+	}
 	defer m.manMu.Unlock()
 	m.mu.Lock()
 	merged := false

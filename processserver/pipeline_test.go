@@ -190,6 +190,50 @@ func TestCloseDuringOutage(t *testing.T) {
 	}
 }
 
+// Close also ends a connection whose session registers after Close
+// looked for sessions to abort (its hello sent once Close began): the
+// hello is not answered, and Close returns while the agent goes on
+// sending (before, the session streamed and acked on, its timer gone
+// with the server's context, and Close waited as long as the agent
+// talked).
+func TestCloseEndsSessionRegisteredLate(t *testing.T) {
+	store := mem.New()
+	e := newEnv(t, store, 1)
+	e.segAge = 50 * time.Millisecond
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	ack, _ := a.hello("m1", disk0)
+	a.waitAck(a.batch(1, 4))
+	eventually(t, 10*time.Second, "upload", func() bool { return durableSeq(t, store, "m1") == 4 })
+	a.conn.Close()
+	eventually(t, 10*time.Second, "the first session gone", func() bool { return s.known("m1").current() == nil })
+	b := dialAgent(t, e, s, "m1") // its handshake done, its hello not sent
+	time.Sleep(300 * time.Millisecond)
+	done := make(chan error, 1)
+	go func() { done <- s.Close() }()
+	<-s.ctx.Done()
+	if err := b.w.WriteHello(&wire.Hello{ProtocolVersion: protocolVersion, Machine: "m1",
+		Disks: []wire.DiskState{{Name: disk0.Name, Size: disk0.Size, Generation: ack.Disks[0].Generation, LastAckedSeq: 4}}}); err == nil {
+		for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); {
+			select {
+			case f, ok := <-b.frames:
+				if ok && f.typ == wire.TypeHelloAck {
+					t.Fatal("a hello sent after Close began was answered")
+				}
+			case <-done:
+				return
+			case <-time.After(100 * time.Millisecond):
+				b.w.WriteMarker(wire.Marker{Seq: 4, Kind: wire.MarkerTime, UnixNano: time.Now().UnixNano()})
+			}
+		}
+	}
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Close still waiting 10 s after it was called, with a session registered after it began")
+	}
+}
+
 // refuseJournal is an account that refuses journal segments for good (a
 // policy or permission problem, not an outage).
 type refuseJournal struct{ blobstore.Store }

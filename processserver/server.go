@@ -282,6 +282,8 @@ func Run(ctx context.Context, cfg Config) error {
 	return s.Close()
 }
 
+var errShuttingDown = errors.New("process server shutting down")
+
 // Addr returns the address agents connect to.
 func (s *Server) Addr() net.Addr { return s.ln.Addr() }
 
@@ -301,7 +303,7 @@ func (s *Server) Close() error {
 		s.mu.Lock()
 		for _, m := range s.machines {
 			if st := m.current(); st != nil {
-				st.abort(errors.New("process server shutting down"))
+				st.abort(errShuttingDown)
 			}
 		}
 		s.mu.Unlock()

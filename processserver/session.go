@@ -158,6 +158,10 @@ func (s *Server) serveConn(ctx context.Context, raw net.Conn, release func()) {
 	}
 	defer close(st.done)
 	defer st.close()
+	// Close aborts the sessions it finds; this one may register after
+	// that (its hello still on the way, or waiting for the session it
+	// replaces), and a streaming agent would keep it, and Close, going.
+	defer context.AfterFunc(ctx, func() { st.abort(errShuttingDown) })()
 	name, _, err := peerIdentity(conn)
 	if err != nil {
 		st.log.Warn("refused connection", logErr, err)

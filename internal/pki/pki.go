@@ -231,6 +231,10 @@ func Issue(dir, name string, role Role, opts ...IssueOption) error {
 		return err
 	}
 	now := time.Now()
+	if !now.Before(ca.NotAfter) {
+		return fmt.Errorf("pki: the CA in %s expired on %s: a certificate it issues would never be valid; make a new CA (lifeboat pki init) and issue every identity from it",
+			dir, ca.NotAfter.UTC().Format(time.RFC3339))
+	}
 	notAfter := now.Add(o.validity)
 	if notAfter.After(ca.NotAfter) {
 		notAfter = ca.NotAfter
@@ -394,6 +398,9 @@ func (r *revocations) check(cert *x509.Certificate) error {
 		r.stamp, r.serials, r.bad = "", nil, nil
 	case err != nil:
 		return fmt.Errorf("pki: revocation list: %w", err)
+	case fi.Mode().Perm()&0o022 != 0:
+		// Anyone could take a revoked certificate off it.
+		return fmt.Errorf("pki: revocation list %s is writable by others (mode %#o; it refuses every peer until fixed): chmod 644 it", r.path, fi.Mode().Perm())
 	default:
 		if stamp := fmt.Sprint(fi.Size(), fi.ModTime().UnixNano()); stamp != r.stamp {
 			b, err := os.ReadFile(r.path)
@@ -655,6 +662,11 @@ func loadCA(dir string) (*x509.Certificate, *ecdsa.PrivateKey, error) {
 		return nil, nil, err
 	}
 	p := filepath.Join(dir, caKeyFile)
+	// As for an identity's key (Load): whoever reads it issues
+	// certificates of any role.
+	if fi, err := os.Stat(p); err == nil && fi.Mode().Perm()&0o027 != 0 {
+		return nil, nil, fmt.Errorf("pki: %s is open to others (mode %#o): chmod 600 it", p, fi.Mode().Perm())
+	}
 	data, err := os.ReadFile(p)
 	if err != nil {
 		return nil, nil, fmt.Errorf("pki: read CA key: %w", err)

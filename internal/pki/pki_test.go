@@ -3,9 +3,11 @@ package pki
 import (
 	"bytes"
 	"crypto/ecdsa"
+	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/hex"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -622,5 +624,58 @@ func TestExpiring(t *testing.T) {
 	}
 	if !id.NotAfter().Equal(id.Leaf().NotAfter) || time.Until(id.NotAfter()) > 24*time.Hour {
 		t.Fatalf("NotAfter %v, certificate's %v", id.NotAfter(), id.Leaf().NotAfter)
+	}
+}
+
+// An expired CA issues nothing (before, the certificate was written valid
+// at no time, NotAfter before NotBefore, and refused only where loaded);
+// a CA key or a revocation list open to others is refused.
+func TestIssueRefusesExpiredCAAndOpenFiles(t *testing.T) {
+	dir := newPKI(t, map[string]Role{"web01": RoleAgent, "ps1": RoleProcessServer})
+	ca, key, err := loadCA(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(filepath.Join(dir, caKeyFile), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := Issue(dir, "web02", RoleAgent); err == nil || !strings.Contains(err.Error(), "open to others") {
+		t.Fatalf("Issue with ca.key mode 0644: %v", err)
+	}
+	if err := os.Chmod(filepath.Join(dir, caKeyFile), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	web01, ps := mustLoad(t, dir, "web01"), mustLoad(t, dir, "ps1")
+	if err := os.WriteFile(filepath.Join(dir, revokedFile), nil, 0o666); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(filepath.Join(dir, revokedFile), 0o666); err != nil {
+		t.Fatal(err)
+	}
+	if err := ps.CheckRevoked(web01.Leaf()); err == nil || !strings.Contains(err.Error(), "writable by others") {
+		t.Fatalf("revocation list mode 0666: %v", err)
+	}
+	if err := os.Chmod(filepath.Join(dir, revokedFile), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := ps.CheckRevoked(web01.Leaf()); err != nil {
+		t.Fatalf("revocation list mode 0644: %v", err)
+	}
+
+	tmpl := *ca
+	tmpl.NotBefore, tmpl.NotAfter = time.Now().Add(-48*time.Hour), time.Now().Add(-time.Hour)
+	der, err := x509.CreateCertificate(rand.Reader, &tmpl, &tmpl, key.Public(), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, caCertFile), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := Issue(dir, "web02", RoleAgent); err == nil || !strings.Contains(err.Error(), "expired") {
+		t.Fatalf("Issue under an expired CA: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "web02.crt")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("refused Issue left web02.crt: %v", err)
 	}
 }
