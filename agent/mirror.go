@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -189,6 +190,16 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 		return fmt.Errorf("mirror file: %w", err)
 	}
 	defer f.Close()
+	if fi, err := f.Stat(); err == nil && fi.Mode().IsRegular() {
+		// One writer per mirror file, as O_EXCL gives a device: another
+		// agent's writes would reach the file behind this one's state,
+		// and the stamp the later stop saves would vouch for them.
+		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); errors.Is(err, unix.EWOULDBLOCK) {
+			return fmt.Errorf("mirror file %s is in use by another agent (one mirror file takes one device's copy)", cfg.To)
+		} else if err != nil {
+			return fmt.Errorf("mirror file %s: lock: %w", cfg.To, err)
+		}
+	}
 	targetID, targetStable, err := fileIdentity(f)
 	if err != nil {
 		return err
@@ -294,7 +305,7 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	defer markers.Close()
 	target := &fileTarget{f: f, markers: markers, null: fi.Mode()&os.ModeCharDevice != 0}
 	e, err := New(Options{
-		Sources:       []Source{{Name: filepath.Base(cfg.Device), Path: cfg.Device, Mode: cfg.Mode, Sync: sync}},
+		Sources:       []Source{{Name: filepath.Base(cfg.Device), Path: cfg.Device, Mode: cfg.Mode, Sync: sync, Size: size}},
 		RingBytes:     cfg.RingBytes,
 		PinDir:        PinDir(cfg.StateDir),
 		Target:        target,
@@ -321,6 +332,11 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	if err != nil {
 		return err
 	}
+	var looped *loopWatch
+	if fi.Mode().IsRegular() {
+		looped = watchLoops(fi, log, cfg.To)
+		defer looped.stop()
+	}
 	runErr := e.Run(ctx)
 	stats := e.Stats()
 	if cfg.Stats != nil {
@@ -339,6 +355,15 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	}
 	if closeErr != nil {
 		return closeErr
+	}
+	if looped != nil {
+		if loop := looped.stop(); loop != "" {
+			// Written through it maybe, behind the capture: the stamp
+			// below would vouch for that.
+			log.Warn("the mirror file was attached to a loop device during the run; the next start resyncs by checksum", "to", cfg.To, "loop", loop)
+			printCounters(cfg.Out, stats)
+			return nil
+		}
 	}
 	// The copy's writes are synced (Close): its ctime now is the one a
 	// file nothing else touched still has at the next start.
@@ -696,4 +721,57 @@ func (t *fileTarget) Sync() error {
 		return fmt.Errorf("sync mirror: %w", err)
 	}
 	return t.markers.Sync()
+}
+
+// loopCheckEvery is how often a running mirror looks for a loop device
+// attached to its file.
+var loopCheckEvery = 2 * time.Second
+
+// loopWatch looks for loop devices attached writable to the mirror file
+// while the agent runs (to look at the copy, say): refused at the start,
+// one attached later may write the file behind the capture, and the
+// clean stop's stamp would then vouch for those writes. Writes by other
+// means during a run (a dd onto the file) are not seen.
+type loopWatch struct {
+	done chan struct{}
+	end  chan string
+	once sync.Once
+	seen string
+}
+
+func watchLoops(fi os.FileInfo, log *slog.Logger, to string) *loopWatch {
+	w := &loopWatch{done: make(chan struct{}), end: make(chan string, 1)}
+	go func() {
+		t := time.NewTicker(loopCheckEvery)
+		defer t.Stop()
+		seen := ""
+		for {
+			select {
+			case <-w.done:
+				if seen == "" {
+					seen = strings.Join(blockdev.LoopsBackedBy(fi), ", ")
+				}
+				w.end <- seen
+				return
+			case <-t.C:
+				if seen != "" {
+					continue
+				}
+				if loops := blockdev.LoopsBackedBy(fi); len(loops) > 0 {
+					seen = strings.Join(loops, ", ")
+					log.Warn("the mirror file is attached to a loop device: writes through it are not the device's, and the next start resyncs by checksum", "to", to, "loop", seen)
+				}
+			}
+		}
+	}()
+	return w
+}
+
+// stop ends the watch and returns the loop devices seen ("": none).
+func (w *loopWatch) stop() string {
+	w.once.Do(func() {
+		close(w.done)
+		w.seen = <-w.end
+	})
+	return w.seen
 }

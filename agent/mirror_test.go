@@ -1004,3 +1004,54 @@ func attachImage(t *testing.T, file string) *loopdev.Device {
 	t.Cleanup(func() { d.Detach() })
 	return d
 }
+
+// One mirror file takes one agent: a second, with a state directory of
+// its own, is refused (before, both ran; each one's writes reached the
+// file behind the other's state, and the last stop's stamp vouched for
+// them, so that its next start resumed over bytes its device lacks).
+func TestMirrorFileTakesOneAgent(t *testing.T) {
+	testenv.RequireRoot(t)
+	a := loopdev.New(t, 32<<20, loopdev.Options{})
+	b := loopdev.New(t, 32<<20, loopdev.Options{})
+	dir := t.TempDir()
+	mirror := filepath.Join(dir, "mirror.img")
+	ra := startMirror(t, a.Path, mirror, runOpts{stateDir: filepath.Join(dir, "stateA")})
+	err := RunMirror(context.Background(), MirrorConfig{Device: b.Path, To: mirror, RingBytes: 16 << 20, StateDir: filepath.Join(dir, "stateB")})
+	Release(filepath.Join(dir, "stateB"))
+	if err == nil || !strings.Contains(err.Error(), "in use by another agent") {
+		t.Fatalf("a second agent on the mirror file: %v, want refused", err)
+	}
+	run(t, "dd", "if=/dev/urandom", "of="+a.Path, "bs=4k", "seek=100", "count=4", "oflag=direct", "status=none")
+	ra.stop()
+	assertSameBytes(t, a.Path, mirror)
+}
+
+// A loop device attached to the mirror file while the agent runs, and
+// written through, makes the next start resync by checksum (before, the
+// clean stop's stamp vouched for its write, and the next start resumed
+// over a block the device does not hold).
+func TestMirrorLoopAttachedDuringRun(t *testing.T) {
+	testenv.RequireRoot(t)
+	defer func(d time.Duration) { loopCheckEvery = d }(loopCheckEvery)
+	loopCheckEvery = 50 * time.Millisecond
+	a := loopdev.New(t, 32<<20, loopdev.Options{})
+	dir := t.TempDir()
+	mirror := filepath.Join(dir, "mirror.img")
+	o := runOpts{stateDir: filepath.Join(dir, "state")}
+	r := startMirror(t, a.Path, mirror, o)
+	l, err := loopdev.Attach(mirror, loopdev.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	run(t, "dd", "if=/dev/urandom", "of="+l.Path, "bs=4k", "seek=100", "count=4", "oflag=direct", "status=none")
+	time.Sleep(10 * loopCheckEvery)
+	if err := l.Detach(); err != nil {
+		t.Fatal(err)
+	}
+	r.stop()
+	r = startMirror(t, a.Path, mirror, o)
+	if s := r.stop(); s.Sync[0] != SyncCompare.String() {
+		t.Fatalf("restart after a loop device wrote the mirror: %s, want a resync by checksum", s.Sync[0])
+	}
+	assertSameBytes(t, a.Path, mirror)
+}
