@@ -766,6 +766,48 @@ func TestDeletedManifestRestored(t *testing.T) {
 	}
 }
 
+// TestRolledBackManifestWrittenOver: an older, authentic copy of the
+// manifest put back in the account (from a blob version, or by someone
+// with write access and no key) is written over with the server's
+// current state. Before, the server took it for another writer's and
+// fenced itself; the agent's next hello claimed the machine from it and
+// deleted the journal segments the old copy did not cover, authentic
+// ones, sealing a manifest that made the loss look like a gap.
+func TestRolledBackManifestWrittenOver(t *testing.T) {
+	ctx := context.Background()
+	store := mem.New()
+	e := newEnv(t, store, 1)
+	e.segAge = 20 * time.Millisecond
+	s, a, ack := e.serveFirst() // 1..5 in the journal
+	old, err := store.GetBlob(ctx, layout.ManifestName("m1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.waitAck(a.batch(6, 5))
+	eventually(t, 10*time.Second, "6..10 in the journal", func() bool { return durableSeq(t, store, "m1") == 10 })
+	if err := store.PutBlob(ctx, layout.ManifestName("m1"), old, nil); err != nil {
+		t.Fatal(err)
+	}
+	a.waitAck(a.batch(11, 5))
+	eventually(t, 10*time.Second, "11..15 in the journal", func() bool { return durableSeq(t, store, "m1") == 15 })
+	if s.machine("m1").isFenced() {
+		t.Fatal("the server fenced itself over an older copy of its own manifest")
+	}
+	if !strings.Contains(e.logs.String(), "older copy") {
+		t.Fatalf("nothing logged of the rollback:\n%s", e.logs.String())
+	}
+	// A hello (the agent reconnecting) finds the journal whole.
+	a.conn.Close()
+	a2 := dialAgent(t, e, s, "m1")
+	a2.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ack.Disks[0].Generation, LastAckedSeq: 15})
+	a2.marker(15, wire.MarkerTime, time.Now())
+	s.Close()
+	plain, _, _ := journal(t, store, e.rk, "m1")
+	if !bytes.Equal(plain, a.sent) {
+		t.Fatal("the journal differs from what the agent sent")
+	}
+}
+
 // TestKeyBlobRestored: the wrapped data key blob, written once and never
 // again (the first blob an age-based lifecycle rule deletes), deleted or
 // replaced by something the recovery key does not open while the server

@@ -123,6 +123,8 @@ type machine struct {
 	// what the manifest in the account says, their remains after a crash
 	// would look like acknowledged data lost.
 	savedApplied, savedDurable uint64
+	// savedAt is the updated time of the manifest this server last wrote.
+	savedAt time.Time
 	// ours is the journal (journalOf) of the manifest this server last
 	// wrote or loaded while serving the machine: the history its cached
 	// segments continue.
@@ -618,6 +620,7 @@ func (m *machine) putManifest(ctx context.Context) error {
 		m.progress = make(chan struct{})
 	}
 	m.savedApplied, m.savedDurable = max(m.savedApplied, man.AppliedSeq), max(m.savedDurable, man.DurableSeq)
+	m.savedAt = man.Updated
 	m.accountRU = man.RecoverableUntil
 	m.claimed = man.Claim
 	m.mu.Unlock()
@@ -650,7 +653,38 @@ func (m *machine) ownConflict(ctx context.Context, name string, raw []byte, err 
 			return m.s.store.PutBlobIf(blobstore.Unmetered(ctx), name, raw, nil, etag)
 		}
 	}
+	if m.ownOlder(got) {
+		// Taken for another writer's, it would fence this server, and the
+		// agent's next hello would claim the machine from it and delete
+		// the journal segments past its durable_seq: authentic ones.
+		m.log.Error("the manifest of this machine was replaced by an older copy of one this process server wrote (rolled back, from a blob version or a saved copy?): writing its current state over it",
+			logBlob, name)
+		m.etag = etag
+		return m.s.store.PutBlobIf(blobstore.Unmetered(ctx), name, raw, nil, etag)
+	}
 	return "", err
+}
+
+// ownOlder reports whether got is an authentic manifest this server
+// wrote before its latest write: sealed under the machine's key, in this
+// server's name, under no claim above its own, behind its saved
+// progress and dated before its latest write (that one itself written
+// again is not taken for a rollback). No other writer makes one: another server's write carries
+// its own name, and a claim above this server's. manMu is held.
+func (m *machine) ownOlder(got []byte) bool {
+	man, err := layout.UnmarshalManifest(got)
+	if err != nil {
+		return false
+	}
+	m.mu.Lock()
+	key, cur := m.manKey, m.man
+	claimed, durable, applied, at := m.claimed, m.savedDurable, m.savedApplied, m.savedAt
+	m.mu.Unlock()
+	if key == nil || man.Machine != m.name || man.Owner != m.s.cfg.Name || man.KeyID != cur.KeyID || !man.Updated.Before(at) ||
+		man.Claim > claimed || man.DurableSeq > durable || man.AppliedSeq > applied || man.JournalFrom > cur.JournalFrom {
+		return false
+	}
+	return recovery.VerifyManifest(man, key) == nil
 }
 
 // restoreManifest writes raw where the machine's manifest was deleted by
