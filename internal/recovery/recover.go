@@ -358,7 +358,21 @@ func (st *state) resolvePoint(ctx context.Context, store blobstore.Store, keys s
 		if st.until.IsZero() {
 			return 0, time.Time{}, fmt.Errorf("%w: machine %q has no consistent point in the account yet (its initial sync has not completed)", ErrOutOfRange, machine)
 		}
-		return st.resolveTime(ctx, store, keys, st.until)
+		seq, at, err := st.resolveTime(ctx, store, keys, st.until)
+		if err != nil {
+			return 0, time.Time{}, err
+		}
+		// recoverable_until is sealed and is a marker's time: the marker
+		// found should be that one, or the idle period's the manifest
+		// names. Otherwise the segments after it that metadata said
+		// hold no marker are opened: metadata cleared (no key needed)
+		// would else steer latest back to an older state.
+		if !at.Equal(st.until) && (st.manifest.IdleSeq == 0 || seq != st.manifest.IdleSeq) {
+			if err := st.checkUndated(ctx, store, keys, seq); err != nil {
+				return 0, time.Time{}, err
+			}
+		}
+		return seq, at, nil
 	case t.IsZero():
 		if seq > st.latest {
 			return 0, time.Time{}, fmt.Errorf("%w: sequence %d is beyond the newest durable sequence %d of machine %q", ErrOutOfRange, seq, st.latest, machine)
@@ -513,6 +527,29 @@ func (st *state) before(g layout.Gap, seq uint64, t time.Time, later []uint64) b
 		}
 	}
 	return false
+}
+
+// checkUndated opens the segments past seq whose metadata says they hold
+// no marker, and refuses one that does (checkMarkerTimes).
+func (st *state) checkUndated(ctx context.Context, store blobstore.Store, keys seal.Keyring, seq uint64) error {
+	var dec Decoder
+	for _, s := range st.segments {
+		if s.Last <= seq || !s.FirstTime.IsZero() {
+			continue
+		}
+		plain, err := ReadSegment(ctx, store, s.Name, keys, nil)
+		if err != nil {
+			return st.pruned(ctx, store, err, s.First-1)
+		}
+		recs, err := dec.Decode(plain)
+		if err != nil {
+			return fmt.Errorf("journal segment %s: %w", s.Name, err)
+		}
+		if err := checkMarkerTimes(s, recs); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // checkMarkerTimes refuses a segment whose metadata first_time and

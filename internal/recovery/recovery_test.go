@@ -551,3 +551,35 @@ func TestVerifiedUntilIgnoresSegmentMetadata(t *testing.T) {
 		t.Fatalf("verified recoverable_until %v with a segment's last_time set to 2099, want %v (its last sealed marker)", until, last)
 	}
 }
+
+// Latest is the marker the sealed recoverable_until dates: with the
+// time metadata of the newest segments cleared (no key needed), it no
+// longer resolves silently to an older marker; the segments that
+// metadata calls undated are opened and the lie is reported.
+func TestLatestNotSteeredByClearedMetadata(t *testing.T) {
+	m, _ := journalOnly(t)
+	ctx := context.Background()
+	_, before, err := recoverBytes(t, m, "latest", m.RecoveryKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range m.Segments[2:] {
+		b, err := m.Store.GetBlob(ctx, name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		info, err := m.Store.Stat(ctx, name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		delete(info.Metadata, layout.MetaFirstTime)
+		delete(info.Metadata, layout.MetaLastTime)
+		if err := m.Store.PutBlob(ctx, name, b, info.Metadata); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, after, err := recoverBytes(t, m, "latest", m.RecoveryKey)
+	if !errors.Is(err, recovery.ErrTampered) {
+		t.Fatalf("latest after the newest segments' times were cleared: seq %d (before: %d), err %v; want ErrTampered", after.Seq, before.Seq, err)
+	}
+}
