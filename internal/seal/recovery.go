@@ -16,9 +16,12 @@ import (
 )
 
 // Recovery keys wrap (encrypt) the per-machine data keys. The wrapped data
-// keys can be stored next to the data (config server, blob metadata); the
-// recovery key is kept offline by the operator and is the only thing needed
-// to decrypt a machine's replica after losing the process server.
+// keys are stored next to the data (the storage account); the recovery
+// key is the only thing needed to decrypt a machine's journal after
+// losing the process server. Every process server holds it too (it
+// unwraps the data keys it seals under), so a copy kept off-site by the
+// operator is what survives the site; whoever reads it on a process
+// server's host can read every machine that server protects.
 //
 // A wrapped key is
 //
