@@ -11,6 +11,7 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 )
@@ -138,6 +139,14 @@ func WriteRecoveryKey(path string, key []byte) (err error) {
 	}
 	if err := f.Sync(); err != nil {
 		return fmt.Errorf("seal: sync recovery key file %s: %w", path, err)
+	}
+	// Its name too: a crash must not lose a key the data is wrapped by.
+	if d, err := os.Open(filepath.Dir(path)); err == nil {
+		err = d.Sync()
+		d.Close()
+		if err != nil {
+			return fmt.Errorf("seal: sync the directory of recovery key file %s: %w", path, err)
+		}
 	}
 	return nil
 }
