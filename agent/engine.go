@@ -1123,19 +1123,22 @@ func (e *Engine) endApps() {
 // appWindow is the freeze window of an app-consistent point: the file
 // systems mounted from the devices, and the scripts.
 func (e *Engine) appWindow() (fsfreeze.Window, error) {
-	var mounts []string
+	var mounts, devices []string
 	for _, s := range e.srcs {
 		m, err := fsfreeze.MountsOf(s.Path)
 		if err != nil {
 			return fsfreeze.Window{}, err
 		}
 		mounts = append(mounts, m...)
+		devices = append(devices, s.Path)
 	}
 	if len(mounts) == 0 && e.opt.PreScript == "" {
 		return fsfreeze.Window{}, errNothingToFreeze
 	}
+	// The file systems are looked up again at the freeze: the pre
+	// script may mount one, and one may be covered or unmounted since.
 	return fsfreeze.Window{
-		Mounts: mounts, Pre: e.opt.PreScript, Post: e.opt.PostScript, Timeout: e.opt.FreezeTimeout, ScriptLog: e.opt.ScriptLog,
+		Devices: devices, Pre: e.opt.PreScript, Post: e.opt.PostScript, Timeout: e.opt.FreezeTimeout, ScriptLog: e.opt.ScriptLog,
 		Unfreezable: func(m string) {
 			e.log.Warn("file system cannot be frozen: synced instead, its writes during the point are not held back", "mount", m)
 		},

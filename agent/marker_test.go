@@ -773,3 +773,82 @@ func dataPair(x, y *loopdev.Device, tgt Target) Options {
 		CrashInterval: 300 * time.Millisecond,
 	}
 }
+
+// The file systems an app-consistent point freezes are looked up at the
+// freeze, after the pre script: one mounted from a protected device
+// while the script runs is frozen during the point's drain (before, the
+// list was taken when the point started, and the point was emitted
+// app-consistent with that file system writable).
+func TestMountDuringPreScriptFrozen(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireTool(t, "mkfs.ext4")
+	x := loopdev.New(t, 32<<20, loopdev.Options{})
+	if err := loopdev.Mkfs(t.Context(), "ext4", x.Path); err != nil {
+		t.Fatal(err)
+	}
+	y := loopdev.New(t, 16<<20, loopdev.Options{})
+	dir := t.TempDir()
+	started, goAhead := filepath.Join(dir, "started"), filepath.Join(dir, "go")
+	pre := filepath.Join(dir, "pre")
+	body := "#!/bin/sh\ntouch " + started + "\nfor i in $(seq 400); do [ -e " + goAhead + " ] && exit 0; sleep 0.05; done\nexit 1\n"
+	if err := os.WriteFile(pre, []byte(body), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	mnt := filepath.Join(dir, "mnt")
+	tgt := &eventTarget{hookDev: -1}
+	e, cancel, done := startEngineWith(t, Options{
+		Sources: []Source{
+			{Name: "x", Path: x.Path, Mode: capture.ModeData, Sync: SyncFull},
+			{Name: "y", Path: y.Path, Mode: capture.ModeMetadata, Sync: SyncFull},
+		},
+		RingBytes: 4 << 20, Target: tgt, ReadbackDelay: time.Hour, PreScript: pre,
+	}, nil)
+	// A mark on y, so that the point's drain reads it back (the hook).
+	fy, err := os.OpenFile(y.Path, os.O_WRONLY|syscall.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fy.Close()
+	if _, err := fy.WriteAt(blockdev.AlignedBuffer(capture.BlockSize), 3*capture.BlockSize); err != nil {
+		t.Fatal(err)
+	}
+	var writable, hooked bool
+	tgt.mu.Lock()
+	tgt.hookDev = 1
+	tgt.hook = func() { // inside the point's drain
+		hooked = true
+		if err := fsfreeze.Freeze(mnt); err == nil { // EBUSY when the point froze it
+			writable = true
+			fsfreeze.Thaw(mnt)
+		}
+	}
+	tgt.mu.Unlock()
+	point := make(chan error, 1)
+	go func() { point <- e.AppConsistent(t.Context()) }()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if _, err := os.Stat(started); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the pre script did not start")
+		}
+	}
+	if err := loopdev.Mount(x.Path, mnt, "ext4", ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fsfreeze.Thaw(mnt); loopdev.Unmount(mnt) })
+	if err := os.WriteFile(goAhead, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	perr := <-point
+	cancel()
+	<-done
+	switch {
+	case perr != nil:
+		t.Fatalf("app-consistent point: %v", perr)
+	case !hooked:
+		t.Fatal("the point's drain did not read y back")
+	case writable:
+		t.Fatalf("app-consistent point emitted with %s, mounted from protected %s during the pre script, not frozen during its drain", mnt, x.Path)
+	}
+}

@@ -5,6 +5,7 @@ package fsfreeze
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -60,22 +61,66 @@ var ErrThaw = errors.New("thaw failed")
 // sysfs lists them under holders/. File systems spanning several devices
 // (btrfs) report an anonymous device number there and are not found.
 func MountsOf(devPath string) ([]string, error) {
-	dev, err := blockdev.DevT(devPath)
+	ms, err := mountsOf(devPath)
 	if err != nil {
-		return nil, fmt.Errorf("fsfreeze: %w", err)
+		return nil, err
 	}
-	devs := map[string]bool{dev.String(): true}
-	stackedOn(filepath.Join(sysBlock, dev.String()), devs)
+	var out []string
+	for _, m := range ms {
+		if !slices.Contains(out, m.point) {
+			out = append(out, m.point)
+		}
+	}
+	return out, nil
+}
+
+// mount is a mount point and the device number (st_dev) of the file
+// system mounted there, as mountinfo lists it; 0 when unknown (a mount
+// point given by the caller).
+type mount struct {
+	point string
+	dev   uint64
+}
+
+// mountsOf lists the mounts of the file systems whose writes reach any
+// of devPaths (see MountsOf), and checks that each mount point leads to
+// its file system: one covered by a later mount (a service's
+// ProtectHome=tmpfs), by a mount on a directory above it, or by one moved
+// over it, would have its freeze freeze the file system on top.
+func mountsOf(devPaths ...string) ([]mount, error) {
+	devs := map[string]bool{}
+	for _, p := range devPaths {
+		dev, err := blockdev.DevT(p)
+		if err != nil {
+			return nil, fmt.Errorf("fsfreeze: %w", err)
+		}
+		devs[dev.String()] = true
+		stackedOn(filepath.Join(sysBlock, dev.String()), devs)
+	}
+	loopsOn(devs)
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {
 		return nil, fmt.Errorf("fsfreeze: %w", err)
 	}
 	defer f.Close()
-	mounts, err := parseMountinfo(f, devs)
+	ms, err := parseMountinfo(f, devs)
 	if err != nil {
 		return nil, fmt.Errorf("fsfreeze: read mountinfo: %w", err)
 	}
-	return mounts, nil
+	for _, m := range ms {
+		var st unix.Stat_t
+		if err := unix.Stat(m.point, &st); err != nil {
+			return nil, fmt.Errorf("fsfreeze: %w", &os.PathError{Op: "stat", Path: m.point, Err: err})
+		}
+		if st.Dev != m.dev {
+			return nil, errCovered(m.point)
+		}
+	}
+	return ms, nil
+}
+
+func errCovered(point string) error {
+	return fmt.Errorf("%s, where a protected device is mounted, leads to another file system (covered by another mount, on it or on a directory above it): its file system cannot be frozen through it", point)
 }
 
 // sysBlock holds a directory per block device, named by its "major:minor".
@@ -107,13 +152,41 @@ func stackedOn(dir string, devs map[string]bool) {
 	}
 }
 
-// parseMountinfo returns the mount points whose "major:minor" field is in
-// devs. Line format (proc(5)): id parent maj:min root mountpoint options ...
-// One that a later mount covers (mounted again at the same point: a
-// service's ProtectHome=tmpfs) is an error: freezing through the path
-// would freeze the file system on top.
-func parseMountinfo(r io.Reader, devs map[string]bool) ([]string, error) {
-	var mounts []string
+// loopsOn adds to devs the loop devices whose backing file is one of the
+// block devices in devs (loop registers under no holders/), and what is
+// built on them, until none is left to add.
+func loopsOn(devs map[string]bool) {
+	loops, _ := filepath.Glob("/sys/block/loop*")
+	for added := true; added; {
+		added = false
+		for _, dir := range loops {
+			b, err := os.ReadFile(filepath.Join(dir, "dev"))
+			if err != nil || devs[strings.TrimSpace(string(b))] {
+				continue
+			}
+			back, err := os.ReadFile(filepath.Join(dir, "loop", "backing_file"))
+			if err != nil {
+				continue // not attached
+			}
+			var st unix.Stat_t
+			if unix.Stat(strings.TrimSpace(string(back)), &st) != nil || st.Mode&unix.S_IFMT != unix.S_IFBLK {
+				continue
+			}
+			if devs[fmt.Sprintf("%d:%d", unix.Major(st.Rdev), unix.Minor(st.Rdev))] {
+				stackedOn(dir, devs)
+				added = true
+			}
+		}
+	}
+}
+
+// parseMountinfo returns the mounts whose "major:minor" field is in devs.
+// Line format (proc(5)): id parent maj:min root mountpoint options ...
+// One that a later mount covers (mounted again at the same point) is an
+// error: freezing through the path would freeze the file system on top.
+// (Covers this misses, mountsOf finds by the mount point's st_dev.)
+func parseMountinfo(r io.Reader, devs map[string]bool) ([]mount, error) {
+	var mounts []mount
 	covered := map[string]bool{} // ours, until a later mount takes the point
 	sc := bufio.NewScanner(r)
 	sc.Buffer(nil, 1<<20) // overlay mounts' option lists can be long
@@ -124,8 +197,12 @@ func parseMountinfo(r io.Reader, devs map[string]bool) ([]string, error) {
 		}
 		point := unescapeOctal(fields[4])
 		if devs[fields[2]] {
-			if !slices.Contains(mounts, point) {
-				mounts = append(mounts, point)
+			var maj, mnr uint32
+			if _, err := fmt.Sscanf(fields[2], "%d:%d", &maj, &mnr); err != nil {
+				return nil, fmt.Errorf("mount %s: device %q: %w", point, fields[2], err)
+			}
+			if !slices.ContainsFunc(mounts, func(m mount) bool { return m.point == point }) {
+				mounts = append(mounts, mount{point: point, dev: unix.Mkdev(maj, mnr)})
 			}
 			covered[point] = false
 		} else if _, ours := covered[point]; ours {
@@ -136,8 +213,8 @@ func parseMountinfo(r io.Reader, devs map[string]bool) ([]string, error) {
 		return nil, err
 	}
 	for _, m := range mounts {
-		if covered[m] {
-			return nil, fmt.Errorf("%s, where a protected device is mounted, is covered by another mount: its file system cannot be frozen through it", m)
+		if covered[m.point] {
+			return nil, errCovered(m.point)
 		}
 	}
 	return mounts, nil
@@ -222,7 +299,12 @@ func WithFrozen(ctx context.Context, mounts []string, pre, post string, timeout 
 
 // Window is a freeze of file systems around an operation.
 type Window struct {
+	// Mounts are mount points to freeze; Devices are block devices whose
+	// file systems to freeze (MountsOf), looked up at the freeze, after
+	// the pre script (which may mount one), and each checked, once
+	// opened, to be the file system mounted from them.
 	Mounts    []string
+	Devices   []string
 	Pre, Post string // scripts run before the freeze and after the thaw ("": none)
 	// Timeout bounds the freeze (DefaultTimeout if <= 0): writers block
 	// for as long.
@@ -319,9 +401,12 @@ func (w Window) Frozen(ctx context.Context, fn func() error) (err error) {
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("fsfreeze: %w", err)
 	}
-	targets, err := distinctFileSystems(w.Mounts)
+	targets, err := w.targets()
 	if err != nil {
 		return err
+	}
+	if len(targets) == 0 && len(w.Devices) > 0 && w.Pre == "" {
+		return fmt.Errorf("fsfreeze: no file system is mounted from %s now: nothing to freeze", strings.Join(w.Devices, ", "))
 	}
 	// Told after the thaw: telling may write (a log on a frozen disk).
 	var unfrozen []string
@@ -354,13 +439,19 @@ func (w Window) Frozen(ctx context.Context, fn func() error) (err error) {
 		close(stop)
 		err = errors.Join(err, <-watchdog)
 	}()
-	for _, m := range targets {
+	for _, t := range targets {
+		m := t.point
 		// Thawed through the descriptor that froze it: should the file
 		// system be unmounted meanwhile, its mount point is no longer
 		// it, and a thaw by path would leave it frozen, its device held.
 		fd, err := openMount(m)
 		if err != nil {
 			return fmt.Errorf("fsfreeze: freeze %s: %w", m, err)
+		}
+		var st unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil || (t.dev != 0 && st.Dev != t.dev) {
+			unix.Close(fd)
+			return fmt.Errorf("fsfreeze: %w", cmp.Or(err, errCovered(m)))
 		}
 		frozen.freezing.Lock() // until add has it (or it failed)
 		if frozen.isThawed() { // ThawAll (the process stopping) or the watchdog
@@ -533,18 +624,30 @@ func (f *frozenSet) tellThawed() {
 	}
 }
 
-// distinctFileSystems drops mount points whose file system (st_dev) was
-// already listed: freezing a file system twice fails with EBUSY.
-func distinctFileSystems(mounts []string) ([]string, error) {
-	seen := make(map[uint64]bool, len(mounts))
-	var out []string
-	for _, m := range mounts {
+// targets lists the file systems to freeze, each once (freezing one
+// twice fails with EBUSY): those mounted from Devices now, then those at
+// Mounts.
+func (w Window) targets() ([]mount, error) {
+	var all []mount
+	if len(w.Devices) > 0 {
+		ms, err := mountsOf(w.Devices...)
+		if err != nil {
+			return nil, err
+		}
+		all = ms
+	}
+	for _, m := range w.Mounts {
 		var st unix.Stat_t
 		if err := unix.Stat(m, &st); err != nil {
 			return nil, fmt.Errorf("fsfreeze: %w", &os.PathError{Op: "stat", Path: m, Err: err})
 		}
-		if !seen[st.Dev] {
-			seen[st.Dev] = true
+		all = append(all, mount{point: m, dev: st.Dev})
+	}
+	seen := make(map[uint64]bool, len(all))
+	var out []mount
+	for _, m := range all {
+		if !seen[m.dev] {
+			seen[m.dev] = true
 			out = append(out, m)
 		}
 	}
@@ -611,7 +714,18 @@ func rootOnly(p, file string) error {
 // runScript runs a script with the mount points as arguments, its output
 // to w.ScriptLog.
 func (w Window) runScript(ctx context.Context, what, path string) error {
-	cmd := exec.CommandContext(ctx, path, w.Mounts...)
+	args := slices.Clone(w.Mounts)
+	if len(w.Devices) > 0 {
+		// The file systems mounted from the devices now (the freeze
+		// looks again); one that cannot be listed fails the freeze.
+		ms, _ := mountsOf(w.Devices...)
+		for _, m := range ms {
+			if !slices.Contains(args, m.point) {
+				args = append(args, m.point)
+			}
+		}
+	}
+	cmd := exec.CommandContext(ctx, path, args...)
 	// A script out of time is killed with everything it started.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }

@@ -36,9 +36,9 @@ func TestParseMountinfo(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []string{"/mnt/with space", `/srv/bind\x`}
+	want := []mount{{"/mnt/with space", unix.Mkdev(7, 0)}, {`/srv/bind\x`, unix.Mkdev(7, 0)}}
 	if !slices.Equal(got, want) {
-		t.Errorf("parseMountinfo = %q, want %q", got, want)
+		t.Errorf("parseMountinfo = %v, want %v", got, want)
 	}
 }
 
@@ -601,5 +601,95 @@ func TestOnThawFromWatchdog(t *testing.T) {
 	n := 0
 	if err := (Window{Mounts: []string{dir}, OnThaw: func() { n++ }}).Frozen(t.Context(), func() error { return nil }); err != nil || n != 1 {
 		t.Fatalf("Frozen = %v, OnThaw called %d times; want nil, once", err, n)
+	}
+}
+
+// A mount point of the device that leads to another file system is
+// refused, by MountsOf and by a Window given the device, however it was
+// covered: a file system mounted later on a directory above it, or one
+// mounted before it and moved over it (listed first in mountinfo, so not
+// seen as a cover there). Before, the window froze the file system on top
+// and succeeded: an app-consistent point that froze nothing of the
+// device's.
+func TestMountsOfCoveredAbove(t *testing.T) {
+	for _, how := range []string{"parent", "moved"} {
+		t.Run(how, func(t *testing.T) {
+			prot, pdir := newExt4(t)
+			_, odir := newExt4(t)
+			base := t.TempDir()
+			var point string
+			switch how {
+			case "parent":
+				point = filepath.Join(base, "a", "b")
+				if err := os.MkdirAll(point, 0o755); err != nil {
+					t.Fatal(err)
+				}
+				if err := unix.Mount(pdir, point, "", unix.MS_BIND, ""); err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { loopdev.Unmount(point) })
+				outer := filepath.Join(base, "a")
+				if err := unix.Mount(odir, outer, "", unix.MS_BIND, ""); err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { loopdev.Unmount(outer) })
+				if err := os.MkdirAll(point, 0o755); err != nil { // on the other file system
+					t.Fatal(err)
+				}
+			case "moved":
+				staging := filepath.Join(base, "staging")
+				point = filepath.Join(base, "data")
+				for _, d := range []string{staging, point} {
+					if err := os.Mkdir(d, 0o755); err != nil {
+						t.Fatal(err)
+					}
+				}
+				if err := unix.Mount(odir, staging, "", unix.MS_BIND, ""); err != nil { // created first
+					t.Fatal(err)
+				}
+				if err := unix.Mount(pdir, point, "", unix.MS_BIND, ""); err != nil {
+					loopdev.Unmount(staging)
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { loopdev.Unmount(point) })
+				if err := unix.Mount(staging, point, "", unix.MS_MOVE, ""); err != nil {
+					loopdev.Unmount(staging)
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { loopdev.Unmount(point) }) // the cover, first
+			}
+			if got, err := MountsOf(prot); err == nil || !strings.Contains(err.Error(), "leads to another file system") {
+				t.Fatalf("MountsOf with %s covered = %q, %v; want an error", point, got, err)
+			}
+			ran := false
+			err := Window{Devices: []string{prot}}.Run(t.Context(), func() error { ran = true; return nil })
+			if err == nil || ran {
+				t.Fatalf("a window on %s, its mount point covered, ran its operation (%v): it froze the other file system", prot, err)
+			}
+		})
+	}
+}
+
+// A loop device attached to the protected device carries a file system
+// whose writes reach it: found (loop registers under no holders/).
+func TestMountsOfLoopOnDevice(t *testing.T) {
+	testenv.RequireTool(t, "mkfs.ext4")
+	d := loopdev.New(t, 64<<20, loopdev.Options{})
+	up, err := loopdev.Attach(d.Path, loopdev.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { up.Detach() })
+	if err := loopdev.Mkfs(t.Context(), "ext4", up.Path); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	if err := loopdev.Mount(up.Path, dir, "ext4", ""); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { loopdev.Unmount(dir) })
+	got, err := MountsOf(d.Path)
+	if err != nil || !slices.Contains(got, dir) {
+		t.Fatalf("MountsOf(%s) = %q, %v: want %s, mounted from %s, a loop device on it", d.Path, got, err, dir, up.Path)
 	}
 }
