@@ -61,8 +61,9 @@ func pointsCmd(verbose *bool) *cobra.Command {
 		Short: "List the recovery points of a machine and how recent a recovery can be",
 		Long: `Lists the recovery points (kind, time, sequence) kept in the storage account
 for MACHINE, oldest first, then "recoverable until": every write made before
-that time can be recovered (--point latest). Between points any sequence or
-time can be recovered too (lifeboat recover). Reads the account named by
+that time can be recovered (--point latest). Between points any time, and
+the sequence of any consistency marker, can be recovered too (lifeboat
+recover). Reads the account named by
 AZURE_STORAGE_CONNECTION_STRING. Without --recovery-key it lists the
 snapshots by their metadata; with it, only the points recover would start
 from (a sealed record names their snapshots), after checking the manifest,
@@ -206,7 +207,7 @@ func formatTime(t time.Time) string {
 
 func recoverCmd(verbose *bool) *cobra.Command {
 	var machine, disk, point, to, keyFile, container string
-	var force bool
+	var force, anySeq bool
 	cmd := &cobra.Command{
 		Use:   "recover --machine MACHINE --disk DISK [--point latest|SEQ|TIME] --to FILE --recovery-key FILE",
 		Short: "Write a disk as it was at a point in time, from the storage account alone",
@@ -217,8 +218,12 @@ then the journal up to it.
 --point is "latest" (the newest consistent state in the account: its
 recoverable_until, see lifeboat points), a sequence number, or an RFC 3339
 time such as 2025-01-02T15:04:05Z (the newest state known to precede it). A
-sequence number is taken as given: one between the markers of a full sync
-or resync gives the disk half copied; times and "latest" never do.
+sequence number must be a consistency marker's (a point's, as lifeboat points
+lists them, or a time or crash-consistent marker's in the journal): between
+markers the disks may be half copied by a full sync or a resync, or half
+read back; the error names the nearest marker before it. --any-sequence takes
+a sequence as given (in data mode, outside syncs, every sequence is
+crash-consistent).
 
 Every journal segment is authenticated before use; a tampered one stops the
 recovery with an error naming it, and FILE is not created. Progress goes to
@@ -263,8 +268,8 @@ is the one "lifeboat keys init" wrote.`,
 				return err
 			}
 			res, err := recovery.RecoverFile(cmd.Context(), store, recovery.Request{
-				NoReplace: !force,
-				Machine:   machine, Disk: disk, Point: point, RecoveryKey: key, Progress: cmd.ErrOrStderr(),
+				NoReplace: !force, MarkersOnly: !anySeq,
+				Machine: machine, Disk: disk, Point: point, RecoveryKey: key, Progress: cmd.ErrOrStderr(),
 			}, to)
 			if err != nil {
 				switch {
@@ -290,6 +295,7 @@ is the one "lifeboat keys init" wrote.`,
 	f.StringVar(&point, "point", recovery.Latest, `"latest", a sequence number or an RFC 3339 time`)
 	f.StringVar(&to, "to", "", "output file (new, unless --force)")
 	f.BoolVar(&force, "force", false, "replace --to if it exists")
+	f.BoolVar(&anySeq, "any-sequence", false, "take a --point sequence number as given, even between consistency markers")
 	f.StringVar(&keyFile, "recovery-key", "", "recovery key file")
 	f.StringVar(&container, "container", layout.DefaultContainer, "container holding Lifeboat's blobs")
 	for _, name := range []string{"machine", "disk", "to", "recovery-key"} {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -16,6 +17,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat/internal/azurite"
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore/azure"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
+	"github.com/lifeboat-dr/lifeboat/internal/recovery"
 	"github.com/lifeboat-dr/lifeboat/internal/recovery/recoverytest"
 	"github.com/lifeboat-dr/lifeboat/internal/seal"
 	"github.com/lifeboat-dr/lifeboat/internal/wire"
@@ -202,6 +204,35 @@ func TestPointsAndRecoverCommands(t *testing.T) {
 		t.Fatalf("recover --point yesterday: %v", err)
 	}
 	t.Setenv(recoveryAccountEnv, srv.ConnectionString())
+
+	// A sequence between markers is refused, naming the marker before
+	// it; with --any-sequence it is recovered as given.
+	prevMarker := m.Latest()
+	m.Write(0, 4096, data(3000))
+	between := prevMarker + 1 // that write's
+	m.Write(0, 8192, data(3000))
+	m.Marker(wire.MarkerTime, t0.Add(30*time.Second))
+	m.Cut()
+	recoverSeq := func(seq uint64, args ...string) (string, error) {
+		out, errOut, err := runCmd(t, recoverCmd(new(bool)), append([]string{"--machine", "web1", "--disk", "d0", "--point", fmt.Sprint(seq),
+			"--to", img, "--recovery-key", keyFile, "--container", container, "--force"}, args...)...)
+		return out + errOut, err
+	}
+	if out, err := recoverSeq(between); !errors.Is(err, recovery.ErrOutOfRange) || !strings.Contains(err.Error(), "not at a consistency marker") ||
+		!strings.Contains(err.Error(), fmt.Sprintf("the nearest before it: %d", prevMarker)) {
+		t.Fatalf("recover --point %d (between markers %d and %d): %v\n%s", between, prevMarker, m.Latest(), err, out)
+	}
+	for _, tc := range []struct {
+		seq  uint64
+		args []string
+	}{{m.Latest(), nil}, {between, []string{"--any-sequence"}}} {
+		if out, err := recoverSeq(tc.seq, tc.args...); err != nil {
+			t.Fatalf("recover --point %d %v: %v\n%s", tc.seq, tc.args, err, out)
+		}
+		if got, err := os.ReadFile(img); err != nil || !bytes.Equal(got, m.Image(0, tc.seq)) {
+			t.Fatalf("recover --point %d %v: image differs from the disk at that sequence (%v)", tc.seq, tc.args, err)
+		}
+	}
 
 	// Wrong key and a tampered segment fail with clear errors.
 	other := filepath.Join(dir, "other.key")

@@ -49,6 +49,11 @@ type Request struct {
 	// meanwhile alone: it fails then, keeping the recovered image in its
 	// temporary file, and says where.
 	NoReplace bool
+	// MarkersOnly refuses a sequence number (Point) that is not a
+	// marker's: between markers the disks may be in the middle of a full
+	// sync, a resync or a read-back, which the agent holds markers back
+	// for. A time and Latest always resolve to a marker.
+	MarkersOnly bool
 }
 
 // Result describes a completed recovery.
@@ -136,6 +141,11 @@ func (st *state) recoverDisk(ctx context.Context, store blobstore.Store, keys Ke
 	var res Result
 	if res.Seq, res.Time, err = st.resolve(ctx, store, keys, req.Point); err != nil {
 		return Result{}, err
+	}
+	if seq, t, _ := ParsePoint(req.Point); req.MarkersOnly && seq > 0 && t.IsZero() {
+		if err := st.checkMarkerSeq(ctx, store, keys, seq); err != nil {
+			return Result{}, err
+		}
 	}
 	if g, ok := st.manifest.DiskGapAt(&st.manifest.Disks[idx], res.Seq); ok {
 		return Result{}, fmt.Errorf("%w: disk %q of machine %q at sequence %d: writes from sequence %d on were lost before they reached the account, and the checksum resync that repaired the other disks did not cover this one (not protected then); it is recoverable again from its next full sync; recover to sequence %d or earlier",
@@ -527,6 +537,66 @@ func (st *state) before(g layout.Gap, seq uint64, t time.Time, later []uint64) b
 		}
 	}
 	return false
+}
+
+// checkMarkerSeq refuses seq unless a consistency marker is at it: a
+// point's, the idle period's, or a journal marker's, found in the
+// segment holding record seq or at the head of the next (a marker that
+// came when nothing was pending). The error names the nearest marker
+// before it that those segments, the one before them or the points
+// show.
+func (st *state) checkMarkerSeq(ctx context.Context, store blobstore.Store, keys seal.Keyring, seq uint64) error {
+	var before uint64
+	for _, p := range st.points {
+		if p.Seq == seq {
+			return nil
+		}
+		if p.Seq < seq {
+			before = max(before, p.Seq)
+		}
+	}
+	if st.manifest.IdleSeq == seq {
+		return nil
+	}
+	// The segment before the one holding seq too, for the marker
+	// before it.
+	prev := -1
+	for i, s := range st.segments {
+		if s.Last < seq {
+			prev = i
+		}
+	}
+	var dec Decoder
+	for i, s := range st.segments {
+		// Metadata says which hold markers: a false "none" only refuses.
+		if (i != prev && (s.Last < seq || s.First > seq+1)) || s.FirstTime.IsZero() {
+			continue
+		}
+		plain, err := ReadSegment(ctx, store, s.Name, keys, nil)
+		if err != nil {
+			return st.pruned(ctx, store, err, s.First-1)
+		}
+		recs, err := dec.Decode(plain)
+		if err != nil {
+			return fmt.Errorf("journal segment %s: %w", s.Name, err)
+		}
+		for i := range recs {
+			if r := &recs[i]; r.Dates() {
+				switch m := r.Marker(); {
+				case m.Seq == seq:
+					return nil
+				case m.Seq < seq:
+					before = max(before, m.Seq)
+				}
+			}
+		}
+	}
+	near := ""
+	if before > 0 {
+		near = fmt.Sprintf(" (the nearest before it: %d)", before)
+	}
+	return fmt.Errorf("%w: sequence %d of machine %q is not at a consistency marker: between markers the disks may be in the middle of a full sync, a resync or a read-back; recover to a marker's sequence%s, a point's (lifeboat points) or a time, or take the sequence as given (--any-sequence)",
+		ErrOutOfRange, seq, st.manifest.Machine, near)
 }
 
 // checkUndated opens the segments past seq whose metadata says they hold
