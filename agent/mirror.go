@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -230,6 +231,9 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 		// the copy, or the source's own backing file), the file would
 		// take writes the state never hears of.
 		if loops := blockdev.LoopsBackedBy(fi); len(loops) > 0 {
+			if slices.ContainsFunc(loops, func(l string) bool { return sameDevice(l, cfg.Device) }) {
+				return fmt.Errorf("mirror file %s is the backing file of %s, the device it would copy: give another --to", cfg.To, cfg.Device)
+			}
 			return fmt.Errorf("mirror file %s backs loop device %s: detach it first (losetup -d)", cfg.To, strings.Join(loops, ", "))
 		}
 	case fi.Mode()&os.ModeCharDevice != 0 && isDevNull(fi):
@@ -260,10 +264,15 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	switch {
 	case prev == nil:
 		log.Info("no previous state: full copy")
+		if fi.Mode().IsRegular() && fi.Size() > 0 {
+			// Created or overwritten, as the command says; said, in case
+			// --to was mistyped.
+			log.Warn("the mirror file exists and is not one this state directory knows: overwriting it with a copy of the device", "to", cfg.To, "bytes", fi.Size())
+		}
 	case prev.Identity != identity && !sourceBack:
 		log.Warn("another device is behind this path now: full copy", "was", prev.Identity, "now", identity)
 	case targetMoved && !targetBack:
-		log.Warn("the mirror file is not the one the last run wrote (missing, replaced or moved): full copy")
+		log.Warn("the mirror file is not the one the last run wrote (missing, replaced or moved): full copy", "to", cfg.To)
 	case sourceBack || targetBack:
 		log.Warn("the device or the mirror device is back under a new device number or sequence (a reboot, a re-attach): resync by checksum")
 		sync = SyncCompare
@@ -774,4 +783,11 @@ func (w *loopWatch) stop() string {
 		w.seen = <-w.end
 	})
 	return w.seen
+}
+
+// sameDevice reports whether paths a and b are the same block device.
+func sameDevice(a, b string) bool {
+	var sa, sb unix.Stat_t
+	return unix.Stat(a, &sa) == nil && unix.Stat(b, &sb) == nil &&
+		sa.Mode&unix.S_IFMT == unix.S_IFBLK && sb.Mode&unix.S_IFMT == unix.S_IFBLK && sa.Rdev == sb.Rdev
 }

@@ -562,6 +562,14 @@ func TestMirrorBadInput(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "backs loop device "+ld.Path) {
 		t.Errorf("mirror file backing a loop device: %v", err)
 	}
+	// The device's own backing file: said so, not "detach it".
+	sctx, scancel := context.WithTimeout(context.Background(), 10*time.Second)
+	err = RunMirror(sctx, MirrorConfig{Device: d.Path, To: d.File, StateDir: filepath.Join(dir, "sb")})
+	scancel()
+	Release(filepath.Join(dir, "sb"))
+	if err == nil || !strings.Contains(err.Error(), "the backing file of "+d.Path) {
+		t.Errorf("the device's own backing file as mirror file: %v", err)
+	}
 	// Attached read-only (losetup -r, to look at the copy), it writes
 	// nothing: accepted.
 	ro, err := loopdev.Attach(lf, loopdev.Options{ReadOnly: true})

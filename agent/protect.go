@@ -329,11 +329,19 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 
 	// A stop waits for the process server at most StopTimeout, then gives
 	// up on what is not acknowledged (the next run resyncs by checksum).
-	var abortTimer *time.Timer
+	var abortTimer, slowTimer *time.Timer
 	var abortMu sync.Mutex
 	stopWatch := context.AfterFunc(ctx, func() {
 		abortMu.Lock()
 		defer abortMu.Unlock()
+		log.Info("stopping: draining capture and waiting for the process server to acknowledge every write",
+			"unacknowledged_bytes", tgt.Stats().PendingBytes, "timeout", cfg.StopTimeout)
+		// Said again while it lasts: a hung process server would
+		// otherwise hold the stop silently for the whole timeout.
+		slowTimer = time.AfterFunc(min(10*time.Second, cfg.StopTimeout/2), func() {
+			log.Warn("stopping: still waiting for the process server to acknowledge the remaining writes",
+				"unacknowledged_bytes", tgt.Stats().PendingBytes, "connected", tgt.Stats().Connected, "timeout", cfg.StopTimeout)
+		})
 		abortTimer = time.AfterFunc(cfg.StopTimeout, func() {
 			tgt.Abort(fmt.Errorf("stopping: the process server did not take the remaining writes within %v", cfg.StopTimeout))
 		})
@@ -341,8 +349,10 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 	defer func() {
 		stopWatch()
 		abortMu.Lock()
-		if abortTimer != nil {
-			abortTimer.Stop()
+		for _, t := range []*time.Timer{abortTimer, slowTimer} {
+			if t != nil {
+				t.Stop()
+			}
 		}
 		abortMu.Unlock()
 	}()

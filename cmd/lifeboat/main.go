@@ -3,6 +3,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -10,6 +11,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -61,6 +63,21 @@ func newRoot(verbose *bool) *cobra.Command {
 	root.AddCommand(pkiCmd())
 	root.AddCommand(keysCmd())
 	root.AddCommand(pointsCmd(verbose), recoverCmd(verbose))
+	// A mistyped subcommand followed by its flags ("agent mirorr --to F")
+	// fails on the first flag its parent lacks: say what was mistyped.
+	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
+		if args := c.Flags().Args(); c.HasSubCommands() && len(args) > 0 {
+			if sub, _, ferr := c.Find(args[:1]); ferr != nil || sub == c {
+				msg := fmt.Sprintf("unknown command %q for %q", args[0], c.CommandPath())
+				c.SuggestionsMinimumDistance = cmp.Or(c.SuggestionsMinimumDistance, 2)
+				if s := c.SuggestionsFor(args[0]); len(s) > 0 {
+					msg += " (did you mean " + strings.Join(s, " or ") + "?)"
+				}
+				return errors.New(msg)
+			}
+		}
+		return err
+	})
 	for _, c := range root.Commands() {
 		// A group (keys, pki, bench) takes no arguments: cobra would show
 		// its help for a mistyped subcommand and exit 0.
@@ -131,6 +148,19 @@ func logger(verbose bool) *slog.Logger {
 		level = slog.LevelDebug
 	}
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+}
+
+// checkListen refuses a listen address that is not host:port with a
+// port number or service name (a typo found only when binding exits 1).
+func checkListen(flag, addr string) error {
+	_, port, err := net.SplitHostPort(addr)
+	if err == nil {
+		_, err = net.LookupPort("tcp", port)
+	}
+	if err != nil {
+		return fmt.Errorf("%s %q: want host:port, e.g. :7070 or 10.0.0.5:7070 (%v)", flag, addr, err)
+	}
+	return nil
 }
 
 // checkPprof refuses --pprof on a metrics address other hosts can reach:

@@ -53,6 +53,11 @@ add the names agents dial with --host.`,
 			if err := pki.CheckName(name); err != nil {
 				return err
 			}
+			for _, h := range hosts {
+				if err := pki.CheckHost(h); err != nil {
+					return err
+				}
+			}
 			// Roles of components not built yet are refused; so the list
 			// shows only those issued.
 			if r := pki.Role(role); r != pki.RoleAgent && r != pki.RoleProcessServer {

@@ -50,8 +50,14 @@ while the cache absorbs the stream.`,
 			if err := checkPprof(cfg.Profiling, cfg.MetricsListen); err != nil {
 				return err
 			}
+			if err := checkListen("--listen", cfg.Listen); err != nil {
+				return err
+			}
 			if cfg.CacheOptions.WriteQuorum < 0 {
 				return fmt.Errorf("--cache-write-quorum %d: must not be negative (0: every directory)", cfg.CacheOptions.WriteQuorum)
+			}
+			if q := cfg.CacheOptions.WriteQuorum; q > len(cfg.CacheDirs) {
+				return fmt.Errorf("--cache-write-quorum %d: more than the %d cache directories", q, len(cfg.CacheDirs))
 			}
 			if uploadLimit < 0 || math.IsNaN(uploadLimit) || math.IsInf(uploadLimit, 0) {
 				return fmt.Errorf("--upload-limit %v: give bytes per second, e.g. 20e6 (0: unlimited)", uploadLimit)

@@ -758,6 +758,15 @@ func validateName(name string) error {
 	return nil
 }
 
+// CheckHost refuses a --host that is neither an IP address nor a DNS
+// name a certificate can carry.
+func CheckHost(h string) error {
+	if net.ParseIP(h) != nil {
+		return nil
+	}
+	return validateDNSName(strings.ToLower(h))
+}
+
 func validateDNSName(h string) error {
 	if h == "" || len(h) > 253 {
 		return fmt.Errorf("pki: invalid host %q", h)
