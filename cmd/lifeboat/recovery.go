@@ -95,7 +95,7 @@ and says which it leaves out.`,
 				}
 			} else {
 				var key []byte
-				if key, err = seal.LoadRecoveryKey(keyFile); err != nil {
+				if key, err = seal.LoadRecoveryKeyToRead(keyFile, cmd.ErrOrStderr()); err != nil {
 					return err
 				}
 				points, until, man, err = recovery.VerifiedPoints(cmd.Context(), store, machine, key, cmd.ErrOrStderr())
@@ -258,7 +258,7 @@ is the one "lifeboat keys init" wrote.`,
 					return fmt.Errorf("%s exists: give --force to replace it (a machine running from it would lose what it writes there)", to)
 				}
 			}
-			key, err := seal.LoadRecoveryKey(keyFile)
+			key, err := seal.LoadRecoveryKeyToRead(keyFile, cmd.ErrOrStderr())
 			if err != nil {
 				return err
 			}

@@ -3,6 +3,7 @@ package seal
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
@@ -155,7 +156,18 @@ func WriteRecoveryKey(path string, key []byte) (err error) {
 // file that group or others can access or that another user owns, and one
 // whose fingerprint does not match its key. Errors never contain key
 // material.
-func LoadRecoveryKey(path string) ([]byte, error) {
+func LoadRecoveryKey(path string) ([]byte, error) { return loadRecoveryKey(path, nil) }
+
+// LoadRecoveryKeyToRead is LoadRecoveryKey for reading the account only
+// (recover, points): a file open to others or owned by another user is
+// used, with a warning to warn, since no new data key is wrapped under
+// it. A key kept on a FAT USB stick, whose files show mode 0755 and
+// cannot be changed, then recovers without being copied first.
+func LoadRecoveryKeyToRead(path string, warn io.Writer) ([]byte, error) {
+	return loadRecoveryKey(path, warn)
+}
+
+func loadRecoveryKey(path string, warn io.Writer) ([]byte, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("seal: recovery key: %w", err)
@@ -168,14 +180,21 @@ func LoadRecoveryKey(path string) ([]byte, error) {
 	if !fi.Mode().IsRegular() {
 		return nil, fmt.Errorf("seal: recovery key %s is not a regular file", path)
 	}
+	var loose error
 	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
-		return nil, fmt.Errorf("seal: recovery key file %s has mode %#o, open to its group or others; run chmod 600 on it", path, perm)
+		loose = fmt.Errorf("seal: recovery key file %s has mode %#o, open to its group or others; run chmod 600 on it", path, perm)
 	}
 	// Owned by someone else, it may be another's key put in its place
 	// (by one who can write its directory): new data keys would be
 	// wrapped under it.
 	if st, ok := fi.Sys().(*syscall.Stat_t); ok && st.Uid != 0 && int(st.Uid) != os.Geteuid() {
-		return nil, fmt.Errorf("seal: recovery key file %s is owned by uid %d, not by this user (%d) or root; chown it", path, st.Uid, os.Geteuid())
+		loose = cmp.Or(loose, fmt.Errorf("seal: recovery key file %s is owned by uid %d, not by this user (%d) or root; chown it", path, st.Uid, os.Geteuid()))
+	}
+	switch {
+	case loose != nil && warn == nil:
+		return nil, loose
+	case loose != nil:
+		fmt.Fprintf(warn, "warning: %v (used: reading the account wraps nothing under it)\n", loose)
 	}
 	raw, err := io.ReadAll(io.LimitReader(f, 4096))
 	if err != nil {

@@ -356,6 +356,12 @@ func TestRecoveryKeyFile(t *testing.T) {
 	if _, err := LoadRecoveryKey(path); err == nil || !strings.Contains(err.Error(), "chmod 600") {
 		t.Errorf("world-readable key file: err = %v", err)
 	}
+	// To read the account (recover from a key on a FAT stick, whose
+	// modes cannot change): used, with a warning.
+	var warn strings.Builder
+	if got, err := LoadRecoveryKeyToRead(path, &warn); err != nil || !bytes.Equal(got, rk) || !strings.Contains(warn.String(), "chmod 600") {
+		t.Errorf("world-readable key file to read: %v, warned %q", err, warn.String())
+	}
 
 	// Another user's file in its place (as root: chown to nobody).
 	t.Run("another user's file", func(t *testing.T) {
