@@ -757,6 +757,9 @@ func replay(ctx context.Context, store blobstore.Store, keys seal.Keyring, segs 
 	for _, s := range todo {
 		var err error
 		if plain, err = ReadSegment(ctx, store, s.Name, keys, plain[:0]); err != nil {
+			if errors.Is(err, ErrTampered) {
+				err = fmt.Errorf("%w; a state before sequence %d does not need it: recover to a time, or a point's sequence (lifeboat points), before that", err, s.First)
+			}
 			return 0, err
 		}
 		recs, err := dec.Decode(plain)
@@ -770,8 +773,8 @@ func replay(ctx context.Context, store blobstore.Store, keys seal.Keyring, segs 
 			continue
 		}
 		if prev, ok := dec.Prev(); ok && prev > chain {
-			return 0, fmt.Errorf("journal segment %s %w: it follows a segment ending at sequence %d, which is missing from the account (the journal holds nothing between %d and %d)",
-				s.Name, ErrTampered, prev, chain, s.First)
+			return 0, fmt.Errorf("journal segment %s %w: it follows a segment ending at sequence %d, which is missing from the account (the journal holds nothing between %d and %d); a state up to sequence %d does not need it: recover to a time, or a point's sequence (lifeboat points), before that",
+				s.Name, ErrTampered, prev, chain, s.First, chain)
 		}
 		chain = max(chain, s.Last)
 		for i := range recs {
