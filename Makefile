@@ -58,9 +58,9 @@ build: ## build bin/lifeboat
 test: tools bpffs check-generated vet lint fmt-check ## everything CI runs: tools, generated-code check, vet, staticcheck, gofmt, all tests (as root)
 	@echo "==> go test ./..."
 	$(GO) test -count=1 -timeout 15m ./...
-	@echo "==> go test -race (lock-free and concurrent packages; the process server's sessions, uploads and cache; the agent's stream)"
+	@echo "==> go test -race (lock-free and concurrent packages; the process server's sessions, uploads and cache; the agent's stream; recovery's parallel reads; the freeze watchdog)"
 	$(GO) test -count=1 -timeout 30m -race ./internal/spsc/ ./internal/bitmap/ ./internal/wire/ ./internal/channel/ ./agent/capture/ \
-		./agent/stream/ ./processserver/ ./processserver/cache/
+		./agent/stream/ ./processserver/ ./processserver/cache/ ./internal/recovery/ ./internal/fsfreeze/
 	@echo "==> go test -race (the capture's ring reader and the agent's loop, under fio)"
 	$(GO) test -count=1 -race -run 'TestMirror(RandomDirectWrites|TinyRingOverflow|WritesDuringInitialCopy)$$' ./agent/
 	@echo "==> go test -tags purego (the portable paths beside the assembly)"
