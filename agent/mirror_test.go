@@ -178,13 +178,20 @@ func fileWorkload(t *testing.T, mnt string, seed uint64) {
 			t.Fatal(err)
 		}
 	}
-	entries, _ := os.ReadDir(filepath.Join(mnt, "tree"))
+	entries, err := os.ReadDir(filepath.Join(mnt, "tree"))
+	if err != nil || len(entries) < 2 {
+		t.Fatalf("the copied tree: %d entries, %v", len(entries), err)
+	}
 	for i, e := range entries {
 		if i%2 == 0 {
-			os.RemoveAll(filepath.Join(mnt, "tree", e.Name()))
+			if err := os.RemoveAll(filepath.Join(mnt, "tree", e.Name())); err != nil {
+				t.Fatal(err)
+			}
 		}
 	}
-	os.Remove(filepath.Join(mnt, "rand3"))
+	if err := os.Remove(filepath.Join(mnt, "rand3")); err != nil {
+		t.Fatal(err)
+	}
 	run(t, "sync")
 	run(t, "fstrim", mnt)
 }
