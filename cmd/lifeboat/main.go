@@ -62,7 +62,7 @@ func newRoot(verbose *bool) *cobra.Command {
 	root.AddCommand(processServerCmd(verbose))
 	root.AddCommand(pkiCmd())
 	root.AddCommand(keysCmd())
-	root.AddCommand(pointsCmd(verbose), recoverCmd(verbose))
+	root.AddCommand(machinesCmd(verbose), pointsCmd(verbose), recoverCmd(verbose))
 	// A mistyped subcommand followed by its flags ("agent mirorr --to F")
 	// fails on the first flag its parent lacks: say what was mistyped.
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {

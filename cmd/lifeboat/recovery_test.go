@@ -113,6 +113,34 @@ func TestPointsAndRecoverCommands(t *testing.T) {
 			t.Fatalf("point %d lists disks %v, want d0, d1, d2", p.Seq, p.Disks)
 		}
 	}
+	// The machines the container holds, and what a wrong name or
+	// container gets.
+	if out, _, err = runCmd(t, machinesCmd(new(bool)), "--container", container); err != nil ||
+		!strings.Contains(out, "MACHINE") || !strings.Contains(out, "web1") || !strings.Contains(out, "d0 (1.0 MiB)") || !strings.Contains(out, "2025-06-01T08:00:29Z") {
+		t.Fatalf("machines: %v\n%s", err, out)
+	}
+	var machines []struct {
+		Machine          string
+		Disks            []struct{ Name string }
+		RecoverableUntil string `json:"recoverable_until"`
+	}
+	if out, _, err = runCmd(t, machinesCmd(new(bool)), "--container", container, "--json"); err != nil || json.Unmarshal([]byte(out), &machines) != nil ||
+		len(machines) != 1 || machines[0].Machine != "web1" || len(machines[0].Disks) != 3 || machines[0].RecoverableUntil != "2025-06-01T08:00:29Z" {
+		t.Fatalf("machines --json: %v\n%s", err, out)
+	}
+	if _, _, err = runCmd(t, pointsCmd(new(bool)), "--machine", "web2", "--container", container); err == nil || !strings.Contains(err.Error(), "lifeboat machines lists") {
+		t.Fatalf("points of a machine the container does not hold: %v", err)
+	}
+	for _, cmd := range []*cobra.Command{pointsCmd(new(bool)), machinesCmd(new(bool))} {
+		args := []string{"--container", "nosuch"}
+		if cmd.Name() == "points" {
+			args = append(args, "--machine", "web1")
+		}
+		if _, _, err = runCmd(t, cmd, args...); err == nil || !strings.Contains(err.Error(), "container does not exist") {
+			t.Fatalf("%s of a container the account does not hold: %v", cmd.Name(), err)
+		}
+	}
+
 	// A recorded gap is shown, and not only in JSON.
 	m.EditManifest(func(man *layout.Manifest) {
 		man.Gaps = []layout.Gap{{From: 1000, LostTo: 1010, Mended: 1020, Unmended: []layout.UnmendedDisk{{Name: "d2"}, {Name: "d1", Until: 1500}}}}

@@ -149,6 +149,13 @@ type Store interface {
 	// prefix, sorted by name, with metadata.
 	ListBlobs(ctx context.Context, prefix string) ([]BlobInfo, error)
 
+	// ListDirs returns the distinct names, up to and including the first
+	// "/" after prefix, of the blobs whose name starts with prefix and
+	// holds a "/" after it (the virtual directories directly under
+	// prefix), sorted: a listing of the top of the container does not
+	// walk every blob under it.
+	ListDirs(ctx context.Context, prefix string) ([]string, error)
+
 	// Stat returns the properties, ETag included, and metadata of blob
 	// name. ListBlobs fills ETag too.
 	Stat(ctx context.Context, name string) (BlobInfo, error)

@@ -79,6 +79,13 @@ func (l *logStore) ListBlobs(ctx context.Context, prefix string) ([]BlobInfo, er
 	return r, err
 }
 
+func (l *logStore) ListDirs(ctx context.Context, prefix string) ([]string, error) {
+	t := time.Now()
+	r, err := l.s.ListDirs(ctx, prefix)
+	l.done(ctx, "list-dirs", prefix, t, err, slog.Int("count", len(r)))
+	return r, err
+}
+
 func (l *logStore) Stat(ctx context.Context, name string) (BlobInfo, error) {
 	t := time.Now()
 	r, err := l.s.Stat(ctx, name)

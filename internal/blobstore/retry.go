@@ -255,6 +255,10 @@ func (r *retryStore) ListBlobs(ctx context.Context, prefix string) ([]BlobInfo, 
 	return retryV(r, ctx, "list-blobs", prefix, func() ([]BlobInfo, error) { return r.s.ListBlobs(ctx, prefix) })
 }
 
+func (r *retryStore) ListDirs(ctx context.Context, prefix string) ([]string, error) {
+	return retryV(r, ctx, "list-dirs", prefix, func() ([]string, error) { return r.s.ListDirs(ctx, prefix) })
+}
+
 func (r *retryStore) Stat(ctx context.Context, name string) (BlobInfo, error) {
 	return retryV(r, ctx, "stat", name, func() (BlobInfo, error) { return r.s.Stat(ctx, name) })
 }

@@ -2,9 +2,11 @@ package recovery
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
@@ -48,11 +50,15 @@ func PointMetadata(seq uint64, t time.Time, kind, generation string) blobstore.M
 	}
 }
 
-// ReadManifest returns machine's manifest. A missing one wraps ErrNoMachine.
+// ReadManifest returns machine's manifest. A missing one (or container)
+// wraps ErrNoMachine.
 func ReadManifest(ctx context.Context, store blobstore.Store, machine string) (*layout.Manifest, error) {
 	b, err := store.GetBlob(ctx, layout.ManifestName(machine))
 	if blobstore.IsNotFound(err) {
-		return nil, fmt.Errorf("%w: no %s (was machine %q ever replicated to this container?)", ErrNoMachine, layout.ManifestName(machine), machine)
+		if _, lerr := store.ListDirs(ctx, ""); blobstore.IsNotFound(lerr) {
+			return nil, fmt.Errorf("%w: the container does not exist in this storage account (a mistyped --container, or another account?)", ErrNoMachine)
+		}
+		return nil, fmt.Errorf("%w: no %s (was machine %q ever replicated to this container? lifeboat machines lists those it holds)", ErrNoMachine, layout.ManifestName(machine), machine)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("read manifest of machine %q: %w", machine, err)
@@ -265,4 +271,30 @@ func (st *state) usePoints(points []Point) {
 			st.until = newest.Time
 		}
 	}
+}
+
+// Machines returns the machines the container holds a manifest of,
+// sorted by name, with their manifests as stored (unverified:
+// VerifyManifest checks one under its machine's keys). A directory without a manifest is
+// not a machine.
+func Machines(ctx context.Context, store blobstore.Store) ([]*layout.Manifest, error) {
+	dirs, err := store.ListDirs(ctx, "")
+	if blobstore.IsNotFound(err) {
+		return nil, fmt.Errorf("%w: the container does not exist in this storage account (a mistyped --container, or another account?)", ErrNoMachine)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("list the machines: %w", err)
+	}
+	var out []*layout.Manifest
+	for _, d := range dirs {
+		m, err := ReadManifest(ctx, store, strings.TrimSuffix(d, "/"))
+		if errors.Is(err, ErrNoMachine) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, m)
+	}
+	return out, nil
 }

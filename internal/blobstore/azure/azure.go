@@ -512,6 +512,25 @@ func (s *Store) ListBlobs(ctx context.Context, prefix string) ([]blobstore.BlobI
 	return out, nil
 }
 
+// ListDirs implements blobstore.Store.
+func (s *Store) ListDirs(ctx context.Context, prefix string) ([]string, error) {
+	pager := s.c.NewListBlobsHierarchyPager("/", &container.ListBlobsHierarchyOptions{Prefix: &prefix})
+	var out []string
+	for pager.More() {
+		page, err := pager.NextPage(ctx)
+		if err != nil {
+			return nil, s.wrap("list directories", prefix, err)
+		}
+		for _, p := range page.Segment.BlobPrefixes {
+			if p != nil && p.Name != nil {
+				out = append(out, *p.Name)
+			}
+		}
+	}
+	slices.Sort(out)
+	return out, nil
+}
+
 // Stat implements blobstore.Store.
 func (s *Store) Stat(ctx context.Context, name string) (blobstore.BlobInfo, error) {
 	p, err := s.c.NewBlobClient(name).GetProperties(ctx, nil)

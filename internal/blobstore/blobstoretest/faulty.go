@@ -145,6 +145,10 @@ func (f *Faulty) ListBlobs(ctx context.Context, prefix string) ([]blobstore.Blob
 	return doV(f, func() ([]blobstore.BlobInfo, error) { return f.s.ListBlobs(ctx, prefix) })
 }
 
+func (f *Faulty) ListDirs(ctx context.Context, prefix string) ([]string, error) {
+	return doV(f, func() ([]string, error) { return f.s.ListDirs(ctx, prefix) })
+}
+
 func (f *Faulty) Stat(ctx context.Context, name string) (blobstore.BlobInfo, error) {
 	return doV(f, func() (blobstore.BlobInfo, error) { return f.s.Stat(ctx, name) })
 }

@@ -118,6 +118,8 @@ func testContainer(t *testing.T, s blobstore.Store) {
 	wantNotFound(t, err, "PutBlobIf before EnsureContainer")
 	_, err = s.ListBlobs(ctx, "")
 	wantNotFound(t, err, "ListBlobs before EnsureContainer")
+	_, err = s.ListDirs(ctx, "")
+	wantNotFound(t, err, "ListDirs before EnsureContainer")
 	ok(t, s.EnsureContainer(ctx), "EnsureContainer")
 	ok(t, s.EnsureContainer(ctx), "EnsureContainer on existing container")
 	ok(t, s.PutBlob(ctx, "a", []byte("x"), nil), "PutBlob")
@@ -290,6 +292,21 @@ func testList(t *testing.T, s blobstore.Store) {
 	ok(t, err, "ListBlobs all")
 	if len(l) != 6 {
 		t.Fatalf("ListBlobs(\"\") returned %d blobs, want 6", len(l))
+	}
+	for _, c := range []struct {
+		prefix string
+		want   []string
+	}{
+		{"", []string{"disk/", "seg/"}},
+		{"seg/", []string{"seg/c/"}},
+		{"se", []string{"seg/"}},
+		{"nothing/", nil},
+	} {
+		dirs, err := s.ListDirs(ctx, c.prefix)
+		ok(t, err, "ListDirs(%q)", c.prefix)
+		if !slices.Equal(dirs, c.want) {
+			t.Fatalf("ListDirs(%q) = %q, want %q", c.prefix, dirs, c.want)
+		}
 	}
 }
 

@@ -275,6 +275,27 @@ func (s *Store) ListBlobs(ctx context.Context, prefix string) ([]blobstore.BlobI
 	return out, nil
 }
 
+// ListDirs implements blobstore.Store.
+func (s *Store) ListDirs(ctx context.Context, prefix string) ([]string, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.container {
+		return nil, notFound("container", "")
+	}
+	var out []string
+	for name := range s.blobs {
+		rest, ok := strings.CutPrefix(name, prefix)
+		if i := strings.IndexByte(rest, '/'); ok && i >= 0 && !slices.Contains(out, prefix+rest[:i+1]) {
+			out = append(out, prefix+rest[:i+1])
+		}
+	}
+	slices.Sort(out)
+	return out, nil
+}
+
 // Stat implements blobstore.Store.
 func (s *Store) Stat(ctx context.Context, name string) (blobstore.BlobInfo, error) {
 	if err := ctx.Err(); err != nil {
