@@ -198,7 +198,9 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); errors.Is(err, unix.EWOULDBLOCK) {
 			return fmt.Errorf("mirror file %s is in use by another agent (one mirror file takes one device's copy)", cfg.To)
 		} else if err != nil {
-			return fmt.Errorf("mirror file %s: lock: %w", cfg.To, err)
+			// A file system without locks (NFS without lockd): not
+			// another agent's, and no reason to refuse.
+			log.Warn("cannot lock the mirror file: a second agent given it would not be refused", "to", cfg.To, "err", err)
 		}
 	}
 	targetID, targetStable, err := fileIdentity(f)
@@ -776,14 +778,24 @@ func watchLoops(fi os.FileInfo, log *slog.Logger, to string) *loopWatch {
 	return w
 }
 
-// stop ends the watch and returns the loop devices seen ("": none).
+// stop ends the watch and returns the loop devices seen ("": none). A
+// look that does not answer (a loop device over a file on a hung file
+// system) counts as one seen: the next start compares, and the stop
+// does not hang.
 func (w *loopWatch) stop() string {
 	w.once.Do(func() {
 		close(w.done)
-		w.seen = <-w.end
+		select {
+		case w.seen = <-w.end:
+		case <-time.After(loopCheckTimeout):
+			w.seen = "(the look for loop devices did not answer)"
+		}
 	})
 	return w.seen
 }
+
+// loopCheckTimeout bounds the stop's look for loop devices.
+const loopCheckTimeout = 10 * time.Second
 
 // sameDevice reports whether paths a and b are the same block device.
 func sameDevice(a, b string) bool {

@@ -808,6 +808,37 @@ func TestRolledBackManifestWrittenOver(t *testing.T) {
 	}
 }
 
+// The same rollback met first by the agent's hello (a reconnect while
+// the server had nothing to write): the claim writes the current state
+// over it too, instead of taking it over and deleting the journal past it.
+func TestRolledBackManifestThenHello(t *testing.T) {
+	ctx := context.Background()
+	store := mem.New()
+	e := newEnv(t, store, 1)
+	e.segAge = 20 * time.Millisecond
+	s, a, ack := e.serveFirst() // 1..5 in the journal
+	old, err := store.GetBlob(ctx, layout.ManifestName("m1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.waitAck(a.batch(6, 5))
+	eventually(t, 10*time.Second, "6..10 in the journal", func() bool { return durableSeq(t, store, "m1") == 10 })
+	time.Sleep(200 * time.Millisecond)
+	a.conn.Close()
+	eventually(t, 10*time.Second, "the first session gone", func() bool { return s.known("m1").current() == nil })
+	if err := store.PutBlob(ctx, layout.ManifestName("m1"), old, nil); err != nil {
+		t.Fatal(err)
+	}
+	a2 := dialAgent(t, e, s, "m1")
+	a2.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ack.Disks[0].Generation, LastAckedSeq: 10})
+	a2.marker(10, wire.MarkerTime, time.Now())
+	s.Close()
+	plain, _, man := journal(t, store, e.rk, "m1")
+	if man.DurableSeq != 10 || len(man.Gaps) != 0 || !bytes.Equal(plain, a.sent) {
+		t.Fatalf("durable %d, gaps %v; the journal equals what the agent sent: %v", man.DurableSeq, man.Gaps, bytes.Equal(plain, a.sent))
+	}
+}
+
 // TestKeyBlobRestored: the wrapped data key blob, written once and never
 // again (the first blob an age-based lifecycle rule deletes), deleted or
 // replaced by something the recovery key does not open while the server

@@ -673,9 +673,11 @@ func (m *machine) ownConflict(ctx context.Context, name string, raw []byte, err 
 // its own name, and a claim above this server's. manMu is held.
 func (m *machine) ownOlder(got []byte) bool {
 	man, err := layout.UnmarshalManifest(got)
-	if err != nil {
-		return false
-	}
+	return err == nil && m.ownOlderManifest(man)
+}
+
+// ownOlderManifest is ownOlder of a manifest read.
+func (m *machine) ownOlderManifest(man *layout.Manifest) bool {
 	m.mu.Lock()
 	key, cur := m.manKey, m.man
 	claimed, durable, applied, at := m.claimed, m.savedDurable, m.savedApplied, m.savedAt
@@ -739,11 +741,13 @@ func (m *machine) checkKeyBlob(ctx context.Context) {
 	default:
 		err = m.checkWrapped(ctx, id, kname, got, etag)
 	}
+	// Checked again after keyCheckEvery either way: a blob that cannot
+	// be read (archived by a lifecycle rule) is not retried at every
+	// manifest write.
+	m.keyChecked = time.Now()
 	if err != nil {
 		m.log.Warn("could not check the data key blob of this machine in the account", logBlob, kname, logErr, err)
-		return
 	}
-	m.keyChecked = time.Now()
 }
 
 // checkWrapped writes back the wrapped key id when got, the blob kname
@@ -983,6 +987,21 @@ func (m *machine) claimOnce(ctx context.Context) error {
 	}
 	if err != nil {
 		return soft(err)
+	}
+	if !fenced && etag != m.etag && m.ownOlderManifest(&man) {
+		// An older copy of this server's own manifest put back, met by a
+		// hello before any write of the server's (see ownConflict):
+		// taken over, it would have the journal past it deleted.
+		m.log.Error("the manifest of this machine was replaced by an older copy of one this process server wrote (rolled back, from a blob version or a saved copy?): writing its current state over it",
+			logBlob, layout.ManifestName(m.name))
+		m.etag = etag
+		if err := m.putManifest(ctx); err != nil {
+			if errors.Is(err, blobstore.ErrConflict) {
+				return err
+			}
+			return soft(err)
+		}
+		return nil
 	}
 	// Another writer since this server's last write, or the agent
 	// coming from another server: a takeover.

@@ -44,7 +44,7 @@ shown as stored (lifeboat points --recovery-key checks one).`,
 			if err != nil {
 				return err
 			}
-			mans, err := recovery.Machines(cmd.Context(), store)
+			mans, err := recovery.Machines(cmd.Context(), store, cmd.ErrOrStderr())
 			if err != nil {
 				if cmd.Context().Err() != nil && errors.Is(err, context.Canceled) {
 					return fmt.Errorf("%w: %v", errInterrupted, err)

@@ -128,6 +128,16 @@ func TestPointsAndRecoverCommands(t *testing.T) {
 		len(machines) != 1 || machines[0].Machine != "web1" || len(machines[0].Disks) != 3 || machines[0].RecoverableUntil != "2025-06-01T08:00:29Z" {
 		t.Fatalf("machines --json: %v\n%s", err, out)
 	}
+	// A manifest that does not parse leaves that machine out, not the list.
+	if err := store.PutBlob(context.Background(), layout.ManifestName("bad"), []byte("{"), nil); err != nil {
+		t.Fatal(err)
+	}
+	if out, errOut, err := runCmd(t, machinesCmd(new(bool)), "--container", container); err != nil || !strings.Contains(out, "web1") || !strings.Contains(errOut, "machine bad left out") {
+		t.Fatalf("machines beside a broken manifest: %v\n%s%s", err, out, errOut)
+	}
+	if err := store.DeleteBlob(context.Background(), layout.ManifestName("bad")); err != nil {
+		t.Fatal(err)
+	}
 	if _, _, err = runCmd(t, pointsCmd(new(bool)), "--machine", "web2", "--container", container); err == nil || !strings.Contains(err.Error(), "lifeboat machines lists") {
 		t.Fatalf("points of a machine the container does not hold: %v", err)
 	}

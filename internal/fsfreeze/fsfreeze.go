@@ -168,8 +168,12 @@ func loopsOn(devs map[string]bool) {
 			if err != nil {
 				continue // not attached
 			}
+			// A block device's node is under /dev; the file of any other
+			// loop device is not looked at (one on a dead NFS mount would
+			// hang the stat).
+			path := strings.TrimSpace(string(back))
 			var st unix.Stat_t
-			if unix.Stat(strings.TrimSpace(string(back)), &st) != nil || st.Mode&unix.S_IFMT != unix.S_IFBLK {
+			if !strings.HasPrefix(path, "/dev/") || unix.Stat(path, &st) != nil || st.Mode&unix.S_IFMT != unix.S_IFBLK {
 				continue
 			}
 			if devs[fmt.Sprintf("%d:%d", unix.Major(st.Rdev), unix.Minor(st.Rdev))] {

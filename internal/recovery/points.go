@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"slices"
 	"strconv"
 	"strings"
@@ -275,9 +276,11 @@ func (st *state) usePoints(points []Point) {
 
 // Machines returns the machines the container holds a manifest of,
 // sorted by name, with their manifests as stored (unverified:
-// VerifyManifest checks one under its machine's keys). A directory without a manifest is
-// not a machine.
-func Machines(ctx context.Context, store blobstore.Store) ([]*layout.Manifest, error) {
+// VerifyManifest checks one under its machine's keys). A directory
+// without a manifest is not a machine; one whose manifest cannot be
+// read or parsed is left out with a line to warn saying why: the others
+// are what an operator needs.
+func Machines(ctx context.Context, store blobstore.Store, warn io.Writer) ([]*layout.Manifest, error) {
 	dirs, err := store.ListDirs(ctx, "")
 	if blobstore.IsNotFound(err) {
 		return nil, fmt.Errorf("%w: the container does not exist in this storage account (a mistyped --container, or another account?)", ErrNoMachine)
@@ -288,13 +291,15 @@ func Machines(ctx context.Context, store blobstore.Store) ([]*layout.Manifest, e
 	var out []*layout.Manifest
 	for _, d := range dirs {
 		m, err := ReadManifest(ctx, store, strings.TrimSuffix(d, "/"))
-		if errors.Is(err, ErrNoMachine) {
-			continue
+		switch {
+		case errors.Is(err, ErrNoMachine):
+		case ctx.Err() != nil:
+			return nil, ctx.Err()
+		case err != nil:
+			fmt.Fprintf(warn, "machine %s left out: %v\n", strings.TrimSuffix(d, "/"), err)
+		default:
+			out = append(out, m)
 		}
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, m)
 	}
 	return out, nil
 }

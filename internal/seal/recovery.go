@@ -145,7 +145,8 @@ func WriteRecoveryKey(path string, key []byte) (err error) {
 	if d, err := os.Open(filepath.Dir(path)); err == nil {
 		err = d.Sync()
 		d.Close()
-		if err != nil {
+		// Some file systems (FUSE, shared folders) sync no directory.
+		if err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOTSUP) {
 			return fmt.Errorf("seal: sync the directory of recovery key file %s: %w", path, err)
 		}
 	}
