@@ -1038,16 +1038,20 @@ int BPF_PROG(lb_split, struct bio *split, unsigned int new_sector)
 	front.len = flen;
 	struct lb_counters *c = ctrs();
 	if (track_bio(key, &front, c)) {
+		// Untracked, the front is marked by its own completion
+		// (complete_untracked), from its own iterator.
 		if (c)
 			c->pending_full++;
-		// The parent entry still covers everything.
-	} else {
-		if (front.kind == LB_PEND_RING)
-			ring_started(front.dev, front.epoch);
-		if (pp->len > flen) {
-			pp->sector += flen >> 9;
-			pp->len -= flen;
-		}
+	} else if (front.kind == LB_PEND_RING) {
+		ring_started(front.dev, front.epoch);
+	}
+	// The parent goes on where the front ends, tracked or not: the next
+	// front is taken from its start. (Left whole after an untracked
+	// front, every later front was recorded one piece early, and the
+	// completion of each marked its predecessor's range, not its own.)
+	if (pp->len > flen) {
+		pp->sector += flen >> 9;
+		pp->len -= flen;
 	}
 	__sync_lock_test_and_set(ptag, parent);
 	return 0;
