@@ -801,9 +801,15 @@ static __always_inline void track_disk_write(struct bio *bio, __u32 dev)
 	// The agent dates its coverage back while such writes happen: one
 	// whose completion goes unreported waits for the sweep.
 	c->disk_writes++;
-	if (track_bio(addr_num(bio, LB_SCRATCH_QUEUE), &p, c)) {
-		// Too many writes in flight to track: the completion still marks
-		// it if it can see it (complete_rq_bio).
+	__u64 key = addr_num(bio, LB_SCRATCH_QUEUE);
+	if (track_bio(key, &p, c)) {
+		// Too many writes in flight to track: marked now and kept where
+		// swept writes wait, as in add_pending. Its completion may not
+		// describe it (a multipath head re-points it to a path device,
+		// some drivers consume its iterator), and must mark the extent
+		// again after it landed.
+		mark_disk_write(dev, p.sector, size);
+		bpf_map_update_elem(&swept, &key, &p, BPF_ANY);
 		c->pending_full++;
 	}
 }
