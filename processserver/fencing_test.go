@@ -769,73 +769,56 @@ func TestDeletedManifestRestored(t *testing.T) {
 // TestRolledBackManifestWrittenOver: an older, authentic copy of the
 // manifest put back in the account (from a blob version, or by someone
 // with write access and no key) is written over with the server's
-// current state. Before, the server took it for another writer's and
-// fenced itself; the agent's next hello claimed the machine from it and
-// deleted the journal segments the old copy did not cover, authentic
-// ones, sealing a manifest that made the loss look like a gap.
+// current state, whether the server's next write or the agent's next
+// hello (a reconnect while the server had nothing to write) meets it
+// first. Before, the server took it for another writer's, and the claim
+// at the hello deleted the journal segments the old copy did not cover,
+// authentic ones, sealing a manifest that made the loss look like a gap.
 func TestRolledBackManifestWrittenOver(t *testing.T) {
-	ctx := context.Background()
-	store := mem.New()
-	e := newEnv(t, store, 1)
-	e.segAge = 20 * time.Millisecond
-	s, a, ack := e.serveFirst() // 1..5 in the journal
-	old, err := store.GetBlob(ctx, layout.ManifestName("m1"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	a.waitAck(a.batch(6, 5))
-	eventually(t, 10*time.Second, "6..10 in the journal", func() bool { return durableSeq(t, store, "m1") == 10 })
-	if err := store.PutBlob(ctx, layout.ManifestName("m1"), old, nil); err != nil {
-		t.Fatal(err)
-	}
-	a.waitAck(a.batch(11, 5))
-	eventually(t, 10*time.Second, "11..15 in the journal", func() bool { return durableSeq(t, store, "m1") == 15 })
-	if s.machine("m1").isFenced() {
-		t.Fatal("the server fenced itself over an older copy of its own manifest")
-	}
-	if !strings.Contains(e.logs.String(), "older copy") {
-		t.Fatalf("nothing logged of the rollback:\n%s", e.logs.String())
-	}
-	// A hello (the agent reconnecting) finds the journal whole.
-	a.conn.Close()
-	a2 := dialAgent(t, e, s, "m1")
-	a2.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ack.Disks[0].Generation, LastAckedSeq: 15})
-	a2.marker(15, wire.MarkerTime, time.Now())
-	s.Close()
-	plain, _, _ := journal(t, store, e.rk, "m1")
-	if !bytes.Equal(plain, a.sent) {
-		t.Fatal("the journal differs from what the agent sent")
-	}
-}
-
-// The same rollback met first by the agent's hello (a reconnect while
-// the server had nothing to write): the claim writes the current state
-// over it too, instead of taking it over and deleting the journal past it.
-func TestRolledBackManifestThenHello(t *testing.T) {
-	ctx := context.Background()
-	store := mem.New()
-	e := newEnv(t, store, 1)
-	e.segAge = 20 * time.Millisecond
-	s, a, ack := e.serveFirst() // 1..5 in the journal
-	old, err := store.GetBlob(ctx, layout.ManifestName("m1"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	a.waitAck(a.batch(6, 5))
-	eventually(t, 10*time.Second, "6..10 in the journal", func() bool { return durableSeq(t, store, "m1") == 10 })
-	time.Sleep(200 * time.Millisecond)
-	a.conn.Close()
-	eventually(t, 10*time.Second, "the first session gone", func() bool { return s.known("m1").current() == nil })
-	if err := store.PutBlob(ctx, layout.ManifestName("m1"), old, nil); err != nil {
-		t.Fatal(err)
-	}
-	a2 := dialAgent(t, e, s, "m1")
-	a2.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ack.Disks[0].Generation, LastAckedSeq: 10})
-	a2.marker(10, wire.MarkerTime, time.Now())
-	s.Close()
-	plain, _, man := journal(t, store, e.rk, "m1")
-	if man.DurableSeq != 10 || len(man.Gaps) != 0 || !bytes.Equal(plain, a.sent) {
-		t.Fatalf("durable %d, gaps %v; the journal equals what the agent sent: %v", man.DurableSeq, man.Gaps, bytes.Equal(plain, a.sent))
+	for _, first := range []string{"write", "hello"} {
+		t.Run(first, func(t *testing.T) {
+			ctx := context.Background()
+			store := mem.New()
+			e := newEnv(t, store, 1)
+			e.segAge = 20 * time.Millisecond
+			s, a, ack := e.serveFirst() // 1..5 in the journal
+			old, err := store.GetBlob(ctx, layout.ManifestName("m1"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			a.waitAck(a.batch(6, 5))
+			eventually(t, 10*time.Second, "6..10 in the journal", func() bool { return durableSeq(t, store, "m1") == 10 })
+			last := uint64(10)
+			if first == "hello" {
+				time.Sleep(200 * time.Millisecond)
+				a.conn.Close()
+				eventually(t, 10*time.Second, "the first session gone", func() bool { return s.known("m1").current() == nil })
+			}
+			if err := store.PutBlob(ctx, layout.ManifestName("m1"), old, nil); err != nil {
+				t.Fatal(err)
+			}
+			if first == "write" {
+				a.waitAck(a.batch(11, 5))
+				last = 15
+				eventually(t, 10*time.Second, "11..15 in the journal", func() bool { return durableSeq(t, store, "m1") == 15 })
+				if s.machine("m1").isFenced() {
+					t.Fatal("the server fenced itself over an older copy of its own manifest")
+				}
+				a.conn.Close()
+			}
+			// A hello (the agent reconnecting) finds the journal whole.
+			a2 := dialAgent(t, e, s, "m1")
+			a2.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: ack.Disks[0].Generation, LastAckedSeq: last})
+			a2.marker(last, wire.MarkerTime, time.Now())
+			s.Close()
+			if !strings.Contains(e.logs.String(), "older copy") {
+				t.Fatalf("nothing logged of the rollback:\n%s", e.logs.String())
+			}
+			plain, _, man := journal(t, store, e.rk, "m1")
+			if man.DurableSeq != last || len(man.Gaps) != 0 || !bytes.Equal(plain, a.sent) {
+				t.Fatalf("durable %d (want %d), gaps %v; the journal equals what the agent sent: %v", man.DurableSeq, last, man.Gaps, bytes.Equal(plain, a.sent))
+			}
+		})
 	}
 }
 

@@ -1,9 +1,7 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"strings"
 	"text/tabwriter"
@@ -46,10 +44,7 @@ shown as stored (lifeboat points --recovery-key checks one).`,
 			}
 			mans, err := recovery.Machines(cmd.Context(), store, cmd.ErrOrStderr())
 			if err != nil {
-				if cmd.Context().Err() != nil && errors.Is(err, context.Canceled) {
-					return fmt.Errorf("%w: %v", errInterrupted, err)
-				}
-				return err
+				return interrupted(cmd.Context(), err)
 			}
 			out := cmd.OutOrStdout()
 			if asJSON {

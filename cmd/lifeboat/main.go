@@ -122,6 +122,15 @@ func execute(ctx context.Context, root *cobra.Command) error {
 // (exit status 130).
 var errInterrupted = errors.New("interrupted")
 
+// interrupted marks err as errInterrupted when ctx was cancelled (a
+// signal) and err is that cancellation.
+func interrupted(ctx context.Context, err error) error {
+	if err != nil && ctx.Err() != nil && errors.Is(err, context.Canceled) {
+		return fmt.Errorf("%w: %v", errInterrupted, err)
+	}
+	return err
+}
+
 // exitCode tells runbooks apart what they act on differently (README,
 // Replication to Azure): 130 interrupted, 3 the point is not recoverable,
 // 4 the recovery key is not this machine's, 5 the account's data failed

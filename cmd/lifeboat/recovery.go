@@ -101,10 +101,7 @@ and says which it leaves out.`,
 				points, until, man, err = recovery.VerifiedPoints(cmd.Context(), store, machine, key, cmd.ErrOrStderr())
 			}
 			if err != nil {
-				if cmd.Context().Err() != nil && errors.Is(err, context.Canceled) {
-					return fmt.Errorf("%w: %v", errInterrupted, err)
-				}
-				return err
+				return interrupted(cmd.Context(), err)
 			}
 			out := cmd.OutOrStdout()
 			if asJSON {

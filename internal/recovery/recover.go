@@ -460,13 +460,9 @@ func (st *state) resolveTime(ctx context.Context, store blobstore.Store, keys se
 		if found && s.Last <= seq {
 			break
 		}
-		plain, err := ReadSegment(ctx, store, s.Name, keys, nil)
+		recs, err := st.records(ctx, store, keys, s, &dec)
 		if err != nil {
-			return 0, time.Time{}, st.pruned(ctx, store, err, s.First-1)
-		}
-		recs, err := dec.Decode(plain)
-		if err != nil {
-			return 0, time.Time{}, fmt.Errorf("journal segment %s: %w", s.Name, err)
+			return 0, time.Time{}, err
 		}
 		if err := checkMarkerTimes(s, recs); err != nil {
 			return 0, time.Time{}, err
@@ -572,13 +568,9 @@ func (st *state) checkMarkerSeq(ctx context.Context, store blobstore.Store, keys
 		if (i != prev && (s.Last < seq || s.First > seq+1)) || s.FirstTime.IsZero() {
 			continue
 		}
-		plain, err := ReadSegment(ctx, store, s.Name, keys, nil)
+		recs, err := st.records(ctx, store, keys, s, &dec)
 		if err != nil {
-			return st.pruned(ctx, store, err, s.First-1)
-		}
-		recs, err := dec.Decode(plain)
-		if err != nil {
-			return fmt.Errorf("journal segment %s: %w", s.Name, err)
+			return err
 		}
 		for i := range recs {
 			if r := &recs[i]; r.Dates() {
@@ -599,6 +591,20 @@ func (st *state) checkMarkerSeq(ctx context.Context, store blobstore.Store, keys
 		ErrOutOfRange, seq, st.manifest.Machine, near)
 }
 
+// records reads and decodes segment s (with dec, whose records it
+// returns); one retention deleted meanwhile is said so (pruned).
+func (st *state) records(ctx context.Context, store blobstore.Store, keys seal.Keyring, s Segment, dec *Decoder) ([]wire.Record, error) {
+	plain, err := ReadSegment(ctx, store, s.Name, keys, nil)
+	if err != nil {
+		return nil, st.pruned(ctx, store, err, s.First-1)
+	}
+	recs, err := dec.Decode(plain)
+	if err != nil {
+		return nil, fmt.Errorf("journal segment %s: %w", s.Name, err)
+	}
+	return recs, nil
+}
+
 // checkUndated opens the segments past seq whose metadata says they hold
 // no marker, and refuses one that does (checkMarkerTimes).
 func (st *state) checkUndated(ctx context.Context, store blobstore.Store, keys seal.Keyring, seq uint64) error {
@@ -607,13 +613,9 @@ func (st *state) checkUndated(ctx context.Context, store blobstore.Store, keys s
 		if s.Last <= seq || !s.FirstTime.IsZero() {
 			continue
 		}
-		plain, err := ReadSegment(ctx, store, s.Name, keys, nil)
+		recs, err := st.records(ctx, store, keys, s, &dec)
 		if err != nil {
-			return st.pruned(ctx, store, err, s.First-1)
-		}
-		recs, err := dec.Decode(plain)
-		if err != nil {
-			return fmt.Errorf("journal segment %s: %w", s.Name, err)
+			return err
 		}
 		if err := checkMarkerTimes(s, recs); err != nil {
 			return err
