@@ -810,7 +810,8 @@ func (r *rig) recover(machine, disk, point string) (string, recovery.Result) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	start := time.Now()
-	res, err := recovery.RecoverFile(ctx, r.store, recovery.Request{Machine: machine, Disk: disk, Point: point, RecoveryKey: r.rk}, path)
+	// As the CLI asks: a sequence must be a consistency marker's.
+	res, err := recovery.RecoverFile(ctx, r.store, recovery.Request{Machine: machine, Disk: disk, Point: point, RecoveryKey: r.rk, MarkersOnly: true}, path)
 	if err != nil {
 		r.t.Fatalf("recover %s/%s at %s: %v", machine, disk, point, err)
 	}
