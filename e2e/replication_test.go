@@ -333,6 +333,13 @@ func TestAzuriteOutage(t *testing.T) {
 	}
 	down := time.Now()
 	t.Logf("azurite down")
+	// The account is gone indeed: the test's own view of it fails too.
+	sctx, scancel := context.WithTimeout(context.Background(), 5*time.Second)
+	_, err := r.store.Stat(sctx, layout.ManifestName("m1"))
+	scancel()
+	if err == nil {
+		t.Fatal("the account still answers after Azurite was stopped")
+	}
 	time.Sleep(time.Until(down.Add(30 * time.Second)))
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
