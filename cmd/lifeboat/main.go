@@ -33,11 +33,12 @@ func main() {
 	go func() {
 		// The first signal asks for a clean stop; a second one ends the
 		// process at once, by that signal, but not before the file
-		// systems an app-consistent point froze are thawed: nobody
-		// would thaw them after.
+		// systems an app-consistent point froze are thawed and its
+		// scripts' processes killed: nobody would undo them after.
 		<-sigs
 		sig := <-sigs
 		fsfreeze.ThawAll(fsfreeze.DefaultTimeout)
+		fsfreeze.KillScripts()
 		signal.Reset()
 		syscall.Kill(os.Getpid(), sig.(syscall.Signal))
 		// Still here: the signal was ignored when the process started

@@ -387,6 +387,7 @@ func (w Window) RunPre(ctx context.Context) error {
 // RunPost runs the post script, if any (Run's step 5), even once ctx is
 // done: it may have to undo what the pre script did.
 func (w Window) RunPost(ctx context.Context) error {
+	scripts.post()
 	if w.Post == "" {
 		return nil
 	}
@@ -752,9 +753,68 @@ func (w Window) runScript(ctx context.Context, what, path string) error {
 		cmd.Stdout, cmd.Stderr = f, f
 		where = " (its output: " + w.ScriptLog + ")"
 	}
-	err := cmd.Run()
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("fsfreeze: %s script %s: %w%s", what, path, err, where)
+	}
+	// Its group (a lock holder the pre script leaves running) is killed
+	// if the process ends at once (KillScripts): the post script that
+	// would release it never runs then. A pre script's stays known until
+	// the next post script starts.
+	scripts.add(cmd.Process.Pid, what == "pre-freeze")
+	err := cmd.Wait()
+	if what != "pre-freeze" {
+		scripts.done(cmd.Process.Pid)
+	}
 	if err != nil {
 		return fmt.Errorf("fsfreeze: %s script %s: %w%s", what, path, err, where)
 	}
 	return nil
+}
+
+// scripts are the process groups of the scripts running, and of the pre
+// scripts whose post script has not started: what KillScripts kills.
+var scripts scriptGroups
+
+type scriptGroups struct {
+	mu     sync.Mutex
+	groups map[int]bool // pgid: a pre script's
+}
+
+func (g *scriptGroups) add(pgid int, pre bool) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.groups == nil {
+		g.groups = map[int]bool{}
+	}
+	g.groups[pgid] = pre
+}
+
+func (g *scriptGroups) done(pgid int) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	delete(g.groups, pgid)
+}
+
+// post forgets the pre scripts' groups: their post script runs now.
+func (g *scriptGroups) post() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for pgid, pre := range g.groups {
+		if pre {
+			delete(g.groups, pgid)
+		}
+	}
+}
+
+// KillScripts kills the process groups of the scripts running and of
+// the pre scripts whose post script has not run (a child a pre script
+// left holding a lock): for a process that ends at once, after ThawAll,
+// so that nothing it started stays quiesced without it.
+func KillScripts() {
+	scripts.mu.Lock()
+	defer scripts.mu.Unlock()
+	for pgid := range scripts.groups {
+		syscall.Kill(-pgid, syscall.SIGKILL)
+		delete(scripts.groups, pgid)
+	}
 }

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -691,5 +692,69 @@ func TestMountsOfLoopOnDevice(t *testing.T) {
 	got, err := MountsOf(d.Path)
 	if err != nil || !slices.Contains(got, dir) {
 		t.Fatalf("MountsOf(%s) = %q, %v: want %s, mounted from %s, a loop device on it", d.Path, got, err, dir, up.Path)
+	}
+}
+
+// A child a pre script leaves running (a lock holder, released by the
+// post script) is killed by KillScripts, as a second SIGINT or SIGTERM
+// calls it: the post script never runs then. Once the post script has
+// started, the pre script's group is no longer the agent's to kill.
+func TestKillScriptsKillsWhatPreLeft(t *testing.T) {
+	dir := t.TempDir()
+	holder := func(name string) (string, string) {
+		pidFile := filepath.Join(dir, name+".pid")
+		pre := filepath.Join(dir, name)
+		body := "#!/bin/sh\nsleep 300 &\necho $! > " + pidFile + "\nexit 0\n"
+		if err := os.WriteFile(pre, []byte(body), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		return pre, pidFile
+	}
+	alive := func(pidFile string) (int, bool) {
+		b, err := os.ReadFile(pidFile)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		st, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		// Killed, it is gone or a zombie until init reaps it.
+		return pid, err == nil && !strings.Contains(string(st), ") Z ")
+	}
+	pre, pidFile := holder("pre")
+	if err := (Window{Pre: pre}).RunPre(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	pid, ok := alive(pidFile)
+	if !ok {
+		t.Fatal("the pre script's child is not running")
+	}
+	t.Cleanup(func() { syscall.Kill(pid, syscall.SIGKILL) })
+	KillScripts()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if _, ok := alive(pidFile); !ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the pre script's child %d still runs after KillScripts", pid)
+		}
+	}
+
+	pre2, pidFile2 := holder("pre2")
+	w := Window{Pre: pre2}
+	if err := w.RunPre(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.RunPost(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	pid2, _ := alive(pidFile2)
+	t.Cleanup(func() { syscall.Kill(pid2, syscall.SIGKILL) })
+	KillScripts()
+	time.Sleep(100 * time.Millisecond)
+	if _, ok := alive(pidFile2); !ok {
+		t.Fatal("KillScripts killed a pre script's child after its post script ran")
 	}
 }
