@@ -378,7 +378,9 @@ func TestMarkerNotTakenOverHeldRecord(t *testing.T) {
 func waitMirrorAt(t *testing.T, mirror *os.File, off int64, want []byte, what string) {
 	t.Helper()
 	got := make([]byte, len(want))
-	for deadline := time.Now().Add(10 * time.Second); ; {
+	// Past the sweep of a ring-captured write whose completion the
+	// kernel did not report (10 s), which a drain may wait for.
+	for deadline := time.Now().Add(30 * time.Second); ; {
 		if _, err := mirror.ReadAt(got, off); err == nil && bytes.Equal(got, want) {
 			return
 		}
