@@ -990,11 +990,9 @@ func (m *machine) claimOnce(ctx context.Context) error {
 	}
 	if !fenced && etag != m.etag && m.ownOlderManifest(&man) {
 		// An older copy of this server's own manifest put back, met by a
-		// hello before any write of the server's (see ownConflict):
-		// taken over, it would have the journal past it deleted.
-		m.log.Error("the manifest of this machine was replaced by an older copy of one this process server wrote (rolled back, from a blob version or a saved copy?): writing its current state over it",
-			logBlob, layout.ManifestName(m.name))
-		m.etag = etag
+		// hello before any write of the server's: taken over, it would
+		// have the journal past it deleted. The write meets it as a
+		// conflict, which ownConflict settles by writing over it.
 		if err := m.putManifest(ctx); err != nil {
 			if errors.Is(err, blobstore.ErrConflict) {
 				return err

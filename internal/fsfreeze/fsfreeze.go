@@ -65,13 +65,16 @@ func MountsOf(devPath string) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	var out []string
+	return points(ms), nil
+}
+
+// points are the mount points of ms.
+func points(ms []mount) []string {
+	out := make([]string, 0, len(ms))
 	for _, m := range ms {
-		if !slices.Contains(out, m.point) {
-			out = append(out, m.point)
-		}
+		out = append(out, m.point)
 	}
-	return out, nil
+	return out
 }
 
 // mount is a mount point and the device number (st_dev) of the file
@@ -184,42 +187,30 @@ func loopsOn(devs map[string]bool) {
 	}
 }
 
-// parseMountinfo returns the mounts whose "major:minor" field is in devs.
-// Line format (proc(5)): id parent maj:min root mountpoint options ...
-// One that a later mount covers (mounted again at the same point) is an
-// error: freezing through the path would freeze the file system on top.
-// (Covers this misses, mountsOf finds by the mount point's st_dev.)
+// parseMountinfo returns the mounts whose "major:minor" field is in devs,
+// each mount point once. Line format (proc(5)): id parent maj:min root
+// mountpoint options ... Whether a mount point still leads to its file
+// system (another mounted over it) mountsOf checks by its st_dev.
 func parseMountinfo(r io.Reader, devs map[string]bool) ([]mount, error) {
 	var mounts []mount
-	covered := map[string]bool{} // ours, until a later mount takes the point
 	sc := bufio.NewScanner(r)
 	sc.Buffer(nil, 1<<20) // overlay mounts' option lists can be long
 	for sc.Scan() {
 		fields := strings.Fields(sc.Text())
-		if len(fields) < 5 {
+		if len(fields) < 5 || !devs[fields[2]] {
 			continue
 		}
 		point := unescapeOctal(fields[4])
-		if devs[fields[2]] {
-			var maj, mnr uint32
-			if _, err := fmt.Sscanf(fields[2], "%d:%d", &maj, &mnr); err != nil {
-				return nil, fmt.Errorf("mount %s: device %q: %w", point, fields[2], err)
-			}
-			if !slices.ContainsFunc(mounts, func(m mount) bool { return m.point == point }) {
-				mounts = append(mounts, mount{point: point, dev: unix.Mkdev(maj, mnr)})
-			}
-			covered[point] = false
-		} else if _, ours := covered[point]; ours {
-			covered[point] = true
+		var maj, mnr uint32
+		if _, err := fmt.Sscanf(fields[2], "%d:%d", &maj, &mnr); err != nil {
+			return nil, fmt.Errorf("mount %s: device %q: %w", point, fields[2], err)
+		}
+		if !slices.ContainsFunc(mounts, func(m mount) bool { return m.point == point }) {
+			mounts = append(mounts, mount{point: point, dev: unix.Mkdev(maj, mnr)})
 		}
 	}
 	if err := sc.Err(); err != nil {
 		return nil, err
-	}
-	for _, m := range mounts {
-		if covered[m.point] {
-			return nil, errCovered(m.point)
-		}
 	}
 	return mounts, nil
 }
@@ -719,16 +710,12 @@ func rootOnly(p, file string) error {
 // runScript runs a script with the mount points as arguments, its output
 // to w.ScriptLog.
 func (w Window) runScript(ctx context.Context, what, path string) error {
-	args := slices.Clone(w.Mounts)
+	args := w.Mounts
 	if len(w.Devices) > 0 {
 		// The file systems mounted from the devices now (the freeze
 		// looks again); one that cannot be listed fails the freeze.
 		ms, _ := mountsOf(w.Devices...)
-		for _, m := range ms {
-			if !slices.Contains(args, m.point) {
-				args = append(args, m.point)
-			}
-		}
+		args = append(slices.Clone(w.Mounts), points(ms)...)
 	}
 	cmd := exec.CommandContext(ctx, path, args...)
 	// A script out of time is killed with everything it started.

@@ -473,19 +473,8 @@ func (l *loseSnapshotReply) Do(req *policy.Request) (*http.Response, error) {
 func TestSnapshotLostReplyNotRetriedInside(t *testing.T) {
 	srv := azurite.ForTest(t)
 	lose := &loseSnapshotReply{}
-	s, err := azure.New(azure.Config{ConnectionString: srv.ConnectionString(), Container: fmt.Sprintf("lbsnap-%d", time.Now().UnixNano()%1e9),
-		ClientOptions: &azblob.ClientOptions{ClientOptions: azcore.ClientOptions{
-			Retry:            policy.RetryOptions{MaxRetries: 2, RetryDelay: 10 * time.Millisecond, TryTimeout: time.Minute},
-			PerRetryPolicies: []policy.Policy{lose},
-		}}})
-	if err != nil {
-		t.Fatal(err)
-	}
+	s := storeThroughWith(t, srv, lose, azure.ChecksumAuto, policy.RetryOptions{MaxRetries: 2, RetryDelay: 10 * time.Millisecond, TryTimeout: time.Minute})
 	ctx := context.Background()
-	t.Cleanup(func() { _ = s.DeleteContainer(ctx) })
-	if err := s.EnsureContainer(ctx); err != nil {
-		t.Fatal(err)
-	}
 	if err := s.CreatePageBlob(ctx, "d", 1<<20, nil); err != nil {
 		t.Fatal(err)
 	}
