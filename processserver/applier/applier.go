@@ -443,6 +443,12 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 			continue
 		}
 		if err != nil {
+			if ctx.Err() == nil {
+				// Retention still runs: a point that cannot be cut
+				// (the service's cap on snapshots per blob) may need
+				// the room its aged points take.
+				a.pruneLogged(ctx, m)
+			}
 			return m.applied(), err
 		}
 		m.cursor = s.Name
@@ -457,11 +463,16 @@ func (a *Applier) applyLocked(ctx context.Context, m *machine, durable uint64) (
 		return m.applied(), fmt.Errorf("journal of machine %q is incomplete: the segments chained from the replicas end at sequence %d, before durable_seq %d (a deleted segment or tombstone?): %w",
 			m.name, m.chain, man.DurableSeq, recovery.ErrTampered)
 	}
+	a.pruneLogged(ctx, m)
+	return m.applied(), nil
+}
+
+// pruneLogged runs retention for m; pruning late is harmless, so a
+// failure is logged and applying goes on.
+func (a *Applier) pruneLogged(ctx context.Context, m *machine) {
 	if err := a.prune(ctx, m); err != nil {
-		// Pruning late is harmless; keep applying.
 		a.log.Warn("retention failed", logKeyMachine, m.name, logKeyErr, err)
 	}
-	return m.applied(), nil
 }
 
 // fenceOf returns the fence to write machine's replicas under (see

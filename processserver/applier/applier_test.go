@@ -56,6 +56,8 @@ func runScenarios(t *testing.T, newStore func(t *testing.T) blobstore.Store) {
 	t.Run("Retention", func(t *testing.T) { testRetention(t, newStore(t)) })
 	t.Run("RetentionAgentClock", func(t *testing.T) { testRetentionAgentClock(t, newStore(t)) })
 	t.Run("RetentionClockAhead", func(t *testing.T) { testRetentionClockAhead(t, newStore(t)) })
+	t.Run("RetentionServerClock", func(t *testing.T) { testRetentionServerClock(t, newStore) })
+	t.Run("RetentionAtSnapshotCap", func(t *testing.T) { testRetentionAtSnapshotCap(t, newStore(t)) })
 	t.Run("RetentionDiskWithoutPoints", func(t *testing.T) { testRetentionDiskWithoutPoints(t, newStore(t)) })
 	t.Run("RecoverPrunedJournal", func(t *testing.T) { testRecoverPrunedJournal(t, newStore(t)) })
 	t.Run("NewGeneration", func(t *testing.T) { testNewGeneration(t, newStore(t)) })
@@ -450,6 +452,7 @@ func testRetention(t *testing.T, store blobstore.Store) {
 	m := recoverytest.New(t, store, "m3", 1<<20, 1<<20)
 	start := time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)
 	var now time.Time
+	m.Store = serviceAt(m.Store, &now)
 	a := newApplier(t, m, applier.Config{Retention: 24 * time.Hour, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
 	c := &clock{}
 	// App points cut at -30 h, -26 h, -2 h, -1 h, one segment each.
@@ -508,9 +511,15 @@ func testRetention(t *testing.T, store blobstore.Store) {
 		t.Fatalf("journal_from %d after pruning up to the point at %d", man.JournalFrom, apps[1].Seq)
 	}
 
-	// Much later, every point is past retention: the newest stays.
+	// Much later, every point but a new one is past retention: the one
+	// before it stays, the base of the window. (While no point is cut,
+	// the storage service's time of the newest bounds the ages.)
 	now = now.Add(72 * time.Hour)
-	a2 := newApplier(t, m, applier.Config{Retention: 24 * time.Hour, Now: func() time.Time { return now }})
+	c.t = now
+	workload(m, rng, c, 25)
+	newest := m.Marker(wire.MarkerAppConsistent, c.next())
+	m.Cut()
+	a2 := newApplier(t, m, applier.Config{Retention: 24 * time.Hour, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
 	if _, err := a2.Apply(ctx, m.Name); err != nil {
 		t.Fatal(err)
 	}
@@ -518,8 +527,8 @@ func testRetention(t *testing.T, store blobstore.Store) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(points) != 1 || points[0].Seq != apps[3].Seq {
-		t.Fatalf("points %+v, want only the newest (seq %d)", points, apps[3].Seq)
+	if len(points) != 2 || points[0].Seq != apps[3].Seq || points[1].Seq != newest.Seq {
+		t.Fatalf("points %+v, want the base (seq %d) and the newest (seq %d)", points, apps[3].Seq, newest.Seq)
 	}
 	recoverAndCheck(t, m, 0, "latest", m.Latest())
 	recoverAndCheck(t, m, 1, fmt.Sprint(apps[3].Seq), apps[3].Seq)

@@ -109,6 +109,7 @@ func TestRetentionListsPastLastPrune(t *testing.T) {
 	m := recoverytest.New(t, store, "mr", 1<<20)
 	start := time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)
 	var now time.Time
+	m.Store = serviceAt(m.Store, &now)
 	a := newApplier(t, m, applier.Config{Retention: 2 * time.Hour, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
 	c := &clock{}
 	ctx := ctxT(t)

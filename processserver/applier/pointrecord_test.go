@@ -176,6 +176,7 @@ func TestRetentionKeepsRecordedDuplicate(t *testing.T) {
 	m := recoverytest.New(t, &dupStore{Store: mem.New()}, "dup", 1<<20)
 	start := time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)
 	var now time.Time
+	m.Store = serviceAt(m.Store, &now)
 	a := newApplier(t, m, applier.Config{Retention: 24 * time.Hour, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
 	apps := agedPoints(t, m, a, &now, start, 0, 30, 26, 2, 1)
 	if _, err := a.Apply(ctxT(t), m.Name); err != nil {
@@ -194,6 +195,7 @@ func TestRetentionKeepsRecordedDuplicate(t *testing.T) {
 // with retention off; now is left at the start.
 func fourAgedPoints(t *testing.T, name string, now *time.Time) (*recoverytest.Machine, time.Time, []wire.Marker) {
 	m := recoverytest.New(t, mem.New(), name, 1<<20)
+	m.Store = serviceAt(m.Store, now)
 	start := time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)
 	a := newApplier(t, m, applier.Config{Retention: -1, PointInterval: 1000 * time.Hour, Now: func() time.Time { return *now }})
 	return m, start, agedPoints(t, m, a, now, start, 0, 30, 26, 2, 1)

@@ -1,9 +1,11 @@
 package applier
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"math"
+	"slices"
 	"strconv"
 	"time"
 
@@ -15,7 +17,8 @@ import (
 // clockLead is how far past the storage service's time of the newest
 // point retention's clock may run: further, it is taken for a clock
 // stepped ahead. (A machine whose points stopped, its agent away, keeps
-// its older points longer meanwhile.)
+// its older points longer meanwhile.) A point's cut time is held within
+// it of the service's time of its snapshot, either way.
 const clockLead = time.Hour
 
 // pruneEvery bounds how often retention lists snapshots when no new point
@@ -32,8 +35,10 @@ const pruneEvery = time.Minute
 // (recover uses no other); then the records of the points deleted go.
 //
 // Ages are by the applier's clock (layout.MetaCut, or the storage's
-// snapshot time for points cut before it was recorded), never by the
-// agent-dated marker time, which may be off by any amount.
+// snapshot time for points cut before it was recorded), held within
+// clockLead of the storage service's time of each snapshot, and never
+// older than an earlier point's; never by the agent-dated marker time,
+// which may be off by any amount.
 func (a *Applier) prune(ctx context.Context, m *machine) error {
 	if a.cfg.Retention < 0 {
 		return nil
@@ -98,8 +103,14 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 			if err != nil {
 				t = s.Time
 			}
-			if lead := s.Time.Add(clockLead); !s.Time.IsZero() && t.After(lead) {
-				t = lead // cut while this server's clock ran ahead
+			if !s.Time.IsZero() {
+				// Cut while this server's clock ran ahead, or behind
+				// (booted before its time was synchronised): the
+				// service's clock bounds it both ways.
+				t = later(t, s.Time.Add(-clockLead))
+				if lead := s.Time.Add(clockLead); t.After(lead) {
+					t = lead
+				}
 			}
 			// A point a gap recorded later covers is one recovery
 			// refuses, as is one no sealed record names (a snapshot
@@ -108,8 +119,20 @@ func (a *Applier) prune(ctx context.Context, m *machine) error {
 			_, gap := layout.DiskGapAt(m.gaps, d.name, seq)
 			usable := !gap && named[namedSnapshot{seq, d.name, s.ID}]
 			dp.valid = append(dp.valid, snap{s.ID, seq, t, usable})
-			if usable && (dp.newest < 0 || seq >= dp.valid[dp.newest].seq) {
-				dp.newest = len(dp.valid) - 1
+		}
+		// A point's age never exceeds an earlier point's: cut times
+		// going back in sequence (this server's clock stepped back, or a
+		// successor's runs behind) would make a later point the base
+		// while an earlier one stays in the window with the journal after
+		// it deleted.
+		slices.SortStableFunc(dp.valid, func(x, y snap) int { return cmp.Compare(x.seq, y.seq) })
+		for j := 1; j < len(dp.valid); j++ {
+			dp.valid[j].t = later(dp.valid[j].t, dp.valid[j-1].t)
+		}
+		dp.newest = -1
+		for j, s := range dp.valid {
+			if s.usable {
+				dp.newest = j
 			}
 		}
 		// The newest point older than the cutoff stays: it is the base
@@ -298,4 +321,12 @@ func leftOutAt(gaps []layout.Gap, disk string, seq int64) (until uint64, left bo
 		}
 	}
 	return until, left
+}
+
+// later returns the later of two times.
+func later(a, b time.Time) time.Time {
+	if a.Before(b) {
+		return b
+	}
+	return a
 }

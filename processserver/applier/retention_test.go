@@ -73,6 +73,7 @@ func testRetentionAgentClock(t *testing.T, store blobstore.Store) {
 	m := recoverytest.New(t, store, "skew", 1<<20)
 	start := time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)
 	var now time.Time
+	m.Store = serviceAt(m.Store, &now)
 	a := newApplier(t, m, applier.Config{Retention: 24 * time.Hour, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
 	agedPoints(t, m, a, &now, start, -48*time.Hour, 3, 2, 1)
 	if _, err := a.Apply(ctxT(t), m.Name); err != nil {
@@ -113,6 +114,7 @@ func testRetentionDiskWithoutPoints(t *testing.T, store blobstore.Store) {
 	m := recoverytest.New(t, store, "nopts", 1<<20, 1<<20)
 	start := time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)
 	var now time.Time
+	m.Store = serviceAt(m.Store, &now)
 	a := newApplier(t, m, applier.Config{Retention: -1, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
 	apps := agedPoints(t, m, a, &now, start, 0, 30, 26, 2, 1)
 	snaps, err := store.ListSnapshots(ctx, layout.DiskName(m.Name, "d0"))
@@ -147,6 +149,7 @@ func testRecoverPrunedJournal(t *testing.T, store blobstore.Store) {
 	m := recoverytest.New(t, store, "pruned", 1<<20, 1<<20)
 	start := time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)
 	var now time.Time
+	m.Store = serviceAt(m.Store, &now)
 	a := newApplier(t, m, applier.Config{Retention: 24 * time.Hour, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
 	apps := agedPoints(t, m, a, &now, start, 0, 30, 26, 2, 1)
 	if _, err := a.Apply(ctx, m.Name); err != nil {
@@ -197,6 +200,7 @@ func TestRetentionBaseSkipsPointInGap(t *testing.T) {
 	m := recoverytest.New(t, mem.New(), "gapbase", 1<<20)
 	start := time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)
 	var now time.Time
+	m.Store = serviceAt(m.Store, &now)
 	a := newApplier(t, m, applier.Config{Retention: -1, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
 	apps := agedPoints(t, m, a, &now, start, 0, 30, 26, 2, 1)
 	m.Gaps = []layout.Gap{{From: apps[1].Seq, LostTo: apps[1].Seq + 1, Mended: apps[1].Seq + 2}}
@@ -282,6 +286,7 @@ func TestRetentionDeleteAlreadyDone(t *testing.T) {
 	m := recoverytest.New(t, mem.New(), "gone", 1<<20)
 	start := time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)
 	var now time.Time
+	m.Store = serviceAt(m.Store, &now)
 	a := newApplier(t, m, applier.Config{Retention: -1, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
 	agedPoints(t, m, a, &now, start, 0, 30, 26, 2, 1)
 	m.Store = deleteThenNotFound{m.Store}
@@ -303,6 +308,7 @@ func TestRecoverRefusedWithoutRoom(t *testing.T) {
 	m := recoverytest.New(t, mem.New(), "room", 1<<20)
 	start := time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)
 	var now time.Time
+	m.Store = serviceAt(m.Store, &now)
 	a := newApplier(t, m, applier.Config{Retention: -1, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
 	agedPoints(t, m, a, &now, start, 0, 1)
 	var asked int64
@@ -339,6 +345,7 @@ func releasesLeftOutDisk(t *testing.T, back bool) {
 	m := recoverytest.New(t, mem.New(), "leftout", 1<<20, 512<<10)
 	start := time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)
 	now := start.Add(-48 * time.Hour)
+	m.Store = serviceAt(m.Store, &now)
 	a := newApplier(t, m, applier.Config{Retention: 24 * time.Hour, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
 	c := &clock{t: now}
 	point := func(at time.Time) wire.Marker {
@@ -421,4 +428,137 @@ func TestRetentionMachineWithoutDisks(t *testing.T) {
 	if after.JournalFrom != before.JournalFrom || after.DurableSeq != before.DurableSeq {
 		t.Fatalf("manifest went from journal_from %d durable %d to %d %d", before.JournalFrom, before.DurableSeq, after.JournalFrom, after.DurableSeq)
 	}
+}
+
+// serviceAt dates store's snapshots by the time *now, the storage
+// service's clock in a test whose clocks are simulated.
+func serviceAt(store blobstore.Store, now *time.Time) *serviceClock {
+	return &serviceClock{Store: store, now: now, at: map[string]time.Time{}}
+}
+
+// serviceClock dates snapshots by the time *now (see serviceAt).
+type serviceClock struct {
+	blobstore.Store
+	now *time.Time
+	at  map[string]time.Time // snapshot ID → service time
+}
+
+func (s *serviceClock) Snapshot(ctx context.Context, name string, md blobstore.Metadata) (blobstore.SnapshotInfo, error) {
+	info, err := s.Store.Snapshot(ctx, name, md)
+	if err == nil {
+		info.Time = *s.now
+		s.at[info.ID] = info.Time
+	}
+	return info, err
+}
+
+func (s *serviceClock) ListSnapshots(ctx context.Context, name string) ([]blobstore.SnapshotInfo, error) {
+	snaps, err := s.Store.ListSnapshots(ctx, name)
+	for i := range snaps {
+		snaps[i].Time = s.at[snaps[i].ID]
+	}
+	return snaps, err
+}
+
+// testRetentionServerClock: the process server's clock runs behind the
+// storage service's while it cuts some points (it stepped back, or it
+// booted before its time was synchronised), then is right again. Every
+// point cut within the retention window by the service's clock stays
+// recoverable, and so does every sequence after it: the journal after a
+// point kept is never deleted.
+func testRetentionServerClock(t *testing.T, newStore func(t *testing.T) blobstore.Store) {
+	type cut struct{ age, behind time.Duration } // hours before the end; the server's clock behind the service's
+	for _, tc := range []struct {
+		name string
+		cuts []cut
+	}{
+		// A later point looks older than the one before: without ages
+		// kept in sequence order it became the base, the earlier one
+		// stayed, and the journal between them went.
+		{"SteppedBack", []cut{{30 * time.Hour, 0}, {23*time.Hour + 30*time.Minute, 0}, {23*time.Hour + 10*time.Minute, 55 * time.Minute}, {time.Hour, 0}}},
+		{"BehindThenRight", []cut{{30 * time.Hour, 0}, {10 * time.Hour, 0}, {5 * time.Hour, 48 * time.Hour}, {time.Hour, 48 * time.Hour}}},
+		// Every point looked two days old: the service's clock bounds
+		// the ages from below too.
+		{"BehindFromTheStart", []cut{{5 * time.Hour, 48 * time.Hour}, {3 * time.Hour, 48 * time.Hour}, {time.Hour, 48 * time.Hour}}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			end := time.Now().UTC()
+			var service, now time.Time
+			m := recoverytest.New(t, newStore(t), "clock", 1<<20)
+			m.Store = serviceAt(m.Store, &service)
+			a := newApplier(t, m, applier.Config{Retention: 24 * time.Hour, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
+			rng := rand.New(rand.NewPCG(5, 6))
+			c := &clock{}
+			var kept []uint64 // the points inside the window, by the service's clock
+			for _, p := range tc.cuts {
+				service = end.Add(-p.age)
+				now, c.t = service.Add(-p.behind), service
+				workload(m, rng, c, 25)
+				app := m.Marker(wire.MarkerAppConsistent, c.next())
+				workload(m, rng, c, 5)
+				m.Cut()
+				if _, err := a.Apply(ctxT(t), m.Name); err != nil {
+					t.Fatal(err)
+				}
+				if p.age < 24*time.Hour {
+					kept = append(kept, app.Seq)
+				}
+			}
+			service, now = end, end
+			if _, err := a.Apply(ctxT(t), m.Name); err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("points left: %v; inside the window: %v", pointSeqs(t, m, "d0"), kept)
+			for _, seq := range kept {
+				recoverAndCheck(t, m, 0, fmt.Sprint(seq), seq)
+				recoverAndCheck(t, m, 0, fmt.Sprint(seq+3), seq+3)
+			}
+		})
+	}
+}
+
+// cappedSnapshots refuses a snapshot of a blob that has max already, as
+// a premium page blob account does at 100.
+type cappedSnapshots struct {
+	blobstore.Store
+	max int
+}
+
+func (s cappedSnapshots) Snapshot(ctx context.Context, name string, md blobstore.Metadata) (blobstore.SnapshotInfo, error) {
+	snaps, err := s.Store.ListSnapshots(ctx, name)
+	if err != nil {
+		return blobstore.SnapshotInfo{}, err
+	}
+	if len(snaps) >= s.max {
+		return blobstore.SnapshotInfo{}, fmt.Errorf("SnapshotCountExceeded: %s has %d snapshots", name, len(snaps))
+	}
+	return s.Store.Snapshot(ctx, name, md)
+}
+
+// testRetentionAtSnapshotCap: a blob at the service's cap on snapshots
+// fails every cut; retention still runs (a pass that fails at the cut
+// used to end before it), deletes the points that aged out, and the cut
+// then succeeds.
+func testRetentionAtSnapshotCap(t *testing.T, store blobstore.Store) {
+	m := recoverytest.New(t, store, "capped", 1<<20)
+	start := time.Date(2025, 3, 3, 12, 0, 0, 0, time.UTC)
+	var now time.Time
+	m.Store = serviceAt(m.Store, &now)
+	a := newApplier(t, m, applier.Config{Retention: -1, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
+	agedPoints(t, m, a, &now, start, 0, 30, 26, 2) // the 30 h old point is past the base
+	m.Store = cappedSnapshots{m.Store, 3}
+	a = newApplier(t, m, applier.Config{Retention: 24 * time.Hour, PointInterval: 1000 * time.Hour, Now: func() time.Time { return now }})
+	c := &clock{t: start}
+	workload(m, rand.New(rand.NewPCG(9, 10)), c, 10)
+	app := m.Marker(wire.MarkerAppConsistent, c.next())
+	m.Cut()
+	var err error
+	for i := 0; i < 3 && !slices.Contains(pointSeqs(t, m, "d0"), app.Seq); i++ {
+		now = start.Add(time.Duration(i) * 2 * time.Minute) // past pruneEvery
+		_, err = a.Apply(ctxT(t), m.Name)
+	}
+	if seqs := pointSeqs(t, m, "d0"); !slices.Contains(seqs, app.Seq) {
+		t.Fatalf("points %v: the new point at %d never cut (last error: %v)", seqs, app.Seq, err)
+	}
+	recoverAndCheck(t, m, 0, fmt.Sprint(app.Seq), app.Seq)
 }
