@@ -23,6 +23,7 @@ import (
 	"github.com/lifeboat-dr/lifeboat/agent/capture"
 	"github.com/lifeboat-dr/lifeboat/internal/blockdev"
 	"github.com/lifeboat-dr/lifeboat/internal/fsfreeze"
+	"github.com/lifeboat-dr/lifeboat/internal/progress"
 	"github.com/lifeboat-dr/lifeboat/internal/sdnotify"
 	"golang.org/x/sys/unix"
 )
@@ -309,6 +310,13 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 		// /dev/null: capture without keeping a copy (benchmarks).
 		sync = SyncFull
 	}
+	if fi.Mode().IsRegular() && sync == SyncFull {
+		// A full copy writes every block, zeros included: refused now
+		// rather than failing part-way with the file system full.
+		if err := roomForCopy(f, cfg.To, size); err != nil {
+			return err
+		}
+	}
 	markers, err := os.OpenFile(filepath.Join(cfg.StateDir, "markers.jsonl"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		return err
@@ -348,7 +356,17 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 		looped = watchLoops(fi, log, cfg.To)
 		defer looped.stop()
 	}
-	runErr := e.Run(ctx)
+	rctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	stopSync := make(chan struct{})
+	go target.syncLoop(stopSync, cancel)
+	runErr := e.Run(rctx)
+	close(stopSync)
+	if cause := context.Cause(rctx); ctx.Err() == nil && cause != nil {
+		// The mirror failed under the run: what the engine made of the
+		// cancel is beside the point.
+		runErr = cause
+	}
 	stats := e.Stats()
 	if cfg.Stats != nil {
 		*cfg.Stats = stats
@@ -674,11 +692,33 @@ func blockStamp(major, minor uint32) string {
 	return ""
 }
 
+// roomForCopy fails unless the file system of the mirror file f (named
+// to) can take size bytes: its free space plus what f holds already.
+func roomForCopy(f *os.File, to string, size int64) error {
+	var sfs unix.Statfs_t
+	var st unix.Stat_t
+	if unix.Fstatfs(int(f.Fd()), &sfs) != nil || unix.Fstat(int(f.Fd()), &st) != nil {
+		return nil // unknown: the writes will tell
+	}
+	free, held := int64(sfs.Bavail)*int64(sfs.Bsize), st.Blocks*512
+	if free+held < size {
+		return fmt.Errorf("mirror file %s: its file system has %s free and the file holds %s; the copy needs %s (the device's size): free some space or give another --to",
+			to, progress.Bytes(free), progress.Bytes(held), progress.Bytes(size))
+	}
+	return nil
+}
+
 // fileTarget keeps a mirror in a regular file (or another block device).
 type fileTarget struct {
 	f       *os.File
 	markers *os.File
 	null    bool // a character device (/dev/null): the copy is discarded here
+
+	mu sync.Mutex
+	// failed is the first failed sync of f: a later fsync may succeed
+	// after writes were lost (the kernel reports a writeback error once),
+	// and must not let the stop vouch for the mirror.
+	failed error
 }
 
 func (t *fileTarget) WriteAt(_ int, p []byte, off int64) error {
@@ -714,24 +754,67 @@ func (t *fileTarget) Zero(_ int, off, n int64) error {
 
 func (t *fileTarget) ReadAt(_ int, p []byte, off int64) (int, error) { return t.f.ReadAt(p, off) }
 
+// Marker records m once the mirror holds its state on stable storage: a
+// write the kernel could not write back (a full thin volume, a failing
+// disk) stops the mirror here, not at the next stop, days later.
 func (t *fileTarget) Marker(m Marker) error {
+	if err := t.syncData(); err != nil {
+		return err
+	}
 	b, _ := json.Marshal(struct {
 		Kind MarkerKind `json:"kind"`
 		Seq  uint64     `json:"seq"`
 		Time time.Time  `json:"time"`
 	}{m.Kind, m.Seq, m.Time})
-	_, err := t.markers.Write(append(b, '\n'))
-	return err
+	if _, err := t.markers.Write(append(b, '\n')); err != nil {
+		return err
+	}
+	return t.markers.Sync()
 }
 
 func (t *fileTarget) Sync() error {
-	if t.null {
-		return t.markers.Sync()
-	}
-	if err := t.f.Sync(); err != nil {
-		return fmt.Errorf("sync mirror: %w", err)
+	if err := t.syncData(); err != nil {
+		return err
 	}
 	return t.markers.Sync()
+}
+
+// syncData writes the mirror's data back; once it has failed it fails
+// for good.
+func (t *fileTarget) syncData() error {
+	if t.null {
+		return nil
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.failed == nil {
+		if err := unix.Fdatasync(int(t.f.Fd())); err != nil {
+			t.failed = fmt.Errorf("sync mirror %s: %w", t.f.Name(), err)
+		}
+	}
+	return t.failed
+}
+
+// syncEvery is how often a running mirror writes its data back, so that
+// a target that cannot take it is reported within that time.
+var syncEvery = 30 * time.Second
+
+// syncLoop writes the mirror back every syncEvery until stop is closed;
+// a failure is passed to fail.
+func (t *fileTarget) syncLoop(stop <-chan struct{}, fail func(error)) {
+	tick := time.NewTicker(syncEvery)
+	defer tick.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-tick.C:
+			if err := t.syncData(); err != nil {
+				fail(err)
+				return
+			}
+		}
+	}
 }
 
 // loopCheckEvery is how often a running mirror looks for a loop device

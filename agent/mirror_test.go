@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/lifeboat-dr/lifeboat/agent/capture"
 	"github.com/lifeboat-dr/lifeboat/internal/blockdev"
 	"github.com/lifeboat-dr/lifeboat/internal/loopdev"
@@ -1069,4 +1071,56 @@ func TestMirrorLoopAttachedDuringRun(t *testing.T) {
 		t.Fatalf("restart after a loop device wrote the mirror: %s, want a resync by checksum", s.Sync[0])
 	}
 	assertSameBytes(t, a.Path, mirror)
+}
+
+// smallFS mounts a tmpfs of size bytes on a new directory.
+func smallFS(t *testing.T, size int64) string {
+	t.Helper()
+	dir := t.TempDir()
+	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, fmt.Sprintf("size=%d", size)); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+	return dir
+}
+
+// A mirror whose target cannot hold the copy fails with a clear error,
+// and is never vouched for: a mirror file on a file system too small is
+// refused before anything is written (it used to fill the file system
+// and fail part-way); a target that takes writes it cannot store (a
+// thin volume: a loop device over a sparse file on a small file system)
+// fails within the write-back interval, not at the stop days later.
+func TestMirrorTargetFull(t *testing.T) {
+	testenv.RequireRoot(t)
+	src := loopdev.New(t, 32<<20, loopdev.Options{})
+	run(t, "dd", "if=/dev/urandom", "of="+src.Path, "bs=1M", "count=32", "oflag=direct", "status=none")
+	small := smallFS(t, 8<<20)
+	dir := t.TempDir()
+
+	to := filepath.Join(small, "mirror.img")
+	state := filepath.Join(dir, "s1")
+	err := RunMirror(context.Background(), MirrorConfig{Device: src.Path, To: to, RingBytes: 16 << 20, StateDir: state})
+	Release(state)
+	if err == nil || !strings.Contains(err.Error(), "free some space or give another --to") {
+		t.Fatalf("mirror file on an 8 MiB file system for a 32 MiB device: %v, want refused for room", err)
+	}
+	if st := mustStat(t, to).Sys().(*syscall.Stat_t); st.Blocks != 0 {
+		t.Errorf("the refused mirror file holds %d blocks", st.Blocks)
+	}
+
+	defer func(d time.Duration) { syncEvery = d }(syncEvery)
+	syncEvery = 200 * time.Millisecond
+	thin := attachImage(t, sparseImage(t, filepath.Join(small, "thin.img"), 32<<20))
+	state = filepath.Join(dir, "s2")
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	err = RunMirror(ctx, MirrorConfig{Device: src.Path, To: thin.Path, RingBytes: 16 << 20, StateDir: state})
+	Release(state)
+	if ctx.Err() != nil || err == nil || !strings.Contains(err.Error(), "sync mirror "+thin.Path) {
+		t.Fatalf("mirror to a device that cannot store it: %v (context: %v), want its write-back error", err, ctx.Err())
+	}
+	t.Logf("thin target: %v", err)
+	if st, err := loadState(filepath.Join(state, "mirror.json")); err == nil && st.Clean {
+		t.Error("the state after the failed mirror is clean: the next start would resume over what the target lost")
+	}
 }
