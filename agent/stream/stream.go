@@ -309,6 +309,7 @@ type Target struct {
 	runID       wire.RunID   // random per Target: Hello.Run
 	foreignSeen uint64       // durable sequences judged at a reconnect (foreign ones resynced)
 	covers      []coverPoint // Covered points, oldest first; covers[0] may be the one the last marker used
+	coverFloor  time.Time    // time markers last released: no cover before it counts
 	// pointsHeld: a reconnect agreed a resync (resyncAsked counts them)
 	// that the engine has not taken yet; resyncDelivered is the count
 	// whose requests OnResync has handed on.
@@ -968,6 +969,8 @@ func (t *Target) Covered(at time.Time) {
 	seq := t.nextSeq - 1
 	n := len(t.covers)
 	switch {
+	case at.Before(t.coverFloor):
+		return // asked for before a sync or resync ended (HoldTimeMarkers)
 	case n > 0 && !at.After(t.covers[n-1].at):
 		return // never moves back
 	case n > 0 && t.covers[n-1].seq == seq:
@@ -992,12 +995,19 @@ func (t *Target) Covered(at time.Time) {
 // Released, the first marker waits until every record numbered so far is
 // sent: the resync's last records may still be queued, and a marker before
 // them would date a replica still half resynced (the process server takes
-// the first time marker after a resync as its end).
+// the first time marker after a resync as its end). Nor is it dated before
+// the release: a cover taken before or during the resync (one of the pass
+// that ran it, asked for at its start) would date the state after it,
+// with every write made meanwhile, back to the resync's start, before the
+// consistency point that ended it; a time then would recover to writes
+// made after it.
 func (t *Target) HoldTimeMarkers(hold bool) {
 	t.mu.Lock()
 	t.markerNow = t.holdMarkers && !hold
 	if t.holdMarkers && !hold {
 		t.releaseSeq = t.nextSeq - 1
+		t.coverFloor = time.Now()
+		t.covers = t.covers[:0]
 	}
 	t.holdMarkers = hold
 	t.mu.Unlock()

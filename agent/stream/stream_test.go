@@ -1250,3 +1250,78 @@ func TestResyncWithdrawsEarlierPoints(t *testing.T) {
 		t.Errorf("point after the resync was taken: %v", err)
 	}
 }
+
+// The engine's sequence around a resync agreed at a reconnect: Covered
+// before the resync's drain (none during it: reportCover runs only in
+// loop passes without a drain), the resync's records, the crash point at
+// its end (Mark, dated then), the time markers released (pointReached),
+// then the cover the pass that ran the resync asked for at its start. The
+// first time marker after the point is not dated before it: it was dated
+// at the resync's start, so that a time during the resync recovered to
+// the state after it, with the writes made until its end (and recovery
+// takes marker times to increase with sequence).
+func TestTimeMarkerAfterResyncNotDatedBeforeIt(t *testing.T) {
+	srv := streamtest.New(t)
+	cfg := config(t, srv, t.TempDir(), 1<<20)
+	cfg.Coverage = true
+	cfg.MarkerInterval = 20 * time.Millisecond
+	asked := make(chan struct{}, 4)
+	var hold func(bool)
+	cfg.OnResync = func(int, wire.SyncAction) {
+		hold(true) // resyncRequests.request
+		asked <- struct{}{}
+	}
+	tg := dial(t, cfg)
+	hold = tg.HoldTimeMarkers
+	if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	tBefore := time.Now()
+	tg.Covered(tBefore)
+	waitFor(t, "a time marker", func() bool {
+		ms := srv.Markers()
+		return len(ms) > 0 && ms[len(ms)-1].UnixNano == tBefore.UnixNano()
+	})
+	srv.Forget("d0") // the next hello gets a full sync
+	srv.Drop()
+	<-asked
+	waitFor(t, "the reconnect", func() bool { return tg.Stats().Connected })
+	tg.ResyncsTaken(tg.ResyncEpoch())
+	tr := time.Now() // the loop pass that takes the request asks for a barrier now (requestCover)
+	// The resync's drain: a while, records, no Covered.
+	for i := range 8 {
+		time.Sleep(50 * time.Millisecond)
+		if err := tg.WriteAt(0, make([]byte, 64<<10), int64(i)*64<<10); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tEnd := time.Now()
+	if err := tg.Mark(wire.MarkerCrashConsistent, tEnd); err != nil {
+		t.Fatal(err)
+	}
+	tg.HoldTimeMarkers(false) // pointReached
+	tg.Covered(tr)            // the next pass without a drain reports the barrier asked for at tr (reportCover)
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	var point uint64
+	for _, r := range srv.Received() {
+		if r.Op == wire.OpMarker && wire.MarkerKind(r.Flags) == wire.MarkerCrashConsistent {
+			point = r.Seq
+		}
+	}
+	// The markers due meanwhile (every 20 ms) may not use that cover,
+	// nor one from before the resync; a later one dates them.
+	time.Sleep(300 * time.Millisecond)
+	waitFor(t, "a time marker after the resync", func() bool {
+		tg.Covered(time.Now()) // the engine's later passes
+		ms := srv.Markers()
+		return len(ms) > 0 && ms[len(ms)-1].Seq >= point
+	})
+	for _, m := range srv.Markers() {
+		if m.Seq >= point && time.Unix(0, m.UnixNano).Before(tEnd) {
+			t.Fatalf("time marker at seq %d (after the resync's crash point %d dated %v) is dated %v, %v before it: the post-resync state is dated at the resync's start",
+				m.Seq, point, tEnd.Format(time.RFC3339Nano), time.Unix(0, m.UnixNano).Format(time.RFC3339Nano), tEnd.Sub(time.Unix(0, m.UnixNano)))
+		}
+	}
+}
