@@ -795,14 +795,16 @@ type usageWatch struct {
 // that cannot be measured must not turn backpressure off for the others.
 func (s *Server) checkCache(w *usageWatch) {
 	s.metrics.cacheBytes.Set(float64(s.cacheBytes.Load()))
-	free, measured := 1.0, 0
+	free, measured, fullest := 1.0, 0, ""
 	var errs []error
 	for _, u := range s.cache.Usage() {
 		if u.Err != nil {
 			errs = append(errs, u.Err)
 			continue
 		}
-		free = min(free, u.FreeFraction)
+		if u.FreeFraction <= free {
+			free, fullest = u.FreeFraction, u.Dir
+		}
 		measured++
 	}
 	msg := ""
@@ -834,9 +836,9 @@ func (s *Server) checkCache(w *usageWatch) {
 	if want != w.level {
 		switch want {
 		case slog.LevelError:
-			s.log.Error("cache almost full: uploads are not keeping up (storage account down or too slow?)", logFree, free)
+			s.log.Error("cache almost full: uploads are not keeping up (storage account down or too slow?), or something else fills its file system; agents are paused below 10% free", logFree, free, logDir, fullest)
 		case slog.LevelWarn:
-			s.log.Warn("cache filling up", logFree, free)
+			s.log.Warn("cache filling up", logFree, free, logDir, fullest)
 		default:
 			s.log.Info("cache usage back to normal", logFree, free)
 		}

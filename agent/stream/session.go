@@ -648,7 +648,12 @@ func (t *Target) readLoop(s *session) error {
 				return err
 			}
 			t.mu.Lock()
-			if b.Window != t.window {
+			switch {
+			case b.Window == 0 && t.window != 0:
+				t.log.Warn("process server paused this agent (its cache nearly full, or this machine's backlog over its limit: uploads to the storage account not keeping up); captured writes wait here and RPO grows", keyAddr, t.cfg.Addr)
+			case b.Window != 0 && t.window == 0:
+				t.log.Info("process server resumed this agent", keyAddr, t.cfg.Addr, "bytes", b.Window)
+			case b.Window != t.window:
 				t.log.Debug("process server window", "bytes", b.Window)
 			}
 			t.window = b.Window

@@ -1776,11 +1776,14 @@ func (c *Cache) checkDirLocked(i int) (bool, error) {
 // The figures are for the whole file system (statfs): cache disks are
 // expected to be dedicated.
 type DirUsage struct {
-	Dir          string
-	Total        uint64  // bytes
-	Used         uint64  // bytes in use
-	Free         uint64  // bytes available to the cache (excludes root's reserve)
-	FreeFraction float64 // Free / Total, for "cache disk nearly full" alerts
+	Dir   string
+	Total uint64 // bytes
+	Used  uint64 // bytes in use
+	Free  uint64 // bytes available to the cache (excludes root's reserve)
+	// FreeFraction is Free / Total, or the free fraction of the file
+	// system's inodes when lower (each segment takes one file per
+	// directory): for "cache disk nearly full" alerts and backpressure.
+	FreeFraction float64
 	// Err: the directory could not be examined (the figures are zero),
 	// itself an alert.
 	Err error
@@ -1802,6 +1805,9 @@ func (c *Cache) Usage() []DirUsage {
 		out[i].Total, out[i].Used, out[i].Free = st.Total, st.Total-st.Free, st.Avail
 		if st.Total > 0 {
 			out[i].FreeFraction = float64(st.Avail) / float64(st.Total)
+		}
+		if st.Files > 0 {
+			out[i].FreeFraction = min(out[i].FreeFraction, float64(st.FilesFree)/float64(st.Files))
 		}
 	}
 	return out

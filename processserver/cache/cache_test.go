@@ -1243,6 +1243,12 @@ func TestUsage(t *testing.T) {
 	if u[1] != (DirUsage{Dir: dirs[1], Total: 1000, Used: 940, Free: 50, FreeFraction: 0.05}) {
 		t.Errorf("nearly full dir: %+v", u[1])
 	}
+	// Out of inodes with room to spare: as full (it was taken for 90 %
+	// free, agents never paused while every shard write failed).
+	ffs.set(func(f *faultFS) { f.stat = &FSStat{Total: 1000, Free: 990, Avail: 900, Files: 100, FilesFree: 2} })
+	if u := c.Usage(); u[1].FreeFraction != 0.02 {
+		t.Errorf("dir out of inodes: %+v, want free fraction 0.02", u[1])
+	}
 }
 
 // BenchmarkPutGet: 4 MiB segments over 4 directories (2+2), Put (with all

@@ -33,6 +33,9 @@ type FSStat struct {
 	Total uint64 // size of the file system
 	Free  uint64 // free blocks including those reserved for root
 	Avail uint64 // free blocks usable by unprivileged writers
+	// Files and FilesFree count inodes (0 and 0 where the file system
+	// has no fixed number, as btrfs).
+	Files, FilesFree uint64
 }
 
 // OSFS is the real file system.
@@ -55,5 +58,5 @@ func (OSFS) Statfs(path string) (FSStat, error) {
 		return FSStat{}, &fs.PathError{Op: "statfs", Path: path, Err: err}
 	}
 	bs := uint64(st.Bsize)
-	return FSStat{Total: st.Blocks * bs, Free: st.Bfree * bs, Avail: st.Bavail * bs}, nil
+	return FSStat{Total: st.Blocks * bs, Free: st.Bfree * bs, Avail: st.Bavail * bs, Files: st.Files, FilesFree: st.Ffree}, nil
 }
