@@ -295,6 +295,14 @@ func RecoverFile(ctx context.Context, store blobstore.Store, req Request, path s
 	}
 	if err != nil {
 		os.Remove(tmp)
+		for _, full := range []error{unix.ENOSPC, unix.EDQUOT} {
+			if errors.Is(err, full) {
+				// The check before the copy counts the recovery point
+				// alone: the journal replayed after it may need more.
+				// (The error names the partial file, removed now.)
+				return Result{}, fmt.Errorf("no room for the recovered disk in %s (%w): nothing was left there; free some space or recover elsewhere", dir, full)
+			}
+		}
 		return Result{}, err
 	}
 	// The rename is durable with its directory.

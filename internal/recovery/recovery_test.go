@@ -14,12 +14,15 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore/mem"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/lifeboat-dr/lifeboat/internal/recovery"
 	"github.com/lifeboat-dr/lifeboat/internal/recovery/recoverytest"
 	"github.com/lifeboat-dr/lifeboat/internal/seal"
+	"github.com/lifeboat-dr/lifeboat/internal/testenv"
 	"github.com/lifeboat-dr/lifeboat/internal/wire"
 )
 
@@ -581,5 +584,30 @@ func TestLatestNotSteeredByClearedMetadata(t *testing.T) {
 	_, after, err := recoverBytes(t, m, "latest", m.RecoveryKey)
 	if !errors.Is(err, recovery.ErrTampered) {
 		t.Fatalf("latest after the newest segments' times were cleared: seq %d (before: %d), err %v; want ErrTampered", after.Seq, before.Seq, err)
+	}
+}
+
+// A disk whose journal needs more room than the output's file system has
+// (the check before the copy counts the recovery point alone) fails with
+// what is full and what to do, and leaves nothing there: the error named
+// the partial file it had just removed.
+func TestRecoverFileSystemFull(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir := t.TempDir()
+	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=1m"); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Unmount(dir, 0)
+	rng := rand.New(rand.NewPCG(21, 21))
+	m := recoverytest.New(t, mem.New(), "full", 4<<20)
+	m.Write(0, 0, randBytes(rng, 3<<20))
+	m.Marker(wire.MarkerTime, time.Date(2025, 5, 1, 0, 0, 0, 0, time.UTC))
+	m.Cut()
+	_, err := recovery.RecoverFile(context.Background(), m.Store, recovery.Request{Machine: m.Name, Disk: "d0", Point: "latest", RecoveryKey: m.RecoveryKey}, filepath.Join(dir, "out.img"))
+	if err == nil || !strings.Contains(err.Error(), "no room for the recovered disk in "+dir) || !strings.Contains(err.Error(), "recover elsewhere") || strings.Contains(err.Error(), ".partial-") {
+		t.Fatalf("recover 3 MiB of journal into 1 MiB: %v", err)
+	}
+	if left, _ := os.ReadDir(dir); len(left) != 0 {
+		t.Errorf("left in the full directory: %v", left)
 	}
 }
