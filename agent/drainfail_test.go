@@ -38,9 +38,16 @@ func (t *failAtTarget) WriteAt(dev int, p []byte, off int64) error {
 func drainRig(t *testing.T) (*loopdev.Device, *failAtTarget, *Engine, context.Context) {
 	t.Helper()
 	testenv.RequireRoot(t)
-	d := loopdev.New(t, 32<<20, loopdev.Options{})
 	tgt := &failAtTarget{fileTarget: newFileTarget(t)}
 	tgt.failAt.Store(-1)
+	d, e, ctx := drainRigWith(t, tgt)
+	return d, tgt, e, ctx
+}
+
+// drainRigWith is drainRig with the target given.
+func drainRigWith(t *testing.T, tgt Target) (*loopdev.Device, *Engine, context.Context) {
+	t.Helper()
+	d := loopdev.New(t, 32<<20, loopdev.Options{})
 	e, err := New(Options{
 		Sources:   []Source{{Name: "d0", Path: d.Path, Mode: capture.ModeData, Sync: SyncFull}},
 		RingBytes: 4 << 20,
@@ -55,7 +62,7 @@ func drainRig(t *testing.T) (*loopdev.Device, *failAtTarget, *Engine, context.Co
 	rdDone := make(chan error, 1)
 	go func() { rdDone <- e.rd.Run(ctx) }()
 	t.Cleanup(func() { cancel(); e.rd.Stop(); <-rdDone }) // before Close
-	return d, tgt, e, ctx
+	return d, e, ctx
 }
 
 // assertKernelMarked fails unless every block of device 0's
@@ -244,4 +251,39 @@ func TestOverflowBiosCounted(t *testing.T) {
 		t.Errorf("%d writes, %d records and %d bios counted on the bitmap path: some went uncounted", writes, records, overflowed)
 	}
 	assertSameBytes(t, d.Path, tgt.f.Name())
+}
+
+// holdTarget is a fileTarget that sends time markers on its own, as the
+// stream does (DrainHolder): it counts the writes made while held.
+type holdTarget struct {
+	*fileTarget
+	held            bool
+	inHold, outHold int
+}
+
+func (t *holdTarget) HoldForDrain(hold bool) { t.held = hold }
+
+func (t *holdTarget) WriteAt(dev int, p []byte, off int64) error {
+	if t.held {
+		t.inHold++
+	} else {
+		t.outHold++
+	}
+	return t.fileTarget.WriteAt(dev, p, off)
+}
+
+// A drain holds the target's time markers while it reads blocks back:
+// until it ends the copy is in no state the device was in.
+func TestDrainHoldsTimeMarkers(t *testing.T) {
+	testenv.RequireRoot(t)
+	tgt := &holdTarget{fileTarget: newFileTarget(t)}
+	d, e, ctx := drainRigWith(t, tgt)
+	run(t, "dd", "if=/dev/urandom", "of="+d.Path, "bs=64k", "seek=16", "count=4", "oflag=direct", "status=none")
+	e.cap.MarkBytes(0, 1<<20, 256<<10)
+	if err := e.drain(ctx, []int{0}, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if tgt.inHold == 0 || tgt.outHold != 0 || tgt.held {
+		t.Fatalf("%d read-back writes under the hold, %d outside it, held after the drain: %v", tgt.inHold, tgt.outHold, tgt.held)
+	}
 }

@@ -65,6 +65,13 @@ type Resyncer interface {
 	Resync(dev int, p []byte, off int64) (stored int64, err error)
 }
 
+// DrainHolder is implemented by targets that send time markers on their
+// own (the stream): while a drain reads blocks back the target's copy is
+// in no state the device was in, and a marker must not date it.
+type DrainHolder interface {
+	HoldForDrain(hold bool)
+}
+
 // ResyncAsker is implemented by targets that ask for resyncs themselves
 // (the stream, at a reconnect): from the request until the engine has
 // taken it, their Marker fails with ErrResyncPending. The engine reads
@@ -1409,6 +1416,10 @@ func (e *Engine) programsDone() error {
 func (e *Engine) drain(ctx context.Context, idx []int, park, ahead bool, bar *progress.Bar) error {
 	if err := e.applyHeld(nil); err != nil {
 		return err
+	}
+	if h, ok := e.opt.Target.(DrainHolder); ok {
+		h.HoldForDrain(true)
+		defer h.HoldForDrain(false)
 	}
 	e.heldFull = false
 	// Should the drain stop half way (an app-consistent point's drain

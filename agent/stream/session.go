@@ -537,7 +537,7 @@ func (t *Target) canSendLocked(n int) bool {
 // sequence number a Covered call came with ties a time to the stream.
 func (t *Target) sendMarker(s *session, now time.Time) error {
 	t.mu.Lock()
-	if t.holdMarkers || t.sentSeq < t.releaseSeq {
+	if t.holdMarkers || t.drainHold || t.sentSeq < t.releaseSeq {
 		t.mu.Unlock()
 		return nil
 	}

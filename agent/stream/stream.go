@@ -301,6 +301,7 @@ type Target struct {
 	err         error // set by Abort or Close: every call fails with it
 	stateVer    uint64
 	holdMarkers bool
+	drainHold   bool         // HoldForDrain
 	markerNow   bool         // released: send a time marker at once
 	releaseSeq  uint64       // the last sequence numbered when markers were released
 	markedSeq   uint64       // sentSeq when the last time marker was sent
@@ -1005,13 +1006,35 @@ func (t *Target) HoldTimeMarkers(hold bool) {
 	t.mu.Lock()
 	t.markerNow = t.holdMarkers && !hold
 	if t.holdMarkers && !hold {
-		t.releaseSeq = t.nextSeq - 1
-		t.coverFloor = time.Now()
-		t.covers = t.covers[:0]
+		t.releaseLocked()
 	}
 	t.holdMarkers = hold
 	t.mu.Unlock()
 	t.wake()
+}
+
+// HoldForDrain holds time markers while the agent reads blocks back (a
+// drain after an overflow, or for a consistency point): until its pass
+// ends the replica holds some blocks read back and not others, each as
+// the device had it at its read, which is no state the device was in. A
+// marker numbered then, dated by a cover from before the drain, would
+// offer it for that time. Released as HoldTimeMarkers releases.
+func (t *Target) HoldForDrain(hold bool) {
+	t.mu.Lock()
+	if t.drainHold && !hold {
+		t.releaseLocked()
+	}
+	t.drainHold = hold
+	t.mu.Unlock()
+	t.wake()
+}
+
+// releaseLocked makes the first time marker after a hold wait for every
+// record numbered so far, and for a cover taken since.
+func (t *Target) releaseLocked() {
+	t.releaseSeq = t.nextSeq - 1
+	t.coverFloor = time.Now()
+	t.covers = t.covers[:0]
 }
 
 // Abort makes every blocked and later call fail with err (the first one

@@ -1325,3 +1325,60 @@ func TestTimeMarkerAfterResyncNotDatedBeforeIt(t *testing.T) {
 		}
 	}
 }
+
+// While the agent reads blocks back (HoldForDrain) no time marker is
+// sent: the replica holds some blocks read back and not others, no state
+// the device was in, and a marker numbered then, dated by a cover from
+// before, would offer it for that time. After the release the first one
+// waits for a cover taken since.
+func TestTimeMarkersHeldDuringDrain(t *testing.T) {
+	srv := streamtest.New(t)
+	cfg := config(t, srv, t.TempDir(), 1<<20)
+	cfg.Coverage = true
+	cfg.MarkerInterval = 20 * time.Millisecond
+	tg := dial(t, cfg)
+	if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	before := time.Now()
+	tg.Covered(before)
+	waitFor(t, "a time marker", func() bool {
+		ms := srv.Markers()
+		return len(ms) > 0 && ms[len(ms)-1].UnixNano == before.UnixNano()
+	})
+	ms := srv.Markers()
+	seq0 := ms[len(ms)-1].Seq // the records before the drain
+	tg.HoldForDrain(true)
+	for i := range 4 {
+		if err := tg.WriteAt(0, make([]byte, 64<<10), int64(i)*64<<10); err != nil {
+			t.Fatal(err)
+		}
+		if err := tg.Sync(); err != nil { // sent: a marker could follow each
+			t.Fatal(err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	held := srv.Markers()
+	tg.HoldForDrain(false)
+	released := time.Now()
+	tg.Covered(released.Add(-time.Millisecond)) // asked for before the release
+	time.Sleep(200 * time.Millisecond)
+	stale := srv.Markers()
+	waitFor(t, "a time marker after the drain", func() bool {
+		tg.Covered(time.Now())
+		return len(srv.Markers()) > len(stale)
+	})
+	for _, m := range held {
+		if m.Seq > seq0 {
+			t.Fatalf("time marker %+v numbered past the records before the drain (%d) while it held them", m, seq0)
+		}
+	}
+	if len(stale) != len(held) {
+		t.Fatalf("time markers %+v after the release, dated by a cover asked for before it", stale[len(held):])
+	}
+	for _, m := range srv.Markers()[len(stale):] {
+		if time.Unix(0, m.UnixNano).Before(released) {
+			t.Fatalf("time marker %+v dated before the drain's end %v", m, released)
+		}
+	}
+}
