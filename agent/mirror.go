@@ -289,6 +289,15 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	default:
 		sync = SyncResume
 	}
+	if fi.Mode().IsRegular() && (sync != SyncResume || fi.Size() != size) {
+		// A copy writes every block, zeros included, and a compare
+		// every block of a file never copied whole: refused now, the
+		// state as it was, rather than failing part-way with the file
+		// system full.
+		if err := roomForCopy(f, cfg.To, size); err != nil {
+			return err
+		}
+	}
 	// From here on a crash is an unclean stop: saved before the target is
 	// touched (resized below), so that a crash then is not taken for a
 	// clean stop with the target as that stop left it.
@@ -309,13 +318,6 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	case fi.Mode()&os.ModeCharDevice != 0:
 		// /dev/null: capture without keeping a copy (benchmarks).
 		sync = SyncFull
-	}
-	if fi.Mode().IsRegular() && sync == SyncFull {
-		// A full copy writes every block, zeros included: refused now
-		// rather than failing part-way with the file system full.
-		if err := roomForCopy(f, cfg.To, size); err != nil {
-			return err
-		}
 	}
 	markers, err := os.OpenFile(filepath.Join(cfg.StateDir, "markers.jsonl"), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
@@ -359,13 +361,19 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	rctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	stopSync := make(chan struct{})
-	go target.syncLoop(stopSync, cancel)
+	syncDone := make(chan struct{})
+	go func() {
+		defer close(syncDone)
+		target.syncLoop(stopSync, cancel)
+	}()
 	runErr := e.Run(rctx)
 	close(stopSync)
-	if cause := context.Cause(rctx); ctx.Err() == nil && cause != nil {
-		// The mirror failed under the run: what the engine made of the
-		// cancel is beside the point.
-		runErr = cause
+	<-syncDone
+	if err := target.failure(); err != nil {
+		// The mirror failed under the run (its write-back): what the
+		// engine made of the cancel, or of a stop meanwhile, is beside
+		// the point.
+		runErr = err
 	}
 	stats := e.Stats()
 	if cfg.Stats != nil {
@@ -792,6 +800,13 @@ func (t *fileTarget) syncData() error {
 			t.failed = fmt.Errorf("sync mirror %s: %w", t.f.Name(), err)
 		}
 	}
+	return t.failed
+}
+
+// failure is the mirror's latched write-back failure, if any.
+func (t *fileTarget) failure() error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
 	return t.failed
 }
 

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -1099,10 +1100,45 @@ func TestMirrorTargetFull(t *testing.T) {
 
 	to := filepath.Join(small, "mirror.img")
 	state := filepath.Join(dir, "s1")
-	err := RunMirror(context.Background(), MirrorConfig{Device: src.Path, To: to, RingBytes: 16 << 20, StateDir: state})
+	for try := range 2 { // the command run again: not a compare into the sparse file
+		err := RunMirror(context.Background(), MirrorConfig{Device: src.Path, To: to, RingBytes: 16 << 20, StateDir: state})
+		Release(state)
+		if err == nil || !strings.Contains(err.Error(), "free some space or give another --to") {
+			t.Fatalf("run %d: mirror file on an 8 MiB file system for a 32 MiB device: %v, want refused for room", try, err)
+		}
+	}
+	// Nor after an unclean stop that left the file sized but never
+	// copied whole (a compare writes every block of it).
+	if err := os.Truncate(to, 32<<20); err != nil {
+		t.Fatal(err)
+	}
+	sd, err := blockdev.Open(src.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	identity, _ := sd.Identity()
+	stable, _ := sd.StableID()
+	sd.Close()
+	tf, err := os.Open(to)
+	if err != nil {
+		t.Fatal(err)
+	}
+	targetID, targetStable, err := fileIdentity(tf)
+	tf.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	abs, _ := filepath.Abs(to)
+	if err := saveState(filepath.Join(state, "mirror.json"), &mirrorState{Version: stateVersion, Device: src.Path, Identity: identity, Stable: stable,
+		Target: abs, TargetID: targetID, TargetStable: targetStable}); err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	err = RunMirror(context.Background(), MirrorConfig{Device: src.Path, To: to, RingBytes: 16 << 20, StateDir: state,
+		Logger: slog.New(slog.NewTextHandler(&out, nil))})
 	Release(state)
-	if err == nil || !strings.Contains(err.Error(), "free some space or give another --to") {
-		t.Fatalf("mirror file on an 8 MiB file system for a 32 MiB device: %v, want refused for room", err)
+	if err == nil || !strings.Contains(err.Error(), "free some space or give another --to") || !strings.Contains(out.String(), "resync by checksum") {
+		t.Fatalf("after an unclean stop: %v, want refused for room before a resync by checksum; log:\n%s", err, out.String())
 	}
 	if st := mustStat(t, to).Sys().(*syscall.Stat_t); st.Blocks != 0 {
 		t.Errorf("the refused mirror file holds %d blocks", st.Blocks)

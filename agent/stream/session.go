@@ -341,6 +341,9 @@ func (t *Target) agree(s *session, a *wire.HelloAck, initial bool) ([]wire.DiskA
 	if s.hasWin {
 		t.window = s.window
 	}
+	if t.window == 0 {
+		t.log.Warn("process server paused this agent from the start (its cache nearly full, or this machine's backlog over its limit: uploads to the storage account not keeping up); captured writes wait here and RPO grows", keyAddr, t.cfg.Addr)
+	}
 	if t.sums != nil {
 		t.sums.sent = false
 	}
@@ -537,7 +540,7 @@ func (t *Target) canSendLocked(n int) bool {
 // sequence number a Covered call came with ties a time to the stream.
 func (t *Target) sendMarker(s *session, now time.Time) error {
 	t.mu.Lock()
-	if t.holdMarkers || t.drainHold || t.sentSeq < t.releaseSeq {
+	if t.holdMarkers || t.sentSeq < t.releaseSeq || t.insideDrainLocked(t.sentSeq) {
 		t.mu.Unlock()
 		return nil
 	}
@@ -595,11 +598,12 @@ func (t *Target) nextMarker(last time.Time) time.Time {
 	return last.Add(t.cfg.MarkerInterval)
 }
 
-// markerDue reports (once) that time markers were just released.
+// markerDue reports (once) that time markers were just released, or that
+// the records sent end where a drain starts or ends, not marked yet.
 func (t *Target) markerDue() bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	due := t.markerNow
+	due := t.markerNow || t.markedSeq < t.sentSeq && t.atDrainEdgeLocked(t.sentSeq)
 	t.markerNow = false
 	return due
 }

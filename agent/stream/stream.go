@@ -302,6 +302,7 @@ type Target struct {
 	stateVer    uint64
 	holdMarkers bool
 	drainHold   bool         // HoldForDrain
+	drains      []drainRange // drains whose records may still be sent (again, after a reconnect)
 	markerNow   bool         // released: send a time marker at once
 	releaseSeq  uint64       // the last sequence numbered when markers were released
 	markedSeq   uint64       // sentSeq when the last time marker was sent
@@ -1013,20 +1014,69 @@ func (t *Target) HoldTimeMarkers(hold bool) {
 	t.wake()
 }
 
-// HoldForDrain holds time markers while the agent reads blocks back (a
-// drain after an overflow, or for a consistency point): until its pass
-// ends the replica holds some blocks read back and not others, each as
-// the device had it at its read, which is no state the device was in. A
-// marker numbered then, dated by a cover from before the drain, would
-// offer it for that time. Released as HoldTimeMarkers releases.
+// maxDrains bounds the drains kept while their records are not
+// acknowledged.
+const maxDrains = 1024
+
+// drainRange is a drain's records: the last sequence numbered before it
+// and the last of it (0 while it runs). The states strictly between are
+// no state the device was in.
+type drainRange struct{ start, end uint64 }
+
+// HoldForDrain says that the agent starts (hold) or ends a drain, which
+// reads blocks back (after an overflow, or for a consistency point):
+// until it ends the replica holds some blocks read back and not others,
+// each as the device had it at its read, which is no state the device
+// was in. No time marker is numbered inside a drain's records, whenever
+// they are sent: dated by a cover from before it, it would offer such a
+// state for that time. One goes at each end of a drain as soon as the
+// records up to it are sent (under overload the sender may never rest
+// between drains otherwise).
 func (t *Target) HoldForDrain(hold bool) {
 	t.mu.Lock()
-	if t.drainHold && !hold {
-		t.releaseLocked()
+	switch {
+	case hold && !t.drainHold:
+		if len(t.drains) >= maxDrains {
+			// Acks withheld long under overload: the two oldest
+			// merge, the states between them given up for markers.
+			t.drains[1].start = t.drains[0].start
+			t.drains = t.drains[1:]
+		}
+		t.drains = append(t.drains, drainRange{start: t.nextSeq - 1})
+	case !hold && t.drainHold:
+		d := &t.drains[len(t.drains)-1]
+		if d.end = t.nextSeq - 1; d.end == d.start {
+			t.drains = t.drains[:len(t.drains)-1] // numbered nothing
+		}
 	}
+	t.sealLocked() // a batch ends there, for a marker to follow it
 	t.drainHold = hold
 	t.mu.Unlock()
 	t.wake()
+}
+
+// insideDrainLocked reports whether seq falls inside a drain's records.
+func (t *Target) insideDrainLocked(seq uint64) bool {
+	// Acknowledged records are never sent again.
+	for len(t.drains) > 0 && t.drains[0].end != 0 && t.drains[0].end <= t.ackedSeq {
+		t.drains = t.drains[1:]
+	}
+	for _, d := range t.drains {
+		if d.start < seq && (d.end == 0 || seq < d.end) {
+			return true
+		}
+	}
+	return false
+}
+
+// atDrainEdgeLocked reports whether seq is where a drain starts or ends.
+func (t *Target) atDrainEdgeLocked(seq uint64) bool {
+	for _, d := range t.drains {
+		if seq == d.start || seq == d.end {
+			return true
+		}
+	}
+	return false
 }
 
 // releaseLocked makes the first time marker after a hold wait for every

@@ -1285,7 +1285,7 @@ func TestTimeMarkerAfterResyncNotDatedBeforeIt(t *testing.T) {
 	srv.Forget("d0") // the next hello gets a full sync
 	srv.Drop()
 	<-asked
-	waitFor(t, "the reconnect", func() bool { return tg.Stats().Connected })
+	waitFor(t, "the resync handed on", func() bool { return tg.ResyncEpoch() > 0 })
 	tg.ResyncsTaken(tg.ResyncEpoch())
 	tr := time.Now() // the loop pass that takes the request asks for a barrier now (requestCover)
 	// The resync's drain: a while, records, no Covered.
@@ -1326,16 +1326,19 @@ func TestTimeMarkerAfterResyncNotDatedBeforeIt(t *testing.T) {
 	}
 }
 
-// While the agent reads blocks back (HoldForDrain) no time marker is
-// sent: the replica holds some blocks read back and not others, no state
-// the device was in, and a marker numbered then, dated by a cover from
-// before, would offer it for that time. After the release the first one
-// waits for a cover taken since.
+// No time marker is numbered inside a drain's records (HoldForDrain),
+// whenever they are sent: the replica there holds some blocks read back
+// and not others, no state the device was in, and a marker dated by a
+// cover from before the drain would offer it for that time. One goes at
+// each end of the drain, also when its records are sent after the drain
+// ended (the window closed meanwhile), and under overload when the next
+// drain has begun by then.
 func TestTimeMarkersHeldDuringDrain(t *testing.T) {
 	srv := streamtest.New(t)
 	cfg := config(t, srv, t.TempDir(), 1<<20)
 	cfg.Coverage = true
-	cfg.MarkerInterval = 20 * time.Millisecond
+	cfg.MarkerInterval = 10 * time.Millisecond
+	cfg.BusyMarkerInterval = 10 * time.Millisecond
 	tg := dial(t, cfg)
 	if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil {
 		t.Fatal(err)
@@ -1346,39 +1349,51 @@ func TestTimeMarkersHeldDuringDrain(t *testing.T) {
 		ms := srv.Markers()
 		return len(ms) > 0 && ms[len(ms)-1].UnixNano == before.UnixNano()
 	})
-	ms := srv.Markers()
-	seq0 := ms[len(ms)-1].Seq // the records before the drain
-	tg.HoldForDrain(true)
-	for i := range 4 {
+	write := func(i int) {
+		t.Helper()
 		if err := tg.WriteAt(0, make([]byte, 64<<10), int64(i)*64<<10); err != nil {
 			t.Fatal(err)
 		}
-		if err := tg.Sync(); err != nil { // sent: a marker could follow each
-			t.Fatal(err)
-		}
-		time.Sleep(50 * time.Millisecond)
 	}
-	held := srv.Markers()
+	// A drain sent as it goes, one whose records wait for the window,
+	// and a drain begun before those are sent.
+	var edges []uint64
+	seq := func() uint64 { return tg.Stats().LastSeq }
+	drain := func(from, n int) {
+		tg.HoldForDrain(true)
+		edges = append(edges, seq())
+		for i := range n {
+			write(from + i)
+			time.Sleep(15 * time.Millisecond) // markers due meanwhile
+		}
+		tg.HoldForDrain(false)
+		edges = append(edges, seq())
+	}
+	drain(0, 4)
+	srv.SetWindow(0)
+	time.Sleep(50 * time.Millisecond)
+	drain(4, 4)
+	tg.HoldForDrain(true)
+	edges = append(edges, seq())
+	write(8)
+	srv.SetWindow(1 << 20) // one batch at a time
+	if err := tg.Sync(); err != nil {
+		t.Fatal(err)
+	}
 	tg.HoldForDrain(false)
-	released := time.Now()
-	tg.Covered(released.Add(-time.Millisecond)) // asked for before the release
-	time.Sleep(200 * time.Millisecond)
-	stale := srv.Markers()
-	waitFor(t, "a time marker after the drain", func() bool {
-		tg.Covered(time.Now())
-		return len(srv.Markers()) > len(stale)
-	})
-	for _, m := range held {
-		if m.Seq > seq0 {
-			t.Fatalf("time marker %+v numbered past the records before the drain (%d) while it held them", m, seq0)
+	edges = append(edges, seq())
+	waitFor(t, "markers at every drain's end", func() bool {
+		marked := map[uint64]bool{}
+		for _, m := range srv.Markers() {
+			marked[m.Seq] = true
 		}
-	}
-	if len(stale) != len(held) {
-		t.Fatalf("time markers %+v after the release, dated by a cover asked for before it", stale[len(held):])
-	}
-	for _, m := range srv.Markers()[len(stale):] {
-		if time.Unix(0, m.UnixNano).Before(released) {
-			t.Fatalf("time marker %+v dated before the drain's end %v", m, released)
+		return marked[edges[1]] && marked[edges[3]]
+	})
+	for _, m := range srv.Markers() {
+		for i := 0; i < len(edges); i += 2 {
+			if m.Seq > edges[i] && m.Seq < edges[i+1] {
+				t.Fatalf("time marker %+v numbered inside a drain's records (%d, %d); edges %v", m, edges[i], edges[i+1], edges)
+			}
 		}
 	}
 }
