@@ -254,14 +254,15 @@ func TestOverflowBiosCounted(t *testing.T) {
 }
 
 // holdTarget is a fileTarget that sends time markers on its own, as the
-// stream does (DrainHolder): it counts the writes made while held.
+// stream does (DrainHolder): it counts the writes made during drains.
 type holdTarget struct {
 	*fileTarget
 	held            bool
 	inHold, outHold int
 }
 
-func (t *holdTarget) HoldForDrain(hold bool) { t.held = hold }
+func (t *holdTarget) DrainStarted()        { t.held = true }
+func (t *holdTarget) DrainEnded(done bool) { t.held = false }
 
 func (t *holdTarget) WriteAt(dev int, p []byte, off int64) error {
 	if t.held {

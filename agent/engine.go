@@ -69,7 +69,10 @@ type Resyncer interface {
 // own (the stream): while a drain reads blocks back the target's copy is
 // in no state the device was in, and a marker must not date it.
 type DrainHolder interface {
-	HoldForDrain(hold bool)
+	DrainStarted()
+	// DrainEnded: done when the drain read back all it took; one that
+	// stopped half way ends with the next that does.
+	DrainEnded(done bool)
 }
 
 // ResyncAsker is implemented by targets that ask for resyncs themselves
@@ -1413,13 +1416,13 @@ func (e *Engine) programsDone() error {
 // the read-back are applied meanwhile (applyAhead), the held ones first:
 // not for markers, whose point must stay where quiesce put it (held
 // records wait for the next time the engine reads the ring).
-func (e *Engine) drain(ctx context.Context, idx []int, park, ahead bool, bar *progress.Bar) error {
+func (e *Engine) drain(ctx context.Context, idx []int, park, ahead bool, bar *progress.Bar) (err error) {
 	if err := e.applyHeld(nil); err != nil {
 		return err
 	}
 	if h, ok := e.opt.Target.(DrainHolder); ok {
-		h.HoldForDrain(true)
-		defer h.HoldForDrain(false)
+		h.DrainStarted()
+		defer func() { h.DrainEnded(err == nil) }()
 	}
 	e.heldFull = false
 	// Should the drain stop half way (an app-consistent point's drain

@@ -301,7 +301,6 @@ type Target struct {
 	err         error // set by Abort or Close: every call fails with it
 	stateVer    uint64
 	holdMarkers bool
-	drainHold   bool         // HoldForDrain
 	drains      []drainRange // drains whose records may still be sent (again, after a reconnect)
 	markerNow   bool         // released: send a time marker at once
 	releaseSeq  uint64       // the last sequence numbered when markers were released
@@ -1019,38 +1018,47 @@ func (t *Target) HoldTimeMarkers(hold bool) {
 const maxDrains = 1024
 
 // drainRange is a drain's records: the last sequence numbered before it
-// and the last of it (0 while it runs). The states strictly between are
-// no state the device was in.
+// and the last of it (0 until it is done). The states strictly between
+// are no state the device was in.
 type drainRange struct{ start, end uint64 }
 
-// HoldForDrain says that the agent starts (hold) or ends a drain, which
-// reads blocks back (after an overflow, or for a consistency point):
-// until it ends the replica holds some blocks read back and not others,
-// each as the device had it at its read, which is no state the device
-// was in. No time marker is numbered inside a drain's records, whenever
-// they are sent: dated by a cover from before it, it would offer such a
-// state for that time. One goes at each end of a drain as soon as the
-// records up to it are sent (under overload the sender may never rest
-// between drains otherwise).
-func (t *Target) HoldForDrain(hold bool) {
+// DrainStarted says that the agent starts a drain, which reads blocks
+// back (after an overflow, or for a consistency point): until it ends the
+// replica holds some blocks read back and not others, each as the device
+// had it at its read, which is no state the device was in. No time marker
+// is numbered inside a drain's records, whenever they are sent: dated by
+// a cover from before it, it would offer such a state for that time. One
+// goes at each end of a drain as soon as the records up to it are sent
+// (under overload the sender may never rest between drains otherwise).
+func (t *Target) DrainStarted() {
 	t.mu.Lock()
-	switch {
-	case hold && !t.drainHold:
-		if len(t.drains) >= maxDrains {
+	if n := len(t.drains); n == 0 || t.drains[n-1].end != 0 {
+		// (Else the last one stopped half way: this one ends it.)
+		if n >= maxDrains {
 			// Acks withheld long under overload: the two oldest
 			// merge, the states between them given up for markers.
 			t.drains[1].start = t.drains[0].start
 			t.drains = t.drains[1:]
 		}
 		t.drains = append(t.drains, drainRange{start: t.nextSeq - 1})
-	case !hold && t.drainHold:
-		d := &t.drains[len(t.drains)-1]
-		if d.end = t.nextSeq - 1; d.end == d.start {
-			t.drains = t.drains[:len(t.drains)-1] // numbered nothing
-		}
 	}
 	t.sealLocked() // a batch ends there, for a marker to follow it
-	t.drainHold = hold
+	t.mu.Unlock()
+	t.wake()
+}
+
+// DrainEnded says that the drain DrainStarted began is over: done, it
+// read back all it took; else it stopped half way (the blocks it had yet
+// to read wait in a bitmap), and the next drain that is done ends it.
+func (t *Target) DrainEnded(done bool) {
+	t.mu.Lock()
+	if n := len(t.drains); done && n > 0 && t.drains[n-1].end == 0 {
+		d := &t.drains[n-1]
+		if d.end = t.nextSeq - 1; d.end == d.start {
+			t.drains = t.drains[:n-1] // numbered nothing
+		}
+		t.sealLocked()
+	}
 	t.mu.Unlock()
 	t.wake()
 }
