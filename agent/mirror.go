@@ -184,6 +184,8 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 		log.Warn("ignoring unreadable state: full copy", "err", err)
 	}
 
+	_, statErr := os.Stat(cfg.To)
+	existed := statErr == nil
 	f, err := os.OpenFile(cfg.To, openFlags, 0o600)
 	if errors.Is(err, syscall.EBUSY) {
 		return fmt.Errorf("mirror device %s is in use (mounted, or held by another device): %w", cfg.To, err)
@@ -212,8 +214,16 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	if err != nil {
 		return err
 	}
-	// A copy of the disk is as secret as the disk: an existing file that
-	// others may read (made by truncate or cp) is closed to them. After
+	// A copy of the disk is as secret as the disk: an existing file
+	// another user owns would stay theirs to read whatever its mode. (Not
+	// the overflow uid: an NFS export that squashes root gives it to the
+	// files root makes there.)
+	if fi, err := f.Stat(); err == nil && fi.Mode().IsRegular() && existed {
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() && st.Uid != overflowUID() {
+			return fmt.Errorf("mirror file %s is owned by uid %d: the copy of %s would be theirs to read; remove it or chown it to root", cfg.To, st.Uid, cfg.Device)
+		}
+	}
+	// One that others may read (made by truncate or cp) is closed to them. After
 	// the stamp: the chmod moves its ctime (and on vfat or exFAT, which
 	// keep no modes, moves it at every start).
 	if fi, err := f.Stat(); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o077 != 0 {
@@ -480,6 +490,9 @@ func release(dir string, forget func() error) error {
 // harvesting (and so stealing) the other's bitmap marks, and a release
 // would detach a running agent's capture.
 func lockState(dir string) (*os.File, error) {
+	if err := checkPrivate(dir); err != nil {
+		return nil, err
+	}
 	f, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("lock state directory: %w", err)
@@ -492,6 +505,40 @@ func lockState(dir string) (*os.File, error) {
 		return nil, fmt.Errorf("lock state directory %s: %w", dir, err)
 	}
 	return f, nil
+}
+
+// overflowUID is the uid the kernel shows for one it cannot map (65534
+// unless set otherwise), the owner root's files get on a squashing NFS
+// export.
+func overflowUID() uint32 {
+	b, err := os.ReadFile("/proc/sys/fs/overflowuid")
+	if err != nil {
+		return 65534
+	}
+	n, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 32)
+	if err != nil {
+		return 65534
+	}
+	return uint32(n)
+}
+
+// checkPrivate refuses a state directory another user owns or may write
+// to: the state in it decides what the agent trusts of its copy (a clean
+// stop skips the resync), and files the agent writes there by name could
+// be links planted to others.
+func checkPrivate(dir string) error {
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return nil
+	}
+	if int(st.Uid) != os.Geteuid() || fi.Mode().Perm()&0o022 != 0 {
+		return fmt.Errorf("state directory %s is owned by uid %d with mode %v: it must be this agent's alone (chown root and chmod go-w it, or give another --state-dir)", dir, st.Uid, fi.Mode().Perm())
+	}
+	return nil
 }
 
 // unpin removes the pins of stateDir's capture: its programs detach once

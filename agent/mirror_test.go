@@ -1160,3 +1160,44 @@ func TestMirrorTargetFull(t *testing.T) {
 		t.Error("the state after the failed mirror is clean: the next start would resume over what the target lost")
 	}
 }
+
+// A state directory another user may write, and an existing mirror file
+// another user owns, are refused: the state decides what the agent
+// trusts of its copy (and files it writes there by name could be planted
+// links), and the copy of the disk would be that user's to read.
+func TestMirrorRefusesOthersFiles(t *testing.T) {
+	testenv.RequireRoot(t)
+	d := loopdev.New(t, 16<<20, loopdev.Options{})
+	dir := t.TempDir()
+	open := filepath.Join(dir, "open")
+	if err := os.Mkdir(open, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(open, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	// Bounded: accepted, it would mirror on.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	err := RunMirror(ctx, MirrorConfig{Device: d.Path, To: filepath.Join(dir, "m.img"), RingBytes: 16 << 20, StateDir: open})
+	Release(open)
+	if err == nil || !strings.Contains(err.Error(), "must be this agent's alone") {
+		t.Errorf("state directory writable by all: %v, want refused", err)
+	}
+	theirs := filepath.Join(dir, "theirs.img")
+	if err := os.WriteFile(theirs, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(theirs, 1000, 1000); err != nil {
+		t.Fatal(err)
+	}
+	state := filepath.Join(dir, "state")
+	err = RunMirror(ctx, MirrorConfig{Device: d.Path, To: theirs, RingBytes: 16 << 20, StateDir: state})
+	Release(state)
+	if err == nil || !strings.Contains(err.Error(), "owned by uid 1000") {
+		t.Errorf("mirror file owned by uid 1000: %v, want refused", err)
+	}
+	if fi := mustStat(t, theirs); fi.Size() != 0 {
+		t.Errorf("their file was written: %d bytes", fi.Size())
+	}
+}

@@ -175,6 +175,9 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("state directory: %w", err)
 	}
+	if err := checkPrivate(cfg.StateDir); err != nil {
+		return err // (its machine directories could be swapped)
+	}
 	lock, err := lockState(dir)
 	if err != nil {
 		return err

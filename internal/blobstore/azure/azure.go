@@ -157,6 +157,12 @@ func New(cfg Config) (*Store, error) {
 		return nil, fmt.Errorf("azure: the connection string's blob endpoint %q has no http(s) scheme or no host (BlobEndpoint=https://<account>.blob.core.windows.net): %w",
 			shown, blobstore.ErrInvalid)
 	}
+	if u, _ := url.Parse(svc.URL()); u.Scheme == "http" && account != EmulatorAccount && !loopback(u.Hostname()) {
+		// Signed requests, a SAS token and the replicas' pages would
+		// cross the network in clear.
+		return nil, fmt.Errorf("azure: the connection string's blob endpoint %s is plain http: use https (DefaultEndpointsProtocol=https); http is taken only for a loopback endpoint or the storage emulator's account: %w",
+			u.Host, blobstore.ErrInvalid)
+	}
 	mode := cfg.Copy
 	if mode == CopyAuto {
 		mode = CopyServer
@@ -1030,4 +1036,13 @@ func validAccountName(name string) bool {
 		}
 	}
 	return true
+}
+
+// loopback reports whether host names this machine (an emulator here).
+func loopback(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }

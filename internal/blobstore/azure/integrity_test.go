@@ -224,6 +224,20 @@ func TestErrorsDoNotLeakKey(t *testing.T) {
 			t.Errorf("blob endpoint %q: err = %v, want ErrInvalid without the signature", ep, err)
 		}
 	}
+	// Plain http to a real account: signed requests and data in clear.
+	// Loopback and the emulator's account are taken.
+	for ep, ok := range map[string]bool{
+		"DefaultEndpointsProtocol=http;AccountName=prod;AccountKey=c2VjcmV0;EndpointSuffix=core.windows.net":                                                     false,
+		"BlobEndpoint=http://prod.blob.core.windows.net;SharedAccessSignature=sig=TOPSECRET":                                                                     false,
+		"BlobEndpoint=http://127.0.0.1:10000/prod;SharedAccessSignature=sig=TOPSECRET":                                                                           true,
+		"BlobEndpoint=http://localhost:10000/prod;SharedAccessSignature=sig=TOPSECRET":                                                                           true,
+		"DefaultEndpointsProtocol=http;AccountName=" + azure.EmulatorAccount + ";AccountKey=c2VjcmV0;BlobEndpoint=http://azurite:10000/" + azure.EmulatorAccount: true,
+	} {
+		_, err := azure.New(azure.Config{ConnectionString: ep, Container: "c"})
+		if ok && err != nil || !ok && (!errors.Is(err, blobstore.ErrInvalid) || !strings.Contains(err.Error(), "plain http") || strings.Contains(err.Error(), "TOPSECRET") || strings.Contains(err.Error(), "c2VjcmV0")) {
+			t.Errorf("%s: err = %v, want taken: %v", ep, err, ok)
+		}
+	}
 	// Fields run together: the account name's value goes on to the key.
 	for _, sep := range []string{"\n", " ", ","} {
 		if _, err := azure.New(azure.Config{ConnectionString: "AccountName=acct" + sep + "AccountKey=c2VjcmV0", Container: "c"}); err == nil ||
