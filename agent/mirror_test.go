@@ -16,8 +16,6 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/lifeboat-dr/lifeboat/agent/capture"
 	"github.com/lifeboat-dr/lifeboat/internal/blockdev"
 	"github.com/lifeboat-dr/lifeboat/internal/loopdev"
@@ -1074,17 +1072,6 @@ func TestMirrorLoopAttachedDuringRun(t *testing.T) {
 	assertSameBytes(t, a.Path, mirror)
 }
 
-// smallFS mounts a tmpfs of size bytes on a new directory.
-func smallFS(t *testing.T, size int64) string {
-	t.Helper()
-	dir := t.TempDir()
-	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, fmt.Sprintf("size=%d", size)); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
-	return dir
-}
-
 // A mirror whose target cannot hold the copy fails with a clear error,
 // and is never vouched for: a mirror file on a file system too small is
 // refused before anything is written (it used to fill the file system
@@ -1095,7 +1082,7 @@ func TestMirrorTargetFull(t *testing.T) {
 	testenv.RequireRoot(t)
 	src := loopdev.New(t, 32<<20, loopdev.Options{})
 	run(t, "dd", "if=/dev/urandom", "of="+src.Path, "bs=1M", "count=32", "oflag=direct", "status=none")
-	small := smallFS(t, 8<<20)
+	small := testenv.Tmpfs(t, 8<<20)
 	dir := t.TempDir()
 
 	to := filepath.Join(small, "mirror.img")

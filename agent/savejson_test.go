@@ -6,8 +6,6 @@ import (
 	"path/filepath"
 	"testing"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/lifeboat-dr/lifeboat/internal/testenv"
 )
 
@@ -15,12 +13,7 @@ import (
 // state saved before stays. The write's error used to be dropped, and a
 // truncated file renamed over the good one.
 func TestSaveJSONFullDisk(t *testing.T) {
-	testenv.RequireRoot(t)
-	dir := t.TempDir()
-	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=64k"); err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Unmount(dir, 0)
+	dir := testenv.Tmpfs(t, 64<<10)
 	path := filepath.Join(dir, "state.json")
 	if err := saveJSON(path, map[string]int{"ok": 1}); err != nil {
 		t.Fatal(err)

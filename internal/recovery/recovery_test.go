@@ -14,8 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore/mem"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
@@ -592,12 +590,7 @@ func TestLatestNotSteeredByClearedMetadata(t *testing.T) {
 // what is full and what to do, and leaves nothing there: the error named
 // the partial file it had just removed.
 func TestRecoverFileSystemFull(t *testing.T) {
-	testenv.RequireRoot(t)
-	dir := t.TempDir()
-	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=1m"); err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Unmount(dir, 0)
+	dir := testenv.Tmpfs(t, 1<<20)
 	rng := rand.New(rand.NewPCG(21, 21))
 	m := recoverytest.New(t, mem.New(), "full", 4<<20)
 	m.Write(0, 0, randBytes(rng, 3<<20))

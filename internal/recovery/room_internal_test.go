@@ -4,18 +4,11 @@ import (
 	"strings"
 	"testing"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/lifeboat-dr/lifeboat/internal/testenv"
 )
 
 func TestRoomIn(t *testing.T) {
-	testenv.RequireRoot(t)
-	dir := t.TempDir()
-	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=1m"); err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Unmount(dir, 0)
+	dir := testenv.Tmpfs(t, 1<<20)
 	if err := roomIn(dir, 100<<10); err != nil {
 		t.Errorf("100 KiB in 1 MiB: %v", err)
 	}
