@@ -1273,15 +1273,7 @@ func TestTimeMarkerAfterResyncNotDatedBeforeIt(t *testing.T) {
 	}
 	tg := dial(t, cfg)
 	hold = tg.HoldTimeMarkers
-	if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil {
-		t.Fatal(err)
-	}
-	tBefore := time.Now()
-	tg.Covered(tBefore)
-	waitFor(t, "a time marker", func() bool {
-		ms := srv.Markers()
-		return len(ms) > 0 && ms[len(ms)-1].UnixNano == tBefore.UnixNano()
-	})
+	coveredWrite(t, srv, tg)
 	srv.Forget("d0") // the next hello gets a full sync
 	srv.Drop()
 	<-asked
@@ -1340,15 +1332,7 @@ func TestTimeMarkersHeldDuringDrain(t *testing.T) {
 	cfg.MarkerInterval = 10 * time.Millisecond
 	cfg.BusyMarkerInterval = 10 * time.Millisecond
 	tg := dial(t, cfg)
-	if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil {
-		t.Fatal(err)
-	}
-	before := time.Now()
-	tg.Covered(before)
-	waitFor(t, "a time marker", func() bool {
-		ms := srv.Markers()
-		return len(ms) > 0 && ms[len(ms)-1].UnixNano == before.UnixNano()
-	})
+	coveredWrite(t, srv, tg)
 	write := func(i int) {
 		t.Helper()
 		if err := tg.WriteAt(0, make([]byte, 64<<10), int64(i)*64<<10); err != nil {
@@ -1411,4 +1395,19 @@ func TestTimeMarkersHeldDuringDrain(t *testing.T) {
 			}
 		}
 	}
+}
+
+// coveredWrite hands tg a write, covers it and waits for the time marker
+// that dates it.
+func coveredWrite(t *testing.T, srv *streamtest.Server, tg *stream.Target) {
+	t.Helper()
+	if err := tg.WriteAt(0, make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	at := time.Now()
+	tg.Covered(at)
+	waitFor(t, "a time marker", func() bool {
+		ms := srv.Markers()
+		return len(ms) > 0 && ms[len(ms)-1].UnixNano == at.UnixNano()
+	})
 }
