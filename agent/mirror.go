@@ -813,7 +813,7 @@ func (t *fileTarget) ReadAt(_ int, p []byte, off int64) (int, error) { return t.
 // write the kernel could not write back (a full thin volume, a failing
 // disk) stops the mirror here, not at the next stop, days later.
 func (t *fileTarget) Marker(m Marker) error {
-	if err := t.syncData(); err != nil {
+	if err := t.syncData(false); err != nil {
 		return err
 	}
 	b, _ := json.Marshal(struct {
@@ -827,23 +827,28 @@ func (t *fileTarget) Marker(m Marker) error {
 	return t.markers.Sync()
 }
 
+// Sync writes the mirror back, its ctime too (the clean stop's stamp).
 func (t *fileTarget) Sync() error {
-	if err := t.syncData(); err != nil {
+	if err := t.syncData(true); err != nil {
 		return err
 	}
 	return t.markers.Sync()
 }
 
-// syncData writes the mirror's data back; once it has failed it fails
-// for good.
-func (t *fileTarget) syncData() error {
+// syncData writes the mirror's data back (and its metadata: all); once
+// it has failed it fails for good.
+func (t *fileTarget) syncData(all bool) error {
 	if t.null {
 		return nil
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.failed == nil {
-		if err := unix.Fdatasync(int(t.f.Fd())); err != nil {
+		sync := unix.Fdatasync
+		if all {
+			sync = unix.Fsync
+		}
+		if err := sync(int(t.f.Fd())); err != nil {
 			t.failed = fmt.Errorf("sync mirror %s: %w", t.f.Name(), err)
 		}
 	}
@@ -871,7 +876,7 @@ func (t *fileTarget) syncLoop(stop <-chan struct{}, fail func(error)) {
 		case <-stop:
 			return
 		case <-tick.C:
-			if err := t.syncData(); err != nil {
+			if err := t.syncData(false); err != nil {
 				fail(err)
 				return
 			}

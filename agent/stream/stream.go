@@ -1006,7 +1006,9 @@ func (t *Target) HoldTimeMarkers(hold bool) {
 	t.mu.Lock()
 	t.markerNow = t.holdMarkers && !hold
 	if t.holdMarkers && !hold {
-		t.releaseLocked()
+		t.releaseSeq = t.nextSeq - 1
+		t.coverFloor = time.Now()
+		t.covers = t.covers[:0]
 	}
 	t.holdMarkers = hold
 	t.mu.Unlock()
@@ -1085,14 +1087,6 @@ func (t *Target) atDrainEdgeLocked(seq uint64) bool {
 		}
 	}
 	return false
-}
-
-// releaseLocked makes the first time marker after a hold wait for every
-// record numbered so far, and for a cover taken since.
-func (t *Target) releaseLocked() {
-	t.releaseSeq = t.nextSeq - 1
-	t.coverFloor = time.Now()
-	t.covers = t.covers[:0]
 }
 
 // Abort makes every blocked and later call fail with err (the first one
