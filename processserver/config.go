@@ -82,11 +82,12 @@ type Config struct {
 	SegmentAge   time.Duration
 	// Window is the Backpressure window granted to agents (default 64 MiB).
 	Window uint64
-	// MaxBacklogBytes pauses a machine's agent (Backpressure{0}) while
-	// more than this many bytes of it wait in the cache for upload. 0
-	// means no per-machine bound: the cache absorbs Azure outages until it
-	// is 90% full, which pauses every agent.
-	MaxBacklogBytes int64
+	// MaxMachineCacheBytes pauses a machine's agent (Backpressure{0})
+	// while more than this many bytes of it are in the cache, waiting for
+	// their upload or for the applier: one machine that cannot upload, or
+	// whose replica cannot be written, then stops alone, before the cache
+	// is 90% full, which pauses every agent. 0 means no per-machine bound.
+	MaxMachineCacheBytes int64
 
 	// NewApplier, if set, is called once by Start, before any segment is
 	// uploaded, to build the applier the server notifies; the applier

@@ -155,7 +155,7 @@ func (e *env) start() *Server {
 	cfg := Config{
 		Listen: "127.0.0.1:0", PKIDir: e.pki, Name: name, CacheDirs: e.cache,
 		RecoveryKeyFile: e.rkFile, Store: e.store, SegmentBytes: e.segBytes, SegmentAge: e.segAge,
-		MaxBacklogBytes: e.backlog, Window: e.window, NewApplier: e.applier, CacheOptions: cache.Options{FS: e.cacheFS, WriteQuorum: e.quorum, HangAfter: e.hangAfter},
+		MaxMachineCacheBytes: e.backlog, Window: e.window, NewApplier: e.applier, CacheOptions: cache.Options{FS: e.cacheFS, WriteQuorum: e.quorum, HangAfter: e.hangAfter},
 		Metrics: e.reg,
 		Logger:  slog.New(slog.NewTextHandler(io.MultiWriter(e.logs, testWriter{e.t}), &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}

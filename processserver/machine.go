@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
@@ -94,6 +95,10 @@ type machine struct {
 	applied  uint64 // reported by the applier
 	segs     []*segEntry
 	backlog  int64 // bytes cached and not yet uploaded (known sizes)
+	// uploadFailing: the uploader's last step failed; it backs off, and
+	// appliers do not yield to uploads that cannot move (a machine the
+	// account refuses would hold every other machine's replica back).
+	uploadFailing atomic.Bool
 	// dropWarned is when dropApplied last warned of a failed delete
 	// (uploader's goroutine only).
 	dropWarned time.Time
@@ -1545,6 +1550,18 @@ func (m *machine) backlogBytes() int64 {
 		return 0 // never uploaded here: it must not hold other applies back
 	}
 	return m.backlog
+}
+
+// cacheShare is the bytes of m's segments in the cache (known sizes),
+// uploaded or not: they stay until applied.
+func (m *machine) cacheShare() int64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var n int64
+	for _, e := range m.segs {
+		n += e.size
+	}
+	return n
 }
 
 // waitUploaded blocks until every record ≤ seq is uploaded and the

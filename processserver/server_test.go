@@ -471,6 +471,42 @@ func TestBackpressure(t *testing.T) {
 	a.waitWindow(20*time.Second, DefaultWindow)
 }
 
+// TestBackpressureStuckApplier: a machine whose segments are uploaded but
+// never applied (its journal tampered, its replica refused) is paused by
+// its cache bound, not left to fill the cache every machine shares, and
+// resumed once they are applied.
+func TestBackpressureStuckApplier(t *testing.T) {
+	e := newEnv(t, mem.New(), 1)
+	e.segAge = 20 * time.Millisecond
+	e.backlog = 256
+	fa := &fakeApplier{upTo: map[string]uint64{}}
+	e.applier = func(*Server) (Applier, error) { return fa, nil }
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	a.hello("m1", disk0)
+	a.waitAck(a.batch(1, 40))
+	a.waitWindow(10*time.Second, 0)
+	// Uploaded meanwhile (nothing fails), the segments stay: so does the
+	// pause, over several of the monitor's rounds.
+	eventually(t, 10*time.Second, "the uploads", func() bool { return s.known("m1").backlogBytes() == 0 })
+	for quiet := time.After(3 * time.Second); ; {
+		var f frame
+		select {
+		case f = <-a.frames:
+		case <-quiet:
+		}
+		if f.typ == 0 && f.err == nil {
+			break
+		}
+		var bp wire.Backpressure
+		if f.err == nil && f.typ == wire.TypeBackpressure && bp.UnmarshalBinary(f.payload) == nil && bp.Window != 0 {
+			t.Fatalf("window %d with every segment uploaded and none applied", bp.Window)
+		}
+	}
+	s.Applied("m1", 40)
+	a.waitWindow(20*time.Second, DefaultWindow)
+}
+
 // pausedAgent starts a process server whose uploads fail and an agent
 // whose 40 records then go over its backlog bound (256 bytes; the backlog
 // counts sealed bytes, and batch's data compresses 160 KiB to a few KiB):
@@ -1106,5 +1142,49 @@ func TestWithdrawnMarkerDatesNothing(t *testing.T) {
 	}
 	if man.RecoverableUntil.After(t0) {
 		t.Errorf("recoverable_until %s, past the last time marker's %s", man.RecoverableUntil, t0)
+	}
+}
+
+// refusedJournal refuses every journal upload of one machine, as an
+// account policy or a permission on its path would.
+type refusedJournal struct {
+	blobstore.Store
+	prefix string
+}
+
+func (r refusedJournal) PutBlob(ctx context.Context, name string, data []byte, md blobstore.Metadata) error {
+	if strings.HasPrefix(name, r.prefix) {
+		return fmt.Errorf("refused %s: %w", name, blobstore.ErrInvalid)
+	}
+	return r.Store.PutBlob(ctx, name, data, md)
+}
+
+func (r refusedJournal) PutBlobIf(ctx context.Context, name string, data []byte, md blobstore.Metadata, match string) (string, error) {
+	if strings.HasPrefix(name, r.prefix) {
+		return "", fmt.Errorf("refused %s: %w", name, blobstore.ErrInvalid)
+	}
+	return r.Store.PutBlobIf(ctx, name, data, md, match)
+}
+
+// Appliers yield to journal uploads, but not to those of a machine whose
+// uploads fail: its backlog, which cannot move, held every other
+// machine's apply passes back 2 s each (and with them each question of a
+// checksum resync).
+func TestYieldSkipsFailingUploads(t *testing.T) {
+	e := newEnv(t, refusedJournal{mem.New(), layout.JournalPrefix("m1")}, 1)
+	e.segAge = 20 * time.Millisecond
+	e.segBytes = 1024
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	a.hello("m1", disk0)
+	a.waitAck(a.batch(1, 40))
+	m := s.known("m1")
+	eventually(t, 10*time.Second, "m1's uploads failing with a backlog", func() bool {
+		return m.uploadFailing.Load() && m.backlogBytes() > 1024
+	})
+	t0 := time.Now()
+	s.YieldToUploads(e.ctx)
+	if d := time.Since(t0); d > time.Second {
+		t.Fatalf("an apply pass waited %v for uploads that cannot move", d)
 	}
 }

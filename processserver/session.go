@@ -853,8 +853,8 @@ func (st *session) updateBackpressure() {
 	paused := st.sentWindow && st.window == 0
 	if st.s.cachePaused.Load() {
 		want = 0
-	} else if lim := st.s.cfg.MaxBacklogBytes; lim > 0 && st.m != nil {
-		b := st.m.backlogBytes()
+	} else if lim := st.s.cfg.MaxMachineCacheBytes; lim > 0 && st.m != nil {
+		b := st.m.cacheShare()
 		if b > lim || (paused && b > lim*3/4) {
 			want = 0
 		}

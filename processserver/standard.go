@@ -58,7 +58,8 @@ func (s *Server) YieldToUploads(ctx context.Context) {
 	}
 }
 
-// uploadBacklog is the bytes cached and not yet uploaded, all machines.
+// uploadBacklog is the bytes cached and not yet uploaded, all machines
+// but those whose uploads are failing.
 func (s *Server) uploadBacklog() int64 {
 	s.mu.Lock()
 	ms := make([]*machine, 0, len(s.machines))
@@ -68,7 +69,9 @@ func (s *Server) uploadBacklog() int64 {
 	s.mu.Unlock()
 	var n int64
 	for _, m := range ms {
-		n += m.backlogBytes()
+		if !m.uploadFailing.Load() {
+			n += m.backlogBytes()
+		}
 	}
 	return n
 }

@@ -65,6 +65,7 @@ func (m *machine) uploadLoop(ctx context.Context) {
 			parked = false
 			m.setParked(false)
 			did, err := m.uploadStep(ctx, &notified)
+			m.uploadFailing.Store(err != nil && ctx.Err() == nil && !errors.Is(err, errFenced))
 			if err != nil {
 				if ctx.Err() != nil {
 					return

@@ -27,6 +27,7 @@ func processServerCmd(verbose *bool) *cobra.Command {
 	var (
 		cfg           processserver.Config
 		uploadLimit   float64
+		machineCache  float64
 		pointInterval time.Duration
 		retention     time.Duration
 	)
@@ -62,6 +63,10 @@ while the cache absorbs the stream.`,
 			if uploadLimit < 0 || math.IsNaN(uploadLimit) || math.IsInf(uploadLimit, 0) {
 				return fmt.Errorf("--upload-limit %v: give bytes per second, e.g. 20e6 (0: unlimited)", uploadLimit)
 			}
+			if machineCache < 0 || math.IsNaN(machineCache) || math.IsInf(machineCache, 0) || machineCache > 0 && machineCache < 2*float64(processserver.DefaultSegmentBytes) {
+				return fmt.Errorf("--machine-cache-limit %v: give bytes, at least two segments (%d), e.g. 20e9 (0: none)", machineCache, 2*processserver.DefaultSegmentBytes)
+			}
+			cfg.MaxMachineCacheBytes = int64(machineCache)
 			if uploadLimit > 0 && uploadLimit < minUploadLimit {
 				// 20 for 20 MB/s would take days per segment.
 				return fmt.Errorf("--upload-limit %v: that is bytes per second, below the %v the stream needs to move at all (20 MB/s is 20e6)", uploadLimit, minUploadLimit)
@@ -119,6 +124,8 @@ while the cache absorbs the stream.`,
 	f.StringVar(&cfg.MetricsListen, "metrics", "", "serve Prometheus metrics on ADDR/metrics (off when empty)")
 	f.BoolVar(&cfg.Profiling, "pprof", false, "also serve Go profiles on the metrics address under /debug/pprof/ (CPU samples labelled by stage)")
 	f.Float64Var(&uploadLimit, "upload-limit", 0, "upload bandwidth limit in bytes per second, e.g. 20e6 (0: unlimited)")
+	f.Float64Var(&machineCache, "machine-cache-limit", 0,
+		"pause a machine's agent while more than this many bytes of it are in the cache, not yet uploaded or applied, e.g. 20e9 (0: no per-machine bound; every agent pauses at 90% full)")
 	f.DurationVar(&pointInterval, "point-interval", 5*time.Minute, "crash-consistent recovery point interval (app-consistent points follow the agents' markers)")
 	f.DurationVar(&retention, "retention", 24*time.Hour, "how long recovery points and the journal between them are kept (negative: keep everything)")
 	for _, n := range []string{"pki", "name", "cache", "recovery-key"} {
