@@ -173,6 +173,9 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("state directory: %w", err)
 	}
+	if err := checkPrivate(cfg.StateDir); err != nil {
+		return err
+	}
 	lock, err := lockState(cfg.StateDir)
 	if err != nil {
 		return err
@@ -210,22 +213,23 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	if err != nil {
 		return err
 	}
-	stamp, err := fileStamp(f)
-	if err != nil {
-		return err
-	}
 	// A copy of the disk is as secret as the disk: an existing file
-	// another user owns would stay theirs to read whatever its mode. (Not
-	// the overflow uid: an NFS export that squashes root gives it to the
-	// files root makes there.)
-	if fi, err := f.Stat(); err == nil && fi.Mode().IsRegular() && existed {
+	// another user owns, and the state does not know, would stay theirs
+	// to read whatever its mode. (One the agent made may belong to
+	// another uid by the mount's rule: vfat or CIFS mounted with uid=,
+	// an NFS export mapping root.)
+	if fi, err := f.Stat(); err == nil && fi.Mode().IsRegular() && existed && (prev == nil || prev.TargetID != targetID) {
 		if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() && st.Uid != overflowUID() {
 			return fmt.Errorf("mirror file %s is owned by uid %d: the copy of %s would be theirs to read; remove it or chown it to root", cfg.To, st.Uid, cfg.Device)
 		}
 	}
-	// One that others may read (made by truncate or cp) is closed to them. After
-	// the stamp: the chmod moves its ctime (and on vfat or exFAT, which
-	// keep no modes, moves it at every start).
+	stamp, err := fileStamp(f)
+	if err != nil {
+		return err
+	}
+	// A file that others may read (made by truncate or cp) is closed to
+	// them. After the stamp: the chmod moves its ctime (and on vfat or
+	// exFAT, which keep no modes, moves it at every start).
 	if fi, err := f.Stat(); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o077 != 0 {
 		if err := f.Chmod(fi.Mode().Perm() &^ 0o077); err != nil {
 			log.Warn("mirror file is readable by others and its mode cannot be changed", "file", cfg.To, "err", err)
@@ -490,9 +494,6 @@ func release(dir string, forget func() error) error {
 // harvesting (and so stealing) the other's bitmap marks, and a release
 // would detach a running agent's capture.
 func lockState(dir string) (*os.File, error) {
-	if err := checkPrivate(dir); err != nil {
-		return nil, err
-	}
 	f, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("lock state directory: %w", err)
@@ -525,7 +526,8 @@ func overflowUID() uint32 {
 // checkPrivate refuses a state directory another user owns or may write
 // to: the state in it decides what the agent trusts of its copy (a clean
 // stop skips the resync), and files the agent writes there by name could
-// be links planted to others.
+// be links planted to others. (The overflow uid owns what root makes on
+// an NFS export that squashes it.)
 func checkPrivate(dir string) error {
 	fi, err := os.Stat(dir)
 	if err != nil {
@@ -535,7 +537,7 @@ func checkPrivate(dir string) error {
 	if !ok {
 		return nil
 	}
-	if int(st.Uid) != os.Geteuid() || fi.Mode().Perm()&0o022 != 0 {
+	if int(st.Uid) != os.Geteuid() && st.Uid != overflowUID() || fi.Mode().Perm()&0o022 != 0 {
 		return fmt.Errorf("state directory %s is owned by uid %d with mode %v: it must be this agent's alone (chown root and chmod go-w it, or give another --state-dir)", dir, st.Uid, fi.Mode().Perm())
 	}
 	return nil

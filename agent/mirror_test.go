@@ -1187,4 +1187,13 @@ func TestMirrorRefusesOthersFiles(t *testing.T) {
 	if fi := mustStat(t, theirs); fi.Size() != 0 {
 		t.Errorf("their file was written: %d bytes", fi.Size())
 	}
+	// One the agent made, owned by another uid by the mount's rule (vfat
+	// or CIFS mounted with uid=1000): its own state knows it.
+	mine, state2 := filepath.Join(dir, "mine.img"), filepath.Join(dir, "state2")
+	startMirror(t, d.Path, mine, runOpts{stateDir: state2}).stop()
+	if err := os.Chown(mine, 1000, 1000); err != nil {
+		t.Fatal(err)
+	}
+	startMirror(t, d.Path, mine, runOpts{stateDir: state2}).stop()
+	assertSameBytes(t, d.Path, mine)
 }

@@ -175,8 +175,10 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("state directory: %w", err)
 	}
-	if err := checkPrivate(cfg.StateDir); err != nil {
-		return err // (its machine directories could be swapped)
+	for _, d := range []string{cfg.StateDir, dir} { // (machine directories could be swapped in the first)
+		if err := checkPrivate(d); err != nil {
+			return err
+		}
 	}
 	lock, err := lockState(dir)
 	if err != nil {

@@ -1552,14 +1552,17 @@ func (m *machine) backlogBytes() int64 {
 	return m.backlog
 }
 
-// cacheShare is the bytes of m's segments in the cache (known sizes),
-// uploaded or not: they stay until applied.
+// cacheShare is the bytes of m's segments in the cache (known sizes)
+// that wait for their upload or for the applier. (Not the applied ones
+// whose delete failed: a cache disk unmounted keeps them listed.)
 func (m *machine) cacheShare() int64 {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	var n int64
 	for _, e := range m.segs {
-		n += e.size
+		if !e.uploaded || e.last == 0 || e.last > m.applied {
+			n += e.size
+		}
 	}
 	return n
 }

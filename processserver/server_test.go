@@ -1188,3 +1188,18 @@ func TestYieldSkipsFailingUploads(t *testing.T) {
 		t.Fatalf("an apply pass waited %v for uploads that cannot move", d)
 	}
 }
+
+// A machine's cache share counts what waits for its upload or for the
+// applier, not applied segments still listed because their delete failed
+// (a cache disk unmounted): those would pause its agent for good.
+func TestCacheShare(t *testing.T) {
+	m := &machine{applied: 20, segs: []*segEntry{
+		{size: 100, last: 10, uploaded: true}, // applied, its delete failed
+		{size: 200, last: 30, uploaded: true}, // waits for the applier
+		{size: 400, last: 40},                 // waits for its upload
+		{size: 800},                           // found at start, unread
+	}}
+	if got := m.cacheShare(); got != 1400 {
+		t.Fatalf("cache share %d, want 1400 (all but the applied segment)", got)
+	}
+}

@@ -63,8 +63,8 @@ while the cache absorbs the stream.`,
 			if uploadLimit < 0 || math.IsNaN(uploadLimit) || math.IsInf(uploadLimit, 0) {
 				return fmt.Errorf("--upload-limit %v: give bytes per second, e.g. 20e6 (0: unlimited)", uploadLimit)
 			}
-			if machineCache < 0 || math.IsNaN(machineCache) || math.IsInf(machineCache, 0) || machineCache > 0 && machineCache < 2*float64(processserver.DefaultSegmentBytes) {
-				return fmt.Errorf("--machine-cache-limit %v: give bytes, at least two segments (%d), e.g. 20e9 (0: none)", machineCache, 2*processserver.DefaultSegmentBytes)
+			if machineCache < 0 || math.IsNaN(machineCache) || machineCache > 0 && machineCache < 2*float64(processserver.DefaultSegmentBytes) || machineCache > 1e18 {
+				return fmt.Errorf("--machine-cache-limit %v: give bytes, at least two segments (%d) and at most 1e18, e.g. 20e9 (0: none)", machineCache, 2*processserver.DefaultSegmentBytes)
 			}
 			cfg.MaxMachineCacheBytes = int64(machineCache)
 			if uploadLimit > 0 && uploadLimit < minUploadLimit {
