@@ -1552,6 +1552,13 @@ func (m *machine) backlogBytes() int64 {
 	return m.backlog
 }
 
+// appliedSeq is the applier's last report for m.
+func (m *machine) appliedSeq() uint64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.applied
+}
+
 // cacheShare is the bytes of m's segments in the cache (known sizes)
 // that wait for their upload or for the applier. (Not the applied ones
 // whose delete failed: a cache disk unmounted keeps them listed.)

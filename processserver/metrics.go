@@ -75,6 +75,12 @@ var (
 	durableSeqDesc = prometheus.NewDesc("lifeboat_ps_durable_seq",
 		"Highest sequence number of the machine whose records are all in the storage account's journal, as its manifest there says.",
 		[]string{"machine"}, nil)
+	machineCacheDesc = prometheus.NewDesc("lifeboat_ps_machine_cache_bytes",
+		"Bytes of the machine's journal in this server's cache waiting for their upload or for the applier (what --machine-cache-limit bounds): which machine fills the cache.",
+		[]string{"machine"}, nil)
+	appliedSeqDesc = prometheus.NewDesc("lifeboat_ps_applied_seq",
+		"Highest sequence number of the machine applied to its replicas by this server's applier (0 before it reports); durable_seq minus it is the replica's lag in records.",
+		[]string{"machine"}, nil)
 )
 
 // machineCollector reports every machine this server serves; one another
@@ -85,6 +91,8 @@ func (c machineCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- rpoDesc
 	ch <- recoverableDesc
 	ch <- durableSeqDesc
+	ch <- machineCacheDesc
+	ch <- appliedSeqDesc
 }
 
 func (c machineCollector) Collect(ch chan<- prometheus.Metric) {
@@ -103,5 +111,7 @@ func (c machineCollector) Collect(ch chan<- prometheus.Metric) {
 		if r.loaded {
 			ch <- prometheus.MustNewConstMetric(durableSeqDesc, prometheus.GaugeValue, float64(r.durable), m.name)
 		}
+		ch <- prometheus.MustNewConstMetric(machineCacheDesc, prometheus.GaugeValue, float64(m.cacheShare()), m.name)
+		ch <- prometheus.MustNewConstMetric(appliedSeqDesc, prometheus.GaugeValue, float64(m.appliedSeq()), m.name)
 	}
 }

@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
@@ -479,6 +480,7 @@ func TestBackpressureStuckApplier(t *testing.T) {
 	e := newEnv(t, mem.New(), 1)
 	e.segAge = 20 * time.Millisecond
 	e.backlog = 256
+	e.reg = prometheus.NewRegistry()
 	fa := &fakeApplier{upTo: map[string]uint64{}}
 	e.applier = func(*Server) (Applier, error) { return fa, nil }
 	s := e.start()
@@ -503,8 +505,17 @@ func TestBackpressureStuckApplier(t *testing.T) {
 			t.Fatalf("window %d with every segment uploaded and none applied", bp.Window)
 		}
 	}
+	if v, ok := gauge(t, e.reg, "lifeboat_ps_machine_cache_bytes", "m1"); !ok || v <= 256 {
+		t.Errorf("machine cache bytes %v (%v), want over the bound", v, ok)
+	}
 	s.Applied("m1", 40)
 	a.waitWindow(20*time.Second, DefaultWindow)
+	if v, ok := gauge(t, e.reg, "lifeboat_ps_applied_seq", "m1"); !ok || v != 40 {
+		t.Errorf("applied seq %v (%v), want 40", v, ok)
+	}
+	if v, ok := gauge(t, e.reg, "lifeboat_ps_machine_cache_bytes", "m1"); !ok || v > 256 {
+		t.Errorf("machine cache bytes %v (%v) after the applier caught up", v, ok)
+	}
 }
 
 // pausedAgent starts a process server whose uploads fail and an agent

@@ -877,7 +877,7 @@ func (st *session) updateBackpressure() {
 	if want == 0 {
 		// The agent goes silent: the read under way must not time out.
 		st.conn.SetReadDeadline(time.Now().Add(quietTimeout))
-		st.log.Warn("pausing agent (backpressure): cache nearly full or upload backlog too large")
+		st.log.Warn("pausing agent (backpressure): cache nearly full, or this machine's share of it over --machine-cache-limit")
 	} else if paused {
 		st.log.Info("resuming agent")
 	}
