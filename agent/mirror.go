@@ -135,13 +135,15 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	// (by device mapper, md, another mirror) is refused with EBUSY
 	// instead of being overwritten.
 	openFlags := os.O_RDWR | os.O_CREATE
-	if _, err := os.Stat(cfg.To); errors.Is(err, fs.ErrNotExist) && blockdev.OnDevtmpfs(filepath.Dir(cfg.To)) {
+	toInfo, toErr := os.Stat(cfg.To)
+	existed := toErr == nil
+	if errors.Is(toErr, fs.ErrNotExist) && blockdev.OnDevtmpfs(filepath.Dir(cfg.To)) {
 		// A device not there yet (the unit started before the disk
 		// appeared) or mistyped: a file made in its place would hold the
 		// copy in memory and take the device's name.
 		return fmt.Errorf("mirror device %s does not exist (not created: a file under /dev would live in memory and take the name of the device when it appears)", cfg.To)
 	}
-	if fi, err := os.Stat(cfg.To); err == nil && fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice == 0 {
+	if fi := toInfo; existed && fi.Mode()&os.ModeDevice != 0 && fi.Mode()&os.ModeCharDevice == 0 {
 		openFlags = os.O_RDWR | os.O_EXCL
 		td, err := blockdev.Open(cfg.To)
 		if err != nil {
@@ -187,8 +189,6 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 		log.Warn("ignoring unreadable state: full copy", "err", err)
 	}
 
-	_, statErr := os.Stat(cfg.To)
-	existed := statErr == nil
 	f, err := os.OpenFile(cfg.To, openFlags, 0o600)
 	if errors.Is(err, syscall.EBUSY) {
 		return fmt.Errorf("mirror device %s is in use (mounted, or held by another device): %w", cfg.To, err)

@@ -78,7 +78,6 @@ func notFound(what, name string) error {
 	return fmt.Errorf("mem: %s %q: %w", what, name, blobstore.ErrNotFound)
 }
 
-// lookup returns blob name; callers hold s.mu.
 // create returns the blob named name, creating an empty one if needed;
 // the caller holds s.mu and sets every field it keeps (a create replaces).
 func (s *Store) create(name string) (*blob, error) {
@@ -93,6 +92,7 @@ func (s *Store) create(name string) (*blob, error) {
 	return b, nil
 }
 
+// lookup returns blob name; callers hold s.mu.
 func (s *Store) lookup(name string) (*blob, error) {
 	if !s.container {
 		return nil, notFound("container of blob", name)
