@@ -562,18 +562,24 @@ func (st *state) checkMarkerSeq(ctx context.Context, store blobstore.Store, keys
 	if st.manifest.IdleSeq == seq {
 		return nil
 	}
-	// The segment before the one holding seq too, for the marker
-	// before it.
-	prev := -1
+	// The segments holding seq, the one before them (for the marker
+	// before it) and the first one after, however far past seq it
+	// starts: after a jump of the sequence (an agent restarting on its
+	// lease) the marker dating seq heads the segment named from the
+	// jumped sequence.
+	lo, hi := -1, len(st.segments)
 	for i, s := range st.segments {
 		if s.Last < seq {
-			prev = i
+			lo = i
+		}
+		if s.First > seq && hi == len(st.segments) {
+			hi = i
 		}
 	}
 	var dec Decoder
 	for i, s := range st.segments {
 		// Metadata says which hold markers: a false "none" only refuses.
-		if (i != prev && (s.Last < seq || s.First > seq+1)) || s.FirstTime.IsZero() {
+		if i < lo || i > hi || s.FirstTime.IsZero() {
 			continue
 		}
 		recs, err := st.records(ctx, store, keys, s, &dec)
