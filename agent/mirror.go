@@ -757,7 +757,7 @@ func roomForCopy(f *os.File, to string, size int64) error {
 	if unix.Fstatfs(int(f.Fd()), &sfs) != nil || unix.Fstat(int(f.Fd()), &st) != nil {
 		return nil // unknown: the writes will tell
 	}
-	free, held := int64(sfs.Bavail)*int64(sfs.Bsize), st.Blocks*512
+	free, held := int64(sfs.Bavail)*blockdev.StatfsUnit(&sfs), st.Blocks*512
 	if free+held < size {
 		return fmt.Errorf("mirror file %s: its file system has %s free and the file holds %s; the copy needs %s (the device's size): free some space or give another --to",
 			to, progress.Bytes(free), progress.Bytes(held), progress.Bytes(size))

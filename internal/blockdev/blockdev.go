@@ -323,3 +323,13 @@ func readSysfs(dir, name string) (string, error) {
 	}
 	return strings.TrimSpace(string(b)), nil
 }
+
+// StatfsUnit is the unit of st's block counts (f_blocks, f_bfree,
+// f_bavail): the fragment size, which file systems such as NFS or FUSE
+// may set apart from f_bsize (their preferred I/O size).
+func StatfsUnit(st *unix.Statfs_t) int64 {
+	if st.Frsize > 0 {
+		return st.Frsize
+	}
+	return st.Bsize
+}

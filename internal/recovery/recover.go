@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/lifeboat-dr/lifeboat/internal/blobstore"
+	"github.com/lifeboat-dr/lifeboat/internal/blockdev"
 	"github.com/lifeboat-dr/lifeboat/internal/layout"
 	"github.com/lifeboat-dr/lifeboat/internal/progress"
 	"github.com/lifeboat-dr/lifeboat/internal/seal"
@@ -911,7 +912,7 @@ func roomIn(dir string, need int64) error {
 	if err := unix.Statfs(dir, &st); err != nil {
 		return nil // unknown: the writes will tell
 	}
-	if free := int64(st.Bavail) * int64(st.Bsize); free < need {
+	if free := int64(st.Bavail) * blockdev.StatfsUnit(&st); free < need {
 		return fmt.Errorf("%s has %s free; the recovery point alone needs %s: free some space or recover elsewhere", dir, progress.Bytes(free), progress.Bytes(need))
 	}
 	return nil

@@ -5,6 +5,8 @@ import (
 	"os"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/lifeboat-dr/lifeboat/internal/blockdev"
 )
 
 // FS is the file system surface the cache uses. It exists so tests can
@@ -57,6 +59,6 @@ func (OSFS) Statfs(path string) (FSStat, error) {
 	if err := unix.Statfs(path, &st); err != nil {
 		return FSStat{}, &fs.PathError{Op: "statfs", Path: path, Err: err}
 	}
-	bs := uint64(st.Bsize)
+	bs := uint64(blockdev.StatfsUnit(&st))
 	return FSStat{Total: st.Blocks * bs, Free: st.Bfree * bs, Avail: st.Bavail * bs, Files: st.Files, FilesFree: st.Ffree}, nil
 }
