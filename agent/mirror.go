@@ -68,6 +68,11 @@ type mirrorState struct {
 	// replaces it since moves it.
 	TargetStamp string `json:"target_stamp,omitempty"`
 	Clean       bool   `json:"clean"`
+	// Whole: the mirror held all of the device once (a sync finished),
+	// so a compare writes only what differs from it now. Discards punch
+	// holes in it: what it holds says nothing of the room a compare
+	// needs.
+	Whole bool `json:"copied_whole,omitempty"`
 }
 
 const stateVersion = 1
@@ -303,7 +308,10 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	default:
 		sync = SyncResume
 	}
-	if fi.Mode().IsRegular() && (sync != SyncResume || fi.Size() != size) {
+	// A compare of a file that was whole, and stays the same size, keeps
+	// it whole: it writes what differs only.
+	whole := sync == SyncCompare && prev.Whole && fi.Size() == size
+	if fi.Mode().IsRegular() && !whole && (sync != SyncResume || fi.Size() != size) {
 		// A copy writes every block, zeros included, and a compare
 		// every block of a file never copied whole: refused now, the
 		// state as it was, rather than failing part-way with the file
@@ -315,7 +323,8 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	// From here on a crash is an unclean stop: saved before the target is
 	// touched (resized below), so that a crash then is not taken for a
 	// clean stop with the target as that stop left it.
-	st := mirrorState{Version: stateVersion, Device: cfg.Device, Identity: identity, Stable: stable, Target: abs, TargetID: targetID, TargetStable: targetStable}
+	st := mirrorState{Version: stateVersion, Device: cfg.Device, Identity: identity, Stable: stable, Target: abs, TargetID: targetID, TargetStable: targetStable,
+		Whole: whole || sync == SyncResume && prev.Whole && fi.Size() == size}
 	if err := saveState(statePath, &st); err != nil {
 		return err
 	}
@@ -358,6 +367,16 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 		},
 		OnSynced: func() {
 			log.Info("initial sync done; mirroring", keyDevice, cfg.Device, "to", cfg.To)
+			if !st.Whole && fi.Mode().IsRegular() {
+				// Still unclean; from now on a compare needs no room
+				// for the whole device.
+				w := st
+				w.Whole = true
+				if err := saveState(statePath, &w); err != nil {
+					log.Warn("cannot save the state", "err", err)
+				}
+				whole = true
+			}
 			sdnotify.Notify("X-LIFEBOAT-SYNCED=1\nSTATUS=mirroring")
 			if cfg.OnSynced != nil {
 				cfg.OnSynced()
@@ -427,7 +446,7 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 		log.Warn("cannot read the mirror device's write counters; the next start resyncs by checksum", "to", cfg.To)
 		st.TargetStamp = "blk:?"
 	}
-	st.Clean = true
+	st.Clean, st.Whole = true, st.Whole || whole
 	if err := saveState(statePath, &st); err != nil {
 		return err
 	}

@@ -1148,6 +1148,51 @@ func TestMirrorTargetFull(t *testing.T) {
 	}
 }
 
+// TestMirrorCompareOfPunchedMirror: discards punch holes in a mirror
+// that was whole; with the room they gave back taken, a compare after an
+// unclean stop is not refused for want of room for the whole device (it
+// writes only what differs), as the compare after a reboot is not.
+func TestMirrorCompareOfPunchedMirror(t *testing.T) {
+	testenv.RequireRoot(t)
+	src := loopdev.New(t, 32<<20, loopdev.Options{})
+	run(t, "dd", "if=/dev/urandom", "of="+src.Path, "bs=1M", "count=32", "oflag=direct", "status=none")
+	fs := testenv.Tmpfs(t, 40<<20)
+	to := filepath.Join(fs, "mirror.img")
+	o := runOpts{stateDir: filepath.Join(t.TempDir(), "state")}
+	r := startMirror(t, src.Path, to, o)
+	run(t, "blkdiscard", "-o", "0", "-l", "30M", src.Path) // fstrim of the free space
+	time.Sleep(500 * time.Millisecond)
+	r.stop()
+	assertSameBytes(t, src.Path, to)
+	st := mustStat(t, to).Sys().(*syscall.Stat_t)
+	t.Logf("mirror holds %d KiB after the discards", st.Blocks/2)
+	// Another file takes the room the holes gave back.
+	run(t, "dd", "if=/dev/zero", "of="+filepath.Join(fs, "other.img"), "bs=1M", "count=30", "status=none")
+	// A reboot after the clean stop (the pins gone, the state clean): the
+	// engine compares every block, and no room is asked for.
+	if err := unpin(o.stateDir); err != nil {
+		t.Fatal(err)
+	}
+	r = startMirror(t, src.Path, to, o)
+	if s := r.stop(); s.Sync[0] != SyncCompare.String() {
+		t.Fatalf("after a reboot: %v", s.Sync)
+	}
+	assertSameBytes(t, src.Path, to)
+	t.Logf("after a reboot the same compare ran; mirror holds %d KiB", mustStat(t, to).Sys().(*syscall.Stat_t).Blocks/2)
+	// An unclean stop (as a crash leaves it).
+	if err := Release(o.stateDir); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	err := RunMirror(ctx, MirrorConfig{Device: src.Path, To: to, RingBytes: 16 << 20, StateDir: o.stateDir,
+		OnSynced: cancel, Out: io.Discard})
+	if err != nil {
+		t.Fatalf("restart after an unclean stop refused: %v (the compare writes 2 MiB at most)", err)
+	}
+	assertSameBytes(t, src.Path, to)
+}
+
 // A state directory another user may write, and an existing mirror file
 // another user owns, are refused: the state decides what the agent
 // trusts of its copy (and files it writes there by name could be planted
