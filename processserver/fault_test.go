@@ -166,6 +166,39 @@ func TestNoAckWithoutDurableCache(t *testing.T) {
 	}
 }
 
+// TestFailedCacheWriteLeavesNothing: a segment the cache could not make
+// durable (one directory of three refused its shard) is not acked, and
+// what its write left is removed: readable (two shards of three), it
+// would be uploaded with records never acknowledged; unreadable, a
+// restart would take it for an acknowledged segment lost (a gap, a
+// resync).
+func TestFailedCacheWriteLeavesNothing(t *testing.T) {
+	e := newEnv(t, mem.New(), 3)
+	e.segAge = 20 * time.Millisecond
+	ffs := &faultFS{}
+	e.cacheFS = ffs
+	s := e.start()
+	a := dialAgent(t, e, s, "m1")
+	a.hello("m1", disk0)
+	a.waitAck(a.batch(1, 2))
+	ffs.readOnly.Store(&e.cache[2])
+	a.batch(3, 2)
+	for {
+		f := a.next(10 * time.Second)
+		var ack wire.Ack
+		if f.err != nil || f.typ == wire.TypeAck && ack.UnmarshalBinary(f.payload) == nil && ack.Seq >= 3 {
+			t.Fatalf("want an error frame, got %s %v", f.typ, f.err)
+		}
+		if f.typ == wire.TypeError {
+			break
+		}
+	}
+	eventually(t, 10*time.Second, "the failed write's shards removed", func() bool {
+		ids, err := s.cache.List("m1")
+		return err == nil && !slices.ContainsFunc(ids, func(id cache.SegmentID) bool { return id.Seq == 3 })
+	})
+}
+
 // TestCacheFullPausesAgents: cache usage drives alerts and, above 90%,
 // pauses agents until it drains.
 func TestCacheFullPausesAgents(t *testing.T) {

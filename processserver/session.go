@@ -641,8 +641,10 @@ func (st *session) cutLocked() {
 	if st.closed || !st.buf.hasRecords() {
 		return
 	}
-	st.flushq <- flushItem{seg: st.buf}
+	// Read before the hand-over: the flusher may store the buffer and
+	// give it back, to another session's getBuf, at once.
 	prev := st.buf.meta.last
+	st.flushq <- flushItem{seg: st.buf}
 	st.buf = st.s.getBuf()
 	st.buf.begin(prev)
 }
@@ -758,6 +760,15 @@ func (st *session) flusher() {
 				failed = true
 				st.log.Error("cache write failed; closing the connection, the agent will resend", logSegment, id.String(), logErr, err)
 				st.abortWith(wire.CodeInternal, "process server cache write failed; reconnect and resend", err)
+				// Never acked, what the write left goes: readable, it
+				// would be uploaded with records the agent resends
+				// (or, restarted, never sends again); unreadable, a
+				// restart would take it for an acked segment lost. (A
+				// segment of that id is never an acked one: records
+				// acked are never stored again.)
+				if derr := st.s.cache.Delete(id); derr != nil {
+					st.log.Warn("cannot remove what a failed cache write left", logSegment, id.String(), logErr, derr)
+				}
 			} else {
 				// Once segmentDurable publishes a hot segment, its last
 				// reader may hand b back for reuse at any time: b is not
