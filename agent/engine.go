@@ -265,6 +265,12 @@ type Engine struct {
 	syncReq      []atomic.Int32 // per device: SyncKind+1 requested by RequestSync
 	resyncsTaken uint64         // the ResyncAsker epoch last passed to ResyncsTaken
 	pointOwed    bool           // a point the target refused as ErrResyncPending
+	// pointDue: a resync ended and no point followed yet (the target
+	// holds its time markers until one does); once the markers retried
+	// at once are skipped too, tried again at pointRetryAt, crash
+	// interval or not.
+	pointDue     bool
+	pointRetryAt time.Time
 	runs         []bitmap.Extent
 	// aheadTook is the time applyAhead has taken so far (pacing leaves it
 	// out of read-back passes).
@@ -296,6 +302,9 @@ type Engine struct {
 	// markerNoRetry (tests): a marker that drained is emitted as it
 	// stands, not taken once more (marker).
 	markerNoRetry bool
+	// skipMarker (tests): a crash marker is skipped when it reports true,
+	// as one whose drain took writes that may follow held records.
+	skipMarker func() bool
 
 	closed        bool
 	barrierSeen   uint64    // highest capture barrier applied
@@ -639,6 +648,7 @@ func (e *Engine) loop(ctx context.Context) error {
 				// The target is whole again: say so now, not at the
 				// next crash interval (the target holds its time
 				// markers until a consistency point follows a resync).
+				e.pointDue = true
 				if err := e.marker(ctx, CrashConsistent); err != nil && !(ctx.Err() != nil && stopped(err)) {
 					return err
 				}
@@ -658,6 +668,12 @@ func (e *Engine) loop(ctx context.Context) error {
 		}
 		if e.markerRetries > maxMarkerRetries {
 			e.markerRetries = 0 // the next interval's marker starts again
+			if e.pointDue {
+				// Not only at the next interval, or never with crash
+				// points off: until a point follows the resync,
+				// recoverable_until stands still.
+				e.pointRetryAt = time.Now().Add(pointRetry)
+			}
 		}
 		var records <-chan struct{}
 		if !busy {
@@ -688,6 +704,12 @@ func (e *Engine) loop(ctx context.Context) error {
 			e.appBusy = false
 			e.endApp(err)
 		case <-sweep.C:
+			if e.pointDue && !e.pointRetryAt.IsZero() && !time.Now().Before(e.pointRetryAt) {
+				e.pointRetryAt = time.Time{}
+				if err := e.marker(ctx, CrashConsistent); err != nil && !(ctx.Err() != nil && stopped(err)) {
+					return err
+				}
+			}
 			if err := e.checkSizes(); err != nil {
 				return err
 			}
@@ -1212,6 +1234,11 @@ func (e *Engine) appFrozen(ctx context.Context, w fsfreeze.Window) error {
 // far has been applied: every write completed so far on blk-mq devices,
 // every write submitted so far on bio-based ones.
 func (e *Engine) marker(ctx context.Context, kind MarkerKind) error {
+	if e.skipMarker != nil && kind == CrashConsistent && e.skipMarker() {
+		e.stats.MarkersSkipped++
+		e.markerRetries++
+		return nil
+	}
 	for attempt := 0; ; attempt++ {
 		at := e.pointTime()
 		// pointTime counts on a sweep since: a write whose completion went
@@ -1292,6 +1319,10 @@ func (e *Engine) marker(ctx context.Context, kind MarkerKind) error {
 // was skipped (marker).
 const maxMarkerRetries = 3
 
+// pointRetry spaces the attempts at the point that follows a resync once
+// those retried at once were skipped (a variable for tests).
+var pointRetry = 10 * time.Second
+
 // pointTime dates a consistency point whose quiesce starts now: a write
 // that completes during the quiesce, drain or read-back may be captured
 // after the point, so a later time would claim it. A write whose
@@ -1333,7 +1364,7 @@ func (e *Engine) emit(kind MarkerKind, at time.Time) error {
 		e.log.Debug("marker skipped: a resync is pending")
 		return nil
 	}
-	e.pointOwed = false
+	e.pointOwed, e.pointDue, e.pointRetryAt = false, false, time.Time{}
 	if kind == AppConsistent {
 		e.stats.AppMarkers++
 	} else {

@@ -40,7 +40,8 @@ func (t *askerTarget) ResyncsTaken(epoch uint64) { t.taken.Store(epoch) }
 // consistency point, and the time markers behind them, for good.
 // runAsker runs an engine over a 16 MiB data-mode loop device into tgt
 // until the test ends; the channel closes once the initial copy is done.
-func runAsker(t *testing.T, tgt *askerTarget) (*Engine, <-chan struct{}) {
+// setup, if any, runs before the engine does.
+func runAsker(t *testing.T, tgt *askerTarget, setup ...func(*Engine)) (*Engine, <-chan struct{}) {
 	testenv.RequireRoot(t)
 	d := loopdev.New(t, 16<<20, loopdev.Options{})
 	synced := make(chan struct{})
@@ -52,6 +53,9 @@ func runAsker(t *testing.T, tgt *askerTarget) (*Engine, <-chan struct{}) {
 	})
 	if err != nil {
 		t.Fatal(err)
+	}
+	for _, f := range setup {
+		f(e)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -102,5 +106,35 @@ func TestPointAfterResyncOwedUntilTaken(t *testing.T) {
 			t.Fatal("the point the target refused after the resync was never made")
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// The point after a resync whose markers are skipped (writes completing
+// as each drain began), more times than the loop retries at once, is
+// tried again a little later, crash points off: else the target would
+// hold its time markers, and recoverable_until stand still, for good.
+func TestPointAfterResyncRetried(t *testing.T) {
+	defer func(d time.Duration) { pointRetry = d }(pointRetry)
+	pointRetry = 300 * time.Millisecond
+	tgt := &askerTarget{fileTarget: newFileTarget(t)}
+	var armed atomic.Bool
+	var skipped atomic.Int32
+	e, synced := runAsker(t, tgt, func(e *Engine) {
+		e.skipMarker = func() bool {
+			return armed.Load() && skipped.Add(1) <= 2*(maxMarkerRetries+1)
+		}
+	})
+	<-synced
+	before := tgt.marked.Load()
+	armed.Store(true)
+	e.RequestSync(0, SyncCompare)
+	for deadline := time.Now().Add(20 * time.Second); tgt.marked.Load() == before; {
+		if time.Now().After(deadline) {
+			t.Fatalf("no point after the resync (%d markers skipped)", skipped.Load())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := skipped.Load(); n <= 2*(maxMarkerRetries+1) {
+		t.Fatalf("point made after %d markers skipped, want the skips exhausted first", n)
 	}
 }
