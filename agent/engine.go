@@ -224,6 +224,10 @@ type source struct {
 	// marked again (remarkLate).
 	late    []bitmap.Extent
 	lateAll bool
+	// unsettled: a drain went on past captured writes still in flight
+	// (inflightTimeout); landing after its read-back, they may be
+	// missing from the target, which only a compare finds.
+	unsettled atomic.Bool
 }
 
 // Engine runs capture for a set of devices into a Target.
@@ -305,6 +309,8 @@ type Engine struct {
 	// skipMarker (tests): a crash marker is skipped when it reports true,
 	// as one whose drain took writes that may follow held records.
 	skipMarker func() bool
+	// ringInflight (tests) stands in for the capture's RingInflight.
+	ringInflight func(i int, p uint32) int64
 
 	closed        bool
 	barrierSeen   uint64    // highest capture barrier applied
@@ -1816,7 +1822,7 @@ func (e *Engine) harvest(i int) error {
 // inflightTimeout bounds the wait for ring-captured writes to land. A
 // device that holds writes longer is hung; a completion the kernel did not
 // report (a skipped program run) would otherwise stop the agent for good.
-const inflightTimeout = 30 * time.Second
+var inflightTimeout = 30 * time.Second // (a variable for tests)
 
 // waitLanded waits until device i's writes captured in the ring under
 // epoch parity p have completed, so that a read-back cannot be older
@@ -1824,7 +1830,11 @@ const inflightTimeout = 30 * time.Second
 func (e *Engine) waitLanded(ctx context.Context, i int, p uint32) error {
 	deadline := time.Now().Add(inflightTimeout)
 	nextSweep := time.Now().Add(sweepInterval)
-	for e.cap.RingInflight(i, p) > 0 {
+	inflight := e.cap.RingInflight
+	if e.ringInflight != nil {
+		inflight = e.ringInflight
+	}
+	for inflight(i, p) > 0 {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
@@ -1840,9 +1850,10 @@ func (e *Engine) waitLanded(ctx context.Context, i int, p uint32) error {
 		}
 		if time.Now().After(deadline) {
 			k, _ := e.cap.Counters()
-			e.log.Warn("captured writes still not completed: continuing; run a checksum resync if the device is healthy",
-				keyDevice, e.srcs[i].Path, "in_flight", e.cap.RingInflight(i, p), "recursion_misses", k.RecursionMisses)
+			e.log.Warn("captured writes still not completed: continuing; the next start resyncs by checksum",
+				keyDevice, e.srcs[i].Path, "in_flight", inflight(i, p), "recursion_misses", k.RecursionMisses)
 			e.stats.InflightTimeouts++
+			e.srcs[i].unsettled.Store(true)
 			e.cap.ResetRingInflight(i, p)
 			return nil
 		}
@@ -2130,6 +2141,11 @@ func (e *Engine) noteMeta(s *source) {
 	}
 	s.metaDirty = true
 }
+
+// Unsettled reports whether a drain of device i went on past captured
+// writes still in flight (waitLanded): the target may lack them, and the
+// next run must resync the device by checksum rather than resume.
+func (e *Engine) Unsettled(i int) bool { return e.srcs[i].unsettled.Load() }
 
 // Stats returns the counters.
 func (e *Engine) Stats() Stats {

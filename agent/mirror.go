@@ -412,6 +412,7 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	if cfg.Stats != nil {
 		*cfg.Stats = stats
 	}
+	unsettled := e.Unsettled(0)
 	closeErr := e.Close()
 	if runErr != nil && ctx.Err() != nil && errors.Is(runErr, context.Canceled) {
 		// Stopped before the initial copy (or a resume's first drain)
@@ -425,6 +426,11 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	}
 	if closeErr != nil {
 		return closeErr
+	}
+	if unsettled {
+		// (Logged when the drain went on.)
+		printCounters(cfg.Out, stats)
+		return nil
 	}
 	if looped != nil {
 		if loop := looped.stop(); loop != "" {

@@ -407,7 +407,7 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 	tgtErr := tgt.Close()
 	owed := make([]bool, len(devs))
 	for i := range devs {
-		owed[i] = e.syncReq[i].Load() != 0 || resync.unserved(i)
+		owed[i] = e.syncReq[i].Load() != 0 || resync.unserved(i) || e.Unsettled(i)
 	}
 	closeErr := e.Close()
 	switch {

@@ -114,7 +114,8 @@ func TestPointAfterResyncOwedUntilTaken(t *testing.T) {
 // tried again a little later, crash points off: else the target would
 // hold its time markers, and recoverable_until stand still, for good.
 func TestPointAfterResyncRetried(t *testing.T) {
-	defer func(d time.Duration) { pointRetry = d }(pointRetry)
+	was := pointRetry
+	t.Cleanup(func() { pointRetry = was }) // after the engine stops
 	pointRetry = 300 * time.Millisecond
 	tgt := &askerTarget{fileTarget: newFileTarget(t)}
 	var armed atomic.Bool
@@ -137,4 +138,38 @@ func TestPointAfterResyncRetried(t *testing.T) {
 	if n := skipped.Load(); n <= 2*(maxMarkerRetries+1) {
 		t.Fatalf("point made after %d markers skipped, want the skips exhausted first", n)
 	}
+}
+
+// A drain that goes on past captured writes still in flight (their
+// completion never came within inflightTimeout) leaves the device
+// unsettled: the stop is then saved unclean (mirror and protect), and the
+// next run compares instead of resuming over a target that may lack them.
+func TestDrainPastInflightUnsettles(t *testing.T) {
+	was := inflightTimeout
+	t.Cleanup(func() { inflightTimeout = was }) // after the engine stops
+	inflightTimeout = 200 * time.Millisecond
+	tgt := &askerTarget{fileTarget: newFileTarget(t)}
+	var stuck atomic.Bool
+	e, synced := runAsker(t, tgt, func(e *Engine) {
+		real := e.cap.RingInflight
+		e.ringInflight = func(i int, p uint32) int64 {
+			if stuck.Load() {
+				return 1
+			}
+			return real(i, p)
+		}
+	})
+	<-synced
+	if e.Unsettled(0) {
+		t.Fatal("unsettled after a clean initial copy")
+	}
+	stuck.Store(true)
+	e.RequestSync(0, SyncCompare)
+	for deadline := time.Now().Add(20 * time.Second); !e.Unsettled(0); {
+		if time.Now().After(deadline) {
+			t.Fatal("a drain waited past inflightTimeout for writes in flight, or went on and left the device settled")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	stuck.Store(false)
 }
