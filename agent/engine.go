@@ -2050,13 +2050,42 @@ func (e *Engine) deliver(s *source, i int, p []byte, off int64) error {
 			return nil
 		}
 		t := e.tbuf[:n]
-		if m, err := e.opt.Target.ReadAt(i, t, off); err == nil && m == len(t) && string(t) == string(p) {
-			e.stats.BlocksSkipped += uint64((n + capture.BlockSize - 1) / capture.BlockSize)
-			return nil
+		if m, err := e.opt.Target.ReadAt(i, t, off); err == nil && m == len(t) {
+			return e.writeDiffering(i, p, t, off)
 		}
 	}
 	e.stats.BytesReread += uint64(n)
 	return e.opt.Target.WriteAt(i, p, off)
+}
+
+// writeDiffering writes to target i the blocks of p (the device at off)
+// that differ from t (the target there), coalesced: a span read whole
+// (up to a megabyte) may differ in one block, and writing all of it
+// would fill the holes of a sparse mirror for nothing.
+func (e *Engine) writeDiffering(i int, p, t []byte, off int64) error {
+	from := -1 // start of the differing run under way
+	for b := 0; ; b += capture.BlockSize {
+		end := min(b+capture.BlockSize, len(p))
+		same := b < len(p) && string(p[b:end]) == string(t[b:end])
+		switch {
+		case b < len(p) && !same:
+			if from < 0 {
+				from = b
+			}
+			continue
+		case from >= 0:
+			run := p[from:min(b, len(p))]
+			e.stats.BytesReread += uint64(len(run))
+			if err := e.opt.Target.WriteAt(i, run, off+int64(from)); err != nil {
+				return err
+			}
+			from = -1
+		}
+		if b >= len(p) {
+			return nil
+		}
+		e.stats.BlocksSkipped++
+	}
 }
 
 // apply hands one ring record to the target. During a drain's read-back

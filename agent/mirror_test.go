@@ -1242,3 +1242,28 @@ func TestMirrorRefusesOthersFiles(t *testing.T) {
 	startMirror(t, d.Path, mine, runOpts{stateDir: state2}).stop()
 	assertSameBytes(t, d.Path, mine)
 }
+
+// TestCompareWritesOnlyDifferingBlocks: a resync by checksum writes the
+// blocks that differ, not the whole span read around them: here one
+// block of a mirror whose every block is a hole (equal to the device's
+// zeros) but that one.
+func TestCompareWritesOnlyDifferingBlocks(t *testing.T) {
+	testenv.RequireRoot(t)
+	src := loopdev.New(t, 16<<20, loopdev.Options{})
+	to := filepath.Join(t.TempDir(), "mirror.img")
+	o := runOpts{stateDir: filepath.Join(t.TempDir(), "state")}
+	startMirror(t, src.Path, to, o).stop()
+	run(t, "fallocate", "--punch-hole", "--offset", "0", "--length", fmt.Sprint(16<<20), to)
+	if err := Release(o.stateDir); err != nil { // an unclean stop: compared next
+		t.Fatal(err)
+	}
+	run(t, "dd", "if=/dev/urandom", "of="+src.Path, "bs=4k", "seek=3", "count=1", "oflag=direct", "status=none")
+	s := startMirror(t, src.Path, to, o).stop()
+	if s.Sync[0] != SyncCompare.String() {
+		t.Fatalf("sync %v, want a resync by checksum", s.Sync)
+	}
+	assertSameBytes(t, src.Path, to)
+	if held := mustStat(t, to).Sys().(*syscall.Stat_t).Blocks * 512; held > 64<<10 || s.BytesReread != 4096 {
+		t.Fatalf("the compare wrote %d bytes, and the mirror holds %d: want one 4 KiB block", s.BytesReread, held)
+	}
+}
