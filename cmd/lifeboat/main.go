@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
 
 	"github.com/lifeboat-dr/lifeboat/agent/capture"
 	"github.com/lifeboat-dr/lifeboat/internal/fsfreeze"
@@ -59,6 +60,13 @@ func newRoot(verbose *bool) *cobra.Command {
 		SilenceErrors: true,
 	}
 	root.PersistentFlags().BoolVarP(verbose, "verbose", "v", false, "debug logging")
+	root.PersistentPreRun = func(*cobra.Command, []string) {
+		// Keys live in this process's memory (TLS keys, the recovery
+		// key, machines' data keys): no core dump writes them to disk,
+		// and no other process of its user may read them through ptrace
+		// or /proc/PID/mem.
+		unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0)
+	}
 	root.AddCommand(agentCmd(verbose), benchCmd(verbose))
 	root.AddCommand(processServerCmd(verbose))
 	root.AddCommand(pkiCmd())

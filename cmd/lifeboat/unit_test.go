@@ -7,8 +7,11 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/lifeboat-dr/lifeboat/internal/recovery"
 	"github.com/lifeboat-dr/lifeboat/internal/testenv"
@@ -237,5 +240,18 @@ func TestUsageErrorsExit2(t *testing.T) {
 		if got := exitCode(err); got != c.want || err == nil || !strings.Contains(err.Error(), c.help) {
 			t.Errorf("lifeboat %v: exit %d (%v), want %d naming %q", c.args, got, err, c.want, c.help)
 		}
+	}
+}
+
+// TestNoCoreDumps: every command turns core dumps and ptrace by its user
+// off before it runs (keys live in its memory).
+func TestNoCoreDumps(t *testing.T) {
+	t.Cleanup(func() { unix.Prctl(unix.PR_SET_DUMPABLE, 1, 0, 0, 0) })
+	var verbose bool
+	if _, _, err := runCmd(t, newRoot(&verbose), "keys", "init", "--to", filepath.Join(t.TempDir(), "rk")); err != nil {
+		t.Fatal(err)
+	}
+	if d, err := unix.PrctlRetInt(unix.PR_GET_DUMPABLE, 0, 0, 0, 0); err != nil || d != 0 {
+		t.Fatalf("dumpable %d (%v) after a command ran, want 0", d, err)
 	}
 }
