@@ -403,7 +403,11 @@ func New(opt Options) (*Engine, error) {
 		}
 		devs = append(devs, cd)
 	}
-	if err := checkOverlap(e.srcs); err != nil {
+	opened := make([]openDev, len(e.srcs))
+	for i, s := range e.srcs {
+		opened[i] = openDev{s.Path, s.dev}
+	}
+	if err := checkOverlap(opened); err != nil {
 		e.closeDevs()
 		return nil, err
 	}
@@ -433,10 +437,16 @@ func New(opt Options) (*Engine, error) {
 	return e, nil
 }
 
+// openDev is a device to protect, opened, and the path it was given by.
+type openDev struct {
+	Path string
+	dev  *blockdev.Device
+}
+
 // checkOverlap refuses a whole disk protected together with one of its
 // partitions, or one device twice: capture sends each write to exactly one
 // protected device (a partition's writes go to its protected disk).
-func checkOverlap(srcs []*source) error {
+func checkOverlap(srcs []openDev) error {
 	seen := map[blockdev.Dev]string{}
 	disks := map[blockdev.Dev]string{}
 	type part struct {

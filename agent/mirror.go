@@ -121,6 +121,9 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 	if err := capture.CheckCapabilities(); err != nil {
 		return err
 	}
+	if err := capture.CheckBTF(); err != nil {
+		return err
+	}
 	if err := fsfreeze.CheckScripts(cfg.PreScript, cfg.PostScript); err != nil {
 		return err
 	}

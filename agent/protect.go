@@ -133,6 +133,9 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 	if err := capture.CheckCapabilities(); err != nil {
 		return err
 	}
+	if err := capture.CheckBTF(); err != nil {
+		return err
+	}
 	if ok, err := capture.CanFreeze(); err == nil && !ok && cfg.AppInterval > 0 {
 		log.Warn("app-consistent points are on but this process lacks CAP_SYS_ADMIN: freezing a file system will fail (add the capability, or --app-interval 0)", "app_interval", cfg.AppInterval)
 	}
@@ -557,6 +560,12 @@ func (e *Engine) overflowEvents() uint64 {
 
 func inspectDevices(in []ProtectDevice) ([]protectedDevice, error) {
 	var out []protectedDevice
+	var opened []openDev
+	defer func() {
+		for _, o := range opened {
+			o.dev.Close()
+		}
+	}()
 	seen := map[string]string{}
 	for _, d := range in {
 		name := d.Name
@@ -574,14 +583,20 @@ func inspectDevices(in []ProtectDevice) ([]protectedDevice, error) {
 		if err != nil {
 			return nil, err
 		}
+		opened = append(opened, openDev{d.Path, bd})
 		identity, err := bd.Identity()
 		stable, terr := bd.StableID()
 		size, serr := bd.Size()
-		bd.Close()
 		if err = cmp.Or(err, terr, serr); err != nil {
 			return nil, err
 		}
 		out = append(out, protectedDevice{Name: name, Path: d.Path, Identity: identity, Stable: stable, Size: size})
+	}
+	// Refused here, before the hello: refused by the engine, after it,
+	// a command line the agent cannot run would have given the process
+	// server new disks to keep (and closed the running agent's session).
+	if err := checkOverlap(opened); err != nil {
+		return nil, err
 	}
 	return out, nil
 }

@@ -540,3 +540,28 @@ func TestProtectDiskBackAfterReboot(t *testing.T) {
 	}
 	assertReplica(t, srv, "disk", d.Path)
 }
+
+// A command line the agent cannot run (here one device under two names)
+// is refused before the agent says hello: the process server would have
+// added the disks to the machine for good, and closed the session of the
+// agent already running.
+func TestProtectRefusesOverlapBeforeHello(t *testing.T) {
+	testenv.RequireRoot(t)
+	d := loopdev.New(t, 16<<20, loopdev.Options{})
+	srv := streamtest.New(t)
+	srv.ClientTLS(t, "m1")
+	g := newGate(t, srv.Addr) // never opened: counts connections
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	err := RunProtect(ctx, ProtectConfig{
+		ProcessServer: g.ln.Addr().String(), PKIDir: srv.PKIDir, Name: "m1",
+		Devices:  []ProtectDevice{{Name: "a", Path: d.Path}, {Name: "b", Path: d.Path}},
+		StateDir: filepath.Join(t.TempDir(), "state"),
+	})
+	if err == nil || !strings.Contains(err.Error(), "the same device") {
+		t.Fatalf("one device protected twice: %v, want it refused", err)
+	}
+	if n := g.refused.Load(); n != 0 {
+		t.Fatalf("the agent connected %d times before refusing its command line", n)
+	}
+}

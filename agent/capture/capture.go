@@ -13,6 +13,7 @@ import (
 	"unsafe"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/rlimit"
 	"golang.org/x/sys/unix"
@@ -123,8 +124,8 @@ func Load(cfg Config) (*Capture, error) {
 	if err := CheckCapabilities(); err != nil {
 		return nil, err
 	}
-	if _, err := os.Stat("/sys/kernel/btf/vmlinux"); err != nil {
-		return nil, errors.New("this kernel has no BTF (/sys/kernel/btf/vmlinux): eBPF capture needs CONFIG_DEBUG_INFO_BTF")
+	if err := CheckBTF(); err != nil {
+		return nil, err
 	}
 	if len(cfg.Devices) == 0 || len(cfg.Devices) > maxDevices {
 		return nil, fmt.Errorf("capture: %d devices (want 1 to %d)", len(cfg.Devices), maxDevices)
@@ -178,11 +179,19 @@ func Load(cfg Config) (*Capture, error) {
 		return nil, err
 	}
 	c.pinDir = cfg.PinDir
+	loaded := false
 	var repl map[string]*ebpf.Map
 	if cfg.PinDir != "" {
 		if err := ensureBPFFS(cfg.PinDir); err != nil {
 			return nil, err
 		}
+		// One made now and left empty by a failed load would outlive
+		// it (Remove takes only an empty directory).
+		defer func() {
+			if !loaded {
+				os.Remove(cfg.PinDir)
+			}
+		}()
 		var other string
 		repl, other = loadPinned(cfg.PinDir, spec)
 		if other != "" {
@@ -218,6 +227,7 @@ func Load(cfg Config) (*Capture, error) {
 		c.Close()
 		return nil, err
 	}
+	loaded = true
 	return c, nil
 }
 
@@ -1068,6 +1078,19 @@ var capabilitiesNeeded = []struct {
 	name string
 	bit  uint
 }{{"CAP_BPF", unix.CAP_BPF}, {"CAP_PERFMON", unix.CAP_PERFMON}}
+
+// CheckBTF fails when the kernel's BTF, which the programs' CO-RE
+// relocations need, is missing or cannot be read. Agents call it with
+// CheckCapabilities, before they change any state.
+func CheckBTF() error {
+	if _, err := os.Stat("/sys/kernel/btf/vmlinux"); err != nil {
+		return errors.New("this kernel has no BTF (/sys/kernel/btf/vmlinux): eBPF capture needs CONFIG_DEBUG_INFO_BTF")
+	}
+	if _, err := btf.LoadKernelSpec(); err != nil {
+		return fmt.Errorf("cannot read this kernel's BTF (/sys/kernel/btf/vmlinux): %w", err)
+	}
+	return nil
+}
 
 // CheckCapabilities fails, naming them, when this process lacks
 // capabilities capture needs. Else the first map creation fails with EPERM
