@@ -725,8 +725,10 @@ func TestMendShortcutOnlyForDisksItCovered(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if ack.Disks[1].Action != wire.SyncChecksum {
-		t.Fatalf("d1, left out of the resync, told %v; want a checksum resync", ack.Disks[1].Action)
+	// (A full sync: the hello that left d1 out of the resync also left
+	// it unprotected, TestHelloLeavingDiskOut.)
+	if ack.Disks[1].Action != wire.SyncFull {
+		t.Fatalf("d1, left out of the resync, told %v; want a full sync", ack.Disks[1].Action)
 	}
 }
 

@@ -1313,7 +1313,8 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, agr
 		a.Name, a.ResumeFrom = d.Name, accepted+1
 		md := m.man.Disk(d.Name)
 		switch {
-		case md == nil || d.Generation.IsZero() || md.Generation != d.Generation.String() || md.Size != d.Size || missing[d.Name] || m.leftUnmended(md):
+		case md == nil || d.Generation.IsZero() || md.Generation != d.Generation.String() || md.Size != d.Size || missing[d.Name] || m.leftUnmended(md) ||
+			md.UnprotectedFrom != 0: // left out of a hello since: its writes since were not followed
 			var g wire.Generation
 			rand.Read(g[:])
 			a.Action, a.Generation = wire.SyncFull, g
@@ -1330,6 +1331,17 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, agr
 			a.Action, a.Generation = wire.SyncChecksum, d.Generation
 		default:
 			a.Action, a.Generation = wire.SyncResume, d.Generation
+		}
+	}
+	// A disk the hello leaves out is not protected from this session on
+	// (its agent no longer lists it, or was refused before it copied it):
+	// no point from here on may claim its replica, which stays as it is.
+	for i := range m.man.Disks {
+		md := &m.man.Disks[i]
+		if md.UnprotectedFrom == 0 && !slices.ContainsFunc(h.Disks, func(d wire.DiskState) bool { return d.Name == md.Name }) {
+			md.UnprotectedFrom = accepted + 1
+			changed = true
+			m.s.log.Warn("the agent's hello leaves out a disk: not protected from here on (listed again, it is copied anew)", logMachine, m.name, logDisk, md.Name, logFromSeq, md.UnprotectedFrom)
 		}
 	}
 	diskMap := make([]uint16, len(h.Disks))

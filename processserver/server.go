@@ -55,6 +55,7 @@ const (
 	logGapFrom    = "gap_from"
 	logMendedAt   = "mended_at"
 	logAgentAcked = "agent_acked"
+	logFromSeq    = "from_seq"
 )
 
 // Server is a running process server.

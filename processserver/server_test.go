@@ -1216,3 +1216,61 @@ func TestCacheShare(t *testing.T) {
 		t.Fatalf("cache share %d, want 1400 (all but the applied segment)", got)
 	}
 }
+
+// TestHelloLeavingDiskOut: a disk the agent's hello leaves out (no longer
+// protected, or its agent refused before it copied it) is recorded
+// unprotected from the session's first record on, so that no later point
+// claims its replica; listed again, it is copied anew in a new generation.
+func TestHelloLeavingDiskOut(t *testing.T) {
+	e := newEnv(t, mem.New(), 1)
+	e.segAge = 20 * time.Millisecond
+	s := e.start()
+	disk1 := wire.DiskState{Name: "sdb", Size: 1 << 20}
+	a := dialAgent(t, e, s, "m1")
+	ack, _ := a.hello("m1", disk0, disk1)
+	gen0, gen1 := ack.Disks[0].Generation, ack.Disks[1].Generation
+	last := a.batch(1, 5)
+	a.waitAck(last)
+	a.conn.Close()
+
+	manifest := func() *layout.Manifest {
+		t.Helper()
+		man, err := recovery.ReadManifest(context.Background(), e.store, "m1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return man
+	}
+	b := dialAgent(t, e, s, "m1")
+	ack, _ = b.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: gen0, LastAckedSeq: last})
+	if d := ack.Disks[0]; d.Action != wire.SyncResume {
+		t.Fatalf("the disk still listed: %+v, want resumed", d)
+	}
+	man := manifest()
+	if d := man.Disk(disk1.Name); d.UnprotectedFrom != last+1 {
+		t.Fatalf("disk left out of the hello: unprotected from %d, want %d", d.UnprotectedFrom, last+1)
+	}
+	if d := man.Disk(disk0.Name); d.UnprotectedFrom != 0 {
+		t.Fatalf("disk listed: unprotected from %d", d.UnprotectedFrom)
+	}
+	last2 := b.batch(last+1, 5)
+	b.waitAck(last2)
+	eventually(t, 10*time.Second, "the upload", func() bool { return durableSeq(t, e.store, "m1") >= last2 })
+	b.conn.Close()
+
+	c := dialAgent(t, e, s, "m1")
+	ack, _ = c.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: gen0, LastAckedSeq: last2},
+		wire.DiskState{Name: disk1.Name, Size: disk1.Size, Generation: gen1, LastAckedSeq: last2})
+	if d := ack.Disks[1]; d.Action != wire.SyncFull || d.Generation == gen1 {
+		t.Fatalf("the disk listed again: %+v, want a full sync in a new generation", d)
+	}
+	d := manifest().Disk(disk1.Name)
+	if _, left := d.UnprotectedAt(last2 + 1); left || d.UnprotectedFrom != 0 || d.GenerationStart != last2+1 {
+		t.Fatalf("listed again: %+v, want protected in a generation from %d", d, last2+1)
+	}
+	for seq := last + 1; seq <= last2; seq++ {
+		if from, left := d.UnprotectedAt(seq); !left || from != last+1 {
+			t.Fatalf("at %d, while left out: unprotected %v from %d (%+v)", seq, left, from, d)
+		}
+	}
+}

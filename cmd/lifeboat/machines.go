@@ -52,7 +52,7 @@ shown as stored (lifeboat points --recovery-key checks one).`,
 				for _, m := range mans {
 					mj := machineJSON{Machine: m.Machine, Disks: []diskJSON{}, DurableSeq: m.DurableSeq, ProcessServer: m.Owner, Updated: formatTime(m.Updated)}
 					for _, d := range m.Disks {
-						mj.Disks = append(mj.Disks, diskJSON{Name: d.Name, Size: d.Size})
+						mj.Disks = append(mj.Disks, diskJSON{Name: d.Name, Size: d.Size, UnprotectedFrom: d.UnprotectedFrom})
 					}
 					if !m.RecoverableUntil.IsZero() {
 						u := formatTime(m.RecoverableUntil)
@@ -82,11 +82,16 @@ shown as stored (lifeboat points --recovery-key checks one).`,
 	return cmd
 }
 
-// disksOf lists a manifest's disks as name (size).
+// disksOf lists a manifest's disks as name (size), and whether its agent
+// left one out of protection.
 func disksOf(m *layout.Manifest) string {
 	var ds []string
 	for _, d := range m.Disks {
-		ds = append(ds, fmt.Sprintf("%s (%s)", d.Name, progress.Bytes(int64(d.Size))))
+		s := fmt.Sprintf("%s (%s)", d.Name, progress.Bytes(int64(d.Size)))
+		if d.UnprotectedFrom != 0 {
+			s = fmt.Sprintf("%s (%s, not protected since seq %d)", d.Name, progress.Bytes(int64(d.Size)), d.UnprotectedFrom)
+		}
+		ds = append(ds, s)
 	}
 	if len(ds) == 0 {
 		return "-"

@@ -40,8 +40,9 @@ func recoveryStore(container string, verbose bool) (blobstore.Store, error) {
 
 // diskJSON is a disk of `lifeboat points --json`: name and size in bytes.
 type diskJSON struct {
-	Name string `json:"name"`
-	Size uint64 `json:"size"`
+	Name            string `json:"name"`
+	Size            uint64 `json:"size"`
+	UnprotectedFrom uint64 `json:"unprotected_from,omitempty"` // its agent left it out from this sequence on
 }
 
 // pointJSON is one line of `lifeboat points --json`.
@@ -113,7 +114,7 @@ and says which it leaves out.`,
 					Gaps             []layout.Gap `json:"gaps,omitempty"`
 				}{Machine: machine, Disks: []diskJSON{}, Points: []pointJSON{}, Gaps: man.Gaps}
 				for _, d := range man.Disks {
-					doc.Disks = append(doc.Disks, diskJSON{Name: d.Name, Size: d.Size})
+					doc.Disks = append(doc.Disks, diskJSON{Name: d.Name, Size: d.Size, UnprotectedFrom: d.UnprotectedFrom})
 				}
 				if !until.IsZero() {
 					u := formatTime(until)
@@ -149,7 +150,11 @@ and says which it leaves out.`,
 				var missing []string
 				for i := range man.Disks {
 					d := &man.Disks[i]
-					switch _, gap := man.DiskGapAt(d, p.Seq); {
+					_, gap := man.DiskGapAt(d, p.Seq)
+					from, left := d.UnprotectedAt(p.Seq)
+					switch {
+					case left:
+						missing = append(missing, fmt.Sprintf("%s (not protected since seq %d)", d.Name, from))
 					case !protectedAt(d, p.Seq):
 						missing = append(missing, d.Name+" (not protected yet)")
 					case gap:
@@ -303,7 +308,9 @@ is the one "lifeboat keys init" wrote.`,
 
 // protectedAt reports whether disk d was protected at sequence seq: from
 // its first generation's start, recover --disk takes seq (a point cut
-// before a disk was added holds zeros for it, not what it held).
+// before a disk was added holds zeros for it, not what it held), unless
+// its agent's hellos had left it out by then.
 func protectedAt(d *layout.Disk, seq uint64) bool {
-	return seq >= max(d.Generations()[0].Start, 1)
+	_, left := d.UnprotectedAt(seq)
+	return seq >= max(d.Generations()[0].Start, 1) && !left
 }

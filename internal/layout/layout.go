@@ -195,6 +195,12 @@ type Disk struct {
 	// records before it belong to earlier generations. 0 (manifests
 	// written before this field): unknown.
 	GenerationStart uint64 `json:"generation_start,omitempty"`
+	// UnprotectedFrom: from this sequence on, the agent's hellos left the
+	// disk out (it no longer protects it, or was refused before it copied
+	// it): its replica stays as it was, and no state of the disk from
+	// there on is in the account. A hello that lists it again starts a
+	// new generation (a full copy). 0: protected.
+	UnprotectedFrom uint64 `json:"unprotected_from,omitempty"`
 	// Previous lists the disk's earlier generations, oldest first, so that
 	// applying and recovering records from before GenerationStart knows
 	// where each generation began and how big the disk was.
@@ -204,9 +210,10 @@ type Disk struct {
 // Generation is one generation of a disk's replica: from Start on, the
 // replica is zeros plus the records from Start.
 type Generation struct {
-	Generation string `json:"generation"`
-	Size       uint64 `json:"size"`
-	Start      uint64 `json:"start,omitempty"`
+	Generation      string `json:"generation"`
+	Size            uint64 `json:"size"`
+	Start           uint64 `json:"start,omitempty"`
+	UnprotectedFrom uint64 `json:"unprotected_from,omitempty"` // see Disk
 }
 
 // NewGeneration makes gen, of size bytes and starting at sequence start,
@@ -216,12 +223,19 @@ func (d *Disk) NewGeneration(gen string, size, start uint64) {
 		// Clipped: the manifest being written may share the old array.
 		d.Previous = append(slices.Clip(d.Previous), d.Current())
 	}
-	d.Generation, d.Size, d.GenerationStart = gen, size, start
+	d.Generation, d.Size, d.GenerationStart, d.UnprotectedFrom = gen, size, start, 0
 }
 
 // Current returns the disk's current generation.
 func (d *Disk) Current() Generation {
-	return Generation{Generation: d.Generation, Size: d.Size, Start: d.GenerationStart}
+	return Generation{Generation: d.Generation, Size: d.Size, Start: d.GenerationStart, UnprotectedFrom: d.UnprotectedFrom}
+}
+
+// UnprotectedAt reports whether the disk was not protected at seq (see
+// UnprotectedFrom), and from which sequence on.
+func (d *Disk) UnprotectedAt(seq uint64) (uint64, bool) {
+	g := d.Generations()[d.GenerationAt(seq)]
+	return g.UnprotectedFrom, g.UnprotectedFrom != 0 && seq >= g.UnprotectedFrom
 }
 
 // Generations returns every generation of the disk, oldest first.

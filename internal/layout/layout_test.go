@@ -49,6 +49,7 @@ func TestDiskGenerations(t *testing.T) {
 		t.Fatalf("first generation left %+v in Previous", d.Previous)
 	}
 	d.NewGeneration("g2", 200, 50)
+	d.UnprotectedFrom = 60 // left out of a hello
 	d.NewGeneration("g3", 300, 80)
 	b, err := MarshalManifest(m)
 	if err != nil {
@@ -59,13 +60,18 @@ func TestDiskGenerations(t *testing.T) {
 		t.Fatal(err)
 	}
 	gd := got.Disk("sda")
-	want := []Generation{{"g1", 100, 1}, {"g2", 200, 50}, {"g3", 300, 80}}
+	want := []Generation{{"g1", 100, 1, 0}, {"g2", 200, 50, 60}, {"g3", 300, 80, 0}}
 	if gens := gd.Generations(); len(gens) != 3 || gens[0] != want[0] || gens[1] != want[1] || gens[2] != want[2] {
 		t.Fatalf("generations after a round trip: %+v, want %+v", gens, want)
 	}
 	for seq, i := range map[uint64]int{0: 0, 1: 0, 49: 0, 50: 1, 79: 1, 80: 2, 1000: 2} {
 		if g := gd.GenerationAt(seq); g != i {
 			t.Fatalf("GenerationAt(%d) = %d, want %d", seq, g, i)
+		}
+	}
+	for seq, want := range map[uint64]bool{50: false, 59: false, 60: true, 79: true, 80: false, 1000: false} {
+		if _, got := gd.UnprotectedAt(seq); got != want {
+			t.Fatalf("UnprotectedAt(%d) = %v, want %v", seq, got, want)
 		}
 	}
 }

@@ -143,18 +143,24 @@ func (st *state) recoverDisk(ctx context.Context, store blobstore.Store, keys Ke
 	if res.Seq, res.Time, err = st.resolve(ctx, store, keys, req.Point); err != nil {
 		return Result{}, err
 	}
-	if seq, t, _ := ParsePoint(req.Point); req.MarkersOnly && seq > 0 && t.IsZero() {
-		if err := st.checkMarkerSeq(ctx, store, keys, seq); err != nil {
-			return Result{}, err
-		}
-	}
 	if g, ok := st.manifest.DiskGapAt(&st.manifest.Disks[idx], res.Seq); ok {
 		return Result{}, fmt.Errorf("%w: disk %q of machine %q at sequence %d: writes from sequence %d on were lost before they reached the account, and the checksum resync that repaired the other disks did not cover this one (not protected then); it is recoverable again from its next full sync; recover to sequence %d or earlier",
 			ErrOutOfRange, req.Disk, req.Machine, res.Seq, g.From, g.From-1)
 	}
+	if from, ok := st.manifest.Disks[idx].UnprotectedAt(res.Seq); ok {
+		return Result{}, fmt.Errorf("%w: disk %q of machine %q at sequence %d: from sequence %d on its agent did not list it (it stopped protecting it, or was refused before it copied it), so the account does not hold its state then; recover to an earlier sequence, or protect it again (a full copy)",
+			ErrOutOfRange, req.Disk, req.Machine, res.Seq, from)
+	}
+	// Before the marker check: a sequence retention took is said so, not
+	// "not at a marker" (its segments are gone).
 	base, from, size, err := st.start(&st.manifest.Disks[idx], res.Seq)
 	if err != nil {
 		return Result{}, err
+	}
+	if seq, t, _ := ParsePoint(req.Point); req.MarkersOnly && seq > 0 && t.IsZero() {
+		if err := st.checkMarkerSeq(ctx, store, keys, seq); err != nil {
+			return Result{}, err
+		}
 	}
 	res.Size, res.BaseSeq = size, from
 	if base != nil {
