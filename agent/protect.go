@@ -416,6 +416,7 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 	switch {
 	case runErr != nil && ctx.Err() != nil && errors.Is(runErr, context.Canceled):
 		log.Warn("stopped before the initial sync finished; the next run resyncs by checksum")
+		printProtectCounters(cfg.Out, stats)
 		return nil
 	case runErr != nil:
 		return runErr
@@ -430,11 +431,16 @@ func RunProtect(ctx context.Context, cfg ProtectConfig) error {
 	if err := saveJSON(statePath, &st); err != nil {
 		return err
 	}
-	if cfg.Out != nil {
-		b, _ := json.Marshal(stats)
-		fmt.Fprintf(cfg.Out, "counters: %s\n", b)
-	}
+	printProtectCounters(cfg.Out, stats)
 	return nil
+}
+
+// printProtectCounters writes the counters line a stop ends with.
+func printProtectCounters(out io.Writer, stats ProtectStats) {
+	if out != nil {
+		b, _ := json.Marshal(stats)
+		fmt.Fprintf(out, "counters: %s\n", b)
+	}
 }
 
 // streamTarget adapts stream.Target's markers to Target.Marker (package

@@ -928,7 +928,11 @@ func (t *Target) waitSums(m *wire.Sums) ([]bool, error) {
 func (t *Target) Sync() error {
 	ctx, cancel := context.WithTimeout(context.Background(), t.cfg.SyncTimeout)
 	defer cancel()
-	return t.SyncContext(ctx)
+	err := t.SyncContext(ctx)
+	if err != nil && ctx.Err() != nil && errors.Is(err, context.DeadlineExceeded) {
+		err = fmt.Errorf("%w (not within the stop timeout, %s, --stop-timeout; the next start resyncs by checksum)", err, t.cfg.SyncTimeout)
+	}
+	return err
 }
 
 // SyncContext is Sync bounded by ctx instead of Config.SyncTimeout.

@@ -676,8 +676,8 @@ func TestSyncWaitsForAcks(t *testing.T) {
 		t.Fatal(err)
 	}
 	err := tg.Sync()
-	if err == nil || !strings.Contains(err.Error(), "acknowledged records up to 0 of 1") {
-		t.Fatalf("Sync with acks withheld: %v", err)
+	if err == nil || !strings.Contains(err.Error(), "acknowledged records up to 0 of 1") || !strings.Contains(err.Error(), "--stop-timeout") {
+		t.Fatalf("Sync with acks withheld: %v, want it to name the stop timeout", err)
 	}
 	// Past the bound, by a context that a loaded host cannot outrun.
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
