@@ -1339,7 +1339,7 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, agr
 	for i := range m.man.Disks {
 		md := &m.man.Disks[i]
 		if md.UnprotectedFrom == 0 && !slices.ContainsFunc(h.Disks, func(d wire.DiskState) bool { return d.Name == md.Name }) {
-			md.UnprotectedFrom = accepted + 1
+			md.UnprotectedFrom, md.UnprotectedSince = accepted+1, m.man.RecoverableUntil
 			changed = true
 			m.s.log.Warn("the agent's hello leaves out a disk: not protected from here on (listed again, it is copied anew)", logMachine, m.name, logDisk, md.Name, logFromSeq, md.UnprotectedFrom)
 		}

@@ -1265,12 +1265,55 @@ func TestHelloLeavingDiskOut(t *testing.T) {
 		t.Fatalf("the disk listed again: %+v, want a full sync in a new generation", d)
 	}
 	d := manifest().Disk(disk1.Name)
-	if _, left := d.UnprotectedAt(last2 + 1); left || d.UnprotectedFrom != 0 || d.GenerationStart != last2+1 {
+	if _, left := d.UnprotectedAt(last2+1, time.Now()); left || d.UnprotectedFrom != 0 || d.GenerationStart != last2+1 {
 		t.Fatalf("listed again: %+v, want protected in a generation from %d", d, last2+1)
 	}
 	for seq := last + 1; seq <= last2; seq++ {
-		if from, left := d.UnprotectedAt(seq); !left || from != last+1 {
-			t.Fatalf("at %d, while left out: unprotected %v from %d (%+v)", seq, left, from, d)
+		if g, left := d.UnprotectedAt(seq, time.Time{}); !left || g.UnprotectedFrom != last+1 {
+			t.Fatalf("at %d, while left out: unprotected %v from %d (%+v)", seq, left, g.UnprotectedFrom, d)
+		}
+	}
+}
+
+// A disk left out of a hello, while the disk still listed is idle: the
+// new session's time markers date the acked sequence (below
+// unprotected_from) at times after the hello; recover of the left-out
+// disk at latest must be refused, not served as its stale replica.
+func TestLeftOutDiskIdleMarkers(t *testing.T) {
+	store := mem.New()
+	e := newEnv(t, store, 1)
+	e.segAge = 20 * time.Millisecond
+	s := e.start()
+	disk1 := wire.DiskState{Name: "sdb", Size: 1 << 20}
+	a := dialAgent(t, e, s, "m1")
+	ack, _ := a.hello("m1", disk0, disk1)
+	gen0 := ack.Disks[0].Generation
+	last := a.batch(1, 5)
+	a.waitAck(last)
+	t0 := time.Now().UTC().Truncate(time.Millisecond)
+	a.marker(last, wire.MarkerTime, t0)
+	eventually(t, 10*time.Second, "marker", func() bool {
+		man, ok := s.Manifest("m1")
+		return ok && man.DurableSeq == last && !man.RecoverableUntil.IsZero()
+	})
+	a.conn.Close()
+
+	b := dialAgent(t, e, s, "m1")
+	b.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: gen0, LastAckedSeq: last})
+	time.Sleep(50 * time.Millisecond)
+	t1 := time.Now().UTC().Truncate(time.Millisecond)
+	b.marker(last, wire.MarkerTime, t1) // idle: nothing written since
+	b.marker(last, wire.MarkerTime, t1.Add(time.Second))
+	eventually(t, 10*time.Second, "recoverable_until past the hello", func() bool {
+		man, ok := s.Manifest("m1")
+		return ok && !man.RecoverableUntil.Before(t1)
+	})
+	man, _ := s.Manifest("m1")
+	t.Logf("manifest: durable %d until %v idle %d disks %+v", man.DurableSeq, man.RecoverableUntil, man.IdleSeq, man.Disks)
+	for _, p := range []string{"latest", t1.Add(time.Second).Format(time.RFC3339Nano)} {
+		res, err := recovery.RecoverFile(context.Background(), store, recovery.Request{Machine: "m1", Disk: "sdb", Point: p, RecoveryKey: e.rk}, filepath.Join(t.TempDir(), "sdb.img"))
+		if !errors.Is(err, recovery.ErrOutOfRange) {
+			t.Errorf("recover sdb (left out at the hello before %v) at %s: seq %d time %v, err %v; want refused", t1, p, res.Seq, res.Time, err)
 		}
 	}
 }

@@ -123,7 +123,7 @@ and says which it leaves out.`,
 				for _, p := range points {
 					pj := pointJSON{Kind: p.Kind, Time: formatTime(p.Time), Seq: p.Seq, ID: p.ID}
 					for _, d := range man.Disks { // the manifest's order, not a map's
-						if p.Snapshots[d.Name] != "" && protectedAt(&d, p.Seq) {
+						if p.Snapshots[d.Name] != "" && protectedAt(&d, p.Seq, p.Time) {
 							pj.Disks = append(pj.Disks, d.Name)
 						}
 					}
@@ -151,11 +151,11 @@ and says which it leaves out.`,
 				for i := range man.Disks {
 					d := &man.Disks[i]
 					_, gap := man.DiskGapAt(d, p.Seq)
-					from, left := d.UnprotectedAt(p.Seq)
+					g, left := d.UnprotectedAt(p.Seq, p.Time)
 					switch {
 					case left:
-						missing = append(missing, fmt.Sprintf("%s (not protected since seq %d)", d.Name, from))
-					case !protectedAt(d, p.Seq):
+						missing = append(missing, fmt.Sprintf("%s (not protected since seq %d)", d.Name, g.UnprotectedFrom))
+					case !protectedAt(d, p.Seq, p.Time):
 						missing = append(missing, d.Name+" (not protected yet)")
 					case gap:
 						missing = append(missing, d.Name+" (left out of a gap's resync: not recoverable here)")
@@ -309,8 +309,9 @@ is the one "lifeboat keys init" wrote.`,
 // protectedAt reports whether disk d was protected at sequence seq: from
 // its first generation's start, recover --disk takes seq (a point cut
 // before a disk was added holds zeros for it, not what it held), unless
-// its agent's hellos had left it out by then.
-func protectedAt(d *layout.Disk, seq uint64) bool {
-	_, left := d.UnprotectedAt(seq)
+// its agent's hellos had left it out by then (by seq, or by the point's
+// time at).
+func protectedAt(d *layout.Disk, seq uint64, at time.Time) bool {
+	_, left := d.UnprotectedAt(seq, at)
 	return seq >= max(d.Generations()[0].Start, 1) && !left
 }

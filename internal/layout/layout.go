@@ -201,6 +201,11 @@ type Disk struct {
 	// there on is in the account. A hello that lists it again starts a
 	// new generation (a full copy). 0: protected.
 	UnprotectedFrom uint64 `json:"unprotected_from,omitempty"`
+	// UnprotectedSince is the machine's recoverable_until when that hello
+	// came (zero: none yet), the last time vouched for while the disk
+	// was protected: markers dated later may still carry sequences below
+	// UnprotectedFrom (an idle machine), and say nothing of this disk.
+	UnprotectedSince time.Time `json:"unprotected_since,omitzero"`
 	// Previous lists the disk's earlier generations, oldest first, so that
 	// applying and recovering records from before GenerationStart knows
 	// where each generation began and how big the disk was.
@@ -213,7 +218,8 @@ type Generation struct {
 	Generation      string `json:"generation"`
 	Size            uint64 `json:"size"`
 	Start           uint64 `json:"start,omitempty"`
-	UnprotectedFrom uint64 `json:"unprotected_from,omitempty"` // see Disk
+	UnprotectedFrom  uint64    `json:"unprotected_from,omitempty"` // see Disk
+	UnprotectedSince time.Time `json:"unprotected_since,omitzero"` // see Disk
 }
 
 // NewGeneration makes gen, of size bytes and starting at sequence start,
@@ -223,19 +229,24 @@ func (d *Disk) NewGeneration(gen string, size, start uint64) {
 		// Clipped: the manifest being written may share the old array.
 		d.Previous = append(slices.Clip(d.Previous), d.Current())
 	}
-	d.Generation, d.Size, d.GenerationStart, d.UnprotectedFrom = gen, size, start, 0
+	d.Generation, d.Size, d.GenerationStart = gen, size, start
+	d.UnprotectedFrom, d.UnprotectedSince = 0, time.Time{}
 }
 
 // Current returns the disk's current generation.
 func (d *Disk) Current() Generation {
-	return Generation{Generation: d.Generation, Size: d.Size, Start: d.GenerationStart, UnprotectedFrom: d.UnprotectedFrom}
+	return Generation{Generation: d.Generation, Size: d.Size, Start: d.GenerationStart,
+		UnprotectedFrom: d.UnprotectedFrom, UnprotectedSince: d.UnprotectedSince}
 }
 
-// UnprotectedAt reports whether the disk was not protected at seq (see
-// UnprotectedFrom), and from which sequence on.
-func (d *Disk) UnprotectedAt(seq uint64) (uint64, bool) {
+// UnprotectedAt reports whether the account lacks the disk's state at
+// sequence seq, or at time at when it is not zero (a state asked for by
+// time, or a point's): its agent had left it out by then (see
+// UnprotectedFrom and UnprotectedSince). It returns the generation whose
+// protection ended.
+func (d *Disk) UnprotectedAt(seq uint64, at time.Time) (Generation, bool) {
 	g := d.Generations()[d.GenerationAt(seq)]
-	return g.UnprotectedFrom, g.UnprotectedFrom != 0 && seq >= g.UnprotectedFrom
+	return g, g.UnprotectedFrom != 0 && (seq >= g.UnprotectedFrom || !at.IsZero() && at.After(g.UnprotectedSince))
 }
 
 // Generations returns every generation of the disk, oldest first.

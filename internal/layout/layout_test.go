@@ -49,7 +49,8 @@ func TestDiskGenerations(t *testing.T) {
 		t.Fatalf("first generation left %+v in Previous", d.Previous)
 	}
 	d.NewGeneration("g2", 200, 50)
-	d.UnprotectedFrom = 60 // left out of a hello
+	since := time.Date(2025, 1, 2, 3, 4, 5, 0, time.UTC)
+	d.UnprotectedFrom, d.UnprotectedSince = 60, since // left out of a hello
 	d.NewGeneration("g3", 300, 80)
 	b, err := MarshalManifest(m)
 	if err != nil {
@@ -60,7 +61,7 @@ func TestDiskGenerations(t *testing.T) {
 		t.Fatal(err)
 	}
 	gd := got.Disk("sda")
-	want := []Generation{{"g1", 100, 1, 0}, {"g2", 200, 50, 60}, {"g3", 300, 80, 0}}
+	want := []Generation{{"g1", 100, 1, 0, time.Time{}}, {"g2", 200, 50, 60, since}, {"g3", 300, 80, 0, time.Time{}}}
 	if gens := gd.Generations(); len(gens) != 3 || gens[0] != want[0] || gens[1] != want[1] || gens[2] != want[2] {
 		t.Fatalf("generations after a round trip: %+v, want %+v", gens, want)
 	}
@@ -70,8 +71,15 @@ func TestDiskGenerations(t *testing.T) {
 		}
 	}
 	for seq, want := range map[uint64]bool{50: false, 59: false, 60: true, 79: true, 80: false, 1000: false} {
-		if _, got := gd.UnprotectedAt(seq); got != want {
+		if _, got := gd.UnprotectedAt(seq, time.Time{}); got != want {
 			t.Fatalf("UnprotectedAt(%d) = %v, want %v", seq, got, want)
+		}
+	}
+	// By time too: an idle machine's markers after the hello still carry
+	// sequences below 60.
+	for at, want := range map[time.Time]bool{since: false, since.Add(-time.Hour): false, since.Add(time.Millisecond): true} {
+		if _, got := gd.UnprotectedAt(55, at); got != want {
+			t.Fatalf("UnprotectedAt(55, %v) = %v, want %v", at, got, want)
 		}
 	}
 }

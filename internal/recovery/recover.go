@@ -147,9 +147,22 @@ func (st *state) recoverDisk(ctx context.Context, store blobstore.Store, keys Ke
 		return Result{}, fmt.Errorf("%w: disk %q of machine %q at sequence %d: writes from sequence %d on were lost before they reached the account, and the checksum resync that repaired the other disks did not cover this one (not protected then); it is recoverable again from its next full sync; recover to sequence %d or earlier",
 			ErrOutOfRange, req.Disk, req.Machine, res.Seq, g.From, g.From-1)
 	}
-	if from, ok := st.manifest.Disks[idx].UnprotectedAt(res.Seq); ok {
-		return Result{}, fmt.Errorf("%w: disk %q of machine %q at sequence %d: from sequence %d on its agent did not list it (it stopped protecting it, or was refused before it copied it), so the account does not hold its state then; recover to an earlier sequence, or protect it again (a full copy)",
-			ErrOutOfRange, req.Disk, req.Machine, res.Seq, from)
+	// Asked by time (latest: recoverable_until), the state is the disk's
+	// at that time, which a disk left out by then lacks even where the
+	// other disks wrote nothing since (the sequence is older).
+	at := time.Time{}
+	if seq, t, _ := ParsePoint(req.Point); !t.IsZero() {
+		at = t
+	} else if seq == 0 {
+		at = st.until
+	}
+	if g, ok := st.manifest.Disks[idx].UnprotectedAt(res.Seq, at); ok {
+		since := "nothing was recoverable yet"
+		if !g.UnprotectedSince.IsZero() {
+			since = "the last time vouched for while it was protected: " + g.UnprotectedSince.UTC().Format(time.RFC3339Nano)
+		}
+		return Result{}, fmt.Errorf("%w: disk %q of machine %q at sequence %d: from sequence %d on its agent did not list it (it stopped protecting it, or was refused before it copied it; %s), so the account does not hold its state then; recover to an earlier sequence or time, or protect it again (a full copy)",
+			ErrOutOfRange, req.Disk, req.Machine, res.Seq, g.UnprotectedFrom, since)
 	}
 	// Before the marker check: a sequence retention took is said so, not
 	// "not at a marker" (its segments are gone).
