@@ -215,9 +215,9 @@ type Disk struct {
 // Generation is one generation of a disk's replica: from Start on, the
 // replica is zeros plus the records from Start.
 type Generation struct {
-	Generation      string `json:"generation"`
-	Size            uint64 `json:"size"`
-	Start           uint64 `json:"start,omitempty"`
+	Generation       string    `json:"generation"`
+	Size             uint64    `json:"size"`
+	Start            uint64    `json:"start,omitempty"`
 	UnprotectedFrom  uint64    `json:"unprotected_from,omitempty"` // see Disk
 	UnprotectedSince time.Time `json:"unprotected_since,omitzero"` // see Disk
 }
