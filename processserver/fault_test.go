@@ -128,11 +128,13 @@ func (f *faultFS) Statfs(path string) (cache.FSStat, error) {
 	return f.OSFS.Statfs(path)
 }
 
-// TestNoAckWithoutDurableCache: when the cache cannot make a segment
-// durable, the agent gets no ack but an error, and the connection closes
-// so that it resends.
-func TestNoAckWithoutDurableCache(t *testing.T) {
-	e := newEnv(t, mem.New(), 2)
+// cacheWriteFails starts a process server on dirs cache directories and
+// an agent whose first batch is acked; then it sets fault and sends
+// records 3 and 4. It returns once the agent got the error frame the
+// failed cache write ends the session with, and no ack for them.
+func cacheWriteFails(t *testing.T, dirs int, fault func(e *env, ffs *faultFS)) (*env, *Server, *agent) {
+	t.Helper()
+	e := newEnv(t, mem.New(), dirs)
 	e.segAge = 20 * time.Millisecond
 	ffs := &faultFS{}
 	e.cacheFS = ffs
@@ -140,24 +142,32 @@ func TestNoAckWithoutDurableCache(t *testing.T) {
 	a := dialAgent(t, e, s, "m1")
 	a.hello("m1", disk0)
 	a.waitAck(a.batch(1, 2))
-	ffs.failSync.Store(true)
+	fault(e, ffs)
 	a.batch(3, 2)
 	for {
 		f := a.next(10 * time.Second)
 		if f.err != nil {
 			t.Fatalf("connection closed without an error frame: %v", f.err)
 		}
-		if f.typ == wire.TypeAck {
-			t.Fatalf("ack %x although the cache write failed", f.payload)
+		var ack wire.Ack
+		if f.typ == wire.TypeAck && ack.UnmarshalBinary(f.payload) == nil && ack.Seq >= 3 {
+			t.Fatalf("ack %d although the cache write failed", ack.Seq)
 		}
 		var we wire.Error
 		if f.typ == wire.TypeError && we.UnmarshalBinary(f.payload) == nil {
 			if we.Code != wire.CodeInternal {
 				t.Fatalf("error %v, want internal", we)
 			}
-			break
+			return e, s, a
 		}
 	}
+}
+
+// TestNoAckWithoutDurableCache: when the cache cannot make a segment
+// durable, the agent gets no ack but an error, and the connection closes
+// so that it resends.
+func TestNoAckWithoutDurableCache(t *testing.T) {
+	e, _, a := cacheWriteFails(t, 2, func(_ *env, ffs *faultFS) { ffs.failSync.Store(true) })
 	if f := a.next(5 * time.Second); f.err == nil {
 		t.Fatalf("connection still open: %s", f.typ)
 	}
@@ -173,26 +183,7 @@ func TestNoAckWithoutDurableCache(t *testing.T) {
 // restart would take it for an acknowledged segment lost (a gap, a
 // resync).
 func TestFailedCacheWriteLeavesNothing(t *testing.T) {
-	e := newEnv(t, mem.New(), 3)
-	e.segAge = 20 * time.Millisecond
-	ffs := &faultFS{}
-	e.cacheFS = ffs
-	s := e.start()
-	a := dialAgent(t, e, s, "m1")
-	a.hello("m1", disk0)
-	a.waitAck(a.batch(1, 2))
-	ffs.readOnly.Store(&e.cache[2])
-	a.batch(3, 2)
-	for {
-		f := a.next(10 * time.Second)
-		var ack wire.Ack
-		if f.err != nil || f.typ == wire.TypeAck && ack.UnmarshalBinary(f.payload) == nil && ack.Seq >= 3 {
-			t.Fatalf("want an error frame, got %s %v", f.typ, f.err)
-		}
-		if f.typ == wire.TypeError {
-			break
-		}
-	}
+	_, s, _ := cacheWriteFails(t, 3, func(e *env, ffs *faultFS) { ffs.readOnly.Store(&e.cache[2]) })
 	eventually(t, 10*time.Second, "the failed write's shards removed", func() bool {
 		ids, err := s.cache.List("m1")
 		return err == nil && !slices.ContainsFunc(ids, func(id cache.SegmentID) bool { return id.Seq == 3 })
