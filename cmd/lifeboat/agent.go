@@ -19,8 +19,10 @@ func agentCmd(verbose *bool) *cobra.Command {
 		stateDir string
 	)
 	mirror := &cobra.Command{
-		Use:   "mirror --device PATH --to FILE",
-		Short: "Keep FILE equal to a block device, byte for byte, until SIGINT/SIGTERM",
+		// No key in its memory; the capture bench reads its /proc smaps.
+		Annotations: map[string]string{noKeys: "true"},
+		Use:         "mirror --device PATH --to FILE",
+		Short:       "Keep FILE equal to a block device, byte for byte, until SIGINT/SIGTERM",
 		Long: `Attaches eBPF capture to the device, copies it to FILE (created or
 overwritten), then applies every captured write to FILE until SIGINT or
 SIGTERM; then drains everything captured, prints its counters and exits 0.

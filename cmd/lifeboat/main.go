@@ -52,6 +52,9 @@ func main() {
 	}
 }
 
+// noKeys annotates a command that holds no key: it stays dumpable.
+const noKeys = "lifeboat/no-keys"
+
 func newRoot(verbose *bool) *cobra.Command {
 	root := &cobra.Command{
 		Use:           "lifeboat",
@@ -60,12 +63,14 @@ func newRoot(verbose *bool) *cobra.Command {
 		SilenceErrors: true,
 	}
 	root.PersistentFlags().BoolVarP(verbose, "verbose", "v", false, "debug logging")
-	root.PersistentPreRun = func(*cobra.Command, []string) {
+	root.PersistentPreRun = func(cmd *cobra.Command, _ []string) {
 		// Keys live in this process's memory (TLS keys, the recovery
 		// key, machines' data keys): no core dump writes them to disk,
 		// and no other process of its user may read them through ptrace
 		// or /proc/PID/mem.
-		unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0)
+		if cmd.Annotations[noKeys] == "" {
+			unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0)
+		}
 	}
 	root.AddCommand(agentCmd(verbose), benchCmd(verbose))
 	root.AddCommand(processServerCmd(verbose))
