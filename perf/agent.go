@@ -164,6 +164,13 @@ func (a *agentProc) pid() int { return a.cmd.Process.Pid }
 // cpuSeconds returns the agent's user+system CPU time so far.
 func (a *agentProc) cpuSeconds() (float64, error) { return procCPUSeconds(a.pid()) }
 
+// exitCPUSeconds returns the user+system CPU time the agent used in all,
+// once stop has returned.
+func (a *agentProc) exitCPUSeconds() float64 {
+	ps := a.cmd.ProcessState
+	return (ps.UserTime() + ps.SystemTime()).Seconds()
+}
+
 // peakRSS returns the agent's VmHWM in bytes.
 func (a *agentProc) peakRSS() (int64, error) {
 	ring := int64(cmp.Or(a.spec.RingMiB, defaultRingMiB)) << 20

@@ -420,22 +420,23 @@ func runSample(ctx context.Context, cfg CaptureConfig, cg *ioCgroup, round int, 
 	s.FioSysCPUPercent = res.SysCPU
 
 	if agent != nil {
-		cpu1, err := agent.cpuSeconds()
-		if err != nil {
-			return s, err
-		}
 		rss, err := agent.peakRSS()
 		if err != nil {
 			return s, err
 		}
 		counters, err := agent.stop()
+		stopped := agent
 		agent = nil
 		if err != nil {
 			return s, err
 		}
-		cpu := cpu1 - cpu0
+		// Up to its exit, not fio's: what the writes cost it after fio
+		// ended counts (metadata mode reads the last ones back a delay
+		// later, and the stop drains what remains), and so does its
+		// stop's own small cost.
+		cpu := stopped.exitCPUSeconds() - cpu0
 		perGB := cpu / (float64(res.IOBytes) / 1e9)
-		pct := 100 * cpu / wall
+		pct := 100 * cpu / time.Since(start).Seconds()
 		s.AgentCPUSeconds = &cpu
 		s.AgentCPUSecondsPerGB = &perGB
 		s.AgentCPUPercent = &pct

@@ -129,11 +129,14 @@ func ringRSS(data []byte, ringBytes int64) int64 {
 	for line := range strings.SplitSeq(string(data), "\n") {
 		if len(line) > 0 && line[0] >= '0' && line[0] <= 'f' && strings.Contains(line, "-") && !strings.Contains(line, ":  ") {
 			inRing = false
-			if strings.HasSuffix(line, "anon_inode:bpf-map") {
-				lo, hi, _ := strings.Cut(strings.Fields(line)[0], "-")
+			if f := strings.Fields(line); strings.HasSuffix(line, "anon_inode:bpf-map") && len(f) > 1 {
+				// The ring's read-only mapping: the producer page and
+				// the data area twice, exactly (the pending table, also
+				// mapped, may be as large with a small ring).
+				lo, hi, _ := strings.Cut(f[0], "-")
 				a, err1 := strconv.ParseUint(lo, 16, 64)
 				b, err2 := strconv.ParseUint(hi, 16, 64)
-				inRing = err1 == nil && err2 == nil && int64(b-a) >= 2*ringBytes
+				inRing = err1 == nil && err2 == nil && f[1] == "r--s" && int64(b-a) == int64(os.Getpagesize())+2*ringBytes
 			}
 			continue
 		}

@@ -121,3 +121,21 @@ Rss:                2048 kB
 		t.Errorf("no ring: %d", got)
 	}
 }
+
+// With a 1 MiB ring, the pending table's mapping (2.5 MiB, writable) is
+// as large as twice the ring: only the ring's own mapping is left out.
+func TestRingRSSSmallRingSparesOtherMaps(t *testing.T) {
+	smaps := `7f0000000000-7f0000201000 r--s 00001000 00:0f 1234                       anon_inode:bpf-map
+Size:               2052 kB
+Rss:                2052 kB
+7f0000201000-7f0000202000 rw-s 00000000 00:0f 1234                       anon_inode:bpf-map
+Size:                  4 kB
+Rss:                   4 kB
+7f0001000000-7f0001280000 rw-s 00000000 00:0f 1240                       anon_inode:bpf-map
+Size:               2560 kB
+Rss:                2560 kB
+`
+	if got, want := ringRSS([]byte(smaps), 1<<20), int64(2052<<10); got != want {
+		t.Errorf("ring RSS with a 1 MiB ring = %d KiB, want only the ring's %d KiB", got>>10, want>>10)
+	}
+}
