@@ -239,6 +239,9 @@ type Engine struct {
 	srcs    []*source
 	buf     []byte // read-back buffer, O_DIRECT aligned
 	tbuf    []byte // target buffer for compares
+	// cbuf: the read-back buffer of a checksum resync into a Resyncer,
+	// compareChunk long, while one runs (nil else).
+	cbuf []byte
 	stats   Stats
 	appReq  chan chan error
 	persist bool
@@ -344,6 +347,13 @@ const markDrainInterval = 250 * time.Millisecond
 const coverInterval = 50 * time.Millisecond
 
 const readbackChunk = 1 << 20
+
+// compareChunk is the span a checksum resync into a Resyncer (the
+// stream) reads and asks about at once: each question waits for the
+// process server's replica to be applied up to the records sent before
+// it, then for its answer, and at 1 MiB a resync ran at a few MB/s,
+// slower than a full copy.
+const compareChunk = 8 << 20
 
 // New opens the devices and loads capture. Capture is attached (and
 // OnReady called) when New returns; nothing is copied yet.
@@ -1905,20 +1915,37 @@ func (e *Engine) readback(ctx context.Context, i int, bar *progress.Bar, ahead b
 	}
 	s.compare = false
 	s.readGen++
+	if !slices.ContainsFunc(e.srcs, func(s *source) bool { return s.compare }) {
+		e.cbuf = nil
+	}
 	return nil
+}
+
+// span returns the most bytes one read-back of s takes, and the buffer
+// it reads into.
+func (e *Engine) span(s *source) (int, []byte) {
+	if _, ok := e.opt.Target.(Resyncer); ok && s.compare {
+		if e.cbuf == nil {
+			e.cbuf = blockdev.AlignedBuffer(compareChunk)
+		}
+		return compareChunk, e.cbuf
+	}
+	return readbackChunk, e.buf
 }
 
 // takeSpan takes from s's dirty set the runs, between blocks pos and end,
 // that one read covers: from the first dirty block, runs at most
-// readbackGap clean blocks apart within readbackChunk. It marks them
+// readbackGap clean blocks apart within a span (readbackChunk, or
+// compareChunk for a resync into a Resyncer). It marks them
 // clean and returns them (in e.runs) and the block after the last.
 func (e *Engine) takeSpan(s *source, pos, end uint64) ([]bitmap.Extent, uint64) {
-	const maxSpan = readbackChunk / capture.BlockSize
+	n, _ := e.span(s)
+	maxSpan := n / capture.BlockSize
 	runs := e.runs[:0]
 	for ext := range s.dirty.ExtentsIn(pos, end, maxSpan) {
 		if len(runs) > 0 {
 			last := runs[len(runs)-1]
-			if ext.Start-(last.Start+last.Len) > readbackGap || ext.Start+ext.Len-runs[0].Start > maxSpan {
+			if ext.Start-(last.Start+last.Len) > readbackGap || ext.Start+ext.Len-runs[0].Start > uint64(maxSpan) {
 				break
 			}
 		}
@@ -2024,7 +2051,8 @@ func (e *Engine) readSpan(s *source, i int, runs []bitmap.Extent, bar *progress.
 	if end <= off {
 		return nil
 	}
-	p := e.buf[:end-off]
+	_, buf := e.span(s)
+	p := buf[:end-off]
 	if _, err := s.dev.ReadAtDirect(p, off); err != nil {
 		return fmt.Errorf("read back %s at %d: %w", s.Path, off, err)
 	}
