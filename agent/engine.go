@@ -232,16 +232,16 @@ type source struct {
 
 // Engine runs capture for a set of devices into a Target.
 type Engine struct {
-	opt     Options
-	log     *slog.Logger
-	cap     *capture.Capture
-	rd      *capture.Reader
-	srcs    []*source
-	buf     []byte // read-back buffer, O_DIRECT aligned
-	tbuf    []byte // target buffer for compares
+	opt  Options
+	log  *slog.Logger
+	cap  *capture.Capture
+	rd   *capture.Reader
+	srcs []*source
+	buf  []byte // read-back buffer, O_DIRECT aligned
+	tbuf []byte // target buffer for compares
 	// cbuf: the read-back buffer of a checksum resync into a Resyncer,
 	// compareChunk long, while one runs (nil else).
-	cbuf []byte
+	cbuf    []byte
 	stats   Stats
 	appReq  chan chan error
 	persist bool
