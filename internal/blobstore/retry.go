@@ -30,7 +30,10 @@ const (
 type RetryConfig struct {
 	// InitialInterval before the first retry (default 500 ms).
 	InitialInterval time.Duration
-	// MaxInterval caps the backoff (default 30 s).
+	// MaxInterval caps the backoff (default 10 s: with the jitter, a call
+	// goes through at most 15 s after the account answers again, and the
+	// journal's uploads, RPO with them, catch up at once; 30 s kept them
+	// waiting up to 45 s).
 	MaxInterval time.Duration
 	// Multiplier grows the interval after each retry (default 2).
 	Multiplier float64
@@ -52,7 +55,7 @@ func (c RetryConfig) withDefaults() RetryConfig {
 		c.InitialInterval = 500 * time.Millisecond
 	}
 	if c.MaxInterval <= 0 {
-		c.MaxInterval = 30 * time.Second
+		c.MaxInterval = 10 * time.Second
 	}
 	if c.Multiplier < 1 {
 		c.Multiplier = 2
