@@ -280,7 +280,10 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	<-ctx.Done()
-	return s.Close()
+	s.log.Info("stopping: agents resend what is not acknowledged, cached segments are uploaded after the next start")
+	err = s.Close()
+	s.log.Info("process server stopped")
+	return err
 }
 
 var errShuttingDown = errors.New("process server shutting down")

@@ -261,7 +261,7 @@ func (c *Cache) checkMarkers() error {
 				c.log.Warn("cache: cannot note the rebuild in the directory", logDir, d, logErr, err)
 			}
 			c.log.Warn("cache: directory has no cache marker while the others do; "+
-				"treating it as a replaced disk, run Scrub to rebuild its shards", logDir, d)
+				"treating it as a replaced disk: its shards are rebuilt from the other directories", logDir, d)
 			continue
 		}
 		if err := c.writeMarker(d, c.marker(i)); err != nil {
