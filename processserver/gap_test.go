@@ -95,7 +95,7 @@ func (r *gapRig) putFrom(first, last uint64, run wire.RunID) {
 	if err := r.s.cache.Put(id, cached); err != nil {
 		r.t.Fatal(err)
 	}
-	r.m.segmentDurable(id, int64(len(cached)), last, nil, run)
+	r.m.segmentDurable(id, int64(len(cached)), last, 0, nil, run)
 }
 
 // uploadNewest puts the newest cached segment in the journal by hand,
@@ -565,7 +565,7 @@ func TestGapMendedWithoutADisk(t *testing.T) {
 func TestHelloAckNamesLastRun(t *testing.T) {
 	r := newGapRig(t, mem.New())
 	run := wire.RunID{1, 2, 3}
-	r.m.segmentDurable(cache.SegmentID{Stream: "m1", Seq: 1}, 0, 1, nil, run)
+	r.m.segmentDurable(cache.SegmentID{Stream: "m1", Seq: 1}, 0, 1, 0, nil, run)
 	ack, _, _, _, err := r.m.agree(context.Background(), r.hello(1))
 	if err != nil || ack.LastRun != run {
 		t.Fatalf("hello-ack last run %x (%v), want %x", ack.LastRun, err, run)
@@ -1141,7 +1141,7 @@ func (r *gapRig) realSeg(first, last, prev uint64, tag byte, cached, journal boo
 		if err := r.s.cache.Put(id, cached2); err != nil {
 			r.t.Fatal(err)
 		}
-		r.m.segmentDurable(id, int64(len(cached2)), last, nil, wire.RunID{})
+		r.m.segmentDurable(id, int64(len(cached2)), last, 0, nil, wire.RunID{})
 	}
 }
 

@@ -119,6 +119,10 @@ type machine struct {
 	hintAt                       time.Time
 
 	lastRun wire.RunID // the agent run that made the newest segment durable (zero: unknown)
+	// marked is the newest marker time made durable (in a segment, or as
+	// a note), uploaded or not: what the machine's sessions vouched for
+	// so far, ahead of recoverable_until while uploads lag.
+	marked  time.Time
 	note    wire.Marker
 	hasNote bool
 	idle    wire.Marker // first marker of the current idle run (same seq)
@@ -1339,7 +1343,13 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, agr
 	for i := range m.man.Disks {
 		md := &m.man.Disks[i]
 		if md.UnprotectedFrom == 0 && !slices.ContainsFunc(h.Disks, func(d wire.DiskState) bool { return d.Name == md.Name }) {
-			md.UnprotectedFrom, md.UnprotectedSince = accepted+1, m.man.RecoverableUntil
+			// Every marker durable so far came from sessions that
+			// listed it, uploaded (recoverable_until) or not yet.
+			since := m.man.RecoverableUntil
+			if m.marked.After(since) {
+				since = m.marked
+			}
+			md.UnprotectedFrom, md.UnprotectedSince = accepted+1, since
 			changed = true
 			m.s.log.Warn("the agent's hello leaves out a disk: not protected from here on (listed again, it is copied anew)", logMachine, m.name, logDisk, md.Name, logFromSeq, md.UnprotectedFrom)
 		}
@@ -1526,9 +1536,10 @@ func (m *machine) missingReplicas(ctx context.Context, h *wire.Hello) map[string
 }
 
 // segmentDurable records a segment that Put made durable.
-func (m *machine) segmentDurable(id cache.SegmentID, size int64, last uint64, hot *hotSeg, run wire.RunID) {
+func (m *machine) segmentDurable(id cache.SegmentID, size int64, last uint64, lastTime int64, hot *hotSeg, run wire.RunID) {
 	m.mu.Lock()
 	m.lastRun = run
+	m.markedAt(lastTime)
 	// One entry per cached segment, or deleting one would delete the
 	// other (suspects under this name are settled before any hello).
 	m.segs = slices.DeleteFunc(m.segs, func(x *segEntry) bool { return x.id == id })
@@ -1540,10 +1551,19 @@ func (m *machine) segmentDurable(id cache.SegmentID, size int64, last uint64, ho
 	m.kick()
 }
 
+// markedAt raises marked to the marker time nanos (0: none). m.mu is
+// held.
+func (m *machine) markedAt(nanos int64) {
+	if t := time.Unix(0, nanos).UTC(); nanos != 0 && t.After(m.marked) {
+		m.marked = t
+	}
+}
+
 // noteMarker records a marker that arrived while every earlier record had
 // been handed to the uploader.
 func (m *machine) noteMarker(mk wire.Marker) {
 	m.mu.Lock()
+	m.markedAt(mk.UnixNano)
 	if !m.hasNote || mk.UnixNano > m.note.UnixNano {
 		m.note, m.hasNote = mk, true
 	}

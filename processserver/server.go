@@ -551,6 +551,7 @@ func (s *Server) scanCache() error {
 					m.backlog += e.size
 					s.cacheBytes.Add(e.size)
 					m.durable, m.lastRun = meta.last, meta.run
+					m.markedAt(meta.lastTime)
 					newest = i
 					break
 				}

@@ -1317,3 +1317,40 @@ func TestLeftOutDiskIdleMarkers(t *testing.T) {
 		}
 	}
 }
+
+// The old session's last marker (disk sdb still listed) is acked but not
+// yet uploaded when the next hello leaves sdb out: unprotected_since is
+// that marker's time, not the older recoverable_until: sdb's state at
+// it, vouched while it was protected, is recovered by time too.
+func TestLeftOutBeforeMarkerUploaded(t *testing.T) {
+	store := &gateJournal{Store: mem.New()}
+	e := newEnv(t, store, 1)
+	e.segAge = 20 * time.Millisecond
+	s := e.start()
+	disk1 := wire.DiskState{Name: "sdb", Size: 1 << 20}
+	a := dialAgent(t, e, s, "m1")
+	ack, _ := a.hello("m1", disk0, disk1)
+	gen0 := ack.Disks[0].Generation
+	last := a.batch(1, 5)
+	a.waitAck(last)
+	t0 := time.Now().UTC().Truncate(time.Millisecond)
+	a.marker(last, wire.MarkerTime, t0)
+	time.Sleep(100 * time.Millisecond)
+	a.conn.Close()
+
+	b := dialAgent(t, e, s, "m1")
+	b.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: gen0, LastAckedSeq: last})
+	store.open.Store(true)
+	eventually(t, 20*time.Second, "recoverable_until at t0", func() bool {
+		man, ok := s.Manifest("m1")
+		return ok && !man.RecoverableUntil.Before(t0)
+	})
+	man, _ := s.Manifest("m1")
+	t.Logf("until %v disks %+v", man.RecoverableUntil, man.Disks)
+	for _, p := range []string{"latest", t0.Format(time.RFC3339Nano), "5"} {
+		res, err := recovery.RecoverFile(context.Background(), store, recovery.Request{Machine: "m1", Disk: "sdb", Point: p, RecoveryKey: e.rk}, filepath.Join(t.TempDir(), "sdb.img"))
+		if err != nil || res.Seq != last {
+			t.Errorf("recover sdb at %s: seq %d, %v; want seq %d", p, res.Seq, err, last)
+		}
+	}
+}

@@ -773,7 +773,7 @@ func (st *session) flusher() {
 				// Once segmentDurable publishes a hot segment, its last
 				// reader may hand b back for reuse at any time: b is not
 				// touched after it.
-				last := b.meta.last
+				last, lastTime := b.meta.last, b.meta.lastTime
 				var hot *hotSeg
 				switch {
 				case 2*len(cached) < cap(cached):
@@ -792,7 +792,7 @@ func (st *session) flusher() {
 						sealed = nil // the hot segment owns it
 					}
 				}
-				st.m.segmentDurable(id, int64(len(cached)), last, hot, st.agentRun)
+				st.m.segmentDurable(id, int64(len(cached)), last, lastTime, hot, st.agentRun)
 				if last > lastAck {
 					lastAck = last
 					if err := st.send(func(w *wire.Writer) error { return w.WriteAck(lastAck) }); err != nil {

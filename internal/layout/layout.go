@@ -201,10 +201,11 @@ type Disk struct {
 	// there on is in the account. A hello that lists it again starts a
 	// new generation (a full copy). 0: protected.
 	UnprotectedFrom uint64 `json:"unprotected_from,omitempty"`
-	// UnprotectedSince is the machine's recoverable_until when that hello
-	// came (zero: none yet), the last time vouched for while the disk
-	// was protected: markers dated later may still carry sequences below
-	// UnprotectedFrom (an idle machine), and say nothing of this disk.
+	// UnprotectedSince is the newest marker time the process server held
+	// when that hello came, uploaded or not (zero: none yet): the last
+	// time vouched for while the disk was protected. Markers dated later
+	// may still carry sequences below UnprotectedFrom (an idle machine),
+	// and say nothing of this disk.
 	UnprotectedSince time.Time `json:"unprotected_since,omitzero"`
 	// Previous lists the disk's earlier generations, oldest first, so that
 	// applying and recovering records from before GenerationStart knows
