@@ -51,6 +51,9 @@ const (
 	freeError  = 0.25 // error log below this
 	freePause  = 0.10 // Backpressure{0} below this (cache over 90% full)
 	freeResume = 0.15 // window reopened above this
+	// freeSettle: a cache log level steps down only once this much more
+	// is free than its threshold, not at every second's wobble across it.
+	freeSettle = 0.02
 )
 
 // Config configures a process server.

@@ -207,6 +207,27 @@ func TestCacheFullPausesAgents(t *testing.T) {
 	a.waitWindow(10*time.Second, DefaultWindow)
 }
 
+// TestCacheLogSettles: the cache's log level steps down only once the
+// free space is clear of its threshold: around 25 % free it alternated
+// between the error and the warning every second.
+func TestCacheLogSettles(t *testing.T) {
+	e, ffs, _ := startHalfFull(t, 1)
+	ffs.freePct.Store(24)
+	eventually(t, 5*time.Second, "the error", func() bool { return strings.Contains(e.logs.String(), "cache almost full") })
+	ffs.freePct.Store(26) // above 25 %, within the settling margin
+	time.Sleep(2500 * time.Millisecond)
+	if strings.Contains(e.logs.String(), "cache filling up") {
+		t.Fatalf("the level stepped down at 26 %% free, just over the 25 %% threshold:\n%s", e.logs.String())
+	}
+	ffs.freePct.Store(24)
+	time.Sleep(1500 * time.Millisecond)
+	if n := strings.Count(e.logs.String(), "cache almost full"); n != 1 {
+		t.Fatalf("the error logged %d times while free space wobbled around 25 %%", n)
+	}
+	ffs.freePct.Store(28)
+	eventually(t, 5*time.Second, "the warning once clear of 25 %", func() bool { return strings.Contains(e.logs.String(), "cache filling up") })
+}
+
 // TestCacheFullPausesDespiteUnmeasurableDir: a cache directory whose
 // usage cannot be read (statfs fails) does not turn backpressure off: the
 // others, nearly full, still pause the agents.

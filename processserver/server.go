@@ -831,17 +831,23 @@ func (s *Server) checkCache(w *usageWatch) {
 		return
 	}
 	s.metrics.freeRatio.Set(free)
-	want := slog.LevelInfo
-	switch {
-	case free < freeError:
-		want = slog.LevelError
-	case free < freeWarn:
-		want = slog.LevelWarn
+	level := func(free float64) slog.Level {
+		switch {
+		case free < freeError:
+			return slog.LevelError
+		case free < freeWarn:
+			return slog.LevelWarn
+		}
+		return slog.LevelInfo
+	}
+	want := level(free)
+	if want < w.level && level(free-freeSettle) == w.level {
+		want = w.level // not clear of the threshold yet
 	}
 	if want != w.level {
 		switch want {
 		case slog.LevelError:
-			s.log.Error("cache almost full: uploads are not keeping up (storage account down or too slow?), or something else fills its file system; agents are paused below 10% free", logFree, free, logDir, fullest)
+			s.log.Error("cache almost full: uploads are not keeping up (storage account down or too slow?), or something else fills its file system; agents will be paused below 10% free", logFree, free, logDir, fullest)
 		case slog.LevelWarn:
 			s.log.Warn("cache filling up", logFree, free, logDir, fullest)
 		default:
