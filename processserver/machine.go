@@ -1351,7 +1351,7 @@ func (m *machine) agree(ctx context.Context, h *wire.Hello) (*wire.HelloAck, agr
 			}
 			md.UnprotectedFrom, md.UnprotectedSince = accepted+1, since
 			changed = true
-			m.s.log.Warn("the agent's hello leaves out a disk: not protected from here on (listed again, it is copied anew)", logMachine, m.name, logDisk, md.Name, logFromSeq, md.UnprotectedFrom)
+			m.log.Warn("the agent's hello leaves out a disk: not protected from here on (listed again, it is copied anew)", logDisk, md.Name, logFromSeq, md.UnprotectedFrom)
 		}
 	}
 	diskMap := make([]uint16, len(h.Disks))
