@@ -372,13 +372,12 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 			log.Info("initial sync done; mirroring", keyDevice, cfg.Device, "to", cfg.To)
 			if !st.Whole && fi.Mode().IsRegular() {
 				// Still unclean; from now on a compare needs no room
-				// for the whole device.
-				w := st
-				w.Whole = true
-				if err := saveState(statePath, &w); err != nil {
+				// for the whole device. (Run calls this on the
+				// goroutine that called it: st is not shared.)
+				st.Whole = true
+				if err := saveState(statePath, &st); err != nil {
 					log.Warn("cannot save the state", "err", err)
 				}
-				whole = true
 			}
 			sdnotify.Notify("X-LIFEBOAT-SYNCED=1\nSTATUS=mirroring")
 			if cfg.OnSynced != nil {
@@ -455,7 +454,7 @@ func RunMirror(ctx context.Context, cfg MirrorConfig) error {
 		log.Warn("cannot read the mirror device's write counters; the next start resyncs by checksum", "to", cfg.To)
 		st.TargetStamp = "blk:?"
 	}
-	st.Clean, st.Whole = true, st.Whole || whole
+	st.Clean = true
 	if err := saveState(statePath, &st); err != nil {
 		return err
 	}

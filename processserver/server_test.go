@@ -1275,6 +1275,26 @@ func TestHelloLeavingDiskOut(t *testing.T) {
 	}
 }
 
+// leaveSdbOut connects an agent protecting disk0 and sdb that sends
+// records 1..5 and a time marker at t0, lets settle wait (given the last
+// sequence) and goes; a second agent's hello then lists disk0 alone. It
+// returns that agent, the last sequence and t0.
+func leaveSdbOut(t *testing.T, e *env, s *Server, settle func(last uint64)) (*agent, uint64, time.Time) {
+	t.Helper()
+	a := dialAgent(t, e, s, "m1")
+	ack, _ := a.hello("m1", disk0, wire.DiskState{Name: "sdb", Size: 1 << 20})
+	gen0 := ack.Disks[0].Generation
+	last := a.batch(1, 5)
+	a.waitAck(last)
+	t0 := time.Now().UTC().Truncate(time.Millisecond)
+	a.marker(last, wire.MarkerTime, t0)
+	settle(last)
+	a.conn.Close()
+	b := dialAgent(t, e, s, "m1")
+	b.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: gen0, LastAckedSeq: last})
+	return b, last, t0
+}
+
 // A disk left out of a hello, while the disk still listed is idle: the
 // new session's time markers date the acked sequence (below
 // unprotected_from) at times after the hello; recover of the left-out
@@ -1284,22 +1304,12 @@ func TestLeftOutDiskIdleMarkers(t *testing.T) {
 	e := newEnv(t, store, 1)
 	e.segAge = 20 * time.Millisecond
 	s := e.start()
-	disk1 := wire.DiskState{Name: "sdb", Size: 1 << 20}
-	a := dialAgent(t, e, s, "m1")
-	ack, _ := a.hello("m1", disk0, disk1)
-	gen0 := ack.Disks[0].Generation
-	last := a.batch(1, 5)
-	a.waitAck(last)
-	t0 := time.Now().UTC().Truncate(time.Millisecond)
-	a.marker(last, wire.MarkerTime, t0)
-	eventually(t, 10*time.Second, "marker", func() bool {
-		man, ok := s.Manifest("m1")
-		return ok && man.DurableSeq == last && !man.RecoverableUntil.IsZero()
+	b, last, _ := leaveSdbOut(t, e, s, func(last uint64) {
+		eventually(t, 10*time.Second, "marker", func() bool {
+			man, ok := s.Manifest("m1")
+			return ok && man.DurableSeq == last && !man.RecoverableUntil.IsZero()
+		})
 	})
-	a.conn.Close()
-
-	b := dialAgent(t, e, s, "m1")
-	b.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: gen0, LastAckedSeq: last})
 	time.Sleep(50 * time.Millisecond)
 	t1 := time.Now().UTC().Truncate(time.Millisecond)
 	b.marker(last, wire.MarkerTime, t1) // idle: nothing written since
@@ -1327,19 +1337,7 @@ func TestLeftOutBeforeMarkerUploaded(t *testing.T) {
 	e := newEnv(t, store, 1)
 	e.segAge = 20 * time.Millisecond
 	s := e.start()
-	disk1 := wire.DiskState{Name: "sdb", Size: 1 << 20}
-	a := dialAgent(t, e, s, "m1")
-	ack, _ := a.hello("m1", disk0, disk1)
-	gen0 := ack.Disks[0].Generation
-	last := a.batch(1, 5)
-	a.waitAck(last)
-	t0 := time.Now().UTC().Truncate(time.Millisecond)
-	a.marker(last, wire.MarkerTime, t0)
-	time.Sleep(100 * time.Millisecond)
-	a.conn.Close()
-
-	b := dialAgent(t, e, s, "m1")
-	b.hello("m1", wire.DiskState{Name: disk0.Name, Size: disk0.Size, Generation: gen0, LastAckedSeq: last})
+	_, last, t0 := leaveSdbOut(t, e, s, func(uint64) { time.Sleep(100 * time.Millisecond) })
 	store.open.Store(true)
 	eventually(t, 20*time.Second, "recoverable_until at t0", func() bool {
 		man, ok := s.Manifest("m1")
